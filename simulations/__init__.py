@@ -1,0 +1,1 @@
+"""Placeholder: this package lands with its issue."""
