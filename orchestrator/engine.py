@@ -1,0 +1,653 @@
+"""The durable FSM engine (flyd's model): operations are named step lists, progress is a log.
+
+Theory of operation
+-------------------
+An *operation* (``register("start", [("mark_starting", f), ("boot", g), ...])``) is a fixed list of
+named async steps plus finalizers. ``start(machine_id, action, request)`` writes the run's START
+(input and step names) to the machine's step log and returns its run id; the run then executes in
+the background.
+
+Rules, and where they are enforced:
+
+* **Log before moving on.** A step's COMPLETE (with the accumulated response) is appended after the
+  step returns and before the next step begins (``_run_step``). Steps therefore run *at least once*:
+  a crash between a step's side effect and its COMPLETE re-runs that step, and only that step.
+* **Resume is a checklist, not a replay.** On ``__aenter__`` every run without FINISH is rebuilt
+  from its events (``MachineLog.active_runs``) and continues at its first step without COMPLETE.
+  Its steps see ``ctx.is_restart = True`` and must be idempotent. A step name the code no longer
+  registers is a no-op, so runs started by an older release still finish.
+* **One active run per (machine, action)**, checked in the START transaction
+  (``MachineLog.start_run``); ``queue=True`` lets a run wait behind the active one instead.
+  Runs of one machine execute one at a time in START order (``_drain``), so steps of different
+  operations on a machine never interleave.
+* **Errors retry** with exponential backoff on the injected clock (``Backoff``: 100 ms doubling to
+  5 s), forever unless the operation sets ``max_retries``. An ERROR event is logged when the error
+  text changes. :class:`AbortError` / :class:`UnrecoverableError`, exhausted retries and
+  :meth:`cancel` *halt* the run: CANCEL is appended, remaining steps are skipped, finalizers run
+  with the run's error, then FINISH.
+* **Finalizers** are logged like steps (``finally:<name>``), retried on error, and run exactly as
+  far as they got before a crash.
+
+The engine never reads the wall clock or sleeps on its own: ``clock`` is injected, ids come from an
+injected :class:`IdFactory`, and with ``offload=False`` storage calls run inline (the simulator).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .clock import Clock, SystemClock, wait_until
+from .errors import (
+    EngineClosedError,
+    HaltError,
+    UnknownActionError,
+    UnknownMachineError,
+    UnknownRunError,
+)
+from .ids import IdFactory
+from .steplog import EventKind, MachineLog, RunRecord, RunState, RunStatus
+from .store import MachineStore
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[["StepContext"], Awaitable[Mapping[str, Any] | None]]
+FINALLY = "finally:"
+
+
+# --- public data --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    fn: StepFn
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A registered action: its ordered steps, its finalizers, its retry limit."""
+
+    action: str
+    steps: tuple[Step, ...]
+    finalizers: tuple[Step, ...] = ()
+    max_retries: int | None = None
+
+    def step(self, name: str) -> Step | None:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        return None
+
+    def finalizer(self, name: str) -> Step | None:
+        for s in self.finalizers:
+            if s.name == name:
+                return s
+        return None
+
+
+@dataclass(frozen=True)
+class RunError:
+    """Why a run halted: ``kind`` is abort, unrecoverable, retries_exhausted or cancelled."""
+
+    kind: str
+    message: str
+    step: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunError:
+        return cls(str(d.get("kind", "halt")), str(d.get("message", "")), d.get("step"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "step": self.step}
+
+
+@dataclass
+class StepContext:
+    """What a step (or finalizer) is told. ``response`` is a copy of the accumulated response;
+    a step returns a mapping of keys to merge into it (or None)."""
+
+    run_id: str
+    machine_id: str
+    action: str
+    step: str
+    request: Mapping[str, Any]
+    response: dict[str, Any]
+    is_restart: bool
+    retry_count: int
+    clock: Clock
+    error: RunError | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    machine_id: str
+    action: str
+    status: RunStatus
+    response: Mapping[str, Any]
+    error: RunError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.SUCCEEDED
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A live run as :meth:`Engine.list_runs` reports it."""
+
+    run_id: str
+    machine_id: str
+    action: str
+    state: str  # "queued" (waiting behind another run of the machine) or "running"
+    step: str | None
+    retry_count: int
+    created_at: float
+    resumed: bool
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff: ``initial * multiplier**(retry-1)`` capped at ``maximum`` seconds,
+    optionally scaled by a random factor in ``[1 - jitter, 1]`` from the injected RNG."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def delay(self, retry: int) -> float:
+        base = min(self.maximum, self.initial * self.multiplier ** max(0, retry - 1))
+        if self.jitter:
+            base *= 1.0 - self.jitter * self.rng.random()
+        return base
+
+
+class EngineObserver:
+    """Hooks for tracing and checkers (the crash tests and the simulator); all no-ops here."""
+
+    def run_started(self, info: RunInfo) -> None: ...
+
+    def step_started(self, info: RunInfo, step: str, is_restart: bool, retry: int) -> None: ...
+
+    def step_completed(self, info: RunInfo, step: str) -> None: ...
+
+    def step_failed(self, info: RunInfo, step: str, error: BaseException, retry: int) -> None: ...
+
+    def run_finished(self, result: RunResult) -> None: ...
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    machine_id: str
+    state: RunState
+    resumed: bool
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: RunResult | None = None
+    scope: anyio.CancelScope | None = None
+    step: str | None = None
+    retry: int = 0
+    running: bool = False
+    finalizing: bool = False
+
+    def info(self) -> RunInfo:
+        r = self.state.record
+        return RunInfo(
+            run_id=r.run_id,
+            machine_id=self.machine_id,
+            action=r.action,
+            state="running" if self.running else "queued",
+            step=self.step,
+            retry_count=self.retry,
+            created_at=r.created_at,
+            resumed=self.resumed,
+        )
+
+
+class Engine:
+    """Runs registered operations durably over a :class:`MachineStore`.
+
+    Use as ``async with Engine(store, ...) as engine:``; entering resumes unfinished runs, leaving
+    stops executing (runs are *not* cancelled in the log: they resume on the next start).
+    """
+
+    def __init__(
+        self,
+        store: MachineStore,
+        *,
+        clock: Clock | None = None,
+        ids: IdFactory | None = None,
+        backoff: Backoff | None = None,
+        offload: bool = True,
+        observer: EngineObserver | None = None,
+        finished_cache: int = 10_000,
+    ) -> None:
+        self.store = store
+        self.clock = clock if clock is not None else SystemClock()
+        self.ids = ids if ids is not None else IdFactory(self.clock)
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.observer = observer if observer is not None else EngineObserver()
+        self._offload = offload
+        self._ops: dict[str, Operation] = {}
+        self._live: dict[str, _Live] = {}
+        self._queues: dict[str, deque[_Live]] = {}
+        self._finished: OrderedDict[str, RunResult] = OrderedDict()
+        self._finished_cap = finished_cache
+        self._finish_hooks: list[Callable[[RunResult], Awaitable[None]]] = []
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._closing = False
+
+    # --- registration -------------------------------------------------------------------------
+
+    def register(
+        self,
+        action: str,
+        steps: Sequence[Step | tuple[str, StepFn]],
+        *,
+        finalizers: Sequence[Step | tuple[str, StepFn]] = (),
+        max_retries: int | None = None,
+    ) -> Operation:
+        """Register an operation; step names must be unique within it."""
+
+        def norm(items: Iterable[Step | tuple[str, StepFn]]) -> tuple[Step, ...]:
+            out = tuple(i if isinstance(i, Step) else Step(i[0], i[1]) for i in items)
+            names = [s.name for s in out]
+            if len(set(names)) != len(names):
+                raise ValueError(f"operation {action!r}: duplicate step names in {names}")
+            for s in out:
+                if not s.name or s.name.startswith(FINALLY):
+                    raise ValueError(f"operation {action!r}: invalid step name {s.name!r}")
+            return out
+
+        if not steps:
+            raise ValueError(f"operation {action!r} needs at least one step")
+        op = Operation(action, norm(steps), norm(finalizers), max_retries)
+        self._ops[action] = op
+        return op
+
+    def operation(self, action: str) -> Operation:
+        try:
+            return self._ops[action]
+        except KeyError:
+            raise UnknownActionError(f"unknown action {action!r}") from None
+
+    def on_finish(self, hook: Callable[[RunResult], Awaitable[None]]) -> None:
+        """Call ``hook`` after each run's FINISH, before that machine's next run starts."""
+        self._finish_hooks.append(hook)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        self._stack = AsyncExitStack()
+        await self._stack.__aenter__()
+        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._closing = False
+        try:
+            await self.resume()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        self._closing = True
+        assert self._tg is not None and self._stack is not None
+        self._tg.cancel_scope.cancel()
+        stack, self._stack = self._stack, None
+        try:
+            return await stack.__aexit__(*exc)
+        finally:
+            self._tg = None
+            self._live.clear()
+            self._queues.clear()
+
+    async def resume(self) -> int:
+        """Schedule every unfinished run found on disk; returns how many."""
+        count = 0
+        for machine_id in await self._io(self.store.machine_ids):
+            log_ = self.store.log(machine_id)
+            for state in await self._io(log_.active_runs):
+                if state.run_id in self._live:
+                    continue
+                self._enqueue(machine_id, state, resumed=True)
+                count += 1
+        return count
+
+    # --- public operations --------------------------------------------------------------------
+
+    async def start(
+        self,
+        machine_id: str,
+        action: str,
+        request: Mapping[str, Any] | None = None,
+        *,
+        queue: bool = False,
+        doc: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Log a new run's START and schedule it; returns the run id.
+
+        Raises AlreadyRunningError when ``action`` already has an active run on the machine
+        (unless ``queue``). ``doc`` replaces the machine document in the START transaction.
+        """
+        if self._tg is None or self._closing:
+            raise EngineClosedError("the engine is not running")
+        op = self.operation(action)
+        req = dict(request or {})
+        try:
+            json.dumps(req)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"run request must be JSON-serializable: {e}") from None
+        record = RunRecord(
+            run_id=self.ids.ulid(),
+            action=action,
+            steps=tuple(s.name for s in op.steps),
+            finalizers=tuple(s.name for s in op.finalizers),
+            request=req,
+            created_at=self.clock.now(),
+        )
+        log_ = self.store.log(machine_id)
+        seq = await self._io(log_.start_run, record, exclusive=not queue, doc=doc)
+        self._enqueue(machine_id, RunState(record=record, seq=seq), resumed=False)
+        return record.run_id
+
+    def list_runs(self, machine_id: str | None = None) -> list[RunInfo]:
+        """Live runs (running or queued), in START order per machine."""
+        out = []
+        for mid in sorted(self._queues):
+            if machine_id is None or mid == machine_id:
+                out.extend(live.info() for live in self._queues[mid])
+        return out
+
+    def active_action(self, machine_id: str, action: str) -> str | None:
+        """The run id of the oldest live ``action`` run on the machine, if any."""
+        for live in self._queues.get(machine_id, ()):
+            if live.state.action == action and not live.done.is_set():
+                return live.state.run_id
+        return None
+
+    def busy(self, machine_id: str) -> bool:
+        return bool(self._queues.get(machine_id))
+
+    async def wait(
+        self, run_id: str, *, machine_id: str | None = None, timeout: float | None = None
+    ) -> RunResult:
+        """Wait for a run to finish and return its result. A finished run is looked up in the
+        engine's memory, or in ``machine_id``'s log. Raises TimeoutError after ``timeout``."""
+        live = self._live.get(run_id)
+        if live is not None:
+            if timeout is None:
+                await live.done.wait()
+            elif not await wait_until(self.clock, live.done.wait, timeout):
+                raise TimeoutError(f"run {run_id} still running after {timeout} s")
+            assert live.result is not None
+            return live.result
+        cached = self._finished.get(run_id)
+        if cached is not None:
+            return cached
+        if machine_id is not None:
+            try:
+                state = await self._io(self.store.log(machine_id).get_run, run_id)
+            except UnknownMachineError:
+                state = None
+            if state is not None and state.status is not RunStatus.ACTIVE:
+                return self._result(machine_id, state)
+        raise UnknownRunError(f"run {run_id} not found")
+
+    async def cancel(self, run_id: str, reason: str = "cancelled") -> bool:
+        """Halt a live run: CANCEL is logged now, the step in flight is cancelled, remaining
+        steps are skipped and finalizers run. False if the run is not live or already halting."""
+        live = self._live.get(run_id)
+        if live is None or live.done.is_set() or live.finalizing or live.state.halt is not None:
+            return False
+        halt = RunError("cancelled", reason, live.step).to_dict()
+        live.state.halt = halt
+        log_ = self.store.log(live.machine_id)
+        await self._io(
+            log_.append, run_id, EventKind.CANCEL, step=live.step, payload=halt, at=self.clock.now()
+        )
+        if live.scope is not None:
+            live.scope.cancel()
+        return True
+
+    # --- execution ----------------------------------------------------------------------------
+
+    async def _io(self, fn, *args, **kwargs):
+        if self._offload:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        return fn(*args, **kwargs)
+
+    def _enqueue(self, machine_id: str, state: RunState, *, resumed: bool) -> None:
+        live = _Live(machine_id=machine_id, state=state, resumed=resumed)
+        self._live[state.run_id] = live
+        queue = self._queues.get(machine_id)
+        if queue is None:
+            queue = self._queues[machine_id] = deque()
+            assert self._tg is not None
+            self._tg.start_soon(self._drain, machine_id, name=f"fsm:{machine_id}")
+        queue.append(live)
+        self.observer.run_started(live.info())
+
+    async def _drain(self, machine_id: str) -> None:
+        queue = self._queues[machine_id]
+        try:
+            while queue:
+                live = queue[0]
+                attempt = 0
+                while True:
+                    try:
+                        await self._execute(live)
+                        break
+                    except Exception as e:  # storage failure: reload from disk and go again
+                        attempt += 1
+                        log.exception("run %s on %s: engine error", live.state.run_id, machine_id)
+                        await self.clock.sleep(self.backoff.delay(attempt))
+                        fresh = await self._io(
+                            self.store.log(machine_id).get_run, live.state.run_id
+                        )
+                        if fresh is None:
+                            raise RuntimeError(f"run {live.state.run_id} vanished") from e
+                        live.state, live.resumed = fresh, True
+                        if fresh.status is not RunStatus.ACTIVE:
+                            self._complete(live, fresh)
+                            break
+                queue.popleft()
+                for hook in self._finish_hooks:
+                    assert live.result is not None
+                    try:
+                        await hook(live.result)
+                    except Exception:
+                        log.exception("finish hook failed for run %s", live.state.run_id)
+        finally:
+            if not queue:
+                self._queues.pop(machine_id, None)
+
+    async def _execute(self, live: _Live) -> None:
+        state = live.state
+        record = state.record
+        op = self._ops.get(record.action)
+        log_ = self.store.log(live.machine_id)
+        live.running = True
+        for name in record.steps:
+            if state.halt is not None:
+                break
+            if name in state.completed:
+                continue
+            step = op.step(name) if op is not None else None
+            await self._run_step(live, log_, op, name, step.fn if step else None, None)
+        live.finalizing = True
+        error = RunError.from_dict(state.halt) if state.halt is not None else None
+        for name in record.finalizers:
+            key = FINALLY + name
+            if key in state.completed:
+                continue
+            fin = op.finalizer(name) if op is not None else None
+            await self._run_step(live, log_, op, key, fin.fn if fin else None, error)
+        if error is None:
+            status = RunStatus.SUCCEEDED
+        elif error.kind == "cancelled":
+            status = RunStatus.CANCELLED
+        else:
+            status = RunStatus.FAILED
+        await self._io(
+            log_.finish,
+            record.run_id,
+            status,
+            error=None if error is None else error.to_dict(),
+            response=state.response,
+            at=self.clock.now(),
+        )
+        state.status = status
+        self._complete(live, state)
+
+    def _complete(self, live: _Live, state: RunState) -> None:
+        live.result = self._result(live.machine_id, state)
+        self._live.pop(state.run_id, None)
+        self._finished[state.run_id] = live.result
+        while len(self._finished) > self._finished_cap:
+            self._finished.popitem(last=False)
+        live.done.set()
+        self.observer.run_finished(live.result)
+
+    @staticmethod
+    def _result(machine_id: str, state: RunState) -> RunResult:
+        return RunResult(
+            run_id=state.run_id,
+            machine_id=machine_id,
+            action=state.action,
+            status=state.status,
+            response=MappingProxyType(dict(state.response)),
+            error=RunError.from_dict(state.halt) if state.halt is not None else None,
+        )
+
+    async def _run_step(
+        self,
+        live: _Live,
+        log_: MachineLog,
+        op: Operation | None,
+        name: str,
+        fn: StepFn | None,
+        error: RunError | None,
+    ) -> None:
+        """Run one step (or finalizer) until it completes or the run halts."""
+        state = live.state
+        record = state.record
+        is_finalizer = name.startswith(FINALLY)
+        retry = state.retries.get(name, 0)
+        last_text: str | None = None
+        while True:
+            if not is_finalizer and state.halt is not None:
+                return
+            live.step, live.retry = name, retry
+            info = live.info()
+            self.observer.step_started(info, name, live.resumed, retry)
+            out: Mapping[str, Any] | None = None
+            failure: BaseException | None = None
+            if fn is not None:
+                ctx = StepContext(
+                    run_id=record.run_id,
+                    machine_id=live.machine_id,
+                    action=record.action,
+                    step=name[len(FINALLY) :] if is_finalizer else name,
+                    request=MappingProxyType(dict(record.request)),
+                    response=dict(state.response),
+                    is_restart=live.resumed,
+                    retry_count=retry,
+                    clock=self.clock,
+                    error=error,
+                )
+                try:
+                    with anyio.CancelScope() as scope:
+                        live.scope = scope
+                        out = await fn(ctx)
+                        if out is not None and not isinstance(out, Mapping):
+                            raise TypeError(
+                                f"step {name} returned {type(out).__name__}, "
+                                "expected a mapping or None"
+                            )
+                    if scope.cancelled_caught:
+                        return  # cancel() already logged CANCEL
+                except HaltError as e:
+                    if is_finalizer:
+                        log.warning("finalizer %s of run %s halted: %s", name, record.run_id, e)
+                    else:
+                        halt = RunError(e.kind, str(e), name).to_dict()
+                        state.halt = halt
+                        await self._io(
+                            log_.append,
+                            record.run_id,
+                            EventKind.CANCEL,
+                            step=name,
+                            payload=halt,
+                            at=self.clock.now(),
+                        )
+                        return
+                except Exception as e:
+                    failure = e
+                finally:
+                    live.scope = None
+            if failure is not None:
+                retry += 1
+                self.observer.step_failed(info, name, failure, retry)
+                text = f"{type(failure).__name__}: {failure}"
+                limit = op.max_retries if op is not None else None
+                if not is_finalizer and limit is not None and retry > limit:
+                    halt = RunError(
+                        "retries_exhausted", f"{name} failed {retry} times; last: {text}", name
+                    ).to_dict()
+                    state.halt = halt
+                    await self._io(
+                        log_.append,
+                        record.run_id,
+                        EventKind.CANCEL,
+                        step=name,
+                        payload=halt,
+                        retry_count=retry,
+                        at=self.clock.now(),
+                    )
+                    return
+                if text != last_text:
+                    await self._io(
+                        log_.append,
+                        record.run_id,
+                        EventKind.ERROR,
+                        step=name,
+                        payload={"message": text},
+                        retry_count=retry,
+                        at=self.clock.now(),
+                    )
+                    last_text = text
+                state.retries[name] = retry
+                await self.clock.sleep(self.backoff.delay(retry))
+                continue
+            response = dict(state.response)
+            if out:
+                response.update(out)
+            await self._io(
+                log_.append,
+                record.run_id,
+                EventKind.COMPLETE,
+                step=name,
+                payload=response,
+                at=self.clock.now(),
+            )
+            state.response = response
+            state.completed.append(name)
+            self.observer.step_completed(info, name)
+            return

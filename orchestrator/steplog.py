@@ -1,0 +1,386 @@
+"""One machine's durable log: its runs, their step events, and the machine's document.
+
+Rules this file enforces (the engine relies on them):
+
+* Every write is one ``BEGIN IMMEDIATE`` transaction on a WAL database with ``synchronous=FULL``:
+  when a method returns, its event is on disk; when it raises, nothing was written.
+* Events of a run are numbered 0, 1, 2, ... with no gaps; START is event 0 and is written in the
+  same transaction as the run row, so a run exists if and only if its START does.
+* At most one *active* run per action, unless the caller asks to queue: the check and the insert
+  share the transaction, so two concurrent starts cannot both win.
+* A run is replayed from its events only (no code replay): COMPLETE marks a step done and carries
+  the accumulated response, ERROR carries the retry count, CANCEL halts the run, FINISH closes it.
+
+Callers never see SQL: the surface is append and scan. One connection per database, used by one
+thread at a time (a lock), opened lazily so the store can close idle logs to save descriptors.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from .errors import AlreadyRunningError, UnknownRunError
+from .steplog_schema import migrate
+
+
+class EventKind(enum.StrEnum):
+    START = "start"
+    COMPLETE = "complete"
+    ERROR = "error"
+    CANCEL = "cancel"
+    FINISH = "finish"
+
+
+class RunStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    kind: EventKind
+    step: str | None
+    payload: Any
+    retry_count: int
+    at: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What START records: the run's identity, input, and the step names fixed at that moment."""
+
+    run_id: str
+    action: str
+    steps: tuple[str, ...]
+    finalizers: tuple[str, ...]
+    request: Mapping[str, Any]
+    created_at: float
+
+
+@dataclass
+class RunState:
+    """A run as replayed from its events."""
+
+    record: RunRecord
+    seq: int
+    status: RunStatus = RunStatus.ACTIVE
+    completed: list[str] = field(default_factory=list)
+    response: dict[str, Any] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    halt: dict[str, Any] | None = None
+    finished_at: float | None = None
+    last_event: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def action(self) -> str:
+        return self.record.action
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class MachineLog:
+    """Append/scan access to one machine's database file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._conn: apsw.Connection | None = None
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def _db(self) -> apsw.Connection:
+        if self._conn is None:
+            conn = apsw.Connection(str(self.path))
+            try:
+                conn.set_busy_timeout(10_000)
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+                if mode.lower() != "wal":
+                    raise RuntimeError(f"{self.path}: could not enable WAL (got {mode})")
+                conn.execute("PRAGMA synchronous=FULL")
+                migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def open(self) -> None:
+        """Open (creating and migrating if needed) now rather than on first use."""
+        with self._lock:
+            self._db()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the main file (before the file is copied into an archive)."""
+        with self._lock:
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _write(self, fn, *args):
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return result
+
+    # --- appends ------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        record: RunRecord,
+        *,
+        exclusive: bool = True,
+        doc: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Write the run row and its START event; with ``exclusive``, refuse a second active run
+        of the same action (AlreadyRunningError names the holder). ``doc``, when given, replaces
+        the machine document in the same transaction. Returns the run's sequence number."""
+        request = _dumps(dict(record.request))
+
+        def tx(conn: apsw.Connection) -> int:
+            if exclusive:
+                row = conn.execute(
+                    "SELECT run_id FROM runs WHERE status = 'active' AND action = ? "
+                    "ORDER BY seq LIMIT 1",
+                    (record.action,),
+                ).fetchall()
+                if row:
+                    raise AlreadyRunningError(self.path.stem, record.action, row[0][0])
+            conn.execute(
+                "INSERT INTO runs (run_id, action, steps, finalizers, request, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.run_id,
+                    record.action,
+                    _dumps(list(record.steps)),
+                    _dumps(list(record.finalizers)),
+                    request,
+                    record.created_at,
+                ),
+            )
+            seq = conn.last_insert_rowid()
+            conn.execute(
+                "INSERT INTO events (run_seq, seq, kind, step, payload, retry_count, at) "
+                "VALUES (?, 0, 'start', NULL, NULL, 0, ?)",
+                (seq, record.created_at),
+            )
+            if doc is not None:
+                self._put_doc(conn, doc, record.created_at)
+            return seq
+
+        return self._write(tx)
+
+    def append(
+        self,
+        run_id: str,
+        kind: EventKind,
+        *,
+        step: str | None,
+        payload: Any = None,
+        retry_count: int = 0,
+        at: float,
+    ) -> int:
+        """Append COMPLETE / ERROR / CANCEL to an active run; returns the event's sequence."""
+        if kind not in (EventKind.COMPLETE, EventKind.ERROR, EventKind.CANCEL):
+            raise ValueError(f"append() takes complete/error/cancel events, not {kind}")
+        text = None if payload is None else _dumps(payload)
+
+        def tx(conn: apsw.Connection) -> int:
+            seq = self._active_seq(conn, run_id)
+            return self._insert_event(conn, seq, kind, step, text, retry_count, at)
+
+        return self._write(tx)
+
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        error: Mapping[str, Any] | None,
+        response: Mapping[str, Any],
+        at: float,
+    ) -> None:
+        """Append FINISH and close the run (it stops counting as active)."""
+        if status is RunStatus.ACTIVE:
+            raise ValueError("finish() needs a final status")
+
+        def tx(conn: apsw.Connection) -> None:
+            seq = self._active_seq(conn, run_id)
+            self._insert_event(
+                conn, seq, EventKind.FINISH, None, _dumps({"status": str(status)}), 0, at
+            )
+            conn.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, error = ?, response = ? "
+                "WHERE seq = ?",
+                (
+                    str(status),
+                    at,
+                    None if error is None else _dumps(dict(error)),
+                    _dumps(dict(response)),
+                    seq,
+                ),
+            )
+
+        self._write(tx)
+
+    def write_doc(self, doc: Mapping[str, Any], *, at: float) -> None:
+        """Replace the machine's document."""
+        self._write(lambda conn: self._put_doc(conn, doc, at))
+
+    @staticmethod
+    def _put_doc(conn: apsw.Connection, doc: Mapping[str, Any], at: float) -> None:
+        conn.execute(
+            "INSERT INTO machine (id, doc, updated_at) VALUES (1, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
+            (_dumps(dict(doc)), at),
+        )
+
+    @staticmethod
+    def _active_seq(conn: apsw.Connection, run_id: str) -> int:
+        rows = conn.execute("SELECT seq, status FROM runs WHERE run_id = ?", (run_id,)).fetchall()
+        if not rows:
+            raise UnknownRunError(f"run {run_id} not found")
+        seq, status = rows[0]
+        if status != RunStatus.ACTIVE:
+            raise ValueError(f"run {run_id} is {status}; its log is closed")
+        return seq
+
+    @staticmethod
+    def _insert_event(conn, run_seq, kind, step, text, retry_count, at) -> int:
+        nxt = conn.execute(
+            "SELECT COALESCE(MAX(seq), -1) + 1 FROM events WHERE run_seq = ?", (run_seq,)
+        ).fetchall()[0][0]
+        conn.execute(
+            "INSERT INTO events (run_seq, seq, kind, step, payload, retry_count, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_seq, nxt, str(kind), step, text, retry_count, at),
+        )
+        return nxt
+
+    # --- scans --------------------------------------------------------------------------------
+
+    def read_doc(self) -> dict[str, Any] | None:
+        with self._lock:
+            rows = self._db().execute("SELECT doc FROM machine WHERE id = 1").fetchall()
+        return json.loads(rows[0][0]) if rows else None
+
+    def active_runs(self) -> list[RunState]:
+        """Every run without FINISH, replayed, oldest first."""
+        return self._runs("WHERE status = 'active' ORDER BY seq", ())
+
+    def get_run(self, run_id: str) -> RunState | None:
+        runs = self._runs("WHERE run_id = ?", (run_id,))
+        return runs[0] if runs else None
+
+    def history(self, limit: int = 50) -> list[RunState]:
+        """The most recent runs, finished or not, newest first."""
+        return self._runs("ORDER BY seq DESC LIMIT ?", (int(limit),))
+
+    def events(self, run_id: str) -> list[Event]:
+        with self._lock:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT e.seq, e.kind, e.step, e.payload, e.retry_count, e.at FROM events e "
+                    "JOIN runs r ON r.seq = e.run_seq WHERE r.run_id = ? ORDER BY e.seq",
+                    (run_id,),
+                )
+                .fetchall()
+            )
+        return [
+            Event(s, EventKind(k), st, None if p is None else json.loads(p), rc, at)
+            for s, k, st, p, rc, at in rows
+        ]
+
+    def _runs(self, where: str, params: Sequence[Any]) -> list[RunState]:
+        with self._lock:
+            conn = self._db()
+            rows = conn.execute(
+                "SELECT seq, run_id, action, steps, finalizers, request, created_at, status, "
+                f"finished_at, error, response FROM runs {where}",
+                params,
+            ).fetchall()
+            states = []
+            for (
+                seq,
+                run_id,
+                action,
+                steps,
+                fins,
+                request,
+                created,
+                status,
+                fin_at,
+                err,
+                resp,
+            ) in rows:
+                record = RunRecord(
+                    run_id=run_id,
+                    action=action,
+                    steps=tuple(json.loads(steps)),
+                    finalizers=tuple(json.loads(fins)),
+                    request=json.loads(request),
+                    created_at=created,
+                )
+                state = RunState(record=record, seq=seq, status=RunStatus(status))
+                state.finished_at = fin_at
+                events = conn.execute(
+                    "SELECT seq, kind, step, payload, retry_count FROM events "
+                    "WHERE run_seq = ? ORDER BY seq",
+                    (seq,),
+                ).fetchall()
+                for ev_seq, kind, step, payload, retry_count in events:
+                    _replay(state, ev_seq, EventKind(kind), step, payload, retry_count)
+                if state.status is not RunStatus.ACTIVE:
+                    if resp is not None:
+                        state.response = json.loads(resp)
+                    if err is not None and state.halt is None:
+                        state.halt = json.loads(err)
+                states.append(state)
+        return states
+
+
+def _replay(state: RunState, seq: int, kind: EventKind, step, payload, retry_count) -> None:
+    state.last_event = seq
+    if kind is EventKind.COMPLETE:
+        if step not in state.completed:
+            state.completed.append(step)
+        if payload is not None:
+            state.response = json.loads(payload)
+    elif kind is EventKind.ERROR:
+        state.retries[step] = retry_count
+    elif kind is EventKind.CANCEL:
+        if state.halt is None:
+            state.halt = json.loads(payload) if payload is not None else {"kind": "cancelled"}
+    elif kind is EventKind.FINISH:
+        pass
