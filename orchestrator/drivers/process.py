@@ -1,0 +1,97 @@
+"""ProcessDriver: a machine's command as a supervised process group on this host.
+
+As root the command runs in fresh pid, mount, uts and ipc namespaces (its own PID 1 supervisor,
+its own /proc, hostname = machine id); otherwise it is a plain process group. The network is the
+host's (address ``127.0.0.1``) so a proxy on this host can reach it. Images are not unpacked: the
+command runs on the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. No cgroup
+limits, hence no OOM detection (``oom_killed`` is always False).
+
+Lifecycle: ``create`` writes the spec (OCI's "created"); ``start`` spawns the shim, which starts
+the command; ``stop``/``wait``/``destroy`` work from the files the shim keeps (``supervised``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
+from .supervised import SPAWN_GRACE, ShimDriver, read_json, write_json
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ProcessDriver(ShimDriver):
+    name = "process"
+
+    def __init__(
+        self, state_dir: str | Path, *, namespaces: bool | None = None, python: str | None = None
+    ) -> None:
+        super().__init__(state_dir, python=python)
+        self.namespaces = (os.geteuid() == 0) if namespaces is None else namespaces
+
+    async def prepare(self, spec: InstanceSpec) -> None:
+        if not spec.cmd:
+            raise DriverError(
+                "the process driver runs commands on the host: config.init.cmd is required",
+                transient=False,
+            )
+        if shutil.which(spec.cmd[0], path=spec.env.get("PATH", BASE_PATH)) is None:
+            raise DriverError(f"command not found: {spec.cmd[0]!r}", transient=False)
+
+    async def create(self, spec: InstanceSpec) -> None:
+        await self.prepare(spec)
+        d = self._dir(spec.instance_id)
+        state = (await self.status(spec.instance_id)).state
+        if state is InstanceState.CREATED:
+            return
+        if state is not InstanceState.ABSENT:
+            raise DriverError(f"instance {spec.instance_id} exists ({state})")
+        shutil.rmtree(d, ignore_errors=True)  # debris of a create that never finished
+        d.mkdir(parents=True)
+        write_json(d / "spec.json", spec.to_dict())
+
+    async def start(self, instance_id: str) -> None:
+        d = self._dir(instance_id)
+        state = (await self.status(instance_id)).state
+        if state is InstanceState.ABSENT:
+            raise UnknownInstanceError(instance_id)
+        if state is not InstanceState.CREATED:
+            raise DriverError(f"cannot start instance {instance_id} in state {state}")
+        spec = InstanceSpec.from_dict(read_json(d / "spec.json") or {})
+        env = {"PATH": BASE_PATH, "HOME": "/root" if os.geteuid() == 0 else "/tmp"}
+        env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
+        env.update(spec.env)
+        args = ["1" if self.namespaces else "0", spec.machine_id, str(d / "output.log"), "--"]
+        self._spawn(instance_id, ["process", *args, *spec.cmd], env)
+        await self._await_spawn(instance_id)
+
+    async def status(self, instance_id: str) -> InstanceStatus:
+        d = self._dir(instance_id)
+        if not (d / "spec.json").exists():
+            return InstanceStatus(InstanceState.ABSENT)
+        if (d / "shim.json").exists() and self._pids(d) is None:
+            if (d / "error.json").exists():
+                return InstanceStatus(InstanceState.ABSENT)  # setup failed: recreate
+            try:  # spawned, not yet reported (or the orchestrator died right after spawning)
+                await self._await_spawn(instance_id, timeout=SPAWN_GRACE)
+            except DriverError:
+                return InstanceStatus(InstanceState.ABSENT)
+        pids = self._pids(d)
+        if pids is None:
+            return InstanceStatus(InstanceState.CREATED)
+        exit_ = self._exit(d)
+        if exit_ is not None:
+            return InstanceStatus(InstanceState.EXITED, pid=int(pids["main"]), exit=exit_)
+        return InstanceStatus(InstanceState.RUNNING, pid=int(pids["main"]), address="127.0.0.1")
+
+    async def destroy(self, instance_id: str) -> None:
+        await self._kill_and_forget(instance_id)
+
+    def output(self, instance_id: str) -> str:
+        """What the command wrote to stdout/stderr (for tests and debugging)."""
+        try:
+            return (self._dir(instance_id) / "output.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

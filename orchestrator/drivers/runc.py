@@ -1,0 +1,242 @@
+"""RuncDriver: machines as real OCI containers, run by runc from bundles we write.
+
+A bundle is ``<state>/<instance>/bundle/config.json`` whose root is the image's shared read-only
+rootfs (``images``). ``create`` writes it and starts the shim, which runs ``runc create`` and
+stays as the container's reaper (so exit codes survive an orchestrator restart); ``start`` is
+``runc start``; stop signals the container's init (escalating to SIGKILL, since a PID 1 without
+handlers ignores SIGTERM); ``destroy`` is ``runc delete --force``. The OOM flag comes from the
+container's memory cgroup (``memory.oom_control``'s ``oom_kill`` count).
+
+Networking: by default the container shares the host's network namespace (address
+``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it a private
+namespace with only loopback. runc state lives under ``<state>/runc`` (``runc --root``), apart
+from any other runc user on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
+from .images import ImageStore, static_busybox
+from .supervised import SPAWN_GRACE, ShimDriver, write_json
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+
+
+def runc_available() -> str | None:
+    """Why the runc driver cannot run here, or None when it can (root, runc, static busybox)."""
+    if os.geteuid() != 0:
+        return "the runc driver needs root"
+    if shutil.which("runc") is None:
+        return "runc is not installed (scripts/setup-test-deps installs it as root)"
+    if static_busybox() is None:
+        return "busybox-static is not installed (scripts/setup-test-deps installs it as root)"
+    return None
+
+
+def oci_config(
+    spec: InstanceSpec, rootfs: Path, args: list[str], env: list[str], *, network: str
+) -> dict[str, Any]:
+    """config.json for one instance (OCI runtime spec 1.0)."""
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if network == "none":
+        namespaces.append({"type": "network"})
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if spec.memory_mb:
+        limit = int(spec.memory_mb) * 1024 * 1024
+        resources["memory"] = {"limit": limit, "swap": limit}
+    if spec.cpus:
+        resources["cpu"] = {"shares": 1024 * int(spec.cpus)}
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755", "size=16384k"]},
+    ]  # fmt: skip
+    if network != "none":
+        for name in ("resolv.conf", "hosts"):
+            if os.path.exists(f"/etc/{name}"):
+                mounts.append(
+                    {"destination": f"/etc/{name}", "type": "bind", "source": f"/etc/{name}",
+                     "options": ["rbind", "ro"]}
+                )  # fmt: skip
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": env,
+            "cwd": "/",
+            "capabilities": {k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs), "readonly": True},
+        "hostname": spec.machine_id,
+        "mounts": mounts,
+        "linux": {
+            "resources": resources,
+            "namespaces": namespaces,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+        },
+    }  # fmt: skip
+
+
+class RuncDriver(ShimDriver):
+    name = "runc"
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        images: ImageStore | str | Path | None = None,
+        runc: str | None = None,
+        network: str = "host",
+        python: str | None = None,
+    ) -> None:
+        super().__init__(state_dir, python=python)
+        if network not in ("host", "none"):
+            raise ValueError(f"network must be 'host' or 'none', not {network!r}")
+        self.network = network
+        self.runc = runc or shutil.which("runc") or "runc"
+        self.root = self.state_dir / "_runc"
+        self.root.mkdir(parents=True, exist_ok=True)
+        if images is None:
+            images = self.state_dir / "_images"
+        self.images = images if isinstance(images, ImageStore) else ImageStore(images)
+
+    def instance_ids(self) -> list[str]:
+        return [i for i in super().instance_ids() if not i.startswith("_")]
+
+    async def _runc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = await anyio.run_process(
+            [self.runc, "--root", str(self.root), *args], check=False, stdin=subprocess.DEVNULL
+        )
+        if check and proc.returncode != 0:
+            msg = proc.stderr.decode(errors="replace").strip()
+            raise DriverError(f"runc {args[0]} failed ({proc.returncode}): {msg}")
+        return proc
+
+    async def _runc_state(self, instance_id: str) -> str | None:
+        proc = await self._runc("state", instance_id, check=False)
+        if proc.returncode != 0:
+            return None
+        return json.loads(proc.stdout).get("status")
+
+    async def prepare(self, spec: InstanceSpec) -> None:
+        await anyio.to_thread.run_sync(self.images.resolve, spec.image)
+
+    async def create(self, spec: InstanceSpec) -> None:
+        image = await anyio.to_thread.run_sync(self.images.resolve, spec.image)
+        state = (await self.status(spec.instance_id)).state
+        if state is InstanceState.CREATED:
+            return
+        if state is not InstanceState.ABSENT:
+            raise DriverError(f"instance {spec.instance_id} exists ({state})")
+        d = self._dir(spec.instance_id)
+        if d.exists():  # debris of a create that never finished
+            await self._cleanup(spec.instance_id)
+        (d / "bundle").mkdir(parents=True)
+        write_json(d / "spec.json", spec.to_dict())
+        args = list(spec.cmd or image.cmd)
+        if not args:
+            raise DriverError(f"image {image.name} has no default command", transient=False)
+        env = {"PATH": BASE_PATH, "HOME": "/root"}
+        for item in image.env:
+            k, _, v = item.partition("=")
+            env[k] = v
+        env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
+        env.update(spec.env)
+        config = oci_config(
+            spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()], network=self.network
+        )
+        write_json(d / "bundle" / "config.json", config)
+        bundle = str(d / "bundle")
+        args = [self.runc, str(self.root), bundle, spec.instance_id, str(d / "output.log")]
+        self._spawn(spec.instance_id, ["runc", *args])
+        await self._await_spawn(spec.instance_id)
+
+    async def start(self, instance_id: str) -> None:
+        proc = await self._runc("start", instance_id, check=False)
+        if proc.returncode == 0:
+            return
+        state = (await self.status(instance_id)).state
+        if state is InstanceState.ABSENT:
+            raise UnknownInstanceError(instance_id)
+        msg = proc.stderr.decode(errors="replace").strip()
+        raise DriverError(f"cannot start instance {instance_id} in state {state}: {msg}")
+
+    async def status(self, instance_id: str) -> InstanceStatus:
+        d = self._dir(instance_id)
+        if not (d / "spec.json").exists():
+            return InstanceStatus(InstanceState.ABSENT)
+        if (d / "error.json").exists():
+            return InstanceStatus(InstanceState.ABSENT)  # runc create failed: recreate
+        pids = self._pids(d)
+        if pids is None:
+            if not (d / "shim.json").exists():
+                return InstanceStatus(InstanceState.ABSENT)
+            try:
+                pids = await self._await_spawn(instance_id, timeout=SPAWN_GRACE)
+            except DriverError:
+                return InstanceStatus(InstanceState.ABSENT)
+        exit_ = self._exit(d)
+        if exit_ is not None:
+            return InstanceStatus(InstanceState.EXITED, pid=int(pids["main"]), exit=exit_)
+        runc_state = await self._runc_state(instance_id)
+        if runc_state == "created":
+            return InstanceStatus(InstanceState.CREATED, pid=int(pids["main"]))
+        address = "127.0.0.1" if self.network == "host" else None
+        return InstanceStatus(InstanceState.RUNNING, pid=int(pids["main"]), address=address)
+
+    async def _cleanup(self, instance_id: str) -> None:
+        await self._runc("delete", "--force", instance_id, check=False)
+        await self._kill_and_forget(instance_id)
+
+    async def destroy(self, instance_id: str) -> None:
+        self._dir(instance_id)
+        await self._cleanup(instance_id)
+
+    def output(self, instance_id: str) -> str:
+        try:
+            return (self._dir(instance_id) / "output.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,297 @@
+"""Per-instance supervisor, run as its own process by the process and runc drivers.
+
+Why a separate process: machines must outlive the orchestrator (flyd restarts without killing VMs)
+yet their exit codes must not be lost. The shim is started in its own session, owns the instance,
+and writes the outcome to ``exit.json`` in the instance directory, where a restarted orchestrator
+finds it. It imports almost nothing (no json, no subprocess, ctypes only when needed) and runs
+with ``python -I -S``, so it is up in about ten milliseconds.
+
+Invocation (arguments, not a config file, to keep startup cheap):
+
+* ``shim.py <dir> process <namespaces:0|1> <hostname> <log> -- <cmd...>`` — the environment of
+  the shim is the command's. The shim (O) forks a supervisor (S) that forks the command (C). With
+  namespaces (root only), O first unshares pid/mount/uts/ipc namespaces, so S is PID 1 of a fresh
+  pid namespace with its own /proc and hostname. S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a
+  PID 1 without handlers would ignore them), reaps orphans, writes C's status, then kills its
+  process group so nothing outlives the main process.
+* ``shim.py <dir> runc <runc> <runc-root> <bundle> <id> <log>`` — O becomes a child subreaper and
+  runs ``runc create``; the container's init is reparented to O, which waits for it, reads the
+  memory cgroup's OOM-kill counter and writes the status. ``runc start`` is the driver's job.
+
+Files written, atomically: ``pids.json`` (``shim``, ``main`` = the pid to signal, ``pgid``,
+``starttime`` of the shim for pid-reuse checks, ``memory_cgroup``), ``exit.json`` (``exit_code`` or
+``signal``, ``oom_killed``, ``exited_at``), ``error.json`` when setup failed.
+"""
+
+import _signal
+import os
+import sys
+import time
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+PR_SET_CHILD_SUBREAPER = 36
+SIGKILL = 9
+FORWARDED = (15, 2, 1, 3, 10, 12)  # TERM INT HUP QUIT USR1 USR2
+
+
+def encode(value):
+    """Enough JSON for flat dicts of str/int/float/bool/None (json would cost ~10 ms to import)."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif ord(ch) < 0x20:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    return "{" + ", ".join(encode(str(k)) + ": " + encode(v) for k, v in value.items()) + "}"
+
+
+def write_json(directory, name, data):
+    tmp = os.path.join(directory, "." + name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, encode(data).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(directory, name))
+
+
+def starttime(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def status_dict(status, oom=False):
+    out = {"exit_code": None, "signal": None, "oom_killed": oom, "exited_at": time.time()}
+    if os.WIFSIGNALED(status):
+        out["signal"] = os.WTERMSIG(status)
+    else:
+        out["exit_code"] = os.WEXITSTATUS(status)
+    return out
+
+
+def libc():
+    import ctypes
+
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+
+    def check(rc, what):
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    return lib, check
+
+
+def supervise(directory, hostname, log_path, cmd, in_namespace):
+    """S: runs the command as a child, forwards signals, writes its status, kills the group."""
+    os.setpgid(0, 0)
+    if in_namespace:
+        lib, check = libc()
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        check(lib.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
+        name = hostname.encode()[:63]
+        if name:
+            check(lib.sethostname(name, len(name)), "sethostname")
+    child = {"pid": None, "pending": []}
+
+    def forward(signum, _frame):
+        if child["pid"] is None:
+            child["pending"].append(signum)
+            return
+        try:  # noqa: SIM105 - contextlib costs startup time
+            os.kill(child["pid"], signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        _signal.signal(sig, forward)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for sig in FORWARDED:
+                _signal.signal(sig, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.execvp(cmd[0], cmd)
+        except BaseException as e:  # exec failed: report it like a shell would
+            try:
+                os.write(2, f"shim: cannot run {cmd[0]!r}: {e}\n".encode())
+            finally:
+                os._exit(127)
+    child["pid"] = pid
+    os.close(log)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED)
+    for signum in child["pending"]:
+        forward(signum, None)
+    status = None
+    while True:
+        try:
+            reaped, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if reaped == pid:
+            status = st
+            break
+    if status is None:
+        result = {"exit_code": None, "signal": None, "oom_killed": False, "exited_at": time.time()}
+    else:
+        result = status_dict(status)
+    write_json(directory, "exit.json", result)
+    os.killpg(os.getpgid(0), SIGKILL)  # stragglers go too (PID 1 of a namespace is immune)
+    os._exit(0)
+
+
+def run_process(directory, args):
+    namespaces, hostname, log_path, sep, *cmd = args
+    if sep != "--" or not cmd:
+        raise ValueError("usage: process <namespaces> <hostname> <log> -- <cmd...>")
+    in_namespace = namespaces == "1" and os.geteuid() == 0
+    if in_namespace:
+        lib, check = libc()
+        check(lib.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
+        check(lib.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            supervise(directory, hostname, log_path, cmd, in_namespace)
+        finally:
+            os._exit(1)
+    me = os.getpid()
+    write_json(
+        directory, "pids.json", {"shim": me, "main": pid, "pgid": pid, "starttime": starttime(me)}
+    )
+    _, status = os.waitpid(pid, 0)
+    if not os.path.exists(os.path.join(directory, "exit.json")):
+        write_json(directory, "exit.json", status_dict(status))
+
+
+def memory_cgroup(pid):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def oom_killed(cgroup):
+    if not cgroup:
+        return False
+    for candidate in (
+        f"/sys/fs/cgroup/memory{cgroup}/memory.oom_control",
+        f"/sys/fs/cgroup{cgroup}/memory.events",
+    ):
+        try:
+            with open(candidate) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and int(value) > 0:
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def run_runc(directory, args):
+    runc, root, bundle, cid, log_path = args
+    lib, check = libc()
+    check(lib.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+    pid_file = os.path.join(directory, "init.pid")
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    start = os.lseek(log, 0, os.SEEK_END)
+    # runc hands its own stdio to the container: no pipe here, it would stay open for the
+    # container's whole life
+    pid = os.fork()
+    if pid == 0:
+        try:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            argv = [runc, "--root", root, "create", "--bundle", bundle, "--pid-file", pid_file, cid]
+            os.execv(runc, argv)
+        finally:
+            os._exit(127)
+    os.close(log)
+    _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            message = f.read()[-2000:].decode(errors="replace").strip()
+        write_json(directory, "error.json", {"message": f"runc create: {message}"})
+        return
+    with open(pid_file) as f:
+        init = int(f.read().strip())
+    cgroup = memory_cgroup(init)
+    me = os.getpid()
+    pids = {"shim": me, "main": init, "pgid": None, "starttime": starttime(me)}
+    pids["memory_cgroup"] = cgroup
+    write_json(directory, "pids.json", pids)
+    status = None
+    while True:
+        try:
+            reaped, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if reaped == init:
+            status = st
+            break
+    if status is None:  # not our child after all: watch /proc until it is gone
+        while os.path.exists(f"/proc/{init}"):
+            time.sleep(0.02)
+        result = {"exit_code": None, "signal": None, "oom_killed": False, "exited_at": time.time()}
+    else:
+        result = status_dict(status, oom_killed(cgroup))
+    write_json(directory, "exit.json", result)
+
+
+def main(argv):
+    directory, mode, *args = argv[1:]
+    for sig in FORWARDED:  # O ignores stray terminal signals; S installs its forwarding
+        _signal.signal(sig, _signal.SIG_IGN)
+    try:
+        if mode == "runc":
+            run_runc(directory, args)
+        elif mode == "process":
+            run_process(directory, args)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    except BaseException as e:
+        try:  # noqa: SIM105
+            write_json(directory, "error.json", {"message": f"{type(e).__name__}: {e}"})
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

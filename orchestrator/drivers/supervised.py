@@ -1,0 +1,234 @@
+"""Shared machinery of the drivers that run real processes through ``shim.py``.
+
+Each instance has a directory ``<state_dir>/<instance_id>/`` holding what the shim and the
+driver agree on (see ``shim.py``): ``shim.json`` (how to run), ``pids.json`` (who to signal),
+``exit.json`` (how it ended), ``error.json`` (setup failed), ``stop_requested`` (the driver asked
+it to stop, so the exit is not a crash). Everything the driver knows is in those files, which is
+what lets a restarted orchestrator pick its instances up again.
+
+Waiting is polling on those files with a short, growing interval (2 ms up to 50 ms): it survives
+orchestrator restarts (no pipe to lose) and costs nothing measurable for tens of instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal as _signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .base import DriverError, ExitStatus, InstanceState, UnknownInstanceError
+
+SHIM = Path(__file__).with_name("shim.py")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+SPAWN_GRACE = 10.0  # seconds a shim may take to report its pids before it is presumed lost
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def process_alive(pid: int, starttime: int | None) -> bool:
+    """Alive and the same process (not a reused pid, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    if fields[0] in ("Z", "X"):
+        return False
+    return starttime is None or int(fields[19]) == starttime
+
+
+class ShimDriver:
+    """Base of ProcessDriver and RuncDriver: instance directories, shim spawning, waiting."""
+
+    name = "shim"
+
+    def __init__(self, state_dir: str | Path, *, python: str | None = None) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.python = python or sys.executable
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    # --- files --------------------------------------------------------------------------------
+
+    def _dir(self, instance_id: str) -> Path:
+        if not isinstance(instance_id, str) or not _ID_RE.match(instance_id):
+            raise DriverError(f"invalid instance id {instance_id!r}", transient=False)
+        return self.state_dir / instance_id
+
+    def instance_ids(self) -> list[str]:
+        return sorted(
+            p.name for p in self.state_dir.iterdir() if p.is_dir() and _ID_RE.match(p.name)
+        )
+
+    def _pids(self, d: Path) -> dict[str, Any] | None:
+        return read_json(d / "pids.json")
+
+    def _reap(self) -> None:
+        for iid, proc in list(self._procs.items()):
+            if proc.poll() is not None:
+                del self._procs[iid]
+
+    def _shim_alive(self, pids: dict[str, Any]) -> bool:
+        self._reap()
+        return process_alive(int(pids["shim"]), pids.get("starttime"))
+
+    def _exit(self, d: Path) -> ExitStatus | None:
+        """The recorded exit, a synthesized one if the shim died without recording, or None."""
+        data = read_json(d / "exit.json")
+        requested = (d / "stop_requested").exists()
+        if data is None:
+            pids = self._pids(d)
+            if pids is None or self._shim_alive(pids):
+                return None
+            data = read_json(d / "exit.json")  # it may have written just before dying
+            if data is None:
+                data = {"exit_code": None, "signal": None}
+        data["requested_stop"] = requested
+        return ExitStatus.from_dict(data)
+
+    def _spawn(self, instance_id: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        """Start the shim for an instance; ``shim.json`` records that (and how) it was started."""
+        d = self._dir(instance_id)
+        argv = [self.python, "-I", "-S", str(SHIM), str(d), *args]
+        write_json(d / "shim.json", {"argv": argv})
+        with open(d / "shim.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env if env is not None else {"PATH": os.environ.get("PATH", "")},
+                start_new_session=True,
+                close_fds=True,
+            )
+        self._procs[instance_id] = proc
+
+    async def _await_spawn(self, instance_id: str, timeout: float = SPAWN_GRACE) -> dict[str, Any]:
+        """Until the shim reports its pids; DriverError if it reported a setup error or died."""
+        d = self._dir(instance_id)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            pids = self._pids(d)
+            if pids is not None:
+                return pids
+            err = read_json(d / "error.json")
+            if err is not None:
+                raise DriverError(f"instance {instance_id}: {err.get('message', '').strip()}")
+            proc = self._procs.get(instance_id)
+            if proc is not None and proc.poll() is not None and self._pids(d) is None:
+                if read_json(d / "error.json") is None:
+                    raise DriverError(f"instance {instance_id}: shim exited ({proc.returncode})")
+                continue
+            if time.monotonic() > deadline:
+                raise DriverError(f"instance {instance_id}: shim did not start in {timeout} s")
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, 0.02)
+
+    # --- contract pieces shared by subclasses -------------------------------------------------
+
+    async def wait(self, instance_id: str) -> ExitStatus:
+        d = self._dir(instance_id)
+        delay = 0.002
+        while True:
+            if not d.exists():
+                raise UnknownInstanceError(instance_id)
+            status = self._exit(d)
+            if status is not None:
+                return status
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    async def _wait_for(self, instance_id: str, timeout: float) -> ExitStatus | None:
+        with anyio.move_on_after(timeout):
+            return await self.wait(instance_id)
+        return None
+
+    async def signal(self, instance_id: str, sig: int) -> None:
+        d = self._dir(instance_id)
+        pids = self._pids(d)
+        if pids is None or self._exit(d) is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pids["main"]), sig)
+
+    def _kill(self, pids: dict[str, Any]) -> None:
+        try:
+            if pids.get("pgid"):
+                os.killpg(int(pids["pgid"]), _signal.SIGKILL)
+            else:
+                os.kill(int(pids["main"]), _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def stop(
+        self, instance_id: str, *, signal: int = _signal.SIGTERM, timeout: float = 10.0
+    ) -> ExitStatus:
+        status = await self.status(instance_id)
+        if status.state is InstanceState.ABSENT:
+            raise UnknownInstanceError(instance_id)
+        if status.state is InstanceState.CREATED:
+            raise DriverError(f"instance {instance_id} was never started", transient=False)
+        d = self._dir(instance_id)
+        if status.state is InstanceState.RUNNING:
+            (d / "stop_requested").touch()
+            await self.signal(instance_id, signal)
+            if await self._wait_for(instance_id, timeout) is None:
+                pids = self._pids(d)
+                if pids is not None:
+                    self._kill(pids)
+                if await self._wait_for(instance_id, 30.0) is None:
+                    raise DriverError(f"instance {instance_id} survived SIGKILL for 30 s")
+        exit_ = self._exit(d)
+        assert exit_ is not None
+        return exit_
+
+    async def _kill_and_forget(self, instance_id: str) -> None:
+        """SIGKILL whatever runs, wait for the shim to record it, remove the directory."""
+        d = self._dir(instance_id)
+        if not d.exists():
+            return
+        pids = self._pids(d)
+        if pids is None and (d / "shim.json").exists() and not (d / "error.json").exists():
+            try:  # a shim may be mid-start: let it report so nothing escapes
+                pids = await self._await_spawn(instance_id, timeout=SPAWN_GRACE)
+            except DriverError:
+                pids = self._pids(d)
+        if pids is not None and self._exit(d) is None:
+            (d / "stop_requested").touch()
+            self._kill(pids)
+            if await self._wait_for(instance_id, 30.0) is None:
+                raise DriverError(f"instance {instance_id} survived SIGKILL for 30 s")
+        self._procs.pop(instance_id, None)
+        shutil.rmtree(d, ignore_errors=True)
+
+    async def destroy_all(self) -> list[str]:
+        """Destroy every instance under the state directory (test teardown, host cleanup)."""
+        ids = self.instance_ids()
+        for iid in ids:
+            await self.destroy(iid)  # type: ignore[attr-defined]
+        return ids
+
+    async def aclose(self) -> None:
+        self._reap()

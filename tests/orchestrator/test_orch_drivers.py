@@ -1,0 +1,254 @@
+"""The driver contract against FakeDriver, ProcessDriver and RuncDriver (real processes and
+containers; runc tests skip with a reason where runc, root or busybox-static is missing)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import anyio
+import pytest
+
+from orchestrator.clock import ManualClock, SystemClock
+from orchestrator.drivers import (
+    DriverError,
+    FakeDriver,
+    ImageNotFoundError,
+    InstanceSpec,
+    InstanceState,
+    ProcessDriver,
+    RuncDriver,
+    runc_available,
+)
+from orchestrator.ids import IdFactory
+
+pytestmark = pytest.mark.anyio
+RUNC_MISSING = runc_available()
+needs_runc = pytest.mark.skipif(RUNC_MISSING is not None, reason=str(RUNC_MISSING))
+_ids = IdFactory(SystemClock())
+
+
+def iid() -> str:
+    return _ids.ulid()
+
+
+@pytest.fixture(params=["process", pytest.param("runc", marks=needs_runc)])
+async def real_driver(request, tmp_path):
+    cls = ProcessDriver if request.param == "process" else RuncDriver
+    d = cls(tmp_path / request.param)
+    yield d
+    await d.destroy_all()
+
+
+@pytest.fixture
+async def process_driver(tmp_path):
+    driver = ProcessDriver(tmp_path / "proc")
+    yield driver
+    await driver.destroy_all()
+
+
+@pytest.fixture
+async def runc_driver(tmp_path):
+    if RUNC_MISSING:
+        pytest.skip(RUNC_MISSING)
+    driver = RuncDriver(tmp_path / "runc")
+    yield driver
+    await driver.destroy_all()
+
+
+@pytest.fixture(params=["fake", "process", pytest.param("runc", marks=needs_runc)])
+async def driver(request, tmp_path):
+    if request.param == "fake":
+        yield FakeDriver()
+        return
+    d = (ProcessDriver if request.param == "process" else RuncDriver)(tmp_path / request.param)
+    yield d
+    await d.destroy_all()
+
+
+def spec(cmd=("sleep", "600"), **kw) -> InstanceSpec:
+    return InstanceSpec(instance_id=iid(), machine_id="m1", image="busybox", cmd=tuple(cmd), **kw)
+
+
+async def test_lifecycle_contract(driver):
+    s = spec()
+    assert (await driver.status(s.instance_id)).state is InstanceState.ABSENT
+    await driver.prepare(s)
+    await driver.create(s)
+    await driver.create(s)  # idempotent while created
+    assert (await driver.status(s.instance_id)).state is InstanceState.CREATED
+    await driver.start(s.instance_id)
+    st = await driver.status(s.instance_id)
+    assert st.state is InstanceState.RUNNING and st.pid
+    with pytest.raises(DriverError):
+        await driver.start(s.instance_id)
+    # a PID 1 in a container ignores SIGTERM without a handler: stop escalates after 0.5 s
+    exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=0.5)
+    assert exit_.requested_stop
+    assert exit_.signal in (signal.SIGTERM, signal.SIGKILL)
+    st = await driver.status(s.instance_id)
+    assert st.state is InstanceState.EXITED and st.exit == exit_
+    assert await driver.wait(s.instance_id) == exit_  # already exited: returns at once
+    again = await driver.stop(s.instance_id)  # stopping an exited instance reports its exit
+    assert again == exit_
+    await driver.destroy(s.instance_id)
+    await driver.destroy(s.instance_id)  # absent is fine
+    assert (await driver.status(s.instance_id)).state is InstanceState.ABSENT
+
+
+async def test_destroy_kills_a_running_instance(driver):
+    s = spec()
+    await driver.create(s)
+    await driver.start(s.instance_id)
+    pid = (await driver.status(s.instance_id)).pid
+    await driver.destroy(s.instance_id)
+    assert (await driver.status(s.instance_id)).state is InstanceState.ABSENT
+    if not isinstance(driver, FakeDriver):
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+async def test_exit_codes_and_signals_are_reported(real_driver):
+    driver = real_driver
+    s = spec(("sh", "-c", "exit 3"))
+    await driver.create(s)
+    await driver.start(s.instance_id)
+    with anyio.fail_after(30):
+        exit_ = await driver.wait(s.instance_id)
+    assert exit_.exit_code == 3 and exit_.signal is None and not exit_.requested_stop
+    assert exit_.failed
+
+    s2 = spec(("sleep", "600"))
+    await driver.create(s2)
+    await driver.start(s2.instance_id)
+    await driver.signal(s2.instance_id, signal.SIGKILL)
+    with anyio.fail_after(30):
+        exit2 = await driver.wait(s2.instance_id)
+    assert exit2.signal == signal.SIGKILL or exit2.exit_code == 128 + signal.SIGKILL
+    assert not exit2.requested_stop
+
+
+async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(real_driver):
+    driver = real_driver
+    s = spec(("sh", "-c", "trap '' TERM; while true; do sleep 1; done"))
+    await driver.create(s)
+    await driver.start(s.instance_id)
+    await anyio.sleep(0.2)  # let the trap be installed; the assertion holds either way
+    exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=0.3)
+    assert exit_.requested_stop
+    assert exit_.signal == signal.SIGKILL or exit_.exit_code == 128 + signal.SIGKILL
+    assert (await driver.status(s.instance_id)).state is InstanceState.EXITED
+
+
+async def test_instances_survive_a_new_driver_object(real_driver):
+    """A restarted orchestrator builds a new driver on the same state dir and finds its
+    instances running, can stop them and gets their exit codes."""
+    driver = real_driver
+    s = spec(("sleep", "600"))
+    await driver.create(s)
+    await driver.start(s.instance_id)
+    pid = (await driver.status(s.instance_id)).pid
+    other = type(driver)(driver.state_dir)
+    st = await other.status(s.instance_id)
+    assert st.state is InstanceState.RUNNING and st.pid == pid
+    exit_ = await other.stop(s.instance_id, timeout=0.5)
+    assert exit_.requested_stop
+    assert (await driver.status(s.instance_id)).exit == exit_
+
+
+async def test_process_driver_runs_in_namespaces_as_root(process_driver):
+    if os.geteuid() != 0:
+        pytest.skip("namespaces need root")
+    s = spec(
+        ("sh", "-c", "echo pid=$$ host=$(hostname) env=$FLY_MACHINE_ID extra=$X"), env={"X": "y"}
+    )
+    await process_driver.create(s)
+    await process_driver.start(s.instance_id)
+    with anyio.fail_after(30):
+        assert (await process_driver.wait(s.instance_id)).exit_code == 0
+    out = process_driver.output(s.instance_id)
+    assert "pid=2 host=m1 env=m1 extra=y" in out, out
+
+
+async def test_process_driver_refuses_bad_commands(process_driver):
+    with pytest.raises(DriverError, match="command not found") as err:
+        await process_driver.prepare(spec(("definitely-not-a-command-xyz",)))
+    assert not err.value.transient
+    with pytest.raises(DriverError, match="required"):
+        await process_driver.prepare(spec(()))
+
+
+@needs_runc
+async def test_runc_detects_oom_kills(runc_driver):
+    s = spec(("sh", "-c", "head -c 300000000 /dev/zero | tail"), memory_mb=16)
+    await runc_driver.create(s)
+    await runc_driver.start(s.instance_id)
+    with anyio.fail_after(60):
+        exit_ = await runc_driver.wait(s.instance_id)
+    assert exit_.oom_killed, exit_
+
+
+@needs_runc
+async def test_runc_container_is_isolated_with_a_readonly_image(runc_driver):
+    s = spec(
+        (
+            "sh",
+            "-c",
+            "echo pid=$$ host=$(hostname); touch /x 2>&1 || echo ro; touch /tmp/ok && echo tmp",
+        )
+    )
+    await runc_driver.create(s)
+    await runc_driver.start(s.instance_id)
+    with anyio.fail_after(30):
+        assert (await runc_driver.wait(s.instance_id)).exit_code == 0
+    out = runc_driver.output(s.instance_id)
+    assert "pid=1 host=m1" in out and "ro" in out and "tmp" in out, out
+
+
+@needs_runc
+async def test_runc_unknown_image(runc_driver):
+    s = InstanceSpec(instance_id=iid(), machine_id="m1", image="nosuchimage:latest", cmd=("sh",))
+    with pytest.raises(ImageNotFoundError) as err:
+        await runc_driver.prepare(s)
+    assert not err.value.transient
+
+
+async def test_fake_driver_faults():
+    clock = ManualClock()
+    d = FakeDriver(clock, images={"busybox"})
+    with pytest.raises(ImageNotFoundError):
+        await d.prepare(InstanceSpec("i0", "m", "alpine"))
+    s = spec()
+    d.fail_next("start", message="no capacity")
+    await d.create(s)
+    with pytest.raises(DriverError, match="no capacity"):
+        await d.start(s.instance_id)
+    await d.start(s.instance_id)
+    d.oom(s.instance_id)
+    exit_ = await d.wait(s.instance_id)
+    assert exit_.oom_killed and exit_.failed and not exit_.requested_stop
+
+    s2 = spec()
+    await d.create(s2)
+    await d.start(s2.instance_id)
+    d.ignore_sigterm(s2.instance_id)
+    result = {}
+
+    async def stopper():
+        result["exit"] = await d.stop(s2.instance_id, timeout=7)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stopper)
+        while clock.sleepers == 0:
+            await anyio.sleep(0)
+        assert clock.next_deadline() == clock.now() + 7  # slow stop: waits out the timeout
+        clock.advance(7)
+    assert result["exit"].signal == signal.SIGKILL and result["exit"].requested_stop
+    assert ("start", s.instance_id) in d.calls
