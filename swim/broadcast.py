@@ -32,23 +32,29 @@ class PendingUpdate:
 
 
 class _Item:
-    __slots__ = ("key", "part", "transmits")
+    __slots__ = ("key", "part", "seq", "transmits")
 
-    def __init__(self, key: Hashable, part: bytes) -> None:
+    def __init__(self, key: Hashable, part: bytes, seq: int) -> None:
         self.key = key
         self.part = part
+        self.seq = seq
         self.transmits = 0
+
+
+def _newest_first(bucket: dict[Hashable, _Item]) -> list[_Item]:
+    return sorted(bucket.values(), key=lambda i: -i.seq)
 
 
 class BroadcastQueue:
     """Keyed updates bucketed by send count; ``fill`` picks what fits into a packet."""
 
-    __slots__ = ("_buckets", "_items", "sent_total")
+    __slots__ = ("_buckets", "_items", "_seq", "sent_total")
 
     def __init__(self) -> None:
         self._items: dict[Hashable, _Item] = {}
-        # transmits -> items with that count, in insertion order (oldest first).
+        # transmits -> items with that count (any order; ``seq`` orders them).
         self._buckets: dict[int, dict[Hashable, _Item]] = {}
+        self._seq = 0
         self.sent_total = 0  # parts handed out, for instrumentation
 
     def __len__(self) -> int:
@@ -64,7 +70,8 @@ class BroadcastQueue:
     def push(self, key: Hashable, part: bytes) -> None:
         """Queue ``part`` under ``key``, replacing (and resetting) any older update with it."""
         self.discard(key)
-        item = _Item(key, part)
+        self._seq += 1
+        item = _Item(key, part, self._seq)
         self._items[key] = item
         self._buckets.setdefault(0, {})[key] = item
 
@@ -88,7 +95,7 @@ class BroadcastQueue:
                 continue
             if room < _MIN_PART:
                 break
-            for item in reversed(bucket.values()):
+            for item in _newest_first(bucket):
                 size = len(item.part)
                 if size <= room:
                     chosen.append(item)
@@ -110,6 +117,6 @@ class BroadcastQueue:
         """Every queued update, least-sent first (newest first among equals)."""
         out = []
         for t in sorted(self._buckets):
-            for item in reversed(self._buckets[t].values()):
+            for item in _newest_first(self._buckets[t]):
                 out.append(PendingUpdate(item.key, item.transmits, len(item.part)))
         return out

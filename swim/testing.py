@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import codec
 from .config import Config
 from .core import Membership
 from .events import (
@@ -30,9 +31,49 @@ from .events import (
     StreamReply,
 )
 from .keyring import Keyring
-from .member import Address
+from .member import Address, NodeId, State
 
-__all__ = ["LocalNetwork"]
+__all__ = ["LocalNetwork", "Peer", "decode", "of_type"]
+
+
+class Peer:
+    """Crafts frames as the member ``nid`` would send them (for single-core tests)."""
+
+    def __init__(
+        self, nid: NodeId, config: Config | None = None, keyring: Keyring | None = None
+    ) -> None:
+        self.id = nid
+        self.framer = codec.Framer((config or Config.local()).label_bytes, keyring)
+
+    @property
+    def addr(self) -> Address:
+        return self.id.addr
+
+    def packet(self, *parts: bytes) -> bytes:
+        """A datagram carrying ``parts`` (build them with ``swim.codec.ping`` and friends)."""
+        return self.framer.seal(codec.encode_body(codec.pack_id(self.id), list(parts)))
+
+    def stream(self, states: list[tuple[NodeId, int, State, bytes]], join: bool = False) -> bytes:
+        """A push/pull stream payload announcing ``states``."""
+        body = codec.encode_body(codec.pack_id(self.id), [codec.push_pull(join, states)])
+        return self.framer.seal(body)
+
+
+def decode(
+    data: bytes, config: Config | None = None, keyring: Keyring | None = None
+) -> tuple[NodeId, list[tuple]]:
+    """(sender, parts) of a frame a core produced; raises ``codec.Malformed``."""
+    framer = codec.Framer((config or Config.local()).label_bytes, keyring)
+    body = framer.open(data)
+    try:
+        return codec.decode_body(body)
+    except codec.Malformed:
+        return codec.decode_body(body, stream=True)
+
+
+def of_type(effects: Iterable[Any], kind: type | tuple[type, ...]) -> list[Any]:
+    """The effects of ``kind`` (a class or tuple of classes), in order."""
+    return [e for e in effects if isinstance(e, kind)]
 
 
 class LocalNetwork:
