@@ -1,0 +1,414 @@
+"""Merging remote changes: the rules of ``INSERT INTO crsql_changes``, applied in batches.
+
+Precedence, per incoming change ``C`` against the local row (cr-sqlite 0.16.3):
+
+1. **Causal length.** ``local_cl`` is the sentinel's col_version, else 1 if the row has any
+   clock, else 0. ``C.cl < local_cl``: ignored. An even ``C.cl`` is a delete (whatever the cid):
+   unless equal to ``local_cl`` it deletes the row, records the tombstone and drops the column
+   clocks. A ``'-1'`` change with a larger odd cl resurrects the row.
+2. A column change with a larger odd cl first resurrects the row (column clocks are zeroed and
+   re-stamped, the sentinel takes ``C.cl``), then wins.
+3. With equal cl: **col_version**, then the **value** (cr-sqlite's cross-type order), then, only
+   with ``merge-equal-values``, the **site id** bytes. A full tie keeps the local value.
+
+Every winning write stamps its clock with ``next_db_version(C.db_version)``, so versions inside one
+merge are a running maximum; the incoming seq and site are kept. ``rows_impacted`` counts each
+winning column, delete, sentinel merge and resurrection.
+
+How it is fast: cr-sqlite runs 5–8 statements per change. Here a batch is evaluated in memory —
+each touched row's clocks are read once, every rule above runs on Python dicts — and the outcome is
+written with one statement per row for the base table and ``executemany`` for the clocks. The
+sequence of per-change writes collapses exactly: a row's base writes after its last delete are an
+upsert of the columns set since (columns not set take their defaults, as a resurrection's
+``INSERT OR IGNORE`` would give them). Key creation and site ordinals still happen in first-seen
+order, as upstream.
+
+The whole call is atomic: it runs in a savepoint, and on any error the database and the
+connection's in-memory version state are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import apsw
+
+from .errors import MergeError, PackError
+from .pack import unpack_pk
+from .sqlutil import ident, idents, placeholders
+from .state import CrrState
+from .tableinfo import SENTINEL, TableInfo, is_crr, read_table_info
+from .values import compare_values
+
+MAX_NAME_BYTES = 2048
+MAX_SITE_ID_BYTES = 16
+FLUSH_ROWS = 20_000  # touched rows held in memory before writing them out
+
+# clock entry: [col_version, db_version, site_ordinal, seq]
+_CV, _DBV, _SITE, _SEQ = 0, 1, 2, 3
+
+
+class _Table:
+    """Cached statements for one CRR table."""
+
+    __slots__ = (
+        "info",
+        "select_key",
+        "insert_key",
+        "select_clocks",
+        "select_row",
+        "delete_row",
+        "insert_pk_only",
+        "upserts",
+        "col_index",
+        "npk",
+        "defaults",
+    )
+
+    def __init__(self, info: TableInfo) -> None:
+        self.info = info
+        pk_where = " AND ".join(f"{ident(c)} = ?" for c in info.pk_names)
+        pk_cols = idents(info.pk_names)
+        self.npk = len(info.pks)
+        self.select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE {pk_where}"
+        self.insert_key = (
+            f"INSERT INTO {info.pks_table} ({pk_cols}) VALUES ({placeholders(self.npk)}) "
+            "RETURNING __crsql_key"
+        )
+        self.select_clocks = (
+            f"SELECT col_name, col_version, db_version, site_id, seq FROM {info.clock} WHERE key = ?"
+        )
+        self.select_row = (
+            f"SELECT {idents(info.non_pk_names)} FROM {info.quoted} WHERE {pk_where}"
+            if info.non_pks
+            else None
+        )
+        self.delete_row = f"DELETE FROM {info.quoted} WHERE {pk_where}"
+        self.insert_pk_only = (
+            f"INSERT OR IGNORE INTO {info.quoted} ({pk_cols}) VALUES ({placeholders(self.npk)})"
+        )
+        self.upserts: dict[tuple[int, ...], str] = {}
+        self.col_index = info.non_pk_index
+        self.defaults: dict[str, Any] = {}
+
+    def upsert_sql(self, cols: tuple[int, ...]) -> str:
+        sql = self.upserts.get(cols)
+        if sql is None:
+            info = self.info
+            names = [info.non_pks[i].name for i in cols]
+            sql = (
+                f"INSERT INTO {info.quoted} ({idents(info.pk_names)}, {idents(names)}) "
+                f"VALUES ({placeholders(self.npk + len(names))}) ON CONFLICT DO UPDATE SET "
+                + ", ".join(f"{ident(n)} = excluded.{ident(n)}" for n in names)
+            )
+            self.upserts[cols] = sql
+        return sql
+
+
+class _Row:
+    """In-memory state of one row touched by the batch."""
+
+    __slots__ = (
+        "table",
+        "pk",
+        "key",
+        "clocks",
+        "dirty",
+        "cleared",
+        "base_deleted",
+        "base_ensure",
+        "values",
+        "stored",
+    )
+
+    def __init__(self, table: _Table, pk: tuple, key: int, clocks: dict[str, list]) -> None:
+        self.table = table
+        self.pk = pk
+        self.key = key
+        self.clocks = clocks
+        self.dirty: dict[str, None] = {}  # ordered, unlike a set of str
+        self.cleared = False  # column clocks dropped by a delete in this batch
+        self.base_deleted = False  # base row deleted in this batch (then maybe rebuilt)
+        self.base_ensure = False  # base row must exist (resurrection)
+        self.values: dict[int, Any] = {}  # column index -> value set by this batch
+        self.stored: tuple | None | bool = False  # base row as read from the db (False: unread)
+
+    def local_cl(self) -> int:
+        s = self.clocks.get(SENTINEL)
+        if s is not None:
+            return s[_CV]
+        return 1 if self.clocks else 0
+
+
+class Merger:
+    """Applies batches of changes to one connection. Create one per merge call."""
+
+    def __init__(self, conn: apsw.Connection, state: CrrState) -> None:
+        self.conn = conn
+        self.state = state
+        self.tables: dict[str, _Table | None] = {}
+        self.rows: dict[tuple[str, bytes], _Row] = {}
+        self.site_ordinals: dict[bytes, int] = {}
+        self.ordinal_sites: dict[int, bytes] = {}
+        for site, ordinal in conn.execute("SELECT site_id, ordinal FROM crsql_site_id"):
+            self.site_ordinals[site] = ordinal
+            self.ordinal_sites[ordinal] = site
+        self.impacted = 0
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def _table(self, name: Any) -> _Table:
+        t = self.tables.get(name, False)
+        if t is False:
+            if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES:
+                raise MergeError("table name must be text of at most 2048 bytes")
+            t = _Table(read_table_info(self.conn, name)) if is_crr(self.conn, name) else None
+            self.tables[name] = t
+        if t is None:
+            raise MergeError(f"could not find the schema information for table {name}")
+        return t
+
+    def _row(self, table: _Table, pk_blob: Any) -> _Row:
+        cache_key = (table.info.name, pk_blob)
+        row = self.rows.get(cache_key)
+        if row is not None:
+            return row
+        if not isinstance(pk_blob, bytes):
+            raise MergeError(f"pk must be a blob, not {type(pk_blob).__name__}")
+        try:
+            pk = unpack_pk(pk_blob)
+        except PackError as exc:
+            raise MergeError(f"malformed pk for table {table.info.name}: {exc}") from None
+        if len(pk) != table.npk:
+            raise MergeError(
+                f"pk for table {table.info.name} has {len(pk)} columns, expected {table.npk}"
+            )
+        conn = self.conn
+        found = conn.execute(table.select_key, pk).fetchone()
+        if found is None:
+            key = conn.execute(table.insert_key, pk).fetchone()[0]
+            clocks: dict[str, list] = {}
+        else:
+            key = found[0]
+            clocks = {r[0]: list(r[1:]) for r in conn.execute(table.select_clocks, (key,))}
+        row = _Row(table, pk, key, clocks)
+        self.rows[cache_key] = row
+        return row
+
+    def _ordinal(self, site: bytes | None) -> int:
+        if not site:
+            return 0
+        ordinal = self.site_ordinals.get(site)
+        if ordinal is None:
+            ordinal = self.conn.execute(
+                "INSERT INTO crsql_site_id (site_id) VALUES (?) RETURNING ordinal", (site,)
+            ).fetchone()[0]
+            self.site_ordinals[site] = ordinal
+            self.ordinal_sites[ordinal] = site
+        return ordinal
+
+    def _current_value(self, row: _Row, idx: int) -> Any:
+        if idx in row.values:
+            return row.values[idx]
+        table = row.table
+        if row.base_deleted:
+            # rebuilt from defaults after a delete in this batch
+            return self._default(table, idx)
+        if row.stored is False:
+            row.stored = self.conn.execute(table.select_row, row.pk).fetchone()
+        if row.stored is None:
+            raise MergeError(
+                f"could not find row to merge with for table {table.info.name}"
+            )
+        return row.stored[idx]
+
+    def _default(self, table: _Table, idx: int) -> Any:
+        col = table.info.non_pks[idx]
+        if col.name not in table.defaults:
+            table.defaults[col.name] = (
+                self.conn.execute(f"SELECT {col.default}").fetchone()[0]
+                if col.default is not None
+                else None
+            )
+        return table.defaults[col.name]
+
+    # -- the rules -----------------------------------------------------------------------
+
+    def _set_clock(self, row: _Row, col: str, cv: int, dbv: int, site: Any, seq: int) -> None:
+        row.clocks[col] = [cv, self.state.next_db_version(dbv), self._ordinal(site), seq]
+        row.dirty[col] = None
+
+    def _resurrect(self, row: _Row, sentinel_cv: int, dbv: int, site: Any, seq: int) -> None:
+        row.base_ensure = True
+        zeroed = [c for c in row.clocks if c != SENTINEL]
+        if zeroed:
+            version = self.state.next_db_version(dbv)
+            for c in zeroed:
+                clock = row.clocks[c]
+                clock[_CV] = 0
+                clock[_DBV] = version
+                row.dirty[c] = None
+        self._set_clock(row, SENTINEL, sentinel_cv, dbv, site, seq)
+
+    def _did_cid_win(self, row: _Row, cid: str, idx: int, val: Any, cv: int, site: Any) -> bool:
+        local = row.clocks.get(cid)
+        if local is None:
+            return True
+        local_cv = local[_CV]
+        if cv != local_cv:
+            return cv > local_cv
+        cmp = compare_values(val, self._current_value(row, idx))
+        if cmp == 0 and self.state.merge_equal_values:
+            local_site = self.ordinal_sites.get(local[_SITE])
+            if local[_SITE] == 0:
+                local_site = self.state.site_id
+            cmp = _compare_bytes(site or b"", local_site or b"")
+        return cmp > 0
+
+    def apply(self, change: tuple) -> None:
+        try:
+            table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
+        except (TypeError, ValueError):
+            raise MergeError("a change has exactly nine fields") from None
+        table = self._table(table_name)
+        if type(cid) is not str:
+            raise MergeError(f"cid must be text, not {type(cid).__name__}")
+        for field, v in (("col_version", cv), ("db_version", dbv), ("cl", cl), ("seq", seq)):
+            if type(v) is not int:
+                raise MergeError(f"{field} must be an integer, not {type(v).__name__}")
+        if site is not None:
+            if not isinstance(site, bytes):
+                raise MergeError(f"site_id must be a blob, not {type(site).__name__}")
+            if len(site) > MAX_SITE_ID_BYTES:
+                raise MergeError("site_id is longer than 16 bytes")
+        if cid == SENTINEL:
+            idx = -1
+        else:
+            idx = table.col_index.get(cid, -2)
+            if idx == -2:
+                if len(cid.encode()) > MAX_NAME_BYTES:
+                    raise MergeError("cid is longer than 2048 bytes")
+                raise MergeError(f"table {table.info.name} has no column {cid!r} to merge into")
+        row = self._row(table, pk_blob)
+
+        local_cl = row.local_cl()
+        if cl < local_cl:
+            return
+        if cl % 2 == 0:
+            if cl == local_cl:
+                return
+            row.base_deleted = True
+            row.base_ensure = False
+            row.values.clear()
+            self._set_clock(row, SENTINEL, cv, dbv, site, seq)
+            sentinel = row.clocks[SENTINEL]
+            row.clocks = {SENTINEL: sentinel}
+            row.dirty = {SENTINEL: None}
+            row.cleared = True
+            self.impacted += 1
+            return
+        if idx == -1:
+            if cl == local_cl:
+                return
+            self._resurrect(row, cv, dbv, site, seq)
+            self.impacted += 1
+            return
+        needs_resurrect = cl > local_cl
+        if needs_resurrect and (local_cl != 0 or cl > 1):
+            self._resurrect(row, cl, dbv, site, seq)
+            self.impacted += 1
+        if not (needs_resurrect or local_cl == 0 or self._did_cid_win(row, cid, idx, val, cv, site)):
+            return
+        row.values[idx] = val
+        self._set_clock(row, cid, cv, dbv, site, seq)
+        self.impacted += 1
+
+    # -- writing out -------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        conn = self.conn
+        by_clock: dict[str, list[tuple]] = {}
+        clear_by_clock: dict[str, list[tuple]] = {}
+        for row in self.rows.values():
+            info = row.table.info
+            clock = info.clock
+            if row.cleared:
+                clear_by_clock.setdefault(clock, []).append((row.key,))
+            if row.dirty:
+                key = row.key
+                clocks = row.clocks
+                batch = by_clock.setdefault(clock, [])
+                for col in row.dirty:
+                    c = clocks[col]
+                    batch.append((key, col, c[0], c[1], c[2], c[3]))
+        state = self.state
+        state.sync_bit = 1
+        try:
+            for row in self.rows.values():
+                table = row.table
+                if row.base_deleted:
+                    conn.execute(table.delete_row, row.pk)
+                if row.values:
+                    cols = tuple(sorted(row.values))
+                    conn.execute(
+                        table.upsert_sql(cols), row.pk + tuple(row.values[i] for i in cols)
+                    )
+                elif row.base_ensure:
+                    conn.execute(table.insert_pk_only, row.pk)
+        finally:
+            state.sync_bit = 0
+        for clock, keys in clear_by_clock.items():
+            conn.executemany(f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys)
+        for clock, rows in by_clock.items():
+            conn.executemany(
+                f"INSERT OR REPLACE INTO {clock} "
+                "(key, col_name, col_version, db_version, site_id, seq) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        self.rows.clear()
+
+    def apply_all(self, changes: Iterable[tuple]) -> int:
+        rows = self.rows
+        for change in changes:
+            self.apply(change)
+            if len(rows) >= FLUSH_ROWS:
+                self.flush()
+        self.flush()
+        return self.impacted
+
+
+def _compare_bytes(a: bytes, b: bytes) -> int:
+    return 0 if a == b else (-1 if a < b else 1)
+
+
+def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> int:
+    """Merge ``changes`` in one transaction (a savepoint when one is open); return rows impacted."""
+    snap = state.snapshot()
+    try:
+        with conn:
+            impacted = Merger(conn, state).apply_all(changes)
+            state.rows_impacted += impacted
+    except BaseException:
+        state.restore(snap)
+        state.sync_bit = 0
+        raise
+    return impacted
+
+
+def merge_one_in_statement(conn: apsw.Connection, state: CrrState, change: tuple) -> int:
+    """Merge one change inside a running statement (``INSERT INTO crsql_changes``): no savepoint
+    of our own, since SQLite's statement journal already undoes the statement on error."""
+    snap = state.snapshot()
+    try:
+        merger = Merger(conn, state)
+        merger.apply(change)
+        merger.flush()
+    except BaseException:
+        state.restore(snap)
+        state.sync_bit = 0
+        raise
+    state.rows_impacted += merger.impacted
+    return merger.impacted
