@@ -35,11 +35,14 @@ R3  Refutation. Only a member raises its own incarnation. Told it is SUSPECT at 
     or ALIVE at i > its own (or at its own with other metadata), it takes max(i, own) + 1 and
     gossips ALIVE; awareness +1 (``_refute``). Past 2**32 - 1 it renews instead.
 
-R4  Renewal. Told it is DOWN or LEFT (any incarnation), or that a newer identity at its address
-    is down, a member renews: gen + 1 above both, incarnation 0, gossip ALIVE, notify
-    ``IdentityRenewed`` (``_renew``). The cluster sees a new identity replace the dead one.
-    A member that receives a packet from an identity it holds DOWN answers with that DOWN so
-    the sender learns it must renew (foca's "turn undead", ``handle_datagram``).
+R4  Renewal. Told it is DOWN or LEFT (any incarnation), or that a newer identity holds its
+    address (a previous life that restarted with a larger gen), a member renews: gen + 1 above
+    both, incarnation 0, gossip ALIVE, notify ``IdentityRenewed`` (``_renew``). The cluster sees
+    the new identity replace the old one. A member receiving a packet from an identity it holds
+    DOWN answers with that DOWN, and from an identity older than the one it holds at that
+    address answers with the newer ALIVE, so the sender learns it must renew (foca's "turn
+    undead", ``handle_datagram``). Two live processes advertising one address would keep
+    renewing against each other: advertise distinct addresses.
 
 R5  Probing (SWIM section 3.1, 4.3). Every probe period (``ProbeTick``) the previous probe is
     concluded and the next target is pinged. Targets are taken round-robin from a shuffled list
@@ -73,8 +76,10 @@ R9  User payloads. ``broadcast`` queues a USER part that every receiver delivers
     dissemination (``_on_user``). ``send_message`` sends a MESSAGE part to one address.
 
 R10 Anti-entropy (memberlist's push/pull). Every ``push_pull_scale(push_pull_interval, n)`` a
-    member exchanges its full state with one random ALIVE member over a stream; ``join`` does
-    the same with each seed. Remote ALIVE and LEFT are applied as such; remote SUSPECT and DOWN
+    member exchanges its full state with one random ALIVE member over a stream, and with one
+    random DOWN member still remembered (so the two sides of a healed partition find each
+    other and renew: foca's announce-to-down, serf's reconnect); ``join`` does the same with
+    each seed. Remote ALIVE and LEFT are applied as such; remote SUSPECT and DOWN
     become a SUSPECT ("we prefer to suspect", ``_merge``) - except DOWN about ourselves, which
     renews (R4). After a join, we send our ALIVE to up to ``join_announce`` learned members.
 
@@ -428,6 +433,8 @@ class Membership:
         if rec is not None:
             if sender.gen < rec.id.gen:
                 self._ignore("stale_sender")
+                if not self._leaving:  # R4: show it the newer identity at its address
+                    self._send(sender.addr, [codec.alive(rec.id, rec.incarnation, rec.meta)])
                 return self._take()
             if sender.gen == rec.id.gen and rec.state in _TERMINAL:
                 self._ignore("down_sender")
@@ -526,10 +533,12 @@ class Membership:
     # -- R1-R4: applying updates ---------------------------------------------------------------
 
     def _on_alive(self, nid: NodeId, inc: int, meta: bytes, now: float) -> None:
-        if nid.addr == self.addr:  # about our address (R3)
-            if self._leaving or nid.gen != self._id.gen:
-                return  # a newer gen here is renewed against once it is declared down (R4)
-            if inc > self._inc or (inc == self._inc and meta != self._meta):
+        if nid.addr == self.addr:  # about our address (R3, R4)
+            if self._leaving or nid.gen < self._id.gen:
+                return
+            if nid.gen > self._id.gen:
+                self._renew(nid.gen)
+            elif inc > self._inc or (inc == self._inc and meta != self._meta):
                 self._refute(inc)
             return
         rec = self._members.get(nid.addr)
@@ -568,8 +577,12 @@ class Membership:
             self._out.append(MemberUpdated(rec.snapshot()))
 
     def _on_suspect(self, nid: NodeId, inc: int, frm: NodeId, now: float) -> None:
-        if nid.addr == self.addr:  # R3
-            if not self._leaving and nid.gen == self._id.gen and inc >= self._inc:
+        if nid.addr == self.addr:  # R3, R4
+            if self._leaving or nid.gen < self._id.gen:
+                return
+            if nid.gen > self._id.gen:
+                self._renew(nid.gen)
+            elif inc >= self._inc:
                 self._refute(inc)
             return
         rec = self._members.get(nid.addr)
@@ -813,8 +826,9 @@ class Membership:
             now + self.config.push_pull_period(self.num_members()), PushPullTick(self._token)
         )
         peers = self._random_members(1, lambda r: r.state is State.ALIVE)
-        if peers:
-            self._open_stream(peers[0].id.addr, self._state_payload(join=False), join=False)
+        peers += self._random_members(1, lambda r: r.state is State.DOWN)  # heals partitions
+        for rec in peers:
+            self._open_stream(rec.id.addr, self._state_payload(join=False), join=False)
 
     def _open_stream(self, addr: Address, payload: bytes, join: bool) -> None:
         self._stream_seq += 1

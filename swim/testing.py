@@ -187,12 +187,12 @@ class LocalNetwork:
         return pred()
 
     def converged(self, addrs: Iterable[Address] | None = None) -> bool:
-        """Every listed live member sees exactly the other listed members as alive."""
+        """Every listed live member sees exactly the other listed members, alive, under their
+        current identities."""
         addrs = sorted(self.nodes if addrs is None else addrs)
         for a in addrs:
-            core = self.nodes[a]
-            seen = sorted(m.addr for m in core.members() if m.state == 0)
-            if seen != [b for b in addrs if b != a]:
+            seen = [(m.id, m.state) for m in self.nodes[a].members()]
+            if seen != [(self.nodes[b].identity, State.ALIVE) for b in addrs if b != a]:
                 return False
         return True
 

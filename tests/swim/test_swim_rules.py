@@ -127,7 +127,8 @@ def test_a_newer_identity_takes_the_address():
     out = feed(core, new, codec.alive(new.id, 0, b"n"))
     (ren,) = of_type(out, MemberRenamed)
     assert ren.old.id == old.id and ren.new.id == new.id and ren.new.incarnation == 0
-    assert feed(core, older, codec.alive(older.id, 99, b"")) == []
+    out = feed(core, older, codec.alive(older.id, 99, b""))
+    assert of_type(out, (MemberUp, MemberRenamed, MemberUpdated)) == []
     assert state(core, new) == (6, State.ALIVE, 0)
     # After the newer one goes down, an even newer identity comes up (not a rename).
     feed(core, new, codec.down(new.id, 0, old.id))
@@ -139,8 +140,11 @@ def test_stale_or_down_senders_are_ignored_and_told():
     core, b = make(), peer(gen=5)
     feed(core, b, codec.alive(b.id, 1, b""))
     older = peer(gen=4)
-    assert feed(core, older, codec.ping(1, core.identity)) == []
+    (send,) = of_type(feed(core, older, codec.ping(1, core.identity)), Send)
     assert core.stats.ignored["stale_sender"] == 1
+    _, parts = decode(send.data, CFG)
+    assert parts[0] == (codec.ALIVE, b.id, 1, b"")  # "your address has a newer identity"
+    assert not any(p[0] == codec.ACK for p in parts)
     c = peer(8001)
     feed(core, c, codec.down(b.id, 1, c.id))
     out = feed(core, b, codec.ping(2, core.identity))
@@ -186,6 +190,17 @@ def test_declared_down_we_renew_our_identity():
     assert core.identity.gen == 101
     feed(core, b, codec.down(NodeId(*ME, 500), 0, b.id))
     assert core.identity.gen == 501
+
+
+def test_news_of_a_newer_identity_at_our_address_makes_us_renew_above_it():
+    # We restarted with a smaller generation than our previous life had.
+    for part in (
+        lambda b: codec.alive(NodeId(*ME, 150), 4, b""),
+        lambda b: codec.suspect(NodeId(*ME, 150), 4, b.id),
+    ):
+        core, b = make(gen=100), peer()
+        out = feed(core, b, part(b))
+        assert of_type(out, IdentityRenewed)[0].new.gen == 151 == core.identity.gen
 
 
 def test_renewal_when_the_incarnation_would_overflow():
