@@ -54,7 +54,9 @@ class CrrState:
     # -- db_version ------------------------------------------------------------------------
 
     def fill_db_version_if_needed(self) -> None:
-        dv = self.conn.data_version()
+        # PRAGMA data_version changes only on other connections' commits (the file-control
+        # variant also counts our own, which would force a reload after every commit).
+        dv = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if self.db_version != -1 and dv == self._data_version:
             return
         self._data_version = dv

@@ -38,6 +38,7 @@ from .tableinfo import SENTINEL, TableInfo
 S = literal(SENTINEL)
 NDV = "crsql_next_db_version()"
 SEQ = "crsql_increment_and_get_seq()"
+CLOCK_COLS = "(key, col_name, col_version, db_version, seq, site_id)"
 
 
 def _match(info: TableInfo, src: str, alias: str = "") -> str:
@@ -49,75 +50,114 @@ def _key_of(info: TableInfo, src: str) -> str:
     return f"(SELECT __crsql_key FROM {info.pks_table} WHERE {_match(info, src)})"
 
 
+def _and(*conds: str) -> str:
+    return " AND ".join(c for c in conds if c)
+
+
 def _changed(col: str) -> str:
     """cr-sqlite's ``compare != 0``: a different storage class, or different bytes."""
     c = ident(col)
     return f"(NEW.{c} IS NOT OLD.{c} COLLATE BINARY OR typeof(NEW.{c}) IS NOT typeof(OLD.{c}))"
 
 
-def _create_record(info: TableInfo, src: str, extra_where: str = "") -> str:
-    """mark_locally_created: sentinel cl 1, or bump to the next odd cl."""
-    where = _match(info, src)
-    if extra_where:
-        where += " AND " + extra_where
-    return (
-        f"INSERT INTO {info.clock} (key, col_name, col_version, db_version, seq, site_id) "
-        f"SELECT __crsql_key, {S}, 1, {NDV}, {SEQ}, 0 FROM {info.pks_table} WHERE {where} "
-        "ON CONFLICT DO UPDATE SET "
-        "col_version = CASE col_version % 2 WHEN 0 THEN col_version + 1 ELSE col_version + 2 END, "
-        "db_version = excluded.db_version, seq = excluded.seq, site_id = 0;"
-    )
-
-
-def _delete_record(info: TableInfo, src: str, extra_where: str = "") -> str:
-    """mark_locally_deleted: sentinel cl 2, or +1 (no parity check, as upstream)."""
-    where = _match(info, src)
-    if extra_where:
-        where += " AND " + extra_where
-    return (
-        f"INSERT INTO {info.clock} (key, col_name, col_version, db_version, seq, site_id) "
-        f"SELECT __crsql_key, {S}, 2, {NDV}, {SEQ}, 0 FROM {info.pks_table} WHERE {where} "
-        "ON CONFLICT DO UPDATE SET col_version = col_version + 1, "
-        "db_version = excluded.db_version, seq = excluded.seq, site_id = 0;"
-    )
-
-
-def _column_clocks(info: TableInfo, names_sql: str) -> str:
-    """mark_locally_updated for each column produced by ``names_sql`` (in its order)."""
-    return (
-        f"INSERT INTO {info.clock} (key, col_name, col_version, db_version, seq, site_id) "
-        f"SELECT k.__crsql_key, c.name, 1, {NDV}, {SEQ}, 0 "
-        f"FROM {info.pks_table} AS k, ({names_sql}) AS c WHERE {_match(info, 'NEW', 'k')} "
-        "ON CONFLICT DO UPDATE SET col_version = col_version + 1, "
-        "db_version = excluded.db_version, seq = excluded.seq, site_id = 0;"
-    )
+# Every statement below is conflict-free (UPDATE what exists, INSERT ... WHERE NOT EXISTS), never
+# an upsert or OR IGNORE: inside a trigger, SQLite replaces a body statement's conflict policy with
+# the outer statement's (an ``INSERT OR REPLACE INTO t`` would turn the lookaside's OR IGNORE into
+# REPLACE and mint a new key), so the triggers must not depend on one.
 
 
 def _ensure_key(info: TableInfo, src: str, where: str = "") -> str:
     cols = idents(info.pk_names)
     vals = ", ".join(f"{src}.{ident(c)}" for c in info.pk_names)
-    tail = f" WHERE {where}" if where else ""
-    return f"INSERT OR IGNORE INTO {info.pks_table} ({cols}) SELECT {vals}{tail};"
+    missing = f"NOT EXISTS (SELECT 1 FROM {info.pks_table} WHERE {_match(info, src)})"
+    return f"INSERT INTO {info.pks_table} ({cols}) SELECT {vals} WHERE {_and(where, missing)};"
+
+
+def _sentinel_upsert(info: TableInfo, src: str, where: str, initial: int, bump: str) -> list[str]:
+    """Set the sentinel of ``src``'s key: ``bump`` it if it exists, else create it at ``initial``.
+    Exactly one of the two statements writes, so exactly one seq is taken."""
+    return [
+        f"UPDATE {info.clock} SET col_version = {bump}, db_version = {NDV}, seq = {SEQ}, "
+        f"site_id = 0 WHERE {_and('key = ' + _key_of(info, src), 'col_name = ' + S, where)};",
+        f"INSERT INTO {info.clock} {CLOCK_COLS} SELECT k.__crsql_key, {S}, {initial}, {NDV}, "
+        f"{SEQ}, 0 FROM {info.pks_table} AS k WHERE "
+        + _and(
+            _match(info, src, "k"),
+            where,
+            f"NOT EXISTS (SELECT 1 FROM {info.clock} AS c "
+            f"WHERE c.key = k.__crsql_key AND c.col_name = {S})",
+        )
+        + ";",
+    ]
+
+
+_NEXT_ODD = "CASE col_version % 2 WHEN 0 THEN col_version + 1 ELSE col_version + 2 END"
+
+
+def _create_record(info: TableInfo, src: str, where: str = "") -> list[str]:
+    """mark_locally_created: sentinel cl 1, or bump to the next odd cl."""
+    return _sentinel_upsert(info, src, where, 1, _NEXT_ODD)
+
+
+def _delete_record(info: TableInfo, src: str, where: str = "") -> list[str]:
+    """mark_locally_deleted: sentinel cl 2, or +1 (no parity check, as upstream)."""
+    return _sentinel_upsert(info, src, where, 2, "col_version + 1")
+
+
+def _column_clock(info: TableInfo, col: str, where: str = "") -> list[str]:
+    """mark_locally_updated for one column: col_version + 1, or 1 for a new clock."""
+    name = literal(col)
+    return [
+        f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
+        f"seq = {SEQ}, site_id = 0 "
+        f"WHERE {_and('key = ' + _key_of(info, 'NEW'), 'col_name = ' + name, where)};",
+        f"INSERT INTO {info.clock} {CLOCK_COLS} SELECT k.__crsql_key, {name}, 1, {NDV}, {SEQ}, 0 "
+        f"FROM {info.pks_table} AS k WHERE "
+        + _and(
+            _match(info, "NEW", "k"),
+            where,
+            f"NOT EXISTS (SELECT 1 FROM {info.clock} AS c "
+            f"WHERE c.key = k.__crsql_key AND c.col_name = {name})",
+        )
+        + ";",
+    ]
 
 
 def insert_trigger(info: TableInfo) -> str:
-    body = []
+    body: list[str] = []
     if not info.non_pks:
         body.append(_ensure_key(info, "NEW"))
-        body.append(_create_record(info, "NEW"))
-    else:
-        # Re-insert of a known pk: one seq, taken even if there is no sentinel to bump.
-        body.append(f"SELECT {SEQ} FROM {info.pks_table} WHERE {_match(info, 'NEW')};")
-        body.append(
-            f"UPDATE {info.clock} SET "
-            "col_version = CASE col_version % 2 WHEN 0 THEN col_version + 1 "
-            "ELSE col_version + 2 END, "
-            f"db_version = {NDV}, seq = crsql_get_seq() - 1, site_id = 0 "
-            f"WHERE key = {_key_of(info, 'NEW')} AND col_name = {S};"
-        )
-        body.append(_ensure_key(info, "NEW"))
-        names = " UNION ALL ".join(f"SELECT {literal(c.name)} AS name" for c in info.non_pks)
-        body.append(_column_clocks(info, names))
+        body.extend(_create_record(info, "NEW"))
+        return _trigger(info, "itrig", "INSERT", body)
+    # Re-insert of a known pk: one seq, taken even if there is no sentinel to bump.
+    body.append(f"SELECT {SEQ} FROM {info.pks_table} WHERE {_match(info, 'NEW')};")
+    body.append(
+        f"UPDATE {info.clock} SET col_version = {_NEXT_ODD}, db_version = {NDV}, "
+        f"seq = crsql_get_seq() - 1, site_id = 0 "
+        f"WHERE key = {_key_of(info, 'NEW')} AND col_name = {S};"
+    )
+    body.append(_ensure_key(info, "NEW"))
+    # Every non-pk column is written, so column i takes seq (current + i): set-based statements
+    # for existing and new clocks give the same seqs as upstream's column-by-column loop.
+    n = len(info.non_pks)
+    pos = "CASE col_name " + " ".join(
+        f"WHEN {literal(c.name)} THEN {i}" for i, c in enumerate(info.non_pks)
+    ) + " END"
+    names = ", ".join(literal(c.name) for c in info.non_pks)
+    body.append(
+        f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
+        f"seq = crsql_get_seq() + {pos}, site_id = 0 "
+        f"WHERE key = {_key_of(info, 'NEW')} AND col_name IN ({names});"
+    )
+    values = ", ".join(f"({literal(c.name)}, {i})" for i, c in enumerate(info.non_pks))
+    body.append(
+        f"INSERT INTO {info.clock} {CLOCK_COLS} "
+        f"SELECT k.__crsql_key, c.column1, 1, {NDV}, crsql_get_seq() + c.column2, 0 "
+        f"FROM {info.pks_table} AS k, (VALUES {values}) AS c WHERE {_match(info, 'NEW', 'k')} "
+        f"AND NOT EXISTS (SELECT 1 FROM {info.clock} AS x "
+        "WHERE x.key = k.__crsql_key AND x.col_name = c.column1);"
+    )
+    body.append(f"SELECT crsql_internal_advance_seq({n});")
     return _trigger(info, "itrig", "INSERT", body)
 
 
@@ -125,27 +165,27 @@ def update_trigger(info: TableInfo) -> str:
     body = [f"SELECT {NDV};", _ensure_key(info, "NEW")]
     pk_changed = "(" + " OR ".join(_changed(c.name) for c in info.pks) + ")"
     body.append(_ensure_key(info, "OLD", pk_changed))
-    body.append(_delete_record(info, "OLD", pk_changed))
+    body.extend(_delete_record(info, "OLD", pk_changed))
+    # Move the column clocks to the new key, re-stamped (the convergence fix, see above).
     body.append(
-        f"UPDATE OR REPLACE {info.clock} SET key = {_key_of(info, 'NEW')}, "
+        f"DELETE FROM {info.clock} WHERE key = {_key_of(info, 'NEW')} AND col_name != {S} "
+        f"AND col_name IN (SELECT col_name FROM {info.clock} WHERE key = {_key_of(info, 'OLD')}) "
+        f"AND {pk_changed};"
+    )
+    body.append(
+        f"UPDATE {info.clock} SET key = {_key_of(info, 'NEW')}, "
         f"db_version = {NDV}, seq = {SEQ}, site_id = 0 "
         f"WHERE key = {_key_of(info, 'OLD')} AND col_name != {S} AND {pk_changed};"
     )
-    body.append(_create_record(info, "NEW", pk_changed))
-    if info.non_pks:
-        names = " UNION ALL ".join(
-            f"SELECT {literal(c.name)} AS name WHERE {_changed(c.name)}" for c in info.non_pks
-        )
-        body.append(_column_clocks(info, names))
+    body.extend(_create_record(info, "NEW", pk_changed))
+    for c in info.non_pks:
+        body.extend(_column_clock(info, c.name, _changed(c.name)))
     return _trigger(info, "utrig", "UPDATE", body)
 
 
 def delete_trigger(info: TableInfo) -> str:
-    body = [
-        _ensure_key(info, "OLD"),
-        _delete_record(info, "OLD"),
-        f"DELETE FROM {info.clock} WHERE key = {_key_of(info, 'OLD')} AND col_name != {S};",
-    ]
+    body = [_ensure_key(info, "OLD"), *_delete_record(info, "OLD")]
+    body.append(f"DELETE FROM {info.clock} WHERE key = {_key_of(info, 'OLD')} AND col_name != {S};")
     return _trigger(info, "dtrig", "DELETE", body)
 
 
