@@ -28,7 +28,7 @@ class ArchiveStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
-    def keys(self) -> list[str]: ...
+    def list_keys(self) -> list[str]: ...
 
 
 class DirectoryArchive:
@@ -63,7 +63,7 @@ class DirectoryArchive:
         except FileNotFoundError:
             raise KeyError(key) from None
 
-    def keys(self) -> list[str]:
+    def list_keys(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
 
 
@@ -79,5 +79,5 @@ class MemoryArchive:
     def get(self, key: str) -> bytes:
         return self.blobs[_check_key(key)]
 
-    def keys(self) -> list[str]:
+    def list_keys(self) -> list[str]:
         return sorted(self.blobs)

@@ -156,6 +156,7 @@ class RunInfo:
     retry_count: int
     created_at: float
     resumed: bool
+    request: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class _Live:
             retry_count=self.retry,
             created_at=r.created_at,
             resumed=self.resumed,
+            request=MappingProxyType(dict(r.request)),
         )
 
 

@@ -10,10 +10,10 @@ Invocation (arguments, not a config file, to keep startup cheap):
 
 * ``shim.py <dir> process <namespaces:0|1> <hostname> <log> -- <cmd...>`` — the environment of
   the shim is the command's. The shim (O) forks a supervisor (S) that forks the command (C). With
-  namespaces (root only), O first unshares pid/mount/uts/ipc namespaces, so S is PID 1 of a fresh
-  pid namespace with its own /proc and hostname. S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a
-  PID 1 without handlers would ignore them), reaps orphans, writes C's status, then kills its
-  process group so nothing outlives the main process.
+  namespaces (root only), O first unshares pid/uts/ipc namespaces, so S is PID 1 of a fresh pid
+  namespace; S unshares a mount namespace of its own for a private /proc and sets the hostname.
+  S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
+  reaps orphans, writes C's status, then kills its process group so nothing outlives C.
 * ``shim.py <dir> runc <runc> <runc-root> <bundle> <id> <log>`` — O becomes a child subreaper and
   runs ``runc create``; the container's init is reparented to O, which waits for it, reads the
   memory cgroup's OOM-kill counter and writes the status. ``runc start`` is the driver's job.
@@ -106,7 +106,11 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
     """S: runs the command as a child, forwards signals, writes its status, kills the group."""
     os.setpgid(0, 0)
     if in_namespace:
+        # a mount namespace of S's own (not O's), private so nothing propagates to the host,
+        # with a /proc that shows only the new pid namespace
         lib, check = libc()
+        check(lib.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        check(lib.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         check(lib.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
         name = hostname.encode()[:63]
@@ -171,20 +175,18 @@ def run_process(directory, args):
     if sep != "--" or not cmd:
         raise ValueError("usage: process <namespaces> <hostname> <log> -- <cmd...>")
     in_namespace = namespaces == "1" and os.geteuid() == 0
+    me = os.getpid()
+    born = starttime(me)
     if in_namespace:
         lib, check = libc()
-        check(lib.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
-        check(lib.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+        check(lib.unshare(CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
     pid = os.fork()
     if pid == 0:
         try:
             supervise(directory, hostname, log_path, cmd, in_namespace)
         finally:
             os._exit(1)
-    me = os.getpid()
-    write_json(
-        directory, "pids.json", {"shim": me, "main": pid, "pgid": pid, "starttime": starttime(me)}
-    )
+    write_json(directory, "pids.json", {"shim": me, "main": pid, "pgid": pid, "starttime": born})
     _, status = os.waitpid(pid, 0)
     if not os.path.exists(os.path.join(directory, "exit.json")):
         write_json(directory, "exit.json", status_dict(status))

@@ -1,0 +1,362 @@
+"""The machine operations as FSM step lists (what flyd registers), and what each step does.
+
+Every step is idempotent: it looks at the machine document and the driver's view of the instance
+and does only what is missing, because a step runs again when the orchestrator died before its
+COMPLETE was logged. Steps that change the machine's state write the document through the service
+(``svc.update``), which persists it, wakes waiters and marks the machine for publishing.
+
+Operations, their steps, and the state each promises:
+
+* create: prepare, mark_starting*, create_instance*, start_instance*, mark_started* → started
+  (created with ``skip_launch``)
+* start: mark_starting, prepare, create_instance, start_instance, mark_started → started
+* stop: mark_stopping, stop_instance, mark_stopped → stopped
+* restart: mark_restarting, stop_instance, create_instance, start_instance, mark_started → started
+* update: mark_updating, stop_instance, destroy_instance, apply_config, prepare,
+  create_instance*, start_instance*, mark_started* → started (created with ``skip_launch``)
+* destroy: mark_destroying, kill_instance, destroy_instance, mark_destroyed → destroyed, then the
+  database is archived
+* cordon / uncordon: set_cordon → the flag
+* exit (internal, from the exit watcher): record_exit, create_instance†, start_instance†,
+  mark_started† → the restart policy's decision
+
+(* skipped with ``skip_launch``; † only when the restart policy says restart.) Finalizers settle
+the state after a halt: a failed start leaves the machine ``failed``; a failed stop or destroy
+leaves it ``started`` or ``stopped`` as the driver reports.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import machine as m
+from .drivers.base import DriverError, ExitStatus, InstanceState, parse_signal
+from .engine import Engine, StepContext
+from .errors import UnrecoverableError
+from .restart import should_restart
+
+if TYPE_CHECKING:
+    from .service import Orchestrator
+
+Step = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
+
+START_RETRIES = 5  # ~3 s of backoff, then the machine is marked failed
+STOP_RETRIES = 10  # ~20 s of backoff
+
+
+def target_state(action: str, request: Mapping[str, Any]) -> str | None:
+    """The state an accepted run of ``action`` promises (None: it does not change the state)."""
+    if action in ("create", "update"):
+        return m.CREATED if request.get("skip_launch") else m.STARTED
+    return {
+        "start": m.STARTED,
+        "restart": m.STARTED,
+        "stop": m.STOPPED,
+        "destroy": m.DESTROYED,
+    }.get(action)
+
+
+def _unless(flag: str, step: Step) -> Step:
+    async def guarded(ctx: StepContext) -> Mapping[str, Any] | None:
+        if ctx.request.get(flag) or ctx.response.get(flag):
+            return None
+        return await step(ctx)
+
+    return guarded
+
+
+def _only_if(flag: str, step: Step) -> Step:
+    async def guarded(ctx: StepContext) -> Mapping[str, Any] | None:
+        if not ctx.response.get(flag):
+            return None
+        return await step(ctx)
+
+    return guarded
+
+
+class MachineOperations:
+    """Step functions bound to one service; ``register`` installs every operation."""
+
+    def __init__(self, svc: Orchestrator) -> None:
+        self.svc = svc
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    async def _drv(self, call: Awaitable[Any]) -> Any:
+        """Driver errors that retrying cannot fix halt the run."""
+        try:
+            return await call
+        except DriverError as e:
+            if not e.transient:
+                raise UnrecoverableError(str(e)) from e
+            raise
+
+    def _doc(self, ctx: StepContext) -> dict[str, Any]:
+        return self.svc.doc(ctx.machine_id)
+
+    async def _set(self, ctx: StepContext, state: str, event: tuple[str, str] | None = None,
+                   **fields: Any) -> None:  # fmt: skip
+        now = self.svc.clock.now()
+
+        def change(doc: dict[str, Any]) -> None:
+            doc["state"] = state
+            doc.update(fields)
+            if event is not None:
+                source = "user" if ctx.action != "exit" else "flyd"
+                m.add_event(doc, event[0], event[1], now=now, source=source)
+
+        await self.svc.update(ctx.machine_id, change)
+
+    # --- steps --------------------------------------------------------------------------------
+
+    async def prepare(self, ctx: StepContext) -> None:
+        await self._drv(self.svc.driver.prepare(m.instance_spec(self._doc(ctx))))
+
+    async def mark_starting(self, ctx: StepContext) -> None:
+        extra = {"restarts": 0} if ctx.action in ("start", "create") else {}
+        await self._set(ctx, m.STARTING, ("start", m.STARTING), **extra)
+
+    async def mark_restarting(self, ctx: StepContext) -> None:
+        await self._set(ctx, m.RESTARTING, ("restart", m.RESTARTING), restarts=0)
+
+    async def create_instance(self, ctx: StepContext) -> None:
+        doc = self._doc(ctx)
+        driver, iid = self.svc.driver, doc["instance_id"]
+        status = await self._drv(driver.status(iid))
+        if status.state is InstanceState.EXITED:  # a stopped machine starts from a clean image
+            await self._drv(driver.destroy(iid))
+            status = await self._drv(driver.status(iid))
+        if status.state is InstanceState.ABSENT:
+            await self._drv(driver.create(m.instance_spec(doc)))
+
+    async def start_instance(self, ctx: StepContext) -> None:
+        iid = self._doc(ctx)["instance_id"]
+        status = await self._drv(self.svc.driver.status(iid))
+        if status.state is InstanceState.CREATED:
+            await self._drv(self.svc.driver.start(iid))
+        elif status.state is InstanceState.ABSENT:
+            raise UnrecoverableError(f"instance {iid} disappeared before it was started")
+        # running: started by the attempt that crashed; exited: the watcher reports the exit
+
+    async def mark_started(self, ctx: StepContext) -> None:
+        iid = self._doc(ctx)["instance_id"]
+        status = await self._drv(self.svc.driver.status(iid))
+        fields: dict[str, Any] = {"boot": ctx.run_id}
+        if status.address:
+            fields["private_ip"] = status.address
+        kind = "restart" if ctx.action in ("restart", "exit") else "start"
+        await self._set(ctx, m.STARTED, (kind, m.STARTED), **fields)
+        self.svc.watch(ctx.machine_id)
+
+    def _stop_args(self, ctx: StepContext) -> tuple[int, float]:
+        cfg = self._doc(ctx)["config"].get("stop_config", {})
+        sig = ctx.request.get("signal") or parse_signal(cfg.get("signal"))
+        timeout = ctx.request.get("timeout")
+        if timeout is None:
+            timeout = cfg.get("timeout", m.DEFAULT_STOP_TIMEOUT)
+        return int(sig), float(timeout)
+
+    async def mark_stopping(self, ctx: StepContext) -> Mapping[str, Any] | None:
+        state = self._doc(ctx)["state"]
+        if state in (m.STOPPED, m.CREATED, m.FAILED):
+            return {"noop": True}  # it exited (or never ran) while the stop waited its turn
+        await self._set(ctx, m.STOPPING, ("stop", m.STOPPING))
+        return None
+
+    async def stop_instance(self, ctx: StepContext) -> Mapping[str, Any] | None:
+        iid = self._doc(ctx)["instance_id"]
+        driver = self.svc.driver
+        status = await self._drv(driver.status(iid))
+        if status.state is InstanceState.RUNNING:
+            sig, timeout = self._stop_args(ctx)
+            exit_ = await self._drv(driver.stop(iid, signal=sig, timeout=timeout))
+            return {"exit": exit_.to_dict()}
+        if status.state is InstanceState.CREATED:
+            await self._drv(driver.destroy(iid))
+        elif status.state is InstanceState.EXITED and status.exit is not None:
+            return {"exit": status.exit.to_dict()}
+        return None
+
+    async def mark_stopped(self, ctx: StepContext) -> None:
+        exit_ = ctx.response.get("exit")
+        await self._set(ctx, m.STOPPED, ("exit", m.STOPPED), last_exit=exit_)
+
+    async def mark_updating(self, ctx: StepContext) -> None:
+        await self._set(ctx, m.UPDATING, ("update", m.UPDATING), restarts=0)
+
+    async def destroy_instance(self, ctx: StepContext) -> None:
+        await self._drv(self.svc.driver.destroy(self._doc(ctx)["instance_id"]))
+
+    async def apply_config(self, ctx: StepContext) -> None:
+        config, iid = ctx.request["config"], ctx.request["instance_id"]
+
+        def change(doc: dict[str, Any]) -> None:
+            doc["config"] = config
+            doc["instance_id"] = iid
+
+        await self.svc.update(ctx.machine_id, change)
+
+    async def mark_destroying(self, ctx: StepContext) -> None:
+        await self._set(ctx, m.DESTROYING, ("destroy", m.DESTROYING))
+
+    async def kill_instance(self, ctx: StepContext) -> Mapping[str, Any] | None:
+        iid = self._doc(ctx)["instance_id"]
+        status = await self._drv(self.svc.driver.status(iid))
+        if status.state is not InstanceState.RUNNING:
+            return None
+        if ctx.request.get("force"):
+            sig, timeout = int(_signal.SIGKILL), 10.0
+        else:
+            sig, timeout = self._stop_args(ctx)
+        exit_ = await self._drv(self.svc.driver.stop(iid, signal=sig, timeout=timeout))
+        return {"exit": exit_.to_dict()}
+
+    async def mark_destroyed(self, ctx: StepContext) -> None:
+        await self._set(ctx, m.DESTROYED, ("destroy", m.DESTROYED))
+
+    async def set_cordon(self, ctx: StepContext) -> None:
+        cordoned = ctx.action == "cordon"
+        now = self.svc.clock.now()
+
+        def change(doc: dict[str, Any]) -> None:
+            doc["cordoned"] = cordoned
+            m.add_event(doc, ctx.action, "ok", now=now, source="user")
+
+        await self.svc.update(ctx.machine_id, change)
+
+    async def record_exit(self, ctx: StepContext) -> Mapping[str, Any]:
+        doc = self._doc(ctx)
+        req = ctx.request
+        if doc["state"] != m.STARTED or (doc["instance_id"], doc.get("boot")) != (
+            req["instance_id"],
+            req["boot"],
+        ):
+            return {"stale": True}  # the machine moved on (stopped, restarted, updated)
+        exit_ = ExitStatus.from_dict(req["exit"])
+        restart = should_restart(doc["config"].get("restart", {}), exit_, doc.get("restarts", 0))
+        now = self.svc.clock.now()
+
+        def change(d: dict[str, Any]) -> None:
+            d["last_exit"] = exit_.to_dict()
+            m.add_event(d, "exit", m.STARTING if restart else m.STOPPED, now=now,
+                        exit_event=exit_.to_dict())  # fmt: skip
+            if restart:
+                d["state"] = m.STARTING
+                d["restarts"] = d.get("restarts", 0) + 1
+            else:
+                d["state"] = m.STOPPED
+
+        await self.svc.update(ctx.machine_id, change)
+        auto_destroy = not restart and bool(doc["config"].get("auto_destroy"))
+        return {"restart": restart, "auto_destroy": auto_destroy}
+
+    # --- finalizers ---------------------------------------------------------------------------
+
+    async def settle_start(self, ctx: StepContext) -> None:
+        """After a launch: failed if it halted (unless the instance runs after all)."""
+        doc = self._doc(ctx)
+        if ctx.error is None:
+            if ctx.request.get("skip_launch") and doc["state"] != m.CREATED:
+                await self._set(ctx, m.CREATED, ("launch", m.CREATED))
+            return
+        if ctx.response.get("stale"):
+            return
+        status = await self.svc.driver.status(doc["instance_id"])
+        if status.state is InstanceState.RUNNING:
+            await self._set(ctx, m.STARTED, ("start", m.STARTED), boot=ctx.run_id)
+            self.svc.watch(ctx.machine_id)
+            return
+        now = self.svc.clock.now()
+
+        def change(d: dict[str, Any]) -> None:
+            d["state"] = m.FAILED
+            m.add_event(d, "launch", m.FAILED, now=now, error=ctx.error.message)  # type: ignore[union-attr]
+
+        await self.svc.update(ctx.machine_id, change)
+
+    async def settle_stop(self, ctx: StepContext) -> None:
+        """After a halted stop or destroy: the state the driver actually reports."""
+        if ctx.error is None:
+            return
+        doc = self._doc(ctx)
+        status = await self.svc.driver.status(doc["instance_id"])
+        running = status.state is InstanceState.RUNNING
+        state = m.STARTED if running else m.STOPPED
+        if doc["state"] != state:
+            await self._set(ctx, state, ("settle", state))
+        if running:
+            self.svc.watch(ctx.machine_id)
+
+    # --- registration -------------------------------------------------------------------------
+
+    def register(self, engine: Engine) -> None:
+        skip = "skip_launch"
+        launch = [
+            ("create_instance", self.create_instance),
+            ("start_instance", self.start_instance),
+            ("mark_started", self.mark_started),
+        ]
+        engine.register(
+            "create",
+            [("prepare", self.prepare), ("mark_starting", _unless(skip, self.mark_starting))]
+            + [(n, _unless(skip, f)) for n, f in launch],
+            finalizers=[("settle", self.settle_start)],
+            max_retries=START_RETRIES,
+        )
+        engine.register(
+            "start",
+            [("mark_starting", self.mark_starting), ("prepare", self.prepare), *launch],
+            finalizers=[("settle", self.settle_start)],
+            max_retries=START_RETRIES,
+        )
+        engine.register(
+            "stop",
+            [
+                ("mark_stopping", self.mark_stopping),
+                ("stop_instance", _unless("noop", self.stop_instance)),
+                ("mark_stopped", _unless("noop", self.mark_stopped)),
+            ],
+            finalizers=[("settle", self.settle_stop)],
+            max_retries=STOP_RETRIES,
+        )
+        engine.register(
+            "restart",
+            [("mark_restarting", self.mark_restarting), ("stop_instance", self.stop_instance),
+             *launch],
+            finalizers=[("settle", self.settle_start)],
+            max_retries=START_RETRIES,
+        )  # fmt: skip
+        engine.register(
+            "update",
+            [
+                ("mark_updating", self.mark_updating),
+                ("stop_instance", self.stop_instance),
+                ("destroy_instance", self.destroy_instance),
+                ("apply_config", self.apply_config),
+                ("prepare", self.prepare),
+            ]
+            + [(n, _unless(skip, f)) for n, f in launch],
+            finalizers=[("settle", self.settle_start)],
+            max_retries=START_RETRIES,
+        )
+        engine.register(
+            "destroy",
+            [
+                ("mark_destroying", self.mark_destroying),
+                ("kill_instance", self.kill_instance),
+                ("destroy_instance", self.destroy_instance),
+                ("mark_destroyed", self.mark_destroyed),
+            ],
+            finalizers=[("settle", self.settle_stop)],
+            max_retries=STOP_RETRIES,
+        )
+        engine.register("cordon", [("set_cordon", self.set_cordon)])
+        engine.register("uncordon", [("set_cordon", self.set_cordon)])
+        engine.register(
+            "exit",
+            [("record_exit", self.record_exit)] + [(n, _only_if("restart", f)) for n, f in launch],
+            finalizers=[("settle", self.settle_start)],
+            max_retries=START_RETRIES,
+        )

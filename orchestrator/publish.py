@@ -1,0 +1,210 @@
+"""Publishing machine state into a replicated table: the seam between flyd and corrosion.
+
+Each worker is the only writer of its own machines' rows (Fly's invariant). The orchestrator
+writes through a :class:`Publisher`: anything with ``async execute(statements)`` taking
+corrosion's statement forms (``"SQL"`` or ``["SQL", [params]]``) and applying them in one
+transaction — the agent's ``/v1/transactions`` or an embedded agent, later; an in-memory fake now.
+
+:class:`PublishQueue` decouples FSM steps from the publisher: a step marks a machine dirty and
+moves on; the queue publishes the machine's *current* row (latest state wins), retries with
+backoff while the publisher fails, and on start reconciles: upserts every live machine and
+deletes this worker's rows for machines it no longer has (destroyed while the agent was away).
+Rows therefore converge to the worker's truth after any crash or outage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+
+from .clock import Clock
+from .engine import Backoff
+
+log = logging.getLogger(__name__)
+
+MACHINES_TABLE = "machines"
+
+# A CRR: NOT NULL primary key, no unique index, every NOT NULL column has a default.
+MACHINES_SCHEMA = """
+CREATE TABLE machines (
+    id TEXT NOT NULL PRIMARY KEY,
+    app TEXT NOT NULL DEFAULT '',
+    worker TEXT NOT NULL DEFAULT '',
+    region TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT '',
+    instance_id TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL DEFAULT '',
+    cordoned INTEGER NOT NULL DEFAULT 0,
+    checks TEXT NOT NULL DEFAULT '[]',
+    updated_at INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX machines_app_state ON machines (app, state);
+CREATE INDEX machines_worker ON machines (worker);
+"""
+
+COLUMNS = (
+    "id", "app", "worker", "region", "state", "instance_id", "address", "cordoned", "checks",
+    "updated_at",
+)  # fmt: skip
+
+Statement = str | list[Any]
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    async def execute(self, statements: Sequence[Statement]) -> Any:
+        """Apply ``statements`` atomically (all or none); raise on failure."""
+        ...
+
+
+def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": doc["id"],
+        "app": doc["app"],
+        "worker": doc.get("worker", ""),
+        "region": doc.get("region", ""),
+        "state": doc["state"],
+        "instance_id": doc.get("instance_id", ""),
+        "address": doc.get("private_ip", "") or "",
+        "cordoned": 1 if doc.get("cordoned") else 0,
+        "checks": json.dumps(doc.get("checks", []), sort_keys=True, separators=(",", ":")),
+        "updated_at": int(doc["updated_at"] * 1000),
+    }
+
+
+def upsert_statement(row: Mapping[str, Any]) -> list[Any]:
+    cols = ", ".join(COLUMNS)
+    marks = ", ".join("?" for _ in COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
+    sql = (
+        f"INSERT INTO {MACHINES_TABLE} ({cols}) VALUES ({marks}) "
+        f"ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+    return [sql, [row[c] for c in COLUMNS]]
+
+
+def delete_statement(machine_id: str) -> list[Any]:
+    return [f"DELETE FROM {MACHINES_TABLE} WHERE id = ?", [machine_id]]
+
+
+def reconcile_statement(worker: str, live_ids: Sequence[str]) -> list[Any]:
+    if not live_ids:
+        return [f"DELETE FROM {MACHINES_TABLE} WHERE worker = ?", [worker]]
+    marks = ", ".join("?" for _ in live_ids)
+    return [
+        f"DELETE FROM {MACHINES_TABLE} WHERE worker = ? AND id NOT IN ({marks})",
+        [worker, *live_ids],
+    ]
+
+
+class MemoryPublisher:
+    """Applies statements to an in-memory SQLite table (plain, not a CRR) and keeps them all;
+    ``fail_next(n)`` makes the next n calls fail without applying anything."""
+
+    def __init__(self) -> None:
+        import apsw
+
+        self.conn = apsw.Connection(":memory:")
+        self.conn.execute(MACHINES_SCHEMA)
+        self.batches: list[list[Statement]] = []
+        self._failures = 0
+        self.changed = anyio.Event()
+
+    def fail_next(self, n: int = 1) -> None:
+        self._failures += n
+
+    async def execute(self, statements: Sequence[Statement]) -> Any:
+        await anyio.lowlevel.checkpoint()
+        if self._failures:
+            self._failures -= 1
+            raise ConnectionError("publisher unavailable (injected)")
+        self.conn.execute("BEGIN")
+        try:
+            for st in statements:
+                if isinstance(st, str):
+                    self.conn.execute(st)
+                else:
+                    self.conn.execute(st[0], st[1] if len(st) > 1 else ())
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.batches.append(list(statements))
+        self.changed.set()
+        self.changed = anyio.Event()
+        return {"results": [{"rows_affected": 0} for _ in statements]}
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        cur = self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {MACHINES_TABLE} ORDER BY id")
+        return {r[0]: dict(zip(COLUMNS, r, strict=True)) for r in cur}
+
+
+class PublishQueue:
+    """Latest-state-wins publishing of dirty machines, with retry and startup reconcile."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        worker: str,
+        lookup: Callable[[str], Mapping[str, Any] | None],
+        live_ids: Callable[[], list[str]],
+        clock: Clock,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.worker = worker
+        self._lookup = lookup
+        self._live_ids = live_ids
+        self._clock = clock
+        self._backoff = backoff if backoff is not None else Backoff()
+        self._dirty: dict[str, None] = {}
+        self._wake = anyio.Event()
+        self._reconciled = False
+        self.published = 0
+        self.failures = 0
+        self.idle = anyio.Event()
+
+    def mark(self, machine_id: str) -> None:
+        self._dirty[machine_id] = None
+        self.idle = anyio.Event() if self.idle.is_set() else self.idle
+        self._wake.set()
+
+    def _statements(self, ids: list[str]) -> list[Statement]:
+        out: list[Statement] = []
+        if not self._reconciled:
+            out.append(reconcile_statement(self.worker, self._live_ids()))
+        for mid in ids:
+            doc = self._lookup(mid)
+            out.append(delete_statement(mid) if doc is None else upsert_statement(machine_row(doc)))
+        return out
+
+    async def run(self) -> None:
+        """Publish forever; cancel to stop (unpublished changes are redone by the next start)."""
+        for mid in self._live_ids():
+            self._dirty[mid] = None
+        attempt = 0
+        while True:
+            if not self._dirty and self._reconciled:
+                self.idle.set()
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            ids = list(self._dirty)
+            self._dirty.clear()
+            try:
+                await self.publisher.execute(self._statements(ids))
+            except Exception as e:
+                for mid in ids:
+                    self._dirty.setdefault(mid, None)
+                attempt += 1
+                self.failures += 1
+                log.warning("publishing %d machine(s) failed (%s); retrying", len(ids), e)
+                await self._clock.sleep(self._backoff.delay(attempt))
+                continue
+            attempt = 0
+            self._reconciled = True
+            self.published += len(ids)
