@@ -140,6 +140,7 @@ class Orchestrator:
                     lookup=self._docs.get,
                     live_ids=lambda: sorted(self._docs),
                     clock=self.clock,
+                    backoff=self._backoff,
                 )
                 self._tg.start_soon(self.publish_queue.run, name="publish")
             for mid, doc in sorted(self._docs.items()):
