@@ -250,6 +250,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._queues: dict[str, deque[_Live]] = {}
         self._finished: OrderedDict[str, RunResult] = OrderedDict()
+        self._finishing: dict[str, int] = {}
         self._finished_cap = finished_cache
         self._finish_hooks: list[Callable[[RunResult], Awaitable[None]]] = []
         self._tg: anyio.abc.TaskGroup | None = None
@@ -385,7 +386,8 @@ class Engine:
         return None
 
     def busy(self, machine_id: str) -> bool:
-        return bool(self._queues.get(machine_id))
+        """Whether the machine has live runs, or a finished run whose finish hooks still run."""
+        return bool(self._queues.get(machine_id)) or machine_id in self._finishing
 
     async def wait(
         self, run_id: str, *, machine_id: str | None = None, timeout: float | None = None
@@ -470,12 +472,18 @@ class Engine:
                             self._complete(live, fresh)
                             break
                 queue.popleft()
-                for hook in self._finish_hooks:
-                    assert live.result is not None
-                    try:
-                        await hook(live.result)
-                    except Exception:
-                        log.exception("finish hook failed for run %s", live.state.run_id)
+                self._finishing[machine_id] = self._finishing.get(machine_id, 0) + 1
+                try:
+                    for hook in self._finish_hooks:
+                        assert live.result is not None
+                        try:
+                            await hook(live.result)
+                        except Exception:
+                            log.exception("finish hook failed for run %s", live.state.run_id)
+                finally:
+                    self._finishing[machine_id] -= 1
+                    if not self._finishing[machine_id]:
+                        del self._finishing[machine_id]
         finally:
             if not queue:
                 self._queues.pop(machine_id, None)

@@ -261,7 +261,7 @@ class Orchestrator:
         if result.action == "exit" and result.response.get("auto_destroy"):
             await self.engine.start(mid, "destroy", {"force": True}, queue=True)
             return
-        if doc["state"] == m.DESTROYED and not self.engine.busy(mid):
+        if doc["state"] == m.DESTROYED and not self.engine.list_runs(mid):
             await self._io(self.store.archive, mid)
             self._docs.pop(mid, None)
             self._gone[mid] = doc["app"]
