@@ -41,9 +41,22 @@ def _clock_ddl(info: TableInfo) -> list[str]:
     ]
 
 
+def drop_triggers(conn: apsw.Connection, table: str) -> None:
+    """Drop every CRR trigger of ``table`` (named ``<t>__crsql_*``)."""
+    prefix = triggers.trigger_prefix(table)
+    names = [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)
+        )
+        if name.startswith(prefix)
+    ]
+    for name in names:
+        conn.execute(f"DROP TRIGGER IF EXISTS {ident(name)}")
+
+
 def create_triggers(conn: apsw.Connection, info: TableInfo) -> None:
-    for sql in triggers.drop_triggers_sql(info.name):
-        conn.execute(sql)
+    drop_triggers(conn, info.name)
     for sql in triggers.create_triggers_sql(info):
         conn.execute(sql)
 
@@ -63,8 +76,7 @@ def as_crr(conn: apsw.Connection, state: CrrState, table: str) -> str:
 def as_table(conn: apsw.Connection, table: str) -> str:
     """Downgrade a CRR to a plain table: drop its triggers, clock and lookaside tables."""
     with conn:
-        for sql in triggers.drop_triggers_sql(table):
-            conn.execute(sql)
+        drop_triggers(conn, table)
         conn.execute(f"DROP TABLE IF EXISTS {ident(table + '__crsql_clock')}")
         conn.execute(f"DROP TABLE IF EXISTS {ident(table + '__crsql_pks')}")
     return "OK"
@@ -137,8 +149,7 @@ def backfill(conn: apsw.Connection, state: CrrState, info: TableInfo, *, commit_
 
 def begin_alter(conn: apsw.Connection, table: str) -> str:
     conn.execute("SAVEPOINT alter_crr")
-    for sql in triggers.drop_triggers_sql(table):
-        conn.execute(sql)
+    drop_triggers(conn, table)
     return "OK"
 
 

@@ -33,6 +33,7 @@ class CrrState:
         "rows_impacted",
         "sync_bit",
         "merge_equal_values",
+        "commits",
         "_data_version",
         "_version_sql",
         "_version_schema",
@@ -47,6 +48,7 @@ class CrrState:
         self.rows_impacted = 0
         self.sync_bit = 0
         self.merge_equal_values = False
+        self.commits = 0  # commit hooks run, so callers can tell whether their commit ran one
         self._data_version = -1
         self._version_sql: str | None = None
         self._version_schema = -1
@@ -88,6 +90,15 @@ class CrrState:
         self.pending = ret
         return ret
 
+    def local_write_guard(self) -> int:
+        """The WHEN clause of every CRR trigger: 1 for a local write (sync bit clear), having
+        stamped the transaction's pending db_version as upstream's trigger functions do first."""
+        if self.sync_bit:
+            return 0
+        if self.pending == -1:
+            self.next_db_version()
+        return 1
+
     def current_db_version(self) -> int:
         self.fill_db_version_if_needed()
         return self.db_version
@@ -107,6 +118,7 @@ class CrrState:
     # -- transaction hooks ---------------------------------------------------------------
 
     def on_commit(self) -> bool:
+        self.commits += 1
         self.db_version = self.pending
         self.pending = -1
         self.seq = 0

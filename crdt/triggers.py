@@ -123,48 +123,95 @@ def _column_clock(info: TableInfo, col: str, where: str = "") -> list[str]:
     ]
 
 
-def insert_trigger(info: TableInfo) -> str:
-    body: list[str] = []
-    if not info.non_pks:
-        body.append(_ensure_key(info, "NEW"))
-        body.extend(_create_record(info, "NEW"))
-        return _trigger(info, "itrig", "INSERT", body)
-    # Re-insert of a known pk: one seq, taken even if there is no sentinel to bump.
-    body.append(f"SELECT {SEQ} FROM {info.pks_table} WHERE {_match(info, 'NEW')};")
-    body.append(
-        f"UPDATE {info.clock} SET col_version = {_NEXT_ODD}, db_version = {NDV}, "
-        f"seq = crsql_get_seq() - 1, site_id = 0 "
-        f"WHERE key = {_key_of(info, 'NEW')} AND col_name = {S};"
-    )
-    body.append(_ensure_key(info, "NEW"))
-    # Every non-pk column is written, so column i takes seq (current + i): set-based statements
-    # for existing and new clocks give the same seqs as upstream's column-by-column loop.
-    n = len(info.non_pks)
+def _seq_by_position(info: TableInfo) -> tuple[str, str]:
+    """SQL for 'this column's position among the non-pk columns', by name and as VALUES rows."""
     pos = "CASE col_name " + " ".join(
         f"WHEN {literal(c.name)} THEN {i}" for i, c in enumerate(info.non_pks)
     ) + " END"
-    names = ", ".join(literal(c.name) for c in info.non_pks)
-    body.append(
-        f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
-        f"seq = crsql_get_seq() + {pos}, site_id = 0 "
-        f"WHERE key = {_key_of(info, 'NEW')} AND col_name IN ({names});"
-    )
     values = ", ".join(f"({literal(c.name)}, {i})" for i, c in enumerate(info.non_pks))
-    body.append(
-        f"INSERT INTO {info.clock} {CLOCK_COLS} "
-        f"SELECT k.__crsql_key, c.column1, 1, {NDV}, crsql_get_seq() + c.column2, 0 "
-        f"FROM {info.pks_table} AS k, (VALUES {values}) AS c WHERE {_match(info, 'NEW', 'k')} "
-        f"AND NOT EXISTS (SELECT 1 FROM {info.clock} AS x "
-        "WHERE x.key = k.__crsql_key AND x.col_name = c.column1);"
-    )
-    body.append(f"SELECT crsql_internal_advance_seq({n});")
-    return _trigger(info, "itrig", "INSERT", body)
+    return pos, values
 
 
-def update_trigger(info: TableInfo) -> str:
-    body = [f"SELECT {NDV};", _ensure_key(info, "NEW")]
+GUARD = "crsql_internal_local_write()"
+
+
+def _exists_key(info: TableInfo, src: str) -> str:
+    return f"EXISTS (SELECT 1 FROM {info.pks_table} WHERE {_match(info, src)})"
+
+
+def insert_triggers(info: TableInfo) -> list[str]:
+    """Two triggers, split on whether the pk tuple was seen before. The re-insert trigger is
+    created last so that it fires first (SQLite fires a table's triggers newest first): were the
+    fresh-insert trigger first, the key it creates would make the re-insert trigger fire too."""
+    fresh: list[str] = [
+        f"INSERT INTO {info.pks_table} ({idents(info.pk_names)}) "
+        f"VALUES ({', '.join('NEW.' + ident(c) for c in info.pk_names)});"
+    ]
+    again: list[str] = []
+    if not info.non_pks:
+        fresh.append(
+            f"INSERT INTO {info.clock} {CLOCK_COLS} "
+            f"VALUES (last_insert_rowid(), {S}, 1, {NDV}, {SEQ}, 0);"
+        )
+        again.extend(_create_record(info, "NEW"))
+    else:
+        rows = ", ".join(
+            f"(last_insert_rowid(), {literal(c.name)}, 1, {NDV}, {SEQ}, 0)" for c in info.non_pks
+        )
+        fresh.append(f"INSERT INTO {info.clock} {CLOCK_COLS} VALUES {rows};")
+        # A known pk: one seq for the create record, taken even if there is no sentinel to bump.
+        again.append(f"SELECT {SEQ};")
+        again.append(
+            f"UPDATE {info.clock} SET col_version = {_NEXT_ODD}, db_version = {NDV}, "
+            f"seq = crsql_get_seq() - 1, site_id = 0 "
+            f"WHERE key = {_key_of(info, 'NEW')} AND col_name = {S};"
+        )
+        # Every non-pk column is written, column i taking seq (current + i): set-based statements
+        # for existing and new clocks give the same seqs as upstream's column-by-column loop.
+        pos, values = _seq_by_position(info)
+        names = ", ".join(literal(c.name) for c in info.non_pks)
+        again.append(
+            f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
+            f"seq = crsql_get_seq() + {pos}, site_id = 0 "
+            f"WHERE key = {_key_of(info, 'NEW')} AND col_name IN ({names});"
+        )
+        again.append(
+            f"INSERT INTO {info.clock} {CLOCK_COLS} "
+            f"SELECT k.__crsql_key, c.column1, 1, {NDV}, crsql_get_seq() + c.column2, 0 "
+            f"FROM {info.pks_table} AS k, (VALUES {values}) AS c "
+            f"WHERE {_match(info, 'NEW', 'k')} AND NOT EXISTS (SELECT 1 FROM {info.clock} AS x "
+            "WHERE x.key = k.__crsql_key AND x.col_name = c.column1);"
+        )
+        again.append(f"SELECT crsql_internal_advance_seq({len(info.non_pks)});")
+    return [
+        _trigger(info, "itrig", "INSERT", fresh, f"NOT {_exists_key(info, 'NEW')}"),
+        _trigger(info, "itrig_again", "INSERT", again, _exists_key(info, "NEW")),
+    ]
+
+
+def update_triggers(info: TableInfo) -> list[str]:
+    """One ``UPDATE OF <column>`` trigger per non-pk column, created in reverse column order so
+    that they fire in column order (seqs follow columns, as upstream), and the pk trigger created
+    last so that a pk change moves the clocks before the columns are bumped at the new key.
+
+    Each trigger's guard stamps the pending db_version, so an UPDATE that changes nothing still
+    advances it, as upstream. A column whose value did not change gets no clock write."""
+    out: list[str] = []
+    for c in reversed(info.non_pks):
+        name = literal(c.name)
+        changed = _changed(c.name)
+        body = [
+            f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
+            f"seq = {SEQ}, site_id = 0 "
+            f"WHERE key = {_key_of(info, 'NEW')} AND col_name = {name} AND {changed};",
+            # no clock yet (a column added by ALTER and never written): start one
+            f"INSERT INTO {info.clock} {CLOCK_COLS} "
+            f"SELECT k.__crsql_key, {name}, 1, {NDV}, {SEQ}, 0 FROM {info.pks_table} AS k "
+            f"WHERE changes() = 0 AND {changed} AND {_match(info, 'NEW', 'k')};",
+        ]
+        out.append(_trigger(info, f"utrig_{c.name}", "UPDATE", body, of=[c.name]))
     pk_changed = "(" + " OR ".join(_changed(c.name) for c in info.pks) + ")"
-    body.append(_ensure_key(info, "OLD", pk_changed))
+    body = [_ensure_key(info, "NEW", pk_changed), _ensure_key(info, "OLD", pk_changed)]
     body.extend(_delete_record(info, "OLD", pk_changed))
     # Move the column clocks to the new key, re-stamped (the convergence fix, see above).
     body.append(
@@ -178,9 +225,8 @@ def update_trigger(info: TableInfo) -> str:
         f"WHERE key = {_key_of(info, 'OLD')} AND col_name != {S} AND {pk_changed};"
     )
     body.extend(_create_record(info, "NEW", pk_changed))
-    for c in info.non_pks:
-        body.extend(_column_clock(info, c.name, _changed(c.name)))
-    return _trigger(info, "utrig", "UPDATE", body)
+    out.append(_trigger(info, "utrig", "UPDATE", body, of=list(info.pk_names)))
+    return out
 
 
 def delete_trigger(info: TableInfo) -> str:
@@ -189,22 +235,28 @@ def delete_trigger(info: TableInfo) -> str:
     return _trigger(info, "dtrig", "DELETE", body)
 
 
-def _trigger(info: TableInfo, suffix: str, event: str, body: list[str]) -> str:
+def _trigger(
+    info: TableInfo,
+    suffix: str,
+    event: str,
+    body: list[str],
+    when: str = "",
+    of: list[str] | None = None,
+) -> str:
     name = ident(f"{info.name}__crsql_{suffix}")
     stmts = "\n  ".join(body)
+    event_sql = f"{event} OF {idents(of)}" if of else event
+    cond = _and(f"{GUARD} = 1", when)
     return (
-        f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON {info.quoted} "
-        f"WHEN crsql_internal_sync_bit() = 0 BEGIN\n  {stmts}\nEND"
+        f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event_sql} ON {info.quoted} "
+        f"WHEN {cond} BEGIN\n  {stmts}\nEND"
     )
 
 
-def trigger_names(table: str) -> tuple[str, str, str]:
-    return (f"{table}__crsql_itrig", f"{table}__crsql_utrig", f"{table}__crsql_dtrig")
-
-
 def create_triggers_sql(info: TableInfo) -> list[str]:
-    return [insert_trigger(info), update_trigger(info), delete_trigger(info)]
+    """In creation order, which matters: see insert_triggers and update_triggers."""
+    return [*insert_triggers(info), *update_triggers(info), delete_trigger(info)]
 
 
-def drop_triggers_sql(table: str) -> list[str]:
-    return [f"DROP TRIGGER IF EXISTS {ident(n)}" for n in trigger_names(table)]
+def trigger_prefix(table: str) -> str:
+    return f"{table}__crsql_"

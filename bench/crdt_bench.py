@@ -1,0 +1,188 @@
+"""CRR engine benchmarks, each beside a baseline measured in the same run.
+
+* ``crr_insert_ratio``: 100k inserts into a CRR ÷ the same inserts into a plain table (apsw,
+  one transaction, executemany). cr-sqlite itself: 17.9x.
+* ``crr_update_ratio``: ``UPDATE t SET c = c + 1`` over every row, CRR ÷ plain. cr-sqlite: 10.9x.
+* ``merge_changes_per_s``: 100k column changes (10k rows x 10 columns) merged into a fresh replica;
+  ``merge_into_existing_changes_per_s``: into a replica holding older versions of the same rows.
+* ``changes_since_rows_per_s``: reading every change with ``crdt.changes_since``.
+
+When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
+the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Report, parse_args  # noqa: E402
+
+import apsw  # noqa: E402
+
+import crdt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_SCRIPT = Path(__file__).resolve().parent / "crsqlite_ref.mjs"
+WIDE_COLS = [f"c{i}" for i in range(10)]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def best_of(n: int, fn) -> float:
+    return min(fn() for _ in range(n))
+
+
+def insert_update(n: int, repeats: int) -> dict[str, float]:
+    rows = [(i, f"text-{i}", i * 7, i * 0.5) for i in range(n)]
+    ddl = "CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b TEXT, c INTEGER, d REAL)"
+
+    def run(crr: bool) -> tuple[float, float]:
+        conn = crdt.connect() if crr else apsw.Connection(":memory:")
+        conn.execute(ddl)
+        if crr:
+            conn.execute("SELECT crsql_as_crr('t')")
+
+        def ins():
+            with conn:
+                conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", rows)
+
+        def upd():
+            with conn:
+                conn.execute("UPDATE t SET c = c + 1")
+
+        ti, tu = timed(ins), timed(upd)
+        conn.close()
+        return ti, tu
+
+    plain = [run(False) for _ in range(repeats)]
+    crr = [run(True) for _ in range(repeats)]
+    pi, pu = min(p[0] for p in plain), min(p[1] for p in plain)
+    ci, cu = min(c[0] for c in crr), min(c[1] for c in crr)
+    return {
+        "insert_ratio": ci / pi,
+        "update_ratio": cu / pu,
+        "insert_us": ci / n * 1e6,
+        "update_us": cu / n * 1e6,
+        "plain_insert_us": pi / n * 1e6,
+        "plain_update_us": pu / n * 1e6,
+    }
+
+
+def wide_source(rows: int, versions: int = 1):
+    conn = crdt.connect()
+    conn.execute(
+        "CREATE TABLE w (id INTEGER PRIMARY KEY NOT NULL, "
+        + ", ".join(f"{c} INTEGER" for c in WIDE_COLS)
+        + ")"
+    )
+    conn.execute("SELECT crsql_as_crr('w')")
+    with conn:
+        conn.executemany(
+            f"INSERT INTO w VALUES ({', '.join('?' * 11)})",
+            [(i, *range(i, i + 10)) for i in range(rows)],
+        )
+    for v in range(1, versions):
+        with conn:
+            conn.execute("UPDATE w SET " + ", ".join(f"{c} = {c} + {v}" for c in WIDE_COLS))
+    return conn
+
+
+def fresh_replica():
+    conn = crdt.connect()
+    conn.execute(
+        "CREATE TABLE w (id INTEGER PRIMARY KEY NOT NULL, "
+        + ", ".join(f"{c} INTEGER" for c in WIDE_COLS)
+        + ")"
+    )
+    conn.execute("SELECT crsql_as_crr('w')")
+    return conn
+
+
+def merges(rows: int, repeats: int) -> dict[str, float]:
+    newer = wide_source(rows, versions=2)
+    older = wide_source(rows, versions=1)
+    new_changes = crdt.changes_since(newer, 0)
+    old_changes = crdt.changes_since(older, 0)
+    n = len(new_changes)
+
+    def into_fresh():
+        dst = fresh_replica()
+        t = timed(lambda: crdt.merge(dst, new_changes))
+        dst.close()
+        return t
+
+    def into_existing():
+        dst = fresh_replica()
+        crdt.merge(dst, old_changes)
+        t = timed(lambda: crdt.merge(dst, new_changes))
+        dst.close()
+        return t
+
+    def read():
+        return timed(lambda: crdt.changes_since(newer, 0))
+
+    return {
+        "merge_fresh": n / best_of(repeats, into_fresh),
+        "merge_existing": n / best_of(repeats, into_existing),
+        "changes_since": n / best_of(repeats, read),
+        "changes": n,
+    }
+
+
+def reference(n: int, rows: int) -> dict | None:
+    module = ROOT / "tests" / "oracle" / "node_modules" / "@vlcn.io" / "wa-sqlite"
+    if shutil.which("node") is None or not module.exists():
+        return None
+    out = subprocess.run(
+        ["node", str(REF_SCRIPT), str(n), str(rows)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n")[0])
+    report = Report(args.json)
+    n = 20_000 if args.quick else 100_000
+    rows = n // 10
+    repeats = 2 if args.quick else 3
+    ref = reference(n, rows)
+    iu = insert_update(n, repeats)
+    m = merges(rows, repeats)
+    ref_note = (lambda k: {"crsqlite": round(ref[k], 2)}) if ref else (lambda k: {})
+    report.metric("crr_insert_ratio", iu["insert_ratio"], "x", "plain sqlite insert (apsw)",
+                  rows=n, us_per_row=round(iu["insert_us"], 2), **ref_note("insert_ratio"))
+    report.metric("crr_update_ratio", iu["update_ratio"], "x", "plain sqlite update (apsw)",
+                  rows=n, us_per_row=round(iu["update_us"], 2), **ref_note("update_ratio"))
+    report.metric("merge_changes_per_s", m["merge_fresh"], "changes/s",
+                  "cr-sqlite WASM (same run)" if ref else "none: node missing",
+                  changes=m["changes"], **ref_note("merge_fresh"))
+    report.metric("merge_into_existing_changes_per_s", m["merge_existing"], "changes/s",
+                  "cr-sqlite WASM (same run)" if ref else "none: node missing",
+                  changes=m["changes"], **ref_note("merge_existing"))
+    report.metric("changes_since_rows_per_s", m["changes_since"], "rows/s",
+                  "cr-sqlite WASM (same run)" if ref else "none: node missing",
+                  rows=m["changes"], **ref_note("changes_since"))
+    if ref:
+        report.metric("merge_vs_crsqlite", m["merge_fresh"] / ref["merge_fresh"], "x",
+                      "cr-sqlite WASM merge into a fresh replica")
+        report.metric("changes_since_vs_crsqlite", m["changes_since"] / ref["changes_since"], "x",
+                      "cr-sqlite WASM crsql_changes read")
+
+
+if __name__ == "__main__":
+    main()
