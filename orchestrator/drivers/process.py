@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .supervised import SPAWN_GRACE, ShimDriver, read_json, write_json
+from .supervised import ShimDriver, read_json, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -71,14 +71,10 @@ class ProcessDriver(ShimDriver):
         d = self._dir(instance_id)
         if not (d / "spec.json").exists():
             return InstanceStatus(InstanceState.ABSENT)
-        if (d / "shim.json").exists() and self._pids(d) is None:
-            if (d / "error.json").exists():
-                return InstanceStatus(InstanceState.ABSENT)  # setup failed: recreate
-            try:  # spawned, not yet reported (or the orchestrator died right after spawning)
-                await self._await_spawn(instance_id, timeout=SPAWN_GRACE)
-            except DriverError:
-                return InstanceStatus(InstanceState.ABSENT)
-        pids = self._pids(d)
+        try:
+            pids = await self._spawned(instance_id)
+        except DriverError:
+            return InstanceStatus(InstanceState.ABSENT)  # setup failed: recreate
         if pids is None:
             return InstanceStatus(InstanceState.CREATED)
         exit_ = self._exit(d)

@@ -26,7 +26,7 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import ImageStore, static_busybox
-from .supervised import SPAWN_GRACE, ShimDriver, write_json
+from .supervised import ShimDriver, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
@@ -210,14 +210,12 @@ class RuncDriver(ShimDriver):
             return InstanceStatus(InstanceState.ABSENT)
         if (d / "error.json").exists():
             return InstanceStatus(InstanceState.ABSENT)  # runc create failed: recreate
-        pids = self._pids(d)
-        if pids is None:
-            if not (d / "shim.json").exists():
-                return InstanceStatus(InstanceState.ABSENT)
-            try:
-                pids = await self._await_spawn(instance_id, timeout=SPAWN_GRACE)
-            except DriverError:
-                return InstanceStatus(InstanceState.ABSENT)
+        try:
+            pids = await self._spawned(instance_id)
+        except DriverError:
+            return InstanceStatus(InstanceState.ABSENT)
+        if pids is None:  # the shim never ran: debris to clean up on create
+            return InstanceStatus(InstanceState.ABSENT)
         exit_ = self._exit(d)
         if exit_ is not None:
             return InstanceStatus(InstanceState.EXITED, pid=int(pids["main"]), exit=exit_)

@@ -146,6 +146,44 @@ class ShimDriver:
             await anyio.sleep(delay)
             delay = min(delay * 1.5, 0.02)
 
+    @staticmethod
+    def _shim_pids(d: Path) -> list[int]:
+        """Processes running the shim for this instance directory (a scan of /proc)."""
+        needle = f"{SHIM}\0{d}\0".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+    def _shim_running(self, d: Path) -> bool:
+        proc = self._procs.get(d.name)
+        if proc is not None and proc.poll() is None:
+            return True
+        return bool(self._shim_pids(d))
+
+    async def _spawned(self, instance_id: str) -> dict[str, Any] | None:
+        """The shim's pids, waiting for a shim that is starting; None when no shim was ever
+        started (including an orchestrator killed between writing shim.json and spawning)."""
+        d = self._dir(instance_id)
+        pids = self._pids(d)
+        if pids is not None or not (d / "shim.json").exists():
+            return pids
+        if (d / "error.json").exists():
+            raise DriverError(f"instance {instance_id}: {read_json(d / 'error.json')}")
+        if self._shim_running(d):
+            return await self._await_spawn(instance_id)
+        pids = self._pids(d)  # it may have reported and exited just now
+        if pids is None:
+            (d / "shim.json").unlink(missing_ok=True)
+        return pids
+
     # --- contract pieces shared by subclasses -------------------------------------------------
 
     async def wait(self, instance_id: str) -> ExitStatus:
@@ -209,17 +247,25 @@ class ShimDriver:
         d = self._dir(instance_id)
         if not d.exists():
             return
-        pids = self._pids(d)
-        if pids is None and (d / "shim.json").exists() and not (d / "error.json").exists():
-            try:  # a shim may be mid-start: let it report so nothing escapes
-                pids = await self._await_spawn(instance_id, timeout=SPAWN_GRACE)
-            except DriverError:
-                pids = self._pids(d)
+        try:  # a shim may be mid-start: let it report so nothing escapes
+            pids = await self._spawned(instance_id)
+        except DriverError:
+            pids = self._pids(d)
         if pids is not None and self._exit(d) is None:
             (d / "stop_requested").touch()
             self._kill(pids)
             if await self._wait_for(instance_id, 30.0) is None:
                 raise DriverError(f"instance {instance_id} survived SIGKILL for 30 s")
+        elif pids is None:
+            # a shim that failed before reporting may still have a supervisor: each shim
+            # process leads its own process group (the command is in the supervisor's)
+            for pid in self._shim_pids(d):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, _signal.SIGKILL)
+        if pids is not None:  # the shim exits right after recording: let it finish
+            with anyio.move_on_after(5):
+                while self._shim_alive(pids):
+                    await anyio.sleep(0.005)
         self._procs.pop(instance_id, None)
         shutil.rmtree(d, ignore_errors=True)
 
