@@ -131,6 +131,8 @@ class SwimNode:
         self._subscribers: list[MemoryObjectSendStream[Notification]] = []
         self._left: anyio.Event | None = None
         self._serve_scope: anyio.CancelScope | None = None
+        self._done: anyio.Event | None = None
+        self._send_lock: anyio.Lock | None = None
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -145,6 +147,8 @@ class SwimNode:
     async def _start(self) -> None:
         self._wake = anyio.Event()
         self._left = anyio.Event()
+        self._done = anyio.Event()
+        self._send_lock = anyio.Lock()
         self._udp, self._listener = await self._bind()
         bound = self._udp.extra(SocketAttribute.local_port)
         addr = self._advertise or (self._host, bound)
@@ -191,11 +195,13 @@ class SwimNode:
                 task_status.started(self)
                 await anyio.sleep_forever()
 
-    def stop(self) -> None:
-        """End :meth:`serve` abruptly (no leave message): sockets close, others detect it."""
-        if self._serve_scope is None:
+    async def stop(self) -> None:
+        """End :meth:`serve` abruptly (no leave message) and return once the sockets are
+        closed; others will detect the failure."""
+        if self._serve_scope is None or self._done is None:
             raise RuntimeError("stop() is for nodes hosted with serve(); use aclose()")
         self._serve_scope.cancel()
+        await self._done.wait()
 
     async def aclose(self) -> None:
         """Stop at once: sockets closed, tasks cancelled, subscribers' streams ended. Call it
@@ -203,17 +209,22 @@ class SwimNode:
         if self._closed:
             return
         self._closed = True
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-        with anyio.CancelScope(shield=True):
-            if self._udp is not None:
-                await self._udp.aclose()
-            if self._listener is not None:
-                await self._listener.aclose()
-        for s in self._subscribers:
-            s.close()
-        self._subscribers.clear()
+        try:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                # Re-raises the caller's cancellation when aclose runs inside a cancelled scope.
+                await self._tg.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self._udp is not None:
+                    await self._udp.aclose()
+                if self._listener is not None:
+                    await self._listener.aclose()
+            for s in self._subscribers:
+                s.close()
+            self._subscribers.clear()
+            if self._done is not None:
+                self._done.set()
 
     # -- the public surface ---------------------------------------------------------------------
 
@@ -324,8 +335,10 @@ class SwimNode:
 
     async def _sendto(self, eff: Send) -> None:
         assert self._udp is not None
+        assert self._send_lock is not None
         try:
-            await self._udp.sendto(eff.data, eff.addr[0], eff.addr[1])
+            async with self._send_lock:  # anyio allows one writer at a time per socket
+                await self._udp.sendto(eff.data, eff.addr[0], eff.addr[1])
             self.runtime_stats.udp_bytes_out += len(eff.data)
         except (OSError, anyio.BrokenResourceError):
             self.runtime_stats.send_errors += 1
