@@ -133,10 +133,17 @@ class MachineOperations:
 
     async def start_instance(self, ctx: StepContext) -> None:
         iid = self._doc(ctx)["instance_id"]
+        try:
+            await self.svc.driver.start(iid)
+            return
+        except DriverError as e:
+            error = e
         status = await self._drv(self.svc.driver.status(iid))
-        if status.state is InstanceState.CREATED:
-            await self._drv(self.svc.driver.start(iid))
-        elif status.state is InstanceState.ABSENT:
+        if status.state is InstanceState.CREATED:  # a real failure to start
+            if not error.transient:
+                raise UnrecoverableError(str(error)) from error
+            raise error
+        if status.state is InstanceState.ABSENT:
             raise UnrecoverableError(f"instance {iid} disappeared before it was started")
         # running: started by the attempt that crashed; exited: the watcher reports the exit
 

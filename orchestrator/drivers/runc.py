@@ -197,6 +197,7 @@ class RuncDriver(ShimDriver):
     async def start(self, instance_id: str) -> None:
         proc = await self._runc("start", instance_id, check=False)
         if proc.returncode == 0:
+            (self._dir(instance_id) / "started").touch()
             return
         state = (await self.status(instance_id)).state
         if state is InstanceState.ABSENT:
@@ -219,7 +220,9 @@ class RuncDriver(ShimDriver):
         exit_ = self._exit(d)
         if exit_ is not None:
             return InstanceStatus(InstanceState.EXITED, pid=int(pids["main"]), exit=exit_)
-        runc_state = await self._runc_state(instance_id)
+        # "started" is written after runc start succeeded; without it (not started yet, or
+        # the orchestrator died in between) runc itself is asked
+        runc_state = "running" if (d / "started").exists() else await self._runc_state(instance_id)
         if runc_state == "created":
             return InstanceStatus(InstanceState.CREATED, pid=int(pids["main"]))
         address = "127.0.0.1" if self.network == "host" else None

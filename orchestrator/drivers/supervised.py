@@ -6,8 +6,9 @@ driver agree on (see ``shim.py``): ``shim.json`` (how to run), ``pids.json`` (wh
 it to stop, so the exit is not a crash). Everything the driver knows is in those files, which is
 what lets a restarted orchestrator pick its instances up again.
 
-Waiting is polling on those files with a short, growing interval (2 ms up to 50 ms): it survives
-orchestrator restarts (no pipe to lose) and costs nothing measurable for tens of instances.
+Waiting is polling on those files with a short, growing interval (a few ms, up to 20 ms): it
+survives orchestrator restarts (no pipe to lose) and costs nothing measurable for tens of
+instances.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class ShimDriver:
             if time.monotonic() > deadline:
                 raise DriverError(f"instance {instance_id}: shim did not start in {timeout} s")
             await anyio.sleep(delay)
-            delay = min(delay * 1.5, 0.02)
+            delay = min(delay * 1.5, 0.005)
 
     @staticmethod
     def _shim_pids(d: Path) -> list[int]:
@@ -196,7 +197,7 @@ class ShimDriver:
             if status is not None:
                 return status
             await anyio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            delay = min(delay * 1.5, 0.02)
 
     async def _wait_for(self, instance_id: str, timeout: float) -> ExitStatus | None:
         with anyio.move_on_after(timeout):
