@@ -71,7 +71,8 @@ def _schema_manager() -> Callable[..., object] | None:
 def migrate(conn: apsw.Connection) -> int:
     """Bring ``conn``'s database to ``SCHEMA_VERSION``; returns the version it found.
 
-    Runs in one immediate transaction, so a crash mid-migration leaves the old schema intact.
+    The fallback runs in one immediate transaction, so a crash mid-migration leaves the old
+    schema intact; the schema manager's diff is idempotent, so repeating it is harmless.
     """
     found = conn.execute("PRAGMA user_version").fetchall()[0][0]
     if found == SCHEMA_VERSION:
@@ -82,13 +83,16 @@ def migrate(conn: apsw.Connection) -> int:
             f"{SCHEMA_VERSION}"
         )
     apply_schema = _schema_manager()
+    if apply_schema is not None:
+        # a diff against the live schema is idempotent: a crash before user_version is set
+        # just applies an empty diff next time
+        apply_schema(conn, SCHEMA_SQL, as_crr=False)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return found
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if apply_schema is not None:
-            apply_schema(conn, SCHEMA_SQL, as_crr=False)
-        else:
-            for version in range(found, SCHEMA_VERSION):
-                conn.execute(MIGRATIONS[version])
+        for version in range(found, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[version])
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
