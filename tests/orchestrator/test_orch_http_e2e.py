@@ -1,0 +1,118 @@
+"""End to end over a real socket: the app built from an ``[orchestrator]`` config section,
+served by uvicorn, driving real processes (and real containers where runc is available)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+
+from orchestrator.config import ConfigError, OrchestratorConfig, create_app_from_config
+from orchestrator.drivers import ProcessDriver, RuncDriver, runc_available
+from orchestrator.publish import MemoryPublisher
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # uvicorn serves on asyncio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_config_section_validation(tmp_path):
+    cfg = OrchestratorConfig.from_mapping(
+        {"machines_path": str(tmp_path / "m"), "driver": "fake", "worker": "w1"}
+    )
+    assert cfg.driver == "fake" and cfg.worker == "w1" and cfg.region == "local"
+    for bad, text in [
+        ({}, "machines_path"),
+        ({"machines_path": "x", "driver": "kvm"}, "driver"),
+        ({"machines_path": "x", "bogus": 1}, "unknown key"),
+        ({"machines_path": "x", "worker": 5}, "worker"),
+        ({"machines_path": "x", "archive_path": 5}, "archive_path"),
+    ]:
+        with pytest.raises(ConfigError, match=text):
+            OrchestratorConfig.from_mapping(bad)
+
+
+DRIVERS = ["process", pytest.param("runc", marks=pytest.mark.skipif(
+    runc_available() is not None, reason=str(runc_available())))]  # fmt: skip
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_served_api_runs_real_machines(tmp_path, driver):
+    section = {
+        "machines_path": str(tmp_path / "machines"),
+        "archive_path": str(tmp_path / "archive"),
+        "state_path": str(tmp_path / "instances"),
+        "driver": driver,
+        "worker": "w1",
+    }
+    publisher = MemoryPublisher()
+    app = create_app_from_config(section, publisher=publisher, token="t0k")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    base = f"http://127.0.0.1:{port}/v1/apps/web/machines"
+    headers = {"authorization": "Bearer t0k"}
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            with anyio.fail_after(30):
+                while not server.started:
+                    await anyio.sleep(0.01)
+            async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+                config = {
+                    "image": "busybox",
+                    "init": {"exec": ["sh", "-c", "echo up; exec sleep 600"]},
+                    "stop_config": {"timeout": "300ms"},
+                }
+                r = await client.post(base, json={"config": config})
+                assert r.status_code == 200, r.text
+                mid = r.json()["id"]
+                r = await client.get(
+                    f"{base}/{mid}/wait", params={"state": "started", "timeout": 30}
+                )
+                assert r.status_code == 200, r.text
+                machine = (await client.get(f"{base}/{mid}")).json()
+                assert machine["state"] == "started"
+                deadline = time.monotonic() + 30
+                while publisher.rows().get(mid, {}).get("state") != "started":
+                    assert time.monotonic() < deadline, publisher.rows()
+                    await anyio.sleep(0.01)
+                r = await client.post(f"{base}/{mid}/stop")
+                assert r.status_code == 200
+                r = await client.get(
+                    f"{base}/{mid}/wait", params={"state": "stopped", "timeout": 30}
+                )
+                assert r.status_code == 200
+                stopped = (await client.get(f"{base}/{mid}")).json()
+                exit_event = stopped["events"][0]
+                assert exit_event["status"] == "stopped"
+                r = await client.delete(f"{base}/{mid}")
+                assert r.status_code == 200
+                r = await client.get(
+                    f"{base}/{mid}/wait", params={"state": "destroyed", "timeout": 30}
+                )
+                assert r.status_code == 200
+                deadline = time.monotonic() + 30
+                while (await client.get(f"{base}/{mid}")).status_code != 404:
+                    assert time.monotonic() < deadline
+                    await anyio.sleep(0.02)
+            assert (tmp_path / "archive" / f"{mid}.sqlite.gz").exists()
+            server.should_exit = True
+    finally:
+        cls = ProcessDriver if driver == "process" else RuncDriver
+        await cls(tmp_path / "instances").destroy_all()
+    assert not any(p for p in (tmp_path / "instances").iterdir() if not p.name.startswith("_"))
