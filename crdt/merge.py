@@ -155,6 +155,10 @@ class Merger:
             self.site_ordinals[site] = ordinal
             self.ordinal_sites[ordinal] = site
         self.impacted = 0
+        self.seen = 0  # changes offered, winning or not
+        if state.pending == -1:
+            # the inlined next_db_version in apply() relies on a loaded db_version
+            state.fill_db_version_if_needed()
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -191,7 +195,10 @@ class Merger:
             clocks: dict[str, list] = {}
         else:
             key = found[0]
-            clocks = {r[0]: list(r[1:]) for r in conn.execute(table.select_clocks, (key,))}
+            clocks = {
+                name: [cv, dbv, site, seq]
+                for name, cv, dbv, site, seq in conn.execute(table.select_clocks, (key,))
+            }
         row = _Row(table, pk, key, clocks)
         self.rows[cache_key] = row
         return row
@@ -251,61 +258,65 @@ class Merger:
                 row.dirty[c] = None
         self._set_clock(row, SENTINEL, sentinel_cv, dbv, site, seq)
 
-    def _did_cid_win(self, row: _Row, cid: str, idx: int, val: Any, cv: int, site: Any) -> bool:
-        local = row.clocks.get(cid)
-        if local is None:
-            return True
-        local_cv = local[_CV]
-        if cv != local_cv:
-            return cv > local_cv
-        cmp = compare_values(val, self._current_value(row, idx))
-        if cmp == 0 and self.state.merge_equal_values:
-            local_site = self.ordinal_sites.get(local[_SITE])
-            if local[_SITE] == 0:
-                local_site = self.state.site_id
-            cmp = _compare_bytes(site or b"", local_site or b"")
-        return cmp > 0
+    def _invalid(self, change: Any) -> MergeError:
+        """Say precisely what is wrong with a change that failed the fast checks."""
+        try:
+            table_name, _pk, cid, _val, cv, dbv, site, cl, seq = change
+        except (TypeError, ValueError):
+            return MergeError("a change has exactly nine fields")
+        table = self._table(table_name)
+        if type(cid) is not str:
+            return MergeError(f"cid must be text, not {type(cid).__name__}")
+        for field, v in (("col_version", cv), ("db_version", dbv), ("cl", cl), ("seq", seq)):
+            if type(v) is not int:
+                return MergeError(f"{field} must be an integer, not {type(v).__name__}")
+        if site is not None:
+            if not isinstance(site, bytes):
+                return MergeError(f"site_id must be a blob, not {type(site).__name__}")
+            if len(site) > MAX_SITE_ID_BYTES:
+                return MergeError("site_id is longer than 16 bytes")
+        if len(cid.encode()) > MAX_NAME_BYTES:
+            return MergeError("cid is longer than 2048 bytes")
+        return MergeError(f"table {table.info.name} has no column {cid!r} to merge into")
 
-    def apply(self, change: tuple) -> None:
+    def apply(self, change: Any) -> None:
+        """Merge one change into the in-memory batch (hot path: keep it flat)."""
         try:
             table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
         except (TypeError, ValueError):
             raise MergeError("a change has exactly nine fields") from None
-        table = self._table(table_name)
-        if type(cid) is not str:
-            raise MergeError(f"cid must be text, not {type(cid).__name__}")
-        for field, v in (("col_version", cv), ("db_version", dbv), ("cl", cl), ("seq", seq)):
-            if type(v) is not int:
-                raise MergeError(f"{field} must be an integer, not {type(v).__name__}")
-        if site is not None:
-            if not isinstance(site, bytes):
-                raise MergeError(f"site_id must be a blob, not {type(site).__name__}")
-            if len(site) > MAX_SITE_ID_BYTES:
-                raise MergeError("site_id is longer than 16 bytes")
+        row = self.rows.get((table_name, pk_blob))
+        if row is None:
+            row = self._row(self._table(table_name), pk_blob)
         if cid == SENTINEL:
             idx = -1
         else:
-            idx = table.col_index.get(cid, -2)
-            if idx == -2:
-                if len(cid.encode()) > MAX_NAME_BYTES:
-                    raise MergeError("cid is longer than 2048 bytes")
-                raise MergeError(f"table {table.info.name} has no column {cid!r} to merge into")
-        row = self._row(table, pk_blob)
+            idx = row.table.col_index.get(cid, -2)
+        if (
+            idx == -2
+            or type(cv) is not int
+            or type(dbv) is not int
+            or type(cl) is not int
+            or type(seq) is not int
+            or (site is not None and (type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES))
+        ):
+            raise self._invalid(change)
 
-        local_cl = row.local_cl()
+        clocks = row.clocks
+        sentinel = clocks.get(SENTINEL)
+        local_cl = sentinel[0] if sentinel is not None else (1 if clocks else 0)
         if cl < local_cl:
             return
-        if cl % 2 == 0:
+        if cl & 1 == 0:
             if cl == local_cl:
                 return
             row.base_deleted = True
             row.base_ensure = False
             row.values.clear()
-            self._set_clock(row, SENTINEL, cv, dbv, site, seq)
-            sentinel = row.clocks[SENTINEL]
-            row.clocks = {SENTINEL: sentinel}
-            row.dirty = {SENTINEL: None}
+            row.clocks = {}
+            row.dirty = {}
             row.cleared = True
+            self._set_clock(row, SENTINEL, cv, dbv, site, seq)
             self.impacted += 1
             return
         if idx == -1:
@@ -314,15 +325,39 @@ class Merger:
             self._resurrect(row, cv, dbv, site, seq)
             self.impacted += 1
             return
-        needs_resurrect = cl > local_cl
-        if needs_resurrect and (local_cl != 0 or cl > 1):
-            self._resurrect(row, cl, dbv, site, seq)
-            self.impacted += 1
-        if not (needs_resurrect or local_cl == 0 or self._did_cid_win(row, cid, idx, val, cv, site)):
-            return
+        if cl > local_cl:
+            if local_cl != 0 or cl > 1:
+                self._resurrect(row, cl, dbv, site, seq)
+                self.impacted += 1
+        elif local_cl != 0:
+            local = clocks.get(cid)
+            if local is not None:
+                local_cv = local[0]
+                if cv < local_cv:
+                    return
+                if cv == local_cv and not self._value_wins(row, idx, val, local, site):
+                    return
         row.values[idx] = val
-        self._set_clock(row, cid, cv, dbv, site, seq)
+        # _set_clock, inlined: this line runs once per winning change
+        state = self.state
+        nd = state.db_version + 1
+        if nd < state.pending:
+            nd = state.pending
+        if nd < dbv:
+            nd = dbv
+        state.pending = nd
+        row.clocks[cid] = [cv, nd, self._ordinal(site) if site else 0, seq]
+        row.dirty[cid] = None
         self.impacted += 1
+
+    def _value_wins(self, row: _Row, idx: int, val: Any, local: list, site: Any) -> bool:
+        """Equal col_version: the greater value wins; equal values keep the local one unless
+        merge-equal-values breaks the tie by site id."""
+        cmp = compare_values(val, self._current_value(row, idx))
+        if cmp == 0 and self.state.merge_equal_values:
+            local_site = self.state.site_id if local[_SITE] == 0 else self.ordinal_sites.get(local[_SITE])
+            cmp = _compare_bytes(site or b"", local_site or b"")
+        return cmp > 0
 
     # -- writing out -------------------------------------------------------------------
 
@@ -344,20 +379,29 @@ class Merger:
                 for col in row.dirty:
                     c = clocks[col]
                     batch.append((key, col, c[0], c[1], c[2], c[3]))
+        # Base-table writes, grouped by statement for executemany. Deletes go first: a row deleted
+        # and then rebuilt in this batch is written back by its upsert below.
+        deletes: dict[str, list[tuple]] = {}
+        upserts: dict[str, list[tuple]] = {}
+        for row in self.rows.values():
+            table = row.table
+            if row.base_deleted:
+                deletes.setdefault(table.delete_row, []).append(row.pk)
+            values = row.values
+            if values:
+                cols = tuple(sorted(values))
+                upserts.setdefault(table.upsert_sql(cols), []).append(
+                    row.pk + tuple([values[i] for i in cols])
+                )
+            elif row.base_ensure:
+                upserts.setdefault(table.insert_pk_only, []).append(row.pk)
         state = self.state
         state.sync_bit = 1
         try:
-            for row in self.rows.values():
-                table = row.table
-                if row.base_deleted:
-                    conn.execute(table.delete_row, row.pk)
-                if row.values:
-                    cols = tuple(sorted(row.values))
-                    conn.execute(
-                        table.upsert_sql(cols), row.pk + tuple(row.values[i] for i in cols)
-                    )
-                elif row.base_ensure:
-                    conn.execute(table.insert_pk_only, row.pk)
+            for sql, params in deletes.items():
+                conn.executemany(sql, params)
+            for sql, params in upserts.items():
+                conn.executemany(sql, params)
         finally:
             state.sync_bit = 0
         for clock, keys in clear_by_clock.items():
@@ -373,6 +417,7 @@ class Merger:
     def apply_all(self, changes: Iterable[tuple]) -> int:
         rows = self.rows
         for change in changes:
+            self.seen += 1
             self.apply(change)
             if len(rows) >= FLUSH_ROWS:
                 self.flush()
@@ -391,16 +436,17 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> i
     commits = state.commits
     try:
         with conn:
-            impacted = Merger(conn, state).apply_all(changes)
+            merger = Merger(conn, state)
+            impacted = merger.apply_all(changes)
             state.rows_impacted += impacted
     except BaseException:
         state.restore(snap)
         state.sync_bit = 0
         raise
-    if outermost and state.commits == commits:
-        # Nothing was written, so SQLite ran no commit hook; cr-sqlite's merge is a write to its
-        # virtual table, whose commit always runs the hook (db_version := pending, here -1, so
-        # it is reloaded from the clocks). Keep the same observable version.
+    if outermost and merger.seen and state.commits == commits:
+        # Nothing was written, so SQLite ran no commit hook; in cr-sqlite every merged change is
+        # a write to its virtual table, whose commit always runs the hook (db_version := pending,
+        # here -1, so it is reloaded from the clocks). Keep the same observable version.
         state.on_commit()
     return impacted
 
