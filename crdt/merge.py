@@ -156,6 +156,8 @@ class Merger:
             self.ordinal_sites[ordinal] = site
         self.impacted = 0
         self.seen = 0  # changes offered, winning or not
+        self.max_length = conn.limit(apsw.SQLITE_LIMIT_LENGTH, -1)
+        self.max_value_chars = self.max_length // 4  # below this, no str can be too long
         if state.pending == -1:
             # the inlined next_db_version in apply() relies on a loaded db_version
             state.fill_db_version_if_needed()
@@ -279,6 +281,14 @@ class Merger:
             return MergeError("cid is longer than 2048 bytes")
         return MergeError(f"table {table.info.name} has no column {cid!r} to merge into")
 
+    def _check_size(self, val: str | bytes) -> None:
+        size = len(val.encode("utf-8")) if isinstance(val, str) else len(val)
+        if size > self.max_length:
+            raise MergeError(
+                f"value of {size} bytes is larger than this database's limit of "
+                f"{self.max_length} bytes"
+            )
+
     def apply(self, change: Any) -> None:
         """Merge one change into the in-memory batch (hot path: keep it flat)."""
         try:
@@ -301,6 +311,8 @@ class Merger:
             or (site is not None and (type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES))
         ):
             raise self._invalid(change)
+        if (type(val) is str or type(val) is bytes) and len(val) > self.max_value_chars:
+            self._check_size(val)
 
         clocks = row.clocks
         sentinel = clocks.get(SENTINEL)
