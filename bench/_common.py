@@ -25,8 +25,17 @@ class Report:
 
     def metric(self, name: str, value: float, unit: str, baseline: str, **extra: Any) -> None:
         if self.as_json:
-            print(json.dumps({"metric": name, "value": round(value, 4), "unit": unit,
-                              "baseline": baseline, **extra}))
+            print(
+                json.dumps(
+                    {
+                        "metric": name,
+                        "value": round(value, 4),
+                        "unit": unit,
+                        "baseline": baseline,
+                        **extra,
+                    }
+                )
+            )
         else:
             details = "".join(f"  {k}={v}" for k, v in extra.items())
             print(f"{name:40s} {value:12.3f} {unit:10s} (vs {baseline}){details}")

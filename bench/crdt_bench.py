@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Report, parse_args  # noqa: E402
+import apsw
+from _common import Report, parse_args
 
-import apsw  # noqa: E402
-
-import crdt  # noqa: E402
+import crdt
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_SCRIPT = Path(__file__).resolve().parent / "crsqlite_ref.mjs"
@@ -164,24 +162,61 @@ def main() -> None:
     iu = insert_update(n, repeats)
     m = merges(rows, repeats)
     ref_note = (lambda k: {"crsqlite": round(ref[k], 2)}) if ref else (lambda k: {})
-    report.metric("crr_insert_ratio", iu["insert_ratio"], "x", "plain sqlite insert (apsw)",
-                  rows=n, us_per_row=round(iu["insert_us"], 2), **ref_note("insert_ratio"))
-    report.metric("crr_update_ratio", iu["update_ratio"], "x", "plain sqlite update (apsw)",
-                  rows=n, us_per_row=round(iu["update_us"], 2), **ref_note("update_ratio"))
-    report.metric("merge_changes_per_s", m["merge_fresh"], "changes/s",
-                  "cr-sqlite WASM (same run)" if ref else "none: node missing",
-                  changes=m["changes"], **ref_note("merge_fresh"))
-    report.metric("merge_into_existing_changes_per_s", m["merge_existing"], "changes/s",
-                  "cr-sqlite WASM (same run)" if ref else "none: node missing",
-                  changes=m["changes"], **ref_note("merge_existing"))
-    report.metric("changes_since_rows_per_s", m["changes_since"], "rows/s",
-                  "cr-sqlite WASM (same run)" if ref else "none: node missing",
-                  rows=m["changes"], **ref_note("changes_since"))
+    report.metric(
+        "crr_insert_ratio",
+        iu["insert_ratio"],
+        "x",
+        "plain sqlite insert (apsw)",
+        rows=n,
+        us_per_row=round(iu["insert_us"], 2),
+        **ref_note("insert_ratio"),
+    )
+    report.metric(
+        "crr_update_ratio",
+        iu["update_ratio"],
+        "x",
+        "plain sqlite update (apsw)",
+        rows=n,
+        us_per_row=round(iu["update_us"], 2),
+        **ref_note("update_ratio"),
+    )
+    report.metric(
+        "merge_changes_per_s",
+        m["merge_fresh"],
+        "changes/s",
+        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        changes=m["changes"],
+        **ref_note("merge_fresh"),
+    )
+    report.metric(
+        "merge_into_existing_changes_per_s",
+        m["merge_existing"],
+        "changes/s",
+        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        changes=m["changes"],
+        **ref_note("merge_existing"),
+    )
+    report.metric(
+        "changes_since_rows_per_s",
+        m["changes_since"],
+        "rows/s",
+        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        rows=m["changes"],
+        **ref_note("changes_since"),
+    )
     if ref:
-        report.metric("merge_vs_crsqlite", m["merge_fresh"] / ref["merge_fresh"], "x",
-                      "cr-sqlite WASM merge into a fresh replica")
-        report.metric("changes_since_vs_crsqlite", m["changes_since"] / ref["changes_since"], "x",
-                      "cr-sqlite WASM crsql_changes read")
+        report.metric(
+            "merge_vs_crsqlite",
+            m["merge_fresh"] / ref["merge_fresh"],
+            "x",
+            "cr-sqlite WASM merge into a fresh replica",
+        )
+        report.metric(
+            "changes_since_vs_crsqlite",
+            m["changes_since"] / ref["changes_since"],
+            "x",
+            "cr-sqlite WASM crsql_changes read",
+        )
 
 
 if __name__ == "__main__":

@@ -77,9 +77,7 @@ def table_select(info: TableInfo, where: str = "") -> str:
     )
 
 
-def _rows(
-    conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple
-) -> list[Change]:
+def _rows(conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple) -> list[Change]:
     npk = len(info.pks)
     name = info.name
     packed: dict[int, bytes] = {}

@@ -133,7 +133,9 @@ def config_set(conn: apsw.Connection, state: CrrState, name: str, value: Any) ->
 def config_get(conn: apsw.Connection, name: str) -> Any:
     if name not in CONFIG_KEYS:
         raise CrdtError(f"unknown config: {name}")
-    row = conn.execute("SELECT value FROM crsql_master WHERE key = ?", ("config." + name,)).fetchone()
+    row = conn.execute(
+        "SELECT value FROM crsql_master WHERE key = ?", ("config." + name,)
+    ).fetchone()
     return row[0] if row else None
 
 

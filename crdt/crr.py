@@ -34,7 +34,7 @@ def _clock_ddl(info: TableInfo) -> list[str]:
         "db_version INTEGER NOT NULL, site_id INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL, "
         "PRIMARY KEY (key, col_name)) WITHOUT ROWID, STRICT",
         f"CREATE INDEX IF NOT EXISTS {ident(info.name + '__crsql_clock_dbv_idx')} "
-        f"ON {info.clock} (\"db_version\")",
+        f'ON {info.clock} ("db_version")',
         f"CREATE TABLE IF NOT EXISTS {info.pks_table} (__crsql_key INTEGER PRIMARY KEY, {pk_cols})",
         f"CREATE UNIQUE INDEX IF NOT EXISTS {ident(info.name + '__crsql_pks_pks')} "
         f"ON {info.pks_table} ({pk_cols})",
@@ -82,7 +82,9 @@ def as_table(conn: apsw.Connection, table: str) -> str:
     return "OK"
 
 
-def backfill(conn: apsw.Connection, state: CrrState, info: TableInfo, *, commit_alter: bool) -> None:
+def backfill(
+    conn: apsw.Connection, state: CrrState, info: TableInfo, *, commit_alter: bool
+) -> None:
     """Give clocks to rows (and columns) that have none.
 
     Rows missing from the lookaside get a key and a clock for every non-pk column (a pk-only table:
@@ -102,9 +104,8 @@ def backfill(conn: apsw.Connection, state: CrrState, info: TableInfo, *, commit_
             version = state.current_db_version() if commit_alter else state.next_db_version()
         return version
 
-    select_key = (
-        f"SELECT __crsql_key FROM {info.pks_table} WHERE "
-        + " AND ".join(f"{ident(c)} = ?" for c in info.pk_names)
+    select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE " + " AND ".join(
+        f"{ident(c)} = ?" for c in info.pk_names
     )
     insert_key = (
         f"INSERT INTO {info.pks_table} ({pk_cols}) VALUES ({placeholders(len(info.pks))}) "
@@ -199,7 +200,9 @@ def compact(conn: apsw.Connection, info: TableInfo) -> None:
         f"DELETE FROM {info.clock} WHERE col_name NOT IN "
         f"(SELECT name FROM pragma_table_info({literal(info.name)}) UNION SELECT '{SENTINEL}')"
     )
-    on = " AND ".join(f"{info.quoted}.{ident(c)} = {info.pks_table}.{ident(c)}" for c in info.pk_names)
+    on = " AND ".join(
+        f"{info.quoted}.{ident(c)} = {info.pks_table}.{ident(c)}" for c in info.pk_names
+    )
     conn.execute(
         f"DELETE FROM {info.clock} WHERE (col_name != '{SENTINEL}' OR col_version % 2 != 0) "
         f"AND NOT EXISTS (SELECT 1 FROM {info.quoted} JOIN {info.pks_table} ON {on} "

@@ -53,17 +53,17 @@ class _Table:
     """Cached statements for one CRR table."""
 
     __slots__ = (
-        "info",
-        "select_key",
-        "insert_key",
-        "select_clocks",
-        "select_row",
-        "delete_row",
-        "insert_pk_only",
-        "upserts",
         "col_index",
-        "npk",
         "defaults",
+        "delete_row",
+        "info",
+        "insert_key",
+        "insert_pk_only",
+        "npk",
+        "select_clocks",
+        "select_key",
+        "select_row",
+        "upserts",
     )
 
     def __init__(self, info: TableInfo) -> None:
@@ -77,7 +77,8 @@ class _Table:
             "RETURNING __crsql_key"
         )
         self.select_clocks = (
-            f"SELECT col_name, col_version, db_version, site_id, seq FROM {info.clock} WHERE key = ?"
+            "SELECT col_name, col_version, db_version, site_id, seq "
+            f"FROM {info.clock} WHERE key = ?"
         )
         self.select_row = (
             f"SELECT {idents(info.non_pk_names)} FROM {info.quoted} WHERE {pk_where}"
@@ -110,16 +111,16 @@ class _Row:
     """In-memory state of one row touched by the batch."""
 
     __slots__ = (
-        "table",
-        "pk",
-        "key",
-        "clocks",
-        "dirty",
-        "cleared",
         "base_deleted",
         "base_ensure",
-        "values",
+        "cleared",
+        "clocks",
+        "dirty",
+        "key",
+        "pk",
         "stored",
+        "table",
+        "values",
     )
 
     def __init__(self, table: _Table, pk: tuple, key: int, clocks: dict[str, list]) -> None:
@@ -132,7 +133,7 @@ class _Row:
         self.base_deleted = False  # base row deleted in this batch (then maybe rebuilt)
         self.base_ensure = False  # base row must exist (resurrection)
         self.values: dict[int, Any] = {}  # column index -> value set by this batch
-        self.stored: tuple | None | bool = False  # base row as read from the db (False: unread)
+        self.stored: tuple | bool | None = False  # base row as read from the db (False: unread)
 
     def local_cl(self) -> int:
         s = self.clocks.get(SENTINEL)
@@ -227,9 +228,7 @@ class Merger:
         if row.stored is False:
             row.stored = self.conn.execute(table.select_row, row.pk).fetchone()
         if row.stored is None:
-            raise MergeError(
-                f"could not find row to merge with for table {table.info.name}"
-            )
+            raise MergeError(f"could not find row to merge with for table {table.info.name}")
         return row.stored[idx]
 
     def _default(self, table: _Table, idx: int) -> Any:
@@ -367,7 +366,9 @@ class Merger:
         merge-equal-values breaks the tie by site id."""
         cmp = compare_values(val, self._current_value(row, idx))
         if cmp == 0 and self.state.merge_equal_values:
-            local_site = self.state.site_id if local[_SITE] == 0 else self.ordinal_sites.get(local[_SITE])
+            local_site = (
+                self.state.site_id if local[_SITE] == 0 else self.ordinal_sites.get(local[_SITE])
+            )
             cmp = _compare_bytes(site or b"", local_site or b"")
         return cmp > 0
 
@@ -417,7 +418,9 @@ class Merger:
         finally:
             state.sync_bit = 0
         for clock, keys in clear_by_clock.items():
-            conn.executemany(f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys)
+            conn.executemany(
+                f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys
+            )
         for clock, rows in by_clock.items():
             conn.executemany(
                 f"INSERT OR REPLACE INTO {clock} "

@@ -39,7 +39,9 @@ def _int_width(v: int) -> int:
 def _pack_value(out: bytearray, v: Value) -> None:
     if v is None:
         out.append(_NULL)
-    elif isinstance(v, bool) or not isinstance(v, int | float | str | bytes | bytearray | memoryview):
+    elif isinstance(v, bool) or not isinstance(
+        v, int | float | str | bytes | bytearray | memoryview
+    ):
         raise PackError(f"cannot pack a value of type {type(v).__name__}")
     elif isinstance(v, int):
         if not -(1 << 63) <= v < (1 << 63):

@@ -9,8 +9,9 @@ cr-sqlite keeps this in the extension's per-connection data, and so do we. The r
 * ``next_db_version(merging)`` returns ``max(db_version + 1, pending, merging)`` and remembers it as
   ``pending``. Every local write of a transaction therefore shares one version; merges raise it to
   the incoming version (a Lamport clock), as a running maximum.
-* On commit, ``db_version = pending`` (``-1`` if nothing called it: reload lazily), ``pending = -1``,
-  ``seq = 0``, ``rows_impacted = 0``. On rollback, ``pending = -1`` and ``seq = 0``.
+* On commit, ``db_version = pending`` (``-1`` if nothing called it: reload lazily),
+  ``pending = -1``, ``seq = 0``, ``rows_impacted = 0``. On rollback, ``pending = -1`` and
+  ``seq = 0``.
 * ``seq`` numbers clock writes within a transaction: each local clock write takes the current value
   and increments it.
 """
@@ -25,18 +26,18 @@ from .tableinfo import CLOCK_SUFFIX, crr_tables
 
 class CrrState:
     __slots__ = (
-        "conn",
-        "site_id",
-        "db_version",
-        "pending",
-        "seq",
-        "rows_impacted",
-        "sync_bit",
-        "merge_equal_values",
-        "commits",
         "_data_version",
-        "_version_sql",
         "_version_schema",
+        "_version_sql",
+        "commits",
+        "conn",
+        "db_version",
+        "merge_equal_values",
+        "pending",
+        "rows_impacted",
+        "seq",
+        "site_id",
+        "sync_bit",
     )
 
     def __init__(self, conn: apsw.Connection, site_id: bytes) -> None:
@@ -72,7 +73,8 @@ class CrrState:
                 for t in crr_tables(self.conn)
             ]
             parts.append(
-                "SELECT CAST(value AS INTEGER) FROM crsql_master WHERE key = 'pre_compact_dbversion'"
+                "SELECT CAST(value AS INTEGER) FROM crsql_master "
+                "WHERE key = 'pre_compact_dbversion'"
             )
             self._version_sql = "SELECT max(v) FROM (" + " UNION ALL ".join(parts) + ")"
             self._version_schema = schema

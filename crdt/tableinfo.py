@@ -1,9 +1,9 @@
 """What the engine needs to know about a table: its primary-key and other columns, in cr-sqlite's
 order, and whether it may become a CRR.
 
-Primary-key columns are ordered by their position in ``PRIMARY KEY(...)`` (``pragma_table_info.pk``),
-other columns by declaration order (``cid``); the packed pk, the triggers and ``crsql_changes`` all
-use these orders.
+Primary-key columns are ordered by their position in ``PRIMARY KEY(...)``
+(``pragma_table_info.pk``), other columns by declaration order (``cid``); the packed pk, the
+triggers and ``crsql_changes`` all use these orders.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def table_exists(conn: apsw.Connection, table: str) -> bool:
 def read_table_info(conn: apsw.Connection, table: str) -> TableInfo:
     """Introspect ``table``; raises if it does not exist."""
     rows = conn.execute(
-        "SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(?) ORDER BY cid",
+        'SELECT cid, name, type, "notnull", dflt_value, pk FROM pragma_table_info(?) ORDER BY cid',
         (table,),
     ).fetchall()
     if not rows:
@@ -95,7 +95,7 @@ def check_compatible(conn: apsw.Connection, table: str) -> TableInfo:
             "column of a CRR must be declared NOT NULL"
         )
     for _seq, name, unique, origin, _partial in conn.execute(
-        f"SELECT seq, name, \"unique\", origin, partial FROM pragma_index_list({literal(table)})"
+        f'SELECT seq, name, "unique", origin, partial FROM pragma_index_list({literal(table)})'
     ):
         if unique and origin != "pk":
             raise IncompatibleTableError(
@@ -114,14 +114,16 @@ def check_compatible(conn: apsw.Connection, table: str) -> TableInfo:
     for c in info.non_pks:
         if c.notnull and c.default is None:
             raise IncompatibleTableError(
-                f"column {c.name!r} of table {table!r} is NOT NULL without a DEFAULT; merges create "
+                f"column {c.name!r} of table {table!r} is NOT NULL without a DEFAULT; "
+                "merges create "
                 "rows column by column, so it needs a default value"
             )
     return info
 
 
 def crr_tables(conn: apsw.Connection) -> list[str]:
-    """Names of the CRR tables, in sqlite_master order of their clock tables (as cr-sqlite reads)."""
+    """Names of the CRR tables, in sqlite_master order of their clock tables (as cr-sqlite
+    reads them)."""
     names = []
     for (name,) in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ? ESCAPE '\\'",

@@ -125,9 +125,11 @@ def _column_clock(info: TableInfo, col: str, where: str = "") -> list[str]:
 
 def _seq_by_position(info: TableInfo) -> tuple[str, str]:
     """SQL for 'this column's position among the non-pk columns', by name and as VALUES rows."""
-    pos = "CASE col_name " + " ".join(
-        f"WHEN {literal(c.name)} THEN {i}" for i, c in enumerate(info.non_pks)
-    ) + " END"
+    pos = (
+        "CASE col_name "
+        + " ".join(f"WHEN {literal(c.name)} THEN {i}" for i, c in enumerate(info.non_pks))
+        + " END"
+    )
     values = ", ".join(f"({literal(c.name)}, {i})" for i, c in enumerate(info.non_pks))
     return pos, values
 

@@ -70,7 +70,7 @@ class ChangesModule:
         self.conn = conn
         self.state = state
 
-    def Connect(self, connection, modulename, databasename, tablename, *args):  # noqa: N802
+    def Connect(self, connection, modulename, databasename, tablename, *args):
         return SCHEMA, ChangesTable(self.conn, self.state)
 
     Create = Connect
@@ -81,7 +81,7 @@ class ChangesTable:
         self.conn = conn
         self.state = state
 
-    def BestIndex(self, constraints, orderbys):  # noqa: N802
+    def BestIndex(self, constraints, orderbys):
         used: list[Any] = []
         plan: list[str] = []
         argv = 0
@@ -101,25 +101,29 @@ class ChangesTable:
         cost = 1000.0 if any(c[0] == 5 for c in constraints) else 1e6
         return (used, 0, ",".join(plan), False, cost)
 
-    def Open(self):  # noqa: N802
+    def Open(self):
         return ChangesCursor(self)
 
-    def Disconnect(self):  # noqa: N802
+    def Disconnect(self):
         pass
 
     Destroy = Disconnect
 
-    def UpdateInsertRow(self, rowid, fields):  # noqa: N802
+    def UpdateInsertRow(self, rowid, fields):
         if rowid is not None:
             raise CrdtError("crsql_changes rows have no settable rowid")
         merge_one_in_statement(self.conn, self.state, tuple(fields))
         return 0
 
-    def UpdateDeleteRow(self, rowid):  # noqa: N802
-        raise CrdtError("Only INSERT and SELECT statements are allowed against the crsql changes table")
+    def UpdateDeleteRow(self, rowid):
+        raise CrdtError(
+            "Only INSERT and SELECT statements are allowed against the crsql changes table"
+        )
 
-    def UpdateChangeRow(self, rowid, newrowid, fields):  # noqa: N802
-        raise CrdtError("Only INSERT and SELECT statements are allowed against the crsql changes table")
+    def UpdateChangeRow(self, rowid, newrowid, fields):
+        raise CrdtError(
+            "Only INSERT and SELECT statements are allowed against the crsql changes table"
+        )
 
 
 class ChangesCursor:
@@ -128,7 +132,7 @@ class ChangesCursor:
         self.rows: list[tuple] = []
         self.pos = 0
 
-    def Filter(self, indexnum, indexname, constraintargs):  # noqa: N802
+    def Filter(self, indexnum, indexname, constraintargs):
         conn = self.table.conn
         conds = []
         args = list(constraintargs)
@@ -152,21 +156,21 @@ class ChangesCursor:
         self.rows = conn.execute(sql, bindings * len(names)).fetchall()
         self.pos = 0
 
-    def Eof(self):  # noqa: N802
+    def Eof(self):
         return self.pos >= len(self.rows)
 
-    def Column(self, number):  # noqa: N802
+    def Column(self, number):
         if number == -1:
             return self.rows[self.pos][9]
         return self.rows[self.pos][number]
 
-    def Rowid(self):  # noqa: N802
+    def Rowid(self):
         return self.rows[self.pos][9]
 
-    def Next(self):  # noqa: N802
+    def Next(self):
         self.pos += 1
 
-    def Close(self):  # noqa: N802
+    def Close(self):
         self.rows = []
 
 

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oracle"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import oracle as oracle_mod  # noqa: E402
+import oracle as oracle_mod
 
 
 @pytest.fixture(scope="session")

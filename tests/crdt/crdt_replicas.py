@@ -81,15 +81,11 @@ def snapshot(side: Side, i: int, tables: list[str]) -> dict:
     changes = sorted(
         (
             (t, pk, cid, _norm(val), cv, dbv, side.site_index(site), cl, seq)
-            for t, pk, cid, val, cv, dbv, site, cl, seq in db.execute(
-                "SELECT * FROM crsql_changes"
-            )
+            for t, pk, cid, val, cv, dbv, site, cl, seq in db.execute("SELECT * FROM crsql_changes")
         ),
         key=lambda r: (r[0], r[1], r[2]),
     )
-    base = {
-        t: db.execute(f"SELECT * FROM {t} ORDER BY {', '.join(PKS[t])}") for t in tables
-    }
+    base = {t: db.execute(f"SELECT * FROM {t} ORDER BY {', '.join(PKS[t])}") for t in tables}
     base = {t: [tuple(_norm(v) for v in row) for row in rows] for t, rows in base.items()}
     return {
         "changes": changes,

@@ -28,17 +28,24 @@ def clocks(conn, table="t"):
 def test_surface_tables_and_functions():
     conn = db()
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"crsql_master", "crsql_site_id", "crsql_tracked_peers", "t__crsql_clock",
-            "t__crsql_pks"} <= names
+    assert {
+        "crsql_master",
+        "crsql_site_id",
+        "crsql_tracked_peers",
+        "t__crsql_clock",
+        "t__crsql_pks",
+    } <= names
     cols = [r[1] for r in conn.execute("PRAGMA table_info(t__crsql_clock)")]
     assert cols == ["key", "col_name", "col_version", "db_version", "site_id", "seq"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(t__crsql_pks)")] == ["__crsql_key", "a"]
     site = conn.execute("SELECT crsql_site_id()").fetchone()[0]
     assert len(site) == 16 and site[6] >> 4 == 4  # UUIDv4 bits
-    assert conn.execute("SELECT crsql_db_version(), crsql_get_seq(), crsql_rows_impacted()"
-                        ).fetchone() == (0, 0, 0)
-    assert conn.execute("SELECT value FROM crsql_master WHERE key = 'crsqlite_version'"
-                        ).fetchone() == (160300,)
+    assert conn.execute(
+        "SELECT crsql_db_version(), crsql_get_seq(), crsql_rows_impacted()"
+    ).fetchone() == (0, 0, 0)
+    assert conn.execute(
+        "SELECT value FROM crsql_master WHERE key = 'crsqlite_version'"
+    ).fetchone() == (160300,)
     assert conn.execute("SELECT crsql_as_crr('t')").fetchone() == ("OK",)  # idempotent
 
 
@@ -173,7 +180,9 @@ def test_as_table_downgrades():
     conn.execute("SELECT crsql_as_table('t')")
     conn.execute("INSERT INTO t VALUES (2, 1, 1)")
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert "t__crsql_clock" not in names and conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+    assert "t__crsql_clock" not in names and conn.execute("SELECT count(*) FROM t").fetchone() == (
+        2,
+    )
 
 
 def test_alter_add_column_keeps_versions():
@@ -185,8 +194,9 @@ def test_alter_add_column_keeps_versions():
     assert [r[1] for r in clocks(conn)] == ["b", "c"]  # nothing backfilled for a default column
     conn.execute("UPDATE t SET d = 'q'")
     assert clocks(conn)[-1][:4] == (1, "d", 1, 2)
-    assert conn.execute("SELECT value FROM crsql_master WHERE key = 'pre_compact_dbversion'"
-                        ).fetchone() == (1,)
+    assert conn.execute(
+        "SELECT value FROM crsql_master WHERE key = 'pre_compact_dbversion'"
+    ).fetchone() == (1,)
 
 
 def test_changes_vtab_refuses_update_and_delete():

@@ -34,7 +34,10 @@ def test_larger_causal_length_wins_everything():
     c2.execute("UPDATE t SET b = 4")  # cl 1, b col_version 3
     sync(c1, c2)
     assert rows(c2) == [(1, 1, 1)]
-    assert c2.execute("SELECT col_version, cl FROM crsql_changes WHERE cid = 'b'").fetchone() == (1, 3)
+    assert c2.execute("SELECT col_version, cl FROM crsql_changes WHERE cid = 'b'").fetchone() == (
+        1,
+        3,
+    )
 
 
 def test_col_version_then_value_then_keep_local():
@@ -90,8 +93,9 @@ def test_merged_versions_are_a_running_maximum():
     site = b"\x01" * 16
     from crdt import pack_pk
 
-    changes = [Change("t", pack_pk([i]), "b", i, 1, v, site, 1, 0) for i, v in
-               enumerate([50, 20, 70])]
+    changes = [
+        Change("t", pack_pk([i]), "b", i, 1, v, site, 1, 0) for i, v in enumerate([50, 20, 70])
+    ]
     crdt.merge(c, changes)
     got = [r[0] for r in c.execute("SELECT db_version FROM crsql_changes ORDER BY pk")]
     assert got == [50, 50, 70]
@@ -116,8 +120,10 @@ def test_vtab_insert_merges():
         c2.execute("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", ch)
     assert rows(c2) == [(1, "x", 2)]
     c2.execute("BEGIN")
-    c2.execute("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               ("t", crdt.pack_pk([2]), "b", 1, 1, 1, b"\x03" * 16, 1, 0))
+    c2.execute(
+        "INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ("t", crdt.pack_pk([2]), "b", 1, 1, 1, b"\x03" * 16, 1, 0),
+    )
     assert c2.execute("SELECT crsql_rows_impacted()").fetchone() == (1,)
     c2.execute("COMMIT")
     assert c2.execute("SELECT crsql_rows_impacted()").fetchone() == (0,)

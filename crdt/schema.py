@@ -1,0 +1,439 @@
+"""Schema management: apply a schema (``CREATE TABLE`` / ``CREATE INDEX`` statements) as a diff
+against the live database, the way corrosion does with its schema files.
+
+Rules:
+
+* The schema text may contain only ``CREATE TABLE``, ``CREATE INDEX`` and ``DROP INDEX IF EXISTS``;
+  anything else (temp tables, ``CREATE TABLE ... AS SELECT``, DML) is refused before anything is
+  touched. The whole schema is first built in a scratch in-memory database and checked there.
+* CRR constraints are enforced with errors that name the table and column: a NOT NULL primary key,
+  no UNIQUE index besides it, no foreign keys, a DEFAULT for every NOT NULL non-pk column.
+* New tables are created and become CRRs. Existing plain tables named in the schema are adopted.
+* New columns are added through the alter path *without* backfilling clocks: every node applies
+  the same schema, so the new column's default is already the same everywhere, and stamping every
+  row would only send a fleet-wide storm of identical changes. A row's clock for the column
+  appears when the column is first written.
+* Indexes are created, dropped, or recreated when their definition changed.
+* Dropping a table or a column, changing a column's definition or the primary key are refused
+  unless ``allow_destructive=True``; then the table is rebuilt inside the alter path (clocks of
+  dropped columns are compacted; a primary-key change re-creates the clocks).
+* Applying the same schema twice changes nothing. Everything runs in one savepoint: on any error
+  the database is left as it was.
+
+Tables whose names start with ``sqlite_``, ``crsql_``, ``__corro_`` or contain ``__crsql_`` are
+internal and never diffed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import apsw
+
+from . import crr
+from .connection import state_of
+from .errors import SchemaError
+from .sqlutil import ident, idents
+from .tableinfo import IncompatibleTableError, check_compatible, is_crr
+
+_ALLOWED = re.compile(
+    r"^\s*(CREATE\s+(UNIQUE\s+)?INDEX\b|CREATE\s+TABLE\b|DROP\s+INDEX\s+IF\s+EXISTS\b)", re.I
+)
+_TEMP = re.compile(r"^\s*CREATE\s+(TEMP|TEMPORARY)\b", re.I)
+_AS_SELECT = re.compile(r"^\s*CREATE\s+TABLE\b[^(]*\bAS\s+SELECT\b", re.I | re.S)
+_IF_NOT_EXISTS = re.compile(r"\s+IF\s+NOT\s+EXISTS\s+", re.I)
+_OPTIONS = re.compile(
+    r"\)\s*((?:WITHOUT\s+ROWID|STRICT)(?:\s*,\s*(?:WITHOUT\s+ROWID|STRICT))*)\s*$", re.I
+)
+
+
+def is_internal(name: str) -> bool:
+    low = name.lower()
+    return low.startswith(("sqlite_", "crsql_", "__corro_")) or "__crsql_" in low
+
+
+@dataclass(frozen=True)
+class ColumnDef:
+    name: str
+    decl_type: str
+    notnull: bool
+    default: str | None
+    pk: int
+    hidden: int  # generated columns are hidden 2 or 3
+
+    def same_definition(self, other: ColumnDef) -> bool:
+        return (
+            self.decl_type.upper() == other.decl_type.upper()
+            and self.notnull == other.notnull
+            and self.default == other.default
+            and self.pk == other.pk
+            and self.hidden == other.hidden
+        )
+
+
+@dataclass
+class TableDef:
+    name: str
+    sql: str
+    columns: dict[str, ColumnDef]
+    options: str  # normalized "WITHOUT ROWID, STRICT" suffix, or ""
+    indexes: dict[str, str] = field(default_factory=dict)  # name -> normalized CREATE INDEX
+
+    @property
+    def pk(self) -> tuple[str, ...]:
+        cols = sorted((c for c in self.columns.values() if c.pk), key=lambda c: c.pk)
+        return tuple(c.name for c in cols)
+
+
+def _normalize(sql: str) -> str:
+    return " ".join(_IF_NOT_EXISTS.sub(" ", sql).split())
+
+
+def _table_options(sql: str) -> str:
+    m = _OPTIONS.search(sql.strip().rstrip(";"))
+    if not m:
+        return ""
+    parts = [" ".join(p.split()).upper() for p in m.group(1).split(",")]
+    return ", ".join(sorted(parts))
+
+
+def introspect(conn: apsw.Connection) -> dict[str, TableDef]:
+    """The user tables and their indexes (internal tables excluded)."""
+    tables: dict[str, TableDef] = {}
+    for name, sql in conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY rowid"
+    ).fetchall():
+        if is_internal(name) or sql is None:
+            continue
+        cols = {}
+        for _cid, cname, ctype, notnull, dflt, pk, hidden in conn.execute(
+            'SELECT cid, name, type, "notnull", dflt_value, pk, hidden FROM pragma_table_xinfo(?)',
+            (name,),
+        ):
+            cols[cname] = ColumnDef(cname, ctype or "", bool(notnull), dflt, pk, hidden)
+        tables[name] = TableDef(name, sql, cols, _table_options(sql))
+    for name, tbl, sql in conn.execute(
+        "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+    ).fetchall():
+        if tbl in tables and not is_internal(name):
+            tables[tbl].indexes[name] = _normalize(sql)
+    return tables
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split SQL text on semicolons outside quotes and comments; empty statements are dropped."""
+    out: list[str] = []
+    buf: list[str] = []
+    i, n = 0, len(sql)
+    closers = {"'": "'", '"': '"', "`": "`", "[": "]"}
+    while i < n:
+        ch = sql[i]
+        if ch in closers:
+            end = sql.find(closers[ch], i + 1)
+            while end != -1 and ch != "[" and end + 1 < n and sql[end + 1] == ch:
+                end = sql.find(closers[ch], end + 2)  # doubled quote
+            end = n - 1 if end == -1 else end
+            buf.append(sql[i : end + 1])
+            i = end + 1
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end == -1 else end + 1
+            buf.append(" ")
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = n if end == -1 else end + 2
+            buf.append(" ")
+        elif ch == ";":
+            out.append("".join(buf).strip())
+            buf = []
+            i += 1
+        else:
+            buf.append(ch)
+            i += 1
+    out.append("".join(buf).strip())
+    return [stmt for stmt in out if stmt]
+
+
+def _check_statement(text: str) -> None:
+    if _TEMP.match(text):
+        raise SchemaError(f"temporary tables are not part of a schema: {text[:80]}")
+    if _AS_SELECT.match(text):
+        raise SchemaError(f"CREATE TABLE ... AS SELECT is not allowed in a schema: {text[:80]}")
+    if not _ALLOWED.match(text):
+        raise SchemaError(
+            "a schema may only contain CREATE TABLE, CREATE INDEX and DROP INDEX IF EXISTS, "
+            f"not: {text[:80]}"
+        )
+
+
+def parse_schema(sql: str) -> dict[str, TableDef]:
+    """Build ``sql`` in a scratch database and describe it; refuse anything but table and index
+    definitions."""
+    statements = split_statements(sql)
+    for text in statements:
+        _check_statement(text)
+    scratch = apsw.Connection(":memory:")
+    try:
+        for text in statements:
+            try:
+                scratch.execute(text)
+            except apsw.Error as exc:
+                raise SchemaError(f"invalid schema statement ({exc}): {text[:80]}") from None
+        return introspect(scratch)
+    finally:
+        scratch.close()
+
+
+def check_crr_constraints(desired: dict[str, TableDef], sql: str) -> None:
+    scratch = apsw.Connection(":memory:")
+    try:
+        for text in split_statements(sql):
+            scratch.execute(text)
+        for name in desired:
+            try:
+                check_compatible(scratch, name)
+            except IncompatibleTableError as exc:
+                raise SchemaError(str(exc)) from None
+    finally:
+        scratch.close()
+
+
+def load_schema_paths(paths: list[str | Path]) -> str:
+    """Concatenate schema files: each path is a ``.sql`` file or a directory of them (sorted)."""
+    parts = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix == ".sql" and f.is_file())
+        elif p.is_file():
+            files = [p]
+        else:
+            raise SchemaError(f"schema path {str(p)!r} does not exist")
+        for f in files:
+            parts.append(f.read_text())
+    return "\n;\n".join(parts)
+
+
+def apply_schema(
+    conn: apsw.Connection,
+    sql: str,
+    *,
+    allow_destructive: bool = False,
+    as_crr: bool = True,
+) -> list[str]:
+    """Make the live database match ``sql``; return a description of each change made (empty
+    when the database already matched). With ``as_crr=False`` tables stay plain tables (for a
+    node-local database, e.g. the orchestrator's step log)."""
+    desired = parse_schema(sql)
+    if as_crr:
+        check_crr_constraints(desired, sql)
+    with conn:
+        live = introspect(conn)
+        plan = _Plan(conn, desired, live, allow_destructive, as_crr)
+        plan.check()
+        plan.run()
+    return plan.done
+
+
+class _Plan:
+    def __init__(
+        self,
+        conn: apsw.Connection,
+        desired: dict[str, TableDef],
+        live: dict[str, TableDef],
+        allow_destructive: bool,
+        as_crr: bool,
+    ) -> None:
+        self.conn = conn
+        self.desired = desired
+        self.live = live
+        self.destructive = allow_destructive
+        self.as_crr = as_crr
+        self.done: list[str] = []
+
+    def _refuse(self, what: str) -> None:
+        if not self.destructive:
+            raise SchemaError(
+                f"{what}; this loses data, so it is refused unless applied with "
+                "allow_destructive=True (CLI: --allow-destructive)"
+            )
+
+    def check(self) -> None:
+        """Refuse destructive changes before anything is touched."""
+        for name in self.live:
+            if name not in self.desired:
+                self._refuse(f"table {name!r} is missing from the schema and would be dropped")
+        for name, want in self.desired.items():
+            have = self.live.get(name)
+            if have is None:
+                continue
+            if have.pk != want.pk:
+                self._refuse(f"the primary key of table {name!r} would change")
+            for col in have.columns:
+                if col not in want.columns:
+                    self._refuse(f"column {col!r} of table {name!r} would be dropped")
+            for col, cdef in want.columns.items():
+                old = have.columns.get(col)
+                if old is not None and not old.same_definition(cdef):
+                    self._refuse(f"column {col!r} of table {name!r} would change definition")
+            if have.options != want.options:
+                self._refuse(f"the options of table {name!r} would change ({want.options!r})")
+            for col, cdef in want.columns.items():
+                if col not in have.columns and cdef.pk:
+                    self._refuse(f"column {col!r} of table {name!r} would join the primary key")
+
+    def run(self) -> None:
+        conn = self.conn
+        for name in list(self.live):
+            if name not in self.desired:
+                self._drop_table(name)
+        for name, want in self.desired.items():
+            have = self.live.get(name)
+            if have is None:
+                conn.execute(want.sql)
+                self.done.append(f"created table {name}")
+                if self.as_crr:
+                    crr.as_crr(conn, state_of(conn), name)
+                have = TableDef(name, want.sql, dict(want.columns), want.options)
+            elif self._needs_rebuild(have, want):
+                self._rebuild(have, want)
+                have = TableDef(name, want.sql, dict(want.columns), want.options)
+            else:
+                added = [c for c in want.columns if c not in have.columns]
+                if added:
+                    self._add_columns(name, want, added)
+                if self.as_crr and not is_crr(conn, name):
+                    crr.as_crr(conn, state_of(conn), name)
+                    self.done.append(f"made table {name} a CRR")
+            self._sync_indexes(name, have.indexes, want.indexes)
+
+    @staticmethod
+    def _needs_rebuild(have: TableDef, want: TableDef) -> bool:
+        if have.pk != want.pk or have.options != want.options:
+            return True
+        for col, cdef in have.columns.items():
+            other = want.columns.get(col)
+            if other is None or not other.same_definition(cdef):
+                return True
+        return any(
+            cdef.pk or cdef.hidden for c, cdef in want.columns.items() if c not in have.columns
+        )
+
+    def _drop_table(self, name: str) -> None:
+        if is_crr(self.conn, name) or crr_tables_has(self.conn, name):
+            crr.as_table(self.conn, name)
+        self.conn.execute(f"DROP TABLE {ident(name)}")
+        self.done.append(f"dropped table {name}")
+
+    def _add_columns(self, name: str, want: TableDef, added: list[str]) -> None:
+        """begin_alter / ADD COLUMN / a fast commit_alter: triggers are rebuilt for the new
+        column list, the version is pinned, and no clocks are written."""
+        conn = self.conn
+        tracked = is_crr(conn, name)
+        if tracked:
+            crr.drop_triggers(conn, name)
+        for col in added:
+            conn.execute(f"ALTER TABLE {ident(name)} ADD COLUMN {_column_sql(want, col)}")
+            self.done.append(f"added column {name}.{col}")
+        if tracked:
+            state = state_of(conn)
+            state.fill_db_version_if_needed()
+            conn.execute(
+                "INSERT OR REPLACE INTO crsql_master (key, value) "
+                "VALUES ('pre_compact_dbversion', ?)",
+                (state.db_version,),
+            )
+            crr.create_triggers(conn, check_compatible(conn, name))
+            state.invalidate_db_version()
+
+    def _rebuild(self, have: TableDef, want: TableDef) -> None:
+        """Destructive change: copy the rows into a table built from the new definition, inside
+        the alter path so clocks are compacted (dropped columns) or re-created (new pk)."""
+        conn = self.conn
+        name = have.name
+        tracked = is_crr(conn, name)
+        if tracked:
+            crr.begin_alter(conn, name)
+        try:
+            temp = f"{name}__corro_rebuild"
+            create = _rename_create(want.sql, name, temp)
+            conn.execute(create)
+            common = [c for c in want.columns if c in have.columns and not want.columns[c].hidden]
+            if common:
+                conn.execute(
+                    f"INSERT INTO {ident(temp)} ({idents(common)}) "
+                    f"SELECT {idents(common)} FROM {ident(name)}"
+                )
+            conn.execute(f"DROP TABLE {ident(name)}")
+            conn.execute(f"ALTER TABLE {ident(temp)} RENAME TO {ident(name)}")
+        except BaseException:
+            if tracked:
+                conn.execute("ROLLBACK TO alter_crr")
+                conn.execute("RELEASE alter_crr")
+            raise
+        if tracked:
+            crr.commit_alter(conn, state_of(conn), name)
+        elif self.as_crr:
+            crr.as_crr(conn, state_of(conn), name)
+        have.indexes = {}
+        self.done.append(f"rebuilt table {name}")
+
+    def _sync_indexes(self, table: str, have: dict[str, str], want: dict[str, str]) -> None:
+        conn = self.conn
+        for name, sql in have.items():
+            if want.get(name) != sql:
+                conn.execute(f"DROP INDEX IF EXISTS {ident(name)}")
+                if name not in want:
+                    self.done.append(f"dropped index {name}")
+        for name, sql in want.items():
+            if have.get(name) != sql:
+                conn.execute(sql)
+                self.done.append(f"{'recreated' if name in have else 'created'} index {name}")
+
+
+def crr_tables_has(conn: apsw.Connection, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (name + "__crsql_clock",),
+        ).fetchone()
+        is not None
+    )
+
+
+def _column_sql(table: TableDef, col: str) -> str:
+    """The column's definition as written in the table's CREATE statement (for ADD COLUMN)."""
+    scratch = apsw.Connection(":memory:")
+    try:
+        scratch.execute(table.sql)
+        # Re-derive from the parsed table: name, type, NOT NULL, DEFAULT (ADD COLUMN accepts these).
+        for _cid, name, ctype, notnull, dflt, _pk in scratch.execute(
+            'SELECT cid, name, type, "notnull", dflt_value, pk FROM pragma_table_info(?)',
+            (table.name,),
+        ):
+            if name == col:
+                parts = [ident(name)]
+                if ctype:
+                    parts.append(ctype)
+                if notnull:
+                    parts.append("NOT NULL")
+                if dflt is not None:
+                    parts.append(f"DEFAULT {dflt}")
+                return " ".join(parts)
+    finally:
+        scratch.close()
+    raise SchemaError(f"column {col!r} not found in table {table.name!r}")
+
+
+def _rename_create(sql: str, old: str, new: str) -> str:
+    """The CREATE TABLE statement with the table renamed (via a scratch ALTER TABLE RENAME)."""
+    scratch = apsw.Connection(":memory:")
+    try:
+        scratch.execute(sql)
+        scratch.execute(f"ALTER TABLE {ident(old)} RENAME TO {ident(new)}")
+        return scratch.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (new,)
+        ).fetchone()[0]
+    finally:
+        scratch.close()

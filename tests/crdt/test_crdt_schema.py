@@ -1,0 +1,204 @@
+"""Schema management: diffs applied in one transaction, CRR constraints, destructive changes."""
+
+from __future__ import annotations
+
+import pytest
+
+import crdt
+from crdt import SchemaError
+from crdt.schema import apply_schema, load_schema_paths
+
+BASE = """
+CREATE TABLE IF NOT EXISTS machines (
+    id TEXT NOT NULL PRIMARY KEY,
+    app TEXT NOT NULL DEFAULT '',
+    state TEXT
+);
+CREATE INDEX IF NOT EXISTS machines_app ON machines (app);
+"""
+
+
+def dump(conn):
+    return (
+        conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall(),
+        conn.execute("SELECT * FROM crsql_changes").fetchall(),
+    )
+
+
+def test_create_then_idempotent():
+    conn = crdt.connect()
+    assert apply_schema(conn, BASE) == ["created table machines", "created index machines_app"]
+    conn.execute("INSERT INTO machines (id, app) VALUES ('m1', 'web')")
+    before = dump(conn)
+    assert apply_schema(conn, BASE) == []
+    assert apply_schema(conn, " ".join(BASE.split())) == []  # reformatting is no change
+    assert dump(conn) == before
+    assert conn.execute("SELECT count(*) FROM crsql_changes").fetchone() == (2,)
+
+
+def test_add_column_writes_no_clocks():
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    with conn:
+        conn.executemany(
+            "INSERT INTO machines (id, app) VALUES (?, 'a')", [(f"m{i}",) for i in range(5000)]
+        )
+    clocks_before = conn.execute(
+        "SELECT count(*), max(db_version) FROM machines__crsql_clock"
+    ).fetchone()
+    version = crdt.db_version(conn)
+    changed = apply_schema(conn, BASE.replace("state TEXT", "state TEXT, region TEXT DEFAULT 'x'"))
+    assert changed == ["added column machines.region"]
+    assert (
+        conn.execute("SELECT count(*), max(db_version) FROM machines__crsql_clock").fetchone()
+        == clocks_before
+    )
+    assert crdt.db_version(conn) == version
+    conn.execute("UPDATE machines SET region = 'y' WHERE id = 'm1'")
+    assert conn.execute(
+        "SELECT col_version, db_version FROM crsql_changes WHERE cid = 'region'"
+    ).fetchall() == [(1, version + 1)]
+
+
+def test_added_column_replicates_between_nodes():
+    a, b = crdt.connect(), crdt.connect()
+    new = BASE.replace("state TEXT", "state TEXT, region TEXT")
+    for conn in (a, b):
+        apply_schema(conn, BASE)
+    a.execute("INSERT INTO machines (id, app, state) VALUES ('m1', 'web', 'started')")
+    crdt.merge(b, crdt.changes_since(a, 0))
+    for conn in (a, b):
+        apply_schema(conn, new)
+    a.execute("UPDATE machines SET region = 'ams'")
+    crdt.merge(b, crdt.changes_since(a, 0))
+    assert b.execute("SELECT * FROM machines").fetchall() == [("m1", "web", "started", "ams")]
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ("CREATE TABLE t (a INTEGER PRIMARY KEY, b)", "primary key is nullable"),
+        ("CREATE TABLE t (a, b)", "no primary key"),
+        ("CREATE TABLE t (a TEXT NOT NULL PRIMARY KEY, b NOT NULL)", "needs a default"),
+        (
+            "CREATE TABLE t (a TEXT NOT NULL PRIMARY KEY, b); CREATE UNIQUE INDEX u ON t (b)",
+            "unique index",
+        ),
+        (
+            "CREATE TABLE p (a TEXT NOT NULL PRIMARY KEY);"
+            "CREATE TABLE t (a TEXT NOT NULL PRIMARY KEY, b REFERENCES p (a))",
+            "foreign key",
+        ),
+        (
+            "CREATE TABLE t (a TEXT NOT NULL PRIMARY KEY); INSERT INTO t VALUES ('x')",
+            "may only contain",
+        ),
+        ("CREATE TEMP TABLE t (a TEXT NOT NULL PRIMARY KEY)", "temporary"),
+        ("CREATE TABLE t AS SELECT 1 AS a", "AS SELECT"),
+        ("CREATE TABLE t (a TEXT NOT NULL PRIMARY KEY", "invalid schema statement"),
+    ],
+)
+def test_invalid_schemas_are_refused_and_change_nothing(schema, message):
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    before = dump(conn)
+    with pytest.raises(SchemaError, match=message):
+        apply_schema(conn, BASE + ";" + schema)
+    assert dump(conn) == before
+
+
+@pytest.mark.parametrize(
+    ("new_schema", "message"),
+    [
+        ("", "missing from the schema and would be dropped"),
+        (
+            BASE.replace(",\n    state TEXT", ""),
+            "column 'state' of table 'machines' would be dropped",
+        ),
+        (BASE.replace("state TEXT", "state INTEGER"), "would change definition"),
+        (
+            BASE.replace("id TEXT NOT NULL PRIMARY KEY", "id TEXT NOT NULL").replace(
+                "state TEXT", "state TEXT, PRIMARY KEY (id, app)"
+            ),
+            "primary key",
+        ),
+    ],
+)
+def test_destructive_changes_need_the_flag(new_schema, message):
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    conn.execute("INSERT INTO machines VALUES ('m1', 'web', 'started')")
+    before = dump(conn)
+    with pytest.raises(SchemaError, match=message):
+        apply_schema(conn, new_schema or "CREATE TABLE other (k TEXT NOT NULL PRIMARY KEY)")
+    assert dump(conn) == before
+    apply_schema(
+        conn,
+        new_schema or "CREATE TABLE other (k TEXT NOT NULL PRIMARY KEY)",
+        allow_destructive=True,
+    )
+    assert (
+        apply_schema(conn, new_schema or "CREATE TABLE other (k TEXT NOT NULL PRIMARY KEY)") == []
+    )
+
+
+def test_destructive_drop_column_keeps_rows_and_compacts_clocks():
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    conn.execute("INSERT INTO machines VALUES ('m1', 'web', 'started')")
+    apply_schema(conn, BASE.replace(",\n    state TEXT", ""), allow_destructive=True)
+    assert conn.execute("SELECT * FROM machines").fetchall() == [("m1", "web")]
+    assert [r[0] for r in conn.execute("SELECT cid FROM crsql_changes")] == ["app"]
+    conn.execute("UPDATE machines SET app = 'api'")  # triggers work after the rebuild
+    assert conn.execute("SELECT count(*) FROM crsql_changes WHERE val = 'api'").fetchone() == (1,)
+
+
+def test_pk_change_recreates_clocks():
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    conn.execute("INSERT INTO machines VALUES ('m1', 'web', 'started')")
+    new = BASE.replace("id TEXT NOT NULL PRIMARY KEY", "id TEXT NOT NULL").replace(
+        "state TEXT", "state TEXT, PRIMARY KEY (app, id)"
+    )
+    apply_schema(conn, new, allow_destructive=True)
+    pks = {crdt.unpack_pk(r[0]) for r in conn.execute("SELECT pk FROM crsql_changes")}
+    assert pks == {("web", "m1")}
+
+
+def test_indexes_added_changed_dropped():
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    changed = BASE.replace("ON machines (app)", "ON machines (app, state)")
+    assert apply_schema(conn, changed) == ["recreated index machines_app"]
+    extra = changed + "CREATE INDEX machines_state ON machines (state);"
+    assert apply_schema(conn, extra) == ["created index machines_state"]
+    assert apply_schema(conn, changed) == ["dropped index machines_state"]
+
+
+def test_plain_tables_mode_and_adoption(tmp_path):
+    conn = crdt.connect()
+    steps = "CREATE TABLE steps (run INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (run, n))"
+    apply_schema(conn, steps, as_crr=False)
+    assert not conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'steps__crsql_clock'"
+    ).fetchone()
+    conn.execute("INSERT INTO steps VALUES (1, 1)")
+    assert apply_schema(conn, steps) == ["made table steps a CRR"]  # adopted, row backfilled
+    assert conn.execute("SELECT count(*) FROM crsql_changes").fetchone() == (1,)
+
+
+def test_schema_paths(tmp_path):
+    (tmp_path / "b.sql").write_text("CREATE TABLE b (k TEXT NOT NULL PRIMARY KEY);")
+    (tmp_path / "a.sql").write_text("CREATE TABLE a (k TEXT NOT NULL PRIMARY KEY);")
+    (tmp_path / "notes.txt").write_text("ignored")
+    conn = crdt.connect()
+    apply_schema(conn, load_schema_paths([tmp_path]))
+    names = [
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('a', 'b')"
+        )
+    ]
+    assert sorted(names) == ["a", "b"]
+    with pytest.raises(SchemaError, match="does not exist"):
+        load_schema_paths([tmp_path / "missing"])
