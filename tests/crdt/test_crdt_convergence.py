@@ -4,6 +4,7 @@ values (test_upstream_pk_change_hole shows it against the real extension) and we
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
