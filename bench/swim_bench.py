@@ -207,9 +207,9 @@ class Proc:
 
     def close(self) -> None:
         if self.alive:
-            self.alive = False
             with contextlib.suppress(BrokenPipeError, ValueError):
                 self.send("quit")
+            self.alive = False
             try:
                 self.p.wait(timeout=5)
             except subprocess.TimeoutExpired:
