@@ -4,8 +4,8 @@ Infection-style dissemination (SWIM section 4.1): every outgoing packet is toppe
 updates until it is full. Each update may ride on at most ``limit`` packets, where the limit is
 ``retransmit_mult * ceil(log10(n + 1))`` for the *current* cluster size (so a shrinking cluster
 may retire an update early; it is never sent once its count reaches the limit). The queue prefers
-updates sent the fewest times, newest first among equals, so fresh news goes out before news
-most members already heard.
+updates sent the fewest times (among equals, the one that reached that count last: for unsent
+updates, the newest), so fresh news goes out before news most members already heard.
 
 Updates are keyed: a membership update is keyed by the member's address, so a newer update about
 a member replaces the older one (and starts again at zero sends); a user broadcast by its origin
@@ -32,29 +32,23 @@ class PendingUpdate:
 
 
 class _Item:
-    __slots__ = ("key", "part", "seq", "transmits")
+    __slots__ = ("key", "part", "transmits")
 
-    def __init__(self, key: Hashable, part: bytes, seq: int) -> None:
+    def __init__(self, key: Hashable, part: bytes) -> None:
         self.key = key
         self.part = part
-        self.seq = seq
         self.transmits = 0
-
-
-def _newest_first(bucket: dict[Hashable, _Item]) -> list[_Item]:
-    return sorted(bucket.values(), key=lambda i: -i.seq)
 
 
 class BroadcastQueue:
     """Keyed updates bucketed by send count; ``fill`` picks what fits into a packet."""
 
-    __slots__ = ("_buckets", "_items", "_seq", "sent_total")
+    __slots__ = ("_buckets", "_items", "sent_total")
 
     def __init__(self) -> None:
         self._items: dict[Hashable, _Item] = {}
-        # transmits -> items with that count (any order; ``seq`` orders them).
+        # transmits -> items with that count, in the order they reached it.
         self._buckets: dict[int, dict[Hashable, _Item]] = {}
-        self._seq = 0
         self.sent_total = 0  # parts handed out, for instrumentation
 
     def __len__(self) -> int:
@@ -70,8 +64,7 @@ class BroadcastQueue:
     def push(self, key: Hashable, part: bytes) -> None:
         """Queue ``part`` under ``key``, replacing (and resetting) any older update with it."""
         self.discard(key)
-        self._seq += 1
-        item = _Item(key, part, self._seq)
+        item = _Item(key, part)
         self._items[key] = item
         self._buckets.setdefault(0, {})[key] = item
 
@@ -85,31 +78,38 @@ class BroadcastQueue:
 
     def fill(self, budget: int, limit: int) -> list[bytes]:
         """Parts totalling at most ``budget`` bytes; each counts one send against ``limit``."""
+        buckets = self._buckets
         chosen: list[_Item] = []
-        expired: list[_Item] = []
         room = budget
-        for t in sorted(self._buckets):
-            bucket = self._buckets[t]
+        for t in sorted(buckets):
             if t >= limit:  # the cluster shrank below this count: retire, never send
-                expired.extend(bucket.values())
+                for item in buckets.pop(t).values():
+                    del self._items[item.key]
                 continue
             if room < _MIN_PART:
                 break
-            for item in _newest_first(bucket):
+            for item in reversed(buckets[t].values()):
                 size = len(item.part)
                 if size <= room:
                     chosen.append(item)
                     room -= size
                     if room < _MIN_PART:
                         break
-        for item in expired:
-            self.discard(item.key)
         for item in chosen:
-            self.discard(item.key)
-            item.transmits += 1
-            if item.transmits < limit:
-                self._items[item.key] = item
-                self._buckets.setdefault(item.transmits, {})[item.key] = item
+            t = item.transmits
+            bucket = buckets[t]
+            del bucket[item.key]
+            if not bucket:
+                del buckets[t]
+            t += 1
+            item.transmits = t
+            if t < limit:
+                nxt = buckets.get(t)
+                if nxt is None:
+                    buckets[t] = nxt = {}
+                nxt[item.key] = item
+            else:
+                del self._items[item.key]
         self.sent_total += len(chosen)
         return [item.part for item in chosen]
 
@@ -117,6 +117,6 @@ class BroadcastQueue:
         """Every queued update, least-sent first (newest first among equals)."""
         out = []
         for t in sorted(self._buckets):
-            for item in _newest_first(self._buckets[t]):
+            for item in reversed(self._buckets[t].values()):
                 out.append(PendingUpdate(item.key, item.transmits, len(item.part)))
         return out

@@ -250,6 +250,7 @@ class Membership:
         self._packed_self = codec.pack_id(self._id)
         self._members: dict[Address, _Rec] = {}
         self._active = 0  # members (not us) alive or suspect
+        self._limit_n, self._limit = -1, 0  # retransmit limit cached for one cluster size
         self._suspicions: dict[Address, Suspicion] = {}
         self._probe_order: list[Address] = []
         self._probe_index = 0
@@ -325,7 +326,10 @@ class Membership:
 
     @property
     def retransmit_limit(self) -> int:
-        return self.config.retransmit_limit(self.num_members())
+        n = self._active + 1
+        if n != self._limit_n:
+            self._limit_n, self._limit = n, self.config.retransmit_limit(n)
+        return self._limit
 
     def pending_updates(self) -> list[PendingUpdate]:
         """Queued updates with their send counts (compare with ``retransmit_limit``)."""

@@ -51,8 +51,9 @@ def test_queue_sends_least_sent_first_newest_first_among_equals():
     assert q.fill(10, 5) == [b"B" * 10]  # newest first
     assert q.fill(10, 5) == [b"A" * 10]
     q.push("c", b"C" * 10)
-    assert q.fill(20, 5) == [b"C" * 10, b"B" * 10]  # C has 0 sends, B and A 1 each: B newer
-    assert [(u.key, u.transmits) for u in q.snapshot()] == [("c", 1), ("a", 1), ("b", 2)]
+    # C has 0 sends; A and B 1 each, A reached that count last.
+    assert q.fill(20, 5) == [b"C" * 10, b"A" * 10]
+    assert [(u.key, u.transmits) for u in q.snapshot()] == [("c", 1), ("b", 1), ("a", 2)]
 
 
 def test_queue_limit_and_replacement():

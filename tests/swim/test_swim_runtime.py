@@ -36,8 +36,16 @@ FAST = Config.local(
 DEADLINE = 30.0
 
 
-@pytest.fixture(params=["asyncio", "trio"])
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param("trio", id="trio"),
+    ]
+)
 def anyio_backend(request):
+    if request.param[0] == "asyncio" and request.param != "asyncio":
+        pytest.importorskip("uvloop")
     return request.param
 
 
@@ -190,3 +198,21 @@ def test_run_helper_picks_a_loop_and_returns_the_result():
 
     assert run(main) > 0
     assert run(main, backend="trio") > 0
+
+
+@pytest.mark.anyio
+async def test_events_iterator_yields_membership_changes():
+    async with SwimNode(FAST) as a, SwimNode(FAST) as b:
+        seen: list = []
+
+        async def consume() -> None:
+            async for ev in a.events():
+                seen.append(ev)
+                if isinstance(ev, MemberUp):
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await wait_for(lambda: a._subscribers != [])
+            assert await b.join([a.address]) == 1
+        assert [(type(e), e.member.id) for e in seen] == [(MemberUp, b.identity)]
