@@ -1,1 +1,23 @@
-"""The corrosion agent: replication over SWIM, HTTP API, CLI, embedded mode (lands with its issue)."""
+"""The corrosion agent: CRDT SQLite replicated over SWIM gossip, with corrosion's HTTP API.
+
+    async with corrosion.Agent(corrosion.Config.load("config.toml")) as agent:
+        await agent.execute(["INSERT INTO t VALUES (1, 'x')"])
+        async for row in agent.query("SELECT * FROM t"):
+            print(row)
+
+``corrosion.replication`` is the sans-IO core (broadcast, apply, sync) that the simulator runs;
+``corrosion.store`` the database with its bookkeeping; ``corrosion.api`` the ASGI app.
+"""
+
+from .agent import Agent, ExecResult, MemberInfo, QueryError, TransactionError
+from .config import Config, ConfigError
+
+__all__ = [
+    "Agent",
+    "Config",
+    "ConfigError",
+    "ExecResult",
+    "MemberInfo",
+    "QueryError",
+    "TransactionError",
+]

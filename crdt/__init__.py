@@ -19,6 +19,7 @@ from .connection import (
     connect,
     db_version,
     merge,
+    merge_changesets,
     new_site_id,
     site_id,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "connect",
     "db_version",
     "merge",
+    "merge_changesets",
     "new_site_id",
     "pack_pk",
     "site_id",

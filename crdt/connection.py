@@ -18,6 +18,7 @@ import apsw
 from . import crr
 from .errors import CrdtError
 from .merge import merge as _merge
+from .merge import merge_changesets as _merge_changesets
 from .pack import pack_columns
 from .state import CrrState
 from .vtab import ChangesModule
@@ -194,6 +195,14 @@ def merge(conn: apsw.Connection, changes: Iterable[tuple]) -> int:
     """Merge changes (nine-field tuples or :class:`crdt.Change`) in one transaction; return the
     number of rows impacted. On any invalid change, nothing is applied and the error is raised."""
     return _merge(conn, state_of(conn), changes)
+
+
+def merge_changesets(
+    conn: apsw.Connection, changesets: Iterable[Iterable[tuple]]
+) -> list[int | None]:
+    """Merge changesets inside the caller's transaction, each at a local db_version of its own;
+    return it per changeset (None when nothing won). See ``crdt.merge.merge_changesets``."""
+    return _merge_changesets(conn, state_of(conn), changesets)
 
 
 def site_id(conn: apsw.Connection) -> bytes:

@@ -156,6 +156,7 @@ class Merger:
             self.site_ordinals[site] = ordinal
             self.ordinal_sites[ordinal] = site
         self.impacted = 0
+        self.version: int | None = None  # when set, every winning write is stamped with it
         self.seen = 0  # changes offered, winning or not
         self.max_length = conn.limit(apsw.SQLITE_LIMIT_LENGTH, -1)
         self.max_value_chars = self.max_length // 4  # below this, no str can be too long
@@ -243,15 +244,21 @@ class Merger:
 
     # -- the rules -----------------------------------------------------------------------
 
+    def _stamp(self, dbv: int) -> int:
+        if self.version is not None:
+            self.state.pending = self.version
+            return self.version
+        return self.state.next_db_version(dbv)
+
     def _set_clock(self, row: _Row, col: str, cv: int, dbv: int, site: Any, seq: int) -> None:
-        row.clocks[col] = [cv, self.state.next_db_version(dbv), self._ordinal(site), seq]
+        row.clocks[col] = [cv, self._stamp(dbv), self._ordinal(site), seq]
         row.dirty[col] = None
 
     def _resurrect(self, row: _Row, sentinel_cv: int, dbv: int, site: Any, seq: int) -> None:
         row.base_ensure = True
         zeroed = [c for c in row.clocks if c != SENTINEL]
         if zeroed:
-            version = self.state.next_db_version(dbv)
+            version = self._stamp(dbv)
             for c in zeroed:
                 clock = row.clocks[c]
                 clock[_CV] = 0
@@ -351,11 +358,13 @@ class Merger:
         row.values[idx] = val
         # _set_clock, inlined: this line runs once per winning change
         state = self.state
-        nd = state.db_version + 1
-        if nd < state.pending:
-            nd = state.pending
-        if nd < dbv:
-            nd = dbv
+        nd = self.version
+        if nd is None:
+            nd = state.db_version + 1
+            if nd < state.pending:
+                nd = state.pending
+            if nd < dbv:
+                nd = dbv
         state.pending = nd
         row.clocks[cid] = [cv, nd, self._ordinal(site) if site else 0, seq]
         row.dirty[cid] = None
@@ -429,14 +438,15 @@ class Merger:
             )
         self.rows.clear()
 
-    def apply_all(self, changes: Iterable[tuple]) -> int:
+    def apply_all(self, changes: Iterable[tuple], *, flush: bool = True) -> int:
         rows = self.rows
         for change in changes:
             self.seen += 1
             self.apply(change)
             if len(rows) >= FLUSH_ROWS:
                 self.flush()
-        self.flush()
+        if flush:
+            self.flush()
         return self.impacted
 
 
@@ -464,6 +474,44 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> i
         # here -1, so it is reloaded from the clocks). Keep the same observable version.
         state.on_commit()
     return impacted
+
+
+def merge_changesets(
+    conn: apsw.Connection, state: CrrState, changesets: Iterable[Iterable[tuple]]
+) -> list[int | None]:
+    """Merge several changesets inside the caller's transaction, each stamped with a local
+    db_version of its own (larger than any before it); return that version per changeset, or
+    None when nothing in it won.
+
+    This is the agent's apply path: a node must later be able to serve "version v of actor a"
+    to a peer, and reads it back as the clock rows at the version recorded for it. Plain
+    ``merge`` would give every change of a batch the same running-maximum version and mix
+    changesets together.
+    """
+    snap = state.snapshot()
+    out: list[int | None] = []
+    try:
+        merger = Merger(conn, state)
+        floor = 0
+        for changes in changesets:
+            changes = list(changes)
+            top = max((c[5] for c in changes if type(c[5]) is int), default=0)
+            version = max(state.db_version + 1, state.pending, top, floor)
+            merger.version = version
+            before = merger.impacted
+            merger.apply_all(changes, flush=False)
+            if merger.impacted > before:
+                out.append(version)
+                floor = version + 1
+            else:
+                out.append(None)
+        merger.flush()
+        state.rows_impacted += merger.impacted
+    except BaseException:
+        state.restore(snap)
+        state.sync_bit = 0
+        raise
+    return out
 
 
 def merge_one_in_statement(conn: apsw.Connection, state: CrrState, change: tuple) -> int:

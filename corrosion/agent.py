@@ -1,0 +1,727 @@
+"""The agent runtime: a ``Store``, a ``Replicator`` and a ``swim.SwimNode`` on real sockets,
+hosted in one anyio task group (asyncio, uvloop or trio), plus optionally the HTTP API.
+
+    async with corrosion.Agent(config) as agent:
+        await agent.execute(["INSERT INTO t VALUES (1, 'x')"])
+        async for row in agent.query("SELECT * FROM t"):
+            ...
+
+Threads and locks: SQLite work runs in worker threads (``anyio.to_thread``), one at a time under
+``db_lock`` (one writer connection). Everything else — the replicator's in-memory state, peer
+choice, timers — runs on the event loop. Reads (``query``) use their own read-only connections,
+in parallel with writes (WAL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import apsw
+from anyio.abc import SocketStream, TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+import crdt
+import swim
+from crdt.schema import load_schema_paths
+
+from .config import Config, format_addr
+from .ranges import RangeSet
+from .replication import (
+    Effect,
+    ReplicationConfig,
+    Replicator,
+    SendFrame,
+    SetTimer,
+    StartSync,
+    decode_meta,
+    encode_meta,
+)
+from .statements import parse_statements
+from .store import LocalCommit, StatementError, Store
+from .transport import FrameStream, FrameStreamError, client_ssl_context, connect
+
+log = logging.getLogger("corrosion.agent")
+
+PEER_QUEUE = 4096  # frames waiting for one peer's broadcast stream; beyond, drop (sync recovers)
+
+
+@dataclass
+class ExecResult:
+    """Answer of a transaction, in corrosion's shape (``/v1/transactions``)."""
+
+    results: list[dict[str, Any]]
+    time: float
+    version: int | None
+    actor_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "results": self.results,
+            "time": self.time,
+            "version": self.version,
+            "actor_id": self.actor_id,
+        }
+
+
+class TransactionError(Exception):
+    """A statement failed; nothing of the transaction was applied."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.index = index
+
+
+class QueryError(Exception):
+    """A query was refused (not read-only, invalid SQL)."""
+
+    def __init__(self, message: str, *, client_error: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.client_error = client_error
+
+
+@dataclass
+class MemberInfo:
+    actor_id: str
+    addr: str
+    peer_addr: str | None
+    state: str
+    incarnation: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "actor_id": self.actor_id,
+            "addr": self.addr,
+            "peer_addr": self.peer_addr,
+            "state": self.state,
+            "incarnation": self.incarnation,
+        }
+
+
+@dataclass
+class _PeerOut:
+    send: MemoryObjectSendStream[bytes]
+    dropped: int = 0
+
+
+@dataclass
+class AgentEvents:
+    """Counters a test or the health endpoint can read."""
+
+    applied_versions: int = 0
+    peer_stream_errors: int = 0
+    frames_dropped: int = 0
+
+
+def actor_hex(actor: bytes) -> str:
+    return actor.hex()
+
+
+class Agent:
+    def __init__(self, config: Config, *, seed: int | None = None, serve_api: bool = True) -> None:
+        self.config = config
+        self._seed = seed
+        self._serve_api = serve_api
+        self.store: Store | None = None
+        self.replicator: Replicator | None = None
+        self.swim: swim.SwimNode | None = None
+        self.db_lock = anyio.Lock()
+        self.events = AgentEvents()
+        self._tg: TaskGroup | None = None
+        self._timers: list[tuple[float, int, Any]] = []
+        self._timer_seq = 0
+        self._wake = anyio.Event()
+        self._apply_wake = anyio.Event()
+        self._applied = anyio.Event()
+        self._peers_out: dict[tuple[str, int], _PeerOut] = {}
+        self._keyring: swim.Keyring | None = None
+        self._aad = b""
+        self._ssl_client = None
+        self._ssl_server = None
+        self._peer_listener: Any = None
+        self.peer_addr: tuple[str, int] | None = None
+        self._api_servers: list[Any] = []
+        self.api_addrs: list[tuple[str, int]] = []
+        self._read_pool: list[apsw.Connection] = []
+        self._closing = False
+        self._started_at = 0.0
+        self._orchestrator: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def actor_id(self) -> bytes:
+        assert self.store is not None
+        return self.store.actor_id
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._started_at = time.monotonic()
+        self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
+        if cfg.db.schema_paths:
+            await self.reload_schema()
+        g = cfg.gossip
+        if g.encryption_keys:
+            self._keyring = swim.Keyring(g.encryption_keys)
+        self._aad = f"corrosion/{g.cluster_id}".encode()
+        if g.tls is not None:
+            from .transport import server_ssl_context
+
+            self._ssl_server = server_ssl_context(g.tls.cert_file, g.tls.key_file, g.tls.ca_file)
+            self._ssl_client = client_ssl_context(g.tls.ca_file, g.tls.insecure)
+        rng = random.Random(self._seed)
+        self.replicator = Replicator(
+            self.store,
+            ReplicationConfig(
+                cluster_id=g.cluster_id,
+                min_sync_backoff=cfg.perf.min_sync_backoff,
+                max_sync_backoff=cfg.perf.max_sync_backoff,
+                broadcast=cfg.perf.broadcast,
+            ),
+            rng,
+            lambda: int(time.time() * 1000),
+        )
+        host = g.addr[0]
+        self._peer_listener = await anyio.create_tcp_listener(local_host=host, local_port=0)
+        peer_port = self._peer_listener.extra(anyio.abc.SocketAttribute.local_port)
+        advertise_host = (g.external_addr or g.addr)[0]
+        self.peer_addr = (advertise_host, peer_port)
+        swim_cfg = {
+            "lan": swim.Config.lan,
+            "wan": swim.Config.wan,
+            "local": swim.Config.local,
+        }[g.preset](label=f"corrosion/{g.cluster_id}")
+        self.swim = swim.SwimNode(
+            swim_cfg,
+            host=host,
+            port=g.addr[1],
+            advertise=g.external_addr,
+            meta=encode_meta(self.store.actor_id, peer_port, g.cluster_id),
+            keyring=self._keyring,
+            seed=None if self._seed is None else rng.randrange(2**32),
+        )
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            events = self.swim.subscribe(max_buffer=10_000)
+            await self._tg.start(self.swim.serve)
+            self._tg.start_soon(self._swim_events, events)
+            self._tg.start_soon(self._peer_listener.serve, self._serve_peer)
+            self._tg.start_soon(self._timer_loop)
+            self._tg.start_soon(self._apply_loop)
+            self._perform(self.replicator.start(self._now()))
+            self._tg.start_soon(self._join_loop)
+            if cfg.orchestrator is not None:
+                await self._start_orchestrator()
+            if self._serve_api and cfg.api.addrs:
+                await self._start_api()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Leave the cluster gracefully, give queued broadcasts a moment to go out, stop."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.swim is not None:
+            with (
+                anyio.move_on_after(3),
+                anyio.CancelScope(shield=True),
+                contextlib.suppress(Exception),
+            ):
+                await self.swim.leave(timeout=2)
+        with anyio.move_on_after(2), anyio.CancelScope(shield=True):
+            while any(p.send.statistics().current_buffer_used for p in self._peers_out.values()):
+                await anyio.sleep(0.02)
+        for server in self._api_servers:
+            server.should_exit = True
+        if self._orchestrator is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._orchestrator.aclose()
+                except Exception:
+                    log.exception("closing the orchestrator")
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(BaseException):
+                    await self._tg.__aexit__(None, None, None)
+        if self.swim is not None:
+            with anyio.CancelScope(shield=True):
+                await self.swim.aclose()
+        if self._peer_listener is not None:
+            with anyio.CancelScope(shield=True):
+                await self._peer_listener.aclose()
+        for conn in self._read_pool:
+            conn.close()
+        self._read_pool.clear()
+        if self.store is not None:
+            store = self.store
+            with anyio.CancelScope(shield=True):
+                async with self.db_lock:
+                    store.close()
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    # -- effects and timers ----------------------------------------------------------------
+
+    def _perform(self, effects: Sequence[Effect]) -> None:
+        assert self._tg is not None
+        for eff in effects:
+            if isinstance(eff, SendFrame):
+                self._send_frame(eff.addr, eff.data)
+            elif isinstance(eff, StartSync):
+                self._tg.start_soon(self._run_sync, eff.addr, eff.request)
+            elif isinstance(eff, SetTimer):
+                self._timer_seq += 1
+                heapq.heappush(self._timers, (eff.at, self._timer_seq, eff.timer))
+                self._wake.set()
+
+    async def _timer_loop(self) -> None:
+        assert self.replicator is not None
+        while True:
+            now = self._now()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, timer = heapq.heappop(self._timers)
+                self._perform(self.replicator.handle_timer(timer, now))
+            delay = self._timers[0][0] - now if self._timers else 3600.0
+            self._wake = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    # -- broadcast streams -----------------------------------------------------------------
+
+    def _send_frame(self, addr: tuple[str, int], data: bytes) -> None:
+        assert self._tg is not None
+        out = self._peers_out.get(addr)
+        if out is None:
+            send, receive = anyio.create_memory_object_stream[bytes](PEER_QUEUE)
+            out = self._peers_out[addr] = _PeerOut(send)
+            self._tg.start_soon(self._peer_sender, addr, receive)
+        try:
+            out.send.send_nowait(data)
+        except anyio.WouldBlock:
+            out.dropped += 1
+            self.events.frames_dropped += 1
+
+    async def _peer_sender(self, addr: tuple[str, int], receive: Any) -> None:
+        """Keeps one broadcast stream to ``addr``; on failure, drops the frame in hand and
+        reconnects for the next one (sync recovers whatever is lost)."""
+        assert self.replicator is not None
+        stream: FrameStream | None = None
+        async with receive:
+            async for data in receive:
+                try:
+                    if stream is None:
+                        stream = await connect(
+                            addr[0],
+                            addr[1],
+                            keyring=self._keyring,
+                            aad=self._aad,
+                            ssl_context=self._ssl_client,
+                        )
+                        await stream.send(self.replicator.hello("bcast"))
+                    await stream.send(data)
+                except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
+                    self.events.peer_stream_errors += 1
+                    if stream is not None:
+                        with anyio.CancelScope(shield=True):
+                            await stream.aclose()
+                    stream = None
+            if stream is not None:
+                await stream.aclose()
+
+    async def _serve_peer(self, raw: SocketStream) -> None:
+        assert self.replicator is not None
+        try:
+            if self._ssl_server is not None:
+                from anyio.streams.tls import TLSStream
+
+                raw = await TLSStream.wrap(
+                    raw, server_side=True, ssl_context=self._ssl_server, standard_compatible=False
+                )
+            stream = FrameStream(raw, self._keyring, self._aad)
+            async with raw:
+                with anyio.fail_after(10):
+                    hello = self.replicator.check_hello(await stream.receive())
+                if hello is None:
+                    return
+                _actor, purpose = hello
+                if purpose == "bcast":
+                    await self._receive_broadcasts(stream)
+                else:
+                    await self._answer_sync(stream)
+        except (
+            OSError,
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            anyio.IncompleteRead,
+            FrameStreamError,
+            TimeoutError,
+        ):
+            self.events.peer_stream_errors += 1
+        except Exception:
+            self.events.peer_stream_errors += 1
+            log.exception("peer stream failed")
+
+    async def _receive_broadcasts(self, stream: FrameStream) -> None:
+        assert self.replicator is not None
+        while True:
+            data = await stream.receive()
+            before = len(self.replicator.queue)
+            self._perform(self.replicator.handle_frame(None, data, self._now()))
+            if len(self.replicator.queue) != before:
+                self._apply_wake.set()
+
+    # -- sync -------------------------------------------------------------------------------
+
+    async def _answer_sync(self, stream: FrameStream) -> None:
+        assert self.replicator is not None
+        with anyio.fail_after(30):
+            request = await stream.receive()
+        async with self.db_lock:
+            frames = await anyio.to_thread.run_sync(
+                lambda: list(self.replicator.serve_sync(request))
+            )
+        with anyio.fail_after(120):
+            for frame in frames:
+                await stream.send(frame)
+
+    async def _run_sync(self, addr: tuple[str, int], request: bytes) -> None:
+        assert self.replicator is not None
+        try:
+            stream = await connect(
+                addr[0], addr[1], keyring=self._keyring, aad=self._aad, ssl_context=self._ssl_client
+            )
+            async with stream.stream:
+                with anyio.fail_after(120):
+                    await stream.send(self.replicator.hello("sync"))
+                    await stream.send(request)
+                    while True:
+                        data = await stream.receive()
+                        before = len(self.replicator.queue)
+                        more = self.replicator.handle_sync_frame(addr, data, self._now())
+                        if len(self.replicator.queue) != before:
+                            self._apply_wake.set()
+                        if not more:
+                            break
+        except (
+            OSError,
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            anyio.IncompleteRead,
+            FrameStreamError,
+            TimeoutError,
+        ):
+            self.events.peer_stream_errors += 1
+        finally:
+            self.replicator.sync_finished(addr)
+
+    # -- applying ---------------------------------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        assert self.replicator is not None
+        rep = self.replicator
+        while True:
+            await self._apply_wake.wait()
+            self._apply_wake = anyio.Event()
+            while rep.queue:
+                batch = rep.take_batch(self.config.perf.apply_batch_size)
+                try:
+                    async with self.db_lock:
+                        result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
+                except Exception:
+                    log.exception("applying %d changesets failed", len(batch))
+                    continue
+                if result.applied or result.emptied:
+                    self.events.applied_versions += len(result.applied) + result.emptied
+                    self._applied.set()
+                    self._applied = anyio.Event()
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def _swim_events(self, events: Any) -> None:
+        assert self.replicator is not None and self.store is not None
+        async with events:
+            async for ev in events:
+                members: list[swim.Member] = []
+                if isinstance(ev, swim.MemberUp | swim.MemberAlive | swim.MemberUpdated):
+                    members = [ev.member]
+                elif isinstance(ev, swim.MemberRenamed):
+                    self._member_gone(ev.old)
+                    members = [ev.new]
+                elif isinstance(ev, swim.MemberDown):
+                    self._member_gone(ev.member)
+                    await self._persist_member(ev.member)
+                    continue
+                for m in members:
+                    info = decode_meta(m.meta)
+                    if info is None:
+                        continue
+                    actor, port, cluster = info
+                    if cluster != self.config.gossip.cluster_id:
+                        continue
+                    self.replicator.member_up(actor, (m.addr[0], port))
+                    await self._persist_member(m)
+
+    def _member_gone(self, m: swim.Member) -> None:
+        info = decode_meta(m.meta)
+        if info is not None and self.replicator is not None:
+            self.replicator.member_down(info[0])
+
+    async def _persist_member(self, m: swim.Member) -> None:
+        info = decode_meta(m.meta)
+        if info is None or self.store is None:
+            return
+        store = self.store
+        async with self.db_lock:
+            await anyio.to_thread.run_sync(
+                store.save_member, info[0], format_addr(m.addr), m.state.name, m.meta
+            )
+
+    async def _join_loop(self) -> None:
+        """Join through the configured seeds and the members remembered from the last run;
+        retry with backoff until someone answers (or there is no one to ask)."""
+        assert self.swim is not None and self.store is not None
+        seeds = list(self.config.gossip.bootstrap)
+        async with self.db_lock:
+            remembered = await anyio.to_thread.run_sync(self.store.load_members)
+        own = self.swim.address
+        for _actor, address, _state, _meta in remembered[:20]:
+            from .config import parse_addr
+
+            try:
+                addr = parse_addr(address, "member")
+            except ValueError:
+                continue
+            if addr not in seeds and addr != own:
+                seeds.append(addr)
+        seeds = [s for s in seeds if s != own]
+        if not seeds:
+            return
+        delay = 0.5
+        while not self._closing:
+            try:
+                joined = await self.swim.join(seeds, timeout=5)
+            except Exception:
+                joined = 0
+            if joined:
+                return
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 30)
+
+    # -- the public API ----------------------------------------------------------------------
+
+    async def execute(self, statements: Sequence[Any]) -> ExecResult:
+        """Run statements (corrosion's four JSON forms, or ``(sql, params)``) in one
+        transaction; raise ``TransactionError`` if any fails (nothing applied)."""
+        assert self.store is not None and self.replicator is not None
+        parsed = parse_statements(statements)
+        ts = self.replicator.hlc.now()
+        t0 = time.perf_counter()
+        store = self.store
+        try:
+            async with self.db_lock:
+                results, commit = await anyio.to_thread.run_sync(store.execute_local, parsed, ts)
+        except StatementError as exc:
+            raise TransactionError(exc.message, exc.index) from None
+        self._perform(self.replicator.broadcast_commit(commit, self._now()))
+        return ExecResult(
+            [{"rows_affected": r.rows_affected, "time": r.time} for r in results],
+            time.perf_counter() - t0,
+            commit.version if commit is not None else None,
+            actor_hex(store.actor_id),
+        )
+
+    async def execute_commit(self, statements: Sequence[Any]) -> LocalCommit | None:
+        """Like ``execute`` but returns the booked commit (for publishers and tests)."""
+        assert self.store is not None and self.replicator is not None
+        parsed = parse_statements(statements)
+        ts = self.replicator.hlc.now()
+        store = self.store
+        try:
+            async with self.db_lock:
+                _results, commit = await anyio.to_thread.run_sync(store.execute_local, parsed, ts)
+        except StatementError as exc:
+            raise TransactionError(exc.message, exc.index) from None
+        self._perform(self.replicator.broadcast_commit(commit, self._now()))
+        return commit
+
+    def _read_conn(self) -> apsw.Connection:
+        if self._read_pool:
+            return self._read_pool.pop()
+        conn = crdt.connect(str(self.config.db.path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    def _release_read_conn(self, conn: apsw.Connection) -> None:
+        if len(self._read_pool) < 8 and not self._closing:
+            self._read_pool.append(conn)
+        else:
+            conn.close()
+
+    async def query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Rows of a read-only statement, read on a read-only connection in a worker thread."""
+        async for kind, payload in self.query_stream(sql, params, batch=batch):
+            if kind == "row":
+                yield payload
+
+    async def query_stream(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """``("columns", [...])`` then ``("row", tuple)`` items; raises ``QueryError``."""
+        from crdt.schema import split_statements
+
+        if len(split_statements(sql)) != 1:
+            raise QueryError("exactly one statement is expected")
+        conn = await anyio.to_thread.run_sync(self._read_conn)
+        try:
+            cursor = conn.cursor()
+
+            def first() -> tuple[list[str], list[tuple]]:
+                seen: dict[str, Any] = {}
+
+                def check(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+                    # called once the statement is prepared, before it runs
+                    seen["cols"] = [d[0] for d in cur.get_description()]
+                    return bool(cur.is_readonly)
+
+                cursor.exec_trace = check
+                try:
+                    cursor.execute(sql, params)
+                except apsw.ExecTraceAbort:
+                    raise QueryError("statement is not readonly") from None
+                except apsw.ReadOnlyError:
+                    raise QueryError("statement is not readonly") from None
+                except apsw.Error as exc:
+                    raise QueryError(str(exc)) from None
+                finally:
+                    cursor.exec_trace = None
+                return seen.get("cols", []), _fetch(cursor, batch)
+
+            cols, rows = await anyio.to_thread.run_sync(first)
+            yield "columns", cols
+            while rows:
+                for r in rows:
+                    yield "row", r
+                rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
+        finally:
+            await anyio.to_thread.run_sync(self._release_read_conn, conn)
+
+    async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:
+        assert self.store is not None
+        sql = load_schema_paths(list(self.config.db.schema_paths))
+        store = self.store
+        async with self.db_lock:
+            return await anyio.to_thread.run_sync(
+                lambda: store.apply_schema(sql, allow_destructive=allow_destructive)
+            )
+
+    def members(self) -> list[MemberInfo]:
+        assert self.swim is not None
+        out = []
+        for m in sorted(self.swim.all_members(), key=lambda m: m.addr):
+            info = decode_meta(m.meta)
+            out.append(
+                MemberInfo(
+                    actor_hex(info[0]) if info else "",
+                    format_addr(m.addr),
+                    format_addr((m.addr[0], info[1])) if info else None,
+                    m.state.name.lower(),
+                    m.incarnation,
+                )
+            )
+        return out
+
+    def alive_members(self) -> int:
+        assert self.swim is not None
+        return sum(1 for m in self.swim.members() if m.state == swim.State.ALIVE)
+
+    def sync_state(self) -> dict[str, Any]:
+        """This node's sync state as JSON (``corrosion sync generate``)."""
+        assert self.store is not None
+        state = self.store.bookie.sync_state()
+        return {
+            "actor_id": actor_hex(self.actor_id),
+            "heads": {actor_hex(a): s["head"] for a, s in state.items()},
+            "need": {
+                actor_hex(a): [list(r) for r in s["gaps"]] for a, s in state.items() if s["gaps"]
+            },
+            "partial_need": {
+                actor_hex(a): {
+                    str(v): [
+                        list(r)
+                        for r in RangeSet(map(tuple, rs)).complement_within(
+                            0, self.store.bookie.get(a).partials[v].last_seq
+                        )
+                    ]
+                    for v, rs in s["partials"].items()
+                }
+                for a, s in state.items()
+                if s["partials"]
+            },
+        }
+
+    def gaps(self) -> int:
+        assert self.store is not None
+        return self.store.bookie.gap_count()
+
+    def queue_size(self) -> int:
+        assert self.replicator is not None
+        return len(self.replicator.queue)
+
+    async def wait_applied(self) -> None:
+        """Wait until the next apply transaction that booked versions commits."""
+        await self._applied.wait()
+
+    # -- optional parts --------------------------------------------------------------------------
+
+    async def _start_api(self) -> None:
+        from .api import serve_api
+
+        assert self._tg is not None
+        for host, port in self.config.api.addrs:
+            server, bound = await serve_api(self, self._tg, host, port)
+            self._api_servers.append(server)
+            self.api_addrs.append(bound)
+
+    def extra_routes(self) -> list[Any]:
+        """Routes served next to the API (the Machines API when an orchestrator runs)."""
+        if self._orchestrator is None:
+            return []
+        return self._orchestrator.routes()
+
+    async def _start_orchestrator(self) -> None:
+        from .orchestration import start_orchestrator
+
+        self._orchestrator = await start_orchestrator(self)
+
+
+def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:
+    out = []
+    for row in cursor:
+        out.append(row)
+        if len(out) >= n:
+            break
+    return out

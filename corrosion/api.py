@@ -1,0 +1,218 @@
+"""The HTTP API, with corrosion's paths and JSON shapes, as a starlette ASGI app.
+
+``POST /v1/transactions``  statements in one transaction → ``{"results": [{"rows_affected",
+                           "time"}], "time", "version", "actor_id"}``; any failure: 500 and nothing
+                           applied
+``POST /v1/queries``       one read-only statement → NDJSON ``{"columns"}``, ``{"row": [rowid,
+                           [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write is
+                           refused with 400
+``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size"}}``; the
+                           thresholds ``gaps``, ``max_queue`` (alias ``queue_size``) answer
+                           ``failure_status`` (default 503) when exceeded
+``POST /v1/table_stats``   ``{"tables": [...]}`` → ``{"total_row_count", "invalid_tables"}``
+``GET  /v1/cluster/members``  membership as JSON (our addition)
+
+With ``api.authz.bearer-token`` set, every request needs ``Authorization: Bearer <token>``
+(401 otherwise). ``asgi_app(agent)`` can be mounted by an embedding application; the CLI serves
+it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import math
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .statements import StatementFormError, parse_statement, parse_statements
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return list(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StatementFormError(f"request body is not valid JSON: {exc}") from None
+
+
+def routes(agent: Agent) -> list[BaseRoute]:
+    from .agent import QueryError, TransactionError
+
+    async def transactions(request: Request) -> Response:
+        try:
+            statements = parse_statements(await _json_body(request))
+        except StatementFormError as exc:
+            return _error(400, str(exc))
+        try:
+            result = await agent.execute(statements)
+        except TransactionError as exc:
+            return JSONResponse(
+                {
+                    "results": [{"error": exc.message}],
+                    "time": 0.0,
+                    "version": None,
+                    "actor_id": agent.actor_id.hex(),
+                },
+                status_code=500,
+            )
+        return JSONResponse(result.to_json())
+
+    async def queries(request: Request) -> Response:
+        try:
+            sql, params = parse_statement(await _json_body(request))
+        except StatementFormError as exc:
+            return _error(400, str(exc))
+        t0 = time.perf_counter()
+        stream = agent.query_stream(sql, params).__aiter__()
+        try:
+            first = await stream.__anext__()
+        except QueryError as exc:
+            return _error(400 if exc.client_error else 500, exc.message)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield (json.dumps({"columns": first[1]}) + "\n").encode()
+            rowid = 0
+            lines: list[str] = []
+            try:
+                async for _kind, row in stream:
+                    rowid += 1
+                    lines.append(json.dumps({"row": [rowid, [_cell(v) for v in row]]}))
+                    if len(lines) >= 256:
+                        yield ("\n".join(lines) + "\n").encode()
+                        lines = []
+                if lines:
+                    yield ("\n".join(lines) + "\n").encode()
+                yield (json.dumps({"eoq": {"time": time.perf_counter() - t0}}) + "\n").encode()
+            except QueryError as exc:
+                if lines:
+                    yield ("\n".join(lines) + "\n").encode()
+                yield (json.dumps({"error": exc.message}) + "\n").encode()
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    async def health(request: Request) -> Response:
+        q = request.query_params
+        gaps, members, queue = agent.gaps(), agent.alive_members(), agent.queue_size()
+        response = {"gaps": gaps, "members": members, "p99_lag": 0.0, "queue_size": queue}
+        try:
+            failure = int(q.get("failure_status", 503))
+            max_gaps = int(q["gaps"]) if "gaps" in q else None
+            max_queue = q.get("max_queue", q.get("queue_size"))
+            max_queue_n = int(max_queue) if max_queue is not None else None
+        except ValueError:
+            return _error(400, "health thresholds must be integers")
+        unhealthy = (max_gaps is not None and gaps > max_gaps) or (
+            max_queue_n is not None and queue > max_queue_n
+        )
+        return JSONResponse({"response": response}, status_code=failure if unhealthy else 200)
+
+    async def members(request: Request) -> Response:
+        return JSONResponse([m.to_json() for m in agent.members()])
+
+    async def table_stats(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+        except StatementFormError as exc:
+            return _error(400, str(exc))
+        tables = body.get("tables") if isinstance(body, dict) else None
+        if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+            return _error(400, 'expected {"tables": [names]}')
+        total, invalid = 0, []
+        for t in tables:
+            try:
+                quoted = '"' + t.replace('"', '""') + '"'
+                async for row in agent.query(f"SELECT count(*) FROM {quoted}"):
+                    total += row[0]
+            except Exception:
+                invalid.append(t)
+        return JSONResponse({"total_row_count": total, "invalid_tables": invalid})
+
+    return [
+        Route("/v1/transactions", transactions, methods=["POST"]),
+        Route("/v1/queries", queries, methods=["POST"]),
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/table_stats", table_stats, methods=["POST"]),
+        Route("/v1/cluster/members", members, methods=["GET"]),
+    ]
+
+
+class BearerAuth:
+    """Refuse requests without ``Authorization: Bearer <token>`` (401)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _error(401, "unauthorized")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def asgi_app(agent: Agent, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
+    app: ASGIApp = Starlette(routes=routes(agent) + list(extra_routes or []))
+    token = agent.config.api.bearer_token
+    if token:
+        app = BearerAuth(app, token)
+    return app
+
+
+async def serve_api(agent: Agent, tg: Any, host: str, port: int) -> tuple[Any, tuple[str, int]]:
+    """Serve the API with uvicorn inside ``tg`` (asyncio only; on trio, mount ``asgi_app`` in a
+    trio-capable server)."""
+    import sniffio
+    import uvicorn
+
+    if sniffio.current_async_library() != "asyncio":
+        raise RuntimeError(
+            "the built-in HTTP server (uvicorn) needs asyncio; on trio, serve "
+            "corrosion.api.asgi_app(agent) with a trio ASGI server such as hypercorn"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    bound = sock.getsockname()[:2]
+    extra = agent.extra_routes()
+    config = uvicorn.Config(
+        asgi_app(agent, extra), log_level="warning", lifespan="off", access_log=False
+    )
+    server = uvicorn.Server(config)
+    # the embedding application (or the CLI) owns signals, not the API server
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    tg.start_soon(server._serve, [sock])
+    with anyio.fail_after(10):
+        while not server.started:
+            await anyio.sleep(0.01)
+    return server, (bound[0], bound[1])

@@ -1,0 +1,213 @@
+"""Changesets and their wire encoding (versioned msgpack).
+
+A *version* is one committed transaction of one actor (its site id), numbered 1, 2, 3, ... by
+that actor. On the wire a version travels as one or more *chunks*: each carries the changes whose
+seqs fall in its ``seqs`` range, and the chunks of a version cover ``0..last_seq`` without holes
+(changes superseded since the commit leave holes in the seqs themselves, not in the coverage), so
+a receiver knows when it holds the whole version. A version whose changes were all superseded is
+sent as *empty*.
+
+Frames are msgpack arrays whose first element is the frame kind; ``decode_frame`` validates every
+field and raises ``FrameError`` on anything malformed (the caller drops and counts it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from crdt import Change
+
+WIRE_VERSION = 1
+MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB
+
+K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT = 1, 2, 3, 4, 5, 6
+
+
+class FrameError(ValueError):
+    """A frame could not be decoded or failed validation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changeset:
+    """One chunk of one version of ``actor``."""
+
+    actor: bytes
+    version: int
+    changes: tuple[Change, ...]
+    seqs: tuple[int, int]  # inclusive range of seqs this chunk covers
+    last_seq: int  # the version's last seq
+    ts: int  # origin's hybrid-logical-clock timestamp
+    db_version: int = 0  # the sender's local db_version of these changes (a Lamport hint)
+
+    @property
+    def complete(self) -> bool:
+        return self.seqs == (0, self.last_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyVersions:
+    """Versions of ``actor`` that hold no changes any more (all superseded): mark them held."""
+
+    actor: bytes
+    versions: tuple[tuple[int, int], ...]
+    ts: int = 0
+
+
+def _change_row(c: Change, actor: bytes) -> list:
+    site = None if c.site_id == actor else c.site_id
+    return [c.table, c.pk, c.cid, c.val, c.col_version, site, c.cl, c.seq]
+
+
+def encode_changeset(cs: Changeset) -> bytes:
+    return msgpack.packb(
+        [
+            K_CHANGESET,
+            WIRE_VERSION,
+            cs.actor,
+            cs.version,
+            cs.seqs[0],
+            cs.seqs[1],
+            cs.last_seq,
+            cs.ts,
+            cs.db_version,
+            [_change_row(c, cs.actor) for c in cs.changes],
+        ],
+        use_bin_type=True,
+    )
+
+
+def encode_empty(e: EmptyVersions) -> bytes:
+    return msgpack.packb(
+        [K_EMPTY, WIRE_VERSION, e.actor, [list(r) for r in e.versions], e.ts], use_bin_type=True
+    )
+
+
+def encode(obj: Changeset | EmptyVersions) -> bytes:
+    return encode_changeset(obj) if isinstance(obj, Changeset) else encode_empty(obj)
+
+
+def encode_control(kind: int, *fields: Any) -> bytes:
+    return msgpack.packb([kind, WIRE_VERSION, *fields], use_bin_type=True)
+
+
+def _int(v: Any, what: str, lo: int = 0) -> int:
+    if type(v) is not int or v < lo:
+        raise FrameError(f"{what} must be an integer >= {lo}")
+    return v
+
+
+def _actor(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) != 16:
+        raise FrameError("actor id must be 16 bytes")
+    return v
+
+
+_VALUE_TYPES = (type(None), int, float, str, bytes)
+
+
+def decode_frame(data: bytes) -> tuple[int, Any]:
+    """Decode one frame into ``(kind, payload)``; payload is a Changeset, EmptyVersions, or the
+    list of fields of a control frame."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:
+        raise FrameError(f"not msgpack: {exc}") from None
+    if not isinstance(obj, list) or len(obj) < 2:
+        raise FrameError("frame must be an array with a kind and a wire version")
+    kind, wire = obj[0], obj[1]
+    if wire != WIRE_VERSION:
+        raise FrameError(f"unsupported wire version {wire!r}")
+    if kind == K_CHANGESET:
+        return kind, _decode_changeset(obj)
+    if kind == K_EMPTY:
+        if len(obj) != 5 or not isinstance(obj[3], list):
+            raise FrameError("malformed empty-versions frame")
+        ranges = []
+        for r in obj[3]:
+            if not isinstance(r, list) or len(r) != 2:
+                raise FrameError("version range must be [start, end]")
+            s, e = _int(r[0], "range start", 1), _int(r[1], "range end", 1)
+            if e < s:
+                raise FrameError("version range end before start")
+            ranges.append((s, e))
+        return kind, EmptyVersions(_actor(obj[2]), tuple(ranges), _int(obj[4], "ts"))
+    if kind in (K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT):
+        return kind, obj[2:]
+    raise FrameError(f"unknown frame kind {kind!r}")
+
+
+def _decode_changeset(obj: list) -> Changeset:
+    if len(obj) != 10 or not isinstance(obj[9], list):
+        raise FrameError("malformed changeset frame")
+    actor = _actor(obj[2])
+    version = _int(obj[3], "version", 1)
+    start, end, last = _int(obj[4], "seq start"), _int(obj[5], "seq end"), _int(obj[6], "last seq")
+    if not start <= end <= last:
+        raise FrameError("seq range must satisfy start <= end <= last_seq")
+    ts, dbv = _int(obj[7], "ts"), _int(obj[8], "db_version")
+    changes = []
+    for row in obj[9]:
+        if not isinstance(row, list) or len(row) != 8:
+            raise FrameError("a change has eight fields on the wire")
+        table, pk, cid, val, cv, site, cl, seq = row
+        if type(table) is not str or type(pk) is not bytes or type(cid) is not str:
+            raise FrameError("change table/pk/cid have wrong types")
+        if type(val) not in _VALUE_TYPES:
+            raise FrameError("change value must be null, integer, real, text or blob")
+        if type(cv) is not int or type(cl) is not int or type(seq) is not int:
+            raise FrameError("change col_version/cl/seq must be integers")
+        if not start <= seq <= end:
+            raise FrameError("change seq outside the chunk's seq range")
+        if site is None:
+            site = actor
+        elif type(site) is not bytes or len(site) > 16:
+            raise FrameError("change site id must be at most 16 bytes")
+        changes.append(Change(table, pk, cid, val, cv, dbv, site, cl, seq))
+    return Changeset(actor, version, tuple(changes), (start, end), last, ts, dbv)
+
+
+def chunk_version(
+    actor: bytes,
+    version: int,
+    changes: Sequence[Change],
+    last_seq: int,
+    ts: int,
+    db_version: int,
+    max_bytes: int = MAX_CHUNK_BYTES,
+) -> list[Changeset]:
+    """Cut a version's changes (sorted by seq) into chunks of about ``max_bytes`` whose seq
+    ranges tile ``0..last_seq``."""
+    changes = sorted(changes, key=lambda c: c.seq)
+    if changes and changes[-1].seq > last_seq:
+        last_seq = changes[-1].seq
+    out: list[Changeset] = []
+    start = 0
+    batch: list[Change] = []
+    size = 0
+    for c in changes:
+        row_size = len(msgpack.packb(_change_row(c, actor), use_bin_type=True))
+        if batch and size + row_size > max_bytes:
+            end = c.seq - 1
+            out.append(
+                Changeset(actor, version, tuple(batch), (start, end), last_seq, ts, db_version)
+            )
+            start = end + 1
+            batch, size = [], 0
+        batch.append(c)
+        size += row_size
+    out.append(Changeset(actor, version, tuple(batch), (start, last_seq), last_seq, ts, db_version))
+    return out
+
+
+def versions_to_ranges(versions: Iterable[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for v in sorted(versions):
+        if out and out[-1][1] == v - 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out

@@ -1,0 +1,379 @@
+"""Agent configuration: corrosion's TOML keys, validated at start-up.
+
+```toml
+[db]
+path = "/var/lib/corrosion/state.db"      # required: the SQLite database
+schema_paths = ["/etc/corrosion/schema"]  # .sql files or directories of them
+
+[api]
+addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
+authz.bearer-token = "secret"             # optional: require "Authorization: Bearer secret"
+
+[gossip]
+addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
+external_addr = "10.0.0.5:8787"           # advertised address (default: addr)
+bootstrap = ["10.0.0.6:8787"]             # seeds to join through
+plaintext = true                          # false requires encryption_keys and/or tls
+encryption_keys = ["<base64 32 bytes>"]   # AES-256-GCM keyring, first key encrypts
+cluster_id = 0                            # nodes of other clusters are ignored
+preset = "lan"                            # SWIM timings: "lan" | "wan" | "local"
+tls.cert_file = "..."                     # TLS for the peer (sync/broadcast) streams
+tls.key_file = "..."
+tls.ca_file = "..."
+tls.insecure = false
+
+[perf]
+min_sync_backoff = 1.0                    # seconds between sync rounds grows from this...
+max_sync_backoff = 15.0                   # ...to this, with jitter
+broadcast = true                          # false: converge through sync alone (testing)
+apply_batch_size = 1000                   # changesets applied per transaction, at most
+
+[admin]
+path = "/var/run/corrosion/admin.sock"
+
+[telemetry]
+prometheus.addr = "127.0.0.1:9090"
+
+[log]
+format = "plaintext"                      # or "json"
+colors = true
+```
+
+Unknown keys and wrong types fail with a message naming the key (``ConfigError``). Environment
+variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+Address = tuple[str, int]
+
+
+def parse_addr(value: Any, key: str) -> Address:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: port must be a number in {value!r}") from None
+    if not 0 <= p <= 65535 or not host:
+        raise ConfigError(f"{key}: invalid address {value!r}")
+    return host, p
+
+
+def format_addr(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    path: Path
+    schema_paths: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    addrs: tuple[Address, ...] = ()
+    bearer_token: str | None = None
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    addr: Address = ("127.0.0.1", 0)
+    external_addr: Address | None = None
+    bootstrap: tuple[Address, ...] = ()
+    plaintext: bool = True
+    encryption_keys: tuple[bytes, ...] = ()
+    cluster_id: int = 0
+    preset: str = "lan"
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    min_sync_backoff: float = 1.0
+    max_sync_backoff: float = 15.0
+    broadcast: bool = True
+    apply_batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    db: DbConfig
+    api: ApiConfig = field(default_factory=ApiConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    admin_path: Path | None = None
+    prometheus_addr: Address | None = None
+    log_format: str = "plaintext"
+    log_colors: bool = True
+    orchestrator: Mapping[str, Any] | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        return cls.from_mapping(apply_env(data, os.environ if env is None else env))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Config:
+        r = _Reader(data, "")
+        db = r.table("db", required=True)
+        api = r.table("api")
+        gossip = r.table("gossip")
+        perf = r.table("perf")
+        admin = r.table("admin")
+        telemetry = r.table("telemetry")
+        log = r.table("log")
+        orchestrator = r.raw("orchestrator")
+        r.done()
+
+        db_cfg = DbConfig(
+            path=Path(db.str("path", required=True)),
+            schema_paths=tuple(Path(p) for p in db.str_list("schema_paths")),
+        )
+        db.done()
+
+        addrs = api.get("addr")
+        if addrs is None:
+            api_addrs: tuple[Address, ...] = ()
+        elif isinstance(addrs, str):
+            api_addrs = (parse_addr(addrs, "api.addr"),)
+        else:
+            api_addrs = tuple(parse_addr(a, "api.addr") for a in api.str_list("addr"))
+        authz = api.table("authz")
+        token = authz.opt_str("bearer-token")
+        if token is None:
+            token = authz.opt_str("bearer")
+        authz.done()
+        api.mark("addr")
+        api.done()
+        api_cfg = ApiConfig(api_addrs, token)
+
+        tls = gossip.table("tls")
+        tls_cfg = None
+        if tls.data:
+            tls_cfg = TlsConfig(
+                cert_file=Path(tls.str("cert_file", required=True)),
+                key_file=Path(tls.str("key_file", required=True)),
+                ca_file=Path(p) if (p := tls.opt_str("ca_file")) else None,
+                insecure=tls.bool("insecure", False),
+            )
+        tls.done()
+        keys = []
+        for i, k in enumerate(gossip.str_list("encryption_keys")):
+            try:
+                raw = base64.b64decode(k, validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError(f"gossip.encryption_keys[{i}]: not valid base64") from None
+            if len(raw) != 32:
+                raise ConfigError(
+                    f"gossip.encryption_keys[{i}]: must decode to 32 bytes (AES-256), "
+                    f"got {len(raw)}"
+                )
+            keys.append(raw)
+        preset = gossip.str("preset", default="lan")
+        if preset not in ("lan", "wan", "local"):
+            raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
+        ext = gossip.opt_str("external_addr")
+        plaintext = gossip.bool("plaintext", True)
+        gossip_cfg = GossipConfig(
+            addr=parse_addr(gossip.str("addr", default="127.0.0.1:0"), "gossip.addr"),
+            external_addr=parse_addr(ext, "gossip.external_addr") if ext else None,
+            bootstrap=tuple(
+                parse_addr(b, f"gossip.bootstrap[{i}]")
+                for i, b in enumerate(gossip.str_list("bootstrap"))
+            ),
+            plaintext=plaintext,
+            encryption_keys=tuple(keys),
+            cluster_id=gossip.int("cluster_id", 0, lo=0, hi=65535),
+            preset=preset,
+            tls=tls_cfg,
+        )
+        gossip.done()
+        if not plaintext and not keys and tls_cfg is None:
+            raise ConfigError(
+                "gossip.plaintext: is false, so gossip.encryption_keys or gossip.tls is required"
+            )
+
+        perf_cfg = PerfConfig(
+            min_sync_backoff=perf.float("min_sync_backoff", 1.0, lo=0.01),
+            max_sync_backoff=perf.float("max_sync_backoff", 15.0, lo=0.01),
+            broadcast=perf.bool("broadcast", True),
+            apply_batch_size=perf.int("apply_batch_size", 1000, lo=1, hi=1_000_000),
+        )
+        perf.done()
+        if perf_cfg.max_sync_backoff < perf_cfg.min_sync_backoff:
+            raise ConfigError("perf.max_sync_backoff: must be >= perf.min_sync_backoff")
+
+        admin_path = admin.opt_str("path")
+        admin.done()
+        prom = telemetry.table("prometheus")
+        prom_addr = prom.opt_str("addr")
+        prom.done()
+        telemetry.done()
+        log_format = log.str("format", default="plaintext")
+        if log_format not in ("plaintext", "json"):
+            raise ConfigError("log.format: must be 'plaintext' or 'json'")
+        colors = log.bool("colors", True)
+        log.done()
+        if orchestrator is not None and not isinstance(orchestrator, Mapping):
+            raise ConfigError("orchestrator: must be a table")
+        return cls(
+            db=db_cfg,
+            api=api_cfg,
+            gossip=gossip_cfg,
+            perf=perf_cfg,
+            admin_path=Path(admin_path) if admin_path else None,
+            prometheus_addr=parse_addr(prom_addr, "telemetry.prometheus.addr")
+            if prom_addr
+            else None,
+            log_format=log_format,
+            log_colors=colors,
+            orchestrator=orchestrator,
+        )
+
+
+def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``SECTION__KEY=value`` environment variables (lower-cased keys; values parsed as
+    TOML scalars when they parse, else taken as strings)."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    sections = {"db", "api", "gossip", "perf", "admin", "telemetry", "log"}
+    for name, raw in env.items():
+        parts = name.lower().split("__")
+        if len(parts) < 2 or parts[0] not in sections:
+            continue
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {name}: {p} is not a table")
+        node[parts[-1]] = value
+    return out
+
+
+class _Reader:
+    """Reads one TOML table, remembering which keys were used so leftovers can be refused."""
+
+    def __init__(self, data: Any, prefix: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{prefix.rstrip('.')}: must be a table")
+        self.data = data
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def _key(self, k: str) -> str:
+        return self.prefix + k
+
+    def mark(self, k: str) -> None:
+        self.used.add(k)
+
+    def get(self, k: str) -> Any:
+        self.used.add(k)
+        return self.data.get(k)
+
+    def raw(self, k: str) -> Any:
+        return self.get(k)
+
+    def table(self, k: str, required: bool = False) -> _Reader:
+        v = self.get(k)
+        if v is None and required:
+            raise ConfigError(f"{self._key(k)}: section is required")
+        return _Reader(v, self._key(k) + ".")
+
+    def str(self, k: str, *, required: bool = False, default: str | None = None) -> str:
+        v = self.get(k)
+        if v is None:
+            if required:
+                raise ConfigError(f"{self._key(k)}: is required")
+            if default is None:
+                raise ConfigError(f"{self._key(k)}: is required")
+            return default
+        if not isinstance(v, str):
+            raise ConfigError(f"{self._key(k)}: expected a string, got {type(v).__name__}")
+        return v
+
+    def opt_str(self, k: str) -> str | None:
+        v = self.get(k)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{self._key(k)}: expected a string, got {type(v).__name__}")
+        return v
+
+    def str_list(self, k: str) -> list[str]:
+        v = self.get(k)
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{self._key(k)}: expected a list of strings")
+        return v
+
+    def bool(self, k: str, default: bool) -> bool:
+        v = self.get(k)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self._key(k)}: expected true or false, got {v!r}")
+        return v
+
+    def int(self, k: str, default: int, *, lo: int | None = None, hi: int | None = None) -> int:
+        v = self.get(k)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{self._key(k)}: expected an integer, got {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{self._key(k)}: {v} is out of range [{lo}, {hi}]")
+        return v
+
+    def float(self, k: str, default: float, *, lo: float | None = None) -> float:
+        v = self.get(k)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{self._key(k)}: expected a number, got {v!r}")
+        if lo is not None and v < lo:
+            raise ConfigError(f"{self._key(k)}: must be at least {lo}")
+        return float(v)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self._key(unknown[0])}: unknown configuration key")

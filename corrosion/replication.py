@@ -1,0 +1,468 @@
+"""Replication as a sans-IO state machine: broadcast, apply queue and anti-entropy sync.
+
+Theory of operation
+===================
+
+A :class:`Replicator` is one node's replication logic. Like ``swim.Membership`` it never touches a
+socket or a clock: the host feeds it events with ``now`` and performs the effects it returns
+(:class:`SendFrame`, :class:`StartSync`, :class:`SetTimer`). Randomness comes from an injected
+``random.Random``; peers are chosen from lists sorted by actor id. It does use the node's
+database (``corrosion.store.Store``) directly and synchronously: the runtime calls it from a
+worker thread, the simulator inline.
+
+Rules
+=====
+
+B1  A local transaction that changed replicated data is a new version of this actor (store.py
+    books it in the same commit). Its chunks are sent at once to ``fanout`` random peers, then
+    again to other peers every ``broadcast_interval * round`` for ``max_transmissions`` rounds
+    (corrosion's gossip mode, ``_broadcast_round``).
+B2  A received chunk is dropped (and counted) when malformed, from another cluster, our own, or
+    already held or queued. Otherwise it is queued for apply and, when it came by broadcast,
+    relayed once to ``fanout`` peers other than its sender (``handle_frame``).
+B3  Queued chunks are applied in batches, one transaction each (``apply_pending``): complete
+    versions merge, partial ones are buffered until all their seqs are present, versions skipped
+    over become gaps.
+S1  Every sync interval (backoff from ``min_sync_backoff`` doubling to ``max_sync_backoff``, ±30 %
+    jitter) the node sends its sync state (per actor: head, gaps, partial seqs) to up to
+    ``sync_peers`` random peers not already syncing (``_on_sync_tick``).
+S2  A node asked to sync answers with every version it holds that the asker lacks — chunks, or
+    empty notices for versions whose changes were all superseded — up to a budget per round,
+    then a done frame (``serve_sync``). Answers are applied like broadcasts but never relayed.
+    Sync alone makes any two connected nodes converge; broadcast only makes it fast.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .bookie import validate_sync_state
+from .changeset import (
+    K_CHANGESET,
+    K_EMPTY,
+    K_HELLO,
+    K_REJECT,
+    K_SYNC_DONE,
+    K_SYNC_REQUEST,
+    Changeset,
+    EmptyVersions,
+    FrameError,
+    chunk_version,
+    decode_frame,
+    encode,
+    encode_control,
+)
+from .hlc import HybridClock
+from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
+
+Address = tuple[str, int]
+
+
+# -- effects and timers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """Send one broadcast frame to the peer at ``addr`` (its peer-stream address)."""
+
+    addr: Address
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartSync:
+    """Open a sync stream to ``addr``, send ``request``, feed every frame of the answer to
+    ``handle_sync_frame`` and finally call ``sync_finished``."""
+
+    addr: Address
+    request: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTick:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastTick:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    timer: SyncTick | BroadcastTick
+    at: float
+
+
+Effect = SendFrame | StartSync | SetTimer
+
+
+@dataclass
+class ReplicationConfig:
+    """Knobs; defaults follow corrosion."""
+
+    cluster_id: int = 0
+    min_sync_backoff: float = 1.0  # seconds before the first sync rounds
+    max_sync_backoff: float = 15.0  # the interval sync backs off to
+    sync_peers: int = 3  # peers asked per sync round
+    max_syncs_in_flight: int = 3
+    sync_budget_versions: int = 2000  # versions served per sync answer, at most
+    broadcast: bool = True  # False: sync only
+    fanout: int = 3  # peers per broadcast round (corrosion: num_indirect_probes)
+    broadcast_interval: float = 0.1  # round k is sent k * this after the commit
+    retransmit_mult: int = 4  # local versions: rounds = mult * ceil(log10(n + 1))
+    max_queue: int = 20_000  # queued chunks beyond this are dropped (sync recovers them)
+
+
+@dataclass
+class Peer:
+    actor: bytes
+    addr: Address  # peer-stream (TCP) address
+
+
+@dataclass
+class _Pending:
+    frames: list[bytes]
+    sent_to: set[bytes]
+    rounds_left: int
+    round: int
+    due: float
+
+
+@dataclass
+class Stats:
+    malformed: int = 0
+    other_cluster: int = 0
+    duplicates: int = 0
+    dropped_queue_full: int = 0
+    relayed: int = 0
+    broadcasts_sent: int = 0
+    syncs_started: int = 0
+    syncs_served: int = 0
+    sync_frames_received: int = 0
+    rejected_changesets: int = 0
+    applied_versions: int = 0
+    changes_applied: int = 0
+
+
+@dataclass
+class _Queued:
+    item: Changeset | EmptyVersions
+    relay: bool
+
+
+@dataclass
+class Replicator:
+    store: Store
+    config: ReplicationConfig
+    rng: random.Random
+    clock_ms: Any  # () -> int, physical milliseconds for the HLC
+    peers: dict[bytes, Peer] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        self.actor = self.store.actor_id
+        self.hlc = HybridClock(self.clock_ms)
+        self.queue: list[_Queued] = []
+        self._queued_keys: set[tuple[bytes, int, int, int]] = set()
+        self._pending: list[_Pending] = []
+        self._token = 1
+        self._backoff = self.config.min_sync_backoff
+        self._syncing: dict[Address, float] = {}
+        self._broadcast_timer_at: float | None = None
+
+    # -- lifecycle and membership ----------------------------------------------------------
+
+    def start(self, now: float) -> list[Effect]:
+        return [SetTimer(SyncTick(self._token), now + self._jitter(self.config.min_sync_backoff))]
+
+    def member_up(self, actor: bytes, addr: Address) -> None:
+        if actor != self.actor:
+            self.peers[actor] = Peer(actor, addr)
+
+    def member_down(self, actor: bytes) -> None:
+        self.peers.pop(actor, None)
+
+    def _sorted_peers(self) -> list[Peer]:
+        return [self.peers[a] for a in sorted(self.peers)]
+
+    def _jitter(self, seconds: float) -> float:
+        return seconds * self.rng.uniform(0.7, 1.3)
+
+    # -- local writes (B1) ----------------------------------------------------------------
+
+    def execute(
+        self, statements: Sequence[Statement], now: float
+    ) -> tuple[list[StatementResult], LocalCommit | None, list[Effect]]:
+        """Run a local transaction and broadcast it (the runtime splits the two: the database
+        part runs in a worker thread, ``broadcast_commit`` on the event loop)."""
+        results, commit = self.store.execute_local(statements, self.hlc.now())
+        return results, commit, self.broadcast_commit(commit, now)
+
+    def broadcast_commit(self, commit: LocalCommit | None, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        if commit is not None and self.config.broadcast:
+            frames = [
+                encode(c)
+                for c in chunk_version(
+                    self.actor,
+                    commit.version,
+                    commit.changes,
+                    commit.last_seq,
+                    commit.ts,
+                    commit.db_version,
+                )
+            ]
+            rounds = self.config.retransmit_mult * max(
+                1, math.ceil(math.log10(len(self.peers) + 2))
+            )
+            effects += self._broadcast(frames, exclude=set(), rounds=rounds, now=now)
+        return effects
+
+    def _broadcast(
+        self, frames: list[bytes], *, exclude: set[bytes], rounds: int, now: float
+    ) -> list[Effect]:
+        pending = _Pending(frames, set(exclude), rounds, 0, now)
+        effects = self._broadcast_round(pending, now)
+        if pending.rounds_left > 0:
+            self._pending.append(pending)
+            effects += self._arm_broadcast_timer(pending.due)
+        return effects
+
+    def _broadcast_round(self, p: _Pending, now: float) -> list[Effect]:
+        candidates = [peer for peer in self._sorted_peers() if peer.actor not in p.sent_to]
+        chosen = self.rng.sample(candidates, min(self.config.fanout, len(candidates)))
+        effects: list[Effect] = []
+        for peer in chosen:
+            p.sent_to.add(peer.actor)
+            for frame in p.frames:
+                effects.append(SendFrame(peer.addr, frame))
+        self.stats.broadcasts_sent += len(chosen)
+        p.round += 1
+        p.rounds_left -= 1
+        p.due = now + self.config.broadcast_interval * p.round
+        if not candidates:
+            p.rounds_left = 0
+        return effects
+
+    def _arm_broadcast_timer(self, at: float) -> list[Effect]:
+        if self._broadcast_timer_at is not None and self._broadcast_timer_at <= at:
+            return []
+        self._broadcast_timer_at = at
+        return [SetTimer(BroadcastTick(self._token), at)]
+
+    # -- receiving (B2) ---------------------------------------------------------------------
+
+    def handle_frame(self, src: Address | None, data: bytes, now: float) -> list[Effect]:
+        """A broadcast frame arrived (``src`` is the sender's peer address, if known)."""
+        try:
+            kind, item = decode_frame(data)
+        except FrameError:
+            self.stats.malformed += 1
+            return []
+        if kind not in (K_CHANGESET, K_EMPTY):
+            self.stats.malformed += 1
+            return []
+        if not self._enqueue(item, relay=True):
+            return []
+        if kind == K_CHANGESET and self.config.broadcast:
+            exclude = {item.actor, self.actor}
+            for peer in self.peers.values():
+                if peer.addr == src:
+                    exclude.add(peer.actor)
+            self.stats.relayed += 1
+            return self._broadcast([data], exclude=exclude, rounds=1, now=now)
+        return []
+
+    def _enqueue(self, item: Changeset | EmptyVersions, relay: bool) -> bool:
+        if item.actor == self.actor:
+            self.stats.duplicates += 1
+            return False
+        if isinstance(item, Changeset):
+            key = (item.actor, item.version, item.seqs[0], item.seqs[1])
+            booked = self.store.bookie.actors.get(item.actor)
+            if booked is not None:
+                if item.version in booked.held:
+                    self.stats.duplicates += 1
+                    return False
+                partial = booked.partials.get(item.version)
+                if partial is not None and partial.seqs.covers(*item.seqs):
+                    self.stats.duplicates += 1
+                    return False
+            if key in self._queued_keys:
+                self.stats.duplicates += 1
+                return False
+            if not self.hlc.observe(item.ts):
+                self.stats.malformed += 1
+                return False
+            self._queued_keys.add(key)
+        if len(self.queue) >= self.config.max_queue:
+            self.stats.dropped_queue_full += 1
+            return False
+        self.queue.append(_Queued(item, relay))
+        return True
+
+    # -- applying (B3) ----------------------------------------------------------------------
+
+    def apply_pending(self, limit: int | None = None) -> ApplyResult | None:
+        """Apply up to ``limit`` queued items in one transaction."""
+        batch = self.take_batch(limit)
+        return self.apply_batch(batch) if batch else None
+
+    def take_batch(self, limit: int | None = None) -> list[Changeset | EmptyVersions]:
+        n = len(self.queue) if limit is None else min(limit, len(self.queue))
+        batch, self.queue = self.queue[:n], self.queue[n:]
+        return [q.item for q in batch]
+
+    def apply_batch(self, items: list[Changeset | EmptyVersions]) -> ApplyResult:
+        """The database half of ``apply_pending`` (safe to run in a worker thread while the
+        event loop keeps queueing)."""
+        try:
+            result = self.store.apply(items)
+        finally:
+            for it in items:
+                if isinstance(it, Changeset):
+                    self._queued_keys.discard((it.actor, it.version, it.seqs[0], it.seqs[1]))
+        self.stats.duplicates += result.duplicates
+        self.stats.rejected_changesets += len(result.rejected)
+        self.stats.applied_versions += len(result.applied) + result.emptied
+        self.stats.changes_applied += result.changes_applied
+        return result
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def handle_timer(self, timer: SyncTick | BroadcastTick, now: float) -> list[Effect]:
+        if timer.token != self._token:
+            return []
+        if isinstance(timer, SyncTick):
+            return self._on_sync_tick(now)
+        return self._on_broadcast_tick(now)
+
+    def _on_broadcast_tick(self, now: float) -> list[Effect]:
+        self._broadcast_timer_at = None
+        effects: list[Effect] = []
+        keep: list[_Pending] = []
+        for p in self._pending:
+            if p.due <= now and p.rounds_left > 0:
+                effects += self._broadcast_round(p, now)
+            if p.rounds_left > 0:
+                keep.append(p)
+        self._pending = keep
+        if keep:
+            effects += self._arm_broadcast_timer(min(p.due for p in keep))
+        return effects
+
+    # -- sync, client side (S1) ---------------------------------------------------------------
+
+    def _on_sync_tick(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        idle = [p for p in self._sorted_peers() if p.addr not in self._syncing]
+        room = self.config.max_syncs_in_flight - len(self._syncing)
+        want = min(self.config.sync_peers, room, len(idle))
+        if want > 0:
+            request = self.sync_request()
+            for peer in self.rng.sample(idle, want):
+                self._syncing[peer.addr] = now
+                self.stats.syncs_started += 1
+                effects.append(StartSync(peer.addr, request))
+        self._backoff = min(self._backoff * 2, self.config.max_sync_backoff)
+        effects.append(SetTimer(SyncTick(self._token), now + self._jitter(self._backoff)))
+        return effects
+
+    def sync_request(self) -> bytes:
+        state = self.store.bookie.sync_state()
+        return encode_control(K_SYNC_REQUEST, self.config.cluster_id, self.actor, state)
+
+    def handle_sync_frame(self, addr: Address, data: bytes, now: float) -> bool:
+        """One frame of a sync answer; returns False when the stream should be abandoned."""
+        self.stats.sync_frames_received += 1
+        try:
+            kind, item = decode_frame(data)
+        except FrameError:
+            self.stats.malformed += 1
+            return False
+        if kind in (K_CHANGESET, K_EMPTY):
+            self._enqueue(item, relay=False)
+            return True
+        return kind == K_SYNC_DONE
+
+    def sync_finished(self, addr: Address) -> None:
+        self._syncing.pop(addr, None)
+
+    # -- sync, server side (S2) ---------------------------------------------------------------
+
+    def serve_sync(self, request: bytes) -> Iterator[bytes]:
+        """Answer a sync request with the frames the requester lacks, then a done frame. A
+        malformed request or one from another cluster gets a reject frame."""
+        try:
+            kind, fields = decode_frame(request)
+            if kind != K_SYNC_REQUEST or len(fields) != 3:
+                raise FrameError("not a sync request")
+            cluster_id, _actor, state = fields
+            state = validate_sync_state(state)
+        except (FrameError, ValueError):
+            self.stats.malformed += 1
+            yield encode_control(K_REJECT, "malformed sync request")
+            return
+        if cluster_id != self.config.cluster_id:
+            self.stats.other_cluster += 1
+            yield encode_control(K_REJECT, "different cluster")
+            return
+        self.stats.syncs_served += 1
+        budget = self.config.sync_budget_versions
+        for actor, lack in self.store.bookie.missing_for(state).items():
+            if budget <= 0:
+                break
+            for item in self.store.serve(actor, lack, max_versions=budget):
+                if isinstance(item, Changeset):
+                    budget -= 1 if item.seqs[1] == item.last_seq else 0
+                else:
+                    budget -= sum(e - s + 1 for s, e in item.versions)
+                yield encode(item)
+        yield encode_control(K_SYNC_DONE)
+
+    # -- hello for peer streams ----------------------------------------------------------------
+
+    def hello(self, purpose: str) -> bytes:
+        return encode_control(K_HELLO, self.config.cluster_id, self.actor, purpose)
+
+    def check_hello(self, data: bytes) -> tuple[bytes, str] | None:
+        """Validate a peer's hello; None when it is malformed or from another cluster."""
+        try:
+            kind, fields = decode_frame(data)
+        except FrameError:
+            self.stats.malformed += 1
+            return None
+        if kind != K_HELLO or len(fields) != 3:
+            self.stats.malformed += 1
+            return None
+        cluster_id, actor, purpose = fields
+        if cluster_id != self.config.cluster_id:
+            self.stats.other_cluster += 1
+            return None
+        if type(actor) is not bytes or len(actor) != 16 or purpose not in ("bcast", "sync"):
+            self.stats.malformed += 1
+            return None
+        return actor, purpose
+
+
+def encode_meta(actor: bytes, peer_port: int, cluster_id: int) -> bytes:
+    """The SWIM member metadata an agent advertises: how to reach its peer streams."""
+    return msgpack.packb({"a": actor, "p": peer_port, "c": cluster_id}, use_bin_type=True)
+
+
+def decode_meta(meta: bytes) -> tuple[bytes, int, int] | None:
+    try:
+        obj = msgpack.unpackb(meta, raw=False)
+        actor, port, cluster = obj["a"], obj["p"], obj["c"]
+    except Exception:
+        return None
+    if type(actor) is not bytes or len(actor) != 16 or type(port) is not int:
+        return None
+    return actor, port, cluster

@@ -1,0 +1,429 @@
+"""The agent's database: the CRR data plus corrosion's bookkeeping tables, written together.
+
+One writer connection (``crdt.connect``: WAL, ``synchronous=NORMAL``, recursive triggers,
+merge-equal-values, as corrosion sets them); every write goes through it, one transaction at a
+time, and every transaction that changes data also updates the bookkeeping in the same commit, so
+a crash at any point leaves them consistent. Readers open their own read-only connections.
+
+Tables (corrosion's names):
+
+``__corro_state(key, value)``                      cluster id, internal schema version
+``__corro_bookkeeping(actor_id, start_version, end_version, db_version, last_seq, ts)``
+    versions held: one row per version with data (``db_version`` = the local version its changes
+    were stamped with, so it can be served again), ranges with ``db_version`` NULL for versions
+    known to be empty (superseded everywhere they could be read from)
+``__corro_bookkeeping_gaps(actor_id, start, end)``  versions known to be missing
+``__corro_seq_bookkeeping(site_id, version, start_seq, end_seq, last_seq, ts)``
+    seq ranges received of partial versions
+``__corro_buffered_changes(...)``                   the changes of partial versions, applied only
+    once every seq of the version is present
+``__corro_members(actor_id, address, state, meta, updated_at)``  last known membership
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+import crdt
+from crdt import Change
+from crdt.schema import apply_schema
+
+from .bookie import Booked, Bookie, Partial
+from .changeset import Changeset, EmptyVersions, chunk_version
+from .ranges import RangeSet
+
+SCHEMA_VERSION = 1
+
+_MIGRATION = """
+CREATE TABLE IF NOT EXISTS __corro_state (key TEXT PRIMARY KEY NOT NULL, value);
+CREATE TABLE IF NOT EXISTS __corro_bookkeeping (
+    actor_id BLOB NOT NULL, start_version INTEGER NOT NULL, end_version INTEGER NOT NULL,
+    db_version INTEGER, last_seq INTEGER, ts INTEGER,
+    PRIMARY KEY (actor_id, start_version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __corro_bookkeeping_gaps (
+    actor_id BLOB NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+    PRIMARY KEY (actor_id, start)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __corro_seq_bookkeeping (
+    site_id BLOB NOT NULL, version INTEGER NOT NULL, start_seq INTEGER NOT NULL,
+    end_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, ts INTEGER,
+    PRIMARY KEY (site_id, version, start_seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __corro_buffered_changes (
+    "table" TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val ANY,
+    col_version INTEGER NOT NULL, db_version INTEGER NOT NULL, site_id BLOB, cl INTEGER NOT NULL,
+    seq INTEGER NOT NULL, actor_id BLOB NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (actor_id, version, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __corro_members (
+    actor_id BLOB PRIMARY KEY NOT NULL, address TEXT NOT NULL, state TEXT NOT NULL,
+    meta BLOB, updated_at INTEGER NOT NULL);
+"""
+
+
+class StatementError(Exception):
+    """A statement of a transaction failed; the whole transaction was rolled back."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+@dataclass
+class StatementResult:
+    rows_affected: int
+    time: float
+
+
+@dataclass
+class LocalCommit:
+    """A local transaction that changed replicated data, booked as ``version``."""
+
+    version: int
+    db_version: int
+    changes: list[Change]
+    last_seq: int
+    ts: int
+
+
+@dataclass
+class ApplyResult:
+    """What one apply transaction did."""
+
+    applied: list[tuple[bytes, int]] = field(default_factory=list)  # versions now held, with data
+    emptied: int = 0  # versions marked held without data
+    buffered: int = 0  # chunks stored for partial versions
+    duplicates: int = 0  # chunks that were already held
+    rejected: list[tuple[bytes, int, str]] = field(default_factory=list)  # bad changesets
+    changes_applied: int = 0  # rows impacted in the CRR tables
+
+
+Statement = tuple[str, Sequence[Any] | dict[str, Any]]
+
+
+class Store:
+    def __init__(self, path: str | Path, *, site_id: bytes | None = None) -> None:
+        self.path = str(path)
+        self.conn = crdt.connect(self.path, site_id=site_id, wal=True, merge_equal_values=True)
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA recursive_triggers = ON")
+        with self.conn:
+            self.conn.execute(_MIGRATION)
+            self.conn.execute(
+                "INSERT OR IGNORE INTO __corro_state (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+        self.actor_id: bytes = crdt.site_id(self.conn)
+        self.bookie = self._load_bookie()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM __corro_state WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_state(self, key: str, value: Any) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO __corro_state (key, value) VALUES (?, ?)", (key, value)
+            )
+
+    def apply_schema(self, sql: str, *, allow_destructive: bool = False) -> list[str]:
+        return apply_schema(self.conn, sql, allow_destructive=allow_destructive)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def _load_bookie(self) -> Bookie:
+        bookie = Bookie()
+        for actor, start, end in self.conn.execute(
+            "SELECT actor_id, start_version, end_version FROM __corro_bookkeeping "
+            "ORDER BY actor_id, start_version"
+        ):
+            bookie.get(actor).held.add(start, end)
+        for actor, version, start, end, last, ts in self.conn.execute(
+            "SELECT site_id, version, start_seq, end_seq, last_seq, ts FROM __corro_seq_bookkeeping"
+            " ORDER BY site_id, version, start_seq"
+        ):
+            b = bookie.get(actor)
+            p = b.partials.get(version)
+            if p is None:
+                p = b.partials[version] = Partial(last, ts or 0)
+            p.seqs.add(start, end)
+        # gaps are derived; the table mirrors them for readers (health, inspection)
+        return bookie
+
+    def _write_gaps(self, actor: bytes, booked: Booked) -> None:
+        self.conn.execute("DELETE FROM __corro_bookkeeping_gaps WHERE actor_id = ?", (actor,))
+        gaps = booked.gaps()
+        if gaps:
+            self.conn.executemany(
+                'INSERT INTO __corro_bookkeeping_gaps (actor_id, start, "end") VALUES (?, ?, ?)',
+                [(actor, s, e) for s, e in gaps],
+            )
+
+    # -- local transactions ----------------------------------------------------------------
+
+    def execute_local(
+        self, statements: Sequence[Statement], ts: int
+    ) -> tuple[list[StatementResult], LocalCommit | None]:
+        """Run statements in one transaction; book and return the new version if replicated
+        data changed. Any failing statement rolls back everything (``StatementError``)."""
+        conn = self.conn
+        state = conn.crr
+        results: list[StatementResult] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for i, (sql, params) in enumerate(statements):
+                t0 = time.perf_counter()
+                try:
+                    cursor = conn.execute(sql, params)
+                    for _ in cursor:
+                        pass  # rows of RETURNING are not part of the answer, as corrosion
+                except apsw.Error as exc:
+                    raise StatementError(i, str(exc)) from None
+                if conn.get_autocommit():
+                    raise StatementError(i, "transaction control statements are not allowed")
+                results.append(StatementResult(conn.changes(), time.perf_counter() - t0))
+            commit = None
+            if state.pending != -1:
+                changes = [
+                    c
+                    for c in crdt.changes_for_version(conn, state.pending)
+                    if c.site_id == self.actor_id
+                ]
+                if changes:
+                    booked = self.bookie.get(self.actor_id)
+                    version = booked.max() + 1
+                    last_seq = max(c.seq for c in changes)
+                    conn.execute(
+                        "INSERT INTO __corro_bookkeeping (actor_id, start_version, end_version, "
+                        "db_version, last_seq, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                        (self.actor_id, version, version, state.pending, last_seq, ts),
+                    )
+                    commit = LocalCommit(version, state.pending, changes, last_seq, ts)
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        if commit is not None:
+            self.bookie.get(self.actor_id).held.add(commit.version, commit.version)
+        return results, commit
+
+    # -- applying remote versions --------------------------------------------------------
+
+    def apply(self, items: Sequence[Changeset | EmptyVersions]) -> ApplyResult:
+        """Apply chunks and empty-version notices in one transaction (bookkeeping included).
+
+        A changeset that fails to merge (bad data) is dropped on its own and reported in
+        ``rejected``; the rest of the batch still applies."""
+        try:
+            return self._apply(items, isolate=False)
+        except crdt.MergeError:
+            return self._apply(items, isolate=True)
+
+    def _apply(self, items: Sequence[Changeset | EmptyVersions], *, isolate: bool) -> ApplyResult:
+        conn = self.conn
+        result = ApplyResult()
+        touched: dict[bytes, Booked] = {}
+
+        def booked(actor: bytes) -> Booked:
+            b = touched.get(actor)
+            if b is None:
+                b = touched[actor] = self.bookie.get(actor).copy()
+            return b
+
+        complete: list[tuple[bytes, int, list[Change], int, int]] = []
+        pending_versions: set[tuple[bytes, int]] = set()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for item in items:
+                if isinstance(item, EmptyVersions):
+                    self._apply_empty(item, booked(item.actor), result)
+                    continue
+                cs = item
+                if cs.actor == self.actor_id:
+                    result.duplicates += 1  # our own versions come back through relays
+                    continue
+                b = booked(cs.actor)
+                key = (cs.actor, cs.version)
+                if cs.version in b.held or key in pending_versions:
+                    result.duplicates += 1
+                    continue
+                partial = b.partials.get(cs.version)
+                if cs.complete and partial is None:
+                    complete.append((cs.actor, cs.version, list(cs.changes), cs.last_seq, cs.ts))
+                    pending_versions.add(key)
+                    continue
+                if partial is None:
+                    partial = b.partials[cs.version] = Partial(cs.last_seq, cs.ts)
+                if partial.seqs.covers(*cs.seqs):
+                    result.duplicates += 1
+                    continue
+                self._buffer(cs)
+                partial.seqs.add(*cs.seqs)
+                result.buffered += 1
+                if partial.complete:
+                    changes = self._take_buffered(cs.actor, cs.version)
+                    del b.partials[cs.version]
+                    complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
+                    pending_versions.add(key)
+            if isolate:
+                versions = []
+                for entry in complete:
+                    conn.execute("SAVEPOINT one_version")
+                    try:
+                        versions.extend(crdt.merge_changesets(conn, [entry[2]]))
+                        conn.execute("RELEASE one_version")
+                    except crdt.MergeError as exc:
+                        conn.execute("ROLLBACK TO one_version")
+                        conn.execute("RELEASE one_version")
+                        versions.append(exc)
+            else:
+                versions = crdt.merge_changesets(conn, [entry[2] for entry in complete])
+            rows = []
+            for (actor, version, _changes, last_seq, ts), local in zip(
+                complete, versions, strict=True
+            ):
+                if isinstance(local, Exception):
+                    result.rejected.append((actor, version, str(local)))
+                    continue
+                rows.append((actor, version, version, local, last_seq, ts))
+                booked(actor).held.add(version, version)
+                if local is not None:
+                    result.applied.append((actor, version))
+                else:
+                    result.emptied += 1
+            if rows:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO __corro_bookkeeping (actor_id, start_version, "
+                    "end_version, db_version, last_seq, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            for actor, b in touched.items():
+                self._write_gaps(actor, b)
+            result.changes_applied = conn.crr.rows_impacted
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        self.bookie.actors.update(touched)
+        return result
+
+    def _apply_empty(self, item: EmptyVersions, b: Booked, result: ApplyResult) -> None:
+        for start, end in item.versions:
+            new = RangeSet([(start, end)]).difference(b.held)
+            for s, e in new:
+                for v in range(s, e + 1):
+                    if v in b.partials:
+                        del b.partials[v]
+                        self._drop_buffered(item.actor, v)
+                b.held.add(s, e)
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO __corro_bookkeeping (actor_id, start_version, "
+                    "end_version, db_version, last_seq, ts) VALUES (?, ?, ?, NULL, NULL, ?)",
+                    (item.actor, s, e, item.ts),
+                )
+                result.emptied += e - s + 1
+
+    def _buffer(self, cs: Changeset) -> None:
+        self.conn.executemany(
+            'INSERT OR IGNORE INTO __corro_buffered_changes ("table", pk, cid, val, col_version, '
+            "db_version, site_id, cl, seq, actor_id, version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*c, cs.actor, cs.version) for c in cs.changes],
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO __corro_seq_bookkeeping (site_id, version, start_seq, "
+            "end_seq, last_seq, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            (cs.actor, cs.version, cs.seqs[0], cs.seqs[1], cs.last_seq, cs.ts),
+        )
+
+    def _take_buffered(self, actor: bytes, version: int) -> list[Change]:
+        rows = self.conn.execute(
+            'SELECT "table", pk, cid, val, col_version, db_version, site_id, cl, seq '
+            "FROM __corro_buffered_changes WHERE actor_id = ? AND version = ? ORDER BY seq",
+            (actor, version),
+        ).fetchall()
+        self._drop_buffered(actor, version)
+        return [Change(*r) for r in rows]
+
+    def _drop_buffered(self, actor: bytes, version: int) -> None:
+        self.conn.execute(
+            "DELETE FROM __corro_buffered_changes WHERE actor_id = ? AND version = ?",
+            (actor, version),
+        )
+        self.conn.execute(
+            "DELETE FROM __corro_seq_bookkeeping WHERE site_id = ? AND version = ?",
+            (actor, version),
+        )
+
+    # -- serving versions to peers --------------------------------------------------------
+
+    def serve(
+        self, actor: bytes, versions: RangeSet, *, max_versions: int = 1000
+    ) -> Iterator[Changeset | EmptyVersions]:
+        """The current content of ``versions`` of ``actor`` held here: chunks for versions with
+        surviving changes, empty notices for the rest. Versions not held are skipped."""
+        served = 0
+        empties: list[tuple[int, int]] = []
+        for start, end in versions:
+            rows = self.conn.execute(
+                "SELECT start_version, end_version, db_version, last_seq, ts "
+                "FROM __corro_bookkeeping WHERE actor_id = ? AND start_version <= ? "
+                "AND end_version >= ? ORDER BY start_version",
+                (actor, end, start),
+            ).fetchall()
+            for s, e, local, last_seq, ts in rows:
+                s, e = max(s, start), min(e, end)
+                if local is None:
+                    empties.append((s, e))
+                    served += e - s + 1
+                    continue
+                changes = [
+                    c for c in crdt.changes_for_version(self.conn, local) if c.site_id == actor
+                ]
+                if not changes:
+                    empties.append((s, s))
+                else:
+                    yield from chunk_version(actor, s, changes, last_seq or 0, ts or 0, local)
+                served += 1
+                if served >= max_versions:
+                    break
+            if served >= max_versions:
+                break
+        if empties:
+            yield EmptyVersions(actor, tuple(_coalesce(empties)))
+
+    # -- members ---------------------------------------------------------------------------
+
+    def save_member(self, actor: bytes, address: str, state: str, meta: bytes) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO __corro_members (actor_id, address, state, meta, "
+                "updated_at) VALUES (?, ?, ?, ?, ?)",
+                (actor, address, state, meta, int(time.time())),
+            )
+
+    def load_members(self) -> list[tuple[bytes, str, str, bytes]]:
+        return self.conn.execute(
+            "SELECT actor_id, address, state, meta FROM __corro_members ORDER BY updated_at DESC"
+        ).fetchall()
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(e, out[-1][1]))
+        else:
+            out.append((s, e))
+    return out

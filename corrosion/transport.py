@@ -1,0 +1,97 @@
+"""Peer streams: length-prefixed frames over TCP, optionally sealed with the gossip keyring
+(AES-256-GCM, the cluster label as associated data) and/or wrapped in TLS.
+
+Two kinds of stream open with a hello frame (cluster id, actor id, purpose): ``bcast`` streams
+carry broadcast frames one way and stay open for reuse; ``sync`` streams carry one sync request
+and its answer.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from swim import Keyring
+
+_LEN = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+class FrameStreamError(Exception):
+    """The peer sent something that is not a valid frame (too large, or not decryptable)."""
+
+
+class FrameStream:
+    def __init__(self, stream: ByteStream, keyring: Keyring | None, aad: bytes) -> None:
+        self.stream = stream
+        self._reader = BufferedByteReceiveStream(stream)
+        self._keyring = keyring
+        self._aad = aad
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    async def send(self, data: bytes) -> None:
+        if self._keyring is not None:
+            data = self._keyring.seal(data, self._aad)
+        frame = _LEN.pack(len(data)) + data
+        self.bytes_out += len(frame)
+        await self.stream.send(frame)
+
+    async def receive(self) -> bytes:
+        (n,) = _LEN.unpack(await self._reader.receive_exactly(4))
+        if n > MAX_FRAME:
+            raise FrameStreamError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+        data = await self._reader.receive_exactly(n)
+        self.bytes_in += 4 + n
+        if self._keyring is not None:
+            opened = self._keyring.open(data, self._aad)
+            if opened is None:
+                raise FrameStreamError("frame could not be decrypted with any installed key")
+            data = opened
+        return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def server_ssl_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    if ca is not None:
+        ctx.load_verify_locations(str(ca))
+    return ctx
+
+
+def client_ssl_context(ca: Path | None, insecure: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca is not None:
+        ctx.load_verify_locations(str(ca))
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    keyring: Keyring | None,
+    aad: bytes,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 5.0,
+) -> FrameStream:
+    with anyio.fail_after(timeout):
+        stream: ByteStream = (
+            await anyio.connect_tcp(
+                host, port, ssl_context=ssl_context, tls_standard_compatible=False
+            )
+            if ssl_context is not None
+            else await anyio.connect_tcp(host, port)
+        )
+    return FrameStream(stream, keyring, aad)
