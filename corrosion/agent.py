@@ -155,6 +155,7 @@ class Agent:
         self._closing = False
         self._started_at = 0.0
         self._orchestrator: Any = None
+        self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -228,6 +229,14 @@ class Agent:
             self._tg.start_soon(self._apply_loop)
             self._perform(self.replicator.start(self._now()))
             self._tg.start_soon(self._join_loop)
+            if cfg.admin_path is not None:
+                from .admin import start_admin
+
+                self._closers.append(await start_admin(self, self._tg, cfg.admin_path))
+            if cfg.prometheus_addr is not None:
+                from .metrics import start_metrics
+
+                self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
             if cfg.orchestrator is not None:
                 await self._start_orchestrator()
             if self._serve_api and cfg.api.addrs:
@@ -241,6 +250,9 @@ class Agent:
         if self._closing:
             return
         self._closing = True
+        for close in reversed(self._closers):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await close()
         if self.swim is not None:
             with (
                 anyio.move_on_after(3),
