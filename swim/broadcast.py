@@ -10,6 +10,10 @@ updates, the newest), so fresh news goes out before news most members already he
 Updates are keyed: a membership update is keyed by the member's address, so a newer update about
 a member replaces the older one (and starts again at zero sends); a user broadcast by its origin
 and sequence number (or by a user-chosen key at its origin).
+
+An update is never sent twice to the same address, nor back to the member we learned it from
+(``known_by``): in a small cluster the few allowed sends then reach distinct members instead of
+repeating themselves, which plain random piggybacking (memberlist) does not guarantee.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ class PendingUpdate:
 
 
 class _Item:
-    __slots__ = ("key", "part", "transmits")
+    __slots__ = ("key", "part", "sent_to", "transmits")
 
-    def __init__(self, key: Hashable, part: bytes) -> None:
+    def __init__(self, key: Hashable, part: bytes, known_by: Hashable | None) -> None:
         self.key = key
         self.part = part
         self.transmits = 0
+        self.sent_to: dict[Hashable, None] = {} if known_by is None else {known_by: None}
 
 
 class BroadcastQueue:
@@ -61,10 +66,11 @@ class BroadcastQueue:
         item = self._items.get(key)
         return None if item is None else item.transmits
 
-    def push(self, key: Hashable, part: bytes) -> None:
-        """Queue ``part`` under ``key``, replacing (and resetting) any older update with it."""
+    def push(self, key: Hashable, part: bytes, known_by: Hashable | None = None) -> None:
+        """Queue ``part`` under ``key``, replacing (and resetting) any older update with it.
+        ``known_by`` is the address we learned it from: it is not sent back there."""
         self.discard(key)
-        item = _Item(key, part)
+        item = _Item(key, part, known_by)
         self._items[key] = item
         self._buckets.setdefault(0, {})[key] = item
 
@@ -76,8 +82,9 @@ class BroadcastQueue:
             if not bucket:
                 del self._buckets[old.transmits]
 
-    def fill(self, budget: int, limit: int) -> list[bytes]:
-        """Parts totalling at most ``budget`` bytes; each counts one send against ``limit``."""
+    def fill(self, budget: int, limit: int, dest: Hashable | None = None) -> list[bytes]:
+        """Parts totalling at most ``budget`` bytes for a packet to ``dest``; each counts one
+        send against ``limit``. Parts already sent to (or learned from) ``dest`` are skipped."""
         buckets = self._buckets
         chosen: list[_Item] = []
         room = budget
@@ -90,12 +97,14 @@ class BroadcastQueue:
                 break
             for item in reversed(buckets[t].values()):
                 size = len(item.part)
-                if size <= room:
+                if size <= room and dest not in item.sent_to:
                     chosen.append(item)
                     room -= size
                     if room < _MIN_PART:
                         break
         for item in chosen:
+            if dest is not None:
+                item.sent_to[dest] = None
             t = item.transmits
             bucket = buckets[t]
             del bucket[item.key]

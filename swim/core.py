@@ -449,13 +449,13 @@ class Membership:
         for p in parts:
             t = p[0]
             if t == codec.ALIVE:
-                self._on_alive(p[1], p[2], p[3], now)
+                self._on_alive(p[1], p[2], p[3], now, sender.addr)
             elif t == codec.SUSPECT:
-                self._on_suspect(p[1], p[2], p[3], now)
+                self._on_suspect(p[1], p[2], p[3], now, sender.addr)
             elif t == codec.DOWN:
-                self._on_down(p[1], p[2], p[3], now)
+                self._on_down(p[1], p[2], p[3], now, sender.addr)
             elif t == codec.USER:
-                self._on_user(p[1], p[2], p[3])
+                self._on_user(p[1], p[2], p[3], sender.addr)
         for p in parts:
             t = p[0]
             if t == codec.PING:
@@ -536,7 +536,9 @@ class Membership:
 
     # -- R1-R4: applying updates ---------------------------------------------------------------
 
-    def _on_alive(self, nid: NodeId, inc: int, meta: bytes, now: float) -> None:
+    def _on_alive(
+        self, nid: NodeId, inc: int, meta: bytes, now: float, src: Address | None = None
+    ) -> None:
         if nid.addr == self.addr:  # about our address (R3, R4)
             if self._leaving or nid.gen < self._id.gen:
                 return
@@ -551,7 +553,7 @@ class Membership:
             self._members[nid.addr] = rec
             self._active += 1
             self._insert_probe_order(nid.addr)
-            self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta))
+            self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
             self._out.append(MemberUp(rec.snapshot()))
             return
         if nid.gen != rec.id.gen:
@@ -561,7 +563,7 @@ class Membership:
             self._suspicions.pop(nid.addr, None)
             self._set_state(rec, State.ALIVE, now)
             rec.id, rec.incarnation, rec.meta = nid, inc, meta
-            self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta))
+            self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
             if old.active:
                 self._out.append(MemberRenamed(old, rec.snapshot()))
             else:
@@ -574,13 +576,15 @@ class Membership:
         rec.incarnation, rec.meta = inc, meta
         self._suspicions.pop(nid.addr, None)
         self._set_state(rec, State.ALIVE, now)
-        self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta))
+        self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
         if was is State.SUSPECT:
             self._out.append(MemberAlive(rec.snapshot()))
         elif meta_changed:
             self._out.append(MemberUpdated(rec.snapshot()))
 
-    def _on_suspect(self, nid: NodeId, inc: int, frm: NodeId, now: float) -> None:
+    def _on_suspect(
+        self, nid: NodeId, inc: int, frm: NodeId, now: float, src: Address | None = None
+    ) -> None:
         if nid.addr == self.addr:  # R3, R4
             if self._leaving or nid.gen < self._id.gen:
                 return
@@ -596,7 +600,7 @@ class Membership:
             s = self._suspicions.get(nid.addr)
             if s is not None and s.confirm(frm):  # R7: an independent confirmation
                 self._timer(max(s.deadline, now), SuspicionTimeout(self._token, nid, inc))
-                self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm))
+                self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm), src)
             return
         if (rec.state is State.ALIVE and inc == rec.incarnation) or inc > rec.incarnation:
             rec.incarnation = inc
@@ -605,11 +609,13 @@ class Membership:
             s = Suspicion(now, low, high, k, frm)
             self._suspicions[nid.addr] = s
             self._timer(s.deadline, SuspicionTimeout(self._token, nid, inc))
-            self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm))
+            self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm), src)
             self.stats.suspicions += 1
             self._out.append(MemberSuspect(rec.snapshot()))
 
-    def _on_down(self, nid: NodeId, inc: int, frm: NodeId, now: float) -> None:
+    def _on_down(
+        self, nid: NodeId, inc: int, frm: NodeId, now: float, src: Address | None = None
+    ) -> None:
         if nid.addr == self.addr:  # R4
             if not self._leaving and nid.gen >= self._id.gen:
                 self._renew(nid.gen)
@@ -627,7 +633,7 @@ class Membership:
         rec.incarnation = inc
         self._suspicions.pop(nid.addr, None)
         self._set_state(rec, State.LEFT if frm == nid else State.DOWN, now)
-        self._queue.push(_member_key(nid.addr), codec.down(nid, inc, frm))
+        self._queue.push(_member_key(nid.addr), codec.down(nid, inc, frm), src)
         self._timer(now + self.config.down_retention, ReapDown(self._token, nid))
         if was_active:
             self._out.append(MemberDown(rec.snapshot()))
@@ -661,7 +667,7 @@ class Membership:
             rec.state = state
             rec.changed_at = now
 
-    def _on_user(self, origin: NodeId, seq: int, payload: bytes) -> None:
+    def _on_user(self, origin: NodeId, seq: int, payload: bytes, src: Address) -> None:
         if origin.addr == self.addr:
             return
         key = (origin.host, origin.port, origin.gen, seq)
@@ -669,7 +675,7 @@ class Membership:
             return
         self._remember(key)
         self._out.append(BroadcastReceived(origin, payload))
-        self._queue.push(("u", *key), codec.user(origin, seq, payload))  # R9: relay
+        self._queue.push(("u", *key), codec.user(origin, seq, payload), src)  # R9: relay
 
     def _remember(self, key: tuple) -> None:
         self._seen[key] = None
@@ -864,13 +870,14 @@ class Membership:
         return sender, join, states
 
     def _merge(self, sender: NodeId, states: list, now: float) -> None:
+        src = sender.addr
         for nid, inc, state, meta in states:
             if state is State.ALIVE:
-                self._on_alive(nid, inc, meta, now)
+                self._on_alive(nid, inc, meta, now, src)
             elif state is State.LEFT or (state is State.DOWN and nid.addr == self.addr):
-                self._on_down(nid, inc, nid if state is State.LEFT else sender, now)
+                self._on_down(nid, inc, nid if state is State.LEFT else sender, now, src)
             else:  # SUSPECT, or DOWN about someone else: we prefer to suspect
-                self._on_suspect(nid, inc, sender, now)
+                self._on_suspect(nid, inc, sender, now, src)
 
     def _announce(self) -> None:
         limit = self.config.join_announce
@@ -893,7 +900,7 @@ class Membership:
             - len(self._packed_self)
             - used
         )
-        extra = self._queue.fill(room, self.retransmit_limit) if room > 0 else []
+        extra = self._queue.fill(room, self.retransmit_limit, addr) if room > 0 else []
         if not parts and not extra and not required:
             return False
         self.stats.piggybacked += len(extra)

@@ -77,6 +77,16 @@ def test_queue_retires_updates_when_the_limit_shrinks():
     assert q.fill(100, 4) == [] and len(q) == 0
 
 
+def test_queue_never_sends_an_update_twice_to_one_address_nor_back_to_its_source():
+    q = BroadcastQueue()
+    q.push("a", b"x" * 10, known_by="src")
+    assert q.fill(100, 5, "src") == []
+    assert q.fill(100, 5, "m1") == [b"x" * 10]
+    assert q.fill(100, 5, "m1") == []
+    assert q.fill(100, 5, "m2") == [b"x" * 10]
+    assert q.transmits("a") == 2
+
+
 def test_queue_skips_what_does_not_fit_and_takes_smaller_parts():
     q = BroadcastQueue()
     q.push("small", b"s" * 10)
@@ -134,7 +144,7 @@ def test_gossip_reaches_recently_down_members_only():
     core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), 10.0)
     sent_to = {s.addr for s in of_type(core.handle_timer(GossipTick(1), 11.0), Send)}
     assert b.addr in sent_to  # down 1 s ago: it may still learn it must renew
-    core.handle_datagram(c.addr, c.packet(codec.alive(NodeId("9.9.9.9", 1, 1), 0, b"")), 50.0)
+    core.broadcast(b"news", 50.0)
     sent_to = {s.addr for s in of_type(core.handle_timer(GossipTick(1), 50.0), Send)}
     assert b.addr not in sent_to and c.addr in sent_to
 

@@ -112,13 +112,13 @@ class CheckedQueue(BroadcastQueue):
         self._keys: dict = {}
         self.max_ratio = 0.0
 
-    def push(self, key, part):
-        super().push(key, part)
+    def push(self, key, part, known_by=None):
+        super().push(key, part, known_by)
         self._counts[key] = 0
         self._keys[part] = key
 
-    def fill(self, budget, limit):
-        out = super().fill(budget, limit)
+    def fill(self, budget, limit, dest=None):
+        out = super().fill(budget, limit, dest)
         assert sum(map(len, out)) <= budget
         for part in out:
             key = self._keys[part]
