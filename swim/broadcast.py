@@ -48,9 +48,10 @@ class _Item:
 class BroadcastQueue:
     """Keyed updates bucketed by send count; ``fill`` picks what fits into a packet."""
 
-    __slots__ = ("_buckets", "_items", "sent_total")
+    __slots__ = ("_buckets", "_items", "max_items", "sent_total")
 
-    def __init__(self) -> None:
+    def __init__(self, max_items: int = 4096) -> None:
+        self.max_items = max_items
         self._items: dict[Hashable, _Item] = {}
         # transmits -> items with that count, in the order they reached it.
         self._buckets: dict[int, dict[Hashable, _Item]] = {}
@@ -70,6 +71,9 @@ class BroadcastQueue:
         """Queue ``part`` under ``key``, replacing (and resetting) any older update with it.
         ``known_by`` is the address we learned it from: it is not sent back there."""
         self.discard(key)
+        if len(self._items) >= self.max_items:  # full: forget the most-sent, oldest update
+            worst = self._buckets[max(self._buckets)]
+            self.discard(next(iter(worst)))
         item = _Item(key, part, known_by)
         self._items[key] = item
         self._buckets.setdefault(0, {})[key] = item
@@ -82,26 +86,39 @@ class BroadcastQueue:
             if not bucket:
                 del self._buckets[old.transmits]
 
-    def fill(self, budget: int, limit: int, dest: Hashable | None = None) -> list[bytes]:
+    def fill(
+        self,
+        budget: int,
+        limit: int,
+        dest: Hashable | None = None,
+        audience: int | None = None,
+    ) -> list[bytes]:
         """Parts totalling at most ``budget`` bytes for a packet to ``dest``; each counts one
-        send against ``limit``. Parts already sent to (or learned from) ``dest`` are skipped."""
+        send against ``limit``. Parts already sent to (or learned from) ``dest`` are skipped.
+        An update that ``audience`` (> 0) distinct addresses already have - everyone we could
+        tell - is retired, like one that reached ``limit``."""
         buckets = self._buckets
         chosen: list[_Item] = []
+        done: list[_Item] = []
         room = budget
         for t in sorted(buckets):
             if t >= limit:  # the cluster shrank below this count: retire, never send
-                for item in buckets.pop(t).values():
-                    del self._items[item.key]
+                done.extend(buckets[t].values())
                 continue
             if room < _MIN_PART:
                 break
             for item in reversed(buckets[t].values()):
+                if audience and len(item.sent_to) >= audience:
+                    done.append(item)
+                    continue
                 size = len(item.part)
                 if size <= room and dest not in item.sent_to:
                     chosen.append(item)
                     room -= size
                     if room < _MIN_PART:
                         break
+        for item in done:
+            self.discard(item.key)
         for item in chosen:
             if dest is not None:
                 item.sent_to[dest] = None
@@ -112,7 +129,7 @@ class BroadcastQueue:
                 del buckets[t]
             t += 1
             item.transmits = t
-            if t < limit:
+            if t < limit and not (audience and len(item.sent_to) >= audience):
                 nxt = buckets.get(t)
                 if nxt is None:
                     buckets[t] = nxt = {}

@@ -65,11 +65,12 @@ R7  Suspicion timeout (LHA-Suspicion, ``swim.lifeguard.Suspicion``): Min = alpha
     still-SUSPECT member at the same incarnation is declared DOWN (``_on_suspicion_timeout``).
 
 R8  Dissemination (SWIM section 4.1, ``swim.broadcast``). Every accepted update is queued;
-    every packet we send is topped up with queued updates up to ``max_packet_size`` (``_packet``);
+    every packet we send is topped up with queued updates up to ``max_packet_size`` (``_send``);
     each update rides at most ``retransmit_mult * ceil(log10(n + 1))`` packets, least-sent
-    first; a newer update about a member replaces the older one. Gossip rounds push the queue
-    to ``gossip_nodes`` random members (active, or down for less than
-    ``gossip_to_the_dead_time``) when it is not empty (``_on_gossip_tick``).
+    first; a newer update about a member replaces the older one. An update never goes twice to
+    one address nor back to the member it came from, and retires once every member we could
+    tell has it. Gossip rounds push the queue to ``gossip_nodes`` random members (active, or
+    down for less than ``gossip_to_the_dead_time``) when it is not empty (``_on_gossip_tick``).
 
 R9  User payloads. ``broadcast`` queues a USER part that every receiver delivers once
     (deduplicated by origin identity and sequence) and relays with the same limit - epidemic
@@ -250,6 +251,7 @@ class Membership:
         self._packed_self = codec.pack_id(self._id)
         self._members: dict[Address, _Rec] = {}
         self._active = 0  # members (not us) alive or suspect
+        self._recently_down: dict[Address, float] = {}  # still gossiped to: addr -> since
         self._limit_n, self._limit = -1, 0  # retransmit limit cached for one cluster size
         self._suspicions: dict[Address, Suspicion] = {}
         self._probe_order: list[Address] = []
@@ -663,6 +665,10 @@ class Membership:
     def _set_state(self, rec: _Rec, state: State, now: float) -> None:
         if rec.state.active != state.active:
             self._active += 1 if state.active else -1
+            if state.active:
+                self._recently_down.pop(rec.id.addr, None)
+            else:
+                self._recently_down[rec.id.addr] = now
         if rec.state is not state:
             rec.state = state
             rec.changed_at = now
@@ -806,12 +812,17 @@ class Membership:
         rec = self._members.get(nid.addr)
         if rec is not None and rec.id == nid and rec.state in _TERMINAL:
             del self._members[nid.addr]
+            self._recently_down.pop(nid.addr, None)
 
     # -- R8: gossip ----------------------------------------------------------------------------
 
     def _on_gossip_tick(self, now: float) -> None:
         if self._leaving and self.leave_done:
             return  # R11: nothing more to say
+        horizon = now - self.config.gossip_to_the_dead_time
+        for addr, since in list(self._recently_down.items()):
+            if since < horizon:
+                del self._recently_down[addr]
         self._timer(now + self.config.gossip_interval, GossipTick(self._token))
         self._gossip(now)
 
@@ -900,7 +911,8 @@ class Membership:
             - len(self._packed_self)
             - used
         )
-        extra = self._queue.fill(room, self.retransmit_limit, addr) if room > 0 else []
+        audience = self._active + len(self._recently_down)
+        extra = self._queue.fill(room, self.retransmit_limit, addr, audience) if room > 0 else []
         if not parts and not extra and not required:
             return False
         self.stats.piggybacked += len(extra)

@@ -87,6 +87,16 @@ def test_queue_never_sends_an_update_twice_to_one_address_nor_back_to_its_source
     assert q.transmits("a") == 2
 
 
+def test_queue_retires_what_everyone_already_has():
+    q = BroadcastQueue()
+    q.push("a", b"x" * 10, known_by="m1")
+    q.push("b", b"y" * 10)
+    assert q.fill(100, 8, "m2", audience=2) == [b"y" * 10, b"x" * 10]
+    assert "a" not in q  # m1 and m2: the whole audience has it
+    assert q.fill(100, 8, "m1", audience=2) == [b"y" * 10]
+    assert len(q) == 0
+
+
 def test_queue_skips_what_does_not_fit_and_takes_smaller_parts():
     q = BroadcastQueue()
     q.push("small", b"s" * 10)
@@ -273,3 +283,25 @@ def test_a_failed_join_stream_reports_failure():
     core.start(0.0)
     (req,) = of_type(core.join([("10.0.0.2", 1)], 0.0), OpenStream)
     assert core.handle_stream_failed(req.stream_id, 1.0) == [StreamDone(req.stream_id, False, True)]
+
+
+def test_queue_is_bounded_and_forgets_the_most_sent_oldest_first():
+    q = BroadcastQueue(max_items=3)
+    for k in "abc":
+        q.push(k, k.encode() * 10)
+    q.fill(10, 5, "m1")  # c goes out once
+    q.push("d", b"d" * 10)
+    assert "c" not in q and len(q) == 3
+    q.push("e", b"e" * 10)
+    assert "a" not in q and [u.key for u in q.snapshot()] == ["e", "d", "b"]
+
+
+def test_leave_completes_even_in_a_two_member_cluster():
+    net = LocalNetwork(seed=3, config=Config.lan())
+    a = net.add()
+    b = net.add(seeds=[a.addr])
+    net.run_for(2.0)
+    net.apply(b, b.leave(net.now))
+    assert net.run_until_true(lambda: b.leave_done, timeout=2.0)  # sent, maybe in flight
+    net.run_for(0.01)
+    assert a.member(b.addr).state is State.LEFT

@@ -117,8 +117,8 @@ class CheckedQueue(BroadcastQueue):
         self._counts[key] = 0
         self._keys[part] = key
 
-    def fill(self, budget, limit, dest=None):
-        out = super().fill(budget, limit, dest)
+    def fill(self, budget, limit, dest=None, audience=None):
+        out = super().fill(budget, limit, dest, audience)
         assert sum(map(len, out)) <= budget
         for part in out:
             key = self._keys[part]
