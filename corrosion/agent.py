@@ -114,6 +114,14 @@ class _PeerOut:
 
 
 @dataclass
+class Faults:
+    """Test hook: ``isolated`` drops this node's peer traffic (broadcast and sync, both ways),
+    as a network partition of the data plane would."""
+
+    isolated: bool = False
+
+
+@dataclass
 class AgentEvents:
     """Counters a test or the health endpoint can read."""
 
@@ -136,6 +144,7 @@ class Agent:
         self.swim: swim.SwimNode | None = None
         self.db_lock = anyio.Lock()
         self.events = AgentEvents()
+        self.faults = Faults()
         self._tg: TaskGroup | None = None
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = 0
@@ -272,10 +281,11 @@ class Agent:
                 except Exception:
                     log.exception("closing the orchestrator")
         if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(BaseException):
-                    await self._tg.__aexit__(None, None, None)
+            # The task group was entered in start(); exit it at the same nesting level (no
+            # extra cancel scope around this call), or anyio cannot unwind its scope.
+            tg, self._tg = self._tg, None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
         if self.swim is not None:
             with anyio.CancelScope(shield=True):
                 await self.swim.aclose()
@@ -297,7 +307,8 @@ class Agent:
     # -- effects and timers ----------------------------------------------------------------
 
     def _perform(self, effects: Sequence[Effect]) -> None:
-        assert self._tg is not None
+        if self._tg is None:
+            return  # closing: nothing more goes out
         for eff in effects:
             if isinstance(eff, SendFrame):
                 self._send_frame(eff.addr, eff.data)
@@ -323,7 +334,11 @@ class Agent:
     # -- broadcast streams -----------------------------------------------------------------
 
     def _send_frame(self, addr: tuple[str, int], data: bytes) -> None:
-        assert self._tg is not None
+        if self._tg is None:
+            return
+        if self.faults.isolated:
+            self.events.frames_dropped += 1
+            return
         out = self._peers_out.get(addr)
         if out is None:
             send, receive = anyio.create_memory_object_stream[bytes](PEER_QUEUE)
@@ -364,6 +379,9 @@ class Agent:
 
     async def _serve_peer(self, raw: SocketStream) -> None:
         assert self.replicator is not None
+        if self.faults.isolated:
+            await raw.aclose()
+            return
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -399,6 +417,8 @@ class Agent:
         assert self.replicator is not None
         while True:
             data = await stream.receive()
+            if self.faults.isolated:
+                return
             before = len(self.replicator.queue)
             self._perform(self.replicator.handle_frame(None, data, self._now()))
             if len(self.replicator.queue) != before:
@@ -416,6 +436,8 @@ class Agent:
             )
         with anyio.fail_after(120):
             for frame in frames:
+                if self.faults.isolated:
+                    return
                 await stream.send(frame)
 
     async def _run_sync(self, addr: tuple[str, int], request: bytes) -> None:
@@ -430,6 +452,8 @@ class Agent:
                     await stream.send(request)
                     while True:
                         data = await stream.receive()
+                        if self.faults.isolated:
+                            raise OSError("isolated")
                         before = len(self.replicator.queue)
                         more = self.replicator.handle_sync_frame(addr, data, self._now())
                         if len(self.replicator.queue) != before:

@@ -66,7 +66,10 @@ def routes(agent: Agent) -> list[BaseRoute]:
 
     async def transactions(request: Request) -> Response:
         try:
-            statements = parse_statements(await _json_body(request))
+            body = await _json_body(request)
+            if not isinstance(body, list):
+                raise StatementFormError("expected a JSON array of statements")
+            statements = parse_statements(body)
         except StatementFormError as exc:
             return _error(400, str(exc))
         try:

@@ -1,0 +1,237 @@
+"""Prometheus metrics: ``GET /metrics`` in the text exposition format (version 0.0.4).
+
+Names follow corrosion's (its ``corro.*`` families with dots as underscores, see
+shared/research/corrosion.md §1.12) where we have the same quantity; counters end in ``_total``.
+The values are read at scrape time from counters the agent already keeps
+(``agent.replicator.stats``, ``agent.events``, ``agent.swim.stats``), so serving metrics costs
+nothing between scrapes.
+
+The server is a few lines of HTTP/1.1 on an anyio TCP listener (one request per connection), so it
+runs on asyncio and trio alike and adds no dependency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_HEAD = 16 * 1024
+
+# (name, type, help, how to read it from the agent)
+_Sample = tuple[dict[str, str], float]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("corrosion")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def collect(agent: Agent) -> list[tuple[str, str, str, list[_Sample]]]:
+    """Every family as ``(name, type, help, [(labels, value)])``."""
+    rep = agent.replicator.stats if agent.replicator is not None else None
+    ev = agent.events
+    sw = agent.swim.stats if agent.swim is not None else None
+    db = str(agent.config.db.path)
+
+    def one(v: float) -> list[_Sample]:
+        return [({}, float(v))]
+
+    fams: list[tuple[str, str, str, list[_Sample]]] = [
+        ("corro_build_info", "gauge", "Build information.", [({"version": _version()}, 1.0)]),
+    ]
+    if agent.swim is not None:
+        states: dict[str, int] = {"alive": 0, "suspect": 0, "down": 0, "left": 0}
+        for m in agent.swim.all_members():
+            key = m.state.name.lower()
+            states[key] = states.get(key, 0) + 1
+        fams += [
+            ("corro_gossip_members", "gauge", "Members seen alive (not counting this node).",
+             one(agent.alive_members())),
+            ("corro_gossip_member_states", "gauge", "Known members by SWIM state.",
+             [({"state": s}, float(n)) for s, n in sorted(states.items())]),
+        ]  # fmt: skip
+    if agent.store is not None:
+        fams.append(
+            ("corro_db_gaps_sum", "gauge", "Versions known to exist but not held here.",
+             one(agent.gaps()))
+        )  # fmt: skip
+    if agent.replicator is not None:
+        fams.append(
+            ("corro_agent_changes_in_queue", "gauge", "Received changeset chunks waiting to apply.",
+             one(agent.queue_size()))
+        )  # fmt: skip
+    fams += [
+        ("corro_db_size_bytes", "gauge", "Size of the database file.", one(_file_size(db))),
+        ("corro_db_wal_size_bytes", "gauge", "Size of the database's write-ahead log.",
+         one(_file_size(db + "-wal"))),
+        ("corro_agent_versions_applied_total", "counter",
+         "Remote versions applied (with data or known empty).", one(ev.applied_versions)),
+        ("corro_peer_stream_errors_total", "counter",
+         "Peer (broadcast/sync) streams that failed.", one(ev.peer_stream_errors)),
+        ("corro_broadcast_dropped_total", "counter",
+         "Broadcast frames dropped because a peer's send queue was full.",
+         one(ev.frames_dropped)),
+    ]  # fmt: skip
+    if rep is not None:
+        fams += [
+            ("corro_agent_changes_applied_total", "counter",
+             "Rows changed in replicated tables by applied remote versions.",
+             one(rep.changes_applied)),
+            ("corro_broadcast_sent_total", "counter",
+             "Broadcast sends (one per peer and round).", one(rep.broadcasts_sent)),
+            ("corro_broadcast_relayed_total", "counter",
+             "Received changesets relayed onwards.", one(rep.relayed)),
+            ("corro_broadcast_duplicate_total", "counter",
+             "Received chunks already held or queued.", one(rep.duplicates)),
+            ("corro_agent_changes_dropped_total", "counter",
+             "Chunks dropped because the apply queue was full.", one(rep.dropped_queue_full)),
+            ("corro_agent_changesets_rejected_total", "counter",
+             "Changesets that failed to merge (bad data).", one(rep.rejected_changesets)),
+            ("corro_peer_frames_malformed_total", "counter",
+             "Peer frames dropped as malformed.", one(rep.malformed)),
+            ("corro_peer_frames_other_cluster_total", "counter",
+             "Peer frames dropped because they came from another cluster.",
+             one(rep.other_cluster)),
+            ("corro_sync_client_started_total", "counter",
+             "Sync rounds started with a peer.", one(rep.syncs_started)),
+            ("corro_sync_requests_recv_total", "counter",
+             "Sync requests served to peers.", one(rep.syncs_served)),
+            ("corro_sync_frames_recv_total", "counter",
+             "Frames received in sync answers.", one(rep.sync_frames_received)),
+        ]  # fmt: skip
+    if sw is not None:
+        fams += [
+            ("corro_swim_packets_recv_total", "counter", "SWIM datagrams received.",
+             one(sw.packets_in)),
+            ("corro_swim_packets_sent_total", "counter", "SWIM datagrams sent.",
+             one(sw.packets_out)),
+            ("corro_swim_bytes_recv_total", "counter", "SWIM datagram bytes received.",
+             one(sw.bytes_in)),
+            ("corro_swim_bytes_sent_total", "counter", "SWIM datagram bytes sent.",
+             one(sw.bytes_out)),
+            ("corro_swim_probes_total", "counter", "Failure-detector probes.", one(sw.probes)),
+            ("corro_swim_probes_failed_total", "counter", "Probes that got no ack.",
+             one(sw.probes_failed)),
+            ("corro_swim_suspicions_total", "counter", "Members suspected.", one(sw.suspicions)),
+            ("corro_swim_declared_down_total", "counter", "Members declared down.",
+             one(sw.declared_down)),
+            ("corro_swim_malformed_total", "counter", "SWIM datagrams dropped, by reason.",
+             [({"reason": r}, float(n)) for r, n in sorted(sw.dropped.items())]),
+        ]  # fmt: skip
+    return fams
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
+def render(families: Iterable[tuple[str, str, str, list[_Sample]]]) -> str:
+    """The text exposition format: HELP and TYPE lines, then one line per sample."""
+    lines: list[str] = []
+    for name, kind, help_text, samples in families:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+                lines.append(f"{name}{{{inner}}} {_number(value)}")
+            else:
+                lines.append(f"{name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# -- the HTTP server ---------------------------------------------------------------------------
+
+
+async def start_metrics(
+    agent: Agent, tg: TaskGroup, addr: tuple[str, int]
+) -> Callable[[], Awaitable[None]]:
+    """Serve ``/metrics`` on ``addr`` inside ``tg``; return the closer. ``agent.metrics_addr``
+    is set to the bound address (port 0 picks a free one)."""
+    host, port = addr
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    agent.metrics_addr = (host, bound_port)  # type: ignore[attr-defined]
+    scope = anyio.CancelScope()
+
+    async def serve() -> None:
+        with scope:
+            await listener.serve(lambda stream: _handle(agent, stream))
+
+    tg.start_soon(serve)
+
+    async def close() -> None:
+        scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await listener.aclose()
+
+    return close
+
+
+async def _handle(agent: Agent, stream: SocketStream) -> None:
+    async with stream:
+        with contextlib.suppress(Exception), anyio.fail_after(10):
+            head = bytearray()
+            while b"\r\n\r\n" not in head and b"\n\n" not in head:
+                if len(head) > MAX_HEAD:
+                    await stream.send(_response(431, "text/plain", "request head too large\n"))
+                    return
+                head += await stream.receive(4096)
+            request_line = bytes(head).split(b"\n", 1)[0].decode("latin-1").strip()
+            parts = request_line.split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                await stream.send(_response(400, "text/plain", "bad request\n"))
+                return
+            method, target = parts[0], parts[1].split("?", 1)[0]
+            if target not in ("/metrics", "/"):
+                await stream.send(_response(404, "text/plain", "not found; try /metrics\n"))
+            elif method not in ("GET", "HEAD"):
+                await stream.send(_response(405, "text/plain", "method not allowed\n"))
+            elif target == "/":
+                await stream.send(_response(200, "text/plain", "corrosion metrics: /metrics\n"))
+            else:
+                body = render(collect(agent))
+                await stream.send(_response(200, CONTENT_TYPE, body, head_only=method == "HEAD"))
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large"}  # fmt: skip
+
+
+def _response(status: int, content_type: str, body: str, *, head_only: bool = False) -> bytes:
+    data = body.encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(data)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + data

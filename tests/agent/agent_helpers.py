@@ -1,0 +1,93 @@
+"""Helpers for agent tests: configs in temp dirs, clusters of real agents on loopback, waiting on
+conditions with generous deadlines (the machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corrosion import Agent, Config
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL PRIMARY KEY, v ANY, n INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS items (id INTEGER NOT NULL PRIMARY KEY, body TEXT, owner TEXT);
+"""
+
+
+def write_schema(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "schema.sql"
+    path.write_text(SCHEMA)
+    return path
+
+
+def agent_config(
+    base: Path,
+    name: str,
+    seeds: list[str] | None = None,
+    *,
+    with_api: bool = True,
+    **sections: dict[str, Any],
+) -> Config:
+    schema = write_schema(base / "schema")
+    data: dict[str, Any] = {
+        "db": {"path": str(base / name / "state.db"), "schema_paths": [str(schema)]},
+        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds or [], "preset": "local"},
+        "perf": {"min_sync_backoff": 0.2, "max_sync_backoff": 1.0},
+    }
+    if with_api:
+        data["api"] = {"addr": "127.0.0.1:0"}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Config.from_mapping(data)
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0, what: str = ""
+) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    with anyio.move_on_after(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def seed_addr(agent: Agent) -> str:
+    host, port = agent.swim.address
+    return f"{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    base: Path, n: int, *, with_api: bool = True, **sections: dict[str, Any]
+) -> AsyncIterator[list[Agent]]:
+    """``n`` agents joined through the first, all seeing each other."""
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            Agent(agent_config(base, "n0", with_api=with_api, **sections))
+        )
+        agents = [first]
+        for i in range(1, n):
+            cfg = agent_config(base, f"n{i}", [seed_addr(first)], with_api=with_api, **sections)
+            agents.append(await stack.enter_async_context(Agent(cfg)))
+        await wait_for(
+            lambda: all(a.alive_members() == n - 1 for a in agents), what="membership to settle"
+        )
+        yield agents
+
+
+async def rows(agent: Agent, sql: str, params: Any = ()) -> list[tuple]:
+    return [r async for r in agent.query(sql, params)]

@@ -1,0 +1,163 @@
+"""The HTTP API: corrosion's paths, statement forms, JSON shapes, NDJSON framing, errors, auth."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from agent_helpers import agent_config, rows
+
+from corrosion import Agent
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+async def node(tmp_path):
+    async with Agent(agent_config(tmp_path, "api")) as agent:
+        host, port = agent.api_addrs[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+            yield agent, client
+
+
+@pytest.fixture
+async def secured(tmp_path):
+    cfg = agent_config(tmp_path, "sec", api={"authz": {"bearer-token": "s3cret"}})
+    async with Agent(cfg) as agent:
+        host, port = agent.api_addrs[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+            yield agent, client
+
+
+def ndjson(resp: httpx.Response) -> list[dict]:
+    assert resp.headers["content-type"].startswith("application/x-ndjson")
+    assert resp.text.endswith("\n")
+    return [json.loads(line) for line in resp.text.splitlines()]
+
+
+async def test_every_statement_form(node):
+    agent, client = node
+    resp = await client.post(
+        "/v1/transactions",
+        json=[
+            "INSERT INTO kv (k, v) VALUES ('plain', 1)",
+            ["INSERT INTO kv (k, v) VALUES (?, ?)", ["positional", 2]],
+            ["INSERT INTO kv (k, v) VALUES (:k, :v)", {"k": "named", "v": 3}],
+            {"query": "INSERT INTO kv (k, v) VALUES (?, ?)", "params": ["object", 4]},
+            {
+                "query": "INSERT INTO kv (k, v) VALUES (:k, :v)",
+                "named_params": {"k": "objn", "v": 5},
+            },
+            ["INSERT INTO kv (k, v) VALUES (?, ?)", ["types", [1, 2, 255]]],
+            ["UPDATE kv SET n = ? WHERE k = 'plain'", [True]],
+        ],
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert set(body) == {"results", "time", "version", "actor_id"}
+    assert [r["rows_affected"] for r in body["results"]] == [1, 1, 1, 1, 1, 1, 1]
+    assert all(isinstance(r["time"], float) for r in body["results"])
+    assert body["version"] == 1 and body["actor_id"] == agent.actor_id.hex()
+    assert await rows(agent, "SELECT k, v, n FROM kv ORDER BY k") == [
+        ("named", 3, 0),
+        ("object", 4, 0),
+        ("objn", 5, 0),
+        ("plain", 1, 1),
+        ("positional", 2, 0),
+        ("types", b"\x01\x02\xff", 0),
+    ]
+    # a transaction that changes nothing replicated gets no version
+    resp = await client.post("/v1/transactions", json=["UPDATE kv SET v = v WHERE k = 'zzz'"])
+    assert resp.json()["version"] is None
+
+
+async def test_failing_statement_rolls_back_everything(node):
+    agent, client = node
+    resp = await client.post(
+        "/v1/transactions",
+        json=["INSERT INTO kv (k, v) VALUES ('a', 1)", "INSERT INTO nope VALUES (1)"],
+    )
+    assert resp.status_code == 500
+    body = resp.json()
+    assert "no such table: nope" in body["results"][0]["error"] and body["version"] is None
+    assert await rows(agent, "SELECT count(*) FROM kv") == [(0,)]
+    for bad in ([], "not a list", [{"params": [1]}], [["SELECT ?", "x"]], [42]):
+        resp = await client.post("/v1/transactions", json=bad)
+        assert resp.status_code == 400, bad
+        assert "error" in resp.json()
+    resp = await client.post("/v1/transactions", content=b"{not json")
+    assert resp.status_code == 400
+    resp = await client.post("/v1/transactions", json=["COMMIT"])
+    assert resp.status_code == 500
+
+
+async def test_queries_stream_ndjson(node):
+    agent, client = node
+    await agent.execute([["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", i]] for i in range(600)])
+    await agent.execute([["INSERT INTO kv (k, v) VALUES ('blob', ?)", [b"\x00\xff"]]])
+    lines = ndjson(await client.post("/v1/queries", json="SELECT k, v FROM kv ORDER BY k"))
+    assert lines[0] == {"columns": ["k", "v"]}
+    assert "eoq" in lines[-1] and isinstance(lines[-1]["eoq"]["time"], float)
+    data = lines[1:-1]
+    assert len(data) == 601
+    assert [d["row"][0] for d in data] == list(range(1, 602))
+    assert data[0]["row"][1] == ["blob", [0, 255]]
+    lines = ndjson(await client.post("/v1/queries", json=["SELECT v FROM kv WHERE k = ?", ["k7"]]))
+    assert lines[1] == {"row": [1, [7]]}
+    lines = ndjson(
+        await client.post(
+            "/v1/queries", json={"query": "SELECT :x AS x", "named_params": {"x": "y"}}
+        )
+    )
+    assert lines[:2] == [{"columns": ["x"]}, {"row": [1, ["y"]]}]
+    lines = ndjson(await client.post("/v1/queries", json="SELECT * FROM kv WHERE 0"))
+    assert lines[0] == {"columns": ["k", "v", "n"]} and "eoq" in lines[1]
+
+
+async def test_queries_refuse_writes_and_bad_sql(node):
+    agent, client = node
+    for write in [
+        "INSERT INTO kv (k) VALUES ('x')",
+        "DELETE FROM kv",
+        "CREATE TABLE z (a)",
+        "UPDATE kv SET v = 1",
+    ]:
+        resp = await client.post("/v1/queries", json=write)
+        assert resp.status_code == 400, write
+        assert resp.json() == {"error": "statement is not readonly"}
+    assert await rows(agent, "SELECT count(*) FROM kv") == [(0,)]
+    resp = await client.post("/v1/queries", json="SELECT * FROM missing")
+    assert resp.status_code == 400 and "no such table" in resp.json()["error"]
+    resp = await client.post("/v1/queries", json="SELECT 1; SELECT 2")
+    assert resp.status_code == 400
+
+
+async def test_health_members_and_table_stats(node):
+    agent, client = node
+    resp = await client.get("/v1/health")
+    assert resp.status_code == 200
+    assert resp.json() == {"response": {"gaps": 0, "members": 0, "p99_lag": 0.0, "queue_size": 0}}
+    agent.store.bookie.get(b"\x01" * 16).held.add(5, 5)  # versions 1..4 are now gaps
+    assert (await client.get("/v1/health?gaps=3")).status_code == 503
+    assert (await client.get("/v1/health?gaps=4")).status_code == 200
+    assert (await client.get("/v1/health?gaps=0&failure_status=500")).status_code == 500
+    assert (await client.get("/v1/health?gaps=x")).status_code == 400
+    assert (await client.get("/v1/cluster/members")).json() == []
+    await agent.execute(["INSERT INTO kv (k) VALUES ('a')", "INSERT INTO items (id) VALUES (1)"])
+    resp = await client.post("/v1/table_stats", json={"tables": ["kv", "items", "missing"]})
+    assert resp.json() == {"total_row_count": 2, "invalid_tables": ["missing"]}
+
+
+async def test_bearer_token(secured):
+    _agent, client = secured
+    assert (await client.get("/v1/health")).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert (await client.post("/v1/queries", json="SELECT 1", headers=bad)).status_code == 401
+    ok = {"Authorization": "Bearer s3cret"}
+    assert (await client.post("/v1/queries", json="SELECT 1", headers=ok)).status_code == 200
