@@ -17,16 +17,13 @@ async def main(path: str) -> None:
         config = Config.from_mapping(json.load(f))
     async with Agent(config) as agent:
         host, port = agent.api_addrs[0]
-        print(
-            json.dumps(
-                {
-                    "api": f"{host}:{port}",
-                    "gossip": "%s:%d" % agent.swim.address,
-                    "actor": agent.actor_id.hex(),
-                }
-            ),
-            flush=True,
-        )
+        ghost, gport = agent.swim.address
+        info = {
+            "api": f"{host}:{port}",
+            "gossip": f"{ghost}:{gport}",
+            "actor": agent.actor_id.hex(),
+        }
+        print(json.dumps(info), flush=True)
         await anyio.sleep_forever()
 
 
