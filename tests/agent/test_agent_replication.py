@@ -1,0 +1,233 @@
+"""The sans-IO replication core and the store, without sockets: chunks, partial versions,
+gaps, empty versions, sync answers, malformed input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corrosion.changeset import (
+    Changeset,
+    EmptyVersions,
+    chunk_version,
+    decode_frame,
+    encode,
+)
+from corrosion.ranges import RangeSet
+from corrosion.replication import (
+    ReplicationConfig,
+    Replicator,
+    SendFrame,
+    StartSync,
+    SyncTick,
+)
+from corrosion.store import Store
+
+SCHEMA = "CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, body TEXT, n INTEGER DEFAULT 0)"
+
+
+def store(tmp_path, name: str) -> Store:
+    s = Store(tmp_path / f"{name}.db")
+    s.apply_schema(SCHEMA)
+    return s
+
+
+def replicator(s: Store, seed: int = 1, **cfg) -> Replicator:
+    return Replicator(s, ReplicationConfig(**cfg), random.Random(seed), lambda: 1_700_000_000_000)
+
+
+def table(s: Store) -> list[tuple]:
+    return s.conn.execute("SELECT * FROM t ORDER BY id").fetchall()
+
+
+def big_commit(s: Store, n: int = 300):
+    _, commit = s.execute_local(
+        [("INSERT INTO t (id, body) VALUES (?, ?)", (i, "x" * 100)) for i in range(n)], ts=1
+    )
+    return commit
+
+
+def test_chunks_buffer_until_complete_even_across_a_restart(tmp_path):
+    a, b = store(tmp_path, "a"), store(tmp_path, "b")
+    commit = big_commit(a)
+    chunks = chunk_version(
+        a.actor_id,
+        commit.version,
+        commit.changes,
+        commit.last_seq,
+        1,
+        commit.db_version,
+        max_bytes=2048,
+    )
+    assert len(chunks) > 4
+    assert chunks[0].seqs[0] == 0 and chunks[-1].seqs[1] == commit.last_seq
+    assert all(x.seqs[1] + 1 == y.seqs[0] for x, y in zip(chunks, chunks[1:], strict=False))
+    order = list(reversed(chunks))
+    result = b.apply(order[:-1] + order[:2])  # all but one chunk, plus duplicates
+    assert result.buffered == len(chunks) - 1 and result.duplicates == 2
+    assert table(b) == []
+    assert b.bookie.get(a.actor_id).partials[1].seqs.ranges() == [
+        (chunks[1].seqs[0], commit.last_seq)
+    ]
+    path = b.path
+    b.close()
+    b = Store(path)  # a crash here must lose nothing
+    assert list(b.bookie.get(a.actor_id).partials) == [1]
+    result = b.apply([order[-1]])
+    assert result.applied == [(a.actor_id, 1)]
+    assert table(b) == table(a)
+    assert b.conn.execute("SELECT count(*) FROM __corro_buffered_changes").fetchone() == (0,)
+    assert b.bookie.get(a.actor_id).gaps() == RangeSet()
+
+
+def test_versions_out_of_order_leave_gaps_until_filled(tmp_path):
+    a, b = store(tmp_path, "a"), store(tmp_path, "b")
+    commits = []
+    for i in range(4):
+        commits.append(a.execute_local([("INSERT INTO t (id) VALUES (?)", (i,))], ts=i)[1])
+    items = [list(a.serve(a.actor_id, RangeSet([(c.version, c.version)])))[0] for c in commits]
+    b.apply([items[3]])
+    assert b.bookie.get(a.actor_id).gaps() == RangeSet([(1, 3)])
+    assert b.conn.execute('SELECT start, "end" FROM __corro_bookkeeping_gaps').fetchall() == [
+        (1, 3)
+    ]
+    b.apply([items[1], items[0]])
+    assert b.bookie.gap_count() == 2 - 1 + 0  # only version 3 missing now
+    b.apply([items[2]])
+    assert b.bookie.gap_count() == 0 and table(b) == table(a)
+    assert b.conn.execute("SELECT count(*) FROM __corro_bookkeeping_gaps").fetchone() == (0,)
+
+
+def test_superseded_versions_are_served_empty(tmp_path):
+    a, b = store(tmp_path, "a"), store(tmp_path, "b")
+    a.execute_local([("INSERT INTO t (id, body) VALUES (1, 'old')", ())], ts=1)
+    a.execute_local([("UPDATE t SET body = 'new', n = 1 WHERE id = 1", ())], ts=2)
+    served = list(a.serve(a.actor_id, RangeSet([(1, 2)])))
+    assert isinstance(served[-1], EmptyVersions) and served[-1].versions == ((1, 1),)
+    assert [c.version for c in served if isinstance(c, Changeset)] == [2]
+    b.apply(served)
+    assert table(b) == [(1, "new", 1)]
+    assert b.bookie.get(a.actor_id).held == RangeSet([(1, 2)])
+
+
+def test_sync_alone_converges_two_replicators(tmp_path):
+    sa, sb = store(tmp_path, "a"), store(tmp_path, "b")
+    ra, rb = replicator(sa, broadcast=False), replicator(sb, broadcast=False)
+    for i in range(30):
+        ra.execute([("INSERT INTO t (id, body) VALUES (?, ?)", (i, f"a{i}"))], now=i)
+        rb.execute([("INSERT INTO t (id, body) VALUES (?, ?)", (100 + i, f"b{i}"))], now=i)
+    rb.execute([("UPDATE t SET n = n + 1", ())], now=40)
+
+    def sync(client: Replicator, server: Replicator) -> int:
+        frames = list(server.serve_sync(client.sync_request()))
+        for f in frames:
+            assert client.handle_sync_frame(("x", 1), f, 0.0) or f is frames[-1]
+        client.apply_pending()
+        return len(frames)
+
+    sync(rb, ra)
+    sync(ra, rb)
+    assert table(sa) == table(sb) and len(table(sa)) == 60
+    assert sync(ra, rb) == 1  # nothing left but the done frame
+    assert sa.bookie.gap_count() == sb.bookie.gap_count() == 0
+
+
+def test_broadcast_relays_once_and_drops_duplicates(tmp_path):
+    sa, sb = store(tmp_path, "a"), store(tmp_path, "b")
+    ra, rb = replicator(sa), replicator(sb)
+    peers = [(bytes([i]) * 16, ("10.0.0.%d" % i, 9000)) for i in range(1, 6)]
+    for actor, addr in peers:
+        ra.member_up(actor, addr)
+        rb.member_up(actor, addr)
+    rb.member_up(sa.actor_id, ("a", 1))
+    _, commit, effects = ra.execute([("INSERT INTO t (id) VALUES (1)", ())], now=0.0)
+    sends = [e for e in effects if isinstance(e, SendFrame)]
+    assert len({e.addr for e in sends}) == 3  # fanout
+    frame = sends[0].data
+    relay = rb.handle_frame(("a", 1), frame, now=0.1)
+    relayed_to = {e.addr for e in relay if isinstance(e, SendFrame)}
+    assert len(relayed_to) == 3 and ("a", 1) not in relayed_to
+    assert rb.handle_frame(("a", 1), frame, now=0.2) == []  # queued already: no second relay
+    rb.apply_pending()
+    assert rb.handle_frame(("a", 1), frame, now=0.3) == []  # held: dropped
+    assert rb.stats.duplicates >= 2 and table(sb) == [(1, None, 0)]
+
+
+def test_other_cluster_and_malformed_sync_requests_are_rejected(tmp_path):
+    sa, sb = store(tmp_path, "a"), store(tmp_path, "b")
+    ra, rb = replicator(sa, cluster_id=1), replicator(sb, cluster_id=2)
+    frames = list(ra.serve_sync(rb.sync_request()))
+    assert len(frames) == 1 and decode_frame(frames[0])[1] == ["different cluster"]
+    assert ra.stats.other_cluster == 1
+    assert list(ra.serve_sync(b"\x93garbage"))[0] and ra.stats.malformed == 1
+    assert ra.check_hello(rb.hello("sync")) is None
+
+
+def test_sync_ticks_back_off_and_pick_idle_peers(tmp_path):
+    r = replicator(store(tmp_path, "a"), min_sync_backoff=1.0, max_sync_backoff=4.0)
+    for i in range(5):
+        r.member_up(bytes([i + 1]) * 16, ("h", i))
+    (start,) = r.start(0.0)
+    effects = r.handle_timer(start.timer, 1.0)
+    assert len([e for e in effects if isinstance(e, StartSync)]) == 3
+    # in-flight syncs are not doubled; the interval doubles up to the max
+    times = []
+    now = 1.0
+    for _ in range(4):
+        effects = r.handle_timer(SyncTick(1), now)
+        timer = next(e for e in effects if hasattr(e, "timer"))
+        times.append(timer.at - now)
+        now = timer.at
+    assert all(t <= 4.0 * 1.3 for t in times) and times[-1] >= 4.0 * 0.7
+    assert len(r._syncing) == 3
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_garbage_frames_never_raise(tmp_path_factory, data):
+    r = replicator(store(tmp_path_factory.mktemp("g"), "g"))
+    r.handle_frame(None, data, 0.0)
+    r.handle_sync_frame(("x", 1), data, 0.0)
+    list(r.serve_sync(data))
+    r.check_hello(data)
+    r.apply_pending()
+
+
+def test_bad_changeset_is_isolated_from_its_batch(tmp_path):
+    a, b = store(tmp_path, "a"), store(tmp_path, "b")
+    good = list(a.serve(a.actor_id, RangeSet([(1, 1)])))
+    a.execute_local([("INSERT INTO t (id) VALUES (1)", ())], ts=1)
+    good = list(a.serve(a.actor_id, RangeSet([(1, 1)])))
+    bad = Changeset(b"\x07" * 16, 1, (good[0].changes[0]._replace(table="nope"),), (0, 0), 0, 1, 1)
+    result = b.apply([bad, *good])
+    assert result.rejected and result.rejected[0][0] == b"\x07" * 16
+    assert result.applied == [(a.actor_id, 1)] and table(b) == [(1, None, 0)]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40), st.integers(0, 8)), max_size=40))
+def test_rangeset_matches_a_set(ops):
+    model: set[int] = set()
+    r = RangeSet()
+    for add, start, length in ops:
+        end = start + length
+        if add:
+            r.add(start, end)
+            model |= set(range(start, end + 1))
+        else:
+            r.remove(start, end)
+            model -= set(range(start, end + 1))
+    assert set(r.values()) == model and len(r) == len(model)
+    assert all(x[1] + 1 < y[0] for x, y in zip(r.ranges(), r.ranges()[1:], strict=False))
+    assert r.max() == (max(model) if model else 0)
+
+
+def test_changeset_codec_roundtrip_and_validation(tmp_path):
+    a = store(tmp_path, "a")
+    commit = big_commit(a, 3)
+    (cs,) = chunk_version(a.actor_id, 1, commit.changes, commit.last_seq, 7, 1)
+    assert decode_frame(encode(cs))[1] == cs
+    with pytest.raises(ValueError):
+        decode_frame(encode(cs)[:-3])
