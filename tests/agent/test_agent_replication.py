@@ -3,6 +3,7 @@ gaps, empty versions, sync answers, malformed input."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -64,7 +65,7 @@ def test_chunks_buffer_until_complete_even_across_a_restart(tmp_path):
     )
     assert len(chunks) > 4
     assert chunks[0].seqs[0] == 0 and chunks[-1].seqs[1] == commit.last_seq
-    assert all(x.seqs[1] + 1 == y.seqs[0] for x, y in zip(chunks, chunks[1:], strict=False))
+    assert all(x.seqs[1] + 1 == y.seqs[0] for x, y in itertools.pairwise(chunks))
     order = list(reversed(chunks))
     result = b.apply(order[:-1] + order[:2])  # all but one chunk, plus duplicates
     assert result.buffered == len(chunks) - 1 and result.duplicates == 2
@@ -88,7 +89,7 @@ def test_versions_out_of_order_leave_gaps_until_filled(tmp_path):
     commits = []
     for i in range(4):
         commits.append(a.execute_local([("INSERT INTO t (id) VALUES (?)", (i,))], ts=i)[1])
-    items = [list(a.serve(a.actor_id, RangeSet([(c.version, c.version)])))[0] for c in commits]
+    items = [next(iter(a.serve(a.actor_id, RangeSet([(c.version, c.version)])))) for c in commits]
     b.apply([items[3]])
     assert b.bookie.get(a.actor_id).gaps() == RangeSet([(1, 3)])
     assert b.conn.execute('SELECT start, "end" FROM __corro_bookkeeping_gaps').fetchall() == [
@@ -138,12 +139,12 @@ def test_sync_alone_converges_two_replicators(tmp_path):
 def test_broadcast_relays_once_and_drops_duplicates(tmp_path):
     sa, sb = store(tmp_path, "a"), store(tmp_path, "b")
     ra, rb = replicator(sa), replicator(sb)
-    peers = [(bytes([i]) * 16, ("10.0.0.%d" % i, 9000)) for i in range(1, 6)]
+    peers = [(bytes([i]) * 16, (f"10.0.0.{i}", 9000)) for i in range(1, 6)]
     for actor, addr in peers:
         ra.member_up(actor, addr)
         rb.member_up(actor, addr)
     rb.member_up(sa.actor_id, ("a", 1))
-    _, commit, effects = ra.execute([("INSERT INTO t (id) VALUES (1)", ())], now=0.0)
+    _, _commit, effects = ra.execute([("INSERT INTO t (id) VALUES (1)", ())], now=0.0)
     sends = [e for e in effects if isinstance(e, SendFrame)]
     assert len({e.addr for e in sends}) == 3  # fanout
     frame = sends[0].data
@@ -162,7 +163,7 @@ def test_other_cluster_and_malformed_sync_requests_are_rejected(tmp_path):
     frames = list(ra.serve_sync(rb.sync_request()))
     assert len(frames) == 1 and decode_frame(frames[0])[1] == ["different cluster"]
     assert ra.stats.other_cluster == 1
-    assert list(ra.serve_sync(b"\x93garbage"))[0] and ra.stats.malformed == 1
+    assert next(iter(ra.serve_sync(b"\x93garbage"))) and ra.stats.malformed == 1
     assert ra.check_hello(rb.hello("sync")) is None
 
 
