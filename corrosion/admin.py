@@ -70,16 +70,24 @@ async def start_admin(
     await anyio.to_thread.run_sync(_clear_stale, path)
     listener = await anyio.create_unix_listener(path)
     scope = anyio.CancelScope()
+    stopped = anyio.Event()
 
-    async def serve() -> None:
-        with scope:
-            await listener.serve(lambda stream: _serve_conn(agent, stream))
+    async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            with scope:
+                task_status.started()
+                await listener.serve(lambda stream: _serve_conn(agent, stream))
+        finally:
+            stopped.set()
 
-    tg.start_soon(serve)
+    await tg.start(serve)
 
     async def close() -> None:
+        # stop accepting before closing the listener (an accept on a closed listener raises)
         scope.cancel()
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(5):
+                await stopped.wait()
             await listener.aclose()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -42,7 +42,8 @@ def base_url(addr: str | tuple[str, int]) -> str:
 
 
 def statement(sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
-    """One statement in corrosion's JSON forms: ``"SQL"``, ``["SQL", [...]]``, ``["SQL", {...}]``."""
+    """One statement in corrosion's JSON forms: ``"SQL"``, ``["SQL", [...]]``,
+    ``["SQL", {...}]``."""
     return sql if params is None else [sql, params if isinstance(params, dict) else list(params)]
 
 

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 16 * 1024
 
-# (name, type, help, how to read it from the agent)
 _Sample = tuple[dict[str, str], float]
 
 
@@ -181,16 +180,24 @@ async def start_metrics(
     bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
     agent.metrics_addr = (host, bound_port)  # type: ignore[attr-defined]
     scope = anyio.CancelScope()
+    stopped = anyio.Event()
 
-    async def serve() -> None:
-        with scope:
-            await listener.serve(lambda stream: _handle(agent, stream))
+    async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            with scope:
+                task_status.started()
+                await listener.serve(lambda stream: _handle(agent, stream))
+        finally:
+            stopped.set()
 
-    tg.start_soon(serve)
+    await tg.start(serve)
 
     async def close() -> None:
+        # stop accepting before closing the listener (an accept on a closed listener raises)
         scope.cancel()
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(5):
+                await stopped.wait()
             await listener.aclose()
 
     return close

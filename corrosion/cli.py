@@ -1,0 +1,531 @@
+"""The ``corrosion`` command line, shaped like corrosion's (global ``-c/--config``,
+``--api-addr``, ``--db-path``, ``--admin-path``, accepted before or after the subcommand).
+
+    corrosion agent                       run the agent from the config file
+    corrosion exec SQL [--param ...]      one transaction through the API (/v1/transactions)
+    corrosion query SQL [--columns]       rows through the API (/v1/queries), '|'-separated
+    corrosion cluster members             membership, from the admin socket
+    corrosion sync generate               this node's sync state as JSON, from the admin socket
+    corrosion reload                      re-apply the schema files, through the admin socket
+    corrosion backup PATH                 a generic snapshot of the database
+    corrosion restore PATH                replace the database with a snapshot (agent stopped)
+    corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
+
+Client commands find the agent through the config file (``api.addr``, ``admin.path``,
+``api.authz.bearer-token``) unless the flags say otherwise. Errors go to stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import click
+import typer
+from typer.core import TyperGroup
+
+from .admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
+from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request
+from .client import ClientError, CorrosionClient
+from .config import Config, ConfigError, parse_addr
+
+DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
+GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path")
+
+log = logging.getLogger("corrosion")
+
+
+class _Group(TyperGroup):
+    """Accept the global options anywhere on the command line, as corrosion's
+    ``#[arg(global = true)]`` does, by moving them in front of the subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
+
+def hoist_global_options(args: Sequence[str]) -> list[str]:
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        if a in GLOBAL_OPTIONS and i + 1 < len(args):
+            front += args[i : i + 2]
+            i += 2
+            continue
+        if a.startswith(tuple(o + "=" for o in GLOBAL_OPTIONS if o.startswith("--"))) or (
+            a.startswith("-c") and not a.startswith("--") and len(a) > 2
+        ):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="corrosion: gossip-replicated CRDT SQLite (a Python take on Fly.io's corrosion).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cluster_app = typer.Typer(
+    help="Cluster membership (through the admin socket).", no_args_is_help=True
+)
+sync_app = typer.Typer(help="Replication state (through the admin socket).", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(sync_app, name="sync")
+
+
+class CliError(Exception):
+    """Printed as ``error: <message>`` with exit code 1."""
+
+
+# -- global options --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Globals:
+    config_path: Path
+    api_addr: str | None
+    db_path: Path | None
+    admin_path: Path | None
+    _config: Config | None = None
+
+    def config(self) -> Config:
+        """The config file, validated (``CliError`` naming the key when invalid)."""
+        if self._config is None:
+            try:
+                self._config = Config.load(self.config_path)
+            except ConfigError as exc:
+                raise CliError(f"invalid config: {exc}") from None
+        return self._config
+
+    def optional_config(self) -> Config | None:
+        """The config when the file exists (for defaults such as the token); a file that
+        exists but is invalid is still an error."""
+        if not self.config_path.exists():
+            return None
+        return self.config()
+
+    def api_client(self) -> CorrosionClient:
+        cfg = self.optional_config() if self.api_addr else self.config()
+        if self.api_addr:
+            addr = self.api_addr
+        elif cfg is not None and cfg.api.addrs:
+            addr = "{}:{}".format(*cfg.api.addrs[0])
+        else:
+            raise CliError(f"no API address: pass --api-addr or set api.addr in {self.config_path}")
+        return CorrosionClient(addr, cfg.api.bearer_token if cfg is not None else None)
+
+    def db(self) -> Path:
+        return self.db_path if self.db_path is not None else self.config().db.path
+
+    def admin(self) -> Path:
+        if self.admin_path is not None:
+            return self.admin_path
+        cfg = self.optional_config()
+        if cfg is not None and cfg.admin_path is not None:
+            return cfg.admin_path
+        return DEFAULT_ADMIN_PATH
+
+    def agent_config(self) -> Config:
+        """The config with the command-line overrides applied."""
+        cfg = self.config()
+        if self.api_addr:
+            try:
+                api = dataclasses.replace(cfg.api, addrs=(parse_addr(self.api_addr, "--api-addr"),))
+            except ConfigError as exc:
+                raise CliError(str(exc)) from None
+            cfg = dataclasses.replace(cfg, api=api)
+        if self.db_path is not None:
+            cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, path=self.db_path))
+        if self.admin_path is not None:
+            cfg = dataclasses.replace(cfg, admin_path=self.admin_path)
+        return cfg
+
+
+@app.callback()
+def _globals(
+    ctx: typer.Context,
+    config: Annotated[
+        Path, typer.Option("-c", "--config", help="Config file path.", show_default=True)
+    ] = DEFAULT_CONFIG,
+    api_addr: Annotated[
+        str | None, typer.Option("--api-addr", help="The agent's API address (host:port).")
+    ] = None,
+    db_path: Annotated[Path | None, typer.Option("--db-path", help="The database file.")] = None,
+    admin_path: Annotated[
+        Path | None, typer.Option("--admin-path", help="The agent's admin socket.")
+    ] = None,
+) -> None:
+    ctx.obj = Globals(config, api_addr, db_path, admin_path)
+
+
+def _g(ctx: typer.Context) -> Globals:
+    obj = ctx.find_object(Globals)
+    assert obj is not None
+    return obj
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+class _Errors:
+    """Turn the expected failures into ``error: ...`` and exit code 1."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or isinstance(exc, typer.Exit | click.exceptions.Exit):
+            return
+        if isinstance(exc, CliError | ClientError | AdminError | AdminUnavailable):
+            raise _fail(str(exc)) from None
+        from .backup import BackupError
+
+        if isinstance(exc, BackupError):
+            raise _fail(str(exc)) from None
+
+
+# -- running async code ----------------------------------------------------------------------
+
+
+def run_async(fn: Any, *args: Any) -> Any:
+    """asyncio with uvloop when installed (the fastest loop for the agent), plain asyncio
+    otherwise."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return anyio.run(fn, *args, backend="asyncio")
+    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+
+
+async def wait_for_stop(duration: float | None = None) -> str:
+    """Until SIGINT/SIGTERM (or ``duration`` seconds); returns what stopped us."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.move_on_after(duration if duration is not None else float("inf")):
+            async for sig in signals:
+                return signal.Signals(sig).name
+    return f"{duration:g}s elapsed"
+
+
+# -- agent -------------------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "target": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _PlainFormatter(logging.Formatter):
+    COLORS = {"WARNING": "\x1b[33m", "ERROR": "\x1b[31m", "CRITICAL": "\x1b[31m"}
+
+    def __init__(self, colors: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.colors = colors
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", {})
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        color = self.COLORS.get(record.levelname) if self.colors else None
+        return f"{color}{text}\x1b[0m" if color else text
+
+
+def setup_logging(fmt: str, colors: bool) -> None:
+    """``log.format``: plaintext (colored on a terminal when ``log.colors``) or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_PlainFormatter(colors and sys.stderr.isatty()))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need the filesystem, done before anything is opened or bound."""
+    import apsw
+
+    from crdt.schema import check_crr_constraints, load_schema_paths, parse_schema
+
+    try:
+        sql = load_schema_paths(list(cfg.db.schema_paths))
+        check_crr_constraints(parse_schema(sql), sql)
+    except (apsw.Error, OSError, ValueError) as exc:
+        raise CliError(f"invalid config: db.schema_paths: {exc}") from None
+    if cfg.admin_path is not None and len(str(cfg.admin_path).encode()) > MAX_SOCKET_PATH:
+        raise CliError(f"invalid config: admin.path: longer than {MAX_SOCKET_PATH} bytes")
+
+
+async def _run_agent(cfg: Config) -> None:
+    from .agent import Agent
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with Agent(cfg) as agent:
+            fields = {
+                "actor_id": agent.actor_id.hex(),
+                "gossip_addr": "{}:{}".format(*agent.swim.address),
+                "api_addrs": ["{}:{}".format(*a) for a in agent.api_addrs],
+                "admin_path": str(cfg.admin_path) if cfg.admin_path else None,
+                "metrics_addr": "{}:{}".format(*agent.metrics_addr)
+                if getattr(agent, "metrics_addr", None)
+                else None,
+            }
+            log.info("agent started", extra={"fields": fields})
+            async for sig in signals:
+                log.info(
+                    "%s received: leaving the cluster", signal.Signals(sig).name,
+                    extra={"fields": {"signal": signal.Signals(sig).name}},
+                )  # fmt: skip
+                break
+    log.info("agent stopped")
+
+
+@app.command()
+def agent(ctx: typer.Context) -> None:
+    """Run the agent (until SIGINT/SIGTERM, then leave the cluster gracefully)."""
+    g = _g(ctx)
+    with _Errors():
+        cfg = g.agent_config()
+        preflight(cfg)
+    setup_logging(cfg.log_format, cfg.log_colors)
+    try:
+        run_async(_run_agent, cfg)
+    except Exception as exc:
+        log.error("agent failed: %s", exc, exc_info=not isinstance(exc, OSError | ValueError))
+        raise typer.Exit(1) from None
+
+
+# -- exec and query ----------------------------------------------------------------------------
+
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", help="A positional parameter (bound as text); repeatable."),
+]
+TimerOpt = Annotated[bool, typer.Option("--timer", help="Print the server-side time.")]
+
+
+def _statement(sql: str, params: list[str] | None) -> Any:
+    return [sql, list(params)] if params else sql
+
+
+@app.command("exec")
+def exec_(
+    ctx: typer.Context,
+    sql: Annotated[str, typer.Argument(metavar="SQL")],
+    param: ParamOpt = None,
+    timer: TimerOpt = False,
+) -> None:
+    """Run a statement that writes, in one transaction (POST /v1/transactions)."""
+    with _Errors(), _g(ctx).api_client() as client:
+        result = client.execute([_statement(sql, param)])
+        for r in result.get("results", []):
+            typer.echo(f"Rows affected: {r.get('rows_affected')}")
+            if timer:
+                typer.echo(f"Run Time: real {r.get('time')}")
+
+
+def format_cell(v: Any) -> str:
+    """As corrosion's CLI prints a cell: NULL empty, blobs as x'hex', text as is."""
+    if v is None:
+        return ""
+    if isinstance(v, list):  # blobs travel as byte arrays
+        try:
+            return "x'" + bytes(v).hex() + "'"
+        except (TypeError, ValueError):
+            return json.dumps(v)
+    if isinstance(v, bool):
+        return str(int(v))
+    return str(v)
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    sql: Annotated[str, typer.Argument(metavar="SQL")],
+    columns: Annotated[
+        bool, typer.Option("--columns", help="Print the column names first.")
+    ] = False,
+    param: ParamOpt = None,
+    timer: TimerOpt = False,
+) -> None:
+    """Read with one statement (POST /v1/queries); rows are printed '|'-separated."""
+    with _Errors(), _g(ctx).api_client() as client:
+        params = list(param) if param else None
+        for kind, payload in client.query_events(sql, params):
+            if kind == "columns" and columns:
+                typer.echo("|".join(payload))
+            elif kind == "row":
+                typer.echo("|".join(format_cell(c) for c in payload[1]))
+            elif kind == "eoq" and timer:
+                typer.echo(f"time: {payload.get('time')}s")
+
+
+# -- admin socket commands ---------------------------------------------------------------------
+
+
+@cluster_app.command("members")
+def cluster_members(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The members this node knows, with their SWIM state."""
+    with _Errors():
+        members = admin_request(_g(ctx).admin(), "cluster members")
+    if as_json:
+        typer.echo(json.dumps(members, indent=2))
+        return
+    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION")]
+    rows += [
+        (m["actor_id"], m["addr"], m.get("peer_addr") or "-", m["state"], str(m["incarnation"]))
+        for m in members
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not members:
+        typer.echo("(no other members known)")
+
+
+@sync_app.command("generate")
+def sync_generate(ctx: typer.Context) -> None:
+    """This node's sync state as JSON: heads, gaps (need) and partial versions per actor."""
+    with _Errors():
+        state = admin_request(_g(ctx).admin(), "sync generate")
+    typer.echo(json.dumps(state, indent=2, sort_keys=True))
+
+
+@app.command()
+def reload(
+    ctx: typer.Context,
+    allow_destructive: Annotated[
+        bool,
+        typer.Option("--allow-destructive", help="Allow dropping tables and columns."),
+    ] = False,
+) -> None:
+    """Re-apply the schema files (db.schema_paths) on the running agent."""
+    with _Errors():
+        result = admin_request(
+            _g(ctx).admin(), "reload", timeout=600, allow_destructive=allow_destructive
+        )
+    applied = result.get("applied", [])
+    if not applied:
+        typer.echo("schema unchanged")
+    for line in applied:
+        typer.echo(f"applied: {line}")
+
+
+# -- backup and restore ------------------------------------------------------------------------
+
+
+@app.command()
+def backup(ctx: typer.Context, path: Annotated[Path, typer.Argument(metavar="PATH")]) -> None:
+    """Write a generic snapshot of the database (safe while the agent runs)."""
+    from .backup import backup as do_backup
+
+    with _Errors():
+        info = do_backup(_g(ctx).db(), path)
+    typer.echo(
+        f"backed up to {info.path} ({info.size} bytes); actor {info.actor_id or '-'} made generic "
+        f"({info.rows_rewritten} clock rows re-stamped)"
+    )
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(metavar="PATH")],
+    self_actor_id: Annotated[
+        bool,
+        typer.Option(
+            "--self-actor-id",
+            help="Keep this node's actor id (only when the backup is this node's latest state).",
+        ),
+    ] = False,
+    actor_id: Annotated[
+        str | None, typer.Option("--actor-id", help="Use this actor id (32 hex digits).")
+    ] = None,
+) -> None:
+    """Replace the database with a backup (the agent must be stopped)."""
+    from .backup import restore as do_restore
+
+    g = _g(ctx)
+    with _Errors():
+        explicit = None
+        if actor_id is not None:
+            try:
+                explicit = bytes.fromhex(actor_id.replace("-", ""))
+            except ValueError:
+                raise CliError("--actor-id: expected 32 hex digits") from None
+        info = do_restore(
+            path, g.db(), admin_path=g.admin(), keep_actor=self_actor_id, actor_id=explicit
+        )
+    who = f"actor {info.actor_id}" if info.actor_id else "a new actor id at the next start"
+    typer.echo(
+        f"restored {path} into {info.path} (old size {info.old_size}, new size {info.new_size});"
+        f" {who}"
+    )
+
+
+# -- devcluster --------------------------------------------------------------------------------
+
+
+@app.command()
+def devcluster(
+    nodes: Annotated[
+        int, typer.Option("--nodes", "-n", min=1, max=50, help="How many agents.")
+    ] = 3,
+    duration: Annotated[
+        float | None, typer.Option("--duration", help="Stop after this many seconds.")
+    ] = None,
+    base_dir: Annotated[
+        Path | None,
+        typer.Option("--base-dir", help="Keep the nodes' data here (default: a temp dir)."),
+    ] = None,
+) -> None:
+    """Start N agents on loopback with a demo schema and show how to talk to them."""
+    from .devcluster import run_devcluster
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
+    except OSError as exc:
+        raise _fail(f"devcluster could not start: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=list(argv) if argv is not None else None, prog_name="corrosion")
+
+
+if __name__ == "__main__":
+    main()

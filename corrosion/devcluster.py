@@ -1,0 +1,296 @@
+"""``corrosion devcluster``: N real agents on loopback in one process, for a first look.
+
+Each node is a full agent (SWIM on UDP, peer streams on TCP, HTTP API, admin socket, metrics)
+with its own database under ``<base>/n<i>/``, all joined through n1 and sharing a demo schema
+(a ``todos`` table). The command writes a row through n1, shows how long it took to become
+visible on every node, prints the addresses with commands to copy, and runs until Ctrl-C.
+
+Every node also gets a ``config.toml`` (with the ports actually bound), so the CLI can reach it
+with ``corrosion -c <base>/n2/config.toml ...`` while the cluster runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .admin import MAX_SOCKET_PATH
+from .agent import Agent
+from .config import Config
+
+DEMO_SCHEMA = """\
+CREATE TABLE IF NOT EXISTS todos (
+    id INTEGER NOT NULL PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    done INTEGER NOT NULL DEFAULT 0,
+    node TEXT
+);
+"""
+
+HOST = "127.0.0.1"
+
+
+def _addr(a: tuple[str, int]) -> str:
+    return f"{a[0]}:{a[1]}"
+
+
+def _toml(value: Any) -> str:
+    # JSON strings, numbers, booleans and arrays are valid TOML values
+    return json.dumps(value)
+
+
+@dataclass
+class Node:
+    name: str
+    agent: Agent
+    config_path: Path
+
+    @property
+    def api(self) -> str:
+        return _addr(self.agent.api_addrs[0])
+
+    @property
+    def metrics(self) -> str | None:
+        addr = getattr(self.agent, "metrics_addr", None)
+        return _addr(addr) if addr else None
+
+
+class DevCluster:
+    """The nodes, as an async context manager (stops them all, leaving the cluster)."""
+
+    def __init__(self, nodes: int, base_dir: Path) -> None:
+        if nodes < 1:
+            raise ValueError("a devcluster needs at least one node")
+        self.size = nodes
+        self.base = base_dir
+        self.schema_path = base_dir / "schema" / "todos.sql"
+        self.nodes: list[Node] = []
+        self._stack = contextlib.AsyncExitStack()
+        self._socket_dir: Path | None = None
+
+    def _admin_path(self, name: str) -> Path:
+        path = self.base / name / "admin.sock"
+        if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+            return path
+        if self._socket_dir is None:  # Unix socket paths are short; fall back to /tmp
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="corro-"))
+        return self._socket_dir / f"{name}.sock"
+
+    def _config(self, name: str, seeds: list[str]) -> dict[str, Any]:
+        return {
+            "db": {
+                "path": str(self.base / name / "state.db"),
+                "schema_paths": [str(self.schema_path)],
+            },
+            "api": {"addr": f"{HOST}:0"},
+            "gossip": {"addr": f"{HOST}:0", "bootstrap": seeds, "preset": "local"},
+            "perf": {"min_sync_backoff": 0.5, "max_sync_backoff": 5.0},
+            "admin": {"path": str(self._admin_path(name))},
+            "telemetry": {"prometheus": {"addr": f"{HOST}:0"}},
+        }
+
+    async def __aenter__(self) -> DevCluster:
+        self.schema_path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema_path.write_text(DEMO_SCHEMA)
+        try:
+            seeds: list[str] = []
+            for i in range(1, self.size + 1):
+                name = f"n{i}"
+                data = self._config(name, seeds)
+                agent = await self._stack.enter_async_context(Agent(Config.from_mapping(data)))
+                if not seeds:
+                    seeds = [_addr(agent.swim.address)]
+                cfg_path = self.base / name / "config.toml"
+                _write_config(cfg_path, data, agent)
+                self.nodes.append(Node(name, agent, cfg_path))
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        # no cancel scope around this: each agent's task group was entered in this task and
+        # must be exited with its own scope innermost (the agents shield their shutdown)
+        await self._stack.aclose()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    async def wait_joined(self, timeout: float = 30.0) -> float | None:
+        """Seconds until every node sees all the others alive; None after ``timeout``."""
+        t0 = time.perf_counter()
+        with anyio.move_on_after(timeout):
+            while any(n.agent.alive_members() < self.size - 1 for n in self.nodes):
+                await anyio.sleep(0.02)
+            return time.perf_counter() - t0
+        return None
+
+    async def demo_write(
+        self, timeout: float = 30.0
+    ) -> tuple[int, str, list[tuple[str, float | None]]]:
+        """Write a todo through n1; return (id, title, [(node, seconds until visible)])."""
+        first = self.nodes[0]
+        rows = [r async for r in first.agent.query("SELECT coalesce(max(id), 0) + 1 FROM todos")]
+        todo_id = int(rows[0][0])
+        title = f"hello from {first.name}"
+        await first.agent.execute(
+            [
+                [
+                    "INSERT INTO todos (id, title, node) VALUES (?, ?, ?)",
+                    [todo_id, title, first.name],
+                ]
+            ]
+        )
+        t0 = time.perf_counter()
+        seen: dict[str, float | None] = {n.name: None for n in self.nodes}
+
+        async def watch(node: Node) -> None:
+            while True:
+                got = [
+                    r async for r in node.agent.query("SELECT 1 FROM todos WHERE id = ?", [todo_id])
+                ]
+                if got:
+                    seen[node.name] = time.perf_counter() - t0
+                    return
+                await anyio.sleep(0.005)
+
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+                for node in self.nodes:
+                    tg.start_soon(watch, node)
+        return todo_id, title, list(seen.items())
+
+
+def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
+    """The node's config with its bound ports, for the CLI (``corrosion -c path ...``)."""
+    db, gossip = data["db"], data["gossip"]
+    metrics = getattr(agent, "metrics_addr", None)
+    lines = [
+        "# Written by `corrosion devcluster`: this node's settings with the ports it bound,",
+        "# so `corrosion -c <this file> ...` reaches it while the devcluster runs.",
+        "[db]",
+        f"path = {_toml(db['path'])}",
+        f"schema_paths = {_toml(db['schema_paths'])}",
+        "",
+        "[api]",
+        f"addr = {_toml(_addr(agent.api_addrs[0]))}",
+        "",
+        "[gossip]",
+        f"addr = {_toml(_addr(agent.swim.address))}",
+        f"bootstrap = {_toml(gossip['bootstrap'])}",
+        f"preset = {_toml(gossip['preset'])}",
+        "",
+        "[admin]",
+        f"path = {_toml(data['admin']['path'])}",
+    ]
+    if metrics:
+        lines += ["", "[telemetry]", f"prometheus.addr = {_toml(_addr(metrics))}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def describe(cluster: DevCluster, cli: str = "corrosion") -> list[str]:
+    """The node table and copy-pasteable commands."""
+    nodes = cluster.nodes
+    rows = [("node", "actor id", "HTTP API", "gossip", "metrics", "config (for -c)")]
+    for n in nodes:
+        rows.append(
+            (
+                n.name,
+                n.agent.actor_id.hex(),
+                f"http://{n.api}",
+                _addr(n.agent.swim.address),
+                f"http://{n.metrics}/metrics" if n.metrics else "-",
+                str(n.config_path),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    first, last = nodes[0], nodes[-1]
+    insert = json.dumps([["INSERT INTO todos (id, title) VALUES (?, ?)", [1000, "buy milk"]]])
+    select = json.dumps("SELECT id, title, done, node FROM todos")
+    q = shlex.quote
+    out += [
+        "",
+        "Try it from another terminal:",
+        f"  # write through {first.name}'s HTTP API (a JSON array of statements, one transaction)",
+        f"  curl -s -X POST http://{first.api}/v1/transactions "
+        f"-H 'Content-Type: application/json' -d {q(insert)}",
+        f"  # read from {last.name} (NDJSON: columns, one line per row, end of query)",
+        f"  curl -s -X POST http://{last.api}/v1/queries "
+        f"-H 'Content-Type: application/json' -d {q(select)}",
+        "  # the same with the CLI",
+        f"  {cli} --api-addr {first.api} exec --param 1001 --param 'walk the dog' "
+        f"{q('INSERT INTO todos (id, title) VALUES (?, ?)')}",
+        f"  {cli} --api-addr {last.api} query --columns "
+        f"{q('SELECT id, title, done, node FROM todos')}",
+        "  # operator commands through a node's admin socket",
+        f"  {cli} -c {q(str(last.config_path))} cluster members",
+        f"  {cli} -c {q(str(last.config_path))} sync generate",
+    ]
+    if first.metrics:
+        out.append(f"  curl -s http://{first.metrics}/metrics | grep '^corro_'")
+    return out
+
+
+async def run_devcluster(
+    nodes: int,
+    base_dir: Path | None,
+    duration: float | None,
+    echo: Callable[[str], Any] = print,
+    wait: Callable[[float | None], Awaitable[str]] | None = None,
+) -> None:
+    """The ``devcluster`` command: start, demonstrate, print, wait, stop."""
+    if wait is None:
+        from .cli import wait_for_stop as wait
+    temporary = base_dir is None
+    base = Path(tempfile.mkdtemp(prefix="corrosion-devcluster-")) if base_dir is None else base_dir
+    base = base.resolve()
+    try:
+        echo(f"Starting {nodes} corrosion agent(s) on {HOST}; data in {base}")
+        if temporary:
+            echo("  (a temporary directory, deleted on exit; pass --base-dir to keep the data)")
+        async with DevCluster(nodes, base) as cluster:
+            echo(f"Schema ({cluster.schema_path}):")
+            echo("\n".join("    " + line for line in DEMO_SCHEMA.strip().splitlines()))
+            echo("")
+            echo("\n".join(describe(cluster)))
+            echo("")
+            joined = await cluster.wait_joined()
+            if nodes == 1:
+                echo("Membership: a single node (add --nodes 3 to see replication)")
+            elif joined is None:
+                echo("Membership: not every node sees the others yet (still trying)")
+            else:
+                echo(f"Membership: all {nodes} nodes see each other (after {joined:.2f}s)")
+            todo_id, title, seen = await cluster.demo_write()
+            echo(f"Demo: n1 wrote todo #{todo_id} {title!r}; time until each node could read it:")
+            for name, secs in seen:
+                took = "not yet (still replicating)" if secs is None else f"{secs:.3f}s"
+                echo(f"  {name}  {took}")
+            echo("")
+            echo(
+                "Running until Ctrl-C."
+                if duration is None
+                else f"Running for {duration:g}s (or until Ctrl-C)."
+            )
+            why = await wait(duration)
+            echo(f"Stopping ({why}): the nodes leave the cluster.")
+        echo("Stopped.")
+    finally:
+        if temporary:
+            shutil.rmtree(base, ignore_errors=True)
