@@ -260,7 +260,9 @@ class SwimNode:
         waiters = {e.stream_id: _Waiter() for e in effects if isinstance(e, OpenStream)}
         self._waiters.update(waiters)
         await self._apply(effects)
-        with anyio.move_on_after(timeout if timeout is not None else self.config.stream_timeout):
+        if timeout is None:  # long enough for a failing exchange to report its failure
+            timeout = self.config.stream_timeout + 1.0
+        with anyio.move_on_after(timeout):
             for w in waiters.values():
                 await w.event.wait()
         for sid in waiters:
