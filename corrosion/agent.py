@@ -145,6 +145,8 @@ class Agent:
         self.db_lock = anyio.Lock()
         self.events = AgentEvents()
         self.faults = Faults()
+        # called with each ApplyResult that booked versions (benchmarks, subscriptions)
+        self.apply_listeners: list[Any] = []
         self._tg: TaskGroup | None = None
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = 0
@@ -490,6 +492,8 @@ class Agent:
                     continue
                 if result.applied or result.emptied:
                     self.events.applied_versions += len(result.applied) + result.emptied
+                    for listener in self.apply_listeners:
+                        listener(result)
                     self._applied.set()
                     self._applied = anyio.Event()
 
@@ -620,13 +624,15 @@ class Agent:
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Rows of a read-only statement, read on a read-only connection in a worker thread."""
         async for kind, payload in self.query_stream(sql, params, batch=batch):
-            if kind == "row":
-                yield payload
+            if kind == "rows":
+                for row in payload:
+                    yield row
 
     async def query_stream(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
     ) -> AsyncIterator[tuple[str, Any]]:
-        """``("columns", [...])`` then ``("row", tuple)`` items; raises ``QueryError``."""
+        """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
+        ``QueryError`` (before the columns for refused or invalid statements)."""
         from crdt.schema import split_statements
 
         if len(split_statements(sql)) != 1:
@@ -659,8 +665,7 @@ class Agent:
             cols, rows = await anyio.to_thread.run_sync(first)
             yield "columns", cols
             while rows:
-                for r in rows:
-                    yield "row", r
+                yield "rows", rows
                 rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
         finally:
             await anyio.to_thread.run_sync(self._release_read_conn, conn)

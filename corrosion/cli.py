@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -46,7 +45,7 @@ class _Group(TyperGroup):
     """Accept the global options anywhere on the command line, as corrosion's
     ``#[arg(global = true)]`` does, by moving them in front of the subcommand."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(args))
 
 
@@ -191,7 +190,7 @@ class _Errors:
         return None
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or isinstance(exc, typer.Exit | click.exceptions.Exit):
+        if exc is None or isinstance(exc, typer.Exit):
             return
         if isinstance(exc, CliError | ClientError | AdminError | AdminUnavailable):
             raise _fail(str(exc)) from None

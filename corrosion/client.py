@@ -47,6 +47,11 @@ def statement(sql: str, params: Sequence[Any] | dict[str, Any] | None = None) ->
     return sql if params is None else [sql, params if isinstance(params, dict) else list(params)]
 
 
+def _unreachable(url: object, exc: httpx.HTTPError) -> ClientError:
+    hint = " (is the agent running?)" if isinstance(exc, httpx.ConnectError) else ""
+    return ClientError(f"could not reach the agent at {url}{hint}: {exc}")
+
+
 class CorrosionClient:
     def __init__(
         self, addr: str | tuple[str, int], token: str | None = None, *, timeout: float = 60.0
@@ -67,7 +72,7 @@ class CorrosionClient:
         try:
             return self._http.post(path, json=body)
         except httpx.HTTPError as exc:
-            raise ClientError(f"could not reach {self._http.base_url}: {exc}") from None
+            raise _unreachable(self._http.base_url, exc) from None
 
     def execute(self, statements: Sequence[Any]) -> dict[str, Any]:
         """Run statements (each in any of corrosion's forms) in one transaction; return
@@ -97,7 +102,7 @@ class CorrosionClient:
                         raise ClientError(str(payload), resp.status_code)
                     yield kind, payload
         except httpx.HTTPError as exc:
-            raise ClientError(f"could not reach {self._http.base_url}: {exc}") from None
+            raise _unreachable(self._http.base_url, exc) from None
 
     def query(
         self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
@@ -113,7 +118,7 @@ class CorrosionClient:
         try:
             resp = self._http.get("/v1/health", params=thresholds)
         except httpx.HTTPError as exc:
-            raise ClientError(f"could not reach {self._http.base_url}: {exc}") from None
+            raise _unreachable(self._http.base_url, exc) from None
         return resp.status_code, _json(resp).get("response", {})
 
 
