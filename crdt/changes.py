@@ -45,7 +45,7 @@ def value_expr(info: TableInfo) -> str:
     )
 
 
-def from_clause(info: TableInfo) -> str:
+def from_clause(info: TableInfo, *, join_site: bool = True) -> str:
     """Clock rows joined to their pk values, site id, causal length and base row.
 
     The base row is joined on the primary key, which applies the same affinity rules as
@@ -55,9 +55,12 @@ def from_clause(info: TableInfo) -> str:
     if info.non_pks:
         on = " AND ".join(f"base.{ident(c)} = pk_tbl.{ident(c)}" for c in info.pk_names)
         base_join = f" LEFT JOIN {info.quoted} AS base ON {on}"
+    site_join = (
+        " LEFT JOIN crsql_site_id AS site_tbl ON t1.site_id = site_tbl.ordinal" if join_site else ""
+    )
     return (
         f" FROM {info.clock} AS t1 JOIN {info.pks_table} AS pk_tbl ON t1.key = pk_tbl.__crsql_key"
-        " LEFT JOIN crsql_site_id AS site_tbl ON t1.site_id = site_tbl.ordinal"
+        f"{site_join}"
         f" LEFT JOIN {info.clock} AS t2 ON t1.key = t2.key AND t2.col_name = '{SENTINEL}'"
         f"{base_join}"
     )
@@ -69,17 +72,25 @@ TAIL_EXPRS = "t1.col_version, t1.db_version, site_tbl.site_id, COALESCE(t2.col_v
 
 def table_select(info: TableInfo, where: str = "") -> str:
     """Per-table SELECT yielding ``key, pk values..., cid, val, col_version, db_version,
-    site_id, cl, seq``."""
+    site ordinal, cl, seq`` (the ordinal is mapped to the site id by ``_rows``)."""
     pk_vals = ", ".join(f"pk_tbl.{ident(c)}" for c in info.pk_names)
     return (
-        f"SELECT t1.key, {pk_vals}, t1.col_name, {value_expr(info)}, {TAIL_EXPRS}"
-        f"{from_clause(info)}{where}"
+        f"SELECT t1.key, {pk_vals}, t1.col_name, {value_expr(info)}, t1.col_version, "
+        f"t1.db_version, t1.site_id, COALESCE(t2.col_version, 1), t1.seq"
+        f"{from_clause(info, join_site=False)}{where}"
     )
 
 
+_new = tuple.__new__  # builds a Change without NamedTuple.__new__'s Python frame
+
+
 def _rows(conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple) -> list[Change]:
+    """Run a ``table_select`` query and build Changes: pk values are packed once per key, and
+    site ordinals mapped to ids in Python (cheaper than a join per row)."""
     npk = len(info.pks)
     name = info.name
+    sites = dict(conn.execute("SELECT ordinal, site_id FROM crsql_site_id"))
+    site_of = sites.get
     packed: dict[int, bytes] = {}
     out = []
     append = out.append
@@ -88,14 +99,15 @@ def _rows(conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple) -> 
             pk = packed.get(key)
             if pk is None:
                 pk = packed[key] = pack_pk((p,))
-            append(Change(name, pk, cid, val, cv, dbv, site, cl, seq))
+            append(_new(Change, (name, pk, cid, val, cv, dbv, site_of(site), cl, seq)))
     else:
         for row in conn.execute(sql, bindings):
             key = row[0]
             pk = packed.get(key)
             if pk is None:
                 pk = packed[key] = pack_pk(row[1 : 1 + npk])
-            append(Change(name, pk, *row[1 + npk :]))
+            cid, val, cv, dbv, site, cl, seq = row[1 + npk :]
+            append(_new(Change, (name, pk, cid, val, cv, dbv, site_of(site), cl, seq)))
     return out
 
 
@@ -114,7 +126,8 @@ def changes_since(
     where = " WHERE t1.db_version > ?"
     bindings: tuple = (db_version,)
     if exclude_site is not None:
-        where += " AND site_tbl.site_id IS NOT ?"
+        # by ordinal: a site never seen here has none, and then nothing is excluded
+        where += " AND t1.site_id IS NOT (SELECT ordinal FROM crsql_site_id WHERE site_id = ?)"
         bindings += (exclude_site,)
     out: list[Change] = []
     for name in names:
