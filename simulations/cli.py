@@ -15,8 +15,8 @@ __all__ = ["main"]
 class ProgressBar:
     """A one-line progress bar on stderr (virtual time against the safety phase)."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
-        self.stream = stream
+    def __init__(self, stream=None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
         self.width = width
         self.start = time.perf_counter()
         self._last = -1

@@ -27,13 +27,23 @@ def plot_views(result: RunResult, path: str) -> None:
     import matplotlib.pyplot as plt
 
     samples = result.metrics.samples
+    step = result.metrics.sample_every
     nodes = sorted({s[1] for s in samples})
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(11, 8))
     titles = ("alive members seen", "suspect members seen", "down members remembered")
     for col, (ax, title) in enumerate(zip(axes, titles, strict=True)):
         for idx in nodes:
-            pts = [(s[0], s[2 + col]) for s in samples if s[1] == idx]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=0.8, alpha=0.6)
+            xs: list[float] = []
+            ys: list[float] = []
+            for s in samples:
+                if s[1] != idx:
+                    continue
+                if xs and s[0] - xs[-1] > 1.5 * step:  # the node was down: break the line
+                    xs.append(float("nan"))
+                    ys.append(float("nan"))
+                xs.append(s[0])
+                ys.append(s[2 + col])
+            ax.plot(xs, ys, linewidth=0.8, alpha=0.6)
         ax.set_ylabel(title)
         for t, text in result.world.fault_log:
             ax.axvline(t, color="red" if "crash" in text else "grey", linewidth=0.5, alpha=0.5)
