@@ -254,6 +254,7 @@ def _copy_into(stage: apsw.Connection, db_path: Path, lock_timeout: float) -> No
         with dst.backup("main", stage, "main") as b:
             b.step(-1)
         dst.execute("PRAGMA journal_mode = WAL")
-        dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # PASSIVE: never wait for readers still on the old snapshot (TRUNCATE would)
+        dst.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         dst.close()

@@ -1,0 +1,176 @@
+"""The CLI as real processes: ``corrosion agent`` started as a subprocess serves the API, admin
+socket and metrics, replicates with another agent, logs JSON, and leaves the cluster on SIGTERM;
+``corrosion devcluster`` stops cleanly on Ctrl-C (SIGINT); a bad config exits non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from cli_helpers import node_mapping, rows, short_tmp, wait_for, write_config
+
+from corrosion import Agent, Config
+
+pytestmark = pytest.mark.anyio
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def corrosion_cmd() -> list[str]:
+    """The installed console script when present, else the module."""
+    script = shutil.which("corrosion")
+    return [script] if script else [sys.executable, "-m", "corrosion"]
+
+
+async def run(*args: str) -> subprocess.CompletedProcess:
+    return await anyio.run_process([*corrosion_cmd(), *args], check=False, env=ENV)
+
+
+class Proc:
+    """A background process with its output in files (no pipe to fill up), always reaped."""
+
+    def __init__(self, args: list[str], out_dir: Path) -> None:
+        self.out_path, self.err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=ENV)
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    async def wait(self, timeout: float = 60.0) -> int:
+        with anyio.fail_after(timeout):
+            while self.p.poll() is None:
+                await anyio.sleep(0.05)
+        return self.p.returncode
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def json_logs(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
+    with short_tmp() as base:
+        data = node_mapping(
+            base, "a", log={"format": "json"}, telemetry={"prometheus": {"addr": "127.0.0.1:0"}}
+        )
+        cfg = write_config(base / "a.toml", data)
+
+        bad = write_config(base / "bad.toml", {**data, "gossip": {"addr": "127.0.0.1:0", "x": 1}})
+        result = await run("agent", "-c", str(bad))
+        assert result.returncode == 1
+        assert b"gossip.x" in result.stderr
+
+        proc = Proc([sys.executable, "-m", "corrosion.cli", "-c", str(cfg), "agent"], base)
+        try:
+            started: dict = {}
+
+            def is_up() -> bool:
+                assert proc.p.poll() is None, proc.stderr()
+                for rec in json_logs(proc.stderr()):
+                    if rec["msg"] == "agent started":
+                        started.update(rec)
+                        return True
+                return False
+
+            await wait_for(is_up, what="the agent process to start")
+            assert started["level"] == "INFO" and started["target"] == "corrosion"
+            api, gossip = started["api_addrs"][0], started["gossip_addr"]
+
+            result = await run(
+                "--api-addr", api, "exec", "INSERT INTO todos (id, title) VALUES (1, 'p')"
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == b"Rows affected: 1\n"
+            result = await run("-c", str(cfg), "sync", "generate")
+            assert json.loads(result.stdout)["actor_id"] == started["actor_id"]
+
+            b_data = node_mapping(base, "b", [gossip])
+            async with Agent(Config.from_mapping(b_data)) as b:
+                await wait_for(lambda: rows(b, "SELECT title FROM todos"), what="replication to b")
+                assert await rows(b, "SELECT title FROM todos") == [("p",)]
+                await b.execute(["INSERT INTO todos (id, title) VALUES (2, 'from b')"])
+                want = "1|p\n2|from b\n"
+
+                async def replicated_back() -> bool:
+                    got = await run(
+                        "query", "--api-addr", api, "SELECT id, title FROM todos ORDER BY id"
+                    )
+                    return got.returncode == 0 and got.stdout.decode() == want
+
+                await wait_for(replicated_back, what="b's write on the agent process")
+                result = await run("cluster", "members", "--json", "-c", str(cfg))
+                members = json.loads(result.stdout)
+                assert [m["actor_id"] for m in members] == [b.actor_id.hex()]
+
+                host, port = started["metrics_addr"].split(":")
+                async with httpx.AsyncClient(timeout=30) as client:
+                    metrics = (await client.get(f"http://{host}:{port}/metrics")).text
+                assert re.search(r"^corro_gossip_members 1$", metrics, re.M)
+
+                proc.p.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0, proc.stderr()
+
+                def left() -> bool:
+                    return any(m.state == "left" for m in b.members())
+
+                await wait_for(left, what="b to see the agent leave (not fail)")
+            msgs = [rec["msg"] for rec in json_logs(proc.stderr())]
+            assert "SIGTERM received: leaving the cluster" in msgs
+            assert msgs[-1] == "agent stopped"
+            assert not Path(data["admin"]["path"]).exists()
+        finally:
+            proc.kill()
+
+
+async def test_devcluster_process_stops_on_ctrl_c():
+    with short_tmp() as base:
+        proc = Proc([*corrosion_cmd(), "devcluster", "--nodes", "2"], base)
+        try:
+            await wait_for(
+                lambda: proc.p.poll() is not None or "Running until Ctrl-C." in proc.stdout(),
+                what="the devcluster to come up",
+            )
+            out = proc.stdout()
+            assert proc.p.poll() is None, out + proc.stderr()
+            data_dir = Path(re.search(r"data in (\S+)", out)[1])
+            assert data_dir.exists()
+            # run the printed query command as a newcomer would copy it
+            line = next(
+                ln.strip()
+                for ln in out.splitlines()
+                if ln.strip().startswith("corrosion --api-addr") and " query " in ln
+            )
+            args = shlex.split(line)[1:]
+            result = await run(*args)
+            assert result.returncode == 0, result.stderr
+            assert b"hello from n1" in result.stdout
+            proc.p.send_signal(signal.SIGINT)
+            assert await proc.wait() == 0, proc.stderr()
+            assert "Stopping (SIGINT)" in proc.stdout()
+            assert proc.stdout().rstrip().endswith("Stopped.")
+            assert not data_dir.exists()  # the temporary data dir is removed
+        finally:
+            proc.kill()
