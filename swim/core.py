@@ -46,8 +46,9 @@ R4  Renewal. Told it is DOWN or LEFT (any incarnation), or that a newer identity
 
 R5  Probing (SWIM section 3.1, 4.3). Every probe period (``ProbeTick``) the previous probe is
     concluded and the next target is pinged. Targets are taken round-robin from a shuffled list
-    of active members, reshuffled at the end of each pass; new members are inserted at a random
-    position (``_next_target``, ``_insert_probe_order``). Probing a SUSPECT sends the suspicion
+    of active members, reshuffled at the end of each pass; new (and returning) members are
+    inserted at a random position in the rest of the pass (``_next_target``,
+    ``_insert_probe_order``). Probing a SUSPECT sends the suspicion
     along with the ping so it can refute at once (Lifeguard's buddy system, ``_start_probe``).
     ``probe_timeout`` later without an ack, up to ``indirect_checks`` random ALIVE members get a
     PING_REQ (``_on_indirect_probe``); each pings the target and relays its ack, or sends a NACK
@@ -667,6 +668,7 @@ class Membership:
             self._active += 1 if state.active else -1
             if state.active:
                 self._recently_down.pop(rec.id.addr, None)
+                self._insert_probe_order(rec.id.addr)
             else:
                 self._recently_down[rec.id.addr] = now
         if rec.state is not state:
@@ -730,10 +732,17 @@ class Membership:
         return None
 
     def _insert_probe_order(self, addr: Address) -> None:
-        pos = self._rng.randrange(len(self._probe_order) + 1)
-        self._probe_order.insert(pos, addr)
-        if pos < self._probe_index:
-            self._probe_index += 1
+        """Put a new (or returning) member at a random place in what is left of this pass, so
+        it is probed within the pass (SWIM 4.3 inserts anywhere; a returning member could then
+        wait a whole pass, which delays detecting a member that restarted and died again)."""
+        order = self._probe_order
+        if addr in order:  # O(n), only when a member appears or comes back
+            i = order.index(addr)
+            if i >= self._probe_index:
+                return
+            del order[i]
+            self._probe_index -= 1
+        order.insert(self._rng.randrange(self._probe_index, len(order) + 1), addr)
 
     def _start_probe(self, rec: _Rec, now: float) -> None:
         seq = self._next_seq()

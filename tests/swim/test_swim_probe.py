@@ -241,3 +241,26 @@ def test_an_ack_for_an_old_probe_is_harmless():
     core.handle_datagram(t2, by_addr[t2].packet(codec.ack(s2)), 11.5)
     tick(core, 12.0)
     assert core.member(t2).state is State.ALIVE
+
+
+def test_a_member_back_under_a_new_identity_is_probed_within_the_pass():
+    core, peers = cluster(6)
+    by_addr = {p.addr: p for p in peers}
+    now, first = 10.0, []
+    for _ in range(3):  # half-way through a pass of 6
+        _, target, seq = tick(core, now)
+        first.append(target)
+        core.handle_datagram(target, by_addr[target].packet(codec.ack(seq)), now)
+        now += 1.0
+    b = by_addr[first[0]]  # already probed in this pass
+    core.handle_datagram(peers[1].addr, peers[1].packet(codec.down(b.id, 0, peers[1].id)), now)
+    back = Peer(NodeId(b.addr[0], b.addr[1], 2), CFG)
+    by_addr[b.addr] = back
+    core.handle_datagram(back.addr, back.packet(codec.alive(back.id, 0, b"")), now)
+    rest = []
+    for _ in range(3 + 1):  # the rest of the pass, plus the returning member
+        _, target, seq = tick(core, now)
+        rest.append(target)
+        core.handle_datagram(target, by_addr[target].packet(codec.ack(seq)), now)
+        now += 1.0
+    assert b.addr in rest
