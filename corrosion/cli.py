@@ -18,6 +18,7 @@ Client commands find the agent through the config file (``api.addr``, ``admin.pa
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import signal
@@ -112,11 +113,12 @@ class Globals:
         return self._config
 
     def optional_config(self) -> Config | None:
-        """The config when the file exists (for defaults such as the token); a file that
-        exists but is invalid is still an error."""
-        if not self.config_path.exists():
+        """The config if it loads, for defaults only (the token when ``--api-addr`` is given,
+        the admin socket path), as corrosion does: best effort."""
+        try:
+            return self.config()
+        except CliError:
             return None
-        return self.config()
 
     def api_client(self) -> CorrosionClient:
         cfg = self.optional_config() if self.api_addr else self.config()
@@ -250,7 +252,10 @@ class _PlainFormatter(logging.Formatter):
         text = super().format(record)
         fields = getattr(record, "fields", {})
         if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            text += " " + " ".join(
+                f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in fields.items()
+            )
         color = self.COLORS.get(record.levelname) if self.colors else None
         return f"{color}{text}\x1b[0m" if color else text
 
@@ -301,10 +306,7 @@ async def _run_agent(cfg: Config) -> None:
             }
             log.info("agent started", extra={"fields": fields})
             async for sig in signals:
-                log.info(
-                    "%s received: leaving the cluster", signal.Signals(sig).name,
-                    extra={"fields": {"signal": signal.Signals(sig).name}},
-                )  # fmt: skip
+                log.info("%s received: leaving the cluster", signal.Signals(sig).name)
                 break
     log.info("agent stopped")
 
@@ -320,8 +322,21 @@ def agent(ctx: typer.Context) -> None:
     try:
         run_async(_run_agent, cfg)
     except Exception as exc:
-        log.error("agent failed: %s", exc, exc_info=not isinstance(exc, OSError | ValueError))
+        exc = _leaf(exc)
+        hint = ""
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            hint = " (check api.addr, gossip.addr and telemetry.prometheus.addr)"
+        log.error(
+            "agent failed: %s%s", exc, hint, exc_info=not isinstance(exc, OSError | ValueError)
+        )
         raise typer.Exit(1) from None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one real error inside nested exception groups (task groups wrap what they raise)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 # -- exec and query ----------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import re
 import anyio
 import httpx
 import pytest
-from cli_helpers import cluster, short_tmp, wait_for
+from cli_helpers import cluster, node_mapping, short_tmp, wait_for
 
+from corrosion import Agent, Config
 from corrosion.metrics import render
 
 pytestmark = pytest.mark.anyio
@@ -146,3 +147,14 @@ def test_render_escapes_label_values():
     assert 'x_total{reason="a\\"b\\\\c\\nd"} 3' in text
     assert "g 0.5\n" in text and "g NaN\n" in text
     parse(text)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_metrics_serve_on_trio():
+    with short_tmp() as base:
+        data = node_mapping(base, "t", api=None, telemetry={"prometheus": {"addr": "127.0.0.1:0"}})
+        async with Agent(Config.from_mapping(data), serve_api=False) as agent:
+            await agent.execute(["INSERT INTO todos (id) VALUES (1)"])
+            fams = parse((await scrape(agent.metrics_addr)).text)
+            assert value(fams, "corro_gossip_members") == 0
+            assert value(fams, "corro_db_size_bytes") > 0
