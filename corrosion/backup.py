@@ -23,7 +23,8 @@ Without ``keep_actor`` the restored node gets a fresh actor id at its first star
 version of the snapshot (bookkeeping travels with the data, keyed by actor) and catches up on the
 rest through sync. Keep the actor only when the snapshot is the node's latest state (moving a node
 to a new disk): a node restored to an *older* state of itself would re-use version numbers its
-peers already hold, and those writes would be ignored as duplicates.
+peers already hold, and those writes would be ignored as duplicates. ``keep_actor`` therefore
+refuses a backup that holds fewer of the node's own versions than its current database.
 """
 
 from __future__ import annotations
@@ -180,8 +181,10 @@ def restore(
         raise BackupError(f"backup {str(backup_path)!r} does not exist")
     if actor_id is not None and len(actor_id) != 16:
         raise BackupError("the actor id must be 16 bytes (32 hex digits)")
+    own_head = 0
     if keep_actor and actor_id is None:
         actor_id = _local_site(db_path)
+        own_head = _head(db_path, actor_id)
     old_size = db_path.stat().st_size if db_path.exists() else 0
     staged = db_path.with_name(f".{db_path.name}.{os.getpid()}.restore")
     db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,12 @@ def restore(
                 raise BackupError(f"backup {str(backup_path)!r} is corrupt: {check}")
             if not (_has_table(src, "crsql_site_id") and _has_table(src, "__corro_bookkeeping")):
                 raise BackupError(f"{str(backup_path)!r} is not a corrosion database")
+            if own_head > _head(backup_path, actor_id):
+                raise BackupError(
+                    f"the backup holds an older state of actor {actor_id.hex()} (this node has "
+                    f"versions up to {own_head}); keeping the actor id would re-use version "
+                    "numbers its peers already hold; restore without --self-actor-id instead"
+                )
             with stage.backup("main", src, "main") as b:
                 b.step(-1)
             with stage:
@@ -234,6 +243,20 @@ def _local_site(db_path: Path) -> bytes:
     if row is None:
         raise BackupError(f"cannot keep the actor id: {str(db_path)!r} has none")
     return row[0]
+
+
+def _head(db_path: Path, actor: bytes | None) -> int:
+    """The highest version of ``actor`` booked in the database at ``db_path`` (0: none)."""
+    conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        row = conn.execute(
+            "SELECT max(end_version) FROM __corro_bookkeeping WHERE actor_id = ?", (actor,)
+        ).fetchone()
+    except apsw.SQLError:
+        row = None
+    finally:
+        conn.close()
+    return (row[0] or 0) if row else 0
 
 
 def _copy_into(stage: apsw.Connection, db_path: Path, lock_timeout: float) -> None:

@@ -140,6 +140,14 @@ async def test_self_actor_id_keeps_the_identity():
                 assert answer.version == 2
                 await wait_for(lambda: _has(a, 2), what="b's new write on a")
                 assert a.gaps() == 0
+            # the backup is now older than b: keeping b's identity with it is refused
+            result = await cli(
+                "restore", str(out), "--self-actor-id", "--db-path", str(db),
+                "--admin-path", data["admin"]["path"],
+            )  # fmt: skip
+            assert result.exit_code == 1
+            assert "older state" in result.stderr
+            assert read_db(db, "SELECT id FROM todos ORDER BY id") == [(1,), (2,)]
 
             # --actor-id sets an explicit identity (e.g. moving a node to a new disk)
             fresh = base / "moved" / "state.db"
