@@ -23,6 +23,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -109,7 +110,8 @@ class Globals:
             try:
                 self._config = Config.load(self.config_path)
             except ConfigError as exc:
-                raise CliError(f"invalid config: {exc}") from None
+                prefix = "invalid config: " if self.config_path.exists() else ""
+                raise CliError(f"{prefix}{exc}") from None
         return self._config
 
     def optional_config(self) -> Config | None:
@@ -228,6 +230,8 @@ async def wait_for_stop(duration: float | None = None) -> str:
 
 
 class _JsonFormatter(logging.Formatter):
+    converter = time.gmtime  # the timestamps say Z
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",

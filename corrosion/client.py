@@ -96,8 +96,11 @@ class CorrosionClient:
                 for line in resp.iter_lines():
                     if not line.strip():
                         continue
-                    event = json.loads(line)
-                    (kind, payload), *_ = event.items()
+                    try:
+                        event = json.loads(line)
+                        ((kind, payload),) = event.items()
+                    except (ValueError, AttributeError):
+                        raise ClientError(f"malformed event from the agent: {line!r}") from None
                     if kind == "error":
                         raise ClientError(str(payload), resp.status_code)
                     yield kind, payload
