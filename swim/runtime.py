@@ -100,11 +100,11 @@ class SwimNode:
         advertise: Address | None = None,
         meta: bytes = b"",
         keyring: Keyring | None = None,
-        seed: int | None = None,
+        rng_seed: int | None = None,
         gen: int | None = None,
     ) -> None:
         """``port`` 0 picks a free port (the same for UDP and TCP); ``advertise`` is the address
-        others use to reach us (required when ``host`` is a wildcard); ``seed`` seeds the
+        others use to reach us (required when ``host`` is a wildcard); ``rng_seed`` seeds the
         core's RNG (random otherwise); ``gen`` defaults to seconds since 2020, so a restarted
         member's identity is newer than its previous one."""
         if host in _WILDCARDS and advertise is None:
@@ -115,7 +115,7 @@ class SwimNode:
         self._advertise = advertise
         self._meta = meta
         self._keyring = keyring
-        self._seed = seed
+        self._rng_seed = rng_seed
         self._gen = gen
         self.runtime_stats = RuntimeStats()
         self._core: Membership | None = None
@@ -153,7 +153,7 @@ class SwimNode:
         bound = self._udp.extra(SocketAttribute.local_port)
         addr = self._advertise or (self._host, bound)
         addr = (addr[0], addr[1] or bound)
-        rng = random.Random(self._seed)
+        rng = random.Random(self._rng_seed)
         gen = self._gen if self._gen is not None else max(0, int(time.time()) - _GEN_EPOCH)
         self._core = Membership(
             addr, self.config, rng, gen=gen, meta=self._meta, keyring=self._keyring
