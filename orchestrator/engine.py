@@ -63,6 +63,8 @@ from .store import MachineStore
 log = logging.getLogger(__name__)
 
 StepFn = Callable[["StepContext"], Awaitable[Mapping[str, Any] | None]]
+Commit = Callable[[Mapping[str, Any] | None], Awaitable[None]]
+DocCommitter = Callable[[str, list[Callable[[dict[str, Any]], object]], Commit], Awaitable[None]]
 FINALLY = "finally:"
 
 
@@ -128,6 +130,13 @@ class StepContext:
     retry_count: int
     clock: Clock
     error: RunError | None = None
+    staged: list[Callable[[dict[str, Any]], object]] = field(default_factory=list)
+
+    def stage(self, change: Callable[[dict[str, Any]], object]) -> None:
+        """Change the machine document together with this step's COMPLETE (one transaction):
+        ``change`` mutates the current document when the step has returned. Needs an engine
+        with a ``doc_committer``; dropped if the step raises."""
+        self.staged.append(change)
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,7 @@ class Engine:
         offload: bool = True,
         observer: EngineObserver | None = None,
         finished_cache: int = 10_000,
+        doc_committer: DocCommitter | None = None,
     ) -> None:
         self.store = store
         self.clock = clock if clock is not None else SystemClock()
@@ -246,6 +256,7 @@ class Engine:
         self.backoff = backoff if backoff is not None else Backoff()
         self.observer = observer if observer is not None else EngineObserver()
         self._offload = offload
+        self._doc_committer = doc_committer
         self._ops: dict[str, Operation] = {}
         self._live: dict[str, _Live] = {}
         self._queues: dict[str, deque[_Live]] = {}
@@ -569,6 +580,7 @@ class Engine:
             self.observer.step_started(info, name, live.resumed, retry)
             out: Mapping[str, Any] | None = None
             failure: BaseException | None = None
+            ctx: StepContext | None = None
             if fn is not None:
                 ctx = StepContext(
                     run_id=record.run_id,
@@ -649,14 +661,24 @@ class Engine:
             response = dict(state.response)
             if out:
                 response.update(out)
-            await self._io(
-                log_.append,
-                record.run_id,
-                EventKind.COMPLETE,
-                step=name,
-                payload=response,
-                at=self.clock.now(),
-            )
+
+            async def commit(doc: Mapping[str, Any] | None, response=response) -> None:
+                await self._io(
+                    log_.append,
+                    record.run_id,
+                    EventKind.COMPLETE,
+                    step=name,
+                    payload=response,
+                    at=self.clock.now(),
+                    doc=doc,
+                )
+
+            if ctx is not None and ctx.staged:
+                if self._doc_committer is None:
+                    raise RuntimeError(f"step {name} staged a document change; no committer")
+                await self._doc_committer(live.machine_id, ctx.staged, commit)
+            else:
+                await commit(None)
             state.response = response
             state.completed.append(name)
             self.observer.step_completed(info, name)

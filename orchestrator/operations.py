@@ -2,8 +2,9 @@
 
 Every step is idempotent: it looks at the machine document and the driver's view of the instance
 and does only what is missing, because a step runs again when the orchestrator died before its
-COMPLETE was logged. Steps that change the machine's state write the document through the service
-(``svc.update``), which persists it, wakes waiters and marks the machine for publishing.
+COMPLETE was logged. Steps change the machine document by *staging* a change (``ctx.stage``):
+the engine writes it in the same transaction as the step's COMPLETE, through the service's
+committer, which then wakes waiters, watches started machines and marks them for publishing.
 
 Operations, their steps, and the state each promises:
 
@@ -96,8 +97,9 @@ class MachineOperations:
     def _doc(self, ctx: StepContext) -> dict[str, Any]:
         return self.svc.doc(ctx.machine_id)
 
-    async def _set(self, ctx: StepContext, state: str, event: tuple[str, str] | None = None,
-                   **fields: Any) -> None:  # fmt: skip
+    def _set(self, ctx: StepContext, state: str, event: tuple[str, str] | None = None,
+             **fields: Any) -> None:  # fmt: skip
+        """Stage a state change: it is written with the step's COMPLETE, in one transaction."""
         now = self.svc.clock.now()
 
         def change(doc: dict[str, Any]) -> None:
@@ -107,7 +109,7 @@ class MachineOperations:
                 source = "user" if ctx.action != "exit" else "flyd"
                 m.add_event(doc, event[0], event[1], now=now, source=source)
 
-        await self.svc.update(ctx.machine_id, change)
+        ctx.stage(change)
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -116,10 +118,10 @@ class MachineOperations:
 
     async def mark_starting(self, ctx: StepContext) -> None:
         extra = {"restarts": 0} if ctx.action in ("start", "create") else {}
-        await self._set(ctx, m.STARTING, ("start", m.STARTING), **extra)
+        self._set(ctx, m.STARTING, ("start", m.STARTING), **extra)
 
     async def mark_restarting(self, ctx: StepContext) -> None:
-        await self._set(ctx, m.RESTARTING, ("restart", m.RESTARTING), restarts=0)
+        self._set(ctx, m.RESTARTING, ("restart", m.RESTARTING), restarts=0)
 
     async def create_instance(self, ctx: StepContext) -> None:
         doc = self._doc(ctx)
@@ -154,8 +156,7 @@ class MachineOperations:
         if status.address:
             fields["private_ip"] = status.address
         kind = "restart" if ctx.action in ("restart", "exit") else "start"
-        await self._set(ctx, m.STARTED, (kind, m.STARTED), **fields)
-        self.svc.watch(ctx.machine_id)
+        self._set(ctx, m.STARTED, (kind, m.STARTED), **fields)  # the service then watches it
 
     def _stop_args(self, ctx: StepContext) -> tuple[int, float]:
         cfg = self._doc(ctx)["config"].get("stop_config", {})
@@ -169,7 +170,7 @@ class MachineOperations:
         state = self._doc(ctx)["state"]
         if state in (m.STOPPED, m.CREATED, m.FAILED):
             return {"noop": True}  # it exited (or never ran) while the stop waited its turn
-        await self._set(ctx, m.STOPPING, ("stop", m.STOPPING))
+        self._set(ctx, m.STOPPING, ("stop", m.STOPPING))
         return None
 
     async def stop_instance(self, ctx: StepContext) -> Mapping[str, Any] | None:
@@ -188,10 +189,10 @@ class MachineOperations:
 
     async def mark_stopped(self, ctx: StepContext) -> None:
         exit_ = ctx.response.get("exit")
-        await self._set(ctx, m.STOPPED, ("exit", m.STOPPED), last_exit=exit_)
+        self._set(ctx, m.STOPPED, ("exit", m.STOPPED), last_exit=exit_)
 
     async def mark_updating(self, ctx: StepContext) -> None:
-        await self._set(ctx, m.UPDATING, ("update", m.UPDATING), restarts=0)
+        self._set(ctx, m.UPDATING, ("update", m.UPDATING), restarts=0)
 
     async def destroy_instance(self, ctx: StepContext) -> None:
         await self._drv(self.svc.driver.destroy(self._doc(ctx)["instance_id"]))
@@ -203,10 +204,10 @@ class MachineOperations:
             doc["config"] = config
             doc["instance_id"] = iid
 
-        await self.svc.update(ctx.machine_id, change)
+        ctx.stage(change)
 
     async def mark_destroying(self, ctx: StepContext) -> None:
-        await self._set(ctx, m.DESTROYING, ("destroy", m.DESTROYING))
+        self._set(ctx, m.DESTROYING, ("destroy", m.DESTROYING))
 
     async def kill_instance(self, ctx: StepContext) -> Mapping[str, Any] | None:
         iid = self._doc(ctx)["instance_id"]
@@ -221,7 +222,7 @@ class MachineOperations:
         return {"exit": exit_.to_dict()}
 
     async def mark_destroyed(self, ctx: StepContext) -> None:
-        await self._set(ctx, m.DESTROYED, ("destroy", m.DESTROYED))
+        self._set(ctx, m.DESTROYED, ("destroy", m.DESTROYED))
 
     async def set_cordon(self, ctx: StepContext) -> None:
         cordoned = ctx.action == "cordon"
@@ -231,7 +232,7 @@ class MachineOperations:
             doc["cordoned"] = cordoned
             m.add_event(doc, ctx.action, "ok", now=now, source="user")
 
-        await self.svc.update(ctx.machine_id, change)
+        ctx.stage(change)
 
     async def record_exit(self, ctx: StepContext) -> Mapping[str, Any]:
         doc = self._doc(ctx)
@@ -255,7 +256,7 @@ class MachineOperations:
             else:
                 d["state"] = m.STOPPED
 
-        await self.svc.update(ctx.machine_id, change)
+        ctx.stage(change)
         auto_destroy = not restart and bool(doc["config"].get("auto_destroy"))
         return {"restart": restart, "auto_destroy": auto_destroy}
 
@@ -266,14 +267,13 @@ class MachineOperations:
         doc = self._doc(ctx)
         if ctx.error is None:
             if ctx.request.get("skip_launch") and doc["state"] != m.CREATED:
-                await self._set(ctx, m.CREATED, ("launch", m.CREATED))
+                self._set(ctx, m.CREATED, ("launch", m.CREATED))
             return
         if ctx.response.get("stale"):
             return
         status = await self.svc.driver.status(doc["instance_id"])
         if status.state is InstanceState.RUNNING:
-            await self._set(ctx, m.STARTED, ("start", m.STARTED), boot=ctx.run_id)
-            self.svc.watch(ctx.machine_id)
+            self._set(ctx, m.STARTED, ("start", m.STARTED), boot=ctx.run_id)
             return
         now = self.svc.clock.now()
 
@@ -281,7 +281,7 @@ class MachineOperations:
             d["state"] = m.FAILED
             m.add_event(d, "launch", m.FAILED, now=now, error=ctx.error.message)  # type: ignore[union-attr]
 
-        await self.svc.update(ctx.machine_id, change)
+        ctx.stage(change)
 
     async def settle_stop(self, ctx: StepContext) -> None:
         """After a halted stop or destroy: the state the driver actually reports."""
@@ -292,9 +292,7 @@ class MachineOperations:
         running = status.state is InstanceState.RUNNING
         state = m.STARTED if running else m.STOPPED
         if doc["state"] != state:
-            await self._set(ctx, state, ("settle", state))
-        if running:
-            self.svc.watch(ctx.machine_id)
+            self._set(ctx, state, ("settle", state))
 
     # --- registration -------------------------------------------------------------------------
 

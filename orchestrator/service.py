@@ -126,6 +126,7 @@ class Orchestrator:
                 backoff=self._backoff,
                 offload=self._offload,
                 observer=self._observer,
+                doc_committer=self._commit_staged,
             )
             MachineOperations(self).register(engine)
             engine.on_finish(self._on_finish)
@@ -204,12 +205,26 @@ class Orchestrator:
         self._notify(machine_id)
         return doc
 
+    async def _commit_staged(self, machine_id: str, changes, commit) -> None:
+        """The engine's doc committer: apply a step's staged changes to the current document
+        and write it with the step's COMPLETE, serialized with every other document writer."""
+        lock = self._doc_locks.setdefault(machine_id, anyio.Lock())
+        async with lock:
+            doc = copy.deepcopy(self.doc(machine_id))
+            for change in changes:
+                change(doc)
+            doc["updated_at"] = self.clock.now()
+            await commit(doc)
+            self._docs[machine_id] = doc
+        self._notify(machine_id)
+
     def _notify(self, machine_id: str) -> None:
         event = self._changed.pop(machine_id, None)
         if event is not None:
             event.set()
         if self.publish_queue is not None:
             self.publish_queue.mark(machine_id)
+        self.watch(machine_id)  # a no-op unless started and not yet watched
 
     def _get(self, app: str, machine_id: str) -> dict[str, Any]:
         _check_app(app)

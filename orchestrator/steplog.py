@@ -209,15 +209,21 @@ class MachineLog:
         payload: Any = None,
         retry_count: int = 0,
         at: float,
+        doc: Mapping[str, Any] | None = None,
     ) -> int:
-        """Append COMPLETE / ERROR / CANCEL to an active run; returns the event's sequence."""
+        """Append COMPLETE / ERROR / CANCEL to an active run; returns the event's sequence.
+        ``doc``, when given, replaces the machine document in the same transaction (a step's
+        effect on the document and its completion are one fact)."""
         if kind not in (EventKind.COMPLETE, EventKind.ERROR, EventKind.CANCEL):
             raise ValueError(f"append() takes complete/error/cancel events, not {kind}")
         text = None if payload is None else _dumps(payload)
 
         def tx(conn: apsw.Connection) -> int:
             seq = self._active_seq(conn, run_id)
-            return self._insert_event(conn, seq, kind, step, text, retry_count, at)
+            event = self._insert_event(conn, seq, kind, step, text, retry_count, at)
+            if doc is not None:
+                self._put_doc(conn, doc, at)
+            return event
 
         return self._write(tx)
 
