@@ -134,8 +134,9 @@ class StepContext:
 
     def stage(self, change: Callable[[dict[str, Any]], object]) -> None:
         """Change the machine document together with this step's COMPLETE (one transaction):
-        ``change`` mutates the current document when the step has returned. Needs an engine
-        with a ``doc_committer``; dropped if the step raises."""
+        ``change`` mutates the current document when the step has returned (the engine's
+        ``doc_committer`` decides what "current" is; by default the stored one). Dropped if
+        the step raises."""
         self.staged.append(change)
 
 
@@ -557,6 +558,13 @@ class Engine:
             error=RunError.from_dict(state.halt) if state.halt is not None else None,
         )
 
+    async def _commit_from_log(self, machine_id: str, changes, commit: Commit) -> None:
+        """Default committer: apply staged changes to the document as stored."""
+        doc = await self._io(self.store.log(machine_id).read_doc) or {}
+        for change in changes:
+            change(doc)
+        await commit(doc)
+
     async def _run_step(
         self,
         live: _Live,
@@ -674,9 +682,8 @@ class Engine:
                 )
 
             if ctx is not None and ctx.staged:
-                if self._doc_committer is None:
-                    raise RuntimeError(f"step {name} staged a document change; no committer")
-                await self._doc_committer(live.machine_id, ctx.staged, commit)
+                committer = self._doc_committer or self._commit_from_log
+                await committer(live.machine_id, ctx.staged, commit)
             else:
                 await commit(None)
             state.response = response

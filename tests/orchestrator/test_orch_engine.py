@@ -434,3 +434,28 @@ async def test_finished_runs_are_readable_from_the_log(tmp_path):
     raw = store.log("m1").events(run_id)[-1]
     assert raw.kind is EventKind.FINISH and json.dumps(raw.payload) == '{"status": "succeeded"}'
     store.close()
+
+
+async def test_staged_document_changes_commit_with_the_step(tmp_path):
+    store = make_store(tmp_path, "m1")
+    store.log("m1").write_doc({"state": "created"}, at=0)
+
+    async def mark(ctx):
+        ctx.stage(lambda d: d.update(state="starting"))
+        return {"ok": 1}
+
+    async def flaky(ctx):
+        ctx.stage(lambda d: d.update(state="broken"))  # dropped: the step raises
+        if ctx.retry_count == 0:
+            raise RuntimeError("once")
+        ctx.stage(lambda d: d.update(state="started"))
+
+    async with Engine(store, backoff=Backoff(initial=0.001)) as engine:
+        engine.register("op", [("mark", mark), ("flaky", flaky)])
+        run_id = await engine.start("m1", "op")
+        assert (await engine.wait(run_id)).ok
+    log = store.log("m1")
+    assert log.read_doc()["state"] == "started"
+    completes = [e for e in log.events(run_id) if e.kind == "complete"]
+    assert [e.step for e in completes] == ["mark", "flaky"]
+    store.close()
