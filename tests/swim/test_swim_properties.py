@@ -72,7 +72,7 @@ parts = st.one_of(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(sender=identities | msgpack_values, body=st.lists(parts, max_size=8))
 def test_handle_datagram_never_raises_on_structured_garbage(sender, body):
     core = fresh()
