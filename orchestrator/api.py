@@ -7,6 +7,8 @@ mounts them next to its own API when its config has an ``[orchestrator]`` sectio
 Errors are ``{"error": "<message>"}`` with: 400 bad input, 401 bad token, 404 unknown machine,
 408 wait timed out, 409 invalid transition / already running (with ``run_id``) / lease conflict,
 501 unsupported (suspend). Mutating calls take the lease nonce in ``fly-machine-lease-nonce``.
+Beyond Fly's paths: ``GET .../{id}/runs`` lists the machine's live FSM runs and
+``DELETE .../{id}/runs/{run_id}`` cancels one (flyd's admin view).
 """
 
 from __future__ import annotations
@@ -201,14 +203,11 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         return Response(status_code=204)
 
     async def runs(request: Request, app: str, mid: str) -> Response:
-        orch.get_machine(app, mid)
-        assert orch.engine is not None
-        live = [
-            {"run_id": r.run_id, "action": r.action, "state": r.state, "step": r.step,
-             "retry_count": r.retry_count, "resumed": r.resumed}
-            for r in orch.engine.list_runs(mid)
-        ]  # fmt: skip
-        return JSONResponse(live)
+        return JSONResponse(orch.list_runs(app, mid))
+
+    async def run_cancel(request: Request, app: str, mid: str) -> Response:
+        await orch.cancel_run(app, mid, request.path_params["run_id"], nonce=nonce(request))
+        return JSONResponse({"ok": True})
 
     one = BASE + "/{machine_id}"
     table: list[tuple[str, str, Callable[[Request, str, str], Awaitable[Response]]]] = [
@@ -231,6 +230,7 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         (one + "/metadata/{key}", "POST", metadata_set),
         (one + "/metadata/{key}", "DELETE", metadata_delete),
         (one + "/runs", "GET", runs),
+        (one + "/runs/{run_id}", "DELETE", run_cancel),
     ]
     by_path: dict[str, dict[str, Handler]] = {}
     for path, method, fn in table:

@@ -523,6 +523,29 @@ class Orchestrator:
         except ValueError:
             return False
 
+    # --- runs (flyd's admin view) -------------------------------------------------------------
+
+    def list_runs(self, app: str, machine_id: str) -> list[dict[str, Any]]:
+        """The machine's live runs, oldest first."""
+        self._get(app, machine_id)
+        assert self.engine is not None
+        return [
+            {"run_id": r.run_id, "action": r.action, "state": r.state, "step": r.step,
+             "retry_count": r.retry_count, "resumed": r.resumed}
+            for r in self.engine.list_runs(machine_id)
+        ]  # fmt: skip
+
+    async def cancel_run(self, app: str, machine_id: str, run_id: str, *,
+                         nonce: str | None = None) -> None:  # fmt: skip
+        """Halt a live run: remaining steps are skipped, its finalizer settles the state."""
+        doc = self._get(app, machine_id)
+        self._check_lease(doc, nonce)
+        assert self.engine is not None
+        if run_id not in {r.run_id for r in self.engine.list_runs(machine_id)}:
+            raise NotFoundError(f"machine {machine_id} has no live run {run_id}")
+        if not await self.engine.cancel(run_id, "cancelled through the API"):
+            raise InvalidTransitionError(f"run {run_id} is already finishing")
+
     # --- leases -------------------------------------------------------------------------------
 
     def _new_lease(self, nonce: str, ttl: float, owner: str, description: str) -> dict[str, Any]:

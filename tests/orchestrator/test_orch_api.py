@@ -212,3 +212,25 @@ async def test_create_with_lease_ttl(client):
     assert r.status_code == 409
     r = await client.post(f"{BASE}/{m['id']}/cordon", headers={NONCE_HEADER: m["nonce"]})
     assert r.status_code == 200
+
+
+async def test_cancel_a_live_run(client):
+    client.orch.driver.stop_delay = 1000.0  # the stop hangs until cancelled
+    mid = (await create(client))["id"]
+    await wait(client, mid, "started")
+    client.orch.driver.ignore_sigterm(client.orch.doc(mid)["instance_id"])
+    r = await client.post(f"{BASE}/{mid}/stop", json={"timeout": 3600})
+    assert r.status_code == 200
+    with anyio.fail_after(10):
+        while True:
+            runs = (await client.get(f"{BASE}/{mid}/runs")).json()
+            if runs and runs[0]["step"] == "stop_instance":
+                break
+            await anyio.sleep(0.005)
+    assert (await client.delete(f"{BASE}/{mid}/runs/nope")).status_code == 404
+    r = await client.delete(f"{BASE}/{mid}/runs/{runs[0]['run_id']}")
+    assert r.status_code == 200, r.text
+    await wait(client, mid, "started")  # the finalizer found it still running
+    assert (await client.get(f"{BASE}/{mid}/runs")).json() == []
+    result = await client.orch.engine.wait(runs[0]["run_id"])
+    assert result.status == "cancelled"
