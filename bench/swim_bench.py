@@ -370,7 +370,7 @@ def main() -> None:
     quick = args.quick
     n = args.n
     runs = args.runs or (1 if quick else 8)
-    window = 16.0 if quick else 90.0
+    window = 12.0 if quick else 90.0
 
     for encrypted, name in ((False, "swim_packets_per_s"), (True, "swim_packets_per_s_encrypted")):
         rate, floor = packets_per_s(encrypted, 0.7 if quick else 3.0)
