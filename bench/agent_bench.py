@@ -39,7 +39,7 @@ def config(base: Path, name: str, seeds: list[str], api: bool = False) -> Config
     schema.write_text(SCHEMA)
     data = {
         "db": {"path": str(base / name / "state.db"), "schema_paths": [str(schema)]},
-        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "local"},
+        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "lan"},
         "perf": {"min_sync_backoff": 1.0, "max_sync_backoff": 15.0},
     }
     if api:
@@ -103,7 +103,7 @@ async def spread(n: int, writes: int) -> list[float]:
                     samples.append(float("inf"))
                 else:
                     samples.append(max(times) - t0)
-                await anyio.sleep(0.02)
+                await anyio.sleep(0.1)  # spread latency, not saturation throughput
             return samples
         finally:
             for a in reversed(agents):

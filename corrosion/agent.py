@@ -227,7 +227,7 @@ class Agent:
             advertise=g.external_addr,
             meta=encode_meta(self.store.actor_id, peer_port, g.cluster_id),
             keyring=self._keyring,
-            seed=None if self._seed is None else rng.randrange(2**32),
+            rng_seed=None if self._seed is None else rng.randrange(2**32),
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -491,6 +491,9 @@ class Agent:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
                 if result.applied or result.emptied:
+                    now = self._now()
+                    for actor, _version in result.applied:
+                        rep.note_booked(actor, now)
                     self.events.applied_versions += len(result.applied) + result.emptied
                     for listener in self.apply_listeners:
                         listener(result)

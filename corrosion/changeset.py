@@ -24,7 +24,7 @@ from crdt import Change
 WIRE_VERSION = 1
 MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB
 
-K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT = 1, 2, 3, 4, 5, 6
+K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST = range(1, 8)
 
 
 class FrameError(ValueError):
@@ -135,9 +135,27 @@ def decode_frame(data: bytes) -> tuple[int, Any]:
                 raise FrameError("version range end before start")
             ranges.append((s, e))
         return kind, EmptyVersions(_actor(obj[2]), tuple(ranges), _int(obj[4], "ts"))
-    if kind in (K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT):
+    if kind in (K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST):
         return kind, obj[2:]
     raise FrameError(f"unknown frame kind {kind!r}")
+
+
+def peek_changeset(data: bytes) -> tuple[bytes, int, int, int] | None:
+    """``(actor, version, seq_start, seq_end)`` of a changeset frame, read without decoding its
+    changes (a duplicate is dropped at that cost); None if ``data`` is not a changeset frame."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 16)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() != 10:
+            return None
+        kind, wire, actor, version, start, end = (unpacker.unpack() for _ in range(6))
+    except Exception:
+        return None
+    if kind != K_CHANGESET or wire != WIRE_VERSION or type(actor) is not bytes:
+        return None
+    if type(version) is not int or type(start) is not int or type(end) is not int:
+        return None
+    return actor, version, start, end
 
 
 def _decode_changeset(obj: list) -> Changeset:

@@ -18,8 +18,15 @@ B1  A local transaction that changed replicated data is a new version of this ac
     again to other peers every ``broadcast_interval * round`` for ``max_transmissions`` rounds
     (corrosion's gossip mode, ``_broadcast_round``).
 B2  A received chunk is dropped (and counted) when malformed, from another cluster, our own, or
-    already held or queued. Otherwise it is queued for apply and, when it came by broadcast,
-    relayed once to ``fanout`` peers other than its sender (``handle_frame``).
+    already held or queued (checked on the frame's header, before decoding its changes).
+    Otherwise it is queued for apply and, when it came by broadcast, relayed once to ``fanout``
+    peers other than its sender and origin (``handle_frame``).
+B4  Push-once epidemics miss a few nodes (about e^-fanout of them), and periodic sync alone would
+    leave those behind for up to ``max_sync_backoff``. So every ``digest_interval`` a node that
+    booked versions in the last ``digest_window`` sends ``fanout`` random peers a digest of those
+    actors' heads; a peer still lacking one ``digest_grace`` later (the broadcast is usually just
+    behind) syncs with the sender (``_on_digest_tick``, ``_on_digest``). Quiet clusters send no
+    digests.
 B3  Queued chunks are applied in batches, one transaction each (``apply_pending``): complete
     versions merge, partial ones are buffered until all their seqs are present, versions skipped
     over become gaps.
@@ -45,6 +52,7 @@ import msgpack
 from .bookie import validate_sync_state
 from .changeset import (
     K_CHANGESET,
+    K_DIGEST,
     K_EMPTY,
     K_HELLO,
     K_REJECT,
@@ -57,6 +65,7 @@ from .changeset import (
     decode_frame,
     encode,
     encode_control,
+    peek_changeset,
 )
 from .hlc import HybridClock
 from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
@@ -95,8 +104,13 @@ class BroadcastTick:
 
 
 @dataclass(frozen=True, slots=True)
+class DigestTick:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
-    timer: SyncTick | BroadcastTick
+    timer: SyncTick | BroadcastTick | DigestTick
     at: float
 
 
@@ -118,6 +132,9 @@ class ReplicationConfig:
     broadcast_interval: float = 0.1  # round k is sent k * this after the commit
     retransmit_mult: int = 4  # local versions: rounds = mult * ceil(log10(n + 1))
     max_queue: int = 20_000  # queued chunks beyond this are dropped (sync recovers them)
+    digest_interval: float = 0.2  # seconds between digests of recently booked heads
+    digest_window: float = 2.0  # actors booked this recently are included
+    digest_grace: float = 0.3  # a head still missing this long after a digest: sync for it
 
 
 @dataclass
@@ -145,6 +162,8 @@ class Stats:
     broadcasts_sent: int = 0
     syncs_started: int = 0
     syncs_served: int = 0
+    digests_sent: int = 0
+    digest_syncs: int = 0  # syncs started because a digest showed we lacked something
     sync_frames_received: int = 0
     rejected_changesets: int = 0
     applied_versions: int = 0
@@ -176,11 +195,21 @@ class Replicator:
         self._backoff = self.config.min_sync_backoff
         self._syncing: dict[Address, float] = {}
         self._broadcast_timer_at: float | None = None
+        self._recent: dict[bytes, float] = {}  # actor -> when a version of it was last booked
+        # (actor, head) a digest showed us lacking -> (when first seen, who has it)
+        self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
 
     # -- lifecycle and membership ----------------------------------------------------------
 
     def start(self, now: float) -> list[Effect]:
-        return [SetTimer(SyncTick(self._token), now + self._jitter(self.config.min_sync_backoff))]
+        return [
+            SetTimer(SyncTick(self._token), now + self._jitter(self.config.min_sync_backoff)),
+            SetTimer(DigestTick(self._token), now + self._jitter(self.config.digest_interval)),
+        ]
+
+    def note_booked(self, actor: bytes, now: float) -> None:
+        """A version of ``actor`` was booked here (local commit or apply): digest its head."""
+        self._recent[actor] = now
 
     def member_up(self, actor: bytes, addr: Address) -> None:
         if actor != self.actor:
@@ -207,6 +236,8 @@ class Replicator:
 
     def broadcast_commit(self, commit: LocalCommit | None, now: float) -> list[Effect]:
         effects: list[Effect] = []
+        if commit is not None:
+            self.note_booked(self.actor, now)
         if commit is not None and self.config.broadcast:
             frames = [
                 encode(c)
@@ -219,11 +250,12 @@ class Replicator:
                     commit.db_version,
                 )
             ]
-            rounds = self.config.retransmit_mult * max(
-                1, math.ceil(math.log10(len(self.peers) + 2))
-            )
-            effects += self._broadcast(frames, exclude=set(), rounds=rounds, now=now)
+            effects += self._broadcast(frames, exclude=set(), rounds=self.max_rounds(), now=now)
         return effects
+
+    def max_rounds(self) -> int:
+        """Broadcast rounds of a local version: ``retransmit_mult * ceil(log10(n + 1))``."""
+        return self.config.retransmit_mult * max(1, math.ceil(math.log10(len(self.peers) + 2)))
 
     def _broadcast(
         self, frames: list[bytes], *, exclude: set[bytes], rounds: int, now: float
@@ -261,11 +293,17 @@ class Replicator:
 
     def handle_frame(self, src: Address | None, data: bytes, now: float) -> list[Effect]:
         """A broadcast frame arrived (``src`` is the sender's peer address, if known)."""
+        header = peek_changeset(data)
+        if header is not None and self._is_duplicate(*header):
+            self.stats.duplicates += 1
+            return []
         try:
             kind, item = decode_frame(data)
         except FrameError:
             self.stats.malformed += 1
             return []
+        if kind == K_DIGEST:
+            return self._on_digest(item, now)
         if kind not in (K_CHANGESET, K_EMPTY):
             self.stats.malformed += 1
             return []
@@ -279,6 +317,17 @@ class Replicator:
             self.stats.relayed += 1
             return self._broadcast([data], exclude=exclude, rounds=1, now=now)
         return []
+
+    def _is_duplicate(self, actor: bytes, version: int, start: int, end: int) -> bool:
+        if actor == self.actor or (actor, version, start, end) in self._queued_keys:
+            return True
+        booked = self.store.bookie.actors.get(actor)
+        if booked is None:
+            return False
+        if version in booked.held:
+            return True
+        partial = booked.partials.get(version)
+        return partial is not None and partial.seqs.covers(start, end)
 
     def _enqueue(self, item: Changeset | EmptyVersions, relay: bool) -> bool:
         if item.actor == self.actor:
@@ -337,12 +386,78 @@ class Replicator:
 
     # -- timers -----------------------------------------------------------------------------
 
-    def handle_timer(self, timer: SyncTick | BroadcastTick, now: float) -> list[Effect]:
+    def handle_timer(
+        self, timer: SyncTick | BroadcastTick | DigestTick, now: float
+    ) -> list[Effect]:
         if timer.token != self._token:
             return []
         if isinstance(timer, SyncTick):
             return self._on_sync_tick(now)
+        if isinstance(timer, DigestTick):
+            return self._on_digest_tick(now)
         return self._on_broadcast_tick(now)
+
+    # -- digests (B4) -----------------------------------------------------------------------
+
+    def _on_digest_tick(self, now: float) -> list[Effect]:
+        effects: list[Effect] = [
+            SetTimer(DigestTick(self._token), now + self._jitter(self.config.digest_interval))
+        ]
+        effects += self._repair_from_digests(now)
+        cutoff = now - self.config.digest_window
+        for actor in [a for a, t in self._recent.items() if t < cutoff]:
+            del self._recent[actor]
+        if not self._recent or not self.peers:
+            return effects
+        heads = [[actor, self.store.bookie.get(actor).max()] for actor in sorted(self._recent)]
+        frame = encode_control(K_DIGEST, self.actor, heads)
+        peers = self._sorted_peers()
+        for peer in self.rng.sample(peers, min(self.config.fanout, len(peers))):
+            effects.append(SendFrame(peer.addr, frame))
+        self.stats.digests_sent += 1
+        return effects
+
+    def _on_digest(self, fields: list, now: float) -> list[Effect]:
+        """Remember heads we lack; ``_on_digest_tick`` syncs for those still missing after
+        ``digest_grace`` (the broadcast is usually just behind the digest)."""
+        if len(fields) != 2 or type(fields[0]) is not bytes or not isinstance(fields[1], list):
+            self.stats.malformed += 1
+            return []
+        sender, heads = fields
+        for entry in heads:
+            if not (isinstance(entry, list) and len(entry) == 2):
+                self.stats.malformed += 1
+                return []
+            actor, head = entry
+            if type(actor) is not bytes or type(head) is not int or actor == self.actor:
+                continue
+            if not self._holds_through(actor, head) and (actor, head) not in self._expected:
+                self._expected[(actor, head)] = (now, sender)
+        return []
+
+    def _holds_through(self, actor: bytes, head: int) -> bool:
+        booked = self.store.bookie.actors.get(actor)
+        return booked is not None and booked.held.covers(1, head)
+
+    def _repair_from_digests(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        for key, (seen, sender) in list(self._expected.items()):
+            if self._holds_through(*key) or now - seen > 10 * self.config.digest_window:
+                del self._expected[key]
+                continue
+            if now - seen < self.config.digest_grace:
+                continue
+            peer = self.peers.get(sender)
+            if peer is None or peer.addr in self._syncing:
+                continue
+            if len(self._syncing) >= self.config.max_syncs_in_flight:
+                break
+            self._syncing[peer.addr] = now
+            self._expected[key] = (now, sender)  # retry later if this sync fails
+            self.stats.syncs_started += 1
+            self.stats.digest_syncs += 1
+            effects.append(StartSync(peer.addr, self.sync_request()))
+        return effects
 
     def _on_broadcast_tick(self, now: float) -> list[Effect]:
         self._broadcast_timer_at = None
@@ -380,7 +495,8 @@ class Replicator:
         return encode_control(K_SYNC_REQUEST, self.config.cluster_id, self.actor, state)
 
     def handle_sync_frame(self, addr: Address, data: bytes, now: float) -> bool:
-        """One frame of a sync answer; returns False when the stream should be abandoned."""
+        """One frame of a sync answer; returns False once the answer is over (done, reject or
+        garbage), True while more frames are expected."""
         self.stats.sync_frames_received += 1
         try:
             kind, item = decode_frame(data)
@@ -390,7 +506,7 @@ class Replicator:
         if kind in (K_CHANGESET, K_EMPTY):
             self._enqueue(item, relay=False)
             return True
-        return kind == K_SYNC_DONE
+        return False  # done (or a reject): the answer is over
 
     def sync_finished(self, addr: Address) -> None:
         self._syncing.pop(addr, None)

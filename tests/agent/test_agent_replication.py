@@ -171,7 +171,7 @@ def test_sync_ticks_back_off_and_pick_idle_peers(tmp_path):
     r = replicator(store(tmp_path, "a"), min_sync_backoff=1.0, max_sync_backoff=4.0)
     for i in range(5):
         r.member_up(bytes([i + 1]) * 16, ("h", i))
-    (start,) = r.start(0.0)
+    start = next(e for e in r.start(0.0) if isinstance(e.timer, SyncTick))
     effects = r.handle_timer(start.timer, 1.0)
     assert len([e for e in effects if isinstance(e, StartSync)]) == 3
     # in-flight syncs are not doubled; the interval doubles up to the max
@@ -179,7 +179,7 @@ def test_sync_ticks_back_off_and_pick_idle_peers(tmp_path):
     now = 1.0
     for _ in range(4):
         effects = r.handle_timer(SyncTick(1), now)
-        timer = next(e for e in effects if hasattr(e, "timer"))
+        timer = next(e for e in effects if hasattr(e, "timer") and isinstance(e.timer, SyncTick))
         times.append(timer.at - now)
         now = timer.at
     assert all(t <= 4.0 * 1.3 for t in times) and times[-1] >= 4.0 * 0.7
@@ -232,3 +232,27 @@ def test_changeset_codec_roundtrip_and_validation(tmp_path):
     assert decode_frame(encode(cs))[1] == cs
     with pytest.raises(ValueError):
         decode_frame(encode(cs)[:-3])
+
+
+def test_digests_repair_a_node_the_broadcast_missed(tmp_path):
+    """A node that never got a broadcast learns from a digest that it lacks a head, and syncs
+    with the sender once the grace period has passed (not before: the broadcast may be late)."""
+    sa, sb = store(tmp_path, "a"), store(tmp_path, "b")
+    ra, rb = replicator(sa, digest_grace=0.3), replicator(sb, digest_grace=0.3)
+    ra.member_up(sb.actor_id, ("b", 1))
+    rb.member_up(sa.actor_id, ("a", 1))
+    ra.execute([("INSERT INTO t (id) VALUES (1)", ())], now=0.0)  # the broadcast is lost
+    tick = next(e for e in ra.start(0.0) if not isinstance(e.timer, SyncTick)).timer
+    digest = [e for e in ra.handle_timer(tick, 0.2) if isinstance(e, SendFrame)]
+    assert len(digest) == 1 and digest[0].addr == ("b", 1)
+    assert rb.handle_frame(("a", 1), digest[0].data, now=0.25) == []
+    early = rb.handle_timer(tick, 0.4)  # within the grace period: wait for the broadcast
+    assert not [e for e in early if isinstance(e, StartSync)]
+    late = [e for e in rb.handle_timer(tick, 0.7) if isinstance(e, StartSync)]
+    assert [e.addr for e in late] == [("a", 1)]
+    for frame in ra.serve_sync(late[0].request):
+        rb.handle_sync_frame(("a", 1), frame, 0.8)
+    rb.sync_finished(("a", 1))
+    rb.apply_pending()
+    assert table(sb) == [(1, None, 0)] and rb.stats.digest_syncs == 1
+    assert not [e for e in rb.handle_timer(tick, 2.0) if isinstance(e, StartSync)]
