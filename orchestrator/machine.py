@@ -135,6 +135,16 @@ def validate_config(raw: Any) -> dict[str, Any]:
     if not isinstance(image, str) or not image.strip():
         raise InvalidRequestError("config.image: required (a non-empty string)")
     out: dict[str, Any] = {k: copy.deepcopy(v) for k, v in cfg.items() if k in _PASSTHROUGH}
+    services = cfg.get("services")
+    if services is not None:
+        if not isinstance(services, list) or not all(isinstance(x, Mapping) for x in services):
+            raise InvalidRequestError("config.services: expected a list of objects")
+        for i, svc in enumerate(services):
+            port = svc.get("internal_port")
+            if port is not None and (
+                isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+            ):
+                raise InvalidRequestError(f"config.services[{i}].internal_port: expected 1-65535")
     out["image"] = image.strip()
     init = _obj(cfg.get("init") or {}, "config.init")
     bad = sorted(set(init) - {"exec", "entrypoint", "cmd", "tty", "swap_size_mb"})

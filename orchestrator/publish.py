@@ -40,6 +40,7 @@ CREATE TABLE machines (
     address TEXT NOT NULL DEFAULT '',
     cordoned INTEGER NOT NULL DEFAULT 0,
     checks TEXT NOT NULL DEFAULT '[]',
+    services TEXT NOT NULL DEFAULT '[]',
     updated_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX machines_app_state ON machines (app, state);
@@ -48,7 +49,7 @@ CREATE INDEX machines_worker ON machines (worker);
 
 COLUMNS = (
     "id", "app", "worker", "region", "state", "instance_id", "address", "cordoned", "checks",
-    "updated_at",
+    "services", "updated_at",
 )  # fmt: skip
 
 Statement = str | list[Any]
@@ -71,9 +72,27 @@ def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         "instance_id": doc.get("instance_id", ""),
         "address": doc.get("private_ip", "") or "",
         "cordoned": 1 if doc.get("cordoned") else 0,
-        "checks": json.dumps(doc.get("checks", []), sort_keys=True, separators=(",", ":")),
+        "checks": _json(doc.get("checks", [])),
+        "services": _json(routable_services(doc)),
         "updated_at": int(doc["updated_at"] * 1000),
     }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def routable_services(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a proxy needs of ``config.services``: protocol and internal port of each service
+    (none when the machine was created with ``skip_service_registration``)."""
+    if doc.get("skip_service_registration"):
+        return []
+    out = []
+    for svc in doc.get("config", {}).get("services") or []:
+        if isinstance(svc, Mapping) and isinstance(svc.get("internal_port"), int):
+            out.append({"protocol": str(svc.get("protocol", "tcp")),
+                        "internal_port": svc["internal_port"]})  # fmt: skip
+    return out
 
 
 def upsert_statement(row: Mapping[str, Any]) -> list[Any]:

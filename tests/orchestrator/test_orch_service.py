@@ -381,10 +381,10 @@ async def test_service_restart_resumes_watching_and_reconciles_rows(tmp_path):
     pub = MemoryPublisher()
     await pub.execute([upsert_statement({"id": "stale", "app": "app", "worker": "w1",
         "region": "", "state": "started", "instance_id": "", "address": "", "cordoned": 0,
-        "checks": "[]", "updated_at": 0})])  # fmt: skip
+        "checks": "[]", "services": "[]", "updated_at": 0})])  # fmt: skip
     await pub.execute([upsert_statement({"id": "theirs", "app": "app", "worker": "w2",
         "region": "", "state": "started", "instance_id": "", "address": "", "cordoned": 0,
-        "checks": "[]", "updated_at": 0})])  # fmt: skip
+        "checks": "[]", "services": "[]", "updated_at": 0})])  # fmt: skip
     async with orch(tmp_path, driver, pub) as o:
         mid = (await o.create_machine("app", {"config": config(restart={"policy": "no"})}))["id"]
         await settle(o, mid, "started")

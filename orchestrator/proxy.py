@@ -1,0 +1,225 @@
+"""A proxy-like consumer of the replicated ``machines`` table (fly-proxy's role, in small).
+
+It routes an HTTP request for an app to one of the app's machines, chosen by SQL over the local
+replica — started, not cordoned, no critical check, with an HTTP-capable service — wherever the
+machine runs: the row may have been written by any worker. It follows changes: the routing table
+is re-read whenever SQLite's ``data_version`` says the replica changed (another connection, such
+as the agent applying gossip, committed), and a machine that stops or is cordoned stops getting
+traffic as soon as its row arrives.
+
+The app comes from the ``Host`` header (``<app>.<domain>``) or, without a domain, from the
+configured default. ``fly-force-instance-id: <machine id>`` pins a request to one machine.
+Backends are taken round-robin; a backend that refuses the connection is skipped for the next
+one. Every proxied response carries ``fly-machine-id`` (and ``fly-worker``) so callers can see
+where it went. No backend: 503 with a JSON error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import apsw
+import httpx
+
+from .publish import MACHINES_TABLE
+
+ROUTE_SQL = (
+    f"SELECT id, worker, address, services, checks FROM {MACHINES_TABLE} "
+    "WHERE app = ? AND state = 'started' AND cordoned = 0 ORDER BY id"
+)
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Backend:
+    machine_id: str
+    worker: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def _backend(row: Sequence[Any]) -> Backend | None:
+    machine_id, worker, address, services, checks = row
+    try:
+        svcs = json.loads(services or "[]")
+        checks_ = json.loads(checks or "[]")
+    except json.JSONDecodeError:
+        return None
+    if any(isinstance(c, dict) and c.get("status") == "critical" for c in checks_):
+        return None
+    ports = [s["internal_port"] for s in svcs if s.get("protocol", "tcp") == "tcp"]
+    if not address or not ports:
+        return None
+    return Backend(machine_id, worker, address, int(ports[0]))
+
+
+class SqliteReplica:
+    """Routing reads over a replica database file (the agent's, or any copy with the table).
+
+    One read connection; the per-app routing table is cached and dropped whenever
+    ``PRAGMA data_version`` changes, i.e. whenever another connection committed.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        # read-write open (a read-only one cannot attach to a WAL database without its -shm),
+        # but this connection never writes
+        self._conn = apsw.Connection(str(self.path))
+        self._conn.set_busy_timeout(2000)
+        self._conn.execute("PRAGMA query_only = 1")
+        self._lock = threading.Lock()
+        self._version: int | None = None
+        self._cache: dict[str, list[Backend]] = {}
+
+    def backends(self, app: str) -> list[Backend]:
+        with self._lock:
+            version = self._conn.execute("PRAGMA data_version").fetchall()[0][0]
+            if version != self._version:
+                self._cache.clear()
+                self._version = version
+            cached = self._cache.get(app)
+            if cached is None:
+                try:
+                    rows = self._conn.execute(ROUTE_SQL, (app,)).fetchall()
+                except apsw.SQLError:  # the table has not replicated here yet
+                    rows = []
+                cached = self._cache[app] = [b for r in rows if (b := _backend(r)) is not None]
+            return list(cached)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class Proxy:
+    """An ASGI app forwarding HTTP requests to the app's machines (see the module docstring)."""
+
+    def __init__(
+        self,
+        replica: SqliteReplica,
+        *,
+        domain: str | None = None,
+        default_app: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        connect_attempts: int = 3,
+        retry_delay: float = 0.1,
+    ) -> None:
+        self.replica = replica
+        self.domain = domain.lstrip(".").lower() if domain else None
+        self.default_app = default_app
+        self._client = client
+        self._rr = itertools.count()
+        self.connect_attempts = connect_attempts
+        self.retry_delay = retry_delay
+
+    def app_for(self, host: str) -> str | None:
+        host = host.split(":", 1)[0].lower()
+        if self.domain and host.endswith("." + self.domain):
+            return host[: -len(self.domain) - 1] or None
+        return self.default_app
+
+    def pick(self, app: str, pinned: str | None = None) -> list[Backend]:
+        """Candidate backends in the order to try them."""
+        backends = self.replica.backends(app)
+        if pinned is not None:
+            return [b for b in backends if b.machine_id == pinned]
+        if not backends:
+            return []
+        start = next(self._rr) % len(backends)
+        return backends[start:] + backends[:start]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        app = self.app_for(headers.get("host", ""))
+        if app is None:
+            await _json_error(send, 404, "no app for this host")
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            path += b"?" + scope["query_string"]
+        forward = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
+        forward.append(("x-forwarded-host", headers.get("host", "")))
+        pinned = headers.get("fly-force-instance-id")
+        client = self._client or httpx.AsyncClient(timeout=30)
+        try:
+            for attempt in range(self.connect_attempts):
+                candidates = self.pick(app, pinned)
+                for backend in candidates:
+                    request = client.build_request(
+                        scope["method"], backend.url + path.decode("latin-1"),
+                        headers=forward, content=body,
+                    )  # fmt: skip
+                    try:
+                        response = await client.send(request, stream=True)
+                    except (httpx.ConnectError, httpx.ConnectTimeout):
+                        continue  # not listening (yet, or any more): the next one
+                    try:
+                        await _relay(send, response, backend)
+                    finally:
+                        await response.aclose()
+                    return
+                if attempt + 1 < self.connect_attempts:
+                    await anyio.sleep(self.retry_delay)
+            which = f"machine {pinned}" if pinned else "started machine"
+            await _json_error(send, 503, f"no reachable {which} for app {app}")
+        finally:
+            if self._client is None:
+                await client.aclose()
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._client is not None:
+                    await self._client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _relay(send, response: httpx.Response, backend: Backend) -> None:
+    headers = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.items()
+        if k.lower() not in HOP_BY_HOP
+    ]
+    headers += [(b"fly-machine-id", backend.machine_id.encode()),
+                (b"fly-worker", backend.worker.encode())]  # fmt: skip
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    async for chunk in response.aiter_raw():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _json_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
