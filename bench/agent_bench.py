@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
+import anyio.abc
 import apsw
 from _common import Report, parse_args
 
@@ -52,62 +53,85 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
-async def spread(n: int, writes: int) -> list[float]:
-    """Seconds from commit to applied-everywhere, one sample per write."""
+async def spread(n: int, writes: int, workers: int = 2) -> list[float]:
+    """Seconds from commit until every other node applied it, per write.
+
+    Node 0 (the writer) runs here; the other n - 1 agents run in ``workers`` processes, so the
+    two cores of the machine are both used. Apply times are wall-clock times recorded in each
+    process (one machine: one clock)."""
     base = Path(tempfile.mkdtemp(prefix=f"spread{n}-"))
-    async with anyio.create_task_group():
-        agents: list[Agent] = []
-        try:
-            first = Agent(config(base, "n0", []))
-            await first.start()
-            agents.append(first)
-            seed = "{}:{}".format(*first.swim.address)
-            for i in range(1, n):
-                a = Agent(config(base, f"n{i}", [seed]))
-                await a.start()
-                agents.append(a)
-            deadline = time.monotonic() + 120
-            while not all(a.alive_members() == n - 1 for a in agents):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("cluster did not form")
-                await anyio.sleep(0.1)
-            seen: dict[tuple[bytes, int], list[float]] = {}
-
-            def listener(result) -> None:
-                t = time.perf_counter()
-                for key in result.applied:
-                    seen.setdefault(key, []).append(t)
-
-            for a in agents:
-                a.apply_listeners.append(listener)
-            rnd = random.Random(1)
-            samples = []
-            for i in range(writes):
-                node = rnd.choice(agents)
-                t0 = time.perf_counter()
-                commit = await node.execute_commit(
+    writer = Agent(config(base, "n0", []))
+    procs: list[anyio.abc.Process] = []
+    await writer.start()
+    try:
+        seed = "{}:{}".format(*writer.swim.address)
+        per = (n - 1 + workers - 1) // workers
+        first = 1
+        while first < n:
+            count = min(per, n - first)
+            procs.append(
+                await anyio.open_process(
                     [
-                        [
-                            "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT DO UPDATE SET v = "
-                            "excluded.v",
-                            [f"k{i % 50}", f"v{i}"],
-                        ]
+                        sys.executable,
+                        str(Path(__file__).resolve().parent / "_agent_workers.py"),
+                        str(base),
+                        str(first),
+                        str(count),
+                        seed,
+                        str(n),
                     ]
                 )
-                key = (node.actor_id, commit.version)
-                deadline = time.monotonic() + 30
-                while len(seen.get(key, [])) < n - 1 and time.monotonic() < deadline:
-                    await anyio.sleep(0.002)
-                times = seen.get(key, [])
-                if len(times) < n - 1:
-                    samples.append(float("inf"))
-                else:
-                    samples.append(max(times) - t0)
-                await anyio.sleep(0.1)  # spread latency, not saturation throughput
-            return samples
-        finally:
-            for a in reversed(agents):
-                await a.aclose()
+            )
+            first += count
+        for p in procs:
+            line = b""
+            with anyio.fail_after(180):
+                while not line.endswith(b"ready\n"):
+                    line += await p.stdout.receive(1)
+        with anyio.fail_after(60):
+            while writer.alive_members() != n - 1:
+                await anyio.sleep(0.1)
+        commits = []
+        rnd = random.Random(1)
+        for i in range(writes):
+            t0 = time.time()
+            commit = await writer.execute_commit(
+                [
+                    [
+                        "INSERT INTO kv (k, v) VALUES (?, ?) "
+                        "ON CONFLICT DO UPDATE SET v = excluded.v",
+                        [f"k{rnd.randrange(50)}", f"v{i}"],
+                    ]
+                ]
+            )
+            commits.append((commit.version, t0))
+            await anyio.sleep(0.1)  # spread latency, not saturation throughput
+        await anyio.sleep(20)  # let stragglers (repaired by digests or sync) arrive
+        applied: dict[str, list[float]] = {}
+        for p in procs:
+            await p.stdin.aclose()
+            data = b""
+            with anyio.fail_after(120):
+                async for chunk in p.stdout:
+                    data += chunk
+            applied.update(
+                {
+                    k: applied.get(k, []) + v
+                    for k, v in json.loads(data.decode().splitlines()[-1]).items()
+                }
+            )
+        actor = writer.actor_id.hex()
+        samples = []
+        for version, t0 in commits:
+            times = applied.get(f"{actor}:{version}", [])
+            samples.append(max(times) - t0 if len(times) == n - 1 else float("inf"))
+        return samples
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+            await p.wait()
+        await writer.aclose()
 
 
 def apply_ratio(versions: int) -> tuple[float, float]:

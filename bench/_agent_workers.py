@@ -1,0 +1,51 @@
+"""Hosts several agents in one process for bench/agent_bench.py's spread measurement.
+
+``python _agent_workers.py BASE_DIR FIRST_INDEX COUNT SEED N``: starts COUNT agents joined
+through SEED, prints ``ready`` once every one of them sees N - 1 members, records when each
+version is applied (wall clock, comparable across processes on one machine), and when stdin
+closes prints one JSON line ``{"actor:version": [times...]}`` and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from agent_bench import config
+
+from corrosion import Agent
+
+
+async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
+    applied: dict[str, list[float]] = {}
+
+    def listener(result) -> None:
+        t = time.time()
+        for actor, version in result.applied:
+            applied.setdefault(f"{actor.hex()}:{version}", []).append(t)
+
+    agents = []
+    try:
+        for i in range(first, first + count):
+            agent = Agent(config(Path(base), f"n{i}", [seed]))
+            await agent.start()
+            agent.apply_listeners.append(listener)
+            agents.append(agent)
+        while not all(a.alive_members() == n - 1 for a in agents):
+            await anyio.sleep(0.1)
+        print("ready", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+        print(json.dumps(applied), flush=True)
+    finally:
+        for a in reversed(agents):
+            await a.aclose()
+
+
+if __name__ == "__main__":
+    b, f, c, s, n = sys.argv[1:6]
+    anyio.run(main, b, int(f), int(c), s, int(n), backend_options={"use_uvloop": True})
