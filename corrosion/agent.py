@@ -29,6 +29,7 @@ from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 import crdt
+import crdt.tableinfo
 import swim
 from crdt.schema import load_schema_paths
 
@@ -107,6 +108,33 @@ class MemberInfo:
         }
 
 
+class UpdateWatch:
+    """Changed rows of one table, as ``(kind, pk_values)``; close (or ``async with``) to stop."""
+
+    def __init__(self, receive: Any, close: Any) -> None:
+        self._receive = receive
+        self._close = close
+
+    def __aiter__(self) -> UpdateWatch:
+        return self
+
+    async def __anext__(self) -> tuple[str, tuple]:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._close()
+        self._receive.close()
+
+    async def __aenter__(self) -> UpdateWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
 class _PeerOut:
     send: MemoryObjectSendStream[bytes]
@@ -147,6 +175,7 @@ class Agent:
         self.faults = Faults()
         # called with each ApplyResult that booked versions (benchmarks, subscriptions)
         self.apply_listeners: list[Any] = []
+        self._update_watchers: dict[str, list[MemoryObjectSendStream[tuple[str, tuple]]]] = {}
         self._tg: TaskGroup | None = None
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = 0
@@ -490,6 +519,8 @@ class Agent:
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
+                if result.changes and self._update_watchers:
+                    self._notify_updates(result.changes)
                 if result.applied or result.emptied:
                     now = self._now()
                     for actor, _version in result.applied:
@@ -588,6 +619,8 @@ class Agent:
         except StatementError as exc:
             raise TransactionError(exc.message, exc.index) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
+        if commit is not None and self._update_watchers:
+            self._notify_updates(commit.changes)
         return ExecResult(
             [{"rows_affected": r.rows_affected, "time": r.time} for r in results],
             time.perf_counter() - t0,
@@ -608,6 +641,55 @@ class Agent:
             raise TransactionError(exc.message, exc.index) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         return commit
+
+    # -- /v1/updates ------------------------------------------------------------------------
+
+    def _notify_updates(self, changes: Sequence[Any]) -> None:
+        """Tell watchers of each changed table which rows changed: ``delete`` when the row's
+        causal length is even (deleted), ``update`` otherwise (inserts included), once per row
+        per transaction, as corrosion's /v1/updates does."""
+        rows: dict[tuple[str, bytes], str] = {}
+        for c in changes:
+            if c.table in self._update_watchers:
+                rows[(c.table, c.pk)] = "delete" if c.cl % 2 == 0 else "update"
+        for (table, pk), kind in rows.items():
+            try:
+                values = crdt.unpack_pk(pk)
+            except crdt.PackError:
+                continue
+            for send in list(self._update_watchers.get(table, [])):
+                try:
+                    send.send_nowait((kind, values))
+                except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    # a watcher that cannot keep up is cut off (it must re-read and re-watch)
+                    self._update_watchers[table].remove(send)
+                    send.close()
+
+    def is_replicated(self, table: str) -> bool:
+        conn = self._read_conn()  # not the writer: a worker thread may be using it
+        try:
+            return crdt.tableinfo.is_crr(conn, table)
+        finally:
+            self._release_read_conn(conn)
+
+    def watch_updates(self, table: str, *, buffer: int = 10_240) -> UpdateWatch:
+        """Start watching ``table`` now; iterate the returned object for ``(kind, pk_values)``
+        of every row changed from now on (local writes and applied remote versions), and close
+        it when done. Raises QueryError for a table that is not a CRR."""
+        if not self.is_replicated(table):
+            raise QueryError(f"no such replicated table: {table}")
+        send, receive = anyio.create_memory_object_stream[tuple[str, tuple]](buffer)
+        self._update_watchers.setdefault(table, []).append(send)
+
+        def close() -> None:
+            watchers = self._update_watchers.get(table, [])
+            if send in watchers:
+                watchers.remove(send)
+            if not watchers:
+                self._update_watchers.pop(table, None)
+            send.close()
+
+        return UpdateWatch(receive, close)
 
     def _read_conn(self) -> apsw.Connection:
         if self._read_pool:

@@ -135,6 +135,19 @@ def routes(agent: Agent) -> list[BaseRoute]:
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
+    async def updates(request: Request) -> Response:
+        try:
+            watch = agent.watch_updates(request.path_params["table"])
+        except QueryError as exc:
+            return _error(404, exc.message)
+
+        async def body() -> AsyncIterator[bytes]:
+            with contextlib.closing(watch):
+                async for kind, pk in watch:
+                    yield (json.dumps({"notify": [kind, [_cell(v) for v in pk]]}) + "\n").encode()
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
     async def health(request: Request) -> Response:
         q = request.query_params
         gaps, members, queue = agent.gaps(), agent.alive_members(), agent.queue_size()
@@ -178,6 +191,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
         Route("/v1/health", health, methods=["GET"]),
         Route("/v1/table_stats", table_stats, methods=["POST"]),
         Route("/v1/cluster/members", members, methods=["GET"]),
+        Route("/v1/updates/{table}", updates, methods=["POST"]),
     ]
 
 

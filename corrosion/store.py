@@ -100,6 +100,7 @@ class ApplyResult:
     duplicates: int = 0  # chunks that were already held
     rejected: list[tuple[bytes, int, str]] = field(default_factory=list)  # bad changesets
     changes_applied: int = 0  # rows impacted in the CRR tables
+    changes: list[Change] = field(default_factory=list)  # the changes of the applied versions
 
 
 Statement = tuple[str, Sequence[Any] | dict[str, Any]]
@@ -289,7 +290,7 @@ class Store:
             else:
                 versions = crdt.merge_changesets(conn, [entry[2] for entry in complete])
             rows = []
-            for (actor, version, _changes, last_seq, ts), local in zip(
+            for (actor, version, changes, last_seq, ts), local in zip(
                 complete, versions, strict=True
             ):
                 if isinstance(local, Exception):
@@ -299,6 +300,7 @@ class Store:
                 booked(actor).held.add(version, version)
                 if local is not None:
                     result.applied.append((actor, version))
+                    result.changes.extend(changes)
                 else:
                     result.emptied += 1
             if rows:

@@ -161,3 +161,29 @@ async def test_bearer_token(secured):
     assert (await client.post("/v1/queries", json="SELECT 1", headers=bad)).status_code == 401
     ok = {"Authorization": "Bearer s3cret"}
     assert (await client.post("/v1/queries", json="SELECT 1", headers=ok)).status_code == 200
+
+
+async def test_updates_stream_reports_changed_rows(tmp_path):
+    from agent_helpers import seed_addr, wait_for
+
+    a_cfg = agent_config(tmp_path, "u1")
+    async with Agent(a_cfg) as a:
+        b = Agent(agent_config(tmp_path, "u2", [seed_addr(a)], with_api=False))
+        async with b:
+            await wait_for(lambda: a.alive_members() == 1, what="the agents to meet")
+            host, port = a.api_addrs[0]
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+                assert (await client.post("/v1/updates/nope")).status_code == 404
+                async with client.stream("POST", "/v1/updates/kv") as resp:
+                    assert resp.status_code == 200
+                    lines = resp.aiter_lines()
+                    await a.execute(["INSERT INTO kv (k, v) VALUES ('local', 1)"])
+                    assert json.loads(await lines.__anext__()) == {"notify": ["update", ["local"]]}
+                    await b.execute(["INSERT INTO kv (k, v) VALUES ('remote', 2)"])
+                    assert json.loads(await lines.__anext__()) == {"notify": ["update", ["remote"]]}
+                    await a.execute(["DELETE FROM kv WHERE k = 'local'"])
+                    assert json.loads(await lines.__anext__()) == {"notify": ["delete", ["local"]]}
+                    await a.execute(["INSERT INTO items (id) VALUES (1)"])  # another table
+                    await a.execute(["UPDATE kv SET v = 3 WHERE k = 'remote'"])
+                    assert json.loads(await lines.__anext__()) == {"notify": ["update", ["remote"]]}
+            await wait_for(lambda: not a._update_watchers, what="the watcher to be released")
