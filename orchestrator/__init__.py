@@ -10,6 +10,7 @@ Layers, bottom up (one concept per module):
 * ``operations`` / ``service`` — the machine operations and the service that accepts them
   (``Orchestrator``), with leases, waits, metadata and the restart policy.
 * ``publish`` — the seam to corrosion: machine rows into a replicated table.
+* ``proxy`` — a fly-proxy-like consumer routing HTTP by SQL over a local replica.
 * ``api`` — the Machines API (Starlette); ``config`` — building all of it from a config section.
 """
 

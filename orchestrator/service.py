@@ -36,7 +36,7 @@ import anyio.abc
 from . import machine as m
 from .archive import ArchiveStore
 from .clock import Clock, SystemClock, wait_until
-from .drivers.base import Driver, DriverError, parse_signal
+from .drivers.base import Driver, DriverError, ExitStatus, parse_signal
 from .engine import Backoff, Engine, EngineObserver, RunResult
 from .errors import (
     AlreadyRunningError,
@@ -247,8 +247,6 @@ class Orchestrator:
         self._tg.start_soon(self._watcher, machine_id, key, name=f"watch:{machine_id}")
 
     async def _watcher(self, machine_id: str, key: tuple[str, str | None]) -> None:
-        from .drivers.base import ExitStatus
-
         try:
             try:
                 exit_ = await self.driver.wait(key[0])

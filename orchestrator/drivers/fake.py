@@ -43,7 +43,6 @@ class FakeInstance:
     exited: anyio.Event = field(default_factory=anyio.Event)
     ignores_sigterm: bool = False
     stop_requested: bool = False
-    boots: int = 0
 
 
 def image_name(image: str) -> str:
@@ -146,7 +145,6 @@ class FakeDriver:
         inst.pid = self._pids
         inst.address = f"fdaa:0:1:a7b::{self._pids:x}"
         inst.state = InstanceState.RUNNING
-        inst.boots += 1
 
     async def signal(self, instance_id: str, sig: int) -> None:
         inst = self._get(instance_id)
