@@ -112,8 +112,8 @@ async def spread(n: int, writes: int, workers: int = 2) -> list[float]:
             await p.stdin.aclose()
             data = b""
             with anyio.fail_after(120):
-                async for chunk in p.stdout:
-                    data += chunk
+                while not data.endswith(b"}\n"):  # the JSON line; the agents then shut down
+                    data += await p.stdout.receive()
             applied.update(
                 {
                     k: applied.get(k, []) + v
