@@ -64,11 +64,12 @@ def encode(value):
 
 
 def write_json(directory, name, data):
+    """Atomic (rename) but not fsynced: these files must survive the orchestrator dying, which
+    the page cache does; after a power loss the processes they describe are gone anyway."""
     tmp = os.path.join(directory, "." + name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, encode(data).encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, os.path.join(directory, name))
