@@ -216,7 +216,7 @@ class Agent:
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
-        if cfg.db.schema_paths:
+        if cfg.db.schema_paths or cfg.orchestrator is not None:
             await self.reload_schema()
         g = cfg.gossip
         if g.encryption_keys:
@@ -290,9 +290,15 @@ class Agent:
         if self._closing:
             return
         self._closing = True
+        for server in self._api_servers:
+            server.should_exit = True
+        # No cancel scope around these: an orchestrator's task group was entered in start() and
+        # must be exited at the same nesting level.
         for close in reversed(self._closers):
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            try:
                 await close()
+            except Exception:
+                log.exception("closing %r", close)
         if self.swim is not None:
             with (
                 anyio.move_on_after(3),
@@ -303,14 +309,6 @@ class Agent:
         with anyio.move_on_after(2), anyio.CancelScope(shield=True):
             while any(p.send.statistics().current_buffer_used for p in self._peers_out.values()):
                 await anyio.sleep(0.02)
-        for server in self._api_servers:
-            server.should_exit = True
-        if self._orchestrator is not None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._orchestrator.aclose()
-                except Exception:
-                    log.exception("closing the orchestrator")
         if self._tg is not None:
             # The task group was entered in start(); exit it at the same nesting level (no
             # extra cancel scope around this call), or anyio cannot unwind its scope.
@@ -757,7 +755,13 @@ class Agent:
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:
         assert self.store is not None
-        sql = load_schema_paths(list(self.config.db.schema_paths))
+        from .orchestration import machines_schema
+
+        parts = [load_schema_paths(list(self.config.db.schema_paths))]
+        extra = machines_schema(self)
+        if extra:
+            parts.append(extra)
+        sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
             return await anyio.to_thread.run_sync(
@@ -842,6 +846,7 @@ class Agent:
         from .orchestration import start_orchestrator
 
         self._orchestrator = await start_orchestrator(self)
+        self._closers.append(self._orchestrator.aclose)
 
 
 def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:

@@ -247,8 +247,8 @@ class Config:
             raise ConfigError("log.format: must be 'plaintext' or 'json'")
         colors = log.bool("colors", True)
         log.done()
-        if orchestrator is not None and not isinstance(orchestrator, Mapping):
-            raise ConfigError("orchestrator: must be a table")
+        if orchestrator is not None:
+            _check_orchestrator(orchestrator)
         return cls(
             db=db_cfg,
             api=api_cfg,
@@ -262,6 +262,22 @@ class Config:
             log_colors=colors,
             orchestrator=orchestrator,
         )
+
+
+def _check_orchestrator(section: Any) -> None:
+    """Validate ``[orchestrator]`` at load time, so a bad section fails before anything starts
+    (the orchestrator package is imported only by agents that host one)."""
+    if not isinstance(section, Mapping):
+        raise ConfigError("orchestrator: must be a table")
+    from orchestrator.config import OrchestratorConfig
+
+    try:
+        OrchestratorConfig.from_mapping(section)
+    except Exception as exc:
+        message = str(exc)
+        if not message.startswith("[orchestrator]"):
+            message = f"[orchestrator]: {message}"
+        raise ConfigError(message) from None
 
 
 def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
