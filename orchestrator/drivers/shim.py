@@ -187,6 +187,11 @@ def run_process(directory, args):
             supervise(directory, hostname, log_path, cmd, in_namespace)
         finally:
             os._exit(1)
+    # S does this too; doing it here as well means the group exists before pids.json does
+    try:  # noqa: SIM105 - contextlib costs startup time
+        os.setpgid(pid, pid)
+    except OSError:
+        pass
     write_json(directory, "pids.json", {"shim": me, "main": pid, "pgid": pid, "starttime": born})
     _, status = os.waitpid(pid, 0)
     if not os.path.exists(os.path.join(directory, "exit.json")):

@@ -213,13 +213,12 @@ class ShimDriver:
             os.kill(int(pids["main"]), sig)
 
     def _kill(self, pids: dict[str, Any]) -> None:
-        try:
-            if pids.get("pgid"):
+        if pids.get("pgid"):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pids["pgid"]), _signal.SIGKILL)
-            else:
-                os.kill(int(pids["main"]), _signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pids["main"]), _signal.SIGKILL)
 
     async def stop(
         self, instance_id: str, *, signal: int = _signal.SIGTERM, timeout: float = 10.0
