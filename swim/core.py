@@ -11,9 +11,9 @@ open or answer a stream, tell the application). Randomness comes from an injecte
 seed and same events give the same effects, byte for byte (encryption nonces aside, see
 ``swim.keyring``).
 
-Inputs: ``start``, ``join``, ``leave``, ``broadcast``, ``send_message``, ``set_meta``,
-``handle_datagram``, ``handle_timer``, ``handle_stream_request``, ``handle_stream_reply``,
-``handle_stream_failed``. Each returns ``list[Effect]``.
+Inputs: ``start``, ``join``, ``restore``, ``leave``, ``broadcast``, ``send_message``,
+``set_meta``, ``handle_datagram``, ``handle_timer``, ``handle_stream_request``,
+``handle_stream_reply``, ``handle_stream_failed``. Each returns ``list[Effect]``.
 
 The rules, in the order a reader meets them
 ===========================================
@@ -148,6 +148,7 @@ SEEN_BROADCASTS_MAX = 8192
 """User broadcasts remembered for de-duplication (oldest forgotten first)."""
 
 _TERMINAL = (State.DOWN, State.LEFT)
+_ABOUT_MEMBERS = (codec.ALIVE, codec.SUSPECT, codec.DOWN)
 
 
 class PayloadTooLarge(ValueError):
@@ -377,6 +378,26 @@ class Membership:
             self._open_stream(addr, payload, join=True)
         return self._take()
 
+    def restore(self, members: Iterable[Member], now: float) -> list[Effect]:
+        """Learn ``members`` without gossiping them: a view persisted before a restart (the
+        agent keeps one in SQLite), or a simulation's warm start. Each ALIVE member not yet
+        known is added ALIVE at its incarnation, and probing will confirm or suspect it; known
+        members, ourselves and members in other states are skipped. One ``MemberUp`` each.
+        """
+        added = False
+        for m in members:
+            nid = m.id
+            if m.state is not State.ALIVE or nid.addr == self.addr or nid.addr in self._members:
+                continue
+            rec = _Rec(nid, m.incarnation, State.ALIVE, self._check_meta(m.meta), now)
+            self._members[nid.addr] = rec
+            self._active += 1
+            self._out.append(MemberUp(rec.snapshot()))
+            added = True
+        if added:  # start a fresh, shuffled probe pass over everyone (O(n) once, R5)
+            self._probe_index = len(self._probe_order)
+        return self._take()
+
     def leave(self, now: float) -> list[Effect]:
         """Announce our departure (R11). Keep feeding timers until ``leave_done``."""
         if not self._started:
@@ -445,18 +466,21 @@ class Membership:
                 return self._take()
             if sender.gen == rec.id.gen and rec.state in _TERMINAL:
                 self._ignore("down_sender")
+                # It may hold us down as well (both sides of a healed partition declared each
+                # other): take in what it says about us first, so we renew (R4) and it reads
+                # our answer from a newer identity - otherwise each side would answer the
+                # other's DOWN with its own, forever.
+                for p in parts:
+                    if p[0] in _ABOUT_MEMBERS and p[1].addr == self.addr:
+                        self._apply_update(p, now, sender.addr)
                 if rec.state is State.DOWN and not self._leaving:  # R4: tell it to renew
                     self._send(sender.addr, [codec.down(rec.id, rec.incarnation, self._id)])
                 return self._take()
         # Updates first, so an ack to a ping already carries our refutation (R3, buddy system).
         for p in parts:
             t = p[0]
-            if t == codec.ALIVE:
-                self._on_alive(p[1], p[2], p[3], now, sender.addr)
-            elif t == codec.SUSPECT:
-                self._on_suspect(p[1], p[2], p[3], now, sender.addr)
-            elif t == codec.DOWN:
-                self._on_down(p[1], p[2], p[3], now, sender.addr)
+            if t in _ABOUT_MEMBERS:
+                self._apply_update(p, now, sender.addr)
             elif t == codec.USER:
                 self._on_user(p[1], p[2], p[3], sender.addr)
         for p in parts:
@@ -538,6 +562,15 @@ class Membership:
         return self._take()
 
     # -- R1-R4: applying updates ---------------------------------------------------------------
+
+    def _apply_update(self, p: tuple, now: float, src: Address) -> None:
+        t = p[0]
+        if t == codec.ALIVE:
+            self._on_alive(p[1], p[2], p[3], now, src)
+        elif t == codec.SUSPECT:
+            self._on_suspect(p[1], p[2], p[3], now, src)
+        else:
+            self._on_down(p[1], p[2], p[3], now, src)
 
     def _on_alive(
         self, nid: NodeId, inc: int, meta: bytes, now: float, src: Address | None = None

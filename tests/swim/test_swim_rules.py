@@ -17,9 +17,10 @@ from swim.events import (
     MemberSuspect,
     MemberUp,
     MemberUpdated,
+    ProbeTick,
     Send,
 )
-from swim.member import INCARNATION_MAX, NodeId, State
+from swim.member import INCARNATION_MAX, Member, NodeId, State
 from swim.testing import Peer, decode, of_type
 
 CFG = Config.lan()
@@ -153,6 +154,57 @@ def test_stale_or_down_senders_are_ignored_and_told():
     _, parts = decode(send.data, CFG)
     assert (codec.DOWN, b.id, 1, core.identity) in parts  # "you are down: renew"
     assert not any(p[0] == codec.ACK for p in parts)
+
+
+def test_two_members_holding_each_other_down_renew_instead_of_answering_forever():
+    # Both sides of a healed partition declared each other down. Each answers a down sender
+    # with DOWN; unless the DOWN about itself is read first, the two bounce it for ever
+    # (found by the simulator: ~1000 datagrams/s per pair until the next push/pull).
+    a = Membership(("10.0.0.1", 7000), CFG, random.Random(1), gen=1)
+    b = Membership(("10.0.0.2", 7000), CFG, random.Random(2), gen=1)
+    for core in (a, b):
+        core.start(0.0)
+    a_id, b_id = a.identity, b.identity
+    a.handle_datagram(b.addr, Peer(b_id, CFG).packet(codec.alive(b_id, 0, b"")), 0.0)
+    b.handle_datagram(a.addr, Peer(a_id, CFG).packet(codec.alive(a_id, 0, b"")), 0.0)
+    c = peer(9000)
+    a.handle_datagram(c.addr, c.packet(codec.down(b_id, 0, c.id)), 0.0)
+    b.handle_datagram(c.addr, c.packet(codec.down(a_id, 0, c.id)), 0.0)
+    cores = {a.addr: a, b.addr: b}
+    wire = [(a.addr, s) for s in of_type(a.send_message(b.addr, b"hello", 1.0), Send)]
+    hops = 0
+    while wire and hops < 20:
+        src, send = wire.pop(0)
+        hops += 1
+        dst = cores[send.addr]
+        wire += [(dst.addr, s) for s in of_type(dst.handle_datagram(src, send.data, 1.0), Send)]
+    assert not wire and hops <= 3
+    assert a.identity.gen > a_id.gen and b.identity.gen > b_id.gen  # both renewed
+
+
+def test_restore_learns_members_without_gossiping_them_and_probes_them():
+    core, b, c, d = make(), peer(8000), peer(8001), peer(8002)
+    feed(core, d, codec.alive(d.id, 3, b"d"))
+    before = queued(core)
+    out = core.restore(
+        [
+            Member(b.id, 4, State.ALIVE, b"b"),
+            Member(c.id, 0, State.SUSPECT, b""),  # only ALIVE entries are taken
+            Member(d.id, 9, State.ALIVE, b""),  # already known: unchanged
+            Member(core.identity, 7, State.ALIVE, b""),  # ourselves: skipped
+        ],
+        1.0,
+    )
+    assert [n.member for n in of_type(out, MemberUp)] == [Member(b.id, 4, State.ALIVE, b"b")]
+    assert of_type(out, Send) == [] and queued(core) == before
+    assert state(core, b) == (1, State.ALIVE, 4) and state(core, c) is None
+    assert state(core, d) == (1, State.ALIVE, 3) and core.num_members() == 3
+    targets = set()
+    for t in range(2, 6):
+        for e in core.handle_timer(ProbeTick(core._token), float(t)):
+            if isinstance(e, Send) and decode(e.data, CFG)[1][0][0] == codec.PING:
+                targets.add(e.addr)
+    assert targets == {b.addr, d.addr}
 
 
 def test_suspicion_about_us_is_refuted_with_a_higher_incarnation():
