@@ -47,5 +47,8 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
 
 
 if __name__ == "__main__":
+    import os
+    if os.environ.get("SWITCH"):
+        sys.setswitchinterval(float(os.environ["SWITCH"]))
     b, f, c, s, n = sys.argv[1:6]
     anyio.run(main, b, int(f), int(c), s, int(n), backend_options={"use_uvloop": True})

@@ -105,7 +105,7 @@ async def spread(n: int, writes: int, workers: int = 2) -> list[float]:
                 ]
             )
             commits.append((commit.version, t0))
-            await anyio.sleep(0.1)  # spread latency, not saturation throughput
+            await anyio.sleep(0.5)  # spread latency, not saturation throughput
         await anyio.sleep(20)  # let stragglers (repaired by digests or sync) arrive
         applied: dict[str, list[float]] = {}
         for p in procs:
@@ -193,8 +193,8 @@ async def query_ratio(rows: int) -> tuple[float, float]:
             "t = time.perf_counter(); n = 0\n"
             "with httpx.stream('POST', sys.argv[1], json=sys.argv[2], timeout=120) as r:\n"
             "    for chunk in r.iter_bytes():\n"
-            "        n += chunk.count(b'{\"row\"')\n"
-            "print(json.dumps([n, time.perf_counter() - t]))\n"
+            "        n += chunk.count(b'\\n')\n"
+            "print(json.dumps([n - 2, time.perf_counter() - t]))\n"  # columns and eoq lines
         )
         out = await anyio.run_process(
             [sys.executable, "-c", client, f"http://{host}:{port}/v1/queries", sql]

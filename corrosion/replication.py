@@ -23,10 +23,10 @@ B2  A received chunk is dropped (and counted) when malformed, from another clust
     peers other than its sender and origin (``handle_frame``).
 B4  Push-once epidemics miss a few nodes (about e^-fanout of them), and periodic sync alone would
     leave those behind for up to ``max_sync_backoff``. So every ``digest_interval`` a node that
-    booked versions in the last ``digest_window`` sends ``fanout`` random peers a digest of those
-    actors' heads; a peer still lacking one ``digest_grace`` later (the broadcast is usually just
-    behind) syncs with the sender (``_on_digest_tick``, ``_on_digest``). Quiet clusters send no
-    digests.
+    booked a new version sends ``fanout`` random peers a digest of that actor's head, a few times
+    (``digest_repeats``); a peer still lacking it (neither held nor queued) ``digest_grace``
+    later — the broadcast is usually just behind — syncs with the sender (``_on_digest_tick``,
+    ``_on_digest``). Quiet clusters send no digests.
 B3  Queued chunks are applied in batches, one transaction each (``apply_pending``): complete
     versions merge, partial ones are buffered until all their seqs are present, versions skipped
     over become gaps.
@@ -133,7 +133,8 @@ class ReplicationConfig:
     retransmit_mult: int = 4  # local versions: rounds = mult * ceil(log10(n + 1))
     max_queue: int = 20_000  # queued chunks beyond this are dropped (sync recovers them)
     digest_interval: float = 0.2  # seconds between digests of recently booked heads
-    digest_window: float = 2.0  # actors booked this recently are included
+    digest_window: float = 2.0  # a digest-announced head not received is forgotten after 10x this
+    digest_repeats: int = 3  # digests sent about one head (to fanout random peers each time)
     digest_grace: float = 0.3  # a head still missing this long after a digest: sync for it
 
 
@@ -196,6 +197,7 @@ class Replicator:
         self._syncing: dict[Address, float] = {}
         self._broadcast_timer_at: float | None = None
         self._recent: dict[bytes, float] = {}  # actor -> when a version of it was last booked
+        self._digested: dict[bytes, tuple[int, int]] = {}  # actor -> (head, digests sent of it)
         # (actor, head) a digest showed us lacking -> (when first seen, who has it)
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
 
@@ -436,8 +438,20 @@ class Replicator:
         return []
 
     def _holds_through(self, actor: bytes, head: int) -> bool:
+        """Whether every version of ``actor`` up to ``head`` is held or waiting in the apply
+        queue (a version in the queue needs no repair, only time)."""
         booked = self.store.bookie.actors.get(actor)
-        return booked is not None and booked.held.covers(1, head)
+        missing = (
+            booked.held.complement_within(1, head) if booked is not None else None
+        )
+        if missing is None:
+            missing_versions = range(1, head + 1)
+        else:
+            if not missing:
+                return True
+            missing_versions = missing.values(limit=64)
+        queued = {k[1] for k in self._queued_keys if k[0] == actor}
+        return all(v in queued for v in missing_versions)
 
     def _repair_from_digests(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
