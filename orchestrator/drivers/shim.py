@@ -130,7 +130,6 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
 
     for sig in FORWARDED:
         _signal.signal(sig, forward)
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pid = os.fork()
     if pid == 0:
@@ -240,6 +239,7 @@ def run_runc(directory, args):
     pid = os.fork()
     if pid == 0:
         try:
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED)  # or the container inherits it
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.dup2(log, 1)
@@ -281,10 +281,19 @@ def run_runc(directory, args):
     write_json(directory, "exit.json", result)
 
 
+def _pending(_signum, _frame):
+    """Placeholder handler (see main); never runs in O, which keeps these signals blocked."""
+
+
 def main(argv):
     directory, mode, *args = argv[1:]
-    for sig in FORWARDED:  # O ignores stray terminal signals; S installs its forwarding
-        _signal.signal(sig, _signal.SIG_IGN)
+    # Handled (by a no-op) and blocked, not ignored: S inherits both, so a signal that reaches
+    # S before its forwarding handler is installed stays pending and is forwarded then. It must
+    # be *handled*: the kernel drops, at send time, an unhandled signal sent to the init of a
+    # pid namespace, blocked or not. O itself never unblocks.
+    for sig in FORWARDED:
+        _signal.signal(sig, _pending)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED)
     try:
         if mode == "runc":
             run_runc(directory, args)

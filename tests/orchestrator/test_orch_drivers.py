@@ -252,3 +252,28 @@ async def test_fake_driver_faults():
         clock.advance(7)
     assert result["exit"].signal == signal.SIGKILL and result["exit"].requested_stop
     assert ("start", s.instance_id) in d.calls
+
+
+async def test_sigterm_reaches_a_handler_even_right_after_start(real_driver):
+    """Graceful stop: a program that handles SIGTERM exits by itself (code 0 here), whether the
+    signal comes once its handler is set or at once (then it stays pending until the supervisor
+    forwards it, and the program dies of it or handles it — no SIGKILL either way)."""
+    driver = real_driver
+    script = "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    # under runc the shell is PID 1: a SIGTERM before its trap exists is dropped by the kernel,
+    # so only the process driver (whose PID 1 is the forwarding supervisor) gets the "at once"
+    cases = (False, True) if isinstance(driver, ProcessDriver) else (True,)
+    for when_ready in cases:
+        s = spec(("sh", "-c", script))
+        await driver.create(s)
+        await driver.start(s.instance_id)
+        if when_ready:
+            with anyio.fail_after(30):
+                while "ready" not in driver.output(s.instance_id):
+                    await anyio.sleep(0.01)
+        exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=20)
+        assert exit_.requested_stop, exit_
+        if when_ready:
+            assert exit_.exit_code == 0, exit_
+        else:
+            assert exit_.signal != signal.SIGKILL and exit_.exit_code != 137, exit_
