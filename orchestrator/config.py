@@ -31,7 +31,7 @@ from .service import Orchestrator
 DRIVERS = ("fake", "process", "runc")
 
 
-class ConfigError(InvalidRequestError):
+class ConfigError(InvalidRequestError, ValueError):
     """The ``[orchestrator]`` section is invalid."""
 
 
