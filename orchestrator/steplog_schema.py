@@ -4,18 +4,19 @@ A machine's database holds three plain (non-replicated) tables: ``runs`` (one ro
 input and the step names fixed at START), ``events`` (the append-only log: START, COMPLETE,
 ERROR, CANCEL, FINISH) and ``machine`` (the machine's document, one row).
 
-``SCHEMA_SQL`` is the whole desired schema. :func:`migrate` is the single place that brings a
-database opened by a newer release up to it: through the project's schema manager
-(``crdt.schema.apply_schema``, a diff of CREATE statements against the live database, as plain
-tables) when it is available, and through ``PRAGMA user_version`` steps otherwise. Either way the
-database ends at ``user_version = SCHEMA_VERSION``; a database from a *newer* release is refused.
+``SCHEMA_SQL`` is the whole desired schema; the project's schema management
+(``crdt.schema.apply_schema``, plain tables) applies it as a diff against the live database, so a
+database written by an older release gains what is new (tables, columns, indexes) and keeps its
+data; a change that would lose data is refused. ``PRAGMA user_version`` records the release's
+schema version: a release only migrates when the version is older, and refuses a database from a
+newer release. To change the schema: edit ``SCHEMA_SQL`` and bump ``SCHEMA_VERSION``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import apsw
+
+from crdt.schema import apply_schema
 
 SCHEMA_VERSION = 1
 
@@ -52,27 +53,16 @@ CREATE TABLE machine (
 );
 """
 
-# user_version fallback: MIGRATIONS[v] takes a database at version v to v + 1.
-MIGRATIONS: dict[int, str] = {0: SCHEMA_SQL}
-
 
 class SchemaTooNewError(RuntimeError):
     """The database was written by a newer release; opening it could lose data."""
 
 
-def _schema_manager() -> Callable[..., object] | None:
-    try:
-        from crdt.schema import apply_schema  # the project's schema management, when landed
-    except ImportError:
-        return None
-    return apply_schema
-
-
 def migrate(conn: apsw.Connection) -> int:
     """Bring ``conn``'s database to ``SCHEMA_VERSION``; returns the version it found.
 
-    The fallback runs in one immediate transaction, so a crash mid-migration leaves the old
-    schema intact; the schema manager's diff is idempotent, so repeating it is harmless.
+    The diff runs in one savepoint (all or nothing) and is idempotent, so a crash before
+    ``user_version`` is written just applies an empty diff on the next open.
     """
     found = conn.execute("PRAGMA user_version").fetchall()[0][0]
     if found == SCHEMA_VERSION:
@@ -82,20 +72,6 @@ def migrate(conn: apsw.Connection) -> int:
             f"step-log database has schema version {found}; this release knows up to "
             f"{SCHEMA_VERSION}"
         )
-    apply_schema = _schema_manager()
-    if apply_schema is not None:
-        # a diff against the live schema is idempotent: a crash before user_version is set
-        # just applies an empty diff next time
-        apply_schema(conn, SCHEMA_SQL, as_crr=False)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        return found
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for version in range(found, SCHEMA_VERSION):
-            conn.execute(MIGRATIONS[version])
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    apply_schema(conn, SCHEMA_SQL, as_crr=False)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     return found

@@ -16,6 +16,7 @@ from pathlib import Path
 import apsw
 import pytest
 
+from crdt import SchemaError
 from orchestrator import steplog_schema
 from orchestrator.archive import DirectoryArchive, MemoryArchive
 from orchestrator.errors import (
@@ -60,47 +61,70 @@ def test_database_from_a_newer_release_is_refused(tmp_path):
     conn.close()
 
 
-def test_old_database_is_migrated_keeping_its_runs(tmp_path, monkeypatch):
-    """A v1 database opened by a (pretend) v2 release gains the new column, keeps its data."""
-    monkeypatch.setattr(steplog_schema, "_schema_manager", lambda: None)
-    path = tmp_path / "m.sqlite"
-    log = MachineLog(path)
-    log.start_run(record())
-    log.close()
-    monkeypatch.setattr(steplog_schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(steplog_schema.MIGRATIONS, 1, "ALTER TABLE runs ADD COLUMN queue TEXT")
-    log = MachineLog(path)
-    assert [r.run_id for r in log.active_runs()] == ["r1"]
-    cols = [r[1] for r in log._db().execute("PRAGMA table_info(runs)")]
-    assert "queue" in cols
-    assert log._db().execute("PRAGMA user_version").fetchall()[0][0] == 2
-    log.close()
+OLD_SCHEMA = """
+CREATE TABLE runs (
+    seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, action TEXT NOT NULL, steps TEXT NOT NULL,
+    finalizers TEXT NOT NULL, request TEXT NOT NULL, created_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'active', finished_at REAL, error TEXT
+);
+CREATE TABLE events (
+    run_seq INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step TEXT,
+    payload TEXT, retry_count INTEGER NOT NULL DEFAULT 0, at REAL NOT NULL,
+    PRIMARY KEY (run_seq, seq)
+);
+"""
 
 
-def test_a_failing_migration_leaves_the_old_schema(tmp_path, monkeypatch):
-    monkeypatch.setattr(steplog_schema, "_schema_manager", lambda: None)
+def test_database_of_an_older_release_is_migrated_keeping_its_runs(tmp_path):
+    """A database from before ``runs.response``, the ``machine`` table and the indexes existed
+    (user_version 0) gains them through the schema manager's diff and keeps its rows."""
     path = tmp_path / "m.sqlite"
-    MachineLog(path).open()
-    monkeypatch.setattr(steplog_schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(
-        steplog_schema.MIGRATIONS, 1, "ALTER TABLE runs ADD COLUMN q TEXT; SELECT * FROM nope"
+    conn = apsw.Connection(str(path))
+    conn.execute(OLD_SCHEMA)
+    conn.execute(
+        "INSERT INTO runs (run_id, action, steps, finalizers, request, created_at) "
+        "VALUES ('r1', 'start', '[\"a\"]', '[]', '{}', 1.0)"
     )
-    with pytest.raises(apsw.SQLError):
+    conn.execute("INSERT INTO events VALUES (1, 0, 'start', NULL, NULL, 0, 1.0)")
+    conn.close()
+    log = MachineLog(path)
+    (run,) = log.active_runs()
+    assert run.run_id == "r1" and run.record.steps == ("a",)
+    db = log._db()
+    assert "response" in [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+    assert db.execute("PRAGMA user_version").fetchall()[0][0] == steplog_schema.SCHEMA_VERSION
+    indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"runs_run_id", "runs_status_action"} <= indexes
+    log.start_run(record("r2"), exclusive=False, doc={"id": "m"})
+    assert log.read_doc() == {"id": "m"}
+    log.close()
+
+
+def test_a_refused_migration_leaves_the_database_as_it_was(tmp_path):
+    """A live column the schema no longer has would be dropped: refused, nothing changes."""
+    path = tmp_path / "m.sqlite"
+    conn = apsw.Connection(str(path))
+    conn.execute(OLD_SCHEMA.replace("error TEXT", "error TEXT, legacy TEXT"))
+    conn.close()
+    with pytest.raises(SchemaError, match="legacy"):
         MachineLog(path).open()
     conn = apsw.Connection(str(path))
-    assert conn.execute("PRAGMA user_version").fetchall()[0][0] == 1
-    assert "q" not in [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+    assert conn.execute("PRAGMA user_version").fetchall()[0][0] == 0
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"runs", "events"}
     conn.close()
 
 
-def test_schema_manager_path_when_available(tmp_path):
-    if steplog_schema._schema_manager() is None:
-        pytest.skip("crdt.schema.apply_schema has not landed; the user_version fallback is used")
+def test_reopening_applies_nothing(tmp_path):
     log = MachineLog(tmp_path / "m.sqlite")
     log.start_run(record())
     log.close()
-    log = MachineLog(tmp_path / "m.sqlite")  # reopening applies nothing new
+    before = apsw.Connection(str(tmp_path / "m.sqlite"))
+    schema = before.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    before.close()
+    log = MachineLog(tmp_path / "m.sqlite")
     assert [r.run_id for r in log.active_runs()] == ["r1"]
+    assert log._db().execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
     log.close()
 
 
