@@ -11,7 +11,8 @@ The app comes from the ``Host`` header (``<app>.<domain>``) or, without a domain
 configured default. ``fly-force-instance-id: <machine id>`` pins a request to one machine.
 Backends are taken round-robin; a backend that refuses the connection is skipped for the next
 one. Every proxied response carries ``fly-machine-id`` (and ``fly-worker``) so callers can see
-where it went. No backend: 503 with a JSON error.
+where it went. No backend: 503; a backend that took the request and then failed: 502 (JSON
+errors).
 """
 
 from __future__ import annotations
@@ -179,6 +180,11 @@ class Proxy:
                         response = await client.send(request, stream=True)
                     except (httpx.ConnectError, httpx.ConnectTimeout):
                         continue  # not listening (yet, or any more): the next one
+                    except httpx.TransportError as e:  # it took the request, then failed
+                        await _json_error(
+                            send, 502, f"machine {backend.machine_id} failed to answer: {e!r}"
+                        )
+                        return
                     try:
                         await _relay(send, response, backend)
                     finally:
@@ -213,8 +219,11 @@ async def _relay(send, response: httpx.Response, backend: Backend) -> None:
     headers += [(b"fly-machine-id", backend.machine_id.encode()),
                 (b"fly-worker", backend.worker.encode())]  # fmt: skip
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    async for chunk in response.aiter_raw():
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    try:
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except httpx.TransportError:
+        pass  # the machine went away mid-body: end what we have (the status is already sent)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
