@@ -4,6 +4,9 @@
   ``create_machine`` to the machine being ``started`` (the create run's START, five logged
   steps, the driver's create and start), for fake, process and runc. Machines are created one
   after another; each is destroyed afterwards.
+* ``started_to_visible_p90_ms`` — two corrosion agents gossiping on loopback; an orchestrator
+  publishing through the first; from a machine being ``started`` on worker 1 to its row reading
+  ``started`` in worker 2's replica (publish queue, local transaction, broadcast, apply).
 * ``steplog_append_ratio`` — COMPLETE appends per second through ``MachineLog.append`` divided by
   single-row inserts per second into a plain SQLite table with the same durability (WAL,
   ``synchronous=FULL``, one transaction per row), measured in the same run.
@@ -82,6 +85,68 @@ async def create_to_started(kind: str, n: int) -> list[float]:
         return samples
 
 
+async def started_to_visible(n: int) -> list[float]:
+    """Two agents on loopback; an orchestrator (fake driver) publishes through the first; time
+    from a machine being started on worker 1 to its row reading 'started' on worker 2."""
+    from corrosion import Agent, Config
+    from orchestrator.publish import MACHINES_SCHEMA
+
+    class AgentPublisher:
+        def __init__(self, agent) -> None:
+            self.agent = agent
+
+        async def execute(self, statements):
+            return await self.agent.execute(list(statements))
+
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+        base = Path(tmp)
+        (base / "schema.sql").write_text(MACHINES_SCHEMA)
+
+        def config(name: str, seeds: list[str]) -> Config:
+            return Config.from_mapping(
+                {
+                    "db": {"path": str(base / name / "state.db"),
+                           "schema_paths": [str(base / "schema.sql")]},
+                    "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "local"},
+                }
+            )  # fmt: skip
+
+        samples: list[float] = []
+        async with Agent(config("w1", [])) as w1:
+            host, port = w1.swim.address
+            async with Agent(config("w2", [f"{host}:{port}"])) as w2:
+                reader = apsw.Connection(str(w2.config.db.path))
+                reader.execute("PRAGMA query_only = 1")
+                with anyio.fail_after(60):
+                    while w1.alive_members() < 1 or w2.alive_members() < 1:
+                        await anyio.sleep(0.05)
+                orch = Orchestrator(
+                    machines_path=base / "machines",
+                    driver=FakeDriver(),
+                    worker="w1",
+                    publisher=AgentPublisher(w1),
+                )
+                config_ = {"image": "busybox", "init": {"exec": ["sleep", "3600"]}}
+                async with orch:
+                    for i in range(n + 1):  # the first one warms up
+                        mid = (await orch.create_machine("bench", {"config": config_}))["id"]
+                        await orch.wait_machine("bench", mid, state="started", timeout=60)
+                        t0 = time.perf_counter()
+                        with anyio.fail_after(60):
+                            while (
+                                reader.execute(
+                                    "SELECT 1 FROM machines WHERE id = ? AND state = 'started'",
+                                    (mid,),
+                                ).fetchall()
+                                == []
+                            ):
+                                await anyio.sleep(0.002)
+                        if i:
+                            samples.append((time.perf_counter() - t0) * 1000)
+                reader.close()
+        return samples
+
+
 def steplog_rates(n: int, rounds: int = 10) -> tuple[float, float]:
     """(step-log appends/s, plain inserts/s), same file system, same durability. The two are
     measured in alternating rounds so that a noisy disk weighs on both alike."""
@@ -121,9 +186,9 @@ def main() -> None:
     args = parse_args(__doc__.split("\n")[0])
     report = Report(args.json)
     sizes = (
-        {"fake": 100, "process": 20, "runc": 15, "steplog": 1000}
+        {"fake": 100, "process": 20, "runc": 15, "steplog": 1000, "visible": 20}
         if args.quick
-        else {"fake": 500, "process": 100, "runc": 60, "steplog": 5000}
+        else {"fake": 500, "process": 100, "runc": 60, "steplog": 5000, "visible": 100}
     )
     kinds = ["fake", "process", "runc"]
     missing = runc_available()
@@ -140,6 +205,15 @@ def main() -> None:
                 FLY_BASELINE,
                 samples=len(samples),
             )
+    samples = anyio.run(started_to_visible, sizes["visible"])
+    report.metric(
+        "started_to_visible_p90_ms",
+        percentile(samples, 90),
+        "ms",
+        "target < 1 s (machine started on worker 1 → row visible in worker 2's replica)",
+        samples=len(samples),
+        p50=round(percentile(samples, 50), 3),
+    )
     steplog, plain = steplog_rates(sizes["steplog"])
     durable = "WAL + synchronous=FULL, one commit per row"
     report.metric("steplog_appends_per_s", steplog, "1/s", durable)
