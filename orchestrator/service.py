@@ -112,6 +112,9 @@ class Orchestrator:
         return fn(*args, **kwargs)
 
     async def __aenter__(self) -> Orchestrator:
+        # everything in memory is rebuilt from disk (the object may be entered again)
+        for state in (self._docs, self._changed, self._watching, self._gone):
+            state.clear()
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
