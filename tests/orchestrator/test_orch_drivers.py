@@ -32,10 +32,14 @@ def iid() -> str:
     return _ids.ulid()
 
 
-@pytest.fixture(params=["process", pytest.param("runc", marks=needs_runc)])
+@pytest.fixture(params=["process", "process-plain", pytest.param("runc", marks=needs_runc)])
 async def real_driver(request, tmp_path):
-    cls = ProcessDriver if request.param == "process" else RuncDriver
-    d = cls(tmp_path / request.param)
+    """The real drivers; "process-plain" is the process driver without namespaces (what a
+    non-root user gets)."""
+    if request.param == "runc":
+        d = RuncDriver(tmp_path / "runc")
+    else:
+        d = ProcessDriver(tmp_path / "proc", namespaces=request.param == "process")
     yield d
     await d.destroy_all()
 
