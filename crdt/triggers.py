@@ -215,7 +215,25 @@ def update_triggers(info: TableInfo) -> list[str]:
     pk_changed = "(" + " OR ".join(_changed(c.name) for c in info.pks) + ")"
     body = [_ensure_key(info, "NEW", pk_changed), _ensure_key(info, "OLD", pk_changed)]
     body.extend(_delete_record(info, "OLD", pk_changed))
-    # Move the column clocks to the new key, re-stamped (the convergence fix, see above).
+    # Move the column clocks to the new key, re-stamped (the convergence fix, see above). If the
+    # new key still has column clocks (a live row replaced by UPDATE OR REPLACE without
+    # recursive triggers: its delete was never recorded), the row now there is a local write
+    # over them: moved clocks must outrank them, and the new key's other clocks are re-stamped
+    # as local writes of the values now in the row. Otherwise peers holding the replaced row's
+    # clocks would keep its values.
+    new_key, old_key = _key_of(info, "NEW"), _key_of(info, "OLD")
+    body.append(
+        f"UPDATE {info.clock} AS m SET col_version = m.col_version + 1 + "
+        f"(SELECT e.col_version FROM {info.clock} AS e "
+        f"WHERE e.key = {new_key} AND e.col_name = m.col_name) "
+        f"WHERE m.key = {old_key} AND m.col_name != {S} AND {pk_changed} AND EXISTS "
+        f"(SELECT 1 FROM {info.clock} AS e WHERE e.key = {new_key} AND e.col_name = m.col_name);"
+    )
+    body.append(
+        f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
+        f"seq = {SEQ}, site_id = 0 WHERE key = {new_key} AND col_name != {S} AND {pk_changed} "
+        f"AND col_name NOT IN (SELECT col_name FROM {info.clock} WHERE key = {old_key});"
+    )
     body.append(
         f"DELETE FROM {info.clock} WHERE key = {_key_of(info, 'NEW')} AND col_name != {S} "
         f"AND col_name IN (SELECT col_name FROM {info.clock} WHERE key = {_key_of(info, 'OLD')}) "

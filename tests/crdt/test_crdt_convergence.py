@@ -5,6 +5,7 @@ values (test_upstream_pk_change_hole shows it against the real extension) and we
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import pytest
@@ -67,7 +68,7 @@ def state(conn):
     )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200 * int(os.environ.get("SOAK", "1")))
 @given(
     n=st.integers(2, 4),
     steps=st.lists(
