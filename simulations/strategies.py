@@ -130,6 +130,7 @@ class SwimMachine(RuleBasedStateMachine):
             files=self.files,
         )
         self.world.repro = "the hypothesis steps below (rerun the test to replay them)"
+        self.world.fail_fast = True
         self._log(f"swim_world(seed={seed}, n={n}, config=lan(push_pull_interval=10))")
         self.setup_world(self.world)
         self.world.run_until(n * 0.05 + 3.0)
@@ -218,6 +219,8 @@ class SwimMachine(RuleBasedStateMachine):
         if world is None:
             return
         try:
+            if world.violations:  # already failing: report that, skip the liveness phase
+                world.check(final=False)
             self._log("heal everything, run the liveness phase")
             run_liveness(world, link=BASE_LINK)
             world.check(final=True)

@@ -100,6 +100,8 @@ class World:
         self.lifecycle_hooks: list[LifecycleHook] = []
         self.fault_log: list[tuple[float, str]] = []
         self.repro = ""
+        self.fail_fast = False
+        """Raise at the first violation instead of at :meth:`check` (shorter failing runs)."""
         self.liveness: tuple[float, float, bool] | None = None
         """(start, end, settled) of the last ``checkers.run_liveness``."""
         self.config_text = ""
@@ -320,9 +322,11 @@ class World:
     # -- checking -----------------------------------------------------------------------------
 
     def fail(self, checker: str, message: str) -> None:
-        """Record a violation (checkers call this)."""
+        """Record a violation (checkers call this); with ``fail_fast``, stop the run here."""
         self.violations.append(Violation(checker, self.now, message))
         self.trace.note(self.now, "violation", checker, message)
+        if self.fail_fast:
+            raise SimulationFailure(self, self.violations)
 
     def check(self, final: bool = True) -> None:
         """Run every checker's end-of-run (``final``) or intermediate check; raise
