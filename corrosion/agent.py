@@ -47,6 +47,7 @@ from .replication import (
 )
 from .statements import parse_statements
 from .store import LocalCommit, StatementError, Store
+from .subscriptions import Subscriptions
 from .transport import FrameStream, FrameStreamError, client_ssl_context, connect
 
 log = logging.getLogger("corrosion.agent")
@@ -176,6 +177,7 @@ class Agent:
         # called with each ApplyResult that booked versions (benchmarks, subscriptions)
         self.apply_listeners: list[Any] = []
         self._update_watchers: dict[str, list[MemoryObjectSendStream[tuple[str, tuple]]]] = {}
+        self.subscriptions = Subscriptions(self._read_conn, self._release_read_conn)
         self._tg: TaskGroup | None = None
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = 0
@@ -267,6 +269,7 @@ class Agent:
             self._tg.start_soon(self._peer_listener.serve, self._serve_peer)
             self._tg.start_soon(self._timer_loop)
             self._tg.start_soon(self._apply_loop)
+            self._tg.start_soon(self.subscriptions.run)
             self._perform(self.replicator.start(self._now()))
             self._tg.start_soon(self._join_loop)
             if cfg.admin_path is not None:
@@ -517,8 +520,8 @@ class Agent:
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
-                if result.changes and self._update_watchers:
-                    self._notify_updates(result.changes)
+                if result.changes:
+                    self._changed(result.changes)
                 if result.applied or result.emptied:
                     now = self._now()
                     for actor, _version in result.applied:
@@ -617,8 +620,8 @@ class Agent:
         except StatementError as exc:
             raise TransactionError(exc.message, exc.index) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
-        if commit is not None and self._update_watchers:
-            self._notify_updates(commit.changes)
+        if commit is not None:
+            self._changed(commit.changes)
         return ExecResult(
             [{"rows_affected": r.rows_affected, "time": r.time} for r in results],
             time.perf_counter() - t0,
@@ -638,9 +641,18 @@ class Agent:
         except StatementError as exc:
             raise TransactionError(exc.message, exc.index) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
+        if commit is not None:
+            self._changed(commit.changes)
         return commit
 
     # -- /v1/updates ------------------------------------------------------------------------
+
+    def _changed(self, changes: Sequence[Any]) -> None:
+        """Committed changes (local or applied): tell update watchers and subscriptions."""
+        if self._update_watchers:
+            self._notify_updates(changes)
+        if self.subscriptions.by_id:
+            self.subscriptions.notify({c.table for c in changes})
 
     def _notify_updates(self, changes: Sequence[Any]) -> None:
         """Tell watchers of each changed table which rows changed: ``delete`` when the row's

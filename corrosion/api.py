@@ -37,6 +37,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .statements import StatementFormError, parse_statement, parse_statements
+from .subscriptions import SubscriptionError
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -48,6 +49,11 @@ def _cell(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def _event_line(event: Any) -> bytes:
+    kind, rowid, row, change_id = event.kind, event.rowid, event.row, event.change_id
+    return f'{{"change":["{kind}",{rowid},{_row_json(row)},{change_id}]}}\n'.encode()
 
 
 def _blob_as_array(v: Any) -> Any:
@@ -148,6 +154,72 @@ def routes(agent: Agent) -> list[BaseRoute]:
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
+    async def _subscription_stream(request: Request, sub: Any, from_id: int | None) -> Response:
+        t0 = time.perf_counter()
+        skip_rows = request.query_params.get("skip_rows", "").lower() in ("1", "true")
+        subs = agent.subscriptions
+        try:
+            backlog = sub.since(from_id) if from_id is not None else None
+        except SubscriptionError as exc:
+            return _error(400, str(exc))
+        receive, close = subs.listen(sub)
+        snapshot = sub.snapshot() if backlog is None else None
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                if snapshot is not None:
+                    yield (json.dumps({"columns": snapshot.columns}) + "\n").encode()
+                    if not skip_rows:
+                        lines = [
+                            f'{{"row":[{rowid},{_row_json(row)}]}}\n'
+                            for rowid, row in snapshot.rows
+                        ]
+                        yield "".join(lines).encode()
+                    eoq = {"time": time.perf_counter() - t0, "change_id": snapshot.change_id}
+                    yield (json.dumps({"eoq": eoq}) + "\n").encode()
+                for event in backlog or []:
+                    yield _event_line(event)
+                async with receive:
+                    async for event in receive:
+                        yield _event_line(event)
+                yield (json.dumps({"error": "subscriber fell too far behind"}) + "\n").encode()
+            finally:
+                close()
+
+        headers = {"corro-query-id": sub.id, "corro-query-hash": sub.id}
+        return StreamingResponse(body(), media_type="application/x-ndjson", headers=headers)
+
+    async def subscribe(request: Request) -> Response:
+        try:
+            sql, params = parse_statement(await _json_body(request))
+        except StatementFormError as exc:
+            return _error(400, str(exc))
+        try:
+            from_id = _from(request)
+            sub = await agent.subscriptions.get_or_create(sql, params)
+        except (SubscriptionError, StatementFormError) as exc:
+            return _error(400, str(exc))
+        return await _subscription_stream(request, sub, from_id)
+
+    async def resubscribe(request: Request) -> Response:
+        sub = agent.subscriptions.by_id.get(request.path_params["id"])
+        if sub is None:
+            return _error(404, f"could not find subscription with id {request.path_params['id']}")
+        try:
+            from_id = _from(request)
+        except StatementFormError as exc:
+            return _error(400, str(exc))
+        return await _subscription_stream(request, sub, from_id)
+
+    def _from(request: Request) -> int | None:
+        value = request.query_params.get("from")
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise StatementFormError("from must be a change id (integer)") from None
+
     async def health(request: Request) -> Response:
         q = request.query_params
         gaps, members, queue = agent.gaps(), agent.alive_members(), agent.queue_size()
@@ -192,6 +264,8 @@ def routes(agent: Agent) -> list[BaseRoute]:
         Route("/v1/table_stats", table_stats, methods=["POST"]),
         Route("/v1/cluster/members", members, methods=["GET"]),
         Route("/v1/updates/{table}", updates, methods=["POST"]),
+        Route("/v1/subscriptions", subscribe, methods=["POST"]),
+        Route("/v1/subscriptions/{id}", resubscribe, methods=["GET"]),
     ]
 
 

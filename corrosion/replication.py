@@ -441,9 +441,7 @@ class Replicator:
         """Whether every version of ``actor`` up to ``head`` is held or waiting in the apply
         queue (a version in the queue needs no repair, only time)."""
         booked = self.store.bookie.actors.get(actor)
-        missing = (
-            booked.held.complement_within(1, head) if booked is not None else None
-        )
+        missing = booked.held.complement_within(1, head) if booked is not None else None
         if missing is None:
             missing_versions = range(1, head + 1)
         else:

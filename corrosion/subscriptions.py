@@ -1,0 +1,317 @@
+"""Subscriptions (live queries): a query's rows, then every change to them, as corrosion's
+``/v1/subscriptions`` streams them.
+
+A subscription runs its query once, remembers the rows (each with a ``rowid`` of its own), and
+re-runs the query whenever a committed change — a local transaction or an applied remote version —
+touches a table the query reads; the difference becomes ``insert`` / ``update`` / ``delete``
+events, each with an increasing ``change_id``. Identical SQL with identical parameters shares one
+subscription, however many clients listen.
+
+Row identity: when the result carries the full primary key of every table the query reads
+(found through SQLite's column-origin metadata), a row is identified by those keys, so a changed
+row is an ``update`` of the same rowid. Otherwise rows are identified by their content, and a
+changed row is a ``delete`` followed by an ``insert``. (Corrosion rewrites the query to add the
+keys; we do not parse SQL.)
+
+Re-evaluation runs the whole query again, after a short debounce that batches bursts of changes:
+cheap for the selective queries subscriptions are meant for, costly for huge result sets. The
+last ``KEEP_CHANGES`` events are kept so a client can resume with ``from=<change_id>``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import apsw
+
+KEEP_CHANGES = 500
+DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
+IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
+
+
+class SubscriptionError(Exception):
+    """The query cannot be subscribed to, or a resume point is gone."""
+
+
+@dataclass
+class Event:
+    kind: str  # "insert" | "update" | "delete"
+    rowid: int
+    row: tuple
+    change_id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"change": [self.kind, self.rowid, list(self.row), self.change_id]}
+
+
+@dataclass
+class Snapshot:
+    columns: list[str]
+    rows: list[tuple[int, tuple]]
+    change_id: int
+
+
+def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], set[str], Any]:
+    """Columns, tables read, and how to identify a row: a list of (column index per table pk)
+    or None for content identity. Raises SubscriptionError for writes or invalid SQL."""
+    tables: set[str] = set()
+    info: dict[str, Any] = {}
+
+    def authorizer(op: int, p1: str | None, p2: str | None, db: str | None, _t: Any) -> int:
+        if op == apsw.SQLITE_READ and p1 and db == "main":
+            tables.add(p1)
+        return apsw.SQLITE_OK
+
+    def trace(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+        info["full"] = cur.description_full
+        info["readonly"] = cur.is_readonly
+        return False  # describe only: do not run it
+
+    conn.authorizer = authorizer
+    cursor = conn.cursor()
+    cursor.exec_trace = trace
+    try:
+        cursor.execute(sql, params)
+    except apsw.ExecTraceAbort:
+        pass
+    except apsw.Error as exc:
+        raise SubscriptionError(str(exc)) from None
+    finally:
+        conn.authorizer = None
+        cursor.exec_trace = None
+    if not info.get("readonly", False):
+        raise SubscriptionError("statement is not readonly")
+    full = info["full"]
+    columns = [d[0] for d in full]
+    identity: list[int] | None = []
+    for table in sorted(tables):
+        pks = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk", (table,)
+            )
+        ]
+        if not pks:
+            identity = None
+            break
+        for pk in pks:
+            where = [i for i, d in enumerate(full) if d[3] == table and d[4] == pk]
+            if not where:
+                identity = None
+                break
+            identity.append(where[0])
+        if identity is None:
+            break
+    return columns, tables, identity or None
+
+
+@dataclass
+class Subscription:
+    id: str
+    sql: str
+    params: Any
+    columns: list[str]
+    tables: set[str]
+    identity: list[int] | None
+    rows: dict[int, tuple] = field(default_factory=dict)  # rowid -> row
+    keys: dict[Any, list[int]] = field(default_factory=dict)  # identity -> rowids
+    change_id: int = 0
+    next_rowid: int = 1
+    changes: deque[Event] = field(default_factory=lambda: deque(maxlen=KEEP_CHANGES))
+    listeners: list[Any] = field(default_factory=list)  # memory-object send streams
+    dirty: bool = False
+    idle_since: float = field(default_factory=time.monotonic)
+
+    def key_of(self, row: tuple) -> Any:
+        if self.identity is None:
+            return row
+        return tuple(row[i] for i in self.identity)
+
+    def load(self, rows: Sequence[tuple]) -> None:
+        for row in rows:
+            rowid = self.next_rowid
+            self.next_rowid += 1
+            self.rows[rowid] = row
+            self.keys.setdefault(self.key_of(row), []).append(rowid)
+
+    def diff(self, new_rows: Sequence[tuple]) -> list[Event]:
+        """Turn the query's new result into events, updating the remembered rows."""
+        events: list[Event] = []
+        wanted: dict[Any, list[tuple]] = {}
+        for row in new_rows:
+            wanted.setdefault(self.key_of(row), []).append(row)
+        # deletes first (keys gone, or fewer rows with that content)
+        for key in list(self.keys):
+            rowids = self.keys[key]
+            keep = wanted.get(key, [])
+            if self.identity is None:
+                surplus = len(rowids) - len(keep)
+                for rowid in rowids[len(rowids) - max(surplus, 0) :]:
+                    events.append(self._event("delete", rowid, self.rows.pop(rowid)))
+                del rowids[len(rowids) - max(surplus, 0) :]
+            elif not keep:
+                for rowid in rowids:
+                    events.append(self._event("delete", rowid, self.rows.pop(rowid)))
+                rowids.clear()
+            if not rowids:
+                del self.keys[key]
+        for key, rows in wanted.items():
+            rowids = self.keys.setdefault(key, [])
+            if self.identity is not None:
+                row = rows[0]
+                if rowids:
+                    if self.rows[rowids[0]] != row or _types(self.rows[rowids[0]]) != _types(row):
+                        self.rows[rowids[0]] = row
+                        events.append(self._event("update", rowids[0], row))
+                    continue
+                rows = [row]
+            for row in rows[len(rowids) :]:
+                rowid = self.next_rowid
+                self.next_rowid += 1
+                self.rows[rowid] = row
+                rowids.append(rowid)
+                events.append(self._event("insert", rowid, row))
+        return events
+
+    def _event(self, kind: str, rowid: int, row: tuple) -> Event:
+        self.change_id += 1
+        event = Event(kind, rowid, row, self.change_id)
+        self.changes.append(event)
+        return event
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.columns, sorted(self.rows.items()), self.change_id)
+
+    def since(self, change_id: int) -> list[Event]:
+        if change_id > self.change_id:
+            raise SubscriptionError(f"change {change_id} has not happened yet")
+        if change_id == self.change_id:
+            return []
+        if not self.changes or self.changes[0].change_id > change_id + 1:
+            raise SubscriptionError(
+                f"change {change_id} is too old to resume from (only the last "
+                f"{KEEP_CHANGES} are kept)"
+            )
+        return [e for e in self.changes if e.change_id > change_id]
+
+
+def _types(row: tuple) -> tuple:
+    return tuple(type(v) for v in row)
+
+
+class Subscriptions:
+    """The agent's live queries, re-evaluated off the event loop on a read connection."""
+
+    def __init__(self, open_reader: Any, release_reader: Any) -> None:
+        self._open = open_reader
+        self._release = release_reader
+        self.by_id: dict[str, Subscription] = {}
+        self._by_query: dict[tuple[str, str], str] = {}
+        self._wake = anyio.Event()
+
+    def tables(self) -> set[str]:
+        out: set[str] = set()
+        for sub in self.by_id.values():
+            out |= sub.tables
+        return out
+
+    async def get_or_create(self, sql: str, params: Any) -> Subscription:
+        qkey = (sql.strip(), repr(params))
+        sid = self._by_query.get(qkey)
+        if sid is not None and sid in self.by_id:
+            return self.by_id[sid]
+
+        def build() -> Subscription:
+            conn = self._open()
+            try:
+                columns, tables, identity = describe(conn, sql, params)
+                sub = Subscription(str(uuid.uuid4()), sql, params, columns, tables, identity)
+                sub.load(conn.execute(sql, params).fetchall())
+                return sub
+            except apsw.Error as exc:
+                raise SubscriptionError(str(exc)) from None
+            finally:
+                self._release(conn)
+
+        sub = await anyio.to_thread.run_sync(build)
+        self.by_id[sub.id] = sub
+        self._by_query[qkey] = sub.id
+        return sub
+
+    def notify(self, tables: set[str]) -> None:
+        """Committed changes touched ``tables``: mark the subscriptions reading them."""
+        hit = False
+        for sub in self.by_id.values():
+            if sub.tables & tables:
+                sub.dirty = True
+                hit = True
+        if hit:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Re-evaluate dirty subscriptions (debounced) and fan their events out; drop idle ones."""
+        while True:
+            with anyio.move_on_after(60):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await anyio.sleep(DEBOUNCE)
+            now = time.monotonic()
+            for sub in list(self.by_id.values()):
+                if not sub.listeners and now - sub.idle_since > IDLE_EXPIRY:
+                    self.drop(sub.id)
+                    continue
+                if not sub.dirty:
+                    continue
+                sub.dirty = False
+                rows = await anyio.to_thread.run_sync(self._rerun, sub)
+                if rows is None:
+                    continue
+                for event in sub.diff(rows):
+                    for send in list(sub.listeners):
+                        try:
+                            send.send_nowait(event)
+                        except (
+                            anyio.WouldBlock,
+                            anyio.BrokenResourceError,
+                            anyio.ClosedResourceError,
+                        ):
+                            sub.listeners.remove(send)  # too slow: cut off, it can resume
+                            send.close()
+
+    def _rerun(self, sub: Subscription) -> list[tuple] | None:
+        conn = self._open()
+        try:
+            return conn.execute(sub.sql, sub.params).fetchall()
+        except apsw.Error:
+            return None
+        finally:
+            self._release(conn)
+
+    def listen(self, sub: Subscription, buffer: int = 10_240) -> Any:
+        send, receive = anyio.create_memory_object_stream[Event](buffer)
+        sub.listeners.append(send)
+
+        def close() -> None:
+            if send in sub.listeners:
+                sub.listeners.remove(send)
+            if not sub.listeners:
+                sub.idle_since = time.monotonic()
+            send.close()
+
+        return receive, close
+
+    def drop(self, sid: str) -> None:
+        sub = self.by_id.pop(sid, None)
+        if sub is None:
+            return
+        for key, value in list(self._by_query.items()):
+            if value == sid:
+                del self._by_query[key]
+        for send in sub.listeners:
+            send.close()
