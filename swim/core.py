@@ -252,6 +252,7 @@ class Membership:
         self._meta = self._check_meta(meta)
         self._packed_self = codec.pack_id(self._id)
         self._members: dict[Address, _Rec] = {}
+        self._recs: list[_Rec] | None = None  # self._members' values, for sampling
         self._active = 0  # members (not us) alive or suspect
         self._recently_down: dict[Address, float] = {}  # still gossiped to: addr -> since
         self._limit_n, self._limit = -1, 0  # retransmit limit cached for one cluster size
@@ -362,8 +363,8 @@ class Membership:
         c = self.config
         self._timer(now + self._rng.random() * c.probe_interval, ProbeTick(self._token))
         self._timer(now + self._rng.random() * c.gossip_interval, GossipTick(self._token))
-        if c.push_pull_interval > 0:
-            first = now + self._rng.random() * c.push_pull_interval
+        if c.push_pull_interval > 0:  # first exchange anywhere in one (scaled) period
+            first = now + self._rng.random() * c.push_pull_period(self.num_members())
             self._timer(first, PushPullTick(self._token))
         return self._take()
 
@@ -394,6 +395,7 @@ class Membership:
             self._active += 1
             self._out.append(MemberUp(rec.snapshot()))
             added = True
+            self._recs = None
         if added:  # start a fresh, shuffled probe pass over everyone (O(n) once, R5)
             self._probe_index = len(self._probe_order)
         return self._take()
@@ -587,6 +589,7 @@ class Membership:
         if rec is None:  # R1: a new member
             rec = _Rec(nid, inc, State.ALIVE, meta, now)
             self._members[nid.addr] = rec
+            self._recs = None
             self._active += 1
             self._insert_probe_order(nid.addr)
             self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
@@ -854,6 +857,7 @@ class Membership:
         rec = self._members.get(nid.addr)
         if rec is not None and rec.id == nid and rec.state in _TERMINAL:
             del self._members[nid.addr]
+            self._recs = None
             self._recently_down.pop(nid.addr, None)
 
     # -- R8: gossip ----------------------------------------------------------------------------
@@ -985,9 +989,29 @@ class Membership:
     # -- helpers -------------------------------------------------------------------------------
 
     def _random_members(self, k: int, pred) -> list[_Rec]:
+        """Up to ``k`` distinct members satisfying ``pred``, uniformly at random.
+
+        In a large cluster most members qualify, so random draws with rejection find ``k`` of
+        them in O(k) instead of scanning every member (gossip rounds run five times a second);
+        when too many draws miss, a scan of the qualifying pool decides instead. Either way each
+        qualifying k-subset is equally likely.
+        """
         if k <= 0:
             return []
-        pool = [r for r in self._members.values() if pred(r)]
+        recs = self._recs
+        if recs is None:
+            recs = self._recs = list(self._members.values())
+        n = len(recs)
+        if n > 8 * k:
+            randbelow = self._rng.randrange
+            chosen: dict[int, _Rec] = {}
+            for _ in range(4 * k + 8):
+                i = randbelow(n)
+                if i not in chosen and pred(recs[i]):
+                    chosen[i] = recs[i]
+                    if len(chosen) == k:
+                        return list(chosen.values())
+        pool = [r for r in recs if pred(r)]
         if len(pool) <= k:
             self._rng.shuffle(pool)
             return pool

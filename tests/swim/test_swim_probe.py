@@ -264,3 +264,23 @@ def test_a_member_back_under_a_new_identity_is_probed_within_the_pass():
         core.handle_datagram(target, by_addr[target].packet(codec.ack(seq)), now)
         now += 1.0
     assert b.addr in rest
+
+
+def test_random_members_are_uniform_and_respect_the_predicate_in_large_clusters():
+    # Gossip and helpers are drawn by rejection sampling when most members qualify, by a scan
+    # when few do; both must pick uniformly among the qualifying members, never twice.
+    core, peers = cluster(100)
+    for p in peers[:20]:
+        core.handle_datagram(p.addr, p.packet(codec.down(p.id, 0, p.id)), 1.0)  # left
+    counts = {p.addr: 0 for p in peers}
+    for _ in range(4000):
+        picks = core._random_members(3, lambda r: r.state is State.ALIVE)
+        assert len({r.id.addr for r in picks}) == 3
+        for r in picks:
+            counts[r.id.addr] += 1
+    assert all(counts[p.addr] == 0 for p in peers[:20])
+    alive = [counts[p.addr] for p in peers[20:]]
+    assert min(alive) > 0.7 * 150 and max(alive) < 1.3 * 150  # 4000 * 3 / 80 = 150 each
+    few = core._random_members(5, lambda r: r.state is State.LEFT)  # 20 of 100: scan path
+    assert len({r.id for r in few}) == 5 and all(r.state is State.LEFT for r in few)
+    assert core._random_members(5, lambda r: False) == []
