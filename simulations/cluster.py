@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from swim import Config, Member, State
+from swim import Config, Member, NodeId, State
 
 from .checkers import Checker
 from .network import LinkModel
@@ -26,12 +26,14 @@ def add_swim_node(
     start: bool = True,
     extra: Sequence[CoreSpec] = (),
     seeds: Sequence | None = None,
+    preload: Sequence[Member] = (),
 ) -> SimNode:
     """Add a node hosting a swim core (plus ``extra`` cores) that joins the first nodes."""
     index = len(world.nodes)
-    if seeds is None:
-        seeds = [world.address(i) for i in range(min(SEEDS_PER_NODE, index))]
-    return world.add_node([swim(config, seeds), *extra], start=start)
+    if seeds is None:  # the first nodes, itself excluded (a node's durable bootstrap list)
+        seeds = [world.address(i) for i in range(SEEDS_PER_NODE + 1) if i != index]
+        seeds = seeds[:SEEDS_PER_NODE]
+    return world.add_node([swim(config, seeds, preload=preload), *extra], start=start)
 
 
 def swim_world(
@@ -49,7 +51,8 @@ def swim_world(
     """A world of ``n`` swim members.
 
     ``bootstrap="join"``: node i boots at ``i * stagger`` seconds and joins through the first
-    three nodes (real join streams and gossip). ``"warm"``: every node boots at 0 already knowing
+    three other nodes (real join streams and gossip; seeds not up yet fail and are retried
+    while the node is alone). ``"warm"``: every node boots at 0 already knowing
     every other as ALIVE (``Membership.restore``), the steady state without the join storm.
     ``checkers``: True for every SWIM checker, or a list.
     """
@@ -66,10 +69,15 @@ def swim_world(
             node = add_swim_node(world, config, start=False, extra=extra)
             world.at(i * stagger, world.start, node)
     else:
-        nodes = [add_swim_node(world, config, start=False, extra=extra, seeds=()) for _ in range(n)]
+        # Every first boot has generation 1 and incarnation 0, so the view is known up front.
+        view = [Member(NodeId(*world.address(i), 1), 0, State.ALIVE) for i in range(n)]
+        seeds = [world.address(i) for i in range(min(SEEDS_PER_NODE, n))]
+        nodes = [
+            add_swim_node(world, config, start=False, extra=extra, seeds=seeds, preload=view)
+            for _ in range(n)
+        ]
         for node in nodes:
             world.start(node)
-        warm_start(world, nodes)
     return world
 
 

@@ -10,6 +10,11 @@ updates from the message's own parts.
 Durable state is the identity generation only (``swim.gen`` on the node's disk): a restarted
 node comes back one generation above its last life, so the cluster sees a new identity replace
 the old one, as with the runtime's clock-derived generations. It rejoins through its seeds.
+
+Like any production host, the adapter retries the join while the member knows nobody (every
+``rejoin_interval`` seconds): a node whose seeds were all unreachable when it booted would
+otherwise stay alone for ever - nobody knows its address, and it knows nobody to probe or to
+exchange state with (the simulator found exactly that after a crash during a partition).
 """
 
 from __future__ import annotations
@@ -43,14 +48,33 @@ STREAM = "stream"
 API = "api"
 
 
+class _Rejoin:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Rejoin"
+
+
+REJOIN = _Rejoin()
+
+
 class SwimCore(Core):
     """A ``swim.Membership`` on a simulated node (channel ``"swim"``)."""
 
     name = SWIM
 
     def __init__(
-        self, port: Port, config: Config, seeds: Sequence[Address] = (), meta: bytes = b""
+        self,
+        port: Port,
+        config: Config,
+        seeds: Sequence[Address] = (),
+        meta: bytes = b"",
+        preload: Sequence[Member] = (),
+        rejoin_interval: float = 5.0,
     ) -> None:
+        """``preload``: members learned before the first boot starts (``Membership.restore``),
+        a warm start with no join; a restarted node rejoins through ``seeds`` instead.
+        ``rejoin_interval``: how often to retry the join while alone (0: never)."""
         super().__init__(port)
         disk = port.disk.values
         gen = disk.get("swim.gen", 0) + 1
@@ -60,6 +84,9 @@ class SwimCore(Core):
         self.membership = Membership(port.addr, config, port.rng(), gen=gen, meta=meta)
         self._streams: dict[int, int] = {}  # simulated stream id -> core stream id
         self._requests = 0
+        self._preload = preload if port.boot == 1 else ()
+        self.rejoin_interval = rejoin_interval
+        self.rejoins = 0
 
     @property
     def identity(self):
@@ -67,9 +94,13 @@ class SwimCore(Core):
 
     def start(self, now: float) -> None:
         m = self.membership
+        if self._preload:
+            self._apply(m.restore(self._preload, now), API)
         self._apply(m.start(now), TIMER)
-        if self.seeds:
+        if self.seeds and not self._preload:  # a node that knows its view needs no join
             self._apply(m.join(self.seeds, now), API)
+        if self.seeds and self.rejoin_interval > 0:
+            self.port.set_timer(now + self.rejoin_interval, REJOIN)
 
     def restore(self, members: Sequence[Member], now: float) -> None:
         """Learn ``members`` without gossiping them (a warm start; needs ``Membership.restore``)."""
@@ -87,6 +118,13 @@ class SwimCore(Core):
         self._apply(self.membership.handle_datagram(src, data, now), DATAGRAM)
 
     def on_timer(self, timer, now: float) -> None:
+        if timer is REJOIN:
+            self.port.set_timer(now + self.rejoin_interval, REJOIN)
+            m = self.membership
+            if m.num_members() == 1 and not m.leaving:
+                self.rejoins += 1
+                self._apply(m.join(self.seeds, now), API)
+            return
         tag = GOSSIP if type(timer) is GossipTick else TIMER
         self._apply(self.membership.handle_timer(timer, now), tag)
 
@@ -136,11 +174,17 @@ class SwimCore(Core):
                 raise TypeError(f"unknown swim effect {e!r}")
 
 
-def swim(config: Config, seeds: Sequence[Address] = (), meta: bytes = b"") -> CoreSpec:
-    """A spec hosting a ``swim.Membership`` with ``config`` that joins ``seeds`` at each boot."""
+def swim(
+    config: Config,
+    seeds: Sequence[Address] = (),
+    meta: bytes = b"",
+    preload: Sequence[Member] = (),
+) -> CoreSpec:
+    """A spec hosting a ``swim.Membership`` with ``config`` that joins ``seeds`` at each boot
+    (and knows ``preload`` from its first boot on)."""
     seeds = tuple(seeds)
 
     def build(port: Port) -> SwimCore:
-        return SwimCore(port, config, seeds, meta)
+        return SwimCore(port, config, seeds, meta, preload)
 
     return build

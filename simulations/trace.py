@@ -16,6 +16,7 @@ from typing import Any
 __all__ = ["Trace"]
 
 _HEAD = struct.Struct("<dHii").pack
+_TIME = struct.Struct("<d").pack
 
 
 class Trace:
@@ -44,6 +45,22 @@ class Trace:
         self._h.update(struct.pack("<d", now))
         self._h.update(repr((kind, fields)).encode())
         self.tail.append((now, kind, *fields))
+
+    def event(self, now: float, node: int, channel: str, event: Any) -> None:
+        """A notification a core published (fast path for events about one member)."""
+        self.records += 1
+        m = getattr(event, "member", None)
+        if m is not None:
+            i = m.id
+            text = (
+                f"{type(event).__name__} {node} {channel} {i.host} {i.port} {i.gen} "
+                f"{m.incarnation} {int(m.state)} {m.meta.hex()}"
+            )
+        else:
+            text = repr((node, channel, event))
+        self._h.update(_TIME(now))
+        self._h.update(text.encode())
+        self.tail.append((now, "event", node, channel, event))
 
     def digest(self) -> str:
         return self._h.copy().hexdigest()

@@ -403,7 +403,7 @@ class World:
 
     def _publish(self, node: SimNode, channel: str, event: Any) -> None:
         now = self.sched.now
-        self.trace.note(now, "event", node.index, channel, event)
+        self.trace.event(now, node.index, channel, event)
         for hook in self.event_hooks:
             hook(node, channel, event)
         for name, core in list(node.cores.items()):
