@@ -14,7 +14,8 @@ const ROW = 100;
 
 const n = Number(process.argv[2] || 100000);
 const wide = Number(process.argv[3] || 10000);
-const now = () => Number(process.hrtime.bigint()) / 1e9;
+// CPU time of this process (user + system), like the Python side: robust to a loaded machine
+const now = () => { const u = process.cpuUsage(); return (u.user + u.system) / 1e6; };
 
 async function open() { return await sqlite3.open_v2(':memory:'); }
 async function exec(db, sql) { await sqlite3.exec(db, sql); }

@@ -366,7 +366,13 @@ class Merger:
             if nd < dbv:
                 nd = dbv
         state.pending = nd
-        row.clocks[cid] = [cv, nd, self._ordinal(site) if site else 0, seq]
+        if site:
+            ordinal = self.site_ordinals.get(site)
+            if ordinal is None:
+                ordinal = self._ordinal(site)
+        else:
+            ordinal = 0
+        row.clocks[cid] = [cv, nd, ordinal, seq]
         row.dirty[cid] = None
         self.impacted += 1
 
