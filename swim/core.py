@@ -386,12 +386,14 @@ class Membership:
         members, ourselves and members in other states are skipped. One ``MemberUp`` each.
         """
         added = False
+        me, known = self.addr, self._members
         for m in members:
             nid = m.id
-            if m.state is not State.ALIVE or nid.addr == self.addr or nid.addr in self._members:
+            addr = (nid.host, nid.port)
+            if m.state is not State.ALIVE or addr == me or addr in known:
                 continue
             rec = _Rec(nid, m.incarnation, State.ALIVE, self._check_meta(m.meta), now)
-            self._members[nid.addr] = rec
+            known[addr] = rec
             self._active += 1
             self._out.append(MemberUp(rec.snapshot()))
             added = True
