@@ -193,7 +193,8 @@ class Precedence(Checker):
     def __init__(self, audit_every: float = 2.0, audit_budget: int = 20_000) -> None:
         self.audit_every = audit_every
         self.audit_budget = audit_budget
-        self.views: dict[tuple, tuple[int, int, State, float]] = {}
+        # observer node index -> member address -> (gen, incarnation, state, since)
+        self.views: dict[int, dict[tuple, tuple[int, int, State, float]]] = {}
         self.observed = 0
         self._cursor = 0
 
@@ -204,10 +205,8 @@ class Precedence(Checker):
         world.every(self.audit_every, self._audit)
 
     def _on_life(self, kind: str, node: SimNode) -> None:
-        if kind == "crash":
-            idx = node.index
-            for k in [k for k in self.views if k[0] == idx]:
-                del self.views[k]
+        if kind == "crash":  # a new boot is a new observer
+            self.views.pop(node.index, None)
 
     def _on_event(self, node: SimNode, channel: str, ev) -> None:
         if channel != SWIM:
@@ -220,24 +219,29 @@ class Precedence(Checker):
 
     def _observe(self, node: SimNode, member) -> None:
         self.observed += 1
-        world = self.world
-        key = (node.index, node.boot, member.id.host, member.id.port)
-        new = (member.id.gen, member.incarnation, member.state)
-        old = self.views.get(key)
-        if old is not None and old[:3] != new:
-            err = transition_error(old[:3], new)
-            if err is not None and not self._reaped(node, old):
-                world.fail(self.name, f"{node.name}'s view of {member.id}: {err}")
-        self.views[key] = (*new, world.now if old is None or old[:3] != new else old[3])
-        owner = world.by_addr.get(member.addr)
-        if owner is not None and owner.up:
-            core = owner.cores.get(SWIM)
+        mid = member.id
+        inc = member.incarnation
+        view = self.views.get(node.index)
+        if view is None:
+            view = self.views[node.index] = {}
+        key = (mid.host, mid.port)
+        new = (mid.gen, inc, member.state)
+        old = view.get(key)
+        if old is None or old[:3] != new:
+            if old is not None:
+                err = transition_error(old[:3], new)
+                if err is not None and not self._reaped(node, old):
+                    self.world.fail(self.name, f"{node.name}'s view of {mid}: {err}")
+            view[key] = (*new, self.world.now)
+        if inc:  # only the member raises its incarnation: never above its own
+            owner = self.world.by_addr.get(key)
+            core = owner.cores.get(SWIM) if owner is not None and owner.up else None
             if core is not None:
                 m = core.membership
-                if m.identity == member.id and member.incarnation > m.incarnation:
-                    world.fail(
+                if inc > m.incarnation and m.identity == mid:
+                    self.world.fail(
                         self.name,
-                        f"{node.name} holds {member.id} at incarnation {member.incarnation}, "
+                        f"{node.name} holds {mid} at incarnation {inc}, "
                         f"above the member's own {m.incarnation}",
                     )
 

@@ -8,6 +8,7 @@ The last few records are also kept (as tuples, formatted only when a failure is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections import deque
@@ -17,6 +18,13 @@ __all__ = ["Trace"]
 
 _HEAD = struct.Struct("<dHii").pack
 _TIME = struct.Struct("<d").pack
+_EVENT = struct.Struct("<diHQQB").pack
+_U64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _name(cls: type) -> bytes:
+    return cls.__name__.encode()
 
 
 class Trace:
@@ -49,17 +57,20 @@ class Trace:
     def event(self, now: float, node: int, channel: str, event: Any) -> None:
         """A notification a core published (fast path for events about one member)."""
         self.records += 1
+        h = self._h.update
         m = getattr(event, "member", None)
         if m is not None:
             i = m.id
-            text = (
-                f"{type(event).__name__} {node} {channel} {i.host} {i.port} {i.gen} "
-                f"{m.incarnation} {int(m.state)} {m.meta.hex()}"
+            h(
+                _EVENT(now, node, i.port, i.gen & _U64, m.incarnation, int(m.state))
+                + _name(type(event))
+                + channel.encode()
+                + i.host.encode()
+                + m.meta
             )
         else:
-            text = repr((node, channel, event))
-        self._h.update(_TIME(now))
-        self._h.update(text.encode())
+            h(_TIME(now))
+            h(repr((node, channel, event)).encode())
         self.tail.append((now, "event", node, channel, event))
 
     def digest(self) -> str:

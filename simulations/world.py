@@ -406,9 +406,11 @@ class World:
         self.trace.event(now, node.index, channel, event)
         for hook in self.event_hooks:
             hook(node, channel, event)
-        for name, core in list(node.cores.items()):
-            if name != channel and node.up:
-                core.on_event(channel, event, now)
+        cores = node.cores
+        if len(cores) > 1:
+            for name, core in list(cores.items()):
+                if name != channel and node.up:
+                    core.on_event(channel, event, now)
 
     # streams: request -> (server handles, maybe late if clogged) -> reply frames, or failure
 
