@@ -437,9 +437,13 @@ class Merger:
                 f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys
             )
         for clock, rows in by_clock.items():
+            # an upsert updates an existing clock row in place; OR REPLACE would delete and
+            # re-insert it (and its index entry), which costs twice as much
             conn.executemany(
-                f"INSERT OR REPLACE INTO {clock} "
-                "(key, col_name, col_version, db_version, site_id, seq) VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO {clock} "
+                "(key, col_name, col_version, db_version, site_id, seq) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key, col_name) DO UPDATE SET col_version = excluded.col_version, "
+                "db_version = excluded.db_version, site_id = excluded.site_id, seq = excluded.seq",
                 rows,
             )
         self.rows.clear()
