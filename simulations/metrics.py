@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from swim import State
-from swim.events import MemberDown, MemberRenamed, MemberSuspect
+from swim.events import MemberDown, MemberRenamed, MemberSuspect, SuspicionTimeout
 
 from .swim_core import SWIM
 
@@ -51,6 +51,8 @@ class SwimMetrics:
         self.downs = 0
         self.false_downs = 0
         self.false_down_ids: dict[str, None] = {}
+        self.verdicts = 0  # DOWN declared by the observer's own suspicion timer
+        self.false_verdicts: list[tuple[float, int, str]] = []  # (time, observer, member id)
         self.detections: list[Detection] = []
         self._open: dict[tuple, Detection] = {}  # (host, port, gen) -> detection
         self.samples: list[tuple[float, int, int, int, int]] = []  # t, node, alive, suspect, down
@@ -102,9 +104,14 @@ class SwimMetrics:
             member = ev.member if t is MemberDown else ev.old
             if t is MemberDown and member.state is State.DOWN:
                 self.downs += 1
+                core = node.cores.get(SWIM)
+                verdict = core is not None and type(core.timer) is SuspicionTimeout
+                self.verdicts += verdict
                 if self._live_identity(member):
                     self.false_downs += 1
                     self.false_down_ids[str(member.id)] = None
+                    if verdict:
+                        self.false_verdicts.append((self.world.now, node.index, str(member.id)))
             d = self._open.get((member.id.host, member.id.port, member.id.gen))
             if d is not None and node.index in d.watchers and node.index not in d.marked:
                 now = self.world.now
@@ -133,6 +140,7 @@ class SwimMetrics:
             "downs": self.downs,
             "false_downs": self.false_downs,
             "false_down_identities": len(self.false_down_ids),
+            "false_verdicts": len(self.false_verdicts),
             "crashes": len(self.detections),
             "crashes_detected_by_all": len(lat),
         }

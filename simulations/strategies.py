@@ -6,7 +6,8 @@ isolated node, asymmetric), heal, clog, change loss, broadcast - checking every 
 after each step; its teardown heals everything, runs the liveness phase and checks the rest. A
 failing sequence shrinks to a short one, and the failure message carries the world's seed and
 the steps taken so far (as its configuration). ``CrdtMachine`` adds real databases, the reference
-pull-sync core and writes on random nodes, and checks that the databases converge.
+pull-sync core and writes on random nodes, and checks that the databases converge;
+``AgentMachine`` does the same with the agent's own replication core (``corrosion.replication``).
 
 Use them in a test module as ``TestX = SwimMachine.TestCase`` (with ``settings``), or build your
 own from :func:`link_models` and :func:`fault_schedules`.
@@ -29,6 +30,7 @@ from .scenarios import PRESETS
 from .world import World
 
 __all__ = [
+    "AgentMachine",
     "CrdtMachine",
     "SwimMachine",
     "delays",
@@ -121,7 +123,16 @@ class SwimMachine(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 6))
     def build(self, seed: int, n: int) -> None:
         n = min(n, self.max_nodes)
-        self.world = swim_world(
+        self.world = self.make_world(seed, n)
+        self.world.repro = "the hypothesis steps below (rerun the test to replay them)"
+        self.world.fail_fast = True
+        self._log(f"swim_world(seed={seed}, n={n}, config=lan(push_pull_interval=10))")
+        self.setup_world(self.world)
+        self.world.run_until(n * 0.05 + 3.0)
+
+    def make_world(self, seed: int, n: int) -> World:
+        """Hook for subclasses: the world to drive."""
+        return swim_world(
             seed,
             n,
             config=machine_config(),
@@ -129,11 +140,6 @@ class SwimMachine(RuleBasedStateMachine):
             extra=self.extra_cores,
             files=self.files,
         )
-        self.world.repro = "the hypothesis steps below (rerun the test to replay them)"
-        self.world.fail_fast = True
-        self._log(f"swim_world(seed={seed}, n={n}, config=lan(push_pull_interval=10))")
-        self.setup_world(self.world)
-        self.world.run_until(n * 0.05 + 3.0)
 
     def setup_world(self, world: World) -> None:
         """Hook for subclasses: attach more checkers."""
@@ -256,3 +262,36 @@ class CrdtMachine(SwimMachine):
                 "ON CONFLICT(k) DO UPDATE SET v = excluded.v, n = n + 1",
                 (f"k{key}", f"v{value}"),
             )
+
+
+class AgentMachine(SwimMachine):
+    """Agents (the real replication core over real stores, ``simulations.agent_core``) under
+    the same faults, plus writes on random nodes; at the end every database must be equal and
+    no node may miss a version."""
+
+    max_nodes = 5
+
+    def make_world(self, seed: int, n: int) -> World:
+        from .agent_core import agent_world
+
+        return agent_world(seed, n, swim_config=machine_config(), link=BASE_LINK)
+
+    @rule(i=st.integers(0, 5), key=st.integers(0, 7), value=st.integers(0, 3), delete=st.booleans())
+    def write(self, i: int, key: int, value: int, delete: bool) -> None:
+        from .agent_core import agent_of
+
+        node = self._node(i)
+        core = agent_of(node)
+        if core is None:
+            return
+        if delete:
+            self._log(f"write on {node.name}: delete k{key}")
+            stmt = ("DELETE FROM kv WHERE k = ?", (f"k{key}",))
+        else:
+            self._log(f"write on {node.name}: k{key} = v{value}")
+            stmt = (
+                "INSERT INTO kv (k, v, n) VALUES (?, ?, 1) "
+                "ON CONFLICT(k) DO UPDATE SET v = excluded.v, n = n + 1",
+                (f"k{key}", f"v{value}"),
+            )
+        core.execute([stmt], self.world.now)

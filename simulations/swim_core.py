@@ -87,6 +87,9 @@ class SwimCore(Core):
         self._preload = preload if port.boot == 1 else ()
         self.rejoin_interval = rejoin_interval
         self.rejoins = 0
+        self.timer = None
+        """The swim timer being handled (so observers can tell a member's own verdict, made by
+        its ``SuspicionTimeout``, from a DOWN it adopted from gossip)."""
 
     @property
     def identity(self):
@@ -126,7 +129,11 @@ class SwimCore(Core):
                 self._apply(m.join(self.seeds, now), API)
             return
         tag = GOSSIP if type(timer) is GossipTick else TIMER
-        self._apply(self.membership.handle_timer(timer, now), tag)
+        self.timer = timer
+        try:
+            self._apply(self.membership.handle_timer(timer, now), tag)
+        finally:
+            self.timer = None
 
     def on_stream_request(self, src: Address, data: bytes, now: float) -> list[bytes] | None:
         self._requests += 1

@@ -1,0 +1,309 @@
+"""The SWIM and Lifeguard papers' experiments, reproduced on the simulator with the real core.
+
+1. SWIM section 3.1, first detection: the protocol period (counted from the crash) in which a
+   crashed member is first picked as a ping target. With targets chosen uniformly at random the
+   mean is 1 / (1 - (1 - 1/(n-1))^(n-1)) -> e/(e-1) = 1.582; with our round-robin order
+   (section 4.3) it never exceeds 2n - 1. Measured for n = 8, 32, 128 on crash-free runs: a
+   member is picked without regard to whether it is alive, and it stays in every list until it
+   is first picked, so the time from any instant to its next pick has the same law as from a
+   crash (one sample per member per sampled instant; no loss, so periods keep their length).
+   "random" forces a fresh shuffled pass at every period, so the target is uniform.
+   Metrics: ``swim_detection_periods_random`` (mean, n = 32),
+   ``swim_detection_periods_max_roundrobin`` (max, n = 32).
+2. SWIM section 3.1, accuracy: the per-probe false-suspicion rate (failed probes of live members
+   / probes) under uniform loss 1, 5, 10, 20 % with k = 1..4 indirect probes, beside the
+   formula (1 - r^2)(1 - r^4)^k (r = 1 - loss: the direct ping and ack both arrive, or one of k
+   four-message indirect paths does) and the paper's per-detection expression (the same divided
+   by 1 - e^-1). 16 members, suspicions long enough that nobody is declared down meanwhile.
+3. Lifeguard section V: 100 members, m = 1..16 of them stressed - every message they receive is
+   handled 1-2x ``lag`` seconds late, in order (``simulations.node.Clog``) - for 120 s. False
+   positives are DOWN verdicts (a member's own suspicion timer) about members that are alive;
+   FP- counts only verdicts about healthy (unstressed) members. "SWIM" is the same core with
+   Lifeguard's mechanisms off: no local health multiplier (awareness_max_multiplier = 1) and a
+   fixed suspicion timeout (suspicion_max_timeout_mult = 1, so no confirmations needed); its
+   buddy system stays on, which makes this SWIM baseline better than plain SWIM, so the ratio is
+   an under-estimate. Metric: ``lifeguard_fp_reduction`` (all FP, summed over the grid);
+   ``lifeguard_fp_minus_reduction`` (FP-). The paper reports 50-100x; target >= 50x.
+4. Detection latency (memberlist parity): LAN preset, n = 100, one member killed; per kill the
+   time until every member that held it active has marked it down; the median over kills
+   (``detection_latency_median_s``; memberlist 9.8 s, kinship 9.7 s, target <= 9.5 s) and the
+   false positives meanwhile (must be 0, as memberlist's settings give on a clean network).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Report, parse_args
+
+from simulations import Delay, LinkModel, swim_world
+from simulations.metrics import SwimMetrics
+from simulations.scenarios import PRESETS
+from simulations.swim_core import SWIM, TIMER, SwimCore
+from swim import Config, codec
+from swim.events import ProbeTick
+from swim.testing import decode
+
+LAN_LINK = PRESETS["lan"][1]
+CLEAN = LinkModel(Delay("uniform", 0.0002, 0.0005, 0.001))
+
+
+# -- 1. first detection ----------------------------------------------------------------------
+
+
+class RandomTargetCore(SwimCore):
+    """SWIM section 3.1's basic protocol: a uniformly random target every period. The core
+    walks a shuffled order (section 4.3); ending the pass before each tick makes every target
+    the first of a fresh shuffle. Experiment only: it reaches into the core's probe order."""
+
+    def on_timer(self, timer, now):
+        if type(timer) is ProbeTick:
+            m = self.membership
+            m._probe_index = len(m._probe_order)
+        super().on_timer(timer, now)
+
+
+def first_pick_periods(n: int, seconds: float, random_targets: bool, seed: int) -> list[int]:
+    config = Config.lan(push_pull_interval=0.0)
+    world = swim_world(seed, n, config=config, link=CLEAN, bootstrap="warm", checkers=[])
+    if random_targets:
+        for node in world.nodes:
+            core = node.cores[SWIM]
+            node.cores[SWIM] = _swap(core, RandomTargetCore)
+    picks: dict[tuple, list[float]] = {node.addr: [] for node in world.nodes}
+
+    def on_send(node, channel, dst, data, info, fate):
+        if channel == SWIM and info == TIMER:
+            _, parts = decode(data, config)
+            if parts and parts[0][0] == codec.PING:
+                picks[dst].append(world.now)
+
+    world.send_hooks.append(on_send)
+    world.run_until(seconds)
+    period = config.probe_interval
+    rng = random.Random(seed)
+    out = []
+    start, end = 2 * period, seconds - (2 * n + 1) * period
+    for times in picks.values():
+        for _ in range(200):
+            t0 = rng.uniform(start, max(start, end))
+            i = bisect.bisect_left(times, t0)
+            if i < len(times):
+                out.append(int((times[i] - t0) // period) + 1)
+    return out
+
+
+def _swap(core: SwimCore, cls: type) -> SwimCore:
+    core.__class__ = cls  # same state, one overridden input (the experiment's knob)
+    return core
+
+
+def expected_random(n: int) -> float:
+    return 1 / (1 - (1 - 1 / (n - 1)) ** (n - 1))
+
+
+# -- 2. false suspicions vs loss -------------------------------------------------------------
+
+
+def probe_failure_rate(loss: float, k: int, seconds: float, seed: int) -> tuple[int, int]:
+    config = Config.lan(indirect_checks=k, suspicion_mult=60, push_pull_interval=0.0)
+    link = LinkModel(CLEAN.delay, loss=loss)
+    world = swim_world(seed, 16, config=config, link=link, bootstrap="warm", checkers=[])
+    world.run_until(5.0)
+    cores = [node.cores[SWIM].membership for node in world.nodes]
+    before = [(c.stats.probes, c.stats.probes_failed) for c in cores]
+    world.run_until(5.0 + seconds)
+    probes = sum(c.stats.probes - b[0] for c, b in zip(cores, before, strict=True))
+    failed = sum(c.stats.probes_failed - b[1] for c, b in zip(cores, before, strict=True))
+    return failed, probes
+
+
+# -- 3. Lifeguard ----------------------------------------------------------------------------
+
+SWIM_ONLY = Config.lan(awareness_max_multiplier=1, suspicion_max_timeout_mult=1)
+LIFEGUARD = Config.lan()
+
+
+def stressed_run(config: Config, m: int, lag: float, seconds: float, seed: int) -> tuple[int, int]:
+    """(false verdicts, false verdicts about healthy members)."""
+    world = swim_world(seed, 100, config=config, link=LAN_LINK, bootstrap="warm", checkers=[])
+    metrics = SwimMetrics().attach(world)
+    world.run_until(5.0)
+    stressed = random.Random(seed).sample(range(100), m)
+    for i in stressed:
+        world.clog(world.nodes[i], Delay("uniform", lag, 1.5 * lag, 2 * lag))
+    hosts = {world.nodes[i].addr for i in stressed}
+    world.run_until(5.0 + seconds)
+    fps = metrics.false_verdicts
+    healthy = [v for v in fps if _addr(v[2]) not in hosts]
+    return len(fps), len(healthy)
+
+
+def _addr(nid: str) -> tuple[str, int]:
+    host, port = nid.split("#")[0].rsplit(":", 1)
+    return host, int(port)
+
+
+# -- 4. detection latency ----------------------------------------------------------------------
+
+
+def detection_latencies(n: int, kills: int, seed: int) -> tuple[list[float], int]:
+    world = swim_world(seed, n, config=Config.lan(), link=LAN_LINK, bootstrap="warm", checkers=[])
+    metrics = SwimMetrics().attach(world)
+    rng = random.Random(seed)
+    world.run_until(10.0)
+    for _ in range(kills):
+        victim = world.nodes[rng.randrange(n)]
+        world.run_for(rng.uniform(0.0, 1.0))
+        world.crash(victim)
+        d = metrics.detections[-1]
+        world.run_until_true(lambda d=d: d.all_marked is not None, 120.0, 0.5)
+        world.restart(victim)
+        world.run_for(20.0)
+    return metrics.detection_latencies(), metrics.false_downs
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args("SWIM / Lifeguard paper reproductions on the simulator")
+    report = Report(args.json)
+    quick = args.quick
+    t0 = time.perf_counter()
+
+    report.info("== 1. SWIM 3.1: protocol periods until a crashed member is first picked")
+    seconds = {8: 300.0, 32: 300.0, 128: 600.0} if not quick else {8: 120.0, 32: 150.0}
+    for n, secs in seconds.items():
+        rnd = first_pick_periods(n, secs, True, seed=n)
+        rr = first_pick_periods(n, secs, False, seed=n)
+        report.info(
+            f"  n={n:4d}  random: mean {statistics.fmean(rnd):.3f} (formula "
+            f"{expected_random(n):.3f}, e/(e-1) = {math.e / (math.e - 1):.3f}), max {max(rnd)}; "
+            f"round-robin: mean {statistics.fmean(rr):.3f}, max {max(rr)} (bound 2n-1 = "
+            f"{2 * n - 1}); {len(rnd)} samples"
+        )
+        if args.json and n != 32:
+            report.metric(
+                f"swim_detection_periods_random_n{n}",
+                statistics.fmean(rnd),
+                "periods",
+                f"SWIM 3.1 formula {expected_random(n):.3f}",
+                samples=len(rnd),
+                baseline_value=round(expected_random(n), 4),
+            )
+            report.metric(
+                f"swim_detection_periods_max_roundrobin_n{n}",
+                max(rr),
+                "periods",
+                f"SWIM 4.3 bound 2n-1 = {2 * n - 1}",
+                mean=round(statistics.fmean(rr), 4),
+                baseline_value=2 * n - 1,
+            )
+        if n == 32:
+            report.metric(
+                "swim_detection_periods_random",
+                statistics.fmean(rnd),
+                "periods",
+                f"SWIM 3.1 formula {expected_random(n):.3f} (e/(e-1) = 1.582)",
+                n=n,
+                samples=len(rnd),
+                baseline_value=round(expected_random(n), 4),
+            )
+            report.metric(
+                "swim_detection_periods_max_roundrobin",
+                max(rr),
+                "periods",
+                f"SWIM 4.3 bound 2n-1 = {2 * n - 1}",
+                n=n,
+                mean=round(statistics.fmean(rr), 4),
+                samples=len(rr),
+                baseline_value=2 * n - 1,
+            )
+
+    report.info("== 2. SWIM 3.1: per-probe false-suspicion rate vs loss (16 members)")
+    secs = 300.0 if quick else 1500.0
+    losses = (0.01, 0.05, 0.1, 0.2)
+    for loss in losses:
+        cells = []
+        for k in (1, 2, 3, 4):
+            failed, probes = probe_failure_rate(loss, k, secs, seed=int(loss * 1000) + k)
+            r = 1 - loss
+            formula = (1 - r * r) * (1 - r**4) ** k
+            paper = formula / (1 - math.exp(-1))
+            cells.append(f"k={k}: {failed / probes:.2e} ({failed}/{probes}) vs {formula:.2e} "
+                         f"[paper {paper:.1e}]")  # fmt: skip
+            if args.json:
+                report.metric(
+                    f"swim_false_suspicion_rate_loss{int(loss * 100)}_k{k}",
+                    1e6 * failed / probes,
+                    "per 1e6 probes",
+                    f"(1-r^2)(1-r^4)^k = {1e6 * formula:.4g} per 1e6",
+                    failed=failed,
+                    probes=probes,
+                    baseline_value=round(1e6 * formula, 4),
+                    paper_expression=round(1e6 * paper, 4),
+                )
+        report.info(f"  loss {loss:4.0%}: " + "; ".join(cells))
+
+    report.info("== 3. Lifeguard V: false positives with stressed members (100 members)")
+    lags = (2.0, 4.0, 8.0) if not quick else (4.0,)
+    ms = (1, 2, 4, 8, 16) if not quick else (1, 4)
+    secs = 120.0 if not quick else 60.0
+    totals = {"swim": [0, 0], "lifeguard": [0, 0]}
+    for lag in lags:
+        for m in ms:
+            row = []
+            for name, cfg in (("swim", SWIM_ONLY), ("lifeguard", LIFEGUARD)):
+                fp, fpm = stressed_run(cfg, m, lag, secs, seed=m * 31 + int(lag))
+                totals[name][0] += fp
+                totals[name][1] += fpm
+                row.append(f"{name} FP {fp:4d} FP- {fpm:4d}")
+            report.info(f"  lag {lag:g}-{2 * lag:g}s, {m:2d} stressed: " + ", ".join(row))
+    s_fp, s_fpm = totals["swim"]
+    l_fp, l_fpm = totals["lifeguard"]
+    report.metric(
+        "lifeguard_fp_reduction",
+        s_fp / max(l_fp, 1),
+        "x",
+        f"SWIM (no LHM, fixed suspicion) FP {s_fp} vs Lifeguard {l_fp}; paper 50-100x, "
+        "target >= 50x",
+        swim_fp=s_fp,
+        lifeguard_fp=l_fp,
+        lower_bound=l_fp == 0,
+    )
+    report.metric(
+        "lifeguard_fp_minus_reduction",
+        s_fpm / max(l_fpm, 1),
+        "x",
+        f"FP about healthy members: SWIM {s_fpm} vs Lifeguard {l_fpm}",
+        swim_fp_minus=s_fpm,
+        lifeguard_fp_minus=l_fpm,
+        lower_bound=l_fpm == 0,
+    )
+
+    report.info("== 4. detection latency, LAN preset, n = 100, kill one member")
+    lat, fps = detection_latencies(100, 8 if quick else 40, seed=100)
+    report.metric(
+        "detection_latency_median_s",
+        statistics.median(lat),
+        "s",
+        "memberlist 9.8 s, kinship 9.7 s; target <= 9.5 s",
+        kills=len(lat),
+        p90=round(sorted(lat)[int(0.9 * (len(lat) - 1))], 3),
+        max=round(max(lat), 3),
+        false_positives=fps,
+        baseline_value=9.8,
+    )
+    report.info(f"(total {time.perf_counter() - t0:.0f} s wall)")
+
+
+if __name__ == "__main__":
+    main()

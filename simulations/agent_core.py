@@ -1,0 +1,214 @@
+"""Hosting the agent's replication core (``corrosion.replication.Replicator``) on a node.
+
+The adapter mirrors what ``corrosion.agent.Agent`` does with real sockets: a ``Store`` (a real
+SQLite file in the node's directory, so it survives crashes; site id from the node's seeded
+stream), the ``Replicator`` on the virtual clock (its hybrid logical clock reads virtual
+milliseconds), peers learned from the sibling swim core's notifications through the member
+metadata the agent advertises (``encode_meta``). Its effects map onto the port: ``SendFrame``
+-> a datagram on the ``corrosion`` channel (the simulated network may lose it: sync repairs),
+``StartSync`` -> a stream answered with every frame of ``serve_sync``, ``SetTimer`` -> a
+timer. Queued changesets are applied as soon as they arrive (the agent's apply loop, without
+its thread).
+
+:func:`agent_world` builds a world of agents (each node: this core, then a swim core whose
+metadata comes from it) with the SWIM checkers and :class:`~simulations.crdt_checks.
+CrdtConvergence` (equal databases and zero gaps after heal and quiet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from corrosion.replication import (
+    ReplicationConfig,
+    Replicator,
+    SendFrame,
+    SetTimer,
+    StartSync,
+    decode_meta,
+    encode_meta,
+)
+from corrosion.store import Store
+from swim import Config, MemberAlive, MemberDown, MemberRenamed, MemberUp, MemberUpdated
+
+from .cluster import SEEDS_PER_NODE
+from .crdt_checks import CrdtConvergence
+from .network import Address, LinkModel
+from .node import Core, CoreSpec, Port, SimNode
+from .swim_checkers import swim_checkers
+from .swim_core import SWIM, SwimCore
+from .world import World
+
+__all__ = ["AGENT", "DEMO_SCHEMA", "AgentCore", "agent", "agent_world"]
+
+AGENT = "corrosion"
+
+DEMO_SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY NOT NULL, v TEXT, n INTEGER DEFAULT 0);"
+
+
+class AgentCore(Core):
+    """A ``Replicator`` over a real ``Store`` (channel ``"corrosion"``)."""
+
+    name = AGENT
+
+    def __init__(self, port: Port, schema: str, config: ReplicationConfig) -> None:
+        super().__init__(port)
+        site = port.rng("site").randbytes(16)  # used only when the database is created
+        self.store = Store(port.disk.path / "agent.db", site_id=site)
+        if schema:
+            self.store.apply_schema(schema)
+        self.replicator = Replicator(self.store, config, port.rng(), lambda: int(port.now * 1000))
+        self.cluster_id = config.cluster_id
+        port.disk.values["agent.meta"] = encode_meta(
+            self.store.actor_id, port.addr[1], config.cluster_id
+        )
+        self._syncs: dict[int, Address] = {}
+
+    @property
+    def conn(self):
+        return self.store.conn
+
+    def start(self, now: float) -> None:
+        self._perform(self.replicator.start(now))
+        swim = self.port.sibling(SWIM)
+        if swim is not None:
+            for m in swim.membership.members():
+                self._member(m)
+
+    def stop(self) -> None:
+        self.store.close()
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def on_event(self, source: str, event: Any, now: float) -> None:
+        t = type(event)
+        if t is MemberUp or t is MemberAlive or t is MemberUpdated:
+            self._member(event.member)
+        elif t is MemberRenamed:
+            self._gone(event.old)
+            self._member(event.new)
+        elif t is MemberDown:
+            self._gone(event.member)
+
+    def _member(self, m) -> None:
+        info = decode_meta(m.meta)
+        if info is not None and info[2] == self.cluster_id:
+            self.replicator.member_up(info[0], (m.addr[0], info[1]))
+
+    def _gone(self, m) -> None:
+        info = decode_meta(m.meta)
+        if info is not None:
+            self.replicator.member_down(info[0])
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def execute(self, statements: Sequence[tuple[str, Sequence[Any]]], now: float) -> int | None:
+        """A local transaction; returns its version (None if it changed nothing)."""
+        _results, commit, effects = self.replicator.execute(list(statements), now)
+        self._perform(effects)
+        return None if commit is None else commit.version
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def on_datagram(self, src: Address, data: bytes, now: float) -> None:
+        self._perform(self.replicator.handle_frame(src, data, now))
+        self._apply(now)
+
+    def on_timer(self, timer: Any, now: float) -> None:
+        self._perform(self.replicator.handle_timer(timer, now))
+
+    def on_stream_request(self, src: Address, data: bytes, now: float) -> list[bytes] | None:
+        return list(self.replicator.serve_sync(data))
+
+    def on_stream_reply(self, stream_id: int, frames: list[bytes], now: float) -> None:
+        addr = self._syncs.pop(stream_id, None)
+        if addr is None:
+            return
+        rep = self.replicator
+        for frame in frames:
+            if not rep.handle_sync_frame(addr, frame, now):
+                break
+        rep.sync_finished(addr)
+        self._apply(now)
+
+    def on_stream_failed(self, stream_id: int, now: float) -> None:
+        addr = self._syncs.pop(stream_id, None)
+        if addr is not None:
+            self.replicator.sync_finished(addr)
+
+    # -- effects ------------------------------------------------------------------------------
+
+    def _apply(self, now: float) -> None:
+        rep = self.replicator
+        while rep.queue:
+            result = rep.apply_batch(rep.take_batch(500))
+            for actor, _version in result.applied:
+                rep.note_booked(actor, now)
+
+    def _perform(self, effects: list) -> None:
+        port = self.port
+        for e in effects:
+            t = type(e)
+            if t is SendFrame:
+                port.send(e.addr, e.data)
+            elif t is StartSync:
+                self._syncs[port.open_stream(e.addr, e.request)] = e.addr
+            elif t is SetTimer:
+                port.set_timer(e.at, e.timer)
+            else:
+                raise TypeError(f"unknown replication effect {e!r}")
+
+
+def agent(schema: str = DEMO_SCHEMA, config: ReplicationConfig | None = None) -> CoreSpec:
+    """A spec hosting :class:`AgentCore` (needs ``World(files=True)``)."""
+    config = config or ReplicationConfig()
+
+    def build(port: Port) -> AgentCore:
+        return AgentCore(port, schema, config)
+
+    return build
+
+
+def _swim_with_agent_meta(config: Config, seeds: Sequence[Address]) -> CoreSpec:
+    def build(port: Port) -> SwimCore:
+        return SwimCore(port, config, seeds, port.disk.values["agent.meta"])
+
+    return build
+
+
+def agent_world(
+    seed: int,
+    n: int,
+    *,
+    swim_config: Config | None = None,
+    replication: ReplicationConfig | None = None,
+    schema: str = DEMO_SCHEMA,
+    link: LinkModel | None = None,
+    stagger: float = 0.05,
+    deadline: float = 180.0,
+) -> World:
+    """``n`` agents joining through the first three, every SWIM checker, and CRDT convergence
+    (equal databases and no gaps after heal) as a liveness checker."""
+    swim_config = swim_config or Config.lan()
+    world = World(seed, link=link, files=True)
+    for c in swim_checkers():
+        world.add_checker(c)
+    world.add_checker(
+        CrdtConvergence(
+            lambda node: agent_of(node).conn if agent_of(node) else None,
+            lambda node: agent_of(node).store.bookie.gap_count() if agent_of(node) else 0,
+            deadline=deadline,
+        )
+    )
+    for i in range(n):
+        seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]
+        node = world.add_node(
+            [agent(schema, replication), _swim_with_agent_meta(swim_config, seeds)], start=False
+        )
+        world.at(i * stagger, world.start, node)
+    return world
+
+
+def agent_of(node: SimNode) -> AgentCore | None:
+    return node.cores.get(AGENT) if node.up else None
