@@ -69,3 +69,34 @@ TestAgent.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+AGENT_DIGEST = """
+import random
+from simulations import run_liveness
+from simulations.agent_core import agent_of, agent_world
+from simulations.strategies import BASE_LINK
+from tests.simulations.test_sim_agent import write_storm
+world = agent_world(3, 5)
+world.run_until(2.0)
+write_storm(world, 3, writes=20)
+run_liveness(world, link=BASE_LINK)
+print(world.digest())
+world.close()
+"""
+
+
+def test_agent_runs_are_deterministic_across_processes_and_hash_seeds():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    outs = []
+    for hashseed in ("1", "4242"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed, PYTHONPATH=str(root))
+        out = subprocess.run([sys.executable, "-c", AGENT_DIGEST], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        outs.append(out.stdout.strip())
+    assert len(outs[0]) == 32 and outs[0] == outs[1]
