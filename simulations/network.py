@@ -139,6 +139,7 @@ class NetworkStats:
     cut: int = 0  # dropped by a partition
     duplicated: int = 0
     to_down: int = 0  # arrived at a crashed node or an unknown address
+    overflow: int = 0  # dropped by a clogged node's full receive queue
     streams: int = 0
     streams_failed: int = 0
 

@@ -146,14 +146,17 @@ class Clog:
 
     Each datagram or stream request waits ``lag`` (sampled per message) after it arrives, and
     messages are handled in arrival order, as by a process whose receive loop starves. Timers
-    still fire on time, so the node keeps probing with stale information.
+    still fire on time, so the node keeps probing with stale information. With ``capacity``,
+    at most that many datagrams wait; more are dropped, like a full socket receive buffer.
     """
 
-    __slots__ = ("busy_until", "lag")
+    __slots__ = ("busy_until", "capacity", "lag", "pending")
 
-    def __init__(self, lag: Delay) -> None:
+    def __init__(self, lag: Delay, capacity: int | None = None) -> None:
         self.lag = lag
+        self.capacity = capacity
         self.busy_until = 0.0
+        self.pending = 0
 
 
 class SimNode:

@@ -259,13 +259,15 @@ class World:
             self._note_fault(f"link {src}->{dst} {_brief(model)}")
         self._update_calm()
 
-    def clog(self, node: SimNode, lag: Delay) -> None:
-        """Stress ``node``: it handles received messages ``lag`` late (see ``node.Clog``)."""
+    def clog(self, node: SimNode, lag: Delay, capacity: int | None = None) -> None:
+        """Stress ``node``: it handles received messages ``lag`` late, and drops datagrams
+        beyond ``capacity`` waiting ones (see ``node.Clog``)."""
         if not node.up:
             return
-        node.clog = Clog(lag)
+        node.clog = Clog(lag, capacity)
         self._clogged[node.index] = None
-        self._note_fault(f"clog {node.name} {lag.kind} {lag.low:g}..{lag.high:g}s")
+        cap = "" if capacity is None else f" capacity {capacity}"
+        self._note_fault(f"clog {node.name} {lag.kind} {lag.low:g}..{lag.high:g}s{cap}")
         self._update_calm()
 
     def unclog(self, node: SimNode) -> None:
@@ -377,16 +379,23 @@ class World:
             return
         clog = node.clog
         if clog is not None:
+            if clog.capacity is not None and clog.pending >= clog.capacity:
+                self.net.stats.overflow += 1
+                return
+            clog.pending += 1
             t = max(self.sched.now + clog.lag.sample(self._clog_rng), clog.busy_until)
             clog.busy_until = t
-            self.sched.at(t, self._handle, node, node.boot, channel, src, data)
+            self.sched.at(t, self._handle, node, node.boot, channel, src, data, clog)
             return
         core = node.cores.get(channel)
         if core is not None:
             self.net.stats.delivered += 1
             core.on_datagram(src, data, self.sched.now)
 
-    def _handle(self, node: SimNode, boot: int, channel: str, src: Address, data: bytes) -> None:
+    def _handle(
+        self, node: SimNode, boot: int, channel: str, src: Address, data: bytes, clog: Clog
+    ) -> None:
+        clog.pending -= 1
         if node.boot != boot or not node.up:
             return
         core = node.cores.get(channel)
