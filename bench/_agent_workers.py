@@ -9,6 +9,7 @@ closes prints one JSON line ``{"actor:version": [times...]}`` and exits.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,20 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
         for actor, version in result.applied:
             applied.setdefault(f"{actor.hex()}:{version}", []).append(t)
 
+    received: dict[str, list[float]] = {}
+    if os.environ.get("TRACE_RECEIVE"):
+        from corrosion import replication
+        from corrosion.changeset import peek_changeset
+
+        orig = replication.Replicator.handle_frame
+
+        def traced(self, src, data, now):
+            h = peek_changeset(data)
+            if h is not None:
+                received.setdefault(f"{h[0].hex()}:{h[1]}", []).append(time.time())
+            return orig(self, src, data, now)
+
+        replication.Replicator.handle_frame = traced
     agents = []
     try:
         for i in range(first, first + count):
@@ -40,6 +55,9 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
             await anyio.sleep(0.1)
         print("ready", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read)
+        if received:
+            with open(os.environ["TRACE_RECEIVE"] + f".{first}", "w") as f:
+                json.dump({k: sorted(v) for k, v in received.items()}, f)
         print(json.dumps(applied), flush=True)
     finally:
         for a in reversed(agents):
@@ -48,6 +66,9 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
 
 if __name__ == "__main__":
     import os
+    if os.environ.get("DIGEST_REPEATS"):
+        from corrosion import replication
+        replication.ReplicationConfig.digest_repeats = int(os.environ["DIGEST_REPEATS"])
     if os.environ.get("SWITCH"):
         sys.setswitchinterval(float(os.environ["SWITCH"]))
     b, f, c, s, n = sys.argv[1:6]

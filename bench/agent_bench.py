@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -37,7 +38,10 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n 
 
 def config(base: Path, name: str, seeds: list[str], api: bool = False) -> Config:
     schema = base / "schema.sql"
-    schema.write_text(SCHEMA)
+    if not schema.exists():  # written once, atomically: worker processes read it concurrently
+        tmp = base / f"schema.sql.{os.getpid()}"
+        tmp.write_text(SCHEMA)
+        os.replace(tmp, schema)
     data = {
         "db": {"path": str(base / name / "state.db"), "schema_paths": [str(schema)]},
         "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "lan"},
@@ -79,7 +83,9 @@ async def spread(n: int, writes: int, workers: int = 2) -> list[float]:
                         str(count),
                         seed,
                         str(n),
-                    ]
+                    ],
+                    # never read: a full pipe would block a worker that logs
+                    stderr=open(base / f"worker{first}.log", "wb"),  # noqa: SIM115
                 )
             )
             first += count

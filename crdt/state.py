@@ -73,7 +73,7 @@ class CrrState:
                 for t in crr_tables(self.conn)
             ]
             parts.append(
-                "SELECT CAST(value AS INTEGER) FROM crsql_master "
+                "SELECT CAST(value AS INTEGER) AS v FROM crsql_master "
                 "WHERE key = 'pre_compact_dbversion'"
             )
             self._version_sql = "SELECT max(v) FROM (" + " UNION ALL ".join(parts) + ")"

@@ -176,3 +176,10 @@ def test_oversize_value_is_refused_cleanly():
         crdt.merge(c, [GOOD, big])
     assert rows(c) == []
     assert c.execute("SELECT count(*) FROM t__crsql_clock").fetchone() == (0,)
+
+
+def test_merge_into_a_database_without_crrs_is_a_clean_error():
+    c = crdt.connect()
+    with pytest.raises(crdt.MergeError, match="could not find the schema information"):
+        crdt.merge(c, [GOOD])
+    assert crdt.db_version(c) == 0
