@@ -14,13 +14,15 @@ Rules
 =====
 
 B1  A local transaction that changed replicated data is a new version of this actor (store.py
-    books it in the same commit). Its chunks are sent at once to ``fanout`` random peers, then
-    again to other peers every ``broadcast_interval * round`` for ``max_transmissions`` rounds
-    (corrosion's gossip mode, ``_broadcast_round``).
+    books it in the same commit). Its chunks are sent at once to ``max(fanout, ~sqrt(n))``
+    random peers, then again to ``fanout`` other peers every ``broadcast_interval * round`` for
+    ``max_transmissions`` rounds (corrosion's gossip mode, ``_broadcast_round``).
 B2  A received chunk is dropped (and counted) when malformed, from another cluster, our own, or
     already held or queued (checked on the frame's header, before decoding its changes).
-    Otherwise it is queued for apply and, when it came by broadcast, relayed once to ``fanout``
-    peers other than its sender and origin (``handle_frame``).
+    Otherwise it is queued for apply and, when it came by broadcast, re-broadcast once: to
+    ``fanout`` peers other than its origin, and ``fanout`` more ``broadcast_interval`` later
+    (``relay_rounds``; with one round, push-once epidemics miss about e^-fanout of the nodes)
+    (``handle_frame``).
 B4  Push-once epidemics miss a few nodes (about e^-fanout of them), and periodic sync alone would
     leave those behind for up to ``max_sync_backoff``. So every ``digest_interval`` a node that
     booked a new version sends ``fanout`` random peers a digest of that actor's head, a few times
@@ -129,13 +131,14 @@ class ReplicationConfig:
     sync_budget_versions: int = 2000  # versions served per sync answer, at most
     broadcast: bool = True  # False: sync only
     fanout: int = 3  # peers per broadcast round (corrosion: num_indirect_probes)
+    relay_rounds: int = 2  # rounds a relayed version is sent (each to fanout new peers)
     broadcast_interval: float = 0.1  # round k is sent k * this after the commit
     retransmit_mult: int = 4  # local versions: rounds = mult * ceil(log10(n + 1))
     max_queue: int = 20_000  # queued chunks beyond this are dropped (sync recovers them)
-    digest_interval: float = 0.2  # seconds between digests of recently booked heads
+    digest_interval: float = 0.1  # seconds between digests of recently booked heads
     digest_window: float = 2.0  # a digest-announced head not received is forgotten after 10x this
     digest_repeats: int = 3  # digests sent about one head (to fanout random peers each time)
-    digest_grace: float = 0.3  # a head still missing this long after a digest: sync for it
+    digest_grace: float = 0.15  # a head still missing this long after a digest: sync for it
 
 
 @dataclass
@@ -151,6 +154,7 @@ class _Pending:
     rounds_left: int
     round: int
     due: float
+    local: bool = False  # a version of this node (not a relay)
 
 
 @dataclass
@@ -252,7 +256,9 @@ class Replicator:
                     commit.db_version,
                 )
             ]
-            effects += self._broadcast(frames, exclude=set(), rounds=self.max_rounds(), now=now)
+            effects += self._broadcast(
+                frames, exclude=set(), rounds=self.max_rounds(), now=now, local=True
+            )
         return effects
 
     def max_rounds(self) -> int:
@@ -260,9 +266,15 @@ class Replicator:
         return self.config.retransmit_mult * max(1, math.ceil(math.log10(len(self.peers) + 2)))
 
     def _broadcast(
-        self, frames: list[bytes], *, exclude: set[bytes], rounds: int, now: float
+        self,
+        frames: list[bytes],
+        *,
+        exclude: set[bytes],
+        rounds: int,
+        now: float,
+        local: bool = False,
     ) -> list[Effect]:
-        pending = _Pending(frames, set(exclude), rounds, 0, now)
+        pending = _Pending(frames, set(exclude), rounds, 0, now, local)
         effects = self._broadcast_round(pending, now)
         if pending.rounds_left > 0:
             self._pending.append(pending)
@@ -271,7 +283,12 @@ class Replicator:
 
     def _broadcast_round(self, p: _Pending, now: float) -> list[Effect]:
         candidates = [peer for peer in self._sorted_peers() if peer.actor not in p.sent_to]
-        chosen = self.rng.sample(candidates, min(self.config.fanout, len(candidates)))
+        fanout = self.config.fanout
+        if p.round == 0 and p.local:
+            # the origin's first round reaches ~sqrt(n) peers at once: the epidemic then needs
+            # one or two relay hops fewer to cover the cluster (each hop costs a scheduling delay)
+            fanout = max(fanout, math.isqrt(len(self.peers) - 1) + 1 if self.peers else fanout)
+        chosen = self.rng.sample(candidates, min(fanout, len(candidates)))
         effects: list[Effect] = []
         for peer in chosen:
             p.sent_to.add(peer.actor)
@@ -317,7 +334,8 @@ class Replicator:
                 if peer.addr == src:
                     exclude.add(peer.actor)
             self.stats.relayed += 1
-            return self._broadcast([data], exclude=exclude, rounds=1, now=now)
+            rounds = self.config.relay_rounds
+            return self._broadcast([data], exclude=exclude, rounds=rounds, now=now)
         return []
 
     def _is_duplicate(self, actor: bytes, version: int, start: int, end: int) -> bool:
