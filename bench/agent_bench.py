@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,10 +143,15 @@ async def spread(n: int, writes: int, workers: int | None = None) -> list[float]
                 p.kill()
             await p.wait()
         await writer.aclose()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def apply_ratio(versions: int) -> tuple[float, float]:
-    base = Path(tempfile.mkdtemp(prefix="apply-"))
+    with tempfile.TemporaryDirectory(prefix="apply-") as tmp:
+        return _apply_ratio(Path(tmp), versions)
+
+
+def _apply_ratio(base: Path, versions: int) -> tuple[float, float]:
     src = Store(base / "src.db")
     src.apply_schema(SCHEMA)
     for i in range(versions):
@@ -175,11 +181,17 @@ def apply_ratio(versions: int) -> tuple[float, float]:
     for i in range(0, len(decoded), 1000):
         store.apply(decoded[i : i + 1000])
     agent = len(changes) / (time.perf_counter() - t)
+    for closable in (src, dst, store):
+        closable.close()
     return agent, plain
 
 
 async def query_ratio(rows: int) -> tuple[float, float]:
-    base = Path(tempfile.mkdtemp(prefix="query-"))
+    with tempfile.TemporaryDirectory(prefix="query-") as tmp:
+        return await _query_ratio(Path(tmp), rows)
+
+
+async def _query_ratio(base: Path, rows: int) -> tuple[float, float]:
     async with Agent(config(base, "q", [], api=True)) as agent:
         for i in range(0, rows, 5000):
             await agent.execute(
