@@ -746,7 +746,11 @@ class Agent:
 
                 cursor.exec_trace = check
                 try:
-                    cursor.execute(sql, params)
+                    # A connection notices a schema change (a reload) only when it next reads;
+                    # until then ``SELECT *`` would be prepared, and its columns reported, from
+                    # the old schema. Read once first, and do not reuse a cached statement.
+                    conn.execute("SELECT 1 FROM sqlite_schema LIMIT 0")
+                    cursor.execute(sql, params, can_cache=False)
                 except apsw.ExecTraceAbort:
                     raise QueryError("statement is not readonly") from None
                 except apsw.ReadOnlyError:
@@ -755,13 +759,19 @@ class Agent:
                     raise QueryError(str(exc)) from None
                 finally:
                     cursor.exec_trace = None
-                return seen.get("cols", []), _fetch(cursor, batch)
+                try:
+                    return seen.get("cols", []), _fetch(cursor, batch)
+                except apsw.Error as exc:
+                    raise QueryError(str(exc), client_error=False) from None
 
             cols, rows = await anyio.to_thread.run_sync(first)
             yield "columns", cols
             while rows:
                 yield "rows", rows
-                rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
+                try:
+                    rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
+                except apsw.Error as exc:  # a runtime error after the first batch
+                    raise QueryError(str(exc), client_error=False) from None
         finally:
             await anyio.to_thread.run_sync(self._release_read_conn, conn)
 

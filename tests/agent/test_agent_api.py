@@ -9,6 +9,7 @@ import pytest
 from agent_helpers import agent_config, rows
 
 from corrosion import Agent
+from corrosion.agent import QueryError
 
 pytestmark = pytest.mark.anyio
 
@@ -187,3 +188,37 @@ async def test_updates_stream_reports_changed_rows(tmp_path):
                     await a.execute(["UPDATE kv SET v = 3 WHERE k = 'remote'"])
                     assert json.loads(await lines.__anext__()) == {"notify": ["update", ["remote"]]}
             await wait_for(lambda: not a._update_watchers, what="the watcher to be released")
+
+
+async def test_queries_report_an_error_after_rows_were_streamed(node):
+    """A runtime error past the first batch ends the stream with an error line, not a torn
+    response; the embedded query raises QueryError, not a raw SQLite error."""
+    agent, client = node
+    await agent.execute(
+        [["INSERT INTO kv (k, n) VALUES (?, ?)", [f"k{i:04d}", i]] for i in range(1200)]
+    )
+    # abs() of the smallest integer overflows: only on the last row, well past 512 rows
+    sql = (
+        "SELECT k, abs(CASE WHEN n = 1199 THEN -9223372036854775808 ELSE n END) FROM kv ORDER BY k"
+    )
+    lines = ndjson(await client.post("/v1/queries", json=sql))
+    assert lines[0] == {
+        "columns": ["k", "abs(CASE WHEN n = 1199 THEN -9223372036854775808 ELSE n END)"]
+    }
+    assert all("row" in line for line in lines[1:-1]) and len(lines) - 2 >= 512
+    assert "overflow" in lines[-1]["error"]
+    with pytest.raises(QueryError, match="overflow"):
+        async for _row in agent.query(sql):
+            pass
+
+
+async def test_queries_name_the_columns_of_the_current_schema(node, tmp_path):
+    agent, client = node
+    await agent.execute(["INSERT INTO kv (k, v) VALUES ('a', 1)"])
+    first = ndjson(await client.post("/v1/queries", json="SELECT * FROM kv"))
+    schema = tmp_path / "schema" / "schema.sql"
+    schema.write_text(schema.read_text().replace("n INTEGER DEFAULT 0", "n INTEGER DEFAULT 0, extra TEXT"))
+    assert await agent.reload_schema()
+    again = ndjson(await client.post("/v1/queries", json="SELECT * FROM kv"))
+    assert again[0]["columns"] == first[0]["columns"] + ["extra"]
+    assert len(again[1]["row"][1]) == len(again[0]["columns"])
