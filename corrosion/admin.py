@@ -192,6 +192,7 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
         "actor_id": agent.actor_id.hex(),
         "gaps": agent.gaps(),
         "members": agent.alive_members(),
+        "p99_lag": agent.p99_lag(),
         "queue_size": agent.queue_size(),
     }
 

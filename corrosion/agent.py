@@ -33,7 +33,9 @@ import crdt.tableinfo
 import swim
 from crdt.schema import load_schema_paths
 
+from .changeset import Changeset
 from .config import Config, format_addr
+from .lag import LagWindow
 from .ranges import RangeSet
 from .replication import (
     Effect,
@@ -46,7 +48,7 @@ from .replication import (
     encode_meta,
 )
 from .statements import parse_statements
-from .store import LocalCommit, StatementError, Store
+from .store import ApplyResult, LocalCommit, StatementError, Store
 from .subscriptions import Subscriptions
 from .transport import FrameStream, FrameStreamError, client_ssl_context, connect
 
@@ -173,6 +175,7 @@ class Agent:
         self.swim: swim.SwimNode | None = None
         self.db_lock = anyio.Lock()
         self.events = AgentEvents()
+        self.lag = LagWindow()
         self.faults = Faults()
         # called with each ApplyResult that booked versions (benchmarks, subscriptions)
         self.apply_listeners: list[Any] = []
@@ -526,11 +529,24 @@ class Agent:
                     now = self._now()
                     for actor, _version in result.applied:
                         rep.note_booked(actor, now)
+                    self._record_lag(batch, result)
                     self.events.applied_versions += len(result.applied) + result.emptied
                     for listener in self.apply_listeners:
                         listener(result)
                     self._applied.set()
                     self._applied = anyio.Event()
+
+    def _record_lag(self, batch: Sequence[Any], result: ApplyResult) -> None:
+        stamps = {(it.actor, it.version): it.ts for it in batch if isinstance(it, Changeset)}
+        wall = time.time()
+        for key in result.applied:
+            ts = stamps.get(key)
+            if ts is not None:
+                self.lag.record(wall, ts)
+
+    def p99_lag(self) -> float:
+        """Seconds between a version's commit at its origin and its apply here (p99, 120 s)."""
+        return self.lag.p99(time.time())
 
     # -- membership ---------------------------------------------------------------------------
 

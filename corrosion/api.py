@@ -7,7 +7,8 @@
                            [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write is
                            refused with 400
 ``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size"}}``; the
-                           thresholds ``gaps``, ``max_queue`` (alias ``queue_size``) answer
+                           thresholds ``gaps``, ``max_queue``, ``p99_lag`` (seconds; with
+                           ``queue_size``, only while the queue is longer too) answer
                            ``failure_status`` (default 503) when exceeded
 ``POST /v1/table_stats``   ``{"tables": [...]}`` → ``{"total_row_count", "invalid_tables"}``
 ``GET  /v1/cluster/members``  membership as JSON (our addition)
@@ -223,16 +224,23 @@ def routes(agent: Agent) -> list[BaseRoute]:
     async def health(request: Request) -> Response:
         q = request.query_params
         gaps, members, queue = agent.gaps(), agent.alive_members(), agent.queue_size()
-        response = {"gaps": gaps, "members": members, "p99_lag": 0.0, "queue_size": queue}
+        lag = agent.p99_lag()
+        response = {"gaps": gaps, "members": members, "p99_lag": lag, "queue_size": queue}
         try:
             failure = int(q.get("failure_status", 503))
             max_gaps = int(q["gaps"]) if "gaps" in q else None
-            max_queue = q.get("max_queue", q.get("queue_size"))
-            max_queue_n = int(max_queue) if max_queue is not None else None
+            max_queue_n = int(q["max_queue"]) if "max_queue" in q else None
+            lag_queue = int(q["queue_size"]) if "queue_size" in q else None
+            max_lag = float(q["p99_lag"]) if "p99_lag" in q else None
         except ValueError:
-            return _error(400, "health thresholds must be integers")
-        unhealthy = (max_gaps is not None and gaps > max_gaps) or (
-            max_queue_n is not None and queue > max_queue_n
+            return _error(400, "health thresholds must be numbers")
+        # as corrosion: a lagging node is unhealthy only while its queue is also long (when
+        # queue_size is given), so a burst it is working through does not fail the check
+        lagging = max_lag is not None and lag > max_lag and (lag_queue is None or queue > lag_queue)
+        unhealthy = (
+            (max_gaps is not None and gaps > max_gaps)
+            or (max_queue_n is not None and queue > max_queue_n)
+            or lagging
         )
         return JSONResponse({"response": response}, status_code=failure if unhealthy else 200)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -149,6 +150,14 @@ async def test_health_members_and_table_stats(node):
     assert (await client.get("/v1/health?gaps=4")).status_code == 200
     assert (await client.get("/v1/health?gaps=0&failure_status=500")).status_code == 500
     assert (await client.get("/v1/health?gaps=x")).status_code == 400
+    # a version committed 30 s ago at its origin and applied now: 30 s of lag
+    agent.lag.record(time.time(), int((time.time() - 30) * 1000) << 16)
+    lag = (await client.get("/v1/health")).json()["response"]["p99_lag"]
+    assert 29 < lag < 60
+    assert (await client.get("/v1/health?p99_lag=10")).status_code == 503
+    assert (await client.get("/v1/health?p99_lag=100")).status_code == 200
+    # with queue_size, lag alone is not unhealthy while the queue is short
+    assert (await client.get("/v1/health?p99_lag=10&queue_size=5")).status_code == 200
     assert (await client.get("/v1/cluster/members")).json() == []
     await agent.execute(["INSERT INTO kv (k) VALUES ('a')", "INSERT INTO items (id) VALUES (1)"])
     resp = await client.post("/v1/table_stats", json={"tables": ["kv", "items", "missing"]})
@@ -217,7 +226,9 @@ async def test_queries_name_the_columns_of_the_current_schema(node, tmp_path):
     await agent.execute(["INSERT INTO kv (k, v) VALUES ('a', 1)"])
     first = ndjson(await client.post("/v1/queries", json="SELECT * FROM kv"))
     schema = tmp_path / "schema" / "schema.sql"
-    schema.write_text(schema.read_text().replace("n INTEGER DEFAULT 0", "n INTEGER DEFAULT 0, extra TEXT"))
+    schema.write_text(
+        schema.read_text().replace("n INTEGER DEFAULT 0", "n INTEGER DEFAULT 0, extra TEXT")
+    )
     assert await agent.reload_schema()
     again = ndjson(await client.post("/v1/queries", json="SELECT * FROM kv"))
     assert again[0]["columns"] == first[0]["columns"] + ["extra"]

@@ -77,6 +77,7 @@ async def test_commands_answer_on_both_backends(base, anyio_backend):
             "actor_id": agent.actor_id.hex(),
             "gaps": 0,
             "members": 0,
+            "p99_lag": 0.0,
             "queue_size": 0,
         }
         await agent.execute(["INSERT INTO todos (id) VALUES (1)"])

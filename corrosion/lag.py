@@ -1,0 +1,38 @@
+"""Replication lag as ``/v1/health`` reports it: the p99, over a sliding window, of how old a
+version was (its origin's hybrid-logical-clock time) when this node applied it.
+
+corrosion keeps a histogram over 120 s for the same figure; a bounded window of samples gives the
+same answer without buckets. Lag across machines includes their clock skew, as it does upstream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from .hlc import COUNTER_BITS
+
+WINDOW_S = 120.0
+MAX_SAMPLES = 4096
+
+
+class LagWindow:
+    def __init__(self, window_s: float = WINDOW_S, max_samples: int = MAX_SAMPLES) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def record(self, now_s: float, hlc_ts: int) -> None:
+        """A version stamped ``hlc_ts`` at its origin was applied here at ``now_s``."""
+        lag = now_s - (hlc_ts >> COUNTER_BITS) / 1000.0
+        self._samples.append((now_s, max(0.0, lag)))
+
+    def p99(self, now_s: float) -> float:
+        """Seconds; 0.0 when nothing was applied within the window."""
+        horizon = now_s - self.window_s
+        samples = self._samples
+        while samples and samples[0][0] < horizon:
+            samples.popleft()
+        if not samples:
+            return 0.0
+        lags = sorted(lag for _at, lag in samples)
+        return lags[min(len(lags) - 1, math.ceil(0.99 * len(lags)) - 1)]
