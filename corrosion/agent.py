@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -35,6 +36,7 @@ from crdt.schema import load_schema_paths
 
 from .changeset import Changeset
 from .config import Config, format_addr
+from .dblock import DatabaseLock
 from .lag import LagWindow
 from .ranges import RangeSet
 from .replication import (
@@ -200,6 +202,7 @@ class Agent:
         self._closing = False
         self._started_at = 0.0
         self._orchestrator: Any = None
+        self._db_lock_file: DatabaseLock | None = None
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -220,6 +223,15 @@ class Agent:
         cfg = self.config
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db_lock_file = DatabaseLock(cfg.db.path)
+        self._db_lock_file.acquire()  # DatabaseInUse: another agent runs on this database
+        try:
+            await self._open(cfg)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _open(self, cfg: Config) -> None:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
         if cfg.db.schema_paths or cfg.orchestrator is not None:
             await self.reload_schema()
@@ -265,31 +277,24 @@ class Agent:
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        try:
-            events = self.swim.subscribe(max_buffer=10_000)
-            await self._tg.start(self.swim.serve)
-            self._tg.start_soon(self._swim_events, events)
-            self._tg.start_soon(self._peer_listener.serve, self._serve_peer)
-            self._tg.start_soon(self._timer_loop)
-            self._tg.start_soon(self._apply_loop)
-            self._tg.start_soon(self.subscriptions.run)
-            self._perform(self.replicator.start(self._now()))
-            self._tg.start_soon(self._join_loop)
-            if cfg.admin_path is not None:
-                from .admin import start_admin
+        events = self.swim.subscribe(max_buffer=10_000)
+        await self._tg.start(self.swim.serve)
+        self._tg.start_soon(self._swim_events, events)
+        self._tg.start_soon(self._peer_listener.serve, self._serve_peer)
+        self._tg.start_soon(self._timer_loop)
+        self._tg.start_soon(self._apply_loop)
+        self._tg.start_soon(self.subscriptions.run)
+        self._perform(self.replicator.start(self._now()))
+        self._tg.start_soon(self._join_loop)
+        await self._start_admin()
+        if cfg.prometheus_addr is not None:
+            from .metrics import start_metrics
 
-                self._closers.append(await start_admin(self, self._tg, cfg.admin_path))
-            if cfg.prometheus_addr is not None:
-                from .metrics import start_metrics
-
-                self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
-            if cfg.orchestrator is not None:
-                await self._start_orchestrator()
-            if self._serve_api and cfg.api.addrs:
-                await self._start_api()
-        except BaseException:
-            await self.aclose()
-            raise
+            self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
+        if cfg.orchestrator is not None:
+            await self._start_orchestrator()
+        if self._serve_api and cfg.api.addrs:
+            await self._start_api()
 
     async def aclose(self) -> None:
         """Leave the cluster gracefully, give queued broadcasts a moment to go out, stop."""
@@ -335,6 +340,8 @@ class Agent:
             with anyio.CancelScope(shield=True):
                 async with self.db_lock:
                     store.close()
+        if self._db_lock_file is not None:
+            self._db_lock_file.release()
 
     def _now(self) -> float:
         return time.monotonic()
@@ -864,6 +871,18 @@ class Agent:
         await self._applied.wait()
 
     # -- optional parts --------------------------------------------------------------------------
+
+    async def _start_admin(self) -> None:
+        from .admin import MAX_SOCKET_PATH, start_admin
+
+        path = self.config.admin_socket()
+        if self.config.admin_path is None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            # only the default can be too long (a given admin.path is checked at start-up)
+            log.warning(
+                "no admin socket: %s is longer than a socket path may be; set admin.path", path
+            )
+            return
+        self._closers.append(await start_admin(self, self._tg, path))
 
     async def _start_api(self) -> None:
         from .api import serve_api

@@ -37,6 +37,7 @@ from pathlib import Path
 import apsw
 
 from .admin import agent_listening
+from .dblock import database_in_use, lock_path
 
 CLOCK_SUFFIX = "__crsql_clock"
 
@@ -172,6 +173,11 @@ def restore(
     ``keep_actor`` keeps the node's current actor id (read from ``db_path``); ``actor_id`` sets
     one explicitly. Refuses while an agent listens on ``admin_path``."""
     backup_path, db_path = Path(backup_path), Path(db_path)
+    if database_in_use(db_path):
+        raise BackupError(
+            f"an agent is running on {str(db_path)!r} (it holds {str(lock_path(db_path))!r}); "
+            "stop it before restoring"
+        )
     if admin_path is not None and agent_listening(admin_path):
         raise BackupError(
             f"an agent is running (its admin socket {str(admin_path)!r} answers); "

@@ -36,6 +36,7 @@ from .admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
 from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request
 from .client import ClientError, CorrosionClient
 from .config import Config, ConfigError, parse_addr
+from .dblock import DatabaseInUse
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
 GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path")
@@ -139,8 +140,10 @@ class Globals:
         if self.admin_path is not None:
             return self.admin_path
         cfg = self.optional_config()
-        if cfg is not None and cfg.admin_path is not None:
-            return cfg.admin_path
+        if cfg is not None:
+            if self.db_path is not None:
+                cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, path=self.db_path))
+            return cfg.admin_socket()
         return DEFAULT_ADMIN_PATH
 
     def agent_config(self) -> Config:
@@ -331,7 +334,10 @@ def agent(ctx: typer.Context) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             hint = " (check api.addr, gossip.addr and telemetry.prometheus.addr)"
         log.error(
-            "agent failed: %s%s", exc, hint, exc_info=not isinstance(exc, OSError | ValueError)
+            "agent failed: %s%s",
+            exc,
+            hint,
+            exc_info=not isinstance(exc, OSError | ValueError | DatabaseInUse),
         )
         raise typer.Exit(1) from None
 

@@ -134,6 +134,14 @@ class Config:
     log_colors: bool = True
     orchestrator: Mapping[str, Any] | None = None
 
+    def admin_socket(self) -> Path:
+        """``admin.path``, or by default ``<db.path>.admin.sock`` beside the database, so that
+        every agent has its admin socket without root (corrosion's default lives under
+        /var/run) and several agents on one machine never share one."""
+        if self.admin_path is not None:
+            return self.admin_path
+        return self.db.path.with_name(self.db.path.name + ".admin.sock")
+
     @classmethod
     def load(cls, path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
         try:

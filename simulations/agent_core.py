@@ -187,9 +187,11 @@ def agent_world(
     link: LinkModel | None = None,
     stagger: float = 0.05,
     deadline: float = 180.0,
+    extra: Sequence[CoreSpec] = (),
 ) -> World:
     """``n`` agents joining through the first three, every SWIM checker, and CRDT convergence
-    (equal databases and no gaps after heal) as a liveness checker."""
+    (equal databases and no gaps after heal) as a liveness checker. ``extra``: more cores on
+    every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``)."""
     swim_config = swim_config or Config.lan()
     world = World(seed, link=link, files=True)
     for c in swim_checkers():
@@ -204,7 +206,8 @@ def agent_world(
     for i in range(n):
         seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]
         node = world.add_node(
-            [agent(schema, replication), _swim_with_agent_meta(swim_config, seeds)], start=False
+            [agent(schema, replication), _swim_with_agent_meta(swim_config, seeds), *extra],
+            start=False,
         )
         world.at(i * stagger, world.start, node)
     return world

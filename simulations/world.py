@@ -113,6 +113,7 @@ class World:
         self._tmp = tempfile.TemporaryDirectory(prefix="corrosion-sim-") if files else None
         self._root = Path(self._tmp.name) if self._tmp else None
         self._closed = False
+        self._closers: list[Callable[[], Any]] = []
         self._update_calm()
 
     # -- building -------------------------------------------------------------------------------
@@ -341,6 +342,10 @@ class World:
     def digest(self) -> str:
         return self.trace.digest()
 
+    def on_close(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn`` in :meth:`close`, after every core stopped (an event loop to close)."""
+        self._closers.append(fn)
+
     def close(self) -> None:
         """Stop every core and remove the world's files."""
         if self._closed:
@@ -349,6 +354,8 @@ class World:
         for node in self.nodes:
             for core in node.cores.values():
                 core.stop()
+        for fn in self._closers:
+            fn()
         if self._tmp is not None:
             self._tmp.cleanup()
 
