@@ -73,13 +73,13 @@ def as_crr(conn: apsw.Connection, state: CrrState, table: str) -> str:
     return "OK"
 
 
-def as_table(conn: apsw.Connection, table: str) -> str:
-    """Downgrade a CRR to a plain table: drop its triggers, clock and lookaside tables."""
+def as_table(conn: apsw.Connection, table: str) -> None:
+    """Downgrade a CRR to a plain table: drop its triggers, clock and lookaside tables. Returns
+    NULL in SQL, as upstream does."""
     with conn:
         drop_triggers(conn, table)
         conn.execute(f"DROP TABLE IF EXISTS {ident(table + '__crsql_clock')}")
         conn.execute(f"DROP TABLE IF EXISTS {ident(table + '__crsql_pks')}")
-    return "OK"
 
 
 def backfill(
@@ -90,7 +90,7 @@ def backfill(
     Rows missing from the lookaside get a key and a clock for every non-pk column (a pk-only table:
     a sentinel), in ``EXCEPT`` order, all at one version: the next one for ``as_crr``, the current
     one for ``commit_alter``. Then rows that have a key but lack a clock for some column get one
-    where the value differs from the column's default.
+    where the value differs from the column's default (NULL when it has none).
     """
     pk_cols = idents(info.pk_names)
     new_rows = conn.execute(
@@ -133,9 +133,10 @@ def backfill(
 
     on = " AND ".join(f"t1.{ident(c)} = t2.{ident(c)}" for c in info.pk_names)
     for col in info.non_pks:
-        cond = ""
-        if col.default is not None:
-            cond = f" AND t1.{ident(col.name)} IS NOT {col.default}"
+        # values equal to the column's default (NULL without one) need no clock: a peer that
+        # adds the same column already holds them
+        default = col.default if col.default is not None else "NULL"
+        cond = f" AND t1.{ident(col.name)} IS NOT {default}"
         missing = conn.execute(
             f"SELECT t2.__crsql_key FROM {info.quoted} AS t1 JOIN {info.pks_table} AS t2 ON {on} "
             f"LEFT JOIN {info.clock} AS t3 ON t3.key = t2.__crsql_key AND t3.col_name = ? "
@@ -164,7 +165,7 @@ def _pk_set_changed(conn: apsw.Connection, info: TableInfo) -> bool:
     return sorted(indexed) != sorted(info.pk_names)
 
 
-def commit_alter(conn: apsw.Connection, state: CrrState, table: str) -> str:
+def commit_alter(conn: apsw.Connection, state: CrrState, table: str) -> None:
     try:
         state.fill_db_version_if_needed()
         current = state.db_version
@@ -190,7 +191,7 @@ def commit_alter(conn: apsw.Connection, state: CrrState, table: str) -> str:
         state.invalidate_db_version()
         raise
     conn.execute("RELEASE alter_crr")
-    return "OK"
+    return None  # NULL in SQL, as upstream
 
 
 def compact(conn: apsw.Connection, info: TableInfo) -> None:

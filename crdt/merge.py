@@ -460,6 +460,24 @@ class Merger:
         return self.impacted
 
 
+def _as_merge_error(exc: BaseException) -> BaseException:
+    """SQLite's refusals of a change's values (caught when they are bound or written, which
+    costs nothing per change), restated as a MergeError; anything else unchanged."""
+    if isinstance(exc, OverflowError):
+        return MergeError(f"an integer in a change does not fit in 64 bits ({exc})")
+    if isinstance(exc, TypeError) and "binding" in str(exc):
+        return MergeError(
+            "change values must be NULL, integers, reals, text or blobs "
+            f"(SQLite refused one: {exc})"
+        )
+    if isinstance(exc, apsw.MismatchError):
+        return MergeError(
+            "a primary-key value does not fit its column (an INTEGER PRIMARY KEY takes integers "
+            f"only): {exc}"
+        )
+    return exc
+
+
 def _compare_bytes(a: bytes, b: bytes) -> int:
     return 0 if a == b else (-1 if a < b else 1)
 
@@ -474,9 +492,12 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> i
             merger = Merger(conn, state)
             impacted = merger.apply_all(changes)
             state.rows_impacted += impacted
-    except BaseException:
+    except BaseException as exc:
         state.restore(snap)
         state.sync_bit = 0
+        mapped = _as_merge_error(exc)
+        if mapped is not exc:
+            raise mapped from exc
         raise
     if outermost and merger.seen and state.commits == commits:
         # Nothing was written, so SQLite ran no commit hook; in cr-sqlite every merged change is
@@ -517,9 +538,12 @@ def merge_changesets(
                 out.append(None)
         merger.flush()
         state.rows_impacted += merger.impacted
-    except BaseException:
+    except BaseException as exc:
         state.restore(snap)
         state.sync_bit = 0
+        mapped = _as_merge_error(exc)
+        if mapped is not exc:
+            raise mapped from exc
         raise
     return out
 
@@ -532,9 +556,12 @@ def merge_one_in_statement(conn: apsw.Connection, state: CrrState, change: tuple
         merger = Merger(conn, state)
         merger.apply(change)
         merger.flush()
-    except BaseException:
+    except BaseException as exc:
         state.restore(snap)
         state.sync_bit = 0
+        mapped = _as_merge_error(exc)
+        if mapped is not exc:
+            raise mapped from exc
         raise
     state.rows_impacted += merger.impacted
     return merger.impacted

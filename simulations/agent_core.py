@@ -188,12 +188,14 @@ def agent_world(
     stagger: float = 0.05,
     deadline: float = 180.0,
     extra: Sequence[CoreSpec] = (),
+    files_dir: str | None = None,
 ) -> World:
     """``n`` agents joining through the first three, every SWIM checker, and CRDT convergence
     (equal databases and no gaps after heal) as a liveness checker. ``extra``: more cores on
-    every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``)."""
+    every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``);
+    ``files_dir``: where the world's temporary directory goes (see ``World``)."""
     swim_config = swim_config or Config.lan()
-    world = World(seed, link=link, files=True)
+    world = World(seed, link=link, files=True, files_dir=files_dir)
     for c in swim_checkers():
         world.add_checker(c)
     world.add_checker(

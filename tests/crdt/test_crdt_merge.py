@@ -146,6 +146,11 @@ GOOD = ("t", crdt.pack_pk([1]), "b", 1, 1, 1, b"\x01" * 16, 1, 0)
         (GOOD[:8] + (None,), "seq must be an integer"),
         (GOOD[:3], "exactly nine fields"),
         (("t" * 3000,) + GOOD[1:], "at most 2048 bytes"),
+        (GOOD[:3] + ([1, 2],) + GOOD[4:], "must be NULL, integers, reals, text or blobs"),
+        (GOOD[:3] + ({"a": 1},) + GOOD[4:], "must be NULL, integers, reals, text or blobs"),
+        (GOOD[:4] + (2**70,) + GOOD[5:], "does not fit in 64 bits"),
+        (GOOD[:3] + (2**64,) + GOOD[4:], "does not fit in 64 bits"),
+        (GOOD[:1] + (crdt.pack_pk(["text"]),) + GOOD[2:], "INTEGER PRIMARY KEY takes integers"),
     ],
 )
 def test_bad_change_rolls_back_the_whole_batch(bad, message):
