@@ -48,11 +48,18 @@ from .replication import (
     StartSync,
     decode_meta,
     encode_meta,
+    peer_address,
 )
 from .statements import parse_statements
 from .store import ApplyResult, LocalCommit, StatementError, Store
 from .subscriptions import Subscriptions
-from .transport import FrameStream, FrameStreamError, client_ssl_context, connect
+from .transport import (
+    PEER_PREAMBLE,
+    FrameStream,
+    FrameStreamError,
+    client_ssl_context,
+    connect,
+)
 
 log = logging.getLogger("corrosion.agent")
 
@@ -194,7 +201,6 @@ class Agent:
         self._aad = b""
         self._ssl_client = None
         self._ssl_server = None
-        self._peer_listener: Any = None
         self.peer_addr: tuple[str, int] | None = None
         self._api_servers: list[Any] = []
         self.api_addrs: list[tuple[str, int]] = []
@@ -257,10 +263,6 @@ class Agent:
             lambda: int(time.time() * 1000),
         )
         host = g.addr[0]
-        self._peer_listener = await anyio.create_tcp_listener(local_host=host, local_port=0)
-        peer_port = self._peer_listener.extra(anyio.abc.SocketAttribute.local_port)
-        advertise_host = (g.external_addr or g.addr)[0]
-        self.peer_addr = (advertise_host, peer_port)
         swim_cfg = {
             "lan": swim.Config.lan,
             "wan": swim.Config.wan,
@@ -271,16 +273,18 @@ class Agent:
             host=host,
             port=g.addr[1],
             advertise=g.external_addr,
-            meta=encode_meta(self.store.actor_id, peer_port, g.cluster_id),
+            # peer port 0: peer streams share the gossip port (routed by their preamble)
+            meta=encode_meta(self.store.actor_id, 0, g.cluster_id),
             keyring=self._keyring,
             rng_seed=None if self._seed is None else rng.randrange(2**32),
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         events = self.swim.subscribe(max_buffer=10_000)
+        self.swim.route_streams(PEER_PREAMBLE, self._serve_peer)
         await self._tg.start(self.swim.serve)
+        self.peer_addr = self.swim.address
         self._tg.start_soon(self._swim_events, events)
-        self._tg.start_soon(self._peer_listener.serve, self._serve_peer)
         self._tg.start_soon(self._timer_loop)
         self._tg.start_soon(self._apply_loop)
         self._tg.start_soon(self.subscriptions.run)
@@ -329,9 +333,6 @@ class Agent:
         if self.swim is not None:
             with anyio.CancelScope(shield=True):
                 await self.swim.aclose()
-        if self._peer_listener is not None:
-            with anyio.CancelScope(shield=True):
-                await self._peer_listener.aclose()
         for conn in self._read_pool:
             conn.close()
         self._read_pool.clear()
@@ -578,7 +579,7 @@ class Agent:
                     actor, port, cluster = info
                     if cluster != self.config.gossip.cluster_id:
                         continue
-                    self.replicator.member_up(actor, (m.addr[0], port))
+                    self.replicator.member_up(actor, peer_address(m.addr, port))
                     await self._persist_member(m)
 
     def _member_gone(self, m: swim.Member) -> None:
@@ -822,7 +823,7 @@ class Agent:
                 MemberInfo(
                     actor_hex(info[0]) if info else "",
                     format_addr(m.addr),
-                    format_addr((m.addr[0], info[1])) if info else None,
+                    format_addr(peer_address(m.addr, info[1])) if info else None,
                     m.state.name.lower(),
                     m.incarnation,
                 )

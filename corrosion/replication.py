@@ -603,6 +603,12 @@ def encode_meta(actor: bytes, peer_port: int, cluster_id: int) -> bytes:
     return msgpack.packb({"a": actor, "p": peer_port, "c": cluster_id}, use_bin_type=True)
 
 
+def peer_address(member_addr: tuple[str, int], meta_port: int) -> tuple[str, int]:
+    """Where a member's peer streams listen: its advertised port, or (port 0) its gossip
+    address, which serves them next to SWIM's own streams."""
+    return (member_addr[0], meta_port or member_addr[1])
+
+
 def decode_meta(meta: bytes) -> tuple[bytes, int, int] | None:
     try:
         obj = msgpack.unpackb(meta, raw=False)

@@ -4,6 +4,9 @@
 Two kinds of stream open with a hello frame (cluster id, actor id, purpose): ``bcast`` streams
 carry broadcast frames one way and stay open for reuse; ``sync`` streams carry one sync request
 and its answer.
+
+They connect to the gossip port, where SWIM's runtime also takes its push/pull streams: a client
+first sends ``PEER_PREAMBLE`` (before TLS, if any), which the runtime routes to the agent.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.tls import TLSStream
 
 from swim import Keyring
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
+PEER_PREAMBLE = b"\xffCRP"  # see swim.SwimNode.route_streams
 
 
 class FrameStreamError(Exception):
@@ -87,11 +92,15 @@ async def connect(
     timeout: float = 5.0,
 ) -> FrameStream:
     with anyio.fail_after(timeout):
-        stream: ByteStream = (
-            await anyio.connect_tcp(
-                host, port, ssl_context=ssl_context, tls_standard_compatible=False
-            )
-            if ssl_context is not None
-            else await anyio.connect_tcp(host, port)
-        )
+        raw = await anyio.connect_tcp(host, port)
+        try:
+            await raw.send(PEER_PREAMBLE)
+            stream: ByteStream = raw
+            if ssl_context is not None:
+                stream = await TLSStream.wrap(
+                    raw, hostname=host, ssl_context=ssl_context, standard_compatible=False
+                )
+        except BaseException:
+            await anyio.aclose_forcefully(raw)
+            raise
     return FrameStream(stream, keyring, aad)

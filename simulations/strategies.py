@@ -7,7 +7,8 @@ after each step; its teardown heals everything, runs the liveness phase and chec
 failing sequence shrinks to a short one, and the failure message carries the world's seed and
 the steps taken so far (as its configuration). ``CrdtMachine`` adds real databases, the reference
 pull-sync core and writes on random nodes, and checks that the databases converge;
-``AgentMachine`` does the same with the agent's own replication core (``corrosion.replication``).
+``AgentMachine`` does the same with the agent's own replication core (``corrosion.replication``);
+``OrchestratorMachine`` adds orchestrator workers, their API calls and their faults.
 
 Use them in a test module as ``TestX = SwimMachine.TestCase`` (with ``settings``), or build your
 own from :func:`link_models` and :func:`fault_schedules`.
@@ -32,6 +33,7 @@ from .world import World
 __all__ = [
     "AgentMachine",
     "CrdtMachine",
+    "OrchestratorMachine",
     "SwimMachine",
     "delays",
     "fault_schedules",
@@ -295,3 +297,47 @@ class AgentMachine(SwimMachine):
                 (f"k{key}", f"v{value}"),
             )
         core.execute([stmt], self.world.now)
+
+
+class OrchestratorMachine(SwimMachine):
+    """Orchestrator workers beside agents (``simulations.orch_world``): API calls, process
+    kills (now, or at the k-th kill point inside a run), driver faults and agent outages on top
+    of the swim faults. After every step: one active run per (machine, action); at the end,
+    after recovery and heal: every run finished and every replica holds each worker's truth."""
+
+    max_nodes = 4
+
+    def make_world(self, seed: int, n: int) -> World:
+        from .orch_world import orchestrator_world
+
+        return orchestrator_world(seed, n)
+
+    def setup_world(self, world: World) -> None:
+        from .orch_world import Workload
+
+        self.load = Workload(world)
+
+    @rule(
+        i=st.integers(0, 5),
+        op=st.sampled_from(["create", "start", "stop", "restart", "destroy", "cordon"]),
+        pick=st.integers(0, 7),
+        force=st.booleans(),
+    )
+    def api(self, i: int, op: str, pick: int, force: bool) -> None:
+        self._log(self.load.op(i, op, pick, force))
+
+    @rule(
+        kind=st.sampled_from(["kill", "killpoint", "driver", "outage"]),
+        pick=st.integers(0, 1 << 12),
+        u=st.floats(0.0, 0.99),
+    )
+    def orchestrator_fault(self, kind: str, pick: int, u: float) -> None:
+        self._log(self.load.fault(kind, pick, u))
+
+    def teardown(self) -> None:
+        from .orch_world import recover
+
+        if self.world is not None and not self.world.violations:
+            self._log("restart every node and orchestrator process")
+            recover(self.world)
+        super().teardown()

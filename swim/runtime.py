@@ -24,7 +24,7 @@ import math
 import random
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = ["RuntimeStats", "SwimNode", "run"]
 _GEN_EPOCH = 1_577_836_800  # 2020-01-01: default generations are seconds since then (u32)
 _WILDCARDS = ("", "0.0.0.0", "::")
 _LEN = struct.Struct(">I")
+ROUTE_PREAMBLE_LEN = 4
 
 
 def run(fn: Callable[..., Any], *args: Any, backend: str = "asyncio") -> Any:
@@ -134,6 +135,21 @@ class SwimNode:
         self._done: anyio.Event | None = None
         self._send_lock: anyio.Lock | None = None
         self._closed = False
+        self._stream_routes: dict[bytes, Callable[[SocketStream], Awaitable[None]]] = {}
+
+    def route_streams(
+        self, preamble: bytes, handler: Callable[[SocketStream], Awaitable[None]]
+    ) -> None:
+        """Hand TCP streams that open with ``preamble`` to ``handler`` (after the preamble)
+        instead of reading them as push/pull requests, so an application can share the gossip
+        port (one port to open in a firewall, as memberlist users expect).
+
+        The preamble is 4 bytes starting with 0xFF: read as a push/pull frame length it would
+        be over 4 GiB, so it can never be mistaken for one. The handler owns the stream's
+        lifetime (no stream timeout applies) and must handle its own errors."""
+        if len(preamble) != ROUTE_PREAMBLE_LEN or preamble[0] != 0xFF:
+            raise ValueError("a stream preamble is 4 bytes starting with 0xff")
+        self._stream_routes[bytes(preamble)] = handler
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -387,7 +403,13 @@ class SwimNode:
         async with stream:
             try:
                 with anyio.fail_after(self.config.stream_timeout):
-                    data = await _read_frame(stream, self.config.max_stream_size)
+                    head = await _receive_exactly(stream, ROUTE_PREAMBLE_LEN)
+                route = self._stream_routes.get(head)
+                if route is not None:
+                    await route(stream)
+                    return
+                with anyio.fail_after(self.config.stream_timeout):
+                    data = await _read_frame(stream, self.config.max_stream_size, head)
                     self._request_seq += 1
                     rid = self._request_seq
                     try:
@@ -425,9 +447,20 @@ class SwimNode:
         await self._apply(effects)
 
 
-async def _read_frame(stream: SocketStream, limit: int) -> bytes:
+async def _read_frame(stream: SocketStream, limit: int, header: bytes | None = None) -> bytes:
+    """A length-prefixed frame (``header``: its 4-byte length, when already read)."""
     buffered = BufferedByteReceiveStream(stream)
-    (n,) = _LEN.unpack(await buffered.receive_exactly(4))
+    if header is None:
+        header = await buffered.receive_exactly(4)
+    (n,) = _LEN.unpack(header)
     if n > limit:
         raise ValueError(f"stream frame of {n} bytes exceeds {limit}")
     return await buffered.receive_exactly(n)
+
+
+async def _receive_exactly(stream: SocketStream, n: int) -> bytes:
+    """``n`` bytes and not one more (a routed stream's handler reads the rest itself)."""
+    data = b""
+    while len(data) < n:
+        data += await stream.receive(n - len(data))
+    return data

@@ -216,3 +216,42 @@ async def test_events_iterator_yields_membership_changes():
             await wait_for(lambda: a._subscribers != [])
             assert await b.join([a.address]) == 1
         assert [(type(e), e.member.id) for e in seen] == [(MemberUp, b.identity)]
+
+
+@pytest.mark.anyio
+async def test_routed_streams_share_the_gossip_port_with_push_pull():
+    """An application's streams opened with a registered preamble reach its handler on the
+    gossip port; push/pull streams on the same port still work (the join below is one)."""
+    got: list[bytes] = []
+
+    async def echo(stream) -> None:
+        data = await stream.receive()
+        got.append(data)
+        await stream.send(data.upper())
+
+    async with anyio.create_task_group() as tg:
+        a_node = SwimNode(FAST)
+        a_node.route_streams(b"\xffAPP", echo)
+        a = await tg.start(a_node.serve)
+        b = await tg.start(SwimNode(FAST).serve)
+        assert await b.join([a.address]) == 1  # a push/pull stream to the same port
+        async with await anyio.connect_tcp(*a.address) as s:
+            await s.send(b"\xffAPP" + b"hello")
+            with anyio.fail_after(DEADLINE):
+                assert await s.receive() == b"HELLO"
+        assert got == [b"hello"]
+        # an unknown preamble is an oversized push/pull frame: dropped and counted
+        errors = a.runtime_stats.stream_errors
+        async with await anyio.connect_tcp(*a.address) as s:
+            await s.send(b"\xffXYZ" + b"junk")
+            # closed on us (a reset on trio: the junk was never read)
+            with (
+                anyio.fail_after(DEADLINE),
+                pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)),
+            ):
+                await s.receive()
+        assert a.runtime_stats.stream_errors == errors + 1
+        await wait_for(lambda: agree([a, b]))
+        with pytest.raises(ValueError, match="4 bytes starting with 0xff"):
+            a_node.route_streams(b"\x00APP", echo)
+        tg.cancel_scope.cancel()
