@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, required=True)
     r.add_argument("--nodes", type=int, default=10)
     r.add_argument("--duration", type=float, default=60.0, help="safety phase, virtual seconds")
-    r.add_argument("--scenario", choices=sorted(SCENARIOS), default="chaos")
+    r.add_argument("--scenario", choices=sorted([*SCENARIOS, "orchestrator"]), default="chaos",
+                   help="a swim scenario, or orchestrator (simulations.orch_cli)")  # fmt: skip
     r.add_argument("--preset", choices=sorted(PRESETS), default="lan")
     r.add_argument("--bootstrap", choices=["join", "warm"], default="join")
     r.add_argument("--set", dest="overrides", action="append", type=_parse_override,
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(scenarios.__doc__)
         return 0
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    if args.scenario == "orchestrator":
+        from .orch_cli import run_orchestrator_cli
+
+        return run_orchestrator_cli(args.seed, args.nodes, args.duration,
+                                    progress=ProgressBar() if show else None)  # fmt: skip
     from .runner import run
 
     try:
@@ -99,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"note: --plot skipped: {missing}", file=sys.stderr)
             plot_ok = False
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
     print("== configuration")
     print(cfg.describe())
     sys.stdout.flush()

@@ -217,3 +217,19 @@ TestOrchestratorMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_cli_orchestrator_scenario(capsys):
+    from simulations.cli import main
+
+    args = ["run", "--seed", "2", "--nodes", "3", "--duration", "15", "--scenario",
+            "orchestrator", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    for needle in ("scenario        = orchestrator", "runs            = ", "checkers        = ",
+                   "trace digest    = "):  # fmt: skip
+        assert needle in first
+    assert main(args) == 0
+    digest = [ln for ln in first.splitlines() if ln.startswith("trace digest")]
+    assert digest == [ln for ln in capsys.readouterr().out.splitlines()
+                      if ln.startswith("trace digest")]  # fmt: skip
