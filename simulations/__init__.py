@@ -19,7 +19,9 @@ Modules: ``world`` (the world and its faults), ``network`` (link models, partiti
 (nodes, disks, the :class:`Core` hosting interface), ``swim_core`` (hosting swim),
 ``checkers``/``swim_checkers``/``crdt_checks`` (invariants), ``scenarios``/``runner``/``cli``
 (``python -m simulations run``), ``strategies`` (hypothesis), ``crdt_sync`` (a reference
-replication core over real crdt databases), ``metrics`` (measurements for summaries and benches).
+replication core over real crdt databases), ``metrics`` (measurements for summaries and benches),
+``aio``/``orch_core``/``orch_checks``/``orch_world``/``orch_cli`` (orchestrator workers on
+virtual time beside the agents, their faults and checkers).
 """
 
 from .checkers import Checker, run_liveness
