@@ -7,8 +7,10 @@ mounts them next to its own API when its config has an ``[orchestrator]`` sectio
 Errors are ``{"error": "<message>"}`` with: 400 bad input, 401 bad token, 404 unknown machine,
 408 wait timed out, 409 invalid transition / already running (with ``run_id``) / lease conflict,
 501 unsupported (suspend). Mutating calls take the lease nonce in ``fly-machine-lease-nonce``.
-Beyond Fly's paths: ``GET .../{id}/runs`` lists the machine's live FSM runs and
-``DELETE .../{id}/runs/{run_id}`` cancels one (flyd's admin view).
+Beyond Fly's paths: ``GET .../{id}/runs`` lists the machine's live FSM runs,
+``GET .../{id}/runs/{run_id}/wait?timeout=`` waits for one to finish (its result, or 408) and
+``DELETE .../{id}/runs/{run_id}`` cancels one (flyd's admin view). An operation while a run of
+the same action is live answers 409 with that run's id, unless asked with ``?queue=true``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
 
         return handle
 
+    def queued(request: Request) -> bool:
+        """``?queue=true``: run after a live run of the same action instead of answering 409
+        "already running"."""
+        return _flag(request, "queue")
+
     def nonce(request: Request) -> str | None:
         return request.headers.get(NONCE_HEADER)
 
@@ -110,14 +117,22 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
 
     async def update(request: Request, app: str, mid: str) -> Response:
         body = await _json(request)
-        return JSONResponse(await orch.update_machine(app, mid, body, nonce=nonce(request)))
+        return JSONResponse(
+            await orch.update_machine(app, mid, body, nonce=nonce(request), queue=queued(request))
+        )
 
     async def destroy(request: Request, app: str, mid: str) -> Response:
         force = _flag(request, "force", "kill")
-        return JSONResponse(await orch.destroy_machine(app, mid, force=force, nonce=nonce(request)))
+        return JSONResponse(
+            await orch.destroy_machine(
+                app, mid, force=force, nonce=nonce(request), queue=queued(request)
+            )
+        )
 
     async def start(request: Request, app: str, mid: str) -> Response:
-        return JSONResponse(await orch.start_machine(app, mid, nonce=nonce(request)))
+        return JSONResponse(
+            await orch.start_machine(app, mid, nonce=nonce(request), queue=queued(request))
+        )
 
     async def stop(request: Request, app: str, mid: str) -> Response:
         body = await _json(request, required=False)
@@ -125,8 +140,9 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         if unknown:
             raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}")
         result = await orch.stop_machine(
-            app, mid, signal=body.get("signal"), timeout=body.get("timeout"), nonce=nonce(request)
-        )
+            app, mid, signal=body.get("signal"), timeout=body.get("timeout"),
+            nonce=nonce(request), queue=queued(request),
+        )  # fmt: skip
         return JSONResponse(result)
 
     async def restart(request: Request, app: str, mid: str) -> Response:
@@ -137,7 +153,7 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         if isinstance(timeout, str) and timeout.isdigit():
             timeout = int(timeout)
         result = await orch.restart_machine(
-            app, mid, signal=signal, timeout=timeout, nonce=nonce(request)
+            app, mid, signal=signal, timeout=timeout, nonce=nonce(request), queue=queued(request)
         )
         return JSONResponse(result)
 
@@ -181,10 +197,14 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         return JSONResponse({"ok": True})
 
     async def cordon(request: Request, app: str, mid: str) -> Response:
-        return JSONResponse(await orch.cordon_machine(app, mid, nonce=nonce(request)))
+        return JSONResponse(
+            await orch.cordon_machine(app, mid, nonce=nonce(request), queue=queued(request))
+        )
 
     async def uncordon(request: Request, app: str, mid: str) -> Response:
-        return JSONResponse(await orch.uncordon_machine(app, mid, nonce=nonce(request)))
+        return JSONResponse(
+            await orch.uncordon_machine(app, mid, nonce=nonce(request), queue=queued(request))
+        )
 
     async def metadata_get(request: Request, app: str, mid: str) -> Response:
         return JSONResponse(orch.get_metadata(app, mid))
@@ -204,6 +224,14 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
 
     async def runs(request: Request, app: str, mid: str) -> Response:
         return JSONResponse(orch.list_runs(app, mid))
+
+    async def run_wait(request: Request, app: str, mid: str) -> Response:
+        timeout = _number(request, "timeout", 60.0)
+        run_id = request.path_params["run_id"]
+        result = await orch.wait_run(app, mid, run_id, timeout=timeout)
+        if result is None:
+            return _error(408, f"timed out after {timeout:g} s waiting for run {run_id}")
+        return JSONResponse(result)
 
     async def run_cancel(request: Request, app: str, mid: str) -> Response:
         await orch.cancel_run(app, mid, request.path_params["run_id"], nonce=nonce(request))
@@ -231,6 +259,7 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         (one + "/metadata/{key}", "DELETE", metadata_delete),
         (one + "/runs", "GET", runs),
         (one + "/runs/{run_id}", "DELETE", run_cancel),
+        (one + "/runs/{run_id}/wait", "GET", run_wait),
     ]
     by_path: dict[str, dict[str, Handler]] = {}
     for path, method, fn in table:

@@ -44,6 +44,7 @@ from .errors import (
     InvalidTransitionError,
     LeaseError,
     NotFoundError,
+    UnknownRunError,
 )
 from .ids import IdFactory
 from .operations import MachineOperations, target_state
@@ -314,8 +315,14 @@ class Orchestrator:
         nonce: str | None,
         *,
         check: Callable[[str, Mapping[str, Any]], None] | None = None,
+        queue: bool = False,
     ) -> tuple[str, str]:
-        """Validate and accept an operation; returns (run id, state before it)."""
+        """Validate and accept an operation; returns (run id, state before it).
+
+        One live run per (machine, action): while one runs or waits its turn, another is
+        refused with the run id (``AlreadyRunningError``), unless ``queue`` asks to run it
+        after. Runs of different actions always queue, each validated against the state the
+        runs ahead of it promise."""
         assert self.engine is not None
         lock = self._api_locks.setdefault(machine_id, anyio.Lock())
         async with lock:
@@ -323,8 +330,7 @@ class Orchestrator:
             self._check_lease(doc, nonce)
             projected = self.projected_state(machine_id)
             pending = self.engine.active_action(machine_id, action)
-            runs = self.engine.list_runs(machine_id)
-            if pending is not None and runs and runs[-1].run_id == pending:
+            if pending is not None and not queue:
                 raise AlreadyRunningError(machine_id, action, pending)
             allowed = m.ALLOWED_FROM[action]
             if projected not in allowed:
@@ -404,8 +410,10 @@ class Orchestrator:
     def get_machine(self, app: str, machine_id: str) -> dict[str, Any]:
         return m.public_view(self._get(app, machine_id))
 
-    async def start_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict:
-        _, previous = await self._submit(app, machine_id, "start", {}, nonce)
+    async def start_machine(
+        self, app: str, machine_id: str, *, nonce: str | None = None, queue: bool = False
+    ) -> dict:
+        _, previous = await self._submit(app, machine_id, "start", {}, nonce, queue=queue)
         return {"previous_state": previous}
 
     def _stop_request(self, signal: Any, timeout: Any) -> dict[str, Any]:
@@ -421,36 +429,41 @@ class Orchestrator:
 
     async def stop_machine(
         self, app: str, machine_id: str, *, signal: Any = None, timeout: Any = None,
-        nonce: str | None = None,
+        nonce: str | None = None, queue: bool = False,
     ) -> dict:  # fmt: skip
         request = self._stop_request(signal, timeout)
-        await self._submit(app, machine_id, "stop", request, nonce)
+        await self._submit(app, machine_id, "stop", request, nonce, queue=queue)
         return {"ok": True}
 
     async def restart_machine(
         self, app: str, machine_id: str, *, signal: Any = None, timeout: Any = None,
-        nonce: str | None = None,
+        nonce: str | None = None, queue: bool = False,
     ) -> dict:  # fmt: skip
         request = self._stop_request(signal, timeout)
-        await self._submit(app, machine_id, "restart", request, nonce)
+        await self._submit(app, machine_id, "restart", request, nonce, queue=queue)
         return {"ok": True}
 
     async def destroy_machine(
-        self, app: str, machine_id: str, *, force: bool = False, nonce: str | None = None
-    ) -> dict:
+        self, app: str, machine_id: str, *, force: bool = False, nonce: str | None = None,
+        queue: bool = False,
+    ) -> dict:  # fmt: skip
         def check(projected: str, doc: Mapping[str, Any]) -> None:
             if projected == m.STARTED and not force:
                 raise InvalidTransitionError(
                     f"machine {machine_id} is started: stop it first, or destroy with force=true"
                 )
 
-        await self._submit(app, machine_id, "destroy", {"force": bool(force)}, nonce, check=check)
+        await self._submit(
+            app, machine_id, "destroy", {"force": bool(force)}, nonce, check=check, queue=queue
+        )
         return {"ok": True}
 
     async def update_machine(
-        self, app: str, machine_id: str, body: Mapping[str, Any], *, nonce: str | None = None
-    ) -> dict[str, Any]:
+        self, app: str, machine_id: str, body: Mapping[str, Any], *, nonce: str | None = None,
+        queue: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
         doc = self._get(app, machine_id)
+        self._check_lease(doc, nonce)  # before preparing the new image (checked again below)
         body = _body(body, {"config", "name", "region", "skip_launch", "lease_ttl",
                             "skip_service_registration"})  # fmt: skip
         if "config" not in body:
@@ -463,17 +476,19 @@ class Orchestrator:
         new_iid = self.ids.ulid()
         await self._check_driver({**doc, "config": config, "instance_id": new_iid})
         request = {"config": config, "instance_id": new_iid, "skip_launch": skip_launch}
-        await self._submit(app, machine_id, "update", request, nonce)
+        await self._submit(app, machine_id, "update", request, nonce, queue=queue)
         return m.public_view(self.doc(machine_id))
 
-    async def cordon_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict:
-        await self._submit(app, machine_id, "cordon", {}, nonce)
+    async def cordon_machine(
+        self, app: str, machine_id: str, *, nonce: str | None = None, queue: bool = False
+    ) -> dict:
+        await self._submit(app, machine_id, "cordon", {}, nonce, queue=queue)
         return {"ok": True}
 
     async def uncordon_machine(
-        self, app: str, machine_id: str, *, nonce: str | None = None
+        self, app: str, machine_id: str, *, nonce: str | None = None, queue: bool = False
     ) -> dict:
-        await self._submit(app, machine_id, "uncordon", {}, nonce)
+        await self._submit(app, machine_id, "uncordon", {}, nonce, queue=queue)
         return {"ok": True}
 
     async def wait_machine(
@@ -535,6 +550,28 @@ class Orchestrator:
              "retry_count": r.retry_count, "resumed": r.resumed}
             for r in self.engine.list_runs(machine_id)
         ]  # fmt: skip
+
+    async def wait_run(
+        self, app: str, machine_id: str, run_id: str, *, timeout: float
+    ) -> dict[str, Any] | None:
+        """Wait for a run (live, or finished and still in the machine's log) to finish: its
+        result, or None after ``timeout`` seconds."""
+        self._get(app, machine_id)
+        assert self.engine is not None
+        try:
+            result = await self.engine.wait(run_id, machine_id=machine_id, timeout=timeout)
+        except TimeoutError:
+            return None
+        except UnknownRunError:
+            raise NotFoundError(f"machine {machine_id} has no run {run_id}") from None
+        return {
+            "run_id": result.run_id, "action": result.action, "status": result.status.value,
+            "ok": result.ok, "response": dict(result.response),
+            "error": None if result.error is None else {
+                "kind": result.error.kind, "message": result.error.message,
+                "step": result.error.step,
+            },
+        }  # fmt: skip
 
     async def cancel_run(self, app: str, machine_id: str, run_id: str, *,
                          nonce: str | None = None) -> None:  # fmt: skip

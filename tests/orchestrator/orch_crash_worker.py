@@ -104,9 +104,9 @@ async def main(argv: list[str]) -> None:
                 mid = (await orch.create_machine("app", body))["id"]
                 for op in plan[1:]:
                     if op == "destroy":
-                        await orch.destroy_machine("app", mid, force=True)
+                        await orch.destroy_machine("app", mid, force=True, queue=True)
                     else:
-                        await getattr(orch, f"{op}_machine")("app", mid)
+                        await getattr(orch, f"{op}_machine")("app", mid, queue=True)
                 promised[mid] = orch.projected_state(mid)
             tmp = base / "submitted.json.tmp"
             tmp.write_text(json.dumps(promised))

@@ -234,3 +234,34 @@ async def test_cancel_a_live_run(client):
     assert (await client.get(f"{BASE}/{mid}/runs")).json() == []
     result = await client.orch.engine.wait(runs[0]["run_id"])
     assert result.status == "cancelled"
+
+
+async def test_run_wait_and_queueing_over_http(client):
+    client.orch.driver.stop_delay = 1000.0  # the restart's stop hangs until cancelled
+    mid = (await create(client))["id"]
+    await wait(client, mid, "started")
+    client.orch.driver.ignore_sigterm(client.orch.doc(mid)["instance_id"])
+    assert (await client.post(f"{BASE}/{mid}/restart", json={"timeout": 3600})).status_code == 200
+    first = (await client.get(f"{BASE}/{mid}/runs")).json()[0]["run_id"]
+    # a second restart while the first is live: 409 naming the run, unless queued
+    r = await client.post(f"{BASE}/{mid}/restart", json={"timeout": 3600})
+    assert r.status_code == 409 and first in r.json()["error"]
+    r = await client.post(f"{BASE}/{mid}/restart", params={"queue": "true"}, json={"timeout": 1})
+    assert r.status_code == 200, r.text
+    runs = (await client.get(f"{BASE}/{mid}/runs")).json()
+    assert [x["action"] for x in runs] == ["restart", "restart"]
+    assert (await client.post(f"{BASE}/{mid}/restart?queue=maybe")).status_code == 400
+    # waiting on a live run times out with 408; an unknown run is 404
+    r = await client.get(f"{BASE}/{mid}/runs/{first}/wait", params={"timeout": 0.05})
+    assert r.status_code == 408
+    assert (await client.get(f"{BASE}/{mid}/runs/nope/wait")).status_code == 404
+    client.orch.driver.stop_delay = 0.0
+    assert (await client.delete(f"{BASE}/{mid}/runs/{first}")).status_code == 200
+    r = await client.get(f"{BASE}/{mid}/runs/{first}/wait", params={"timeout": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["run_id"] == first and body["status"] == "cancelled" and not body["ok"]
+    assert body["error"]["kind"] == "cancelled"
+    r = await client.get(f"{BASE}/{mid}/runs/{runs[1]['run_id']}/wait", params={"timeout": 10})
+    assert r.status_code == 200 and r.json()["action"] == "restart" and r.json()["ok"]
+    await wait(client, mid, "started")

@@ -63,9 +63,9 @@ async def run_scenario(tmp_path, seed: int) -> None:
                 mid = (await orch.create_machine("app", {"config": CONFIG}))["id"]
                 for op in plan(rng):
                     if op == "destroy":
-                        await orch.destroy_machine("app", mid, force=True)
+                        await orch.destroy_machine("app", mid, force=True, queue=True)
                     else:
-                        await getattr(orch, f"{op}_machine")("app", mid)
+                        await getattr(orch, f"{op}_machine")("app", mid, queue=True)
                 promised[mid] = orch.projected_state(mid)
             # armed only now: a teardown during a submission would leave an unpromised machine
             crash.count, crash.scope = 0, scope

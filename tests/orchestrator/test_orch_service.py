@@ -121,7 +121,12 @@ async def test_operations_queue_against_the_projected_state(tmp_path):
         await o.start_machine("app", mid)
         with pytest.raises(AlreadyRunningError):
             await o.start_machine("app", mid)
-        await o.stop_machine("app", mid)
+        # one live run per (machine, action): the first stop has not run yet...
+        with pytest.raises(AlreadyRunningError) as refused:
+            await o.stop_machine("app", mid)
+        assert refused.value.run_id == o.engine.active_action(mid, "stop")
+        # ...unless the caller asks to queue behind it
+        await o.stop_machine("app", mid, queue=True)
         assert [r.action for r in o.engine.list_runs(mid)][-3:] == ["stop", "start", "stop"]
         await settle(o, mid, "stopped")
         kinds = [(e["type"], e["status"]) for e in reversed(o.doc(mid)["events"])]
