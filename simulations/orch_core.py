@@ -22,7 +22,8 @@ The orchestrator writes its machines' rows through :class:`SimPublisher`: a loca
 the sibling agent core, which replicates it over the simulated network like any write.
 
 What it emits (``port.publish``, so the trace digests it and checkers see it): :class:`OrchEvent`
-for every process start and death, run start and finish, step start, and API call outcome.
+for every process start (up), death (down) or unexpected failure (error), run start and
+finish, step start, and API call outcome (op).
 """
 
 from __future__ import annotations
