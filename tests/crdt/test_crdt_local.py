@@ -235,3 +235,28 @@ def test_pk_move_onto_a_live_row_replaced_without_recursive_triggers():
     crdt.merge(b, crdt.changes_since(a, 0))
     assert a.execute("SELECT * FROM t").fetchall() == [(1, None, None)]
     assert b.execute("SELECT * FROM t").fetchall() == [(1, None, None)]
+
+
+def test_clock_version_index_covers_seq_and_old_databases_are_upgraded():
+    """Reads in (db_version, seq) order walk the index; a clock made with upstream's
+    (db_version) index is upgraded when crsql_as_crr runs again, data untouched."""
+    conn = crdt.connect()
+    conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b)")
+    conn.execute("SELECT crsql_as_crr('t')")
+    cols = "SELECT name FROM pragma_index_info('t__crsql_clock_dbv_idx')"
+    assert [r[0] for r in conn.execute(cols)] == ["db_version", "seq"]
+    plan = " ".join(
+        r[3]
+        for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM t__crsql_clock WHERE db_version > 0 "
+            "ORDER BY db_version, seq"
+        )
+    )
+    assert "dbv_idx" in plan and "TEMP B-TREE" not in plan
+    conn.execute("INSERT INTO t VALUES (1, 'x')")
+    before = conn.execute("SELECT * FROM crsql_changes").fetchall()
+    conn.execute("DROP INDEX t__crsql_clock_dbv_idx")
+    conn.execute('CREATE INDEX t__crsql_clock_dbv_idx ON t__crsql_clock ("db_version")')
+    assert conn.execute("SELECT crsql_as_crr('t')").fetchone() == ("OK",)
+    assert [r[0] for r in conn.execute(cols)] == ["db_version", "seq"]
+    assert conn.execute("SELECT * FROM crsql_changes").fetchall() == before
