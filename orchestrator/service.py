@@ -187,6 +187,10 @@ class Orchestrator:
 
     # --- documents ----------------------------------------------------------------------------
 
+    def machine_ids(self) -> list[str]:
+        """Every machine this worker holds a document for (destroyed ones until archived)."""
+        return sorted(self._docs)
+
     def doc(self, machine_id: str) -> dict[str, Any]:
         """The current document (a reference: do not mutate, use :meth:`update`)."""
         try:

@@ -152,7 +152,7 @@ class RunsFinish(Checker):
                     f"{node.name}: {len(live)} live run(s), e.g. {r.action} {r.run_id} "
                     f"on {r.machine_id} at {r.step} (retry {r.retry_count})"
                 )
-            for mid in sorted(orch._docs):
+            for mid in orch.machine_ids():
                 if orch.engine.busy(mid):
                     out.append(f"{node.name}: machine {mid} is busy")
                 active = orch.store.log(mid).active_runs()
@@ -161,7 +161,7 @@ class RunsFinish(Checker):
                         f"{node.name}: machine {mid}'s step log has {len(active)} "
                         f"unfinished run(s), e.g. {active[0].action} {active[0].run_id}"
                     )
-                state = orch._docs[mid]["state"]
+                state = orch.doc(mid)["state"]
                 if state not in STABLE:
                     out.append(f"{node.name}: machine {mid} is left {state}")
         for run_id, (worker, mid, action) in sorted(self.pending.items()):
@@ -198,8 +198,8 @@ class PublishedRows(Checker):
             orch = core.orch if core is not None else None
             if orch is None:
                 return None
-            for mid in sorted(orch._docs):
-                row = machine_row(orch._docs[mid])
+            for mid in orch.machine_ids():
+                row = machine_row(orch.doc(mid))
                 out[mid] = tuple(row[c] for c in COLUMNS)
         return out
 

@@ -354,7 +354,9 @@ class OrchestratorCore(Core):
         try:
             async with orch:
                 proc.orch, proc.ready = orch, True
-                self._emit(OrchEvent("up", self.worker, proc.pid, detail=f"{len(orch._docs)}"))
+                self._emit(
+                    OrchEvent("up", self.worker, proc.pid, detail=f"{len(orch.machine_ids())}")
+                )
                 await self.vloop.future()  # until killed
         except BaseException as e:
             if proc.alive:  # it died on its own: a bug the checkers report
@@ -374,7 +376,7 @@ class OrchestratorCore(Core):
     def machine_ids(self) -> list[str]:
         """This worker's machines (sorted), or [] while its process is down."""
         orch = self.orch
-        return sorted(orch._docs) if orch is not None else []
+        return orch.machine_ids() if orch is not None else []
 
     def submit(self, op: str, machine_id: str = "", **kwargs: Any) -> bool:
         """Send one API call (create, start, stop, restart, destroy, cordon, uncordon) to the
