@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import apsw
 
+from .gcpause import gc_paused
 from .pack import pack_pk
 from .sqlutil import ident, literal
 from .tableinfo import SENTINEL, TableInfo, crr_tables, read_table_info
@@ -128,6 +129,17 @@ def changes_since(
     """Changes with ``db_version > db_version`` (optionally not authored by ``exclude_site``),
     ordered by ``(db_version, seq)`` like ``SELECT * FROM crsql_changes WHERE db_version > ?
     AND site_id IS NOT ?``."""
+    with gc_paused():
+        return _changes_since(conn, db_version, exclude_site, limit, tables)
+
+
+def _changes_since(
+    conn: apsw.Connection,
+    db_version: int,
+    exclude_site: bytes | None,
+    limit: int | None,
+    tables: list[str] | None,
+) -> list[Change]:
     names = tables if tables is not None else crr_tables(conn)
     where = " WHERE t1.db_version > ?"
     bindings: tuple = (db_version,)
@@ -155,10 +167,11 @@ def changes_for_version(
     """All changes currently recorded at exactly ``db_version``, in seq order."""
     names = tables if tables is not None else crr_tables(conn)
     out: list[Change] = []
-    for name in names:
-        info = read_table_info(conn, name)
-        sql = table_select(info, " WHERE t1.db_version = ?") + " ORDER BY t1.seq"
-        out.extend(_rows(conn, info, sql, (db_version,)))
+    with gc_paused():
+        for name in names:
+            info = read_table_info(conn, name)
+            sql = table_select(info, " WHERE t1.db_version = ?") + " ORDER BY t1.seq"
+            out.extend(_rows(conn, info, sql, (db_version,)))
     if len(names) > 1:
         out.sort(key=lambda c: c.seq)
     return out

@@ -35,6 +35,7 @@ from typing import Any
 import apsw
 
 from .errors import MergeError, PackError
+from .gcpause import gc_paused
 from .pack import unpack_pk
 from .sqlutil import ident, idents, placeholders
 from .state import CrrState
@@ -488,7 +489,7 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> i
     outermost = conn.get_autocommit()
     commits = state.commits
     try:
-        with conn:
+        with conn, gc_paused():
             merger = Merger(conn, state)
             impacted = merger.apply_all(changes)
             state.rows_impacted += impacted
