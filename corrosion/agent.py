@@ -153,12 +153,24 @@ class _PeerOut:
     dropped: int = 0
 
 
-@dataclass
 class Faults:
-    """Test hook: ``isolated`` drops this node's peer traffic (broadcast and sync, both ways),
-    as a network partition of the data plane would."""
+    """Test hook: ``isolated`` cuts this node off, as a network partition would: peer traffic
+    (broadcast and sync) both ways, and its SWIM datagrams and streams, so the others mark it
+    down and the two sides must find each other again after the heal."""
 
-    isolated: bool = False
+    def __init__(self) -> None:
+        self._isolated = False
+        self.swim: swim.SwimNode | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self._isolated
+
+    @isolated.setter
+    def isolated(self, value: bool) -> None:
+        self._isolated = value
+        if self.swim is not None:
+            self.swim.isolated = value
 
 
 @dataclass
@@ -278,6 +290,8 @@ class Agent:
             keyring=self._keyring,
             rng_seed=None if self._seed is None else rng.randrange(2**32),
         )
+        self.faults.swim = self.swim
+        self.swim.isolated = self.faults.isolated
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         events = self.swim.subscribe(max_buffer=10_000)

@@ -129,7 +129,7 @@ class ReplicationConfig:
     sync_peers: int = 3  # peers asked per sync round
     max_syncs_in_flight: int = 3
     sync_budget_versions: int = 2000  # versions served per sync answer, at most
-    broadcast: bool = True  # False: sync only
+    broadcast: bool = True  # False: sync only (no broadcasts, relays or digests sent)
     fanout: int = 3  # peers per broadcast round (corrosion: num_indirect_probes)
     relay_rounds: int = 2  # rounds a relayed version is sent (each to fanout new peers)
     broadcast_interval: float = 0.1  # round k is sent k * this after the commit
@@ -208,10 +208,14 @@ class Replicator:
     # -- lifecycle and membership ----------------------------------------------------------
 
     def start(self, now: float) -> list[Effect]:
-        return [
-            SetTimer(SyncTick(self._token), now + self._jitter(self.config.min_sync_backoff)),
-            SetTimer(DigestTick(self._token), now + self._jitter(self.config.digest_interval)),
+        effects: list[Effect] = [
+            SetTimer(SyncTick(self._token), now + self._jitter(self.config.min_sync_backoff))
         ]
+        if self.config.broadcast:  # digests belong to the push path: none in sync-only mode
+            effects.append(
+                SetTimer(DigestTick(self._token), now + self._jitter(self.config.digest_interval))
+            )
+        return effects
 
     def note_booked(self, actor: bytes, now: float) -> None:
         """A version of ``actor`` was booked here (local commit or apply): digest its head."""

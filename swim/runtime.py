@@ -136,6 +136,9 @@ class SwimNode:
         self._send_lock: anyio.Lock | None = None
         self._closed = False
         self._stream_routes: dict[bytes, Callable[[SocketStream], Awaitable[None]]] = {}
+        # Test hook: drop every datagram in and out and fail every stream, as a network
+        # partition isolating this node would (the agent's Faults.isolated sets it).
+        self.isolated = False
 
     def route_streams(
         self, preamble: bytes, handler: Callable[[SocketStream], Awaitable[None]]
@@ -354,6 +357,8 @@ class SwimNode:
     async def _sendto(self, eff: Send) -> None:
         assert self._udp is not None
         assert self._send_lock is not None
+        if self.isolated:
+            return
         try:
             async with self._send_lock:  # anyio allows one writer at a time per socket
                 await self._udp.sendto(eff.data, eff.addr[0], eff.addr[1])
@@ -383,6 +388,8 @@ class SwimNode:
                 self.runtime_stats.receive_errors += 1
                 await anyio.sleep(0)
                 continue
+            if self.isolated:
+                continue
             await self._apply(self._core.handle_datagram((src[0], src[1]), data, self._now()))
 
     async def _timer_loop(self) -> None:
@@ -401,6 +408,8 @@ class SwimNode:
     async def _serve_stream(self, stream: SocketStream) -> None:
         assert self._core is not None
         async with stream:
+            if self.isolated:
+                return
             try:
                 with anyio.fail_after(self.config.stream_timeout):
                     head = await _receive_exactly(stream, ROUTE_PREAMBLE_LEN)
@@ -431,6 +440,8 @@ class SwimNode:
         assert self._core is not None
         reply: bytes | None = None
         try:
+            if self.isolated:
+                raise ConnectionRefusedError("isolated (test hook)")
             with anyio.fail_after(self.config.stream_timeout):
                 async with await anyio.connect_tcp(eff.addr[0], eff.addr[1]) as stream:
                     frame = _LEN.pack(len(eff.data)) + eff.data

@@ -87,7 +87,16 @@ async def test_partitioned_node_converges_through_sync_alone(tmp_path, broadcast
             what="a and b to sync with each other",
         )
         assert await rows(c, "SELECT count(*) FROM kv") == [(2,)]  # nothing crossed
+        # a real partition: membership is cut too, each side sees the other down
+        await wait_for(
+            lambda: a.alive_members() == 1 and b.alive_members() == 1 and c.alive_members() == 0,
+            what="both sides of the partition to mark the other down",
+        )
         c.faults.isolated = False
+        await wait_for(
+            lambda: all(x.alive_members() == 2 for x in (a, b, c)),
+            what="the two sides to find each other after the heal",
+        )
 
         async def converged() -> bool:
             tables = [await table(x) for x in (a, b, c)]
@@ -96,3 +105,4 @@ async def test_partitioned_node_converges_through_sync_alone(tmp_path, broadcast
         await wait_for(converged, what="the healed partition to converge")
         assert len(await table(c)) == 42
         assert all(x.replicator.stats.broadcasts_sent == 0 for x in (a, b, c))
+        assert all(x.replicator.stats.digests_sent == 0 for x in (a, b, c))
