@@ -260,8 +260,15 @@ class Agent:
         if g.tls is not None:
             from .transport import server_ssl_context
 
-            self._ssl_server = server_ssl_context(g.tls.cert_file, g.tls.key_file, g.tls.ca_file)
-            self._ssl_client = client_ssl_context(g.tls.ca_file, g.tls.insecure)
+            self._ssl_server = server_ssl_context(
+                g.tls.cert_file, g.tls.key_file, g.tls.ca_file, require_client_cert=g.tls.mutual
+            )
+            self._ssl_client = client_ssl_context(
+                g.tls.ca_file,
+                g.tls.insecure,
+                client_cert=g.tls.client_cert_file,
+                client_key=g.tls.client_key_file,
+            )
         rng = random.Random(self._seed)
         self.replicator = Replicator(
             self.store,

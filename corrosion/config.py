@@ -21,6 +21,8 @@ tls.cert_file = "..."                     # TLS for the peer (sync/broadcast) st
 tls.key_file = "..."
 tls.ca_file = "..."
 tls.insecure = false
+tls.client.cert_file = "..."             # mutual TLS: present this, require peers' (ca_file)
+tls.client.key_file = "..."
 
 [perf]
 min_sync_backoff = 1.0                    # seconds between sync rounds grows from this...
@@ -88,6 +90,14 @@ class TlsConfig:
     key_file: Path
     ca_file: Path | None = None
     insecure: bool = False
+    # gossip.tls.client: this node's client certificate; with it, servers require one too
+    # (mutual TLS, verified against ca_file), as corrosion does
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_cert_file is not None
 
 
 @dataclass(frozen=True)
@@ -191,12 +201,24 @@ class Config:
         tls = gossip.table("tls")
         tls_cfg = None
         if tls.data:
+            client = tls.table("client")
+            client_cert = client_key = None
+            if client.data:
+                client_cert = Path(client.str("cert_file", required=True))
+                client_key = Path(client.str("key_file", required=True))
+            client.done()
             tls_cfg = TlsConfig(
                 cert_file=Path(tls.str("cert_file", required=True)),
                 key_file=Path(tls.str("key_file", required=True)),
                 ca_file=Path(p) if (p := tls.opt_str("ca_file")) else None,
                 insecure=tls.bool("insecure", False),
+                client_cert_file=client_cert,
+                client_key_file=client_key,
             )
+            if tls_cfg.mutual and tls_cfg.ca_file is None:
+                raise ConfigError(
+                    "gossip.tls.client: mutual TLS needs gossip.tls.ca_file to verify peers"
+                )
         tls.done()
         keys = []
         for i, k in enumerate(gossip.str_list("encryption_keys")):

@@ -64,21 +64,35 @@ class FrameStream:
         await self.stream.aclose()
 
 
-def server_ssl_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+def server_ssl_context(
+    cert: Path, key: Path, ca: Path | None, *, require_client_cert: bool = False
+) -> ssl.SSLContext:
+    """With ``require_client_cert`` (mutual TLS), a peer without a certificate signed by
+    ``ca`` fails the handshake."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(cert), str(key))
     if ca is not None:
         ctx.load_verify_locations(str(ca))
+    if require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
-def client_ssl_context(ca: Path | None, insecure: bool) -> ssl.SSLContext:
+def client_ssl_context(
+    ca: Path | None,
+    insecure: bool,
+    *,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca is not None:
         ctx.load_verify_locations(str(ca))
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if client_cert is not None:
+        ctx.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
     return ctx
 
 

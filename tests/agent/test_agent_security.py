@@ -82,6 +82,7 @@ def _self_signed(tmp_path):
         )
         .sign(key, hashes.SHA256())
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -111,3 +112,53 @@ async def test_tls_peer_streams(tmp_path):
                 return await rows(b, "SELECT k FROM kv") == [("over tls",)]
 
             await wait_for(arrived, what="the write to cross the TLS peer stream")
+
+
+async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path):
+    """a and b hold the cluster's certificate; c trusts the cluster (so it can connect) but
+    has a certificate of its own and offers no client certificate: a and b refuse the streams
+    c opens, and do not trust c as a server, so nothing of c's reaches them."""
+    cert, key = _self_signed(tmp_path / "cluster")
+    own_cert, own_key = _self_signed(tmp_path / "outsider")
+    server = {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)}
+    mutual = {"plaintext": False, "tls": {**server, "client": {"cert_file": str(cert),
+                                                               "key_file": str(key)}}}  # fmt: skip
+    one_way = {"plaintext": False, "tls": {
+        "cert_file": str(own_cert), "key_file": str(own_key), "ca_file": str(cert)}}  # fmt: skip
+    async with Agent(agent_config(tmp_path, "a", with_api=False, gossip=mutual)) as a:
+        cfg_b = agent_config(tmp_path, "b", [seed_addr(a)], with_api=False, gossip=mutual)
+        cfg_c = agent_config(tmp_path, "c", [seed_addr(a)], with_api=False, gossip=one_way)
+        async with Agent(cfg_b) as b, Agent(cfg_c) as c:
+            await wait_for(lambda: c.alive_members() == 2, what="c to join SWIM (not TLS)")
+            await a.execute(["INSERT INTO kv (k) VALUES ('mutual')"])
+            await c.execute(["INSERT INTO kv (k) VALUES ('from c')"])
+
+            async def b_has_a() -> bool:
+                return await rows(b, "SELECT k FROM kv") == [("mutual",)]
+
+            await wait_for(b_has_a, what="a's write to reach b over mutual TLS")
+            # c offers no client certificate: a and b refuse every stream c opens (its pushes
+            # and its syncs), so its write never reaches them. (a and b may still push to c:
+            # c's server does not ask them for a certificate.)
+            await wait_for(
+                lambda: a.events.peer_stream_errors > 0 and b.events.peer_stream_errors > 0,
+                what="c's handshakes to be refused by a and b",
+            )
+            for x in (a, b):
+                assert await rows(x, "SELECT k FROM kv WHERE k = 'from c'") == []
+                assert not x.store.bookie.holds(c.actor_id, 1)
+
+
+def test_mutual_tls_needs_a_ca_file(tmp_path):
+    from corrosion.config import ConfigError
+
+    cert, key = _self_signed(tmp_path)
+    tls = {"cert_file": str(cert), "key_file": str(key),
+           "client": {"cert_file": str(cert), "key_file": str(key)}}  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"gossip.tls.client: mutual TLS needs gossip.tls.ca_file"
+    ):
+        agent_config(tmp_path, "a", gossip={"plaintext": False, "tls": tls})
+    with pytest.raises(ConfigError, match=r"gossip.tls.client.key_file"):
+        agent_config(tmp_path, "b", gossip={"plaintext": False, "tls": {
+            **tls, "ca_file": str(cert), "client": {"cert_file": str(cert)}}})  # fmt: skip
