@@ -7,6 +7,8 @@ import random
 import pytest
 from agent_helpers import cluster, rows, wait_for
 
+from corrosion.changeset import Changeset
+
 pytestmark = pytest.mark.anyio
 
 
@@ -50,6 +52,16 @@ async def test_five_agents_converge_after_writes_on_random_nodes(tmp_path):
 async def test_big_transaction_crosses_in_chunks_and_applies_whole(tmp_path):
     async with cluster(tmp_path, 2, with_api=False) as (a, b):
         observed: set[int] = set()
+        chunks: set[tuple[int, int]] = set()  # seq ranges of a's chunks that b applied
+        apply = b.store.apply
+
+        def counting_apply(items):
+            for it in items:
+                if isinstance(it, Changeset) and it.actor == a.actor_id:
+                    chunks.add(it.seqs)
+            return apply(items)
+
+        b.store.apply = counting_apply
         commit = await a.execute_commit(
             [
                 "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 10000) "
@@ -67,6 +79,8 @@ async def test_big_transaction_crosses_in_chunks_and_applies_whole(tmp_path):
         assert observed <= {0, 10000}, f"a reader saw a partial transaction: {sorted(observed)}"
         assert b.gaps() == 0
         assert await rows(b, "SELECT max(body) FROM items") == [("body 10000",)]
+        assert len(chunks) > 1, "the transaction should have crossed in several chunks"
+        assert min(lo for lo, _hi in chunks) == 0 and max(hi for _lo, hi in chunks) == 19999
 
 
 @pytest.mark.parametrize("broadcast", [False])
