@@ -57,8 +57,9 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
         await anyio.to_thread.run_sync(sys.stdin.read)
         if received:
             with open(os.environ["TRACE_RECEIVE"] + f".{first}", "w") as f:
-                json.dump({"recv": {k: sorted(v) for k, v in received.items()},
-                           "applied": applied}, f)
+                json.dump(
+                    {"recv": {k: sorted(v) for k, v in received.items()}, "applied": applied}, f
+                )
         print(json.dumps(applied), flush=True)
     finally:
         for a in reversed(agents):
@@ -67,11 +68,14 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
 
 if __name__ == "__main__":
     import os
+
     if os.environ.get("RELAY_ROUNDS"):
         from corrosion import replication
+
         replication.ReplicationConfig.relay_rounds = int(os.environ["RELAY_ROUNDS"])
     if os.environ.get("DIGEST_REPEATS"):
         from corrosion import replication
+
         replication.ReplicationConfig.digest_repeats = int(os.environ["DIGEST_REPEATS"])
     if os.environ.get("SWITCH"):
         sys.setswitchinterval(float(os.environ["SWITCH"]))
