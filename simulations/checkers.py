@@ -46,6 +46,32 @@ class Checker:
         return 0.0
 
 
+class SettlingChecker(Checker):
+    """A liveness property stated as a list of ``problems``: settled when it is empty, and what
+    is left ``deadline`` seconds after the heal is reported as violations."""
+
+    liveness = True
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+
+    def problems(self, world: World) -> list[str]:
+        raise NotImplementedError
+
+    def settled(self, world: World) -> bool:
+        return not self.problems(world)
+
+    def deadline(self, world: World) -> float:
+        return self._deadline
+
+    def check(self, world: World, final: bool) -> None:
+        if not final or world.liveness is None:
+            return
+        start, end, _ = world.liveness
+        for p in self.problems(world):
+            world.fail(self.name, f"{p} ({end - start:.1f}s after heal)")
+
+
 def run_liveness(
     world: World, *, link: LinkModel | None = None, timeout: float | None = None, step: float = 1.0
 ) -> float:

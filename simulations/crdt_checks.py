@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import crdt
 from crdt.tableinfo import crr_tables
 
-from .checkers import Checker
+from .checkers import SettlingChecker
 
 if TYPE_CHECKING:
     from .node import SimNode
@@ -42,9 +42,8 @@ def database_digest(conn: Any) -> str:
     return h.hexdigest()
 
 
-class CrdtConvergence(Checker):
+class CrdtConvergence(SettlingChecker):
     name = "crdt-convergence"
-    liveness = True
 
     def __init__(
         self,
@@ -55,7 +54,7 @@ class CrdtConvergence(Checker):
         """``db_of(node)``: the node's connection, or None if it hosts no database."""
         self.db_of = db_of
         self.gaps_of = gaps_of
-        self._deadline = deadline
+        super().__init__(deadline)
 
     def attach(self, world: World) -> None:
         self.world = world
@@ -80,16 +79,3 @@ class CrdtConvergence(Checker):
                 if node.up and (gaps := self.gaps_of(node)):
                     out.append(f"{node.name} still misses {gaps} version(s)")
         return out
-
-    def settled(self, world: World) -> bool:
-        return not self.problems(world)
-
-    def deadline(self, world: World) -> float:
-        return self._deadline
-
-    def check(self, world: World, final: bool) -> None:
-        if not final or world.liveness is None:
-            return
-        for p in self.problems(world):
-            start, end, _ = world.liveness
-            world.fail(self.name, f"{p} ({end - start:.1f}s after heal)")

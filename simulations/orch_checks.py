@@ -25,7 +25,7 @@ from orchestrator import machine as m
 from orchestrator.publish import COLUMNS, MACHINES_TABLE, machine_row
 
 from .agent_core import agent_of
-from .checkers import Checker
+from .checkers import Checker, SettlingChecker
 from .orch_core import OrchEvent, orchestrator_of
 
 if TYPE_CHECKING:
@@ -118,12 +118,11 @@ class OneActiveRun(Checker):
                 seen[key] = run.run_id
 
 
-class RunsFinish(Checker):
+class RunsFinish(SettlingChecker):
     name = "orch-runs-finish"
-    liveness = True
 
     def __init__(self, deadline: float = 180.0) -> None:
-        self._deadline = deadline
+        super().__init__(deadline)
         self.pending: dict[str, tuple[str, str, str]] = {}  # run id -> (worker, machine, action)
 
     def attach(self, world: World) -> None:
@@ -168,26 +167,12 @@ class RunsFinish(Checker):
             out.append(f"run {run_id} ({action} on {mid}, {worker}) never finished")
         return out
 
-    def settled(self, world: World) -> bool:
-        return not self.problems(world)
 
-    def deadline(self, world: World) -> float:
-        return self._deadline
-
-    def check(self, world: World, final: bool) -> None:
-        if not final or world.liveness is None:
-            return
-        start, end, _ = world.liveness
-        for p in self.problems(world):
-            world.fail(self.name, f"{p} ({end - start:.1f}s after heal)")
-
-
-class PublishedRows(Checker):
+class PublishedRows(SettlingChecker):
     name = "orch-published-rows"
-    liveness = True
 
     def __init__(self, deadline: float = 180.0) -> None:
-        self._deadline = deadline
+        super().__init__(deadline)
 
     @staticmethod
     def truth(world: World) -> dict[str, tuple[Any, ...]] | None:
@@ -243,19 +228,6 @@ class PublishedRows(Checker):
                 f"{node.name}'s replica differs from the workers' truth: " + "; ".join(detail)
             )
         return out
-
-    def settled(self, world: World) -> bool:
-        return not self.problems(world)
-
-    def deadline(self, world: World) -> float:
-        return self._deadline
-
-    def check(self, world: World, final: bool) -> None:
-        if not final or world.liveness is None:
-            return
-        start, end, _ = world.liveness
-        for p in self.problems(world):
-            world.fail(self.name, f"{p} ({end - start:.1f}s after heal)")
 
 
 def orchestrator_checkers(deadline: float = 180.0) -> list[Checker]:
