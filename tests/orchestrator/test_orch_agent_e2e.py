@@ -5,13 +5,13 @@ to worker 2's proxy as soon as its row replicates; stopping it takes it out of r
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
+from orch_helpers import free_port
 
 from corrosion import Agent, Config
 from orchestrator.drivers import ProcessDriver
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(base: Path, name: str, seeds: list[str], **sections) -> Config:

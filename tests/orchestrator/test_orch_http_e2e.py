@@ -3,13 +3,13 @@ served by uvicorn, driving real processes (and real containers where runc is ava
 
 from __future__ import annotations
 
-import socket
 import time
 
 import anyio
 import httpx
 import pytest
 import uvicorn
+from orch_helpers import free_port
 
 from orchestrator.config import ConfigError, OrchestratorConfig, create_app_from_config
 from orchestrator.drivers import ProcessDriver, RuncDriver, runc_available
@@ -21,12 +21,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend():
     return "asyncio"  # uvicorn serves on asyncio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_config_section_validation(tmp_path):

@@ -5,12 +5,12 @@ the traffic sent to worker 2's proxy; stopping or cordoning it takes it out of r
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import anyio
 import httpx
 import pytest
+from orch_helpers import CrrPublisher, free_port
 
 import crdt
 from orchestrator.drivers import ProcessDriver
@@ -25,23 +25,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CrrPublisher:
-    def __init__(self, conn) -> None:
-        self.conn = conn
-
-    async def execute(self, statements):
-        await anyio.lowlevel.checkpoint()
-        with self.conn:
-            for sql, params in statements:
-                self.conn.execute(sql, params)
 
 
 def replica(path):

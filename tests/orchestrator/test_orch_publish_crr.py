@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from orch_helpers import CrrPublisher
 
 import crdt
 from orchestrator.drivers import FakeDriver
@@ -14,19 +15,6 @@ from orchestrator.publish import COLUMNS, MACHINES_SCHEMA, MACHINES_TABLE
 from orchestrator.service import Orchestrator
 
 pytestmark = pytest.mark.anyio
-
-
-class CrrPublisher:
-    """What the agent's /v1/transactions does, in-process: one transaction on a CRR database."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-
-    async def execute(self, statements):
-        await anyio.lowlevel.checkpoint()
-        with self.conn:
-            for sql, params in statements:
-                self.conn.execute(sql, params)
 
 
 def replica():
