@@ -565,6 +565,22 @@ class Engine:
             change(doc)
         await commit(doc)
 
+    async def _halt(
+        self, state: RunState, log_: MachineLog, error: RunError, *, retry_count: int = 0
+    ) -> None:
+        """Halt the run: remember why and log CANCEL (its remaining steps are skipped)."""
+        halt = error.to_dict()
+        state.halt = halt
+        await self._io(
+            log_.append,
+            state.record.run_id,
+            EventKind.CANCEL,
+            step=error.step,
+            payload=halt,
+            retry_count=retry_count,
+            at=self.clock.now(),
+        )
+
     async def _run_step(
         self,
         live: _Live,
@@ -617,16 +633,7 @@ class Engine:
                     if is_finalizer:
                         log.warning("finalizer %s of run %s halted: %s", name, record.run_id, e)
                     else:
-                        halt = RunError(e.kind, str(e), name).to_dict()
-                        state.halt = halt
-                        await self._io(
-                            log_.append,
-                            record.run_id,
-                            EventKind.CANCEL,
-                            step=name,
-                            payload=halt,
-                            at=self.clock.now(),
-                        )
+                        await self._halt(state, log_, RunError(e.kind, str(e), name))
                         return
                 except Exception as e:
                     failure = e
@@ -638,19 +645,10 @@ class Engine:
                 text = f"{type(failure).__name__}: {failure}"
                 limit = op.max_retries if op is not None else None
                 if not is_finalizer and limit is not None and retry > limit:
-                    halt = RunError(
+                    error = RunError(
                         "retries_exhausted", f"{name} failed {retry} times; last: {text}", name
-                    ).to_dict()
-                    state.halt = halt
-                    await self._io(
-                        log_.append,
-                        record.run_id,
-                        EventKind.CANCEL,
-                        step=name,
-                        payload=halt,
-                        retry_count=retry,
-                        at=self.clock.now(),
                     )
+                    await self._halt(state, log_, error, retry_count=retry)
                     return
                 if text != last_text:
                     await self._io(
