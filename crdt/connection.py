@@ -17,7 +17,6 @@ import apsw
 
 from . import crr
 from .errors import CrdtError
-from .gcpause import gc_paused
 from .merge import merge as _merge
 from .merge import merge_changesets as _merge_changesets
 from .pack import pack_columns
@@ -203,8 +202,7 @@ def merge_changesets(
 ) -> list[int | None]:
     """Merge changesets inside the caller's transaction, each at a local db_version of its own;
     return it per changeset (None when nothing won). See ``crdt.merge.merge_changesets``."""
-    with gc_paused():
-        return _merge_changesets(conn, state_of(conn), changesets)
+    return _merge_changesets(conn, state_of(conn), changesets)
 
 
 def site_id(conn: apsw.Connection) -> bytes:

@@ -29,7 +29,8 @@ connection's in-memory version state are restored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import apsw
@@ -479,20 +480,14 @@ def _as_merge_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _compare_bytes(a: bytes, b: bytes) -> int:
-    return 0 if a == b else (-1 if a < b else 1)
-
-
-def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> int:
-    """Merge ``changes`` in one transaction (a savepoint when one is open); return rows impacted."""
+@contextmanager
+def _undone_on_error(state: CrrState) -> Iterator[None]:
+    """On any error, put the connection's in-memory version state back as it was (the database
+    side is undone by the caller's savepoint or statement journal) and restate SQLite's value
+    refusals as MergeError."""
     snap = state.snapshot()
-    outermost = conn.get_autocommit()
-    commits = state.commits
     try:
-        with conn, gc_paused():
-            merger = Merger(conn, state)
-            impacted = merger.apply_all(changes)
-            state.rows_impacted += impacted
+        yield
     except BaseException as exc:
         state.restore(snap)
         state.sync_bit = 0
@@ -500,6 +495,20 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> i
         if mapped is not exc:
             raise mapped from exc
         raise
+
+
+def _compare_bytes(a: bytes, b: bytes) -> int:
+    return 0 if a == b else (-1 if a < b else 1)
+
+
+def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> int:
+    """Merge ``changes`` in one transaction (a savepoint when one is open); return rows impacted."""
+    outermost = conn.get_autocommit()
+    commits = state.commits
+    with _undone_on_error(state), conn, gc_paused():
+        merger = Merger(conn, state)
+        impacted = merger.apply_all(changes)
+        state.rows_impacted += impacted
     if outermost and merger.seen and state.commits == commits:
         # Nothing was written, so SQLite ran no commit hook; in cr-sqlite every merged change is
         # a write to its virtual table, whose commit always runs the hook (db_version := pending,
@@ -520,9 +529,8 @@ def merge_changesets(
     ``merge`` would give every change of a batch the same running-maximum version and mix
     changesets together.
     """
-    snap = state.snapshot()
     out: list[int | None] = []
-    try:
+    with _undone_on_error(state), gc_paused():
         merger = Merger(conn, state)
         floor = 0
         for changes in changesets:
@@ -539,30 +547,15 @@ def merge_changesets(
                 out.append(None)
         merger.flush()
         state.rows_impacted += merger.impacted
-    except BaseException as exc:
-        state.restore(snap)
-        state.sync_bit = 0
-        mapped = _as_merge_error(exc)
-        if mapped is not exc:
-            raise mapped from exc
-        raise
     return out
 
 
 def merge_one_in_statement(conn: apsw.Connection, state: CrrState, change: tuple) -> int:
     """Merge one change inside a running statement (``INSERT INTO crsql_changes``): no savepoint
     of our own, since SQLite's statement journal already undoes the statement on error."""
-    snap = state.snapshot()
-    try:
+    with _undone_on_error(state):
         merger = Merger(conn, state)
         merger.apply(change)
         merger.flush()
-    except BaseException as exc:
-        state.restore(snap)
-        state.sync_bit = 0
-        mapped = _as_merge_error(exc)
-        if mapped is not exc:
-            raise mapped from exc
-        raise
     state.rows_impacted += merger.impacted
     return merger.impacted
