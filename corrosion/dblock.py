@@ -49,15 +49,12 @@ class DatabaseLock:
 
 def database_in_use(db_path: str | os.PathLike[str]) -> bool:
     """True while some process (an agent) holds the lock of ``db_path``."""
-    path = lock_path(db_path)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
+    if not lock_path(db_path).exists():
         return False
+    probe = DatabaseLock(db_path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        probe.acquire()
+    except DatabaseInUse:
         return True
-    finally:
-        os.close(fd)
+    probe.release()
     return False
