@@ -53,6 +53,7 @@ class SwimMetrics:
         self.false_down_ids: dict[str, None] = {}
         self.verdicts = 0  # DOWN declared by the observer's own suspicion timer
         self.false_verdicts: list[tuple[float, int, str]] = []  # (time, observer, member id)
+        self.false_marks: list[tuple[float, int, str]] = []  # every false DOWN, own or adopted
         self.detections: list[Detection] = []
         self._open: dict[tuple, Detection] = {}  # (host, port, gen) -> detection
         self.samples: list[tuple[float, int, int, int, int]] = []  # t, node, alive, suspect, down
@@ -110,6 +111,7 @@ class SwimMetrics:
                 if self._live_identity(member):
                     self.false_downs += 1
                     self.false_down_ids[str(member.id)] = None
+                    self.false_marks.append((self.world.now, node.index, str(member.id)))
                     if verdict:
                         self.false_verdicts.append((self.world.now, node.index, str(member.id)))
             d = self._open.get((member.id.host, member.id.port, member.id.gen))

@@ -53,8 +53,9 @@ R5  Probing (SWIM section 3.1, 4.3). Every probe period (``ProbeTick``) the prev
     ``probe_timeout`` later without an ack, up to ``indirect_checks`` random ALIVE members get a
     PING_REQ (``_on_indirect_probe``); each pings the target and relays its ack, or sends a NACK
     after ``NACK_FRACTION * probe_timeout`` (``_on_ping_req``, ``_on_nack_due``). A probe with
-    no ack by the next tick makes the target SUSPECT at the incarnation seen when the probe
-    started (``_conclude_probe``).
+    no ack by the next tick, or whose helpers have all nacked (no evidence is left to wait
+    for), makes the target SUSPECT at the incarnation seen when the probe started
+    (``_conclude_probe``).
 
 R6  Local health (Lifeguard LHA-Probe, ``swim.lifeguard.Awareness``): probe answered -1;
     unanswered +(helpers asked - nacks received), or +1 if no helper could be asked; refuting
@@ -72,6 +73,9 @@ R8  Dissemination (SWIM section 4.1, ``swim.broadcast``). Every accepted update 
     one address nor back to the member it came from, and retires once every member we could
     tell has it. Gossip rounds push the queue to ``gossip_nodes`` random members (active, or
     down for less than ``gossip_to_the_dead_time``) when it is not empty (``_on_gossip_tick``).
+    A state change (a new suspicion, a refutation, a death, our own new alive) is also pushed
+    at once to ``eager_gossip_nodes`` members, at most one such round per gossip interval
+    (``_push_news``): news crosses the cluster in network round trips, not gossip intervals.
 
 R9  User payloads. ``broadcast`` queues a USER part that every receiver delivers once
     (deduplicated by origin identity and sequence) and relays with the same limit - epidemic
@@ -96,7 +100,9 @@ R12 Bad input. Frames that are too big, of another version or label, undecryptab
 
 Deliberate differences from memberlist: DOWN is final per identity and members rejoin by
 renewal (foca's model, R4); helpers nack at 0.8 * probe_timeout so the nack reaches the prober
-within its probe period (memberlist's nack at probe_timeout arrives just as the period ends);
+within its probe period (memberlist's nack at probe_timeout arrives just as the period ends),
+and the probe concludes as soon as every helper has nacked; state changes are gossiped at once
+(R8; ``eager_gossip_nodes = 0`` waits for the tick as memberlist does);
 no TCP fallback ping; user broadcasts are relayed epidemically rather than left to a delegate.
 """
 
@@ -173,6 +179,7 @@ class Stats:
     suspicions: int = 0
     declared_down: int = 0
     piggybacked: int = 0
+    eager_rounds: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     """Malformed input by reason (R12): short, version, label, encrypted, plaintext,
     decrypt, decode, field, type, too_big."""
@@ -270,6 +277,8 @@ class Membership:
         self._token = 0
         self._started = False
         self._leaving = False
+        self._news = False  # a state change to push before the next gossip tick (R8)
+        self._last_eager = float("-inf")
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.stats = Stats()
         self._out: list[Effect] = []
@@ -410,7 +419,7 @@ class Membership:
             return self._take()
         self._leaving = True
         self._queue.push(_member_key(self.addr), codec.down(self._id, self._inc, self._id))
-        self._gossip(now)
+        self._gossip(now, self.config.gossip_nodes)
         return self._take()
 
     def broadcast(self, payload: bytes, now: float, *, key: Hashable | None = None) -> list[Effect]:
@@ -496,10 +505,14 @@ class Membership:
             elif t == codec.PING_REQ:
                 self._on_ping_req(sender, p[1], p[2], p[3], now)
             elif t == codec.NACK:
-                if self._probe is not None and self._probe.seq == p[1]:
-                    self._probe.nacks += 1
+                probe = self._probe
+                if probe is not None and probe.seq == p[1] and not probe.acked:
+                    probe.nacks += 1
+                    if probe.nacks >= probe.expected_nacks > 0:
+                        self._conclude_probe(now)  # every helper failed too: nothing to wait for
             elif t == codec.MESSAGE:
                 self._out.append(MessageReceived(sender, p[1]))
+        self._push_news(now)
         return self._take()
 
     def handle_stream_request(
@@ -512,6 +525,7 @@ class Membership:
             sender, _join, states = decoded
             reply = self._state_payload(join=False)
             self._merge(sender, states, now)
+            self._push_news(now)
             self.stats.stream_bytes_out += len(reply)
             self._out.append(StreamReply(request_id, reply))
         return self._take()
@@ -530,6 +544,7 @@ class Membership:
         self._merge(sender, states, now)
         if join and not self._leaving:
             self._announce()
+        self._push_news(now)
         self._out.append(StreamDone(stream_id, True, join))
         return self._take()
 
@@ -563,6 +578,7 @@ class Membership:
             self._on_reap(timer.member)
         else:
             raise TypeError(f"not a swim timer: {timer!r}")
+        self._push_news(now)
         return self._take()
 
     # -- R1-R4: applying updates ---------------------------------------------------------------
@@ -619,6 +635,7 @@ class Membership:
         self._set_state(rec, State.ALIVE, now)
         self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
         if was is State.SUSPECT:
+            self._news = True
             self._out.append(MemberAlive(rec.snapshot()))
         elif meta_changed:
             self._out.append(MemberUpdated(rec.snapshot()))
@@ -652,6 +669,7 @@ class Membership:
             self._timer(s.deadline, SuspicionTimeout(self._token, nid, inc))
             self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm), src)
             self.stats.suspicions += 1
+            self._news = True
             self._out.append(MemberSuspect(rec.snapshot()))
 
     def _on_down(
@@ -677,6 +695,7 @@ class Membership:
         self._queue.push(_member_key(nid.addr), codec.down(nid, inc, frm), src)
         self._timer(now + self.config.down_retention, ReapDown(self._token, nid))
         if was_active:
+            self._news = True
             self._out.append(MemberDown(rec.snapshot()))
 
     def _refute(self, accused: int) -> None:
@@ -700,6 +719,7 @@ class Membership:
 
     def _queue_self_alive(self) -> None:
         self._queue.push(_member_key(self.addr), codec.alive(self._id, self._inc, self._meta))
+        self._news = True
 
     def _set_state(self, rec: _Rec, state: State, now: float) -> None:
         if rec.state.active != state.active:
@@ -872,14 +892,28 @@ class Membership:
             if since < horizon:
                 del self._recently_down[addr]
         self._timer(now + self.config.gossip_interval, GossipTick(self._token))
-        self._gossip(now)
+        self._gossip(now, self.config.gossip_nodes)
 
-    def _gossip(self, now: float) -> None:
-        if not len(self._queue) or self.config.gossip_nodes == 0:
+    def _push_news(self, now: float) -> None:
+        """Gossip a state change now instead of at the next tick (R8), at most one such round
+        per ``gossip_interval``: a death, a suspicion or a refutation then crosses the cluster
+        in a few network round trips rather than a few gossip intervals."""
+        if not self._news:
+            return
+        self._news = False
+        fanout = self.config.eager_gossip_nodes
+        if fanout == 0 or now - self._last_eager < self.config.gossip_interval:
+            return
+        self._last_eager = now
+        self.stats.eager_rounds += 1
+        self._gossip(now, fanout)
+
+    def _gossip(self, now: float, fanout: int) -> None:
+        if not len(self._queue) or fanout == 0:
             return
         dead_time = self.config.gossip_to_the_dead_time
         targets = self._random_members(
-            self.config.gossip_nodes,
+            fanout,
             lambda r: r.state.active or now - r.changed_at <= dead_time,
         )
         for rec in targets:

@@ -32,12 +32,17 @@ CFG = Config.lan()
 ME = ("10.0.0.1", 7000)
 
 
-def cluster(npeers: int, *, config: Config = CFG, meta: bytes = b"", keyring=None):
+def cluster(
+    npeers: int, *, config: Config = CFG, meta: bytes = b"", keyring=None, sent: list | None = None
+):
+    """Our core at ME knowing ``npeers`` peers; ``sent`` collects the setup's Sends."""
     core = Membership(ME, config, random.Random(3), gen=100, keyring=keyring)
     core.start(0.0)
     peers = [Peer(NodeId("10.0.0.2", 8000 + i, 1), config, keyring) for i in range(npeers)]
     for p in peers:
-        core.handle_datagram(p.addr, p.packet(codec.alive(p.id, 0, meta)), 0.0)
+        out = core.handle_datagram(p.addr, p.packet(codec.alive(p.id, 0, meta)), 0.0)
+        if sent is not None:
+            sent += of_type(out, Send)
     return core, peers
 
 
@@ -123,21 +128,79 @@ def test_packets_never_exceed_max_packet_size(encrypted):
     assert max(sizes) > config.max_packet_size - 600  # and packets are actually filled
 
 
-def test_each_update_rides_at_most_its_limit():
-    core, _peers = cluster(30)
+@pytest.mark.parametrize("eager", [0, 3])
+def test_each_update_rides_at_most_its_limit(eager):
+    config = Config.lan(eager_gossip_nodes=eager)
+    sent: list = []
+    core, _peers = cluster(30, config=config, sent=sent)
+    assert bool(sent) == bool(eager)  # our own alive is news: pushed during the join
     limit = core.retransmit_limit
-    assert limit == CFG.retransmit_limit(31) == 8
-    counts: Counter = Counter()
+    assert limit == config.retransmit_limit(31) == 8
     now = 1.0
     for _ in range(100):
-        for s in of_type(core.handle_timer(GossipTick(1), now), Send):
-            for p in decode(s.data, CFG)[1]:
-                if p[0] in (codec.ALIVE, codec.SUSPECT, codec.DOWN):
-                    counts[(p[1], p[2], p[0])] += 1
+        sent += of_type(core.handle_timer(GossipTick(1), now), Send)
         now += 0.2
-    assert len(counts) == 31  # every member's alive (and ours) went out ...
-    assert set(counts.values()) == {limit}  # ... exactly `limit` times each
+    counts: Counter = Counter()
+    for s in sent:
+        for p in decode(s.data, config)[1]:
+            if p[0] in (codec.ALIVE, codec.SUSPECT, codec.DOWN):
+                counts[(p[1], p[2], p[0])] += 1
     assert core.pending_updates() == []
+    assert max(counts.values()) == limit
+    if not eager:
+        assert len(counts) == 31  # every member's alive (and ours) went out ...
+        assert set(counts.values()) == {limit}  # ... exactly `limit` times each
+    # With eager gossip our alive went to the first peer at once, when it was the whole
+    # audience, and retired: later peers learn it from that peer (R8's retirement rule).
+
+
+def _news_sends(out: list, config: Config = CFG) -> dict[tuple, list]:
+    """Address -> member updates in the Sends of ``out``."""
+    return {
+        s.addr: [p for p in decode(s.data, config)[1] if p[0] in (codec.SUSPECT, codec.DOWN)]
+        for s in of_type(out, Send)
+    }
+
+
+def test_news_is_pushed_at_once_at_most_one_round_per_gossip_interval():
+    core, peers = cluster(30)
+    b, c, d = peers[0], peers[1], peers[2]
+    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), 10.0)
+    sends = _news_sends(out)
+    assert len(sends) == CFG.eager_gossip_nodes and c.addr not in sends  # not back to c
+    assert all((codec.DOWN, b.id, 0, c.id) in parts for parts in sends.values())
+    # More news within the same gossip interval waits for the tick ...
+    out = core.handle_datagram(c.addr, c.packet(codec.suspect(d.id, 0, c.id)), 10.1)
+    assert of_type(out, MemberSuspect) and _news_sends(out) == {}
+    sends = _news_sends(core.handle_timer(GossipTick(1), 10.15))
+    assert len(sends) == CFG.gossip_nodes
+    # ... and news after it goes at once again.
+    e = peers[3]
+    out = core.handle_datagram(c.addr, c.packet(codec.suspect(e.id, 0, c.id)), 10.35)
+    assert len(_news_sends(out)) == CFG.eager_gossip_nodes
+    # Old news (a repeated DOWN) is not news.
+    out = core.handle_datagram(d.addr, d.packet(codec.down(b.id, 0, c.id)), 11.0)
+    assert of_type(out, Send) == []
+
+
+def test_a_refutation_is_pushed_at_once():
+    core, peers = cluster(10)
+    c = peers[1]
+    out = core.handle_datagram(c.addr, c.packet(codec.suspect(core.identity, 0, c.id)), 5.0)
+    sends = of_type(out, Send)
+    assert len(sends) == CFG.eager_gossip_nodes
+    for s in sends:
+        assert (codec.ALIVE, core.identity, 1, b"") in decode(s.data, CFG)[1]
+
+
+def test_without_eager_gossip_news_waits_for_the_tick():
+    config = Config.lan(eager_gossip_nodes=0)
+    core, peers = cluster(30, config=config)
+    b, c = peers[0], peers[1]
+    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), 10.0)
+    assert of_type(out, Send) == []
+    sends = _news_sends(core.handle_timer(GossipTick(1), 10.2), config)
+    assert len(sends) == config.gossip_nodes
 
 
 def test_gossip_sends_nothing_when_there_is_nothing_new():

@@ -136,6 +136,23 @@ def test_unanswered_probe_suspects_and_missing_nacks_raise_awareness():
     assert timer(out, ProbeTick).at == pytest.approx(11.0 + 2 * CFG.probe_interval)
 
 
+def test_a_probe_concludes_once_every_helper_has_nacked():
+    core, peers = cluster()
+    _out, target, seq = tick(core, 10.0)
+    out = core.handle_timer(IndirectProbe(1, seq), 10.5)
+    helpers = [a for a, p in all_parts(out) if p[0] == codec.PING_REQ]
+    assert len(helpers) == 3
+    by_addr = {p.addr: p for p in peers}
+    for a in helpers[:2]:
+        out = core.handle_datagram(a, by_addr[a].packet(codec.nack(seq)), 10.9)
+        assert of_type(out, MemberSuspect) == []  # one helper may still relay an ack
+    out = core.handle_datagram(helpers[2], by_addr[helpers[2]].packet(codec.nack(seq)), 10.9)
+    assert of_type(out, MemberSuspect)[0].member.addr == target  # before the period ends
+    assert core.awareness.score == 0  # every helper answered: our own health is fine
+    out, _, _ = tick(core, 11.0)  # the period's tick just probes the next member
+    assert of_type(out, MemberSuspect) == [] and core.stats.probes_failed == 1
+
+
 def test_without_helpers_a_failed_probe_costs_one_point():
     core, _ = cluster(1)
     _, target, seq = tick(core, 10.0)
@@ -190,8 +207,8 @@ def test_suspicion_times_out_to_down_unless_refuted():
     out = core.handle_timer(st.timer, st.at)
     assert of_type(out, MemberDown)[0].member.state is State.DOWN
     assert core.stats.declared_down == 1
-    gossip = core.send_message(c.addr, b"", st.at)
-    assert (codec.DOWN, b.id, 0, core.identity) in parts_to(gossip, c.addr)[0]
+    # News goes out at once (eager gossip), not at the next gossip tick.
+    assert (codec.DOWN, b.id, 0, core.identity) in [p for _, p in all_parts(out)]
     # A refuted suspicion's timer does nothing.
     out = core.handle_datagram(c.addr, c.packet(codec.suspect(c.id, 0, peers[2].id)), 20.0)
     stale = timer(out, SuspicionTimeout)
