@@ -633,9 +633,10 @@ class Membership:
         rec.incarnation, rec.meta = inc, meta
         self._suspicions.pop(nid.addr, None)
         self._set_state(rec, State.ALIVE, now)
+        if was is State.SUSPECT:
+            self._note_news()
         self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
         if was is State.SUSPECT:
-            self._news = True
             self._out.append(MemberAlive(rec.snapshot()))
         elif meta_changed:
             self._out.append(MemberUpdated(rec.snapshot()))
@@ -667,9 +668,9 @@ class Membership:
             s = Suspicion(now, low, high, k, frm)
             self._suspicions[nid.addr] = s
             self._timer(s.deadline, SuspicionTimeout(self._token, nid, inc))
+            self._note_news()
             self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm), src)
             self.stats.suspicions += 1
-            self._news = True
             self._out.append(MemberSuspect(rec.snapshot()))
 
     def _on_down(
@@ -692,10 +693,11 @@ class Membership:
         rec.incarnation = inc
         self._suspicions.pop(nid.addr, None)
         self._set_state(rec, State.LEFT if frm == nid else State.DOWN, now)
+        if was_active:
+            self._note_news()
         self._queue.push(_member_key(nid.addr), codec.down(nid, inc, frm), src)
         self._timer(now + self.config.down_retention, ReapDown(self._token, nid))
         if was_active:
-            self._news = True
             self._out.append(MemberDown(rec.snapshot()))
 
     def _refute(self, accused: int) -> None:
@@ -718,8 +720,8 @@ class Membership:
         self._out.append(IdentityRenewed(old, self._id))
 
     def _queue_self_alive(self) -> None:
+        self._note_news()
         self._queue.push(_member_key(self.addr), codec.alive(self._id, self._inc, self._meta))
-        self._news = True
 
     def _set_state(self, rec: _Rec, state: State, now: float) -> None:
         if rec.state.active != state.active:
@@ -894,10 +896,17 @@ class Membership:
         self._timer(now + self.config.gossip_interval, GossipTick(self._token))
         self._gossip(now, self.config.gossip_nodes)
 
+    def _note_news(self) -> None:
+        """A state change is about to be queued. Only one that breaks a quiet spell (nothing
+        queued) is pushed at once: during churn the queue is never empty, the ticks batch the
+        news, and stressed members are not flooded with extra rounds."""
+        if not len(self._queue):
+            self._news = True
+
     def _push_news(self, now: float) -> None:
         """Gossip a state change now instead of at the next tick (R8), at most one such round
-        per ``gossip_interval``: a death, a suspicion or a refutation then crosses the cluster
-        in a few network round trips rather than a few gossip intervals."""
+        per ``gossip_interval``: a death, a suspicion or a refutation then crosses a quiet
+        cluster in a few network round trips rather than a few gossip intervals."""
         if not self._news:
             return
         self._news = False

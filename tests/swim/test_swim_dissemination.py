@@ -162,31 +162,51 @@ def _news_sends(out: list, config: Config = CFG) -> dict[tuple, list]:
     }
 
 
-def test_news_is_pushed_at_once_at_most_one_round_per_gossip_interval():
+def _drain(core: Membership, now: float) -> float:
+    """Gossip ticks until nothing is queued (a quiet cluster); returns the time reached."""
+    while core.pending_updates():
+        core.handle_timer(GossipTick(1), now)
+        now += 0.2
+    return now
+
+
+def test_news_breaking_a_quiet_spell_is_pushed_at_once():
     core, peers = cluster(30)
     b, c, d = peers[0], peers[1], peers[2]
-    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), 10.0)
+    now = _drain(core, 1.0)
+    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), now)
     sends = _news_sends(out)
     assert len(sends) == CFG.eager_gossip_nodes and c.addr not in sends  # not back to c
     assert all((codec.DOWN, b.id, 0, c.id) in parts for parts in sends.values())
-    # More news within the same gossip interval waits for the tick ...
-    out = core.handle_datagram(c.addr, c.packet(codec.suspect(d.id, 0, c.id)), 10.1)
+    # News while earlier news is still queued (churn) waits for the tick, which batches it.
+    out = core.handle_datagram(c.addr, c.packet(codec.suspect(d.id, 0, c.id)), now + 0.5)
     assert of_type(out, MemberSuspect) and _news_sends(out) == {}
-    sends = _news_sends(core.handle_timer(GossipTick(1), 10.15))
+    sends = _news_sends(core.handle_timer(GossipTick(1), now + 0.6))
     assert len(sends) == CFG.gossip_nodes
-    # ... and news after it goes at once again.
-    e = peers[3]
-    out = core.handle_datagram(c.addr, c.packet(codec.suspect(e.id, 0, c.id)), 10.35)
-    assert len(_news_sends(out)) == CFG.eager_gossip_nodes
     # Old news (a repeated DOWN) is not news.
-    out = core.handle_datagram(d.addr, d.packet(codec.down(b.id, 0, c.id)), 11.0)
+    now = _drain(core, now + 1.0)
+    out = core.handle_datagram(d.addr, d.packet(codec.down(b.id, 0, c.id)), now)
     assert of_type(out, Send) == []
+
+
+def test_at_most_one_eager_round_per_gossip_interval():
+    core, peers = cluster(2)
+    b, c = peers
+    now = _drain(core, 1.0)
+    # c tells us b is down: pushed to b (recently down, so it can renew); then every member we
+    # could tell has it and the queue is quiet again.
+    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), now)
+    assert list(_news_sends(out)) == [b.addr] and core.pending_updates() == []
+    out = core.handle_datagram(c.addr, c.packet(codec.suspect(core.identity, 0, c.id)), now + 0.1)
+    assert of_type(out, Send) == []  # our refutation: quiet, but one round already this interval
+    assert _news_sends(core.handle_timer(GossipTick(1), now + 0.15)) != {}
 
 
 def test_a_refutation_is_pushed_at_once():
     core, peers = cluster(10)
     c = peers[1]
-    out = core.handle_datagram(c.addr, c.packet(codec.suspect(core.identity, 0, c.id)), 5.0)
+    now = _drain(core, 1.0)
+    out = core.handle_datagram(c.addr, c.packet(codec.suspect(core.identity, 0, c.id)), now)
     sends = of_type(out, Send)
     assert len(sends) == CFG.eager_gossip_nodes
     for s in sends:
@@ -197,9 +217,10 @@ def test_without_eager_gossip_news_waits_for_the_tick():
     config = Config.lan(eager_gossip_nodes=0)
     core, peers = cluster(30, config=config)
     b, c = peers[0], peers[1]
-    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), 10.0)
+    now = _drain(core, 1.0)
+    out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), now)
     assert of_type(out, Send) == []
-    sends = _news_sends(core.handle_timer(GossipTick(1), 10.2), config)
+    sends = _news_sends(core.handle_timer(GossipTick(1), now + 0.2), config)
     assert len(sends) == config.gossip_nodes
 
 
@@ -212,7 +233,7 @@ def test_gossip_sends_nothing_when_there_is_nothing_new():
 
 
 def test_gossip_reaches_recently_down_members_only():
-    core, peers = cluster(2, config=Config.lan(gossip_nodes=5))
+    core, peers = cluster(2, config=Config.lan(gossip_nodes=5, eager_gossip_nodes=0))
     b, c = peers
     core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), 10.0)
     sent_to = {s.addr for s in of_type(core.handle_timer(GossipTick(1), 11.0), Send)}
