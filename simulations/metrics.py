@@ -32,6 +32,7 @@ class Detection:
     identity: str
     crashed_at: float
     watchers: dict[int, None] = field(default_factory=dict)  # held it active at the crash
+    suspected: float | None = None  # latency until the first member suspected it
     first: float | None = None
     marked: dict[int, float] = field(default_factory=dict)  # watcher -> time it marked it
 
@@ -101,6 +102,10 @@ class SwimMetrics:
             self.suspicions += 1
             if self._live_identity(ev.member):
                 self.false_suspicions += 1
+            m = ev.member.id
+            d = self._open.get((m.host, m.port, m.gen))
+            if d is not None and d.suspected is None:
+                d.suspected = self.world.now - d.crashed_at
         elif t is MemberDown or t is MemberRenamed:
             member = ev.member if t is MemberDown else ev.old
             if t is MemberDown and member.state is State.DOWN:

@@ -419,7 +419,7 @@ class Membership:
             return self._take()
         self._leaving = True
         self._queue.push(_member_key(self.addr), codec.down(self._id, self._inc, self._id))
-        self._gossip(now, self.config.gossip_nodes)
+        self._gossip(self.config.gossip_nodes, self._gossip_audience(now))
         return self._take()
 
     def broadcast(self, payload: bytes, now: float, *, key: Hashable | None = None) -> list[Effect]:
@@ -894,7 +894,7 @@ class Membership:
             if since < horizon:
                 del self._recently_down[addr]
         self._timer(now + self.config.gossip_interval, GossipTick(self._token))
-        self._gossip(now, self.config.gossip_nodes)
+        self._gossip(self.config.gossip_nodes, self._gossip_audience(now))
 
     def _note_news(self) -> None:
         """A state change is about to be queued. Only one that breaks a quiet spell (nothing
@@ -915,19 +915,22 @@ class Membership:
             return
         self._last_eager = now
         self.stats.eager_rounds += 1
-        self._gossip(now, fanout)
+        # ALIVE members only: a suspect may be a slow member, and an extra packet would only
+        # crowd its receive queue (fewer false positives under stress, bench/sim_papers.py).
+        self._gossip(fanout, lambda r: r.state is State.ALIVE)
 
-    def _gossip(self, now: float, fanout: int) -> None:
+    def _gossip_audience(self, now: float):
+        """Who a gossip round may pick: active members, and members down for less than
+        ``gossip_to_the_dead_time`` (so they can learn they must renew)."""
+        dead_time = self.config.gossip_to_the_dead_time
+        return lambda r: r.state.active or now - r.changed_at <= dead_time
+
+    def _gossip(self, fanout: int, pred) -> None:
         if not len(self._queue) or fanout == 0:
             return
-        dead_time = self.config.gossip_to_the_dead_time
-        targets = self._random_members(
-            fanout,
-            lambda r: r.state.active or now - r.changed_at <= dead_time,
-        )
-        for rec in targets:
-            if not self._send(rec.id.addr, [], required=False):
-                break
+        for rec in self._random_members(fanout, pred):
+            # Nothing for this one (it told us everything queued) says nothing of the others.
+            self._send(rec.id.addr, [], required=False)
 
     # -- R10: push/pull ------------------------------------------------------------------------
 

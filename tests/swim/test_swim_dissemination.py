@@ -190,16 +190,32 @@ def test_news_breaking_a_quiet_spell_is_pushed_at_once():
 
 
 def test_at_most_one_eager_round_per_gossip_interval():
-    core, peers = cluster(2)
-    b, c = peers
+    core, (b,) = cluster(1)
     now = _drain(core, 1.0)
-    # c tells us b is down: pushed to b (recently down, so it can renew); then every member we
-    # could tell has it and the queue is quiet again.
+
+    def accused(inc: int, at: float) -> list:
+        return of_type(
+            core.handle_datagram(b.addr, b.packet(codec.suspect(core.identity, inc, b.id)), at),
+            Send,
+        )
+
+    # Our refutation goes to b at once; b was the whole audience, so the queue is quiet again.
+    assert len(accused(0, now)) == 1 and core.pending_updates() == []
+    assert accused(1, now + 0.1) == []  # quiet, but this interval already had its round
+    assert of_type(core.handle_timer(GossipTick(1), now + 0.15), Send)  # the tick sends it
+    assert len(accused(2, now + 0.35)) == 1  # a new interval: at once again
+    assert core.incarnation == 3
+
+
+def test_news_goes_at_once_to_alive_members_only():
+    core, peers = cluster(4)
+    b, c, d, e = peers
+    now = _drain(core, 1.0)
+    core.handle_datagram(c.addr, c.packet(codec.suspect(d.id, 0, c.id)), now)
+    now = _drain(core, now + 1.0)
     out = core.handle_datagram(c.addr, c.packet(codec.down(b.id, 0, c.id)), now)
-    assert list(_news_sends(out)) == [b.addr] and core.pending_updates() == []
-    out = core.handle_datagram(c.addr, c.packet(codec.suspect(core.identity, 0, c.id)), now + 0.1)
-    assert of_type(out, Send) == []  # our refutation: quiet, but one round already this interval
-    assert _news_sends(core.handle_timer(GossipTick(1), now + 0.15)) != {}
+    # c told us, d is suspect (maybe slow: spare its queue), b is the news itself: only e.
+    assert list(_news_sends(out)) == [e.addr]
 
 
 def test_a_refutation_is_pushed_at_once():
