@@ -89,11 +89,11 @@ class Config:
     rounds: updates then only ride on probes."""
 
     eager_gossip_nodes: int = 3
-    """Members told at once when this member learns a state change (a suspicion, a refutation,
-    a death), instead of waiting for the next gossip round; at most one such round per
-    ``gossip_interval``. Default 3 (every preset). It saves a few gossip intervals on every
-    death (quicker detection) and on every refutation (fewer false positives) for a handful of
-    packets per change. 0 restores memberlist's behaviour."""
+    """ALIVE members told at once when this member learns a state change (a suspicion, a
+    refutation, a death) while nothing else is queued, instead of at the next gossip round; at
+    most one such round per ``gossip_interval``. Default 3 (every preset). In a quiet cluster
+    a death then reaches everyone in network round trips, not gossip intervals; during churn
+    the ticks batch news as before. 0 restores memberlist's behaviour."""
 
     gossip_to_the_dead_time: float = 30.0
     """Seconds a member declared down still receives gossip, so it can learn it was declared

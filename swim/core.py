@@ -73,9 +73,10 @@ R8  Dissemination (SWIM section 4.1, ``swim.broadcast``). Every accepted update 
     one address nor back to the member it came from, and retires once every member we could
     tell has it. Gossip rounds push the queue to ``gossip_nodes`` random members (active, or
     down for less than ``gossip_to_the_dead_time``) when it is not empty (``_on_gossip_tick``).
-    A state change (a new suspicion, a refutation, a death, our own new alive) is also pushed
-    at once to ``eager_gossip_nodes`` members, at most one such round per gossip interval
-    (``_push_news``): news crosses the cluster in network round trips, not gossip intervals.
+    A state change (a new suspicion, a refutation, a death, our own new alive) that breaks a
+    quiet spell (nothing queued) is also pushed at once to ``eager_gossip_nodes`` ALIVE
+    members, at most one such round per gossip interval (``_note_news``, ``_push_news``): news
+    crosses a quiet cluster in network round trips, not gossip intervals.
 
 R9  User payloads. ``broadcast`` queues a USER part that every receiver delivers once
     (deduplicated by origin identity and sequence) and relays with the same limit - epidemic
