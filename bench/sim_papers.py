@@ -373,32 +373,41 @@ def main() -> None:
         )
 
     report.info("== 4. detection latency, LAN preset, n = 100, kill one member")
-    kills = 8 if quick else 100
+    # The wait for the victim's first probe is close to exponential (mean 1 s): the median of
+    # 100 kills still moves by +-0.1 s from seed to seed, so kills are pooled over seeds.
+    kills, seeds = (8, (100,)) if quick else (100, (100, 200, 300))
     runs = {
         "ours": Config.lan(),
         "memberlist": Config.lan(eager_gossip_nodes=0),  # news waits for the gossip tick
     }
-    results = {name: detection_run(100, kills, 100, cfg) for name, cfg in runs.items()}
-    for name, metrics in results.items():
-        lat = metrics.detection_latencies()
-        report.info(
-            f"  {name}: median {statistics.median(lat):.3f} s over {len(lat)} kills; phases "
-            f"(medians): {_phases(metrics)}; false DOWNs {metrics.false_downs}"
-        )
-    lat = results["ours"].detection_latencies()
-    base = results["memberlist"].detection_latencies()
+    pooled: dict[str, list[float]] = {}
+    for name, cfg in runs.items():
+        for seed in seeds:
+            metrics = detection_run(100, kills, seed, cfg)
+            lat = metrics.detection_latencies()
+            pooled.setdefault(name, []).extend(lat)
+            pooled.setdefault(name + "_fp", []).append(metrics.false_downs)
+            for phase, value in _phases(metrics).items():
+                pooled.setdefault(f"{name}_{phase}", []).append(value)
+            report.info(
+                f"  {name}, seed {seed}: median {statistics.median(lat):.3f} s over {len(lat)} "
+                f"kills; phase medians {_phases(metrics)}; false DOWNs {metrics.false_downs}"
+            )
+    lat, base = sorted(pooled["ours"]), pooled["memberlist"]
     report.metric(
         "detection_latency_median_s",
         statistics.median(lat),
         "s",
         "memberlist 9.8 s, kinship 9.7 s; target <= 9.5 s",
         kills=len(lat),
-        p90=round(sorted(lat)[int(0.9 * (len(lat) - 1))], 3),
-        max=round(max(lat), 3),
-        false_positives=results["ours"].false_downs,
+        seeds=len(seeds),
+        p90=round(lat[int(0.9 * (len(lat) - 1))], 3),
+        max=round(lat[-1], 3),
+        false_positives=sum(pooled["ours_fp"]),
         baseline_value=round(statistics.median(base), 3),
-        baseline_config="this core, memberlist's gossip (eager_gossip_nodes = 0), same seed",
-        **_phases(results["ours"]),
+        baseline_config="this core, memberlist's gossip (eager_gossip_nodes = 0), same seeds",
+        suspected_s=round(statistics.fmean(pooled["ours_suspected_s"]), 3),
+        spread_s=round(statistics.fmean(pooled["ours_spread_s"]), 4),
     )
     report.info(f"(total {time.perf_counter() - t0:.0f} s wall)")
 
