@@ -34,9 +34,13 @@
    8 s suspicion, and is declared down by either protocol (a gray failure the detector is
    right to report at its timeout). The paper reports 50-100x; target >= 50x.
 4. Detection latency (memberlist parity): LAN preset, n = 100, one member killed; per kill the
-   time until every member that held it active has marked it down; the median over kills
-   (``detection_latency_median_s``; memberlist 9.8 s, kinship 9.7 s, target <= 9.5 s) and the
-   false positives meanwhile (must be 0, as memberlist's settings give on a clean network).
+   time until every member that held it active has marked it down; the median over 300 kills
+   (``detection_latency_median_s``; memberlist 9.8 s, kinship 9.7 s, target <= 9.5 s), beside
+   the same core with memberlist's LAN settings and gossip (``MEMBERLIST_LAN``). The preset
+   must give no more false positives than memberlist's settings: counted during the kills
+   (clean LAN), on a rough network (one-way delay with a mean of 60 ms and a tail to 0.7 s,
+   3 % loss, 3 % reordered by up to 0.5 s, so round trips do cross the 400 ms timeout) and in
+   section 3's stress grid (``lifeguard`` against ``ours``).
 """
 
 from __future__ import annotations
@@ -152,13 +156,16 @@ class PlainSwimMembership(Membership):
             rec.state = State.SUSPECT
 
 
+MEMBERLIST_LAN = Config.lan(probe_timeout=0.5, eager_gossip_nodes=0)
+"""memberlist's DefaultLANConfig and gossip: the LAN preset without our two deviations."""
+
 # SWIM: no local health multiplier, a fixed suspicion timeout (no confirmations needed), no
 # buddy system, gossip at ticks only. LIFEGUARD: memberlist's LAN settings and mechanisms.
-# OURS: the LAN preset as shipped (Lifeguard plus eager gossip of state changes).
+# OURS: the LAN preset as shipped (Lifeguard, eager gossip in quiet spells, 400 ms timeout).
 PROTOCOLS = {
-    "swim": (Config.lan(awareness_max_multiplier=1, suspicion_max_timeout_mult=1,
-                        eager_gossip_nodes=0), PlainSwimMembership),
-    "lifeguard": (Config.lan(eager_gossip_nodes=0), Membership),
+    "swim": (MEMBERLIST_LAN.replace(awareness_max_multiplier=1, suspicion_max_timeout_mult=1),
+             PlainSwimMembership),
+    "lifeguard": (MEMBERLIST_LAN, Membership),
     "ours": (Config.lan(), Membership),
 }  # fmt: skip
 
@@ -222,6 +229,23 @@ def detection_run(n: int, kills: int, seed: int, config: Config) -> SwimMetrics:
         world.restart(victim)
         world.run_for(20.0)
     return metrics
+
+
+ROUGH_LINK = LinkModel(
+    Delay("exponential", 0.0002, 0.06, 0.7), loss=0.03, reorder=0.03, reorder_delay=0.5
+)
+
+
+def rough_network_run(config: Config, seconds: float) -> tuple[int, int]:
+    """(false suspicions, false DOWN events) of 100 members on ``ROUGH_LINK``, two seeds."""
+    susp = downs = 0
+    for seed in (1, 2):
+        world = swim_world(seed, 100, config=config, link=ROUGH_LINK, bootstrap="warm", checkers=[])
+        metrics = SwimMetrics().attach(world)
+        world.run_until(seconds)
+        susp += metrics.false_suspicions
+        downs += metrics.false_downs
+    return susp, downs
 
 
 def _phases(metrics: SwimMetrics) -> dict[str, float]:
@@ -376,10 +400,7 @@ def main() -> None:
     # The wait for the victim's first probe is close to exponential (mean 1 s): the median of
     # 100 kills still moves by +-0.1 s from seed to seed, so kills are pooled over seeds.
     kills, seeds = (8, (100,)) if quick else (100, (100, 200, 300))
-    runs = {
-        "ours": Config.lan(),
-        "memberlist": Config.lan(eager_gossip_nodes=0),  # news waits for the gossip tick
-    }
+    runs = {"ours": Config.lan(), "memberlist": MEMBERLIST_LAN}
     pooled: dict[str, list[float]] = {}
     for name, cfg in runs.items():
         for seed in seeds:
@@ -405,9 +426,25 @@ def main() -> None:
         max=round(lat[-1], 3),
         false_positives=sum(pooled["ours_fp"]),
         baseline_value=round(statistics.median(base), 3),
-        baseline_config="this core, memberlist's gossip (eager_gossip_nodes = 0), same seeds",
+        baseline_config="this core with memberlist's LAN settings and gossip, same seeds",
         suspected_s=round(statistics.fmean(pooled["ours_suspected_s"]), 3),
         spread_s=round(statistics.fmean(pooled["ours_spread_s"]), 4),
+    )
+    secs = 60.0 if quick else 300.0
+    rough = {name: rough_network_run(cfg, secs) for name, cfg in runs.items()}
+    for name, (susp, downs) in rough.items():
+        report.info(
+            f"  rough network, {name}: {susp} false suspicions, {downs} false DOWN events "
+            f"(100 members, {secs:g} s, two seeds)"
+        )
+    report.metric(
+        "rough_network_false_downs",
+        rough["ours"][1],
+        "events",
+        f"memberlist's LAN settings: {rough['memberlist'][1]}",
+        false_suspicions=rough["ours"][0],
+        baseline_value=rough["memberlist"][1],
+        baseline_false_suspicions=rough["memberlist"][0],
     )
     report.info(f"(total {time.perf_counter() - t0:.0f} s wall)")
 

@@ -20,7 +20,7 @@ from swim.member import NodeId
 
 def test_presets_match_memberlist_defaults():
     lan, wan, local = Config.lan(), Config.wan(), Config.local()
-    assert (lan.probe_interval, lan.probe_timeout, lan.indirect_checks) == (1.0, 0.5, 3)
+    assert (lan.probe_interval, lan.probe_timeout, lan.indirect_checks) == (1.0, 0.4, 3)
     assert (lan.retransmit_mult, lan.suspicion_mult, lan.suspicion_max_timeout_mult) == (4, 4, 6)
     assert (lan.gossip_interval, lan.gossip_nodes, lan.gossip_to_the_dead_time) == (0.2, 3, 30.0)
     assert (lan.push_pull_interval, lan.stream_timeout, lan.awareness_max_multiplier) == (
@@ -39,7 +39,7 @@ def test_presets_match_memberlist_defaults():
 
 def test_overrides_apply_and_revalidate():
     c = Config.lan(label="prod", probe_interval=2.0)
-    assert c.label == "prod" and c.probe_interval == 2.0 and c.probe_timeout == 0.5
+    assert c.label == "prod" and c.probe_interval == 2.0 and c.probe_timeout == 0.4
     assert c.replace(gossip_nodes=5).gossip_nodes == 5
     with pytest.raises(ConfigError, match="probe_timeout"):
         c.replace(probe_timeout=2.0)
