@@ -48,9 +48,9 @@ class Config:
 
     probe_timeout: float = 0.4
     """Seconds to wait for a direct ack before asking ``indirect_checks`` members to probe the
-    target. Default 400 ms (LAN; memberlist has 500 ms), 3 s (WAN), 200 ms (local). Set it near the 99th percentile
-    round trip; too low turns slow networks into indirect probes (more packets), too high
-    leaves the indirect probes little time before the period ends."""
+    target. Default 400 ms (LAN; memberlist has 500 ms), 3 s (WAN), 200 ms (local). Set it
+    near the 99th percentile round trip; too low turns slow networks into indirect probes
+    (more packets), too high leaves the indirect probes little time before the period ends."""
 
     indirect_checks: int = 3
     """Members asked to ping an unresponsive target on our behalf (SWIM's k). Default 3 (LAN,

@@ -110,7 +110,7 @@ no TCP fallback ping; user broadcasts are relayed epidemically rather than left 
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from . import codec
@@ -920,13 +920,13 @@ class Membership:
         # crowd its receive queue (fewer false positives under stress, bench/sim_papers.py).
         self._gossip(fanout, lambda r: r.state is State.ALIVE)
 
-    def _gossip_audience(self, now: float):
+    def _gossip_audience(self, now: float) -> Callable[[_Rec], bool]:
         """Who a gossip round may pick: active members, and members down for less than
         ``gossip_to_the_dead_time`` (so they can learn they must renew)."""
         dead_time = self.config.gossip_to_the_dead_time
         return lambda r: r.state.active or now - r.changed_at <= dead_time
 
-    def _gossip(self, fanout: int, pred) -> None:
+    def _gossip(self, fanout: int, pred: Callable[[_Rec], bool]) -> None:
         if not len(self._queue) or fanout == 0:
             return
         for rec in self._random_members(fanout, pred):
@@ -1037,7 +1037,7 @@ class Membership:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _random_members(self, k: int, pred) -> list[_Rec]:
+    def _random_members(self, k: int, pred: Callable[[_Rec], bool]) -> list[_Rec]:
         """Up to ``k`` distinct members satisfying ``pred``, uniformly at random.
 
         In a large cluster most members qualify, so random draws with rejection find ``k`` of
