@@ -399,7 +399,7 @@ def main() -> None:
     report.info("== 4. detection latency, LAN preset, n = 100, kill one member")
     # The wait for the victim's first probe is close to exponential (mean 1 s): the median of
     # 100 kills still moves by +-0.1 s from seed to seed, so kills are pooled over seeds.
-    kills, seeds = (8, (100,)) if quick else (100, (100, 200, 300))
+    kills, seeds = (30, (100,)) if quick else (100, (100, 200, 300))
     runs = {"ours": Config.lan(), "memberlist": MEMBERLIST_LAN}
     pooled: dict[str, list[float]] = {}
     for name, cfg in runs.items():
