@@ -75,7 +75,7 @@ R8  Dissemination (SWIM section 4.1, ``swim.broadcast``). Every accepted update 
     down for less than ``gossip_to_the_dead_time``) when it is not empty (``_on_gossip_tick``).
     A state change (a new suspicion, a refutation, a death, our own new alive) that breaks a
     quiet spell (nothing queued) is also pushed at once to ``eager_gossip_nodes`` ALIVE
-    members, at most one such round per gossip interval (``_note_news``, ``_push_news``): news
+    members, at most one such round per gossip interval (``_queue_update``, ``_push_news``): news
     crosses a quiet cluster in network round trips, not gossip intervals.
 
 R9  User payloads. ``broadcast`` queues a USER part that every receiver delivers once
@@ -419,7 +419,7 @@ class Membership:
         if self._leaving:
             return self._take()
         self._leaving = True
-        self._queue.push(_member_key(self.addr), codec.down(self._id, self._inc, self._id))
+        self._queue_update(self.addr, codec.down(self._id, self._inc, self._id))
         self._gossip(self.config.gossip_nodes, self._gossip_audience(now))
         return self._take()
 
@@ -611,7 +611,7 @@ class Membership:
             self._recs = None
             self._active += 1
             self._insert_probe_order(nid.addr)
-            self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
+            self._queue_update(nid.addr, codec.alive(nid, inc, meta), src)
             self._out.append(MemberUp(rec.snapshot()))
             return
         if nid.gen != rec.id.gen:
@@ -621,7 +621,7 @@ class Membership:
             self._suspicions.pop(nid.addr, None)
             self._set_state(rec, State.ALIVE, now)
             rec.id, rec.incarnation, rec.meta = nid, inc, meta
-            self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
+            self._queue_update(nid.addr, codec.alive(nid, inc, meta), src)
             if old.active:
                 self._out.append(MemberRenamed(old, rec.snapshot()))
             else:
@@ -634,9 +634,7 @@ class Membership:
         rec.incarnation, rec.meta = inc, meta
         self._suspicions.pop(nid.addr, None)
         self._set_state(rec, State.ALIVE, now)
-        if was is State.SUSPECT:
-            self._note_news()
-        self._queue.push(_member_key(nid.addr), codec.alive(nid, inc, meta), src)
+        self._queue_update(nid.addr, codec.alive(nid, inc, meta), src, news=was is State.SUSPECT)
         if was is State.SUSPECT:
             self._out.append(MemberAlive(rec.snapshot()))
         elif meta_changed:
@@ -660,7 +658,7 @@ class Membership:
             s = self._suspicions.get(nid.addr)
             if s is not None and s.confirm(frm):  # R7: an independent confirmation
                 self._timer(max(s.deadline, now), SuspicionTimeout(self._token, nid, inc))
-                self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm), src)
+                self._queue_update(nid.addr, codec.suspect(nid, inc, frm), src)
             return
         if (rec.state is State.ALIVE and inc == rec.incarnation) or inc > rec.incarnation:
             rec.incarnation = inc
@@ -669,8 +667,7 @@ class Membership:
             s = Suspicion(now, low, high, k, frm)
             self._suspicions[nid.addr] = s
             self._timer(s.deadline, SuspicionTimeout(self._token, nid, inc))
-            self._note_news()
-            self._queue.push(_member_key(nid.addr), codec.suspect(nid, inc, frm), src)
+            self._queue_update(nid.addr, codec.suspect(nid, inc, frm), src, news=True)
             self.stats.suspicions += 1
             self._out.append(MemberSuspect(rec.snapshot()))
 
@@ -694,9 +691,7 @@ class Membership:
         rec.incarnation = inc
         self._suspicions.pop(nid.addr, None)
         self._set_state(rec, State.LEFT if frm == nid else State.DOWN, now)
-        if was_active:
-            self._note_news()
-        self._queue.push(_member_key(nid.addr), codec.down(nid, inc, frm), src)
+        self._queue_update(nid.addr, codec.down(nid, inc, frm), src, news=was_active)
         self._timer(now + self.config.down_retention, ReapDown(self._token, nid))
         if was_active:
             self._out.append(MemberDown(rec.snapshot()))
@@ -721,8 +716,7 @@ class Membership:
         self._out.append(IdentityRenewed(old, self._id))
 
     def _queue_self_alive(self) -> None:
-        self._note_news()
-        self._queue.push(_member_key(self.addr), codec.alive(self._id, self._inc, self._meta))
+        self._queue_update(self.addr, codec.alive(self._id, self._inc, self._meta), news=True)
 
     def _set_state(self, rec: _Rec, state: State, now: float) -> None:
         if rec.state.active != state.active:
@@ -897,12 +891,16 @@ class Membership:
         self._timer(now + self.config.gossip_interval, GossipTick(self._token))
         self._gossip(self.config.gossip_nodes, self._gossip_audience(now))
 
-    def _note_news(self) -> None:
-        """A state change is about to be queued. Only one that breaks a quiet spell (nothing
-        queued) is pushed at once: during churn the queue is never empty, the ticks batch the
-        news, and stressed members are not flooded with extra rounds."""
-        if not len(self._queue):
+    def _queue_update(
+        self, addr: Address, part: bytes, src: Address | None = None, *, news: bool = False
+    ) -> None:
+        """Queue an update about the member at ``addr`` (R8). A state change (``news``) that
+        breaks a quiet spell (nothing queued) is also pushed at once by ``_push_news``; during
+        churn the queue is never empty, the ticks batch the news, and stressed members are not
+        flooded with extra rounds."""
+        if news and not len(self._queue):
             self._news = True
+        self._queue.push(_member_key(addr), part, src)
 
     def _push_news(self, now: float) -> None:
         """Gossip a state change now instead of at the next tick (R8), at most one such round
