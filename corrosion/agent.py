@@ -327,7 +327,7 @@ class Agent:
             return
         self._closing = True
         for server in self._api_servers:
-            server.should_exit = True
+            server.close()
         # No cancel scope around these: an orchestrator's task group was entered in start() and
         # must be exited at the same nesting level.
         for close in reversed(self._closers):

@@ -14,8 +14,8 @@
 ``GET  /v1/cluster/members``  membership as JSON (our addition)
 
 With ``api.authz.bearer-token`` set, every request needs ``Authorization: Bearer <token>``
-(401 otherwise). ``asgi_app(agent)`` can be mounted by an embedding application; the CLI serves
-it with uvicorn.
+(401 otherwise). ``asgi_app(agent)`` can be mounted by an embedding application; an agent serves
+it itself (``serve_api``) with uvicorn on asyncio and hypercorn on trio.
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ import contextlib
 import hmac
 import json
 import math
-import socket
 import time
 from collections.abc import AsyncIterator
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .asgi_server import AsgiServer, serve_asgi
 from .statements import StatementFormError, parse_statement, parse_statements
 from .subscriptions import SubscriptionError
 
@@ -301,33 +300,9 @@ def asgi_app(agent: Agent, extra_routes: list[BaseRoute] | None = None) -> ASGIA
     return app
 
 
-async def serve_api(agent: Agent, tg: Any, host: str, port: int) -> tuple[Any, tuple[str, int]]:
-    """Serve the API with uvicorn inside ``tg`` (asyncio only; on trio, mount ``asgi_app`` in a
-    trio-capable server)."""
-    import sniffio
-    import uvicorn
-
-    if sniffio.current_async_library() != "asyncio":
-        raise RuntimeError(
-            "the built-in HTTP server (uvicorn) needs asyncio; on trio, serve "
-            "corrosion.api.asgi_app(agent) with a trio ASGI server such as hypercorn"
-        )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    bound = sock.getsockname()[:2]
-    extra = agent.extra_routes()
-    config = uvicorn.Config(
-        asgi_app(agent, extra), log_level="warning", lifespan="off", access_log=False
-    )
-    server = uvicorn.Server(config)
-    # the embedding application (or the CLI) owns signals, not the API server
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-    tg.start_soon(server._serve, [sock])
-    with anyio.fail_after(10):
-        while not server.started:
-            await anyio.sleep(0.01)
-    return server, (bound[0], bound[1])
+async def serve_api(
+    agent: Agent, tg: Any, host: str, port: int
+) -> tuple[AsgiServer, tuple[str, int]]:
+    """Serve the API inside ``tg``: uvicorn on asyncio, hypercorn on trio (``corrosion[trio]``)."""
+    server = await serve_asgi(asgi_app(agent, agent.extra_routes()), tg, host, port)
+    return server, server.address
