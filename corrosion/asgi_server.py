@@ -89,8 +89,15 @@ async def _serve_uvicorn(
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
 
     async def run() -> None:
-        with sock:
+        try:
             await server._serve([sock])
+        finally:
+            sock.close()
+            # Cancelled with its task group while responses still stream (subscriptions,
+            # updates): uvicorn runs them outside the task group, so end their connections
+            # here, or they would outlive the server. Their apps then see the disconnect.
+            for connection in list(server.server_state.connections):
+                connection.transport.close()
 
     tg.start_soon(run)
     with anyio.fail_after(10):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -23,3 +24,35 @@ settings.register_profile(
     derandomize=False,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def _accepted_nodelay(peer: tuple[str, int]) -> bool | None:
+    """TCP_NODELAY of the socket this process accepted from ``peer`` (a client's local address),
+    read from the socket itself through a duplicate of its descriptor; None until accepted."""
+    import socket
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = os.dup(int(name))
+        except OSError:  # closed meanwhile (the directory listing's own descriptor)
+            continue
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
+            continue
+        with sock:
+            try:
+                if sock.getpeername()[:2] != tuple(peer[:2]):
+                    continue
+                return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError:  # not connected, or not TCP
+                continue
+    return None
+
+
+@pytest.fixture
+def accepted_nodelay():
+    """``accepted_nodelay(client_local_address)``: whether the server side of a connection made
+    to a listener in this process has TCP_NODELAY (None if it was not accepted yet)."""
+    return _accepted_nodelay
