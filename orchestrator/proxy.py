@@ -11,8 +11,9 @@ The app comes from the ``Host`` header (``<app>.<domain>``) or, without a domain
 configured default. ``fly-force-instance-id: <machine id>`` pins a request to one machine.
 Backends are taken round-robin; a backend that refuses the connection is skipped for the next
 one. Every proxied response carries ``fly-machine-id`` (and ``fly-worker``) so callers can see
-where it went. No backend: 503; a backend that took the request and then failed: 502 (JSON
-errors).
+where it went; its ``date`` and ``server`` are those of the server serving the proxy (the
+machine's are dropped, not repeated). No backend: 503; a backend that took the request and then
+failed: 502 (JSON errors).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 }  # fmt: skip
+# written by the server that serves the proxy: relayed too, a response would carry two of each
+SERVER_WRITTEN = {"date", "server"}
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ async def _relay(send, response: httpx.Response, backend: Backend) -> None:
     headers = [
         (k.encode("latin-1"), v.encode("latin-1"))
         for k, v in response.headers.items()
-        if k.lower() not in HOP_BY_HOP
+        if k.lower() not in HOP_BY_HOP and k.lower() not in SERVER_WRITTEN
     ]
     headers += [(b"fly-machine-id", backend.machine_id.encode()),
                 (b"fly-worker", backend.worker.encode())]  # fmt: skip
