@@ -8,10 +8,17 @@
   one transaction per batch) ÷ ``crdt.merge`` of the same changes alone.
 * ``query_ratio``: rows/s streamed by ``/v1/queries`` (HTTP, NDJSON) ÷ a direct SQLite read of
   the same query.
+* ``api_keepalive_queries_per_s``, ``api_keepalive_txns_per_s``: sequential point queries and
+  single-row transactions from one kept-alive httpx connection (a client process of its own),
+  each beside the same work done in-process (``agent.query`` / ``agent.execute``) in the same
+  run, as a ratio; on the default event loop (plain asyncio, as ``pip install .`` gets), on
+  uvloop (``_uvloop``) and on trio with hypercorn (``_trio``) where installed. Targets: 2,000
+  queries/s and 1,000 transactions/s.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -21,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
@@ -226,9 +234,94 @@ async def _query_ratio(base: Path, rows: int) -> tuple[float, float]:
         return got / elapsed, direct
 
 
-async def main() -> None:
-    args = parse_args(__doc__.split("\n")[0])
-    report = Report(args.json)
+# One kept-alive connection (httpx.Client keeps it in its pool), requests one after another.
+KEEPALIVE_CLIENT = """
+import httpx, json, sys, time
+url, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+upsert = "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT DO UPDATE SET v = excluded.v"
+with httpx.Client(base_url=url, timeout=60) as client:
+    def one(i):
+        if kind == "queries":
+            r = client.post("/v1/queries", json=["SELECT v FROM kv WHERE k = ?", [f"k{i % 1000}"]])
+            assert r.status_code == 200 and b'"row"' in r.content, r.text
+        else:
+            r = client.post("/v1/transactions", json=[[upsert, [f"t{i % 1000}", str(i)]]])
+            assert r.status_code == 200, r.text
+    for i in range(50):  # warm-up: the connection, the read pool, the statement cache
+        one(i)
+    t, cpu = time.perf_counter(), time.process_time()
+    for i in range(n):
+        one(i)
+    print(json.dumps([n / (time.perf_counter() - t), (time.process_time() - cpu) / n]))
+"""
+
+
+async def keepalive(n: int) -> dict[str, tuple[float, float, float, float]]:
+    """Per kind: requests/s over one kept-alive HTTP connection, the same in-process, and the
+    CPU seconds per request of the server (this process, every thread) and of the client.
+
+    Sequential requests wait on each other, so on a loaded machine the rates mostly measure
+    how soon the scheduler runs each side again; the CPU times do not depend on that."""
+    with tempfile.TemporaryDirectory(prefix="keepalive-") as tmp:
+        async with Agent(config(Path(tmp), "k", [], api=True)) as agent:
+            await agent.execute(
+                [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", f"v{i}"]] for i in range(1000)]
+            )
+            host, port = agent.api_addrs[0]
+            out: dict[str, tuple[float, float, float, float]] = {}
+            for kind in ("queries", "txns"):
+                cpu = time.process_time()
+                ran = await anyio.run_process(
+                    [sys.executable, "-c", KEEPALIVE_CLIENT, f"http://{host}:{port}", kind, str(n)]
+                )
+                server_cpu = (time.process_time() - cpu) / (n + 50)  # with the warm-up
+                http, client_cpu = json.loads(ran.stdout)
+                t = time.perf_counter()
+                for i in range(n):
+                    if kind == "queries":
+                        got = [r async for r in agent.query(
+                            "SELECT v FROM kv WHERE k = ?", [f"k{i % 1000}"]
+                        )]  # fmt: skip
+                        assert got, i
+                    else:
+                        await agent.execute(
+                            [[
+                                "INSERT INTO kv (k, v) VALUES (?, ?) "
+                                "ON CONFLICT DO UPDATE SET v = excluded.v",
+                                [f"t{i % 1000}", str(i)],
+                            ]]
+                        )  # fmt: skip
+                out[kind] = (http, n / (time.perf_counter() - t), server_cpu, client_cpu)
+            return out
+
+
+def keepalive_report(report: Report, n: int) -> None:
+    loops: list[tuple[str, str, dict[str, Any]]] = [("", "asyncio", {"use_uvloop": False})]
+    if importlib.util.find_spec("uvloop"):
+        loops.append(("_uvloop", "asyncio", {"use_uvloop": True}))
+    if importlib.util.find_spec("trio") and importlib.util.find_spec("hypercorn"):
+        loops.append(("_trio", "trio", {}))
+    for suffix, backend, options in loops:
+        rates = anyio.run(keepalive, n, backend=backend, backend_options=options)
+        for kind, target, call in (
+            ("queries", 2000, "agent.query"),
+            ("txns", 1000, "agent.execute"),
+        ):
+            http, in_process, server_cpu, client_cpu = rates[kind]
+            report.metric(
+                f"api_keepalive_{kind}_per_s{suffix}",
+                http,
+                "req/s",
+                f"target >= {target}/s; in-process {call}",
+                loop=suffix.lstrip("_") or "asyncio",
+                in_process_per_s=round(in_process),
+                ratio=round(http / in_process, 3),
+                server_cpu_us=round(server_cpu * 1e6),
+                client_cpu_us=round(client_cpu * 1e6),
+            )
+
+
+async def main(args: Any, report: Report) -> None:
     writes = 30 if args.quick else 100
     s10 = await spread(10, writes)
     report.metric(
@@ -259,5 +352,15 @@ async def main() -> None:
     )
 
 
+def _options(p: Any) -> None:
+    p.add_argument(
+        "--keepalive-only", action="store_true", help="only the keep-alive HTTP request rates"
+    )
+
+
 if __name__ == "__main__":
-    anyio.run(main)
+    args = parse_args(__doc__.split("\n")[0], _options)
+    report = Report(args.json)
+    if not args.keepalive_only:
+        anyio.run(main, args, report)
+    keepalive_report(report, 500 if args.quick else 3000)

@@ -777,7 +777,12 @@ class Agent:
 
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
-        conn = await anyio.to_thread.run_sync(self._read_conn)
+        # A point query should cost one trip to a worker thread, not four: take a pooled
+        # connection here, stop after a short batch, and put the connection back here.
+        if self._read_pool:
+            conn = self._read_pool.pop()
+        else:
+            conn = await anyio.to_thread.run_sync(self._read_conn)
         try:
             cursor = conn.cursor()
 
@@ -813,12 +818,17 @@ class Agent:
             yield "columns", cols
             while rows:
                 yield "rows", rows
+                if len(rows) < batch:  # _fetch stopped at the end
+                    break
                 try:
                     rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
                 except apsw.Error as exc:  # a runtime error after the first batch
                     raise QueryError(str(exc), client_error=False) from None
         finally:
-            await anyio.to_thread.run_sync(self._release_read_conn, conn)
+            if len(self._read_pool) < 8 and not self._closing:
+                self._release_read_conn(conn)  # into the pool: nothing to close
+            else:
+                await anyio.to_thread.run_sync(self._release_read_conn, conn)
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:
         assert self.store is not None

@@ -139,7 +139,26 @@ def routes(agent: Agent) -> list[BaseRoute]:
             except QueryError as exc:
                 yield (json.dumps({"error": exc.message}) + "\n").encode()
 
-        return StreamingResponse(body(), media_type="application/x-ndjson")
+        # A result that ends within the first 64 KiB goes out as one response with a length
+        # (one write, no streaming machinery); a longer one streams.
+        chunks = body()
+        ready: list[bytes] = []
+        size = 0
+        while size < 65_536:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return Response(b"".join(ready), media_type="application/x-ndjson")
+            ready.append(chunk)
+            size += len(chunk)
+
+        async def rest() -> AsyncIterator[bytes]:
+            for chunk in ready:
+                yield chunk
+            async for chunk in chunks:
+                yield chunk
+
+        return StreamingResponse(rest(), media_type="application/x-ndjson")
 
     async def updates(request: Request) -> Response:
         try:
