@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -295,7 +296,50 @@ async def keepalive(n: int) -> dict[str, tuple[float, float, float, float]]:
             return out
 
 
+class _FixedResponse(asyncio.Protocol):
+    """Answers every request with one fixed query response, parsing only the framing: no
+    server here can be faster, so a client's rate against it is that client's own ceiling."""
+
+    BODY = b'{"columns":["v"]}\n{"row":[1,["v1"]]}\n{"eoq":{"time":0.0}}\n'
+    RESPONSE = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY)
+    )
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport, self.buffer = transport, b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end].lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.buffer = self.buffer[end + 4 + length :]
+            self.transport.write(self.RESPONSE)
+
+
+async def client_ceiling(n: int) -> float:
+    """Point queries/s of the keep-alive client against ``_FixedResponse`` (asyncio)."""
+    server = await asyncio.get_running_loop().create_server(_FixedResponse, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        ran = await anyio.run_process(
+            [sys.executable, "-c", KEEPALIVE_CLIENT, f"http://127.0.0.1:{port}", "queries", str(n)]
+        )
+    return json.loads(ran.stdout)[0]
+
+
 def keepalive_report(report: Report, n: int) -> None:
+    ceiling = anyio.run(client_ceiling, n)
+    report.metric(
+        "api_keepalive_client_ceiling_per_s",
+        ceiling,
+        "req/s",
+        "none: the same client against a fixed-response server (no framework, no database)",
+    )
     loops: list[tuple[str, str, dict[str, Any]]] = [("", "asyncio", {"use_uvloop": False})]
     if importlib.util.find_spec("uvloop"):
         loops.append(("_uvloop", "asyncio", {"use_uvloop": True}))
