@@ -13,7 +13,6 @@ uvloop and trio set it on accepted sockets in any case.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import socket
 from typing import Any
@@ -63,8 +62,13 @@ async def serve_asgi(
     trio); return once it accepts connections. ``lifespan`` runs the app's lifespan events (the
     proxy closes its client on shutdown)."""
     backend = sniffio.current_async_library()
-    if backend == "trio" and importlib.util.find_spec("hypercorn") is None:
-        raise RuntimeError("serving HTTP on trio needs hypercorn: pip install 'corrosion[trio]'")
+    if backend == "trio":
+        try:
+            import hypercorn  # noqa: F401
+        except ImportError:
+            raise RuntimeError(
+                "serving HTTP on trio needs hypercorn: pip install 'corrosion[trio]'"
+            ) from None
     sock = listen_socket(host, port)
     address = sock.getsockname()[:2]
     try:

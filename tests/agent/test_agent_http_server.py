@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 
 import anyio
 import httpx
@@ -88,3 +89,12 @@ async def test_metrics_connections_have_nodelay(tmp_path, accepted_nodelay):
                 while True:  # Connection: close
                     data += await stream.receive()
             assert data.startswith(b"HTTP/1.1 200 ") and b"\ncorro_build_info{" in data
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_api_on_trio_without_hypercorn_is_refused_clearly(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hypercorn", None)  # as if not installed
+    agent = Agent(agent_config(tmp_path, "t"))
+    with pytest.raises(RuntimeError, match=r"needs hypercorn: pip install 'corrosion\[trio\]'"):
+        await agent.start()
+    assert agent.api_addrs == []
