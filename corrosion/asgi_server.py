@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import sniffio
+from anyio.abc import TaskGroup
 from starlette.types import ASGIApp
 
 # hypercorn logs its "Running on ..." banner at INFO; an embedded server keeps to warnings, as
@@ -47,7 +49,7 @@ def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
 class AsgiServer:
     """A server started by ``serve_asgi``; ``close()`` asks it to stop serving."""
 
-    def __init__(self, address: tuple[str, int], stop: Any) -> None:
+    def __init__(self, address: tuple[str, int], stop: Callable[[], None]) -> None:
         self.address = address
         self._stop = stop
 
@@ -56,11 +58,11 @@ class AsgiServer:
 
 
 async def serve_asgi(
-    app: ASGIApp, tg: Any, host: str, port: int, *, lifespan: bool = False
+    app: ASGIApp, tg: TaskGroup, host: str, port: int, *, lifespan: bool = False
 ) -> AsgiServer:
     """Serve ``app`` on ``host:port`` in the task group ``tg`` (uvicorn on asyncio, hypercorn on
-    trio); return once it accepts connections. ``lifespan`` runs the app's lifespan events (the
-    proxy closes its client on shutdown)."""
+    trio); return once it accepts connections. ``lifespan`` runs the app's lifespan events, as
+    the proxy needs to close its client (hypercorn always runs them)."""
     backend = sniffio.current_async_library()
     if backend == "trio":
         try:
@@ -81,7 +83,7 @@ async def serve_asgi(
 
 
 async def _serve_uvicorn(
-    app: ASGIApp, tg: Any, sock: socket.socket, address: tuple[str, int], lifespan: bool
+    app: ASGIApp, tg: TaskGroup, sock: socket.socket, address: tuple[str, int], lifespan: bool
 ) -> AsgiServer:
     import uvicorn
 
@@ -115,8 +117,9 @@ async def _serve_uvicorn(
 
 
 async def _serve_hypercorn(
-    app: ASGIApp, tg: Any, sock: socket.socket, address: tuple[str, int]
+    app: ASGIApp, tg: TaskGroup, sock: socket.socket, address: tuple[str, int]
 ) -> AsgiServer:
+    # hypercorn.trio.serve binds its own sockets; worker_serve (which it calls) takes ours
     from hypercorn.config import Config, Sockets
     from hypercorn.trio.run import worker_serve
     from hypercorn.utils import wrap_app
