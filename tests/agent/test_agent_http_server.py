@@ -55,6 +55,24 @@ async def test_api_answers_keepalive_requests_on_a_nodelay_connection(tmp_path, 
             assert r.extensions["network_stream"].get_extra_info("client_addr") == peer
 
 
+async def test_query_results_small_with_a_length_large_streamed(tmp_path):
+    async with Agent(agent_config(tmp_path, "q")) as agent:
+        await agent.execute(
+            [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i:05d}", "x" * 100]] for i in range(2000)]
+        )
+        host, port = agent.api_addrs[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+            small = await client.post("/v1/queries", json="SELECT k FROM kv WHERE k = 'k00007'")
+            assert small.headers["content-length"] == str(len(small.content))
+            assert small.text.splitlines()[1] == '{"row":[1,["k00007"]]}'
+            large = await client.post("/v1/queries", json="SELECT k, v FROM kv ORDER BY k")
+            assert "content-length" not in large.headers  # ~250 KiB: streamed, chunked
+            lines = [json.loads(line) for line in large.text.splitlines()]
+            rows = [line["row"] for line in lines[1:-1]]
+            assert rows == [[i + 1, [f"k{i:05d}", "x" * 100]] for i in range(2000)]
+            assert "eoq" in lines[-1]
+
+
 async def test_api_stops_with_a_stream_open(tmp_path):
     """An open /v1/updates stream (it never ends by itself) does not hold up the agent's
     shutdown, and the client sees its stream end."""
