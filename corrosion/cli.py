@@ -212,12 +212,16 @@ class _Errors:
 
 def run_async(fn: Any, *args: Any) -> Any:
     """asyncio with uvloop when installed (the fastest loop for the agent), plain asyncio
-    otherwise."""
+    otherwise: uvloop is an optional speed-up (the ``fast`` extra), so its absence is a DEBUG
+    line, and nothing raised later is chained to its ImportError."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        return anyio.run(fn, *args, backend="asyncio")
-    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+        log.debug("uvloop is not installed; running on the default asyncio loop")
+        use_uvloop = False
+    else:
+        use_uvloop = True
+    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": use_uvloop})
 
 
 async def wait_for_stop(duration: float | None = None) -> str:
@@ -541,9 +545,11 @@ def devcluster(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
+        missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
     except OSError as exc:
         raise _fail(f"devcluster could not start: {exc}") from None
+    if missing:
+        raise _fail(f"the demo write never reached {', '.join(missing)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

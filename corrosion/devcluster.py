@@ -3,7 +3,8 @@
 Each node is a full agent (SWIM on UDP, peer streams on TCP, HTTP API, admin socket, metrics)
 with its own database under ``<base>/n<i>/``, all joined through n1 and sharing a demo schema
 (a ``todos`` table). The command writes a row through n1, shows how long it took to become
-visible on every node, prints the addresses with commands to copy, and runs until Ctrl-C.
+visible on every node, prints the addresses with commands to copy, and runs until Ctrl-C (or for
+``--duration`` seconds). It exits non-zero if the demo write never reached some node.
 
 Every node also gets a ``config.toml`` (with the ports actually bound), so the CLI can reach it
 with ``corrosion -c <base>/n2/config.toml ...`` while the cluster runs.
@@ -253,8 +254,9 @@ async def run_devcluster(
     duration: float | None,
     echo: Callable[[str], Any] = print,
     wait: Callable[[float | None], Awaitable[str]] | None = None,
-) -> None:
-    """The ``devcluster`` command: start, demonstrate, print, wait, stop."""
+) -> list[str]:
+    """The ``devcluster`` command: start, demonstrate, print, wait, stop. Returns the nodes
+    the demo write did not reach (so the command can fail: scripts and CI rely on it)."""
     if wait is None:
         from .cli import wait_for_stop as wait
     temporary = base_dir is None
@@ -282,6 +284,8 @@ async def run_devcluster(
             for name, secs in seen:
                 took = "not yet (still replicating)" if secs is None else f"{secs:.3f}s"
                 echo(f"  {name}  {took}")
+            missing = [name for name, secs in seen if secs is None]
+            echo(f"Demo write reached {nodes - len(missing)} of {nodes} nodes.")
             echo("")
             echo(
                 "Running until Ctrl-C."
@@ -294,3 +298,4 @@ async def run_devcluster(
     finally:
         if temporary:
             shutil.rmtree(base, ignore_errors=True)
+    return missing

@@ -32,6 +32,7 @@ def test_devcluster_command_prints_what_a_newcomer_needs():
         assert "CREATE TABLE IF NOT EXISTS todos" in out
         assert "Membership: all 3 nodes see each other" in out
         assert "Demo: n1 wrote todo #1 'hello from n1'" in out
+        assert "\nDemo write reached 3 of 3 nodes.\n" in out  # what the fresh-install smoke checks
         for name in ("n1", "n2", "n3"):
             assert re.search(rf"^  {name}  \d+\.\d{{3}}s$", out, re.M), out
             cfg = Config.load(base / name / "config.toml")
