@@ -106,19 +106,16 @@ def _closes(m: re.Match[str] | None, fence: str) -> bool:
 
 
 def _processes_using(directory: Path) -> list[int]:
-    """Processes (not this one) whose working directory or command line is in ``directory``."""
+    """Processes (not this one) working in ``directory`` or naming a path in it."""
+    inside = f"{directory}/"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
             cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if (
-                cwd == str(directory)
-                or cwd.startswith(f"{directory}/")
-                or str(directory) in cmdline
-            ):
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if any(inside in f"{arg}/" for arg in [cwd, *args]):
                 found.append(int(entry.name))
     return found
 
