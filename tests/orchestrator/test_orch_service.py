@@ -89,6 +89,7 @@ async def test_skip_launch_then_start_stop(tmp_path):
         await settle(o, mid, "stopped")
         exit_ = o.doc(mid)["last_exit"]
         assert exit_["requested_stop"] and exit_["signal"] == 2
+        assert o.get_machine("app", mid)["events"][0]["request"]["exit_event"] == exit_
         assert (await o.start_machine("app", mid))["previous_state"] == "stopped"
         await settle(o, mid, "started")
 
