@@ -7,13 +7,15 @@ stays as the container's reaper (so exit codes survive an orchestrator restart);
 ``destroy`` is ``runc delete --force``. The OOM flag comes from the container's memory cgroup
 (``memory.oom_control``'s ``oom_kill`` count).
 
-The init: PID 1 of a pid namespace ignores every signal it has no handler for, so a command run
-as PID 1 (``sleep``, most servers) would ignore the stop signal and always wait out the timeout.
-The command therefore runs under a static ``tini`` (Debian's ``tini`` package ships
-``/usr/bin/tini-static``), bind-mounted read-only at :data:`INIT_PATH` on the container's
-``/run`` tmpfs so no image needs it: tini is PID 1, forwards signals to the command and reaps
-zombies. tini exits with the command's code, or 128+N when the command died of signal N, and
-that is the exit recorded. Without tini the command is PID 1 (one warning when the driver starts).
+The init: PID 1 of a pid namespace ignores the signals it has no handler for (only SIGKILL from
+outside gets through), so a command run as PID 1 (``sleep``, most servers) would ignore the stop
+signal and always wait out the timeout. The command therefore runs under a static ``tini``
+(Debian's ``tini`` package ships ``/usr/bin/tini-static``), bind-mounted read-only at
+:data:`INIT_PATH` on the container's ``/run`` tmpfs so no image needs it: tini is PID 1, forwards
+signals to the command and reaps zombies; ``start`` returns once tini runs the command, so a stop
+right after it is not lost. tini exits with the command's code, or 128+N when the command died
+of signal N, and that is the exit recorded. Without tini the command is PID 1 (one warning when
+the driver starts).
 
 Networking: by default the container shares the host's network namespace (address
 ``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it a private
@@ -244,12 +246,34 @@ class RuncDriver(ShimDriver):
         proc = await self._runc("start", instance_id, check=False)
         if proc.returncode == 0:
             (self._dir(instance_id) / "started").touch()
+            if self.init is not None:
+                await self._await_init(instance_id)
             return
         state = (await self.status(instance_id)).state
         if state is InstanceState.ABSENT:
             raise UnknownInstanceError(instance_id)
         msg = proc.stderr.decode(errors="replace").strip()
         raise DriverError(f"cannot start instance {instance_id} in state {state}: {msg}")
+
+    async def _await_init(self, instance_id: str, timeout: float = 10.0) -> None:
+        """Until tini has started the command, which it does after blocking the signals it
+        forwards. Before that a stop's SIGTERM would reach a PID 1 with no handler (runc's
+        init, or tini just exec'd) and be dropped, and the stop would wait its whole timeout."""
+        pids = self._pids(self._dir(instance_id))
+        if pids is None:
+            return
+        pid = int(pids["main"])
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        delay = 0.0005
+        with anyio.move_on_after(timeout):
+            while True:
+                try:
+                    if children.read_text().strip():
+                        return
+                except OSError:
+                    return  # it has exited already (or this kernel cannot say: do not wait)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.01)
 
     async def status(self, instance_id: str) -> InstanceStatus:
         d = self._dir(instance_id)
