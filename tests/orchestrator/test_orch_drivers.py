@@ -3,6 +3,7 @@ containers; runc tests skip with a reason where runc, root or busybox-static is 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -20,6 +21,7 @@ from orchestrator.drivers import (
     RuncDriver,
     runc_available,
 )
+from orchestrator.drivers import runc as runc_module
 from orchestrator.drivers.runc import INIT_PATH
 from orchestrator.ids import IdFactory
 
@@ -235,6 +237,15 @@ async def test_runc_command_without_a_handler_stops_on_sigterm(runc_driver):
     exit_ = await runc_driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=120)
     assert exit_.requested_stop and exit_.signal is None, exit_
     assert exit_.exit_code == 128 + signal.SIGTERM, exit_
+
+
+async def test_runc_driver_warns_once_without_a_static_init(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(runc_module, "INIT_CANDIDATES", (str(tmp_path / "no-tini-static"),))
+    with caplog.at_level(logging.WARNING, logger=runc_module.__name__):
+        driver = RuncDriver(tmp_path / "runc")
+    assert driver.init is None
+    [record] = caplog.records
+    assert "apt-get install tini" in record.message and "PID 1" in record.message
 
 
 @needs_runc
