@@ -73,6 +73,21 @@ def check_parses_in_stdlib(schema: list[tuple[str, str, str]]) -> None:
         db.close()
 
 
+def store_pre_fix_utrig(conn: apsw.Connection, table: str) -> None:
+    """Put back the pk-update trigger as releases before the fix wrote it: the clock table
+    aliased (``UPDATE <clock> AS m``), which SQLite 3.40 and older cannot parse."""
+    name = f"{table}__crsql_utrig"
+    clock = f'"{table}__crsql_clock"'
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+    old = sql.replace(
+        f"UPDATE {clock} SET col_version = col_version + 1 + ",
+        f"UPDATE {clock} AS m SET col_version = m.col_version + 1 + ",
+    ).replace(f"{clock}.col_name", "m.col_name")
+    assert old != sql
+    conn.execute(f'DROP TRIGGER "{name}"')
+    conn.execute(old)
+
+
 def sqlite3_shell(path: str | Path, sql: str) -> str:
     """Run the ``sqlite3`` shell read-only on ``path``; skips when the shell is not installed."""
     shell = shutil.which("sqlite3")

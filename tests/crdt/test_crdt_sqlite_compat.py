@@ -13,6 +13,7 @@ from stdlib_readers import (
     check_parses_in_stdlib,
     read_everything,
     read_tables,
+    store_pre_fix_utrig,
     stored_schema,
 )
 
@@ -134,21 +135,6 @@ def test_stdlib_sqlite3_reads_while_the_writer_holds_the_database(tmp_path):
         conn.close()
 
 
-def _old_style_utrig(conn, table: str) -> None:
-    """Put back the pk-update trigger as releases before the fix wrote it: the clock table
-    aliased (``UPDATE <clock> AS m``), which SQLite 3.40 and older cannot parse."""
-    name = f"{table}__crsql_utrig"
-    clock = f'"{table}__crsql_clock"'
-    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()
-    old = sql.replace(
-        f"UPDATE {clock} SET col_version = col_version + 1 + ",
-        f"UPDATE {clock} AS m SET col_version = m.col_version + 1 + ",
-    ).replace(f"{clock}.col_name", "m.col_name")
-    assert old != sql
-    conn.execute(f'DROP TRIGGER "{name}"')
-    conn.execute(old)
-
-
 def _pk_change_and_its_changes(conn) -> list[tuple]:
     """A pk-changing update and what it records (everything but the site id, which differs
     between databases)."""
@@ -168,7 +154,7 @@ def test_old_triggers_are_rewritten_on_open(tmp_path):
     conn = _seeded(path)
     with conn:
         for table in ("ints", "composite"):
-            _old_style_utrig(conn, table)
+            store_pre_fix_utrig(conn, table)
     conn.close()
     with pytest.raises(sqlite3.DatabaseError, match="malformed database schema"):
         read_everything(path)
@@ -202,7 +188,7 @@ def test_read_only_open_does_not_touch_old_triggers(tmp_path):
     conn = crdt.connect(str(path))
     apply_schema(conn, SCHEMA)
     with conn:
-        _old_style_utrig(conn, "ints")
+        store_pre_fix_utrig(conn, "ints")
     conn.close()
     ro = crdt.connect(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
