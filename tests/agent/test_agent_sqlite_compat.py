@@ -112,11 +112,11 @@ async def test_stdlib_reads_a_running_agent_its_step_log_and_its_backup(tmp_path
     assert {k: stopped[k] for k in ("kv", "items")} == {k: live[k] for k in ("kv", "items")}
     copy = read_everything(out)
     assert {k: copy[k] for k in ("kv", "items")} == {k: live[k] for k in ("kv", "items")}
-    shell = sqlite3_shell(out, "PRAGMA integrity_check; SELECT k FROM kv ORDER BY k;")
-    assert shell.split() == ["ok", "c", "z"]
-
     # the agent's tables, the CRRs (the user's and the machines table) and the step log's
     check_parses_in_stdlib(schema_of(db_path) + schema_of(step_log))
+
+    shell = sqlite3_shell(out, "PRAGMA integrity_check; SELECT k FROM kv ORDER BY k;")
+    assert shell.split() == ["ok", "c", "z"]
 
 
 def test_backup_of_a_database_from_an_earlier_release_opens_in_standard_sqlite(tmp_path):
