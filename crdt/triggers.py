@@ -222,8 +222,8 @@ def update_triggers(info: TableInfo) -> list[str]:
     # as local writes of the values now in the row. Otherwise peers holding the replaced row's
     # clocks would keep its values.
     new_key, old_key = _key_of(info, "NEW"), _key_of(info, "OLD")
-    # The target is named in full, not aliased: SQLite before 3.39 rejects ``UPDATE t AS m`` in a
-    # trigger body, and a schema it cannot parse makes the whole file unreadable to it.
+    # The target is named in full, not aliased: SQLite 3.40 and older reject ``UPDATE t AS m`` in
+    # a trigger body, and a schema it cannot parse makes the whole file unreadable to it.
     moved = f"{info.clock}.col_name"
     body.append(
         f"UPDATE {info.clock} SET col_version = col_version + 1 + "
