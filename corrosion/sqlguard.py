@@ -25,8 +25,11 @@ request). It refuses only inside ``guard.client()``, around a client's statement
 own statements on the same connection (bookkeeping, commits) pass. A statement the agent
 prepared unchecked stays in the statement cache, so a client's statement of the same text is
 prepared apart, with ``CLIENT_PREPARE_FLAGS`` (the cache keys on the flags). SQLite names the
-trigger a check comes from, which tells the CRR triggers' own writes from the client's; the
-triggers' names are read from the schema, since a CTE's name is reported the same way.
+trigger a check comes from, which tells the CRR triggers' own writes from the client's (the
+triggers' names are read from the schema). SQLite reports a CTE's name the same way, so a CTE
+named after a trigger passes for one when it calls functions: that gains it the counters the
+triggers call (``crsql_next_db_version()`` and the like, which only consume numbers), not the
+sync bit or the admin functions, refused everywhere; writes cannot come from a CTE.
 
 Timeouts: ``Deadline`` is a progress handler on the connection that aborts the running statement
 (``apsw.InterruptError``) once its time is up. Per connection and installed only around the
@@ -190,6 +193,7 @@ class Guard:
         self._schema_version = -1
         self._refusal: str | None = None
         self._schema_write = False  # the statement writes sqlite_schema (DDL): refuse it
+        self._traced = False  # statement() set the hook that refuses it once prepared
 
     def install(self, conn: apsw.Connection) -> Guard:
         conn.authorizer = self
@@ -217,6 +221,7 @@ class Guard:
             yield
         finally:
             self._checking = checking
+            self._traced = False
 
     def statement(self, cursor: apsw.Cursor) -> None:
         """Call before each client statement on ``cursor``: resets the refusal and marks when
@@ -224,6 +229,7 @@ class Guard:
         self._refusal = None
         self._schema_write = False
         self._running = False
+        self._traced = True
         previous = cursor.exec_trace
 
         def started(cur: apsw.Cursor, sql: str, bindings: Any) -> bool:
@@ -277,6 +283,8 @@ class Guard:
             if db == "main" and table in self._replicated:
                 return None
             if table.lower() in _SCHEMA_TABLES and inner is None:
+                if not self._traced:
+                    return _schema_change()
                 self._schema_write = True  # DDL: its own check follows (see statement())
                 return None
             if is_internal(table):
@@ -341,9 +349,9 @@ class Guard:
             return None
         shown = f"PRAGMA {name}" if arg is None else f"PRAGMA {name} = {arg}"
         return (
-            f"{shown} is not allowed through the API: only pragmas that read (table_info, "
-            "index_list, journal_mode, user_version...) are; the agent sets its own connection "
-            "and database options"
+            f"{shown} is not allowed through the API: the agent sets its own connection and "
+            "database options; pragmas that only read (table_info(t), a setting's current "
+            "value) are allowed"
         )
 
 
