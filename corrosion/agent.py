@@ -50,8 +50,16 @@ from .replication import (
     encode_meta,
     peer_address,
 )
+from .sqlguard import Deadline, Guard, guard_of
 from .statements import parse_statements
-from .store import ApplyResult, LocalCommit, StatementError, Store
+from .store import (
+    ApplyResult,
+    LocalCommit,
+    StatementError,
+    StatementRefused,
+    StatementTimeout,
+    Store,
+)
 from .subscriptions import Subscriptions
 from .transport import (
     PEER_PREAMBLE,
@@ -93,6 +101,15 @@ class TransactionError(Exception):
         self.index = index
 
 
+class TransactionRefused(TransactionError):
+    """A statement does what clients may not do (DDL, ATTACH, internal tables... see
+    ``corrosion.sqlguard``); nothing was applied. The message says what to do instead."""
+
+
+class TransactionTimeout(TransactionError):
+    """The statements ran past the transaction's timeout; nothing was applied."""
+
+
 class QueryError(Exception):
     """A query was refused (not read-only, invalid SQL)."""
 
@@ -100,6 +117,24 @@ class QueryError(Exception):
         super().__init__(message)
         self.message = message
         self.client_error = client_error
+
+
+class QueryTimeout(QueryError):
+    """The query ran past its timeout and was interrupted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, client_error=False)
+
+
+_DEFAULT: Any = object()  # "the configured default" for a timeout argument
+
+
+def _transaction_error(exc: StatementError) -> TransactionError:
+    if isinstance(exc, StatementRefused):
+        return TransactionRefused(exc.message, exc.index)
+    if isinstance(exc, StatementTimeout):
+        return TransactionTimeout(exc.message, exc.index)
+    return TransactionError(exc.message, exc.index)
 
 
 @dataclass
@@ -201,7 +236,9 @@ class Agent:
         # called with each ApplyResult that booked versions (benchmarks, subscriptions)
         self.apply_listeners: list[Any] = []
         self._update_watchers: dict[str, list[MemoryObjectSendStream[tuple[str, tuple]]]] = {}
-        self.subscriptions = Subscriptions(self._read_conn, self._release_read_conn)
+        self.subscriptions = Subscriptions(
+            self._read_conn, self._release_read_conn, timeout=config.api.query_timeout
+        )
         self._tg: TaskGroup | None = None
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = 0
@@ -651,19 +688,25 @@ class Agent:
 
     # -- the public API ----------------------------------------------------------------------
 
-    async def execute(self, statements: Sequence[Any]) -> ExecResult:
+    async def execute(self, statements: Sequence[Any], *, timeout: Any = _DEFAULT) -> ExecResult:
         """Run statements (corrosion's four JSON forms, or ``(sql, params)``) in one
-        transaction; raise ``TransactionError`` if any fails (nothing applied)."""
+        transaction; raise ``TransactionError`` if any fails (nothing applied):
+        ``TransactionRefused`` for what clients may not do (``corrosion.sqlguard``: DDL, ATTACH,
+        internal or unreplicated tables...), ``TransactionTimeout`` when the statements run
+        longer than ``timeout`` seconds (default ``api.transaction_timeout``; None or 0: none)."""
         assert self.store is not None and self.replicator is not None
         parsed = parse_statements(statements)
         ts = self.replicator.hlc.now()
         t0 = time.perf_counter()
         store = self.store
+        seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
         try:
             async with self.db_lock:
-                results, commit = await anyio.to_thread.run_sync(store.execute_local, parsed, ts)
+                results, commit = await anyio.to_thread.run_sync(
+                    lambda: store.execute_local(parsed, ts, timeout=seconds)
+                )
         except StatementError as exc:
-            raise TransactionError(exc.message, exc.index) from None
+            raise _transaction_error(exc) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         if commit is not None:
             self._changed(commit.changes)
@@ -674,17 +717,22 @@ class Agent:
             actor_hex(store.actor_id),
         )
 
-    async def execute_commit(self, statements: Sequence[Any]) -> LocalCommit | None:
+    async def execute_commit(
+        self, statements: Sequence[Any], *, timeout: Any = _DEFAULT
+    ) -> LocalCommit | None:
         """Like ``execute`` but returns the booked commit (for publishers and tests)."""
         assert self.store is not None and self.replicator is not None
         parsed = parse_statements(statements)
         ts = self.replicator.hlc.now()
         store = self.store
+        seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
         try:
             async with self.db_lock:
-                _results, commit = await anyio.to_thread.run_sync(store.execute_local, parsed, ts)
+                _results, commit = await anyio.to_thread.run_sync(
+                    lambda: store.execute_local(parsed, ts, timeout=seconds)
+                )
         except StatementError as exc:
-            raise TransactionError(exc.message, exc.index) from None
+            raise _transaction_error(exc) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         if commit is not None:
             self._changed(commit.changes)
@@ -751,6 +799,7 @@ class Agent:
             return self._read_pool.pop()
         conn = crdt.connect(str(self.config.db.path), flags=apsw.SQLITE_OPEN_READONLY)
         conn.execute("PRAGMA query_only = ON")
+        Guard(writes=False).install(conn)  # checks clients' queries (sqlguard)
         return conn
 
     def _release_read_conn(self, conn: apsw.Connection) -> None:
@@ -760,26 +809,52 @@ class Agent:
             conn.close()
 
     async def query(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        *,
+        batch: int = 512,
+        timeout: Any = _DEFAULT,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Rows of a read-only statement, read on a read-only connection in a worker thread."""
-        async for kind, payload in self.query_stream(sql, params, batch=batch):
+        async for kind, payload in self.query_stream(sql, params, batch=batch, timeout=timeout):
             if kind == "rows":
                 for row in payload:
                     yield row
 
     async def query_stream(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        *,
+        batch: int = 512,
+        timeout: Any = _DEFAULT,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
-        ``QueryError`` (before the columns for refused or invalid statements)."""
+        ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
+        once the query has run ``timeout`` seconds (default ``api.query_timeout``; None or 0:
+        no limit), reading rows included."""
         from crdt.schema import split_statements
 
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
+        seconds = self.config.api.query_timeout if timeout is _DEFAULT else timeout
         conn = await anyio.to_thread.run_sync(self._read_conn)
+        guard = guard_of(conn)
+        assert guard is not None
+        deadline = Deadline(conn, seconds).__enter__()
         try:
             cursor = conn.cursor()
+
+            def failed(exc: apsw.Error, *, client_error: bool) -> QueryError:
+                if deadline.expired:
+                    return QueryTimeout(
+                        deadline.message("the query") + " (?timeout= sets it, 0 for none)"
+                    )
+                refused = guard.refused(exc)
+                if refused is not None:
+                    return QueryError(refused.message)
+                return QueryError(str(exc), client_error=client_error)
 
             def first() -> tuple[list[str], list[tuple]]:
                 seen: dict[str, Any] = {}
@@ -790,6 +865,7 @@ class Agent:
                     return bool(cur.is_readonly)
 
                 cursor.exec_trace = check
+                guard.statement(cursor)
                 try:
                     # A connection notices a schema change (a reload) only when it next reads;
                     # until then ``SELECT *`` would be prepared, and its columns reported, from
@@ -801,13 +877,13 @@ class Agent:
                 except apsw.ReadOnlyError:
                     raise QueryError("statement is not readonly") from None
                 except apsw.Error as exc:
-                    raise QueryError(str(exc)) from None
+                    raise failed(exc, client_error=True) from None
                 finally:
                     cursor.exec_trace = None
                 try:
                     return seen.get("cols", []), _fetch(cursor, batch)
                 except apsw.Error as exc:
-                    raise QueryError(str(exc), client_error=False) from None
+                    raise failed(exc, client_error=False) from None
 
             cols, rows = await anyio.to_thread.run_sync(first)
             yield "columns", cols
@@ -816,8 +892,9 @@ class Agent:
                 try:
                     rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
                 except apsw.Error as exc:  # a runtime error after the first batch
-                    raise QueryError(str(exc), client_error=False) from None
+                    raise failed(exc, client_error=False) from None
         finally:
+            deadline.__exit__(None, None, None)
             await anyio.to_thread.run_sync(self._release_read_conn, conn)
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:

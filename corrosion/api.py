@@ -1,11 +1,12 @@
 """The HTTP API, with corrosion's paths and JSON shapes, as a starlette ASGI app.
 
 ``POST /v1/transactions``  statements in one transaction → ``{"results": [{"rows_affected",
-                           "time"}], "time", "version", "actor_id"}``; any failure: 500 and nothing
-                           applied
+                           "time"}], "time", "version", "actor_id"}``; DML on replicated tables
+                           only (``sqlguard``: anything else is refused with 400); any failure,
+                           or ``?timeout=`` seconds passed: 500; either way nothing applied
 ``POST /v1/queries``       one read-only statement → NDJSON ``{"columns"}``, ``{"row": [rowid,
-                           [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write is
-                           refused with 400
+                           [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write,
+                           ATTACH or a writing PRAGMA is refused with 400; ``?timeout=``
 ``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size"}}``; the
                            thresholds ``gaps``, ``max_queue``, ``p99_lag`` (seconds; with
                            ``queue_size``, only while the queue is longer too) answer
@@ -37,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .sqlguard import parse_timeout
 from .statements import StatementFormError, parse_statement, parse_statements
 from .subscriptions import SubscriptionError
 
@@ -90,10 +92,17 @@ async def _json_body(request: Request) -> Any:
 
 
 def routes(agent: Agent) -> list[BaseRoute]:
-    from .agent import QueryError, TransactionError
+    from .agent import QueryError, TransactionError, TransactionRefused
+
+    def _timeout(request: Request, default: float) -> float | None:
+        try:
+            return parse_timeout(request.query_params.get("timeout"), default or None)
+        except ValueError as exc:
+            raise StatementFormError(str(exc)) from None
 
     async def transactions(request: Request) -> Response:
         try:
+            timeout = _timeout(request, agent.config.api.transaction_timeout)
             body = await _json_body(request)
             if not isinstance(body, list):
                 raise StatementFormError("expected a JSON array of statements")
@@ -101,8 +110,10 @@ def routes(agent: Agent) -> list[BaseRoute]:
         except StatementFormError as exc:
             return _error(400, str(exc))
         try:
-            result = await agent.execute(statements)
+            result = await agent.execute(statements, timeout=timeout)
         except TransactionError as exc:
+            # corrosion's shape; a refused statement is the client's error (400), a failed or
+            # timed-out one answers 500 as in corrosion
             return JSONResponse(
                 {
                     "results": [{"error": exc.message}],
@@ -110,17 +121,18 @@ def routes(agent: Agent) -> list[BaseRoute]:
                     "version": None,
                     "actor_id": agent.actor_id.hex(),
                 },
-                status_code=500,
+                status_code=400 if isinstance(exc, TransactionRefused) else 500,
             )
         return JSONResponse(result.to_json())
 
     async def queries(request: Request) -> Response:
         try:
+            timeout = _timeout(request, agent.config.api.query_timeout)
             sql, params = parse_statement(await _json_body(request))
         except StatementFormError as exc:
             return _error(400, str(exc))
         t0 = time.perf_counter()
-        stream = agent.query_stream(sql, params).__aiter__()
+        stream = agent.query_stream(sql, params, timeout=timeout).__aiter__()
         try:
             first = await stream.__anext__()
         except QueryError as exc:

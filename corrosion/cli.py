@@ -360,6 +360,14 @@ ParamOpt = Annotated[
     typer.Option("--param", help="A positional parameter (bound as text); repeatable."),
 ]
 TimerOpt = Annotated[bool, typer.Option("--timer", help="Print the server-side time.")]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds the agent lets the statement run (default: its api config; 0: no limit).",
+        min=0,
+    ),
+]
 
 
 def _statement(sql: str, params: list[str] | None) -> Any:
@@ -372,10 +380,11 @@ def exec_(
     sql: Annotated[str, typer.Argument(metavar="SQL")],
     param: ParamOpt = None,
     timer: TimerOpt = False,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Run a statement that writes, in one transaction (POST /v1/transactions)."""
     with _Errors(), _g(ctx).api_client() as client:
-        result = client.execute([_statement(sql, param)])
+        result = client.execute([_statement(sql, param)], timeout=timeout)
         for r in result.get("results", []):
             typer.echo(f"Rows affected: {r.get('rows_affected')}")
             if timer:
@@ -405,11 +414,12 @@ def query(
     ] = False,
     param: ParamOpt = None,
     timer: TimerOpt = False,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Read with one statement (POST /v1/queries); rows are printed '|'-separated."""
     with _Errors(), _g(ctx).api_client() as client:
         params = list(param) if param else None
-        for kind, payload in client.query_events(sql, params):
+        for kind, payload in client.query_events(sql, params, timeout=timeout):
             if kind == "columns" and columns:
                 typer.echo("|".join(payload))
             elif kind == "row":

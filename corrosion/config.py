@@ -8,6 +8,8 @@ schema_paths = ["/etc/corrosion/schema"]  # .sql files or directories of them
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
 authz.bearer-token = "secret"             # optional: require "Authorization: Bearer secret"
+query_timeout = 60.0                      # seconds a query may run (?timeout= overrides; 0: none)
+transaction_timeout = 60.0                # seconds a transaction's statements may run
 
 [gossip]
 addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
@@ -110,6 +112,10 @@ class DbConfig:
 class ApiConfig:
     addrs: tuple[Address, ...] = ()
     bearer_token: str | None = None
+    # default time limits of a client's query and transaction, in seconds (0: none); see
+    # docs/agent.md for why transactions have one too (they hold the node's only writer)
+    query_timeout: float = 60.0
+    transaction_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -195,8 +201,9 @@ class Config:
             token = authz.opt_str("bearer")
         authz.done()
         api.mark("addr")
+        timeouts = {k: api.float(k, 60.0, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
         api.done()
-        api_cfg = ApiConfig(api_addrs, token)
+        api_cfg = ApiConfig(api_addrs, token, **timeouts)
 
         tls = gossip.table("tls")
         tls_cfg = None

@@ -37,6 +37,7 @@ from crdt.schema import apply_schema
 from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
 from .ranges import RangeSet
+from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard
 
 SCHEMA_VERSION = 1
 
@@ -71,6 +72,14 @@ class StatementError(Exception):
         super().__init__(message)
         self.index = index
         self.message = message
+
+
+class StatementRefused(StatementError):
+    """A statement does what clients may not do (``sqlguard``); nothing was applied."""
+
+
+class StatementTimeout(StatementError):
+    """The transaction ran past its timeout and was interrupted; nothing was applied."""
 
 
 @dataclass
@@ -120,6 +129,8 @@ class Store:
             )
         self.actor_id: bytes = crdt.site_id(self.conn)
         self.bookie = self._load_bookie()
+        # checks client statements only, inside execute_local (sqlguard)
+        self.guard = Guard(writes=True).install(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -172,26 +183,38 @@ class Store:
     # -- local transactions ----------------------------------------------------------------
 
     def execute_local(
-        self, statements: Sequence[Statement], ts: int
+        self, statements: Sequence[Statement], ts: int, *, timeout: float | None = None
     ) -> tuple[list[StatementResult], LocalCommit | None]:
-        """Run statements in one transaction; book and return the new version if replicated
-        data changed. Any failing statement rolls back everything (``StatementError``)."""
+        """Run a client's statements in one transaction; book and return the new version if
+        replicated data changed. Any failing statement rolls back everything
+        (``StatementError``; ``StatementRefused`` for what clients may not do, ``sqlguard``;
+        ``StatementTimeout`` past ``timeout`` seconds of running them)."""
         conn = self.conn
         state = conn.crr
         results: list[StatementResult] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for i, (sql, params) in enumerate(statements):
-                t0 = time.perf_counter()
-                try:
-                    cursor = conn.execute(sql, params)
-                    for _ in cursor:
-                        pass  # rows of RETURNING are not part of the answer, as corrosion
-                except apsw.Error as exc:
-                    raise StatementError(i, str(exc)) from None
-                if conn.get_autocommit():
-                    raise StatementError(i, "transaction control statements are not allowed")
-                results.append(StatementResult(conn.changes(), time.perf_counter() - t0))
+            with self.guard.client(conn), Deadline(conn, timeout) as deadline:
+                for i, (sql, params) in enumerate(statements):
+                    t0 = time.perf_counter()
+                    try:
+                        cursor = conn.cursor()
+                        self.guard.statement(cursor)
+                        cursor.execute(sql, params, prepare_flags=CLIENT_PREPARE_FLAGS)
+                        for _ in cursor:
+                            pass  # rows of RETURNING are not part of the answer, as corrosion
+                    except apsw.Error as exc:
+                        if deadline.expired:
+                            raise StatementTimeout(
+                                i, deadline.message("the transaction") + "; nothing was applied"
+                            ) from None
+                        refused = self.guard.refused(exc)
+                        if refused is not None:
+                            raise StatementRefused(i, refused.message) from None
+                        raise StatementError(i, str(exc)) from None
+                    if conn.get_autocommit():
+                        raise StatementError(i, "transaction control statements are not allowed")
+                    results.append(StatementResult(conn.changes(), time.perf_counter() - t0))
             commit = None
             if state.pending != -1:
                 changes = [

@@ -30,6 +30,8 @@ from typing import Any
 import anyio
 import apsw
 
+from .sqlguard import Deadline, guard_of
+
 KEEP_CHANGES = 500
 DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
 IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
@@ -62,11 +64,12 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
     or None for content identity. Raises SubscriptionError for writes or invalid SQL."""
     tables: set[str] = set()
     info: dict[str, Any] = {}
+    guard = guard_of(conn)  # the agent's readers check clients' SQL (sqlguard)
 
-    def authorizer(op: int, p1: str | None, p2: str | None, db: str | None, _t: Any) -> int:
+    def authorizer(op: int, p1: str | None, p2: str | None, db: str | None, t: Any) -> int:
         if op == apsw.SQLITE_READ and p1 and db == "main":
             tables.add(p1)
-        return apsw.SQLITE_OK
+        return guard(op, p1, p2, db, t) if guard is not None else apsw.SQLITE_OK
 
     def trace(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
         info["full"] = cur.description_full
@@ -76,14 +79,17 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
     conn.authorizer = authorizer
     cursor = conn.cursor()
     cursor.exec_trace = trace
+    if guard is not None:
+        guard.statement(cursor)
     try:
-        cursor.execute(sql, params)
+        cursor.execute(sql, params, can_cache=False)
     except apsw.ExecTraceAbort:
         pass
     except apsw.Error as exc:
-        raise SubscriptionError(str(exc)) from None
+        refused = guard.refused(exc) if guard is not None else None
+        raise SubscriptionError(refused.message if refused else str(exc)) from None
     finally:
-        conn.authorizer = None
+        conn.authorizer = guard
         cursor.exec_trace = None
     if not info.get("readonly", False):
         raise SubscriptionError("statement is not readonly")
@@ -208,9 +214,12 @@ def _types(row: tuple) -> tuple:
 class Subscriptions:
     """The agent's live queries, re-evaluated off the event loop on a read connection."""
 
-    def __init__(self, open_reader: Any, release_reader: Any) -> None:
+    def __init__(
+        self, open_reader: Any, release_reader: Any, *, timeout: float | None = None
+    ) -> None:
         self._open = open_reader
         self._release = release_reader
+        self.timeout = timeout  # seconds a run of a subscription's query may take (None: any)
         self.by_id: dict[str, Subscription] = {}
         self._by_query: dict[tuple[str, str], str] = {}
         self._wake = anyio.Event()
@@ -232,7 +241,13 @@ class Subscriptions:
             try:
                 columns, tables, identity = describe(conn, sql, params)
                 sub = Subscription(str(uuid.uuid4()), sql, params, columns, tables, identity)
-                sub.load(conn.execute(sql, params).fetchall())
+                with Deadline(conn, self.timeout) as deadline:
+                    try:
+                        sub.load(conn.execute(sql, params).fetchall())
+                    except apsw.Error:
+                        if deadline.expired:
+                            raise SubscriptionError(deadline.message("the query")) from None
+                        raise
                 return sub
             except apsw.Error as exc:
                 raise SubscriptionError(str(exc)) from None
@@ -287,7 +302,8 @@ class Subscriptions:
     def _rerun(self, sub: Subscription) -> list[tuple] | None:
         conn = self._open()
         try:
-            return conn.execute(sub.sql, sub.params).fetchall()
+            with Deadline(conn, self.timeout):
+                return conn.execute(sub.sql, sub.params).fetchall()
         except apsw.Error:
             return None
         finally:

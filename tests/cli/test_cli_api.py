@@ -90,6 +90,30 @@ async def test_failures_exit_non_zero_with_the_servers_error(node):
     assert await rows(node, "SELECT count(*) FROM todos") == [(0,)]
 
 
+async def test_exec_refuses_schema_changes_and_both_take_a_timeout(node):
+    addr = api_of(node)
+    result = await cli("--api-addr", addr, "exec", "CREATE TABLE local_only (a)")
+    assert result.exit_code == 1
+    assert "CREATE TABLE local_only is not allowed" in result.stderr
+    assert "corrosion reload" in result.stderr
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    result = await cli("--api-addr", addr, "query", "--timeout", "0.2", slow)
+    assert result.exit_code == 1 and "timeout of 0.2 s" in result.stderr
+    result = await cli(
+        "--api-addr", addr, "exec", "--timeout", "0.2",
+        f"INSERT INTO todos (id, title) SELECT 1, ({slow})",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "timeout of 0.2 s" in result.stderr
+    assert await rows(node, "SELECT count(*) FROM todos") == [(0,)]
+    result = await cli(
+        "--api-addr", addr, "exec", "--timeout", "0", "INSERT INTO todos (id) VALUES (1)"
+    )
+    assert result.exit_code == 0, result.output
+
+
 async def test_bearer_token_comes_from_the_config(secured):
     agent, config = secured
     result = await cli("-c", str(config), "exec", "INSERT INTO todos (id) VALUES (7)")
