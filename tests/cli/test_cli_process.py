@@ -123,7 +123,10 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
                 await wait_for(replicated_back, what="b's write on the agent process")
                 result = await run("cluster", "members", "--json", "-c", str(cfg))
                 members = json.loads(result.stdout)
-                assert [m["actor_id"] for m in members] == [b.actor_id.hex()]
+                assert [(m["actor_id"], m["self"]) for m in members] == [
+                    (started["actor_id"], True),
+                    (b.actor_id.hex(), False),
+                ]
 
                 host, port = started["metrics_addr"].split(":")
                 async with httpx.AsyncClient(timeout=30) as client:
