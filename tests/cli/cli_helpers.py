@@ -121,11 +121,12 @@ async def rows(agent: Agent, sql: str, params: Any = ()) -> list[tuple]:
     return [r async for r in agent.query(sql, params)]
 
 
-async def cli(*args: str) -> Any:
-    """Run the CLI (typer's CliRunner) in a worker thread; returns the click Result."""
+async def cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    """Run the CLI (typer's CliRunner) in a worker thread, with ``env`` added to the
+    environment; returns the click Result."""
     runner = CliRunner()
     return await anyio.to_thread.run_sync(
-        lambda: runner.invoke(app, list(args), catch_exceptions=False)
+        lambda: runner.invoke(app, list(args), catch_exceptions=False, env=env)
     )
 
 
