@@ -279,6 +279,10 @@ async def run_devcluster(
             echo("")
             echo("\n".join(describe(cluster)))
             echo("")
+            echo(
+                "Gossip: encrypted with a key generated for this run "
+                "(gossip.encryption_keys in each config.toml)"
+            )
             joined = await cluster.wait_joined()
             if nodes == 1:
                 echo("Membership: a single node (add --nodes 3 to see replication)")

@@ -30,6 +30,7 @@ def test_devcluster_command_prints_what_a_newcomer_needs():
         out = result.stdout
         assert "Starting 3 corrosion agent(s)" in out
         assert "CREATE TABLE IF NOT EXISTS todos" in out
+        assert "Gossip: encrypted with a key generated for this run" in out
         assert "Membership: all 3 nodes see each other" in out
         assert "Demo: n1 wrote todo #1 'hello from n1'" in out
         keys = set()
