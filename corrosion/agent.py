@@ -35,7 +35,7 @@ import swim
 from crdt.schema import load_schema_paths
 
 from .changeset import Changeset
-from .config import Config, format_addr
+from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
 from .lag import LagWindow
 from .ranges import RangeSet
@@ -65,12 +65,14 @@ from .transport import (
     PEER_PREAMBLE,
     FrameStream,
     FrameStreamError,
+    UnauthenticatedFrame,
     client_ssl_context,
     connect,
 )
 
 log = logging.getLogger("corrosion.agent")
 
+MAX_HELLO = 4096  # bytes a peer stream's first frame may have (read before it is authenticated)
 PEER_QUEUE = 4096  # frames waiting for one peer's broadcast stream; beyond, drop (sync recovers)
 
 
@@ -144,6 +146,7 @@ class MemberInfo:
     peer_addr: str | None
     state: str
     incarnation: int
+    is_self: bool = False  # this node (listed first)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,7 @@ class MemberInfo:
             "peer_addr": self.peer_addr,
             "state": self.state,
             "incarnation": self.incarnation,
+            "self": self.is_self,
         }
 
 
@@ -215,6 +219,7 @@ class AgentEvents:
     applied_versions: int = 0
     peer_stream_errors: int = 0
     frames_dropped: int = 0
+    peer_streams_unauthenticated: int = 0  # cut: no gossip key opened their frames
 
 
 def actor_hex(actor: bytes) -> str:
@@ -276,6 +281,11 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        problem = gossip_security_error(cfg.gossip)
+        if problem is not None:  # before anything is created or bound
+            raise ConfigError(problem)
+        for warning in security_warnings(cfg):
+            log.warning("%s", warning)
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
@@ -483,6 +493,7 @@ class Agent:
         if self.faults.isolated:
             await raw.aclose()
             return
+        stream: FrameStream | None = None
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -493,7 +504,9 @@ class Agent:
             stream = FrameStream(raw, self._keyring, self._aad)
             async with raw:
                 with anyio.fail_after(10):
-                    hello = self.replicator.check_hello(await stream.receive())
+                    await stream.handshake(client=False)
+                    first = await stream.receive(max_size=MAX_HELLO)
+                hello = self.replicator.check_hello(first)
                 if hello is None:
                     return
                 _actor, purpose = hello
@@ -501,18 +514,23 @@ class Agent:
                     await self._receive_broadcasts(stream)
                 else:
                     await self._answer_sync(stream)
-        except (
-            OSError,
-            anyio.EndOfStream,
-            anyio.BrokenResourceError,
-            anyio.IncompleteRead,
-            FrameStreamError,
-            TimeoutError,
-        ):
+        except Exception as exc:
             self.events.peer_stream_errors += 1
-        except Exception:
-            self.events.peer_stream_errors += 1
-            log.exception("peer stream failed")
+            if isinstance(exc, UnauthenticatedFrame) or (
+                self._keyring is not None and (stream is None or not stream.authenticated)
+            ):
+                # not a member: no key opened its frames (or they were replayed or spliced)
+                self.events.peer_streams_unauthenticated += 1
+            elif not isinstance(
+                exc,
+                OSError
+                | anyio.EndOfStream
+                | anyio.BrokenResourceError
+                | anyio.IncompleteRead
+                | FrameStreamError
+                | TimeoutError,
+            ):
+                log.exception("peer stream failed")
 
     async def _receive_broadcasts(self, stream: FrameStream) -> None:
         assert self.replicator is not None
@@ -913,8 +931,19 @@ class Agent:
             )
 
     def members(self) -> list[MemberInfo]:
-        assert self.swim is not None
-        out = []
+        """This node first (``is_self``), then every member it knows, with its SWIM state."""
+        assert self.swim is not None and self.peer_addr is not None
+        core = self.swim.core
+        out = [
+            MemberInfo(
+                actor_hex(self.actor_id),
+                format_addr(self.swim.address),
+                format_addr(self.peer_addr),
+                "left" if core.leaving else "alive",
+                core.incarnation,
+                is_self=True,
+            )
+        ]
         for m in sorted(self.swim.all_members(), key=lambda m: m.addr):
             info = decode_meta(m.meta)
             out.append(

@@ -199,7 +199,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
             finally:
                 close()
 
-        headers = {"corro-query-id": sub.id, "corro-query-hash": sub.id}
+        headers = {"corro-query-id": sub.id, "corro-query-hash": sub.hash}
         return StreamingResponse(body(), media_type="application/x-ndjson", headers=headers)
 
     async def subscribe(request: Request) -> Response:

@@ -10,9 +10,11 @@
     corrosion backup PATH                 a generic snapshot of the database
     corrosion restore PATH                replace the database with a snapshot (agent stopped)
     corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
+    corrosion keygen                      a new key for gossip.encryption_keys
 
 Client commands find the agent through the config file (``api.addr``, ``admin.path``,
-``api.authz.bearer-token``) unless the flags say otherwise. Errors go to stderr with exit code 1.
+``api.authz.bearer-token``) unless the flags say otherwise (``--token`` or ``CORROSION_TOKEN``
+for the bearer token). Errors go to stderr with exit code 1.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from typer.core import TyperGroup
 from .admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
 from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request
 from .client import ClientError, CorrosionClient
-from .config import Config, ConfigError, parse_addr
+from .config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
 from .dblock import DatabaseInUse
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
-GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path")
+GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path", "--token")
+TOKEN_ENV = "CORROSION_TOKEN"
 
 log = logging.getLogger("corrosion")
 
@@ -103,6 +106,7 @@ class Globals:
     api_addr: str | None
     db_path: Path | None
     admin_path: Path | None
+    token: str | None = None
     _config: Config | None = None
 
     def config(self) -> Config:
@@ -131,7 +135,10 @@ class Globals:
             addr = "{}:{}".format(*cfg.api.addrs[0])
         else:
             raise CliError(f"no API address: pass --api-addr or set api.addr in {self.config_path}")
-        return CorrosionClient(addr, cfg.api.bearer_token if cfg is not None else None)
+        token = self.token
+        if token is None and cfg is not None:
+            token = cfg.api.bearer_token
+        return CorrosionClient(addr, token)
 
     def db(self) -> Path:
         return self.db_path if self.db_path is not None else self.config().db.path
@@ -175,8 +182,17 @@ def _globals(
     admin_path: Annotated[
         Path | None, typer.Option("--admin-path", help="The agent's admin socket.")
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar=TOKEN_ENV,
+            help="The API's bearer token (default: api.authz.bearer-token of the config).",
+            show_envvar=True,
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = Globals(config, api_addr, db_path, admin_path)
+    ctx.obj = Globals(config, api_addr, db_path, admin_path, token or None)
 
 
 def _g(ctx: typer.Context) -> Globals:
@@ -199,6 +215,9 @@ class _Errors:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, typer.Exit):
             return
+        if isinstance(exc, ClientError) and exc.status == 401:
+            hint = f"pass --token, set {TOKEN_ENV}, or set api.authz.bearer-token in the config"
+            raise _fail(f"{exc} ({hint})") from None
         if isinstance(exc, CliError | ClientError | AdminError | AdminUnavailable):
             raise _fail(str(exc)) from None
         from .backup import BackupError
@@ -292,6 +311,9 @@ def preflight(cfg: Config) -> None:
 
     from crdt.schema import check_crr_constraints, load_schema_paths, parse_schema
 
+    problem = gossip_security_error(cfg.gossip)
+    if problem is not None:
+        raise CliError(f"invalid config: {problem}")
     try:
         sql = load_schema_paths(list(cfg.db.schema_paths))
         check_crr_constraints(parse_schema(sql), sql)
@@ -442,15 +464,22 @@ def cluster_members(
     if as_json:
         typer.echo(json.dumps(members, indent=2))
         return
-    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION")]
+    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION", "")]
     rows += [
-        (m["actor_id"], m["addr"], m.get("peer_addr") or "-", m["state"], str(m["incarnation"]))
+        (
+            m["actor_id"],
+            m["addr"],
+            m.get("peer_addr") or "-",
+            m["state"],
+            str(m["incarnation"]),
+            "(self)" if m.get("self") else "",
+        )
         for m in members
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    if not members:
+    if not any(not m.get("self") for m in members):
         typer.echo("(no other members known)")
 
 
@@ -560,6 +589,13 @@ def devcluster(
         raise _fail(f"devcluster could not start: {exc}") from None
     if missing:
         raise _fail(f"the demo write never reached {', '.join(missing)}")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new gossip encryption key (32 random bytes, base64) for gossip.encryption_keys;
+    give every node of the cluster the same one."""
+    typer.echo(generate_key())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -57,6 +57,7 @@ class CorrosionClient:
         self, addr: str | tuple[str, int], token: str | None = None, *, timeout: float = 60.0
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._has_token = bool(token)
         self._http = httpx.Client(base_url=base_url(addr), headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -88,7 +89,7 @@ class CorrosionClient:
         resp = self._post("/v1/transactions", list(statements), **self._timeout_kw(timeout))
         body = _json(resp)
         if resp.status_code != 200:
-            raise ClientError(_error_text(body, resp), resp.status_code)
+            raise self._refused(body, resp)
         return body
 
     def query_events(
@@ -108,7 +109,7 @@ class CorrosionClient:
             ) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    raise ClientError(_error_text(_json(resp), resp), resp.status_code)
+                    raise self._refused(_json(resp), resp)
                 for line in resp.iter_lines():
                     if not line.strip():
                         continue
@@ -122,6 +123,12 @@ class CorrosionClient:
                     yield kind, payload
         except httpx.HTTPError as exc:
             raise _unreachable(self._http.base_url, exc) from None
+
+    def _refused(self, body: Any, resp: httpx.Response) -> ClientError:
+        if resp.status_code == 401:
+            why = "refused the bearer token" if self._has_token else "requires a bearer token"
+            return ClientError(f"unauthorized: the agent at {self._http.base_url} {why}", 401)
+        return ClientError(_error_text(body, resp), resp.status_code)
 
     def query(
         self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None

@@ -15,8 +15,8 @@ transaction_timeout = 60.0                # seconds a transaction's statements m
 addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
 external_addr = "10.0.0.5:8787"           # advertised address (default: addr)
 bootstrap = ["10.0.0.6:8787"]             # seeds to join through
-plaintext = true                          # false requires encryption_keys and/or tls
-encryption_keys = ["<base64 32 bytes>"]   # AES-256-GCM keyring, first key encrypts
+encryption_keys = ["<base64 32 bytes>"]   # required: AES-256-GCM keyring (`corrosion keygen`)
+plaintext = false                         # true: run without keys (anyone can join and write)
 cluster_id = 0                            # nodes of other clusters are ignored
 preset = "lan"                            # SWIM timings: "lan" | "wan" | "local"
 tls.cert_file = "..."                     # TLS for the peer (sync/broadcast) streams
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -123,7 +124,7 @@ class GossipConfig:
     addr: Address = ("127.0.0.1", 0)
     external_addr: Address | None = None
     bootstrap: tuple[Address, ...] = ()
-    plaintext: bool = True
+    plaintext: bool = False
     encryption_keys: tuple[bytes, ...] = ()
     cluster_id: int = 0
     preset: str = "lan"
@@ -243,7 +244,7 @@ class Config:
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
         ext = gossip.opt_str("external_addr")
-        plaintext = gossip.bool("plaintext", True)
+        plaintext = gossip.bool("plaintext", False)
         gossip_cfg = GossipConfig(
             addr=parse_addr(gossip.str("addr", default="127.0.0.1:0"), "gossip.addr"),
             external_addr=parse_addr(ext, "gossip.external_addr") if ext else None,
@@ -258,10 +259,6 @@ class Config:
             tls=tls_cfg,
         )
         gossip.done()
-        if not plaintext and not keys and tls_cfg is None:
-            raise ConfigError(
-                "gossip.plaintext: is false, so gossip.encryption_keys or gossip.tls is required"
-            )
 
         perf_cfg = PerfConfig(
             min_sync_backoff=perf.float("min_sync_backoff", 1.0, lo=0.01),
@@ -299,6 +296,71 @@ class Config:
             log_colors=colors,
             orchestrator=orchestrator,
         )
+
+
+KEYGEN_HINT = "generate a key with `corrosion keygen`"
+
+
+def gossip_security_error(gossip: GossipConfig) -> str | None:
+    """Why this gossip config must not start, or None. Secure by default, as corrosion: without
+    ``encryption_keys`` anything that reaches the gossip port could join and write rows, so
+    running without them takes an explicit ``plaintext = true``. TLS alone is not enough here:
+    it wraps the peer streams, but SWIM's UDP datagrams would still be unauthenticated.
+    Checked when an agent starts (not at load, so client commands work with any config)."""
+    if gossip.encryption_keys:
+        if gossip.plaintext:
+            return (
+                "gossip.plaintext: true contradicts gossip.encryption_keys (keys encrypt all "
+                "gossip); remove one of them"
+            )
+        return None
+    if gossip.plaintext:
+        return None
+    if gossip.tls is not None:
+        return (
+            "gossip.encryption_keys: required (gossip.tls protects the peer streams, not SWIM's "
+            f"UDP datagrams); {KEYGEN_HINT}, or set gossip.plaintext = true to accept "
+            "unauthenticated membership"
+        )
+    return (
+        "gossip.encryption_keys: required, or gossip.plaintext = true to let anything that "
+        f"reaches the gossip port join and write; {KEYGEN_HINT}"
+    )
+
+
+def security_warnings(config: Config) -> list[str]:
+    """What an agent started with ``config`` leaves open, one line each (logged at start-up)."""
+    out = []
+    g = config.gossip
+    if g.plaintext:
+        out.append(
+            f"gossip.plaintext = true: gossip on {format_addr(g.addr)} is not authenticated; "
+            "anything that reaches it can join the cluster and write rows (set "
+            "gossip.encryption_keys)"
+        )
+    exposed = [a for a in config.api.addrs if not _is_loopback(a[0])]
+    if exposed and config.api.bearer_token is None:
+        where = ", ".join(format_addr(a) for a in exposed)
+        out.append(
+            f"api.addr {where} is reachable beyond this machine and api.authz.bearer-token is "
+            "not set: anyone who reaches it can read and write"
+        )
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves beyond loopback
+
+
+def generate_key() -> str:
+    """A new gossip encryption key: 32 random bytes (AES-256), base64, for
+    ``gossip.encryption_keys``."""
+    return base64.b64encode(os.urandom(32)).decode()
 
 
 def _check_orchestrator(section: Any) -> None:

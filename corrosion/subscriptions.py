@@ -4,8 +4,11 @@
 A subscription runs its query once, remembers the rows (each with a ``rowid`` of its own), and
 re-runs the query whenever a committed change — a local transaction or an applied remote version —
 touches a table the query reads; the difference becomes ``insert`` / ``update`` / ``delete``
-events, each with an increasing ``change_id``. Identical SQL with identical parameters shares one
-subscription, however many clients listen.
+events, each with an increasing ``change_id``. The same SQL (after ``normalize_sql``: comments,
+spacing and keyword case do not count) with the same parameters shares one subscription, however
+many clients listen; its ``hash`` (the ``corro-query-hash`` header) is a digest of that
+normalised SQL and parameters, so clients can recognise the same query across agents and
+restarts, as corrosion's is.
 
 Row identity: when the result carries the full primary key of every table the query reads
 (found through SQLite's column-origin metadata), a row is identified by those keys, so a changed
@@ -20,6 +23,8 @@ last ``KEEP_CHANGES`` events are kept so a client can resume with ``from=<change
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from collections import deque
@@ -35,6 +40,50 @@ from .sqlguard import Deadline, guard_of
 KEEP_CHANGES = 500
 DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
 IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
+
+
+_TOKEN = re.compile(
+    r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?"""  # quoted, kept as is
+    r"|--[^\n]*|/\*(?:.|\n)*?(?:\*/|$)"  # comments, dropped
+    r"|\s+"  # spacing, dropped
+    r"|[\w$]+"  # keywords, names, numbers, parameters' names
+    r"|.",  # punctuation, one character each
+    re.DOTALL,
+)
+
+
+def normalize_sql(sql: str) -> str:
+    """One spelling of a statement: comments and trailing ``;`` dropped, spacing reduced to one
+    space between two words (names, keywords, numbers, quoted text) and none around punctuation.
+    Nothing else changes: not even keyword case, which shows in the column names of unaliased
+    expressions (``SELECT a AND b``), so two spellings that share a subscription answer alike."""
+    out: list[str] = []
+    separated = False
+    for match in _TOKEN.finditer(sql):
+        tok = match.group()
+        if tok.isspace() or tok.startswith(("--", "/*")):
+            separated = True
+            continue
+        if separated and out and _is_word(out[-1]) and _is_word(tok):
+            out.append(" ")
+        out.append(tok)
+        separated = False
+    while out and out[-1] in (";", " "):
+        out.pop()
+    return "".join(out)
+
+
+def _is_word(token: str) -> bool:
+    return len(token) > 1 or token.isalnum() or token in "_$'\"`["
+
+
+def query_hash(normalized_sql: str, params: Any) -> str:
+    """The ``corro-query-hash`` of a query: the same normalised SQL and parameters, the same
+    hash."""
+    h = hashlib.sha256(normalized_sql.encode())
+    if params:
+        h.update(b"\0" + repr(params).encode())
+    return h.hexdigest()[:32]
 
 
 class SubscriptionError(Exception):
@@ -125,6 +174,7 @@ class Subscription:
     columns: list[str]
     tables: set[str]
     identity: list[int] | None
+    hash: str = ""  # query_hash of the normalised SQL and parameters
     rows: dict[int, tuple] = field(default_factory=dict)  # rowid -> row
     keys: dict[Any, list[int]] = field(default_factory=dict)  # identity -> rowids
     change_id: int = 0
@@ -231,7 +281,8 @@ class Subscriptions:
         return out
 
     async def get_or_create(self, sql: str, params: Any) -> Subscription:
-        qkey = (sql.strip(), repr(params))
+        normalized = normalize_sql(sql)
+        qkey = (normalized, repr(params))
         sid = self._by_query.get(qkey)
         if sid is not None and sid in self.by_id:
             return self.by_id[sid]
@@ -240,7 +291,15 @@ class Subscriptions:
             conn = self._open()
             try:
                 columns, tables, identity = describe(conn, sql, params)
-                sub = Subscription(str(uuid.uuid4()), sql, params, columns, tables, identity)
+                sub = Subscription(
+                    str(uuid.uuid4()),
+                    sql,
+                    params,
+                    columns,
+                    tables,
+                    identity,
+                    hash=query_hash(normalized, params),
+                )
                 with Deadline(conn, self.timeout) as deadline:
                     try:
                         sub.load(conn.execute(sql, params).fetchall())

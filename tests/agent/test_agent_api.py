@@ -158,7 +158,8 @@ async def test_health_members_and_table_stats(node):
     assert (await client.get("/v1/health?p99_lag=100")).status_code == 200
     # with queue_size, lag alone is not unhealthy while the queue is short
     assert (await client.get("/v1/health?p99_lag=10&queue_size=5")).status_code == 200
-    assert (await client.get("/v1/cluster/members")).json() == []
+    (own,) = (await client.get("/v1/cluster/members")).json()
+    assert (own["actor_id"], own["self"]) == (agent.actor_id.hex(), True)
     await agent.execute(["INSERT INTO kv (k) VALUES ('a')", "INSERT INTO items (id) VALUES (1)"])
     resp = await client.post("/v1/table_stats", json={"tables": ["kv", "items", "missing"]})
     assert resp.json() == {"total_row_count": 2, "invalid_tables": ["missing"]}

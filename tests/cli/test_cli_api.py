@@ -128,6 +128,31 @@ async def test_bearer_token_comes_from_the_config(secured):
     assert "unauthorized" in result.stderr
 
 
+async def test_token_flag_and_environment_variable(secured):
+    agent, config = secured
+    elsewhere = ["-c", str(config.parent / "absent.toml"), "--api-addr", api_of(agent)]
+    result = await cli(*elsewhere, "exec", "INSERT INTO todos (id) VALUES (8)", "--token", "s3cret")
+    assert result.exit_code == 0, result.output
+    result = await cli(
+        *elsewhere, "query", "SELECT id FROM todos", env={"CORROSION_TOKEN": "s3cret"}
+    )
+    assert (result.exit_code, result.stdout) == (0, "8\n")
+    # a wrong token, from the flag (over the config's right one) or the environment: one line
+    for args, env in [
+        (["-c", str(config), "--token", "wrong"], None),
+        (elsewhere, {"CORROSION_TOKEN": "wrong"}),
+    ]:
+        result = await cli(*args, "query", "SELECT id FROM todos", env=env)
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr.startswith("error: unauthorized: the agent at http://127.0.0.1:")
+        assert "refused the bearer token (pass --token, set CORROSION_TOKEN" in result.stderr
+        assert result.stderr.count("\n") == 1
+    result = await cli(*elsewhere, "exec", "DELETE FROM todos")
+    assert result.stderr.startswith("error: unauthorized: the agent at ")
+    assert "requires a bearer token" in result.stderr
+    assert await rows(agent, "SELECT id FROM todos") == [(8,)]
+
+
 async def test_python_client_streams_rows(node):
     def use_client() -> tuple[dict, list, list]:
         with CorrosionClient(api_of(node)) as client:

@@ -47,6 +47,13 @@ def test_global_options_are_accepted_after_the_subcommand():
         "cluster",
         "members",
     ]
+    assert hoist_global_options(["query", "S", "--token", "t", "--token=u"]) == [
+        "--token",
+        "t",
+        "--token=u",
+        "query",
+        "S",
+    ]
     # nothing after "--" moves
     assert hoist_global_options(["exec", "--", "--api-addr"]) == ["exec", "--", "--api-addr"]
 
