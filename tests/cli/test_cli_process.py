@@ -96,7 +96,7 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
                 return False
 
             await wait_for(is_up, what="the agent process to start")
-            assert started["level"] == "INFO" and started["target"] == "corrosion"
+            assert started["level"] == "INFO" and started["target"] == "corrosion.agent"
             api, gossip = started["api_addrs"][0], started["gossip_addr"]
 
             result = await run(
