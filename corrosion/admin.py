@@ -202,8 +202,9 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
             raise
         return {"applied": list(applied)}
     if cmd == "log set":
-        log.info("log level filter set to %r (admin socket)", request["filter"])
-        return {"filter": set_levels(request["filter"])}
+        spec = set_levels(request["filter"])
+        log.info("log level filter set to %r (admin socket)", spec)
+        return {"filter": spec}
     if cmd == "log reset":
         spec = reset_levels()
         log.info("log level filter reset to %r (admin socket)", spec)
