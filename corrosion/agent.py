@@ -613,7 +613,6 @@ class Agent:
                     self.activity.rejected(actor, version, reason)
                 if result.applied or result.emptied:
                     self.activity.applied(len(result.applied), result.changes_applied)
-                if result.applied or result.emptied:
                     now = self._now()
                     for actor, _version in result.applied:
                         rep.note_booked(actor, now)

@@ -284,12 +284,10 @@ def agent(ctx: typer.Context) -> None:
     with _Errors():
         cfg = g.agent_config()
         preflight(cfg)
-        levels = level_spec(cfg.log_level, os.environ)
-        try:
-            setup_logging(cfg.log_format, cfg.log_colors, levels)
+        try:  # log.level was checked with the config: only the environment can be wrong here
+            setup_logging(cfg.log_format, cfg.log_colors, level_spec(cfg.log_level, os.environ))
         except ValueError as exc:
-            source = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "log.level"
-            raise CliError(f"{source}: {exc}") from None
+            raise CliError(f"{ENV_VAR}: {exc}") from None
     started: list[bool] = []
     try:
         run_async(_run_agent, cfg, started)

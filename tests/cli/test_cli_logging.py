@@ -144,11 +144,15 @@ async def test_failures_beside_a_running_agent_are_one_line():
                 base, {**node_mapping(base, "b"), "admin": running["admin"]}
             )
             assert_one_line(code, lines, "admin.path", "another agent is listening", "stop that")
-        # the table is in the database but no longer in the schema: refused, not dropped
-        write_schema(base, "CREATE TABLE other (id INTEGER NOT NULL PRIMARY KEY);")
+        # a schema that would lose data (a new primary key) is refused, and nothing changes
+        write_schema(
+            base,
+            "CREATE TABLE todos (id INTEGER NOT NULL, title TEXT NOT NULL DEFAULT '', "
+            "done INTEGER DEFAULT 0, data BLOB, PRIMARY KEY (id, title));",
+        )
         code, lines = await start_failure(base, running)
         assert_one_line(
-            code, lines, "schema (db.schema_paths)", "'todos' is missing from the schema"
+            code, lines, "schema (db.schema_paths)", "primary key of table 'todos' would change"
         )
 
 
