@@ -523,10 +523,11 @@ def devcluster(
     """Start N agents on loopback with a demo schema and show how to talk to them."""
     from .devcluster import run_devcluster
 
-    try:
-        setup_logging("plaintext", True, level_spec("warning", os.environ))
-    except ValueError as exc:
-        raise _fail(f"{ENV_VAR}: {exc}") from None
+    if not logging.getLogger().handlers:  # as basicConfig: logging set up by a host stays
+        try:
+            setup_logging("plaintext", True, level_spec("warning", os.environ))
+        except ValueError as exc:
+            raise _fail(f"{ENV_VAR}: {exc}") from None
     try:
         run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
     except OSError as exc:

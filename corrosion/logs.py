@@ -380,13 +380,18 @@ def _per_peer(counts: Mapping[str, int]) -> str:
 
 def describe_frame(data: bytes) -> str:
     """A changeset frame's actor, version and seqs (for DEBUG lines), read without decoding it."""
-    from .changeset import peek_changeset
+    from . import changeset as cs
 
-    header = peek_changeset(data)
-    if header is None:
-        return f"{len(data)} bytes"
-    actor, version, start, end = header
-    return f"changeset {actor.hex()}:{version} seqs {start}..{end} ({len(data)} bytes)"
+    header = cs.peek_changeset(data)
+    if header is not None:
+        actor, version, start, end = header
+        return f"changeset {actor.hex()}:{version} seqs {start}..{end} ({len(data)} bytes)"
+    names = {cs.K_EMPTY: "empty versions", cs.K_DIGEST: "digest", cs.K_SYNC_DONE: "sync done"}
+    try:
+        kind = cs.decode_frame(data)[0]
+    except cs.FrameError:
+        return f"malformed frame ({len(data)} bytes)"
+    return f"{names.get(kind, f'frame kind {kind}')} ({len(data)} bytes)"
 
 
 def frame_error(data: bytes) -> str:

@@ -52,8 +52,10 @@ def fields(record: logging.LogRecord) -> dict:
 
 async def test_startup_line_names_every_bound_address(tmp_path, caplog):
     caplog.set_level(logging.INFO)
+    handlers = list(logging.getLogger().handlers)
     cfg = agent_config(tmp_path, "a", telemetry={"prometheus": {"addr": "127.0.0.1:0"}})
     async with Agent(cfg) as a:
+        assert logging.getLogger().handlers == handlers  # the library configures no handler
         [started] = records(caplog, "corrosion.agent", "agent started")
         f = fields(started)
         assert f["actor_id"] == a.actor_id.hex()
@@ -186,6 +188,34 @@ async def test_sync_summary_says_what_was_pulled_and_from_whom(tmp_path, caplog)
         assert f"changesets pulled ({a_addr}=" in line
         served = [fields(r)["served"] for r in records(caplog, "corrosion.sync", "sync summary")]
         assert sum(served) >= 5  # a's side: what it sent
+
+
+async def test_debug_shows_each_frame_and_sync(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="corrosion.broadcast")
+    caplog.set_level(logging.DEBUG, logger="corrosion.sync")
+    async with cluster(tmp_path, 2, with_api=False) as (a, b):
+        await a.execute([["INSERT INTO kv (k, v) VALUES ('x', 1)"]])
+        await wait_for(lambda: rows(b, "SELECT v FROM kv"), what="the write to reach b")
+        version = f"changeset {a.actor_id.hex()}:1 seqs 0.."
+        await wait_for(
+            lambda: any(
+                version in r.getMessage()
+                for r in records(caplog, "corrosion.broadcast", "frame to")
+            ),
+            what="a DEBUG line for the frame a sent",
+        )
+        await wait_for(
+            lambda: any(
+                version in r.getMessage()
+                for r in records(caplog, "corrosion.broadcast", "frame from")
+            ),
+            what="a DEBUG line for the frame b received",
+        )
+        await wait_for(
+            lambda: bool(records(caplog, "corrosion.sync", "sync with")),
+            what="DEBUG lines for sync sessions",
+        )
 
 
 # -- corrosion.logs on its own -----------------------------------------------------------------
