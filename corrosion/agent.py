@@ -38,6 +38,7 @@ from .changeset import Changeset
 from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
 from .lag import LagWindow
+from .logs import ActivityLog, describe_frame, frame_error, log_member_event
 from .ranges import RangeSet
 from .replication import (
     Effect,
@@ -51,6 +52,7 @@ from .replication import (
     peer_address,
 )
 from .sqlguard import Deadline, Guard, guard_of
+from .startup import listening
 from .statements import parse_statements
 from .store import (
     ApplyResult,
@@ -71,6 +73,9 @@ from .transport import (
 )
 
 log = logging.getLogger("corrosion.agent")
+schema_log = logging.getLogger("corrosion.schema")
+sync_log = logging.getLogger("corrosion.sync")
+frames_log = logging.getLogger("corrosion.broadcast")
 
 MAX_HELLO = 4096  # bytes a peer stream's first frame may have (read before it is authenticated)
 PEER_QUEUE = 4096  # frames waiting for one peer's broadcast stream; beyond, drop (sync recovers)
@@ -264,6 +269,9 @@ class Agent:
         self._orchestrator: Any = None
         self._db_lock_file: DatabaseLock | None = None
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
+        self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
+        self.activity = ActivityLog(config.log_summary_interval, self._now)
+        self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -350,23 +358,44 @@ class Agent:
         await self._tg.__aenter__()
         events = self.swim.subscribe(max_buffer=10_000)
         self.swim.route_streams(PEER_PREAMBLE, self._serve_peer)
-        await self._tg.start(self.swim.serve)
+        with listening("gossip.addr", g.addr):
+            await self._tg.start(self.swim.serve)
         self.peer_addr = self.swim.address
         self._tg.start_soon(self._swim_events, events)
         self._tg.start_soon(self._timer_loop)
         self._tg.start_soon(self._apply_loop)
         self._tg.start_soon(self.subscriptions.run)
+        self._tg.start_soon(self._activity_loop)
         self._perform(self.replicator.start(self._now()))
         self._tg.start_soon(self._join_loop)
         await self._start_admin()
         if cfg.prometheus_addr is not None:
             from .metrics import start_metrics
 
-            self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
+            with listening("telemetry.prometheus.addr", cfg.prometheus_addr):
+                self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
         if cfg.orchestrator is not None:
             await self._start_orchestrator()
         if self._serve_api and cfg.api.addrs:
             await self._start_api()
+        self._started = True
+        log.info("agent started", extra={"fields": self._startup_fields()})
+
+    def _startup_fields(self) -> dict[str, Any]:
+        """Everything this agent bound, for the start-up line."""
+        assert self.swim is not None
+        metrics = getattr(self, "metrics_addr", None)
+        api = [format_addr(a) for a in self.api_addrs]
+        return {
+            "actor_id": self.actor_id.hex(),
+            "db_path": str(self.config.db.path),
+            "gossip_addr": format_addr(self.swim.address),
+            "api_addrs": api,
+            "admin_path": str(self.admin_path) if self.admin_path is not None else None,
+            "metrics_addr": format_addr(metrics) if metrics else None,
+            "machines_api": api if self._orchestrator is not None else None,
+            "cluster_id": self.config.gossip.cluster_id,
+        }
 
     async def aclose(self) -> None:
         """Leave the cluster gracefully, give queued broadcasts a moment to go out, stop."""
@@ -411,6 +440,8 @@ class Agent:
                     store.close()
         if self._db_lock_file is not None:
             self._db_lock_file.release()
+        if self._started:
+            log.info("agent stopped")
 
     def _now(self) -> float:
         return time.monotonic()
@@ -460,6 +491,10 @@ class Agent:
         except anyio.WouldBlock:
             out.dropped += 1
             self.events.frames_dropped += 1
+            frames_log.debug("queue to %s full: frame dropped", format_addr(addr))
+            return
+        if frames_log.isEnabledFor(logging.DEBUG):
+            frames_log.debug("frame to %s: %s", format_addr(addr), describe_frame(data))
 
     async def _peer_sender(self, addr: tuple[str, int], receive: Any) -> None:
         """Keeps one broadcast stream to ``addr``; on failure, drops the frame in hand and
@@ -509,9 +544,9 @@ class Agent:
                 hello = self.replicator.check_hello(first)
                 if hello is None:
                     return
-                _actor, purpose = hello
+                actor, purpose = hello
                 if purpose == "bcast":
-                    await self._receive_broadcasts(stream)
+                    await self._receive_broadcasts(stream, self._peer_name(actor))
                 else:
                     await self._answer_sync(stream)
         except Exception as exc:
@@ -532,20 +567,31 @@ class Agent:
             ):
                 log.exception("peer stream failed")
 
-    async def _receive_broadcasts(self, stream: FrameStream) -> None:
+    def _peer_name(self, actor: bytes) -> str:
+        """A peer's gossip address when it is a known member, else its actor id."""
         assert self.replicator is not None
+        peer = self.replicator.peers.get(actor)
+        return format_addr(peer.addr) if peer is not None else actor.hex()
+
+    async def _receive_broadcasts(self, stream: FrameStream, peer: str) -> None:
+        assert self.replicator is not None
+        stats = self.replicator.stats
         while True:
             data = await stream.receive()
             if self.faults.isolated:
                 return
-            before = len(self.replicator.queue)
+            if frames_log.isEnabledFor(logging.DEBUG):
+                frames_log.debug("frame from %s: %s", peer, describe_frame(data))
+            before, malformed = len(self.replicator.queue), stats.malformed
             self._perform(self.replicator.handle_frame(None, data, self._now()))
             if len(self.replicator.queue) != before:
                 self._apply_wake.set()
+            if stats.malformed != malformed:
+                self.activity.malformed(peer, frame_error(data))
 
     # -- sync -------------------------------------------------------------------------------
 
-    async def _answer_sync(self, stream: FrameStream) -> None:
+    async def _answer_sync(self, stream: FrameStream, peer: str) -> None:
         assert self.replicator is not None
         with anyio.fail_after(30):
             request = await stream.receive()
@@ -553,14 +599,18 @@ class Agent:
             frames = await anyio.to_thread.run_sync(
                 lambda: list(self.replicator.serve_sync(request))
             )
+        sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
         with anyio.fail_after(120):
             for frame in frames:
                 if self.faults.isolated:
                     return
                 await stream.send(frame)
+        self.activity.sync_served(peer, len(frames) - 1)  # all but the done (or reject) frame
 
     async def _run_sync(self, addr: tuple[str, int], request: bytes) -> None:
         assert self.replicator is not None
+        pulled, ok = 0, False
+        sync_log.debug("sync with %s: asking (%d bytes of state)", format_addr(addr), len(request))
         try:
             stream = await connect(
                 addr[0], addr[1], keyring=self._keyring, aad=self._aad, ssl_context=self._ssl_client
@@ -576,9 +626,11 @@ class Agent:
                         before = len(self.replicator.queue)
                         more = self.replicator.handle_sync_frame(addr, data, self._now())
                         if len(self.replicator.queue) != before:
+                            pulled += len(self.replicator.queue) - before
                             self._apply_wake.set()
                         if not more:
                             break
+            ok = True
         except (
             OSError,
             anyio.EndOfStream,
@@ -586,10 +638,13 @@ class Agent:
             anyio.IncompleteRead,
             FrameStreamError,
             TimeoutError,
-        ):
+        ) as exc:
             self.events.peer_stream_errors += 1
+            sync_log.debug("sync with %s failed: %r", format_addr(addr), exc)
         finally:
             self.replicator.sync_finished(addr)
+            sync_log.debug("sync with %s: %d changesets pulled", format_addr(addr), pulled)
+            self.activity.sync_session(format_addr(addr), pulled, ok)
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -609,7 +664,10 @@ class Agent:
                     continue
                 if result.changes:
                     self._changed(result.changes)
+                for actor, version, reason in result.rejected:
+                    self.activity.rejected(actor, version, reason)
                 if result.applied or result.emptied:
+                    self.activity.applied(len(result.applied), result.changes_applied)
                     now = self._now()
                     for actor, _version in result.applied:
                         rep.note_booked(actor, now)
@@ -632,12 +690,19 @@ class Agent:
         """Seconds between a version's commit at its origin and its apply here (p99, 120 s)."""
         return self.lag.p99(time.time())
 
+    async def _activity_loop(self) -> None:
+        """Every ``log.summary_interval``: the sync summary and the throttled repeats."""
+        while True:
+            await anyio.sleep(self.activity.interval)
+            self.activity.tick()
+
     # -- membership ---------------------------------------------------------------------------
 
     async def _swim_events(self, events: Any) -> None:
         assert self.replicator is not None and self.store is not None
         async with events:
             async for ev in events:
+                log_member_event(ev, self._describe_member)
                 members: list[swim.Member] = []
                 if isinstance(ev, swim.MemberUp | swim.MemberAlive | swim.MemberUpdated):
                     members = [ev.member]
@@ -657,6 +722,11 @@ class Agent:
                         continue
                     self.replicator.member_up(actor, peer_address(m.addr, port))
                     await self._persist_member(m)
+
+    @staticmethod
+    def _describe_member(m: swim.Member) -> tuple[str, str]:
+        info = decode_meta(m.meta)
+        return (info[0].hex() if info else "", format_addr(m.addr))
 
     def _member_gone(self, m: swim.Member) -> None:
         info = decode_meta(m.meta)
@@ -728,6 +798,7 @@ class Agent:
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         if commit is not None:
             self._changed(commit.changes)
+            self.activity.local_commit()
         return ExecResult(
             [{"rows_affected": r.rows_affected, "time": r.time} for r in results],
             time.perf_counter() - t0,
@@ -754,6 +825,7 @@ class Agent:
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         if commit is not None:
             self._changed(commit.changes)
+            self.activity.local_commit()
         return commit
 
     # -- /v1/updates ------------------------------------------------------------------------
@@ -926,9 +998,14 @@ class Agent:
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
-            return await anyio.to_thread.run_sync(
+            applied = await anyio.to_thread.run_sync(
                 lambda: store.apply_schema(sql, allow_destructive=allow_destructive)
             )
+        for change in applied:
+            schema_log.info("schema applied: %s", change, extra={"fields": {"change": change}})
+        if not applied:
+            schema_log.info("schema unchanged (%s)", _schema_sources(self.config))
+        return applied
 
     def members(self) -> list[MemberInfo]:
         """This node first (``is_self``), then every member it knows, with its SWIM state."""
@@ -1011,13 +1088,15 @@ class Agent:
             )
             return
         self._closers.append(await start_admin(self, self._tg, path))
+        self.admin_path = path
 
     async def _start_api(self) -> None:
         from .api import serve_api
 
         assert self._tg is not None
         for host, port in self.config.api.addrs:
-            server, bound = await serve_api(self, self._tg, host, port)
+            with listening("api.addr", (host, port)):
+                server, bound = await serve_api(self, self._tg, host, port)
             self._api_servers.append(server)
             self.api_addrs.append(bound)
 
@@ -1032,6 +1111,11 @@ class Agent:
 
         self._orchestrator = await start_orchestrator(self)
         self._closers.append(self._orchestrator.aclose)
+
+
+def _schema_sources(config: Config) -> str:
+    paths = [str(p) for p in config.db.schema_paths]
+    return ", ".join(paths) if paths else "no schema_paths"
 
 
 def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:

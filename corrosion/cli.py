@@ -7,6 +7,7 @@
     corrosion cluster members             membership, from the admin socket
     corrosion sync generate               this node's sync state as JSON, from the admin socket
     corrosion reload                      re-apply the schema files, through the admin socket
+    corrosion log set FILTER | reset      change the running agent's log levels (admin socket)
     corrosion backup PATH                 a generic snapshot of the database
     corrosion restore PATH                replace the database with a snapshot (agent stopped)
     corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
@@ -20,12 +21,10 @@ for the bearer token). Errors go to stderr with exit code 1.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
+import os
 import signal
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,10 +34,12 @@ import typer
 from typer.core import TyperGroup
 
 from .admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
-from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request
+from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request, agent_listening
 from .client import ClientError, CorrosionClient
 from .config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
-from .dblock import DatabaseInUse
+from .dblock import database_in_use
+from .logs import ENV_VAR, level_spec, setup_logging
+from .startup import ListenError, check_addresses, explain
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
 GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path", "--token")
@@ -89,8 +90,12 @@ cluster_app = typer.Typer(
     help="Cluster membership (through the admin socket).", no_args_is_help=True
 )
 sync_app = typer.Typer(help="Replication state (through the admin socket).", no_args_is_help=True)
+log_app = typer.Typer(
+    help="The running agent's log levels (through the admin socket).", no_args_is_help=True
+)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(sync_app, name="sync")
+app.add_typer(log_app, name="log")
 
 
 class CliError(Exception):
@@ -255,56 +260,6 @@ async def wait_for_stop(duration: float | None = None) -> str:
 # -- agent -------------------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
-    converter = time.gmtime  # the timestamps say Z
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "target": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class _PlainFormatter(logging.Formatter):
-    COLORS = {"WARNING": "\x1b[33m", "ERROR": "\x1b[31m", "CRITICAL": "\x1b[31m"}
-
-    def __init__(self, colors: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.colors = colors
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = getattr(record, "fields", {})
-        if fields:
-            text += " " + " ".join(
-                f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in fields.items()
-            )
-        color = self.COLORS.get(record.levelname) if self.colors else None
-        return f"{color}{text}\x1b[0m" if color else text
-
-
-def setup_logging(fmt: str, colors: bool) -> None:
-    """``log.format``: plaintext (colored on a terminal when ``log.colors``) or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(_PlainFormatter(colors and sys.stderr.isatty()))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("uvicorn").setLevel(logging.WARNING)
-
-
 def preflight(cfg: Config) -> None:
     """Checks that need the filesystem, done before anything is opened or bound."""
     import apsw
@@ -321,27 +276,31 @@ def preflight(cfg: Config) -> None:
         raise CliError(f"invalid config: db.schema_paths: {exc}") from None
     if cfg.admin_path is not None and len(str(cfg.admin_path).encode()) > MAX_SOCKET_PATH:
         raise CliError(f"invalid config: admin.path: longer than {MAX_SOCKET_PATH} bytes")
+    if database_in_use(cfg.db.path):
+        raise CliError(
+            f"database {str(cfg.db.path)!r} is in use by a running agent: stop that agent first, "
+            "or give this one another db.path"
+        )
+    try:
+        check_addresses(cfg)
+    except ListenError as exc:
+        raise CliError(exc.strerror) from None
+    if agent_listening(cfg.admin_socket(), timeout=2):
+        raise CliError(
+            f"admin.path: another agent is listening on {str(cfg.admin_socket())!r}: "
+            "stop that agent first, or set another admin.path"
+        )
 
 
-async def _run_agent(cfg: Config) -> None:
+async def _run_agent(cfg: Config, started: list[bool]) -> None:
     from .agent import Agent
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Agent(cfg) as agent:
-            fields = {
-                "actor_id": agent.actor_id.hex(),
-                "gossip_addr": "{}:{}".format(*agent.swim.address),
-                "api_addrs": ["{}:{}".format(*a) for a in agent.api_addrs],
-                "admin_path": str(cfg.admin_path) if cfg.admin_path else None,
-                "metrics_addr": "{}:{}".format(*agent.metrics_addr)
-                if getattr(agent, "metrics_addr", None)
-                else None,
-            }
-            log.info("agent started", extra={"fields": fields})
+        async with Agent(cfg):  # it logs "agent started" with every bound address
+            started.append(True)
             async for sig in signals:
                 log.info("%s received: leaving the cluster", signal.Signals(sig).name)
                 break
-    log.info("agent stopped")
 
 
 @app.command()
@@ -351,20 +310,21 @@ def agent(ctx: typer.Context) -> None:
     with _Errors():
         cfg = g.agent_config()
         preflight(cfg)
-    setup_logging(cfg.log_format, cfg.log_colors)
+        try:  # log.level was checked with the config: only the environment can be wrong here
+            setup_logging(cfg.log_format, cfg.log_colors, level_spec(cfg.log_level, os.environ))
+        except ValueError as exc:
+            raise CliError(f"{ENV_VAR}: {exc}") from None
+    started: list[bool] = []
     try:
-        run_async(_run_agent, cfg)
+        run_async(_run_agent, cfg, started)
     except Exception as exc:
-        exc = _leaf(exc)
-        hint = ""
-        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-            hint = " (check api.addr, gossip.addr and telemetry.prometheus.addr)"
-        log.error(
-            "agent failed: %s%s",
-            exc,
-            hint,
-            exc_info=not isinstance(exc, OSError | ValueError | DatabaseInUse),
-        )
+        leaf = _leaf(exc)
+        message = explain(leaf, cfg)
+        what = "agent failed" if started else "cannot start"
+        if message is None:  # not an expected failure: a bug, with its traceback
+            log.error("%s: %s", what, leaf, exc_info=leaf)
+        else:
+            log.error("%s: %s", what, message)
         raise typer.Exit(1) from None
 
 
@@ -511,6 +471,30 @@ def reload(
         typer.echo(f"applied: {line}")
 
 
+@log_app.command("set")
+def log_set(
+    ctx: typer.Context,
+    filter_: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILTER", help="A level (debug, info, ...) and/or name=level, comma-separated."
+        ),
+    ],
+) -> None:
+    """Set the agent's log levels until the next `log set` / `log reset` or restart."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "log set", filter=filter_)
+    typer.echo(f"log filter: {result['filter']}")
+
+
+@log_app.command("reset")
+def log_reset(ctx: typer.Context) -> None:
+    """Go back to the log levels the agent started with (log.level / CORROSION_LOG)."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "log reset")
+    typer.echo(f"log filter: {result['filter']}")
+
+
 # -- backup and restore ------------------------------------------------------------------------
 
 
@@ -582,7 +566,11 @@ def devcluster(
     """Start N agents on loopback with a demo schema and show how to talk to them."""
     from .devcluster import run_devcluster
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:  # as basicConfig: logging set up by a host stays
+        try:
+            setup_logging("plaintext", True, level_spec("warning", os.environ))
+        except ValueError as exc:
+            raise _fail(f"{ENV_VAR}: {exc}") from None
     try:
         missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
     except OSError as exc:

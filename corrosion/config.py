@@ -39,12 +39,15 @@ path = "/var/run/corrosion/admin.sock"
 prometheus.addr = "127.0.0.1:9090"
 
 [log]
+level = "info"                            # or "debug", "info,corrosion.sync=debug", ...
 format = "plaintext"                      # or "json"
 colors = true
+summary_interval = 10.0                   # seconds between sync summaries (none when idle)
 ```
 
 Unknown keys and wrong types fail with a message naming the key (``ConfigError``). Environment
-variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does.
+variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does;
+``CORROSION_LOG`` overrides ``log.level`` (see ``corrosion.logs``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .logs import parse_levels
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
@@ -70,7 +75,7 @@ Address = tuple[str, int]
 def parse_addr(value: Any, key: str) -> Address:
     """``host:port`` or ``[v6]:port`` → (host, port)."""
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+        raise ConfigError(f"{key}: expected a 'host:port' string, got {value!r}")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
     try:
@@ -80,6 +85,17 @@ def parse_addr(value: Any, key: str) -> Address:
     if not 0 <= p <= 65535 or not host:
         raise ConfigError(f"{key}: invalid address {value!r}")
     return host, p
+
+
+def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
+    """One ``host:port`` string or a list of them (absent: none)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (parse_addr(value, key),)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a 'host:port' string or a list of them, got {value!r}")
+    return tuple(parse_addr(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 def format_addr(addr: Address) -> str:
@@ -149,6 +165,8 @@ class Config:
     prometheus_addr: Address | None = None
     log_format: str = "plaintext"
     log_colors: bool = True
+    log_level: str = "info"
+    log_summary_interval: float = 10.0
     orchestrator: Mapping[str, Any] | None = None
 
     def admin_socket(self) -> Path:
@@ -189,13 +207,7 @@ class Config:
         )
         db.done()
 
-        addrs = api.get("addr")
-        if addrs is None:
-            api_addrs: tuple[Address, ...] = ()
-        elif isinstance(addrs, str):
-            api_addrs = (parse_addr(addrs, "api.addr"),)
-        else:
-            api_addrs = tuple(parse_addr(a, "api.addr") for a in api.str_list("addr"))
+        api_addrs = parse_addr_list(api.get("addr"), "api.addr")
         authz = api.table("authz")
         token = authz.opt_str("bearer-token")
         if token is None:
@@ -243,15 +255,12 @@ class Config:
         preset = gossip.str("preset", default="lan")
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
-        ext = gossip.opt_str("external_addr")
+        ext = gossip.get("external_addr")
         plaintext = gossip.bool("plaintext", False)
         gossip_cfg = GossipConfig(
-            addr=parse_addr(gossip.str("addr", default="127.0.0.1:0"), "gossip.addr"),
+            addr=parse_addr(gossip.get("addr") or "127.0.0.1:0", "gossip.addr"),
             external_addr=parse_addr(ext, "gossip.external_addr") if ext else None,
-            bootstrap=tuple(
-                parse_addr(b, f"gossip.bootstrap[{i}]")
-                for i, b in enumerate(gossip.str_list("bootstrap"))
-            ),
+            bootstrap=parse_addr_list(gossip.get("bootstrap"), "gossip.bootstrap"),
             plaintext=plaintext,
             encryption_keys=tuple(keys),
             cluster_id=gossip.int("cluster_id", 0, lo=0, hi=65535),
@@ -273,13 +282,19 @@ class Config:
         admin_path = admin.opt_str("path")
         admin.done()
         prom = telemetry.table("prometheus")
-        prom_addr = prom.opt_str("addr")
+        prom_addr = prom.get("addr")
         prom.done()
         telemetry.done()
         log_format = log.str("format", default="plaintext")
         if log_format not in ("plaintext", "json"):
             raise ConfigError("log.format: must be 'plaintext' or 'json'")
         colors = log.bool("colors", True)
+        log_level = log.str("level", default="info")
+        try:
+            parse_levels(log_level)
+        except ValueError as exc:
+            raise ConfigError(f"log.level: {exc}") from None
+        summary_interval = log.float("summary_interval", 10.0, lo=0.1)
         log.done()
         if orchestrator is not None:
             _check_orchestrator(orchestrator)
@@ -294,6 +309,8 @@ class Config:
             else None,
             log_format=log_format,
             log_colors=colors,
+            log_level=log_level,
+            log_summary_interval=summary_interval,
             orchestrator=orchestrator,
         )
 

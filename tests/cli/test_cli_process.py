@@ -45,10 +45,10 @@ async def run(*args: str) -> subprocess.CompletedProcess:
 class Proc:
     """A background process with its output in files (no pipe to fill up), always reaped."""
 
-    def __init__(self, args: list[str], out_dir: Path) -> None:
+    def __init__(self, args: list[str], out_dir: Path, env: dict[str, str] | None = None) -> None:
         self.out_path, self.err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=ENV)
+            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=env or ENV)
 
     def stdout(self) -> str:
         return self.out_path.read_text(errors="replace")
@@ -97,7 +97,7 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
                 return False
 
             await wait_for(is_up, what="the agent process to start")
-            assert started["level"] == "INFO" and started["target"] == "corrosion"
+            assert started["level"] == "INFO" and started["target"] == "corrosion.agent"
             api, gossip = started["api_addrs"][0], started["gossip_addr"]
 
             result = await run(
