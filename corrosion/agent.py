@@ -548,7 +548,7 @@ class Agent:
                 if purpose == "bcast":
                     await self._receive_broadcasts(stream, self._peer_name(actor))
                 else:
-                    await self._answer_sync(stream)
+                    await self._answer_sync(stream, self._peer_name(actor))
         except Exception as exc:
             self.events.peer_stream_errors += 1
             if isinstance(exc, UnauthenticatedFrame) or (
