@@ -15,6 +15,7 @@ in parallel with writes (WAL).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import logging
 import os
@@ -38,6 +39,7 @@ from .changeset import Changeset
 from .config import Config, format_addr
 from .dblock import DatabaseLock
 from .lag import LagWindow
+from .pending_schema import PendingSummary
 from .ranges import RangeSet
 from .replication import (
     Effect,
@@ -51,7 +53,7 @@ from .replication import (
     peer_address,
 )
 from .statements import parse_statements
-from .store import ApplyResult, LocalCommit, StatementError, Store
+from .store import ApplyResult, LocalCommit, SchemaReload, StatementError, Store
 from .subscriptions import Subscriptions
 from .transport import (
     PEER_PREAMBLE,
@@ -180,6 +182,8 @@ class AgentEvents:
     applied_versions: int = 0
     peer_stream_errors: int = 0
     frames_dropped: int = 0
+    pending_schema_kept: int = 0  # versions kept until this node had their table or column
+    pending_schema_applied: int = 0  # of those, applied once the schema arrived
 
 
 def actor_hex(actor: bytes) -> str:
@@ -187,8 +191,21 @@ def actor_hex(actor: bytes) -> str:
 
 
 class Agent:
-    def __init__(self, config: Config, *, seed: int | None = None, serve_api: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        seed: int | None = None,
+        serve_api: bool = True,
+        allow_destructive: bool = False,
+    ) -> None:
         self.config = config
+        self._allow_destructive = allow_destructive  # at start: drop tables the schema lacks
+        # versions kept until this node has their schema, and the tables in the database that
+        # the schema files do not list (both for /v1/health); installed on the event loop
+        self.pending_schema = PendingSummary()
+        self.not_in_schema: list[str] = []
+        self._pending_logged: dict[str, None] = {}
         self._seed = seed
         self._serve_api = serve_api
         self.store: Store | None = None
@@ -252,7 +269,9 @@ class Agent:
     async def _open(self, cfg: Config) -> None:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
         if cfg.db.schema_paths or cfg.orchestrator is not None:
-            await self.reload_schema()
+            await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
+        else:
+            self._install_pending(await anyio.to_thread.run_sync(self.store.pending_summary))
         g = cfg.gossip
         if g.encryption_keys:
             self._keyring = swim.Keyring(g.encryption_keys)
@@ -549,14 +568,16 @@ class Agent:
                 try:
                     async with self.db_lock:
                         result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
+                        if result.kept:  # installed in commit order, before the lock is free
+                            self._note_kept(result)
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
                 if result.changes:
                     self._changed(result.changes)
-                if result.applied or result.emptied:
+                if result.applied or result.emptied or result.kept:
                     now = self._now()
-                    for actor, _version in result.applied:
+                    for actor, _version in result.applied + result.kept:
                         rep.note_booked(actor, now)
                     self._record_lag(batch, result)
                     self.events.applied_versions += len(result.applied) + result.emptied
@@ -821,19 +842,95 @@ class Agent:
             await anyio.to_thread.run_sync(self._release_read_conn, conn)
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:
+        """Apply ``db.schema_paths`` again (``corrosion reload``), re-read from the config file
+        when the agent was started from one, so an edited list takes effect; return what
+        changed. Tables the files do not list are kept unless ``allow_destructive``."""
+        paths = self.config.db.schema_paths
+        if self.config.source is not None:
+            fresh = await anyio.to_thread.run_sync(Config.load, self.config.source)
+            paths = fresh.db.schema_paths
+        done = await self._apply_schema_files(paths, allow_destructive)
+        if paths != self.config.db.schema_paths:
+            log.info("db.schema_paths now %s", ", ".join(map(str, paths)) or "(none)")
+            self.config = dataclasses.replace(
+                self.config, db=dataclasses.replace(self.config.db, schema_paths=paths)
+            )
+        return done
+
+    async def _apply_schema_files(
+        self, paths: Sequence[os.PathLike[str] | str], allow_destructive: bool
+    ) -> list[str]:
         assert self.store is not None
         from .orchestration import machines_schema
 
-        parts = [load_schema_paths(list(self.config.db.schema_paths))]
+        parts = [load_schema_paths(list(paths))]
         extra = machines_schema(self)
         if extra:
             parts.append(extra)
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
-            return await anyio.to_thread.run_sync(
-                lambda: store.apply_schema(sql, allow_destructive=allow_destructive)
+            reload = await anyio.to_thread.run_sync(
+                lambda: store.reload_schema(sql, allow_destructive=allow_destructive)
             )
+            self._schema_reloaded(reload)
+        applied = reload.applied
+        if applied.changes:
+            self._changed(applied.changes)
+        done = list(reload.outcome.changes)
+        if applied.applied or applied.emptied:
+            done.append(
+                f"applied {len(applied.applied) + applied.emptied} kept versions that waited for "
+                "this schema"
+            )
+        return done
+
+    def _schema_reloaded(self, reload: SchemaReload) -> None:
+        """Install what a schema apply found (on the event loop) and say so in the logs."""
+        for change in reload.outcome.changes:
+            log.info("schema: %s", change)
+        self.not_in_schema = list(reload.outcome.unlisted)
+        for table in self.not_in_schema:
+            log.warning(
+                "table %s is in the database but not in the schema files: left alone "
+                "(corrosion reload --allow-destructive drops it)",
+                table,
+            )
+        applied = reload.applied
+        n = len(applied.applied) + applied.emptied
+        if n:
+            self.events.pending_schema_applied += n
+            self.events.applied_versions += n
+            log.info("applied %d kept versions now that their schema is here", n)
+        for actor, version, error in applied.rejected:
+            log.warning(
+                "kept version %d of %s still cannot merge with this schema: %s",
+                version,
+                actor_hex(actor),
+                error,
+            )
+        self._install_pending(reload.pending)
+
+    def _note_kept(self, result: ApplyResult) -> None:
+        """Versions of an apply were kept for want of schema: count them and tell the logs."""
+        self.events.pending_schema_kept += len(result.kept)
+        total = PendingSummary(
+            self.pending_schema.versions + result.kept_missing.versions,
+            dict(self.pending_schema.missing),
+        )
+        for key, n in result.kept_missing.missing.items():
+            total.missing[key] = total.missing.get(key, 0) + n
+        self._install_pending(total)
+
+    def _install_pending(self, summary: PendingSummary) -> None:
+        for key in summary.missing:
+            if key not in self._pending_logged:
+                self._pending_logged[key] = None
+                what = "column" if "." in key else "table"
+                log.warning("changes for unknown %s %s kept until its schema arrives", what, key)
+        for key in [k for k in self._pending_logged if k not in summary.missing]:
+            del self._pending_logged[key]
+        self.pending_schema = summary
 
     def members(self) -> list[MemberInfo]:
         assert self.swim is not None

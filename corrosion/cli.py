@@ -297,11 +297,11 @@ def preflight(cfg: Config) -> None:
         raise CliError(f"invalid config: admin.path: longer than {MAX_SOCKET_PATH} bytes")
 
 
-async def _run_agent(cfg: Config) -> None:
+async def _run_agent(cfg: Config, allow_destructive: bool = False) -> None:
     from .agent import Agent
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Agent(cfg) as agent:
+        async with Agent(cfg, allow_destructive=allow_destructive) as agent:
             fields = {
                 "actor_id": agent.actor_id.hex(),
                 "gossip_addr": "{}:{}".format(*agent.swim.address),
@@ -319,7 +319,16 @@ async def _run_agent(cfg: Config) -> None:
 
 
 @app.command()
-def agent(ctx: typer.Context) -> None:
+def agent(
+    ctx: typer.Context,
+    allow_destructive: Annotated[
+        bool,
+        typer.Option(
+            "--allow-destructive",
+            help="At start-up, drop tables and columns the schema files no longer have.",
+        ),
+    ] = False,
+) -> None:
     """Run the agent (until SIGINT/SIGTERM, then leave the cluster gracefully)."""
     g = _g(ctx)
     with _Errors():
@@ -327,7 +336,7 @@ def agent(ctx: typer.Context) -> None:
         preflight(cfg)
     setup_logging(cfg.log_format, cfg.log_colors)
     try:
-        run_async(_run_agent, cfg)
+        run_async(_run_agent, cfg, allow_destructive)
     except Exception as exc:
         exc = _leaf(exc)
         hint = ""
@@ -456,7 +465,8 @@ def reload(
         typer.Option("--allow-destructive", help="Allow dropping tables and columns."),
     ] = False,
 ) -> None:
-    """Re-apply the schema files (db.schema_paths) on the running agent."""
+    """Re-apply the schema files (db.schema_paths, re-read from the agent's config file) on the
+    running agent."""
     with _Errors():
         result = admin_request(
             _g(ctx).admin(), "reload", timeout=600, allow_destructive=allow_destructive
@@ -466,6 +476,12 @@ def reload(
         typer.echo("schema unchanged")
     for line in applied:
         typer.echo(f"applied: {line}")
+    for table in result.get("not_in_schema", []):
+        typer.echo(f"not in the schema files, left alone (--allow-destructive drops it): {table}")
+    pending = result.get("pending_schema", {})
+    if pending.get("versions"):
+        waiting = ", ".join(pending.get("missing", {})) or "a schema that merges them"
+        typer.echo(f"still kept: {pending['versions']} versions waiting for {waiting}")
 
 
 # -- backup and restore ------------------------------------------------------------------------

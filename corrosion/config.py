@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -143,6 +144,8 @@ class Config:
     log_format: str = "plaintext"
     log_colors: bool = True
     orchestrator: Mapping[str, Any] | None = None
+    # the file this config was loaded from: ``corrosion reload`` re-reads db.schema_paths there
+    source: Path | None = None
 
     def admin_socket(self) -> Path:
         """``admin.path``, or by default ``<db.path>.admin.sock`` beside the database, so that
@@ -161,7 +164,8 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_mapping(apply_env(data, os.environ if env is None else env))
+        config = cls.from_mapping(apply_env(data, os.environ if env is None else env))
+        return dataclasses.replace(config, source=Path(path).absolute())
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Config:
