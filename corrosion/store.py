@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS __corro_seq_bookkeeping (
     end_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, ts INTEGER,
     PRIMARY KEY (site_id, version, start_seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS __corro_buffered_changes (
-    "table" TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val ANY,
+    "table" TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val,
     col_version INTEGER NOT NULL, db_version INTEGER NOT NULL, site_id BLOB, cl INTEGER NOT NULL,
     seq INTEGER NOT NULL, actor_id BLOB NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (actor_id, version, seq)) WITHOUT ROWID;
@@ -66,6 +66,21 @@ CREATE TABLE IF NOT EXISTS __corro_members (
     actor_id BLOB PRIMARY KEY NOT NULL, address TEXT NOT NULL, state TEXT NOT NULL,
     meta BLOB, updated_at INTEGER NOT NULL);
 """
+
+
+def _untype_buffered_values(conn: apsw.Connection) -> None:
+    """Databases made before this fix declared ``__corro_buffered_changes.val`` as ``ANY``, which
+    in a table that is not STRICT means NUMERIC affinity: a text '123' in a chunked version came
+    out as the integer 123. Rebuild the table with an untyped ``val`` (no affinity)."""
+    found = conn.execute(
+        "SELECT type FROM pragma_table_info('__corro_buffered_changes') WHERE name = 'val'"
+    ).fetchone()
+    if found is None or found[0] == "":
+        return
+    conn.execute("ALTER TABLE __corro_buffered_changes RENAME TO __corro_buffered_changes_old")
+    conn.execute(_MIGRATION)
+    conn.execute("INSERT INTO __corro_buffered_changes SELECT * FROM __corro_buffered_changes_old")
+    conn.execute("DROP TABLE __corro_buffered_changes_old")
 
 
 class StatementError(Exception):
@@ -132,6 +147,7 @@ class Store:
         self.conn.execute("PRAGMA recursive_triggers = ON")
         with self.conn:
             self.conn.execute(_MIGRATION + pending_schema.TABLE_SQL)
+            _untype_buffered_values(self.conn)
             self.conn.execute(
                 "INSERT OR IGNORE INTO __corro_state (key, value) VALUES ('schema_version', ?)",
                 (SCHEMA_VERSION,),
