@@ -39,7 +39,7 @@ from .changeset import Changeset
 from .config import Config, format_addr
 from .dblock import DatabaseLock
 from .lag import LagWindow
-from .pending_schema import PendingSummary
+from .pending_schema import PendingSchema
 from .ranges import RangeSet
 from .replication import (
     Effect,
@@ -182,8 +182,6 @@ class AgentEvents:
     applied_versions: int = 0
     peer_stream_errors: int = 0
     frames_dropped: int = 0
-    pending_schema_kept: int = 0  # versions kept until this node had their table or column
-    pending_schema_applied: int = 0  # of those, applied once the schema arrived
 
 
 def actor_hex(actor: bytes) -> str:
@@ -203,9 +201,8 @@ class Agent:
         self._allow_destructive = allow_destructive  # at start: drop tables the schema lacks
         # versions kept until this node has their schema, and the tables in the database that
         # the schema files do not list (both for /v1/health); installed on the event loop
-        self.pending_schema = PendingSummary()
+        self.pending_schema = PendingSchema(log)
         self.not_in_schema: list[str] = []
-        self._pending_logged: dict[str, None] = {}
         self._seed = seed
         self._serve_api = serve_api
         self.store: Store | None = None
@@ -271,7 +268,7 @@ class Agent:
         if cfg.db.schema_paths or cfg.orchestrator is not None:
             await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
         else:
-            self._install_pending(await anyio.to_thread.run_sync(self.store.pending_summary))
+            self.pending_schema.install(await anyio.to_thread.run_sync(self.store.pending_summary))
         g = cfg.gossip
         if g.encryption_keys:
             self._keyring = swim.Keyring(g.encryption_keys)
@@ -569,7 +566,7 @@ class Agent:
                     async with self.db_lock:
                         result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
                         if result.kept:  # installed in commit order, before the lock is free
-                            self._note_kept(result)
+                            self.pending_schema.kept(result.kept_missing)
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
@@ -897,11 +894,8 @@ class Agent:
                 table,
             )
         applied = reload.applied
-        n = len(applied.applied) + applied.emptied
-        if n:
-            self.events.pending_schema_applied += n
-            self.events.applied_versions += n
-            log.info("applied %d kept versions now that their schema is here", n)
+        self.events.applied_versions += len(applied.applied) + applied.emptied
+        self.pending_schema.applied(len(applied.applied) + applied.emptied)
         for actor, version, error in applied.rejected:
             log.warning(
                 "kept version %d of %s still cannot merge with this schema: %s",
@@ -909,28 +903,7 @@ class Agent:
                 actor_hex(actor),
                 error,
             )
-        self._install_pending(reload.pending)
-
-    def _note_kept(self, result: ApplyResult) -> None:
-        """Versions of an apply were kept for want of schema: count them and tell the logs."""
-        self.events.pending_schema_kept += len(result.kept)
-        total = PendingSummary(
-            self.pending_schema.versions + result.kept_missing.versions,
-            dict(self.pending_schema.missing),
-        )
-        for key, n in result.kept_missing.missing.items():
-            total.missing[key] = total.missing.get(key, 0) + n
-        self._install_pending(total)
-
-    def _install_pending(self, summary: PendingSummary) -> None:
-        for key in summary.missing:
-            if key not in self._pending_logged:
-                self._pending_logged[key] = None
-                what = "column" if "." in key else "table"
-                log.warning("changes for unknown %s %s kept until its schema arrives", what, key)
-        for key in [k for k in self._pending_logged if k not in summary.missing]:
-            del self._pending_logged[key]
-        self.pending_schema = summary
+        self.pending_schema.install(reload.pending)
 
     def members(self) -> list[MemberInfo]:
         assert self.swim is not None

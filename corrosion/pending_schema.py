@@ -19,10 +19,15 @@ rejected, by these rules (the store calls this module inside its own transaction
   (per-column last-writer-wins under causal length), so applying a version after later ones
   gives the same rows as applying it in order. A version the merge refuses even then (the
   schemas differ in another way) stays kept, and is reported.
+
+Threads: the functions on a connection run in the store's worker thread, inside its
+transactions; ``PendingSchema`` (what ``/v1/health`` shows) belongs to the event loop, which
+installs what those functions return.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,3 +170,54 @@ def summary(conn: apsw.Connection) -> PendingSummary:
         for key, _ in view.missing([(table, None, cid)]).items():
             out.missing[key] = out.missing.get(key, 0) + n
     return out
+
+
+class PendingSchema:
+    """The agent's view of kept versions, for ``/v1/health``, metrics and the logs. Owned by the
+    event loop: the store computes summaries and per-apply additions in its worker thread and
+    returns them; the loop installs them here, in the order their transactions committed."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._summary = PendingSummary()
+        self._logged: dict[str, None] = {}  # missing keys already logged (ordered, not a set)
+        self.kept_total = 0  # versions kept since start
+        self.applied_total = 0  # kept versions applied since start
+
+    @property
+    def versions(self) -> int:
+        return self._summary.versions
+
+    @property
+    def missing(self) -> dict[str, int]:
+        return self._summary.missing
+
+    def to_json(self) -> dict[str, Any]:
+        return self._summary.to_json()
+
+    def kept(self, added: PendingSummary) -> None:
+        """An apply kept ``added.versions`` more versions, waiting for ``added.missing``."""
+        self.kept_total += added.versions
+        total = PendingSummary(self._summary.versions + added.versions, dict(self.missing))
+        for key, n in added.missing.items():
+            total.missing[key] = total.missing.get(key, 0) + n
+        self.install(total)
+
+    def applied(self, versions: int) -> None:
+        self.applied_total += versions
+        if versions:
+            self._log.info("applied %d kept versions now that their schema is here", versions)
+
+    def install(self, summary: PendingSummary) -> None:
+        """Take ``summary`` as the current state; log each newly missing table or column once
+        (again only if it is missing again after its schema arrived)."""
+        for key in summary.missing:
+            if key not in self._logged:
+                self._logged[key] = None
+                what = "column" if "." in key else "table"
+                self._log.warning(
+                    "changes for unknown %s %s kept until its schema arrives", what, key
+                )
+        for key in [k for k in self._logged if k not in summary.missing]:
+            del self._logged[key]
+        self._summary = summary

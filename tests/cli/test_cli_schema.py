@@ -131,7 +131,7 @@ async def test_versions_for_a_missing_table_are_kept_then_applied_on_reload(base
             await wait_for(
                 lambda: b.replicator.stats.syncs_started >= rounds + 3, what="b to sync 3 times"
             )
-            assert b.events.pending_schema_kept == 2
+            assert b.pending_schema.kept_total == 2
             assert kept_warnings(caplog) == 1
 
             set_schema_paths(b_config, [s1, s2])
@@ -159,7 +159,7 @@ async def test_versions_for_a_missing_table_are_kept_then_applied_on_reload(base
                 )
 
             await wait_for(converged, what="t2 to converge after the reload")
-            assert b.pending_schema.versions == 0 and b.events.pending_schema_kept == 2
+            assert b.pending_schema.versions == 0 and b.pending_schema.kept_total == 2
 
 
 async def test_kept_versions_survive_a_restart_and_are_served_to_peers(base, caplog):
