@@ -3,7 +3,7 @@
 ```toml
 [db]
 path = "/var/lib/corrosion/state.db"      # required: the SQLite database
-schema_paths = ["/etc/corrosion/schema"]  # .sql files or directories of them
+schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload re-reads)
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)

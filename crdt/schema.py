@@ -205,7 +205,21 @@ def _same_definition(scratch: apsw.Connection, kind: str, name: str, text: str) 
         (kind, name),
     ).fetchone()
     if kind == "index":
-        return _normalize(sql) == _normalize(text)
+        if _normalize(sql) == _normalize(text):
+            return True
+        have = _index_shape(scratch, existing)
+        scratch.execute("SAVEPOINT same_index")
+        try:
+            scratch.execute(f"DROP INDEX {ident(existing)}")
+            try:
+                scratch.execute(text)
+            except apsw.Error:
+                return False
+            want = _index_shape(scratch, existing)
+        finally:
+            scratch.execute("ROLLBACK TO same_index")
+            scratch.execute("RELEASE same_index")
+        return have == want and not have[2]  # a partial index's WHERE is compared as text
     alone = apsw.Connection(":memory:")
     try:
         try:
@@ -223,6 +237,21 @@ def _same_definition(scratch: apsw.Connection, kind: str, name: str, text: str) 
         )
     finally:
         alone.close()
+
+
+def _index_shape(conn: apsw.Connection, name: str) -> tuple:
+    """An index as SQLite parsed it: table, unique, partial, and its key columns in order."""
+    table, unique, partial = conn.execute(
+        'SELECT m.tbl_name, l."unique", l.partial FROM sqlite_master AS m '
+        "JOIN pragma_index_list(m.tbl_name) AS l ON l.name = m.name "
+        "WHERE m.type = 'index' AND m.name = ?",
+        (name,),
+    ).fetchone()
+    keys = conn.execute(
+        'SELECT cid, name, "desc", coll FROM pragma_index_xinfo(?) WHERE key = 1 ORDER BY seqno',
+        (name,),
+    ).fetchall()
+    return (table.lower(), unique, partial, keys)
 
 
 def _build(statements: list[str]) -> apsw.Connection:

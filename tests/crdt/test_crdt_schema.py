@@ -209,7 +209,7 @@ BASE_RESTATED = """
 create table "machines"(
   id text not null primary key,   app TEXT NOT NULL DEFAULT '',
   state TEXT);
-CREATE INDEX machines_app   ON machines (app);
+CREATE INDEX "machines_app" ON Machines ( app );
 """
 
 
@@ -221,9 +221,15 @@ def test_a_definition_repeated_identically_is_a_no_op():
     ]
     conn.execute("INSERT INTO machines (id, app) VALUES ('m1', 'web')")
     before = dump(conn)
-    assert apply_schema(conn, BASE_RESTATED + ";" + BASE) == []
-    assert apply_schema(conn, BASE_RESTATED) == []
+    assert apply_schema(conn, BASE + ";" + BASE_RESTATED) == []
+    assert apply_schema(conn, BASE) == []  # the first definition is the one kept
     assert dump(conn) == before
+    assert apply_schema(conn, BASE_RESTATED.split("CREATE INDEX")[0]) == [
+        "dropped index machines_app"
+    ]
+    assert apply_schema(conn, BASE_RESTATED + ";" + BASE) == ["created index machines_app"]
+    assert apply_schema(conn, BASE_RESTATED + ";" + BASE) == []
+    assert conn.execute("SELECT * FROM machines").fetchall() == [("m1", "web", None)]
 
 
 @pytest.mark.parametrize(
