@@ -8,7 +8,8 @@ Protocol: the client sends one JSON object per line and reads one JSON object pe
 order; a connection may carry any number of requests.
 
     → {"cmd": "ping"}                                   ← {"ok": true, "result": "pong"}
-    → {"cmd": "reload", "allow_destructive": false}     ← {"ok": true, "result": {"applied": [...]}}
+    → {"cmd": "reload", "allow_destructive": false}     ← {"ok": true, "result": {"applied": [...],
+                                                           "not_in_schema", "pending_schema"}}
     → {"cmd": "sync generate"}                          ← {"ok": true, "result": {sync state}}
     → {"cmd": "cluster members"}                        ← {"ok": true, "result": [members]}
     → {"cmd": "health"}                                 ← {"ok": true, "result": {...}}
@@ -200,7 +201,11 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
         except Exception as exc:
             log.warning("schema reload refused: %s", exc)
             raise
-        return {"applied": list(applied)}
+        return {
+            "applied": list(applied),
+            "not_in_schema": list(agent.not_in_schema),
+            "pending_schema": agent.pending_schema.to_json(),
+        }
     if cmd == "log set":
         spec = set_levels(request["filter"])
         log.info("log level filter set to %r (admin socket)", spec)
@@ -220,6 +225,8 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
         "members": agent.alive_members(),
         "p99_lag": agent.p99_lag(),
         "queue_size": agent.queue_size(),
+        "pending_schema": agent.pending_schema.to_json(),
+        "not_in_schema": list(agent.not_in_schema),
     }
 
 

@@ -15,6 +15,7 @@ in parallel with writes (WAL).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import logging
 import os
@@ -39,6 +40,7 @@ from .config import Config, ConfigError, format_addr, gossip_security_error, sec
 from .dblock import DatabaseLock
 from .lag import LagWindow
 from .logs import ActivityLog, describe_frame, frame_error, log_member_event
+from .pending_schema import PendingSchema
 from .ranges import RangeSet
 from .replication import (
     Effect,
@@ -57,6 +59,7 @@ from .statements import parse_statements
 from .store import (
     ApplyResult,
     LocalCommit,
+    SchemaReload,
     StatementError,
     StatementRefused,
     StatementTimeout,
@@ -232,8 +235,20 @@ def actor_hex(actor: bytes) -> str:
 
 
 class Agent:
-    def __init__(self, config: Config, *, seed: int | None = None, serve_api: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        seed: int | None = None,
+        serve_api: bool = True,
+        allow_destructive: bool = False,
+    ) -> None:
         self.config = config
+        self._allow_destructive = allow_destructive  # at start: drop tables the schema lacks
+        # versions kept until this node has their schema, and the tables in the database that
+        # the schema files do not list (both for /v1/health); installed on the event loop
+        self.pending_schema = PendingSchema(log)
+        self.not_in_schema: list[str] = []
         self._seed = seed
         self._serve_api = serve_api
         self.store: Store | None = None
@@ -307,7 +322,9 @@ class Agent:
     async def _open(self, cfg: Config) -> None:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
         if cfg.db.schema_paths or cfg.orchestrator is not None:
-            await self.reload_schema()
+            await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
+        else:
+            self.pending_schema.install(await anyio.to_thread.run_sync(self.store.pending_summary))
         g = cfg.gossip
         if g.encryption_keys:
             self._keyring = swim.Keyring(g.encryption_keys)
@@ -659,6 +676,8 @@ class Agent:
                 try:
                     async with self.db_lock:
                         result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
+                        if result.kept:  # installed in commit order, before the lock is free
+                            self.pending_schema.kept(result.kept_missing)
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
@@ -668,8 +687,9 @@ class Agent:
                     self.activity.rejected(actor, version, reason)
                 if result.applied or result.emptied:
                     self.activity.applied(len(result.applied), result.changes_applied)
+                if result.applied or result.emptied or result.kept:
                     now = self._now()
-                    for actor, _version in result.applied:
+                    for actor, _version in result.applied + result.kept:
                         rep.note_booked(actor, now)
                     self._record_lag(batch, result)
                     self.events.applied_versions += len(result.applied) + result.emptied
@@ -988,24 +1008,73 @@ class Agent:
             await anyio.to_thread.run_sync(self._release_read_conn, conn)
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:
+        """Apply ``db.schema_paths`` again (``corrosion reload``), re-read from the config file
+        when the agent was started from one, so an edited list takes effect; return what
+        changed. Tables the files do not list are kept unless ``allow_destructive``."""
+        paths = self.config.db.schema_paths
+        if self.config.source is not None:
+            fresh = await anyio.to_thread.run_sync(Config.load, self.config.source)
+            paths = fresh.db.schema_paths
+        done = await self._apply_schema_files(paths, allow_destructive)
+        if paths != self.config.db.schema_paths:
+            schema_log.info("db.schema_paths now %s", ", ".join(map(str, paths)) or "(none)")
+            self.config = dataclasses.replace(
+                self.config, db=dataclasses.replace(self.config.db, schema_paths=paths)
+            )
+        return done
+
+    async def _apply_schema_files(
+        self, paths: Sequence[os.PathLike[str] | str], allow_destructive: bool
+    ) -> list[str]:
         assert self.store is not None
         from .orchestration import machines_schema
 
-        parts = [load_schema_paths(list(self.config.db.schema_paths))]
+        parts = [load_schema_paths(list(paths))]
         extra = machines_schema(self)
         if extra:
             parts.append(extra)
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
-            applied = await anyio.to_thread.run_sync(
-                lambda: store.apply_schema(sql, allow_destructive=allow_destructive)
+            reload = await anyio.to_thread.run_sync(
+                lambda: store.reload_schema(sql, allow_destructive=allow_destructive)
             )
-        for change in applied:
+            self._schema_reloaded(reload)
+        applied = reload.applied
+        if applied.changes:
+            self._changed(applied.changes)
+        done = list(reload.outcome.changes)
+        if applied.applied or applied.emptied:
+            done.append(
+                f"applied {len(applied.applied) + applied.emptied} kept versions that waited for "
+                "this schema"
+            )
+        return done
+
+    def _schema_reloaded(self, reload: SchemaReload) -> None:
+        """Install what a schema apply found (on the event loop) and say so in the logs."""
+        for change in reload.outcome.changes:
             schema_log.info("schema applied: %s", change, extra={"fields": {"change": change}})
-        if not applied:
+        if not reload.outcome.changes:
             schema_log.info("schema unchanged (%s)", _schema_sources(self.config))
-        return applied
+        self.not_in_schema = list(reload.outcome.unlisted)
+        for table in self.not_in_schema:
+            schema_log.warning(
+                "table %s is in the database but not in the schema files: left alone "
+                "(corrosion reload --allow-destructive drops it)",
+                table,
+            )
+        applied = reload.applied
+        self.events.applied_versions += len(applied.applied) + applied.emptied
+        self.pending_schema.applied(len(applied.applied) + applied.emptied)
+        for actor, version, error in applied.rejected:
+            schema_log.warning(
+                "kept version %d of %s still cannot merge with this schema: %s",
+                version,
+                actor_hex(actor),
+                error,
+            )
+        self.pending_schema.install(reload.pending)
 
     def members(self) -> list[MemberInfo]:
         """This node first (``is_self``), then every member it knows, with its SWIM state."""

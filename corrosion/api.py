@@ -7,10 +7,12 @@
 ``POST /v1/queries``       one read-only statement → NDJSON ``{"columns"}``, ``{"row": [rowid,
                            [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write,
                            ATTACH or a writing PRAGMA is refused with 400; ``?timeout=``
-``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size"}}``; the
+``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size",
+                           "pending_schema": {"versions", "missing"}, "not_in_schema"}}``; the
                            thresholds ``gaps``, ``max_queue``, ``p99_lag`` (seconds; with
-                           ``queue_size``, only while the queue is longer too) answer
-                           ``failure_status`` (default 503) when exceeded
+                           ``queue_size``, only while the queue is longer too),
+                           ``pending_schema`` (kept versions) answer ``failure_status`` (default
+                           503) when exceeded
 ``POST /v1/table_stats``   ``{"tables": [...]}`` → ``{"total_row_count", "invalid_tables"}``
 ``GET  /v1/cluster/members``  membership as JSON (our addition)
 
@@ -237,10 +239,19 @@ def routes(agent: Agent) -> list[BaseRoute]:
         q = request.query_params
         gaps, members, queue = agent.gaps(), agent.alive_members(), agent.queue_size()
         lag = agent.p99_lag()
-        response = {"gaps": gaps, "members": members, "p99_lag": lag, "queue_size": queue}
+        pending = agent.pending_schema
+        response = {
+            "gaps": gaps,
+            "members": members,
+            "p99_lag": lag,
+            "queue_size": queue,
+            "pending_schema": pending.to_json(),
+            "not_in_schema": list(agent.not_in_schema),
+        }
         try:
             failure = int(q.get("failure_status", 503))
             max_gaps = int(q["gaps"]) if "gaps" in q else None
+            max_pending = int(q["pending_schema"]) if "pending_schema" in q else None
             max_queue_n = int(q["max_queue"]) if "max_queue" in q else None
             lag_queue = int(q["queue_size"]) if "queue_size" in q else None
             max_lag = float(q["p99_lag"]) if "p99_lag" in q else None
@@ -252,6 +263,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
         unhealthy = (
             (max_gaps is not None and gaps > max_gaps)
             or (max_queue_n is not None and queue > max_queue_n)
+            or (max_pending is not None and pending.versions > max_pending)
             or lagging
         )
         return JSONResponse({"response": response}, status_code=failure if unhealthy else 200)

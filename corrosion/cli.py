@@ -292,11 +292,12 @@ def preflight(cfg: Config) -> None:
         )
 
 
-async def _run_agent(cfg: Config, started: list[bool]) -> None:
+async def _run_agent(cfg: Config, started: list[bool], allow_destructive: bool = False) -> None:
     from .agent import Agent
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Agent(cfg):  # it logs "agent started" with every bound address
+        # the agent logs "agent started" with every bound address
+        async with Agent(cfg, allow_destructive=allow_destructive):
             started.append(True)
             async for sig in signals:
                 log.info("%s received: leaving the cluster", signal.Signals(sig).name)
@@ -304,7 +305,16 @@ async def _run_agent(cfg: Config, started: list[bool]) -> None:
 
 
 @app.command()
-def agent(ctx: typer.Context) -> None:
+def agent(
+    ctx: typer.Context,
+    allow_destructive: Annotated[
+        bool,
+        typer.Option(
+            "--allow-destructive",
+            help="At start-up, drop tables and columns the schema files no longer have.",
+        ),
+    ] = False,
+) -> None:
     """Run the agent (until SIGINT/SIGTERM, then leave the cluster gracefully)."""
     g = _g(ctx)
     with _Errors():
@@ -316,7 +326,7 @@ def agent(ctx: typer.Context) -> None:
             raise CliError(f"{ENV_VAR}: {exc}") from None
     started: list[bool] = []
     try:
-        run_async(_run_agent, cfg, started)
+        run_async(_run_agent, cfg, started, allow_destructive)
     except Exception as exc:
         leaf = _leaf(exc)
         message = explain(leaf, cfg)
@@ -459,7 +469,8 @@ def reload(
         typer.Option("--allow-destructive", help="Allow dropping tables and columns."),
     ] = False,
 ) -> None:
-    """Re-apply the schema files (db.schema_paths) on the running agent."""
+    """Re-apply the schema files (db.schema_paths, re-read from the agent's config file) on the
+    running agent."""
     with _Errors():
         result = admin_request(
             _g(ctx).admin(), "reload", timeout=600, allow_destructive=allow_destructive
@@ -469,6 +480,12 @@ def reload(
         typer.echo("schema unchanged")
     for line in applied:
         typer.echo(f"applied: {line}")
+    for table in result.get("not_in_schema", []):
+        typer.echo(f"not in the schema files, left alone (--allow-destructive drops it): {table}")
+    pending = result.get("pending_schema", {})
+    if pending.get("versions"):
+        waiting = ", ".join(pending.get("missing", {})) or "a schema that merges them"
+        typer.echo(f"still kept: {pending['versions']} versions waiting for {waiting}")
 
 
 @log_app.command("set")

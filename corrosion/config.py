@@ -3,7 +3,7 @@
 ```toml
 [db]
 path = "/var/lib/corrosion/state.db"      # required: the SQLite database
-schema_paths = ["/etc/corrosion/schema"]  # .sql files or directories of them
+schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload re-reads)
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import os
 import tomllib
@@ -168,6 +169,8 @@ class Config:
     log_level: str = "info"
     log_summary_interval: float = 10.0
     orchestrator: Mapping[str, Any] | None = None
+    # the file this config was loaded from: ``corrosion reload`` re-reads db.schema_paths there
+    source: Path | None = None
 
     def admin_socket(self) -> Path:
         """``admin.path``, or by default ``<db.path>.admin.sock`` beside the database, so that
@@ -186,7 +189,8 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_mapping(apply_env(data, os.environ if env is None else env))
+        config = cls.from_mapping(apply_env(data, os.environ if env is None else env))
+        return dataclasses.replace(config, source=Path(path).absolute())
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Config:

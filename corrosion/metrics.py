@@ -93,6 +93,18 @@ def collect(agent: Agent) -> list[tuple[str, str, str, list[_Sample]]]:
         ("corro_broadcast_dropped_total", "counter",
          "Broadcast frames dropped because a peer's send queue was full.",
          one(ev.frames_dropped)),
+        ("corro_agent_pending_schema_versions", "gauge",
+         "Received versions kept until this node has their table or column.",
+         one(agent.pending_schema.versions)),
+        ("corro_agent_pending_schema_changes", "gauge",
+         "Changes of kept versions, by the table or table.column they wait for.",
+         [({"missing": k}, float(n)) for k, n in sorted(agent.pending_schema.missing.items())]),
+        ("corro_agent_pending_schema_kept_total", "counter",
+         "Versions kept for want of schema (since start).",
+         one(agent.pending_schema.kept_total)),
+        ("corro_agent_pending_schema_applied_total", "counter",
+         "Kept versions applied once their schema arrived (since start).",
+         one(agent.pending_schema.applied_total)),
     ]  # fmt: skip
     if rep is not None:
         fams += [

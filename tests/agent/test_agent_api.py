@@ -144,7 +144,16 @@ async def test_health_members_and_table_stats(node):
     agent, client = node
     resp = await client.get("/v1/health")
     assert resp.status_code == 200
-    assert resp.json() == {"response": {"gaps": 0, "members": 0, "p99_lag": 0.0, "queue_size": 0}}
+    assert resp.json() == {
+        "response": {
+            "gaps": 0,
+            "members": 0,
+            "p99_lag": 0.0,
+            "queue_size": 0,
+            "pending_schema": {"versions": 0, "missing": {}},
+            "not_in_schema": [],
+        }
+    }
     agent.store.bookie.get(b"\x01" * 16).held.add(5, 5)  # versions 1..4 are now gaps
     assert (await client.get("/v1/health?gaps=3")).status_code == 503
     assert (await client.get("/v1/health?gaps=4")).status_code == 200

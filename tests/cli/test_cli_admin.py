@@ -79,6 +79,8 @@ async def test_commands_answer_on_both_backends(base, anyio_backend):
             "members": 0,
             "p99_lag": 0.0,
             "queue_size": 0,
+            "pending_schema": {"versions": 0, "missing": {}},
+            "not_in_schema": [],
         }
         await agent.execute(["INSERT INTO todos (id) VALUES (1)"])
         state = await ask(sock, "sync generate")
@@ -238,12 +240,13 @@ async def test_cli_reload_applies_schema_changes(base):
         await agent.execute(["INSERT INTO notes (id, body) VALUES (1, 'hi')"])
         assert await rows(agent, "SELECT body FROM notes") == [("hi",)]
 
-        # dropping a table loses data: refused unless asked for
+        # a table the files no longer list is kept and reported; dropping it needs the flag
         write_schema(base, SCHEMA)
         result = await cli("reload", "--admin-path", sock)
-        assert result.exit_code == 1
-        assert result.stderr.startswith("error: ")
+        assert result.exit_code == 0, result.output
+        assert "left alone (--allow-destructive drops it): notes" in result.stdout
         assert await rows(agent, "SELECT body FROM notes") == [("hi",)]
+        assert agent.not_in_schema == ["notes"]
         result = await cli("reload", "--allow-destructive", "--admin-path", sock)
         assert result.exit_code == 0, result.output
         tables = await rows(agent, "SELECT name FROM sqlite_schema WHERE name = 'notes'")
