@@ -46,6 +46,9 @@ from corrosion.store import Store
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER DEFAULT 0);"
 
 
+BENCH_KEY = "YmVuY2g6IG9uZSBmaXhlZCBrZXksIGFsbCBub2RlcyE="  # 32 bytes, shared by the nodes
+
+
 def config(base: Path, name: str, seeds: list[str], api: bool = False) -> Config:
     schema = base / "schema.sql"
     if not schema.exists():  # written once, atomically: worker processes read it concurrently
@@ -54,7 +57,13 @@ def config(base: Path, name: str, seeds: list[str], api: bool = False) -> Config
         os.replace(tmp, schema)
     data = {
         "db": {"path": str(base / name / "state.db"), "schema_paths": [str(schema)]},
-        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "lan"},
+        # keyed, as every real cluster is (the nonce handshake and AES-GCM are in the figures)
+        "gossip": {
+            "addr": "127.0.0.1:0",
+            "bootstrap": seeds,
+            "preset": "lan",
+            "encryption_keys": [BENCH_KEY],
+        },
         "perf": {"min_sync_backoff": 1.0, "max_sync_backoff": 15.0},
     }
     if api:

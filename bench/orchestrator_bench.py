@@ -89,6 +89,7 @@ async def started_to_visible(n: int) -> list[float]:
     """Two agents on loopback; an orchestrator (fake driver) publishes through the first; time
     from a machine being started on worker 1 to its row reading 'started' on worker 2."""
     from corrosion import Agent, Config
+    from corrosion.config import generate_key
     from orchestrator.publish import MACHINES_SCHEMA
 
     class AgentPublisher:
@@ -101,13 +102,15 @@ async def started_to_visible(n: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         base = Path(tmp)
         (base / "schema.sql").write_text(MACHINES_SCHEMA)
+        key = generate_key()  # the two agents' shared gossip key
 
         def config(name: str, seeds: list[str]) -> Config:
             return Config.from_mapping(
                 {
                     "db": {"path": str(base / name / "state.db"),
                            "schema_paths": [str(base / "schema.sql")]},
-                    "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "local"},
+                    "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "local",
+                               "encryption_keys": [key]},
                 }
             )  # fmt: skip
 

@@ -9,7 +9,16 @@
 ``corrosion.store`` the database with its bookkeeping; ``corrosion.api`` the ASGI app.
 """
 
-from .agent import Agent, ExecResult, MemberInfo, QueryError, TransactionError
+from .agent import (
+    Agent,
+    ExecResult,
+    MemberInfo,
+    QueryError,
+    QueryTimeout,
+    TransactionError,
+    TransactionRefused,
+    TransactionTimeout,
+)
 from .config import Config, ConfigError
 
 __all__ = [
@@ -19,5 +28,8 @@ __all__ = [
     "ExecResult",
     "MemberInfo",
     "QueryError",
+    "QueryTimeout",
     "TransactionError",
+    "TransactionRefused",
+    "TransactionTimeout",
 ]

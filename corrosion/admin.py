@@ -8,10 +8,13 @@ Protocol: the client sends one JSON object per line and reads one JSON object pe
 order; a connection may carry any number of requests.
 
     → {"cmd": "ping"}                                   ← {"ok": true, "result": "pong"}
-    → {"cmd": "reload", "allow_destructive": false}     ← {"ok": true, "result": {"applied": [...]}}
+    → {"cmd": "reload", "allow_destructive": false}     ← {"ok": true, "result": {"applied": [...],
+                                                           "not_in_schema", "pending_schema"}}
     → {"cmd": "sync generate"}                          ← {"ok": true, "result": {sync state}}
     → {"cmd": "cluster members"}                        ← {"ok": true, "result": [members]}
     → {"cmd": "health"}                                 ← {"ok": true, "result": {...}}
+    → {"cmd": "log set", "filter": "debug"}             ← {"ok": true, "result": {"filter": ...}}
+    → {"cmd": "log reset"}                              ← {"ok": true, "result": {"filter": ...}}
     → anything else                                     ← {"ok": false, "error": "..."}
 
 Bad input (invalid JSON, unknown command, wrong argument types) gets an error reply and the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -33,13 +37,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteStream, TaskGroup
 
+from .logs import parse_levels, reset_levels, set_levels
+
 if TYPE_CHECKING:
     from .agent import Agent
 
 DEFAULT_PATH = Path("/var/run/corrosion/admin.sock")
 MAX_LINE = 1 << 20  # bytes per request line
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with the terminating NUL
-COMMANDS = ("ping", "reload", "sync generate", "cluster members", "health")
+COMMANDS = ("ping", "reload", "sync generate", "cluster members", "health", "log set", "log reset")
+ARGS = {"reload": {"allow_destructive"}, "log set": {"filter"}}
+
+log = logging.getLogger("corrosion.admin")
 
 
 class AdminError(Exception):
@@ -165,24 +174,46 @@ def _parse(line: bytes) -> dict[str, Any]:
         raise _BadRequest('request needs a "cmd" string')
     if cmd not in COMMANDS:
         raise _BadRequest(f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
-    allowed = {"cmd", "allow_destructive"} if cmd == "reload" else {"cmd"}
+    allowed = {"cmd"} | ARGS.get(cmd, set())
     extra = sorted(set(request) - allowed)
     if extra:
         raise _BadRequest(f"unknown argument {extra[0]!r} for {cmd!r}")
     if not isinstance(request.get("allow_destructive", False), bool):
         raise _BadRequest("allow_destructive must be true or false")
+    if cmd == "log set":
+        try:
+            parse_levels(request.get("filter"))
+        except ValueError as exc:
+            raise _BadRequest(f"filter: {exc}") from None
     return request
 
 
 async def _run(agent: Agent, request: dict[str, Any]) -> Any:
     cmd = request["cmd"]
+    log.debug("admin command %r", cmd)
     if cmd == "ping":
         return "pong"
     if cmd == "reload":
-        applied = await agent.reload_schema(
-            allow_destructive=request.get("allow_destructive", False)
-        )
-        return {"applied": list(applied)}
+        try:
+            applied = await agent.reload_schema(
+                allow_destructive=request.get("allow_destructive", False)
+            )
+        except Exception as exc:
+            log.warning("schema reload refused: %s", exc)
+            raise
+        return {
+            "applied": list(applied),
+            "not_in_schema": list(agent.not_in_schema),
+            "pending_schema": agent.pending_schema.to_json(),
+        }
+    if cmd == "log set":
+        spec = set_levels(request["filter"])
+        log.info("log level filter set to %r (admin socket)", spec)
+        return {"filter": spec}
+    if cmd == "log reset":
+        spec = reset_levels()
+        log.info("log level filter reset to %r (admin socket)", spec)
+        return {"filter": spec}
     if cmd == "sync generate":
         return agent.sync_state()
     if cmd == "cluster members":
@@ -194,6 +225,8 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
         "members": agent.alive_members(),
         "p99_lag": agent.p99_lag(),
         "queue_size": agent.queue_size(),
+        "pending_schema": agent.pending_schema.to_json(),
+        "not_in_schema": list(agent.not_in_schema),
     }
 
 

@@ -15,6 +15,7 @@ in parallel with writes (WAL).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import logging
 import os
@@ -35,9 +36,11 @@ import swim
 from crdt.schema import load_schema_paths
 
 from .changeset import Changeset
-from .config import Config, format_addr
+from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
 from .lag import LagWindow
+from .logs import ActivityLog, describe_frame, frame_error, log_member_event
+from .pending_schema import PendingSchema
 from .ranges import RangeSet
 from .replication import (
     Effect,
@@ -50,19 +53,34 @@ from .replication import (
     encode_meta,
     peer_address,
 )
+from .sqlguard import Deadline, Guard, guard_of
+from .startup import listening
 from .statements import parse_statements
-from .store import ApplyResult, LocalCommit, StatementError, Store
+from .store import (
+    ApplyResult,
+    LocalCommit,
+    SchemaReload,
+    StatementError,
+    StatementRefused,
+    StatementTimeout,
+    Store,
+)
 from .subscriptions import Subscriptions
 from .transport import (
     PEER_PREAMBLE,
     FrameStream,
     FrameStreamError,
+    UnauthenticatedFrame,
     client_ssl_context,
     connect,
 )
 
 log = logging.getLogger("corrosion.agent")
+schema_log = logging.getLogger("corrosion.schema")
+sync_log = logging.getLogger("corrosion.sync")
+frames_log = logging.getLogger("corrosion.broadcast")
 
+MAX_HELLO = 4096  # bytes a peer stream's first frame may have (read before it is authenticated)
 PEER_QUEUE = 4096  # frames waiting for one peer's broadcast stream; beyond, drop (sync recovers)
 
 
@@ -93,6 +111,15 @@ class TransactionError(Exception):
         self.index = index
 
 
+class TransactionRefused(TransactionError):
+    """A statement does what clients may not do (DDL, ATTACH, internal tables... see
+    ``corrosion.sqlguard``); nothing was applied. The message says what to do instead."""
+
+
+class TransactionTimeout(TransactionError):
+    """The statements ran past the transaction's timeout; nothing was applied."""
+
+
 class QueryError(Exception):
     """A query was refused (not read-only, invalid SQL)."""
 
@@ -102,6 +129,24 @@ class QueryError(Exception):
         self.client_error = client_error
 
 
+class QueryTimeout(QueryError):
+    """The query ran past its timeout and was interrupted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, client_error=False)
+
+
+_DEFAULT: Any = object()  # "the configured default" for a timeout argument
+
+
+def _transaction_error(exc: StatementError) -> TransactionError:
+    if isinstance(exc, StatementRefused):
+        return TransactionRefused(exc.message, exc.index)
+    if isinstance(exc, StatementTimeout):
+        return TransactionTimeout(exc.message, exc.index)
+    return TransactionError(exc.message, exc.index)
+
+
 @dataclass
 class MemberInfo:
     actor_id: str
@@ -109,6 +154,7 @@ class MemberInfo:
     peer_addr: str | None
     state: str
     incarnation: int
+    is_self: bool = False  # this node (listed first)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +163,7 @@ class MemberInfo:
             "peer_addr": self.peer_addr,
             "state": self.state,
             "incarnation": self.incarnation,
+            "self": self.is_self,
         }
 
 
@@ -180,6 +227,7 @@ class AgentEvents:
     applied_versions: int = 0
     peer_stream_errors: int = 0
     frames_dropped: int = 0
+    peer_streams_unauthenticated: int = 0  # cut: no gossip key opened their frames
 
 
 def actor_hex(actor: bytes) -> str:
@@ -187,8 +235,20 @@ def actor_hex(actor: bytes) -> str:
 
 
 class Agent:
-    def __init__(self, config: Config, *, seed: int | None = None, serve_api: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        seed: int | None = None,
+        serve_api: bool = True,
+        allow_destructive: bool = False,
+    ) -> None:
         self.config = config
+        self._allow_destructive = allow_destructive  # at start: drop tables the schema lacks
+        # versions kept until this node has their schema, and the tables in the database that
+        # the schema files do not list (both for /v1/health); installed on the event loop
+        self.pending_schema = PendingSchema(log)
+        self.not_in_schema: list[str] = []
         self._seed = seed
         self._serve_api = serve_api
         self.store: Store | None = None
@@ -201,7 +261,9 @@ class Agent:
         # called with each ApplyResult that booked versions (benchmarks, subscriptions)
         self.apply_listeners: list[Any] = []
         self._update_watchers: dict[str, list[MemoryObjectSendStream[tuple[str, tuple]]]] = {}
-        self.subscriptions = Subscriptions(self._read_conn, self._release_read_conn)
+        self.subscriptions = Subscriptions(
+            self._read_conn, self._release_read_conn, timeout=config.api.query_timeout
+        )
         self._tg: TaskGroup | None = None
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = 0
@@ -222,6 +284,9 @@ class Agent:
         self._orchestrator: Any = None
         self._db_lock_file: DatabaseLock | None = None
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
+        self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
+        self.activity = ActivityLog(config.log_summary_interval, self._now)
+        self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -239,6 +304,11 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        problem = gossip_security_error(cfg.gossip)
+        if problem is not None:  # before anything is created or bound
+            raise ConfigError(problem)
+        for warning in security_warnings(cfg):
+            log.warning("%s", warning)
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
@@ -252,7 +322,9 @@ class Agent:
     async def _open(self, cfg: Config) -> None:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
         if cfg.db.schema_paths or cfg.orchestrator is not None:
-            await self.reload_schema()
+            await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
+        else:
+            self.pending_schema.install(await anyio.to_thread.run_sync(self.store.pending_summary))
         g = cfg.gossip
         if g.encryption_keys:
             self._keyring = swim.Keyring(g.encryption_keys)
@@ -303,23 +375,44 @@ class Agent:
         await self._tg.__aenter__()
         events = self.swim.subscribe(max_buffer=10_000)
         self.swim.route_streams(PEER_PREAMBLE, self._serve_peer)
-        await self._tg.start(self.swim.serve)
+        with listening("gossip.addr", g.addr):
+            await self._tg.start(self.swim.serve)
         self.peer_addr = self.swim.address
         self._tg.start_soon(self._swim_events, events)
         self._tg.start_soon(self._timer_loop)
         self._tg.start_soon(self._apply_loop)
         self._tg.start_soon(self.subscriptions.run)
+        self._tg.start_soon(self._activity_loop)
         self._perform(self.replicator.start(self._now()))
         self._tg.start_soon(self._join_loop)
         await self._start_admin()
         if cfg.prometheus_addr is not None:
             from .metrics import start_metrics
 
-            self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
+            with listening("telemetry.prometheus.addr", cfg.prometheus_addr):
+                self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
         if cfg.orchestrator is not None:
             await self._start_orchestrator()
         if self._serve_api and cfg.api.addrs:
             await self._start_api()
+        self._started = True
+        log.info("agent started", extra={"fields": self._startup_fields()})
+
+    def _startup_fields(self) -> dict[str, Any]:
+        """Everything this agent bound, for the start-up line."""
+        assert self.swim is not None
+        metrics = getattr(self, "metrics_addr", None)
+        api = [format_addr(a) for a in self.api_addrs]
+        return {
+            "actor_id": self.actor_id.hex(),
+            "db_path": str(self.config.db.path),
+            "gossip_addr": format_addr(self.swim.address),
+            "api_addrs": api,
+            "admin_path": str(self.admin_path) if self.admin_path is not None else None,
+            "metrics_addr": format_addr(metrics) if metrics else None,
+            "machines_api": api if self._orchestrator is not None else None,
+            "cluster_id": self.config.gossip.cluster_id,
+        }
 
     async def aclose(self) -> None:
         """Leave the cluster gracefully, give queued broadcasts a moment to go out, stop."""
@@ -364,6 +457,8 @@ class Agent:
                     store.close()
         if self._db_lock_file is not None:
             self._db_lock_file.release()
+        if self._started:
+            log.info("agent stopped")
 
     def _now(self) -> float:
         return time.monotonic()
@@ -413,6 +508,10 @@ class Agent:
         except anyio.WouldBlock:
             out.dropped += 1
             self.events.frames_dropped += 1
+            frames_log.debug("queue to %s full: frame dropped", format_addr(addr))
+            return
+        if frames_log.isEnabledFor(logging.DEBUG):
+            frames_log.debug("frame to %s: %s", format_addr(addr), describe_frame(data))
 
     async def _peer_sender(self, addr: tuple[str, int], receive: Any) -> None:
         """Keeps one broadcast stream to ``addr``; on failure, drops the frame in hand and
@@ -446,6 +545,7 @@ class Agent:
         if self.faults.isolated:
             await raw.aclose()
             return
+        stream: FrameStream | None = None
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -456,41 +556,59 @@ class Agent:
             stream = FrameStream(raw, self._keyring, self._aad)
             async with raw:
                 with anyio.fail_after(10):
-                    hello = self.replicator.check_hello(await stream.receive())
+                    await stream.handshake(client=False)
+                    first = await stream.receive(max_size=MAX_HELLO)
+                hello = self.replicator.check_hello(first)
                 if hello is None:
                     return
-                _actor, purpose = hello
+                actor, purpose = hello
                 if purpose == "bcast":
-                    await self._receive_broadcasts(stream)
+                    await self._receive_broadcasts(stream, self._peer_name(actor))
                 else:
-                    await self._answer_sync(stream)
-        except (
-            OSError,
-            anyio.EndOfStream,
-            anyio.BrokenResourceError,
-            anyio.IncompleteRead,
-            FrameStreamError,
-            TimeoutError,
-        ):
+                    await self._answer_sync(stream, self._peer_name(actor))
+        except Exception as exc:
             self.events.peer_stream_errors += 1
-        except Exception:
-            self.events.peer_stream_errors += 1
-            log.exception("peer stream failed")
+            if isinstance(exc, UnauthenticatedFrame) or (
+                self._keyring is not None and (stream is None or not stream.authenticated)
+            ):
+                # not a member: no key opened its frames (or they were replayed or spliced)
+                self.events.peer_streams_unauthenticated += 1
+            elif not isinstance(
+                exc,
+                OSError
+                | anyio.EndOfStream
+                | anyio.BrokenResourceError
+                | anyio.IncompleteRead
+                | FrameStreamError
+                | TimeoutError,
+            ):
+                log.exception("peer stream failed")
 
-    async def _receive_broadcasts(self, stream: FrameStream) -> None:
+    def _peer_name(self, actor: bytes) -> str:
+        """A peer's gossip address when it is a known member, else its actor id."""
         assert self.replicator is not None
+        peer = self.replicator.peers.get(actor)
+        return format_addr(peer.addr) if peer is not None else actor.hex()
+
+    async def _receive_broadcasts(self, stream: FrameStream, peer: str) -> None:
+        assert self.replicator is not None
+        stats = self.replicator.stats
         while True:
             data = await stream.receive()
             if self.faults.isolated:
                 return
-            before = len(self.replicator.queue)
+            if frames_log.isEnabledFor(logging.DEBUG):
+                frames_log.debug("frame from %s: %s", peer, describe_frame(data))
+            before, malformed = len(self.replicator.queue), stats.malformed
             self._perform(self.replicator.handle_frame(None, data, self._now()))
             if len(self.replicator.queue) != before:
                 self._apply_wake.set()
+            if stats.malformed != malformed:
+                self.activity.malformed(peer, frame_error(data))
 
     # -- sync -------------------------------------------------------------------------------
 
-    async def _answer_sync(self, stream: FrameStream) -> None:
+    async def _answer_sync(self, stream: FrameStream, peer: str) -> None:
         assert self.replicator is not None
         with anyio.fail_after(30):
             request = await stream.receive()
@@ -498,14 +616,18 @@ class Agent:
             frames = await anyio.to_thread.run_sync(
                 lambda: list(self.replicator.serve_sync(request))
             )
+        sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
         with anyio.fail_after(120):
             for frame in frames:
                 if self.faults.isolated:
                     return
                 await stream.send(frame)
+        self.activity.sync_served(peer, len(frames) - 1)  # all but the done (or reject) frame
 
     async def _run_sync(self, addr: tuple[str, int], request: bytes) -> None:
         assert self.replicator is not None
+        pulled, ok = 0, False
+        sync_log.debug("sync with %s: asking (%d bytes of state)", format_addr(addr), len(request))
         try:
             stream = await connect(
                 addr[0], addr[1], keyring=self._keyring, aad=self._aad, ssl_context=self._ssl_client
@@ -521,9 +643,11 @@ class Agent:
                         before = len(self.replicator.queue)
                         more = self.replicator.handle_sync_frame(addr, data, self._now())
                         if len(self.replicator.queue) != before:
+                            pulled += len(self.replicator.queue) - before
                             self._apply_wake.set()
                         if not more:
                             break
+            ok = True
         except (
             OSError,
             anyio.EndOfStream,
@@ -531,10 +655,13 @@ class Agent:
             anyio.IncompleteRead,
             FrameStreamError,
             TimeoutError,
-        ):
+        ) as exc:
             self.events.peer_stream_errors += 1
+            sync_log.debug("sync with %s failed: %r", format_addr(addr), exc)
         finally:
             self.replicator.sync_finished(addr)
+            sync_log.debug("sync with %s: %d changesets pulled", format_addr(addr), pulled)
+            self.activity.sync_session(format_addr(addr), pulled, ok)
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -549,14 +676,20 @@ class Agent:
                 try:
                     async with self.db_lock:
                         result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
+                        if result.kept:  # installed in commit order, before the lock is free
+                            self.pending_schema.kept(result.kept_missing)
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
                 if result.changes:
                     self._changed(result.changes)
+                for actor, version, reason in result.rejected:
+                    self.activity.rejected(actor, version, reason)
                 if result.applied or result.emptied:
+                    self.activity.applied(len(result.applied), result.changes_applied)
+                if result.applied or result.emptied or result.kept:
                     now = self._now()
-                    for actor, _version in result.applied:
+                    for actor, _version in result.applied + result.kept:
                         rep.note_booked(actor, now)
                     self._record_lag(batch, result)
                     self.events.applied_versions += len(result.applied) + result.emptied
@@ -577,12 +710,19 @@ class Agent:
         """Seconds between a version's commit at its origin and its apply here (p99, 120 s)."""
         return self.lag.p99(time.time())
 
+    async def _activity_loop(self) -> None:
+        """Every ``log.summary_interval``: the sync summary and the throttled repeats."""
+        while True:
+            await anyio.sleep(self.activity.interval)
+            self.activity.tick()
+
     # -- membership ---------------------------------------------------------------------------
 
     async def _swim_events(self, events: Any) -> None:
         assert self.replicator is not None and self.store is not None
         async with events:
             async for ev in events:
+                log_member_event(ev, self._describe_member)
                 members: list[swim.Member] = []
                 if isinstance(ev, swim.MemberUp | swim.MemberAlive | swim.MemberUpdated):
                     members = [ev.member]
@@ -602,6 +742,11 @@ class Agent:
                         continue
                     self.replicator.member_up(actor, peer_address(m.addr, port))
                     await self._persist_member(m)
+
+    @staticmethod
+    def _describe_member(m: swim.Member) -> tuple[str, str]:
+        info = decode_meta(m.meta)
+        return (info[0].hex() if info else "", format_addr(m.addr))
 
     def _member_gone(self, m: swim.Member) -> None:
         info = decode_meta(m.meta)
@@ -651,22 +796,29 @@ class Agent:
 
     # -- the public API ----------------------------------------------------------------------
 
-    async def execute(self, statements: Sequence[Any]) -> ExecResult:
+    async def execute(self, statements: Sequence[Any], *, timeout: Any = _DEFAULT) -> ExecResult:
         """Run statements (corrosion's four JSON forms, or ``(sql, params)``) in one
-        transaction; raise ``TransactionError`` if any fails (nothing applied)."""
+        transaction; raise ``TransactionError`` if any fails (nothing applied):
+        ``TransactionRefused`` for what clients may not do (``corrosion.sqlguard``: DDL, ATTACH,
+        internal or unreplicated tables...), ``TransactionTimeout`` when the statements run
+        longer than ``timeout`` seconds (default ``api.transaction_timeout``; None or 0: none)."""
         assert self.store is not None and self.replicator is not None
         parsed = parse_statements(statements)
         ts = self.replicator.hlc.now()
         t0 = time.perf_counter()
         store = self.store
+        seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
         try:
             async with self.db_lock:
-                results, commit = await anyio.to_thread.run_sync(store.execute_local, parsed, ts)
+                results, commit = await anyio.to_thread.run_sync(
+                    lambda: store.execute_local(parsed, ts, timeout=seconds)
+                )
         except StatementError as exc:
-            raise TransactionError(exc.message, exc.index) from None
+            raise _transaction_error(exc) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         if commit is not None:
             self._changed(commit.changes)
+            self.activity.local_commit()
         return ExecResult(
             [{"rows_affected": r.rows_affected, "time": r.time} for r in results],
             time.perf_counter() - t0,
@@ -674,20 +826,26 @@ class Agent:
             actor_hex(store.actor_id),
         )
 
-    async def execute_commit(self, statements: Sequence[Any]) -> LocalCommit | None:
+    async def execute_commit(
+        self, statements: Sequence[Any], *, timeout: Any = _DEFAULT
+    ) -> LocalCommit | None:
         """Like ``execute`` but returns the booked commit (for publishers and tests)."""
         assert self.store is not None and self.replicator is not None
         parsed = parse_statements(statements)
         ts = self.replicator.hlc.now()
         store = self.store
+        seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
         try:
             async with self.db_lock:
-                _results, commit = await anyio.to_thread.run_sync(store.execute_local, parsed, ts)
+                _results, commit = await anyio.to_thread.run_sync(
+                    lambda: store.execute_local(parsed, ts, timeout=seconds)
+                )
         except StatementError as exc:
-            raise TransactionError(exc.message, exc.index) from None
+            raise _transaction_error(exc) from None
         self._perform(self.replicator.broadcast_commit(commit, self._now()))
         if commit is not None:
             self._changed(commit.changes)
+            self.activity.local_commit()
         return commit
 
     # -- /v1/updates ------------------------------------------------------------------------
@@ -747,10 +905,11 @@ class Agent:
         return UpdateWatch(receive, close)
 
     def _read_conn(self) -> apsw.Connection:
-        if self._read_pool:
+        with contextlib.suppress(IndexError):  # pop is atomic: threads may share the pool
             return self._read_pool.pop()
         conn = crdt.connect(str(self.config.db.path), flags=apsw.SQLITE_OPEN_READONLY)
         conn.execute("PRAGMA query_only = ON")
+        Guard(writes=False).install(conn)  # checks clients' queries (sqlguard)
         return conn
 
     def _release_read_conn(self, conn: apsw.Connection) -> None:
@@ -760,31 +919,57 @@ class Agent:
             conn.close()
 
     async def query(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        *,
+        batch: int = 512,
+        timeout: Any = _DEFAULT,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Rows of a read-only statement, read on a read-only connection in a worker thread."""
-        async for kind, payload in self.query_stream(sql, params, batch=batch):
+        async for kind, payload in self.query_stream(sql, params, batch=batch, timeout=timeout):
             if kind == "rows":
                 for row in payload:
                     yield row
 
     async def query_stream(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = 512
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        *,
+        batch: int = 512,
+        timeout: Any = _DEFAULT,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
-        ``QueryError`` (before the columns for refused or invalid statements)."""
+        ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
+        once the query has run ``timeout`` seconds (default ``api.query_timeout``; None or 0:
+        no limit), reading rows included."""
         from crdt.schema import split_statements
 
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
+        seconds = self.config.api.query_timeout if timeout is _DEFAULT else timeout
         # A point query should cost one trip to a worker thread, not four: take a pooled
         # connection here, stop after a short batch, and put the connection back here.
-        if self._read_pool:
+        try:
             conn = self._read_pool.pop()
-        else:
+        except IndexError:
             conn = await anyio.to_thread.run_sync(self._read_conn)
+        guard = guard_of(conn)
+        assert guard is not None
+        deadline = Deadline(conn, seconds).__enter__()
         try:
             cursor = conn.cursor()
+
+            def failed(exc: apsw.Error, *, client_error: bool) -> QueryError:
+                if deadline.expired:
+                    return QueryTimeout(
+                        deadline.message("the query") + " (?timeout= sets it, 0 for none)"
+                    )
+                refused = guard.refused(exc)
+                if refused is not None:
+                    return QueryError(refused.message)
+                return QueryError(str(exc), client_error=client_error)
 
             def first() -> tuple[list[str], list[tuple]]:
                 seen: dict[str, Any] = {}
@@ -795,6 +980,7 @@ class Agent:
                     return bool(cur.is_readonly)
 
                 cursor.exec_trace = check
+                guard.statement(cursor)
                 try:
                     # A connection notices a schema change (a reload) only when it next reads;
                     # until then ``SELECT *`` would be prepared, and its columns reported, from
@@ -806,13 +992,13 @@ class Agent:
                 except apsw.ReadOnlyError:
                     raise QueryError("statement is not readonly") from None
                 except apsw.Error as exc:
-                    raise QueryError(str(exc)) from None
+                    raise failed(exc, client_error=True) from None
                 finally:
                     cursor.exec_trace = None
                 try:
                     return seen.get("cols", []), _fetch(cursor, batch)
                 except apsw.Error as exc:
-                    raise QueryError(str(exc), client_error=False) from None
+                    raise failed(exc, client_error=False) from None
 
             cols, rows = await anyio.to_thread.run_sync(first)
             yield "columns", cols
@@ -823,31 +1009,97 @@ class Agent:
                 try:
                     rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
                 except apsw.Error as exc:  # a runtime error after the first batch
-                    raise QueryError(str(exc), client_error=False) from None
+                    raise failed(exc, client_error=False) from None
         finally:
+            deadline.__exit__(None, None, None)
             if len(self._read_pool) < 8 and not self._closing:
                 self._release_read_conn(conn)  # into the pool: nothing to close
             else:
                 await anyio.to_thread.run_sync(self._release_read_conn, conn)
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]:
+        """Apply ``db.schema_paths`` again (``corrosion reload``), re-read from the config file
+        when the agent was started from one, so an edited list takes effect; return what
+        changed. Tables the files do not list are kept unless ``allow_destructive``."""
+        paths = self.config.db.schema_paths
+        if self.config.source is not None:
+            fresh = await anyio.to_thread.run_sync(Config.load, self.config.source)
+            paths = fresh.db.schema_paths
+        done = await self._apply_schema_files(paths, allow_destructive)
+        if paths != self.config.db.schema_paths:
+            schema_log.info("db.schema_paths now %s", ", ".join(map(str, paths)) or "(none)")
+            self.config = dataclasses.replace(
+                self.config, db=dataclasses.replace(self.config.db, schema_paths=paths)
+            )
+        return done
+
+    async def _apply_schema_files(
+        self, paths: Sequence[os.PathLike[str] | str], allow_destructive: bool
+    ) -> list[str]:
         assert self.store is not None
         from .orchestration import machines_schema
 
-        parts = [load_schema_paths(list(self.config.db.schema_paths))]
+        parts = [load_schema_paths(list(paths))]
         extra = machines_schema(self)
         if extra:
             parts.append(extra)
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
-            return await anyio.to_thread.run_sync(
-                lambda: store.apply_schema(sql, allow_destructive=allow_destructive)
+            reload = await anyio.to_thread.run_sync(
+                lambda: store.reload_schema(sql, allow_destructive=allow_destructive)
             )
+            self._schema_reloaded(reload)
+        applied = reload.applied
+        if applied.changes:
+            self._changed(applied.changes)
+        done = list(reload.outcome.changes)
+        if applied.applied or applied.emptied:
+            done.append(
+                f"applied {len(applied.applied) + applied.emptied} kept versions that waited for "
+                "this schema"
+            )
+        return done
+
+    def _schema_reloaded(self, reload: SchemaReload) -> None:
+        """Install what a schema apply found (on the event loop) and say so in the logs."""
+        for change in reload.outcome.changes:
+            schema_log.info("schema applied: %s", change, extra={"fields": {"change": change}})
+        if not reload.outcome.changes:
+            schema_log.info("schema unchanged (%s)", _schema_sources(self.config))
+        self.not_in_schema = list(reload.outcome.unlisted)
+        for table in self.not_in_schema:
+            schema_log.warning(
+                "table %s is in the database but not in the schema files: left alone "
+                "(corrosion reload --allow-destructive drops it)",
+                table,
+            )
+        applied = reload.applied
+        self.events.applied_versions += len(applied.applied) + applied.emptied
+        self.pending_schema.applied(len(applied.applied) + applied.emptied)
+        for actor, version, error in applied.rejected:
+            schema_log.warning(
+                "kept version %d of %s still cannot merge with this schema: %s",
+                version,
+                actor_hex(actor),
+                error,
+            )
+        self.pending_schema.install(reload.pending)
 
     def members(self) -> list[MemberInfo]:
-        assert self.swim is not None
-        out = []
+        """This node first (``is_self``), then every member it knows, with its SWIM state."""
+        assert self.swim is not None and self.peer_addr is not None
+        core = self.swim.core
+        out = [
+            MemberInfo(
+                actor_hex(self.actor_id),
+                format_addr(self.swim.address),
+                format_addr(self.peer_addr),
+                "left" if core.leaving else "alive",
+                core.incarnation,
+                is_self=True,
+            )
+        ]
         for m in sorted(self.swim.all_members(), key=lambda m: m.addr):
             info = decode_meta(m.meta)
             out.append(
@@ -915,13 +1167,15 @@ class Agent:
             )
             return
         self._closers.append(await start_admin(self, self._tg, path))
+        self.admin_path = path
 
     async def _start_api(self) -> None:
         from .api import serve_api
 
         assert self._tg is not None
         for host, port in self.config.api.addrs:
-            server, bound = await serve_api(self, self._tg, host, port)
+            with listening("api.addr", (host, port)):
+                server, bound = await serve_api(self, self._tg, host, port)
             self._api_servers.append(server)
             self.api_addrs.append(bound)
 
@@ -936,6 +1190,11 @@ class Agent:
 
         self._orchestrator = await start_orchestrator(self)
         self._closers.append(self._orchestrator.aclose)
+
+
+def _schema_sources(config: Config) -> str:
+    paths = [str(p) for p in config.db.schema_paths]
+    return ", ".join(paths) if paths else "no schema_paths"
 
 
 def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:

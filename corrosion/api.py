@@ -1,15 +1,18 @@
 """The HTTP API, with corrosion's paths and JSON shapes, as a starlette ASGI app.
 
 ``POST /v1/transactions``  statements in one transaction → ``{"results": [{"rows_affected",
-                           "time"}], "time", "version", "actor_id"}``; any failure: 500 and nothing
-                           applied
+                           "time"}], "time", "version", "actor_id"}``; DML on replicated tables
+                           only (``sqlguard``: anything else is refused with 400); any failure,
+                           or ``?timeout=`` seconds passed: 500; either way nothing applied
 ``POST /v1/queries``       one read-only statement → NDJSON ``{"columns"}``, ``{"row": [rowid,
-                           [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write is
-                           refused with 400
-``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size"}}``; the
+                           [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write,
+                           ATTACH or a writing PRAGMA is refused with 400; ``?timeout=``
+``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size",
+                           "pending_schema": {"versions", "missing"}, "not_in_schema"}}``; the
                            thresholds ``gaps``, ``max_queue``, ``p99_lag`` (seconds; with
-                           ``queue_size``, only while the queue is longer too) answer
-                           ``failure_status`` (default 503) when exceeded
+                           ``queue_size``, only while the queue is longer too),
+                           ``pending_schema`` (kept versions) answer ``failure_status`` (default
+                           503) when exceeded
 ``POST /v1/table_stats``   ``{"tables": [...]}`` → ``{"total_row_count", "invalid_tables"}``
 ``GET  /v1/cluster/members``  membership as JSON (our addition)
 
@@ -36,6 +39,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .asgi_server import AsgiServer, serve_asgi
+from .sqlguard import parse_timeout
 from .statements import StatementFormError, parse_statement, parse_statements
 from .subscriptions import SubscriptionError
 
@@ -89,10 +93,17 @@ async def _json_body(request: Request) -> Any:
 
 
 def routes(agent: Agent) -> list[BaseRoute]:
-    from .agent import QueryError, TransactionError
+    from .agent import QueryError, TransactionError, TransactionRefused
+
+    def _timeout(request: Request, default: float) -> float | None:
+        try:
+            return parse_timeout(request.query_params.get("timeout"), default or None)
+        except ValueError as exc:
+            raise StatementFormError(str(exc)) from None
 
     async def transactions(request: Request) -> Response:
         try:
+            timeout = _timeout(request, agent.config.api.transaction_timeout)
             body = await _json_body(request)
             if not isinstance(body, list):
                 raise StatementFormError("expected a JSON array of statements")
@@ -100,8 +111,10 @@ def routes(agent: Agent) -> list[BaseRoute]:
         except StatementFormError as exc:
             return _error(400, str(exc))
         try:
-            result = await agent.execute(statements)
+            result = await agent.execute(statements, timeout=timeout)
         except TransactionError as exc:
+            # corrosion's shape; a refused statement is the client's error (400), a failed or
+            # timed-out one answers 500 as in corrosion
             return JSONResponse(
                 {
                     "results": [{"error": exc.message}],
@@ -109,17 +122,18 @@ def routes(agent: Agent) -> list[BaseRoute]:
                     "version": None,
                     "actor_id": agent.actor_id.hex(),
                 },
-                status_code=500,
+                status_code=400 if isinstance(exc, TransactionRefused) else 500,
             )
         return JSONResponse(result.to_json())
 
     async def queries(request: Request) -> Response:
         try:
+            timeout = _timeout(request, agent.config.api.query_timeout)
             sql, params = parse_statement(await _json_body(request))
         except StatementFormError as exc:
             return _error(400, str(exc))
         t0 = time.perf_counter()
-        stream = agent.query_stream(sql, params).__aiter__()
+        stream = agent.query_stream(sql, params, timeout=timeout).__aiter__()
         try:
             first = await stream.__anext__()
         except QueryError as exc:
@@ -205,7 +219,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
             finally:
                 close()
 
-        headers = {"corro-query-id": sub.id, "corro-query-hash": sub.id}
+        headers = {"corro-query-id": sub.id, "corro-query-hash": sub.hash}
         return StreamingResponse(body(), media_type="application/x-ndjson", headers=headers)
 
     async def subscribe(request: Request) -> Response:
@@ -243,10 +257,19 @@ def routes(agent: Agent) -> list[BaseRoute]:
         q = request.query_params
         gaps, members, queue = agent.gaps(), agent.alive_members(), agent.queue_size()
         lag = agent.p99_lag()
-        response = {"gaps": gaps, "members": members, "p99_lag": lag, "queue_size": queue}
+        pending = agent.pending_schema
+        response = {
+            "gaps": gaps,
+            "members": members,
+            "p99_lag": lag,
+            "queue_size": queue,
+            "pending_schema": pending.to_json(),
+            "not_in_schema": list(agent.not_in_schema),
+        }
         try:
             failure = int(q.get("failure_status", 503))
             max_gaps = int(q["gaps"]) if "gaps" in q else None
+            max_pending = int(q["pending_schema"]) if "pending_schema" in q else None
             max_queue_n = int(q["max_queue"]) if "max_queue" in q else None
             lag_queue = int(q["queue_size"]) if "queue_size" in q else None
             max_lag = float(q["p99_lag"]) if "p99_lag" in q else None
@@ -258,6 +281,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
         unhealthy = (
             (max_gaps is not None and gaps > max_gaps)
             or (max_queue_n is not None and queue > max_queue_n)
+            or (max_pending is not None and pending.versions > max_pending)
             or lagging
         )
         return JSONResponse({"response": response}, status_code=failure if unhealthy else 200)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import apsw
 
+from crdt.crr import upgrade_triggers
+
 from .admin import agent_listening
 from .dblock import database_in_use, lock_path
 
@@ -147,6 +149,9 @@ def backup(db_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Back
         try:
             with conn:
                 site, rewritten = make_generic(conn)
+                # triggers an earlier release stored (a source this release never opened)
+                # are rewritten, so the copy opens in any SQLite >= 3.37
+                upgrade_triggers(conn)
             conn.execute("PRAGMA journal_mode = DELETE")
         finally:
             conn.close()

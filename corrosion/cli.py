@@ -7,23 +7,24 @@
     corrosion cluster members             membership, from the admin socket
     corrosion sync generate               this node's sync state as JSON, from the admin socket
     corrosion reload                      re-apply the schema files, through the admin socket
+    corrosion log set FILTER | reset      change the running agent's log levels (admin socket)
     corrosion backup PATH                 a generic snapshot of the database
     corrosion restore PATH                replace the database with a snapshot (agent stopped)
     corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
+    corrosion keygen                      a new key for gossip.encryption_keys
 
 Client commands find the agent through the config file (``api.addr``, ``admin.path``,
-``api.authz.bearer-token``) unless the flags say otherwise. Errors go to stderr with exit code 1.
+``api.authz.bearer-token``) unless the flags say otherwise (``--token`` or ``CORROSION_TOKEN``
+for the bearer token). Errors go to stderr with exit code 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
+import os
 import signal
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,13 +34,16 @@ import typer
 from typer.core import TyperGroup
 
 from .admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
-from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request
+from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request, agent_listening
 from .client import ClientError, CorrosionClient
-from .config import Config, ConfigError, parse_addr
-from .dblock import DatabaseInUse
+from .config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
+from .dblock import database_in_use
+from .logs import ENV_VAR, level_spec, setup_logging
+from .startup import ListenError, check_addresses, explain
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
-GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path")
+GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path", "--token")
+TOKEN_ENV = "CORROSION_TOKEN"
 
 log = logging.getLogger("corrosion")
 
@@ -86,8 +90,12 @@ cluster_app = typer.Typer(
     help="Cluster membership (through the admin socket).", no_args_is_help=True
 )
 sync_app = typer.Typer(help="Replication state (through the admin socket).", no_args_is_help=True)
+log_app = typer.Typer(
+    help="The running agent's log levels (through the admin socket).", no_args_is_help=True
+)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(sync_app, name="sync")
+app.add_typer(log_app, name="log")
 
 
 class CliError(Exception):
@@ -103,6 +111,7 @@ class Globals:
     api_addr: str | None
     db_path: Path | None
     admin_path: Path | None
+    token: str | None = None
     _config: Config | None = None
 
     def config(self) -> Config:
@@ -131,7 +140,10 @@ class Globals:
             addr = "{}:{}".format(*cfg.api.addrs[0])
         else:
             raise CliError(f"no API address: pass --api-addr or set api.addr in {self.config_path}")
-        return CorrosionClient(addr, cfg.api.bearer_token if cfg is not None else None)
+        token = self.token
+        if token is None and cfg is not None:
+            token = cfg.api.bearer_token
+        return CorrosionClient(addr, token)
 
     def db(self) -> Path:
         return self.db_path if self.db_path is not None else self.config().db.path
@@ -175,8 +187,17 @@ def _globals(
     admin_path: Annotated[
         Path | None, typer.Option("--admin-path", help="The agent's admin socket.")
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar=TOKEN_ENV,
+            help="The API's bearer token (default: api.authz.bearer-token of the config).",
+            show_envvar=True,
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = Globals(config, api_addr, db_path, admin_path)
+    ctx.obj = Globals(config, api_addr, db_path, admin_path, token or None)
 
 
 def _g(ctx: typer.Context) -> Globals:
@@ -199,6 +220,9 @@ class _Errors:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, typer.Exit):
             return
+        if isinstance(exc, ClientError) and exc.status == 401:
+            hint = f"pass --token, set {TOKEN_ENV}, or set api.authz.bearer-token in the config"
+            raise _fail(f"{exc} ({hint})") from None
         if isinstance(exc, CliError | ClientError | AdminError | AdminUnavailable):
             raise _fail(str(exc)) from None
         from .backup import BackupError
@@ -212,12 +236,16 @@ class _Errors:
 
 def run_async(fn: Any, *args: Any) -> Any:
     """asyncio with uvloop when installed (the fastest loop for the agent), plain asyncio
-    otherwise."""
+    otherwise: uvloop is an optional speed-up (the ``fast`` extra), so its absence is a DEBUG
+    line, and nothing raised later is chained to its ImportError."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        return anyio.run(fn, *args, backend="asyncio")
-    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+        log.debug("uvloop is not installed; running on the default asyncio loop")
+        use_uvloop = False
+    else:
+        use_uvloop = True
+    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": use_uvloop})
 
 
 async def wait_for_stop(duration: float | None = None) -> str:
@@ -232,62 +260,15 @@ async def wait_for_stop(duration: float | None = None) -> str:
 # -- agent -------------------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
-    converter = time.gmtime  # the timestamps say Z
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "target": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class _PlainFormatter(logging.Formatter):
-    COLORS = {"WARNING": "\x1b[33m", "ERROR": "\x1b[31m", "CRITICAL": "\x1b[31m"}
-
-    def __init__(self, colors: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.colors = colors
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = getattr(record, "fields", {})
-        if fields:
-            text += " " + " ".join(
-                f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in fields.items()
-            )
-        color = self.COLORS.get(record.levelname) if self.colors else None
-        return f"{color}{text}\x1b[0m" if color else text
-
-
-def setup_logging(fmt: str, colors: bool) -> None:
-    """``log.format``: plaintext (colored on a terminal when ``log.colors``) or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(_PlainFormatter(colors and sys.stderr.isatty()))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("uvicorn").setLevel(logging.WARNING)
-
-
 def preflight(cfg: Config) -> None:
     """Checks that need the filesystem, done before anything is opened or bound."""
     import apsw
 
     from crdt.schema import check_crr_constraints, load_schema_paths, parse_schema
 
+    problem = gossip_security_error(cfg.gossip)
+    if problem is not None:
+        raise CliError(f"invalid config: {problem}")
     try:
         sql = load_schema_paths(list(cfg.db.schema_paths))
         check_crr_constraints(parse_schema(sql), sql)
@@ -295,50 +276,65 @@ def preflight(cfg: Config) -> None:
         raise CliError(f"invalid config: db.schema_paths: {exc}") from None
     if cfg.admin_path is not None and len(str(cfg.admin_path).encode()) > MAX_SOCKET_PATH:
         raise CliError(f"invalid config: admin.path: longer than {MAX_SOCKET_PATH} bytes")
+    if database_in_use(cfg.db.path):
+        raise CliError(
+            f"database {str(cfg.db.path)!r} is in use by a running agent: stop that agent first, "
+            "or give this one another db.path"
+        )
+    try:
+        check_addresses(cfg)
+    except ListenError as exc:
+        raise CliError(exc.strerror) from None
+    if agent_listening(cfg.admin_socket(), timeout=2):
+        raise CliError(
+            f"admin.path: another agent is listening on {str(cfg.admin_socket())!r}: "
+            "stop that agent first, or set another admin.path"
+        )
 
 
-async def _run_agent(cfg: Config) -> None:
+async def _run_agent(cfg: Config, started: list[bool], allow_destructive: bool = False) -> None:
     from .agent import Agent
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Agent(cfg) as agent:
-            fields = {
-                "actor_id": agent.actor_id.hex(),
-                "gossip_addr": "{}:{}".format(*agent.swim.address),
-                "api_addrs": ["{}:{}".format(*a) for a in agent.api_addrs],
-                "admin_path": str(cfg.admin_path) if cfg.admin_path else None,
-                "metrics_addr": "{}:{}".format(*agent.metrics_addr)
-                if getattr(agent, "metrics_addr", None)
-                else None,
-            }
-            log.info("agent started", extra={"fields": fields})
+        # the agent logs "agent started" with every bound address
+        async with Agent(cfg, allow_destructive=allow_destructive):
+            started.append(True)
             async for sig in signals:
                 log.info("%s received: leaving the cluster", signal.Signals(sig).name)
                 break
-    log.info("agent stopped")
 
 
 @app.command()
-def agent(ctx: typer.Context) -> None:
+def agent(
+    ctx: typer.Context,
+    allow_destructive: Annotated[
+        bool,
+        typer.Option(
+            "--allow-destructive",
+            help="At start-up, drop tables and columns the schema files no longer have.",
+        ),
+    ] = False,
+) -> None:
     """Run the agent (until SIGINT/SIGTERM, then leave the cluster gracefully)."""
     g = _g(ctx)
     with _Errors():
         cfg = g.agent_config()
         preflight(cfg)
-    setup_logging(cfg.log_format, cfg.log_colors)
+        try:  # log.level was checked with the config: only the environment can be wrong here
+            setup_logging(cfg.log_format, cfg.log_colors, level_spec(cfg.log_level, os.environ))
+        except ValueError as exc:
+            raise CliError(f"{ENV_VAR}: {exc}") from None
+    started: list[bool] = []
     try:
-        run_async(_run_agent, cfg)
+        run_async(_run_agent, cfg, started, allow_destructive)
     except Exception as exc:
-        exc = _leaf(exc)
-        hint = ""
-        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-            hint = " (check api.addr, gossip.addr and telemetry.prometheus.addr)"
-        log.error(
-            "agent failed: %s%s",
-            exc,
-            hint,
-            exc_info=not isinstance(exc, OSError | ValueError | DatabaseInUse),
-        )
+        leaf = _leaf(exc)
+        message = explain(leaf, cfg)
+        what = "agent failed" if started else "cannot start"
+        if message is None:  # not an expected failure: a bug, with its traceback
+            log.error("%s: %s", what, leaf, exc_info=leaf)
+        else:
+            log.error("%s: %s", what, message)
         raise typer.Exit(1) from None
 
 
@@ -356,6 +352,14 @@ ParamOpt = Annotated[
     typer.Option("--param", help="A positional parameter (bound as text); repeatable."),
 ]
 TimerOpt = Annotated[bool, typer.Option("--timer", help="Print the server-side time.")]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds the agent lets the statement run (default: its api config; 0: no limit).",
+        min=0,
+    ),
+]
 
 
 def _statement(sql: str, params: list[str] | None) -> Any:
@@ -368,10 +372,11 @@ def exec_(
     sql: Annotated[str, typer.Argument(metavar="SQL")],
     param: ParamOpt = None,
     timer: TimerOpt = False,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Run a statement that writes, in one transaction (POST /v1/transactions)."""
     with _Errors(), _g(ctx).api_client() as client:
-        result = client.execute([_statement(sql, param)])
+        result = client.execute([_statement(sql, param)], timeout=timeout)
         for r in result.get("results", []):
             typer.echo(f"Rows affected: {r.get('rows_affected')}")
             if timer:
@@ -401,11 +406,12 @@ def query(
     ] = False,
     param: ParamOpt = None,
     timer: TimerOpt = False,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Read with one statement (POST /v1/queries); rows are printed '|'-separated."""
     with _Errors(), _g(ctx).api_client() as client:
         params = list(param) if param else None
-        for kind, payload in client.query_events(sql, params):
+        for kind, payload in client.query_events(sql, params, timeout=timeout):
             if kind == "columns" and columns:
                 typer.echo("|".join(payload))
             elif kind == "row":
@@ -428,15 +434,22 @@ def cluster_members(
     if as_json:
         typer.echo(json.dumps(members, indent=2))
         return
-    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION")]
+    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION", "")]
     rows += [
-        (m["actor_id"], m["addr"], m.get("peer_addr") or "-", m["state"], str(m["incarnation"]))
+        (
+            m["actor_id"],
+            m["addr"],
+            m.get("peer_addr") or "-",
+            m["state"],
+            str(m["incarnation"]),
+            "(self)" if m.get("self") else "",
+        )
         for m in members
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    if not members:
+    if not any(not m.get("self") for m in members):
         typer.echo("(no other members known)")
 
 
@@ -456,7 +469,8 @@ def reload(
         typer.Option("--allow-destructive", help="Allow dropping tables and columns."),
     ] = False,
 ) -> None:
-    """Re-apply the schema files (db.schema_paths) on the running agent."""
+    """Re-apply the schema files (db.schema_paths, re-read from the agent's config file) on the
+    running agent."""
     with _Errors():
         result = admin_request(
             _g(ctx).admin(), "reload", timeout=600, allow_destructive=allow_destructive
@@ -466,6 +480,36 @@ def reload(
         typer.echo("schema unchanged")
     for line in applied:
         typer.echo(f"applied: {line}")
+    for table in result.get("not_in_schema", []):
+        typer.echo(f"not in the schema files, left alone (--allow-destructive drops it): {table}")
+    pending = result.get("pending_schema", {})
+    if pending.get("versions"):
+        waiting = ", ".join(pending.get("missing", {})) or "a schema that merges them"
+        typer.echo(f"still kept: {pending['versions']} versions waiting for {waiting}")
+
+
+@log_app.command("set")
+def log_set(
+    ctx: typer.Context,
+    filter_: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILTER", help="A level (debug, info, ...) and/or name=level, comma-separated."
+        ),
+    ],
+) -> None:
+    """Set the agent's log levels until the next `log set` / `log reset` or restart."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "log set", filter=filter_)
+    typer.echo(f"log filter: {result['filter']}")
+
+
+@log_app.command("reset")
+def log_reset(ctx: typer.Context) -> None:
+    """Go back to the log levels the agent started with (log.level / CORROSION_LOG)."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "log reset")
+    typer.echo(f"log filter: {result['filter']}")
 
 
 # -- backup and restore ------------------------------------------------------------------------
@@ -539,11 +583,24 @@ def devcluster(
     """Start N agents on loopback with a demo schema and show how to talk to them."""
     from .devcluster import run_devcluster
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:  # as basicConfig: logging set up by a host stays
+        try:
+            setup_logging("plaintext", True, level_spec("warning", os.environ))
+        except ValueError as exc:
+            raise _fail(f"{ENV_VAR}: {exc}") from None
     try:
-        run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
+        missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
     except OSError as exc:
         raise _fail(f"devcluster could not start: {exc}") from None
+    if missing:
+        raise _fail(f"the demo write never reached {', '.join(missing)}")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new gossip encryption key (32 random bytes, base64) for gossip.encryption_keys;
+    give every node of the cluster the same one."""
+    typer.echo(generate_key())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

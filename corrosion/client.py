@@ -57,6 +57,7 @@ class CorrosionClient:
         self, addr: str | tuple[str, int], token: str | None = None, *, timeout: float = 60.0
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._has_token = bool(token)
         self._http = httpx.Client(base_url=base_url(addr), headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -68,31 +69,47 @@ class CorrosionClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _post(self, path: str, body: Any) -> httpx.Response:
+    def _post(self, path: str, body: Any, **kw: Any) -> httpx.Response:
         try:
-            return self._http.post(path, json=body)
+            return self._http.post(path, json=body, **kw)
         except httpx.HTTPError as exc:
             raise _unreachable(self._http.base_url, exc) from None
 
-    def execute(self, statements: Sequence[Any]) -> dict[str, Any]:
+    def _timeout_kw(self, timeout: float | None) -> dict[str, Any]:
+        """``?timeout=`` for the agent, and a client-side wait that outlasts it."""
+        if timeout is None:
+            return {}
+        wait = None if timeout == 0 else max(timeout + 10, self._http.timeout.read or 0)
+        return {"params": {"timeout": timeout}, "timeout": wait}
+
+    def execute(self, statements: Sequence[Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Run statements (each in any of corrosion's forms) in one transaction; return
-        ``{"results": [{"rows_affected", "time"}], "time", "version", "actor_id"}``."""
-        resp = self._post("/v1/transactions", list(statements))
+        ``{"results": [{"rows_affected", "time"}], "time", "version", "actor_id"}``.
+        ``timeout``: seconds the agent lets them run (its default when None; 0: no limit)."""
+        resp = self._post("/v1/transactions", list(statements), **self._timeout_kw(timeout))
         body = _json(resp)
         if resp.status_code != 200:
-            raise ClientError(_error_text(body, resp), resp.status_code)
+            raise self._refused(body, resp)
         return body
 
     def query_events(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Iterator[tuple[str, Any]]:
         """The NDJSON events: ``("columns", [names])``, ``("row", [rowid, cells])``...,
-        ``("eoq", {"time": t})``. An error event, before or mid-stream, raises ``ClientError``."""
+        ``("eoq", {"time": t})``. An error event, before or mid-stream, raises ``ClientError``.
+        ``timeout``: seconds the agent lets the query run (its default when None; 0: none)."""
+        body = statement(sql, params)
         try:
-            with self._http.stream("POST", "/v1/queries", json=statement(sql, params)) as resp:
+            with self._http.stream(
+                "POST", "/v1/queries", json=body, **self._timeout_kw(timeout)
+            ) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    raise ClientError(_error_text(_json(resp), resp), resp.status_code)
+                    raise self._refused(_json(resp), resp)
                 for line in resp.iter_lines():
                     if not line.strip():
                         continue
@@ -106,6 +123,12 @@ class CorrosionClient:
                     yield kind, payload
         except httpx.HTTPError as exc:
             raise _unreachable(self._http.base_url, exc) from None
+
+    def _refused(self, body: Any, resp: httpx.Response) -> ClientError:
+        if resp.status_code == 401:
+            why = "refused the bearer token" if self._has_token else "requires a bearer token"
+            return ClientError(f"unauthorized: the agent at {self._http.base_url} {why}", 401)
+        return ClientError(_error_text(body, resp), resp.status_code)
 
     def query(
         self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None

@@ -3,18 +3,20 @@
 ```toml
 [db]
 path = "/var/lib/corrosion/state.db"      # required: the SQLite database
-schema_paths = ["/etc/corrosion/schema"]  # .sql files or directories of them
+schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload re-reads)
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
 authz.bearer-token = "secret"             # optional: require "Authorization: Bearer secret"
+query_timeout = 60.0                      # seconds a query may run (?timeout= overrides; 0: none)
+transaction_timeout = 60.0                # seconds a transaction's statements may run
 
 [gossip]
 addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
 external_addr = "10.0.0.5:8787"           # advertised address (default: addr)
 bootstrap = ["10.0.0.6:8787"]             # seeds to join through
-plaintext = true                          # false requires encryption_keys and/or tls
-encryption_keys = ["<base64 32 bytes>"]   # AES-256-GCM keyring, first key encrypts
+encryption_keys = ["<base64 32 bytes>"]   # required: AES-256-GCM keyring (`corrosion keygen`)
+plaintext = false                         # true: run without keys (anyone can join and write)
 cluster_id = 0                            # nodes of other clusters are ignored
 preset = "lan"                            # SWIM timings: "lan" | "wan" | "local"
 tls.cert_file = "..."                     # TLS for the peer (sync/broadcast) streams
@@ -37,24 +39,31 @@ path = "/var/run/corrosion/admin.sock"
 prometheus.addr = "127.0.0.1:9090"
 
 [log]
+level = "info"                            # or "debug", "info,corrosion.sync=debug", ...
 format = "plaintext"                      # or "json"
 colors = true
+summary_interval = 10.0                   # seconds between sync summaries (none when idle)
 ```
 
 Unknown keys and wrong types fail with a message naming the key (``ConfigError``). Environment
-variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does.
+variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does;
+``CORROSION_LOG`` overrides ``log.level`` (see ``corrosion.logs``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .logs import parse_levels
 
 
 class ConfigError(ValueError):
@@ -67,7 +76,7 @@ Address = tuple[str, int]
 def parse_addr(value: Any, key: str) -> Address:
     """``host:port`` or ``[v6]:port`` → (host, port)."""
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+        raise ConfigError(f"{key}: expected a 'host:port' string, got {value!r}")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
     try:
@@ -77,6 +86,17 @@ def parse_addr(value: Any, key: str) -> Address:
     if not 0 <= p <= 65535 or not host:
         raise ConfigError(f"{key}: invalid address {value!r}")
     return host, p
+
+
+def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
+    """One ``host:port`` string or a list of them (absent: none)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (parse_addr(value, key),)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a 'host:port' string or a list of them, got {value!r}")
+    return tuple(parse_addr(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 def format_addr(addr: Address) -> str:
@@ -110,6 +130,10 @@ class DbConfig:
 class ApiConfig:
     addrs: tuple[Address, ...] = ()
     bearer_token: str | None = None
+    # default time limits of a client's query and transaction, in seconds (0: none); see
+    # docs/agent.md for why transactions have one too (they hold the node's only writer)
+    query_timeout: float = 60.0
+    transaction_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +141,7 @@ class GossipConfig:
     addr: Address = ("127.0.0.1", 0)
     external_addr: Address | None = None
     bootstrap: tuple[Address, ...] = ()
-    plaintext: bool = True
+    plaintext: bool = False
     encryption_keys: tuple[bytes, ...] = ()
     cluster_id: int = 0
     preset: str = "lan"
@@ -142,7 +166,11 @@ class Config:
     prometheus_addr: Address | None = None
     log_format: str = "plaintext"
     log_colors: bool = True
+    log_level: str = "info"
+    log_summary_interval: float = 10.0
     orchestrator: Mapping[str, Any] | None = None
+    # the file this config was loaded from: ``corrosion reload`` re-reads db.schema_paths there
+    source: Path | None = None
 
     def admin_socket(self) -> Path:
         """``admin.path``, or by default ``<db.path>.admin.sock`` beside the database, so that
@@ -161,7 +189,8 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_mapping(apply_env(data, os.environ if env is None else env))
+        config = cls.from_mapping(apply_env(data, os.environ if env is None else env))
+        return dataclasses.replace(config, source=Path(path).absolute())
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Config:
@@ -182,21 +211,16 @@ class Config:
         )
         db.done()
 
-        addrs = api.get("addr")
-        if addrs is None:
-            api_addrs: tuple[Address, ...] = ()
-        elif isinstance(addrs, str):
-            api_addrs = (parse_addr(addrs, "api.addr"),)
-        else:
-            api_addrs = tuple(parse_addr(a, "api.addr") for a in api.str_list("addr"))
+        api_addrs = parse_addr_list(api.get("addr"), "api.addr")
         authz = api.table("authz")
         token = authz.opt_str("bearer-token")
         if token is None:
             token = authz.opt_str("bearer")
         authz.done()
         api.mark("addr")
+        timeouts = {k: api.float(k, 60.0, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
         api.done()
-        api_cfg = ApiConfig(api_addrs, token)
+        api_cfg = ApiConfig(api_addrs, token, **timeouts)
 
         tls = gossip.table("tls")
         tls_cfg = None
@@ -235,15 +259,12 @@ class Config:
         preset = gossip.str("preset", default="lan")
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
-        ext = gossip.opt_str("external_addr")
-        plaintext = gossip.bool("plaintext", True)
+        ext = gossip.get("external_addr")
+        plaintext = gossip.bool("plaintext", False)
         gossip_cfg = GossipConfig(
-            addr=parse_addr(gossip.str("addr", default="127.0.0.1:0"), "gossip.addr"),
+            addr=parse_addr(gossip.get("addr") or "127.0.0.1:0", "gossip.addr"),
             external_addr=parse_addr(ext, "gossip.external_addr") if ext else None,
-            bootstrap=tuple(
-                parse_addr(b, f"gossip.bootstrap[{i}]")
-                for i, b in enumerate(gossip.str_list("bootstrap"))
-            ),
+            bootstrap=parse_addr_list(gossip.get("bootstrap"), "gossip.bootstrap"),
             plaintext=plaintext,
             encryption_keys=tuple(keys),
             cluster_id=gossip.int("cluster_id", 0, lo=0, hi=65535),
@@ -251,10 +272,6 @@ class Config:
             tls=tls_cfg,
         )
         gossip.done()
-        if not plaintext and not keys and tls_cfg is None:
-            raise ConfigError(
-                "gossip.plaintext: is false, so gossip.encryption_keys or gossip.tls is required"
-            )
 
         perf_cfg = PerfConfig(
             min_sync_backoff=perf.float("min_sync_backoff", 1.0, lo=0.01),
@@ -269,13 +286,19 @@ class Config:
         admin_path = admin.opt_str("path")
         admin.done()
         prom = telemetry.table("prometheus")
-        prom_addr = prom.opt_str("addr")
+        prom_addr = prom.get("addr")
         prom.done()
         telemetry.done()
         log_format = log.str("format", default="plaintext")
         if log_format not in ("plaintext", "json"):
             raise ConfigError("log.format: must be 'plaintext' or 'json'")
         colors = log.bool("colors", True)
+        log_level = log.str("level", default="info")
+        try:
+            parse_levels(log_level)
+        except ValueError as exc:
+            raise ConfigError(f"log.level: {exc}") from None
+        summary_interval = log.float("summary_interval", 10.0, lo=0.1)
         log.done()
         if orchestrator is not None:
             _check_orchestrator(orchestrator)
@@ -290,8 +313,75 @@ class Config:
             else None,
             log_format=log_format,
             log_colors=colors,
+            log_level=log_level,
+            log_summary_interval=summary_interval,
             orchestrator=orchestrator,
         )
+
+
+KEYGEN_HINT = "generate a key with `corrosion keygen`"
+
+
+def gossip_security_error(gossip: GossipConfig) -> str | None:
+    """Why this gossip config must not start, or None. Secure by default, as corrosion: without
+    ``encryption_keys`` anything that reaches the gossip port could join and write rows, so
+    running without them takes an explicit ``plaintext = true``. TLS alone is not enough here:
+    it wraps the peer streams, but SWIM's UDP datagrams would still be unauthenticated.
+    Checked when an agent starts (not at load, so client commands work with any config)."""
+    if gossip.encryption_keys:
+        if gossip.plaintext:
+            return (
+                "gossip.plaintext: true contradicts gossip.encryption_keys (keys encrypt all "
+                "gossip); remove one of them"
+            )
+        return None
+    if gossip.plaintext:
+        return None
+    if gossip.tls is not None:
+        return (
+            "gossip.encryption_keys: required (gossip.tls protects the peer streams, not SWIM's "
+            f"UDP datagrams); {KEYGEN_HINT}, or set gossip.plaintext = true to accept "
+            "unauthenticated membership"
+        )
+    return (
+        "gossip.encryption_keys: required, or gossip.plaintext = true to let anything that "
+        f"reaches the gossip port join and write; {KEYGEN_HINT}"
+    )
+
+
+def security_warnings(config: Config) -> list[str]:
+    """What an agent started with ``config`` leaves open, one line each (logged at start-up)."""
+    out = []
+    g = config.gossip
+    if g.plaintext:
+        out.append(
+            f"gossip.plaintext = true: gossip on {format_addr(g.addr)} is not authenticated; "
+            "anything that reaches it can join the cluster and write rows (set "
+            "gossip.encryption_keys)"
+        )
+    exposed = [a for a in config.api.addrs if not _is_loopback(a[0])]
+    if exposed and config.api.bearer_token is None:
+        where = ", ".join(format_addr(a) for a in exposed)
+        out.append(
+            f"api.addr {where} is reachable beyond this machine and api.authz.bearer-token is "
+            "not set: anyone who reaches it can read and write"
+        )
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves beyond loopback
+
+
+def generate_key() -> str:
+    """A new gossip encryption key: 32 random bytes (AES-256), base64, for
+    ``gossip.encryption_keys``."""
+    return base64.b64encode(os.urandom(32)).decode()
 
 
 def _check_orchestrator(section: Any) -> None:

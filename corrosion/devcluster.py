@@ -3,10 +3,12 @@
 Each node is a full agent (SWIM on UDP, peer streams on TCP, HTTP API, admin socket, metrics)
 with its own database under ``<base>/n<i>/``, all joined through n1 and sharing a demo schema
 (a ``todos`` table). The command writes a row through n1, shows how long it took to become
-visible on every node, prints the addresses with commands to copy, and runs until Ctrl-C.
+visible on every node, prints the addresses with commands to copy, and runs until Ctrl-C (or for
+``--duration`` seconds). It exits non-zero if the demo write never reached some node.
 
 Every node also gets a ``config.toml`` (with the ports actually bound), so the CLI can reach it
-with ``corrosion -c <base>/n2/config.toml ...`` while the cluster runs.
+with ``corrosion -c <base>/n2/config.toml ...`` while the cluster runs. The nodes share a gossip
+key generated for this cluster (written into those files), as every agent needs one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import anyio
 
 from .admin import MAX_SOCKET_PATH
 from .agent import Agent
-from .config import Config
+from .config import Config, generate_key
 
 DEMO_SCHEMA = """\
 CREATE TABLE IF NOT EXISTS todos (
@@ -76,6 +78,7 @@ class DevCluster:
         self.base = base_dir
         self.schema_path = base_dir / "schema" / "todos.sql"
         self.nodes: list[Node] = []
+        self.gossip_key = generate_key()
         self._stack = contextlib.AsyncExitStack()
         self._socket_dir: Path | None = None
 
@@ -94,7 +97,12 @@ class DevCluster:
                 "schema_paths": [str(self.schema_path)],
             },
             "api": {"addr": f"{HOST}:0"},
-            "gossip": {"addr": f"{HOST}:0", "bootstrap": seeds, "preset": "local"},
+            "gossip": {
+                "addr": f"{HOST}:0",
+                "bootstrap": seeds,
+                "preset": "local",
+                "encryption_keys": [self.gossip_key],
+            },
             "perf": {"min_sync_backoff": 0.5, "max_sync_backoff": 5.0},
             "admin": {"path": str(self._admin_path(name))},
             "telemetry": {"prometheus": {"addr": f"{HOST}:0"}},
@@ -192,12 +200,14 @@ def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
         f"addr = {_toml(_addr(agent.swim.address))}",
         f"bootstrap = {_toml(gossip['bootstrap'])}",
         f"preset = {_toml(gossip['preset'])}",
+        f"encryption_keys = {_toml(gossip['encryption_keys'])}",
         "",
         "[admin]",
         f"path = {_toml(data['admin']['path'])}",
     ]
     if metrics:
         lines += ["", "[telemetry]", f"prometheus.addr = {_toml(_addr(metrics))}"]
+    path.touch(mode=0o600)  # it holds the cluster's gossip key
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -253,8 +263,9 @@ async def run_devcluster(
     duration: float | None,
     echo: Callable[[str], Any] = print,
     wait: Callable[[float | None], Awaitable[str]] | None = None,
-) -> None:
-    """The ``devcluster`` command: start, demonstrate, print, wait, stop."""
+) -> list[str]:
+    """The ``devcluster`` command: start, demonstrate, print, wait, stop. Returns the nodes
+    the demo write did not reach (so the command can fail: scripts and CI rely on it)."""
     if wait is None:
         from .cli import wait_for_stop as wait
     temporary = base_dir is None
@@ -270,6 +281,10 @@ async def run_devcluster(
             echo("")
             echo("\n".join(describe(cluster)))
             echo("")
+            echo(
+                "Gossip: encrypted with a key generated for this run "
+                "(gossip.encryption_keys in each config.toml)"
+            )
             joined = await cluster.wait_joined()
             if nodes == 1:
                 echo("Membership: a single node (add --nodes 3 to see replication)")
@@ -282,6 +297,8 @@ async def run_devcluster(
             for name, secs in seen:
                 took = "not yet (still replicating)" if secs is None else f"{secs:.3f}s"
                 echo(f"  {name}  {took}")
+            missing = [name for name, secs in seen if secs is None]
+            echo(f"Demo write reached {nodes - len(missing)} of {nodes} nodes.")
             echo("")
             echo(
                 "Running until Ctrl-C."
@@ -294,3 +311,4 @@ async def run_devcluster(
     finally:
         if temporary:
             shutil.rmtree(base, ignore_errors=True)
+    return missing

@@ -18,6 +18,8 @@ Tables (corrosion's names):
 ``__corro_buffered_changes(...)``                   the changes of partial versions, applied only
     once every seq of the version is present
 ``__corro_members(actor_id, address, state, meta, updated_at)``  last known membership
+``__corro_pending_changes(...)``                    the changes of versions kept until this node
+    has their table or column (``pending_schema``); booked with ``db_version`` NULL meanwhile
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ import apsw
 
 import crdt
 from crdt import Change
-from crdt.schema import apply_schema
+from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
+from . import pending_schema
 from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
+from .pending_schema import PendingSummary, SchemaView
 from .ranges import RangeSet
+from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard
 
 SCHEMA_VERSION = 1
 
@@ -54,7 +59,7 @@ CREATE TABLE IF NOT EXISTS __corro_seq_bookkeeping (
     end_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, ts INTEGER,
     PRIMARY KEY (site_id, version, start_seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS __corro_buffered_changes (
-    "table" TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val ANY,
+    "table" TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val,
     col_version INTEGER NOT NULL, db_version INTEGER NOT NULL, site_id BLOB, cl INTEGER NOT NULL,
     seq INTEGER NOT NULL, actor_id BLOB NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (actor_id, version, seq)) WITHOUT ROWID;
@@ -64,6 +69,21 @@ CREATE TABLE IF NOT EXISTS __corro_members (
 """
 
 
+def _untype_buffered_values(conn: apsw.Connection) -> None:
+    """Databases made before this fix declared ``__corro_buffered_changes.val`` as ``ANY``, which
+    in a table that is not STRICT means NUMERIC affinity: a text '123' in a chunked version came
+    out as the integer 123. Rebuild the table with an untyped ``val`` (no affinity)."""
+    found = conn.execute(
+        "SELECT type FROM pragma_table_info('__corro_buffered_changes') WHERE name = 'val'"
+    ).fetchone()
+    if found is None or found[0] == "":
+        return
+    conn.execute("ALTER TABLE __corro_buffered_changes RENAME TO __corro_buffered_changes_old")
+    conn.execute(_MIGRATION)
+    conn.execute("INSERT INTO __corro_buffered_changes SELECT * FROM __corro_buffered_changes_old")
+    conn.execute("DROP TABLE __corro_buffered_changes_old")
+
+
 class StatementError(Exception):
     """A statement of a transaction failed; the whole transaction was rolled back."""
 
@@ -71,6 +91,14 @@ class StatementError(Exception):
         super().__init__(message)
         self.index = index
         self.message = message
+
+
+class StatementRefused(StatementError):
+    """A statement does what clients may not do (``sqlguard``); nothing was applied."""
+
+
+class StatementTimeout(StatementError):
+    """The transaction ran past its timeout and was interrupted; nothing was applied."""
 
 
 @dataclass
@@ -101,6 +129,20 @@ class ApplyResult:
     rejected: list[tuple[bytes, int, str]] = field(default_factory=list)  # bad changesets
     changes_applied: int = 0  # rows impacted in the CRR tables
     changes: list[Change] = field(default_factory=list)  # the changes of the applied versions
+    # versions kept until this node has their schema, and what they wait for
+    kept: list[tuple[bytes, int]] = field(default_factory=list)
+    kept_missing: PendingSummary = field(default_factory=PendingSummary)
+
+
+@dataclass
+class SchemaReload:
+    """What applying the schema files did: the schema diff, the kept versions it let apply
+    (``applied.applied``; ``applied.rejected`` for those the merge still refuses), and what is
+    still kept."""
+
+    outcome: SchemaOutcome
+    applied: ApplyResult
+    pending: PendingSummary
 
 
 Statement = tuple[str, Sequence[Any] | dict[str, Any]]
@@ -113,13 +155,16 @@ class Store:
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA recursive_triggers = ON")
         with self.conn:
-            self.conn.execute(_MIGRATION)
+            self.conn.execute(_MIGRATION + pending_schema.TABLE_SQL)
+            _untype_buffered_values(self.conn)
             self.conn.execute(
                 "INSERT OR IGNORE INTO __corro_state (key, value) VALUES ('schema_version', ?)",
                 (SCHEMA_VERSION,),
             )
         self.actor_id: bytes = crdt.site_id(self.conn)
         self.bookie = self._load_bookie()
+        # checks client statements only, inside execute_local (sqlguard)
+        self.guard = Guard(writes=True).install(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -138,6 +183,56 @@ class Store:
 
     def apply_schema(self, sql: str, *, allow_destructive: bool = False) -> list[str]:
         return apply_schema(self.conn, sql, allow_destructive=allow_destructive)
+
+    def reload_schema(self, sql: str, *, allow_destructive: bool = False) -> SchemaReload:
+        """Apply the schema files (tables they do not list are kept and reported unless
+        ``allow_destructive``), then the kept versions the new schema lets merge."""
+        outcome = reconcile_schema(self.conn, sql, allow_destructive=allow_destructive)
+        applied = self.apply_kept()
+        return SchemaReload(outcome, applied, self.pending_summary())
+
+    def pending_summary(self) -> PendingSummary:
+        return pending_schema.summary(self.conn)
+
+    def apply_kept(self) -> ApplyResult:
+        """Merge every kept version whose tables and columns all exist now, each in its own
+        savepoint (one the merge refuses stays kept, in ``rejected``), and give its bookkeeping
+        row the local db_version it was stamped with."""
+        conn = self.conn
+        result = ApplyResult()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            view = SchemaView(conn)
+            for actor, version, changes in pending_schema.all_kept(conn):
+                if view.missing(changes):
+                    continue
+                conn.execute("SAVEPOINT kept_version")
+                try:
+                    (local,) = crdt.merge_changesets(conn, [changes])
+                except crdt.MergeError as exc:
+                    conn.execute("ROLLBACK TO kept_version")
+                    conn.execute("RELEASE kept_version")
+                    result.rejected.append((actor, version, str(exc)))
+                    continue
+                conn.execute("RELEASE kept_version")
+                conn.execute(
+                    "UPDATE __corro_bookkeeping SET db_version = ? "
+                    "WHERE actor_id = ? AND start_version = ? AND end_version = ?",
+                    (local, actor, version, version),
+                )
+                pending_schema.forget(conn, actor, version)
+                if local is not None:
+                    result.applied.append((actor, version))
+                    result.changes.extend(changes)
+                else:
+                    result.emptied += 1
+            result.changes_applied = conn.crr.rows_impacted
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        return result
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -172,26 +267,38 @@ class Store:
     # -- local transactions ----------------------------------------------------------------
 
     def execute_local(
-        self, statements: Sequence[Statement], ts: int
+        self, statements: Sequence[Statement], ts: int, *, timeout: float | None = None
     ) -> tuple[list[StatementResult], LocalCommit | None]:
-        """Run statements in one transaction; book and return the new version if replicated
-        data changed. Any failing statement rolls back everything (``StatementError``)."""
+        """Run a client's statements in one transaction; book and return the new version if
+        replicated data changed. Any failing statement rolls back everything
+        (``StatementError``; ``StatementRefused`` for what clients may not do, ``sqlguard``;
+        ``StatementTimeout`` past ``timeout`` seconds of running them)."""
         conn = self.conn
         state = conn.crr
         results: list[StatementResult] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for i, (sql, params) in enumerate(statements):
-                t0 = time.perf_counter()
-                try:
-                    cursor = conn.execute(sql, params)
-                    for _ in cursor:
-                        pass  # rows of RETURNING are not part of the answer, as corrosion
-                except apsw.Error as exc:
-                    raise StatementError(i, str(exc)) from None
-                if conn.get_autocommit():
-                    raise StatementError(i, "transaction control statements are not allowed")
-                results.append(StatementResult(conn.changes(), time.perf_counter() - t0))
+            with self.guard.client(conn), Deadline(conn, timeout) as deadline:
+                for i, (sql, params) in enumerate(statements):
+                    t0 = time.perf_counter()
+                    try:
+                        cursor = conn.cursor()
+                        self.guard.statement(cursor)
+                        cursor.execute(sql, params, prepare_flags=CLIENT_PREPARE_FLAGS)
+                        for _ in cursor:
+                            pass  # rows of RETURNING are not part of the answer, as corrosion
+                    except apsw.Error as exc:
+                        if deadline.expired:
+                            raise StatementTimeout(
+                                i, deadline.message("the transaction") + "; nothing was applied"
+                            ) from None
+                        refused = self.guard.refused(exc)
+                        if refused is not None:
+                            raise StatementRefused(i, refused.message) from None
+                        raise StatementError(i, str(exc)) from None
+                    if conn.get_autocommit():
+                        raise StatementError(i, "transaction control statements are not allowed")
+                    results.append(StatementResult(conn.changes(), time.perf_counter() - t0))
             commit = None
             if state.pending != -1:
                 changes = [
@@ -276,6 +383,8 @@ class Store:
                     del b.partials[cs.version]
                     complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
                     pending_versions.add(key)
+            if complete:
+                complete = self._keep_unknown_schema(complete, booked, result)
             if isolate:
                 versions = []
                 for entry in complete:
@@ -319,6 +428,33 @@ class Store:
             raise
         self.bookie.actors.update(touched)
         return result
+
+    def _keep_unknown_schema(
+        self,
+        complete: list[tuple[bytes, int, list[Change], int, int]],
+        booked: Any,
+        result: ApplyResult,
+    ) -> list[tuple[bytes, int, list[Change], int, int]]:
+        """Keep (and book as held) the versions that need a table or column this node does not
+        have yet; return the others, to merge."""
+        view = SchemaView(self.conn)
+        to_merge = []
+        for entry in complete:
+            actor, version, changes, last_seq, ts = entry
+            missing = view.missing(changes)
+            if not missing:
+                to_merge.append(entry)
+                continue
+            pending_schema.keep(self.conn, actor, version, changes)
+            self.conn.execute(
+                "INSERT OR REPLACE INTO __corro_bookkeeping (actor_id, start_version, "
+                "end_version, db_version, last_seq, ts) VALUES (?, ?, ?, NULL, ?, ?)",
+                (actor, version, version, last_seq, ts),
+            )
+            booked(actor).held.add(version, version)
+            result.kept.append((actor, version))
+            result.kept_missing.add(missing)
+        return to_merge
 
     def _apply_empty(self, item: EmptyVersions, b: Booked, result: ApplyResult) -> None:
         for start, end in item.versions:
@@ -387,7 +523,12 @@ class Store:
             for s, e, local, last_seq, ts in rows:
                 s, e = max(s, start), min(e, end)
                 if local is None:
-                    empties.append((s, e))
+                    kept = pending_schema.kept_versions(self.conn, actor, s, e)
+                    for v in kept:  # held, waiting for this node's schema: served as received
+                        changes = pending_schema.kept_changes(self.conn, actor, v)
+                        hint = max(c.db_version for c in changes)
+                        yield from chunk_version(actor, v, changes, last_seq or 0, ts or 0, hint)
+                    empties.extend(RangeSet([(s, e)]).difference(RangeSet((v, v) for v in kept)))
                     served += e - s + 1
                     continue
                 changes = [

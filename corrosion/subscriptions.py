@@ -4,8 +4,11 @@
 A subscription runs its query once, remembers the rows (each with a ``rowid`` of its own), and
 re-runs the query whenever a committed change — a local transaction or an applied remote version —
 touches a table the query reads; the difference becomes ``insert`` / ``update`` / ``delete``
-events, each with an increasing ``change_id``. Identical SQL with identical parameters shares one
-subscription, however many clients listen.
+events, each with an increasing ``change_id``. The same SQL (after ``normalize_sql``: comments,
+spacing and keyword case do not count) with the same parameters shares one subscription, however
+many clients listen; its ``hash`` (the ``corro-query-hash`` header) is a digest of that
+normalised SQL and parameters, so clients can recognise the same query across agents and
+restarts, as corrosion's is.
 
 Row identity: when the result carries the full primary key of every table the query reads
 (found through SQLite's column-origin metadata), a row is identified by those keys, so a changed
@@ -20,6 +23,8 @@ last ``KEEP_CHANGES`` events are kept so a client can resume with ``from=<change
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from collections import deque
@@ -30,9 +35,55 @@ from typing import Any
 import anyio
 import apsw
 
+from .sqlguard import Deadline, guard_of
+
 KEEP_CHANGES = 500
 DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
 IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
+
+
+_TOKEN = re.compile(
+    r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?"""  # quoted, kept as is
+    r"|--[^\n]*|/\*(?:.|\n)*?(?:\*/|$)"  # comments, dropped
+    r"|\s+"  # spacing, dropped
+    r"|[\w$]+"  # keywords, names, numbers, parameters' names
+    r"|.",  # punctuation, one character each
+    re.DOTALL,
+)
+
+
+def normalize_sql(sql: str) -> str:
+    """One spelling of a statement: comments and trailing ``;`` dropped, spacing reduced to one
+    space between two words (names, keywords, numbers, quoted text) and none around punctuation.
+    Nothing else changes: not even keyword case, which shows in the column names of unaliased
+    expressions (``SELECT a AND b``), so two spellings that share a subscription answer alike."""
+    out: list[str] = []
+    separated = False
+    for match in _TOKEN.finditer(sql):
+        tok = match.group()
+        if tok.isspace() or tok.startswith(("--", "/*")):
+            separated = True
+            continue
+        if separated and out and _is_word(out[-1]) and _is_word(tok):
+            out.append(" ")
+        out.append(tok)
+        separated = False
+    while out and out[-1] in (";", " "):
+        out.pop()
+    return "".join(out)
+
+
+def _is_word(token: str) -> bool:
+    return len(token) > 1 or token.isalnum() or token in "_$'\"`["
+
+
+def query_hash(normalized_sql: str, params: Any) -> str:
+    """The ``corro-query-hash`` of a query: the same normalised SQL and parameters, the same
+    hash."""
+    h = hashlib.sha256(normalized_sql.encode())
+    if params:
+        h.update(b"\0" + repr(params).encode())
+    return h.hexdigest()[:32]
 
 
 class SubscriptionError(Exception):
@@ -62,11 +113,12 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
     or None for content identity. Raises SubscriptionError for writes or invalid SQL."""
     tables: set[str] = set()
     info: dict[str, Any] = {}
+    guard = guard_of(conn)  # the agent's readers check clients' SQL (sqlguard)
 
-    def authorizer(op: int, p1: str | None, p2: str | None, db: str | None, _t: Any) -> int:
+    def authorizer(op: int, p1: str | None, p2: str | None, db: str | None, t: Any) -> int:
         if op == apsw.SQLITE_READ and p1 and db == "main":
             tables.add(p1)
-        return apsw.SQLITE_OK
+        return guard(op, p1, p2, db, t) if guard is not None else apsw.SQLITE_OK
 
     def trace(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
         info["full"] = cur.description_full
@@ -76,14 +128,17 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
     conn.authorizer = authorizer
     cursor = conn.cursor()
     cursor.exec_trace = trace
+    if guard is not None:
+        guard.statement(cursor)
     try:
-        cursor.execute(sql, params)
+        cursor.execute(sql, params, can_cache=False)
     except apsw.ExecTraceAbort:
         pass
     except apsw.Error as exc:
-        raise SubscriptionError(str(exc)) from None
+        refused = guard.refused(exc) if guard is not None else None
+        raise SubscriptionError(refused.message if refused else str(exc)) from None
     finally:
-        conn.authorizer = None
+        conn.authorizer = guard
         cursor.exec_trace = None
     if not info.get("readonly", False):
         raise SubscriptionError("statement is not readonly")
@@ -119,6 +174,7 @@ class Subscription:
     columns: list[str]
     tables: set[str]
     identity: list[int] | None
+    hash: str = ""  # query_hash of the normalised SQL and parameters
     rows: dict[int, tuple] = field(default_factory=dict)  # rowid -> row
     keys: dict[Any, list[int]] = field(default_factory=dict)  # identity -> rowids
     change_id: int = 0
@@ -208,9 +264,12 @@ def _types(row: tuple) -> tuple:
 class Subscriptions:
     """The agent's live queries, re-evaluated off the event loop on a read connection."""
 
-    def __init__(self, open_reader: Any, release_reader: Any) -> None:
+    def __init__(
+        self, open_reader: Any, release_reader: Any, *, timeout: float | None = None
+    ) -> None:
         self._open = open_reader
         self._release = release_reader
+        self.timeout = timeout  # seconds a run of a subscription's query may take (None: any)
         self.by_id: dict[str, Subscription] = {}
         self._by_query: dict[tuple[str, str], str] = {}
         self._wake = anyio.Event()
@@ -222,7 +281,8 @@ class Subscriptions:
         return out
 
     async def get_or_create(self, sql: str, params: Any) -> Subscription:
-        qkey = (sql.strip(), repr(params))
+        normalized = normalize_sql(sql)
+        qkey = (normalized, repr(params))
         sid = self._by_query.get(qkey)
         if sid is not None and sid in self.by_id:
             return self.by_id[sid]
@@ -231,8 +291,22 @@ class Subscriptions:
             conn = self._open()
             try:
                 columns, tables, identity = describe(conn, sql, params)
-                sub = Subscription(str(uuid.uuid4()), sql, params, columns, tables, identity)
-                sub.load(conn.execute(sql, params).fetchall())
+                sub = Subscription(
+                    str(uuid.uuid4()),
+                    sql,
+                    params,
+                    columns,
+                    tables,
+                    identity,
+                    hash=query_hash(normalized, params),
+                )
+                with Deadline(conn, self.timeout) as deadline:
+                    try:
+                        sub.load(conn.execute(sql, params).fetchall())
+                    except apsw.Error:
+                        if deadline.expired:
+                            raise SubscriptionError(deadline.message("the query")) from None
+                        raise
                 return sub
             except apsw.Error as exc:
                 raise SubscriptionError(str(exc)) from None
@@ -287,7 +361,8 @@ class Subscriptions:
     def _rerun(self, sub: Subscription) -> list[tuple] | None:
         conn = self._open()
         try:
-            return conn.execute(sub.sql, sub.params).fetchall()
+            with Deadline(conn, self.timeout):
+                return conn.execute(sub.sql, sub.params).fetchall()
         except apsw.Error:
             return None
         finally:

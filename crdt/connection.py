@@ -109,6 +109,7 @@ def _bootstrap(conn: apsw.Connection, site_id: bytes | None) -> CrrState:
                     "INSERT INTO crsql_site_id (site_id, ordinal) VALUES (?, 0)",
                     (site_id or new_site_id(),),
                 )
+            crr.upgrade_triggers(conn)
     row = conn.execute("SELECT site_id FROM crsql_site_id WHERE ordinal = 0").fetchone()
     if row is None:
         raise CrdtError("database has no site id and is read-only")

@@ -76,6 +76,37 @@ def create_triggers(conn: apsw.Connection, info: TableInfo) -> None:
         conn.execute(sql)
 
 
+def _stored_form(create_sql: str) -> str:
+    """A generated ``CREATE TRIGGER`` as sqlite_master keeps it (SQLite drops IF NOT EXISTS)."""
+    return create_sql.replace("CREATE TRIGGER IF NOT EXISTS ", "CREATE TRIGGER ", 1)
+
+
+def upgrade_triggers(conn: apsw.Connection) -> list[str]:
+    """Recreate the triggers of every CRR whose stored trigger SQL is not what this release
+    generates; return those tables. Run on every writable open, so a database written by an
+    earlier release picks up fixed triggers (e.g. SQL that older SQLite could not parse, which
+    made the whole file unreadable to the sqlite3 shell). When nothing differs it only reads
+    sqlite_master and each CRR's table_info."""
+    stored: dict[str, list[str]] = {}
+    crrs: list[str] = []
+    for table, name, sql in conn.execute(
+        "SELECT tbl_name, name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY rowid"
+    ).fetchall():
+        if not name.startswith(triggers.trigger_prefix(table)):
+            continue
+        stored.setdefault(table, []).append(sql)
+        if name == table + "__crsql_itrig":
+            crrs.append(table)
+    upgraded = []
+    for table in crrs:
+        info = read_table_info(conn, table)
+        want = [_stored_form(sql) for sql in triggers.create_triggers_sql(info)]
+        if sorted(want) != sorted(stored[table]):
+            create_triggers(conn, info)
+            upgraded.append(table)
+    return upgraded
+
+
 def as_crr(conn: apsw.Connection, state: CrrState, table: str) -> str:
     with conn:  # SAVEPOINT: all or nothing
         info = check_compatible(conn, table)

@@ -19,6 +19,11 @@ Rules:
   dropped columns are compacted; a primary-key change re-creates the clocks).
 * Applying the same schema twice changes nothing. Everything runs in one savepoint: on any error
   the database is left as it was.
+* A table or index defined twice in the schema text (the same file included from two places) is
+  fine when both definitions are the same (compared as parsed, not as text); two different
+  definitions of one name are refused.
+* ``reconcile_schema`` (the agent's start-up and reload) keeps a live table the schema does not
+  list, and reports it, instead of refusing: only ``allow_destructive`` drops it.
 
 Tables whose names start with ``sqlite_``, ``crsql_``, ``__corro_`` or contain ``__crsql_`` are
 internal and never diffed.
@@ -44,6 +49,12 @@ _ALLOWED = re.compile(
 _TEMP = re.compile(r"^\s*CREATE\s+(TEMP|TEMPORARY)\b", re.I)
 _AS_SELECT = re.compile(r"^\s*CREATE\s+TABLE\b[^(]*\bAS\s+SELECT\b", re.I | re.S)
 _IF_NOT_EXISTS = re.compile(r"\s+IF\s+NOT\s+EXISTS\s+", re.I)
+_IDENT = r'(?:"(?:[^"]|"")*"|\[[^\]]*\]|`(?:[^`]|``)*`|[^\s.(]+)'
+_CREATE_NAME = re.compile(
+    rf"^\s*CREATE\s+(?:UNIQUE\s+)?(TABLE|INDEX)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    rf"(?:{_IDENT}\s*\.\s*)?({_IDENT})",
+    re.I,
+)
 _OPTIONS = re.compile(
     r"\)\s*((?:WITHOUT\s+ROWID|STRICT)(?:\s*,\s*(?:WITHOUT\s+ROWID|STRICT))*)\s*$", re.I
 )
@@ -99,6 +110,16 @@ def _table_options(sql: str) -> str:
     return ", ".join(sorted(parts))
 
 
+def _table_def(conn: apsw.Connection, name: str, sql: str) -> TableDef:
+    cols = {}
+    for _cid, cname, ctype, notnull, dflt, pk, hidden in conn.execute(
+        'SELECT cid, name, type, "notnull", dflt_value, pk, hidden FROM pragma_table_xinfo(?)',
+        (name,),
+    ):
+        cols[cname] = ColumnDef(cname, ctype or "", bool(notnull), dflt, pk, hidden)
+    return TableDef(name, sql, cols, _table_options(sql))
+
+
 def introspect(conn: apsw.Connection) -> dict[str, TableDef]:
     """The user tables and their indexes (internal tables excluded)."""
     tables: dict[str, TableDef] = {}
@@ -107,13 +128,7 @@ def introspect(conn: apsw.Connection) -> dict[str, TableDef]:
     ).fetchall():
         if is_internal(name) or sql is None:
             continue
-        cols = {}
-        for _cid, cname, ctype, notnull, dflt, pk, hidden in conn.execute(
-            'SELECT cid, name, type, "notnull", dflt_value, pk, hidden FROM pragma_table_xinfo(?)',
-            (name,),
-        ):
-            cols[cname] = ColumnDef(cname, ctype or "", bool(notnull), dflt, pk, hidden)
-        tables[name] = TableDef(name, sql, cols, _table_options(sql))
+        tables[name] = _table_def(conn, name, sql)
     for name, tbl, sql in conn.execute(
         "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
     ).fetchall():
@@ -168,29 +183,122 @@ def _check_statement(text: str) -> None:
         )
 
 
+def _created_object(text: str) -> tuple[str, str] | None:
+    """``("table"|"index", name)`` of a CREATE statement, unquoted; None for anything else."""
+    m = _CREATE_NAME.match(text)
+    if m is None:
+        return None
+    name = m.group(2)
+    if name[0] in '"`' and len(name) > 1:
+        name = name[1:-1].replace(name[0] * 2, name[0])
+    elif name[0] == "[":
+        name = name[1:-1]
+    return m.group(1).lower(), name
+
+
+def _same_definition(scratch: apsw.Connection, kind: str, name: str, text: str) -> bool:
+    """Whether ``text`` defines ``name`` exactly as ``scratch`` already has it: tables are
+    compared column by column as parsed (type, NOT NULL, DEFAULT, key, options), indexes by
+    their normalised text, the same rules the diff against the live database uses."""
+    existing, sql = scratch.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = ? AND name = ? COLLATE NOCASE",
+        (kind, name),
+    ).fetchone()
+    if kind == "index":
+        if _normalize(sql) == _normalize(text):
+            return True
+        have = _index_shape(scratch, existing)
+        scratch.execute("SAVEPOINT same_index")
+        try:
+            scratch.execute(f"DROP INDEX {ident(existing)}")
+            try:
+                scratch.execute(text)
+            except apsw.Error:
+                return False
+            want = _index_shape(scratch, existing)
+        finally:
+            scratch.execute("ROLLBACK TO same_index")
+            scratch.execute("RELEASE same_index")
+        return have == want and not have[2]  # a partial index's WHERE is compared as text
+    alone = apsw.Connection(":memory:")
+    try:
+        try:
+            alone.execute(text)
+        except apsw.Error:
+            return False
+        (new_name,) = alone.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        ).fetchone()
+        if new_name.lower() != existing.lower():
+            return False
+        have, want = _table_def(scratch, existing, sql), _table_def(alone, new_name, text)
+        return list(have.columns.values()) == list(want.columns.values()) and (
+            have.options == want.options
+        )
+    finally:
+        alone.close()
+
+
+def _index_shape(conn: apsw.Connection, name: str) -> tuple:
+    """An index as SQLite parsed it: table, unique, partial, and its key columns in order."""
+    table, unique, partial = conn.execute(
+        'SELECT m.tbl_name, l."unique", l.partial FROM sqlite_master AS m '
+        "JOIN pragma_index_list(m.tbl_name) AS l ON l.name = m.name "
+        "WHERE m.type = 'index' AND m.name = ?",
+        (name,),
+    ).fetchone()
+    keys = conn.execute(
+        'SELECT cid, name, "desc", coll FROM pragma_index_xinfo(?) WHERE key = 1 ORDER BY seqno',
+        (name,),
+    ).fetchall()
+    return (table.lower(), unique, partial, keys)
+
+
+def _build(statements: list[str]) -> apsw.Connection:
+    """A scratch database holding ``statements``; a repeated definition that matches the first
+    is skipped, one that differs is refused."""
+    scratch = apsw.Connection(":memory:")
+    try:
+        for text in statements:
+            created = _created_object(text)
+            if created is not None:
+                kind, name = created
+                found = scratch.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = ? AND name = ? COLLATE NOCASE",
+                    (kind, name),
+                ).fetchone()
+                if found is not None:
+                    if _same_definition(scratch, kind, name, text):
+                        continue
+                    raise SchemaError(
+                        f"{kind} {name!r} is defined twice in the schema, differently: {text[:80]}"
+                    )
+            try:
+                scratch.execute(text)
+            except apsw.Error as exc:
+                raise SchemaError(f"invalid schema statement ({exc}): {text[:80]}") from None
+    except BaseException:
+        scratch.close()
+        raise
+    return scratch
+
+
 def parse_schema(sql: str) -> dict[str, TableDef]:
     """Build ``sql`` in a scratch database and describe it; refuse anything but table and index
     definitions."""
     statements = split_statements(sql)
     for text in statements:
         _check_statement(text)
-    scratch = apsw.Connection(":memory:")
+    scratch = _build(statements)
     try:
-        for text in statements:
-            try:
-                scratch.execute(text)
-            except apsw.Error as exc:
-                raise SchemaError(f"invalid schema statement ({exc}): {text[:80]}") from None
         return introspect(scratch)
     finally:
         scratch.close()
 
 
 def check_crr_constraints(desired: dict[str, TableDef], sql: str) -> None:
-    scratch = apsw.Connection(":memory:")
+    scratch = _build(split_statements(sql))
     try:
-        for text in split_statements(sql):
-            scratch.execute(text)
         for name in desired:
             try:
                 check_compatible(scratch, name)
@@ -225,15 +333,38 @@ def apply_schema(
     """Make the live database match ``sql``; return a description of each change made (empty
     when the database already matched). With ``as_crr=False`` tables stay plain tables (for a
     node-local database, e.g. the orchestrator's step log)."""
+    return _apply(conn, sql, allow_destructive, as_crr, keep_unlisted=False).changes
+
+
+@dataclass
+class SchemaOutcome:
+    changes: list[str]  # what was done, as apply_schema describes it
+    unlisted: list[str]  # live tables the schema does not list, left as they are
+
+
+def reconcile_schema(
+    conn: apsw.Connection, sql: str, *, allow_destructive: bool = False
+) -> SchemaOutcome:
+    """``apply_schema`` for a node's schema files: a live table the files do not list (left
+    over from older files, or created by hand) is kept and reported rather than refused, so it
+    never stops a node from starting; ``allow_destructive`` drops it."""
+    return _apply(conn, sql, allow_destructive, True, keep_unlisted=True)
+
+
+def _apply(
+    conn: apsw.Connection, sql: str, allow_destructive: bool, as_crr: bool, *, keep_unlisted: bool
+) -> SchemaOutcome:
     desired = parse_schema(sql)
     if as_crr:
         check_crr_constraints(desired, sql)
     with conn:
         live = introspect(conn)
         plan = _Plan(conn, desired, live, allow_destructive, as_crr)
+        if keep_unlisted and not allow_destructive:
+            plan.unlisted = [name for name in live if name not in desired]
         plan.check()
         plan.run()
-    return plan.done
+    return SchemaOutcome(plan.done, plan.unlisted)
 
 
 class _Plan:
@@ -251,6 +382,7 @@ class _Plan:
         self.destructive = allow_destructive
         self.as_crr = as_crr
         self.done: list[str] = []
+        self.unlisted: list[str] = []  # live tables missing from the schema, to leave alone
 
     def _refuse(self, what: str) -> None:
         if not self.destructive:
@@ -262,7 +394,7 @@ class _Plan:
     def check(self) -> None:
         """Refuse destructive changes before anything is touched."""
         for name in self.live:
-            if name not in self.desired:
+            if name not in self.desired and name not in self.unlisted:
                 self._refuse(f"table {name!r} is missing from the schema and would be dropped")
         for name, want in self.desired.items():
             have = self.live.get(name)
@@ -286,7 +418,7 @@ class _Plan:
     def run(self) -> None:
         conn = self.conn
         for name in list(self.live):
-            if name not in self.desired:
+            if name not in self.desired and name not in self.unlisted:
                 self._drop_table(name)
         for name, want in self.desired.items():
             have = self.live.get(name)

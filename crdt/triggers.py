@@ -222,12 +222,15 @@ def update_triggers(info: TableInfo) -> list[str]:
     # as local writes of the values now in the row. Otherwise peers holding the replaced row's
     # clocks would keep its values.
     new_key, old_key = _key_of(info, "NEW"), _key_of(info, "OLD")
+    # The target is named in full, not aliased: SQLite 3.40 and older reject ``UPDATE t AS m`` in
+    # a trigger body, and a schema it cannot parse makes the whole file unreadable to it.
+    moved = f"{info.clock}.col_name"
     body.append(
-        f"UPDATE {info.clock} AS m SET col_version = m.col_version + 1 + "
+        f"UPDATE {info.clock} SET col_version = col_version + 1 + "
         f"(SELECT e.col_version FROM {info.clock} AS e "
-        f"WHERE e.key = {new_key} AND e.col_name = m.col_name) "
-        f"WHERE m.key = {old_key} AND m.col_name != {S} AND {pk_changed} AND EXISTS "
-        f"(SELECT 1 FROM {info.clock} AS e WHERE e.key = {new_key} AND e.col_name = m.col_name);"
+        f"WHERE e.key = {new_key} AND e.col_name = {moved}) "
+        f"WHERE key = {old_key} AND col_name != {S} AND {pk_changed} AND EXISTS "
+        f"(SELECT 1 FROM {info.clock} AS e WHERE e.key = {new_key} AND e.col_name = {moved});"
     )
     body.append(
         f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "

@@ -201,6 +201,23 @@ class EngineObserver:
     def run_finished(self, result: RunResult) -> None: ...
 
 
+def _run_fields(machine_id: str, run_id: str, action: str) -> dict[str, Any]:
+    return {"run_id": run_id, "machine_id": machine_id, "action": action}
+
+
+def _log_finished(result: RunResult) -> None:
+    fields = _run_fields(result.machine_id, result.run_id, result.action)
+    fields["status"] = result.status.value
+    what = f"run {result.run_id} {result.status.value}: {result.action} on {result.machine_id}"
+    if result.error is None:
+        log.info("%s", what, extra={"fields": fields})
+        return
+    fields["error"] = result.error.to_dict()
+    level = logging.INFO if result.status is RunStatus.CANCELLED else logging.WARNING
+    step = f" (step {result.error.step})" if result.error.step else ""
+    log.log(level, "%s: %s%s", what, result.error.message, step, extra={"fields": fields})
+
+
 # --- the engine ---------------------------------------------------------------------------------
 
 
@@ -506,6 +523,14 @@ class Engine:
         op = self._ops.get(record.action)
         log_ = self.store.log(live.machine_id)
         live.running = True
+        log.info(
+            "run %s started: %s on %s%s",
+            record.run_id,
+            record.action,
+            live.machine_id,
+            " (resumed)" if live.resumed else "",
+            extra={"fields": _run_fields(live.machine_id, record.run_id, record.action)},
+        )
         for name in record.steps:
             if state.halt is not None:
                 break
@@ -540,6 +565,7 @@ class Engine:
 
     def _complete(self, live: _Live, state: RunState) -> None:
         live.result = self._result(live.machine_id, state)
+        _log_finished(live.result)
         self._live.pop(state.run_id, None)
         self._finished[state.run_id] = live.result
         while len(self._finished) > self._finished_cap:
@@ -643,6 +669,7 @@ class Engine:
                 retry += 1
                 self.observer.step_failed(info, name, failure, retry)
                 text = f"{type(failure).__name__}: {failure}"
+                log.debug("run %s: step %s failed (try %d): %s", record.run_id, name, retry, text)
                 limit = op.max_retries if op is not None else None
                 if not is_finalizer and limit is not None and retry > limit:
                     error = RunError(

@@ -98,8 +98,10 @@ class MachineOperations:
         return self.svc.doc(ctx.machine_id)
 
     def _set(self, ctx: StepContext, state: str, event: tuple[str, str] | None = None,
+             *, event_request: Mapping[str, Any] | None = None,
              **fields: Any) -> None:  # fmt: skip
-        """Stage a state change: it is written with the step's COMPLETE, in one transaction."""
+        """Stage a state change: it is written with the step's COMPLETE, in one transaction.
+        ``event_request`` becomes the event's ``request`` (Fly's shape for an exit's details)."""
         now = self.svc.clock.now()
 
         def change(doc: dict[str, Any]) -> None:
@@ -107,7 +109,8 @@ class MachineOperations:
             doc.update(fields)
             if event is not None:
                 source = "user" if ctx.action != "exit" else "flyd"
-                m.add_event(doc, event[0], event[1], now=now, source=source)
+                m.add_event(doc, event[0], event[1], now=now, source=source,
+                            **(event_request or {}))  # fmt: skip
 
         ctx.stage(change)
 
@@ -189,7 +192,8 @@ class MachineOperations:
 
     async def mark_stopped(self, ctx: StepContext) -> None:
         exit_ = ctx.response.get("exit")
-        self._set(ctx, m.STOPPED, ("exit", m.STOPPED), last_exit=exit_)
+        details = {"exit_event": exit_} if exit_ is not None else None
+        self._set(ctx, m.STOPPED, ("exit", m.STOPPED), event_request=details, last_exit=exit_)
 
     async def mark_updating(self, ctx: StepContext) -> None:
         self._set(ctx, m.UPDATING, ("update", m.UPDATING), restarts=0)

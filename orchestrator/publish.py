@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -28,24 +29,10 @@ log = logging.getLogger(__name__)
 
 MACHINES_TABLE = "machines"
 
-# A CRR: NOT NULL primary key, no unique index, every NOT NULL column has a default.
-MACHINES_SCHEMA = """
-CREATE TABLE machines (
-    id TEXT NOT NULL PRIMARY KEY,
-    app TEXT NOT NULL DEFAULT '',
-    worker TEXT NOT NULL DEFAULT '',
-    region TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL DEFAULT '',
-    instance_id TEXT NOT NULL DEFAULT '',
-    address TEXT NOT NULL DEFAULT '',
-    cordoned INTEGER NOT NULL DEFAULT 0,
-    checks TEXT NOT NULL DEFAULT '[]',
-    services TEXT NOT NULL DEFAULT '[]',
-    updated_at INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX machines_app_state ON machines (app, state);
-CREATE INDEX machines_worker ON machines (worker);
-"""
+# The schema every node includes (a CRR: NOT NULL primary key, no unique index, every NOT NULL
+# column has a default), shipped as a file so that nodes without an orchestrator load the same one.
+MACHINES_SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "machines.sql"
+MACHINES_SCHEMA = MACHINES_SCHEMA_PATH.read_text()
 
 COLUMNS = (
     "id", "app", "worker", "region", "state", "instance_id", "address", "cordoned", "checks",

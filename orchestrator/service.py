@@ -481,7 +481,9 @@ class Orchestrator:
         await self._check_driver({**doc, "config": config, "instance_id": new_iid})
         request = {"config": config, "instance_id": new_iid, "skip_launch": skip_launch}
         await self._submit(app, machine_id, "update", request, nonce, queue=queue)
-        return m.public_view(self.doc(machine_id))
+        # the machine as the update will leave it (Fly's answer), so a client can wait on the
+        # new instance_id; state is still the current one
+        return m.public_view({**self.doc(machine_id), "config": config, "instance_id": new_iid})
 
     async def cordon_machine(
         self, app: str, machine_id: str, *, nonce: str | None = None, queue: bool = False

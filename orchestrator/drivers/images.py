@@ -43,15 +43,21 @@ def image_name(ref: str) -> str:
     return name
 
 
-def static_busybox() -> str | None:
-    """Path of a statically linked busybox, or None (a dynamic one cannot run in a bare rootfs)."""
-    for path in BUSYBOX_CANDIDATES:
+def static_executable(candidates: tuple[str, ...]) -> str | None:
+    """The first candidate that is a statically linked executable, or None (a dynamically
+    linked one cannot run in a bare rootfs)."""
+    for path in candidates:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             with open(path, "rb") as f:
                 head = f.read(1 << 16)
             if b"ld-linux" not in head and b"/lib64/ld" not in head:
                 return path
     return None
+
+
+def static_busybox() -> str | None:
+    """Path of a statically linked busybox, or None."""
+    return static_executable(BUSYBOX_CANDIDATES)
 
 
 class ImageStore:

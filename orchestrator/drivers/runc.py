@@ -3,9 +3,19 @@
 A bundle is ``<state>/<instance>/bundle/config.json`` whose root is the image's shared read-only
 rootfs (``images``). ``create`` writes it and starts the shim, which runs ``runc create`` and
 stays as the container's reaper (so exit codes survive an orchestrator restart); ``start`` is
-``runc start``; stop signals the container's init (escalating to SIGKILL, since a PID 1 without
-handlers ignores SIGTERM); ``destroy`` is ``runc delete --force``. The OOM flag comes from the
-container's memory cgroup (``memory.oom_control``'s ``oom_kill`` count).
+``runc start``; stop signals the container's init, escalating to SIGKILL after the timeout;
+``destroy`` is ``runc delete --force``. The OOM flag comes from the container's memory cgroup
+(``memory.oom_control``'s ``oom_kill`` count).
+
+The init: PID 1 of a pid namespace ignores the signals it has no handler for (only SIGKILL from
+outside gets through), so a command run as PID 1 (``sleep``, most servers) would ignore the stop
+signal and always wait out the timeout. The command therefore runs under a static ``tini``
+(Debian's ``tini`` package ships ``/usr/bin/tini-static``), bind-mounted read-only at
+:data:`INIT_PATH` on the container's ``/run`` tmpfs so no image needs it: tini is PID 1, forwards
+signals to the command and reaps zombies; ``start`` returns once tini runs the command, so a stop
+right after it is not lost. tini exits with the command's code, or 128+N when the command died
+of signal N, and that is the exit recorded. Without tini the command is PID 1 (one warning when
+the driver starts).
 
 Networking: by default the container shares the host's network namespace (address
 ``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it a private
@@ -16,6 +26,7 @@ from any other runc user on the host.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,11 +36,15 @@ from typing import Any
 import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .images import ImageStore, static_busybox
+from .images import ImageStore, static_busybox, static_executable
 from .supervised import ShimDriver, write_json
+
+log = logging.getLogger(__name__)
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/sbin/tini-static", "/sbin/tini-static")
+INIT_PATH = "/run/orchestrator/init"  # on the container's /run tmpfs, not in the shared image
 
 
 def runc_available() -> str | None:
@@ -44,9 +59,16 @@ def runc_available() -> str | None:
 
 
 def oci_config(
-    spec: InstanceSpec, rootfs: Path, args: list[str], env: list[str], *, network: str
+    spec: InstanceSpec,
+    rootfs: Path,
+    args: list[str],
+    env: list[str],
+    *,
+    network: str,
+    init: str | None = None,
 ) -> dict[str, Any]:
-    """config.json for one instance (OCI runtime spec 1.0)."""
+    """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
+    host) the command runs under it."""
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if network == "none":
         namespaces.append({"type": "network"})
@@ -90,6 +112,10 @@ def oci_config(
                     {"destination": f"/etc/{name}", "type": "bind", "source": f"/etc/{name}",
                      "options": ["rbind", "ro"]}
                 )  # fmt: skip
+    if init is not None:  # after /run's tmpfs, so its mount point is created there
+        mounts.append({"destination": INIT_PATH, "type": "bind", "source": init,
+                       "options": ["bind", "ro", "nosuid", "nodev"]})  # fmt: skip
+        args = [INIT_PATH, "--", *args]
     return {
         "ociVersion": "1.0.2-dev",
         "process": {
@@ -131,17 +157,38 @@ class RuncDriver(ShimDriver):
         runc: str | None = None,
         network: str = "host",
         python: str | None = None,
+        init: str | bool = True,
     ) -> None:
+        """``init``: True finds the host's static tini, a path names a static init, False runs
+        the command as PID 1."""
         super().__init__(state_dir, python=python)
         if network not in ("host", "none"):
             raise ValueError(f"network must be 'host' or 'none', not {network!r}")
         self.network = network
+        self.init = self._find_init(init)
         self.runc = runc or shutil.which("runc") or "runc"
         self.root = self.state_dir / "_runc"
         self.root.mkdir(parents=True, exist_ok=True)
         if images is None:
             images = self.state_dir / "_images"
         self.images = images if isinstance(images, ImageStore) else ImageStore(images)
+
+    @staticmethod
+    def _find_init(init: str | bool) -> str | None:
+        if init is False:
+            return None
+        if init is True:
+            found = static_executable(INIT_CANDIDATES)
+            if found is None:
+                log.warning(
+                    "runc driver: no static init (apt-get install tini for /usr/bin/tini-static); "
+                    "each machine's command runs as PID 1, which ignores SIGTERM unless it "
+                    "handles it, so a stop waits stop_config.timeout, then SIGKILLs"
+                )
+            return found
+        if static_executable((str(init),)) is None:
+            raise ValueError(f"init {init!r} is not a statically linked executable")
+        return str(init)
 
     def instance_ids(self) -> list[str]:
         return [i for i in super().instance_ids() if not i.startswith("_")]
@@ -186,8 +233,9 @@ class RuncDriver(ShimDriver):
         env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
         env.update(spec.env)
         config = oci_config(
-            spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()], network=self.network
-        )
+            spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()],
+            network=self.network, init=self.init,
+        )  # fmt: skip
         write_json(d / "bundle" / "config.json", config)
         bundle = str(d / "bundle")
         args = [self.runc, str(self.root), bundle, spec.instance_id, str(d / "output.log")]
@@ -198,12 +246,34 @@ class RuncDriver(ShimDriver):
         proc = await self._runc("start", instance_id, check=False)
         if proc.returncode == 0:
             (self._dir(instance_id) / "started").touch()
+            if self.init is not None:
+                await self._await_init(instance_id)
             return
         state = (await self.status(instance_id)).state
         if state is InstanceState.ABSENT:
             raise UnknownInstanceError(instance_id)
         msg = proc.stderr.decode(errors="replace").strip()
         raise DriverError(f"cannot start instance {instance_id} in state {state}: {msg}")
+
+    async def _await_init(self, instance_id: str, timeout: float = 10.0) -> None:
+        """Until tini has started the command, which it does after blocking the signals it
+        forwards. Before that a stop's SIGTERM would reach a PID 1 with no handler (runc's
+        init, or tini just exec'd) and be dropped, and the stop would wait its whole timeout."""
+        pids = self._pids(self._dir(instance_id))
+        if pids is None:
+            return
+        pid = int(pids["main"])
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        delay = 0.0005
+        with anyio.move_on_after(timeout):
+            while True:
+                try:
+                    if children.read_text().strip():
+                        return
+                except OSError:
+                    return  # it has exited already (or this kernel cannot say: do not wait)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.01)
 
     async def status(self, instance_id: str) -> InstanceStatus:
         d = self._dir(instance_id)

@@ -16,6 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corrosion import Agent, Config
 
+# Every test cluster runs as a user's must: with a gossip key (corrosion refuses to start without
+# one unless gossip.plaintext = true). Tests of plaintext pass {"plaintext": True,
+# "encryption_keys": []}.
+TEST_KEY = "Y29ycm9zaW9uIHRlc3Qga2V5OiAzMiBieXRlcyAhISE="
+SECURE_GOSSIP = {"encryption_keys": [TEST_KEY]}
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL PRIMARY KEY, v ANY, n INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS items (id INTEGER NOT NULL PRIMARY KEY, body TEXT, owner TEXT);
@@ -40,7 +46,12 @@ def agent_config(
     schema = write_schema(base / "schema")
     data: dict[str, Any] = {
         "db": {"path": str(base / name / "state.db"), "schema_paths": [str(schema)]},
-        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds or [], "preset": "local"},
+        "gossip": {
+            "addr": "127.0.0.1:0",
+            "bootstrap": seeds or [],
+            "preset": "local",
+            **SECURE_GOSSIP,
+        },
         "perf": {"min_sync_backoff": 0.2, "max_sync_backoff": 1.0},
     }
     if with_api:

@@ -96,7 +96,7 @@ async def test_failing_statement_rolls_back_everything(node):
     resp = await client.post("/v1/transactions", content=b"{not json")
     assert resp.status_code == 400
     resp = await client.post("/v1/transactions", json=["COMMIT"])
-    assert resp.status_code == 500
+    assert resp.status_code == 400  # refused: a request is one transaction (test_agent_sqlguard)
 
 
 async def test_queries_stream_ndjson(node):
@@ -144,7 +144,16 @@ async def test_health_members_and_table_stats(node):
     agent, client = node
     resp = await client.get("/v1/health")
     assert resp.status_code == 200
-    assert resp.json() == {"response": {"gaps": 0, "members": 0, "p99_lag": 0.0, "queue_size": 0}}
+    assert resp.json() == {
+        "response": {
+            "gaps": 0,
+            "members": 0,
+            "p99_lag": 0.0,
+            "queue_size": 0,
+            "pending_schema": {"versions": 0, "missing": {}},
+            "not_in_schema": [],
+        }
+    }
     agent.store.bookie.get(b"\x01" * 16).held.add(5, 5)  # versions 1..4 are now gaps
     assert (await client.get("/v1/health?gaps=3")).status_code == 503
     assert (await client.get("/v1/health?gaps=4")).status_code == 200
@@ -158,7 +167,8 @@ async def test_health_members_and_table_stats(node):
     assert (await client.get("/v1/health?p99_lag=100")).status_code == 200
     # with queue_size, lag alone is not unhealthy while the queue is short
     assert (await client.get("/v1/health?p99_lag=10&queue_size=5")).status_code == 200
-    assert (await client.get("/v1/cluster/members")).json() == []
+    (own,) = (await client.get("/v1/cluster/members")).json()
+    assert (own["actor_id"], own["self"]) == (agent.actor_id.hex(), True)
     await agent.execute(["INSERT INTO kv (k) VALUES ('a')", "INSERT INTO items (id) VALUES (1)"])
     resp = await client.post("/v1/table_stats", json={"tables": ["kv", "items", "missing"]})
     assert resp.json() == {"total_row_count": 2, "invalid_tables": ["missing"]}

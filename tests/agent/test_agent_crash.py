@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from agent_helpers import cluster, rows, seed_addr, wait_for, write_schema
+from agent_helpers import SECURE_GOSSIP, cluster, rows, seed_addr, wait_for, write_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +33,12 @@ class AgentProcess:
             json.dumps(
                 {
                     "db": {"path": str(base / "proc" / "state.db"), "schema_paths": [str(schema)]},
-                    "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "local"},
+                    "gossip": {
+                        "addr": "127.0.0.1:0",
+                        "bootstrap": seeds,
+                        "preset": "local",
+                        **SECURE_GOSSIP,
+                    },
                     "api": {"addr": "127.0.0.1:0"},
                     "perf": {"min_sync_backoff": 0.2, "max_sync_backoff": 1.0},
                 }

@@ -35,7 +35,10 @@ async def test_embedded_agents_replicate_and_leave(tmp_path, anyio_backend):
                 return await rows(b, "SELECT k, v FROM kv") == [("x", 1)]
 
             await wait_for(arrived, what="the write to replicate")
-            assert [m.state for m in b.members()] == ["alive"]
+            assert [(m.is_self, m.state) for m in b.members()] == [
+                (True, "alive"),
+                (False, "alive"),
+            ]
             b_addr = b.swim.address
         # b left gracefully: a sees it LEFT, not just failed
         await wait_for(

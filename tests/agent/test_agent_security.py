@@ -98,8 +98,7 @@ def _self_signed(tmp_path):
 
 async def test_tls_peer_streams(tmp_path):
     cert, key = _self_signed(tmp_path)
-    tls = {
-        "plaintext": False,
+    tls = {  # TLS on the peer streams, the gossip key on everything (agent_config's default)
         "tls": {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)},
     }
     async with Agent(agent_config(tmp_path, "a", with_api=False, gossip=tls)) as a:
@@ -121,9 +120,11 @@ async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path):
     cert, key = _self_signed(tmp_path / "cluster")
     own_cert, own_key = _self_signed(tmp_path / "outsider")
     server = {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)}
-    mutual = {"plaintext": False, "tls": {**server, "client": {"cert_file": str(cert),
-                                                               "key_file": str(key)}}}  # fmt: skip
-    one_way = {"plaintext": False, "tls": {
+    # plaintext SWIM (no key), so that c can join the membership and TLS alone must keep it out
+    clear = {"plaintext": True, "encryption_keys": []}
+    mutual = {**clear, "tls": {**server, "client": {"cert_file": str(cert),
+                                                    "key_file": str(key)}}}  # fmt: skip
+    one_way = {**clear, "tls": {
         "cert_file": str(own_cert), "key_file": str(own_key), "ca_file": str(cert)}}  # fmt: skip
     async with Agent(agent_config(tmp_path, "a", with_api=False, gossip=mutual)) as a:
         cfg_b = agent_config(tmp_path, "b", [seed_addr(a)], with_api=False, gossip=mutual)

@@ -9,7 +9,7 @@ import pytest
 from agent_helpers import agent_config, seed_addr, wait_for
 
 from corrosion import Agent
-from corrosion.subscriptions import Subscription
+from corrosion.subscriptions import Subscription, normalize_sql
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +75,46 @@ def test_rows_without_keys_are_identified_by_content():
     keyed = Subscription("y", "", (), ["k", "v"], {"kv"}, [0])
     keyed.load([("a", 1)])
     assert [(e.kind, e.rowid) for e in keyed.diff([("a", 1.0)])] == [("update", 1)]
+
+
+async def test_query_hash_is_the_normalised_sql_not_the_subscription_id(tmp_path):
+    """corro-query-hash: the same normalised SQL (and parameters) gives the same hash, on any
+    agent; two spellings of it share one subscription; other SQL or parameters differ."""
+
+    async def open_sub(client: httpx.AsyncClient, statement) -> tuple[str, str]:
+        async with client.stream("POST", "/v1/subscriptions", json=statement) as resp:
+            assert resp.status_code == 200
+            return resp.headers["corro-query-id"], resp.headers["corro-query-hash"]
+
+    async with Agent(agent_config(tmp_path, "h1")) as a, Agent(agent_config(tmp_path, "h2")) as b:
+        urls = [f"http://{h}:{p}" for h, p in (a.api_addrs[0], b.api_addrs[0])]
+        async with (
+            httpx.AsyncClient(base_url=urls[0], timeout=30) as ca,
+            httpx.AsyncClient(base_url=urls[1], timeout=30) as cb,
+        ):
+            sid, h = await open_sub(ca, "SELECT k, v FROM kv WHERE v > 1")
+            assert h != sid and len(h) == 32
+            respelled = "SELECT k,v\n  FROM kv -- the same query\n WHERE v>1 ;"
+            assert await open_sub(ca, respelled) == (sid, h)  # shared
+            other_id, other_hash = await open_sub(cb, respelled)
+            assert other_hash == h and other_id != sid  # another agent, the same hash
+            different = [
+                "SELECT k, v FROM kv WHERE v > 2",
+                "select k, v from kv where v > 1",  # keyword case shows in column names
+                ["SELECT k, v FROM kv WHERE v > ?", [1]],
+                ["SELECT k, v FROM kv WHERE v > ?", [2]],
+                "SELECT k, v FROM kv WHERE v > 1 AND k != 'a  b'",
+                "SELECT k, v FROM kv WHERE v > 1 AND k != 'a b'",
+            ]
+            hashes = {h} | {(await open_sub(ca, s))[1] for s in different}
+            assert len(hashes) == 1 + len(different)
+
+
+def test_normalize_sql_keeps_what_changes_the_meaning():
+    assert normalize_sql("SELECT  a.b ,c\n/* x */FROM t -- y\n;;") == "SELECT a.b,c FROM t"
+    assert normalize_sql("SELECT a.b, c FROM t") == "SELECT a.b,c FROM t"
+    # a blob literal is not a column aliased by a string; 1e3 is not 1 aliased e3
+    assert normalize_sql("SELECT x'00'") != normalize_sql("SELECT x '00'")
+    assert normalize_sql("SELECT 1e3") != normalize_sql("SELECT 1 e3")
+    assert normalize_sql("SELECT 'a  -- b'") == "SELECT 'a  -- b'"
+    assert normalize_sql('SELECT "a  b" FROM [t  u]') == 'SELECT "a  b" FROM [t  u]'

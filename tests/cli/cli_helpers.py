@@ -20,6 +20,9 @@ from typer.testing import CliRunner
 from corrosion import Agent, Config
 from corrosion.cli import app
 
+# a gossip key, as every agent needs one (or gossip.plaintext = true)
+TEST_KEY = "Y29ycm9zaW9uIHRlc3Qga2V5OiAzMiBieXRlcyAhISE="
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS todos (
     id INTEGER NOT NULL PRIMARY KEY, title TEXT NOT NULL DEFAULT '', done INTEGER DEFAULT 0,
@@ -49,7 +52,12 @@ def node_mapping(base: Path, name: str, seeds: list[str] | None = None, **sectio
     data: dict[str, Any] = {
         "db": {"path": str(base / name / "state.db"), "schema_paths": [str(write_schema(base))]},
         "api": {"addr": "127.0.0.1:0"},
-        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds or [], "preset": "local"},
+        "gossip": {
+            "addr": "127.0.0.1:0",
+            "bootstrap": seeds or [],
+            "preset": "local",
+            "encryption_keys": [TEST_KEY],
+        },
         "perf": {"min_sync_backoff": 0.2, "max_sync_backoff": 1.0},
         "admin": {"path": str(base / f"{name}.sock")},
     }
@@ -113,11 +121,12 @@ async def rows(agent: Agent, sql: str, params: Any = ()) -> list[tuple]:
     return [r async for r in agent.query(sql, params)]
 
 
-async def cli(*args: str) -> Any:
-    """Run the CLI (typer's CliRunner) in a worker thread; returns the click Result."""
+async def cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    """Run the CLI (typer's CliRunner) in a worker thread, with ``env`` added to the
+    environment; returns the click Result."""
     runner = CliRunner()
     return await anyio.to_thread.run_sync(
-        lambda: runner.invoke(app, list(args), catch_exceptions=False)
+        lambda: runner.invoke(app, list(args), catch_exceptions=False, env=env)
     )
 
 

@@ -79,12 +79,15 @@ async def test_commands_answer_on_both_backends(base, anyio_backend):
             "members": 0,
             "p99_lag": 0.0,
             "queue_size": 0,
+            "pending_schema": {"versions": 0, "missing": {}},
+            "not_in_schema": [],
         }
         await agent.execute(["INSERT INTO todos (id) VALUES (1)"])
         state = await ask(sock, "sync generate")
         assert state["actor_id"] == agent.actor_id.hex()
         assert state["heads"] == {agent.actor_id.hex(): 1}
-        assert await ask(sock, "cluster members") == []
+        (own,) = await ask(sock, "cluster members")
+        assert (own["actor_id"], own["self"], own["state"]) == (agent.actor_id.hex(), True, "alive")
     assert not sock.exists()  # removed on close
 
 
@@ -196,13 +199,21 @@ async def test_cli_cluster_members_and_sync_generate(base):
             "INCARNATION",
         ]
         listed = {line.split()[0]: line.split() for line in lines[1:]}
-        assert set(listed) == {b.actor_id.hex(), c.actor_id.hex()}
+        assert set(listed) == {a.actor_id.hex(), b.actor_id.hex(), c.actor_id.hex()}
+        assert lines[1].split()[0] == a.actor_id.hex()  # this node first, marked
+        own = listed[a.actor_id.hex()]
+        assert own[1:4] == [gossip_of(a), gossip_of(a), "alive"] and own[-1] == "(self)"
         assert listed[b.actor_id.hex()][1] == gossip_of(b)
         assert listed[b.actor_id.hex()][3] == "alive"
+        assert len(listed[b.actor_id.hex()]) == 5  # not marked
 
         result = await cli("--admin-path", sock, "cluster", "members", "--json")
         members = json.loads(result.stdout)
-        assert {m["actor_id"] for m in members} == {b.actor_id.hex(), c.actor_id.hex()}
+        assert {m["actor_id"]: m["self"] for m in members} == {
+            a.actor_id.hex(): True,
+            b.actor_id.hex(): False,
+            c.actor_id.hex(): False,
+        }
 
         result = await cli("sync", "generate", "--admin-path", sock)
         assert result.exit_code == 0
@@ -229,12 +240,13 @@ async def test_cli_reload_applies_schema_changes(base):
         await agent.execute(["INSERT INTO notes (id, body) VALUES (1, 'hi')"])
         assert await rows(agent, "SELECT body FROM notes") == [("hi",)]
 
-        # dropping a table loses data: refused unless asked for
+        # a table the files no longer list is kept and reported; dropping it needs the flag
         write_schema(base, SCHEMA)
         result = await cli("reload", "--admin-path", sock)
-        assert result.exit_code == 1
-        assert result.stderr.startswith("error: ")
+        assert result.exit_code == 0, result.output
+        assert "left alone (--allow-destructive drops it): notes" in result.stdout
         assert await rows(agent, "SELECT body FROM notes") == [("hi",)]
+        assert agent.not_in_schema == ["notes"]
         result = await cli("reload", "--allow-destructive", "--admin-path", sock)
         assert result.exit_code == 0, result.output
         tables = await rows(agent, "SELECT name FROM sqlite_schema WHERE name = 'notes'")

@@ -90,6 +90,30 @@ async def test_failures_exit_non_zero_with_the_servers_error(node):
     assert await rows(node, "SELECT count(*) FROM todos") == [(0,)]
 
 
+async def test_exec_refuses_schema_changes_and_both_take_a_timeout(node):
+    addr = api_of(node)
+    result = await cli("--api-addr", addr, "exec", "CREATE TABLE local_only (a)")
+    assert result.exit_code == 1
+    assert "CREATE TABLE local_only is not allowed" in result.stderr
+    assert "corrosion reload" in result.stderr
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    result = await cli("--api-addr", addr, "query", "--timeout", "0.2", slow)
+    assert result.exit_code == 1 and "timeout of 0.2 s" in result.stderr
+    result = await cli(
+        "--api-addr", addr, "exec", "--timeout", "0.2",
+        f"INSERT INTO todos (id, title) SELECT 1, ({slow})",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "timeout of 0.2 s" in result.stderr
+    assert await rows(node, "SELECT count(*) FROM todos") == [(0,)]
+    result = await cli(
+        "--api-addr", addr, "exec", "--timeout", "0", "INSERT INTO todos (id) VALUES (1)"
+    )
+    assert result.exit_code == 0, result.output
+
+
 async def test_bearer_token_comes_from_the_config(secured):
     agent, config = secured
     result = await cli("-c", str(config), "exec", "INSERT INTO todos (id) VALUES (7)")
@@ -102,6 +126,31 @@ async def test_bearer_token_comes_from_the_config(secured):
     )
     assert result.exit_code == 1
     assert "unauthorized" in result.stderr
+
+
+async def test_token_flag_and_environment_variable(secured):
+    agent, config = secured
+    elsewhere = ["-c", str(config.parent / "absent.toml"), "--api-addr", api_of(agent)]
+    result = await cli(*elsewhere, "exec", "INSERT INTO todos (id) VALUES (8)", "--token", "s3cret")
+    assert result.exit_code == 0, result.output
+    result = await cli(
+        *elsewhere, "query", "SELECT id FROM todos", env={"CORROSION_TOKEN": "s3cret"}
+    )
+    assert (result.exit_code, result.stdout) == (0, "8\n")
+    # a wrong token, from the flag (over the config's right one) or the environment: one line
+    for args, env in [
+        (["-c", str(config), "--token", "wrong"], None),
+        (elsewhere, {"CORROSION_TOKEN": "wrong"}),
+    ]:
+        result = await cli(*args, "query", "SELECT id FROM todos", env=env)
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr.startswith("error: unauthorized: the agent at http://127.0.0.1:")
+        assert "refused the bearer token (pass --token, set CORROSION_TOKEN" in result.stderr
+        assert result.stderr.count("\n") == 1
+    result = await cli(*elsewhere, "exec", "DELETE FROM todos")
+    assert result.stderr.startswith("error: unauthorized: the agent at ")
+    assert "requires a bearer token" in result.stderr
+    assert await rows(agent, "SELECT id FROM todos") == [(8,)]
 
 
 async def test_python_client_streams_rows(node):

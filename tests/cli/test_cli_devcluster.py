@@ -30,13 +30,21 @@ def test_devcluster_command_prints_what_a_newcomer_needs():
         out = result.stdout
         assert "Starting 3 corrosion agent(s)" in out
         assert "CREATE TABLE IF NOT EXISTS todos" in out
+        assert "Gossip: encrypted with a key generated for this run" in out
         assert "Membership: all 3 nodes see each other" in out
         assert "Demo: n1 wrote todo #1 'hello from n1'" in out
+        assert "\nDemo write reached 3 of 3 nodes.\n" in out  # what the fresh-install smoke checks
+        keys = set()
         for name in ("n1", "n2", "n3"):
             assert re.search(rf"^  {name}  \d+\.\d{{3}}s$", out, re.M), out
             cfg = Config.load(base / name / "config.toml")
             assert cfg.db.path == base.resolve() / name / "state.db"
             assert cfg.admin_path is not None and cfg.prometheus_addr is not None
+            # secure out of the box: one generated gossip key shared by the nodes, no warning
+            assert not cfg.gossip.plaintext and len(cfg.gossip.encryption_keys) == 1
+            keys.add(cfg.gossip.encryption_keys[0])
+        assert len(keys) == 1
+        assert "WARNING" not in result.stderr
         apis = re.findall(r"http://127\.0\.0\.1:(\d+) ", out)
         assert len(set(apis)) >= 3
         assert "curl -s -X POST http://127.0.0.1:" in out

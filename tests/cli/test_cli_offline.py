@@ -3,11 +3,15 @@ key (before anything is created or bound), unreachable agents, output formatting
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
+
 import pytest
 from cli_helpers import node_mapping, short_tmp, write_config
 from typer.testing import CliRunner
 
-from corrosion.cli import app, format_cell, hoist_global_options
+from corrosion.cli import app, format_cell, hoist_global_options, run_async
 from corrosion.client import base_url, statement
 
 runner = CliRunner()
@@ -42,6 +46,13 @@ def test_global_options_are_accepted_after_the_subcommand():
         "-cfile",
         "cluster",
         "members",
+    ]
+    assert hoist_global_options(["query", "S", "--token", "t", "--token=u"]) == [
+        "--token",
+        "t",
+        "--token=u",
+        "query",
+        "S",
     ]
     # nothing after "--" moves
     assert hoist_global_options(["exec", "--", "--api-addr"]) == ["exec", "--", "--api-addr"]
@@ -158,3 +169,18 @@ def test_help_lists_every_command():
     for name in ("agent", "exec", "query", "cluster", "sync", "reload", "backup", "restore"):
         assert name in result.stdout
     assert "devcluster" in result.stdout
+
+
+def test_without_uvloop_the_cli_runs_on_asyncio_quietly(monkeypatch, caplog):
+    """uvloop is the optional `fast` extra: without it, one DEBUG line, and an error raised later
+    is reported on its own, not "during handling of" uvloop's ImportError."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if the extra were not installed
+
+    async def fails():
+        raise RuntimeError(type(asyncio.get_running_loop()).__module__)
+
+    with caplog.at_level(logging.DEBUG, logger="corrosion"), pytest.raises(RuntimeError) as info:
+        run_async(fails)
+    assert str(info.value).startswith("asyncio")  # the default loop, not uvloop's
+    assert info.value.__context__ is None
+    assert [r.levelname for r in caplog.records if "uvloop" in r.getMessage()] == ["DEBUG"]

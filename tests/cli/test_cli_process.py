@@ -4,6 +4,7 @@ socket and metrics, replicates with another agent, logs JSON, and leaves the clu
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -44,10 +45,10 @@ async def run(*args: str) -> subprocess.CompletedProcess:
 class Proc:
     """A background process with its output in files (no pipe to fill up), always reaped."""
 
-    def __init__(self, args: list[str], out_dir: Path) -> None:
+    def __init__(self, args: list[str], out_dir: Path, env: dict[str, str] | None = None) -> None:
         self.out_path, self.err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=ENV)
+            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=env or ENV)
 
     def stdout(self) -> str:
         return self.out_path.read_text(errors="replace")
@@ -96,7 +97,7 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
                 return False
 
             await wait_for(is_up, what="the agent process to start")
-            assert started["level"] == "INFO" and started["target"] == "corrosion"
+            assert started["level"] == "INFO" and started["target"] == "corrosion.agent"
             api, gossip = started["api_addrs"][0], started["gossip_addr"]
 
             result = await run(
@@ -123,7 +124,10 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
                 await wait_for(replicated_back, what="b's write on the agent process")
                 result = await run("cluster", "members", "--json", "-c", str(cfg))
                 members = json.loads(result.stdout)
-                assert [m["actor_id"] for m in members] == [b.actor_id.hex()]
+                assert [(m["actor_id"], m["self"]) for m in members] == [
+                    (started["actor_id"], True),
+                    (b.actor_id.hex(), False),
+                ]
 
                 host, port = started["metrics_addr"].split(":")
                 async with httpx.AsyncClient(timeout=30) as client:
@@ -174,3 +178,50 @@ async def test_devcluster_process_stops_on_ctrl_c():
             assert not data_dir.exists()  # the temporary data dir is removed
         finally:
             proc.kill()
+
+
+async def test_a_minimal_config_needs_a_key_or_plaintext():
+    """A user's first config (db.path and gossip.addr only) fails in one line that names the
+    key and the remedy; with a key from ``corrosion keygen`` the agent starts; with
+    ``plaintext = true`` it starts and warns once."""
+    with short_tmp() as base:
+        minimal = f'[db]\npath = "{base}/state.db"\n\n[gossip]\naddr = "127.0.0.1:0"\n'
+        cfg = base / "config.toml"
+        cfg.write_text(minimal)
+        result = await run("agent", "-c", str(cfg))
+        assert result.returncode == 1
+        assert result.stderr.decode() == (
+            "error: invalid config: gossip.encryption_keys: required, or gossip.plaintext = "
+            "true to let anything that reaches the gossip port join and write; generate a key "
+            "with `corrosion keygen`\n"
+        )
+        assert not (base / "state.db").exists()
+
+        keys = [(await run("keygen")).stdout.decode().strip() for _ in range(2)]
+        assert keys[0] != keys[1] and all(
+            len(base64.b64decode(k, validate=True)) == 32 for k in keys
+        )
+        for extra, warning in [
+            (f"encryption_keys = [{json.dumps(keys[0])}]\n", None),
+            ("plaintext = true\n", "gossip.plaintext = true: gossip on 127.0.0.1:0 is not "),
+        ]:
+            cfg.write_text(minimal + extra + '\n[log]\nformat = "json"\n')
+            proc = Proc([*corrosion_cmd(), "-c", str(cfg), "agent"], base)
+            try:
+                await wait_for(
+                    lambda proc=proc: (
+                        proc.p.poll() is not None
+                        or any(r["msg"] == "agent started" for r in json_logs(proc.stderr()))
+                    ),
+                    what="the agent to start",
+                )
+                assert proc.p.poll() is None, proc.stderr()
+                proc.p.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0, proc.stderr()
+            finally:
+                proc.kill()
+            warned = [r["msg"] for r in json_logs(proc.stderr()) if r["level"] == "WARNING"]
+            if warning is None:
+                assert warned == []
+            else:
+                assert len(warned) == 1 and warned[0].startswith(warning)

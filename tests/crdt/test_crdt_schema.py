@@ -6,7 +6,7 @@ import pytest
 
 import crdt
 from crdt import SchemaError
-from crdt.schema import apply_schema, load_schema_paths
+from crdt.schema import apply_schema, load_schema_paths, reconcile_schema
 
 BASE = """
 CREATE TABLE IF NOT EXISTS machines (
@@ -202,3 +202,75 @@ def test_schema_paths(tmp_path):
     assert sorted(names) == ["a", "b"]
     with pytest.raises(SchemaError, match="does not exist"):
         load_schema_paths([tmp_path / "missing"])
+
+
+# The same table as BASE, written differently: quoting, case, spacing, IF NOT EXISTS.
+BASE_RESTATED = """
+create table "machines"(
+  id text not null primary key,   app TEXT NOT NULL DEFAULT '',
+  state TEXT);
+CREATE INDEX "machines_app" ON Machines ( app );
+"""
+
+
+def test_a_definition_repeated_identically_is_a_no_op():
+    conn = crdt.connect()
+    assert apply_schema(conn, BASE + ";" + BASE_RESTATED) == [
+        "created table machines",
+        "created index machines_app",
+    ]
+    conn.execute("INSERT INTO machines (id, app) VALUES ('m1', 'web')")
+    before = dump(conn)
+    assert apply_schema(conn, BASE + ";" + BASE_RESTATED) == []
+    assert apply_schema(conn, BASE) == []  # the first definition is the one kept
+    assert dump(conn) == before
+    assert apply_schema(conn, BASE_RESTATED.split("CREATE INDEX")[0]) == [
+        "dropped index machines_app"
+    ]
+    assert apply_schema(conn, BASE_RESTATED + ";" + BASE) == ["created index machines_app"]
+    assert apply_schema(conn, BASE_RESTATED + ";" + BASE) == []
+    assert conn.execute("SELECT * FROM machines").fetchall() == [("m1", "web", None)]
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (
+            "CREATE TABLE machines (id TEXT NOT NULL PRIMARY KEY, app TEXT, state TEXT)",
+            "table 'machines' is defined twice in the schema, differently",
+        ),
+        (
+            "CREATE TABLE IF NOT EXISTS machines (id TEXT NOT NULL PRIMARY KEY, app TEXT)",
+            "table 'machines' is defined twice in the schema, differently",
+        ),
+        (
+            "CREATE INDEX machines_app ON machines (state)",
+            "index 'machines_app' is defined twice in the schema, differently",
+        ),
+    ],
+)
+def test_a_definition_repeated_differently_is_refused(second, message):
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    before = dump(conn)
+    with pytest.raises(SchemaError, match=message):
+        apply_schema(conn, BASE + ";" + second)
+    assert dump(conn) == before
+
+
+def test_reconcile_keeps_tables_the_schema_does_not_list():
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    conn.execute("CREATE TABLE local_only (k TEXT PRIMARY KEY, v TEXT)")
+    conn.execute("INSERT INTO local_only VALUES ('a', 'b')")
+    other = "CREATE TABLE other (k TEXT NOT NULL PRIMARY KEY)"
+    outcome = reconcile_schema(conn, other)
+    assert outcome.changes == ["created table other"]
+    assert outcome.unlisted == ["machines", "local_only"]
+    assert conn.execute("SELECT * FROM local_only").fetchall() == [("a", "b")]
+    assert reconcile_schema(conn, BASE + ";" + other).unlisted == ["local_only"]
+    # other destructive changes are still refused
+    with pytest.raises(SchemaError, match="would be dropped"):
+        reconcile_schema(conn, BASE.replace(",\n    state TEXT", "") + ";" + other)
+    outcome = reconcile_schema(conn, BASE + ";" + other, allow_destructive=True)
+    assert outcome.changes == ["dropped table local_only"] and outcome.unlisted == []

@@ -20,6 +20,8 @@ from orchestrator.publish import MACHINES_SCHEMA
 
 pytestmark = pytest.mark.anyio
 
+GOSSIP_KEY = "b3JjaGVzdHJhdG9yIGUyZTogYSBnb3NzaXAga2V5ISE="  # the agents' shared key (32 bytes)
+
 
 @pytest.fixture
 def anyio_backend():
@@ -34,7 +36,12 @@ def config(base: Path, name: str, seeds: list[str], **sections) -> Config:
     paths = [] if "orchestrator" in sections else [str(schema)]
     data = {
         "db": {"path": str(base / name / "state.db"), "schema_paths": paths},
-        "gossip": {"addr": "127.0.0.1:0", "bootstrap": seeds, "preset": "local"},
+        "gossip": {
+            "addr": "127.0.0.1:0",
+            "bootstrap": seeds,
+            "preset": "local",
+            "encryption_keys": [GOSSIP_KEY],
+        },
         "perf": {"min_sync_backoff": 0.2, "max_sync_backoff": 1.0},
         "api": {"addr": "127.0.0.1:0"},
         **sections,

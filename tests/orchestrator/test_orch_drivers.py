@@ -3,6 +3,7 @@ containers; runc tests skip with a reason where runc, root or busybox-static is 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -20,6 +21,8 @@ from orchestrator.drivers import (
     RuncDriver,
     runc_available,
 )
+from orchestrator.drivers import runc as runc_module
+from orchestrator.drivers.runc import INIT_PATH
 from orchestrator.ids import IdFactory
 
 pytestmark = pytest.mark.anyio
@@ -86,10 +89,11 @@ async def test_lifecycle_contract(driver):
     assert st.state is InstanceState.RUNNING and st.pid
     with pytest.raises(DriverError):
         await driver.start(s.instance_id)
-    # a PID 1 in a container ignores SIGTERM without a handler: stop escalates after 0.5 s
+    # sleep dies of SIGTERM (runc's tini reports that as 128+15), or, on a runc host without
+    # tini, ignores it as PID 1 and stop escalates after 0.5 s
     exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=0.5)
     assert exit_.requested_stop
-    assert exit_.signal in (signal.SIGTERM, signal.SIGKILL)
+    assert exit_.signal in (signal.SIGTERM, signal.SIGKILL) or exit_.exit_code == 143, exit_
     st = await driver.status(s.instance_id)
     assert st.state is InstanceState.EXITED and st.exit == exit_
     assert await driver.wait(s.instance_id) == exit_  # already exited: returns at once
@@ -201,19 +205,68 @@ async def test_runc_detects_oom_kills(runc_driver):
 
 @needs_runc
 async def test_runc_container_is_isolated_with_a_readonly_image(runc_driver):
-    s = spec(
-        (
-            "sh",
-            "-c",
-            "echo pid=$$ host=$(hostname); touch /x 2>&1 || echo ro; touch /tmp/ok && echo tmp",
-        )
+    script = (
+        "echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline)host=$(hostname); "
+        "touch /x 2>&1 || echo ro; touch /tmp/ok && echo tmp"
     )
-    await runc_driver.create(s)
+    await runc_driver.create(s := spec(("sh", "-c", script)))
     await runc_driver.start(s.instance_id)
     with anyio.fail_after(30):
         assert (await runc_driver.wait(s.instance_id)).exit_code == 0
     out = runc_driver.output(s.instance_id)
-    assert "pid=1 host=m1" in out and "ro" in out and "tmp" in out, out
+    # its own pid namespace, whose PID 1 is the init (or the command itself without one)
+    pid1 = f"{INIT_PATH} -- sh -c " if runc_driver.init else "sh -c "
+    assert f"pid1={pid1}" in out and "host=m1" in out and "ro" in out and "tmp" in out, out
+    # the init's mount point is on the container's /run tmpfs, not in the shared image
+    assert not list((runc_driver.images.path / "busybox" / "rootfs" / "run").iterdir())
+
+
+@needs_runc
+async def test_runc_command_without_a_handler_stops_on_sigterm(runc_driver):
+    """``sleep`` installs no SIGTERM handler: as PID 1 it would ignore SIGTERM until the SIGKILL.
+    Under tini it dies of the SIGTERM itself, which tini reports as exit code 128 + 15; an
+    escalation would have killed tini with SIGKILL (``signal`` 9)."""
+    if runc_driver.init is None:
+        pytest.skip("no static init on this host (apt-get install tini)")
+    s = spec(("sh", "-c", "echo ready; exec sleep 1000"))  # exec: sleep replaces the shell
+    await runc_driver.create(s)
+    await runc_driver.start(s.instance_id)
+    with anyio.fail_after(30):  # ready: tini runs and has forked the command
+        while "ready" not in runc_driver.output(s.instance_id):
+            await anyio.sleep(0.01)
+    exit_ = await runc_driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=120)
+    assert exit_.requested_stop and exit_.signal is None, exit_
+    assert exit_.exit_code == 128 + signal.SIGTERM, exit_
+
+
+async def test_runc_driver_warns_once_without_a_static_init(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(runc_module, "INIT_CANDIDATES", (str(tmp_path / "no-tini-static"),))
+    with caplog.at_level(logging.WARNING, logger=runc_module.__name__):
+        driver = RuncDriver(tmp_path / "runc")
+    assert driver.init is None
+    [record] = caplog.records
+    assert "apt-get install tini" in record.message and "PID 1" in record.message
+
+
+@needs_runc
+async def test_runc_without_an_init_runs_the_command_as_pid_1(tmp_path):
+    """The fallback the docs describe: PID 1 without a handler ignores SIGTERM, so the stop
+    escalates to SIGKILL after its timeout."""
+    driver = RuncDriver(tmp_path / "runc", init=False)
+    try:
+        s = spec(("sh", "-c", "echo pid=$$; exec sleep 1000"))
+        await driver.create(s)
+        await driver.start(s.instance_id)
+        with anyio.fail_after(30):
+            while "pid=1" not in driver.output(s.instance_id):
+                await anyio.sleep(0.01)
+        exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=0.5)
+        assert exit_.requested_stop and exit_.signal == signal.SIGKILL, exit_
+    finally:
+        await driver.destroy_all()
+    (tmp_path / "not-an-init").write_text("#!/bin/sh\n")
+    with pytest.raises(ValueError, match="statically linked"):
+        RuncDriver(tmp_path / "other", init=str(tmp_path / "not-an-init"))
 
 
 @needs_runc
@@ -264,9 +317,10 @@ async def test_sigterm_reaches_a_handler_even_right_after_start(real_driver):
     forwards it, and the program dies of it or handles it — no SIGKILL either way)."""
     driver = real_driver
     script = "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done"
-    # under runc the shell is PID 1: a SIGTERM before its trap exists is dropped by the kernel,
-    # so only the process driver (whose PID 1 is the forwarding supervisor) gets the "at once"
-    cases = (False, True) if isinstance(driver, ProcessDriver) else (True,)
+    # runc's start returns once tini runs the command (its signals blocked until then); without
+    # tini the shell is PID 1 and a SIGTERM before its trap exists is dropped by the kernel
+    at_once = isinstance(driver, ProcessDriver) or getattr(driver, "init", None) is not None
+    cases = (False, True) if at_once else (True,)
     for when_ready in cases:
         s = spec(("sh", "-c", script))
         await driver.create(s)

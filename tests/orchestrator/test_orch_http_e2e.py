@@ -13,6 +13,8 @@ from orch_helpers import free_port
 
 from orchestrator.config import ConfigError, OrchestratorConfig, create_app_from_config
 from orchestrator.drivers import ProcessDriver, RuncDriver, runc_available
+from orchestrator.drivers.images import static_executable
+from orchestrator.drivers.runc import INIT_CANDIDATES
 from orchestrator.publish import MemoryPublisher
 
 pytestmark = pytest.mark.anyio
@@ -45,6 +47,16 @@ DRIVERS = ["process", pytest.param("runc", marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_served_api_runs_real_machines(tmp_path, driver):
+    # sleep has no SIGTERM handler: the process driver's supervisor and runc's tini forward the
+    # stop's SIGTERM and it dies of it (tini reports 128 + 15); without tini, runc runs sleep as
+    # PID 1, which ignores SIGTERM, and the stop ends in SIGKILL after the timeout
+    no_init = driver == "runc" and static_executable(INIT_CANDIDATES) is None
+    if driver == "process":
+        expected_exit = {"signal": 15, "exit_code": None}
+    elif not no_init:
+        expected_exit = {"signal": None, "exit_code": 128 + 15}
+    else:
+        expected_exit = {"signal": 9}
     section = {
         "machines_path": str(tmp_path / "machines"),
         "archive_path": str(tmp_path / "archive"),
@@ -70,7 +82,7 @@ async def test_served_api_runs_real_machines(tmp_path, driver):
                 config = {
                     "image": "busybox",
                     "init": {"exec": ["sh", "-c", "echo up; exec sleep 600"]},
-                    "stop_config": {"timeout": "300ms"},
+                    "stop_config": {"timeout": "300ms" if no_init else "120s"},
                 }
                 r = await client.post(base, json={"config": config})
                 assert r.status_code == 200, r.text
@@ -94,6 +106,9 @@ async def test_served_api_runs_real_machines(tmp_path, driver):
                 stopped = (await client.get(f"{base}/{mid}")).json()
                 exit_event = stopped["events"][0]
                 assert exit_event["status"] == "stopped"
+                exit_ = exit_event["request"]["exit_event"]
+                assert exit_["requested_stop"], exit_
+                assert {k: exit_[k] for k in expected_exit} == expected_exit, exit_
                 r = await client.delete(f"{base}/{mid}")
                 assert r.status_code == 200
                 r = await client.get(

@@ -89,6 +89,7 @@ async def test_skip_launch_then_start_stop(tmp_path):
         await settle(o, mid, "stopped")
         exit_ = o.doc(mid)["last_exit"]
         assert exit_["requested_stop"] and exit_["signal"] == 2
+        assert o.get_machine("app", mid)["events"][0]["request"]["exit_event"] == exit_
         assert (await o.start_machine("app", mid))["previous_state"] == "stopped"
         await settle(o, mid, "started")
 
@@ -217,10 +218,11 @@ async def test_update_replaces_the_instance(tmp_path):
         old = o.doc(mid)["instance_id"]
         new_cfg = config(env={"A": "1"})
         view = await o.update_machine("app", mid, {"config": new_cfg})
-        assert view["id"] == mid
+        assert view["id"] == mid and view["config"]["env"] == {"A": "1"}
         await settle(o, mid, "started")
         doc = o.doc(mid)
         assert doc["instance_id"] != old and doc["config"]["env"] == {"A": "1"}
+        assert view["instance_id"] == doc["instance_id"]  # the answer names the new instance
         assert old not in driver.instances
         assert driver.instances[doc["instance_id"]].spec.env == {"A": "1"}
         with pytest.raises(InvalidRequestError, match="name"):

@@ -1,0 +1,456 @@
+"""Logging for operators: formats, level filters, and the helpers that keep INFO readable.
+
+The library only emits records through stdlib ``logging`` under per-concept loggers
+(``corrosion.agent``, ``corrosion.members``, ``corrosion.schema``, ``corrosion.sync``,
+``corrosion.apply``, ``corrosion.broadcast``, ``corrosion.admin``, ``orchestrator.engine``, ...);
+an embedding application receives them through its own logging set-up. Only the CLI installs a
+handler (``setup_logging``).
+
+Level filters are strings like ``info`` or ``info,corrosion.sync=debug``: a bare level is the
+default (the root logger), ``name=level`` sets one logger and its children. They come from
+``log.level`` in the config, the ``CORROSION_LOG`` environment variable (which wins), and
+``corrosion log set`` at run time (through the admin socket; ``corrosion log reset`` goes back).
+
+A flood of the same problem (bad changesets from one peer) must not drown the log: ``Throttled``
+writes the first occurrence of each reason at once and then one line per interval with the count.
+``ActivityLog`` turns the replication traffic into one summary line per interval, and no line
+when nothing happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+ENV_VAR = "CORROSION_LOG"
+DEFAULT_LEVEL = "info"
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+# third-party loggers that speak at INFO/DEBUG about every request: quiet unless named
+QUIET = {"uvicorn": logging.WARNING, "hypercorn": logging.WARNING, "httpx": logging.WARNING}
+QUIET_DEBUG = {"httpcore": logging.WARNING, "hpack": logging.WARNING, "h11": logging.WARNING}
+
+members_log = logging.getLogger("corrosion.members")
+sync_log = logging.getLogger("corrosion.sync")
+apply_log = logging.getLogger("corrosion.apply")
+
+
+# -- formats -----------------------------------------------------------------------------------
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    t = time.gmtime(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC), ``level``, ``target`` (the logger), ``msg``, the
+    record's ``fields`` (``extra={"fields": {...}}``) and ``exception`` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "target": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in getattr(record, "fields", {}).items():
+            out.setdefault(k, v)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    """``<ts> <LEVEL> <logger>: <message> key=value ...`` (colored by level on a terminal); the
+    fields the message already shows, empty ones and mappings are left out."""
+
+    COLORS = {"WARNING": "\x1b[33m", "ERROR": "\x1b[31m", "CRITICAL": "\x1b[31m"}
+
+    def __init__(self, colors: bool) -> None:
+        super().__init__()
+        self.colors = colors
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        text = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
+        for k, v in getattr(record, "fields", {}).items():
+            if not v or isinstance(v, dict):  # empty, or detail the message summarises
+                continue
+            value = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+            if value not in message:  # the message already says it
+                text += f" {k}={value}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        color = self.COLORS.get(record.levelname) if self.colors else None
+        return f"{color}{text}\x1b[0m" if color else text
+
+
+# -- levels ------------------------------------------------------------------------------------
+
+
+def parse_levels(spec: str) -> dict[str, int]:
+    """``"info,corrosion.sync=debug"`` → ``{"": INFO, "corrosion.sync": DEBUG}``; ValueError
+    naming the bad part otherwise. The default (``""``, the root logger) is INFO unless given."""
+    if not isinstance(spec, str):
+        raise ValueError(f"expected a level string such as 'info', got {spec!r}")
+    out: dict[str, int] = {"": LEVELS[DEFAULT_LEVEL]}
+    names = ", ".join(k for k in LEVELS if k != "warn")
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, level = part.rpartition("=")
+        name = name.strip()
+        if sep and not name:
+            raise ValueError(f"{part!r}: a logger name is expected before '='")
+        value = LEVELS.get(level.strip().lower())
+        if value is None:
+            raise ValueError(f"unknown level {level.strip()!r} (use one of: {names})")
+        out[name] = value
+    return out
+
+
+class _Levels:
+    """The levels this module set, so that a new filter replaces the old one and ``reset``
+    restores what the start-up filter (or, embedded, the application) had."""
+
+    def __init__(self) -> None:
+        self.original: dict[str, int] = {}  # logger -> its level before we first set it
+        self.startup: str | None = None
+        self.current: str | None = None
+
+    def apply(self, spec: str) -> None:
+        levels = parse_levels(spec)  # raises before anything changes
+        quiet = dict(QUIET)
+        if levels[""] <= logging.DEBUG:
+            quiet.update(QUIET_DEBUG)
+        for name, level in quiet.items():
+            if not any(n == name or n.startswith(name + ".") for n in levels):
+                levels[name] = level
+        for name in self.original:
+            if name not in levels:
+                logging.getLogger(name or None).setLevel(self.original[name])
+        for name, level in levels.items():
+            logger = logging.getLogger(name or None)
+            self.original.setdefault(name, logger.level)
+            logger.setLevel(level)
+        self.current = spec
+
+    def reset(self) -> None:
+        if self.startup is not None:
+            self.apply(self.startup)
+            return
+        for name, level in self.original.items():
+            logging.getLogger(name or None).setLevel(level)
+        self.original.clear()
+        self.current = None
+
+
+_levels = _Levels()
+
+
+def set_levels(spec: str) -> str:
+    """Replace the level filter (``corrosion log set``); returns the filter now in force."""
+    _levels.apply(spec)
+    return spec
+
+
+def reset_levels() -> str | None:
+    """Back to the start-up filter (``corrosion log reset``); returns it (None when the
+    process never set one: the application's own levels are restored)."""
+    _levels.reset()
+    return _levels.current
+
+
+def current_levels() -> str | None:
+    return _levels.current
+
+
+def level_spec(configured: str, env: Mapping[str, str]) -> str:
+    """The filter to start with: ``CORROSION_LOG`` when set, else ``log.level``."""
+    value = env.get(ENV_VAR, "").strip()
+    return value or configured
+
+
+def setup_logging(fmt: str, colors: bool, levels: str = DEFAULT_LEVEL) -> None:
+    """The CLI's logging: one stderr handler in ``fmt`` (``plaintext`` or ``json``) and the level
+    filter ``levels`` (ValueError when invalid, before anything changes)."""
+    parse_levels(levels)
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(PlainFormatter(colors and sys.stderr.isatty()))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    _levels.apply(levels)
+    _levels.startup = levels
+
+
+# -- throttling --------------------------------------------------------------------------------
+
+
+class _Seen:
+    __slots__ = ("args", "at", "fields", "msg", "repeats")
+
+    def __init__(self, at: float, msg: str, args: tuple, fields: dict[str, Any]) -> None:
+        self.at = at
+        self.repeats = 0
+        self.msg, self.args, self.fields = msg, args, fields
+
+
+class Throttled:
+    """Writes the first record of each ``key`` at once; repeats within ``interval`` seconds are
+    counted and reported in one line when the interval is over (at the next occurrence or at
+    ``flush``). At most ``max_keys`` keys are remembered (the oldest are forgotten)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        level: int = logging.WARNING,
+        max_keys: int = 256,
+    ) -> None:
+        self.logger, self.interval, self.clock = logger, interval, clock
+        self.level = level
+        self.max_keys = max_keys
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
+
+    def log(self, key: str, msg: str, *args: Any, fields: dict[str, Any] | None = None) -> None:
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen.at < self.interval:
+            seen.repeats += 1
+            seen.args, seen.fields = args, fields or {}
+            return
+        repeats = seen.repeats if seen is not None else 0
+        self._seen[key] = _Seen(now, msg, args, fields or {})
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        self._emit(msg, args, fields or {}, repeats)
+
+    def flush(self) -> None:
+        """Report the repeats of every key whose interval is over; forget quiet keys."""
+        now = self.clock()
+        for key, seen in list(self._seen.items()):
+            if now - seen.at < self.interval:
+                continue
+            if seen.repeats:
+                self._emit(seen.msg, seen.args, seen.fields, seen.repeats)
+                seen.at, seen.repeats = now, 0
+            else:
+                del self._seen[key]
+
+    def _emit(self, msg: str, args: tuple, fields: dict[str, Any], repeats: int) -> None:
+        if not self.logger.isEnabledFor(self.level):
+            return
+        if repeats:
+            msg += f" (and {repeats} more like it in the last {self.interval:g}s)"
+            fields = {**fields, "repeats": repeats}
+        self.logger.log(self.level, msg, *args, extra={"fields": fields})
+
+
+# -- replication activity ----------------------------------------------------------------------
+
+
+class ActivityLog:
+    """What replication did over one interval, logged by ``tick`` as one ``sync summary`` line
+    on ``corrosion.sync`` (none when nothing moved), and rejected or malformed input logged on
+    ``corrosion.apply`` through a ``Throttled``."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.rejections = Throttled(apply_log, interval, clock)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sessions = 0
+        self.failed: dict[str, int] = {}
+        self.pulled: dict[str, int] = {}
+        self.served_sessions = 0
+        self.served: dict[str, int] = {}
+        self.applied_versions = 0
+        self.applied_rows = 0
+        self.committed = 0
+
+    def local_commit(self) -> None:
+        """A local transaction committed a version (it goes out by broadcast)."""
+        self.committed += 1
+
+    def sync_session(self, peer: str, pulled: int, ok: bool) -> None:
+        """One sync this node asked ``peer`` for: ``pulled`` changesets came back."""
+        self.sessions += 1
+        if pulled:
+            self.pulled[peer] = self.pulled.get(peer, 0) + pulled
+        if not ok:
+            self.failed[peer] = self.failed.get(peer, 0) + 1
+
+    def sync_served(self, peer: str, sent: int) -> None:
+        """One sync this node answered: ``sent`` changesets went to ``peer``."""
+        self.served_sessions += 1
+        if sent:
+            self.served[peer] = self.served.get(peer, 0) + sent
+
+    def applied(self, versions: int, rows: int) -> None:
+        self.applied_versions += versions
+        self.applied_rows += rows
+
+    def rejected(self, actor: bytes, version: int, reason: str) -> None:
+        self.rejections.log(
+            f"rejected:{reason}",
+            "changeset rejected: %s (version %d of actor %s)",
+            reason,
+            version,
+            actor.hex(),
+            fields={"actor_id": actor.hex(), "version": version, "reason": reason},
+        )
+
+    def malformed(self, peer: str, reason: str) -> None:
+        self.rejections.log(
+            f"malformed:{peer}:{reason}",
+            "malformed frame from %s dropped: %s",
+            peer,
+            reason,
+            fields={"peer": peer, "reason": reason},
+        )
+
+    def summary(self) -> tuple[str, dict[str, Any]] | None:
+        """The summary line and its fields, or None when nothing moved."""
+        pulled, served = sum(self.pulled.values()), sum(self.served.values())
+        if not (pulled or served or self.applied_versions or self.failed or self.committed):
+            return None
+        parts = [f"{self.committed} local versions committed"]
+        parts.append(f"{self.applied_versions} remote versions applied ({self.applied_rows} rows)")
+        syncs = f"{self.sessions} syncs asked"
+        if self.failed:
+            syncs += f", {sum(self.failed.values())} failed ({_per_peer(self.failed)})"
+        if pulled:
+            syncs += f", {pulled} changesets pulled ({_per_peer(self.pulled)})"
+        parts.append(syncs)
+        answered = f"{self.served_sessions} syncs answered"
+        if served:
+            answered += f", {served} changesets sent ({_per_peer(self.served)})"
+        parts.append(answered)
+        fields = {
+            "committed": self.committed,
+            "sessions": self.sessions,
+            "pulled": pulled,
+            "pulled_from": dict(sorted(self.pulled.items())),
+            "failed": dict(sorted(self.failed.items())),
+            "served_sessions": self.served_sessions,
+            "served": served,
+            "served_to": dict(sorted(self.served.items())),
+            "applied_versions": self.applied_versions,
+            "applied_rows": self.applied_rows,
+        }
+        return "; ".join(parts), fields
+
+    def tick(self) -> None:
+        """End of an interval: log the summary (if anything moved) and the throttled repeats."""
+        line = self.summary()
+        self._reset()
+        if line is not None:
+            fields = line[1]
+            sync_log.info(
+                "sync summary (%gs): %s", self.interval, line[0], extra={"fields": fields}
+            )
+        self.rejections.flush()
+
+
+def _per_peer(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{peer}={n}" for peer, n in sorted(counts.items()))
+
+
+def describe_frame(data: bytes) -> str:
+    """A changeset frame's actor, version and seqs (for DEBUG lines), read without decoding it."""
+    from . import changeset as cs
+
+    header = cs.peek_changeset(data)
+    if header is not None:
+        actor, version, start, end = header
+        return f"changeset {actor.hex()}:{version} seqs {start}..{end} ({len(data)} bytes)"
+    names = {cs.K_EMPTY: "empty versions", cs.K_DIGEST: "digest", cs.K_SYNC_DONE: "sync done"}
+    try:
+        kind = cs.decode_frame(data)[0]
+    except cs.FrameError:
+        return f"malformed frame ({len(data)} bytes)"
+    return f"{names.get(kind, f'frame kind {kind}')} ({len(data)} bytes)"
+
+
+def frame_error(data: bytes) -> str:
+    """Why a frame was dropped as malformed (decoded again: malformed frames are rare)."""
+    from .changeset import FrameError, decode_frame
+
+    try:
+        decode_frame(data)
+    except FrameError as exc:
+        return str(exc)
+    return "unexpected frame kind"
+
+
+# -- membership --------------------------------------------------------------------------------
+
+
+def log_member_event(ev: Any, describe: Callable[[Any], tuple[str, str]]) -> None:
+    """One line on ``corrosion.members`` for a SWIM notification (``describe(member)`` gives its
+    actor id and address)."""
+    import swim
+
+    if isinstance(ev, swim.MemberRenamed):
+        actor, addr = describe(ev.new)
+        members_log.info(
+            "member restarted: %s is now actor %s",
+            addr,
+            actor,
+            extra={"fields": {"addr": addr, "actor_id": actor, "old": describe(ev.old)[0]}},
+        )
+        return
+    if isinstance(ev, swim.IdentityRenewed):
+        members_log.warning(
+            "this node was declared down by the cluster and rejoined with a new identity"
+        )
+        return
+    member = getattr(ev, "member", None)
+    if member is None:
+        return
+    if isinstance(ev, swim.MemberUp):
+        what, level = "member joined", logging.INFO
+    elif isinstance(ev, swim.MemberSuspect):
+        what, level = "member suspected", logging.INFO
+    elif isinstance(ev, swim.MemberAlive):
+        what, level = "member alive again", logging.INFO
+    elif isinstance(ev, swim.MemberDown):
+        left = member.state == swim.State.LEFT
+        what, level = ("member left" if left else "member down"), logging.INFO
+    elif isinstance(ev, swim.MemberUpdated):
+        what, level = "member updated", logging.DEBUG
+    else:
+        return
+    if not members_log.isEnabledFor(level):
+        return
+    actor, addr = describe(member)
+    members_log.log(
+        level,
+        "%s: %s (actor %s)",
+        what,
+        addr,
+        actor or "?",
+        extra={"fields": {"addr": addr, "actor_id": actor, "incarnation": member.incarnation}},
+    )

@@ -1,0 +1,128 @@
+"""Start-up failures an operator can fix, said in one line: the cause and what to do.
+
+The agent wraps each listener it binds in ``listening(key, addr)``, so a port in use names the
+config key that chose it; ``explain`` turns the expected failures (a port in use, a database
+held by another agent or not writable, a schema the database cannot take, an admin socket in
+use) into that line. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import apsw
+
+from crdt.errors import CrdtError
+
+from .config import Address, ConfigError, format_addr
+from .dblock import DatabaseInUse
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+class ListenError(OSError):
+    """A configured address could not be bound; the message names the key and the remedy."""
+
+
+_LISTEN_REMEDIES = {
+    errno.EADDRINUSE: "another process listens there: stop it or choose another port",
+    errno.EADDRNOTAVAIL: "no local interface has that address: use one of this host's addresses",
+    errno.EACCES: "ports below 1024 need privileges: choose a port above 1023",
+}
+
+
+@contextlib.contextmanager
+def listening(key: str, addr: Address) -> Iterator[None]:
+    """Turn an OSError raised while binding ``addr`` into a ``ListenError`` naming ``key``."""
+    try:
+        yield
+    except ListenError:
+        raise
+    except OSError as exc:
+        code = _errno(exc)
+        reason = (
+            "address already in use" if code == errno.EADDRINUSE else (exc.strerror or str(exc))
+        )
+        remedy = _LISTEN_REMEDIES.get(code, f"check {key}")
+        message = f"{key}: cannot listen on {format_addr(addr)}: {reason}; {remedy}"
+        raise ListenError(code, message) from None
+
+
+def check_addresses(cfg: Config) -> None:
+    """Bind (and release) every configured fixed port, so that a port in use fails start-up
+    before the database is touched (``ListenError``). Port 0 is left to the agent."""
+    checks = [("gossip.addr", cfg.gossip.addr, socket.SOCK_DGRAM)]
+    checks.append(("gossip.addr", cfg.gossip.addr, socket.SOCK_STREAM))
+    checks += [("api.addr", a, socket.SOCK_STREAM) for a in cfg.api.addrs]
+    if cfg.prometheus_addr is not None:
+        checks.append(("telemetry.prometheus.addr", cfg.prometheus_addr, socket.SOCK_STREAM))
+    for key, (host, port), kind in checks:
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=kind)
+        except OSError:
+            continue  # a name that does not resolve: the agent's own bind reports it
+        family, _, _, _, sockaddr = infos[0]
+        with listening(key, (host, port)), socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:  # as the listeners do: TIME_WAIT is no conflict
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+
+
+def _errno(exc: OSError) -> int | None:
+    if exc.errno is not None:
+        return exc.errno
+    # some event loops drop the errno (uvloop: "could not bind to local_addr ...")
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return _errno(cause)
+    return errno.EADDRINUSE if "bind" in str(exc) else None
+
+
+def explain(exc: BaseException, cfg: Config) -> str | None:
+    """The one line for an expected start-up failure, or None for anything else (a bug)."""
+    db = str(cfg.db.path)
+    if isinstance(exc, ListenError):
+        return exc.strerror
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, DatabaseInUse):
+        return f"{exc}: stop that agent first, or give this one another db.path"
+    if isinstance(exc, PermissionError):
+        where = exc.filename or db
+        return (
+            f"permission denied on {where}: the agent needs to create and write files in the "
+            f"directory of db.path ({db}); fix its owner/mode or run as a user that can"
+        )
+    if isinstance(exc, apsw.ReadOnlyError | apsw.CantOpenError | apsw.PermissionsError):
+        return (
+            f"database {db} cannot be opened for writing ({exc}): the agent needs write access "
+            "to the file and to its directory (for the WAL files)"
+        )
+    if isinstance(exc, apsw.NotADBError | apsw.CorruptError):
+        return f"database {db} is not a usable SQLite database ({exc}): check db.path"
+    if isinstance(exc, apsw.BusyError | apsw.LockedError):
+        return (
+            f"database {db} is locked by another process ({exc}): close whatever holds it "
+            "(a sqlite3 shell in a write transaction?) and start again"
+        )
+    if isinstance(exc, CrdtError):
+        return f"schema (db.schema_paths) cannot be applied: {exc}"
+    if isinstance(exc, ValueError) and str(exc).startswith("admin.path"):
+        if "another agent" in str(exc):
+            return f"{exc}: stop that agent first, or set another admin.path"
+        return f"{exc}: move it away, or set another admin.path"
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.strerror or exc}: {exc.filename}: check the paths in the config"
+    if isinstance(exc, ssl.SSLError):
+        return f"gossip.tls: {exc}: check the certificate and key files"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.ENOTDIR):
+        return f"{exc}: check db.path ({db})"
+    return None

@@ -1,0 +1,19 @@
+-- The orchestrator's replicated table: one row per machine, written only by the worker that runs
+-- it. Include this file in db.schema_paths on every node, orchestrator or not, so machine rows
+-- apply everywhere (find its path with: python -m orchestrator schema-path).
+-- A CRR: non-null primary key, no unique index, a default on every NOT NULL column.
+CREATE TABLE machines (
+    id TEXT NOT NULL PRIMARY KEY,
+    app TEXT NOT NULL DEFAULT '',
+    worker TEXT NOT NULL DEFAULT '',
+    region TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT '',
+    instance_id TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL DEFAULT '',
+    cordoned INTEGER NOT NULL DEFAULT 0,
+    checks TEXT NOT NULL DEFAULT '[]',
+    services TEXT NOT NULL DEFAULT '[]',
+    updated_at INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX machines_app_state ON machines (app, state);
+CREATE INDEX machines_worker ON machines (worker);
