@@ -98,6 +98,12 @@ async def _serve_uvicorn(
         try:
             await server._serve([sock])
         finally:
+            # Cancelled before uvicorn's own shutdown, asyncio still watches the listener:
+            # stop that before the socket closes, or the selector keeps the dead descriptor
+            # registered and a later listener given the same number is never polled (the next
+            # agent in this process would accept connections and never answer them).
+            for listener in server.servers:
+                listener.close()
             sock.close()
             # Cancelled with its task group while responses still stream (subscriptions,
             # updates): uvicorn runs them outside the task group, so end their connections

@@ -91,8 +91,9 @@ def test_runtime_dependencies_cover_the_core_imports() -> None:
     only_in_extras = {
         module for module in third_party_imports() if not distributions_of(module) & runtime
     }
-    # uvloop: optional event loop; matplotlib: simulations.plot; hypothesis: simulations.strategies
-    assert only_in_extras <= {"uvloop", "matplotlib", "hypothesis"}, (
+    # uvloop: optional event loop; matplotlib: simulations.plot; hypothesis: simulations.strategies;
+    # hypercorn: corrosion.asgi_server serving HTTP on trio (the trio extra)
+    assert only_in_extras <= {"uvloop", "matplotlib", "hypothesis", "hypercorn"}, (
         f"imported but only in an extra: {sorted(only_in_extras)}; a module every user runs "
         "needs it in [project] dependencies (or list it here, with the module that needs it)"
     )

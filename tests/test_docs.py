@@ -12,6 +12,9 @@ The convention, for everyone writing docs:
   write a file (``config.toml``) that a later block of the same document uses. Python blocks run
   with this interpreter as a subprocess, shell blocks with ``bash -e``, each with a timeout and
   with this interpreter's ``bin`` directory first on ``PATH`` (``python3``, ``corrosion``).
+- The fixed loopback ports the docs show (``127.0.0.1:8080``, ``127.0.0.1:8787``) are replaced,
+  consistently within a document, by free ones, so that a busy port on the machine cannot fail
+  a document that is right.
 - A block must leave no process behind: whatever still runs in the document's directory
   afterwards is killed and fails the test.
 
@@ -26,6 +29,7 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +45,8 @@ RUN_LANGUAGES = {"python": "python", "sh": "sh", "bash": "sh", "shell": "sh"}
 MISTAKEN_LANGUAGES = {"py", "py3", "python3", "zsh", "console-run"}
 NO_RUN = "no-run"
 BLOCK_TIMEOUT = 300.0  # seconds; generous for a loaded 2-core machine
+
+DOC_ADDRESS = re.compile(r"\b(?P<host>127\.0\.0\.1|localhost):(?P<port>8080|8787)\b")
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 
@@ -120,9 +126,27 @@ def _processes_using(directory: Path) -> list[int]:
     return found
 
 
-def _run(block: Block, workdir: Path, scripts: Path) -> subprocess.CompletedProcess[str]:
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _with_free_ports(source: str, ports: dict[str, int]) -> str:
+    """``source`` with each documented fixed port replaced by this document's free one."""
+
+    def swap(m: re.Match[str]) -> str:
+        port = ports.setdefault(m["port"], _unused_port())
+        return f"{m['host']}:{port}"
+
+    return DOC_ADDRESS.sub(swap, source)
+
+
+def _run(
+    block: Block, workdir: Path, scripts: Path, ports: dict[str, int]
+) -> subprocess.CompletedProcess[str]:
     script = scripts / f"line{block.line}.{'py' if block.language == 'python' else 'sh'}"
-    script.write_text(block.source)
+    script.write_text(_with_free_ports(block.source, ports))
     if RUN_LANGUAGES[block.language] == "python":
         argv = [sys.executable, str(script)]
     else:
@@ -169,10 +193,11 @@ def test_doc_code_blocks_run(doc: Path, tmp_path: Path) -> None:
     workdir, scripts = tmp_path / "work", tmp_path / "scripts"
     workdir.mkdir()
     scripts.mkdir()
+    ports: dict[str, int] = {}
     with _docs_lock():
         for block in blocks:
             try:
-                result = _run(block, workdir, scripts)
+                result = _run(block, workdir, scripts, ports)
             finally:
                 leftover = _processes_using(tmp_path)
                 for pid in leftover:

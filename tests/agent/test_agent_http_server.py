@@ -116,3 +116,15 @@ async def test_api_on_trio_without_hypercorn_is_refused_clearly(tmp_path, monkey
     with pytest.raises(RuntimeError, match=r"needs hypercorn: pip install 'corrosion\[trio\]'"):
         await agent.start()
     assert agent.api_addrs == []
+
+
+async def test_agents_started_one_after_another_in_one_process_all_answer(tmp_path):
+    """An embedding application may stop an agent and start another (a restart, tests): the
+    first listener's descriptor is reused by the next, which must still be polled."""
+    config = agent_config(tmp_path, "again")
+    for _ in range(3):
+        async with Agent(config) as agent:
+            host, port = agent.api_addrs[0]
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+                r = await client.get("/v1/health")
+                assert r.status_code == 200, r.text
