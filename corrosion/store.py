@@ -283,6 +283,7 @@ class Store:
                     t0 = time.perf_counter()
                     try:
                         cursor = conn.cursor()
+                        counted = _DirectChanges(cursor)
                         self.guard.statement(cursor)
                         cursor.execute(sql, params, prepare_flags=CLIENT_PREPARE_FLAGS)
                         for _ in cursor:
@@ -298,7 +299,7 @@ class Store:
                         raise StatementError(i, str(exc)) from None
                     if conn.get_autocommit():
                         raise StatementError(i, "transaction control statements are not allowed")
-                    results.append(StatementResult(conn.changes(), time.perf_counter() - t0))
+                    results.append(StatementResult(counted.total(), time.perf_counter() - t0))
             commit = None
             if state.pending != -1:
                 changes = [
@@ -560,6 +561,33 @@ class Store:
         return self.conn.execute(
             "SELECT actor_id, address, state, meta FROM __corro_members ORDER BY updated_at DESC"
         ).fetchall()
+
+
+class _DirectChanges:
+    """The rows a client's SQL text changed itself. SQLite's ``changes()`` is the count of the
+    last completed write, so after a ``SELECT`` it still holds an earlier write's; count it only
+    after each statement that writes (its direct rows: the CRR triggers' are excluded)."""
+
+    def __init__(self, cursor: apsw.Cursor) -> None:
+        self._conn = cursor.connection
+        self._rows = 0
+        self._writing = False  # the statement running now is not read-only
+        cursor.exec_trace = self._started  # chained behind the guard's (sqlguard)
+
+    def _started(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        self._count_finished()
+        self._writing = not cursor.is_readonly
+        return True
+
+    def _count_finished(self) -> None:
+        if self._writing:
+            self._rows += self._conn.changes()
+            self._writing = False
+
+    def total(self) -> int:
+        """Call once the text has run to its end."""
+        self._count_finished()
+        return self._rows
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -79,6 +79,28 @@ async def test_every_statement_form(node):
     assert resp.json()["version"] is None
 
 
+async def test_reads_in_a_transaction_affect_no_rows(node):
+    """SQLite's changes() keeps the last write's count through a SELECT; the answer must not."""
+    agent, client = node
+    await agent.execute([["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", i]] for i in range(5)])
+    resp = await client.post("/v1/transactions", json=["SELECT 1"])
+    assert [r["rows_affected"] for r in resp.json()["results"]] == [0]
+    resp = await client.post(
+        "/v1/transactions",
+        json=[
+            "DELETE FROM kv WHERE v >= 2",
+            "SELECT count(*) FROM kv",
+            "UPDATE kv SET n = 1",
+            "DELETE FROM kv WHERE k = 'none'",
+            # one text, several statements: the writes' own rows, the read's none
+            "UPDATE kv SET n = 2 WHERE v = 0; SELECT 1; UPDATE kv SET n = 3",
+        ],
+    )
+    assert resp.status_code == 200, resp.text
+    # the CRR triggers' clock rows are not counted, as in SQLite's changes()
+    assert [r["rows_affected"] for r in resp.json()["results"]] == [3, 0, 2, 0, 3]
+
+
 async def test_failing_statement_rolls_back_everything(node):
     agent, client = node
     resp = await client.post(
