@@ -44,6 +44,12 @@ def listening(key: str, addr: Address) -> Iterator[None]:
         yield
     except ListenError:
         raise
+    except socket.gaierror as exc:
+        message = (
+            f"{key}: cannot resolve the host of {format_addr(addr)}: {exc.strerror or exc}; "
+            "use an IP address or a host name this machine resolves"
+        )
+        raise ListenError(exc.errno, message) from None
     except OSError as exc:
         code = _errno(exc)
         reason = (
@@ -55,20 +61,19 @@ def listening(key: str, addr: Address) -> Iterator[None]:
 
 
 def check_addresses(cfg: Config) -> None:
-    """Bind (and release) every configured fixed port, so that a port in use fails start-up
-    before the database is touched (``ListenError``). Port 0 is left to the agent."""
+    """Resolve every configured address and bind (and release) every fixed port, so that a
+    host that does not resolve or a port in use fails start-up before the database is touched
+    (``ListenError``). Binding port 0 is left to the agent."""
     checks = [("gossip.addr", cfg.gossip.addr, socket.SOCK_DGRAM)]
     checks.append(("gossip.addr", cfg.gossip.addr, socket.SOCK_STREAM))
     checks += [("api.addr", a, socket.SOCK_STREAM) for a in cfg.api.addrs]
     if cfg.prometheus_addr is not None:
         checks.append(("telemetry.prometheus.addr", cfg.prometheus_addr, socket.SOCK_STREAM))
     for key, (host, port), kind in checks:
+        with listening(key, (host, port)):
+            infos = socket.getaddrinfo(host, port, type=kind)
         if port == 0:
             continue
-        try:
-            infos = socket.getaddrinfo(host, port, type=kind)
-        except OSError:
-            continue  # a name that does not resolve: the agent's own bind reports it
         family, _, _, _, sockaddr = infos[0]
         with listening(key, (host, port)), socket.socket(family, kind) as probe:
             if kind == socket.SOCK_STREAM:  # as the listeners do: TIME_WAIT is no conflict

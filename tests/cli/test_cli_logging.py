@@ -79,6 +79,14 @@ def _api_in_use(base: Path, data: dict, stack: list) -> None:
     data["api"]["addr"] = port_of(stack[-1])
 
 
+def _api_host_unknown(base: Path, data: dict, stack: list) -> None:
+    data["api"]["addr"] = "nosuchhost.invalid:28080"  # .invalid never resolves (RFC 2606)
+
+
+def _gossip_host_unknown_port_0(base: Path, data: dict, stack: list) -> None:
+    data["gossip"]["addr"] = "nosuchhost.invalid:0"
+
+
 def _metrics_in_use(base: Path, data: dict, stack: list) -> None:
     stack.append(held_port(socket.SOCK_STREAM))
     data["telemetry"] = {"prometheus": {"addr": port_of(stack[-1])}}
@@ -90,6 +98,14 @@ CASES: dict[str, tuple[Callable[[Path, dict, list], None], list[str]]] = {
     "log.level": (_bad_level, ["log.level", "unknown level 'loud'"]),
     "gossip port in use": (_gossip_in_use, ["gossip.addr", "already in use", "another port"]),
     "api port in use": (_api_in_use, ["api.addr", "already in use", "another port"]),
+    "api host unknown": (
+        _api_host_unknown,
+        ["api.addr", "nosuchhost.invalid:28080", "cannot resolve", "IP address"],
+    ),
+    "gossip host unknown, port 0": (
+        _gossip_host_unknown_port_0,
+        ["gossip.addr", "nosuchhost.invalid:0", "cannot resolve"],
+    ),
     "metrics port in use": (
         _metrics_in_use,
         ["telemetry.prometheus.addr", "already in use", "another port"],
@@ -118,7 +134,8 @@ async def test_config_and_port_failures_are_one_line(case):
             for sock in held:
                 sock.close()
         assert_one_line(code, lines, *expected)
-        assert not (base / "a" / "state.db").exists()  # refused before the database was made
+        # refused before the database (or its lock file) was made
+        assert not list((base / "a").glob("state.db*"))
 
 
 async def test_invalid_environment_level_is_one_line():
