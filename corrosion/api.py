@@ -8,11 +8,12 @@
                            [cells]]}``..., ``{"eoq": {"time"}}`` (or ``{"error"}``); a write,
                            ATTACH or a writing PRAGMA is refused with 400; ``?timeout=``
 ``GET  /v1/health``        ``{"response": {"gaps", "members", "p99_lag", "queue_size",
-                           "pending_schema": {"versions", "missing"}, "not_in_schema"}}``; the
+                           "pending_schema": {"versions", "missing"}, "not_in_schema",
+                           "failed"}}``; the
                            thresholds ``gaps``, ``max_queue``, ``p99_lag`` (seconds; with
                            ``queue_size``, only while the queue is longer too),
                            ``pending_schema`` (kept versions) answer ``failure_status`` (default
-                           503) when exceeded
+                           503) when exceeded, listed in ``"failed"``; other parameters: 400
 ``POST /v1/table_stats``   ``{"tables": [...]}`` → ``{"total_row_count", "invalid_tables"}``
 ``GET  /v1/cluster/members``  membership as JSON (our addition)
 
@@ -78,6 +79,12 @@ def _row_json(row: tuple) -> str:
     if "Infinity" in text or "NaN" in text:  # not JSON: send non-finite reals as strings
         text = json.dumps([_cell(v) for v in row])
     return text
+
+
+# /v1/health's query parameters: the thresholds and the status answered when one is exceeded
+HEALTH_PARAMETERS = frozenset(
+    {"gaps", "max_queue", "p99_lag", "queue_size", "pending_schema", "failure_status"}
+)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -266,6 +273,13 @@ def routes(agent: Agent) -> list[BaseRoute]:
             "pending_schema": pending.to_json(),
             "not_in_schema": list(agent.not_in_schema),
         }
+        unknown = sorted(set(q) - HEALTH_PARAMETERS)
+        if unknown:
+            return _error(
+                400,
+                f"unknown health parameter {unknown[0]!r}: the known ones are "
+                + ", ".join(sorted(HEALTH_PARAMETERS)),
+            )
         try:
             failure = int(q.get("failure_status", 503))
             max_gaps = int(q["gaps"]) if "gaps" in q else None
@@ -278,13 +292,18 @@ def routes(agent: Agent) -> list[BaseRoute]:
         # as corrosion: a lagging node is unhealthy only while its queue is also long (when
         # queue_size is given), so a burst it is working through does not fail the check
         lagging = max_lag is not None and lag > max_lag and (lag_queue is None or queue > lag_queue)
-        unhealthy = (
-            (max_gaps is not None and gaps > max_gaps)
-            or (max_queue_n is not None and queue > max_queue_n)
-            or (max_pending is not None and pending.versions > max_pending)
-            or lagging
-        )
-        return JSONResponse({"response": response}, status_code=failure if unhealthy else 200)
+        failed = []  # each threshold exceeded, with the value that exceeded it
+        if max_gaps is not None and gaps > max_gaps:
+            failed.append(f"gaps: {gaps} > {max_gaps}")
+        if max_queue_n is not None and queue > max_queue_n:
+            failed.append(f"max_queue: queue_size {queue} > {max_queue_n}")
+        if max_pending is not None and pending.versions > max_pending:
+            failed.append(f"pending_schema: {pending.versions} > {max_pending}")
+        if lagging:
+            while_queued = "" if lag_queue is None else f" while queue_size {queue} > {lag_queue}"
+            failed.append(f"p99_lag: {lag:g} > {max_lag:g}{while_queued}")
+        response["failed"] = failed
+        return JSONResponse({"response": response}, status_code=failure if failed else 200)
 
     async def members(request: Request) -> Response:
         return JSONResponse([m.to_json() for m in agent.members()])

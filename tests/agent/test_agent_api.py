@@ -174,18 +174,30 @@ async def test_health_members_and_table_stats(node):
             "queue_size": 0,
             "pending_schema": {"versions": 0, "missing": {}},
             "not_in_schema": [],
+            "failed": [],
         }
     }
     agent.store.bookie.get(b"\x01" * 16).held.add(5, 5)  # versions 1..4 are now gaps
-    assert (await client.get("/v1/health?gaps=3")).status_code == 503
+    resp = await client.get("/v1/health?gaps=3")
+    assert resp.status_code == 503
+    assert resp.json()["response"]["failed"] == ["gaps: 4 > 3"]
     assert (await client.get("/v1/health?gaps=4")).status_code == 200
     assert (await client.get("/v1/health?gaps=0&failure_status=500")).status_code == 500
     assert (await client.get("/v1/health?gaps=x")).status_code == 400
+    # a misspelled threshold is refused, not ignored
+    resp = await client.get("/v1/health?gapz=0")
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert "'gapz'" in error
+    for known in ("gaps", "max_queue", "p99_lag", "queue_size", "pending_schema", "failure_status"):
+        assert known in error
     # a version committed 30 s ago at its origin and applied now: 30 s of lag
     agent.lag.record(time.time(), int((time.time() - 30) * 1000) << 16)
     lag = (await client.get("/v1/health")).json()["response"]["p99_lag"]
     assert 29 < lag < 60
-    assert (await client.get("/v1/health?p99_lag=10")).status_code == 503
+    resp = await client.get("/v1/health?p99_lag=10&gaps=4")
+    assert resp.status_code == 503
+    assert resp.json()["response"]["failed"] == [f"p99_lag: {lag:g} > 10"]
     assert (await client.get("/v1/health?p99_lag=100")).status_code == 200
     # with queue_size, lag alone is not unhealthy while the queue is short
     assert (await client.get("/v1/health?p99_lag=10&queue_size=5")).status_code == 200
