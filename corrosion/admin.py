@@ -25,6 +25,7 @@ closed. Nothing a client sends can stop the agent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -56,7 +57,10 @@ class AdminError(Exception):
 
 
 class AdminUnavailable(OSError):
-    """No agent answers on the admin socket."""
+    """No agent answers on the admin socket; ``str()`` is the message alone (no errno)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 # -- server ------------------------------------------------------------------------------------
@@ -246,8 +250,12 @@ def admin_request(
         try:
             sock.connect(os.fspath(path))
         except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                reason += " (is the agent running?)"  # no socket, or one left by a dead agent
+            where = os.path.abspath(path)
             raise AdminUnavailable(
-                exc.errno, f"no agent answers on the admin socket {os.fspath(path)!r}: {exc}"
+                exc.errno, f"no agent answers on the admin socket {where!r}: {reason}"
             ) from None
         sock.sendall(request)
         buf = bytearray()

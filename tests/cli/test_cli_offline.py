@@ -4,6 +4,7 @@ key (before anything is created or bound), unreachable agents, output formatting
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -118,6 +119,15 @@ def test_client_commands_explain_what_is_missing(base):
     result = invoke("cluster", "members", "--admin-path", str(base / "none.sock"))
     assert result.exit_code == 1
     assert "no agent answers on the admin socket" in result.stderr
+
+    # a relative path is shown absolute, the errno not at all, with the hint: one clean line
+    with contextlib.chdir(base):
+        result = invoke("cluster", "members", "--admin-path", "none.sock")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: no agent answers on the admin socket {str(base / 'none.sock')!r}: "
+        "No such file or directory (is the agent running?)\n"
+    )
 
     result = invoke("--admin-path", str(base / "none.sock"), "sync", "generate")
     assert result.exit_code == 1
