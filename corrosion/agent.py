@@ -53,7 +53,7 @@ from .replication import (
     encode_meta,
     peer_address,
 )
-from .sqlguard import Deadline, Guard, guard_of
+from .sqlguard import NOT_READONLY, Deadline, Guard, guard_of
 from .startup import listening
 from .statements import parse_statements
 from .store import (
@@ -988,9 +988,9 @@ class Agent:
                     conn.execute("SELECT 1 FROM sqlite_schema LIMIT 0")
                     cursor.execute(sql, params, can_cache=False)
                 except apsw.ExecTraceAbort:
-                    raise QueryError("statement is not readonly") from None
+                    raise QueryError(NOT_READONLY) from None
                 except apsw.ReadOnlyError:
-                    raise QueryError("statement is not readonly") from None
+                    raise QueryError(NOT_READONLY) from None
                 except apsw.Error as exc:
                     raise failed(exc, client_error=True) from None
                 finally:

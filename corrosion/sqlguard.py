@@ -167,7 +167,8 @@ _DDL = {
 _WRITES = {apsw.SQLITE_INSERT: "INSERT", apsw.SQLITE_UPDATE: "UPDATE", apsw.SQLITE_DELETE: "DELETE"}
 _SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master"})
 
-NOT_READONLY = "statement is not readonly"  # corrosion's words for a write sent as a query
+# A write sent as a query: corrosion's words first (clients may match them), then the remedy.
+NOT_READONLY = "statement is not readonly: writes go through POST /v1/transactions (corrosion exec)"
 
 
 class Refused(Exception):

@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 import apsw
 
-from .sqlguard import Deadline, guard_of
+from .sqlguard import NOT_READONLY, Deadline, guard_of
 
 KEEP_CHANGES = 500
 DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
@@ -141,7 +141,7 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
         conn.authorizer = guard
         cursor.exec_trace = None
     if not info.get("readonly", False):
-        raise SubscriptionError("statement is not readonly")
+        raise SubscriptionError(NOT_READONLY)
     full = info["full"]
     columns = [d[0] for d in full]
     identity: list[int] | None = []

@@ -154,7 +154,10 @@ async def test_queries_refuse_writes_and_bad_sql(node):
     ]:
         resp = await client.post("/v1/queries", json=write)
         assert resp.status_code == 400, write
-        assert resp.json() == {"error": "statement is not readonly"}
+        assert resp.json() == {
+            "error": "statement is not readonly: writes go through POST /v1/transactions "
+            "(corrosion exec)"
+        }
     assert await rows(agent, "SELECT count(*) FROM kv") == [(0,)]
     resp = await client.post("/v1/queries", json="SELECT * FROM missing")
     assert resp.status_code == 400 and "no such table" in resp.json()["error"]

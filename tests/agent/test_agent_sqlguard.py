@@ -244,16 +244,20 @@ async def test_dml_on_replicated_tables_still_works(tmp_path):
         assert changed == [(1,), (2,)]
 
 
+NOT_READONLY = "statement is not readonly"
+WRITE_IN_A_QUERY = (
+    "statement is not readonly: writes go through POST /v1/transactions (corrosion exec)"
+)
 REFUSED_QUERIES: list[tuple[str, str]] = [
     ("ATTACH DATABASE '{tmp}/attached.db' AS other", "ATTACH"),
-    ("VACUUM INTO '{tmp}/copy.db'", "statement is not readonly"),  # SQLite: it writes
+    ("VACUUM INTO '{tmp}/copy.db'", NOT_READONLY),  # SQLite: it writes
     ("PRAGMA foreign_keys = OFF", "PRAGMA foreign_keys = OFF"),
     ("PRAGMA case_sensitive_like = ON", "PRAGMA case_sensitive_like"),
     ("BEGIN", "not allowed in a query"),
     ("SAVEPOINT s", "not allowed in a query"),
     ("SELECT crsql_as_crr('kv')", "crsql_as_crr()"),
-    ("INSERT INTO kv (k) VALUES ('x')", "statement is not readonly"),
-    ("CREATE TABLE z (a)", "statement is not readonly"),
+    ("INSERT INTO kv (k) VALUES ('x')", NOT_READONLY),
+    ("CREATE TABLE z (a)", NOT_READONLY),
 ]
 
 
@@ -268,8 +272,12 @@ async def test_refused_query(tmp_path, sql, says):
             resp = await client.post("/v1/queries", json=sql)
             assert resp.status_code == 400, resp.text
             assert says in resp.json()["error"]
+            if says == NOT_READONLY:  # corrosion's words first, then what to do instead
+                assert resp.json()["error"] == WRITE_IN_A_QUERY
             resp = await client.post("/v1/subscriptions", json=sql)
             assert resp.status_code == 400, resp.text
+            if says == NOT_READONLY:
+                assert resp.json()["error"] == WRITE_IN_A_QUERY
             # the pooled read connections are as they were: reads work, foreign keys still on
             resp = await client.post("/v1/queries", json="PRAGMA foreign_keys")
             assert resp.status_code == 200 and '"row":[1,[0]]' in resp.text.replace(" ", "")

@@ -82,7 +82,8 @@ async def test_failures_exit_non_zero_with_the_servers_error(node):
     assert "no such table: nope" in result.stderr
     result = await cli("--api-addr", addr, "query", "DELETE FROM todos")
     assert result.exit_code == 1
-    assert "not readonly" in result.stderr
+    assert "statement is not readonly: writes go through POST /v1/transactions" in result.stderr
+    assert "(corrosion exec)" in result.stderr
     result = await cli("--api-addr", addr, "query", "SELEC 1")
     assert result.exit_code == 1
     assert "syntax error" in result.stderr
