@@ -53,7 +53,7 @@ from .replication import (
     encode_meta,
     peer_address,
 )
-from .sqlguard import NOT_READONLY, Deadline, Guard, guard_of
+from .sqlguard import NOT_READONLY, Deadline, Guard, client_timeout, guard_of
 from .startup import listening
 from .statements import parse_statements
 from .store import (
@@ -964,7 +964,7 @@ class Agent:
             def failed(exc: apsw.Error, *, client_error: bool) -> QueryError:
                 if deadline.expired:
                     return QueryTimeout(
-                        deadline.message("the query") + " (?timeout= sets it, 0 for none)"
+                        deadline.message("the query", client_timeout("api.query_timeout"))
                     )
                 refused = guard.refused(exc)
                 if refused is not None:

@@ -423,8 +423,18 @@ class Deadline:
         if self.seconds is not None:
             self.conn.set_progress_handler(None, id=_DEADLINE_ID)
 
-    def message(self, what: str) -> str:
-        return f"{what} did not finish within its timeout of {self.seconds:g} s and was interrupted"
+    def message(self, what: str, set_by: str) -> str:
+        """``set_by``: where the limit comes from (``client_timeout(key)`` for a client's)."""
+        return (
+            f"{what} did not finish within its timeout of {self.seconds:g} s and was "
+            f"interrupted ({set_by}; 0 for none)"
+        )
+
+
+def client_timeout(config_key: str) -> str:
+    """Where a client's limit comes from, for ``Deadline.message``: the same words whether the
+    client used the HTTP API or the CLI."""
+    return f"the timeout parameter sets it: ?timeout= or --timeout, default {config_key}"
 
 
 def parse_timeout(value: str | None, default: float | None) -> float | None:

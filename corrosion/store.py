@@ -41,7 +41,7 @@ from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
 from .pending_schema import PendingSummary, SchemaView
 from .ranges import RangeSet
-from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard
+from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard, client_timeout
 
 SCHEMA_VERSION = 1
 
@@ -290,8 +290,11 @@ class Store:
                             pass  # rows of RETURNING are not part of the answer, as corrosion
                     except apsw.Error as exc:
                         if deadline.expired:
+                            limit = client_timeout("api.transaction_timeout")
                             raise StatementTimeout(
-                                i, deadline.message("the transaction") + "; nothing was applied"
+                                i,
+                                deadline.message("the transaction", limit)
+                                + "; nothing was applied",
                             ) from None
                         refused = self.guard.refused(exc)
                         if refused is not None:

@@ -305,7 +305,9 @@ class Subscriptions:
                         sub.load(conn.execute(sql, params).fetchall())
                     except apsw.Error:
                         if deadline.expired:
-                            raise SubscriptionError(deadline.message("the query")) from None
+                            raise SubscriptionError(
+                                deadline.message("the query", "api.query_timeout sets it")
+                            ) from None
                         raise
                 return sub
             except apsw.Error as exc:

@@ -307,7 +307,11 @@ async def test_query_timeout(tmp_path):
         async with _client(agent) as client:
             resp = await client.post("/v1/queries?timeout=0.2", json=SLOW)
             assert resp.status_code == 500
-            assert "timeout of 0.2 s" in resp.json()["error"]
+            assert resp.json()["error"] == (
+                "the query did not finish within its timeout of 0.2 s and was interrupted (the "
+                "timeout parameter sets it: ?timeout= or --timeout, default api.query_timeout; "
+                "0 for none)"
+            )
             for bad in ("abc", "-1", "inf", "nan"):
                 resp = await client.post(f"/v1/queries?timeout={bad}", json="SELECT 1")
                 assert resp.status_code == 400 and "timeout" in resp.json()["error"], bad
@@ -331,6 +335,7 @@ async def test_query_timeout_default_comes_from_config(tmp_path):
         assert resp.status_code == 500 and "timeout of 0.2 s" in resp.json()["error"]
         resp = await client.post("/v1/subscriptions", json=SLOW)
         assert resp.status_code == 400 and "timeout of 0.2 s" in resp.json()["error"]
+        assert "(api.query_timeout sets it; 0 for none)" in resp.json()["error"]
 
 
 async def test_timed_out_transaction_changes_nothing(tmp_path):

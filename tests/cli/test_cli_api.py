@@ -101,13 +101,17 @@ async def test_exec_refuses_schema_changes_and_both_take_a_timeout(node):
         "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
         "SELECT count(*) FROM c"
     )
+    # the message names the CLI's option as well as the HTTP parameter
+    hint = "the timeout parameter sets it: ?timeout= or --timeout, default api.{}_timeout"
     result = await cli("--api-addr", addr, "query", "--timeout", "0.2", slow)
     assert result.exit_code == 1 and "timeout of 0.2 s" in result.stderr
+    assert hint.format("query") in result.stderr
     result = await cli(
         "--api-addr", addr, "exec", "--timeout", "0.2",
         f"INSERT INTO todos (id, title) SELECT 1, ({slow})",
     )  # fmt: skip
     assert result.exit_code == 1 and "timeout of 0.2 s" in result.stderr
+    assert hint.format("transaction") in result.stderr
     assert await rows(node, "SELECT count(*) FROM todos") == [(0,)]
     result = await cli(
         "--api-addr", addr, "exec", "--timeout", "0", "INSERT INTO todos (id) VALUES (1)"
