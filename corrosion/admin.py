@@ -38,6 +38,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteStream, TaskGroup
 
+from crdt.errors import CrdtError
+
+from .config import ConfigError
 from .logs import parse_levels, reset_levels, set_levels
 
 if TYPE_CHECKING:
@@ -156,7 +159,7 @@ async def _answer(agent: Agent, line: bytes) -> bytes:
     try:
         request = _parse(line)
         result = await _run(agent, request)
-    except _BadRequest as exc:
+    except (_BadRequest, CrdtError, ConfigError) as exc:  # the operator's to fix: said plainly
         return _reply_error(str(exc))
     except Exception as exc:  # a failing command must not take the socket down
         return _reply_error(f"{type(exc).__name__}: {exc}")

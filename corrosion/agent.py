@@ -33,6 +33,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 import crdt
 import crdt.tableinfo
 import swim
+from crdt.errors import SchemaError
 from crdt.schema import load_schema_paths
 
 from .changeset import Changeset
@@ -53,6 +54,7 @@ from .replication import (
     encode_meta,
     peer_address,
 )
+from .schema_errors import for_operator
 from .sqlguard import NOT_READONLY, Deadline, Guard, client_timeout, guard_of
 from .startup import listening
 from .statements import parse_statements
@@ -1046,9 +1048,12 @@ class Agent:
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
-            reload = await anyio.to_thread.run_sync(
-                lambda: store.reload_schema(sql, allow_destructive=allow_destructive)
-            )
+            try:
+                reload = await anyio.to_thread.run_sync(
+                    lambda: store.reload_schema(sql, allow_destructive=allow_destructive)
+                )
+            except SchemaError as exc:  # name the file, and the CLI flag
+                raise for_operator(exc, paths) from None
             self._schema_reloaded(reload)
         applied = reload.applied
         if applied.changes:

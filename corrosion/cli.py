@@ -264,16 +264,23 @@ def preflight(cfg: Config) -> None:
     """Checks that need the filesystem, done before anything is opened or bound."""
     import apsw
 
+    from crdt.errors import SchemaError
     from crdt.schema import check_crr_constraints, load_schema_paths, parse_schema
+
+    from .schema_errors import for_operator
 
     problem = gossip_security_error(cfg.gossip)
     if problem is not None:
         raise CliError(f"invalid config: {problem}")
-    try:
+    try:  # the config names the files: a path that is missing or unreadable is its error
         sql = load_schema_paths(list(cfg.db.schema_paths))
-        check_crr_constraints(parse_schema(sql), sql)
     except (apsw.Error, OSError, ValueError) as exc:
         raise CliError(f"invalid config: db.schema_paths: {exc}") from None
+    try:  # what the files say is the schema's error
+        check_crr_constraints(parse_schema(sql), sql)
+    except (apsw.Error, ValueError) as exc:
+        said = for_operator(exc, cfg.db.schema_paths) if isinstance(exc, SchemaError) else exc
+        raise CliError(f"schema (db.schema_paths): {said}") from None
     if cfg.admin_path is not None and len(str(cfg.admin_path).encode()) > MAX_SOCKET_PATH:
         raise CliError(f"invalid config: admin.path: longer than {MAX_SOCKET_PATH} bytes")
     if database_in_use(cfg.db.path):

@@ -25,6 +25,7 @@ from .connection import (
 )
 from .errors import (
     CrdtError,
+    DestructiveChangeRefused,
     IncompatibleTableError,
     MergeError,
     PackError,
@@ -37,6 +38,7 @@ __all__ = [
     "Change",
     "Connection",
     "CrdtError",
+    "DestructiveChangeRefused",
     "IncompatibleTableError",
     "MergeError",
     "PackError",

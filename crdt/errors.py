@@ -28,3 +28,17 @@ class MergeError(CrdtError):
 
 class SchemaError(CrdtError):
     """A schema file is invalid, or applying it would lose data without ``allow_destructive``."""
+
+    def __init__(self, message: str, statement: str | None = None) -> None:
+        super().__init__(message)
+        self.statement = statement  # the schema statement at fault, when it is one
+
+
+class DestructiveChangeRefused(SchemaError):
+    """Applying the schema would lose data (``what``), and ``allow_destructive`` was not set."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what}; this loses data, so it is refused unless applied with allow_destructive=True"
+        )
+        self.what = what

@@ -39,7 +39,7 @@ import apsw
 
 from . import crr
 from .connection import state_of
-from .errors import SchemaError
+from .errors import DestructiveChangeRefused, SchemaError
 from .sqlutil import ident, idents
 from .tableinfo import IncompatibleTableError, check_compatible, is_crr, read_table_info
 
@@ -173,13 +173,16 @@ def split_statements(sql: str) -> list[str]:
 
 def _check_statement(text: str) -> None:
     if _TEMP.match(text):
-        raise SchemaError(f"temporary tables are not part of a schema: {text[:80]}")
+        raise SchemaError(f"temporary tables are not part of a schema: {text[:80]}", text)
     if _AS_SELECT.match(text):
-        raise SchemaError(f"CREATE TABLE ... AS SELECT is not allowed in a schema: {text[:80]}")
+        raise SchemaError(
+            f"CREATE TABLE ... AS SELECT is not allowed in a schema: {text[:80]}", text
+        )
     if not _ALLOWED.match(text):
         raise SchemaError(
             "a schema may only contain CREATE TABLE, CREATE INDEX and DROP INDEX IF EXISTS, "
-            f"not: {text[:80]}"
+            f"not: {text[:80]}",
+            text,
         )
 
 
@@ -271,12 +274,13 @@ def _build(statements: list[str]) -> apsw.Connection:
                     if _same_definition(scratch, kind, name, text):
                         continue
                     raise SchemaError(
-                        f"{kind} {name!r} is defined twice in the schema, differently: {text[:80]}"
+                        f"{kind} {name!r} is defined twice in the schema, differently: {text[:80]}",
+                        text,
                     )
             try:
                 scratch.execute(text)
             except apsw.Error as exc:
-                raise SchemaError(f"invalid schema statement ({exc}): {text[:80]}") from None
+                raise SchemaError(f"invalid schema statement ({exc}): {text[:80]}", text) from None
     except BaseException:
         scratch.close()
         raise
@@ -310,7 +314,12 @@ def check_crr_constraints(desired: dict[str, TableDef], sql: str) -> None:
 
 def load_schema_paths(paths: list[str | Path]) -> str:
     """Concatenate schema files: each path is a ``.sql`` file or a directory of them (sorted)."""
-    parts = []
+    return "\n;\n".join(f.read_text() for f in schema_files(paths))
+
+
+def schema_files(paths: list[str | Path]) -> list[Path]:
+    """The ``.sql`` files ``paths`` name, in the order ``load_schema_paths`` reads them."""
+    found = []
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix == ".sql" and f.is_file())
@@ -318,9 +327,17 @@ def load_schema_paths(paths: list[str | Path]) -> str:
             files = [p]
         else:
             raise SchemaError(f"schema path {str(p)!r} does not exist")
-        for f in files:
-            parts.append(f.read_text())
-    return "\n;\n".join(parts)
+        found.extend(files)
+    return found
+
+
+def source_of(statement: str, paths: list[str | Path]) -> Path | None:
+    """The schema file under ``paths`` that holds ``statement`` (as ``split_statements`` gives
+    it, e.g. a ``SchemaError``'s), so that an error can name the file to fix."""
+    for f in schema_files(paths):
+        if statement in split_statements(f.read_text()):
+            return f
+    return None
 
 
 def apply_schema(
@@ -386,10 +403,7 @@ class _Plan:
 
     def _refuse(self, what: str) -> None:
         if not self.destructive:
-            raise SchemaError(
-                f"{what}; this loses data, so it is refused unless applied with "
-                "allow_destructive=True (CLI: --allow-destructive)"
-            )
+            raise DestructiveChangeRefused(what)
 
     def check(self) -> None:
         """Refuse destructive changes before anything is touched."""

@@ -252,8 +252,19 @@ async def test_cli_reload_applies_schema_changes(base):
         tables = await rows(agent, "SELECT name FROM sqlite_schema WHERE name = 'notes'")
         assert tables == []
 
-        # a broken schema file is an error reply; the agent keeps running
-        write_schema(base, "CREATE TABLE broken (")
+        # a broken schema file is an error reply naming the file; the agent keeps running
+        schema = write_schema(base, "CREATE TABLE broken (")
         result = await cli("reload", "--admin-path", sock)
         assert result.exit_code == 1
+        assert result.stderr == (
+            f"error: {schema}: invalid schema statement (incomplete input): CREATE TABLE broken (\n"
+        )
         assert await ask(sock, "ping") == "pong"
+        # a change that loses data names the flag that allows it, as the CLI spells it
+        write_schema(base, SCHEMA.replace("    data BLOB\n", "    data_ BLOB\n"))
+        result = await cli("reload", "--admin-path", sock)
+        assert result.exit_code == 1
+        assert result.stderr.startswith("error: column 'data' of table 'todos' would be dropped; ")
+        assert "`corrosion reload --allow-destructive`" in result.stderr
+        assert "`corrosion agent --allow-destructive`" in result.stderr
+        assert "allow_destructive" not in result.stderr

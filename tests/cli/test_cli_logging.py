@@ -94,7 +94,13 @@ def _metrics_in_use(base: Path, data: dict, stack: list) -> None:
 
 CASES: dict[str, tuple[Callable[[Path, dict, list], None], list[str]]] = {
     "api.addr is an int": (_api_int, ["api.addr", "'host:port' string", "8080"]),
-    "schema syntax": (_schema_syntax, ["db.schema_paths", "incomplete input"]),
+    "schema syntax": (
+        _schema_syntax,
+        [
+            "error: schema (db.schema_paths): ",  # the config is fine: the schema is not
+            "/schema/schema.sql: invalid schema statement (incomplete input)",
+        ],
+    ),
     "log.level": (_bad_level, ["log.level", "unknown level 'loud'"]),
     "gossip port in use": (_gossip_in_use, ["gossip.addr", "already in use", "another port"]),
     "api port in use": (_api_in_use, ["api.addr", "already in use", "another port"]),
@@ -169,8 +175,13 @@ async def test_failures_beside_a_running_agent_are_one_line():
         )
         code, lines = await start_failure(base, running)
         assert_one_line(
-            code, lines, "schema (db.schema_paths)", "primary key of table 'todos' would change"
+            code,
+            lines,
+            "schema (db.schema_paths)",
+            "primary key of table 'todos' would change",
+            "`corrosion agent --allow-destructive`",
         )
+        assert "allow_destructive" not in lines[0]
 
 
 async def test_permission_denied_on_the_database_directory_is_one_line():

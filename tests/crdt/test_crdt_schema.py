@@ -6,7 +6,7 @@ import pytest
 
 import crdt
 from crdt import SchemaError
-from crdt.schema import apply_schema, load_schema_paths, reconcile_schema
+from crdt.schema import apply_schema, load_schema_paths, reconcile_schema, source_of
 
 BASE = """
 CREATE TABLE IF NOT EXISTS machines (
@@ -202,6 +202,21 @@ def test_schema_paths(tmp_path):
     assert sorted(names) == ["a", "b"]
     with pytest.raises(SchemaError, match="does not exist"):
         load_schema_paths([tmp_path / "missing"])
+
+
+def test_a_statement_error_can_name_its_file(tmp_path):
+    (tmp_path / "a.sql").write_text("CREATE TABLE a (id INTEGER NOT NULL PRIMARY KEY);")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.sql").write_text(
+        "-- b's table\nCREATE TABLE b (id INTEGER NOT NULL PRIMARY KEY, /* note */ v TEXT;"
+    )
+    paths = [tmp_path / "a.sql", other]
+    with pytest.raises(SchemaError) as caught:
+        apply_schema(crdt.connect(), load_schema_paths(paths))
+    assert "invalid schema statement" in str(caught.value)
+    assert source_of(caught.value.statement, paths) == other / "b.sql"
+    assert source_of("CREATE TABLE c (x)", paths) is None
 
 
 # The same table as BASE, written differently: quoting, case, spacing, IF NOT EXISTS.
