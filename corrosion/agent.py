@@ -287,6 +287,7 @@ class Agent:
         self._db_lock_file: DatabaseLock | None = None
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
         self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
+        self._admin_abspath: str | None = None
         self.activity = ActivityLog(config.log_summary_interval, self._now)
         self._started = False
 
@@ -309,8 +310,6 @@ class Agent:
         problem = gossip_security_error(cfg.gossip)
         if problem is not None:  # before anything is created or bound
             raise ConfigError(problem)
-        for warning in security_warnings(cfg):
-            log.warning("%s", warning)
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
@@ -398,6 +397,8 @@ class Agent:
         if self._serve_api and cfg.api.addrs:
             await self._start_api()
         self._started = True
+        for warning in security_warnings(cfg, self.swim.address, self.api_addrs):
+            log.warning("%s", warning)  # once bound: with the ports port 0 became
         log.info("agent started", extra={"fields": self._startup_fields()})
 
     def _startup_fields(self) -> dict[str, Any]:
@@ -410,7 +411,7 @@ class Agent:
             "db_path": str(self.config.db.path),
             "gossip_addr": format_addr(self.swim.address),
             "api_addrs": api,
-            "admin_path": str(self.admin_path) if self.admin_path is not None else None,
+            "admin_path": self._admin_abspath,
             "metrics_addr": format_addr(metrics) if metrics else None,
             "machines_api": api if self._orchestrator is not None else None,
             "cluster_id": self.config.gossip.cluster_id,
@@ -1173,6 +1174,7 @@ class Agent:
             return
         self._closers.append(await start_admin(self, self._tg, path))
         self.admin_path = path
+        self._admin_abspath = os.path.abspath(path)  # where it is, wherever the cwd goes next
 
     async def _start_api(self) -> None:
         from .api import serve_api

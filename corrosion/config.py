@@ -58,7 +58,7 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,17 +349,20 @@ def gossip_security_error(gossip: GossipConfig) -> str | None:
     )
 
 
-def security_warnings(config: Config) -> list[str]:
-    """What an agent started with ``config`` leaves open, one line each (logged at start-up)."""
+def security_warnings(
+    config: Config, gossip_addr: Address | None = None, api_addrs: Sequence[Address] = ()
+) -> list[str]:
+    """What an agent started with ``config`` leaves open, one line each (logged at start-up).
+    ``gossip_addr`` and ``api_addrs``: the addresses as bound, when known (port 0 resolved)."""
     out = []
     g = config.gossip
     if g.plaintext:
         out.append(
-            f"gossip.plaintext = true: gossip on {format_addr(g.addr)} is not authenticated; "
-            "anything that reaches it can join the cluster and write rows (set "
+            f"gossip.plaintext = true: gossip on {format_addr(gossip_addr or g.addr)} is not "
+            "authenticated; anything that reaches it can join the cluster and write rows (set "
             "gossip.encryption_keys)"
         )
-    exposed = [a for a in config.api.addrs if not _is_loopback(a[0])]
+    exposed = [a for a in (api_addrs or config.api.addrs) if not _is_loopback(a[0])]
     if exposed and config.api.bearer_token is None:
         where = ", ".join(format_addr(a) for a in exposed)
         out.append(

@@ -5,10 +5,12 @@ summary's silence when idle) on an injected clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from agent_helpers import agent_config, cluster, rows, seed_addr, wait_for
@@ -68,6 +70,19 @@ async def test_startup_line_names_every_bound_address(tmp_path, caplog):
         created = [fields(r)["change"] for r in records(caplog, "corrosion.schema", "schema")]
         assert sorted(created) == ["created table items", "created table kv"]
     assert records(caplog, "corrosion.agent", "agent stopped")
+
+
+async def test_startup_line_gives_the_admin_socket_absolute(tmp_path, caplog, monkeypatch):
+    """A relative db.path puts the admin socket beside it: the line says where that is."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(tmp_path)
+    cfg = agent_config(tmp_path, "a", with_api=False)
+    cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, path=Path("a/state.db")))
+    async with Agent(cfg):
+        [started] = records(caplog, "corrosion.agent", "agent started")
+        path = fields(started)["admin_path"]
+        assert path == str(tmp_path / "a" / "state.db.admin.sock")
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
 
 
 async def test_members_joining_going_down_and_leaving_are_logged(tmp_path, caplog):

@@ -17,7 +17,7 @@ import crdt
 import swim
 from corrosion import Agent
 from corrosion.changeset import K_HELLO, Changeset, encode_changeset, encode_control
-from corrosion.config import ConfigError
+from corrosion.config import ConfigError, format_addr
 from corrosion.metrics import collect, render
 from corrosion.transport import PEER_PREAMBLE, FrameStream, connect
 from swim import codec
@@ -58,16 +58,21 @@ async def test_without_a_key_the_agent_refuses_to_start(tmp_path, caplog):
 
     caplog.set_level(logging.WARNING, logger="corrosion.agent")
     cfg = agent_config(tmp_path, "d", gossip={**no_key, "plaintext": True})
-    async with Agent(cfg):
-        pass
+    async with Agent(cfg) as agent:
+        bound = format_addr(agent.swim.address)
+    assert not bound.endswith(":0")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("gossip.plaintext = true: gossip on")
+    # the port the agent bound, not the configured 0
+    assert warnings == [
+        f"gossip.plaintext = true: gossip on {bound} is not authenticated; anything that reaches "
+        "it can join the cluster and write rows (set gossip.encryption_keys)"
+    ]
 
 
 async def test_api_beyond_loopback_without_a_token_warns(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="corrosion.agent")
-    async with Agent(agent_config(tmp_path, "a", api={"addr": "0.0.0.0:0"})):
-        pass
+    async with Agent(agent_config(tmp_path, "a", api={"addr": "0.0.0.0:0"})) as agent:
+        bound = format_addr(agent.api_addrs[0])
     async with Agent(agent_config(tmp_path, "b", api={"addr": "127.0.0.1:0"})):
         pass
     async with Agent(
@@ -76,7 +81,8 @@ async def test_api_beyond_loopback_without_a_token_warns(tmp_path, caplog):
         pass
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("api.addr 0.0.0.0:0 is reachable beyond this machine")
+    assert warnings[0].startswith(f"api.addr {bound} is reachable beyond this machine")
+    assert bound.startswith("0.0.0.0:") and bound != "0.0.0.0:0"
 
 
 def _datagram(key: str | None, target: NodeId, fake: NodeId) -> bytes:
