@@ -287,7 +287,7 @@ class ActivityLog:
         self.served_sessions = 0
         self.served: dict[str, int] = {}
         self.applied_versions = 0
-        self.applied_rows = 0
+        self.applied_changes = 0  # column changes (cr-sqlite's rows impacted), not table rows
         self.committed = 0
 
     def local_commit(self) -> None:
@@ -308,9 +308,10 @@ class ActivityLog:
         if sent:
             self.served[peer] = self.served.get(peer, 0) + sent
 
-    def applied(self, versions: int, rows: int) -> None:
+    def applied(self, versions: int, changes: int) -> None:
+        """``versions`` remote versions applied, made of ``changes`` column changes."""
         self.applied_versions += versions
-        self.applied_rows += rows
+        self.applied_changes += changes
 
     def rejected(self, actor: bytes, version: int, reason: str) -> None:
         self.rejections.log(
@@ -337,7 +338,9 @@ class ActivityLog:
         if not (pulled or served or self.applied_versions or self.failed or self.committed):
             return None
         parts = [f"{self.committed} local versions committed"]
-        parts.append(f"{self.applied_versions} remote versions applied ({self.applied_rows} rows)")
+        parts.append(
+            f"{self.applied_versions} remote versions applied ({self.applied_changes} changes)"
+        )
         syncs = f"{self.sessions} syncs asked"
         if self.failed:
             syncs += f", {sum(self.failed.values())} failed ({_per_peer(self.failed)})"
@@ -358,7 +361,7 @@ class ActivityLog:
             "served": served,
             "served_to": dict(sorted(self.served.items())),
             "applied_versions": self.applied_versions,
-            "applied_rows": self.applied_rows,
+            "applied_changes": self.applied_changes,
         }
         return "; ".join(parts), fields
 

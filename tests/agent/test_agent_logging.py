@@ -183,7 +183,7 @@ async def test_rejected_changesets_are_logged_once_per_reason(tmp_path, caplog):
 async def test_sync_summary_says_what_was_pulled_and_from_whom(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     sections = {"perf": {"broadcast": False}, "log": {"summary_interval": 0.5}}
-    async with cluster(tmp_path, 2, with_api=False, **sections) as (a, _b):
+    async with cluster(tmp_path, 2, with_api=False, **sections) as (a, b):
         for i in range(5):
             await a.execute([["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", i]]])
         a_addr = format_addr(a.swim.address)
@@ -203,6 +203,14 @@ async def test_sync_summary_says_what_was_pulled_and_from_whom(tmp_path, caplog)
         assert f"changesets pulled ({a_addr}=" in line
         served = [fields(r)["served"] for r in records(caplog, "corrosion.sync", "sync summary")]
         assert sum(served) >= 5  # a's side: what it sent
+        # b applied 5 rows of two columns each (v, n): 10 changes, and says changes, not rows
+        summaries = records(caplog, "corrosion.sync", "sync summary")
+        assert sum(fields(r).get("applied_changes", 0) for r in summaries) == 10
+        assert any(
+            "remote versions applied (" in r.getMessage() and " changes)" in r.getMessage()
+            for r in summaries
+        )
+        assert await rows(b, "SELECT count(*) FROM kv") == [(5,)]
 
 
 async def test_debug_shows_each_frame_and_sync(tmp_path, caplog):
@@ -280,7 +288,7 @@ def test_activity_log_is_silent_when_idle(caplog):
     [line] = caplog.records
     assert line.name == "corrosion.sync"
     assert line.getMessage() == (
-        "sync summary (5s): 0 local versions committed; 3 remote versions applied (7 rows); "
+        "sync summary (5s): 0 local versions committed; 3 remote versions applied (7 changes); "
         "2 syncs asked, 1 failed (10.0.0.2:8787=1), 3 changesets pulled (10.0.0.1:8787=3); "
         "0 syncs answered"
     )
