@@ -110,6 +110,8 @@ async def test_failing_statement_rolls_back_everything(node):
     assert resp.status_code == 500
     body = resp.json()
     assert "no such table: nope" in body["results"][0]["error"] and body["version"] is None
+    assert set(body) == {"results", "time", "version", "actor_id"}  # corrosion's shape
+    assert isinstance(body["time"], float) and body["time"] > 0  # the time it took
     assert await rows(agent, "SELECT count(*) FROM kv") == [(0,)]
     for bad in ([], "not a list", [{"params": [1]}], [["SELECT ?", "x"]], [42]):
         resp = await client.post("/v1/transactions", json=bad)

@@ -354,6 +354,8 @@ async def test_timed_out_transaction_changes_nothing(tmp_path):
             assert body["version"] is None
             assert "timeout of 0.2 s" in body["results"][0]["error"]
             assert "nothing was applied" in body["results"][0]["error"]
+            # the time it ran before the deadline stopped it, not a made-up 0.0
+            assert body["time"] >= 0.2
             assert await _state(agent) == before
             # the writer and its lock are free again, and the bookkeeping goes on from version 1
             resp = await client.post(
