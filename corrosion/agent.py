@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 import apsw
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 import crdt
@@ -39,7 +39,7 @@ from .changeset import Changeset
 from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
 from .lag import LagWindow
-from .logs import ActivityLog, describe_frame, frame_error, log_member_event
+from .logs import ActivityLog, GossipWarnings, describe_frame, frame_error, log_member_event
 from .pending_schema import PendingSchema
 from .ranges import RangeSet
 from .replication import (
@@ -286,6 +286,8 @@ class Agent:
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
         self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
         self.activity = ActivityLog(config.log_summary_interval, self._now)
+        # gossip no key here opens, joins no seed answers: a key mismatch must not be silent
+        self.gossip_warnings = GossipWarnings(config.log_summary_interval, self._now)
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -371,6 +373,7 @@ class Agent:
         )
         self.faults.swim = self.swim
         self.swim.isolated = self.faults.isolated
+        self.swim.on_dropped = self.gossip_warnings.dropped
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         events = self.swim.subscribe(max_buffer=10_000)
@@ -546,6 +549,7 @@ class Agent:
             await raw.aclose()
             return
         stream: FrameStream | None = None
+        source = raw.extra(SocketAttribute.remote_address, ("?", 0))
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -573,6 +577,8 @@ class Agent:
             ):
                 # not a member: no key opened its frames (or they were replayed or spliced)
                 self.events.peer_streams_unauthenticated += 1
+                if isinstance(exc, UnauthenticatedFrame):
+                    self.gossip_warnings.dropped(source, "decrypt", "stream")
             elif not isinstance(
                 exc,
                 OSError
@@ -715,6 +721,7 @@ class Agent:
         while True:
             await anyio.sleep(self.activity.interval)
             self.activity.tick()
+            self.gossip_warnings.flush()
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -784,6 +791,7 @@ class Agent:
         if not seeds:
             return
         delay = 0.5
+        attempts = 0
         while not self._closing:
             try:
                 joined = await self.swim.join(seeds, timeout=5)
@@ -791,6 +799,8 @@ class Agent:
                 joined = 0
             if joined:
                 return
+            attempts += 1
+            self.gossip_warnings.join_unanswered([format_addr(s) for s in seeds], attempts)
             await anyio.sleep(delay)
             delay = min(delay * 2, 30)
 
