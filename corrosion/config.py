@@ -45,6 +45,8 @@ colors = true
 summary_interval = 10.0                   # seconds between sync summaries (none when idle)
 ```
 
+docs/agent.md's "Configuration" lists every key with its type and default (a test keeps the
+two in step). Relative paths in a file are relative to its directory (``Config.load``).
 Unknown keys and wrong types fail with a message naming the key (``ConfigError``). Environment
 variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does;
 ``CORROSION_LOG`` overrides ``log.level`` (see ``corrosion.logs``).

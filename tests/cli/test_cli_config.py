@@ -4,12 +4,16 @@ docs/agent.md's configuration reference."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 from cli_helpers import TEST_KEY, cli, short_tmp
 
 from corrosion import Agent, Config
+from corrosion import config as config_module
+from orchestrator.config import OrchestratorConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -118,9 +122,41 @@ async def test_cli_with_a_relative_config_works_from_another_directory(base, mon
 def test_every_orchestrator_path_key_ends_in_path():
     """Config.load resolves the [orchestrator] keys that end in ``_path``: a path-valued key
     named otherwise would silently stay relative to the current directory."""
-    import dataclasses
-
-    from orchestrator.config import OrchestratorConfig
-
     for f in dataclasses.fields(OrchestratorConfig):
         assert ("Path" in str(f.type)) == f.name.endswith("_path"), f.name
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "agent.md"
+
+
+def parser_keys(monkeypatch) -> set[str]:
+    """Every key ``Config.from_mapping`` reads, recorded from its reader on a config that takes
+    every branch (TLS with a client certificate; no bearer-token, so its alias is read too)."""
+    read: set[str] = set()
+    get = config_module._Reader.get
+
+    def recording_get(self, key):
+        read.add(self.prefix + key)
+        return get(self, key)
+
+    monkeypatch.setattr(config_module._Reader, "get", recording_get)
+    tls = {"cert_file": "c", "key_file": "k", "ca_file": "ca", "client": {"cert_file": "cc"}}
+    tls["client"]["key_file"] = "ck"
+    Config.from_mapping({"db": {"path": "x.db"}, "gossip": {"tls": tls}})
+    tables = {k for k in read if any(other.startswith(k + ".") for other in read)}
+    keys = read - tables - {"orchestrator"}  # [orchestrator] is read by its own parser
+    return keys | {f"orchestrator.{f.name}" for f in dataclasses.fields(OrchestratorConfig)}
+
+
+def documented_keys() -> set[str]:
+    text = DOCS.read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z_.-]+)` \|", section, re.MULTILINE))
+
+
+def test_every_config_key_is_in_the_configuration_reference(monkeypatch):
+    keys = parser_keys(monkeypatch)
+    assert {"db.path", "telemetry.prometheus.addr", "gossip.tls.client.key_file"} <= keys
+    documented = documented_keys()
+    assert sorted(keys - documented) == [], "keys missing from docs/agent.md#configuration"
+    assert sorted(documented - keys) == [], "documented keys the parser does not know"
