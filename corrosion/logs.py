@@ -499,7 +499,7 @@ class GossipWarnings:
     ) -> None:
         self.interval, self.clock, self.max_sources = interval, clock, max_sources
         self._sources: OrderedDict[tuple[str, str], _Unreadable] = OrderedDict()
-        self.joins = Throttled(members_log, interval, clock)
+        self._join_warned: float | None = None
 
     def dropped(self, source: tuple[str, int], reason: str, kind: str) -> None:
         """A datagram or stream (``kind``: ``datagram``, ``stream`` or ``reply``, as
@@ -529,17 +529,21 @@ class GossipWarnings:
 
     def join_unanswered(self, seeds: list[str], attempts: int) -> None:
         """``attempts`` joins in a row got no answer from any of ``seeds`` that this node could
-        read (refused, timed out, or dropped by a seed with another key)."""
-        if attempts < JOIN_WARN_AFTER:
+        read (refused, timed out, or dropped by a seed with another key). At most one line per
+        interval: each says how many attempts failed so far."""
+        now = self.clock()
+        if attempts < JOIN_WARN_AFTER or (
+            self._join_warned is not None and now - self._join_warned < self.interval
+        ):
             return
+        self._join_warned = now
         listed = ", ".join(seeds[:5]) + (f" and {len(seeds) - 5} more" if len(seeds) > 5 else "")
-        self.joins.log(
-            "join",
+        members_log.warning(
             "no answer from bootstrap %s after %d attempts: is it running, and does it share "
             "gossip.encryption_keys (and gossip.cluster_id)?",
             listed,
             attempts,
-            fields={"seeds": seeds, "attempts": attempts},
+            extra={"fields": {"seeds": seeds, "attempts": attempts}},
         )
 
     def flush(self) -> None:
@@ -553,11 +557,10 @@ class GossipWarnings:
                 self._emit(key[1], entry, window=True)
             else:
                 del self._sources[key]
-        self.joins.flush()
 
     def _emit(self, reason: str, entry: _Unreadable, *, window: bool) -> None:
-        counts = entry.counts
-        entry.since = self.clock()
+        counts, now = entry.counts, self.clock()
+        elapsed, entry.since = now - entry.since, now
         entry.counts = {k: 0 for k in counts}
         if not members_log.isEnabledFor(logging.WARNING):
             return
@@ -567,7 +570,7 @@ class GossipWarnings:
             "%s from %s%s %s (%s)",
             " and ".join(parts).replace(" ", " gossip ", 1),
             entry.shown,
-            f" in the last {self.interval:g}s" if window else "",
+            f" in the last {elapsed:.0f}s" if window else "",
             problem,
             remedy,
             extra={
