@@ -14,7 +14,8 @@ default (the root logger), ``name=level`` sets one logger and its children. They
 A flood of the same problem (bad changesets from one peer) must not drown the log: ``Throttled``
 writes the first occurrence of each reason at once and then one line per interval with the count.
 ``ActivityLog`` turns the replication traffic into one summary line per interval, and no line
-when nothing happened.
+when nothing happened. ``GossipWarnings`` says, on both sides, when a node's gossip keys differ
+from its peers'.
 """
 
 from __future__ import annotations
