@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 import apsw
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 import crdt
@@ -40,7 +40,7 @@ from .changeset import Changeset
 from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
 from .lag import LagWindow
-from .logs import ActivityLog, describe_frame, frame_error, log_member_event
+from .logs import ActivityLog, GossipWarnings, describe_frame, frame_error, log_member_event
 from .pending_schema import PendingSchema
 from .ranges import RangeSet
 from .replication import (
@@ -289,6 +289,8 @@ class Agent:
         self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
         self._admin_abspath: str | None = None
         self.activity = ActivityLog(config.log_summary_interval, self._now)
+        # gossip no key here opens, joins no seed answers: a key mismatch must not be silent
+        self.gossip_warnings = GossipWarnings(config.log_summary_interval, self._now)
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -372,6 +374,7 @@ class Agent:
         )
         self.faults.swim = self.swim
         self.swim.isolated = self.faults.isolated
+        self.swim.on_dropped = self.gossip_warnings.dropped
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         events = self.swim.subscribe(max_buffer=10_000)
@@ -549,6 +552,7 @@ class Agent:
             await raw.aclose()
             return
         stream: FrameStream | None = None
+        source = raw.extra(SocketAttribute.remote_address, ("?", 0))
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -576,6 +580,8 @@ class Agent:
             ):
                 # not a member: no key opened its frames (or they were replayed or spliced)
                 self.events.peer_streams_unauthenticated += 1
+                if isinstance(exc, UnauthenticatedFrame):
+                    self.gossip_warnings.dropped(source, "decrypt", "stream")
             elif not isinstance(
                 exc,
                 OSError
@@ -718,6 +724,7 @@ class Agent:
         while True:
             await anyio.sleep(self.activity.interval)
             self.activity.tick()
+            self.gossip_warnings.flush()
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -787,6 +794,7 @@ class Agent:
         if not seeds:
             return
         delay = 0.5
+        attempts = 0
         while not self._closing:
             try:
                 joined = await self.swim.join(seeds, timeout=5)
@@ -794,6 +802,8 @@ class Agent:
                 joined = 0
             if joined:
                 return
+            attempts += 1
+            self.gossip_warnings.join_unanswered([format_addr(s) for s in seeds], attempts)
             await anyio.sleep(delay)
             delay = min(delay * 2, 30)
 

@@ -45,6 +45,8 @@ colors = true
 summary_interval = 10.0                   # seconds between sync summaries (none when idle)
 ```
 
+docs/agent.md's "Configuration" lists every key with its type and default (a test keeps the
+two in step). Relative paths in a file are relative to its directory (``Config.load``).
 Unknown keys and wrong types fail with a message naming the key (``ConfigError``). Environment
 variables override keys with ``__`` as the separator (``GOSSIP__ADDR``), as corrosion does;
 ``CORROSION_LOG`` overrides ``log.level`` (see ``corrosion.logs``).
@@ -182,6 +184,9 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+        """Read a TOML file. Relative paths in it are relative to the file's directory (see
+        ``resolve_paths``), so ``corrosion -c dir/config.toml`` works from anywhere; those given
+        by environment variables stay relative to the current directory."""
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -189,8 +194,10 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        source = Path(path).absolute()
+        data = resolve_paths(data, source.parent)
         config = cls.from_mapping(apply_env(data, os.environ if env is None else env))
-        return dataclasses.replace(config, source=Path(path).absolute())
+        return dataclasses.replace(config, source=source)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Config:
@@ -401,6 +408,46 @@ def _check_orchestrator(section: Any) -> None:
         if not message.startswith("[orchestrator]"):
             message = f"[orchestrator]: {message}"
         raise ConfigError(message) from None
+
+
+# the keys that name files or directories, by table; and in ``[orchestrator]`` every key that
+# ends in ``_path`` (machines_path, archive_path, state_path, images_path)
+PATH_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("db",): ("path", "schema_paths"),
+    ("admin",): ("path",),
+    ("gossip", "tls"): ("cert_file", "key_file", "ca_file"),
+    ("gossip", "tls", "client"): ("cert_file", "key_file"),
+}
+
+
+def resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with its relative paths (strings under ``PATH_KEYS``) joined to ``base``, the
+    config file's directory. Values of another type are left for ``from_mapping`` to refuse."""
+
+    def join(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str(base / value)
+        if isinstance(value, list):
+            return [join(v) for v in value]
+        return value
+
+    out = _copy_tables(data)
+    tables = dict(PATH_KEYS)
+    if isinstance(out.get("orchestrator"), dict):
+        tables[("orchestrator",)] = tuple(k for k in out["orchestrator"] if k.endswith("_path"))
+    for table, keys in tables.items():
+        node: Any = out
+        for name in table:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            for key in keys:
+                if key in node:
+                    node[key] = join(node[key])
+    return out
+
+
+def _copy_tables(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _copy_tables(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
 def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:

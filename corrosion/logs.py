@@ -14,7 +14,8 @@ default (the root logger), ``name=level`` sets one logger and its children. They
 A flood of the same problem (bad changesets from one peer) must not drown the log: ``Throttled``
 writes the first occurrence of each reason at once and then one line per interval with the count.
 ``ActivityLog`` turns the replication traffic into one summary line per interval, and no line
-when nothing happened.
+when nothing happened. ``GossipWarnings`` says, on both sides, when a node's gossip keys differ
+from its peers'.
 """
 
 from __future__ import annotations
@@ -457,3 +458,131 @@ def log_member_event(ev: Any, describe: Callable[[Any], tuple[str, str]]) -> Non
         actor or "?",
         extra={"fields": {"addr": addr, "actor_id": actor, "incarnation": member.incarnation}},
     )
+
+
+# -- gossip this node cannot read --------------------------------------------------------------
+
+# swim's drop reasons that mean the two sides' gossip keys differ: what to say about each
+_KEY_MISMATCH = {
+    "decrypt": (
+        "could not be decrypted with any of gossip.encryption_keys: a node with another key?",
+        "the nodes of a cluster need a key in common in gossip.encryption_keys",
+    ),
+    "plaintext": (
+        "came unencrypted, and this node requires gossip.encryption_keys: a node with "
+        "gossip.plaintext = true?",
+        "a cluster's nodes either all have gossip.encryption_keys or all run plaintext",
+    ),
+    "encrypted": (
+        "came encrypted, and this node runs with gossip.plaintext = true: a node with "
+        "gossip.encryption_keys?",
+        "a cluster's nodes either all have gossip.encryption_keys or all run plaintext",
+    ),
+}
+_KINDS = {"datagram": "datagram", "stream": "stream", "reply": "stream"}  # reply: to our stream
+JOIN_WARN_AFTER = 3  # failed join attempts before saying so (seeds may still be starting)
+
+
+class _Unreadable:
+    __slots__ = ("counts", "shown", "since")
+
+    def __init__(self, since: float, shown: str) -> None:
+        self.since = since
+        self.shown = shown
+        self.counts = {"datagram": 0, "stream": 0}
+
+
+class GossipWarnings:
+    """What keeps this node out of its cluster, as warnings on ``corrosion.members``, so a key
+    mismatch is not silent on either side: gossip that cannot be read with this node's keys,
+    per source host (the first at once, then at most one line per ``interval`` counting what
+    came since, none once it stops), and join attempts that no seed answers."""
+
+    def __init__(
+        self, interval: float, clock: Callable[[], float] = time.monotonic, max_sources: int = 256
+    ) -> None:
+        self.interval, self.clock, self.max_sources = interval, clock, max_sources
+        self._sources: OrderedDict[tuple[str, str], _Unreadable] = OrderedDict()
+        self._join_warned: float | None = None
+
+    def dropped(self, source: tuple[str, int], reason: str, kind: str) -> None:
+        """A datagram or stream (``kind``: ``datagram``, ``stream`` or ``reply``, as
+        ``swim.SwimNode.on_dropped`` gives) from ``source`` was dropped for ``reason``."""
+        if reason not in _KEY_MISMATCH:
+            return  # another cluster's label, or garbage: not a key problem
+        from .config import format_addr  # config imports this module
+
+        host = str(source[0])
+        # a stream request comes from an ephemeral port: only datagrams and replies to our
+        # streams show the sender's gossip port
+        shown = host if kind == "stream" else format_addr((host, source[1]))
+        now = self.clock()
+        entry = self._sources.get((host, reason))
+        if entry is None:
+            entry = self._sources[(host, reason)] = _Unreadable(now, shown)
+            while len(self._sources) > self.max_sources:
+                self._sources.popitem(last=False)
+            entry.counts[_KINDS.get(kind, "stream")] += 1
+            self._emit(reason, entry, window=False)
+            return
+        if kind != "stream":
+            entry.shown = shown
+        entry.counts[_KINDS.get(kind, "stream")] += 1
+        if now - entry.since >= self.interval:
+            self._emit(reason, entry, window=True)
+
+    def join_unanswered(self, seeds: list[str], attempts: int) -> None:
+        """``attempts`` joins in a row got no answer from any of ``seeds`` that this node could
+        read (refused, timed out, or dropped by a seed with another key). At most one line per
+        interval: each says how many attempts failed so far."""
+        now = self.clock()
+        if attempts < JOIN_WARN_AFTER or (
+            self._join_warned is not None and now - self._join_warned < self.interval
+        ):
+            return
+        self._join_warned = now
+        listed = ", ".join(seeds[:5]) + (f" and {len(seeds) - 5} more" if len(seeds) > 5 else "")
+        members_log.warning(
+            "no answer from bootstrap %s after %d attempts: is it running, and does it share "
+            "gossip.encryption_keys (and gossip.cluster_id)?",
+            listed,
+            attempts,
+            extra={"fields": {"seeds": seeds, "attempts": attempts}},
+        )
+
+    def flush(self) -> None:
+        """Report what came from each source since its last line once the interval is over;
+        forget quiet sources."""
+        now = self.clock()
+        for key, entry in list(self._sources.items()):
+            if now - entry.since < self.interval:
+                continue
+            if any(entry.counts.values()):
+                self._emit(key[1], entry, window=True)
+            else:
+                del self._sources[key]
+
+    def _emit(self, reason: str, entry: _Unreadable, *, window: bool) -> None:
+        counts, now = entry.counts, self.clock()
+        elapsed, entry.since = now - entry.since, now
+        entry.counts = {k: 0 for k in counts}
+        if not members_log.isEnabledFor(logging.WARNING):
+            return
+        parts = [f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in counts.items() if n]
+        problem, remedy = _KEY_MISMATCH[reason]
+        members_log.warning(
+            "%s from %s%s %s (%s)",
+            " and ".join(parts).replace(" ", " gossip ", 1),
+            entry.shown,
+            f" in the last {elapsed:.0f}s" if window else "",
+            problem,
+            remedy,
+            extra={
+                "fields": {
+                    "source": entry.shown,
+                    "reason": reason,
+                    "datagrams": counts["datagram"],
+                    "streams": counts["stream"],
+                }
+            },
+        )

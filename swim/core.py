@@ -282,6 +282,7 @@ class Membership:
         self._last_eager = float("-inf")
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.stats = Stats()
+        self.last_dropped = ""  # the reason of the latest drop, for a runtime naming its source
         self._out: list[Effect] = []
 
     # -- instrumentation -----------------------------------------------------------------------
@@ -1079,6 +1080,7 @@ class Membership:
 
     def _drop(self, reason: str) -> None:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+        self.last_dropped = reason
 
     def _ignore(self, reason: str) -> None:
         self.stats.ignored[reason] = self.stats.ignored.get(reason, 0) + 1

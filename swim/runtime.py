@@ -139,6 +139,11 @@ class SwimNode:
         # Test hook: drop every datagram in and out and fail every stream, as a network
         # partition isolating this node would (the agent's Faults.isolated sets it).
         self.isolated = False
+        # Told of each datagram or stream dropped as malformed: on_dropped(source, reason,
+        # kind), kind "datagram", "stream" (a request) or "reply" (to our stream), reason as in
+        # ``stats.dropped``; so an application can say which address sends gossip it cannot
+        # read (a node with another key). Called on the event loop; it must not block.
+        self.on_dropped: Callable[[Address, str, str], None] | None = None
 
     def route_streams(
         self, preamble: bytes, handler: Callable[[SocketStream], Awaitable[None]]
@@ -390,7 +395,17 @@ class SwimNode:
                 continue
             if self.isolated:
                 continue
-            await self._apply(self._core.handle_datagram((src[0], src[1]), data, self._now()))
+            source = (src[0], src[1])
+            dropped = self._core.stats.malformed if self.on_dropped is not None else 0
+            effects = self._core.handle_datagram(source, data, self._now())
+            self._report_drop(dropped, source, "datagram")
+            await self._apply(effects)
+
+    def _report_drop(self, before: int, source: Address, kind: str) -> None:
+        """Call ``on_dropped`` when the core dropped what it was just given."""
+        core = self._core
+        if self.on_dropped is not None and core is not None and core.stats.malformed != before:
+            self.on_dropped(source, core.last_dropped, kind)
 
     async def _timer_loop(self) -> None:
         assert self._core is not None
@@ -426,7 +441,9 @@ class SwimNode:
                         src = (str(src[0]), int(src[1]))
                     except (TypeError, IndexError, anyio.TypedAttributeLookupError):
                         src = ("", 0)
+                    dropped = self._core.stats.malformed
                     effects = self._core.handle_stream_request(rid, src, data, self._now())
+                    self._report_drop(dropped, src, "stream")
                     await self._apply(effects)
                     reply = self._replies.pop(rid, None)
                     if reply is not None:
@@ -454,7 +471,9 @@ class SwimNode:
         if reply is None:
             effects = self._core.handle_stream_failed(eff.stream_id, now)
         else:
+            dropped = self._core.stats.malformed
             effects = self._core.handle_stream_reply(eff.stream_id, reply, now)
+            self._report_drop(dropped, eff.addr, "reply")
         await self._apply(effects)
 
 

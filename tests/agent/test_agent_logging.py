@@ -22,6 +22,7 @@ from corrosion.changeset import K_HELLO, Changeset, encode, encode_control
 from corrosion.config import format_addr
 from corrosion.logs import (
     ActivityLog,
+    GossipWarnings,
     JsonFormatter,
     PlainFormatter,
     Throttled,
@@ -272,6 +273,80 @@ def test_throttled_logs_the_first_then_counts_repeats(caplog):
     t.log("reason-a", "bad thing %s", "a")
     assert caplog.records[-1].getMessage() == "bad thing a"
     assert len(caplog.records) == 4
+
+
+def test_gossip_warnings_count_unreadable_gossip_per_source(caplog):
+    caplog.set_level(logging.INFO)
+    clock = Clock()
+    w = GossipWarnings(10.0, clock)
+    a, b = ("10.0.0.1", 8787), ("10.0.0.2", 8787)
+    w.dropped(("10.0.0.1", 50123), "decrypt", "stream")  # at once
+    for _ in range(4):
+        w.dropped(a, "decrypt", "datagram")
+    w.dropped(b, "plaintext", "datagram")  # another source: at once too
+    w.dropped(b, "label", "datagram")  # another cluster: not a key problem
+    w.dropped(b, "decode", "datagram")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "1 gossip stream from 10.0.0.1 could not be decrypted with any of "
+        "gossip.encryption_keys: a node with another key? (the nodes of a cluster need a key "
+        "in common in gossip.encryption_keys)",
+        "1 gossip datagram from 10.0.0.2:8787 came unencrypted, and this node requires "
+        "gossip.encryption_keys: a node with gossip.plaintext = true? (a cluster's nodes either "
+        "all have gossip.encryption_keys or all run plaintext)",
+    ]
+    assert all(
+        r.levelno == logging.WARNING and r.name == "corrosion.members" for r in caplog.records
+    )
+    w.flush()  # the interval is not over
+    assert len(caplog.records) == 2
+    clock.t = 10.0
+    w.flush()  # a's datagrams since its line; b had nothing more
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .startswith("4 gossip datagrams from 10.0.0.1:8787 in the last 10s could not be decrypted")
+    )
+    assert fields(caplog.records[-1])["datagrams"] == 4
+    assert len(caplog.records) == 3
+    clock.t = 15.0
+    w.dropped(a, "decrypt", "datagram")
+    w.dropped(("10.0.0.1", 50124), "decrypt", "stream")
+    clock.t = 20.0
+    w.dropped(a, "decrypt", "datagram")  # the interval is over: this one writes the line
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .startswith("2 gossip datagrams and 1 stream from 10.0.0.1:8787 in the last 10s")
+    )
+    clock.t = 40.0
+    w.flush()
+    w.flush()
+    assert len(caplog.records) == 4  # quiet sources write nothing and are forgotten
+    w.dropped(a, "decrypt", "datagram")
+    assert caplog.records[-1].getMessage().startswith("1 gossip datagram from 10.0.0.1:8787 could")
+
+
+def test_gossip_warnings_say_when_no_seed_answers(caplog):
+    caplog.set_level(logging.INFO)
+    clock = Clock()
+    w = GossipWarnings(10.0, clock)
+    seeds = ["10.0.0.1:8787", "10.0.0.2:8787"]
+    w.join_unanswered(seeds, 1)
+    w.join_unanswered(seeds, 2)  # seeds may still be starting: nothing yet
+    assert caplog.records == []
+    w.join_unanswered(seeds, 3)
+    clock.t = 9.0
+    w.join_unanswered(seeds, 4)  # within the interval: the next line will count it
+    assert [r.getMessage() for r in caplog.records] == [
+        "no answer from bootstrap 10.0.0.1:8787, 10.0.0.2:8787 after 3 attempts: is it running, "
+        "and does it share gossip.encryption_keys (and gossip.cluster_id)?"
+    ]
+    clock.t = 10.0
+    w.join_unanswered(seeds, 5)
+    assert len(caplog.records) == 2
+    assert "after 5 attempts:" in caplog.records[-1].getMessage()
+    assert fields(caplog.records[-1])["attempts"] == 5
 
 
 def test_activity_log_is_silent_when_idle(caplog):

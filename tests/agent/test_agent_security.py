@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import base64
 import datetime
+import logging
 import os
 
 import anyio
 import pytest
-from agent_helpers import agent_config, rows, seed_addr, wait_for
+from agent_helpers import agent_config, cluster, rows, seed_addr, wait_for
 
+import swim
 from corrosion import Agent
+from corrosion.transport import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -55,6 +58,82 @@ async def test_encrypted_cluster_and_a_node_with_the_wrong_key(tmp_path):
             assert c.alive_members() == 0
             assert await rows(c, "SELECT count(*) FROM kv") == [(0,)]
             assert a.swim.stats.malformed > 0  # c's packets were dropped and counted
+
+
+UNDECRYPTABLE = (
+    "could not be decrypted with any of gossip.encryption_keys: a node with another key?"
+)
+
+
+def key_warnings(caplog) -> tuple[list[str], list[str]]:
+    """corrosion.members warnings: gossip no key opened, and joins no seed answered."""
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "corrosion.members" and r.levelno == logging.WARNING
+    ]
+    return [m for m in lines if UNDECRYPTABLE in m], [m for m in lines if "no answer from" in m]
+
+
+async def test_a_node_with_another_key_is_warned_about_on_both_sides(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    enc = {"plaintext": False, "encryption_keys": [KEY_A]}
+    quiet = {"summary_interval": 3600.0}  # one interval for the whole test: one line each
+    async with Agent(agent_config(tmp_path, "a", with_api=False, gossip=enc, log=quiet)) as a:
+        b_cfg = agent_config(tmp_path, "b", [seed_addr(a)], with_api=False, gossip=enc, log=quiet)
+        wrong = {"plaintext": False, "encryption_keys": [KEY_B]}
+        c_cfg = agent_config(tmp_path, "c", [seed_addr(a)], with_api=False, gossip=wrong, log=quiet)
+        async with Agent(b_cfg) as b, Agent(c_cfg) as c:
+            await wait_for(
+                lambda: all(key_warnings(caplog)), what="warnings on a (receiver) and c (joiner)"
+            )
+            await wait_for(lambda: a.swim.stats.dropped.get("decrypt", 0) >= 3, what="3 joins")
+            undecryptable, unanswered = key_warnings(caplog)
+            # a: c's join streams, from 127.0.0.1 (a stream's source port is ephemeral); at
+            # once, and no more lines until the interval is over
+            assert undecryptable == [
+                "1 gossip stream from 127.0.0.1 could not be decrypted with any of "
+                "gossip.encryption_keys: a node with another key? (the nodes of a cluster need "
+                "a key in common in gossip.encryption_keys)"
+            ]
+            # c: its seed never answered in a way it could read
+            assert unanswered == [
+                f"no answer from bootstrap {seed_addr(a)} after 3 attempts: is it running, and "
+                "does it share gossip.encryption_keys (and gossip.cluster_id)?"
+            ]
+            await wait_for(lambda: a.alive_members() == b.alive_members() == 1, what="a, b")
+            assert c.alive_members() == 0
+
+
+async def test_a_peer_stream_sealed_with_another_key_is_warned_about(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    enc = {"plaintext": False, "encryption_keys": [KEY_A]}
+    async with Agent(agent_config(tmp_path, "a", with_api=False, gossip=enc)) as a:
+        host, port = a.swim.address
+        stream = await connect(
+            host, port, keyring=swim.Keyring([base64.b64decode(KEY_B)]), aad=b"corrosion/0"
+        )
+        await stream.send(b"hello from another cluster's key")
+        await wait_for(lambda: a.events.peer_streams_unauthenticated == 1, what="the cut")
+        await stream.aclose()
+        assert key_warnings(caplog)[0] == [
+            "1 gossip stream from 127.0.0.1 could not be decrypted with any of "
+            "gossip.encryption_keys: a node with another key? (the nodes of a cluster need "
+            "a key in common in gossip.encryption_keys)"
+        ]
+
+
+async def test_nodes_sharing_a_key_say_nothing_about_keys(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    async with cluster(tmp_path, 3, with_api=False) as agents:
+        await agents[0].execute(["INSERT INTO kv (k) VALUES ('x')"])
+
+        async def everywhere() -> bool:
+            return all([await rows(a, "SELECT k FROM kv") == [("x",)] for a in agents])
+
+        await wait_for(everywhere, what="the write to replicate")
+        assert all(a.swim.stats.malformed == 0 for a in agents)
+        assert key_warnings(caplog) == ([], [])
 
 
 def _self_signed(tmp_path):

@@ -247,6 +247,9 @@ async def test_cli_reload_applies_schema_changes(base):
         assert "left alone (--allow-destructive drops it): notes" in result.stdout
         assert await rows(agent, "SELECT body FROM notes") == [("hi",)]
         assert agent.not_in_schema == ["notes"]
+        # kept, it is still a CRR: writes are accepted and booked as versions to replicate
+        kept = await agent.execute(["INSERT INTO notes (id, body) VALUES (2, 'kept')"])
+        assert kept.version is not None
         result = await cli("reload", "--allow-destructive", "--admin-path", sock)
         assert result.exit_code == 0, result.output
         tables = await rows(agent, "SELECT name FROM sqlite_schema WHERE name = 'notes'")

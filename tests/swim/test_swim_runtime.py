@@ -122,6 +122,35 @@ async def test_wrong_key_wrong_label_or_plaintext_never_join():
 
 
 @pytest.mark.anyio
+async def test_on_dropped_names_the_source_and_reason_of_unreadable_gossip():
+    old, new = os.urandom(32), os.urandom(32)
+    async with anyio.create_task_group() as tg:
+        # a reads both keys and seals with `old`; x has only `new`; y has a key of its own
+        a = await tg.start(SwimNode(FAST, keyring=Keyring([old, new])).serve)
+        x = await tg.start(SwimNode(FAST, keyring=Keyring([new])).serve)
+        y = await tg.start(SwimNode(FAST, keyring=Keyring([os.urandom(32)])).serve)
+        seen: dict[SwimNode, list[tuple]] = {a: [], x: [], y: []}
+        for node, calls in seen.items():
+            node.on_dropped = lambda src, reason, kind, calls=calls: calls.append(
+                (src, reason, kind)
+            )
+        # a opens x's request and answers sealed with `old`, which x cannot open (nor a's
+        # pings to x, now that a knows it)
+        assert await x.join([a.address]) == 0
+        assert (a.address, "decrypt", "reply") in seen[x]
+        assert {call[:2] for call in seen[x]} == {(a.address, "decrypt")}
+        assert await y.join([a.address]) == 0  # a cannot open y's request at all
+        await y.send_message(a.address, b"let me in")
+        await wait_for(lambda: len(seen[a]) >= 2)
+        (stream_src, *stream), datagram = seen[a]
+        assert stream_src[0] == "127.0.0.1" and stream == ["decrypt", "stream"]
+        assert datagram == (y.address, "decrypt", "datagram")
+        assert seen[y] == []  # nothing came back to y
+        assert a.stats.dropped == {"decrypt": 2}
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
 async def test_events_broadcasts_messages_meta_and_leave():
     async with anyio.create_task_group() as tg:
         a = await tg.start(SwimNode(FAST, meta=b"api=1").serve)
