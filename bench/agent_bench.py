@@ -173,13 +173,14 @@ def _apply_ratio(base: Path, versions: int) -> tuple[float, float]:
     src = Store(base / "src.db")
     src.apply_schema(SCHEMA)
     for i in range(versions):
-        src.execute_local(
+        _, commit = src.execute_local(
             [
                 ("INSERT INTO kv (k, v, n) VALUES (?, ?, ?)", (f"k{i}-{j}", "x" * 20, j))
                 for j in range(10)
             ],
             ts=i,
         )
+        src.install(commit)  # booked before the next transaction numbers its version
     items = list(src.serve(src.actor_id, RangeSet([(1, versions)]), max_versions=versions))
     frames = [encode(x) for x in items]
     changes = [c for x in items for c in x.changes]
@@ -197,7 +198,7 @@ def _apply_ratio(base: Path, versions: int) -> tuple[float, float]:
     t = time.perf_counter()
     decoded = [decode_frame(f)[1] for f in frames]
     for i in range(0, len(decoded), 1000):
-        store.apply(decoded[i : i + 1000])
+        store.install(store.apply(decoded[i : i + 1000]))
     agent = len(changes) / (time.perf_counter() - t)
     for closable in (src, dst, store):
         closable.close()

@@ -7,9 +7,12 @@ hosted in one anyio task group (asyncio, uvloop or trio), plus optionally the HT
             ...
 
 Threads and locks: SQLite work runs in worker threads (``anyio.to_thread``), one at a time under
-``db_lock`` (one writer connection). Everything else — the replicator's in-memory state, peer
-choice, timers — runs on the event loop. Reads (``query``) use their own read-only connections,
-in parallel with writes (WAL).
+``db_lock`` (one writer connection). The event loop owns everything in memory — the replicator's
+state, the store's bookkeeping, peer choice, timers: a worker thread reads it and returns what
+it did, and the loop installs that (``Replicator.install_apply`` / ``install_commit``) before it
+releases ``db_lock`` (corrosion/replication.py, rules O1-O3). Reads (``query``) use their own
+read-only connections, in parallel with writes (WAL); only the pool of those connections is
+shared with the threads (atomic list operations).
 """
 
 from __future__ import annotations
@@ -621,10 +624,13 @@ class Agent:
         assert self.replicator is not None
         with anyio.fail_after(30):
             request = await stream.receive()
-        async with self.db_lock:
-            frames = await anyio.to_thread.run_sync(
-                lambda: list(self.replicator.serve_sync(request))
-            )
+        opened = self.replicator.open_sync(request)
+        if isinstance(opened, bytes):  # the reject frame
+            frames = [opened]
+        else:
+            answer = self.replicator.sync_answer
+            async with self.db_lock:
+                frames = await anyio.to_thread.run_sync(lambda: list(answer(opened)))
         sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
         with anyio.fail_after(120):
             for frame in frames:
@@ -682,10 +688,16 @@ class Agent:
             self._apply_wake = anyio.Event()
             while rep.queue:
                 batch = rep.take_batch(self.config.perf.apply_batch_size)
+                result = None
                 try:
                     async with self.db_lock:
-                        result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
-                        if result.kept:  # installed in commit order, before the lock is free
+                        # installed in commit order, before the lock is free (even if cancelled)
+                        with anyio.CancelScope(shield=True):
+                            try:
+                                result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
+                            finally:
+                                rep.install_apply(batch, result, self._now())
+                        if result.kept:
                             self.pending_schema.kept(result.kept_missing)
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
@@ -697,9 +709,6 @@ class Agent:
                 if result.applied or result.emptied:
                     self.activity.applied(len(result.applied), result.changes_applied)
                 if result.applied or result.emptied or result.kept:
-                    now = self._now()
-                    for actor, _version in result.applied + result.kept:
-                        rep.note_booked(actor, now)
                     self._record_lag(batch, result)
                     self.events.applied_versions += len(result.applied) + result.emptied
                     for listener in self.apply_listeners:
@@ -733,35 +742,13 @@ class Agent:
         async with events:
             async for ev in events:
                 log_member_event(ev, self._describe_member)
-                members: list[swim.Member] = []
-                if isinstance(ev, swim.MemberUp | swim.MemberAlive | swim.MemberUpdated):
-                    members = [ev.member]
-                elif isinstance(ev, swim.MemberRenamed):
-                    self._member_gone(ev.old)
-                    members = [ev.new]
-                elif isinstance(ev, swim.MemberDown):
-                    self._member_gone(ev.member)
-                    await self._persist_member(ev.member)
-                    continue
-                for m in members:
-                    info = decode_meta(m.meta)
-                    if info is None:
-                        continue
-                    actor, port, cluster = info
-                    if cluster != self.config.gossip.cluster_id:
-                        continue
-                    self.replicator.member_up(actor, peer_address(m.addr, port))
+                for m in self.replicator.member_event(ev):
                     await self._persist_member(m)
 
     @staticmethod
     def _describe_member(m: swim.Member) -> tuple[str, str]:
         info = decode_meta(m.meta)
         return (info[0].hex() if info else "", format_addr(m.addr))
-
-    def _member_gone(self, m: swim.Member) -> None:
-        info = decode_meta(m.meta)
-        if info is not None and self.replicator is not None:
-            self.replicator.member_down(info[0])
 
     async def _persist_member(self, m: swim.Member) -> None:
         info = decode_meta(m.meta)
@@ -823,12 +810,14 @@ class Agent:
         seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
         try:
             async with self.db_lock:
-                results, commit = await anyio.to_thread.run_sync(
-                    lambda: store.execute_local(parsed, ts, timeout=seconds)
-                )
+                with anyio.CancelScope(shield=True):  # booked before the lock is free
+                    results, commit = await anyio.to_thread.run_sync(
+                        lambda: store.execute_local(parsed, ts, timeout=seconds)
+                    )
+                    effects = self.replicator.install_commit(commit, self._now())
         except StatementError as exc:
             raise _transaction_error(exc) from None
-        self._perform(self.replicator.broadcast_commit(commit, self._now()))
+        self._perform(effects)
         if commit is not None:
             self._changed(commit.changes)
             self.activity.local_commit()
@@ -850,12 +839,14 @@ class Agent:
         seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
         try:
             async with self.db_lock:
-                _results, commit = await anyio.to_thread.run_sync(
-                    lambda: store.execute_local(parsed, ts, timeout=seconds)
-                )
+                with anyio.CancelScope(shield=True):  # booked before the lock is free
+                    _results, commit = await anyio.to_thread.run_sync(
+                        lambda: store.execute_local(parsed, ts, timeout=seconds)
+                    )
+                    effects = self.replicator.install_commit(commit, self._now())
         except StatementError as exc:
             raise _transaction_error(exc) from None
-        self._perform(self.replicator.broadcast_commit(commit, self._now()))
+        self._perform(effects)
         if commit is not None:
             self._changed(commit.changes)
             self.activity.local_commit()

@@ -66,6 +66,11 @@ class Bookie:
             b = self.actors[actor] = Booked()
         return b
 
+    def head(self, actor: bytes) -> int:
+        """The highest version of ``actor`` known here (0: none), without booking the actor."""
+        b = self.actors.get(actor)
+        return 0 if b is None else b.max()
+
     def holds(self, actor: bytes, version: int) -> bool:
         b = self.actors.get(actor)
         return b is not None and version in b.held

@@ -7,8 +7,21 @@ A :class:`Replicator` is one node's replication logic. Like ``swim.Membership`` 
 socket or a clock: the host feeds it events with ``now`` and performs the effects it returns
 (:class:`SendFrame`, :class:`StartSync`, :class:`SetTimer`). Randomness comes from an injected
 ``random.Random``; peers are chosen from lists sorted by actor id. It does use the node's
-database (``corrosion.store.Store``) directly and synchronously: the runtime calls it from a
-worker thread, the simulator inline.
+database (``corrosion.store.Store``) directly and synchronously: the runtime calls its database
+halves from a worker thread, the simulator inline.
+
+Ownership
+=========
+
+O1  Everything in memory here (queue, queued keys, peers, timers, stats, the HLC) and the
+    store's bookie belong to the host's event loop: only the loop changes them.
+O2  A worker thread runs only the database halves — ``apply_batch``, ``Store.execute_local``,
+    ``sync_answer`` — which read that state and return what they did, changing nothing.
+O3  The loop installs each result with one call, ``install_apply`` (bookkeeping, queued keys,
+    stats) or ``install_commit`` (bookkeeping, broadcast), before the next database half may
+    run (the agent holds its database lock across both), so each reads the bookkeeping of the
+    ones before it and none reads it while the loop changes it. The simulator makes the same
+    calls, inline.
 
 Rules
 =====
@@ -50,6 +63,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+import swim
 
 from .bookie import validate_sync_state
 from .changeset import (
@@ -221,6 +236,33 @@ class Replicator:
         """A version of ``actor`` was booked here (local commit or apply): digest its head."""
         self._recent[actor] = now
 
+    def member_event(self, event: swim.Notification) -> list[swim.Member]:
+        """Follow a SWIM membership event: a member of this cluster that is up (or alive again,
+        or updated, or the new identity of a renamed one) is a peer at the address its metadata
+        advertises; one that is down, or the old identity of a renamed one, is a peer no more.
+        Returns the members whose state the host remembers (``Store.save_member``). The agent
+        and the simulator both call this: it is the one translation of members into peers."""
+        if isinstance(event, swim.MemberDown):
+            gone = decode_meta(event.member.meta)
+            if gone is None:
+                return []
+            self.member_down(gone[0])
+            return [event.member]
+        if isinstance(event, swim.MemberRenamed):
+            old = decode_meta(event.old.meta)
+            if old is not None:
+                self.member_down(old[0])
+            member = event.new
+        elif isinstance(event, swim.MemberUp | swim.MemberAlive | swim.MemberUpdated):
+            member = event.member
+        else:
+            return []
+        info = decode_meta(member.meta)
+        if info is None or info[2] != self.config.cluster_id:
+            return []
+        self.member_up(info[0], peer_address(member.addr, info[1]))
+        return [member]
+
     def member_up(self, actor: bytes, addr: Address) -> None:
         if actor != self.actor:
             self.peers[actor] = Peer(actor, addr)
@@ -240,13 +282,16 @@ class Replicator:
         self, statements: Sequence[Statement], now: float
     ) -> tuple[list[StatementResult], LocalCommit | None, list[Effect]]:
         """Run a local transaction and broadcast it (the runtime splits the two: the database
-        part runs in a worker thread, ``broadcast_commit`` on the event loop)."""
+        part runs in a worker thread, ``install_commit`` on the event loop)."""
         results, commit = self.store.execute_local(statements, self.hlc.now())
-        return results, commit, self.broadcast_commit(commit, now)
+        return results, commit, self.install_commit(commit, now)
 
-    def broadcast_commit(self, commit: LocalCommit | None, now: float) -> list[Effect]:
+    def install_commit(self, commit: LocalCommit | None, now: float) -> list[Effect]:
+        """Book a local transaction's version and broadcast it (O3: on the loop, before the next
+        transaction runs)."""
         effects: list[Effect] = []
         if commit is not None:
+            self.store.install(commit)
             self.note_booked(self.actor, now)
         if commit is not None and self.config.broadcast:
             frames = [
@@ -383,10 +428,17 @@ class Replicator:
 
     # -- applying (B3) ----------------------------------------------------------------------
 
-    def apply_pending(self, limit: int | None = None) -> ApplyResult | None:
-        """Apply up to ``limit`` queued items in one transaction."""
+    def apply_pending(self, limit: int | None = None, now: float = 0.0) -> ApplyResult | None:
+        """Apply up to ``limit`` queued items in one transaction, and install the result."""
         batch = self.take_batch(limit)
-        return self.apply_batch(batch) if batch else None
+        if not batch:
+            return None
+        result = None
+        try:
+            result = self.apply_batch(batch)
+        finally:
+            self.install_apply(batch, result, now)
+        return result
 
     def take_batch(self, limit: int | None = None) -> list[Changeset | EmptyVersions]:
         n = len(self.queue) if limit is None else min(limit, len(self.queue))
@@ -394,19 +446,27 @@ class Replicator:
         return [q.item for q in batch]
 
     def apply_batch(self, items: list[Changeset | EmptyVersions]) -> ApplyResult:
-        """The database half of ``apply_pending`` (safe to run in a worker thread while the
-        event loop keeps queueing)."""
-        try:
-            result = self.store.apply(items)
-        finally:
-            for it in items:
-                if isinstance(it, Changeset):
-                    self._queued_keys.discard((it.actor, it.version, it.seqs[0], it.seqs[1]))
+        """The database half of ``apply_pending``: runs in a worker thread while the event loop
+        keeps queueing; changes nothing in memory (O2)."""
+        return self.store.apply(items)
+
+    def install_apply(
+        self, items: list[Changeset | EmptyVersions], result: ApplyResult | None, now: float
+    ) -> None:
+        """The loop half (O3): book what ``apply_batch`` did with ``items`` (None: it failed,
+        nothing to book), forget them as queued, count them, and digest the versions booked."""
+        for it in items:
+            if isinstance(it, Changeset):
+                self._queued_keys.discard((it.actor, it.version, it.seqs[0], it.seqs[1]))
+        if result is None:
+            return
+        self.store.install(result)
+        for actor, _version in result.applied + result.kept:
+            self.note_booked(actor, now)
         self.stats.duplicates += result.duplicates
         self.stats.rejected_changesets += len(result.rejected)
         self.stats.applied_versions += len(result.applied) + result.emptied
         self.stats.changes_applied += result.changes_applied
-        return result
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -433,7 +493,7 @@ class Replicator:
             del self._recent[actor]
         if not self._recent or not self.peers:
             return effects
-        heads = [[actor, self.store.bookie.get(actor).max()] for actor in sorted(self._recent)]
+        heads = [[actor, self.store.bookie.head(actor)] for actor in sorted(self._recent)]
         frame = encode_control(K_DIGEST, self.actor, heads)
         peers = self._sorted_peers()
         for peer in self.rng.sample(peers, min(self.config.fanout, len(peers))):
@@ -550,6 +610,15 @@ class Replicator:
     def serve_sync(self, request: bytes) -> Iterator[bytes]:
         """Answer a sync request with the frames the requester lacks, then a done frame. A
         malformed request or one from another cluster gets a reject frame."""
+        opened = self.open_sync(request)
+        if isinstance(opened, bytes):
+            yield opened
+        else:
+            yield from self.sync_answer(opened)
+
+    def open_sync(self, request: bytes) -> dict[bytes, Any] | bytes:
+        """The loop half of ``serve_sync``: the requester's sync state, or the reject frame to
+        answer with (counted either way)."""
         try:
             kind, fields = decode_frame(request)
             if kind != K_SYNC_REQUEST or len(fields) != 3:
@@ -558,13 +627,16 @@ class Replicator:
             state = validate_sync_state(state)
         except (FrameError, ValueError):
             self.stats.malformed += 1
-            yield encode_control(K_REJECT, "malformed sync request")
-            return
+            return encode_control(K_REJECT, "malformed sync request")
         if cluster_id != self.config.cluster_id:
             self.stats.other_cluster += 1
-            yield encode_control(K_REJECT, "different cluster")
-            return
+            return encode_control(K_REJECT, "different cluster")
         self.stats.syncs_served += 1
+        return state
+
+    def sync_answer(self, state: dict[bytes, Any]) -> Iterator[bytes]:
+        """The database half of ``serve_sync`` (O2): the frames a peer with sync state ``state``
+        lacks, then a done frame."""
         budget = self.config.sync_budget_versions
         for actor, lack in self.store.bookie.missing_for(state).items():
             if budget <= 0:

@@ -20,6 +20,14 @@ Tables (corrosion's names):
 ``__corro_members(actor_id, address, state, meta, updated_at)``  last known membership
 ``__corro_pending_changes(...)``                    the changes of versions kept until this node
     has their table or column (``pending_schema``); booked with ``db_version`` NULL meanwhile
+
+Ownership: ``Store.bookie`` (the tables' in-memory mirror) has one owner, the host's event loop.
+The transactions (``execute_local``, ``apply``) run in a worker thread: they read the bookie and
+return what to book (``LocalCommit``, ``ApplyResult.booked``) without changing it. The loop
+installs that with ``install`` (through ``Replicator.install_commit`` / ``install_apply``) before
+it lets the next transaction run (the agent holds its database lock across both), so every
+transaction reads the bookkeeping of the ones before it, and no thread reads the bookie while
+the loop changes it.
 """
 
 from __future__ import annotations
@@ -132,6 +140,8 @@ class ApplyResult:
     # versions kept until this node has their schema, and what they wait for
     kept: list[tuple[bytes, int]] = field(default_factory=list)
     kept_missing: PendingSummary = field(default_factory=PendingSummary)
+    # the new bookkeeping of every actor the transaction touched, for ``Store.install``
+    booked: dict[bytes, Booked] = field(default_factory=dict)
 
 
 @dataclass
@@ -255,6 +265,13 @@ class Store:
         # gaps are derived; the table mirrors them for readers (health, inspection)
         return bookie
 
+    def install(self, done: ApplyResult | LocalCommit | None) -> None:
+        """Book what a transaction returned (on the event loop, before the next one runs)."""
+        if isinstance(done, LocalCommit):
+            self.bookie.get(self.actor_id).held.add(done.version, done.version)
+        elif done is not None:
+            self.bookie.actors.update(done.booked)
+
     def _write_gaps(self, actor: bytes, booked: Booked) -> None:
         self.conn.execute("DELETE FROM __corro_bookkeeping_gaps WHERE actor_id = ?", (actor,))
         gaps = booked.gaps()
@@ -270,9 +287,10 @@ class Store:
         self, statements: Sequence[Statement], ts: int, *, timeout: float | None = None
     ) -> tuple[list[StatementResult], LocalCommit | None]:
         """Run a client's statements in one transaction; book and return the new version if
-        replicated data changed. Any failing statement rolls back everything
-        (``StatementError``; ``StatementRefused`` for what clients may not do, ``sqlguard``;
-        ``StatementTimeout`` past ``timeout`` seconds of running them)."""
+        replicated data changed (``install`` it before the next transaction). Any failing
+        statement rolls back everything (``StatementError``; ``StatementRefused`` for what
+        clients may not do, ``sqlguard``; ``StatementTimeout`` past ``timeout`` seconds of
+        running them)."""
         conn = self.conn
         state = conn.crr
         results: list[StatementResult] = []
@@ -311,8 +329,7 @@ class Store:
                     if c.site_id == self.actor_id
                 ]
                 if changes:
-                    booked = self.bookie.get(self.actor_id)
-                    version = booked.max() + 1
+                    version = self.bookie.head(self.actor_id) + 1
                     last_seq = max(c.seq for c in changes)
                     conn.execute(
                         "INSERT INTO __corro_bookkeeping (actor_id, start_version, end_version, "
@@ -325,14 +342,13 @@ class Store:
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             raise
-        if commit is not None:
-            self.bookie.get(self.actor_id).held.add(commit.version, commit.version)
         return results, commit
 
     # -- applying remote versions --------------------------------------------------------
 
     def apply(self, items: Sequence[Changeset | EmptyVersions]) -> ApplyResult:
-        """Apply chunks and empty-version notices in one transaction (bookkeeping included).
+        """Apply chunks and empty-version notices in one transaction (bookkeeping included;
+        ``install`` the result before the next transaction).
 
         A changeset that fails to merge (bad data) is dropped on its own and reported in
         ``rejected``; the rest of the batch still applies."""
@@ -349,7 +365,8 @@ class Store:
         def booked(actor: bytes) -> Booked:
             b = touched.get(actor)
             if b is None:
-                b = touched[actor] = self.bookie.get(actor).copy()
+                held = self.bookie.actors.get(actor)
+                b = touched[actor] = held.copy() if held is not None else Booked()
             return b
 
         complete: list[tuple[bytes, int, list[Change], int, int]] = []
@@ -430,7 +447,7 @@ class Store:
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             raise
-        self.bookie.actors.update(touched)
+        result.booked = touched
         return result
 
     def _keep_unknown_schema(

@@ -4,11 +4,12 @@ The adapter mirrors what ``corrosion.agent.Agent`` does with real sockets: a ``S
 SQLite file in the node's directory, so it survives crashes; site id from the node's seeded
 stream), the ``Replicator`` on the virtual clock (its hybrid logical clock reads virtual
 milliseconds), peers learned from the sibling swim core's notifications through the member
-metadata the agent advertises (``encode_meta``). Its effects map onto the port: ``SendFrame``
+metadata the agent advertises (``encode_meta``), by the agent's own translation
+(``Replicator.member_event``). Its effects map onto the port: ``SendFrame``
 -> a datagram on the ``corrosion`` channel (the simulated network may lose it: sync repairs),
 ``StartSync`` -> a stream answered with every frame of ``serve_sync``, ``SetTimer`` -> a
 timer. Queued changesets are applied as soon as they arrive (the agent's apply loop, without
-its thread).
+its thread, but with the same two calls: ``apply_batch``, then ``install_apply``).
 
 :func:`agent_world` builds a world of agents (each node: this core, then a swim core whose
 metadata comes from it) with the SWIM checkers and :class:`~simulations.crdt_checks.
@@ -26,11 +27,10 @@ from corrosion.replication import (
     SendFrame,
     SetTimer,
     StartSync,
-    decode_meta,
     encode_meta,
 )
 from corrosion.store import Store
-from swim import Config, MemberAlive, MemberDown, MemberRenamed, MemberUp, MemberUpdated
+from swim import Config, MemberUp
 
 from .cluster import SEEDS_PER_NODE
 from .crdt_checks import CrdtConvergence
@@ -74,7 +74,7 @@ class AgentCore(Core):
         swim = self.port.sibling(SWIM)
         if swim is not None:
             for m in swim.membership.members():
-                self._member(m)
+                self.replicator.member_event(MemberUp(m))
 
     def stop(self) -> None:
         self.store.close()
@@ -82,24 +82,8 @@ class AgentCore(Core):
     # -- membership ---------------------------------------------------------------------------
 
     def on_event(self, source: str, event: Any, now: float) -> None:
-        t = type(event)
-        if t is MemberUp or t is MemberAlive or t is MemberUpdated:
-            self._member(event.member)
-        elif t is MemberRenamed:
-            self._gone(event.old)
-            self._member(event.new)
-        elif t is MemberDown:
-            self._gone(event.member)
-
-    def _member(self, m) -> None:
-        info = decode_meta(m.meta)
-        if info is not None and info[2] == self.cluster_id:
-            self.replicator.member_up(info[0], (m.addr[0], info[1]))
-
-    def _gone(self, m) -> None:
-        info = decode_meta(m.meta)
-        if info is not None:
-            self.replicator.member_down(info[0])
+        self.replicator.member_event(event)  # the agent's own translation (members persist
+        # only in the agent: the simulated disk keeps the database, not the member list)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -141,10 +125,8 @@ class AgentCore(Core):
 
     def _apply(self, now: float) -> None:
         rep = self.replicator
-        while rep.queue:
-            result = rep.apply_batch(rep.take_batch(500))
-            for actor, _version in result.applied:
-                rep.note_booked(actor, now)
+        while rep.queue:  # the agent's two halves (apply_batch, install_apply), inline
+            rep.apply_pending(500, now)
 
     def _perform(self, effects: list) -> None:
         port = self.port

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corrosion import Agent, Config
+from corrosion.store import ApplyResult, LocalCommit, StatementResult, Store
 
 # Every test cluster runs as a user's must: with a gossip key (corrosion refuses to start without
 # one unless gossip.plaintext = true). Tests of plaintext pass {"plaintext": True,
@@ -102,3 +103,20 @@ async def cluster(
 
 async def rows(agent: Agent, sql: str, params: Any = ()) -> list[tuple]:
     return [r async for r in agent.query(sql, params)]
+
+
+def apply_now(store: Store, items: Sequence[Any]) -> ApplyResult:
+    """``Store.apply`` and install its bookkeeping, as the agent's loop does after the worker's
+    transaction (for tests that drive a store alone)."""
+    result = store.apply(items)
+    store.install(result)
+    return result
+
+
+def commit_now(
+    store: Store, statements: Sequence[Any], ts: int
+) -> tuple[list[StatementResult], LocalCommit | None]:
+    """``Store.execute_local`` and install its bookkeeping (see ``apply_now``)."""
+    results, commit = store.execute_local(statements, ts)
+    store.install(commit)
+    return results, commit

@@ -8,6 +8,7 @@ import random
 import tempfile
 from pathlib import Path
 
+from agent_helpers import apply_now, commit_now
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,24 +71,24 @@ def test_kept_versions_converge_with_a_node_that_had_the_table(writers, seed, cu
             # two writers, each committing its transactions; some touch both tables
             for writer, txs in zip(origins, writers, strict=True):
                 for ts, tx in enumerate(txs, 1):
-                    writer.execute_local([sql(*o) for o in tx], ts)
+                    commit_now(writer, [sql(*o) for o in tx], ts)
             items = []
             for writer in origins:
                 head = writer.bookie.get(writer.actor_id).max()
                 if head:
                     items += writer.serve(writer.actor_id, RangeSet([(1, head)]))
-            full.apply(items)
+            apply_now(full, items)
             # the late node gets them in a random order, some before its schema arrives
             random.Random(seed).shuffle(items)
             split = int(len(items) * cut)
             for item in items[:split]:
-                late.apply([item])
+                apply_now(late, [item])
             before = late.pending_summary()
             reload = late.reload_schema(T1 + T2)
             assert reload.applied.rejected == [] and reload.pending.versions == 0
             assert len(reload.applied.applied) + reload.applied.emptied == before.versions
             for item in items[split:]:
-                late.apply([item])
+                apply_now(late, [item])
             assert late.pending_summary().versions == 0
             assert state(late) == state(full)
             assert late.bookie.gap_count() == 0
@@ -102,20 +103,20 @@ def test_kept_versions_are_served_as_received_and_count_as_held(tmp_path):
         a.apply_schema(T1 + T2)
         b.apply_schema(T1)
         c.apply_schema(T1 + T2)
-        a.execute_local([sql("t1", "upsert", 1, "x")], 1)
-        a.execute_local([sql("t2", "upsert", 1, "123"), sql("t1", "upsert", 2, "y")], 2)
-        result = b.apply(list(a.serve(a.actor_id, RangeSet([(1, 2)]))))
+        commit_now(a, [sql("t1", "upsert", 1, "x")], 1)
+        commit_now(a, [sql("t2", "upsert", 1, "123"), sql("t1", "upsert", 2, "y")], 2)
+        result = apply_now(b, list(a.serve(a.actor_id, RangeSet([(1, 2)]))))
         assert result.applied == [(a.actor_id, 1)] and result.kept == [(a.actor_id, 2)]
         assert b.bookie.get(a.actor_id).held == RangeSet([(1, 2)]) and b.bookie.gap_count() == 0
         assert b.conn.execute("SELECT id, a FROM t1").fetchall() == [(1, "x")]  # v2 is whole
         # b serves version 2 to c exactly as it received it
-        c.apply(list(b.serve(a.actor_id, RangeSet([(1, 2)]))))
+        apply_now(c, list(b.serve(a.actor_id, RangeSet([(1, 2)]))))
         assert state(c) == state(a)
         # again after a restart: the kept version is still held and still served
         b.close()
         b = Store(tmp_path / "b.db")
         assert b.pending_summary().to_json() == {"versions": 1, "missing": {"t2": 2}}
-        again = b.apply(list(a.serve(a.actor_id, RangeSet([(1, 2)]))))
+        again = apply_now(b, list(a.serve(a.actor_id, RangeSet([(1, 2)]))))
         assert again.duplicates == 2 and again.kept == []
         reload = b.reload_schema(T1 + T2)
         assert reload.outcome.changes == ["created table t2"]
@@ -124,7 +125,7 @@ def test_kept_versions_are_served_as_received_and_count_as_held(tmp_path):
         # and once applied, served from its clocks like any version
         d = Store(tmp_path / "d.db")
         d.apply_schema(T1 + T2)
-        d.apply(list(b.serve(a.actor_id, RangeSet([(1, 2)]))))
+        apply_now(d, list(b.serve(a.actor_id, RangeSet([(1, 2)]))))
         assert state(d) == state(a)
         d.close()
     finally:

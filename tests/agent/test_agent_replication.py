@@ -7,6 +7,7 @@ import itertools
 import random
 
 import pytest
+from agent_helpers import apply_now, commit_now
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,8 +46,8 @@ def table(s: Store) -> list[tuple]:
 
 
 def big_commit(s: Store, n: int = 300):
-    _, commit = s.execute_local(
-        [("INSERT INTO t (id, body) VALUES (?, ?)", (i, "x" * 100)) for i in range(n)], ts=1
+    _, commit = commit_now(
+        s, [("INSERT INTO t (id, body) VALUES (?, ?)", (i, "x" * 100)) for i in range(n)], ts=1
     )
     return commit
 
@@ -67,7 +68,7 @@ def test_chunks_buffer_until_complete_even_across_a_restart(tmp_path):
     assert chunks[0].seqs[0] == 0 and chunks[-1].seqs[1] == commit.last_seq
     assert all(x.seqs[1] + 1 == y.seqs[0] for x, y in itertools.pairwise(chunks))
     order = list(reversed(chunks))
-    result = b.apply(order[:-1] + order[:2])  # all but one chunk, plus duplicates
+    result = apply_now(b, order[:-1] + order[:2])  # all but one chunk, plus duplicates
     assert result.buffered == len(chunks) - 1 and result.duplicates == 2
     assert table(b) == []
     assert b.bookie.get(a.actor_id).partials[1].seqs.ranges() == [
@@ -77,7 +78,7 @@ def test_chunks_buffer_until_complete_even_across_a_restart(tmp_path):
     b.close()
     b = Store(path)  # a crash here must lose nothing
     assert list(b.bookie.get(a.actor_id).partials) == [1]
-    result = b.apply([order[-1]])
+    result = apply_now(b, [order[-1]])
     assert result.applied == [(a.actor_id, 1)]
     assert table(b) == table(a)
     assert b.conn.execute("SELECT count(*) FROM __corro_buffered_changes").fetchone() == (0,)
@@ -88,28 +89,28 @@ def test_versions_out_of_order_leave_gaps_until_filled(tmp_path):
     a, b = store(tmp_path, "a"), store(tmp_path, "b")
     commits = []
     for i in range(4):
-        commits.append(a.execute_local([("INSERT INTO t (id) VALUES (?)", (i,))], ts=i)[1])
+        commits.append(commit_now(a, [("INSERT INTO t (id) VALUES (?)", (i,))], ts=i)[1])
     items = [next(iter(a.serve(a.actor_id, RangeSet([(c.version, c.version)])))) for c in commits]
-    b.apply([items[3]])
+    apply_now(b, [items[3]])
     assert b.bookie.get(a.actor_id).gaps() == RangeSet([(1, 3)])
     assert b.conn.execute('SELECT start, "end" FROM __corro_bookkeeping_gaps').fetchall() == [
         (1, 3)
     ]
-    b.apply([items[1], items[0]])
+    apply_now(b, [items[1], items[0]])
     assert b.bookie.gap_count() == 2 - 1 + 0  # only version 3 missing now
-    b.apply([items[2]])
+    apply_now(b, [items[2]])
     assert b.bookie.gap_count() == 0 and table(b) == table(a)
     assert b.conn.execute("SELECT count(*) FROM __corro_bookkeeping_gaps").fetchone() == (0,)
 
 
 def test_superseded_versions_are_served_empty(tmp_path):
     a, b = store(tmp_path, "a"), store(tmp_path, "b")
-    a.execute_local([("INSERT INTO t (id, body) VALUES (1, 'old')", ())], ts=1)
-    a.execute_local([("UPDATE t SET body = 'new', n = 1 WHERE id = 1", ())], ts=2)
+    commit_now(a, [("INSERT INTO t (id, body) VALUES (1, 'old')", ())], ts=1)
+    commit_now(a, [("UPDATE t SET body = 'new', n = 1 WHERE id = 1", ())], ts=2)
     served = list(a.serve(a.actor_id, RangeSet([(1, 2)])))
     assert isinstance(served[-1], EmptyVersions) and served[-1].versions == ((1, 1),)
     assert [c.version for c in served if isinstance(c, Changeset)] == [2]
-    b.apply(served)
+    apply_now(b, served)
     assert table(b) == [(1, "new", 1)]
     assert b.bookie.get(a.actor_id).held == RangeSet([(1, 2)])
 
@@ -200,11 +201,11 @@ def test_garbage_frames_never_raise(tmp_path_factory, data):
 def test_bad_changeset_is_isolated_from_its_batch(tmp_path):
     a, b = store(tmp_path, "a"), store(tmp_path, "b")
     good = list(a.serve(a.actor_id, RangeSet([(1, 1)])))
-    a.execute_local([("INSERT INTO t (id) VALUES (1)", ())], ts=1)
+    commit_now(a, [("INSERT INTO t (id) VALUES (1)", ())], ts=1)
     good = list(a.serve(a.actor_id, RangeSet([(1, 1)])))
     # a malformed pk (an unknown table is not bad data: it is kept until its schema arrives)
     bad = Changeset(b"\x07" * 16, 1, (good[0].changes[0]._replace(pk=b"\xff"),), (0, 0), 0, 1, 1)
-    result = b.apply([bad, *good])
+    result = apply_now(b, [bad, *good])
     assert result.rejected and result.rejected[0][0] == b"\x07" * 16
     assert result.applied == [(a.actor_id, 1)] and table(b) == [(1, None, 0)]
 

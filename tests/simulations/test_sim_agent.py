@@ -9,9 +9,11 @@ import random
 import pytest
 from hypothesis import HealthCheck, settings
 
+from corrosion.replication import Replicator
 from simulations import LinkModel, SimulationFailure, run_liveness
 from simulations.agent_core import agent_of, agent_world
 from simulations.strategies import BASE_LINK, AgentMachine
+from swim import MemberDown, MemberUp
 
 UPSERT = "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"
 
@@ -100,3 +102,33 @@ def test_agent_runs_are_deterministic_across_processes_and_hash_seeds():
                              capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
         outs.append(out.stdout.strip())
     assert len(outs[0]) == 32 and outs[0] == outs[1]
+
+
+def test_the_simulator_learns_peers_through_the_agents_own_translation(monkeypatch):
+    """Membership events become replication peers in one function, ``Replicator.member_event``,
+    which the agent calls too: what the simulator checks is the agent's code."""
+    seen: list[type] = []
+    original = Replicator.member_event
+
+    def spy(self, event):
+        seen.append(type(event))
+        return original(self, event)
+
+    monkeypatch.setattr(Replicator, "member_event", spy)
+    world = agent_world(3, 3)
+    try:
+        world.run_until(5.0)
+        assert MemberUp in seen
+        for node in world.nodes:
+            core = agent_of(node)
+            others = {agent_of(n).store.actor_id for n in world.nodes if n is not node}
+            assert set(core.replicator.peers) == others
+        world.crash(world.nodes[2])
+        world.run_for(30.0)
+        assert MemberDown in seen
+        assert agent_of(world.nodes[2]) is None
+        assert agent_of(world.nodes[0]).replicator.peers.keys() == {
+            agent_of(world.nodes[1]).store.actor_id
+        }
+    finally:
+        world.close()
