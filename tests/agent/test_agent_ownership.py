@@ -4,7 +4,7 @@ Applying runs in a worker thread while the loop keeps reading the bookkeeping (s
 the sync state, digests check the apply queue, health and ``corrosion sync generate`` count gaps
 and heads). If the worker changed that state itself, a new actor appearing during one of those
 reads would raise "dictionary changed size during iteration" on the loop, and the timer loop
-would die with it. The worker only computes; the loop installs (``Replicator.install``)."""
+would die with it. The worker only computes; the loop installs (``Replicator.install_apply``)."""
 
 from __future__ import annotations
 
