@@ -9,6 +9,8 @@ Read ``swim/core.py`` first: its docstring lists every protocol rule and where i
 * ``swim.events`` - effects, notifications and timers; ``swim.testing`` - an in-memory host.
 """
 
+from typing import TYPE_CHECKING
+
 from .config import Config, ConfigError
 from .core import Membership, PayloadTooLarge, Stats
 from .events import (
@@ -65,7 +67,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:
+    from .runtime import SwimNode
+
+
+def __getattr__(name: str) -> "type[SwimNode]":
     # The runtime imports anyio; keep ``import swim`` light for pure-core users (simulator).
     if name == "SwimNode":
         from .runtime import SwimNode

@@ -229,12 +229,12 @@ def _id(v: Any) -> NodeId:
     return NodeId(host, _int(port, 0xFFFF), _int(gen, GEN_MAX))
 
 
-def _arity(p: list, n: int) -> None:
+def _arity(p: list[Any], n: int) -> None:
     if len(p) != n:
         raise Malformed("field", f"part type {p[0]} expects {n} fields, got {len(p)}")
 
 
-def _part(p: Any) -> tuple:
+def _part(p: Any) -> tuple[Any, ...]:
     if type(p) is not list or not p:
         raise Malformed("field", "a part must be a non-empty array")
     t = p[0]
@@ -282,7 +282,7 @@ def _part(p: Any) -> tuple:
     raise Malformed("type", f"unknown part type {t!r}")
 
 
-def decode_body(body: bytes, *, stream: bool = False) -> tuple[NodeId, list[tuple]]:
+def decode_body(body: bytes, *, stream: bool = False) -> tuple[NodeId, list[tuple[Any, ...]]]:
     """(sender, parts) of a body; raises :class:`Malformed` on anything unexpected.
 
     Datagrams may not carry PUSH_PULL; a stream body is exactly one PUSH_PULL part.

@@ -112,6 +112,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import codec
 from .broadcast import BroadcastQueue, PendingUpdate
@@ -272,7 +273,7 @@ class Membership:
         self._seq = rng.getrandbits(32)
         self._queue = BroadcastQueue()
         self._user_seq = 0
-        self._seen: dict[tuple, None] = {}
+        self._seen: dict[tuple[Any, ...], None] = {}
         self._streams: dict[int, bool] = {}  # stream id -> join
         self._stream_seq = 0
         self._token = 0
@@ -585,7 +586,7 @@ class Membership:
 
     # -- R1-R4: applying updates ---------------------------------------------------------------
 
-    def _apply_update(self, p: tuple, now: float, src: Address) -> None:
+    def _apply_update(self, p: tuple[Any, ...], now: float, src: Address) -> None:
         t = p[0]
         if t == codec.ALIVE:
             self._on_alive(p[1], p[2], p[3], now, src)
@@ -741,7 +742,7 @@ class Membership:
         self._out.append(BroadcastReceived(origin, payload))
         self._queue.push(("u", *key), codec.user(origin, seq, payload), src)  # R9: relay
 
-    def _remember(self, key: tuple) -> None:
+    def _remember(self, key: tuple[Any, ...]) -> None:
         self._seen[key] = None
         if len(self._seen) > SEEN_BROADCASTS_MAX:
             del self._seen[next(iter(self._seen))]
@@ -959,7 +960,7 @@ class Membership:
         body = codec.encode_body(self._packed_self, [codec.push_pull(join, states)])
         return self._framer.seal(body)
 
-    def _decode_stream(self, data: bytes) -> tuple[NodeId, bool, list] | None:
+    def _decode_stream(self, data: bytes) -> tuple[NodeId, bool, list[Any]] | None:
         if len(data) > self.config.max_stream_size:
             self._drop("too_big")
             return None
@@ -974,7 +975,7 @@ class Membership:
         _, join, states = parts[0]
         return sender, join, states
 
-    def _merge(self, sender: NodeId, states: list, now: float) -> None:
+    def _merge(self, sender: NodeId, states: list[Any], now: float) -> None:
         src = sender.addr
         for nid, inc, state, meta in states:
             if state is State.ALIVE:
