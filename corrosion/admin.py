@@ -214,7 +214,7 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
             "pending_schema": agent.pending_schema.to_json(),
         }
     if cmd == "log set":
-        spec = set_levels(request["filter"])
+        spec: str | None = set_levels(request["filter"])
         log.info("log level filter set to %r (admin socket)", spec)
         return {"filter": spec}
     if cmd == "log reset":

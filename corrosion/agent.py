@@ -20,14 +20,15 @@ import heapq
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import apsw
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 import crdt
@@ -275,8 +276,8 @@ class Agent:
         self._peers_out: dict[tuple[str, int], _PeerOut] = {}
         self._keyring: swim.Keyring | None = None
         self._aad = b""
-        self._ssl_client = None
-        self._ssl_server = None
+        self._ssl_client: ssl.SSLContext | None = None
+        self._ssl_server: ssl.SSLContext | None = None
         self.peer_addr: tuple[str, int] | None = None
         self._api_servers: list[Any] = []
         self.api_addrs: list[tuple[str, int]] = []
@@ -546,13 +547,14 @@ class Agent:
             if stream is not None:
                 await stream.aclose()
 
-    async def _serve_peer(self, raw: SocketStream) -> None:
+    async def _serve_peer(self, raw: ByteStream) -> None:
         assert self.replicator is not None
         if self.faults.isolated:
             await raw.aclose()
             return
         stream: FrameStream | None = None
-        source = raw.extra(SocketAttribute.remote_address, ("?", 0))
+        # gossip streams are TCP: the address is (host, port, ...), never a unix path
+        source = cast("tuple[str, int]", raw.extra(SocketAttribute.remote_address, ("?", 0)))
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -618,13 +620,12 @@ class Agent:
     # -- sync -------------------------------------------------------------------------------
 
     async def _answer_sync(self, stream: FrameStream, peer: str) -> None:
-        assert self.replicator is not None
+        replicator = self.replicator
+        assert replicator is not None
         with anyio.fail_after(30):
             request = await stream.receive()
         async with self.db_lock:
-            frames = await anyio.to_thread.run_sync(
-                lambda: list(self.replicator.serve_sync(request))
-            )
+            frames = await anyio.to_thread.run_sync(lambda: list(replicator.serve_sync(request)))
         sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
         with anyio.fail_after(120):
             for frame in frames:
@@ -1182,6 +1183,7 @@ class Agent:
                 "no admin socket: %s is longer than a socket path may be; set admin.path", path
             )
             return
+        assert self._tg is not None  # started
         self._closers.append(await start_admin(self, self._tg, path))
         self.admin_path = path
         self._admin_abspath = os.path.abspath(path)  # where it is, wherever the cwd goes next

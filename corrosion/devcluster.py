@@ -118,6 +118,7 @@ class DevCluster:
                 data = self._config(name, seeds)
                 agent = await self._stack.enter_async_context(Agent(Config.from_mapping(data)))
                 if not seeds:
+                    assert agent.swim is not None  # started
                     seeds = [_addr(agent.swim.address)]
                 cfg_path = self.base / name / "config.toml"
                 _write_config(cfg_path, data, agent)
@@ -186,6 +187,7 @@ def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
     """The node's config with its bound ports, for the CLI (``corrosion -c path ...``)."""
     db, gossip = data["db"], data["gossip"]
     metrics = getattr(agent, "metrics_addr", None)
+    assert agent.swim is not None  # started
     lines = [
         "# Written by `corrosion devcluster`: this node's settings with the ports it bound,",
         "# so `corrosion -c <this file> ...` reaches it while the devcluster runs.",
@@ -216,6 +218,7 @@ def describe(cluster: DevCluster, cli: str = "corrosion") -> list[str]:
     nodes = cluster.nodes
     rows = [("node", "actor id", "HTTP API", "gossip", "metrics", "config (for -c)")]
     for n in nodes:
+        assert n.agent.swim is not None  # started
         rows.append(
             (
                 n.name,
@@ -267,7 +270,9 @@ async def run_devcluster(
     """The ``devcluster`` command: start, demonstrate, print, wait, stop. Returns the nodes
     the demo write did not reach (so the command can fail: scripts and CI rely on it)."""
     if wait is None:
-        from .cli import wait_for_stop as wait
+        from .cli import wait_for_stop
+
+        wait = wait_for_stop
     temporary = base_dir is None
     base = Path(tempfile.mkdtemp(prefix="corrosion-devcluster-")) if base_dir is None else base_dir
     base = base.resolve()

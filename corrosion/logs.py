@@ -102,7 +102,7 @@ class PlainFormatter(logging.Formatter):
 # -- levels ------------------------------------------------------------------------------------
 
 
-def parse_levels(spec: str) -> dict[str, int]:
+def parse_levels(spec: object) -> dict[str, int]:
     """``"info,corrosion.sync=debug"`` → ``{"": INFO, "corrosion.sync": DEBUG}``; ValueError
     naming the bad part otherwise. The default (``""``, the root logger) is INFO unless given."""
     if not isinstance(spec, str):

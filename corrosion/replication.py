@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -465,7 +465,7 @@ class Replicator:
         booked = self.store.bookie.actors.get(actor)
         missing = booked.held.complement_within(1, head) if booked is not None else None
         if missing is None:
-            missing_versions = range(1, head + 1)
+            missing_versions: Iterable[int] = range(1, head + 1)
         else:
             if not missing:
                 return True

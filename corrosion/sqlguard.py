@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
@@ -202,12 +202,17 @@ class Guard:
 
     def _load_schema(self, conn: apsw.Connection) -> None:
         """Which tables replicate and which triggers are theirs (cached per schema version)."""
-        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        row = conn.execute("PRAGMA schema_version").fetchone()
+        assert row is not None  # a PRAGMA always returns its row
+        version = row[0]
         if version == self._schema_version:
             return
-        triggers = conn.execute(
-            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
-        ).fetchall()
+        triggers = cast(
+            "list[tuple[str, str]]",
+            conn.execute(
+                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
+            ).fetchall(),
+        )
         self._triggers = frozenset(name for name, _ in triggers)
         self._replicated = frozenset(t for name, t in triggers if name == t + "__crsql_itrig")
         self._schema_version = version

@@ -160,6 +160,7 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
             if not where:
                 identity = None
                 break
+            assert identity is not None  # mypy loses the narrowing across the nested loop
             identity.append(where[0])
         if identity is None:
             break

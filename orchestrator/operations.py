@@ -120,7 +120,7 @@ class MachineOperations:
         await self._drv(self.svc.driver.prepare(m.instance_spec(self._doc(ctx))))
 
     async def mark_starting(self, ctx: StepContext) -> None:
-        extra = {"restarts": 0} if ctx.action in ("start", "create") else {}
+        extra: dict[str, Any] = {"restarts": 0} if ctx.action in ("start", "create") else {}
         self._set(ctx, m.STARTING, ("start", m.STARTING), **extra)
 
     async def mark_restarting(self, ctx: StepContext) -> None:

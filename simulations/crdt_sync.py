@@ -22,7 +22,7 @@ from swim.events import MemberDown, MemberRenamed, MemberUp
 
 from .network import Address
 from .node import Core, CoreSpec, Port
-from .swim_core import SWIM
+from .swim_core import SWIM, SwimCore
 
 __all__ = ["CRDT", "KV_SCHEMA", "CrdtSyncCore", "crdt_sync"]
 
@@ -69,7 +69,7 @@ class CrdtSyncCore(Core):
     # -- lifecycle and peers --------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        membership = self.port.sibling(SWIM)
+        membership = self.port.node.core_of(SWIM, SwimCore)
         if membership is not None:
             for m in membership.membership.members():
                 self.peers[m.addr] = None

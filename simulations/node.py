@@ -18,7 +18,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .network import Address, Delay
 
@@ -159,6 +159,9 @@ class Clog:
         self.pending = 0
 
 
+C = TypeVar("C", bound=Core)
+
+
 class SimNode:
     """One machine of the world."""
 
@@ -179,6 +182,11 @@ class SimNode:
 
     def core(self, name: str) -> Any:
         return self.cores.get(name)
+
+    def core_of(self, name: str, kind: type[C]) -> C | None:
+        """The core registered as ``name``, typed as the ``kind`` its spec builds (a static
+        view only: not checked at run time)."""
+        return cast("C | None", self.cores.get(name))
 
     def __repr__(self) -> str:
         state = "up" if self.up else "down"

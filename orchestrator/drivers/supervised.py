@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from .base import DriverError, ExitStatus, InstanceState, UnknownInstanceError
+from .base import DriverError, ExitStatus, InstanceState, InstanceStatus, UnknownInstanceError
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -186,6 +186,9 @@ class ShimDriver:
         return pids
 
     # --- contract pieces shared by subclasses -------------------------------------------------
+
+    async def status(self, instance_id: str) -> InstanceStatus:
+        raise NotImplementedError  # each driver reads its instances' state its own way
 
     async def wait(self, instance_id: str) -> ExitStatus:
         d = self._dir(instance_id)
