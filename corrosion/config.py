@@ -515,13 +515,13 @@ class _Reader:
             raise ConfigError(f"{self._key(k)}: expected a string, got {type(v).__name__}")
         return v
 
-    def opt_str(self, k: str) -> str | None:  # type: ignore[valid-type]  # _Reader.str shadows str; goes with the rename
+    def opt_str(self, k: str) -> str | None:  # type: ignore[valid-type]  # until _Reader.str is renamed
         v = self.get(k)
         if v is not None and not isinstance(v, str):
             raise ConfigError(f"{self._key(k)}: expected a string, got {type(v).__name__}")
         return v
 
-    def str_list(self, k: str) -> list[str]:  # type: ignore[valid-type]  # _Reader.str shadows str; goes with the rename
+    def str_list(self, k: str) -> list[str]:  # type: ignore[valid-type]  # until _Reader.str is renamed
         v = self.get(k)
         if v is None:
             return []
@@ -531,7 +531,7 @@ class _Reader:
             raise ConfigError(f"{self._key(k)}: expected a list of strings")
         return v
 
-    def bool(self, k: str, default: bool) -> bool:  # type: ignore[valid-type]  # _Reader.str shadows str; goes with the rename
+    def bool(self, k: str, default: bool) -> bool:  # type: ignore[valid-type]  # until _Reader.str is renamed
         v = self.get(k)
         if v is None:
             return default
@@ -539,7 +539,7 @@ class _Reader:
             raise ConfigError(f"{self._key(k)}: expected true or false, got {v!r}")
         return v
 
-    def int(self, k: str, default: int, *, lo: int | None = None, hi: int | None = None) -> int:  # type: ignore[valid-type]  # _Reader.str shadows str; goes with the rename
+    def int(self, k: str, default: int, *, lo: int | None = None, hi: int | None = None) -> int:  # type: ignore[valid-type]  # until _Reader.str is renamed
         v = self.get(k)
         if v is None:
             return default
@@ -549,7 +549,7 @@ class _Reader:
             raise ConfigError(f"{self._key(k)}: {v} is out of range [{lo}, {hi}]")
         return v
 
-    def float(self, k: str, default: float, *, lo: float | None = None) -> float:  # type: ignore[valid-type]  # _Reader.str shadows str; goes with the rename
+    def float(self, k: str, default: float, *, lo: float | None = None) -> float:  # type: ignore[valid-type]  # until _Reader.str is renamed
         v = self.get(k)
         if v is None:
             return default

@@ -179,8 +179,7 @@ def _register(conn: Connection, state: CrrState) -> None:
     f("crsql_finalize", lambda: "finalized", 0)
     f("crsql_sha", lambda: "corrosion-python", 0, deterministic=True)
     # apsw's VTModule protocol wrongly requires ShadowName and types Connect's *args as tuples
-    module = ChangesModule(conn, state)
-    conn.create_module("crsql_changes", module, eponymous=True)  # type: ignore[arg-type]
+    conn.create_module("crsql_changes", ChangesModule(conn, state), eponymous=True)  # type: ignore[arg-type]
     conn.set_commit_hook(state.on_commit, id="crsql")
     conn.set_rollback_hook(state.on_rollback, id="crsql")
 
