@@ -161,7 +161,7 @@ async def _answer(agent: Agent, line: bytes) -> bytes:
         result = await _run(agent, request)
     except (_BadRequest, CrdtError, ConfigError) as exc:  # the operator's to fix: said plainly
         return _reply_error(str(exc))
-    except Exception as exc:  # a failing command must not take the socket down
+    except Exception as exc:  # noqa: BLE001 — a failing command must not take the socket down
         return _reply_error(f"{type(exc).__name__}: {exc}")
     try:
         return (json.dumps({"ok": True, "result": result}) + "\n").encode()

@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -200,6 +200,7 @@ class UpdateWatch:
 class _PeerOut:
     send: MemoryObjectSendStream[bytes]
     dropped: int = 0
+    done: anyio.Event = field(default_factory=anyio.Event)  # set when its sender task ends
 
 
 class Faults:
@@ -441,9 +442,12 @@ class Agent:
                 contextlib.suppress(Exception),
             ):
                 await self.swim.leave(timeout=2)
-        with anyio.move_on_after(2), anyio.CancelScope(shield=True):
-            while any(p.send.statistics().current_buffer_used for p in self._peers_out.values()):
-                await anyio.sleep(0.02)
+        # end each peer's queue: its sender sends what is queued, closes its stream, and is done
+        with anyio.move_on_after(2, shield=True):
+            for out in list(self._peers_out.values()):
+                out.send.close()
+            for out in list(self._peers_out.values()):
+                await out.done.wait()
         if self._tg is not None:
             # The task group was entered in start(); exit it at the same nesting level (no
             # extra cancel scope around this call), or anyio cannot unwind its scope.
@@ -508,9 +512,12 @@ class Agent:
         if out is None:
             send, receive = anyio.create_memory_object_stream[bytes](PEER_QUEUE)
             out = self._peers_out[addr] = _PeerOut(send)
-            self._tg.start_soon(self._peer_sender, addr, receive)
+            self._tg.start_soon(self._peer_sender, addr, receive, out.done)
         try:
             out.send.send_nowait(data)
+        except anyio.ClosedResourceError:  # closing: the queues are draining
+            self.events.frames_dropped += 1
+            return
         except anyio.WouldBlock:
             out.dropped += 1
             self.events.frames_dropped += 1
@@ -519,7 +526,7 @@ class Agent:
         if frames_log.isEnabledFor(logging.DEBUG):
             frames_log.debug("frame to %s: %s", format_addr(addr), describe_frame(data))
 
-    async def _peer_sender(self, addr: tuple[str, int], receive: Any) -> None:
+    async def _peer_sender(self, addr: tuple[str, int], receive: Any, done: anyio.Event) -> None:
         """Keeps one broadcast stream to ``addr``; on failure, drops the frame in hand and
         reconnects for the next one (sync recovers whatever is lost)."""
         assert self.replicator is not None
@@ -545,6 +552,7 @@ class Agent:
                     stream = None
             if stream is not None:
                 await stream.aclose()
+        done.set()
 
     async def _serve_peer(self, raw: SocketStream) -> None:
         assert self.replicator is not None
@@ -798,7 +806,7 @@ class Agent:
         while not self._closing:
             try:
                 joined = await self.swim.join(seeds, timeout=5)
-            except Exception:
+            except OSError:  # a seed unreachable right now: retried below
                 joined = 0
             if joined:
                 return
@@ -1184,7 +1192,8 @@ class Agent:
             return
         self._closers.append(await start_admin(self, self._tg, path))
         self.admin_path = path
-        self._admin_abspath = os.path.abspath(path)  # where it is, wherever the cwd goes next
+        # where it is, wherever the cwd goes next (abspath reads the cwd: no I/O to wait for)
+        self._admin_abspath = os.path.abspath(path)  # noqa: ASYNC240
 
     async def _start_api(self) -> None:
         from .api import serve_api

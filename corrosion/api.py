@@ -324,7 +324,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
                 quoted = '"' + t.replace('"', '""') + '"'
                 async for row in agent.query(f"SELECT count(*) FROM {quoted}"):
                     total += row[0]
-            except Exception:
+            except QueryError:
                 invalid.append(t)
         return JSONResponse({"total_row_count": total, "invalid_tables": invalid})
 

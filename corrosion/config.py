@@ -403,7 +403,7 @@ def _check_orchestrator(section: Any) -> None:
 
     try:
         OrchestratorConfig.from_mapping(section)
-    except Exception as exc:
+    except (ValueError, TypeError) as exc:  # its ConfigError is a ValueError
         message = str(exc)
         if not message.startswith("[orchestrator]"):
             message = f"[orchestrator]: {message}"

@@ -141,8 +141,12 @@ class DevCluster:
         """Seconds until every node sees all the others alive; None after ``timeout``."""
         t0 = time.perf_counter()
         with anyio.move_on_after(timeout):
-            while any(n.agent.alive_members() < self.size - 1 for n in self.nodes):
-                await anyio.sleep(0.02)
+            while lagging := [n for n in self.nodes if n.agent.alive_members() < self.size - 1]:
+                agent = lagging[0].agent
+                assert agent.swim is not None
+                with agent.swim.subscribe() as changes:  # each membership change is notified
+                    if agent.alive_members() < self.size - 1:
+                        await changes.receive()
             return time.perf_counter() - t0
         return None
 

@@ -289,7 +289,9 @@ def decode_body(body: bytes, *, stream: bool = False) -> tuple[NodeId, list[tupl
     """
     try:
         obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, ...)
+    # msgpack raises ValueError (format, extra data, UTF-8, depth), TypeError (unhashable key) and
+    # UnpackException (truncated input)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise Malformed("decode", type(exc).__name__) from None
     if type(obj) is not list or len(obj) < 1:
         raise Malformed("decode", "body must be a non-empty array")
