@@ -7,7 +7,8 @@ import dataclasses
 
 import httpx
 import pytest
-from agent_helpers import agent_config, rows, seed_addr, wait_for
+from agent_helpers import agent_config, rows, seed_addr
+from support import start_machine, wait_for
 
 from corrosion import Agent
 from orchestrator.publish import MACHINES_SCHEMA
@@ -40,18 +41,9 @@ async def test_machine_started_on_one_worker_is_visible_on_another(tmp_path):
             ),
         )
         async with Agent(other) as w2:
+            mid = await start_machine(w1.api_addrs[0])
             host, port = w1.api_addrs[0]
             async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as api:
-                resp = await api.post(
-                    "/v1/apps/web/machines",
-                    json={"config": {"image": "busybox", "init": {"cmd": ["sleep", "60"]}}},
-                )
-                assert resp.status_code == 200, resp.text
-                mid = resp.json()["id"]
-                resp = await api.get(
-                    f"/v1/apps/web/machines/{mid}/wait", params={"state": "started", "timeout": 30}
-                )
-                assert resp.status_code == 200
                 # corrosion's API is still there, on the same address
                 assert (await api.get("/v1/health")).status_code == 200
 

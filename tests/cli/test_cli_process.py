@@ -18,7 +18,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from cli_helpers import node_mapping, rows, short_tmp, wait_for, write_config
+from cli_helpers import node_mapping, rows, short_tmp, write_config
+from support import Proc, wait_for
 
 from corrosion import Agent, Config
 
@@ -40,32 +41,6 @@ def corrosion_cmd() -> list[str]:
 
 async def run(*args: str) -> subprocess.CompletedProcess:
     return await anyio.run_process([*corrosion_cmd(), *args], check=False, env=ENV)
-
-
-class Proc:
-    """A background process with its output in files (no pipe to fill up), always reaped."""
-
-    def __init__(self, args: list[str], out_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.out_path, self.err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=env or ENV)
-
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    async def wait(self, timeout: float = 60.0) -> int:
-        with anyio.fail_after(timeout):
-            while self.p.poll() is None:
-                await anyio.sleep(0.05)
-        return self.p.returncode
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
 
 
 def json_logs(text: str) -> list[dict]:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import anyio
+from support import wait_for
 
 from orchestrator.drivers import ProcessDriver, RuncDriver
 from orchestrator.engine import Backoff, EngineObserver
@@ -113,9 +114,13 @@ async def main(argv: list[str]) -> None:
             os.replace(tmp, base / "submitted.json")
             os.write(1, b"READY\n")
             gate.set()
-        with anyio.fail_after(120):
-            while orch.engine.list_runs() or any(orch.engine.busy(m) for m in list(orch._docs)):
-                await anyio.sleep(0.01)
+        await wait_for(
+            lambda: (
+                not orch.engine.list_runs() and not any(map(orch.engine.busy, list(orch._docs)))
+            ),
+            120,
+            "every run to finish",
+        )
         final = {}
         for mid, doc in orch._docs.items():
             status = await inner.status(doc["instance_id"])
