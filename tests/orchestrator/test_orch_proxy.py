@@ -85,13 +85,12 @@ async def test_machine_on_worker1_serves_through_proxy_on_worker2(tmp_path):
             mid = (await w1.create_machine("web", {"config": config}))["id"]
             assert await w1.wait_machine("web", mid, state="started", timeout=30)
 
+            async def served() -> httpx.Response | None:
+                r = await client.get("/hello.txt")
+                return r if r.status_code == 200 else None
+
             async def proxied_ok() -> httpx.Response:
-                with anyio.fail_after(30):
-                    while True:
-                        r = await client.get("/hello.txt")
-                        if r.status_code == 200:
-                            return r
-                        await anyio.sleep(0.02)
+                return await wait_for(served, 30, "the proxy to answer 200")
 
             async def unavailable() -> bool:
                 return (await client.get("/hello.txt")).status_code == 503
