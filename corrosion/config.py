@@ -65,14 +65,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .addresses import Address, format_addr
 from .logs import parse_levels
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
-
-
-Address = tuple[str, int]
 
 
 def parse_addr(value: Any, key: str) -> Address:
@@ -99,11 +97,6 @@ def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a 'host:port' string or a list of them, got {value!r}")
     return tuple(parse_addr(v, f"{key}[{i}]") for i, v in enumerate(value))
-
-
-def format_addr(addr: Address) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -395,19 +388,10 @@ def generate_key() -> str:
 
 
 def _check_orchestrator(section: Any) -> None:
-    """Validate ``[orchestrator]`` at load time, so a bad section fails before anything starts
-    (the orchestrator package is imported only by agents that host one)."""
+    """``[orchestrator]`` is kept raw for the extension that serves it, which validates its
+    keys (``corrosion.extensions``); here only its shape."""
     if not isinstance(section, Mapping):
         raise ConfigError("orchestrator: must be a table")
-    from orchestrator.config import OrchestratorConfig
-
-    try:
-        OrchestratorConfig.from_mapping(section)
-    except Exception as exc:
-        message = str(exc)
-        if not message.startswith("[orchestrator]"):
-            message = f"[orchestrator]: {message}"
-        raise ConfigError(message) from None
 
 
 # the keys that name files or directories, by table; and in ``[orchestrator]`` every key that
