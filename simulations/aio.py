@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.lowlevel
 
 if TYPE_CHECKING:
-    from .world import World
+    from .node import PortHost
 
 __all__ = ["EPOCH", "SimClock", "VirtualLoop"]
 
@@ -131,7 +131,7 @@ class SimClock:
     """``orchestrator.clock.Clock`` over the world's scheduler: ``now`` is virtual time (offset
     by :data:`EPOCH`), ``sleep`` an event on the world's heap."""
 
-    def __init__(self, world: World, vloop: VirtualLoop, epoch: float = EPOCH) -> None:
+    def __init__(self, world: PortHost, vloop: VirtualLoop, epoch: float = EPOCH) -> None:
         self.world = world
         self.vloop = vloop
         self.epoch = epoch

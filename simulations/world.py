@@ -369,9 +369,9 @@ class World:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- plumbing used by Port ----------------------------------------------------------------
+    # -- what a Port uses (node.PortHost) --------------------------------------------------
 
-    def _transmit(self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any) -> None:
+    def transmit(self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any) -> None:
         fate = self.net.fate(node.addr, dst)
         now = self.sched.now
         target = self.by_addr.get(dst)
@@ -414,14 +414,14 @@ class World:
             self.net.stats.delivered += 1
             core.on_datagram(src, data, self.sched.now)
 
-    def _fire(self, node: SimNode, boot: int, channel: str, timer: Any) -> None:
+    def fire_timer(self, node: SimNode, boot: int, channel: str, timer: Any) -> None:
         if node.boot != boot or not node.up:
             return
         core = node.cores.get(channel)
         if core is not None:
             core.on_timer(timer, self.sched.now)
 
-    def _publish(self, node: SimNode, channel: str, event: Any) -> None:
+    def publish(self, node: SimNode, channel: str, event: Any) -> None:
         now = self.sched.now
         self.trace.event(now, node.index, channel, event)
         for hook in self.event_hooks:
@@ -434,7 +434,7 @@ class World:
 
     # streams: request -> (server handles, maybe late if clogged) -> reply frames, or failure
 
-    def _open_stream(self, node: SimNode, channel: str, dst: Address, data: bytes) -> int:
+    def open_stream(self, node: SimNode, channel: str, dst: Address, data: bytes) -> int:
         self._stream_seq += 1
         sid = self._stream_seq
         self.net.stats.streams += 1
