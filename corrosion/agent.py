@@ -39,6 +39,7 @@ from crdt.schema import load_schema_paths
 from .changeset import Changeset
 from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
+from .extensions import AgentExtension, check_extensions
 from .lag import LagWindow
 from .logs import ActivityLog, GossipWarnings, describe_frame, frame_error, log_member_event
 from .pending_schema import PendingSchema
@@ -155,8 +156,11 @@ class Agent:
         seed: int | None = None,
         serve_api: bool = True,
         allow_destructive: bool = False,
+        extensions: Sequence[AgentExtension] = (),
     ) -> None:
         self.config = config
+        # hosted code of a higher layer (the orchestrator): see corrosion.extensions
+        self.extensions = list(extensions)
         self._allow_destructive = allow_destructive  # at start: drop tables the schema lacks
         # versions kept until this node has their schema, and the tables in the database that
         # the schema files do not list (both for /v1/health); installed on the event loop
@@ -191,10 +195,10 @@ class Agent:
         self.peer_addr: tuple[str, int] | None = None
         self._api_servers: list[Any] = []
         self.api_addrs: list[tuple[str, int]] = []
+        self.metrics_addr: tuple[str, int] | None = None  # bound, with telemetry.prometheus.addr
         self._read_pool: list[apsw.Connection] = []
         self._closing = False
         self._started_at = 0.0
-        self._orchestrator: Any = None
         self._db_lock_file: DatabaseLock | None = None
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
         self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
@@ -223,6 +227,7 @@ class Agent:
         problem = gossip_security_error(cfg.gossip)
         if problem is not None:  # before anything is created or bound
             raise ConfigError(problem)
+        check_extensions(cfg, self.extensions)
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
@@ -235,7 +240,7 @@ class Agent:
 
     async def _open(self, cfg: Config) -> None:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
-        if cfg.db.schema_paths or cfg.orchestrator is not None:
+        if cfg.db.schema_paths or any(ext.schema for ext in self.extensions):
             await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
         else:
             self.pending_schema.install(await anyio.to_thread.run_sync(self.store.pending_summary))
@@ -305,9 +310,11 @@ class Agent:
             from .metrics import start_metrics
 
             with listening("telemetry.prometheus.addr", cfg.prometheus_addr):
-                self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
-        if cfg.orchestrator is not None:
-            await self._start_orchestrator()
+                close, self.metrics_addr = await start_metrics(self, self._tg, cfg.prometheus_addr)
+                self._closers.append(close)
+        for ext in self.extensions:
+            await ext.start(self, self._tg)
+            self._closers.append(ext.close)
         if self._serve_api and cfg.api.addrs:
             await self._start_api()
         self._started = True
@@ -318,7 +325,7 @@ class Agent:
     def _startup_fields(self) -> dict[str, Any]:
         """Everything this agent bound, for the start-up line."""
         assert self.swim is not None
-        metrics = getattr(self, "metrics_addr", None)
+        metrics = self.metrics_addr
         api = [format_addr(a) for a in self.api_addrs]
         return {
             "actor_id": self.actor_id.hex(),
@@ -327,7 +334,7 @@ class Agent:
             "api_addrs": api,
             "admin_path": self._admin_abspath,
             "metrics_addr": format_addr(metrics) if metrics else None,
-            "machines_api": api if self._orchestrator is not None else None,
+            "extensions": [ext.name for ext in self.extensions],
             "cluster_id": self.config.gossip.cluster_id,
         }
 
@@ -338,7 +345,7 @@ class Agent:
         self._closing = True
         for server in self._api_servers:
             server.close()
-        # No cancel scope around these: an orchestrator's task group was entered in start() and
+        # No cancel scope around these: an extension's task group was entered in start() and
         # must be exited at the same nesting level.
         for close in reversed(self._closers):
             try:
@@ -961,12 +968,8 @@ class Agent:
         self, paths: Sequence[os.PathLike[str] | str], allow_destructive: bool
     ) -> list[str]:
         assert self.store is not None
-        from .orchestration import machines_schema
-
         parts = [load_schema_paths(list(paths))]
-        extra = machines_schema(self)
-        if extra:
-            parts.append(extra)
+        parts += [ext.schema for ext in self.extensions if ext.schema]
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
@@ -1108,16 +1111,9 @@ class Agent:
             self.api_addrs.append(bound)
 
     def extra_routes(self) -> list[Any]:
-        """Routes served next to the API (the Machines API when an orchestrator runs)."""
-        if self._orchestrator is None:
-            return []
-        return self._orchestrator.routes()
-
-    async def _start_orchestrator(self) -> None:
-        from .orchestration import start_orchestrator
-
-        self._orchestrator = await start_orchestrator(self)
-        self._closers.append(self._orchestrator.aclose)
+        """Routes served next to the API: the extensions' (the Machines API of an
+        orchestrator)."""
+        return [route for ext in self.extensions for route in ext.routes()]
 
 
 def _schema_sources(config: Config) -> str:

@@ -32,6 +32,7 @@ from cli_helpers import (
 from test_cli_process import Proc, json_logs
 
 from corrosion import Agent, Config
+from corrosion.extensions import load_extensions
 from corrosion.metrics import collect, render
 from orchestrator.publish import MACHINES_SCHEMA_PATH
 
@@ -82,7 +83,8 @@ def set_schema_paths(config: Path, files: list[Path]) -> None:
 
 @contextlib.asynccontextmanager
 async def started(config: Path, **kwargs: Any) -> AsyncIterator[Agent]:
-    async with Agent(Config.load(config), **kwargs) as agent:
+    cfg = Config.load(config)  # hosting the extensions its tables ask for, as the CLI does
+    async with Agent(cfg, extensions=load_extensions(cfg), **kwargs) as agent:
         yield agent
 
 
