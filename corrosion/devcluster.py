@@ -261,13 +261,12 @@ async def run_devcluster(
     nodes: int,
     base_dir: Path | None,
     duration: float | None,
-    echo: Callable[[str], Any] = print,
-    wait: Callable[[float | None], Awaitable[str]] | None = None,
+    echo: Callable[[str], Any],
+    wait: Callable[[float | None], Awaitable[str]],
 ) -> list[str]:
-    """The ``devcluster`` command: start, demonstrate, print, wait, stop. Returns the nodes
-    the demo write did not reach (so the command can fail: scripts and CI rely on it)."""
-    if wait is None:
-        from .cli import wait_for_stop as wait
+    """The ``devcluster`` command: start, demonstrate, print, ``wait`` (the CLI's: for a signal
+    or ``duration``), stop. Returns the nodes the demo write did not reach (so the command can
+    fail: scripts and CI rely on it)."""
     temporary = base_dir is None
     base = Path(tempfile.mkdtemp(prefix="corrosion-devcluster-")) if base_dir is None else base_dir
     base = base.resolve()
