@@ -47,9 +47,18 @@ class AgentExtension(Protocol):
     """Something an agent hosts. ``start`` runs once the agent is up (before its HTTP API
     serves, so that ``routes`` can be mounted); ``close`` runs first when the agent stops."""
 
-    name: str
-    section: str | None  # the config table it owns (kept raw by corrosion), or None
-    schema: str  # SQL added to the agent's schema files ("" for none)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def section(self) -> str | None:
+        """The config table it owns (kept raw by corrosion), or None."""
+        ...
+
+    @property
+    def schema(self) -> str:
+        """SQL added to the agent's schema files ("" for none)."""
+        ...
 
     def routes(self) -> list[BaseRoute]: ...
 
