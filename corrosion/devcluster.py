@@ -64,7 +64,7 @@ class Node:
 
     @property
     def metrics(self) -> str | None:
-        addr = getattr(self.agent, "metrics_addr", None)
+        addr = self.agent.metrics_addr
         return _addr(addr) if addr else None
 
 
@@ -185,7 +185,7 @@ class DevCluster:
 def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
     """The node's config with its bound ports, for the CLI (``corrosion -c path ...``)."""
     db, gossip = data["db"], data["gossip"]
-    metrics = getattr(agent, "metrics_addr", None)
+    metrics = agent.metrics_addr
     lines = [
         "# Written by `corrosion devcluster`: this node's settings with the ports it bound,",
         "# so `corrosion -c <this file> ...` reaches it while the devcluster runs.",

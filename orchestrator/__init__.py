@@ -12,6 +12,8 @@ Layers, bottom up (one concept per module):
 * ``publish`` — the seam to corrosion: machine rows into a replicated table.
 * ``proxy`` — a fly-proxy-like consumer routing HTTP by SQL over a local replica.
 * ``api`` — the Machines API (Starlette); ``config`` — building all of it from a config section.
+* ``extension`` — the orchestrator as an extension of the corrosion agent that hosts it
+  (``[orchestrator]`` in the agent's config).
 """
 
 from .archive import ArchiveStore, DirectoryArchive, MemoryArchive
