@@ -5,14 +5,15 @@ to another worker's local replica."""
 from __future__ import annotations
 
 import dataclasses
+from importlib.metadata import entry_points
 
 import httpx
 import pytest
 from agent_helpers import agent_config, rows, seed_addr, wait_for
 
 from corrosion import Agent, ConfigError
-from corrosion.extensions import load_extensions
-from orchestrator.extension import from_config
+from corrosion.extensions import GROUP, load_extensions
+from orchestrator.extension import OrchestratorExtension, from_config
 from orchestrator.publish import MACHINES_SCHEMA
 
 pytestmark = pytest.mark.anyio
@@ -63,6 +64,17 @@ async def test_machine_started_on_one_worker_is_visible_on_another(tmp_path):
                 return got == [(mid, "web", "started", "w1")]
 
             await wait_for(replicated, what="the started machine's row on the other worker")
+
+
+def test_the_orchestrator_extension_is_found_by_its_entry_point(tmp_path):
+    """What ``corrosion agent`` does with ``[orchestrator]``: the installed metadata names the
+    factory (pyproject.toml's entry point; a stale editable install lacks it: reinstall)."""
+    found = [ep.value for ep in entry_points(group=GROUP) if ep.name == "orchestrator"]
+    assert found == ["orchestrator.extension:from_config"], "pip install -e . to refresh it"
+    cfg = agent_config(tmp_path, "w1", orchestrator={"machines_path": str(tmp_path / "m")})
+    (ext,) = load_extensions(cfg)
+    assert isinstance(ext, OrchestratorExtension) and ext.section == "orchestrator"
+    assert ext.config.machines_path == tmp_path / "m"
 
 
 def test_invalid_orchestrator_section_fails_when_its_extension_is_built(tmp_path):
