@@ -114,10 +114,11 @@ async def main(argv: list[str]) -> None:
             os.write(1, b"READY\n")
             gate.set()
         with anyio.fail_after(120):
-            while orch.engine.list_runs() or any(orch.engine.busy(m) for m in list(orch._docs)):
+            while orch.engine.list_runs() or any(orch.engine.busy(m) for m in orch.machine_ids()):
                 await anyio.sleep(0.01)
         final = {}
-        for mid, doc in orch._docs.items():
+        for mid in orch.machine_ids():
+            doc = orch.doc(mid)
             status = await inner.status(doc["instance_id"])
             final[mid] = {"state": doc["state"], "instance": str(status.state),
                           "instance_id": doc["instance_id"]}  # fmt: skip

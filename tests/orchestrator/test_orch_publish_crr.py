@@ -75,7 +75,7 @@ async def test_published_rows_replicate_and_converge(tmp_path):
         await orch.destroy_machine("app", a)
         await settled(a, "destroyed")
         with anyio.fail_after(10):
-            while a in orch._docs or orch.publish_queue._dirty:
+            while orch.docs.find(a) is not None or orch.publish_queue._dirty:
                 await anyio.sleep(0.002)
             await orch.publish_queue.idle.wait()
         sync()

@@ -89,7 +89,7 @@ async def run_scenario(tmp_path, seed: int) -> None:
                 finished = True
                 for mid, state in promised.items():
                     if state == "destroyed":
-                        assert mid not in orch._docs, seed
+                        assert orch.docs.find(mid) is None, seed
                         continue
                     doc = orch.doc(mid)
                     assert doc["state"] == state, (seed, mid, doc["state"], state)
@@ -126,7 +126,7 @@ async def _deterministic_trace(path, seed: int):
         with anyio.fail_after(10):
             while orch.engine.list_runs() or any(orch.engine.busy(m) for m in ids):
                 await anyio.sleep(0)
-        docs = {mid: orch._docs.get(mid) for mid in ids}
+        docs = {mid: orch.docs.find(mid) for mid in ids}
     return ids, obs.trace, docs
 
 

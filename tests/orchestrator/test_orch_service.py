@@ -244,7 +244,7 @@ async def test_destroy_needs_force_when_started_and_archives(tmp_path):
         assert o.doc(mid)["state"] == "started"
         await o.destroy_machine("app", mid, force=True)
         assert await o.wait_machine("app", mid, state="destroyed", timeout=10)
-        await until(lambda: mid not in o._docs)
+        await until(lambda: o.docs.find(mid) is None)
         with pytest.raises(NotFoundError):
             o.get_machine("app", mid)
         assert await o.wait_machine("app", mid, state="destroyed", timeout=1)
