@@ -15,6 +15,7 @@ from .clock import Clock
 from .documents import Documents
 from .drivers.base import Driver, DriverError, ExitStatus
 from .engine import Engine
+from .errors import EngineClosedError
 
 # the operations that stop an instance themselves, and so own its exit
 _OWNERS = frozenset({"stop", "restart", "destroy", "update", "exit"})
@@ -65,7 +66,10 @@ class ExitWatchers:
         if any(run.action in _OWNERS for run in self._engine.list_runs(machine_id)):
             return  # that operation owns this exit
         request = {"instance_id": key[0], "boot": key[1], "exit": exit_.to_dict()}
-        await self._engine.start(machine_id, "exit", request, queue=True)
+        try:
+            await self._engine.start(machine_id, "exit", request, queue=True)
+        except EngineClosedError:
+            pass  # the service is stopping: its next start watches the machine and sees the exit
 
 
 __all__ = ["ExitWatchers"]
