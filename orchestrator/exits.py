@@ -8,6 +8,8 @@ policy (:mod:`.operations`).
 
 from __future__ import annotations
 
+import contextlib
+
 import anyio.abc
 
 from . import machine as m
@@ -66,10 +68,10 @@ class ExitWatchers:
         if any(run.action in _OWNERS for run in self._engine.list_runs(machine_id)):
             return  # that operation owns this exit
         request = {"instance_id": key[0], "boot": key[1], "exit": exit_.to_dict()}
-        try:
+        # EngineClosedError: the service is stopping; its next start watches the machine again
+        # and sees the exit then
+        with contextlib.suppress(EngineClosedError):
             await self._engine.start(machine_id, "exit", request, queue=True)
-        except EngineClosedError:
-            pass  # the service is stopping: its next start watches the machine and sees the exit
 
 
 __all__ = ["ExitWatchers"]
