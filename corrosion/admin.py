@@ -41,6 +41,7 @@ from anyio.abc import ByteStream, TaskGroup
 from crdt.errors import CrdtError
 
 from .config import ConfigError
+from .errors import CorrosionError
 from .interfaces import AdminAgent
 from .logs import parse_levels, reset_levels, set_levels
 
@@ -53,11 +54,11 @@ ARGS = {"reload": {"allow_destructive"}, "log set": {"filter"}}
 log = logging.getLogger("corrosion.admin")
 
 
-class AdminError(Exception):
+class AdminError(CorrosionError):
     """The agent answered a command with an error."""
 
 
-class AdminUnavailable(OSError):
+class AdminUnavailable(CorrosionError, OSError):
     """No agent answers on the admin socket; ``str()`` is the message alone (no errno)."""
 
     def __str__(self) -> str:
@@ -67,7 +68,7 @@ class AdminUnavailable(OSError):
 # -- server ------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
+class _BadRequest(CorrosionError):
     pass
 
 

@@ -38,6 +38,7 @@ from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request,
 from .client import ClientError, CorrosionClient
 from .config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
 from .dblock import database_in_use
+from .errors import CorrosionError
 from .extensions import AgentExtension, load_extensions
 from .logs import ENV_VAR, level_spec, setup_logging
 from .startup import ListenError, check_addresses, explain
@@ -99,7 +100,7 @@ app.add_typer(sync_app, name="sync")
 app.add_typer(log_app, name="log")
 
 
-class CliError(Exception):
+class CliError(CorrosionError):
     """Printed as ``error: <message>`` with exit code 1."""
 
 

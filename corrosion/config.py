@@ -66,10 +66,11 @@ from pathlib import Path
 from typing import Any
 
 from .addresses import Address, format_addr
+from .errors import CorrosionError
 from .logs import parse_levels
 
 
-class ConfigError(ValueError):
+class ConfigError(CorrosionError, ValueError):
     """The configuration is invalid; the message names the key."""
 
 

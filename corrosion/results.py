@@ -10,6 +10,8 @@ from typing import Any
 
 import anyio
 
+from .errors import CorrosionError
+
 
 @dataclass
 class ExecResult:
@@ -29,7 +31,7 @@ class ExecResult:
         }
 
 
-class TransactionError(Exception):
+class TransactionError(CorrosionError):
     """A statement failed; nothing of the transaction was applied."""
 
     def __init__(self, message: str, index: int | None = None) -> None:
@@ -47,7 +49,7 @@ class TransactionTimeout(TransactionError):
     """The statements ran past the transaction's timeout; nothing was applied."""
 
 
-class QueryError(Exception):
+class QueryError(CorrosionError):
     """A query was refused (not read-only, invalid SQL)."""
 
     def __init__(self, message: str, *, client_error: bool = True) -> None:

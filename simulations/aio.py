@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
+from .errors import SimulationError
+
 if TYPE_CHECKING:
     from .node import PortHost
 
@@ -39,7 +41,7 @@ EPOCH = 1_700_000_000.0
 """Virtual time 0 as the orchestrator sees it (seconds since the Unix epoch)."""
 
 
-class LoopError(RuntimeError):
+class LoopError(SimulationError, RuntimeError):
     """The async code broke a rule of the virtual loop (timer on real time, livelock)."""
 
 

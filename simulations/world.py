@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import Scheduler
+from .errors import SimulationError
 from .network import Address, Delay, LinkModel, Network, Partition
 from .node import Clog, Core, CoreSpec, Disk, Port, SimNode
 from .rng import Streams
@@ -49,7 +50,7 @@ class Violation:
         return f"[{self.checker}] t={self.time:.3f}s {self.message}"
 
 
-class SimulationFailure(AssertionError):
+class SimulationFailure(SimulationError, AssertionError):
     """An invariant broke. The message carries everything needed to reproduce the run."""
 
     def __init__(self, world: World, violations: Sequence[Violation]) -> None:
