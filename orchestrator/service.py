@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.abc
 
 from . import machine as m
 from .archive import ArchiveStore
