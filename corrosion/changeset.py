@@ -21,13 +21,15 @@ import msgpack
 
 from crdt import Change
 
+from .errors import CorrosionError
+
 WIRE_VERSION = 1
 MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB
 
 K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST = range(1, 8)
 
 
-class FrameError(ValueError):
+class FrameError(CorrosionError, ValueError):
     """A frame could not be decoded or failed validation."""
 
 

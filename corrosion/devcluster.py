@@ -64,7 +64,7 @@ class Node:
 
     @property
     def metrics(self) -> str | None:
-        addr = getattr(self.agent, "metrics_addr", None)
+        addr = self.agent.metrics_addr
         return _addr(addr) if addr else None
 
 
@@ -189,7 +189,7 @@ class DevCluster:
 def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
     """The node's config with its bound ports, for the CLI (``corrosion -c path ...``)."""
     db, gossip = data["db"], data["gossip"]
-    metrics = getattr(agent, "metrics_addr", None)
+    metrics = agent.metrics_addr
     lines = [
         "# Written by `corrosion devcluster`: this node's settings with the ports it bound,",
         "# so `corrosion -c <this file> ...` reaches it while the devcluster runs.",
@@ -265,13 +265,12 @@ async def run_devcluster(
     nodes: int,
     base_dir: Path | None,
     duration: float | None,
-    echo: Callable[[str], Any] = print,
-    wait: Callable[[float | None], Awaitable[str]] | None = None,
+    echo: Callable[[str], Any],
+    wait: Callable[[float | None], Awaitable[str]],
 ) -> list[str]:
-    """The ``devcluster`` command: start, demonstrate, print, wait, stop. Returns the nodes
-    the demo write did not reach (so the command can fail: scripts and CI rely on it)."""
-    if wait is None:
-        from .cli import wait_for_stop as wait
+    """The ``devcluster`` command: start, demonstrate, print, ``wait`` (the CLI's: for a signal
+    or ``duration``), stop. Returns the nodes the demo write did not reach (so the command can
+    fail: scripts and CI rely on it)."""
     temporary = base_dir is None
     base = Path(tempfile.mkdtemp(prefix="corrosion-devcluster-")) if base_dir is None else base_dir
     base = base.resolve()

@@ -18,6 +18,8 @@ import apsw
 
 from crdt.schema import apply_schema
 
+from .errors import OrchestratorError
+
 SCHEMA_VERSION = 1
 
 SCHEMA_SQL = """
@@ -54,7 +56,7 @@ CREATE TABLE machine (
 """
 
 
-class SchemaTooNewError(RuntimeError):
+class SchemaTooNewError(OrchestratorError, RuntimeError):
     """The database was written by a newer release; opening it could lose data."""
 
 

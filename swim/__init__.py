@@ -11,6 +11,7 @@ Read ``swim/core.py`` first: its docstring lists every protocol rule and where i
 
 from .config import Config, ConfigError
 from .core import Membership, PayloadTooLarge, Stats
+from .errors import SwimError
 from .events import (
     BroadcastReceived,
     Effect,
@@ -60,6 +61,7 @@ __all__ = [
     "Stats",
     "StreamDone",
     "StreamReply",
+    "SwimError",
     "SwimNode",
     "Timer",
 ]

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from .errors import SwimError
 from .keyring import OVERHEAD as SEAL_OVERHEAD
 from .keyring import Keyring
 from .member import GEN_MAX, INCARNATION_MAX, NodeId, State
@@ -69,7 +70,7 @@ BODY_HEADER_MAX = 5
 """Bytes of the msgpack array header of a body, at most (array32)."""
 
 
-class Malformed(Exception):
+class Malformed(SwimError):
     """A frame or body that cannot be accepted; ``reason`` is the counter to bump."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

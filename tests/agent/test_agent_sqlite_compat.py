@@ -25,6 +25,7 @@ from support import start_machine, wait_for
 
 import crdt
 from corrosion import Agent
+from corrosion.extensions import load_extensions
 from crdt.schema import apply_schema
 from orchestrator.publish import MACHINES_SCHEMA
 
@@ -68,7 +69,7 @@ async def test_stdlib_reads_a_running_agent_its_step_log_and_its_backup(tmp_path
     orchestrator = {"machines_path": str(machines), "driver": "fake", "worker": "w1"}
     cfg = agent_config(tmp_path, "n1", orchestrator=orchestrator)
     db_path = cfg.db.path
-    async with Agent(cfg) as agent:
+    async with Agent(cfg, extensions=load_extensions(cfg)) as agent:
         await agent.execute(WRITES)
         mid = await start_machine(agent.api_addrs[0])
 

@@ -201,3 +201,44 @@ async def test_a_minimal_config_needs_a_key_or_plaintext():
             else:
                 assert len(warned) == 1 and warned[0].startswith(warning)
                 assert ":0 " not in warned[0]  # the bound port, not the configured 0
+
+
+async def test_agent_process_hosts_the_orchestrator_its_config_names():
+    """``corrosion agent`` finds the extension for ``[orchestrator]`` through its entry point
+    (corrosion imports nothing of the orchestrator): the Machines API answers next to the API.
+    An invalid table fails at start-up in one line naming the key, before anything is opened."""
+    with short_tmp() as base:
+        data = node_mapping(base, "a", log={"format": "json"})
+        bad = write_config(base / "bad.toml", {**data, "orchestrator": {"driver": "fake"}})
+        result = await run("agent", "-c", str(bad))
+        assert result.returncode == 1
+        assert result.stderr.decode() == (
+            "error: invalid config: [orchestrator]: machines_path is required\n"
+        )
+        assert not Path(data["db"]["path"]).exists()
+
+        orch = {"machines_path": str(base / "machines"), "driver": "fake", "worker": "w1"}
+        cfg = write_config(base / "a.toml", {**data, "orchestrator": orch})
+        proc = Proc([*corrosion_cmd(), "-c", str(cfg), "agent"], base)
+        try:
+            started: dict = {}
+
+            def is_up() -> bool:
+                assert proc.p.poll() is None, proc.stderr()
+                for rec in json_logs(proc.stderr()):
+                    if rec["msg"] == "agent started":
+                        started.update(rec)
+                        return True
+                return False
+
+            await wait_for(is_up, what="the agent process to start")
+            assert started["extensions"] == ["orchestrator"]
+            api = started["api_addrs"][0]
+            async with httpx.AsyncClient(base_url=f"http://{api}", timeout=30) as client:
+                resp = await client.get("/v1/apps/web/machines")
+                assert resp.status_code == 200 and resp.json() == [], resp.text
+                assert (await client.get("/v1/health")).status_code == 200
+            proc.p.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0, proc.stderr()
+        finally:
+            proc.kill()

@@ -24,6 +24,7 @@ from support import Proc, start_machine, wait_for
 from test_cli_process import json_logs
 
 from corrosion import Agent, Config
+from corrosion.extensions import load_extensions
 from corrosion.metrics import collect, render
 from orchestrator.publish import MACHINES_SCHEMA_PATH
 
@@ -74,7 +75,8 @@ def set_schema_paths(config: Path, files: list[Path]) -> None:
 
 @contextlib.asynccontextmanager
 async def started(config: Path, **kwargs: Any) -> AsyncIterator[Agent]:
-    async with Agent(Config.load(config), **kwargs) as agent:
+    cfg = Config.load(config)  # hosting the extensions its tables ask for, as the CLI does
+    async with Agent(cfg, extensions=load_extensions(cfg), **kwargs) as agent:
         yield agent
 
 

@@ -116,13 +116,14 @@ async def main(argv: list[str]) -> None:
             gate.set()
         await wait_for(
             lambda: (
-                not orch.engine.list_runs() and not any(map(orch.engine.busy, list(orch._docs)))
+                not orch.engine.list_runs() and not any(map(orch.engine.busy, orch.machine_ids()))
             ),
             120,
             "every run to finish",
         )
         final = {}
-        for mid, doc in orch._docs.items():
+        for mid in orch.machine_ids():
+            doc = orch.doc(mid)
             status = await inner.status(doc["instance_id"])
             final[mid] = {"state": doc["state"], "instance": str(status.state),
                           "instance_id": doc["instance_id"]}  # fmt: skip

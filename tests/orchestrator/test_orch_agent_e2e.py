@@ -14,6 +14,7 @@ from support import free_port, wait_for
 
 from corrosion import Agent, Config
 from orchestrator.drivers import ProcessDriver
+from orchestrator.extension import from_config
 from orchestrator.proxy import Proxy, SqliteReplica
 from orchestrator.publish import MACHINES_SCHEMA
 
@@ -67,7 +68,8 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
         "worker": "w1",
     }
     try:
-        async with Agent(config(tmp_path, "w1", [], orchestrator=orch_section)) as w1:
+        w1_config = config(tmp_path, "w1", [], orchestrator=orch_section)
+        async with Agent(w1_config, extensions=[from_config(orch_section)]) as w1:
             host, gport = w1.swim.address
             async with Agent(config(tmp_path, "w2", [f"{host}:{gport}"])) as w2:
                 reader = SqliteReplica(w2.config.db.path)

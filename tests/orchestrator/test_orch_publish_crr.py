@@ -77,7 +77,9 @@ async def test_published_rows_replicate_and_converge(tmp_path):
         await orch.destroy_machine("app", a)
         await settled(a, "destroyed")
         await wait_for(
-            lambda: not (a in orch._docs or orch.publish_queue._dirty), 10, interval=0.002
+            lambda: not (orch.docs.find(a) is not None or orch.publish_queue._dirty),
+            10,
+            interval=0.002,
         )
         with anyio.fail_after(10):
             await orch.publish_queue.idle.wait()

@@ -87,7 +87,7 @@ async def run_scenario(tmp_path, seed: int) -> None:
                 finished = True
                 for mid, state in promised.items():
                     if state == "destroyed":
-                        assert mid not in orch._docs, seed
+                        assert orch.docs.find(mid) is None, seed
                         continue
                     doc = orch.doc(mid)
                     assert doc["state"] == state, (seed, mid, doc["state"], state)
@@ -127,7 +127,7 @@ async def _deterministic_trace(path, seed: int):
         await orch.restart_machine("app", ids[1])
         await orch.destroy_machine("app", ids[2], force=True)
         await wait_for(lambda: idle(orch, ids), 10, interval=0)
-        docs = {mid: orch._docs.get(mid) for mid in ids}
+        docs = {mid: orch.docs.find(mid) for mid in ids}
     return ids, obs.trace, docs
 
 

@@ -3,6 +3,7 @@ against the projected state, leases, metadata, publishing, and restarting the se
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from support import wait_for
 
@@ -19,6 +20,7 @@ from orchestrator.errors import (
 )
 from orchestrator.publish import MemoryPublisher, upsert_statement
 from orchestrator.service import Orchestrator
+from orchestrator.store import MachineStore
 
 pytestmark = pytest.mark.anyio
 FAST = Backoff(initial=0.001, maximum=0.01)
@@ -236,7 +238,7 @@ async def test_destroy_needs_force_when_started_and_archives(tmp_path):
         assert o.doc(mid)["state"] == "started"
         await o.destroy_machine("app", mid, force=True)
         assert await o.wait_machine("app", mid, state="destroyed", timeout=10)
-        await wait_for(lambda: mid not in o._docs)
+        await wait_for(lambda: o.docs.find(mid) is None)
         with pytest.raises(NotFoundError):
             o.get_machine("app", mid)
         assert await o.wait_machine("app", mid, state="destroyed", timeout=1)
@@ -323,6 +325,52 @@ async def test_metadata(tmp_path):
             await o.set_metadata("app", mid, "bad key!", "x")
         with pytest.raises(InvalidRequestError):
             await o.set_metadata("app", mid, "k", 5)
+
+
+async def test_api_changes_and_step_commits_keep_each_other(tmp_path):
+    """API changes (metadata) and the engine's staged commits (stop/start steps) change the
+    document through one locked path: while runs commit their steps, every metadata write lands,
+    every run's state change lands, and the persisted document is the one in memory."""
+    keys = {f"k{i}": str(i) for i in range(30)}
+    async with orch(tmp_path) as o:
+        mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
+        await settle(o, mid, "started")
+
+        async def cycle() -> None:
+            for _ in range(4):
+                await o.stop_machine("app", mid, queue=True)
+                await o.start_machine("app", mid, queue=True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cycle)
+            for key, value in keys.items():
+                await o.set_metadata("app", mid, key, value)
+                await anyio.sleep(0)
+        await settle(o, mid, "started")
+        doc = o.doc(mid)
+        assert doc["config"]["metadata"] == keys
+        statuses = [e["status"] for e in doc["events"]]
+        assert statuses[0] == "started" and "stopped" in statuses, statuses
+    store = MachineStore(tmp_path / "machines")
+    try:
+        assert store.log(mid).read_doc() == doc
+    finally:
+        store.close()
+
+
+async def test_closing_while_a_vanished_instance_is_noticed(tmp_path):
+    """A started machine whose instance vanished (a new driver: the host rebooted) is noticed
+    as an exit when the service starts. Closing the service before that exit run could be
+    submitted closes cleanly, and the next start notices the exit again and restarts it."""
+    async with orch(tmp_path) as o:
+        mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
+        await settle(o, mid, "started")
+        before = o.doc(mid)["boot"]
+    async with orch(tmp_path):
+        pass
+    async with orch(tmp_path) as o:
+        await wait_for(lambda: o.doc(mid)["boot"] != before and not o.engine.busy(mid))
+        assert o.doc(mid)["state"] == "started"
 
 
 BAD_BODIES = [
