@@ -4,6 +4,7 @@ against the projected state, leases, metadata, publishing, and restarting the se
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 from support import wait_for
 
@@ -345,7 +346,7 @@ async def test_api_changes_and_step_commits_keep_each_other(tmp_path):
             tg.start_soon(cycle)
             for key, value in keys.items():
                 await o.set_metadata("app", mid, key, value)
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
         await settle(o, mid, "started")
         doc = o.doc(mid)
         assert doc["config"]["metadata"] == keys
