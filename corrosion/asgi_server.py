@@ -113,7 +113,8 @@ async def _serve_uvicorn(
 
     tg.start_soon(run)
     with anyio.fail_after(10):
-        while not server.started:
+        # uvicorn offers only this flag (no event or callback) to say it is listening
+        while not server.started:  # noqa: ASYNC110
             await anyio.sleep(0.01)
 
     def stop() -> None:

@@ -41,11 +41,12 @@ from crdt.crr import upgrade_triggers
 
 from .admin import agent_listening
 from .dblock import database_in_use, lock_path
+from .errors import CorrosionError
 
 CLOCK_SUFFIX = "__crsql_clock"
 
 
-class BackupError(Exception):
+class BackupError(CorrosionError):
     """Backup or restore refused or failed; the message says why (nothing was changed)."""
 
 

@@ -60,6 +60,7 @@ from .changeset import (
     K_REJECT,
     K_SYNC_DONE,
     K_SYNC_REQUEST,
+    MSGPACK_ERRORS,
     Changeset,
     EmptyVersions,
     FrameError,
@@ -617,7 +618,7 @@ def decode_meta(meta: bytes) -> tuple[bytes, int, int] | None:
     try:
         obj = msgpack.unpackb(meta, raw=False)
         actor, port, cluster = obj["a"], obj["p"], obj["c"]
-    except Exception:
+    except (*MSGPACK_ERRORS, KeyError):  # not msgpack, not a mapping, or a key missing
         return None
     if type(actor) is not bytes or len(actor) != 16 or type(port) is not int:
         return None

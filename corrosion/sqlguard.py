@@ -52,6 +52,8 @@ import apsw
 
 from crdt.schema import is_internal
 
+from .errors import CorrosionError
+
 # A client's statements are prepared with this flag, so the statement cache never hands them a
 # statement the agent prepared without checks (apsw's cache keys on text and flags).
 CLIENT_PREPARE_FLAGS = apsw.SQLITE_PREPARE_PERSISTENT
@@ -171,7 +173,7 @@ _SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_maste
 NOT_READONLY = "statement is not readonly: writes go through POST /v1/transactions (corrosion exec)"
 
 
-class Refused(Exception):
+class Refused(CorrosionError):
     """A client's statement does something clients may not do; ``message`` says what to do."""
 
     def __init__(self, message: str) -> None:

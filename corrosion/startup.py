@@ -21,12 +21,13 @@ from crdt.errors import CrdtError
 
 from .config import Address, ConfigError, format_addr
 from .dblock import DatabaseInUse
+from .errors import CorrosionError
 
 if TYPE_CHECKING:
     from .config import Config
 
 
-class ListenError(OSError):
+class ListenError(CorrosionError, OSError):
     """A configured address could not be bound; the message names the key and the remedy."""
 
 

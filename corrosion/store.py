@@ -39,6 +39,7 @@ from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 from . import pending_schema
 from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
+from .errors import CorrosionError
 from .pending_schema import PendingSummary, SchemaView
 from .ranges import RangeSet
 from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard, client_timeout
@@ -84,7 +85,7 @@ def _untype_buffered_values(conn: apsw.Connection) -> None:
     conn.execute("DROP TABLE __corro_buffered_changes_old")
 
 
-class StatementError(Exception):
+class StatementError(CorrosionError):
     """A statement of a transaction failed; the whole transaction was rolled back."""
 
     def __init__(self, index: int, message: str) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 import apsw
 
+from .errors import CorrosionError
 from .sqlguard import NOT_READONLY, Deadline, guard_of
 
 KEEP_CHANGES = 500
@@ -86,7 +87,7 @@ def query_hash(normalized_sql: str, params: Any) -> str:
     return h.hexdigest()[:32]
 
 
-class SubscriptionError(Exception):
+class SubscriptionError(CorrosionError):
     """The query cannot be subscribed to, or a resume point is gone."""
 
 

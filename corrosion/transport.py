@@ -29,6 +29,8 @@ from anyio.streams.tls import TLSStream
 
 from swim import Keyring
 
+from .errors import CorrosionError
+
 _LEN = struct.Struct(">I")
 _INDEX = struct.Struct(">Q")
 NONCE_SIZE = 16
@@ -36,7 +38,7 @@ MAX_FRAME = 64 * 1024 * 1024
 PEER_PREAMBLE = b"\xffCRP"  # see swim.SwimNode.route_streams
 
 
-class FrameStreamError(Exception):
+class FrameStreamError(CorrosionError):
     """The peer sent something that is not a valid frame (too large, or not decryptable)."""
 
 

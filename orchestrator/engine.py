@@ -666,7 +666,7 @@ class Engine:
                     else:
                         await self._halt(state, log_, RunError(e.kind, str(e), name))
                         return
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 — a step is user code: any error fails it
                     failure = e
                 finally:
                     live.scope = None

@@ -20,6 +20,8 @@ import apsw
 
 from crdt.schema import apply_schema
 
+from .errors import OrchestratorError
+
 SCHEMA_VERSION = 1
 
 SCHEMA_SQL = """
@@ -56,7 +58,7 @@ CREATE TABLE machine (
 """
 
 
-class SchemaTooNewError(RuntimeError):
+class SchemaTooNewError(OrchestratorError, RuntimeError):
     """The database was written by a newer release; opening it could lose data."""
 
 

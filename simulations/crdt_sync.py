@@ -110,7 +110,7 @@ class CrdtSyncCore(Core):
     def on_stream_request(self, src: Address, data: bytes, now: float) -> list[bytes] | None:
         try:
             since = msgpack.unpackb(data)
-        except Exception:
+        except (ValueError, TypeError, msgpack.UnpackException):  # a malformed request
             return None
         if type(since) is not int:
             return None

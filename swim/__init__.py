@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError
 from .core import Membership, PayloadTooLarge, Stats
+from .errors import SwimError
 from .events import (
     BroadcastReceived,
     Effect,
@@ -62,6 +63,7 @@ __all__ = [
     "Stats",
     "StreamDone",
     "StreamReply",
+    "SwimError",
     "SwimNode",
     "Timer",
 ]

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from .errors import SwimError
 from .keyring import OVERHEAD as SEAL_OVERHEAD
 from .keyring import Keyring
 from .member import GEN_MAX, INCARNATION_MAX, NodeId, State
@@ -69,7 +70,7 @@ BODY_HEADER_MAX = 5
 """Bytes of the msgpack array header of a body, at most (array32)."""
 
 
-class Malformed(Exception):
+class Malformed(SwimError):
     """A frame or body that cannot be accepted; ``reason`` is the counter to bump."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -289,7 +290,9 @@ def decode_body(body: bytes, *, stream: bool = False) -> tuple[NodeId, list[tupl
     """
     try:
         obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, ...)
+    # msgpack raises ValueError (format, extra data, UTF-8, depth), TypeError (unhashable key) and
+    # UnpackException (truncated input)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise Malformed("decode", type(exc).__name__) from None
     if type(obj) is not list or len(obj) < 1:
         raise Malformed("decode", "body must be a non-empty array")

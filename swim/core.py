@@ -118,6 +118,7 @@ from . import codec
 from .broadcast import BroadcastQueue, PendingUpdate
 from .codec import BODY_HEADER_MAX, Framer, Malformed
 from .config import Config, ConfigError
+from .errors import SwimError
 from .events import (
     BroadcastReceived,
     Effect,
@@ -159,7 +160,7 @@ _TERMINAL = (State.DOWN, State.LEFT)
 _ABOUT_MEMBERS = (codec.ALIVE, codec.SUSPECT, codec.DOWN)
 
 
-class PayloadTooLarge(ValueError):
+class PayloadTooLarge(SwimError, ValueError):
     """A user payload or metadata that cannot fit in one packet."""
 
 

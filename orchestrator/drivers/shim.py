@@ -146,7 +146,8 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.execvp(cmd[0], cmd)
-        except BaseException as e:  # exec failed: report it like a shell would
+        # the forked child must never return into the shim's code: report like a shell, exit
+        except BaseException as e:  # noqa: BLE001
             try:
                 os.write(2, f"shim: cannot run {cmd[0]!r}: {e}\n".encode())
             finally:
@@ -305,7 +306,7 @@ def main(argv):
             run_process(directory, args)
         else:
             raise ValueError(f"unknown mode {mode!r}")
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 — the shim's last word: any ending is recorded
         try:  # noqa: SIM105
             write_json(directory, "error.json", {"message": f"{type(e).__name__}: {e}"})
         except OSError:

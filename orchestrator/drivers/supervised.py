@@ -267,7 +267,9 @@ class ShimDriver:
                     os.killpg(pid, _signal.SIGKILL)
         if pids is not None:  # the shim exits right after recording: let it finish
             with anyio.move_on_after(5):
-                while self._shim_alive(pids):
+                # the shim may be another process's child (a restarted orchestrator's driver):
+                # no exit event to wait on, only its pid to look at
+                while self._shim_alive(pids):  # noqa: ASYNC110
                     await anyio.sleep(0.005)
         self._procs.pop(instance_id, None)
         shutil.rmtree(d, ignore_errors=True)

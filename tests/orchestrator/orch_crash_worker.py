@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import anyio
+from support import wait_for
 
 from orchestrator.drivers import ProcessDriver, RuncDriver
 from orchestrator.engine import Backoff, EngineObserver
@@ -113,11 +114,16 @@ async def main(argv: list[str]) -> None:
             os.replace(tmp, base / "submitted.json")
             os.write(1, b"READY\n")
             gate.set()
-        with anyio.fail_after(120):
-            while orch.engine.list_runs() or any(orch.engine.busy(m) for m in list(orch._docs)):
-                await anyio.sleep(0.01)
+        await wait_for(
+            lambda: (
+                not orch.engine.list_runs() and not any(map(orch.engine.busy, orch.machine_ids()))
+            ),
+            120,
+            "every run to finish",
+        )
         final = {}
-        for mid, doc in orch._docs.items():
+        for mid in orch.machine_ids():
+            doc = orch.doc(mid)
             status = await inner.status(doc["instance_id"])
             final[mid] = {"state": doc["state"], "instance": str(status.state),
                           "instance_id": doc["instance_id"]}  # fmt: skip
