@@ -114,13 +114,18 @@ async def main(argv: list[str]) -> None:
             os.replace(tmp, base / "submitted.json")
             os.write(1, b"READY\n")
             gate.set()
-        await wait_for(
-            lambda: (
-                not orch.engine.list_runs() and not any(map(orch.engine.busy, orch.machine_ids()))
-            ),
-            120,
-            "every run to finish",
-        )
+
+        def settled() -> bool:
+            # no run left, and every destroyed machine archived and retired (that happens
+            # after its last run has finished, in a thread: a destroyed document may linger)
+            ids = orch.machine_ids()
+            return not (
+                orch.engine.list_runs()
+                or any(map(orch.engine.busy, ids))
+                or any(orch.doc(mid)["state"] == "destroyed" for mid in ids)
+            )
+
+        await wait_for(settled, 120, "every run to finish and destroyed machines to retire")
         final = {}
         for mid in orch.machine_ids():
             doc = orch.doc(mid)

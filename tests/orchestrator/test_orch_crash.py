@@ -54,7 +54,8 @@ def run_child(base: Path, mode: str, kind: str, seed: int, kill_at: int | None, 
             lines.put(line)
         lines.put(None)
 
-    threading.Thread(target=reader, daemon=True).start()
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
     ready, steps, final, done = mode == "resume", 0, None, False
     try:
         while True:
@@ -81,7 +82,12 @@ def run_child(base: Path, mode: str, kind: str, seed: int, kill_at: int | None, 
         proc.kill()
         raise AssertionError(f"worker hung; see {base / 'worker.log'}") from None
     finally:
-        proc.stdout.close()
+        # Close the pipe only once the reader is done with it: closing it under a blocked
+        # readline makes the reader thread fail. A machine the worker started may still hold
+        # the pipe open; then the daemon reader is left to end with it.
+        reading.join(timeout=10)
+        if not reading.is_alive():
+            proc.stdout.close()
     rc = proc.wait(timeout=60)
     assert rc == 0 and done, f"worker failed ({rc}): {(base / 'worker.log').read_text()[-3000:]}"
     return True, final
