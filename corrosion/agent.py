@@ -82,8 +82,8 @@ from .store import (
 from .subscriptions import Subscriptions
 from .transport import (
     PEER_PREAMBLE,
+    PEER_STREAM_ERRORS,
     FrameStream,
-    FrameStreamError,
     UnauthenticatedFrame,
     client_ssl_context,
     connect,
@@ -463,7 +463,7 @@ class Agent:
                         )
                         await stream.send(self.replicator.hello("bcast"))
                     await stream.send(data)
-                except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
+                except PEER_STREAM_ERRORS:  # the handshake's IncompleteRead included
                     self.events.peer_stream_errors += 1
                     if stream is not None:
                         with anyio.CancelScope(shield=True):
@@ -510,15 +510,7 @@ class Agent:
                 self.events.peer_streams_unauthenticated += 1
                 if isinstance(exc, UnauthenticatedFrame):
                     self.gossip_warnings.dropped(source, "decrypt", "stream")
-            elif not isinstance(
-                exc,
-                OSError
-                | anyio.EndOfStream
-                | anyio.BrokenResourceError
-                | anyio.IncompleteRead
-                | FrameStreamError
-                | TimeoutError,
-            ):
+            elif not isinstance(exc, PEER_STREAM_ERRORS):
                 log.exception("peer stream failed")
 
     def _peer_name(self, actor: bytes) -> str:
@@ -584,14 +576,7 @@ class Agent:
                         if not more:
                             break
             ok = True
-        except (
-            OSError,
-            anyio.EndOfStream,
-            anyio.BrokenResourceError,
-            anyio.IncompleteRead,
-            FrameStreamError,
-            TimeoutError,
-        ) as exc:
+        except PEER_STREAM_ERRORS as exc:
             self.events.peer_stream_errors += 1
             sync_log.debug("sync with %s failed: %r", format_addr(addr), exc)
         finally:

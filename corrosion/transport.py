@@ -47,6 +47,18 @@ class UnauthenticatedFrame(FrameStreamError):
     (or replayed, reordered or spliced)."""
 
 
+# What a peer stream raises when the peer goes away, misbehaves or is too slow: the stream is
+# lost, the node is not. Every place that talks to a peer catches these (and only these).
+PEER_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.IncompleteRead,
+    FrameStreamError,
+    TimeoutError,
+)
+
+
 class FrameStream:
     def __init__(self, stream: ByteStream, keyring: Keyring | None, aad: bytes) -> None:
         self.stream = stream

@@ -244,3 +244,30 @@ def test_mutual_tls_needs_a_ca_file(tmp_path):
     with pytest.raises(ConfigError, match=r"gossip.tls.client.key_file"):
         agent_config(tmp_path, "b", gossip={"plaintext": False, "tls": {
             **tls, "ca_file": str(cert), "client": {"cert_file": str(cert)}}})  # fmt: skip
+
+
+async def test_a_peer_that_hangs_up_during_the_handshake_costs_a_stream_not_the_node(tmp_path):
+    """A peer restarting (or an outsider) may close a broadcast connection in the middle of the
+    key handshake; the sender counts a lost stream and goes on with the next frame."""
+    import anyio
+
+    async def hang_up(stream: anyio.abc.SocketStream) -> None:
+        await stream.receive()  # the preamble (and perhaps the nonce): a clean FIN, not a reset
+        await stream.aclose()
+
+    async with Agent(agent_config(tmp_path, "a")) as agent:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, hang_up)
+            send, receive = anyio.create_memory_object_stream[bytes](4)
+            done = anyio.Event()
+            before = agent.events.peer_stream_errors
+            async with anyio.create_task_group() as senders:
+                senders.start_soon(agent._peer_sender, ("127.0.0.1", port), receive, done)
+                async with send:
+                    await send.send(b"frame one")
+                    await send.send(b"frame two")
+            assert done.is_set()
+            assert agent.events.peer_stream_errors == before + 2
+            tg.cancel_scope.cancel()
