@@ -20,11 +20,13 @@ from .agent import (
     TransactionTimeout,
 )
 from .config import Config, ConfigError
+from .errors import CorrosionError
 
 __all__ = [
     "Agent",
     "Config",
     "ConfigError",
+    "CorrosionError",
     "ExecResult",
     "MemberInfo",
     "QueryError",

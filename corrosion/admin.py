@@ -33,7 +33,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, TaskGroup
@@ -41,10 +41,9 @@ from anyio.abc import ByteStream, TaskGroup
 from crdt.errors import CrdtError
 
 from .config import ConfigError
+from .errors import CorrosionError
+from .interfaces import AdminAgent
 from .logs import parse_levels, reset_levels, set_levels
-
-if TYPE_CHECKING:
-    from .agent import Agent
 
 DEFAULT_PATH = Path("/var/run/corrosion/admin.sock")
 MAX_LINE = 1 << 20  # bytes per request line
@@ -55,11 +54,11 @@ ARGS = {"reload": {"allow_destructive"}, "log set": {"filter"}}
 log = logging.getLogger("corrosion.admin")
 
 
-class AdminError(Exception):
+class AdminError(CorrosionError):
     """The agent answered a command with an error."""
 
 
-class AdminUnavailable(OSError):
+class AdminUnavailable(CorrosionError, OSError):
     """No agent answers on the admin socket; ``str()`` is the message alone (no errno)."""
 
     def __str__(self) -> str:
@@ -69,12 +68,12 @@ class AdminUnavailable(OSError):
 # -- server ------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
+class _BadRequest(CorrosionError):
     pass
 
 
 async def start_admin(
-    agent: Agent, tg: TaskGroup, path: str | os.PathLike[str]
+    agent: AdminAgent, tg: TaskGroup, path: str | os.PathLike[str]
 ) -> Callable[[], Awaitable[None]]:
     """Listen on ``path`` inside ``tg``; return the closer (stops serving, removes the file).
 
@@ -129,7 +128,7 @@ def _clear_stale(path: Path) -> None:
     raise ValueError(f"admin.path: another agent is listening on {str(path)!r}")
 
 
-async def _serve_conn(agent: Agent, stream: ByteStream) -> None:
+async def _serve_conn(agent: AdminAgent, stream: ByteStream) -> None:
     buf = bytearray()
     async with stream:
         try:
@@ -155,13 +154,13 @@ def _reply_error(message: str) -> bytes:
     return (json.dumps({"ok": False, "error": message}) + "\n").encode()
 
 
-async def _answer(agent: Agent, line: bytes) -> bytes:
+async def _answer(agent: AdminAgent, line: bytes) -> bytes:
     try:
         request = _parse(line)
         result = await _run(agent, request)
     except (_BadRequest, CrdtError, ConfigError) as exc:  # the operator's to fix: said plainly
         return _reply_error(str(exc))
-    except Exception as exc:  # a failing command must not take the socket down
+    except Exception as exc:  # noqa: BLE001 — a failing command must not take the socket down
         return _reply_error(f"{type(exc).__name__}: {exc}")
     try:
         return (json.dumps({"ok": True, "result": result}) + "\n").encode()
@@ -195,7 +194,7 @@ def _parse(line: bytes) -> dict[str, Any]:
     return request
 
 
-async def _run(agent: Agent, request: dict[str, Any]) -> Any:
+async def _run(agent: AdminAgent, request: dict[str, Any]) -> Any:
     cmd = request["cmd"]
     log.debug("admin command %r", cmd)
     if cmd == "ping":
@@ -214,7 +213,7 @@ async def _run(agent: Agent, request: dict[str, Any]) -> Any:
             "pending_schema": agent.pending_schema.to_json(),
         }
     if cmd == "log set":
-        spec = set_levels(request["filter"])
+        spec: str | None = set_levels(request["filter"])
         log.info("log level filter set to %r (admin socket)", spec)
         return {"filter": spec}
     if cmd == "log reset":

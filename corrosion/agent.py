@@ -23,14 +23,15 @@ import heapq
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import anyio
 import apsw
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 import crdt
@@ -42,6 +43,7 @@ from crdt.schema import load_schema_paths
 from .changeset import Changeset
 from .config import Config, ConfigError, format_addr, gossip_security_error, security_warnings
 from .dblock import DatabaseLock
+from .extensions import AgentExtension, check_extensions
 from .lag import LagWindow
 from .logs import ActivityLog, GossipWarnings, describe_frame, frame_error, log_member_event
 from .pending_schema import PendingSchema
@@ -56,6 +58,16 @@ from .replication import (
     decode_meta,
     encode_meta,
     peer_address,
+)
+from .results import (
+    ExecResult,
+    MemberInfo,
+    QueryError,
+    QueryTimeout,
+    TransactionError,
+    TransactionRefused,
+    TransactionTimeout,
+    UpdateWatch,
 )
 from .schema_errors import for_operator
 from .sqlguard import NOT_READONLY, Deadline, Guard, client_timeout, guard_of
@@ -73,8 +85,8 @@ from .store import (
 from .subscriptions import Subscriptions
 from .transport import (
     PEER_PREAMBLE,
+    PEER_STREAM_ERRORS,
     FrameStream,
-    FrameStreamError,
     UnauthenticatedFrame,
     client_ssl_context,
     connect,
@@ -89,58 +101,6 @@ MAX_HELLO = 4096  # bytes a peer stream's first frame may have (read before it i
 PEER_QUEUE = 4096  # frames waiting for one peer's broadcast stream; beyond, drop (sync recovers)
 
 
-@dataclass
-class ExecResult:
-    """Answer of a transaction, in corrosion's shape (``/v1/transactions``)."""
-
-    results: list[dict[str, Any]]
-    time: float
-    version: int | None
-    actor_id: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "results": self.results,
-            "time": self.time,
-            "version": self.version,
-            "actor_id": self.actor_id,
-        }
-
-
-class TransactionError(Exception):
-    """A statement failed; nothing of the transaction was applied."""
-
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.index = index
-
-
-class TransactionRefused(TransactionError):
-    """A statement does what clients may not do (DDL, ATTACH, internal tables... see
-    ``corrosion.sqlguard``); nothing was applied. The message says what to do instead."""
-
-
-class TransactionTimeout(TransactionError):
-    """The statements ran past the transaction's timeout; nothing was applied."""
-
-
-class QueryError(Exception):
-    """A query was refused (not read-only, invalid SQL)."""
-
-    def __init__(self, message: str, *, client_error: bool = True) -> None:
-        super().__init__(message)
-        self.message = message
-        self.client_error = client_error
-
-
-class QueryTimeout(QueryError):
-    """The query ran past its timeout and was interrupted."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, client_error=False)
-
-
 _DEFAULT: Any = object()  # "the configured default" for a timeout argument
 
 
@@ -153,56 +113,10 @@ def _transaction_error(exc: StatementError) -> TransactionError:
 
 
 @dataclass
-class MemberInfo:
-    actor_id: str
-    addr: str
-    peer_addr: str | None
-    state: str
-    incarnation: int
-    is_self: bool = False  # this node (listed first)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "actor_id": self.actor_id,
-            "addr": self.addr,
-            "peer_addr": self.peer_addr,
-            "state": self.state,
-            "incarnation": self.incarnation,
-            "self": self.is_self,
-        }
-
-
-class UpdateWatch:
-    """Changed rows of one table, as ``(kind, pk_values)``; close (or ``async with``) to stop."""
-
-    def __init__(self, receive: Any, close: Any) -> None:
-        self._receive = receive
-        self._close = close
-
-    def __aiter__(self) -> UpdateWatch:
-        return self
-
-    async def __anext__(self) -> tuple[str, tuple]:
-        try:
-            return await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise StopAsyncIteration from None
-
-    def close(self) -> None:
-        self._close()
-        self._receive.close()
-
-    async def __aenter__(self) -> UpdateWatch:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
 class _PeerOut:
     send: MemoryObjectSendStream[bytes]
     dropped: int = 0
+    done: anyio.Event = field(default_factory=anyio.Event)  # set when its sender task ends
 
 
 class Faults:
@@ -247,8 +161,11 @@ class Agent:
         seed: int | None = None,
         serve_api: bool = True,
         allow_destructive: bool = False,
+        extensions: Sequence[AgentExtension] = (),
     ) -> None:
         self.config = config
+        # hosted code of a higher layer (the orchestrator): see corrosion.extensions
+        self.extensions = list(extensions)
         self._allow_destructive = allow_destructive  # at start: drop tables the schema lacks
         # versions kept until this node has their schema, and the tables in the database that
         # the schema files do not list (both for /v1/health); installed on the event loop
@@ -278,15 +195,15 @@ class Agent:
         self._peers_out: dict[tuple[str, int], _PeerOut] = {}
         self._keyring: swim.Keyring | None = None
         self._aad = b""
-        self._ssl_client = None
-        self._ssl_server = None
+        self._ssl_client: ssl.SSLContext | None = None
+        self._ssl_server: ssl.SSLContext | None = None
         self.peer_addr: tuple[str, int] | None = None
         self._api_servers: list[Any] = []
         self.api_addrs: list[tuple[str, int]] = []
+        self.metrics_addr: tuple[str, int] | None = None  # bound, with telemetry.prometheus.addr
         self._read_pool: list[apsw.Connection] = []
         self._closing = False
         self._started_at = 0.0
-        self._orchestrator: Any = None
         self._db_lock_file: DatabaseLock | None = None
         self._closers: list[Any] = []  # async callables run first on close (admin, metrics)
         self.admin_path: os.PathLike[str] | None = None  # where the admin socket listens
@@ -315,6 +232,7 @@ class Agent:
         problem = gossip_security_error(cfg.gossip)
         if problem is not None:  # before anything is created or bound
             raise ConfigError(problem)
+        check_extensions(cfg, self.extensions)
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
@@ -327,7 +245,7 @@ class Agent:
 
     async def _open(self, cfg: Config) -> None:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db.path)
-        if cfg.db.schema_paths or cfg.orchestrator is not None:
+        if cfg.db.schema_paths or any(ext.schema for ext in self.extensions):
             await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
         else:
             self.pending_schema.install(await anyio.to_thread.run_sync(self.store.pending_summary))
@@ -397,9 +315,11 @@ class Agent:
             from .metrics import start_metrics
 
             with listening("telemetry.prometheus.addr", cfg.prometheus_addr):
-                self._closers.append(await start_metrics(self, self._tg, cfg.prometheus_addr))
-        if cfg.orchestrator is not None:
-            await self._start_orchestrator()
+                close, self.metrics_addr = await start_metrics(self, self._tg, cfg.prometheus_addr)
+                self._closers.append(close)
+        for ext in self.extensions:
+            await ext.start(self, self._tg)
+            self._closers.append(ext.close)
         if self._serve_api and cfg.api.addrs:
             await self._start_api()
         self._started = True
@@ -410,7 +330,7 @@ class Agent:
     def _startup_fields(self) -> dict[str, Any]:
         """Everything this agent bound, for the start-up line."""
         assert self.swim is not None
-        metrics = getattr(self, "metrics_addr", None)
+        metrics = self.metrics_addr
         api = [format_addr(a) for a in self.api_addrs]
         return {
             "actor_id": self.actor_id.hex(),
@@ -419,7 +339,7 @@ class Agent:
             "api_addrs": api,
             "admin_path": self._admin_abspath,
             "metrics_addr": format_addr(metrics) if metrics else None,
-            "machines_api": api if self._orchestrator is not None else None,
+            "extensions": [ext.name for ext in self.extensions],
             "cluster_id": self.config.gossip.cluster_id,
         }
 
@@ -430,7 +350,7 @@ class Agent:
         self._closing = True
         for server in self._api_servers:
             server.close()
-        # No cancel scope around these: an orchestrator's task group was entered in start() and
+        # No cancel scope around these: an extension's task group was entered in start() and
         # must be exited at the same nesting level.
         for close in reversed(self._closers):
             try:
@@ -444,9 +364,12 @@ class Agent:
                 contextlib.suppress(Exception),
             ):
                 await self.swim.leave(timeout=2)
-        with anyio.move_on_after(2), anyio.CancelScope(shield=True):
-            while any(p.send.statistics().current_buffer_used for p in self._peers_out.values()):
-                await anyio.sleep(0.02)
+        # end each peer's queue: its sender sends what is queued, closes its stream, and is done
+        with anyio.move_on_after(2, shield=True):
+            for out in list(self._peers_out.values()):
+                out.send.close()
+            for out in list(self._peers_out.values()):
+                await out.done.wait()
         if self._tg is not None:
             # The task group was entered in start(); exit it at the same nesting level (no
             # extra cancel scope around this call), or anyio cannot unwind its scope.
@@ -511,9 +434,12 @@ class Agent:
         if out is None:
             send, receive = anyio.create_memory_object_stream[bytes](PEER_QUEUE)
             out = self._peers_out[addr] = _PeerOut(send)
-            self._tg.start_soon(self._peer_sender, addr, receive)
+            self._tg.start_soon(self._peer_sender, addr, receive, out.done)
         try:
             out.send.send_nowait(data)
+        except anyio.ClosedResourceError:  # closing: the queues are draining
+            self.events.frames_dropped += 1
+            return
         except anyio.WouldBlock:
             out.dropped += 1
             self.events.frames_dropped += 1
@@ -522,7 +448,7 @@ class Agent:
         if frames_log.isEnabledFor(logging.DEBUG):
             frames_log.debug("frame to %s: %s", format_addr(addr), describe_frame(data))
 
-    async def _peer_sender(self, addr: tuple[str, int], receive: Any) -> None:
+    async def _peer_sender(self, addr: tuple[str, int], receive: Any, done: anyio.Event) -> None:
         """Keeps one broadcast stream to ``addr``; on failure, drops the frame in hand and
         reconnects for the next one (sync recovers whatever is lost)."""
         assert self.replicator is not None
@@ -540,7 +466,7 @@ class Agent:
                         )
                         await stream.send(self.replicator.hello("bcast"))
                     await stream.send(data)
-                except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
+                except PEER_STREAM_ERRORS:  # the handshake's IncompleteRead included
                     self.events.peer_stream_errors += 1
                     if stream is not None:
                         with anyio.CancelScope(shield=True):
@@ -548,14 +474,16 @@ class Agent:
                     stream = None
             if stream is not None:
                 await stream.aclose()
+        done.set()
 
-    async def _serve_peer(self, raw: SocketStream) -> None:
+    async def _serve_peer(self, raw: ByteStream) -> None:
         assert self.replicator is not None
         if self.faults.isolated:
             await raw.aclose()
             return
         stream: FrameStream | None = None
-        source = raw.extra(SocketAttribute.remote_address, ("?", 0))
+        # gossip streams are TCP: the address is (host, port, ...), never a unix path
+        source = cast("tuple[str, int]", raw.extra(SocketAttribute.remote_address, ("?", 0)))
         try:
             if self._ssl_server is not None:
                 from anyio.streams.tls import TLSStream
@@ -585,15 +513,7 @@ class Agent:
                 self.events.peer_streams_unauthenticated += 1
                 if isinstance(exc, UnauthenticatedFrame):
                     self.gossip_warnings.dropped(source, "decrypt", "stream")
-            elif not isinstance(
-                exc,
-                OSError
-                | anyio.EndOfStream
-                | anyio.BrokenResourceError
-                | anyio.IncompleteRead
-                | FrameStreamError
-                | TimeoutError,
-            ):
+            elif not isinstance(exc, PEER_STREAM_ERRORS):
                 log.exception("peer stream failed")
 
     def _peer_name(self, actor: bytes) -> str:
@@ -621,14 +541,15 @@ class Agent:
     # -- sync -------------------------------------------------------------------------------
 
     async def _answer_sync(self, stream: FrameStream, peer: str) -> None:
-        assert self.replicator is not None
+        replicator = self.replicator
+        assert replicator is not None
         with anyio.fail_after(30):
             request = await stream.receive()
-        opened = self.replicator.open_sync(request)
+        opened = replicator.open_sync(request)
         if isinstance(opened, bytes):  # the reject frame
             frames = [opened]
         else:
-            answer = self.replicator.sync_answer
+            answer = replicator.sync_answer
             async with self.db_lock:
                 frames = await anyio.to_thread.run_sync(lambda: list(answer(opened)))
         sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
@@ -663,14 +584,7 @@ class Agent:
                         if not more:
                             break
             ok = True
-        except (
-            OSError,
-            anyio.EndOfStream,
-            anyio.BrokenResourceError,
-            anyio.IncompleteRead,
-            FrameStreamError,
-            TimeoutError,
-        ) as exc:
+        except PEER_STREAM_ERRORS as exc:
             self.events.peer_stream_errors += 1
             sync_log.debug("sync with %s failed: %r", format_addr(addr), exc)
         finally:
@@ -697,6 +611,7 @@ class Agent:
                                 result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
                             finally:
                                 rep.install_apply(batch, result, self._now())
+                        assert result is not None  # the apply returned (else it raised)
                         if result.kept:
                             self.pending_schema.kept(result.kept_missing)
                 except Exception:
@@ -785,7 +700,7 @@ class Agent:
         while not self._closing:
             try:
                 joined = await self.swim.join(seeds, timeout=5)
-            except Exception:
+            except OSError:  # a seed unreachable right now: retried below
                 joined = 0
             if joined:
                 return
@@ -1041,12 +956,8 @@ class Agent:
         self, paths: Sequence[os.PathLike[str] | str], allow_destructive: bool
     ) -> list[str]:
         assert self.store is not None
-        from .orchestration import machines_schema
-
         parts = [load_schema_paths(list(paths))]
-        extra = machines_schema(self)
-        if extra:
-            parts.append(extra)
+        parts += [ext.schema for ext in self.extensions if ext.schema]
         sql = "\n;\n".join(parts)
         store = self.store
         async with self.db_lock:
@@ -1173,9 +1084,11 @@ class Agent:
                 "no admin socket: %s is longer than a socket path may be; set admin.path", path
             )
             return
+        assert self._tg is not None  # started
         self._closers.append(await start_admin(self, self._tg, path))
         self.admin_path = path
-        self._admin_abspath = os.path.abspath(path)  # where it is, wherever the cwd goes next
+        # where it is, wherever the cwd goes next (abspath reads the cwd: no I/O to wait for)
+        self._admin_abspath = os.path.abspath(path)  # noqa: ASYNC240
 
     async def _start_api(self) -> None:
         from .api import serve_api
@@ -1188,16 +1101,9 @@ class Agent:
             self.api_addrs.append(bound)
 
     def extra_routes(self) -> list[Any]:
-        """Routes served next to the API (the Machines API when an orchestrator runs)."""
-        if self._orchestrator is None:
-            return []
-        return self._orchestrator.routes()
-
-    async def _start_orchestrator(self) -> None:
-        from .orchestration import start_orchestrator
-
-        self._orchestrator = await start_orchestrator(self)
-        self._closers.append(self._orchestrator.aclose)
+        """Routes served next to the API: the extensions' (the Machines API of an
+        orchestrator)."""
+        return [route for ext in self.extensions for route in ext.routes()]
 
 
 def _schema_sources(config: Config) -> str:

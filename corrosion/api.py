@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,12 +40,11 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .asgi_server import AsgiServer, serve_asgi
+from .interfaces import ApiAgent
+from .results import QueryError, TransactionError, TransactionRefused
 from .sqlguard import parse_timeout
 from .statements import StatementFormError, parse_statement, parse_statements
 from .subscriptions import SubscriptionError
-
-if TYPE_CHECKING:
-    from .agent import Agent
 
 
 def _cell(v: Any) -> Any:
@@ -99,9 +98,7 @@ async def _json_body(request: Request) -> Any:
         raise StatementFormError(f"request body is not valid JSON: {exc}") from None
 
 
-def routes(agent: Agent) -> list[BaseRoute]:
-    from .agent import QueryError, TransactionError, TransactionRefused
-
+def routes(agent: ApiAgent) -> list[BaseRoute]:
     def _timeout(request: Request, default: float) -> float | None:
         try:
             return parse_timeout(request.query_params.get("timeout"), default or None)
@@ -324,7 +321,7 @@ def routes(agent: Agent) -> list[BaseRoute]:
                 quoted = '"' + t.replace('"', '""') + '"'
                 async for row in agent.query(f"SELECT count(*) FROM {quoted}"):
                     total += row[0]
-            except Exception:
+            except QueryError:
                 invalid.append(t)
         return JSONResponse({"total_row_count": total, "invalid_tables": invalid})
 
@@ -356,7 +353,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def asgi_app(agent: Agent, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
+def asgi_app(agent: ApiAgent, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
     app: ASGIApp = Starlette(routes=routes(agent) + list(extra_routes or []))
     token = agent.config.api.bearer_token
     if token:
@@ -365,7 +362,7 @@ def asgi_app(agent: Agent, extra_routes: list[BaseRoute] | None = None) -> ASGIA
 
 
 async def serve_api(
-    agent: Agent, tg: Any, host: str, port: int
+    agent: ApiAgent, tg: Any, host: str, port: int
 ) -> tuple[AsgiServer, tuple[str, int]]:
     """Serve the API inside ``tg``: uvicorn on asyncio, hypercorn on trio (``corrosion[trio]``)."""
     server = await serve_asgi(asgi_app(agent, agent.extra_routes()), tg, host, port)

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import sniffio
@@ -92,7 +92,7 @@ async def _serve_uvicorn(
     )
     server = uvicorn.Server(config)
     # the embedding application (or the CLI) owns signals, not the HTTP server
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
     async def run() -> None:
         try:
@@ -113,7 +113,8 @@ async def _serve_uvicorn(
 
     tg.start_soon(run)
     with anyio.fail_after(10):
-        while not server.started:
+        # uvicorn offers only this flag (no event or callback) to say it is listening
+        while not server.started:  # noqa: ASYNC110
             await anyio.sleep(0.01)
 
     def stop() -> None:
@@ -128,6 +129,7 @@ async def _serve_hypercorn(
     # hypercorn.trio.serve binds its own sockets; worker_serve (which it calls) takes ours
     from hypercorn.config import Config, Sockets
     from hypercorn.trio.run import worker_serve
+    from hypercorn.typing import ASGIFramework
     from hypercorn.utils import wrap_app
 
     config = Config()
@@ -139,7 +141,8 @@ async def _serve_hypercorn(
     async def run(*, task_status: Any) -> None:
         with sock:
             await worker_serve(
-                wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                # the same ASGI callable: starlette types its scope as a plain mapping
+                wrap_app(cast(ASGIFramework, app), config.wsgi_max_body_size, "asgi"),
                 config,
                 sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
                 shutdown_trigger=stopping.wait,

@@ -33,6 +33,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import apsw
 
@@ -40,11 +41,12 @@ from crdt.crr import upgrade_triggers
 
 from .admin import agent_listening
 from .dblock import database_in_use, lock_path
+from .errors import CorrosionError
 
 CLOCK_SUFFIX = "__crsql_clock"
 
 
-class BackupError(Exception):
+class BackupError(CorrosionError):
     """Backup or restore refused or failed; the message says why (nothing was changed)."""
 
 
@@ -95,9 +97,12 @@ def make_generic(conn: apsw.Connection) -> tuple[bytes | None, int]:
     rewritten = 0
     site = row[0] if row else None
     if site is not None:
-        (ordinal,) = conn.execute(
-            "INSERT INTO crsql_site_id (site_id) VALUES (?) RETURNING ordinal", (site,)
-        ).fetchone()
+        (ordinal,) = cast(
+            "tuple[int]",
+            conn.execute(
+                "INSERT INTO crsql_site_id (site_id) VALUES (?) RETURNING ordinal", (site,)
+            ).fetchone(),
+        )
         for t in tables:
             conn.execute(f"UPDATE {_quote(t)} SET site_id = ? WHERE site_id = 0", (ordinal,))
             rewritten += conn.changes()
@@ -211,6 +216,7 @@ def restore(
             if not (_has_table(src, "crsql_site_id") and _has_table(src, "__corro_bookkeeping")):
                 raise BackupError(f"{str(backup_path)!r} is not a corrosion database")
             if own_head > _head(backup_path, actor_id):
+                assert actor_id is not None  # own_head is only set with one
                 raise BackupError(
                     f"the backup holds an older state of actor {actor_id.hex()} (this node has "
                     f"versions up to {own_head}); keeping the actor id would re-use version "
@@ -279,9 +285,9 @@ def _copy_into(stage: apsw.Connection, db_path: Path, lock_timeout: float) -> No
     dst = apsw.Connection(str(db_path))
     try:
         dst.set_busy_timeout(int(lock_timeout * 1000))
-        (dst_page,) = dst.execute("PRAGMA page_size").fetchone()
-        (src_page,) = stage.execute("PRAGMA page_size").fetchone()
-        (mode,) = dst.execute("PRAGMA journal_mode").fetchone()
+        (dst_page,) = cast("tuple[int]", dst.execute("PRAGMA page_size").fetchone())
+        (src_page,) = cast("tuple[int]", stage.execute("PRAGMA page_size").fetchone())
+        (mode,) = cast("tuple[str]", dst.execute("PRAGMA journal_mode").fetchone())
         if mode == "wal" and dst_page != src_page:
             # a WAL database cannot change page size; leave WAL for the copy
             dst.execute("PRAGMA journal_mode = DELETE")

@@ -21,13 +21,15 @@ import msgpack
 
 from crdt import Change
 
+from .errors import CorrosionError
+
 WIRE_VERSION = 1
 MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB
 
 K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST = range(1, 8)
 
 
-class FrameError(ValueError):
+class FrameError(CorrosionError, ValueError):
     """A frame could not be decoded or failed validation."""
 
 
@@ -108,13 +110,17 @@ def _actor(v: Any) -> bytes:
 
 _VALUE_TYPES = (type(None), int, float, str, bytes)
 
+# what msgpack raises on malformed input: ValueError (bad format, extra data, bad UTF-8, too
+# deep), TypeError (an unhashable map key), UnpackException (truncated input, buffer full)
+MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
+
 
 def decode_frame(data: bytes) -> tuple[int, Any]:
     """Decode one frame into ``(kind, payload)``; payload is a Changeset, EmptyVersions, or the
     list of fields of a control frame."""
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-    except Exception as exc:
+    except MSGPACK_ERRORS as exc:
         raise FrameError(f"not msgpack: {exc}") from None
     if not isinstance(obj, list) or len(obj) < 2:
         raise FrameError("frame must be an array with a kind and a wire version")
@@ -149,7 +155,7 @@ def peek_changeset(data: bytes) -> tuple[bytes, int, int, int] | None:
         if unpacker.read_array_header() != 10:
             return None
         kind, wire, actor, version, start, end = (unpacker.unpack() for _ in range(6))
-    except Exception:
+    except MSGPACK_ERRORS:
         return None
     if kind != K_CHANGESET or wire != WIRE_VERSION or type(actor) is not bytes:
         return None

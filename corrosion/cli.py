@@ -38,6 +38,8 @@ from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request,
 from .client import ClientError, CorrosionClient
 from .config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
 from .dblock import database_in_use
+from .errors import CorrosionError
+from .extensions import AgentExtension, load_extensions
 from .logs import ENV_VAR, level_spec, setup_logging
 from .startup import ListenError, check_addresses, explain
 
@@ -98,7 +100,7 @@ app.add_typer(sync_app, name="sync")
 app.add_typer(log_app, name="log")
 
 
-class CliError(Exception):
+class CliError(CorrosionError):
     """Printed as ``error: <message>`` with exit code 1."""
 
 
@@ -299,12 +301,17 @@ def preflight(cfg: Config) -> None:
         )
 
 
-async def _run_agent(cfg: Config, started: list[bool], allow_destructive: bool = False) -> None:
+async def _run_agent(
+    cfg: Config,
+    started: list[bool],
+    allow_destructive: bool = False,
+    extensions: Sequence[AgentExtension] = (),
+) -> None:
     from .agent import Agent
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # the agent logs "agent started" with every bound address
-        async with Agent(cfg, allow_destructive=allow_destructive):
+        async with Agent(cfg, allow_destructive=allow_destructive, extensions=extensions):
             started.append(True)
             async for sig in signals:
                 log.info("%s received: leaving the cluster", signal.Signals(sig).name)
@@ -327,13 +334,17 @@ def agent(
     with _Errors():
         cfg = g.agent_config()
         preflight(cfg)
+        try:  # the extensions' tables ([orchestrator]) are checked by the extensions
+            extensions = load_extensions(cfg)
+        except ConfigError as exc:
+            raise CliError(f"invalid config: {exc}") from None
         try:  # log.level was checked with the config: only the environment can be wrong here
             setup_logging(cfg.log_format, cfg.log_colors, level_spec(cfg.log_level, os.environ))
         except ValueError as exc:
             raise CliError(f"{ENV_VAR}: {exc}") from None
     started: list[bool] = []
     try:
-        run_async(_run_agent, cfg, started, allow_destructive)
+        run_async(_run_agent, cfg, started, allow_destructive, extensions)
     except Exception as exc:
         leaf = _leaf(exc)
         message = explain(leaf, cfg)
@@ -596,7 +607,7 @@ def devcluster(
         except ValueError as exc:
             raise _fail(f"{ENV_VAR}: {exc}") from None
     try:
-        missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo)
+        missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo, wait_for_stop)
     except OSError as exc:
         raise _fail(f"devcluster could not start: {exc}") from None
     if missing:

@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 
+from .errors import CorrosionError
 
-class ClientError(Exception):
+
+class ClientError(CorrosionError):
     """The agent refused or failed a request (``status`` is None when it was unreachable)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:

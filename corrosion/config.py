@@ -65,14 +65,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .addresses import Address, format_addr
+from .errors import CorrosionError
 from .logs import parse_levels
 
 
-class ConfigError(ValueError):
+class ConfigError(CorrosionError, ValueError):
     """The configuration is invalid; the message names the key."""
-
-
-Address = tuple[str, int]
 
 
 def parse_addr(value: Any, key: str) -> Address:
@@ -99,11 +98,6 @@ def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a 'host:port' string or a list of them, got {value!r}")
     return tuple(parse_addr(v, f"{key}[{i}]") for i, v in enumerate(value))
-
-
-def format_addr(addr: Address) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -202,47 +196,47 @@ class Config:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Config:
         r = _Reader(data, "")
-        db = r.table("db", required=True)
-        api = r.table("api")
-        gossip = r.table("gossip")
-        perf = r.table("perf")
+        db = r.table("db", DbConfig, required=True)
+        api = r.table("api", ApiConfig)
+        gossip = r.table("gossip", GossipConfig)
+        perf = r.table("perf", PerfConfig)
         admin = r.table("admin")
         telemetry = r.table("telemetry")
-        log = r.table("log")
+        log = r.table("log", cls, prefix="log_")
         orchestrator = r.raw("orchestrator")
         r.done()
 
         db_cfg = DbConfig(
-            path=Path(db.str("path", required=True)),
-            schema_paths=tuple(Path(p) for p in db.str_list("schema_paths")),
+            path=Path(db.string("path")),
+            schema_paths=tuple(Path(p) for p in db.string_list("schema_paths")),
         )
         db.done()
 
         api_addrs = parse_addr_list(api.get("addr"), "api.addr")
         authz = api.table("authz")
-        token = authz.opt_str("bearer-token")
+        token = authz.opt_string("bearer-token")
         if token is None:
-            token = authz.opt_str("bearer")
+            token = authz.opt_string("bearer")
         authz.done()
         api.mark("addr")
-        timeouts = {k: api.float(k, 60.0, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
+        timeouts = {k: api.number(k, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
         api.done()
         api_cfg = ApiConfig(api_addrs, token, **timeouts)
 
-        tls = gossip.table("tls")
+        tls = gossip.table("tls", TlsConfig)
         tls_cfg = None
         if tls.data:
-            client = tls.table("client")
+            client = tls.table("client", TlsConfig, prefix="client_")
             client_cert = client_key = None
             if client.data:
-                client_cert = Path(client.str("cert_file", required=True))
-                client_key = Path(client.str("key_file", required=True))
+                client_cert = Path(client.string("cert_file"))
+                client_key = Path(client.string("key_file"))
             client.done()
             tls_cfg = TlsConfig(
-                cert_file=Path(tls.str("cert_file", required=True)),
-                key_file=Path(tls.str("key_file", required=True)),
-                ca_file=Path(p) if (p := tls.opt_str("ca_file")) else None,
-                insecure=tls.bool("insecure", False),
+                cert_file=Path(tls.string("cert_file")),
+                key_file=Path(tls.string("key_file")),
+                ca_file=Path(p) if (p := tls.opt_string("ca_file")) else None,
+                insecure=tls.boolean("insecure"),
                 client_cert_file=client_cert,
                 client_key_file=client_key,
             )
@@ -252,7 +246,7 @@ class Config:
                 )
         tls.done()
         keys = []
-        for i, k in enumerate(gossip.str_list("encryption_keys")):
+        for i, k in enumerate(gossip.string_list("encryption_keys")):
             try:
                 raw = base64.b64decode(k, validate=True)
             except (binascii.Error, ValueError):
@@ -263,49 +257,50 @@ class Config:
                     f"got {len(raw)}"
                 )
             keys.append(raw)
-        preset = gossip.str("preset", default="lan")
+        preset = gossip.string("preset")
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
+        addr = gossip.get("addr")
         ext = gossip.get("external_addr")
-        plaintext = gossip.bool("plaintext", False)
+        plaintext = gossip.boolean("plaintext")
         gossip_cfg = GossipConfig(
-            addr=parse_addr(gossip.get("addr") or "127.0.0.1:0", "gossip.addr"),
+            addr=parse_addr(addr, "gossip.addr") if addr else GossipConfig.addr,
             external_addr=parse_addr(ext, "gossip.external_addr") if ext else None,
             bootstrap=parse_addr_list(gossip.get("bootstrap"), "gossip.bootstrap"),
             plaintext=plaintext,
             encryption_keys=tuple(keys),
-            cluster_id=gossip.int("cluster_id", 0, lo=0, hi=65535),
+            cluster_id=gossip.integer("cluster_id", lo=0, hi=65535),
             preset=preset,
             tls=tls_cfg,
         )
         gossip.done()
 
         perf_cfg = PerfConfig(
-            min_sync_backoff=perf.float("min_sync_backoff", 1.0, lo=0.01),
-            max_sync_backoff=perf.float("max_sync_backoff", 15.0, lo=0.01),
-            broadcast=perf.bool("broadcast", True),
-            apply_batch_size=perf.int("apply_batch_size", 1000, lo=1, hi=1_000_000),
+            min_sync_backoff=perf.number("min_sync_backoff", lo=0.01),
+            max_sync_backoff=perf.number("max_sync_backoff", lo=0.01),
+            broadcast=perf.boolean("broadcast"),
+            apply_batch_size=perf.integer("apply_batch_size", lo=1, hi=1_000_000),
         )
         perf.done()
         if perf_cfg.max_sync_backoff < perf_cfg.min_sync_backoff:
             raise ConfigError("perf.max_sync_backoff: must be >= perf.min_sync_backoff")
 
-        admin_path = admin.opt_str("path")
+        admin_path = admin.opt_string("path")
         admin.done()
         prom = telemetry.table("prometheus")
         prom_addr = prom.get("addr")
         prom.done()
         telemetry.done()
-        log_format = log.str("format", default="plaintext")
+        log_format = log.string("format")
         if log_format not in ("plaintext", "json"):
             raise ConfigError("log.format: must be 'plaintext' or 'json'")
-        colors = log.bool("colors", True)
-        log_level = log.str("level", default="info")
+        colors = log.boolean("colors")
+        log_level = log.string("level")
         try:
             parse_levels(log_level)
         except ValueError as exc:
             raise ConfigError(f"log.level: {exc}") from None
-        summary_interval = log.float("summary_interval", 10.0, lo=0.1)
+        summary_interval = log.number("summary_interval", lo=0.1)
         log.done()
         if orchestrator is not None:
             _check_orchestrator(orchestrator)
@@ -395,19 +390,10 @@ def generate_key() -> str:
 
 
 def _check_orchestrator(section: Any) -> None:
-    """Validate ``[orchestrator]`` at load time, so a bad section fails before anything starts
-    (the orchestrator package is imported only by agents that host one)."""
+    """``[orchestrator]`` is kept raw for the extension that serves it, which validates its
+    keys (``corrosion.extensions``); here only its shape."""
     if not isinstance(section, Mapping):
         raise ConfigError("orchestrator: must be a table")
-    from orchestrator.config import OrchestratorConfig
-
-    try:
-        OrchestratorConfig.from_mapping(section)
-    except Exception as exc:
-        message = str(exc)
-        if not message.startswith("[orchestrator]"):
-            message = f"[orchestrator]: {message}"
-        raise ConfigError(message) from None
 
 
 # the keys that name files or directories, by table; and in ``[orchestrator]`` every key that
@@ -472,16 +458,29 @@ def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]
     return out
 
 
-class _Reader:
-    """Reads one TOML table, remembering which keys were used so leftovers can be refused."""
+def _field_defaults(fields_of: type, prefix: str = "") -> dict[str, Any]:
+    """The defaults of a config dataclass's fields by TOML key (the field name without
+    ``prefix``). The parser takes its defaults from here, so each is written once, on the field;
+    a field without one (or with None) makes its key required where a value must be read."""
+    return {
+        f.name.removeprefix(prefix): f.default
+        for f in dataclasses.fields(fields_of)
+        if f.name.startswith(prefix) and f.default is not dataclasses.MISSING
+    }
 
-    def __init__(self, data: Any, prefix: str) -> None:
+
+class _Reader:
+    """Reads one TOML table, remembering which keys were used so leftovers can be refused.
+    An absent key takes the default of the dataclass field the table fills (``defaults``)."""
+
+    def __init__(self, data: Any, prefix: str, defaults: Mapping[str, Any] | None = None) -> None:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{prefix.rstrip('.')}: must be a table")
         self.data = data
         self.prefix = prefix
+        self.defaults: Mapping[str, Any] = defaults or {}
         self.used: set[str] = set()
 
     def _key(self, k: str) -> str:
@@ -497,31 +496,38 @@ class _Reader:
     def raw(self, k: str) -> Any:
         return self.get(k)
 
-    def table(self, k: str, required: bool = False) -> _Reader:
+    def table(
+        self, k: str, fields_of: type | None = None, *, prefix: str = "", required: bool = False
+    ) -> _Reader:
+        """The sub-table ``k``; ``fields_of`` (with ``prefix``): the dataclass whose field
+        defaults its absent keys take."""
         v = self.get(k)
         if v is None and required:
             raise ConfigError(f"{self._key(k)}: section is required")
-        return _Reader(v, self._key(k) + ".")
+        defaults = _field_defaults(fields_of, prefix) if fields_of is not None else None
+        return _Reader(v, self._key(k) + ".", defaults)
 
-    def str(self, k: str, *, required: bool = False, default: str | None = None) -> str:
+    def _default(self, k: str) -> Any:
+        default = self.defaults.get(k)
+        if default is None:
+            raise ConfigError(f"{self._key(k)}: is required")
+        return default
+
+    def string(self, k: str) -> str:
         v = self.get(k)
         if v is None:
-            if required:
-                raise ConfigError(f"{self._key(k)}: is required")
-            if default is None:
-                raise ConfigError(f"{self._key(k)}: is required")
-            return default
+            return self._default(k)
         if not isinstance(v, str):
             raise ConfigError(f"{self._key(k)}: expected a string, got {type(v).__name__}")
         return v
 
-    def opt_str(self, k: str) -> str | None:
+    def opt_string(self, k: str) -> str | None:
         v = self.get(k)
         if v is not None and not isinstance(v, str):
             raise ConfigError(f"{self._key(k)}: expected a string, got {type(v).__name__}")
         return v
 
-    def str_list(self, k: str) -> list[str]:
+    def string_list(self, k: str) -> list[str]:
         v = self.get(k)
         if v is None:
             return []
@@ -531,28 +537,28 @@ class _Reader:
             raise ConfigError(f"{self._key(k)}: expected a list of strings")
         return v
 
-    def bool(self, k: str, default: bool) -> bool:
+    def boolean(self, k: str) -> bool:
         v = self.get(k)
         if v is None:
-            return default
+            return self._default(k)
         if not isinstance(v, bool):
             raise ConfigError(f"{self._key(k)}: expected true or false, got {v!r}")
         return v
 
-    def int(self, k: str, default: int, *, lo: int | None = None, hi: int | None = None) -> int:
+    def integer(self, k: str, *, lo: int | None = None, hi: int | None = None) -> int:
         v = self.get(k)
         if v is None:
-            return default
+            return self._default(k)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{self._key(k)}: expected an integer, got {v!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ConfigError(f"{self._key(k)}: {v} is out of range [{lo}, {hi}]")
         return v
 
-    def float(self, k: str, default: float, *, lo: float | None = None) -> float:
+    def number(self, k: str, *, lo: float | None = None) -> float:
         v = self.get(k)
         if v is None:
-            return default
+            return self._default(k)
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ConfigError(f"{self._key(k)}: expected a number, got {v!r}")
         if lo is not None and v < lo:

@@ -12,8 +12,10 @@ import fcntl
 import os
 from pathlib import Path
 
+from .errors import CorrosionError
 
-class DatabaseInUse(RuntimeError):
+
+class DatabaseInUse(CorrosionError, RuntimeError):
     pass
 
 

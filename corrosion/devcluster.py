@@ -64,7 +64,7 @@ class Node:
 
     @property
     def metrics(self) -> str | None:
-        addr = getattr(self.agent, "metrics_addr", None)
+        addr = self.agent.metrics_addr
         return _addr(addr) if addr else None
 
 
@@ -118,6 +118,7 @@ class DevCluster:
                 data = self._config(name, seeds)
                 agent = await self._stack.enter_async_context(Agent(Config.from_mapping(data)))
                 if not seeds:
+                    assert agent.swim is not None  # started
                     seeds = [_addr(agent.swim.address)]
                 cfg_path = self.base / name / "config.toml"
                 _write_config(cfg_path, data, agent)
@@ -141,8 +142,12 @@ class DevCluster:
         """Seconds until every node sees all the others alive; None after ``timeout``."""
         t0 = time.perf_counter()
         with anyio.move_on_after(timeout):
-            while any(n.agent.alive_members() < self.size - 1 for n in self.nodes):
-                await anyio.sleep(0.02)
+            while lagging := [n for n in self.nodes if n.agent.alive_members() < self.size - 1]:
+                agent = lagging[0].agent
+                assert agent.swim is not None
+                with agent.swim.subscribe() as changes:  # each membership change is notified
+                    if agent.alive_members() < self.size - 1:
+                        await changes.receive()
             return time.perf_counter() - t0
         return None
 
@@ -185,7 +190,8 @@ class DevCluster:
 def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
     """The node's config with its bound ports, for the CLI (``corrosion -c path ...``)."""
     db, gossip = data["db"], data["gossip"]
-    metrics = getattr(agent, "metrics_addr", None)
+    metrics = agent.metrics_addr
+    assert agent.swim is not None  # started
     lines = [
         "# Written by `corrosion devcluster`: this node's settings with the ports it bound,",
         "# so `corrosion -c <this file> ...` reaches it while the devcluster runs.",
@@ -216,6 +222,7 @@ def describe(cluster: DevCluster, cli: str = "corrosion") -> list[str]:
     nodes = cluster.nodes
     rows = [("node", "actor id", "HTTP API", "gossip", "metrics", "config (for -c)")]
     for n in nodes:
+        assert n.agent.swim is not None  # started
         rows.append(
             (
                 n.name,
@@ -261,13 +268,12 @@ async def run_devcluster(
     nodes: int,
     base_dir: Path | None,
     duration: float | None,
-    echo: Callable[[str], Any] = print,
-    wait: Callable[[float | None], Awaitable[str]] | None = None,
+    echo: Callable[[str], Any],
+    wait: Callable[[float | None], Awaitable[str]],
 ) -> list[str]:
-    """The ``devcluster`` command: start, demonstrate, print, wait, stop. Returns the nodes
-    the demo write did not reach (so the command can fail: scripts and CI rely on it)."""
-    if wait is None:
-        from .cli import wait_for_stop as wait
+    """The ``devcluster`` command: start, demonstrate, print, ``wait`` (the CLI's: for a signal
+    or ``duration``), stop. Returns the nodes the demo write did not reach (so the command can
+    fail: scripts and CI rely on it)."""
     temporary = base_dir is None
     base = Path(tempfile.mkdtemp(prefix="corrosion-devcluster-")) if base_dir is None else base_dir
     base = base.resolve()

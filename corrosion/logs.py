@@ -28,6 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .addresses import format_addr
+
 ENV_VAR = "CORROSION_LOG"
 DEFAULT_LEVEL = "info"
 
@@ -102,7 +104,7 @@ class PlainFormatter(logging.Formatter):
 # -- levels ------------------------------------------------------------------------------------
 
 
-def parse_levels(spec: str) -> dict[str, int]:
+def parse_levels(spec: object) -> dict[str, int]:
     """``"info,corrosion.sync=debug"`` → ``{"": INFO, "corrosion.sync": DEBUG}``; ValueError
     naming the bad part otherwise. The default (``""``, the root logger) is INFO unless given."""
     if not isinstance(spec, str):
@@ -510,8 +512,6 @@ class GossipWarnings:
         ``swim.SwimNode.on_dropped`` gives) from ``source`` was dropped for ``reason``."""
         if reason not in _KEY_MISMATCH:
             return  # another cluster's label, or garbage: not a key problem
-        from .config import format_addr  # config imports this module
-
         host = str(source[0])
         # a stream request comes from an ephemeral port: only datagrams and replies to our
         # streams show the sender's gossip port

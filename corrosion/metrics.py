@@ -17,13 +17,11 @@ import math
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 
-if TYPE_CHECKING:
-    from .agent import Agent
+from .interfaces import MetricsAgent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 16 * 1024
@@ -45,7 +43,7 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def collect(agent: Agent) -> list[tuple[str, str, str, list[_Sample]]]:
+def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
     """Every family as ``(name, type, help, [(labels, value)])``."""
     rep = agent.replicator.stats if agent.replicator is not None else None
     ev = agent.events
@@ -186,14 +184,13 @@ def render(families: Iterable[tuple[str, str, str, list[_Sample]]]) -> str:
 
 
 async def start_metrics(
-    agent: Agent, tg: TaskGroup, addr: tuple[str, int]
-) -> Callable[[], Awaitable[None]]:
-    """Serve ``/metrics`` on ``addr`` inside ``tg``; return the closer. ``agent.metrics_addr``
-    is set to the bound address (port 0 picks a free one)."""
+    agent: MetricsAgent, tg: TaskGroup, addr: tuple[str, int]
+) -> tuple[Callable[[], Awaitable[None]], tuple[str, int]]:
+    """Serve ``/metrics`` on ``addr`` inside ``tg``; return the closer and the bound address
+    (port 0 picks a free one)."""
     host, port = addr
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
     bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    agent.metrics_addr = (host, bound_port)  # type: ignore[attr-defined]
     scope = anyio.CancelScope()
     stopped = anyio.Event()
 
@@ -215,10 +212,10 @@ async def start_metrics(
                 await stopped.wait()
             await listener.aclose()
 
-    return close
+    return close, (host, bound_port)
 
 
-async def _handle(agent: Agent, stream: SocketStream) -> None:
+async def _handle(agent: MetricsAgent, stream: SocketStream) -> None:
     async with stream:
         with contextlib.suppress(Exception), anyio.fail_after(10):
             head = bytearray()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
@@ -145,9 +145,10 @@ def kept_changes(conn: apsw.Connection, actor: bytes, version: int) -> list[Chan
 
 def all_kept(conn: apsw.Connection) -> Iterator[tuple[bytes, int, list[Change]]]:
     """Every kept version with its changes, in (actor, version) order."""
-    for actor, version in conn.execute(
+    rows = conn.execute(
         "SELECT DISTINCT actor_id, version FROM __corro_pending_changes ORDER BY actor_id, version"
-    ).fetchall():
+    ).fetchall()
+    for actor, version in cast("list[tuple[bytes, int]]", rows):
         yield actor, version, kept_changes(conn, actor, version)
 
 
@@ -160,13 +161,17 @@ def forget(conn: apsw.Connection, actor: bytes, version: int) -> None:
 def summary(conn: apsw.Connection) -> PendingSummary:
     view = SchemaView(conn)
     out = PendingSummary()
-    (out.versions,) = conn.execute(
-        "SELECT count(*) FROM (SELECT DISTINCT actor_id, version FROM __corro_pending_changes)"
-    ).fetchone()
-    for table, cid, n in conn.execute(
+    (out.versions,) = cast(
+        "tuple[int]",
+        conn.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT actor_id, version FROM __corro_pending_changes)"
+        ).fetchone(),
+    )
+    rows = conn.execute(
         'SELECT "table", cid, count(*) FROM __corro_pending_changes GROUP BY "table", cid '
         'ORDER BY "table", cid'
-    ).fetchall():
+    ).fetchall()
+    for table, cid, n in cast("list[tuple[str, str, int]]", rows):
         for key, _ in view.missing([(table, None, cid)]).items():
             out.missing[key] = out.missing.get(key, 0) + n
     return out

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,7 @@ from .changeset import (
     K_REJECT,
     K_SYNC_DONE,
     K_SYNC_REQUEST,
+    MSGPACK_ERRORS,
     Changeset,
     EmptyVersions,
     FrameError,
@@ -525,7 +526,7 @@ class Replicator:
         booked = self.store.bookie.actors.get(actor)
         missing = booked.held.complement_within(1, head) if booked is not None else None
         if missing is None:
-            missing_versions = range(1, head + 1)
+            missing_versions: Iterable[int] = range(1, head + 1)
         else:
             if not missing:
                 return True
@@ -689,7 +690,7 @@ def decode_meta(meta: bytes) -> tuple[bytes, int, int] | None:
     try:
         obj = msgpack.unpackb(meta, raw=False)
         actor, port, cluster = obj["a"], obj["p"], obj["c"]
-    except Exception:
+    except (*MSGPACK_ERRORS, KeyError):  # not msgpack, not a mapping, or a key missing
         return None
     if type(actor) is not bytes or len(actor) != 16 or type(port) is not int:
         return None

@@ -46,11 +46,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
 from crdt.schema import is_internal
+
+from .errors import CorrosionError
 
 # A client's statements are prepared with this flag, so the statement cache never hands them a
 # statement the agent prepared without checks (apsw's cache keys on text and flags).
@@ -171,7 +173,7 @@ _SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_maste
 NOT_READONLY = "statement is not readonly: writes go through POST /v1/transactions (corrosion exec)"
 
 
-class Refused(Exception):
+class Refused(CorrosionError):
     """A client's statement does something clients may not do; ``message`` says what to do."""
 
     def __init__(self, message: str) -> None:
@@ -202,12 +204,17 @@ class Guard:
 
     def _load_schema(self, conn: apsw.Connection) -> None:
         """Which tables replicate and which triggers are theirs (cached per schema version)."""
-        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        row = conn.execute("PRAGMA schema_version").fetchone()
+        assert row is not None  # a PRAGMA always returns its row
+        version = row[0]
         if version == self._schema_version:
             return
-        triggers = conn.execute(
-            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
-        ).fetchall()
+        triggers = cast(
+            "list[tuple[str, str]]",
+            conn.execute(
+                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
+            ).fetchall(),
+        )
         self._triggers = frozenset(name for name, _ in triggers)
         self._replicated = frozenset(t for name, t in triggers if name == t + "__crsql_itrig")
         self._schema_version = version

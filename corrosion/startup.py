@@ -21,16 +21,17 @@ from crdt.errors import CrdtError
 
 from .config import Address, ConfigError, format_addr
 from .dblock import DatabaseInUse
+from .errors import CorrosionError
 
 if TYPE_CHECKING:
     from .config import Config
 
 
-class ListenError(OSError):
+class ListenError(CorrosionError, OSError):
     """A configured address could not be bound; the message names the key and the remedy."""
 
 
-_LISTEN_REMEDIES = {
+_LISTEN_REMEDIES: dict[int | None, str] = {
     errno.EADDRINUSE: "another process listens there: stop it or choose another port",
     errno.EADDRNOTAVAIL: "no local interface has that address: use one of this host's addresses",
     errno.EACCES: "ports below 1024 need privileges: choose a port above 1023",

@@ -15,10 +15,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import CorrosionError
+
 Statement = tuple[str, Sequence[Any] | dict[str, Any]]
 
 
-class StatementFormError(ValueError):
+class StatementFormError(CorrosionError, ValueError):
     """A statement is not in one of the accepted forms."""
 
 

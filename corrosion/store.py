@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
@@ -47,6 +47,7 @@ from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 from . import pending_schema
 from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
+from .errors import CorrosionError
 from .pending_schema import PendingSummary, SchemaView
 from .ranges import RangeSet
 from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard, client_timeout
@@ -92,7 +93,7 @@ def _untype_buffered_values(conn: apsw.Connection) -> None:
     conn.execute("DROP TABLE __corro_buffered_changes_old")
 
 
-class StatementError(Exception):
+class StatementError(CorrosionError):
     """A statement of a transaction failed; the whole transaction was rolled back."""
 
     def __init__(self, index: int, message: str) -> None:
@@ -407,7 +408,7 @@ class Store:
             if complete:
                 complete = self._keep_unknown_schema(complete, booked, result)
             if isolate:
-                versions = []
+                versions: list[int | crdt.MergeError | None] = []
                 for entry in complete:
                     conn.execute("SAVEPOINT one_version")
                     try:
@@ -418,7 +419,7 @@ class Store:
                         conn.execute("RELEASE one_version")
                         versions.append(exc)
             else:
-                versions = crdt.merge_changesets(conn, [entry[2] for entry in complete])
+                versions = list(crdt.merge_changesets(conn, [entry[2] for entry in complete]))
             rows = []
             for (actor, version, changes, last_seq, ts), local in zip(
                 complete, versions, strict=True
@@ -513,7 +514,7 @@ class Store:
             (actor, version),
         ).fetchall()
         self._drop_buffered(actor, version)
-        return [Change(*r) for r in rows]
+        return [Change(*r) for r in cast("list[tuple[Any, ...]]", rows)]
 
     def _drop_buffered(self, actor: bytes, version: int) -> None:
         self.conn.execute(
@@ -541,7 +542,9 @@ class Store:
                 "AND end_version >= ? ORDER BY start_version",
                 (actor, end, start),
             ).fetchall()
-            for s, e, local, last_seq, ts in rows:
+            for s, e, local, last_seq, ts in cast(
+                "list[tuple[int, int, int | None, int | None, int | None]]", rows
+            ):
                 s, e = max(s, start), min(e, end)
                 if local is None:
                     kept = pending_schema.kept_versions(self.conn, actor, s, e)
@@ -578,9 +581,10 @@ class Store:
             )
 
     def load_members(self) -> list[tuple[bytes, str, str, bytes]]:
-        return self.conn.execute(
+        rows = self.conn.execute(
             "SELECT actor_id, address, state, meta FROM __corro_members ORDER BY updated_at DESC"
         ).fetchall()
+        return cast("list[tuple[bytes, str, str, bytes]]", rows)
 
 
 class _DirectChanges:

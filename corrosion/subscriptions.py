@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 import apsw
 
+from .errors import CorrosionError
 from .sqlguard import NOT_READONLY, Deadline, guard_of
 
 KEEP_CHANGES = 500
@@ -86,7 +87,7 @@ def query_hash(normalized_sql: str, params: Any) -> str:
     return h.hexdigest()[:32]
 
 
-class SubscriptionError(Exception):
+class SubscriptionError(CorrosionError):
     """The query cannot be subscribed to, or a resume point is gone."""
 
 
@@ -160,6 +161,7 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
             if not where:
                 identity = None
                 break
+            assert identity is not None  # mypy loses the narrowing across the nested loop
             identity.append(where[0])
         if identity is None:
             break

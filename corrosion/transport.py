@@ -29,6 +29,8 @@ from anyio.streams.tls import TLSStream
 
 from swim import Keyring
 
+from .errors import CorrosionError
+
 _LEN = struct.Struct(">I")
 _INDEX = struct.Struct(">Q")
 NONCE_SIZE = 16
@@ -36,13 +38,25 @@ MAX_FRAME = 64 * 1024 * 1024
 PEER_PREAMBLE = b"\xffCRP"  # see swim.SwimNode.route_streams
 
 
-class FrameStreamError(Exception):
+class FrameStreamError(CorrosionError):
     """The peer sent something that is not a valid frame (too large, or not decryptable)."""
 
 
 class UnauthenticatedFrame(FrameStreamError):
     """A frame that no installed key authenticates for this stream: not from a cluster member
     (or replayed, reordered or spliced)."""
+
+
+# What a peer stream raises when the peer goes away, misbehaves or is too slow: the stream is
+# lost, the node is not. Every place that talks to a peer catches these (and only these).
+PEER_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.IncompleteRead,
+    FrameStreamError,
+    TimeoutError,
+)
 
 
 class FrameStream:

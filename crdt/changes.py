@@ -85,7 +85,9 @@ def table_select(info: TableInfo, where: str = "") -> str:
 _new = tuple.__new__  # builds a Change without NamedTuple.__new__'s Python frame
 
 
-def _rows(conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple) -> list[Change]:
+def _rows(
+    conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple[Any, ...]
+) -> list[Change]:
     """Run a ``table_select`` query and build Changes: pk values are packed once per key, and
     site ordinals mapped to ids in Python (cheaper than a join per row)."""
     npk = len(info.pks)
@@ -106,7 +108,7 @@ def _rows(conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple) -> 
                           site_of(site), cl, seq))
             for key, p, cid, val, cv, dbv, site, cl, seq in conn.execute(sql, bindings)
         ]  # fmt: skip
-    out = []
+    out: list[Change] = []
     append = out.append
     for row in conn.execute(sql, bindings):
         key = row[0]
@@ -142,7 +144,7 @@ def _changes_since(
 ) -> list[Change]:
     names = tables if tables is not None else crr_tables(conn)
     where = " WHERE t1.db_version > ?"
-    bindings: tuple = (db_version,)
+    bindings: tuple[Any, ...] = (db_version,)
     if exclude_site is not None:
         # by ordinal: a site never seen here has none, and then nothing is excluded
         where += " AND t1.site_id IS NOT (SELECT ordinal FROM crsql_site_id WHERE site_id = ?)"

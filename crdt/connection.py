@@ -10,8 +10,8 @@ connection to a CRR is tracked by the CRR's triggers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import apsw
 
@@ -142,7 +142,8 @@ def config_get(conn: apsw.Connection, name: str) -> Any:
 
 
 def _register(conn: Connection, state: CrrState) -> None:
-    f = conn.create_scalar_function
+    # apsw's stubs type a scalar function as taking *args only; fixed arities are valid
+    f: Callable[..., None] = conn.create_scalar_function
     f("crsql_site_id", lambda: state.site_id, 0, deterministic=True)
     f("crsql_db_version", state.current_db_version, 0)
     f("crsql_next_db_version", state.next_db_version, 0)
@@ -177,7 +178,8 @@ def _register(conn: Connection, state: CrrState) -> None:
     f("crsql_config_get", lambda n: config_get(conn, n), 1)
     f("crsql_finalize", lambda: "finalized", 0)
     f("crsql_sha", lambda: "corrosion-python", 0, deterministic=True)
-    conn.create_module("crsql_changes", ChangesModule(conn, state), eponymous=True)
+    # apsw's VTModule protocol wrongly requires ShadowName and types Connect's *args as tuples
+    conn.create_module("crsql_changes", ChangesModule(conn, state), eponymous=True)  # type: ignore[arg-type]
     conn.set_commit_hook(state.on_commit, id="crsql")
     conn.set_rollback_hook(state.on_rollback, id="crsql")
 
@@ -187,19 +189,19 @@ def _register(conn: Connection, state: CrrState) -> None:
 
 def state_of(conn: apsw.Connection) -> CrrState:
     try:
-        return conn.crr  # type: ignore[attr-defined]
+        return cast(CrrState, conn.crr)  # type: ignore[attr-defined]
     except AttributeError:
         raise CrdtError("connection was not opened with crdt.connect()") from None
 
 
-def merge(conn: apsw.Connection, changes: Iterable[tuple]) -> int:
+def merge(conn: apsw.Connection, changes: Iterable[tuple[Any, ...]]) -> int:
     """Merge changes (nine-field tuples or :class:`crdt.Change`) in one transaction; return the
     number of rows impacted. On any invalid change, nothing is applied and the error is raised."""
     return _merge(conn, state_of(conn), changes)
 
 
 def merge_changesets(
-    conn: apsw.Connection, changesets: Iterable[Iterable[tuple]]
+    conn: apsw.Connection, changesets: Iterable[Iterable[tuple[Any, ...]]]
 ) -> list[int | None]:
     """Merge changesets inside the caller's transaction, each at a local db_version of its own;
     return it per changeset (None when nothing won). See ``crdt.merge.merge_changesets``."""

@@ -12,6 +12,8 @@ a fleet-wide change storm.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import apsw
 
 from . import triggers
@@ -89,9 +91,10 @@ def upgrade_triggers(conn: apsw.Connection) -> list[str]:
     sqlite_master and each CRR's table_info."""
     stored: dict[str, list[str]] = {}
     crrs: list[str] = []
-    for table, name, sql in conn.execute(
+    rows = conn.execute(
         "SELECT tbl_name, name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY rowid"
-    ).fetchall():
+    ).fetchall()
+    for table, name, sql in cast("list[tuple[str, str, str]]", rows):
         if not name.startswith(triggers.trigger_prefix(table)):
             continue
         stored.setdefault(table, []).append(sql)
@@ -163,18 +166,19 @@ def backfill(
         "VALUES (?, ?, 1, ?, ?)"
     )
 
-    def key_for(pk: tuple) -> int:
+    def key_for(pk: tuple[Any, ...]) -> int:
         row = conn.execute(select_key, pk).fetchone()
-        if row is not None:
-            return row[0]
-        return conn.execute(insert_key, pk).fetchone()[0]
+        if row is None:
+            row = conn.execute(insert_key, pk).fetchone()
+            assert row is not None  # INSERT ... RETURNING returns the row
+        return cast(int, row[0])
 
     col_names = info.non_pk_names or (SENTINEL,)
     clocks = []
     for pk in new_rows:
         key = key_for(pk)
-        for col in col_names:
-            clocks.append((key, col, stamp(), state.bump_seq()))
+        for cid in col_names:
+            clocks.append((key, cid, stamp(), state.bump_seq()))
     if clocks:
         conn.executemany(insert_clock, clocks)
 

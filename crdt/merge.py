@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import apsw
 
@@ -125,7 +125,9 @@ class _Row:
         "values",
     )
 
-    def __init__(self, table: _Table, pk: tuple, key: int, clocks: dict[str, list]) -> None:
+    def __init__(
+        self, table: _Table, pk: tuple[Any, ...], key: int, clocks: dict[str, list[int]]
+    ) -> None:
         self.table = table
         self.pk = pk
         self.key = key
@@ -135,7 +137,8 @@ class _Row:
         self.base_deleted = False  # base row deleted in this batch (then maybe rebuilt)
         self.base_ensure = False  # base row must exist (resurrection)
         self.values: dict[int, Any] = {}  # column index -> value set by this batch
-        self.stored: tuple | bool | None = False  # base row as read from the db (False: unread)
+        # base row as read from the db (False: unread)
+        self.stored: tuple[Any, ...] | Literal[False] | None = False
 
     def local_cl(self) -> int:
         s = self.clocks.get(SENTINEL)
@@ -169,7 +172,7 @@ class Merger:
     # -- lookups -----------------------------------------------------------------------
 
     def _table(self, name: Any) -> _Table:
-        t = self.tables.get(name, False)
+        t: _Table | Literal[False] | None = self.tables.get(name, False)
         if t is False:
             if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES:
                 raise MergeError("table name must be text of at most 2048 bytes")
@@ -197,8 +200,10 @@ class Merger:
         conn = self.conn
         found = conn.execute(table.select_key, pk).fetchone()
         if found is None:
-            key = conn.execute(table.insert_key, pk).fetchone()[0]
-            clocks: dict[str, list] = {}
+            inserted = conn.execute(table.insert_key, pk).fetchone()
+            assert inserted is not None  # INSERT ... RETURNING returns the row
+            key = inserted[0]
+            clocks: dict[str, list[int]] = {}
         else:
             key = found[0]
             clocks = {
@@ -214,9 +219,11 @@ class Merger:
             return 0
         ordinal = self.site_ordinals.get(site)
         if ordinal is None:
-            ordinal = self.conn.execute(
+            inserted = self.conn.execute(
                 "INSERT INTO crsql_site_id (site_id) VALUES (?) RETURNING ordinal", (site,)
-            ).fetchone()[0]
+            ).fetchone()
+            assert inserted is not None  # INSERT ... RETURNING returns the row
+            ordinal = inserted[0]
             self.site_ordinals[site] = ordinal
             self.ordinal_sites[ordinal] = site
         return ordinal
@@ -229,6 +236,7 @@ class Merger:
             # rebuilt from defaults after a delete in this batch
             return self._default(table, idx)
         if row.stored is False:
+            assert table.select_row is not None  # idx is a non-pk column, so the table has one
             row.stored = self.conn.execute(table.select_row, row.pk).fetchone()
         if row.stored is None:
             raise MergeError(f"could not find row to merge with for table {table.info.name}")
@@ -238,7 +246,7 @@ class Merger:
         col = table.info.non_pks[idx]
         if col.name not in table.defaults:
             table.defaults[col.name] = (
-                self.conn.execute(f"SELECT {col.default}").fetchone()[0]
+                next(self.conn.execute(f"SELECT {col.default}"))[0]
                 if col.default is not None
                 else None
             )
@@ -378,7 +386,7 @@ class Merger:
         row.dirty[cid] = None
         self.impacted += 1
 
-    def _value_wins(self, row: _Row, idx: int, val: Any, local: list, site: Any) -> bool:
+    def _value_wins(self, row: _Row, idx: int, val: Any, local: list[Any], site: Any) -> bool:
         """Equal col_version: the greater value wins; equal values keep the local one unless
         merge-equal-values breaks the tie by site id."""
         cmp = compare_values(val, self._current_value(row, idx))
@@ -395,8 +403,8 @@ class Merger:
         if not self.rows:
             return
         conn = self.conn
-        by_clock: dict[str, list[tuple]] = {}
-        clear_by_clock: dict[str, list[tuple]] = {}
+        by_clock: dict[str, list[tuple[Any, ...]]] = {}
+        clear_by_clock: dict[str, list[tuple[Any, ...]]] = {}
         for row in self.rows.values():
             info = row.table.info
             clock = info.clock
@@ -411,8 +419,8 @@ class Merger:
                     batch.append((key, col, c[0], c[1], c[2], c[3]))
         # Base-table writes, grouped by statement for executemany. Deletes go first: a row deleted
         # and then rebuilt in this batch is written back by its upsert below.
-        deletes: dict[str, list[tuple]] = {}
-        upserts: dict[str, list[tuple]] = {}
+        deletes: dict[str, list[tuple[Any, ...]]] = {}
+        upserts: dict[str, list[tuple[Any, ...]]] = {}
         for row in self.rows.values():
             table = row.table
             if row.base_deleted:
@@ -450,7 +458,7 @@ class Merger:
             )
         self.rows.clear()
 
-    def apply_all(self, changes: Iterable[tuple], *, flush: bool = True) -> int:
+    def apply_all(self, changes: Iterable[tuple[Any, ...]], *, flush: bool = True) -> int:
         rows = self.rows
         for change in changes:
             self.seen += 1
@@ -501,7 +509,7 @@ def _compare_bytes(a: bytes, b: bytes) -> int:
     return 0 if a == b else (-1 if a < b else 1)
 
 
-def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> int:
+def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple[Any, ...]]) -> int:
     """Merge ``changes`` in one transaction (a savepoint when one is open); return rows impacted."""
     outermost = conn.get_autocommit()
     commits = state.commits
@@ -518,7 +526,7 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple]) -> i
 
 
 def merge_changesets(
-    conn: apsw.Connection, state: CrrState, changesets: Iterable[Iterable[tuple]]
+    conn: apsw.Connection, state: CrrState, changesets: Iterable[Iterable[tuple[Any, ...]]]
 ) -> list[int | None]:
     """Merge several changesets inside the caller's transaction, each stamped with a local
     db_version of its own (larger than any before it); return that version per changeset, or
@@ -550,7 +558,7 @@ def merge_changesets(
     return out
 
 
-def merge_one_in_statement(conn: apsw.Connection, state: CrrState, change: tuple) -> int:
+def merge_one_in_statement(conn: apsw.Connection, state: CrrState, change: tuple[Any, ...]) -> int:
     """Merge one change inside a running statement (``INSERT INTO crsql_changes``): no savepoint
     of our own, since SQLite's statement journal already undoes the statement on error."""
     with _undone_on_error(state):

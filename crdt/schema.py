@@ -31,17 +31,20 @@ internal and never diffed.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import apsw
 
 from . import crr
 from .connection import state_of
-from .errors import DestructiveChangeRefused, SchemaError
+from .errors import DestructiveChangeRefused, IncompatibleTableError, SchemaError
 from .sqlutil import ident, idents
-from .tableinfo import IncompatibleTableError, check_compatible, is_crr, read_table_info
+from .tableinfo import check_compatible, is_crr, read_table_info
 
 _ALLOWED = re.compile(
     r"^\s*(CREATE\s+(UNIQUE\s+)?INDEX\b|CREATE\s+TABLE\b|DROP\s+INDEX\s+IF\s+EXISTS\b)", re.I
@@ -123,15 +126,17 @@ def _table_def(conn: apsw.Connection, name: str, sql: str) -> TableDef:
 def introspect(conn: apsw.Connection) -> dict[str, TableDef]:
     """The user tables and their indexes (internal tables excluded)."""
     tables: dict[str, TableDef] = {}
-    for name, sql in conn.execute(
+    rows = conn.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY rowid"
-    ).fetchall():
+    ).fetchall()
+    for name, sql in cast("list[tuple[str, str | None]]", rows):
         if is_internal(name) or sql is None:
             continue
         tables[name] = _table_def(conn, name, sql)
-    for name, tbl, sql in conn.execute(
+    index_rows = conn.execute(
         "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
-    ).fetchall():
+    ).fetchall()
+    for name, tbl, sql in cast("list[tuple[str, str, str]]", index_rows):
         if tbl in tables and not is_internal(name):
             tables[tbl].indexes[name] = _normalize(sql)
     return tables
@@ -203,10 +208,13 @@ def _same_definition(scratch: apsw.Connection, kind: str, name: str, text: str) 
     """Whether ``text`` defines ``name`` exactly as ``scratch`` already has it: tables are
     compared column by column as parsed (type, NOT NULL, DEFAULT, key, options), indexes by
     their normalised text, the same rules the diff against the live database uses."""
-    existing, sql = scratch.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = ? AND name = ? COLLATE NOCASE",
-        (kind, name),
-    ).fetchone()
+    existing, sql = cast(
+        "tuple[str, str]",
+        scratch.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = ? AND name = ? COLLATE NOCASE",
+            (kind, name),
+        ).fetchone(),
+    )
     if kind == "index":
         if _normalize(sql) == _normalize(text):
             return True
@@ -229,27 +237,31 @@ def _same_definition(scratch: apsw.Connection, kind: str, name: str, text: str) 
             alone.execute(text)
         except apsw.Error:
             return False
-        (new_name,) = alone.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'"
-        ).fetchone()
+        (new_name,) = cast(
+            "tuple[str]",
+            alone.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchone(),
+        )
         if new_name.lower() != existing.lower():
             return False
-        have, want = _table_def(scratch, existing, sql), _table_def(alone, new_name, text)
-        return list(have.columns.values()) == list(want.columns.values()) and (
-            have.options == want.options
+        old_def, new_def = _table_def(scratch, existing, sql), _table_def(alone, new_name, text)
+        return list(old_def.columns.values()) == list(new_def.columns.values()) and (
+            old_def.options == new_def.options
         )
     finally:
         alone.close()
 
 
-def _index_shape(conn: apsw.Connection, name: str) -> tuple:
+def _index_shape(conn: apsw.Connection, name: str) -> tuple[Any, ...]:
     """An index as SQLite parsed it: table, unique, partial, and its key columns in order."""
-    table, unique, partial = conn.execute(
-        'SELECT m.tbl_name, l."unique", l.partial FROM sqlite_master AS m '
-        "JOIN pragma_index_list(m.tbl_name) AS l ON l.name = m.name "
-        "WHERE m.type = 'index' AND m.name = ?",
-        (name,),
-    ).fetchone()
+    table, unique, partial = cast(
+        "tuple[str, int, int]",
+        conn.execute(
+            'SELECT m.tbl_name, l."unique", l.partial FROM sqlite_master AS m '
+            "JOIN pragma_index_list(m.tbl_name) AS l ON l.name = m.name "
+            "WHERE m.type = 'index' AND m.name = ?",
+            (name,),
+        ).fetchone(),
+    )
     keys = conn.execute(
         'SELECT cid, name, "desc", coll FROM pragma_index_xinfo(?) WHERE key = 1 ORDER BY seqno',
         (name,),
@@ -312,12 +324,12 @@ def check_crr_constraints(desired: dict[str, TableDef], sql: str) -> None:
         scratch.close()
 
 
-def load_schema_paths(paths: list[str | Path]) -> str:
+def load_schema_paths(paths: Iterable[str | os.PathLike[str]]) -> str:
     """Concatenate schema files: each path is a ``.sql`` file or a directory of them (sorted)."""
     return "\n;\n".join(f.read_text() for f in schema_files(paths))
 
 
-def schema_files(paths: list[str | Path]) -> list[Path]:
+def schema_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """The ``.sql`` files ``paths`` name, in the order ``load_schema_paths`` reads them."""
     found = []
     for p in map(Path, paths):
@@ -580,8 +592,12 @@ def _rename_create(sql: str, old: str, new: str) -> str:
     try:
         scratch.execute(sql)
         scratch.execute(f"ALTER TABLE {ident(old)} RENAME TO {ident(new)}")
-        return scratch.execute(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (new,)
-        ).fetchone()[0]
+        (renamed,) = cast(
+            "tuple[str]",
+            scratch.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (new,)
+            ).fetchone(),
+        )
+        return renamed
     finally:
         scratch.close()

@@ -59,14 +59,18 @@ class CrrState:
     def fill_db_version_if_needed(self) -> None:
         # PRAGMA data_version changes only on other connections' commits (the file-control
         # variant also counts our own, which would force a reload after every commit).
-        dv = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        row = self.conn.execute("PRAGMA data_version").fetchone()
+        assert row is not None  # a PRAGMA always returns its row
+        dv = row[0]
         if self.db_version != -1 and dv == self._data_version:
             return
         self._data_version = dv
         self.db_version = self._load_db_version()
 
     def _load_db_version(self) -> int:
-        schema = self.conn.execute("PRAGMA schema_version").fetchone()[0]
+        row = self.conn.execute("PRAGMA schema_version").fetchone()
+        assert row is not None
+        schema = row[0]
         if self._version_sql is None or schema != self._version_schema:
             parts = [
                 f"SELECT max(db_version) AS v FROM {ident(t + CLOCK_SUFFIX)}"

@@ -9,6 +9,7 @@ triggers and ``crsql_changes`` all use these orders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import apsw
 
@@ -72,10 +73,14 @@ def table_exists(conn: apsw.Connection, table: str) -> bool:
 
 def read_table_info(conn: apsw.Connection, table: str) -> TableInfo:
     """Introspect ``table``; raises if it does not exist."""
-    rows = conn.execute(
-        'SELECT cid, name, type, "notnull", dflt_value, pk FROM pragma_table_info(?) ORDER BY cid',
-        (table,),
-    ).fetchall()
+    rows = cast(
+        "list[tuple[int, str, str | None, int, str | None, int]]",
+        conn.execute(
+            'SELECT cid, name, type, "notnull", dflt_value, pk FROM pragma_table_info(?) '
+            "ORDER BY cid",
+            (table,),
+        ).fetchall(),
+    )
     if not rows:
         raise IncompatibleTableError(f"table {table!r} does not exist")
     cols = [Column(name, decl or "", bool(nn), dflt, pk) for _cid, name, decl, nn, dflt, pk in rows]
@@ -102,9 +107,11 @@ def check_compatible(conn: apsw.Connection, table: str) -> TableInfo:
                 f"table {table!r} has unique index {name!r} besides its primary key; CRRs cannot "
                 "enforce uniqueness across replicas"
             )
-    sql = conn.execute(
+    row = conn.execute(
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchone()[0]
+    ).fetchone()
+    assert row is not None  # the table exists (checked above)
+    sql = row[0]
     if sql and "autoincrement" in sql.lower():
         raise IncompatibleTableError(f"table {table!r} uses AUTOINCREMENT, which CRRs cannot use")
     if conn.execute(f"SELECT 1 FROM pragma_foreign_key_list({literal(table)})").fetchone():

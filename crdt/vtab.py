@@ -11,7 +11,8 @@ DELETE are refused.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import apsw
 
@@ -70,7 +71,14 @@ class ChangesModule:
         self.conn = conn
         self.state = state
 
-    def Connect(self, connection, modulename, databasename, tablename, *args):
+    def Connect(
+        self,
+        connection: apsw.Connection,
+        modulename: str,
+        databasename: str,
+        tablename: str,
+        *args: apsw.SQLiteValue,
+    ) -> tuple[str, ChangesTable]:
         return SCHEMA, ChangesTable(self.conn, self.state)
 
     Create = Connect
@@ -81,7 +89,9 @@ class ChangesTable:
         self.conn = conn
         self.state = state
 
-    def BestIndex(self, constraints, orderbys):
+    def BestIndex(
+        self, constraints: Sequence[tuple[int, int]], orderbys: Sequence[tuple[int, int]]
+    ) -> tuple[list[Any], int, str, bool, float]:
         used: list[Any] = []
         plan: list[str] = []
         argv = 0
@@ -101,26 +111,28 @@ class ChangesTable:
         cost = 1000.0 if any(c[0] == 5 for c in constraints) else 1e6
         return (used, 0, ",".join(plan), False, cost)
 
-    def Open(self):
+    def Open(self) -> ChangesCursor:
         return ChangesCursor(self)
 
-    def Disconnect(self):
+    def Disconnect(self) -> None:
         pass
 
     Destroy = Disconnect
 
-    def UpdateInsertRow(self, rowid, fields):
+    def UpdateInsertRow(self, rowid: int | None, fields: tuple[apsw.SQLiteValue, ...]) -> int:
         if rowid is not None:
             raise CrdtError("crsql_changes rows have no settable rowid")
         merge_one_in_statement(self.conn, self.state, tuple(fields))
         return 0
 
-    def UpdateDeleteRow(self, rowid):
+    def UpdateDeleteRow(self, rowid: int) -> None:
         raise CrdtError(
             "Only INSERT and SELECT statements are allowed against the crsql changes table"
         )
 
-    def UpdateChangeRow(self, rowid, newrowid, fields):
+    def UpdateChangeRow(
+        self, rowid: int, newrowid: int, fields: tuple[apsw.SQLiteValue, ...]
+    ) -> None:
         raise CrdtError(
             "Only INSERT and SELECT statements are allowed against the crsql changes table"
         )
@@ -129,13 +141,15 @@ class ChangesTable:
 class ChangesCursor:
     def __init__(self, table: ChangesTable) -> None:
         self.table = table
-        self.rows: list[tuple] = []
+        self.rows: list[tuple[Any, ...]] = []
         self.pos = 0
 
-    def Filter(self, indexnum, indexname, constraintargs):
+    def Filter(
+        self, indexnum: int, indexname: str | None, constraintargs: tuple[Any, ...] | None
+    ) -> None:
         conn = self.table.conn
         conds = []
-        args = list(constraintargs)
+        args = list(constraintargs or ())
         bindings: list[Any] = []
         for item in indexname.split(",") if indexname else []:
             column, op = (int(x) for x in item.split(":"))
@@ -156,21 +170,21 @@ class ChangesCursor:
         self.rows = conn.execute(sql, bindings * len(names)).fetchall()
         self.pos = 0
 
-    def Eof(self):
+    def Eof(self) -> bool:
         return self.pos >= len(self.rows)
 
-    def Column(self, number):
+    def Column(self, number: int) -> apsw.SQLiteValue:
         if number == -1:
             return self.rows[self.pos][9]
         return self.rows[self.pos][number]
 
-    def Rowid(self):
-        return self.rows[self.pos][9]
+    def Rowid(self) -> int:
+        return cast(int, self.rows[self.pos][9])
 
-    def Next(self):
+    def Next(self) -> None:
         self.pos += 1
 
-    def Close(self):
+    def Close(self) -> None:
         self.rows = []
 
 

@@ -8,10 +8,13 @@ Layers, bottom up (one concept per module):
   first incomplete step, one active run per (machine, action), retries, halts, finalizers.
 * ``drivers`` — pilot's contract: ``FakeDriver``, ``ProcessDriver``, ``RuncDriver``.
 * ``operations`` / ``service`` — the machine operations and the service that accepts them
-  (``Orchestrator``), with leases, waits, metadata and the restart policy.
+  (``Orchestrator``), composed of ``documents`` (the one path that changes a machine's
+  document), ``leases``, ``metadata``, ``waiting`` and ``exits`` (the restart policy's input).
 * ``publish`` — the seam to corrosion: machine rows into a replicated table.
 * ``proxy`` — a fly-proxy-like consumer routing HTTP by SQL over a local replica.
 * ``api`` — the Machines API (Starlette); ``config`` — building all of it from a config section.
+* ``extension`` — the orchestrator as an extension of the corrosion agent that hosts it
+  (``[orchestrator]`` in the agent's config).
 """
 
 from .archive import ArchiveStore, DirectoryArchive, MemoryArchive

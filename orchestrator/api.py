@@ -2,7 +2,8 @@
 
 ``create_app(orch)`` is a standalone app whose lifespan runs the orchestrator; ``routes(orch)``
 gives the bare routes for an application that runs the orchestrator itself (the corrosion agent
-mounts them next to its own API when its config has an ``[orchestrator]`` section).
+mounts them next to its own API when its config has an ``[orchestrator]`` section: see
+``extension``).
 
 Errors are ``{"error": "<message>"}`` with: 400 bad input, 401 bad token, 404 unknown machine,
 408 wait timed out, 409 invalid transition / already running (with ``run_id``) / lease conflict,

@@ -55,7 +55,7 @@ class OrchestratorConfig:
             raise ConfigError(f"[orchestrator]: unknown key(s) {', '.join(unknown)}")
         if not section.get("machines_path"):
             raise ConfigError("[orchestrator]: machines_path is required")
-        driver = section.get("driver", "process")
+        driver = section.get("driver", cls.driver)
         if driver not in DRIVERS:
             raise ConfigError(f"[orchestrator]: driver must be one of {', '.join(DRIVERS)}")
         for key in ("worker", "region"):
@@ -75,7 +75,7 @@ class OrchestratorConfig:
             archive_path=path("archive_path"),
             driver=driver,
             worker=section.get("worker") or socket.gethostname(),
-            region=section.get("region") or "local",
+            region=section.get("region") or cls.region,
             state_path=path("state_path"),
             images_path=path("images_path"),
         )

@@ -42,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import anyio
@@ -338,13 +338,18 @@ class Engine:
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         self._closing = True
         assert self._tg is not None and self._stack is not None
         self._tg.cancel_scope.cancel()
         stack, self._stack = self._stack, None
         try:
-            return await stack.__aexit__(*exc)
+            return await stack.__aexit__(exc_type, exc, tb)
         finally:
             self._tg = None
             self._live.clear()
@@ -401,7 +406,7 @@ class Engine:
 
     def list_runs(self, machine_id: str | None = None) -> list[RunInfo]:
         """Live runs (running or queued), in START order per machine."""
-        out = []
+        out: list[RunInfo] = []
         for mid in sorted(self._queues):
             if machine_id is None or mid == machine_id:
                 out.extend(live.info() for live in self._queues[mid])
@@ -661,7 +666,7 @@ class Engine:
                     else:
                         await self._halt(state, log_, RunError(e.kind, str(e), name))
                         return
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 — a step is user code: any error fails it
                     failure = e
                 finally:
                     live.scope = None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 
 class OrchestratorError(Exception):
-    """Base class; ``status`` is the HTTP status the Machines API answers with."""
+    """Base class of every orchestrator error; ``status`` is the HTTP status the Machines API
+    answers with (engine, driver and storage errors keep 500: they are not a client's fault)."""
 
     status = 500
 
@@ -17,7 +18,7 @@ class OrchestratorError(Exception):
 # --- engine -------------------------------------------------------------------------------------
 
 
-class HaltError(Exception):
+class HaltError(OrchestratorError):
     """A step error that stops the run instead of being retried."""
 
     kind = "halt"

@@ -3,8 +3,9 @@
 Every step is idempotent: it looks at the machine document and the driver's view of the instance
 and does only what is missing, because a step runs again when the orchestrator died before its
 COMPLETE was logged. Steps change the machine document by *staging* a change (``ctx.stage``):
-the engine writes it in the same transaction as the step's COMPLETE, through the service's
-committer, which then wakes waiters, watches started machines and marks them for publishing.
+the engine writes it in the same transaction as the step's COMPLETE, through
+:meth:`.documents.Documents.commit_staged`; that wakes waiters, and the service then watches
+started machines and marks them for publishing.
 
 Operations, their steps, and the state each promises:
 
@@ -30,16 +31,14 @@ from __future__ import annotations
 
 import signal as _signal
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import machine as m
-from .drivers.base import DriverError, ExitStatus, InstanceState, parse_signal
+from .clock import Clock
+from .drivers.base import Driver, DriverError, ExitStatus, InstanceState, parse_signal
 from .engine import Engine, StepContext
 from .errors import UnrecoverableError
 from .restart import should_restart
-
-if TYPE_CHECKING:
-    from .service import Orchestrator
 
 Step = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
 
@@ -77,10 +76,23 @@ def _only_if(flag: str, step: Step) -> Step:
     return guarded
 
 
+class StepHost(Protocol):
+    """What the steps need from the service that runs them: its driver, its clock, and the
+    current machine documents (read only: steps change a document by staging)."""
+
+    @property
+    def driver(self) -> Driver: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    def doc(self, machine_id: str) -> dict[str, Any]: ...
+
+
 class MachineOperations:
     """Step functions bound to one service; ``register`` installs every operation."""
 
-    def __init__(self, svc: Orchestrator) -> None:
+    def __init__(self, svc: StepHost) -> None:
         self.svc = svc
 
     # --- helpers ------------------------------------------------------------------------------
@@ -120,7 +132,7 @@ class MachineOperations:
         await self._drv(self.svc.driver.prepare(m.instance_spec(self._doc(ctx))))
 
     async def mark_starting(self, ctx: StepContext) -> None:
-        extra = {"restarts": 0} if ctx.action in ("start", "create") else {}
+        extra: dict[str, Any] = {"restarts": 0} if ctx.action in ("start", "create") else {}
         self._set(ctx, m.STARTING, ("start", m.STARTING), **extra)
 
     async def mark_restarting(self, ctx: StepContext) -> None:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import apsw
@@ -92,7 +92,7 @@ class SqliteReplica:
 
     def backends(self, app: str) -> list[Backend]:
         with self._lock:
-            version = self._conn.execute("PRAGMA data_version").fetchall()[0][0]
+            version = cast(int, self._conn.execute("PRAGMA data_version").fetchall()[0][0])
             if version != self._version:
                 self._cache.clear()
                 self._version = version

@@ -203,7 +203,7 @@ class PublishQueue:
             self._dirty.clear()
             try:
                 await self.publisher.execute(self._statements(ids))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 — any publisher failure is retried, never fatal
                 for mid in ids:
                     self._dirty.setdefault(mid, None)
                 attempt += 1

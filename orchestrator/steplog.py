@@ -23,7 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
@@ -110,7 +110,7 @@ class MachineLog:
             conn = apsw.Connection(str(self.path))
             try:
                 conn.set_busy_timeout(10_000)
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+                mode = cast(str, conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0])
                 if mode.lower() != "wal":
                     raise RuntimeError(f"{self.path}: could not enable WAL (got {mode})")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -175,7 +175,7 @@ class MachineLog:
                     (record.action,),
                 ).fetchall()
                 if row:
-                    raise AlreadyRunningError(self.path.stem, record.action, row[0][0])
+                    raise AlreadyRunningError(self.path.stem, record.action, cast(str, row[0][0]))
             conn.execute(
                 "INSERT INTO runs (run_id, action, steps, finalizers, request, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -276,7 +276,7 @@ class MachineLog:
         rows = conn.execute("SELECT seq, status FROM runs WHERE run_id = ?", (run_id,)).fetchall()
         if not rows:
             raise UnknownRunError(f"run {run_id} not found")
-        seq, status = rows[0]
+        seq, status = cast("tuple[int, str]", rows[0])
         if status != RunStatus.ACTIVE:
             raise ValueError(f"run {run_id} is {status}; its log is closed")
         return seq
@@ -298,7 +298,7 @@ class MachineLog:
     def read_doc(self) -> dict[str, Any] | None:
         with self._lock:
             rows = self._db().execute("SELECT doc FROM machine WHERE id = 1").fetchall()
-        return json.loads(rows[0][0]) if rows else None
+        return json.loads(cast(str, rows[0][0])) if rows else None
 
     def active_runs(self) -> list[RunState]:
         """Every run without FINISH, replayed, oldest first."""
@@ -325,7 +325,9 @@ class MachineLog:
             )
         return [
             Event(s, EventKind(k), st, None if p is None else json.loads(p), rc, at)
-            for s, k, st, p, rc, at in rows
+            for s, k, st, p, rc, at in cast(
+                "list[tuple[int, str, str | None, str | None, int, float]]", rows
+            )
         ]
 
     def _runs(self, where: str, params: Sequence[Any]) -> list[RunState]:
@@ -349,7 +351,11 @@ class MachineLog:
                 fin_at,
                 err,
                 resp,
-            ) in rows:
+            ) in cast(
+                "list[tuple[int, str, str, str, str, str, float, str, float | None, str | None, "
+                "str | None]]",
+                rows,
+            ):
                 record = RunRecord(
                     run_id=run_id,
                     action=action,
@@ -365,7 +371,9 @@ class MachineLog:
                     "WHERE run_seq = ? ORDER BY seq",
                     (seq,),
                 ).fetchall()
-                for ev_seq, kind, step, payload, retry_count in events:
+                for ev_seq, kind, step, payload, retry_count in cast(
+                    "list[tuple[int, str, str | None, str | None, int]]", events
+                ):
                     _replay(state, ev_seq, EventKind(kind), step, payload, retry_count)
                 if state.status is not RunStatus.ACTIVE:
                     if resp is not None:

@@ -14,9 +14,13 @@ newer release. To change the schema: edit ``SCHEMA_SQL`` and bump ``SCHEMA_VERSI
 
 from __future__ import annotations
 
+from typing import cast
+
 import apsw
 
 from crdt.schema import apply_schema
+
+from .errors import OrchestratorError
 
 SCHEMA_VERSION = 1
 
@@ -54,7 +58,7 @@ CREATE TABLE machine (
 """
 
 
-class SchemaTooNewError(RuntimeError):
+class SchemaTooNewError(OrchestratorError, RuntimeError):
     """The database was written by a newer release; opening it could lose data."""
 
 
@@ -64,7 +68,7 @@ def migrate(conn: apsw.Connection) -> int:
     The diff runs in one savepoint (all or nothing) and is idempotent, so a crash before
     ``user_version`` is written just applies an empty diff on the next open.
     """
-    found = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    found = cast(int, conn.execute("PRAGMA user_version").fetchall()[0][0])
     if found == SCHEMA_VERSION:
         return found
     if found > SCHEMA_VERSION:

@@ -142,6 +142,13 @@ class MachineStore:
         self.discard(machine_id)
         return key
 
+    def is_archived(self, machine_id: str) -> bool:
+        """Whether the archive store holds the machine's database."""
+        try:
+            return archive_key(machine_id) in self.archive_store.list_keys()
+        except ValueError:
+            return False
+
     def restore_archived(self, machine_id: str, dest: str | Path) -> MachineLog:
         """Unpack an archived database to ``dest`` and open it (for inspection)."""
         data = gzip.decompress(self.archive_store.get(archive_key(check_machine_id(machine_id))))

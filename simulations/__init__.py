@@ -26,6 +26,7 @@ virtual time beside the agents, their faults and checkers).
 
 from .checkers import Checker, run_liveness
 from .cluster import add_swim_node, swim_world, warm_start
+from .errors import SimulationError
 from .faults import FaultEvent, Schedule
 from .network import Delay, LinkModel, Partition
 from .node import Core, CoreSpec, Disk, Port, SimNode
@@ -50,6 +51,7 @@ __all__ = [
     "RunConfig",
     "Schedule",
     "SimNode",
+    "SimulationError",
     "SimulationFailure",
     "Streams",
     "SwimCore",

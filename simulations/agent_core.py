@@ -29,6 +29,7 @@ from corrosion.replication import (
     StartSync,
     encode_meta,
 )
+from corrosion.statements import Statement
 from corrosion.store import Store
 from swim import Config, MemberUp
 
@@ -71,7 +72,7 @@ class AgentCore(Core):
 
     def start(self, now: float) -> None:
         self._perform(self.replicator.start(now))
-        swim = self.port.sibling(SWIM)
+        swim = self.port.node.core_of(SWIM, SwimCore)
         if swim is not None:
             for m in swim.membership.members():
                 self.replicator.member_event(MemberUp(m))
@@ -87,7 +88,7 @@ class AgentCore(Core):
 
     # -- writes -------------------------------------------------------------------------------
 
-    def execute(self, statements: Sequence[tuple[str, Sequence[Any]]], now: float) -> int | None:
+    def execute(self, statements: Sequence[Statement], now: float) -> int | None:
         """A local transaction; returns its version (None if it changed nothing)."""
         _results, commit, effects = self.replicator.execute(list(statements), now)
         self._perform(effects)
@@ -182,8 +183,8 @@ def agent_world(
         world.add_checker(c)
     world.add_checker(
         CrdtConvergence(
-            lambda node: agent_of(node).conn if agent_of(node) else None,
-            lambda node: agent_of(node).store.bookie.gap_count() if agent_of(node) else 0,
+            lambda node: a.conn if (a := agent_of(node)) else None,
+            lambda node: a.store.bookie.gap_count() if (a := agent_of(node)) else 0,
             deadline=deadline,
         )
     )
@@ -198,4 +199,4 @@ def agent_world(
 
 
 def agent_of(node: SimNode) -> AgentCore | None:
-    return node.cores.get(AGENT) if node.up else None
+    return node.core_of(AGENT, AgentCore) if node.up else None

@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
+from .errors import SimulationError
+
 if TYPE_CHECKING:
-    from .world import World
+    from .node import PortHost
 
 __all__ = ["EPOCH", "SimClock", "VirtualLoop"]
 
@@ -39,7 +41,7 @@ EPOCH = 1_700_000_000.0
 """Virtual time 0 as the orchestrator sees it (seconds since the Unix epoch)."""
 
 
-class LoopError(RuntimeError):
+class LoopError(SimulationError, RuntimeError):
     """The async code broke a rule of the virtual loop (timer on real time, livelock)."""
 
 
@@ -131,7 +133,7 @@ class SimClock:
     """``orchestrator.clock.Clock`` over the world's scheduler: ``now`` is virtual time (offset
     by :data:`EPOCH`), ``sleep`` an event on the world's heap."""
 
-    def __init__(self, world: World, vloop: VirtualLoop, epoch: float = EPOCH) -> None:
+    def __init__(self, world: PortHost, vloop: VirtualLoop, epoch: float = EPOCH) -> None:
         self.world = world
         self.vloop = vloop
         self.epoch = epoch

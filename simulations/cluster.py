@@ -10,7 +10,7 @@ from .checkers import Checker
 from .network import LinkModel
 from .node import CoreSpec, SimNode
 from .swim_checkers import swim_checkers
-from .swim_core import SWIM, swim
+from .swim_core import SWIM, SwimCore, swim
 from .world import World
 
 __all__ = ["SEEDS_PER_NODE", "add_swim_node", "swim_world", "warm_start"]
@@ -86,9 +86,9 @@ def warm_start(world: World, nodes: Sequence[SimNode]) -> None:
     members = [
         Member(core.identity, core.membership.incarnation, State.ALIVE, core.membership.meta)
         for node in nodes
-        if (core := node.cores.get(SWIM)) is not None
+        if (core := node.core_of(SWIM, SwimCore)) is not None
     ]
     for node in nodes:
-        core = node.cores.get(SWIM)
+        core = node.core_of(SWIM, SwimCore)
         if core is not None:
             core.restore([m for m in members if m.addr != node.addr], world.now)

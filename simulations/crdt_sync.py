@@ -22,7 +22,7 @@ from swim.events import MemberDown, MemberRenamed, MemberUp
 
 from .network import Address
 from .node import Core, CoreSpec, Port
-from .swim_core import SWIM
+from .swim_core import SWIM, SwimCore
 
 __all__ = ["CRDT", "KV_SCHEMA", "CrdtSyncCore", "crdt_sync"]
 
@@ -69,7 +69,7 @@ class CrdtSyncCore(Core):
     # -- lifecycle and peers --------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        membership = self.port.sibling(SWIM)
+        membership = self.port.node.core_of(SWIM, SwimCore)
         if membership is not None:
             for m in membership.membership.members():
                 self.peers[m.addr] = None
@@ -110,7 +110,7 @@ class CrdtSyncCore(Core):
     def on_stream_request(self, src: Address, data: bytes, now: float) -> list[bytes] | None:
         try:
             since = msgpack.unpackb(data)
-        except Exception:
+        except (ValueError, TypeError, msgpack.UnpackException):  # a malformed request
             return None
         if type(since) is not int:
             return None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from swim import State
 from swim.events import MemberDown, MemberRenamed, MemberSuspect, SuspicionTimeout
 
-from .swim_core import SWIM
+from .swim_core import SWIM, SwimCore
 
 if TYPE_CHECKING:
     from .node import SimNode
@@ -71,7 +71,7 @@ class SwimMetrics:
         owner = self.world.by_addr.get(member.addr)
         if owner is None or not owner.up:
             return False
-        core = owner.cores.get(SWIM)
+        core = owner.core_of(SWIM, SwimCore)
         return core is not None and core.identity == member.id
 
     def _on_life(self, kind: str, node: SimNode) -> None:
@@ -81,13 +81,13 @@ class SwimMetrics:
             d.watchers.pop(node.index, None)  # a watcher that crashes or reboots stops counting
         if kind != "crash":
             return
-        core = node.cores.get(SWIM)
+        core = node.core_of(SWIM, SwimCore)
         if core is None:
             return
         nid = core.identity
         d = Detection(node.index, str(nid), self.world.now)
         for other in self.world.nodes:  # members that count it as active now
-            oc = other.cores.get(SWIM) if other.up and other is not node else None
+            oc = other.core_of(SWIM, SwimCore) if other.up and other is not node else None
             rec = None if oc is None else oc.membership.member(node.addr)
             if rec is not None and rec.active and rec.id == nid:
                 d.watchers[other.index] = None
@@ -110,7 +110,7 @@ class SwimMetrics:
             member = ev.member if t is MemberDown else ev.old
             if t is MemberDown and member.state is State.DOWN:
                 self.downs += 1
-                core = node.cores.get(SWIM)
+                core = node.core_of(SWIM, SwimCore)
                 verdict = core is not None and type(core.timer) is SuspicionTimeout
                 self.verdicts += verdict
                 if self._live_identity(member):
@@ -128,13 +128,13 @@ class SwimMetrics:
 
     def _sample(self, now: float) -> None:
         for node in self.world.nodes:
-            core = node.cores.get(SWIM) if node.up else None
+            core = node.core_of(SWIM, SwimCore) if node.up else None
             if core is None:
                 continue
             counts = [0, 0, 0]
             for m in core.membership.all_members():
                 counts[0 if m.state is State.ALIVE else 1 if m.state is State.SUSPECT else 2] += 1
-            self.samples.append((now, node.index, *counts))
+            self.samples.append((now, node.index, counts[0], counts[1], counts[2]))
 
     def detection_latencies(self) -> list[float]:
         return [x for d in self.detections if (x := d.all_marked) is not None]

@@ -101,7 +101,7 @@ class Partition:
     groups: tuple[tuple[Address, ...], ...]
     symmetric: bool = True
     label: str = "split"
-    _index: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _index: dict[Address, int] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         index: dict[Address, int] = {}

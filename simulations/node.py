@@ -18,14 +18,37 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar, cast
 
+from .clock import Scheduler
 from .network import Address, Delay
+from .rng import Streams
+from .trace import Trace
 
-if TYPE_CHECKING:
-    from .world import World
+__all__ = ["Clog", "Core", "CoreSpec", "Disk", "Port", "PortHost", "SimNode"]
 
-__all__ = ["Clog", "Core", "CoreSpec", "Disk", "Port", "SimNode"]
+
+class PortHost(Protocol):
+    """What a :class:`Port`, and a core through it, may use of the world (``World`` is one):
+    the virtual clock and its scheduler, the random streams, the trace, and the ways traffic
+    leaves a core. The world imports this module, so this is how a port names it."""
+
+    sched: Scheduler
+    streams: Streams
+    trace: Trace
+
+    @property
+    def now(self) -> float: ...
+
+    def transmit(
+        self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any
+    ) -> None: ...
+
+    def fire_timer(self, node: SimNode, boot: int, channel: str, timer: Any) -> None: ...
+
+    def open_stream(self, node: SimNode, channel: str, dst: Address, data: bytes) -> int: ...
+
+    def publish(self, node: SimNode, channel: str, event: Any) -> None: ...
 
 
 class Disk:
@@ -60,7 +83,7 @@ class Port:
 
     __slots__ = ("boot", "name", "node", "world")
 
-    def __init__(self, world: World, node: SimNode, name: str) -> None:
+    def __init__(self, world: PortHost, node: SimNode, name: str) -> None:
         self.world = world
         self.node = node
         self.name = name
@@ -84,20 +107,20 @@ class Port:
 
     def send(self, dst: Address, data: bytes, info: Any = None) -> None:
         """Send one datagram on our channel. ``info`` is passed to send hooks (checkers)."""
-        self.world._transmit(self.node, self.name, dst, data, info)
+        self.world.transmit(self.node, self.name, dst, data, info)
 
     def set_timer(self, at: float, timer: Any) -> None:
         """Call ``on_timer(timer)`` at ``at``, unless the node crashes first."""
-        self.world.sched.at(at, self.world._fire, self.node, self.boot, self.name, timer)
+        self.world.sched.at(at, self.world.fire_timer, self.node, self.boot, self.name, timer)
 
     def open_stream(self, dst: Address, data: bytes) -> int:
         """Open a reliable stream to ``dst``'s core on our channel and send ``data``; later
         ``on_stream_reply(id, frames)`` or ``on_stream_failed(id)``. Returns the stream id."""
-        return self.world._open_stream(self.node, self.name, dst, data)
+        return self.world.open_stream(self.node, self.name, dst, data)
 
     def publish(self, event: Any) -> None:
         """Tell sibling cores (``on_event``) and the world's observers about ``event``."""
-        self.world._publish(self.node, self.name, event)
+        self.world.publish(self.node, self.name, event)
 
     def sibling(self, name: str) -> Core | None:
         return self.node.cores.get(name)
@@ -159,6 +182,9 @@ class Clog:
         self.pending = 0
 
 
+C = TypeVar("C", bound=Core)
+
+
 class SimNode:
     """One machine of the world."""
 
@@ -179,6 +205,11 @@ class SimNode:
 
     def core(self, name: str) -> Any:
         return self.cores.get(name)
+
+    def core_of(self, name: str, kind: type[C]) -> C | None:
+        """The core registered as ``name``, typed as the ``kind`` its spec builds (a static
+        view only: not checked at run time)."""
+        return cast("C | None", self.cores.get(name))
 
     def __repr__(self) -> str:
         state = "up" if self.up else "down"

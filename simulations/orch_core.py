@@ -42,7 +42,7 @@ from orchestrator.engine import Backoff, EngineObserver, RunInfo, RunResult
 from orchestrator.errors import OrchestratorError
 from orchestrator.service import Orchestrator
 
-from .agent_core import AGENT
+from .agent_core import AGENT, AgentCore
 from .aio import SimClock, VirtualLoop
 from .node import Core, CoreSpec, Port, SimNode
 
@@ -247,7 +247,7 @@ class SimPublisher:
         core = self.core
         if core.port.world.now < core.agent_outage_until:
             raise ConnectionError("agent unavailable (injected outage)")
-        agent = core.port.sibling(AGENT) if core.port.node.up else None
+        agent = core.port.node.core_of(AGENT, AgentCore) if core.port.node.up else None
         if agent is None:
             raise ConnectionError("no agent on this node")
         self.calls += 1
@@ -342,7 +342,7 @@ class OrchestratorCore(Core):
         port = self.port
         orch = Orchestrator(
             machines_path=port.disk.path / "machines",
-            driver=_KillableDriver(self, proc),  # type: ignore[arg-type]
+            driver=_KillableDriver(self, proc),
             worker=self.worker,
             clock=self.clock,
             rng=port.rng(f".proc{proc.gen}"),
@@ -468,4 +468,4 @@ def orchestrator(vloop: VirtualLoop, settings: OrchSettings | None = None) -> Co
 
 
 def orchestrator_of(node: SimNode) -> OrchestratorCore | None:
-    return node.cores.get(ORCH) if node.up else None
+    return node.core_of(ORCH, OrchestratorCore) if node.up else None

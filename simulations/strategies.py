@@ -24,7 +24,7 @@ from swim import Config
 from .checkers import run_liveness
 from .cluster import swim_world
 from .crdt_checks import CrdtConvergence
-from .crdt_sync import CRDT, crdt_sync
+from .crdt_sync import CRDT, CrdtSyncCore, crdt_sync
 from .faults import FaultEvent
 from .network import Delay, LinkModel
 from .scenarios import PRESETS
@@ -146,6 +146,12 @@ class SwimMachine(RuleBasedStateMachine):
     def setup_world(self, world: World) -> None:
         """Hook for subclasses: attach more checkers."""
 
+    @property
+    def sim(self) -> World:
+        """The world ``build`` made (hypothesis runs it before any rule)."""
+        assert self.world is not None
+        return self.world
+
     def _log(self, text: str) -> None:
         w = self.world
         self.steps.append(f"t={w.now if w else 0.0:.2f}s {text}")
@@ -153,58 +159,58 @@ class SwimMachine(RuleBasedStateMachine):
             w.config_text = "steps so far:\n" + "\n".join(f"  {s}" for s in self.steps)
 
     def _node(self, i: int):
-        return self.world.nodes[i % len(self.world.nodes)]
+        return self.sim.nodes[i % len(self.sim.nodes)]
 
     # -- rules ----------------------------------------------------------------------------------
 
     @rule(dt=st.floats(0.1, 20.0))
     def advance(self, dt: float) -> None:
         self._log(f"advance {dt:.2f}s")
-        self.world.run_for(dt)
+        self.sim.run_for(dt)
 
     @precondition(lambda self: len(self.world.live_nodes()) > 2)
     @rule(i=st.integers(0, 5))
     def crash(self, i: int) -> None:
         node = self._node(i)
         self._log(f"crash {node.name}")
-        self.world.crash(node)
+        self.sim.crash(node)
 
     @precondition(lambda self: len(self.world.live_nodes()) < len(self.world.nodes))
     @rule(i=st.integers(0, 5))
     def restart(self, i: int) -> None:
-        down = [n for n in self.world.nodes if not n.up]
+        down = [n for n in self.sim.nodes if not n.up]
         node = down[i % len(down)]
         self._log(f"restart {node.name}")
-        self.world.restart(node)
+        self.sim.restart(node)
 
     @rule(k=st.integers(1, 5), symmetric=st.booleans(), isolate=st.booleans())
     def partition(self, k: int, symmetric: bool, isolate: bool) -> None:
-        nodes = self.world.nodes
+        nodes = self.sim.nodes
         k = 1 if isolate else 1 + k % (len(nodes) - 1)
         self._log(f"partition first {k} | rest ({'symmetric' if symmetric else 'asymmetric'})")
-        self.world.partition([nodes[:k], nodes[k:]], symmetric=symmetric)
+        self.sim.partition([nodes[:k], nodes[k:]], symmetric=symmetric)
 
     @rule()
     def heal(self) -> None:
         self._log("heal all partitions")
-        self.world.heal()
+        self.sim.heal()
 
     @rule(i=st.integers(0, 5), lag=st.sampled_from([0.5, 1.0, 3.0, 8.0]))
     def clog(self, i: int, lag: float) -> None:
         node = self._node(i)
         self._log(f"clog {node.name} lag {lag:g}..{2 * lag:g}s")
-        self.world.clog(node, Delay("uniform", lag, 1.5 * lag, 2 * lag))
+        self.sim.clog(node, Delay("uniform", lag, 1.5 * lag, 2 * lag))
 
     @rule(i=st.integers(0, 5))
     def unclog(self, i: int) -> None:
         node = self._node(i)
         self._log(f"unclog {node.name}")
-        self.world.unclog(node)
+        self.sim.unclog(node)
 
     @rule(loss=st.sampled_from([0.0, 0.01, 0.05, 0.2]), dup=st.sampled_from([0.0, 0.05]))
     def set_loss(self, loss: float, dup: float) -> None:
         self._log(f"link loss {loss:g} dup {dup:g}")
-        self.world.set_link(LinkModel(BASE_LINK.delay, loss=loss, duplicate=dup, reorder=0.05))
+        self.sim.set_link(LinkModel(BASE_LINK.delay, loss=loss, duplicate=dup, reorder=0.05))
 
     @rule(i=st.integers(0, 5), size=st.integers(0, 200))
     def broadcast(self, i: int, size: int) -> None:
@@ -213,7 +219,7 @@ class SwimMachine(RuleBasedStateMachine):
         if core is None:
             return
         self._log(f"broadcast {size} B from {node.name}")
-        core.broadcast(bytes(size), self.world.now)
+        core.broadcast(bytes(size), self.sim.now)
 
     # -- invariants and the end -----------------------------------------------------------------
 
@@ -245,7 +251,9 @@ class CrdtMachine(SwimMachine):
 
     def setup_world(self, world: World) -> None:
         world.add_checker(
-            CrdtConvergence(lambda node: node.cores[CRDT].conn if CRDT in node.cores else None)
+            CrdtConvergence(
+                lambda node: None if (c := node.core_of(CRDT, CrdtSyncCore)) is None else c.conn
+            )
         )
 
     @rule(i=st.integers(0, 5), key=st.integers(0, 7), value=st.integers(0, 3), delete=st.booleans())
@@ -288,7 +296,7 @@ class AgentMachine(SwimMachine):
             return
         if delete:
             self._log(f"write on {node.name}: delete k{key}")
-            stmt = ("DELETE FROM kv WHERE k = ?", (f"k{key}",))
+            stmt: tuple[str, tuple[str, ...]] = ("DELETE FROM kv WHERE k = ?", (f"k{key}",))
         else:
             self._log(f"write on {node.name}: k{key} = v{value}")
             stmt = (
@@ -296,7 +304,7 @@ class AgentMachine(SwimMachine):
                 "ON CONFLICT(k) DO UPDATE SET v = excluded.v, n = n + 1",
                 (f"k{key}", f"v{value}"),
             )
-        core.execute([stmt], self.world.now)
+        core.execute([stmt], self.sim.now)
 
 
 class OrchestratorMachine(SwimMachine):

@@ -61,7 +61,7 @@ _UPDATES = (codec.ALIVE, codec.SUSPECT, codec.DOWN, codec.USER)
 
 
 def _swim(node: SimNode) -> SwimCore | None:
-    return node.cores.get(SWIM) if node.up else None
+    return node.core_of(SWIM, SwimCore) if node.up else None
 
 
 def detection_cycle(config: Config, n: int, max_delay: float) -> float:
@@ -110,7 +110,7 @@ class PacketSize(Checker):
         size = len(data)
         if size > self.largest:
             self.largest = size
-        core = node.cores.get(SWIM)
+        core = node.core_of(SWIM, SwimCore)
         if core is not None and size > core.config.max_packet_size:
             world.fail(self.name, f"{node.name} sent {size} B > {core.config.max_packet_size}")
 
@@ -144,7 +144,7 @@ class RetransmitLimit(Checker):
     def _on_send(self, node, channel, dst, data, info, fate) -> None:
         if channel != SWIM:
             return
-        core = node.cores.get(SWIM)
+        core = node.core_of(SWIM, SwimCore)
         if core is None:
             return
         m = core.membership
@@ -235,7 +235,7 @@ class Precedence(Checker):
             view[key] = (*new, self.world.now)
         if inc:  # only the member raises its incarnation: never above its own
             owner = self.world.by_addr.get(key)
-            core = owner.cores.get(SWIM) if owner is not None and owner.up else None
+            core = owner.core_of(SWIM, SwimCore) if owner is not None and owner.up else None
             if core is not None:
                 m = core.membership
                 if inc > m.incarnation and m.identity == mid:
@@ -247,7 +247,7 @@ class Precedence(Checker):
 
     def _reaped(self, node: SimNode, old: tuple) -> bool:
         # A forgotten DOWN member may be learned again after down_retention (by design).
-        core = node.cores.get(SWIM)
+        core = node.core_of(SWIM, SwimCore)
         return (
             old[2] in _TERMINAL
             and core is not None
@@ -333,7 +333,8 @@ class FalsePositives(Checker):
         elif t is MemberDown and ev.member.state is State.DOWN and self._live(ev.member):
             world = self.world
             self.downs.append((world.now, node.index, str(ev.member.id)))
-            core = node.cores[SWIM]
+            core = node.core_of(SWIM, SwimCore)
+            assert core is not None  # it just published this event
             stall_free = 2 * world.net.max_delay < core.config.probe_timeout
             if not world.ever_disturbed and stall_free:
                 world.fail(
@@ -365,7 +366,7 @@ class DetectionBound(Checker):
 
     def _on_life(self, kind: str, node: SimNode) -> None:
         if kind == "crash":
-            core = node.cores.get(SWIM)
+            core = node.core_of(SWIM, SwimCore)
             if core is not None:
                 self.victims[node.addr] = (self.world.now, core.identity.gen)
         elif kind == "boot":
@@ -439,7 +440,7 @@ class MessageLoad(Checker):
         rate = c / self.window
         if rate > self.busiest:
             self.busiest = rate
-        core = node.cores.get(SWIM)
+        core = node.core_of(SWIM, SwimCore)
         if core is not None and c == self.bound(core.config) + 1:
             self.world.fail(
                 self.name,

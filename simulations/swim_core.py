@@ -31,6 +31,7 @@ from swim.events import (
     SetTimer,
     StreamDone,
     StreamReply,
+    Timer,
 )
 
 from .network import Address
@@ -87,7 +88,7 @@ class SwimCore(Core):
         self._preload = preload if port.boot == 1 else ()
         self.rejoin_interval = rejoin_interval
         self.rejoins = 0
-        self.timer = None
+        self.timer: Timer | None = None
         """The swim timer being handled (so observers can tell a member's own verdict, made by
         its ``SuspicionTimeout``, from a DOWN it adopted from gossip)."""
 
@@ -173,7 +174,7 @@ class SwimCore(Core):
             elif t is StreamReply or t is StreamDone:
                 pass  # replies are returned by on_stream_request; completions need nothing
             elif isinstance(e, Notification):
-                if t is IdentityRenewed:
+                if isinstance(e, IdentityRenewed):
                     disk = port.disk.values
                     disk["swim.gen"] = max(disk.get("swim.gen", 0), e.new.gen)
                 port.publish(e)

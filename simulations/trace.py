@@ -63,7 +63,7 @@ class Trace:
             i = m.id
             h(
                 _EVENT(now, node, i.port, i.gen & _U64, m.incarnation, int(m.state))
-                + _name(type(event))
+                + _name(type(event))  # type: ignore[arg-type]  # mypy: type[Any] is hashable
                 + channel.encode()
                 + i.host.encode()
                 + m.meta

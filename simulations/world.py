@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import Scheduler
+from .errors import SimulationError
 from .network import Address, Delay, LinkModel, Network, Partition
 from .node import Clog, Core, CoreSpec, Disk, Port, SimNode
 from .rng import Streams
@@ -49,7 +50,7 @@ class Violation:
         return f"[{self.checker}] t={self.time:.3f}s {self.message}"
 
 
-class SimulationFailure(AssertionError):
+class SimulationFailure(SimulationError, AssertionError):
     """An invariant broke. The message carries everything needed to reproduce the run."""
 
     def __init__(self, world: World, violations: Sequence[Violation]) -> None:
@@ -369,9 +370,9 @@ class World:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- plumbing used by Port ----------------------------------------------------------------
+    # -- what a Port uses (node.PortHost) --------------------------------------------------
 
-    def _transmit(self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any) -> None:
+    def transmit(self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any) -> None:
         fate = self.net.fate(node.addr, dst)
         now = self.sched.now
         target = self.by_addr.get(dst)
@@ -414,14 +415,14 @@ class World:
             self.net.stats.delivered += 1
             core.on_datagram(src, data, self.sched.now)
 
-    def _fire(self, node: SimNode, boot: int, channel: str, timer: Any) -> None:
+    def fire_timer(self, node: SimNode, boot: int, channel: str, timer: Any) -> None:
         if node.boot != boot or not node.up:
             return
         core = node.cores.get(channel)
         if core is not None:
             core.on_timer(timer, self.sched.now)
 
-    def _publish(self, node: SimNode, channel: str, event: Any) -> None:
+    def publish(self, node: SimNode, channel: str, event: Any) -> None:
         now = self.sched.now
         self.trace.event(now, node.index, channel, event)
         for hook in self.event_hooks:
@@ -434,7 +435,7 @@ class World:
 
     # streams: request -> (server handles, maybe late if clogged) -> reply frames, or failure
 
-    def _open_stream(self, node: SimNode, channel: str, dst: Address, data: bytes) -> int:
+    def open_stream(self, node: SimNode, channel: str, dst: Address, data: bytes) -> int:
         self._stream_seq += 1
         sid = self._stream_seq
         self.net.stats.streams += 1

@@ -9,8 +9,11 @@ Read ``swim/core.py`` first: its docstring lists every protocol rule and where i
 * ``swim.events`` - effects, notifications and timers; ``swim.testing`` - an in-memory host.
 """
 
+from typing import TYPE_CHECKING
+
 from .config import Config, ConfigError
 from .core import Membership, PayloadTooLarge, Stats
+from .errors import SwimError
 from .events import (
     BroadcastReceived,
     Effect,
@@ -60,12 +63,17 @@ __all__ = [
     "Stats",
     "StreamDone",
     "StreamReply",
+    "SwimError",
     "SwimNode",
     "Timer",
 ]
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:
+    from .runtime import SwimNode
+
+
+def __getattr__(name: str) -> "type[SwimNode]":
     # The runtime imports anyio; keep ``import swim`` light for pure-core users (simulator).
     if name == "SwimNode":
         from .runtime import SwimNode

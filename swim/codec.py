@@ -35,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from .errors import SwimError
 from .keyring import OVERHEAD as SEAL_OVERHEAD
 from .keyring import Keyring
 from .member import GEN_MAX, INCARNATION_MAX, NodeId, State
@@ -69,7 +70,7 @@ BODY_HEADER_MAX = 5
 """Bytes of the msgpack array header of a body, at most (array32)."""
 
 
-class Malformed(Exception):
+class Malformed(SwimError):
     """A frame or body that cannot be accepted; ``reason`` is the counter to bump."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -229,12 +230,12 @@ def _id(v: Any) -> NodeId:
     return NodeId(host, _int(port, 0xFFFF), _int(gen, GEN_MAX))
 
 
-def _arity(p: list, n: int) -> None:
+def _arity(p: list[Any], n: int) -> None:
     if len(p) != n:
         raise Malformed("field", f"part type {p[0]} expects {n} fields, got {len(p)}")
 
 
-def _part(p: Any) -> tuple:
+def _part(p: Any) -> tuple[Any, ...]:
     if type(p) is not list or not p:
         raise Malformed("field", "a part must be a non-empty array")
     t = p[0]
@@ -282,14 +283,16 @@ def _part(p: Any) -> tuple:
     raise Malformed("type", f"unknown part type {t!r}")
 
 
-def decode_body(body: bytes, *, stream: bool = False) -> tuple[NodeId, list[tuple]]:
+def decode_body(body: bytes, *, stream: bool = False) -> tuple[NodeId, list[tuple[Any, ...]]]:
     """(sender, parts) of a body; raises :class:`Malformed` on anything unexpected.
 
     Datagrams may not carry PUSH_PULL; a stream body is exactly one PUSH_PULL part.
     """
     try:
         obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, ...)
+    # msgpack raises ValueError (format, extra data, UTF-8, depth), TypeError (unhashable key) and
+    # UnpackException (truncated input)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise Malformed("decode", type(exc).__name__) from None
     if type(obj) is not list or len(obj) < 1:
         raise Malformed("decode", "body must be a non-empty array")

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SwimError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(SwimError, ValueError):
     """An invalid configuration value; the message names the key."""
 
 

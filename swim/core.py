@@ -112,11 +112,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import codec
 from .broadcast import BroadcastQueue, PendingUpdate
 from .codec import BODY_HEADER_MAX, Framer, Malformed
 from .config import Config, ConfigError
+from .errors import SwimError
 from .events import (
     BroadcastReceived,
     Effect,
@@ -158,7 +160,7 @@ _TERMINAL = (State.DOWN, State.LEFT)
 _ABOUT_MEMBERS = (codec.ALIVE, codec.SUSPECT, codec.DOWN)
 
 
-class PayloadTooLarge(ValueError):
+class PayloadTooLarge(SwimError, ValueError):
     """A user payload or metadata that cannot fit in one packet."""
 
 
@@ -272,7 +274,7 @@ class Membership:
         self._seq = rng.getrandbits(32)
         self._queue = BroadcastQueue()
         self._user_seq = 0
-        self._seen: dict[tuple, None] = {}
+        self._seen: dict[tuple[Any, ...], None] = {}
         self._streams: dict[int, bool] = {}  # stream id -> join
         self._stream_seq = 0
         self._token = 0
@@ -585,7 +587,7 @@ class Membership:
 
     # -- R1-R4: applying updates ---------------------------------------------------------------
 
-    def _apply_update(self, p: tuple, now: float, src: Address) -> None:
+    def _apply_update(self, p: tuple[Any, ...], now: float, src: Address) -> None:
         t = p[0]
         if t == codec.ALIVE:
             self._on_alive(p[1], p[2], p[3], now, src)
@@ -741,7 +743,7 @@ class Membership:
         self._out.append(BroadcastReceived(origin, payload))
         self._queue.push(("u", *key), codec.user(origin, seq, payload), src)  # R9: relay
 
-    def _remember(self, key: tuple) -> None:
+    def _remember(self, key: tuple[Any, ...]) -> None:
         self._seen[key] = None
         if len(self._seen) > SEEN_BROADCASTS_MAX:
             del self._seen[next(iter(self._seen))]
@@ -959,7 +961,7 @@ class Membership:
         body = codec.encode_body(self._packed_self, [codec.push_pull(join, states)])
         return self._framer.seal(body)
 
-    def _decode_stream(self, data: bytes) -> tuple[NodeId, bool, list] | None:
+    def _decode_stream(self, data: bytes) -> tuple[NodeId, bool, list[Any]] | None:
         if len(data) > self.config.max_stream_size:
             self._drop("too_big")
             return None
@@ -974,7 +976,7 @@ class Membership:
         _, join, states = parts[0]
         return sender, join, states
 
-    def _merge(self, sender: NodeId, states: list, now: float) -> None:
+    def _merge(self, sender: NodeId, states: list[Any], now: float) -> None:
         src = sender.addr
         for nid, inc, state, meta in states:
             if state is State.ALIVE:

@@ -391,7 +391,7 @@ class SwimNode:
                 return
             except OSError:
                 self.runtime_stats.receive_errors += 1
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 continue
             if self.isolated:
                 continue
@@ -450,7 +450,8 @@ class SwimNode:
                         frame = _LEN.pack(len(reply)) + reply
                         await stream.send(frame)
                         self.runtime_stats.tcp_bytes_out += len(frame)
-            except Exception:  # a peer's broken stream must never take the node down
+            # a peer's stream, or the handler of its route, must never take the node down
+            except Exception:  # noqa: BLE001
                 self.runtime_stats.stream_errors += 1
 
     async def _stream_client(self, eff: OpenStream) -> None:
@@ -465,7 +466,7 @@ class SwimNode:
                     await stream.send(frame)
                     self.runtime_stats.tcp_bytes_out += len(frame)
                     reply = await _read_frame(stream, self.config.max_stream_size)
-        except Exception:
+        except _STREAM_ERRORS:
             self.runtime_stats.stream_errors += 1
         now = self._now()
         if reply is None:
@@ -475,6 +476,19 @@ class SwimNode:
             effects = self._core.handle_stream_reply(eff.stream_id, reply, now)
             self._report_drop(dropped, eff.addr, "reply")
         await self._apply(effects)
+
+
+# how a stream exchange with a peer fails: refused, reset or timed out, closed early, or a frame
+# over the size limit (ValueError)
+_STREAM_ERRORS = (
+    OSError,
+    TimeoutError,
+    ValueError,
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+)
 
 
 async def _read_frame(stream: SocketStream, limit: int, header: bytes | None = None) -> bytes:

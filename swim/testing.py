@@ -14,6 +14,7 @@ by a sequence number, so a run is a pure function of its seed.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from .events import (
     SetTimer,
     StreamDone,
     StreamReply,
+    Timer,
 )
 from .keyring import Keyring
 from .member import Address, NodeId, State
@@ -61,7 +63,7 @@ class Peer:
 
 def decode(
     data: bytes, config: Config | None = None, keyring: Keyring | None = None
-) -> tuple[NodeId, list[tuple]]:
+) -> tuple[NodeId, list[tuple[Any, ...]]]:
     """(sender, parts) of a frame a core produced; raises ``codec.Malformed``."""
     framer = codec.Framer((config or Config.local()).label_bytes, keyring)
     body = framer.open(data)
@@ -146,7 +148,7 @@ class LocalNetwork:
         """Remove the member at ``addr`` without a word (its pending events die with it)."""
         return self.nodes.pop(addr)
 
-    def apply(self, core: Membership, effects: list) -> None:
+    def apply(self, core: Membership, effects: list[Any]) -> None:
         """Perform ``effects`` returned by ``core``."""
         for eff in effects:
             if self.on_effect is not None:
@@ -155,7 +157,7 @@ class LocalNetwork:
                 self._send(core, eff)
             elif isinstance(eff, SetTimer):
                 timer = eff.timer
-                self._at(eff.at, lambda c=core, t=timer: self._fire(c, t))
+                self._at(eff.at, functools.partial(self._fire, core, timer))
             elif isinstance(eff, OpenStream):
                 self._stream(core, eff)
             elif isinstance(eff, Notification):
@@ -205,7 +207,7 @@ class LocalNetwork:
     def _alive(self, core: Membership) -> bool:
         return self.nodes.get(core.addr) is core
 
-    def _fire(self, core: Membership, timer) -> None:
+    def _fire(self, core: Membership, timer: Timer) -> None:
         if self._alive(core):
             self.apply(core, core.handle_timer(timer, self.now))
 
@@ -219,7 +221,7 @@ class LocalNetwork:
         if (src, eff.addr) in self.blocked or (self.loss and self.rng.random() < self.loss):
             return
 
-        def deliver(dst=eff.addr, data=eff.data) -> None:
+        def deliver(dst: Address = eff.addr, data: bytes = eff.data) -> None:
             target = self.nodes.get(dst)
             if target is not None:
                 self.apply(target, target.handle_datagram(src, data, self.now))

@@ -1,8 +1,9 @@
 """Shared pytest configuration.
 
-Hypothesis profiles: ``default`` for local runs and ``ci`` (selected with HYPOTHESIS_PROFILE=ci)
-which raises example counts where a test asks for the profile's value. No profile sets a deadline:
-the machines are shared and noisy, and a test must not fail because one example ran slowly.
+One hypothesis profile, the same locally and in CI: every property test states its own example
+count (``SOAK=n`` multiplies the crdt differential tests' for a long run). No deadline: the
+machines are shared and noisy, and a test must not fail because one example ran slowly. The
+generic helpers are in tests/support (importable as ``support``).
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "default",
+    "corrosion",
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile(
-    "ci",
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=False,
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+settings.load_profile("corrosion")
 
 
 def _accepted_nodelay(peer: tuple[str, int]) -> bool | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -97,3 +98,26 @@ def test_runtime_dependencies_cover_the_core_imports() -> None:
         f"imported but only in an extra: {sorted(only_in_extras)}; a module every user runs "
         "needs it in [project] dependencies (or list it here, with the module that needs it)"
     )
+
+
+def test_corrosion_loads_nothing_of_the_layers_above_it() -> None:
+    """corrosion hosts the orchestrator as an extension found by entry point: importing every
+    corrosion module (the CLI and the agent included) and reading a config with an
+    ``[orchestrator]`` table loads no orchestrator or simulations module. ``lint-imports``
+    checks the imports statically, in CI."""
+    code = (
+        "import pkgutil, sys, importlib, corrosion\n"
+        "for m in pkgutil.walk_packages(corrosion.__path__, 'corrosion.'):\n"
+        "    if m.name != 'corrosion.__main__':  # runs the CLI\n"
+        "        importlib.import_module(m.name)\n"
+        "config = {'db': {'path': 'x.db'}, 'orchestrator': {'machines_path': 'm'}}\n"
+        "corrosion.Config.from_mapping(config)  # kept raw, for the extension to read\n"
+        "above = ('orchestrator', 'simulations')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in above))\n"
+        "print(len([m for m in sys.modules if m.startswith('corrosion.')]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0] == "[]", f"corrosion loaded modules of a higher layer: {out[0]}"
+    assert int(out[1]) > 25  # every module was imported (agent, cli, api, admin, metrics, ...)

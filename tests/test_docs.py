@@ -29,7 +29,6 @@ import fcntl
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -126,17 +126,11 @@ def _processes_using(directory: Path) -> list[int]:
     return found
 
 
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _with_free_ports(source: str, ports: dict[str, int]) -> str:
     """``source`` with each documented fixed port replaced by this document's free one."""
 
     def swap(m: re.Match[str]) -> str:
-        port = ports.setdefault(m["port"], _unused_port())
+        port = ports.setdefault(m["port"], free_port())
         return f"{m['host']}:{port}"
 
     return DOC_ADDRESS.sub(swap, source)

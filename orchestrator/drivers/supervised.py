@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from .base import DriverError, ExitStatus, InstanceState, UnknownInstanceError
+from .base import DriverError, ExitStatus, InstanceState, InstanceStatus, UnknownInstanceError
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -187,6 +187,9 @@ class ShimDriver:
 
     # --- contract pieces shared by subclasses -------------------------------------------------
 
+    async def status(self, instance_id: str) -> InstanceStatus:
+        raise NotImplementedError  # each driver reads its instances' state its own way
+
     async def wait(self, instance_id: str) -> ExitStatus:
         d = self._dir(instance_id)
         delay = 0.002
@@ -264,7 +267,9 @@ class ShimDriver:
                     os.killpg(pid, _signal.SIGKILL)
         if pids is not None:  # the shim exits right after recording: let it finish
             with anyio.move_on_after(5):
-                while self._shim_alive(pids):
+                # the shim may be another process's child (a restarted orchestrator's driver):
+                # no exit event to wait on, only its pid to look at
+                while self._shim_alive(pids):  # noqa: ASYNC110
                     await anyio.sleep(0.005)
         self._procs.pop(instance_id, None)
         shutil.rmtree(d, ignore_errors=True)

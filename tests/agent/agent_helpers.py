@@ -4,15 +4,11 @@ conditions with generous deadlines (the machines are shared and noisy)."""
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support import wait_for
 
 from corrosion import Agent, Config
 from corrosion.store import ApplyResult, LocalCommit, StatementResult, Store
@@ -60,21 +56,6 @@ def agent_config(
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return Config.from_mapping(data)
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0, what: str = ""
-) -> None:
-    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
-    with anyio.move_on_after(timeout):
-        while True:
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def seed_addr(agent: Agent) -> str:

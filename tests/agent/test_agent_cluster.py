@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from agent_helpers import cluster, rows, wait_for
+from agent_helpers import cluster, rows
+from support import wait_for
 
 from corrosion.changeset import Changeset
 

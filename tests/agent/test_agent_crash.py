@@ -13,7 +13,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from agent_helpers import SECURE_GOSSIP, cluster, rows, seed_addr, wait_for, write_schema
+from agent_helpers import SECURE_GOSSIP, cluster, rows, seed_addr, write_schema
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +49,8 @@ class AgentProcess:
         self.api = ""
 
     async def start(self) -> None:
-        self.proc = subprocess.Popen(
+        # Popen only forks and execs; the slow part, the first line, is read in a worker thread
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, str(HERE / "agent_proc.py"), str(self.config)],
             stdout=subprocess.PIPE,
             text=True,
@@ -102,15 +104,20 @@ async def test_sigkill_mid_stream_then_restart_catches_up(tmp_path):
                     i += 1
                     await anyio.sleep(0.005)
 
+            def written() -> int:
+                return a.store.bookie.get(a.actor_id).held.max()
+
+            async def more_writes(n: int, what: str) -> None:
+                target = written() + n
+                await wait_for(lambda: written() >= target, what=what)
+
             async with anyio.create_task_group() as tg:
                 tg.start_soon(writer)
-                await wait_for(
-                    lambda: a.store.bookie.get(a.actor_id).held.max() > 40, what="writes to flow"
-                )
+                await more_writes(40, "writes to flow")
                 proc.kill()  # mid-stream: broadcasts and applies are in flight
-                await anyio.sleep(0.5)
+                await more_writes(20, "writes while the process agent is down")
                 await proc.start()  # same database, new ports
-                await anyio.sleep(1.0)
+                await more_writes(40, "writes after its restart")
                 stop.set()
 
             expected = await rows(a, "SELECT id, body FROM items ORDER BY id")

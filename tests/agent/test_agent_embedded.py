@@ -4,7 +4,8 @@ queries as async iterators, and leave the cluster when they shut down."""
 from __future__ import annotations
 
 import pytest
-from agent_helpers import agent_config, rows, seed_addr, wait_for
+from agent_helpers import agent_config, rows, seed_addr
+from support import wait_for
 
 import swim
 from corrosion import Agent, TransactionError

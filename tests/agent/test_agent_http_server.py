@@ -12,7 +12,8 @@ import sys
 import anyio
 import httpx
 import pytest
-from agent_helpers import agent_config, wait_for
+from agent_helpers import agent_config
+from support import wait_for
 
 from corrosion import Agent
 

@@ -13,7 +13,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from agent_helpers import agent_config, cluster, rows, seed_addr, wait_for
+from agent_helpers import agent_config, cluster, rows, seed_addr
+from support import wait_for
 from test_agent_crash import AgentProcess
 
 import swim

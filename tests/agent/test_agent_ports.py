@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from agent_helpers import cluster, rows, wait_for
+from agent_helpers import cluster, rows
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,9 @@ import time
 
 import anyio
 import pytest
-from agent_helpers import TEST_KEY, agent_config, rows, wait_for
+from agent_helpers import TEST_KEY, agent_config, rows
 from anyio.abc import ByteStream
+from support import wait_for
 
 import crdt
 import swim

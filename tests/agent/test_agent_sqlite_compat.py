@@ -12,16 +12,8 @@ from pathlib import Path
 
 import anyio
 import apsw
-import httpx
 import pytest
-from agent_helpers import agent_config, rows, wait_for
-
-import crdt
-from corrosion import Agent
-from crdt.schema import apply_schema
-from orchestrator.publish import MACHINES_SCHEMA
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "crdt"))
+from agent_helpers import agent_config, rows
 from stdlib_readers import (
     check_parses_in_stdlib,
     read_everything,
@@ -29,6 +21,13 @@ from stdlib_readers import (
     store_pre_fix_utrig,
     stored_schema,
 )
+from support import start_machine, wait_for
+
+import crdt
+from corrosion import Agent
+from corrosion.extensions import load_extensions
+from crdt.schema import apply_schema
+from orchestrator.publish import MACHINES_SCHEMA
 
 pytestmark = pytest.mark.anyio
 
@@ -70,20 +69,9 @@ async def test_stdlib_reads_a_running_agent_its_step_log_and_its_backup(tmp_path
     orchestrator = {"machines_path": str(machines), "driver": "fake", "worker": "w1"}
     cfg = agent_config(tmp_path, "n1", orchestrator=orchestrator)
     db_path = cfg.db.path
-    async with Agent(cfg) as agent:
+    async with Agent(cfg, extensions=load_extensions(cfg)) as agent:
         await agent.execute(WRITES)
-        host, port = agent.api_addrs[0]
-        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as api:
-            resp = await api.post(
-                "/v1/apps/web/machines",
-                json={"config": {"image": "busybox", "init": {"cmd": ["sleep", "60"]}}},
-            )
-            assert resp.status_code == 200, resp.text
-            mid = resp.json()["id"]
-            resp = await api.get(
-                f"/v1/apps/web/machines/{mid}/wait", params={"state": "started", "timeout": 30}
-            )
-            assert resp.status_code == 200, resp.text
+        mid = await start_machine(agent.api_addrs[0])
 
         async def machine_row() -> bool:
             return await rows(agent, "SELECT state FROM machines WHERE id = ?", (mid,)) == [

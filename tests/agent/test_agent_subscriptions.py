@@ -6,7 +6,8 @@ import json
 
 import httpx
 import pytest
-from agent_helpers import agent_config, seed_addr, wait_for
+from agent_helpers import agent_config, seed_addr
+from support import wait_for
 
 from corrosion import Agent
 from corrosion.subscriptions import Subscription, normalize_sql

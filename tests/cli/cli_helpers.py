@@ -9,12 +9,12 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
+from support import wait_for
 from typer.testing import CliRunner
 
 from corrosion import Agent, Config
@@ -100,21 +100,6 @@ def api_of(agent: Agent) -> str:
 def gossip_of(agent: Agent) -> str:
     host, port = agent.swim.address
     return f"{host}:{port}"
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0, what: str = ""
-) -> None:
-    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
-    with anyio.move_on_after(timeout):
-        while True:
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 async def rows(agent: Agent, sql: str, params: Any = ()) -> list[tuple]:

@@ -8,17 +8,8 @@ import socket
 
 import anyio
 import pytest
-from cli_helpers import (
-    SCHEMA,
-    cli,
-    cluster,
-    gossip_of,
-    node_mapping,
-    rows,
-    short_tmp,
-    wait_for,
-    write_schema,
-)
+from cli_helpers import SCHEMA, cli, cluster, gossip_of, node_mapping, rows, short_tmp, write_schema
+from support import wait_for
 
 from corrosion import Agent, Config
 from corrosion.admin import MAX_LINE, AdminError, admin_request, agent_listening

@@ -8,7 +8,8 @@ import contextlib
 
 import apsw
 import pytest
-from cli_helpers import cli, cluster, gossip_of, node_mapping, rows, short_tmp, wait_for
+from cli_helpers import cli, cluster, gossip_of, node_mapping, rows, short_tmp
+from support import wait_for
 
 from corrosion import Agent, Config
 from corrosion.backup import BackupError, backup, restore

@@ -160,3 +160,34 @@ def test_every_config_key_is_in_the_configuration_reference(monkeypatch):
     documented = documented_keys()
     assert sorted(keys - documented) == [], "keys missing from docs/agent.md#configuration"
     assert sorted(documented - keys) == [], "documented keys the parser does not know"
+
+
+TLS = {"cert_file": "c", "key_file": "k"}
+
+
+def test_absent_keys_take_the_dataclass_defaults():
+    """The parser has no defaults of its own: a minimal config is the dataclasses' defaults."""
+    cfg = Config.from_mapping({"db": {"path": "x.db"}, "gossip": {"tls": TLS}})
+    assert cfg == Config(
+        db=config_module.DbConfig(Path("x.db")),
+        gossip=config_module.GossipConfig(tls=config_module.TlsConfig(Path("c"), Path("k"))),
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"db": {}}, "db.path: is required"),
+        ({"db": {"path": "x"}, "gossip": {"tls": {"cert_file": "c"}}}, "gossip.tls.key_file"),
+        (
+            {"db": {"path": "x"}, "gossip": {"tls": {**TLS, "client": {"cert_file": "c"}}}},
+            "gossip.tls.client.key_file: is required",
+        ),
+        ({"db": {"path": "x"}, "perf": {"broadcast": "yes"}}, "perf.broadcast: expected true"),
+        ({"db": {"path": "x"}, "log": {"colors": 1}}, "log.colors: expected true or false"),
+        ({"db": {"path": "x"}, "gossip": {"cluster_id": 70000}}, "gossip.cluster_id: 70000"),
+    ],
+)
+def test_keys_without_a_default_are_required_and_types_are_checked(data, message):
+    with pytest.raises(config_module.ConfigError, match=re.escape(message)):
+        Config.from_mapping(data)

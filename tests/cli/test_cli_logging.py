@@ -16,8 +16,9 @@ from typing import Any
 
 import anyio
 import pytest
-from cli_helpers import node_mapping, short_tmp, wait_for, write_config, write_schema
-from test_cli_process import Proc, corrosion_cmd
+from cli_helpers import node_mapping, short_tmp, write_config, write_schema
+from support import Proc, wait_for
+from test_cli_process import corrosion_cmd
 
 from corrosion import Agent, Config
 from corrosion.admin import admin_request

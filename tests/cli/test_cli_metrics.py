@@ -7,7 +7,8 @@ import re
 import anyio
 import httpx
 import pytest
-from cli_helpers import cluster, node_mapping, short_tmp, wait_for
+from cli_helpers import cluster, node_mapping, short_tmp
+from support import wait_for
 
 from corrosion import Agent, Config
 from corrosion.metrics import render

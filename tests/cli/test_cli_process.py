@@ -18,7 +18,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from cli_helpers import node_mapping, rows, short_tmp, wait_for, write_config
+from cli_helpers import node_mapping, rows, short_tmp, write_config
+from support import Proc, wait_for
 
 from corrosion import Agent, Config
 
@@ -40,32 +41,6 @@ def corrosion_cmd() -> list[str]:
 
 async def run(*args: str) -> subprocess.CompletedProcess:
     return await anyio.run_process([*corrosion_cmd(), *args], check=False, env=ENV)
-
-
-class Proc:
-    """A background process with its output in files (no pipe to fill up), always reaped."""
-
-    def __init__(self, args: list[str], out_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.out_path, self.err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.p = subprocess.Popen(args, stdout=out, stderr=err, env=env or ENV)
-
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    async def wait(self, timeout: float = 60.0) -> int:
-        with anyio.fail_after(timeout):
-            while self.p.poll() is None:
-                await anyio.sleep(0.05)
-        return self.p.returncode
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
 
 
 def json_logs(text: str) -> list[dict]:
@@ -226,3 +201,44 @@ async def test_a_minimal_config_needs_a_key_or_plaintext():
             else:
                 assert len(warned) == 1 and warned[0].startswith(warning)
                 assert ":0 " not in warned[0]  # the bound port, not the configured 0
+
+
+async def test_agent_process_hosts_the_orchestrator_its_config_names():
+    """``corrosion agent`` finds the extension for ``[orchestrator]`` through its entry point
+    (corrosion imports nothing of the orchestrator): the Machines API answers next to the API.
+    An invalid table fails at start-up in one line naming the key, before anything is opened."""
+    with short_tmp() as base:
+        data = node_mapping(base, "a", log={"format": "json"})
+        bad = write_config(base / "bad.toml", {**data, "orchestrator": {"driver": "fake"}})
+        result = await run("agent", "-c", str(bad))
+        assert result.returncode == 1
+        assert result.stderr.decode() == (
+            "error: invalid config: [orchestrator]: machines_path is required\n"
+        )
+        assert not Path(data["db"]["path"]).exists()
+
+        orch = {"machines_path": str(base / "machines"), "driver": "fake", "worker": "w1"}
+        cfg = write_config(base / "a.toml", {**data, "orchestrator": orch})
+        proc = Proc([*corrosion_cmd(), "-c", str(cfg), "agent"], base)
+        try:
+            started: dict = {}
+
+            def is_up() -> bool:
+                assert proc.p.poll() is None, proc.stderr()
+                for rec in json_logs(proc.stderr()):
+                    if rec["msg"] == "agent started":
+                        started.update(rec)
+                        return True
+                return False
+
+            await wait_for(is_up, what="the agent process to start")
+            assert started["extensions"] == ["orchestrator"]
+            api = started["api_addrs"][0]
+            async with httpx.AsyncClient(base_url=f"http://{api}", timeout=30) as client:
+                resp = await client.get("/v1/apps/web/machines")
+                assert resp.status_code == 200 and resp.json() == [], resp.text
+                assert (await client.get("/v1/health")).status_code == 200
+            proc.p.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0, proc.stderr()
+        finally:
+            proc.kill()

@@ -9,29 +9,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import apsw
 import httpx
 import pytest
-from cli_helpers import (
-    api_of,
-    cli,
-    gossip_of,
-    node_mapping,
-    rows,
-    short_tmp,
-    wait_for,
-    write_config,
-)
-from test_cli_process import Proc, json_logs
+from cli_helpers import api_of, cli, gossip_of, node_mapping, rows, short_tmp, write_config
+from support import Proc, start_machine, wait_for
+from test_cli_process import json_logs
 
 from corrosion import Agent, Config
+from corrosion.extensions import load_extensions
 from corrosion.metrics import collect, render
 from orchestrator.publish import MACHINES_SCHEMA_PATH
 
@@ -82,7 +75,8 @@ def set_schema_paths(config: Path, files: list[Path]) -> None:
 
 @contextlib.asynccontextmanager
 async def started(config: Path, **kwargs: Any) -> AsyncIterator[Agent]:
-    async with Agent(Config.load(config), **kwargs) as agent:
+    cfg = Config.load(config)  # hosting the extensions its tables ask for, as the CLI does
+    async with Agent(cfg, extensions=load_extensions(cfg), **kwargs) as agent:
         yield agent
 
 
@@ -317,10 +311,8 @@ async def test_agent_process_drops_an_unlisted_table_only_with_allow_destructive
 
 
 async def test_machines_schema_file_is_shared_by_an_orchestrator_node_and_a_plain_node(base):
-    shipped = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "schema-path"], capture_output=True, text=True
-    )
-    assert shipped.returncode == 0 and Path(shipped.stdout.strip()) == MACHINES_SCHEMA_PATH
+    shipped = await anyio.run_process([sys.executable, "-m", "orchestrator", "schema-path"])
+    assert Path(shipped.stdout.decode().strip()) == MACHINES_SCHEMA_PATH
     schema_dir = base / "shared"
     schema_dir.mkdir()
     (schema_dir / "app.sql").write_text(T1)
@@ -334,17 +326,7 @@ async def test_machines_schema_file_is_shared_by_an_orchestrator_node_and_a_plai
     async with started(w1_config) as w1:  # a restart with both definitions is fine too
         w2_config = node_config(base, "w2", [schema_dir], [gossip_of(w1)])
         async with started(w2_config) as w2:
-            async with httpx.AsyncClient(base_url=f"http://{api_of(w1)}", timeout=30) as api:
-                resp = await api.post(
-                    "/v1/apps/web/machines",
-                    json={"config": {"image": "busybox", "init": {"cmd": ["sleep", "60"]}}},
-                )
-                assert resp.status_code == 200, resp.text
-                mid = resp.json()["id"]
-                resp = await api.get(
-                    f"/v1/apps/web/machines/{mid}/wait", params={"state": "started", "timeout": 30}
-                )
-                assert resp.status_code == 200
+            mid = await start_machine(w1.api_addrs[0])
 
             async def replicated() -> bool:
                 got = await rows(w2, "SELECT id, app, state, worker FROM machines")

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oracle"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import oracle as oracle_mod
+import pytest
+from support import require
 
 
 @pytest.fixture(scope="session")
 def oracle():
-    reason = oracle_mod.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    """The oracle; its tests skip without node and the npm package, or fail when the CI requires
+    them (CORROSION_REQUIRE_ORACLE=1)."""
+    require(oracle_mod.unavailable_reason(), "CORROSION_REQUIRE_ORACLE")
     o = oracle_mod.Oracle.start()
     yield o
     o.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from orch_helpers import require_runc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for orch_helpers
+
+@pytest.fixture
+def runc_required() -> None:
+    """For ``@pytest.mark.usefixtures("runc_required")``: see ``require_runc``."""
+    require_runc()
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import anyio
+from support import wait_for
 
 from orchestrator.drivers import ProcessDriver, RuncDriver
 from orchestrator.engine import Backoff, EngineObserver
@@ -113,11 +114,21 @@ async def main(argv: list[str]) -> None:
             os.replace(tmp, base / "submitted.json")
             os.write(1, b"READY\n")
             gate.set()
-        with anyio.fail_after(120):
-            while orch.engine.list_runs() or any(orch.engine.busy(m) for m in list(orch._docs)):
-                await anyio.sleep(0.01)
+
+        def settled() -> bool:
+            # no run left, and every destroyed machine archived and retired (that happens
+            # after its last run has finished, in a thread: a destroyed document may linger)
+            ids = orch.machine_ids()
+            return not (
+                orch.engine.list_runs()
+                or any(map(orch.engine.busy, ids))
+                or any(orch.doc(mid)["state"] == "destroyed" for mid in ids)
+            )
+
+        await wait_for(settled, 120, "every run to finish and destroyed machines to retire")
         final = {}
-        for mid, doc in orch._docs.items():
+        for mid in orch.machine_ids():
+            doc = orch.doc(mid)
             status = await inner.status(doc["instance_id"])
             final[mid] = {"state": doc["state"], "instance": str(status.state),
                           "instance_id": doc["instance_id"]}  # fmt: skip

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-
 import anyio
+from support import require
+
+from orchestrator.drivers import runc_available
 
 
-def free_port() -> int:
-    """A loopback port free right now (for a server the test starts next)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def require_runc() -> None:
+    """Skip a test of the runc driver where it cannot run, or fail it when the CI requires runc
+    (CORROSION_REQUIRE_RUNC=1)."""
+    require(runc_available(), "CORROSION_REQUIRE_RUNC")
 
 
 class CrrPublisher:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import anyio
 import httpx
 import pytest
-from orch_helpers import free_port
+from support import free_port, wait_for
 
 from corrosion import Agent, Config
 from orchestrator.drivers import ProcessDriver
+from orchestrator.extension import from_config
 from orchestrator.proxy import Proxy, SqliteReplica
 from orchestrator.publish import MACHINES_SCHEMA
 
@@ -49,15 +49,6 @@ def config(base: Path, name: str, seeds: list[str], **sections) -> Config:
     return Config.from_mapping(data)
 
 
-async def eventually(check, timeout: float = 60.0):
-    with anyio.fail_after(timeout):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await anyio.sleep(0.05)
-
-
 async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
     port = free_port()
     www = tmp_path / "www"
@@ -77,7 +68,8 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
         "worker": "w1",
     }
     try:
-        async with Agent(config(tmp_path, "w1", [], orchestrator=orch_section)) as w1:
+        w1_config = config(tmp_path, "w1", [], orchestrator=orch_section)
+        async with Agent(w1_config, extensions=[from_config(orch_section)]) as w1:
             host, gport = w1.swim.address
             async with Agent(config(tmp_path, "w2", [f"{host}:{gport}"])) as w2:
                 reader = SqliteReplica(w2.config.db.path)
@@ -100,7 +92,7 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
                         r = await via_w2.get("/index.txt")
                         return r if r.status_code == 200 else None
 
-                    r = await eventually(served)
+                    r = await wait_for(served)
                     assert r.text == "served by a machine on w1\n"
                     assert r.headers["fly-machine-id"] == mid and r.headers["fly-worker"] == "w1"
 
@@ -109,7 +101,7 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
                     async def gone():
                         return (await via_w2.get("/index.txt")).status_code == 503
 
-                    await eventually(gone)
+                    await wait_for(gone)
                     r = await api.delete(f"/v1/apps/web/machines/{mid}")
                     assert r.status_code == 200, r.text
                     r = await api.get(f"/v1/apps/web/machines/{mid}/wait",
@@ -119,7 +111,7 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
                     async def row_deleted():
                         return not [x async for x in w2.query("SELECT id FROM machines")]
 
-                    await eventually(row_deleted)
+                    await wait_for(row_deleted)
                 reader.close()
     finally:
         await ProcessDriver(tmp_path / "w1" / "instances").destroy_all()

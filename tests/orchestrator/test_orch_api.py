@@ -6,6 +6,7 @@ from __future__ import annotations
 import anyio
 import httpx
 import pytest
+from support import wait_for
 
 from orchestrator.api import NONCE_HEADER, create_app
 from orchestrator.drivers import FakeDriver
@@ -46,9 +47,7 @@ async def create(client, **body) -> dict:
 async def wait(client, mid, state, timeout=10):
     r = await client.get(f"{BASE}/{mid}/wait", params={"state": state, "timeout": timeout})
     assert r.status_code == 200, r.text
-    with anyio.fail_after(timeout):
-        while client.orch.engine.busy(mid):
-            await anyio.sleep(0.002)
+    await wait_for(lambda: not client.orch.engine.busy(mid), timeout, interval=0.002)
 
 
 async def test_machine_lifecycle_over_http(client):
@@ -221,18 +220,19 @@ async def test_cancel_a_live_run(client):
     client.orch.driver.ignore_sigterm(client.orch.doc(mid)["instance_id"])
     r = await client.post(f"{BASE}/{mid}/stop", json={"timeout": 3600})
     assert r.status_code == 200
-    with anyio.fail_after(10):
-        while True:
-            runs = (await client.get(f"{BASE}/{mid}/runs")).json()
-            if runs and runs[0]["step"] == "stop_instance":
-                break
-            await anyio.sleep(0.005)
+
+    async def stopping() -> str | None:
+        """The stop's run id once it is in its stop_instance step."""
+        runs = (await client.get(f"{BASE}/{mid}/runs")).json()
+        return runs[0]["run_id"] if runs and runs[0]["step"] == "stop_instance" else None
+
+    run_id = await wait_for(stopping, 10, "the stop run to reach stop_instance", interval=0.005)
     assert (await client.delete(f"{BASE}/{mid}/runs/nope")).status_code == 404
-    r = await client.delete(f"{BASE}/{mid}/runs/{runs[0]['run_id']}")
+    r = await client.delete(f"{BASE}/{mid}/runs/{run_id}")
     assert r.status_code == 200, r.text
     await wait(client, mid, "started")  # the finalizer found it still running
     assert (await client.get(f"{BASE}/{mid}/runs")).json() == []
-    result = await client.orch.engine.wait(runs[0]["run_id"])
+    result = await client.orch.engine.wait(run_id)
     assert result.status == "cancelled"
 
 

@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 from corrosion import Agent, Config
+from corrosion.extensions import load_extensions
 from orchestrator.drivers import ProcessDriver
 
 pytestmark = [
@@ -153,7 +154,7 @@ async def test_machines_api_examples_run_as_documented(tmp_path):
     (tmp_path / ".curlrc").write_text('write-out = "\\n%{http_code}"\n')
     cfg = agent_config(documented_config, tmp_path)
     try:
-        async with Agent(cfg) as agent:
+        async with Agent(cfg, extensions=load_extensions(cfg)) as agent:
             host, port = agent.api_addrs[0]
             variables = {
                 "ORCH": f"http://{host}:{port}",

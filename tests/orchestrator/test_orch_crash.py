@@ -19,13 +19,13 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import anyio
 import pytest
+from support import wait_for_sync
 
-from orchestrator.drivers import ProcessDriver, RuncDriver, runc_available
+from orchestrator.drivers import ProcessDriver, RuncDriver
 from orchestrator.drivers.supervised import SHIM
 from orchestrator.steplog import RunStatus
 from orchestrator.store import MachineStore
@@ -38,7 +38,8 @@ ITERATIONS = int(os.environ.get("ORCH_CRASH_ITERATIONS", "0"))
 def run_child(base: Path, mode: str, kind: str, seed: int, kill_at: int | None, delay: float):
     """Run the worker; SIGKILL it at its ``kill_at``-th step after READY. Returns (finished,
     final states or None)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}  # the packages, and tests/support
     with open(base / "worker.log", "ab") as err:
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(base), mode, kind, str(seed)],
@@ -53,7 +54,8 @@ def run_child(base: Path, mode: str, kind: str, seed: int, kill_at: int | None, 
             lines.put(line)
         lines.put(None)
 
-    threading.Thread(target=reader, daemon=True).start()
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
     ready, steps, final, done = mode == "resume", 0, None, False
     try:
         while True:
@@ -80,7 +82,12 @@ def run_child(base: Path, mode: str, kind: str, seed: int, kill_at: int | None, 
         proc.kill()
         raise AssertionError(f"worker hung; see {base / 'worker.log'}") from None
     finally:
-        proc.stdout.close()
+        # Close the pipe only once the reader is done with it: closing it under a blocked
+        # readline makes the reader thread fail. A machine the worker started may still hold
+        # the pipe open; then the daemon reader is left to end with it.
+        reading.join(timeout=10)
+        if not reading.is_alive():
+            proc.stdout.close()
     rc = proc.wait(timeout=60)
     assert rc == 0 and done, f"worker failed ({rc}): {(base / 'worker.log').read_text()[-3000:]}"
     return True, final
@@ -178,10 +185,7 @@ def scenario(tmp_path: Path, kind: str, seed: int) -> int:
         return crashes
     finally:
         anyio.run(_cleanup, base, kind)
-        deadline = time.monotonic() + 10
-        while shims_for(base) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert shims_for(base) == set(), seed
+        wait_for_sync(lambda: not shims_for(base), 10, f"seed {seed}: the shims to exit")
 
 
 @pytest.mark.slow
@@ -192,7 +196,7 @@ def test_sigkill_at_random_steps_process_driver(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(runc_available() is not None, reason=str(runc_available()))
+@pytest.mark.usefixtures("runc_required")
 def test_sigkill_at_random_steps_runc_driver(tmp_path):
     iterations = max(2, (ITERATIONS or 24) // 3)
     crashes = sum(scenario(tmp_path, "runc", 1000 + seed) for seed in range(iterations))

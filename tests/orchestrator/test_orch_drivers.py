@@ -9,6 +9,8 @@ import signal
 
 import anyio
 import pytest
+from orch_helpers import require_runc
+from support import wait_for
 
 from orchestrator.clock import ManualClock, SystemClock
 from orchestrator.drivers import (
@@ -19,15 +21,13 @@ from orchestrator.drivers import (
     InstanceState,
     ProcessDriver,
     RuncDriver,
-    runc_available,
 )
 from orchestrator.drivers import runc as runc_module
 from orchestrator.drivers.runc import INIT_PATH
 from orchestrator.ids import IdFactory
 
 pytestmark = pytest.mark.anyio
-RUNC_MISSING = runc_available()
-needs_runc = pytest.mark.skipif(RUNC_MISSING is not None, reason=str(RUNC_MISSING))
+needs_runc = pytest.mark.usefixtures("runc_required")
 _ids = IdFactory(SystemClock())
 
 
@@ -35,11 +35,12 @@ def iid() -> str:
     return _ids.ulid()
 
 
-@pytest.fixture(params=["process", "process-plain", pytest.param("runc", marks=needs_runc)])
+@pytest.fixture(params=["process", "process-plain", "runc"])
 async def real_driver(request, tmp_path):
     """The real drivers; "process-plain" is the process driver without namespaces (what a
     non-root user gets)."""
     if request.param == "runc":
+        require_runc()
         d = RuncDriver(tmp_path / "runc")
     else:
         d = ProcessDriver(tmp_path / "proc", namespaces=request.param == "process")
@@ -56,18 +57,19 @@ async def process_driver(tmp_path):
 
 @pytest.fixture
 async def runc_driver(tmp_path):
-    if RUNC_MISSING:
-        pytest.skip(RUNC_MISSING)
+    require_runc()
     driver = RuncDriver(tmp_path / "runc")
     yield driver
     await driver.destroy_all()
 
 
-@pytest.fixture(params=["fake", "process", pytest.param("runc", marks=needs_runc)])
+@pytest.fixture(params=["fake", "process", "runc"])
 async def driver(request, tmp_path):
     if request.param == "fake":
         yield FakeDriver()
         return
+    if request.param == "runc":
+        require_runc()
     d = (ProcessDriver if request.param == "process" else RuncDriver)(tmp_path / request.param)
     yield d
     await d.destroy_all()
@@ -145,10 +147,10 @@ async def test_exit_codes_and_signals_are_reported(real_driver):
 
 async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(real_driver):
     driver = real_driver
-    s = spec(("sh", "-c", "trap '' TERM; while true; do sleep 1; done"))
+    s = spec(("sh", "-c", "trap '' TERM; echo trapped; while true; do sleep 1; done"))
     await driver.create(s)
     await driver.start(s.instance_id)
-    await anyio.sleep(0.2)  # let the trap be installed; the assertion holds either way
+    await wait_for(lambda: "trapped" in driver.output(s.instance_id), 30, "the trap to be set")
     exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=0.3)
     assert exit_.requested_stop
     assert exit_.signal == signal.SIGKILL or exit_.exit_code == 128 + signal.SIGKILL
@@ -231,9 +233,8 @@ async def test_runc_command_without_a_handler_stops_on_sigterm(runc_driver):
     s = spec(("sh", "-c", "echo ready; exec sleep 1000"))  # exec: sleep replaces the shell
     await runc_driver.create(s)
     await runc_driver.start(s.instance_id)
-    with anyio.fail_after(30):  # ready: tini runs and has forked the command
-        while "ready" not in runc_driver.output(s.instance_id):
-            await anyio.sleep(0.01)
+    # ready: tini runs and has forked the command
+    await wait_for(lambda: "ready" in runc_driver.output(s.instance_id), 30, "ready")
     exit_ = await runc_driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=120)
     assert exit_.requested_stop and exit_.signal is None, exit_
     assert exit_.exit_code == 128 + signal.SIGTERM, exit_
@@ -257,9 +258,7 @@ async def test_runc_without_an_init_runs_the_command_as_pid_1(tmp_path):
         s = spec(("sh", "-c", "echo pid=$$; exec sleep 1000"))
         await driver.create(s)
         await driver.start(s.instance_id)
-        with anyio.fail_after(30):
-            while "pid=1" not in driver.output(s.instance_id):
-                await anyio.sleep(0.01)
+        await wait_for(lambda: "pid=1" in driver.output(s.instance_id), 30, "pid=1")
         exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=0.5)
         assert exit_.requested_stop and exit_.signal == signal.SIGKILL, exit_
     finally:
@@ -303,8 +302,7 @@ async def test_fake_driver_faults():
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(stopper)
-        while clock.sleepers == 0:
-            await anyio.sleep(0)
+        await wait_for(lambda: clock.sleepers > 0, 10, "the stop to sleep", interval=0)
         assert clock.next_deadline() == clock.now() + 7  # slow stop: waits out the timeout
         clock.advance(7)
     assert result["exit"].signal == signal.SIGKILL and result["exit"].requested_stop
@@ -326,9 +324,7 @@ async def test_sigterm_reaches_a_handler_even_right_after_start(real_driver):
         await driver.create(s)
         await driver.start(s.instance_id)
         if when_ready:
-            with anyio.fail_after(30):
-                while "ready" not in driver.output(s.instance_id):
-                    await anyio.sleep(0.01)
+            await wait_for(lambda iid=s.instance_id: "ready" in driver.output(iid), 30, "ready")
         exit_ = await driver.stop(s.instance_id, signal=signal.SIGTERM, timeout=20)
         assert exit_.requested_stop, exit_
         if when_ready:

@@ -7,6 +7,7 @@ import json
 
 import anyio
 import pytest
+from support import wait_for
 
 from orchestrator.clock import ManualClock
 from orchestrator.engine import Backoff, Engine, EngineObserver
@@ -28,12 +29,6 @@ def make_store(tmp_path, *machines):
     for m in machines:
         store.create(m)
     return store
-
-
-async def wait_for(predicate, timeout=10.0):
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
 
 
 async def test_steps_run_in_order_and_are_logged(tmp_path):

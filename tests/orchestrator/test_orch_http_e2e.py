@@ -3,16 +3,15 @@ served by uvicorn, driving real processes (and real containers where runc is ava
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import httpx
 import pytest
 import uvicorn
-from orch_helpers import free_port
+from orch_helpers import require_runc
+from support import free_port, wait_for
 
 from orchestrator.config import ConfigError, OrchestratorConfig, create_app_from_config
-from orchestrator.drivers import ProcessDriver, RuncDriver, runc_available
+from orchestrator.drivers import ProcessDriver, RuncDriver
 from orchestrator.drivers.images import static_executable
 from orchestrator.drivers.runc import INIT_CANDIDATES
 from orchestrator.publish import MemoryPublisher
@@ -41,12 +40,10 @@ def test_config_section_validation(tmp_path):
             OrchestratorConfig.from_mapping(bad)
 
 
-DRIVERS = ["process", pytest.param("runc", marks=pytest.mark.skipif(
-    runc_available() is not None, reason=str(runc_available())))]  # fmt: skip
-
-
-@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("driver", ["process", "runc"])
 async def test_served_api_runs_real_machines(tmp_path, driver):
+    if driver == "runc":
+        require_runc()
     # sleep has no SIGTERM handler: the process driver's supervisor and runc's tini forward the
     # stop's SIGTERM and it dies of it (tini reports 128 + 15); without tini, runc runs sleep as
     # PID 1, which ignores SIGTERM, and the stop ends in SIGKILL after the timeout
@@ -75,9 +72,7 @@ async def test_served_api_runs_real_machines(tmp_path, driver):
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve)
-            with anyio.fail_after(30):
-                while not server.started:
-                    await anyio.sleep(0.01)
+            await wait_for(lambda: server.started, 30, "uvicorn to listen")
             async with httpx.AsyncClient(headers=headers, timeout=60) as client:
                 config = {
                     "image": "busybox",
@@ -93,10 +88,11 @@ async def test_served_api_runs_real_machines(tmp_path, driver):
                 assert r.status_code == 200, r.text
                 machine = (await client.get(f"{base}/{mid}")).json()
                 assert machine["state"] == "started"
-                deadline = time.monotonic() + 30
-                while publisher.rows().get(mid, {}).get("state") != "started":
-                    assert time.monotonic() < deadline, publisher.rows()
-                    await anyio.sleep(0.01)
+                await wait_for(
+                    lambda: publisher.rows().get(mid, {}).get("state") == "started",
+                    30,
+                    "the started row to be published",
+                )
                 r = await client.post(f"{base}/{mid}/stop")
                 assert r.status_code == 200
                 r = await client.get(
@@ -115,10 +111,11 @@ async def test_served_api_runs_real_machines(tmp_path, driver):
                     f"{base}/{mid}/wait", params={"state": "destroyed", "timeout": 30}
                 )
                 assert r.status_code == 200
-                deadline = time.monotonic() + 30
-                while (await client.get(f"{base}/{mid}")).status_code != 404:
-                    assert time.monotonic() < deadline
-                    await anyio.sleep(0.02)
+
+                async def gone() -> bool:
+                    return (await client.get(f"{base}/{mid}")).status_code == 404
+
+                await wait_for(gone, 30, "the destroyed machine to be gone")
             assert (tmp_path / "archive" / f"{mid}.sqlite.gz").exists()
             server.should_exit = True
     finally:

@@ -10,7 +10,8 @@ import sys
 import anyio
 import httpx
 import pytest
-from orch_helpers import CrrPublisher, free_port
+from orch_helpers import CrrPublisher
+from support import free_port, wait_for
 
 import crdt
 from orchestrator.drivers import ProcessDriver
@@ -84,13 +85,15 @@ async def test_machine_on_worker1_serves_through_proxy_on_worker2(tmp_path):
             mid = (await w1.create_machine("web", {"config": config}))["id"]
             assert await w1.wait_machine("web", mid, state="started", timeout=30)
 
+            async def served() -> httpx.Response | None:
+                r = await client.get("/hello.txt")
+                return r if r.status_code == 200 else None
+
             async def proxied_ok() -> httpx.Response:
-                with anyio.fail_after(30):
-                    while True:
-                        r = await client.get("/hello.txt")
-                        if r.status_code == 200:
-                            return r
-                        await anyio.sleep(0.02)
+                return await wait_for(served, 30, "the proxy to answer 200")
+
+            async def unavailable() -> bool:
+                return (await client.get("/hello.txt")).status_code == 503
 
             r = await proxied_ok()
             assert r.text == "hello from worker 1\n"
@@ -101,17 +104,13 @@ async def test_machine_on_worker1_serves_through_proxy_on_worker2(tmp_path):
             assert other.status_code == 503
 
             await w1.cordon_machine("web", mid)
-            with anyio.fail_after(30):
-                while (await client.get("/hello.txt")).status_code != 503:
-                    await anyio.sleep(0.02)
+            await wait_for(unavailable, 30, "the proxy to answer 503")
             await w1.uncordon_machine("web", mid)
             await proxied_ok()
 
             await w1.stop_machine("web", mid)
             assert await w1.wait_machine("web", mid, state="stopped", timeout=30)
-            with anyio.fail_after(30):
-                while (await client.get("/hello.txt")).status_code != 503:
-                    await anyio.sleep(0.02)
+            await wait_for(unavailable, 30, "the proxy to answer 503")
             await w1.destroy_machine("web", mid)
             assert await w1.wait_machine("web", mid, state="destroyed", timeout=30)
             tg.cancel_scope.cancel()

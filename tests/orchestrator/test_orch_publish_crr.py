@@ -7,6 +7,7 @@ from __future__ import annotations
 import anyio
 import pytest
 from orch_helpers import CrrPublisher
+from support import wait_for
 
 import crdt
 from orchestrator.drivers import FakeDriver
@@ -50,9 +51,10 @@ async def test_published_rows_replicate_and_converge(tmp_path):
 
     async def settled(mid: str, state: str) -> None:
         assert await orch.wait_machine("app", mid, state=state, timeout=10)
+        await wait_for(
+            lambda: not (orch.engine.busy(mid) or orch.publish_queue._dirty), 10, interval=0.002
+        )
         with anyio.fail_after(10):
-            while orch.engine.busy(mid) or orch.publish_queue._dirty:
-                await anyio.sleep(0.002)
             await orch.publish_queue.idle.wait()
 
     config = {"image": "busybox", "init": {"cmd": ["sleep", "600"]}}
@@ -74,9 +76,12 @@ async def test_published_rows_replicate_and_converge(tmp_path):
         assert states == {a: ("stopped", 0), b: ("started", 1)}
         await orch.destroy_machine("app", a)
         await settled(a, "destroyed")
+        await wait_for(
+            lambda: not (orch.docs.find(a) is not None or orch.publish_queue._dirty),
+            10,
+            interval=0.002,
+        )
         with anyio.fail_after(10):
-            while a in orch._docs or orch.publish_queue._dirty:
-                await anyio.sleep(0.002)
             await orch.publish_queue.idle.wait()
         sync()
         assert rows(other) == rows(worker) and [r[0] for r in rows(other)] == [b]

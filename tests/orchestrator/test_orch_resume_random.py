@@ -11,6 +11,7 @@ import random
 
 import anyio
 import pytest
+from support import wait_for
 
 from orchestrator.clock import ManualClock
 from orchestrator.drivers import FakeDriver, InstanceState
@@ -69,9 +70,8 @@ async def run_scenario(tmp_path, seed: int) -> None:
                 promised[mid] = orch.projected_state(mid)
             # armed only now: a teardown during a submission would leave an unpromised machine
             crash.count, crash.scope = 0, scope
-            with anyio.fail_after(30):  # until the crash, or the end if it comes first
-                while orch.engine.list_runs() or any(orch.engine.busy(m) for m in promised):
-                    await anyio.sleep(0.001)
+            # until the crash, or the end if it comes first
+            await wait_for(lambda: idle(orch, promised), 30, interval=0.001)
             scope.cancel()
     crashes = 0
     while True:
@@ -83,13 +83,11 @@ async def run_scenario(tmp_path, seed: int) -> None:
             again.scope = scope
             async with Orchestrator(machines_path=path, driver=driver, observer=again,
                                     backoff=FAST) as orch:  # fmt: skip
-                with anyio.fail_after(30):
-                    while orch.engine.list_runs() or any(orch.engine.busy(m) for m in promised):
-                        await anyio.sleep(0.001)
+                await wait_for(lambda: idle(orch, promised), 30, interval=0.001)
                 finished = True
                 for mid, state in promised.items():
                     if state == "destroyed":
-                        assert mid not in orch._docs, seed
+                        assert orch.docs.find(mid) is None, seed
                         continue
                     doc = orch.doc(mid)
                     assert doc["state"] == state, (seed, mid, doc["state"], state)
@@ -104,6 +102,11 @@ async def run_scenario(tmp_path, seed: int) -> None:
             break
     running = [i for i in driver.instances.values() if i.state is InstanceState.RUNNING]
     assert len(running) == sum(1 for s in promised.values() if s == "started"), seed
+
+
+def idle(orch: Orchestrator, machines) -> bool:
+    """No run in progress, none of ``machines`` busy."""
+    return not orch.engine.list_runs() and not any(orch.engine.busy(m) for m in machines)
 
 
 async def test_random_teardowns_and_faults(tmp_path):
@@ -123,10 +126,8 @@ async def _deterministic_trace(path, seed: int):
         await orch.stop_machine("app", ids[0])
         await orch.restart_machine("app", ids[1])
         await orch.destroy_machine("app", ids[2], force=True)
-        with anyio.fail_after(10):
-            while orch.engine.list_runs() or any(orch.engine.busy(m) for m in ids):
-                await anyio.sleep(0)
-        docs = {mid: orch._docs.get(mid) for mid in ids}
+        await wait_for(lambda: idle(orch, ids), 10, interval=0)
+        docs = {mid: orch.docs.find(mid) for mid in ids}
     return ids, obs.trace, docs
 
 

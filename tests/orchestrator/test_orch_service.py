@@ -4,7 +4,9 @@ against the projected state, leases, metadata, publishing, and restarting the se
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
+from support import wait_for
 
 from orchestrator import machine as m
 from orchestrator.clock import ManualClock
@@ -19,6 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.publish import MemoryPublisher, upsert_statement
 from orchestrator.service import Orchestrator
+from orchestrator.store import MachineStore
 
 pytestmark = pytest.mark.anyio
 FAST = Backoff(initial=0.001, maximum=0.01)
@@ -38,15 +41,7 @@ def orch(tmp_path, driver=None, publisher=None, **kw) -> Orchestrator:
 
 async def settle(o: Orchestrator, mid: str, state: str, timeout: float = 10) -> None:
     assert await o.wait_machine("app", mid, state=state, timeout=timeout), o.doc(mid)["state"]
-    with anyio.fail_after(timeout):
-        while o.engine.busy(mid):
-            await anyio.sleep(0.002)
-
-
-async def until(predicate, timeout: float = 10) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.002)
+    await wait_for(lambda: not o.engine.busy(mid), timeout, f"{mid}'s runs", interval=0.002)
 
 
 def config(**over):
@@ -66,7 +61,7 @@ async def test_create_starts_the_machine_and_publishes_it(tmp_path):
         assert got["instance_id"] == view["instance_id"] and got["private_ip"]
         assert [e["status"] for e in got["events"]][:2] == ["started", "starting"]
         assert driver.instances[got["instance_id"]].state is InstanceState.RUNNING
-        await until(lambda: pub.rows().get(mid, {}).get("state") == "started")
+        await wait_for(lambda: pub.rows().get(mid, {}).get("state") == "started")
         row = pub.rows()[mid]
         assert row["app"] == "app" and row["worker"] == "w1" and row["cordoned"] == 0
         assert row["address"] == got["private_ip"] and row["instance_id"] == got["instance_id"]
@@ -150,7 +145,7 @@ async def test_restart_policy_on_exit(tmp_path, policy, code, restarted):
         await settle(o, mid, "started")
         boot = o.doc(mid)["boot"]
         driver.crash(o.doc(mid)["instance_id"], exit_code=code)
-        await until(lambda: o.doc(mid)["boot"] != boot or o.doc(mid)["state"] == "stopped")
+        await wait_for(lambda: o.doc(mid)["boot"] != boot or o.doc(mid)["state"] == "stopped")
         await settle(o, mid, "started" if restarted else "stopped")
         doc = o.doc(mid)
         assert doc["restarts"] == (1 if restarted else 0)
@@ -167,7 +162,7 @@ async def test_on_failure_gives_up_after_max_retries_and_oom_counts_as_failure(t
         for expected in (1, 2):
             await settle(o, mid, "started")
             driver.oom(o.doc(mid)["instance_id"])
-            await until(lambda e=expected: o.doc(mid)["restarts"] == e)
+            await wait_for(lambda e=expected: o.doc(mid)["restarts"] == e)
         await settle(o, mid, "started")
         driver.crash(o.doc(mid)["instance_id"], 1)
         await settle(o, mid, "stopped")
@@ -238,20 +233,20 @@ async def test_destroy_needs_force_when_started_and_archives(tmp_path):
     async with orch(tmp_path, driver, pub) as o:
         mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
         await settle(o, mid, "started")
-        await until(lambda: mid in pub.rows())
+        await wait_for(lambda: mid in pub.rows())
         with pytest.raises(InvalidTransitionError, match="force"):
             await o.destroy_machine("app", mid)
         assert o.doc(mid)["state"] == "started"
         await o.destroy_machine("app", mid, force=True)
         assert await o.wait_machine("app", mid, state="destroyed", timeout=10)
-        await until(lambda: mid not in o._docs)
+        await wait_for(lambda: o.docs.find(mid) is None)
         with pytest.raises(NotFoundError):
             o.get_machine("app", mid)
         assert await o.wait_machine("app", mid, state="destroyed", timeout=1)
         assert not driver.instances
         assert o.store.archive_store.list_keys() == [f"{mid}.sqlite.gz"]
         assert o.store.machine_ids() == []
-        await until(lambda: mid not in pub.rows())
+        await wait_for(lambda: mid not in pub.rows())
         restored = o.store.restore_archived(mid, tmp_path / "restored.sqlite")
         actions = [r.action for r in restored.history()]
         assert actions == ["destroy", "create"]
@@ -265,10 +260,10 @@ async def test_cordon_uncordon_published(tmp_path):
         mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
         await settle(o, mid, "started")
         await o.cordon_machine("app", mid)
-        await until(lambda: pub.rows().get(mid, {}).get("cordoned") == 1)
+        await wait_for(lambda: pub.rows().get(mid, {}).get("cordoned") == 1)
         assert o.get_machine("app", mid)["cordoned"]
         await o.uncordon_machine("app", mid)
-        await until(lambda: pub.rows()[mid]["cordoned"] == 0)
+        await wait_for(lambda: pub.rows()[mid]["cordoned"] == 0)
 
 
 async def test_leases(tmp_path):
@@ -333,6 +328,52 @@ async def test_metadata(tmp_path):
             await o.set_metadata("app", mid, "k", 5)
 
 
+async def test_api_changes_and_step_commits_keep_each_other(tmp_path):
+    """API changes (metadata) and the engine's staged commits (stop/start steps) change the
+    document through one locked path: while runs commit their steps, every metadata write lands,
+    every run's state change lands, and the persisted document is the one in memory."""
+    keys = {f"k{i}": str(i) for i in range(30)}
+    async with orch(tmp_path) as o:
+        mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
+        await settle(o, mid, "started")
+
+        async def cycle() -> None:
+            for _ in range(4):
+                await o.stop_machine("app", mid, queue=True)
+                await o.start_machine("app", mid, queue=True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cycle)
+            for key, value in keys.items():
+                await o.set_metadata("app", mid, key, value)
+                await anyio.lowlevel.checkpoint()
+        await settle(o, mid, "started")
+        doc = o.doc(mid)
+        assert doc["config"]["metadata"] == keys
+        statuses = [e["status"] for e in doc["events"]]
+        assert statuses[0] == "started" and "stopped" in statuses, statuses
+    store = MachineStore(tmp_path / "machines")
+    try:
+        assert store.log(mid).read_doc() == doc
+    finally:
+        store.close()
+
+
+async def test_closing_while_a_vanished_instance_is_noticed(tmp_path):
+    """A started machine whose instance vanished (a new driver: the host rebooted) is noticed
+    as an exit when the service starts. Closing the service before that exit run could be
+    submitted closes cleanly, and the next start notices the exit again and restarts it."""
+    async with orch(tmp_path) as o:
+        mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
+        await settle(o, mid, "started")
+        before = o.doc(mid)["boot"]
+    async with orch(tmp_path):
+        pass
+    async with orch(tmp_path) as o:
+        await wait_for(lambda: o.doc(mid)["boot"] != before and not o.engine.busy(mid))
+        assert o.doc(mid)["state"] == "started"
+
+
 BAD_BODIES = [
     ({}, "config: required"),
     ({"config": {}}, "config.image"),
@@ -395,7 +436,7 @@ async def test_service_restart_resumes_watching_and_reconciles_rows(tmp_path):
     async with orch(tmp_path, driver, pub) as o:
         mid = (await o.create_machine("app", {"config": config(restart={"policy": "no"})}))["id"]
         await settle(o, mid, "started")
-        await until(lambda: "stale" not in pub.rows())
+        await wait_for(lambda: "stale" not in pub.rows())
         assert "theirs" in pub.rows()  # another worker's row is not ours to delete
     iid = next(iter(driver.instances))
     driver.crash(iid, 9)  # exits while the service is down
@@ -403,7 +444,7 @@ async def test_service_restart_resumes_watching_and_reconciles_rows(tmp_path):
     async with orch(tmp_path, driver, pub2) as o:
         await settle(o, mid, "stopped")
         assert o.doc(mid)["last_exit"]["exit_code"] == 9
-        await until(lambda: pub2.rows().get(mid, {}).get("state") == "stopped")
+        await wait_for(lambda: pub2.rows().get(mid, {}).get("state") == "stopped")
 
 
 async def test_publisher_outage_converges(tmp_path):
@@ -412,7 +453,7 @@ async def test_publisher_outage_converges(tmp_path):
     async with orch(tmp_path, publisher=pub) as o:
         mid = (await o.create_machine("app", {"config": CONFIG}))["id"]
         await settle(o, mid, "started")
-        await until(lambda: pub.rows().get(mid, {}).get("state") == "started")
+        await wait_for(lambda: pub.rows().get(mid, {}).get("state") == "started")
         assert o.publish_queue.failures == 5
 
 

@@ -9,6 +9,7 @@ import os
 
 import anyio
 import pytest
+from support import wait_for
 
 from swim import (
     BroadcastReceived,
@@ -47,12 +48,6 @@ def anyio_backend(request):
     if request.param[0] == "asyncio" and request.param != "asyncio":
         pytest.importorskip("uvloop")
     return request.param
-
-
-async def wait_for(pred, timeout: float = DEADLINE) -> None:
-    with anyio.fail_after(timeout):
-        while not pred():
-            await anyio.sleep(0.02)
 
 
 def sees(node: SwimNode, others: list[SwimNode]) -> bool:

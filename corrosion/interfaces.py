@@ -1,0 +1,79 @@
+"""What the servers in front of the agent use of it: the HTTP API (``api``), the admin socket
+(``admin``) and the metrics endpoint (``metrics``). Each depends on its Protocol here, not on
+``agent.py``: the agent imports them to serve them, so importing it back would be a cycle, and
+a narrow interface shows what each of them may touch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import swim
+
+from .config import Config
+from .pending_schema import PendingSchema
+from .replication import Replicator
+from .results import ExecResult, MemberInfo, UpdateWatch
+from .store import Store
+from .subscriptions import Subscriptions
+
+
+class AgentHealth(Protocol):
+    """The numbers ``/v1/health``, the admin ``health`` command and metrics report."""
+
+    config: Config
+    pending_schema: PendingSchema
+    not_in_schema: list[str]
+
+    @property
+    def actor_id(self) -> bytes: ...
+
+    def gaps(self) -> int: ...
+
+    def alive_members(self) -> int: ...
+
+    def queue_size(self) -> int: ...
+
+    def p99_lag(self) -> float: ...
+
+    def members(self) -> list[MemberInfo]: ...
+
+
+class ApiAgent(AgentHealth, Protocol):
+    """What the HTTP API serves."""
+
+    subscriptions: Subscriptions
+
+    async def execute(self, statements: Sequence[Any], *, timeout: Any = ...) -> ExecResult: ...
+
+    def query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
+        timeout: Any = ...,
+    ) -> AsyncIterator[tuple[Any, ...]]: ...  # fmt: skip
+
+    def query_stream(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
+        timeout: Any = ...,
+    ) -> AsyncIterator[tuple[str, Any]]: ...  # fmt: skip
+
+    def watch_updates(self, table: str, *, buffer: int = ...) -> UpdateWatch: ...
+
+    def extra_routes(self) -> list[Any]: ...
+
+
+class AdminAgent(AgentHealth, Protocol):
+    """What the admin socket's commands act on."""
+
+    async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]: ...
+
+    def sync_state(self) -> dict[str, Any]: ...
+
+
+class MetricsAgent(AgentHealth, Protocol):
+    """What ``/metrics`` reads: the health numbers and the counters of the agent's parts."""
+
+    events: Any  # corrosion.agent.AgentEvents
+    store: Store | None
+    replicator: Replicator | None
+    swim: swim.SwimNode | None

@@ -1,0 +1,77 @@
+"""Exit watchers: a started machine's instance exiting on its own becomes an ``exit`` run.
+
+One watcher task per started instance (keyed by instance id and boot, so a restart gets a new
+one). When the instance exits and no operation that stops it (stop, restart, destroy, update, a
+previous exit) is live, the watcher submits an ``exit`` run, whose steps apply the restart
+policy (:mod:`.operations`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio.abc
+
+from . import machine as m
+from .clock import Clock
+from .documents import Documents
+from .drivers.base import Driver, DriverError, ExitStatus
+from .engine import Engine
+from .errors import EngineClosedError
+
+# the operations that stop an instance themselves, and so own its exit
+_OWNERS = frozenset({"stop", "restart", "destroy", "update", "exit"})
+
+
+class ExitWatchers:
+    """The watchers of one running service, in its task group."""
+
+    def __init__(
+        self,
+        docs: Documents,
+        driver: Driver,
+        clock: Clock,
+        engine: Engine,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        self._docs = docs
+        self._driver = driver
+        self._clock = clock
+        self._engine = engine
+        self._tg = tg
+        self._watching: dict[str, tuple[str, str | None]] = {}
+
+    def watch(self, machine_id: str) -> None:
+        """Watch the machine's running instance (a no-op unless it is started and not yet
+        watched)."""
+        doc = self._docs.find(machine_id)
+        if doc is None or doc["state"] != m.STARTED:
+            return
+        key = (doc["instance_id"], doc.get("boot"))
+        if self._watching.get(machine_id) == key:
+            return
+        self._watching[machine_id] = key
+        self._tg.start_soon(self._watcher, machine_id, key, name=f"watch:{machine_id}")
+
+    async def _watcher(self, machine_id: str, key: tuple[str, str | None]) -> None:
+        try:
+            try:
+                exit_ = await self._driver.wait(key[0])
+            except DriverError:
+                exit_ = ExitStatus(exited_at=self._clock.now())  # the instance vanished
+        finally:
+            if self._watching.get(machine_id) == key:
+                del self._watching[machine_id]
+        doc = self._docs.find(machine_id)
+        if doc is None or doc["state"] != m.STARTED or (doc["instance_id"], doc.get("boot")) != key:
+            return
+        if any(run.action in _OWNERS for run in self._engine.list_runs(machine_id)):
+            return  # that operation owns this exit
+        request = {"instance_id": key[0], "boot": key[1], "exit": exit_.to_dict()}
+        # EngineClosedError: the service is stopping; its next start watches the machine again
+        # and sees the exit then
+        with contextlib.suppress(EngineClosedError):
+            await self._engine.start(machine_id, "exit", request, queue=True)
+
+
+__all__ = ["ExitWatchers"]

@@ -1,0 +1,78 @@
+"""The orchestrator as an agent extension (``[orchestrator]`` in the agent's config).
+
+The agent hosts an ``Orchestrator``: it serves the Machines API next to its own HTTP API (behind
+the agent's bearer token), adds the ``machines`` table to its schema, and publishes each
+worker's machine rows through its own local transactions: they replicate like any other write,
+and a proxy on another worker reads them from its local replica.
+
+The CLI finds ``from_config`` through the entry point ``orchestrator`` of the group
+``corrosion.extensions``; an application embedding the agent passes it itself:
+``Agent(config, extensions=[from_config(config.orchestrator)])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from anyio.abc import TaskGroup
+from starlette.routing import BaseRoute
+
+from corrosion.config import ConfigError
+from corrosion.extensions import ExtensionHost
+
+from .api import routes
+from .config import OrchestratorConfig, build_orchestrator
+from .publish import MACHINES_SCHEMA, Statement
+from .service import Orchestrator
+
+
+class AgentPublisher:
+    """The orchestrator's publisher seam, writing through the local agent."""
+
+    def __init__(self, agent: ExtensionHost) -> None:
+        self.agent = agent
+
+    async def execute(self, statements: Sequence[Statement]) -> Any:
+        return await self.agent.execute(list(statements))
+
+
+class OrchestratorExtension:
+    """An ``Orchestrator`` run by the agent (``corrosion.extensions.AgentExtension``)."""
+
+    name = "orchestrator"
+    section = "orchestrator"
+    schema = MACHINES_SCHEMA
+
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.config = config
+        self.orch: Orchestrator | None = None
+
+    async def start(self, agent: ExtensionHost, tg: TaskGroup) -> None:
+        # the orchestrator runs its own task group, entered here and exited in close()
+        orch = build_orchestrator(self.config, publisher=AgentPublisher(agent))
+        await orch.__aenter__()
+        self.orch = orch
+
+    def routes(self) -> list[BaseRoute]:
+        if self.orch is None:
+            return []
+        return list(routes(self.orch))  # the agent's bearer-token check guards every route
+
+    async def close(self) -> None:
+        orch, self.orch = self.orch, None
+        if orch is not None:
+            await orch.__aexit__(None, None, None)
+
+
+def from_config(section: Mapping[str, Any]) -> OrchestratorExtension:
+    """The extension for an ``[orchestrator]`` table; ``corrosion.ConfigError`` naming the key
+    when the table is invalid (so the agent refuses to start, in one line)."""
+    try:
+        config = OrchestratorConfig.from_mapping(section)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        if not message.startswith("[orchestrator]"):
+            message = f"[orchestrator]: {message}"
+        raise ConfigError(message) from None
+    return OrchestratorExtension(config)

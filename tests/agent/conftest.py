@@ -1,6 +1,0 @@
-"""The agent tests' helpers live in agent_helpers.py (importable by test modules)."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
