@@ -48,8 +48,7 @@ def state(store: Store) -> tuple:
     # values at the same col_version) cr-sqlite keeps the clock row it has, so which writer's
     # site it names depends on arrival order, on any two nodes; rows and versions do not.
     clocks = conn.execute(
-        'SELECT "table", pk, cid, val, col_version, cl FROM crsql_changes '
-        'ORDER BY "table", pk, cid'
+        'SELECT "table", pk, cid, val, col_version, cl FROM crsql_changes ORDER BY "table", pk, cid'
     ).fetchall()
     return rows, clocks
 
