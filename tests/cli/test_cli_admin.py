@@ -8,24 +8,13 @@ import socket
 
 import anyio
 import pytest
-from cli_helpers import SCHEMA, cli, cluster, gossip_of, node_mapping, rows, short_tmp, write_schema
+from cli_helpers import SCHEMA, cli, cluster, gossip_of, node_mapping, rows, write_schema
 from support import wait_for
 
 from corrosion import Agent, Config
 from corrosion.admin import MAX_LINE, AdminError, admin_request, agent_listening
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def base():
-    with short_tmp() as path:
-        yield path
 
 
 class Conn:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from cli_helpers import TEST_KEY, cli, short_tmp
+from cli_helpers import TEST_KEY, cli
 
 from corrosion import Agent, Config
 from corrosion import config as config_module
@@ -41,17 +41,6 @@ state_path = "instances"
 images_path = "/var/lib/images"
 worker = "w1"
 """
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def base():
-    with short_tmp() as path:
-        yield path
 
 
 def test_relative_paths_are_relative_to_the_config_file(base, monkeypatch):

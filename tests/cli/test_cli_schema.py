@@ -19,7 +19,7 @@ import anyio
 import apsw
 import httpx
 import pytest
-from cli_helpers import api_of, cli, gossip_of, node_mapping, rows, short_tmp, write_config
+from cli_helpers import api_of, cli, gossip_of, node_mapping, rows, write_config
 from support import Proc, start_machine, wait_for
 from test_cli_process import json_logs
 
@@ -36,17 +36,6 @@ T1_WITH_C = (
 )
 T2 = "CREATE TABLE t2 (id INTEGER NOT NULL PRIMARY KEY, b);\n"  # no affinity
 KEPT_LOG = "changes for unknown table t2 kept until its schema arrives"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def base():
-    with short_tmp() as path:
-        yield path
 
 
 def sql_file(base: Path, name: str, sql: str) -> Path:
