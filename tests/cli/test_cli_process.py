@@ -47,6 +47,22 @@ def json_logs(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+async def agent_started(proc: Proc) -> dict:
+    """The JSON "agent started" record of an agent process, once it has logged it."""
+    started: dict = {}
+
+    def is_up() -> bool:
+        assert proc.p.poll() is None, proc.stderr()
+        for rec in json_logs(proc.stderr()):
+            if rec["msg"] == "agent started":
+                started.update(rec)
+                return True
+        return False
+
+    await wait_for(is_up, what="the agent process to start")
+    return started
+
+
 async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
     with short_tmp() as base:
         data = node_mapping(
@@ -61,17 +77,7 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
 
         proc = Proc([sys.executable, "-m", "corrosion.cli", "-c", str(cfg), "agent"], base)
         try:
-            started: dict = {}
-
-            def is_up() -> bool:
-                assert proc.p.poll() is None, proc.stderr()
-                for rec in json_logs(proc.stderr()):
-                    if rec["msg"] == "agent started":
-                        started.update(rec)
-                        return True
-                return False
-
-            await wait_for(is_up, what="the agent process to start")
+            started = await agent_started(proc)
             assert started["level"] == "INFO" and started["target"] == "corrosion.agent"
             api, gossip = started["api_addrs"][0], started["gossip_addr"]
 
@@ -221,17 +227,7 @@ async def test_agent_process_hosts_the_orchestrator_its_config_names():
         cfg = write_config(base / "a.toml", {**data, "orchestrator": orch})
         proc = Proc([*corrosion_cmd(), "-c", str(cfg), "agent"], base)
         try:
-            started: dict = {}
-
-            def is_up() -> bool:
-                assert proc.p.poll() is None, proc.stderr()
-                for rec in json_logs(proc.stderr()):
-                    if rec["msg"] == "agent started":
-                        started.update(rec)
-                        return True
-                return False
-
-            await wait_for(is_up, what="the agent process to start")
+            started = await agent_started(proc)
             assert started["extensions"] == ["orchestrator"]
             api = started["api_addrs"][0]
             async with httpx.AsyncClient(base_url=f"http://{api}", timeout=30) as client:
