@@ -32,6 +32,7 @@ the loop changes it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,20 @@ class StatementRefused(StatementError):
 
 class StatementTimeout(StatementError):
     """The transaction ran past its timeout and was interrupted; nothing was applied."""
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: apsw.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (``BEGIN IMMEDIATE``: no upgrade deadlock with
+    readers), committed when the block ends and rolled back whole when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.get_autocommit():
+            conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass
@@ -211,8 +226,7 @@ class Store:
         row the local db_version it was stamped with."""
         conn = self.conn
         result = ApplyResult()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             view = SchemaView(conn)
             for actor, version, changes in pending_schema.all_kept(conn):
                 if view.missing(changes):
@@ -238,11 +252,6 @@ class Store:
                 else:
                     result.emptied += 1
             result.changes_applied = conn.crr.rows_impacted
-            conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
-            raise
         return result
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -295,8 +304,7 @@ class Store:
         conn = self.conn
         state = conn.crr
         results: list[StatementResult] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             with self.guard.client(conn), Deadline(conn, timeout) as deadline:
                 for i, (sql, params) in enumerate(statements):
                     t0 = time.perf_counter()
@@ -338,11 +346,6 @@ class Store:
                         (self.actor_id, version, version, state.pending, last_seq, ts),
                     )
                     commit = LocalCommit(version, state.pending, changes, last_seq, ts)
-            conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
-            raise
         return results, commit
 
     # -- applying remote versions --------------------------------------------------------
@@ -372,8 +375,7 @@ class Store:
 
         complete: list[tuple[bytes, int, list[Change], int, int]] = []
         pending_versions: set[tuple[bytes, int]] = set()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             for item in items:
                 if isinstance(item, EmptyVersions):
                     self._apply_empty(item, booked(item.actor), result)
@@ -443,11 +445,6 @@ class Store:
             for actor, b in touched.items():
                 self._write_gaps(actor, b)
             result.changes_applied = conn.crr.rows_impacted
-            conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
-            raise
         result.booked = touched
         return result
 
