@@ -32,8 +32,8 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
 
     received: dict[str, list[float]] = {}
     if os.environ.get("TRACE_RECEIVE"):
-        from corrosion import replication
-        from corrosion.changeset import peek_changeset
+        from corrosion.core import replication
+        from corrosion.core.changeset import peek_changeset
 
         orig = replication.Replicator.handle_frame
 
@@ -70,11 +70,11 @@ if __name__ == "__main__":
     import os
 
     if os.environ.get("RELAY_ROUNDS"):
-        from corrosion import replication
+        from corrosion.core import replication
 
         replication.ReplicationConfig.relay_rounds = int(os.environ["RELAY_ROUNDS"])
     if os.environ.get("DIGEST_REPEATS"):
-        from corrosion import replication
+        from corrosion.core import replication
 
         replication.ReplicationConfig.digest_repeats = int(os.environ["DIGEST_REPEATS"])
     if os.environ.get("SWITCH"):

@@ -39,9 +39,9 @@ from _common import Report, parse_args
 
 import crdt
 from corrosion import Agent, Config
-from corrosion.changeset import decode_frame, encode
-from corrosion.ranges import RangeSet
-from corrosion.store import Store
+from corrosion.core.changeset import decode_frame, encode
+from corrosion.core.ranges import RangeSet
+from corrosion.core.store import Store
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER DEFAULT 0);"
 

@@ -5,12 +5,22 @@
         async for row in agent.query("SELECT * FROM t"):
             print(row)
 
-``corrosion.replication`` is the sans-IO core (broadcast, apply, sync) that the simulator runs;
-``corrosion.store`` the database with its bookkeeping; ``corrosion.api`` the ASGI app.
+The package is layered, each layer importing only those below it (checked by import-linter):
+
+- ``corrosion.core``: the sans-IO replication core and the SQLite store it drives; the simulator
+  hosts exactly this.
+- ``corrosion.runtime``: the core on real sockets and threads (``AgentRuntime``).
+- ``corrosion.surfaces``: the HTTP API, admin socket, metrics endpoint and HTTP client.
+- ``corrosion.agent``: ``Agent``, the runtime with its servers.
+- ``corrosion.ops``: the ``corrosion`` command, devcluster, backup.
+
+``config``, ``logs``, ``errors`` and ``addresses`` are shared by all of them.
 """
 
-from .agent import (
-    Agent,
+from .agent import Agent
+from .config import Config, ConfigError
+from .errors import CorrosionError
+from .runtime.results import (
     ExecResult,
     MemberInfo,
     QueryError,
@@ -19,8 +29,6 @@ from .agent import (
     TransactionRefused,
     TransactionTimeout,
 )
-from .config import Config, ConfigError
-from .errors import CorrosionError
 
 __all__ = [
     "Agent",

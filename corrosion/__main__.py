@@ -1,5 +1,5 @@
 """``python -m corrosion`` runs the CLI (same as the ``corrosion`` console script)."""
 
-from .cli import main
+from .ops.cli import main
 
 main()

@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 from starlette.routing import BaseRoute
 
 from corrosion.config import ConfigError
-from corrosion.extensions import ExtensionHost
+from corrosion.runtime.extensions import ExtensionHost
 
 from .api import routes
 from .config import OrchestratorConfig, build_orchestrator

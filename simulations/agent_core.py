@@ -1,9 +1,9 @@
-"""Hosting the agent's replication core (``corrosion.replication.Replicator``) on a node.
+"""Hosting the agent's replication core (``corrosion.core.replication.Replicator``) on a node.
 
-The adapter mirrors what ``corrosion.agent.Agent`` does with real sockets: a ``Store`` (a real
-SQLite file in the node's directory, so it survives crashes; site id from the node's seeded
-stream), the ``Replicator`` on the virtual clock (its hybrid logical clock reads virtual
-milliseconds), peers learned from the sibling swim core's notifications through the member
+The adapter mirrors what ``corrosion.runtime.agent.AgentRuntime`` does with real sockets: a
+``Store`` (a real SQLite file in the node's directory, so it survives crashes; site id from the
+node's seeded stream), the ``Replicator`` on the virtual clock (its hybrid logical clock reads
+virtual milliseconds), peers learned from the sibling swim core's notifications through the member
 metadata the agent advertises (``encode_meta``), by the agent's own translation
 (``Replicator.member_event``). Its effects map onto the port: ``SendFrame``
 -> a datagram on the ``corrosion`` channel (the simulated network may lose it: sync repairs),
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from corrosion.replication import (
+from corrosion.core.replication import (
     ReplicationConfig,
     Replicator,
     SendFrame,
@@ -29,8 +29,8 @@ from corrosion.replication import (
     StartSync,
     encode_meta,
 )
-from corrosion.statements import Statement
-from corrosion.store import Store
+from corrosion.core.statements import Statement
+from corrosion.core.store import Store
 from swim import Config, MemberUp
 
 from .cluster import SEEDS_PER_NODE

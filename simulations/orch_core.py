@@ -35,7 +35,7 @@ from typing import Any
 
 import anyio.lowlevel
 
-from corrosion.statements import parse_statements
+from corrosion.core.statements import parse_statements
 from orchestrator.drivers import FakeDriver
 from orchestrator.drivers.base import ExitStatus, InstanceSpec, InstanceState, InstanceStatus
 from orchestrator.engine import Backoff, EngineObserver, RunInfo, RunResult

@@ -7,7 +7,8 @@ after each step; its teardown heals everything, runs the liveness phase and chec
 failing sequence shrinks to a short one, and the failure message carries the world's seed and
 the steps taken so far (as its configuration). ``CrdtMachine`` adds real databases, the reference
 pull-sync core and writes on random nodes, and checks that the databases converge;
-``AgentMachine`` does the same with the agent's own replication core (``corrosion.replication``);
+``AgentMachine`` does the same with the agent's own replication core
+(``corrosion.core.replication``);
 ``OrchestratorMachine`` adds orchestrator workers, their API calls and their faults.
 
 Use them in a test module as ``TestX = SwimMachine.TestCase`` (with ``settings``), or build your

@@ -19,8 +19,6 @@ Streams are framed as a 4-byte big-endian length then the payload; one request, 
 
 from __future__ import annotations
 
-import heapq
-import math
 import random
 import struct
 import time
@@ -47,6 +45,7 @@ from .events import (
 )
 from .keyring import Keyring
 from .member import Address, Member, NodeId
+from .timers import TimerHeap
 
 __all__ = ["RuntimeStats", "SwimNode", "run"]
 
@@ -123,9 +122,7 @@ class SwimNode:
         self._udp: UDPSocket | None = None
         self._listener: Any = None
         self._tg: TaskGroup | None = None
-        self._timers: list[tuple[float, int, Timer]] = []
-        self._timer_seq = 0
-        self._wake: anyio.Event | None = None  # events need a running loop: made in _start
+        self._timers: TimerHeap[Timer] = TimerHeap(self._now)
         self._waiters: dict[int, _Waiter] = {}
         self._replies: dict[int, bytes] = {}
         self._request_seq = 0
@@ -169,7 +166,6 @@ class SwimNode:
         await self.aclose()
 
     async def _start(self) -> None:
-        self._wake = anyio.Event()
         self._left = anyio.Event()
         self._done = anyio.Event()
         self._send_lock = anyio.Lock()
@@ -186,7 +182,7 @@ class SwimNode:
         await self._tg.__aenter__()
         try:
             self._tg.start_soon(self._recv_loop)
-            self._tg.start_soon(self._timer_loop)
+            self._tg.start_soon(self._timers.run, self._fire)
             self._tg.start_soon(self._listener.serve, self._serve_stream)
             await self._apply(self._core.start(self._now()))
         except BaseException:
@@ -340,10 +336,7 @@ class SwimNode:
             if isinstance(eff, Send):
                 await self._sendto(eff)
             elif isinstance(eff, SetTimer):
-                self._timer_seq += 1
-                heapq.heappush(self._timers, (eff.at, self._timer_seq, eff.timer))
-                if self._wake is not None:
-                    self._wake.set()
+                self._timers.schedule(eff.at, eff.timer)
             elif isinstance(eff, OpenStream):
                 assert self._tg is not None
                 self._tg.start_soon(self._stream_client, eff)
@@ -407,18 +400,9 @@ class SwimNode:
         if self.on_dropped is not None and core is not None and core.stats.malformed != before:
             self.on_dropped(source, core.last_dropped, kind)
 
-    async def _timer_loop(self) -> None:
+    async def _fire(self, timer: Timer) -> None:
         assert self._core is not None
-        while True:
-            now = self._now()
-            while self._timers and self._timers[0][0] <= now:
-                _, _, timer = heapq.heappop(self._timers)
-                await self._apply(self._core.handle_timer(timer, self._now()))
-                now = self._now()
-            self._wake = anyio.Event()
-            delay = self._timers[0][0] - now if self._timers else math.inf
-            with anyio.move_on_after(delay):
-                await self._wake.wait()
+        await self._apply(self._core.handle_timer(timer, self._now()))
 
     async def _serve_stream(self, stream: SocketStream) -> None:
         assert self._core is not None

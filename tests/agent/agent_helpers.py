@@ -11,7 +11,7 @@ from typing import Any
 from support import wait_for
 
 from corrosion import Agent, Config
-from corrosion.store import ApplyResult, LocalCommit, StatementResult, Store
+from corrosion.core.store import ApplyResult, LocalCommit, StatementResult, Store
 
 # Every test cluster runs as a user's must: with a gossip key (corrosion refuses to start without
 # one unless gossip.plaintext = true). Tests of plaintext pass {"plaintext": True,

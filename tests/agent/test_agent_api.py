@@ -9,8 +9,7 @@ import httpx
 import pytest
 from agent_helpers import agent_config, rows
 
-from corrosion import Agent
-from corrosion.agent import QueryError
+from corrosion import Agent, QueryError
 
 pytestmark = pytest.mark.anyio
 
@@ -245,7 +244,7 @@ async def test_updates_stream_reports_changed_rows(tmp_path):
                     await a.execute(["INSERT INTO items (id) VALUES (1)"])  # another table
                     await a.execute(["UPDATE kv SET v = 3 WHERE k = 'remote'"])
                     assert json.loads(await lines.__anext__()) == {"notify": ["update", ["remote"]]}
-            await wait_for(lambda: not a._update_watchers, what="the watcher to be released")
+            await wait_for(lambda: not len(a.updates), what="the watcher to be released")
 
 
 async def test_queries_report_an_error_after_rows_were_streamed(node):

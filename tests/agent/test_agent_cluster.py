@@ -8,7 +8,7 @@ import pytest
 from agent_helpers import cluster, rows
 from support import wait_for
 
-from corrosion.changeset import Changeset
+from corrosion.core.changeset import Changeset
 
 pytestmark = pytest.mark.anyio
 

@@ -19,20 +19,11 @@ from test_agent_crash import AgentProcess
 
 import swim
 from corrosion import Agent
-from corrosion.changeset import K_HELLO, Changeset, encode, encode_control
 from corrosion.config import format_addr
-from corrosion.logs import (
-    ActivityLog,
-    GossipWarnings,
-    JsonFormatter,
-    PlainFormatter,
-    Throttled,
-    log_member_event,
-    parse_levels,
-    reset_levels,
-    set_levels,
-)
-from corrosion.transport import connect
+from corrosion.core.changeset import K_HELLO, Changeset, encode, encode_control
+from corrosion.logs import JsonFormatter, PlainFormatter, parse_levels, reset_levels, set_levels
+from corrosion.runtime.activity import ActivityLog, GossipWarnings, Throttled, log_member_event
+from corrosion.runtime.transport import connect
 from crdt import Change
 
 pytestmark = pytest.mark.anyio
@@ -158,7 +149,10 @@ async def test_rejected_changesets_are_logged_once_per_reason(tmp_path, caplog):
         host, port = a.swim.address
         outsider = os.urandom(16)
         hello = encode_control(K_HELLO, a.config.gossip.cluster_id, outsider, "bcast")
-        stream = await connect(host, port, keyring=a._keyring, aad=a._aad, ssl_context=None)
+        security = a.peers.security
+        stream = await connect(
+            host, port, keyring=security.keyring, aad=security.aad, ssl_context=None
+        )
         async with stream.stream:
             await stream.send(hello)
             ts = a.replicator.hlc.now()

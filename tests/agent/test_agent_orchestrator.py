@@ -13,7 +13,7 @@ from agent_helpers import agent_config, rows, seed_addr
 from support import start_machine, wait_for
 
 from corrosion import Agent, ConfigError
-from corrosion.extensions import GROUP, load_extensions
+from corrosion.runtime.extensions import GROUP, load_extensions
 from orchestrator.extension import OrchestratorExtension, from_config
 from orchestrator.publish import MACHINES_SCHEMA
 

@@ -19,9 +19,9 @@ from agent_helpers import TEST_KEY, cluster, wait_for
 
 import crdt
 import swim
-from corrosion.changeset import K_HELLO, Changeset, encode_changeset, encode_control
-from corrosion.replication import Replicator
-from corrosion.transport import connect
+from corrosion.core.changeset import K_HELLO, Changeset, encode_changeset, encode_control
+from corrosion.core.replication import Replicator
+from corrosion.runtime.transport import connect
 
 pytestmark = pytest.mark.anyio
 

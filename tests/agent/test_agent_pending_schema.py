@@ -12,8 +12,8 @@ from agent_helpers import apply_now, commit_now
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corrosion.ranges import RangeSet
-from corrosion.store import Store
+from corrosion.core.ranges import RangeSet
+from corrosion.core.store import Store
 
 T1 = "CREATE TABLE t1 (id INTEGER NOT NULL PRIMARY KEY, a TEXT);"
 T2 = "CREATE TABLE t2 (id INTEGER NOT NULL PRIMARY KEY, b TEXT, n INTEGER DEFAULT 0);"

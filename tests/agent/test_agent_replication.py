@@ -11,22 +11,22 @@ from agent_helpers import apply_now, commit_now
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corrosion.changeset import (
+from corrosion.core.changeset import (
     Changeset,
     EmptyVersions,
     chunk_version,
     decode_frame,
     encode,
 )
-from corrosion.ranges import RangeSet
-from corrosion.replication import (
+from corrosion.core.ranges import RangeSet
+from corrosion.core.replication import (
     ReplicationConfig,
     Replicator,
     SendFrame,
     StartSync,
     SyncTick,
 )
-from corrosion.store import Store
+from corrosion.core.store import Store
 
 SCHEMA = "CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, body TEXT, n INTEGER DEFAULT 0)"
 

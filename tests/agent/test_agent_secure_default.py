@@ -17,10 +17,10 @@ from support import wait_for
 import crdt
 import swim
 from corrosion import Agent
-from corrosion.changeset import K_HELLO, Changeset, encode_changeset, encode_control
 from corrosion.config import ConfigError, format_addr
-from corrosion.metrics import collect, render
-from corrosion.transport import PEER_PREAMBLE, FrameStream, connect
+from corrosion.core.changeset import K_HELLO, Changeset, encode_changeset, encode_control
+from corrosion.runtime.transport import PEER_PREAMBLE, FrameStream, connect
+from corrosion.surfaces.metrics import collect, render
 from swim import codec
 from swim.member import NodeId
 

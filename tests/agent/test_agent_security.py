@@ -14,7 +14,7 @@ from support import wait_for
 
 import swim
 from corrosion import Agent
-from corrosion.transport import connect
+from corrosion.runtime.transport import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -264,7 +264,7 @@ async def test_a_peer_that_hangs_up_during_the_handshake_costs_a_stream_not_the_
             done = anyio.Event()
             before = agent.events.peer_stream_errors
             async with anyio.create_task_group() as senders:
-                senders.start_soon(agent._peer_sender, ("127.0.0.1", port), receive, done)
+                senders.start_soon(agent.peers.sender, ("127.0.0.1", port), receive, done)
                 async with send:
                     await send.send(b"frame one")
                     await send.send(b"frame two")

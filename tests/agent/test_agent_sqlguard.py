@@ -1,4 +1,4 @@
-"""The API cannot break a node: what clients' SQL may do (corrosion/sqlguard.py) and ?timeout=.
+"""The API cannot break a node: what clients' SQL may do (corrosion/core/sqlguard.py) and ?timeout=.
 
 Every refused statement kind is sent through an authenticated ``POST /v1/transactions`` (or
 ``/v1/queries``): 400 with the remedy, nothing changed (tables, rows, bookkeeping, members, no
@@ -16,8 +16,7 @@ import httpx
 import pytest
 from agent_helpers import agent_config, rows
 
-from corrosion import Agent, Config
-from corrosion.agent import QueryTimeout, TransactionRefused, TransactionTimeout
+from corrosion import Agent, Config, QueryTimeout, TransactionRefused, TransactionTimeout
 
 pytestmark = pytest.mark.anyio
 

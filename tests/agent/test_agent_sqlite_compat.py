@@ -25,7 +25,7 @@ from support import start_machine, wait_for
 
 import crdt
 from corrosion import Agent
-from corrosion.extensions import load_extensions
+from corrosion.runtime.extensions import load_extensions
 from crdt.schema import apply_schema
 from orchestrator.publish import MACHINES_SCHEMA
 

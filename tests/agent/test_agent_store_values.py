@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from agent_helpers import apply_now, commit_now
 
-from corrosion.ranges import RangeSet
-from corrosion.store import Store
+from corrosion.core.ranges import RangeSet
+from corrosion.core.store import Store
 
 SCHEMA = "CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, v);"  # v: no affinity
 

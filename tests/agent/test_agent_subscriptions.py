@@ -10,7 +10,7 @@ from agent_helpers import agent_config, seed_addr
 from support import wait_for
 
 from corrosion import Agent
-from corrosion.subscriptions import Subscription, normalize_sql
+from corrosion.runtime.subscriptions import Subscription, normalize_sql
 
 pytestmark = pytest.mark.anyio
 

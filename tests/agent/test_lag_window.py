@@ -1,6 +1,6 @@
 """The p99 replication lag behind /v1/health: a sliding window of apply delays."""
 
-from corrosion.lag import LagWindow
+from corrosion.runtime.lag import LagWindow
 
 
 def stamp(seconds: float) -> int:

@@ -18,7 +18,7 @@ from support import wait_for
 from typer.testing import CliRunner
 
 from corrosion import Agent, Config
-from corrosion.cli import app
+from corrosion.ops.cli import app
 
 # a gossip key, as every agent needs one (or gossip.plaintext = true)
 TEST_KEY = "Y29ycm9zaW9uIHRlc3Qga2V5OiAzMiBieXRlcyAhISE="

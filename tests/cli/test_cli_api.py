@@ -7,7 +7,7 @@ import pytest
 from cli_helpers import api_of, cli, node_mapping, rows, short_tmp, write_config
 
 from corrosion import Agent, Config
-from corrosion.client import ClientError, CorrosionClient
+from corrosion.surfaces.client import ClientError, CorrosionClient
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ from cli_helpers import cli, cluster, gossip_of, node_mapping, rows, short_tmp
 from support import wait_for
 
 from corrosion import Agent, Config
-from corrosion.backup import BackupError, backup, restore
+from corrosion.ops.backup import BackupError, backup, restore
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ import pytest
 from cli_helpers import cli, node_mapping, short_tmp, to_toml
 
 from corrosion import Agent, Config
-from corrosion.dblock import DatabaseInUse
+from corrosion.runtime.dblock import DatabaseInUse
 
 pytestmark = pytest.mark.anyio
 

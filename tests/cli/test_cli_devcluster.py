@@ -10,8 +10,8 @@ from cli_helpers import cli, short_tmp
 from typer.testing import CliRunner
 
 from corrosion import Config
-from corrosion.cli import app
-from corrosion.devcluster import DevCluster
+from corrosion.ops.cli import app
+from corrosion.ops.devcluster import DevCluster
 
 pytestmark = pytest.mark.anyio
 

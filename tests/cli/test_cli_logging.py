@@ -21,7 +21,7 @@ from support import Proc, wait_for
 from test_cli_process import corrosion_cmd
 
 from corrosion import Agent, Config
-from corrosion.admin import admin_request
+from corrosion.surfaces.admin import admin_request
 
 pytestmark = pytest.mark.anyio
 
@@ -224,7 +224,7 @@ async def test_log_level_from_config_then_log_set_and_reset_at_run_time():
         data = node_mapping(base, "a", log={"format": "json", "level": "warning"})
         cfg = write_config(base / "a.toml", data)
         sock = data["admin"]["path"]
-        proc = Proc([sys.executable, "-m", "corrosion.cli", "-c", str(cfg), "agent"], base, ENV)
+        proc = Proc([sys.executable, "-m", "corrosion", "-c", str(cfg), "agent"], base, ENV)
         try:
 
             async def answers() -> bool:
@@ -276,7 +276,7 @@ async def test_environment_overrides_log_level():
     with short_tmp() as base:
         data = node_mapping(base, "a", log={"level": "error", "format": "plaintext"})
         cfg = write_config(base / "a.toml", data)
-        args = [sys.executable, "-m", "corrosion.cli", "-c", str(cfg), "agent"]
+        args = [sys.executable, "-m", "corrosion", "-c", str(cfg), "agent"]
         proc = Proc(args, base, env={**ENV, "CORROSION_LOG": "info"})
         try:
 

@@ -11,7 +11,7 @@ from cli_helpers import cluster, node_mapping, short_tmp
 from support import wait_for
 
 from corrosion import Agent, Config
-from corrosion.metrics import render
+from corrosion.surfaces.metrics import render
 
 pytestmark = pytest.mark.anyio
 

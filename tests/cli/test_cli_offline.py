@@ -12,8 +12,8 @@ import pytest
 from cli_helpers import node_mapping, short_tmp, write_config
 from typer.testing import CliRunner
 
-from corrosion.cli import app, format_cell, hoist_global_options, run_async
-from corrosion.client import base_url, statement
+from corrosion.ops.cli import app, format_cell, hoist_global_options, run_async
+from corrosion.surfaces.client import base_url, statement
 
 runner = CliRunner()
 

@@ -75,7 +75,7 @@ async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
         assert result.returncode == 1
         assert b"gossip.x" in result.stderr
 
-        proc = Proc([sys.executable, "-m", "corrosion.cli", "-c", str(cfg), "agent"], base)
+        proc = Proc([sys.executable, "-m", "corrosion", "-c", str(cfg), "agent"], base)
         try:
             started = await agent_started(proc)
             assert started["level"] == "INFO" and started["target"] == "corrosion.agent"

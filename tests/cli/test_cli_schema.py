@@ -24,8 +24,8 @@ from support import Proc, start_machine, wait_for
 from test_cli_process import json_logs
 
 from corrosion import Agent, Config
-from corrosion.extensions import load_extensions
-from corrosion.metrics import collect, render
+from corrosion.runtime.extensions import load_extensions
+from corrosion.surfaces.metrics import collect, render
 from orchestrator.publish import MACHINES_SCHEMA_PATH
 
 pytestmark = pytest.mark.anyio
@@ -268,7 +268,7 @@ async def test_agent_process_drops_an_unlisted_table_only_with_allow_destructive
     async def run_agent(*flags: str) -> list[dict]:
         out = base / f"run{len(flags)}"
         out.mkdir()
-        cmd = [sys.executable, "-m", "corrosion.cli", "-c", str(config), "agent", *flags]
+        cmd = [sys.executable, "-m", "corrosion", "-c", str(config), "agent", *flags]
         proc = Proc(cmd, out)
         try:
 

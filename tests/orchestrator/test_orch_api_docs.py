@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from corrosion import Agent, Config
-from corrosion.extensions import load_extensions
+from corrosion.runtime.extensions import load_extensions
 from orchestrator.drivers import ProcessDriver
 
 pytestmark = [

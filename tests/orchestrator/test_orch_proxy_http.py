@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from corrosion.asgi_server import serve_asgi
+from corrosion.surfaces.asgi_server import serve_asgi
 from orchestrator.proxy import Proxy, SqliteReplica
 from orchestrator.publish import MACHINES_SCHEMA, upsert_statement
 

@@ -1,4 +1,4 @@
-"""The agent's replication core (corrosion.replication) hosted in the simulator: writes on
+"""The agent's replication core (corrosion.core.replication) hosted in the simulator: writes on
 random nodes under partitions, crashes and loss; after heal every database is equal and no
 version is missing."""
 
@@ -9,7 +9,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, settings
 
-from corrosion.replication import Replicator
+from corrosion.core.replication import Replicator
 from simulations import LinkModel, SimulationFailure, run_liveness
 from simulations.agent_core import agent_of, agent_world
 from simulations.strategies import BASE_LINK, AgentMachine

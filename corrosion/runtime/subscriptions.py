@@ -35,8 +35,8 @@ from typing import Any
 import anyio
 import apsw
 
-from .errors import CorrosionError
-from .sqlguard import NOT_READONLY, Deadline, guard_of
+from ..core.sqlguard import NOT_READONLY, Deadline, guard_of
+from ..errors import CorrosionError
 
 KEEP_CHANGES = 500
 DEBOUNCE = 0.02  # seconds to gather changes before re-running a query

@@ -1,64 +1,28 @@
 """Start-up failures an operator can fix, said in one line: the cause and what to do.
 
-The agent wraps each listener it binds in ``listening(key, addr)``, so a port in use names the
-config key that chose it; ``explain`` turns the expected failures (a port in use, a database
-held by another agent or not writable, a schema the database cannot take, an admin socket in
-use) into that line. Anything else is a bug and keeps its traceback.
+``check_addresses`` binds every fixed port before the database is touched; ``explain`` turns the
+expected failures (a port in use, a database held by another agent or not writable, a schema the
+database cannot take, an admin socket in use) into that line. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
 import ssl
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import apsw
 
 from crdt.errors import CrdtError
 
-from .config import Address, ConfigError, format_addr
-from .dblock import DatabaseInUse
-from .errors import CorrosionError
+from ..config import ConfigError
+from ..runtime.dblock import DatabaseInUse
+from ..runtime.listening import ListenError, listening
 
 if TYPE_CHECKING:
-    from .config import Config
-
-
-class ListenError(CorrosionError, OSError):
-    """A configured address could not be bound; the message names the key and the remedy."""
-
-
-_LISTEN_REMEDIES: dict[int | None, str] = {
-    errno.EADDRINUSE: "another process listens there: stop it or choose another port",
-    errno.EADDRNOTAVAIL: "no local interface has that address: use one of this host's addresses",
-    errno.EACCES: "ports below 1024 need privileges: choose a port above 1023",
-}
-
-
-@contextlib.contextmanager
-def listening(key: str, addr: Address) -> Iterator[None]:
-    """Turn an OSError raised while binding ``addr`` into a ``ListenError`` naming ``key``."""
-    try:
-        yield
-    except ListenError:
-        raise
-    except socket.gaierror as exc:
-        message = (
-            f"{key}: cannot resolve the host of {format_addr(addr)}: {exc.strerror or exc}; "
-            "use an IP address or a host name this machine resolves"
-        )
-        raise ListenError(exc.errno, message) from None
-    except OSError as exc:
-        code = _errno(exc)
-        reason = (
-            "address already in use" if code == errno.EADDRINUSE else (exc.strerror or str(exc))
-        )
-        remedy = _LISTEN_REMEDIES.get(code, f"check {key}")
-        message = f"{key}: cannot listen on {format_addr(addr)}: {reason}; {remedy}"
-        raise ListenError(code, message) from None
+    from ..config import Config
 
 
 def check_addresses(cfg: Config) -> None:
@@ -80,16 +44,6 @@ def check_addresses(cfg: Config) -> None:
             if kind == socket.SOCK_STREAM:  # as the listeners do: TIME_WAIT is no conflict
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(sockaddr)
-
-
-def _errno(exc: OSError) -> int | None:
-    if exc.errno is not None:
-        return exc.errno
-    # some event loops drop the errno (uvloop: "could not bind to local_addr ...")
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError):
-        return _errno(cause)
-    return errno.EADDRINUSE if "bind" in str(exc) else None
 
 
 def explain(exc: BaseException, cfg: Config) -> str | None:

@@ -39,12 +39,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..core.sqlguard import parse_timeout
+from ..core.statements import StatementFormError, parse_statement, parse_statements
+from ..runtime.results import QueryError, TransactionError, TransactionRefused
+from ..runtime.subscriptions import SubscriptionError
 from .asgi_server import AsgiServer, serve_asgi
 from .interfaces import ApiAgent
-from .results import QueryError, TransactionError, TransactionRefused
-from .sqlguard import parse_timeout
-from .statements import StatementFormError, parse_statement, parse_statements
-from .subscriptions import SubscriptionError
 
 
 def _cell(v: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from anyio.abc import TaskGroup
 from starlette.routing import BaseRoute
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 from .results import ExecResult
 
 GROUP = "corrosion.extensions"

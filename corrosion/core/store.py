@@ -45,10 +45,10 @@ import crdt
 from crdt import Change
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
+from ..errors import CorrosionError
 from . import pending_schema
 from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
-from .errors import CorrosionError
 from .pending_schema import PendingSummary, SchemaView
 from .ranges import RangeSet
 from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard, client_timeout

@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 
 from .interfaces import MetricsAgent
+from .serving import serve_listener
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 16 * 1024
@@ -191,27 +192,7 @@ async def start_metrics(
     host, port = addr
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
     bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    scope = anyio.CancelScope()
-    stopped = anyio.Event()
-
-    async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-        try:
-            with scope:
-                task_status.started()
-                await listener.serve(lambda stream: _handle(agent, stream))
-        finally:
-            stopped.set()
-
-    await tg.start(serve)
-
-    async def close() -> None:
-        # stop accepting before closing the listener (an accept on a closed listener raises)
-        scope.cancel()
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(5):
-                await stopped.wait()
-            await listener.aclose()
-
+    close = await serve_listener(tg, listener, lambda stream: _handle(agent, stream))
     return close, (host, bound_port)
 
 

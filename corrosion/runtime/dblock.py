@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 
 class DatabaseInUse(CorrosionError, RuntimeError):

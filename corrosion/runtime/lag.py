@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from .hlc import COUNTER_BITS
+from ..core.hlc import COUNTER_BITS
 
 WINDOW_S = 120.0
 MAX_SAMPLES = 4096

@@ -39,9 +39,9 @@ import apsw
 
 from crdt.crr import upgrade_triggers
 
-from .admin import agent_listening
-from .dblock import database_in_use, lock_path
-from .errors import CorrosionError
+from ..errors import CorrosionError
+from ..runtime.dblock import database_in_use, lock_path
+from ..surfaces.admin import agent_listening
 
 CLOCK_SUFFIX = "__crsql_clock"
 

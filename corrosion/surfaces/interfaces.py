@@ -11,12 +11,12 @@ from typing import Any, Protocol
 
 import swim
 
-from .config import Config
-from .pending_schema import PendingSchema
-from .replication import Replicator
-from .results import ExecResult, MemberInfo, UpdateWatch
-from .store import Store
-from .subscriptions import Subscriptions
+from ..config import Config
+from ..core.pending_schema import PendingSchema
+from ..core.replication import Replicator
+from ..core.store import Store
+from ..runtime.results import ExecResult, MemberInfo, UpdateWatch
+from ..runtime.subscriptions import Subscriptions
 
 
 class AgentHealth(Protocol):
@@ -73,7 +73,7 @@ class AdminAgent(AgentHealth, Protocol):
 class MetricsAgent(AgentHealth, Protocol):
     """What ``/metrics`` reads: the health numbers and the counters of the agent's parts."""
 
-    events: Any  # corrosion.agent.AgentEvents
+    events: Any  # corrosion.runtime.events.AgentEvents
     store: Store | None
     replicator: Replicator | None
     swim: swim.SwimNode | None

@@ -40,10 +40,11 @@ from anyio.abc import ByteStream, TaskGroup
 
 from crdt.errors import CrdtError
 
-from .config import ConfigError
-from .errors import CorrosionError
+from ..config import ConfigError
+from ..errors import CorrosionError
+from ..logs import parse_levels, reset_levels, set_levels
 from .interfaces import AdminAgent
-from .logs import parse_levels, reset_levels, set_levels
+from .serving import serve_listener
 
 DEFAULT_PATH = Path("/var/run/corrosion/admin.sock")
 MAX_LINE = 1 << 20  # bytes per request line
@@ -84,26 +85,10 @@ async def start_admin(
         raise ValueError(f"admin.path: {str(path)!r} is longer than {MAX_SOCKET_PATH} bytes")
     await anyio.to_thread.run_sync(_clear_stale, path)
     listener = await anyio.create_unix_listener(path)
-    scope = anyio.CancelScope()
-    stopped = anyio.Event()
-
-    async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-        try:
-            with scope:
-                task_status.started()
-                await listener.serve(lambda stream: _serve_conn(agent, stream))
-        finally:
-            stopped.set()
-
-    await tg.start(serve)
+    stop = await serve_listener(tg, listener, lambda stream: _serve_conn(agent, stream))
 
     async def close() -> None:
-        # stop accepting before closing the listener (an accept on a closed listener raises)
-        scope.cancel()
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(5):
-                await stopped.wait()
-            await listener.aclose()
+        await stop()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

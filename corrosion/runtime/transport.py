@@ -29,7 +29,7 @@ from anyio.streams.tls import TLSStream
 
 from swim import Keyring
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 _LEN = struct.Struct(">I")
 _INDEX = struct.Struct(">Q")

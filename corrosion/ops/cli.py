@@ -33,14 +33,20 @@ import anyio
 import typer
 from typer.core import TyperGroup
 
-from .admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
-from .admin import MAX_SOCKET_PATH, AdminError, AdminUnavailable, admin_request, agent_listening
-from .client import ClientError, CorrosionClient
-from .config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
-from .dblock import database_in_use
-from .errors import CorrosionError
-from .extensions import AgentExtension, load_extensions
-from .logs import ENV_VAR, level_spec, setup_logging
+from ..config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
+from ..errors import CorrosionError
+from ..logs import ENV_VAR, level_spec, setup_logging
+from ..runtime.dblock import database_in_use
+from ..runtime.extensions import AgentExtension, load_extensions
+from ..surfaces.admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
+from ..surfaces.admin import (
+    MAX_SOCKET_PATH,
+    AdminError,
+    AdminUnavailable,
+    admin_request,
+    agent_listening,
+)
+from ..surfaces.client import ClientError, CorrosionClient
 from .startup import ListenError, check_addresses, explain
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
@@ -269,7 +275,7 @@ def preflight(cfg: Config) -> None:
     from crdt.errors import SchemaError
     from crdt.schema import check_crr_constraints, load_schema_paths, parse_schema
 
-    from .schema_errors import for_operator
+    from ..runtime.schema_errors import for_operator
 
     problem = gossip_security_error(cfg.gossip)
     if problem is not None:
@@ -307,7 +313,7 @@ async def _run_agent(
     allow_destructive: bool = False,
     extensions: Sequence[AgentExtension] = (),
 ) -> None:
-    from .agent import Agent
+    from ..agent import Agent
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # the agent logs "agent started" with every bound address

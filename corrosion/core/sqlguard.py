@@ -52,7 +52,7 @@ import apsw
 
 from crdt.schema import is_internal
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 # A client's statements are prepared with this flag, so the statement cache never hands them a
 # statement the agent prepared without checks (apsw's cache keys on text and flags).

@@ -21,7 +21,7 @@ import msgpack
 
 from crdt import Change
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 WIRE_VERSION = 1
 MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 
 class ClientError(CorrosionError):

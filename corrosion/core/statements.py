@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CorrosionError
+from ..errors import CorrosionError
 
 Statement = tuple[str, Sequence[Any] | dict[str, Any]]
 

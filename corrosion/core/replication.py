@@ -7,7 +7,7 @@ A :class:`Replicator` is one node's replication logic. Like ``swim.Membership`` 
 socket or a clock: the host feeds it events with ``now`` and performs the effects it returns
 (:class:`SendFrame`, :class:`StartSync`, :class:`SetTimer`). Randomness comes from an injected
 ``random.Random``; peers are chosen from lists sorted by actor id. It does use the node's
-database (``corrosion.store.Store``) directly and synchronously: the runtime calls its database
+database (``corrosion.core.store.Store``) directly and synchronously: the runtime calls its database
 halves from a worker thread, the simulator inline.
 
 Ownership

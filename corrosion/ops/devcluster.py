@@ -27,9 +27,9 @@ from typing import Any
 
 import anyio
 
-from .admin import MAX_SOCKET_PATH
-from .agent import Agent
-from .config import Config, generate_key
+from ..agent import Agent
+from ..config import Config, generate_key
+from ..surfaces.admin import MAX_SOCKET_PATH
 
 DEMO_SCHEMA = """\
 CREATE TABLE IF NOT EXISTS todos (

@@ -1,0 +1,154 @@
+"""Reads: clients' queries on read-only connections, in parallel with the writer (WAL).
+
+Connections are pooled; the pool is the one thing shared with worker threads (``list.pop`` and
+``append`` are atomic). Each connection carries a ``Guard`` (corrosion.core.sqlguard) that refuses
+what clients may not read and stops a query at its deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import apsw
+
+import crdt
+import crdt.tableinfo
+from crdt.schema import split_statements
+
+from ..core.sqlguard import NOT_READONLY, Deadline, Guard, client_timeout, guard_of
+from .results import QueryError, QueryTimeout
+
+POOL_SIZE = 8  # idle read connections kept
+
+
+class Reads:
+    """The read connections of one database and the queries run on them."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = db_path
+        self._pool: list[apsw.Connection] = []
+        self._closing = False
+
+    def connection(self) -> apsw.Connection:
+        """A pooled read-only connection, or a new one (call in a worker thread: opening does
+        I/O); give it back with ``release``."""
+        with contextlib.suppress(IndexError):  # pop is atomic: threads may share the pool
+            return self._pool.pop()
+        conn = crdt.connect(str(self._db_path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn.execute("PRAGMA query_only = ON")
+        Guard(writes=False).install(conn)  # checks clients' queries (sqlguard)
+        return conn
+
+    def release(self, conn: apsw.Connection) -> None:
+        if len(self._pool) < POOL_SIZE and not self._closing:
+            self._pool.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections; those in use close when released."""
+        self._closing = True
+        for conn in self._pool:
+            conn.close()
+        self._pool.clear()
+
+    def is_replicated(self, table: str) -> bool:
+        conn = self.connection()  # not the writer: a worker thread may be using it
+        try:
+            return crdt.tableinfo.is_crr(conn, table)
+        finally:
+            self.release(conn)
+
+    async def stream(
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any],
+        *,
+        batch: int,
+        seconds: float | None,
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
+        ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
+        once the query has run ``seconds`` (None or 0: no limit), reading rows included."""
+        if len(split_statements(sql)) != 1:
+            raise QueryError("exactly one statement is expected")
+        # A point query should cost one trip to a worker thread, not four: take a pooled
+        # connection here, stop after a short batch, and put the connection back here.
+        try:
+            conn = self._pool.pop()
+        except IndexError:
+            conn = await anyio.to_thread.run_sync(self.connection)
+        guard = guard_of(conn)
+        assert guard is not None
+        deadline = Deadline(conn, seconds).__enter__()
+        try:
+            cursor = conn.cursor()
+
+            def failed(exc: apsw.Error, *, client_error: bool) -> QueryError:
+                if deadline.expired:
+                    return QueryTimeout(
+                        deadline.message("the query", client_timeout("api.query_timeout"))
+                    )
+                refused = guard.refused(exc)
+                if refused is not None:
+                    return QueryError(refused.message)
+                return QueryError(str(exc), client_error=client_error)
+
+            def first() -> tuple[list[str], list[tuple]]:
+                seen: dict[str, Any] = {}
+
+                def check(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+                    # called once the statement is prepared, before it runs
+                    seen["cols"] = [d[0] for d in cur.get_description()]
+                    return bool(cur.is_readonly)
+
+                cursor.exec_trace = check
+                guard.statement(cursor)
+                try:
+                    # A connection notices a schema change (a reload) only when it next reads;
+                    # until then ``SELECT *`` would be prepared, and its columns reported, from
+                    # the old schema. Read once first, and do not reuse a cached statement.
+                    conn.execute("SELECT 1 FROM sqlite_schema LIMIT 0")
+                    cursor.execute(sql, params, can_cache=False)
+                except apsw.ExecTraceAbort:
+                    raise QueryError(NOT_READONLY) from None
+                except apsw.ReadOnlyError:
+                    raise QueryError(NOT_READONLY) from None
+                except apsw.Error as exc:
+                    raise failed(exc, client_error=True) from None
+                finally:
+                    cursor.exec_trace = None
+                try:
+                    return seen.get("cols", []), _fetch(cursor, batch)
+                except apsw.Error as exc:
+                    raise failed(exc, client_error=False) from None
+
+            cols, rows = await anyio.to_thread.run_sync(first)
+            yield "columns", cols
+            while rows:
+                yield "rows", rows
+                if len(rows) < batch:  # _fetch stopped at the end
+                    break
+                try:
+                    rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
+                except apsw.Error as exc:  # a runtime error after the first batch
+                    raise failed(exc, client_error=False) from None
+        finally:
+            deadline.__exit__(None, None, None)
+            if len(self._pool) < POOL_SIZE and not self._closing:
+                self.release(conn)  # into the pool: nothing to close
+            else:
+                await anyio.to_thread.run_sync(self.release, conn)
+
+
+def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:
+    out = []
+    for row in cursor:
+        out.append(row)
+        if len(out) >= n:
+            break
+    return out
