@@ -15,11 +15,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 async def node(tmp_path):
     async with Agent(agent_config(tmp_path, "api")) as agent:
         host, port = agent.api_addrs[0]

@@ -13,11 +13,6 @@ from corrosion.core.changeset import Changeset
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def table(agent, sql="SELECT k, v, n FROM kv ORDER BY k"):
     return await rows(agent, sql)
 

@@ -21,11 +21,6 @@ pytestmark = pytest.mark.anyio
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 class AgentProcess:
     def __init__(self, base: Path, seeds: list[str]) -> None:
         schema = write_schema(base / "schema")

@@ -29,11 +29,6 @@ from crdt import Change
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def records(caplog, logger: str, prefix: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == logger and r.getMessage().startswith(prefix)]
 

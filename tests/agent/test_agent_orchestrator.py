@@ -20,11 +20,6 @@ from orchestrator.publish import MACHINES_SCHEMA
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_machine_started_on_one_worker_is_visible_on_another(tmp_path):
     cfg = agent_config(
         tmp_path,

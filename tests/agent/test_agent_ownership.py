@@ -31,11 +31,6 @@ ACTORS = 3_000  # each one new to the receiver: every apply batch adds ~1000 act
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 def eager_thread_switches():
     """Switch threads far more often than every 5 ms, so a worker thread changing what the loop
     is iterating shows up within one stress run (the race exists at any interval)."""

@@ -13,11 +13,6 @@ from support import wait_for
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_peer_streams_share_the_gossip_port(tmp_path):
     before = listening_tcp_ports()  # earlier tests in this process may leave listeners behind
     async with cluster(tmp_path, 3, with_api=False) as agents:

@@ -31,11 +31,6 @@ LABEL = b"corrosion/0"  # cluster 0's label: SWIM frames' and peer streams' asso
 INTRUDER = bytes(range(16))  # the actor id the outsider claims
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def _keyring(key: str | None) -> swim.Keyring | None:
     return swim.Keyring([base64.b64decode(key)]) if key else None
 

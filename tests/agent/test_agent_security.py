@@ -22,11 +22,6 @@ KEY_A = base64.b64encode(b"A" * 32).decode()
 KEY_B = base64.b64encode(b"B" * 32).decode()
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_other_cluster_never_joins_or_replicates(tmp_path):
     async with Agent(agent_config(tmp_path, "a", with_api=False, gossip={"cluster_id": 1})) as a:
         cfg = agent_config(tmp_path, "b", [seed_addr(a)], with_api=False, gossip={"cluster_id": 2})

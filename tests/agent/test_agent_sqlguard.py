@@ -141,11 +141,6 @@ async def _state(agent: Agent) -> dict[str, list[tuple]]:
     }
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.parametrize(
     ("statements", "says"), REFUSED_TRANSACTIONS, ids=_ids(REFUSED_TRANSACTIONS)
 )

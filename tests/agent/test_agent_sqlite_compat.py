@@ -40,11 +40,6 @@ WRITES = [
 ]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def schema_of(path: Path) -> list[tuple[str, str, str]]:
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:

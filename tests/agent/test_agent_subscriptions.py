@@ -15,11 +15,6 @@ from corrosion.runtime.subscriptions import Subscription, normalize_sql
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def next_json(lines) -> dict:
     return json.loads(await lines.__anext__())
 

@@ -13,11 +13,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 async def node():
     with short_tmp() as base:
         async with Agent(Config.from_mapping(node_mapping(base, "api"))) as agent:

@@ -17,11 +17,6 @@ from corrosion.ops.backup import BackupError, backup, restore
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def read_db(path, sql, params=()):
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:

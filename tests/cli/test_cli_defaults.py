@@ -13,11 +13,6 @@ from corrosion.runtime.dblock import DatabaseInUse
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_default_admin_socket_serves_the_cli():
     with short_tmp() as base:
         data = node_mapping(base, "a", admin=None)

@@ -16,11 +16,6 @@ from corrosion.ops.devcluster import DevCluster
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def test_devcluster_command_prints_what_a_newcomer_needs():
     with short_tmp() as base:
         runner = CliRunner()

@@ -28,11 +28,6 @@ pytestmark = pytest.mark.anyio
 ENV = {k: v for k, v in os.environ.items() if k != "CORROSION_LOG"} | {"PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def held_port(kind: int) -> socket.socket:
     """A loopback port kept busy by the test."""
     sock = socket.socket(socket.AF_INET, kind)

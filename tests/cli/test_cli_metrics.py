@@ -21,11 +21,6 @@ SAMPLE = re.compile(
 )
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def parse(text: str) -> dict[str, dict[str, float]]:
     """Strict enough to catch format mistakes: HELP and TYPE precede every family's samples."""
     assert text.endswith("\n")

@@ -28,11 +28,6 @@ pytestmark = pytest.mark.anyio
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def corrosion_cmd() -> list[str]:
     """The installed console script when present, else the module."""
     script = shutil.which("corrosion")
