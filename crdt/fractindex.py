@@ -204,12 +204,12 @@ def _by_pk(pks: Sequence[str], src: str, prefix: str = "") -> str:
     return " AND ".join(f"{ident(p)} = {src}.{ident(prefix + p)}" for p in pks)
 
 
-def _pend_key(table: str, order: str, grouping: Sequence[str], which: str) -> str:
-    """The key for ``-1`` (prepend) or ``1`` (append): before the list's first key or after its
-    last, ignoring rows whose order is still -1 or 1."""
+def _end_key(table: str, order: str, grouping: Sequence[str], front: bool) -> str:
+    """The key before the list's first key (``front``) or after its last, ignoring rows whose
+    order is still -1 or 1."""
     t, o = ident(table), ident(order)
     rows = f"FROM {t} WHERE {_same_list(grouping)} AND {o} != -1 AND {o} != 1"
-    if which == "-1":
+    if front:
         return f"crsql_fract_key_between(NULL, (SELECT MIN({o}) {rows}))"
     return f"crsql_fract_key_between((SELECT MAX({o}) {rows}), NULL)"
 
@@ -220,29 +220,41 @@ def _pend_key(table: str, order: str, grouping: Sequence[str], which: str) -> st
 LOCAL = "crsql_internal_sync_bit() = 0"
 
 
-def _pend_trigger(table: str, order: str, pks: Sequence[str], grouping: Sequence[str]) -> str:
+def _to_end_trigger(
+    name: str,
+    event: str,
+    position: str,
+    table: str,
+    order: str,
+    pks: Sequence[str],
+    grouping: Sequence[str],
+) -> str:
+    """A trigger on ``table`` giving the row a key at the front of its list when ``position``
+    is -1, at the end when it is 1."""
     t, o = ident(table), ident(order)
-    pos = f"CAST(NEW.{o} AS INTEGER)"
     return (
-        f"CREATE TRIGGER {ident(f'__crsql_{table}_fractindex_pend_trig')} AFTER INSERT ON {t} "
-        f"WHEN {LOCAL} AND ({pos} = -1 OR {pos} = 1) BEGIN\n"
-        f"  UPDATE {t} SET {o} = CASE {pos}\n"
-        f"    WHEN -1 THEN {_pend_key(table, order, grouping, '-1')}\n"
-        f"    WHEN 1 THEN {_pend_key(table, order, grouping, '1')} END\n"
+        f"CREATE TRIGGER {ident(name)} AFTER {event} ON {t} "
+        f"WHEN ({position} = -1 OR {position} = 1) AND {LOCAL} BEGIN\n"
+        f"  UPDATE {t} SET {o} = CASE {position}\n"
+        f"    WHEN -1 THEN {_end_key(table, order, grouping, front=True)}\n"
+        f"    WHEN 1 THEN {_end_key(table, order, grouping, front=False)} END\n"
         f"  WHERE {_by_pk(pks, 'NEW')};\nEND"
     )
 
 
-def _move_trigger(table: str, order: str, pks: Sequence[str], grouping: Sequence[str]) -> str:
-    t, o = ident(table), ident(order)
-    return (
-        f"CREATE TRIGGER {ident(f'__crsql_{table}_fractindex_ezmove')} AFTER UPDATE OF {o} ON {t} "
-        f"WHEN {LOCAL} AND (NEW.{o} = -1 OR NEW.{o} = 1) BEGIN\n"
-        f"  UPDATE {t} SET {o} = CASE NEW.{o}\n"
-        f"    WHEN -1 THEN {_pend_key(table, order, grouping, '-1')}\n"
-        f"    WHEN 1 THEN {_pend_key(table, order, grouping, '1')} END\n"
-        f"  WHERE {_by_pk(pks, 'NEW')};\nEND"
-    )
+def _base_triggers(
+    table: str, order: str, pks: Sequence[str], grouping: Sequence[str]
+) -> list[str]:
+    """Insert with -1 / 1 (compared as integers, so a TEXT column's '-1' counts too) and update
+    to -1 / 1 (compared as they are, as upstream: a TEXT column's '-1' does not move)."""
+    names = _trigger_names(table)
+    o = ident(order)
+    return [
+        _to_end_trigger(
+            names[0], "INSERT", f"CAST(NEW.{o} AS INTEGER)", table, order, pks, grouping
+        ),
+        _to_end_trigger(names[1], f"UPDATE OF {o}", f"NEW.{o}", table, order, pks, grouping),
+    ]
 
 
 def _after_key(table: str, order: str, pks: Sequence[str], grouping: Sequence[str]) -> str:
@@ -294,9 +306,9 @@ def _view_triggers(
     return [insert, update]
 
 
-def _object_names(table: str) -> tuple[list[str], str]:
-    triggers = [f"__crsql_{table}_fractindex_pend_trig", f"__crsql_{table}_fractindex_ezmove"]
-    return triggers, table + "_fractindex"
+def _trigger_names(table: str) -> list[str]:
+    """The base table's triggers: prepend/append on insert, move to either end on update."""
+    return [f"__crsql_{table}_fractindex_pend_trig", f"__crsql_{table}_fractindex_ezmove"]
 
 
 def as_ordered(conn: apsw.Connection, table: str, order: str, *grouping: str) -> None:
@@ -333,16 +345,14 @@ def as_ordered(conn: apsw.Connection, table: str, order: str, *grouping: str) ->
             "crsql_fract_as_ordered: each column may appear once, and the order column is not "
             "a grouping column"
         )
-    triggers, view = _object_names(table)
     with conn:  # SAVEPOINT: all or nothing
-        for name in triggers:
+        for name in _trigger_names(table):
             conn.execute(f"DROP TRIGGER IF EXISTS {ident(name)}")
-        conn.execute(f"DROP VIEW IF EXISTS {ident(view)}")  # drops its triggers too
+        conn.execute(f"DROP VIEW IF EXISTS {ident(table + '_fractindex')}")  # and its triggers
         # Creation order matters: SQLite fires a table's triggers newest first, and the
         # insert trigger firing before or after the CRR's decides the clocks' seqs.
         statements = [
-            _pend_trigger(table, order, pks, grouping),
-            _move_trigger(table, order, pks, grouping),
+            *_base_triggers(table, order, pks, grouping),
             *_view_sql(table, pks),
             *_view_triggers(table, order, columns, pks, grouping),
         ]
@@ -376,9 +386,9 @@ def _fix_conflict(conn: apsw.Connection, *args: Any) -> str:
         )
     target = row[0]
     if grouping:
-        on = " AND ".join(f"{t}.{ident(g)} = l.{ident(g)}" for g in grouping)
+        on = " AND ".join(f"{t}.{ident(g)} = __crsql_list.{ident(g)}" for g in grouping)
         lists = ", ".join(ident(g) for g in grouping)
-        source = f"{t} JOIN (SELECT {lists} FROM {t} WHERE {where}) AS l ON {on}"
+        source = f"{t} JOIN (SELECT {lists} FROM {t} WHERE {where}) AS __crsql_list ON {on}"
         params = [*pk_values, target]
     else:
         source, params = t, [target]

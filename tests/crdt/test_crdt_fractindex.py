@@ -12,6 +12,7 @@ import apsw
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stdlib_readers import check_parses_in_stdlib, read_everything, stored_schema
 
 import crdt
 
@@ -159,6 +160,27 @@ def test_without_rowid_table():
     conn.execute("INSERT INTO w VALUES (2, 1), (1, -1)")
     conn.execute("INSERT INTO w_fractindex (id, after_id) VALUES (3, 1)")
     assert [r[0] for r in conn.execute("SELECT id FROM w ORDER BY pos")] == [1, 3, 2]
+
+
+def test_ordered_list_database_opens_in_stdlib_sqlite(tmp_path):
+    """The view and triggers parse in the stdlib's SQLite, and the file reads there (against
+    SQLite 3.37: ``scripts/check-sqlite-3.37 tests/crdt/test_crdt_fractindex.py -k stdlib``)."""
+    path = tmp_path / "list.db"
+    conn = crdt.connect(str(path))
+    conn.execute(TODO)
+    conn.execute("SELECT crsql_as_crr('todo')")
+    conn.execute("SELECT crsql_fract_as_ordered('todo', 'pos', 'list_id')")
+    conn.execute("INSERT INTO todo (id, list_id, pos) VALUES (1, 1, 1), (2, 1, -1)")
+    conn.execute("INSERT INTO todo_fractindex (id, list_id, after_id) VALUES (3, 1, 2)")
+    schema = stored_schema(conn)
+    conn.close()
+    assert {kind for kind, _name, _sql in schema} == {"table", "index", "trigger", "view"}
+    check_parses_in_stdlib(schema)
+    assert read_everything(path)["todo"] == [
+        (1, 1, None, "a "),
+        (2, 1, None, "Z~"),
+        (3, 1, None, "Z~P"),
+    ]
 
 
 # -- replication -------------------------------------------------------------------------------
