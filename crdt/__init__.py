@@ -31,6 +31,7 @@ from .errors import (
     PackError,
     SchemaError,
 )
+from .fractindex import FractIndexError, as_ordered, key_between
 from .pack import pack_pk, unpack_pk
 from .values import compare_values
 
@@ -39,16 +40,19 @@ __all__ = [
     "Connection",
     "CrdtError",
     "DestructiveChangeRefused",
+    "FractIndexError",
     "IncompatibleTableError",
     "MergeError",
     "PackError",
     "SchemaError",
     "as_crr",
+    "as_ordered",
     "changes_for_version",
     "changes_since",
     "compare_values",
     "connect",
     "db_version",
+    "key_between",
     "merge",
     "merge_changesets",
     "new_site_id",

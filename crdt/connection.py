@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import apsw
 
-from . import crr
+from . import crr, fractindex
 from .errors import CrdtError
 from .merge import merge as _merge
 from .merge import merge_changesets as _merge_changesets
@@ -178,6 +178,7 @@ def _register(conn: Connection, state: CrrState) -> None:
     f("crsql_config_get", lambda n: config_get(conn, n), 1)
     f("crsql_finalize", lambda: "finalized", 0)
     f("crsql_sha", lambda: "corrosion-python", 0, deterministic=True)
+    fractindex.register(conn)
     # apsw's VTModule protocol wrongly requires ShadowName and types Connect's *args as tuples
     conn.create_module("crsql_changes", ChangesModule(conn, state), eponymous=True)  # type: ignore[arg-type]
     conn.set_commit_hook(state.on_commit, id="crsql")
