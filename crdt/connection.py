@@ -165,6 +165,8 @@ def _register(conn: Connection, state: CrrState) -> None:
         return state.sync_bit
 
     f("crsql_internal_sync_bit", lambda: state.sync_bit, 0)
+    # the same bit, read-only: what ordered lists' triggers check (clients may call it too)
+    f("crsql_internal_merging", lambda: state.sync_bit, 0)
     f("crsql_internal_local_write", state.local_write_guard, 0)
     f("crsql_internal_sync_bit", sync_bit, 1)
     f("crsql_as_crr", lambda t: crr.as_crr(conn, state, t), 1)

@@ -217,7 +217,9 @@ def _end_key(table: str, order: str, grouping: Sequence[str], front: bool) -> st
 # Merges write with the sync bit set; the base-table triggers leave their writes alone, so a merged
 # row keeps the value it had at its origin (our merge upserts whole rows, so without this an
 # incoming '-1' that the origin kept would be rewritten here, untracked, and the replicas differ).
-LOCAL = "crsql_internal_sync_bit() = 0"
+# (``crsql_internal_merging()`` reads the sync bit and cannot set it, so the agent lets clients'
+# statements run it)
+LOCAL = "crsql_internal_merging() = 0"
 
 
 def _to_end_trigger(
@@ -346,18 +348,65 @@ def as_ordered(conn: apsw.Connection, table: str, order: str, *grouping: str) ->
             "a grouping column"
         )
     with conn:  # SAVEPOINT: all or nothing
+        remove_ordering(conn, table)
+        for sql in _ordering_sql(conn, table, order, grouping):
+            conn.execute(sql)
+
+
+def _ordering_sql(
+    conn: apsw.Connection, table: str, order: str, grouping: Sequence[str]
+) -> list[str]:
+    """What ``as_ordered`` creates, in creation order (the arguments already checked)."""
+    columns = cast(
+        "list[str]",
+        [r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))],
+    )
+    pks = read_table_info(conn, table).pk_names
+    # Creation order matters: SQLite fires a table's triggers newest first, and the insert
+    # trigger firing before or after the CRR's decides the clocks' seqs.
+    return [
+        *_base_triggers(table, order, pks, grouping),
+        *_view_sql(table, pks),
+        *_view_triggers(table, order, columns, pks, grouping),
+    ]
+
+
+def _ordering_objects(conn: apsw.Connection, table: str) -> list[str]:
+    """The SQL of ``table``'s ordering triggers and view as stored, in ``_ordering_sql``'s
+    order (empty when the table is not ordered)."""
+    view = table + "_fractindex"
+    names = [*_trigger_names(table), view, view + "_insert_trig", view + "_update_trig"]
+    rows = dict(
+        cast(
+            "list[tuple[str, str]]",
+            conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type IN ('trigger', 'view') "
+                f"AND name IN ({', '.join('?' * len(names))})",
+                names,
+            ).fetchall(),
+        )
+    )
+    return [rows[n] for n in names if n in rows]
+
+
+def is_ordered(conn: apsw.Connection, table: str) -> bool:
+    """Whether ``crsql_fract_as_ordered`` made ``table`` an ordered list."""
+    return bool(_ordering_objects(conn, table))
+
+
+def is_ordered_as(conn: apsw.Connection, table: str, order: str, *grouping: str) -> bool:
+    """Whether ``table`` is an ordered list by ``order`` and ``grouping`` exactly as
+    ``as_ordered`` would make it now (false after its columns changed, say), so that a schema
+    applied twice does nothing the second time."""
+    return _ordering_objects(conn, table) == _ordering_sql(conn, table, order, grouping)
+
+
+def remove_ordering(conn: apsw.Connection, table: str) -> None:
+    """Drop ``table``'s ordering triggers and view; its rows and order keys stay."""
+    with conn:
         for name in _trigger_names(table):
             conn.execute(f"DROP TRIGGER IF EXISTS {ident(name)}")
         conn.execute(f"DROP VIEW IF EXISTS {ident(table + '_fractindex')}")  # and its triggers
-        # Creation order matters: SQLite fires a table's triggers newest first, and the
-        # insert trigger firing before or after the CRR's decides the clocks' seqs.
-        statements = [
-            *_base_triggers(table, order, pks, grouping),
-            *_view_sql(table, pks),
-            *_view_triggers(table, order, columns, pks, grouping),
-        ]
-        for sql in statements:
-            conn.execute(sql)
 
 
 def _fix_conflict(conn: apsw.Connection, *args: Any) -> str:

@@ -3,9 +3,11 @@ against the live database, the way corrosion does with its schema files.
 
 Rules:
 
-* The schema text may contain only ``CREATE TABLE``, ``CREATE INDEX`` and ``DROP INDEX IF EXISTS``;
-  anything else (temp tables, ``CREATE TABLE ... AS SELECT``, DML) is refused before anything is
-  touched. The whole schema is first built in a scratch in-memory database and checked there.
+* The schema text may contain only ``CREATE TABLE``, ``CREATE INDEX``, ``DROP INDEX IF EXISTS``
+  and ``SELECT crsql_fract_as_ordered('table', 'order_col', 'grouping_col', ...)`` (names as
+  string literals: the table becomes an ordered list, crdt.fractindex); anything else (temp
+  tables, ``CREATE TABLE ... AS SELECT``, DML) is refused before anything is touched. The whole
+  schema is first built in a scratch in-memory database and checked there.
 * CRR constraints are enforced with errors that name the table and column: a NOT NULL primary key,
   no UNIQUE index besides it, no foreign keys, a DEFAULT for every NOT NULL non-pk column.
 * New tables are created and become CRRs. Existing plain tables named in the schema are adopted.
@@ -13,7 +15,9 @@ Rules:
   the same schema, so the new column's default is already the same everywhere, and stamping every
   row would only send a fleet-wide storm of identical changes. A row's clock for the column
   appears when the column is first written.
-* Indexes are created, dropped, or recreated when their definition changed.
+* Indexes are created, dropped, or recreated when their definition changed. So are a table's
+  ordered-list triggers and view: made when the schema asks for them (or after the table's
+  columns changed), dropped when it no longer does (the rows and their order keys stay).
 * Dropping a table or a column, changing a column's definition or the primary key are refused
   unless ``allow_destructive=True``; then the table is rebuilt inside the alter path (clocks of
   dropped columns are compacted; a primary-key change re-creates the clocks).
@@ -40,7 +44,7 @@ from typing import Any, cast
 
 import apsw
 
-from . import crr
+from . import crr, fractindex
 from .connection import state_of
 from .errors import DestructiveChangeRefused, IncompatibleTableError, SchemaError
 from .sqlutil import ident, idents
@@ -49,6 +53,8 @@ from .tableinfo import check_compatible, is_crr, read_table_info
 _ALLOWED = re.compile(
     r"^\s*(CREATE\s+(UNIQUE\s+)?INDEX\b|CREATE\s+TABLE\b|DROP\s+INDEX\s+IF\s+EXISTS\b)", re.I
 )
+_ORDERED = re.compile(r"^\s*SELECT\s+crsql_fract_as_ordered\s*\((.*)\)\s*$", re.I | re.S)
+_STRING = re.compile(r"\s*'((?:[^']|'')*)'\s*(?:,|$)")
 _TEMP = re.compile(r"^\s*CREATE\s+(TEMP|TEMPORARY)\b", re.I)
 _AS_SELECT = re.compile(r"^\s*CREATE\s+TABLE\b[^(]*\bAS\s+SELECT\b", re.I | re.S)
 _IF_NOT_EXISTS = re.compile(r"\s+IF\s+NOT\s+EXISTS\s+", re.I)
@@ -94,6 +100,7 @@ class TableDef:
     columns: dict[str, ColumnDef]
     options: str  # normalized "WITHOUT ROWID, STRICT" suffix, or ""
     indexes: dict[str, str] = field(default_factory=dict)  # name -> normalized CREATE INDEX
+    ordered: tuple[str, ...] = ()  # an ordered list: (order column, grouping columns...)
 
     @property
     def pk(self) -> tuple[str, ...]:
@@ -176,7 +183,32 @@ def split_statements(sql: str) -> list[str]:
     return [stmt for stmt in out if stmt]
 
 
+def _ordered_args(text: str) -> tuple[str, ...] | None:
+    """The names of a ``SELECT crsql_fract_as_ordered(...)`` statement; None for any other."""
+    m = _ORDERED.match(text)
+    if m is None:
+        return None
+    args, rest = [], m.group(1).strip()
+    while rest:
+        arg = _STRING.match(rest)
+        if arg is None:
+            raise SchemaError(
+                "crsql_fract_as_ordered in a schema takes the table and column names as string "
+                f"literals ('t', 'position', ...): {text[:80]}",
+                text,
+            )
+        args.append(arg.group(1).replace("''", "'"))
+        rest = rest[arg.end() :]
+    if len(args) < 2:
+        raise SchemaError(
+            f"crsql_fract_as_ordered needs the table and the column to order by: {text[:80]}", text
+        )
+    return tuple(args)
+
+
 def _check_statement(text: str) -> None:
+    if _ordered_args(text) is not None:
+        return
     if _TEMP.match(text):
         raise SchemaError(f"temporary tables are not part of a schema: {text[:80]}", text)
     if _AS_SELECT.match(text):
@@ -185,8 +217,8 @@ def _check_statement(text: str) -> None:
         )
     if not _ALLOWED.match(text):
         raise SchemaError(
-            "a schema may only contain CREATE TABLE, CREATE INDEX and DROP INDEX IF EXISTS, "
-            f"not: {text[:80]}",
+            "a schema may only contain CREATE TABLE, CREATE INDEX, DROP INDEX IF EXISTS and "
+            f"SELECT crsql_fract_as_ordered(...), not: {text[:80]}",
             text,
         )
 
@@ -270,11 +302,14 @@ def _index_shape(conn: apsw.Connection, name: str) -> tuple[Any, ...]:
 
 
 def _build(statements: list[str]) -> apsw.Connection:
-    """A scratch database holding ``statements``; a repeated definition that matches the first
-    is skipped, one that differs is refused."""
+    """A scratch database holding the tables and indexes of ``statements`` (ordered lists are
+    ``parse_schema``'s); a repeated definition that matches the first is skipped, one that
+    differs is refused."""
     scratch = apsw.Connection(":memory:")
     try:
         for text in statements:
+            if _ordered_args(text) is not None:
+                continue
             created = _created_object(text)
             if created is not None:
                 kind, name = created
@@ -301,15 +336,55 @@ def _build(statements: list[str]) -> apsw.Connection:
 
 def parse_schema(sql: str) -> dict[str, TableDef]:
     """Build ``sql`` in a scratch database and describe it; refuse anything but table and index
-    definitions."""
+    definitions and ordered lists."""
     statements = split_statements(sql)
     for text in statements:
         _check_statement(text)
     scratch = _build(statements)
     try:
-        return introspect(scratch)
+        tables = introspect(scratch)
     finally:
         scratch.close()
+    for text in statements:
+        args = _ordered_args(text)
+        if args is not None:
+            _set_ordered(tables, args, text)
+    return tables
+
+
+def _set_ordered(tables: dict[str, TableDef], args: tuple[str, ...], text: str) -> None:
+    """Record an ordered list on its table, refusing what ``as_ordered`` would refuse."""
+    name, order, grouping = args[0], args[1], args[2:]
+    table = next((t for t in tables.values() if t.name.lower() == name.lower()), None)
+    if table is None:
+        raise SchemaError(
+            f"crsql_fract_as_ordered: table {name!r} is not defined in the schema: {text[:80]}",
+            text,
+        )
+    for col in args[1:]:
+        if col not in table.columns:
+            raise SchemaError(
+                f"crsql_fract_as_ordered: table {table.name!r} has no column {col!r}", text
+            )
+    if table.columns[order].pk:
+        raise SchemaError(
+            f"crsql_fract_as_ordered: order column {order!r} is part of the primary key of "
+            f"{table.name!r}; order by a column of its own",
+            text,
+        )
+    if order in grouping or len(set(grouping)) != len(grouping):
+        raise SchemaError(
+            "crsql_fract_as_ordered: each column may appear once, and the order column is not "
+            f"a grouping column: {text[:80]}",
+            text,
+        )
+    if table.ordered and table.ordered != args[1:]:
+        raise SchemaError(
+            f"table {table.name!r} is made an ordered list twice in the schema, differently: "
+            f"{text[:80]}",
+            text,
+        )
+    table.ordered = args[1:]
 
 
 def check_crr_constraints(desired: dict[str, TableDef], sql: str) -> None:
@@ -467,6 +542,8 @@ class _Plan:
                 elif self.as_crr:  # internal upkeep, not a schema change to report
                     crr.ensure_dbv_index(conn, read_table_info(conn, name))
             self._sync_indexes(name, have.indexes, want.indexes)
+            if self.as_crr:
+                self._sync_ordering(name, want.ordered)
 
     @staticmethod
     def _needs_rebuild(have: TableDef, want: TableDef) -> bool:
@@ -538,6 +615,19 @@ class _Plan:
             crr.as_crr(conn, state_of(conn), name)
         have.indexes = {}
         self.done.append(f"rebuilt table {name}")
+
+    def _sync_ordering(self, table: str, ordered: tuple[str, ...]) -> None:
+        """Make ``table`` the ordered list the schema asks for (after its columns are final:
+        the view's triggers name them), or no ordered list."""
+        conn = self.conn
+        if ordered:
+            if not fractindex.is_ordered_as(conn, table, *ordered):
+                fractindex.as_ordered(conn, table, *ordered)
+                by = f" by {ordered[0]}" + (f" per {', '.join(ordered[1:])}" if ordered[1:] else "")
+                self.done.append(f"made table {table} an ordered list{by}")
+        elif fractindex.is_ordered(conn, table):
+            fractindex.remove_ordering(conn, table)
+            self.done.append(f"table {table} is no longer an ordered list (its order keys stay)")
 
     def _sync_indexes(self, table: str, have: dict[str, str], want: dict[str, str]) -> None:
         conn = self.conn

@@ -72,6 +72,8 @@ CLIENT_CRSQL_FUNCTIONS = frozenset(
         "crsql_pack_columns",
         "crsql_config_get",
         "crsql_rows_impacted",
+        "crsql_fract_key_between",  # an order key between two others: computes, changes nothing
+        "crsql_internal_merging",  # reads the sync bit (ordered lists' triggers)
     }
 )
 # What the CRR triggers call: allowed inside those triggers only.
@@ -82,6 +84,7 @@ TRIGGER_FUNCTIONS = frozenset(
         "crsql_get_seq",
         "crsql_internal_advance_seq",
         "crsql_internal_local_write",
+        "crsql_fract_fix_conflict_return_old_key",  # ordered lists: inserting after a tied key
     }
 )
 REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
@@ -192,6 +195,7 @@ class Guard:
         self._checking = not writes
         self._running = False  # the client's statement is prepared and now runs
         self._replicated: frozenset[str] = frozenset()
+        self._ordered_views: frozenset[str] = frozenset()  # <crr>_fractindex of ordered lists
         self._triggers: frozenset[str] = frozenset()
         self._schema_version = -1
         self._refusal: str | None = None
@@ -217,6 +221,14 @@ class Guard:
         )
         self._triggers = frozenset(name for name, _ in triggers)
         self._replicated = frozenset(t for name, t in triggers if name == t + "__crsql_itrig")
+        # an ordered list's view: its INSTEAD OF triggers write the replicated table
+        self._ordered_views = frozenset(
+            t
+            for name, t in triggers
+            if name == t + "_insert_trig"
+            and t.endswith("_fractindex")
+            and t.removesuffix("_fractindex") in self._replicated
+        )
         self._schema_version = version
 
     @contextlib.contextmanager
@@ -288,7 +300,7 @@ class Guard:
                 return NOT_READONLY
             if in_trigger:
                 return None  # a CRR trigger keeping its clock and key tables
-            if db == "main" and table in self._replicated:
+            if db == "main" and (table in self._replicated or table in self._ordered_views):
                 return None
             if table.lower() in _SCHEMA_TABLES and inner is None:
                 if not self._traced:

@@ -289,3 +289,69 @@ def test_reconcile_keeps_tables_the_schema_does_not_list():
         reconcile_schema(conn, BASE.replace(",\n    state TEXT", "") + ";" + other)
     outcome = reconcile_schema(conn, BASE + ";" + other, allow_destructive=True)
     assert outcome.changes == ["dropped table local_only"] and outcome.unlisted == []
+
+
+ORDERED = (
+    BASE.replace("state TEXT", "state")
+    + "SELECT crsql_fract_as_ordered('machines', 'state', 'app');\n"
+)
+
+
+def order_of(conn, app):
+    return [
+        r[0] for r in conn.execute("SELECT id FROM machines WHERE app = ? ORDER BY state", (app,))
+    ]
+
+
+def test_an_ordered_list_in_the_schema_is_made_once_remade_and_removed():
+    conn = crdt.connect()
+    changes = apply_schema(conn, ORDERED)
+    assert changes[-1] == "made table machines an ordered list by state per app"
+    assert apply_schema(conn, ORDERED) == []
+    conn.execute("INSERT INTO machines (id, app, state) VALUES ('m1', 'web', 1), ('m2', 'web', -1)")
+    assert order_of(conn, "web") == ["m2", "m1"]
+    # a new column: the view's triggers name the columns, so the list is made again
+    grown = ORDERED.replace("state\n", "state,\n    region TEXT\n")
+    assert apply_schema(conn, grown) == [
+        "added column machines.region",
+        "made table machines an ordered list by state per app",
+    ]
+    conn.execute(
+        "INSERT INTO machines_fractindex (id, app, region, after_id) "
+        "VALUES ('m3', 'web', 'ams', 'm2')"
+    )
+    assert order_of(conn, "web") == ["m2", "m3", "m1"]
+    # no longer asked for: the triggers and view go, the rows and their keys stay
+    assert apply_schema(conn, grown.split("SELECT crsql_fract")[0]) == [
+        "table machines is no longer an ordered list (its order keys stay)"
+    ]
+    assert order_of(conn, "web") == ["m2", "m3", "m1"]
+    assert conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fractindex%'"
+    ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("SELECT crsql_fract_as_ordered(machines, 'state')", "string literals"),
+        ("SELECT crsql_fract_as_ordered('machines')", "the column to order by"),
+        ("SELECT crsql_fract_as_ordered('nope', 'state')", "not defined in the schema"),
+        ("SELECT crsql_fract_as_ordered('machines', 'nope')", "has no column 'nope'"),
+        ("SELECT crsql_fract_as_ordered('machines', 'id')", "part of the primary key"),
+        ("SELECT crsql_fract_as_ordered('machines', 'state', 'state')", "appear once"),
+        (
+            "SELECT crsql_fract_as_ordered('machines', 'state', 'app');\n"
+            "SELECT crsql_fract_as_ordered('machines', 'state')",
+            "twice in the schema",
+        ),
+        ("SELECT crsql_as_crr('machines')", "may only contain"),
+    ],
+)
+def test_bad_ordered_lists_are_refused_and_change_nothing(statement, message):
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    before = dump(conn)
+    with pytest.raises(SchemaError, match=message):
+        apply_schema(conn, BASE + statement)
+    assert dump(conn) == before
