@@ -11,6 +11,7 @@
     corrosion backup PATH                 a generic snapshot of the database
     corrosion restore PATH                replace the database with a snapshot (agent stopped)
     corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
+    corrosion template SRC:DST[:CMD]...   files rendered from the database, kept up to date
     corrosion keygen                      a new key for gossip.encryption_keys
 
 Client commands find the agent through the config file (``api.addr``, ``admin.path``,
@@ -141,6 +142,10 @@ class Globals:
             return None
 
     def api_client(self) -> CorrosionClient:
+        return CorrosionClient(*self.api_target())
+
+    def api_target(self) -> tuple[str, str | None]:
+        """The agent's API address and bearer token, from the flags or the config."""
         cfg = self.optional_config() if self.api_addr else self.config()
         if self.api_addr:
             addr = self.api_addr
@@ -151,7 +156,7 @@ class Globals:
         token = self.token
         if token is None and cfg is not None:
             token = cfg.api.bearer_token
-        return CorrosionClient(addr, token)
+        return addr, token
 
     def db(self) -> Path:
         return self.db_path if self.db_path is not None else self.config().db.path
@@ -618,6 +623,54 @@ def devcluster(
         raise _fail(f"devcluster could not start: {exc}") from None
     if missing:
         raise _fail(f"the demo write never reached {', '.join(missing)}")
+
+
+@app.command()
+def template(
+    ctx: typer.Context,
+    templates: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SOURCE:DESTINATION[:COMMAND]...",
+            help="A Jinja2 template, the file it renders, and a shell command to run after.",
+        ),
+    ],
+    once: Annotated[
+        bool, typer.Option("--once", help="Render every template once and exit.")
+    ] = False,
+) -> None:
+    """Render files from the database with Jinja2 templates (sql("SELECT ...") reads) and
+    re-render them whenever what they read changes (until SIGINT/SIGTERM)."""
+    from .template import TemplateError, Templates, parse_specs, render_all_once
+
+    g = _g(ctx)
+    with _Errors():
+        try:
+            specs = parse_specs(templates)
+        except TemplateError as exc:
+            raise CliError(str(exc)) from None
+        addr, token = g.api_target()
+        if once:
+            with CorrosionClient(addr, token) as client:
+                try:
+                    render_all_once(specs, client)
+                except TemplateError as exc:
+                    raise CliError(str(exc)) from None
+            return
+    if not logging.getLogger().handlers:
+        try:
+            setup_logging("plaintext", True, level_spec("info", os.environ))
+        except ValueError as exc:
+            raise _fail(f"{ENV_VAR}: {exc}") from None
+    run_async(_run_templates, Templates(specs, addr, token))
+
+
+async def _run_templates(templates: Any) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(templates.run)
+        stopped_by = await wait_for_stop()
+        log.info("%s received: stopping", stopped_by)
+        tg.cancel_scope.cancel()
 
 
 @app.command()
