@@ -57,6 +57,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -68,6 +69,26 @@ from typing import Any
 from .addresses import Address, format_addr
 from .errors import CorrosionError
 from .logs import parse_levels
+
+# corrosion's keys this agent does not use (yet), by table: a config written for corrosion is
+# accepted, with one warning per key (``Config.ignored``), instead of refused; a key in neither
+# corrosion's set nor ours is a typo and fails, naming the nearest valid key.
+CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
+    table: frozenset(keys.split())
+    for table, keys in {
+        "": "consul reaper",
+        "db": "subscriptions_path cache_size_kib",
+        "api": "pg endpoint_name",
+        "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
+        "broadcast",
+        "telemetry": "open-telemetry",
+        "perf": "apply_channel_len changes_channel_len empties_channel_len bcast_channel_len "
+        "to_send_channel_len notifications_channel_len schedule_channel_len clearbuf_channel_len "
+        "foca_channel_len processing_queue_len apply_queue_timeout apply_queue_min_batch_size "
+        "apply_queue_step_base apply_queue_max_batch_size apply_queue_batch_threshold_ratio "
+        "partial_retry_backoff wal_threshold_mb sql_tx_timeout",
+    }.items()
+}
 
 
 class ConfigError(CorrosionError, ValueError):
@@ -87,6 +108,23 @@ def parse_addr(value: Any, key: str) -> Address:
     if not 0 <= p <= 65535 or not host:
         raise ConfigError(f"{key}: invalid address {value!r}")
     return host, p
+
+
+def parse_bootstrap(value: Any, ignored: list[str]) -> tuple[Address, ...]:
+    """``gossip.bootstrap``: corrosion's ``host:port@dns_ip[:port]`` form is accepted; the host
+    is resolved with the system's resolver (the DNS server named is noted in ``ignored``)."""
+    entries = [value] if isinstance(value, str) else value
+    if isinstance(entries, list):
+        plain = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str) and "@" in entry:
+                entry, _, server = entry.partition("@")
+                key = f"gossip.bootstrap[{i}]"
+                parse_addr(server if ":" in server else f"{server}:53", f"{key} (DNS server)")
+                ignored.append(f"{key}: the DNS server {server} (names resolve through the system)")
+            plain.append(entry)
+        value = plain
+    return parse_addr_list(value, "gossip.bootstrap")
 
 
 def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
@@ -167,6 +205,9 @@ class Config:
     orchestrator: Mapping[str, Any] | None = None
     # the file this config was loaded from: ``corrosion reload`` re-reads db.schema_paths there
     source: Path | None = None
+    # what the config says that this agent does not use (corrosion's settings it has no use
+    # for), each a phrase the agent logs as a warning at start-up
+    ignored: tuple[str, ...] = ()
 
     def admin_socket(self) -> Path:
         """``admin.path``, or by default ``<db.path>.admin.sock`` beside the database, so that
@@ -212,13 +253,12 @@ class Config:
         )
         db.done()
 
-        api_addrs = parse_addr_list(api.get("addr"), "api.addr")
+        api_addrs = parse_addr_list(api.alias("addr", "bind_addr"), "api.addr")
         authz = api.table("authz")
         token = authz.opt_string("bearer-token")
         if token is None:
             token = authz.opt_string("bearer")
         authz.done()
-        api.mark("addr")
         timeouts = {k: api.number(k, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
         api.done()
         api_cfg = ApiConfig(api_addrs, token, **timeouts)
@@ -260,13 +300,13 @@ class Config:
         preset = gossip.string("preset")
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
-        addr = gossip.get("addr")
+        addr = gossip.alias("addr", "bind_addr")
         ext = gossip.get("external_addr")
         plaintext = gossip.boolean("plaintext")
         gossip_cfg = GossipConfig(
             addr=parse_addr(addr, "gossip.addr") if addr else GossipConfig.addr,
             external_addr=parse_addr(ext, "gossip.external_addr") if ext else None,
-            bootstrap=parse_addr_list(gossip.get("bootstrap"), "gossip.bootstrap"),
+            bootstrap=parse_bootstrap(gossip.get("bootstrap"), r.ignored),
             plaintext=plaintext,
             encryption_keys=tuple(keys),
             cluster_id=gossip.integer("cluster_id", lo=0, hi=65535),
@@ -285,7 +325,9 @@ class Config:
         if perf_cfg.max_sync_backoff < perf_cfg.min_sync_backoff:
             raise ConfigError("perf.max_sync_backoff: must be >= perf.min_sync_backoff")
 
-        admin_path = admin.opt_string("path")
+        admin_path = admin.alias("path", "uds_path")
+        if admin_path is not None and not isinstance(admin_path, str):
+            raise ConfigError(f"admin.path: expected a string, got {type(admin_path).__name__}")
         admin.done()
         prom = telemetry.table("prometheus")
         prom_addr = prom.get("addr")
@@ -318,6 +360,7 @@ class Config:
             log_level=log_level,
             log_summary_interval=summary_interval,
             orchestrator=orchestrator,
+            ignored=tuple(r.ignored),
         )
 
 
@@ -400,7 +443,7 @@ def _check_orchestrator(section: Any) -> None:
 # ends in ``_path`` (machines_path, archive_path, state_path, images_path)
 PATH_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("db",): ("path", "schema_paths"),
-    ("admin",): ("path",),
+    ("admin",): ("path", "uds_path"),
     ("gossip", "tls"): ("cert_file", "key_file", "ca_file"),
     ("gossip", "tls", "client"): ("cert_file", "key_file"),
 }
@@ -473,7 +516,13 @@ class _Reader:
     """Reads one TOML table, remembering which keys were used so leftovers can be refused.
     An absent key takes the default of the dataclass field the table fills (``defaults``)."""
 
-    def __init__(self, data: Any, prefix: str, defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data: Any,
+        prefix: str,
+        defaults: Mapping[str, Any] | None = None,
+        ignored: list[str] | None = None,
+    ) -> None:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -482,6 +531,8 @@ class _Reader:
         self.prefix = prefix
         self.defaults: Mapping[str, Any] = defaults or {}
         self.used: set[str] = set()
+        # corrosion's keys found and not used, shared by the readers of one config
+        self.ignored: list[str] = [] if ignored is None else ignored
 
     def _key(self, k: str) -> str:
         return self.prefix + k
@@ -496,6 +547,13 @@ class _Reader:
     def raw(self, k: str) -> Any:
         return self.get(k)
 
+    def alias(self, k: str, other: str) -> Any:
+        """``k``, also spelt ``other`` (corrosion's ``bind_addr``, ``uds_path``); not both."""
+        value, spelt = self.get(k), self.get(other)
+        if value is not None and spelt is not None:
+            raise ConfigError(f"{self._key(k)}: given twice (also as {self._key(other)})")
+        return value if value is not None else spelt
+
     def table(
         self, k: str, fields_of: type | None = None, *, prefix: str = "", required: bool = False
     ) -> _Reader:
@@ -505,7 +563,7 @@ class _Reader:
         if v is None and required:
             raise ConfigError(f"{self._key(k)}: section is required")
         defaults = _field_defaults(fields_of, prefix) if fields_of is not None else None
-        return _Reader(v, self._key(k) + ".", defaults)
+        return _Reader(v, self._key(k) + ".", defaults, self.ignored)
 
     def _default(self, k: str) -> Any:
         default = self.defaults.get(k)
@@ -566,6 +624,12 @@ class _Reader:
         return float(v)
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self._key(unknown[0])}: unknown configuration key")
+        """Refuse a key nobody read, unless it is one of corrosion's (then it is ignored)."""
+        corrosion_only = CORROSION_ONLY_KEYS.get(self.prefix.rstrip("."), frozenset())
+        for k in sorted(set(self.data) - self.used):
+            if k in corrosion_only:
+                self.ignored.append(f"{self._key(k)} (a corrosion setting this agent does not use)")
+                continue
+            near = difflib.get_close_matches(str(k), sorted(self.used | corrosion_only), n=1)
+            hint = f"; did you mean {self._key(near[0])}?" if near else ""
+            raise ConfigError(f"{self._key(k)}: unknown configuration key{hint}")

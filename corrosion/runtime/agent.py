@@ -252,6 +252,8 @@ class AgentRuntime:
         self._started = True
         for warning in security_warnings(cfg, self.swim.address, self.api_addrs):
             log.warning("%s", warning)  # once bound: with the ports port 0 became
+        for ignored in cfg.ignored:
+            log.warning("config: ignoring %s", ignored)
         log.info("agent started", extra={"fields": self._startup_fields()})
 
     async def _start_servers(self, tg: TaskGroup) -> None:

@@ -60,6 +60,17 @@ async def test_startup_line_names_every_bound_address(tmp_path, caplog):
     assert records(caplog, "corrosion.agent", "agent stopped")
 
 
+async def test_corrosion_settings_this_agent_does_not_use_are_each_named_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = agent_config(tmp_path, "a", gossip={"max_mtu": 1400}, reaper={"check_interval": 60})
+    async with Agent(cfg):
+        warned = [r.getMessage() for r in records(caplog, "corrosion.agent", "config: ignoring")]
+    assert warned == [
+        "config: ignoring reaper (a corrosion setting this agent does not use)",
+        "config: ignoring gossip.max_mtu (a corrosion setting this agent does not use)",
+    ]
+
+
 async def test_startup_line_gives_the_admin_socket_absolute(tmp_path, caplog, monkeypatch):
     """A relative db.path puts the admin socket beside it: the line says where that is."""
     caplog.set_level(logging.INFO)

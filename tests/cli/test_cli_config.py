@@ -180,3 +180,64 @@ def test_absent_keys_take_the_dataclass_defaults():
 def test_keys_without_a_default_are_required_and_types_are_checked(data, message):
     with pytest.raises(config_module.ConfigError, match=re.escape(message)):
         Config.from_mapping(data)
+
+
+def test_a_corrosion_config_is_accepted_with_its_spellings_and_unused_keys_named(tmp_path):
+    (tmp_path / "config.toml").write_text(
+        """
+[db]
+path = "state.db"
+cache_size_kib = 1024
+
+[api]
+bind_addr = "127.0.0.1:8080"
+
+[gossip]
+bind_addr = "127.0.0.1:8787"
+plaintext = true
+bootstrap = ["node2.internal:8787@10.0.0.53:53"]
+max_mtu = 1400
+
+[admin]
+uds_path = "admin.sock"
+
+[reaper]
+check_interval = 3600
+
+[perf]
+processing_queue_len = 20000
+"""
+    )
+    cfg = Config.load(tmp_path / "config.toml", env={})
+    assert cfg.api.addrs == (("127.0.0.1", 8080),)
+    assert cfg.gossip.addr == ("127.0.0.1", 8787)
+    assert cfg.gossip.bootstrap == (("node2.internal", 8787),)
+    assert cfg.admin_path == tmp_path / "admin.sock"  # relative to the file, as admin.path
+    assert [i.split(" ")[0] for i in cfg.ignored] == [
+        "reaper",
+        "db.cache_size_kib",
+        "gossip.bootstrap[0]:",
+        "gossip.max_mtu",
+        "perf.processing_queue_len",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"db": {"path": "x", "schema_path": []}}, "db.schema_path: unknown configuration key; "
+         "did you mean db.schema_paths?"),
+        ({"db": {"path": "x"}, "gosip": {}}, "gosip: unknown configuration key; did you mean "
+         "gossip?"),
+        ({"db": {"path": "x"}, "perf": {"min_sync_backof": 1}}, "did you mean "
+         "perf.min_sync_backoff?"),
+        ({"db": {"path": "x"}, "api": {"addr": "127.0.0.1:1", "bind_addr": "127.0.0.1:2"}},
+         "api.addr: given twice (also as api.bind_addr)"),
+        ({"db": {"path": "x"}, "gossip": {"bootstrap": ["h:1@10.0.0.1:x"]}},
+         "gossip.bootstrap[0] (DNS server): port must be a number"),
+        ({"db": {"path": "x"}, "zzz": 1}, "zzz: unknown configuration key"),
+    ],
+)  # fmt: skip
+def test_typos_fail_naming_the_nearest_key(data, message):
+    with pytest.raises(config_module.ConfigError, match=re.escape(message)):
+        Config.from_mapping(data)
