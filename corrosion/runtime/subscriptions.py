@@ -118,6 +118,10 @@ class SubscriptionError(CorrosionError):
     """The query cannot be subscribed to, or a resume point is gone."""
 
 
+class SubscriptionGone(SubscriptionError):
+    """The subscription was removed (idle, or its file could not be written)."""
+
+
 class SubscriptionStorageError(SubscriptionError):
     """The subscription's file cannot be written (the agent's problem, not the client's)."""
 
@@ -301,7 +305,8 @@ class Subscription:
         oldest = self.changes[0].change_id if self.changes else self.change_id + 1
         if oldest > change_id + 1:
             raise SubscriptionError(
-                f"cannot resume from change {change_id}: the changes after it were purged "
+                f"cannot resume from change {change_id}: changes {change_id + 1} to "
+                f"{oldest - 1} were purged "
                 f"(this subscription keeps its last {self.keep_changes}, "
                 f"db.subscriptions_keep_changes; the oldest kept is {oldest}); "
                 "subscribe with from=0 for a fresh snapshot"
@@ -538,6 +543,8 @@ class Subscriptions:
         ``skip_rows``: only the changes from now on) or after change ``from_id``. Raises
         ``SubscriptionError`` if those changes are not kept."""
         async with sub.lock:  # no batch of changes half sent while this client attaches
+            if self.by_id.get(sub.id) is not sub:  # dropped meanwhile
+                raise SubscriptionGone(f"could not find subscription with id {sub.id}")
             if from_id:
                 backlog, snapshot = sub.since(from_id), None
             else:

@@ -42,7 +42,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..core.sqlguard import parse_timeout
 from ..core.statements import StatementFormError, parse_statement, parse_statements
 from ..runtime.results import QueryError, TransactionError, TransactionRefused
-from ..runtime.subscriptions import SubscriptionError, SubscriptionStorageError
+from ..runtime.subscriptions import (
+    SubscriptionError,
+    SubscriptionGone,
+    SubscriptionStorageError,
+)
 from .asgi_server import AsgiServer, serve_asgi
 from .interfaces import ApiAgent
 
@@ -200,7 +204,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
         try:
             attached = await agent.subscriptions.attach(sub, from_id, skip_rows)
         except SubscriptionError as exc:
-            return _error(400, str(exc))
+            return _error(404 if isinstance(exc, SubscriptionGone) else 400, str(exc))
         snapshot, receive = attached.snapshot, attached.receive
 
         async def body() -> AsyncIterator[bytes]:
