@@ -6,8 +6,9 @@ columns, its current rows with their row ids, and its most recent changes. Every
 changes is written in one transaction *before* any client sees it, so a change id a client has
 seen is on disk even if the agent is killed right after (WAL with ``synchronous=NORMAL``:
 durable across a process crash; a power loss may lose the last batches, which the agent then
-computes again, with the same rows, when it restores the subscription). Values keep their
-SQLite type exactly: rows and changes are stored in untyped columns ``c0``, ``c1``, ...
+computes again when it restores the subscription, though not necessarily with the same ids).
+Values keep their SQLite type exactly: rows and changes are stored in untyped columns ``c0``,
+``c1``, ...
 
 All functions here do file I/O: call them in a worker thread.
 """

@@ -367,3 +367,20 @@ async def test_two_agents_cannot_share_a_subscriptions_directory(tmp_path):
         with pytest.raises(ConfigError, match=r"db\.subscriptions_path: .* is in use"):
             async with Agent(agent_config(tmp_path, "b", db=shared)):
                 pass
+
+
+async def test_a_subscription_whose_columns_changed_with_the_schema_is_dropped(tmp_path, caplog):
+    """``SELECT *`` after a column was added: its kept rows have another shape than its query's,
+    so it is dropped (one warning; its clients get 404 and subscribe again); the others stay."""
+    cfg = agent_config(tmp_path, "a")
+    async with Agent(cfg) as a, httpx.AsyncClient(base_url=api(a), timeout=30) as c:
+        star, _rows, _last = await snapshot(c, "/v1/subscriptions", json="SELECT * FROM items")
+        kept, _rows, _last = await snapshot(c, "/v1/subscriptions", json=KV)
+    schema = tmp_path / "schema" / "schema.sql"
+    schema.write_text(schema.read_text().replace("owner TEXT", "owner TEXT, extra TEXT"))
+    caplog.set_level(logging.WARNING, logger="corrosion.subscriptions")
+    async with Agent(cfg) as a, httpx.AsyncClient(base_url=api(a), timeout=30) as c:
+        assert list(a.subscriptions.by_id) == [kept]
+        [line] = [r.getMessage() for r in caplog.records if r.name == "corrosion.subscriptions"]
+        assert star.replace("-", "") in line and "columns changed" in line and "extra" in line
+        assert (await c.get(f"/v1/subscriptions/{star}?from=0")).status_code == 404
