@@ -41,6 +41,7 @@ class Follower:
         self.view: dict[int, list] = {}
         self.last = -1  # the last change id seen (-1: not even the end of the snapshot)
         self.changes: list[list] = []
+        self.ended = 0  # streams that ended (the agent went away)
 
     async def follow(
         self, client: httpx.AsyncClient, method: str, url: str, statement: Any = None
@@ -53,7 +54,7 @@ class Follower:
                 async for line in resp.aiter_lines():
                     self.take(json.loads(line))
         except httpx.TransportError:
-            pass  # the agent stopped or was killed
+            self.ended += 1  # the agent stopped or was killed
 
     def take(self, msg: dict) -> None:
         if "columns" in msg:
@@ -235,6 +236,7 @@ async def test_a_killed_agent_resumes_its_subscription_with_no_change_missed(tmp
                 tg.start_soon(writer)
                 await wait_for(lambda: sub.last >= 20, what="changes to stream")
                 proc.kill()  # mid-stream
+                await wait_for(lambda: sub.ended == 1, what="the stream to break")
                 await more_writes(20, "writes while the agent is down")
                 seen = dict(sub.view)
                 await proc.start()
