@@ -4,6 +4,8 @@
 [db]
 path = "/var/lib/corrosion/state.db"      # required: the SQLite database
 schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload re-reads)
+subscriptions_path = "/var/lib/corrosion/subs"  # default: <path>.subscriptions beside it
+subscriptions_keep_changes = 500          # recent changes a subscription keeps for resuming
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
@@ -77,7 +79,7 @@ CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
     table: frozenset(keys.split())
     for table, keys in {
         "": "consul reaper",
-        "db": "subscriptions_path cache_size_kib",
+        "db": "cache_size_kib",
         "api": "pg endpoint_name",
         "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
         "broadcast",
@@ -158,6 +160,17 @@ class TlsConfig:
 class DbConfig:
     path: Path
     schema_paths: tuple[Path, ...] = ()
+    # where each subscription keeps its file (None: ``<db.path>.subscriptions`` beside the
+    # database: corrosion's ``subscriptions`` beside it would be shared by every agent whose
+    # database is in that directory, as the admin socket would), and how many of its recent
+    # changes it keeps
+    subscriptions_path: Path | None = None
+    subscriptions_keep_changes: int = 500
+
+    def subscriptions_dir(self) -> Path:
+        if self.subscriptions_path is not None:
+            return self.subscriptions_path
+        return self.path.with_name(self.path.name + ".subscriptions")
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,8 @@ class Config:
         db_cfg = DbConfig(
             path=Path(db.string("path")),
             schema_paths=tuple(Path(p) for p in db.string_list("schema_paths")),
+            subscriptions_path=Path(p) if (p := db.opt_string("subscriptions_path")) else None,
+            subscriptions_keep_changes=db.integer("subscriptions_keep_changes", lo=1, hi=10**9),
         )
         db.done()
 
@@ -442,7 +457,7 @@ def _check_orchestrator(section: Any) -> None:
 # the keys that name files or directories, by table; and in ``[orchestrator]`` every key that
 # ends in ``_path`` (machines_path, archive_path, state_path, images_path)
 PATH_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("db",): ("path", "schema_paths"),
+    ("db",): ("path", "schema_paths", "subscriptions_path"),
     ("admin",): ("path", "uds_path"),
     ("gossip", "tls"): ("cert_file", "key_file", "ca_file"),
     ("gossip", "tls", "client"): ("cert_file", "key_file"),

@@ -126,7 +126,11 @@ class AgentRuntime:
         self.reads = Reads(config.db.path)
         self.updates = UpdateWatchers()
         self.subscriptions = Subscriptions(
-            self.reads.connection, self.reads.release, timeout=config.api.query_timeout
+            self.reads.connection,
+            self.reads.release,
+            timeout=config.api.query_timeout,
+            directory=config.db.subscriptions_dir(),
+            keep_changes=config.db.subscriptions_keep_changes,
         )
         self._tg: TaskGroup | None = None
         self._timers: TimerHeap[Any] = TimerHeap(self._now)
@@ -183,6 +187,9 @@ class AgentRuntime:
             await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
         else:
             self.pending_schema.install(await anyio.to_thread.run_sync(store.pending_summary))
+        # before anything can change the database: what changed while the agent was down is
+        # then exactly the difference between each subscription's file and its query
+        await self.subscriptions.restore()
         g = cfg.gossip
         security = PeerSecurity.from_config(g)
         rng = random.Random(self._seed)
@@ -305,6 +312,7 @@ class AgentRuntime:
         if self.swim is not None:
             with anyio.CancelScope(shield=True):
                 await self.swim.aclose()
+        self.subscriptions.close()
         self.reads.close()
         if self.store is not None:
             store = self.store

@@ -18,27 +18,54 @@ keys; we do not parse SQL.)
 
 Re-evaluation runs the whole query again, after a short debounce that batches bursts of changes:
 cheap for the selective queries subscriptions are meant for, costly for huge result sets. The
-last ``KEEP_CHANGES`` events are kept so a client can resume with ``from=<change_id>``.
+last ``db.subscriptions_keep_changes`` events are kept so a client can resume with
+``from=<change_id>``; an older id is refused (400), as corrosion does.
+
+Durable: each subscription lives in its own SQLite file under ``db.subscriptions_path``
+(``subscription_files``), written before its clients see a change. At start-up, before anything
+can change the database, every file is read back, the query re-run and diffed against the rows
+kept, so what changed while the agent was down becomes ordinary changes with the next ids: a
+client resumes with the same subscription id, change ids and row ids. A file that cannot be
+used is logged (one warning) and removed.
+
+Concurrency: the event loop owns every ``Subscription``; a worker thread runs the query and
+writes the file. A subscription's ``lock`` is held from a diff until its changes are on disk and
+sent, so a client attaching meanwhile sees either all of them in its snapshot or none.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import apsw
 
+from ..config import ConfigError
 from ..core.sqlguard import NOT_READONLY, Deadline, guard_of
 from ..errors import CorrosionError
+from .dblock import DatabaseInUse, DatabaseLock
+from .subscription_files import (
+    FILE_NAME,
+    StoredSubscription,
+    SubscriptionFile,
+    SubscriptionFileError,
+    directory_of,
+    remove_directory,
+    subscription_dirs,
+)
 
-KEEP_CHANGES = 500
+log = logging.getLogger("corrosion.subscriptions")
+
+KEEP_CHANGES = 500  # db.subscriptions_keep_changes' default (corrosion keeps 500)
 DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
 IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
 
@@ -89,6 +116,14 @@ def query_hash(normalized_sql: str, params: Any) -> str:
 
 class SubscriptionError(CorrosionError):
     """The query cannot be subscribed to, or a resume point is gone."""
+
+
+class SubscriptionGone(SubscriptionError):
+    """The subscription was removed (idle, or its file could not be written)."""
+
+
+class SubscriptionStorageError(SubscriptionError):
+    """The subscription's file cannot be written (the agent's problem, not the client's)."""
 
 
 @dataclass
@@ -181,10 +216,16 @@ class Subscription:
     keys: dict[Any, list[int]] = field(default_factory=dict)  # identity -> rowids
     change_id: int = 0
     next_rowid: int = 1
-    changes: deque[Event] = field(default_factory=lambda: deque(maxlen=KEEP_CHANGES))
+    keep_changes: int = KEEP_CHANGES  # the recent changes kept for clients to resume from
+    changes: deque[Event] = field(default_factory=deque)
     listeners: list[Any] = field(default_factory=list)  # memory-object send streams
     dirty: bool = False
     idle_since: float = field(default_factory=time.monotonic)
+    file: SubscriptionFile | None = None  # where it is kept (None: in memory only)
+    lock: Any = None  # anyio.Lock, made on the event loop when the subscription is registered
+
+    def __post_init__(self) -> None:
+        self.changes = deque(self.changes, maxlen=self.keep_changes)
 
     def key_of(self, row: tuple) -> Any:
         if self.identity is None:
@@ -195,6 +236,12 @@ class Subscription:
         for row in rows:
             rowid = self.next_rowid
             self.next_rowid += 1
+            self.rows[rowid] = row
+            self.keys.setdefault(self.key_of(row), []).append(rowid)
+
+    def restore(self, rows: Iterable[tuple[int, tuple]]) -> None:
+        """Take back rows kept in the subscription's file, with their row ids."""
+        for rowid, row in rows:
             self.rows[rowid] = row
             self.keys.setdefault(self.key_of(row), []).append(rowid)
 
@@ -247,14 +294,22 @@ class Subscription:
         return Snapshot(self.columns, sorted(self.rows.items()), self.change_id)
 
     def since(self, change_id: int) -> list[Event]:
+        """The changes after ``change_id``; ``SubscriptionError`` if some of them are no
+        longer kept, or ``change_id`` has not happened."""
         if change_id > self.change_id:
-            raise SubscriptionError(f"change {change_id} has not happened yet")
+            raise SubscriptionError(
+                f"change {change_id} has not happened yet (the last is {self.change_id})"
+            )
         if change_id == self.change_id:
             return []
-        if not self.changes or self.changes[0].change_id > change_id + 1:
+        oldest = self.changes[0].change_id if self.changes else self.change_id + 1
+        if oldest > change_id + 1:
             raise SubscriptionError(
-                f"change {change_id} is too old to resume from (only the last "
-                f"{KEEP_CHANGES} are kept)"
+                f"cannot resume from change {change_id}: changes {change_id + 1} to "
+                f"{oldest - 1} were purged "
+                f"(this subscription keeps its last {self.keep_changes}, "
+                f"db.subscriptions_keep_changes; the oldest kept is {oldest}); "
+                "subscribe with from=0 for a fresh snapshot"
             )
         return [e for e in self.changes if e.change_id > change_id]
 
@@ -263,18 +318,39 @@ def _types(row: tuple) -> tuple:
     return tuple(type(v) for v in row)
 
 
+@dataclass
+class Attached:
+    """A client's view of a subscription: what to send first, then the live changes."""
+
+    snapshot: Snapshot | None  # columns, rows, eoq (None: send none of them)
+    backlog: list[Event]  # the changes after the client's ``from``
+    receive: Any  # memory-object receive stream of the next changes
+    close: Callable[[], None]
+
+
 class Subscriptions:
-    """The agent's live queries, re-evaluated off the event loop on a read connection."""
+    """The agent's live queries, re-evaluated off the event loop on a read connection, each
+    kept in its own file under ``directory`` (None: in memory only)."""
 
     def __init__(
-        self, open_reader: Any, release_reader: Any, *, timeout: float | None = None
+        self,
+        open_reader: Any,
+        release_reader: Any,
+        *,
+        timeout: float | None = None,
+        directory: Path | None = None,
+        keep_changes: int = KEEP_CHANGES,
     ) -> None:
         self._open = open_reader
         self._release = release_reader
         self.timeout = timeout  # seconds a run of a subscription's query may take (None: any)
+        self.directory = directory
+        self.keep_changes = keep_changes
         self.by_id: dict[str, Subscription] = {}
         self._by_query: dict[tuple[str, str], str] = {}
+        self._building: dict[tuple[str, str], anyio.Event] = {}
         self._wake = anyio.Event()
+        self._directory_lock: DatabaseLock | None = None
 
     def tables(self) -> set[str]:
         out: set[str] = set()
@@ -282,12 +358,123 @@ class Subscriptions:
             out |= sub.tables
         return out
 
-    async def get_or_create(self, sql: str, params: Any) -> Subscription:
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """At start-up, before anything can change the database: read every subscription file
+        back and bring it up to date (re-run, diff, append the changes). A file that cannot
+        be used is logged and removed; it never stops the agent."""
+        if self.directory is None:
+            return
+        await anyio.to_thread.run_sync(self._take_directory)
+        restored = changes = 0
+        for directory in await anyio.to_thread.run_sync(subscription_dirs, self.directory):
+            try:
+                sub, caught_up = await anyio.to_thread.run_sync(self._restore_one, directory)
+            except SubscriptionFileError as exc:
+                log.warning("subscription file %s dropped: %s", directory / FILE_NAME, exc)
+                await anyio.to_thread.run_sync(remove_directory, directory)
+                continue
+            self._register(sub)
+            restored += 1
+            changes += caught_up
+        if restored:
+            log.info(
+                "restored %d subscription(s); %d change(s) while the agent was down",
+                restored,
+                changes,
+            )
+
+    def _take_directory(self) -> None:
+        assert self.directory is not None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"db.subscriptions_path: cannot create {str(self.directory)!r}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        lock = DatabaseLock(self.directory / "agent")  # flock on <dir>/agent.lock
+        try:
+            lock.acquire()
+        except DatabaseInUse:
+            raise ConfigError(
+                f"db.subscriptions_path: {str(self.directory)!r} is in use by another running "
+                "agent: give each agent its own"
+            ) from None
+        self._directory_lock = lock
+
+    def _restore_one(self, directory: Path) -> tuple[Subscription, int]:
+        file, stored = SubscriptionFile.open(directory, self.keep_changes)
+        try:
+            return self._catch_up(file, stored)
+        except BaseException:
+            file.close()
+            raise
+
+    def _catch_up(
+        self, file: SubscriptionFile, stored: StoredSubscription
+    ) -> tuple[Subscription, int]:
+        conn = self._open()
+        try:
+            try:
+                columns, tables, identity = describe(conn, stored.sql, stored.params)
+            except SubscriptionError as exc:
+                raise SubscriptionFileError(f"its query no longer runs: {exc}") from None
+            if columns != stored.columns:
+                raise SubscriptionFileError(
+                    f"its query's columns changed from {stored.columns} to {columns}"
+                )
+            sub = Subscription(
+                stored.id,
+                stored.sql,
+                stored.params,
+                columns,
+                tables,
+                identity,
+                hash=stored.hash,
+                change_id=stored.change_id,
+                next_rowid=stored.next_rowid,
+                keep_changes=self.keep_changes,
+                changes=deque(Event(c.kind, c.rowid, c.row, c.change_id) for c in stored.changes),
+                file=file,
+            )
+            sub.restore(stored.rows)
+            try:
+                with Deadline(conn, self.timeout):
+                    rows = conn.execute(sub.sql, sub.params).fetchall()
+            except apsw.Error as exc:
+                log.warning("subscription %s: its query failed at start-up (%s)", sub.id, exc)
+                sub.dirty = True  # run again with the first change
+                return sub, 0
+        finally:
+            self._release(conn)
+        events = sub.diff(rows)
+        file.append(events, sub.next_rowid, self.keep_changes)
+        return sub, len(events)
+
+    def _register(self, sub: Subscription) -> None:
+        sub.lock = anyio.Lock()
+        self.by_id[sub.id] = sub
+        self._by_query[(normalize_sql(sub.sql), repr(sub.params))] = sub.id
+        if sub.dirty:
+            self._wake.set()
+
+    # -- clients ----------------------------------------------------------------------------
+
+    async def get_or_create(self, sql: str, params: Any) -> tuple[Subscription, bool]:
+        """The subscription of this query (the same normalised SQL and parameters), and
+        whether it was created by this call."""
         normalized = normalize_sql(sql)
         qkey = (normalized, repr(params))
-        sid = self._by_query.get(qkey)
-        if sid is not None and sid in self.by_id:
-            return self.by_id[sid]
+        while True:
+            sid = self._by_query.get(qkey)
+            if sid is not None and sid in self.by_id:
+                return self.by_id[sid], False
+            building = self._building.get(qkey)
+            if building is None:
+                break
+            await building.wait()  # the same query, being created by another client
 
         def build() -> Subscription:
             conn = self._open()
@@ -301,6 +488,7 @@ class Subscriptions:
                     tables,
                     identity,
                     hash=query_hash(normalized, params),
+                    keep_changes=self.keep_changes,
                 )
                 with Deadline(conn, self.timeout) as deadline:
                     try:
@@ -311,16 +499,73 @@ class Subscriptions:
                                 deadline.message("the query", "api.query_timeout sets it")
                             ) from None
                         raise
-                return sub
             except apsw.Error as exc:
                 raise SubscriptionError(str(exc)) from None
             finally:
                 self._release(conn)
+            if self.directory is not None:
+                sub.file = self._create_file(sub, normalized)
+            return sub
 
-        sub = await anyio.to_thread.run_sync(build)
-        self.by_id[sub.id] = sub
-        self._by_query[qkey] = sub.id
-        return sub
+        self._building[qkey] = built = anyio.Event()
+        try:
+            # shielded: a client that goes away must not leave a file without its subscription
+            with anyio.CancelScope(shield=True):
+                sub = await anyio.to_thread.run_sync(build)
+                self._register(sub)
+        finally:
+            del self._building[qkey]
+            built.set()
+        return sub, True
+
+    def _create_file(self, sub: Subscription, normalized: str) -> SubscriptionFile:
+        assert self.directory is not None
+        directory = directory_of(self.directory, sub.id)
+        try:
+            return SubscriptionFile.create(
+                directory,
+                sid=sub.id,
+                sql=sub.sql,
+                normalized=normalized,
+                params=sub.params,
+                hash=sub.hash,
+                columns=sub.columns,
+                rows=sub.rows.items(),
+                next_rowid=sub.next_rowid,
+            )
+        except (OSError, apsw.Error) as exc:
+            raise SubscriptionStorageError(
+                f"cannot write the subscription's file in {str(directory)!r}: {exc}"
+            ) from None
+
+    async def attach(self, sub: Subscription, from_id: int | None, skip_rows: bool) -> Attached:
+        """A new listener of ``sub``: from a fresh snapshot (``from_id`` None or 0; none with
+        ``skip_rows``: only the changes from now on) or after change ``from_id``. Raises
+        ``SubscriptionError`` if those changes are not kept."""
+        async with sub.lock:  # no batch of changes half sent while this client attaches
+            if self.by_id.get(sub.id) is not sub:  # dropped meanwhile
+                raise SubscriptionGone(f"could not find subscription with id {sub.id}")
+            if from_id:
+                backlog, snapshot = sub.since(from_id), None
+            else:
+                backlog, snapshot = [], None if skip_rows else sub.snapshot()
+            receive, close = self.listen(sub)
+        return Attached(snapshot, backlog, receive, close)
+
+    def listen(self, sub: Subscription, buffer: int = 10_240) -> Any:
+        send, receive = anyio.create_memory_object_stream[Event](buffer)
+        sub.listeners.append(send)
+
+        def close() -> None:
+            if send in sub.listeners:
+                sub.listeners.remove(send)
+            if not sub.listeners:
+                sub.idle_since = time.monotonic()
+            send.close()
+
+        return receive, close
+
+    # -- changes ----------------------------------------------------------------------------
 
     def notify(self, tables: set[str]) -> None:
         """Committed changes touched ``tables``: mark the subscriptions reading them."""
@@ -342,25 +587,44 @@ class Subscriptions:
             now = time.monotonic()
             for sub in list(self.by_id.values()):
                 if not sub.listeners and now - sub.idle_since > IDLE_EXPIRY:
-                    self.drop(sub.id)
+                    await self.drop(sub.id)
                     continue
                 if not sub.dirty:
                     continue
                 sub.dirty = False
                 rows = await anyio.to_thread.run_sync(self._rerun, sub)
-                if rows is None:
-                    continue
-                for event in sub.diff(rows):
-                    for send in list(sub.listeners):
-                        try:
-                            send.send_nowait(event)
-                        except (
-                            anyio.WouldBlock,
-                            anyio.BrokenResourceError,
-                            anyio.ClosedResourceError,
-                        ):
-                            sub.listeners.remove(send)  # too slow: cut off, it can resume
-                            send.close()
+                if rows is not None and self.by_id.get(sub.id) is sub:
+                    await self._publish(sub, rows)
+
+    async def _publish(self, sub: Subscription, rows: list[tuple]) -> None:
+        """Diff, write the changes to the subscription's file, then send them: a change a
+        client has seen is always on disk."""
+        async with sub.lock:
+            events = sub.diff(rows)
+            if not events:
+                return
+            if sub.file is not None:
+                try:
+                    with anyio.CancelScope(shield=True):  # memory and file stay in step
+                        await anyio.to_thread.run_sync(
+                            sub.file.append, events, sub.next_rowid, self.keep_changes
+                        )
+                except (OSError, apsw.Error) as exc:
+                    log.error("subscription %s dropped: cannot write its changes: %s", sub.id, exc)
+                    self._forget(sub.id)
+                    await anyio.to_thread.run_sync(sub.file.delete)
+                    return
+            for event in events:
+                for send in list(sub.listeners):
+                    try:
+                        send.send_nowait(event)
+                    except (
+                        anyio.WouldBlock,
+                        anyio.BrokenResourceError,
+                        anyio.ClosedResourceError,
+                    ):
+                        sub.listeners.remove(send)  # too slow: cut off, it can resume
+                        send.close()
 
     def _rerun(self, sub: Subscription) -> list[tuple] | None:
         conn = self._open()
@@ -372,25 +636,32 @@ class Subscriptions:
         finally:
             self._release(conn)
 
-    def listen(self, sub: Subscription, buffer: int = 10_240) -> Any:
-        send, receive = anyio.create_memory_object_stream[Event](buffer)
-        sub.listeners.append(send)
+    # -- the end of subscriptions -----------------------------------------------------------
 
-        def close() -> None:
-            if send in sub.listeners:
-                sub.listeners.remove(send)
-            if not sub.listeners:
-                sub.idle_since = time.monotonic()
-            send.close()
-
-        return receive, close
-
-    def drop(self, sid: str) -> None:
+    def _forget(self, sid: str) -> Subscription | None:
         sub = self.by_id.pop(sid, None)
         if sub is None:
-            return
+            return None
         for key, value in list(self._by_query.items()):
             if value == sid:
                 del self._by_query[key]
         for send in sub.listeners:
             send.close()
+        return sub
+
+    async def drop(self, sid: str) -> None:
+        """Remove a subscription and its file (its listeners' streams end)."""
+        sub = self._forget(sid)
+        if sub is not None and sub.file is not None:
+            with anyio.CancelScope(shield=True):
+                async with sub.lock:
+                    await anyio.to_thread.run_sync(sub.file.delete)
+
+    def close(self) -> None:
+        """The agent stops: close the files (they stay, to be restored at the next start)."""
+        for sub in self.by_id.values():
+            if sub.file is not None:
+                sub.file.close()
+        if self._directory_lock is not None:
+            self._directory_lock.release()
+            self._directory_lock = None

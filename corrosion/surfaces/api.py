@@ -42,7 +42,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..core.sqlguard import parse_timeout
 from ..core.statements import StatementFormError, parse_statement, parse_statements
 from ..runtime.results import QueryError, TransactionError, TransactionRefused
-from ..runtime.subscriptions import SubscriptionError
+from ..runtime.subscriptions import (
+    SubscriptionError,
+    SubscriptionGone,
+    SubscriptionStorageError,
+)
 from .asgi_server import AsgiServer, serve_asgi
 from .interfaces import ApiAgent
 
@@ -193,37 +197,34 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
-    async def _subscription_stream(request: Request, sub: Any, from_id: int | None) -> Response:
+    async def _subscription_stream(
+        request: Request, sub: Any, from_id: int | None, skip_rows: bool
+    ) -> Response:
         t0 = time.perf_counter()
-        skip_rows = request.query_params.get("skip_rows", "").lower() in ("1", "true")
-        subs = agent.subscriptions
         try:
-            backlog = sub.since(from_id) if from_id is not None else None
+            attached = await agent.subscriptions.attach(sub, from_id, skip_rows)
         except SubscriptionError as exc:
-            return _error(400, str(exc))
-        receive, close = subs.listen(sub)
-        snapshot = sub.snapshot() if backlog is None else None
+            return _error(404 if isinstance(exc, SubscriptionGone) else 400, str(exc))
+        snapshot, receive = attached.snapshot, attached.receive
 
         async def body() -> AsyncIterator[bytes]:
             try:
                 if snapshot is not None:
                     yield (json.dumps({"columns": snapshot.columns}) + "\n").encode()
-                    if not skip_rows:
-                        lines = [
-                            f'{{"row":[{rowid},{_row_json(row)}]}}\n'
-                            for rowid, row in snapshot.rows
-                        ]
-                        yield "".join(lines).encode()
+                    lines = [
+                        f'{{"row":[{rowid},{_row_json(row)}]}}\n' for rowid, row in snapshot.rows
+                    ]
+                    yield "".join(lines).encode()
                     eoq = {"time": time.perf_counter() - t0, "change_id": snapshot.change_id}
                     yield (json.dumps({"eoq": eoq}) + "\n").encode()
-                for event in backlog or []:
+                for event in attached.backlog:
                     yield _event_line(event)
                 async with receive:
                     async for event in receive:
                         yield _event_line(event)
                 yield (json.dumps({"error": "subscriber fell too far behind"}) + "\n").encode()
             finally:
-                close()
+                attached.close()
 
         headers = {"corro-query-id": sub.id, "corro-query-hash": sub.hash}
         return StreamingResponse(body(), media_type="application/x-ndjson", headers=headers)
@@ -231,33 +232,49 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
     async def subscribe(request: Request) -> Response:
         try:
             sql, params = parse_statement(await _json_body(request))
+            from_id, skip_rows = _from(request), _skip_rows(request)
         except StatementFormError as exc:
             return _error(400, str(exc))
         try:
-            from_id = _from(request)
-            sub = await agent.subscriptions.get_or_create(sql, params)
-        except (SubscriptionError, StatementFormError) as exc:
+            sub, created = await agent.subscriptions.get_or_create(sql, params)
+        except SubscriptionStorageError as exc:
+            return _error(500, str(exc))
+        except SubscriptionError as exc:
             return _error(400, str(exc))
-        return await _subscription_stream(request, sub, from_id)
+        if created and from_id:  # as corrosion: nothing to resume from
+            await agent.subscriptions.drop(sub.id)
+            return _error(
+                400, "a `from` query param was supplied, but no existing subscription found"
+            )
+        return await _subscription_stream(request, sub, from_id, skip_rows)
 
     async def resubscribe(request: Request) -> Response:
         sub = agent.subscriptions.by_id.get(request.path_params["id"])
         if sub is None:
             return _error(404, f"could not find subscription with id {request.path_params['id']}")
         try:
-            from_id = _from(request)
+            from_id, skip_rows = _from(request), _skip_rows(request)
         except StatementFormError as exc:
             return _error(400, str(exc))
-        return await _subscription_stream(request, sub, from_id)
+        return await _subscription_stream(request, sub, from_id, skip_rows)
 
     def _from(request: Request) -> int | None:
         value = request.query_params.get("from")
         if value is None:
             return None
         try:
-            return int(value)
+            change_id = int(value)
         except ValueError:
-            raise StatementFormError("from must be a change id (integer)") from None
+            change_id = -1
+        if change_id < 0:
+            raise StatementFormError("from must be a change id (an integer >= 0)")
+        return change_id
+
+    def _skip_rows(request: Request) -> bool:
+        value = request.query_params.get("skip_rows", "false").lower()
+        if value not in ("true", "false", "1", "0"):
+            raise StatementFormError("skip_rows must be true or false")
+        return value in ("true", "1")
 
     async def health(request: Request) -> Response:
         q = request.query_params

@@ -21,6 +21,7 @@ RELATIVE = f"""
 [db]
 path = "data/state.db"
 schema_paths = ["schema", "/etc/corrosion/extra.sql"]
+subscriptions_path = "subs"
 
 [gossip]
 addr = "127.0.0.1:0"
@@ -53,6 +54,7 @@ def test_relative_paths_are_relative_to_the_config_file(base, monkeypatch):
         cfg = Config.load(given, env={})
         assert cfg.db.path == u / "data/state.db"
         assert cfg.db.schema_paths == (u / "schema", Path("/etc/corrosion/extra.sql"))
+        assert cfg.db.subscriptions_dir() == u / "subs"
         assert cfg.admin_socket() == u / "run/admin.sock"
         tls = cfg.gossip.tls
         assert tls is not None
@@ -79,6 +81,7 @@ def test_relative_paths_are_relative_to_the_config_file(base, monkeypatch):
     cfg = Config.from_mapping({"db": {"path": "state.db", "schema_paths": ["s.sql"]}})
     assert cfg.db.path == Path("state.db") and cfg.db.schema_paths == (Path("s.sql"),)
     assert cfg.admin_socket() == Path("state.db.admin.sock")
+    assert cfg.db.subscriptions_dir() == Path("state.db.subscriptions")  # beside, as the socket
 
 
 def test_the_default_admin_socket_follows_the_resolved_database(base, monkeypatch):
