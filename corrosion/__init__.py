@@ -29,9 +29,22 @@ from .runtime.results import (
     TransactionRefused,
     TransactionTimeout,
 )
+from .surfaces.client import (
+    AgentUnreachable,
+    AsyncClient,
+    Client,
+    ClientError,
+    Rejected,
+    SubscriptionLost,
+    Unauthorized,
+)
 
 __all__ = [
     "Agent",
+    "AgentUnreachable",
+    "AsyncClient",
+    "Client",
+    "ClientError",
     "Config",
     "ConfigError",
     "CorrosionError",
@@ -39,7 +52,10 @@ __all__ = [
     "MemberInfo",
     "QueryError",
     "QueryTimeout",
+    "Rejected",
+    "SubscriptionLost",
     "TransactionError",
     "TransactionRefused",
     "TransactionTimeout",
+    "Unauthorized",
 ]

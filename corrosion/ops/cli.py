@@ -47,7 +47,7 @@ from ..surfaces.admin import (
     admin_request,
     agent_listening,
 )
-from ..surfaces.client import ClientError, CorrosionClient
+from ..surfaces.client import Client, ClientError
 from .startup import ListenError, check_addresses, explain
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
@@ -141,8 +141,8 @@ class Globals:
         except CliError:
             return None
 
-    def api_client(self) -> CorrosionClient:
-        return CorrosionClient(*self.api_target())
+    def api_client(self) -> Client:
+        return Client(*self.api_target())
 
     def api_target(self) -> tuple[str, str | None]:
         """The agent's API address and bearer token, from the flags or the config."""
@@ -651,7 +651,7 @@ def template(
             raise CliError(str(exc)) from None
         addr, token = g.api_target()
         if once:
-            with CorrosionClient(addr, token) as client:
+            with Client(addr, token) as client:
                 try:
                     render_all_once(specs, client)
                 except TemplateError as exc:

@@ -34,7 +34,7 @@ import httpx
 import jinja2
 
 from ..errors import CorrosionError
-from ..surfaces.client import ClientError, CorrosionClient, base_url, statement
+from ..surfaces.client import Client, ClientError, base_url, statement
 
 log = logging.getLogger("corrosion.template")
 
@@ -117,7 +117,7 @@ class Rows(list[Row]):
         return out.getvalue()
 
 
-def read_rows(client: CorrosionClient, sql: str, params: Any) -> Rows:
+def read_rows(client: Client, sql: str, params: Any) -> Rows:
     columns: list[str] = []
     index: dict[str, int] = {}
     rows: list[Row] = []
@@ -141,7 +141,7 @@ def _environment(source: Path) -> jinja2.Environment:
     )
 
 
-def render(spec: TemplateSpec, client: CorrosionClient) -> tuple[str, set[Query]]:
+def render(spec: TemplateSpec, client: Client) -> tuple[str, set[Query]]:
     """Render ``spec``'s template (blocking: run it in a worker thread); return the text and
     the queries it read."""
     read: set[Query] = set()
@@ -211,7 +211,7 @@ def run_command(spec: TemplateSpec) -> None:
         )
 
 
-def render_once(spec: TemplateSpec, client: CorrosionClient) -> set[Query]:
+def render_once(spec: TemplateSpec, client: Client) -> set[Query]:
     """Render, write if changed (then run the command); return the queries read."""
     text, read = render(spec, client)
     if write_atomically(spec.destination, text):
@@ -242,8 +242,8 @@ class Templates:
         self._watches: dict[Query, anyio.CancelScope] = {}
         self._interested: dict[Query, list[_Watched]] = {}
 
-    def _client(self) -> CorrosionClient:
-        return CorrosionClient(self._addr, self._token)
+    def _client(self) -> Client:
+        return Client(self._addr, self._token)
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         watched = [_Watched(spec) for spec in self._specs]
@@ -351,7 +351,7 @@ def _mtime(path: Path) -> float:
         return -1.0
 
 
-def render_all_once(specs: Sequence[TemplateSpec], client: CorrosionClient) -> None:
+def render_all_once(specs: Sequence[TemplateSpec], client: Client) -> None:
     for spec in specs:
         render_once(spec, client)
 

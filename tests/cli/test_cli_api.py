@@ -1,4 +1,4 @@
-"""``corrosion exec`` / ``corrosion query`` and ``CorrosionClient`` against a real agent."""
+"""``corrosion exec`` / ``corrosion query`` and ``Client`` against a real agent."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from cli_helpers import api_of, cli, node_mapping, rows, short_tmp, write_config
 
 from corrosion import Agent, Config
-from corrosion.surfaces.client import ClientError, CorrosionClient
+from corrosion.surfaces.client import Client, ClientError
 
 pytestmark = pytest.mark.anyio
 
@@ -155,7 +155,7 @@ async def test_token_flag_and_environment_variable(secured):
 
 async def test_python_client_streams_rows(node):
     def use_client() -> tuple[dict, list, list]:
-        with CorrosionClient(api_of(node)) as client:
+        with Client(api_of(node)) as client:
             answer = client.execute(
                 [
                     ["INSERT INTO todos (id, title) VALUES (?, ?)", [i, f"t{i}"]]
