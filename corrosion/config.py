@@ -10,6 +10,7 @@ addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
 authz.bearer-token = "secret"             # optional: require "Authorization: Bearer secret"
 query_timeout = 60.0                      # seconds a query may run (?timeout= overrides; 0: none)
 transaction_timeout = 60.0                # seconds a transaction's statements may run
+pg.addr = "127.0.0.1:5432"                # PostgreSQL protocol (also corrosion's [[api.pg]])
 
 [gossip]
 addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
@@ -130,6 +131,8 @@ class ApiConfig:
     # docs/agent.md for why transactions have one too (they hold the node's only writer)
     query_timeout: float = 60.0
     transaction_timeout: float = 60.0
+    # api.pg.addr: where PostgreSQL clients connect (corrosion's [[api.pg]] tables too)
+    pg_addrs: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,8 +223,9 @@ class Config:
         authz.done()
         api.mark("addr")
         timeouts = {k: api.number(k, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
+        pg_addrs = _pg_addrs(api.get("pg"))
         api.done()
-        api_cfg = ApiConfig(api_addrs, token, **timeouts)
+        api_cfg = ApiConfig(api_addrs, token, **timeouts, pg_addrs=pg_addrs)
 
         tls = gossip.table("tls", TlsConfig)
         tls_cfg = None
@@ -321,6 +325,26 @@ class Config:
         )
 
 
+def _pg_addrs(value: Any) -> tuple[Address, ...]:
+    """``[api] pg.addr = "host:port"`` (or a list of them), or corrosion's ``[[api.pg]]``: a
+    list of tables, each with its ``addr``."""
+    if value is None:
+        return ()
+    tables = value if isinstance(value, list) else [value]
+    addrs: list[Address] = []
+    for i, table in enumerate(tables):
+        key = "api.pg" if not isinstance(value, list) else f"api.pg[{i}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{key}: expected a table with addr = 'host:port', got {table!r}")
+        pg = _Reader(table, key + ".")
+        found = parse_addr_list(pg.get("addr"), key + ".addr")
+        if not found:
+            raise ConfigError(f"{key}.addr: is required")
+        pg.done()
+        addrs.extend(found)
+    return tuple(addrs)
+
+
 KEYGEN_HINT = "generate a key with `corrosion keygen`"
 
 
@@ -370,6 +394,13 @@ def security_warnings(
         out.append(
             f"api.addr {where} is reachable beyond this machine and api.authz.bearer-token is "
             "not set: anyone who reaches it can read and write"
+        )
+    pg_exposed = [a for a in config.api.pg_addrs if not _is_loopback(a[0])]
+    if pg_exposed and config.api.bearer_token is None:
+        where = ", ".join(format_addr(a) for a in pg_exposed)
+        out.append(
+            f"api.pg.addr {where} is reachable beyond this machine and api.authz.bearer-token "
+            "is not set: any PostgreSQL client that reaches it can read and write"
         )
     return out
 
