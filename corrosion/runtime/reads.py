@@ -8,13 +8,13 @@ what clients may not read and stops a query at its deadline.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import apsw
-from anyio.abc import TaskStatus
 
 import crdt
 import crdt.tableinfo
@@ -200,23 +200,21 @@ def _interruptible(conn: apsw.Connection) -> Callable[..., Awaitable[Any]]:
     once, rather than when the statement ends, and the cancellation then takes effect."""
 
     async def run(fn: Callable[..., Any], *args: Any) -> Any:
-        running = True
+        ended = threading.Event()
 
-        async def interrupt_on_cancel(*, task_status: TaskStatus[None]) -> None:
+        def call() -> Any:
             try:
-                task_status.started()
-                await anyio.sleep_forever()
+                return fn(*args)
             finally:
-                if running:
-                    conn.interrupt()
+                ended.set()
 
-        async with anyio.create_task_group() as tg:
-            await tg.start(interrupt_on_cancel)
-            try:
-                return await anyio.to_thread.run_sync(fn, *args)
-            finally:
-                running = False
-                tg.cancel_scope.cancel()
+        try:
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            conn.interrupt()
+            with anyio.CancelScope(shield=True):  # the connection is free once the thread ends
+                await anyio.to_thread.run_sync(ended.wait)
+            raise
 
     return run
 

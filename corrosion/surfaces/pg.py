@@ -243,6 +243,7 @@ class PgServer:
                 session = await self._startup(conn)
             if session is not None:
                 await session.run()
+                await conn.flush()  # what was answered before a pipelined Terminate
         except pgp.ProtocolViolation as exc:
             self.stats.protocol_errors += 1
             log.debug("pg: protocol violation from %s: %s", conn.peer, exc)
@@ -426,6 +427,11 @@ class Session:
         if self.block is None:
             return "I"
         return "E" if self.failed else "T"
+
+    @property
+    def reading(self) -> bool:
+        """A read is running now (a CancelRequest would interrupt it)."""
+        return self._reading is not None
 
     def cancel(self) -> None:
         """A CancelRequest: interrupt the read running now, if any."""
