@@ -664,7 +664,7 @@ def decode_param(data: bytes, oid: int, fmt: int, index: int) -> Any:
 
 # -- statements -----------------------------------------------------------------------------------
 
-_PLACEHOLDER = re.compile(r"\$(\d+)(?:::\s*([A-Za-z_][A-Za-z0-9_]*(?:\s+precision)?))?")
+_PLACEHOLDER = re.compile(r"\$(\d+)(?:\s*::\s*([A-Za-z_][A-Za-z0-9_]*(?:\s+precision)?))?")
 _QUOTES = {"'": "'", '"': '"', "`": "`", "[": "]"}
 
 
