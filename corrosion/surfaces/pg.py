@@ -131,10 +131,10 @@ class PgStats:
 _FIRST_WORD = re.compile(r"\s*([A-Za-z_]+)")
 _FUNCTION_QUERY = re.compile(
     r"\s*select\s+(?:pg_catalog\.)?(version|current_database|current_schema|current_user|"
-    r"session_user|user|pg_backend_pid)\s*(?:\(\s*\))?\s*;?\s*$",
+    r"session_user|user|pg_backend_pid|pg_advisory_unlock_all)\s*(?:\(\s*\))?\s*;?\s*$",
     re.IGNORECASE,
 )
-_SHOW = re.compile(r"\s*show\s+([A-Za-z_.]+)\s*;?\s*$", re.IGNORECASE)
+_SHOW = re.compile(r"\s*show\s+([A-Za-z_.]+(?:\s+isolation\s+level)?)\s*;?\s*$", re.IGNORECASE)
 _WRITE_TAGS = {"INSERT": "INSERT 0 {}", "REPLACE": "INSERT 0 {}", "UPDATE": "UPDATE {}"}
 _NO_OPS = frozenset({"SET", "RESET", "DISCARD", "CLOSE", "UNLISTEN", "DEALLOCATE"})
 _TRANSACTION_WORDS = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
@@ -206,6 +206,15 @@ def _fields(
         )
         for i, (name, decl) in enumerate(columns)
     ]
+
+
+def _dummy(oid: int) -> Any:
+    """A value of type ``oid`` for a trial run of a statement."""
+    if oid in (pgp.INT2, pgp.INT4, pgp.INT8, pgp.OID, pgp.BOOL):
+        return 0
+    if oid in (pgp.FLOAT4, pgp.FLOAT8, pgp.NUMERIC):
+        return 0.0
+    return b"" if oid == pgp.BYTEA else ""
 
 
 def _implied_type(column: str) -> str | None:
@@ -588,16 +597,18 @@ class Session:
 
     async def _statement_fields(self, prepared: Prepared) -> list[Field] | None:
         """A statement's columns before it is bound: by declared type; a column without one
-        is typed by the first row of a trial run when the statement has no parameters (clients
-        that describe statements, as asyncpg does, decode by these types), else text."""
+        by the first row of a trial run, with a placeholder value of each parameter's type
+        (clients that describe statements, as asyncpg does, decode by these types); text if
+        that run returns no row."""
         if prepared.kind == "canned":
             assert prepared.canned is not None
             return prepared.canned.fields
         if prepared.kind != "read":
             return None
         sample: list[tuple] = []
-        if not prepared.param_oids and any(decl is None for _, decl in prepared.columns):
-            trial = Portal(prepared, {}, (), batch=1)
+        if any(decl is None and _implied_type(name) is None for name, decl in prepared.columns):
+            dummies = {str(i + 1): _dummy(oid) for i, oid in enumerate(prepared.param_oids)}
+            trial = Portal(prepared, dummies, (), batch=1)
             try:
                 await self._start_read(trial)
                 sample = trial.pending[:1]
@@ -658,13 +669,14 @@ class Session:
                 "current_database": self.startup.get("database") or self.startup.get("user", ""),
                 "current_schema": "main",
                 "pg_backend_pid": self.pid,
+                "pg_advisory_unlock_all": None,  # no advisory locks here (asyncpg's pool)
             }
             value = values.get(name, self.startup.get("user", ""))
             oid = pgp.INT4 if name == "pg_backend_pid" else pgp.TEXT
             return Canned([Field(name, oid)], [(value,)], "SELECT 1")
         m = _SHOW.match(sql)
         if m is not None:
-            name = m.group(1).lower()
+            name = re.sub(r"\s+isolation\s+level", "_isolation", m.group(1).lower())
             known = {k.lower(): v for k, v in self.parameters().items()}
             known |= {"transaction_isolation": "serializable", "transaction_read_only": "off"}
             if name not in known:

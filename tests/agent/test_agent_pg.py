@@ -271,6 +271,25 @@ async def test_asyncpg_prepared_statements_and_binary_types(tmp_path):
             await conn.close()
 
 
+async def test_asyncpg_pool_reuses_its_connections(tmp_path):
+    """A pool resets a connection it gets back (advisory locks, CLOSE ALL, RESET ALL...): the
+    reset must not fail, or the pool would drop every connection it lends."""
+    async with Agent(pg_config(tmp_path)) as agent:
+        host, port = agent.pg_addrs[0]
+        pool = await asyncpg.create_pool(
+            host=host, port=port, user="tester", database="corrosion", ssl=False, min_size=1,
+            max_size=1,
+        )  # fmt: skip
+        try:
+            for i in range(3):
+                async with pool.acquire() as conn:
+                    assert await conn.fetchval("SELECT $1::int8 + 1", i) == i + 1
+                    assert await conn.fetchval("SHOW transaction isolation level")
+            assert agent.pg_servers[0].stats.connections == 1  # the same one, each time
+        finally:
+            await pool.close()
+
+
 async def test_writes_replicate_to_another_agent(tmp_path):
     api = {"addr": "127.0.0.1:0", "pg": {"addr": "127.0.0.1:0"}}
     async with cluster(tmp_path, 2, api=api) as (a, b):
