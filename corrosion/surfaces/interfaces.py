@@ -17,6 +17,7 @@ from ..core.replication import Replicator
 from ..core.store import Store
 from ..runtime.results import ExecResult, MemberInfo, UpdateWatch
 from ..runtime.subscriptions import Subscriptions
+from .pg import PgServer
 
 
 class AgentHealth(Protocol):
@@ -74,6 +75,7 @@ class MetricsAgent(AgentHealth, Protocol):
     """What ``/metrics`` reads: the health numbers and the counters of the agent's parts."""
 
     events: Any  # corrosion.runtime.events.AgentEvents
+    pg_servers: list[PgServer]  # api.pg.addr's servers, with their counters
     store: Store | None
     replicator: Replicator | None
     swim: swim.SwimNode | None

@@ -23,6 +23,7 @@ from support import require, wait_for
 
 from corrosion import Agent, Config
 from corrosion.config import ConfigError
+from corrosion.surfaces.metrics import collect, render
 
 pytestmark = pytest.mark.anyio
 
@@ -359,6 +360,8 @@ async def test_garbage_is_dropped_and_counted(tmp_path):
             assert await conn.fetchval("SELECT 40 + 2") == 42
         finally:
             await conn.close()
+        metrics = render(collect(agent))
+        assert f"corro_pg_protocol_errors_total {len(garbage)}" in metrics
 
 
 def test_config_forms():
