@@ -135,6 +135,7 @@ _FUNCTION_QUERY = re.compile(
     re.IGNORECASE,
 )
 _SHOW = re.compile(r"\s*show\s+([A-Za-z_.]+(?:\s+isolation\s+level)?)\s*;?\s*$", re.IGNORECASE)
+_CATALOG = re.compile(r"\b(pg_catalog|information_schema|pg_[a-z_]+)\b", re.IGNORECASE)
 _WRITE_TAGS = {"INSERT": "INSERT 0 {}", "REPLACE": "INSERT 0 {}", "UPDATE": "UPDATE {}"}
 _NO_OPS = frozenset({"SET", "RESET", "DISCARD", "CLOSE", "UNLISTEN", "DEALLOCATE"})
 _TRANSACTION_WORDS = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
@@ -654,6 +655,12 @@ class Session:
         try:
             columns = await self.agent.describe(rewritten)
         except QueryError as exc:
+            if _CATALOG.search(rewritten):
+                raise PgError(
+                    "0A000",
+                    f"PostgreSQL's catalog is not available here ({exc.message})",
+                    hint="this is SQLite: read sqlite_schema, or PRAGMA table_info('t')",
+                ) from None
             raise PgError(sqlstate_of(exc), exc.message) from None
         if columns is None:
             return Prepared(rewritten, "write", oids)

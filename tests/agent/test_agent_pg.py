@@ -106,6 +106,9 @@ async def test_psql_reads_writes_and_refusals(tmp_path):
             agent, "-c", "\\set VERBOSITY verbose", "-c", "CREATE TABLE t2 (a)"
         )
         assert code == 1 and "42501" in err and "not allowed" in err, err
+        # psql's \d reads PostgreSQL's catalog, which SQLite has not: said so, with a hint
+        code, out, err = await psql(agent, "-c", "\\d items")
+        assert code == 1 and "catalog is not available" in err and "sqlite_schema" in err, err
         # a transaction block in one query string: both writes, at COMMIT
         code, out, err = await psql(
             agent,
