@@ -265,6 +265,12 @@ class PgServer:
             pass
         except OSError as exc:  # a reset connection
             log.debug("pg: connection from %s: %s", conn.peer, exc)
+        except Exception as exc:  # a bug here must not end the server: log it, close this one
+            log.error("pg: connection from %s failed", conn.peer, exc_info=exc)
+            with contextlib.suppress(Exception):
+                await conn.send_now(
+                    pgp.error_response("XX000", f"internal error: {exc!r}", severity="FATAL")
+                )
         finally:
             if session is not None:
                 self.sessions.pop(session.pid, None)
@@ -502,6 +508,8 @@ class Session:
         for statement in statements:
             try:
                 prepared = await self._prepare(statement, [])
+                if prepared.param_oids:
+                    raise PgError("42P02", "there is no parameter $1 (a simple query has none)")
                 portal = Portal(prepared, {}, ())
                 try:
                     await self._run(portal, 0, describe=True)

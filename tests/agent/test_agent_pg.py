@@ -243,6 +243,9 @@ async def test_asyncpg_password_and_errors(tmp_path):
             with pytest.raises(asyncpg.InsufficientPrivilegeError) as err:
                 await conn.execute("DROP TABLE items")
             assert "not allowed" in str(err.value)
+            with pytest.raises(asyncpg.PostgresError) as err:  # a simple query: no parameters
+                await conn.execute("SELECT $1")
+            assert err.value.sqlstate == "42P02"
             await conn.execute("INSERT INTO items VALUES (1, 'a', NULL)")
             with pytest.raises(asyncpg.UniqueViolationError):
                 await conn.execute("INSERT INTO items VALUES (1, 'a', NULL)")
