@@ -21,16 +21,14 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 
 from crdt.schema import split_statements
 
-from ..config import Config
 from ..core.sqlguard import NOT_READONLY
-from ..runtime.events import AgentEvents
 from ..runtime.results import (
     ExecResult,
     QueryError,
@@ -40,6 +38,7 @@ from ..runtime.results import (
     TransactionTimeout,
 )
 from . import pg_protocol as pgp
+from .interfaces import PgAgent
 from .pg_protocol import Field
 from .serving import Closer, serve_listener
 
@@ -49,22 +48,6 @@ SERVER_VERSION = "16.0"  # what clients are told (they pick features by it); see
 STARTUP_TIMEOUT = 60.0  # seconds to start up and authenticate (PostgreSQL's default)
 FLUSH_AT = 64 << 10  # bytes of rows buffered before they are sent
 ROW_BATCH = 512
-
-
-class PgAgent(Protocol):
-    """What the PostgreSQL server uses of the agent."""
-
-    config: Config
-    events: AgentEvents
-
-    async def execute(self, statements: Sequence[Any], *, timeout: Any = ...) -> ExecResult: ...
-
-    def query_stream(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
-        timeout: Any = ..., interruptible: bool = ...,
-    ) -> AsyncIterator[tuple[str, Any]]: ...  # fmt: skip
-
-    async def describe(self, sql: str) -> list[tuple[str, str | None]] | None: ...
 
 
 class PgError(Exception):
