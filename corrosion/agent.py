@@ -75,9 +75,9 @@ class Agent(AgentRuntime):
                     server, bound = await serve_api(self, tg, host, port)
                 self._api_servers.append(server)
                 self.api_addrs.append(bound)
-            for host, port in cfg.api.pg_addrs:
-                with listening("api.pg.addr", (host, port)):
-                    close, bound, pg = await start_pg(self, tg, host, port)
+            for listener in cfg.api.pg:
+                with listening("api.pg.addr", listener.addr):
+                    close, bound, pg = await start_pg(self, tg, listener)
                 self._closers.append(close)
                 self.pg_addrs.append(bound)
                 self.pg_servers.append(pg)

@@ -124,6 +124,14 @@ class DbConfig:
 
 
 @dataclass(frozen=True)
+class PgListener:
+    """One ``[[api.pg]]`` listener: its address, and whether it refuses writes."""
+
+    addr: Address
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     addrs: tuple[Address, ...] = ()
     bearer_token: str | None = None
@@ -131,8 +139,12 @@ class ApiConfig:
     # docs/agent.md for why transactions have one too (they hold the node's only writer)
     query_timeout: float = 60.0
     transaction_timeout: float = 60.0
-    # api.pg.addr: where PostgreSQL clients connect (corrosion's [[api.pg]] tables too)
-    pg_addrs: tuple[Address, ...] = ()
+    # api.pg: where PostgreSQL clients connect (corrosion's [[api.pg]] tables too)
+    pg: tuple[PgListener, ...] = ()
+
+    @property
+    def pg_addrs(self) -> tuple[Address, ...]:
+        return tuple(listener.addr for listener in self.pg)
 
 
 @dataclass(frozen=True)
@@ -223,9 +235,9 @@ class Config:
         authz.done()
         api.mark("addr")
         timeouts = {k: api.number(k, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
-        pg_addrs = _pg_addrs(api.get("pg"))
+        pg = _pg_listeners(api.get("pg"))
         api.done()
-        api_cfg = ApiConfig(api_addrs, token, **timeouts, pg_addrs=pg_addrs)
+        api_cfg = ApiConfig(api_addrs, token, **timeouts, pg=pg)
 
         tls = gossip.table("tls", TlsConfig)
         tls_cfg = None
@@ -325,24 +337,30 @@ class Config:
         )
 
 
-def _pg_addrs(value: Any) -> tuple[Address, ...]:
+def _pg_listeners(value: Any) -> tuple[PgListener, ...]:
     """``[api] pg.addr = "host:port"`` (or a list of them), or corrosion's ``[[api.pg]]``: a
-    list of tables, each with its ``addr``."""
+    list of tables, each with its ``addr`` and optional ``readonly``."""
     if value is None:
         return ()
     tables = value if isinstance(value, list) else [value]
-    addrs: list[Address] = []
+    listeners: list[PgListener] = []
     for i, table in enumerate(tables):
         key = "api.pg" if not isinstance(value, list) else f"api.pg[{i}]"
         if not isinstance(table, Mapping):
             raise ConfigError(f"{key}: expected a table with addr = 'host:port', got {table!r}")
-        pg = _Reader(table, key + ".")
-        found = parse_addr_list(pg.get("addr"), key + ".addr")
-        if not found:
+        pg = _Reader(table, key + ".", _field_defaults(PgListener))
+        addrs = parse_addr_list(pg.get("addr"), key + ".addr")
+        if not addrs:
             raise ConfigError(f"{key}.addr: is required")
+        readonly = pg.boolean("readonly")
+        if pg.get("tls") is not None:
+            raise ConfigError(
+                f"{key}.tls: the PostgreSQL server has no TLS yet: serve it on loopback or a "
+                "private network, or put a TLS proxy in front of it"
+            )
         pg.done()
-        addrs.extend(found)
-    return tuple(addrs)
+        listeners += [PgListener(addr, readonly) for addr in addrs]
+    return tuple(listeners)
 
 
 KEYGEN_HINT = "generate a key with `corrosion keygen`"

@@ -28,6 +28,7 @@ from anyio.abc import SocketStream, TaskGroup
 
 from crdt.schema import split_statements
 
+from ..config import PgListener
 from ..core.sqlguard import NOT_READONLY
 from ..runtime.results import (
     ExecResult,
@@ -218,8 +219,9 @@ class PgServer:
     """Serves PostgreSQL clients on one listener; knows its connections by their backend key
     (for CancelRequests, which arrive on a connection of their own)."""
 
-    def __init__(self, agent: PgAgent) -> None:
+    def __init__(self, agent: PgAgent, *, readonly: bool = False) -> None:
         self.agent = agent
+        self.readonly = readonly  # api.pg.readonly: writes are refused
         self.stats = PgStats()
         self.sessions: dict[int, Session] = {}
         token = agent.config.api.bearer_token
@@ -776,6 +778,12 @@ class Session:
 
     async def _write(self, sql: str, params: dict[str, Any]) -> None:
         word = _first_word(sql)
+        if self.server.readonly:
+            raise PgError(
+                "25006",
+                f"cannot execute {word} in a read-only transaction",
+                hint="this listener has api.pg.readonly = true",
+            )
         tag = _WRITE_TAGS.get(word, word + " {}")
         if self.block is not None:
             self.block.append((sql, params))
@@ -839,12 +847,13 @@ class Session:
 
 
 async def start_pg(
-    agent: PgAgent, tg: TaskGroup, host: str, port: int
+    agent: PgAgent, tg: TaskGroup, config: PgListener
 ) -> tuple[Closer, tuple[str, int], PgServer]:
-    """Listen on ``host:port`` and serve PostgreSQL clients in ``tg``; return the closer, the
-    bound address and the server (its ``stats``)."""
+    """Listen on ``config.addr`` and serve PostgreSQL clients in ``tg``; return the closer,
+    the bound address and the server (its ``stats``)."""
+    host, port = config.addr
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     bound = listener.extra(anyio.abc.SocketAttribute.local_address)
-    server = PgServer(agent)
+    server = PgServer(agent, readonly=config.readonly)
     close = await serve_listener(tg, listener, server.handle)
     return close, (str(bound[0]), int(bound[1])), server

@@ -317,6 +317,21 @@ async def test_writes_replicate_to_another_agent(tmp_path):
             await reader.close()
 
 
+async def test_readonly_listener_refuses_writes(tmp_path):
+    config = pg_config(tmp_path)
+    readonly = dataclasses.replace(config.api.pg[0], readonly=True)
+    config = dataclasses.replace(config, api=dataclasses.replace(config.api, pg=(readonly,)))
+    async with Agent(config) as agent:
+        await agent.execute(["INSERT INTO items VALUES (1, 'one', NULL)"])
+        conn = await pg_connect(agent)
+        try:
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await conn.execute("UPDATE items SET body = $1", "changed")
+            assert await conn.fetchval("SELECT body FROM items") == "one"
+        finally:
+            await conn.close()
+
+
 # -- the protocol itself --------------------------------------------------------------------------
 
 
@@ -379,6 +394,12 @@ def test_config_forms():
         {**base, "api": {"pg": [{"addr": "127.0.0.1:5432"}, {"addr": "[::1]:5433"}]}}
     )
     assert many.api.pg_addrs == (("127.0.0.1", 5432), ("::1", 5433))
+    ro = Config.from_mapping({**base, "api": {"pg": [{"addr": "127.0.0.1:1", "readonly": True}]}})
+    assert ro.api.pg[0].readonly and not one.api.pg[0].readonly
+    with pytest.raises(ConfigError, match=r"api\.pg\.tls: the PostgreSQL server has no TLS"):
+        Config.from_mapping({**base, "api": {"pg": {"addr": "127.0.0.1:1", "tls": {}}}})
+    with pytest.raises(ConfigError, match=r"api\.pg\.readonly: expected true or false"):
+        Config.from_mapping({**base, "api": {"pg": {"addr": "127.0.0.1:1", "readonly": "yes"}}})
     with pytest.raises(ConfigError, match=r"api\.pg\.addr: is required"):
         Config.from_mapping({**base, "api": {"pg": {}}})
     with pytest.raises(ConfigError, match=r"api\.pg\[1\]\.addr: port must be a number"):
