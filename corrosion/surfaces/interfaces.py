@@ -87,6 +87,11 @@ class PgAgent(Protocol):
 
     async def execute(self, statements: Sequence[Any], *, timeout: Any = ...) -> ExecResult: ...
 
+    def query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
+        timeout: Any = ...,
+    ) -> AsyncIterator[tuple[Any, ...]]: ...  # fmt: skip
+
     def query_stream(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
         timeout: Any = ..., interruptible: bool = ...,

@@ -125,6 +125,89 @@ _NO_OPS = frozenset({"SET", "RESET", "DISCARD", "CLOSE", "UNLISTEN", "DEALLOCATE
 _TRANSACTION_WORDS = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
 
 
+_SCHEMA_QUERY = (
+    "SELECT m.name, p.name, p.type FROM sqlite_schema AS m JOIN pragma_table_info(m.name) AS p "
+    "WHERE m.type = 'table' AND m.name NOT GLOB 'sqlite_*' AND m.name NOT GLOB '__corro_*' "
+    "AND m.name NOT GLOB 'crsql_*' AND m.name NOT GLOB '*__crsql_*' ORDER BY m.name, p.cid"
+)
+_IDENT = r'["`\[]?([A-Za-z_][\w$]*)["`\]]?'
+_OP = r"(?:==|=|<>|!=|<=|>=|<|>|\bis(?:\s+not)?\b|\b(?:not\s+)?(?:like|glob)\b)"
+_COLUMN_THEN_PARAM = re.compile(
+    rf"(?:{_IDENT}\s*\.\s*)?{_IDENT}\s*{_OP}\s*\$(\d+)\b", re.IGNORECASE
+)
+_PARAM_THEN_COLUMN = re.compile(rf"\$(\d+)\s*{_OP}\s*(?:{_IDENT}\s*\.\s*)?{_IDENT}", re.IGNORECASE)
+_COLUMN_IN = re.compile(
+    rf"(?:{_IDENT}\s*\.\s*)?{_IDENT}\s+(?:not\s+)?(?:in\s*\(|between\s+)([^)]*?)(?:\)|$)",
+    re.IGNORECASE,
+)
+_TABLE = re.compile(rf"\b(?:from|join|into|update)\s+(?:{_IDENT}\s*\.\s*)?{_IDENT}", re.I)
+_FROM_LIST = re.compile(
+    r"\bfrom\s+([^;()]*?)\s*(?:\bwhere\b|\bgroup\b|\border\b|\blimit\b|\bjoin\b|\bon\b|"
+    r"\bunion\b|\bleft\b|\binner\b|\bcross\b|\bnatural\b|\)|$)",
+    re.IGNORECASE,
+)
+_INSERT = re.compile(
+    rf"\binsert\s+(?:or\s+\w+\s+)?into\s+(?:{_IDENT}\s*\.\s*)?{_IDENT}\s*"
+    r"(?:\(([^)]*)\))?\s*values\s*\(([^)]*)\)",
+    re.IGNORECASE,
+)
+_PARAM_ONLY = re.compile(r"\s*\$(\d+)\s*$")
+
+
+def infer_param_types(
+    sql: str, untyped: set[int], schema: dict[str, list[tuple[str, str | None]]]
+) -> dict[int, int]:
+    """Types of parameters from where they stand: compared with a column (``col = $1``,
+    ``$1 < t.col``, ``col IN ($1, $2)``, ``col BETWEEN $1 AND $2``), assigned to one (``SET col
+    = $1``) or inserted into one (``INSERT INTO t (a, b) VALUES ($1, $2)``), when the tables the
+    statement names (``schema``: table -> [(column, declared type)]) agree on the column's
+    type. Clients that encode parameters by their described type (asyncpg) need this."""
+    named = {m.group(2).lower() for m in _TABLE.finditer(sql)}
+    for m in _FROM_LIST.finditer(sql):  # FROM a, b AS x, c
+        named |= {item.split()[0].strip('"`[]').lower() for item in m.group(1).split(",")}
+    named &= set(schema)
+    tables = {t: schema[t] for t in named} if named else schema
+
+    def column_oid(column: str) -> int | None:
+        oids = {
+            pgp.oid_for_decltype(decl)
+            for cols in tables.values()
+            for name, decl in cols
+            if name.lower() == column.lower()
+        }
+        return oids.pop() if len(oids) == 1 else None
+
+    found: dict[int, int] = {}
+
+    def note(index: int, oid: int | None) -> None:
+        if index in untyped and oid is not None:
+            found.setdefault(index, oid)
+
+    for m in _INSERT.finditer(sql):
+        table = m.group(2).lower()
+        if table not in schema:
+            continue
+        names = (
+            [c.strip().strip('"`[]') for c in m.group(3).split(",")]
+            if m.group(3)
+            else [name for name, _ in schema[table]]
+        )
+        decls = {name.lower(): decl for name, decl in schema[table]}
+        for name, value in zip(names, m.group(4).split(","), strict=False):
+            p = _PARAM_ONLY.match(value)
+            if p is not None:
+                note(int(p.group(1)), pgp.oid_for_decltype(decls.get(name.lower())))
+    for m in _COLUMN_THEN_PARAM.finditer(sql):
+        note(int(m.group(3)), column_oid(m.group(2)))
+    for m in _PARAM_THEN_COLUMN.finditer(sql):
+        note(int(m.group(1)), column_oid(m.group(3)))
+    for m in _COLUMN_IN.finditer(sql):
+        oid = column_oid(m.group(2))
+        for p in re.finditer(r"\$(\d+)", m.group(3)):
+            note(int(p.group(1)), oid)
+    return found
+
+
 def _first_word(sql: str) -> str:
     m = _FIRST_WORD.match(sql)
     return m.group(1).upper() if m else ""
@@ -636,6 +719,9 @@ class Session:
         except pgp.ValueFormatError as exc:
             raise PgError(exc.sqlstate, str(exc)) from None
         oids = list(param_oids[:count]) + [0] * (count - len(param_oids))
+        untyped = {i + 1 for i, oid in enumerate(oids) if not oid and i + 1 not in casts}
+        if untyped:
+            casts |= infer_param_types(rewritten, untyped, await self._schema())
         oids = [oid or casts.get(i + 1, pgp.TEXT) for i, oid in enumerate(oids)]
         word = _first_word(rewritten)
         if not rewritten:
@@ -658,6 +744,16 @@ class Session:
         if columns is None:
             return Prepared(rewritten, "write", oids)
         return Prepared(rewritten, "read", oids, columns=columns)
+
+    async def _schema(self) -> dict[str, list[tuple[str, str | None]]]:
+        """The clients' tables and their columns' declared types (for ``infer_param_types``)."""
+        schema: dict[str, list[tuple[str, str | None]]] = {}
+        try:
+            async for table, column, decl in self.agent.query(_SCHEMA_QUERY):
+                schema.setdefault(table.lower(), []).append((column, decl or None))
+        except QueryError as exc:
+            log.debug("pg: no schema to type parameters by: %s", exc.message)
+        return schema
 
     def _canned(self, sql: str) -> Canned | None:
         m = _FUNCTION_QUERY.match(sql)

@@ -23,7 +23,9 @@ from support import require, wait_for
 
 from corrosion import Agent, Config
 from corrosion.config import ConfigError
+from corrosion.surfaces import pg_protocol as pgp
 from corrosion.surfaces.metrics import collect, render
+from corrosion.surfaces.pg import infer_param_types
 
 pytestmark = pytest.mark.anyio
 
@@ -258,14 +260,17 @@ async def test_asyncpg_prepared_statements_and_binary_types(tmp_path):
     async with Agent(pg_config(tmp_path)) as agent:
         conn = await pg_connect(agent)
         try:
-            insert = "INSERT INTO items VALUES ($1::int8, $2, $3)"
+            # parameters take the type of the column they go into or are compared with
+            insert = "INSERT INTO items VALUES ($1, $2, $3)"
             await conn.executemany(insert, [(i, f"body {i}", None) for i in range(1, 21)])
-            await conn.execute("INSERT INTO flags VALUES ($1::int8, $2::bool)", 1, True)
-            stmt = await conn.prepare("SELECT id, body FROM items WHERE id > $1::int8 ORDER BY id")
+            await conn.execute("INSERT INTO flags (on_, id) VALUES ($1, $2)", True, 1)
+            stmt = await conn.prepare("SELECT id, body FROM items WHERE id > $1 ORDER BY id")
             assert [r["id"] for r in await stmt.fetch(17)] == [18, 19, 20]
             assert await stmt.fetchval(19) == 20
-            # untyped parameters are text: SQLite's column affinity compares them as numbers
-            assert await conn.fetchval("SELECT body FROM items WHERE id = $1", "3") == "body 3"
+            assert await conn.fetchval("SELECT id FROM flags WHERE on_ = $1", True) == 1
+            # elsewhere, a cast says the type; without one a parameter is text
+            assert await conn.fetchval("SELECT $1::int8 * 2", 21) == 42
+            assert await conn.fetchval("SELECT $1 || '!'", "hi") == "hi!"
             assert await conn.fetchval("SELECT count(*) FROM items") == 20
             row = await conn.fetchrow("SELECT on_, x'00ff' AS b, 2.5 AS f, NULL AS n FROM flags")
             assert tuple(row) == (True, b"\x00\xff", 2.5, None)
@@ -383,6 +388,29 @@ async def test_garbage_is_dropped_and_counted(tmp_path):
             await conn.close()
         metrics = render(collect(agent))
         assert f"corro_pg_protocol_errors_total {len(garbage)}" in metrics
+
+
+def test_parameter_types_from_the_columns_they_meet():
+    schema = {
+        "items": [("id", "INTEGER"), ("body", "TEXT")],
+        "flags": [("id", "INTEGER"), ("on_", "BOOLEAN")],
+        "kv": [("k", "TEXT"), ("v", "ANY"), ("id", "TEXT")],
+    }
+    infer = infer_param_types
+    assert infer("SELECT * FROM items WHERE id = $1 AND $2 < items.id", {1, 2}, schema) == {
+        1: pgp.INT8, 2: pgp.INT8,
+    }  # fmt: skip
+    assert infer("INSERT INTO flags (on_, id) VALUES ($1, $2)", {1, 2}, schema) == {
+        1: pgp.BOOL, 2: pgp.INT8,
+    }  # fmt: skip
+    assert infer("UPDATE kv SET k = $1 WHERE v = $2", {1, 2}, schema) == {1: pgp.TEXT}
+    assert infer("SELECT 1 FROM items WHERE id IN ($1, $2)", {1}, schema) == {1: pgp.INT8}
+    # "id" is an integer in items and flags, text in kv: known only when the tables are named
+    assert infer("SELECT * FROM items JOIN flags USING (id) WHERE id = $1", {1}, schema) == {
+        1: pgp.INT8
+    }
+    assert infer("SELECT $1 = id", {1}, schema) == {}
+    assert infer("SELECT * FROM kv, items WHERE id = $1", {1}, schema) == {}
 
 
 def test_config_forms():
