@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from anyio.abc import TaskGroup
 
+from .addresses import format_addr
 from .config import Config
 from .runtime.agent import AgentRuntime
 from .runtime.events import AgentEvents, Faults
@@ -81,6 +83,12 @@ class Agent(AgentRuntime):
                 self._closers.append(close)
                 self.pg_addrs.append(bound)
                 self.pg_servers.append(pg)
+
+    def _startup_fields(self) -> dict[str, Any]:
+        fields = super()._startup_fields()
+        if self.pg_addrs:
+            fields["pg_addrs"] = [format_addr(a) for a in self.pg_addrs]
+        return fields
 
     async def _start_admin(self, tg: TaskGroup) -> None:
         path = self.config.admin_socket()

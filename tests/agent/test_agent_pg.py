@@ -22,7 +22,7 @@ from agent_helpers import agent_config, cluster, rows
 from support import require, wait_for
 
 from corrosion import Agent, Config
-from corrosion.config import ConfigError
+from corrosion.config import ConfigError, security_warnings
 from corrosion.surfaces import pg_protocol as pgp
 from corrosion.surfaces.metrics import collect, render
 from corrosion.surfaces.pg import infer_param_types
@@ -422,6 +422,9 @@ def test_config_forms():
         {**base, "api": {"pg": [{"addr": "127.0.0.1:5432"}, {"addr": "[::1]:5433"}]}}
     )
     assert many.api.pg_addrs == (("127.0.0.1", 5432), ("::1", 5433))
+    exposed = Config.from_mapping({**base, "api": {"pg": {"addr": "0.0.0.0:5432"}}})
+    assert any("api.pg.addr 0.0.0.0:5432" in w for w in security_warnings(exposed))
+    assert security_warnings(one) == []  # loopback
     ro = Config.from_mapping({**base, "api": {"pg": [{"addr": "127.0.0.1:1", "readonly": True}]}})
     assert ro.api.pg[0].readonly and not one.api.pg[0].readonly
     with pytest.raises(ConfigError, match=r"api\.pg\.tls: the PostgreSQL server has no TLS"):
