@@ -1,5 +1,6 @@
 """``corrosion.Agent``: the runtime that replicates (corrosion.runtime.agent) with the servers in
-front of it — the admin socket, the Prometheus endpoint and the HTTP API — as the config asks.
+front of it — the admin socket, the Prometheus endpoint, the HTTP API and the PostgreSQL
+protocol — as the config asks.
 
     async with corrosion.Agent(config) as agent:
         await agent.execute(["INSERT INTO t VALUES (1, 'x')"])
@@ -15,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from anyio.abc import TaskGroup
 
+from .addresses import format_addr
 from .config import Config
 from .runtime.agent import AgentRuntime
 from .runtime.events import AgentEvents, Faults
@@ -27,6 +30,7 @@ from .surfaces.admin import MAX_SOCKET_PATH, start_admin
 from .surfaces.api import serve_api
 from .surfaces.asgi_server import AsgiServer
 from .surfaces.metrics import start_metrics
+from .surfaces.pg import PgServer, start_pg
 
 __all__ = ["Agent", "AgentEvents", "Faults"]
 
@@ -36,7 +40,8 @@ log = logging.getLogger("corrosion.agent")
 class Agent(AgentRuntime):
     """A corrosion agent: replication, plus the admin socket (always, unless its default path
     is too long), ``/metrics`` (with ``telemetry.prometheus.addr``) and the HTTP API (with
-    ``api.addr``, unless ``serve_api`` is false)."""
+    ``api.addr``, unless ``serve_api`` is false) and the PostgreSQL protocol (``api.pg.addr``,
+    unless ``serve_api`` is false)."""
 
     def __init__(
         self,
@@ -52,6 +57,8 @@ class Agent(AgentRuntime):
         )
         self._serve_api = serve_api
         self._api_servers: list[AsgiServer] = []
+        self.pg_addrs: list[tuple[str, int]] = []  # api.pg.addr as bound
+        self.pg_servers: list[PgServer] = []
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -70,6 +77,18 @@ class Agent(AgentRuntime):
                     server, bound = await serve_api(self, tg, host, port)
                 self._api_servers.append(server)
                 self.api_addrs.append(bound)
+            for listener in cfg.api.pg:
+                with listening("api.pg.addr", listener.addr):
+                    close, bound, pg = await start_pg(self, tg, listener)
+                self._closers.append(close)
+                self.pg_addrs.append(bound)
+                self.pg_servers.append(pg)
+
+    def _startup_fields(self) -> dict[str, Any]:
+        fields = super()._startup_fields()
+        if self.pg_addrs:
+            fields["pg_addrs"] = [format_addr(a) for a in self.pg_addrs]
+        return fields
 
     async def _start_admin(self, tg: TaskGroup) -> None:
         path = self.config.admin_socket()

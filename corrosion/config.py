@@ -12,6 +12,7 @@ addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
 authz.bearer-token = "secret"             # optional: require "Authorization: Bearer secret"
 query_timeout = 60.0                      # seconds a query may run (?timeout= overrides; 0: none)
 transaction_timeout = 60.0                # seconds a transaction's statements may run
+pg.addr = "127.0.0.1:5432"                # PostgreSQL protocol (also corrosion's [[api.pg]])
 
 [gossip]
 addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
@@ -80,7 +81,7 @@ CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
     for table, keys in {
         "": "consul reaper",
         "db": "cache_size_kib",
-        "api": "pg endpoint_name",
+        "api": "endpoint_name",
         "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
         "broadcast",
         "telemetry": "open-telemetry",
@@ -174,6 +175,14 @@ class DbConfig:
 
 
 @dataclass(frozen=True)
+class PgListener:
+    """One ``[[api.pg]]`` listener: its address, and whether it refuses writes."""
+
+    addr: Address
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     addrs: tuple[Address, ...] = ()
     bearer_token: str | None = None
@@ -181,6 +190,12 @@ class ApiConfig:
     # docs/agent.md for why transactions have one too (they hold the node's only writer)
     query_timeout: float = 60.0
     transaction_timeout: float = 60.0
+    # api.pg: where PostgreSQL clients connect (corrosion's [[api.pg]] tables too)
+    pg: tuple[PgListener, ...] = ()
+
+    @property
+    def pg_addrs(self) -> tuple[Address, ...]:
+        return tuple(listener.addr for listener in self.pg)
 
 
 @dataclass(frozen=True)
@@ -275,8 +290,9 @@ class Config:
             token = authz.opt_string("bearer")
         authz.done()
         timeouts = {k: api.number(k, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
+        pg = _pg_listeners(api.get("pg"))
         api.done()
-        api_cfg = ApiConfig(api_addrs, token, **timeouts)
+        api_cfg = ApiConfig(api_addrs, token, **timeouts, pg=pg)
 
         tls = gossip.table("tls", TlsConfig)
         tls_cfg = None
@@ -379,6 +395,32 @@ class Config:
         )
 
 
+def _pg_listeners(value: Any) -> tuple[PgListener, ...]:
+    """``[api] pg.addr = "host:port"`` (or a list of them), or corrosion's ``[[api.pg]]``: a
+    list of tables, each with its ``addr`` and optional ``readonly``."""
+    if value is None:
+        return ()
+    tables = value if isinstance(value, list) else [value]
+    listeners: list[PgListener] = []
+    for i, table in enumerate(tables):
+        key = "api.pg" if not isinstance(value, list) else f"api.pg[{i}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{key}: expected a table with addr = 'host:port', got {table!r}")
+        pg = _Reader(table, key + ".", _field_defaults(PgListener))
+        addrs = parse_addr_list(pg.get("addr"), key + ".addr")
+        if not addrs:
+            raise ConfigError(f"{key}.addr: is required")
+        readonly = pg.boolean("readonly")
+        if pg.get("tls") is not None:
+            raise ConfigError(
+                f"{key}.tls: the PostgreSQL server has no TLS yet: serve it on loopback or a "
+                "private network, or put a TLS proxy in front of it"
+            )
+        pg.done()
+        listeners += [PgListener(addr, readonly) for addr in addrs]
+    return tuple(listeners)
+
+
 KEYGEN_HINT = "generate a key with `corrosion keygen`"
 
 
@@ -428,6 +470,13 @@ def security_warnings(
         out.append(
             f"api.addr {where} is reachable beyond this machine and api.authz.bearer-token is "
             "not set: anyone who reaches it can read and write"
+        )
+    pg_exposed = [a for a in config.api.pg_addrs if not _is_loopback(a[0])]
+    if pg_exposed and config.api.bearer_token is None:
+        where = ", ".join(format_addr(a) for a in pg_exposed)
+        out.append(
+            f"api.pg.addr {where} is reachable beyond this machine and api.authz.bearer-token "
+            "is not set: any PostgreSQL client that reaches it can read and write"
         )
     return out
 

@@ -32,6 +32,7 @@ def check_addresses(cfg: Config) -> None:
     checks = [("gossip.addr", cfg.gossip.addr, socket.SOCK_DGRAM)]
     checks.append(("gossip.addr", cfg.gossip.addr, socket.SOCK_STREAM))
     checks += [("api.addr", a, socket.SOCK_STREAM) for a in cfg.api.addrs]
+    checks += [("api.pg.addr", a, socket.SOCK_STREAM) for a in cfg.api.pg_addrs]
     if cfg.prometheus_addr is not None:
         checks.append(("telemetry.prometheus.addr", cfg.prometheus_addr, socket.SOCK_STREAM))
     for key, (host, port), kind in checks:

@@ -496,14 +496,24 @@ class AgentRuntime:
         *,
         batch: int = 512,
         timeout: Any = _DEFAULT,
+        interruptible: bool = False,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
         once the query has run ``timeout`` seconds (default ``api.query_timeout``; None or 0:
-        no limit), reading rows included."""
+        no limit), reading rows included. ``interruptible``: cancelling the iterating task
+        stops the running statement at once."""
         seconds = self.config.api.query_timeout if timeout is _DEFAULT else timeout
-        async for item in self.reads.stream(sql, params, batch=batch, seconds=seconds):
+        stream = self.reads.stream(
+            sql, params, batch=batch, seconds=seconds, interruptible=interruptible
+        )
+        async for item in stream:
             yield item
+
+    async def describe(self, sql: str) -> list[tuple[str, str | None]] | None:
+        """The columns (name, declared type) a read-only statement would return, without
+        running it; None for a statement that writes (``Reads.describe``)."""
+        return await self.reads.describe(sql)
 
     # -- schema -----------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ what clients may not read and stops a query at its deadline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,43 @@ class Reads:
         finally:
             self.release(conn)
 
+    async def describe(self, sql: str) -> list[tuple[str, str | None]] | None:
+        """The columns (name, declared type or None) of one read-only statement, prepared with
+        every parameter NULL but not run; None if it writes. Raises ``QueryError`` for a
+        refused or invalid statement (the PostgreSQL server's Describe)."""
+        if len(split_statements(sql)) != 1:
+            raise QueryError("exactly one statement is expected")
+
+        def prepare() -> list[tuple[str, str | None]] | None:
+            conn = self.connection()
+            guard = guard_of(conn)
+            assert guard is not None
+            seen: dict[str, Any] = {}
+
+            def check(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+                seen["cols"] = list(cur.get_description())
+                seen["readonly"] = bool(cur.is_readonly)
+                return False  # describe only: do not run it
+
+            try:
+                cursor = conn.cursor()
+                cursor.exec_trace = check
+                guard.statement(cursor)
+                conn.execute("SELECT 1 FROM sqlite_schema LIMIT 0")  # see the latest schema
+                cursor.execute(sql, _AllNull(), can_cache=False)
+            except (apsw.ExecTraceAbort, apsw.ReadOnlyError):
+                pass
+            except apsw.Error as exc:
+                refused = guard.refused(exc)
+                if refused is not None and refused.message == NOT_READONLY:
+                    return None
+                raise QueryError(refused.message if refused else str(exc)) from None
+            finally:
+                self.release(conn)
+            return seen.get("cols", []) if seen.get("readonly", False) else None
+
+        return await anyio.to_thread.run_sync(prepare)
+
     async def stream(
         self,
         sql: str,
@@ -70,10 +108,13 @@ class Reads:
         *,
         batch: int,
         seconds: float | None,
+        interruptible: bool = False,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
-        once the query has run ``seconds`` (None or 0: no limit), reading rows included."""
+        once the query has run ``seconds`` (None or 0: no limit), reading rows included.
+        ``interruptible``: cancelling the iterating task interrupts the running statement (at
+        a small cost per call; the PostgreSQL server's CancelRequest needs it)."""
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
         # A point query should cost one trip to a worker thread, not four: take a pooled
@@ -127,14 +168,15 @@ class Reads:
                 except apsw.Error as exc:
                     raise failed(exc, client_error=False) from None
 
-            cols, rows = await anyio.to_thread.run_sync(first)
+            run = _interruptible(conn) if interruptible else anyio.to_thread.run_sync
+            cols, rows = await run(first)
             yield "columns", cols
             while rows:
                 yield "rows", rows
                 if len(rows) < batch:  # _fetch stopped at the end
                     break
                 try:
-                    rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
+                    rows = await run(_fetch, cursor, batch)
                 except apsw.Error as exc:  # a runtime error after the first batch
                     raise failed(exc, client_error=False) from None
         finally:
@@ -143,6 +185,38 @@ class Reads:
                 self.release(conn)  # into the pool: nothing to close
             else:
                 await anyio.to_thread.run_sync(self.release, conn)
+
+
+class _AllNull(dict):
+    """Bindings that give every parameter, whatever its name, NULL."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def _interruptible(conn: apsw.Connection) -> Callable[..., Awaitable[Any]]:
+    """``anyio.to_thread.run_sync`` for statements on ``conn`` that a cancellation of the
+    awaiting task interrupts (``conn.interrupt()``, thread-safe): the worker thread returns at
+    once, rather than when the statement ends, and the cancellation then takes effect."""
+
+    async def run(fn: Callable[..., Any], *args: Any) -> Any:
+        ended = threading.Event()
+
+        def call() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                ended.set()
+
+        try:
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            conn.interrupt()
+            with anyio.CancelScope(shield=True):  # the connection is free once the thread ends
+                await anyio.to_thread.run_sync(ended.wait)
+            raise
+
+    return run
 
 
 def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:

@@ -1,7 +1,7 @@
 """What the servers in front of the agent use of it: the HTTP API (``api``), the admin socket
-(``admin``) and the metrics endpoint (``metrics``). Each depends on its Protocol here, not on
-``agent.py``: the agent imports them to serve them, so importing it back would be a cycle, and
-a narrow interface shows what each of them may touch.
+(``admin``), the metrics endpoint (``metrics``) and the PostgreSQL server (``pg``). Each depends
+on its Protocol here, not on ``agent.py``: the agent imports them to serve them, so importing it
+back would be a cycle, and a narrow interface shows what each of them may touch.
 """
 
 from __future__ import annotations
@@ -74,6 +74,27 @@ class MetricsAgent(AgentHealth, Protocol):
     """What ``/metrics`` reads: the health numbers and the counters of the agent's parts."""
 
     events: Any  # corrosion.runtime.events.AgentEvents
+    pg_servers: list[Any]  # corrosion.surfaces.pg.PgServer: api.pg.addr's, with their counters
     store: Store | None
     replicator: Replicator | None
     swim: swim.SwimNode | None
+
+
+class PgAgent(Protocol):
+    """What the PostgreSQL server uses of the agent."""
+
+    config: Config
+
+    async def execute(self, statements: Sequence[Any], *, timeout: Any = ...) -> ExecResult: ...
+
+    def query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
+        timeout: Any = ...,
+    ) -> AsyncIterator[tuple[Any, ...]]: ...  # fmt: skip
+
+    def query_stream(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
+        timeout: Any = ..., interruptible: bool = ...,
+    ) -> AsyncIterator[tuple[str, Any]]: ...  # fmt: skip
+
+    async def describe(self, sql: str) -> list[tuple[str, str | None]] | None: ...

@@ -105,6 +105,18 @@ def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
          "Kept versions applied once their schema arrived (since start).",
          one(agent.pending_schema.applied_total)),
     ]  # fmt: skip
+    if agent.pg_servers:
+        pg = [s.stats for s in agent.pg_servers]
+        fams += [
+            ("corro_pg_connections_total", "counter", "PostgreSQL protocol connections accepted.",
+             one(sum(s.connections for s in pg))),
+            ("corro_pg_protocol_errors_total", "counter",
+             "PostgreSQL connections closed for bytes that are not the protocol.",
+             one(sum(s.protocol_errors for s in pg))),
+            ("corro_pg_auth_failures_total", "counter",
+             "PostgreSQL connections refused for a wrong or missing password.",
+             one(sum(s.auth_failures for s in pg))),
+        ]  # fmt: skip
     if rep is not None:
         fams += [
             ("corro_agent_changes_applied_total", "counter",

@@ -55,6 +55,7 @@ async def test_calls_and_their_typed_errors(tmp_path):
         async with AsyncClient(addr(a), token="wrong") as client:
             with pytest.raises(Unauthorized, match="refused the bearer token"):
                 await client.execute(["SELECT 1"])
+
         def blocking() -> None:  # the synchronous client, in a thread: the agent runs here
             with Client(addr(a), token="s3cret") as sync:
                 assert list(sync.query(KV)) == [["x", 1], ["y", [0, 255]]]

@@ -123,7 +123,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "agent.md"
 
 def parser_keys(monkeypatch) -> set[str]:
     """Every key ``Config.from_mapping`` reads, recorded from its reader on a config that takes
-    every branch (TLS with a client certificate; no bearer-token, so its alias is read too)."""
+    every branch (TLS with a client certificate; no bearer-token, so its alias is read too;
+    a PostgreSQL listener)."""
     read: set[str] = set()
     get = config_module._Reader.get
 
@@ -134,7 +135,8 @@ def parser_keys(monkeypatch) -> set[str]:
     monkeypatch.setattr(config_module._Reader, "get", recording_get)
     tls = {"cert_file": "c", "key_file": "k", "ca_file": "ca", "client": {"cert_file": "cc"}}
     tls["client"]["key_file"] = "ck"
-    Config.from_mapping({"db": {"path": "x.db"}, "gossip": {"tls": tls}})
+    pg = {"pg": {"addr": "127.0.0.1:5432"}}
+    Config.from_mapping({"db": {"path": "x.db"}, "gossip": {"tls": tls}, "api": pg})
     tables = {k for k in read if any(other.startswith(k + ".") for other in read)}
     keys = read - tables - {"orchestrator"}  # [orchestrator] is read by its own parser
     return keys | {f"orchestrator.{f.name}" for f in dataclasses.fields(OrchestratorConfig)}

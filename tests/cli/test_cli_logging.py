@@ -88,6 +88,15 @@ def _metrics_in_use(base: Path, data: dict, stack: list) -> None:
     data["telemetry"] = {"prometheus": {"addr": port_of(stack[-1])}}
 
 
+def _pg_in_use(base: Path, data: dict, stack: list) -> None:
+    stack.append(held_port(socket.SOCK_STREAM))
+    data["api"]["pg"] = {"addr": port_of(stack[-1])}
+
+
+def _pg_unknown_key(base: Path, data: dict, stack: list) -> None:
+    data["api"]["pg"] = {"addr": "127.0.0.1:0", "adress": "127.0.0.1:0"}
+
+
 CASES: dict[str, tuple[Callable[[Path, dict, list], None], list[str]]] = {
     "api.addr is an int": (_api_int, ["api.addr", "'host:port' string", "8080"]),
     "schema syntax": (
@@ -112,6 +121,8 @@ CASES: dict[str, tuple[Callable[[Path, dict, list], None], list[str]]] = {
         _metrics_in_use,
         ["telemetry.prometheus.addr", "already in use", "another port"],
     ),
+    "pg port in use": (_pg_in_use, ["api.pg.addr", "already in use", "another port"]),
+    "pg unknown key": (_pg_unknown_key, ["api.pg.adress", "unknown configuration key"]),
 }
 
 
