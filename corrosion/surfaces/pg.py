@@ -30,6 +30,7 @@ from crdt.schema import split_statements
 
 from ..config import PgListener
 from ..core.sqlguard import NOT_READONLY
+from ..errors import CorrosionError
 from ..runtime.results import (
     ExecResult,
     QueryError,
@@ -51,7 +52,7 @@ FLUSH_AT = 64 << 10  # bytes of rows buffered before they are sent
 ROW_BATCH = 512
 
 
-class PgError(Exception):
+class PgError(CorrosionError):
     """An error the client is told in an ErrorResponse; the connection goes on."""
 
     def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CorrosionError
+
 PROTOCOL_3_0 = 3 << 16
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -51,11 +53,11 @@ TYPE_NAMES = {
 }  # fmt: skip
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(CorrosionError):
     """The client sent something that is not the protocol: the connection is closed."""
 
 
-class ValueFormatError(ValueError):
+class ValueFormatError(CorrosionError, ValueError):
     """A parameter's or a cell's value cannot be given in the type or format asked;
     ``sqlstate`` says which kind of error it is."""
 
@@ -429,7 +431,7 @@ SCRAM_MECHANISM = "SCRAM-SHA-256"
 SCRAM_ITERATIONS = 4096
 
 
-class AuthFailed(Exception):
+class AuthFailed(CorrosionError):
     """The client did not prove it knows the password (SQLSTATE 28P01)."""
 
 
