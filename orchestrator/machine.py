@@ -197,6 +197,10 @@ def validate_config(raw: Any) -> dict[str, Any]:
     if not isinstance(auto, bool):
         raise InvalidRequestError("config.auto_destroy: expected true or false")
     out["auto_destroy"] = auto
+    if cfg.get("checks") is not None:  # passed through above; acted on, so validated here
+        from .checks import validate_checks  # imported here: checks builds on this module
+
+        out["checks"] = validate_checks(cfg["checks"], services)
     return out
 
 
