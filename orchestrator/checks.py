@@ -1,48 +1,30 @@
-"""Health checks: ``config.checks`` validated, run by the worker that owns the machine, and their
-results kept in the machine document (so GET shows them and the publisher replicates them).
+"""Health checks as a machine config declares them (``config.checks``), and how one is probed.
 
-A check (Fly's ``MachineCheck``) is ``{"type": "tcp" | "http", "port", "interval", "timeout",
+A check is Fly's ``MachineCheck``: ``{"type": "tcp" | "http", "port", "interval", "timeout",
 "grace_period", "kind"}`` plus, for http, ``method``, ``path``, ``protocol`` (http or https),
 ``tls_skip_verify``, ``tls_server_name`` and ``headers`` (``[{"name", "values": [...]}]``).
-Durations are Go-style strings (``"10s"``) or seconds; they are stored as seconds.
-
-While a machine is ``started``, each of its checks runs on its own task: nothing before
-``grace_period`` (results read ``warning`` until then), then one probe every ``interval``,
-each bounded by ``timeout``. A TCP check passes when the port accepts a connection, an HTTP
-check when it answers 2xx; anything else is ``critical``. A result is written to the document
-only when its status or output changes, so ``updated_at`` is when it last changed (as Fly's
-``fly checks list`` shows it) and an unchanged check costs no write and no replication. The
-checks stop when the machine leaves ``started`` (their results are then cleared), and a worker
-that restarts picks up every started machine again, keeping the results of the same boot.
+Durations are Go-style strings (``"10s"``) or seconds; the normalized config stores seconds. A
+TCP check passes when the port accepts a connection, an HTTP check when it answers 2xx; anything
+else is ``critical`` (``warning`` means not run yet). :mod:`.health` runs them.
 
 ``kind`` is Fly's: a ``readiness`` check that is critical takes the machine out of the proxy's
 rotation, an ``informational`` one does not. Unlike Fly, where top-level checks default to
 informational, here they default to readiness: this orchestrator runs no service-level checks,
 so top-level checks are the ones that drive routing.
-
-Time is the injected clock's (grace, interval and timeout alike), and the probe is injectable,
-so the scheduler runs on virtual time in tests.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import anyio.abc
 import httpx
 
-from . import machine as m
-from .clock import Clock, wait_until
-from .documents import Documents
-from .errors import InvalidRequestError, NotFoundError
-
-log = logging.getLogger(__name__)
+from .durations import parse_duration
+from .errors import InvalidRequestError
 
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 READINESS, INFORMATIONAL = "readiness", "informational"
@@ -93,13 +75,13 @@ def _validate_check(name: Any, raw: Any, default_port: Any) -> dict[str, Any]:
         raise InvalidRequestError(f"{where}.port: required (no service to take it from)")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise InvalidRequestError(f"{where}.port: expected an integer from 1 to 65535")
-    interval = m.parse_duration(raw.get("interval", DEFAULT_INTERVAL), f"{where}.interval")
+    interval = parse_duration(raw.get("interval", DEFAULT_INTERVAL), f"{where}.interval")
     if interval < MIN_INTERVAL:
         raise InvalidRequestError(f"{where}.interval: at least {MIN_INTERVAL * 1000:g}ms")
-    timeout = m.parse_duration(raw.get("timeout", DEFAULT_TIMEOUT), f"{where}.timeout")
+    timeout = parse_duration(raw.get("timeout", DEFAULT_TIMEOUT), f"{where}.timeout")
     if timeout <= 0:
         raise InvalidRequestError(f"{where}.timeout: must be more than 0")
-    grace = m.parse_duration(raw.get("grace_period", 0), f"{where}.grace_period")
+    grace = parse_duration(raw.get("grace_period", 0), f"{where}.grace_period")
     check_kind = raw.get("kind", READINESS)
     if check_kind not in KINDS:
         raise InvalidRequestError(f"{where}.kind: one of {', '.join(KINDS)}")
@@ -235,9 +217,6 @@ class NetworkProbe:
             await client.aclose()
 
 
-# --- the runner ---------------------------------------------------------------------------------
-
-
 def specs(config: Mapping[str, Any]) -> list[CheckSpec]:
     return [CheckSpec.from_config(n, c) for n, c in sorted((config.get("checks") or {}).items())]
 
@@ -252,172 +231,14 @@ def published_checks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _boot(doc: Mapping[str, Any]) -> list[Any]:
-    return [doc["instance_id"], doc.get("boot")]
-
-
-@dataclass
-class _Run:
-    """The checks of one boot of one machine."""
-
-    boot: list[Any]
-    scope: anyio.CancelScope
-    results: dict[str, dict[str, Any]]
-
-
-class HealthChecks:
-    """The checks of one running service, on tasks in its task group. ``sync(machine_id)``
-    after every change of a machine's document starts, keeps or stops its checks."""
-
-    def __init__(
-        self, docs: Documents, clock: Clock, tg: anyio.abc.TaskGroup, probe: Probe
-    ) -> None:
-        self._docs = docs
-        self._clock = clock
-        self._tg = tg
-        self._probe = probe
-        self._runs: dict[str, _Run] = {}
-        self._clearing: set[str] = set()
-
-    def running(self, machine_id: str) -> bool:
-        return machine_id in self._runs
-
-    def sync(self, machine_id: str) -> None:
-        doc = self._docs.find(machine_id)
-        wanted = doc is not None and doc["state"] == m.STARTED and bool(specs(doc["config"]))
-        run = self._runs.get(machine_id)
-        if run is not None:
-            if wanted and doc is not None and run.boot == _boot(doc):
-                return
-            run.scope.cancel()
-            del self._runs[machine_id]
-        if wanted and doc is not None:
-            self._start(machine_id, doc)
-        elif (
-            doc is not None
-            and doc.get("checks")
-            and doc["state"] != m.STARTED
-            and machine_id not in self._clearing
-        ):
-            self._clearing.add(machine_id)
-            self._tg.start_soon(self._clear, machine_id, name=f"checks-clear:{machine_id}")
-
-    def _start(self, machine_id: str, doc: Mapping[str, Any]) -> None:
-        checks = specs(doc["config"])
-        boot = _boot(doc)
-        # the results of this boot survive a worker restart; a new boot starts from "warning"
-        kept = (
-            {c["name"]: c for c in doc.get("checks") or []}
-            if doc.get("checks_boot") == boot
-            else {}
-        )
-        now = self._clock.now()
-        results = {
-            s.name: kept.get(s.name)
-            or {"name": s.name, "status": WARNING, "output": _waiting(s), "updated_at": m.iso(now)}
-            for s in checks
-        }
-        run = _Run(boot, anyio.CancelScope(), results)
-        self._runs[machine_id] = run
-        self._tg.start_soon(self._run, machine_id, run, checks, now, name=f"checks:{machine_id}")
-
-    async def _run(self, machine_id: str, run: _Run, checks: list[CheckSpec], since: float) -> None:
-        with run.scope:
-            await self._write(machine_id, run)
-            async with anyio.create_task_group() as tg:
-                for spec in checks:
-                    tg.start_soon(self._loop, machine_id, run, spec, since)
-
-    async def _loop(self, machine_id: str, run: _Run, spec: CheckSpec, since: float) -> None:
-        if run.results[spec.name]["status"] == WARNING:  # not run yet in this boot
-            await self._clock.sleep(since + spec.grace_period - self._clock.now())
-        while True:
-            began = self._clock.now()
-            doc = self._docs.find(machine_id)
-            host = (doc or {}).get("private_ip") or ""
-            status, output = await self._check(host, spec)
-            await self._record(machine_id, run, spec, status, output)
-            await self._clock.sleep(began + spec.interval - self._clock.now())
-
-    async def _check(self, host: str, spec: CheckSpec) -> tuple[str, str]:
-        if not host:
-            return CRITICAL, "the machine has no private address"
-        result: tuple[str, str] = (CRITICAL, f"timed out after {spec.timeout:g}s")
-
-        async def attempt() -> None:
-            nonlocal result
-            try:
-                result = await self._probe(host, spec)
-            except Exception as e:  # noqa: BLE001 — a probe's failure is the check's failure
-                result = (CRITICAL, f"{type(e).__name__}: {e}")
-
-        await wait_until(self._clock, attempt, spec.timeout)
-        return result
-
-    async def _record(
-        self, machine_id: str, run: _Run, spec: CheckSpec, status: str, output: str
-    ) -> None:
-        old = run.results[spec.name]
-        if (old["status"], old["output"]) == (status, output):
-            return
-        run.results[spec.name] = {"name": spec.name, "status": status, "output": output,
-                                  "updated_at": m.iso(self._clock.now())}  # fmt: skip
-        if old["status"] != status:
-            fields = {"machine_id": machine_id, "check": spec.name, "status": status,
-                      "previous": old["status"], "output": output}  # fmt: skip
-            log.info("check %s of machine %s: %s -> %s (%s)", spec.name, machine_id,
-                     old["status"], status, output, extra={"fields": fields})  # fmt: skip
-        await self._write(machine_id, run)
-
-    async def _write(self, machine_id: str, run: _Run) -> None:
-        """Put the run's current results in the document (if it is still this boot's)."""
-
-        def change(doc: dict[str, Any]) -> None:
-            if doc["state"] == m.STARTED and _boot(doc) == run.boot:
-                doc["checks"] = [dict(r) for r in run.results.values()]
-                doc["checks_boot"] = run.boot
-
-        doc = self._docs.find(machine_id)
-        if doc is None or doc["state"] != m.STARTED or _boot(doc) != run.boot:
-            return
-        if doc.get("checks") == list(run.results.values()):
-            return
-        # shielded: a write that reached the database must also reach the in-memory document
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(NotFoundError):
-                await self._docs.update(machine_id, change)
-
-    async def _clear(self, machine_id: str) -> None:
-        """A machine that is not running has no check results."""
-
-        def change(doc: dict[str, Any]) -> None:
-            if doc["state"] != m.STARTED:
-                doc["checks"] = []
-                doc.pop("checks_boot", None)
-
-        try:
-            with anyio.CancelScope(shield=True):
-                await self._docs.update(machine_id, change)
-        except NotFoundError:
-            pass
-        finally:
-            self._clearing.discard(machine_id)
-
-
-def _waiting(spec: CheckSpec) -> str:
-    if spec.grace_period:
-        return f"waiting for the grace period ({spec.grace_period:g}s)"
-    return "not run yet"
-
-
 __all__ = [
     "CRITICAL",
     "PASSING",
     "WARNING",
     "CheckSpec",
-    "HealthChecks",
     "NetworkProbe",
     "Probe",
     "published_checks",
+    "specs",
     "validate_checks",
 ]

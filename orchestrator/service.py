@@ -36,7 +36,7 @@ import anyio
 
 from . import machine as m
 from .archive import ArchiveStore
-from .checks import HealthChecks, NetworkProbe, Probe
+from .checks import NetworkProbe, Probe
 from .clock import Clock, SystemClock
 from .documents import Documents, check_app
 from .drivers.base import Driver, DriverError, parse_signal
@@ -49,6 +49,7 @@ from .errors import (
     UnknownRunError,
 )
 from .exits import ExitWatchers
+from .health import HealthChecks
 from .ids import IdFactory
 from .leases import Leases, parse_ttl
 from .metadata import Metadata

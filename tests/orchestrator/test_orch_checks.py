@@ -3,7 +3,8 @@
 interval, the timeout, results written only when they change and published with the machine,
 state changes logged, the checks stopped with the machine and resumed by a restarted service.
 End to end with the process driver: real HTTP servers whose /health fails on demand, real probes,
-the rows replicated to a proxy served over real HTTP that stops and resumes routing."""
+the rows replicated to a proxy served over real HTTP that stops and resumes routing; the proxy
+ignores informational checks and names the machines it holds back."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 
 import anyio
 import anyio.lowlevel
+import apsw
 import httpx
 import pytest
 from orch_helpers import CrrPublisher
@@ -27,7 +29,12 @@ from orchestrator.drivers import FakeDriver, ProcessDriver
 from orchestrator.engine import Backoff
 from orchestrator.errors import InvalidRequestError
 from orchestrator.proxy import Proxy, SqliteReplica
-from orchestrator.publish import MACHINES_SCHEMA, MACHINES_TABLE, MemoryPublisher
+from orchestrator.publish import (
+    MACHINES_SCHEMA,
+    MACHINES_TABLE,
+    MemoryPublisher,
+    upsert_statement,
+)
 from orchestrator.service import Orchestrator
 
 pytestmark = pytest.mark.anyio
@@ -227,14 +234,14 @@ async def test_grace_interval_timeout_results_published_and_logged(tmp_path, cap
     changes = [
         (r.getMessage(), r.fields["status"])
         for r in caplog.records
-        if r.name == "orchestrator.checks"
+        if r.name == "orchestrator.health"
     ]
     assert changes == [
         (f"check alive of machine {mid}: warning -> passing (ok)", PASSING),
         (f"check alive of machine {mid}: passing -> critical (timed out after 2s)", CRITICAL),
         (f"check alive of machine {mid}: critical -> passing (ok)", PASSING),
     ]
-    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "orchestrator.checks")
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "orchestrator.health")
 
 
 async def test_checks_restart_with_a_new_boot_and_resume_after_a_service_restart(tmp_path):
@@ -382,3 +389,32 @@ async def test_failing_check_takes_a_machine_out_of_the_proxy_and_back(tmp_path)
         reader.close()
         conn.close()
         await driver.destroy_all()
+
+
+def test_the_proxy_skips_critical_readiness_checks_only(tmp_path):
+    conn = apsw.Connection(str(tmp_path / "replica.db"))
+    conn.execute(MACHINES_SCHEMA)
+    checks = {
+        "m1": [{"name": "up", "status": PASSING, "kind": "readiness"}],
+        "m2": [{"name": "up", "status": CRITICAL, "kind": "readiness"},
+               {"name": "disk", "status": CRITICAL, "kind": "readiness"}],
+        "m3": [{"name": "stats", "status": CRITICAL, "kind": "informational"}],
+        "m4": [{"name": "up", "status": CRITICAL}],  # a row without kind: readiness
+        "m5": [{"name": "up", "status": WARNING, "kind": "readiness"}],  # not run yet
+    }  # fmt: skip
+    for mid, results in checks.items():
+        conn.execute(*upsert_statement({
+            "id": mid, "app": "web", "worker": "w1", "region": "", "state": "started",
+            "instance_id": "", "address": "127.0.0.1", "cordoned": 0,
+            "checks": json.dumps(results), "services": '[{"protocol":"tcp","internal_port":1}]',
+            "updated_at": 0,
+        }))  # fmt: skip
+    reader = SqliteReplica(tmp_path / "replica.db")
+    try:
+        assert [b.machine_id for b in reader.backends("web")] == ["m1", "m3", "m5"]
+        assert [(b.machine_id, b.failing) for b in reader.failing("web")] == [
+            ("m2", ("up", "disk")), ("m4", ("up",)),
+        ]  # fmt: skip
+    finally:
+        reader.close()
+        conn.close()
