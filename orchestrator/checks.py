@@ -168,6 +168,17 @@ class CheckSpec:
 Probe = Callable[[str, CheckSpec], Awaitable[tuple[str, str]]]
 
 
+def _reason(error: BaseException) -> str:
+    """The first non-empty message down an exception's chain (some transports wrap the TLS or
+    socket error in an exception without text)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return "failed"
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -207,7 +218,7 @@ class NetworkProbe:
             )
             response = await client.send(request)
         except httpx.HTTPError as e:
-            return CRITICAL, f"{what}: {type(e).__name__}: {e}"
+            return CRITICAL, f"{what}: {type(e).__name__}: {_reason(e)}"
         status = PASSING if 200 <= response.status_code < 300 else CRITICAL
         return status, f"{what}: {response.status_code} {response.reason_phrase}".rstrip()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import sys
 
 import anyio
@@ -17,13 +18,14 @@ import anyio.lowlevel
 import apsw
 import httpx
 import pytest
+from anyio.streams.tls import TLSStream
 from orch_helpers import CrrPublisher
-from support import free_port, wait_for
+from support import free_port, self_signed_cert, wait_for
 
 import crdt
 from corrosion.surfaces.asgi_server import serve_asgi
 from orchestrator import machine as m
-from orchestrator.checks import CRITICAL, PASSING, WARNING, CheckSpec
+from orchestrator.checks import CRITICAL, PASSING, WARNING, CheckSpec, NetworkProbe
 from orchestrator.clock import ManualClock
 from orchestrator.drivers import FakeDriver, ProcessDriver
 from orchestrator.engine import Backoff
@@ -418,3 +420,73 @@ def test_the_proxy_skips_critical_readiness_checks_only(tmp_path):
     finally:
         reader.close()
         conn.close()
+
+
+async def test_network_probe_over_tcp_http_and_https(tmp_path):
+    """The real probes against a real server: a TCP port, HTTP with headers, HTTPS with and
+    without certificate verification, and a closed port."""
+    cert, key = self_signed_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    requests: list[bytes] = []
+
+    async def answer(stream) -> None:
+        async with stream:
+            data = b""
+            with anyio.fail_after(30):
+                while b"\r\n\r\n" not in data:
+                    try:
+                        data += await stream.receive()
+                    except anyio.EndOfStream:
+                        return  # a TCP check: connected, then closed
+            requests.append(data)
+            status = b"200 OK" if data.startswith(b"GET /health ") else b"503 Service Unavailable"
+            await stream.send(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
+                              b"Connection: close\r\n\r\n")  # fmt: skip
+
+    async def answer_tls(stream) -> None:
+        try:
+            tls = await TLSStream.wrap(
+                stream, server_side=True, ssl_context=context, standard_compatible=False
+            )
+        except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream):
+            return  # a client that refused the certificate
+        await answer(tls)
+
+    def spec(**kw) -> CheckSpec:
+        kw.setdefault("type", "http")
+        return CheckSpec(name="c", interval=1.0, timeout=5.0, grace_period=0.0, **kw)
+
+    probe = NetworkProbe()
+    async with (
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as plain,
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as secure,
+        anyio.create_task_group() as tg,
+    ):
+        port, tls_port = (
+            lst.extra(anyio.abc.SocketAttribute.local_port) for lst in (plain, secure)
+        )
+        tg.start_soon(plain.serve, answer)
+        tg.start_soon(secure.serve, answer_tls)
+        try:
+            assert await probe("127.0.0.1", spec(type="tcp", port=port)) == (
+                PASSING, f"TCP connect 127.0.0.1:{port}: success")  # fmt: skip
+            status, output = await probe("127.0.0.1", spec(type="tcp", port=free_port()))
+            assert status == CRITICAL and output.startswith("TCP connect 127.0.0.1:")
+            got = await probe(
+                "127.0.0.1",
+                spec(port=port, path="/health", headers=(("X-Probe", "1"), ("X-Probe", "2"))),
+            )
+            assert got == (PASSING, f"HTTP GET http://127.0.0.1:{port}/health: 200 OK")
+            assert b"\r\nx-probe: 1\r\nx-probe: 2\r\n" in requests[-1].lower()
+            got = await probe("127.0.0.1", spec(port=port, path="/other", method="HEAD"))
+            assert got == (CRITICAL, f"HTTP HEAD http://127.0.0.1:{port}/other: 503 "
+                                     "Service Unavailable")  # fmt: skip
+            https = spec(port=tls_port, path="/health", protocol="https", tls_skip_verify=True)
+            assert await probe("127.0.0.1", https) == (
+                PASSING, f"HTTP GET https://127.0.0.1:{tls_port}/health: 200 OK")  # fmt: skip
+            status, output = await probe("127.0.0.1", spec(port=tls_port, protocol="https"))
+            assert status == CRITICAL and "CERTIFICATE_VERIFY_FAILED" in output, output
+        finally:
+            await probe.aclose()
+            tg.cancel_scope.cancel()
