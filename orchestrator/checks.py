@@ -67,8 +67,8 @@ def _validate_check(name: Any, raw: Any, default_port: Any) -> dict[str, Any]:
     unknown = sorted(set(raw) - _COMMON - _HTTP_ONLY)
     if unknown:
         raise InvalidRequestError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    kind_ = raw.get("type")
-    if kind_ not in TYPES:
+    check_type = raw.get("type")
+    if check_type not in TYPES:
         raise InvalidRequestError(f"{where}.type: required, one of {', '.join(TYPES)}")
     port = raw.get("port", default_port)
     if port is None:
@@ -86,10 +86,10 @@ def _validate_check(name: Any, raw: Any, default_port: Any) -> dict[str, Any]:
     if check_kind not in KINDS:
         raise InvalidRequestError(f"{where}.kind: one of {', '.join(KINDS)}")
     out: dict[str, Any] = {
-        "type": kind_, "port": port, "interval": interval, "timeout": timeout,
+        "type": check_type, "port": port, "interval": interval, "timeout": timeout,
         "grace_period": grace, "kind": check_kind,
     }  # fmt: skip
-    if kind_ == "tcp":
+    if check_type == "tcp":
         extra = sorted(set(raw) & _HTTP_ONLY)
         if extra:
             raise InvalidRequestError(f"{where}.{extra[0]}: only for http checks")
