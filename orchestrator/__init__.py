@@ -10,6 +10,8 @@ Layers, bottom up (one concept per module):
 * ``operations`` / ``service`` — the machine operations and the service that accepts them
   (``Orchestrator``), composed of ``documents`` (the one path that changes a machine's
   document), ``leases``, ``metadata``, ``waiting`` and ``exits`` (the restart policy's input).
+* ``checks`` / ``health`` — health checks: ``config.checks`` and its probes, and running them on
+  started machines (results in the document, so published with it).
 * ``publish`` — the seam to corrosion: machine rows into a replicated table.
 * ``proxy`` — a fly-proxy-like consumer routing HTTP by SQL over a local replica.
 * ``api`` — the Machines API (Starlette); ``config`` — building all of it from a config section.

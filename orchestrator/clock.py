@@ -60,7 +60,10 @@ class ManualClock:
             return
         event = anyio.Event()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), event))
-        await event.wait()
+        try:
+            await event.wait()
+        finally:
+            event.set()  # a cancelled sleep is no longer a sleeper (nor a deadline)
 
     @property
     def sleepers(self) -> int:
@@ -68,6 +71,8 @@ class ManualClock:
         return sum(1 for *_, ev in self._sleepers if not ev.is_set())
 
     def next_deadline(self) -> float | None:
+        while self._sleepers and self._sleepers[0][2].is_set():
+            heapq.heappop(self._sleepers)  # cancelled
         return self._sleepers[0][0] if self._sleepers else None
 
     def advance(self, seconds: float) -> None:

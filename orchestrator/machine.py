@@ -18,7 +18,9 @@ import signal as _signal
 from collections.abc import Mapping
 from typing import Any
 
+from .checks import validate_checks
 from .drivers.base import InstanceSpec, parse_signal
+from .durations import parse_duration
 from .errors import InvalidRequestError
 
 # --- states -------------------------------------------------------------------------------------
@@ -54,34 +56,6 @@ RESTART_POLICIES = ("no", "always", "on-failure")
 DEFAULT_MAX_RETRIES = 10
 DEFAULT_STOP_TIMEOUT = 10.0
 MAX_EVENTS = 20
-
-# --- durations ----------------------------------------------------------------------------------
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: Any, field: str) -> float:
-    """Seconds from a number or a Go-style duration string (``"10s"``, ``"1m30s"``, ``"500ms"``)."""
-    if isinstance(value, bool):
-        raise InvalidRequestError(f"{field}: expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and value:
-        pos, seconds = 0, 0.0
-        for m in _DURATION_RE.finditer(value):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(value):
-            raise InvalidRequestError(f"{field}: invalid duration {value!r} (e.g. '10s', '500ms')")
-    else:
-        raise InvalidRequestError(f"{field}: expected a duration, got {value!r}")
-    if not 0 <= seconds <= 86400:
-        raise InvalidRequestError(f"{field}: duration out of range (0 to 24h): {value!r}")
-    return seconds
-
 
 # --- config validation --------------------------------------------------------------------------
 
@@ -197,6 +171,8 @@ def validate_config(raw: Any) -> dict[str, Any]:
     if not isinstance(auto, bool):
         raise InvalidRequestError("config.auto_destroy: expected true or false")
     out["auto_destroy"] = auto
+    if cfg.get("checks") is not None:  # passed through above; acted on, so validated here
+        out["checks"] = validate_checks(cfg["checks"], services)
     return out
 
 

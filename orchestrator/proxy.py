@@ -1,18 +1,19 @@
 """A proxy-like consumer of the replicated ``machines`` table (fly-proxy's role, in small).
 
 It routes an HTTP request for an app to one of the app's machines, chosen by SQL over the local
-replica — started, not cordoned, no critical check, with an HTTP-capable service — wherever the
-machine runs: the row may have been written by any worker. It follows changes: the routing table
-is re-read whenever SQLite's ``data_version`` says the replica changed (another connection, such
-as the agent applying gossip, committed), and a machine that stops or is cordoned stops getting
-traffic as soon as its row arrives.
+replica — started, not cordoned, no critical readiness check, with an HTTP-capable service —
+wherever the machine runs: the row may have been written by any worker. It follows changes: the
+routing table is re-read whenever SQLite's ``data_version`` says the replica changed (another
+connection, such as the agent applying gossip, committed), and a machine that stops, is cordoned
+or fails a check stops getting traffic as soon as its row arrives.
 
 The app comes from the ``Host`` header (``<app>.<domain>``) or, without a domain, from the
 configured default. ``fly-force-instance-id: <machine id>`` pins a request to one machine.
 Backends are taken round-robin; a backend that refuses the connection is skipped for the next
 one. Every proxied response carries ``fly-machine-id`` (and ``fly-worker``) so callers can see
 where it went; its ``date`` and ``server`` are those of the server serving the proxy (the
-machine's are dropped, not repeated). No backend: 503; a backend that took the request and then
+machine's are dropped, not repeated). No backend: 503 (naming the machines held back by failing
+health checks, if any); a backend that took the request and then
 failed: 502 (JSON errors).
 """
 
@@ -50,6 +51,7 @@ class Backend:
     worker: str
     host: str
     port: int
+    failing: tuple[str, ...] = ()  # its critical readiness checks: out of rotation while any
 
     @property
     def url(self) -> str:
@@ -64,12 +66,17 @@ def _backend(row: Sequence[Any]) -> Backend | None:
         checks_ = json.loads(checks or "[]")
     except json.JSONDecodeError:
         return None
-    if any(isinstance(c, dict) and c.get("status") == "critical" for c in checks_):
-        return None
+    failing = tuple(
+        str(c.get("name", ""))
+        for c in checks_
+        if isinstance(c, dict)
+        and c.get("status") == "critical"
+        and c.get("kind", "readiness") != "informational"
+    )
     ports = [s["internal_port"] for s in svcs if s.get("protocol", "tcp") == "tcp"]
     if not address or not ports:
         return None
-    return Backend(machine_id, worker, address, int(ports[0]))
+    return Backend(machine_id, worker, address, int(ports[0]), failing)
 
 
 class SqliteReplica:
@@ -91,6 +98,14 @@ class SqliteReplica:
         self._cache: dict[str, list[Backend]] = {}
 
     def backends(self, app: str) -> list[Backend]:
+        """The app's routable machines that pass their readiness checks."""
+        return [b for b in self._routable(app) if not b.failing]
+
+    def failing(self, app: str) -> list[Backend]:
+        """The app's routable machines held back by a critical readiness check."""
+        return [b for b in self._routable(app) if b.failing]
+
+    def _routable(self, app: str) -> list[Backend]:
         with self._lock:
             version = cast(int, self._conn.execute("PRAGMA data_version").fetchall()[0][0])
             if version != self._version:
@@ -196,7 +211,13 @@ class Proxy:
                 if attempt + 1 < self.connect_attempts:
                     await anyio.sleep(self.retry_delay)
             which = f"machine {pinned}" if pinned else "started machine"
-            await _json_error(send, 503, f"no reachable {which} for app {app}")
+            message = f"no reachable {which} for app {app}"
+            failing = [b for b in self.replica.failing(app) if pinned in (None, b.machine_id)]
+            if failing:
+                message += "; failing health checks: " + ", ".join(
+                    f"{b.machine_id} ({', '.join(b.failing)})" for b in failing
+                )
+            await _json_error(send, 503, message)
         finally:
             if self._client is None:
                 await client.aclose()

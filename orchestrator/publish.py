@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from .checks import published_checks
 from .clock import Clock
 from .engine import Backoff
 
@@ -59,7 +60,7 @@ def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         "instance_id": doc.get("instance_id", ""),
         "address": doc.get("private_ip", "") or "",
         "cordoned": 1 if doc.get("cordoned") else 0,
-        "checks": _json(doc.get("checks", [])),
+        "checks": _json(published_checks(doc)),
         "services": _json(routable_services(doc)),
         "updated_at": int(doc["updated_at"] * 1000),
     }

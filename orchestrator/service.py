@@ -36,6 +36,7 @@ import anyio
 
 from . import machine as m
 from .archive import ArchiveStore
+from .checks import NetworkProbe, Probe
 from .clock import Clock, SystemClock
 from .documents import Documents, check_app
 from .drivers.base import Driver, DriverError, parse_signal
@@ -48,6 +49,7 @@ from .errors import (
     UnknownRunError,
 )
 from .exits import ExitWatchers
+from .health import HealthChecks
 from .ids import IdFactory
 from .leases import Leases, parse_ttl
 from .metadata import Metadata
@@ -76,6 +78,7 @@ class Orchestrator:
         offload: bool = True,
         observer: EngineObserver | None = None,
         backoff: Backoff | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self.machines_path = Path(machines_path)
         self.driver = driver
@@ -92,6 +95,8 @@ class Orchestrator:
         self.engine: Engine | None = None
         self.publish_queue: PublishQueue | None = None
         self.exits: ExitWatchers | None = None
+        self.health: HealthChecks | None = None
+        self._probe = probe
         self._stack: AsyncExitStack | None = None
         # the parts, one concept each; their public calls are the service's
         self.docs = Documents(self.clock, write=self._write_doc, on_change=self._on_change)
@@ -136,8 +141,14 @@ class Orchestrator:
             )
             MachineOperations(self).register(engine)
             engine.on_finish(self._on_finish)
+            probe = self._probe
+            if probe is None:
+                network = NetworkProbe()
+                stack.push_async_callback(network.aclose)
+                probe = network
             tg = await stack.enter_async_context(anyio.create_task_group())
             self.exits = ExitWatchers(self.docs, self.driver, self.clock, engine, tg)
+            self.health = HealthChecks(self.docs, self.clock, tg, probe)
             self.engine = await stack.enter_async_context(engine)
             # unwinding runs this first: watchers and the publisher stop before the engine does
             stack.callback(tg.cancel_scope.cancel)
@@ -155,7 +166,7 @@ class Orchestrator:
                 self.watch(mid)
         except BaseException:
             await stack.__aexit__(None, None, None)
-            self.exits = None
+            self.exits = self.health = None
             raise
         self._stack = stack
         return self
@@ -167,7 +178,7 @@ class Orchestrator:
             await stack.__aexit__(None, None, None)
         finally:
             self.engine = None
-            self.exits = None
+            self.exits = self.health = None
 
     async def _load(self) -> None:
         """Read every machine's document; finish the bookkeeping a crash may have interrupted:
@@ -209,9 +220,12 @@ class Orchestrator:
     # --- exits and the end of a run -----------------------------------------------------------
 
     def watch(self, machine_id: str) -> None:
-        """Watch the machine's running instance; its exit becomes an ``exit`` run."""
+        """Watch the machine's running instance (its exit becomes an ``exit`` run) and run its
+        health checks while it is started."""
         if self.exits is not None:
             self.exits.watch(machine_id)
+        if self.health is not None:
+            self.health.sync(machine_id)
 
     async def _on_finish(self, result: RunResult) -> None:
         mid = result.machine_id

@@ -4,13 +4,11 @@ keep out nodes with another one; TLS on the peer streams."""
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
-import os
 
 import pytest
 from agent_helpers import agent_config, cluster, rows, seed_addr
-from support import wait_for
+from support import self_signed_cert, wait_for
 
 import swim
 from corrosion import Agent
@@ -133,47 +131,8 @@ async def test_nodes_sharing_a_key_say_nothing_about_keys(tmp_path, caplog):
         assert key_warnings(caplog) == ([], [])
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corrosion test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    os.chmod(key_path, 0o600)
-    return cert_path, key_path
-
-
 async def test_tls_peer_streams(tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     tls = {  # TLS on the peer streams, the gossip key on everything (agent_config's default)
         "tls": {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)},
     }
@@ -193,8 +152,8 @@ async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path):
     """a and b hold the cluster's certificate; c trusts the cluster (so it can connect) but
     has a certificate of its own and offers no client certificate: a and b refuse the streams
     c opens, and do not trust c as a server, so nothing of c's reaches them."""
-    cert, key = _self_signed(tmp_path / "cluster")
-    own_cert, own_key = _self_signed(tmp_path / "outsider")
+    cert, key = self_signed_cert(tmp_path / "cluster")
+    own_cert, own_key = self_signed_cert(tmp_path / "outsider")
     server = {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)}
     # plaintext SWIM (no key), so that c can join the membership and TLS alone must keep it out
     clear = {"plaintext": True, "encryption_keys": []}
@@ -229,7 +188,7 @@ async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path):
 def test_mutual_tls_needs_a_ca_file(tmp_path):
     from corrosion.config import ConfigError
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     tls = {"cert_file": str(cert), "key_file": str(key),
            "client": {"cert_file": str(cert), "key_file": str(key)}}  # fmt: skip
     with pytest.raises(

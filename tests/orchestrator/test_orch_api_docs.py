@@ -2,7 +2,9 @@
 real agent (process driver, real processes), then every curl block runs in order, with the real
 curl binary, as one session. Each answer must have the status listed here and match the JSON
 block the docs show after the command: every documented key present, every value equal (ids,
-nonces and times compared by shape, abridged objects allowed)."""
+nonces and times compared by shape, abridged objects allowed). The "Health checks" section runs
+the same way on an agent of its own, with its shell steps too; there each GET is repeated until
+its answer matches, since checks change on their own schedule."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support import free_port
 
 from corrosion import Agent, Config
 from corrosion.runtime.extensions import load_extensions
@@ -28,6 +31,7 @@ pytestmark = [
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "orchestrator.md"
 SECTION = "## The Machines API"
+HEALTH_SECTION = "## Health checks"
 
 # the HTTP status of each curl example, in the order of the document
 STATUSES = [
@@ -41,6 +45,14 @@ STATUSES = [
     200, 409, 200, 200,  # lease release, destroy started, destroy forced, wait destroyed
     400, 400, 404, 401,  # errors
 ]  # fmt: skip
+# the Health checks section's shell steps (None: not curl, no answer) and curl statuses
+HEALTH_STATUSES = [
+    200, 200,  # create with a check, get (passing)
+    None, 200,  # remove /health, get (critical)
+    None, 200,  # restore it, get (passing)
+    200, 200,  # stop, get (stopped, no checks)
+    400,  # a bad check
+]  # fmt: skip
 
 # values that differ from run to run: only their presence is checked
 VOLATILE = {"timestamp", "created_at", "updated_at", "expires_at", "exited_at", "step"}
@@ -49,6 +61,7 @@ SHAPES = [
     (re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b"), "<ulid>"),
     (re.compile(r"\b[0-9a-f]{32}\b"), "<nonce>"),
     (re.compile(r"\b[0-9a-f]{14}\b"), "<machine id>"),
+    (re.compile(r"\b127\.0\.0\.1:\d+\b"), "127.0.0.1:<port>"),
 ]
 
 
@@ -57,10 +70,10 @@ def anyio_backend():
     return "asyncio"
 
 
-def section_blocks() -> list[tuple[str, str, int]]:
-    """(info string, text, line) of each fenced block in the Machines API section."""
+def section_blocks(section: str = SECTION) -> list[tuple[str, str, int]]:
+    """(info string, text, line) of each fenced block in a section (the Machines API's)."""
     lines = DOC.read_text().splitlines()
-    start = lines.index(SECTION)
+    start = lines.index(section)
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     blocks, i = [], start
     while i < end:
@@ -174,6 +187,81 @@ async def test_machines_api_examples_run_as_documented(tmp_path):
                     continue
                 answer = json.loads(body)
                 matches(documented, answer, f"line {line}")
+                capture(answer, variables)
+    finally:
+        await ProcessDriver(tmp_path / "machines" / "_instances").destroy_all()
+
+
+def health_steps() -> list[tuple[str, Any, int]]:
+    """The Health checks section's shell steps: (command, documented answer or None, line); the
+    block that only sets the variables is the test's to provide."""
+    blocks = section_blocks(HEALTH_SECTION)
+    out = []
+    for n, (info, text, line) in enumerate(blocks):
+        if not info.startswith("sh") or re.match(r"[A-Z_]+=", text):
+            continue
+        assert "no-run" in info.split(), f"line {line}: these examples need a live agent: no-run"
+        documented = None
+        if n + 1 < len(blocks) and blocks[n + 1][0] == "json":
+            documented = json.loads(blocks[n + 1][1])
+        out.append((text, documented, line))
+    return out
+
+
+async def run_step(command: str, env: dict[str, str], line: int) -> tuple[int | None, str]:
+    with anyio.fail_after(120):
+        proc = await anyio.run_process(["bash", "-c", command], env=env, check=False)
+    assert proc.returncode == 0, (line, proc.stderr.decode())
+    out = proc.stdout.decode()
+    if not command.startswith("curl "):
+        return None, out
+    body, _, code = out.rpartition("\n")
+    return int(code), body
+
+
+async def test_health_check_examples_run_as_documented(tmp_path):
+    documented_config, _ = examples()
+    steps = health_steps()
+    assert len(steps) == len(HEALTH_STATUSES), (
+        f"{len(steps)} steps in {DOC.name}'s health checks but {len(HEALTH_STATUSES)} listed here"
+    )
+    (tmp_path / ".curlrc").write_text('write-out = "\\n%{http_code}"\n')
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "health").write_text("ok\n")
+    cfg = agent_config(documented_config, tmp_path)
+    try:
+        async with Agent(cfg, extensions=load_extensions(cfg)) as agent:
+            host, port = agent.api_addrs[0]
+            variables = {
+                "ORCH": f"http://{host}:{port}",
+                "TOKEN": documented_config["api"]["authz"]["bearer-token"],
+                "SITE": str(site),
+                "PORT": str(free_port()),
+            }
+            for (command, documented, line), status in zip(steps, HEALTH_STATUSES, strict=True):
+                env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                       "CURL_HOME": str(tmp_path), **variables}  # fmt: skip
+                # a GET is asked again until its answer is the documented one
+                poll = (
+                    command.startswith("curl ") and " -X " not in command and " -d " not in command
+                )
+                with anyio.fail_after(60 if poll else 120):
+                    while True:
+                        code, body = await run_step(command, env, line)
+                        try:
+                            assert code == status, f"line {line}: HTTP {code} {body}"
+                            if documented is None:
+                                assert body == "", f"line {line}: {body}"
+                                answer = None
+                            else:
+                                answer = json.loads(body)
+                                matches(documented, answer, f"line {line}")
+                            break
+                        except AssertionError:
+                            if not poll:
+                                raise
+                        await anyio.sleep(0.1)
                 capture(answer, variables)
     finally:
         await ProcessDriver(tmp_path / "machines" / "_instances").destroy_all()

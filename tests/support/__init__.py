@@ -1,11 +1,14 @@
 """Generic test helpers shared by every test area (importable as ``support`` through pytest's
 ``pythonpath``): waiting on a condition with a generous deadline (the machines are shared and
-noisy), free loopback ports, background processes, starting a machine through the Machines API.
+noisy), free loopback ports, background processes, starting a machine through the Machines API,
+a self-signed certificate.
 Area-specific helpers stay next to their tests (agent_helpers, cli_helpers, orch_helpers)."""
 
 from __future__ import annotations
 
+import datetime
 import inspect
+import ipaddress
 import os
 import socket
 import subprocess
@@ -114,3 +117,41 @@ async def start_machine(api_addr: tuple[str, int], app: str = "web") -> str:
         )
         assert resp.status_code == 200, resp.text
     return mid
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, written in ``directory``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corrosion test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
