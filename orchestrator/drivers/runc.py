@@ -17,10 +17,12 @@ right after it is not lost. tini exits with the command's code, or 128+N when th
 of signal N, and that is the exit recorded. Without tini the command is PID 1 (one warning when
 the driver starts).
 
-Networking: by default the container shares the host's network namespace (address
-``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it a private
-namespace with only loopback. runc state lives under ``<state>/runc`` (``runc --root``), apart
-from any other runc user on the host.
+Networking: an instance whose spec names a network namespace (``spec.netns``, prepared by the
+orchestrator with the machine's private ``spec.address``) joins it through the OCI config's
+``network`` namespace ``path``. Otherwise, by default, the container shares the host's network
+namespace (address ``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it
+a private namespace with only loopback. runc state lives under ``<state>/runc`` (``runc
+--root``), apart from any other runc user on the host.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import ImageStore, static_busybox, static_executable
-from .supervised import ShimDriver, write_json
+from .supervised import ShimDriver, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,10 @@ def oci_config(
 ) -> dict[str, Any]:
     """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
     host) the command runs under it."""
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
-    if network == "none":
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if spec.netns:
+        namespaces.append({"type": "network", "path": spec.netns})
+    elif network == "none":
         namespaces.append({"type": "network"})
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if spec.memory_mb:
@@ -231,6 +235,8 @@ class RuncDriver(ShimDriver):
             k, _, v = item.partition("=")
             env[k] = v
         env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
+        if spec.address:
+            env["FLY_PRIVATE_IP"] = spec.address
         env.update(spec.env)
         config = oci_config(
             spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()],
@@ -296,7 +302,11 @@ class RuncDriver(ShimDriver):
         runc_state = "running" if (d / "started").exists() else await self._runc_state(instance_id)
         if runc_state == "created":
             return InstanceStatus(InstanceState.CREATED, pid=int(pids["main"]))
-        address = "127.0.0.1" if self.network == "host" else None
+        spec = read_json(d / "spec.json") or {}
+        if spec.get("netns"):
+            address = spec.get("address")
+        else:
+            address = "127.0.0.1" if self.network == "host" else None
         return InstanceStatus(InstanceState.RUNNING, pid=int(pids["main"]), address=address)
 
     async def _cleanup(self, instance_id: str) -> None:
