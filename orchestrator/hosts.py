@@ -72,7 +72,11 @@ class LabError(RuntimeError):
 def hosts_unavailable() -> str | None:
     """Why namespace hosts cannot be made here, or None."""
     why = netns_unavailable()
-    return why.replace("machine networking", "namespace hosts") if why else None
+    if why is not None:
+        return why.replace("machine networking", "namespace hosts")
+    if shutil.which("nsenter") is None:
+        return "namespace hosts need util-linux's nsenter"
+    return None
 
 
 def _starttime(pid: int) -> int | None:
@@ -371,7 +375,9 @@ class HostLab:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(host.dir / f"{what}.log", "ab") as out:
             host.procs[what] = subprocess.Popen(
-                ["ip", "netns", "exec", host.netns, self.python, *args],
+                # nsenter joins only the network namespace; `ip netns exec` would also remount
+                # /sys, hiding the cgroup mounts under it that runc needs
+                ["nsenter", f"--net=/run/netns/{host.netns}", "--", self.python, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -437,6 +443,20 @@ class HostLab:
             except OSError:
                 return False
         return True
+
+    def stop_agent(self, host: Host, *, kill: bool = True) -> None:
+        """Stop a host's agent (and so its worker; its machines keep running), SIGKILL by
+        default, as a crash would."""
+        proc = host.procs.pop("agent")
+        (proc.kill if kill else proc.terminate)()
+        proc.wait(60)
+        self._save()
+
+    def start_agent(self, host: Host, timeout: float = 120.0) -> None:
+        """Start a stopped host's agent again with the same config; wait until it has joined."""
+        self._spawn(host, "agent", ["-m", "corrosion", "-c", str(host.config_path), "agent"])
+        self._save()
+        self._wait(self._agents_joined, timeout, f"{host.name}'s agent to rejoin")
 
     # --- tearing down -------------------------------------------------------------------------
 
@@ -591,7 +611,7 @@ def describe(lab: HostLab) -> list[str]:
         f"  # reach it through {last.name}'s proxy",
         f"  curl -s -H 'Host: web.{DOMAIN}' {last.proxy_url}/",
         f"  # a shell on {first.name}",
-        f"  ip netns exec {first.netns} sh",
+        f"  nsenter --net=/run/netns/{first.netns} sh",
         f"  # stop it all: python -m orchestrator hosts down {lab.name}",
     ]
     return out
