@@ -80,11 +80,16 @@ def hosts_unavailable() -> str | None:
 
 
 def _starttime(pid: int) -> int | None:
+    """When the process started (clock ticks after boot), or None when it is gone (or a zombie:
+    it has exited, only its parent has not reaped it yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def _alive(proc: dict[str, int] | None) -> bool:

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .supervised import ShimDriver, read_json, write_json
+from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -52,6 +52,8 @@ class ProcessDriver(ShimDriver):
             raise DriverError(f"instance {spec.instance_id} exists ({state})")
         shutil.rmtree(d, ignore_errors=True)  # debris of a create that never finished
         d.mkdir(parents=True)
+        if spec.netns and self.namespaces:
+            (d / "hosts").write_text(hosts_file(spec))
         write_json(d / "spec.json", spec.to_dict())
 
     async def start(self, instance_id: str) -> None:

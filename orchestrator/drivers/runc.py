@@ -39,7 +39,7 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import ImageStore, static_busybox, static_executable
-from .supervised import ShimDriver, read_json, write_json
+from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,11 @@ def oci_config(
     *,
     network: str,
     init: str | None = None,
+    hosts: str | None = None,
 ) -> dict[str, Any]:
     """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
-    host) the command runs under it."""
+    host) the command runs under it; ``hosts`` is a file to bind at /etc/hosts (the host's by
+    default)."""
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.netns:
         namespaces.append({"type": "network", "path": spec.netns})
@@ -109,11 +111,12 @@ def oci_config(
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "nodev", "mode=755", "size=16384k"]},
     ]  # fmt: skip
-    if network != "none":
+    if network != "none" or spec.netns:
         for name in ("resolv.conf", "hosts"):
-            if os.path.exists(f"/etc/{name}"):
+            source = hosts if name == "hosts" and hosts is not None else f"/etc/{name}"
+            if os.path.exists(source):
                 mounts.append(
-                    {"destination": f"/etc/{name}", "type": "bind", "source": f"/etc/{name}",
+                    {"destination": f"/etc/{name}", "type": "bind", "source": source,
                      "options": ["rbind", "ro"]}
                 )  # fmt: skip
     if init is not None:  # after /run's tmpfs, so its mount point is created there
@@ -238,9 +241,13 @@ class RuncDriver(ShimDriver):
         if spec.address:
             env["FLY_PRIVATE_IP"] = spec.address
         env.update(spec.env)
+        hosts = None
+        if spec.netns:
+            (d / "hosts").write_text(hosts_file(spec))
+            hosts = str(d / "hosts")
         config = oci_config(
             spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()],
-            network=self.network, init=self.init,
+            network=self.network, init=self.init, hosts=hosts,
         )  # fmt: skip
         write_json(d / "bundle" / "config.json", config)
         bundle = str(d / "bundle")

@@ -19,6 +19,7 @@ from orch_helpers import require_netns, require_runc
 from support import wait_for
 
 from orchestrator import hosts as hostlab
+from orchestrator import network
 from orchestrator.config import ConfigError, OrchestratorConfig, build_network
 from orchestrator.drivers import runc_available
 from orchestrator.network import (
@@ -85,7 +86,7 @@ def test_address_book_is_durable_and_round_robin(tmp_path):
     assert AddressBook(tmp_path / "network.json", subnet).machines == again.machines
 
 
-def test_network_config_is_validated_and_falls_back_with_one_line(tmp_path, caplog):
+def test_network_config_is_validated_and_falls_back_with_one_line(tmp_path, caplog, monkeypatch):
     base = {"machines_path": str(tmp_path / "m")}
     for bad, text in [
         ({"machine_subnet": "10.0.0.1/24"}, "machine_subnet: invalid"),
@@ -104,6 +105,13 @@ def test_network_config_is_validated_and_falls_back_with_one_line(tmp_path, capl
     assert len(lines) == 1 and "machines share this host's network" in lines[0], lines
     assert build_network(OrchestratorConfig.from_mapping(base)) is None  # no subnet: no line
     assert len(caplog.records) == 1
+    caplog.clear()
+    monkeypatch.setattr(network.os, "geteuid", lambda: 1000)  # as a user, not root
+    cfg = OrchestratorConfig.from_mapping({**base, "machine_subnet": "10.0.0.0/24"})
+    with caplog.at_level(logging.WARNING, logger="orchestrator.config"):
+        assert build_network(cfg) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "needs root" in lines[0], lines
 
 
 # --- three namespace hosts ----------------------------------------------------------------------
