@@ -21,7 +21,6 @@ from support import wait_for
 from orchestrator import hosts as hostlab
 from orchestrator import network
 from orchestrator.config import ConfigError, OrchestratorConfig, build_network
-from orchestrator.drivers import runc_available
 from orchestrator.network import (
     AddressBook,
     NetworkError,
@@ -118,17 +117,8 @@ def test_network_config_is_validated_and_falls_back_with_one_line(tmp_path, capl
 
 
 @pytest.fixture(scope="module")
-def lab():
-    """h1 and h3 run the process driver; h2 runc where it can run (else the process driver)."""
-    require_netns()
-    drivers = ["process", "runc" if runc_available() is None else "process", "process"]
-    lab = hostlab.HostLab(3, drivers=drivers)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
-        assert lab.leftovers() == []  # no namespace, link, process or record left behind
+def lab(namespace_hosts):
+    return namespace_hosts
 
 
 def host_of(lab: hostlab.HostLab, address: str) -> hostlab.Host:
