@@ -71,9 +71,10 @@ class LabError(RuntimeError):
 
 def hosts_unavailable() -> str | None:
     """Why namespace hosts cannot be made here, or None."""
-    why = netns_unavailable()
-    if why is not None:
-        return why.replace("machine networking", "namespace hosts")
+    if os.geteuid() != 0:
+        return "namespace hosts need root"
+    if netns_unavailable() is not None:
+        return "namespace hosts need iproute2's ip command (apt-get install iproute2)"
     if shutil.which("nsenter") is None:
         return "namespace hosts need util-linux's nsenter"
     return None
