@@ -1,21 +1,120 @@
-"""``python -m orchestrator schema-path``: where the shipped ``machines`` schema file is, for
-``db.schema_paths`` of every node's corrosion config."""
+"""``python -m orchestrator``: small operator commands.
+
+* ``schema-path`` — where the shipped ``machines`` schema file is, for ``db.schema_paths`` of
+  every node's corrosion config.
+* ``proxy --replica DB --listen HOST:PORT [--domain D] [--default-app A]`` — the proxy over a
+  node's replica file, until SIGINT/SIGTERM.
+* ``hosts up [--hosts N] [--driver process|runc] [--base-dir DIR]`` / ``hosts down [LAB...]`` /
+  ``hosts list`` / ``hosts clean`` — worker hosts as network namespaces on this machine (root),
+  see :mod:`.hosts`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import signal
 import sys
 
-USAGE = "usage: python -m orchestrator schema-path"
+USAGE = "usage: python -m orchestrator {schema-path,proxy,hosts} ..."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("schema-path", help="print the path of the machines schema file")
+    proxy = sub.add_parser("proxy", help="serve the proxy over a replica file")
+    proxy.add_argument("--replica", required=True, help="the node's database file")
+    proxy.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    proxy.add_argument("--domain", help="route <app>.<domain> to the app's machines")
+    proxy.add_argument("--default-app", help="the app for any other Host")
+    hosts = sub.add_parser("hosts", help="worker hosts as network namespaces (root)")
+    hsub = hosts.add_subparsers(dest="action", required=True)
+    up = hsub.add_parser("up", help="start a lab of namespace hosts and leave it running")
+    up.add_argument("--hosts", type=int, default=3, help="how many hosts (1-9, default 3)")
+    up.add_argument("--driver", default="process", choices=("process", "runc"))
+    up.add_argument("--base-dir", help="keep the hosts' data here (default: a temp dir)")
+    down = hsub.add_parser("down", help="tear labs down (all of them without a name)")
+    down.add_argument("labs", nargs="*")
+    hsub.add_parser("list", help="the labs on this machine")
+    hsub.add_parser("clean", help="tear down labs whose owner died, and unrecorded debris")
+    return parser
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    import anyio
+
+    from corrosion.config import parse_addr
+    from corrosion.surfaces.asgi_server import serve_asgi
+
+    from .proxy import Proxy, SqliteReplica
+
+    try:
+        host, port = parse_addr(args.listen, "--listen")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        replica = SqliteReplica(args.replica)
+        proxy = Proxy(replica, domain=args.domain, default_app=args.default_app)
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with anyio.create_task_group() as tg:
+                    server = await serve_asgi(proxy, tg, host, port, lifespan=True)
+                    print(f"proxy on {host}:{server.address[1]} over {args.replica}", flush=True)
+                    async for _ in signals:
+                        break
+                    server.close()
+        finally:
+            replica.close()
+
+    try:
+        anyio.run(serve)
+    except OSError as e:
+        print(f"error: the proxy could not start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _hosts(args: argparse.Namespace) -> int:
+    from . import hosts
+
+    try:
+        if args.action == "up":
+            lab = hosts.HostLab(args.hosts, drivers=args.driver, base_dir=args.base_dir,
+                                owned=False)  # fmt: skip
+            lab.up()
+            print("\n".join(hosts.describe(lab)))
+        elif args.action == "down":
+            for name in hosts.teardown_named(args.labs):
+                print(f"{name}: torn down")
+        elif args.action == "list":
+            for rec in hosts.list_labs():
+                owner = "stale" if rec["stale"] else ("owned" if rec.get("owner") else "up")
+                names = " ".join(f"{h['name']}={h['address']}" for h in rec["hosts"])
+                print(f"{rec['name']}  {owner}  10.{rec['octet']}.0.0/16  {names}  {rec['base']}")
+        else:
+            for name in hosts.clean_stale():
+                print(f"removed {name}")
+    except (hosts.LabError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str]) -> int:
-    if argv != ["schema-path"]:
+    if not argv:
         print(USAGE, file=sys.stderr)
         return 2
-    from .publish import MACHINES_SCHEMA_PATH
+    args = _parser().parse_args(argv)
+    if args.command == "schema-path":
+        from .publish import MACHINES_SCHEMA_PATH
 
-    print(MACHINES_SCHEMA_PATH)
-    return 0
+        print(MACHINES_SCHEMA_PATH)
+        return 0
+    if args.command == "proxy":
+        return _proxy(args)
+    return _hosts(args)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,17 @@ worker = "worker-1"                            # this host's name in the machine
 region = "local"
 state_path = "/var/lib/corrosion/instances"    # driver state (instance dirs, runc root)
 images_path = "/var/lib/corrosion/images"      # runc root filesystems
+machine_subnet = "10.213.1.0/24"  # each machine in its own netns with an address from here
+machine_bridge = "corro0"         # the bridge on this host the machines' veths attach to
 ```
+
+Without ``machine_subnet`` machines share the host's network (address 127.0.0.1). With it but
+without root or iproute2's ``ip`` (or with the fake driver) they do too, and one log line says so.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +31,12 @@ from .archive import DirectoryArchive
 from .clock import Clock
 from .drivers import Driver, FakeDriver, ProcessDriver, RuncDriver
 from .errors import InvalidRequestError
+from .network import MachineNetwork, check_ifname, check_subnet, netns_unavailable
 from .publish import Publisher
 from .service import Orchestrator
 
 DRIVERS = ("fake", "process", "runc")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(InvalidRequestError, ValueError):
@@ -44,6 +52,8 @@ class OrchestratorConfig:
     region: str = "local"
     state_path: Path | None = None
     images_path: Path | None = None
+    machine_subnet: str | None = None
+    machine_bridge: str = "corro0"
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> OrchestratorConfig:
@@ -70,7 +80,18 @@ class OrchestratorConfig:
                 raise ConfigError(f"[orchestrator]: {key} must be a path")
             return Path(value)
 
+        subnet = section.get("machine_subnet")
+        try:
+            subnet = None if subnet is None else str(check_subnet(subnet))
+        except ValueError as e:
+            raise ConfigError(f"[orchestrator]: machine_subnet: {e}") from None
+        try:
+            bridge = check_ifname(section.get("machine_bridge", cls.machine_bridge))
+        except ValueError as e:
+            raise ConfigError(f"[orchestrator]: machine_bridge: {e}") from None
         return cls(
+            machine_subnet=subnet,
+            machine_bridge=bridge,
             machines_path=Path(section["machines_path"]),
             archive_path=path("archive_path"),
             driver=driver,
@@ -81,8 +102,27 @@ class OrchestratorConfig:
         )
 
 
+def _state_path(config: OrchestratorConfig) -> Path:
+    return config.state_path or config.machines_path / "_instances"
+
+
+def build_network(config: OrchestratorConfig) -> MachineNetwork | None:
+    """The machines' network for ``machine_subnet``, or None (the host's network), saying why
+    in one log line when a subnet was asked for."""
+    if config.machine_subnet is None:
+        return None
+    why = "the fake driver runs nothing" if config.driver == "fake" else netns_unavailable()
+    if why is not None:
+        log.warning(
+            "machine_subnet %s ignored (%s): machines share this host's network",
+            config.machine_subnet, why,
+        )  # fmt: skip
+        return None
+    return MachineNetwork(config.machine_subnet, _state_path(config), bridge=config.machine_bridge)
+
+
 def build_driver(config: OrchestratorConfig, *, clock: Clock | None = None) -> Driver:
-    state = config.state_path or config.machines_path / "_instances"
+    state = _state_path(config)
     if config.driver == "fake":
         return FakeDriver(clock)
     if config.driver == "process":
@@ -108,6 +148,7 @@ def build_orchestrator(
         region=config.region,
         clock=clock,
         publisher=publisher,
+        network=build_network(config),
     )
 
 

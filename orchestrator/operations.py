@@ -16,8 +16,8 @@ Operations, their steps, and the state each promises:
 * restart: mark_restarting, stop_instance, create_instance, start_instance, mark_started → started
 * update: mark_updating, stop_instance, destroy_instance, apply_config, prepare,
   create_instance*, start_instance*, mark_started* → started (created with ``skip_launch``)
-* destroy: mark_destroying, kill_instance, destroy_instance, mark_destroyed → destroyed, then the
-  database is archived
+* destroy: mark_destroying, kill_instance, destroy_instance, release_network, mark_destroyed →
+  destroyed, then the database is archived
 * cordon / uncordon: set_cordon → the flag
 * exit (internal, from the exit watcher): record_exit, create_instance†, start_instance†,
   mark_started† → the restart policy's decision
@@ -29,6 +29,7 @@ leaves it ``started`` or ``stopped`` as the driver reports.
 
 from __future__ import annotations
 
+import dataclasses
 import signal as _signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from .clock import Clock
 from .drivers.base import Driver, DriverError, ExitStatus, InstanceState, parse_signal
 from .engine import Engine, StepContext
 from .errors import UnrecoverableError
+from .network import MachineNetwork, NetworkError
 from .restart import should_restart
 
 Step = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
@@ -87,6 +89,11 @@ class StepHost(Protocol):
     def clock(self) -> Clock: ...
 
     def doc(self, machine_id: str) -> dict[str, Any]: ...
+
+    @property
+    def network(self) -> MachineNetwork | None:
+        """The machines' own network namespaces, or None: the host's network."""
+        ...
 
 
 class MachineOperations:
@@ -146,7 +153,14 @@ class MachineOperations:
             await self._drv(driver.destroy(iid))
             status = await self._drv(driver.status(iid))
         if status.state is InstanceState.ABSENT:
-            await self._drv(driver.create(m.instance_spec(doc)))
+            spec = m.instance_spec(doc)
+            if self.svc.network is not None:
+                try:
+                    net = await self.svc.network.attach(ctx.machine_id)
+                except NetworkError as e:
+                    raise DriverError(f"machine network: {e}") from e  # transient: retried
+                spec = dataclasses.replace(spec, netns=net.netns_path, address=net.address)
+            await self._drv(driver.create(spec))
 
     async def start_instance(self, ctx: StepContext) -> None:
         iid = self._doc(ctx)["instance_id"]
@@ -236,6 +250,13 @@ class MachineOperations:
             sig, timeout = self._stop_args(ctx)
         exit_ = await self._drv(self.svc.driver.stop(iid, signal=sig, timeout=timeout))
         return {"exit": exit_.to_dict()}
+
+    async def release_network(self, ctx: StepContext) -> None:
+        if self.svc.network is not None:
+            try:
+                await self.svc.network.release(ctx.machine_id)
+            except NetworkError as e:
+                raise DriverError(f"machine network: {e}") from e
 
     async def mark_destroyed(self, ctx: StepContext) -> None:
         self._set(ctx, m.DESTROYED, ("destroy", m.DESTROYED))
@@ -368,6 +389,7 @@ class MachineOperations:
                 ("mark_destroying", self.mark_destroying),
                 ("kill_instance", self.kill_instance),
                 ("destroy_instance", self.destroy_instance),
+                ("release_network", self.release_network),
                 ("mark_destroyed", self.mark_destroyed),
             ],
             finalizers=[("settle", self.settle_stop)],

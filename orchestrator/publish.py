@@ -37,8 +37,12 @@ MACHINES_SCHEMA = MACHINES_SCHEMA_PATH.read_text()
 
 COLUMNS = (
     "id", "app", "worker", "region", "state", "instance_id", "address", "cordoned", "checks",
-    "services", "updated_at",
+    "services", "updated_at", "private_ip",
 )  # fmt: skip
+
+# columns added after the first release (the schema grows additively): a row without them, made
+# by older code, is published with their default
+ADDED_COLUMNS = frozenset({"private_ip"})
 
 Statement = str | list[Any]
 
@@ -63,6 +67,9 @@ def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         "checks": _json(published_checks(doc)),
         "services": _json(routable_services(doc)),
         "updated_at": int(doc["updated_at"] * 1000),
+        # the machine's address: on its own network when it has one, 127.0.0.1 (reachable from
+        # this host only) when it shares the host's; ``address`` is the same, for older readers
+        "private_ip": doc.get("private_ip", "") or "",
     }
 
 
@@ -91,7 +98,7 @@ def upsert_statement(row: Mapping[str, Any]) -> list[Any]:
         f"INSERT INTO {MACHINES_TABLE} ({cols}) VALUES ({marks}) "
         f"ON CONFLICT (id) DO UPDATE SET {updates}"
     )
-    return [sql, [row[c] for c in COLUMNS]]
+    return [sql, [row.get(c, "") if c in ADDED_COLUMNS else row[c] for c in COLUMNS]]
 
 
 def delete_statement(machine_id: str) -> list[Any]:

@@ -53,6 +53,7 @@ from .health import HealthChecks
 from .ids import IdFactory
 from .leases import Leases, parse_ttl
 from .metadata import Metadata
+from .network import MachineNetwork
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
 from .store import MachineStore
@@ -79,9 +80,11 @@ class Orchestrator:
         observer: EngineObserver | None = None,
         backoff: Backoff | None = None,
         probe: Probe | None = None,
+        network: MachineNetwork | None = None,
     ) -> None:
         self.machines_path = Path(machines_path)
         self.driver = driver
+        self.network = network  # None: machines share the host's network
         self.archive = archive
         self.worker = worker
         self.region = region
@@ -130,6 +133,9 @@ class Orchestrator:
             stack.callback(self.store.close)
             stack.push_async_callback(self.driver.aclose)
             await self._load()
+            if self.network is not None:  # the bridge, then debris of destroyed machines goes
+                await self.network.setup()
+                await self.network.reconcile(self.docs.ids())
             engine = Engine(
                 self.store,
                 clock=self.clock,

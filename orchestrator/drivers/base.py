@@ -53,7 +53,9 @@ class InstanceState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """What to run. ``cmd`` empty means the image's default command."""
+    """What to run. ``cmd`` empty means the image's default command. ``netns`` (a namespace
+    file such as ``/run/netns/<name>``) is the network namespace to run in, prepared by
+    :mod:`..network`, where the instance has the private ``address``; without it, the host's."""
 
     instance_id: str
     machine_id: str
@@ -62,6 +64,8 @@ class InstanceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     memory_mb: int | None = None
     cpus: int | None = None
+    netns: str | None = None
+    address: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +76,8 @@ class InstanceSpec:
             "env": dict(self.env),
             "memory_mb": self.memory_mb,
             "cpus": self.cpus,
+            "netns": self.netns,
+            "address": self.address,
         }
 
     @classmethod
@@ -84,6 +90,8 @@ class InstanceSpec:
             env=dict(d.get("env") or {}),
             memory_mb=d.get("memory_mb"),
             cpus=d.get("cpus"),
+            netns=d.get("netns"),
+            address=d.get("address"),
         )
 
 

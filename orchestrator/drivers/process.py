@@ -2,7 +2,9 @@
 
 As root the command runs in fresh pid, mount, uts and ipc namespaces (its own PID 1 supervisor,
 its own /proc, hostname = machine id); otherwise it is a plain process group. The network is the
-host's (address ``127.0.0.1``) so a proxy on this host can reach it. Images are not unpacked: the
+machine's own namespace when the orchestrator prepared one (``spec.netns``, the address
+``spec.address``, also in ``FLY_PRIVATE_IP``), otherwise the host's (address ``127.0.0.1``, so a
+proxy on this host can reach it). Images are not unpacked: the
 command runs on the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. No cgroup
 limits, hence no OOM detection (``oom_killed`` is always False).
 
@@ -17,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .supervised import ShimDriver, read_json, write_json
+from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -50,6 +52,8 @@ class ProcessDriver(ShimDriver):
             raise DriverError(f"instance {spec.instance_id} exists ({state})")
         shutil.rmtree(d, ignore_errors=True)  # debris of a create that never finished
         d.mkdir(parents=True)
+        if spec.netns and self.namespaces:
+            (d / "hosts").write_text(hosts_file(spec))
         write_json(d / "spec.json", spec.to_dict())
 
     async def start(self, instance_id: str) -> None:
@@ -62,8 +66,11 @@ class ProcessDriver(ShimDriver):
         spec = InstanceSpec.from_dict(read_json(d / "spec.json") or {})
         env = {"PATH": BASE_PATH, "HOME": "/root" if os.geteuid() == 0 else "/tmp"}
         env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
+        if spec.address:
+            env["FLY_PRIVATE_IP"] = spec.address
         env.update(spec.env)
-        args = ["1" if self.namespaces else "0", spec.machine_id, str(d / "output.log"), "--"]
+        namespaces = "1" if self.namespaces else "0"
+        args = [namespaces, spec.machine_id, str(d / "output.log"), spec.netns or "-", "--"]
         self._spawn(instance_id, ["process", *args, *spec.cmd], env)
         await self._await_spawn(instance_id)
 
@@ -80,7 +87,9 @@ class ProcessDriver(ShimDriver):
         exit_ = self._exit(d)
         if exit_ is not None:
             return InstanceStatus(InstanceState.EXITED, pid=int(pids["main"]), exit=exit_)
-        return InstanceStatus(InstanceState.RUNNING, pid=int(pids["main"]), address="127.0.0.1")
+        spec = read_json(d / "spec.json") or {}
+        address = spec.get("address") if spec.get("netns") else "127.0.0.1"
+        return InstanceStatus(InstanceState.RUNNING, pid=int(pids["main"]), address=address)
 
     async def destroy(self, instance_id: str) -> None:
         await self._kill_and_forget(instance_id)

@@ -17,10 +17,12 @@ right after it is not lost. tini exits with the command's code, or 128+N when th
 of signal N, and that is the exit recorded. Without tini the command is PID 1 (one warning when
 the driver starts).
 
-Networking: by default the container shares the host's network namespace (address
-``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it a private
-namespace with only loopback. runc state lives under ``<state>/runc`` (``runc --root``), apart
-from any other runc user on the host.
+Networking: an instance whose spec names a network namespace (``spec.netns``, prepared by the
+orchestrator with the machine's private ``spec.address``) joins it through the OCI config's
+``network`` namespace ``path``. Otherwise, by default, the container shares the host's network
+namespace (address ``127.0.0.1``), so a proxy on this host reaches it; ``network="none"`` gives it
+a private namespace with only loopback. runc state lives under ``<state>/runc`` (``runc
+--root``), apart from any other runc user on the host.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import ImageStore, static_busybox, static_executable
-from .supervised import ShimDriver, write_json
+from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,15 @@ def oci_config(
     *,
     network: str,
     init: str | None = None,
+    hosts: str | None = None,
 ) -> dict[str, Any]:
     """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
-    host) the command runs under it."""
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
-    if network == "none":
+    host) the command runs under it; ``hosts`` is a file to bind at /etc/hosts (the host's by
+    default)."""
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if spec.netns:
+        namespaces.append({"type": "network", "path": spec.netns})
+    elif network == "none":
         namespaces.append({"type": "network"})
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if spec.memory_mb:
@@ -105,11 +111,12 @@ def oci_config(
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "nodev", "mode=755", "size=16384k"]},
     ]  # fmt: skip
-    if network != "none":
+    if network != "none" or spec.netns:
         for name in ("resolv.conf", "hosts"):
-            if os.path.exists(f"/etc/{name}"):
+            source = hosts if name == "hosts" and hosts is not None else f"/etc/{name}"
+            if os.path.exists(source):
                 mounts.append(
-                    {"destination": f"/etc/{name}", "type": "bind", "source": f"/etc/{name}",
+                    {"destination": f"/etc/{name}", "type": "bind", "source": source,
                      "options": ["rbind", "ro"]}
                 )  # fmt: skip
     if init is not None:  # after /run's tmpfs, so its mount point is created there
@@ -231,10 +238,16 @@ class RuncDriver(ShimDriver):
             k, _, v = item.partition("=")
             env[k] = v
         env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
+        if spec.address:
+            env["FLY_PRIVATE_IP"] = spec.address
         env.update(spec.env)
+        hosts = None
+        if spec.netns:
+            (d / "hosts").write_text(hosts_file(spec))
+            hosts = str(d / "hosts")
         config = oci_config(
             spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()],
-            network=self.network, init=self.init,
+            network=self.network, init=self.init, hosts=hosts,
         )  # fmt: skip
         write_json(d / "bundle" / "config.json", config)
         bundle = str(d / "bundle")
@@ -296,7 +309,11 @@ class RuncDriver(ShimDriver):
         runc_state = "running" if (d / "started").exists() else await self._runc_state(instance_id)
         if runc_state == "created":
             return InstanceStatus(InstanceState.CREATED, pid=int(pids["main"]))
-        address = "127.0.0.1" if self.network == "host" else None
+        spec = read_json(d / "spec.json") or {}
+        if spec.get("netns"):
+            address = spec.get("address")
+        else:
+            address = "127.0.0.1" if self.network == "host" else None
         return InstanceStatus(InstanceState.RUNNING, pid=int(pids["main"]), address=address)
 
     async def _cleanup(self, instance_id: str) -> None:

@@ -8,10 +8,13 @@ with ``python -I -S``, so it is up in about ten milliseconds.
 
 Invocation (arguments, not a config file, to keep startup cheap):
 
-* ``shim.py <dir> process <namespaces:0|1> <hostname> <log> -- <cmd...>`` — the environment of
-  the shim is the command's. The shim (O) forks a supervisor (S) that forks the command (C). With
-  namespaces (root only), O first unshares pid/uts/ipc namespaces, so S is PID 1 of a fresh pid
-  namespace; S unshares a mount namespace of its own for a private /proc and sets the hostname.
+* ``shim.py <dir> process <namespaces:0|1> <hostname> <log> <netns|-> -- <cmd...>`` — the
+  environment of the shim is the command's. The shim (O) forks a supervisor (S) that forks the
+  command (C). O first joins the network namespace file ``netns`` when one is given (the
+  machine's, prepared by the orchestrator). With
+  namespaces (root only), O then unshares pid/uts/ipc namespaces, so S is PID 1 of a fresh pid
+  namespace; S unshares a mount namespace of its own for a private /proc (and, when the driver
+  wrote ``<dir>/hosts``, a private /etc/hosts) and sets the hostname.
   S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
   reaps orphans, writes C's status, then kills its process group so nothing outlives C.
 * ``shim.py <dir> runc <runc> <runc-root> <bundle> <id> <log>`` — O becomes a child subreaper and
@@ -36,9 +39,10 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND = 0x2, 0x4, 0x8, 0x1000
 PR_SET_CHILD_SUBREAPER = 36
 SIGKILL = 9
 FORWARDED = (15, 2, 1, 3, 10, 12)  # TERM INT HUP QUIT USR1 USR2
@@ -118,6 +122,9 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
         check(lib.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         check(lib.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
+        hosts = os.path.join(directory, "hosts")  # written for an instance on its own network
+        if os.path.exists(hosts):
+            check(lib.mount(hosts.encode(), b"/etc/hosts", None, MS_BIND, None), "bind /etc/hosts")
         name = hostname.encode()[:63]
         if name:
             check(lib.sethostname(name, len(name)), "sethostname")
@@ -176,12 +183,19 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
 
 
 def run_process(directory, args):
-    namespaces, hostname, log_path, sep, *cmd = args
+    namespaces, hostname, log_path, netns, sep, *cmd = args
     if sep != "--" or not cmd:
-        raise ValueError("usage: process <namespaces> <hostname> <log> -- <cmd...>")
+        raise ValueError("usage: process <namespaces> <hostname> <log> <netns|-> -- <cmd...>")
     in_namespace = namespaces == "1" and os.geteuid() == 0
     me = os.getpid()
     born = starttime(me)
+    if netns != "-":
+        lib, check = libc()
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            check(lib.setns(fd, CLONE_NEWNET), f"setns({netns})")
+        finally:
+            os.close(fd)
     if in_namespace:
         lib, check = libc()
         check(lib.unshare(CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")

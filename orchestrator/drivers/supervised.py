@@ -27,7 +27,14 @@ from typing import Any
 
 import anyio
 
-from .base import DriverError, ExitStatus, InstanceState, InstanceStatus, UnknownInstanceError
+from .base import (
+    DriverError,
+    ExitStatus,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+    UnknownInstanceError,
+)
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -57,6 +64,16 @@ def process_alive(pid: int, starttime: int | None) -> bool:
     if fields[0] in ("Z", "X"):
         return False
     return starttime is None or int(fields[19]) == starttime
+
+
+def hosts_file(spec: InstanceSpec) -> str:
+    """``/etc/hosts`` for an instance on its own network: without its hostname (the machine id)
+    in it, looking the hostname up goes to DNS, which such an instance may not reach, and waits
+    for the resolver's timeout (python's http.server does so at start: 5 s)."""
+    lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+    if spec.address:
+        lines.append(f"{spec.address} {spec.machine_id}")
+    return "\n".join(lines) + "\n"
 
 
 class ShimDriver:

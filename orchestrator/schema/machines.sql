@@ -13,7 +13,8 @@ CREATE TABLE machines (
     cordoned INTEGER NOT NULL DEFAULT 0,
     checks TEXT NOT NULL DEFAULT '[]',
     services TEXT NOT NULL DEFAULT '[]',
-    updated_at INTEGER NOT NULL DEFAULT 0
+    updated_at INTEGER NOT NULL DEFAULT 0,
+    private_ip TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX machines_app_state ON machines (app, state);
 CREATE INDEX machines_worker ON machines (worker);

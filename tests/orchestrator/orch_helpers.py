@@ -6,12 +6,19 @@ import anyio
 from support import require
 
 from orchestrator.drivers import runc_available
+from orchestrator.hosts import hosts_unavailable
 
 
 def require_runc() -> None:
     """Skip a test of the runc driver where it cannot run, or fail it when the CI requires runc
     (CORROSION_REQUIRE_RUNC=1)."""
     require(runc_available(), "CORROSION_REQUIRE_RUNC")
+
+
+def require_netns() -> None:
+    """Skip a test that needs network namespaces (root and iproute2's ip) where they cannot be
+    made, or fail it when the CI requires them (CORROSION_REQUIRE_NETNS=1)."""
+    require(hosts_unavailable(), "CORROSION_REQUIRE_NETNS")
 
 
 class CrrPublisher:
