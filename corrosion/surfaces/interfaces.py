@@ -15,8 +15,11 @@ from ..config import Config
 from ..core.pending_schema import PendingSchema
 from ..core.replication import Replicator
 from ..core.store import Store
+from ..runtime.lag import LagWindow
+from ..runtime.reads import Reads
 from ..runtime.results import ExecResult, MemberInfo, UpdateWatch
 from ..runtime.subscriptions import Subscriptions
+from ..runtime.telemetry import Telemetry
 
 
 class AgentHealth(Protocol):
@@ -74,6 +77,10 @@ class MetricsAgent(AgentHealth, Protocol):
     """What ``/metrics`` reads: the health numbers and the counters of the agent's parts."""
 
     events: Any  # corrosion.runtime.events.AgentEvents
+    telemetry: Telemetry
+    lag: LagWindow
+    reads: Reads
+    subscriptions: Subscriptions
     pg_servers: list[Any]  # corrosion.surfaces.pg.PgServer: api.pg.addr's, with their counters
     store: Store | None
     replicator: Replicator | None
