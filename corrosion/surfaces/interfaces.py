@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+import anyio
+
 import swim
 
 from ..config import Config
@@ -66,7 +68,13 @@ class ApiAgent(AgentHealth, Protocol):
 
 
 class AdminAgent(AgentHealth, Protocol):
-    """What the admin socket's commands act on."""
+    """What the admin socket's commands act on (its maintenance commands: the runtime's parts,
+    through ``corrosion.runtime.maintenance``)."""
+
+    subscriptions: Subscriptions
+    store: Store | None
+    swim: swim.SwimNode | None
+    db_lock: anyio.Lock
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]: ...
 
