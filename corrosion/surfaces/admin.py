@@ -211,6 +211,11 @@ def _parse(line: bytes) -> dict[str, Any]:
         request = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _BadRequest(f"request is not valid JSON: {exc}") from None
+    return _checked(request)
+
+
+def _checked(request: Any) -> dict[str, Any]:
+    """A request of ours, its arguments checked (and the actor id decoded)."""
     if not isinstance(request, dict):
         raise _BadRequest('request must be a JSON object like {"cmd": "ping"}')
     cmd = request.get("cmd")
@@ -448,7 +453,7 @@ def _from_corrosion(payload: bytes) -> dict[str, Any]:
 async def _answer_corrosion(agent: AdminAgent, payload: bytes) -> list[Any]:
     """The response frames for one request, as corro-admin sends them."""
     try:
-        request = _parse(json.dumps(_from_corrosion(payload)).encode())
+        request = _checked(_from_corrosion(payload))
         result = await _run(agent, request)
     except (_BadRequest, CrdtError, ConfigError) as exc:
         return [_corro_error(str(exc))]
