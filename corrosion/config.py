@@ -13,6 +13,8 @@ authz.bearer-token = "secret"             # optional: require "Authorization: Be
 query_timeout = 60.0                      # seconds a query may run (?timeout= overrides; 0: none)
 transaction_timeout = 60.0                # seconds a transaction's statements may run
 pg.addr = "127.0.0.1:5432"                # PostgreSQL protocol (also corrosion's [[api.pg]])
+concurrency_limit = 128                   # requests each streaming route serves at once (503 above)
+endpoint_name = "node-a"                  # 421 for requests meant for another endpoint name
 
 [gossip]
 addr = "0.0.0.0:8787"                     # SWIM (UDP) and peer streams (TCP)
@@ -81,7 +83,6 @@ CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
     for table, keys in {
         "": "consul reaper",
         "db": "cache_size_kib",
-        "api": "endpoint_name",
         "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
         "broadcast",
         "telemetry": "open-telemetry",
@@ -192,6 +193,12 @@ class ApiConfig:
     transaction_timeout: float = 60.0
     # api.pg: where PostgreSQL clients connect (corrosion's [[api.pg]] tables too)
     pg: tuple[PgListener, ...] = ()
+    # the requests each of /v1/transactions, /v1/queries, /v1/subscriptions and /v1/updates
+    # serves at once (corrosion's 128); one more is answered 503 rather than queued
+    concurrency_limit: int = 128
+    # corrosion's api.endpoint_name: a request whose x-corrosion-requested-endpoint-name header
+    # names another endpoint is answered 421 (it reached the wrong node through a proxy)
+    endpoint_name: str | None = None
 
     @property
     def pg_addrs(self) -> tuple[Address, ...]:
@@ -291,8 +298,17 @@ class Config:
         authz.done()
         timeouts = {k: api.number(k, lo=0.0) for k in ("query_timeout", "transaction_timeout")}
         pg = _pg_listeners(api.get("pg"))
+        limit = api.integer("concurrency_limit", lo=1, hi=1_000_000)
+        endpoint_name = api.opt_string("endpoint_name")
         api.done()
-        api_cfg = ApiConfig(api_addrs, token, **timeouts, pg=pg)
+        api_cfg = ApiConfig(
+            api_addrs,
+            token,
+            **timeouts,
+            pg=pg,
+            concurrency_limit=limit,
+            endpoint_name=endpoint_name or None,
+        )
 
         tls = gossip.table("tls", TlsConfig)
         tls_cfg = None

@@ -291,6 +291,45 @@ class Store:
                 [(actor, s, e) for s, e in gaps],
             )
 
+    def reconcile_gaps(self) -> list[tuple[bytes, int, int]]:
+        """Rewrite ``__corro_bookkeeping_gaps`` from the bookkeeping where they disagree (the
+        gaps are derived: the table only mirrors them for readers), in one transaction; return
+        ``(actor, rows deleted, rows inserted)`` for each actor rewritten (``corrosion sync
+        reconcile-gaps``). Reads the bookie: run it under the agent's database lock."""
+        rows: dict[bytes, list[tuple[int, int]]] = {}
+        for actor, start, end in self.conn.execute(
+            'SELECT actor_id, start, "end" FROM __corro_bookkeeping_gaps ORDER BY actor_id, start'
+        ):
+            rows.setdefault(actor, []).append((start, end))
+        done = []
+        with _write_transaction(self.conn):
+            for actor in sorted(set(rows) | set(self.bookie.actors)):
+                booked = self.bookie.actors.get(actor)
+                derived = list(booked.gaps()) if booked is not None else []
+                kept = rows.get(actor, [])
+                if kept == derived:
+                    continue
+                if booked is None:
+                    self.conn.execute(
+                        "DELETE FROM __corro_bookkeeping_gaps WHERE actor_id = ?", (actor,)
+                    )
+                else:
+                    self._write_gaps(actor, booked)
+                done.append((actor, len(kept), len(derived)))
+        return done
+
+    def booked_version(self, actor: bytes, version: int) -> tuple[int | None, int | None] | None:
+        """``(db_version, last_seq)`` of a held version of ``actor`` (``db_version`` None: held
+        without data: empty, or kept for want of schema); None when it is not booked."""
+        row = self.conn.execute(
+            "SELECT start_version, end_version, db_version, last_seq FROM __corro_bookkeeping "
+            "WHERE actor_id = ? AND start_version <= ? ORDER BY start_version DESC LIMIT 1",
+            (actor, version),
+        ).fetchone()
+        if row is None or row[1] < version:
+            return None
+        return row[2], row[3]
+
     # -- local transactions ----------------------------------------------------------------
 
     def execute_local(

@@ -5,7 +5,12 @@
     corrosion exec SQL [--param ...]      one transaction through the API (/v1/transactions)
     corrosion query SQL [--columns]       rows through the API (/v1/queries), '|'-separated
     corrosion cluster members             membership, from the admin socket
+    corrosion cluster membership-states   SWIM's view of every member (admin socket)
+    corrosion cluster rejoin              announce this node to the seeds and known members
     corrosion sync generate               this node's sync state as JSON, from the admin socket
+    corrosion sync reconcile-gaps         rewrite the gaps table from the bookkeeping
+    corrosion actor version ACTOR VERSION what this node holds of one version
+    corrosion subs list | info            the agent's subscriptions (admin socket)
     corrosion reload                      re-apply the schema files, through the admin socket
     corrosion log set FILTER | reset      change the running agent's log levels (admin socket)
     corrosion backup PATH                 a generic snapshot of the database
@@ -13,6 +18,7 @@
     corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
     corrosion template SRC:DST[:CMD]...   files rendered from the database, kept up to date
     corrosion keygen                      a new key for gossip.encryption_keys
+    corrosion tls ca|server|client generate   certificates for gossip.tls
 
 Client commands find the agent through the config file (``api.addr``, ``admin.path``,
 ``api.authz.bearer-token``) unless the flags say otherwise (``--token`` or ``CORROSION_TOKEN``
@@ -102,9 +108,21 @@ sync_app = typer.Typer(help="Replication state (through the admin socket).", no_
 log_app = typer.Typer(
     help="The running agent's log levels (through the admin socket).", no_args_is_help=True
 )
+subs_app = typer.Typer(help="Subscriptions (through the admin socket).", no_args_is_help=True)
+actor_app = typer.Typer(help="Actors' versions (through the admin socket).", no_args_is_help=True)
+tls_app = typer.Typer(help="Certificates for gossip.tls.", no_args_is_help=True)
+tls_ca_app = typer.Typer(help="The cluster's certificate authority.", no_args_is_help=True)
+tls_server_app = typer.Typer(help="Nodes' server certificates.", no_args_is_help=True)
+tls_client_app = typer.Typer(help="Client certificates (mutual TLS).", no_args_is_help=True)
+tls_app.add_typer(tls_ca_app, name="ca")
+tls_app.add_typer(tls_server_app, name="server")
+tls_app.add_typer(tls_client_app, name="client")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(sync_app, name="sync")
 app.add_typer(log_app, name="log")
+app.add_typer(subs_app, name="subs")
+app.add_typer(actor_app, name="actor")
+app.add_typer(tls_app, name="tls")
 
 
 class CliError(CorrosionError):
@@ -539,6 +557,135 @@ def log_reset(ctx: typer.Context) -> None:
     with _Errors():
         result = admin_request(_g(ctx).admin(), "log reset")
     typer.echo(f"log filter: {result['filter']}")
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+@cluster_app.command("membership-states")
+def cluster_membership_states(ctx: typer.Context) -> None:
+    """Every member SWIM knows, down and left ones too, with its incarnation (JSON)."""
+    with _Errors():
+        _print_json(admin_request(_g(ctx).admin(), "cluster membership-states"))
+
+
+@cluster_app.command("rejoin")
+def cluster_rejoin(ctx: typer.Context) -> None:
+    """Exchange membership again with the bootstrap seeds and every known member, announcing
+    this node (after a partition, members that marked it down see it alive again)."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "cluster rejoin")
+    asked = len(result["asked"])
+    typer.echo(f"rejoined: {result['answered']} of {asked} members asked answered")
+
+
+@sync_app.command("reconcile-gaps")
+def sync_reconcile_gaps(ctx: typer.Context) -> None:
+    """Rewrite the gaps table (__corro_bookkeeping_gaps) where it disagrees with the versions
+    booked."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "sync reconcile-gaps", timeout=600)
+    for r in result["reconciled"]:
+        typer.echo(
+            f"reconciled {r['actor_id']}: {r['deleted']} gap rows replaced by {r['inserted']}"
+        )
+    typer.echo(f"gaps consistent for {result['actors']} actors")
+
+
+@actor_app.command("version")
+def actor_version(
+    ctx: typer.Context,
+    actor_id: Annotated[str, typer.Argument(metavar="ACTOR_ID", help="A UUID or 32 hex digits.")],
+    version: Annotated[int, typer.Argument(metavar="VERSION", min=1)],
+) -> None:
+    """What this node holds of one version of an actor (JSON): partial, current, or cleared."""
+    with _Errors():
+        _print_json(
+            admin_request(_g(ctx).admin(), "actor version", actor_id=actor_id, version=version)
+        )
+
+
+@subs_app.command("list")
+def subs_list(ctx: typer.Context) -> None:
+    """The subscriptions the agent runs (JSON): id, hash, SQL, listeners, last change id."""
+    with _Errors():
+        _print_json(admin_request(_g(ctx).admin(), "subs list"))
+
+
+@subs_app.command("info")
+def subs_info(
+    ctx: typer.Context,
+    hash_: Annotated[
+        str | None, typer.Option("--hash", help="The subscription's corro-query-hash.")
+    ] = None,
+    id_: Annotated[str | None, typer.Option("--id", help="The subscription's id.")] = None,
+) -> None:
+    """One subscription, by hash or id (JSON)."""
+    with _Errors():
+        if hash_ is None and id_ is None:
+            raise CliError("pass --hash or --id")
+        result = (
+            admin_request(_g(ctx).admin(), "subs info", hash=hash_)
+            if hash_ is not None
+            else admin_request(_g(ctx).admin(), "subs info", id=id_)
+        )
+        _print_json(result)
+
+
+OutDirOpt = Annotated[
+    Path,
+    typer.Option("--output-dir", help="Where the files go (default: the current directory)."),
+]
+CaKeyOpt = Annotated[Path, typer.Option("--ca-key", help="The CA's key (tls ca generate).")]
+CaCertOpt = Annotated[Path, typer.Option("--ca-cert", help="The CA's certificate.")]
+
+
+def _tls_command(make: Any, *args: Any) -> None:
+    from .tls import TlsError
+
+    try:
+        cert, key = make(*args)
+    except TlsError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {cert}")
+    typer.echo(f"wrote {key}")
+
+
+@tls_ca_app.command("generate")
+def tls_ca_generate(output_dir: OutDirOpt = Path(".")) -> None:
+    """Generate the cluster's certificate authority: ca_cert.pem and ca_key.pem (keep the key
+    safe: it signs every node's certificate)."""
+    from .tls import generate_ca
+
+    _tls_command(generate_ca, output_dir)
+
+
+@tls_server_app.command("generate")
+def tls_server_generate(
+    ip: Annotated[str, typer.Argument(metavar="IP", help="The address peers connect to.")],
+    ca_key: CaKeyOpt,
+    ca_cert: CaCertOpt,
+    output_dir: OutDirOpt = Path("."),
+) -> None:
+    """Generate a node's server certificate for gossip.tls (server_cert.pem, server_key.pem),
+    valid for IP, signed by the CA."""
+    from .tls import generate_server_cert
+
+    _tls_command(generate_server_cert, ca_cert, ca_key, ip, output_dir)
+
+
+@tls_client_app.command("generate")
+def tls_client_generate(
+    ca_key: CaKeyOpt,
+    ca_cert: CaCertOpt,
+    output_dir: OutDirOpt = Path("."),
+) -> None:
+    """Generate a client certificate for gossip.tls.client, mutual TLS (client_cert.pem,
+    client_key.pem), signed by the CA."""
+    from .tls import generate_client_cert
+
+    _tls_command(generate_client_cert, ca_cert, ca_key, output_dir)
 
 
 # -- backup and restore ------------------------------------------------------------------------

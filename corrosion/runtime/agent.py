@@ -77,6 +77,7 @@ from .results import (
 )
 from .schema_errors import for_operator
 from .subscriptions import Subscriptions
+from .telemetry import Telemetry
 from .transport import PEER_PREAMBLE
 from .updates import UpdateWatchers
 
@@ -122,7 +123,8 @@ class AgentRuntime:
         self.lag = LagWindow()
         self.faults = Faults()
         # called with each ApplyResult that booked versions (benchmarks, subscriptions)
-        self.apply_listeners: list[Any] = []
+        self.apply_listeners: list[Any] = [self._count_applied]
+        self.telemetry = Telemetry()  # counts for /metrics that nothing else keeps
         self.reads = Reads(config.db.path)
         self.updates = UpdateWatchers()
         self.subscriptions = Subscriptions(
@@ -386,6 +388,9 @@ class AgentRuntime:
                     self._applied.set()
                     self._applied = anyio.Event()
 
+    def _count_applied(self, result: ApplyResult) -> None:
+        self.telemetry.committed(result.changes, "remote", self.subscriptions.by_id.values())
+
     def _record_lag(self, batch: Sequence[Any], result: ApplyResult) -> None:
         stamps = {(it.actor, it.version): it.ts for it in batch if isinstance(it, Changeset)}
         wall = time.time()
@@ -460,6 +465,7 @@ class AgentRuntime:
         if commit is not None:
             self._changed(commit.changes)
             self.activity.local_commit()
+            self.telemetry.committed(commit.changes, "local", self.subscriptions.by_id.values())
         return results, commit
 
     # -- reads ------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ class AgentEvents:
     peer_stream_errors: int = 0
     frames_dropped: int = 0
     peer_streams_unauthenticated: int = 0  # cut: no gossip key opened their frames
+    # changes (rows of changesets) received and sent in sync sessions, received by broadcast
+    sync_changes_recv: int = 0
+    sync_changes_sent: int = 0
+    broadcast_changes_recv: int = 0
 
 
 class Faults:

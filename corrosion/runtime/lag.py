@@ -11,6 +11,7 @@ import math
 from collections import deque
 
 from ..core.hlc import COUNTER_BITS
+from .telemetry import Histogram
 
 WINDOW_S = 120.0
 MAX_SAMPLES = 4096
@@ -20,11 +21,14 @@ class LagWindow:
     def __init__(self, window_s: float = WINDOW_S, max_samples: int = MAX_SAMPLES) -> None:
         self.window_s = window_s
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        # every lag since start, bucketed: corrosion's corro_agent_changes_commit_lag_seconds
+        self.histogram = Histogram()
 
     def record(self, now_s: float, hlc_ts: int) -> None:
         """A version stamped ``hlc_ts`` at its origin was applied here at ``now_s``."""
-        lag = now_s - (hlc_ts >> COUNTER_BITS) / 1000.0
-        self._samples.append((now_s, max(0.0, lag)))
+        lag = max(0.0, now_s - (hlc_ts >> COUNTER_BITS) / 1000.0)
+        self._samples.append((now_s, lag))
+        self.histogram.observe(lag)
 
     def p99(self, now_s: float) -> float:
         """Seconds; 0.0 when nothing was applied within the window."""

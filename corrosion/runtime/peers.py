@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import anyio
+import msgpack
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from anyio.streams.tls import TLSStream
@@ -25,6 +26,7 @@ import swim
 
 from ..addresses import Address, format_addr
 from ..config import GossipConfig
+from ..core.changeset import MSGPACK_ERRORS, peek_changeset
 from ..core.replication import Effect, Replicator
 from .activity import ActivityLog, GossipWarnings, describe_frame, frame_error
 from .events import AgentEvents, Faults
@@ -239,6 +241,7 @@ class PeerStreams:
             before, malformed = len(replicator.queue), stats.malformed
             self._perform(replicator.handle_frame(None, data, self._now()))
             if len(replicator.queue) != before:
+                self._events.broadcast_changes_recv += changes_in(data)
                 self._queued()
             if stats.malformed != malformed:
                 self._activity.malformed(peer, frame_error(data))
@@ -257,6 +260,7 @@ class PeerStreams:
             async with self._db_lock:
                 frames = await anyio.to_thread.run_sync(lambda: list(answer(opened)))
         sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
+        self._events.sync_changes_sent += sum(map(changes_in, frames))
         with anyio.fail_after(120):
             for frame in frames:
                 if self._faults.isolated:
@@ -283,6 +287,7 @@ class PeerStreams:
                         more = replicator.handle_sync_frame(addr, data, self._now())
                         if len(replicator.queue) != before:
                             pulled += len(replicator.queue) - before
+                            self._events.sync_changes_recv += changes_in(data)
                             self._queued()
                         if not more:
                             break
@@ -294,3 +299,19 @@ class PeerStreams:
             replicator.sync_finished(addr)
             sync_log.debug("sync with %s: %d changesets pulled", format_addr(addr), pulled)
             self._activity.sync_session(format_addr(addr), pulled, ok)
+
+
+def changes_in(frame: bytes) -> int:
+    """The changes a changeset frame carries (0 for any other frame), read from its array
+    header without decoding them: for the sync and broadcast counters of ``/metrics``."""
+    if peek_changeset(frame) is None:
+        return 0
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame) + 16)
+    unpacker.feed(frame)
+    try:
+        unpacker.read_array_header()
+        for _ in range(9):  # kind, wire, actor, version, seqs, last_seq, ts, db_version
+            unpacker.skip()
+        return int(unpacker.read_array_header())
+    except MSGPACK_ERRORS:
+        return 0

@@ -18,8 +18,9 @@
 ``GET  /v1/cluster/members``  membership as JSON (our addition)
 
 With ``api.authz.bearer-token`` set, every request needs ``Authorization: Bearer <token>``
-(401 otherwise). ``asgi_app(agent)`` can be mounted by an embedding application; an agent serves
-it itself (``serve_api``) with uvicorn on asyncio and hypercorn on trio.
+(401 otherwise). Per-route concurrency limits (503) and ``api.endpoint_name`` (421): see
+``limits``. ``asgi_app(agent)`` can be mounted by an embedding application; an agent serves it
+itself (``serve_api``) with uvicorn on asyncio and hypercorn on trio.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ..runtime.subscriptions import (
 )
 from .asgi_server import AsgiServer, serve_asgi
 from .interfaces import ApiAgent
+from .limits import ConcurrencyLimits, EndpointName, api_load
 
 
 def _cell(v: Any) -> Any:
@@ -371,10 +373,14 @@ class BearerAuth:
 
 
 def asgi_app(agent: ApiAgent, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
+    load = api_load(agent)
     app: ASGIApp = Starlette(routes=routes(agent) + list(extra_routes or []))
+    app = ConcurrencyLimits(app, load)
     token = agent.config.api.bearer_token
     if token:
         app = BearerAuth(app, token)
+    if agent.config.api.endpoint_name:  # checked first, as corrosion does
+        app = EndpointName(app, agent.config.api.endpoint_name, load)
     return app
 
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+import anyio
+
 import swim
 
 from ..config import Config
 from ..core.pending_schema import PendingSchema
 from ..core.replication import Replicator
 from ..core.store import Store
+from ..runtime.lag import LagWindow
+from ..runtime.reads import Reads
 from ..runtime.results import ExecResult, MemberInfo, UpdateWatch
 from ..runtime.subscriptions import Subscriptions
+from ..runtime.telemetry import Telemetry
 
 
 class AgentHealth(Protocol):
@@ -63,7 +68,13 @@ class ApiAgent(AgentHealth, Protocol):
 
 
 class AdminAgent(AgentHealth, Protocol):
-    """What the admin socket's commands act on."""
+    """What the admin socket's commands act on (its maintenance commands: the runtime's parts,
+    through ``corrosion.runtime.maintenance``)."""
+
+    subscriptions: Subscriptions
+    store: Store | None
+    swim: swim.SwimNode | None
+    db_lock: anyio.Lock
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]: ...
 
@@ -74,6 +85,10 @@ class MetricsAgent(AgentHealth, Protocol):
     """What ``/metrics`` reads: the health numbers and the counters of the agent's parts."""
 
     events: Any  # corrosion.runtime.events.AgentEvents
+    telemetry: Telemetry
+    lag: LagWindow
+    reads: Reads
+    subscriptions: Subscriptions
     pg_servers: list[Any]  # corrosion.surfaces.pg.PgServer: api.pg.addr's, with their counters
     store: Store | None
     replicator: Replicator | None

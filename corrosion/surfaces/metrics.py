@@ -1,10 +1,13 @@
 """Prometheus metrics: ``GET /metrics`` in the text exposition format (version 0.0.4).
 
 Names follow corrosion's (its ``corro.*`` families with dots as underscores, see
-shared/research/corrosion.md §1.12) where we have the same quantity; counters end in ``_total``.
+shared/research/corrosion.md §1.12). Where corrosion exports the same quantity, it is exported
+under corrosion's exact name, type and labels (``CORROSION_FAMILIES``; its counters do not end in
+``_total``), so its dashboards and alerts work; our own families' counters end in ``_total``.
 The values are read at scrape time from counters the agent already keeps
-(``agent.replicator.stats``, ``agent.events``, ``agent.swim.stats``), so serving metrics costs
-nothing between scrapes.
+(``agent.replicator.stats``, ``agent.events``, ``agent.swim.stats``, ``agent.telemetry``, the
+API's ``limits.ApiLoad``), so serving metrics costs nothing between scrapes, except the row count
+of every replicated table (``corro_db_table_rows_total``), read in a worker thread per scrape.
 
 The server is a few lines of HTTP/1.1 on an anyio TCP listener (one request per connection), so it
 runs on asyncio and trio alike and adds no dependency.
@@ -17,17 +20,47 @@ import math
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import metadata
+from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 
+from crdt.tableinfo import crr_tables
+
 from .interfaces import MetricsAgent
+from .limits import STREAMING_ROUTES, api_load
 from .serving import serve_listener
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 16 * 1024
 
-_Sample = tuple[dict[str, str], float]
+# a sample: its labels and value; a histogram's carry their name's suffix first
+_Sample = tuple[dict[str, str], float] | tuple[str, dict[str, str], float]
+
+# corrosion's families exported here with their meaning, name and type (a test reads them all
+# from a running agent): dashboards written for corrosion find them
+CORROSION_FAMILIES: dict[str, str] = {
+    "corro_build_info": "gauge",
+    "corro_agent_changes_commit_lag_seconds": "histogram",
+    "corro_agent_changes_in_queue": "gauge",
+    "corro_agent_changesets_in_queue": "gauge",
+    "corro_api_active_streams": "gauge",
+    "corro_api_queries_count": "counter",
+    "corro_broadcast_duplicate_count": "counter",
+    "corro_broadcast_recv_count": "counter",
+    "corro_changes_committed": "counter",
+    "corro_db_gaps_sum": "gauge",
+    "corro_db_size": "gauge",
+    "corro_db_table_rows_total": "gauge",
+    "corro_db_wal_size": "gauge",
+    "corro_gossip_cluster_size": "gauge",
+    "corro_gossip_member_states": "gauge",
+    "corro_gossip_members": "gauge",
+    "corro_subs_changes_matched_count": "counter",
+    "corro_sync_changes_recv": "counter",
+    "corro_sync_changes_sent": "counter",
+    "corro_sync_client_member": "counter",
+}
 
 
 def _version() -> str:
@@ -44,8 +77,33 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
-    """Every family as ``(name, type, help, [(labels, value)])``."""
+def table_rows(agent: MetricsAgent) -> dict[str, int]:
+    """The row count of every replicated table (in a worker thread: it reads the database)."""
+    conn = agent.reads.connection()
+    try:
+        counts = {}
+        for table in crr_tables(conn):
+            quoted = '"' + table.replace('"', '""') + '"'
+            row = conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()
+            counts[table] = int(row[0]) if row else 0
+        return counts
+    finally:
+        agent.reads.release(conn)
+
+
+def _histogram(histogram: Any) -> list[_Sample]:
+    samples: list[_Sample] = [
+        ("_bucket", {"le": "+Inf" if math.isinf(b) else repr(b)}, float(n))
+        for b, n in histogram.cumulative()
+    ]
+    return [*samples, ("_sum", {}, histogram.sum), ("_count", {}, float(histogram.count))]
+
+
+def collect(
+    agent: MetricsAgent, rows: dict[str, int] | None = None
+) -> list[tuple[str, str, str, list[_Sample]]]:
+    """Every family as ``(name, type, help, [(labels, value)])``; ``rows``: the row counts of
+    the replicated tables (``table_rows``), when read."""
     rep = agent.replicator.stats if agent.replicator is not None else None
     ev = agent.events
     sw = agent.swim.stats if agent.swim is not None else None
@@ -65,6 +123,8 @@ def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
         fams += [
             ("corro_gossip_members", "gauge", "Members seen alive (not counting this node).",
              one(agent.alive_members())),
+            ("corro_gossip_cluster_size", "gauge", "Members alive, this node included.",
+             one(agent.alive_members() + 1)),
             ("corro_gossip_member_states", "gauge", "Known members by SWIM state.",
              [({"state": s}, float(n)) for s, n in sorted(states.items())]),
         ]  # fmt: skip
@@ -74,14 +134,43 @@ def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
              one(agent.gaps()))
         )  # fmt: skip
     if agent.replicator is not None:
-        fams.append(
+        fams += [
             ("corro_agent_changes_in_queue", "gauge", "Received changeset chunks waiting to apply.",
-             one(agent.queue_size()))
-        )  # fmt: skip
+             one(agent.queue_size())),
+            ("corro_agent_changesets_in_queue", "gauge",
+             "Received changeset chunks waiting to apply (corrosion's name).",
+             one(agent.queue_size())),
+        ]  # fmt: skip
+    committed = agent.telemetry.changes_committed
+    live = {sub.hash: sub for sub in agent.subscriptions.by_id.values()}
+    agent.telemetry.forget_subscriptions(set(live))
+    matched = agent.telemetry.subs_matched
     fams += [
         ("corro_db_size_bytes", "gauge", "Size of the database file.", one(_file_size(db))),
         ("corro_db_wal_size_bytes", "gauge", "Size of the database's write-ahead log.",
          one(_file_size(db + "-wal"))),
+        ("corro_db_size", "gauge", "Size of the database file, bytes (corrosion's name).",
+         one(_file_size(db))),
+        ("corro_db_wal_size", "gauge", "Size of the write-ahead log, bytes (corrosion's name).",
+         one(_file_size(db + "-wal"))),
+        ("corro_db_table_rows_total", "gauge", "Rows in each replicated table.",
+         [({"table": t}, float(n)) for t, n in sorted((rows or {}).items())]),
+        ("corro_agent_changes_commit_lag_seconds", "histogram",
+         "Seconds from a remote version's commit at its origin to its apply here.",
+         _histogram(agent.lag.histogram)),
+        ("corro_changes_committed", "counter",
+         "Changes committed here, by table and source (local transactions, remote versions).",
+         [({"table": t, "source": src}, float(n)) for (t, src), n in sorted(committed.items())]),
+        ("corro_sync_changes_recv", "counter", "Changes received in sync sessions.",
+         [({"traffic": "sync"}, float(ev.sync_changes_recv))]),
+        ("corro_sync_changes_sent", "counter", "Changes sent in sync sessions.",
+         [({"traffic": "sync"}, float(ev.sync_changes_sent))]),
+        ("corro_broadcast_recv_count", "counter", "Changes received by broadcast.",
+         [({"kind": "change"}, float(ev.broadcast_changes_recv))]),
+        ("corro_subs_active", "gauge", "Subscriptions this agent runs.", one(len(live))),
+        ("corro_subs_changes_matched_count", "counter",
+         "Committed changes on the tables a subscription reads, by subscription and table.",
+         [({"sql_hash": h, "table": t}, float(n)) for (h, t), n in sorted(matched.items())]),
         ("corro_agent_versions_applied_total", "counter",
          "Remote versions applied (with data or known empty).", one(ev.applied_versions)),
         ("corro_peer_stream_errors_total", "counter",
@@ -128,6 +217,8 @@ def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
              "Received changesets relayed onwards.", one(rep.relayed)),
             ("corro_broadcast_duplicate_total", "counter",
              "Received chunks already held or queued.", one(rep.duplicates)),
+            ("corro_broadcast_duplicate_count", "counter",
+             "Received chunks already held or queued (corrosion's name).", one(rep.duplicates)),
             ("corro_agent_changes_dropped_total", "counter",
              "Chunks dropped because the apply queue was full.", one(rep.dropped_queue_full)),
             ("corro_agent_changesets_rejected_total", "counter",
@@ -139,11 +230,16 @@ def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
              one(rep.other_cluster)),
             ("corro_sync_client_started_total", "counter",
              "Sync rounds started with a peer.", one(rep.syncs_started)),
+            ("corro_sync_client_member", "counter",
+             "Sync rounds started with a peer (corrosion's name).",
+             [({"traffic": "sync"}, float(rep.syncs_started))]),
             ("corro_sync_requests_recv_total", "counter",
              "Sync requests served to peers.", one(rep.syncs_served)),
             ("corro_sync_frames_recv_total", "counter",
              "Frames received in sync answers.", one(rep.sync_frames_received)),
         ]  # fmt: skip
+    if agent.config.api.addrs:
+        fams += _api_families(agent)
     if sw is not None:
         fams += [
             ("corro_swim_packets_recv_total", "counter", "SWIM datagrams received.",
@@ -166,6 +262,34 @@ def collect(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
     return fams
 
 
+def _api_families(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample]]]:
+    load = api_load(agent)
+    routes = sorted(load.limits)
+    return [
+        ("corro_api_active_streams", "gauge", "Streaming responses being sent, by source.",
+         [({"source": r, "protocol": "http"}, float(load.in_flight[r])) for r in STREAMING_ROUTES]),
+        ("corro_api_queries_count", "counter", "Queries accepted (/v1/queries).",
+         [({}, float(load.accepted["queries"]))]),
+        ("corro_api_requests_in_flight", "gauge", "API requests being served, by route.",
+         [({"route": r}, float(load.in_flight[r])) for r in routes]),
+        ("corro_api_concurrency_limit", "gauge",
+         "The most requests a route serves at once (api.concurrency_limit; beyond: 503).",
+         [({"route": r}, float(load.limits[r])) for r in routes]),
+        ("corro_api_requests_accepted_total", "counter", "API requests admitted, by route.",
+         [({"route": r}, float(load.accepted[r])) for r in routes]),
+        ("corro_api_requests_refused_total", "counter",
+         "API requests answered 503 because their route was at its limit.",
+         [({"route": r}, float(load.refused[r])) for r in routes]),
+        ("corro_api_requests_misdirected_total", "counter",
+         "API requests answered 421: meant for another api.endpoint_name.",
+         _one(load.misdirected)),
+    ]  # fmt: skip
+
+
+def _one(v: float) -> list[_Sample]:
+    return [({}, float(v))]
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -184,12 +308,13 @@ def render(families: Iterable[tuple[str, str, str, list[_Sample]]]) -> str:
     for name, kind, help_text, samples in families:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
+        for sample in samples:
+            suffix, labels, value = sample if len(sample) == 3 else ("", *sample)
             if labels:
                 inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-                lines.append(f"{name}{{{inner}}} {_number(value)}")
+                lines.append(f"{name}{suffix}{{{inner}}} {_number(value)}")
             else:
-                lines.append(f"{name} {_number(value)}")
+                lines.append(f"{name}{suffix} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +355,8 @@ async def _handle(agent: MetricsAgent, stream: SocketStream) -> None:
             elif target == "/":
                 await stream.send(_response(200, "text/plain", "corrosion metrics: /metrics\n"))
             else:
-                body = render(collect(agent))
+                rows = await anyio.to_thread.run_sync(table_rows, agent)
+                body = render(collect(agent, rows))
                 await stream.send(_response(200, CONTENT_TYPE, body, head_only=method == "HEAD"))
 
 

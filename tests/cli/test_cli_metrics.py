@@ -11,7 +11,7 @@ from cli_helpers import cluster, node_mapping, short_tmp
 from support import wait_for
 
 from corrosion import Agent, Config
-from corrosion.surfaces.metrics import render
+from corrosion.surfaces.metrics import CORROSION_FAMILIES, render
 
 pytestmark = pytest.mark.anyio
 
@@ -21,27 +21,39 @@ SAMPLE = re.compile(
 )
 
 
-def parse(text: str) -> dict[str, dict[str, float]]:
-    """Strict enough to catch format mistakes: HELP and TYPE precede every family's samples."""
+def parse(text: str, types: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Strict enough to catch format mistakes: HELP and TYPE precede every family's samples; a
+    histogram's samples are its ``_bucket``s (cumulative, up to ``+Inf``), ``_sum`` and
+    ``_count``. Our counters end in ``_total``; corrosion's (by their names) need not.
+    ``types`` (when given) receives each family's type."""
     assert text.endswith("\n")
     families: dict[str, dict[str, float]] = {}
-    types: dict[str, str] = {}
+    types = {} if types is None else types
     helped: set[str] = set()
     for line in text.splitlines():
         if line.startswith("# HELP "):
             helped.add(line.split()[2])
         elif line.startswith("# TYPE "):
             _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge")
+            assert kind in ("counter", "gauge", "histogram")
             assert name in helped
             types[name] = kind
-            if kind == "counter":
+            if kind == "counter" and name not in CORROSION_FAMILIES:
                 assert name.endswith("_total"), name
         else:
             m = SAMPLE.match(line)
             assert m, f"not a sample line: {line!r}"
-            assert m["name"] in types, f"sample before its TYPE: {line!r}"
-            families.setdefault(m["name"], {})[m["labels"] or ""] = float(m["value"])
+            name = m["name"]
+            if name not in types:
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert types.get(base) == "histogram", f"sample before its TYPE: {line!r}"
+            families.setdefault(name, {})[m["labels"] or ""] = float(m["value"])
+    for name, kind in types.items():
+        if kind == "histogram":
+            buckets = families[name + "_bucket"]
+            counts = [v for k, v in buckets.items()]
+            assert counts == sorted(counts), f"{name}: buckets are not cumulative"
+            assert buckets['le="+Inf"'] == families[name + "_count"][""]
     return families
 
 
@@ -154,3 +166,82 @@ async def test_metrics_serve_on_trio():
             fams = parse((await scrape(agent.metrics_addr)).text)
             assert value(fams, "corro_gossip_members") == 0
             assert value(fams, "corro_db_size_bytes") > 0
+
+
+# corrosion's families that mean the same here, with their type in corrosion's exporter
+# (crates/corro-*: counter!/gauge!/histogram! calls; dots become underscores)
+CORROSION_NAMES = {
+    "corro_build_info": "gauge",
+    "corro_agent_changes_commit_lag_seconds": "histogram",
+    "corro_agent_changes_in_queue": "gauge",
+    "corro_agent_changesets_in_queue": "gauge",
+    "corro_api_active_streams": "gauge",
+    "corro_api_queries_count": "counter",
+    "corro_broadcast_duplicate_count": "counter",
+    "corro_broadcast_recv_count": "counter",
+    "corro_changes_committed": "counter",
+    "corro_db_gaps_sum": "gauge",
+    "corro_db_size": "gauge",
+    "corro_db_table_rows_total": "gauge",
+    "corro_db_wal_size": "gauge",
+    "corro_gossip_cluster_size": "gauge",
+    "corro_gossip_member_states": "gauge",
+    "corro_gossip_members": "gauge",
+    "corro_subs_changes_matched_count": "counter",
+    "corro_sync_changes_recv": "counter",
+    "corro_sync_changes_sent": "counter",
+    "corro_sync_client_member": "counter",
+}
+
+
+async def test_corrosion_names_after_traffic():
+    """A subscription open on a, rows written on b that reach a by sync alone (no broadcast),
+    a local write and a query on a: every corrosion family is there, with corrosion's type and
+    values that follow the traffic."""
+    assert CORROSION_FAMILIES == CORROSION_NAMES
+    telemetry = {"prometheus": {"addr": "127.0.0.1:0"}}
+    with short_tmp() as base:
+        async with cluster(base, 2, telemetry=telemetry, perf={"broadcast": False}) as (a, b):
+            host, port = a.api_addrs[0]
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as http:
+                sql = "SELECT id, title FROM todos"
+                async with http.stream("POST", "/v1/subscriptions", json=sql) as sub:
+                    assert sub.status_code == 200
+                    sql_hash = sub.headers["corro-query-hash"]
+                    await b.execute([f"INSERT INTO todos (id) VALUES ({i})" for i in range(1, 6)])
+                    await a.execute(["INSERT INTO todos (id, title) VALUES (100, 'local')"])
+                    assert (await http.post("/v1/queries", json=sql)).status_code == 200
+
+                    async def synced() -> bool:
+                        fams = parse((await scrape(a.metrics_addr)).text)
+                        committed = fams.get("corro_changes_committed", {})
+                        return committed.get('source="remote",table="todos"', 0) >= 5
+
+                    await wait_for(synced, what="b's rows to reach a by sync")
+                    types: dict[str, str] = {}
+                    fams = parse((await scrape(a.metrics_addr)).text, types)
+                    for name, kind in CORROSION_NAMES.items():
+                        assert types.get(name) == kind, name
+                    committed = fams["corro_changes_committed"]
+                    local = committed['source="local",table="todos"']
+                    assert local >= 1  # column changes: a row is one per column written
+                    assert value(fams, "corro_db_table_rows_total", 'table="todos"') == 6
+                    assert value(fams, "corro_gossip_cluster_size") == 2
+                    assert value(fams, "corro_sync_changes_recv", 'traffic="sync"') >= 5
+                    assert value(fams, "corro_agent_changes_commit_lag_seconds_count") >= 1
+                    streams = 'protocol="http",source="subscriptions"'
+                    assert value(fams, "corro_api_active_streams", streams) == 1
+                    assert value(fams, "corro_api_queries_count") == 1
+                    matched = f'sql_hash="{sql_hash}",table="todos"'
+                    remote = committed['source="remote",table="todos"']
+                    assert (
+                        value(fams, "corro_subs_changes_matched_count", matched) == local + remote
+                    )
+            fams_b = parse((await scrape(b.metrics_addr)).text)
+            assert value(fams_b, "corro_sync_changes_sent", 'traffic="sync"') >= 5
+
+            async def stream_closed() -> bool:
+                fams = parse((await scrape(a.metrics_addr)).text)
+                return value(fams, "corro_api_active_streams", streams) == 0
+
+            await wait_for(stream_closed, what="the closed subscription to leave the gauge")
