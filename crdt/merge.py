@@ -46,6 +46,7 @@ from .values import compare_values
 MAX_NAME_BYTES = 2048
 MAX_SITE_ID_BYTES = 16
 FLUSH_ROWS = 20_000  # touched rows held in memory before writing them out
+ROWS_PER_STATEMENT = 100  # rows written by one multi-row INSERT (see _write_rows)
 
 # clock entry: [col_version, db_version, site_ordinal, seq]
 _CV, _DBV, _SITE, _SEQ = 0, 1, 2, 3
@@ -60,7 +61,6 @@ class _Table:
         "delete_row",
         "info",
         "insert_key",
-        "insert_pk_only",
         "npk",
         "select_clocks",
         "select_key",
@@ -88,23 +88,26 @@ class _Table:
             else None
         )
         self.delete_row = f"DELETE FROM {info.quoted} WHERE {pk_where}"
-        self.insert_pk_only = (
-            f"INSERT OR IGNORE INTO {info.quoted} ({pk_cols}) VALUES ({placeholders(self.npk)})"
-        )
-        self.upserts: dict[tuple[int, ...], str] = {}
+        self.upserts: dict[tuple[int, ...], tuple[str, str]] = {}
         self.col_index = info.non_pk_index
         self.defaults: dict[str, Any] = {}
 
-    def upsert_sql(self, cols: tuple[int, ...]) -> str:
+    def upsert_sql(self, cols: tuple[int, ...]) -> tuple[str, str]:
+        """The statement writing the pk and columns ``cols`` of rows, as the text before and
+        after its VALUES list; no columns: create the row if it is missing."""
         sql = self.upserts.get(cols)
         if sql is None:
             info = self.info
-            names = [info.non_pks[i].name for i in cols]
-            sql = (
-                f"INSERT INTO {info.quoted} ({idents(info.pk_names)}, {idents(names)}) "
-                f"VALUES ({placeholders(self.npk + len(names))}) ON CONFLICT DO UPDATE SET "
-                + ", ".join(f"{ident(n)} = excluded.{ident(n)}" for n in names)
-            )
+            pk_cols = idents(info.pk_names)
+            if not cols:
+                sql = (f"INSERT OR IGNORE INTO {info.quoted} ({pk_cols}) VALUES ", "")
+            else:
+                names = [info.non_pks[i].name for i in cols]
+                sql = (
+                    f"INSERT INTO {info.quoted} ({pk_cols}, {idents(names)}) VALUES ",
+                    " ON CONFLICT DO UPDATE SET "
+                    + ", ".join(f"{ident(n)} = excluded.{ident(n)}" for n in names),
+                )
             self.upserts[cols] = sql
         return sql
 
@@ -403,7 +406,7 @@ class Merger:
         if not self.rows:
             return
         conn = self.conn
-        by_clock: dict[str, list[tuple[Any, ...]]] = {}
+        by_clock: dict[str, list[Any]] = {}  # clock table -> flat (key, col, cv, dbv, site, seq)*
         clear_by_clock: dict[str, list[tuple[Any, ...]]] = {}
         for row in self.rows.values():
             info = row.table.info
@@ -413,14 +416,16 @@ class Merger:
             if row.dirty:
                 key = row.key
                 clocks = row.clocks
-                batch = by_clock.setdefault(clock, [])
+                flat = by_clock.get(clock)
+                if flat is None:
+                    flat = by_clock[clock] = []
                 for col in row.dirty:
-                    c = clocks[col]
-                    batch.append((key, col, c[0], c[1], c[2], c[3]))
-        # Base-table writes, grouped by statement for executemany. Deletes go first: a row deleted
-        # and then rebuilt in this batch is written back by its upsert below.
+                    cv, dbv, site, seq = clocks[col]
+                    flat += (key, col, cv, dbv, site, seq)
+        # Base-table writes, grouped by statement. Deletes go first: a row deleted and then
+        # rebuilt in this batch is written back by its upsert below.
         deletes: dict[str, list[tuple[Any, ...]]] = {}
-        upserts: dict[str, list[tuple[Any, ...]]] = {}
+        upserts: dict[tuple[_Table, tuple[int, ...]], list[Any]] = {}
         for row in self.rows.values():
             table = row.table
             if row.base_deleted:
@@ -428,33 +433,41 @@ class Merger:
             values = row.values
             if values:
                 cols = tuple(sorted(values))
-                upserts.setdefault(table.upsert_sql(cols), []).append(
-                    row.pk + tuple([values[i] for i in cols])
-                )
+                flat = upserts.get((table, cols))
+                if flat is None:
+                    flat = upserts[(table, cols)] = []
+                flat += row.pk
+                flat += [values[i] for i in cols]
             elif row.base_ensure:
-                upserts.setdefault(table.insert_pk_only, []).append(row.pk)
+                flat = upserts.get((table, ()))
+                if flat is None:
+                    flat = upserts[(table, ())] = []
+                flat += row.pk
         state = self.state
         state.sync_bit = 1
         try:
             for sql, params in deletes.items():
                 conn.executemany(sql, params)
-            for sql, params in upserts.items():
-                conn.executemany(sql, params)
+            for (table, cols), flat in upserts.items():
+                head, tail = table.upsert_sql(cols)
+                _write_rows(conn, head, tail, flat, table.npk + len(cols))
         finally:
             state.sync_bit = 0
         for clock, keys in clear_by_clock.items():
             conn.executemany(
                 f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys
             )
-        for clock, rows in by_clock.items():
+        for clock, flat in by_clock.items():
             # an upsert updates an existing clock row in place; OR REPLACE would delete and
             # re-insert it (and its index entry), which costs twice as much
-            conn.executemany(
-                f"INSERT INTO {clock} "
-                "(key, col_name, col_version, db_version, site_id, seq) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (key, col_name) DO UPDATE SET col_version = excluded.col_version, "
+            _write_rows(
+                conn,
+                f"INSERT INTO {clock} (key, col_name, col_version, db_version, site_id, seq) "
+                "VALUES ",
+                " ON CONFLICT (key, col_name) DO UPDATE SET col_version = excluded.col_version, "
                 "db_version = excluded.db_version, site_id = excluded.site_id, seq = excluded.seq",
-                rows,
+                flat,
+                6,
             )
         self.rows.clear()
 
@@ -468,6 +481,25 @@ class Merger:
         if flush:
             self.flush()
         return self.impacted
+
+
+def _write_rows(conn: apsw.Connection, head: str, tail: str, flat: list[Any], width: int) -> None:
+    """Run ``head VALUES (...), (...) tail`` over ``flat``, rows of ``width`` values laid end to
+    end, up to ROWS_PER_STATEMENT rows a statement: stepping one statement per row costs about
+    as much as the row's B-tree writes."""
+    rows = len(flat) // width
+    per = max(1, min(ROWS_PER_STATEMENT, conn.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER) // width))
+    one = "(" + placeholders(width) + ")"
+    full = rows // per
+    if full:
+        size = per * width
+        conn.executemany(
+            head + ", ".join([one] * per) + tail,
+            [flat[i : i + size] for i in range(0, full * size, size)],
+        )
+    rest = rows - full * per
+    if rest:
+        conn.execute(head + ", ".join([one] * rest) + tail, flat[full * per * width :])
 
 
 def _as_merge_error(exc: BaseException) -> BaseException:
