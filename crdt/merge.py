@@ -76,7 +76,7 @@ class _Table:
         self.select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE {pk_where}"
         self.insert_key = (
             f"INSERT INTO {info.pks_table} ({pk_cols}) VALUES ({placeholders(self.npk)}) "
-            "RETURNING __crsql_key"
+            "ON CONFLICT DO NOTHING RETURNING __crsql_key"
         )
         self.select_clocks = (
             "SELECT col_name, col_version, db_version, site_id, seq "
@@ -166,6 +166,7 @@ class Merger:
         self.impacted = 0
         self.version: int | None = None  # when set, every winning write is stamped with it
         self.seen = 0  # changes offered, winning or not
+        self.last_key_was_new = False
         self.max_length = conn.limit(apsw.SQLITE_LIMIT_LENGTH, -1)
         self.max_value_chars = self.max_length // 4  # below this, no str can be too long
         if state.pending == -1:
@@ -201,13 +202,22 @@ class Merger:
                 f"pk for table {table.info.name} has {len(pk)} columns, expected {table.npk}"
             )
         conn = self.conn
-        found = conn.execute(table.select_key, pk).fetchone()
-        if found is None:
+        # One statement for most rows: a batch tends to be all new rows (a fresh replica) or
+        # all known ones, so try first what the previous row needed.
+        inserted = None
+        if self.last_key_was_new:
             inserted = conn.execute(table.insert_key, pk).fetchone()
-            assert inserted is not None  # INSERT ... RETURNING returns the row
+        found = None if inserted else conn.execute(table.select_key, pk).fetchone()
+        if found is None and inserted is None:
+            inserted = conn.execute(table.insert_key, pk).fetchone()
+            assert inserted is not None  # the key is missing, so the INSERT returns it
+        self.last_key_was_new = inserted is not None
+        clocks: dict[str, list[int]]
+        if inserted is not None:
             key = inserted[0]
-            clocks: dict[str, list[int]] = {}
+            clocks = {}
         else:
+            assert found is not None
             key = found[0]
             clocks = {
                 name: [cv, dbv, site, seq]
@@ -309,85 +319,8 @@ class Merger:
             )
 
     def apply(self, change: Any) -> None:
-        """Merge one change into the in-memory batch (hot path: keep it flat)."""
-        try:
-            table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
-        except (TypeError, ValueError):
-            raise MergeError("a change has exactly nine fields") from None
-        row = self.rows.get((table_name, pk_blob))
-        if row is None:
-            row = self._row(self._table(table_name), pk_blob)
-        if cid == SENTINEL:
-            idx = -1
-        else:
-            idx = row.table.col_index.get(cid, -2)
-        if (
-            idx == -2
-            or type(cv) is not int
-            or type(dbv) is not int
-            or type(cl) is not int
-            or type(seq) is not int
-            or (site is not None and (type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES))
-        ):
-            raise self._invalid(change)
-        if (type(val) is str or type(val) is bytes) and len(val) > self.max_value_chars:
-            self._check_size(val)
-
-        clocks = row.clocks
-        sentinel = clocks.get(SENTINEL)
-        local_cl = sentinel[0] if sentinel is not None else (1 if clocks else 0)
-        if cl < local_cl:
-            return
-        if cl & 1 == 0:
-            if cl == local_cl:
-                return
-            row.base_deleted = True
-            row.base_ensure = False
-            row.values.clear()
-            row.clocks = {}
-            row.dirty = {}
-            row.cleared = True
-            self._set_clock(row, SENTINEL, cv, dbv, site, seq)
-            self.impacted += 1
-            return
-        if idx == -1:
-            if cl == local_cl:
-                return
-            self._resurrect(row, cv, dbv, site, seq)
-            self.impacted += 1
-            return
-        if cl > local_cl:
-            if local_cl != 0 or cl > 1:
-                self._resurrect(row, cl, dbv, site, seq)
-                self.impacted += 1
-        elif local_cl != 0:
-            local = clocks.get(cid)
-            if local is not None:
-                local_cv = local[0]
-                if cv < local_cv:
-                    return
-                if cv == local_cv and not self._value_wins(row, idx, val, local, site):
-                    return
-        row.values[idx] = val
-        # _set_clock, inlined: this line runs once per winning change
-        state = self.state
-        nd = self.version
-        if nd is None:
-            nd = state.db_version + 1
-            if nd < state.pending:
-                nd = state.pending
-            if nd < dbv:
-                nd = dbv
-        state.pending = nd
-        if site:
-            ordinal = self.site_ordinals.get(site)
-            if ordinal is None:
-                ordinal = self._ordinal(site)
-        else:
-            ordinal = 0
-        row.clocks[cid] = [cv, nd, ordinal, seq]
-        row.dirty[cid] = None
-        self.impacted += 1
+        """Merge one change into the in-memory batch."""
+        self.apply_all((change,), flush=False)
 
     def _value_wins(self, row: _Row, idx: int, val: Any, local: list[Any], site: Any) -> bool:
         """Equal col_version: the greater value wins; equal values keep the local one unless
@@ -472,12 +405,115 @@ class Merger:
         self.rows.clear()
 
     def apply_all(self, changes: Iterable[tuple[Any, ...]], *, flush: bool = True) -> int:
+        """Merge ``changes`` into the in-memory batch, flushing every FLUSH_ROWS touched rows
+        (and at the end with ``flush``); return the rows impacted so far.
+
+        The hot loop of every merge, kept flat: the rules run inline on locals, the row of the
+        previous change is reused when the next one names the same objects (a row's changes
+        arrive together), and only deletes and resurrections call out."""
         rows = self.rows
-        for change in changes:
-            self.seen += 1
-            self.apply(change)
-            if len(rows) >= FLUSH_ROWS:
-                self.flush()
+        rows_get = rows.get
+        state = self.state
+        version = self.version
+        ordinals_get = self.site_ordinals.get
+        max_value_chars = self.max_value_chars
+        last_table: Any = None
+        last_pk: Any = None
+        row: _Row | None = None
+        last_site: Any = None
+        last_ordinal = 0
+        won = 0
+        try:
+            for change in changes:
+                self.seen += 1
+                try:
+                    table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
+                except (TypeError, ValueError):
+                    raise MergeError("a change has exactly nine fields") from None
+                if row is None or pk_blob is not last_pk or table_name is not last_table:
+                    row = rows_get((table_name, pk_blob))
+                    if row is None:
+                        if len(rows) >= FLUSH_ROWS:
+                            self.flush()
+                        row = self._row(self._table(table_name), pk_blob)
+                    last_table, last_pk = table_name, pk_blob
+                if cid == SENTINEL:
+                    idx = -1
+                else:
+                    idx = row.table.col_index.get(cid, -2)
+                if (
+                    idx == -2
+                    or type(cv) is not int
+                    or type(dbv) is not int
+                    or type(cl) is not int
+                    or type(seq) is not int
+                    or (
+                        site is not None
+                        and (type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES)
+                    )
+                ):
+                    raise self._invalid(change)
+                if (type(val) is str or type(val) is bytes) and len(val) > max_value_chars:
+                    self._check_size(val)
+
+                clocks = row.clocks
+                sentinel = clocks.get(SENTINEL)
+                local_cl = sentinel[0] if sentinel is not None else (1 if clocks else 0)
+                if cl < local_cl:
+                    continue
+                if cl & 1 == 0:
+                    if cl == local_cl:
+                        continue
+                    row.base_deleted = True
+                    row.base_ensure = False
+                    row.values.clear()
+                    row.clocks = {}
+                    row.dirty = {}
+                    row.cleared = True
+                    self._set_clock(row, SENTINEL, cv, dbv, site, seq)
+                    won += 1
+                    continue
+                if idx == -1:
+                    if cl == local_cl:
+                        continue
+                    self._resurrect(row, cv, dbv, site, seq)
+                    won += 1
+                    continue
+                if cl > local_cl:
+                    if local_cl != 0 or cl > 1:
+                        self._resurrect(row, cl, dbv, site, seq)
+                        won += 1
+                elif local_cl != 0:
+                    local = clocks.get(cid)
+                    if local is not None:
+                        local_cv = local[0]
+                        if cv < local_cv:
+                            continue
+                        if cv == local_cv and not self._value_wins(row, idx, val, local, site):
+                            continue
+                row.values[idx] = val
+                # _set_clock, inlined: this runs once per winning change
+                nd = version
+                if nd is None:
+                    nd = state.db_version + 1
+                    if nd < state.pending:
+                        nd = state.pending
+                    if nd < dbv:
+                        nd = dbv
+                state.pending = nd
+                if not site:
+                    ordinal = 0
+                elif site is last_site:
+                    ordinal = last_ordinal
+                else:
+                    found = ordinals_get(site)
+                    ordinal = self._ordinal(site) if found is None else found
+                    last_site, last_ordinal = site, ordinal
+                row.clocks[cid] = [cv, nd, ordinal, seq]
+                row.dirty[cid] = None
+                won += 1
+        finally:
+            self.impacted += won
         if flush:
             self.flush()
         return self.impacted
