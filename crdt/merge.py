@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import apsw
 
@@ -167,6 +167,7 @@ class Merger:
         self.version: int | None = None  # when set, every winning write is stamped with it
         self.seen = 0  # changes offered, winning or not
         self.last_key_was_new = False
+        self.cursor = conn.cursor()
         self.max_length = conn.limit(apsw.SQLITE_LIMIT_LENGTH, -1)
         self.max_value_chars = self.max_length // 4  # below this, no str can be too long
         if state.pending == -1:
@@ -201,27 +202,25 @@ class Merger:
             raise MergeError(
                 f"pk for table {table.info.name} has {len(pk)} columns, expected {table.npk}"
             )
-        conn = self.conn
+        # A reused cursor (a new one per statement costs as much as the lookup), whose
+        # statements always run to completion (fetchall), so that none is left active.
+        cursor = self.cursor
         # One statement for most rows: a batch tends to be all new rows (a fresh replica) or
         # all known ones, so try first what the previous row needed.
-        inserted = None
-        if self.last_key_was_new:
-            inserted = conn.execute(table.insert_key, pk).fetchone()
-        found = None if inserted else conn.execute(table.select_key, pk).fetchone()
-        if found is None and inserted is None:
-            inserted = conn.execute(table.insert_key, pk).fetchone()
-            assert inserted is not None  # the key is missing, so the INSERT returns it
-        self.last_key_was_new = inserted is not None
+        inserted = cursor.execute(table.insert_key, pk).fetchall() if self.last_key_was_new else []
+        found = [] if inserted else cursor.execute(table.select_key, pk).fetchall()
+        if not found and not inserted:
+            inserted = cursor.execute(table.insert_key, pk).fetchall()
+            assert inserted  # the key is missing, so the INSERT returns it
+        self.last_key_was_new = bool(inserted)
         clocks: dict[str, list[int]]
-        if inserted is not None:
-            key = inserted[0]
+        key = cast(int, (inserted or found)[0][0])
+        if inserted:
             clocks = {}
         else:
-            assert found is not None
-            key = found[0]
             clocks = {
                 name: [cv, dbv, site, seq]
-                for name, cv, dbv, site, seq in conn.execute(table.select_clocks, (key,))
+                for name, cv, dbv, site, seq in cursor.execute(table.select_clocks, (key,))
             }
         row = _Row(table, pk, key, clocks)
         self.rows[cache_key] = row
