@@ -352,8 +352,8 @@ class Merger:
                 if flat is None:
                     flat = by_clock[clock] = []
                 for col in row.dirty:
-                    cv, dbv, site, seq = clocks[col]
-                    flat += (key, col, cv, dbv, site, seq)
+                    flat += (key, col)
+                    flat += clocks[col]  # col_version, db_version, site, seq
         # Base-table writes, grouped by statement. Deletes go first: a row deleted and then
         # rebuilt in this batch is written back by its upsert below.
         deletes: dict[str, list[tuple[Any, ...]]] = {}
