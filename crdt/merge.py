@@ -121,6 +121,7 @@ class _Row:
         "cleared",
         "clocks",
         "dirty",
+        "had_clocks",
         "key",
         "pk",
         "stored",
@@ -135,6 +136,7 @@ class _Row:
         self.pk = pk
         self.key = key
         self.clocks = clocks
+        self.had_clocks = bool(clocks)  # the key has clock rows in the database
         self.dirty: dict[str, None] = {}  # ordered, unlike a set of str
         self.cleared = False  # column clocks dropped by a delete in this batch
         self.base_deleted = False  # base row deleted in this batch (then maybe rebuilt)
@@ -340,11 +342,16 @@ class Merger:
         conn = self.conn
         by_clock: dict[str, list[Any]] = {}  # clock table -> flat (key, col, cv, dbv, site, seq)*
         clear_by_clock: dict[str, list[tuple[Any, ...]]] = {}
+        replaced_by_clock: dict[str, list[int]] = {}
         for row in self.rows.values():
             info = row.table.info
             clock = info.clock
             if row.cleared:
                 clear_by_clock.setdefault(clock, []).append((row.key,))
+            elif row.had_clocks and len(row.dirty) == len(row.clocks):
+                # Every clock of the key is rewritten: deleting them in one range and inserting
+                # them anew costs less than updating each in place (index entries included).
+                replaced_by_clock.setdefault(clock, []).append(row.key)
             if row.dirty:
                 key = row.key
                 clocks = row.clocks
@@ -389,6 +396,11 @@ class Merger:
             conn.executemany(
                 f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys
             )
+        for clock, replaced in replaced_by_clock.items():
+            for i in range(0, len(replaced), ROWS_PER_STATEMENT):
+                chunk = replaced[i : i + ROWS_PER_STATEMENT]
+                in_list = placeholders(len(chunk))
+                conn.execute(f"DELETE FROM {clock} WHERE key IN ({in_list})", chunk)
         for clock, flat in by_clock.items():
             # an upsert updates an existing clock row in place; OR REPLACE would delete and
             # re-insert it (and its index entry), which costs twice as much
