@@ -4,7 +4,14 @@ cr-sqlite's triggers call into C (``crsql_after_insert`` ...), which then runs t
 Ours are the clock statements themselves, written in SQL, so a local write costs no Python beyond
 the small state functions (``crsql_next_db_version()``, ``crsql_increment_and_get_seq()``,
 ``crsql_internal_sync_bit()``). The statements are the ones cr-sqlite runs, in the same order, so
-that seqs and versions come out identical:
+that seqs and versions come out identical.
+
+Why the version and seq stay in Python: a call costs ~0.15 us, and keeping them in a table that
+every row reads and writes instead costs as much (on the 100k-row bench, inserts 5% slower and
+single-column updates 5% faster, before anything empties the table when a transaction ends,
+which SQLite offers no hook for: a commit hook may not run SQL). What a local write costs
+is the B-tree writes (lookaside row and index entry, one clock row and one version-index entry
+per column) and running each trigger's sub-program, whose frame SQLite sets up per row.
 
 INSERT (``after_insert``)
     pk-only table: create or revive the sentinel (cl 1, or the next odd cl).
