@@ -431,12 +431,14 @@ class Merger:
         last_table: Any = None
         last_pk: Any = None
         row: _Row | None = None
+        col_index: dict[str, int] = {}
         last_site: Any = None
         last_ordinal = 0
-        won = 0
+        checked_site: Any = None  # the last site id found valid (changes share the object)
+        won = seen = 0
         try:
             for change in changes:
-                self.seen += 1
+                seen += 1
                 try:
                     table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
                 except (TypeError, ValueError):
@@ -448,23 +450,22 @@ class Merger:
                             self.flush()
                         row = self._row(self._table(table_name), pk_blob)
                     last_table, last_pk = table_name, pk_blob
-                if cid == SENTINEL:
-                    idx = -1
-                else:
-                    idx = row.table.col_index.get(cid, -2)
+                    col_index = row.table.col_index
+                idx = -1 if cid == SENTINEL else col_index.get(cid, -2)
                 if (
                     idx == -2
                     or type(cv) is not int
                     or type(dbv) is not int
                     or type(cl) is not int
                     or type(seq) is not int
-                    or (
-                        site is not None
-                        and (type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES)
-                    )
                 ):
                     raise self._invalid(change)
-                if (type(val) is str or type(val) is bytes) and len(val) > max_value_chars:
+                if site is not None and site is not checked_site:
+                    if type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES:
+                        raise self._invalid(change)
+                    checked_site = site
+                tv = type(val)
+                if (tv is str or tv is bytes) and len(val) > max_value_chars:
                     self._check_size(val)
 
                 clocks = row.clocks
@@ -520,11 +521,12 @@ class Merger:
                     found = ordinals_get(site)
                     ordinal = self._ordinal(site) if found is None else found
                     last_site, last_ordinal = site, ordinal
-                row.clocks[cid] = [cv, nd, ordinal, seq]
+                clocks[cid] = [cv, nd, ordinal, seq]  # still row.clocks: only deletes replace it
                 row.dirty[cid] = None
                 won += 1
         finally:
             self.impacted += won
+            self.seen += seen
         if flush:
             self.flush()
         return self.impacted
