@@ -56,6 +56,7 @@ class _Table:
     """Cached statements for one CRR table."""
 
     __slots__ = (
+        "clock",
         "col_index",
         "defaults",
         "delete_row",
@@ -70,6 +71,7 @@ class _Table:
 
     def __init__(self, info: TableInfo) -> None:
         self.info = info
+        self.clock = info.clock  # quoted name (a property that builds it on each read)
         pk_where = " AND ".join(f"{ident(c)} = ?" for c in info.pk_names)
         pk_cols = idents(info.pk_names)
         self.npk = len(info.pks)
@@ -344,8 +346,7 @@ class Merger:
         clear_by_clock: dict[str, list[tuple[Any, ...]]] = {}
         replaced_by_clock: dict[str, list[int]] = {}
         for row in self.rows.values():
-            info = row.table.info
-            clock = info.clock
+            clock = row.table.clock
             if row.cleared:
                 clear_by_clock.setdefault(clock, []).append((row.key,))
             elif row.had_clocks and len(row.dirty) == len(row.clocks):
@@ -371,7 +372,7 @@ class Merger:
                 deletes.setdefault(table.delete_row, []).append(row.pk)
             values = row.values
             if values:
-                cols = tuple(sorted(values))
+                cols = tuple(values)  # as set; rows of one batch mostly agree, sharing a statement
                 flat = upserts.get((table, cols))
                 if flat is None:
                     flat = upserts[(table, cols)] = []
