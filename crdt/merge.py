@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import apsw
 
@@ -46,6 +46,7 @@ from .values import compare_values
 MAX_NAME_BYTES = 2048
 MAX_SITE_ID_BYTES = 16
 FLUSH_ROWS = 20_000  # touched rows held in memory before writing them out
+ROWS_PER_STATEMENT = 100  # rows written by one multi-row INSERT (see _write_rows)
 
 # clock entry: [col_version, db_version, site_ordinal, seq]
 _CV, _DBV, _SITE, _SEQ = 0, 1, 2, 3
@@ -55,12 +56,12 @@ class _Table:
     """Cached statements for one CRR table."""
 
     __slots__ = (
+        "clock",
         "col_index",
         "defaults",
         "delete_row",
         "info",
         "insert_key",
-        "insert_pk_only",
         "npk",
         "select_clocks",
         "select_key",
@@ -70,13 +71,14 @@ class _Table:
 
     def __init__(self, info: TableInfo) -> None:
         self.info = info
+        self.clock = info.clock  # quoted name (a property that builds it on each read)
         pk_where = " AND ".join(f"{ident(c)} = ?" for c in info.pk_names)
         pk_cols = idents(info.pk_names)
         self.npk = len(info.pks)
         self.select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE {pk_where}"
         self.insert_key = (
             f"INSERT INTO {info.pks_table} ({pk_cols}) VALUES ({placeholders(self.npk)}) "
-            "RETURNING __crsql_key"
+            "ON CONFLICT DO NOTHING RETURNING __crsql_key"
         )
         self.select_clocks = (
             "SELECT col_name, col_version, db_version, site_id, seq "
@@ -88,23 +90,26 @@ class _Table:
             else None
         )
         self.delete_row = f"DELETE FROM {info.quoted} WHERE {pk_where}"
-        self.insert_pk_only = (
-            f"INSERT OR IGNORE INTO {info.quoted} ({pk_cols}) VALUES ({placeholders(self.npk)})"
-        )
-        self.upserts: dict[tuple[int, ...], str] = {}
+        self.upserts: dict[tuple[int, ...], tuple[str, str]] = {}
         self.col_index = info.non_pk_index
         self.defaults: dict[str, Any] = {}
 
-    def upsert_sql(self, cols: tuple[int, ...]) -> str:
+    def upsert_sql(self, cols: tuple[int, ...]) -> tuple[str, str]:
+        """The statement writing the pk and columns ``cols`` of rows, as the text before and
+        after its VALUES list; no columns: create the row if it is missing."""
         sql = self.upserts.get(cols)
         if sql is None:
             info = self.info
-            names = [info.non_pks[i].name for i in cols]
-            sql = (
-                f"INSERT INTO {info.quoted} ({idents(info.pk_names)}, {idents(names)}) "
-                f"VALUES ({placeholders(self.npk + len(names))}) ON CONFLICT DO UPDATE SET "
-                + ", ".join(f"{ident(n)} = excluded.{ident(n)}" for n in names)
-            )
+            pk_cols = idents(info.pk_names)
+            if not cols:
+                sql = (f"INSERT OR IGNORE INTO {info.quoted} ({pk_cols}) VALUES ", "")
+            else:
+                names = [info.non_pks[i].name for i in cols]
+                sql = (
+                    f"INSERT INTO {info.quoted} ({pk_cols}, {idents(names)}) VALUES ",
+                    " ON CONFLICT DO UPDATE SET "
+                    + ", ".join(f"{ident(n)} = excluded.{ident(n)}" for n in names),
+                )
             self.upserts[cols] = sql
         return sql
 
@@ -118,6 +123,7 @@ class _Row:
         "cleared",
         "clocks",
         "dirty",
+        "had_clocks",
         "key",
         "pk",
         "stored",
@@ -132,6 +138,7 @@ class _Row:
         self.pk = pk
         self.key = key
         self.clocks = clocks
+        self.had_clocks = bool(clocks)  # the key has clock rows in the database
         self.dirty: dict[str, None] = {}  # ordered, unlike a set of str
         self.cleared = False  # column clocks dropped by a delete in this batch
         self.base_deleted = False  # base row deleted in this batch (then maybe rebuilt)
@@ -163,6 +170,8 @@ class Merger:
         self.impacted = 0
         self.version: int | None = None  # when set, every winning write is stamped with it
         self.seen = 0  # changes offered, winning or not
+        self.last_key_was_new = False
+        self.cursor = conn.cursor()
         self.max_length = conn.limit(apsw.SQLITE_LIMIT_LENGTH, -1)
         self.max_value_chars = self.max_length // 4  # below this, no str can be too long
         if state.pending == -1:
@@ -197,18 +206,25 @@ class Merger:
             raise MergeError(
                 f"pk for table {table.info.name} has {len(pk)} columns, expected {table.npk}"
             )
-        conn = self.conn
-        found = conn.execute(table.select_key, pk).fetchone()
-        if found is None:
-            inserted = conn.execute(table.insert_key, pk).fetchone()
-            assert inserted is not None  # INSERT ... RETURNING returns the row
-            key = inserted[0]
-            clocks: dict[str, list[int]] = {}
+        # A reused cursor (a new one per statement costs as much as the lookup), whose
+        # statements always run to completion (fetchall), so that none is left active.
+        cursor = self.cursor
+        # One statement for most rows: a batch tends to be all new rows (a fresh replica) or
+        # all known ones, so try first what the previous row needed.
+        inserted = cursor.execute(table.insert_key, pk).fetchall() if self.last_key_was_new else []
+        found = [] if inserted else cursor.execute(table.select_key, pk).fetchall()
+        if not found and not inserted:
+            inserted = cursor.execute(table.insert_key, pk).fetchall()
+            assert inserted  # the key is missing, so the INSERT returns it
+        self.last_key_was_new = bool(inserted)
+        clocks: dict[str, list[int]]
+        key = cast(int, (inserted or found)[0][0])
+        if inserted:
+            clocks = {}
         else:
-            key = found[0]
             clocks = {
                 name: [cv, dbv, site, seq]
-                for name, cv, dbv, site, seq in conn.execute(table.select_clocks, (key,))
+                for name, cv, dbv, site, seq in cursor.execute(table.select_clocks, (key,))
             }
         row = _Row(table, pk, key, clocks)
         self.rows[cache_key] = row
@@ -306,85 +322,8 @@ class Merger:
             )
 
     def apply(self, change: Any) -> None:
-        """Merge one change into the in-memory batch (hot path: keep it flat)."""
-        try:
-            table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
-        except (TypeError, ValueError):
-            raise MergeError("a change has exactly nine fields") from None
-        row = self.rows.get((table_name, pk_blob))
-        if row is None:
-            row = self._row(self._table(table_name), pk_blob)
-        if cid == SENTINEL:
-            idx = -1
-        else:
-            idx = row.table.col_index.get(cid, -2)
-        if (
-            idx == -2
-            or type(cv) is not int
-            or type(dbv) is not int
-            or type(cl) is not int
-            or type(seq) is not int
-            or (site is not None and (type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES))
-        ):
-            raise self._invalid(change)
-        if (type(val) is str or type(val) is bytes) and len(val) > self.max_value_chars:
-            self._check_size(val)
-
-        clocks = row.clocks
-        sentinel = clocks.get(SENTINEL)
-        local_cl = sentinel[0] if sentinel is not None else (1 if clocks else 0)
-        if cl < local_cl:
-            return
-        if cl & 1 == 0:
-            if cl == local_cl:
-                return
-            row.base_deleted = True
-            row.base_ensure = False
-            row.values.clear()
-            row.clocks = {}
-            row.dirty = {}
-            row.cleared = True
-            self._set_clock(row, SENTINEL, cv, dbv, site, seq)
-            self.impacted += 1
-            return
-        if idx == -1:
-            if cl == local_cl:
-                return
-            self._resurrect(row, cv, dbv, site, seq)
-            self.impacted += 1
-            return
-        if cl > local_cl:
-            if local_cl != 0 or cl > 1:
-                self._resurrect(row, cl, dbv, site, seq)
-                self.impacted += 1
-        elif local_cl != 0:
-            local = clocks.get(cid)
-            if local is not None:
-                local_cv = local[0]
-                if cv < local_cv:
-                    return
-                if cv == local_cv and not self._value_wins(row, idx, val, local, site):
-                    return
-        row.values[idx] = val
-        # _set_clock, inlined: this line runs once per winning change
-        state = self.state
-        nd = self.version
-        if nd is None:
-            nd = state.db_version + 1
-            if nd < state.pending:
-                nd = state.pending
-            if nd < dbv:
-                nd = dbv
-        state.pending = nd
-        if site:
-            ordinal = self.site_ordinals.get(site)
-            if ordinal is None:
-                ordinal = self._ordinal(site)
-        else:
-            ordinal = 0
-        row.clocks[cid] = [cv, nd, ordinal, seq]
-        row.dirty[cid] = None
-        self.impacted += 1
+        """Merge one change into the in-memory batch."""
+        self.apply_all((change,), flush=False)
 
     def _value_wins(self, row: _Row, idx: int, val: Any, local: list[Any], site: Any) -> bool:
         """Equal col_version: the greater value wins; equal values keep the local one unless
@@ -403,71 +342,214 @@ class Merger:
         if not self.rows:
             return
         conn = self.conn
-        by_clock: dict[str, list[tuple[Any, ...]]] = {}
+        by_clock: dict[str, list[Any]] = {}  # clock table -> flat (key, col, cv, dbv, site, seq)*
         clear_by_clock: dict[str, list[tuple[Any, ...]]] = {}
+        replaced_by_clock: dict[str, list[int]] = {}
         for row in self.rows.values():
-            info = row.table.info
-            clock = info.clock
+            clock = row.table.clock
             if row.cleared:
                 clear_by_clock.setdefault(clock, []).append((row.key,))
+            elif row.had_clocks and len(row.dirty) == len(row.clocks):
+                # Every clock of the key is rewritten: deleting them in one range and inserting
+                # them anew costs less than updating each in place (index entries included).
+                replaced_by_clock.setdefault(clock, []).append(row.key)
             if row.dirty:
                 key = row.key
                 clocks = row.clocks
-                batch = by_clock.setdefault(clock, [])
+                flat = by_clock.get(clock)
+                if flat is None:
+                    flat = by_clock[clock] = []
                 for col in row.dirty:
-                    c = clocks[col]
-                    batch.append((key, col, c[0], c[1], c[2], c[3]))
-        # Base-table writes, grouped by statement for executemany. Deletes go first: a row deleted
-        # and then rebuilt in this batch is written back by its upsert below.
+                    flat += (key, col)
+                    flat += clocks[col]  # col_version, db_version, site, seq
+        # Base-table writes, grouped by statement. Deletes go first: a row deleted and then
+        # rebuilt in this batch is written back by its upsert below.
         deletes: dict[str, list[tuple[Any, ...]]] = {}
-        upserts: dict[str, list[tuple[Any, ...]]] = {}
+        upserts: dict[tuple[_Table, tuple[int, ...]], list[Any]] = {}
         for row in self.rows.values():
             table = row.table
             if row.base_deleted:
                 deletes.setdefault(table.delete_row, []).append(row.pk)
             values = row.values
             if values:
-                cols = tuple(sorted(values))
-                upserts.setdefault(table.upsert_sql(cols), []).append(
-                    row.pk + tuple([values[i] for i in cols])
-                )
+                cols = tuple(values)  # as set; rows of one batch mostly agree, sharing a statement
+                flat = upserts.get((table, cols))
+                if flat is None:
+                    flat = upserts[(table, cols)] = []
+                flat += row.pk
+                flat += [values[i] for i in cols]
             elif row.base_ensure:
-                upserts.setdefault(table.insert_pk_only, []).append(row.pk)
+                flat = upserts.get((table, ()))
+                if flat is None:
+                    flat = upserts[(table, ())] = []
+                flat += row.pk
         state = self.state
         state.sync_bit = 1
         try:
             for sql, params in deletes.items():
                 conn.executemany(sql, params)
-            for sql, params in upserts.items():
-                conn.executemany(sql, params)
+            for (table, cols), flat in upserts.items():
+                head, tail = table.upsert_sql(cols)
+                _write_rows(conn, head, tail, flat, table.npk + len(cols))
         finally:
             state.sync_bit = 0
         for clock, keys in clear_by_clock.items():
             conn.executemany(
                 f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys
             )
-        for clock, rows in by_clock.items():
+        for clock, replaced in replaced_by_clock.items():
+            for i in range(0, len(replaced), ROWS_PER_STATEMENT):
+                chunk = replaced[i : i + ROWS_PER_STATEMENT]
+                in_list = placeholders(len(chunk))
+                conn.execute(f"DELETE FROM {clock} WHERE key IN ({in_list})", chunk)
+        for clock, flat in by_clock.items():
             # an upsert updates an existing clock row in place; OR REPLACE would delete and
             # re-insert it (and its index entry), which costs twice as much
-            conn.executemany(
-                f"INSERT INTO {clock} "
-                "(key, col_name, col_version, db_version, site_id, seq) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (key, col_name) DO UPDATE SET col_version = excluded.col_version, "
+            _write_rows(
+                conn,
+                f"INSERT INTO {clock} (key, col_name, col_version, db_version, site_id, seq) "
+                "VALUES ",
+                " ON CONFLICT (key, col_name) DO UPDATE SET col_version = excluded.col_version, "
                 "db_version = excluded.db_version, site_id = excluded.site_id, seq = excluded.seq",
-                rows,
+                flat,
+                6,
             )
         self.rows.clear()
 
     def apply_all(self, changes: Iterable[tuple[Any, ...]], *, flush: bool = True) -> int:
+        """Merge ``changes`` into the in-memory batch, flushing every FLUSH_ROWS touched rows
+        (and at the end with ``flush``); return the rows impacted so far.
+
+        The hot loop of every merge, kept flat: the rules run inline on locals, the row of the
+        previous change is reused when the next one names the same objects (a row's changes
+        arrive together), and only deletes and resurrections call out."""
         rows = self.rows
-        for change in changes:
-            self.seen += 1
-            self.apply(change)
-            if len(rows) >= FLUSH_ROWS:
-                self.flush()
+        rows_get = rows.get
+        state = self.state
+        version = self.version
+        ordinals_get = self.site_ordinals.get
+        max_value_chars = self.max_value_chars
+        last_table: Any = None
+        last_pk: Any = None
+        row: _Row | None = None
+        col_index: dict[str, int] = {}
+        last_site: Any = None
+        last_ordinal = 0
+        checked_site: Any = None  # the last site id found valid (changes share the object)
+        won = seen = 0
+        try:
+            for change in changes:
+                seen += 1
+                try:
+                    table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
+                except (TypeError, ValueError):
+                    raise MergeError("a change has exactly nine fields") from None
+                if row is None or pk_blob is not last_pk or table_name is not last_table:
+                    row = rows_get((table_name, pk_blob))
+                    if row is None:
+                        if len(rows) >= FLUSH_ROWS:
+                            self.flush()
+                        row = self._row(self._table(table_name), pk_blob)
+                    last_table, last_pk = table_name, pk_blob
+                    col_index = row.table.col_index
+                idx = -1 if cid == SENTINEL else col_index.get(cid, -2)
+                if (
+                    idx == -2
+                    or type(cv) is not int
+                    or type(dbv) is not int
+                    or type(cl) is not int
+                    or type(seq) is not int
+                ):
+                    raise self._invalid(change)
+                if site is not None and site is not checked_site:
+                    if type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES:
+                        raise self._invalid(change)
+                    checked_site = site
+                tv = type(val)
+                if (tv is str or tv is bytes) and len(val) > max_value_chars:
+                    self._check_size(val)
+
+                clocks = row.clocks
+                sentinel = clocks.get(SENTINEL)
+                local_cl = sentinel[0] if sentinel is not None else (1 if clocks else 0)
+                if cl < local_cl:
+                    continue
+                if cl & 1 == 0:
+                    if cl == local_cl:
+                        continue
+                    row.base_deleted = True
+                    row.base_ensure = False
+                    row.values.clear()
+                    row.clocks = {}
+                    row.dirty = {}
+                    row.cleared = True
+                    self._set_clock(row, SENTINEL, cv, dbv, site, seq)
+                    won += 1
+                    continue
+                if idx == -1:
+                    if cl == local_cl:
+                        continue
+                    self._resurrect(row, cv, dbv, site, seq)
+                    won += 1
+                    continue
+                if cl > local_cl:
+                    if local_cl != 0 or cl > 1:
+                        self._resurrect(row, cl, dbv, site, seq)
+                        won += 1
+                elif local_cl != 0:
+                    local = clocks.get(cid)
+                    if local is not None:
+                        local_cv = local[0]
+                        if cv < local_cv:
+                            continue
+                        if cv == local_cv and not self._value_wins(row, idx, val, local, site):
+                            continue
+                row.values[idx] = val
+                # _set_clock, inlined: this runs once per winning change
+                nd = version
+                if nd is None:
+                    nd = state.db_version + 1
+                    if nd < state.pending:
+                        nd = state.pending
+                    if nd < dbv:
+                        nd = dbv
+                state.pending = nd
+                if not site:
+                    ordinal = 0
+                elif site is last_site:
+                    ordinal = last_ordinal
+                else:
+                    found = ordinals_get(site)
+                    ordinal = self._ordinal(site) if found is None else found
+                    last_site, last_ordinal = site, ordinal
+                clocks[cid] = [cv, nd, ordinal, seq]  # still row.clocks: only deletes replace it
+                row.dirty[cid] = None
+                won += 1
+        finally:
+            self.impacted += won
+            self.seen += seen
         if flush:
             self.flush()
         return self.impacted
+
+
+def _write_rows(conn: apsw.Connection, head: str, tail: str, flat: list[Any], width: int) -> None:
+    """Run ``head VALUES (...), (...) tail`` over ``flat``, rows of ``width`` values laid end to
+    end, up to ROWS_PER_STATEMENT rows a statement: stepping one statement per row costs about
+    as much as the row's B-tree writes."""
+    rows = len(flat) // width
+    per = max(1, min(ROWS_PER_STATEMENT, conn.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER) // width))
+    one = "(" + placeholders(width) + ")"
+    full = rows // per
+    if full:
+        size = per * width
+        conn.executemany(
+            head + ", ".join([one] * per) + tail,
+            [flat[i : i + size] for i in range(0, full * size, size)],
+        )
+    rest = rows - full * per
+    if rest:
+        conn.execute(head + ", ".join([one] * rest) + tail, flat[full * per * width :])
 
 
 def _as_merge_error(exc: BaseException) -> BaseException:

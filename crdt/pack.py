@@ -69,6 +69,11 @@ def _pack_value(out: bytearray, v: Value) -> None:
 
 def pack_pk(values: Sequence[Value]) -> bytes:
     """Pack primary-key values (in primary-key order) the way ``crsql_pack_columns`` does."""
+    if len(values) == 1:
+        v = values[0]
+        if type(v) is int and 0 <= v < 1 << 63:  # the common pk, without the general walk
+            n = (v.bit_length() + 7) >> 3
+            return bytes((1, (n << 3) | _INTEGER)) + v.to_bytes(n, "big")
     if not 1 <= len(values) <= _MAX_COLUMNS:
         raise PackError(f"can pack 1 to {_MAX_COLUMNS} columns, got {len(values)}")
     out = bytearray((len(values),))
@@ -84,6 +89,11 @@ def pack_columns(*values: Value) -> bytes:
 
 def unpack_pk(blob: bytes) -> tuple[Value, ...]:
     """Decode a packed blob; raises :class:`PackError` on any malformation (never reads past it)."""
+    if type(blob) is bytes and len(blob) >= 2 and blob[0] == 1 and blob[1] & 0x07 == _INTEGER:
+        n = blob[1] >> 3  # one integer, the common pk, without the general walk
+        if n <= 8 and len(blob) == 2 + n:
+            v = int.from_bytes(blob[2:], "big")
+            return (v - (1 << 64) if v >= 1 << 63 else v,)
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise PackError(f"packed primary key must be a blob, not {type(blob).__name__}")
     data = bytes(blob)

@@ -237,14 +237,15 @@ def test_pk_move_onto_a_live_row_replaced_without_recursive_triggers():
     assert b.execute("SELECT * FROM t").fetchall() == [(1, None, None)]
 
 
-def test_clock_version_index_covers_seq_and_old_databases_are_upgraded():
-    """Reads in (db_version, seq) order walk the index; a clock made with upstream's
-    (db_version) index is upgraded when crsql_as_crr runs again, data untouched."""
+def test_clock_version_index_covers_reads_and_old_databases_are_upgraded():
+    """Reads in (db_version, seq) order walk the index, which holds every clock column they
+    need; a clock made with upstream's (db_version) index is upgraded when crsql_as_crr runs
+    again, data untouched."""
     conn = crdt.connect()
     conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b)")
     conn.execute("SELECT crsql_as_crr('t')")
     cols = "SELECT name FROM pragma_index_info('t__crsql_clock_dbv_idx')"
-    assert [r[0] for r in conn.execute(cols)] == ["db_version", "seq"]
+    assert [r[0] for r in conn.execute(cols)] == ["db_version", "seq", "col_version", "site_id"]
     plan = " ".join(
         r[3]
         for r in conn.execute(
@@ -252,11 +253,62 @@ def test_clock_version_index_covers_seq_and_old_databases_are_upgraded():
             "ORDER BY db_version, seq"
         )
     )
-    assert "dbv_idx" in plan and "TEMP B-TREE" not in plan
+    assert "COVERING INDEX t__crsql_clock_dbv_idx" in plan and "TEMP B-TREE" not in plan
     conn.execute("INSERT INTO t VALUES (1, 'x')")
     before = conn.execute("SELECT * FROM crsql_changes").fetchall()
     conn.execute("DROP INDEX t__crsql_clock_dbv_idx")
     conn.execute('CREATE INDEX t__crsql_clock_dbv_idx ON t__crsql_clock ("db_version")')
     assert conn.execute("SELECT crsql_as_crr('t')").fetchone() == ("OK",)
-    assert [r[0] for r in conn.execute(cols)] == ["db_version", "seq"]
+    assert [r[0] for r in conn.execute(cols)] == ["db_version", "seq", "col_version", "site_id"]
     assert conn.execute("SELECT * FROM crsql_changes").fetchall() == before
+
+
+def _trigger_table_scans(conn, sql: str) -> list[tuple[int, int]]:
+    """(program, address) of every full scan of a real table inside the trigger programs that
+    ``sql`` runs, read from its bytecode: EXPLAIN lists the statement's own program, then each
+    trigger program, addresses starting again at 0."""
+    scans = []
+    program = -1
+    previous = None
+    opened: dict[int, bool] = {}  # cursor -> opened on a real table (not a scratch one)
+    for addr, opcode, p1, *_ in conn.execute("EXPLAIN " + sql):
+        if previous is not None and addr <= previous:
+            program += 1
+            opened = {}
+        previous = addr
+        if opcode in ("OpenRead", "OpenWrite"):
+            opened[p1] = True
+        elif opcode.startswith("Open") or opcode == "SorterOpen":
+            opened[p1] = False
+        elif opcode in ("Rewind", "Last") and program >= 0 and opened.get(p1):
+            scans.append((program, addr))
+    return scans
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO i VALUES (1, 'x', 2)",
+        "INSERT OR REPLACE INTO i VALUES (1, 'x', 2)",
+        "UPDATE i SET c = 5 WHERE a = 1",
+        "UPDATE i SET a = 2 WHERE a = 1",
+        "DELETE FROM i WHERE a = 1",
+        "INSERT INTO comp VALUES ('k', 1, 2)",
+        "UPDATE comp SET b = 3",
+        "UPDATE comp SET n = 4",
+        "DELETE FROM comp",
+        "INSERT INTO num VALUES (1)",
+        "UPDATE num SET a = 2",
+        "DELETE FROM num",
+    ],
+)
+def test_triggers_look_rows_up_by_index(sql):
+    """No trigger statement scans a clock or lookaside table: NEW's column affinity must not
+    reach a comparison with the untyped lookaside column (that turns every write into a scan,
+    and inserts quadratic), whatever the pk's declared type."""
+    conn = crdt.connect()
+    conn.execute("CREATE TABLE i (a INTEGER PRIMARY KEY NOT NULL, b TEXT, c INTEGER)")
+    conn.execute("CREATE TABLE comp (a TEXT NOT NULL, n INTEGER NOT NULL, b, PRIMARY KEY (a, n))")
+    conn.execute("CREATE TABLE num (a NUMERIC PRIMARY KEY NOT NULL)")
+    conn.execute("SELECT crsql_as_crr('i'), crsql_as_crr('comp'), crsql_as_crr('num')")
+    assert _trigger_table_scans(conn, sql) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import apsw
 import pytest
 
@@ -188,3 +190,43 @@ def test_merge_into_a_database_without_crrs_is_a_clean_error():
     with pytest.raises(crdt.MergeError, match="could not find the schema information"):
         crdt.merge(c, [GOOD])
     assert crdt.db_version(c) == 0
+
+
+def test_batched_merge_writes_what_change_by_change_merges_write(monkeypatch):
+    """A large batch (several flushes, multi-row statements with a partial last one; rows whose
+    every clock is rewritten, rows with one column changed, deletes, new rows) leaves the same
+    tables, clocks and version as merging each change on its own through crsql_changes."""
+    merge_module = importlib.import_module("crdt.merge")
+    monkeypatch.setattr(merge_module, "FLUSH_ROWS", 37)
+    monkeypatch.setattr(merge_module, "ROWS_PER_STATEMENT", 7)
+    src = db()
+    with src:
+        src.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, i, f"v{i}") for i in range(250)])
+    first = crdt.changes_since(src, 0)
+    with src:
+        src.execute("UPDATE t SET b = b + 1, c = c || '!' WHERE a < 100")
+        src.execute("UPDATE t SET c = 'one' WHERE a >= 100 AND a < 200")
+        src.execute("DELETE FROM t WHERE a >= 200 AND a < 220")
+        src.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, -i, None) for i in range(250, 300)])
+    second = crdt.changes_since(src, 0)
+
+    batched, one_by_one = db(), db()
+    for dst in (batched, one_by_one):
+        crdt.merge(dst, first)
+    crdt.merge(batched, second)
+    with one_by_one:
+        for change in second:
+            one_by_one.execute(
+                "INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", change
+            )
+
+    def state(conn):
+        clocks = conn.execute(
+            "SELECT key, col_name, col_version, db_version, site_id, seq FROM t__crsql_clock "
+            "ORDER BY key, col_name"
+        ).fetchall()
+        changes = conn.execute("SELECT * FROM crsql_changes ORDER BY pk, cid").fetchall()
+        return rows(conn), clocks, changes, crdt.db_version(conn)
+
+    assert state(batched) == state(one_by_one)
+    assert rows(batched) == rows(src)
