@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import OrchestratorError
 from .network import (
     delete_netns,
     ip_quiet,
@@ -65,7 +66,7 @@ MACHINE_BRIDGE = "corro0"
 DRIVERS = ("process", "runc")
 
 
-class LabError(RuntimeError):
+class LabError(OrchestratorError):
     """The lab could not be set up (the message says which step and why)."""
 
 
