@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -486,13 +486,16 @@ class AgentRuntime:
         *,
         batch: int = 512,
         timeout: Any = _DEFAULT,
+        encode: Callable[[list[tuple], int], Any] | None = None,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
         once the query has run ``timeout`` seconds (default ``api.query_timeout``; None or 0:
-        no limit), reading rows included."""
+        no limit), reading rows included. ``encode``: see ``Reads.stream``."""
         seconds = self.config.api.query_timeout if timeout is _DEFAULT else timeout
-        async for item in self.reads.stream(sql, params, batch=batch, seconds=seconds):
+        async for item in self.reads.stream(
+            sql, params, batch=batch, seconds=seconds, encode=encode
+        ):
             yield item
 
     # -- schema -----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ what clients may not read and stops a query at its deadline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,15 @@ class Reads:
         *,
         batch: int,
         seconds: float | None,
+        encode: Callable[[list[tuple], int], Any] | None = None,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
-        once the query has run ``seconds`` (None or 0: no limit), reading rows included."""
+        once the query has run ``seconds`` (None or 0: no limit), reading rows included.
+
+        With ``encode``, each batch is ``encode(rows, rows_before_it)`` instead, called in the
+        worker thread that read it: a server writing rows out does its per-row work there, off
+        the event loop, in the same trip."""
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
         # A point query should cost one trip to a worker thread, not four: take a pooled
@@ -98,7 +104,7 @@ class Reads:
                     return QueryError(refused.message)
                 return QueryError(str(exc), client_error=client_error)
 
-            def first() -> tuple[list[str], list[tuple]]:
+            def first() -> tuple[list[str], tuple[int, Any]]:
                 seen: dict[str, Any] = {}
 
                 def check(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
@@ -123,18 +129,20 @@ class Reads:
                 finally:
                     cursor.exec_trace = None
                 try:
-                    return seen.get("cols", []), _fetch(cursor, batch)
+                    return seen.get("cols", []), _fetch(cursor, batch, encode, 0)
                 except apsw.Error as exc:
                     raise failed(exc, client_error=False) from None
 
-            cols, rows = await anyio.to_thread.run_sync(first)
+            cols, (n, rows) = await anyio.to_thread.run_sync(first)
             yield "columns", cols
-            while rows:
+            done = 0
+            while n:
                 yield "rows", rows
-                if len(rows) < batch:  # _fetch stopped at the end
+                done += n
+                if n < batch:  # _fetch stopped at the end
                     break
                 try:
-                    rows = await anyio.to_thread.run_sync(_fetch, cursor, batch)
+                    n, rows = await anyio.to_thread.run_sync(_fetch, cursor, batch, encode, done)
                 except apsw.Error as exc:  # a runtime error after the first batch
                     raise failed(exc, client_error=False) from None
         finally:
@@ -145,10 +153,9 @@ class Reads:
                 await anyio.to_thread.run_sync(self.release, conn)
 
 
-def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:
-    out = []
-    for row in cursor:
-        out.append(row)
-        if len(out) >= n:
-            break
-    return out
+def _fetch(
+    cursor: apsw.Cursor, n: int, encode: Callable[[list[tuple], int], Any] | None, before: int
+) -> tuple[int, Any]:
+    """Up to ``n`` rows: how many, and the rows (or what ``encode`` made of them)."""
+    rows = list(islice(cursor, n))
+    return len(rows), rows if encode is None else encode(rows, before)

@@ -53,6 +53,10 @@ def _event_line(event: Any) -> bytes:
     return f'{{"change":["{kind}",{rowid},{_row_json(row)},{change_id}]}}\n'.encode()
 
 
+# Rows read and encoded per trip to a worker thread: a trip costs about as much as encoding a
+# few hundred rows, and the rows of one batch are held in memory at once.
+QUERY_BATCH = 4096
+
 # /v1/health's query parameters: the thresholds and the status answered when one is exceeded
 HEALTH_PARAMETERS = frozenset(
     {"gaps", "max_queue", "p99_lag", "queue_size", "pending_schema", "failure_status"}
@@ -112,7 +116,9 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
         except StatementFormError as exc:
             return _error(400, str(exc))
         t0 = time.perf_counter()
-        stream = agent.query_stream(sql, params, timeout=timeout).__aiter__()
+        stream = agent.query_stream(
+            sql, params, timeout=timeout, batch=QUERY_BATCH, encode=row_lines
+        ).__aiter__()
         try:
             first = await stream.__anext__()
         except QueryError as exc:
@@ -120,11 +126,9 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
 
         async def body() -> AsyncIterator[bytes]:
             yield (json.dumps({"columns": first[1]}) + "\n").encode()
-            rowid = 0
             try:
-                async for _kind, batch in stream:
-                    yield row_lines(batch, rowid)
-                    rowid += len(batch)
+                async for _kind, lines in stream:  # encoded in the thread that read them
+                    yield lines
                 yield (json.dumps({"eoq": {"time": time.perf_counter() - t0}}) + "\n").encode()
             except QueryError as exc:
                 yield (json.dumps({"error": exc.message}) + "\n").encode()

@@ -56,16 +56,29 @@ def row_lines(rows: Sequence[Sequence[Any]], after: int) -> bytes:
     """``{"row":[rowid,cells]}`` lines for ``rows``, numbered from ``after + 1``."""
     dumps, blobs = orjson.dumps, _blob_as_array
     has_reals = float in set(map(type, chain.from_iterable(rows)))
+    if not has_reals:  # the common case: the whole batch with orjson, checked once
+        try:
+            body = b"".join(
+                [
+                    b'{"row":[%d,%b]}\n' % (rowid, dumps(row, default=blobs))
+                    for rowid, row in enumerate(rows, after + 1)
+                ]
+            )
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate...
+            pass
+        else:
+            if body.isascii() and 0x7F not in body:  # json escapes these (DEL), orjson not
+                return body
     lines = []
     for rowid, row in enumerate(rows, after + 1):
         cells = None
         if not (has_reals and float in map(type, row)):
             try:
                 cells = dumps(row, default=blobs)
-            except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate...
+            except orjson.JSONEncodeError:
                 pass
             else:
-                if not cells.isascii() or 0x7F in cells:  # json escapes these (DEL), orjson not
+                if not cells.isascii() or 0x7F in cells:
                     cells = None
         if cells is None:
             cells = row_json(row).encode()
