@@ -486,7 +486,7 @@ class AgentRuntime:
         *,
         batch: int = 512,
         timeout: Any = _DEFAULT,
-        encode: Callable[[list[tuple], int], Any] | None = None,
+        encode: Callable[[list[tuple], int], bytes] | None = None,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``

@@ -24,6 +24,8 @@ from ..core.sqlguard import NOT_READONLY, Deadline, Guard, client_timeout, guard
 from .results import QueryError, QueryTimeout
 
 POOL_SIZE = 8  # idle read connections kept
+ENCODED_FIRST = 512  # rows of an encoded stream's first trip (a point query: the only one)
+ENCODED_BYTES = 1 << 20  # encoded output a later trip aims at
 
 
 class Reads:
@@ -71,15 +73,17 @@ class Reads:
         *,
         batch: int,
         seconds: float | None,
-        encode: Callable[[list[tuple], int], Any] | None = None,
+        encode: Callable[[list[tuple], int], bytes] | None = None,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
         once the query has run ``seconds`` (None or 0: no limit), reading rows included.
 
-        With ``encode``, each batch is ``encode(rows, rows_before_it)`` instead, called in the
-        worker thread that read it: a server writing rows out does its per-row work there, off
-        the event loop, in the same trip."""
+        With ``encode``, each batch is ``encode(rows, rows_before_it)`` instead (bytes), called
+        in the worker thread that read it: a server writing rows out does its per-row work
+        there, off the event loop, in the same trip. The first trip then reads up to
+        ``ENCODED_FIRST`` rows, and the later ones about ``ENCODED_BYTES`` of output each, up to
+        ``batch`` rows: many rows per trip when they are small, few when they are wide."""
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
         # A point query should cost one trip to a worker thread, not four: take a pooled
@@ -93,6 +97,7 @@ class Reads:
         deadline = Deadline(conn, seconds).__enter__()
         try:
             cursor = conn.cursor()
+            size = batch if encode is None else min(batch, ENCODED_FIRST)  # rows this trip
 
             def failed(exc: apsw.Error, *, client_error: bool) -> QueryError:
                 if deadline.expired:
@@ -129,7 +134,7 @@ class Reads:
                 finally:
                     cursor.exec_trace = None
                 try:
-                    return seen.get("cols", []), _fetch(cursor, batch, encode, 0)
+                    return seen.get("cols", []), _fetch(cursor, size, encode, 0)
                 except apsw.Error as exc:
                     raise failed(exc, client_error=False) from None
 
@@ -139,10 +144,12 @@ class Reads:
             while n:
                 yield "rows", rows
                 done += n
-                if n < batch:  # _fetch stopped at the end
+                if n < size:  # _fetch stopped at the end
                     break
+                if encode is not None:
+                    size = max(1, min(batch, n * ENCODED_BYTES // max(1, len(rows))))
                 try:
-                    n, rows = await anyio.to_thread.run_sync(_fetch, cursor, batch, encode, done)
+                    n, rows = await anyio.to_thread.run_sync(_fetch, cursor, size, encode, done)
                 except apsw.Error as exc:  # a runtime error after the first batch
                     raise failed(exc, client_error=False) from None
         finally:
@@ -154,7 +161,7 @@ class Reads:
 
 
 def _fetch(
-    cursor: apsw.Cursor, n: int, encode: Callable[[list[tuple], int], Any] | None, before: int
+    cursor: apsw.Cursor, n: int, encode: Callable[[list[tuple], int], bytes] | None, before: int
 ) -> tuple[int, Any]:
     """Up to ``n`` rows: how many, and the rows (or what ``encode`` made of them)."""
     rows = list(islice(cursor, n))

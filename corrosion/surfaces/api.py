@@ -53,8 +53,8 @@ def _event_line(event: Any) -> bytes:
     return f'{{"change":["{kind}",{rowid},{_row_json(row)},{change_id}]}}\n'.encode()
 
 
-# Rows read and encoded per trip to a worker thread: a trip costs about as much as encoding a
-# few hundred rows, and the rows of one batch are held in memory at once.
+# Rows read and encoded per trip to a worker thread, at most (fewer when they are wide: see
+# Reads.stream): a trip costs about as much as encoding a few hundred rows.
 QUERY_BATCH = 4096
 
 # /v1/health's query parameters: the thresholds and the status answered when one is exceeded

@@ -54,7 +54,7 @@ class ApiAgent(AgentHealth, Protocol):
 
     def query_stream(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
-        timeout: Any = ..., encode: Callable[[list[tuple], int], Any] | None = ...,
+        timeout: Any = ..., encode: Callable[[list[tuple], int], bytes] | None = ...,
     ) -> AsyncIterator[tuple[str, Any]]: ...  # fmt: skip
 
     def watch_updates(self, table: str, *, buffer: int = ...) -> UpdateWatch: ...

@@ -10,7 +10,6 @@ import pytest
 from agent_helpers import agent_config, rows
 
 from corrosion import Agent, QueryError
-from corrosion.surfaces.api import QUERY_BATCH
 
 pytestmark = pytest.mark.anyio
 
@@ -266,16 +265,18 @@ async def test_queries_report_an_error_after_rows_were_streamed(node):
     """A runtime error past the first batch ends the stream with an error line, not a torn
     response; the embedded query raises QueryError, not a raw SQLite error."""
     agent, client = node
-    last = QUERY_BATCH + 200
     await agent.execute(
-        [["INSERT INTO kv (k, n) VALUES (?, ?)", [f"k{i:05d}", i]] for i in range(last + 1)]
+        [["INSERT INTO kv (k, n) VALUES (?, ?)", [f"k{i:04d}", i]] for i in range(1200)]
     )
-    # abs() of the smallest integer overflows: only on the last row, past the first batch
-    expr = f"abs(CASE WHEN n = {last} THEN -9223372036854775808 ELSE n END)"
-    sql = f"SELECT k, {expr} FROM kv ORDER BY k"
+    # abs() of the smallest integer overflows: only on the last row, well past 512 rows
+    sql = (
+        "SELECT k, abs(CASE WHEN n = 1199 THEN -9223372036854775808 ELSE n END) FROM kv ORDER BY k"
+    )
     lines = ndjson(await client.post("/v1/queries", json=sql))
-    assert lines[0] == {"columns": ["k", expr]}
-    assert all("row" in line for line in lines[1:-1]) and len(lines) - 2 >= QUERY_BATCH
+    assert lines[0] == {
+        "columns": ["k", "abs(CASE WHEN n = 1199 THEN -9223372036854775808 ELSE n END)"]
+    }
+    assert all("row" in line for line in lines[1:-1]) and len(lines) - 2 >= 512
     assert "overflow" in lines[-1]["error"]
     with pytest.raises(QueryError, match="overflow"):
         async for _row in agent.query(sql):

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from agent_helpers import agent_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corrosion import Agent
+from corrosion.runtime.reads import ENCODED_BYTES, ENCODED_FIRST
 from corrosion.surfaces.ndjson import json_cell, row_json, row_lines
 
 # every value a SQLite read can return (NaN cannot be stored, but the encoder takes it)
@@ -59,3 +63,40 @@ def test_each_kind_of_value_encodes_as_before():
         b'"inf","-inf","",[]]]}\n'
         b'{"row":[43,["NaN",7]]}\n'
     )
+
+
+@pytest.mark.anyio
+async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tmp_path):
+    """Small rows go 4,096 a trip after the first; wide ones about a MiB of output a trip, so a
+    result of wide rows is never held whole in memory. Every row arrives, numbered in order."""
+    async with Agent(agent_config(tmp_path, "wide")) as agent:
+        wide = 4000
+        await agent.execute(
+            [
+                ["INSERT INTO kv (k, v) VALUES (?, ?)", [f"w{i:05d}", "w" * wide]]
+                for i in range(1200)
+            ]
+        )
+        await agent.execute(
+            [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"s{i:05d}", "s"]] for i in range(5000)]
+        )
+        for prefix, count in (("w", 1200), ("s", 5000)):
+            trips: list[int] = []
+
+            def encode(rows: list[tuple], before: int) -> bytes:
+                trips.append(len(rows))  # noqa: B023 (called before the loop moves on)
+                return row_lines(rows, before)
+
+            body = b""
+            sql = f"SELECT k, v FROM kv WHERE k >= '{prefix}' AND k < '{prefix}~' ORDER BY k"
+            async for kind, payload in agent.query_stream(sql, batch=4096, encode=encode):
+                if kind == "rows":
+                    body += payload
+            assert [json.loads(line)["row"][0] for line in body.splitlines()] == list(
+                range(1, count + 1)
+            )
+            assert trips[0] == ENCODED_FIRST
+            if prefix == "w":
+                assert max(trips[1:]) <= ENCODED_BYTES // wide < ENCODED_FIRST
+            else:
+                assert trips[1] == 4096
