@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, cast
 
 import apsw
@@ -61,6 +62,7 @@ class _AnyColumn:
 
 _MERGE_DECIDES = _AnyColumn()
 _UNREAD = object()
+_TABLE_COLUMN = itemgetter(0, 2)  # of a change
 
 
 class SchemaView:
@@ -69,6 +71,7 @@ class SchemaView:
     def __init__(self, conn: apsw.Connection) -> None:
         self.conn = conn
         self._columns: dict[Any, Any] = {}
+        self._present: set[tuple[Any, Any]] = set()  # (table, column) pairs seen to exist
 
     def _read(self, table: Any) -> Any:
         if not isinstance(table, str) or is_internal(table):
@@ -80,6 +83,9 @@ class SchemaView:
     def missing(self, changes: Sequence[Any]) -> dict[str, int]:
         """What ``changes`` need that this database lacks: ``"t"`` for a table, ``"t.c"`` for a
         column, each with the number of changes waiting on it; empty when all can merge."""
+        present = self._present
+        if present.issuperset(map(_TABLE_COLUMN, changes)):
+            return {}  # the usual case, in one pass of C
         out: dict[str, int] = {}
         columns = self._columns
         for c in changes:
@@ -90,6 +96,7 @@ class SchemaView:
             if cols is None:
                 key = table
             elif c[2] in cols:
+                present.add((table, c[2]))
                 continue
             else:
                 key = f"{table}.{c[2]}"

@@ -412,7 +412,7 @@ class Store:
                 b = touched[actor] = held.copy() if held is not None else Booked()
             return b
 
-        complete: list[tuple[bytes, int, list[Change], int, int]] = []
+        complete: list[tuple[bytes, int, Sequence[Change], int, int]] = []
         pending_versions: set[tuple[bytes, int]] = set()
         with _write_transaction(conn):
             for item in items:
@@ -430,7 +430,7 @@ class Store:
                     continue
                 partial = b.partials.get(cs.version)
                 if cs.complete and partial is None:
-                    complete.append((cs.actor, cs.version, list(cs.changes), cs.last_seq, cs.ts))
+                    complete.append((cs.actor, cs.version, cs.changes, cs.last_seq, cs.ts))
                     pending_versions.add(key)
                     continue
                 if partial is None:
@@ -442,7 +442,7 @@ class Store:
                 partial.seqs.add(*cs.seqs)
                 result.buffered += 1
                 if partial.complete:
-                    changes = self._take_buffered(cs.actor, cs.version)
+                    changes: Sequence[Change] = self._take_buffered(cs.actor, cs.version)
                     del b.partials[cs.version]
                     complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
                     pending_versions.add(key)
@@ -489,10 +489,10 @@ class Store:
 
     def _keep_unknown_schema(
         self,
-        complete: list[tuple[bytes, int, list[Change], int, int]],
+        complete: list[tuple[bytes, int, Sequence[Change], int, int]],
         booked: Any,
         result: ApplyResult,
-    ) -> list[tuple[bytes, int, list[Change], int, int]]:
+    ) -> list[tuple[bytes, int, Sequence[Change], int, int]]:
         """Keep (and book as held) the versions that need a table or column this node does not
         have yet; return the others, to merge."""
         view = SchemaView(self.conn)

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -503,15 +503,16 @@ class AgentRuntime:
         batch: int = 512,
         timeout: Any = _DEFAULT,
         interruptible: bool = False,
+        encode: Callable[[list[tuple], int], bytes] | None = None,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
         once the query has run ``timeout`` seconds (default ``api.query_timeout``; None or 0:
         no limit), reading rows included. ``interruptible``: cancelling the iterating task
-        stops the running statement at once."""
+        stops the running statement at once. ``encode``: see ``Reads.stream``."""
         seconds = self.config.api.query_timeout if timeout is _DEFAULT else timeout
         stream = self.reads.stream(
-            sql, params, batch=batch, seconds=seconds, interruptible=interruptible
+            sql, params, batch=batch, seconds=seconds, interruptible=interruptible, encode=encode
         )
         async for item in stream:
             yield item

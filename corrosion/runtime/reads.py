@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from ..core.sqlguard import NOT_READONLY, Deadline, Guard, client_timeout, guard
 from .results import QueryError, QueryTimeout
 
 POOL_SIZE = 8  # idle read connections kept
+ENCODED_FIRST = 512  # rows of an encoded stream's first trip (a point query: the only one)
+ENCODED_BYTES = 1 << 20  # encoded output a later trip aims at
 
 
 class Reads:
@@ -109,12 +112,19 @@ class Reads:
         batch: int,
         seconds: float | None,
         interruptible: bool = False,
+        encode: Callable[[list[tuple], int], bytes] | None = None,
     ) -> AsyncIterator[tuple[str, Any]]:
         """``("columns", [...])`` then ``("rows", [tuple, ...])`` batches; raises
         ``QueryError`` (before the columns for refused or invalid statements), ``QueryTimeout``
         once the query has run ``seconds`` (None or 0: no limit), reading rows included.
         ``interruptible``: cancelling the iterating task interrupts the running statement (at
-        a small cost per call; the PostgreSQL server's CancelRequest needs it)."""
+        a small cost per call; the PostgreSQL server's CancelRequest needs it).
+
+        With ``encode``, each batch is ``encode(rows, rows_before_it)`` instead (bytes), called
+        in the worker thread that read it: a server writing rows out does its per-row work
+        there, off the event loop, in the same trip. The first trip then reads up to
+        ``ENCODED_FIRST`` rows, and the later ones about ``ENCODED_BYTES`` of output each, up to
+        ``batch`` rows: many rows per trip when they are small, few when they are wide."""
         if len(split_statements(sql)) != 1:
             raise QueryError("exactly one statement is expected")
         # A point query should cost one trip to a worker thread, not four: take a pooled
@@ -128,6 +138,7 @@ class Reads:
         deadline = Deadline(conn, seconds).__enter__()
         try:
             cursor = conn.cursor()
+            size = batch if encode is None else min(batch, ENCODED_FIRST)  # rows this trip
 
             def failed(exc: apsw.Error, *, client_error: bool) -> QueryError:
                 if deadline.expired:
@@ -139,7 +150,7 @@ class Reads:
                     return QueryError(refused.message)
                 return QueryError(str(exc), client_error=client_error)
 
-            def first() -> tuple[list[str], list[tuple]]:
+            def first() -> tuple[list[str], tuple[int, Any]]:
                 seen: dict[str, Any] = {}
 
                 def check(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
@@ -164,19 +175,23 @@ class Reads:
                 finally:
                     cursor.exec_trace = None
                 try:
-                    return seen.get("cols", []), _fetch(cursor, batch)
+                    return seen.get("cols", []), _fetch(cursor, size, encode, 0)
                 except apsw.Error as exc:
                     raise failed(exc, client_error=False) from None
 
             run = _interruptible(conn) if interruptible else anyio.to_thread.run_sync
-            cols, rows = await run(first)
+            cols, (n, rows) = await run(first)
             yield "columns", cols
-            while rows:
+            done = 0
+            while n:
                 yield "rows", rows
-                if len(rows) < batch:  # _fetch stopped at the end
+                done += n
+                if n < size:  # _fetch stopped at the end
                     break
+                if encode is not None:
+                    size = max(1, min(batch, n * ENCODED_BYTES // max(1, len(rows))))
                 try:
-                    rows = await run(_fetch, cursor, batch)
+                    n, rows = await run(_fetch, cursor, size, encode, done)
                 except apsw.Error as exc:  # a runtime error after the first batch
                     raise failed(exc, client_error=False) from None
         finally:
@@ -219,10 +234,9 @@ def _interruptible(conn: apsw.Connection) -> Callable[..., Awaitable[Any]]:
     return run
 
 
-def _fetch(cursor: apsw.Cursor, n: int) -> list[tuple]:
-    out = []
-    for row in cursor:
-        out.append(row)
-        if len(out) >= n:
-            break
-    return out
+def _fetch(
+    cursor: apsw.Cursor, n: int, encode: Callable[[list[tuple], int], bytes] | None, before: int
+) -> tuple[int, Any]:
+    """Up to ``n`` rows: how many, and the rows (or what ``encode`` made of them)."""
+    rows = list(islice(cursor, n))
+    return len(rows), rows if encode is None else encode(rows, before)

@@ -28,10 +28,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import math
 import time
 from collections.abc import AsyncIterator
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from starlette.applications import Starlette
@@ -51,14 +49,9 @@ from ..runtime.subscriptions import (
 from .asgi_server import AsgiServer, serve_asgi
 from .interfaces import ApiAgent
 from .limits import ConcurrencyLimits, EndpointName, api_load
-
-
-def _cell(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return list(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
+from .ndjson import json_cell as _cell
+from .ndjson import row_json as _row_json
+from .ndjson import row_lines
 
 
 def _event_line(event: Any) -> bytes:
@@ -66,25 +59,9 @@ def _event_line(event: Any) -> bytes:
     return f'{{"change":["{kind}",{rowid},{_row_json(row)},{change_id}]}}\n'.encode()
 
 
-def _blob_as_array(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return list(v)
-    raise TypeError(f"cannot encode {type(v).__name__}")
-
-
-# The C encoder behind json.dumps, built once: per row it skips json.dumps' Python set-up,
-# which was most of /v1/queries' time. Blobs become byte arrays, as in corrosion.
-_encode_row = c_make_encoder(
-    None, _blob_as_array, encode_basestring_ascii, None, ":", ",", False, False, True
-)
-
-
-def _row_json(row: tuple) -> str:
-    text = "".join(_encode_row(row, 0))
-    if "Infinity" in text or "NaN" in text:  # not JSON: send non-finite reals as strings
-        text = json.dumps([_cell(v) for v in row])
-    return text
-
+# Rows read and encoded per trip to a worker thread, at most (fewer when they are wide: see
+# Reads.stream): a trip costs about as much as encoding a few hundred rows.
+QUERY_BATCH = 4096
 
 # /v1/health's query parameters: the thresholds and the status answered when one is exceeded
 HEALTH_PARAMETERS = frozenset(
@@ -145,7 +122,9 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
         except StatementFormError as exc:
             return _error(400, str(exc))
         t0 = time.perf_counter()
-        stream = agent.query_stream(sql, params, timeout=timeout).__aiter__()
+        stream = agent.query_stream(
+            sql, params, timeout=timeout, batch=QUERY_BATCH, encode=row_lines
+        ).__aiter__()
         try:
             first = await stream.__anext__()
         except QueryError as exc:
@@ -153,14 +132,9 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
 
         async def body() -> AsyncIterator[bytes]:
             yield (json.dumps({"columns": first[1]}) + "\n").encode()
-            rowid = 0
             try:
-                async for _kind, batch in stream:
-                    lines = []
-                    for row in batch:
-                        rowid += 1
-                        lines.append(f'{{"row":[{rowid},{_row_json(row)}]}}\n')
-                    yield "".join(lines).encode()
+                async for _kind, lines in stream:  # encoded in the thread that read them
+                    yield lines
                 yield (json.dumps({"eoq": {"time": time.perf_counter() - t0}}) + "\n").encode()
             except QueryError as exc:
                 yield (json.dumps({"error": exc.message}) + "\n").encode()

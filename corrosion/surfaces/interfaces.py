@@ -6,7 +6,7 @@ back would be a cycle, and a narrow interface shows what each of them may touch.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -59,7 +59,7 @@ class ApiAgent(AgentHealth, Protocol):
 
     def query_stream(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, batch: int = ...,
-        timeout: Any = ...,
+        timeout: Any = ..., encode: Callable[[list[tuple], int], bytes] | None = ...,
     ) -> AsyncIterator[tuple[str, Any]]: ...  # fmt: skip
 
     def watch_updates(self, table: str, *, buffer: int = ...) -> UpdateWatch: ...

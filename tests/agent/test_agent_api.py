@@ -140,6 +140,25 @@ async def test_queries_stream_ndjson(node):
     assert lines[0] == {"columns": ["k", "v", "n"]} and "eoq" in lines[1]
 
 
+async def test_queries_encode_every_kind_of_value_as_corrosion(node):
+    """Reals as Python writes them, big integers exactly, text ASCII-escaped, blobs as byte
+    arrays, infinities as text: the exact bytes, through the fast encoder and its fallback."""
+    _agent, client = node
+    sql = (
+        "SELECT 1.5, 1e16, 1e-05, 9223372036854775807, -9223372036854775808, 'é ☃ 𝄞', "
+        "char(127) || 'a\"b\\' || char(9), x'00ff', NULL, 9e999, -9e999, 'plain', 42"
+    )
+    resp = await client.post("/v1/queries", json=sql)
+    assert resp.status_code == 200
+    assert resp.content.split(b"\n")[1] == (
+        b'{"row":[1,[1.5,1e+16,1e-05,9223372036854775807,-9223372036854775808,'
+        b'"\\u00e9 \\u2603 \\ud834\\udd1e","\\u007fa\\"b\\\\\\t",[0,255],null,"inf","-inf",'
+        b'"plain",42]]}'
+    )
+    resp = await client.post("/v1/queries", json="SELECT 'plain', 42, x'01', NULL")
+    assert resp.content.split(b"\n")[1] == b'{"row":[1,["plain",42,[1],null]]}'
+
+
 async def test_queries_refuse_writes_and_bad_sql(node):
     agent, client = node
     for write in [

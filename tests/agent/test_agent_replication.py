@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import msgpack
 import pytest
 from agent_helpers import apply_now, commit_now
 from hypothesis import given, settings
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from corrosion.core.changeset import (
     Changeset,
     EmptyVersions,
+    FrameError,
     chunk_version,
     decode_frame,
     encode,
@@ -27,6 +29,7 @@ from corrosion.core.replication import (
     SyncTick,
 )
 from corrosion.core.store import Store
+from crdt import Change
 
 SCHEMA = "CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, body TEXT, n INTEGER DEFAULT 0)"
 
@@ -234,6 +237,49 @@ def test_changeset_codec_roundtrip_and_validation(tmp_path):
     assert decode_frame(encode(cs))[1] == cs
     with pytest.raises(ValueError):
         decode_frame(encode(cs)[:-3])
+
+
+def test_changeset_decoding_checks_every_field():
+    """The decoder's fast path (tuples) and the generic one (lists: any msgpack encoder may
+    write an array's length in a longer form) accept the same frames and refuse each field
+    that is wrong, with FrameError."""
+    actor = b"\x01" * 16
+    row = ["t", b"\x01\x09\x01", "body", "x", 1, None, 1, 0]
+    frame = [1, 1, actor, 3, 0, 0, 0, 5, 7, [row]]
+
+    def long_form(fields: list) -> bytes:  # the array's length written as 16 bits
+        head = b"\xdc" + len(fields).to_bytes(2, "big")
+        return head + b"".join(msgpack.packb(f, use_bin_type=True) for f in fields)
+
+    expected = Changeset(actor, 3, (("t", b"\x01\x09\x01", "body", "x", 1, 7, actor, 1, 0),),
+                         (0, 0), 0, 5, 7)  # fmt: skip
+    for data in (msgpack.packb(frame, use_bin_type=True), long_form(frame)):
+        kind, cs = decode_frame(data)
+        assert kind == 1 and cs == expected and type(cs.changes[0]) is Change
+    bad_rows = [
+        row[:7],  # seven fields
+        ["t", "pk", *row[2:]],  # pk not a blob
+        [*row[:3], [1], *row[4:]],  # a value that is an array
+        [*row[:4], "1", *row[5:]],  # col_version not an integer
+        [*row[:4], True, *row[5:]],  # booleans are not integers
+        [*row[:5], b"\x02" * 17, *row[6:]],  # site id too long
+        [*row[:7], 1],  # seq past the chunk's range
+        "not a change",
+        dict.fromkeys(["t", b"\x01", "body", 2.5, 1, None, 2, 0]),  # a map whose keys would do
+    ]
+    bad_frames = [[*frame[:9], [bad]] for bad in bad_rows]
+    bad_frames += [
+        [*frame[:2], b"short", *frame[3:]],  # actor id not 16 bytes
+        [*frame[:3], 0, *frame[4:]],  # version 0
+        [*frame[:4], 1, 0, *frame[6:]],  # seq start after seq end
+        [*frame[:7], -1, *frame[8:]],  # negative ts
+        [*frame[:9], "rows"],  # changes not an array
+        frame[:9],  # nine fields
+    ]
+    for bad in bad_frames:
+        for data in (msgpack.packb(bad, use_bin_type=True), long_form(bad)):
+            with pytest.raises(FrameError):
+                decode_frame(data)
 
 
 def test_digests_repair_a_node_the_broadcast_missed(tmp_path):

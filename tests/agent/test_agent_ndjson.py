@@ -1,0 +1,102 @@
+"""Query rows as NDJSON: the fast encoder (orjson where its bytes are the same) writes exactly
+what the standard library's encoder writes, for every kind of SQLite value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from agent_helpers import agent_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corrosion import Agent
+from corrosion.runtime.reads import ENCODED_BYTES, ENCODED_FIRST
+from corrosion.surfaces.ndjson import json_cell, row_json, row_lines
+
+# every value a SQLite read can return (NaN cannot be stored, but the encoder takes it)
+CELLS = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(),
+    st.text(alphabet=st.characters(max_codepoint=0x7F)),  # control characters, DEL
+    st.binary(),
+)
+
+
+def stdlib_line(rowid: int, row: tuple) -> bytes:
+    """The line as json.dumps writes it (compact, ASCII, blobs as arrays, inf as text)."""
+    cells = json.dumps([json_cell(v) for v in row], separators=(",", ":"))
+    return b'{"row":[%d,%b]}\n' % (rowid, cells.encode())
+
+
+@settings(max_examples=500)
+@given(st.lists(st.tuples(CELLS, CELLS, CELLS), max_size=8), st.integers(0, 10**6))
+def test_row_lines_are_the_stdlib_encoding(rows, after):
+    expected = b"".join(stdlib_line(i, row) for i, row in enumerate(rows, after + 1))
+    assert row_lines(rows, after) == expected
+    for row in rows:
+        assert row_json(row) == json.dumps([json_cell(v) for v in row], separators=(",", ":"))
+
+
+def test_each_kind_of_value_encodes_as_before():
+    row = (
+        1.5,
+        1e16,
+        1e-05,
+        0.1,
+        2**63 - 1,
+        -(2**63),
+        "é ☃ 𝄞",
+        '\x7fa"b\\\t\x1f',
+        b"\x00\xff",
+        None,
+        float("inf"),
+        float("-inf"),
+        "",
+        b"",
+    )
+    assert row_lines([row, ("NaN", 7)], 41) == (
+        b'{"row":[42,[1.5,1e+16,1e-05,0.1,9223372036854775807,-9223372036854775808,'
+        b'"\\u00e9 \\u2603 \\ud834\\udd1e","\\u007fa\\"b\\\\\\t\\u001f",[0,255],null,'
+        b'"inf","-inf","",[]]]}\n'
+        b'{"row":[43,["NaN",7]]}\n'
+    )
+
+
+@pytest.mark.anyio
+async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tmp_path):
+    """Small rows go 4,096 a trip after the first; wide ones about a MiB of output a trip, so a
+    result of wide rows is never held whole in memory. Every row arrives, numbered in order."""
+    async with Agent(agent_config(tmp_path, "wide")) as agent:
+        wide = 4000
+        await agent.execute(
+            [
+                ["INSERT INTO kv (k, v) VALUES (?, ?)", [f"w{i:05d}", "w" * wide]]
+                for i in range(1200)
+            ]
+        )
+        await agent.execute(
+            [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"s{i:05d}", "s"]] for i in range(5000)]
+        )
+        for prefix, count in (("w", 1200), ("s", 5000)):
+            trips: list[int] = []
+
+            def encode(rows: list[tuple], before: int) -> bytes:
+                trips.append(len(rows))  # noqa: B023 (called before the loop moves on)
+                return row_lines(rows, before)
+
+            body = b""
+            sql = f"SELECT k, v FROM kv WHERE k >= '{prefix}' AND k < '{prefix}~' ORDER BY k"
+            async for kind, payload in agent.query_stream(sql, batch=4096, encode=encode):
+                if kind == "rows":
+                    body += payload
+            assert [json.loads(line)["row"][0] for line in body.splitlines()] == list(
+                range(1, count + 1)
+            )
+            assert trips[0] == ENCODED_FIRST
+            if prefix == "w":
+                assert max(trips[1:]) <= ENCODED_BYTES // wide < ENCODED_FIRST
+            else:
+                assert trips[1] == 4096
