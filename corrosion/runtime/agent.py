@@ -410,7 +410,7 @@ class AgentRuntime:
         if len(self.updates):
             self.updates.notify(changes)
         if self.subscriptions.by_id:
-            self.subscriptions.notify({c.table for c in changes})
+            self.subscriptions.notify(changes)
 
     # -- writes -----------------------------------------------------------------------------
 
