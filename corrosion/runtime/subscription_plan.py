@@ -71,7 +71,7 @@ _FULL_RERUN_WORDS = {
 }
 # Deterministic for SQLite, but their result depends on the clock when given 'now'.
 _TIME_FUNCTIONS = {"date", "time", "datetime", "julianday", "unixepoch", "strftime", "timediff"}
-_AGGREGATE_OPCODES = {"AggStep", "AggStep1", "AggFinal", "AggValue", "AggInverse"}
+_AGGREGATE_OPCODES = {"AggStep", "AggStep1", "AggFinal", "AggValue", "AggInverse", "Count"}
 _SQLITE_DETERMINISTIC = 0x800
 # Words that end a FROM item's name where an alias could be.
 _NOT_ALIAS = {"ON", "USING", "JOIN", "INNER", "CROSS", "WHERE", "ORDER", "NOT", "INDEXED"}

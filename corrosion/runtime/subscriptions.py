@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -223,10 +224,29 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> Described:
         if identity is None:
             break
     with unguarded(conn):
+        if identity and _loops(conn, sql, params) > len(tables):
+            identity = None  # a table read twice (a self-join, UNION ALL): keys repeat
         plan = plan_for(conn, sql, params, full, seen)
     if isinstance(plan, str):
         return Described(columns, tables, identity or None, None, plan)
     return Described(columns, tables, identity or None, plan)
+
+
+def _loops(conn: apsw.Connection, sql: str, params: Any) -> int:
+    """How many times the query's plan reads a table (SQLite's EXPLAIN QUERY PLAN): one per
+    FROM item, but for the indexes of an OR and the rows of a VALUES list or constant."""
+    plan = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    details = {row[0]: str(row[3]) for row in plan}
+    return sum(
+        1
+        for _id, parent, _, detail in plan
+        if str(detail) == "MULTI-INDEX OR"
+        or (
+            str(detail).startswith(("SCAN ", "SEARCH "))
+            and not re.match(r"SCAN (CONSTANT ROW|\d+-ROW VALUES CLAUSE)", str(detail))
+            and not details.get(parent, "").startswith("INDEX ")
+        )
+    )
 
 
 @dataclass
@@ -471,12 +491,14 @@ class Subscriptions:
         timeout: float | None = None,
         directory: Path | None = None,
         keep_changes: int = KEEP_CHANGES,
+        incremental: bool = True,
     ) -> None:
         self._open = open_reader
         self._release = release_reader
         self.timeout = timeout  # seconds a run of a subscription's query may take (None: any)
         self.directory = directory
         self.keep_changes = keep_changes
+        self.incremental = incremental  # False: every query re-runs whole (tests, benchmarks)
         self.by_id: dict[str, Subscription] = {}
         self._by_query: dict[tuple[str, str], str] = {}
         self._building: dict[tuple[str, str], anyio.Event] = {}
@@ -563,7 +585,7 @@ class Subscriptions:
                 described.columns,
                 described.tables,
                 described.identity,
-                plan=described.plan,
+                plan=described.plan if self.incremental else None,
                 hash=stored.hash,
                 change_id=stored.change_id,
                 next_rowid=stored.next_rowid,
@@ -619,7 +641,7 @@ class Subscriptions:
                     described.columns,
                     described.tables,
                     described.identity,
-                    plan=described.plan,
+                    plan=described.plan if self.incremental else None,
                     hash=query_hash(normalized, params),
                     keep_changes=self.keep_changes,
                 )
