@@ -11,15 +11,18 @@ normalised SQL and parameters, so clients can recognise the same query across ag
 restarts, as corrosion's is.
 
 Row identity: when the result carries the full primary key of every table the query reads
-(found through SQLite's column-origin metadata), a row is identified by those keys, so a changed
-row is an ``update`` of the same rowid. Otherwise rows are identified by their content, and a
-changed row is a ``delete`` followed by an ``insert``. (Corrosion rewrites the query to add the
-keys; we do not parse SQL.)
+(found through SQLite's column-origin metadata), and reads each table once, a row is identified
+by those keys, so a changed row is an ``update`` of the same rowid. Otherwise rows are
+identified by their content, and a changed row is a ``delete`` followed by an ``insert``.
 
-Re-evaluation runs the whole query again, after a short debounce that batches bursts of changes:
-cheap for the selective queries subscriptions are meant for, costly for huge result sets. The
-last ``db.subscriptions_keep_changes`` events are kept so a client can resume with
-``from=<change_id>``; an older id is refused (400), as corrosion does.
+Re-evaluation, after a short debounce that batches bursts of changes, is incremental where that
+is sound (``subscription_plan``: a plain SELECT over inner-joined tables): the agent passes the
+primary keys each commit touched, and only the result rows holding one of them are recomputed,
+found through hidden key columns added to the query. Other shapes (aggregates, subqueries,
+outer joins, LIMIT...) run the whole query again and diff it. Both paths turn a batch into the
+same events (deletes, then updates, by row id; then inserts in the order of their values), so
+which one ran does not show. The last ``db.subscriptions_keep_changes`` events are kept so a
+client can resume with ``from=<change_id>``; an older id is refused (400), as corrosion does.
 
 Durable: each subscription lives in its own SQLite file under ``db.subscriptions_path``
 (``subscription_files``), written before its clients see a change. At start-up, before anything
@@ -336,7 +339,7 @@ class Subscription:
             for pk in pks:
                 gone |= index.get(pk, set())
         fresh = {row[width:]: row[:width] for row in rows}
-        gone |= fresh.keys() & self.members.keys()  # returned again, by collation or affinity
+        gone.update(h for h in fresh if h in self.members)  # returned again (collation...)
         affected: dict[Any, None] = {}
         for hidden in gone:
             affected[self.key_of(self._forget_member(hidden))] = None
@@ -401,8 +404,8 @@ class Subscription:
                 deleted += rowids
                 rowids = []
             elif rowids:
-                row = rows[0]
-                if self.rows[rowids[0]] != row or _types(self.rows[rowids[0]]) != _types(row):
+                row, old = rows[0], self.rows[rowids[0]]
+                if old != row or _types(old) != _types(row):
                     updated.append((rowids[0], row))
             else:
                 inserted.append((key, rows[0]))
@@ -451,7 +454,7 @@ class Subscription:
 
 
 def _types(row: tuple) -> tuple:
-    return tuple(type(v) for v in row)
+    return tuple(map(type, row))
 
 
 def _order(values: tuple) -> tuple:
