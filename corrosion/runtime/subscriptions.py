@@ -112,6 +112,22 @@ def query_hash(normalized_sql: str, params: Any) -> str:
     return h.hexdigest()[:32]
 
 
+class ColumnsChanged(Exception):
+    """The query's columns are no longer those the subscription has (``SELECT *`` after a
+    schema change added a column): its rows cannot be diffed any more."""
+
+
+def _fetch(sub: Subscription, cursor: apsw.Cursor) -> list[tuple]:
+    """The rows of a run of ``sub``'s query (``ColumnsChanged`` if they do not fit it)."""
+    expected = len(sub.columns)
+    if sub.plan is not None:
+        expected += sum(len(source.pk) for source in sub.plan.sources)
+    rows = cursor.fetchall()
+    if rows and len(rows[0]) != expected:  # no rows: nothing to misread
+        raise ColumnsChanged(f"its query now has {len(rows[0]) - expected:+d} column(s)")
+    return rows
+
+
 def _slice_limit(sub: Subscription) -> int:
     """How many changed rows a subscription re-evaluates by primary key before the full
     re-run costs less."""
@@ -273,6 +289,7 @@ class Subscription:
     file: SubscriptionFile | None = None  # where it is kept (None: in memory only)
     lock: Any = None  # anyio.Lock, made on the event loop when the subscription is registered
     plan: Plan | None = None  # incremental re-evaluation (None: the full re-run)
+    full_rerun: str = ""  # why it has no plan (for operators)
     # with a plan: the primary keys (packed, by table) changed since the last evaluation
     pending: dict[str, set[bytes]] = field(default_factory=dict)
     # with a plan: the result by hidden key, and the hidden keys by each source's primary key
@@ -589,6 +606,7 @@ class Subscriptions:
                 described.tables,
                 described.identity,
                 plan=described.plan if self.incremental else None,
+                full_rerun=described.full_rerun if self.incremental else "disabled",
                 hash=stored.hash,
                 change_id=stored.change_id,
                 next_rowid=stored.next_rowid,
@@ -645,6 +663,7 @@ class Subscriptions:
                     described.tables,
                     described.identity,
                     plan=described.plan if self.incremental else None,
+                    full_rerun=described.full_rerun if self.incremental else "disabled",
                     hash=query_hash(normalized, params),
                     keep_changes=self.keep_changes,
                 )
@@ -768,20 +787,24 @@ class Subscriptions:
     async def evaluate(self, sub: Subscription) -> None:
         """Bring ``sub`` up to date with the changes noted: the full re-run when ``dirty``,
         else the rows of the changed primary keys."""
-        if sub.dirty:
-            sub.dirty = False
-            sub.pending = {}
-            rows = await anyio.to_thread.run_sync(self._rerun, sub)
-            if rows is not None and self.by_id.get(sub.id) is sub:
-                await self._publish(sub, partial(sub.diff, rows))
-        elif sub.pending:
-            pending, sub.pending = sub.pending, {}
-            sliced = await anyio.to_thread.run_sync(self._slice, sub, pending)
-            if sliced is None:
-                sub.dirty = True  # the restricted queries failed: run it all
-                self._wake.set()
-            elif self.by_id.get(sub.id) is sub:
-                await self._publish(sub, partial(sub.patch, *sliced))
+        try:
+            if sub.dirty:
+                sub.dirty = False
+                sub.pending = {}
+                rows = await anyio.to_thread.run_sync(self._rerun, sub)
+                if rows is not None and self.by_id.get(sub.id) is sub:
+                    await self._publish(sub, partial(sub.diff, rows))
+            elif sub.pending:
+                pending, sub.pending = sub.pending, {}
+                sliced = await anyio.to_thread.run_sync(self._slice, sub, pending)
+                if sliced is None:
+                    sub.dirty = True  # the restricted queries failed: run it all
+                    self._wake.set()
+                elif self.by_id.get(sub.id) is sub:
+                    await self._publish(sub, partial(sub.patch, *sliced))
+        except ColumnsChanged as exc:
+            log.warning("subscription %s dropped: %s; its clients subscribe again", sub.id, exc)
+            await self.drop(sub.id)
 
     async def _publish(self, sub: Subscription, diff: Callable[[], list[Event]]) -> None:
         """Diff, write the changes to the subscription's file, then send them: a change a
@@ -817,7 +840,7 @@ class Subscriptions:
         conn = self._open()
         try:
             with Deadline(conn, self.timeout), unguarded(conn):
-                return conn.execute(sub.query, sub.params).fetchall()
+                return _fetch(sub, conn.execute(sub.query, sub.params))
         except apsw.Error:
             return None
         finally:
@@ -850,7 +873,7 @@ class Subscriptions:
                 try:
                     for i, pks in touched:
                         for sql, params in plan.restricted(i, pks, sub.params):
-                            rows += conn.execute(sql, params).fetchall()
+                            rows += _fetch(sub, conn.execute(sql, params))
                 finally:
                     conn.execute("COMMIT")
         except apsw.Error:

@@ -8,6 +8,7 @@ full re-run. Real stores; the subscriptions read the database through the agent'
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,36 @@ async def test_a_join_subscription_follows_local_and_replicated_writes(tmp_path)
                 assert await next_json() == ["insert", 4, ["m3", 2, "db", 5432], 6]
                 await a.execute(["UPDATE mach SET state = 'stopped' WHERE id = 'm2'"])
                 assert await next_json() == ["delete", 3, ["m2", 1, "web", 8080], 7]
+
+
+@pytest.mark.anyio
+async def test_select_star_after_a_column_is_added_drops_the_subscription(tmp_path, caplog):
+    """The agent running: ``SELECT *`` gains a column with ``corrosion reload``; its rows no
+    longer fit the subscription (nor its hidden keys), so it is dropped with one warning and
+    its stream ends; a client subscribes again and gets the new columns."""
+    cfg = agent_config(tmp_path, "a")
+    caplog.set_level(logging.WARNING, logger="corrosion.subscriptions")
+    async with Agent(cfg) as a:
+        await a.execute(["INSERT INTO items (id, body) VALUES (1, 'x')"])
+        host, port = a.api_addrs[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as c:
+            async with c.stream("POST", "/v1/subscriptions", json="SELECT * FROM items") as resp:
+                sid = resp.headers["corro-query-id"]
+                assert a.subscriptions.by_id[sid].plan is not None
+                lines = resp.aiter_lines()
+                for _ in range(3):  # columns, the row, eoq
+                    await lines.__anext__()
+                schema = tmp_path / "schema" / "schema.sql"
+                schema.write_text(schema.read_text().replace("owner TEXT", "owner TEXT, x TEXT"))
+                await a.reload_schema()
+                await a.execute(["UPDATE items SET body = 'y' WHERE id = 1"])
+                with anyio.fail_after(30):
+                    rest = [line async for line in lines]
+                # the stream ended with an error line, no change in the old shape
+                assert [list(json.loads(line)) for line in rest] == [["error"]]
+            assert sid not in a.subscriptions.by_id
+            [line] = [r.getMessage() for r in caplog.records if r.name == "corrosion.subscriptions"]
+            assert sid in line and "+1 column(s)" in line
+            async with c.stream("POST", "/v1/subscriptions", json="SELECT * FROM items") as resp:
+                first = json.loads(await resp.aiter_lines().__anext__())
+                assert first == {"columns": ["id", "body", "owner", "x"]}
