@@ -770,6 +770,15 @@ class Subscriptions:
         if hit:
             self._wake.set()
 
+    def rerun_all(self) -> None:
+        """The schema changed: every query runs whole again (rows may have changed with no
+        change to name them, and a plan's columns may be gone)."""
+        for sub in self.by_id.values():
+            sub.dirty = True
+            sub.pending.clear()
+        if self.by_id:
+            self._wake.set()
+
     async def run(self) -> None:
         """Re-evaluate dirty subscriptions (debounced) and fan their events out; drop idle ones."""
         while True:
