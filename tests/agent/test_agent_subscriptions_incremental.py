@@ -24,6 +24,7 @@ from support import wait_for
 from corrosion import Agent
 from corrosion.core.ranges import RangeSet
 from corrosion.core.store import StatementError, Store
+from corrosion.runtime import subscriptions
 from corrosion.runtime.reads import Reads
 from corrosion.runtime.subscriptions import Subscriptions, _order, describe
 
@@ -336,3 +337,33 @@ async def test_select_star_after_a_column_is_added_drops_the_subscription(tmp_pa
             async with c.stream("POST", "/v1/subscriptions", json="SELECT * FROM items") as resp:
                 first = json.loads(await resp.aiter_lines().__anext__())
                 assert first == {"columns": ["id", "body", "owner", "x"]}
+
+
+def test_a_burst_of_changes_runs_the_query_whole_then_goes_on_incrementally(tmp_path, monkeypatch):
+    """More changed rows than the slice limit: the whole query runs (the same events); the
+    next small change is incremental again."""
+    monkeypatch.setattr(subscriptions, "SLICE_LIMIT", 2)
+
+    async def main() -> None:
+        node = Node(tmp_path)
+        reads = Reads(tmp_path / "here.db")
+        subs = Subscriptions(reads.connection, reads.release)
+        try:
+            sub, _ = await subs.get_or_create("SELECT id, cpu FROM mach", ())
+            insert = "INSERT INTO mach (id, cpu) VALUES (?, ?)"
+            burst = node.write([(insert, (f"m{i}", i)) for i in range(3)], remote=False)
+            subs.notify(burst)
+            assert sub.dirty and not sub.pending
+            await subs.evaluate(sub)
+            assert sorted(sub.rows.items()) == [(1, ("m0", 0)), (2, ("m1", 1)), (3, ("m2", 2))]
+            one = node.write([("UPDATE mach SET cpu = 9 WHERE id = 'm1'", ())], remote=True)
+            subs.notify(one)
+            assert not sub.dirty and sub.pending
+            await subs.evaluate(sub)
+            assert sub.rows[2] == ("m1", 9) and sub.change_id == 4
+            assert sorted(sub.rows.values()) == fresh(reads, "SELECT id, cpu FROM mach", ())
+        finally:
+            node.close()
+            reads.close()
+
+    anyio.run(main)
