@@ -67,6 +67,7 @@ INCREMENTAL = [
 FULL = [
     ("SELECT state, count(*) FROM mach GROUP BY state", ()),
     ("SELECT count(*), max(cpu) FROM mach", ()),
+    ("SELECT count(*) FROM svc", ()),  # reads no column of svc: still notified
     ("SELECT DISTINCT state FROM mach", ()),
     ("SELECT m.id, s.name FROM mach m LEFT JOIN svc s ON s.id = m.svc", ()),
     ("SELECT id FROM mach WHERE svc IN (SELECT id FROM svc WHERE port > 2)", ()),
