@@ -193,7 +193,7 @@ def plan_for(
             return f"{table} has no primary key"
         first = len(hidden_sql)
         for i, col in enumerate(pk):
-            hidden_sql.append(f'{ref}."{_unquoted_quote(col)}" AS "{HIDDEN}{first + i}"')
+            hidden_sql.append(f'{ref}."{_escape_identifier(col)}" AS "{HIDDEN}{first + i}"')
         sources.append(Source(table, pk, tuple(range(first, first + len(pk)))))
     if {s.table.lower() for s in sources} != {t.lower() for t in inspected.tables or ()}:
         return "it reads tables its FROM clause does not name"
@@ -223,7 +223,7 @@ def unguarded(conn: apsw.Connection) -> Iterator[None]:
         conn.authorizer = guard
 
 
-def _unquoted_quote(name: str) -> str:
+def _escape_identifier(name: str) -> str:
     return name.replace('"', '""')
 
 
