@@ -14,8 +14,8 @@ machines; ``--quick``: 2k), its keys projected so a changed machine is an ``upda
   which a loaded machine's scheduling delays do not inflate). Target ≤ 0.05.
 * ``sub_event_p99_ms``: from a client's ``POST /v1/transactions`` changing one machine to the
   ``change`` line on its ``/v1/subscriptions`` stream, p99, a real agent on loopback (the client
-  in a process of its own; the agent's 20 ms debounce included). Beside it, the same with the
-  full re-run (``full_rerun_p99_ms``). Target < 50 ms.
+  in a process of its own, one change at a time). Beside it, the same with the full re-run
+  (``full_rerun_p99_ms``). Target < 50 ms.
 """
 
 from __future__ import annotations

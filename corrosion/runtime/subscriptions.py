@@ -15,10 +15,11 @@ Row identity: when the result carries the full primary key of every table the qu
 by those keys, so a changed row is an ``update`` of the same rowid. Otherwise rows are
 identified by their content, and a changed row is a ``delete`` followed by an ``insert``.
 
-Re-evaluation, after a short debounce that batches bursts of changes, is incremental where that
-is sound (``subscription_plan``: a plain SELECT over inner-joined tables): the agent passes the
-primary keys each commit touched, and only the result rows holding one of them are recomputed,
-found through hidden key columns added to the query. Other shapes (aggregates, subqueries,
+Re-evaluation (at once after a quiet spell; the changes of a burst gathered for a few
+milliseconds and evaluated together) is incremental where that is sound
+(``subscription_plan``: a plain SELECT over inner-joined tables): the agent passes the primary
+keys each commit touched, and only the result rows holding one of them are recomputed, found
+through hidden key columns added to the query. Other shapes (aggregates, subqueries,
 outer joins, LIMIT...) run the whole query again and diff it. Both paths turn a batch into the
 same events (deletes, then updates, by row id; then inserts in the order of their values), so
 which one ran does not show. The last ``db.subscriptions_keep_changes`` events are kept so a
@@ -73,7 +74,7 @@ from .subscription_plan import TOKEN, Inspected, Plan, plan_for, unguarded
 log = logging.getLogger("corrosion.subscriptions")
 
 KEEP_CHANGES = 500  # db.subscriptions_keep_changes' default (corrosion keeps 500)
-DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
+DEBOUNCE = 0.02  # seconds: changes closer together than this are evaluated together
 SLICE_LIMIT = 2000  # changed rows at most re-evaluated by primary key (more: the full re-run)
 IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
 
@@ -781,17 +782,22 @@ class Subscriptions:
 
     async def run(self) -> None:
         """Re-evaluate dirty subscriptions (debounced) and fan their events out; drop idle ones."""
+        last = -DEBOUNCE
         while True:
             with anyio.move_on_after(60):
                 await self._wake.wait()
             self._wake = anyio.Event()
-            await anyio.sleep(DEBOUNCE)
+            # the first change after a quiet spell goes out at once; those of a burst gather
+            quiet = time.monotonic() - last
+            if quiet < DEBOUNCE:
+                await anyio.sleep(DEBOUNCE - quiet)
             now = time.monotonic()
             for sub in list(self.by_id.values()):
                 if not sub.listeners and now - sub.idle_since > IDLE_EXPIRY:
                     await self.drop(sub.id)
                     continue
                 await self.evaluate(sub)
+            last = time.monotonic()
 
     async def evaluate(self, sub: Subscription) -> None:
         """Bring ``sub`` up to date with the changes noted: the full re-run when ``dirty``,
