@@ -415,7 +415,7 @@ class AgentRuntime:
         if len(self.updates):
             self.updates.notify(changes)
         if self.subscriptions.by_id:
-            self.subscriptions.notify({c.table for c in changes})
+            self.subscriptions.notify(changes)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -574,6 +574,8 @@ class AgentRuntime:
         if not reload.outcome.changes:
             schema_log.info("schema unchanged (%s)", _schema_sources(self.config))
         self.not_in_schema = list(reload.outcome.unlisted)
+        if reload.outcome.changes:  # rows can change with no change reported (a new column)
+            self.subscriptions.rerun_all()
         for table in self.not_in_schema:
             schema_log.warning(
                 "table %s is in the database but not in the schema files: left alone "

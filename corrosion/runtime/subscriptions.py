@@ -11,15 +11,19 @@ normalised SQL and parameters, so clients can recognise the same query across ag
 restarts, as corrosion's is.
 
 Row identity: when the result carries the full primary key of every table the query reads
-(found through SQLite's column-origin metadata), a row is identified by those keys, so a changed
-row is an ``update`` of the same rowid. Otherwise rows are identified by their content, and a
-changed row is a ``delete`` followed by an ``insert``. (Corrosion rewrites the query to add the
-keys; we do not parse SQL.)
+(found through SQLite's column-origin metadata), and reads each table once, a row is identified
+by those keys, so a changed row is an ``update`` of the same rowid. Otherwise rows are
+identified by their content, and a changed row is a ``delete`` followed by an ``insert``.
 
-Re-evaluation runs the whole query again, after a short debounce that batches bursts of changes:
-cheap for the selective queries subscriptions are meant for, costly for huge result sets. The
-last ``db.subscriptions_keep_changes`` events are kept so a client can resume with
-``from=<change_id>``; an older id is refused (400), as corrosion does.
+Re-evaluation (at once after a quiet spell; the changes of a burst gathered for a few
+milliseconds and evaluated together) is incremental where that is sound
+(``subscription_plan``: a plain SELECT over inner-joined tables): the agent passes the primary
+keys each commit touched, and only the result rows holding one of them are recomputed, found
+through hidden key columns added to the query. Other shapes (aggregates, subqueries,
+outer joins, LIMIT...) run the whole query again and diff it. Both paths turn a batch into the
+same events (deletes, then updates, by row id; then inserts in the order of their values), so
+which one ran does not show. The last ``db.subscriptions_keep_changes`` events are kept so a
+client can resume with ``from=<change_id>``; an older id is refused (400), as corrosion does.
 
 Durable: each subscription lives in its own SQLite file under ``db.subscriptions_path``
 (``subscription_files``), written before its clients see a change. At start-up, before anything
@@ -43,11 +47,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import apsw
+
+import crdt
 
 from ..config import ConfigError
 from ..core.sqlguard import NOT_READONLY, Deadline, guard_of
@@ -62,22 +69,14 @@ from .subscription_files import (
     remove_directory,
     subscription_dirs,
 )
+from .subscription_plan import TOKEN, Inspected, Plan, plan_for, unguarded
 
 log = logging.getLogger("corrosion.subscriptions")
 
 KEEP_CHANGES = 500  # db.subscriptions_keep_changes' default (corrosion keeps 500)
-DEBOUNCE = 0.02  # seconds to gather changes before re-running a query
+DEBOUNCE = 0.02  # seconds: changes closer together than this are evaluated together
+SLICE_LIMIT = 2000  # changed rows at most re-evaluated by primary key (more: the full re-run)
 IDLE_EXPIRY = 600.0  # a subscription without listeners this long is dropped (as corrosion)
-
-
-_TOKEN = re.compile(
-    r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?"""  # quoted, kept as is
-    r"|--[^\n]*|/\*(?:.|\n)*?(?:\*/|$)"  # comments, dropped
-    r"|\s+"  # spacing, dropped
-    r"|[\w$]+"  # keywords, names, numbers, parameters' names
-    r"|.",  # punctuation, one character each
-    re.DOTALL,
-)
 
 
 def normalize_sql(sql: str) -> str:
@@ -87,7 +86,7 @@ def normalize_sql(sql: str) -> str:
     expressions (``SELECT a AND b``), so two spellings that share a subscription answer alike."""
     out: list[str] = []
     separated = False
-    for match in _TOKEN.finditer(sql):
+    for match in TOKEN.finditer(sql):
         tok = match.group()
         if tok.isspace() or tok.startswith(("--", "/*")):
             separated = True
@@ -112,6 +111,28 @@ def query_hash(normalized_sql: str, params: Any) -> str:
     if params:
         h.update(b"\0" + repr(params).encode())
     return h.hexdigest()[:32]
+
+
+class ColumnsChanged(Exception):
+    """The query's columns are no longer those the subscription has (``SELECT *`` after a
+    schema change added a column): its rows cannot be diffed any more."""
+
+
+def _fetch(sub: Subscription, cursor: apsw.Cursor) -> list[tuple]:
+    """The rows of a run of ``sub``'s query (``ColumnsChanged`` if they do not fit it)."""
+    expected = len(sub.columns)
+    if sub.plan is not None:
+        expected += sum(len(source.pk) for source in sub.plan.sources)
+    rows = cursor.fetchall()
+    if rows and len(rows[0]) != expected:  # no rows: nothing to misread
+        raise ColumnsChanged(f"its query now has {len(rows[0]) - expected:+d} column(s)")
+    return rows
+
+
+def _slice_limit(sub: Subscription) -> int:
+    """How many changed rows a subscription re-evaluates by primary key before the full
+    re-run costs less."""
+    return min(SLICE_LIMIT, max(64, len(sub.rows) // 4))
 
 
 class SubscriptionError(CorrosionError):
@@ -144,16 +165,38 @@ class Snapshot:
     change_id: int
 
 
-def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], set[str], Any]:
-    """Columns, tables read, and how to identify a row: a list of (column index per table pk)
-    or None for content identity. Raises SubscriptionError for writes or invalid SQL."""
+@dataclass
+class Described:
+    """What a subscription's query is, found by preparing it."""
+
+    columns: list[str]
+    tables: set[str]  # the tables it reads
+    identity: list[int] | None  # the columns of every table's primary key (None: content)
+    plan: Plan | None  # how to re-evaluate it incrementally (None: the full re-run)
+    full_rerun: str = ""  # why it has no plan
+
+
+def describe(conn: apsw.Connection, sql: str, params: Any) -> Described:
+    """Columns, tables read, how to identify a row, and whether it can be re-evaluated
+    incrementally. Raises SubscriptionError for writes or invalid SQL."""
     tables: set[str] = set()
     info: dict[str, Any] = {}
+    seen = Inspected(functions=set(), tables=tables)
     guard = guard_of(conn)  # the agent's readers check clients' SQL (sqlguard)
 
     def authorizer(op: int, p1: str | None, p2: str | None, db: str | None, t: Any) -> int:
-        if op == apsw.SQLITE_READ and p1 and db == "main":
+        # a table read for no column (count(*)) is reported with no column and no database
+        if op == apsw.SQLITE_READ and p1 and (db == "main" or (db is None and not p2)):
             tables.add(p1)
+        elif op == apsw.SQLITE_READ and p1:  # another database's (temp): no plan
+            seen.selects += 100
+        elif op == apsw.SQLITE_SELECT:
+            seen.selects += 1
+        elif op == apsw.SQLITE_FUNCTION and p2:
+            assert seen.functions is not None
+            seen.functions.add(p2)
+        elif op == apsw.SQLITE_RECURSIVE:
+            seen.selects += 100
         return guard(op, p1, p2, db, t) if guard is not None else apsw.SQLITE_OK
 
     def trace(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
@@ -200,7 +243,30 @@ def describe(conn: apsw.Connection, sql: str, params: Any) -> tuple[list[str], s
             identity.append(where[0])
         if identity is None:
             break
-    return columns, tables, identity or None
+    with unguarded(conn):
+        if identity and _loops(conn, sql, params) > len(tables):
+            identity = None  # a table read twice (a self-join, UNION ALL): keys repeat
+        plan = plan_for(conn, sql, params, full, seen)
+    if isinstance(plan, str):
+        return Described(columns, tables, identity or None, None, plan)
+    return Described(columns, tables, identity or None, plan)
+
+
+def _loops(conn: apsw.Connection, sql: str, params: Any) -> int:
+    """How many times the query's plan reads a table (SQLite's EXPLAIN QUERY PLAN): one per
+    FROM item, but for the indexes of an OR and the rows of a VALUES list or constant."""
+    plan = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    details = {row[0]: str(row[3]) for row in plan}
+    return sum(
+        1
+        for _id, parent, _, detail in plan
+        if str(detail) == "MULTI-INDEX OR"
+        or (
+            str(detail).startswith(("SCAN ", "SEARCH "))
+            and not re.match(r"SCAN (CONSTANT ROW|\d+-ROW VALUES CLAUSE)", str(detail))
+            and not details.get(parent, "").startswith("INDEX ")
+        )
+    )
 
 
 @dataclass
@@ -219,13 +285,30 @@ class Subscription:
     keep_changes: int = KEEP_CHANGES  # the recent changes kept for clients to resume from
     changes: deque[Event] = field(default_factory=deque)
     listeners: list[Any] = field(default_factory=list)  # memory-object send streams
-    dirty: bool = False
+    dirty: bool = False  # the whole query must run again
     idle_since: float = field(default_factory=time.monotonic)
     file: SubscriptionFile | None = None  # where it is kept (None: in memory only)
     lock: Any = None  # anyio.Lock, made on the event loop when the subscription is registered
+    plan: Plan | None = None  # incremental re-evaluation (None: the full re-run)
+    full_rerun: str = ""  # why it has no plan (for operators)
+    # with a plan: the primary keys (packed, by table) changed since the last evaluation
+    pending: dict[str, set[bytes]] = field(default_factory=dict)
+    # with a plan: the result by hidden key, and the hidden keys by each source's primary key
+    # and by row identity (what finds the rows a change touched)
+    members: dict[tuple, tuple] = field(default_factory=dict)
+    by_source: list[dict[tuple, set[tuple]]] = field(default_factory=list)
+    by_key: dict[Any, set[tuple]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.changes = deque(self.changes, maxlen=self.keep_changes)
+        if self.plan is not None:
+            self.by_source = [{} for _ in self.plan.sources]
+
+    @property
+    def query(self) -> str:
+        """The statement whose rows this subscription keeps (with a plan: its hidden keys
+        after the client's columns)."""
+        return self.plan.sql if self.plan is not None else self.sql
 
     def key_of(self, row: tuple) -> Any:
         if self.identity is None:
@@ -233,55 +316,129 @@ class Subscription:
         return tuple(row[i] for i in self.identity)
 
     def load(self, rows: Sequence[tuple]) -> None:
-        for row in rows:
+        """The query's first result (``query``'s rows), row ids in its order."""
+        for row in self._remember(rows):
             rowid = self.next_rowid
             self.next_rowid += 1
             self.rows[rowid] = row
             self.keys.setdefault(self.key_of(row), []).append(rowid)
 
     def restore(self, rows: Iterable[tuple[int, tuple]]) -> None:
-        """Take back rows kept in the subscription's file, with their row ids."""
+        """Take back rows kept in the subscription's file, with their row ids (a ``diff``
+        with the query's current result follows)."""
         for rowid, row in rows:
             self.rows[rowid] = row
             self.keys.setdefault(self.key_of(row), []).append(rowid)
 
     def diff(self, new_rows: Sequence[tuple]) -> list[Event]:
-        """Turn the query's new result into events, updating the remembered rows."""
-        events: list[Event] = []
-        wanted: dict[Any, list[tuple]] = {}
-        for row in new_rows:
+        """Turn the query's whole new result (``query``'s rows) into events, updating the
+        remembered rows."""
+        if self.plan is not None:
+            self.members.clear()
+            self.by_key.clear()
+            self.by_source = [{} for _ in self.plan.sources]
+        wanted: dict[Any, list[tuple]] = {key: [] for key in self.keys}
+        for row in self._remember(new_rows):
             wanted.setdefault(self.key_of(row), []).append(row)
-        # deletes first (keys gone, or fewer rows with that content)
-        for key in list(self.keys):
-            rowids = self.keys[key]
-            keep = wanted.get(key, [])
-            if self.identity is None:
-                surplus = len(rowids) - len(keep)
-                for rowid in rowids[len(rowids) - max(surplus, 0) :]:
-                    events.append(self._event("delete", rowid, self.rows.pop(rowid)))
-                del rowids[len(rowids) - max(surplus, 0) :]
-            elif not keep:
-                for rowid in rowids:
-                    events.append(self._event("delete", rowid, self.rows.pop(rowid)))
-                rowids.clear()
-            if not rowids:
-                del self.keys[key]
+        return self._settle(wanted)
+
+    def patch(
+        self, touched: Sequence[tuple[int, Sequence[tuple]]], rows: Sequence[tuple]
+    ) -> list[Event]:
+        """Incremental ``diff``: ``touched`` (source index, primary keys) changed, and ``rows``
+        are every result row holding one of them now (the plan's ``restricted`` queries). The
+        rows that held one of them before are found by their hidden key; all others are as
+        they were."""
+        assert self.plan is not None
+        width = self.plan.width
+        gone: set[tuple] = set()
+        for source, pks in touched:
+            index = self.by_source[source]
+            for pk in pks:
+                gone |= index.get(pk, set())
+        fresh = {row[width:]: row[:width] for row in rows}
+        gone.update(h for h in fresh if h in self.members)  # returned again (collation...)
+        affected: dict[Any, None] = {}
+        for hidden in gone:
+            affected[self.key_of(self._forget_member(hidden))] = None
+        for hidden, row in fresh.items():
+            self._add_member(hidden, row)
+            affected[self.key_of(row)] = None
+        wanted = {key: [self.members[h] for h in self.by_key.get(key, ())] for key in affected}
+        return self._settle(wanted)
+
+    def _remember(self, rows: Sequence[tuple]) -> Iterable[tuple]:
+        """The client's part of each row; with a plan, each row is also kept by hidden key."""
+        if self.plan is None:
+            yield from rows
+            return
+        width = self.plan.width
+        for row in rows:
+            visible = row[:width]
+            self._add_member(row[width:], visible)
+            yield visible
+
+    def _add_member(self, hidden: tuple, row: tuple) -> None:
+        assert self.plan is not None
+        self.members[hidden] = row
+        for source, index in zip(self.plan.sources, self.by_source, strict=True):
+            index.setdefault(tuple(hidden[i] for i in source.hidden), set()).add(hidden)
+        self.by_key.setdefault(self.key_of(row), set()).add(hidden)
+
+    def _forget_member(self, hidden: tuple) -> tuple:
+        assert self.plan is not None
+        row = self.members.pop(hidden)
+        for source, index in zip(self.plan.sources, self.by_source, strict=True):
+            pk = tuple(hidden[i] for i in source.hidden)
+            held = index[pk]
+            held.discard(hidden)
+            if not held:
+                del index[pk]
+        key = self.key_of(row)
+        same = self.by_key[key]
+        same.discard(hidden)
+        if not same:
+            del self.by_key[key]
+        return row
+
+    def _settle(self, wanted: dict[Any, list[tuple]]) -> list[Event]:
+        """Events that make the rows of each key of ``wanted`` its list of rows: deletes by
+        row id, then updates by row id, then inserts in the order of their values, so that a
+        full re-run and an incremental one turn the same change into the same events."""
+        deleted: list[int] = []
+        updated: list[tuple[int, tuple]] = []
+        inserted: list[tuple[Any, tuple]] = []
         for key, rows in wanted.items():
-            rowids = self.keys.setdefault(key, [])
-            if self.identity is not None:
-                row = rows[0]
-                if rowids:
-                    if self.rows[rowids[0]] != row or _types(self.rows[rowids[0]]) != _types(row):
-                        self.rows[rowids[0]] = row
-                        events.append(self._event("update", rowids[0], row))
-                    continue
-                rows = [row]
-            for row in rows[len(rowids) :]:
-                rowid = self.next_rowid
-                self.next_rowid += 1
-                self.rows[rowid] = row
-                rowids.append(rowid)
-                events.append(self._event("insert", rowid, row))
+            rowids = self.keys.get(key, [])
+            if self.identity is None:
+                if len(rows) > 1:
+                    rows.sort(key=_order)  # the same content, told apart by type (1, 1.0)
+                surplus = len(rowids) - len(rows)
+                if surplus > 0:
+                    deleted += rowids[-surplus:]
+                    del rowids[-surplus:]
+                inserted += [(key, row) for row in rows[len(rowids) :]]
+            elif not rows:
+                deleted += rowids
+                rowids = []
+            elif rowids:
+                row, old = rows[0], self.rows[rowids[0]]
+                if old != row or _types(old) != _types(row):
+                    updated.append((rowids[0], row))
+            else:
+                inserted.append((key, rows[0]))
+            if not rowids:
+                self.keys.pop(key, None)
+        events = [self._event("delete", rowid, self.rows.pop(rowid)) for rowid in sorted(deleted)]
+        for rowid, row in sorted(updated, key=lambda u: u[0]):
+            self.rows[rowid] = row
+            events.append(self._event("update", rowid, row))
+        for key, row in sorted(inserted, key=lambda i: (_order(i[0]), _order(i[1]))):
+            rowid = self.next_rowid
+            self.next_rowid += 1
+            self.rows[rowid] = row
+            self.keys.setdefault(key, []).append(rowid)
+            events.append(self._event("insert", rowid, row))
         return events
 
     def _event(self, kind: str, rowid: int, row: tuple) -> Event:
@@ -315,7 +472,22 @@ class Subscription:
 
 
 def _types(row: tuple) -> tuple:
-    return tuple(type(v) for v in row)
+    return tuple(map(type, row))
+
+
+def _order(values: tuple) -> tuple:
+    """A total order of rows of SQLite values (NULL, numbers, text, blobs; an integer before
+    the equal real): the order of a batch's inserts."""
+    return tuple(
+        (0, 0, False)
+        if v is None
+        else (1, v, isinstance(v, float))
+        if isinstance(v, int | float)
+        else (2, v, False)
+        if isinstance(v, str)
+        else (3, v, False)
+        for v in values
+    )
 
 
 @dataclass
@@ -340,12 +512,14 @@ class Subscriptions:
         timeout: float | None = None,
         directory: Path | None = None,
         keep_changes: int = KEEP_CHANGES,
+        incremental: bool = True,
     ) -> None:
         self._open = open_reader
         self._release = release_reader
         self.timeout = timeout  # seconds a run of a subscription's query may take (None: any)
         self.directory = directory
         self.keep_changes = keep_changes
+        self.incremental = incremental  # False: every query re-runs whole (tests, benchmarks)
         self.by_id: dict[str, Subscription] = {}
         self._by_query: dict[tuple[str, str], str] = {}
         self._building: dict[tuple[str, str], anyio.Event] = {}
@@ -418,20 +592,22 @@ class Subscriptions:
         conn = self._open()
         try:
             try:
-                columns, tables, identity = describe(conn, stored.sql, stored.params)
+                described = describe(conn, stored.sql, stored.params)
             except SubscriptionError as exc:
                 raise SubscriptionFileError(f"its query no longer runs: {exc}") from None
-            if columns != stored.columns:
+            if described.columns != stored.columns:
                 raise SubscriptionFileError(
-                    f"its query's columns changed from {stored.columns} to {columns}"
+                    f"its query's columns changed from {stored.columns} to {described.columns}"
                 )
             sub = Subscription(
                 stored.id,
                 stored.sql,
                 stored.params,
-                columns,
-                tables,
-                identity,
+                described.columns,
+                described.tables,
+                described.identity,
+                plan=described.plan if self.incremental else None,
+                full_rerun=described.full_rerun if self.incremental else "disabled",
                 hash=stored.hash,
                 change_id=stored.change_id,
                 next_rowid=stored.next_rowid,
@@ -441,8 +617,8 @@ class Subscriptions:
             )
             sub.restore(stored.rows)
             try:
-                with Deadline(conn, self.timeout):
-                    rows = conn.execute(sub.sql, sub.params).fetchall()
+                with Deadline(conn, self.timeout), unguarded(conn):
+                    rows = conn.execute(sub.query, sub.params).fetchall()
             except apsw.Error as exc:
                 log.warning("subscription %s: its query failed at start-up (%s)", sub.id, exc)
                 sub.dirty = True  # run again with the first change
@@ -479,20 +655,25 @@ class Subscriptions:
         def build() -> Subscription:
             conn = self._open()
             try:
-                columns, tables, identity = describe(conn, sql, params)
+                described = describe(conn, sql, params)
                 sub = Subscription(
                     str(uuid.uuid4()),
                     sql,
                     params,
-                    columns,
-                    tables,
-                    identity,
+                    described.columns,
+                    described.tables,
+                    described.identity,
+                    plan=described.plan if self.incremental else None,
+                    full_rerun=described.full_rerun if self.incremental else "disabled",
                     hash=query_hash(normalized, params),
                     keep_changes=self.keep_changes,
                 )
+                if described.plan is None:
+                    log.debug("subscription %s: full re-runs (%s)", sub.id, described.full_rerun)
                 with Deadline(conn, self.timeout) as deadline:
                     try:
-                        sub.load(conn.execute(sql, params).fetchall())
+                        with unguarded(conn):  # checked by describe; the plan's rewrite too
+                            sub.load(conn.execute(sub.query, params).fetchall())
                     except apsw.Error:
                         if deadline.expired:
                             raise SubscriptionError(
@@ -567,40 +748,84 @@ class Subscriptions:
 
     # -- changes ----------------------------------------------------------------------------
 
-    def notify(self, tables: set[str]) -> None:
-        """Committed changes touched ``tables``: mark the subscriptions reading them."""
+    def notify(self, changes: Iterable[Any]) -> None:
+        """Committed changes (each with its ``table`` and packed ``pk``): note, for each
+        subscription reading a table they touched, which rows to re-evaluate."""
+        by_table: dict[str, set[bytes]] = {}
+        for change in changes:
+            by_table.setdefault(change.table, set()).add(change.pk)
         hit = False
         for sub in self.by_id.values():
-            if sub.tables & tables:
+            touched = sub.tables & by_table.keys()
+            if not touched:
+                continue
+            hit = True
+            if sub.plan is None or sub.dirty:
                 sub.dirty = True
-                hit = True
+                continue
+            for table in touched:
+                sub.pending.setdefault(table, set()).update(by_table[table])
+            if sum(map(len, sub.pending.values())) > _slice_limit(sub):
+                sub.dirty = True  # so many rows: the whole query costs less
+                sub.pending.clear()
         if hit:
+            self._wake.set()
+
+    def rerun_all(self) -> None:
+        """The schema changed: every query runs whole again (rows may have changed with no
+        change to name them, and a plan's columns may be gone)."""
+        for sub in self.by_id.values():
+            sub.dirty = True
+            sub.pending.clear()
+        if self.by_id:
             self._wake.set()
 
     async def run(self) -> None:
         """Re-evaluate dirty subscriptions (debounced) and fan their events out; drop idle ones."""
+        last = -DEBOUNCE
         while True:
             with anyio.move_on_after(60):
                 await self._wake.wait()
             self._wake = anyio.Event()
-            await anyio.sleep(DEBOUNCE)
+            # the first change after a quiet spell goes out at once; those of a burst gather
+            quiet = time.monotonic() - last
+            if quiet < DEBOUNCE:
+                await anyio.sleep(DEBOUNCE - quiet)
             now = time.monotonic()
             for sub in list(self.by_id.values()):
                 if not sub.listeners and now - sub.idle_since > IDLE_EXPIRY:
                     await self.drop(sub.id)
                     continue
-                if not sub.dirty:
-                    continue
+                await self.evaluate(sub)
+            last = time.monotonic()
+
+    async def evaluate(self, sub: Subscription) -> None:
+        """Bring ``sub`` up to date with the changes noted: the full re-run when ``dirty``,
+        else the rows of the changed primary keys."""
+        try:
+            if sub.dirty:
                 sub.dirty = False
+                sub.pending = {}
                 rows = await anyio.to_thread.run_sync(self._rerun, sub)
                 if rows is not None and self.by_id.get(sub.id) is sub:
-                    await self._publish(sub, rows)
+                    await self._publish(sub, partial(sub.diff, rows))
+            elif sub.pending:
+                pending, sub.pending = sub.pending, {}
+                sliced = await anyio.to_thread.run_sync(self._slice, sub, pending)
+                if sliced is None:
+                    sub.dirty = True  # the restricted queries failed: run it all
+                    self._wake.set()
+                elif self.by_id.get(sub.id) is sub:
+                    await self._publish(sub, partial(sub.patch, *sliced))
+        except ColumnsChanged as exc:
+            log.warning("subscription %s dropped: %s; its clients subscribe again", sub.id, exc)
+            await self.drop(sub.id)
 
-    async def _publish(self, sub: Subscription, rows: list[tuple]) -> None:
+    async def _publish(self, sub: Subscription, diff: Callable[[], list[Event]]) -> None:
         """Diff, write the changes to the subscription's file, then send them: a change a
         client has seen is always on disk."""
         async with sub.lock:
-            events = sub.diff(rows)
+            events = diff()
             if not events:
                 return
             if sub.file is not None:
@@ -629,12 +854,48 @@ class Subscriptions:
     def _rerun(self, sub: Subscription) -> list[tuple] | None:
         conn = self._open()
         try:
-            with Deadline(conn, self.timeout):
-                return conn.execute(sub.sql, sub.params).fetchall()
+            with Deadline(conn, self.timeout), unguarded(conn):
+                return _fetch(sub, conn.execute(sub.query, sub.params))
         except apsw.Error:
             return None
         finally:
             self._release(conn)
+
+    def _slice(
+        self, sub: Subscription, pending: dict[str, set[bytes]]
+    ) -> tuple[list[tuple[int, list[tuple]]], list[tuple]] | None:
+        """The rows holding the changed primary keys now, in one read transaction: (source
+        index, primary keys) touched, and the rows of the plan's restricted queries."""
+        plan = sub.plan
+        assert plan is not None
+        touched: list[tuple[int, list[tuple]]] = []
+        for i, source in enumerate(plan.sources):
+            pks = []
+            for packed in sorted(pending.get(source.table, ())):
+                try:
+                    pk = tuple(crdt.unpack_pk(packed))
+                except crdt.PackError:
+                    continue
+                if len(pk) == len(source.pk):
+                    pks.append(pk)
+            if pks:
+                touched.append((i, pks))
+        rows: list[tuple] = []
+        conn = self._open()
+        try:
+            with Deadline(conn, self.timeout), unguarded(conn):
+                conn.execute("BEGIN")  # one snapshot for every restricted query
+                try:
+                    for i, pks in touched:
+                        for sql, params in plan.restricted(i, pks, sub.params):
+                            rows += _fetch(sub, conn.execute(sql, params))
+                finally:
+                    conn.execute("COMMIT")
+        except apsw.Error:
+            return None
+        finally:
+            self._release(conn)
+        return touched, rows
 
     # -- the end of subscriptions -----------------------------------------------------------
 
