@@ -8,6 +8,8 @@ The values are read at scrape time from counters the agent already keeps
 (``agent.replicator.stats``, ``agent.events``, ``agent.swim.stats``, ``agent.telemetry``, the
 API's ``limits.ApiLoad``), so serving metrics costs nothing between scrapes, except the row count
 of every replicated table (``corro_db_table_rows_total``), read in a worker thread per scrape.
+The agent's extensions add their own families (``runtime.extensions.MetricsExtension``), and a
+program without an agent serves families of its own with ``start_families``.
 
 The server is a few lines of HTTP/1.1 on an anyio TCP listener (one request per connection), so it
 runs on asyncio and trio alike and adds no dependency.
@@ -106,9 +108,6 @@ def histogram_samples(histogram: Any, labels: dict[str, str] | None = None) -> l
     ]
 
 
-_histogram = histogram_samples
-
-
 def collect(
     agent: MetricsAgent, rows: dict[str, int] | None = None
 ) -> list[tuple[str, str, str, list[_Sample]]]:
@@ -167,7 +166,7 @@ def collect(
          [({"table": t}, float(n)) for t, n in sorted((rows or {}).items())]),
         ("corro_agent_changes_commit_lag_seconds", "histogram",
          "Seconds from a remote version's commit at its origin to its apply here.",
-         _histogram(agent.lag.histogram)),
+         histogram_samples(agent.lag.histogram)),
         ("corro_changes_committed", "counter",
          "Changes committed here, by table and source (local transactions, remote versions).",
          [({"table": t, "source": src}, float(n)) for (t, src), n in sorted(committed.items())]),
