@@ -198,6 +198,9 @@ class EngineObserver:
 
     def step_failed(self, info: RunInfo, step: str, error: BaseException, retry: int) -> None: ...
 
+    def step_halted(self, info: RunInfo, step: str, kind: str) -> None:
+        """The step raised a ``HaltError`` of ``kind`` (abort, unrecoverable, ...)."""
+
     def run_finished(self, result: RunResult) -> None: ...
 
 
@@ -664,6 +667,7 @@ class Engine:
                     if is_finalizer:
                         log.warning("finalizer %s of run %s halted: %s", name, record.run_id, e)
                     else:
+                        self.observer.step_halted(info, name, e.kind)
                         await self._halt(state, log_, RunError(e.kind, str(e), name))
                         return
                 except Exception as e:  # noqa: BLE001 — a step is user code: any error fails it

@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 from starlette.routing import BaseRoute
 
 from corrosion.config import ConfigError
-from corrosion.runtime.extensions import ExtensionHost
+from corrosion.runtime.extensions import ExtensionHost, MetricFamily
 
 from .api import routes
 from .config import OrchestratorConfig, build_orchestrator
@@ -58,6 +58,10 @@ class OrchestratorExtension:
         if self.orch is None:
             return []
         return list(routes(self.orch))  # the agent's bearer-token check guards every route
+
+    def metric_families(self) -> list[MetricFamily]:
+        """The orchestrator's metrics, served with the agent's ``/metrics``."""
+        return [] if self.orch is None else self.orch.metrics.families(self.orch)
 
     async def close(self) -> None:
         orch, self.orch = self.orch, None

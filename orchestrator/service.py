@@ -53,6 +53,7 @@ from .health import HealthChecks
 from .ids import IdFactory
 from .leases import Leases, parse_ttl
 from .metadata import Metadata
+from .metrics import OrchestratorMetrics, TimedDriver
 from .network import MachineNetwork
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
@@ -83,7 +84,6 @@ class Orchestrator:
         network: MachineNetwork | None = None,
     ) -> None:
         self.machines_path = Path(machines_path)
-        self.driver = driver
         self.network = network  # None: machines share the host's network
         self.archive = archive
         self.worker = worker
@@ -92,7 +92,10 @@ class Orchestrator:
         self.ids = IdFactory(self.clock, rng)
         self.publisher = publisher
         self._offload = offload
-        self._observer = observer
+        # Prometheus counts (orchestrator.metrics): the engine's events, the driver's calls
+        self.metrics = OrchestratorMetrics(self.clock, observer)
+        self._observer = self.metrics
+        self.driver = TimedDriver(driver, self.metrics)
         self._backoff = backoff
         self.store: MachineStore | None = None
         self.engine: Engine | None = None

@@ -429,6 +429,11 @@ class Replicator:
 
     # -- applying (B3) ----------------------------------------------------------------------
 
+    @property
+    def broadcasts_pending(self) -> int:
+        """Versions with broadcast rounds still to send (for ``/metrics``)."""
+        return len(self._pending)
+
     def apply_pending(self, limit: int | None = None, now: float = 0.0) -> ApplyResult | None:
         """Apply up to ``limit`` queued items in one transaction, and install the result."""
         batch = self.take_batch(limit)

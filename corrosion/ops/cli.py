@@ -13,6 +13,7 @@
     corrosion subs list | info            the agent's subscriptions (admin socket)
     corrosion reload                      re-apply the schema files, through the admin socket
     corrosion log set FILTER | reset      change the running agent's log levels (admin socket)
+    corrosion profile [--seconds N]       profile the running agent into a cProfile file
     corrosion backup PATH                 a generic snapshot of the database
     corrosion restore PATH                replace the database with a snapshot (agent stopped)
     corrosion devcluster --nodes N        N local agents with a demo schema, to try things out
@@ -631,6 +632,26 @@ def subs_info(
             else admin_request(_g(ctx).admin(), "subs info", id=id_)
         )
         _print_json(result)
+
+
+@app.command("profile")
+def profile_agent(
+    ctx: typer.Context,
+    seconds: Annotated[
+        float, typer.Option("--seconds", min=0.001, max=600, help="How long to profile.")
+    ] = 10.0,
+    out: Annotated[
+        Path, typer.Option("--out", help="The file to write (cProfile/pstats format).")
+    ] = Path("corrosion.prof"),
+) -> None:
+    """Profile the running agent's event loop for a while (cProfile, through the admin
+    socket); read the file with `python -m pstats FILE` or snakeviz."""
+    with _Errors():
+        result = admin_request(
+            _g(ctx).admin(), "profile", timeout=seconds + 60, seconds=seconds,
+            out=str(out.resolve()),
+        )  # fmt: skip
+    typer.echo(f"profile of {result['seconds']:g}s written to {result['path']}")
 
 
 OutDirOpt = Annotated[

@@ -397,7 +397,7 @@ class AgentRuntime:
         for key in result.applied:
             ts = stamps.get(key)
             if ts is not None:
-                self.lag.record(wall, ts)
+                self.lag.record(wall, ts, key[0])
 
     def p99_lag(self) -> float:
         """Seconds between a version's commit at its origin and its apply here (p99, 120 s)."""

@@ -3,9 +3,11 @@ test can set on it (``Faults``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import swim
+
+from .telemetry import SyncTelemetry
 
 
 @dataclass
@@ -20,6 +22,7 @@ class AgentEvents:
     sync_changes_recv: int = 0
     sync_changes_sent: int = 0
     broadcast_changes_recv: int = 0
+    sync: SyncTelemetry = field(default_factory=SyncTelemetry)  # sessions' durations and sizes
 
 
 class Faults:

@@ -8,6 +8,9 @@ runs it. Which extension serves a config table is found through the entry points
 taking the table and returning the extension), so the CLI can host an extension it does not
 know: ``load_extensions(config)``.
 
+An extension may also export Prometheus metrics: when it has a ``metric_families()`` method
+(``MetricsExtension``), the agent's ``/metrics`` adds what it returns, read at every scrape.
+
 corrosion keeps such a table raw (today the one such table is ``[orchestrator]``); the
 extension's factory validates it and raises ``ConfigError`` naming the key.
 """
@@ -65,6 +68,30 @@ class AgentExtension(Protocol):
     async def start(self, agent: ExtensionHost, tg: TaskGroup) -> None: ...
 
     async def close(self) -> None: ...
+
+
+# a metric family as /metrics renders it: (name, type, help, samples); a sample is
+# (labels, value), or for a histogram (suffix: "_bucket" / "_sum" / "_count", labels, value)
+MetricSample = tuple[dict[str, str], float] | tuple[str, dict[str, str], float]
+MetricFamily = tuple[str, str, str, list[MetricSample]]
+
+
+class MetricsExtension(Protocol):
+    """An extension that exports metrics (optional: ``/metrics`` looks for the method)."""
+
+    def metric_families(self) -> list[MetricFamily]:
+        """Its families, read at scrape time on the event loop (keep it cheap)."""
+        ...
+
+
+def extension_metrics(extensions: Sequence[Any]) -> list[MetricFamily]:
+    """The metric families of those ``extensions`` that export some."""
+    out: list[MetricFamily] = []
+    for ext in extensions:
+        families = getattr(ext, "metric_families", None)
+        if callable(families):
+            out.extend(families())
+    return out
 
 
 ExtensionFactory = Callable[[Mapping[str, Any]], AgentExtension]

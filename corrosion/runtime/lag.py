@@ -23,12 +23,16 @@ class LagWindow:
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
         # every lag since start, bucketed: corrosion's corro_agent_changes_commit_lag_seconds
         self.histogram = Histogram()
+        self.by_origin: dict[bytes, Histogram] = {}  # the same, by the actor that committed it
 
-    def record(self, now_s: float, hlc_ts: int) -> None:
-        """A version stamped ``hlc_ts`` at its origin was applied here at ``now_s``."""
+    def record(self, now_s: float, hlc_ts: int, origin: bytes | None = None) -> None:
+        """A version stamped ``hlc_ts`` at its origin (actor ``origin``) was applied here at
+        ``now_s``."""
         lag = max(0.0, now_s - (hlc_ts >> COUNTER_BITS) / 1000.0)
         self._samples.append((now_s, lag))
         self.histogram.observe(lag)
+        if origin is not None:
+            self.by_origin.setdefault(origin, Histogram()).observe(lag)
 
     def p99(self, now_s: float) -> float:
         """Seconds; 0.0 when nothing was applied within the window."""

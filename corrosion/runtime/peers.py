@@ -122,6 +122,10 @@ class PeerStreams:
 
     # -- broadcast out -------------------------------------------------------------------------
 
+    def queued_frames(self) -> int:
+        """Frames waiting in the peers' broadcast send queues (for ``/metrics``)."""
+        return sum(out.send.statistics().current_buffer_used for out in self._out.values())
+
     def send_frame(self, addr: Address, data: bytes) -> None:
         """Queue ``data`` for ``addr``'s broadcast stream (dropped when isolated, closing or
         the queue is full)."""
@@ -252,6 +256,7 @@ class PeerStreams:
         replicator = self.replicator
         with anyio.fail_after(30):
             request = await stream.receive()
+        began = self._now()
         opened = replicator.open_sync(request)
         if isinstance(opened, bytes):  # the reject frame
             frames = [opened]
@@ -260,18 +265,26 @@ class PeerStreams:
             async with self._db_lock:
                 frames = await anyio.to_thread.run_sync(lambda: list(answer(opened)))
         sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
-        self._events.sync_changes_sent += sum(map(changes_in, frames))
-        with anyio.fail_after(120):
-            for frame in frames:
-                if self._faults.isolated:
-                    return
-                await stream.send(frame)
+        changes = sum(map(changes_in, frames))
+        self._events.sync_changes_sent += changes
+        ok = False
+        try:
+            with anyio.fail_after(120):
+                for frame in frames:
+                    if self._faults.isolated:
+                        return
+                    await stream.send(frame)
+            ok = True
+        finally:
+            nbytes = sum(map(len, frames))
+            self._events.sync.session("server", ok, self._now() - began, changes, nbytes)
         self._activity.sync_served(peer, len(frames) - 1)  # all but the done (or reject) frame
 
     async def run_sync(self, addr: Address, request: bytes) -> None:
         """One sync session with ``addr`` (the replicator's ``StartSync``)."""
         replicator = self.replicator
         pulled, ok = 0, False
+        began, changes, nbytes = self._now(), 0, 0
         sync_log.debug("sync with %s: asking (%d bytes of state)", format_addr(addr), len(request))
         try:
             stream = await self.security.connect(addr)
@@ -283,6 +296,8 @@ class PeerStreams:
                         data = await stream.receive()
                         if self._faults.isolated:
                             raise OSError("isolated")
+                        nbytes += len(data)
+                        changes += changes_in(data)
                         before = len(replicator.queue)
                         more = replicator.handle_sync_frame(addr, data, self._now())
                         if len(replicator.queue) != before:
@@ -297,6 +312,7 @@ class PeerStreams:
             sync_log.debug("sync with %s failed: %r", format_addr(addr), exc)
         finally:
             replicator.sync_finished(addr)
+            self._events.sync.session("client", ok, self._now() - began, changes, nbytes)
             sync_log.debug("sync with %s: %d changesets pulled", format_addr(addr), pulled)
             self._activity.sync_session(format_addr(addr), pulled, ok)
 

@@ -41,6 +41,28 @@ class Histogram:
         return out
 
 
+# sizes per sync session: changes, and bytes (powers of 4 from 1 KiB to 256 MiB)
+CHANGE_BUCKETS: tuple[float, ...] = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+BYTE_BUCKETS: tuple[float, ...] = tuple(float(1024 * 4**i) for i in range(10))
+
+
+class SyncTelemetry:
+    """Each sync session's duration, and the changes and bytes it carried, by ``role``
+    (``client``: this node asked; ``server``: it answered a peer) and, for the duration,
+    ``outcome`` (``ok`` or ``error``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[str, str], Histogram] = {}
+        self.changes: dict[str, Histogram] = {}
+        self.bytes: dict[str, Histogram] = {}
+
+    def session(self, role: str, ok: bool, seconds: float, changes: int, nbytes: int) -> None:
+        key = (role, "ok" if ok else "error")
+        self.seconds.setdefault(key, Histogram()).observe(max(0.0, seconds))
+        self.changes.setdefault(role, Histogram(CHANGE_BUCKETS)).observe(changes)
+        self.bytes.setdefault(role, Histogram(BYTE_BUCKETS)).observe(nbytes)
+
+
 class Telemetry:
     """Changes committed here, by table and source (``local``: this node's transactions,
     ``remote``: applied versions of other actors), as corrosion's ``corro_changes_committed``;

@@ -27,6 +27,8 @@ line and reads one JSON object per line back, in order; a connection may carry a
     → {"cmd": "health"}                                 ← {"ok": true, "result": {...}}
     → {"cmd": "log set", "filter": "debug"}             ← {"ok": true, "result": {"filter": ...}}
     → {"cmd": "log reset"}                              ← {"ok": true, "result": {"filter": ...}}
+    → {"cmd": "profile", "seconds": 10, "out": "/abs/agent.prof"}
+                                                        ← {"ok": true, "result": {"path", ...}}
     → anything else                                     ← {"ok": false, "error": "..."}
 
 **corrosion's** (``corro-admin``), so corrosion's own ``corrosion`` binary can administer this
@@ -70,6 +72,7 @@ from ..logs import parse_levels, reset_levels, set_levels
 from ..runtime import maintenance
 from ..runtime.maintenance import MaintenanceError
 from .interfaces import AdminAgent
+from .profiling import ProfileError, check_request, profile
 from .serving import serve_listener
 
 DEFAULT_PATH = Path("/var/run/corrosion/admin.sock")
@@ -89,12 +92,14 @@ COMMANDS = (
     "health",
     "log set",
     "log reset",
+    "profile",
 )
 ARGS = {
     "reload": {"allow_destructive"},
     "log set": {"filter"},
     "actor version": {"actor_id", "version"},
     "subs info": {"hash", "id"},
+    "profile": {"seconds", "out"},
 }
 
 log = logging.getLogger("corrosion.admin")
@@ -244,6 +249,11 @@ def _checked(request: Any) -> dict[str, Any]:
             request["actor_id"] = maintenance.parse_actor_id(actor)
         except MaintenanceError as exc:
             raise _BadRequest(str(exc)) from None
+    if cmd == "profile":
+        try:
+            check_request(request.get("seconds"), request.get("out"))
+        except ProfileError as exc:
+            raise _BadRequest(str(exc)) from None
     if cmd == "subs info":
         hash_, sid = request.get("hash"), request.get("id")
         if not isinstance(hash_, str | None) or not isinstance(sid, str | None):
@@ -284,6 +294,13 @@ async def _run(agent: AdminAgent, request: dict[str, Any]) -> Any:
         return {"filter": spec}
     if cmd == "sync generate":
         return agent.sync_state()
+    if cmd == "profile":
+        seconds, out = check_request(request["seconds"], request["out"])
+        log.info("profiling the agent for %gs into %s (admin socket)", seconds, out)
+        try:
+            return await profile(seconds, out)
+        except ProfileError as exc:
+            raise _BadRequest(str(exc)) from None
     if cmd == "cluster members":
         return [m.to_json() for m in agent.members()]
     if cmd in _PARTS_COMMANDS:

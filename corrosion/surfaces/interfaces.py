@@ -90,6 +90,8 @@ class MetricsAgent(AgentHealth, Protocol):
     reads: Reads
     subscriptions: Subscriptions
     pg_servers: list[Any]  # corrosion.surfaces.pg.PgServer: api.pg.addr's, with their counters
+    extensions: list[Any]  # corrosion.runtime.extensions.AgentExtension: may export metrics
+    peers: Any  # corrosion.runtime.peers.PeerStreams (None until started): its send queues
     store: Store | None
     replicator: Replicator | None
     swim: swim.SwimNode | None

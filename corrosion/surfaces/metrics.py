@@ -8,6 +8,8 @@ The values are read at scrape time from counters the agent already keeps
 (``agent.replicator.stats``, ``agent.events``, ``agent.swim.stats``, ``agent.telemetry``, the
 API's ``limits.ApiLoad``), so serving metrics costs nothing between scrapes, except the row count
 of every replicated table (``corro_db_table_rows_total``), read in a worker thread per scrape.
+The agent's extensions add their own families (``runtime.extensions.MetricsExtension``), and a
+program without an agent serves families of its own with ``start_families``.
 
 The server is a few lines of HTTP/1.1 on an anyio TCP listener (one request per connection), so it
 runs on asyncio and trio alike and adds no dependency.
@@ -27,6 +29,7 @@ from anyio.abc import SocketStream, TaskGroup
 
 from crdt.tableinfo import crr_tables
 
+from ..runtime.extensions import MetricFamily, MetricSample, extension_metrics
 from .interfaces import MetricsAgent
 from .limits import STREAMING_ROUTES, api_load
 from .serving import serve_listener
@@ -35,7 +38,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 16 * 1024
 
 # a sample: its labels and value; a histogram's carry their name's suffix first
-_Sample = tuple[dict[str, str], float] | tuple[str, dict[str, str], float]
+_Sample = MetricSample
 
 # corrosion's families exported here with their meaning, name and type (a test reads them all
 # from a running agent): dashboards written for corrosion find them
@@ -91,12 +94,18 @@ def table_rows(agent: MetricsAgent) -> dict[str, int]:
         agent.reads.release(conn)
 
 
-def _histogram(histogram: Any) -> list[_Sample]:
+def histogram_samples(histogram: Any, labels: dict[str, str] | None = None) -> list[_Sample]:
+    """The samples of a ``runtime.telemetry.Histogram``, each with ``labels`` too."""
+    labels = labels or {}
     samples: list[_Sample] = [
-        ("_bucket", {"le": "+Inf" if math.isinf(b) else repr(b)}, float(n))
+        ("_bucket", {**labels, "le": "+Inf" if math.isinf(b) else repr(float(b))}, float(n))
         for b, n in histogram.cumulative()
     ]
-    return [*samples, ("_sum", {}, histogram.sum), ("_count", {}, float(histogram.count))]
+    return [
+        *samples,
+        ("_sum", dict(labels), histogram.sum),
+        ("_count", dict(labels), float(histogram.count)),
+    ]
 
 
 def collect(
@@ -157,7 +166,7 @@ def collect(
          [({"table": t}, float(n)) for t, n in sorted((rows or {}).items())]),
         ("corro_agent_changes_commit_lag_seconds", "histogram",
          "Seconds from a remote version's commit at its origin to its apply here.",
-         _histogram(agent.lag.histogram)),
+         histogram_samples(agent.lag.histogram)),
         ("corro_changes_committed", "counter",
          "Changes committed here, by table and source (local transactions, remote versions).",
          [({"table": t, "source": src}, float(n)) for (t, src), n in sorted(committed.items())]),
@@ -240,6 +249,8 @@ def collect(
         ]  # fmt: skip
     if agent.config.api.addrs:
         fams += _api_families(agent)
+    fams += _flow_families(agent)
+    fams += extension_metrics(agent.extensions)
     if sw is not None:
         fams += [
             ("corro_swim_packets_recv_total", "counter", "SWIM datagrams received.",
@@ -286,6 +297,64 @@ def _api_families(agent: MetricsAgent) -> list[tuple[str, str, str, list[_Sample
     ]  # fmt: skip
 
 
+def _flow_families(agent: MetricsAgent) -> list[MetricFamily]:
+    """How changes flow through this node: apply lag by origin, sync sessions, the broadcast
+    queues, and changesets refused or waiting, by reason."""
+    rep = agent.replicator.stats if agent.replicator is not None else None
+    sync = agent.events.sync
+    by_origin = agent.lag.by_origin
+    queues: list[MetricSample] = []
+    if agent.peers is not None:
+        queues.append(({"queue": "peer_send"}, float(agent.peers.queued_frames())))
+    if agent.replicator is not None:
+        queues.append(({"queue": "rounds"}, float(agent.replicator.broadcasts_pending)))
+    rejected: list[MetricSample] = (
+        []
+        if rep is None
+        else [
+            ({"reason": "malformed"}, float(rep.malformed)),
+            ({"reason": "other_cluster"}, float(rep.other_cluster)),
+            ({"reason": "apply_queue_full"}, float(rep.dropped_queue_full)),
+            ({"reason": "merge_failed"}, float(rep.rejected_changesets)),
+        ]
+    )
+    pending: list[MetricSample] = [({"reason": "schema"}, float(agent.pending_schema.versions))]
+    if agent.replicator is not None:
+        pending.append(({"reason": "apply_queue"}, float(agent.queue_size())))
+    if agent.store is not None:
+        pending.append(({"reason": "gap"}, float(agent.gaps())))
+    return [
+        ("corro_agent_apply_lag_seconds", "histogram",
+         "Seconds from a remote version's commit at its origin to its apply here, by origin "
+         "(the committing actor's id).",
+         [s for actor in sorted(by_origin)
+          for s in histogram_samples(by_origin[actor], {"origin": actor.hex()})]),
+        ("corro_sync_duration_seconds", "histogram",
+         "Seconds a sync session took, by role (client: this node asked; server: it answered) "
+         "and outcome (ok, error).",
+         [s for key in sorted(sync.seconds)
+          for s in histogram_samples(sync.seconds[key], {"role": key[0], "outcome": key[1]})]),
+        ("corro_sync_session_changes", "histogram",
+         "Changes one sync session carried (received as client, sent as server), by role.",
+         [s for role in sorted(sync.changes)
+          for s in histogram_samples(sync.changes[role], {"role": role})]),
+        ("corro_sync_session_bytes", "histogram",
+         "Frame bytes one sync session carried (received as client, sent as server), by role.",
+         [s for role in sorted(sync.bytes)
+          for s in histogram_samples(sync.bytes[role], {"role": role})]),
+        ("corro_broadcast_queue_depth", "gauge",
+         "Broadcasts waiting: frames in the peers' send queues (peer_send), versions with "
+         "rounds still to send (rounds).", queues),
+        ("corro_agent_changesets_refused_total", "counter",
+         "Received changesets and frames refused, by reason (malformed, other_cluster, "
+         "apply_queue_full, merge_failed).", rejected),
+        ("corro_agent_changesets_pending", "gauge",
+         "What waits to be applied, by reason: chunks in the apply queue (apply_queue), "
+         "versions kept for want of schema (schema), versions known but not held (gap).",
+         pending),
+    ]  # fmt: skip
+
+
 def _one(v: float) -> list[_Sample]:
     return [({}, float(v))]
 
@@ -302,7 +371,7 @@ def _number(v: float) -> str:
     return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
 
 
-def render(families: Iterable[tuple[str, str, str, list[_Sample]]]) -> str:
+def render(families: Iterable[MetricFamily]) -> str:
     """The text exposition format: HELP and TYPE lines, then one line per sample."""
     lines: list[str] = []
     for name, kind, help_text, samples in families:
@@ -326,14 +395,33 @@ async def start_metrics(
 ) -> tuple[Callable[[], Awaitable[None]], tuple[str, int]]:
     """Serve ``/metrics`` on ``addr`` inside ``tg``; return the closer and the bound address
     (port 0 picks a free one)."""
+
+    async def body() -> str:
+        rows = await anyio.to_thread.run_sync(table_rows, agent)
+        return render(collect(agent, rows))
+
+    return await start_families(tg, addr, body)
+
+
+async def start_families(
+    tg: TaskGroup, addr: tuple[str, int], families: Callable[[], Awaitable[str] | Iterable[Any]]
+) -> tuple[Callable[[], Awaitable[None]], tuple[str, int]]:
+    """Serve ``/metrics`` on ``addr`` from ``families``: an async function returning the body, or
+    a function returning ``MetricFamily``s (for a program without an agent, e.g. an
+    orchestrator embedded alone); return the closer and the bound address."""
+
+    async def body() -> str:
+        out = families()
+        return await out if isinstance(out, Awaitable) else render(out)
+
     host, port = addr
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
     bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    close = await serve_listener(tg, listener, lambda stream: _handle(agent, stream))
+    close = await serve_listener(tg, listener, lambda stream: _handle(body, stream))
     return close, (host, bound_port)
 
 
-async def _handle(agent: MetricsAgent, stream: SocketStream) -> None:
+async def _handle(body: Callable[[], Awaitable[str]], stream: SocketStream) -> None:
     async with stream:
         with contextlib.suppress(Exception), anyio.fail_after(10):
             head = bytearray()
@@ -355,9 +443,8 @@ async def _handle(agent: MetricsAgent, stream: SocketStream) -> None:
             elif target == "/":
                 await stream.send(_response(200, "text/plain", "corrosion metrics: /metrics\n"))
             else:
-                rows = await anyio.to_thread.run_sync(table_rows, agent)
-                body = render(collect(agent, rows))
-                await stream.send(_response(200, CONTENT_TYPE, body, head_only=method == "HEAD"))
+                text = await body()
+                await stream.send(_response(200, CONTENT_TYPE, text, head_only=method == "HEAD"))
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",

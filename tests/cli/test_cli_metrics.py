@@ -7,24 +7,27 @@ import re
 import anyio
 import httpx
 import pytest
-from cli_helpers import cluster, node_mapping, short_tmp
+from cli_helpers import cluster, gossip_of, node_mapping, short_tmp, write_schema
 from support import wait_for
 
 from corrosion import Agent, Config
-from corrosion.surfaces.metrics import CORROSION_FAMILIES, render
+from corrosion.surfaces.metrics import CORROSION_FAMILIES, collect, render
+from orchestrator.metrics import FSM_FAMILIES
 
 pytestmark = pytest.mark.anyio
 
 SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
-    r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*)\})? (?P<value>-?[0-9.e+]+|NaN|[+-]Inf)$'
+    r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*)\})? '
+    r"(?P<value>-?[0-9.]+(?:e[+-]?[0-9]+)?|NaN|[+-]Inf)$"
 )
 
 
 def parse(text: str, types: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """Strict enough to catch format mistakes: HELP and TYPE precede every family's samples; a
     histogram's samples are its ``_bucket``s (cumulative, up to ``+Inf``), ``_sum`` and
-    ``_count``. Our counters end in ``_total``; corrosion's (by their names) need not.
+    ``_count``. Our counters end in ``_total``; corrosion's and superfly/fsm's (by their names)
+    need not.
     ``types`` (when given) receives each family's type."""
     assert text.endswith("\n")
     families: dict[str, dict[str, float]] = {}
@@ -38,7 +41,7 @@ def parse(text: str, types: dict[str, str] | None = None) -> dict[str, dict[str,
             assert kind in ("counter", "gauge", "histogram")
             assert name in helped
             types[name] = kind
-            if kind == "counter" and name not in CORROSION_FAMILIES:
+            if kind == "counter" and name not in CORROSION_FAMILIES | FSM_FAMILIES:
                 assert name.endswith("_total"), name
         else:
             m = SAMPLE.match(line)
@@ -49,11 +52,17 @@ def parse(text: str, types: dict[str, str] | None = None) -> dict[str, dict[str,
                 assert types.get(base) == "histogram", f"sample before its TYPE: {line!r}"
             families.setdefault(name, {})[m["labels"] or ""] = float(m["value"])
     for name, kind in types.items():
-        if kind == "histogram":
-            buckets = families[name + "_bucket"]
-            counts = [v for k, v in buckets.items()]
-            assert counts == sorted(counts), f"{name}: buckets are not cumulative"
-            assert buckets['le="+Inf"'] == families[name + "_count"][""]
+        if kind == "histogram" and name + "_bucket" in families:  # none: no labelled series yet
+            series: dict[str, list[tuple[str, float]]] = {}
+            for labels, v in families[name + "_bucket"].items():
+                le = re.search(r'(?:^|,)le="([^"]*)"', labels)
+                assert le, f"{name}_bucket without le: {labels}"
+                rest = (labels[: le.start()] + labels[le.end() :]).strip(",")
+                series.setdefault(rest, []).append((le[1], v))
+            for rest, buckets in series.items():
+                counts = [v for _, v in buckets]
+                assert counts == sorted(counts), f"{name}: buckets are not cumulative"
+                assert buckets[-1] == ("+Inf", families[name + "_count"][rest]), name
     return families
 
 
@@ -245,3 +254,98 @@ async def test_corrosion_names_after_traffic():
                 return value(fams, "corro_api_active_streams", streams) == 0
 
             await wait_for(stream_closed, what="the closed subscription to leave the gauge")
+
+
+async def test_flow_metrics_follow_replication():
+    """Apply lag by origin, sync sessions' durations and sizes, the broadcast queues, and
+    changesets refused or pending by reason."""
+    prom = {"prometheus": {"addr": "127.0.0.1:0"}}
+    with short_tmp() as base:
+        extra = base / "extra.sql"  # a table only b has: a keeps b's versions that need it
+        extra.write_text("CREATE TABLE IF NOT EXISTS notes (id INTEGER NOT NULL PRIMARY KEY);")
+        async with Agent(Config.from_mapping(node_mapping(base, "a", telemetry=prom))) as a:
+            schema = [str(write_schema(base)), str(extra)]
+            cfg = node_mapping(base, "b", [gossip_of(a)], telemetry=prom,
+                               db={"schema_paths": schema})  # fmt: skip
+            async with Agent(Config.from_mapping(cfg)) as b:
+                await wait_for(lambda: a.alive_members() == b.alive_members() == 1, what="join")
+                types: dict[str, str] = {}
+                fams = parse((await scrape(a.metrics_addr)).text, types)
+                for name, kind in (
+                    ("corro_agent_apply_lag_seconds", "histogram"),
+                    ("corro_sync_duration_seconds", "histogram"),
+                    ("corro_sync_session_changes", "histogram"),
+                    ("corro_sync_session_bytes", "histogram"),
+                    ("corro_broadcast_queue_depth", "gauge"),
+                    ("corro_agent_changesets_refused_total", "counter"),
+                    ("corro_agent_changesets_pending", "gauge"),
+                ):
+                    assert types[name] == kind, name
+                refused = fams["corro_agent_changesets_refused_total"]
+                assert set(refused) == {
+                    f'reason="{r}"'
+                    for r in ("malformed", "other_cluster", "apply_queue_full", "merge_failed")
+                }
+                assert set(fams["corro_agent_changesets_pending"]) == {
+                    'reason="apply_queue"',
+                    'reason="schema"',
+                    'reason="gap"',
+                }
+
+                # b's writes reach a by broadcast; a's lag is recorded under b's actor id
+                await b.execute([f"INSERT INTO todos (id) VALUES ({i})" for i in range(3)])
+                await b.execute(["INSERT INTO todos (id) VALUES (3)"])
+                # b's rounds for the version just committed are still to send
+                now = parse(render(collect(b)))  # read at once: no await in between
+                rounds = value(now, "corro_broadcast_queue_depth", 'queue="rounds"')
+                assert rounds >= 1
+                origin = f'origin="{b.actor_id.hex()}"'
+
+                async def lagged() -> bool:
+                    fams = parse((await scrape(a.metrics_addr)).text)
+                    got = fams.get("corro_agent_apply_lag_seconds_count", {})
+                    return got.get(origin) == 2
+
+                await wait_for(lagged, what="a's lag for b's two versions")
+
+                # while a is cut off, b's rounds run out; what b writes then comes by sync
+                a.faults.isolated = True
+                await b.execute([f"INSERT INTO todos (id) VALUES ({i})" for i in range(10, 15)])
+
+                async def rounds_done() -> bool:
+                    fams = parse((await scrape(b.metrics_addr)).text)
+                    return value(fams, "corro_broadcast_queue_depth", 'queue="rounds"') == 0
+
+                await wait_for(rounds_done, what="b's broadcast rounds to run out")
+                a.faults.isolated = False
+
+                async def synced() -> bool:
+                    fams = parse((await scrape(a.metrics_addr)).text)
+                    got = fams.get("corro_sync_session_changes_sum", {})
+                    return got.get('role="client"', 0) >= 5
+
+                await wait_for(synced, what="a to pull b's 5 changes by sync", timeout=120)
+                fa = parse((await scrape(a.metrics_addr)).text)
+                fb = parse((await scrape(b.metrics_addr)).text)
+                sessions = fa["corro_sync_session_changes_count"]['role="client"']
+                durations = fa["corro_sync_duration_seconds_count"]
+                assert sum(v for k, v in durations.items() if 'role="client"' in k) == sessions
+                assert fa["corro_sync_session_bytes_sum"]['role="client"'] > 0
+                assert fb["corro_sync_session_changes_sum"]['role="server"'] >= 5
+                assert fb["corro_sync_duration_seconds_count"]['outcome="ok",role="server"'] >= 1
+
+                # a version for a table a lacks waits, counted under reason="schema"
+                await b.execute(["INSERT INTO notes (id) VALUES (1)"])
+
+                async def kept() -> bool:
+                    fams = parse((await scrape(a.metrics_addr)).text)
+                    return value(fams, "corro_agent_changesets_pending", 'reason="schema"') == 1
+
+                await wait_for(kept, what="b's notes version kept by a")
+
+                # a frame that is not one is refused as malformed
+                before = value(fa, "corro_agent_changesets_refused_total", 'reason="malformed"')
+                a.replicator.handle_frame(None, b"\x93not a frame", 0.0)
+                fa = parse((await scrape(a.metrics_addr)).text)
+                after = value(fa, "corro_agent_changesets_refused_total", 'reason="malformed"')
+                assert after == before + 1
