@@ -76,6 +76,15 @@ class ProcessDriver(ShimDriver):
         if state is not InstanceState.CREATED:
             raise DriverError(f"cannot start instance {instance_id} in state {state}")
         spec = InstanceSpec.from_dict(read_json(d / "spec.json") or {})
+        env = self._exec_env(instance_id)
+        namespaces = "1" if self.namespaces else "0"
+        args = [namespaces, spec.machine_id, str(d / "output.log"), spec.netns or "-", "--"]
+        self._spawn(instance_id, ["process", *args, *spec.cmd], env)
+        await self._await_spawn(instance_id)
+
+    def _exec_env(self, instance_id: str) -> dict[str, str]:
+        """The command's environment (an exec in the machine gets the same)."""
+        spec = InstanceSpec.from_dict(read_json(self._dir(instance_id) / "spec.json") or {})
         env = {"PATH": BASE_PATH, "HOME": "/root" if os.geteuid() == 0 else "/tmp"}
         env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
         if spec.address:
@@ -84,10 +93,7 @@ class ProcessDriver(ShimDriver):
             for src, dst in spec.mounts:
                 env[mount_env(dst)] = src
         env.update(spec.env)
-        namespaces = "1" if self.namespaces else "0"
-        args = [namespaces, spec.machine_id, str(d / "output.log"), spec.netns or "-", "--"]
-        self._spawn(instance_id, ["process", *args, *spec.cmd], env)
-        await self._await_spawn(instance_id)
+        return env
 
     async def status(self, instance_id: str) -> InstanceStatus:
         d = self._dir(instance_id)
