@@ -319,9 +319,10 @@ class MachineLog:
                     ).fetchall()
                 ]
                 conn.execute(
-                    "INSERT INTO history (seq, run_id, action, status, created_at, finished_at, "
-                    "request, error, events) SELECT seq, run_id, action, status, created_at, "
-                    "finished_at, request, error, ? FROM runs WHERE seq = ?",
+                    "INSERT INTO history (seq, run_id, action, steps, finalizers, status, "
+                    "created_at, finished_at, request, error, events) SELECT seq, run_id, action, "
+                    "steps, finalizers, status, created_at, finished_at, request, error, ? "
+                    "FROM runs WHERE seq = ?",
                     (_dumps(events), seq),
                 )
                 conn.execute("DELETE FROM events WHERE run_seq = ?", (seq,))
@@ -359,17 +360,20 @@ class MachineLog:
             }
 
     def timeline(self) -> list[dict[str, Any]]:
-        """Every run this machine ever had, oldest first, compacted or not: action, status,
-        times, error and its step events (the ``events`` endpoint's answer)."""
+        """Every run this machine ever had, oldest first, compacted or not: action, its declared
+        steps and finalizers, status, times, error and its step events (the ``events``
+        endpoint's answer)."""
         with self._lock:
             conn = self._db()
             rows = conn.execute(
-                "SELECT seq, run_id, action, status, created_at, finished_at, error, events, 1 "
-                "FROM history UNION ALL SELECT seq, run_id, action, status, created_at, "
-                "finished_at, error, NULL, 0 FROM runs ORDER BY seq"
+                "SELECT seq, run_id, action, steps, finalizers, status, created_at, finished_at, "
+                "error, events, 1 FROM history UNION ALL SELECT seq, run_id, action, steps, "
+                "finalizers, status, created_at, finished_at, error, NULL, 0 FROM runs "
+                "ORDER BY seq"
             ).fetchall()
             out = []
-            for seq, run_id, action, status, created, finished, err, events, compacted in rows:
+            for (seq, run_id, action, steps, fins, status, created, finished, err, events,
+                 compacted) in rows:  # fmt: skip
                 if events is None:
                     events_list = [
                         {"seq": s, "kind": k, "step": st, "retry_count": rc, "at": at}
@@ -382,7 +386,9 @@ class MachineLog:
                 else:
                     events_list = json.loads(cast(str, events))
                 out.append({
-                    "run_id": run_id, "action": action, "status": status,
+                    "run_id": run_id, "action": action,
+                    "steps": json.loads(cast(str, steps)),
+                    "finalizers": json.loads(cast(str, fins)), "status": status,
                     "created_at": created, "finished_at": finished,
                     "error": None if err is None else json.loads(cast(str, err)),
                     "compacted": bool(compacted), "events": events_list,

@@ -55,6 +55,8 @@ CREATE TABLE history (
     seq INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
     action TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    finalizers TEXT NOT NULL,
     status TEXT NOT NULL,
     created_at REAL NOT NULL,
     finished_at REAL,
