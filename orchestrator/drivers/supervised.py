@@ -383,6 +383,9 @@ class ShimDriver:
     async def ps(self, instance_id: str) -> list[ProcessInfo]:
         """The instance's processes: those in its pid namespace when it has one, else those of
         its process group. ``pid`` is as seen inside the instance."""
+        return await anyio.to_thread.run_sync(self._ps, instance_id)
+
+    def _ps(self, instance_id: str) -> list[ProcessInfo]:
         pids = self._running_pids(instance_id)
         main = int(pids["main"])
         ns = os.readlink(f"/proc/{main}/ns/pid")
