@@ -310,10 +310,11 @@ class MachineLog:
                 (keep,),
             ).fetchall()
             for (seq,) in rows:
+                # [kind, step, retry_count, at] each: numbered without gaps, seq is the position
                 events = [
-                    {"seq": s, "kind": k, "step": st, "retry_count": rc, "at": at}
-                    for s, k, st, rc, at in conn.execute(
-                        "SELECT seq, kind, step, retry_count, at FROM events WHERE run_seq = ? "
+                    list(row)
+                    for row in conn.execute(
+                        "SELECT kind, step, retry_count, at FROM events WHERE run_seq = ? "
                         "ORDER BY seq",
                         (seq,),
                     ).fetchall()
@@ -375,16 +376,17 @@ class MachineLog:
             for (seq, run_id, action, steps, fins, status, created, finished, err, events,
                  compacted) in rows:  # fmt: skip
                 if events is None:
-                    events_list = [
-                        {"seq": s, "kind": k, "step": st, "retry_count": rc, "at": at}
-                        for s, k, st, rc, at in conn.execute(
-                            "SELECT seq, kind, step, retry_count, at FROM events "
-                            "WHERE run_seq = ? ORDER BY seq",
-                            (seq,),
-                        ).fetchall()
-                    ]
+                    rows_ = conn.execute(
+                        "SELECT kind, step, retry_count, at FROM events WHERE run_seq = ? "
+                        "ORDER BY seq",
+                        (seq,),
+                    ).fetchall()
                 else:
-                    events_list = json.loads(cast(str, events))
+                    rows_ = json.loads(cast(str, events))
+                events_list = [
+                    {"seq": i, "kind": k, "step": st, "retry_count": rc, "at": at}
+                    for i, (k, st, rc, at) in enumerate(rows_)
+                ]
                 out.append({
                     "run_id": run_id, "action": action,
                     "steps": json.loads(cast(str, steps)),
