@@ -217,6 +217,7 @@ class Orchestrator:
                     await self._io(store.discard, mid)
                 continue
             if doc["state"] == m.DESTROYED and not active:
+                await self._io(log_.compact, self.keep_runs)  # the archive holds a small log
                 await self._io(store.archive, mid)
                 gone[mid] = doc["app"]
                 continue
@@ -257,11 +258,11 @@ class Orchestrator:
         if result.action == "exit" and result.response.get("auto_destroy"):
             await self.engine.start(mid, "destroy", {"force": True}, queue=True)
             return
+        # a crash before this line leaves one more finished run, compacted after the next
+        await self._io(self.store.log(mid).compact, self.keep_runs)
         if doc["state"] == m.DESTROYED and not self.engine.list_runs(mid):
             await self._io(self.store.archive, mid)
             self.docs.retire(mid)
-            return
-        await self._io(self.store.log(mid).compact, self.keep_runs)
 
     # --- submitting operations ----------------------------------------------------------------
 

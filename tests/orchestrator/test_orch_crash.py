@@ -168,8 +168,9 @@ def scenario(tmp_path: Path, kind: str, seed: int) -> int:
                 assert final[mid]["instance"] == want, (seed, mid, final[mid])
                 log = store.log(mid)
             assert log.active_runs() == [], seed
-            # the worker compacts all but the last finished run (a destroy's is archived as is)
-            assert log.sizes()["runs"] <= (2 if state == "destroyed" else 1), seed
+            # the worker compacts all but the last finished run after each run, so a crash just
+            # before that leaves one more; a destroyed machine is compacted before it is archived
+            assert log.sizes()["runs"] <= (1 if state == "destroyed" else 2), seed
             for run in log.timeline():  # compacted runs too
                 assert run["status"] == RunStatus.SUCCEEDED, (seed, mid, run)
                 steps, fins = run["steps"], run["finalizers"]
