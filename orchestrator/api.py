@@ -10,8 +10,11 @@ Errors are ``{"error": "<message>"}`` with: 400 bad input, 401 bad token, 404 un
 501 unsupported (suspend). Mutating calls take the lease nonce in ``fly-machine-lease-nonce``.
 Beyond Fly's paths: ``GET .../{id}/runs`` lists the machine's live FSM runs,
 ``GET .../{id}/runs/{run_id}/wait?timeout=`` waits for one to finish (its result, or 408) and
-``DELETE .../{id}/runs/{run_id}`` cancels one (flyd's admin view). An operation while a run of
-the same action is live answers 409 with that run's id, unless asked with ``?queue=true``.
+``DELETE .../{id}/runs/{run_id}`` cancels one (flyd's admin view); ``GET .../{id}/logs?lines=N``
+tails the instance's stdout/stderr (Fly serves logs elsewhere, through NATS); ``GET
+.../{id}/events`` is every run the machine had with its step events, compacted ones included.
+An operation while a run of the same action is live answers 409 with that run's id, unless
+asked with ``?queue=true``.
 """
 
 from __future__ import annotations
@@ -238,6 +241,27 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         await orch.cancel_run(app, mid, request.path_params["run_id"], nonce=nonce(request))
         return JSONResponse({"ok": True})
 
+    async def signal(request: Request, app: str, mid: str) -> Response:
+        body = await _json(request)
+        if set(body) != {"signal"}:
+            raise InvalidRequestError('request body: expected {"signal": "SIGUSR1"}')
+        return JSONResponse(await orch.signal_machine(app, mid, body["signal"]))
+
+    async def exec_(request: Request, app: str, mid: str) -> Response:
+        return JSONResponse(await orch.exec_machine(app, mid, await _json(request)))
+
+    async def ps(request: Request, app: str, mid: str) -> Response:
+        return JSONResponse(await orch.ps_machine(app, mid))
+
+    async def events(request: Request, app: str, mid: str) -> Response:
+        return JSONResponse(await orch.machine_events(app, mid))
+
+    async def logs(request: Request, app: str, mid: str) -> Response:
+        lines = request.query_params.get("lines", "100")
+        if not lines.isdigit():
+            raise InvalidRequestError(f"lines: expected a whole number, got {lines!r}")
+        return JSONResponse({"lines": await orch.machine_logs(app, mid, int(lines))})
+
     one = BASE + "/{machine_id}"
     table: list[tuple[str, str, Callable[[Request, str, str], Awaitable[Response]]]] = [
         (BASE, "GET", list_machines),
@@ -258,6 +282,11 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
         (one + "/metadata", "GET", metadata_get),
         (one + "/metadata/{key}", "POST", metadata_set),
         (one + "/metadata/{key}", "DELETE", metadata_delete),
+        (one + "/signal", "POST", signal),
+        (one + "/exec", "POST", exec_),
+        (one + "/ps", "GET", ps),
+        (one + "/events", "GET", events),
+        (one + "/logs", "GET", logs),
         (one + "/runs", "GET", runs),
         (one + "/runs/{run_id}", "DELETE", run_cancel),
         (one + "/runs/{run_id}/wait", "GET", run_wait),

@@ -12,6 +12,8 @@ state_path = "/var/lib/corrosion/instances"    # driver state (instance dirs, ru
 images_path = "/var/lib/corrosion/images"      # runc root filesystems
 machine_subnet = "10.213.1.0/24"  # each machine in its own netns with an address from here
 machine_bridge = "corro0"         # the bridge on this host the machines' veths attach to
+volumes_path = "/var/lib/corrosion/volumes"    # config.mounts (default <machines_path>/_volumes)
+keep_runs = 50                    # finished runs a machine's step log keeps; older: its history
 ```
 
 Without ``machine_subnet`` machines share the host's network (address 127.0.0.1). With it but
@@ -33,7 +35,7 @@ from .drivers import Driver, FakeDriver, ProcessDriver, RuncDriver
 from .errors import InvalidRequestError
 from .network import MachineNetwork, check_ifname, check_subnet, netns_unavailable
 from .publish import Publisher
-from .service import Orchestrator
+from .service import DEFAULT_KEEP_RUNS, Orchestrator
 
 DRIVERS = ("fake", "process", "runc")
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class OrchestratorConfig:
     images_path: Path | None = None
     machine_subnet: str | None = None
     machine_bridge: str = "corro0"
+    volumes_path: Path | None = None
+    keep_runs: int = DEFAULT_KEEP_RUNS
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> OrchestratorConfig:
@@ -89,7 +93,12 @@ class OrchestratorConfig:
             bridge = check_ifname(section.get("machine_bridge", cls.machine_bridge))
         except ValueError as e:
             raise ConfigError(f"[orchestrator]: machine_bridge: {e}") from None
+        keep_runs = section.get("keep_runs", cls.keep_runs)
+        if isinstance(keep_runs, bool) or not isinstance(keep_runs, int) or keep_runs < 1:
+            raise ConfigError("[orchestrator]: keep_runs must be an integer of at least 1")
         return cls(
+            volumes_path=path("volumes_path"),
+            keep_runs=keep_runs,
             machine_subnet=subnet,
             machine_bridge=bridge,
             machines_path=Path(section["machines_path"]),
@@ -149,6 +158,8 @@ def build_orchestrator(
         clock=clock,
         publisher=publisher,
         network=build_network(config),
+        volumes_path=config.volumes_path,
+        keep_runs=config.keep_runs,
     )
 
 

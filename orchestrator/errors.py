@@ -106,3 +106,9 @@ class LeaseError(OrchestratorError):
 
 class NotFoundError(OrchestratorError):
     status = 404
+
+
+class NotSupportedError(OrchestratorError):
+    """The request is valid but this worker cannot serve it (its driver lacks the feature)."""
+
+    status = 501

@@ -22,6 +22,7 @@ from .checks import validate_checks
 from .drivers.base import InstanceSpec, parse_signal
 from .durations import parse_duration
 from .errors import InvalidRequestError
+from .volumes import validate_mounts
 
 # --- states -------------------------------------------------------------------------------------
 
@@ -60,9 +61,11 @@ MAX_EVENTS = 20
 # --- config validation --------------------------------------------------------------------------
 
 # fields the orchestrator acts on, and Fly fields it accepts and keeps without acting on them
-_KNOWN = {"image", "init", "env", "restart", "guest", "stop_config", "metadata", "auto_destroy"}
+_KNOWN = {
+    "image", "init", "env", "restart", "guest", "stop_config", "metadata", "auto_destroy", "mounts",
+}  # fmt: skip
 _PASSTHROUGH = {
-    "services", "checks", "mounts", "dns", "processes", "files", "schedule", "statics",
+    "services", "checks", "dns", "processes", "files", "schedule", "statics",
     "standbys", "size", "metrics", "disable_machine_autostart",
 }  # fmt: skip
 
@@ -173,6 +176,8 @@ def validate_config(raw: Any) -> dict[str, Any]:
     out["auto_destroy"] = auto
     if cfg.get("checks") is not None:  # passed through above; acted on, so validated here
         out["checks"] = validate_checks(cfg["checks"], services)
+    if cfg.get("mounts") is not None:
+        out["mounts"] = validate_mounts(cfg["mounts"])
     return out
 
 

@@ -34,6 +34,8 @@ import signal as _signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+import anyio
+
 from . import machine as m
 from .clock import Clock
 from .drivers.base import Driver, DriverError, ExitStatus, InstanceState, parse_signal
@@ -41,6 +43,7 @@ from .engine import Engine, StepContext
 from .errors import UnrecoverableError
 from .network import MachineNetwork, NetworkError
 from .restart import should_restart
+from .volumes import Volumes
 
 Step = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
 
@@ -89,6 +92,11 @@ class StepHost(Protocol):
     def clock(self) -> Clock: ...
 
     def doc(self, machine_id: str) -> dict[str, Any]: ...
+
+    @property
+    def volumes(self) -> Volumes:
+        """The worker's volume directories (``config.mounts``)."""
+        ...
 
     @property
     def network(self) -> MachineNetwork | None:
@@ -160,6 +168,10 @@ class MachineOperations:
                 except NetworkError as e:
                     raise DriverError(f"machine network: {e}") from e  # transient: retried
                 spec = dataclasses.replace(spec, netns=net.netns_path, address=net.address)
+            mounts = doc["config"].get("mounts")
+            if mounts:
+                pairs = await anyio.to_thread.run_sync(self.svc.volumes.attach, doc["app"], mounts)
+                spec = dataclasses.replace(spec, mounts=pairs)
             await self._drv(driver.create(spec))
 
     async def start_instance(self, ctx: StepContext) -> None:
@@ -257,6 +269,12 @@ class MachineOperations:
                 await self.svc.network.release(ctx.machine_id)
             except NetworkError as e:
                 raise DriverError(f"machine network: {e}") from e
+
+    async def release_volumes(self, ctx: StepContext) -> None:
+        doc = self._doc(ctx)
+        mounts = doc["config"].get("mounts")
+        if mounts:
+            await anyio.to_thread.run_sync(self.svc.volumes.release, doc["app"], mounts)
 
     async def mark_destroyed(self, ctx: StepContext) -> None:
         self._set(ctx, m.DESTROYED, ("destroy", m.DESTROYED))
@@ -390,6 +408,7 @@ class MachineOperations:
                 ("kill_instance", self.kill_instance),
                 ("destroy_instance", self.destroy_instance),
                 ("release_network", self.release_network),
+                ("release_volumes", self.release_volumes),
                 ("mark_destroyed", self.mark_destroyed),
             ],
             finalizers=[("settle", self.settle_stop)],

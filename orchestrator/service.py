@@ -39,13 +39,14 @@ from .archive import ArchiveStore
 from .checks import NetworkProbe, Probe
 from .clock import Clock, SystemClock
 from .documents import Documents, check_app
-from .drivers.base import Driver, DriverError, parse_signal
+from .drivers.base import Driver, DriverError, Operable, UnknownInstanceError, parse_signal
 from .engine import Backoff, Engine, EngineObserver, RunResult
 from .errors import (
     AlreadyRunningError,
     InvalidRequestError,
     InvalidTransitionError,
     NotFoundError,
+    NotSupportedError,
     UnknownRunError,
 )
 from .exits import ExitWatchers
@@ -58,9 +59,14 @@ from .network import MachineNetwork
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
 from .store import MachineStore
+from .volumes import Volumes, check_unshared
 from .waiting import Waiter
 
 log = logging.getLogger(__name__)
+
+DEFAULT_KEEP_RUNS = 50
+MAX_LOG_LINES = 10_000
+MAX_EXEC_TIMEOUT = 600.0
 
 
 class Orchestrator:
@@ -82,8 +88,17 @@ class Orchestrator:
         backoff: Backoff | None = None,
         probe: Probe | None = None,
         network: MachineNetwork | None = None,
+        keep_runs: int = DEFAULT_KEEP_RUNS,
+        volumes_path: str | Path | None = None,
     ) -> None:
+        """``keep_runs``: finished runs kept replayable in each machine's step log; older ones
+        are compacted into its history (see ``MachineLog.compact``). ``volumes_path``: where
+        ``config.mounts`` volumes live (default ``<machines_path>/_volumes``)."""
+        if keep_runs < 1:
+            raise ValueError("keep_runs must be at least 1")
+        self.keep_runs = keep_runs
         self.machines_path = Path(machines_path)
+        self.volumes = Volumes(volumes_path or self.machines_path / "_volumes")
         self.network = network  # None: machines share the host's network
         self.archive = archive
         self.worker = worker
@@ -205,6 +220,7 @@ class Orchestrator:
                     await self._io(store.discard, mid)
                 continue
             if doc["state"] == m.DESTROYED and not active:
+                await self._io(log_.compact, self.keep_runs)  # the archive holds a small log
                 await self._io(store.archive, mid)
                 gone[mid] = doc["app"]
                 continue
@@ -245,6 +261,8 @@ class Orchestrator:
         if result.action == "exit" and result.response.get("auto_destroy"):
             await self.engine.start(mid, "destroy", {"force": True}, queue=True)
             return
+        # a crash before this line leaves one more finished run, compacted after the next
+        await self._io(self.store.log(mid).compact, self.keep_runs)
         if doc["state"] == m.DESTROYED and not self.engine.list_runs(mid):
             await self._io(self.store.archive, mid)
             self.docs.retire(mid)
@@ -316,6 +334,7 @@ class Orchestrator:
         if region != self.region:
             raise InvalidRequestError(f"region: this worker serves {self.region!r}, not {region!r}")
         mid = self.ids.machine_id()
+        check_unshared(mid, config.get("mounts") or (), self.docs.of_app(app, None))
         name = body.get("name") or mid
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", name):
             raise InvalidRequestError(f"name: invalid machine name {name!r}")
@@ -422,6 +441,7 @@ class Orchestrator:
             if body.get(key) not in (None, doc[key]):
                 raise InvalidRequestError(f"{key}: cannot be changed by an update")
         skip_launch = _bool(body.get("skip_launch", False), "skip_launch")
+        check_unshared(machine_id, config.get("mounts") or (), self.docs.of_app(app, None))
         new_iid = self.ids.ulid()
         await self._check_driver({**doc, "config": config, "instance_id": new_iid})
         request = {"config": config, "instance_id": new_iid, "skip_launch": skip_launch}
@@ -441,6 +461,77 @@ class Orchestrator:
     ) -> dict:
         await self._submit(app, machine_id, "uncordon", {}, nonce, queue=queue)
         return {"ok": True}
+
+    # --- operating a started machine ----------------------------------------------------------
+
+    def _started(self, app: str, machine_id: str) -> dict[str, Any]:
+        doc = self.docs.in_app(app, machine_id)
+        if doc["state"] != m.STARTED:
+            raise InvalidTransitionError(f"machine {machine_id} is {doc['state']}, not started")
+        return doc
+
+    def _operable(self) -> Operable:
+        if not isinstance(self.driver, Operable):
+            raise NotSupportedError(f"the {self.driver.name} driver cannot exec, ps or show logs")
+        return self.driver
+
+    async def signal_machine(self, app: str, machine_id: str, signal: Any) -> dict:
+        """Deliver a signal to the machine's main process (Fly's ``signal`` endpoint)."""
+        try:
+            sig = parse_signal(signal, default=0)
+        except ValueError as e:
+            raise InvalidRequestError(f"signal: {e}") from None
+        if sig == 0:
+            raise InvalidRequestError("signal: required (a name such as SIGUSR1, or a number)")
+        doc = self._started(app, machine_id)
+        await self.driver.signal(doc["instance_id"], sig)
+        return {"ok": True}
+
+    async def exec_machine(self, app: str, machine_id: str, body: Mapping[str, Any]) -> dict:
+        """Run a command in the started machine: its stdout, stderr and exit code."""
+        body = _body(body, {"cmd", "command", "timeout", "stdin", "container"})
+        if body.get("stdin"):
+            raise InvalidRequestError("stdin: not supported")
+        cmd = body.get("command")
+        if cmd is None and isinstance(body.get("cmd"), str):
+            cmd = body["cmd"].split()
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
+            raise InvalidRequestError(
+                "command: required (a non-empty list of strings, or cmd as one string)"
+            )
+        timeout = m.parse_duration(body.get("timeout", 30), "timeout")
+        if not 0 < timeout <= MAX_EXEC_TIMEOUT:
+            raise InvalidRequestError(f"timeout: expected 0 to {MAX_EXEC_TIMEOUT:g} seconds")
+        driver = self._operable()
+        doc = self._started(app, machine_id)
+        result = await driver.exec(doc["instance_id"], cmd, timeout=timeout)
+        return {"stdout": result.stdout, "stderr": result.stderr,
+                "exit_code": result.exit_code, "exit_signal": result.exit_signal}  # fmt: skip
+
+    async def ps_machine(self, app: str, machine_id: str) -> list[dict[str, Any]]:
+        driver = self._operable()
+        doc = self._started(app, machine_id)
+        return [
+            {"pid": p.pid, "host_pid": p.host_pid, "command": p.command, "rss": p.rss}
+            for p in await driver.ps(doc["instance_id"])
+        ]
+
+    async def machine_logs(self, app: str, machine_id: str, lines: int) -> list[str]:
+        """The last ``lines`` lines of the current instance's stdout/stderr."""
+        if not 0 <= lines <= MAX_LOG_LINES:
+            raise InvalidRequestError(f"lines: expected 0 to {MAX_LOG_LINES}")
+        driver = self._operable()
+        doc = self.docs.in_app(app, machine_id)
+        try:
+            return await self._io(driver.logs, doc["instance_id"], lines)
+        except UnknownInstanceError:
+            return []  # never started, or stopped (a stopped instance is gone, as on Fly)
+
+    async def machine_events(self, app: str, machine_id: str) -> list[dict[str, Any]]:
+        """Every run of the machine, oldest first, with its step events (compacted ones too)."""
+        self.docs.in_app(app, machine_id)
+        assert self.store is not None
+        return await self._io(self.store.log(machine_id).timeline)
 
     # --- runs (flyd's admin view) -------------------------------------------------------------
 

@@ -11,7 +11,12 @@ Rules this file enforces (the engine relies on them):
 * A run is replayed from its events only (no code replay): COMPLETE marks a step done and carries
   the accumulated response, ERROR carries the retry count, CANCEL halts the run, FINISH closes it.
 
-Callers never see SQL: the surface is append and scan. One connection per database, used by one
+* Compaction (``compact``) only ever folds *finished* runs, oldest first, into ``history`` (one
+  row per run, its events as a JSON list) in one transaction; active runs, which a restart
+  replays, are never touched, and the newest finished runs stay replayable (``get_run``).
+
+Callers never see SQL: the surface is append and scan (plus compaction, itself an append to
+``history`` and a removal of what it now holds). One connection per database, used by one
 thread at a time (a lock), opened lazily so the store can close idle logs to save descriptors.
 """
 
@@ -293,6 +298,40 @@ class MachineLog:
         )
         return nxt
 
+    def compact(self, keep: int) -> int:
+        """Fold every finished run except the newest ``keep`` into ``history``; returns how many
+        runs were folded. Active runs are never folded, whatever their age."""
+        if keep < 1:
+            raise ValueError("compact() keeps at least one finished run")
+
+        def tx(conn: apsw.Connection) -> int:
+            rows = conn.execute(
+                "SELECT seq FROM runs WHERE status != 'active' ORDER BY seq DESC LIMIT -1 OFFSET ?",
+                (keep,),
+            ).fetchall()
+            for (seq,) in rows:
+                # [kind, step, retry_count, at] each: numbered without gaps, seq is the position
+                events = [
+                    list(row)
+                    for row in conn.execute(
+                        "SELECT kind, step, retry_count, at FROM events WHERE run_seq = ? "
+                        "ORDER BY seq",
+                        (seq,),
+                    ).fetchall()
+                ]
+                conn.execute(
+                    "INSERT INTO history (seq, run_id, action, steps, finalizers, status, "
+                    "created_at, finished_at, request, error, events) SELECT seq, run_id, action, "
+                    "steps, finalizers, status, created_at, finished_at, request, error, ? "
+                    "FROM runs WHERE seq = ?",
+                    (_dumps(events), seq),
+                )
+                conn.execute("DELETE FROM events WHERE run_seq = ?", (seq,))
+                conn.execute("DELETE FROM runs WHERE seq = ?", (seq,))
+            return len(rows)
+
+        return self._write(tx)
+
     # --- scans --------------------------------------------------------------------------------
 
     def read_doc(self) -> dict[str, Any] | None:
@@ -311,6 +350,52 @@ class MachineLog:
     def history(self, limit: int = 50) -> list[RunState]:
         """The most recent runs, finished or not, newest first."""
         return self._runs("ORDER BY seq DESC LIMIT ?", (int(limit),))
+
+    def sizes(self) -> dict[str, int]:
+        """Row counts of the log's tables (how big compaction keeps it)."""
+        with self._lock:
+            conn = self._db()
+            return {
+                t: cast(int, conn.execute(f"SELECT COUNT(*) FROM {t}").fetchall()[0][0])
+                for t in ("runs", "events", "history")
+            }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Every run this machine ever had, oldest first, compacted or not: action, its declared
+        steps and finalizers, status, times, error and its step events (the ``events``
+        endpoint's answer)."""
+        with self._lock:
+            conn = self._db()
+            rows = conn.execute(
+                "SELECT seq, run_id, action, steps, finalizers, status, created_at, finished_at, "
+                "error, events, 1 FROM history UNION ALL SELECT seq, run_id, action, steps, "
+                "finalizers, status, created_at, finished_at, error, NULL, 0 FROM runs "
+                "ORDER BY seq"
+            ).fetchall()
+            out = []
+            for (seq, run_id, action, steps, fins, status, created, finished, err, events,
+                 compacted) in rows:  # fmt: skip
+                if events is None:
+                    rows_ = conn.execute(
+                        "SELECT kind, step, retry_count, at FROM events WHERE run_seq = ? "
+                        "ORDER BY seq",
+                        (seq,),
+                    ).fetchall()
+                else:
+                    rows_ = json.loads(cast(str, events))
+                events_list = [
+                    {"seq": i, "kind": k, "step": st, "retry_count": rc, "at": at}
+                    for i, (k, st, rc, at) in enumerate(rows_)
+                ]
+                out.append({
+                    "run_id": run_id, "action": action,
+                    "steps": json.loads(cast(str, steps)),
+                    "finalizers": json.loads(cast(str, fins)), "status": status,
+                    "created_at": created, "finished_at": finished,
+                    "error": None if err is None else json.loads(cast(str, err)),
+                    "compacted": bool(compacted), "events": events_list,
+                })  # fmt: skip
+        return out
 
     def events(self, run_id: str) -> list[Event]:
         with self._lock:

@@ -1,8 +1,9 @@
 """Schema of a per-machine step-log database, and how an old database is brought up to date.
 
-A machine's database holds three plain (non-replicated) tables: ``runs`` (one row per run, its
+A machine's database holds four plain (non-replicated) tables: ``runs`` (one row per run, its
 input and the step names fixed at START), ``events`` (the append-only log: START, COMPLETE,
-ERROR, CANCEL, FINISH) and ``machine`` (the machine's document, one row).
+ERROR, CANCEL, FINISH), ``history`` (finished runs compacted out of the first two: one row per
+run, its events folded into a JSON list) and ``machine`` (the machine's document, one row).
 
 ``SCHEMA_SQL`` is the whole desired schema; the project's schema management
 (``crdt.schema.apply_schema``, plain tables) applies it as a diff against the live database, so a
@@ -22,7 +23,7 @@ from crdt.schema import apply_schema
 
 from .errors import OrchestratorError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_SQL = """
 CREATE TABLE runs (
@@ -49,6 +50,19 @@ CREATE TABLE events (
     retry_count INTEGER NOT NULL DEFAULT 0,
     at REAL NOT NULL,
     PRIMARY KEY (run_seq, seq)
+);
+CREATE TABLE history (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    finalizers TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    request TEXT NOT NULL,
+    error TEXT,
+    events TEXT NOT NULL
 );
 CREATE TABLE machine (
     id INTEGER PRIMARY KEY,

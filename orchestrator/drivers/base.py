@@ -44,6 +44,45 @@ class UnknownInstanceError(DriverError):
         self.instance_id = instance_id
 
 
+class ExecTimeoutError(DriverError):
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A command run in an instance (Fly's exec answer)."""
+
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    exit_signal: int | None
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process of an instance (Fly's ps entry, the fields a host can tell)."""
+
+    pid: int  # as the instance sees it
+    host_pid: int
+    command: str
+    rss: int  # bytes
+
+
+@runtime_checkable
+class Operable(Protocol):
+    """What a driver that runs real processes also offers: the Machines API's exec, ps and logs.
+    A driver without them answers those endpoints with 501."""
+
+    async def exec(self, instance_id: str, cmd: list[str], *, timeout: float) -> ExecResult: ...
+
+    async def ps(self, instance_id: str) -> list[ProcessInfo]: ...
+
+    def logs(self, instance_id: str, lines: int) -> list[str]: ...
+
+
 class InstanceState(enum.StrEnum):
     ABSENT = "absent"
     CREATED = "created"
@@ -55,7 +94,8 @@ class InstanceState(enum.StrEnum):
 class InstanceSpec:
     """What to run. ``cmd`` empty means the image's default command. ``netns`` (a namespace
     file such as ``/run/netns/<name>``) is the network namespace to run in, prepared by
-    :mod:`..network`, where the instance has the private ``address``; without it, the host's."""
+    :mod:`..network`, where the instance has the private ``address``; without it, the host's.
+    ``mounts`` are host directories (volumes, :mod:`..volumes`) to bind at paths inside."""
 
     instance_id: str
     machine_id: str
@@ -66,6 +106,7 @@ class InstanceSpec:
     cpus: int | None = None
     netns: str | None = None
     address: str | None = None
+    mounts: tuple[tuple[str, str], ...] = ()  # (host directory, path in the instance)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +119,7 @@ class InstanceSpec:
             "cpus": self.cpus,
             "netns": self.netns,
             "address": self.address,
+            "mounts": [list(pair) for pair in self.mounts],
         }
 
     @classmethod
@@ -92,6 +134,7 @@ class InstanceSpec:
             cpus=d.get("cpus"),
             netns=d.get("netns"),
             address=d.get("address"),
+            mounts=tuple((str(s), str(t)) for s, t in d.get("mounts") or ()),
         )
 
 

@@ -4,7 +4,10 @@ As root the command runs in fresh pid, mount, uts and ipc namespaces (its own PI
 its own /proc, hostname = machine id); otherwise it is a plain process group. The network is the
 machine's own namespace when the orchestrator prepared one (``spec.netns``, the address
 ``spec.address``, also in ``FLY_PRIVATE_IP``), otherwise the host's (address ``127.0.0.1``, so a
-proxy on this host can reach it). Images are not unpacked: the
+proxy on this host can reach it). Volumes (``spec.mounts``) are bind-mounted at their paths in
+the machine's mount namespace (a missing mount point is created on the host); without
+namespaces the command gets each volume's host directory in ``FLY_MOUNT_PATH_<PATH>``
+(``/data`` → ``FLY_MOUNT_PATH_DATA``). Images are not unpacked: the
 command runs on the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. No cgroup
 limits, hence no OOM detection (``oom_killed`` is always False).
 
@@ -15,6 +18,7 @@ the command; ``stop``/``wait``/``destroy`` work from the files the shim keeps (`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +26,12 @@ from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, Unkn
 from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def mount_env(path: str) -> str:
+    """The variable naming a volume's host directory when the process driver cannot mount it
+    (no namespaces): ``/data`` → ``FLY_MOUNT_PATH_DATA``."""
+    return "FLY_MOUNT_PATH" + re.sub(r"[^A-Z0-9]", "_", path.upper())
 
 
 class ProcessDriver(ShimDriver):
@@ -54,6 +64,8 @@ class ProcessDriver(ShimDriver):
         d.mkdir(parents=True)
         if spec.netns and self.namespaces:
             (d / "hosts").write_text(hosts_file(spec))
+        if spec.mounts and self.namespaces:  # the shim binds them in the machine's namespace
+            (d / "mounts").write_text("".join(f"{src}\t{dst}\n" for src, dst in spec.mounts))
         write_json(d / "spec.json", spec.to_dict())
 
     async def start(self, instance_id: str) -> None:
@@ -64,15 +76,24 @@ class ProcessDriver(ShimDriver):
         if state is not InstanceState.CREATED:
             raise DriverError(f"cannot start instance {instance_id} in state {state}")
         spec = InstanceSpec.from_dict(read_json(d / "spec.json") or {})
-        env = {"PATH": BASE_PATH, "HOME": "/root" if os.geteuid() == 0 else "/tmp"}
-        env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
-        if spec.address:
-            env["FLY_PRIVATE_IP"] = spec.address
-        env.update(spec.env)
+        env = self._exec_env(instance_id)
         namespaces = "1" if self.namespaces else "0"
         args = [namespaces, spec.machine_id, str(d / "output.log"), spec.netns or "-", "--"]
         self._spawn(instance_id, ["process", *args, *spec.cmd], env)
         await self._await_spawn(instance_id)
+
+    def _exec_env(self, instance_id: str) -> dict[str, str]:
+        """The command's environment (an exec in the machine gets the same)."""
+        spec = InstanceSpec.from_dict(read_json(self._dir(instance_id) / "spec.json") or {})
+        env = {"PATH": BASE_PATH, "HOME": "/root" if os.geteuid() == 0 else "/tmp"}
+        env.update({"FLY_MACHINE_ID": spec.machine_id, "FLY_INSTANCE_ID": spec.instance_id})
+        if spec.address:
+            env["FLY_PRIVATE_IP"] = spec.address
+        if not self.namespaces:  # no mount namespace: the volume is where it is on the host
+            for src, dst in spec.mounts:
+                env[mount_env(dst)] = src
+        env.update(spec.env)
+        return env
 
     async def status(self, instance_id: str) -> InstanceStatus:
         d = self._dir(instance_id)

@@ -119,6 +119,9 @@ def oci_config(
                     {"destination": f"/etc/{name}", "type": "bind", "source": source,
                      "options": ["rbind", "ro"]}
                 )  # fmt: skip
+    for source, target in spec.mounts:  # volumes (runc creates a missing mount point)
+        mounts.append({"destination": target, "type": "bind", "source": source,
+                       "options": ["rbind", "rw", "nosuid", "nodev"]})  # fmt: skip
     if init is not None:  # after /run's tmpfs, so its mount point is created there
         mounts.append({"destination": INIT_PATH, "type": "bind", "source": init,
                        "options": ["bind", "ro", "nosuid", "nodev"]})  # fmt: skip

@@ -14,7 +14,8 @@ Invocation (arguments, not a config file, to keep startup cheap):
   machine's, prepared by the orchestrator). With
   namespaces (root only), O then unshares pid/uts/ipc namespaces, so S is PID 1 of a fresh pid
   namespace; S unshares a mount namespace of its own for a private /proc (and, when the driver
-  wrote ``<dir>/hosts``, a private /etc/hosts) and sets the hostname.
+  wrote ``<dir>/hosts``, a private /etc/hosts; when it wrote ``<dir>/mounts``, the volumes
+  bound at their paths) and sets the hostname.
   S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
   reaps orphans, writes C's status, then kills its process group so nothing outlives C.
 * ``shim.py <dir> runc <runc> <runc-root> <bundle> <id> <log>`` — O becomes a child subreaper and
@@ -125,6 +126,15 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
         hosts = os.path.join(directory, "hosts")  # written for an instance on its own network
         if os.path.exists(hosts):
             check(lib.mount(hosts.encode(), b"/etc/hosts", None, MS_BIND, None), "bind /etc/hosts")
+        mounts = os.path.join(directory, "mounts")  # volumes: "<host dir>\t<path>" lines
+        if os.path.exists(mounts):
+            with open(mounts) as f:
+                for line in f.read().splitlines():
+                    source, target = line.split("\t")
+                    os.makedirs(target, exist_ok=True)
+                    flags = MS_BIND | MS_REC
+                    check(lib.mount(source.encode(), target.encode(), None, flags, None),
+                          f"bind {target}")  # fmt: skip
         name = hostname.encode()[:63]
         if name:
             check(lib.sethostname(name, len(name)), "sethostname")

@@ -29,10 +29,13 @@ import anyio
 
 from .base import (
     DriverError,
+    ExecResult,
+    ExecTimeoutError,
     ExitStatus,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    ProcessInfo,
     UnknownInstanceError,
 )
 
@@ -74,6 +77,31 @@ def hosts_file(spec: InstanceSpec) -> str:
     if spec.address:
         lines.append(f"{spec.address} {spec.machine_id}")
     return "\n".join(lines) + "\n"
+
+
+def process_info(pid: int, pid_ns: str | None, pgid: int | None) -> ProcessInfo | None:
+    """``pid`` described if it belongs to an instance: in the pid namespace ``pid_ns`` when
+    given, else in process group ``pgid``; None otherwise (or when it vanished)."""
+    try:
+        if pid_ns is not None:
+            if os.readlink(f"/proc/{pid}/ns/pid") != pid_ns:
+                return None
+        elif pgid is None or os.getpgid(pid) != int(pgid):
+            return None
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        inner, rss_kb = pid, 0
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    inner = int(line.split()[-1])
+                elif line.startswith("VmRSS:"):
+                    rss_kb = int(line.split()[1])
+                elif line.startswith("State:") and line.split()[1] in ("Z", "X"):
+                    return None  # dead, waiting for its reaper
+    except (OSError, ValueError):
+        return None
+    return ProcessInfo(pid=inner, host_pid=pid, command=" ".join(argv), rss=rss_kb * 1024)
 
 
 class ShimDriver:
@@ -290,6 +318,102 @@ class ShimDriver:
                     await anyio.sleep(0.005)
         self._procs.pop(instance_id, None)
         shutil.rmtree(d, ignore_errors=True)
+
+    # --- operating a running instance (signal is above) ---------------------------------------
+
+    def _running_pids(self, instance_id: str) -> dict[str, Any]:
+        d = self._dir(instance_id)
+        pids = self._pids(d)
+        if pids is None or self._exit(d) is not None:
+            raise DriverError(f"instance {instance_id} is not running", transient=False)
+        return pids
+
+    def _exec_argv(self, instance_id: str, cmd: list[str]) -> list[str]:
+        """How to run ``cmd`` inside the instance: nsenter into every namespace of its init
+        (pid, mount, uts, ipc, net) when it has its own, otherwise as a plain host process."""
+        main = int(self._running_pids(instance_id)["main"])
+        if os.readlink(f"/proc/{main}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+            nsenter = shutil.which("nsenter") or "nsenter"
+            return [nsenter, "--target", str(main), "--all", "--root", "--wd", "--", *cmd]
+        return cmd
+
+    def _exec_env(self, instance_id: str) -> dict[str, str]:
+        spec = read_json(self._dir(instance_id) / "spec.json") or {}
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+        env.update(spec.get("env") or {})
+        return env
+
+    async def exec(self, instance_id: str, cmd: list[str], *, timeout: float) -> ExecResult:
+        """Run ``cmd`` in the running instance; its output and exit code, or DriverError when it
+        outlives ``timeout`` seconds (it is killed then)."""
+        argv = self._exec_argv(instance_id, cmd)
+        proc = await anyio.open_process(
+            argv, stdin=subprocess.DEVNULL, env=self._exec_env(instance_id),
+            start_new_session=True,
+        )  # fmt: skip
+        out: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+
+        async def drain(name: str, stream: Any) -> None:
+            chunks = []
+            async for chunk in stream:
+                chunks.append(chunk)
+            out[name] = b"".join(chunks)
+
+        async with proc:
+            with anyio.move_on_after(timeout) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(drain, "stdout", proc.stdout)
+                    tg.start_soon(drain, "stderr", proc.stderr)
+                await proc.wait()
+            if scope.cancelled_caught:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, _signal.SIGKILL)
+                with anyio.CancelScope(shield=True):
+                    await proc.wait()
+                raise ExecTimeoutError(f"command did not finish in {timeout:g} s: killed")
+        code = proc.returncode
+        assert code is not None
+        return ExecResult(
+            stdout=out["stdout"].decode(errors="replace"),
+            stderr=out["stderr"].decode(errors="replace"),
+            exit_code=code if code >= 0 else None,
+            exit_signal=-code if code < 0 else None,
+        )
+
+    async def ps(self, instance_id: str) -> list[ProcessInfo]:
+        """The instance's processes: those in its pid namespace when it has one, else those of
+        its process group. ``pid`` is as seen inside the instance."""
+        return await anyio.to_thread.run_sync(self._ps, instance_id)
+
+    def _ps(self, instance_id: str) -> list[ProcessInfo]:
+        pids = self._running_pids(instance_id)
+        main = int(pids["main"])
+        ns = os.readlink(f"/proc/{main}/ns/pid")
+        own_ns = ns != os.readlink("/proc/self/ns/pid")
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            info = process_info(int(entry), ns if own_ns else None, pids.get("pgid"))
+            if info is not None:
+                found.append(info)
+        return sorted(found, key=lambda p: p.pid)
+
+    def logs(self, instance_id: str, lines: int) -> list[str]:
+        """The last ``lines`` lines the instance wrote to stdout/stderr (one interleaved log)."""
+        path = self._dir(instance_id) / "output.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - lines * 1024))  # lines are rarely longer than 1 KiB
+                data = f.read()
+        except FileNotFoundError:
+            raise UnknownInstanceError(instance_id) from None
+        text = data.decode(errors="replace").splitlines()
+        if size > lines * 1024 and text:
+            text = text[1:]  # the first line read is likely cut
+        return text[-lines:] if lines else []
 
     async def destroy_all(self) -> list[str]:
         """Destroy every instance under the state directory (test teardown, host cleanup)."""

@@ -98,6 +98,7 @@ async def main(argv: list[str]) -> None:
         worker="w1",
         observer=Journal(base / "journal"),
         backoff=Backoff(initial=0.01, maximum=0.1),
+        keep_runs=1,  # finished runs are compacted at once: a resume must not need them
     )
     async with orch:
         if mode == "fresh":

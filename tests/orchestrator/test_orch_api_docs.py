@@ -32,6 +32,7 @@ pytestmark = [
 DOC = Path(__file__).resolve().parents[2] / "docs" / "orchestrator.md"
 SECTION = "## The Machines API"
 HEALTH_SECTION = "## Health checks"
+OPS_SECTION = "## Volumes and operating a machine"
 
 # the HTTP status of each curl example, in the order of the document
 STATUSES = [
@@ -52,6 +53,14 @@ HEALTH_STATUSES = [
     None, 200,  # restore it, get (passing)
     200, 200,  # stop, get (stopped, no checks)
     400,  # a bad check
+]  # fmt: skip
+# the Volumes section's curl statuses
+OPS_STATUSES = [
+    200, 200, 200,  # create with a volume, wait started, logs
+    200, 200,  # signal, logs
+    200, 408, 200,  # exec, exec timed out, ps
+    200, 200, 200, 200, 200,  # stop, wait stopped, start, logs, exec cat the volume
+    200, 200, 200, 400,  # events, destroy, wait destroyed, a bad mount
 ]  # fmt: skip
 
 # values that differ from run to run: only their presence is checked
@@ -192,10 +201,10 @@ async def test_machines_api_examples_run_as_documented(tmp_path):
         await ProcessDriver(tmp_path / "machines" / "_instances").destroy_all()
 
 
-def health_steps() -> list[tuple[str, Any, int]]:
-    """The Health checks section's shell steps: (command, documented answer or None, line); the
-    block that only sets the variables is the test's to provide."""
-    blocks = section_blocks(HEALTH_SECTION)
+def health_steps(section: str = HEALTH_SECTION) -> list[tuple[str, Any, int]]:
+    """A section's shell steps (Health checks by default): (command, documented answer or None,
+    line); the block that only sets the variables is the test's to provide."""
+    blocks = section_blocks(section)
     out = []
     for n, (info, text, line) in enumerate(blocks):
         if not info.startswith("sh") or re.match(r"[A-Z_]+=", text):
@@ -239,29 +248,61 @@ async def test_health_check_examples_run_as_documented(tmp_path):
                 "SITE": str(site),
                 "PORT": str(free_port()),
             }
-            for (command, documented, line), status in zip(steps, HEALTH_STATUSES, strict=True):
-                env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
-                       "CURL_HOME": str(tmp_path), **variables}  # fmt: skip
-                # a GET is asked again until its answer is the documented one
-                poll = (
-                    command.startswith("curl ") and " -X " not in command and " -d " not in command
-                )
-                with anyio.fail_after(60 if poll else 120):
-                    while True:
-                        code, body = await run_step(command, env, line)
-                        try:
-                            assert code == status, f"line {line}: HTTP {code} {body}"
-                            if documented is None:
-                                assert body == "", f"line {line}: {body}"
-                                answer = None
-                            else:
-                                answer = json.loads(body)
-                                matches(documented, answer, f"line {line}")
-                            break
-                        except AssertionError:
-                            if not poll:
-                                raise
-                        await anyio.sleep(0.1)
-                capture(answer, variables)
+            await run_session(steps, HEALTH_STATUSES, variables, tmp_path)
+    finally:
+        await ProcessDriver(tmp_path / "machines" / "_instances").destroy_all()
+
+
+async def run_session(
+    steps: list[tuple[str, Any, int]], statuses: list[int | None], variables: dict[str, str],
+    home: Path,
+) -> None:  # fmt: skip
+    """Run a section's steps in order, each GET asked again until its answer is the one shown."""
+    for (command, documented, line), status in zip(steps, statuses, strict=True):
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "CURL_HOME": str(home),
+               **variables}  # fmt: skip
+        poll = command.startswith("curl ") and " -X " not in command and " -d " not in command
+        with anyio.fail_after(60 if poll else 120):
+            while True:
+                code, body = await run_step(command, env, line)
+                try:
+                    assert code == status, f"line {line}: HTTP {code} {body}"
+                    if documented is None:
+                        assert body == "", f"line {line}: {body}"
+                        answer = None
+                    else:
+                        answer = json.loads(body)
+                        matches(documented, answer, f"line {line}")
+                    break
+                except AssertionError:
+                    if not poll:
+                        raise
+                await anyio.sleep(0.1)
+        capture(answer, variables)
+
+
+async def test_volume_and_operations_examples_run_as_documented(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the process driver mounts volumes only as root (its own mount namespace)")
+    documented_config, _ = examples()
+    steps = health_steps(OPS_SECTION)
+    assert len(steps) == len(OPS_STATUSES), (
+        f"{len(steps)} steps in {DOC.name}'s volumes section but {len(OPS_STATUSES)} listed here"
+    )
+    (tmp_path / ".curlrc").write_text('write-out = "\\n%{http_code}"\n')
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    cfg = agent_config(documented_config, tmp_path)
+    try:
+        async with Agent(cfg, extensions=load_extensions(cfg)) as agent:
+            host, port = agent.api_addrs[0]
+            variables = {
+                "ORCH": f"http://{host}:{port}",
+                "TOKEN": documented_config["api"]["authz"]["bearer-token"],
+                "VOL": str(vol),
+            }
+            await run_session(steps, OPS_STATUSES, variables, tmp_path)
+        assert list(vol.iterdir()) == []  # the volume was bound in the machine's namespace only
+        assert not (tmp_path / "machines" / "_volumes" / "ops" / "notes").exists()  # destroyed
     finally:
         await ProcessDriver(tmp_path / "machines" / "_instances").destroy_all()

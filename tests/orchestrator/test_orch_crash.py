@@ -168,10 +168,13 @@ def scenario(tmp_path: Path, kind: str, seed: int) -> int:
                 assert final[mid]["instance"] == want, (seed, mid, final[mid])
                 log = store.log(mid)
             assert log.active_runs() == [], seed
-            for run in log.history(limit=100):
-                assert run.status is RunStatus.SUCCEEDED, (seed, mid, run.action, run.halt)
-                r = run.record
-                runs[r.run_id] = [*r.steps, *(f"finally:{f}" for f in r.finalizers)]
+            # the worker compacts all but the last finished run after each run, so a crash just
+            # before that leaves one more; a destroyed machine is compacted before it is archived
+            assert log.sizes()["runs"] <= (1 if state == "destroyed" else 2), seed
+            for run in log.timeline():  # compacted runs too
+                assert run["status"] == RunStatus.SUCCEEDED, (seed, mid, run)
+                steps, fins = run["steps"], run["finalizers"]
+                runs[run["run_id"]] = [*steps, *(f"finally:{f}" for f in fins)]
             instance_ids[mid] = {log.read_doc()["instance_id"]}
             log.close()
         store.close()

@@ -35,6 +35,8 @@ def test_config_section_validation(tmp_path):
         ({"machines_path": "x", "bogus": 1}, "unknown key"),
         ({"machines_path": "x", "worker": 5}, "worker"),
         ({"machines_path": "x", "archive_path": 5}, "archive_path"),
+        ({"machines_path": "x", "keep_runs": 0}, "keep_runs"),
+        ({"machines_path": "x", "volumes_path": 5}, "volumes_path"),
     ]:
         with pytest.raises(ConfigError, match=text):
             OrchestratorConfig.from_mapping(bad)
