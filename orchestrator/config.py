@@ -12,6 +12,8 @@ state_path = "/var/lib/corrosion/instances"    # driver state (instance dirs, ru
 images_path = "/var/lib/corrosion/images"      # runc root filesystems
 machine_subnet = "10.213.1.0/24"  # each machine in its own netns with an address from here
 machine_bridge = "corro0"         # the bridge on this host the machines' veths attach to
+api_url = "http://10.0.0.5:8080"  # where gateways reach this worker (default: from api.addr)
+capacity = 64                     # machines a gateway may place here
 ```
 
 Without ``machine_subnet`` machines share the host's network (address 127.0.0.1). With it but
@@ -54,6 +56,8 @@ class OrchestratorConfig:
     images_path: Path | None = None
     machine_subnet: str | None = None
     machine_bridge: str = "corro0"
+    api_url: str = ""
+    capacity: int = 64
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> OrchestratorConfig:
@@ -89,7 +93,15 @@ class OrchestratorConfig:
             bridge = check_ifname(section.get("machine_bridge", cls.machine_bridge))
         except ValueError as e:
             raise ConfigError(f"[orchestrator]: machine_bridge: {e}") from None
+        api_url = section.get("api_url", "")
+        if not isinstance(api_url, str) or (api_url and not api_url.startswith("http")):
+            raise ConfigError("[orchestrator]: api_url must be an http:// or https:// URL")
+        capacity = section.get("capacity", cls.capacity)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ConfigError("[orchestrator]: capacity must be a whole number >= 0")
         return cls(
+            api_url=api_url.rstrip("/"),
+            capacity=capacity,
             machine_subnet=subnet,
             machine_bridge=bridge,
             machines_path=Path(section["machines_path"]),
