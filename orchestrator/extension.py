@@ -50,7 +50,7 @@ class OrchestratorExtension:
         self.config = config
         self.orch: Orchestrator | None = None
         self.announcer: Announcer | None = None
-        self._heartbeat = anyio.CancelScope()
+        self._heartbeat: anyio.CancelScope | None = None
 
     async def start(self, agent: ExtensionHost, tg: TaskGroup) -> None:
         # the orchestrator runs its own task group, entered here and exited in close()
@@ -63,11 +63,12 @@ class OrchestratorExtension:
             api_url=self.config.api_url or api_url_for(list(agent.config.api.addrs)),
         )  # fmt: skip
         self.announcer = Announcer(publisher, info, clock=orch.clock)
+        self._heartbeat = anyio.CancelScope()
         await self.announcer.beat()  # gateways may place here as soon as start returns
         tg.start_soon(self._beat_forever)
 
     async def _beat_forever(self) -> None:
-        assert self.announcer is not None
+        assert self.announcer is not None and self._heartbeat is not None
         with self._heartbeat:
             await self.announcer.run()
 
@@ -77,9 +78,11 @@ class OrchestratorExtension:
         return list(routes(self.orch))  # the agent's bearer-token check guards every route
 
     async def close(self) -> None:
-        self._heartbeat.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         if self.announcer is not None:
-            await self.announcer.drain()  # gateways stop placing here before the heartbeat ages
+            with anyio.move_on_after(5):  # gateways stop placing here before the heartbeat ages
+                await self.announcer.drain()
         orch, self.orch = self.orch, None
         if orch is not None:
             await orch.__aexit__(None, None, None)

@@ -90,6 +90,14 @@ class GatewayReplica:
         )
         return {str(w): int(n) for w, n in rows}
 
+    def known(self, machine_ids: Sequence[str]) -> set[str]:
+        """Which of ``machine_ids`` the replica has."""
+        if not machine_ids:
+            return set()
+        marks = ", ".join("?" for _ in machine_ids)
+        rows = self._rows(f"SELECT id FROM {MACHINES_TABLE} WHERE id IN ({marks})", machine_ids)
+        return {str(r[0]) for r in rows}
+
     def owner(self, app: str, machine_id: str) -> str | None:
         rows = self._rows(
             f"SELECT worker FROM {MACHINES_TABLE} WHERE id = ? AND app = ?", (machine_id, app)
@@ -293,7 +301,7 @@ class Gateway:
         region = parsed.get("region") or None
         if region is not None and not isinstance(region, str):
             return _error(400, "region: expected a string")
-        candidates = place(self.replica.workers(), self.replica.used(), region=region,
+        candidates = place(self.replica.workers(), self._used(), region=region,
                            now_ms=self._now_ms(), ttl=self.heartbeat_ttl)  # fmt: skip
         if not candidates:
             where = f" in region {region}" if region else ""
@@ -317,6 +325,20 @@ class Gateway:
                     self._remember(mid, worker.id)
             return _relay(response, worker.id)
         return _error(503, "no worker took the machine (" + "; ".join(failures) + ")")
+
+    def _used(self) -> dict[str, int]:
+        """Machines per worker: the replica's count plus what this gateway created that has not
+        replicated here yet (so a burst of creates spreads instead of piling on one worker)."""
+        used = self.replica.used()
+        pending = list(self._created)
+        known = self.replica.known(pending)
+        for mid in pending:
+            if mid in known:
+                del self._created[mid]
+            else:
+                worker = self._created[mid]
+                used[worker] = used.get(worker, 0) + 1
+        return used
 
     def _remember(self, machine_id: str, worker: str) -> None:
         self._created[machine_id] = worker

@@ -11,6 +11,7 @@ import apsw
 import httpx
 import pytest
 from orch_helpers import CrrPublisher
+from support import wait_for
 
 from corrosion.surfaces.asgi_server import serve_asgi
 from orchestrator.api import create_app
@@ -122,14 +123,6 @@ async def cluster(tmp_path, regions=("ams", "ord")):
         conn.close()
 
 
-async def wait_for(check, what: str, timeout: float = 20.0):
-    deadline = anyio.current_time() + timeout
-    while not (result := await check()):
-        assert anyio.current_time() < deadline, f"timed out waiting for {what}"
-        await anyio.sleep(0.05)
-    return result
-
-
 async def test_create_routes_lists_and_authenticates(tmp_path):
     async with cluster(tmp_path) as (client, orchs, _, _):
         r = await client.post("/v1/apps/web/machines", json={"config": CONFIG, "region": "ord"})
@@ -169,7 +162,7 @@ async def test_create_routes_lists_and_authenticates(tmp_path):
                 await listed(**{"metadata.role": "db"}) == [mid]
             )
 
-        await wait_for(settled, "the replica to show the stop and the metadata")
+        await wait_for(settled, what="the replica to show the stop and the metadata")
         assert await listed() == sorted([mid, other])
         assert await listed(region="ord") == [mid]
         assert await listed(region="ams", state="started") == []
