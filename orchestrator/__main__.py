@@ -107,7 +107,7 @@ def _gateway(args: argparse.Namespace) -> int:
                 token = f.read().strip()
             if not token:
                 raise ValueError(f"--token-file: {args.token_file} is empty")
-        if not os.path.exists(args.replica):
+        if not os.path.isfile(args.replica):
             raise ValueError(f"--replica: no database at {args.replica} (is the agent running?)")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
