@@ -15,11 +15,13 @@ from support import wait_for
 
 from corrosion.surfaces.asgi_server import serve_asgi
 from orchestrator.api import create_app
+from orchestrator.clock import ManualClock
+from orchestrator.config import ConfigError, OrchestratorConfig
 from orchestrator.drivers import FakeDriver
 from orchestrator.gateway import Gateway, GatewayReplica, list_filter, matches, place
 from orchestrator.publish import MACHINES_SCHEMA
 from orchestrator.service import Orchestrator
-from orchestrator.workers import Announcer, WorkerInfo
+from orchestrator.workers import Announcer, WorkerInfo, api_url_for
 
 TOKEN = "gw-secret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -195,8 +197,57 @@ async def test_create_retries_another_worker_when_one_is_down(tmp_path):
             order = place(replica.workers(), replica.used(), region="ams", now_ms=now)
             assert [x.id for x in order] == ["w0", "w1"]
             r = await client.post("/v1/apps/web/machines", json={"config": CONFIG})
-        assert r.status_code == 200, r.text
-        assert r.headers["fly-worker"] == "w1"
+            assert r.status_code == 200, r.text
+            assert r.headers["fly-worker"] == "w1"
+
+            # a machine of the unreachable worker: GET answers from the replica, the rest 503
+            row = {"id": "m0", "app": "web", "worker": "w0", "region": "ams", "state": "started",
+                   "metadata": '{"a":"b"}', "updated_at": NOW}  # fmt: skip
+            cols = ", ".join(row)
+            marks = ", ".join("?" for _ in row)
+            insert = f"INSERT INTO machines ({cols}) VALUES ({marks})"
+            await publishers[0].execute([[insert, list(row.values())]])
+            r = await client.get("/v1/apps/web/machines/m0")
+            assert r.status_code == 200 and "unreachable" in r.headers["warning"]
+            assert r.json()["config"]["metadata"] == {"a": "b"} and r.json()["worker"] == "w0"
+            r = await client.post("/v1/apps/web/machines/m0/stop")
+            assert r.status_code == 503 and "w0" in r.json()["error"]
+
+
+async def test_announcer_heartbeats_and_drains(tmp_path):
+    conn = apsw.Connection(str(tmp_path / "r.db"))
+    conn.execute(MACHINES_SCHEMA)
+    clock = ManualClock(1_700_000_000.0)
+    info = WorkerInfo("w1", "ams", "http://w1:4001", 8)
+    announcer = Announcer(CrrPublisher(conn), info, clock=clock, interval=2.0)
+    replica = GatewayReplica(tmp_path / "r.db")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(announcer.run)
+            await wait_for(lambda: announcer.beats == 1, what="the first beat")
+            assert replica.workers()[0].heartbeat == 1_700_000_000_000
+            clock.advance(2.0)
+            await wait_for(lambda: announcer.beats == 2, what="the second beat")
+            assert replica.workers()[0].heartbeat == 1_700_000_002_000
+            tg.cancel_scope.cancel()
+        await announcer.drain()
+        (row,) = replica.workers()
+        assert row.draining and place([row], {}, region=None, now_ms=row.heartbeat) == []
+    finally:
+        replica.close()
+        conn.close()
+
+
+def test_worker_config_keys(tmp_path):
+    base = {"machines_path": str(tmp_path)}
+    cfg = OrchestratorConfig.from_mapping({**base, "api_url": "http://h:1/", "capacity": 3})
+    assert (cfg.api_url, cfg.capacity) == ("http://h:1", 3)
+    for bad, text in [({"capacity": -1}, "capacity"), ({"capacity": True}, "capacity"),
+                      ({"api_url": "h:1"}, "api_url")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=text):
+            OrchestratorConfig.from_mapping({**base, **bad})
+    assert api_url_for([("10.0.0.2", 4001)]) == "http://10.0.0.2:4001"
+    assert api_url_for([("::1", 4001)]) == "http://[::1]:4001"
 
 
 async def test_call_waits_for_replication_instead_of_404(tmp_path):
