@@ -143,6 +143,8 @@ def _hosts(args: argparse.Namespace) -> int:
             lab = hosts.HostLab(args.hosts, drivers=args.driver, base_dir=args.base_dir,
                                 owned=False)  # fmt: skip
             lab.up()
+            for host in lab.hosts:
+                lab.start_gateway(host)
             print("\n".join(hosts.describe(lab)))
         elif args.action == "down":
             for name in hosts.teardown_named(args.labs):

@@ -622,10 +622,11 @@ def clean_stale() -> list[str]:
 
 def describe(lab: HostLab) -> list[str]:
     """The host table and commands to try, for ``hosts up``."""
-    rows = [("host", "netns", "address", "machines", "driver", "Machines API", "proxy")]
+    rows = [("host", "netns", "address", "machines", "driver", "Machines API", "proxy", "gateway")]
     for h in lab.hosts:
+        gateway = f"http://{h.address}:{GATEWAY_PORT}" if "gateway" in h.procs else "-"
         rows.append((h.name, h.netns, h.address, h.machine_subnet, h.driver, h.api_url,
-                     h.proxy_url))  # fmt: skip
+                     h.proxy_url, gateway))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
            for r in rows]  # fmt: skip
@@ -640,6 +641,8 @@ def describe(lab: HostLab) -> list[str]:
         f"Lab {lab.name}: data in {lab.base}",
         f"  # a machine on {first.name}, serving HTTP on its own address",
         f"  curl -s -X POST {first.api_url}/v1/apps/web/machines -d '{body}'",
+        f"  # or let the gateway on {first.name} place it (any region, most free capacity)",
+        f"  curl -s -X POST http://{first.address}:{GATEWAY_PORT}/v1/apps/web/machines -d '{body}'",
         f"  # reach it through {last.name}'s proxy",
         f"  curl -s -H 'Host: web.{DOMAIN}' {last.proxy_url}/",
         f"  # a shell on {first.name}",
