@@ -4,6 +4,8 @@
   every node's corrosion config.
 * ``proxy --replica DB --listen HOST:PORT [--domain D] [--default-app A]`` — the proxy over a
   node's replica file, until SIGINT/SIGTERM.
+* ``gateway --replica DB --listen HOST:PORT [--token-file F]`` — one Machines API over every
+  worker in the replica's ``workers`` table (see :mod:`.gateway`), until SIGINT/SIGTERM.
 * ``hosts up [--hosts N] [--driver process|runc] [--base-dir DIR]`` / ``hosts down [LAB...]`` /
   ``hosts list`` / ``hosts clean`` — worker hosts as network namespaces on this machine (root),
   see :mod:`.hosts`.
@@ -12,10 +14,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-USAGE = "usage: python -m orchestrator {schema-path,proxy,hosts} ..."
+USAGE = "usage: python -m orchestrator {schema-path,proxy,gateway,hosts} ..."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument("--listen", required=True, help="HOST:PORT to serve on")
     proxy.add_argument("--domain", help="route <app>.<domain> to the app's machines")
     proxy.add_argument("--default-app", help="the app for any other Host")
+    gw = sub.add_parser("gateway", help="serve one Machines API over the replica's workers")
+    gw.add_argument("--replica", required=True, help="the node's database file")
+    gw.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    gw.add_argument("--token-file", help="a file holding the workers' API bearer token")
+    gw.add_argument(
+        "--replication-wait",
+        type=float,
+        default=5.0,
+        help="seconds to wait for a machine the replica lacks (default 5)",
+    )
     hosts = sub.add_parser("hosts", help="worker hosts as network namespaces (root)")
     hsub = hosts.add_subparsers(dest="action", required=True)
     up = hsub.add_parser("up", help="start a lab of namespace hosts and leave it running")
@@ -76,6 +89,52 @@ def _proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import anyio
+
+    from corrosion.config import parse_addr
+    from corrosion.surfaces.asgi_server import serve_asgi
+
+    from .gateway import Gateway, GatewayReplica
+
+    try:
+        host, port = parse_addr(args.listen, "--listen")
+        if args.replication_wait < 0:
+            raise ValueError("--replication-wait: expected seconds >= 0")
+        token = None
+        if args.token_file is not None:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+            if not token:
+                raise ValueError(f"--token-file: {args.token_file} is empty")
+        if not os.path.isfile(args.replica):
+            raise ValueError(f"--replica: no database at {args.replica} (is the agent running?)")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        replica = GatewayReplica(args.replica)
+        gateway = Gateway(replica, token=token, replication_wait=args.replication_wait)
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with anyio.create_task_group() as tg:
+                    server = await serve_asgi(gateway, tg, host, port, lifespan=True)
+                    print(f"gateway on {host}:{server.address[1]} over {args.replica}", flush=True)
+                    async for _ in signals:
+                        break
+                    server.close()
+        finally:
+            replica.close()
+
+    try:
+        anyio.run(serve)
+    except OSError as e:
+        print(f"error: the gateway could not start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _hosts(args: argparse.Namespace) -> int:
     from . import hosts
 
@@ -84,6 +143,8 @@ def _hosts(args: argparse.Namespace) -> int:
             lab = hosts.HostLab(args.hosts, drivers=args.driver, base_dir=args.base_dir,
                                 owned=False)  # fmt: skip
             lab.up()
+            for host in lab.hosts:
+                lab.start_gateway(host)
             print("\n".join(hosts.describe(lab)))
         elif args.action == "down":
             for name in hosts.teardown_named(args.labs):
@@ -114,6 +175,8 @@ def main(argv: list[str]) -> int:
         return 0
     if args.command == "proxy":
         return _proxy(args)
+    if args.command == "gateway":
+        return _gateway(args)
     return _hosts(args)
 
 

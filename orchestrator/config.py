@@ -14,6 +14,8 @@ machine_subnet = "10.213.1.0/24"  # each machine in its own netns with an addres
 machine_bridge = "corro0"         # the bridge on this host the machines' veths attach to
 volumes_path = "/var/lib/corrosion/volumes"    # config.mounts (default <machines_path>/_volumes)
 keep_runs = 50                    # finished runs a machine's step log keeps; older: its history
+api_url = "http://10.0.0.5:8080"  # where gateways reach this worker (default: from api.addr)
+capacity = 64                     # machines a gateway may place here
 ```
 
 Without ``machine_subnet`` machines share the host's network (address 127.0.0.1). With it but
@@ -58,6 +60,8 @@ class OrchestratorConfig:
     machine_bridge: str = "corro0"
     volumes_path: Path | None = None
     keep_runs: int = DEFAULT_KEEP_RUNS
+    api_url: str = ""
+    capacity: int = 64
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> OrchestratorConfig:
@@ -96,9 +100,17 @@ class OrchestratorConfig:
         keep_runs = section.get("keep_runs", cls.keep_runs)
         if isinstance(keep_runs, bool) or not isinstance(keep_runs, int) or keep_runs < 1:
             raise ConfigError("[orchestrator]: keep_runs must be an integer of at least 1")
+        api_url = section.get("api_url", "")
+        if not isinstance(api_url, str) or (api_url and not api_url.startswith("http")):
+            raise ConfigError("[orchestrator]: api_url must be an http:// or https:// URL")
+        capacity = section.get("capacity", cls.capacity)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ConfigError("[orchestrator]: capacity must be a whole number >= 0")
         return cls(
             volumes_path=path("volumes_path"),
             keep_runs=keep_runs,
+            api_url=api_url.rstrip("/"),
+            capacity=capacity,
             machine_subnet=subnet,
             machine_bridge=bridge,
             machines_path=Path(section["machines_path"]),

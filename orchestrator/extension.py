@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import anyio
 from anyio.abc import TaskGroup
 from starlette.routing import BaseRoute
 
@@ -25,6 +26,7 @@ from .api import routes
 from .config import OrchestratorConfig, build_orchestrator
 from .publish import MACHINES_SCHEMA, Statement
 from .service import Orchestrator
+from .workers import Announcer, WorkerInfo, api_url_for
 
 
 class AgentPublisher:
@@ -47,12 +49,28 @@ class OrchestratorExtension:
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.orch: Orchestrator | None = None
+        self.announcer: Announcer | None = None
+        self._heartbeat: anyio.CancelScope | None = None
 
     async def start(self, agent: ExtensionHost, tg: TaskGroup) -> None:
         # the orchestrator runs its own task group, entered here and exited in close()
-        orch = build_orchestrator(self.config, publisher=AgentPublisher(agent))
+        publisher = AgentPublisher(agent)
+        orch = build_orchestrator(self.config, publisher=publisher)
         await orch.__aenter__()
         self.orch = orch
+        info = WorkerInfo(
+            id=orch.worker, region=orch.region, capacity=self.config.capacity,
+            api_url=self.config.api_url or api_url_for(list(agent.config.api.addrs)),
+        )  # fmt: skip
+        self.announcer = Announcer(publisher, info, clock=orch.clock)
+        self._heartbeat = anyio.CancelScope()
+        await self.announcer.beat()  # gateways may place here as soon as start returns
+        tg.start_soon(self._beat_forever)
+
+    async def _beat_forever(self) -> None:
+        assert self.announcer is not None and self._heartbeat is not None
+        with self._heartbeat:
+            await self.announcer.run()
 
     def routes(self) -> list[BaseRoute]:
         if self.orch is None:
@@ -64,6 +82,11 @@ class OrchestratorExtension:
         return [] if self.orch is None else self.orch.metrics.families(self.orch)
 
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self.announcer is not None:
+            with anyio.move_on_after(5):  # gateways stop placing here before the heartbeat ages
+                await self.announcer.drain()
         orch, self.orch = self.orch, None
         if orch is not None:
             await orch.__aexit__(None, None, None)

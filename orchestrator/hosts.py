@@ -60,7 +60,7 @@ from .network import (
 REGISTRY = Path("/run/corrosion-hosts")
 LAB_RE = re.compile(r"^clab[0-9a-f]{5}$")
 OCTETS = range(200, 255)
-API_PORT, GOSSIP_PORT, PROXY_PORT = 4001, 4002, 8080
+API_PORT, GOSSIP_PORT, PROXY_PORT, GATEWAY_PORT = 4001, 4002, 8080, 4280
 DOMAIN = "internal"
 MACHINE_BRIDGE = "corro0"
 DRIVERS = ("process", "runc")
@@ -217,12 +217,16 @@ class HostLab:
         base_dir: str | Path | None = None,
         owned: bool = True,
         python: str | None = None,
+        regions: Sequence[str] | None = None,
     ) -> None:
         if not 1 <= hosts <= 9:
             raise ValueError("a lab has 1 to 9 hosts")
         drivers = [drivers] * hosts if isinstance(drivers, str) else list(drivers)
         if len(drivers) != hosts or any(d not in DRIVERS for d in drivers):
             raise ValueError(f"drivers: one of {', '.join(DRIVERS)} per host")
+        self.regions = list(regions) if regions is not None else ["local"] * hosts
+        if len(self.regions) != hosts:
+            raise ValueError("regions: one per host")
         self.size = hosts
         self.drivers = drivers
         self.owned = owned
@@ -351,7 +355,7 @@ class HostLab:
             "images_path": str(self.base / "images"),
             "driver": host.driver,
             "worker": host.name,
-            "region": "local",
+            "region": self.regions[host.index - 1],
             "machine_subnet": host.machine_subnet,
             "machine_bridge": MACHINE_BRIDGE,
         }
@@ -450,6 +454,27 @@ class HostLab:
             except OSError:
                 return False
         return True
+
+    def start_gateway(self, host: Host, timeout: float = 60.0) -> str:
+        """Start a gateway (``python -m orchestrator gateway``) on ``host`` over its replica;
+        its URL once it listens."""
+        import socket
+
+        self._spawn(host, "gateway", [
+            "-m", "orchestrator", "gateway", "--replica", str(host.db_path),
+            "--listen", f"{host.address}:{GATEWAY_PORT}",
+        ])  # fmt: skip
+        self._save()
+
+        def listens() -> bool:
+            try:
+                socket.create_connection((host.address, GATEWAY_PORT), timeout=2).close()
+            except OSError:
+                return False
+            return True
+
+        self._wait(listens, timeout, f"{host.name}'s gateway to listen")
+        return f"http://{host.address}:{GATEWAY_PORT}"
 
     def stop_agent(self, host: Host, *, kill: bool = True) -> None:
         """Stop a host's agent (and so its worker; its machines keep running), SIGKILL by
@@ -597,10 +622,11 @@ def clean_stale() -> list[str]:
 
 def describe(lab: HostLab) -> list[str]:
     """The host table and commands to try, for ``hosts up``."""
-    rows = [("host", "netns", "address", "machines", "driver", "Machines API", "proxy")]
+    rows = [("host", "netns", "address", "machines", "driver", "Machines API", "proxy", "gateway")]
     for h in lab.hosts:
+        gateway = f"http://{h.address}:{GATEWAY_PORT}" if "gateway" in h.procs else "-"
         rows.append((h.name, h.netns, h.address, h.machine_subnet, h.driver, h.api_url,
-                     h.proxy_url))  # fmt: skip
+                     h.proxy_url, gateway))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
            for r in rows]  # fmt: skip
@@ -615,6 +641,8 @@ def describe(lab: HostLab) -> list[str]:
         f"Lab {lab.name}: data in {lab.base}",
         f"  # a machine on {first.name}, serving HTTP on its own address",
         f"  curl -s -X POST {first.api_url}/v1/apps/web/machines -d '{body}'",
+        f"  # or let the gateway on {first.name} place it (any region, most free capacity)",
+        f"  curl -s -X POST http://{first.address}:{GATEWAY_PORT}/v1/apps/web/machines -d '{body}'",
         f"  # reach it through {last.name}'s proxy",
         f"  curl -s -H 'Host: web.{DOMAIN}' {last.proxy_url}/",
         f"  # a shell on {first.name}",

@@ -37,12 +37,12 @@ MACHINES_SCHEMA = MACHINES_SCHEMA_PATH.read_text()
 
 COLUMNS = (
     "id", "app", "worker", "region", "state", "instance_id", "address", "cordoned", "checks",
-    "services", "updated_at", "private_ip",
+    "services", "updated_at", "private_ip", "name", "metadata",
 )  # fmt: skip
 
 # columns added after the first release (the schema grows additively): a row without them, made
 # by older code, is published with their default
-ADDED_COLUMNS = frozenset({"private_ip"})
+ADDED_COLUMNS = frozenset({"private_ip", "name", "metadata"})
 
 Statement = str | list[Any]
 
@@ -70,6 +70,8 @@ def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         # the machine's address: on its own network when it has one, 127.0.0.1 (reachable from
         # this host only) when it shares the host's; ``address`` is the same, for older readers
         "private_ip": doc.get("private_ip", "") or "",
+        "name": doc.get("name", ""),
+        "metadata": _json(doc.get("config", {}).get("metadata") or {}),
     }
 
 

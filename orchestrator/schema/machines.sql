@@ -14,7 +14,22 @@ CREATE TABLE machines (
     checks TEXT NOT NULL DEFAULT '[]',
     services TEXT NOT NULL DEFAULT '[]',
     updated_at INTEGER NOT NULL DEFAULT 0,
-    private_ip TEXT NOT NULL DEFAULT ''
+    private_ip TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX machines_app_state ON machines (app, state);
 CREATE INDEX machines_worker ON machines (worker);
+
+-- One row per worker, written only by that worker: at start, then every few seconds (heartbeat,
+-- wall-clock milliseconds), and with draining = 1 when it shuts down. Gateways place machines
+-- on live workers from their local replica of it.
+CREATE TABLE workers (
+    id TEXT NOT NULL PRIMARY KEY,
+    region TEXT NOT NULL DEFAULT '',
+    api_url TEXT NOT NULL DEFAULT '',
+    capacity INTEGER NOT NULL DEFAULT 0,
+    cordoned INTEGER NOT NULL DEFAULT 0,
+    draining INTEGER NOT NULL DEFAULT 0,
+    heartbeat INTEGER NOT NULL DEFAULT 0
+);
