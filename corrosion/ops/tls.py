@@ -156,8 +156,13 @@ def _load_ca(
 
 
 def _targets(out_dir: Path, kind: str) -> tuple[Path, Path]:
-    if not out_dir.is_dir():
+    """The files to write in ``out_dir`` (made if missing), refusing to overwrite any."""
+    if out_dir.exists() and not out_dir.is_dir():
         raise TlsError(f"{str(out_dir)!r} is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TlsError(f"cannot create {str(out_dir)!r}: {exc.strerror or exc}") from None
     paths = out_dir / f"{kind}_cert.pem", out_dir / f"{kind}_key.pem"
     for path in paths:
         if path.exists():

@@ -20,9 +20,7 @@ async def generate(*args: str) -> str:
 
 async def test_generated_certificates_carry_mutual_tls_between_agents(base):
     pki = base / "pki"
-    nodes = [pki / "n0", pki / "n1"]
-    for d in nodes:
-        d.mkdir(parents=True)
+    nodes = [pki / "n0", pki / "n1"]  # made by the commands, as a user expects
     await generate("ca", "generate", "--output-dir", str(pki))
     ca = ["--ca-key", str(pki / "ca_key.pem"), "--ca-cert", str(pki / "ca_cert.pem")]
     for d in nodes:
@@ -56,6 +54,9 @@ async def test_bad_input_is_refused_and_nothing_overwritten(base):
     again = await cli("tls", "ca", "generate", "--output-dir", str(base))
     assert again.exit_code == 1 and "ca_cert.pem exists" in again.output
     assert (base / "ca_key.pem").read_bytes() == key_before
+    (base / "a-file").write_text("")
+    not_dir = await cli("tls", "ca", "generate", "--output-dir", str(base / "a-file"))
+    assert not_dir.exit_code == 1 and "is not a directory" in not_dir.output
 
     ca = ["--ca-key", str(base / "ca_key.pem"), "--ca-cert", str(base / "ca_cert.pem")]
     out = base / "out"
