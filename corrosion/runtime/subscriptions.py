@@ -113,7 +113,7 @@ def query_hash(normalized_sql: str, params: Any) -> str:
     return h.hexdigest()[:32]
 
 
-class ColumnsChanged(Exception):
+class ColumnsChanged(CorrosionError):
     """The query's columns are no longer those the subscription has (``SELECT *`` after a
     schema change added a column): its rows cannot be diffed any more."""
 
