@@ -91,10 +91,10 @@ def _untype_buffered_values(conn: apsw.Connection) -> None:
     found = conn.execute(
         "SELECT type FROM pragma_table_info('__corro_buffered_changes') WHERE name = 'val'"
     ).fetchone()
-    (keyed,) = conn.execute(
+    keyed = conn.execute(
         "SELECT count(*) FROM pragma_table_info('__corro_buffered_changes') WHERE pk > 0"
     ).fetchone()
-    if found is None or (found[0] == "" and keyed == 6):
+    if found is None or (found[0] == "" and keyed == (6,)):
         return
     conn.execute("ALTER TABLE __corro_buffered_changes RENAME TO __corro_buffered_changes_old")
     conn.execute(_MIGRATION)
