@@ -351,6 +351,12 @@ class AgentMachine(SwimMachine):
                           reorder_delay=0.2)  # fmt: skip
         self.sim.set_link(model, channel=AGENT)
 
+    @rule()
+    def isolate_every_node(self) -> None:
+        """Chunks in flight stop where they are: no relay, no sync until the heal."""
+        self._log("partition every node from every other")
+        self.sim.partition([[node] for node in self.sim.nodes])
+
     @rule(src=st.integers(0, 5), dst=st.integers(0, 5), muted=st.booleans())
     def mute_replication(self, src: int, dst: int, muted: bool) -> None:
         from .agent_core import AGENT
