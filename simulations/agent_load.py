@@ -110,6 +110,7 @@ class ChunkedRun:
     chunk_frames_doubled: int = 0  # of those, delivered twice
     partial_peak: int = 0  # most versions held in part at once (all nodes)
     partial_at_heal: int = 0  # versions held in part when the faults stopped: sync's job
+    digest: str = ""  # the world's trace digest at the end (same seed, same digest)
 
     def watch(self, world: World) -> None:
         """Count chunks on the wire and partial versions (``world.send_hooks``, an audit)."""
@@ -175,6 +176,7 @@ def chunked_run(
         run.partial_at_heal = run._count_partials(world)
         world.config_text = run.describe()
         run_liveness(world, link=BASE_LINK, timeout=liveness_timeout)
+        run.digest = world.digest()
         world.check()
     finally:
         world.close()
