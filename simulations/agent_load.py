@@ -115,7 +115,7 @@ class ChunkedRun:
     def watch(self, world: World) -> None:
         """Count chunks on the wire and partial versions (``world.send_hooks``, an audit)."""
         ranges: dict[tuple[bytes, int], set[tuple[int, int]]] = {}
-        frames: dict[tuple[bytes, int], list[int]] = {}
+        counts: dict[tuple[bytes, int], list[int]] = {}  # frames, lost, doubled per version
 
         def on_send(node, channel, dst, data, info, fate) -> None:
             header = peek_changeset(data) if channel == AGENT else None
@@ -123,13 +123,19 @@ class ChunkedRun:
                 return
             key = header[:2]
             seen = ranges.setdefault(key, set())
+            was_multi = len(seen) > 1
             seen.add(header[2:])
-            frames.setdefault(key, []).append(len(fate))
-            multi = {k: v for k, v in frames.items() if len(ranges[k]) > 1}
-            self.chunked_versions = len(multi)
-            self.chunk_frames = sum(len(v) for v in multi.values())
-            self.chunk_frames_lost = sum(v.count(0) for v in multi.values())
-            self.chunk_frames_doubled = sum(v.count(2) for v in multi.values())
+            frame = [1, int(not fate), int(len(fate) == 2)]
+            mine = counts.setdefault(key, [0, 0, 0])
+            for i, x in enumerate(frame):
+                mine[i] += x
+            if len(seen) < 2:
+                return
+            add = frame if was_multi else mine  # a version seen in two chunks: count it all
+            self.chunked_versions += 0 if was_multi else 1
+            self.chunk_frames += add[0]
+            self.chunk_frames_lost += add[1]
+            self.chunk_frames_doubled += add[2]
 
         world.send_hooks.append(on_send)
         world.every(0.05, lambda now: self._count_partials(world))
