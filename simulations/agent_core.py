@@ -12,8 +12,9 @@ timer. Queued changesets are applied as soon as they arrive (the agent's apply l
 its thread, but with the same two calls: ``apply_batch``, then ``install_apply``).
 
 :func:`agent_world` builds a world of agents (each node: this core, then a swim core whose
-metadata comes from it) with the SWIM checkers and :class:`~simulations.crdt_checks.
-CrdtConvergence` (equal databases and zero gaps after heal and quiet).
+metadata comes from it) with the SWIM checkers, :class:`~simulations.crdt_checks.
+CrdtConvergence` (equal databases after heal and quiet) and :class:`~simulations.agent_checks.
+AgentBookkeeping` (no partial or missing version, equal heads, bookkeeping tables in step).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from corrosion.core.statements import Statement
 from corrosion.core.store import Store
 from swim import Config, MemberUp
 
+from .agent_checks import AgentBookkeeping
 from .cluster import SEEDS_PER_NODE
 from .crdt_checks import CrdtConvergence
 from .network import Address, LinkModel
@@ -173,8 +175,9 @@ def agent_world(
     extra: Sequence[CoreSpec] = (),
     files_dir: str | None = None,
 ) -> World:
-    """``n`` agents joining through the first three, every SWIM checker, and CRDT convergence
-    (equal databases and no gaps after heal) as a liveness checker. ``extra``: more cores on
+    """``n`` agents joining through the first three, every SWIM checker, and as liveness
+    checkers CRDT convergence (equal databases after heal) and the agent's bookkeeping (no
+    partial or missing version anywhere, ``agent_checks``). ``extra``: more cores on
     every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``);
     ``files_dir``: where the world's temporary directory goes (see ``World``)."""
     swim_config = swim_config or Config.lan()
@@ -182,11 +185,10 @@ def agent_world(
     for c in swim_checkers():
         world.add_checker(c)
     world.add_checker(
-        CrdtConvergence(
-            lambda node: a.conn if (a := agent_of(node)) else None,
-            lambda node: a.store.bookie.gap_count() if (a := agent_of(node)) else 0,
-            deadline=deadline,
-        )
+        CrdtConvergence(lambda node: a.conn if (a := agent_of(node)) else None, deadline=deadline)
+    )
+    world.add_checker(
+        AgentBookkeeping(lambda node: a.store if (a := agent_of(node)) else None, deadline)
     )
     for i in range(n):
         seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]

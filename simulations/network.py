@@ -9,6 +9,12 @@ the same knobs: one-way delay, loss, replay, partitions symmetric or not).
 Each kind of draw has its own random stream (``net.delay``, ``net.loss``, ...), so turning on
 duplication does not change which packets are lost. Streams (TCP) are reliable: they see the
 delay and the partitions, never loss.
+
+A *channel* (the core a datagram belongs to: ``swim``, ``corrosion``) can have link models of its
+own, so one protocol's traffic can be lossy while another's stays clean, and can be *muted* on
+chosen directed links: every datagram of that channel on that link is dropped, for as long as
+the mute lasts (a topology, not a fault: healing leaves it), while streams still pass. Muting
+the replication channel on some links leaves anti-entropy sync alone to deliver across them.
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ class NetworkStats:
     duplicated: int = 0
     to_down: int = 0  # arrived at a crashed node or an unknown address
     overflow: int = 0  # dropped by a clogged node's full receive queue
+    muted: int = 0  # dropped because their channel is muted on that link
     streams: int = 0
     streams_failed: int = 0
 
@@ -150,6 +157,9 @@ class Network:
     def __init__(self, streams: Streams, default: LinkModel | None = None) -> None:
         self.default = default or LinkModel()
         self.links: dict[tuple[Address, Address], LinkModel] = {}
+        # (channel, src, dst) -> model; (channel, None, None) is the channel's default
+        self.channel_links: dict[tuple[str, Address | None, Address | None], LinkModel] = {}
+        self.muted: dict[tuple[str, Address, Address], None] = {}
         self.partitions: dict[int, Partition] = {}
         self.stats = NetworkStats()
         self._delay_rng = streams("net.delay")
@@ -167,7 +177,36 @@ class Network:
         else:
             self.links[(src, dst)] = model
 
-    def model(self, src: Address, dst: Address) -> LinkModel:
+    def set_channel_link(
+        self,
+        channel: str,
+        model: LinkModel | None,
+        src: Address | None = None,
+        dst: Address | None = None,
+    ) -> None:
+        """Override the model of ``channel``'s datagrams on ``src -> dst`` (both None: on every
+        link); None restores what applies without it."""
+        if (src is None) != (dst is None):
+            raise ValueError("give both ends of the link, or neither")
+        if model is None:
+            self.channel_links.pop((channel, src, dst), None)
+        else:
+            self.channel_links[(channel, src, dst)] = model
+
+    def mute(self, channel: str, src: Address, dst: Address, muted: bool = True) -> None:
+        """Drop every datagram of ``channel`` on ``src -> dst`` (``muted=False``: stop)."""
+        if muted:
+            self.muted[(channel, src, dst)] = None
+        else:
+            self.muted.pop((channel, src, dst), None)
+
+    def model(self, src: Address, dst: Address, channel: str = "") -> LinkModel:
+        if self.channel_links:
+            m = self.channel_links.get((channel, src, dst)) or self.channel_links.get(
+                (channel, None, None)
+            )
+            if m is not None:
+                return m
         if self.links:
             return self.links.get((src, dst), self.default)
         return self.default
@@ -188,22 +227,31 @@ class Network:
     @property
     def max_delay(self) -> float:
         """The longest one-way delay any link can impose now."""
-        return max([self.default.max_delay] + [m.max_delay for m in self.links.values()])
+        models = [self.default, *self.links.values(), *self.channel_links.values()]
+        return max(m.max_delay for m in models)
 
     @property
     def clean(self) -> bool:
-        return self.default.clean and all(m.clean for m in self.links.values())
+        """No lossy link (a muted channel is a topology, not loss)."""
+        models = [self.default, *self.links.values(), *self.channel_links.values()]
+        return all(m.clean for m in models)
 
     # -- fates --------------------------------------------------------------------------------
 
-    def fate(self, src: Address, dst: Address) -> tuple[float, ...]:
-        """Delays of the copies of one datagram that will arrive (empty: dropped)."""
+    def fate(self, src: Address, dst: Address, channel: str = "") -> tuple[float, ...]:
+        """Delays of the copies of one ``channel`` datagram that will arrive (empty: dropped)."""
         st = self.stats
         st.sent += 1
         if self.partitions and self.blocked(src, dst):
             st.cut += 1
             return ()
-        m = self.links.get((src, dst), self.default) if self.links else self.default
+        if self.muted and (channel, src, dst) in self.muted:
+            st.muted += 1
+            return ()
+        if self.channel_links:
+            m = self.model(src, dst, channel)
+        else:
+            m = self.links.get((src, dst), self.default) if self.links else self.default
         if m.loss and self._loss_rng.random() < m.loss:
             st.lost += 1
             return ()

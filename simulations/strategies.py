@@ -17,6 +17,8 @@ own from :func:`link_models` and :func:`fault_schedules`.
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -277,8 +279,10 @@ class CrdtMachine(SwimMachine):
 
 class AgentMachine(SwimMachine):
     """Agents (the real replication core over real stores, ``simulations.agent_core``) under
-    the same faults, plus writes on random nodes; at the end every database must be equal and
-    no node may miss a version."""
+    the same faults, plus writes on random nodes - small ones, and versions of many chunks
+    (``agent_load``) - while the replication channel loses, doubles and reorders datagrams and
+    some of its links are muted (healing keeps them muted: sync alone crosses them); at the end
+    every database must be equal and no node may hold a version in part or miss one."""
 
     max_nodes = 5
 
@@ -306,6 +310,61 @@ class AgentMachine(SwimMachine):
                 (f"k{key}", f"v{value}"),
             )
         core.execute([stmt], self.sim.now)
+
+    # versions of many chunks (``agent_load``): lost, doubled, reordered, or only synced
+
+    @rule(
+        i=st.integers(0, 5),
+        rows=st.integers(10, 80),
+        size=st.sampled_from([200, 700]),
+        salt=st.integers(0, 2**16),
+    )
+    def big_write(self, i: int, rows: int, size: int, salt: int) -> None:
+        from .agent_core import agent_of
+        from .agent_load import big_transaction
+
+        core = agent_of(self._node(i))
+        if core is not None:
+            self._log(f"big write on {self._node(i).name}: {rows} rows of {size} chars ({salt})")
+            core.execute(big_transaction(random.Random(salt), rows, size), self.sim.now)
+
+    @rule(i=st.integers(0, 5), size=st.sampled_from([9_000, 40_000]), salt=st.integers(0, 2**16))
+    def large_write(self, i: int, size: int, salt: int) -> None:
+        from .agent_core import agent_of
+        from .agent_load import large_value
+
+        core = agent_of(self._node(i))
+        if core is not None:
+            self._log(f"large value on {self._node(i).name}: {size} chars ({salt})")
+            core.execute(large_value(random.Random(salt), size), self.sim.now)
+
+    @rule(
+        loss=st.sampled_from([0.0, 0.2, 0.5]),
+        dup=st.sampled_from([0.0, 0.2]),
+        reorder=st.sampled_from([0.0, 0.5]),
+    )
+    def replication_link(self, loss: float, dup: float, reorder: float) -> None:
+        from .agent_core import AGENT
+
+        self._log(f"replication link loss {loss:g} dup {dup:g} reorder {reorder:g}")
+        model = LinkModel(BASE_LINK.delay, loss=loss, duplicate=dup, reorder=reorder,
+                          reorder_delay=0.2)  # fmt: skip
+        self.sim.set_link(model, channel=AGENT)
+
+    @rule()
+    def isolate_every_node(self) -> None:
+        """Chunks in flight stop where they are: no relay, no sync until the heal."""
+        self._log("partition every node from every other")
+        self.sim.partition([[node] for node in self.sim.nodes])
+
+    @rule(src=st.integers(0, 5), dst=st.integers(0, 5), muted=st.booleans())
+    def mute_replication(self, src: int, dst: int, muted: bool) -> None:
+        from .agent_core import AGENT
+
+        a, b = self._node(src), self._node(dst)
+        if a is not b:
+            self._log(f"{'mute' if muted else 'unmute'} replication {a.name}->{b.name}")
+            self.sim.mute(AGENT, a, b, muted)
 
 
 class OrchestratorMachine(SwimMachine):

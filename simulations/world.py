@@ -255,15 +255,35 @@ class World:
                 self._note_fault(f"heal#{p}")
         self._update_calm()
 
-    def set_link(self, model: LinkModel, src: Address | None = None, dst: Address | None = None):
-        """Change the default link model, or the model of the directed link ``src -> dst``."""
-        if src is None or dst is None:
+    def set_link(
+        self,
+        model: LinkModel,
+        src: Address | None = None,
+        dst: Address | None = None,
+        *,
+        channel: str | None = None,
+    ):
+        """Change the default link model, or the model of the directed link ``src -> dst``;
+        with ``channel``, only for that channel's datagrams (``network.Network.channel_links``)."""
+        if channel is not None:
+            if (src is None) != (dst is None):
+                raise ValueError("give both ends of the link, or neither")
+            self.net.set_channel_link(channel, model, src, dst)
+            where = "" if src is None else f" {src}->{dst}"
+            self._note_fault(f"link {channel}{where} {_brief(model)}")
+        elif src is None or dst is None:
             self.net.default = model
             self._note_fault(f"link default {_brief(model)}")
         else:
             self.net.set_link(src, dst, model)
             self._note_fault(f"link {src}->{dst} {_brief(model)}")
         self._update_calm()
+
+    def mute(self, channel: str, src: SimNode, dst: SimNode, muted: bool = True) -> None:
+        """Drop every ``channel`` datagram from ``src`` to ``dst`` until unmuted (streams still
+        pass; healing leaves it: see ``network``); ``muted=False`` unmutes."""
+        self.net.mute(channel, src.addr, dst.addr, muted)
+        self._note_fault(f"{'mute' if muted else 'unmute'} {channel} {src.name}->{dst.name}")
 
     def clog(self, node: SimNode, lag: Delay, capacity: int | None = None) -> None:
         """Stress ``node``: it handles received messages ``lag`` late, and drops datagrams
@@ -285,12 +305,14 @@ class World:
         self._update_calm()
 
     def heal_all(self, link: LinkModel | None = None) -> None:
-        """End every network fault: partitions, clogs, and (given ``link``) lossy links."""
+        """End every network fault: partitions, clogs, and (given ``link``) lossy links, per
+        channel too. Muted channels stay muted."""
         self.heal()
         for idx in list(self._clogged):
             self.unclog(self.nodes[idx])
         if link is not None:
             self.net.links.clear()
+            self.net.channel_links.clear()
             self.set_link(link)
 
     @property
@@ -373,7 +395,7 @@ class World:
     # -- what a Port uses (node.PortHost) --------------------------------------------------
 
     def transmit(self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any) -> None:
-        fate = self.net.fate(node.addr, dst)
+        fate = self.net.fate(node.addr, dst, channel)
         now = self.sched.now
         target = self.by_addr.get(dst)
         self.trace.datagram(now, node.index, -1 if target is None else target.index, channel,

@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS __corro_buffered_changes (
     "table" TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val,
     col_version INTEGER NOT NULL, db_version INTEGER NOT NULL, site_id BLOB, cl INTEGER NOT NULL,
     seq INTEGER NOT NULL, actor_id BLOB NOT NULL, version INTEGER NOT NULL,
-    PRIMARY KEY (actor_id, version, seq)) WITHOUT ROWID;
+    PRIMARY KEY (actor_id, version, seq, "table", pk, cid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS __corro_members (
     actor_id BLOB PRIMARY KEY NOT NULL, address TEXT NOT NULL, state TEXT NOT NULL,
     meta BLOB, updated_at INTEGER NOT NULL);
@@ -82,11 +82,19 @@ CREATE TABLE IF NOT EXISTS __corro_members (
 def _untype_buffered_values(conn: apsw.Connection) -> None:
     """Databases made before this fix declared ``__corro_buffered_changes.val`` as ``ANY``, which
     in a table that is not STRICT means NUMERIC affinity: a text '123' in a chunked version came
-    out as the integer 123. Rebuild the table with an untyped ``val`` (no affinity)."""
+    out as the integer 123. Rebuild the table with an untyped ``val`` (no affinity).
+
+    And they keyed a buffered change by its seq alone, but two changes of one version can share
+    a seq: a node that merges a change resurrecting a row stamps the row's sentinel with that
+    change's seq, and serves both in the version; the second was dropped, and the version applied
+    without it. Rebuild with the cell in the key too."""
     found = conn.execute(
         "SELECT type FROM pragma_table_info('__corro_buffered_changes') WHERE name = 'val'"
     ).fetchone()
-    if found is None or found[0] == "":
+    keyed = conn.execute(
+        "SELECT count(*) FROM pragma_table_info('__corro_buffered_changes') WHERE pk > 0"
+    ).fetchone()
+    if found is None or (found[0] == "" and keyed == (6,)):
         return
     conn.execute("ALTER TABLE __corro_buffered_changes RENAME TO __corro_buffered_changes_old")
     conn.execute(_MIGRATION)

@@ -206,3 +206,33 @@ def test_files_live_in_a_temporary_directory_removed_on_close():
     assert not path.exists()
     with pytest.raises(RuntimeError, match="no directory"):
         _ = world_of(1).nodes[0].disk.path
+
+
+def test_a_channel_can_have_its_own_link_and_be_muted_on_one_link():
+    """``echo`` loses everything on its own link model while ``other`` on the same nodes does
+    not; a mute drops one channel on one directed link, survives ``heal_all``, and lets streams
+    through."""
+    w = World(1, link=LinkModel(Delay("fixed", 0.01, 0.01, 0.01)))
+    a, b = (w.add_node([Echo, Other]) for _ in range(2))
+    w.set_link(LinkModel(Delay("fixed", 0.01, 0.01, 0.01), loss=1.0), channel="echo")
+    assert not w.calm
+    a.cores["echo"].port.send(b.addr, b"lost")
+    a.cores["other"].port.send(b.addr, b"kept")
+    w.run_for(1.0)
+    assert echo(b).got == [] and [d for _t, _s, d in b.cores["other"].got] == [b"kept"]
+    w.heal_all(LinkModel(Delay("fixed", 0.01, 0.01, 0.01)))  # channel links are faults: healed
+    w.mute("echo", a, b)
+    assert w.calm  # a mute is a topology, not loss
+    w.heal_all(LinkModel(Delay("fixed", 0.01, 0.01, 0.01)))  # ... and healing keeps it
+    a.cores["echo"].port.send(b.addr, b"muted")
+    b.cores["echo"].port.send(a.addr, b"other way")
+    sid = a.cores["echo"].port.open_stream(b.addr, b"sync")
+    w.run_for(1.0)
+    assert echo(b).got == [] and [d for _t, _s, d in echo(a).got] == [b"other way"]
+    assert echo(a).replies == [(sid, [b"SYNC", b"!"])]
+    assert w.net.stats.muted == 1
+    w.mute("echo", a, b, muted=False)
+    a.cores["echo"].port.send(b.addr, b"again")
+    w.run_for(1.0)
+    assert [d for _t, _s, d in echo(b).got] == [b"again"]
+    w.close()
