@@ -3,10 +3,12 @@
 :class:`AgentBookkeeping` is a liveness checker over the nodes hosting the agent's replication
 core (``simulations.agent_core``). After heal and quiet, on every live node:
 
-- no version is partial: a version received in part (chunks lost, or a crash in between) must
-  have been completed, by broadcast or by sync, and no buffered change may be left over;
-- no version is missing below an actor's head (no gaps);
-- every actor's head is the same on every live node (a version one live node holds reaches all);
+- every version that some live node holds whole, every live node holds whole: a version
+  received in part (chunks lost, or a crash in between) must have been completed, by broadcast
+  or by sync, and none may be missing (no gap below it). A version whose only whole copies are
+  on nodes that are down cannot be completed until one comes back: its partials and gaps are
+  not counted (a crashed node stays down in the liveness phase);
+- no buffered change is left over except for a version still held in part;
 - the bookkeeping in memory (``Store.bookie``) says what the tables say (``__corro_bookkeeping``,
   ``__corro_seq_bookkeeping``, ``__corro_bookkeeping_gaps``), read here with plain SQL, so a bug
   that books one thing and writes another shows even when no crash reloads the tables.
@@ -35,21 +37,31 @@ def _short(actor: bytes, names: dict[bytes, str]) -> str:
     return names.get(actor) or actor[:4].hex()
 
 
-def bookkeeping_problems(name: str, store: Any, names: dict[bytes, str]) -> list[str]:
+def bookkeeping_problems(
+    name: str,
+    store: Any,
+    names: dict[bytes, str],
+    available: dict[bytes, RangeSet] | None = None,
+) -> list[str]:
     """What is wrong with one node's bookkeeping once everything should have arrived
     (``store``: a ``corrosion.core.store.Store``; ``names``: actor id -> node name, for
-    messages)."""
+    messages; ``available``: the versions of each actor some live node holds whole, the only
+    ones this node can be asked to complete; None: all of them)."""
     out: list[str] = []
     conn = store.conn
     actors = store.bookie.actors
     for actor, booked in actors.items():
         who = _short(actor, names)
+        whole = available.get(actor, RangeSet()) if available is not None else None
         for version, p in sorted(booked.partials.items()):
-            out.append(
-                f"{name} holds version {who}:{version} in part "
-                f"(seqs {p.seqs.ranges()} of 0..{p.last_seq})"
-            )
+            if whole is None or version in whole:
+                out.append(
+                    f"{name} holds version {who}:{version} in part "
+                    f"(seqs {p.seqs.ranges()} of 0..{p.last_seq})"
+                )
         gaps = booked.gaps()
+        if whole is not None:
+            gaps = gaps.difference(gaps.difference(whole))  # the gaps another node could fill
         if gaps:
             out.append(f"{name} misses versions {gaps.ranges()} of {who}")
     # the tables, read on their own
@@ -114,14 +126,25 @@ class AgentBookkeeping(SettlingChecker):
     def problems(self, world: World) -> list[str]:
         stores = [(n.name, s) for n in world.nodes if n.up and (s := self.store_of(n)) is not None]
         names = {s.actor_id: name for name, s in stores}
+        available: dict[bytes, RangeSet] = {}  # versions some live node holds whole
+        for _name, store in stores:
+            for actor, booked in store.bookie.actors.items():
+                whole = available.setdefault(actor, RangeSet())
+                for start, end in booked.held:
+                    whole.add(start, end)
         out: list[str] = []
         for name, store in stores:
-            out += bookkeeping_problems(name, store, names)
-        for actor in sorted({a for _name, s in stores for a in s.bookie.actors}):
-            by_head: dict[int, list[str]] = {}
-            for name, store in stores:
-                by_head.setdefault(store.bookie.head(actor), []).append(name)
-            if len(by_head) > 1:
-                spread = ", ".join(f"v{h} at {','.join(ns)}" for h, ns in sorted(by_head.items()))
-                out.append(f"heads of {_short(actor, names)} differ: {spread}")
+            out += bookkeeping_problems(name, store, names, available)
+            for actor, whole in sorted(available.items()):
+                booked = store.bookie.actors.get(actor)
+                missing = whole.difference(booked.held) if booked is not None else whole
+                if missing and booked is not None:
+                    missing = missing.difference(booked.gaps())  # reported as gaps already
+                    for v in booked.partials:
+                        missing = missing.difference(RangeSet([(v, v)]))  # ... or as partial
+                if missing:
+                    out.append(
+                        f"{name} lacks versions {missing.ranges()} of {_short(actor, names)} "
+                        "that another live node holds"
+                    )
         return out

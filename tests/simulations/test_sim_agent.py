@@ -132,3 +132,16 @@ def test_the_simulator_learns_peers_through_the_agents_own_translation(monkeypat
         }
     finally:
         world.close()
+
+
+def test_a_version_whose_only_whole_copy_is_down_is_not_required_after_heal():
+    """Found by AgentMachine: n1 writes a version of many chunks over a lossy link and crashes
+    at once (it stays down through the liveness phase). What the others received of it cannot be
+    completed until n1 returns, so the bookkeeping checker must not ask for it; a version some
+    live node holds whole must still reach every live node."""
+    machine = AgentMachine()
+    machine.build(seed=0, n=3)
+    machine.replication_link(loss=0.2, dup=0.0, reorder=0.0)
+    machine.big_write(i=1, rows=12, size=700, salt=0)
+    machine.crash(i=1)
+    machine.teardown()  # runs the liveness phase and the final checks: raises if they fail
