@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import sys
+from typing import Any
 
 USAGE = "usage: python -m orchestrator {schema-path,proxy,gateway,hosts} ..."
 
@@ -53,28 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _proxy(args: argparse.Namespace) -> int:
+def _serve_over_replica(
+    what: str, replica: Any, app: Any, host: str, port: int, replica_path: str
+) -> int:
+    """Serve ``app`` (an ASGI app reading ``replica``) until SIGINT/SIGTERM; the exit code."""
     import anyio
 
-    from corrosion.config import parse_addr
     from corrosion.surfaces.asgi_server import serve_asgi
 
-    from .proxy import Proxy, SqliteReplica
-
-    try:
-        host, port = parse_addr(args.listen, "--listen")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
     async def serve() -> None:
-        replica = SqliteReplica(args.replica)
-        proxy = Proxy(replica, domain=args.domain, default_app=args.default_app)
         try:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with anyio.create_task_group() as tg:
-                    server = await serve_asgi(proxy, tg, host, port, lifespan=True)
-                    print(f"proxy on {host}:{server.address[1]} over {args.replica}", flush=True)
+                    server = await serve_asgi(app, tg, host, port, lifespan=True)
+                    print(f"{what} on {host}:{server.address[1]} over {replica_path}", flush=True)
                     async for _ in signals:
                         break
                     server.close()
@@ -84,16 +77,28 @@ def _proxy(args: argparse.Namespace) -> int:
     try:
         anyio.run(serve)
     except OSError as e:
-        print(f"error: the proxy could not start: {e}", file=sys.stderr)
+        print(f"error: the {what} could not start: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def _gateway(args: argparse.Namespace) -> int:
-    import anyio
-
+def _proxy(args: argparse.Namespace) -> int:
     from corrosion.config import parse_addr
-    from corrosion.surfaces.asgi_server import serve_asgi
+
+    from .proxy import Proxy, SqliteReplica
+
+    try:
+        host, port = parse_addr(args.listen, "--listen")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    replica = SqliteReplica(args.replica)
+    proxy = Proxy(replica, domain=args.domain, default_app=args.default_app)
+    return _serve_over_replica("proxy", replica, proxy, host, port, args.replica)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from corrosion.config import parse_addr
 
     from .gateway import Gateway, GatewayReplica
 
@@ -112,27 +117,9 @@ def _gateway(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    async def serve() -> None:
-        replica = GatewayReplica(args.replica)
-        gateway = Gateway(replica, token=token, replication_wait=args.replication_wait)
-        try:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with anyio.create_task_group() as tg:
-                    server = await serve_asgi(gateway, tg, host, port, lifespan=True)
-                    print(f"gateway on {host}:{server.address[1]} over {args.replica}", flush=True)
-                    async for _ in signals:
-                        break
-                    server.close()
-        finally:
-            replica.close()
-
-    try:
-        anyio.run(serve)
-    except OSError as e:
-        print(f"error: the gateway could not start: {e}", file=sys.stderr)
-        return 1
-    return 0
+    replica = GatewayReplica(args.replica)
+    gateway = Gateway(replica, token=token, replication_wait=args.replication_wait)
+    return _serve_over_replica("gateway", replica, gateway, host, port, args.replica)
 
 
 def _hosts(args: argparse.Namespace) -> int:
