@@ -123,19 +123,19 @@ def _upsert(key: str, value: str) -> Statement:
     )
 
 
-def default_writes(nodes: int, per_node: int = 2, chunks: int = 2) -> tuple[tuple[Write, ...], ...]:
-    """Node 0 writes a shared key then a transaction of ``chunks`` chunks (one big row per
-    chunk); every other node writes the shared key (a conflict) then keys of its own."""
+def default_writes(nodes: int, per_node: int = 1, chunks: int = 2) -> tuple[tuple[Write, ...], ...]:
+    """Node 0 first writes a transaction of ``chunks`` chunks (one big row per chunk), then the
+    shared key ``x``; every other node writes ``x`` (a conflict with node 0's) then keys of its
+    own. ``per_node`` writes each."""
     out = []
     for n in range(nodes):
-        writes = [Write(f"n{n}:x", (_upsert("x", f"from-{n}"),))]
-        for i in range(1, per_node):
-            if n == 0 and i == 1 and chunks > 1:
-                rows = tuple(_upsert(f"big{c}", chr(97 + c) * BIG_VALUE) for c in range(chunks))
-                writes.append(Write(f"n0:big*{chunks}", rows))
-            else:
-                writes.append(Write(f"n{n}:k{i}", (_upsert(f"k{n}.{i}", f"v{n}.{i}"),)))
-        out.append(tuple(writes))
+        writes = []
+        if n == 0:
+            rows = tuple(_upsert(f"big{c}", chr(97 + c) * BIG_VALUE) for c in range(chunks))
+            writes.append(Write(f"n0:big*{chunks}", rows))
+        writes.append(Write(f"n{n}:x", (_upsert("x", f"from-{n}"),)))
+        writes += [Write(f"n{n}:k{i}", (_upsert(f"k{n}.{i}", f"v{n}.{i}"),)) for i in range(9)]
+        out.append(tuple(writes[:per_node]))
     return tuple(out)
 
 
@@ -146,12 +146,13 @@ class ExploreConfig:
     nodes: int = 2
     writes: tuple[tuple[Write, ...], ...] | None = None  # default_writes(nodes)
     losses: int = 1  # messages dropped or sync streams cut, in all
-    duplicates: int = 1  # broadcast frames duplicated, in all
+    duplicates: int = 0  # broadcast frames duplicated, in all
     crashes: int = 1  # crash-restarts, in all
     syncs: int = 1  # sync timer firings, in all
     digests: int = 0  # digest timer firings, in all
     broadcast: bool = True  # False: sync only (no broadcasts, relays or digests)
-    apply_inline: bool = False  # True: apply right after each arrival (as the simulator does)
+    apply_inline: bool = True  # False: the apply loop is a step of its own (a crash loses
+    # what is queued); True: apply right after each arrival, as the simulator does
     liveness: str = "end"  # "end": check convergence in end states; "all": in every state
     mode: str = "snapshot"  # "snapshot": restore states from copies; "replay": re-run prefixes
     max_depth: int | None = None
@@ -826,9 +827,9 @@ def node_problems(model: Model, node: _Node) -> Iterator[str]:
     for actor, version, seq in conn.execute(
         "SELECT actor_id, version, seq FROM __corro_buffered_changes"
     ):
-        b = bookie.actors.get(actor)
-        p = b.partials.get(version) if b else None
-        if p is None or seq not in p.seqs:
+        owner = bookie.actors.get(actor)
+        partial = owner.partials.get(version) if owner else None
+        if partial is None or seq not in partial.seqs:
             yield (
                 f"bookkeeping: {name} buffers seq {seq} of {model._name(actor)}.v{version}, "
                 "not a recorded seq of a partial version"
@@ -984,10 +985,10 @@ def _search(
     result.levels = [1]
 
     def trace_of(d: bytes) -> list[Action]:
-        out = []
+        out: list[Action] = []
         while True:
             parent, action = parents[d]
-            if parent is None:
+            if parent is None or action is None:
                 return out[::-1]
             out.append(action)
             d = parent
