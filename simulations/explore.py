@@ -507,9 +507,15 @@ class Model:
         return out
 
     def _take(self, label: str) -> Msg:
+        """The message in flight with this label; a label without its ``#hash`` (or with a
+        stale one) names the only message in flight that otherwise matches, if there is one."""
         for k, m in enumerate(self.net):
             if m.label == label:
                 return self.net.pop(k)
+        stem = label.split(" #")[0]
+        matches = {m.label for m in self.net if m.label.split(" #")[0] == stem}
+        if len(matches) == 1:
+            return self._take(matches.pop())
         raise KeyError(f"no message {label!r} in flight")
 
     def step(self, action: Action) -> None:

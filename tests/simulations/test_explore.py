@@ -93,6 +93,21 @@ def found(config: ExploreConfig, invariant: str, max_len: int) -> list:
     return v.trace
 
 
+def test_a_printed_trace_is_a_regression_test(monkeypatch):
+    # as printed for the partial-completed-early bug below
+    trace = [
+        ("write", 0),
+        ("deliver", "frame 0>1 n0.v1[0-1/3] #12f4ec03"),
+        ("apply", 1),
+    ]
+    replay(trace, SMALL)  # the real core: fine, and converges after heal
+    monkeypatch.setattr(Partial, "complete", property(lambda self: bool(self.seqs)))
+    with pytest.raises(ExploreViolation, match=r"applied-when-complete: node 1 holds n0\.v1"):
+        replay(trace, SMALL)
+    with pytest.raises(ExploreViolation, match="applied-when-complete"):  # hashes may go stale
+        replay([trace[0], ("deliver", "frame 0>1 n0.v1[0-1/3]"), trace[2]], SMALL)
+
+
 def test_planted_gap_not_recorded_is_found(monkeypatch):
     monkeypatch.setattr(store_module.Store, "_write_gaps", lambda self, actor, booked: None)
     trace = found(SMALL, "bookkeeping", 4)
