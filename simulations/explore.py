@@ -7,7 +7,9 @@ its committed database), hosted the way ``simulations.agent_core`` hosts it. The
 network and the scheduler: from every state it tries every enabled action -
 
 * ``("write", n)``        node ``n`` commits its next write of the workload (acknowledged);
-* ``("apply", n)``        node ``n`` applies its whole apply queue in one transaction;
+* ``("apply", n)``        node ``n`` applies its whole apply queue in one transaction (with
+                          ``apply_inline=False``; by default arrivals apply at once, as in
+                          the simulator);
 * ``("sync", n)``         node ``n``'s sync timer fires (it asks every idle peer);
 * ``("digest", n)``       node ``n``'s digest timer fires;
 * ``("crash", n)``        node ``n`` crashes and restarts from its durable database;
@@ -37,6 +39,17 @@ Invariants, checked in every state reached:
   empty; or in every state with ``liveness="all"``) after the faults stop - every message
   delivered, then sync between every pair of nodes until nothing changes - every node holds every
   acknowledged version, has no gaps and no partials, and all databases are equal.
+
+The workload's chunked transaction writes one row of 6000 characters per chunk: the chunk limit
+is corrosion's ``MAX_CHUNK_BYTES`` (8 KiB, a module constant the broadcast and sync paths use as
+the default of ``chunk_version``), so no setting is patched to make chunks.
+
+A state is reached again by restoring copies of the nodes that differ from those loaded: the
+serialized SQLite database (``Connection.deserialize``) and the pickled core. ``mode="replay"``
+instead re-runs the action prefix from the initial state for every state (a stateless search
+with only a visited set); it reaches the same states, several times slower
+(``bench/explore_bench.py`` measures both). A crash-restart from a given node state is run once
+and then restored from its result.
 
 A violation carries the action list that reaches it, printed as a Python literal that
 :func:`replay` turns back into the failing run (a regression test is that literal and one call).

@@ -72,6 +72,37 @@ def test_a_chunked_write_travels_as_several_chunks(tmp_path):
         model.close()
 
 
+def test_sync_alone_completes_a_partial_left_by_a_cut_stream(tmp_path):
+    config = ExploreConfig(
+        writes=(default_writes(1, chunks=3)[0], ()), broadcast=False, syncs=2, crashes=1
+    )
+    result = explore(config)
+    assert result.violation is None, result.violation.report()
+    assert result.complete and result.end_states > 10
+
+    model = Model(config, tmp_path)
+
+    def only(kind: str) -> str:
+        (label,) = [m.label for m in model.net if m.kind == kind]
+        return label
+
+    try:
+        model.step(("write", 0))
+        assert not model.net  # sync only: nothing is broadcast
+        model.step(("sync", 1))
+        model.step(("deliver", only("sync-req")))
+        model.step(("cut", only("sync-reply"), 1))  # one chunk of three arrives
+        partial = model.nodes[1].store.bookie.actors[model.sites[0]]
+        assert list(partial.partials) == [1] and not partial.held
+        model.step(("sync", 1))
+        model.step(("deliver", only("sync-req")))
+        model.step(("deliver", only("sync-reply")))
+        assert model.nodes[1].store.bookie.holds(model.sites[0], 1)
+        assert not model.nodes[1].store.bookie.actors[model.sites[0]].partials
+    finally:
+        model.close()
+
+
 def test_replay_of_a_correct_trace_passes_and_bad_actions_are_refused():
     trace = [("write", 0), ("write", 0), ("crash", 0)]
     replay(trace, SMALL)  # heal afterwards converges
