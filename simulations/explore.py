@@ -250,22 +250,28 @@ _HOST_FIELDS = frozenset({"store", "config", "rng", "clock_ms", "hlc"})
 _UNOBSERVED = frozenset({"stats", "_backoff"})
 
 
+_SCALARS = (int, float, bool, type(None))
+
+
 def _canon(v: Any) -> Any:
     """A canonical, comparable form of in-memory state: dicts keep their order (it is observable:
     the order of a sync request's actors), sets are sorted."""
-    if isinstance(v, dict):
+    t = type(v)
+    if t in _SCALARS:
+        return v
+    if t is bytes or t is str:
+        return v if len(v) <= 64 else ("h", _h(v.encode() if t is str else v))
+    if t is dict:
         return ("d", tuple((_canon(k), _canon(x)) for k, x in v.items()))
-    if isinstance(v, set | frozenset):
-        return ("s", tuple(sorted((_canon(x) for x in v), key=repr)))
-    if isinstance(v, list | tuple):
+    if t is list or isinstance(v, tuple):
         return tuple(_canon(x) for x in v)
-    if isinstance(v, bytes | str) and len(v) > 64:
-        return ("h", _h(v.encode() if isinstance(v, str) else v))
-    if isinstance(v, RangeSet):
+    if t is set or t is frozenset:
+        return ("s", tuple(sorted((_canon(x) for x in v), key=repr)))
+    if t is RangeSet:
         return ("r", tuple(v.ranges()))
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return (type(v).__name__, *(_canon(getattr(v, f.name)) for f in dataclasses.fields(v)))
-    return v
+    if dataclasses.is_dataclass(v):
+        return (t.__name__, *(_canon(getattr(v, f.name)) for f in dataclasses.fields(v)))
+    raise TypeError(f"no canonical form for {t.__name__}: add one to the explorer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +288,7 @@ class NodeView:
 class NodeState:
     """One node's full state: committed database, in-memory core and host state."""
 
-    db: bytes  # zlib of the serialized database
+    db: bytes  # the digest of its tables (the key of the serialized database in ``Model._dbs``)
     mem: bytes  # pickle of the replicator's fields, the bookie, the clock and the host state
     digest: bytes
     acked_digest: bytes
@@ -365,6 +371,9 @@ class Model:
         self.budget = [config.losses, config.duplicates, config.crashes, config.syncs, digests]
         self._loaded: list[NodeState | None] = [None] * n
         self._interned: dict[bytes, NodeState] = {}
+        self._dbs: dict[bytes, bytes] = {}  # database digest -> zlib of the serialized database
+        # per slot: the digest of the database it holds and the connection's total_changes then
+        self._slot_db: list[tuple[bytes, int] | None] = [None] * n
         self._check_cache: dict[tuple[bytes, bytes], tuple[str, ...]] = {}
         self._restarted: dict[bytes, NodeState] = {}
         self.restarts = 0
@@ -453,6 +462,7 @@ class Model:
             old = self.nodes[i]
             data = _wal_off(old.store.conn.serialize("main"))
             old.store.close()
+            self._slot_db[i] = None
             self.restarts += 1
             path = self.workdir / f"node{i}.db"
             for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
@@ -652,15 +662,26 @@ class Model:
         self.budget = list(state.budget)
 
     def _capture(self, node: _Node) -> NodeState:
-        store, rep = node.store, node.rep
+        store, rep, i = node.store, node.rep, node.index
+        conn = store.conn
+        # the database's digest: recomputed only when the connection changed rows since the
+        # slot last held a known database (total_changes counts every row written, triggers,
+        # rollbacks and all)
+        slot = self._slot_db[i]
+        if slot is not None and slot[1] == conn.total_changes():
+            db = slot[0]
+        else:
+            dump = hashlib.blake2b(digest_size=16)
+            for t, sql in self._dump_sql:
+                dump.update(t)
+                for row in conn.execute(sql):
+                    dump.update(repr(row).encode())
+            db = dump.digest()
+            if db not in self._dbs:
+                self._dbs[db] = zlib.compress(_wal_off(conn.serialize("main")), 1)
+            self._slot_db[i] = (db, conn.total_changes())
         fields = {k: v for k, v in vars(rep).items() if k not in _HOST_FIELDS}
-        host = (node.timers, node.writes_done, node.acked, rep.hlc.last)
-        mem = pickle.dumps((fields, store.bookie, host), protocol=pickle.HIGHEST_PROTOCOL)
-        h = hashlib.blake2b(digest_size=16)
-        for t, sql in self._dump_sql:
-            h.update(t)
-            for row in store.conn.execute(sql):
-                h.update(repr(row).encode())
+        h = hashlib.blake2b(db, digest_size=16)
         observed = {k: v for k, v in fields.items() if k not in _UNOBSERVED}
         h.update(repr(_canon(observed)).encode())
         h.update(repr(_canon(store.bookie.actors)).encode())
@@ -669,28 +690,27 @@ class Model:
         known = self._interned.get(digest)
         if known is not None:
             return known
+        host = (node.timers, node.writes_done, node.acked, rep.hlc.last)
+        mem = pickle.dumps((fields, store.bookie, host), protocol=pickle.HIGHEST_PROTOCOL)
         heads = tuple(
             (a, b.max(), tuple(b.held.ranges())) for a, b in sorted(store.bookie.actors.items())
         )
-        ns = NodeState(
-            zlib.compress(_wal_off(store.conn.serialize("main")), 1),
-            mem,
-            digest,
-            _h(pickle.dumps(node.acked)),
-            NodeView(heads),
-        )
+        ns = NodeState(db, mem, digest, _h(pickle.dumps(node.acked)), NodeView(heads))
         self._interned[digest] = ns
         return ns
 
     def _load(self, i: int, ns: NodeState) -> None:
         store = self.nodes[i].store
-        data = self._unpacked.get(ns.digest)
-        if data is None:
-            data = self._unpacked[ns.digest] = zlib.decompress(ns.db)
-            if len(self._unpacked) > 64:
-                self._unpacked.popitem(last=False)
-        store.conn.deserialize("main", data)
-        store.conn.crr.invalidate_db_version()
+        conn = store.conn
+        if self._slot_db[i] != (ns.db, conn.total_changes()):  # else it holds that database
+            data = self._unpacked.get(ns.db)
+            if data is None:
+                data = self._unpacked[ns.db] = zlib.decompress(self._dbs[ns.db])
+                if len(self._unpacked) > 64:
+                    self._unpacked.popitem(last=False)
+            conn.deserialize("main", data)
+            conn.crr.invalidate_db_version()
+            self._slot_db[i] = (ns.db, conn.total_changes())
         fields, bookie, host = pickle.loads(ns.mem)
         store.bookie = bookie
         rep = Replicator(store, self.rconfig, random.Random(0), lambda: WALL_MS)
@@ -703,6 +723,7 @@ class Model:
     def invalidate(self) -> None:
         """Forget which states the node slots hold (after changing them outside ``step``)."""
         self._loaded = [None] * self.config.nodes
+        self._slot_db = [None] * self.config.nodes
 
     def close(self) -> None:
         for node in self.nodes:
