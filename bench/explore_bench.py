@@ -16,6 +16,7 @@ bounded model has, how deep it goes, and how fast the explorer gets through it.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def main() -> int:
     failed = run(report, "default", ExploreConfig()).violation is not None
     small = comparison()
     snap = run(report, "compare_snapshot", small)
-    again = run(report, "compare_replay", ExploreConfig(**{**small.__dict__, "mode": "replay"}))
+    again = run(report, "compare_replay", dataclasses.replace(small, mode="replay"))
     report.metric(
         "explore_snapshot_vs_replay",
         again.elapsed / snap.elapsed,

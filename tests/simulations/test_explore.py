@@ -5,6 +5,8 @@ replay."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from corrosion.core import store as store_module
@@ -52,7 +54,7 @@ def test_replay_and_snapshot_modes_reach_the_same_states():
         max_depth=4,
     )
     by_snapshot = explore(tiny)
-    by_replay = explore(ExploreConfig(**{**tiny.__dict__, "mode": "replay"}))
+    by_replay = explore(dataclasses.replace(tiny, mode="replay"))
     assert by_snapshot.violation is None and by_replay.violation is None
     assert (by_snapshot.states, by_snapshot.transitions, by_snapshot.levels) == (
         by_replay.states,
