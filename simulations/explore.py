@@ -1048,7 +1048,7 @@ def _search(
     if init.problems:
         fail(init.digest, init.problems)
         return
-    last_report = time.perf_counter()
+    started = last_report = time.perf_counter()
     while frontier:
         state, depth = frontier.popleft()
         if config.max_depth is not None and depth >= config.max_depth:
@@ -1087,6 +1087,8 @@ def _search(
                 return
         if progress is not None and time.perf_counter() - last_report > 5:
             last_report = time.perf_counter()
+            result.elapsed = last_report - started
+            result.node_states = len(model._interned)
             progress(result)
     result.complete = config.max_depth is None or result.depth < config.max_depth
 
