@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from corrosion.core import store as store_module
-from corrosion.core.bookie import Booked, Partial
+from corrosion.core.bookie import Booked, Bookie, Partial
 from corrosion.core.ranges import RangeSet
 from simulations.explore import (
     ExploreConfig,
@@ -158,6 +158,24 @@ def test_planted_gaps_hidden_from_sync_are_found_by_liveness(monkeypatch):
     )
     trace = found(two_rows, "converges", 4)
     assert any(a[0] == "drop" for a in trace)  # the first version was lost; sync never asks
+
+
+def test_planted_partial_left_behind_by_sync_is_found_by_liveness(monkeypatch):
+    # the bug nothing else caught: sync serves a peer only the versions it lacks entirely, so a
+    # version left partial by a lost chunk is never completed
+    real = Bookie.missing_for
+
+    def missing_but_partials(self, theirs):
+        out = real(self, theirs)
+        for actor, lack in out.items():
+            for v in theirs.get(actor, {}).get("partials", {}):
+                lack.remove(v, v)
+        return {a: lack for a, lack in out.items() if lack}
+
+    monkeypatch.setattr(Bookie, "missing_for", missing_but_partials)
+    one_big = ExploreConfig(writes=(default_writes(1)[0], ()), crashes=0, syncs=0)
+    trace = found(one_big, "converges", 3)
+    assert trace[0] == ("write", 0) and any(a[0] == "drop" for a in trace)
 
 
 def test_planted_partial_completed_early_is_found(monkeypatch):
