@@ -108,6 +108,7 @@ __all__ = [
     "ExploreResult",
     "ExploreViolation",
     "Model",
+    "NotEnabled",
     "Write",
     "default_writes",
     "explore",
@@ -196,6 +197,10 @@ class ExploreConfig:
             digest_grace=0.0,
             digest_window=1e9,
         )
+
+
+class NotEnabled(ValueError):
+    """An action that is not enabled in the current state (a trace that does not fit)."""
 
 
 class ExploreViolation(AssertionError):
@@ -539,22 +544,22 @@ class Model:
         matches = {m.label for m in self.net if m.label.split(" #")[0] == stem}
         if len(matches) == 1:
             return self._take(matches.pop())
-        raise KeyError(f"no message {label!r} in flight")
+        raise NotEnabled(f"no message {label!r} in flight")
 
     def step(self, action: Action) -> None:
-        """Run one action (``KeyError``/``ValueError`` if it is not enabled)."""
+        """Run one action (:class:`NotEnabled` if it is not enabled in this state)."""
         kind = action[0]
         n = self.config.nodes
         if kind in ("write", "apply", "sync", "digest", "crash"):
             i = action[1]
             if not (type(i) is int and 0 <= i < n):
-                raise ValueError(f"no node {i!r}")
+                raise NotEnabled(f"no node {i!r}")
             node = self.nodes[i]
             node.rep.rng.seed(0)
             before, self._loaded[i] = self._loaded[i], None
             if kind == "write":
                 if node.writes_done >= len(self.workload[i]):
-                    raise ValueError(f"node {i} has no write left")
+                    raise NotEnabled(f"node {i} has no write left")
                 write = self.workload[i][node.writes_done]
                 node.writes_done += 1
                 _results, commit, effects = node.rep.execute(list(write.statements), 0.0)
@@ -566,33 +571,33 @@ class Model:
                 self._perform(node, effects)
             elif kind == "apply":
                 if not node.rep.queue:
-                    raise ValueError(f"node {i} has nothing to apply")
+                    raise NotEnabled(f"node {i} has nothing to apply")
                 self._apply(node)
             elif kind == "sync" or kind == "digest":
                 slot = 3 if kind == "sync" else 4
                 if self.budget[slot] <= 0:
-                    raise ValueError(f"node {i} has no {kind} tick left")
+                    raise NotEnabled(f"node {i} has no {kind} tick left")
                 self.budget[slot] -= 1
                 timer = node.timers["SyncTick" if kind == "sync" else "DigestTick"]
                 self._perform(node, node.rep.handle_timer(timer, 0.0))
             else:
                 if self.budget[2] <= 0:
-                    raise ValueError("no crash left")
+                    raise NotEnabled("no crash left")
                 self.budget[2] -= 1
                 self._crash(i, before)
             return
         if kind not in ("deliver", "drop", "dup", "cut"):
-            raise ValueError(f"unknown action {action!r}")
+            raise NotEnabled(f"unknown action {action!r}")
         m = self._take(action[1])
         if kind == "dup":
             if self.budget[1] <= 0 or m.kind != "frame":
-                raise ValueError(f"cannot duplicate {m.label!r}")
+                raise NotEnabled(f"cannot duplicate {m.label!r}")
             self.budget[1] -= 1
             self.net += [m, m]
             return
         if kind in ("drop", "cut"):
             if self.budget[0] <= 0:
-                raise ValueError("no loss left")
+                raise NotEnabled("no loss left")
             self.budget[0] -= 1
             if m.kind == "frame":
                 return
@@ -601,7 +606,7 @@ class Model:
             self._loaded[client] = None
             if kind == "cut":
                 if m.kind != "sync-reply" or not 0 < action[2] < len(m.data):
-                    raise ValueError(f"cannot cut {m.label!r} at {action[2:]!r}")
+                    raise NotEnabled(f"cannot cut {m.label!r} at {action[2:]!r}")
                 self._receive_answer(m, action[2])
                 if self.config.apply_inline:
                     self._apply(self.nodes[client])
@@ -1057,7 +1062,11 @@ def _search(
         actions = model.actions()
         for action in actions:
             load(state, state.digest)
-            model.step(action)
+            try:
+                model.step(action)
+            except Exception as exc:  # noqa: BLE001 — the core raised: a bug, with its trace
+                _fail_at(result, [_raised(action, exc)], [*trace_of(state.digest), action])
+                return
             result.transitions += 1
             child = model.snapshot()
             problems = list(transition_problems(model, state, child))
@@ -1078,7 +1087,10 @@ def _search(
                 return
             if config.liveness == "all" or model.is_end():
                 result.end_states += 1
-                problems = model.heal()
+                try:
+                    problems = model.heal()
+                except Exception as exc:  # noqa: BLE001 — the core raised while healing
+                    problems = [_raised(("heal",), exc)]
                 if problems:
                     fail(child.digest, problems)
                     return
@@ -1110,7 +1122,14 @@ def replay(
         try:
             state = model.snapshot()
             for k, action in enumerate(trace):
-                model.step(action)
+                try:
+                    model.step(action)
+                except NotEnabled:
+                    raise
+                except Exception as exc:
+                    raise ExploreViolation(
+                        "no-exception", _raised(action, exc), trace[: k + 1]
+                    ) from exc
                 child = model.snapshot()
                 problems = list(transition_problems(model, state, child))
                 problems += child.problems
@@ -1118,11 +1137,18 @@ def replay(
                     _raise(problems, trace[: k + 1])
                 state = child
             if liveness:
-                problems = model.heal()
+                try:
+                    problems = model.heal()
+                except Exception as exc:
+                    raise ExploreViolation("no-exception", _raised(("heal",), exc), trace) from exc
                 if problems:
                     _raise(problems, trace)
         finally:
             model.close()
+
+
+def _raised(action: Action, exc: Exception) -> str:
+    return f"no-exception: {action!r} raised {type(exc).__name__}: {exc}"
 
 
 def _raise(problems: Sequence[str], trace: Sequence[Action]) -> None:

@@ -12,10 +12,12 @@ import pytest
 from corrosion.core import store as store_module
 from corrosion.core.bookie import Booked, Bookie, Partial
 from corrosion.core.ranges import RangeSet
+from corrosion.core.replication import Replicator
 from simulations.explore import (
     ExploreConfig,
     ExploreViolation,
     Model,
+    NotEnabled,
     Write,
     default_writes,
     explore,
@@ -110,7 +112,7 @@ def test_replay_of_a_correct_trace_passes_and_bad_actions_are_refused():
     replay(trace, SMALL)  # heal afterwards converges
     with pytest.raises(ValueError, match="no crash left"):
         replay([*trace, ("crash", 1)], SMALL)
-    with pytest.raises(KeyError, match="no message"):
+    with pytest.raises(NotEnabled, match="no message"):
         replay([("deliver", "frame 0>1 nothing")], SMALL)
 
 
@@ -139,6 +141,16 @@ def test_a_printed_trace_is_a_regression_test(monkeypatch):
         replay(trace, SMALL)
     with pytest.raises(ExploreViolation, match="applied-when-complete"):  # hashes may go stale
         replay([trace[0], ("deliver", "frame 0>1 n0.v1[0-1/3]"), trace[2]], SMALL)
+
+
+def test_an_exception_in_the_core_is_a_violation_with_its_trace(monkeypatch):
+    def broken(self, addr, data, now):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Replicator, "handle_sync_frame", broken)
+    config = ExploreConfig(writes=(default_writes(1)[0], ()), crashes=0, liveness="all")
+    with pytest.raises(ExploreViolation, match="RuntimeError: boom"):
+        replay(found(config, "no-exception", 4), config)
 
 
 def test_planted_gap_not_recorded_is_found(monkeypatch):
