@@ -21,7 +21,8 @@ Modules: ``world`` (the world and its faults), ``network`` (link models, partiti
 (``python -m simulations run``), ``strategies`` (hypothesis), ``crdt_sync`` (a reference
 replication core over real crdt databases), ``metrics`` (measurements for summaries and benches),
 ``aio``/``orch_core``/``orch_checks``/``orch_world``/``orch_cli`` (orchestrator workers on
-virtual time beside the agents, their faults and checkers).
+virtual time beside the agents, their faults and checkers), ``explore`` (every interleaving of
+a small bounded model of the replication core, breadth-first: a model checker).
 """
 
 from .checkers import Checker, run_liveness
