@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import apsw
+
 from corrosion.core.replication import ReplicationConfig, Replicator, SendFrame
 from corrosion.core.store import Store
 
@@ -140,7 +142,11 @@ def run_power_cuts(
                     a.store.close()
                     vfs.recover()
                     run.crashes += 1
-                    a = _Node(Path(tmp) / "a.db", site_a, synchronous, vfs.name, checkpoint)
+                    try:
+                        a = _Node(Path(tmp) / "a.db", site_a, synchronous, vfs.name, checkpoint)
+                    except apsw.Error as exc:
+                        run.problems.append(f"after crash {run.crashes}: reopening fails: {exc}")
+                        return run
                     a.rep.member_up(b.store.actor_id, ADDR_B)
                     acked = _check_restart(run, a, b.store.actor_id, acked, inflight, b_versions)
                     inflight = None
