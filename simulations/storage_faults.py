@@ -27,6 +27,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import apsw
 
@@ -37,7 +38,7 @@ from .agent_checks import bookkeeping_problems
 from .faulty_vfs import FaultyVFS
 from .rng import Streams
 
-__all__ = ["FaultRun", "run_power_cuts", "run_read_errors"]
+__all__ = ["FaultRun", "run_power_cuts", "run_read_errors", "run_steplog_power_cuts"]
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY NOT NULL, v TEXT);"
 ADDR_A, ADDR_B = ("a", 1), ("b", 1)
@@ -310,3 +311,88 @@ def run_read_errors(seed: int, trials: int = 40, base: str | None = None) -> Fau
             b.store.close()
             vfs.unregister()
     return run
+
+
+def run_steplog_power_cuts(seed: int, steps: int = 80, base: str | None = None) -> FaultRun:
+    """The orchestrator's step log (``orchestrator.steplog.MachineLog``, WAL + FULL) on the
+    faulty disk: runs started, steps completed, runs finished, the power cut at seeded points
+    (possibly inside a write). After every restart each acknowledged event is there (a step
+    reported complete is replayed as completed, so the engine never runs it again), no event
+    that was never written appears, and every run's events are numbered 0..n without a gap."""
+    from orchestrator.steplog import EventKind, MachineLog, RunRecord, RunStatus
+
+    streams = Streams(seed)
+    rng = streams("steplog.ops")
+    run = FaultRun(seed, "FULL")
+    vfs = FaultyVFS(f"faulty-steplog-{seed}-{id(run)}", streams("steplog.disk"))
+    names = ("s1", "s2", "s3", "s4")
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        path = Path(tmp) / "m.sqlite"
+        log = MachineLog(path, vfs=vfs.name)
+        acked: dict[str, list[str]] = {}  # run -> steps acknowledged complete ("finish": done)
+        tried: dict[str, list[str]] = {}  # ... and attempted (acknowledged or cut short)
+        try:
+            for n in range(steps):
+                if rng.random() < 0.15:
+                    vfs.cut_power_after(rng.randint(0, 12))
+                active = [r for r, done in acked.items() if "finish" not in done]
+                run_id = rng.choice(active) if active and rng.random() < 0.8 else f"r{n}"
+                done = acked.get(run_id)
+                if done is None:
+                    record = RunRecord(run_id, "act", names, (), {"n": n}, float(n))
+                    tried[run_id] = []
+                    log.start_run(record, exclusive=False)
+                    event = None
+                elif len(done) < len(names):
+                    event = names[len(done)]
+                    tried[run_id].append(event)
+                    log.append(run_id, EventKind.COMPLETE, step=event, at=float(n))
+                else:
+                    event = "finish"
+                    tried[run_id].append(event)
+                    log.finish(run_id, RunStatus.SUCCEEDED, error=None, response={}, at=float(n))
+                if not vfs.down:
+                    acked.setdefault(run_id, [])
+                    if event is not None:
+                        acked[run_id].append(event)
+                if vfs.down or rng.random() < 0.05:
+                    vfs.cut_power()
+                    log.close()
+                    vfs.recover()
+                    run.crashes += 1
+                    log = MachineLog(path, vfs=vfs.name)
+                    acked = _check_steplog(run, log, acked, tried)
+        except apsw.Error as exc:
+            run.problems.append(f"after crash {run.crashes}: the step log fails: {exc}")
+        finally:
+            run.injected = list(vfs.injected)
+            log.close()
+            vfs.unregister()
+    return run
+
+
+def _check_steplog(
+    run: FaultRun, log: Any, acked: dict[str, list[str]], tried: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """Check the reopened log; return what it holds now (every run, its events after START)."""
+    at = f"after crash {run.crashes}"
+    held: dict[str, list[str]] = {}
+    for run_id in tried:
+        state = log.get_run(run_id)
+        if state is None:
+            if run_id in acked:
+                run.problems.append(f"{at}: acknowledged run {run_id} is gone")
+            continue
+        events = log.events(run_id)
+        if [e.seq for e in events] != list(range(len(events))):
+            run.problems.append(f"{at}: {run_id}'s events are numbered {[e.seq for e in events]}")
+        kinds = [e.step if e.kind == "complete" else str(e.kind) for e in events[1:]]
+        if kinds != tried[run_id][: len(kinds)]:
+            run.problems.append(f"{at}: {run_id} holds {kinds}, written were {tried[run_id]}")
+        if kinds[: len(acked.get(run_id, []))] != acked.get(run_id, []):
+            run.problems.append(f"{at}: {run_id} lost acknowledged {acked[run_id]}: {kinds}")
+        if state.completed != [k for k in kinds if k != "finish"]:
+            run.problems.append(f"{at}: {run_id} replays completed {state.completed}")
+        held[run_id] = kinds
+        tried[run_id] = list(kinds)
+    return held

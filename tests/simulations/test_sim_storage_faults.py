@@ -9,8 +9,9 @@ import random
 import apsw
 import pytest
 
+from orchestrator.steplog import MachineLog
 from simulations.faulty_vfs import FaultyVFS
-from simulations.storage_faults import run_power_cuts, run_read_errors
+from simulations.storage_faults import run_power_cuts, run_read_errors, run_steplog_power_cuts
 
 SEEDS = range(8)
 
@@ -113,3 +114,25 @@ def test_a_read_error_fails_the_operation_whole_and_sync_repairs(seed, tmp_path)
     assert run.crashes > 0  # operations that failed on a read error
     assert run.problems == []
     assert run.diverged == []
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_step_log_keeps_every_acknowledged_event_across_power_cuts(seed, tmp_path):
+    """The orchestrator's step log (WAL + FULL): a step reported complete is replayed as
+    completed after any power cut, so a resumed run never redoes it."""
+    run = run_steplog_power_cuts(seed, base=str(tmp_path))
+    assert run.crashes > 0 and any("unsynced" in i for i in run.injected)
+    assert run.problems == []
+
+
+def test_the_step_log_checks_catch_a_log_that_is_not_synced(tmp_path, monkeypatch):
+    opened = MachineLog._db
+
+    def normal(self):
+        conn = opened(self)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    monkeypatch.setattr(MachineLog, "_db", normal)
+    run = run_steplog_power_cuts(0, base=str(tmp_path))
+    assert any("lost acknowledged" in p or "is gone" in p for p in run.problems)
