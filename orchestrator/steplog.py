@@ -103,8 +103,10 @@ def _dumps(value: Any) -> str:
 class MachineLog:
     """Append/scan access to one machine's database file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, vfs: str | None = None) -> None:
+        """``vfs``: an SQLite VFS registered under that name (``simulations.faulty_vfs``)."""
         self.path = Path(path)
+        self.vfs = vfs
         self._lock = threading.RLock()
         self._conn: apsw.Connection | None = None
 
@@ -112,7 +114,7 @@ class MachineLog:
 
     def _db(self) -> apsw.Connection:
         if self._conn is None:
-            conn = apsw.Connection(str(self.path))
+            conn = apsw.Connection(str(self.path), vfs=self.vfs)
             try:
                 conn.set_busy_timeout(10_000)
                 mode = cast(str, conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0])

@@ -183,9 +183,16 @@ Statement = tuple[str, Sequence[Any] | dict[str, Any]]
 
 
 class Store:
-    def __init__(self, path: str | Path, *, site_id: bytes | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, site_id: bytes | None = None, vfs: str | None = None
+    ) -> None:
+        """``vfs``: an SQLite VFS registered under that name (the storage-fault simulations
+        open the store through ``simulations.faulty_vfs``); None: the default one."""
         self.path = str(path)
-        self.conn = crdt.connect(self.path, site_id=site_id, wal=True, merge_equal_values=True)
+        opts = {} if vfs is None else {"vfs": vfs}
+        self.conn = crdt.connect(
+            self.path, site_id=site_id, wal=True, merge_equal_values=True, **opts
+        )
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA recursive_triggers = ON")
         with self.conn:
