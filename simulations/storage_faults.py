@@ -14,8 +14,9 @@ restarting. After every restart:
   (``agent_checks.bookkeeping_problems``), ``a``'s own versions are exactly ``1..head`` and its
   rows exactly those of those versions, and every version of ``b`` it books whole has all its
   rows while no other version of ``b`` has any;
-- with ``synchronous = FULL`` every acknowledged local write is there; with ``NORMAL`` (what the
-  agent sets) the writes there are a prefix of the acknowledged ones (the last may be lost).
+- with ``synchronous = FULL`` (the agent's) every acknowledged local write is there; with
+  ``NORMAL`` (corrosion's) the writes there are a prefix of the acknowledged ones (the last may
+  be lost).
 
 At the end the two sync both ways until quiet and must hold equal tables, equal heads, and no
 partial or missing version. Returns what was injected and what went wrong (empty: all held).

@@ -1,9 +1,14 @@
 """The agent's database: the CRR data plus corrosion's bookkeeping tables, written together.
 
-One writer connection (``crdt.connect``: WAL, ``synchronous=NORMAL``, recursive triggers,
-merge-equal-values, as corrosion sets them); every write goes through it, one transaction at a
-time, and every transaction that changes data also updates the bookkeeping in the same commit, so
-a crash at any point leaves them consistent. Readers open their own read-only connections.
+One writer connection (``crdt.connect``: WAL, ``synchronous=FULL``, recursive triggers,
+merge-equal-values); every write goes through it, one transaction at a time, and every
+transaction that changes data also updates the bookkeeping in the same commit, so a crash at any
+point leaves them consistent. Readers open their own read-only connections.
+
+``synchronous=FULL`` (corrosion sets NORMAL): a version acknowledged to a client and broadcast
+must survive a power cut, or the node reuses its number for a new write after restart, peers
+drop that as a duplicate, and the cluster never reconverges on those rows
+(tests/simulations/test_sim_storage_faults.py shows both; docs/agent.md, "Durability").
 
 Tables (corrosion's names):
 
@@ -193,7 +198,7 @@ class Store:
         self.conn = crdt.connect(
             self.path, site_id=site_id, wal=True, merge_equal_values=True, **opts
         )
-        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA synchronous = FULL")  # see the module's docstring
         self.conn.execute("PRAGMA recursive_triggers = ON")
         with self.conn:
             self.conn.execute(_MIGRATION + pending_schema.TABLE_SQL)

@@ -75,9 +75,9 @@ def test_synchronous_full_loses_nothing_acknowledged_and_converges(seed, tmp_pat
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_synchronous_normal_restarts_consistent_keeping_a_prefix(seed, tmp_path):
-    """What the agent sets (WAL + NORMAL): after every power cut the store reopens, its
-    bookkeeping agrees with its data, and its own versions are 1..head with their rows; the
-    last acknowledged versions may be gone."""
+    """corrosion's setting (WAL + NORMAL; the agent sets FULL): after every power cut the store
+    reopens, its bookkeeping agrees with its data, and its own versions are 1..head with their
+    rows; the last acknowledged versions may be gone."""
     run = run_power_cuts(seed, "NORMAL", base=str(tmp_path))
     assert run.crashes > 0
     assert run.problems == []
