@@ -39,8 +39,16 @@ def _check(tmp_path: Path, *defines: str) -> str:
     return run.stdout
 
 
-def test_model_has_no_errors(tmp_path: Path) -> None:
-    report = _check(tmp_path)
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        (),  # 3 nodes, 1 writer, 2 versions of 2 chunks
+        ("-DN=2", "-DA=2"),  # 2 nodes, both writers: sync states of several actors
+        ("-DN=2", "-DV=3"),  # 3 versions
+    ],
+)
+def test_model_has_no_errors(tmp_path: Path, bounds: tuple[str, ...]) -> None:
+    report = _check(tmp_path, *bounds)
     assert "Full statespace search" in report, report
     assert "errors: 0" in report, report
     assert "max search depth too small" not in report, report
