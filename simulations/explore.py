@@ -101,6 +101,7 @@ from corrosion.core.store import Store
 
 from .agent_core import DEMO_SCHEMA
 from .crdt_checks import database_digest
+from .errors import SimulationError
 
 __all__ = [
     "Action",
@@ -199,11 +200,11 @@ class ExploreConfig:
         )
 
 
-class NotEnabled(ValueError):
+class NotEnabled(SimulationError, ValueError):
     """An action that is not enabled in the current state (a trace that does not fit)."""
 
 
-class ExploreViolation(AssertionError):
+class ExploreViolation(SimulationError, AssertionError):
     """An invariant failed; ``trace`` reaches the state where it did."""
 
     def __init__(self, invariant: str, message: str, trace: Sequence[Action]) -> None:

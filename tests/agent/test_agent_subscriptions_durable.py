@@ -244,12 +244,15 @@ async def test_a_killed_agent_resumes_its_subscription_with_no_change_missed(tmp
                 url = f"http://{proc.api}/v1/subscriptions/{sub.sid}?from={sub.last}"
                 tg.start_soon(sub.follow, c, "GET", url)
                 await more_writes(20, "writes after the restart")
-                stop.set()
-                expected = sorted([list(r) for r in await rows(a, sql)])
+                stop.set()  # the writer may still finish the write it is in: compare live
+
+                async def matches() -> bool:
+                    return sorted(sub.view.values()) == sorted(
+                        [list(r) for r in await rows(a, sql)]
+                    )
+
                 await wait_for(
-                    lambda: sorted(sub.view.values()) == expected,
-                    timeout=90,
-                    what="the resumed subscription to match the query",
+                    matches, timeout=90, what="the resumed subscription to match the query"
                 )
                 tg.cancel_scope.cancel()
                 # the rows the client knew and that are still there kept their row ids
