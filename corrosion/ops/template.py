@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import jinja2
 
 from ..errors import CorrosionError
-from ..surfaces.client import Client, ClientError, base_url, statement
+from ..surfaces.client import AsyncClient, Client, ClientError, SubscriptionLost
 
 log = logging.getLogger("corrosion.template")
 
@@ -302,39 +301,30 @@ class Templates:
             w.dirty.set()
 
     async def _follow(self, query: Query, scope: anyio.CancelScope) -> None:
-        """Watch one query's changes (``skip_rows``: no rows, only changes); once each
-        (re)connection is established (the agent answered), render again, so that what changed
-        before the watch began is read too."""
+        """Watch one query's changes through a subscription that resumes after breaks
+        (``AsyncClient.subscribe``, ``skip_rows``: no rows, only changes); each time its stream
+        is (re)established, render again, so that what changed before the watch began, or while
+        it was broken, is read too."""
         sql, params = query[0], json.loads(query[1])
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        delay = 0.5
         with scope:
-            while True:
-                try:
-                    async with (
-                        httpx.AsyncClient(
-                            base_url=base_url(self._addr), headers=headers, timeout=None
-                        ) as http,
-                        http.stream(
-                            "POST",
-                            "/v1/subscriptions",
-                            params={"skip_rows": "true"},
-                            json=statement(sql, params),
-                        ) as resp,
-                    ):
-                        if resp.status_code != 200:
-                            await resp.aread()
-                            log.error("watching %r: %s %s", sql, resp.status_code, resp.text)
-                        else:
-                            delay = 0.5
-                            self._changed(query)  # the watch is established: read once more
-                            async for line in resp.aiter_lines():
-                                if line.strip():
-                                    self._changed(query)
-                except (httpx.HTTPError, OSError) as exc:
-                    log.warning("watching %r: %s; trying again", sql, exc or type(exc).__name__)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX)
+            async with AsyncClient(self._addr, self._token) as client:
+                while True:
+                    sub = client.subscribe(
+                        sql,
+                        params,
+                        skip_rows=True,
+                        max_backoff=RECONNECT_MAX,
+                        on_connect=lambda: self._changed(query),
+                    )
+                    try:
+                        async with sub:
+                            async for _change in sub:
+                                self._changed(query)
+                    except SubscriptionLost:
+                        continue  # the agent no longer has it: subscribe again
+                    except ClientError as exc:  # refused (bad SQL, token): the render says so
+                        log.error("watching %r: %s", sql, exc)
+                        await anyio.sleep(RECONNECT_MAX)
 
     async def _poll_templates(self, watched: list[_Watched]) -> None:
         while True:

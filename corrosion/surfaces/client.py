@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,14 +368,18 @@ class AsyncClient:
         skip_rows: bool = False,
         max_backoff: float = 5.0,
         give_up_after: float | None = None,
+        on_connect: Callable[[], None] | None = None,
     ) -> Subscription:
         """A subscription to ``sql``: use it as ``async with client.subscribe(...) as sub:
         async for event in sub``. Events: ``Columns``, ``Row``..., ``EndOfQuery`` (unless
         ``skip_rows``), then a ``Change`` for every change. A broken stream is resumed (backoff
         up to ``max_backoff`` s; ``give_up_after`` s without the agent raises
         ``AgentUnreachable``, None: never). With ``skip_rows`` the position is known from the
-        first change on: a break before it resumes from the subscription's present."""
-        return Subscription(self, sql, params, skip_rows, max_backoff, give_up_after)
+        first change on: a break before it resumes from the subscription's present.
+        ``on_connect`` is called each time the stream is (re)established: what changed while it
+        was down is then known to be in what follows or already read (``corrosion template``
+        reads again then)."""
+        return Subscription(self, sql, params, skip_rows, max_backoff, give_up_after, on_connect)
 
     def resume(
         self,
@@ -404,8 +408,10 @@ class Subscription:
         skip_rows: bool,
         max_backoff: float,
         give_up_after: float | None,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_connect = on_connect
         self._body = statement(sql, params)
         self._skip_rows = skip_rows
         self._max_backoff = max_backoff
@@ -500,3 +506,5 @@ class Subscription:
         self.id = resp.headers.get("corro-query-id", self.id)
         self._resp = resp
         self._lines = resp.aiter_lines()
+        if self._on_connect is not None:
+            self._on_connect()
