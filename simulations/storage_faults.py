@@ -153,16 +153,25 @@ def run_power_cuts(
                     acked = _check_restart(run, a, b.store.actor_id, acked, inflight, b_versions)
                     inflight = None
             vfs.clear_faults()
-            for _round in range(4):
-                _sync(b, a, ADDR_B)
-                _sync(a, b, ADDR_A)
-            run.diverged += _check_converged(a, b)
+            run.diverged += _converge(a, b)
         finally:
-            run.injected = list(vfs.injected)
-            a.store.close()
-            b.store.close()
-            vfs.unregister()
+            _close(run, vfs, a, b)
     return run
+
+
+def _converge(a: _Node, b: _Node) -> list[str]:
+    """Sync both ways until quiet (four rounds are plenty for two nodes); what still differs."""
+    for _round in range(4):
+        _sync(b, a, ADDR_B)
+        _sync(a, b, ADDR_A)
+    return _check_converged(a, b)
+
+
+def _close(run: FaultRun, vfs: FaultyVFS, a: _Node, b: _Node) -> None:
+    run.injected = list(vfs.injected)
+    a.store.close()
+    b.store.close()
+    vfs.unregister()
 
 
 def _check_restart(
@@ -302,15 +311,9 @@ def run_read_errors(seed: int, trials: int = 40, base: str | None = None) -> Fau
                 run.problems += [
                     f"trial {n}: {p}" for p in bookkeeping_problems("a", a.store, {}, available={})
                 ]
-            for _round in range(4):
-                _sync(b, a, ADDR_B)
-                _sync(a, b, ADDR_A)
-            run.diverged += _check_converged(a, b)
+            run.diverged += _converge(a, b)
         finally:
-            run.injected = list(vfs.injected)
-            a.store.close()
-            b.store.close()
-            vfs.unregister()
+            _close(run, vfs, a, b)
     return run
 
 
