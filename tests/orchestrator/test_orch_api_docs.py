@@ -185,12 +185,8 @@ async def test_machines_api_examples_run_as_documented(tmp_path):
             for (command, documented, line), status in zip(runs, STATUSES, strict=True):
                 env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
                        "CURL_HOME": str(tmp_path), **variables}  # fmt: skip
-                with anyio.fail_after(120):
-                    proc = await anyio.run_process(["bash", "-c", command], env=env, check=False)
-                out = proc.stdout.decode()
-                assert proc.returncode == 0, (line, proc.stderr.decode())
-                body, _, code = out.rpartition("\n")
-                assert int(code) == status, f"line {line}: HTTP {code} {body}"
+                code, body = await run_step(command, env, line)
+                assert code == status, f"line {line}: HTTP {code} {body}"
                 if documented is None:
                     assert body == "", f"line {line}: {body}"
                     continue
