@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .machine import DESTROYED, iso
+from .proxy import open_replica
 from .publish import MACHINES_TABLE
 from .workers import HEARTBEAT_TTL, WORKER_COLUMNS, WORKERS_TABLE, WorkerInfo
 
@@ -61,11 +62,7 @@ class GatewayReplica:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # read-write open (read-only cannot attach to a WAL database without its -shm); it
-        # never writes
-        self._conn = apsw.Connection(str(self.path))
-        self._conn.set_busy_timeout(2000)
-        self._conn.execute("PRAGMA query_only = 1")
+        self._conn = open_replica(self.path)
         self._lock = threading.Lock()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

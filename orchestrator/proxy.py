@@ -79,6 +79,16 @@ def _backend(row: Sequence[Any]) -> Backend | None:
     return Backend(machine_id, worker, address, int(ports[0]), failing)
 
 
+def open_replica(path: Path) -> apsw.Connection:
+    """A connection that reads the agent's replica file (the proxy's and the gateway's):
+    opened read-write, as a read-only one cannot attach to a WAL database without its -shm, but
+    it never writes."""
+    conn = apsw.Connection(str(path))
+    conn.set_busy_timeout(2000)
+    conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
 class SqliteReplica:
     """Routing reads over a replica database file (the agent's, or any copy with the table).
 
@@ -88,11 +98,7 @@ class SqliteReplica:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # read-write open (a read-only one cannot attach to a WAL database without its -shm),
-        # but this connection never writes
-        self._conn = apsw.Connection(str(self.path))
-        self._conn.set_busy_timeout(2000)
-        self._conn.execute("PRAGMA query_only = 1")
+        self._conn = open_replica(self.path)
         self._lock = threading.Lock()
         self._version: int | None = None
         self._cache: dict[str, list[Backend]] = {}
