@@ -9,8 +9,13 @@ else is ``critical`` (``warning`` means not run yet). :mod:`.health` runs them.
 
 ``kind`` is Fly's: a ``readiness`` check that is critical takes the machine out of the proxy's
 rotation, an ``informational`` one does not. Unlike Fly, where top-level checks default to
-informational, here they default to readiness: this orchestrator runs no service-level checks,
-so top-level checks are the ones that drive routing.
+informational, here they default to readiness (so a machine with only top-level checks is routed
+by them, as this orchestrator's users had it before service checks existed).
+
+Service-level checks (``config.services[i].checks``, Fly's ``MachineServiceCheck``: the same
+fields without a name or ``kind``) always steer routing. They run beside the top-level ones under
+Fly's generated names, ``servicecheck-NN-<type>-<port>`` (NN counts them across all services),
+and take their service's ``internal_port`` when they name no port.
 """
 
 from __future__ import annotations
@@ -58,10 +63,54 @@ def validate_checks(raw: Any, services: Any = None) -> dict[str, dict[str, Any]]
     return {name: _validate_check(name, check, default_port) for name, check in sorted(raw.items())}
 
 
-def _validate_check(name: Any, raw: Any, default_port: Any) -> dict[str, Any]:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidRequestError(f"config.checks: invalid check name {name!r}")
-    where = f"config.checks.{name}"
+def validate_service_checks(services: list[Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Each service's normalized ``checks`` list (empty where it has none), or
+    InvalidRequestError naming the bad field as ``config.services[i].checks[j]``."""
+    out: list[list[dict[str, Any]]] = []
+    count = 0
+    for i, svc in enumerate(services):
+        raw = svc.get("checks")
+        if raw is None:
+            out.append([])
+            continue
+        if not isinstance(raw, list):
+            raise InvalidRequestError(f"config.services[{i}].checks: expected a list of checks")
+        normalized = []
+        for j, check in enumerate(raw):
+            where = f"config.services[{i}].checks[{j}]"
+            if isinstance(check, Mapping) and "kind" in check:
+                raise InvalidRequestError(
+                    f"{where}.kind: service checks always steer routing; use config.checks "
+                    "for an informational check"
+                )
+            no_port = isinstance(check, Mapping) and check.get("port") is None
+            if no_port and svc.get("internal_port") is None:
+                raise InvalidRequestError(
+                    f"{where}.port: required (config.services[{i}] has no internal_port)"
+                )
+            out_check = _validate_check(None, check, svc.get("internal_port"), where)
+            del out_check["kind"]  # not a field of a service check (a client may send GET back)
+            normalized.append(out_check)
+            count += 1
+        out.append(normalized)
+    if count > MAX_CHECKS:
+        raise InvalidRequestError(f"config.services: at most {MAX_CHECKS} service checks")
+    return out
+
+
+def service_check_names(config: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(Fly's generated name, check) for every service-level check, in order."""
+    checks = [c for svc in config.get("services") or [] for c in svc.get("checks") or []]
+    return [(f"servicecheck-{n:02d}-{c['type']}-{c['port']}", c) for n, c in enumerate(checks)]
+
+
+def _validate_check(
+    name: Any, raw: Any, default_port: Any, where: str | None = None
+) -> dict[str, Any]:
+    if where is None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequestError(f"config.checks: invalid check name {name!r}")
+        where = f"config.checks.{name}"
     if not isinstance(raw, Mapping):
         raise InvalidRequestError(f"{where}: expected an object")
     unknown = sorted(set(raw) - _COMMON - _HTTP_ONLY)
@@ -229,7 +278,12 @@ class NetworkProbe:
 
 
 def specs(config: Mapping[str, Any]) -> list[CheckSpec]:
-    return [CheckSpec.from_config(n, c) for n, c in sorted((config.get("checks") or {}).items())]
+    """The checks a started machine runs: its top-level checks by name, then its service checks."""
+    top = [CheckSpec.from_config(n, c) for n, c in sorted((config.get("checks") or {}).items())]
+    services = [
+        CheckSpec.from_config(n, {**c, "kind": READINESS}) for n, c in service_check_names(config)
+    ]
+    return top + services
 
 
 def published_checks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -250,6 +304,8 @@ __all__ = [
     "NetworkProbe",
     "Probe",
     "published_checks",
+    "service_check_names",
     "specs",
     "validate_checks",
+    "validate_service_checks",
 ]

@@ -18,7 +18,7 @@ import signal as _signal
 from collections.abc import Mapping
 from typing import Any
 
-from .checks import validate_checks
+from .checks import validate_checks, validate_service_checks
 from .drivers.base import InstanceSpec, parse_signal
 from .durations import parse_duration
 from .errors import InvalidRequestError
@@ -122,6 +122,9 @@ def validate_config(raw: Any) -> dict[str, Any]:
                 isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
             ):
                 raise InvalidRequestError(f"config.services[{i}].internal_port: expected 1-65535")
+        for svc, checks in zip(out["services"], validate_service_checks(services), strict=True):
+            if checks:
+                svc["checks"] = checks
     out["image"] = image.strip()
     init = _obj(cfg.get("init") or {}, "config.init")
     bad = sorted(set(init) - {"exec", "entrypoint", "cmd", "tty", "swap_size_mb"})

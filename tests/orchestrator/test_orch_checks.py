@@ -25,7 +25,7 @@ from support import free_port, self_signed_cert, wait_for
 import crdt
 from corrosion.surfaces.asgi_server import serve_asgi
 from orchestrator import machine as m
-from orchestrator.checks import CRITICAL, PASSING, WARNING, CheckSpec, NetworkProbe
+from orchestrator.checks import CRITICAL, PASSING, WARNING, CheckSpec, NetworkProbe, specs
 from orchestrator.clock import ManualClock
 from orchestrator.drivers import FakeDriver, ProcessDriver
 from orchestrator.engine import Backoff
@@ -107,6 +107,50 @@ def test_bad_checks_are_refused_naming_the_field(checks, message):
 def test_a_check_without_port_needs_a_service():
     with pytest.raises(InvalidRequestError, match=r"config\.checks\.c\.port: required"):
         m.validate_config(cfg({"c": {"type": "tcp"}}, services=[]))
+
+
+def test_service_checks_are_normalized_named_as_fly_names_them_and_always_readiness():
+    services = [
+        {"protocol": "tcp", "internal_port": 8080,
+         "checks": [{"type": "http", "path": "/up", "interval": "1s"}]},
+        {"protocol": "tcp", "internal_port": 9000},
+        {"protocol": "tcp", "internal_port": 9100, "checks": [{"type": "tcp", "port": 9101}]},
+    ]  # fmt: skip
+    config = m.validate_config(cfg(None, services=services))
+    assert config["services"][0]["checks"] == [{
+        "type": "http", "port": 8080, "interval": 1.0, "timeout": 2.0, "grace_period": 0.0,
+        "method": "GET", "path": "/up", "protocol": "http", "tls_skip_verify": False,
+        "headers": [],
+    }]  # fmt: skip
+    assert "checks" not in config["services"][1]
+    assert m.validate_config(config) == config  # what GET shows validates to itself
+    got = [(s.name, s.type, s.port, s.kind) for s in specs(config)]
+    assert got == [("servicecheck-00-http-8080", "http", 8080, "readiness"),
+                   ("servicecheck-01-tcp-9101", "tcp", 9101, "readiness")]  # fmt: skip
+    top = m.validate_config(cfg({"z": {"type": "tcp", "kind": "informational"}}, services=services))
+    assert specs(top)[0].name == "z"  # top-level first, then the service checks
+
+
+@pytest.mark.parametrize(
+    ("service", "message"),
+    [
+        ({"internal_port": 80, "checks": {"type": "tcp"}},
+         r"config\.services\[0\]\.checks: expected a list"),
+        ({"internal_port": 80, "checks": [{"type": "udp"}]},
+         r"config\.services\[0\]\.checks\[0\]\.type: required, one of tcp, http"),
+        ({"internal_port": 80, "checks": [{"type": "tcp", "kind": "informational"}]},
+         r"config\.services\[0\]\.checks\[0\]\.kind: service checks always steer routing"),
+        ({"checks": [{"type": "tcp"}]},
+         r"config\.services\[0\]\.checks\[0\]\.port: required \(config\.services\[0\] has no"),
+        ({"internal_port": 80, "checks": [{"type": "tcp", "path": "/"}]},
+         r"config\.services\[0\]\.checks\[0\]\.path: only for http checks"),
+        ({"internal_port": 80, "checks": [{"type": "tcp"}] * 33},
+         r"config\.services: at most 32 service checks"),
+    ],
+)  # fmt: skip
+def test_bad_service_checks_are_refused_naming_the_field(service, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        m.validate_config(cfg(None, services=[service]))
 
 
 async def test_bad_checks_change_nothing_at_create_and_update(tmp_path):
@@ -295,34 +339,45 @@ def replica(path):
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_failing_check_takes_a_machine_out_of_the_proxy_and_back(tmp_path):
+@pytest.mark.parametrize("level", ["top-level", "service"])
+async def test_failing_check_takes_a_machine_out_of_the_proxy_and_back(tmp_path, level):
+    """The same journey with the HTTP check declared at the top level or on the service."""
     conn = replica(tmp_path / "replica.db")
     reader = SqliteReplica(tmp_path / "replica.db")
     proxy = Proxy(reader, domain="example.test", retry_delay=0.05, connect_attempts=3)
     driver = ProcessDriver(tmp_path / "instances")
-    sites, mids = {}, []
+    sites, mids, ports, names = {}, [], {}, {}
 
     def machine_config(name: str) -> dict:
-        port = free_port()
+        port = ports[name] = free_port()
         www = sites[name] = tmp_path / name
         www.mkdir()
         (www / "health").write_text("ok\n")
         (www / "who.txt").write_text(f"{name}\n")
+        health = {"type": "http", "path": "/health", "interval": "200ms", "timeout": "5s",
+                  "headers": [{"name": "X-Probe", "values": ["1"]}]}  # fmt: skip
+        service = {"protocol": "tcp", "internal_port": port}
+        checks = {"alive": {"type": "tcp", "interval": "200ms", "timeout": "5s"}}
+        if level == "service":
+            service["checks"] = [health]
+        else:
+            checks["health"] = health
         return {
             "image": "python",
             "init": {"exec": [sys.executable, "-m", "http.server", str(port), "--bind",
                               "127.0.0.1", "--directory", str(www)]},
-            "services": [{"protocol": "tcp", "internal_port": port}],
-            "checks": {
-                "alive": {"type": "tcp", "interval": "200ms", "timeout": "5s"},
-                "health": {"type": "http", "path": "/health", "interval": "200ms",
-                           "timeout": "5s", "headers": [{"name": "X-Probe", "values": ["1"]}]},
-            },
+            "services": [service],
+            "checks": checks,
         }  # fmt: skip
 
     def published(mid: str) -> dict[str, str]:
+        """The published statuses, with the HTTP check under the name "health" either way."""
         rows = conn.execute(f"SELECT checks FROM {MACHINES_TABLE} WHERE id = ?", (mid,))
-        return {c["name"]: c["status"] for row in rows for c in json.loads(row[0])}
+        statuses = {c["name"]: c["status"] for row in rows for c in json.loads(row[0])}
+        service_name = f"servicecheck-00-http-{ports[names[mid]]}"
+        if service_name in statuses:
+            statuses["health"] = statuses.pop(service_name)
+        return statuses
 
     try:
         async with (
@@ -336,13 +391,18 @@ async def test_failing_check_takes_a_machine_out_of_the_proxy_and_back(tmp_path)
             for name in ("a", "b"):
                 view = await o.create_machine("web", {"name": name, "config": machine_config(name)})
                 mids.append(view["id"])
+                names[view["id"]] = name
             a, b = mids
+            health = "health" if level == "top-level" else f"servicecheck-00-http-{ports['a']}"
             both_pass = {"alive": PASSING, "health": PASSING}
             for mid in mids:
                 assert await o.wait_machine("web", mid, state="started", timeout=60)
                 await wait_for(lambda mid=mid: published(mid) == both_pass, 60, "passing rows")
             got = o.get_machine("web", a)["checks"]
-            assert [(c["name"], c["status"]) for c in got] == list(both_pass.items())
+            assert [(c["name"], c["status"]) for c in got] == [
+                ("alive", PASSING),
+                (health, PASSING),
+            ]
             port = o.get_machine("web", a)["config"]["services"][0]["internal_port"]
             assert got[1]["output"] == f"HTTP GET http://127.0.0.1:{port}/health: 200 OK"
 
@@ -370,7 +430,8 @@ async def test_failing_check_takes_a_machine_out_of_the_proxy_and_back(tmp_path)
             assert r.status_code == 503
             error = r.json()["error"]
             assert "no reachable started machine for app web" in error
-            assert f"{a} (health)" in error and f"{b} (health)" in error
+            b_health = health.replace(str(ports["a"]), str(ports["b"]))
+            assert f"{a} ({health})" in error and f"{b} ({b_health})" in error
 
             for name in ("a", "b"):
                 (sites[name] / "health").write_text("ok\n")
