@@ -26,7 +26,7 @@ from .api import routes
 from .config import OrchestratorConfig, build_orchestrator
 from .publish import MACHINES_SCHEMA, Statement
 from .service import Orchestrator
-from .workers import Announcer, WorkerInfo, api_url_for
+from .workers import Announcer, WorkerInfo, api_url_for, worker_routes
 
 
 class AgentPublisher:
@@ -62,7 +62,10 @@ class OrchestratorExtension:
             id=orch.worker, region=orch.region, capacity=self.config.capacity,
             api_url=self.config.api_url or api_url_for(list(agent.config.api.addrs)),
         )  # fmt: skip
-        self.announcer = Announcer(publisher, info, clock=orch.clock)
+        self.announcer = Announcer(
+            publisher, info, clock=orch.clock,
+            cordon_path=self.config.machines_path / "_worker" / "cordon.json",
+        )  # fmt: skip
         self._heartbeat = anyio.CancelScope()
         await self.announcer.beat()  # gateways may place here as soon as start returns
         tg.start_soon(self._beat_forever)
@@ -75,7 +78,9 @@ class OrchestratorExtension:
     def routes(self) -> list[BaseRoute]:
         if self.orch is None:
             return []
-        return list(routes(self.orch))  # the agent's bearer-token check guards every route
+        # the agent's bearer-token check guards every route
+        extra = worker_routes(self.announcer) if self.announcer is not None else []
+        return [*routes(self.orch), *extra]
 
     def metric_families(self) -> list[MetricFamily]:
         """The orchestrator's metrics, served with the agent's ``/metrics``."""

@@ -13,6 +13,8 @@ cluster with no coordinator between them.
   up to ``replication_wait`` seconds, before answering 404.
 * List comes from the replica, across workers, with Fly's filters: ``region``, ``state``
   (comma-separated), ``metadata.<key>=<value>``, ``include_deleted``, ``summary``.
+* ``POST /v1/workers/{id}/cordon`` / ``uncordon`` forwards to that worker, which stops (or
+  resumes) taking new machines.
 * ``GET /v1/workers`` lists the workers as this replica sees them, each with ``live`` and
   ``used``.
 
@@ -224,6 +226,7 @@ class Gateway:
         methods = ["GET", "POST", "DELETE", "PUT"]
         routes = [
             Route("/v1/workers", self._workers, methods=["GET"]),
+            Route("/v1/workers/{worker_id}/{action:str}", self._cordon, methods=["POST"]),
             Route(BASE, self._machines, methods=["GET", "POST"]),
             Route(BASE + "/{machine_id}", self._one, methods=methods),
             Route(BASE + "/{machine_id}/{rest:path}", self._one, methods=methods),
@@ -274,6 +277,25 @@ class Gateway:
              "live": live(w, now, self.heartbeat_ttl), "heartbeat": iso(w.heartbeat / 1000)}
             for w in self.replica.workers()
         ])  # fmt: skip
+
+    async def _cordon(self, request: Request) -> Response:
+        """``POST /v1/workers/{id}/cordon`` or ``uncordon``, forwarded to that worker (the
+        only writer of its row); the answer is the worker's."""
+        if (denied := self._denied(request)) is not None:
+            return denied
+        wid, action = request.path_params["worker_id"], request.path_params["action"]
+        if action not in ("cordon", "uncordon"):
+            return _error(404, f"no such worker action {action!r} (cordon or uncordon)")
+        worker = next((w for w in self.replica.workers() if w.id == wid), None)
+        if worker is None or not worker.api_url:
+            return _error(404, f"worker {wid} is not in the workers table")
+        try:
+            response = await self.client.post(
+                f"{worker.api_url}/v1/worker/{action}", headers=_forwarded(request)
+            )
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            return _error(503, f"worker {wid} is unreachable ({type(e).__name__})")
+        return _relay(response, wid)
 
     async def _machines(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:

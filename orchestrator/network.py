@@ -44,6 +44,7 @@ from pathlib import Path
 import anyio
 
 from .errors import OrchestratorError
+from .files import write_json_durably
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +220,10 @@ class AddressBook:
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        data = json.dumps({"subnet": str(self.subnet), "cursor": self.cursor,
-                           "machines": self.machines}, sort_keys=True)  # fmt: skip
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json_durably(
+            self.path,
+            {"subnet": str(self.subnet), "cursor": self.cursor, "machines": self.machines},
+        )
 
 
 class MachineNetwork:

@@ -5,15 +5,27 @@ Machines API, its capacity, and a heartbeat (wall-clock milliseconds) rewritten 
 seconds. A gateway reading its local replica treats a worker whose heartbeat is older than a
 few intervals as dead, and one marked ``draining`` (set as the worker shuts down) or
 ``cordoned`` as taking no new machines.
+
+An operator cordons a worker (before maintenance, say) with ``POST /v1/worker/cordon`` on its
+API, or through any gateway with ``POST /v1/workers/{id}/cordon``; the flag is kept in a file
+beside the machine databases, so the worker comes back cordoned after a restart until it is
+uncordoned. Its machines keep running and keep answering: cordoning only stops placement.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from .clock import Clock
+from .files import write_json_durably
 from .publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -72,12 +84,35 @@ class Announcer:
         *,
         clock: Clock,
         interval: float = HEARTBEAT_INTERVAL,
+        cordon_path: Path | None = None,
     ) -> None:
         self.publisher = publisher
-        self.info = info
         self.clock = clock
         self.interval = interval
+        self.cordon_path = cordon_path
         self.beats = 0
+        self.info = replace(info, cordoned=read_cordon(cordon_path)) if cordon_path else info
+        if self.info.cordoned:
+            log.warning("worker %s starts cordoned: it takes no new machines until "
+                        "POST /v1/worker/uncordon", info.id)  # fmt: skip
+
+    async def set_cordoned(self, cordoned: bool) -> bool:
+        """Cordon or uncordon this worker; True when that changed something. The flag is saved
+        before it is published, so an answered request survives a crash; a failed publish is
+        retried by the next heartbeat."""
+        if self.info.cordoned == cordoned:
+            return False
+        if self.cordon_path is not None:
+            write_json_durably(self.cordon_path, {"cordoned": cordoned})
+        self.info = replace(self.info, cordoned=cordoned)
+        log.warning("worker %s %s", self.info.id,
+                    "cordoned: gateways place no new machines here" if cordoned
+                    else "uncordoned: gateways may place machines here again")  # fmt: skip
+        try:
+            await self.beat()
+        except Exception as e:  # noqa: BLE001 — the agent may be busy: the next beat retries
+            log.warning("publishing worker %s's cordon failed: %s", self.info.id, e)
+        return True
 
     async def beat(self, *, draining: bool = False) -> None:
         info = WorkerInfo(
@@ -96,8 +131,48 @@ class Announcer:
                 log.warning("publishing worker %s's heartbeat failed: %s", self.info.id, e)
             await self.clock.sleep(self.interval)
 
+    def view(self) -> dict[str, Any]:
+        i = self.info
+        return {"id": i.id, "region": i.region, "api_url": i.api_url, "capacity": i.capacity,
+                "cordoned": i.cordoned}  # fmt: skip
+
     async def drain(self) -> None:
         try:
             await self.beat(draining=True)
         except Exception as e:  # noqa: BLE001 — stopping anyway: the heartbeat just ages out
             log.warning("marking worker %s draining failed: %s", self.info.id, e)
+
+
+def read_cordon(path: Path) -> bool:
+    """The saved cordon flag (False when never set). An unreadable file is an operator's
+    problem to see, not a reason to take machines: it is logged and read as cordoned."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        log.error("cannot read the cordon flag in %s (%s): starting cordoned", path, e)
+        return True
+    return bool(isinstance(data, dict) and data.get("cordoned"))
+
+
+def worker_routes(announcer: Announcer) -> list[Route]:
+    """``GET /v1/worker`` (this worker as it announces itself) and ``POST /v1/worker/cordon``
+    / ``uncordon``, each answering the worker's view."""
+
+    async def show(_request: Request) -> JSONResponse:
+        return JSONResponse(announcer.view())
+
+    async def cordon(_request: Request) -> JSONResponse:
+        await announcer.set_cordoned(True)
+        return JSONResponse(announcer.view())
+
+    async def uncordon(_request: Request) -> JSONResponse:
+        await announcer.set_cordoned(False)
+        return JSONResponse(announcer.view())
+
+    return [
+        Route("/v1/worker", show, methods=["GET"]),
+        Route("/v1/worker/cordon", cordon, methods=["POST"]),
+        Route("/v1/worker/uncordon", uncordon, methods=["POST"]),
+    ]

@@ -112,6 +112,17 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
                         return not [x async for x in w2.query("SELECT id FROM machines")]
 
                     await wait_for(row_deleted)
+
+                    # the worker's own routes, served with the agent's API: cordon shows on w2
+                    assert (await api.get("/v1/worker")).json()["cordoned"] is False
+                    r = await api.post("/v1/worker/cordon")
+                    assert r.status_code == 200 and r.json()["cordoned"] is True, r.text
+
+                    async def w2_sees_cordon():
+                        rows = [x async for x in w2.query("SELECT cordoned FROM workers")]
+                        return rows == [(1,)]
+
+                    await wait_for(w2_sees_cordon)
                 reader.close()
     finally:
         await ProcessDriver(tmp_path / "w1" / "instances").destroy_all()

@@ -4,6 +4,8 @@ real workers (fake driver, real HTTP servers on loopback) publishing into one re
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 
 import anyio
@@ -21,7 +23,7 @@ from orchestrator.drivers import FakeDriver
 from orchestrator.gateway import Gateway, GatewayReplica, list_filter, matches, place
 from orchestrator.publish import MACHINES_SCHEMA
 from orchestrator.service import Orchestrator
-from orchestrator.workers import Announcer, WorkerInfo, api_url_for
+from orchestrator.workers import Announcer, WorkerInfo, api_url_for, worker_routes
 
 TOKEN = "gw-secret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -84,14 +86,15 @@ def anyio_backend():
 
 @contextlib.asynccontextmanager
 async def cluster(tmp_path, regions=("ams", "ord")):
-    """Workers w1.. (one per region, fake driver, Machines API on loopback behind TOKEN),
-    publishing their machines and workers rows into replica.db; a gateway over it."""
+    """Workers w1.. (one per region, fake driver, Machines API on loopback behind TOKEN, with
+    the worker's own cordon routes), publishing their machines and workers rows into
+    replica.db; a gateway over it. Yields (client, orchs, publishers, gateway, announcers)."""
     path = tmp_path / "replica.db"
     setup = apsw.Connection(str(path))
     setup.execute("PRAGMA journal_mode = wal")
     setup.execute(MACHINES_SCHEMA)
     setup.close()
-    conns, publishers, orchs = [], [], {}
+    conns, publishers, orchs, announcers = [], [], {}, {}
     async with contextlib.AsyncExitStack() as stack:
         tg = await stack.enter_async_context(anyio.create_task_group())
         for i, region in enumerate(regions, start=1):
@@ -106,11 +109,15 @@ async def cluster(tmp_path, regions=("ams", "ord")):
                                 region=region, publisher=pub)  # fmt: skip
             await stack.enter_async_context(orch)
             orchs[name] = orch
-            server = await serve_asgi(create_app(orch, token=TOKEN, manage=False), tg,
-                                      "127.0.0.1", 0)  # fmt: skip
+            app = create_app(orch, token=TOKEN, manage=False)
+            server = await serve_asgi(app, tg, "127.0.0.1", 0)
             stack.callback(server.close)
             info = WorkerInfo(name, region, f"http://127.0.0.1:{server.address[1]}", 10)
-            await Announcer(pub, info, clock=orch.clock).beat()
+            announcer = announcers[name] = Announcer(
+                pub, info, clock=orch.clock, cordon_path=tmp_path / name / "cordon.json"
+            )
+            app.router.routes.extend(worker_routes(announcer))
+            await announcer.beat()
         replica = GatewayReplica(path)
         stack.callback(replica.close)
         gateway = Gateway(replica, token=TOKEN, replication_wait=10.0)
@@ -119,14 +126,14 @@ async def cluster(tmp_path, regions=("ams", "ord")):
                               base_url="http://gw", headers=AUTH, timeout=30)
         )  # fmt: skip
         async with gateway._lifespan(gateway.app):
-            yield client, orchs, publishers, gateway
+            yield client, orchs, publishers, gateway, announcers
         tg.cancel_scope.cancel()
     for conn in conns:
         conn.close()
 
 
 async def test_create_routes_lists_and_authenticates(tmp_path):
-    async with cluster(tmp_path) as (client, orchs, _, _):
+    async with cluster(tmp_path) as (client, orchs, _, _, _):
         r = await client.post("/v1/apps/web/machines", json={"config": CONFIG, "region": "ord"})
         assert r.status_code == 200, r.text
         assert r.headers["fly-worker"] == "w2"
@@ -188,7 +195,7 @@ async def test_create_routes_lists_and_authenticates(tmp_path):
 
 
 async def test_create_retries_another_worker_when_one_is_down(tmp_path):
-    async with cluster(tmp_path, regions=("ams",)) as (client, orchs, publishers, gateway):
+    async with cluster(tmp_path, regions=("ams",)) as (client, orchs, publishers, gateway, _):
         replica = gateway.replica
         with socketless_port() as port:  # nothing listens there: connection refused
             dead = WorkerInfo("w0", "ams", f"http://127.0.0.1:{port}", 100)
@@ -212,6 +219,69 @@ async def test_create_retries_another_worker_when_one_is_down(tmp_path):
             assert r.json()["config"]["metadata"] == {"a": "b"} and r.json()["worker"] == "w0"
             r = await client.post("/v1/apps/web/machines/m0/stop")
             assert r.status_code == 503 and "w0" in r.json()["error"]
+
+
+async def test_a_cordoned_worker_takes_no_new_machines_and_stays_cordoned(tmp_path):
+    async with cluster(tmp_path, regions=("ams", "ams")) as (client, _, _, _, announcers):
+
+        async def workers() -> dict[str, bool]:
+            return {x["id"]: x["cordoned"] for x in (await client.get("/v1/workers")).json()}
+
+        async def shows(want: dict[str, bool]) -> bool:
+            return await workers() == want
+
+        r = await client.post("/v1/apps/web/machines", json={"config": CONFIG})
+        assert r.status_code == 200 and r.headers["fly-worker"] == "w1", r.text
+        kept = r.json()["id"]
+
+        r = await client.post("/v1/workers/w2/cordon")
+        assert r.status_code == 200 and r.headers["fly-worker"] == "w2", r.text
+        assert r.json()["cordoned"] is True and r.json()["id"] == "w2"
+        await wait_for(lambda: shows({"w1": False, "w2": True}), what="w2 cordoned in the replica")
+        for _ in range(3):  # w2 is the freer worker, but cordoned: everything goes to w1
+            r = await client.post("/v1/apps/web/machines", json={"config": CONFIG})
+            assert r.status_code == 200 and r.headers["fly-worker"] == "w1", r.text
+
+        # the flag survives a restart of the worker: a new announcer reads it back
+        assert json.loads((tmp_path / "w2" / "cordon.json").read_text()) == {"cordoned": True}
+        again = Announcer(announcers["w2"].publisher, announcers["w2"].info, clock=ManualClock(),
+                          cordon_path=tmp_path / "w2" / "cordon.json")  # fmt: skip
+        assert again.info.cordoned
+        # machines on a cordoned worker keep answering: cordoning only stops placement
+        r = await client.post("/v1/workers/w1/cordon")
+        assert r.status_code == 200, r.text
+        r = await client.get(f"/v1/apps/web/machines/{kept}")
+        assert r.status_code == 200 and r.headers["fly-worker"] == "w1"
+        await wait_for(lambda: shows({"w1": True, "w2": True}), what="both cordoned")
+        r = await client.post("/v1/apps/web/machines", json={"config": CONFIG})
+        assert r.status_code == 503, r.text
+
+        r = await client.post("/v1/workers/w2/uncordon")
+        assert r.status_code == 200 and r.json()["cordoned"] is False, r.text
+        await wait_for(lambda: shows({"w1": True, "w2": False}), what="w2 uncordoned")
+        r = await client.post("/v1/apps/web/machines", json={"config": CONFIG})
+        assert r.status_code == 200 and r.headers["fly-worker"] == "w2", r.text
+
+        r = await client.post("/v1/workers/w2/drain")
+        assert r.status_code == 404 and "cordon or uncordon" in r.json()["error"]
+        r = await client.post("/v1/workers/w9/cordon")
+        assert r.status_code == 404 and "w9" in r.json()["error"]
+        r = await client.post("/v1/workers/w2/cordon", headers={"authorization": "Bearer no"})
+        assert r.status_code == 401
+        assert not announcers["w2"].info.cordoned
+
+
+def test_an_unreadable_cordon_file_starts_the_worker_cordoned(tmp_path, caplog):
+    path = tmp_path / "cordon.json"
+    path.write_text("{not json")
+    info = WorkerInfo("w1", "ams", "http://w1:4001", 8)
+    with caplog.at_level(logging.ERROR, logger="orchestrator.workers"):
+        announcer = Announcer(None, info, clock=ManualClock(), cordon_path=path)
+    assert announcer.info.cordoned
+    assert "cannot read the cordon flag" in caplog.text and "starting cordoned" in caplog.text
+    assert not Announcer(
+        None, info, clock=ManualClock(), cordon_path=tmp_path / "none"
+    ).info.cordoned
 
 
 async def test_announcer_heartbeats_and_drains(tmp_path):
@@ -251,7 +321,7 @@ def test_worker_config_keys(tmp_path):
 
 
 async def test_call_waits_for_replication_instead_of_404(tmp_path):
-    async with cluster(tmp_path, regions=("ams",)) as (client, orchs, publishers, gateway):
+    async with cluster(tmp_path, regions=("ams",)) as (client, orchs, publishers, gateway, _):
         publishers[0].open = anyio.Event()  # held: the replica lags behind the worker
         created = await orchs["w1"].create_machine("web", {"config": CONFIG})
         answers = []
