@@ -194,6 +194,7 @@ class Advance:
     blocked: str | None = None  # why the node stopped, when it did
     running: Running = field(default_factory=Running)
     head: SchemaVersion | None = None  # the chain's last version
+    history: list[SchemaVersion] = field(default_factory=list)  # the chain
     losers: list[SchemaVersion] = field(default_factory=list)
 
     @property
@@ -252,7 +253,11 @@ def advance(conn: apsw.Connection, extra: str = "", *, follow: bool = True) -> A
     node adds to every version (its extensions'); ``follow=False`` only reads."""
     versions = read_versions(conn)
     history = chain(versions)
-    out = Advance(head=history[-1] if history else None, losers=losers(versions, history))
+    out = Advance(
+        head=history[-1] if history else None,
+        history=history,
+        losers=losers(versions, history),
+    )
     here = running(conn)
     out.running = here
     out.blocked = blocked(conn)
@@ -406,6 +411,7 @@ class ClusterSchemaStatus:
         self.follow = follow
         self.running = Running()
         self.head: SchemaVersion | None = None
+        self.history: list[SchemaVersion] = []
         self.blocked: str | None = None
         self.losers: list[SchemaVersion] = []
         self.drift: str | None = None  # how this node's files disagree with the cluster schema
@@ -435,6 +441,11 @@ class ClusterSchemaStatus:
         self.blocked = adv.blocked
         self.running = adv.running
         self.head = adv.head
+        self.history = adv.history
+
+    def at(self, version: int) -> SchemaVersion | None:
+        """The chain's version ``version``, as last installed (None: not known yet)."""
+        return self.history[version - 1] if 0 < version <= len(self.history) else None
 
     def set_drift(self, drift: str | None) -> None:
         if drift is not None and drift != self.drift:
