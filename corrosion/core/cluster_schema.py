@@ -48,7 +48,13 @@ import apsw
 
 import crdt
 from crdt.errors import DestructiveChangeRefused, SchemaError
-from crdt.schema import introspect, parse_schema, reconcile_schema, split_statements
+from crdt.schema import (
+    SchemaOutcome,
+    introspect,
+    parse_schema,
+    reconcile_schema,
+    split_statements,
+)
 
 from ..errors import CorrosionError
 
@@ -147,6 +153,24 @@ def losers(versions: list[SchemaVersion], history: list[SchemaVersion]) -> list[
     return [v for v in versions if on_chain.get((v.version, v.parent), v.hash) != v.hash]
 
 
+def lost_cells(versions: list[SchemaVersion], history: list[SchemaVersion]) -> frozenset[Any]:
+    """``(table, column)`` pairs only losing proposals define (never the chain's head): their
+    changes, written on nodes that ran a loser before moving to the winner, are dropped by
+    every node (those nodes dropped them in the move), so that all nodes hold the same data."""
+    beaten = losers(versions, history)
+    if not beaten or not history:
+        return frozenset()
+    head = parse_schema(history[-1].sql)
+    out = set()
+    for v in beaten:
+        for name, table in parse_schema(v.sql).items():
+            kept = head.get(name)
+            for col in table.columns:
+                if kept is None or col not in kept.columns:
+                    out.add((name, col))
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class Running:
     """The cluster version a node runs: 0 and the empty hash before its first."""
@@ -202,11 +226,17 @@ class Advance:
         return bool(self.applied)
 
 
+def _reconcile(
+    conn: apsw.Connection, v: SchemaVersion, extra: str, *, allow_destructive: bool
+) -> SchemaOutcome:
+    sql = v.sql if not extra else f"{v.sql}\n;\n{extra}"
+    return reconcile_schema(conn, sql, allow_destructive=allow_destructive)
+
+
 def _apply_text(
     conn: apsw.Connection, v: SchemaVersion, extra: str, *, allow_destructive: bool
 ) -> list[str]:
-    sql = v.sql if not extra else f"{v.sql}\n;\n{extra}"
-    return reconcile_schema(conn, sql, allow_destructive=allow_destructive).changes
+    return _reconcile(conn, v, extra, allow_destructive=allow_destructive).changes
 
 
 def _may_leave(conn: apsw.Connection, lost: SchemaVersion, winner: SchemaVersion) -> str | None:
@@ -324,6 +354,7 @@ class Proposal:
     version: SchemaVersion
     new: bool
     changes: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # live tables it does not list, kept
 
 
 def propose(
@@ -351,7 +382,11 @@ def propose(
         )
     digest = schema_hash(text)
     if head is not None and head.hash == digest:
-        return Proposal(head, new=False)
+        if allow_destructive:  # the cluster's schema already: only drop what it does not list
+            done = _reconcile(conn, head, extra, allow_destructive=True)
+            return Proposal(head, new=False, changes=done.changes)
+        unlisted = [name for name in introspect(conn) if name not in parse_schema(text)]
+        return Proposal(head, new=False, unlisted=unlisted)
     version = SchemaVersion(
         (head.version if head else 0) + 1,
         actor,
@@ -364,12 +399,12 @@ def propose(
     conn.execute("SAVEPOINT propose_schema")
     try:
         try:
-            changes = _apply_text(conn, version, extra, allow_destructive=False)
+            done = _reconcile(conn, version, extra, allow_destructive=False)
         except DestructiveChangeRefused:
             if not allow_destructive:
                 raise
             version = SchemaVersion(**{**version.__dict__, "destructive": True})
-            changes = _apply_text(conn, version, extra, allow_destructive=True)
+            done = _reconcile(conn, version, extra, allow_destructive=True)
         conn.execute(
             f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -389,7 +424,7 @@ def propose(
         conn.execute("RELEASE propose_schema")
         raise
     conn.execute("RELEASE propose_schema")
-    return Proposal(version, new=True, changes=changes)
+    return Proposal(version, new=True, changes=done.changes, unlisted=done.unlisted)
 
 
 def outcome(

@@ -233,6 +233,7 @@ class Store:
         # them (db.schema_source = "files"); schema this node adds to each (its extensions')
         self.follow_cluster_schema = True
         self.schema_extra = ""
+        self._lost_cells = self._read_lost_cells()
 
     def close(self) -> None:
         self.conn.close()
@@ -275,11 +276,13 @@ class Store:
         result = ApplyResult()
         before = conn.crr.rows_impacted
         view = SchemaView(conn)
-        for actor, version, changes in pending_schema.all_kept(conn):
+        for actor, version, received in pending_schema.all_kept(conn):
+            changes = self._without_lost(received)
             if view.missing(changes):
                 continue
             conn.execute("SAVEPOINT kept_version")
             try:
+                _past_pending(conn)
                 (local,) = crdt.merge_changesets(conn, [changes])
             except crdt.MergeError as exc:
                 conn.execute("ROLLBACK TO kept_version")
@@ -310,7 +313,8 @@ class Store:
             adv = cluster_schema.advance(
                 self.conn, self.schema_extra, follow=self.follow_cluster_schema
             )
-            kept = self._merge_kept() if adv.moved else ApplyResult()
+            self._lost_cells = self._read_lost_cells()
+            kept = self._merge_kept() if adv.moved or self._lost_cells else ApplyResult()
         return adv, kept, self.pending_summary()
 
     def propose_schema(
@@ -328,9 +332,22 @@ class Store:
                 self.schema_extra,
                 allow_destructive=allow_destructive,
             )
+            commit = self._book_local(ts)  # before merging: they take later db_versions
             kept = self._merge_kept() if proposal.new else ApplyResult()
-            commit = self._book_local(ts)
         return SchemaProposal(proposal, commit, kept, self.pending_summary())
+
+    def _read_lost_cells(self) -> frozenset[Any]:
+        if not self.follow_cluster_schema:
+            return frozenset()
+        versions = cluster_schema.read_versions(self.conn)
+        return cluster_schema.lost_cells(versions, cluster_schema.chain(versions))
+
+    def _without_lost(self, changes: Sequence[Change]) -> Sequence[Change]:
+        """``changes`` without the cells of columns only losing proposals defined."""
+        lost = self._lost_cells
+        if not lost:
+            return changes
+        return [c for c in changes if (c[0], c[2]) not in lost]
 
     def schema_outcome(
         self, proposed: cluster_schema.SchemaVersion
@@ -537,6 +554,8 @@ class Store:
                     del b.partials[cs.version]
                     complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
                     pending_versions.add(key)
+            if complete and self._lost_cells:
+                complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
             if complete:
                 complete = self._keep_unknown_schema(complete, booked, result)
             if isolate:
@@ -544,6 +563,7 @@ class Store:
                 for entry in complete:
                     conn.execute("SAVEPOINT one_version")
                     try:
+                        _past_pending(conn)
                         versions.extend(crdt.merge_changesets(conn, [entry[2]]))
                         conn.execute("RELEASE one_version")
                     except crdt.MergeError as exc:
@@ -580,7 +600,8 @@ class Store:
                 result.schema = cluster_schema.advance(
                     conn, self.schema_extra, follow=self.follow_cluster_schema
                 )
-                if result.schema.moved:
+                self._lost_cells = self._read_lost_cells()
+                if result.schema.moved or self._lost_cells:
                     result.kept_applied = self._merge_kept()
                     result.pending = pending_schema.summary(conn)
         result.booked = touched
@@ -747,6 +768,16 @@ class _DirectChanges:
         """Call once the text has run to its end."""
         self._count_finished()
         return self._rows
+
+
+def _past_pending(conn: crdt.Connection) -> None:
+    """Before another ``merge_changesets`` call in the same transaction: each call stamps its
+    changesets with db_versions of their own, but from the transaction's pending version, which
+    an earlier call (or local write) already used; two versions would share one db_version and
+    be served mixed (``serve`` reads a version back by its db_version). Move past it."""
+    state = conn.crr
+    if state.pending != -1:
+        state.next_db_version(state.pending + 1)
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -129,7 +129,6 @@ class SchemaFlow:
         if adv.changes:
             rt.subscriptions.rerun_all()
         if self.status.running != before:
-            rt.not_in_schema = []  # the cluster's version lists the tables now
             self.advertise()
 
     def apply_result(self, result: ApplyResult) -> None:
@@ -161,11 +160,14 @@ class SchemaFlow:
         allow_destructive: bool = False,
         wait: float = 0.0,
         files: Sequence[os.PathLike[str] | str] | None = None,
+        remedy: str | None = DESTRUCTIVE_REMEDY,
     ) -> dict[str, Any]:
         """Write ``sql`` as the cluster's next schema version and apply it here; then wait up
-        to ``wait`` seconds for every member (but those that left) to run it. Raises ``ProposalRefused`` or
-        ``SchemaError`` (nothing written), ``SchemaConflict`` (a concurrent proposal won).
-        ``files``: the schema files to compare with the result (default ``db.schema_paths``)."""
+        to ``wait`` seconds for every member (but those that left) to run it. Raises
+        ``ProposalRefused`` or ``SchemaError`` (nothing written), ``SchemaConflict`` (a
+        concurrent proposal won).
+        ``files``: the schema files to compare with the result (default ``db.schema_paths``);
+        ``remedy``: what a refused destructive change says to do (None: the bare error)."""
         rt = self.rt
         store, rep = rt.store, rt.replicator
         assert store is not None and rep is not None
@@ -177,14 +179,21 @@ class SchemaFlow:
                         lambda: store.propose_schema(sql, ts, allow_destructive=allow_destructive)
                     )
                 except SchemaError as exc:
-                    if isinstance(exc, DestructiveChangeRefused):
-                        raise ProposalRefused(f"{exc.what}; {DESTRUCTIVE_REMEDY}") from None
+                    if isinstance(exc, DestructiveChangeRefused) and remedy is not None:
+                        raise ProposalRefused(f"{exc.what}; {remedy}") from None
                     raise
                 effects = rep.install_commit(done.commit, rt._now())
                 state = await anyio.to_thread.run_sync(store.schema_state)
                 self.installed(state, done.applied)
                 rt.pending_schema.install(done.pending)
         rt._perform(effects)
+        rt.not_in_schema = list(done.proposal.unlisted)
+        for table in rt.not_in_schema:
+            log.warning(
+                "table %s is in the database but not in the schema: left alone "
+                "(--allow-destructive drops it)",
+                table,
+            )
         for change in done.proposal.changes:
             log.info("schema applied: %s", change, extra={"fields": {"change": change}})
         mine = done.proposal.version
@@ -196,15 +205,16 @@ class SchemaFlow:
             **mine.to_json(),
             "new": done.proposal.new,
             "changes": list(done.proposal.changes),
+            "not_in_schema": list(done.proposal.unlisted),
             "kept_applied": len(done.applied.applied) + done.applied.emptied,
             "unconfirmed": unconfirmed,
             "pending_schema": rt.pending_schema.to_json(),
         }
 
     async def _confirm(self, mine: SchemaVersion, wait: float) -> list[str]:
-        """Wait until every member (but those that left) runs ``mine`` (or a later version on top of it); the
-        actor ids of those that do not yet when ``wait`` runs out. ``SchemaConflict`` as soon
-        as a concurrent proposal is seen to win."""
+        """Wait until every member (but those that left) runs ``mine`` (or a later version on
+        top of it); the actor ids of those that do not yet when ``wait`` runs out.
+        ``SchemaConflict`` as soon as a concurrent proposal is seen to win."""
         with anyio.move_on_after(wait):
             while True:
                 self._check_lost(mine)
@@ -256,14 +266,16 @@ class SchemaFlow:
         if not normalize(sql):
             return await rt._apply_schema_files(paths, allow_destructive)  # no files: local
         try:
-            result = await self.propose(sql, allow_destructive=allow_destructive, files=paths)
-        except SchemaError as exc:  # name the file at fault
+            result = await self.propose(
+                sql, allow_destructive=allow_destructive, files=paths, remedy=None
+            )
+        except SchemaError as exc:  # name the file at fault, and reload's flag
             raise for_operator(exc, paths) from None
+        except ProposalRefused as exc:  # said as reload's other refusals are
+            raise SchemaError(str(exc)) from None
         done = list(result["changes"])
         if result["kept_applied"]:
             done.append(
                 f"applied {result['kept_applied']} kept versions that waited for this schema"
             )
-        if result["new"]:
-            done.append(f"cluster schema version {result['version']} proposed")
         return done
