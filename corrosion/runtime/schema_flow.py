@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
@@ -41,9 +41,6 @@ DESTRUCTIVE_REMEDY = (
     "--allow-destructive` (or `corrosion reload --allow-destructive`)"
 )
 
-if TYPE_CHECKING:
-    from .agent import AgentRuntime
-
 log = logging.getLogger("corrosion.schema")
 
 
@@ -52,8 +49,8 @@ class SchemaConflict(CorrosionError):
 
 
 class SchemaFlow:
-    def __init__(self, rt: AgentRuntime) -> None:
-        self.rt = rt
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt  # the AgentRuntime that owns this (not imported: it imports this module)
         self.follow = rt.config.db.schema_source == "cluster"
         self.status = ClusterSchemaStatus(log, follow=self.follow)
 
@@ -137,8 +134,7 @@ class SchemaFlow:
         self.installed(result.schema, result.kept_applied)
         if result.pending is not None:
             self.rt.pending_schema.install(result.pending)
-        if result.schema.moved:
-            self.check_drift(self.rt.config.db.schema_paths)
+        self.check_drift(self.rt.config.db.schema_paths)  # the version run, or the latest
 
     def meta(self) -> bytes:
         rt = self.rt
@@ -174,6 +170,10 @@ class SchemaFlow:
         ts = rep.hlc.now()
         async with rt.db_lock:
             with anyio.CancelScope(shield=True):  # booked before the lock is free
+                if self.status.blocked is not None:  # fixed since? try the versions again
+                    adv, kept, pending = await anyio.to_thread.run_sync(store.follow_schema)
+                    self.installed(adv, kept)
+                    rt.pending_schema.install(pending)
                 try:
                     done: SchemaProposal = await anyio.to_thread.run_sync(
                         lambda: store.propose_schema(sql, ts, allow_destructive=allow_destructive)
@@ -274,6 +274,8 @@ class SchemaFlow:
         except ProposalRefused as exc:  # said as reload's other refusals are
             raise SchemaError(str(exc)) from None
         done = list(result["changes"])
+        if not done:
+            log.info("schema unchanged (%s)", ", ".join(map(str, paths)))
         if result["kept_applied"]:
             done.append(
                 f"applied {result['kept_applied']} kept versions that waited for this schema"

@@ -336,8 +336,8 @@ async def _run(agent: AdminAgent, request: dict[str, Any]) -> Any:
 
 async def _schema_apply(agent: AdminAgent, request: dict[str, Any]) -> Any:
     try:
-        sql, allow, wait = check_proposal({k: v for k, v in request.items() if k != "cmd"} | {
-            "schema": request.get("sql")})  # fmt: skip
+        args = {k: v for k, v in request.items() if k not in ("cmd", "sql")}
+        sql, allow, wait = check_proposal({**args, "schema": request.get("sql")})
     except ValueError as exc:
         raise _BadRequest(str(exc).replace('"schema"', '"sql"')) from None
     try:

@@ -143,8 +143,9 @@ async def test_a_version_a_node_cannot_apply_stops_it_loudly_and_replication_goe
         await a.schema.propose(SCHEMA, wait=60)
         # a table of the same name made on b behind the agent's back, with a column version 2
         # does not have: applying version 2 there would drop it, which it may not
-        with b.store.conn:
-            b.store.conn.execute("CREATE TABLE extra (id INTEGER PRIMARY KEY, x TEXT)")
+        async with b.db_lock:
+            with b.store.conn:
+                b.store.conn.execute("CREATE TABLE extra (id INTEGER PRIMARY KEY, x TEXT)")
         caplog.set_level(logging.ERROR, "corrosion.schema")
         extra = "CREATE TABLE extra (id INTEGER NOT NULL PRIMARY KEY, y TEXT NOT NULL DEFAULT '');"
         await a.schema.propose(SCHEMA + extra + WITH_COLOR.replace("kv (", "kv2 (", 1))
@@ -167,3 +168,14 @@ async def test_a_version_a_node_cannot_apply_stops_it_loudly_and_replication_goe
         await wait_for(lambda: b.pending_schema.versions == 1, what="b to keep the kv2 write")
         with pytest.raises(ProposalRefused, match="must apply that first"):
             await b.schema.propose(SCHEMA + "CREATE TABLE other (id INTEGER NOT NULL PRIMARY KEY);")
+        # the operator removes the obstacle; the next proposal (or reload, or restart) retries
+        async with b.db_lock:
+            with b.store.conn:
+                b.store.conn.execute("DROP TABLE extra")
+        head = a.schema.status.head
+        assert head is not None
+        again = await b.schema.propose(head.sql)
+        assert not again["new"] and again["version"] == 2
+        assert b.schema.status.blocked is None and runs(b) == 2
+        assert b.pending_schema.versions == 0
+        assert b.store.conn.execute("SELECT k FROM kv2").fetchall() == [("new",)]
