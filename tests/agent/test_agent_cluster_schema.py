@@ -13,10 +13,10 @@ import pytest
 from agent_helpers import SCHEMA, agent_config, cluster, rows, seed_addr
 from support import wait_for
 
-from corrosion import Agent
+from corrosion import Agent, TransactionRefused
 from corrosion.core.cluster_schema import ProposalRefused
 from corrosion.runtime.schema_flow import SchemaConflict
-from corrosion.surfaces.metrics import collect, render
+from corrosion.surfaces.metrics import collect, render, table_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -27,6 +27,10 @@ WITH_SIZE = SCHEMA.replace("n INTEGER DEFAULT 0)", "n INTEGER DEFAULT 0, size IN
 def columns(agent: Agent, table: str = "kv") -> list[str]:
     assert agent.store is not None
     return [r[1] for r in agent.store.conn.execute(f"PRAGMA table_info({table})")]
+
+
+async def table_rows_of(agent: Agent) -> dict[str, int]:
+    return await anyio.to_thread.run_sync(table_rows, agent)
 
 
 def runs(agent: Agent) -> int:
@@ -68,6 +72,11 @@ async def test_a_schema_change_reaches_every_node_and_its_column_replicates(tmp_
             lambda: {m.schema_version for m in b.members()} == {1},
             what="every member to advertise version 1",
         )
+        # the versions table is the agent's: clients cannot write or drop it
+        for sql in ("DELETE FROM __corro_schema_versions", "DROP TABLE __corro_schema_versions"):
+            with pytest.raises(TransactionRefused, match="not allowed"):
+                await b.execute([[sql, []]])
+        assert "__corro_schema_versions" not in await table_rows_of(b)
         # the same text again is no new version
         again = await b.schema.propose(WITH_COLOR)
         assert not again["new"] and again["version"] == 1
