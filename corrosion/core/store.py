@@ -306,6 +306,13 @@ class Store:
 
     # -- the cluster schema (cluster_schema) -----------------------------------------------
 
+    def set_schema_source(self, follow: bool, extra: str) -> None:
+        """Follow the cluster schema's versions (or only record them), adding ``extra`` (this
+        node's extensions' schema) to each."""
+        self.follow_cluster_schema = follow
+        self.schema_extra = extra
+        self._lost_cells = self._read_lost_cells()
+
     def follow_schema(self) -> tuple[Advance, ApplyResult, PendingSummary]:
         """Apply the cluster schema versions this node has not run yet (at start-up), then the
         kept versions they let merge."""

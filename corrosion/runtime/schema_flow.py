@@ -66,8 +66,7 @@ class SchemaFlow:
         rt = self.rt
         store = rt.store
         assert store is not None
-        store.follow_cluster_schema = self.follow
-        store.schema_extra = self.extra_schema()
+        await anyio.to_thread.run_sync(store.set_schema_source, self.follow, self.extra_schema())
         state = await anyio.to_thread.run_sync(store.schema_state)
         cfg = rt.config
         if self.follow and state.running.version > 0:

@@ -188,3 +188,21 @@ async def test_a_version_a_node_cannot_apply_stops_it_loudly_and_replication_goe
         assert b.schema.status.blocked is None and runs(b) == 2
         assert b.pending_schema.versions == 0
         assert b.store.conn.execute("SELECT k FROM kv2").fetchall() == [("new",)]
+
+
+async def test_a_files_node_records_the_cluster_schema_but_follows_its_files(tmp_path):
+    async with cluster(tmp_path, 1) as (a,):
+        files_node = agent_config(tmp_path, "n1", [seed_addr(a)], db={"schema_source": "files"})
+        async with Agent(files_node) as b:
+            await wait_for(lambda: a.alive_members() == 1, what="b to join")
+            await a.schema.propose(WITH_COLOR, wait=1)
+            await a.execute([["INSERT INTO kv (k, v, color) VALUES ('x', 1, 'red')", []]])
+            await wait_for(
+                lambda: b.schema.status.head is not None and b.schema.status.drift is not None,
+                what="b to record version 1 and see its files differ",
+            )
+            assert "(db.schema_source = 'files'" in b.schema.status.drift
+            assert runs(b) == 0 and "color" not in columns(b)
+            await wait_for(lambda: b.pending_schema.versions == 1, what="b to keep the write")
+            health = b.schema.status.to_json()
+            assert health["source"] == "files" and health["cluster_version"] == 1
