@@ -547,7 +547,10 @@ def reload(
 def schema_apply(
     ctx: typer.Context,
     files: Annotated[
-        list[Path], typer.Argument(help=".sql files, or directories of them: the whole schema.")
+        list[Path],
+        typer.Argument(
+            metavar="FILE...", help=".sql files, or directories of them: the whole schema."
+        ),
     ],
     allow_destructive: Annotated[
         bool,
