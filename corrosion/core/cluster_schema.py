@@ -148,9 +148,18 @@ def chain(versions: list[SchemaVersion]) -> list[SchemaVersion]:
 
 
 def losers(versions: list[SchemaVersion], history: list[SchemaVersion]) -> list[SchemaVersion]:
-    """Proposals that competed with a chain version (same number and parent, other text)."""
+    """Proposals that lost: those that competed with a chain version (same number and parent,
+    other text), and those proposed on top of one (their proposer had not heard of the
+    winner yet). A proposal whose parent has not arrived is waiting, not lost."""
     on_chain = {(v.version, v.parent): v.hash for v in history}
-    return [v for v in versions if on_chain.get((v.version, v.parent), v.hash) != v.hash]
+    lost: dict[tuple[int, str], None] = {}  # (version, hash) of losing rows, in order
+    out = []
+    for v in sorted(versions, key=lambda v: (v.version, v.actor_id)):
+        winner = on_chain.get((v.version, v.parent))
+        if (winner is not None and winner != v.hash) or (v.version - 1, v.parent) in lost:
+            lost[(v.version, v.hash)] = None
+            out.append(v)
+    return out
 
 
 def lost_cells(versions: list[SchemaVersion], history: list[SchemaVersion]) -> frozenset[Any]:
