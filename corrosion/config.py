@@ -4,6 +4,7 @@
 [db]
 path = "/var/lib/corrosion/state.db"      # required: the SQLite database
 schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload re-reads)
+schema_source = "cluster"                 # "cluster": follow the cluster's schema versions
 subscriptions_path = "/var/lib/corrosion/subs"  # default: <path>.subscriptions beside it
 subscriptions_keep_changes = 500          # recent changes a subscription keeps for resuming
 
@@ -168,6 +169,9 @@ class DbConfig:
     # changes it keeps
     subscriptions_path: Path | None = None
     subscriptions_keep_changes: int = 500
+    # "cluster": follow the replicated schema versions, reload proposes one; "files": each node
+    # applies only its own files (corrosion's way), cluster versions are only compared
+    schema_source: str = "cluster"
 
     def subscriptions_dir(self) -> Path:
         if self.subscriptions_path is not None:
@@ -287,7 +291,10 @@ class Config:
             schema_paths=tuple(Path(p) for p in db.string_list("schema_paths")),
             subscriptions_path=Path(p) if (p := db.opt_string("subscriptions_path")) else None,
             subscriptions_keep_changes=db.integer("subscriptions_keep_changes", lo=1, hi=10**9),
+            schema_source=db.string("schema_source"),
         )
+        if db_cfg.schema_source not in ("cluster", "files"):
+            raise ConfigError("db.schema_source: must be one of 'cluster', 'files'")
         db.done()
 
         api_addrs = parse_addr_list(api.alias("addr", "bind_addr"), "api.addr")

@@ -59,7 +59,9 @@ class AgentCore(Core):
         super().__init__(port)
         site = port.rng("site").randbytes(16)  # used only when the database is created
         self.store = Store(port.disk.path / "agent.db", site_id=site)
-        if schema:
+        if self.store.schema_state().running.version:
+            self.store.follow_schema()  # it runs a cluster schema version: as the agent does
+        elif schema:
             self.store.apply_schema(schema)
         self.replicator = Replicator(self.store, config, port.rng(), lambda: int(port.now * 1000))
         self.cluster_id = config.cluster_id
@@ -95,6 +97,15 @@ class AgentCore(Core):
         _results, commit, effects = self.replicator.execute(list(statements), now)
         self._perform(effects)
         return None if commit is None else commit.version
+
+    def propose_schema(self, sql: str, now: float, *, allow_destructive: bool = False) -> int:
+        """``corrosion schema apply`` on this node: the cluster schema version it wrote (or
+        found at the head); raises what ``Store.propose_schema`` raises."""
+        done = self.store.propose_schema(
+            sql, self.replicator.hlc.now(), allow_destructive=allow_destructive
+        )
+        self._perform(self.replicator.install_commit(done.commit, now))
+        return done.proposal.version.version
 
     # -- inputs -------------------------------------------------------------------------------
 

@@ -680,9 +680,26 @@ class Replicator:
         return actor, purpose
 
 
-def encode_meta(actor: bytes, peer_port: int, cluster_id: int) -> bytes:
-    """The SWIM member metadata an agent advertises: how to reach its peer streams."""
-    return msgpack.packb({"a": actor, "p": peer_port, "c": cluster_id}, use_bin_type=True)
+def encode_meta(
+    actor: bytes, peer_port: int, cluster_id: int, schema: tuple[int, str] | None = None
+) -> bytes:
+    """The SWIM member metadata an agent advertises: how to reach its peer streams, and the
+    cluster schema version it runs (number, hash) once it runs one."""
+    obj: dict[str, Any] = {"a": actor, "p": peer_port, "c": cluster_id}
+    if schema is not None:
+        obj["s"] = [schema[0], schema[1]]
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def decode_schema(meta: bytes) -> tuple[int, str] | None:
+    """The cluster schema version a member advertises (``encode_meta``), None if none."""
+    try:
+        version, digest = msgpack.unpackb(meta, raw=False)["s"]
+    except (*MSGPACK_ERRORS, KeyError, TypeError, ValueError):
+        return None
+    if type(version) is not int or type(digest) is not str:
+        return None
+    return version, digest
 
 
 def peer_address(member_addr: tuple[str, int], meta_port: int) -> tuple[str, int]:

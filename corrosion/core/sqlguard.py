@@ -220,7 +220,9 @@ class Guard:
             ).fetchall(),
         )
         self._triggers = frozenset(name for name, _ in triggers)
-        self._replicated = frozenset(t for name, t in triggers if name == t + "__crsql_itrig")
+        self._replicated = frozenset(  # internal CRRs (the cluster schema's) are the agent's
+            t for name, t in triggers if name == t + "__crsql_itrig" and not is_internal(t)
+        )
         # an ordered list's view: its INSTEAD OF triggers write the replicated table
         self._ordered_views = frozenset(
             t

@@ -51,9 +51,10 @@ from crdt import Change
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
 from ..errors import CorrosionError
-from . import pending_schema
+from . import cluster_schema, pending_schema
 from .bookie import Booked, Bookie, Partial
 from .changeset import Changeset, EmptyVersions, chunk_version
+from .cluster_schema import Advance, Proposal
 from .pending_schema import PendingSummary, SchemaView
 from .ranges import RangeSet
 from .sqlguard import CLIENT_PREPARE_FLAGS, Deadline, Guard, client_timeout
@@ -171,6 +172,22 @@ class ApplyResult:
     kept_missing: PendingSummary = field(default_factory=PendingSummary)
     # the new bookkeeping of every actor the transaction touched, for ``Store.install``
     booked: dict[bytes, Booked] = field(default_factory=dict)
+    # when the batch brought cluster schema versions: what following them did, the kept
+    # versions they let merge, and what is still kept
+    schema: Advance | None = None
+    kept_applied: ApplyResult | None = None
+    pending: PendingSummary | None = None
+
+
+@dataclass
+class SchemaProposal:
+    """What proposing a schema did: the proposal, its local version (None when the schema was
+    already the cluster's), the kept versions it let merge, and what is still kept."""
+
+    proposal: Proposal
+    commit: LocalCommit | None
+    applied: ApplyResult
+    pending: PendingSummary
 
 
 @dataclass
@@ -203,6 +220,7 @@ class Store:
         with self.conn:
             self.conn.execute(_MIGRATION + pending_schema.TABLE_SQL)
             _untype_buffered_values(self.conn)
+            cluster_schema.ensure_table(self.conn)
             self.conn.execute(
                 "INSERT OR IGNORE INTO __corro_state (key, value) VALUES ('schema_version', ?)",
                 (SCHEMA_VERSION,),
@@ -211,6 +229,11 @@ class Store:
         self.bookie = self._load_bookie()
         # checks client statements only, inside execute_local (sqlguard)
         self.guard = Guard(writes=True).install(self.conn)
+        # the cluster schema (cluster_schema): apply the versions that arrive, or only record
+        # them (db.schema_source = "files"); schema this node adds to each (its extensions')
+        self.follow_cluster_schema = True
+        self.schema_extra = ""
+        self._lost_cells = self._read_lost_cells()
 
     def close(self) -> None:
         self.conn.close()
@@ -244,35 +267,103 @@ class Store:
         """Merge every kept version whose tables and columns all exist now, each in its own
         savepoint (one the merge refuses stays kept, in ``rejected``), and give its bookkeeping
         row the local db_version it was stamped with."""
+        with _write_transaction(self.conn):
+            return self._merge_kept()
+
+    def _merge_kept(self) -> ApplyResult:
+        """``apply_kept`` inside the caller's transaction."""
         conn = self.conn
         result = ApplyResult()
-        with _write_transaction(conn):
-            view = SchemaView(conn)
-            for actor, version, changes in pending_schema.all_kept(conn):
-                if view.missing(changes):
-                    continue
-                conn.execute("SAVEPOINT kept_version")
-                try:
-                    (local,) = crdt.merge_changesets(conn, [changes])
-                except crdt.MergeError as exc:
-                    conn.execute("ROLLBACK TO kept_version")
-                    conn.execute("RELEASE kept_version")
-                    result.rejected.append((actor, version, str(exc)))
-                    continue
+        before = conn.crr.rows_impacted
+        view = SchemaView(conn)
+        for actor, version, received in pending_schema.all_kept(conn):
+            changes = self._without_lost(received)
+            if view.missing(changes):
+                continue
+            conn.execute("SAVEPOINT kept_version")
+            try:
+                _past_pending(conn)
+                (local,) = crdt.merge_changesets(conn, [changes])
+            except crdt.MergeError as exc:
+                conn.execute("ROLLBACK TO kept_version")
                 conn.execute("RELEASE kept_version")
-                conn.execute(
-                    "UPDATE __corro_bookkeeping SET db_version = ? "
-                    "WHERE actor_id = ? AND start_version = ? AND end_version = ?",
-                    (local, actor, version, version),
-                )
-                pending_schema.forget(conn, actor, version)
-                if local is not None:
-                    result.applied.append((actor, version))
-                    result.changes.extend(changes)
-                else:
-                    result.emptied += 1
-            result.changes_applied = conn.crr.rows_impacted
+                result.rejected.append((actor, version, str(exc)))
+                continue
+            conn.execute("RELEASE kept_version")
+            conn.execute(
+                "UPDATE __corro_bookkeeping SET db_version = ? "
+                "WHERE actor_id = ? AND start_version = ? AND end_version = ?",
+                (local, actor, version, version),
+            )
+            pending_schema.forget(conn, actor, version)
+            if local is not None:
+                result.applied.append((actor, version))
+                result.changes.extend(changes)
+            else:
+                result.emptied += 1
+        result.changes_applied = conn.crr.rows_impacted - before
         return result
+
+    # -- the cluster schema (cluster_schema) -----------------------------------------------
+
+    def set_schema_source(self, follow: bool, extra: str) -> None:
+        """Follow the cluster schema's versions (or only record them), adding ``extra`` (this
+        node's extensions' schema) to each."""
+        self.follow_cluster_schema = follow
+        self.schema_extra = extra
+        self._lost_cells = self._read_lost_cells()
+
+    def follow_schema(self) -> tuple[Advance, ApplyResult, PendingSummary]:
+        """Apply the cluster schema versions this node has not run yet (at start-up), then the
+        kept versions they let merge."""
+        with _write_transaction(self.conn):
+            adv = cluster_schema.advance(
+                self.conn, self.schema_extra, follow=self.follow_cluster_schema
+            )
+            self._lost_cells = self._read_lost_cells()
+            kept = self._merge_kept() if adv.moved or self._lost_cells else ApplyResult()
+        return adv, kept, self.pending_summary()
+
+    def propose_schema(
+        self, sql: str, ts: int, *, allow_destructive: bool = False
+    ) -> SchemaProposal:
+        """Write ``sql`` as the cluster's next schema version and apply it here, in one
+        transaction with its local version (``install`` the commit before the next one);
+        ``cluster_schema.ProposalRefused`` or ``SchemaError`` leave everything as it was."""
+        with _write_transaction(self.conn):
+            proposal = cluster_schema.propose(
+                self.conn,
+                sql,
+                self.actor_id,
+                ts,
+                self.schema_extra,
+                allow_destructive=allow_destructive,
+            )
+            commit = self._book_local(ts)  # before merging: they take later db_versions
+            kept = self._merge_kept() if proposal.new else ApplyResult()
+        return SchemaProposal(proposal, commit, kept, self.pending_summary())
+
+    def _read_lost_cells(self) -> frozenset[Any]:
+        if not self.follow_cluster_schema:
+            return frozenset()
+        versions = cluster_schema.read_versions(self.conn)
+        return cluster_schema.lost_cells(versions, cluster_schema.chain(versions))
+
+    def _without_lost(self, changes: Sequence[Change]) -> Sequence[Change]:
+        """``changes`` without the cells of columns only losing proposals defined."""
+        lost = self._lost_cells
+        if not lost:
+            return changes
+        return [c for c in changes if (c[0], c[2]) not in lost]
+
+    def schema_outcome(
+        self, proposed: cluster_schema.SchemaVersion
+    ) -> tuple[cluster_schema.SchemaVersion | None, cluster_schema.SchemaVersion | None]:
+        return cluster_schema.outcome(self.conn, proposed)
+
+    def schema_state(self) -> Advance:
+        """The cluster schema as this node sees it, without applying anything."""
+        return cluster_schema.advance(self.conn, follow=False)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -361,7 +452,6 @@ class Store:
         clients may not do, ``sqlguard``; ``StatementTimeout`` past ``timeout`` seconds of
         running them)."""
         conn = self.conn
-        state = conn.crr
         results: list[StatementResult] = []
         with _write_transaction(conn):
             with self.guard.client(conn), Deadline(conn, timeout) as deadline:
@@ -389,23 +479,28 @@ class Store:
                     if conn.get_autocommit():
                         raise StatementError(i, "transaction control statements are not allowed")
                     results.append(StatementResult(counted.total(), time.perf_counter() - t0))
-            commit = None
-            if state.pending != -1:
-                changes = [
-                    c
-                    for c in crdt.changes_for_version(conn, state.pending)
-                    if c.site_id == self.actor_id
-                ]
-                if changes:
-                    version = self.bookie.head(self.actor_id) + 1
-                    last_seq = max(c.seq for c in changes)
-                    conn.execute(
-                        "INSERT INTO __corro_bookkeeping (actor_id, start_version, end_version, "
-                        "db_version, last_seq, ts) VALUES (?, ?, ?, ?, ?, ?)",
-                        (self.actor_id, version, version, state.pending, last_seq, ts),
-                    )
-                    commit = LocalCommit(version, state.pending, changes, last_seq, ts)
+            commit = self._book_local(ts)
         return results, commit
+
+    def _book_local(self, ts: int) -> LocalCommit | None:
+        """Book the open transaction's replicated changes as this node's next version."""
+        conn = self.conn
+        state = conn.crr
+        if state.pending == -1:
+            return None
+        changes = [
+            c for c in crdt.changes_for_version(conn, state.pending) if c.site_id == self.actor_id
+        ]
+        if not changes:
+            return None
+        version = self.bookie.head(self.actor_id) + 1
+        last_seq = max(c.seq for c in changes)
+        conn.execute(
+            "INSERT INTO __corro_bookkeeping (actor_id, start_version, end_version, "
+            "db_version, last_seq, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.actor_id, version, version, state.pending, last_seq, ts),
+        )
+        return LocalCommit(version, state.pending, changes, last_seq, ts)
 
     # -- applying remote versions --------------------------------------------------------
 
@@ -466,6 +561,8 @@ class Store:
                     del b.partials[cs.version]
                     complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
                     pending_versions.add(key)
+            if complete and self._lost_cells:
+                complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
             if complete:
                 complete = self._keep_unknown_schema(complete, booked, result)
             if isolate:
@@ -473,6 +570,7 @@ class Store:
                 for entry in complete:
                     conn.execute("SAVEPOINT one_version")
                     try:
+                        _past_pending(conn)
                         versions.extend(crdt.merge_changesets(conn, [entry[2]]))
                         conn.execute("RELEASE one_version")
                     except crdt.MergeError as exc:
@@ -504,6 +602,15 @@ class Store:
             for actor, b in touched.items():
                 self._write_gaps(actor, b)
             result.changes_applied = conn.crr.rows_impacted
+            if any(c[0] == cluster_schema.TABLE for c in result.changes):
+                # new schema versions: follow them, then merge what waited for them
+                result.schema = cluster_schema.advance(
+                    conn, self.schema_extra, follow=self.follow_cluster_schema
+                )
+                self._lost_cells = self._read_lost_cells()
+                if result.schema.moved or self._lost_cells:
+                    result.kept_applied = self._merge_kept()
+                    result.pending = pending_schema.summary(conn)
         result.booked = touched
         return result
 
@@ -668,6 +775,16 @@ class _DirectChanges:
         """Call once the text has run to its end."""
         self._count_finished()
         return self._rows
+
+
+def _past_pending(conn: crdt.Connection) -> None:
+    """Before another ``merge_changesets`` call in the same transaction: each call stamps its
+    changesets with db_versions of their own, but from the transaction's pending version, which
+    an earlier call (or local write) already used; two versions would share one db_version and
+    be served mixed (``serve`` reads a version back by its db_version). Move past it."""
+    state = conn.crr
+    if state.pending != -1:
+        state.next_db_version(state.pending + 1)
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

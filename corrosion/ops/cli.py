@@ -12,6 +12,8 @@
     corrosion actor version ACTOR VERSION what this node holds of one version
     corrosion subs list | info            the agent's subscriptions (admin socket)
     corrosion reload                      re-apply the schema files, through the admin socket
+    corrosion schema apply FILE...        propose a schema version to the whole cluster
+    corrosion schema show                 the cluster schema this node runs, and its state
     corrosion log set FILTER | reset      change the running agent's log levels (admin socket)
     corrosion profile [--seconds N]       profile the running agent into a cProfile file
     corrosion backup PATH                 a generic snapshot of the database
@@ -123,6 +125,10 @@ app.add_typer(sync_app, name="sync")
 app.add_typer(log_app, name="log")
 app.add_typer(subs_app, name="subs")
 app.add_typer(actor_app, name="actor")
+schema_app = typer.Typer(
+    help="The cluster schema (through the admin socket).", no_args_is_help=True
+)
+app.add_typer(schema_app, name="schema")
 app.add_typer(tls_app, name="tls")
 
 
@@ -482,7 +488,7 @@ def cluster_members(
     if as_json:
         typer.echo(json.dumps(members, indent=2))
         return
-    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION", "")]
+    rows = [("ACTOR ID", "GOSSIP ADDR", "PEER ADDR", "STATE", "INCARNATION", "SCHEMA", "")]
     rows += [
         (
             m["actor_id"],
@@ -490,6 +496,7 @@ def cluster_members(
             m.get("peer_addr") or "-",
             m["state"],
             str(m["incarnation"]),
+            "-" if m.get("schema_version") is None else f"v{m['schema_version']}",
             "(self)" if m.get("self") else "",
         )
         for m in members
@@ -534,6 +541,78 @@ def reload(
     if pending.get("versions"):
         waiting = ", ".join(pending.get("missing", {})) or "a schema that merges them"
         typer.echo(f"still kept: {pending['versions']} versions waiting for {waiting}")
+
+
+@schema_app.command("apply")
+def schema_apply(
+    ctx: typer.Context,
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="FILE...", help=".sql files, or directories of them: the whole schema."
+        ),
+    ],
+    allow_destructive: Annotated[
+        bool,
+        typer.Option("--allow-destructive", help="Allow dropping tables and columns."),
+    ] = False,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for every member (but those that left) to run it."),
+    ] = 30.0,
+) -> None:
+    """Propose FILES as the cluster's next schema version: applied here at once, then by every
+    node as it arrives. Fails, changing nothing, if the schema is invalid or destructive
+    without --allow-destructive; fails if a concurrent proposal won (re-base and apply again)."""
+    from crdt.errors import SchemaError
+    from crdt.schema import load_schema_paths
+
+    with _Errors():
+        try:
+            sql = load_schema_paths(files)
+        except (OSError, SchemaError) as exc:
+            raise CliError(str(exc)) from None
+        result = admin_request(
+            _g(ctx).admin(),
+            "schema apply",
+            timeout=wait + 600,
+            sql=sql,
+            allow_destructive=allow_destructive,
+            wait=wait,
+        )
+    for line in result["changes"]:
+        typer.echo(f"applied: {line}")
+    what = "proposed" if result["new"] else "already the cluster's schema:"
+    typer.echo(f"{what} version {result['version']} ({result['hash'][:12]})")
+    if result["unconfirmed"]:
+        typer.echo(
+            f"not yet running it after {wait:g}s (they apply it when it reaches them): "
+            + ", ".join(result["unconfirmed"])
+        )
+    else:
+        typer.echo("every member runs it")
+
+
+@schema_app.command("show")
+def schema_show(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The cluster's latest schema text (to re-base on), then this node's schema state."""
+    with _Errors():
+        result = admin_request(_g(ctx).admin(), "schema show")
+    if as_json:
+        _print_json(result)
+        return
+    status = result["status"]
+    typer.echo(result["schema"] or "-- no cluster schema version yet")
+    typer.echo(
+        f"-- this node runs version {status['version']} ({status['hash'][:12] or '-'}); the "
+        f"cluster's latest is {status['cluster_version']}; source: {status['source']}"
+    )
+    for key in ("blocked", "drift"):
+        if status[key]:
+            typer.echo(f"-- {key}: {status[key]}")
 
 
 @log_app.command("set")

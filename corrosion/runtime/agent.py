@@ -45,7 +45,6 @@ from ..core.replication import (
     SendFrame,
     SetTimer,
     StartSync,
-    encode_meta,
 )
 from ..core.statements import parse_statements
 from ..core.store import (
@@ -76,6 +75,7 @@ from .results import (
     UpdateWatch,
 )
 from .schema_errors import for_operator
+from .schema_flow import SchemaFlow
 from .subscriptions import Subscriptions
 from .telemetry import Telemetry
 from .transport import PEER_PREAMBLE
@@ -112,6 +112,7 @@ class AgentRuntime:
         # the schema files do not list (both for /v1/health); installed on the event loop
         self.pending_schema = PendingSchema(log)
         self.not_in_schema: list[str] = []
+        self.schema = SchemaFlow(self)  # the cluster schema (corrosion.core.cluster_schema)
         self._seed = seed
         self.store: Store | None = None
         self.replicator: Replicator | None = None
@@ -185,10 +186,7 @@ class AgentRuntime:
 
     async def _open(self, cfg: Config) -> None:
         self.store = store = await anyio.to_thread.run_sync(Store, cfg.db.path)
-        if cfg.db.schema_paths or any(ext.schema for ext in self.extensions):
-            await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
-        else:
-            self.pending_schema.install(await anyio.to_thread.run_sync(store.pending_summary))
+        await self.schema.open(self._allow_destructive)
         # before anything can change the database: what changed while the agent was down is
         # then exactly the difference between each subscription's file and its query
         await self.subscriptions.restore()
@@ -217,7 +215,7 @@ class AgentRuntime:
             port=g.addr[1],
             advertise=g.external_addr,
             # peer port 0: peer streams share the gossip port (routed by their preamble)
-            meta=encode_meta(store.actor_id, 0, g.cluster_id),
+            meta=self.schema.meta(),
             keyring=security.keyring,
             rng_seed=None if self._seed is None else rng.randrange(2**32),
         )
@@ -371,6 +369,8 @@ class AgentRuntime:
                         assert result is not None  # the apply returned (else it raised)
                         if result.kept:
                             self.pending_schema.kept(result.kept_missing)
+                        if result.schema is not None:
+                            self.schema.apply_result(result)
                 except Exception:
                     log.exception("applying %d changesets failed", len(batch))
                     continue
@@ -532,7 +532,11 @@ class AgentRuntime:
         if self.config.source is not None:
             fresh = await anyio.to_thread.run_sync(Config.load, self.config.source)
             paths = fresh.db.schema_paths
-        done = await self._apply_schema_files(paths, allow_destructive)
+        if self.schema.follow:
+            done = await self.schema.reload_files(paths, allow_destructive)
+        else:
+            done = await self._apply_schema_files(paths, allow_destructive)
+            self.schema.check_drift(paths)
         if paths != self.config.db.schema_paths:
             schema_log.info("db.schema_paths now %s", ", ".join(map(str, paths)) or "(none)")
             self.config = dataclasses.replace(
@@ -599,7 +603,11 @@ class AgentRuntime:
     def members(self) -> list[MemberInfo]:
         """This node first (``is_self``), then every member it knows, with its SWIM state."""
         assert self.membership is not None and self.peer_addr is not None
-        return self.membership.members(self.actor_id, self.peer_addr)
+        out = self.membership.members(self.actor_id, self.peer_addr)
+        runs = self.schema.status.running
+        if runs.version:
+            out[0] = dataclasses.replace(out[0], schema_version=runs.version, schema_hash=runs.hash)
+        return out
 
     def alive_members(self) -> int:
         assert self.membership is not None

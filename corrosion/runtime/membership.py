@@ -13,7 +13,7 @@ import swim
 
 from ..addresses import Address, format_addr
 from ..config import parse_addr
-from ..core.replication import Replicator, decode_meta, peer_address
+from ..core.replication import Replicator, decode_meta, decode_schema, peer_address
 from ..core.store import Store
 from .activity import GossipWarnings, log_member_event
 from .results import MemberInfo
@@ -102,7 +102,7 @@ class Membership:
             )
         ]
         for m in sorted(node.all_members(), key=lambda m: m.addr):
-            info = decode_meta(m.meta)
+            info, schema = decode_meta(m.meta), decode_schema(m.meta)
             out.append(
                 MemberInfo(
                     info[0].hex() if info else "",
@@ -110,6 +110,8 @@ class Membership:
                     format_addr(peer_address(m.addr, info[1])) if info else None,
                     m.state.name.lower(),
                     m.incarnation,
+                    schema_version=schema[0] if schema else None,
+                    schema_hash=schema[1] if schema else None,
                 )
             )
         return out

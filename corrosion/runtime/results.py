@@ -73,6 +73,9 @@ class MemberInfo:
     state: str
     incarnation: int
     is_self: bool = False  # this node (listed first)
+    # the cluster schema version it runs, as it advertises it (None: none yet, or unknown)
+    schema_version: int | None = None
+    schema_hash: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,8 @@ class MemberInfo:
             "state": self.state,
             "incarnation": self.incarnation,
             "self": self.is_self,
+            "schema_version": self.schema_version,
+            "schema_hash": self.schema_hash,
         }
 
 

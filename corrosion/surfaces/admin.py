@@ -13,6 +13,10 @@ line and reads one JSON object per line back, in order; a connection may carry a
     → {"cmd": "ping"}                                   ← {"ok": true, "result": "pong"}
     → {"cmd": "reload", "allow_destructive": false}     ← {"ok": true, "result": {"applied": [...],
                                                            "not_in_schema", "pending_schema"}}
+    → {"cmd": "schema apply", "sql": "CREATE TABLE ...", "allow_destructive": false, "wait": 10}
+                                                        ← {"ok": true, "result": {"version", ...}}
+    → {"cmd": "schema show"}                            ← {"ok": true, "result": {"status",
+                                                           "schema"}}
     → {"cmd": "sync generate"}                          ← {"ok": true, "result": {sync state}}
     → {"cmd": "sync reconcile-gaps"}                    ← {"ok": true, "result": {"actors",
                                                            "reconciled": [...]}}
@@ -67,12 +71,15 @@ from anyio.abc import ByteStream, TaskGroup
 from crdt.errors import CrdtError
 
 from ..config import ConfigError
+from ..core.cluster_schema import ProposalRefused
 from ..errors import CorrosionError
 from ..logs import parse_levels, reset_levels, set_levels
 from ..runtime import maintenance
 from ..runtime.maintenance import MaintenanceError
+from ..runtime.schema_flow import SchemaConflict
 from .interfaces import AdminAgent
 from .profiling import ProfileError, check_request, profile
+from .schema_api import check_proposal, schema_show
 from .serving import serve_listener
 
 DEFAULT_PATH = Path("/var/run/corrosion/admin.sock")
@@ -81,6 +88,8 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with the terminating NU
 COMMANDS = (
     "ping",
     "reload",
+    "schema apply",
+    "schema show",
     "sync generate",
     "sync reconcile-gaps",
     "cluster members",
@@ -96,6 +105,7 @@ COMMANDS = (
 )
 ARGS = {
     "reload": {"allow_destructive"},
+    "schema apply": {"sql", "allow_destructive", "wait"},
     "log set": {"filter"},
     "actor version": {"actor_id", "version"},
     "subs info": {"hash", "id"},
@@ -284,6 +294,10 @@ async def _run(agent: AdminAgent, request: dict[str, Any]) -> Any:
             "not_in_schema": list(agent.not_in_schema),
             "pending_schema": agent.pending_schema.to_json(),
         }
+    if cmd == "schema apply":
+        return await _schema_apply(agent, request)
+    if cmd == "schema show":
+        return schema_show(agent.schema.status)
     if cmd == "log set":
         spec: str | None = set_levels(request["filter"])
         log.info("log level filter set to %r (admin socket)", spec)
@@ -318,6 +332,19 @@ async def _run(agent: AdminAgent, request: dict[str, Any]) -> Any:
         "pending_schema": agent.pending_schema.to_json(),
         "not_in_schema": list(agent.not_in_schema),
     }
+
+
+async def _schema_apply(agent: AdminAgent, request: dict[str, Any]) -> Any:
+    try:
+        args = {k: v for k, v in request.items() if k not in ("cmd", "sql")}
+        sql, allow, wait = check_proposal({**args, "schema": request.get("sql")})
+    except ValueError as exc:
+        raise _BadRequest(str(exc).replace('"schema"', '"sql"')) from None
+    try:
+        return await agent.schema.propose(sql, allow_destructive=allow, wait=wait)
+    except (ProposalRefused, SchemaConflict) as exc:
+        log.warning("schema proposal refused: %s", exc)
+        raise _BadRequest(str(exc)) from None
 
 
 async def _rejoin(agent: AdminAgent, request: dict[str, Any]) -> Any:

@@ -52,6 +52,7 @@ from .limits import ConcurrencyLimits, EndpointName, api_load
 from .ndjson import json_cell as _cell
 from .ndjson import row_json as _row_json
 from .ndjson import row_lines
+from .schema_api import schema_routes
 
 
 def _event_line(event: Any) -> bytes:
@@ -264,6 +265,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
             "queue_size": queue,
             "pending_schema": pending.to_json(),
             "not_in_schema": list(agent.not_in_schema),
+            "schema": agent.schema.status.to_json(),
         }
         unknown = sorted(set(q) - HEALTH_PARAMETERS)
         if unknown:
@@ -291,6 +293,8 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
             failed.append(f"max_queue: queue_size {queue} > {max_queue_n}")
         if max_pending is not None and pending.versions > max_pending:
             failed.append(f"pending_schema: {pending.versions} > {max_pending}")
+        if agent.schema.status.blocked is not None:  # always: a node stopped on a version
+            failed.append(f"schema: {agent.schema.status.blocked}")
         if lagging:
             while_queued = "" if lag_queue is None else f" while queue_size {queue} > {lag_queue}"
             failed.append(f"p99_lag: {lag:g} > {max_lag:g}{while_queued}")
@@ -322,6 +326,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
         Route("/v1/transactions", transactions, methods=["POST"]),
         Route("/v1/queries", queries, methods=["POST"]),
         Route("/v1/health", health, methods=["GET"]),
+        *schema_routes(agent),
         Route("/v1/table_stats", table_stats, methods=["POST"]),
         Route("/v1/cluster/members", members, methods=["GET"]),
         Route("/v1/updates/{table}", updates, methods=["POST"]),

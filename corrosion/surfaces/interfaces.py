@@ -20,6 +20,7 @@ from ..core.store import Store
 from ..runtime.lag import LagWindow
 from ..runtime.reads import Reads
 from ..runtime.results import ExecResult, MemberInfo, UpdateWatch
+from ..runtime.schema_flow import SchemaFlow
 from ..runtime.subscriptions import Subscriptions
 from ..runtime.telemetry import Telemetry
 
@@ -30,6 +31,7 @@ class AgentHealth(Protocol):
     config: Config
     pending_schema: PendingSchema
     not_in_schema: list[str]
+    schema: SchemaFlow  # the cluster schema
 
     @property
     def actor_id(self) -> bytes: ...

@@ -27,11 +27,13 @@ from typing import Any
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 
+from crdt.schema import is_internal
 from crdt.tableinfo import crr_tables
 
 from ..runtime.extensions import MetricFamily, MetricSample, extension_metrics
 from .interfaces import MetricsAgent
 from .limits import STREAMING_ROUTES, api_load
+from .schema_api import schema_families
 from .serving import serve_listener
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -86,6 +88,8 @@ def table_rows(agent: MetricsAgent) -> dict[str, int]:
     try:
         counts = {}
         for table in crr_tables(conn):
+            if is_internal(table):  # the cluster schema's versions: not a user table
+                continue
             quoted = '"' + table.replace('"', '""') + '"'
             row = conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()
             counts[table] = int(row[0]) if row else 0
@@ -202,6 +206,7 @@ def collect(
         ("corro_agent_pending_schema_applied_total", "counter",
          "Kept versions applied once their schema arrived (since start).",
          one(agent.pending_schema.applied_total)),
+        *schema_families(agent.schema.status),
     ]  # fmt: skip
     if agent.pg_servers:
         pg = [s.stats for s in agent.pg_servers]

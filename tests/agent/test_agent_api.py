@@ -192,6 +192,16 @@ async def test_health_members_and_table_stats(node):
             "queue_size": 0,
             "pending_schema": {"versions": 0, "missing": {}},
             "not_in_schema": [],
+            "schema": {  # no cluster schema version yet: the node runs its files
+                "source": "cluster",
+                "version": 0,
+                "hash": "",
+                "cluster_version": 0,
+                "cluster_hash": "",
+                "blocked": None,
+                "drift": None,
+                "losing_proposals": [],
+            },
             "failed": [],
         }
     }

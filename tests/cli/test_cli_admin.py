@@ -177,6 +177,7 @@ async def test_cli_cluster_members_and_sync_generate(base):
             "ADDR",
             "STATE",
             "INCARNATION",
+            "SCHEMA",
         ]
         listed = {line.split()[0]: line.split() for line in lines[1:]}
         assert set(listed) == {a.actor_id.hex(), b.actor_id.hex(), c.actor_id.hex()}
@@ -185,7 +186,7 @@ async def test_cli_cluster_members_and_sync_generate(base):
         assert own[1:4] == [gossip_of(a), gossip_of(a), "alive"] and own[-1] == "(self)"
         assert listed[b.actor_id.hex()][1] == gossip_of(b)
         assert listed[b.actor_id.hex()][3] == "alive"
-        assert len(listed[b.actor_id.hex()]) == 5  # not marked
+        assert len(listed[b.actor_id.hex()]) == 6  # not marked (the last: its schema version)
 
         result = await cli("--admin-path", sock, "cluster", "members", "--json")
         members = json.loads(result.stdout)

@@ -181,9 +181,10 @@ async def test_kept_versions_survive_a_restart_and_are_served_to_peers(base, cap
 async def test_a_missing_column_is_kept_and_applied_at_start_up(base, caplog):
     caplog.set_level(logging.INFO, logger="corrosion")
     old, new = sql_file(base, "old.sql", T1), sql_file(base, "new.sql", T1_WITH_C)
-    a_config = node_config(base, "a", [old])
+    files = {"schema_source": "files"}  # each node follows its own files: a rolling rollout
+    a_config = node_config(base, "a", [old], db=files)
     async with started(a_config) as a:
-        b_config = node_config(base, "b", [old], [gossip_of(a)])
+        b_config = node_config(base, "b", [old], [gossip_of(a)], db=files)
         async with started(b_config) as b:
             await a.execute(["INSERT INTO t1 (id, a) VALUES (1, 'x')"])
             await wait_for(lambda: _equal(rows(b, "SELECT id, a FROM t1"), [(1, "x")]), what="b")
