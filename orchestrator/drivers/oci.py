@@ -330,3 +330,22 @@ def release_root(directory: Path) -> None:
         err = ctypes.get_errno()
         raise DriverError(f"cannot unmount {root}: {os.strerror(err)}")
     marker.unlink()
+
+
+def mounts_under(path: str | Path) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace, deepest first."""
+    prefix = str(Path(path).absolute())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def release_roots_under(path: str | Path) -> None:
+    """Lazily unmount every instance root below ``path`` (a host torn down with its machines
+    still on it)."""
+    for point in mounts_under(path):
+        _libc.umount2(point.encode(), MNT_DETACH)

@@ -23,7 +23,7 @@ from support import free_port, wait_for
 
 from orchestrator.api import create_app
 from orchestrator.drivers import ProcessDriver, RuncDriver, oci
-from orchestrator.drivers.oci import RegistryImages
+from orchestrator.drivers.oci import RegistryImages, mounts_under
 from orchestrator.engine import Backoff
 from orchestrator.service import Orchestrator
 
@@ -73,11 +73,6 @@ async def client(request, tmp_path, registry):
                 yield c
     finally:
         await driver.destroy_all()
-
-
-def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
 
 
 async def exec_(client, mid: str, script: str) -> str:
