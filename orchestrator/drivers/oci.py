@@ -181,15 +181,15 @@ class RegistryImages:
         self.unpacked = self.path / "rootfs"
         self.unpacked.mkdir(parents=True, exist_ok=True)
 
-    def _tool(self, name: str) -> str:
-        found = shutil.which(name)
-        if found is None:
-            raise DriverError(f"registry images need {tools_unavailable()}", transient=False)
-        return found
+    @staticmethod
+    def _check_tools(image: str) -> None:
+        why = tools_unavailable()
+        if why is not None:
+            raise ImagePullError(image, f"cannot pull registry images: {why}")
 
     def _skopeo(self, ref: Reference, *args: str) -> subprocess.CompletedProcess[bytes]:
         tls = "false" if ref.plain_http else "true"
-        cmd = [self._tool("skopeo"), "--insecure-policy", "--command-timeout", PULL_TIMEOUT]
+        cmd = ["skopeo", "--insecure-policy", "--command-timeout", PULL_TIMEOUT]
         cmd += [args[0], f"--{_TLS_FLAG[args[0]]}={tls}", *args[1:]]
         return subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False)
 
@@ -207,6 +207,7 @@ class RegistryImages:
         ref = parse_reference(image)
         if ref.digest:
             return str(ref)
+        self._check_tools(image)
         proc = self._skopeo(ref, "inspect", "--raw", ref.transport)
         if proc.returncode != 0:
             raise self._fail(image, proc, f"cannot resolve the tag at {ref.registry}")
@@ -223,6 +224,7 @@ class RegistryImages:
         hexdigest = ref.digest.removeprefix("sha256:")
         dest = self.unpacked / hexdigest
         if not (dest / "image.json").exists():
+            self._check_tools(image)
             with self._locked():
                 if not (dest / "image.json").exists():
                     self._pull(image, ref, dest)
@@ -248,7 +250,7 @@ class RegistryImages:
         tmp = Path(tempfile.mkdtemp(dir=self.unpacked, prefix=".unpack-"))
         try:
             bundle = tmp / "bundle"
-            cmd = [self._tool("umoci"), "unpack", "--image", f"{self.layout}:{hexdigest}"]
+            cmd = ["umoci", "unpack", "--image", f"{self.layout}:{hexdigest}"]
             if os.geteuid() != 0:
                 cmd.append("--rootless")
             proc = subprocess.run(

@@ -18,6 +18,8 @@ Invocation (arguments, not a config file, to keep startup cheap):
   bound at their paths) and sets the hostname. When the driver wrote ``<dir>/rootfs.path`` (an
   image from a registry), those mounts are made inside that root, the host's /dev is bound in,
   and S chroots there before forking C (so an exec that enters S's root lands in it too).
+  O writes ``pids.json`` only once S has set all this up, so an exec entering S's namespaces
+  and root never sees the host's instead.
   S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
   reaps orphans, writes C's status, then kills its process group so nothing outlives C.
 * ``shim.py <dir> runc <runc> <runc-root> <bundle> <id> <log>`` — O becomes a child subreaper and
@@ -132,8 +134,9 @@ def execvp(cmd):
     raise error
 
 
-def supervise(directory, hostname, log_path, cmd, in_namespace):
-    """S: runs the command as a child, forwards signals, writes its status, kills the group."""
+def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
+    """S: runs the command as a child, forwards signals, writes its status, kills the group.
+    Writes to the pipe ``ready`` once its namespaces, mounts and root are set up."""
     os.setpgid(0, 0)
     root = None
     if in_namespace:
@@ -194,6 +197,8 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
         directory = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         os.chroot(root)
         os.chdir("/")
+    os.write(ready, b"1")  # O publishes pids.json now: an exec from then on lands in the root
+    os.close(ready)
     pid = os.fork()
     if pid == 0:
         try:
@@ -251,17 +256,22 @@ def run_process(directory, args):
     if in_namespace:
         lib, check = libc()
         check(lib.unshare(CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            supervise(directory, hostname, log_path, cmd, in_namespace)
+            os.close(ready_r)
+            supervise(directory, hostname, log_path, cmd, in_namespace, ready_w)
         finally:
             os._exit(1)
+    os.close(ready_w)
     # S does this too; doing it here as well means the group exists before pids.json does
     try:  # noqa: SIM105 - contextlib costs startup time
         os.setpgid(pid, pid)
     except OSError:
         pass
+    os.read(ready_r, 1)  # S is set up (or died: end of file, and its status is written below)
+    os.close(ready_r)
     write_json(directory, "pids.json", {"shim": me, "main": pid, "pgid": pid, "starttime": born})
     _, status = os.waitpid(pid, 0)
     if not os.path.exists(os.path.join(directory, "exit.json")):

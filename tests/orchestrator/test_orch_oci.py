@@ -22,7 +22,7 @@ from registry_helpers import push_test_image, require_registry, run_registry
 from support import free_port, wait_for
 
 from orchestrator.api import create_app
-from orchestrator.drivers import ProcessDriver, RuncDriver, oci
+from orchestrator.drivers import InstanceSpec, ProcessDriver, RuncDriver, oci
 from orchestrator.drivers.oci import RegistryImages, mounts_under
 from orchestrator.engine import Backoff
 from orchestrator.service import Orchestrator
@@ -214,3 +214,55 @@ async def test_bad_images_fail_the_create_and_leave_nothing(client, registry, tm
         assert ref in error and cause in error, (ref, error)
         assert (await client.get(BASE)).json() == []
         assert _leftovers(tmp_path) == [], ref
+
+
+# --- without a registry ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ref", "parsed"),
+    [
+        ("127.0.0.1:5000/test/app:v1", ("127.0.0.1:5000", "test/app", "v1", None, True)),
+        ("localhost/app", ("localhost", "app", None, None, True)),
+        (f"reg.example.com/a/b@sha256:{'a' * 64}",
+         ("reg.example.com", "a/b", None, f"sha256:{'a' * 64}", False)),
+        (f"10.1.0.1:5000/app:v2@sha256:{'b' * 64}",
+         ("10.1.0.1:5000", "app", "v2", f"sha256:{'b' * 64}", True)),
+    ],
+)  # fmt: skip
+def test_registry_references_parse(ref, parsed):
+    r = oci.parse_reference(ref)
+    assert (r.registry, r.repository, r.tag, r.digest, r.plain_http) == parsed
+    assert str(r) == ref
+
+
+@pytest.mark.parametrize("ref", ["busybox", "app:v1", "team/app:v1", "busybox@sha256:" + "c" * 64])
+def test_names_without_a_registry_host_are_local_images(ref):
+    assert not oci.is_registry_reference(ref)
+
+
+@pytest.mark.parametrize(
+    ("ref", "cause"),
+    [
+        ("127.0.0.1:5000/app@sha256:abc", "invalid digest"),
+        ("127.0.0.1:5000/App:v1", "not a valid image reference"),
+        ("127.0.0.1:5000/app:bad tag", "not a valid image reference"),
+    ],
+)
+def test_bad_references_are_refused_with_the_reason(ref, cause):
+    with pytest.raises(oci.RegistryImageNotFoundError, match=cause) as e:
+        oci.parse_reference(ref)
+    assert ref in str(e.value)
+
+
+async def test_missing_tools_and_no_root_are_clear_errors(tmp_path, monkeypatch):
+    ref = "127.0.0.1:1/app:v1"
+    driver = ProcessDriver(tmp_path / "instances", namespaces=False, images=tmp_path / "images")
+    spec = InstanceSpec("i1", "m1", f"{ref}@sha256:{'d' * 64}")
+    with pytest.raises(oci.DriverError, match="only as root with namespaces") as e:
+        await driver.prepare(spec)
+    assert not e.value.transient and ref in str(e.value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no skopeo, no umoci
+    with pytest.raises(oci.ImagePullError, match="skopeo and umoci not installed") as e:
+        await driver.pin_image(ref)
+    assert ref in str(e.value)
