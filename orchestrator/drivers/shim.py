@@ -125,7 +125,7 @@ def execvp(cmd):
     """os.execvp without its lazy imports (after a chroot into an image there is no stdlib)."""
     if "/" in cmd[0]:
         os.execv(cmd[0], cmd)
-    error = FileNotFoundError(2, "not found in PATH", cmd[0])
+    error: OSError = FileNotFoundError(2, "not found in PATH", cmd[0])
     for d in os.environ.get("PATH", "/usr/bin:/bin").split(":"):
         try:
             os.execv(os.path.join(d or ".", cmd[0]), cmd)
