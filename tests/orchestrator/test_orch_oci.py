@@ -101,9 +101,13 @@ async def test_machines_from_a_registry_image(client, registry, tmp_path, caplog
     assert first["image_ref"]["digest"] == image.manifest_digest
     assert first["image_ref"]["tag"] == "v1"
     # the second machine runs the image's own command (sleep 3600) and environment
+    by_tag, by_digest = "/manifests/v1", f"/manifests/{image.manifest_digest}"
+    before = (reg.requests(by_tag), reg.requests(by_digest))
     r = await client.post(BASE, json={"config": {"image": image.reference}})
     assert r.status_code == 200, r.text
     second = r.json()
+    # its create resolved the tag (one request) and found the image in the cache (none)
+    assert (reg.requests(by_tag) - before[0], reg.requests(by_digest) - before[1]) == (1, 0)
     a, b = first["id"], second["id"]
     await started(client, a)
     await started(client, b)
