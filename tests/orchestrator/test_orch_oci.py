@@ -3,7 +3,8 @@ image (a whiteout and an opaque whiteout in the second layer) pushed to it, mach
 it by reference through the Machines API with the process driver (chrooted, root only) and runc.
 
 Checked: the whiteouts were applied; each machine's writes stay in its own writable layer (not in
-the cached image, not in the other machine); a second create pulls no blob; concurrent pulls of
+the cached image, not in the other machine); a volume mounts inside the image's root; a stop and
+start runs the image afresh without asking the registry; a second create pulls no blob; concurrent pulls of
 one image fetch each blob once; a missing image, an unreachable registry and a corrupted blob
 fail the create with an error naming the image and the cause, leaving nothing behind.
 """
@@ -90,10 +91,16 @@ async def test_machines_from_a_registry_image(client, registry, tmp_path, caplog
     reg, image = registry
     caplog.set_level(logging.INFO, logger="orchestrator.drivers.oci")
     blobs_before = {d: reg.requests(f"/blobs/{d}") for d in image.layer_digests}
-    script = 'echo "$FLY_MACHINE_ID" > /data/mine.txt; exec sleep 3600'
-    r = await client.post(
-        BASE, json={"config": {"image": image.reference, "init": {"exec": ["sh", "-c", script]}}}
+    script = (
+        'echo "$FLY_MACHINE_ID" > /data/mine.txt; echo "$FLY_INSTANCE_ID" >> /vol/boots; '
+        "exec sleep 3600"
     )
+    config = {
+        "image": image.reference,
+        "init": {"exec": ["sh", "-c", script]},
+        "mounts": [{"volume": "vol", "path": "/vol"}],  # inside the image's root
+    }
+    r = await client.post(BASE, json={"config": config})
     assert r.status_code == 200, r.text
     first = r.json()
     # the tag was resolved once, at create: the machine runs that digest from now on
@@ -129,6 +136,22 @@ async def test_machines_from_a_registry_image(client, registry, tmp_path, caplog
     assert sorted(os.listdir(cached / "data")) == ["kept.txt"]
     assert sorted(os.listdir(cached / "cfg")) == ["new.txt"]
     assert "writable layer is an overlay" in caplog.text
+    volume = client.orch.volumes.directory("app", "vol")
+    assert (volume / "boots").read_text().split() == [first["instance_id"]]
+
+    # a stop and start runs the image afresh (the write is gone, the volume's is not), from the
+    # cache: the registry is not asked for anything
+    requests = reg.requests("/v2/")
+    await exec_(client, a, "touch /data/by-exec")
+    for action, state in (("stop", "stopped"), ("start", "started")):
+        r = await client.post(f"{BASE}/{a}/{action}")
+        assert r.status_code == 200, r.text
+        r = await client.get(f"{BASE}/{a}/wait", params={"state": state, "timeout": 60})
+        assert r.status_code == 200, r.text
+    await wait_for(lambda: len((volume / "boots").read_text().split()) == 2, 60, "the reboot")
+    assert (await exec_(client, a, "ls /data")).split() == ["kept.txt", "mine.txt"]
+    assert (await exec_(client, a, "cat /vol/boots")).split() == [first["instance_id"]] * 2
+    assert reg.requests("/v2/") == requests
 
     for mid in (a, b):
         r = await client.delete(f"{BASE}/{mid}", params={"force": "true"})
