@@ -19,7 +19,7 @@ The cache, under ``<images>/oci`` and shared by every instance of the driver:
 * ``layout/`` — one OCI image layout (``skopeo copy`` writes into it; blobs are stored by their
   sha256, so a layer two images share is fetched once);
 * ``rootfs/<hex>/`` — the image whose manifest digest is ``sha256:<hex>``, unpacked (``rootfs``
-  and ``image.json``: default command, environment, working directory). It is made in a temporary
+  and ``image.json``: the default command and environment). It is made in a temporary
   directory and renamed into place, so it is whole or absent; a failed pull leaves no trace here.
 
 A lock file serialises pulls (threads and processes): a second create of the same image waits for
@@ -67,6 +67,7 @@ _REPO_RE = re.compile(
 )
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PULL_TIMEOUT = "120s"  # skopeo's --command-timeout: an unresponsive registry fails the create
+_TLS_FLAG = {"inspect": "tls-verify", "copy": "src-tls-verify"}  # skopeo's name, per command
 
 
 class ImagePullError(DriverError):
@@ -81,8 +82,8 @@ class RegistryImageNotFoundError(ImageNotFoundError):
     """The registry answered that the repository, tag or digest does not exist."""
 
     def __init__(self, image: str, cause: str) -> None:
-        super().__init__(image)
-        self.args = (f"image {image!r} not found: {cause}",)
+        DriverError.__init__(self, f"image {image!r} not found: {cause}", transient=False)
+        self.image = image
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,15 @@ class Reference:
 
     @property
     def plain_http(self) -> bool:
-        host = self.registry.rsplit(":", 1)[0] if not self.registry.endswith("]") else ""
-        host = host or self.registry.strip("[]")
+        """Whether to speak plain HTTP: only to localhost, loopback and private addresses."""
+        if self.registry.startswith("["):  # [ipv6]:port
+            host = self.registry[1:].split("]", 1)[0]
+        else:
+            host = self.registry.split(":", 1)[0]
         if host == "localhost":
             return True
         try:
-            addr = ipaddress.ip_address(host.strip("[]"))
+            addr = ipaddress.ip_address(host)
         except ValueError:
             return False
         return addr.is_loopback or addr.is_private
@@ -263,7 +267,6 @@ class RegistryImages:
                 "reference": str(ref),
                 "cmd": runtime.get("args") or [],
                 "env": runtime.get("env") or [],
-                "cwd": runtime.get("cwd") or "/",
             }
             out = tmp / "image"
             out.mkdir()
@@ -273,9 +276,6 @@ class RegistryImages:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("image %s pulled and unpacked (%s)", ref, dest)
-
-
-_TLS_FLAG = {"inspect": "tls-verify", "copy": "src-tls-verify"}
 
 
 # --- the per-instance writable root ----------------------------------------------------------
@@ -302,13 +302,15 @@ def make_root(image: Image, directory: Path) -> tuple[Path, str]:
         upper, work = directory / "upper", directory / "work"
         for d in (root, upper, work):
             d.mkdir(parents=True, exist_ok=True)
+        marker = directory / "rootfs.mount"  # first: a crash after the mount still releases it
+        marker.write_text("overlay\n")
         why = _mount_overlay(image.rootfs, upper, work, root)
         if why is None:
-            (directory / "rootfs.mount").write_text("overlay\n")
             log.info("instance %s: writable layer is an overlay on %s", directory.name, image.name)
             return root, "overlay"
         for d in (root, upper, work):
             shutil.rmtree(d, ignore_errors=True)
+        marker.unlink()
     proc = subprocess.run(
         ["cp", "-a", "--", str(image.rootfs), str(root)], capture_output=True, check=False
     )
