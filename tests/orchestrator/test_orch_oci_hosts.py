@@ -1,7 +1,8 @@
 """Machines from a registry image across the three namespace hosts: the registry listens on the
 lab's bridge (reachable from every host), a gateway on h1 places the machines (h2 runs runc
 where it can, h1 and h3 the process driver), and each machine is reached through the proxy of
-another host. Teardown checks that no mount, namespace or process is left."""
+another host. The hosts share one image cache, so each blob is fetched once. Teardown checks that
+no mount, namespace or process is left."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def lab():
     try:
         lab.up()
         with run_registry(f"10.{lab.octet}.0.1") as registry:  # the lab bridge's address
+            lab.registry = registry
             lab.image = push_test_image(registry)
             lab.gateway = lab.start_gateway(lab.hosts[0])
             yield lab
@@ -63,6 +65,9 @@ def test_create_from_the_registry_through_the_gateway_and_reach_through_another_
             assert r.json()["image_ref"]["digest"] == lab.image.manifest_digest
             owners[r.json()["id"]] = r.headers["fly-worker"]
         assert sorted(owners.values()) == ["h1", "h2", "h3"]
+        # the lab's hosts share one image cache (images_path): each blob was fetched once
+        for digest in lab.image.layer_digests:
+            assert lab.registry.requests(f"/blobs/{digest}") == 1, digest
         for mid in owners:
             r = api.get(f"{BASE}/{mid}/wait", params={"state": "started", "timeout": 60})
             assert r.status_code == 200, r.text
