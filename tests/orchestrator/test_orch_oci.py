@@ -4,9 +4,10 @@ it by reference through the Machines API with the process driver (chrooted, root
 
 Checked: the whiteouts were applied; each machine's writes stay in its own writable layer (not in
 the cached image, not in the other machine); a volume mounts inside the image's root; a stop and
-start runs the image afresh without asking the registry; a second create pulls no blob; concurrent pulls of
-one image fetch each blob once; a missing image, an unreachable registry and a corrupted blob
-fail the create with an error naming the image and the cause, leaving nothing behind.
+start runs the image afresh without asking the registry; a second create pulls no blob;
+concurrent pulls of one image fetch each blob once; a missing image, an unreachable registry and
+a corrupted blob fail the create with an error naming the image and the cause, leaving nothing
+behind.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ async def test_machines_from_a_registry_image(client, registry, tmp_path, caplog
     cached = cache.unpacked / image.manifest_digest.removeprefix("sha256:") / "rootfs"
     assert sorted(os.listdir(cached / "data")) == ["kept.txt"]
     assert sorted(os.listdir(cached / "cfg")) == ["new.txt"]
-    assert "writable layer is an overlay" in caplog.text
+    # an overlay here (root, ext4); where the state directory cannot hold one, a copy (the next
+    # test forces that path)
+    assert "writable layer is an overlay" in caplog.text or "(overlay unavailable" in caplog.text
     volume = client.orch.volumes.directory("app", "vol")
     assert (volume / "boots").read_text().split() == [first["instance_id"]]
 
