@@ -9,7 +9,7 @@ driver = "process"                             # "fake" | "process" | "runc"
 worker = "worker-1"                            # this host's name in the machines table
 region = "local"
 state_path = "/var/lib/corrosion/instances"    # driver state (instance dirs, runc root)
-images_path = "/var/lib/corrosion/images"      # runc root filesystems
+images_path = "/var/lib/corrosion/images"      # runc root filesystems, registry image cache
 machine_subnet = "10.213.1.0/24"  # each machine in its own netns with an address from here
 machine_bridge = "corro0"         # the bridge on this host the machines' veths attach to
 volumes_path = "/var/lib/corrosion/volumes"    # config.mounts (default <machines_path>/_volumes)
@@ -147,7 +147,7 @@ def build_driver(config: OrchestratorConfig, *, clock: Clock | None = None) -> D
     if config.driver == "fake":
         return FakeDriver(clock)
     if config.driver == "process":
-        return ProcessDriver(state)
+        return ProcessDriver(state, images=config.images_path)
     return RuncDriver(state, images=config.images_path)
 
 

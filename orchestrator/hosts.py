@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .drivers.oci import mounts_under, release_roots_under
 from .errors import OrchestratorError
 from .network import (
     delete_netns,
@@ -555,6 +556,7 @@ def teardown(record: dict[str, Any]) -> None:
     _stop([p for h in hosts for p in h.get("procs", {}).values()])
     for h in hosts:
         _delete_runc_containers(Path(h["state_path"]))
+        release_roots_under(h["state_path"])  # machines' overlay roots (registry images)
     machine_ns = _machine_namespaces(octet)
     lab_ns = [n for n in netns_names() if n.startswith(f"{name}-")]
     for ns in machine_ns + lab_ns:  # the machines' processes, the hosts' strays (shims)
@@ -577,6 +579,7 @@ def lab_leftovers(record: dict[str, Any]) -> list[str]:
     left += [f"link {n}" for n in link_names() if n.startswith(f"{name}-")]
     for h in record.get("hosts", []):
         left += [f"process {k} of {h['name']}" for k, p in h.get("procs", {}).items() if _alive(p)]
+        left += [f"mount {m}" for m in mounts_under(h["state_path"])]
     if (REGISTRY / f"{name}.json").exists():
         left.append(f"record {name}")
     return left

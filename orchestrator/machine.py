@@ -211,7 +211,8 @@ def image_ref(image: str) -> dict[str, Any]:
     last = name.rsplit("/", 1)[-1]
     if ":" in last:
         repo, tag = name.rsplit(":", 1)
-    registry = repo.split("/", 1)[0] if "/" in repo and "." in repo.split("/", 1)[0] else ""
+    first = repo.split("/", 1)[0] if "/" in repo else ""
+    registry = first if "." in first or ":" in first or first == "localhost" else ""
     return {"registry": registry, "repository": repo, "tag": tag, "digest": digest}
 
 

@@ -364,8 +364,12 @@ class Orchestrator:
 
     async def _check_driver(self, doc: Mapping[str, Any]) -> None:
         """Ask the driver to prepare now, so a config it can never run is a 400, not a failed
-        machine. Transient driver trouble is left to the run's retries."""
+        machine. Transient driver trouble is left to the run's retries. A driver that pulls
+        from a registry first pins ``config.image`` to the digest its tag names now."""
         try:
+            pin = getattr(self.driver, "pin_image", None)
+            if pin is not None:
+                doc["config"]["image"] = await pin(doc["config"]["image"])
             await self.driver.prepare(m.instance_spec(doc))
         except DriverError as e:
             if not e.transient:

@@ -1,10 +1,11 @@
-"""Images for the runc driver: local root filesystems, looked up by name.
+"""Local images for the runc driver: root filesystems, looked up by name.
 
-There is no registry here; an image is a directory ``<images>/<name>/rootfs`` with an
-``image.json`` (default ``cmd`` and ``env``). ``busybox`` is built on first use from the host's
-static busybox (Debian's ``busybox-static``): the binary, a symlink per applet, and the empty
-mount points runc needs in a read-only root. References are reduced to their last path component
-without tag or digest (``docker.io/library/busybox:1.36`` is ``busybox``).
+An image here is a directory ``<images>/<name>/rootfs`` with an ``image.json`` (default ``cmd``
+and ``env``). ``busybox`` is built on first use from the host's static busybox (Debian's
+``busybox-static``): the binary, a symlink per applet, and the empty mount points runc needs in a
+read-only root. Names are reduced to their last path component without tag or digest
+(``library/busybox:1.36`` is ``busybox``). A reference that names a registry host
+(``10.0.0.9:5000/app:v1``) is not looked up here but pulled (:mod:`.oci`).
 
 Root filesystems are shared read-only by every container of the image, with tmpfs on ``/tmp`` and
 ``/run``: a stopped machine that starts again gets the image's pristine state, as on Fly.

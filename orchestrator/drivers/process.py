@@ -7,9 +7,12 @@ machine's own namespace when the orchestrator prepared one (``spec.netns``, the 
 proxy on this host can reach it). Volumes (``spec.mounts``) are bind-mounted at their paths in
 the machine's mount namespace (a missing mount point is created on the host); without
 namespaces the command gets each volume's host directory in ``FLY_MOUNT_PATH_<PATH>``
-(``/data`` → ``FLY_MOUNT_PATH_DATA``). Images are not unpacked: the
-command runs on the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. No cgroup
-limits, hence no OOM detection (``oom_killed`` is always False).
+(``/data`` → ``FLY_MOUNT_PATH_DATA``). A local image name is not unpacked: the command runs on
+the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. An image from a registry
+(:mod:`.oci`; root only) is: the instance gets its own writable root over the cached image (an
+overlay, or a copy) and the command runs chrooted in it, with the host's ``/dev`` bound in, a
+private ``/proc``, the image's environment and, by default, its command. No cgroup limits, hence
+no OOM detection (``oom_killed`` is always False).
 
 Lifecycle: ``create`` writes the spec (OCI's "created"); ``start`` spawns the shim, which starts
 the command; ``stop``/``wait``/``destroy`` work from the files the shim keeps (``supervised``).
@@ -17,12 +20,17 @@ the command; ``stop``/``wait``/``destroy`` work from the files the shim keeps (`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
 from pathlib import Path
 
+import anyio
+
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
+from .images import Image
+from .oci import RegistryImages, is_registry_reference, make_root, release_root
 from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -38,12 +46,40 @@ class ProcessDriver(ShimDriver):
     name = "process"
 
     def __init__(
-        self, state_dir: str | Path, *, namespaces: bool | None = None, python: str | None = None
+        self,
+        state_dir: str | Path,
+        *,
+        namespaces: bool | None = None,
+        python: str | None = None,
+        images: str | Path | None = None,
     ) -> None:
+        """``images``: the registry images' cache (default ``<state_dir>/_images``)."""
         super().__init__(state_dir, python=python)
         self.namespaces = (os.geteuid() == 0) if namespaces is None else namespaces
+        self.registry = RegistryImages(images or self.state_dir / "_images")
+
+    async def pin_image(self, image: str) -> str:
+        """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
+        if not is_registry_reference(image):
+            return image
+        return await anyio.to_thread.run_sync(self.registry.pin, image)
+
+    async def _registry_image(self, spec: InstanceSpec) -> Image:
+        if not self.namespaces or os.geteuid() != 0:
+            raise DriverError(
+                f"image {spec.image!r}: the process driver runs registry images only as root "
+                "with namespaces (a chroot in the image)",
+                transient=False,
+            )
+        image = await anyio.to_thread.run_sync(self.registry.resolve, spec.image)
+        if not spec.cmd and not image.cmd:
+            raise DriverError(f"image {spec.image!r} has no default command", transient=False)
+        return image
 
     async def prepare(self, spec: InstanceSpec) -> None:
+        if is_registry_reference(spec.image):
+            await self._registry_image(spec)
+            return
         if not spec.cmd:
             raise DriverError(
                 "the process driver runs commands on the host: config.init.cmd is required",
@@ -60,8 +96,16 @@ class ProcessDriver(ShimDriver):
             return
         if state is not InstanceState.ABSENT:
             raise DriverError(f"instance {spec.instance_id} exists ({state})")
-        shutil.rmtree(d, ignore_errors=True)  # debris of a create that never finished
+        release_root(d)  # debris of a create that never finished
+        shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
+        if is_registry_reference(spec.image):
+            image = await self._registry_image(spec)
+            rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
+            (d / "rootfs.path").write_text(str(rootfs))  # the shim chroots there
+            env = dict(item.partition("=")[::2] for item in image.env)
+            env.update(spec.env)
+            spec = dataclasses.replace(spec, cmd=spec.cmd or image.cmd, env=env)
         if spec.netns and self.namespaces:
             (d / "hosts").write_text(hosts_file(spec))
         if spec.mounts and self.namespaces:  # the shim binds them in the machine's namespace

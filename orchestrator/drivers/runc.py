@@ -1,11 +1,12 @@
 """RuncDriver: machines as real OCI containers, run by runc from bundles we write.
 
-A bundle is ``<state>/<instance>/bundle/config.json`` whose root is the image's shared read-only
-rootfs (``images``). ``create`` writes it and starts the shim, which runs ``runc create`` and
-stays as the container's reaper (so exit codes survive an orchestrator restart); ``start`` is
-``runc start``; stop signals the container's init, escalating to SIGKILL after the timeout;
-``destroy`` is ``runc delete --force``. The OOM flag comes from the container's memory cgroup
-(``memory.oom_control``'s ``oom_kill`` count).
+A bundle is ``<state>/<instance>/bundle/config.json`` whose root is a local image's shared
+read-only rootfs (``images``), or, for an image from a registry (:mod:`.oci`), the instance's own
+writable root over the cached image (an overlay, or a copy). ``create`` writes it and starts
+the shim, which runs ``runc create`` and stays as the container's reaper (so exit codes survive
+an orchestrator restart); ``start`` is ``runc start``; stop signals the container's init,
+escalating to SIGKILL after the timeout; ``destroy`` is ``runc delete --force``. The OOM flag
+comes from the container's memory cgroup (``memory.oom_control``'s ``oom_kill`` count).
 
 The init: PID 1 of a pid namespace ignores the signals it has no handler for (only SIGKILL from
 outside gets through), so a command run as PID 1 (``sleep``, most servers) would ignore the stop
@@ -27,6 +28,7 @@ a private namespace with only loopback. runc state lives under ``<state>/runc`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +40,8 @@ from typing import Any
 import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .images import ImageStore, static_busybox, static_executable
+from .images import Image, ImageStore, static_busybox, static_executable
+from .oci import RegistryImages, is_registry_reference, make_root
 from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -69,10 +72,11 @@ def oci_config(
     network: str,
     init: str | None = None,
     hosts: str | None = None,
+    readonly: bool = True,
 ) -> dict[str, Any]:
     """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
     host) the command runs under it; ``hosts`` is a file to bind at /etc/hosts (the host's by
-    default)."""
+    default); ``readonly`` False for an instance's own writable root."""
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.netns:
         namespaces.append({"type": "network", "path": spec.netns})
@@ -138,7 +142,7 @@ def oci_config(
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
         },
-        "root": {"path": str(rootfs), "readonly": True},
+        "root": {"path": str(rootfs), "readonly": readonly},
         "hostname": spec.machine_id,
         "mounts": mounts,
         "linux": {
@@ -182,6 +186,7 @@ class RuncDriver(ShimDriver):
         if images is None:
             images = self.state_dir / "_images"
         self.images = images if isinstance(images, ImageStore) else ImageStore(images)
+        self.registry = RegistryImages(self.images.path)
 
     @staticmethod
     def _find_init(init: str | bool) -> str | None:
@@ -218,11 +223,22 @@ class RuncDriver(ShimDriver):
             return None
         return json.loads(proc.stdout).get("status")
 
+    def _resolve(self, ref: str) -> Image:
+        if is_registry_reference(ref):
+            return self.registry.resolve(ref)
+        return self.images.resolve(ref)
+
+    async def pin_image(self, image: str) -> str:
+        """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
+        if not is_registry_reference(image):
+            return image
+        return await anyio.to_thread.run_sync(self.registry.pin, image)
+
     async def prepare(self, spec: InstanceSpec) -> None:
-        await anyio.to_thread.run_sync(self.images.resolve, spec.image)
+        await anyio.to_thread.run_sync(self._resolve, spec.image)
 
     async def create(self, spec: InstanceSpec) -> None:
-        image = await anyio.to_thread.run_sync(self.images.resolve, spec.image)
+        image = await anyio.to_thread.run_sync(self._resolve, spec.image)
         state = (await self.status(spec.instance_id)).state
         if state is InstanceState.CREATED:
             return
@@ -232,7 +248,14 @@ class RuncDriver(ShimDriver):
         if d.exists():  # debris of a create that never finished
             await self._cleanup(spec.instance_id)
         (d / "bundle").mkdir(parents=True)
-        write_json(d / "spec.json", spec.to_dict())
+        rootfs, readonly, stored = image.rootfs, True, spec
+        if is_registry_reference(spec.image):
+            rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
+            readonly = False
+            # an exec in the machine gets the image's environment too, as the command does
+            env_of_image = dict(item.partition("=")[::2] for item in image.env)
+            stored = dataclasses.replace(spec, env={**env_of_image, **spec.env})
+        write_json(d / "spec.json", stored.to_dict())
         args = list(spec.cmd or image.cmd)
         if not args:
             raise DriverError(f"image {image.name} has no default command", transient=False)
@@ -249,8 +272,8 @@ class RuncDriver(ShimDriver):
             (d / "hosts").write_text(hosts_file(spec))
             hosts = str(d / "hosts")
         config = oci_config(
-            spec, image.rootfs, args, [f"{k}={v}" for k, v in env.items()],
-            network=self.network, init=self.init, hosts=hosts,
+            spec, rootfs, args, [f"{k}={v}" for k, v in env.items()],
+            network=self.network, init=self.init, hosts=hosts, readonly=readonly,
         )  # fmt: skip
         write_json(d / "bundle" / "config.json", config)
         bundle = str(d / "bundle")

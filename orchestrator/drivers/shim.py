@@ -15,7 +15,11 @@ Invocation (arguments, not a config file, to keep startup cheap):
   namespaces (root only), O then unshares pid/uts/ipc namespaces, so S is PID 1 of a fresh pid
   namespace; S unshares a mount namespace of its own for a private /proc (and, when the driver
   wrote ``<dir>/hosts``, a private /etc/hosts; when it wrote ``<dir>/mounts``, the volumes
-  bound at their paths) and sets the hostname.
+  bound at their paths) and sets the hostname. When the driver wrote ``<dir>/rootfs.path`` (an
+  image from a registry), those mounts are made inside that root, the host's /dev is bound in,
+  and S chroots there before forking C (so an exec that enters S's root lands in it too).
+  O writes ``pids.json`` only once S has set all this up, so an exec entering S's namespaces
+  and root never sees the host's instead.
   S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
   reaps orphans, writes C's status, then kills its process group so nothing outlives C.
 * ``shim.py <dir> runc <runc> <runc-root> <bundle> <id> <log>`` — O becomes a child subreaper and
@@ -74,14 +78,19 @@ def encode(value):
 
 def write_json(directory, name, data):
     """Atomic (rename) but not fsynced: these files must survive the orchestrator dying, which
-    the page cache does; after a power loss the processes they describe are gone anyway."""
-    tmp = os.path.join(directory, "." + name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    the page cache does; after a power loss the processes they describe are gone anyway.
+    ``directory`` is a path, or an open directory's descriptor (S after its chroot)."""
+    if isinstance(directory, int):
+        tmp, dest, dir_fd = "." + name + ".tmp", name, directory
+    else:
+        tmp = os.path.join(directory, "." + name + ".tmp")
+        dest, dir_fd = os.path.join(directory, name), None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
     try:
         os.write(fd, encode(data).encode())
     finally:
         os.close(fd)
-    os.replace(tmp, os.path.join(directory, name))
+    os.replace(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def starttime(pid):
@@ -112,25 +121,57 @@ def libc():
     return lib, check
 
 
-def supervise(directory, hostname, log_path, cmd, in_namespace):
-    """S: runs the command as a child, forwards signals, writes its status, kills the group."""
+def execvp(cmd):
+    """os.execvp without its lazy imports (after a chroot into an image there is no stdlib)."""
+    if "/" in cmd[0]:
+        os.execv(cmd[0], cmd)
+    error: OSError = FileNotFoundError(2, "not found in PATH", cmd[0])
+    for d in os.environ.get("PATH", "/usr/bin:/bin").split(":"):
+        try:
+            os.execv(os.path.join(d or ".", cmd[0]), cmd)
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            error = e
+    raise error
+
+
+def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
+    """S: runs the command as a child, forwards signals, writes its status, kills the group.
+    Writes to the pipe ``ready`` once its namespaces, mounts and root are set up."""
     os.setpgid(0, 0)
+    root = None
     if in_namespace:
         # a mount namespace of S's own (not O's), private so nothing propagates to the host,
         # with a /proc that shows only the new pid namespace
         lib, check = libc()
         check(lib.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
         check(lib.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+        root_file = os.path.join(directory, "rootfs.path")  # an image's root to chroot into
+        if os.path.exists(root_file):
+            with open(root_file) as f:
+                root = f.read().strip()
+        inside = root or "/"
+        os.makedirs(os.path.join(inside, "proc"), exist_ok=True)
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-        check(lib.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
+        proc = os.path.join(inside, "proc").encode()
+        check(lib.mount(b"proc", proc, b"proc", flags, None), "mount /proc")
+        if root is not None:
+            dev = os.path.join(root, "dev")
+            os.makedirs(dev, exist_ok=True)
+            check(lib.mount(b"/dev", dev.encode(), None, MS_BIND | MS_REC, None), "bind /dev")
         hosts = os.path.join(directory, "hosts")  # written for an instance on its own network
         if os.path.exists(hosts):
-            check(lib.mount(hosts.encode(), b"/etc/hosts", None, MS_BIND, None), "bind /etc/hosts")
+            target = os.path.join(inside, "etc/hosts")
+            if not os.path.exists(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
+            check(lib.mount(hosts.encode(), target.encode(), None, MS_BIND, None),
+                  "bind /etc/hosts")  # fmt: skip
         mounts = os.path.join(directory, "mounts")  # volumes: "<host dir>\t<path>" lines
         if os.path.exists(mounts):
             with open(mounts) as f:
                 for line in f.read().splitlines():
                     source, target = line.split("\t")
+                    target = os.path.join(inside, target.lstrip("/"))
                     os.makedirs(target, exist_ok=True)
                     flags = MS_BIND | MS_REC
                     check(lib.mount(source.encode(), target.encode(), None, flags, None),
@@ -152,6 +193,12 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
     for sig in FORWARDED:
         _signal.signal(sig, forward)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if root is not None:  # the status is written through the directory opened before
+        directory = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        os.chroot(root)
+        os.chdir("/")
+    os.write(ready, b"1")  # O publishes pids.json now: an exec from then on lands in the root
+    os.close(ready)
     pid = os.fork()
     if pid == 0:
         try:
@@ -162,7 +209,7 @@ def supervise(directory, hostname, log_path, cmd, in_namespace):
             os.dup2(devnull, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
-            os.execvp(cmd[0], cmd)
+            execvp(cmd)
         # the forked child must never return into the shim's code: report like a shell, exit
         except BaseException as e:  # noqa: BLE001
             try:
@@ -209,17 +256,22 @@ def run_process(directory, args):
     if in_namespace:
         lib, check = libc()
         check(lib.unshare(CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            supervise(directory, hostname, log_path, cmd, in_namespace)
+            os.close(ready_r)
+            supervise(directory, hostname, log_path, cmd, in_namespace, ready_w)
         finally:
             os._exit(1)
+    os.close(ready_w)
     # S does this too; doing it here as well means the group exists before pids.json does
     try:  # noqa: SIM105 - contextlib costs startup time
         os.setpgid(pid, pid)
     except OSError:
         pass
+    os.read(ready_r, 1)  # S is set up (or died: end of file, and its status is written below)
+    os.close(ready_r)
     write_json(directory, "pids.json", {"shim": me, "main": pid, "pgid": pid, "starttime": born})
     _, status = os.waitpid(pid, 0)
     if not os.path.exists(os.path.join(directory, "exit.json")):

@@ -38,6 +38,7 @@ from .base import (
     ProcessInfo,
     UnknownInstanceError,
 )
+from .oci import release_root
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -317,6 +318,7 @@ class ShimDriver:
                 while self._shim_alive(pids):  # noqa: ASYNC110
                     await anyio.sleep(0.005)
         self._procs.pop(instance_id, None)
+        release_root(d)  # an instance's overlay root (registry images) before its files
         shutil.rmtree(d, ignore_errors=True)
 
     # --- operating a running instance (signal is above) ---------------------------------------

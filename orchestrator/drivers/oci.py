@@ -1,0 +1,355 @@
+"""Images from an OCI registry: pull by digest into a shared cache, unpack, give each instance a
+writable root.
+
+Why skopeo and umoci (Debian's packages) rather than our own client: the registry protocol has
+more corners than its happy path (token auth, manifest lists, Docker schema 2 vs OCI media types,
+blob redirects) and unpacking has subtle ones (whiteouts, hard links, device nodes, xattrs, a
+symlink in a layer that must not let a later layer write outside the root). skopeo
+(containers/image, what podman and buildah use) and umoci (from the OCI project) are maintained,
+packaged for Debian, verify every blob's sha256 as they read it and get those corners right; no
+Python OCI client is as well kept. What is ours is small: the reference syntax, the cache and its
+lock, the per-instance writable layer, and errors that name the image and the cause.
+
+A *registry reference* names a registry host: ``127.0.0.1:5000/app:v1``,
+``registry.example.com/team/app@sha256:…`` (its first component has a ``.`` or ``:``, or is
+``localhost``). A bare name (``busybox``, ``app:v1``) is a local image folder (:mod:`.images`).
+
+The cache, under ``<images>/oci`` and shared by every instance of the driver:
+
+* ``layout/`` — one OCI image layout (``skopeo copy`` writes into it; blobs are stored by their
+  sha256, so a layer two images share is fetched once);
+* ``rootfs/<hex>/`` — the image whose manifest digest is ``sha256:<hex>``, unpacked (``rootfs``
+  and ``image.json``: the default command and environment). It is made in a temporary
+  directory and renamed into place, so it is whole or absent; a failed pull leaves no trace here.
+
+A lock file serialises pulls (threads and processes): a second create of the same image waits for
+the first and then finds it unpacked, without a request to the registry. A tag is resolved once,
+when the machine is created or updated (:meth:`RegistryImages.pin`): the machine's
+``config.image`` becomes ``<ref>@sha256:…``, so its restarts run exactly that image from the cache.
+
+Plain HTTP (no TLS) is used only for registries at ``localhost``, loopback or private addresses
+given literally (as Docker allows for ``127.0.0.0/8``), where the test registry and a team's own
+registry on a private network live. skopeo runs with ``--insecure-policy``: signatures are not
+checked (this platform trusts its registry); content is checked by digest.
+
+Writable layer: each instance's root is an overlay mount (lower = the cached image, upper and work
+= the instance's own directories) where the kernel and privileges allow one, otherwise a copy of
+the image (``cp -a``). One log line per instance says which. Either way the instance's writes stay
+in its own directory and are gone when it is destroyed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import DriverError, ImageNotFoundError
+from .images import Image
+
+log = logging.getLogger(__name__)
+
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REPO_RE = re.compile(
+    r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+PULL_TIMEOUT = "120s"  # skopeo's --command-timeout: an unresponsive registry fails the create
+_TLS_FLAG = {"inspect": "tls-verify", "copy": "src-tls-verify"}  # skopeo's name, per command
+
+
+class ImagePullError(DriverError):
+    """The image could not be fetched or unpacked (registry unreachable, digest mismatch)."""
+
+    def __init__(self, image: str, cause: str) -> None:
+        super().__init__(f"image {image!r}: {cause}", transient=False)
+        self.image = image
+
+
+class RegistryImageNotFoundError(ImageNotFoundError):
+    """The registry answered that the repository, tag or digest does not exist."""
+
+    def __init__(self, image: str, cause: str) -> None:
+        DriverError.__init__(self, f"image {image!r} not found: {cause}", transient=False)
+        self.image = image
+
+
+@dataclass(frozen=True)
+class Reference:
+    """``registry/repository[:tag][@digest]`` (a tag-less, digest-less reference means
+    ``:latest``)."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    def __str__(self) -> str:
+        out = f"{self.registry}/{self.repository}"
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+    @property
+    def transport(self) -> str:
+        """skopeo's name for it: by digest when known, else by tag."""
+        base = f"docker://{self.registry}/{self.repository}"
+        return f"{base}@{self.digest}" if self.digest else f"{base}:{self.tag or 'latest'}"
+
+    @property
+    def plain_http(self) -> bool:
+        """Whether to speak plain HTTP: only to localhost, loopback and private addresses."""
+        if self.registry.startswith("["):  # [ipv6]:port
+            host = self.registry[1:].split("]", 1)[0]
+        else:
+            host = self.registry.split(":", 1)[0]
+        if host == "localhost":
+            return True
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return addr.is_loopback or addr.is_private
+
+
+def is_registry_reference(ref: str) -> bool:
+    """Whether ``ref`` names a registry host (else it is a local image folder's name)."""
+    first, slash, _ = ref.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
+
+
+def parse_reference(ref: str) -> Reference:
+    """A registry reference, or ImageNotFoundError saying what is wrong with it."""
+    if not is_registry_reference(ref):
+        raise ImageNotFoundError(ref)
+    registry, _, rest = ref.partition("/")
+    rest, _, digest = rest.partition("@")
+    repository, tag = rest, None
+    if ":" in rest.rsplit("/", 1)[-1]:
+        repository, tag = rest.rsplit(":", 1)
+    if digest and not _DIGEST_RE.match(digest):
+        raise RegistryImageNotFoundError(ref, f"invalid digest {digest!r} (sha256:<64 hex>)")
+    if not _REPO_RE.match(repository) or (tag is not None and not _TAG_RE.match(tag)):
+        raise RegistryImageNotFoundError(ref, "not a valid image reference")
+    return Reference(registry, repository, tag, digest or None)
+
+
+def tools_unavailable() -> str | None:
+    """Why registry images cannot be pulled here (skopeo or umoci missing), or None."""
+    missing = [tool for tool in ("skopeo", "umoci") if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not installed (apt-get install skopeo umoci; "
+            "scripts/setup-test-deps installs them as root)"
+        )
+    return None
+
+
+def _cause(stderr: bytes) -> str:
+    """The tool's last error line, without its log prefix."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    line = lines[-1] if lines else "no error message"
+    line = re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", line).replace('\\"', '"')
+    line = line.removeprefix("FATA[0000] ").removeprefix("Error: ")
+    # the tools' context ("Error parsing image name "docker://…": ") repeats the reference
+    return re.sub(r'^(Error parsing image name "[^"]*"|initializing source \S+): ', "", line)
+
+
+def _not_found(cause: str) -> bool:
+    lowered = cause.lower()
+    return any(
+        s in lowered for s in ("manifest unknown", "name unknown", "not found", "blob unknown")
+    )
+
+
+class RegistryImages:
+    """The registry-image cache of one worker (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).absolute() / "oci"
+        self.layout = self.path / "layout"
+        self.unpacked = self.path / "rootfs"
+        self.unpacked.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _check_tools(image: str) -> None:
+        why = tools_unavailable()
+        if why is not None:
+            raise ImagePullError(image, f"cannot pull registry images: {why}")
+
+    def _skopeo(self, ref: Reference, *args: str) -> subprocess.CompletedProcess[bytes]:
+        tls = "false" if ref.plain_http else "true"
+        cmd = ["skopeo", "--insecure-policy", "--command-timeout", PULL_TIMEOUT]
+        cmd += [args[0], f"--{_TLS_FLAG[args[0]]}={tls}", *args[1:]]
+        return subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+
+    def _fail(self, ref: str, proc: subprocess.CompletedProcess[bytes], what: str) -> DriverError:
+        cause = _cause(proc.stderr)
+        if _not_found(cause):
+            return RegistryImageNotFoundError(ref, cause)
+        if "digest" in cause.lower() and ("match" in cause.lower() or "verif" in cause.lower()):
+            return ImagePullError(ref, f"digest mismatch: {cause}")
+        return ImagePullError(ref, f"{what}: {cause}")
+
+    def pin(self, image: str) -> str:
+        """``image`` with the digest its tag resolves to now (the manifest's sha256), so every
+        later pull of it is by digest; an image already naming a digest is returned as is."""
+        ref = parse_reference(image)
+        if ref.digest:
+            return str(ref)
+        self._check_tools(image)
+        proc = self._skopeo(ref, "inspect", "--raw", ref.transport)
+        if proc.returncode != 0:
+            raise self._fail(image, proc, f"cannot resolve the tag at {ref.registry}")
+        digest = "sha256:" + hashlib.sha256(proc.stdout).hexdigest()
+        return str(Reference(ref.registry, ref.repository, ref.tag or "latest", digest))
+
+    def resolve(self, image: str) -> Image:
+        """The unpacked image (pulled first unless cached). ``image`` should be pinned
+        (:meth:`pin`); an unpinned one is resolved here."""
+        ref = parse_reference(image)
+        if ref.digest is None:
+            ref = parse_reference(self.pin(image))
+        assert ref.digest is not None
+        hexdigest = ref.digest.removeprefix("sha256:")
+        dest = self.unpacked / hexdigest
+        if not (dest / "image.json").exists():
+            self._check_tools(image)
+            with self._locked():
+                if not (dest / "image.json").exists():
+                    self._pull(image, ref, dest)
+        meta = json.loads((dest / "image.json").read_text())
+        return Image(
+            str(ref), dest / "rootfs", tuple(meta.get("cmd") or ()), tuple(meta.get("env") or ())
+        )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path / "lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _pull(self, image: str, ref: Reference, dest: Path) -> None:
+        hexdigest = dest.name
+        proc = self._skopeo(ref, "copy", "--quiet", ref.transport, f"oci:{self.layout}:{hexdigest}")
+        if proc.returncode != 0:
+            raise self._fail(image, proc, f"cannot pull from {ref.registry}")
+        tmp = Path(tempfile.mkdtemp(dir=self.unpacked, prefix=".unpack-"))
+        try:
+            bundle = tmp / "bundle"
+            cmd = ["umoci", "unpack", "--image", f"{self.layout}:{hexdigest}"]
+            if os.geteuid() != 0:
+                cmd.append("--rootless")
+            proc = subprocess.run(
+                [*cmd, str(bundle)], capture_output=True, stdin=subprocess.DEVNULL, check=False
+            )
+            if proc.returncode != 0:
+                raise ImagePullError(image, f"cannot unpack: {_cause(proc.stderr)}")
+            runtime = json.loads((bundle / "config.json").read_text()).get("process") or {}
+            meta = {
+                "reference": str(ref),
+                "cmd": runtime.get("args") or [],
+                "env": runtime.get("env") or [],
+            }
+            out = tmp / "image"
+            out.mkdir()
+            os.rename(bundle / "rootfs", out / "rootfs")
+            (out / "image.json").write_text(json.dumps(meta))
+            os.rename(out, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("image %s pulled and unpacked (%s)", ref, dest)
+
+
+# --- the per-instance writable root ----------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+
+
+def _mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> str | None:
+    """Mount an overlay at ``target``; None when done, else why not."""
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    if _libc.mount(b"overlay", bytes(target), b"overlay", 0, opts.encode()) == 0:
+        return None
+    err = ctypes.get_errno()
+    return os.strerror(err)
+
+
+def make_root(image: Image, directory: Path) -> tuple[Path, str]:
+    """The instance's own root at ``directory/rootfs`` over ``image``: ``("overlay"|"copy")``.
+    On failure nothing is left mounted or copied."""
+    root = directory / "rootfs"
+    why = "not root" if os.geteuid() != 0 else None
+    if why is None:
+        upper, work = directory / "upper", directory / "work"
+        for d in (root, upper, work):
+            d.mkdir(parents=True, exist_ok=True)
+        marker = directory / "rootfs.mount"  # first: a crash after the mount still releases it
+        marker.write_text("overlay\n")
+        why = _mount_overlay(image.rootfs, upper, work, root)
+        if why is None:
+            log.info("instance %s: writable layer is an overlay on %s", directory.name, image.name)
+            return root, "overlay"
+        for d in (root, upper, work):
+            shutil.rmtree(d, ignore_errors=True)
+        marker.unlink()
+    proc = subprocess.run(
+        ["cp", "-a", "--", str(image.rootfs), str(root)], capture_output=True, check=False
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        raise DriverError(f"cannot copy image {image.name}: {_cause(proc.stderr)}")
+    log.info(
+        "instance %s: writable layer is a copy of %s (overlay unavailable: %s)",
+        directory.name, image.name, why,
+    )  # fmt: skip
+    return root, "copy"
+
+
+def release_root(directory: Path) -> None:
+    """Unmount an instance's overlay root (if it has one); its files go with the directory."""
+    marker = directory / "rootfs.mount"
+    if not marker.exists():
+        return
+    root = directory / "rootfs"
+    if os.path.ismount(root) and _libc.umount2(bytes(root), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise DriverError(f"cannot unmount {root}: {os.strerror(err)}")
+    marker.unlink()
+
+
+def mounts_under(path: str | Path) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace, deepest first."""
+    prefix = str(Path(path).absolute())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def release_roots_under(path: str | Path) -> None:
+    """Lazily unmount every instance root below ``path`` (a host torn down with its machines
+    still on it)."""
+    for point in mounts_under(path):
+        _libc.umount2(point.encode(), MNT_DETACH)
