@@ -73,6 +73,7 @@ class Migrations:
         self._status: dict[str, SchemaStatus] = {}
         self.migrated = 0  # pending -> current, lazily or in the background
         self.failed = 0  # migrations that failed (the file left as it was)
+        self.step_seconds = 0.0  # wall time spent in background steps (thread hand-off included)
         self.background_done = anyio.Event()
 
     def status(self, machine_id: str) -> SchemaStatus | None:
@@ -116,8 +117,10 @@ class Migrations:
             while pending := [m for m in self.store.pending_migrations() if m not in tried]:
                 for mid in pending:
                     tried.add(mid)
+                    step_began = anyio.current_time()
                     with contextlib.suppress(OrchestratorError):  # destroyed meanwhile
                         await self._io(self.store.migrate, mid)
+                    self.step_seconds += anyio.current_time() - step_began
                     self.install()
                     # paced in real time (it bounds load on this host, not logical time)
                     next_at = max(next_at + interval, anyio.current_time())

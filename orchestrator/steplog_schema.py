@@ -160,15 +160,23 @@ def migrate(conn: apsw.Connection, target: SchemaTarget = CURRENT_TARGET) -> Sch
     (a refused diff, a constraint the data violates, a damaged file) it raises and the database
     is exactly as it was.
     """
-    status = read_status(conn, target)
-    if status.state == CURRENT:
-        return status
-    with conn:  # one savepoint; apply_schema's own nests inside it
-        apply_schema(conn, target.sql, as_crr=False)
-        conn.execute(
-            "INSERT INTO schema_meta (id, version, hash) VALUES (1, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET version = excluded.version, hash = excluded.hash",
-            (target.version, target.hash),
-        )
-        conn.execute(f"PRAGMA user_version = {target.version}")
-    return SchemaStatus(target.version, target.hash, CURRENT)
+    if read_status(conn, target).state == CURRENT:
+        return read_status(conn, target)
+    # the write lock first, then the check again: another connection to the same file (an API
+    # call's log while the background sweep has it open) may have migrated it meanwhile
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if read_status(conn, target).state != CURRENT:
+            apply_schema(conn, target.sql, as_crr=False)  # its savepoint nests in ours
+            conn.execute(
+                "INSERT INTO schema_meta (id, version, hash) VALUES (1, ?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET version = excluded.version, hash = excluded.hash",
+                (target.version, target.hash),
+            )
+            conn.execute(f"PRAGMA user_version = {target.version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+            conn.execute("ROLLBACK")
+        raise
+    return read_status(conn, target)

@@ -138,8 +138,24 @@ class MachineStore:
         return status
 
     def migrate(self, machine_id: str) -> SchemaStatus:
-        """Migrate one machine's database now if it is older (call from a worker thread)."""
-        return self.log(machine_id).migrate()
+        """Migrate one machine's database now if it is older (call from a worker thread).
+
+        A log not in the LRU is opened for this alone and closed after, so a background sweep
+        does not evict the logs in use. Should an API call open the same file meanwhile, SQLite's
+        locking serializes the two and the migration, re-checked in its transaction, runs once.
+        """
+        with self._mutex:
+            log = self._logs.get(machine_id)
+        if log is not None:
+            return log.migrate()
+        path = self._file(machine_id)
+        if not path.exists():
+            raise UnknownMachineError(machine_id)
+        log = self._new_log(machine_id, path)
+        try:
+            return log.migrate()
+        finally:
+            log.close()
 
     def _new_log(self, machine_id: str, path: Path) -> MachineLog:
         status = self.schema_status(machine_id)
