@@ -73,9 +73,7 @@ print(json.dumps(out))
 async def template(base: Path) -> tuple[Path, dict]:
     """One real machine's database (created through the service, not launched) and its doc."""
     async with Orchestrator(machines_path=base / "template", driver=FakeDriver()) as orch:
-        view = await orch.create_machine(
-            APP, {"config": {"image": "busybox"}, "skip_launch": True}
-        )
+        view = await orch.create_machine(APP, {"config": {"image": "busybox"}, "skip_launch": True})
         mid = view["id"]
         assert await orch.wait_machine(APP, mid, state="created", timeout=60)
         with anyio.fail_after(60):
@@ -150,7 +148,8 @@ async def run(args) -> None:
             mig = orch.migrations
             assert mig is not None and len(orch.store.pending_migrations()) == n
             server = await serve_asgi(create_app(orch, manage=False), tg, "127.0.0.1", 0)
-            url = "http://%s:%d" % server.address
+            host, port = server.address
+            url = f"http://{host}:{port}"
             sample = ids[:: max(1, n // 50)]
 
             client = Client(url, sample, args.interval_ms, base)
