@@ -165,8 +165,9 @@ class Orchestrator:
             )
             stack.callback(self.store.close)
             self.migrations = Migrations(
-                self.store, rate=self.migration_rate, io=self._io, on_change=self._republish
-            )
+                self.store, rate=self.migration_rate, io=self._io, on_change=self._republish,
+                processes=self._offload,
+            )  # fmt: skip
             stack.push_async_callback(self.driver.aclose)
             await self._load()
             self.migrations.install()

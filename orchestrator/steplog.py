@@ -197,7 +197,14 @@ class MachineLog:
             return conn
         if status is None or status.state != FAILED:
             try:
-                self._set_status(migrate(conn, self.target))
+                # no fsync of its own: a migration lost to a power cut leaves the old version
+                # (re-migrated on the next open); the next FULL commit or the checkpoint on
+                # close makes it durable with the rest of the WAL
+                conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._set_status(migrate(conn, self.target))
+                finally:
+                    conn.execute("PRAGMA synchronous=FULL")
                 return conn
             except (apsw.Error, CrdtError) as e:
                 found = read_status(conn, self.target) if status is None else status
@@ -561,6 +568,16 @@ class MachineLog:
                     state.halt = json.loads(err)
             states.append(state)
         return states
+
+
+def migrate_file(path: str, target: SchemaTarget) -> SchemaStatus:
+    """Migrate one database file if it is older and close it; its status after (a failure is
+    returned, not raised). Module-level so a worker process can run it (``.migrations``)."""
+    log = MachineLog(path, target=target)
+    try:
+        return log.migrate()
+    finally:
+        log.close()
 
 
 def _replay(state: RunState, seq: int, kind: EventKind, step, payload, retry_count) -> None:

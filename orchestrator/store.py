@@ -123,6 +123,25 @@ class MachineStore:
             self._status_changed.clear()
         return out
 
+    def release(self, machine_id: str) -> None:
+        """Close the machine's log if it is open (it reopens on next use), so that another
+        process may work on the file without this one's cached view of it."""
+        with self._mutex:
+            log = self._logs.pop(machine_id, None)
+        if log is not None:
+            log.close()
+
+    def file_of(self, machine_id: str) -> Path:
+        """The machine's database file (UnknownMachineError when there is none)."""
+        path = self._file(machine_id)
+        if not path.exists():
+            raise UnknownMachineError(machine_id)
+        return path
+
+    def record_status(self, machine_id: str, status: SchemaStatus) -> None:
+        """A status learned outside this store's logs (a migration in another process)."""
+        self._record_status(machine_id, status)
+
     def _record_status(self, machine_id: str, status: SchemaStatus) -> None:
         with self._status_lock:
             if self._status.get(machine_id) != status:
