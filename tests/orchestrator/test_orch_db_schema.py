@@ -22,6 +22,7 @@ from orchestrator.drivers import FakeDriver
 from orchestrator.engine import Backoff
 from orchestrator.publish import MACHINES_SCHEMA, MemoryPublisher
 from orchestrator.service import Orchestrator
+from orchestrator.steplog import MachineLog, migrate_file
 from orchestrator.steplog_schema import (
     SCHEMA_SQL,
     SCHEMA_VERSION,
@@ -256,3 +257,25 @@ async def test_the_published_schema_version_is_visible_on_another_nodes_replica(
                 ) == [(SCHEMA_VERSION, "current", 2)]
 
             await wait_for(fleet, what="the fleet query on the other node's replica")
+
+
+def test_two_logs_of_one_file_migrate_it_once(tmp_path):
+    """The background sweep (another process) migrates a file an API call's log already opened
+    on the older schema: that log's next write re-checks under the write lock and just writes."""
+    path = tmp_path / "m.sqlite"
+    old = MachineLog(path)
+    old.write_doc({"id": "m"}, at=1.0)
+    old.close()
+    api_log = MachineLog(path, target=NEXT)
+    assert api_log.read_doc() == {"id": "m"}
+    assert api_log.status is not None and api_log.status.state == "pending"
+    assert migrate_file(str(path), NEXT).state == "current"
+    api_log.write_doc({"id": "m", "n": 2}, at=2.0)
+    assert api_log.status is not None and api_log.status.state == "current"
+    assert api_log.read_doc() == {"id": "m", "n": 2}
+    api_log.close()
+    conn = apsw.Connection(str(path))
+    assert conn.execute("SELECT version, hash FROM schema_meta").fetchall() == [
+        (NEXT.version, NEXT.hash)
+    ]
+    conn.close()
