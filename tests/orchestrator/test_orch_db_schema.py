@@ -18,6 +18,7 @@ from support import start_machine, wait_for
 
 from corrosion import Agent
 from corrosion.runtime.extensions import load_extensions
+from orchestrator.api import create_app
 from orchestrator.drivers import FakeDriver
 from orchestrator.engine import Backoff
 from orchestrator.publish import MACHINES_SCHEMA, MemoryPublisher
@@ -205,6 +206,16 @@ async def test_a_failed_migration_leaves_the_database_as_it_was_and_the_machine_
         with pytest.raises(MigrationFailedError):
             await o.stop_machine("app", bad)
         assert o.get_metadata("app", bad) == {} and o.get_machine("app", bad)["state"] == "started"
+        # the same through the Machines API
+        transport = httpx.ASGITransport(app=create_app(o, manage=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://orch") as api:
+            got = await api.get(f"/v1/apps/app/machines/{bad}")
+            assert got.status_code == 200
+            assert got.json()["db_schema"]["state"] == "migration_failed"
+            refused = await api.post(f"/v1/apps/app/machines/{bad}/stop")
+            assert refused.status_code == 503
+            assert "could not be migrated" in refused.json()["error"]
+            assert (await api.get(f"/v1/apps/app/machines/{bad}/events")).status_code == 200
         await o.set_metadata("app", good, "role", "db")  # the others are unaffected
     assert file_schema(tmp_path, bad) == before
 
