@@ -16,6 +16,7 @@ volumes_path = "/var/lib/corrosion/volumes"    # config.mounts (default <machine
 keep_runs = 50                    # finished runs a machine's step log keeps; older: its history
 api_url = "http://10.0.0.5:8080"  # where gateways reach this worker (default: from api.addr)
 capacity = 64                     # machines a gateway may place here
+max_migrations_per_second = 50    # older step logs migrated in the background (0: only lazily)
 ```
 
 Without ``machine_subnet`` machines share the host's network (address 127.0.0.1). With it but
@@ -35,6 +36,7 @@ from .archive import DirectoryArchive
 from .clock import Clock
 from .drivers import Driver, FakeDriver, ProcessDriver, RuncDriver
 from .errors import InvalidRequestError
+from .migrations import DEFAULT_RATE
 from .network import MachineNetwork, check_ifname, check_subnet, netns_unavailable
 from .publish import Publisher
 from .service import DEFAULT_KEEP_RUNS, Orchestrator
@@ -62,6 +64,7 @@ class OrchestratorConfig:
     keep_runs: int = DEFAULT_KEEP_RUNS
     api_url: str = ""
     capacity: int = 64
+    max_migrations_per_second: float = DEFAULT_RATE
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> OrchestratorConfig:
@@ -106,7 +109,11 @@ class OrchestratorConfig:
         capacity = section.get("capacity", cls.capacity)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ConfigError("[orchestrator]: capacity must be a whole number >= 0")
+        rate = section.get("max_migrations_per_second", cls.max_migrations_per_second)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0:
+            raise ConfigError("[orchestrator]: max_migrations_per_second must be a number >= 0")
         return cls(
+            max_migrations_per_second=float(rate),
             volumes_path=path("volumes_path"),
             keep_runs=keep_runs,
             api_url=api_url.rstrip("/"),
@@ -172,6 +179,7 @@ def build_orchestrator(
         network=build_network(config),
         volumes_path=config.volumes_path,
         keep_runs=config.keep_runs,
+        migration_rate=config.max_migrations_per_second,
     )
 
 

@@ -30,6 +30,7 @@ from .clock import Clock
 from .documents import Documents
 from .drivers.base import ExitStatus, InstanceSpec, InstanceStatus
 from .engine import Engine, EngineObserver, RunInfo, RunResult
+from .migrations import Migrations
 
 
 class Orchestrator(Protocol):
@@ -37,6 +38,7 @@ class Orchestrator(Protocol):
 
     engine: Engine | None
     docs: Documents
+    migrations: Migrations | None
 
 
 # superfly/fsm's buckets (seconds) for actions and transitions
@@ -178,7 +180,19 @@ def _gauges(orch: Orchestrator) -> list[MetricFamily]:
         doc = orch.docs.find(mid)
         if doc is not None:
             states[str(doc.get("state"))] += 1
-    return [
+    fams: list[MetricFamily] = []
+    mig = orch.migrations
+    if mig is not None:
+        fams += [
+            ("orch_machine_db_schema", "gauge", "Machines by the schema version and state "
+             "(current, pending, migration_failed) of their own database (step log).",
+             [({"version": str(v), "state": st}, float(n))
+              for (v, st), n in sorted(mig.counts().items())]),
+            ("orch_machine_db_migrations_total", "counter", "Step-log migrations since start, "
+             "by result (ok, or failed: the database was left as it was).",
+             [({"result": "ok"}, float(mig.migrated)), ({"result": "failed"}, float(mig.failed))]),
+        ]  # fmt: skip
+    return fams + [
         ("orch_runs_active", "gauge", "Runs not finished, by action and state (queued, running).",
          [({"action": a, "state": s}, float(n)) for (a, s), n in sorted(active.items())]),
         ("orch_machines", "gauge", "Machines of this worker, by state.",

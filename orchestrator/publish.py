@@ -37,12 +37,15 @@ MACHINES_SCHEMA = MACHINES_SCHEMA_PATH.read_text()
 
 COLUMNS = (
     "id", "app", "worker", "region", "state", "instance_id", "address", "cordoned", "checks",
-    "services", "updated_at", "private_ip", "name", "metadata",
+    "services", "updated_at", "private_ip", "name", "metadata", "schema_version", "schema_hash",
+    "schema_state", "schema_error",
 )  # fmt: skip
 
 # columns added after the first release (the schema grows additively): a row without them, made
 # by older code, is published with their default
-ADDED_COLUMNS = frozenset({"private_ip", "name", "metadata"})
+ADDED_COLUMNS = frozenset({"private_ip", "name", "metadata", "schema_version", "schema_hash",
+                           "schema_state", "schema_error"})  # fmt: skip
+_ADDED_DEFAULTS: dict[str, Any] = {"schema_version": 0}
 
 Statement = str | list[Any]
 
@@ -55,6 +58,9 @@ class Publisher(Protocol):
 
 
 def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The machine's row; ``doc["db_schema"]`` (added by the service, not persisted) is its step
+    log's schema status (``Orchestrator.schema_of``)."""
+    schema = doc.get("db_schema") or {}
     return {
         "id": doc["id"],
         "app": doc["app"],
@@ -72,6 +78,11 @@ def machine_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         "private_ip": doc.get("private_ip", "") or "",
         "name": doc.get("name", ""),
         "metadata": _json(doc.get("config", {}).get("metadata") or {}),
+        # which schema the machine's own database is on (a fleet query groups by these)
+        "schema_version": int(schema.get("version", 0)),
+        "schema_hash": schema.get("hash", ""),
+        "schema_state": schema.get("state", ""),
+        "schema_error": schema.get("error", ""),
     }
 
 
@@ -100,7 +111,10 @@ def upsert_statement(row: Mapping[str, Any]) -> list[Any]:
         f"INSERT INTO {MACHINES_TABLE} ({cols}) VALUES ({marks}) "
         f"ON CONFLICT (id) DO UPDATE SET {updates}"
     )
-    return [sql, [row.get(c, "") if c in ADDED_COLUMNS else row[c] for c in COLUMNS]]
+    return [
+        sql,
+        [row.get(c, _ADDED_DEFAULTS.get(c, "")) if c in ADDED_COLUMNS else row[c] for c in COLUMNS],
+    ]
 
 
 def delete_statement(machine_id: str) -> list[Any]:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import apsw
 
 from . import machine as m
 from .archive import ArchiveStore
@@ -55,9 +56,11 @@ from .ids import IdFactory
 from .leases import Leases, parse_ttl
 from .metadata import Metadata
 from .metrics import OrchestratorMetrics, TimedDriver
+from .migrations import DEFAULT_RATE, Migrations
 from .network import MachineNetwork
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
+from .steplog_schema import CURRENT_TARGET, MigrationFailedError, SchemaTarget
 from .store import MachineStore
 from .volumes import Volumes, check_unshared
 from .waiting import Waiter
@@ -90,10 +93,20 @@ class Orchestrator:
         network: MachineNetwork | None = None,
         keep_runs: int = DEFAULT_KEEP_RUNS,
         volumes_path: str | Path | None = None,
+        migration_rate: float = DEFAULT_RATE,
+        schema_target: SchemaTarget = CURRENT_TARGET,
     ) -> None:
         """``keep_runs``: finished runs kept replayable in each machine's step log; older ones
         are compacted into its history (see ``MachineLog.compact``). ``volumes_path``: where
-        ``config.mounts`` volumes live (default ``<machines_path>/_volumes``)."""
+        ``config.mounts`` volumes live (default ``<machines_path>/_volumes``).
+        ``migration_rate``: step logs of an older schema migrated per second in the background
+        (0: only lazily, on their next write; see :mod:`.migrations`). ``schema_target``: the
+        step-log schema to migrate to (tests and benches rehearse a later release with it)."""
+        if not migration_rate >= 0:
+            raise ValueError("migration_rate must be a number >= 0")
+        self.migration_rate = migration_rate
+        self.schema_target = schema_target
+        self.migrations: Migrations | None = None
         if keep_runs < 1:
             raise ValueError("keep_runs must be at least 1")
         self.keep_runs = keep_runs
@@ -147,10 +160,17 @@ class Orchestrator:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            self.store = await self._io(MachineStore, self.machines_path, self.archive)
+            self.store = await self._io(
+                MachineStore, self.machines_path, self.archive, target=self.schema_target
+            )
             stack.callback(self.store.close)
+            self.migrations = Migrations(
+                self.store, rate=self.migration_rate, io=self._io, on_change=self._republish,
+                processes=self._offload,
+            )  # fmt: skip
             stack.push_async_callback(self.driver.aclose)
             await self._load()
+            self.migrations.install()
             if self.network is not None:  # the bridge, then debris of destroyed machines goes
                 await self.network.setup()
                 await self.network.reconcile(self.docs.ids())
@@ -180,12 +200,13 @@ class Orchestrator:
                 self.publish_queue = PublishQueue(
                     self.publisher,
                     worker=self.worker,
-                    lookup=self.docs.find,
+                    lookup=self.published_doc,
                     live_ids=self.docs.ids,
                     clock=self.clock,
                     backoff=self._backoff,
                 )
                 tg.start_soon(self.publish_queue.run, name="publish")
+            tg.start_soon(self.migrations.run, name="migrations")
             for mid in self.docs.ids():
                 self.watch(mid)
         except BaseException:
@@ -213,8 +234,14 @@ class Orchestrator:
         gone: dict[str, str] = {}
         for mid in await self._io(store.machine_ids):
             log_ = store.log(mid)
-            doc = await self._io(log_.read_doc)
-            active = await self._io(log_.active_runs)
+            try:
+                doc = await self._io(log_.read_doc)
+                active = await self._io(log_.active_runs)
+            except (apsw.Error, MigrationFailedError) as e:
+                # damaged, or too old to read and its migration failed: left as it is, reported
+                # (ERROR log, metric), and skipped so the other machines are served
+                store.mark_unreadable(mid, e)
+                continue
             if doc is None:
                 if not active:
                     await self._io(store.discard, mid)
@@ -236,7 +263,31 @@ class Orchestrator:
     def _on_change(self, machine_id: str) -> None:
         if self.publish_queue is not None:
             self.publish_queue.mark(machine_id)
+        if self.migrations is not None:
+            self.migrations.install()  # a write may have migrated its database (lazily)
         self.watch(machine_id)  # a no-op unless started and not yet watched
+
+    def _republish(self, machine_id: str) -> None:
+        if self.publish_queue is not None:
+            self.publish_queue.mark(machine_id)
+
+    def published_doc(self, machine_id: str) -> dict[str, Any] | None:
+        """The machine's document with its database's schema, as the publisher writes it."""
+        doc = self.docs.find(machine_id)
+        if doc is None:
+            return None
+        return {**doc, "db_schema": self.schema_of(machine_id)}
+
+    def schema_of(self, machine_id: str) -> dict[str, Any]:
+        """The schema of the machine's step log: version, hash, state (current, pending,
+        migration_failed) and the failure's reason."""
+        status = None if self.migrations is None else self.migrations.status(machine_id)
+        if status is None:
+            return {"version": 0, "hash": "", "state": "", "error": ""}
+        return status.as_dict()
+
+    def _view(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        return {**m.public_view(doc), "db_schema": self.schema_of(doc["id"])}
 
     def _archived(self, machine_id: str) -> bool:
         assert self.store is not None
@@ -357,7 +408,7 @@ class Orchestrator:
             await self._io(self.store.discard, mid)
             raise
         self.docs.add(mid, doc)
-        view = m.public_view(doc)
+        view = self._view(doc)
         if nonce is not None:
             view["nonce"] = nonce
         return view
@@ -377,10 +428,10 @@ class Orchestrator:
 
     def list_machines(self, app: str, *, state: str | None = None) -> list[dict[str, Any]]:
         states = state.split(",") if state else None
-        return [m.public_view(d) for d in self.docs.of_app(app, states)]
+        return [self._view(d) for d in self.docs.of_app(app, states)]
 
     def get_machine(self, app: str, machine_id: str) -> dict[str, Any]:
-        return m.public_view(self.docs.in_app(app, machine_id))
+        return self._view(self.docs.in_app(app, machine_id))
 
     async def start_machine(
         self, app: str, machine_id: str, *, nonce: str | None = None, queue: bool = False

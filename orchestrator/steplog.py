@@ -18,6 +18,12 @@ Rules this file enforces (the engine relies on them):
 Callers never see SQL: the surface is append and scan (plus compaction, itself an append to
 ``history`` and a removal of what it now holds). One connection per database, used by one
 thread at a time (a lock), opened lazily so the store can close idle logs to save descriptors.
+
+* Opening never migrates. A database of an older schema answers reads as it is (a read the old
+  schema cannot answer migrates first); the first write migrates it (lazily, in the writer's
+  thread, one transaction), or the store's background migrator does (:mod:`.migrations`). When
+  the migration fails the file is left as it was, reads keep working, and every write raises
+  :class:`~.steplog_schema.MigrationFailedError` naming the reason.
 """
 
 from __future__ import annotations
@@ -25,15 +31,26 @@ from __future__ import annotations
 import enum
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import apsw
 
+from crdt import CrdtError
+
 from .errors import AlreadyRunningError, UnknownRunError
-from .steplog_schema import migrate
+from .steplog_schema import (
+    CURRENT,
+    CURRENT_TARGET,
+    FAILED,
+    MigrationFailedError,
+    SchemaStatus,
+    SchemaTarget,
+    migrate,
+    read_status,
+)
 
 
 class EventKind(enum.StrEnum):
@@ -103,12 +120,27 @@ def _dumps(value: Any) -> str:
 class MachineLog:
     """Append/scan access to one machine's database file."""
 
-    def __init__(self, path: str | Path, *, vfs: str | None = None) -> None:
-        """``vfs``: an SQLite VFS registered under that name (``simulations.faulty_vfs``)."""
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        vfs: str | None = None,
+        target: SchemaTarget = CURRENT_TARGET,
+        failed: SchemaStatus | None = None,
+        on_status: Callable[[SchemaStatus], None] | None = None,
+    ) -> None:
+        """``vfs``: an SQLite VFS registered under that name (``simulations.faulty_vfs``).
+        ``target``: the schema writes need. ``failed``: a failure already seen for this file
+        (by an earlier MachineLog of the store), so it is not retried on every write.
+        ``on_status``: told each status this log learns (on open, after a migration), from the
+        thread that learned it."""
         self.path = Path(path)
         self.vfs = vfs
+        self.target = target
         self._lock = threading.RLock()
         self._conn: apsw.Connection | None = None
+        self._status: SchemaStatus | None = failed
+        self._on_status = on_status
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -121,17 +153,80 @@ class MachineLog:
                 if mode.lower() != "wal":
                     raise RuntimeError(f"{self.path}: could not enable WAL (got {mode})")
                 conn.execute("PRAGMA synchronous=FULL")
-                migrate(conn)
+                status = read_status(conn, self.target)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+            if self._status is None or self._status.state != FAILED:
+                self._set_status(status)
         return self._conn
+
+    def _set_status(self, status: SchemaStatus) -> None:
+        self._status = status
+        if self._on_status is not None:
+            self._on_status(status)
+
+    @property
+    def status(self) -> SchemaStatus | None:
+        """The schema status learned when the file was opened or migrated (None before)."""
+        return self._status
 
     def open(self) -> None:
         """Open (creating and migrating if needed) now rather than on first use."""
         with self._lock:
-            self._db()
+            self._current(self._db())
+
+    def migrate(self) -> SchemaStatus:
+        """Migrate the file to ``target`` now if it is older; a failure is recorded and returned
+        (state FAILED, the reason in ``error``), not raised: the file is left as it was."""
+        with self._lock:
+            try:
+                self._current(self._db())
+            except MigrationFailedError:
+                pass
+            except (apsw.Error, CrdtError) as e:  # the file cannot even be opened
+                self._set_status(SchemaStatus(0, "", FAILED, f"{type(e).__name__}: {e}"))
+            assert self._status is not None
+            return self._status
+
+    def _current(self, conn: apsw.Connection) -> apsw.Connection:
+        """``conn``, migrated to ``target`` first if it is older (the lazy migration)."""
+        status = self._status
+        if status is not None and status.state == CURRENT:
+            return conn
+        if status is None or status.state != FAILED:
+            try:
+                # no fsync of its own: a migration lost to a power cut leaves the old version
+                # (re-migrated on the next open); the next FULL commit or the checkpoint on
+                # close makes it durable with the rest of the WAL
+                conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._set_status(migrate(conn, self.target))
+                finally:
+                    conn.execute("PRAGMA synchronous=FULL")
+                return conn
+            except (apsw.Error, CrdtError) as e:
+                found = read_status(conn, self.target) if status is None else status
+                status = SchemaStatus(found.version, found.hash, FAILED, f"{type(e).__name__}: {e}")
+                self._set_status(status)
+        raise MigrationFailedError(
+            f"{self.path.name}: schema version {status.version} could not be migrated to "
+            f"{self.target.version} ({status.error}); the database was left as it was and takes "
+            "no writes until it is repaired"
+        )
+
+    def _read(self, fn: Callable[[apsw.Connection], Any]) -> Any:
+        """Run a read on the schema the file has; if an older schema cannot answer it, migrate
+        and run it again (a failed migration raises MigrationFailedError)."""
+        with self._lock:
+            conn = self._db()
+            try:
+                return fn(conn)
+            except apsw.SQLError:
+                if self._status is not None and self._status.state == CURRENT:
+                    raise
+            return fn(self._current(conn))
 
     def close(self) -> None:
         with self._lock:
@@ -150,7 +245,7 @@ class MachineLog:
 
     def _write(self, fn, *args):
         with self._lock:
-            conn = self._db()
+            conn = self._current(self._db())
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn, *args)
@@ -337,8 +432,7 @@ class MachineLog:
     # --- scans --------------------------------------------------------------------------------
 
     def read_doc(self) -> dict[str, Any] | None:
-        with self._lock:
-            rows = self._db().execute("SELECT doc FROM machine WHERE id = 1").fetchall()
+        rows = self._read(lambda c: c.execute("SELECT doc FROM machine WHERE id = 1").fetchall())
         return json.loads(cast(str, rows[0][0])) if rows else None
 
     def active_runs(self) -> list[RunState]:
@@ -355,61 +449,62 @@ class MachineLog:
 
     def sizes(self) -> dict[str, int]:
         """Row counts of the log's tables (how big compaction keeps it)."""
-        with self._lock:
-            conn = self._db()
-            return {
-                t: cast(int, conn.execute(f"SELECT COUNT(*) FROM {t}").fetchall()[0][0])
-                for t in ("runs", "events", "history")
-            }
+        return cast(
+            "dict[str, int]",
+            self._read(
+                lambda conn: {
+                    t: cast(int, conn.execute(f"SELECT COUNT(*) FROM {t}").fetchall()[0][0])
+                    for t in ("runs", "events", "history")
+                }
+            ),
+        )
 
     def timeline(self) -> list[dict[str, Any]]:
         """Every run this machine ever had, oldest first, compacted or not: action, its declared
         steps and finalizers, status, times, error and its step events (the ``events``
         endpoint's answer)."""
-        with self._lock:
-            conn = self._db()
-            rows = conn.execute(
-                "SELECT seq, run_id, action, steps, finalizers, status, created_at, finished_at, "
-                "error, events, 1 FROM history UNION ALL SELECT seq, run_id, action, steps, "
-                "finalizers, status, created_at, finished_at, error, NULL, 0 FROM runs "
-                "ORDER BY seq"
-            ).fetchall()
-            out = []
-            for (seq, run_id, action, steps, fins, status, created, finished, err, events,
-                 compacted) in rows:  # fmt: skip
-                if events is None:
-                    rows_ = conn.execute(
-                        "SELECT kind, step, retry_count, at FROM events WHERE run_seq = ? "
-                        "ORDER BY seq",
-                        (seq,),
-                    ).fetchall()
-                else:
-                    rows_ = json.loads(cast(str, events))
-                events_list = [
-                    {"seq": i, "kind": k, "step": st, "retry_count": rc, "at": at}
-                    for i, (k, st, rc, at) in enumerate(rows_)
-                ]
-                out.append({
-                    "run_id": run_id, "action": action,
-                    "steps": json.loads(cast(str, steps)),
-                    "finalizers": json.loads(cast(str, fins)), "status": status,
-                    "created_at": created, "finished_at": finished,
-                    "error": None if err is None else json.loads(cast(str, err)),
-                    "compacted": bool(compacted), "events": events_list,
-                })  # fmt: skip
+        return cast("list[dict[str, Any]]", self._read(self._timeline))
+
+    @staticmethod
+    def _timeline(conn: apsw.Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT seq, run_id, action, steps, finalizers, status, created_at, finished_at, "
+            "error, events, 1 FROM history UNION ALL SELECT seq, run_id, action, steps, "
+            "finalizers, status, created_at, finished_at, error, NULL, 0 FROM runs "
+            "ORDER BY seq"
+        ).fetchall()
+        out = []
+        for (seq, run_id, action, steps, fins, status, created, finished, err, events,
+             compacted) in rows:  # fmt: skip
+            if events is None:
+                rows_ = conn.execute(
+                    "SELECT kind, step, retry_count, at FROM events WHERE run_seq = ? ORDER BY seq",
+                    (seq,),
+                ).fetchall()
+            else:
+                rows_ = json.loads(cast(str, events))
+            events_list = [
+                {"seq": i, "kind": k, "step": st, "retry_count": rc, "at": at}
+                for i, (k, st, rc, at) in enumerate(rows_)
+            ]
+            out.append({
+                "run_id": run_id, "action": action,
+                "steps": json.loads(cast(str, steps)),
+                "finalizers": json.loads(cast(str, fins)), "status": status,
+                "created_at": created, "finished_at": finished,
+                "error": None if err is None else json.loads(cast(str, err)),
+                "compacted": bool(compacted), "events": events_list,
+            })  # fmt: skip
         return out
 
     def events(self, run_id: str) -> list[Event]:
-        with self._lock:
-            rows = (
-                self._db()
-                .execute(
-                    "SELECT e.seq, e.kind, e.step, e.payload, e.retry_count, e.at FROM events e "
-                    "JOIN runs r ON r.seq = e.run_seq WHERE r.run_id = ? ORDER BY e.seq",
-                    (run_id,),
-                )
-                .fetchall()
-            )
+        rows = self._read(
+            lambda conn: conn.execute(
+                "SELECT e.seq, e.kind, e.step, e.payload, e.retry_count, e.at FROM events e "
+                "JOIN runs r ON r.seq = e.run_seq WHERE r.run_id = ? ORDER BY e.seq",
+                (run_id,),
+            ).fetchall()
+        )
         return [
             Event(s, EventKind(k), st, None if p is None else json.loads(p), rc, at)
             for s, k, st, p, rc, at in cast(
@@ -418,57 +513,71 @@ class MachineLog:
         ]
 
     def _runs(self, where: str, params: Sequence[Any]) -> list[RunState]:
-        with self._lock:
-            conn = self._db()
-            rows = conn.execute(
-                "SELECT seq, run_id, action, steps, finalizers, request, created_at, status, "
-                f"finished_at, error, response FROM runs {where}",
-                params,
+        return cast(
+            "list[RunState]", self._read(lambda conn: self._replay_runs(conn, where, params))
+        )
+
+    @staticmethod
+    def _replay_runs(conn: apsw.Connection, where: str, params: Sequence[Any]) -> list[RunState]:
+        rows = conn.execute(
+            "SELECT seq, run_id, action, steps, finalizers, request, created_at, status, "
+            f"finished_at, error, response FROM runs {where}",
+            params,
+        ).fetchall()
+        states = []
+        for (
+            seq,
+            run_id,
+            action,
+            steps,
+            fins,
+            request,
+            created,
+            status,
+            fin_at,
+            err,
+            resp,
+        ) in cast(
+            "list[tuple[int, str, str, str, str, str, float, str, float | None, str | None, "
+            "str | None]]",
+            rows,
+        ):
+            record = RunRecord(
+                run_id=run_id,
+                action=action,
+                steps=tuple(json.loads(steps)),
+                finalizers=tuple(json.loads(fins)),
+                request=json.loads(request),
+                created_at=created,
+            )
+            state = RunState(record=record, seq=seq, status=RunStatus(status))
+            state.finished_at = fin_at
+            events = conn.execute(
+                "SELECT seq, kind, step, payload, retry_count FROM events "
+                "WHERE run_seq = ? ORDER BY seq",
+                (seq,),
             ).fetchall()
-            states = []
-            for (
-                seq,
-                run_id,
-                action,
-                steps,
-                fins,
-                request,
-                created,
-                status,
-                fin_at,
-                err,
-                resp,
-            ) in cast(
-                "list[tuple[int, str, str, str, str, str, float, str, float | None, str | None, "
-                "str | None]]",
-                rows,
+            for ev_seq, kind, step, payload, retry_count in cast(
+                "list[tuple[int, str, str | None, str | None, int]]", events
             ):
-                record = RunRecord(
-                    run_id=run_id,
-                    action=action,
-                    steps=tuple(json.loads(steps)),
-                    finalizers=tuple(json.loads(fins)),
-                    request=json.loads(request),
-                    created_at=created,
-                )
-                state = RunState(record=record, seq=seq, status=RunStatus(status))
-                state.finished_at = fin_at
-                events = conn.execute(
-                    "SELECT seq, kind, step, payload, retry_count FROM events "
-                    "WHERE run_seq = ? ORDER BY seq",
-                    (seq,),
-                ).fetchall()
-                for ev_seq, kind, step, payload, retry_count in cast(
-                    "list[tuple[int, str, str | None, str | None, int]]", events
-                ):
-                    _replay(state, ev_seq, EventKind(kind), step, payload, retry_count)
-                if state.status is not RunStatus.ACTIVE:
-                    if resp is not None:
-                        state.response = json.loads(resp)
-                    if err is not None and state.halt is None:
-                        state.halt = json.loads(err)
-                states.append(state)
+                _replay(state, ev_seq, EventKind(kind), step, payload, retry_count)
+            if state.status is not RunStatus.ACTIVE:
+                if resp is not None:
+                    state.response = json.loads(resp)
+                if err is not None and state.halt is None:
+                    state.halt = json.loads(err)
+            states.append(state)
         return states
+
+
+def migrate_file(path: str, target: SchemaTarget) -> SchemaStatus:
+    """Migrate one database file if it is older and close it; its status after (a failure is
+    returned, not raised). Module-level so a worker process can run it (``.migrations``)."""
+    log = MachineLog(path, target=target)
+    try:
+        return log.migrate()
+    finally:
+        log.close()
 
 
 def _replay(state: RunState, seq: int, kind: EventKind, step, payload, retry_count) -> None:

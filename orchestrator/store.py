@@ -6,6 +6,12 @@ when that process dies, so a restarted orchestrator after SIGKILL takes over at 
 
 Open logs are kept in an LRU of ``max_open`` entries; an evicted log closes its connection and
 reopens on next use, so thousands of machines do not exhaust file descriptors.
+
+The store also remembers each database's schema status (``schema_status``), as its logs learn
+it from whichever thread opened or migrated them (a status is an immutable value, set under its
+own lock); ``take_schema_changes`` hands the machines whose status changed to the event loop,
+which publishes them. A machine whose file cannot be opened at all (damaged) is recorded FAILED
+and left out of ``machine_ids`` so the worker still starts; its file is not touched.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .archive import ArchiveStore, DirectoryArchive
 from .errors import MachineExistsError, StoreLockedError, UnknownMachineError
 from .ids import check_machine_id
 from .steplog import MachineLog
+from .steplog_schema import CURRENT_TARGET, FAILED, PENDING, SchemaStatus, SchemaTarget
 
 SUFFIX = ".sqlite"
 
@@ -39,7 +46,9 @@ class MachineStore:
         *,
         max_open: int = 256,
         lock: bool = True,
+        target: SchemaTarget = CURRENT_TARGET,
     ) -> None:
+        """``target``: the step-log schema this release writes (tests pass a later one)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.archive_store: ArchiveStore = (
@@ -49,6 +58,11 @@ class MachineStore:
         self._logs: OrderedDict[str, MachineLog] = OrderedDict()
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
+        self.target = target
+        self._status_lock = threading.Lock()  # never held while taking _mutex or a log's lock
+        self._status: dict[str, SchemaStatus] = {}
+        self._status_changed: dict[str, None] = {}
+        self._unreadable: set[str] = set()
         if lock:
             self._acquire_lock()
 
@@ -76,11 +90,99 @@ class MachineStore:
         return self.path / f"{check_machine_id(machine_id)}{SUFFIX}"
 
     def machine_ids(self) -> list[str]:
-        """Machines with a database here, sorted."""
+        """Machines with a database here, sorted (but not those found unreadable)."""
+        with self._status_lock:
+            unreadable = set(self._unreadable)
         return sorted(
-            p.name[: -len(SUFFIX)]
+            mid
             for p in self.path.iterdir()
             if p.name.endswith(SUFFIX) and p.is_file()
+            and (mid := p.name[: -len(SUFFIX)]) not in unreadable
+        )  # fmt: skip
+
+    # --- schema status ------------------------------------------------------------------------
+
+    def schema_status(self, machine_id: str) -> SchemaStatus | None:
+        """The machine database's schema status, once a log has opened it (None before)."""
+        with self._status_lock:
+            return self._status.get(machine_id)
+
+    def schema_statuses(self) -> dict[str, SchemaStatus]:
+        with self._status_lock:
+            return dict(self._status)
+
+    def pending_migrations(self) -> list[str]:
+        """Machines whose database is on an older schema and not yet migrated, sorted."""
+        with self._status_lock:
+            return sorted(m for m, st in self._status.items() if st.state == PENDING)
+
+    def take_schema_changes(self) -> list[str]:
+        """The machines whose schema status changed since the last call (for publishing)."""
+        with self._status_lock:
+            out = list(self._status_changed)
+            self._status_changed.clear()
+        return out
+
+    def release(self, machine_id: str) -> None:
+        """Close the machine's log if it is open (it reopens on next use), so that another
+        process may work on the file without this one's cached view of it."""
+        with self._mutex:
+            log = self._logs.pop(machine_id, None)
+        if log is not None:
+            log.close()
+
+    def file_of(self, machine_id: str) -> Path:
+        """The machine's database file (UnknownMachineError when there is none)."""
+        path = self._file(machine_id)
+        if not path.exists():
+            raise UnknownMachineError(machine_id)
+        return path
+
+    def record_status(self, machine_id: str, status: SchemaStatus) -> None:
+        """A status learned outside this store's logs (a migration in another process)."""
+        self._record_status(machine_id, status)
+
+    def _record_status(self, machine_id: str, status: SchemaStatus) -> None:
+        with self._status_lock:
+            if self._status.get(machine_id) != status:
+                self._status[machine_id] = status
+                self._status_changed[machine_id] = None
+
+    def mark_unreadable(self, machine_id: str, error: BaseException) -> SchemaStatus:
+        """Record that the machine's file cannot be read at all (left as it is, skipped)."""
+        status = SchemaStatus(0, "", FAILED, f"unreadable: {type(error).__name__}: {error}")
+        self._record_status(machine_id, status)
+        with self._status_lock:
+            self._unreadable.add(machine_id)
+        return status
+
+    def migrate(self, machine_id: str) -> SchemaStatus:
+        """Migrate one machine's database now if it is older (call from a worker thread).
+
+        A log not in the LRU is opened for this alone and closed after, so a background sweep
+        does not evict the logs in use. Should an API call open the same file meanwhile, SQLite's
+        locking serializes the two and the migration, re-checked in its transaction, runs once.
+        """
+        with self._mutex:
+            log = self._logs.get(machine_id)
+        if log is not None:
+            return log.migrate()
+        path = self._file(machine_id)
+        if not path.exists():
+            raise UnknownMachineError(machine_id)
+        log = self._new_log(machine_id, path)
+        try:
+            return log.migrate()
+        finally:
+            log.close()
+
+    def _new_log(self, machine_id: str, path: Path) -> MachineLog:
+        status = self.schema_status(machine_id)
+        return MachineLog(
+            path,
+            target=self.target,
+            failed=status if status is not None and status.state == FAILED else None,
+            on_status=lambda st: self._record_status(machine_id, st),
         )
 
     def exists(self, machine_id: str) -> bool:
@@ -96,7 +198,7 @@ class MachineStore:
                 return log
             if not path.exists():
                 raise UnknownMachineError(machine_id)
-            return self._remember(machine_id, MachineLog(path))
+            return self._remember(machine_id, self._new_log(machine_id, path))
 
     def create(self, machine_id: str) -> MachineLog:
         """A fresh database for a new machine (its schema is created on first use)."""
@@ -104,7 +206,7 @@ class MachineStore:
         with self._mutex:
             if machine_id in self._logs or path.exists():
                 raise MachineExistsError(f"machine {machine_id} already exists")
-            log = MachineLog(path)
+            log = self._new_log(machine_id, path)
             log.open()
             return self._remember(machine_id, log)
 
@@ -115,6 +217,9 @@ class MachineStore:
             log = self._logs.pop(machine_id, None)
         if log is not None:
             log.close()
+        with self._status_lock:
+            self._status.pop(machine_id, None)
+            self._unreadable.discard(machine_id)
         for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             p.unlink(missing_ok=True)
 

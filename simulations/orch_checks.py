@@ -184,8 +184,10 @@ class PublishedRows(SettlingChecker):
             if orch is None:
                 return None
             for mid in orch.machine_ids():
-                row = machine_row(orch.doc(mid))
-                out[mid] = tuple(row[c] for c in COLUMNS)
+                doc = orch.published_doc(mid)  # with its database's schema status
+                if doc is not None:
+                    row = machine_row(doc)
+                    out[mid] = tuple(row[c] for c in COLUMNS)
         return out
 
     @staticmethod

@@ -16,7 +16,13 @@ CREATE TABLE machines (
     updated_at INTEGER NOT NULL DEFAULT 0,
     private_ip TEXT NOT NULL DEFAULT '',
     name TEXT NOT NULL DEFAULT '',
-    metadata TEXT NOT NULL DEFAULT '{}'
+    metadata TEXT NOT NULL DEFAULT '{}',
+    -- the machine's own database (its step log): schema version and hash, and its state:
+    -- 'current', 'pending' (older, migrating), 'migration_failed' (schema_error says why)
+    schema_version INTEGER NOT NULL DEFAULT 0,
+    schema_hash TEXT NOT NULL DEFAULT '',
+    schema_state TEXT NOT NULL DEFAULT '',
+    schema_error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX machines_app_state ON machines (app, state);
 CREATE INDEX machines_worker ON machines (worker);

@@ -16,7 +16,6 @@ from pathlib import Path
 import apsw
 import pytest
 
-from crdt import SchemaError
 from orchestrator import steplog_schema
 from orchestrator.archive import DirectoryArchive, MemoryArchive
 from orchestrator.errors import (
@@ -106,8 +105,11 @@ def test_a_refused_migration_leaves_the_database_as_it_was(tmp_path):
     conn = apsw.Connection(str(path))
     conn.execute(OLD_SCHEMA.replace("error TEXT", "error TEXT, legacy TEXT"))
     conn.close()
-    with pytest.raises(SchemaError, match="legacy"):
-        MachineLog(path).open()
+    log = MachineLog(path)
+    with pytest.raises(steplog_schema.MigrationFailedError, match="legacy"):
+        log.open()
+    assert log.status is not None and log.status.state == steplog_schema.FAILED
+    log.close()
     conn = apsw.Connection(str(path))
     assert conn.execute("PRAGMA user_version").fetchall()[0][0] == 0
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
