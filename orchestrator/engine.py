@@ -404,6 +404,13 @@ class Engine:
         )
         log_ = self.store.log(machine_id)
         seq = await self._io(log_.start_run, record, exclusive=not queue, doc=doc)
+        if self._tg is None or self._closing:
+            # the engine stopped while the START was being written: the run is in the log, and
+            # the next engine on this store resumes it like any run a stop interrupted
+            raise EngineClosedError(
+                f"the engine stopped while run {record.run_id} ({action}) was being started; "
+                "it is logged and resumes when the engine starts again"
+            )
         self._enqueue(machine_id, RunState(record=record, seq=seq), resumed=False)
         return record.run_id
 

@@ -4,6 +4,7 @@ resume after the engine stops mid-step, and runs from an older release."""
 from __future__ import annotations
 
 import json
+import threading
 
 import anyio
 import pytest
@@ -14,6 +15,7 @@ from orchestrator.engine import Backoff, Engine, EngineObserver
 from orchestrator.errors import (
     AbortError,
     AlreadyRunningError,
+    EngineClosedError,
     UnknownActionError,
     UnknownRunError,
     UnrecoverableError,
@@ -339,6 +341,52 @@ async def test_resume_after_stop_mid_step(tmp_path):
     assert effects[2:] == [("b", True), ("c", True), ("fin", True)]
     assert result.ok and dict(result.response) == {"a": True, "b": True, "c": True}
     assert [s for _, s, _ in rec.steps] == ["b", "c", "finally:fin"]
+    store.close()
+
+
+async def test_a_start_in_flight_when_the_engine_stops_is_resumed_not_lost(tmp_path):
+    """The engine stops while a START is being written in its worker thread: the caller gets
+    EngineClosedError (not an internal error), and the next engine resumes the logged run."""
+    store = make_store(tmp_path, "m1")
+    writing, release = threading.Event(), threading.Event()
+    log_ = store.log("m1")
+    start_run = log_.start_run
+
+    def slow_start_run(*args, **kwargs):
+        writing.set()
+        release.wait(60)
+        return start_run(*args, **kwargs)
+
+    log_.start_run = slow_start_run
+    ran = []
+
+    async def a(ctx):
+        ran.append(ctx.is_restart)
+
+    outcome = []
+
+    async def starter(engine):
+        try:
+            outcome.append(await engine.start("m1", "op"))
+        except EngineClosedError as e:
+            outcome.append(e)
+
+    async with anyio.create_task_group() as tg:
+        async with Engine(store) as engine:
+            engine.register("op", [("a", a)])
+            tg.start_soon(starter, engine)
+            await anyio.to_thread.run_sync(writing.wait, 60)
+        release.set()  # the engine is closed; now the START is written
+    (error,) = outcome
+    assert isinstance(error, EngineClosedError) and "resumes" in str(error)
+    assert ran == []
+    log_.start_run = start_run
+
+    async with Engine(store) as engine:
+        engine.register("op", [("a", a)])
+        (run,) = engine.list_runs()
+        assert (await engine.wait(run.run_id)).ok
+    assert ran == [True]
     store.close()
 
 
