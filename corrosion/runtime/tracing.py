@@ -242,6 +242,19 @@ def active() -> bool:
     return _provider is not None
 
 
+def enabled() -> bool:
+    """Whether spans are worth making: corrosion's provider is installed, or the embedding
+    application installed the API's global one. Off, the agent skips its span code entirely."""
+    return _provider is not None or not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider
+    )
+
+
+def set_span_in_context(span: Span) -> Context:
+    """A parent ``Context`` for a span made outside ``span``'s ``with`` block."""
+    return trace.set_span_in_context(span)
+
+
 def tracer(scope: str = SCOPE) -> Tracer:
     """The tracer for ``scope`` (``corrosion``, ``orchestrator``): the installed provider's, or
     the API's (no-op, or the embedding application's provider)."""
