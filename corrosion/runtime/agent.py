@@ -372,7 +372,6 @@ class AgentRuntime:
             while rep.queue:
                 batch = rep.take_batch(self.config.perf.apply_batch_size)
                 result = None
-                began_ns = time.time_ns()  # for the apply spans of traced versions
                 try:
                     async with self.db_lock:
                         # installed in commit order, before the lock is free (even if cancelled)
@@ -381,7 +380,7 @@ class AgentRuntime:
                                 result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
                             finally:
                                 rep.install_apply(batch, result, self._now())
-                                self.spans.applied(batch, result, began_ns)
+                                self.spans.applied(batch, result)
                         assert result is not None  # the apply returned (else it raised)
                         if result.kept:
                             self.pending_schema.kept(result.kept_missing)
@@ -466,20 +465,19 @@ class AgentRuntime:
         ts = self.replicator.hlc.now()
         store = self.store
         seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
-        with self.spans.transaction(len(parsed)) as span:
+        with self.spans.transaction() as span:
             try:
                 async with self.db_lock:
                     with anyio.CancelScope(shield=True):  # booked before the lock is free
                         results, commit = await anyio.to_thread.run_sync(
                             lambda: store.execute_local(parsed, ts, timeout=seconds)
                         )
-                        broadcast = self.config.perf.broadcast
-                        bspan, trace = self.spans.broadcast_start(span, commit, broadcast)
+                        trace = self.spans.committed(span, commit)
                         effects = self.replicator.install_commit(commit, self._now(), trace)
             except StatementError as exc:
                 raise _transaction_error(exc) from None
             self._perform(effects)
-            self.spans.broadcast_end(bspan, effects)
+            self.spans.broadcast(span, commit, effects)
         if commit is not None:
             self._changed(commit.changes)
             self.activity.local_commit()

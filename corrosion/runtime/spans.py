@@ -2,15 +2,18 @@
 
 A write's trace (see docs/agent.md, Tracing)::
 
-    POST /v1/transactions                  node A (server span; continues a client's traceparent)
-      corrosion.transaction                A: the statements run and commit (actor, version...)
-        corrosion.broadcast                A: its chunks queued to peers (their context rides in
-                                              the changesets: corrosion/core/changeset.py)
-          corrosion.apply                  B, C...: received (by broadcast, relayed or not) and
-                                              applied; start = received, end = applied
-          corrosion.sync                   C: a sync session that carried the version instead
-            corrosion.apply                C: ...then applied
-          corrosion.sync.serve             B: the sync session that served it
+    POST /v1/transactions         node A: the request (server span, continuing the caller's
+                                  traceparent), with the version's attributes and the events
+                                  ``commit`` and ``broadcast``; its context rides in the
+                                  version's changesets (corrosion/core/changeset.py)
+      corrosion.apply             B, C...: received (by broadcast, relayed or not) and applied;
+                                  start = received, end = applied
+      corrosion.sync              C: a sync session that carried the version instead...
+        corrosion.apply           C: ...and its apply
+      corrosion.sync.serve        B: the sync session that served it
+
+A write made in-process (``Agent.execute``) is described on a ``corrosion.transaction`` span
+instead (a child of the caller's current span, if any).
 
 Costs: with tracing off every method returns at its first line (``tracing.enabled``); on, the
 spans are per transaction, per version applied and per session, never per row, and only for
@@ -119,48 +122,45 @@ class AgentSpans:
     # -- local writes ---------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self, statements: int) -> Iterator[Span | None]:
-        """``corrosion.transaction`` around a local transaction (a child of the request's
-        span, when there is one); None when tracing is off."""
+    def transaction(self) -> Iterator[Span | None]:
+        """The span a local transaction is described on: the HTTP request's server span when
+        it came through ``POST /v1/transactions``, else a ``corrosion.transaction`` span of its
+        own (a child of the caller's current span, if any); None when tracing is off."""
         if not tracing.enabled():
             yield None
             return
-        with tracing.tracer().start_as_current_span(
-            "corrosion.transaction",
-            attributes={"corrosion.node": self.actor, "corrosion.statements": statements},
-        ) as span:
+        span = tracing.request_span.get()
+        if span is not None and span.is_recording():
+            yield span
+            return
+        with tracing.tracer().start_as_current_span("corrosion.transaction") as span:
             yield span
 
-    def broadcast_start(
-        self, span: Span | None, commit: LocalCommit | None, broadcast: bool = True
-    ) -> tuple[Span | None, bytes | None]:
-        """Describe the committed version on the transaction's span and open its
-        ``corrosion.broadcast`` span: the context its changesets carry (the transaction's own,
-        when this node does not broadcast: sync alone carries them)."""
+    def committed(self, span: Span | None, commit: LocalCommit | None) -> bytes | None:
+        """Describe the committed version on ``span``; return the context its changesets
+        carry: ``span``'s own."""
         if span is None or commit is None or not span.is_recording():
-            return None, None
-        attrs: dict[str, str | int] = {
-            "corrosion.actor_id": self.actor,
-            "corrosion.version": commit.version,
-            "corrosion.seqs": _seqs(0, commit.last_seq),
-            "corrosion.changes": len(commit.changes),
-        }
-        span.set_attributes(attrs)
-        if not broadcast:
-            return None, tracing.context_bytes(span)
-        bspan = tracing.tracer().start_span(
-            "corrosion.broadcast", context=tracing.set_span_in_context(span), attributes=attrs
+            return None
+        span.set_attributes(
+            {
+                "corrosion.actor_id": self.actor,
+                "corrosion.version": commit.version,
+                "corrosion.seqs": _seqs(0, commit.last_seq),
+                "corrosion.changes": len(commit.changes),
+            }
         )
-        return bspan, tracing.context_bytes(bspan)
+        return tracing.context_bytes(span)
 
     @staticmethod
-    def broadcast_end(bspan: Span | None, effects: Sequence[Any]) -> None:
-        if bspan is None:
+    def broadcast(span: Span | None, commit: LocalCommit | None, effects: Sequence[Any]) -> None:
+        """A ``commit`` event on the transaction's span once it is booked and its broadcast
+        queued: the peers of the first round and the frames sent to them (none with
+        ``perf.broadcast = false``: sync carries it)."""
+        if span is None or commit is None or not span.is_recording():
             return
-        peers = sorted({f"{e.addr[0]}:{e.addr[1]}" for e in effects if isinstance(e, SendFrame)})
-        frames = sum(1 for e in effects if isinstance(e, SendFrame))
-        bspan.set_attributes({"corrosion.peers": peers, "corrosion.frames": frames})
-        bspan.end()
+        sends = [e for e in effects if isinstance(e, SendFrame)]
+        peers = sorted({f"{e.addr[0]}:{e.addr[1]}" for e in sends})
+        span.add_event("commit", {"corrosion.peers": peers, "corrosion.frames": len(sends)})
 
     # -- receiving and applying -----------------------------------------------------------------
 
@@ -183,13 +183,12 @@ class AgentSpans:
             self._arrivals[key] = _Arrival(now, peer, via, span)
 
     def applied(
-        self,
-        batch: Sequence[Changeset | EmptyVersions],
-        result: ApplyResult | None,
-        began_ns: int,
+        self, batch: Sequence[Changeset | EmptyVersions], result: ApplyResult | None
     ) -> None:
         """One ``corrosion.apply`` span per traced version in an applied batch (its chunks
-        together), from its arrival to now, with an event when its apply began."""
+        together), from its arrival to now; ``corrosion.outcome`` says when it was not
+        applied (``partial``: buffered until its other chunks arrive; ``kept``: waiting for
+        this node's schema; ``rejected``, ``failed``)."""
         if not self._arrivals:
             return
         groups: dict[tuple[bytes, int], list[tuple[Changeset, _Arrival]]] = {}
@@ -224,25 +223,23 @@ class AgentSpans:
             else:
                 outcome = "partial"  # buffered until its other chunks arrive
             arrived = min(a.at_ns for _c, a in chunks)
+            # few attributes: each costs the SDK a validation (this span is per version)
             span = tracer.start_span(
                 "corrosion.apply",
                 context=parent,
                 kind=SpanKind.CONSUMER,
                 start_time=arrived,
                 attributes={
-                    "corrosion.node": self.actor,
                     "corrosion.actor_id": actor.hex(),
                     "corrosion.version": version,
                     "corrosion.seqs": ",".join(_seqs(*c.seqs) for c, _a in chunks),
-                    "corrosion.last_seq": first.last_seq,
                     "corrosion.changes": sum(len(c.changes) for c, _a in chunks),
                     "corrosion.peer": arrival.peer,
                     "corrosion.via": arrival.via,
-                    "corrosion.outcome": outcome,
                 },
             )
-            if span.is_recording():
-                span.add_event("apply.begin", timestamp=max(began_ns, arrived))
+            if outcome != "applied" and span.is_recording():
+                span.set_attribute("corrosion.outcome", outcome)
                 if outcome in ("rejected", "failed"):
                     why = rejected.get((actor, version), "the apply transaction failed")
                     span.set_status(Status(StatusCode.ERROR, str(why)))

@@ -15,10 +15,11 @@ from ..runtime import tracing
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def server_span(name: str) -> Callable[[Endpoint], Endpoint]:
+def server_span(method: str, route: str) -> Callable[[Endpoint], Endpoint]:
     """Decorate a starlette endpoint: with tracing on, each request runs in a ``SERVER`` span
-    ``name`` (child of the request's ``traceparent``, when it has one), with the method, path
-    and status code; off, the endpoint is called as it is."""
+    ``"{method} {route}"`` (child of the request's ``traceparent``, when it has one), with the
+    method, route and status code; off, the endpoint is called as it is."""
+    name = f"{method} {route}"
 
     def wrap(endpoint: Endpoint) -> Endpoint:
         @functools.wraps(endpoint)
@@ -29,9 +30,13 @@ def server_span(name: str) -> Callable[[Endpoint], Endpoint]:
                 name,
                 context=tracing.extract(request.headers),
                 kind=SpanKind.SERVER,
-                attributes={"http.request.method": request.method, "url.path": request.url.path},
+                attributes={"http.request.method": request.method, "http.route": route},
             ) as span:
-                response = await endpoint(request)
+                token = tracing.request_span.set(span)
+                try:
+                    response = await endpoint(request)
+                finally:
+                    tracing.request_span.reset(token)
                 span.set_attribute("http.response.status_code", response.status_code)
                 if response.status_code >= 500:
                     span.set_status(Status(StatusCode.ERROR))
