@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -250,7 +251,7 @@ class Replicator:
         # (actor, head) a digest showed us lacking -> (when first seen, who has it)
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
         # (actor, version) -> its trace context, the last TRACE_MEMORY traced versions (T1)
-        self.traces: dict[tuple[bytes, int], bytes] = {}
+        self.traces: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
 
     # -- lifecycle and membership ----------------------------------------------------------
 
@@ -352,7 +353,8 @@ class Replicator:
         traces = self.traces
         traces[(actor, version)] = trace
         if len(traces) > TRACE_MEMORY:
-            del traces[next(iter(traces))]  # the oldest (dicts keep insertion order)
+            # the oldest; a plain dict's first key is O(deleted) to find once many are gone
+            traces.popitem(last=False)
 
     def max_rounds(self) -> int:
         """Broadcast rounds of a local version: ``retransmit_mult * ceil(log10(n + 1))``."""
