@@ -54,8 +54,8 @@ S2  A node asked to sync answers with every version it holds that the asker lack
     Sync alone makes any two connected nodes converge; broadcast only makes it fast.
 T1  Trace contexts are opaque bytes here (the runtime makes the spans). A local version given
     one (``install_commit``) carries it in each of its chunks; a received chunk that carries one
-    is relayed with it. Either way the node remembers it for the version (the last
-    ``TRACE_MEMORY`` versions), so a sync answer serving that version carries it too. A frame
+    is relayed with it. Either way the node remembers it for the version (at least the last
+    ``TRACE_MEMORY`` traced versions), so a sync answer serving that version carries it too. A frame
     with the field goes only to peers whose metadata say they accept it (``Peer.trailing``);
     the others get it without (``without_trailing``).
 """
@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -251,7 +250,7 @@ class Replicator:
         # (actor, head) a digest showed us lacking -> (when first seen, who has it)
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
         # (actor, version) -> its trace context, the last TRACE_MEMORY traced versions (T1)
-        self.traces: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        self.traces: dict[tuple[bytes, int], bytes] = {}
 
     # -- lifecycle and membership ----------------------------------------------------------
 
@@ -352,9 +351,10 @@ class Replicator:
     def _remember_trace(self, actor: bytes, version: int, trace: bytes) -> None:
         traces = self.traces
         traces[(actor, version)] = trace
-        if len(traces) > TRACE_MEMORY:
-            # the oldest; a plain dict's first key is O(deleted) to find once many are gone
-            traces.popitem(last=False)
+        if len(traces) >= 2 * TRACE_MEMORY:
+            # keep the newest (dicts keep insertion order), all at once: removing the oldest
+            # one by one would scan the dict's deleted slots to find it each time
+            self.traces = dict(list(traces.items())[-TRACE_MEMORY:])
 
     def max_rounds(self) -> int:
         """Broadcast rounds of a local version: ``retransmit_mult * ceil(log10(n + 1))``."""
