@@ -76,8 +76,10 @@ from .results import (
 )
 from .schema_errors import for_operator
 from .schema_flow import SchemaFlow
+from .spans import AgentSpans
 from .subscriptions import Subscriptions
 from .telemetry import Telemetry
+from .tracing import TracingHandle, TracingSettings, resolve, start_tracing
 from .transport import PEER_PREAMBLE
 from .updates import UpdateWatchers
 
@@ -153,6 +155,8 @@ class AgentRuntime:
         # gossip no key here opens, joins no seed answers: a key mismatch must not be silent
         self.gossip_warnings = GossipWarnings(config.log_summary_interval, self._now)
         self._started = False
+        self._tracing = TracingHandle(False)  # [telemetry] open-telemetry: see start()
+        self.spans = AgentSpans(b"")  # made again with the actor id once the store is open
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,18 +178,23 @@ class AgentRuntime:
         if problem is not None:  # before anything is created or bound
             raise ConfigError(problem)
         check_extensions(cfg, self.extensions)
+        tracing_settings = resolve(cfg.open_telemetry)  # a bad OTEL_* value: ConfigError
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
         self._db_lock_file.acquire()  # DatabaseInUse: another agent runs on this database
         try:
-            await self._open(cfg)
+            await self._open(cfg, tracing_settings)
         except BaseException:
             await self.aclose()
             raise
 
-    async def _open(self, cfg: Config) -> None:
+    async def _open(self, cfg: Config, tracing_settings: TracingSettings | None) -> None:
         self.store = store = await anyio.to_thread.run_sync(Store, cfg.db.path)
+        self._tracing = start_tracing(
+            tracing_settings, "corrosion", instance_id=store.actor_id.hex()
+        )
+        self.spans = AgentSpans(store.actor_id)
         await self.schema.open(self._allow_destructive)
         # before anything can change the database: what changed while the agent was down is
         # then exactly the difference between each subscription's file and its query
@@ -236,9 +245,10 @@ class AgentRuntime:
             perform=self._perform,
             queued=self._wake_apply,
             now=self._now,
+            spans=self.spans,
         )
         self.membership = Membership(
-            self.swim, self.replicator, store, self.db_lock, self.gossip_warnings
+            self.swim, self.replicator, store, self.db_lock, self.gossip_warnings, self.spans
         )
         events = self.swim.subscribe(max_buffer=10_000)
         self.swim.route_streams(PEER_PREAMBLE, self.peers.serve)
@@ -321,6 +331,8 @@ class AgentRuntime:
                     store.close()
         if self._db_lock_file is not None:
             self._db_lock_file.release()
+        with anyio.CancelScope(shield=True):  # the spans of the last moments go out too
+            await anyio.to_thread.run_sync(self._tracing.shutdown)
         if self._started:
             log.info("agent stopped")
 
@@ -366,6 +378,7 @@ class AgentRuntime:
                                 result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
                             finally:
                                 rep.install_apply(batch, result, self._now())
+                                self.spans.applied(batch, result)
                         assert result is not None  # the apply returned (else it raised)
                         if result.kept:
                             self.pending_schema.kept(result.kept_missing)
@@ -452,16 +465,19 @@ class AgentRuntime:
         ts = self.replicator.hlc.now()
         store = self.store
         seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
-        try:
-            async with self.db_lock:
-                with anyio.CancelScope(shield=True):  # booked before the lock is free
-                    results, commit = await anyio.to_thread.run_sync(
-                        lambda: store.execute_local(parsed, ts, timeout=seconds)
-                    )
-                    effects = self.replicator.install_commit(commit, self._now())
-        except StatementError as exc:
-            raise _transaction_error(exc) from None
-        self._perform(effects)
+        with self.spans.transaction() as span:
+            try:
+                async with self.db_lock:
+                    with anyio.CancelScope(shield=True):  # booked before the lock is free
+                        results, commit = await anyio.to_thread.run_sync(
+                            lambda: store.execute_local(parsed, ts, timeout=seconds)
+                        )
+                        trace = self.spans.committed(span, commit)
+                        effects = self.replicator.install_commit(commit, self._now(), trace)
+            except StatementError as exc:
+                raise _transaction_error(exc) from None
+            self._perform(effects)
+            self.spans.broadcast(span, commit, effects)
         if commit is not None:
             self._changed(commit.changes)
             self.activity.local_commit()
