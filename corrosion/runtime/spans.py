@@ -204,46 +204,44 @@ class AgentSpans:
         applied = set(result.applied) if result is not None else set()
         kept = set(result.kept) if result is not None else set()
         rejected = {(a, v): why for a, v, why in result.rejected} if result is not None else {}
-        tracer = tracing.tracer()
+        now = time.time_ns()
         for (actor, version), chunks in groups.items():
             first, arrival = chunks[0]
             parent = (
-                tracing.set_span_in_context(arrival.session)
+                arrival.session.get_span_context()
                 if arrival.session is not None
-                else tracing.context_from_bytes(first.trace)
+                else tracing.span_context_from_bytes(first.trace)
             )
+            if parent is None:
+                continue  # a context this node cannot read: no trace to add the apply to
+            status = None
+            attributes: dict[str, str | int]
             if (actor, version) in applied:
-                outcome = "applied"
+                attributes = {}
             elif (actor, version) in kept:
-                outcome = "kept"  # waits for this node's schema
-            elif (actor, version) in rejected:
-                outcome = "rejected"
-            elif result is None:
-                outcome = "failed"
+                attributes = {"corrosion.outcome": "kept"}  # waits for this node's schema
+            elif (actor, version) in rejected or result is None:
+                outcome = "rejected" if result is not None else "failed"
+                attributes = {"corrosion.outcome": outcome}
+                why = rejected.get((actor, version), "the apply transaction failed")
+                status = Status(StatusCode.ERROR, str(why))
             else:
-                outcome = "partial"  # buffered until its other chunks arrive
+                attributes = {"corrosion.outcome": "partial"}  # buffered until the rest arrives
+            # few attributes: each costs the exporter an encoding (this span is per version)
+            attributes["corrosion.actor_id"] = actor.hex()
+            attributes["corrosion.version"] = version
+            if len(chunks) == 1:
+                attributes["corrosion.seqs"] = _seqs(*first.seqs)
+                attributes["corrosion.changes"] = len(first.changes)
+            else:
+                attributes["corrosion.seqs"] = ",".join(_seqs(*c.seqs) for c, _a in chunks)
+                attributes["corrosion.changes"] = sum(len(c.changes) for c, _a in chunks)
+            attributes["corrosion.peer"] = arrival.peer
+            attributes["corrosion.via"] = arrival.via
             arrived = min(a.at_ns for _c, a in chunks)
-            # few attributes: each costs the SDK a validation (this span is per version)
-            span = tracer.start_span(
-                "corrosion.apply",
-                context=parent,
-                kind=SpanKind.CONSUMER,
-                start_time=arrived,
-                attributes={
-                    "corrosion.actor_id": actor.hex(),
-                    "corrosion.version": version,
-                    "corrosion.seqs": ",".join(_seqs(*c.seqs) for c, _a in chunks),
-                    "corrosion.changes": sum(len(c.changes) for c, _a in chunks),
-                    "corrosion.peer": arrival.peer,
-                    "corrosion.via": arrival.via,
-                },
+            tracing.record_span(
+                "corrosion.apply", parent, SpanKind.CONSUMER, arrived, now, attributes, status
             )
-            if outcome != "applied" and span.is_recording():
-                span.set_attribute("corrosion.outcome", outcome)
-                if outcome in ("rejected", "failed"):
-                    why = rejected.get((actor, version), "the apply transaction failed")
-                    span.set_status(Status(StatusCode.ERROR, str(why)))
-            span.end()
 
     # -- sync -----------------------------------------------------------------------------------
 

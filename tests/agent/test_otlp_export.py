@@ -1,0 +1,148 @@
+"""corrosion's OTLP/HTTP span exporter (corrosion/runtime/otlp_export.py) and the apply span's
+direct recording (``tracing.record_span``): what they produce is what the SDK's own span
+lifecycle and encoder produce, spans of every shape, and it reaches a real receiver."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+
+from corrosion.runtime import tracing
+from corrosion.runtime.otlp_export import SpanExporter, encode_request
+
+APPLY_ATTRIBUTES = {
+    "corrosion.actor_id": "ab" * 16,
+    "corrosion.version": 7,
+    "corrosion.seqs": "0..9",
+    "corrosion.changes": 10,
+    "corrosion.peer": "127.0.0.1:4567",
+    "corrosion.via": "broadcast",
+}
+
+
+def remote_parent(rng: random.Random, **kw) -> SpanContext:
+    return SpanContext(rng.getrandbits(128), rng.getrandbits(64), True, TraceFlags(1), **kw)
+
+
+@pytest.fixture
+def exported():
+    """Tracing on with an in-memory exporter: yields the function returning what it got."""
+    memory = InMemorySpanExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", instance_id="n1", exporter=memory)
+    try:
+
+        def spans():
+            assert handle.force_flush()
+            return memory.get_finished_spans()
+
+        yield spans
+    finally:
+        handle.shutdown()
+
+
+def every_shape(rng: random.Random) -> None:
+    """Spans of the shapes corrosion and an embedding application make."""
+    parent = remote_parent(rng)
+    tracing.record_span("corrosion.apply", parent, SpanKind.CONSUMER, 10, 20, APPLY_ATTRIBUTES)
+    tracing.record_span(
+        "corrosion.apply",
+        remote_parent(rng),
+        SpanKind.CONSUMER,
+        30,
+        45,
+        {**APPLY_ATTRIBUTES, "corrosion.outcome": "rejected"},
+        Status(StatusCode.ERROR, "schema mismatch: table kv"),
+    )
+    tracer = tracing.tracer()
+    with tracer.start_as_current_span("corrosion.transaction") as root:
+        root.set_attributes(
+            {"flag": True, "off": False, "ratio": 0.25, "neg": -5, "big": 2**62, "z": -0.0}
+        )
+        root.add_event("commit", {"corrosion.peers": ["a:1", "b:2"], "corrosion.frames": 2})
+        with tracer.start_as_current_span("child", kind=SpanKind.PRODUCER) as child:
+            child.set_status(Status(StatusCode.OK))
+    tracer.start_span("linked", links=[Link(parent, {"why": "carried"})]).end()
+    tracer.start_span("sequence", attributes={"peers": ("a", "b"), "blob": "é" * 100}).end()
+    stated = remote_parent(rng, trace_state=TraceState([("vendor", "x")]))
+    tracer.start_span("stated", context=set_span_in_context(NonRecordingSpan(stated))).end()
+    tracing.tracer("orchestrator").start_span("corrosion.run", kind=SpanKind.SERVER).end()
+
+
+def test_the_request_is_the_sdk_encoders_for_spans_of_every_shape(exported):
+    every_shape(random.Random(3))
+    spans = exported()
+    assert len(spans) == 8
+    ours = ExportTraceServiceRequest.FromString(encode_request(spans))
+    assert ours == encode_spans(spans)
+    assert ours.SerializeToString(deterministic=True) == encode_spans(spans).SerializeToString(
+        deterministic=True
+    )
+    scopes = [s.scope.name for r in ours.resource_spans for s in r.scope_spans]
+    assert scopes == ["corrosion", "orchestrator"]
+
+
+def test_a_recorded_span_is_the_span_the_sdk_makes(exported):
+    rng = random.Random(5)
+    parent = remote_parent(rng)
+    tracing.record_span("corrosion.apply", parent, SpanKind.CONSUMER, 100, 250, APPLY_ATTRIBUTES)
+    span = tracing.tracer().start_span(
+        "corrosion.apply",
+        context=set_span_in_context(NonRecordingSpan(parent)),
+        kind=SpanKind.CONSUMER,
+        start_time=100,
+        attributes=APPLY_ATTRIBUTES,
+    )
+    span.end(end_time=250)
+    recorded, made = exported()
+    for field in ("name", "kind", "start_time", "end_time", "resource", "instrumentation_scope"):
+        assert getattr(recorded, field) == getattr(made, field), field
+    assert dict(recorded.attributes) == dict(made.attributes)
+    assert recorded.parent == made.parent == parent
+    assert recorded.context.trace_id == made.context.trace_id == parent.trace_id
+    assert recorded.context.trace_flags == made.context.trace_flags
+    assert not recorded.context.is_remote
+    assert recorded.context.span_id not in (made.context.span_id, parent.span_id)
+    assert recorded.status.status_code is StatusCode.UNSET
+
+
+def test_a_parent_not_sampled_records_nothing(exported):
+    rng = random.Random(9)
+    unsampled = SpanContext(rng.getrandbits(128), rng.getrandbits(64), True, TraceFlags(0))
+    tracing.record_span("corrosion.apply", unsampled, SpanKind.CONSUMER, 1, 2, APPLY_ATTRIBUTES)
+    assert exported() == ()
+
+
+def test_the_exporter_delivers_the_spans_to_a_receiver(otlp_receiver):
+    exporter = SpanExporter(endpoint=otlp_receiver.traces_url)
+    memory = InMemorySpanExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", instance_id="n1", exporter=memory)
+    try:
+        every_shape(random.Random(11))
+        assert handle.force_flush()
+        spans = memory.get_finished_spans()
+    finally:
+        handle.shutdown()
+    assert exporter.export(spans).name == "SUCCESS"
+    exporter.shutdown()
+    otlp_receiver.wait_for_sync(lambda s: len(s) >= len(spans), what="the exported spans")
+    got = otlp_receiver.snapshot()
+    assert sorted(s.name for s in got) == sorted(s.name for s in spans)
+    apply = next(s for s in got if s.attributes.get("corrosion.outcome") == "rejected")
+    assert apply.attributes["corrosion.version"] == 7
+    assert apply.kind == 5  # consumer
+    assert {s.service for s in got} == {"corrosion-test"}
