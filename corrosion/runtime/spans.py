@@ -233,12 +233,13 @@ class AgentSpans:
             if len(chunks) == 1:
                 attributes["corrosion.seqs"] = _seqs(*first.seqs)
                 attributes["corrosion.changes"] = len(first.changes)
+                arrived = arrival.at_ns
             else:
                 attributes["corrosion.seqs"] = ",".join(_seqs(*c.seqs) for c, _a in chunks)
                 attributes["corrosion.changes"] = sum(len(c.changes) for c, _a in chunks)
+                arrived = min(a.at_ns for _c, a in chunks)
             attributes["corrosion.peer"] = arrival.peer
             attributes["corrosion.via"] = arrival.via
-            arrived = min(a.at_ns for _c, a in chunks)
             tracing.record_span(
                 "corrosion.apply", parent, SpanKind.CONSUMER, arrived, now, attributes, status
             )

@@ -289,10 +289,15 @@ class _Recorder:
         self.resource = provider.resource
         self.new_span_id = provider.id_generator.generate_span_id
         self.sampler = provider.sampler
-        # the default sampler (and OTEL_TRACES_SAMPLER=parentbased_always_on) keeps a child
-        # exactly when its parent was sampled: no need to ask it
+        # the parentbased_* samplers (the default, parentbased_always_on, and the sampling
+        # docs/agent.md recommends, parentbased_traceidratio) keep a child exactly when its
+        # parent was sampled, their root sampler aside: no need to ask them (spans recorded
+        # here always have a parent)
+        described = self.sampler.get_description()
+        default = ParentBased(ALWAYS_ON).get_description()
         self.follows_parent = (
-            self.sampler.get_description() == ParentBased(ALWAYS_ON).get_description()
+            described.startswith("ParentBased{root:")
+            and described.split(",", 1)[1:] == default.split(",", 1)[1:]
         )
         self.scope = InstrumentationScope(SCOPE, "")  # as ``get_tracer(SCOPE)`` names it
 

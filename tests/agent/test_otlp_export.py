@@ -146,3 +146,25 @@ def test_the_exporter_delivers_the_spans_to_a_receiver(otlp_receiver):
     assert apply.attributes["corrosion.version"] == 7
     assert apply.kind == 5  # consumer
     assert {s.service for s in got} == {"corrosion-test"}
+
+
+@pytest.mark.parametrize(
+    ("sampler", "kept"),
+    [("parentbased_traceidratio", True), ("parentbased_always_off", True), ("traceidratio", False)],
+)
+def test_a_recorded_span_follows_the_configured_sampler(monkeypatch, sampler, kept):
+    """A parent-based sampler keeps the child of a sampled parent whatever its root sampler;
+    another is asked (a ratio of 0 keeps nothing)."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    memory = InMemorySpanExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", exporter=memory)
+    try:
+        rng = random.Random(13)
+        tracing.record_span(
+            "corrosion.apply", remote_parent(rng), SpanKind.CONSUMER, 1, 2, APPLY_ATTRIBUTES
+        )
+        assert handle.force_flush()
+        assert len(memory.get_finished_spans()) == (1 if kept else 0)
+    finally:
+        handle.shutdown()
