@@ -3,10 +3,10 @@ spans it exports most (one ``corrosion.apply`` per version applied).
 
 The SDK's encoder builds a protobuf object per span, attribute and value (~30 µs of CPU per
 apply span, on the exporter's thread but under the GIL: a fifth of the apply it describes).
-``encode_request`` writes the same bytes straight from the span for the plain shape (scalar
-attributes, no events or links: every apply span), ~6 µs, and asks the SDK's encoder for
-anything else, and for the resource and scope once per batch. tests/agent/test_otlp_export.py
-holds it equal to the SDK's encoding.
+``encode_request`` writes the same bytes straight from the span for the usual shape
+(attributes of scalars or tuples of them, events, no links: every apply and request span),
+~8 µs, and asks the SDK's encoder for anything else, and for the resource and scope once per
+batch. tests/agent/test_otlp_export.py holds it byte for byte equal to the SDK's encoding.
 
 Imported only when tracing starts (``tracing._new_provider``): it imports the SDK.
 """
@@ -63,41 +63,77 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + (bytes((n,)) if n < 0x80 else _varint(n)) + payload
 
 
-# encoded attributes by (key, type, value): most repeat from span to span (actor, peer, via)
-_encoded: dict[tuple[str, type, Any], bytes] = {}
+# encoded attributes by (field tag, key, type, value): most repeat from span to span (actor,
+# peer, via)
+_encoded: dict[tuple[bytes, str, type, Any], bytes] = {}
 _SCALARS = (str, int, bool, float)
 
 
-def _attribute(key: str, value: Any) -> bytes | None:
-    """Span.attributes entry (field 9): KeyValue{key, AnyValue}; None for a value of another
-    type than str, bool, int, float (the SDK's encoder does those)."""
+def _scalar(value: Any) -> bytes | None:
+    """An AnyValue of a str, int, bool or float; None for anything else."""
     kind = type(value)
-    if kind not in _SCALARS:
-        return None
-    found = _encoded.get((key, kind, value))
-    if found is not None:
-        return found
     if kind is str:
-        any_value = _field(b"\x0a", value.encode())
-    elif kind is int:
-        if value not in _INT64:
+        return _field(b"\x0a", value.encode())
+    if kind is int:
+        return b"\x18" + _varint(value & 0xFFFF_FFFF_FFFF_FFFF) if value in _INT64 else None
+    if kind is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if kind is float:
+        return b"\x21" + _DOUBLE(value)
+    return None
+
+
+def _key_value(tag: bytes, key: str, value: Any) -> bytes | None:
+    """A KeyValue field ``tag``: a scalar or a tuple of scalars (the SDK's attribute values);
+    None for anything else (the SDK's encoder does those)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        found = _encoded.get((tag, key, kind, value))
+        if found is not None:
+            return found
+        any_value = _scalar(value)
+    elif kind is tuple:
+        items = [_scalar(v) for v in value]
+        if None in items:
             return None
-        any_value = b"\x18" + _varint(value & 0xFFFF_FFFF_FFFF_FFFF)
-    elif kind is bool:
-        any_value = b"\x10\x01" if value else b"\x10\x00"
+        any_value = _field(b"\x2a", b"".join(_field(b"\x0a", v) for v in items))  # type: ignore[arg-type]
     else:
-        any_value = b"\x21" + _DOUBLE(value)
-    encoded = _field(b"\x4a", _field(b"\x0a", key.encode()) + _field(b"\x12", any_value))
-    if kind is not float:  # -0.0 == 0.0, nan != nan
+        return None
+    if any_value is None:
+        return None
+    encoded = _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", any_value))
+    if kind in _SCALARS and kind is not float:  # -0.0 == 0.0, nan != nan
         if len(_encoded) >= 4096:
             _encoded.clear()
-        _encoded[key, kind, value] = encoded
+        _encoded[tag, key, kind, value] = encoded
     return encoded
 
 
+def _attributes(tag: bytes, attributes: Any) -> list[bytes] | None:
+    out = []
+    for key, value in (attributes or {}).items():
+        encoded = _key_value(tag, key, value)
+        if encoded is None:
+            return None
+        out.append(encoded)
+    return out
+
+
+def _event(event: Any) -> bytes | None:
+    """A Span.Event message, or None when an attribute is not of a type ``_key_value`` does."""
+    attributes = _attributes(b"\x1a", event.attributes)
+    if attributes is None or event.dropped_attributes:
+        return None
+    parts = [b"\x09" + _FIXED64(event.timestamp)] if event.timestamp else []
+    if event.name:
+        parts.append(_field(b"\x12", event.name.encode()))
+    return b"".join(parts + attributes)
+
+
 def _span(span: ReadableSpan) -> bytes | None:
-    """The Span message, or None when it is not of the plain shape."""
-    if span.events or span.links or span.dropped_attributes:
+    """The Span message, or None when it is not of the plain shape: links, a trace state,
+    something dropped, an attribute value ``_key_value`` does not do."""
+    if span.links or span.dropped_attributes or span.dropped_events:
         return None
     context = span.get_span_context()
     parent = span.parent
@@ -115,11 +151,15 @@ def _span(span: ReadableSpan) -> bytes | None:
         parts.append(b"\x39" + _FIXED64(span.start_time))
     if span.end_time:
         parts.append(b"\x41" + _FIXED64(span.end_time))
-    for key, value in (span.attributes or {}).items():
-        attribute = _attribute(key, value)
-        if attribute is None:
+    attributes = _attributes(b"\x4a", span.attributes)
+    if attributes is None:
+        return None
+    parts += attributes
+    for event in span.events:
+        encoded = _event(event)
+        if encoded is None:
             return None
-        parts.append(attribute)
+        parts.append(_field(b"\x5a", encoded))
     status = span.status
     code = status.status_code
     message = status.description
