@@ -242,8 +242,12 @@ class SpanExporter(OTLPSpanExporter):
                 log.error("tracing: failed to encode %d spans: %s", len(spans), error)
                 result.error = error
                 return SpanExportResult.FAILURE
+            # (the SDK's 64 MiB request limit: a batch of 512 apply spans is ~100 kB)
             sent = client.export(data)
             if not sent.success:
                 result.error = sent.error
+                status_code = getattr(sent, "status_code", None)
+                if status_code is not None:
+                    result.error_attrs = {"http.response.status_code": status_code}
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS

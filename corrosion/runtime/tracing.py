@@ -277,7 +277,8 @@ class _Recorder:
     would: what the SDK's ``start_span`` + ``end`` produce (ids, sampling, resource, scope), at
     a fifth of their CPU (no attribute re-validation, lock, context lookup or live span). Only
     for corrosion's own provider, whose only processor ``_new_provider`` made (its
-    ``on_start`` does nothing)."""
+    ``on_start`` does nothing). The ``OTEL_*_LIMIT`` span limits are not applied: the spans
+    recorded here have a handful of short attributes and no events or links."""
 
     def __init__(self, provider: Any, processor: Any) -> None:
         from opentelemetry.sdk.trace import ReadableSpan
