@@ -1,0 +1,154 @@
+"""Collecting the metadata of deleted rows (tombstone GC).
+
+A delete leaves its key's pk-lookaside row and the sentinel clock row (cid ``'-1'``, an even
+causal length) forever: they are what makes a late, older change for that key lose. Once the
+caller knows no such change can reach this node any more (``corrosion.core.tombstones`` decides
+that from what every member holds), ``reap_tombstones`` deletes both, straight from the clock and
+lookaside tables: no trigger fires, no change is recorded, no version is taken.
+
+After a reap the key is unknown here, so a local insert of it would start again at causal
+length 1, while a peer that has not reaped yet still holds the tombstone (cl ``c``) and would
+ignore that insert: the nodes would disagree. So each table keeps a **floor**, the largest causal
+length reaped from it, and a local transaction that creates keys in a table with a floor gives
+them a sentinel of ``floor + 1`` (``mark_new_keys`` before, ``lift_new_keys`` after): odd, so
+alive, and above every tombstone that can still exist for them, so a peer holding one
+resurrects the row exactly as a peer that reaped it creates it. Tables never reaped have no
+floor and their writes are unchanged (cr-sqlite's, bit for bit).
+
+The floor lives in ``crsql_master`` (``tombstone_floor.<table>``). The reap also pins
+``pre_compact_dbversion``: the db_version is derived from the clocks' maximum, and deleting the
+newest tombstone must not take it backwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import apsw
+
+from .sqlutil import ident, literal
+from .state import CrrState
+from .tableinfo import SENTINEL, crr_tables, read_table_info
+
+FLOOR_KEY = "tombstone_floor."
+
+
+@dataclass
+class Reaped:
+    """What one ``reap_tombstones`` call collected: keys per table, and clock rows deleted."""
+
+    keys: dict[str, int] = field(default_factory=dict)
+    clock_rows: int = 0
+
+    @property
+    def total_keys(self) -> int:
+        return sum(self.keys.values())
+
+
+def floors(conn: apsw.Connection) -> dict[str, int]:
+    """Each table's floor: the largest causal length reaped from it (never reaped: absent)."""
+    return {
+        key[len(FLOOR_KEY) :]: int(value)
+        for key, value in conn.execute(
+            "SELECT key, value FROM crsql_master WHERE key LIKE ? ESCAPE '\\'",
+            (FLOOR_KEY.replace("_", "\\_") + "%",),
+        )
+    }
+
+
+def reap_tombstones(
+    conn: apsw.Connection, state: CrrState, max_db_version: int, limit: int
+) -> Reaped:
+    """Delete the lookaside and clock rows of up to ``limit`` deleted keys whose tombstone was
+    stamped at a local db_version ``<= max_db_version``, in one transaction. A key whose base row
+    exists (re-inserted since) or whose sentinel is odd is never touched: the candidates are
+    chosen and deleted in the same transaction, so nothing can revive one in between."""
+    out = Reaped()
+    if limit <= 0:
+        return out
+    with conn:
+        state.fill_db_version_if_needed()
+        pinned = conn.execute(
+            "SELECT CAST(value AS INTEGER) FROM crsql_master WHERE key = 'pre_compact_dbversion'"
+        ).fetchone()
+        if pinned is None or pinned[0] < state.db_version:
+            conn.execute(
+                "INSERT OR REPLACE INTO crsql_master (key, value) "
+                "VALUES ('pre_compact_dbversion', ?)",
+                (state.db_version,),
+            )
+        known = floors(conn)
+        for table in crr_tables(conn):
+            if limit <= 0:
+                break
+            info = read_table_info(conn, table)
+            match = " AND ".join(f"b.{ident(c)} IS k.{ident(c)}" for c in info.pk_names)
+            rows = conn.execute(
+                f"SELECT c.key, c.col_version FROM {info.clock} AS c "
+                f"JOIN {info.pks_table} AS k ON k.__crsql_key = c.key "
+                f"WHERE c.col_name = {literal(SENTINEL)} AND c.col_version % 2 = 0 "
+                f"AND c.db_version <= ? "
+                f"AND NOT EXISTS (SELECT 1 FROM {info.quoted} AS b WHERE {match}) "
+                "ORDER BY c.db_version LIMIT ?",
+                (max_db_version, limit),
+            ).fetchall()
+            if not rows:
+                continue
+            keys = [(k,) for k, _cl in rows]
+            before = conn.total_changes()
+            conn.executemany(f"DELETE FROM {info.clock} WHERE key = ?", keys)
+            out.clock_rows += conn.total_changes() - before
+            conn.executemany(f"DELETE FROM {info.pks_table} WHERE __crsql_key = ?", keys)
+            floor = max(known.get(table, 0), max(cl for _k, cl in rows))
+            conn.execute(
+                "INSERT OR REPLACE INTO crsql_master (key, value) VALUES (?, ?)",
+                (FLOOR_KEY + table, floor),
+            )
+            out.keys[table] = len(rows)
+            limit -= len(rows)
+    return out
+
+
+def mark_new_keys(conn: apsw.Connection, table_floors: dict[str, int]) -> dict[str, int]:
+    """Before a local transaction's statements: the highest lookaside key of each table with a
+    floor (keys above it are created by the transaction)."""
+    marks = {}
+    for table in table_floors:
+        info = read_table_info(conn, table)
+        row = conn.execute(f"SELECT max(__crsql_key) FROM {info.pks_table}").fetchone()
+        marks[table] = row[0] if row and row[0] is not None else 0
+    return marks
+
+
+def lift_new_keys(
+    conn: apsw.Connection, state: CrrState, table_floors: dict[str, int], marks: dict[str, int]
+) -> int:
+    """After the statements, before the commit: give every key the transaction created in a
+    table with a floor a sentinel of ``floor + 1`` (raising the ``1`` a pk-only table's insert
+    wrote). Returns the keys lifted. Only runs inside a write that already took a db_version."""
+    lifted = 0
+    if state.pending == -1:
+        return 0
+    for table, mark in marks.items():
+        info = read_table_info(conn, table)
+        cl = table_floors[table] + 1
+        fresh = [
+            k
+            for (k,) in conn.execute(
+                f"SELECT k.__crsql_key FROM {info.pks_table} AS k WHERE k.__crsql_key > ? "
+                f"AND NOT EXISTS (SELECT 1 FROM {info.clock} AS c WHERE c.key = k.__crsql_key "
+                f"AND c.col_name = {literal(SENTINEL)} AND c.col_version > 1) "
+                f"AND EXISTS (SELECT 1 FROM {info.clock} AS c WHERE c.key = k.__crsql_key)",
+                (mark,),
+            )
+        ]
+        for key in fresh:
+            conn.execute(
+                f"INSERT INTO {info.clock} (key, col_name, col_version, db_version, seq, site_id) "
+                f"VALUES (?, {literal(SENTINEL)}, ?, ?, ?, 0) ON CONFLICT (key, col_name) "
+                "DO UPDATE SET col_version = excluded.col_version, "
+                "db_version = excluded.db_version, seq = excluded.seq, site_id = 0",
+                (key, cl, state.pending, state.bump_seq()),
+            )
+        lifted += len(fresh)
+    return lifted
