@@ -6,6 +6,9 @@ path = "/var/lib/corrosion/state.db"      # required: the SQLite database
 schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload re-reads)
 subscriptions_path = "/var/lib/corrosion/subs"  # default: <path>.subscriptions beside it
 subscriptions_keep_changes = 500          # recent changes a subscription keeps for resuming
+tombstone_gc = false                      # collect deleted rows' metadata once all members have it
+tombstone_gc_interval = 60.0              # seconds between reaper passes
+tombstone_gc_batch = 1000                 # deleted rows collected per pass, at most
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
@@ -168,6 +171,10 @@ class DbConfig:
     # changes it keeps
     subscriptions_path: Path | None = None
     subscriptions_keep_changes: int = 500
+    # tombstone GC (corrosion.core.tombstones): off by default; passes and their size
+    tombstone_gc: bool = False
+    tombstone_gc_interval: float = 60.0
+    tombstone_gc_batch: int = 1000
 
     def subscriptions_dir(self) -> Path:
         if self.subscriptions_path is not None:
@@ -287,6 +294,9 @@ class Config:
             schema_paths=tuple(Path(p) for p in db.string_list("schema_paths")),
             subscriptions_path=Path(p) if (p := db.opt_string("subscriptions_path")) else None,
             subscriptions_keep_changes=db.integer("subscriptions_keep_changes", lo=1, hi=10**9),
+            tombstone_gc=db.boolean("tombstone_gc"),
+            tombstone_gc_interval=db.number("tombstone_gc_interval", lo=0.01),
+            tombstone_gc_batch=db.integer("tombstone_gc_batch", lo=1, hi=1_000_000),
         )
         db.done()
 

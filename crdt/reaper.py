@@ -23,6 +23,7 @@ newest tombstone must not take it backwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import apsw
 
@@ -99,7 +100,7 @@ def reap_tombstones(
             conn.executemany(f"DELETE FROM {info.clock} WHERE key = ?", keys)
             out.clock_rows += conn.total_changes() - before
             conn.executemany(f"DELETE FROM {info.pks_table} WHERE __crsql_key = ?", keys)
-            floor = max(known.get(table, 0), max(cl for _k, cl in rows))
+            floor = max(known.get(table, 0), *(int(cast(int, cl)) for _k, cl in rows))
             conn.execute(
                 "INSERT OR REPLACE INTO crsql_master (key, value) VALUES (?, ?)",
                 (FLOOR_KEY + table, floor),

@@ -87,6 +87,7 @@ from .changeset import (
 )
 from .hlc import HybridClock
 from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
+from .tombstones import Watermark
 
 Address = tuple[str, int]
 
@@ -220,6 +221,7 @@ class Replicator:
         self._digested: dict[bytes, tuple[int, int]] = {}  # actor -> (head, digests sent of it)
         # (actor, head) a digest showed us lacking -> (when first seen, who has it)
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
+        self.watermark = Watermark(self.actor)  # members' heads, for tombstone GC
 
     # -- lifecycle and membership ----------------------------------------------------------
 
@@ -248,6 +250,7 @@ class Replicator:
             if gone is None:
                 return []
             self.member_down(gone[0])
+            self.watermark.member_down(gone[0], left=event.member.state is swim.State.LEFT)
             return [event.member]
         if isinstance(event, swim.MemberRenamed):
             old = decode_meta(event.old.meta)
@@ -267,6 +270,7 @@ class Replicator:
     def member_up(self, actor: bytes, addr: Address) -> None:
         if actor != self.actor:
             self.peers[actor] = Peer(actor, addr)
+            self.watermark.member_up(actor)
 
     def member_down(self, actor: bytes) -> None:
         self.peers.pop(actor, None)
@@ -629,7 +633,7 @@ class Replicator:
             kind, fields = decode_frame(request)
             if kind != K_SYNC_REQUEST or len(fields) != 3:
                 raise FrameError("not a sync request")
-            cluster_id, _actor, state = fields
+            cluster_id, actor, state = fields
             state = validate_sync_state(state)
         except (FrameError, ValueError):
             self.stats.malformed += 1
@@ -638,6 +642,8 @@ class Replicator:
             self.stats.other_cluster += 1
             return encode_control(K_REJECT, "different cluster")
         self.stats.syncs_served += 1
+        if type(actor) is bytes and len(actor) == 16:
+            self.watermark.report(actor, state)
         return state
 
     def sync_answer(self, state: dict[bytes, Any]) -> Iterator[bytes]:
