@@ -33,11 +33,15 @@ duplicates), and sync serves a version's *current* clocks, in which the tombston
 replaced the losing change, so a node joining later receives nothing for the key: the row is
 simply not there, as it is not anywhere.
 
-Membership. "Members" are those SWIM reports up, and those it reports down: a member that is
-down (crashed, partitioned) is still a member and holds the watermark back until it returns and
-reports. A member that *left* (SWIM's LEFT, a graceful leave) is dropped; we assume a node that
-left does not come back with its database (it rejoins as a new node, with an empty one). A
-change to the member set starts the stabilisation again (step 3 needs the same set).
+Membership. "Members" are those SWIM reports up, those it reports down, those remembered from
+the last run, and every actor whose versions this node or a reporting member holds: a member
+that is down (crashed, partitioned) is still a member and holds the watermark back until it
+returns and reports, and one SWIM has not told us of yet (after a restart the list fills in
+slowly) is not skipped if anything it wrote reached anyone. A member that *left* (SWIM's LEFT,
+a graceful leave) is dropped; we assume a node that left does not come back with its database
+(it rejoins as a new node, with an empty one): its versions still travelling could otherwise
+carry a change older than a delete. A change to the member set starts the stabilisation again
+(step 3 needs the same set).
 
 What is not covered: a node that joins and writes a key before it has received the key's
 tombstone or the table's floor. Its insert (cl 1) is then concurrent with the delete; a node
@@ -109,6 +113,7 @@ class Watermark:
 
     actor: bytes
     members: dict[bytes, bool] = field(default_factory=dict)  # actor -> up
+    left: set[bytes] = field(default_factory=set)  # members that left: never counted again
     reports: dict[bytes, Report] = field(default_factory=dict)
     records: list[_Record] = field(default_factory=list)
 
@@ -116,15 +121,18 @@ class Watermark:
         if actor != self.actor:
             self.members[actor] = True
 
-    def remembered(self, actor: bytes) -> None:
-        """A member remembered from the last run (not left): it counts until it leaves."""
-        if actor != self.actor:
+    def remembered(self, actor: bytes, *, left: bool = False) -> None:
+        """A member remembered from the last run: it counts until it leaves."""
+        if left:
+            self.member_down(actor, left=True)
+        elif actor != self.actor:
             self.members.setdefault(actor, False)
 
     def member_down(self, actor: bytes, *, left: bool) -> None:
         if left:
             self.members.pop(actor, None)
             self.reports.pop(actor, None)
+            self.left.add(actor)
         elif actor in self.members:
             self.members[actor] = False
 
@@ -133,17 +141,28 @@ class Watermark:
         if actor != self.actor:
             self.reports[actor] = report_from_state(actor, state)
 
-    def unreported(self) -> list[bytes]:
-        return sorted(a for a in self.members if a not in self.reports)
+    def counted(self, bookie: Bookie) -> frozenset[bytes]:
+        """Whose reports the cut needs: the members SWIM told us of, and every actor whose
+        versions this node or a reporting member holds (a writer is a member until it leaves,
+        whether or not SWIM has told us of it yet: after a restart or at a first start the
+        member list fills in slowly, and a member missing from it must not be skipped)."""
+        found = set(self.members) | {a for a, b in bookie.actors.items() if b.held}
+        for r in self.reports.values():
+            found.update(a for a, v in r.contig.items() if v > 0)
+        found.add(self.actor)
+        return frozenset(found - self.left)
+
+    def unreported(self, bookie: Bookie) -> list[bytes]:
+        return sorted(a for a in self.counted(bookie) if a != self.actor and a not in self.reports)
 
     def advance(self, bookie: Bookie) -> dict[bytes, int] | None:
         """Record the current cut and return the stable cut (None: nothing reapable yet)."""
-        if self.unreported():
+        if self.unreported(bookie):
             self.records.clear()
             return None
         reports = dict(self.reports)
         reports[self.actor] = report_from_bookie(self.actor, bookie)
-        members = frozenset(self.members) | {self.actor}
+        members = self.counted(bookie)
         actors = sorted({a for r in reports.values() for a in r.contig})
         cut = {a: min(reports[m].contig.get(a, 0) for m in members) for a in actors}
         own = {m: reports[m].own for m in members}

@@ -41,8 +41,7 @@ class Reaper:
         async with self.db_lock:
             remembered = await anyio.to_thread.run_sync(self.store.load_members)
         for actor, _address, state, _meta in remembered:
-            if state != "LEFT":
-                self.replicator.watermark.remembered(actor)
+            self.replicator.watermark.remembered(actor, left=state == "LEFT")
         while True:
             await anyio.sleep(self.interval)
             try:
@@ -55,7 +54,7 @@ class Reaper:
         watermark has not settled)."""
         cut = self.replicator.watermark.advance(self.store.bookie)
         if cut is None:
-            waiting = self.replicator.watermark.unreported()
+            waiting = self.replicator.watermark.unreported(self.store.bookie)
             if waiting:
                 log.debug("tombstone GC waits for %d members' heads", len(waiting))
             return None

@@ -1,0 +1,141 @@
+"""Tombstone GC in the simulator (the agent's replication core and reaper pass, real SQLite):
+with the reaper on, a cluster under partitions, crashes and loss, deleting and re-inserting the
+same keys, ends with the same tables as with it off, and collects every tombstone once quiet; a
+change older than a delete cannot bring the row back after the delete's metadata is gone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from corrosion.core.changeset import chunk_version, encode
+from simulations import LinkModel, run_liveness
+from simulations.agent_core import agent_of, agent_world
+from simulations.strategies import BASE_LINK
+from simulations.tombstone_gc import REAPER, ReaperCore, ReaperTotals, tombstone_gc
+
+UPSERT = "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"
+DELETE = "DELETE FROM kv WHERE k = ?"
+TOMBSTONES = "SELECT count(*) FROM kv__crsql_clock WHERE col_name = '-1' AND col_version % 2 = 0"
+
+
+def tables(world) -> list[list[tuple]]:
+    return [list(agent_of(n).conn.execute("SELECT * FROM kv ORDER BY k")) for n in world.nodes]
+
+
+def tombstones(world) -> list[int]:
+    return [agent_of(n).conn.execute(TOMBSTONES).fetchone()[0] for n in world.nodes]
+
+
+def churn(world, seed: int, writes: int = 60) -> None:
+    """Upserts and deletes of a few keys (so each is deleted and inserted again, often), with a
+    partition, a crash and a restart along the way."""
+    rng = random.Random(seed)
+    n = len(world.nodes)
+    for i in range(writes):
+        core = agent_of(world.nodes[rng.randrange(n)])
+        if core is not None:
+            key = f"k{rng.randrange(6)}"
+            if rng.random() < 0.4:
+                core.execute([(DELETE, (key,))], world.now)
+            else:
+                core.execute([(UPSERT, (key, f"v{i}"))], world.now)
+        world.run_for(rng.uniform(0.5, 3.0))
+        if i == writes // 4:
+            world.partition([world.nodes[: n // 2], world.nodes[n // 2 :]])
+        if i == writes // 3:
+            world.crash(world.nodes[1])
+        if i == writes // 2:
+            world.restart(world.nodes[1])
+        if i == 2 * writes // 3:
+            world.heal_all(LinkModel(BASE_LINK.delay, loss=0.05))
+
+
+def run(seed: int, gc: bool):
+    totals = ReaperTotals()
+    extra = [tombstone_gc(totals, interval=5.0, batch=3)] if gc else []
+    world = agent_world(seed, 3 + seed % 3, link=LinkModel(BASE_LINK.delay, loss=0.05), extra=extra)
+    world.run_until(2.0)
+    churn(world, seed)
+    run_liveness(world, link=BASE_LINK)
+    world.check()
+    return world, totals
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_the_reaper_on_the_tables_are_those_it_leaves_off(seed):
+    off, _ = run(seed, gc=False)
+    try:
+        expected = tables(off)
+        assert all(t == expected[0] for t in expected)
+        assert sum(tombstones(off)) > 0  # the workload leaves deleted rows
+    finally:
+        off.close()
+    on, totals = run(seed, gc=True)
+    try:
+        assert tables(on) == expected
+        # quiet now: every member reports, the watermark passes every delete, all is collected
+        assert on.run_until_true(lambda: sum(tombstones(on)) == 0, 600.0, 5.0), tombstones(on)
+        assert sum(totals.reaped.values()) > 0
+        assert tables(on) == expected
+        on.check()  # databases still equal, clocks included
+    finally:
+        on.close()
+
+
+def test_a_late_change_cannot_resurrect_a_reaped_row():
+    """C writes the row while cut off; B deletes it meanwhile. C is down, not gone: nobody
+    collects the delete until C is back and has reported. Then C's write loses everywhere, the
+    delete is collected everywhere, a replay of C's old frame is dropped, and the key is free."""
+    totals = ReaperTotals()
+    world = agent_world(7, 3, extra=[tombstone_gc(totals, interval=2.0)])
+    try:
+        world.run_until(2.0)
+        a, b, c = (agent_of(n) for n in world.nodes)
+        a.execute([(UPSERT, ("k", "first"))], world.now)
+        assert world.run_until_true(
+            lambda: all(t == [("k", "first", 0)] for t in tables(world)), 30
+        )
+
+        world.partition([world.nodes[:2], world.nodes[2:]])
+        _r, commit, _effects = c.replicator.execute([(UPSERT, ("k", "late"))], world.now)
+        assert commit is not None
+        late_frames = [
+            encode(ch)
+            for ch in chunk_version(
+                c.store.actor_id, commit.version, commit.changes, commit.last_seq, commit.ts,
+                commit.db_version,
+            )
+        ]  # fmt: skip
+        b.execute([(DELETE, ("k",))], world.now)
+        world.run_for(120.0)  # many reaper passes, C unreachable all along
+        assert tombstones(world)[:2] == [1, 1]  # kept: C has not reported the delete
+
+        run_liveness(world, link=BASE_LINK)
+        world.check()
+        assert tables(world) == [[], [], []]  # C's write lost to the delete everywhere
+        assert world.run_until_true(lambda: tombstones(world) == [0, 0, 0], 300.0, 2.0)
+        for node in world.nodes:  # lookaside rows are gone too
+            assert (
+                agent_of(node).conn.execute("SELECT count(*) FROM kv__crsql_pks").fetchone()[0] == 0
+            )
+
+        for core in (a, b):  # C's old write arrives again, late: a duplicate, dropped
+            for frame in late_frames:
+                core.replicator.handle_frame(None, frame, world.now)
+            core.replicator.apply_pending(None, world.now)
+        assert tables(world) == [[], [], []]
+
+        a.execute([(UPSERT, ("k", "again"))], world.now)  # the key reused: a fresh insert
+        assert world.run_until_true(
+            lambda: all(t == [("k", "again", 0)] for t in tables(world)), 60.0
+        )
+        cls = [
+            agent_of(n).conn.execute("SELECT DISTINCT cl FROM crsql_changes").fetchall()
+            for n in world.nodes
+        ]
+        assert cls == [[(3,)]] * 3  # above the floor (2) on every node
+        assert all(isinstance(n.core(REAPER), ReaperCore) for n in world.nodes)
+    finally:
+        world.close()
