@@ -36,10 +36,13 @@ FLOOR_KEY = "tombstone_floor."
 
 @dataclass
 class Reaped:
-    """What one ``reap_tombstones`` call collected: keys per table, and clock rows deleted."""
+    """What one ``reap_tombstones`` call collected: keys per table, clock rows deleted, and per
+    table the db_version below which every tombstone up to the bound is now gone (the next
+    call's ``after``)."""
 
     keys: dict[str, int] = field(default_factory=dict)
     clock_rows: int = 0
+    scanned: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_keys(self) -> int:
@@ -58,13 +61,19 @@ def floors(conn: apsw.Connection) -> dict[str, int]:
 
 
 def reap_tombstones(
-    conn: apsw.Connection, state: CrrState, max_db_version: int, limit: int
+    conn: apsw.Connection,
+    state: CrrState,
+    max_db_version: int,
+    limit: int,
+    after: dict[str, int] | None = None,
 ) -> Reaped:
     """Delete the lookaside and clock rows of up to ``limit`` deleted keys whose tombstone was
-    stamped at a local db_version ``<= max_db_version``, in one transaction. A key whose base row
-    exists (re-inserted since) or whose sentinel is odd is never touched: the candidates are
-    chosen and deleted in the same transaction, so nothing can revive one in between."""
+    stamped at a local db_version ``<= max_db_version`` (and above ``after[table]``: where the
+    previous call had got to), in one transaction. A key whose base row exists (re-inserted
+    since) or whose sentinel is odd is never touched: the candidates are chosen and deleted in
+    the same transaction, so nothing can revive one in between."""
     out = Reaped()
+    after = after or {}
     if limit <= 0:
         return out
     with conn:
@@ -84,23 +93,28 @@ def reap_tombstones(
                 break
             info = read_table_info(conn, table)
             match = " AND ".join(f"b.{ident(c)} IS k.{ident(c)}" for c in info.pk_names)
+            start = after.get(table, 0)
+            # a range of the db_version index: a pass reads what is new since the last one
             rows = conn.execute(
-                f"SELECT c.key, c.col_version FROM {info.clock} AS c "
+                f"SELECT c.key, c.col_version, c.db_version FROM {info.clock} AS c "
                 f"JOIN {info.pks_table} AS k ON k.__crsql_key = c.key "
-                f"WHERE c.col_name = {literal(SENTINEL)} AND c.col_version % 2 = 0 "
-                f"AND c.db_version <= ? "
+                f"WHERE c.db_version > ? AND c.db_version <= ? "
+                f"AND c.col_name = {literal(SENTINEL)} AND c.col_version % 2 = 0 "
                 f"AND NOT EXISTS (SELECT 1 FROM {info.quoted} AS b WHERE {match}) "
                 "ORDER BY c.db_version LIMIT ?",
-                (max_db_version, limit),
+                (start, max_db_version, limit),
             ).fetchall()
+            # cut short by the limit: the last version read may have more, read it again
+            full = len(rows) == limit
+            out.scanned[table] = max(start, cast(int, rows[-1][2]) - 1) if full else max_db_version
             if not rows:
                 continue
-            keys = [(k,) for k, _cl in rows]
+            keys = [(k,) for k, _cl, _v in rows]
             before = conn.total_changes()
             conn.executemany(f"DELETE FROM {info.clock} WHERE key = ?", keys)
             out.clock_rows += conn.total_changes() - before
             conn.executemany(f"DELETE FROM {info.pks_table} WHERE __crsql_key = ?", keys)
-            floor = max(known.get(table, 0), *(int(cast(int, cl)) for _k, cl in rows))
+            floor = max(known.get(table, 0), *(int(cast(int, cl)) for _k, cl, _v in rows))
             conn.execute(
                 "INSERT OR REPLACE INTO crsql_master (key, value) VALUES (?, ?)",
                 (FLOOR_KEY + table, floor),

@@ -41,6 +41,7 @@ class ReaperCore(Core):
         self.interval = interval
         self.batch = batch
         self.totals = totals
+        self.scanned: dict[str, int] = {}
 
     def start(self, now: float) -> None:
         self.port.set_timer(now + self.interval, "reap")
@@ -64,8 +65,9 @@ class ReaperCore(Core):
         cut = rep.watermark.advance(agent.store.bookie)
         if cut is None:
             return 0
-        result = reap(agent.store, cut, self.batch)
+        result = reap(agent.store, cut, self.batch, self.scanned)
         agent.store.tombstone_floors = result.floors
+        self.scanned.update(result.scanned)
         i = self.port.node.index
         self.totals.passes[i] = self.totals.passes.get(i, 0) + 1
         self.totals.reaped[i] = self.totals.reaped.get(i, 0) + result.total_keys

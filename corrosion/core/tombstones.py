@@ -187,6 +187,7 @@ class ReapResult:
     keys: dict[str, int]
     clock_rows: int
     floors: dict[str, int]
+    scanned: dict[str, int]  # per table, where the next pass starts (``crdt.reaper``)
 
     @property
     def total_keys(self) -> int:
@@ -211,9 +212,12 @@ def reap_bound(store: Store, cut: dict[bytes, int]) -> int:
     return crdt.db_version(conn)
 
 
-def reap(store: Store, cut: dict[bytes, int], limit: int) -> ReapResult:
+def reap(
+    store: Store, cut: dict[bytes, int], limit: int, after: dict[str, int] | None = None
+) -> ReapResult:
     """The database half of a reaper pass (a worker thread, under the database lock): collect
-    up to ``limit`` tombstones below the stable ``cut``."""
+    up to ``limit`` tombstones below the stable ``cut``, reading from where the last pass got to
+    (``after``, the previous ``ReapResult.scanned``)."""
     bound = reap_bound(store, cut)
-    done = reaper.reap_tombstones(store.conn, store.conn.crr, bound, limit)
-    return ReapResult(bound, done.keys, done.clock_rows, reaper.floors(store.conn))
+    done = reaper.reap_tombstones(store.conn, store.conn.crr, bound, limit, after)
+    return ReapResult(bound, done.keys, done.clock_rows, reaper.floors(store.conn), done.scanned)

@@ -36,6 +36,7 @@ class Reaper:
         self.interval = interval
         self.batch = batch
         self.stats = ReaperStats()
+        self.scanned: dict[str, int] = {}  # per table, where the next pass starts
 
     async def run(self) -> None:
         async with self.db_lock:
@@ -60,8 +61,11 @@ class Reaper:
             return None
         async with self.db_lock:
             with anyio.CancelScope(shield=True):
-                result = await anyio.to_thread.run_sync(reap, self.store, cut, self.batch)
+                result = await anyio.to_thread.run_sync(
+                    reap, self.store, cut, self.batch, dict(self.scanned)
+                )
                 self.store.tombstone_floors = result.floors  # O3: before the lock is free
+        self.scanned.update(result.scanned)
         self.stats.passes += 1
         for table, n in result.keys.items():
             self.stats.reaped[table] = self.stats.reaped.get(table, 0) + n

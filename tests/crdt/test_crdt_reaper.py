@@ -96,6 +96,22 @@ def test_only_tombstones_at_or_below_the_bound_are_reaped_in_batches():
     assert metadata(conn) == (0, 0)
 
 
+def test_a_pass_starts_where_the_last_one_got_to():
+    conn = db()
+    for i in range(4):
+        conn.execute("INSERT INTO t VALUES (?, 'x', 1)", (i,))
+        conn.execute("DELETE FROM t WHERE a = ?", (i,))
+    first = reap(conn, limit=3)
+    assert first.keys == {"t": 3} and first.scanned["t"] < crdt.db_version(conn)
+    second = reaper.reap_tombstones(conn, conn.crr, crdt.db_version(conn), 10, first.scanned)
+    version = crdt.db_version(conn)
+    assert second.keys == {"t": 1} and second.scanned == {"t": version, "p": version}
+    conn.execute("INSERT INTO t VALUES (9, 'x', 1)")
+    conn.execute("DELETE FROM t WHERE a = 9")  # stamped above where the last pass got to
+    third = reaper.reap_tombstones(conn, conn.crr, crdt.db_version(conn), 10, second.scanned)
+    assert third.keys == {"t": 1} and metadata(conn) == (0, 0)
+
+
 def test_live_rows_and_reinserted_keys_are_never_reaped():
     conn = db()
     conn.execute("INSERT INTO t VALUES (1, 'x', 1), (2, 'y', 2)")
@@ -168,3 +184,54 @@ def test_a_late_old_insert_resurrects_a_reaped_row():
     reap(c)
     sync(a, c)  # a's insert reaches c late
     assert table(c) == [(1, "x", 1)]  # resurrected: the case the watermark rules out
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["t", "p"])
+def test_a_reused_key_merges_into_cr_sqlite_as_into_a_node_that_reaped(oracle, name):
+    """cr-sqlite (WASM), holding the tombstone, and a fresh cr-sqlite node take the changes of a
+    key inserted again after a reap exactly as our node that reaped does: same row, same
+    ``crsql_changes`` (site ids aside)."""
+    schema = {
+        "t": "CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b, c)",
+        "p": "CREATE TABLE p (k TEXT PRIMARY KEY NOT NULL)",
+    }[name]
+    row, again = {"t": ("(1, 'x', 1)", "(1, 'new', 2)"), "p": ("('a')", "('a')")}[name]
+    a, b = db(), db()
+    holding, fresh = oracle.open(f"reap-hold-{name}"), oracle.open(f"reap-fresh-{name}")
+    try:
+        for theirs in (holding, fresh):
+            theirs.execute(schema)
+            theirs.execute(f"SELECT crsql_as_crr('{name}')")
+        a.execute(f"INSERT INTO {name} VALUES {row}")
+        a.execute(f"DELETE FROM {name}")
+        sync(a, b)
+        for change in crdt.changes_since(a, 0):
+            holding.execute("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", change)
+        assert holding.execute(f"SELECT count(*) FROM {name}") == [(0,)]
+        version = crdt.db_version(a)
+        reap(a)
+        reap(b)
+        local(a, f"INSERT INTO {name} VALUES {again}")
+        new = crdt.changes_since(a, version)
+        crdt.merge(b, new)
+        for theirs in (holding, fresh):
+            for change in new:
+                theirs.execute(
+                    "INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", change
+                )
+
+        def view(execute):
+            rows = execute(f"SELECT * FROM {name} ORDER BY 1")
+            changes = execute(
+                'SELECT "table", pk, cid, val, col_version, cl FROM crsql_changes ORDER BY 1, 2, 3'
+            )
+            return [tuple(r) for r in rows], [tuple(c) for c in changes]
+
+        ours = view(lambda sql: b.execute(sql).fetchall())
+        assert ours[0] == table(a, name) and ours[0]
+        assert view(holding.execute) == ours
+        assert view(fresh.execute) == ours
+    finally:
+        holding.close()
+        fresh.close()
