@@ -29,7 +29,7 @@ import apsw
 
 from .sqlutil import ident, literal
 from .state import CrrState
-from .tableinfo import SENTINEL, crr_tables, read_table_info
+from .tableinfo import SENTINEL, crr_tables, is_crr, read_table_info
 
 FLOOR_KEY = "tombstone_floor."
 
@@ -126,9 +126,12 @@ def reap_tombstones(
 
 def mark_new_keys(conn: apsw.Connection, table_floors: dict[str, int]) -> dict[str, int]:
     """Before a local transaction's statements: the highest lookaside key of each table with a
-    floor (keys above it are created by the transaction)."""
+    floor (keys above it are created by the transaction). Tables this database does not have
+    (dropped since, or a floor heard from a peer before the schema arrived) are skipped."""
     marks = {}
     for table in table_floors:
+        if not is_crr(conn, table):
+            continue
         info = read_table_info(conn, table)
         row = conn.execute(f"SELECT max(__crsql_key) FROM {info.pks_table}").fetchone()
         marks[table] = row[0] if row and row[0] is not None else 0
@@ -140,10 +143,12 @@ def lift_new_keys(
 ) -> int:
     """After the statements, before the commit: give every key the transaction created in a
     table with a floor a sentinel of ``floor + 1`` (raising the ``1`` a pk-only table's insert
-    wrote). Returns the keys lifted. Only runs inside a write that already took a db_version."""
+    wrote), and keep the floors (some may have been heard from peers: ``save_floors``). Returns
+    the keys lifted. Only runs inside a write that already took a db_version."""
     lifted = 0
     if state.pending == -1:
         return 0
+    save_floors(conn, {t: table_floors[t] for t in marks})
     for table, mark in marks.items():
         info = read_table_info(conn, table)
         cl = table_floors[table] + 1
@@ -167,3 +172,22 @@ def lift_new_keys(
             )
         lifted += len(fresh)
     return lifted
+
+
+def save_floors(conn: apsw.Connection, table_floors: dict[str, int]) -> None:
+    """Raise the stored floors to ``table_floors`` (a floor never goes down)."""
+    for table, floor in table_floors.items():
+        conn.execute(
+            "INSERT INTO crsql_master (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+            "SET value = excluded.value WHERE CAST(value AS INTEGER) < excluded.value",
+            (FLOOR_KEY + table, floor),
+        )
+
+
+def merge_floors(mine: dict[str, int], theirs: dict[str, int]) -> dict[str, int]:
+    """The larger floor of each table."""
+    out = dict(mine)
+    for table, floor in theirs.items():
+        if floor > out.get(table, 0):
+            out[table] = floor
+    return out

@@ -15,6 +15,7 @@ from typing import Any
 import swim
 from corrosion.core.replication import decode_meta
 from corrosion.core.tombstones import reap
+from crdt.reaper import merge_floors
 
 from .agent_core import AGENT, AgentCore
 from .node import Core, CoreSpec, Port
@@ -66,7 +67,7 @@ class ReaperCore(Core):
         if cut is None:
             return 0
         result = reap(agent.store, cut, self.batch, self.scanned)
-        agent.store.tombstone_floors = result.floors
+        agent.store.tombstone_floors = merge_floors(agent.store.tombstone_floors, result.floors)
         self.scanned.update(result.scanned)
         i = self.port.node.index
         self.totals.passes[i] = self.totals.passes.get(i, 0) + 1

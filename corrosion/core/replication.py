@@ -87,7 +87,7 @@ from .changeset import (
 )
 from .hlc import HybridClock
 from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
-from .tombstones import Watermark
+from .tombstones import Watermark, hear_floors
 
 Address = tuple[str, int]
 
@@ -610,6 +610,8 @@ class Replicator:
         if kind in (K_CHANGESET, K_EMPTY):
             self._enqueue(item, relay=False)
             return True
+        if kind == K_SYNC_DONE and item:
+            hear_floors(self.store, item[0])  # tombstone GC's floors, when the server has any
         return False  # done (or a reject): the answer is over
 
     def sync_finished(self, addr: Address) -> None:
@@ -659,7 +661,8 @@ class Replicator:
                 else:
                     budget -= sum(e - s + 1 for s, e in item.versions)
                 yield encode(item)
-        yield encode_control(K_SYNC_DONE)
+        floors = self.store.tombstone_floors
+        yield encode_control(K_SYNC_DONE, floors) if floors else encode_control(K_SYNC_DONE)
 
     # -- hello for peer streams ----------------------------------------------------------------
 

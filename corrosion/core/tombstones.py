@@ -43,11 +43,15 @@ a graceful leave) is dropped; we assume a node that left does not come back with
 carry a change older than a delete. A change to the member set starts the stabilisation again
 (step 3 needs the same set).
 
-What is not covered: a node that joins and writes a key before it has received the key's
-tombstone or the table's floor. Its insert (cl 1) is then concurrent with the delete; a node
-that has reaped accepts it, one still holding the tombstone ignores it. Without GC the delete
-would win everywhere. Keep ``db.tombstone_gc`` off while such writes are possible, or let a new
-node sync before it takes writes.
+Floors. A node that joins after a collection holds the delete's version only as an empty one
+(it was served after the tombstone was gone), so the argument above does not make its writes to
+the key exceed ``c``: the table's floor does. Each sync answer ends with the server's floors
+(``hear_floors``), and a node keeps the largest it has heard.
+
+What is not covered: a node that joins and writes a key before its first sync has completed
+(before it has the key's tombstone or the table's floor). Its insert (cl 1) is then concurrent
+with the delete; a node that has reaped accepts it, one still holding the tombstone ignores it.
+Without GC the delete would win everywhere. Let a new node sync before it takes writes.
 """
 
 from __future__ import annotations
@@ -192,6 +196,21 @@ class ReapResult:
     @property
     def total_keys(self) -> int:
         return sum(self.keys.values())
+
+
+def hear_floors(store: Store, obj: Any) -> None:
+    """A sync answer's done frame carried the server's table floors (``crdt.reaper``): keys
+    this node creates in those tables start above them too, even if it never reaped (a node
+    that joined after a collection would otherwise re-insert a collected key at causal length
+    1, which peers still holding the tombstone ignore). Malformed floors are ignored. On the
+    loop (O3); the next local write that creates keys stores them."""
+    if not isinstance(obj, dict) or not all(
+        type(k) is str and type(v) is int and v >= 0 for k, v in obj.items()
+    ):
+        return
+    merged = reaper.merge_floors(store.tombstone_floors, obj)
+    if merged != store.tombstone_floors:
+        store.tombstone_floors = merged
 
 
 def reap_bound(store: Store, cut: dict[bytes, int]) -> int:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from crdt.reaper import merge_floors
+
 from ..core.replication import Replicator
 from ..core.store import Store
 from ..core.tombstones import ReapResult, reap
@@ -64,7 +66,10 @@ class Reaper:
                 result = await anyio.to_thread.run_sync(
                     reap, self.store, cut, self.batch, dict(self.scanned)
                 )
-                self.store.tombstone_floors = result.floors  # O3: before the lock is free
+                # O3: before the lock is free; floors heard from peers are kept
+                self.store.tombstone_floors = merge_floors(
+                    self.store.tombstone_floors, result.floors
+                )
         self.scanned.update(result.scanned)
         self.stats.passes += 1
         for table, n in result.keys.items():

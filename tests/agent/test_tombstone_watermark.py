@@ -1,10 +1,18 @@
 """The tombstone GC watermark (corrosion.core.tombstones.Watermark): which cut it lets the reaper
-collect below, as members report, go down, leave, or are not known yet."""
+collect below, as members report, go down, leave, or are not known yet; and the floors a sync
+answer carries to a node that joins after a collection."""
 
 from __future__ import annotations
 
+import random
+
+from agent_helpers import apply_now, commit_now
+
 from corrosion.core.bookie import Bookie
-from corrosion.core.tombstones import Watermark, contiguous_from_state
+from corrosion.core.changeset import chunk_version
+from corrosion.core.replication import ReplicationConfig, Replicator
+from corrosion.core.store import Store
+from corrosion.core.tombstones import Watermark, contiguous_from_state, reap
 
 A, B, C = b"a" * 16, b"b" * 16, b"c" * 16
 
@@ -65,3 +73,36 @@ def test_an_actor_whose_versions_anyone_holds_counts_before_swim_names_it():
     w.report(C, state(a=1, b=1, c=4))
     w.advance(bookie(a=1, b=1, c=4))
     assert w.advance(bookie(a=1, b=1, c=4)) == {A: 1, B: 1, C: 4}
+
+
+def test_a_node_joining_after_a_collection_hears_the_floor_and_reuses_keys_above_it(tmp_path):
+    """a collected the delete, b has not yet; j joins and syncs from a, which holds nothing of
+    the key any more. j's insert of the key must still beat b's tombstone: a's floor comes with
+    the end of its sync answer."""
+
+    def node(name):
+        s = Store(tmp_path / f"{name}.db")
+        s.apply_schema("CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, body TEXT)")
+        return s, Replicator(s, ReplicationConfig(), random.Random(1), lambda: 1_700_000_000_000)
+
+    (a, ra), (b, _rb), (j, rj) = node("a"), node("b"), node("j")
+    for sql in ("INSERT INTO t VALUES (1, 'x')", "DELETE FROM t"):
+        _, commit = commit_now(a, [(sql, ())], ts=1)
+        apply_now(b, chunk_version(a.actor_id, commit.version, commit.changes, 0, 1, 1))
+    assert reap(a, {a.actor_id: 2}, 10).keys == {"t": 1}
+    a.tombstone_floors = reap(a, {a.actor_id: 2}, 10).floors
+    assert a.tombstone_floors == {"t": 2}
+
+    for frame in ra.serve_sync(rj.sync_request()):
+        if not rj.handle_sync_frame(("a", 1), frame, 0.0):
+            break
+    rj.apply_pending()
+    assert j.conn.execute("SELECT count(*) FROM t__crsql_clock").fetchone() == (0,)
+    assert j.tombstone_floors == {"t": 2}
+
+    _, commit = commit_now(j, [("INSERT INTO t VALUES (1, 'again')", ())], ts=2)
+    assert {c.cl for c in commit.changes} == {3}
+    chunks = chunk_version(j.actor_id, commit.version, commit.changes, commit.last_seq, 2, 1)
+    for s in (a, b):
+        apply_now(s, chunks)
+        assert s.conn.execute("SELECT * FROM t").fetchall() == [(1, "again")]
