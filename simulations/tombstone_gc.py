@@ -9,6 +9,7 @@ sibling swim core's member list, down members included, stands in for it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +38,11 @@ class ReaperTotals:
 class ReaperCore(Core):
     name = REAPER
 
-    def __init__(self, port: Port, interval: float, batch: int, totals: ReaperTotals) -> None:
+    def __init__(
+        self, port: Port, interval: float, batch: int, totals: ReaperTotals, off: bool = False
+    ) -> None:
         super().__init__(port)
+        self.off = off  # hosted but never collecting: a node whose reaper lags behind forever
         self.interval = interval
         self.batch = batch
         self.totals = totals
@@ -54,7 +58,7 @@ class ReaperCore(Core):
     def run_pass(self) -> int:
         """One pass, inline; returns the rows collected."""
         agent = self.port.node.core_of(AGENT, AgentCore)
-        if agent is None:
+        if agent is None or self.off:
             return 0
         rep = agent.replicator
         swim_core = self.port.node.core_of(SWIM, SwimCore)
@@ -75,10 +79,13 @@ class ReaperCore(Core):
         return result.total_keys
 
 
-def tombstone_gc(totals: ReaperTotals, interval: float = 5.0, batch: int = 1000) -> CoreSpec:
-    """A spec hosting :class:`ReaperCore` (an ``extra`` core of ``agent_world``)."""
+def tombstone_gc(
+    totals: ReaperTotals, interval: float = 5.0, batch: int = 1000, off: Collection[int] = ()
+) -> CoreSpec:
+    """A spec hosting :class:`ReaperCore` (an ``extra`` core of ``agent_world``); the nodes whose
+    index is in ``off`` never collect."""
 
     def build(port: Port) -> ReaperCore:
-        return ReaperCore(port, interval, batch, totals)
+        return ReaperCore(port, interval, batch, totals, port.node.index in off)
 
     return build

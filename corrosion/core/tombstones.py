@@ -238,5 +238,6 @@ def reap(
     up to ``limit`` tombstones below the stable ``cut``, reading from where the last pass got to
     (``after``, the previous ``ReapResult.scanned``)."""
     bound = reap_bound(store, cut)
+    reaper.save_floors(store.conn, store.tombstone_floors)  # those heard from peers too
     done = reaper.reap_tombstones(store.conn, store.conn.crr, bound, limit, after)
     return ReapResult(bound, done.keys, done.clock_rows, reaper.floors(store.conn), done.scanned)

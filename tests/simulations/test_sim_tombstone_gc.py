@@ -139,3 +139,36 @@ def test_a_late_change_cannot_resurrect_a_reaped_row():
         assert all(isinstance(n.core(REAPER), ReaperCore) for n in world.nodes)
     finally:
         world.close()
+
+
+def test_a_node_joining_after_a_collection_reuses_the_key_so_that_all_agree():
+    """n0 collects the delete, n1 never does (its reaper lags), n2 joins afterwards and inserts
+    the key again: n2 holds nothing of the key (or, synced from n1, its tombstone), and its
+    insert must win on n1 too."""
+    totals = ReaperTotals()
+    world = agent_world(3, 3, stagger=150.0, extra=[tombstone_gc(totals, interval=2.0, off={1})])
+    try:
+        world.run_until(152.0)  # n0 and n1 up, n2 not yet started
+        n0, n1 = (agent_of(n) for n in world.nodes[:2])
+        n0.execute([(UPSERT, ("k", "first"))], world.now)
+        n1.execute([(UPSERT, ("j", "other"))], world.now)
+        world.run_for(5.0)
+        n0.execute([(DELETE, ("k",))], world.now)
+        assert world.run_until_true(lambda: totals.reaped.get(0, 0) == 1, 140.0)
+        assert world.now < 300.0 and agent_of(world.nodes[2]) is None
+        assert n1.conn.execute(TOMBSTONES).fetchone() == (1,)  # n1 keeps it
+
+        world.run_until(301.0)  # n2 starts at 300
+        n2 = agent_of(world.nodes[2])
+        assert n2 is not None
+        assert world.run_until_true(lambda: tables(world)[2] == [("j", "other", 0)], 60.0)
+        heard = n2.store.tombstone_floors == {"kv": 2}
+        kept = n2.conn.execute(TOMBSTONES).fetchone() == (1,)
+        assert heard or kept
+        n2.execute([(UPSERT, ("k", "again"))], world.now)
+        want = [("j", "other", 0), ("k", "again", 0)]
+        assert world.run_until_true(lambda: all(t == want for t in tables(world)), 60.0)
+        run_liveness(world, link=BASE_LINK)
+        world.check()
+    finally:
+        world.close()
