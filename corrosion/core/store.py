@@ -210,7 +210,7 @@ class Store:
         self.actor_id: bytes = crdt.site_id(self.conn)
         self.bookie = self._load_bookie()
         # tables tombstone GC reaped, and their floors (crdt.reaper): set by the loop (O3)
-        self.tombstone_floors = reaper.floors(self.conn)
+        self.tombstone_floors: dict[str, int] = reaper.floors(self.conn)
         # checks client statements only, inside execute_local (sqlguard)
         self.guard = Guard(writes=True).install(self.conn)
 
