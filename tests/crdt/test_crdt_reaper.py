@@ -235,3 +235,20 @@ def test_a_reused_key_merges_into_cr_sqlite_as_into_a_node_that_reaped(oracle, n
     finally:
         holding.close()
         fresh.close()
+
+
+def test_the_floor_lifts_every_new_key_so_a_concurrent_delete_of_an_unseen_key_loses():
+    """The documented deviation (docs/agent.md, "Tombstone GC"): a node with a floor cannot tell a
+    key it collected from one it never saw, so it lifts both. Without GC, an insert of a key the
+    writer never saw (cl 1) loses to a concurrent delete of that key (cl 2); with a floor it wins.
+    All nodes still agree."""
+    w, b = db(), db()
+    w.execute("INSERT INTO t VALUES (9, 'gone', 0)")
+    w.execute("DELETE FROM t")
+    reap(w)  # w's floor for t is now 2
+    b.execute("INSERT INTO t VALUES (1, 'b', 0)")
+    b.execute("DELETE FROM t WHERE a = 1")  # cl 2; w never saw key 1
+    local(w, "INSERT INTO t VALUES (1, 'w', 0)")  # cl 3, concurrent with b's delete
+    sync(w, b)
+    sync(b, w)
+    assert table(w) == table(b) == [(1, "w", 0)]  # without the floor: [] on both
