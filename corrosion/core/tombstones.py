@@ -68,10 +68,12 @@ from .store import Store
 
 @dataclass(frozen=True)
 class Report:
-    """What one member held: per actor its contiguous head; ``own``, its own."""
+    """What one member held: per actor its contiguous head; ``own``, its own; ``writers``, every
+    actor it holds any version of."""
 
     contig: dict[bytes, int]
     own: int
+    writers: frozenset[bytes] = frozenset()
 
 
 def contiguous_from_state(entry: dict[str, Any]) -> int:
@@ -93,7 +95,7 @@ def contiguous_from_booked(booked: Booked) -> int:
 
 def report_from_state(actor: bytes, state: dict[bytes, Any]) -> Report:
     contig = {a: contiguous_from_state(e) for a, e in state.items()}
-    return Report(contig, contig.get(actor, 0))
+    return Report(contig, contig.get(actor, 0), frozenset(a for a, e in state.items() if e["head"]))
 
 
 def report_from_bookie(actor: bytes, bookie: Bookie) -> Report:
@@ -124,6 +126,7 @@ class Watermark:
     def member_up(self, actor: bytes) -> None:
         if actor != self.actor:
             self.members[actor] = True
+            self.left.discard(actor)  # back: counted again (it should have come back empty)
 
     def remembered(self, actor: bytes, *, left: bool = False) -> None:
         """A member remembered from the last run: it counts until it leaves."""
@@ -152,7 +155,7 @@ class Watermark:
         member list fills in slowly, and a member missing from it must not be skipped)."""
         found = set(self.members) | {a for a, b in bookie.actors.items() if b.held}
         for r in self.reports.values():
-            found.update(a for a, v in r.contig.items() if v > 0)
+            found.update(r.writers)
         found.add(self.actor)
         return frozenset(found - self.left)
 
@@ -179,7 +182,8 @@ class Watermark:
                 del self.records[:i]  # older records can only give a lower cut
                 break
         self.records.append(_Record(members, cut, own))
-        del self.records[:-MAX_RECORDS]
+        if stable is None:
+            del self.records[:-MAX_RECORDS]
         return stable
 
 

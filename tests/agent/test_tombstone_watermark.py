@@ -106,3 +106,10 @@ def test_a_node_joining_after_a_collection_hears_the_floor_and_reuses_keys_above
     for s in (a, b):
         apply_now(s, chunks)
         assert s.conn.execute("SELECT * FROM t").fetchall() == [(1, "again")]
+
+
+def test_an_actor_held_only_past_a_gap_still_counts():
+    w = Watermark(A)
+    w.member_up(B)
+    w.report(B, {**state(a=1, b=1), C: {"head": 5, "gaps": [[1, 2]], "partials": {}}})
+    assert w.unreported(bookie(a=1)) == [C]
