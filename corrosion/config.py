@@ -7,6 +7,9 @@ schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload r
 schema_source = "cluster"                 # "cluster": follow the cluster's schema versions
 subscriptions_path = "/var/lib/corrosion/subs"  # default: <path>.subscriptions beside it
 subscriptions_keep_changes = 500          # recent changes a subscription keeps for resuming
+tombstone_gc = false                      # collect deleted rows' metadata once all members have it
+tombstone_gc_interval = 60.0              # seconds between reaper passes
+tombstone_gc_batch = 1000                 # deleted rows collected per pass, at most
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
@@ -174,6 +177,10 @@ class DbConfig:
     # "cluster": follow the replicated schema versions, reload proposes one; "files": each node
     # applies only its own files (corrosion's way), cluster versions are only compared
     schema_source: str = "cluster"
+    # tombstone GC (corrosion.core.tombstones): off by default; passes and their size
+    tombstone_gc: bool = False
+    tombstone_gc_interval: float = 60.0
+    tombstone_gc_batch: int = 1000
 
     def subscriptions_dir(self) -> Path:
         if self.subscriptions_path is not None:
@@ -332,6 +339,9 @@ class Config:
             subscriptions_path=Path(p) if (p := db.opt_string("subscriptions_path")) else None,
             subscriptions_keep_changes=db.integer("subscriptions_keep_changes", lo=1, hi=10**9),
             schema_source=db.string("schema_source"),
+            tombstone_gc=db.boolean("tombstone_gc"),
+            tombstone_gc_interval=db.number("tombstone_gc_interval", lo=0.01),
+            tombstone_gc_batch=db.integer("tombstone_gc_batch", lo=1, hi=1_000_000),
         )
         if db_cfg.schema_source not in ("cluster", "files"):
             raise ConfigError("db.schema_source: must be one of 'cluster', 'files'")

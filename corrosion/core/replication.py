@@ -95,6 +95,7 @@ from .changeset import (
 )
 from .hlc import HybridClock
 from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
+from .tombstones import Watermark, hear_floors
 
 Address = tuple[str, int]
 
@@ -251,6 +252,7 @@ class Replicator:
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
         # (actor, version) -> its trace context, the last TRACE_MEMORY traced versions (T1)
         self.traces: dict[tuple[bytes, int], bytes] = {}
+        self.watermark = Watermark(self.actor)  # members' heads, for tombstone GC
 
     # -- lifecycle and membership ----------------------------------------------------------
 
@@ -279,6 +281,7 @@ class Replicator:
             if gone is None:
                 return []
             self.member_down(gone[0])
+            self.watermark.member_down(gone[0], left=event.member.state is swim.State.LEFT)
             return [event.member]
         if isinstance(event, swim.MemberRenamed):
             old = decode_meta(event.old.meta)
@@ -299,6 +302,7 @@ class Replicator:
     def member_up(self, actor: bytes, addr: Address, *, trailing: bool = False) -> None:
         if actor != self.actor:
             self.peers[actor] = Peer(actor, addr, trailing)
+            self.watermark.member_up(actor)
 
     def member_down(self, actor: bytes) -> None:
         self.peers.pop(actor, None)
@@ -653,6 +657,8 @@ class Replicator:
         if kind in (K_CHANGESET, K_EMPTY):
             self._enqueue(item, relay=False)
             return True
+        if kind == K_SYNC_DONE and item:
+            hear_floors(self.store, item[0])  # tombstone GC's floors, when the server has any
         return False  # done (or a reject): the answer is over
 
     def sync_finished(self, addr: Address) -> None:
@@ -685,6 +691,8 @@ class Replicator:
             self.stats.other_cluster += 1
             return encode_control(K_REJECT, "different cluster")
         self.stats.syncs_served += 1
+        if type(actor) is bytes and len(actor) == 16:
+            self.watermark.report(actor, state)
         peer = self.peers.get(actor) if type(actor) is bytes else None
         return SyncAnswer(state, trailing=peer is not None and peer.trailing)
 
@@ -712,7 +720,8 @@ class Replicator:
                 else:
                     budget -= sum(e - s + 1 for s, e in item.versions)
                 yield encode(item)
-        yield encode_control(K_SYNC_DONE)
+        floors = self.store.tombstone_floors
+        yield encode_control(K_SYNC_DONE, floors) if floors else encode_control(K_SYNC_DONE)
 
     # -- hello for peer streams ----------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from typing import Any, cast
 import apsw
 
 import crdt
-from crdt import Change
+from crdt import Change, reaper
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
 from ..errors import CorrosionError
@@ -227,6 +227,8 @@ class Store:
             )
         self.actor_id: bytes = crdt.site_id(self.conn)
         self.bookie = self._load_bookie()
+        # tables tombstone GC reaped, and their floors (crdt.reaper): set by the loop (O3)
+        self.tombstone_floors: dict[str, int] = reaper.floors(self.conn)
         # checks client statements only, inside execute_local (sqlguard)
         self.guard = Guard(writes=True).install(self.conn)
         # the cluster schema (cluster_schema): apply the versions that arrive, or only record
@@ -453,7 +455,9 @@ class Store:
         running them)."""
         conn = self.conn
         results: list[StatementResult] = []
+        floors = self.tombstone_floors
         with _write_transaction(conn):
+            marks = reaper.mark_new_keys(conn, floors) if floors else None
             with self.guard.client(conn), Deadline(conn, timeout) as deadline:
                 for i, (sql, params) in enumerate(statements):
                     t0 = time.perf_counter()
@@ -479,6 +483,8 @@ class Store:
                     if conn.get_autocommit():
                         raise StatementError(i, "transaction control statements are not allowed")
                     results.append(StatementResult(counted.total(), time.perf_counter() - t0))
+            if marks:
+                reaper.lift_new_keys(conn, conn.crr, floors, marks)
             commit = self._book_local(ts)
         return results, commit
 
