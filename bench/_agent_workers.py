@@ -37,11 +37,11 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
 
         orig = replication.Replicator.handle_frame
 
-        def traced(self, src, data, now):
+        def traced(self, src, data, now, sender=None):
             h = peek_changeset(data)
             if h is not None:
                 received.setdefault(f"{h[0].hex()}:{h[1]}", []).append(time.time())
-            return orig(self, src, data, now)
+            return orig(self, src, data, now, sender)
 
         replication.Replicator.handle_frame = traced
     agents = []
