@@ -33,17 +33,20 @@ P3  Links are one-way. Receiving a message from a peer does not make that peer e
     upstream in that origin's tree); only a GRAFT from a peer puts it in our eager set.
 P4  PRUNE on a duplicate eager receipt: the receiver tells the sender to move it to lazy, and
     drops the sender from its own eager set for that origin. A duplicate of a message that
-    arrived by sync (not by broadcast) prunes nothing: the sender may well be our parent.
+    arrived by sync (not by broadcast) prunes nothing: the sender may well be our parent; nor
+    does a second copy from the node that sent the first (the answer to a repeated GRAFT, or a
+    datagram the network duplicated): pruning it would cut us off the tree.
 P5  Lazy peers come from a ring, not from chance: in origin R's tree a node announces to the
     ``lazy_fanout`` members that follow it when all members are ordered by ``actor XOR R``
     (skipping its eager peers). Every node then hears IHAVEs from exactly ``lazy_fanout``
     predecessors (random picks leave e^-k of the nodes with no announcer at all, and those
     wait for sync when their eager copy is lost), and IHAVE bytes per message per node are
-    bounded by ``lazy_fanout`` ids. A pruned peer leaves the eager set and is not made lazy
-    (the ring already covers it).
+    bounded by ``lazy_fanout`` ids. The lazy set is worked out again whenever the eager set
+    changes, so a ring successor that was eager and is pruned goes back to IHAVEs (without
+    that, a node whose announcers both adopted and then lost it would hear of nothing).
 P6  IHAVE announcements are batched per peer and flushed every ``ihave_interval``. A node that
     learns of a message it lacks waits ``graft_timeout`` (the eager copy may be on its way),
-    then GRAFTs the first announcer, then the next one (round robin) every ``graft_timeout``
+    then GRAFTs the first announcer, then the next one (round robin) every 2 x ``graft_timeout``
     until the message arrives or ``GRAFT_ATTEMPTS`` were sent; sync (``replication`` S1) still
     repairs what broadcast misses.
 P7  A delivered message's frame is kept ``message_ttl`` seconds to answer GRAFTs; a GRAFT for
@@ -70,6 +73,7 @@ from .changeset import K_GRAFT, K_IHAVE, K_PRUNE, encode_control
 
 __all__ = ["MsgId", "PeerFrame", "Plumtree", "PlumtreeConfig", "PlumtreeStats"]
 
+RING_SPARE = 4  # ring successors kept beyond lazy_fanout, to stand in for eager ones
 GRAFT_ATTEMPTS = 6  # GRAFTs sent for one missing message before leaving it to sync
 
 MsgId = tuple[bytes, int, int, int]
@@ -117,7 +121,8 @@ class _Tree:
 
     eager: dict[bytes, None] = field(default_factory=dict)
     lazy: dict[bytes, None] = field(default_factory=dict)
-    ring: int = -1  # the membership generation ``lazy`` was worked out for (P5, P8)
+    ring: int = -1  # the membership generation ``after`` was worked out for (P5, P8)
+    after: list[bytes] = field(default_factory=list)  # the next members on the ring (P5)
 
 
 @dataclass
@@ -151,7 +156,7 @@ class Plumtree:
         self._ints: dict[bytes, int] = {actor: int.from_bytes(actor)}
         self._trees: dict[bytes, _Tree] = {}
         # delivered by broadcast: id -> (expiry, frame); insertion order is expiry order
-        self._delivered: dict[MsgId, tuple[float, bytes]] = {}
+        self._delivered: dict[MsgId, tuple[float, bytes, bytes | None]] = {}  # + first sender
         self._missing: dict[MsgId, _Missing] = {}
         self._ihave: dict[bytes, list[MsgId]] = {}
         self._ihave_at: float | None = None
@@ -193,8 +198,9 @@ class Plumtree:
         if tree is None:
             tree = self._trees[root] = self._new_tree(root)
         if tree.ring != self._ring:
-            tree.lazy = self._ring_successors(root, tree.eager)
+            tree.after = self._ring_after(root)
             tree.ring = self._ring
+            self._refresh_lazy(tree)
         return tree
 
     def _new_tree(self, root: bytes) -> _Tree:
@@ -204,23 +210,30 @@ class Plumtree:
             eager_n = max(eager_n, math.isqrt(len(peers)) + 1)
         return _Tree(eager=dict.fromkeys(self.rng.sample(peers, min(len(peers), eager_n))))
 
-    def _ring_successors(self, root: bytes, eager: dict[bytes, None]) -> dict[bytes, None]:
-        """The ``lazy_fanout`` members after this node on ``root``'s ring (P5)."""
+    def _ring_after(self, root: bytes) -> list[bytes]:
+        """The members after this node on ``root``'s ring (P5): ``lazy_fanout`` of them and a
+        few spare, to skip those that are eager."""
         want = self.config.lazy_fanout
         if want == 0:
-            return {}
+            return []
         r = int.from_bytes(root)
         ints = self._ints
         ring = sorted(ints, key=lambda a: ints[a] ^ r)
         at = ring.index(self.actor)
+        ring = ring[at + 1 :] + ring[:at]
+        return [a for a in ring[: want + RING_SPARE + 1] if a != root]
+
+    def _refresh_lazy(self, tree: _Tree) -> None:
+        """Lazy peers: the first ``lazy_fanout`` members after us on the ring that are not
+        eager (worked out again whenever the eager set or the ring changes)."""
+        want = self.config.lazy_fanout
         lazy: dict[bytes, None] = {}
-        for step in range(1, len(ring)):
-            a = ring[(at + step) % len(ring)]
-            if a != root and a not in eager:
+        for a in tree.after:
+            if len(lazy) == want:
+                break
+            if a not in tree.eager:
                 lazy[a] = None
-                if len(lazy) == want:
-                    break
-        return lazy
+        tree.lazy = lazy
 
     # -- sending and receiving messages ------------------------------------------------------
 
@@ -245,7 +258,7 @@ class Plumtree:
         self, sender: bytes | None, mid: MsgId, frame: bytes, now: float
     ) -> list[PeerFrame]:
         self._expire(now)
-        self._delivered[mid] = (now + self.config.message_ttl, frame)
+        self._delivered[mid] = (now + self.config.message_ttl, frame, sender)
         tree = self.tree(mid[0])
         out = [PeerFrame(a, frame) for a in tree.eager if a != sender and a != mid[0]]
         self.stats.eager_sent += len(out)
@@ -258,10 +271,13 @@ class Plumtree:
 
     def on_duplicate(self, sender: bytes | None, mid: MsgId) -> list[PeerFrame]:
         """A copy of a message we already hold came from ``sender`` (P4)."""
-        if sender is None or mid not in self._delivered or sender not in self._peers:
-            return []
+        held = self._delivered.get(mid)
+        if sender is None or held is None or sender not in self._peers or held[2] == sender:
+            return []  # the first sender again: a repeated GRAFT's answer, not a second path
         tree = self.tree(mid[0])
-        tree.eager.pop(sender, None)
+        if sender in tree.eager:
+            del tree.eager[sender]
+            self._refresh_lazy(tree)
         self.stats.prunes_sent += 1
         return [PeerFrame(sender, encode_control(K_PRUNE, [mid[0]]))]
 
@@ -294,8 +310,9 @@ class Plumtree:
         self.stats.prunes_received += 1
         for root in roots:
             tree = self._trees.get(root)
-            if tree is not None:
-                tree.eager.pop(sender, None)
+            if tree is not None and sender in tree.eager:
+                del tree.eager[sender]
+                self._refresh_lazy(tree)  # a ring successor goes back to IHAVEs
 
     # -- timers (P6) -----------------------------------------------------------------------
 
@@ -330,7 +347,9 @@ class Plumtree:
             target = m.announcers.pop(0)
             m.announcers.append(target)  # round robin: a GRAFT or its answer can be lost too
             m.grafts += 1
-            m.due = now + self.config.graft_timeout
+            # the answer takes a round trip: retry after two timeouts, not one (a retry that
+            # crosses the answer only costs a duplicate)
+            m.due = now + 2 * self.config.graft_timeout
             grafts.setdefault(target, []).append(mid)
             tree = self.tree(mid[0])  # the announcer becomes our parent in that tree
             tree.lazy.pop(target, None)
