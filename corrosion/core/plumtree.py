@@ -64,6 +64,7 @@ cluster-wide setting (``gossip.broadcast``).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -153,7 +154,7 @@ class Plumtree:
         self._peers: dict[bytes, None] = {}
         self._sorted: list[bytes] | None = None
         self._ring = 0  # membership generation
-        self._ints: dict[bytes, int] = {actor: int.from_bytes(actor)}
+        self._by_int: dict[int, bytes] = {int.from_bytes(actor): actor}  # members and us
         self._trees: dict[bytes, _Tree] = {}
         # delivered by broadcast: id -> (expiry, frame); insertion order is expiry order
         self._delivered: dict[MsgId, tuple[float, bytes, bytes | None]] = {}  # + first sender
@@ -167,14 +168,14 @@ class Plumtree:
         if actor == self.actor or actor in self._peers:
             return
         self._peers[actor] = None
-        self._ints[actor] = int.from_bytes(actor)
+        self._by_int[int.from_bytes(actor)] = actor
         self._sorted = None
         self._ring += 1
 
     def peer_down(self, actor: bytes) -> None:
         if self._peers.pop(actor, None) is None:
             return
-        del self._ints[actor]
+        del self._by_int[int.from_bytes(actor)]
         self._sorted = None
         self._ring += 1
         for tree in self._trees.values():
@@ -204,11 +205,12 @@ class Plumtree:
         return tree
 
     def _new_tree(self, root: bytes) -> _Tree:
-        peers = [a for a in self.peers if a != root]
+        peers = self.peers
         eager_n = self.config.eager_fanout
         if root == self.actor:
             eager_n = max(eager_n, math.isqrt(len(peers)) + 1)
-        return _Tree(eager=dict.fromkeys(self.rng.sample(peers, min(len(peers), eager_n))))
+        chosen = self.rng.sample(peers, min(len(peers), eager_n + 1))  # one spare: the root
+        return _Tree(eager=dict.fromkeys([a for a in chosen if a != root][:eager_n]))
 
     def _ring_after(self, root: bytes) -> list[bytes]:
         """The members after this node on ``root``'s ring (P5): ``lazy_fanout`` of them and a
@@ -216,12 +218,18 @@ class Plumtree:
         want = self.config.lazy_fanout
         if want == 0:
             return []
+        # the ring orders members by ``actor XOR root``; XOR is its own inverse, so the keys
+        # map back to actors, and the successors are the smallest keys above ours (then, past
+        # the top, the smallest ones): O(n), no sort of the whole membership
         r = int.from_bytes(root)
-        ints = self._ints
-        ring = sorted(ints, key=lambda a: ints[a] ^ r)
-        at = ring.index(self.actor)
-        ring = ring[at + 1 :] + ring[:at]
-        return [a for a in ring[: want + RING_SPARE + 1] if a != root]
+        mine = int.from_bytes(self.actor) ^ r
+        keys = [i ^ r for i in self._by_int]
+        k = want + RING_SPARE + 1
+        after = heapq.nsmallest(k, [x for x in keys if x > mine])
+        if len(after) < k:
+            after += heapq.nsmallest(k - len(after), [x for x in keys if x < mine])
+        by_int = self._by_int
+        return [a for x in after if (a := by_int[x ^ r]) != root]
 
     def _refresh_lazy(self, tree: _Tree) -> None:
         """Lazy peers: the first ``lazy_fanout`` members after us on the ring that are not

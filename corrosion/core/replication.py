@@ -61,6 +61,7 @@ S2  A node asked to sync answers with every version it holds that the asker lack
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -248,6 +249,7 @@ class Replicator:
         # (actor, head) a digest showed us lacking -> (when first seen, who has it)
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
         self._actor_at: dict[Address, bytes] = {}  # peer address -> actor (who sent a frame)
+        self._peer_list: list[Peer] | None = None  # peers sorted by actor (``_sorted_peers``)
         self.plumtree: Plumtree | None = None
         if self.config.broadcast and self.config.broadcast_mode == "plumtree":
             self.plumtree = Plumtree(self.actor, self.config.plumtree, self.rng, self._holds)
@@ -304,19 +306,23 @@ class Replicator:
             if old is not None and self._actor_at.get(old.addr) == actor:
                 del self._actor_at[old.addr]
             self.peers[actor] = Peer(actor, addr)
+            self._peer_list = None
             self._actor_at[addr] = actor
             if self.plumtree is not None:
                 self.plumtree.peer_up(actor)
 
     def member_down(self, actor: bytes) -> None:
         peer = self.peers.pop(actor, None)
+        self._peer_list = None
         if peer is not None and self._actor_at.get(peer.addr) == actor:
             del self._actor_at[peer.addr]
         if self.plumtree is not None:
             self.plumtree.peer_down(actor)
 
     def _sorted_peers(self) -> list[Peer]:
-        return [self.peers[a] for a in sorted(self.peers)]
+        if self._peer_list is None:  # kept until the peers change: sorting 1,000 costs a ms
+            self._peer_list = [self.peers[a] for a in sorted(self.peers)]
+        return self._peer_list
 
     def _jitter(self, seconds: float) -> float:
         return seconds * self.rng.uniform(0.7, 1.3)
@@ -797,6 +803,8 @@ def peer_address(member_addr: tuple[str, int], meta_port: int) -> tuple[str, int
     return (member_addr[0], meta_port or member_addr[1])
 
 
+@functools.lru_cache(maxsize=8192)  # a pure function of the bytes: members repeat (and a
+# simulated world of n nodes decodes each of n metas n times at a warm start)
 def decode_meta(meta: bytes) -> tuple[bytes, int, int] | None:
     try:
         obj = msgpack.unpackb(meta, raw=False)
