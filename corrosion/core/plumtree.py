@@ -49,8 +49,9 @@ P6  IHAVE announcements are batched per peer and flushed every ``ihave_interval`
     then GRAFTs the first announcer, then the next one (round robin) every 2 x ``graft_timeout``
     until the message arrives or ``GRAFT_ATTEMPTS`` were sent; sync (``replication`` S1) still
     repairs what broadcast misses.
-P7  A delivered message's frame is kept ``message_ttl`` seconds to answer GRAFTs; a GRAFT for
-    an older one is not answered (the grafting node tries another announcer, then sync).
+P7  A delivered message's frame is kept ``message_ttl`` seconds (the newest ``max_kept`` at
+    most) to answer GRAFTs; a GRAFT for an older one is not answered (the grafting node tries
+    another announcer, then sync).
 P8  A member that comes up or goes down changes the rings: each tree's lazy set is worked
     out again on its next use, so a new member is announced to (and grafts itself into every
     tree) and a gone one is no longer.
@@ -98,11 +99,12 @@ class PlumtreeConfig:
     ihave_interval: float = 0.05  # IHAVE batches are flushed this often
     graft_timeout: float = 0.1  # wait this long for the eager copy before GRAFTing
     message_ttl: float = 30.0  # a delivered message's frame is kept this long for GRAFTs
+    max_kept: int = 20_000  # ...and only the newest this many (memory stays bounded)
 
     def __post_init__(self) -> None:
         if self.eager_fanout < 1 or self.lazy_fanout < 0:
             raise ValueError("plumtree needs eager_fanout >= 1 and lazy_fanout >= 0")
-        if min(self.ihave_interval, self.graft_timeout, self.message_ttl) <= 0:
+        if min(self.ihave_interval, self.graft_timeout, self.message_ttl, self.max_kept) <= 0:
             raise ValueError("plumtree intervals must be positive")
 
 
@@ -267,6 +269,8 @@ class Plumtree:
     ) -> list[PeerFrame]:
         self._expire(now)
         self._delivered[mid] = (now + self.config.message_ttl, frame, sender)
+        if len(self._delivered) > self.config.max_kept:
+            del self._delivered[next(iter(self._delivered))]
         tree = self.tree(mid[0])
         out = [PeerFrame(a, frame) for a in tree.eager if a != sender and a != mid[0]]
         self.stats.eager_sent += len(out)

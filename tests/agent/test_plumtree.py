@@ -265,3 +265,13 @@ def test_a_second_copy_from_the_first_sender_prunes_nothing():
     assert core.on_duplicate(parent, mid) == []
     [prune] = core.on_duplicate(other, mid)
     assert prune.actor == other and decode_frame(prune.data) == (K_PRUNE, [[mid[0]]])
+
+
+def test_only_the_newest_max_kept_frames_answer_grafts():
+    net = Net(3, max_kept=2)
+    core, asker = net.cores[net.actors[0]], net.actors[1]
+    ids = [net.write(net.actors[0], v) for v in (1, 2, 3)]
+    assert core.on_graft(asker, ids[:1], net.now) == []  # the oldest was let go
+    assert [f.data for f in core.on_graft(asker, ids[1:], net.now)] == [
+        message_frame(m) for m in ids[1:]
+    ]
