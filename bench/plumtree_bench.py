@@ -18,7 +18,8 @@ upsert one row with a 100-byte value.
 * ``sim_wall_s_agents_<mode>_<N>x60``: the simulator's wall time for those 60 virtual seconds
   (plus building the world: ``build_s``), on this machine.
 
-``--quick``: 200 nodes only, and 20 virtual seconds; ``--nodes 200,1000`` picks the sizes.
+``--quick``: 200 nodes only, and 20 virtual seconds; ``--nodes 200,1000`` picks the sizes,
+``--modes plumtree`` the modes (the ratios need both).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def _frame_size(core, version: int) -> int:
 def main() -> None:
     def extra(p) -> None:
         p.add_argument("--nodes", default="", help="sizes, comma separated (default 200,1000)")
+        p.add_argument("--modes", default="fanout,plumtree", help="broadcast modes to run")
 
     args = parse_args("plumtree vs fan-out in the simulator", extra)
     report = Report(args.json)
@@ -157,7 +159,7 @@ def main() -> None:
         f"{GAP:g} s from {SETTLE:g} s to {end_writes:g} s, {virtual:g} virtual s"
     )
     for n in sizes:
-        runs = {mode: run(n, mode, virtual, end_writes) for mode in ("fanout", "plumtree")}
+        runs = {mode: run(n, mode, virtual, end_writes) for mode in args.modes.split(",")}
         for mode, r in runs.items():
             report.metric(
                 f"bcast_bytes_per_write_per_node_{mode}_{n}",
@@ -183,6 +185,8 @@ def main() -> None:
                 f"wall time of {virtual:g} virtual s ({n} full agents)",
                 build_s=round(r.build_s, 2),
             )
+        if not {"fanout", "plumtree"} <= runs.keys():
+            continue
         f, p = runs["fanout"], runs["plumtree"]
         report.metric(
             f"plumtree_bytes_ratio_{n}",
