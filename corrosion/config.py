@@ -28,6 +28,7 @@ encryption_keys = ["<base64 32 bytes>"]   # required: AES-256-GCM keyring (`corr
 plaintext = false                         # true: run without keys (anyone can join and write)
 cluster_id = 0                            # nodes of other clusters are ignored
 preset = "lan"                            # SWIM timings: "lan" | "wan" | "local"
+broadcast = "fanout"                      # or "plumtree" (cluster-wide): how changes spread
 tls.cert_file = "..."                     # TLS for the peer (sync/broadcast) streams
 tls.key_file = "..."
 tls.ca_file = "..."
@@ -90,8 +91,7 @@ CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
     for table, keys in {
         "": "consul reaper",
         "db": "cache_size_kib",
-        "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
-        "broadcast",
+        "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression",
         "perf": "apply_channel_len changes_channel_len empties_channel_len bcast_channel_len "
         "to_send_channel_len notifications_channel_len schedule_channel_len clearbuf_channel_len "
         "foca_channel_len processing_queue_len apply_queue_timeout apply_queue_min_batch_size "
@@ -135,6 +135,30 @@ def parse_bootstrap(value: Any, ignored: list[str]) -> tuple[Address, ...]:
             plain.append(entry)
         value = plain
     return parse_addr_list(value, "gossip.bootstrap")
+
+
+def parse_broadcast(value: Any, ignored: list[str]) -> str:
+    """``gossip.broadcast``: ``"fanout"`` (default; corrosion calls it ``"gossip"``) or
+    ``"plumtree"``; corrosion's table form ``[gossip.broadcast.plumtree]`` selects plumtree, and
+    its tuning keys are noted in ``ignored`` (this agent's plumtree has its own defaults)."""
+    if value is None:
+        return GossipConfig.broadcast
+    if isinstance(value, dict) and len(value) == 1:
+        [(name, tuning)] = value.items()
+        if isinstance(tuning, dict):
+            for k in sorted(tuning):
+                ignored.append(
+                    f"gossip.broadcast.{name}.{k} (a corrosion setting this agent does not use)"
+                )
+            value = name
+    mode = (
+        {"fanout": "fanout", "gossip": "fanout", "plumtree": "plumtree"}.get(value)
+        if isinstance(value, str)
+        else None
+    )
+    if mode is None:
+        raise ConfigError(f'gossip.broadcast: must be "fanout" or "plumtree", got {value!r}')
+    return mode
 
 
 def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
@@ -228,6 +252,7 @@ class GossipConfig:
     cluster_id: int = 0
     preset: str = "lan"
     tls: TlsConfig | None = None
+    broadcast: str = "fanout"  # "fanout" or "plumtree" (replication.BROADCAST_MODES)
 
 
 @dataclass(frozen=True)
@@ -404,6 +429,7 @@ class Config:
         preset = gossip.string("preset")
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
+        broadcast = parse_broadcast(gossip.get("broadcast"), r.ignored)
         addr = gossip.alias("addr", "bind_addr")
         ext = gossip.get("external_addr")
         plaintext = gossip.boolean("plaintext")
@@ -416,6 +442,7 @@ class Config:
             cluster_id=gossip.integer("cluster_id", lo=0, hi=65535),
             preset=preset,
             tls=tls_cfg,
+            broadcast=broadcast,
         )
         gossip.done()
 

@@ -35,7 +35,7 @@ from corrosion.core.store import Store
 from swim import Config, MemberUp
 
 from .agent_checks import AgentBookkeeping
-from .cluster import SEEDS_PER_NODE
+from .cluster import SEEDS_PER_NODE, warm_start
 from .crdt_checks import CrdtConvergence
 from .network import Address, LinkModel
 from .node import Core, CoreSpec, Port, SimNode
@@ -185,29 +185,45 @@ def agent_world(
     deadline: float = 180.0,
     extra: Sequence[CoreSpec] = (),
     files_dir: str | None = None,
+    checkers: bool = True,
+    bootstrap: str = "join",
 ) -> World:
     """``n`` agents joining through the first three, every SWIM checker, and as liveness
     checkers CRDT convergence (equal databases after heal) and the agent's bookkeeping (no
     partial or missing version anywhere, ``agent_checks``). ``extra``: more cores on
     every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``);
-    ``files_dir``: where the world's temporary directory goes (see ``World``)."""
+    ``files_dir``: where the world's temporary directory goes (see ``World``); ``checkers``:
+    False for none (benchmarks); ``bootstrap="warm"``: every node boots at 0 and is told every
+    other as ALIVE (``cluster.warm_start``), the steady state without the join storm."""
+    if bootstrap not in ("join", "warm"):
+        raise ValueError(f"bootstrap must be 'join' or 'warm', got {bootstrap!r}")
     swim_config = swim_config or Config.lan()
     world = World(seed, link=link, files=True, files_dir=files_dir)
-    for c in swim_checkers():
-        world.add_checker(c)
-    world.add_checker(
-        CrdtConvergence(lambda node: a.conn if (a := agent_of(node)) else None, deadline=deadline)
-    )
-    world.add_checker(
-        AgentBookkeeping(lambda node: a.store if (a := agent_of(node)) else None, deadline)
-    )
+    if checkers:
+        for c in swim_checkers():
+            world.add_checker(c)
+        world.add_checker(
+            CrdtConvergence(
+                lambda node: a.conn if (a := agent_of(node)) else None, deadline=deadline
+            )
+        )
+        world.add_checker(
+            AgentBookkeeping(lambda node: a.store if (a := agent_of(node)) else None, deadline)
+        )
     for i in range(n):
         seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]
+        if bootstrap == "warm":
+            seeds = []  # no join: warm_start tells every node the whole view
         node = world.add_node(
             [agent(schema, replication), _swim_with_agent_meta(swim_config, seeds), *extra],
             start=False,
         )
-        world.at(i * stagger, world.start, node)
+        if bootstrap == "join":
+            world.at(i * stagger, world.start, node)
+    if bootstrap == "warm":
+        for node in world.nodes:
+            world.start(node)
+        warm_start(world, world.nodes)
     return world
 
 

@@ -211,6 +211,7 @@ class AgentRuntime:
                 min_sync_backoff=cfg.perf.min_sync_backoff,
                 max_sync_backoff=cfg.perf.max_sync_backoff,
                 broadcast=cfg.perf.broadcast,
+                broadcast_mode=g.broadcast,
             ),
             rng,
             lambda: int(time.time() * 1000),
