@@ -1,10 +1,12 @@
 """Fixtures for the orchestrator tests: both anyio backends, runc required or skipped, three
-namespace hosts."""
+namespace hosts, the spans a test makes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from orch_helpers import require_netns, require_runc
+from orch_helpers import SpanRecorder, require_netns, require_runc, span_recorder
 
 from orchestrator.drivers import runc_available
 from orchestrator.hosts import HostLab
@@ -36,3 +38,17 @@ def namespace_hosts():
     finally:
         lab.down()
         assert lab.leftovers() == []
+
+
+@pytest.fixture
+def spans() -> Iterator[SpanRecorder]:
+    """The spans ended during the test (``get_finished_spans()``), kept in memory by an SDK
+    tracer provider installed in this process."""
+    recorder = span_recorder()
+    recorder.clear()
+    recorder.recording = True
+    try:
+        yield recorder
+    finally:
+        recorder.recording = False
+        recorder.clear()
