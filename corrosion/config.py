@@ -42,6 +42,8 @@ path = "/var/run/corrosion/admin.sock"
 
 [telemetry]
 prometheus.addr = "127.0.0.1:9090"
+open-telemetry = "from-env"               # traces to OTEL_EXPORTER_OTLP_* (or, instead:)
+open-telemetry.exporter.endpoint = "http://localhost:4318"  # an OTLP/HTTP collector
 
 [log]
 level = "info"                            # or "debug", "info,corrosion.sync=debug", ...
@@ -70,6 +72,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .addresses import Address, format_addr
 from .errors import CorrosionError
@@ -85,7 +88,6 @@ CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
         "db": "cache_size_kib",
         "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
         "broadcast",
-        "telemetry": "open-telemetry",
         "perf": "apply_channel_len changes_channel_len empties_channel_len bcast_channel_len "
         "to_send_channel_len notifications_channel_len schedule_channel_len clearbuf_channel_len "
         "foca_channel_len processing_queue_len apply_queue_timeout apply_queue_min_batch_size "
@@ -226,6 +228,43 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
+class OpenTelemetryConfig:
+    """``[telemetry] open-telemetry``: trace export is on; ``endpoint`` is corrosion's
+    ``exporter.endpoint`` (an OTLP/HTTP collector), None for ``"from-env"`` (the ``OTEL_*``
+    variables say where). corrosion.runtime.tracing resolves it with the environment."""
+
+    endpoint: str | None = None
+
+
+def parse_open_telemetry(value: Any, key: str) -> OpenTelemetryConfig | None:
+    """corrosion's two shapes: ``"from-env"``, or ``{exporter = {endpoint = "<url>"}}``."""
+    if value is None:
+        return None
+    if value == "from-env":
+        return OpenTelemetryConfig()
+    exporter = value.get("exporter") if isinstance(value, Mapping) else None
+    if (
+        isinstance(value, Mapping)
+        and set(value) == {"exporter"}
+        and isinstance(exporter, Mapping)
+        and set(exporter) == {"endpoint"}
+        and isinstance(exporter["endpoint"], str)
+    ):
+        endpoint = exporter["endpoint"]
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{key}.exporter.endpoint: expected the http:// or https:// URL of an OTLP/HTTP "
+                f"collector (e.g. http://localhost:4318), got {endpoint!r}"
+            )
+        return OpenTelemetryConfig(endpoint)
+    raise ConfigError(
+        f'{key}: expected "from-env" (the OTEL_* environment says where traces go) or '
+        f'exporter.endpoint = "<url of an OTLP/HTTP collector>", got {value!r}'
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     db: DbConfig
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -233,6 +272,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     admin_path: Path | None = None
     prometheus_addr: Address | None = None
+    open_telemetry: OpenTelemetryConfig | None = None  # None: no traces (unless OTEL_* say)
     log_format: str = "plaintext"
     log_colors: bool = True
     log_level: str = "info"
@@ -379,6 +419,8 @@ class Config:
         prom = telemetry.table("prometheus")
         prom_addr = prom.get("addr")
         prom.done()
+        otel_key = "telemetry.open-telemetry"
+        otel = parse_open_telemetry(telemetry.alias("open-telemetry", "open_telemetry"), otel_key)
         telemetry.done()
         log_format = log.string("format")
         if log_format not in ("plaintext", "json"):
@@ -402,6 +444,7 @@ class Config:
             prometheus_addr=parse_addr(prom_addr, "telemetry.prometheus.addr")
             if prom_addr
             else None,
+            open_telemetry=otel,
             log_format=log_format,
             log_colors=colors,
             log_level=log_level,

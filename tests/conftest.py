@@ -51,3 +51,12 @@ def accepted_nodelay():
     """``accepted_nodelay(client_local_address)``: whether the server side of a connection made
     to a listener in this process has TCP_NODELAY (None if it was not accepted yet)."""
     return _accepted_nodelay
+
+
+@pytest.fixture
+def otlp_receiver():
+    """A running OTLP/HTTP trace receiver on loopback (``support.otlp_receiver``)."""
+    from support.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        yield receiver

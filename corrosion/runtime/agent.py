@@ -78,6 +78,7 @@ from .results import (
 from .schema_errors import for_operator
 from .subscriptions import Subscriptions
 from .telemetry import Telemetry
+from .tracing import TracingHandle, TracingSettings, resolve, start_tracing
 from .transport import PEER_PREAMBLE
 from .updates import UpdateWatchers
 
@@ -152,6 +153,7 @@ class AgentRuntime:
         # gossip no key here opens, joins no seed answers: a key mismatch must not be silent
         self.gossip_warnings = GossipWarnings(config.log_summary_interval, self._now)
         self._started = False
+        self._tracing = TracingHandle(False)  # [telemetry] open-telemetry: see start()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -173,18 +175,22 @@ class AgentRuntime:
         if problem is not None:  # before anything is created or bound
             raise ConfigError(problem)
         check_extensions(cfg, self.extensions)
+        tracing_settings = resolve(cfg.open_telemetry)  # a bad OTEL_* value: ConfigError
         self._started_at = time.monotonic()
         self.config.db.path.parent.mkdir(parents=True, exist_ok=True)
         self._db_lock_file = DatabaseLock(cfg.db.path)
         self._db_lock_file.acquire()  # DatabaseInUse: another agent runs on this database
         try:
-            await self._open(cfg)
+            await self._open(cfg, tracing_settings)
         except BaseException:
             await self.aclose()
             raise
 
-    async def _open(self, cfg: Config) -> None:
+    async def _open(self, cfg: Config, tracing_settings: TracingSettings | None) -> None:
         self.store = store = await anyio.to_thread.run_sync(Store, cfg.db.path)
+        self._tracing = start_tracing(
+            tracing_settings, "corrosion", instance_id=store.actor_id.hex()
+        )
         if cfg.db.schema_paths or any(ext.schema for ext in self.extensions):
             await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
         else:
@@ -323,6 +329,8 @@ class AgentRuntime:
                     store.close()
         if self._db_lock_file is not None:
             self._db_lock_file.release()
+        with anyio.CancelScope(shield=True):  # the spans of the last moments go out too
+            await anyio.to_thread.run_sync(self._tracing.shutdown)
         if self._started:
             log.info("agent stopped")
 
