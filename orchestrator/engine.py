@@ -411,7 +411,7 @@ class Engine:
         except (TypeError, ValueError) as e:
             raise ValueError(f"run request must be JSON-serializable: {e}") from None
         run_id = self.ids.ulid()
-        with tracing.tracer.start_as_current_span(
+        with tracing.tracer().start_as_current_span(
             f"machine.{action}.accept", attributes=_span_fields(machine_id, run_id, action)
         ):
             record = RunRecord(
@@ -498,7 +498,7 @@ class Engine:
     def _enqueue(self, machine_id: str, state: RunState, *, resumed: bool) -> None:
         live = _Live(machine_id=machine_id, state=state, resumed=resumed)
         attrs = _span_fields(machine_id, state.run_id, state.action)
-        live.span = tracing.tracer.start_span(
+        live.span = tracing.tracer().start_span(
             f"machine.{state.action}",
             context=tracing.context_from(state.record.trace),
             attributes={**attrs, "fsm.resumed": resumed},
@@ -663,7 +663,7 @@ class Engine:
             "fsm.retry_count": retry,
             "fsm.restart": live.resumed,
         }
-        span = tracing.tracer.start_span(
+        span = tracing.tracer().start_span(
             f"machine.{record.action}.{name}",
             context=trace.set_span_in_context(live.span),
             attributes=attrs,

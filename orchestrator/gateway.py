@@ -273,7 +273,7 @@ class Gateway:
     ) -> httpx.Response:
         """Send ``request`` to ``worker`` in a CLIENT span the worker's spans continue."""
         attrs = {"orchestrator.worker": worker.id, "url.full": worker.api_url + path}
-        with tracing.tracer.start_as_current_span(
+        with tracing.tracer().start_as_current_span(
             f"{request.method} {worker.id}", kind=SpanKind.CLIENT, attributes=attrs
         ) as span:
             response = await self.client.request(

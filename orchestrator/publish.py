@@ -253,6 +253,6 @@ class PublishQueue:
             "orchestrator.worker": self.worker,
             "publish.reconcile": not self._reconciled,
         }
-        return tracing.tracer.start_as_current_span(
+        return tracing.tracer().start_as_current_span(
             "machines.publish", context=parent, links=links, attributes=attrs
         )

@@ -1,9 +1,11 @@
 """Traces of machine operations, through the OpenTelemetry API only (superfly/fsm's shapes).
 
-The orchestrator never installs a tracer provider: the process hosting it does (``corrosion
-agent`` from its ``[telemetry]`` section or the ``OTEL_*`` environment, the gateway from the
-environment). Without one every call here is the API's no-op, and a ``traceparent`` received is
-still passed on unchanged.
+The orchestrator never installs a tracer provider: the process hosting it does, through
+:func:`corrosion.runtime.tracing.start_tracing` (``corrosion agent`` from its ``[telemetry]``
+section or the ``OTEL_*`` environment, the gateway from the environment), and spans come from
+that provider's ``orchestrator`` tracer, or from the API's global one when corrosion installed
+none (an embedding application's provider, the tests'). Without either every call here is the
+API's no-op, and a ``traceparent`` received is still passed on unchanged.
 
 A machine operation's trace::
 
@@ -29,27 +31,33 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+from corrosion.runtime import tracing as corrosion_tracing
 
 T = TypeVar("T")
-
-tracer = trace.get_tracer("orchestrator")  # follows the provider installed later, if any
 
 # the W3C headers this module reads and writes (a forwarder replaces what it received)
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
+def tracer() -> Tracer:
+    """The orchestrator's tracer (looked up per use: the provider may be installed later)."""
+    return corrosion_tracing.tracer("orchestrator")
+
+
 def current_carrier() -> dict[str, str]:
     """The current trace context as W3C headers (empty when there is none)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    corrosion_tracing.inject(carrier)
     return carrier
 
 
 def context_from(carrier: Mapping[str, str]) -> otel_context.Context:
-    """The context stored by :func:`current_carrier` (an empty one for an empty carrier)."""
-    return propagate.extract(dict(carrier), context=otel_context.Context())
+    """The context stored by :func:`current_carrier`: a span under it continues its trace (an
+    empty context, for an empty carrier, starts a new one)."""
+    return corrosion_tracing.extract(carrier) or otel_context.Context()
 
 
 def inject_headers(headers: MutableMapping[str, str]) -> None:
@@ -57,7 +65,7 @@ def inject_headers(headers: MutableMapping[str, str]) -> None:
     forwarder's span, not the span the forwarder received)."""
     for name in [k for k in headers if k.lower() in TRACE_HEADERS]:
         del headers[name]
-    propagate.inject(headers)
+    corrosion_tracing.inject(headers)
 
 
 def failed(span: Span, error: BaseException | str) -> None:
@@ -78,9 +86,10 @@ def server_span(
     if trace.get_current_span().get_span_context().is_valid:
         parent, kind = None, SpanKind.INTERNAL
     else:
-        parent, kind = propagate.extract(headers), SpanKind.SERVER
+        parent = corrosion_tracing.extract(headers) or otel_context.Context()
+        kind = SpanKind.SERVER
     attrs = {"http.request.method": method, "http.route": route, **attributes}
-    with tracer.start_as_current_span(
+    with tracer().start_as_current_span(
         f"{method} {route}", context=parent, kind=kind, attributes=attrs
     ) as span:
         yield span
