@@ -42,8 +42,8 @@ path = "/var/run/corrosion/admin.sock"
 
 [telemetry]
 prometheus.addr = "127.0.0.1:9090"
-open-telemetry = "from-env"               # traces to OTEL_EXPORTER_OTLP_* (or, instead:)
-open-telemetry.exporter.endpoint = "http://localhost:4318"  # an OTLP/HTTP collector
+open-telemetry.exporter.endpoint = "http://localhost:4318"  # traces to this OTLP/HTTP collector
+# open-telemetry = "from-env"             # (instead) traces where OTEL_EXPORTER_OTLP_* say
 
 [log]
 level = "info"                            # or "debug", "info,corrosion.sync=debug", ...

@@ -9,6 +9,15 @@ sent as *empty*.
 
 Frames are msgpack arrays whose first element is the frame kind; ``decode_frame`` validates every
 field and raises ``FrameError`` on anything malformed (the caller drops and counts it).
+
+How the changeset frame grows: optional fields are appended after its ten, and a decoder reads
+the ones it knows and ignores any beyond (``TRAILING_FIELDS``). The first is the *trace
+context* (index 10): opaque bytes, at most ``MAX_TRACE_CONTEXT``, that the runtime writes and
+reads (corrosion/runtime/tracing.py: the W3C trace-context binary form, its own version byte
+first); a frame without it is the frame of before. Decoders older than this rule refuse any
+frame longer than ten fields, so a node sends the longer frame only to peers whose membership
+metadata say they accept it (``replication.encode_meta``), and ``without_trailing`` for the
+others.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from crdt import Change
 from ..errors import CorrosionError
 
 WIRE_VERSION = 1
+# changeset frames with optional fields after the ten are understood (see the module docstring)
+TRAILING_FIELDS = 1
+MAX_TRACE_CONTEXT = 64  # bytes; a longer trace context is ignored (the change is still applied)
 MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB
 
 K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST = range(1, 8)
@@ -44,6 +56,7 @@ class Changeset:
     last_seq: int  # the version's last seq
     ts: int  # origin's hybrid-logical-clock timestamp
     db_version: int = 0  # the sender's local db_version of these changes (a Lamport hint)
+    trace: bytes | None = None  # the origin's trace context (opaque here), when it was traced
 
     @property
     def complete(self) -> bool:
@@ -65,21 +78,57 @@ def _change_row(c: Change, actor: bytes) -> list:
 
 
 def encode_changeset(cs: Changeset) -> bytes:
-    return msgpack.packb(
-        [
-            K_CHANGESET,
-            WIRE_VERSION,
-            cs.actor,
-            cs.version,
-            cs.seqs[0],
-            cs.seqs[1],
-            cs.last_seq,
-            cs.ts,
-            cs.db_version,
-            [_change_row(c, cs.actor) for c in cs.changes],
-        ],
-        use_bin_type=True,
-    )
+    fields = [
+        K_CHANGESET,
+        WIRE_VERSION,
+        cs.actor,
+        cs.version,
+        cs.seqs[0],
+        cs.seqs[1],
+        cs.last_seq,
+        cs.ts,
+        cs.db_version,
+        [_change_row(c, cs.actor) for c in cs.changes],
+    ]
+    if cs.trace is not None:
+        fields.append(cs.trace)
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def without_trailing(frame: bytes) -> bytes:
+    """A changeset frame cut to its ten fields, for a peer that refuses more (any other frame,
+    or one of ten fields, is returned as it is)."""
+    if not frame or not 0x9B <= frame[0] <= 0x9F or frame[1:2] != b"\x01":
+        return frame  # not a changeset (kind 1) of 11 to 15 fields
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame) + 16)
+    unpacker.feed(frame)
+    try:
+        if unpacker.read_array_header() <= 10:
+            return frame
+        for _ in range(10):
+            unpacker.skip()
+    except MSGPACK_ERRORS:
+        return frame
+    return b"\x9a" + frame[1 : unpacker.tell()]
+
+
+def trace_of(frame: bytes) -> bytes | None:
+    """The trace context a changeset frame carries, read without building its changes."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame) + 16)
+    unpacker.feed(frame)
+    try:
+        if unpacker.read_array_header() <= 10 or unpacker.unpack() != K_CHANGESET:
+            return None
+        for _ in range(9):
+            unpacker.skip()
+        trace = unpacker.unpack()
+    except MSGPACK_ERRORS:
+        return None
+    return _trace(trace)
+
+
+def _trace(v: Any) -> bytes | None:
+    return v if type(v) is bytes and len(v) <= MAX_TRACE_CONTEXT else None
 
 
 def encode_empty(e: EmptyVersions) -> bytes:
@@ -116,15 +165,15 @@ _ARRAY_TYPES = (list, tuple)
 MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
 
 
-# How ``encode_changeset`` starts every frame: an array of 10, kind 1 (K_CHANGESET)
-_CHANGESET_START = b"\x9a\x01"
+# How ``encode_changeset`` starts a frame: an array of 10 (or 11, with a trace context), kind 1
+_CHANGESET_STARTS = (b"\x9a\x01", b"\x9b\x01")
 
 
 def decode_frame(data: bytes) -> tuple[int, Any]:
     """Decode one frame into ``(kind, payload)``; payload is a Changeset, EmptyVersions, or the
     list of fields of a control frame."""
     # a changeset's arrays (most of the traffic) unpack as tuples: half the cost of lists
-    as_tuples = data[:2] == _CHANGESET_START
+    as_tuples = data[:2] in _CHANGESET_STARTS
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=not as_tuples)
     except MSGPACK_ERRORS as exc:
@@ -159,7 +208,7 @@ def peek_changeset(data: bytes) -> tuple[bytes, int, int, int] | None:
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 16)
     unpacker.feed(data)
     try:
-        if unpacker.read_array_header() != 10:
+        if unpacker.read_array_header() < 10:
             return None
         kind, wire, actor, version, start, end = (unpacker.unpack() for _ in range(6))
     except MSGPACK_ERRORS:
@@ -175,8 +224,10 @@ _new_change = tuple.__new__  # Change(*fields) without its Python-level __new__
 
 
 def _decode_changeset(obj: list | tuple) -> Changeset:
-    if len(obj) != 10 or not isinstance(obj[9], list | tuple):
+    if len(obj) < 10 or not isinstance(obj[9], list | tuple):
         raise FrameError("malformed changeset frame")
+    # optional fields after the ten: the trace context; any later ones are a newer peer's
+    trace = _trace(obj[10]) if len(obj) > 10 else None
     actor = _actor(obj[2])
     version = _int(obj[3], "version", 1)
     start, end, last = _int(obj[4], "seq start"), _int(obj[5], "seq end"), _int(obj[6], "last seq")
@@ -202,7 +253,7 @@ def _decode_changeset(obj: list | tuple) -> Changeset:
         elif type(site) is not bytes or len(site) > 16:
             raise FrameError("change site id must be at most 16 bytes")
         append(_new_change(Change, (table, pk, cid, val, cv, dbv, site, cl, seq)))
-    return Changeset(actor, version, tuple(changes), (start, end), last, ts, dbv)
+    return Changeset(actor, version, tuple(changes), (start, end), last, ts, dbv, trace)
 
 
 def chunk_version(
@@ -213,9 +264,11 @@ def chunk_version(
     ts: int,
     db_version: int,
     max_bytes: int = MAX_CHUNK_BYTES,
+    trace: bytes | None = None,
 ) -> list[Changeset]:
     """Cut a version's changes (sorted by seq) into chunks of about ``max_bytes`` whose seq
-    ranges tile ``0..last_seq``."""
+    ranges tile ``0..last_seq``; each chunk carries ``trace`` (whichever arrives first, or
+    alone, continues the trace)."""
     changes = sorted(changes, key=lambda c: c.seq)
     if changes and changes[-1].seq > last_seq:
         last_seq = changes[-1].seq
@@ -228,13 +281,17 @@ def chunk_version(
         if batch and size + row_size > max_bytes:
             end = c.seq - 1
             out.append(
-                Changeset(actor, version, tuple(batch), (start, end), last_seq, ts, db_version)
+                Changeset(
+                    actor, version, tuple(batch), (start, end), last_seq, ts, db_version, trace
+                )
             )
             start = end + 1
             batch, size = [], 0
         batch.append(c)
         size += row_size
-    out.append(Changeset(actor, version, tuple(batch), (start, last_seq), last_seq, ts, db_version))
+    out.append(
+        Changeset(actor, version, tuple(batch), (start, last_seq), last_seq, ts, db_version, trace)
+    )
     return out
 
 

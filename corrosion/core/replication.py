@@ -52,6 +52,12 @@ S2  A node asked to sync answers with every version it holds that the asker lack
     empty notices for versions whose changes were all superseded — up to a budget per round,
     then a done frame (``serve_sync``). Answers are applied like broadcasts but never relayed.
     Sync alone makes any two connected nodes converge; broadcast only makes it fast.
+T1  Trace contexts are opaque bytes here (the runtime makes the spans). A local version given
+    one (``install_commit``) carries it in each of its chunks; a received chunk that carries one
+    is relayed with it. Either way the node remembers it for the version (the last
+    ``TRACE_MEMORY`` versions), so a sync answer serving that version carries it too. A frame
+    with the field goes only to peers whose metadata say they accept it (``Peer.trailing``);
+    the others get it without (``without_trailing``).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -76,6 +82,7 @@ from .changeset import (
     K_SYNC_DONE,
     K_SYNC_REQUEST,
     MSGPACK_ERRORS,
+    TRAILING_FIELDS,
     Changeset,
     EmptyVersions,
     FrameError,
@@ -84,11 +91,14 @@ from .changeset import (
     encode,
     encode_control,
     peek_changeset,
+    without_trailing,
 )
 from .hlc import HybridClock
 from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
 
 Address = tuple[str, int]
+
+TRACE_MEMORY = 1024  # versions whose trace context is remembered for sync answers (T1)
 
 
 # -- effects and timers ------------------------------------------------------------------------
@@ -161,6 +171,7 @@ class ReplicationConfig:
 class Peer:
     actor: bytes
     addr: Address  # peer-stream (TCP) address
+    trailing: bool = False  # accepts changeset frames with optional trailing fields (T1)
 
 
 @dataclass
@@ -171,6 +182,14 @@ class _Pending:
     round: int
     due: float
     local: bool = False  # a version of this node (not a relay)
+    legacy: list[bytes] | None = None  # the frames cut to ten fields, once a peer needs them
+
+    def frames_for(self, peer: Peer) -> list[bytes]:
+        if peer.trailing:
+            return self.frames
+        if self.legacy is None:
+            self.legacy = [without_trailing(f) for f in self.frames]
+        return self.legacy
 
 
 @dataclass
@@ -197,6 +216,16 @@ class _Queued:
     relay: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SyncAnswer:
+    """A sync request accepted (``open_sync``): the requester's sync state, whether it accepts
+    trace contexts in changesets, and (``with_traces``) the ones to put in those served."""
+
+    state: dict[bytes, Any]
+    trailing: bool = False
+    traces: dict[tuple[bytes, int], bytes] | None = None
+
+
 @dataclass
 class Replicator:
     store: Store
@@ -220,6 +249,8 @@ class Replicator:
         self._digested: dict[bytes, tuple[int, int]] = {}  # actor -> (head, digests sent of it)
         # (actor, head) a digest showed us lacking -> (when first seen, who has it)
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
+        # (actor, version) -> its trace context, the last TRACE_MEMORY traced versions (T1)
+        self.traces: dict[tuple[bytes, int], bytes] = {}
 
     # -- lifecycle and membership ----------------------------------------------------------
 
@@ -261,12 +292,13 @@ class Replicator:
         info = decode_meta(member.meta)
         if info is None or info[2] != self.config.cluster_id:
             return []
-        self.member_up(info[0], peer_address(member.addr, info[1]))
+        trailing = meta_trailing_fields(member.meta) >= 1
+        self.member_up(info[0], peer_address(member.addr, info[1]), trailing=trailing)
         return [member]
 
-    def member_up(self, actor: bytes, addr: Address) -> None:
+    def member_up(self, actor: bytes, addr: Address, *, trailing: bool = False) -> None:
         if actor != self.actor:
-            self.peers[actor] = Peer(actor, addr)
+            self.peers[actor] = Peer(actor, addr, trailing)
 
     def member_down(self, actor: bytes) -> None:
         self.peers.pop(actor, None)
@@ -287,13 +319,17 @@ class Replicator:
         results, commit = self.store.execute_local(statements, self.hlc.now())
         return results, commit, self.install_commit(commit, now)
 
-    def install_commit(self, commit: LocalCommit | None, now: float) -> list[Effect]:
+    def install_commit(
+        self, commit: LocalCommit | None, now: float, trace: bytes | None = None
+    ) -> list[Effect]:
         """Book a local transaction's version and broadcast it (O3: on the loop, before the next
-        transaction runs)."""
+        transaction runs); its chunks carry ``trace`` (T1)."""
         effects: list[Effect] = []
         if commit is not None:
             self.store.install(commit)
             self.note_booked(self.actor, now)
+            if trace is not None:
+                self._remember_trace(self.actor, commit.version, trace)
         if commit is not None and self.config.broadcast:
             frames = [
                 encode(c)
@@ -304,12 +340,19 @@ class Replicator:
                     commit.last_seq,
                     commit.ts,
                     commit.db_version,
+                    trace=trace,
                 )
             ]
             effects += self._broadcast(
                 frames, exclude=set(), rounds=self.max_rounds(), now=now, local=True
             )
         return effects
+
+    def _remember_trace(self, actor: bytes, version: int, trace: bytes) -> None:
+        traces = self.traces
+        traces[(actor, version)] = trace
+        if len(traces) > TRACE_MEMORY:
+            del traces[next(iter(traces))]  # the oldest (dicts keep insertion order)
 
     def max_rounds(self) -> int:
         """Broadcast rounds of a local version: ``retransmit_mult * ceil(log10(n + 1))``."""
@@ -342,7 +385,7 @@ class Replicator:
         effects: list[Effect] = []
         for peer in chosen:
             p.sent_to.add(peer.actor)
-            for frame in p.frames:
+            for frame in p.frames_for(peer):
                 effects.append(SendFrame(peer.addr, frame))
         self.stats.broadcasts_sent += len(chosen)
         p.round += 1
@@ -421,6 +464,8 @@ class Replicator:
                 self.stats.malformed += 1
                 return False
             self._queued_keys.add(key)
+            if item.trace is not None:
+                self._remember_trace(item.actor, item.version, item.trace)
         if len(self.queue) >= self.config.max_queue:
             self.stats.dropped_queue_full += 1
             return False
@@ -620,16 +665,16 @@ class Replicator:
         if isinstance(opened, bytes):
             yield opened
         else:
-            yield from self.sync_answer(opened)
+            yield from self.sync_answer(self.with_traces(opened))
 
-    def open_sync(self, request: bytes) -> dict[bytes, Any] | bytes:
+    def open_sync(self, request: bytes) -> SyncAnswer | bytes:
         """The loop half of ``serve_sync``: the requester's sync state, or the reject frame to
         answer with (counted either way)."""
         try:
             kind, fields = decode_frame(request)
             if kind != K_SYNC_REQUEST or len(fields) != 3:
                 raise FrameError("not a sync request")
-            cluster_id, _actor, state = fields
+            cluster_id, actor, state = fields
             state = validate_sync_state(state)
         except (FrameError, ValueError):
             self.stats.malformed += 1
@@ -638,18 +683,30 @@ class Replicator:
             self.stats.other_cluster += 1
             return encode_control(K_REJECT, "different cluster")
         self.stats.syncs_served += 1
-        return state
+        peer = self.peers.get(actor) if type(actor) is bytes else None
+        return SyncAnswer(state, trailing=peer is not None and peer.trailing)
 
-    def sync_answer(self, state: dict[bytes, Any]) -> Iterator[bytes]:
-        """The database half of ``serve_sync`` (O2): the frames a peer with sync state ``state``
-        lacks, then a done frame."""
+    def with_traces(self, opened: SyncAnswer) -> SyncAnswer:
+        """``opened`` with a copy of the remembered trace contexts, when its requester accepts
+        them (T1). On the loop, right before ``sync_answer`` reads the database (the agent
+        holds its database lock across both, so no version is booked in between)."""
+        if not opened.trailing or not self.traces:
+            return opened
+        return replace(opened, traces=dict(self.traces))
+
+    def sync_answer(self, opened: SyncAnswer) -> Iterator[bytes]:
+        """The database half of ``serve_sync`` (O2): the frames a peer with sync state
+        ``opened.state`` lacks, then a done frame."""
         budget = self.config.sync_budget_versions
-        for actor, lack in self.store.bookie.missing_for(state).items():
+        traces = opened.traces
+        for actor, lack in self.store.bookie.missing_for(opened.state).items():
             if budget <= 0:
                 break
             for item in self.store.serve(actor, lack, max_versions=budget):
                 if isinstance(item, Changeset):
                     budget -= 1 if item.seqs[1] == item.last_seq else 0
+                    if traces and (trace := traces.get((item.actor, item.version))):
+                        item = replace(item, trace=trace)
                 else:
                     budget -= sum(e - s + 1 for s, e in item.versions)
                 yield encode(item)
@@ -681,8 +738,20 @@ class Replicator:
 
 
 def encode_meta(actor: bytes, peer_port: int, cluster_id: int) -> bytes:
-    """The SWIM member metadata an agent advertises: how to reach its peer streams."""
-    return msgpack.packb({"a": actor, "p": peer_port, "c": cluster_id}, use_bin_type=True)
+    """The SWIM member metadata an agent advertises: how to reach its peer streams, and (``t``)
+    that it accepts changeset frames with trailing fields (T1; older decoders ignore the key)."""
+    return msgpack.packb(
+        {"a": actor, "p": peer_port, "c": cluster_id, "t": TRAILING_FIELDS}, use_bin_type=True
+    )
+
+
+def meta_trailing_fields(meta: bytes) -> int:
+    """The ``t`` of a member's metadata: 0 for a peer that refuses frames longer than ten."""
+    try:
+        t = msgpack.unpackb(meta, raw=False).get("t", 0)
+    except (*MSGPACK_ERRORS, AttributeError):
+        return 0
+    return t if type(t) is int else 0
 
 
 def peer_address(member_addr: tuple[str, int], meta_port: int) -> tuple[str, int]:

@@ -76,6 +76,7 @@ from .results import (
     UpdateWatch,
 )
 from .schema_errors import for_operator
+from .spans import AgentSpans
 from .subscriptions import Subscriptions
 from .telemetry import Telemetry
 from .tracing import TracingHandle, TracingSettings, resolve, start_tracing
@@ -154,6 +155,7 @@ class AgentRuntime:
         self.gossip_warnings = GossipWarnings(config.log_summary_interval, self._now)
         self._started = False
         self._tracing = TracingHandle(False)  # [telemetry] open-telemetry: see start()
+        self.spans = AgentSpans(b"")  # made again with the actor id once the store is open
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -191,6 +193,7 @@ class AgentRuntime:
         self._tracing = start_tracing(
             tracing_settings, "corrosion", instance_id=store.actor_id.hex()
         )
+        self.spans = AgentSpans(store.actor_id)
         if cfg.db.schema_paths or any(ext.schema for ext in self.extensions):
             await self._apply_schema_files(cfg.db.schema_paths, self._allow_destructive)
         else:
@@ -244,9 +247,10 @@ class AgentRuntime:
             perform=self._perform,
             queued=self._wake_apply,
             now=self._now,
+            spans=self.spans,
         )
         self.membership = Membership(
-            self.swim, self.replicator, store, self.db_lock, self.gossip_warnings
+            self.swim, self.replicator, store, self.db_lock, self.gossip_warnings, self.spans
         )
         events = self.swim.subscribe(max_buffer=10_000)
         self.swim.route_streams(PEER_PREAMBLE, self.peers.serve)
@@ -376,6 +380,7 @@ class AgentRuntime:
                                 result = await anyio.to_thread.run_sync(rep.apply_batch, batch)
                             finally:
                                 rep.install_apply(batch, result, self._now())
+                                self.spans.applied(batch, result)
                         assert result is not None  # the apply returned (else it raised)
                         if result.kept:
                             self.pending_schema.kept(result.kept_missing)
@@ -460,16 +465,19 @@ class AgentRuntime:
         ts = self.replicator.hlc.now()
         store = self.store
         seconds = self.config.api.transaction_timeout if timeout is _DEFAULT else timeout
-        try:
-            async with self.db_lock:
-                with anyio.CancelScope(shield=True):  # booked before the lock is free
-                    results, commit = await anyio.to_thread.run_sync(
-                        lambda: store.execute_local(parsed, ts, timeout=seconds)
-                    )
-                    effects = self.replicator.install_commit(commit, self._now())
-        except StatementError as exc:
-            raise _transaction_error(exc) from None
-        self._perform(effects)
+        with self.spans.transaction() as span:
+            try:
+                async with self.db_lock:
+                    with anyio.CancelScope(shield=True):  # booked before the lock is free
+                        results, commit = await anyio.to_thread.run_sync(
+                            lambda: store.execute_local(parsed, ts, timeout=seconds)
+                        )
+                        trace = self.spans.committed(span, commit)
+                        effects = self.replicator.install_commit(commit, self._now(), trace)
+            except StatementError as exc:
+                raise _transaction_error(exc) from None
+            self._perform(effects)
+            self.spans.broadcast(span, commit, effects)
         if commit is not None:
             self._changed(commit.changes)
             self.activity.local_commit()

@@ -17,6 +17,7 @@ from ..core.replication import Replicator, decode_meta, peer_address
 from ..core.store import Store
 from .activity import GossipWarnings, log_member_event
 from .results import MemberInfo
+from .spans import AgentSpans
 
 REMEMBERED_SEEDS = 20  # members from the last run tried as seeds, besides the configured ones
 
@@ -31,18 +32,22 @@ class Membership:
         store: Store,
         db_lock: anyio.Lock,
         gossip_warnings: GossipWarnings,
+        spans: AgentSpans | None = None,
     ) -> None:
         self.node = node
         self._replicator = replicator
         self._store = store
         self._db_lock = db_lock
         self._gossip_warnings = gossip_warnings
+        self._spans = spans
 
     async def follow(self, events: Any) -> None:
         """Log each SWIM event, give it to the replicator, remember the members it changed."""
         async with events:
             async for ev in events:
                 log_member_event(ev, _describe_member)
+                if self._spans is not None:
+                    self._spans.member_event(ev, _describe_member)
                 for m in self._replicator.member_event(ev):
                     await self._remember(m)
 

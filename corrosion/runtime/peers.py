@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -30,6 +31,7 @@ from ..core.changeset import MSGPACK_ERRORS, peek_changeset
 from ..core.replication import Effect, Replicator
 from .activity import ActivityLog, GossipWarnings, describe_frame, frame_error
 from .events import AgentEvents, Faults
+from .spans import AgentSpans
 from .transport import (
     PEER_STREAM_ERRORS,
     FrameStream,
@@ -106,6 +108,7 @@ class PeerStreams:
         perform: Callable[[Sequence[Effect]], None],
         queued: Callable[[], None],
         now: Callable[[], float],
+        spans: AgentSpans | None = None,
     ) -> None:
         self.replicator = replicator
         self.security = security
@@ -118,6 +121,7 @@ class PeerStreams:
         self._perform = perform
         self._queued = queued
         self._now = now
+        self._spans = spans or AgentSpans(replicator.actor)
         self._out: dict[Address, _PeerOut] = {}
 
     # -- broadcast out -------------------------------------------------------------------------
@@ -246,6 +250,7 @@ class PeerStreams:
             self._perform(replicator.handle_frame(None, data, self._now()))
             if len(replicator.queue) != before:
                 self._events.broadcast_changes_recv += changes_in(data)
+                self._spans.queued(replicator.queue[before:], peer, "broadcast")
                 self._queued()
             if stats.malformed != malformed:
                 self._activity.malformed(peer, frame_error(data))
@@ -256,13 +261,14 @@ class PeerStreams:
         replicator = self.replicator
         with anyio.fail_after(30):
             request = await stream.receive()
-        began = self._now()
+        began, began_ns = self._now(), time.time_ns()
         opened = replicator.open_sync(request)
         if isinstance(opened, bytes):  # the reject frame
             frames = [opened]
         else:
             answer = replicator.sync_answer
             async with self._db_lock:
+                opened = replicator.with_traces(opened)
                 frames = await anyio.to_thread.run_sync(lambda: list(answer(opened)))
         sync_log.debug("sync request from %s: answering with %d frames", peer, len(frames))
         changes = sum(map(changes_in, frames))
@@ -278,13 +284,16 @@ class PeerStreams:
         finally:
             nbytes = sum(map(len, frames))
             self._events.sync.session("server", ok, self._now() - began, changes, nbytes)
+            traced = not isinstance(opened, bytes) and bool(opened.traces)
+            self._spans.sync_served(peer, began_ns, frames, changes, traced, ok)
         self._activity.sync_served(peer, len(frames) - 1)  # all but the done (or reject) frame
 
     async def run_sync(self, addr: Address, request: bytes) -> None:
         """One sync session with ``addr`` (the replicator's ``StartSync``)."""
         replicator = self.replicator
         pulled, ok = 0, False
-        began, changes, nbytes = self._now(), 0, 0
+        began, changes, nbytes, received = self._now(), 0, 0, 0
+        session = self._spans.sync_session(format_addr(addr))
         sync_log.debug("sync with %s: asking (%d bytes of state)", format_addr(addr), len(request))
         try:
             stream = await self.security.connect(addr)
@@ -297,12 +306,16 @@ class PeerStreams:
                         if self._faults.isolated:
                             raise OSError("isolated")
                         nbytes += len(data)
+                        received += 1
                         changes += changes_in(data)
                         before = len(replicator.queue)
                         more = replicator.handle_sync_frame(addr, data, self._now())
                         if len(replicator.queue) != before:
                             pulled += len(replicator.queue) - before
                             self._events.sync_changes_recv += changes_in(data)
+                            if session is not None:
+                                new = replicator.queue[before:]
+                                self._spans.queued(new, format_addr(addr), "sync", session)
                             self._queued()
                         if not more:
                             break
@@ -313,6 +326,15 @@ class PeerStreams:
         finally:
             replicator.sync_finished(addr)
             self._events.sync.session("client", ok, self._now() - began, changes, nbytes)
+            if session is not None:
+                session.finish(
+                    ok,
+                    request_bytes=len(request),
+                    frames=received,
+                    changes=changes,
+                    nbytes=nbytes,
+                    pulled=pulled,
+                )
             sync_log.debug("sync with %s: %d changesets pulled", format_addr(addr), pulled)
             self._activity.sync_session(format_addr(addr), pulled, ok)
 

@@ -47,6 +47,7 @@ from ..runtime.subscriptions import (
     SubscriptionStorageError,
 )
 from .asgi_server import AsgiServer, serve_asgi
+from .http_spans import server_span
 from .interfaces import ApiAgent
 from .limits import ConcurrencyLimits, EndpointName, api_load
 from .ndjson import json_cell as _cell
@@ -88,6 +89,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
         except ValueError as exc:
             raise StatementFormError(str(exc)) from None
 
+    @server_span("POST", "/v1/transactions")
     async def transactions(request: Request) -> Response:
         try:
             timeout = _timeout(request, agent.config.api.transaction_timeout)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from support import wait_for
+from support import Proc, wait_for
 from typer.testing import CliRunner
 
 from corrosion import Agent, Config
@@ -104,6 +104,26 @@ def gossip_of(agent: Agent) -> str:
 
 async def rows(agent: Agent, sql: str, params: Any = ()) -> list[tuple]:
     return [r async for r in agent.query(sql, params)]
+
+
+def json_logs(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def agent_started(proc: Proc) -> dict:
+    """The JSON "agent started" record of an agent process, once it has logged it."""
+    started: dict = {}
+
+    def is_up() -> bool:
+        assert proc.p.poll() is None, proc.stderr()
+        for rec in json_logs(proc.stderr()):
+            if rec["msg"] == "agent started":
+                started.update(rec)
+                return True
+        return False
+
+    await wait_for(is_up, what="the agent process to start")
+    return started
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from cli_helpers import node_mapping, rows, short_tmp, write_config
+from cli_helpers import agent_started, json_logs, node_mapping, rows, short_tmp, write_config
 from support import Proc, wait_for
 
 from corrosion import Agent, Config
@@ -36,26 +36,6 @@ def corrosion_cmd() -> list[str]:
 
 async def run(*args: str) -> subprocess.CompletedProcess:
     return await anyio.run_process([*corrosion_cmd(), *args], check=False, env=ENV)
-
-
-def json_logs(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-async def agent_started(proc: Proc) -> dict:
-    """The JSON "agent started" record of an agent process, once it has logged it."""
-    started: dict = {}
-
-    def is_up() -> bool:
-        assert proc.p.poll() is None, proc.stderr()
-        for rec in json_logs(proc.stderr()):
-            if rec["msg"] == "agent started":
-                started.update(rec)
-                return True
-        return False
-
-    await wait_for(is_up, what="the agent process to start")
-    return started
 
 
 async def test_agent_process_serves_replicates_and_leaves_on_sigterm():
