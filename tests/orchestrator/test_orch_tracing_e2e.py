@@ -1,22 +1,26 @@
 """A machine operation's trace end to end, across real processes exporting OTLP to a receiver
-this test runs: a worker (``corrosion agent`` with an ``[orchestrator]`` section, the process
-driver) and a gateway (``python -m orchestrator gateway`` over the worker's database). A stop sent
-through the gateway is SIGKILLed with the worker in the middle of its stop_instance step; the
-restarted worker resumes the run. The receiver then holds ONE trace: the caller's span, the
-gateway's, the worker's API span, the run's accept span, the step attempts of the killed worker
-and those of the restarted one (whose run span continues under the accept span the step log
-saved), and the publishes of the machine's row."""
+this test runs: a worker w1 (``corrosion agent`` with an ``[orchestrator]`` section, the process
+driver), a second agent w2, and a gateway (``python -m orchestrator gateway``) over w2's replica.
+A stop sent through the gateway is SIGKILLed with the worker in the middle of its stop_instance
+step; the restarted worker resumes the run. The receiver then holds ONE trace: the caller's span,
+the gateway's, the worker's API span, the run's accept span, the step attempts of the killed
+worker and those of the restarted one (whose run span continues under the accept span the step
+log saved), and the publish of the machine's row with the agent's write under it and its apply
+on w2."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from cli_helpers import node_mapping, short_tmp, write_config
 from support import Proc, free_port, wait_for
-from support.otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors
+from support.otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors, is_descendant
+
+from orchestrator.publish import MACHINES_SCHEMA_PATH
 
 pytestmark = pytest.mark.anyio
 TRACE_ID = "5b8efff798038103d269b633813fc60c"
@@ -29,9 +33,9 @@ def anyio_backend():
     return "asyncio"
 
 
-def worker_env(which: str) -> dict[str, str]:
-    """The worker's environment: spans batched for 100 ms (not 5 s) before export, and a
-    resource attribute telling the two worker processes apart."""
+def process_env(which: str) -> dict[str, str]:
+    """An agent's environment: spans batched for 100 ms (not 5 s) before export, and a resource
+    attribute telling the processes apart (the two workers share an actor id)."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_RESOURCE_ATTRIBUTES": f"test.process={which}"}  # fmt: skip
 
@@ -53,19 +57,43 @@ def step_spans(spans: list[ReceivedSpan], run_id: str) -> list[tuple[str, str, b
             for s in steps]  # fmt: skip
 
 
+def replicated(
+    spans: list[ReceivedSpan], step: str
+) -> tuple[ReceivedSpan, ReceivedSpan, ReceivedSpan] | None:
+    """The publish of the row ``step`` changed, the agent's transaction under it, and its apply
+    on w2 (the "replica" process), once all three arrived."""
+    by_id = {s.span_id: s for s in spans}
+    steps = {s.span_id for s in spans if s.attributes.get("fsm.step") == step}
+    publishes = {s.span_id: s for s in spans
+                 if s.name == "machines.publish" and s.parent_id in steps}  # fmt: skip
+    for txn in spans:
+        if txn.name == "corrosion.transaction" and txn.parent_id in publishes:
+            applies = [s for s in spans if s.name == "corrosion.apply"
+                       and s.resource.get("test.process") == "replica"
+                       and is_descendant(s, txn, spans)]  # fmt: skip
+            if applies:
+                return by_id[txn.parent_id or ""], txn, applies[0]
+    return None
+
+
 async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: OtlpReceiver):
     with short_tmp() as base:
         release = base / "release"
-        api_port, gw_port = free_port(), free_port()
+        api_port, gw_port, gossip1, gossip2 = (free_port() for _ in range(4))
+        telemetry = {"open-telemetry": {"exporter": {"endpoint": otlp_receiver.url}}}
         orchestrator = {"machines_path": str(base / "machines"),
                         "state_path": str(base / "instances"), "driver": "process",
                         "worker": "w1"}  # fmt: skip
-        data = node_mapping(
-            base, "w1", api={"addr": f"127.0.0.1:{api_port}"}, orchestrator=orchestrator,
-            telemetry={"open-telemetry": {"exporter": {"endpoint": otlp_receiver.url}}},
+        w1 = node_mapping(
+            base, "w1", [f"127.0.0.1:{gossip2}"], api={"addr": f"127.0.0.1:{api_port}"},
+            gossip={"addr": f"127.0.0.1:{gossip1}"}, orchestrator=orchestrator,
+            telemetry=telemetry,
         )  # fmt: skip
-        config = write_config(base / "w1.toml", data)
-        agent = [sys.executable, "-m", "corrosion", "-c", str(config), "agent"]
+        w2 = node_mapping(base, "w2", [f"127.0.0.1:{gossip1}"], telemetry=telemetry,
+                          gossip={"addr": f"127.0.0.1:{gossip2}"})  # fmt: skip
+        w2["db"]["schema_paths"].append(str(MACHINES_SCHEMA_PATH))  # it runs no orchestrator
+        worker_cmd = [sys.executable, "-m", "corrosion", "-c",
+                      str(write_config(base / "w1.toml", w1)), "agent"]  # fmt: skip
         procs: list[Proc] = []
 
         def start(args: list[str], name: str, env: dict[str, str]) -> Proc:
@@ -74,12 +102,17 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
             return procs[-1]
 
         try:
-            worker = start(agent, "first", worker_env("first"))
+            worker = start(worker_cmd, "first", process_env("first"))
             machines = f"http://127.0.0.1:{api_port}/v1/apps/web/machines"
             await wait_for(lambda: answering(machines, worker), what="the worker's API")
+            replica = start([sys.executable, "-m", "corrosion", "-c",
+                             str(write_config(base / "w2.toml", w2)), "agent"],
+                            "replica", process_env("replica"))  # fmt: skip
+            await wait_for(lambda: Path(w2["db"]["path"]).exists(), what="w2's database")
+            # the gateway beside w2 reads w2's replica, where w1's rows arrive by replication
             gateway = start(
                 [sys.executable, "-m", "orchestrator", "gateway", "--replica",
-                 data["db"]["path"], "--listen", f"127.0.0.1:{gw_port}"],
+                 w2["db"]["path"], "--listen", f"127.0.0.1:{gw_port}"],
                 "gateway",
                 {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url,
                  "OTEL_BSP_SCHEDULE_DELAY": "100"},
@@ -91,6 +124,13 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
             script = f"trap '' TERM; while [ ! -e {release} ]; do sleep 0.05; done"
             config_ = {"image": "busybox", "init": {"exec": ["sh", "-c", script]}}
             async with httpx.AsyncClient(timeout=60) as client:
+
+                async def w1_live() -> bool:
+                    assert replica.p.poll() is None, replica.stderr()[-3000:]
+                    workers = (await client.get(f"http://127.0.0.1:{gw_port}/v1/workers")).json()
+                    return any(w["id"] == "w1" and w["live"] for w in workers)
+
+                await wait_for(w1_live, what="w1's workers row to replicate to w2")
                 r = await client.post(gw, json={"config": config_})
                 assert r.status_code == 200, r.text
                 mid = r.json()["id"]
@@ -114,7 +154,7 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
                 await otlp_receiver.wait_for(first_half, what="the first worker's spans")
                 worker.kill()  # SIGKILL, mid-step
                 release.touch()  # the machine exits while no worker watches it
-                worker = start(agent, "second", worker_env("second"))
+                worker = start(worker_cmd, "second", process_env("second"))
 
                 async def stopped() -> bool:
                     if not await answering(machines, worker):
@@ -123,11 +163,13 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
 
                 await wait_for(stopped, what="the resumed stop to finish")
 
-                def resumed_run(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
-                    return [s for s in spans if s.name == "machine.stop"
+                def finished(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
+                    runs = [s for s in spans if s.name == "machine.stop"
                             and s.attributes.get("fsm.run_id") == run_id]  # fmt: skip
+                    trace = [s for s in spans if s.trace_id == TRACE_ID]
+                    return runs if runs and replicated(trace, "mark_stopped") else None
 
-                (run,) = await otlp_receiver.wait_for(resumed_run, what="the resumed run span")
+                (run,) = await otlp_receiver.wait_for(finished, what="the resumed run, replicated")
                 # clean up: the machine's process is gone; its database goes with the worker
                 r = await client.delete(f"{machines}/{mid}")
                 assert r.status_code == 200, r.text
@@ -166,9 +208,10 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
             runs = [a for a in ancestors(s, spans) if a.name == "machine.stop"] or [None]
             # the first worker's run span ended with its process: its steps' parent is missing
             assert runs[0] is (run if s.resource["test.process"] == "second" else None)
-            assert s.parent_id is not None
 
-    # the machine's row published in the trace, under the step that changed it
-    publishes = [s for s in spans if s.name == "machines.publish"]
-    assert {by_id[s.parent_id].attributes["fsm.step"] for s in publishes} >= {"mark_stopped"}
-    assert all(mid in s.attributes["machine.ids"] for s in publishes)
+    # the machine's row published under the step that changed it, written by the agent and
+    # applied on w2
+    publish, txn, apply = replicated(spans, "mark_stopped")
+    assert mid in publish.attributes["machine.ids"]
+    assert txn.resource["test.process"] == "second" and txn.parent_id == publish.span_id
+    assert apply.attributes["corrosion.version"] == txn.attributes["corrosion.version"]
