@@ -57,28 +57,37 @@ def step_spans(spans: list[ReceivedSpan], run_id: str) -> list[tuple[str, str, b
             for s in steps]  # fmt: skip
 
 
-def replicated(
-    spans: list[ReceivedSpan], step: str
-) -> tuple[ReceivedSpan, ReceivedSpan, ReceivedSpan] | None:
-    """The publish of the row ``step`` changed, the agent's transaction under it, and its apply
-    on w2 (the "replica" process), once all three arrived."""
-    by_id = {s.span_id: s for s in spans}
-    steps = {s.span_id for s in spans if s.attributes.get("fsm.step") == step}
+def published(
+    spans: list[ReceivedSpan], run_id: str, step: str
+) -> tuple[ReceivedSpan, ReceivedSpan] | None:
+    """The publish of the row the run's ``step`` changed and the agent's transaction under it."""
+    steps = {
+        s.span_id
+        for s in spans
+        if s.attributes.get("fsm.run_id") == run_id and s.attributes.get("fsm.step") == step
+    }
     publishes = {s.span_id: s for s in spans
                  if s.name == "machines.publish" and s.parent_id in steps}  # fmt: skip
     for txn in spans:
         if txn.name == "corrosion.transaction" and txn.parent_id in publishes:
-            applies = [s for s in spans if s.name == "corrosion.apply"
-                       and s.resource.get("test.process") == "replica"
-                       and is_descendant(s, txn, spans)]  # fmt: skip
-            if applies:
-                return by_id[txn.parent_id or ""], txn, applies[0]
+            return publishes[txn.parent_id], txn
     return None
+
+
+def applied_on_w2(spans: list[ReceivedSpan], txn: ReceivedSpan) -> ReceivedSpan | None:
+    """w2's apply of the version ``txn`` committed (in any trace: see the test's end), once its
+    parent span (the transaction, or the sync session that carried it) arrived too."""
+    version = {k: txn.attributes[k] for k in ("corrosion.actor_id", "corrosion.version")}
+    applies = [s for s in spans if s.name == "corrosion.apply"
+               and s.resource.get("test.process") == "replica"
+               and {k: s.attributes.get(k) for k in version} == version]  # fmt: skip
+    arrived = {s.span_id for s in spans}
+    return next((s for s in applies if s.parent_id in arrived), None)
 
 
 async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: OtlpReceiver):
     with short_tmp() as base:
-        release = base / "release"
+        release = base / "release"  # the machine exits once it exists
         api_port, gw_port, gossip1, gossip2 = (free_port() for _ in range(4))
         telemetry = {"open-telemetry": {"exporter": {"endpoint": otlp_receiver.url}}}
         orchestrator = {"machines_path": str(base / "machines"),
@@ -120,8 +129,10 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
             gw = f"http://127.0.0.1:{gw_port}/v1/apps/web/machines"
             await wait_for(lambda: answering(gw, gateway), what="the gateway")
 
-            # a machine that ignores SIGTERM: its stop_instance step waits until release exists
-            script = f"trap '' TERM; while [ ! -e {release} ]; do sleep 0.05; done"
+            # a machine that ignores SIGTERM (once it says so in ``trapped``): its stop_instance
+            # step waits until release exists
+            trapped = base / "trapped"
+            script = f"trap '' TERM; touch {trapped}; while [ ! -e {release} ]; do sleep 0.05; done"
             config_ = {"image": "busybox", "init": {"exec": ["sh", "-c", script]}}
             async with httpx.AsyncClient(timeout=60) as client:
 
@@ -136,6 +147,7 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
                 mid = r.json()["id"]
                 r = await client.get(f"{gw}/{mid}/wait", params={"state": "started"})
                 assert r.status_code == 200, r.text
+                await wait_for(trapped.exists, what="the machine to ignore SIGTERM")
                 r = await client.post(f"{gw}/{mid}/stop", json={"timeout": 600},
                                       headers={"traceparent": TRACEPARENT})  # fmt: skip
                 assert r.status_code == 200, r.text
@@ -163,13 +175,19 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
 
                 await wait_for(stopped, what="the resumed stop to finish")
 
-                def finished(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
-                    runs = [s for s in spans if s.name == "machine.stop"
+                def resumed_run(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+                    return [s for s in spans if s.name == "machine.stop"
                             and s.attributes.get("fsm.run_id") == run_id]  # fmt: skip
-                    trace = [s for s in spans if s.trace_id == TRACE_ID]
-                    return runs if runs and replicated(trace, "mark_stopped") else None
 
-                (run,) = await otlp_receiver.wait_for(finished, what="the resumed run, replicated")
+                # generous: a loaded machine delays the restarted worker's rejoin and sync
+                (run,) = await otlp_receiver.wait_for(resumed_run, 120, "the resumed run span")
+                publish, txn = await otlp_receiver.wait_for(
+                    lambda spans: published(spans, run_id, "mark_stopped"), 120,
+                    "the stopped row's write",
+                )  # fmt: skip
+                apply = await otlp_receiver.wait_for(
+                    lambda spans: applied_on_w2(spans, txn), 120, "w2 to apply the stopped row"
+                )
                 # clean up: the machine's process is gone; its database goes with the worker
                 r = await client.delete(f"{machines}/{mid}")
                 assert r.status_code == 200, r.text
@@ -209,9 +227,15 @@ async def test_a_stop_killed_mid_step_and_resumed_is_one_trace(otlp_receiver: Ot
             # the first worker's run span ended with its process: its steps' parent is missing
             assert runs[0] is (run if s.resource["test.process"] == "second" else None)
 
-    # the machine's row published under the step that changed it, written by the agent and
-    # applied on w2
-    publish, txn, apply = replicated(spans, "mark_stopped")
-    assert mid in publish.attributes["machine.ids"]
+    # the machine's row published under the step that changed it, written by the agent, and
+    # applied on w2: in this trace when a broadcast brought it; a sync session that brought it
+    # is in the trace of the first traced version it carried, linked to the others'
+    assert mid in publish.attributes["machine.ids"] and publish.trace_id == TRACE_ID
     assert txn.resource["test.process"] == "second" and txn.parent_id == publish.span_id
-    assert apply.attributes["corrosion.version"] == txn.attributes["corrosion.version"]
+    everything = otlp_receiver.snapshot()
+    if apply.attributes["corrosion.via"] == "broadcast":
+        assert is_descendant(apply, txn, everything)
+    else:
+        (session,) = [s for s in everything if s.span_id == apply.parent_id]
+        assert session.name == "corrosion.sync"
+        assert is_descendant(session, txn, everything) or (TRACE_ID, txn.span_id) in session.links
