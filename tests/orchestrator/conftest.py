@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from orch_helpers import SpanRecorder, require_netns, require_runc, span_recorder
+from orch_helpers import SpanRecorder, require_netns, require_runc
 
 from orchestrator.drivers import runc_available
 from orchestrator.hosts import HostLab
@@ -42,13 +42,10 @@ def namespace_hosts():
 
 @pytest.fixture
 def spans() -> Iterator[SpanRecorder]:
-    """The spans ended during the test (``get_finished_spans()``), kept in memory by an SDK
-    tracer provider installed in this process."""
-    recorder = span_recorder()
-    recorder.clear()
-    recorder.recording = True
+    """The spans ended during the test (``get_finished_spans()``), exported in memory by the
+    tracer provider corrosion installs for this process, removed after the test."""
+    recorder = SpanRecorder()
     try:
         yield recorder
     finally:
-        recorder.recording = False
-        recorder.clear()
+        recorder.close()

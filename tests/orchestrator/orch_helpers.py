@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import anyio
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import require
 
+from corrosion.runtime import tracing
 from orchestrator.drivers import runc_available
 from orchestrator.hosts import hosts_unavailable
 
@@ -38,34 +37,21 @@ class CrrPublisher:
                 self.conn.execute(sql, params)
 
 
-class SpanRecorder(InMemorySpanExporter):
-    """Keeps the spans ended while ``recording`` (off between tests: the provider stays)."""
+class SpanRecorder:
+    """The spans ended while it is open: corrosion's tracer provider for this process (what an
+    agent installs from its config) with an in-memory exporter instead of OTLP."""
 
-    recording = False
+    def __init__(self) -> None:
+        assert not tracing.active(), "a tracer provider was left installed"
+        self.exporter = InMemorySpanExporter()
+        self.handle = tracing.start_tracing(None, "orchestrator-tests", exporter=self.exporter)
 
-    def export(self, spans):
-        if not self.recording:
-            return SpanExportResult.SUCCESS
-        return super().export(spans)
+    def get_finished_spans(self) -> list[ReadableSpan]:
+        self.handle.force_flush()  # the provider batches spans in a thread
+        return list(self.exporter.get_finished_spans())
 
-
-_recorder: SpanRecorder | None = None
-
-
-def span_recorder() -> SpanRecorder:
-    """The recorder of this test process's spans (the ``spans`` fixture turns it on). Installed
-    once: OpenTelemetry takes one global tracer provider per process, so an SDK provider already
-    installed gets the recorder added instead."""
-    global _recorder
-    if _recorder is None:
-        provider = trace.get_tracer_provider()
-        if not isinstance(provider, TracerProvider):
-            provider = TracerProvider()
-            trace.set_tracer_provider(provider)
-            assert trace.get_tracer_provider() is provider, "another tracer provider is installed"
-        _recorder = SpanRecorder()
-        provider.add_span_processor(SimpleSpanProcessor(_recorder))
-    return _recorder
+    def close(self) -> None:
+        self.handle.shutdown()
 
 
 def spans_named(spans: list[ReadableSpan], prefix: str) -> list[ReadableSpan]:

@@ -1,4 +1,4 @@
-"""Traces of machine operations, in process (an SDK tracer provider with an in-memory exporter):
+"""Traces of machine operations, in process (corrosion's tracer provider, exporting in memory):
 the Machines API request's span, its run's accept, run and step-attempt spans (attempt numbers,
 errors), the publish of the machine's row, a run resumed by a new engine continuing the trace
 its START saved, and step logs from before tracing."""
@@ -9,11 +9,11 @@ import anyio
 import apsw
 import httpx
 import pytest
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from orch_helpers import spans_named
 from support import wait_for
 
+from corrosion.runtime import tracing
 from orchestrator.api import create_app
 from orchestrator.clock import ManualClock
 from orchestrator.drivers import FakeDriver
@@ -165,7 +165,7 @@ async def test_a_run_resumed_by_a_new_engine_continues_its_trace(tmp_path, spans
 
     store = MachineStore(tmp_path / "machines")
     store.create("m1")
-    with trace.get_tracer("test").start_as_current_span("client") as client:
+    with tracing.tracer("test").start_as_current_span("client") as client:
         async with Engine(store) as engine:
             engine.register("op", steps(block_b=True))
             run_id = await engine.start("m1", "op")
