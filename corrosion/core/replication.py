@@ -54,8 +54,8 @@ S2  A node asked to sync answers with every version it holds that the asker lack
     Sync alone makes any two connected nodes converge; broadcast only makes it fast.
 T1  Trace contexts are opaque bytes here (the runtime makes the spans). A local version given
     one (``install_commit``) carries it in each of its chunks; a received chunk that carries one
-    is relayed with it. Either way the node remembers it for the version (the last
-    ``TRACE_MEMORY`` versions), so a sync answer serving that version carries it too. A frame
+    is relayed with it. Either way the node remembers it for the version (at least the last
+    ``TRACE_MEMORY`` traced versions), so a sync answer serving that version carries it too. A frame
     with the field goes only to peers whose metadata say they accept it (``Peer.trailing``);
     the others get it without (``without_trailing``).
 """
@@ -351,8 +351,10 @@ class Replicator:
     def _remember_trace(self, actor: bytes, version: int, trace: bytes) -> None:
         traces = self.traces
         traces[(actor, version)] = trace
-        if len(traces) > TRACE_MEMORY:
-            del traces[next(iter(traces))]  # the oldest (dicts keep insertion order)
+        if len(traces) >= 2 * TRACE_MEMORY:
+            # keep the newest (dicts keep insertion order), all at once: removing the oldest
+            # one by one would scan the dict's deleted slots to find it each time
+            self.traces = dict(list(traces.items())[-TRACE_MEMORY:])
 
     def max_rounds(self) -> int:
         """Broadcast rounds of a local version: ``retransmit_mult * ceil(log10(n + 1))``."""

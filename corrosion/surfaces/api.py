@@ -89,7 +89,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
         except ValueError as exc:
             raise StatementFormError(str(exc)) from None
 
-    @server_span("POST", "/v1/transactions")
+    @server_span("POST", "/v1/transactions", transaction=True)
     async def transactions(request: Request) -> Response:
         try:
             timeout = _timeout(request, agent.config.api.transaction_timeout)

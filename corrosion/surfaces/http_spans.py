@@ -15,10 +15,14 @@ from ..runtime import tracing
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def server_span(method: str, route: str) -> Callable[[Endpoint], Endpoint]:
+def server_span(
+    method: str, route: str, *, transaction: bool = False
+) -> Callable[[Endpoint], Endpoint]:
     """Decorate a starlette endpoint: with tracing on, each request runs in a ``SERVER`` span
     ``"{method} {route}"`` (child of the request's ``traceparent``, when it has one), with the
-    method, route and status code; off, the endpoint is called as it is."""
+    method, route and status code; off, the endpoint is called as it is. ``transaction``: the
+    request is one local transaction, which the runtime describes on this span
+    (``tracing.request_span``) rather than on a child of its own."""
     name = f"{method} {route}"
 
     def wrap(endpoint: Endpoint) -> Endpoint:
@@ -32,11 +36,12 @@ def server_span(method: str, route: str) -> Callable[[Endpoint], Endpoint]:
                 kind=SpanKind.SERVER,
                 attributes={"http.request.method": request.method, "http.route": route},
             ) as span:
-                token = tracing.request_span.set(span)
+                token = tracing.request_span.set(span) if transaction else None
                 try:
                     response = await endpoint(request)
                 finally:
-                    tracing.request_span.reset(token)
+                    if token is not None:
+                        tracing.request_span.reset(token)
                 span.set_attribute("http.response.status_code", response.status_code)
                 if response.status_code >= 500:
                     span.set_status(Status(StatusCode.ERROR))

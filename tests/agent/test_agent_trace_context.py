@@ -7,7 +7,10 @@ no sockets. The tracing configuration (``[telemetry] open-telemetry``, ``OTEL_*`
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -208,3 +211,28 @@ def test_the_environment_turns_tracing_on_and_off_and_names_where_spans_go():
 def test_a_bad_otel_variable_fails_naming_it_and_the_remedy(env, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         tracing.resolve(OpenTelemetryConfig(None), env)
+
+
+def test_an_agent_without_tracing_configured_never_loads_the_sdk(tmp_path):
+    """Off costs nothing: neither the OpenTelemetry SDK nor the exporter is imported by an
+    agent that runs and writes with no ``[telemetry] open-telemetry`` and no ``OTEL_*``."""
+    code = f"""
+import sys, anyio
+from corrosion import Agent, Config
+async def main():
+    cfg = Config.from_mapping({{
+        "db": {{"path": {str(tmp_path / "a.db")!r}}},
+        "gossip": {{"addr": "127.0.0.1:0", "plaintext": True}},
+    }})
+    async with Agent(cfg) as agent:
+        await agent.execute(["SELECT 1"])
+anyio.run(main)
+print(sorted({{m.split(".")[1] for m in sys.modules if m.startswith("opentelemetry.")}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    loaded = out.strip().splitlines()[-1]
+    assert "sdk" not in loaded and "exporter" not in loaded, loaded
+    assert "trace" in loaded  # the API is: its no-op tracer is what "off" runs

@@ -6,6 +6,7 @@ sync, the sync sessions that carried it are in the same trace."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -16,9 +17,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from agent_helpers import cluster
 from cli_helpers import agent_started, node_mapping, short_tmp, write_config
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import Proc, wait_for
 from support.otlp_receiver import OtlpReceiver, ReceivedSpan, is_descendant
+
+from corrosion.runtime import tracing
 
 pytestmark = pytest.mark.anyio
 
@@ -140,6 +145,14 @@ async def test_a_writes_trace_spans_three_processes_with_parent_links(otlp_recei
         assert apply.start_ns <= apply.end_ns
     assert otlp_receiver.rejected == 0
 
+    # membership: each node's view of the others joining, as short spans of their own
+    joined = {
+        (s.instance, s.attributes["corrosion.member.actor_id"])
+        for s in otlp_receiver.named("corrosion.member")
+        if s.attributes["corrosion.member.event"] == "up"
+    }
+    assert {(a, b) for a in actors for b in actors if a != b} <= joined
+
 
 async def test_a_write_that_arrives_by_sync_has_the_sync_session_in_its_trace(otlp_receiver):
     """With broadcast off (``perf.broadcast = false``), sync alone carries the write: the
@@ -191,3 +204,39 @@ async def test_a_bad_otel_variable_stops_the_agent_at_start_up_in_one_line():
         assert "cannot start: OTEL_EXPORTER_OTLP_PROTOCOL=grpc" in lines[0]
         assert "http/protobuf" in lines[0]  # the remedy
         assert not (base / "a" / "state.db").exists()  # nothing was created
+
+
+async def test_a_chunked_version_is_traced_on_every_chunk_and_applied_under_one_trace(tmp_path):
+    """A transaction large enough to be cut into chunks: each chunk carries the context, and
+    the receiver's apply spans (one per batch that held chunks of it; all but the last
+    ``partial``) cover its seqs and changes exactly, under the transaction's span."""
+    exporter = InMemorySpanExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", exporter=exporter)
+    try:
+        async with cluster(tmp_path, 2) as (a, b):
+            with tracing.tracer().start_as_current_span("client") as client:
+                commit = await a.execute_commit(
+                    [
+                        ("INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", "x" * 300])
+                        for i in range(200)
+                    ]
+                )
+            assert commit is not None
+            await wait_for(lambda: b.store.bookie.head(a.actor_id) == commit.version)
+            handle.force_flush()
+    finally:
+        handle.shutdown()
+    spans = exporter.get_finished_spans()
+    txn = next(s for s in spans if s.name == "corrosion.transaction")
+    assert txn.parent.span_id == client.get_span_context().span_id
+    applies = [s for s in spans if s.name == "corrosion.apply"]
+    assert applies and all(s.parent.span_id == txn.context.span_id for s in applies)
+    assert all(s.context.trace_id == txn.context.trace_id for s in applies)
+    assert sum(s.attributes["corrosion.changes"] for s in applies) == len(commit.changes)
+    ranges = [r for s in applies for r in s.attributes["corrosion.seqs"].split(",")]
+    seqs = sorted(tuple(map(int, r.split(".."))) for r in ranges)
+    assert len(seqs) > 1 and seqs[0][0] == 0 and seqs[-1][1] == commit.last_seq  # chunks...
+    assert all(x[1] + 1 == y[0] for x, y in itertools.pairwise(seqs))  # ...tiling the version
+    last = max(applies, key=lambda s: s.end_time)
+    assert "corrosion.outcome" not in last.attributes  # applied
+    assert all(s.attributes["corrosion.outcome"] == "partial" for s in applies if s is not last)
