@@ -324,3 +324,16 @@ async def test_a_create_through_the_gateway_is_one_trace(tmp_path, spans):
     (run,) = run_span()
     assert parent(parent(run)) is worker  # through the run's accept span
     assert [parent(s) for s in finished if s.name.startswith("machine.create.prepare")] == [run]
+
+
+def test_a_bad_otel_variable_stops_the_gateway_in_one_line(tmp_path, monkeypatch, capsys):
+    from orchestrator.__main__ import main
+
+    (tmp_path / "replica.db").touch()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "sometimes")
+    args = ["gateway", "--replica", str(tmp_path / "replica.db"), "--listen", "127.0.0.1:0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: OTEL_TRACES_SAMPLER=sometimes: unknown sampler")
+    assert len(err.splitlines()) == 1
