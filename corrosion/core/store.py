@@ -284,7 +284,6 @@ class Store:
                 continue
             conn.execute("SAVEPOINT kept_version")
             try:
-                _past_pending(conn)
                 (local,) = crdt.merge_changesets(conn, [changes])
             except crdt.MergeError as exc:
                 conn.execute("ROLLBACK TO kept_version")
@@ -576,7 +575,6 @@ class Store:
                 for entry in complete:
                     conn.execute("SAVEPOINT one_version")
                     try:
-                        _past_pending(conn)
                         versions.extend(crdt.merge_changesets(conn, [entry[2]]))
                         conn.execute("RELEASE one_version")
                     except crdt.MergeError as exc:
@@ -781,16 +779,6 @@ class _DirectChanges:
         """Call once the text has run to its end."""
         self._count_finished()
         return self._rows
-
-
-def _past_pending(conn: crdt.Connection) -> None:
-    """Before another ``merge_changesets`` call in the same transaction: each call stamps its
-    changesets with db_versions of their own, but from the transaction's pending version, which
-    an earlier call (or local write) already used; two versions would share one db_version and
-    be served mixed (``serve`` reads a version back by its db_version). Move past it."""
-    state = conn.crr
-    if state.pending != -1:
-        state.next_db_version(state.pending + 1)
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
