@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import DriverError, ImageNotFoundError
-from .images import Image
+from .images import Image, ImageUser
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ _REPO_RE = re.compile(
 )
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PULL_TIMEOUT = "120s"  # skopeo's --command-timeout: an unresponsive registry fails the create
+REF_NAME = "org.opencontainers.image.ref.name"  # a manifest's name in the layout's index
 _TLS_FLAG = {"inspect": "tls-verify", "copy": "src-tls-verify"}  # skopeo's name, per command
 
 
@@ -233,9 +234,31 @@ class RegistryImages:
                 if not (dest / "image.json").exists():
                     self._pull(image, ref, dest)
         meta = json.loads((dest / "image.json").read_text())
+        user = meta.get("user")
         return Image(
-            str(ref), dest / "rootfs", tuple(meta.get("cmd") or ()), tuple(meta.get("env") or ())
-        )
+            str(ref),
+            dest / "rootfs",
+            tuple(meta.get("cmd") or ()),
+            tuple(meta.get("env") or ()),
+            entrypoint=tuple(meta.get("entrypoint") or ()),
+            cwd=meta.get("cwd") or "/",
+            user=None if user is None else ImageUser(
+                int(user["uid"]), int(user["gid"]), tuple(user.get("additional_gids") or ())
+            ),
+        )  # fmt: skip
+
+    def _config(self, hexdigest: str) -> dict:
+        """The image config (``config`` of the image's config blob: Entrypoint, Cmd, ...) of the
+        manifest the layout holds under the name ``hexdigest``."""
+        blobs = self.layout / "blobs" / "sha256"
+        index = json.loads((self.layout / "index.json").read_text())
+        for desc in index.get("manifests") or ():
+            if (desc.get("annotations") or {}).get(REF_NAME) != hexdigest:
+                continue
+            manifest = json.loads((blobs / desc["digest"].removeprefix("sha256:")).read_text())
+            config_blob = blobs / manifest["config"]["digest"].removeprefix("sha256:")
+            return json.loads(config_blob.read_text()).get("config") or {}
+        return {}
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -262,12 +285,11 @@ class RegistryImages:
             )
             if proc.returncode != 0:
                 raise ImagePullError(image, f"cannot unpack: {_cause(proc.stderr)}")
-            runtime = json.loads((bundle / "config.json").read_text()).get("process") or {}
-            meta = {
-                "reference": str(ref),
-                "cmd": runtime.get("args") or [],
-                "env": runtime.get("env") or [],
-            }
+            meta = image_meta(
+                json.loads((bundle / "config.json").read_text()).get("process") or {},
+                self._config(hexdigest),
+            )
+            meta["reference"] = str(ref)
             out = tmp / "image"
             out.mkdir()
             os.rename(bundle / "rootfs", out / "rootfs")
@@ -276,6 +298,31 @@ class RegistryImages:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("image %s pulled and unpacked (%s)", ref, dest)
+
+
+def image_meta(process: dict, config: dict) -> dict:
+    """What ``image.json`` records of an unpacked image: its Entrypoint and Cmd apart (a
+    machine's ``init.cmd`` replaces only the Cmd), and from the runtime config umoci derived —
+    which resolved a ``User`` name through the image's ``/etc/passwd`` and ``/etc/group`` — the
+    environment (with ``HOME``), working directory and numeric user."""
+    user = process.get("user") or {}
+    meta: dict = {
+        "env": process.get("env") or [],
+        "cwd": process.get("cwd") or "/",
+        "user": None,
+    }
+    if config:
+        meta["entrypoint"] = config.get("Entrypoint") or []
+        meta["cmd"] = config.get("Cmd") or []
+    else:  # no config found: the runtime's arguments are entrypoint and command together
+        meta["entrypoint"], meta["cmd"] = [], process.get("args") or []
+    if user.get("uid") or user.get("gid") or user.get("additionalGids"):
+        meta["user"] = {
+            "uid": int(user.get("uid") or 0),
+            "gid": int(user.get("gid") or 0),
+            "additional_gids": [int(g) for g in user.get("additionalGids") or ()],
+        }
+    return meta
 
 
 # --- the per-instance writable root ----------------------------------------------------------

@@ -11,7 +11,8 @@ namespaces the command gets each volume's host directory in ``FLY_MOUNT_PATH_<PA
 the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. An image from a registry
 (:mod:`.oci`; root only) is: the instance gets its own writable root over the cached image (an
 overlay, or a copy) and the command runs chrooted in it, with the host's ``/dev`` bound in, a
-private ``/proc``, the image's environment and, by default, its command. No cgroup limits, hence
+private ``/proc``, the image's environment, working directory and user and, by default, its
+entrypoint and command. No cgroup limits, hence
 no OOM detection (``oom_killed`` is always False).
 
 Lifecycle: ``create`` writes the spec (OCI's "created"); ``start`` spawns the shim, which starts
@@ -72,7 +73,7 @@ class ProcessDriver(ShimDriver):
                 transient=False,
             )
         image = await anyio.to_thread.run_sync(self.registry.resolve, spec.image)
-        if not spec.cmd and not image.cmd:
+        if not image.command(spec.cmd, cmd_only=spec.cmd_only):
             raise DriverError(f"image {spec.image!r} has no default command", transient=False)
         return image
 
@@ -103,9 +104,15 @@ class ProcessDriver(ShimDriver):
             image = await self._registry_image(spec)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
             (d / "rootfs.path").write_text(str(rootfs))  # the shim chroots there
+            # and runs the command in the image's working directory, as the image's user
+            (d / "cwd").write_text(image.cwd)
+            if image.user is not None:
+                ids = (image.user.uid, image.user.gid, *image.user.additional_gids)
+                (d / "user").write_text(" ".join(map(str, ids)))
             env = dict(item.partition("=")[::2] for item in image.env)
             env.update(spec.env)
-            spec = dataclasses.replace(spec, cmd=spec.cmd or image.cmd, env=env)
+            command = image.command(spec.cmd, cmd_only=spec.cmd_only)
+            spec = dataclasses.replace(spec, cmd=command, cmd_only=False, env=env)
         if spec.netns and self.namespaces:
             (d / "hosts").write_text(hosts_file(spec))
         if spec.mounts and self.namespaces:  # the shim binds them in the machine's namespace

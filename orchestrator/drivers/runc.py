@@ -40,7 +40,7 @@ from typing import Any
 import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .images import Image, ImageStore, static_busybox, static_executable
+from .images import Image, ImageStore, ImageUser, static_busybox, static_executable
 from .oci import RegistryImages, is_registry_reference, make_root
 from .supervised import ShimDriver, hosts_file, read_json, write_json
 
@@ -73,10 +73,18 @@ def oci_config(
     init: str | None = None,
     hosts: str | None = None,
     readonly: bool = True,
+    cwd: str = "/",
+    user: ImageUser | None = None,
 ) -> dict[str, Any]:
     """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
     host) the command runs under it; ``hosts`` is a file to bind at /etc/hosts (the host's by
-    default); ``readonly`` False for an instance's own writable root."""
+    default); ``readonly`` False for an instance's own writable root; ``cwd`` and ``user`` the
+    image's working directory and user (root by default)."""
+    process_user: dict[str, Any] = {"uid": 0, "gid": 0}
+    if user is not None:
+        process_user = {"uid": user.uid, "gid": user.gid}
+        if user.additional_gids:
+            process_user["additionalGids"] = list(user.additional_gids)
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.netns:
         namespaces.append({"type": "network", "path": spec.netns})
@@ -134,10 +142,10 @@ def oci_config(
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": process_user,
             "args": args,
             "env": env,
-            "cwd": "/",
+            "cwd": cwd,
             "capabilities": {k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
@@ -256,7 +264,7 @@ class RuncDriver(ShimDriver):
             env_of_image = dict(item.partition("=")[::2] for item in image.env)
             stored = dataclasses.replace(spec, env={**env_of_image, **spec.env})
         write_json(d / "spec.json", stored.to_dict())
-        args = list(spec.cmd or image.cmd)
+        args = list(image.command(spec.cmd, cmd_only=spec.cmd_only))
         if not args:
             raise DriverError(f"image {image.name} has no default command", transient=False)
         env = {"PATH": BASE_PATH, "HOME": "/root"}
@@ -274,6 +282,7 @@ class RuncDriver(ShimDriver):
         config = oci_config(
             spec, rootfs, args, [f"{k}={v}" for k, v in env.items()],
             network=self.network, init=self.init, hosts=hosts, readonly=readonly,
+            cwd=image.cwd, user=image.user,
         )  # fmt: skip
         write_json(d / "bundle" / "config.json", config)
         bundle = str(d / "bundle")

@@ -17,7 +17,9 @@ Invocation (arguments, not a config file, to keep startup cheap):
   wrote ``<dir>/hosts``, a private /etc/hosts; when it wrote ``<dir>/mounts``, the volumes
   bound at their paths) and sets the hostname. When the driver wrote ``<dir>/rootfs.path`` (an
   image from a registry), those mounts are made inside that root, the host's /dev is bound in,
-  and S chroots there before forking C (so an exec that enters S's root lands in it too).
+  and S chroots there before forking C (so an exec that enters S's root lands in it too); C
+  starts in the image's working directory (``<dir>/cwd``) as its user (``<dir>/user``: uid,
+  gid and supplementary groups).
   O writes ``pids.json`` only once S has set all this up, so an exec entering S's namespaces
   and root never sees the host's instead.
   S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
@@ -134,11 +136,28 @@ def execvp(cmd):
     raise error
 
 
+def image_process(directory, root):
+    """The image's working directory (made in the instance's root when missing, as Docker
+    does) and user ``[uid, gid, *groups]`` from ``<dir>/cwd`` and ``<dir>/user``, or None."""
+    cwd, user = None, None
+    path = os.path.join(directory, "cwd")
+    if os.path.exists(path):
+        with open(path) as f:
+            cwd = "/" + f.read().strip().lstrip("/")
+        os.makedirs(os.path.join(root, cwd.lstrip("/")), exist_ok=True)
+    path = os.path.join(directory, "user")
+    if os.path.exists(path):
+        with open(path) as f:
+            user = [int(n) for n in f.read().split()]
+    return cwd, user
+
+
 def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
     """S: runs the command as a child, forwards signals, writes its status, kills the group.
     Writes to the pipe ``ready`` once its namespaces, mounts and root are set up."""
     os.setpgid(0, 0)
     root = None
+    cwd, user = None, None
     if in_namespace:
         # a mount namespace of S's own (not O's), private so nothing propagates to the host,
         # with a /proc that shows only the new pid namespace
@@ -149,6 +168,7 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
         if os.path.exists(root_file):
             with open(root_file) as f:
                 root = f.read().strip()
+            cwd, user = image_process(directory, root)
         inside = root or "/"
         os.makedirs(os.path.join(inside, "proc"), exist_ok=True)
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -209,6 +229,12 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
             os.dup2(devnull, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
+            if cwd is not None:
+                os.chdir(cwd)
+            if user is not None:  # groups first: after setuid they can no longer be set
+                os.setgroups(user[2:])
+                os.setgid(user[1])
+                os.setuid(user[0])
             execvp(cmd)
         # the forked child must never return into the shim's code: report like a shell, exit
         except BaseException as e:  # noqa: BLE001

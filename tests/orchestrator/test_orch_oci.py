@@ -211,6 +211,87 @@ def test_concurrent_pulls_fetch_each_blob_once(registry, tmp_path):
     assert sorted(os.listdir(results[0] / "data")) == ["kept.txt"]
 
 
+# an image with an entrypoint, a working directory and a user named in its /etc/passwd
+USER_IMAGE_CONFIG = {
+    "Entrypoint": ["sh", "-c"],
+    "Cmd": ['echo "image-cmd $(id -u):$(id -g):$(id -G) $(pwd) $HOME $IMAGE_VAR"; exec sleep 3600'],
+    "Env": ["PATH=/bin", "IMAGE_VAR=from-image"],
+    "WorkingDir": "/srv/app",
+    "User": "app",
+}
+USER_IMAGE_FILES = [
+    ("dir", "srv", None),
+    (
+        "file",
+        "etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n",
+    ),
+    ("file", "etc/group", "root:x:0:\napp:x:2345:\nextra:x:3456:app\n"),
+]
+
+
+async def _log_line(client, mid: str, prefix: str) -> str:
+    """The first line of the machine's output starting with ``prefix``, once it is there."""
+    found: list[str] = []
+
+    async def written() -> bool:
+        r = await client.get(f"{BASE}/{mid}/logs")
+        found[:] = [ln for ln in r.json()["lines"] if ln.startswith(prefix)]
+        return bool(found)
+
+    await wait_for(written, 60, f"{mid} to write {prefix!r}")
+    return found[0]
+
+
+async def test_the_image_config_is_applied(client, registry):
+    """Entrypoint + Cmd, Env, WorkingDir (made where the image lacks it) and User (a name
+    resolved through the image's /etc/passwd and /etc/group) are the machine's defaults;
+    ``init.cmd`` replaces only the Cmd, ``init.exec`` the whole command."""
+    reg, _ = registry
+    image = push_test_image(
+        reg, repo="test/user", marker="user", config=USER_IMAGE_CONFIG, files=USER_IMAGE_FILES
+    )
+    script = 'echo "init-cmd $(id -u) $(pwd)"; exec sleep 3600'
+    configs = {
+        "image-cmd": {"image": image.reference},
+        "init-cmd": {"image": image.reference, "init": {"cmd": [script]}},
+        "init-exec": {"image": image.reference,
+                      "init": {"exec": ["sh", "-c", script.replace("init-cmd", "init-exec")]}},
+    }  # fmt: skip
+    mids = {}
+    for name, config in configs.items():
+        r = await client.post(BASE, json={"config": config})
+        assert r.status_code == 200, r.text
+        mids[name] = r.json()["id"]
+    for mid in mids.values():
+        await started(client, mid)
+    line = await _log_line(client, mids["image-cmd"], "image-cmd ")
+    assert line.split() == ["image-cmd", "1234:2345:2345", "3456", "/srv/app", "/home/app",
+                            "from-image"]  # fmt: skip
+    assert (await _log_line(client, mids["init-cmd"], "init-cmd ")).split()[1:] == [
+        "1234", "/srv/app"
+    ]  # fmt: skip
+    assert (await _log_line(client, mids["init-exec"], "init-exec ")).split()[1:] == [
+        "1234", "/srv/app"
+    ]  # fmt: skip
+
+
+def test_image_meta_keeps_entrypoint_and_cmd_apart():
+    process = {"args": ["/bin/app", "serve"], "env": ["PATH=/bin"], "cwd": "/w",
+               "user": {"uid": 7, "gid": 8}}  # fmt: skip
+    meta = oci.image_meta(process, {"Entrypoint": ["/bin/app"], "Cmd": ["serve"]})
+    assert meta == {
+        "env": ["PATH=/bin"],
+        "cwd": "/w",
+        "entrypoint": ["/bin/app"],
+        "cmd": ["serve"],
+        "user": {"uid": 7, "gid": 8, "additional_gids": []},
+    }
+    # root (uid 0, gid 0) is no user switch; without a config the arguments are the command
+    meta = oci.image_meta({"args": ["sh"], "user": {"uid": 0, "gid": 0}}, {})
+    assert (meta["entrypoint"], meta["cmd"], meta["user"], meta["cwd"]) == ([], ["sh"], None, "/")
+
+
 def _leftovers(tmp_path: Path) -> list[str]:
     """What a failed create could have left: machine databases, instance dirs, unpacked or
     half-unpacked images, mounts."""
