@@ -31,7 +31,7 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import Image
-from .oci import RegistryImages, is_registry_reference, make_root, release_root
+from .oci import DEFAULT_KEEP, RegistryImages, is_registry_reference, make_root, release_root
 from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -53,11 +53,16 @@ class ProcessDriver(ShimDriver):
         namespaces: bool | None = None,
         python: str | None = None,
         images: str | Path | None = None,
+        image_cache_keep: int = DEFAULT_KEEP,
     ) -> None:
-        """``images``: the registry images' cache (default ``<state_dir>/_images``)."""
+        """``images``: the registry images' cache (default ``<state_dir>/_images``), keeping
+        ``image_cache_keep`` images no instance uses (:meth:`.oci.RegistryImages.sweep`)."""
         super().__init__(state_dir, python=python)
         self.namespaces = (os.geteuid() == 0) if namespaces is None else namespaces
-        self.registry = RegistryImages(images or self.state_dir / "_images")
+        self.registry = RegistryImages(images or self.state_dir / "_images", keep=image_cache_keep)
+
+    def _image_cache(self) -> RegistryImages:
+        return self.registry
 
     async def pin_image(self, image: str) -> str:
         """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
@@ -65,14 +70,19 @@ class ProcessDriver(ShimDriver):
             return image
         return await anyio.to_thread.run_sync(self.registry.pin, image)
 
-    async def _registry_image(self, spec: InstanceSpec) -> Image:
+    async def _registry_image(self, spec: InstanceSpec, user: Path | None = None) -> Image:
+        """The spec's registry image; with ``user``, recorded as used by that instance
+        directory (:meth:`.oci.RegistryImages.acquire`)."""
         if not self.namespaces or os.geteuid() != 0:
             raise DriverError(
                 f"image {spec.image!r}: the process driver runs registry images only as root "
                 "with namespaces (a chroot in the image)",
                 transient=False,
             )
-        image = await anyio.to_thread.run_sync(self.registry.resolve, spec.image)
+        if user is None:
+            image = await anyio.to_thread.run_sync(self.registry.resolve, spec.image)
+        else:
+            image = await anyio.to_thread.run_sync(self.registry.acquire, spec.image, user)
         if not image.command(spec.cmd, cmd_only=spec.cmd_only):
             raise DriverError(f"image {spec.image!r} has no default command", transient=False)
         return image
@@ -101,7 +111,7 @@ class ProcessDriver(ShimDriver):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         if is_registry_reference(spec.image):
-            image = await self._registry_image(spec)
+            image = await self._registry_image(spec, d)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
             (d / "rootfs.path").write_text(str(rootfs))  # the shim chroots there
             # and runs the command in the image's working directory, as the image's user

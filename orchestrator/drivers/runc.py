@@ -41,7 +41,7 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import Image, ImageStore, ImageUser, static_busybox, static_executable
-from .oci import RegistryImages, is_registry_reference, make_root
+from .oci import DEFAULT_KEEP, RegistryImages, is_registry_reference, make_root
 from .supervised import ShimDriver, hosts_file, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,11 @@ class RuncDriver(ShimDriver):
         network: str = "host",
         python: str | None = None,
         init: str | bool = True,
+        image_cache_keep: int = DEFAULT_KEEP,
     ) -> None:
         """``init``: True finds the host's static tini, a path names a static init, False runs
-        the command as PID 1."""
+        the command as PID 1. ``image_cache_keep``: unused registry images kept
+        (:meth:`.oci.RegistryImages.sweep`)."""
         super().__init__(state_dir, python=python)
         if network not in ("host", "none"):
             raise ValueError(f"network must be 'host' or 'none', not {network!r}")
@@ -194,7 +196,7 @@ class RuncDriver(ShimDriver):
         if images is None:
             images = self.state_dir / "_images"
         self.images = images if isinstance(images, ImageStore) else ImageStore(images)
-        self.registry = RegistryImages(self.images.path)
+        self.registry = RegistryImages(self.images.path, keep=image_cache_keep)
 
     @staticmethod
     def _find_init(init: str | bool) -> str | None:
@@ -236,6 +238,9 @@ class RuncDriver(ShimDriver):
             return self.registry.resolve(ref)
         return self.images.resolve(ref)
 
+    def _image_cache(self) -> RegistryImages:
+        return self.registry
+
     async def pin_image(self, image: str) -> str:
         """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
         if not is_registry_reference(image):
@@ -258,6 +263,7 @@ class RuncDriver(ShimDriver):
         (d / "bundle").mkdir(parents=True)
         rootfs, readonly, stored = image.rootfs, True, spec
         if is_registry_reference(spec.image):
+            image = await anyio.to_thread.run_sync(self.registry.acquire, spec.image, d)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
             readonly = False
             # an exec in the machine gets the image's environment too, as the command does

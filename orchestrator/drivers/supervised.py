@@ -38,7 +38,7 @@ from .base import (
     ProcessInfo,
     UnknownInstanceError,
 )
-from .oci import release_root
+from .oci import RegistryImages, release_root
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -115,6 +115,10 @@ class ShimDriver:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.python = python or sys.executable
         self._procs: dict[str, subprocess.Popen] = {}
+
+    def _image_cache(self) -> RegistryImages | None:
+        """The driver's registry-image cache, if it has one."""
+        return None
 
     # --- files --------------------------------------------------------------------------------
 
@@ -320,6 +324,10 @@ class ShimDriver:
         self._procs.pop(instance_id, None)
         release_root(d)  # an instance's overlay root (registry images) before its files
         shutil.rmtree(d, ignore_errors=True)
+        cache = self._image_cache()
+        if cache is not None:  # its image may go now (the cache's keep policy)
+            cache.release(d)
+            await anyio.to_thread.run_sync(cache.sweep)
 
     # --- operating a running instance (signal is above) ---------------------------------------
 

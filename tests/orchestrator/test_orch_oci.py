@@ -292,6 +292,77 @@ def test_image_meta_keeps_entrypoint_and_cmd_apart():
     assert (meta["entrypoint"], meta["cmd"], meta["user"], meta["cwd"]) == ([], ["sh"], None, "/")
 
 
+def _unpacked(cache: RegistryImages) -> set[str]:
+    return {p.name for p in cache.unpacked.iterdir() if not p.name.startswith(".")}
+
+
+def _layout_blobs(cache: RegistryImages) -> set[str]:
+    return {f"sha256:{p.name}" for p in (cache.layout / "blobs" / "sha256").iterdir()}
+
+
+def test_the_cache_keeps_images_in_use_and_the_most_recently_used(registry, tmp_path, caplog):
+    reg, _ = registry
+    caplog.set_level(logging.INFO, logger="orchestrator.drivers.oci")
+    images = [push_test_image(reg, repo=f"test/keep{i}", marker=f"keep{i}") for i in range(3)]
+    pinned = [f"{im.reference}@{im.manifest_digest}" for im in images]
+    hexes = [im.manifest_digest.removeprefix("sha256:") for im in images]
+    cache = RegistryImages(tmp_path / "images", keep=1)
+    instance = tmp_path / "instance-a"
+    instance.mkdir()
+    cache.acquire(pinned[0], instance)  # in use, the least recently used
+    cache.resolve(pinned[1])
+    cache.resolve(pinned[2])
+    os.utime(cache.unpacked / hexes[2] / "image.json")  # the most recently used, whatever mtimes
+    shared = images[0].layer_digests[0]  # the base layer all three share
+    assert {shared, *(im.layer_digests[-1] for im in images)} <= _layout_blobs(cache)
+
+    with cache._using():  # a create (or a pull) holds the cache: the sweep leaves it be
+        assert cache.sweep() == []
+    assert _unpacked(cache) == set(hexes)
+
+    # in use (kept, not counted) + the most recently used of the others (keep=1); 1 goes
+    assert cache.sweep() == [pinned[1]]
+    assert _unpacked(cache) == {hexes[0], hexes[2]}
+    blobs = _layout_blobs(cache)
+    assert images[1].layer_digests[-1] not in blobs and images[1].manifest_digest not in blobs
+    assert {shared, images[0].layer_digests[-1], images[2].layer_digests[-1]} <= blobs
+    assert f"image cache: removed {pinned[1]}" in caplog.text
+    # a use whose instance directory is gone (a crash before release) does not count
+    instance.rmdir()
+    assert cache.sweep() == [pinned[0]]
+    assert _unpacked(cache) == {hexes[2]}
+    # what is left still runs: a fresh acquire finds it without the registry
+    before = reg.requests("/blobs/")
+    assert (cache.acquire(pinned[2], tmp_path).rootfs / "marker.txt").read_text() == "keep2"
+    assert reg.requests("/blobs/") == before
+
+
+async def test_destroying_the_last_machine_of_an_image_sweeps_it(client, registry, tmp_path):
+    reg, image = registry
+    other = push_test_image(reg, repo="test/swept", marker="swept")
+    client.driver.registry.keep = 0  # keep no unused image
+    mids = []
+    for ref in (image.reference, other.reference):
+        r = await client.post(BASE, json={"config": {"image": ref}})
+        assert r.status_code == 200, r.text
+        mids.append(r.json()["id"])
+    for mid in mids:
+        await started(client, mid)
+    cache = client.driver.registry
+    hexes = {im.manifest_digest.removeprefix("sha256:") for im in (image, other)}
+    assert _unpacked(cache) == hexes
+    r = await client.delete(f"{BASE}/{mids[1]}", params={"force": "true"})
+    assert r.status_code == 200, r.text
+    gone = other.manifest_digest.removeprefix("sha256:")
+
+    def swept() -> bool:  # the image goes first, then its blobs (umoci gc)
+        return gone not in _unpacked(cache) and other.layer_digests[-1] not in _layout_blobs(cache)
+
+    await wait_for(swept, 60, "the unused image and its own blobs to be removed")
+    assert _unpacked(cache) == {image.manifest_digest.removeprefix("sha256:")}  # in use: kept
+    assert (await exec_(client, mids[0], "cat /cfg/new.txt")) == "from layer 2\n"
+
+
 def _leftovers(tmp_path: Path) -> list[str]:
     """What a failed create could have left: machine databases, instance dirs, unpacked or
     half-unpacked images, mounts."""
