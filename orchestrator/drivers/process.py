@@ -32,7 +32,7 @@ import anyio
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import Image
 from .oci import DEFAULT_KEEP, RegistryImages, is_registry_reference, make_root, release_root
-from .supervised import ShimDriver, hosts_file, read_json, write_json
+from .supervised import ShimDriver, hosts_file, read_json, write_image_process, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -114,11 +114,7 @@ class ProcessDriver(ShimDriver):
             image = await self._registry_image(spec, d)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
             (d / "rootfs.path").write_text(str(rootfs))  # the shim chroots there
-            # and runs the command in the image's working directory, as the image's user
-            (d / "cwd").write_text(image.cwd)
-            if image.user is not None:
-                ids = (image.user.uid, image.user.gid, *image.user.additional_gids)
-                (d / "user").write_text(" ".join(map(str, ids)))
+            write_image_process(d, image)  # in the image's working directory, as its user
             env = dict(item.partition("=")[::2] for item in image.env)
             env.update(spec.env)
             command = image.command(spec.cmd, cmd_only=spec.cmd_only)

@@ -42,7 +42,7 @@ import anyio
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import Image, ImageStore, ImageUser, static_busybox, static_executable
 from .oci import DEFAULT_KEEP, RegistryImages, is_registry_reference, make_root
-from .supervised import ShimDriver, hosts_file, read_json, write_json
+from .supervised import ShimDriver, hosts_file, read_json, write_image_process, write_json
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,7 @@ class RuncDriver(ShimDriver):
         if is_registry_reference(spec.image):
             image = await anyio.to_thread.run_sync(self.registry.acquire, spec.image, d)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
+            write_image_process(d, image)  # an exec runs where and as whom the command does
             readonly = False
             # an exec in the machine gets the image's environment too, as the command does
             env_of_image = dict(item.partition("=")[::2] for item in image.env)

@@ -38,6 +38,7 @@ from .base import (
     ProcessInfo,
     UnknownInstanceError,
 )
+from .images import Image
 from .oci import RegistryImages, release_root
 
 SHIM = Path(__file__).with_name("shim.py")
@@ -50,6 +51,22 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def write_image_process(d: Path, image: Image) -> None:
+    """``<dir>/cwd`` and ``<dir>/user`` (uid, gid, groups): where and as whom the image's
+    command runs (the shim reads them), and so an exec in the machine too."""
+    (d / "cwd").write_text(image.cwd)
+    if image.user is not None:
+        ids = (image.user.uid, image.user.gid, *image.user.additional_gids)
+        (d / "user").write_text(" ".join(map(str, ids)))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -344,7 +361,17 @@ class ShimDriver:
         main = int(self._running_pids(instance_id)["main"])
         if os.readlink(f"/proc/{main}/ns/pid") != os.readlink("/proc/self/ns/pid"):
             nsenter = shutil.which("nsenter") or "nsenter"
-            return [nsenter, "--target", str(main), "--all", "--root", "--wd", "--", *cmd]
+            argv = [nsenter, "--target", str(main), "--all", "--root"]
+            d = self._dir(instance_id)
+            # an image's working directory and user, as its command: nsenter opens a --wd
+            # directory before entering the root, so it is named by its path on the host (runc's
+            # init already runs in it: its own is taken)
+            root, cwd = read_text(d / "rootfs.path"), read_text(d / "cwd")
+            argv.append(f"--wd={os.path.join(root, cwd.lstrip('/'))}" if root and cwd else "--wd")
+            ids = (read_text(d / "user") or "").split()
+            if ids:
+                argv += ["--setuid", ids[0], "--setgid", ids[1]]
+            return [*argv, "--", *cmd]
         return cmd
 
     def _exec_env(self, instance_id: str) -> dict[str, str]:

@@ -274,6 +274,10 @@ async def test_the_image_config_is_applied(client, registry):
     assert (await _log_line(client, mids["init-exec"], "init-exec ")).split()[1:] == [
         "1234", "/srv/app"
     ]  # fmt: skip
+    # an exec in the machine runs where and as whom its command does
+    assert (await exec_(client, mids["image-cmd"], "echo $(id -u):$(id -g) $(pwd)")).split() == [
+        "1234:2345", "/srv/app"
+    ]  # fmt: skip
 
 
 def test_image_meta_keeps_entrypoint_and_cmd_apart():
