@@ -136,15 +136,14 @@ def execvp(cmd):
     raise error
 
 
-def image_process(directory, root):
-    """The image's working directory (made in the instance's root when missing, as Docker
-    does) and user ``[uid, gid, *groups]`` from ``<dir>/cwd`` and ``<dir>/user``, or None."""
+def image_process(directory):
+    """The image's working directory and user ``[uid, gid, *groups]`` from ``<dir>/cwd`` and
+    ``<dir>/user``, or None."""
     cwd, user = None, None
     path = os.path.join(directory, "cwd")
     if os.path.exists(path):
         with open(path) as f:
             cwd = "/" + f.read().strip().lstrip("/")
-        os.makedirs(os.path.join(root, cwd.lstrip("/")), exist_ok=True)
     path = os.path.join(directory, "user")
     if os.path.exists(path):
         with open(path) as f:
@@ -168,7 +167,7 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
         if os.path.exists(root_file):
             with open(root_file) as f:
                 root = f.read().strip()
-            cwd, user = image_process(directory, root)
+            cwd, user = image_process(directory)
         inside = root or "/"
         os.makedirs(os.path.join(inside, "proc"), exist_ok=True)
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -217,6 +216,15 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
         directory = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         os.chroot(root)
         os.chdir("/")
+        if cwd is not None:
+            # made when missing, as Docker does; only now, inside the root, so a symlink in
+            # the image cannot lead out of it. C inherits it, and an exec takes S's (nsenter --wd)
+            try:
+                os.makedirs(cwd, exist_ok=True)
+                os.chdir(cwd)
+            except OSError as e:  # the machine exits 1; its log says why
+                os.write(log, f"shim: cannot enter the working directory {cwd!r}: {e}\n".encode())
+                os._exit(1)
     os.write(ready, b"1")  # O publishes pids.json now: an exec from then on lands in the root
     os.close(ready)
     pid = os.fork()
@@ -229,8 +237,6 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
             os.dup2(devnull, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
-            if cwd is not None:
-                os.chdir(cwd)
             if user is not None:  # groups first: after setuid they can no longer be set
                 os.setgroups(user[2:])
                 os.setgid(user[1])

@@ -62,7 +62,7 @@ def read_text(path: Path) -> str | None:
 
 def write_image_process(d: Path, image: Image) -> None:
     """``<dir>/cwd`` and ``<dir>/user`` (uid, gid, groups): where and as whom the image's
-    command runs (the shim reads them), and so an exec in the machine too."""
+    command runs (the shim reads them), and, for the user, an exec in the machine too."""
     (d / "cwd").write_text(image.cwd)
     if image.user is not None:
         ids = (image.user.uid, image.user.gid, *image.user.additional_gids)
@@ -363,11 +363,9 @@ class ShimDriver:
             nsenter = shutil.which("nsenter") or "nsenter"
             argv = [nsenter, "--target", str(main), "--all", "--root"]
             d = self._dir(instance_id)
-            # an image's working directory and user, as its command: nsenter opens a --wd
-            # directory before entering the root, so it is named by its path on the host (runc's
-            # init already runs in it: its own is taken)
-            root, cwd = read_text(d / "rootfs.path"), read_text(d / "cwd")
-            argv.append(f"--wd={os.path.join(root, cwd.lstrip('/'))}" if root and cwd else "--wd")
+            # in the target's working directory (an image's: the shim's supervisor and runc's
+            # init run in it) as the image's user, as the command
+            argv.append("--wd")
             ids = (read_text(d / "user") or "").split()
             if ids:
                 argv += ["--setuid", ids[0], "--setgid", ids[1]]

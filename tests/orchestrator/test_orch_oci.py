@@ -280,6 +280,32 @@ async def test_the_image_config_is_applied(client, registry):
     ]  # fmt: skip
 
 
+async def test_a_working_directory_through_a_symlink_stays_in_the_image(client, registry, tmp_path):
+    """An image whose WorkingDir goes through a symlink to an absolute path cannot make (or
+    enter) that path on the host: it is resolved inside the machine's root, where it leads
+    nowhere, and the machine does not run (a clear line in its log, or a failed create)."""
+    reg, _ = registry
+    host = tmp_path / "host-side"
+    image = push_test_image(
+        reg, repo="test/escape", marker="escape",
+        config={"Cmd": ["sleep", "3600"], "Env": ["PATH=/bin"], "WorkingDir": "/escape/made"},
+        files=[("link", "escape", str(host))],
+    )  # fmt: skip
+    r = await client.post(BASE, json={"config": {"image": image.reference}})
+    assert r.status_code == 200, r.text
+    mid = r.json()["id"]
+    if isinstance(client.driver, ProcessDriver):  # the shim refuses it: the machine exits 1
+        line = await _log_line(client, mid, "shim: cannot enter the working directory")
+        assert "/escape/made" in line
+    else:  # runc refuses to create the container ("mkdir /escape: file exists")
+
+        async def failed() -> bool:
+            return (await client.get(f"{BASE}/{mid}")).json()["state"] == "failed"
+
+        await wait_for(failed, 60, f"{mid} to fail")
+    assert not host.exists()
+
+
 def test_image_meta_keeps_entrypoint_and_cmd_apart():
     process = {"args": ["/bin/app", "serve"], "env": ["PATH=/bin"], "cwd": "/w",
                "user": {"uid": 7, "gid": 8}}  # fmt: skip
