@@ -297,14 +297,16 @@ class MachineNetwork:
         return Attachment(machine_id, address, ns)
 
     def _made(self, machine_id: str) -> Attachment | None:
-        done = self._attached.get(machine_id)
+        """The attachment made since the last call, if its namespace is still there (taken
+        once: a later attach, such as a restart's, checks the links again)."""
+        done = self._attached.pop(machine_id, None)
         return done if done is not None and os.path.exists(done.netns_path) else None
 
     async def attach(self, machine_id: str) -> Attachment:
         """The machine's namespace and address, made now if missing (idempotent: an FSM step
         calls it again after a crash). The address is on disk before the namespace exists.
-        One this process has made and not released since is not redone while its namespace
-        exists (so an early attach, see the service's create, costs the step nothing)."""
+        The next call after one that made it returns at once while its namespace exists (so
+        an early attach, see the service's create, costs ``create_instance`` nothing)."""
         async with self._lock:
             done = self._made(machine_id)
             if done is not None:
