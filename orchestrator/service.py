@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 import apsw
+from anyio.abc import TaskGroup
 
 from . import machine as m
 from .archive import ArchiveStore
@@ -57,7 +58,7 @@ from .leases import Leases, parse_ttl
 from .metadata import Metadata
 from .metrics import OrchestratorMetrics, TimedDriver
 from .migrations import DEFAULT_RATE, Migrations
-from .network import MachineNetwork
+from .network import MachineNetwork, NetworkError
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
 from .steplog_schema import CURRENT_TARGET, MigrationFailedError, SchemaTarget
@@ -132,6 +133,7 @@ class Orchestrator:
         self.health: HealthChecks | None = None
         self._probe = probe
         self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
         # the parts, one concept each; their public calls are the service's
         self.docs = Documents(self.clock, write=self._write_doc, on_change=self._on_change)
         self.leases = Leases(self.docs, self.clock, self.ids)
@@ -193,6 +195,7 @@ class Orchestrator:
             tg = await stack.enter_async_context(anyio.create_task_group())
             self.exits = ExitWatchers(self.docs, self.driver, self.clock, engine, tg)
             self.health = HealthChecks(self.docs, self.clock, tg, probe)
+            self._tg = tg
             self.engine = await stack.enter_async_context(engine)
             # unwinding runs this first: watchers and the publisher stop before the engine does
             stack.callback(tg.cancel_scope.cancel)
@@ -211,7 +214,7 @@ class Orchestrator:
                 self.watch(mid)
         except BaseException:
             await stack.__aexit__(None, None, None)
-            self.exits = self.health = None
+            self.exits = self.health = self._tg = None
             raise
         self._stack = stack
         return self
@@ -223,7 +226,7 @@ class Orchestrator:
             await stack.__aexit__(None, None, None)
         finally:
             self.engine = None
-            self.exits = self.health = None
+            self.exits = self.health = self._tg = None
 
     async def _load(self) -> None:
         """Read every machine's document; finish the bookkeeping a crash may have interrupted:
@@ -401,17 +404,47 @@ class Orchestrator:
             doc["lease"] = self.leases.new(nonce, ttl, "create", "")
         await self._check_driver(doc)
         m.add_event(doc, "launch", m.CREATED, now=now, source="user")
-        await self._io(self.store.create, mid)
+        early = None if skip_launch else self._attach_early(mid)
         try:
-            await self.engine.start(mid, "create", {"skip_launch": skip_launch}, doc=doc)
+            await self._io(self.store.create, mid)
+            try:
+                await self.engine.start(mid, "create", {"skip_launch": skip_launch}, doc=doc)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._io(self.store.discard, mid)
+                raise
         except BaseException:
-            await self._io(self.store.discard, mid)
+            if early is not None and self.network is not None:
+                with anyio.CancelScope(shield=True):
+                    await early.wait()  # then nothing makes it again after the release
+                    await self.network.release(mid)
             raise
         self.docs.add(mid, doc)
         view = self._view(doc)
         if nonce is not None:
             view["nonce"] = nonce
         return view
+
+    def _attach_early(self, machine_id: str) -> anyio.Event | None:
+        """Start making the machine's network namespace now, while its step log is written
+        and its first steps run: ``create_instance`` then finds it made (``attach`` is
+        idempotent). Its address is durable before the namespace exists, as always; a create
+        that fails releases it, and a crash before START leaves an address the restart's
+        reconcile releases."""
+        if self.network is None or self._tg is None:
+            return None
+        network, done = self.network, anyio.Event()
+
+        async def attach() -> None:
+            try:
+                await network.attach(machine_id)
+            except NetworkError as e:  # the step tries again and reports it
+                log.debug("early network attach of %s failed: %s", machine_id, e)
+            finally:
+                done.set()
+
+        self._tg.start_soon(attach, name=f"attach:{machine_id}")
+        return done
 
     async def _check_driver(self, doc: Mapping[str, Any]) -> None:
         """Ask the driver to prepare now, so a config it can never run is a 400, not a failed
