@@ -19,7 +19,7 @@ AgentBookkeeping` (no partial or missing version, equal heads, bookkeeping table
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from corrosion.core.replication import (
@@ -34,7 +34,7 @@ from corrosion.core.statements import Statement
 from corrosion.core.store import Store
 from swim import Config, MemberUp
 
-from .agent_checks import AgentBookkeeping
+from .agent_checks import AgentBookkeeping, BookkeepingAtAnyTime
 from .cluster import SEEDS_PER_NODE
 from .crdt_checks import CrdtConvergence
 from .network import Address, LinkModel
@@ -67,6 +67,9 @@ class AgentCore(Core):
             self.store.actor_id, port.addr[1], config.cluster_id
         )
         self._syncs: dict[int, Address] = {}
+        self.committed: list[Callable[[Sequence[Any], float], None]] = []
+        """Called with the changes of every local commit and applied batch (as the agent's
+        ``_changed``: subscriptions, ``simulations.subscription_core``)."""
 
     @property
     def conn(self):
@@ -94,6 +97,8 @@ class AgentCore(Core):
         """A local transaction; returns its version (None if it changed nothing)."""
         _results, commit, effects = self.replicator.execute(list(statements), now)
         self._perform(effects)
+        if commit is not None and commit.changes:
+            self._changed(commit.changes, now)
         return None if commit is None else commit.version
 
     # -- inputs -------------------------------------------------------------------------------
@@ -129,7 +134,13 @@ class AgentCore(Core):
     def _apply(self, now: float) -> None:
         rep = self.replicator
         while rep.queue:  # the agent's two halves (apply_batch, install_apply), inline
-            rep.apply_pending(500, now)
+            result = rep.apply_pending(500, now)
+            if result is not None and result.changes:
+                self._changed(result.changes, now)
+
+    def _changed(self, changes: Sequence[Any], now: float) -> None:
+        for listener in self.committed:
+            listener(changes, now)
 
     def _perform(self, effects: list) -> None:
         port = self.port
@@ -177,7 +188,8 @@ def agent_world(
 ) -> World:
     """``n`` agents joining through the first three, every SWIM checker, and as liveness
     checkers CRDT convergence (equal databases after heal) and the agent's bookkeeping (no
-    partial or missing version anywhere, ``agent_checks``). ``extra``: more cores on
+    partial or missing version anywhere, ``agent_checks``), which must also agree with the
+    tables after every event (``BookkeepingAtAnyTime``). ``extra``: more cores on
     every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``);
     ``files_dir``: where the world's temporary directory goes (see ``World``)."""
     swim_config = swim_config or Config.lan()
@@ -187,9 +199,9 @@ def agent_world(
     world.add_checker(
         CrdtConvergence(lambda node: a.conn if (a := agent_of(node)) else None, deadline=deadline)
     )
-    world.add_checker(
-        AgentBookkeeping(lambda node: a.store if (a := agent_of(node)) else None, deadline)
-    )
+    store_of = lambda node: a.store if (a := agent_of(node)) else None  # noqa: E731
+    world.add_checker(AgentBookkeeping(store_of, deadline))
+    world.add_checker(BookkeepingAtAnyTime(store_of))
     for i in range(n):
         seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]
         node = world.add_node(

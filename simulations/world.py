@@ -119,6 +119,7 @@ class World:
         self._root = Path(self._tmp.name) if self._tmp else None
         self._closed = False
         self._closers: list[Callable[[], Any]] = []
+        self._probes: list[Callable[[], Any]] = []
         self._update_calm()
 
     # -- building -------------------------------------------------------------------------------
@@ -159,6 +160,21 @@ class World:
     def at(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule ``fn(*args)`` (a fault, a write, a probe of the state) at ``when``."""
         self.sched.at(when, fn, *args)
+
+    def after_each_event(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` after every event the scheduler runs (invariants that must hold at
+        any time, not only at the end of a phase)."""
+        self._probes.append(fn)
+        probes = self._probes
+        if len(probes) == 1:
+            self.sched.probe = fn
+        else:
+
+            def all_probes() -> None:
+                for probe in probes:
+                    probe()
+
+            self.sched.probe = all_probes
 
     def every(self, period: float, fn: Callable[[float], Any], start: float | None = None) -> None:
         """Call ``fn(now)`` every ``period`` seconds (checker audits, samples for plots)."""
