@@ -58,7 +58,11 @@ class AgentCore(Core):
     def __init__(self, port: Port, schema: str, config: ReplicationConfig) -> None:
         super().__init__(port)
         site = port.rng("site").randbytes(16)  # used only when the database is created
-        self.store = Store(port.disk.path / "agent.db", site_id=site)
+        # a disk that lies (simulations.power_cuts): its fault-injecting VFS and sync setting
+        vfs = port.disk.values.get("vfs")
+        self.store = Store(port.disk.path / "agent.db", site_id=site, vfs=vfs and vfs.name)
+        if "synchronous" in port.disk.values:
+            self.store.conn.execute(f"PRAGMA synchronous = {port.disk.values['synchronous']}")
         if schema:
             self.store.apply_schema(schema)
         self.replicator = Replicator(self.store, config, port.rng(), lambda: int(port.now * 1000))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import apsw
@@ -60,6 +61,8 @@ class FaultyVFS(apsw.VFS):
         self.down = False
         self.files: dict[str, _Image] = {}
         self.injected: list[str] = []
+        self.on_cut: Callable[[], object] | None = None
+        """Called when the power goes (a simulated machine stops sending: ``power_cuts``)."""
         self._writes_left: int | None = None
         self._reads_ok: int | None = None
         self._reads_failing = 0
@@ -71,6 +74,8 @@ class FaultyVFS(apsw.VFS):
         if not self.down:
             self.down = True
             self.injected.append("power cut")
+            if self.on_cut is not None:
+                self.on_cut()
 
     def cut_power_after(self, writes: int) -> None:
         """Cut the power just before the ``writes + 1``-th write from now."""
