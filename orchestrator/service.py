@@ -90,10 +90,13 @@ class Orchestrator:
         network: MachineNetwork | None = None,
         keep_runs: int = DEFAULT_KEEP_RUNS,
         volumes_path: str | Path | None = None,
+        vfs: str | None = None,
     ) -> None:
         """``keep_runs``: finished runs kept replayable in each machine's step log; older ones
         are compacted into its history (see ``MachineLog.compact``). ``volumes_path``: where
-        ``config.mounts`` volumes live (default ``<machines_path>/_volumes``)."""
+        ``config.mounts`` volumes live (default ``<machines_path>/_volumes``). ``vfs``: the
+        SQLite VFS the step logs are opened through (the storage-fault tests' lying disk)."""
+        self.vfs = vfs
         if keep_runs < 1:
             raise ValueError("keep_runs must be at least 1")
         self.keep_runs = keep_runs
@@ -147,7 +150,9 @@ class Orchestrator:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            self.store = await self._io(MachineStore, self.machines_path, self.archive)
+            self.store = await self._io(
+                MachineStore, self.machines_path, self.archive, vfs=self.vfs
+            )
             stack.callback(self.store.close)
             stack.push_async_callback(self.driver.aclose)
             await self._load()

@@ -39,8 +39,11 @@ class MachineStore:
         *,
         max_open: int = 256,
         lock: bool = True,
+        vfs: str | None = None,
     ) -> None:
+        """``vfs``: the SQLite VFS the machines' logs are opened through (None: the default)."""
         self.path = Path(path)
+        self.vfs = vfs
         self.path.mkdir(parents=True, exist_ok=True)
         self.archive_store: ArchiveStore = (
             archive if archive is not None else DirectoryArchive(self.path / "archive")
@@ -96,7 +99,7 @@ class MachineStore:
                 return log
             if not path.exists():
                 raise UnknownMachineError(machine_id)
-            return self._remember(machine_id, MachineLog(path))
+            return self._remember(machine_id, MachineLog(path, vfs=self.vfs))
 
     def create(self, machine_id: str) -> MachineLog:
         """A fresh database for a new machine (its schema is created on first use)."""
@@ -104,7 +107,7 @@ class MachineStore:
         with self._mutex:
             if machine_id in self._logs or path.exists():
                 raise MachineExistsError(f"machine {machine_id} already exists")
-            log = MachineLog(path)
+            log = MachineLog(path, vfs=self.vfs)
             log.open()
             return self._remember(machine_id, log)
 

@@ -12,7 +12,8 @@ fail with ``SQLITE_IOERR`` when asked (:meth:`FaultyVFS.fail_reads`).
 
 Simplifications, on the safe side for SQLite's own assumptions: a sync makes the whole file
 durable (directory entries included); deletes are durable at once; the shared-memory WAL index
-(``-shm``) is not tracked (SQLite rebuilds it from the WAL after the last connection closes).
+(``-shm``) is not tracked (SQLite rebuilds it from the WAL after the last connection closes);
+a file the process removed without the VFS (``os.unlink``) stays removed.
 Every choice comes from the ``random.Random`` given, so a seed replays the same faults.
 """
 
@@ -95,6 +96,9 @@ class FaultyVFS(apsw.VFS):
         lost: list[str] = []
         for path, image in sorted(self.files.items()):
             ops = image.unsynced
+            if ops and not os.path.exists(path):
+                image.durable, image.unsynced = None, []  # removed by the process, not through
+                continue  # the VFS (a discarded machine's log): deletes are durable at once
             if ops:
                 keep = self.rng.randint(0, len(ops))
                 buf = None if image.durable is None else bytearray(image.durable)
