@@ -99,7 +99,7 @@ def test_adjacent_and_overlapping_spans_coalesce():
 # -- the bookie ---------------------------------------------------------------------------
 
 
-A, B, C = b"a" * 16, b"b" * 16, b"c" * 16
+A, B, C, D = b"a" * 16, b"b" * 16, b"c" * 16, b"d" * 16
 
 
 def test_a_partial_is_complete_when_every_seq_up_to_the_last_is_held():
@@ -134,12 +134,21 @@ def test_gaps_are_the_versions_below_the_max_neither_held_nor_partial(held, part
         p.seqs.add(0, 0)
     assert 50 not in booked.held and all(not p.seqs for p in booked.partials.values())
     assert copy.partials.keys() == booked.partials.keys()
-    assert all(copy.partials[v].last_seq == p.last_seq for v, p in booked.partials.items())
+    for v, p in booked.partials.items():
+        assert (copy.partials[v].last_seq, copy.partials[v].ts) == (p.last_seq, p.ts)
+
+
+def test_a_copy_keeps_each_partial_whole_and_apart():
+    booked = Booked(RangeSet([(1, 2)]), {4: Partial(9, 1234, RangeSet([(0, 3)]))})
+    copy = booked.copy()
+    assert copy == booked and copy.partials[4] is not booked.partials[4]
+    assert copy.partials[4].ts == 1234 and copy.partials[4].seqs == RangeSet([(0, 3)])
 
 
 def test_the_bookie_answers_per_actor_without_booking_unknown_ones():
     bookie = Bookie()
     assert bookie.head(A) == 0 and not bookie.holds(A, 1) and bookie.actors == {}
+    bookie.get(D)  # known first, nothing held: skipped, and the actors after it still answer
     bookie.get(A).held.add(1, 3)
     bookie.get(A).held.add(6, 6)
     bookie.get(A).partials[5] = Partial(4, 7, RangeSet([(0, 1)]))
@@ -149,7 +158,6 @@ def test_the_bookie_answers_per_actor_without_booking_unknown_ones():
     assert bookie.holds(A, 3) and not bookie.holds(A, 4) and not bookie.holds(A, 5)
     assert not bookie.holds(C, 1) and C not in bookie.actors
     assert bookie.gap_count() == 1 + 1  # A lacks 4, B lacks 1
-    bookie.get(C)  # known, nothing held: no entry in the sync state
     assert bookie.sync_state() == {
         A: {"head": 6, "gaps": [[4, 4]], "partials": {5: [[0, 1]]}},
         B: {"head": 2, "gaps": [[1, 1]], "partials": {}},
@@ -158,9 +166,9 @@ def test_the_bookie_answers_per_actor_without_booking_unknown_ones():
 
 def test_missing_for_is_what_we_hold_that_the_peer_lacks():
     ours = Bookie()
+    ours.get(C)  # nothing held (and first): never offered, and the others still are
     ours.get(A).held.add(1, 10)
     ours.get(B).held.add(1, 2)
-    ours.get(C)  # nothing held: never offered
     theirs = {
         A: {"head": 8, "gaps": [[2, 3]], "partials": {5: [[0, 0]]}},
         C: {"head": 4, "gaps": [], "partials": {}},
@@ -169,6 +177,7 @@ def test_missing_for_is_what_we_hold_that_the_peer_lacks():
     assert missing == {A: RangeSet([(2, 3), (5, 5), (9, 10)]), B: RangeSet([(1, 2)])}
     assert ours.missing_for({A: {"head": 10}, B: {"head": 2}}) == {}
     assert ours.missing_for({A: {"head": 0}, B: {"head": 2}}) == {A: RangeSet([(1, 10)])}
+    assert ours.missing_for({A: {"head": 1}, B: {"head": 2}}) == {A: RangeSet([(2, 10)])}
 
 
 @settings(max_examples=40, deadline=None)
@@ -187,29 +196,30 @@ def test_sync_state_and_missing_for_agree_with_sets(helds):
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "said"),
     [
-        [],
-        {b"short": {"head": 1}},
-        {A: []},
-        {A: {"head": -1}},
-        {A: {"head": True}},
-        {A: {"head": 1, "gaps": {}}},
-        {A: {"head": 1, "partials": []}},
-        {A: {"head": 1, "gaps": [[1]]}},
-        {A: {"head": 1, "gaps": [[1, "2"]]}},
-        {A: {"head": 1, "gaps": [(1, 2)]}},
-        {A: {"head": 1, "partials": {"1": [[0, 1]]}}},
-        {A: {"head": 1, "partials": {1: {}}}},
+        ([], "sync state must be a map"),
+        ({b"short": {"head": 1}}, "sync state entries are 16-byte actor -> map"),
+        ({A: []}, "sync state entries are 16-byte actor -> map"),
+        ({A: {"head": -1}}, "head must be a non-negative integer"),
+        ({A: {"head": True}}, "head must be a non-negative integer"),
+        ({A: {"head": 1, "gaps": {}}}, "gaps must be a list, partials a map"),
+        ({A: {"head": 1, "partials": []}}, "gaps must be a list, partials a map"),
+        ({A: {"head": 1, "gaps": [[1]]}}, r"gap ranges are \[start, end\] integer pairs"),
+        ({A: {"head": 1, "gaps": [[1, "2"]]}}, r"gap ranges are \[start, end\] integer pairs"),
+        ({A: {"head": 1, "gaps": [(1, 2)]}}, r"gap ranges are \[start, end\] integer pairs"),
+        ({A: {"head": 1, "partials": {"1": [[0, 1]]}}}, "partials map versions to seq ranges"),
+        ({A: {"head": 1, "partials": {1: {}}}}, "partials map versions to seq ranges"),
     ],
 )
-def test_a_malformed_sync_state_is_refused(bad):
-    with pytest.raises(ValueError):
+def test_a_malformed_sync_state_is_refused_with_what_is_wrong(bad, said):
+    with pytest.raises(ValueError, match=f"^{said}$"):
         validate_sync_state(bad)
 
 
 def test_a_valid_sync_state_is_normalised():
     assert validate_sync_state({A: {"head": 3}}) == {A: {"head": 3, "gaps": [], "partials": {}}}
+    assert validate_sync_state({A: {"head": 0}}) == {A: {"head": 0, "gaps": [], "partials": {}}}
     state = {A: {"head": 3, "gaps": [[1, 2]], "partials": {3: [[0, 4]]}, "extra": 1}}
     del state[A]["extra"]
     assert validate_sync_state({A: {**state[A], "extra": 1}}) == state
