@@ -54,6 +54,8 @@ MODULES = {
             "tests/crdt/test_crdt_merge.py",
             "tests/crdt/test_crdt_local.py",
             "tests/crdt/test_crdt_schema.py",
+            "tests/crdt/test_crdt_gcpause.py",  # merge_changesets
+            "tests/crdt/test_crdt_convergence.py",  # deletes and resurrections between replicas
         ),
     ),
     "crdt-triggers": Module(

@@ -82,6 +82,11 @@ class FaultyVFS(apsw.VFS):
         """Cut the power just before the ``writes + 1``-th write from now."""
         self._writes_left = writes
 
+    @property
+    def cut_armed(self) -> bool:
+        """A :meth:`cut_power_after` is still to come."""
+        return self._writes_left is not None
+
     def fail_reads(self, after: int, count: int = 1) -> None:
         """Let ``after`` reads through, then fail the next ``count`` with ``SQLITE_IOERR``."""
         self._reads_ok, self._reads_failing = after, count

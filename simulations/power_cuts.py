@@ -102,7 +102,7 @@ class _Disks:
 
     def armed(self) -> bool:
         """A cut is armed or a node is down: one power fault at a time."""
-        return any(v._writes_left is not None for v in self.vfs.values()) or any(
+        return any(v.cut_armed for v in self.vfs.values()) or any(
             not n.up or n.halted for n in self.world.nodes
         )
 
