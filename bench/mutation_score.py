@@ -220,21 +220,25 @@ def _results(work: Path, name: str, module: Module, equivalent: dict[str, str]) 
     return score
 
 
+SHOW = """
+import sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+for name in sys.argv[1:]:
+    print(f"# {name}")
+    print(get_diff_for_mutant(name, path=find_mutant(name).path))
+"""
+
+
 def _write_survivors(work: Path, score: Score, directory: Path) -> Path:
-    """Each survivor's diff (``mutmut show``), for reading or for the equivalents file."""
+    """Each survivor's diff (what ``mutmut show`` prints, in one process), for reading or for
+    the equivalents file."""
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"survivors-{score.module}.txt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with open(out, "w") as f:
-        for mutant in score.survivors:
-            shown = subprocess.run(
-                [sys.executable, "-m", "mutmut", "show", mutant],
-                cwd=work,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            f.write(shown.stdout + "\n")
+        subprocess.run(
+            [sys.executable, "-c", SHOW, *score.survivors], cwd=work, env=env, stdout=f, check=False
+        )
     return out
 
 
