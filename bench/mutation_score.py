@@ -24,6 +24,7 @@ Needs the ``mutation`` extra (``pip install -e '.[mutation]'``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -72,7 +73,7 @@ MODULES = {
     ),
     "core-changeset": Module(
         ("corrosion/core/changeset.py",),
-        ("tests/core/test_core_changeset.py", "tests/agent/test_agent_buffered_chunks.py"),
+        ("tests/agent/test_agent_buffered_chunks.py",),  # no unit tests of its own yet
     ),
     "swim-core": Module(
         ("swim/core.py",),
@@ -255,9 +256,13 @@ def run_module(
     if missing:
         raise SystemExit(f"{name}: missing {', '.join(missing)}")
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # SQLite's fsyncs cost nothing
-    with tempfile.TemporaryDirectory(prefix=f"mutation-{name}-", dir=base) as tmp:
-        work = Path(tmp)
-        if keep is not None:
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            tmp = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=f"mutation-{name}-", dir=base)
+            )
+            work = Path(tmp)
+        else:
             work = keep / name
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
