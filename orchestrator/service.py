@@ -96,18 +96,22 @@ class Orchestrator:
         volumes_path: str | Path | None = None,
         migration_rate: float = DEFAULT_RATE,
         schema_target: SchemaTarget = CURRENT_TARGET,
+        vfs: str | None = None,
     ) -> None:
         """``keep_runs``: finished runs kept replayable in each machine's step log; older ones
         are compacted into its history (see ``MachineLog.compact``). ``volumes_path``: where
         ``config.mounts`` volumes live (default ``<machines_path>/_volumes``).
         ``migration_rate``: step logs of an older schema migrated per second in the background
         (0: only lazily, on their next write; see :mod:`.migrations`). ``schema_target``: the
-        step-log schema to migrate to (tests and benches rehearse a later release with it)."""
+        step-log schema to migrate to (tests and benches rehearse a later release with it).
+        ``vfs``: the SQLite VFS the step logs are opened through (the storage-fault tests' lying
+        disk)."""
         if not migration_rate >= 0:
             raise ValueError("migration_rate must be a number >= 0")
         self.migration_rate = migration_rate
         self.schema_target = schema_target
         self.migrations: Migrations | None = None
+        self.vfs = vfs
         if keep_runs < 1:
             raise ValueError("keep_runs must be at least 1")
         self.keep_runs = keep_runs
@@ -163,7 +167,11 @@ class Orchestrator:
         await stack.__aenter__()
         try:
             self.store = await self._io(
-                MachineStore, self.machines_path, self.archive, target=self.schema_target
+                MachineStore,
+                self.machines_path,
+                self.archive,
+                target=self.schema_target,
+                vfs=self.vfs,
             )
             stack.callback(self.store.close)
             self.migrations = Migrations(

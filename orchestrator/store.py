@@ -50,9 +50,12 @@ class MachineStore:
         max_open: int = 256,
         lock: bool = True,
         target: SchemaTarget = CURRENT_TARGET,
+        vfs: str | None = None,
     ) -> None:
-        """``target``: the step-log schema this release writes (tests pass a later one)."""
+        """``target``: the step-log schema this release writes (tests pass a later one).
+        ``vfs``: the SQLite VFS the machines' logs are opened through (None: the default)."""
         self.path = Path(path)
+        self.vfs = vfs
         self.path.mkdir(parents=True, exist_ok=True)
         self.archive_store: ArchiveStore = (
             archive if archive is not None else DirectoryArchive(self.path / "archive")
@@ -188,6 +191,7 @@ class MachineStore:
         status = self.schema_status(machine_id)
         return MachineLog(
             path,
+            vfs=self.vfs,
             target=self.target,
             failed=status if status is not None and status.state == FAILED else None,
             on_status=lambda st: self._record_status(machine_id, st),

@@ -256,3 +256,19 @@ def test_each_merge_changesets_call_in_a_transaction_takes_versions_of_its_own()
             c._replace(db_version=version) for c in changes
         ]
     assert crdt.db_version(dst) == versions[-1]
+
+
+def test_merge_returns_how_many_changes_won():
+    """The count ``merge`` returns (the agent's ``changes_applied``): one per cell written, one
+    per row deleted, the sentinel and cells of a row brought back; nothing for a repeat."""
+    c1, c2 = db(), db()
+    c1.execute("INSERT INTO t VALUES (1, 1, 1), (2, 2, 2)")
+    assert (sync(c1, c2), sync(c1, c2)) == (4, 0)
+    c1.execute("DELETE FROM t WHERE a = 1")
+    assert sync(c1, c2) == 1 and rows(c2) == [(2, 2, 2)]
+    c1.execute("INSERT INTO t VALUES (1, 5, 5)")
+    assert sync(c1, c2) == 3 and rows(c2) == [(1, 5, 5), (2, 2, 2)]
+    assert sync(c1, db()) == 5  # a new replica: row 1 (sentinel at cl 3, b, c), row 2 (b, c)
+    c1.execute("DELETE FROM t WHERE a = 2")
+    fresh = db()
+    assert sync(c1, fresh) == 4 and rows(fresh) == [(1, 5, 5)]  # row 2 arrives deleted
