@@ -1,9 +1,10 @@
 """Hosts several agents in one process for bench/agent_bench.py's spread measurement.
 
-``python _agent_workers.py BASE_DIR FIRST_INDEX COUNT SEED N``: starts COUNT agents joined
-through SEED, prints ``ready`` once every one of them sees N - 1 members, records when each
-version is applied (wall clock, comparable across processes on one machine), and when stdin
-closes prints one JSON line ``{"actor:version": [times...]}`` and exits.
+``python _agent_workers.py BASE_DIR FIRST_INDEX COUNT SEED N [BROADCAST]``: starts COUNT agents
+(``gossip.broadcast``, fanout by default) joined through SEED, prints ``ready`` once every one
+of them sees N - 1 members, records when each version is applied (wall clock, comparable across
+processes on one machine), and when stdin closes prints one JSON line
+``{"actor:version": [times...]}`` and exits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from agent_bench import config
 from corrosion import Agent
 
 
-async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
+async def main(
+    base: str, first: int, count: int, seed: str, n: int, broadcast: str = "fanout"
+) -> None:
     applied: dict[str, list[float]] = {}
 
     def listener(result) -> None:
@@ -37,17 +40,17 @@ async def main(base: str, first: int, count: int, seed: str, n: int) -> None:
 
         orig = replication.Replicator.handle_frame
 
-        def traced(self, src, data, now):
+        def traced(self, src, data, now, sender=None):
             h = peek_changeset(data)
             if h is not None:
                 received.setdefault(f"{h[0].hex()}:{h[1]}", []).append(time.time())
-            return orig(self, src, data, now)
+            return orig(self, src, data, now, sender)
 
         replication.Replicator.handle_frame = traced
     agents = []
     try:
         for i in range(first, first + count):
-            agent = Agent(config(Path(base), f"n{i}", [seed]))
+            agent = Agent(config(Path(base), f"n{i}", [seed], broadcast=broadcast))
             await agent.start()
             agent.apply_listeners.append(listener)
             agents.append(agent)
@@ -80,4 +83,5 @@ if __name__ == "__main__":
     if os.environ.get("SWITCH"):
         sys.setswitchinterval(float(os.environ["SWITCH"]))
     b, f, c, s, n = sys.argv[1:6]
-    anyio.run(main, b, int(f), int(c), s, int(n), backend_options={"use_uvloop": True})
+    mode = sys.argv[6] if len(sys.argv) > 6 else "fanout"
+    anyio.run(main, b, int(f), int(c), s, int(n), mode, backend_options={"use_uvloop": True})

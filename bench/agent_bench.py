@@ -3,7 +3,9 @@
 * ``spread_p50_s_10``, ``spread_p99_s_10``, ``spread_p99_s_50``: a write on one node until it is
   applied on every other node, real agents on loopback (one process, one event loop, LAN-like
   "local" SWIM preset), many writes from random nodes. corrosion reports p99 ~1 s on 800+ WAN
-  nodes; the target here is p99 < 1 s at 50 nodes.
+  nodes; the target here is p99 < 1 s at 50 nodes. ``spread_p50_s_50_plumtree``,
+  ``spread_p99_s_50_plumtree``: the same with ``gossip.broadcast = "plumtree"`` (``--quick``:
+  10 nodes); ``--spread-only`` measures just these.
 * ``agent_apply_ratio``: changes/s applied through the agent's apply path (decode, bookkeeping,
   one transaction per batch) ÷ ``crdt.merge`` of the same changes alone (medians of 3 rounds;
   ``cpu_ratio``: the same from CPU times, steadier on a shared machine). Target >= 0.85.
@@ -52,7 +54,9 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n 
 BENCH_KEY = "YmVuY2g6IG9uZSBmaXhlZCBrZXksIGFsbCBub2RlcyE="  # 32 bytes, shared by the nodes
 
 
-def config(base: Path, name: str, seeds: list[str], api: bool = False) -> Config:
+def config(
+    base: Path, name: str, seeds: list[str], api: bool = False, broadcast: str = "fanout"
+) -> Config:
     schema = base / "schema.sql"
     if not schema.exists():  # written once, atomically: worker processes read it concurrently
         tmp = base / f"schema.sql.{os.getpid()}"
@@ -66,6 +70,7 @@ def config(base: Path, name: str, seeds: list[str], api: bool = False) -> Config
             "bootstrap": seeds,
             "preset": "lan",
             "encryption_keys": [BENCH_KEY],
+            "broadcast": broadcast,
         },
         "perf": {"min_sync_backoff": 1.0, "max_sync_backoff": 15.0},
     }
@@ -79,7 +84,9 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
-async def spread(n: int, writes: int, workers: int | None = None) -> list[float]:
+async def spread(
+    n: int, writes: int, workers: int | None = None, broadcast: str = "fanout"
+) -> list[float]:
     """Seconds from commit until every other node applied it, per write.
 
     Node 0 (the writer) runs here; the other n - 1 agents run in ``workers`` processes (by
@@ -88,7 +95,7 @@ async def spread(n: int, writes: int, workers: int | None = None) -> list[float]
     machine: one clock)."""
     workers = workers or n - 1
     base = Path(tempfile.mkdtemp(prefix=f"spread{n}-"))
-    writer = Agent(config(base, "n0", []))
+    writer = Agent(config(base, "n0", [], broadcast=broadcast))
     procs: list[anyio.abc.Process] = []
     await writer.start()
     try:
@@ -107,6 +114,7 @@ async def spread(n: int, writes: int, workers: int | None = None) -> list[float]
                         str(count),
                         seed,
                         str(n),
+                        broadcast,
                     ],
                     # never read: a full pipe would block a worker that logs
                     stderr=open(base / f"worker{first}.log", "wb"),  # noqa: SIM115
@@ -434,6 +442,17 @@ async def spread_report(args: Any, report: Report) -> None:
         s50 = await spread(50, writes)
         report.metric("spread_p50_s_50", statistics.median(s50), "s", "none (absolute latency)")
         report.metric("spread_p99_s_50", percentile(s50, 99), "s", "target < 1 s")
+    p50 = await spread(10 if args.quick else 50, writes, broadcast="plumtree")
+    size = 10 if args.quick else 50
+    report.metric(
+        f"spread_p50_s_{size}_plumtree", statistics.median(p50), "s", "none (absolute latency)"
+    )
+    report.metric(
+        f"spread_p99_s_{size}_plumtree",
+        percentile(p50, 99),
+        "s",
+        "gossip.broadcast = plumtree; target < 1 s, within 1.5x of fan-out's",
+    )
 
 
 def throughput_report(args: Any, report: Report) -> None:
@@ -472,6 +491,9 @@ def _options(p: Any) -> None:
         "--keepalive-only", action="store_true", help="only the keep-alive HTTP request rates"
     )
     p.add_argument(
+        "--spread-only", action="store_true", help="only the spread latencies (both modes)"
+    )
+    p.add_argument(
         "--throughput-only",
         action="store_true",
         help="only agent_apply_ratio and query_ratio (on each event loop)",
@@ -483,7 +505,7 @@ if __name__ == "__main__":
     report = Report(args.json)
     if not (args.keepalive_only or args.throughput_only):
         anyio.run(spread_report, args, report)
-    if not args.keepalive_only:
+    if not (args.keepalive_only or args.spread_only):
         throughput_report(args, report)
-    if not args.throughput_only:
+    if not (args.throughput_only or args.spread_only):
         keepalive_report(report, 500 if args.quick else 3000)

@@ -7,6 +7,9 @@ schema_paths = ["/etc/corrosion/schema"]  # .sql files or dirs of them (reload r
 schema_source = "cluster"                 # "cluster": follow the cluster's schema versions
 subscriptions_path = "/var/lib/corrosion/subs"  # default: <path>.subscriptions beside it
 subscriptions_keep_changes = 500          # recent changes a subscription keeps for resuming
+tombstone_gc = false                      # collect deleted rows' metadata once all members have it
+tombstone_gc_interval = 60.0              # seconds between reaper passes
+tombstone_gc_batch = 1000                 # deleted rows collected per pass, at most
 
 [api]
 addr = "127.0.0.1:8080"                   # HTTP API (one address or a list)
@@ -25,6 +28,7 @@ encryption_keys = ["<base64 32 bytes>"]   # required: AES-256-GCM keyring (`corr
 plaintext = false                         # true: run without keys (anyone can join and write)
 cluster_id = 0                            # nodes of other clusters are ignored
 preset = "lan"                            # SWIM timings: "lan" | "wan" | "local"
+broadcast = "fanout"                      # or "plumtree" (cluster-wide): how changes spread
 tls.cert_file = "..."                     # TLS for the peer (sync/broadcast) streams
 tls.key_file = "..."
 tls.ca_file = "..."
@@ -87,8 +91,7 @@ CORROSION_ONLY_KEYS: dict[str, frozenset[str]] = {
     for table, keys in {
         "": "consul reaper",
         "db": "cache_size_kib",
-        "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression "
-        "broadcast",
+        "gossip": "client_addr max_mtu idle_timeout_secs disable_gso member_id compression",
         "perf": "apply_channel_len changes_channel_len empties_channel_len bcast_channel_len "
         "to_send_channel_len notifications_channel_len schedule_channel_len clearbuf_channel_len "
         "foca_channel_len processing_queue_len apply_queue_timeout apply_queue_min_batch_size "
@@ -134,6 +137,30 @@ def parse_bootstrap(value: Any, ignored: list[str]) -> tuple[Address, ...]:
     return parse_addr_list(value, "gossip.bootstrap")
 
 
+def parse_broadcast(value: Any, ignored: list[str]) -> str:
+    """``gossip.broadcast``: ``"fanout"`` (default; corrosion calls it ``"gossip"``) or
+    ``"plumtree"``; corrosion's table form ``[gossip.broadcast.plumtree]`` selects plumtree, and
+    its tuning keys are noted in ``ignored`` (this agent's plumtree has its own defaults)."""
+    if value is None:
+        return GossipConfig.broadcast
+    if isinstance(value, dict) and len(value) == 1:
+        [(name, tuning)] = value.items()
+        if isinstance(tuning, dict):
+            for k in sorted(tuning):
+                ignored.append(
+                    f"gossip.broadcast.{name}.{k} (a corrosion setting this agent does not use)"
+                )
+            value = name
+    mode = (
+        {"fanout": "fanout", "gossip": "fanout", "plumtree": "plumtree"}.get(value)
+        if isinstance(value, str)
+        else None
+    )
+    if mode is None:
+        raise ConfigError(f'gossip.broadcast: must be "fanout" or "plumtree", got {value!r}')
+    return mode
+
+
 def parse_addr_list(value: Any, key: str) -> tuple[Address, ...]:
     """One ``host:port`` string or a list of them (absent: none)."""
     if value is None:
@@ -174,6 +201,10 @@ class DbConfig:
     # "cluster": follow the replicated schema versions, reload proposes one; "files": each node
     # applies only its own files (corrosion's way), cluster versions are only compared
     schema_source: str = "cluster"
+    # tombstone GC (corrosion.core.tombstones): off by default; passes and their size
+    tombstone_gc: bool = False
+    tombstone_gc_interval: float = 60.0
+    tombstone_gc_batch: int = 1000
 
     def subscriptions_dir(self) -> Path:
         if self.subscriptions_path is not None:
@@ -221,6 +252,7 @@ class GossipConfig:
     cluster_id: int = 0
     preset: str = "lan"
     tls: TlsConfig | None = None
+    broadcast: str = "fanout"  # "fanout" or "plumtree" (replication.BROADCAST_MODES)
 
 
 @dataclass(frozen=True)
@@ -332,6 +364,9 @@ class Config:
             subscriptions_path=Path(p) if (p := db.opt_string("subscriptions_path")) else None,
             subscriptions_keep_changes=db.integer("subscriptions_keep_changes", lo=1, hi=10**9),
             schema_source=db.string("schema_source"),
+            tombstone_gc=db.boolean("tombstone_gc"),
+            tombstone_gc_interval=db.number("tombstone_gc_interval", lo=0.01),
+            tombstone_gc_batch=db.integer("tombstone_gc_batch", lo=1, hi=1_000_000),
         )
         if db_cfg.schema_source not in ("cluster", "files"):
             raise ConfigError("db.schema_source: must be one of 'cluster', 'files'")
@@ -394,6 +429,7 @@ class Config:
         preset = gossip.string("preset")
         if preset not in ("lan", "wan", "local"):
             raise ConfigError("gossip.preset: must be one of 'lan', 'wan', 'local'")
+        broadcast = parse_broadcast(gossip.get("broadcast"), r.ignored)
         addr = gossip.alias("addr", "bind_addr")
         ext = gossip.get("external_addr")
         plaintext = gossip.boolean("plaintext")
@@ -406,6 +442,7 @@ class Config:
             cluster_id=gossip.integer("cluster_id", lo=0, hi=65535),
             preset=preset,
             tls=tls_cfg,
+            broadcast=broadcast,
         )
         gossip.done()
 

@@ -617,12 +617,13 @@ def merge_changesets(
     This is the agent's apply path: a node must later be able to serve "version v of actor a"
     to a peer, and reads it back as the clock rows at the version recorded for it. Plain
     ``merge`` would give every change of a batch the same running-maximum version and mix
-    changesets together.
+    changesets together. For the same reason the first changeset starts past the transaction's
+    pending version when a local write or an earlier call already stamped rows with it.
     """
     out: list[int | None] = []
     with _undone_on_error(state), gc_paused():
         merger = Merger(conn, state)
-        floor = 0
+        floor = state.pending + 1 if state.pending != -1 else 0
         for changes in changesets:
             changes = list(changes)
             top = max((c[5] for c in changes if type(c[5]) is int), default=0)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -334,9 +334,29 @@ def _build(statements: list[str]) -> apsw.Connection:
     return scratch
 
 
+_PARSED_MAX = 16  # schema texts kept parsed (a process applies a handful, to many databases)
+_parsed: dict[str, dict[str, TableDef]] = {}
+
+
 def parse_schema(sql: str) -> dict[str, TableDef]:
     """Build ``sql`` in a scratch database and describe it; refuse anything but table and index
-    definitions and ordered lists."""
+    definitions and ordered lists.
+
+    A pure function of the text, so results are cached (a fleet migration applies one schema
+    to every machine's database); callers get their own copies."""
+    tables = _parsed.get(sql)
+    if tables is None:
+        tables = _parse_schema(sql)
+        if len(_parsed) >= _PARSED_MAX:
+            del _parsed[next(iter(_parsed))]  # the oldest
+        _parsed[sql] = tables
+    return {
+        name: replace(t, columns=dict(t.columns), indexes=dict(t.indexes))
+        for name, t in tables.items()
+    }
+
+
+def _parse_schema(sql: str) -> dict[str, TableDef]:
     statements = split_statements(sql)
     for text in statements:
         _check_statement(text)
@@ -653,27 +673,19 @@ def crr_tables_has(conn: apsw.Connection, name: str) -> bool:
 
 
 def _column_sql(table: TableDef, col: str) -> str:
-    """The column's definition as written in the table's CREATE statement (for ADD COLUMN)."""
-    scratch = apsw.Connection(":memory:")
-    try:
-        scratch.execute(table.sql)
-        # Re-derive from the parsed table: name, type, NOT NULL, DEFAULT (ADD COLUMN accepts these).
-        for _cid, name, ctype, notnull, dflt, _pk in scratch.execute(
-            'SELECT cid, name, type, "notnull", dflt_value, pk FROM pragma_table_info(?)',
-            (table.name,),
-        ):
-            if name == col:
-                parts = [ident(name)]
-                if ctype:
-                    parts.append(ctype)
-                if notnull:
-                    parts.append("NOT NULL")
-                if dflt is not None:
-                    parts.append(f"DEFAULT {dflt}")
-                return " ".join(parts)
-    finally:
-        scratch.close()
-    raise SchemaError(f"column {col!r} not found in table {table.name!r}")
+    """The column's definition as written in the table's CREATE statement (for ADD COLUMN):
+    name, type, NOT NULL, DEFAULT (what ADD COLUMN accepts), as the parsed table reports them."""
+    cdef = table.columns.get(col)
+    if cdef is None or cdef.hidden:
+        raise SchemaError(f"column {col!r} not found in table {table.name!r}")
+    parts = [ident(col)]
+    if cdef.decl_type:
+        parts.append(cdef.decl_type)
+    if cdef.notnull:
+        parts.append("NOT NULL")
+    if cdef.default is not None:
+        parts.append(f"DEFAULT {cdef.default}")
+    return " ".join(parts)
 
 
 def _rename_create(sql: str, old: str, new: str) -> str:

@@ -5,7 +5,8 @@
 * ``proxy --replica DB --listen HOST:PORT [--domain D] [--default-app A]`` — the proxy over a
   node's replica file, until SIGINT/SIGTERM.
 * ``gateway --replica DB --listen HOST:PORT [--token-file F]`` — one Machines API over every
-  worker in the replica's ``workers`` table (see :mod:`.gateway`), until SIGINT/SIGTERM.
+  worker in the replica's ``workers`` table (see :mod:`.gateway`), until SIGINT/SIGTERM. It
+  exports traces where the ``OTEL_EXPORTER_OTLP_*`` environment says (off without).
 * ``hosts up [--hosts N] [--driver process|runc] [--base-dir DIR]`` / ``hosts down [LAB...]`` /
   ``hosts list`` / ``hosts clean`` — worker hosts as network namespaces on this machine (root),
   see :mod:`.hosts`.
@@ -99,6 +100,7 @@ def _proxy(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     from corrosion.config import parse_addr
+    from corrosion.runtime.tracing import resolve, start_tracing
 
     from .gateway import Gateway, GatewayReplica
 
@@ -114,12 +116,17 @@ def _gateway(args: argparse.Namespace) -> int:
                 raise ValueError(f"--token-file: {args.token_file} is empty")
         if not os.path.isfile(args.replica):
             raise ValueError(f"--replica: no database at {args.replica} (is the agent running?)")
+        tracing = resolve(None)  # the OTEL_* environment (a bad value: ConfigError, one line)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     replica = GatewayReplica(args.replica)
     gateway = Gateway(replica, token=token, replication_wait=args.replication_wait)
-    return _serve_over_replica("gateway", replica, gateway, host, port, args.replica)
+    handle = start_tracing(tracing, "orchestrator-gateway")
+    try:
+        return _serve_over_replica("gateway", replica, gateway, host, port, args.replica)
+    finally:
+        handle.shutdown()  # the last spans go out
 
 
 def _hosts(args: argparse.Namespace) -> int:

@@ -15,6 +15,9 @@ tails the instance's stdout/stderr (Fly serves logs elsewhere, through NATS); ``
 .../{id}/events`` is every run the machine had with its step events, compacted ones included.
 An operation while a run of the same action is live answers 409 with that run's id, unless
 asked with ``?queue=true``.
+
+Every call is a span (``POST /v1/apps/{app}/machines/{machine_id}/stop``) continuing the caller's
+W3C ``traceparent``; the run an operation starts is traced under it (see :mod:`.tracing`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import tracing
 from .errors import AlreadyRunningError, InvalidRequestError, OrchestratorError
 from .service import Orchestrator
 
@@ -83,8 +87,17 @@ def _number(request: Request, name: str, default: float) -> float:
 def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
     """The Machines API routes bound to a running orchestrator."""
 
-    def endpoint(fn: Callable[[Request, str, str], Awaitable[Response]]) -> Handler:
+    def endpoint(fn: Callable[[Request, str, str], Awaitable[Response]], route: str) -> Handler:
         async def handle(request: Request) -> Response:
+            attrs = {"fly.app": request.path_params["app"]}
+            if "machine_id" in request.path_params:
+                attrs["machine.id"] = request.path_params["machine_id"]
+            with tracing.server_span(request.method, route, request.headers, attrs) as span:
+                response = await answer(request)
+                tracing.responded(span, response.status_code)
+                return response
+
+        async def answer(request: Request) -> Response:
             if token is not None:
                 given = request.headers.get("authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -293,7 +306,7 @@ def routes(orch: Orchestrator, *, token: str | None = None) -> list[Route]:
     ]
     by_path: dict[str, dict[str, Handler]] = {}
     for path, method, fn in table:
-        by_path.setdefault(path, {})[method] = endpoint(fn)
+        by_path.setdefault(path, {})[method] = endpoint(fn, path)
 
     def dispatch(methods: dict[str, Handler]) -> Handler:
         async def handle(request: Request) -> Response:

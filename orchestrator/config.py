@@ -10,6 +10,7 @@ worker = "worker-1"                            # this host's name in the machine
 region = "local"
 state_path = "/var/lib/corrosion/instances"    # driver state (instance dirs, runc root)
 images_path = "/var/lib/corrosion/images"      # runc root filesystems, registry image cache
+image_cache_keep = 3              # registry images no machine uses kept (most recently used)
 machine_subnet = "10.213.1.0/24"  # each machine in its own netns with an address from here
 machine_bridge = "corro0"         # the bridge on this host the machines' veths attach to
 volumes_path = "/var/lib/corrosion/volumes"    # config.mounts (default <machines_path>/_volumes)
@@ -35,6 +36,7 @@ from typing import Any
 from .archive import DirectoryArchive
 from .clock import Clock
 from .drivers import Driver, FakeDriver, ProcessDriver, RuncDriver
+from .drivers.oci import DEFAULT_KEEP
 from .errors import InvalidRequestError
 from .migrations import DEFAULT_RATE
 from .network import MachineNetwork, check_ifname, check_subnet, netns_unavailable
@@ -65,6 +67,7 @@ class OrchestratorConfig:
     api_url: str = ""
     capacity: int = 64
     max_migrations_per_second: float = DEFAULT_RATE
+    image_cache_keep: int = DEFAULT_KEEP
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> OrchestratorConfig:
@@ -112,7 +115,11 @@ class OrchestratorConfig:
         rate = section.get("max_migrations_per_second", cls.max_migrations_per_second)
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0:
             raise ConfigError("[orchestrator]: max_migrations_per_second must be a number >= 0")
+        keep = section.get("image_cache_keep", cls.image_cache_keep)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ConfigError("[orchestrator]: image_cache_keep must be a whole number >= 0")
         return cls(
+            image_cache_keep=keep,
             max_migrations_per_second=float(rate),
             volumes_path=path("volumes_path"),
             keep_runs=keep_runs,
@@ -154,8 +161,10 @@ def build_driver(config: OrchestratorConfig, *, clock: Clock | None = None) -> D
     if config.driver == "fake":
         return FakeDriver(clock)
     if config.driver == "process":
-        return ProcessDriver(state, images=config.images_path)
-    return RuncDriver(state, images=config.images_path)
+        return ProcessDriver(
+            state, images=config.images_path, image_cache_keep=config.image_cache_keep
+        )
+    return RuncDriver(state, images=config.images_path, image_cache_keep=config.image_cache_keep)
 
 
 def build_orchestrator(

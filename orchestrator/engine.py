@@ -27,6 +27,10 @@ Rules, and where they are enforced:
   with the run's error, then FINISH.
 * **Finalizers** are logged like steps (``finally:<name>``), retried on error, and run exactly as
   far as they got before a crash.
+* **Traced like superfly/fsm** (:mod:`.tracing`): ``start`` opens an ``accept`` span in the
+  caller's context and saves its context with START; each process executing the run opens a run
+  span under it (``fsm.resumed`` after a restart), and each step attempt a span under that, current
+  while the step runs and until its COMPLETE is written, failed with the step's error.
 
 The engine never reads the wall clock or sleeps on its own: ``clock`` is injected, ids come from an
 injected :class:`IdFactory`, and with ``offload=False`` storage calls run inline (the simulator).
@@ -34,12 +38,13 @@ injected :class:`IdFactory`, and with ``offload=False`` storage calls run inline
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -47,7 +52,10 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
+from . import tracing
 from .clock import Clock, SystemClock, wait_until
 from .errors import (
     EngineClosedError,
@@ -208,6 +216,10 @@ def _run_fields(machine_id: str, run_id: str, action: str) -> dict[str, Any]:
     return {"run_id": run_id, "machine_id": machine_id, "action": action}
 
 
+def _span_fields(machine_id: str, run_id: str, action: str) -> dict[str, Any]:
+    return {"machine.id": machine_id, "fsm.run_id": run_id, "fsm.action": action}
+
+
 def _log_finished(result: RunResult) -> None:
     fields = _run_fields(result.machine_id, result.run_id, result.action)
     fields["status"] = result.status.value
@@ -236,6 +248,7 @@ class _Live:
     retry: int = 0
     running: bool = False
     finalizing: bool = False
+    span: Span = trace.INVALID_SPAN  # the run's span in this process
 
     def info(self) -> RunInfo:
         r = self.state.record
@@ -354,6 +367,9 @@ class Engine:
         try:
             return await stack.__aexit__(exc_type, exc, tb)
         finally:
+            for live in self._live.values():  # they resume, under the same trace, next start
+                live.span.set_attribute("fsm.suspended", True)
+                live.span.end()
             self._tg = None
             self._live.clear()
             self._queues.clear()
@@ -394,16 +410,21 @@ class Engine:
             json.dumps(req)
         except (TypeError, ValueError) as e:
             raise ValueError(f"run request must be JSON-serializable: {e}") from None
-        record = RunRecord(
-            run_id=self.ids.ulid(),
-            action=action,
-            steps=tuple(s.name for s in op.steps),
-            finalizers=tuple(s.name for s in op.finalizers),
-            request=req,
-            created_at=self.clock.now(),
-        )
-        log_ = self.store.log(machine_id)
-        seq = await self._io(log_.start_run, record, exclusive=not queue, doc=doc)
+        run_id = self.ids.ulid()
+        with tracing.tracer().start_as_current_span(
+            f"machine.{action}.accept", attributes=_span_fields(machine_id, run_id, action)
+        ):
+            record = RunRecord(
+                run_id=run_id,
+                action=action,
+                steps=tuple(s.name for s in op.steps),
+                finalizers=tuple(s.name for s in op.finalizers),
+                request=req,
+                created_at=self.clock.now(),
+                trace=tracing.current_carrier(),
+            )
+            log_ = self.store.log(machine_id)
+            seq = await self._io(log_.start_run, record, exclusive=not queue, doc=doc)
         if self._tg is None or self._closing:
             # the engine stopped while the START was being written: the run is in the log, and
             # the next engine on this store resumes it like any run a stop interrupted
@@ -483,12 +504,19 @@ class Engine:
 
     def _enqueue(self, machine_id: str, state: RunState, *, resumed: bool) -> None:
         live = _Live(machine_id=machine_id, state=state, resumed=resumed)
+        attrs = _span_fields(machine_id, state.run_id, state.action)
+        live.span = tracing.tracer().start_span(
+            f"machine.{state.action}",
+            context=tracing.context_from(state.record.trace),
+            attributes={**attrs, "fsm.resumed": resumed},
+        )
         self._live[state.run_id] = live
         queue = self._queues.get(machine_id)
         if queue is None:
             queue = self._queues[machine_id] = deque()
             assert self._tg is not None
-            self._tg.start_soon(self._drain, machine_id, name=f"fsm:{machine_id}")
+            # runs carry their own trace context: the task holds none of its starter's
+            self._tg.start_soon(tracing.detached, self._drain, machine_id, name=f"fsm:{machine_id}")
         queue.append(live)
         self.observer.run_started(live.info())
 
@@ -521,7 +549,10 @@ class Engine:
                     for hook in self._finish_hooks:
                         assert live.result is not None
                         try:
-                            await hook(live.result)
+                            # a run the hook starts (an auto-destroy) joins this run's trace
+                            with trace.use_span(live.span, record_exception=False,
+                                                set_status_on_exception=False):  # fmt: skip
+                                await hook(live.result)
                         except Exception:
                             log.exception("finish hook failed for run %s", live.state.run_id)
                 finally:
@@ -581,6 +612,12 @@ class Engine:
     def _complete(self, live: _Live, state: RunState) -> None:
         live.result = self._result(live.machine_id, state)
         _log_finished(live.result)
+        live.span.set_attribute("fsm.status", state.status.value)
+        if live.result.error is not None:
+            live.span.set_attribute("fsm.error_kind", live.result.error.kind)
+            if state.status is RunStatus.FAILED:
+                tracing.failed(live.span, live.result.error.message)
+        live.span.end()
         self._live.pop(state.run_id, None)
         self._finished[state.run_id] = live.result
         while len(self._finished) > self._finished_cap:
@@ -622,6 +659,31 @@ class Engine:
             at=self.clock.now(),
         )
 
+    @contextlib.contextmanager
+    def _step_span(self, live: _Live, name: str, retry: int) -> Iterator[Span]:
+        """One attempt's span, current while the step runs and its COMPLETE is written."""
+        record = live.state.record
+        attrs = {
+            **_span_fields(live.machine_id, record.run_id, record.action),
+            "fsm.step": name,
+            "fsm.attempt": retry + 1,
+            "fsm.retry_count": retry,
+            "fsm.restart": live.resumed,
+        }
+        span = tracing.tracer().start_span(
+            f"machine.{record.action}.{name}",
+            context=trace.set_span_in_context(live.span),
+            attributes=attrs,
+        )
+        with trace.use_span(
+            span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+        ):
+            try:
+                yield span
+            except anyio.get_cancelled_exc_class():
+                span.set_attribute("fsm.interrupted", True)  # the engine is stopping
+                raise
+
     async def _run_step(
         self,
         live: _Live,
@@ -637,97 +699,109 @@ class Engine:
         is_finalizer = name.startswith(FINALLY)
         retry = state.retries.get(name, 0)
         last_text: str | None = None
+        delay = 0.0
         while True:
+            if delay:  # the backoff after a failed attempt, outside its span
+                await self.clock.sleep(delay)
             if not is_finalizer and state.halt is not None:
                 return
             live.step, live.retry = name, retry
             info = live.info()
             self.observer.step_started(info, name, live.resumed, retry)
-            out: Mapping[str, Any] | None = None
-            failure: BaseException | None = None
-            ctx: StepContext | None = None
-            if fn is not None:
-                ctx = StepContext(
-                    run_id=record.run_id,
-                    machine_id=live.machine_id,
-                    action=record.action,
-                    step=name[len(FINALLY) :] if is_finalizer else name,
-                    request=MappingProxyType(dict(record.request)),
-                    response=dict(state.response),
-                    is_restart=live.resumed,
-                    retry_count=retry,
-                    clock=self.clock,
-                    error=error,
-                )
-                try:
-                    with anyio.CancelScope() as scope:
-                        live.scope = scope
-                        out = await fn(ctx)
-                        if out is not None and not isinstance(out, Mapping):
-                            raise TypeError(
-                                f"step {name} returned {type(out).__name__}, "
-                                "expected a mapping or None"
-                            )
-                    if scope.cancelled_caught:
-                        return  # cancel() already logged CANCEL
-                except HaltError as e:
-                    if is_finalizer:
-                        log.warning("finalizer %s of run %s halted: %s", name, record.run_id, e)
-                    else:
-                        self.observer.step_halted(info, name, e.kind)
-                        await self._halt(state, log_, RunError(e.kind, str(e), name))
-                        return
-                except Exception as e:  # noqa: BLE001 — a step is user code: any error fails it
-                    failure = e
-                finally:
-                    live.scope = None
-            if failure is not None:
-                retry += 1
-                self.observer.step_failed(info, name, failure, retry)
-                text = f"{type(failure).__name__}: {failure}"
-                log.debug("run %s: step %s failed (try %d): %s", record.run_id, name, retry, text)
-                limit = op.max_retries if op is not None else None
-                if not is_finalizer and limit is not None and retry > limit:
-                    error = RunError(
-                        "retries_exhausted", f"{name} failed {retry} times; last: {text}", name
+            with self._step_span(live, name, retry) as span:
+                out: Mapping[str, Any] | None = None
+                failure: BaseException | None = None
+                ctx: StepContext | None = None
+                if fn is not None:
+                    ctx = StepContext(
+                        run_id=record.run_id,
+                        machine_id=live.machine_id,
+                        action=record.action,
+                        step=name[len(FINALLY) :] if is_finalizer else name,
+                        request=MappingProxyType(dict(record.request)),
+                        response=dict(state.response),
+                        is_restart=live.resumed,
+                        retry_count=retry,
+                        clock=self.clock,
+                        error=error,
                     )
-                    await self._halt(state, log_, error, retry_count=retry)
-                    return
-                if text != last_text:
+                    try:
+                        with anyio.CancelScope() as scope:
+                            live.scope = scope
+                            out = await fn(ctx)
+                            if out is not None and not isinstance(out, Mapping):
+                                raise TypeError(
+                                    f"step {name} returned {type(out).__name__}, "
+                                    "expected a mapping or None"
+                                )
+                        if scope.cancelled_caught:
+                            span.set_attribute("fsm.cancelled", True)
+                            return  # cancel() already logged CANCEL
+                    except HaltError as e:
+                        span.set_attribute("fsm.error_kind", e.kind)
+                        tracing.failed(span, e)
+                        if is_finalizer:
+                            log.warning("finalizer %s of run %s halted: %s", name, record.run_id, e)
+                        else:
+                            self.observer.step_halted(info, name, e.kind)
+                            await self._halt(state, log_, RunError(e.kind, str(e), name))
+                            return
+                    except Exception as e:  # noqa: BLE001 — a step is user code: any error fails it
+                        failure = e
+                    finally:
+                        live.scope = None
+                if failure is not None:
+                    tracing.failed(span, failure)
+                    retry += 1
+                    self.observer.step_failed(info, name, failure, retry)
+                    text = f"{type(failure).__name__}: {failure}"
+                    log.debug(
+                        "run %s: step %s failed (try %d): %s", record.run_id, name, retry, text
+                    )
+                    limit = op.max_retries if op is not None else None
+                    if not is_finalizer and limit is not None and retry > limit:
+                        error = RunError(
+                            "retries_exhausted",
+                            f"{name} failed {retry} times; last: {text}",
+                            name,
+                        )
+                        await self._halt(state, log_, error, retry_count=retry)
+                        return
+                    if text != last_text:
+                        await self._io(
+                            log_.append,
+                            record.run_id,
+                            EventKind.ERROR,
+                            step=name,
+                            payload={"message": text},
+                            retry_count=retry,
+                            at=self.clock.now(),
+                        )
+                        last_text = text
+                    state.retries[name] = retry
+                    delay = self.backoff.delay(retry)
+                    continue
+                response = dict(state.response)
+                if out:
+                    response.update(out)
+
+                async def commit(doc: Mapping[str, Any] | None, response=response) -> None:
                     await self._io(
                         log_.append,
                         record.run_id,
-                        EventKind.ERROR,
+                        EventKind.COMPLETE,
                         step=name,
-                        payload={"message": text},
-                        retry_count=retry,
+                        payload=response,
                         at=self.clock.now(),
+                        doc=doc,
                     )
-                    last_text = text
-                state.retries[name] = retry
-                await self.clock.sleep(self.backoff.delay(retry))
-                continue
-            response = dict(state.response)
-            if out:
-                response.update(out)
 
-            async def commit(doc: Mapping[str, Any] | None, response=response) -> None:
-                await self._io(
-                    log_.append,
-                    record.run_id,
-                    EventKind.COMPLETE,
-                    step=name,
-                    payload=response,
-                    at=self.clock.now(),
-                    doc=doc,
-                )
-
-            if ctx is not None and ctx.staged:
-                committer = self._doc_committer or self._commit_from_log
-                await committer(live.machine_id, ctx.staged, commit)
-            else:
-                await commit(None)
-            state.response = response
-            state.completed.append(name)
-            self.observer.step_completed(info, name)
-            return
+                if ctx is not None and ctx.staged:
+                    committer = self._doc_committer or self._commit_from_log
+                    await committer(live.machine_id, ctx.staged, commit)
+                else:
+                    await commit(None)
+                state.response = response
+                state.completed.append(name)
+                self.observer.step_completed(info, name)
+                return

@@ -18,6 +18,7 @@ from .documents import Documents
 from .drivers.base import Driver, DriverError, ExitStatus
 from .engine import Engine
 from .errors import EngineClosedError
+from .tracing import detached
 
 # the operations that stop an instance themselves, and so own its exit
 _OWNERS = frozenset({"stop", "restart", "destroy", "update", "exit"})
@@ -51,7 +52,8 @@ class ExitWatchers:
         if self._watching.get(machine_id) == key:
             return
         self._watching[machine_id] = key
-        self._tg.start_soon(self._watcher, machine_id, key, name=f"watch:{machine_id}")
+        # an exit is a cause of its own: its run starts a trace, not the starting run's
+        self._tg.start_soon(detached, self._watcher, machine_id, key, name=f"watch:{machine_id}")
 
     async def _watcher(self, machine_id: str, key: tuple[str, str | None]) -> None:
         try:

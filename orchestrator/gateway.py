@@ -20,6 +20,11 @@ cluster with no coordinator between them.
 
 The gateway takes the workers' bearer token and forwards the caller's ``Authorization``.
 Answers carry ``fly-worker``: the worker that served them.
+
+Tracing: each request is a SERVER span continuing the caller's ``traceparent``, each forward a
+CLIENT span whose context the worker receives in ``traceparent``, so a create through the
+gateway (placement, the worker's API span, its run and steps) is one trace. Without a tracer
+provider in this process, the caller's ``traceparent`` is passed on as received.
 """
 
 from __future__ import annotations
@@ -30,18 +35,20 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import apsw
 import httpx
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import tracing
 from .machine import DESTROYED, iso
 from .proxy import open_replica
 from .publish import MACHINES_TABLE
@@ -52,6 +59,7 @@ HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 }  # fmt: skip
+SPAN_PARAMS = {"app": "fly.app", "machine_id": "machine.id"}  # path parameter: span attribute
 LIST_PARAMS = {"region", "state", "include_deleted", "summary"}
 LIST_COLUMNS = (
     "id", "name", "app", "worker", "region", "state", "instance_id", "private_ip", "cordoned",
@@ -225,11 +233,14 @@ class Gateway:
         self._created: OrderedDict[str, str] = OrderedDict()
         methods = ["GET", "POST", "DELETE", "PUT"]
         routes = [
-            Route("/v1/workers", self._workers, methods=["GET"]),
-            Route("/v1/workers/{worker_id}/{action:str}", self._cordon, methods=["POST"]),
-            Route(BASE, self._machines, methods=["GET", "POST"]),
-            Route(BASE + "/{machine_id}", self._one, methods=methods),
-            Route(BASE + "/{machine_id}/{rest:path}", self._one, methods=methods),
+            Route(path, self._traced(handler, path), methods=ms)
+            for path, handler, ms in [
+                ("/v1/workers", self._workers, ["GET"]),
+                ("/v1/workers/{worker_id}/{action:str}", self._cordon, ["POST"]),
+                (BASE, self._machines, ["GET", "POST"]),
+                (BASE + "/{machine_id}", self._one, methods),
+                (BASE + "/{machine_id}/{rest:path}", self._one, methods),
+            ]
         ]
         self.app = Starlette(routes=routes, lifespan=self._lifespan)
 
@@ -247,6 +258,33 @@ class Gateway:
             if owned and self._client is not None:
                 await self._client.aclose()
                 self._client = None
+
+    @staticmethod
+    def _traced(handler: Callable[[Request], Awaitable[Response]], route: str):
+        async def handle(request: Request) -> Response:
+            params = request.path_params
+            attrs = {a: params[p] for p, a in SPAN_PARAMS.items() if p in params}
+            with tracing.server_span(request.method, route, request.headers, attrs) as span:
+                response = await handler(request)
+                tracing.responded(span, response.status_code)
+                return response
+
+        return handle
+
+    async def _forward(
+        self, request: Request, worker: WorkerInfo, path: str, content: bytes, timeout: float | None
+    ) -> httpx.Response:
+        """Send ``request`` to ``worker`` in a CLIENT span the worker's spans continue."""
+        attrs = {"orchestrator.worker": worker.id, "url.full": worker.api_url + path}
+        with tracing.tracer().start_as_current_span(
+            f"{request.method} {worker.id}", kind=SpanKind.CLIENT, attributes=attrs
+        ) as span:
+            response = await self.client.request(
+                request.method, worker.api_url + path, headers=_forwarded(request),
+                content=content, timeout=timeout,
+            )  # fmt: skip
+            tracing.responded(span, response.status_code)
+            return response
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -328,10 +366,9 @@ class Gateway:
         failures = []
         for worker in candidates:
             try:
-                response = await self.client.request(
-                    "POST", f"{worker.api_url}/v1/apps/{app}/machines",
-                    headers=_forwarded(request), content=body, timeout=self.create_timeout,
-                )  # fmt: skip
+                response = await self._forward(
+                    request, worker, f"/v1/apps/{app}/machines", body, self.create_timeout
+                )
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 failures.append(f"{worker.id}: {type(e).__name__}")
                 continue
@@ -399,10 +436,7 @@ class Gateway:
             except ValueError:
                 timeout = 70.0  # the worker answers the bad value with a 400
         try:
-            response = await self.client.request(
-                request.method, worker.api_url + path, headers=_forwarded(request),
-                content=await request.body(), timeout=timeout,
-            )  # fmt: skip
+            response = await self._forward(request, worker, path, await request.body(), timeout)
         except (httpx.TimeoutException, httpx.TransportError) as e:
             rows = self.replica.machines(app, machine_id=mid)
             if request.method == "GET" and request.path_params.get("rest") is None and rows:
@@ -415,7 +449,11 @@ class Gateway:
 
 
 def _forwarded(request: Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    """The caller's headers a worker gets: hop-by-hop ones dropped, the trace context the
+    current (forwarding) span's."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    tracing.inject_headers(headers)
+    return headers
 
 
 def _relay(response: httpx.Response, worker: str) -> Response:

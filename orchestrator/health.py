@@ -30,6 +30,7 @@ from .checks import CRITICAL, WARNING, CheckSpec, Probe, specs
 from .clock import Clock, wait_until
 from .documents import Documents
 from .errors import NotFoundError
+from .tracing import detached
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class HealthChecks:
             and machine_id not in self._clearing
         ):
             self._clearing.add(machine_id)
-            self._tg.start_soon(self._clear, machine_id, name=f"checks-clear:{machine_id}")
+            self._tg.start_soon(
+                detached, self._clear, machine_id, name=f"checks-clear:{machine_id}"
+            )
 
     def _start(self, machine_id: str, doc: Mapping[str, Any]) -> None:
         checks = specs(doc["config"])
@@ -101,7 +104,10 @@ class HealthChecks:
         }
         run = _Run(boot, anyio.CancelScope(), results)
         self._runs[machine_id] = run
-        self._tg.start_soon(self._run, machine_id, run, checks, now, name=f"checks:{machine_id}")
+        # the checks outlive the run that started the machine: their changes trace on their own
+        self._tg.start_soon(
+            detached, self._run, machine_id, run, checks, now, name=f"checks:{machine_id}"
+        )
 
     async def _run(self, machine_id: str, run: _Run, checks: list[CheckSpec], since: float) -> None:
         with run.scope:

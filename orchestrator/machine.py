@@ -192,6 +192,12 @@ def command(config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(init.get("entrypoint") or ()) + tuple(init.get("cmd") or ())
 
 
+def cmd_only(config: Mapping[str, Any]) -> bool:
+    """Whether the command is ``init.cmd`` alone, which keeps the image's entrypoint."""
+    init = config.get("init") or {}
+    return bool(init.get("cmd")) and not init.get("exec") and not init.get("entrypoint")
+
+
 def instance_spec(doc: Mapping[str, Any]) -> InstanceSpec:
     cfg = doc["config"]
     return InstanceSpec(
@@ -199,6 +205,7 @@ def instance_spec(doc: Mapping[str, Any]) -> InstanceSpec:
         machine_id=doc["id"],
         image=cfg["image"],
         cmd=command(cfg),
+        cmd_only=cmd_only(cfg),
         env=dict(cfg.get("env") or {}),
         memory_mb=cfg.get("guest", {}).get("memory_mb"),
         cpus=cfg.get("guest", {}).get("cpus"),

@@ -237,6 +237,7 @@ class MachineNetwork:
         self.book = AddressBook(Path(state_path) / "network.json", self.subnet)
         self.gateway = str(self.book.gateway)
         self._lock = anyio.Lock()
+        self._attached: dict[str, Attachment] = {}
 
     async def _sync(self, fn, *args):
         return await anyio.to_thread.run_sync(lambda: fn(*args))
@@ -266,15 +267,26 @@ class MachineNetwork:
 
     def _attach(self, machine_id: str, address: str) -> Attachment:
         ns, veth = netns_name(address, machine_id), veth_name(address)
-        if not (NETNS_DIR / ns).exists():
-            run_ip("netns", "add", ns)
-        links = link_names()
-        if veth in links and "eth0" not in link_names(ns):  # its peer went with an old namespace
-            ip_quiet("link", "del", veth)
-            links.remove(veth)
-        if veth not in links:
-            run_ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        run_ip("link", "set", veth, "master", self.bridge, "up")
+        fresh = not (NETNS_DIR / ns).exists()
+        if fresh:  # the usual case, in one ``ip`` run: namespace, veth pair, onto the bridge
+            try:
+                run_ip(batch=(
+                    f"netns add {ns}\n"
+                    f"link add {veth} type veth peer name eth0 netns {ns}\n"
+                    f"link set {veth} master {self.bridge} up\n"
+                ))  # fmt: skip
+            except NetworkError:  # debris of an earlier attempt in the way: the careful way
+                fresh = False
+        if not fresh:
+            if not (NETNS_DIR / ns).exists():
+                run_ip("netns", "add", ns)
+            links = link_names()
+            if veth in links and "eth0" not in link_names(ns):  # its peer went with an old netns
+                ip_quiet("link", "del", veth)
+                links.remove(veth)
+            if veth not in links:
+                run_ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            run_ip("link", "set", veth, "master", self.bridge, "up")
         prefix = self.subnet.prefixlen
         run_ip(netns=ns, batch=(
             "link set lo up\n"
@@ -284,12 +296,25 @@ class MachineNetwork:
         ))  # fmt: skip
         return Attachment(machine_id, address, ns)
 
+    def _made(self, machine_id: str) -> Attachment | None:
+        """The attachment made since the last call, if its namespace is still there (taken
+        once: a later attach, such as a restart's, checks the links again)."""
+        done = self._attached.pop(machine_id, None)
+        return done if done is not None and os.path.exists(done.netns_path) else None
+
     async def attach(self, machine_id: str) -> Attachment:
         """The machine's namespace and address, made now if missing (idempotent: an FSM step
-        calls it again after a crash). The address is on disk before the namespace exists."""
+        calls it again after a crash). The address is on disk before the namespace exists.
+        The next call after one that made it returns at once while its namespace exists (so
+        an early attach, see the service's create, costs ``create_instance`` nothing)."""
         async with self._lock:
+            done = self._made(machine_id)
+            if done is not None:
+                return done
             address = await self._sync(self.book.allocate, machine_id)
-            return await self._sync(self._attach, machine_id, address)
+            done = await self._sync(self._attach, machine_id, address)
+            self._attached[machine_id] = done
+            return done
 
     def _detach(self, machine_id: str, address: str) -> None:
         delete_netns(netns_name(address, machine_id))  # its eth0 goes, and the pair with it
@@ -300,6 +325,7 @@ class MachineNetwork:
     async def release(self, machine_id: str) -> None:
         """Remove the machine's namespace and veth, then free its address (absent is fine)."""
         async with self._lock:
+            self._attached.pop(machine_id, None)
             address = self.book.machines.get(machine_id)
             if address is None:
                 return

@@ -10,7 +10,11 @@ or fails a check stops getting traffic as soon as its row arrives.
 The app comes from the ``Host`` header (``<app>.<domain>``) or, without a domain, from the
 configured default. ``fly-force-instance-id: <machine id>`` pins a request to one machine.
 Backends are taken round-robin; a backend that refuses the connection is skipped for the next
-one. Every proxied response carries ``fly-machine-id`` (and ``fly-worker``) so callers can see
+one. When none takes the request, it is tried again (the replica re-read, every backend
+reconnected) at short intervals growing from 2 ms to 20 ms, for up to
+``(connect_attempts - 1) × retry_delay`` in all: a machine whose row is just replicating, or
+that is about to listen, is reached as soon as it can be rather than a fixed delay later.
+Every proxied response carries ``fly-machine-id`` (and ``fly-worker``) so callers can see
 where it went; its ``date`` and ``server`` are those of the server serving the proxy (the
 machine's are dropped, not repeated). No backend: 503 (naming the machines held back by failing
 health checks, if any); a backend that took the request and then
@@ -41,6 +45,8 @@ HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 }  # fmt: skip
+# seconds between the tries of a request no backend took: the first, then doubling up to the last
+RETRY_FIRST, RETRY_MAX = 0.002, 0.02
 # written by the server that serves the proxy: relayed too, a response would carry two of each
 SERVER_WRITTEN = {"date", "server"}
 
@@ -193,7 +199,11 @@ class Proxy:
         pinned = headers.get("fly-force-instance-id")
         client = self._client or httpx.AsyncClient(timeout=30)
         try:
-            for attempt in range(self.connect_attempts):
+            # no reachable backend: go again at short, growing intervals (a row that has just
+            # replicated, a machine about to listen) until the retry budget is spent
+            deadline = anyio.current_time() + max(0, self.connect_attempts - 1) * self.retry_delay
+            interval = min(RETRY_FIRST, self.retry_delay)
+            while True:
                 candidates = self.pick(app, pinned)
                 for backend in candidates:
                     request = client.build_request(
@@ -214,8 +224,11 @@ class Proxy:
                     finally:
                         await response.aclose()
                     return
-                if attempt + 1 < self.connect_attempts:
-                    await anyio.sleep(self.retry_delay)
+                now = anyio.current_time()
+                if now >= deadline:
+                    break
+                await anyio.sleep(min(interval, deadline - now))
+                interval = min(interval * 2, RETRY_MAX, self.retry_delay)
             which = f"machine {pinned}" if pinned else "started machine"
             message = f"no reachable {which} for app {app}"
             failing = [b for b in self.replica.failing(app) if pinned in (None, b.machine_id)]

@@ -10,6 +10,12 @@ moves on; the queue publishes the machine's *current* row (latest state wins), r
 backoff while the publisher fails, and on start reconciles: upserts every live machine and
 deletes this worker's rows for machines it no longer has (destroyed while the agent was away).
 Rows therefore converge to the worker's truth after any crash or outage.
+
+Each publish is a ``machines.publish`` span in the trace of the change that dirtied the machine
+(the step attempt, or the API request, current when ``mark`` was called: the queue runs in its
+own task, so the context travels with the mark), with links to the other changes a batch
+carries. The publisher is called inside that span, so the agent's transaction and replication
+spans join the same trace.
 """
 
 from __future__ import annotations
@@ -17,11 +23,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
+from . import tracing
 from .checks import published_checks
 from .clock import Clock
 from .engine import Backoff
@@ -192,7 +203,8 @@ class PublishQueue:
         self._live_ids = live_ids
         self._clock = clock
         self._backoff = backoff if backoff is not None else Backoff()
-        self._dirty: dict[str, None] = {}
+        # dirty machines, each with the trace context of the change that dirtied it
+        self._dirty: dict[str, otel_context.Context] = {}
         self._wake = anyio.Event()
         self._reconciled = False
         self.published = 0
@@ -200,7 +212,8 @@ class PublishQueue:
         self.idle = anyio.Event()
 
     def mark(self, machine_id: str) -> None:
-        self._dirty[machine_id] = None
+        self._dirty.pop(machine_id, None)  # the latest change's trace carries the publish
+        self._dirty[machine_id] = otel_context.get_current()
         self.idle = anyio.Event() if self.idle.is_set() else self.idle
         self._wake.set()
 
@@ -216,20 +229,22 @@ class PublishQueue:
     async def run(self) -> None:
         """Publish forever; cancel to stop (unpublished changes are redone by the next start)."""
         for mid in self._live_ids():
-            self._dirty[mid] = None
+            self._dirty.setdefault(mid, otel_context.Context())
         attempt = 0
         while True:
             if not self._dirty and self._reconciled:
                 self.idle.set()
                 await self._wake.wait()
             self._wake = anyio.Event()
-            ids = list(self._dirty)
+            batch = dict(self._dirty)
+            ids = list(batch)
             self._dirty.clear()
             try:
-                await self.publisher.execute(self._statements(ids))
+                with self._span(batch):
+                    await self.publisher.execute(self._statements(ids))
             except Exception as e:  # noqa: BLE001 — any publisher failure is retried, never fatal
-                for mid in ids:
-                    self._dirty.setdefault(mid, None)
+                for mid, ctx in batch.items():
+                    self._dirty.setdefault(mid, ctx)
                 attempt += 1
                 self.failures += 1
                 log.warning("publishing %d machine(s) failed (%s); retrying", len(ids), e)
@@ -238,3 +253,20 @@ class PublishQueue:
             attempt = 0
             self._reconciled = True
             self.published += len(ids)
+
+    def _span(self, batch: Mapping[str, otel_context.Context]) -> AbstractContextManager[Any]:
+        """The publish's span: a child of the newest change's context, linked to the others."""
+        spans = [trace.get_current_span(ctx).get_span_context() for ctx in batch.values()]
+        traced = [sc for sc in spans if sc.is_valid]
+        parent = otel_context.Context()  # no change was traced: a trace of its own
+        if traced:
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(traced[-1]), parent)
+        links = [trace.Link(sc) for sc in dict.fromkeys(traced[:-1]) if sc != traced[-1]]
+        attrs: dict[str, AttributeValue] = {
+            "machine.ids": list(batch),
+            "orchestrator.worker": self.worker,
+            "publish.reconcile": not self._reconciled,
+        }
+        return tracing.tracer().start_as_current_span(
+            "machines.publish", context=parent, links=links, attributes=attrs
+        )

@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 import apsw
+from anyio.abc import TaskGroup
 
 from . import machine as m
 from .archive import ArchiveStore
@@ -57,7 +58,7 @@ from .leases import Leases, parse_ttl
 from .metadata import Metadata
 from .metrics import OrchestratorMetrics, TimedDriver
 from .migrations import DEFAULT_RATE, Migrations
-from .network import MachineNetwork
+from .network import MachineNetwork, NetworkError
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
 from .steplog_schema import CURRENT_TARGET, MigrationFailedError, SchemaTarget
@@ -95,18 +96,22 @@ class Orchestrator:
         volumes_path: str | Path | None = None,
         migration_rate: float = DEFAULT_RATE,
         schema_target: SchemaTarget = CURRENT_TARGET,
+        vfs: str | None = None,
     ) -> None:
         """``keep_runs``: finished runs kept replayable in each machine's step log; older ones
         are compacted into its history (see ``MachineLog.compact``). ``volumes_path``: where
         ``config.mounts`` volumes live (default ``<machines_path>/_volumes``).
         ``migration_rate``: step logs of an older schema migrated per second in the background
         (0: only lazily, on their next write; see :mod:`.migrations`). ``schema_target``: the
-        step-log schema to migrate to (tests and benches rehearse a later release with it)."""
+        step-log schema to migrate to (tests and benches rehearse a later release with it).
+        ``vfs``: the SQLite VFS the step logs are opened through (the storage-fault tests' lying
+        disk)."""
         if not migration_rate >= 0:
             raise ValueError("migration_rate must be a number >= 0")
         self.migration_rate = migration_rate
         self.schema_target = schema_target
         self.migrations: Migrations | None = None
+        self.vfs = vfs
         if keep_runs < 1:
             raise ValueError("keep_runs must be at least 1")
         self.keep_runs = keep_runs
@@ -132,6 +137,7 @@ class Orchestrator:
         self.health: HealthChecks | None = None
         self._probe = probe
         self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
         # the parts, one concept each; their public calls are the service's
         self.docs = Documents(self.clock, write=self._write_doc, on_change=self._on_change)
         self.leases = Leases(self.docs, self.clock, self.ids)
@@ -161,7 +167,11 @@ class Orchestrator:
         await stack.__aenter__()
         try:
             self.store = await self._io(
-                MachineStore, self.machines_path, self.archive, target=self.schema_target
+                MachineStore,
+                self.machines_path,
+                self.archive,
+                target=self.schema_target,
+                vfs=self.vfs,
             )
             stack.callback(self.store.close)
             self.migrations = Migrations(
@@ -193,6 +203,7 @@ class Orchestrator:
             tg = await stack.enter_async_context(anyio.create_task_group())
             self.exits = ExitWatchers(self.docs, self.driver, self.clock, engine, tg)
             self.health = HealthChecks(self.docs, self.clock, tg, probe)
+            self._tg = tg
             self.engine = await stack.enter_async_context(engine)
             # unwinding runs this first: watchers and the publisher stop before the engine does
             stack.callback(tg.cancel_scope.cancel)
@@ -211,7 +222,7 @@ class Orchestrator:
                 self.watch(mid)
         except BaseException:
             await stack.__aexit__(None, None, None)
-            self.exits = self.health = None
+            self.exits = self.health = self._tg = None
             raise
         self._stack = stack
         return self
@@ -223,7 +234,7 @@ class Orchestrator:
             await stack.__aexit__(None, None, None)
         finally:
             self.engine = None
-            self.exits = self.health = None
+            self.exits = self.health = self._tg = None
 
     async def _load(self) -> None:
         """Read every machine's document; finish the bookkeeping a crash may have interrupted:
@@ -401,17 +412,47 @@ class Orchestrator:
             doc["lease"] = self.leases.new(nonce, ttl, "create", "")
         await self._check_driver(doc)
         m.add_event(doc, "launch", m.CREATED, now=now, source="user")
-        await self._io(self.store.create, mid)
+        early = None if skip_launch else self._attach_early(mid)
         try:
-            await self.engine.start(mid, "create", {"skip_launch": skip_launch}, doc=doc)
+            await self._io(self.store.create, mid)
+            try:
+                await self.engine.start(mid, "create", {"skip_launch": skip_launch}, doc=doc)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._io(self.store.discard, mid)
+                raise
         except BaseException:
-            await self._io(self.store.discard, mid)
+            if early is not None and self.network is not None:
+                with anyio.CancelScope(shield=True):
+                    await early.wait()  # then nothing makes it again after the release
+                    await self.network.release(mid)
             raise
         self.docs.add(mid, doc)
         view = self._view(doc)
         if nonce is not None:
             view["nonce"] = nonce
         return view
+
+    def _attach_early(self, machine_id: str) -> anyio.Event | None:
+        """Start making the machine's network namespace now, while its step log is written
+        and its first steps run: ``create_instance`` then finds it made (``attach`` is
+        idempotent). Its address is durable before the namespace exists, as always; a create
+        that fails releases it, and a crash before START leaves an address the restart's
+        reconcile releases."""
+        if self.network is None or self._tg is None:
+            return None
+        network, done = self.network, anyio.Event()
+
+        async def attach() -> None:
+            try:
+                await network.attach(machine_id)
+            except NetworkError as e:  # the step tries again and reports it
+                log.debug("early network attach of %s failed: %s", machine_id, e)
+            finally:
+                done.set()
+
+        self._tg.start_soon(attach, name=f"attach:{machine_id}")
+        return done
 
     async def _check_driver(self, doc: Mapping[str, Any]) -> None:
         """Ask the driver to prepare now, so a config it can never run is a 400, not a failed

@@ -10,6 +10,8 @@ Rules this file enforces (the engine relies on them):
   share the transaction, so two concurrent starts cannot both win.
 * A run is replayed from its events only (no code replay): COMPLETE marks a step done and carries
   the accumulated response, ERROR carries the retry count, CANCEL halts the run, FINISH closes it.
+* The run's trace context is written with its START and never changes, so every process that
+  executes the run (after a crash, a redeploy) continues the same trace.
 
 * Compaction (``compact``) only ever folds *finished* runs, oldest first, into ``history`` (one
   row per run, its events as a JSON list) in one transaction; active runs, which a restart
@@ -88,6 +90,8 @@ class RunRecord:
     finalizers: tuple[str, ...]
     request: Mapping[str, Any]
     created_at: float
+    # the W3C trace context the run started in ({"traceparent": ...}); empty without tracing
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -279,8 +283,8 @@ class MachineLog:
                 if row:
                     raise AlreadyRunningError(self.path.stem, record.action, cast(str, row[0][0]))
             conn.execute(
-                "INSERT INTO runs (run_id, action, steps, finalizers, request, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (run_id, action, steps, finalizers, request, created_at, trace) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.run_id,
                     record.action,
@@ -288,6 +292,7 @@ class MachineLog:
                     _dumps(list(record.finalizers)),
                     request,
                     record.created_at,
+                    _dumps(dict(record.trace)) if record.trace else None,
                 ),
             )
             seq = conn.last_insert_rowid()
@@ -418,9 +423,9 @@ class MachineLog:
                 ]
                 conn.execute(
                     "INSERT INTO history (seq, run_id, action, steps, finalizers, status, "
-                    "created_at, finished_at, request, error, events) SELECT seq, run_id, action, "
-                    "steps, finalizers, status, created_at, finished_at, request, error, ? "
-                    "FROM runs WHERE seq = ?",
+                    "created_at, finished_at, request, error, events, trace) SELECT seq, run_id, "
+                    "action, steps, finalizers, status, created_at, finished_at, request, error, "
+                    "?, trace FROM runs WHERE seq = ?",
                     (_dumps(events), seq),
                 )
                 conn.execute("DELETE FROM events WHERE run_seq = ?", (seq,))
@@ -461,20 +466,20 @@ class MachineLog:
 
     def timeline(self) -> list[dict[str, Any]]:
         """Every run this machine ever had, oldest first, compacted or not: action, its declared
-        steps and finalizers, status, times, error and its step events (the ``events``
-        endpoint's answer)."""
+        steps and finalizers, status, times, error, its trace id (None untraced) and its step
+        events (the ``events`` endpoint's answer)."""
         return cast("list[dict[str, Any]]", self._read(self._timeline))
 
     @staticmethod
     def _timeline(conn: apsw.Connection) -> list[dict[str, Any]]:
         rows = conn.execute(
             "SELECT seq, run_id, action, steps, finalizers, status, created_at, finished_at, "
-            "error, events, 1 FROM history UNION ALL SELECT seq, run_id, action, steps, "
-            "finalizers, status, created_at, finished_at, error, NULL, 0 FROM runs "
-            "ORDER BY seq"
+            "error, trace, events, 1 FROM history UNION ALL SELECT seq, run_id, action, "
+            "steps, finalizers, status, created_at, finished_at, error, trace, NULL, 0 "
+            "FROM runs ORDER BY seq"
         ).fetchall()
         out = []
-        for (seq, run_id, action, steps, fins, status, created, finished, err, events,
+        for (seq, run_id, action, steps, fins, status, created, finished, err, trace, events,
              compacted) in rows:  # fmt: skip
             if events is None:
                 rows_ = conn.execute(
@@ -493,6 +498,7 @@ class MachineLog:
                 "finalizers": json.loads(cast(str, fins)), "status": status,
                 "created_at": created, "finished_at": finished,
                 "error": None if err is None else json.loads(cast(str, err)),
+                "trace_id": _trace_id(cast("str | None", trace)),
                 "compacted": bool(compacted), "events": events_list,
             })  # fmt: skip
         return out
@@ -521,7 +527,7 @@ class MachineLog:
     def _replay_runs(conn: apsw.Connection, where: str, params: Sequence[Any]) -> list[RunState]:
         rows = conn.execute(
             "SELECT seq, run_id, action, steps, finalizers, request, created_at, status, "
-            f"finished_at, error, response FROM runs {where}",
+            f"finished_at, error, response, trace FROM runs {where}",
             params,
         ).fetchall()
         states = []
@@ -537,9 +543,10 @@ class MachineLog:
             fin_at,
             err,
             resp,
+            trace,
         ) in cast(
             "list[tuple[int, str, str, str, str, str, float, str, float | None, str | None, "
-            "str | None]]",
+            "str | None, str | None]]",
             rows,
         ):
             record = RunRecord(
@@ -549,6 +556,7 @@ class MachineLog:
                 finalizers=tuple(json.loads(fins)),
                 request=json.loads(request),
                 created_at=created,
+                trace=json.loads(trace) if trace else {},
             )
             state = RunState(record=record, seq=seq, status=RunStatus(status))
             state.finished_at = fin_at
@@ -578,6 +586,14 @@ def migrate_file(path: str, target: SchemaTarget) -> SchemaStatus:
         return log.migrate()
     finally:
         log.close()
+
+
+def _trace_id(trace: str | None) -> str | None:
+    """The trace id in a stored W3C trace context (``traceparent`` is version-traceid-...)."""
+    if not trace:
+        return None
+    parts = str(json.loads(trace).get("traceparent", "")).split("-")
+    return parts[1] if len(parts) == 4 else None
 
 
 def _replay(state: RunState, seq: int, kind: EventKind, step, payload, retry_count) -> None:

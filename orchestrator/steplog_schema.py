@@ -4,6 +4,9 @@ A machine's database holds four plain (non-replicated) tables: ``runs`` (one row
 input and the step names fixed at START), ``events`` (the append-only log: START, COMPLETE,
 ERROR, CANCEL, FINISH), ``history`` (finished runs compacted out of the first two: one row per
 run, its events folded into a JSON list) and ``machine`` (the machine's document, one row).
+A run's ``trace`` is the W3C trace context (``{"traceparent": ..., "tracestate": ...}`` as JSON)
+its START was written in, NULL without tracing: every process that executes the run parents its
+spans to it, so a run resumed after a crash continues the trace it started in (version 3).
 
 ``SCHEMA_SQL`` is the whole desired schema; the project's schema management
 (``crdt.schema.apply_schema``, plain tables) applies it as a diff against the live database, so a
@@ -46,7 +49,8 @@ CREATE TABLE runs (
     status TEXT NOT NULL DEFAULT 'active',
     finished_at REAL,
     error TEXT,
-    response TEXT
+    response TEXT,
+    trace TEXT
 );
 CREATE UNIQUE INDEX runs_run_id ON runs (run_id);
 CREATE INDEX runs_status_action ON runs (status, action);
@@ -71,7 +75,8 @@ CREATE TABLE history (
     finished_at REAL,
     request TEXT NOT NULL,
     error TEXT,
-    events TEXT NOT NULL
+    events TEXT NOT NULL,
+    trace TEXT
 );
 CREATE TABLE machine (
     id INTEGER PRIMARY KEY,

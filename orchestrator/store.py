@@ -19,6 +19,8 @@ from __future__ import annotations
 import fcntl
 import gzip
 import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +32,7 @@ from .steplog import MachineLog
 from .steplog_schema import CURRENT_TARGET, FAILED, PENDING, SchemaStatus, SchemaTarget
 
 SUFFIX = ".sqlite"
+TEMPLATE_SUFFIX = ".new"  # ``.<id>.sqlite.new``: a database being created (never listed)
 
 
 def archive_key(machine_id: str) -> str:
@@ -47,9 +50,12 @@ class MachineStore:
         max_open: int = 256,
         lock: bool = True,
         target: SchemaTarget = CURRENT_TARGET,
+        vfs: str | None = None,
     ) -> None:
-        """``target``: the step-log schema this release writes (tests pass a later one)."""
+        """``target``: the step-log schema this release writes (tests pass a later one).
+        ``vfs``: the SQLite VFS the machines' logs are opened through (None: the default)."""
         self.path = Path(path)
+        self.vfs = vfs
         self.path.mkdir(parents=True, exist_ok=True)
         self.archive_store: ArchiveStore = (
             archive if archive is not None else DirectoryArchive(self.path / "archive")
@@ -63,8 +69,13 @@ class MachineStore:
         self._status: dict[str, SchemaStatus] = {}
         self._status_changed: dict[str, None] = {}
         self._unreadable: set[str] = set()
+        self._template_bytes: bytes | None = None
         if lock:
             self._acquire_lock()
+            for debris in self.path.glob(f".*{SUFFIX}{TEMPLATE_SUFFIX}"):  # a create cut short
+                debris.unlink(missing_ok=True)
+            for scratch in self.path.glob(".template-*"):
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def _acquire_lock(self) -> None:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -180,6 +191,7 @@ class MachineStore:
         status = self.schema_status(machine_id)
         return MachineLog(
             path,
+            vfs=self.vfs,
             target=self.target,
             failed=status if status is not None and status.state == FAILED else None,
             on_status=lambda st: self._record_status(machine_id, st),
@@ -201,14 +213,42 @@ class MachineStore:
             return self._remember(machine_id, self._new_log(machine_id, path))
 
     def create(self, machine_id: str) -> MachineLog:
-        """A fresh database for a new machine (its schema is created on first use)."""
+        """A fresh database for a new machine: a copy of the empty database of the current
+        schema (:meth:`_template`), written under a temporary name, fsynced and renamed into
+        place, so the file is whole or absent — two fsyncs, where making it in place (switching
+        it to WAL, creating the schema) takes four and the schema work."""
         path = self._file(machine_id)
         with self._mutex:
             if machine_id in self._logs or path.exists():
                 raise MachineExistsError(f"machine {machine_id} already exists")
+            tmp = path.with_name(f".{path.name}{TEMPLATE_SUFFIX}")
+            with open(tmp, "wb") as f:
+                f.write(self._template())
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)  # the rename survives a power cut
+            finally:
+                os.close(fd)
             log = self._new_log(machine_id, path)
             log.open()
             return self._remember(machine_id, log)
+
+    def _template(self) -> bytes:
+        """An empty step-log database of ``target``, in WAL mode, checkpointed (made once per
+        store, in a scratch directory)."""
+        if self._template_bytes is None:
+            with tempfile.TemporaryDirectory(dir=self.path, prefix=".template-") as scratch:
+                scratch_log = MachineLog(Path(scratch) / f"template{SUFFIX}", target=self.target)
+                try:
+                    scratch_log.open()
+                    scratch_log.checkpoint()
+                finally:
+                    scratch_log.close()
+                self._template_bytes = (Path(scratch) / f"template{SUFFIX}").read_bytes()
+        return self._template_bytes
 
     def discard(self, machine_id: str) -> None:
         """Delete a machine's database outright (a create that never committed its START)."""

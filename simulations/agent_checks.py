@@ -13,6 +13,12 @@ core (``simulations.agent_core``). After heal and quiet, on every live node:
   ``__corro_seq_bookkeeping``, ``__corro_bookkeeping_gaps``), read here with plain SQL, so a bug
   that books one thing and writes another shows even when no crash reloads the tables.
 
+:class:`BookkeepingAtAnyTime` is the safety half, checked after every event of the run, not only
+after heal (corrosion's Antithesis suite asserts it at any time): on every live node whose
+database changed in that event, and on every live node every ``full_every`` events, the
+bookkeeping in memory says what the tables say, and no buffered change belongs to a version not
+held in part. A partial version or a gap is no violation here: faults make them.
+
 Equal databases ("every row is everywhere") are :class:`~simulations.crdt_checks.CrdtConvergence`'s
 part; the two run side by side in ``agent_core.agent_world``.
 """
@@ -24,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from corrosion.core.ranges import RangeSet
 
-from .checkers import SettlingChecker
+from .checkers import Checker, SettlingChecker
 
 if TYPE_CHECKING:
     from .node import SimNode
     from .world import World
 
-__all__ = ["AgentBookkeeping", "bookkeeping_problems"]
+__all__ = ["AgentBookkeeping", "BookkeepingAtAnyTime", "bookkeeping_problems"]
 
 
 def _short(actor: bytes, names: dict[bytes, str]) -> str:
@@ -148,3 +154,39 @@ class AgentBookkeeping(SettlingChecker):
                         "that another live node holds"
                     )
         return out
+
+
+class BookkeepingAtAnyTime(Checker):
+    name = "agent-bookkeeping-always"
+
+    def __init__(self, store_of: Callable[[SimNode], Any], full_every: int = 64) -> None:
+        """``store_of`` as for :class:`AgentBookkeeping`; ``full_every``: every this many
+        events, check the nodes whose database did not change too (a bug that changes the
+        bookkeeping in memory alone)."""
+        self.store_of = store_of
+        self.full_every = full_every
+        self.checks = 0  # nodes checked (for tests and reports)
+        self._changes: dict[int, int] = {}  # id(connection) -> its total_changes() when checked
+        self._reported: set[str] = set()
+        self._events = 0
+
+    def attach(self, world: World) -> None:
+        world.after_each_event(lambda: self._probe(world))
+
+    def _probe(self, world: World) -> None:
+        self._events += 1
+        full = self._events % self.full_every == 0
+        for node in world.nodes:
+            if not node.up or node.halted or (store := self.store_of(node)) is None:
+                continue  # a node that lost power mid-event writes nothing more: not checked
+            conn = store.conn
+            changes = conn.total_changes()
+            key = id(conn)
+            if not full and self._changes.get(key) == changes:
+                continue
+            self._changes[key] = changes
+            self.checks += 1
+            for problem in bookkeeping_problems(node.name, store, {}, available={}):
+                if problem not in self._reported:  # each once: it may last many events
+                    self._reported.add(problem)
+                    world.fail(self.name, f"{problem} (at event {self._events} of the run)")

@@ -19,7 +19,7 @@ AgentBookkeeping` (no partial or missing version, equal heads, bookkeeping table
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from corrosion.core.replication import (
@@ -34,8 +34,8 @@ from corrosion.core.statements import Statement
 from corrosion.core.store import Store
 from swim import Config, MemberUp
 
-from .agent_checks import AgentBookkeeping
-from .cluster import SEEDS_PER_NODE
+from .agent_checks import AgentBookkeeping, BookkeepingAtAnyTime
+from .cluster import SEEDS_PER_NODE, warm_start
 from .crdt_checks import CrdtConvergence
 from .network import Address, LinkModel
 from .node import Core, CoreSpec, Port, SimNode
@@ -58,7 +58,11 @@ class AgentCore(Core):
     def __init__(self, port: Port, schema: str, config: ReplicationConfig) -> None:
         super().__init__(port)
         site = port.rng("site").randbytes(16)  # used only when the database is created
-        self.store = Store(port.disk.path / "agent.db", site_id=site)
+        # a disk that lies (simulations.power_cuts): its fault-injecting VFS and sync setting
+        vfs = port.disk.values.get("vfs")
+        self.store = Store(port.disk.path / "agent.db", site_id=site, vfs=vfs and vfs.name)
+        if "synchronous" in port.disk.values:
+            self.store.conn.execute(f"PRAGMA synchronous = {port.disk.values['synchronous']}")
         if self.store.schema_state().running.version:
             self.store.follow_schema()  # it runs a cluster schema version: as the agent does
         elif schema:
@@ -69,6 +73,9 @@ class AgentCore(Core):
             self.store.actor_id, port.addr[1], config.cluster_id
         )
         self._syncs: dict[int, Address] = {}
+        self.committed: list[Callable[[Sequence[Any], float], None]] = []
+        """Called with the changes of every local commit and applied batch (as the agent's
+        ``_changed``: subscriptions, ``simulations.subscription_core``)."""
 
     @property
     def conn(self):
@@ -96,6 +103,8 @@ class AgentCore(Core):
         """A local transaction; returns its version (None if it changed nothing)."""
         _results, commit, effects = self.replicator.execute(list(statements), now)
         self._perform(effects)
+        if commit is not None and commit.changes:
+            self._changed(commit.changes, now)
         return None if commit is None else commit.version
 
     def propose_schema(self, sql: str, now: float, *, allow_destructive: bool = False) -> int:
@@ -140,7 +149,13 @@ class AgentCore(Core):
     def _apply(self, now: float) -> None:
         rep = self.replicator
         while rep.queue:  # the agent's two halves (apply_batch, install_apply), inline
-            rep.apply_pending(500, now)
+            result = rep.apply_pending(500, now)
+            if result is not None and result.changes:
+                self._changed(result.changes, now)
+
+    def _changed(self, changes: Sequence[Any], now: float) -> None:
+        for listener in self.committed:
+            listener(changes, now)
 
     def _perform(self, effects: list) -> None:
         port = self.port
@@ -185,29 +200,46 @@ def agent_world(
     deadline: float = 180.0,
     extra: Sequence[CoreSpec] = (),
     files_dir: str | None = None,
+    checkers: bool = True,
+    bootstrap: str = "join",
 ) -> World:
     """``n`` agents joining through the first three, every SWIM checker, and as liveness
     checkers CRDT convergence (equal databases after heal) and the agent's bookkeeping (no
-    partial or missing version anywhere, ``agent_checks``). ``extra``: more cores on
+    partial or missing version anywhere, ``agent_checks``), which must also agree with the
+    tables after every event (``BookkeepingAtAnyTime``). ``extra``: more cores on
     every node, after the agent and swim (an orchestrator worker, ``simulations.orch_world``);
-    ``files_dir``: where the world's temporary directory goes (see ``World``)."""
+    ``files_dir``: where the world's temporary directory goes (see ``World``); ``checkers``:
+    False for none (benchmarks); ``bootstrap="warm"``: every node boots at 0 and is told every
+    other as ALIVE (``cluster.warm_start``), the steady state without the join storm."""
+    if bootstrap not in ("join", "warm"):
+        raise ValueError(f"bootstrap must be 'join' or 'warm', got {bootstrap!r}")
     swim_config = swim_config or Config.lan()
     world = World(seed, link=link, files=True, files_dir=files_dir)
-    for c in swim_checkers():
-        world.add_checker(c)
-    world.add_checker(
-        CrdtConvergence(lambda node: a.conn if (a := agent_of(node)) else None, deadline=deadline)
-    )
-    world.add_checker(
-        AgentBookkeeping(lambda node: a.store if (a := agent_of(node)) else None, deadline)
-    )
+    if checkers:
+        for c in swim_checkers():
+            world.add_checker(c)
+        world.add_checker(
+            CrdtConvergence(
+                lambda node: a.conn if (a := agent_of(node)) else None, deadline=deadline
+            )
+        )
+        store_of = lambda node: a.store if (a := agent_of(node)) else None  # noqa: E731
+        world.add_checker(AgentBookkeeping(store_of, deadline))
+        world.add_checker(BookkeepingAtAnyTime(store_of))
     for i in range(n):
         seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]
+        if bootstrap == "warm":
+            seeds = []  # no join: warm_start tells every node the whole view
         node = world.add_node(
             [agent(schema, replication), _swim_with_agent_meta(swim_config, seeds), *extra],
             start=False,
         )
-        world.at(i * stagger, world.start, node)
+        if bootstrap == "join":
+            world.at(i * stagger, world.start, node)
+    if bootstrap == "warm":
+        for node in world.nodes:
+            world.start(node)
+        warm_start(world, world.nodes)
     return world
 
 

@@ -16,8 +16,10 @@ writes never get there. These writes do, at the agent's own chunk size:
 the replication channel loses, duplicates and reorders datagrams (chunks arrive in any order or
 not at all), some directed links carry no replication datagrams at all (muted for the whole run,
 heal included: sync alone must deliver across them), and a node crashes and restarts with
-versions held in part. After heal every checker of ``agent_world`` must hold: equal databases, no
-partial or missing version, equal heads, bookkeeping tables in step with memory.
+versions held in part. After heal every checker of ``agent_world`` must hold: equal databases
+(byte for byte), no partial or missing version, equal heads, bookkeeping tables in step with
+memory (that one after every event too); and every node's subscriptions (corrosion's own code,
+``subscription_core``) must hold what a fresh run of their queries returns.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .agent_core import AGENT, AgentCore, agent_of, agent_world
 from .checkers import run_liveness
 from .network import LinkModel
 from .scenarios import PRESETS
+from .subscription_core import SubscriptionsMatch, subscriptions, subscriptions_of
 from .world import World
 
 __all__ = [
@@ -110,6 +113,7 @@ class ChunkedRun:
     chunk_frames_doubled: int = 0  # of those, delivered twice
     partial_peak: int = 0  # most versions held in part at once (all nodes)
     partial_at_heal: int = 0  # versions held in part when the faults stopped: sync's job
+    subscription_events: int = 0  # events the live nodes' subscriptions produced (live_queries)
     digest: str = ""  # the world's trace digest at the end (same seed, same digest)
 
     def watch(self, world: World) -> None:
@@ -170,28 +174,39 @@ def chunked_run(
     writes: int = 12,
     liveness_timeout: float | None = None,
     files_dir: str | None = None,
+    live_queries: bool = True,
 ) -> ChunkedRun:
     """Build and run one seeded chunked workload to the end of its liveness phase and check it
     (raises ``SimulationFailure`` carrying the seed and this run's description).
     ``liveness_timeout``: virtual seconds after heal before what is left is a violation (default:
-    the checkers' deadlines; a run that settles ends sooner either way)."""
+    the checkers' deadlines; a run that settles ends sooner either way). ``live_queries``:
+    every node also hosts corrosion's subscriptions (``subscription_core``), whose rows must
+    equal a fresh run of their queries after heal."""
     rng = random.Random(seed)
-    world, run = _build(seed, rng, files_dir)
+    world, run = _build(seed, rng, files_dir, live_queries)
     try:
         _drive(world, run, rng, writes)
         run.partial_at_heal = run._count_partials(world)
         world.config_text = run.describe()
         run_liveness(world, link=BASE_LINK, timeout=liveness_timeout)
         run.digest = world.digest()
+        run.subscription_events = sum(
+            c.events for node in world.nodes if (c := subscriptions_of(node)) is not None
+        )
         world.check()
     finally:
         world.close()
     return run
 
 
-def _build(seed: int, rng: random.Random, files_dir: str | None) -> tuple[World, ChunkedRun]:
+def _build(
+    seed: int, rng: random.Random, files_dir: str | None, live_queries: bool
+) -> tuple[World, ChunkedRun]:
     n = 4 + seed % 3
-    world = agent_world(seed, n, link=BASE_LINK, files_dir=files_dir)
+    extra = [subscriptions()] if live_queries else []
+    world = agent_world(seed, n, link=BASE_LINK, files_dir=files_dir, extra=extra)
+    if live_queries:
+        world.add_checker(SubscriptionsMatch(deadline=180.0))
     world.repro = f"simulations.agent_load.chunked_run({seed})"
     run = ChunkedRun(seed, n, chunk_link(rng))
     # a node that hears no replication datagram from anyone, and a few more muted links

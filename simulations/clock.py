@@ -17,13 +17,15 @@ __all__ = ["Scheduler"]
 class Scheduler:
     """A discrete-event loop over virtual seconds."""
 
-    __slots__ = ("_heap", "_seq", "events", "now")
+    __slots__ = ("_heap", "_seq", "events", "now", "probe")
 
     def __init__(self) -> None:
         self.now = 0.0
         self.events = 0  # events run so far
         self._heap: list[tuple[float, int, Callable[..., Any], tuple]] = []
         self._seq = 0
+        self.probe: Callable[[], Any] | None = None
+        """Called after every event (safety checkers that must hold at any time)."""
 
     def at(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` at virtual time ``when`` (now, if ``when`` is in the past)."""
@@ -42,12 +44,15 @@ class Scheduler:
         """Run every event due at or before ``t``; then the clock reads ``t``."""
         heap = self._heap
         pop = heapq.heappop
+        probe = self.probe
         n = 0
         while heap and heap[0][0] <= t:
             when, _, fn, args = pop(heap)
             self.now = when
             n += 1
             fn(*args)
+            if probe is not None:
+                probe()
         self.events += n
         if t > self.now:
             self.now = t

@@ -12,7 +12,8 @@ fail with ``SQLITE_IOERR`` when asked (:meth:`FaultyVFS.fail_reads`).
 
 Simplifications, on the safe side for SQLite's own assumptions: a sync makes the whole file
 durable (directory entries included); deletes are durable at once; the shared-memory WAL index
-(``-shm``) is not tracked (SQLite rebuilds it from the WAL after the last connection closes).
+(``-shm``) is not tracked (SQLite rebuilds it from the WAL after the last connection closes);
+a file the process removed without the VFS (``os.unlink``) stays removed.
 Every choice comes from the ``random.Random`` given, so a seed replays the same faults.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import apsw
@@ -60,6 +62,8 @@ class FaultyVFS(apsw.VFS):
         self.down = False
         self.files: dict[str, _Image] = {}
         self.injected: list[str] = []
+        self.on_cut: Callable[[], object] | None = None
+        """Called when the power goes (a simulated machine stops sending: ``power_cuts``)."""
         self._writes_left: int | None = None
         self._reads_ok: int | None = None
         self._reads_failing = 0
@@ -71,10 +75,17 @@ class FaultyVFS(apsw.VFS):
         if not self.down:
             self.down = True
             self.injected.append("power cut")
+            if self.on_cut is not None:
+                self.on_cut()
 
     def cut_power_after(self, writes: int) -> None:
         """Cut the power just before the ``writes + 1``-th write from now."""
         self._writes_left = writes
+
+    @property
+    def cut_armed(self) -> bool:
+        """A :meth:`cut_power_after` is still to come."""
+        return self._writes_left is not None
 
     def fail_reads(self, after: int, count: int = 1) -> None:
         """Let ``after`` reads through, then fail the next ``count`` with ``SQLITE_IOERR``."""
@@ -90,6 +101,9 @@ class FaultyVFS(apsw.VFS):
         lost: list[str] = []
         for path, image in sorted(self.files.items()):
             ops = image.unsynced
+            if ops and not os.path.exists(path):
+                image.durable, image.unsynced = None, []  # removed by the process, not through
+                continue  # the VFS (a discarded machine's log): deletes are durable at once
             if ops:
                 keep = self.rng.randint(0, len(ops))
                 buf = None if image.durable is None else bytearray(image.durable)

@@ -188,8 +188,8 @@ C = TypeVar("C", bound=Core)
 class SimNode:
     """One machine of the world."""
 
-    __slots__ = ("addr", "boot", "clog", "cores", "crashed_at", "disk", "index", "name", "specs",
-                 "up")  # fmt: skip
+    __slots__ = ("addr", "boot", "clog", "cores", "crashed_at", "disk", "halted", "index", "name",
+                 "specs", "up")  # fmt: skip
 
     def __init__(self, index: int, addr: Address, specs: list[CoreSpec], disk: Disk) -> None:
         self.index = index
@@ -202,6 +202,9 @@ class SimNode:
         self.boot = 0
         self.clog: Clog | None = None
         self.crashed_at: float | None = None
+        self.halted = False
+        """Lost power in the middle of an event (``simulations.power_cuts``): nothing it sends
+        from then on leaves the machine, and the world crashes it once the event is over."""
 
     def core(self, name: str) -> Any:
         return self.cores.get(name)

@@ -119,6 +119,7 @@ class World:
         self._root = Path(self._tmp.name) if self._tmp else None
         self._closed = False
         self._closers: list[Callable[[], Any]] = []
+        self._probes: list[Callable[[], Any]] = []
         self._update_calm()
 
     # -- building -------------------------------------------------------------------------------
@@ -159,6 +160,21 @@ class World:
     def at(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule ``fn(*args)`` (a fault, a write, a probe of the state) at ``when``."""
         self.sched.at(when, fn, *args)
+
+    def after_each_event(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` after every event the scheduler runs (invariants that must hold at
+        any time, not only at the end of a phase)."""
+        self._probes.append(fn)
+        probes = self._probes
+        if len(probes) == 1:
+            self.sched.probe = fn
+        else:
+
+            def all_probes() -> None:
+                for probe in probes:
+                    probe()
+
+            self.sched.probe = all_probes
 
     def every(self, period: float, fn: Callable[[float], Any], start: float | None = None) -> None:
         """Call ``fn(now)`` every ``period`` seconds (checker audits, samples for plots)."""
@@ -395,6 +411,8 @@ class World:
     # -- what a Port uses (node.PortHost) --------------------------------------------------
 
     def transmit(self, node: SimNode, channel: str, dst: Address, data: bytes, info: Any) -> None:
+        if node.halted:
+            return
         fate = self.net.fate(node.addr, dst, channel)
         now = self.sched.now
         target = self.by_addr.get(dst)
@@ -460,6 +478,8 @@ class World:
     def open_stream(self, node: SimNode, channel: str, dst: Address, data: bytes) -> int:
         self._stream_seq += 1
         sid = self._stream_seq
+        if node.halted:
+            return sid  # never sent: the node crashes before anything comes back
         self.net.stats.streams += 1
         target = self.by_addr.get(dst)
         self.trace.note(self.now, "stream", sid, node.index,
@@ -488,13 +508,13 @@ class World:
         self._stream_serve(sid, client, cboot, channel, server, server.boot, data, opened_at)
 
     def _stream_serve(self, sid, client, cboot, channel, server, sboot, data, opened_at) -> None:
-        if server.boot != sboot or not server.up:
+        if server.boot != sboot or not server.up or server.halted:
             self.sched.at(opened_at + self.stream_timeout, self._stream_fail, sid, client, cboot,
                           channel)  # fmt: skip
             return
         frames = server.cores[channel].on_stream_request(client.addr, data, self.now)
         d = self.net.stream_delay(server.addr, client.addr)
-        if d is None:  # the answer cannot get back: the client times out
+        if d is None or server.halted:  # the answer cannot get back: the client times out
             when = max(self.now, opened_at + self.stream_timeout)
             self.sched.at(when, self._stream_fail, sid, client, cboot, channel)
             return

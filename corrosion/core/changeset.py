@@ -39,6 +39,7 @@ MAX_TRACE_CONTEXT = 64  # bytes; a longer trace context is ignored (the change i
 MAX_CHUNK_BYTES = 8 * 1024  # as corrosion: changes per chunk are cut at about 8 KiB
 
 K_CHANGESET, K_EMPTY, K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST = range(1, 8)
+K_IHAVE, K_GRAFT, K_PRUNE = range(8, 11)  # Plumtree's control frames (``plumtree``)
 
 
 class FrameError(CorrosionError, ValueError):
@@ -197,7 +198,16 @@ def decode_frame(data: bytes) -> tuple[int, Any]:
                 raise FrameError("version range end before start")
             ranges.append((s, e))
         return kind, EmptyVersions(_actor(obj[2]), tuple(ranges), _int(obj[4], "ts"))
-    if kind in (K_SYNC_REQUEST, K_SYNC_DONE, K_HELLO, K_REJECT, K_DIGEST):
+    if kind in (
+        K_SYNC_REQUEST,
+        K_SYNC_DONE,
+        K_HELLO,
+        K_REJECT,
+        K_DIGEST,
+        K_IHAVE,
+        K_GRAFT,
+        K_PRUNE,
+    ):
         return kind, obj[2:]
     raise FrameError(f"unknown frame kind {kind!r}")
 

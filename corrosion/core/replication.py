@@ -42,6 +42,11 @@ B4  Push-once epidemics miss a few nodes (about e^-fanout of them), and periodic
     (``digest_repeats``); a peer still lacking it (neither held nor queued) ``digest_grace``
     later — the broadcast is usually just behind — syncs with the sender (``_on_digest_tick``,
     ``_on_digest``). Quiet clusters send no digests.
+B5  With ``broadcast_mode = "plumtree"`` (a cluster-wide choice) B1, B2 and B4 give way to
+    epidemic broadcast trees (``plumtree``): a local version is pushed along its origin's tree
+    and announced by IHAVE; a received chunk is forwarded down the tree, a duplicate PRUNEs
+    its sender, and IHAVE/GRAFT repair what the tree lost. The control frames name no sender:
+    the host says who sent each frame (``handle_frame``'s ``src`` or ``sender``).
 B3  Queued chunks are applied in batches, one transaction each (``apply_pending``): complete
     versions merge, partial ones are buffered until all their seqs are present, versions skipped
     over become gaps.
@@ -62,6 +67,7 @@ T1  Trace contexts are opaque bytes here (the runtime makes the spans). A local 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -77,7 +83,10 @@ from .changeset import (
     K_CHANGESET,
     K_DIGEST,
     K_EMPTY,
+    K_GRAFT,
     K_HELLO,
+    K_IHAVE,
+    K_PRUNE,
     K_REJECT,
     K_SYNC_DONE,
     K_SYNC_REQUEST,
@@ -94,7 +103,9 @@ from .changeset import (
     without_trailing,
 )
 from .hlc import HybridClock
+from .plumtree import MsgId, PeerFrame, Plumtree, PlumtreeConfig, decode_ids, decode_roots
 from .store import ApplyResult, LocalCommit, Statement, StatementResult, Store
+from .tombstones import Watermark, hear_floors
 
 Address = tuple[str, int]
 
@@ -137,8 +148,16 @@ class DigestTick:
 
 
 @dataclass(frozen=True, slots=True)
+class PlumtreeTick:
+    token: int
+
+
+Timer = SyncTick | BroadcastTick | DigestTick | PlumtreeTick
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
-    timer: SyncTick | BroadcastTick | DigestTick
+    timer: Timer
     at: float
 
 
@@ -165,6 +184,16 @@ class ReplicationConfig:
     digest_window: float = 2.0  # a digest-announced head not received is forgotten after 10x this
     digest_repeats: int = 3  # digests sent about one head (to fanout random peers each time)
     digest_grace: float = 0.15  # a head still missing this long after a digest: sync for it
+    # "fanout" (B1, B2, B4) or "plumtree" (B5): a cluster-wide choice, the two do not mix
+    broadcast_mode: str = "fanout"
+    plumtree: PlumtreeConfig = field(default_factory=PlumtreeConfig)
+
+    def __post_init__(self) -> None:
+        if self.broadcast_mode not in BROADCAST_MODES:
+            raise ValueError(f"broadcast_mode must be one of {BROADCAST_MODES}")
+
+
+BROADCAST_MODES = ("fanout", "plumtree")
 
 
 @dataclass
@@ -251,6 +280,13 @@ class Replicator:
         self._expected: dict[tuple[bytes, int], tuple[float, bytes]] = {}
         # (actor, version) -> its trace context, the last TRACE_MEMORY traced versions (T1)
         self.traces: dict[tuple[bytes, int], bytes] = {}
+        self.watermark = Watermark(self.actor)  # members' heads, for tombstone GC
+        self._actor_at: dict[Address, bytes] = {}  # peer address -> actor (who sent a frame)
+        self._peer_list: list[Peer] | None = None  # peers sorted by actor (``_sorted_peers``)
+        self.plumtree: Plumtree | None = None
+        if self.config.broadcast and self.config.broadcast_mode == "plumtree":
+            self.plumtree = Plumtree(self.actor, self.config.plumtree, self.rng, self._holds)
+        self._plumtree_timer_at: float | None = None
 
     # -- lifecycle and membership ----------------------------------------------------------
 
@@ -258,7 +294,9 @@ class Replicator:
         effects: list[Effect] = [
             SetTimer(SyncTick(self._token), now + self._jitter(self.config.min_sync_backoff))
         ]
-        if self.config.broadcast:  # digests belong to the push path: none in sync-only mode
+        if self.config.broadcast and self.plumtree is None:
+            # digests belong to fan-out's push path: none in sync-only mode, and none with
+            # plumtree, whose IHAVE/GRAFT do their job
             effects.append(
                 SetTimer(DigestTick(self._token), now + self._jitter(self.config.digest_interval))
             )
@@ -279,6 +317,7 @@ class Replicator:
             if gone is None:
                 return []
             self.member_down(gone[0])
+            self.watermark.member_down(gone[0], left=event.member.state is swim.State.LEFT)
             return [event.member]
         if isinstance(event, swim.MemberRenamed):
             old = decode_meta(event.old.meta)
@@ -298,13 +337,28 @@ class Replicator:
 
     def member_up(self, actor: bytes, addr: Address, *, trailing: bool = False) -> None:
         if actor != self.actor:
+            old = self.peers.get(actor)
+            if old is not None and self._actor_at.get(old.addr) == actor:
+                del self._actor_at[old.addr]
             self.peers[actor] = Peer(actor, addr, trailing)
+            self._peer_list = None
+            self._actor_at[addr] = actor
+            self.watermark.member_up(actor)
+            if self.plumtree is not None:
+                self.plumtree.peer_up(actor)
 
     def member_down(self, actor: bytes) -> None:
-        self.peers.pop(actor, None)
+        peer = self.peers.pop(actor, None)
+        self._peer_list = None
+        if peer is not None and self._actor_at.get(peer.addr) == actor:
+            del self._actor_at[peer.addr]
+        if self.plumtree is not None:
+            self.plumtree.peer_down(actor)
 
     def _sorted_peers(self) -> list[Peer]:
-        return [self.peers[a] for a in sorted(self.peers)]
+        if self._peer_list is None:  # kept until the peers change: sorting 1,000 costs a ms
+            self._peer_list = [self.peers[a] for a in sorted(self.peers)]
+        return self._peer_list
 
     def _jitter(self, seconds: float) -> float:
         return seconds * self.rng.uniform(0.7, 1.3)
@@ -331,18 +385,19 @@ class Replicator:
             if trace is not None:
                 self._remember_trace(self.actor, commit.version, trace)
         if commit is not None and self.config.broadcast:
-            frames = [
-                encode(c)
-                for c in chunk_version(
-                    self.actor,
-                    commit.version,
-                    commit.changes,
-                    commit.last_seq,
-                    commit.ts,
-                    commit.db_version,
-                    trace=trace,
-                )
-            ]
+            chunks = chunk_version(
+                self.actor,
+                commit.version,
+                commit.changes,
+                commit.last_seq,
+                commit.ts,
+                commit.db_version,
+                trace=trace,
+            )
+            frames = [encode(c) for c in chunks]
+            if self.plumtree is not None:
+                ids = [(c.actor, c.version, c.seqs[0], c.seqs[1]) for c in chunks]
+                return effects + self._plumtree_out(self.plumtree.broadcast(ids, frames, now))
             effects += self._broadcast(
                 frames, exclude=set(), rounds=self.max_rounds(), now=now, local=True
             )
@@ -405,11 +460,19 @@ class Replicator:
 
     # -- receiving (B2) ---------------------------------------------------------------------
 
-    def handle_frame(self, src: Address | None, data: bytes, now: float) -> list[Effect]:
-        """A broadcast frame arrived (``src`` is the sender's peer address, if known)."""
+    def handle_frame(
+        self, src: Address | None, data: bytes, now: float, sender: bytes | None = None
+    ) -> list[Effect]:
+        """A broadcast frame arrived (``src`` is the sender's peer address, ``sender`` its
+        actor id, each if known: plumtree needs one of them)."""
+        plumtree = self.plumtree
+        if plumtree is not None and sender is None and src is not None:
+            sender = self._actor_at.get(src)
         header = peek_changeset(data)
         if header is not None and self._is_duplicate(*header):
             self.stats.duplicates += 1
+            if plumtree is not None:
+                return self._plumtree_out(plumtree.on_duplicate(sender, header))
             return []
         try:
             kind, item = decode_frame(data)
@@ -418,11 +481,16 @@ class Replicator:
             return []
         if kind == K_DIGEST:
             return self._on_digest(item, now)
+        if kind in (K_IHAVE, K_GRAFT, K_PRUNE):
+            return self._on_plumtree_control(kind, item, sender, now)
         if kind not in (K_CHANGESET, K_EMPTY):
             self.stats.malformed += 1
             return []
         if not self._enqueue(item, relay=True):
             return []
+        if kind == K_CHANGESET and plumtree is not None:
+            mid = (item.actor, item.version, item.seqs[0], item.seqs[1])
+            return self._plumtree_out(plumtree.on_message(sender, mid, data, now))
         if kind == K_CHANGESET and self.config.broadcast:
             exclude = {item.actor, self.actor}
             for peer in self.peers.values():
@@ -432,6 +500,56 @@ class Replicator:
             rounds = self.config.relay_rounds
             return self._broadcast([data], exclude=exclude, rounds=rounds, now=now)
         return []
+
+    # -- plumtree (B5) ----------------------------------------------------------------------
+
+    def _on_plumtree_control(
+        self, kind: int, fields: list, sender: bytes | None, now: float
+    ) -> list[Effect]:
+        plumtree = self.plumtree
+        if plumtree is None or sender is None or sender not in self.peers:
+            self.stats.malformed += 1  # fan-out mode, or from no member we know
+            return []
+        if kind == K_PRUNE:
+            roots = decode_roots(fields)
+            if roots is None:
+                self.stats.malformed += 1
+            else:
+                plumtree.on_prune(sender, roots)
+            return []
+        ids = decode_ids(fields)
+        if ids is None:
+            self.stats.malformed += 1
+            return []
+        if kind == K_GRAFT:
+            return self._plumtree_out(plumtree.on_graft(sender, ids, now))
+        plumtree.on_ihave(sender, ids, now)
+        return self._plumtree_out([])
+
+    def _holds(self, mid: MsgId) -> bool:
+        return self._is_duplicate(*mid)
+
+    def _plumtree_out(self, frames: list[PeerFrame]) -> list[Effect]:
+        """Address plumtree's frames (to members we know) and arm its timer."""
+        effects: list[Effect] = []
+        for f in frames:
+            peer = self.peers.get(f.actor)
+            if peer is not None:
+                effects.append(
+                    SendFrame(peer.addr, f.data if peer.trailing else without_trailing(f.data))
+                )
+        assert self.plumtree is not None
+        at = self.plumtree.wake_at
+        if at is not None and (self._plumtree_timer_at is None or at < self._plumtree_timer_at):
+            self._plumtree_timer_at = at
+            effects.append(SetTimer(PlumtreeTick(self._token), at))
+        return effects
+
+    def _on_plumtree_tick(self, now: float) -> list[Effect]:
+        self._plumtree_timer_at = None
+        if self.plumtree is None:
+            return []
+        return self._plumtree_out(self.plumtree.tick(now))
 
     def _is_duplicate(self, actor: bytes, version: int, start: int, end: int) -> bool:
         if actor == self.actor or (actor, version, start, end) in self._queued_keys:
@@ -523,15 +641,15 @@ class Replicator:
 
     # -- timers -----------------------------------------------------------------------------
 
-    def handle_timer(
-        self, timer: SyncTick | BroadcastTick | DigestTick, now: float
-    ) -> list[Effect]:
+    def handle_timer(self, timer: Timer, now: float) -> list[Effect]:
         if timer.token != self._token:
             return []
         if isinstance(timer, SyncTick):
             return self._on_sync_tick(now)
         if isinstance(timer, DigestTick):
             return self._on_digest_tick(now)
+        if isinstance(timer, PlumtreeTick):
+            return self._on_plumtree_tick(now)
         return self._on_broadcast_tick(now)
 
     # -- digests (B4) -----------------------------------------------------------------------
@@ -653,6 +771,8 @@ class Replicator:
         if kind in (K_CHANGESET, K_EMPTY):
             self._enqueue(item, relay=False)
             return True
+        if kind == K_SYNC_DONE and item:
+            hear_floors(self.store, item[0])  # tombstone GC's floors, when the server has any
         return False  # done (or a reject): the answer is over
 
     def sync_finished(self, addr: Address) -> None:
@@ -685,6 +805,8 @@ class Replicator:
             self.stats.other_cluster += 1
             return encode_control(K_REJECT, "different cluster")
         self.stats.syncs_served += 1
+        if type(actor) is bytes and len(actor) == 16:
+            self.watermark.report(actor, state)
         peer = self.peers.get(actor) if type(actor) is bytes else None
         return SyncAnswer(state, trailing=peer is not None and peer.trailing)
 
@@ -712,7 +834,8 @@ class Replicator:
                 else:
                     budget -= sum(e - s + 1 for s, e in item.versions)
                 yield encode(item)
-        yield encode_control(K_SYNC_DONE)
+        floors = self.store.tombstone_floors
+        yield encode_control(K_SYNC_DONE, floors) if floors else encode_control(K_SYNC_DONE)
 
     # -- hello for peer streams ----------------------------------------------------------------
 
@@ -777,6 +900,8 @@ def peer_address(member_addr: tuple[str, int], meta_port: int) -> tuple[str, int
     return (member_addr[0], meta_port or member_addr[1])
 
 
+@functools.lru_cache(maxsize=8192)  # a pure function of the bytes: members repeat (and a
+# simulated world of n nodes decodes each of n metas n times at a warm start)
 def decode_meta(meta: bytes) -> tuple[bytes, int, int] | None:
     try:
         obj = msgpack.unpackb(meta, raw=False)

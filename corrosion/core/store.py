@@ -47,7 +47,7 @@ from typing import Any, cast
 import apsw
 
 import crdt
-from crdt import Change
+from crdt import Change, reaper
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
 from ..errors import CorrosionError
@@ -227,6 +227,8 @@ class Store:
             )
         self.actor_id: bytes = crdt.site_id(self.conn)
         self.bookie = self._load_bookie()
+        # tables tombstone GC reaped, and their floors (crdt.reaper): set by the loop (O3)
+        self.tombstone_floors: dict[str, int] = reaper.floors(self.conn)
         # checks client statements only, inside execute_local (sqlguard)
         self.guard = Guard(writes=True).install(self.conn)
         # the cluster schema (cluster_schema): apply the versions that arrive, or only record
@@ -282,7 +284,6 @@ class Store:
                 continue
             conn.execute("SAVEPOINT kept_version")
             try:
-                _past_pending(conn)
                 (local,) = crdt.merge_changesets(conn, [changes])
             except crdt.MergeError as exc:
                 conn.execute("ROLLBACK TO kept_version")
@@ -453,7 +454,9 @@ class Store:
         running them)."""
         conn = self.conn
         results: list[StatementResult] = []
+        floors = self.tombstone_floors
         with _write_transaction(conn):
+            marks = reaper.mark_new_keys(conn, floors) if floors else None
             with self.guard.client(conn), Deadline(conn, timeout) as deadline:
                 for i, (sql, params) in enumerate(statements):
                     t0 = time.perf_counter()
@@ -479,6 +482,8 @@ class Store:
                     if conn.get_autocommit():
                         raise StatementError(i, "transaction control statements are not allowed")
                     results.append(StatementResult(counted.total(), time.perf_counter() - t0))
+            if marks:
+                reaper.lift_new_keys(conn, conn.crr, floors, marks)
             commit = self._book_local(ts)
         return results, commit
 
@@ -570,7 +575,6 @@ class Store:
                 for entry in complete:
                     conn.execute("SAVEPOINT one_version")
                     try:
-                        _past_pending(conn)
                         versions.extend(crdt.merge_changesets(conn, [entry[2]]))
                         conn.execute("RELEASE one_version")
                     except crdt.MergeError as exc:
@@ -775,16 +779,6 @@ class _DirectChanges:
         """Call once the text has run to its end."""
         self._count_finished()
         return self._rows
-
-
-def _past_pending(conn: crdt.Connection) -> None:
-    """Before another ``merge_changesets`` call in the same transaction: each call stamps its
-    changesets with db_versions of their own, but from the transaction's pending version, which
-    an earlier call (or local write) already used; two versions would share one db_version and
-    be served mixed (``serve`` reads a version back by its db_version). Move past it."""
-    state = conn.crr
-    if state.pending != -1:
-        state.next_db_version(state.pending + 1)
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

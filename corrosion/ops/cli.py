@@ -565,12 +565,17 @@ def schema_apply(
     node as it arrives. Fails, changing nothing, if the schema is invalid or destructive
     without --allow-destructive; fails if a concurrent proposal won (re-base and apply again)."""
     from crdt.errors import SchemaError
-    from crdt.schema import load_schema_paths
+    from crdt.schema import load_schema_paths, parse_schema
+
+    from ..runtime.schema_errors import for_operator
 
     with _Errors():
         try:
             sql = load_schema_paths(files)
-        except (OSError, SchemaError) as exc:
+            parse_schema(sql)  # here first, so that an error can name the file at fault
+        except SchemaError as exc:
+            raise CliError(str(for_operator(exc, files))) from None
+        except OSError as exc:
             raise CliError(str(exc)) from None
         result = admin_request(
             _g(ctx).admin(),

@@ -79,6 +79,7 @@ from .schema_flow import SchemaFlow
 from .spans import AgentSpans
 from .subscriptions import Subscriptions
 from .telemetry import Telemetry
+from .tombstones import Reaper
 from .tracing import TracingHandle, TracingSettings, resolve, start_tracing
 from .transport import PEER_PREAMBLE
 from .updates import UpdateWatchers
@@ -121,6 +122,7 @@ class AgentRuntime:
         self.swim: swim.SwimNode | None = None
         self.peers: PeerStreams | None = None
         self.membership: Membership | None = None
+        self.reaper: Reaper | None = None  # db.tombstone_gc
         self.db_lock = anyio.Lock()
         self.events = AgentEvents()
         self.lag = LagWindow()
@@ -209,6 +211,7 @@ class AgentRuntime:
                 min_sync_backoff=cfg.perf.min_sync_backoff,
                 max_sync_backoff=cfg.perf.max_sync_backoff,
                 broadcast=cfg.perf.broadcast,
+                broadcast_mode=g.broadcast,
             ),
             rng,
             lambda: int(time.time() * 1000),
@@ -260,6 +263,15 @@ class AgentRuntime:
         tg.start_soon(self._apply_loop)
         tg.start_soon(self.subscriptions.run)
         tg.start_soon(self._activity_loop)
+        if cfg.db.tombstone_gc:
+            self.reaper = Reaper(
+                store,
+                self.replicator,
+                self.db_lock,
+                cfg.db.tombstone_gc_interval,
+                cfg.db.tombstone_gc_batch,
+            )
+            tg.start_soon(self.reaper.run)
         self._perform(self.replicator.start(self._now()))
         tg.start_soon(self.membership.join, list(g.bootstrap), self._closing)
         for ext in self.extensions:

@@ -217,7 +217,7 @@ class PeerStreams:
                     return
                 actor, purpose = hello
                 if purpose == "bcast":
-                    await self._receive_broadcasts(stream, self._peer_name(actor))
+                    await self._receive_broadcasts(stream, self._peer_name(actor), actor)
                 else:
                     await self._answer_sync(stream, self._peer_name(actor))
         except Exception as exc:  # a peer's stream must never take the agent down
@@ -237,7 +237,7 @@ class PeerStreams:
         peer = self.replicator.peers.get(actor)
         return format_addr(peer.addr) if peer is not None else actor.hex()
 
-    async def _receive_broadcasts(self, stream: FrameStream, peer: str) -> None:
+    async def _receive_broadcasts(self, stream: FrameStream, peer: str, actor: bytes) -> None:
         replicator = self.replicator
         stats = replicator.stats
         while True:
@@ -247,7 +247,7 @@ class PeerStreams:
             if frames_log.isEnabledFor(logging.DEBUG):
                 frames_log.debug("frame from %s: %s", peer, describe_frame(data))
             before, malformed = len(replicator.queue), stats.malformed
-            self._perform(replicator.handle_frame(None, data, self._now()))
+            self._perform(replicator.handle_frame(None, data, self._now(), sender=actor))
             if len(replicator.queue) != before:
                 self._events.broadcast_changes_recv += changes_in(data)
                 self._spans.queued(replicator.queue[before:], peer, "broadcast")

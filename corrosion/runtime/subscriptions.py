@@ -652,52 +652,56 @@ class Subscriptions:
                 break
             await building.wait()  # the same query, being created by another client
 
-        def build() -> Subscription:
-            conn = self._open()
-            try:
-                described = describe(conn, sql, params)
-                sub = Subscription(
-                    str(uuid.uuid4()),
-                    sql,
-                    params,
-                    described.columns,
-                    described.tables,
-                    described.identity,
-                    plan=described.plan if self.incremental else None,
-                    full_rerun=described.full_rerun if self.incremental else "disabled",
-                    hash=query_hash(normalized, params),
-                    keep_changes=self.keep_changes,
-                )
-                if described.plan is None:
-                    log.debug("subscription %s: full re-runs (%s)", sub.id, described.full_rerun)
-                with Deadline(conn, self.timeout) as deadline:
-                    try:
-                        with unguarded(conn):  # checked by describe; the plan's rewrite too
-                            sub.load(conn.execute(sub.query, params).fetchall())
-                    except apsw.Error:
-                        if deadline.expired:
-                            raise SubscriptionError(
-                                deadline.message("the query", "api.query_timeout sets it")
-                            ) from None
-                        raise
-            except apsw.Error as exc:
-                raise SubscriptionError(str(exc)) from None
-            finally:
-                self._release(conn)
-            if self.directory is not None:
-                sub.file = self._create_file(sub, normalized)
-            return sub
-
         self._building[qkey] = built = anyio.Event()
         try:
             # shielded: a client that goes away must not leave a file without its subscription
             with anyio.CancelScope(shield=True):
-                sub = await anyio.to_thread.run_sync(build)
+                sub = await anyio.to_thread.run_sync(self.build, sql, params)
                 self._register(sub)
         finally:
             del self._building[qkey]
             built.set()
         return sub, True
+
+    def build(self, sql: str, params: Any) -> Subscription:
+        """A new subscription of ``sql``: described, run once, and (with a ``directory``)
+        written to its file. Blocking: the agent runs it in a worker thread; a host without
+        threads (the simulator) calls it directly. Not registered: see ``get_or_create``."""
+        normalized = normalize_sql(sql)
+        conn = self._open()
+        try:
+            described = describe(conn, sql, params)
+            sub = Subscription(
+                str(uuid.uuid4()),
+                sql,
+                params,
+                described.columns,
+                described.tables,
+                described.identity,
+                plan=described.plan if self.incremental else None,
+                full_rerun=described.full_rerun if self.incremental else "disabled",
+                hash=query_hash(normalized, params),
+                keep_changes=self.keep_changes,
+            )
+            if described.plan is None:
+                log.debug("subscription %s: full re-runs (%s)", sub.id, described.full_rerun)
+            with Deadline(conn, self.timeout) as deadline:
+                try:
+                    with unguarded(conn):  # checked by describe; the plan's rewrite too
+                        sub.load(conn.execute(sub.query, params).fetchall())
+                except apsw.Error:
+                    if deadline.expired:
+                        raise SubscriptionError(
+                            deadline.message("the query", "api.query_timeout sets it")
+                        ) from None
+                    raise
+        except apsw.Error as exc:
+            raise SubscriptionError(str(exc)) from None
+        finally:
+            self._release(conn)
+        if self.directory is not None:
+            sub.file = self._create_file(sub, normalized)
+        return sub
 
     def _create_file(self, sub: Subscription, normalized: str) -> SubscriptionFile:
         assert self.directory is not None
@@ -806,12 +810,12 @@ class Subscriptions:
             if sub.dirty:
                 sub.dirty = False
                 sub.pending = {}
-                rows = await anyio.to_thread.run_sync(self._rerun, sub)
+                rows = await anyio.to_thread.run_sync(self.rerun_rows, sub)
                 if rows is not None and self.by_id.get(sub.id) is sub:
                     await self._publish(sub, partial(sub.diff, rows))
             elif sub.pending:
                 pending, sub.pending = sub.pending, {}
-                sliced = await anyio.to_thread.run_sync(self._slice, sub, pending)
+                sliced = await anyio.to_thread.run_sync(self.slice_rows, sub, pending)
                 if sliced is None:
                     sub.dirty = True  # the restricted queries failed: run it all
                     self._wake.set()
@@ -851,7 +855,8 @@ class Subscriptions:
                         sub.listeners.remove(send)  # too slow: cut off, it can resume
                         send.close()
 
-    def _rerun(self, sub: Subscription) -> list[tuple] | None:
+    def rerun_rows(self, sub: Subscription) -> list[tuple] | None:
+        """The whole result of ``sub``'s query now (None: it failed; blocking)."""
         conn = self._open()
         try:
             with Deadline(conn, self.timeout), unguarded(conn):
@@ -861,7 +866,7 @@ class Subscriptions:
         finally:
             self._release(conn)
 
-    def _slice(
+    def slice_rows(
         self, sub: Subscription, pending: dict[str, set[bytes]]
     ) -> tuple[list[tuple[int, list[tuple]]], list[tuple]] | None:
         """The rows holding the changed primary keys now, in one read transaction: (source

@@ -97,6 +97,7 @@ class MetricsAgent(AgentHealth, Protocol):
     store: Store | None
     replicator: Replicator | None
     swim: swim.SwimNode | None
+    reaper: Any  # corrosion.runtime.tombstones.Reaper; None: db.tombstone_gc is off
 
 
 class PgAgent(Protocol):

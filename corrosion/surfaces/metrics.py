@@ -208,6 +208,18 @@ def collect(
          one(agent.pending_schema.applied_total)),
         *schema_families(agent.schema.status),
     ]  # fmt: skip
+    reaper = agent.reaper
+    if reaper is not None:
+        fams += [
+            ("corro_db_tombstones_reaped_total", "counter",
+             "Deleted rows whose metadata (clock and primary-key rows) tombstone GC collected.",
+             [({"table": t}, float(n)) for t, n in sorted(reaper.stats.reaped.items())]),
+            ("corro_db_tombstone_clock_rows_reaped_total", "counter",
+             "Clock rows tombstone GC deleted.", one(reaper.stats.clock_rows)),
+            ("corro_db_tombstone_gc_passes_total", "counter",
+             "Tombstone GC passes that ran (the watermark had settled).",
+             one(reaper.stats.passes)),
+        ]  # fmt: skip
     if agent.pg_servers:
         pg = [s.stats for s in agent.pg_servers]
         fams += [

@@ -92,8 +92,9 @@ class InstanceState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """What to run. ``cmd`` empty means the image's default command. ``netns`` (a namespace
-    file such as ``/run/netns/<name>``) is the network namespace to run in, prepared by
+    """What to run. ``cmd`` empty means the image's default command (``Image.command``).
+    ``netns`` (a namespace file such as ``/run/netns/<name>``) is the network namespace to run
+    in, prepared by
     :mod:`..network`, where the instance has the private ``address``; without it, the host's.
     ``mounts`` are host directories (volumes, :mod:`..volumes`) to bind at paths inside."""
 
@@ -107,6 +108,7 @@ class InstanceSpec:
     netns: str | None = None
     address: str | None = None
     mounts: tuple[tuple[str, str], ...] = ()  # (host directory, path in the instance)
+    cmd_only: bool = False  # ``cmd`` is ``init.cmd`` alone: the image's entrypoint stays
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +122,7 @@ class InstanceSpec:
             "netns": self.netns,
             "address": self.address,
             "mounts": [list(pair) for pair in self.mounts],
+            "cmd_only": self.cmd_only,
         }
 
     @classmethod
@@ -135,6 +138,7 @@ class InstanceSpec:
             netns=d.get("netns"),
             address=d.get("address"),
             mounts=tuple((str(s), str(t)) for s, t in d.get("mounts") or ()),
+            cmd_only=bool(d.get("cmd_only", False)),
         )
 
 

@@ -30,11 +30,36 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
+class ImageUser:
+    """Who the image's command runs as (its config's ``User``, resolved to numbers)."""
+
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Image:
+    """A root filesystem and how to run it: ``entrypoint`` + ``cmd`` (the config's
+    Entrypoint and Cmd), ``env`` (``KEY=value``), the working directory ``cwd`` and ``user``
+    (None: root)."""
+
     name: str
     rootfs: Path
     cmd: tuple[str, ...]
     env: tuple[str, ...]
+    entrypoint: tuple[str, ...] = ()
+    cwd: str = "/"
+    user: ImageUser | None = None
+
+    def command(self, cmd: tuple[str, ...] = (), *, cmd_only: bool = False) -> tuple[str, ...]:
+        """What to run, as Docker and Fly do: the image's entrypoint and command by default;
+        a machine's ``cmd`` replaces the image's command and keeps its entrypoint when it is
+        ``init.cmd`` alone (``cmd_only``), and replaces both otherwise (``init.exec``, or an
+        ``init.entrypoint`` of its own)."""
+        if not cmd:
+            return self.entrypoint + self.cmd
+        return self.entrypoint + cmd if cmd_only else cmd
 
 
 def image_name(ref: str) -> str:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import DriverError, ImageNotFoundError
-from .images import Image
+from .images import Image, ImageUser
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ _REPO_RE = re.compile(
     r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
 )
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+DEFAULT_KEEP = 3  # unpacked images no instance uses that the cache keeps (most recently used)
 PULL_TIMEOUT = "120s"  # skopeo's --command-timeout: an unresponsive registry fails the create
+REF_NAME = "org.opencontainers.image.ref.name"  # a manifest's name in the layout's index
 _TLS_FLAG = {"inspect": "tls-verify", "copy": "src-tls-verify"}  # skopeo's name, per command
 
 
@@ -176,13 +178,36 @@ def _not_found(cause: str) -> bool:
     )
 
 
-class RegistryImages:
-    """The registry-image cache of one worker (see the module docstring)."""
+def _user_key(instance_dir: Path) -> str:
+    return hashlib.sha256(str(Path(instance_dir).absolute()).encode()).hexdigest()[:32]
 
-    def __init__(self, path: str | Path) -> None:
+
+def _overlay_lowers() -> set[str]:
+    """The lower directories of the overlays mounted in this mount namespace."""
+    lowers: set[str] = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            _, _, after = line.partition(" - ")
+            fields = after.split()
+            if len(fields) >= 3 and fields[0] == "overlay":
+                for opt in fields[2].split(","):
+                    if opt.startswith("lowerdir="):
+                        lowers.update(opt.removeprefix("lowerdir=").split(":"))
+    return lowers
+
+
+class RegistryImages:
+    """The registry-image cache of one worker (see the module docstring). ``keep``: how many
+    unpacked images no instance uses are kept (the most recently used) by :meth:`sweep`."""
+
+    def __init__(self, path: str | Path, *, keep: int = DEFAULT_KEEP) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ValueError("keep must be a whole number >= 0")
         self.path = Path(path).absolute() / "oci"
         self.layout = self.path / "layout"
         self.unpacked = self.path / "rootfs"
+        self.users = self.path / "users"
+        self.keep = keep
         self.unpacked.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -221,6 +246,91 @@ class RegistryImages:
     def resolve(self, image: str) -> Image:
         """The unpacked image (pulled first unless cached). ``image`` should be pinned
         (:meth:`pin`); an unpinned one is resolved here."""
+        with self._using():
+            return self._resolve(image)
+
+    def acquire(self, image: str, instance_dir: Path) -> Image:
+        """:meth:`resolve`, and record that the instance at ``instance_dir`` uses the image:
+        :meth:`sweep` leaves it alone until :meth:`release` (or until that directory is gone).
+        Both happen under the cache's shared lock, so a sweep cannot slip in between."""
+        with self._using():
+            found = self._resolve(image)
+            users = self.users / found.rootfs.parent.name
+            users.mkdir(parents=True, exist_ok=True)
+            record = users / _user_key(instance_dir)
+            record.write_text(str(Path(instance_dir).absolute()))
+            os.utime(found.rootfs.parent / "image.json")  # its last use, for the keep order
+            return found
+
+    def release(self, instance_dir: Path) -> None:
+        """The instance at ``instance_dir`` no longer uses its image."""
+        if self.users.exists():
+            for record in self.users.glob(f"*/{_user_key(instance_dir)}"):
+                record.unlink(missing_ok=True)
+
+    def _in_use(self, hexdigest: str, lowers: set[str]) -> bool:
+        """Whether an instance uses the image: a use recorded for a directory that still
+        exists (a record whose directory is gone, left by a crash, is dropped), or an overlay
+        mounted over it."""
+        used = str(self.unpacked / hexdigest / "rootfs") in lowers
+        records = self.users / hexdigest
+        for record in records.iterdir() if records.exists() else ():
+            with contextlib.suppress(OSError):
+                if os.path.isdir(record.read_text()):
+                    used = True
+                else:
+                    record.unlink()
+        return used
+
+    def sweep(self) -> list[str]:
+        """Remove the unpacked images no instance uses beyond the ``keep`` most recently
+        used, and the blobs only they needed; the references removed. An image in use is never
+        removed (nor counted). Skipped (nothing removed) while a pull or a create holds the
+        cache: the next sweep does it."""
+        with open(self.path / "gc.lock", "a") as gc, open(self.path / "lock", "a") as pulls:
+            try:
+                fcntl.flock(gc, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(pulls, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []
+            images = [d for d in self.unpacked.iterdir()
+                      if not d.name.startswith(".") and (d / "image.json").exists()]  # fmt: skip
+            images.sort(key=lambda d: (d / "image.json").stat().st_mtime, reverse=True)
+            lowers = _overlay_lowers()
+            kept, removed = 0, []
+            for d in images:
+                if self._in_use(d.name, lowers):
+                    continue
+                if kept < self.keep:
+                    kept += 1
+                    continue
+                reference = json.loads((d / "image.json").read_text()).get("reference", d.name)
+                gone = self.unpacked / f".remove-{d.name}"
+                os.rename(d, gone)  # whole or absent, as when it was unpacked
+                shutil.rmtree(gone, ignore_errors=True)
+                shutil.rmtree(self.users / d.name, ignore_errors=True)
+                self._umoci("rm", "--image", f"{self.layout}:{d.name}")
+                removed.append(reference)
+                log.info("image cache: removed %s (unused; keeping the %d most recently used)",
+                         reference, self.keep)  # fmt: skip
+            if removed:
+                self._umoci("gc", "--layout", str(self.layout))  # the blobs no image needs
+            return removed
+
+    def _umoci(self, *args: str) -> None:
+        proc = subprocess.run(["umoci", *args], capture_output=True, stdin=subprocess.DEVNULL,
+                              check=False)  # fmt: skip
+        if proc.returncode != 0:
+            log.warning("image cache: umoci %s failed: %s", args[0], _cause(proc.stderr))
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Shared with other resolves and creates; :meth:`sweep` takes it exclusively."""
+        with open(self.path / "gc.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            yield
+
+    def _resolve(self, image: str) -> Image:
         ref = parse_reference(image)
         if ref.digest is None:
             ref = parse_reference(self.pin(image))
@@ -233,9 +343,31 @@ class RegistryImages:
                 if not (dest / "image.json").exists():
                     self._pull(image, ref, dest)
         meta = json.loads((dest / "image.json").read_text())
+        user = meta.get("user")
         return Image(
-            str(ref), dest / "rootfs", tuple(meta.get("cmd") or ()), tuple(meta.get("env") or ())
-        )
+            str(ref),
+            dest / "rootfs",
+            tuple(meta.get("cmd") or ()),
+            tuple(meta.get("env") or ()),
+            entrypoint=tuple(meta.get("entrypoint") or ()),
+            cwd=meta.get("cwd") or "/",
+            user=None if user is None else ImageUser(
+                int(user["uid"]), int(user["gid"]), tuple(user.get("additional_gids") or ())
+            ),
+        )  # fmt: skip
+
+    def _config(self, hexdigest: str) -> dict:
+        """The image config (``config`` of the image's config blob: Entrypoint, Cmd, ...) of the
+        manifest the layout holds under the name ``hexdigest``."""
+        blobs = self.layout / "blobs" / "sha256"
+        index = json.loads((self.layout / "index.json").read_text())
+        for desc in index.get("manifests") or ():
+            if (desc.get("annotations") or {}).get(REF_NAME) != hexdigest:
+                continue
+            manifest = json.loads((blobs / desc["digest"].removeprefix("sha256:")).read_text())
+            config_blob = blobs / manifest["config"]["digest"].removeprefix("sha256:")
+            return json.loads(config_blob.read_text()).get("config") or {}
+        return {}
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -262,12 +394,11 @@ class RegistryImages:
             )
             if proc.returncode != 0:
                 raise ImagePullError(image, f"cannot unpack: {_cause(proc.stderr)}")
-            runtime = json.loads((bundle / "config.json").read_text()).get("process") or {}
-            meta = {
-                "reference": str(ref),
-                "cmd": runtime.get("args") or [],
-                "env": runtime.get("env") or [],
-            }
+            meta = image_meta(
+                json.loads((bundle / "config.json").read_text()).get("process") or {},
+                self._config(hexdigest),
+            )
+            meta["reference"] = str(ref)
             out = tmp / "image"
             out.mkdir()
             os.rename(bundle / "rootfs", out / "rootfs")
@@ -276,6 +407,31 @@ class RegistryImages:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("image %s pulled and unpacked (%s)", ref, dest)
+
+
+def image_meta(process: dict, config: dict) -> dict:
+    """What ``image.json`` records of an unpacked image: its Entrypoint and Cmd apart (a
+    machine's ``init.cmd`` replaces only the Cmd), and from the runtime config umoci derived —
+    which resolved a ``User`` name through the image's ``/etc/passwd`` and ``/etc/group`` — the
+    environment (with ``HOME``), working directory and numeric user."""
+    user = process.get("user") or {}
+    meta: dict = {
+        "env": process.get("env") or [],
+        "cwd": process.get("cwd") or "/",
+        "user": None,
+    }
+    if config:
+        meta["entrypoint"] = config.get("Entrypoint") or []
+        meta["cmd"] = config.get("Cmd") or []
+    else:  # no config found: the runtime's arguments are entrypoint and command together
+        meta["entrypoint"], meta["cmd"] = [], process.get("args") or []
+    if user.get("uid") or user.get("gid") or user.get("additionalGids"):
+        meta["user"] = {
+            "uid": int(user.get("uid") or 0),
+            "gid": int(user.get("gid") or 0),
+            "additional_gids": [int(g) for g in user.get("additionalGids") or ()],
+        }
+    return meta
 
 
 # --- the per-instance writable root ----------------------------------------------------------

@@ -11,7 +11,8 @@ namespaces the command gets each volume's host directory in ``FLY_MOUNT_PATH_<PA
 the host filesystem, so ``config.init.cmd`` (or ``exec``) is required. An image from a registry
 (:mod:`.oci`; root only) is: the instance gets its own writable root over the cached image (an
 overlay, or a copy) and the command runs chrooted in it, with the host's ``/dev`` bound in, a
-private ``/proc``, the image's environment and, by default, its command. No cgroup limits, hence
+private ``/proc``, the image's environment, working directory and user and, by default, its
+entrypoint and command. No cgroup limits, hence
 no OOM detection (``oom_killed`` is always False).
 
 Lifecycle: ``create`` writes the spec (OCI's "created"); ``start`` spawns the shim, which starts
@@ -30,8 +31,8 @@ import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
 from .images import Image
-from .oci import RegistryImages, is_registry_reference, make_root, release_root
-from .supervised import ShimDriver, hosts_file, read_json, write_json
+from .oci import DEFAULT_KEEP, RegistryImages, is_registry_reference, make_root, release_root
+from .supervised import ShimDriver, hosts_file, read_json, write_image_process, write_json
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -52,11 +53,16 @@ class ProcessDriver(ShimDriver):
         namespaces: bool | None = None,
         python: str | None = None,
         images: str | Path | None = None,
+        image_cache_keep: int = DEFAULT_KEEP,
     ) -> None:
-        """``images``: the registry images' cache (default ``<state_dir>/_images``)."""
+        """``images``: the registry images' cache (default ``<state_dir>/_images``), keeping
+        ``image_cache_keep`` images no instance uses (:meth:`.oci.RegistryImages.sweep`)."""
         super().__init__(state_dir, python=python)
         self.namespaces = (os.geteuid() == 0) if namespaces is None else namespaces
-        self.registry = RegistryImages(images or self.state_dir / "_images")
+        self.registry = RegistryImages(images or self.state_dir / "_images", keep=image_cache_keep)
+
+    def _image_cache(self) -> RegistryImages:
+        return self.registry
 
     async def pin_image(self, image: str) -> str:
         """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
@@ -64,15 +70,20 @@ class ProcessDriver(ShimDriver):
             return image
         return await anyio.to_thread.run_sync(self.registry.pin, image)
 
-    async def _registry_image(self, spec: InstanceSpec) -> Image:
+    async def _registry_image(self, spec: InstanceSpec, user: Path | None = None) -> Image:
+        """The spec's registry image; with ``user``, recorded as used by that instance
+        directory (:meth:`.oci.RegistryImages.acquire`)."""
         if not self.namespaces or os.geteuid() != 0:
             raise DriverError(
                 f"image {spec.image!r}: the process driver runs registry images only as root "
                 "with namespaces (a chroot in the image)",
                 transient=False,
             )
-        image = await anyio.to_thread.run_sync(self.registry.resolve, spec.image)
-        if not spec.cmd and not image.cmd:
+        if user is None:
+            image = await anyio.to_thread.run_sync(self.registry.resolve, spec.image)
+        else:
+            image = await anyio.to_thread.run_sync(self.registry.acquire, spec.image, user)
+        if not image.command(spec.cmd, cmd_only=spec.cmd_only):
             raise DriverError(f"image {spec.image!r} has no default command", transient=False)
         return image
 
@@ -100,12 +111,14 @@ class ProcessDriver(ShimDriver):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         if is_registry_reference(spec.image):
-            image = await self._registry_image(spec)
+            image = await self._registry_image(spec, d)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
             (d / "rootfs.path").write_text(str(rootfs))  # the shim chroots there
+            write_image_process(d, image)  # in the image's working directory, as its user
             env = dict(item.partition("=")[::2] for item in image.env)
             env.update(spec.env)
-            spec = dataclasses.replace(spec, cmd=spec.cmd or image.cmd, env=env)
+            command = image.command(spec.cmd, cmd_only=spec.cmd_only)
+            spec = dataclasses.replace(spec, cmd=command, cmd_only=False, env=env)
         if spec.netns and self.namespaces:
             (d / "hosts").write_text(hosts_file(spec))
         if spec.mounts and self.namespaces:  # the shim binds them in the machine's namespace

@@ -40,9 +40,9 @@ from typing import Any
 import anyio
 
 from .base import DriverError, InstanceSpec, InstanceState, InstanceStatus, UnknownInstanceError
-from .images import Image, ImageStore, static_busybox, static_executable
-from .oci import RegistryImages, is_registry_reference, make_root
-from .supervised import ShimDriver, hosts_file, read_json, write_json
+from .images import Image, ImageStore, ImageUser, static_busybox, static_executable
+from .oci import DEFAULT_KEEP, RegistryImages, is_registry_reference, make_root
+from .supervised import ShimDriver, hosts_file, read_json, write_image_process, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,18 @@ def oci_config(
     init: str | None = None,
     hosts: str | None = None,
     readonly: bool = True,
+    cwd: str = "/",
+    user: ImageUser | None = None,
 ) -> dict[str, Any]:
     """config.json for one instance (OCI runtime spec 1.0); with ``init`` (a static tini on the
     host) the command runs under it; ``hosts`` is a file to bind at /etc/hosts (the host's by
-    default); ``readonly`` False for an instance's own writable root."""
+    default); ``readonly`` False for an instance's own writable root; ``cwd`` and ``user`` the
+    image's working directory and user (root by default)."""
+    process_user: dict[str, Any] = {"uid": 0, "gid": 0}
+    if user is not None:
+        process_user = {"uid": user.uid, "gid": user.gid}
+        if user.additional_gids:
+            process_user["additionalGids"] = list(user.additional_gids)
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.netns:
         namespaces.append({"type": "network", "path": spec.netns})
@@ -134,10 +142,10 @@ def oci_config(
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": process_user,
             "args": args,
             "env": env,
-            "cwd": "/",
+            "cwd": cwd,
             "capabilities": {k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
@@ -172,9 +180,11 @@ class RuncDriver(ShimDriver):
         network: str = "host",
         python: str | None = None,
         init: str | bool = True,
+        image_cache_keep: int = DEFAULT_KEEP,
     ) -> None:
         """``init``: True finds the host's static tini, a path names a static init, False runs
-        the command as PID 1."""
+        the command as PID 1. ``image_cache_keep``: unused registry images kept
+        (:meth:`.oci.RegistryImages.sweep`)."""
         super().__init__(state_dir, python=python)
         if network not in ("host", "none"):
             raise ValueError(f"network must be 'host' or 'none', not {network!r}")
@@ -186,7 +196,7 @@ class RuncDriver(ShimDriver):
         if images is None:
             images = self.state_dir / "_images"
         self.images = images if isinstance(images, ImageStore) else ImageStore(images)
-        self.registry = RegistryImages(self.images.path)
+        self.registry = RegistryImages(self.images.path, keep=image_cache_keep)
 
     @staticmethod
     def _find_init(init: str | bool) -> str | None:
@@ -228,6 +238,9 @@ class RuncDriver(ShimDriver):
             return self.registry.resolve(ref)
         return self.images.resolve(ref)
 
+    def _image_cache(self) -> RegistryImages:
+        return self.registry
+
     async def pin_image(self, image: str) -> str:
         """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
         if not is_registry_reference(image):
@@ -250,13 +263,15 @@ class RuncDriver(ShimDriver):
         (d / "bundle").mkdir(parents=True)
         rootfs, readonly, stored = image.rootfs, True, spec
         if is_registry_reference(spec.image):
+            image = await anyio.to_thread.run_sync(self.registry.acquire, spec.image, d)
             rootfs, _ = await anyio.to_thread.run_sync(make_root, image, d)
+            write_image_process(d, image)  # an exec runs where and as whom the command does
             readonly = False
             # an exec in the machine gets the image's environment too, as the command does
             env_of_image = dict(item.partition("=")[::2] for item in image.env)
             stored = dataclasses.replace(spec, env={**env_of_image, **spec.env})
         write_json(d / "spec.json", stored.to_dict())
-        args = list(spec.cmd or image.cmd)
+        args = list(image.command(spec.cmd, cmd_only=spec.cmd_only))
         if not args:
             raise DriverError(f"image {image.name} has no default command", transient=False)
         env = {"PATH": BASE_PATH, "HOME": "/root"}
@@ -274,6 +289,7 @@ class RuncDriver(ShimDriver):
         config = oci_config(
             spec, rootfs, args, [f"{k}={v}" for k, v in env.items()],
             network=self.network, init=self.init, hosts=hosts, readonly=readonly,
+            cwd=image.cwd, user=image.user,
         )  # fmt: skip
         write_json(d / "bundle" / "config.json", config)
         bundle = str(d / "bundle")

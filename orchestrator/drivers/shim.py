@@ -17,7 +17,9 @@ Invocation (arguments, not a config file, to keep startup cheap):
   wrote ``<dir>/hosts``, a private /etc/hosts; when it wrote ``<dir>/mounts``, the volumes
   bound at their paths) and sets the hostname. When the driver wrote ``<dir>/rootfs.path`` (an
   image from a registry), those mounts are made inside that root, the host's /dev is bound in,
-  and S chroots there before forking C (so an exec that enters S's root lands in it too).
+  and S chroots there before forking C (so an exec that enters S's root lands in it too); C
+  starts in the image's working directory (``<dir>/cwd``) as its user (``<dir>/user``: uid,
+  gid and supplementary groups).
   O writes ``pids.json`` only once S has set all this up, so an exec entering S's namespaces
   and root never sees the host's instead.
   S forwards TERM/INT/HUP/QUIT/USR1/USR2 to C (a PID 1 without handlers would ignore them),
@@ -134,11 +136,27 @@ def execvp(cmd):
     raise error
 
 
+def image_process(directory):
+    """The image's working directory and user ``[uid, gid, *groups]`` from ``<dir>/cwd`` and
+    ``<dir>/user``, or None."""
+    cwd, user = None, None
+    path = os.path.join(directory, "cwd")
+    if os.path.exists(path):
+        with open(path) as f:
+            cwd = "/" + f.read().strip().lstrip("/")
+    path = os.path.join(directory, "user")
+    if os.path.exists(path):
+        with open(path) as f:
+            user = [int(n) for n in f.read().split()]
+    return cwd, user
+
+
 def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
     """S: runs the command as a child, forwards signals, writes its status, kills the group.
     Writes to the pipe ``ready`` once its namespaces, mounts and root are set up."""
     os.setpgid(0, 0)
     root = None
+    cwd, user = None, None
     if in_namespace:
         # a mount namespace of S's own (not O's), private so nothing propagates to the host,
         # with a /proc that shows only the new pid namespace
@@ -149,6 +167,7 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
         if os.path.exists(root_file):
             with open(root_file) as f:
                 root = f.read().strip()
+            cwd, user = image_process(directory)
         inside = root or "/"
         os.makedirs(os.path.join(inside, "proc"), exist_ok=True)
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -197,6 +216,15 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
         directory = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         os.chroot(root)
         os.chdir("/")
+        if cwd is not None:
+            # made when missing, as Docker does; only now, inside the root, so a symlink in
+            # the image cannot lead out of it. C inherits it, and an exec takes S's (nsenter --wd)
+            try:
+                os.makedirs(cwd, exist_ok=True)
+                os.chdir(cwd)
+            except OSError as e:  # the machine exits 1; its log says why
+                os.write(log, f"shim: cannot enter the working directory {cwd!r}: {e}\n".encode())
+                os._exit(1)
     os.write(ready, b"1")  # O publishes pids.json now: an exec from then on lands in the root
     os.close(ready)
     pid = os.fork()
@@ -209,6 +237,10 @@ def supervise(directory, hostname, log_path, cmd, in_namespace, ready):
             os.dup2(devnull, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
+            if user is not None:  # groups first: after setuid they can no longer be set
+                os.setgroups(user[2:])
+                os.setgid(user[1])
+                os.setuid(user[0])
             execvp(cmd)
         # the forked child must never return into the shim's code: report like a shell, exit
         except BaseException as e:  # noqa: BLE001

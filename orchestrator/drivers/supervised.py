@@ -38,7 +38,8 @@ from .base import (
     ProcessInfo,
     UnknownInstanceError,
 )
-from .oci import release_root
+from .images import Image
+from .oci import RegistryImages, release_root
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -50,6 +51,22 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def write_image_process(d: Path, image: Image) -> None:
+    """``<dir>/cwd`` and ``<dir>/user`` (uid, gid, groups): where and as whom the image's
+    command runs (the shim reads them), and, for the user, an exec in the machine too."""
+    (d / "cwd").write_text(image.cwd)
+    if image.user is not None:
+        ids = (image.user.uid, image.user.gid, *image.user.additional_gids)
+        (d / "user").write_text(" ".join(map(str, ids)))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -115,6 +132,10 @@ class ShimDriver:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.python = python or sys.executable
         self._procs: dict[str, subprocess.Popen] = {}
+
+    def _image_cache(self) -> RegistryImages | None:
+        """The driver's registry-image cache, if it has one."""
+        return None
 
     # --- files --------------------------------------------------------------------------------
 
@@ -320,6 +341,10 @@ class ShimDriver:
         self._procs.pop(instance_id, None)
         release_root(d)  # an instance's overlay root (registry images) before its files
         shutil.rmtree(d, ignore_errors=True)
+        cache = self._image_cache()
+        if cache is not None:  # its image may go now (the cache's keep policy)
+            cache.release(d)
+            await anyio.to_thread.run_sync(cache.sweep)
 
     # --- operating a running instance (signal is above) ---------------------------------------
 
@@ -336,7 +361,15 @@ class ShimDriver:
         main = int(self._running_pids(instance_id)["main"])
         if os.readlink(f"/proc/{main}/ns/pid") != os.readlink("/proc/self/ns/pid"):
             nsenter = shutil.which("nsenter") or "nsenter"
-            return [nsenter, "--target", str(main), "--all", "--root", "--wd", "--", *cmd]
+            argv = [nsenter, "--target", str(main), "--all", "--root"]
+            d = self._dir(instance_id)
+            # in the target's working directory (an image's: the shim's supervisor and runc's
+            # init run in it) as the image's user, as the command
+            argv.append("--wd")
+            ids = (read_text(d / "user") or "").split()
+            if ids:
+                argv += ["--setuid", ids[0], "--setgid", ids[1]]
+            return [*argv, "--", *cmd]
         return cmd
 
     def _exec_env(self, instance_id: str) -> dict[str, str]:

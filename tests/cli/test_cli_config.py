@@ -180,6 +180,10 @@ def test_absent_keys_take_the_dataclass_defaults():
         ({"db": {"path": "x"}, "perf": {"broadcast": "yes"}}, "perf.broadcast: expected true"),
         ({"db": {"path": "x"}, "log": {"colors": 1}}, "log.colors: expected true or false"),
         ({"db": {"path": "x"}, "gossip": {"cluster_id": 70000}}, "gossip.cluster_id: 70000"),
+        (
+            {"db": {"path": "x"}, "gossip": {"broadcast": "flood"}},
+            'gossip.broadcast: must be "fanout" or "plumtree", got \'flood\'',
+        ),
     ],
 )
 def test_keys_without_a_default_are_required_and_types_are_checked(data, message):
@@ -246,3 +250,19 @@ processing_queue_len = 20000
 def test_typos_fail_naming_the_nearest_key(data, message):
     with pytest.raises(config_module.ConfigError, match=re.escape(message)):
         Config.from_mapping(data)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("fanout", "fanout"), ("gossip", "fanout"), ("plumtree", "plumtree"),
+     ({"plumtree": {"prune_threshold": 5}}, "plumtree")],
+)  # fmt: skip
+def test_gossip_broadcast_takes_ours_and_corrosions_spellings(value, mode):
+    cfg = Config.from_mapping({"db": {"path": "x"}, "gossip": {"broadcast": value}})
+    assert cfg.gossip.broadcast == mode
+    assert Config.from_mapping({"db": {"path": "x"}}).gossip.broadcast == "fanout"
+    if isinstance(value, dict):  # corrosion's tuning keys: named as unused, not refused
+        assert cfg.ignored == (
+            "gossip.broadcast.plumtree.prune_threshold (a corrosion setting this agent does not "
+            "use)",
+        )

@@ -65,6 +65,10 @@ def _bad_level(base: Path, data: dict, stack: list) -> None:
     data["log"] = {"level": "loud"}
 
 
+def _bad_broadcast(base: Path, data: dict, stack: list) -> None:
+    data["gossip"]["broadcast"] = "flood"
+
+
 def _gossip_in_use(base: Path, data: dict, stack: list) -> None:
     stack.append(held_port(socket.SOCK_DGRAM))
     data["gossip"]["addr"] = port_of(stack[-1])
@@ -107,6 +111,7 @@ CASES: dict[str, tuple[Callable[[Path, dict, list], None], list[str]]] = {
         ],
     ),
     "log.level": (_bad_level, ["log.level", "unknown level 'loud'"]),
+    "gossip.broadcast": (_bad_broadcast, ["gossip.broadcast", '"plumtree"', "'flood'"]),
     "gossip port in use": (_gossip_in_use, ["gossip.addr", "already in use", "another port"]),
     "api port in use": (_api_in_use, ["api.addr", "already in use", "another port"]),
     "api host unknown": (

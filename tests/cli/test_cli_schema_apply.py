@@ -64,7 +64,8 @@ async def test_schema_apply_reaches_the_cluster_and_refusals_change_nothing(tmp_
             # an invalid schema: refused before anything is touched
             new.write_text("CREATE TABLE broken (")
             result = await cli("schema", "apply", str(new), "--admin-path", sock)
-            assert result.exit_code == 1 and "invalid schema statement" in result.stderr
+            assert result.exit_code == 1
+            assert result.stderr.startswith(f"error: {new}: invalid schema statement")
             missing = await cli(
                 "schema", "apply", str(tmp_path / "nowhere.sql"), "--admin-path", sock
             )

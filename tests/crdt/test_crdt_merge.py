@@ -230,3 +230,45 @@ def test_batched_merge_writes_what_change_by_change_merges_write(monkeypatch):
 
     assert state(batched) == state(one_by_one)
     assert rows(batched) == rows(src)
+
+
+def test_each_merge_changesets_call_in_a_transaction_takes_versions_of_its_own():
+    """A node serves "version v of actor a" by reading back the clock rows at the db_version it
+    recorded for it, so a version must never share its db_version with a local write or with a
+    changeset merged by an earlier call in the same transaction."""
+    src = [db() for _ in range(3)]
+    for i, s in enumerate(src):
+        s.execute("INSERT INTO t VALUES (?, ?, ?)", (i + 10, i, i))
+    changesets = [crdt.changes_since(s, 0) for s in src]
+    dst = db()
+    dst.execute("INSERT INTO t VALUES (1, 'x', 'y')")  # committed: db_version 1
+    with dst:
+        dst.execute("INSERT INTO t VALUES (2, 'local', 'write')")  # pending db_version 2
+        first = crdt.merge_changesets(dst, [changesets[0]])
+        second = crdt.merge_changesets(dst, [changesets[1], changesets[2]])
+        again = crdt.merge_changesets(dst, [changesets[0]])  # nothing wins: no version
+    versions = [2, *first, *second]
+    assert len(set(versions)) == 4 and versions == sorted(versions), versions
+    assert again == [None]
+    assert [c.pk for c in crdt.changes_for_version(dst, 2)] == [crdt.pack_pk((2,))] * 2
+    for version, changes in zip(versions[1:], changesets, strict=True):
+        assert crdt.changes_for_version(dst, version) == [
+            c._replace(db_version=version) for c in changes
+        ]
+    assert crdt.db_version(dst) == versions[-1]
+
+
+def test_merge_returns_how_many_changes_won():
+    """The count ``merge`` returns (the agent's ``changes_applied``): one per cell written, one
+    per row deleted, the sentinel and cells of a row brought back; nothing for a repeat."""
+    c1, c2 = db(), db()
+    c1.execute("INSERT INTO t VALUES (1, 1, 1), (2, 2, 2)")
+    assert (sync(c1, c2), sync(c1, c2)) == (4, 0)
+    c1.execute("DELETE FROM t WHERE a = 1")
+    assert sync(c1, c2) == 1 and rows(c2) == [(2, 2, 2)]
+    c1.execute("INSERT INTO t VALUES (1, 5, 5)")
+    assert sync(c1, c2) == 3 and rows(c2) == [(1, 5, 5), (2, 2, 2)]
+    assert sync(c1, db()) == 5  # a new replica: row 1 (sentinel at cl 3, b, c), row 2 (b, c)
+    c1.execute("DELETE FROM t WHERE a = 2")
+    fresh = db()
+    assert sync(c1, fresh) == 4 and rows(fresh) == [(1, 5, 5)]  # row 2 arrives deleted

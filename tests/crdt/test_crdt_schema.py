@@ -6,7 +6,13 @@ import pytest
 
 import crdt
 from crdt import SchemaError
-from crdt.schema import apply_schema, load_schema_paths, reconcile_schema, source_of
+from crdt.schema import (
+    apply_schema,
+    load_schema_paths,
+    parse_schema,
+    reconcile_schema,
+    source_of,
+)
 
 BASE = """
 CREATE TABLE IF NOT EXISTS machines (
@@ -58,6 +64,39 @@ def test_add_column_writes_no_clocks():
     assert conn.execute(
         "SELECT col_version, db_version FROM crsql_changes WHERE cid = 'region'"
     ).fetchall() == [(1, version + 1)]
+
+
+def test_parsed_schemas_are_shared_but_each_caller_gets_its_own_copy():
+    first = parse_schema(BASE)
+    first["machines"].columns.clear()
+    first["machines"].indexes.clear()
+    first["machines"].ordered = ("app",)
+    second = parse_schema(BASE)
+    assert list(second["machines"].columns) == ["id", "app", "state"]
+    assert list(second["machines"].indexes) == ["machines_app"]
+    assert second["machines"].ordered == ()
+    # many distinct texts (the cache is bounded) still parse to what they say
+    for i in range(40):
+        assert list(parse_schema(f"CREATE TABLE t{i} (id INTEGER PRIMARY KEY)")) == [f"t{i}"]
+    assert list(parse_schema(BASE)["machines"].columns) == ["id", "app", "state"]
+
+
+def test_added_columns_keep_type_not_null_and_default():
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    conn.execute("INSERT INTO machines (id) VALUES ('m1')")
+    wider = BASE.replace(
+        "state TEXT", "state TEXT, \"odd name\" VARCHAR(10) NOT NULL DEFAULT 'it''s', n INT"
+    )
+    assert apply_schema(conn, wider) == [
+        "added column machines.odd name",
+        "added column machines.n",
+    ]
+    assert conn.execute(
+        "SELECT name, type, \"notnull\", dflt_value FROM pragma_table_info('machines')"
+    ).fetchall()[3:] == [("odd name", "VARCHAR(10)", 1, "'it''s'"), ("n", "INT", 0, None)]
+    assert conn.execute('SELECT "odd name", n FROM machines').fetchall() == [("it's", None)]
+    assert apply_schema(conn, wider) == []
 
 
 def test_added_column_replicates_between_nodes():

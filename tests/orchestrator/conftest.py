@@ -1,10 +1,12 @@
 """Fixtures for the orchestrator tests: both anyio backends, runc required or skipped, three
-namespace hosts."""
+namespace hosts, the spans a test makes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from orch_helpers import require_netns, require_runc
+from orch_helpers import SpanRecorder, require_netns, require_runc
 
 from orchestrator.drivers import runc_available
 from orchestrator.hosts import HostLab
@@ -36,3 +38,14 @@ def namespace_hosts():
     finally:
         lab.down()
         assert lab.leftovers() == []
+
+
+@pytest.fixture
+def spans() -> Iterator[SpanRecorder]:
+    """The spans ended during the test (``get_finished_spans()``), exported in memory by the
+    tracer provider corrosion installs for this process, removed after the test."""
+    recorder = SpanRecorder()
+    try:
+        yield recorder
+    finally:
+        recorder.close()

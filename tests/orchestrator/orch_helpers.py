@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import anyio
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import require
 
+from corrosion.runtime import tracing
 from orchestrator.drivers import runc_available
 from orchestrator.hosts import hosts_unavailable
 
@@ -32,3 +35,25 @@ class CrrPublisher:
         with self.conn:
             for sql, params in statements:
                 self.conn.execute(sql, params)
+
+
+class SpanRecorder:
+    """The spans ended while it is open: corrosion's tracer provider for this process (what an
+    agent installs from its config) with an in-memory exporter instead of OTLP."""
+
+    def __init__(self) -> None:
+        assert not tracing.active(), "a tracer provider was left installed"
+        self.exporter = InMemorySpanExporter()
+        self.handle = tracing.start_tracing(None, "orchestrator-tests", exporter=self.exporter)
+
+    def get_finished_spans(self) -> list[ReadableSpan]:
+        self.handle.force_flush()  # the provider batches spans in a thread
+        return list(self.exporter.get_finished_spans())
+
+    def close(self) -> None:
+        self.handle.shutdown()
+
+
+def spans_named(spans: list[ReadableSpan], prefix: str) -> list[ReadableSpan]:
+    """The spans whose name starts with ``prefix``, in the order they started."""
+    return sorted((s for s in spans if s.name.startswith(prefix)), key=lambda s: s.start_time or 0)

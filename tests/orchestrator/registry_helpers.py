@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from support import free_port, require, wait_for_sync
@@ -29,7 +30,9 @@ from support import free_port, require, wait_for_sync
 from orchestrator.drivers.images import static_busybox
 from orchestrator.drivers.oci import tools_unavailable
 
-APPLETS = ("sh", "sleep", "cat", "ls", "echo", "touch", "test", "nc", "httpd", "mkdir")
+# the test image's own command and environment (``push_test_image(config=...)`` replaces them)
+DEFAULT_CONFIG = {"Cmd": ["sleep", "3600"], "Env": ["PATH=/bin", "IMAGE_VAR=from-image"]}
+APPLETS = ("sh", "sleep", "cat", "ls", "echo", "touch", "test", "nc", "httpd", "mkdir", "id", "pwd")
 
 
 def registry_unavailable() -> str | None:
@@ -194,15 +197,24 @@ def test_image_layers(marker: str = "") -> list[list[tuple[str, str, bytes | str
 
 
 def push_test_image(
-    registry: Registry, repo: str = "test/app", tag: str = "v1", *, marker: str = ""
+    registry: Registry,
+    repo: str = "test/app",
+    tag: str = "v1",
+    *,
+    marker: str = "",
+    config: dict[str, Any] | None = None,
+    files: Sequence[tuple[str, str, bytes | str | None]] = (),
 ) -> TestImage:
-    """Write the test image as an OCI layout and push it with skopeo."""
+    """Write the test image as an OCI layout and push it with skopeo. ``config`` replaces
+    the image config's ``config`` (its Cmd, Env, Entrypoint, WorkingDir, User); ``files`` are
+    added to the top layer."""
     with tempfile.TemporaryDirectory(prefix="corro-image-") as tmp:
         layout = Path(tmp) / "layout"
         (layout / "blobs/sha256").mkdir(parents=True)
         (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
         layers, diff_ids = [], []
-        for entries in test_image_layers(marker):
+        base, top = test_image_layers(marker)
+        for entries in (base, [*top, *files]):
             raw = _tar(entries)
             diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
             digest, size = _blob(layout, gzip.compress(raw, mtime=0))
@@ -213,7 +225,7 @@ def push_test_image(
         config = {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Cmd": ["sleep", "3600"], "Env": ["PATH=/bin", "IMAGE_VAR=from-image"]},
+            "config": config if config is not None else DEFAULT_CONFIG,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }
         cdigest, csize = _blob(layout, json.dumps(config).encode())

@@ -1,5 +1,6 @@
 """The gateway without namespaces: placement and list filters as functions, and routing over
-real workers (fake driver, real HTTP servers on loopback) publishing into one replica file."""
+real workers (fake driver, real HTTP servers on loopback) publishing into one replica file; a
+create through it is one trace."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import anyio
 import apsw
 import httpx
 import pytest
+from opentelemetry.trace import SpanKind, StatusCode
 from orch_helpers import CrrPublisher
 from support import wait_for
 
@@ -351,3 +353,57 @@ def socketless_port():
         yield s.getsockname()[1]
     finally:
         s.close()
+
+
+async def test_a_create_through_the_gateway_is_one_trace(tmp_path, spans):
+    """The gateway's span continues the caller's traceparent; each forward (the refused one
+    too) is a CLIENT span, and the worker that took the create continues the one it received
+    down to the create run's steps."""
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with cluster(tmp_path, regions=("ams",)) as (client, orchs, publishers, _, _):
+        with socketless_port() as port:
+            dead = WorkerInfo("w0", "ams", f"http://127.0.0.1:{port}", 100)
+            await Announcer(publishers[0], dead, clock=orchs["w1"].clock).beat()
+            r = await client.post("/v1/apps/web/machines", json={"config": CONFIG},
+                                  headers={"traceparent": caller})  # fmt: skip
+            assert r.status_code == 200 and r.headers["fly-worker"] == "w1", r.text
+
+        def run_span():
+            return [s for s in spans.get_finished_spans() if s.name == "machine.create"]
+
+        await wait_for(run_span, what="the create run's span")
+    finished = [
+        s for s in spans.get_finished_spans() if s.context.trace_id == int(caller[3:35], 16)
+    ]
+    by_id = {s.context.span_id: s for s in finished}
+
+    def parent(span):
+        return by_id.get(span.parent.span_id) if span.parent is not None else None
+
+    gateway = next(s for s in finished if s.kind is SpanKind.SERVER and parent(s) is None)
+    assert gateway.name == "POST /v1/apps/{app}/machines"
+    assert gateway.parent.span_id == int(caller[36:52], 16)
+    forwards = sorted((s for s in finished if s.kind is SpanKind.CLIENT),
+                      key=lambda s: s.start_time)  # fmt: skip
+    assert [(s.attributes["orchestrator.worker"], s.status.status_code) for s in forwards] == [
+        ("w0", StatusCode.ERROR), ("w1", StatusCode.UNSET),
+    ]  # fmt: skip
+    assert all(parent(s) is gateway for s in forwards)
+    worker = next(s for s in finished if s.kind is SpanKind.SERVER and s is not gateway)
+    assert parent(worker) is forwards[1]
+    (run,) = run_span()
+    assert parent(parent(run)) is worker  # through the run's accept span
+    assert [parent(s) for s in finished if s.name.startswith("machine.create.prepare")] == [run]
+
+
+def test_a_bad_otel_variable_stops_the_gateway_in_one_line(tmp_path, monkeypatch, capsys):
+    from orchestrator.__main__ import main
+
+    (tmp_path / "replica.db").touch()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "sometimes")
+    args = ["gateway", "--replica", str(tmp_path / "replica.db"), "--listen", "127.0.0.1:0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: OTEL_TRACES_SAMPLER=sometimes: unknown sampler")
+    assert len(err.splitlines()) == 1

@@ -211,6 +211,188 @@ def test_concurrent_pulls_fetch_each_blob_once(registry, tmp_path):
     assert sorted(os.listdir(results[0] / "data")) == ["kept.txt"]
 
 
+# an image with an entrypoint, a working directory and a user named in its /etc/passwd
+USER_IMAGE_CONFIG = {
+    "Entrypoint": ["sh", "-c"],
+    "Cmd": ['echo "image-cmd $(id -u):$(id -g):$(id -G) $(pwd) $HOME $IMAGE_VAR"; exec sleep 3600'],
+    "Env": ["PATH=/bin", "IMAGE_VAR=from-image"],
+    "WorkingDir": "/srv/app",
+    "User": "app",
+}
+USER_IMAGE_FILES = [
+    ("dir", "srv", None),
+    (
+        "file",
+        "etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n",
+    ),
+    ("file", "etc/group", "root:x:0:\napp:x:2345:\nextra:x:3456:app\n"),
+]
+
+
+async def _log_line(client, mid: str, prefix: str) -> str:
+    """The first line of the machine's output starting with ``prefix``, once it is there."""
+    found: list[str] = []
+
+    async def written() -> bool:
+        r = await client.get(f"{BASE}/{mid}/logs")
+        found[:] = [ln for ln in r.json()["lines"] if ln.startswith(prefix)]
+        return bool(found)
+
+    await wait_for(written, 60, f"{mid} to write {prefix!r}")
+    return found[0]
+
+
+async def test_the_image_config_is_applied(client, registry):
+    """Entrypoint + Cmd, Env, WorkingDir (made where the image lacks it) and User (a name
+    resolved through the image's /etc/passwd and /etc/group) are the machine's defaults;
+    ``init.cmd`` replaces only the Cmd, ``init.exec`` the whole command."""
+    reg, _ = registry
+    image = push_test_image(
+        reg, repo="test/user", marker="user", config=USER_IMAGE_CONFIG, files=USER_IMAGE_FILES
+    )
+    script = 'echo "init-cmd $(id -u) $(pwd)"; exec sleep 3600'
+    configs = {
+        "image-cmd": {"image": image.reference},
+        "init-cmd": {"image": image.reference, "init": {"cmd": [script]}},
+        "init-exec": {"image": image.reference,
+                      "init": {"exec": ["sh", "-c", script.replace("init-cmd", "init-exec")]}},
+    }  # fmt: skip
+    mids = {}
+    for name, config in configs.items():
+        r = await client.post(BASE, json={"config": config})
+        assert r.status_code == 200, r.text
+        mids[name] = r.json()["id"]
+    for mid in mids.values():
+        await started(client, mid)
+    line = await _log_line(client, mids["image-cmd"], "image-cmd ")
+    assert line.split() == ["image-cmd", "1234:2345:2345", "3456", "/srv/app", "/home/app",
+                            "from-image"]  # fmt: skip
+    assert (await _log_line(client, mids["init-cmd"], "init-cmd ")).split()[1:] == [
+        "1234", "/srv/app"
+    ]  # fmt: skip
+    assert (await _log_line(client, mids["init-exec"], "init-exec ")).split()[1:] == [
+        "1234", "/srv/app"
+    ]  # fmt: skip
+    # an exec in the machine runs where and as whom its command does
+    assert (await exec_(client, mids["image-cmd"], "echo $(id -u):$(id -g) $(pwd)")).split() == [
+        "1234:2345", "/srv/app"
+    ]  # fmt: skip
+
+
+async def test_a_working_directory_through_a_symlink_stays_in_the_image(client, registry, tmp_path):
+    """An image whose WorkingDir goes through a symlink to an absolute path cannot make (or
+    enter) that path on the host: it is resolved inside the machine's root, where it leads
+    nowhere, and the machine does not run (a clear line in its log, or a failed create)."""
+    reg, _ = registry
+    host = tmp_path / "host-side"
+    image = push_test_image(
+        reg, repo="test/escape", marker="escape",
+        config={"Cmd": ["sleep", "3600"], "Env": ["PATH=/bin"], "WorkingDir": "/escape/made"},
+        files=[("link", "escape", str(host))],
+    )  # fmt: skip
+    r = await client.post(BASE, json={"config": {"image": image.reference}})
+    assert r.status_code == 200, r.text
+    mid = r.json()["id"]
+    if isinstance(client.driver, ProcessDriver):  # the shim refuses it: the machine exits 1
+        line = await _log_line(client, mid, "shim: cannot enter the working directory")
+        assert "/escape/made" in line
+    else:  # runc refuses to create the container ("mkdir /escape: file exists")
+
+        async def failed() -> bool:
+            return (await client.get(f"{BASE}/{mid}")).json()["state"] == "failed"
+
+        await wait_for(failed, 60, f"{mid} to fail")
+    assert not host.exists()
+
+
+def test_image_meta_keeps_entrypoint_and_cmd_apart():
+    process = {"args": ["/bin/app", "serve"], "env": ["PATH=/bin"], "cwd": "/w",
+               "user": {"uid": 7, "gid": 8}}  # fmt: skip
+    meta = oci.image_meta(process, {"Entrypoint": ["/bin/app"], "Cmd": ["serve"]})
+    assert meta == {
+        "env": ["PATH=/bin"],
+        "cwd": "/w",
+        "entrypoint": ["/bin/app"],
+        "cmd": ["serve"],
+        "user": {"uid": 7, "gid": 8, "additional_gids": []},
+    }
+    # root (uid 0, gid 0) is no user switch; without a config the arguments are the command
+    meta = oci.image_meta({"args": ["sh"], "user": {"uid": 0, "gid": 0}}, {})
+    assert (meta["entrypoint"], meta["cmd"], meta["user"], meta["cwd"]) == ([], ["sh"], None, "/")
+
+
+def _unpacked(cache: RegistryImages) -> set[str]:
+    return {p.name for p in cache.unpacked.iterdir() if not p.name.startswith(".")}
+
+
+def _layout_blobs(cache: RegistryImages) -> set[str]:
+    return {f"sha256:{p.name}" for p in (cache.layout / "blobs" / "sha256").iterdir()}
+
+
+def test_the_cache_keeps_images_in_use_and_the_most_recently_used(registry, tmp_path, caplog):
+    reg, _ = registry
+    caplog.set_level(logging.INFO, logger="orchestrator.drivers.oci")
+    images = [push_test_image(reg, repo=f"test/keep{i}", marker=f"keep{i}") for i in range(3)]
+    pinned = [f"{im.reference}@{im.manifest_digest}" for im in images]
+    hexes = [im.manifest_digest.removeprefix("sha256:") for im in images]
+    cache = RegistryImages(tmp_path / "images", keep=1)
+    instance = tmp_path / "instance-a"
+    instance.mkdir()
+    cache.acquire(pinned[0], instance)  # in use, the least recently used
+    cache.resolve(pinned[1])
+    cache.resolve(pinned[2])
+    os.utime(cache.unpacked / hexes[2] / "image.json")  # the most recently used, whatever mtimes
+    shared = images[0].layer_digests[0]  # the base layer all three share
+    assert {shared, *(im.layer_digests[-1] for im in images)} <= _layout_blobs(cache)
+
+    with cache._using():  # a create (or a pull) holds the cache: the sweep leaves it be
+        assert cache.sweep() == []
+    assert _unpacked(cache) == set(hexes)
+
+    # in use (kept, not counted) + the most recently used of the others (keep=1); 1 goes
+    assert cache.sweep() == [pinned[1]]
+    assert _unpacked(cache) == {hexes[0], hexes[2]}
+    blobs = _layout_blobs(cache)
+    assert images[1].layer_digests[-1] not in blobs and images[1].manifest_digest not in blobs
+    assert {shared, images[0].layer_digests[-1], images[2].layer_digests[-1]} <= blobs
+    assert f"image cache: removed {pinned[1]}" in caplog.text
+    # a use whose instance directory is gone (a crash before release) does not count
+    instance.rmdir()
+    assert cache.sweep() == [pinned[0]]
+    assert _unpacked(cache) == {hexes[2]}
+    # what is left still runs: a fresh acquire finds it without the registry
+    before = reg.requests("/blobs/")
+    assert (cache.acquire(pinned[2], tmp_path).rootfs / "marker.txt").read_text() == "keep2"
+    assert reg.requests("/blobs/") == before
+
+
+async def test_destroying_the_last_machine_of_an_image_sweeps_it(client, registry, tmp_path):
+    reg, image = registry
+    other = push_test_image(reg, repo="test/swept", marker="swept")
+    client.driver.registry.keep = 0  # keep no unused image
+    mids = []
+    for ref in (image.reference, other.reference):
+        r = await client.post(BASE, json={"config": {"image": ref}})
+        assert r.status_code == 200, r.text
+        mids.append(r.json()["id"])
+    for mid in mids:
+        await started(client, mid)
+    cache = client.driver.registry
+    hexes = {im.manifest_digest.removeprefix("sha256:") for im in (image, other)}
+    assert _unpacked(cache) == hexes
+    r = await client.delete(f"{BASE}/{mids[1]}", params={"force": "true"})
+    assert r.status_code == 200, r.text
+    gone = other.manifest_digest.removeprefix("sha256:")
+
+    def swept() -> bool:  # the image goes first, then its blobs (umoci gc)
+        return gone not in _unpacked(cache) and other.layer_digests[-1] not in _layout_blobs(cache)
+
+    await wait_for(swept, 60, "the unused image and its own blobs to be removed")
+    assert _unpacked(cache) == {image.manifest_digest.removeprefix("sha256:")}  # in use: kept
+    assert (await exec_(client, mids[0], "cat /cfg/new.txt")) == "from layer 2\n"
+
+
 def _leftovers(tmp_path: Path) -> list[str]:
     """What a failed create could have left: machine databases, instance dirs, unpacked or
     half-unpacked images, mounts."""

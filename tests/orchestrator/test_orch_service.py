@@ -19,6 +19,7 @@ from orchestrator.errors import (
     LeaseError,
     NotFoundError,
 )
+from orchestrator.network import Attachment
 from orchestrator.publish import MemoryPublisher, upsert_statement
 from orchestrator.service import Orchestrator
 from orchestrator.store import MachineStore
@@ -464,3 +465,51 @@ def test_duration_and_signal_parsing():
     for bad in ("10", "s", "-1s", "1x", True, None):
         with pytest.raises(InvalidRequestError):
             m.parse_duration(bad, "t")
+
+
+class RecordingNetwork:
+    """The machines' network as the service uses it, recording what it is asked; its attach
+    takes a while, so a create that fails meets the early attach still in flight."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.attached: set[str] = set()
+
+    async def setup(self) -> None:
+        pass
+
+    async def reconcile(self, live_ids) -> list[str]:
+        return []
+
+    async def attach(self, machine_id: str) -> Attachment:
+        self.calls.append(("attach", machine_id))
+        await anyio.sleep(0.05)
+        self.attached.add(machine_id)
+        return Attachment(machine_id, "10.213.1.2", f"corro-10-213-1-2-{machine_id}")
+
+    async def release(self, machine_id: str) -> None:
+        self.calls.append(("release", machine_id))
+        self.attached.discard(machine_id)
+
+
+async def test_a_create_attaches_its_network_early_and_releases_it_when_it_fails(tmp_path):
+    net = RecordingNetwork()
+    async with orch(tmp_path, network=net) as o:
+        view = await o.create_machine("app", {"config": CONFIG})
+        mid = view["id"]
+        assert net.calls[0] == ("attach", mid)  # started with the create, before any step
+        await settle(o, mid, "started")
+        assert mid in net.attached
+
+        async def refuse(*args, **kwargs):
+            raise RuntimeError("the step log is full (injected)")
+
+        o.engine.start = refuse  # type: ignore[method-assign]
+        net.calls.clear()
+        with pytest.raises(RuntimeError, match="injected"):
+            await o.create_machine("app", {"config": CONFIG})
+        # the early attach finished, then was released: no address or namespace left behind
+        (attached, mid2), (released, mid3) = net.calls
+        assert (attached, released, mid2) == ("attach", "release", mid3)
+        assert net.attached == {mid}
+        assert o.store.machine_ids() == [mid]
