@@ -106,12 +106,16 @@ async def test_a_writes_trace_spans_three_processes_with_parent_links(otlp_recei
             version = done["version"]
 
             def applied_everywhere(spans: list[ReceivedSpan]) -> bool:
-                applies = [
-                    s for s in spans if s.trace_id == TRACE_ID and s.name == "corrosion.apply"
-                ]
-                return {s.instance for s in applies} >= set(actors[1:])
+                # each process exports on its own schedule: wait for every span checked below
+                traced = [s for s in spans if s.trace_id == TRACE_ID]
+                applies = [s for s in traced if s.name == "corrosion.apply"]
+                return {s.instance for s in applies} >= set(actors[1:]) and any(
+                    s.name == "POST /v1/transactions" for s in traced
+                )
 
-            await otlp_receiver.wait_for(applied_everywhere, what="the apply spans of B and C")
+            await otlp_receiver.wait_for(
+                applied_everywhere, what="the write's span on A and the apply spans of B and C"
+            )
 
     spans = otlp_receiver.trace(TRACE_ID)
     txn = one(spans, "POST /v1/transactions")
@@ -164,13 +168,17 @@ async def test_a_write_that_arrives_by_sync_has_the_sync_session_in_its_trace(ot
             await write(nodes[0]["api_addrs"][0], "INSERT INTO todos (id) VALUES (7)")
 
             def applied_everywhere(spans: list[ReceivedSpan]) -> bool:
-                applies = [
-                    s for s in spans if s.trace_id == TRACE_ID and s.name == "corrosion.apply"
-                ]
-                serves = [
-                    s for s in spans if s.trace_id == TRACE_ID and s.name == "corrosion.sync.serve"
-                ]
-                return {s.instance for s in applies} >= set(actors[1:]) and serves
+                # each process exports on its own schedule: wait for every span checked below
+                traced = [s for s in spans if s.trace_id == TRACE_ID]
+                applies = [s for s in traced if s.name == "corrosion.apply"]
+                serves = [s for s in traced if s.name == "corrosion.sync.serve"]
+                sessions = {s.span_id for s in traced if s.name == "corrosion.sync"}
+                return (
+                    {s.instance for s in applies} >= set(actors[1:])
+                    and serves
+                    and any(s.name == "POST /v1/transactions" for s in traced)
+                    and all(s.parent_id in sessions for s in applies)
+                )
 
             await otlp_receiver.wait_for(applied_everywhere, what="B and C to apply by sync")
 
