@@ -16,6 +16,7 @@ leaves no namespace, link, process, mount or record behind.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,7 +76,7 @@ def serves(host: Host, path: str, machine_id: str, body: str) -> bool:
     )
 
 
-def volume_dir(host: Host, volume: str) -> Any:
+def volume_dir(host: Host, volume: str) -> Path:
     """Where the host's worker keeps a volume of the app (``<machines_path>/_volumes``)."""
     return host.dir / "machines" / "_volumes" / APP / volume
 
