@@ -621,7 +621,7 @@ class Orchestrator:
         try:
             return await self._io(driver.logs, doc["instance_id"], lines)
         except UnknownInstanceError:
-            return []  # never started, or stopped (a stopped instance is gone, as on Fly)
+            return []  # never started, or its instance is gone (destroyed, being replaced)
 
     async def machine_events(self, app: str, machine_id: str) -> list[dict[str, Any]]:
         """Every run of the machine, oldest first, with its step events (compacted ones too)."""

@@ -183,8 +183,19 @@ async def test_signal_exec_ps_logs_and_events(client):
     await wait(client, mid, "stopped")
     assert (await client.post(f"{url}/exec", json={"command": ["true"]})).status_code == 409
     assert (await client.post(f"{url}/signal", json={"signal": 10})).status_code == 409
+    # a stopped machine's log is its last boot's (why did it stop?), until it starts again
+    assert (await client.get(f"{url}/logs", params={"lines": 10})).json()["lines"] == lines
+    await client.post(f"{url}/start")
+    await wait(client, mid, "started")
+    await wait_for(lambda: logged("oops"), 60, "the new boot to write")
+    assert (await client.get(f"{url}/logs", params={"lines": 10})).json()["lines"] == [
+        "hello",
+        "oops",
+    ]
+    await client.post(f"{url}/stop")
+    await wait(client, mid, "stopped")
     history = (await client.get(f"{url}/events")).json()
-    assert [h["action"] for h in history] == ["create", "stop"]
+    assert [h["action"] for h in history] == ["create", "stop", "start", "stop"]
     for run in history:
         kinds = [e["kind"] for e in run["events"]]
         assert kinds[0] == "start" and kinds[-1] == "finish", run
