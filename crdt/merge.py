@@ -29,6 +29,7 @@ connection's in-memory version state are restored.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, cast
@@ -587,6 +588,9 @@ def _undone_on_error(state: CrrState) -> Iterator[None]:
         raise
 
 
+_DB_VERSION = operator.itemgetter(5)  # a change's db_version
+
+
 def _compare_bytes(a: bytes, b: bytes) -> int:
     return 0 if a == b else (-1 if a < b else 1)
 
@@ -626,7 +630,12 @@ def merge_changesets(
         floor = state.pending + 1 if state.pending != -1 else 0
         for changes in changesets:
             changes = list(changes)
-            top = max((c[5] for c in changes if type(c[5]) is int), default=0)
+            try:  # in C for the usual all-integer changes
+                top = max(map(_DB_VERSION, changes), default=0)
+            except TypeError:
+                top = None
+            if type(top) is not int:
+                top = max((c[5] for c in changes if type(c[5]) is int), default=0)
             version = max(state.db_version + 1, state.pending, top, floor)
             merger.version = version
             before = merger.impacted

@@ -38,6 +38,7 @@ the loop changes it.
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ import apsw
 
 import crdt
 from crdt import Change, reaper
+from crdt.gcpause import gc_paused
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
 from ..errors import CorrosionError
@@ -202,6 +204,8 @@ class SchemaReload:
 
 
 Statement = tuple[str, Sequence[Any] | dict[str, Any]]
+
+_TABLE_OF = operator.itemgetter(0)  # a change's table
 
 
 class Store:
@@ -515,10 +519,11 @@ class Store:
 
         A changeset that fails to merge (bad data) is dropped on its own and reported in
         ``rejected``; the rest of the batch still applies."""
-        try:
-            return self._apply(items, isolate=False)
-        except crdt.MergeError:
-            return self._apply(items, isolate=True)
+        with gc_paused():  # the batch's bookkeeping too, not only its merge (crdt.gcpause)
+            try:
+                return self._apply(items, isolate=False)
+            except crdt.MergeError:
+                return self._apply(items, isolate=True)
 
     def _apply(self, items: Sequence[Changeset | EmptyVersions], *, isolate: bool) -> ApplyResult:
         conn = self.conn
@@ -606,7 +611,7 @@ class Store:
             for actor, b in touched.items():
                 self._write_gaps(actor, b)
             result.changes_applied = conn.crr.rows_impacted
-            if any(c[0] == cluster_schema.TABLE for c in result.changes):
+            if cluster_schema.TABLE in map(_TABLE_OF, result.changes):
                 # new schema versions: follow them, then merge what waited for them
                 result.schema = cluster_schema.advance(
                     conn, self.schema_extra, follow=self.follow_cluster_schema

@@ -27,7 +27,7 @@ import swim
 
 from ..addresses import Address, format_addr
 from ..config import GossipConfig
-from ..core.changeset import MSGPACK_ERRORS, peek_changeset
+from ..core.changeset import MSGPACK_ERRORS, Changeset, peek_changeset
 from ..core.replication import Effect, Replicator
 from .activity import ActivityLog, GossipWarnings, describe_frame, frame_error
 from .events import AgentEvents, Faults
@@ -249,8 +249,12 @@ class PeerStreams:
             before, malformed = len(replicator.queue), stats.malformed
             self._perform(replicator.handle_frame(None, data, self._now(), sender=actor))
             if len(replicator.queue) != before:
-                self._events.broadcast_changes_recv += changes_in(data)
-                self._spans.queued(replicator.queue[before:], peer, "broadcast")
+                queued = replicator.queue[before:]
+                # counted from what was decoded, not by reading the frame's header again
+                self._events.broadcast_changes_recv += sum(
+                    len(q.item.changes) for q in queued if isinstance(q.item, Changeset)
+                )
+                self._spans.queued(queued, peer, "broadcast")
                 self._queued()
             if stats.malformed != malformed:
                 self._activity.malformed(peer, frame_error(data))
@@ -307,12 +311,13 @@ class PeerStreams:
                             raise OSError("isolated")
                         nbytes += len(data)
                         received += 1
-                        changes += changes_in(data)
+                        carried = changes_in(data)
+                        changes += carried
                         before = len(replicator.queue)
                         more = replicator.handle_sync_frame(addr, data, self._now())
                         if len(replicator.queue) != before:
                             pulled += len(replicator.queue) - before
-                            self._events.sync_changes_recv += changes_in(data)
+                            self._events.sync_changes_recv += carried
                             if session is not None:
                                 new = replicator.queue[before:]
                                 self._spans.queued(new, format_addr(addr), "sync", session)

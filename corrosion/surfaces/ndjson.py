@@ -8,7 +8,9 @@ Python's ``json`` writes it), blobs as arrays of byte values (as corrosion), rea
 ``row_json`` is that encoding, by the standard library's C encoder. ``row_lines`` writes whole
 batches of ``{"row": [rowid, cells]}`` lines about twice as fast, with orjson where orjson writes
 exactly the same bytes (integers, ASCII text other than DEL, NULLs and blobs: most rows), and
-with ``row_json`` for the rest (reals, whose formatting differs, and any other text).
+with ``row_json`` for the rest (reals, whose formatting differs, and any other text). A batch
+without reals is one ``orjson.dumps`` call cut into lines, not one call per row (a quarter less
+CPU per row).
 """
 
 from __future__ import annotations
@@ -52,23 +54,28 @@ def row_json(row: Sequence[Any]) -> str:
     return text
 
 
+def _batch_lines(rows: Sequence[Sequence[Any]], after: int) -> bytes | None:
+    """The lines of ``rows`` from one ``orjson.dumps`` of ``[[rowid, cells], ...]``, cut where
+    one pair ends and the next begins (``]],[``: structurally only there, as a blob is the only
+    array in a row); None when some text holds that sequence too (then it cannot tell)."""
+    body = orjson.dumps(list(enumerate(rows, after + 1)), default=_blob_as_array)
+    if body.count(b"]],[") != len(rows) - 1:
+        return None
+    lines = body.replace(b"]],[", b']]}\n{"row":[')
+    return b"".join((b'{"row":', memoryview(lines)[1:-1], b"}\n"))  # one copy, not two
+
+
 def row_lines(rows: Sequence[Sequence[Any]], after: int) -> bytes:
     """``{"row":[rowid,cells]}`` lines for ``rows``, numbered from ``after + 1``."""
     dumps, blobs = orjson.dumps, _blob_as_array
     has_reals = float in set(map(type, chain.from_iterable(rows)))
-    if not has_reals:  # the common case: the whole batch with orjson, checked once
+    if not has_reals and rows:  # the common case: the whole batch with orjson, checked once
         try:
-            body = b"".join(
-                [
-                    b'{"row":[%d,%b]}\n' % (rowid, dumps(row, default=blobs))
-                    for rowid, row in enumerate(rows, after + 1)
-                ]
-            )
+            body = _batch_lines(rows, after)
         except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate...
-            pass
-        else:
-            if body.isascii() and 0x7F not in body:  # json escapes these (DEL), orjson not
-                return body
+            body = None
+        if body is not None and body.isascii() and 0x7F not in body:
+            return body  # (json escapes DEL, orjson not)
     lines = []
     for rowid, row in enumerate(rows, after + 1):
         cells = None

@@ -116,3 +116,20 @@ async def test_partitioned_node_converges_through_sync_alone(tmp_path, broadcast
         assert len(await table(c)) == 42
         assert all(x.replicator.stats.broadcasts_sent == 0 for x in (a, b, c))
         assert all(x.replicator.stats.digests_sent == 0 for x in (a, b, c))
+
+
+async def test_changes_received_by_broadcast_are_counted_once(tmp_path):
+    # sync waits 30 s or more between sessions: the write reaches the other agent by broadcast
+    slow_sync = {"min_sync_backoff": 30.0, "max_sync_backoff": 60.0}
+    async with cluster(tmp_path, 2, with_api=False, perf=slow_sync) as (a, b):
+        commit = await a.execute_commit(
+            [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", i]] for i in range(3)]
+        )
+        assert commit is not None
+
+        async def arrived() -> bool:
+            return await rows(b, "SELECT count(*) FROM kv") == [(3,)]
+
+        await wait_for(arrived, what="the write to reach the other agent")
+        assert b.events.sync_changes_recv == 0
+        assert b.events.broadcast_changes_recv == len(commit.changes)

@@ -100,3 +100,17 @@ async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tm
                 assert max(trips[1:]) <= ENCODED_BYTES // wide < ENCODED_FIRST
             else:
                 assert trips[1] == 4096
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [("a]],[2,[b", 1), ("c", 2)],  # text holding the cut between two lines
+        [("]],[", b"\x01"), (b"", "]]"), (None, ",[")],
+        [(b"\x01\x02", b"\x03"), (b"", b"")],  # blobs (arrays) last and side by side
+        [()],
+    ],
+)
+def test_row_lines_cut_at_lines_only(rows):
+    expected = b"".join(stdlib_line(i, row) for i, row in enumerate(rows, 8))
+    assert row_lines(rows, 7) == expected
