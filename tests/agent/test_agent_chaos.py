@@ -17,8 +17,8 @@ import anyio
 import pytest
 from agent_helpers import cluster, rows
 from support import wait_for
+from support.planted_bugs import seq_bookkeeping_not_written
 
-from corrosion.core.store import Store
 from simulations.agent_checks import bookkeeping_problems
 from simulations.crdt_checks import describe_difference, table_dump
 
@@ -152,15 +152,6 @@ async def test_the_audit_sees_bookkeeping_that_only_the_end_state_hides(tmp_path
     """A planted bug: a buffered chunk's seq range is booked in memory but never written. The
     end state is right (each version completes and its partial goes), so only an audit while
     the faults run can see it."""
-    original = Store._buffer
-
-    def buffer(self, cs):
-        original(self, cs)
-        self.conn.execute(
-            "DELETE FROM __corro_seq_bookkeeping WHERE site_id = ? AND version = ?",
-            (cs.actor, cs.version),
-        )
-
-    monkeypatch.setattr(Store, "_buffer", buffer)
+    seq_bookkeeping_not_written(monkeypatch)
     problems, _checks = await chaos(tmp_path)
     assert any("in __corro_seq_bookkeeping" in p for p in problems), problems

@@ -9,9 +9,9 @@ planted by monkeypatching the real code on a fixed seed that passes without it.
 from __future__ import annotations
 
 import pytest
+from support.planted_bugs import seq_bookkeeping_not_written
 
 import crdt
-from corrosion.core.store import Store
 from corrosion.runtime.subscriptions import Subscription
 from simulations import SimulationFailure
 from simulations.agent_checks import BookkeepingAtAnyTime
@@ -50,22 +50,6 @@ def test_a_subscription_bug_is_caught(monkeypatch):
         patch_keeps_deleted_rows(m)
         with pytest.raises(SimulationFailure, match=r"subscriptions-match\] .* extra \["):
             chunked_run(1, liveness_timeout=30.0, files_dir=files_dir())
-
-
-def seq_bookkeeping_not_written(monkeypatch) -> None:
-    """A buffered chunk's seq range is booked in memory but never written to
-    ``__corro_seq_bookkeeping``: harmless while the node stays up (the version completes, its
-    rows go), so the end state is right, but a crash forgets which chunks it held."""
-    original = Store._buffer
-
-    def buffer(self, cs):
-        original(self, cs)
-        self.conn.execute(
-            "DELETE FROM __corro_seq_bookkeeping WHERE site_id = ? AND version = ?",
-            (cs.actor, cs.version),
-        )
-
-    monkeypatch.setattr(Store, "_buffer", buffer)
 
 
 def test_bookkeeping_is_checked_at_any_time_not_only_after_heal(monkeypatch):
