@@ -45,6 +45,7 @@ def mount_env(path: str) -> str:
 
 class ProcessDriver(ShimDriver):
     name = "process"
+    registry: RegistryImages  # always: registry images are a feature of this driver
 
     def __init__(
         self,
@@ -60,15 +61,6 @@ class ProcessDriver(ShimDriver):
         super().__init__(state_dir, python=python)
         self.namespaces = (os.geteuid() == 0) if namespaces is None else namespaces
         self.registry = RegistryImages(images or self.state_dir / "_images", keep=image_cache_keep)
-
-    def _image_cache(self) -> RegistryImages:
-        return self.registry
-
-    async def pin_image(self, image: str) -> str:
-        """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
-        if not is_registry_reference(image):
-            return image
-        return await anyio.to_thread.run_sync(self.registry.pin, image)
 
     async def _registry_image(self, spec: InstanceSpec, user: Path | None = None) -> Image:
         """The spec's registry image; with ``user``, recorded as used by that instance

@@ -170,6 +170,7 @@ def oci_config(
 
 class RuncDriver(ShimDriver):
     name = "runc"
+    registry: RegistryImages  # always: registry images are a feature of this driver
 
     def __init__(
         self,
@@ -237,15 +238,6 @@ class RuncDriver(ShimDriver):
         if is_registry_reference(ref):
             return self.registry.resolve(ref)
         return self.images.resolve(ref)
-
-    def _image_cache(self) -> RegistryImages:
-        return self.registry
-
-    async def pin_image(self, image: str) -> str:
-        """A registry image's reference pinned to its current digest (see :mod:`.oci`)."""
-        if not is_registry_reference(image):
-            return image
-        return await anyio.to_thread.run_sync(self.registry.pin, image)
 
     async def prepare(self, spec: InstanceSpec) -> None:
         await anyio.to_thread.run_sync(self._resolve, spec.image)

@@ -39,7 +39,7 @@ from .base import (
     UnknownInstanceError,
 )
 from .images import Image
-from .oci import RegistryImages, release_root
+from .oci import RegistryImages, is_registry_reference, release_root
 
 SHIM = Path(__file__).with_name("shim.py")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -133,9 +133,19 @@ class ShimDriver:
         self.python = python or sys.executable
         self._procs: dict[str, subprocess.Popen] = {}
 
+    registry: RegistryImages | None = None  # the registry-image cache, in drivers that have one
+
     def _image_cache(self) -> RegistryImages | None:
         """The driver's registry-image cache, if it has one."""
-        return None
+        return self.registry
+
+    async def pin_image(self, image: str) -> str:
+        """A registry image's reference pinned to its current digest (see :mod:`.oci`); any
+        other image as it is."""
+        registry = self.registry
+        if registry is None or not is_registry_reference(image):
+            return image
+        return await anyio.to_thread.run_sync(registry.pin, image)
 
     # --- files --------------------------------------------------------------------------------
 
