@@ -7,11 +7,11 @@ absent, and putting the same key again overwrites it (archiving is retried after
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from .files import write_durably
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -39,22 +39,7 @@ class DirectoryArchive:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def put(self, key: str, data: bytes) -> None:
-        target = self.path / _check_key(key)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dirfd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        write_durably(self.path / _check_key(key), data)
 
     def get(self, key: str) -> bytes:
         path = self.path / _check_key(key)

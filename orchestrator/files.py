@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_durably(path: Path, data: Any) -> None:
+def write_durably(path: Path, data: bytes) -> None:
+    """``data`` as the whole content of ``path``, or (after a crash) the old content: never a
+    torn file. The temporary file is a dot-file beside it, removed on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, sort_keys=True))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,4 +35,8 @@ def write_json_durably(path: Path, data: Any) -> None:
         os.close(folder)
 
 
-__all__ = ["write_json_durably"]
+def write_json_durably(path: Path, data: Any) -> None:
+    write_durably(path, json.dumps(data, sort_keys=True).encode())
+
+
+__all__ = ["write_durably", "write_json_durably"]
