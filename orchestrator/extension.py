@@ -58,12 +58,22 @@ class OrchestratorExtension:
         orch = build_orchestrator(self.config, publisher=publisher)
         await orch.__aenter__()
         self.orch = orch
+        configured = self.config.api_url
+
+        def api_url() -> str:
+            """orchestrator.api_url, else the agent's first API address: as bound once the API
+            serves, as configured before that unless its port is 0 ("" then: no gateway is sent
+            to port 0; the next heartbeat has the real one)."""
+            if configured:
+                return configured
+            addrs = list(agent.api_addrs) or list(agent.config.api.addrs)
+            return "" if addrs and addrs[0][1] == 0 else api_url_for(addrs)
+
         info = WorkerInfo(
-            id=orch.worker, region=orch.region, capacity=self.config.capacity,
-            api_url=self.config.api_url or api_url_for(list(agent.config.api.addrs)),
-        )  # fmt: skip
+            id=orch.worker, region=orch.region, capacity=self.config.capacity, api_url=api_url()
+        )
         self.announcer = Announcer(
-            publisher, info, clock=orch.clock,
+            publisher, info, clock=orch.clock, api_url=api_url,
             cordon_path=self.config.machines_path / "_worker" / "cordon.json",
         )  # fmt: skip
         self._heartbeat = anyio.CancelScope()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,12 @@ class Announcer:
         clock: Clock,
         interval: float = HEARTBEAT_INTERVAL,
         cordon_path: Path | None = None,
+        api_url: Callable[[], str] | None = None,
     ) -> None:
+        """``api_url``: where this worker's API is, asked at every beat (the agent's bound
+        address is known only once its API serves: a configured port 0 is not an address)."""
         self.publisher = publisher
+        self._api_url = api_url
         self.clock = clock
         self.interval = interval
         self.cordon_path = cordon_path
@@ -115,6 +120,10 @@ class Announcer:
         return True
 
     async def beat(self, *, draining: bool = False) -> None:
+        if self._api_url is not None:
+            url = self._api_url()
+            if url != self.info.api_url:
+                self.info = replace(self.info, api_url=url)
         info = WorkerInfo(
             self.info.id, self.info.region, self.info.api_url, self.info.capacity,
             self.info.cordoned, draining, int(self.clock.now() * 1000),

@@ -34,6 +34,9 @@ class ExtensionHost(Protocol):
     """What an extension may use of the agent that hosts it."""
 
     config: Config
+    # the HTTP API's addresses as bound (a configured port 0 becomes the real one); empty until
+    # the API serves, which is after extensions start
+    api_addrs: list[tuple[str, int]]
 
     @property
     def actor_id(self) -> bytes: ...

@@ -113,8 +113,17 @@ async def test_machine_on_worker1_is_reachable_through_worker2s_proxy(tmp_path):
 
                     await wait_for(row_deleted)
 
-                    # the worker's own routes, served with the agent's API: cordon shows on w2
+                    # the worker's own routes, served with the agent's API: cordon shows on w2;
+                    # with api.addr on port 0, what it announces is the port it was given
                     assert (await api.get("/v1/worker")).json()["cordoned"] is False
+                    bound = f"http://{api_host}:{api_port}"
+
+                    async def w2_sees_api_url():
+                        rows = [x async for x in w2.query("SELECT api_url FROM workers")]
+                        return rows == [(bound,)]
+
+                    await wait_for(w2_sees_api_url)
+                    assert (await api.get("/v1/worker")).json()["api_url"] == bound
                     r = await api.post("/v1/worker/cordon")
                     assert r.status_code == 200 and r.json()["cordoned"] is True, r.text
 
