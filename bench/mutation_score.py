@@ -73,7 +73,7 @@ MODULES = {
     ),
     "core-changeset": Module(
         ("corrosion/core/changeset.py",),
-        ("tests/agent/test_agent_buffered_chunks.py",),  # no unit tests of its own yet
+        ("tests/core/test_core_changeset.py",),
     ),
     "swim-core": Module(
         ("swim/core.py",),
