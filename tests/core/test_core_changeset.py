@@ -195,6 +195,15 @@ def test_a_sync_state_keyed_by_integers_decodes():
 
 # ---- malformed frames -----------------------------------------------------------------------
 
+FRAME_SHAPE = "frame must be an array with a kind and a wire version"
+
+
+def refused(data: bytes) -> str:
+    """The whole message decode_frame refuses ``data`` with (what the receiver logs)."""
+    with pytest.raises(FrameError) as excinfo:
+        decode_frame(data)
+    return str(excinfo.value)
+
 
 @pytest.mark.parametrize(
     ("data", "said"),
@@ -203,9 +212,9 @@ def test_a_sync_state_keyed_by_integers_decodes():
         (b"\xc1", "not msgpack"),  # never-used byte
         (b"\x92\x01", "not msgpack"),  # truncated
         (frame(K_HELLO, WIRE_VERSION) + b"\x00", "not msgpack"),  # extra data
-        (msgpack.packb(7), "array with a kind and a wire version"),
-        (msgpack.packb({"kind": 1}), "array with a kind and a wire version"),
-        (frame(K_HELLO), "array with a kind and a wire version"),
+        (msgpack.packb(7), FRAME_SHAPE),
+        (msgpack.packb({"kind": 1}), FRAME_SHAPE),
+        (frame(K_HELLO), FRAME_SHAPE),
         (frame(K_HELLO, WIRE_VERSION + 1, "x"), "unsupported wire version 2"),
         (frame(K_HELLO, 0), "unsupported wire version 0"),
         (frame(0, WIRE_VERSION), "unknown frame kind 0"),
@@ -214,19 +223,19 @@ def test_a_sync_state_keyed_by_integers_decodes():
     ],
 )
 def test_a_frame_that_is_not_one_is_refused(data, said):
-    with pytest.raises(FrameError, match=said):
-        decode_frame(data)
+    message = refused(data)
+    assert message.startswith("not msgpack: ") if said == "not msgpack" else message == said
 
 
 @pytest.mark.parametrize(
     ("data", "said"),
     [
-        (frame(K_EMPTY, 1, ACTOR, [[1, 2]]), "malformed empty-versions"),
-        (frame(K_EMPTY, 1, ACTOR, [[1, 2]], 0, 0), "malformed empty-versions"),
-        (frame(K_EMPTY, 1, ACTOR, {"1": 2}, 0), "malformed empty-versions"),
-        (frame(K_EMPTY, 1, ACTOR, [3], 0), r"version range must be \[start, end\]"),
-        (frame(K_EMPTY, 1, ACTOR, [[3]], 0), r"version range must be \[start, end\]"),
-        (frame(K_EMPTY, 1, ACTOR, [[3, 4, 5]], 0), r"version range must be \[start, end\]"),
+        (frame(K_EMPTY, 1, ACTOR, [[1, 2]]), "malformed empty-versions frame"),
+        (frame(K_EMPTY, 1, ACTOR, [[1, 2]], 0, 0), "malformed empty-versions frame"),
+        (frame(K_EMPTY, 1, ACTOR, {"1": 2}, 0), "malformed empty-versions frame"),
+        (frame(K_EMPTY, 1, ACTOR, [3], 0), "version range must be [start, end]"),
+        (frame(K_EMPTY, 1, ACTOR, [[3]], 0), "version range must be [start, end]"),
+        (frame(K_EMPTY, 1, ACTOR, [[3, 4, 5]], 0), "version range must be [start, end]"),
         (frame(K_EMPTY, 1, ACTOR, [[0, 4]], 0), "range start must be an integer >= 1"),
         (frame(K_EMPTY, 1, ACTOR, [["1", 4]], 0), "range start must be an integer >= 1"),
         (frame(K_EMPTY, 1, ACTOR, [[1, 0]], 0), "range end must be an integer >= 1"),
@@ -240,8 +249,7 @@ def test_a_frame_that_is_not_one_is_refused(data, said):
     ],
 )
 def test_a_malformed_empty_versions_frame_is_refused(data, said):
-    with pytest.raises(FrameError, match=said):
-        decode_frame(data)
+    assert refused(data) == said
 
 
 def test_boundary_values_of_an_empty_versions_frame_are_accepted():
@@ -265,44 +273,42 @@ def _cs(*fields_after_actor, actor=ACTOR, rows=None) -> bytes:
         (_cs(1, -1, 0, 0, 5, 6), "seq start must be an integer >= 0"),
         (_cs(1, 0, "0", 0, 5, 6), "seq end must be an integer >= 0"),
         (_cs(1, 0, 0, None, 5, 6), "last seq must be an integer >= 0"),
-        (_cs(1, 1, 0, 1, 5, 6), "start <= end <= last_seq"),
-        (_cs(1, 0, 2, 1, 5, 6), "start <= end <= last_seq"),
+        (_cs(1, 1, 0, 1, 5, 6), "seq range must satisfy start <= end <= last_seq"),
+        (_cs(1, 0, 2, 1, 5, 6), "seq range must satisfy start <= end <= last_seq"),
         (_cs(1, 0, 0, 0, -5, 6), "ts must be an integer >= 0"),
         (_cs(1, 0, 0, 0, 5, 6.0), "db_version must be an integer >= 0"),
     ],
 )
 def test_a_malformed_changeset_header_is_refused(data, said):
-    with pytest.raises(FrameError, match=said):
-        decode_frame(data)
+    assert refused(data) == said
 
 
 @pytest.mark.parametrize(
     ("bad_row", "said"),
     [
-        (row()[:7], "eight fields"),
-        (row() + [0], "eight fields"),
-        ("eight fields", "eight fields"),
-        ({"table": "t"}, "eight fields"),
-        (row(table=b"t"), "table/pk/cid have wrong types"),
-        (row(pk="pk"), "table/pk/cid have wrong types"),
-        (row(cid=1), "table/pk/cid have wrong types"),
-        (row(val=True), "null, integer, real, text or blob"),
-        (row(val=[1]), "null, integer, real, text or blob"),
-        (row(val={"a": 1}), "null, integer, real, text or blob"),
-        (row(cv="1"), "col_version/cl/seq must be integers"),
-        (row(cl=1.0), "col_version/cl/seq must be integers"),
-        (row(seq=None), "col_version/cl/seq must be integers"),
-        (row(seq=3), "outside the chunk's seq range"),
-        (row(seq=0), "outside the chunk's seq range"),
-        (row(seq=1, site="site"), "site id must be at most 16 bytes"),
-        (row(seq=1, site=bytes(17)), "site id must be at most 16 bytes"),
+        (row()[:7], "a change has eight fields on the wire"),
+        (row() + [0], "a change has eight fields on the wire"),
+        ("eight fields", "a change has eight fields on the wire"),
+        ({"table": "t"}, "a change has eight fields on the wire"),
+        (row(table=b"t"), "change table/pk/cid have wrong types"),
+        (row(pk="pk"), "change table/pk/cid have wrong types"),
+        (row(cid=1), "change table/pk/cid have wrong types"),
+        (row(val=True), "change value must be null, integer, real, text or blob"),
+        (row(val=[1]), "change value must be null, integer, real, text or blob"),
+        (row(val={"a": 1}), "change value must be null, integer, real, text or blob"),
+        (row(cv="1"), "change col_version/cl/seq must be integers"),
+        (row(cl=1.0), "change col_version/cl/seq must be integers"),
+        (row(seq=None), "change col_version/cl/seq must be integers"),
+        (row(seq=3), "change seq outside the chunk's seq range"),
+        (row(seq=0), "change seq outside the chunk's seq range"),
+        (row(seq=1, site="site"), "change site id must be at most 16 bytes"),
+        (row(seq=1, site=bytes(17)), "change site id must be at most 16 bytes"),
     ],
 )
 def test_a_malformed_change_is_refused_with_the_whole_frame(bad_row, said):
     good = row(seq=1)
     data = changeset_frame(good, bad_row, start=1, end=2, last=5)
-    with pytest.raises(FrameError, match=said):
-        decode_frame(data)
+    assert refused(data) == said
 
 
 def test_boundary_values_of_a_change_are_accepted():
@@ -496,9 +502,9 @@ def test_chunks_cover_the_holes_superseded_changes_left_in_the_seqs():
 
 
 def test_a_last_seq_below_a_change_is_raised_to_cover_it():
-    changes = [change(0), change(7)]
+    changes = [change(9), change(0), change(2)]  # only the last is above last_seq
     chunks = chunk_version(ACTOR, 1, changes, 3, 5, 6)
-    assert [(c.seqs, c.last_seq) for c in chunks] == [((0, 7), 7)]
+    assert [(c.seqs, c.last_seq) for c in chunks] == [((0, 9), 9)]
     assert chunks[0].complete
 
 
