@@ -57,6 +57,7 @@ MODULES = {
             "tests/crdt/test_crdt_schema.py",
             "tests/crdt/test_crdt_gcpause.py",  # merge_changesets
             "tests/crdt/test_crdt_convergence.py",  # deletes and resurrections between replicas
+            "tests/crdt/test_crdt_merge_edges.py",
         ),
     ),
     "crdt-triggers": Module(

@@ -163,6 +163,28 @@ def test_a_value_over_the_length_limit_in_bytes_is_refused(val, size):
     assert rows(c) == []
 
 
+def test_a_value_that_fits_the_limit_in_a_row_that_does_not_is_refused_cleanly():
+    c = db()
+    c.limit(apsw.SQLITE_LIMIT_LENGTH, 1000)
+    with pytest.raises(crdt.MergeError, match=r"^a change's row is larger than this database's"):
+        crdt.merge(c, [GOOD, _with(pk=crdt.pack_pk([2]), val=b"x" * 1000)])
+    assert rows(c) == [] and crdt.db_version(c) == 0
+    assert crdt.merge(c, [_with(val=b"x" * 900)]) == 1  # the connection is still usable
+
+
+def test_a_clock_without_its_row_is_a_clean_error():
+    """A damaged database (a base row deleted behind the CRR's back) is refused, not guessed."""
+    c = db()
+    c.execute("INSERT INTO t VALUES (1, 'v', 'w')")
+    c.execute("SELECT crsql_internal_sync_bit(1)")  # as a merge does: the triggers stand aside
+    c.execute("DELETE FROM t")
+    c.execute("SELECT crsql_internal_sync_bit(0)")
+    tie = Change("t", PK1, "b", "v", 1, 5, REMOTE, 1, 0)  # equal versions: the values compare
+    with pytest.raises(crdt.MergeError) as excinfo:
+        crdt.merge(c, [tie])
+    assert str(excinfo.value) == "could not find row to merge with for table t"
+
+
 @pytest.mark.parametrize(
     ("bad", "starts"),
     [
@@ -216,3 +238,18 @@ def test_rows_impacted_add_up_over_a_transaction():
         for change in changes[:2]:
             other.execute("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", change)
         assert other.execute("SELECT crsql_rows_impacted()").fetchone() == (2,)
+
+
+def test_a_changeset_of_deletes_gets_a_version_that_the_commit_keeps():
+    c = db()
+    c.execute("INSERT INTO t VALUES (1, 1, 1)")  # db_version 1
+    delete = [Change("t", PK1, "-1", None, 2, 3, REMOTE, 2, 0)]
+    resurrect = [Change("t", PK1, "-1", None, 3, 4, REMOTE, 3, 0)]
+    with c:
+        assert crdt.merge_changesets(c, [delete]) == [3]
+    assert crdt.db_version(c) == 3 and rows(c) == []
+    with c:
+        assert crdt.merge_changesets(c, [resurrect]) == [4]
+    assert crdt.db_version(c) == 4 and rows(c) == [(1, None, None)]
+    c.execute("UPDATE t SET b = 2")
+    assert crdt.db_version(c) == 5
