@@ -92,6 +92,7 @@ MODULES = {
         ("orchestrator/steplog.py",),
         (
             "tests/orchestrator/test_orch_steplog.py",
+            "tests/orchestrator/test_orch_steplog_compaction.py",
             "tests/orchestrator/test_orch_engine.py",
             "tests/orchestrator/test_orch_resume_random.py",
         ),
