@@ -138,6 +138,10 @@ def _with(**fields) -> tuple:
         (_with(cid="x" * 2049), "cid is longer than 2048 bytes"),
         (_with(cid="é" * 1025), "cid is longer than 2048 bytes"),
         (_with(cid="x" * 2048), "table t has no column '" + "x" * 2048 + "' to merge into"),
+        (_with(pk="1"), "pk must be a blob, not str"),
+        (GOOD[:3], "a change has exactly nine fields"),
+        (_with(table="t" * 2049), "table name must be text of at most 2048 bytes"),
+        (_with(table="t" * 2048), "could not find the schema information for table " + "t" * 2048),
     ],
 )
 def test_a_refusal_says_exactly_what_is_wrong(bad, message):
@@ -212,12 +216,13 @@ def test_merge_changesets_hands_out_the_next_versions_and_follows_a_sender_ahead
     behind = crdt.changes_since(src, 0)  # db_version 1 at the sender
     ahead = [Change("t", crdt.pack_pk([20]), "b", 2, 1, 50, REMOTE, 1, 0)]
     again = [Change("t", crdt.pack_pk([21]), "b", 3, 1, 2, REMOTE, 1, 0)]
+    more = [Change("t", crdt.pack_pk([22]), "b", 3, 1, 2, REMOTE, 1, 0)]
     dst = db()
     for i in range(3):
         dst.execute("INSERT INTO t VALUES (?, 0, 0)", (i,))  # db_version 3
     with dst:
-        assert crdt.merge_changesets(dst, [behind, [], ahead]) == [4, None, 50]
-        assert crdt.merge_changesets(dst, [again]) == [51]
+        assert crdt.merge_changesets(dst, [behind, [], again, ahead]) == [4, None, 5, 50]
+        assert crdt.merge_changesets(dst, [more]) == [51]
     with dst:
         dst.execute("INSERT INTO t VALUES (30, 0, 0)")  # pending 52
         assert crdt.merge_changesets(dst, [[behind[0]._replace(pk=crdt.pack_pk([31]))]]) == [53]
@@ -233,6 +238,11 @@ def test_rows_impacted_add_up_over_a_transaction():
         crdt.merge_changesets(dst, [changes[:2]])
         crdt.merge_changesets(dst, [changes[2:]])
         assert dst.execute("SELECT crsql_rows_impacted()").fetchone() == (4,)
+    merged = db()
+    with merged:
+        crdt.merge(merged, changes[:3])
+        crdt.merge(merged, changes[3:])
+        assert merged.execute("SELECT crsql_rows_impacted()").fetchone() == (4,)
     other = db()
     with other:
         for change in changes[:2]:
@@ -253,3 +263,108 @@ def test_a_changeset_of_deletes_gets_a_version_that_the_commit_keeps():
     assert crdt.db_version(c) == 4 and rows(c) == [(1, None, None)]
     c.execute("UPDATE t SET b = 2")
     assert crdt.db_version(c) == 5
+
+
+def test_a_merge_that_changes_nothing_leaves_the_transaction_one_version():
+    c = db()
+    c.execute("INSERT INTO t VALUES (1, 1, 1)")  # db_version 1
+    stale = Change("t", PK1, "b", 0, 1, 1, REMOTE, 1, 0)  # loses to the local value 1
+    with c:
+        c.execute("INSERT INTO t VALUES (2, 2, 2)")
+        assert crdt.merge(c, [stale]) == 0
+        c.execute("INSERT INTO t VALUES (3, 3, 3)")
+    assert crdt.db_version(c) == 2
+    got = c.execute("SELECT DISTINCT db_version FROM crsql_changes WHERE pk != ?", (PK1,))
+    assert got.fetchall() == [(2,)]
+
+
+def test_changes_that_lose_do_not_stop_the_rest_of_the_batch():
+    c = db()
+    c.execute("INSERT INTO t VALUES (1, 5, 5)")
+    c.execute("UPDATE t SET b = 6")  # b at col_version 2
+    c.execute("DELETE FROM t")
+    c.execute("INSERT INTO t VALUES (1, 7, 7)")  # causal length 3
+    c.execute("INSERT INTO t VALUES (2, 1, 1)")
+    c.execute("DELETE FROM t WHERE a = 2")  # causal length 2
+    pk2 = crdt.pack_pk([2])
+
+    def new_row(n):
+        return Change("t", crdt.pack_pk([10 + n]), "b", n, 1, 9, REMOTE, 1, 0)
+
+    batch = [
+        Change("t", PK1, "b", 9, 5, 9, REMOTE, 1, 0),  # an older causal length
+        new_row(1),
+        Change("t", pk2, "-1", None, 2, 9, REMOTE, 2, 0),  # the delete it already has
+        new_row(2),
+        Change("t", PK1, "c", 9, 0, 9, REMOTE, 3, 0),  # an older col_version
+        new_row(3),
+    ]
+    assert crdt.merge(c, batch) == 3
+    assert rows(c) == [(1, 7, 7), (11, 1, None), (12, 2, None), (13, 3, None)]
+
+
+def test_a_column_change_of_a_later_life_brings_a_deleted_row_back():
+    c = db()
+    c.execute("INSERT INTO t VALUES (1, 1, 1)")
+    c.execute("DELETE FROM t")  # causal length 2
+    # the sender deleted and re-inserted it; only one cell has arrived
+    assert crdt.merge(c, [Change("t", PK1, "b", 8, 1, 30, REMOTE, 3, 4)]) == 2
+    assert rows(c) == [(1, 8, None)]
+    assert clocks(c) == [("-1", 3, 30, REMOTE, 3), ("b", 1, 30, REMOTE, 3)]
+
+
+def test_a_merged_change_gets_a_version_above_every_local_one(tmp_path):
+    path = str(tmp_path / "db.sqlite")
+    c = crdt.connect(path, site_id=OWN)
+    c.execute("CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b, c)")
+    c.execute("SELECT crsql_as_crr('t')")
+    for i in range(5):
+        c.execute("INSERT INTO t VALUES (?, 0, 0)", (i,))
+    c.close()
+    c = crdt.connect(path)  # a fresh connection: its version state is read from the file
+    old = Change("t", crdt.pack_pk([10]), "b", 1, 1, 1, REMOTE, 1, 0)  # the sender's version 1
+    assert crdt.merge(c, [old]) == 1
+    got = c.execute("SELECT db_version FROM crsql_changes WHERE pk = ?", (old.pk,))
+    assert got.fetchall() == [(6,)]
+    assert crdt.db_version(c) == 6
+    c.close()
+
+
+def test_a_change_without_a_site_id_is_recorded_as_this_sites():
+    c = db()
+    crdt.merge(c, [Change("t", crdt.pack_pk([2]), "b", 1, 1, 1, REMOTE, 1, 0)])
+    assert crdt.merge(c, [Change("t", PK1, "b", 1, 1, 2, None, 1, 0)]) == 1
+    assert clocks(c) == [("b", 1, 2, OWN, 1), ("b", 1, 1, REMOTE, 1)]
+    assert crdt.merge(c, [Change("t", PK1, "-1", None, 2, 3, None, 2, 0)]) == 1
+    assert clocks(c) == [("-1", 2, 3, OWN, 2), ("b", 1, 1, REMOTE, 1)]
+
+
+def test_a_tie_against_a_site_first_seen_in_the_same_merge_uses_that_site():
+    c = db(merge_equal_values=True)  # OWN is 0x80...
+    first, between = b"\xa0" * 16, b"\x90" * 16
+    batch = [
+        Change("t", PK1, "b", "same", 1, 9, first, 1, 0),
+        Change("t", PK1, "b", "same", 1, 9, between, 1, 0),  # below first: loses
+    ]
+    assert crdt.merge(c, batch) == 1
+    assert {r[0]: r[3] for r in clocks(c)} == {"b": first}
+
+
+def test_a_merge_fits_a_low_limit_on_statement_variables():
+    src = db(site_id=REMOTE)
+    src.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, i, str(i)) for i in range(30)])
+    dst = db()
+    dst.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, 10)  # below two clock rows (6 values each)
+    assert crdt.merge(dst, crdt.changes_since(src, 0)) == 60
+    assert rows(dst) == rows(src)
+
+
+def test_a_changeset_merged_after_the_first_local_write_of_a_database_gets_its_own_version():
+    src = db(site_id=REMOTE)
+    src.execute("INSERT INTO t VALUES (10, 1, 1)")
+    dst = db()  # nothing written yet: db_version 0
+    with dst:
+        dst.execute("INSERT INTO t VALUES (1, 1, 1)")  # pending version 1
+        assert crdt.merge_changesets(dst, [crdt.changes_since(src, 0)]) == [2]
+    assert crdt.db_version(dst) == 2
+    assert {c.pk for c in crdt.changes_for_version(dst, 1)} == {PK1}
