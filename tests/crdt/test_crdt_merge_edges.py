@@ -307,10 +307,21 @@ def test_a_column_change_of_a_later_life_brings_a_deleted_row_back():
     c = db()
     c.execute("INSERT INTO t VALUES (1, 1, 1)")
     c.execute("DELETE FROM t")  # causal length 2
-    # the sender deleted and re-inserted it; only one cell has arrived
+    # the sender deleted and re-inserted it; only one cell has arrived, after another row's
+    other = Change("t", crdt.pack_pk([2]), "b", 2, 1, 29, REMOTE, 1, 0)
+    assert crdt.merge(c, [other, Change("t", PK1, "b", 8, 1, 30, REMOTE, 3, 4)]) == 3
+    assert rows(c) == [(1, 8, None), (2, 2, None)]
+    assert clocks(c)[:2] == [("-1", 3, 30, REMOTE, 3), ("b", 1, 30, REMOTE, 3)]
+
+
+def test_a_new_row_first_seen_in_a_later_life_takes_that_causal_length():
+    c = db()  # never saw row 1: the sender's delete did not reach it
     assert crdt.merge(c, [Change("t", PK1, "b", 8, 1, 30, REMOTE, 3, 4)]) == 2
     assert rows(c) == [(1, 8, None)]
     assert clocks(c) == [("-1", 3, 30, REMOTE, 3), ("b", 1, 30, REMOTE, 3)]
+    # so the delete of its first life, arriving late, changes nothing
+    assert crdt.merge(c, [Change("t", PK1, "-1", None, 2, 12, REMOTE, 2, 0)]) == 0
+    assert rows(c) == [(1, 8, None)]
 
 
 def test_a_merged_change_gets_a_version_above_every_local_one(tmp_path):
@@ -332,8 +343,8 @@ def test_a_merged_change_gets_a_version_above_every_local_one(tmp_path):
 
 def test_a_change_without_a_site_id_is_recorded_as_this_sites():
     c = db()
-    crdt.merge(c, [Change("t", crdt.pack_pk([2]), "b", 1, 1, 1, REMOTE, 1, 0)])
-    assert crdt.merge(c, [Change("t", PK1, "b", 1, 1, 2, None, 1, 0)]) == 1
+    remote = Change("t", crdt.pack_pk([2]), "b", 1, 1, 1, REMOTE, 1, 0)
+    assert crdt.merge(c, [remote, Change("t", PK1, "b", 1, 1, 2, None, 1, 0)]) == 2
     assert clocks(c) == [("b", 1, 2, OWN, 1), ("b", 1, 1, REMOTE, 1)]
     assert crdt.merge(c, [Change("t", PK1, "-1", None, 2, 3, None, 2, 0)]) == 1
     assert clocks(c) == [("-1", 2, 3, OWN, 2), ("b", 1, 1, REMOTE, 1)]
