@@ -57,6 +57,7 @@ MODULES = {
             "tests/crdt/test_crdt_schema.py",
             "tests/crdt/test_crdt_gcpause.py",  # merge_changesets
             "tests/crdt/test_crdt_convergence.py",  # deletes and resurrections between replicas
+            "tests/crdt/test_crdt_merge_edges.py",
         ),
     ),
     "crdt-triggers": Module(
@@ -73,7 +74,7 @@ MODULES = {
     ),
     "core-changeset": Module(
         ("corrosion/core/changeset.py",),
-        ("tests/agent/test_agent_buffered_chunks.py",),  # no unit tests of its own yet
+        ("tests/core/test_core_changeset.py",),
     ),
     "swim-core": Module(
         ("swim/core.py",),
@@ -91,6 +92,7 @@ MODULES = {
         ("orchestrator/steplog.py",),
         (
             "tests/orchestrator/test_orch_steplog.py",
+            "tests/orchestrator/test_orch_steplog_compaction.py",
             "tests/orchestrator/test_orch_engine.py",
             "tests/orchestrator/test_orch_resume_random.py",
         ),

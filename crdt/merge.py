@@ -563,6 +563,9 @@ def _as_merge_error(exc: BaseException) -> BaseException:
             "change values must be NULL, integers, reals, text or blobs "
             f"(SQLite refused one: {exc})"
         )
+    if isinstance(exc, apsw.TooBigError):
+        # a value just under the length limit passes _check_size, but its row does not fit
+        return MergeError(f"a change's row is larger than this database's length limit ({exc})")
     if isinstance(exc, apsw.MismatchError):
         return MergeError(
             "a primary-key value does not fit its column (an INTEGER PRIMARY KEY takes integers "
