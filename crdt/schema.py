@@ -684,8 +684,23 @@ def _column_sql(table: TableDef, col: str) -> str:
     if cdef.notnull:
         parts.append("NOT NULL")
     if cdef.default is not None:
+        if not _LITERAL_DEFAULT.fullmatch(cdef.default.strip()):
+            raise SchemaError(
+                f"column {col!r} of table {table.name!r} cannot be added with the default "
+                f"({cdef.default}): SQLite adds a column to an existing table only with a "
+                "constant literal default (a number, a string, NULL, TRUE or FALSE); write the "
+                "value itself, e.g. DEFAULT 3"
+            )
         parts.append(f"DEFAULT {cdef.default}")
     return " ".join(parts)
+
+
+_LITERAL_DEFAULT = re.compile(
+    r"""[+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|0[xX][0-9a-fA-F]+)
+    |'(?:[^']|'')*'|[xX]'[0-9a-fA-F]*'
+    |(?i:NULL|TRUE|FALSE)""",
+    re.VERBOSE,
+)
 
 
 def _rename_create(sql: str, old: str, new: str) -> str:

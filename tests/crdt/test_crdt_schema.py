@@ -99,6 +99,26 @@ def test_added_columns_keep_type_not_null_and_default():
     assert apply_schema(conn, wider) == []
 
 
+@pytest.mark.parametrize("default", ["(1 + 2)", "CURRENT_TIMESTAMP", "(abs(-1))"])
+def test_a_column_added_with_an_expression_default_is_refused_and_changes_nothing(default):
+    """SQLite's ADD COLUMN takes only a constant literal default: the refusal says so (not a
+    syntax error), and the other columns of the same change are not added either."""
+    conn = crdt.connect()
+    apply_schema(conn, BASE)
+    wider = BASE.replace(
+        "state TEXT", f"state TEXT, ok TEXT DEFAULT 'x', bad INT DEFAULT {default}"
+    )
+    with pytest.raises(SchemaError, match=r"column 'bad' of table 'machines' cannot be added "
+                       r"with the default .*constant literal default.*DEFAULT 3"):  # fmt: skip
+        apply_schema(conn, wider)
+    columns = [r[0] for r in conn.execute("SELECT name FROM pragma_table_info('machines')")]
+    assert "ok" not in columns and "bad" not in columns
+    literals = BASE.replace(
+        "state TEXT", "state TEXT, a DEFAULT -1.5, b DEFAULT 0x10, c DEFAULT TRUE, d DEFAULT NULL"
+    )
+    assert len(apply_schema(conn, literals)) == 4 and apply_schema(conn, literals) == []
+
+
 def test_added_column_replicates_between_nodes():
     a, b = crdt.connect(), crdt.connect()
     new = BASE.replace("state TEXT", "state TEXT, region TEXT")
