@@ -59,12 +59,17 @@ def test_create_from_the_registry_through_the_gateway_and_reach_through_another_
             return sorted(w["id"] for w in workers if w["live"]) == ["h1", "h2", "h3"]
 
         wait_for(all_live, timeout=60, what="the workers in h1's replica")
-        for _ in range(3):  # equal capacity: one machine on each host
+        # equal capacity: the freest host takes each create, so three creates put one machine
+        # on each host, unless a host answers late under load and the gateway places that
+        # create on the next one (as it should): then a few more creates fill the host left
+        for _ in range(6):
+            if sorted(set(owners.values())) == ["h1", "h2", "h3"]:
+                break
             r = api.post(BASE, json={"config": config})
             assert r.status_code == 200, r.text
             assert r.json()["image_ref"]["digest"] == lab.image.manifest_digest
             owners[r.json()["id"]] = r.headers["fly-worker"]
-        assert sorted(owners.values()) == ["h1", "h2", "h3"]
+        assert sorted(set(owners.values())) == ["h1", "h2", "h3"], owners
         # the lab's hosts share one image cache (images_path): each blob was fetched once
         for digest in lab.image.layer_digests:
             assert lab.registry.requests(f"/blobs/{digest}") == 1, digest
