@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from .proxy import open_replica
 from .publish import MACHINES_TABLE
 from .workers import HEARTBEAT_TTL, WORKER_COLUMNS, WORKERS_TABLE, WorkerInfo
 
+log = logging.getLogger(__name__)
 BASE = "/v1/apps/{app}/machines"
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -371,9 +373,14 @@ class Gateway:
                 )
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 failures.append(f"{worker.id}: {type(e).__name__}")
+                log.warning("create in app %s: worker %s unreachable (%s); trying the next",
+                            app, worker.id, type(e).__name__)  # fmt: skip
                 continue
             if response.status_code >= 500:
                 failures.append(f"{worker.id}: {response.status_code}")
+                log.warning("create in app %s: worker %s answered %d (%s); trying the next",
+                            app, worker.id, response.status_code,
+                            response.text[:200])  # fmt: skip
                 continue
             if response.status_code < 300:
                 mid = _loads(response.text, {}).get("id")

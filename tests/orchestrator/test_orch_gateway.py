@@ -196,7 +196,8 @@ async def test_create_routes_lists_and_authenticates(tmp_path):
         assert r.status_code == 400  # the worker's answer, not retried elsewhere
 
 
-async def test_create_retries_another_worker_when_one_is_down(tmp_path):
+async def test_create_retries_another_worker_when_one_is_down(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="orchestrator.gateway")
     async with cluster(tmp_path, regions=("ams",)) as (client, orchs, publishers, gateway, _):
         replica = gateway.replica
         with socketless_port() as port:  # nothing listens there: connection refused
@@ -208,6 +209,7 @@ async def test_create_retries_another_worker_when_one_is_down(tmp_path):
             r = await client.post("/v1/apps/web/machines", json={"config": CONFIG})
             assert r.status_code == 200, r.text
             assert r.headers["fly-worker"] == "w1"
+            assert "create in app web: worker w0 unreachable (ConnectError)" in caplog.text
 
             # a machine of the unreachable worker: GET answers from the replica, the rest 503
             row = {"id": "m0", "app": "web", "worker": "w0", "region": "ams", "state": "started",
