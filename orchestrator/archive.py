@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .files import write_durably
+from corrosion.files import write_durably
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 

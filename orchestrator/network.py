@@ -43,8 +43,9 @@ from pathlib import Path
 
 import anyio
 
+from corrosion.files import write_json_durably
+
 from .errors import OrchestratorError
-from .files import write_json_durably
 
 log = logging.getLogger(__name__)
 

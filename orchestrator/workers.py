@@ -25,8 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from corrosion.files import write_json_durably
+
 from .clock import Clock
-from .files import write_json_durably
 from .publish import Publisher
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,12 @@ so a change that landed between the read and the watch is rendered too.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
-import os
 import socket
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ import anyio
 import jinja2
 
 from ..errors import CorrosionError
+from ..files import write_durably
 from ..surfaces.client import AsyncClient, Client, ClientError, SubscriptionLost
 
 log = logging.getLogger("corrosion.template")
@@ -167,8 +165,8 @@ def render(spec: TemplateSpec, client: Client) -> tuple[str, set[Query]]:
 
 
 def write_atomically(path: Path, text: str) -> bool:
-    """Write ``text`` to ``path`` through a temporary file and a rename, keeping the file's
-    mode; return False (and touch nothing) when the file already holds exactly ``text``."""
+    """Write ``text`` to ``path`` durably (``corrosion.files``), keeping the file's mode; return
+    False (and touch nothing) when the file already holds exactly ``text``."""
     data = text.encode()
     try:
         if path.read_bytes() == data:
@@ -176,20 +174,7 @@ def write_atomically(path: Path, text: str) -> bool:
         mode: int | None = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_durably(path, data, mode=mode)
     return True
 
 
