@@ -171,17 +171,12 @@ class AgentBookkeeping(SettlingChecker):
 class BookkeepingAtAnyTime(Checker):
     name = "agent-bookkeeping-always"
 
-    def __init__(
-        self, store_of: Callable[[SimNode], Any], full_every: int = 64, every: int = 1
-    ) -> None:
+    def __init__(self, store_of: Callable[[SimNode], Any], full_every: int = 64) -> None:
         """``store_of`` as for :class:`AgentBookkeeping`; ``full_every``: every this many
         events, check the nodes whose database did not change too (a bug that changes the
-        bookkeeping in memory alone); ``every``: check after every this many events only (a
-        long sweep of many seeds trades a little coverage of each schedule for time: a check
-        costs about a millisecond per changed node)."""
+        bookkeeping in memory alone)."""
         self.store_of = store_of
         self.full_every = full_every
-        self.every = max(1, every)
         self.checks = 0  # nodes checked (for tests and reports)
         self._changes: dict[int, int] = {}  # id(connection) -> its total_changes() when checked
         self._reported: set[str] = set()
@@ -192,9 +187,7 @@ class BookkeepingAtAnyTime(Checker):
 
     def _probe(self, world: World) -> None:
         self._events += 1
-        if self._events % self.every:
-            return
-        full = self._events % self.full_every < self.every
+        full = self._events % self.full_every == 0
         for node in world.nodes:
             if not node.up or node.halted or (store := self.store_of(node)) is None:
                 continue  # a node that lost power mid-event writes nothing more: not checked

@@ -202,7 +202,7 @@ def agent_world(
     files_dir: str | None = None,
     checkers: bool = True,
     bootstrap: str = "join",
-    bookkeeping_every: int | None = 1,
+    bookkeeping_at_any_time: bool = True,
 ) -> World:
     """``n`` agents joining through the first three, every SWIM checker, and as liveness
     checkers CRDT convergence (equal databases after heal) and the agent's bookkeeping (no
@@ -212,8 +212,8 @@ def agent_world(
     ``files_dir``: where the world's temporary directory goes (see ``World``); ``checkers``:
     False for none (benchmarks); ``bootstrap="warm"``: every node boots at 0 and is told every
     other as ALIVE (``cluster.warm_start``), the steady state without the join storm;
-    ``bookkeeping_every``: check the bookkeeping after every this many events only (None: only
-    at the end, for long sweeps of seeds; the check doubles a run's wall time)."""
+    ``bookkeeping_at_any_time``: False checks the bookkeeping only at the end (long sweeps of
+    seeds: the check after every event doubles a run's wall time)."""
     if bootstrap not in ("join", "warm"):
         raise ValueError(f"bootstrap must be 'join' or 'warm', got {bootstrap!r}")
     swim_config = swim_config or Config.lan()
@@ -228,8 +228,8 @@ def agent_world(
         )
         store_of = lambda node: a.store if (a := agent_of(node)) else None  # noqa: E731
         world.add_checker(AgentBookkeeping(store_of, deadline))
-        if bookkeeping_every is not None:
-            world.add_checker(BookkeepingAtAnyTime(store_of, every=bookkeeping_every))
+        if bookkeeping_at_any_time:
+            world.add_checker(BookkeepingAtAnyTime(store_of))
     for i in range(n):
         seeds = [world.address(j) for j in range(SEEDS_PER_NODE + 1) if j != i][:SEEDS_PER_NODE]
         if bootstrap == "warm":
