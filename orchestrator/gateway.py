@@ -233,6 +233,8 @@ class Gateway:
         self._client = client
         # machines this gateway created, until its replica has them: their owner is known here
         self._created: OrderedDict[str, str] = OrderedDict()
+        # each worker's liveness as this gateway last saw it, to log changes once
+        self._live_seen: dict[str, bool] = {}
         methods = ["GET", "POST", "DELETE", "PUT"]
         routes = [
             Route(path, self._traced(handler, path), methods=ms)
@@ -305,17 +307,33 @@ class Gateway:
     def _now_ms(self) -> int:
         return int(time.time() * 1000)  # heartbeats are wall-clock milliseconds
 
+    def _live_workers(self, now_ms: int) -> list[WorkerInfo]:
+        """The replica's workers, logging each one whose liveness changed since this gateway
+        last looked: an operator sees why machines stopped (or resumed) landing on a host."""
+        workers = self.replica.workers()
+        for w in workers:
+            is_live = live(w, now_ms, self.heartbeat_ttl)
+            if self._live_seen.get(w.id, True) and not is_live:
+                log.warning("worker %s is not live (last heartbeat %.1f s ago, limit %.0f s): "
+                            "new machines go to other workers",
+                            w.id, (now_ms - w.heartbeat) / 1000, self.heartbeat_ttl)  # fmt: skip
+            elif self._live_seen.get(w.id) is False and is_live:
+                log.info("worker %s is live again", w.id)
+            self._live_seen[w.id] = is_live
+        return workers
+
     # --- endpoints ----------------------------------------------------------------------------
 
     async def _workers(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
             return denied
         used, now = self.replica.used(), self._now_ms()
+        workers = self._live_workers(now)
         return JSONResponse([
             {"id": w.id, "region": w.region, "api_url": w.api_url, "capacity": w.capacity,
              "used": used.get(w.id, 0), "cordoned": w.cordoned, "draining": w.draining,
              "live": live(w, now, self.heartbeat_ttl), "heartbeat": iso(w.heartbeat / 1000)}
-            for w in self.replica.workers()
+            for w in workers
         ])  # fmt: skip
 
     async def _cordon(self, request: Request) -> Response:
@@ -360,8 +378,9 @@ class Gateway:
         region = parsed.get("region") or None
         if region is not None and not isinstance(region, str):
             return _error(400, "region: expected a string")
-        candidates = place(self.replica.workers(), self._used(), region=region,
-                           now_ms=self._now_ms(), ttl=self.heartbeat_ttl)  # fmt: skip
+        now = self._now_ms()
+        candidates = place(self._live_workers(now), self._used(), region=region, now_ms=now,
+                           ttl=self.heartbeat_ttl)  # fmt: skip
         if not candidates:
             where = f" in region {region}" if region else ""
             return _error(503, f"no live worker{where} with free capacity")

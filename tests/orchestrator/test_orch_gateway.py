@@ -50,6 +50,34 @@ def test_place_by_region_live_and_free_capacity():
     assert [x.id for x in place(workers, {}, region=None, now_ms=NOW)] == ["c", "a", "b"]
 
 
+class ListedWorkers:
+    """The one replica read the liveness log needs: the workers' rows."""
+
+    def __init__(self, workers: list[WorkerInfo]) -> None:
+        self.rows = workers
+
+    def workers(self) -> list[WorkerInfo]:
+        return self.rows
+
+
+def test_a_worker_going_silent_and_coming_back_is_logged_once_each_way(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="orchestrator.gateway")
+    replica = ListedWorkers([w("a"), w("b")])
+    gateway = Gateway(replica)  # type: ignore[arg-type]
+    gateway._live_workers(NOW)
+    assert "live" not in caplog.text  # live workers seen live: nothing to say
+    replica.rows = [w("a"), w("b", age=12.5)]
+    gateway._live_workers(NOW)
+    gateway._live_workers(NOW + 1000)
+    silent = [r for r in caplog.records if "is not live" in r.getMessage()]
+    assert len(silent) == 1 and silent[0].levelno == logging.WARNING
+    assert "worker b is not live (last heartbeat 12.5 s ago, limit 10 s)" in caplog.text
+    replica.rows = [w("a"), w("b")]
+    gateway._live_workers(NOW)
+    gateway._live_workers(NOW)
+    assert [r.getMessage() for r in caplog.records].count("worker b is live again") == 1
+
+
 def test_list_filters():
     filters, problem = list_filter({"region": "ams", "state": "started,stopped",
                                     "metadata.role": "db"})  # fmt: skip
