@@ -69,7 +69,8 @@ import heapq
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .changeset import K_GRAFT, K_IHAVE, K_PRUNE, encode_control
 
@@ -244,6 +245,24 @@ class Plumtree:
             if a not in tree.eager:
                 lazy[a] = None
         tree.lazy = lazy
+
+    def snapshot(self) -> dict[str, Any]:
+        """What an operator asks of the trees (``corrosion plumtree stats``, ``/metrics``): the
+        counters since start and the state now. Origins in sorted order, so the answer is the
+        same for the same state."""
+        trees = {
+            root.hex(): {"eager": [a.hex() for a in t.eager], "lazy": [a.hex() for a in t.lazy]}
+            for root, t in sorted(self._trees.items())
+        }
+        return {
+            **asdict(self.stats),
+            "peers": len(self._peers),
+            "trees": trees,
+            "eager_links": sum(len(t.eager) for t in self._trees.values()),
+            "lazy_links": sum(len(t.lazy) for t in self._trees.values()),
+            "missing": len(self._missing),
+            "delivered_kept": len(self._delivered),
+        }
 
     # -- sending and receiving messages ------------------------------------------------------
 

@@ -9,6 +9,7 @@
     corrosion cluster rejoin              announce this node to the seeds and known members
     corrosion sync generate               this node's sync state as JSON, from the admin socket
     corrosion sync reconcile-gaps         rewrite the gaps table from the bookkeeping
+    corrosion plumtree stats              the broadcast trees (gossip.broadcast = "plumtree")
     corrosion actor version ACTOR VERSION what this node holds of one version
     corrosion subs list | info            the agent's subscriptions (admin socket)
     corrosion reload                      re-apply the schema files, through the admin socket
@@ -129,6 +130,11 @@ schema_app = typer.Typer(
     help="The cluster schema (through the admin socket).", no_args_is_help=True
 )
 app.add_typer(schema_app, name="schema")
+plumtree_app = typer.Typer(
+    help='The broadcast trees of gossip.broadcast = "plumtree" (through the admin socket).',
+    no_args_is_help=True,
+)
+app.add_typer(plumtree_app, name="plumtree")
 app.add_typer(tls_app, name="tls")
 
 
@@ -514,6 +520,15 @@ def sync_generate(ctx: typer.Context) -> None:
     with _Errors():
         state = admin_request(_g(ctx).admin(), "sync generate")
     typer.echo(json.dumps(state, indent=2, sort_keys=True))
+
+
+@plumtree_app.command("stats")
+def plumtree_stats(ctx: typer.Context) -> None:
+    """The trees as JSON: counters since start (frames pushed, IHAVE ids, GRAFTs, PRUNEs), and
+    per origin the eager and lazy peers; an error if this agent broadcasts by fan-out."""
+    with _Errors():
+        stats = admin_request(_g(ctx).admin(), "plumtree stats")
+    typer.echo(json.dumps(stats, indent=2, sort_keys=True))
 
 
 @app.command()

@@ -31,6 +31,7 @@ line and reads one JSON object per line back, in order; a connection may carry a
     → {"cmd": "health"}                                 ← {"ok": true, "result": {...}}
     → {"cmd": "log set", "filter": "debug"}             ← {"ok": true, "result": {"filter": ...}}
     → {"cmd": "log reset"}                              ← {"ok": true, "result": {"filter": ...}}
+    → {"cmd": "plumtree stats"}                         ← {"ok": true, "result": {counters, trees}}
     → {"cmd": "profile", "seconds": 10, "out": "/abs/agent.prof"}
                                                         ← {"ok": true, "result": {"path", ...}}
     → anything else                                     ← {"ok": false, "error": "..."}
@@ -42,7 +43,7 @@ agent: frames of a 4-byte big-endian length then that many bytes of JSON (tokio'
 ``{"Actor": {"Version": {"actor_id": "<uuid>", "version": 3}}}``, ...), answered by a stream
 of ``{"Log": {"level", "msg", "ts"}}`` and ``{"Json": value}`` frames ended by ``"Success"`` or
 ``{"Error": {"msg": "..."}}``. corrosion's commands that have no meaning here (``ReloadDicts``,
-``Plumtree``, ``Cluster SetId``, ``Sync CheckBookieConsistency/ProcessBufferedChanges``) are
+``Cluster SetId``, ``Sync CheckBookieConsistency/ProcessBufferedChanges``) are
 answered with an ``Error`` that says so.
 
 Bad input (invalid JSON, unknown command, wrong argument types) gets an error reply and the
@@ -102,6 +103,7 @@ COMMANDS = (
     "log set",
     "log reset",
     "profile",
+    "plumtree stats",
 )
 ARGS = {
     "reload": {"allow_destructive"},
@@ -317,6 +319,11 @@ async def _run(agent: AdminAgent, request: dict[str, Any]) -> Any:
             raise _BadRequest(str(exc)) from None
     if cmd == "cluster members":
         return [m.to_json() for m in agent.members()]
+    if cmd == "plumtree stats":
+        tree = agent.replicator.plumtree if agent.replicator is not None else None
+        if tree is None:
+            raise _BadRequest('plumtree is not in use here (gossip.broadcast = "fanout")')
+        return tree.snapshot()
     if cmd in _PARTS_COMMANDS:
         try:
             return await _PARTS_COMMANDS[cmd](agent, request)
@@ -452,7 +459,7 @@ _CORROSION_COMMANDS: dict[tuple[str, str | None], str | None] = {
     ("Subs", "Info"): "subs info",
     ("Log", "Set"): "log set",
     ("Log", "Reset"): "log reset",
-    ("Plumtree", "Stats"): None,
+    ("Plumtree", "Stats"): "plumtree stats",
 }
 
 

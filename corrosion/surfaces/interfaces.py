@@ -76,6 +76,7 @@ class AdminAgent(AgentHealth, Protocol):
     subscriptions: Subscriptions
     store: Store | None
     swim: swim.SwimNode | None
+    replicator: Replicator | None
     db_lock: anyio.Lock
 
     async def reload_schema(self, *, allow_destructive: bool = False) -> list[str]: ...

@@ -112,6 +112,35 @@ def histogram_samples(histogram: Any, labels: dict[str, str] | None = None) -> l
     ]
 
 
+PLUMTREE_COUNTERS = (
+    ("eager_sent", "Changeset frames pushed to eager peers (gossip.broadcast = plumtree)."),
+    ("ihave_ids_sent", "Message ids announced to lazy peers in IHAVE frames."),
+    ("grafts_sent", "GRAFTs sent for messages announced but not received."),
+    ("grafts_answered", "Frames sent in answer to peers' GRAFTs."),
+    ("prunes_sent", "PRUNEs sent on duplicate deliveries (a peer moved to lazy)."),
+    ("prunes_received", "PRUNEs received (this node moved a peer to lazy)."),
+)
+
+
+def plumtree_families(snap: dict[str, Any]) -> list[tuple[str, str, str, list[_Sample]]]:
+    """The broadcast trees' counters and state, from ``Plumtree.snapshot()``."""
+    fams: list[tuple[str, str, str, list[_Sample]]] = [
+        (f"corro_plumtree_{key}_total", "counter", text, [({}, float(snap[key]))])
+        for key, text in PLUMTREE_COUNTERS
+    ]
+    fams += [
+        ("corro_plumtree_links", "gauge", "Peers per kind over every origin's tree.",
+         [({"kind": "eager"}, float(snap["eager_links"])),
+          ({"kind": "lazy"}, float(snap["lazy_links"]))]),
+        ("corro_plumtree_trees", "gauge", "Origins this node keeps a tree for.",
+         [({}, float(len(snap["trees"])))]),
+        ("corro_plumtree_missing", "gauge",
+         "Messages announced by IHAVE and not received yet (GRAFT pending or given up to sync).",
+         [({}, float(snap["missing"]))]),
+    ]  # fmt: skip
+    return fams
+
+
 def collect(
     agent: MetricsAgent, rows: dict[str, int] | None = None
 ) -> list[tuple[str, str, str, list[_Sample]]]:
@@ -208,6 +237,9 @@ def collect(
          one(agent.pending_schema.applied_total)),
         *schema_families(agent.schema.status),
     ]  # fmt: skip
+    tree = agent.replicator.plumtree if agent.replicator is not None else None
+    if tree is not None:
+        fams += plumtree_families(tree.snapshot())
     reaper = agent.reaper
     if reaper is not None:
         fams += [

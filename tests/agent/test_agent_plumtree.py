@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import random
 
+import anyio
 import pytest
 from agent_helpers import cluster, rows
 from support import wait_for
+
+from corrosion.surfaces.admin import admin_request
+from corrosion.surfaces.metrics import collect, render
 
 pytestmark = pytest.mark.anyio
 
@@ -39,3 +43,19 @@ async def test_four_plumtree_agents_converge_by_broadcast_alone(tmp_path):
         assert sum(r.plumtree.stats.eager_sent for r in reps if r.plumtree) > 0
         # the first messages of each origin flood, duplicates PRUNE the later senders
         assert sum(r.plumtree.stats.prunes_received for r in reps if r.plumtree) > 0
+
+        # what an operator sees: the trees through the admin socket, the counters in /metrics
+        stats = [
+            await anyio.to_thread.run_sync(admin_request, a.config.admin_socket(), "plumtree stats")
+            for a in agents
+        ]
+        assert all(s["peers"] == 3 for s in stats)
+        assert sum(s["eager_sent"] for s in stats) == sum(
+            r.plumtree.stats.eager_sent for r in reps if r.plumtree
+        )
+        writer = next(s for s in stats if s["trees"])
+        origin, tree = next(iter(writer["trees"].items()))
+        assert len(origin) == 32 and tree["eager"], writer
+        text = render(collect(agents[0]))
+        assert "corro_plumtree_eager_sent_total " in text
+        assert 'corro_plumtree_links{kind="eager"}' in text

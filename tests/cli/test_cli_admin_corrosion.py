@@ -188,7 +188,7 @@ async def test_corrosion_framing_refuses_what_does_not_apply_and_survives_bad_fr
             "Ping",
         )
         assert "ReloadDicts does not apply" in error(replies[0])
-        assert "Plumtree Stats does not apply" in error(replies[1])
+        assert "plumtree is not in use here" in error(replies[1])  # fan-out by default
         assert "Cluster SetId does not apply" in error(replies[2])
         assert "unknown corrosion admin command Sync Explode" in error(replies[3])
         assert "is not a UUID" in error(replies[4])
