@@ -302,6 +302,7 @@ class AgentRuntime:
             "metrics_addr": format_addr(metrics) if metrics else None,
             "extensions": [ext.name for ext in self.extensions],
             "cluster_id": self.config.gossip.cluster_id,
+            "broadcast": self.config.gossip.broadcast,
         }
 
     async def aclose(self) -> None:

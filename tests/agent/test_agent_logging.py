@@ -54,6 +54,7 @@ async def test_startup_line_names_every_bound_address(tmp_path, caplog):
         assert f["api_addrs"][0] != "127.0.0.1:0"  # the bound port, not the configured 0
         assert f["metrics_addr"] == format_addr(a.metrics_addr)
         assert f["admin_path"] == str(cfg.admin_socket())
+        assert f["broadcast"] == "fanout"  # the mode a cluster must agree on, said at start
         assert stat.S_ISSOCK(os.stat(f["admin_path"]).st_mode)
         created = [fields(r)["change"] for r in records(caplog, "corrosion.schema", "schema")]
         assert sorted(created) == ["created table items", "created table kv"]
