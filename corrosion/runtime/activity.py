@@ -218,14 +218,21 @@ def describe_frame(data: bytes) -> str:
     return f"{names.get(kind, f'frame kind {kind}')} ({len(data)} bytes)"
 
 
-def frame_error(data: bytes) -> str:
-    """Why a frame was dropped as malformed (decoded again: malformed frames are rare)."""
-    from ..core.changeset import FrameError, decode_frame
+def frame_error(data: bytes, *, plumtree: bool = False) -> str:
+    """Why a frame was dropped as malformed (decoded again: malformed frames are rare);
+    ``plumtree``: whether this node runs ``gossip.broadcast = "plumtree"``."""
+    from ..core import changeset as cs
 
     try:
-        decode_frame(data)
-    except FrameError as exc:
+        kind = cs.decode_frame(data)[0]
+    except cs.FrameError as exc:
         return str(exc)
+    control = {cs.K_IHAVE: "IHAVE", cs.K_GRAFT: "GRAFT", cs.K_PRUNE: "PRUNE"}.get(kind)
+    if control is not None and not plumtree:
+        return (f'a plumtree {control} frame, but this node runs gossip.broadcast = "fanout": '
+                "every node of a cluster must use the same broadcast mode")  # fmt: skip
+    if control is not None:
+        return f"a plumtree {control} frame from a peer that is not a member here (yet)"
     return "unexpected frame kind"
 
 

@@ -257,7 +257,9 @@ class PeerStreams:
                 self._spans.queued(queued, peer, "broadcast")
                 self._queued()
             if stats.malformed != malformed:
-                self._activity.malformed(peer, frame_error(data))
+                self._activity.malformed(
+                    peer, frame_error(data, plumtree=replicator.plumtree is not None)
+                )
 
     # -- sync ----------------------------------------------------------------------------------
 

@@ -4,13 +4,16 @@ streams, which name each frame's sender by their hello."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 
 import anyio
 import pytest
-from agent_helpers import cluster, rows
+from agent_helpers import agent_config, cluster, rows, seed_addr
 from support import wait_for
 
+from corrosion import Agent
 from corrosion.surfaces.admin import admin_request
 from corrosion.surfaces.metrics import collect, render
 
@@ -53,9 +56,49 @@ async def test_four_plumtree_agents_converge_by_broadcast_alone(tmp_path):
         assert sum(s["eager_sent"] for s in stats) == sum(
             r.plumtree.stats.eager_sent for r in reps if r.plumtree
         )
-        writer = next(s for s in stats if s["trees"])
-        origin, tree = next(iter(writer["trees"].items()))
-        assert len(origin) == 32 and tree["eager"], writer
+        trees = [(origin, t) for s in stats for origin, t in s["trees"].items()]
+        assert trees and all(len(origin) == 32 for origin, _ in trees)
+        assert any(t["eager"] for _, t in trees), stats  # each origin pushes to someone
         text = render(collect(agents[0]))
         assert "corro_plumtree_eager_sent_total " in text
         assert 'corro_plumtree_links{kind="eager"}' in text
+
+
+async def test_a_node_in_the_other_broadcast_mode_is_named_in_the_log(tmp_path, caplog):
+    """A cluster must share one mode. One plumtree node among fan-out ones: a write of a fan-out
+    node reaches the plumtree node twice (fan-out relays it), whose PRUNE the fan-out node drops
+    as malformed, naming the mismatch; sync still converges them."""
+    caplog.set_level(logging.WARNING, logger="corrosion.apply")
+    async with contextlib.AsyncExitStack() as stack:
+        tree = await stack.enter_async_context(
+            Agent(agent_config(tmp_path, "tree", gossip={"broadcast": "plumtree"}))
+        )
+        fans = [
+            await stack.enter_async_context(
+                Agent(agent_config(tmp_path, f"fan{i}", [seed_addr(tree)]))
+            )
+            for i in range(2)
+        ]
+        everyone = [tree, *fans]
+        await wait_for(lambda: all(a.alive_members() == 2 for a in everyone),
+                       what="the three to meet")  # fmt: skip
+        writes = 0
+
+        async def named() -> bool:
+            nonlocal writes
+            if "every node of a cluster must use the same broadcast mode" in caplog.text:
+                return True
+            await fans[writes % 2].execute([[UPSERT, [f"k{writes}", writes]]])
+            writes += 1
+            return False
+
+        await wait_for(named, what="a fan-out node to name the mismatch")
+        assert 'a plumtree PRUNE frame, but this node runs gossip.broadcast = "fanout"' in (
+            caplog.text
+        )
+
+        async def converged() -> bool:
+            tables = [await rows(a, "SELECT k, v FROM kv ORDER BY k") for a in everyone]
+            return len(tables[0]) == writes and all(t == tables[0] for t in tables)
+
+        await wait_for(converged, what="the three to hold every write")
