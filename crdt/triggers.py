@@ -30,7 +30,8 @@ UPDATE (``after_update``)
 DELETE (``after_delete``)
     The sentinel becomes cl 2 (or +1), and the row's column clocks are dropped.
 
-All triggers are ``WHEN crsql_internal_sync_bit() = 0``: merges set the bit around their writes.
+All triggers are ``WHEN crsql_internal_local_write() = 1``, which is 0 while the sync bit is
+set: merges set the bit around their writes.
 
 Lookaside matches use ``pk = +NEW.pk``: the unary ``+`` strips the NEW value's affinity, so the
 comparison against the untyped lookaside column keeps using its index (without it every write
@@ -109,25 +110,6 @@ def _create_record(info: TableInfo, src: str, where: str = "") -> list[str]:
 def _delete_record(info: TableInfo, src: str, where: str = "") -> list[str]:
     """mark_locally_deleted: sentinel cl 2, or +1 (no parity check, as upstream)."""
     return _sentinel_upsert(info, src, where, 2, "col_version + 1")
-
-
-def _column_clock(info: TableInfo, col: str, where: str = "") -> list[str]:
-    """mark_locally_updated for one column: col_version + 1, or 1 for a new clock."""
-    name = literal(col)
-    return [
-        f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
-        f"seq = {SEQ}, site_id = 0 "
-        f"WHERE {_and('key = ' + _key_of(info, 'NEW'), 'col_name = ' + name, where)};",
-        f"INSERT INTO {info.clock} {CLOCK_COLS} SELECT k.__crsql_key, {name}, 1, {NDV}, {SEQ}, 0 "
-        f"FROM {info.pks_table} AS k WHERE "
-        + _and(
-            _match(info, "NEW", "k"),
-            where,
-            f"NOT EXISTS (SELECT 1 FROM {info.clock} AS c "
-            f"WHERE c.key = k.__crsql_key AND c.col_name = {name})",
-        )
-        + ";",
-    ]
 
 
 def _seq_by_position(info: TableInfo) -> tuple[str, str]:
