@@ -21,6 +21,7 @@ from .merge import merge as _merge
 from .merge import merge_changesets as _merge_changesets
 from .pack import pack_columns
 from .state import CrrState
+from .tableinfo import read_table_info
 from .vtab import ChangesModule
 
 CRSQLITE_VERSION = 160300
@@ -72,9 +73,11 @@ def connect(
         conn.set_busy_timeout(5000)
         if wal and path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
-        state = _bootstrap(conn, site_id)
+        state, rebuilt = _bootstrap(conn, site_id)
         conn.crr = state
         _register(conn, state)
+        if rebuilt:
+            _record_unclocked(conn, state, rebuilt)
         if merge_equal_values is not None:
             config_set(conn, state, "merge-equal-values", 1 if merge_equal_values else 0)
     except BaseException:
@@ -83,7 +86,19 @@ def connect(
     return conn
 
 
-def _bootstrap(conn: apsw.Connection, site_id: bytes | None) -> CrrState:
+def _record_unclocked(conn: apsw.Connection, state: CrrState, tables: list[str]) -> None:
+    """Values in CRRs whose triggers were just rebuilt that no clock records (a column added by
+    a plain ``ALTER TABLE`` outside the alter functions: the old triggers did not know it) become
+    local writes at one new db_version, so peers receive them. A table whose triggers were only
+    rewritten by a newer release has none, and no version is taken."""
+    with conn:
+        for table in tables:
+            crr.backfill(conn, state, read_table_info(conn, table), commit_alter=False)
+
+
+def _bootstrap(conn: apsw.Connection, site_id: bytes | None) -> tuple[CrrState, list[str]]:
+    """The connection's CRR state, and the CRRs whose triggers were rebuilt on this open."""
+    rebuilt: list[str] = []
     readonly = conn.readonly("main")
     if not readonly:
         with conn:
@@ -109,7 +124,7 @@ def _bootstrap(conn: apsw.Connection, site_id: bytes | None) -> CrrState:
                     "INSERT INTO crsql_site_id (site_id, ordinal) VALUES (?, 0)",
                     (site_id or new_site_id(),),
                 )
-            crr.upgrade_triggers(conn)
+            rebuilt = crr.upgrade_triggers(conn)
     row = conn.execute("SELECT site_id FROM crsql_site_id WHERE ordinal = 0").fetchone()
     if row is None:
         raise CrdtError("database has no site id and is read-only")
@@ -118,7 +133,7 @@ def _bootstrap(conn: apsw.Connection, site_id: bytes | None) -> CrrState:
         "SELECT value FROM crsql_master WHERE key = 'config.merge-equal-values'"
     ).fetchone()
     state.merge_equal_values = bool(mev and mev[0])
-    return state
+    return state, rebuilt
 
 
 def config_set(conn: apsw.Connection, state: CrrState, name: str, value: Any) -> Any:
