@@ -100,6 +100,8 @@ class OrchEvent:
     detail: str = ""
     target: str = ""
     """For run_started: the state the run promises (``operations.target_state``), if any."""
+    error: str = ""
+    """For run_finished: why the run halted (``RunError.message``), if it did."""
 
 
 class ProcessKilled(BaseException):
@@ -204,12 +206,18 @@ class _Observer(EngineObserver):
 
     def run_finished(self, result: RunResult) -> None:
         self.proc.check_alive(f"run {result.run_id} finished")
-        self._emit(
-            "run_finished",
-            result.run_id,
-            result.machine_id,
-            result.action,
-            detail=result.status.value,
+        c = self.core
+        c._emit(
+            OrchEvent(
+                "run_finished",
+                c.worker,
+                self.proc.pid,
+                result.run_id,
+                result.machine_id,
+                result.action,
+                detail=result.status.value,
+                error=result.error.message if result.error is not None else "",
+            )
         )
 
 

@@ -25,7 +25,8 @@ Checked after every restart, on that node (violations under ``power-cut``):
   history, or the machine was destroyed and archived).
 
 At every event (``orch_checks.StepsOnce``): no step reported complete starts again, no finished
-run resumes, a succeeded run leaves its machine in the state it promised. After the faults stop
+run resumes, a succeeded run leaves its machine in the state it promised; and a run fails only
+because the reboot took the instance it was to start (:data:`LOST_INSTANCE`). After the faults stop
 and the network heals, the liveness checkers must settle: every accepted run finished
 (``RunsFinish``), every replica of ``machines`` equal to the workers' truth
 (``PublishedRows``) and the agents' databases byte-equal (``CrdtConvergence``, ordered dumps).
@@ -37,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,9 +52,9 @@ from orchestrator.store import SUFFIX, archive_key
 from .checkers import run_liveness
 from .node import SimNode
 from .orch_checks import StepsOnce
-from .orch_core import OrchSettings, orchestrator_of
+from .orch_core import OrchEvent, OrchSettings, orchestrator_of
 from .orch_world import BASE_LINK, OrchStats, Workload, orchestrator_world, recover
-from .power_cuts import CutLog, PowerCuts
+from .power_cuts import CHECK, CutLog, PowerCuts
 from .world import World
 
 __all__ = ["FAULTS", "OrchPowerCutRun", "orch_power_cut_run"]
@@ -60,6 +62,9 @@ __all__ = ["FAULTS", "OrchPowerCutRun", "orch_power_cut_run"]
 FAULTS = ("kill", "killpoint", "partition", "outage")
 """The workload's other faults (node crashes are the power cuts; driver faults would make runs
 fail for reasons of their own)."""
+LOST_INSTANCE = re.compile(r"instance \S+ disappeared")
+"""The one reason a run may fail here: a power cut is a host reboot, and the ``FakeDriver``'s
+instances do not survive it (a restart or exit run then finds none to start)."""
 
 
 @dataclass
@@ -69,6 +74,16 @@ class OrchPowerCutRun(CutLog):
     counts: dict[str, int] = field(default_factory=dict)  # OrchStats: runs, steps, processes
     logs_checked: int = 0  # step logs checked after restarts
     redone: int = 0  # completed steps started again (violations)
+
+    @property
+    def steplog_losses(self) -> int:
+        """Cuts that took unsynced step-log writes away (or tore one): the recoveries a step
+        log had to survive."""
+        n = 0
+        for line in self.log:
+            notes = line.split(" crashed: ", 1)[1].split("; ") if " crashed: " in line else []
+            n += any(_lost_writes(note) for note in notes if ".sqlite" in note)
+        return n
 
     @property
     def resumed(self) -> int:
@@ -83,10 +98,16 @@ class OrchPowerCutRun(CutLog):
                 f"({self.mid_operation} mid-operation, {self.torn} torn files), "
                 f"{c.get('run_started', 0)} runs started ({self.resumed} resumed), "
                 f"{c.get('step_completed', 0)} steps completed, {self.logs_checked} step logs "
-                "checked after restarts",
+                f"checked, {self.steplog_losses} cuts took step-log writes",
                 *(f"  {line}" for line in self.log[-40:]),
             ]
         )
+
+
+def _lost_writes(note: str) -> bool:
+    """Whether a recovery note (``FaultyVFS.recover``) says writes were lost or torn."""
+    m = re.search(r"kept (\d+) of (\d+)", note)
+    return "torn" in note or (m is not None and m[1] != m[2])
 
 
 @contextmanager
@@ -146,6 +167,11 @@ def completed_steps(conn: apsw.Connection) -> dict[str, set[str]]:
     return out
 
 
+def _steplog(name: str) -> bool:
+    """A step log's file (``<machine>.sqlite`` and its ``-wal``), not the agent's store."""
+    return ".sqlite" in name
+
+
 class _Disks(PowerCuts):
     """The power cuts of an orchestrator world, and the step-log checks after a restart."""
 
@@ -153,6 +179,16 @@ class _Disks(PowerCuts):
         super().__init__(world, run, rng, on_cut=self._power_lost)
         self.run: OrchPowerCutRun = run
         (self.ledger,) = [c for c in world.checkers if type(c) is StepsOnce]
+        world.event_hooks.append(self._on_event)
+
+    def _on_event(self, node: SimNode, channel: str, e: object) -> None:
+        """A run fails here only when the reboot took its instance (no driver faults)."""
+        if type(e) is not OrchEvent or e.kind != "run_finished" or e.detail != "failed":
+            return
+        if not LOST_INSTANCE.search(e.error):
+            self.world.fail(
+                CHECK, f"{e.action} run {e.run_id} on {e.machine_id} ({e.worker}) failed: {e.error}"
+            )
 
     @staticmethod
     def _power_lost(node: SimNode) -> None:
@@ -226,8 +262,13 @@ def orch_power_cut_run(
             if t >= end:
                 break
             node = world.nodes[rng.randrange(nodes)]
-            after = None if rng.random() < 0.3 else rng.randint(0, 40)
-            world.at(t, disks.cut, node, after)
+            u = rng.random()
+            if u < 0.3:
+                world.at(t, disks.cut, node, None)
+            elif u < 0.65:  # inside whatever the node writes next: mostly its agent's applies
+                world.at(t, disks.cut, node, rng.randint(0, 40))
+            else:  # inside the worker's next step-log writes
+                world.at(t, disks.cut, node, rng.randint(0, 12), _steplog, "step-log")
         world.run_until(end)
         disks.clear_faults()
         world.run_for(2.5)  # the last node whose power went restarts
@@ -237,6 +278,9 @@ def orch_power_cut_run(
         world.check(final=False)
         recover(world)
         run_liveness(world, link=BASE_LINK)
+        for node in world.nodes:  # and every node's logs and store once more, at the end
+            for problem in disks.problems(node):
+                world.fail(CHECK, f"at the end, {node.name}: {problem}")
         run.counts = stats.counts
         world.config_text = run.describe()
         world.check(final=True)

@@ -146,9 +146,16 @@ class PowerCuts:
             not n.up or n.halted for n in self.world.nodes
         )
 
-    def cut(self, node: SimNode, after_writes: int | None) -> None:
+    def cut(
+        self,
+        node: SimNode,
+        after_writes: int | None,
+        only: Callable[[str], bool] | None = None,
+        what: str = "",
+    ) -> None:
         """Cut ``node``'s power now (between events), or after ``after_writes`` more writes
-        (inside whatever it does then); nothing if another power fault is under way."""
+        (inside whatever it does then; with ``only``, writes to the files it accepts, named
+        ``what`` in the log); nothing if another power fault is under way."""
         if not node.up or self.armed():
             return
         vfs = self.vfs[node.index]
@@ -159,9 +166,9 @@ class PowerCuts:
         else:
             self.run.log.append(
                 f"t={self.world.now:.2f}s the power of {node.name} goes after {after_writes} "
-                "more writes"
+                f"more {what + ' ' if what else ''}writes"
             )
-            vfs.cut_power_after(after_writes)
+            vfs.cut_power_after(after_writes, only)
             self._mid.add(node.index)
 
     def clear_faults(self) -> None:

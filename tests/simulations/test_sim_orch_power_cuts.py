@@ -9,6 +9,8 @@ caught, so the checks can fail.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from support.planted_bugs import resume_redoes_last_completed_step, steplog_not_synced
 
@@ -16,6 +18,7 @@ from simulations import SimulationFailure
 from simulations.orch_power_cuts import orch_power_cut_run
 
 SEEDS = range(6)
+REDONE = r"orch-steps-once\] .* again \(.*\): its COMPLETE was acknowledged"
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -32,7 +35,7 @@ def test_the_cuts_interrupt_runs_and_tear_writes():
     runs = [orch_power_cut_run(seed) for seed in (0, 2)]
     assert sum(r.resumed for r in runs) >= 4
     assert sum(r.torn for r in runs) > 0
-    assert any(".sqlite" in line and "kept" in line for r in runs for line in r.log)
+    assert sum(r.steplog_losses for r in runs) >= 2
 
 
 def test_a_run_replays_from_its_seed():
@@ -41,15 +44,25 @@ def test_a_run_replays_from_its_seed():
     assert first.log == again.log and first.counts == again.counts
 
 
+def _violations(seeds) -> str:
+    """The violations of the seeds that failed (a planted bug shows in some of them)."""
+    out = []
+    for seed in seeds:
+        try:
+            orch_power_cut_run(seed)
+        except SimulationFailure as exc:
+            out += [str(v) for v in exc.violations]
+    return "\n".join(out)
+
+
 def test_a_step_log_that_does_not_sync_is_caught(monkeypatch):
     steplog_not_synced(monkeypatch)
-    with pytest.raises(
-        SimulationFailure, match=r"(orch-steps-once\] .* again|power-cut\] .* (lost|not in))"
-    ):
-        orch_power_cut_run(0)
+    found = _violations((0, 1))
+    assert re.search(REDONE, found), found
+    assert re.search(r"power-cut\] .* lost acknowledged COMPLETEs", found), found
 
 
 def test_an_engine_that_redoes_a_completed_step_is_caught(monkeypatch):
     resume_redoes_last_completed_step(monkeypatch)
-    with pytest.raises(SimulationFailure, match=r"orch-steps-once\] .* again .* acknowledged"):
-        orch_power_cut_run(0)
+    found = _violations((0, 1))
+    assert re.search(REDONE, found), found
