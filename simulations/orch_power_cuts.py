@@ -72,7 +72,7 @@ class OrchPowerCutRun(CutLog):
     """What :func:`orch_power_cut_run` did."""
 
     counts: dict[str, int] = field(default_factory=dict)  # OrchStats: runs, steps, processes
-    logs_checked: int = 0  # step logs checked after restarts
+    logs_checked: int = 0  # step logs checked (after restarts and at the end)
     redone: int = 0  # completed steps started again (violations)
 
     @property
