@@ -74,6 +74,7 @@ class OrchPowerCutRun(CutLog):
     counts: dict[str, int] = field(default_factory=dict)  # OrchStats: runs, steps, processes
     logs_checked: int = 0  # step logs checked (after restarts and at the end)
     redone: int = 0  # completed steps started again (violations)
+    digest: str = ""  # the world's trace digest (same seed, same digest)
 
     @property
     def steplog_losses(self) -> int:
@@ -287,5 +288,6 @@ def orch_power_cut_run(
     finally:
         logger.setLevel(level)
         run.redone = disks.ledger.redone
+        run.digest = world.digest()
         world.close()
     return run

@@ -9,7 +9,11 @@ caught, so the checks can fail.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from support.planted_bugs import resume_redoes_last_completed_step, steplog_not_synced
@@ -18,6 +22,7 @@ from simulations import SimulationFailure
 from simulations.orch_power_cuts import orch_power_cut_run
 
 SEEDS = range(6)
+ROOT = Path(__file__).resolve().parents[2]
 REDONE = r"orch-steps-once\] .* again \(.*\): its COMPLETE was acknowledged"
 
 
@@ -42,6 +47,24 @@ def test_a_run_replays_from_its_seed():
     first = orch_power_cut_run(3)
     again = orch_power_cut_run(3)
     assert first.log == again.log and first.counts == again.counts
+    assert first.digest == again.digest
+
+
+REPLAY = """
+from simulations.orch_power_cuts import orch_power_cut_run
+run = orch_power_cut_run(4)
+print(run.digest, run.cuts, run.torn, sorted(run.counts.items()))
+"""
+
+
+def test_same_digest_across_processes_and_hash_seeds():
+    outs = []
+    for hashseed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed)
+        out = subprocess.run([sys.executable, "-c", REPLAY], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+        outs.append(out.stdout)
+    assert outs[0] == outs[1] and outs[0].strip()
 
 
 def _violations(seeds) -> str:
