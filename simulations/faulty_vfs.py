@@ -65,6 +65,7 @@ class FaultyVFS(apsw.VFS):
         self.on_cut: Callable[[], object] | None = None
         """Called when the power goes (a simulated machine stops sending: ``power_cuts``)."""
         self._writes_left: int | None = None
+        self._counted: Callable[[str], bool] | None = None
         self._reads_ok: int | None = None
         self._reads_failing = 0
 
@@ -78,9 +79,11 @@ class FaultyVFS(apsw.VFS):
             if self.on_cut is not None:
                 self.on_cut()
 
-    def cut_power_after(self, writes: int) -> None:
-        """Cut the power just before the ``writes + 1``-th write from now."""
+    def cut_power_after(self, writes: int, only: Callable[[str], bool] | None = None) -> None:
+        """Cut the power just before the ``writes + 1``-th write from now; with ``only``,
+        counting only writes to the files whose name (without folder) it accepts."""
         self._writes_left = writes
+        self._counted = only
 
     @property
     def cut_armed(self) -> bool:
@@ -93,6 +96,7 @@ class FaultyVFS(apsw.VFS):
 
     def clear_faults(self) -> None:
         self._writes_left = self._reads_ok = None
+        self._counted = None
         self._reads_failing = 0
 
     def recover(self) -> list[str]:
@@ -157,9 +161,9 @@ class FaultyVFS(apsw.VFS):
         if filename in self.files:
             self.files[filename] = _Image(None)
 
-    def _write(self, image: _Image | None, op: tuple[int, bytes] | int) -> bool:
+    def _write(self, image: _Image | None, op: tuple[int, bytes] | int, what: str) -> bool:
         """Whether the write reaches the file (False once the power is cut)."""
-        if self._writes_left is not None:
+        if self._writes_left is not None and (self._counted is None or self._counted(what)):
             if self._writes_left == 0:
                 self._writes_left = None
                 self.cut_power()
@@ -199,11 +203,11 @@ class _FaultyFile(apsw.VFSFile):
         return super().xRead(amount, offset)
 
     def xWrite(self, data: bytes, offset: int) -> None:
-        if self.vfs._write(self.image, (offset, bytes(data))):
+        if self.vfs._write(self.image, (offset, bytes(data)), self.what):
             super().xWrite(data, offset)
 
     def xTruncate(self, newsize: int) -> None:
-        if self.vfs._write(self.image, newsize):
+        if self.vfs._write(self.image, newsize, self.what):
             super().xTruncate(newsize)
 
     def xSync(self, flags: int) -> None:

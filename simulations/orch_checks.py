@@ -6,6 +6,11 @@
   a step while another run of the same machine is mid-way is reported too, as is any step started
   by a process after it was killed (a zombie would execute a run its successor resumed). A
   periodic audit also reads each live engine's ``list_runs``.
+* :class:`StepsOnce` (safety, every event): a step whose COMPLETE the log acknowledged
+  (``step_completed``) never starts again, a run reported finished never resumes, and a run that
+  succeeded leaves its machine in the state it promised (``operations.target_state``). Only the
+  step a kill or power cut interrupted before its COMPLETE runs again (told ``is_restart``); the
+  engine marks no step as safe to redo once complete, so none is exempt.
 * :class:`RunsFinish` (liveness): after heal and quiet every accepted run has finished, no
   engine holds a live run, no step log has an unfinished run, and no machine is left in a
   transitional state (starting, stopping, ...).
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
     from .node import SimNode
     from .world import World
 
-__all__ = ["OneActiveRun", "PublishedRows", "RunsFinish", "orchestrator_checkers"]
+__all__ = ["OneActiveRun", "PublishedRows", "RunsFinish", "StepsOnce", "orchestrator_checkers"]
 
 STABLE = (m.CREATED, m.STARTED, m.STOPPED, m.FAILED, m.DESTROYED)
 
@@ -116,6 +121,61 @@ class OneActiveRun(Checker):
                         f"runs of {run.machine_id}: {seen[key]} and {run.run_id}",
                     )
                 seen[key] = run.run_id
+
+
+class StepsOnce(Checker):
+    name = "orch-steps-once"
+
+    def __init__(self) -> None:
+        # (worker, run id) -> (machine, action, promised state) of every run a live process
+        # accepted or resumed; the steps the log acknowledged complete; the finished runs
+        self.runs: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.completed: dict[tuple[str, str], dict[str, None]] = {}
+        self.finished: dict[tuple[str, str], str] = {}
+        self.redone = 0
+
+    def attach(self, world: World) -> None:
+        self.world = world
+        world.event_hooks.append(self._on_event)
+
+    def _on_event(self, node: SimNode, channel: str, event: Any) -> None:
+        if type(event) is not OrchEvent:
+            return
+        e = event
+        key = (e.worker, e.run_id)
+        if e.kind == "step_completed":
+            self.completed.setdefault(key, {})[e.step] = None
+        elif e.kind == "step_started":
+            if e.step in self.completed.get(key, {}):
+                self.redone += 1
+                self.world.fail(
+                    self.name,
+                    f"{e.worker} process {e.proc} starts step {e.step} of {e.action} run "
+                    f"{e.run_id} on {e.machine_id} again ({e.detail}): its COMPLETE was "
+                    "acknowledged",
+                )
+        elif e.kind == "run_started":
+            if key in self.finished:
+                self.world.fail(
+                    self.name,
+                    f"{e.worker} process {e.proc} resumes {e.action} run {e.run_id} on "
+                    f"{e.machine_id}, which finished ({self.finished[key]})",
+                )
+            self.runs.setdefault(key, (e.machine_id, e.action, e.target))
+        elif e.kind == "run_finished":
+            self.finished[key] = e.detail
+            target = self.runs.get(key, ("", "", ""))[2]
+            if e.detail == "succeeded" and target:
+                core = orchestrator_of(node)
+                orch = core.orch if core is not None else None
+                doc = orch.docs.find(e.machine_id) if orch is not None else None
+                state = m.DESTROYED if doc is None else doc["state"]
+                if state != target:
+                    self.world.fail(
+                        self.name,
+                        f"{e.action} run {e.run_id} on {e.machine_id} ({e.worker}) succeeded "
+                        f"but left the machine {state}, not {target} as it promised",
+                    )
 
 
 class RunsFinish(SettlingChecker):
@@ -233,4 +293,4 @@ class PublishedRows(SettlingChecker):
 
 
 def orchestrator_checkers(deadline: float = 180.0) -> list[Checker]:
-    return [OneActiveRun(), RunsFinish(deadline), PublishedRows(deadline)]
+    return [OneActiveRun(), StepsOnce(), RunsFinish(deadline), PublishedRows(deadline)]

@@ -17,13 +17,19 @@ Two kinds of death, as on a real worker:
   :class:`KillPoints`), which is how "killed after the side effect, before COMPLETE" happens.
 * **node crash** (``world.crash``): the whole host goes; the process is killed, the driver and its
   instances are lost (a reboot), the agent's core is rebuilt from its database.
+* **power cut** (``simulations.orch_power_cuts``): a node crash on a lying disk. The step logs
+  are opened through the node's faulty VFS (``disk.values["vfs"]``, beside the agent's store);
+  when the power goes, even inside a write, :meth:`OrchestratorCore.power_lost` kills the
+  process there: the write and whatever the process does after it never happen (a task that
+  goes on until its next await stops at the next step, run end, driver call or archive put).
 
 The orchestrator writes its machines' rows through :class:`SimPublisher`: a local transaction on
 the sibling agent core, which replicates it over the simulated network like any write.
 
 What it emits (``port.publish``, so the trace digests it and checkers see it): :class:`OrchEvent`
 for every process start (up), death (down) or unexpected failure (error), run start and
-finish, step start, and API call outcome (op).
+finish, step start and completion (its COMPLETE is on disk), and API call outcome (op). A dead
+process emits nothing.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from typing import Any
 import anyio.lowlevel
 
 from corrosion.core.statements import parse_statements
+from orchestrator.archive import ArchiveStore, DirectoryArchive
 from orchestrator.drivers import FakeDriver
 from orchestrator.drivers.base import ExitStatus, InstanceSpec, InstanceState, InstanceStatus
 from orchestrator.engine import Backoff, EngineObserver, RunInfo, RunResult
 from orchestrator.errors import OrchestratorError
+from orchestrator.operations import target_state
 from orchestrator.service import Orchestrator
 
 from .agent_core import AGENT, AgentCore
@@ -79,7 +87,7 @@ class OrchSettings:
 @dataclass(frozen=True)
 class OrchEvent:
     """Something an orchestrator process did, published to checkers and the trace. ``kind``:
-    up, down, run_started, run_finished, step_started, op."""
+    up, down, error, run_started, run_finished, step_started, step_completed, op."""
 
     kind: str
     worker: str
@@ -90,6 +98,10 @@ class OrchEvent:
     action: str = ""
     step: str = ""
     detail: str = ""
+    target: str = ""
+    """For run_started: the state the run promises (``operations.target_state``), if any."""
+    error: str = ""
+    """For run_finished: why the run halted (``RunError.message``), if it did."""
 
 
 class ProcessKilled(BaseException):
@@ -137,6 +149,12 @@ class _Process:
         self.ready = False
         self.why = ""
 
+    def check_alive(self, where: str) -> None:
+        """Stop the calling task if the process is dead (its power went in this event, and
+        the task ran on to here before its next await)."""
+        if not self.alive:
+            raise ProcessKilled(f"dead ({self.why}) at {where}")
+
 
 class _Observer(EngineObserver):
     def __init__(self, core: OrchestratorCore, proc: _Process) -> None:
@@ -153,15 +171,23 @@ class _Observer(EngineObserver):
         )
 
     def run_started(self, info: RunInfo) -> None:
-        self._emit(
-            "run_started",
-            info.run_id,
-            info.machine_id,
-            info.action,
-            detail="resumed" if info.resumed else "",
+        if not self.proc.alive:  # a START written after the power went: never acknowledged
+            return  # (not raised: the create would discard the machine's file, outside the VFS)
+        self.core._emit(
+            OrchEvent(
+                "run_started",
+                self.core.worker,
+                self.proc.pid,
+                info.run_id,
+                info.machine_id,
+                info.action,
+                detail="resumed" if info.resumed else "",
+                target=target_state(info.action, info.request) or "",
+            )
         )
 
     def step_started(self, info: RunInfo, step: str, is_restart: bool, retry: int) -> None:
+        self.proc.check_alive(f"step {info.action}/{step}")
         self._emit(
             "step_started",
             info.run_id,
@@ -173,13 +199,25 @@ class _Observer(EngineObserver):
         if self.core.kill_points.hit():
             self.core._kill_from_inside(self.proc, f"before step {info.action}/{step}")
 
+    def step_completed(self, info: RunInfo, step: str) -> None:
+        # alive: the COMPLETE was written with the power on (acknowledged by the log)
+        self.proc.check_alive(f"step {info.action}/{step} completed")
+        self._emit("step_completed", info.run_id, info.machine_id, info.action, step)
+
     def run_finished(self, result: RunResult) -> None:
-        self._emit(
-            "run_finished",
-            result.run_id,
-            result.machine_id,
-            result.action,
-            detail=result.status.value,
+        self.proc.check_alive(f"run {result.run_id} finished")
+        c = self.core
+        c._emit(
+            OrchEvent(
+                "run_finished",
+                c.worker,
+                self.proc.pid,
+                result.run_id,
+                result.machine_id,
+                result.action,
+                detail=result.status.value,
+                error=result.error.message if result.error is not None else "",
+            )
         )
 
 
@@ -194,6 +232,7 @@ class _KillableDriver:
         self._inner = core.driver
 
     async def _point(self, where: str) -> None:
+        self._proc.check_alive(where)
         if self._core.kill_points.hit():
             self._core._kill_from_inside(self._proc, where)
 
@@ -211,6 +250,7 @@ class _KillableDriver:
         await self._point(f"after driver start {instance_id}")
 
     async def signal(self, instance_id: str, sig: int) -> None:
+        self._proc.check_alive(f"driver signal {instance_id}")
         await self._inner.signal(instance_id, sig)
 
     async def stop(self, instance_id: str, **kwargs: Any) -> ExitStatus:
@@ -232,6 +272,25 @@ class _KillableDriver:
 
     async def aclose(self) -> None:
         return None
+
+
+class _KillableArchive:
+    """The machines' archive as one process sees it: a dead process archives nothing (a put
+    is a durable write outside the step logs' VFS, then the machine's files go)."""
+
+    def __init__(self, inner: ArchiveStore, proc: _Process) -> None:
+        self._inner = inner
+        self._proc = proc
+
+    def put(self, key: str, data: bytes) -> None:
+        self._proc.check_alive(f"archive put {key}")
+        self._inner.put(key, data)
+
+    def get(self, key: str) -> bytes:
+        return self._inner.get(key)
+
+    def list_keys(self) -> list[str]:
+        return self._inner.list_keys()
 
 
 class SimPublisher:
@@ -291,6 +350,15 @@ class OrchestratorCore(Core):
 
     def stop(self) -> None:
         self.kill("node crash")
+        self.vloop.drain()  # a process its power cut killed unwinds now
+
+    def power_lost(self) -> None:
+        """The node's power went (maybe inside one of this process's writes): the process is
+        dead from here on. Its tasks unwind when the world crashes the node, after this event;
+        one running now stops at its next await or guard (``_Process.check_alive``)."""
+        proc = self.proc
+        if proc is not None and proc.alive:
+            self._cancel(proc, "power cut", revive=False)
 
     def revive(self) -> None:
         """Start a new orchestrator process (if none is alive on a live node)."""
@@ -321,7 +389,7 @@ class OrchestratorCore(Core):
             self._cancel(proc, f"kill point {where}")
         raise ProcessKilled(where)
 
-    def _cancel(self, proc: _Process, why: str) -> None:
+    def _cancel(self, proc: _Process, why: str, *, revive: bool = True) -> None:
         """Kill ``proc``: no new API calls reach it, its tasks are cancelled; ``down`` is
         published once its main task has unwound (nothing of it runs after that)."""
         proc.alive = False
@@ -331,7 +399,8 @@ class OrchestratorCore(Core):
         if proc.task is not None:
             proc.task.cancel()
         delay = self.settings.restart_delay
-        if delay is not None and self.port.node.up and self.port.node.boot == self.port.boot:
+        node = self.port.node
+        if revive and delay is not None and node.up and node.boot == self.port.boot:
             self.port.world.sched.after(delay, self._auto_revive, proc.gen)
 
     def _auto_revive(self, gen: int) -> None:
@@ -340,8 +409,12 @@ class OrchestratorCore(Core):
 
     async def _main(self, proc: _Process) -> None:
         port = self.port
+        machines = port.disk.path / "machines"
+        vfs = port.disk.values.get("vfs")  # a lying disk (simulations.orch_power_cuts)
         orch = Orchestrator(
-            machines_path=port.disk.path / "machines",
+            machines_path=machines,
+            archive=_KillableArchive(DirectoryArchive(machines / "archive"), proc),
+            vfs=vfs and vfs.name,
             driver=_KillableDriver(self, proc),
             worker=self.worker,
             clock=self.clock,
@@ -353,6 +426,7 @@ class OrchestratorCore(Core):
         )
         try:
             async with orch:
+                proc.check_alive("start-up")  # the power went while it loaded its machines
                 proc.orch, proc.ready = orch, True
                 self._emit(
                     OrchEvent("up", self.worker, proc.pid, detail=f"{len(orch.machine_ids())}")
@@ -412,11 +486,14 @@ class OrchestratorCore(Core):
                 outcome = "accepted"
         except OrchestratorError as e:
             outcome = f"refused {type(e).__name__}"
+        except ProcessKilled:
+            return  # the process died under the call (its power went): no answer
         finally:
             proc.ops.pop(seq, None)
-        self._emit(
-            OrchEvent("op", self.worker, proc.pid, machine_id=mid, action=op, detail=outcome)
-        )
+        if proc.alive:  # answered with the power on
+            self._emit(
+                OrchEvent("op", self.worker, proc.pid, machine_id=mid, action=op, detail=outcome)
+            )
 
     # -- driver faults ------------------------------------------------------------------------
 

@@ -20,11 +20,18 @@ restart, on that node:
 Then the faults stop, every node is up, and the world's liveness checkers must settle: byte-equal
 databases, no partial or missing version, bookkeeping in step (also after every event, as
 everywhere in ``agent_world``). Violations carry the seed: ``power_cut_run(seed)`` replays it.
+
+:class:`PowerCuts` is the part any world of agents can reuse (``simulations.orch_power_cuts``
+gives it orchestrator workers whose step logs share the node's lying disk): one faulty VFS per
+node in ``disk.values["vfs"]``, one cut at a time, the crash after the event, the recovery, the
+restart and the checks of the agent's store after it (:meth:`PowerCuts.problems`, which a world
+extends with its own).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import apsw
@@ -38,25 +45,31 @@ from .node import SimNode
 from .scenarios import PRESETS
 from .world import World
 
-__all__ = ["PowerCutRun", "power_cut_run"]
+__all__ = ["CutLog", "PowerCutRun", "PowerCuts", "power_cut_run", "store_problems"]
 
 BASE_LINK = PRESETS["lan"][1]
 CHECK = "power-cut"
 
 
 @dataclass
-class PowerCutRun:
-    """What :func:`power_cut_run` did (for reports and tests)."""
+class CutLog:
+    """What the power cuts of a run did (for reports and tests)."""
 
     seed: int
-    synchronous: str
+    synchronous: str  # the agent's store's setting
     cuts: int = 0  # power cuts that took effect
     mid_operation: int = 0  # of those, in the middle of an operation
-    acked: int = 0  # local writes acknowledged to a client
-    lost_acked: int = 0  # acknowledged writes a cut took away
     torn: int = 0  # files rewritten with a torn write
     injected: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PowerCutRun(CutLog):
+    """What :func:`power_cut_run` did."""
+
+    acked: int = 0  # local writes acknowledged to a client
+    lost_acked: int = 0  # acknowledged writes a cut took away
 
     def describe(self) -> str:
         return "\n".join(
@@ -69,17 +82,43 @@ class PowerCutRun:
         )
 
 
-class _Disks:
-    """The world's lying disks, the writes acknowledged on each node, and the checks after a
-    restart."""
+def store_problems(node: SimNode, core: AgentCore) -> list[str]:
+    """What is wrong with an agent's store after a restart: SQLite's ``integrity_check``, the
+    bookkeeping against the tables, its own versions not exactly ``1..head``."""
+    store = core.store
+    out = []
+    ok = store.conn.execute("PRAGMA integrity_check").fetchall()
+    if ok != [("ok",)]:
+        out.append(f"integrity_check says {ok}")
+    out += bookkeeping_problems(node.name, store, {}, available={})
+    head = store.bookie.head(store.actor_id)
+    own = store.bookie.actors.get(store.actor_id)
+    held = own.held.ranges() if own is not None else []
+    if held != ([(1, head)] if head else []):
+        out.append(f"it books its own versions {held}")
+    return out
 
-    def __init__(self, world: World, run: PowerCutRun, rng: random.Random) -> None:
+
+class PowerCuts:
+    """The world's lying disks, one power cut at a time, and the checks after a restart.
+
+    Every node gets a :class:`FaultyVFS` in ``disk.values["vfs"]`` (what the node's cores open
+    their databases through: the agent's store, an orchestrator's step logs) and the agent's
+    ``synchronous`` setting. ``on_cut``: also called with the node when its power goes (a core
+    that must stop at once: ``orch_core.OrchestratorCore.power_lost``)."""
+
+    def __init__(
+        self,
+        world: World,
+        run: CutLog,
+        rng: random.Random,
+        on_cut: Callable[[SimNode], object] | None = None,
+    ) -> None:
         self.world = world
         self.run = run
         self.rng = rng
+        self.on_cut = on_cut
         self.vfs: dict[int, FaultyVFS] = {}
-        self.acked: dict[int, dict[int, list[str]]] = {}  # node -> version -> keys
-        self.inflight: dict[int, tuple[int, list[str]]] = {}  # cut inside this write
         self._mid: set[int] = set()  # nodes whose armed cut is to come inside an operation
         for node in world.nodes:
             vfs = FaultyVFS(f"sim-{run.seed}-{node.name}-{id(self)}", world.streams.fresh(
@@ -88,7 +127,6 @@ class _Disks:
             node.disk.values["vfs"] = vfs
             node.disk.values["synchronous"] = run.synchronous
             self.vfs[node.index] = vfs
-            self.acked[node.index] = {}
         world.on_close(self._unregister)
         world.after_each_event(self._crash_halted)
 
@@ -99,6 +137,8 @@ class _Disks:
 
     def _halt(self, node: SimNode) -> None:
         node.halted = True
+        if self.on_cut is not None:
+            self.on_cut(node)
 
     def armed(self) -> bool:
         """A cut is armed or a node is down: one power fault at a time."""
@@ -106,7 +146,16 @@ class _Disks:
             not n.up or n.halted for n in self.world.nodes
         )
 
-    def cut(self, node: SimNode, after_writes: int | None) -> None:
+    def cut(
+        self,
+        node: SimNode,
+        after_writes: int | None,
+        only: Callable[[str], bool] | None = None,
+        what: str = "",
+    ) -> None:
+        """Cut ``node``'s power now (between events), or after ``after_writes`` more writes
+        (inside whatever it does then; with ``only``, writes to the files it accepts, named
+        ``what`` in the log); nothing if another power fault is under way."""
         if not node.up or self.armed():
             return
         vfs = self.vfs[node.index]
@@ -117,10 +166,14 @@ class _Disks:
         else:
             self.run.log.append(
                 f"t={self.world.now:.2f}s the power of {node.name} goes after {after_writes} "
-                "more writes"
+                f"more {what + ' ' if what else ''}writes"
             )
-            vfs.cut_power_after(after_writes)
+            vfs.cut_power_after(after_writes, only)
             self._mid.add(node.index)
+
+    def clear_faults(self) -> None:
+        for vfs in self.vfs.values():
+            vfs.clear_faults()
 
     def _crash_halted(self) -> None:
         world = self.world
@@ -146,23 +199,39 @@ class _Disks:
             world.fail(CHECK, f"{node.name} cannot reopen its store after a power cut: {exc}")
             return
         self.run.log.append(f"t={world.now:.2f}s {node.name} restarted")
-        core = agent_of(node)
-        assert core is not None
-        for problem in self._problems(node, core):
+        for problem in self.problems(node):
             world.fail(CHECK, f"after {node.name}'s restart: {problem}")
 
-    def _problems(self, node: SimNode, core: AgentCore) -> list[str]:
+    def restart_all(self) -> None:
+        """Boot every node that is down (the faults are over)."""
+        for node in self.world.nodes:
+            if not node.up:
+                self.restart(node)
+
+    def problems(self, node: SimNode) -> list[str]:
+        """What is wrong with ``node`` just after its restart (a world adds its own checks)."""
+        core = agent_of(node)
+        if core is None:
+            return [f"{node.name} has no agent after its restart"]
+        return store_problems(node, core)
+
+
+class _Disks(PowerCuts):
+    """The agent world's power cuts, and the writes acknowledged on each node."""
+
+    def __init__(self, world: World, run: PowerCutRun, rng: random.Random) -> None:
+        super().__init__(world, run, rng)
+        self.run: PowerCutRun = run
+        self.acked: dict[int, dict[int, list[str]]] = {n.index: {} for n in world.nodes}
+        self.inflight: dict[int, tuple[int, list[str]]] = {}  # cut inside this write
+
+    def problems(self, node: SimNode) -> list[str]:
+        out = super().problems(node)
+        core = agent_of(node)
+        if core is None:
+            return out
         store = core.store
-        out = []
-        ok = store.conn.execute("PRAGMA integrity_check").fetchall()
-        if ok != [("ok",)]:
-            out.append(f"integrity_check says {ok}")
-        out += bookkeeping_problems(node.name, store, {}, available={})
         head = store.bookie.head(store.actor_id)
-        own = store.bookie.actors.get(store.actor_id)
-        held = own.held.ranges() if own is not None else []
-        if held != ([(1, head)] if head else []):
-            out.append(f"it books its own versions {held}")
         acked = self.acked[node.index]
         known = dict(acked)
         inflight = self.inflight.pop(node.index, None)
@@ -234,12 +303,9 @@ def power_cut_run(
             disks.write(n)
             world.run_for(rng.uniform(0.01, 0.4))
             world.config_text = run.describe()
-        for vfs in disks.vfs.values():
-            vfs.clear_faults()
+        disks.clear_faults()
         world.run_for(2.5)  # the last crashed node restarts
-        for node in world.nodes:
-            if not node.up:
-                disks.restart(node)
+        disks.restart_all()
         world.config_text = run.describe()
         if check_convergence:
             run_liveness(world, link=BASE_LINK)

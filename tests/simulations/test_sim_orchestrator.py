@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from orchestrator.engine import Engine, _Live
+from orchestrator.operations import MachineOperations
 from simulations import SimulationFailure, run_liveness
 from simulations.orch_core import OrchSettings, orchestrator_of
 from simulations.orch_world import BASE_LINK, orchestrator_world, recover, run_orchestrator
@@ -180,6 +181,27 @@ def test_published_rows_catches_a_publisher_that_loses_writes():
         run_liveness(world, link=BASE_LINK, timeout=30.0)
         with pytest.raises(SimulationFailure, match=r"orch-published-rows.*stale.*state='started'"):
             world.check(final=True)
+    finally:
+        world.close()
+
+
+def test_steps_once_catches_a_stop_that_does_not_mark_the_machine_stopped(monkeypatch):
+    async def forget(self, ctx):  # the bug: the stop run succeeds, the document stays stopping
+        return None
+
+    world = orchestrator_world(5, 3)
+    try:
+        world.run_until(3.0)
+        mid = _started_machine(world)
+        monkeypatch.setattr(MachineOperations, "mark_stopped", forget)
+        core = orchestrator_of(world.nodes[0])
+        core.kill("reload with the broken operation")
+        core.revive()
+        core.submit("stop", mid)
+        world.run_for(3.0)
+        with pytest.raises(SimulationFailure, match=r"orch-steps-once.*succeeded but left the "
+                           r"machine stopping, not stopped"):  # fmt: skip
+            world.check(final=False)
     finally:
         world.close()
 
