@@ -41,16 +41,27 @@ from .gcpause import gc_paused
 from .pack import unpack_pk
 from .sqlutil import ident, idents, placeholders
 from .state import CrrState
-from .tableinfo import SENTINEL, TableInfo, is_crr, read_table_info
+from .tableinfo import (
+    CLOCK_SUFFIX,
+    PKS_SUFFIX,
+    SENTINEL,
+    TableInfo,
+    is_crr,
+    read_table_info,
+)
+from .triggers import trigger_prefix
 from .values import compare_values
 
 MAX_NAME_BYTES = 2048
 MAX_SITE_ID_BYTES = 16
 FLUSH_ROWS = 20_000  # touched rows held in memory before writing them out
 ROWS_PER_STATEMENT = 100  # rows written by one multi-row INSERT (see _write_rows)
+QUIET_TRIGGERS_ROWS = 500  # a flush of this many rows writes base tables with triggers off
 
-# clock entry: [col_version, db_version, site_ordinal, seq]
-_CV, _DBV, _SITE, _SEQ = 0, 1, 2, 3
+# clock entry: (key, col_name, col_version, db_version, site_ordinal, seq), a clock table row as
+# SQLite returns it and as flush writes it back
+_CV, _DBV, _SITE, _SEQ = 2, 3, 4, 5
+_COL_NAME = operator.itemgetter(1)
 
 
 class _Table:
@@ -64,6 +75,7 @@ class _Table:
         "info",
         "insert_key",
         "npk",
+        "quiet",
         "select_clocks",
         "select_key",
         "select_row",
@@ -76,13 +88,14 @@ class _Table:
         pk_where = " AND ".join(f"{ident(c)} = ?" for c in info.pk_names)
         pk_cols = idents(info.pk_names)
         self.npk = len(info.pks)
-        self.select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE {pk_where}"
         self.insert_key = (
             f"INSERT INTO {info.pks_table} ({pk_cols}) VALUES ({placeholders(self.npk)}) "
             "ON CONFLICT DO NOTHING RETURNING __crsql_key"
         )
+        self.select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE {pk_where}"
+        # (two statements cost less than one joining the lookaside to the clocks)
         self.select_clocks = (
-            "SELECT col_name, col_version, db_version, site_id, seq "
+            "SELECT key, col_name, col_version, db_version, site_id, seq "
             f"FROM {info.clock} WHERE key = ?"
         )
         self.select_row = (
@@ -94,6 +107,7 @@ class _Table:
         self.upserts: dict[tuple[int, ...], tuple[str, str]] = {}
         self.col_index = info.non_pk_index
         self.defaults: dict[str, Any] = {}
+        self.quiet: bool | None = None  # see Merger._quiet
 
     def upsert_sql(self, cols: tuple[int, ...]) -> tuple[str, str]:
         """The statement writing the pk and columns ``cols`` of rows, as the text before and
@@ -133,7 +147,7 @@ class _Row:
     )
 
     def __init__(
-        self, table: _Table, pk: tuple[Any, ...], key: int, clocks: dict[str, list[int]]
+        self, table: _Table, pk: tuple[Any, ...], key: int, clocks: dict[str, tuple[Any, ...]]
     ) -> None:
         self.table = table
         self.pk = pk
@@ -218,15 +232,11 @@ class Merger:
             inserted = cursor.execute(table.insert_key, pk).fetchall()
             assert inserted  # the key is missing, so the INSERT returns it
         self.last_key_was_new = bool(inserted)
-        clocks: dict[str, list[int]]
+        clocks: dict[str, tuple[Any, ...]] = {}
         key = cast(int, (inserted or found)[0][0])
-        if inserted:
-            clocks = {}
-        else:
-            clocks = {
-                name: [cv, dbv, site, seq]
-                for name, cv, dbv, site, seq in cursor.execute(table.select_clocks, (key,))
-            }
+        if not inserted:
+            entries = cursor.execute(table.select_clocks, (key,)).fetchall()
+            clocks = dict(zip(map(_COL_NAME, entries), entries, strict=True))
         row = _Row(table, pk, key, clocks)
         self.rows[cache_key] = row
         return row
@@ -278,7 +288,7 @@ class Merger:
         return self.state.next_db_version(dbv)
 
     def _set_clock(self, row: _Row, col: str, cv: int, dbv: int, site: Any, seq: int) -> None:
-        row.clocks[col] = [cv, self._stamp(dbv), self._ordinal(site), seq]
+        row.clocks[col] = (row.key, col, cv, self._stamp(dbv), self._ordinal(site), seq)
         row.dirty[col] = None
 
     def _resurrect(self, row: _Row, sentinel_cv: int, dbv: int, site: Any, seq: int) -> None:
@@ -288,8 +298,7 @@ class Merger:
             version = self._stamp(dbv)
             for c in zeroed:
                 clock = row.clocks[c]
-                clock[_CV] = 0
-                clock[_DBV] = version
+                row.clocks[c] = (row.key, c, 0, version, clock[_SITE], clock[_SEQ])
                 row.dirty[c] = None
         self._set_clock(row, SENTINEL, sentinel_cv, dbv, site, seq)
 
@@ -326,7 +335,7 @@ class Merger:
         """Merge one change into the in-memory batch."""
         self.apply_all((change,), flush=False)
 
-    def _value_wins(self, row: _Row, idx: int, val: Any, local: list[Any], site: Any) -> bool:
+    def _value_wins(self, row: _Row, idx: int, val: Any, local: tuple[Any, ...], site: Any) -> bool:
         """Equal col_version: the greater value wins; equal values keep the local one unless
         merge-equal-values breaks the tie by site id."""
         cmp = compare_values(val, self._current_value(row, idx))
@@ -338,6 +347,26 @@ class Merger:
         return cmp > 0
 
     # -- writing out -------------------------------------------------------------------
+
+    def _quiet(self, table: _Table) -> bool:
+        """Whether the base writes of a flush may run with triggers off: every trigger on the
+        table, its clocks and its lookaside is one of ours, which do nothing while the sync bit
+        is set (the CRR's own, and the ordering triggers of crsql_fract_as_ordered). A user's
+        trigger keeps them on, since a merge fires it in cr-sqlite."""
+        if table.quiet is None:
+            info = table.info
+            ours = (trigger_prefix(info.name), f"__crsql_{info.name}_fractindex_")
+            names = (info.name, info.name + CLOCK_SUFFIX, info.name + PKS_SUFFIX)
+            query = (
+                "SELECT name FROM {} WHERE type = 'trigger' AND tbl_name COLLATE NOCASE IN "
+                "(?, ?, ?)"
+            )
+            table.quiet = all(
+                name.startswith(ours)
+                for schema in ("main.sqlite_schema", "temp.sqlite_schema")
+                for (name,) in self.conn.execute(query.format(schema), names)
+            )
+        return table.quiet
 
     def flush(self) -> None:
         if not self.rows:
@@ -355,22 +384,20 @@ class Merger:
                 # them anew costs less than updating each in place (index entries included).
                 replaced_by_clock.setdefault(clock, []).append(row.key)
             if row.dirty:
-                key = row.key
                 clocks = row.clocks
                 flat = by_clock.get(clock)
                 if flat is None:
                     flat = by_clock[clock] = []
                 for col in row.dirty:
-                    flat += (key, col)
-                    flat += clocks[col]  # col_version, db_version, site, seq
+                    flat += clocks[col]  # key, col_name, col_version, db_version, site, seq
         # Base-table writes, grouped by statement. Deletes go first: a row deleted and then
         # rebuilt in this batch is written back by its upsert below.
-        deletes: dict[str, list[tuple[Any, ...]]] = {}
+        deletes: dict[_Table, list[tuple[Any, ...]]] = {}
         upserts: dict[tuple[_Table, tuple[int, ...]], list[Any]] = {}
         for row in self.rows.values():
             table = row.table
             if row.base_deleted:
-                deletes.setdefault(table.delete_row, []).append(row.pk)
+                deletes.setdefault(table, []).append(row.pk)
             values = row.values
             if values:
                 cols = tuple(values)  # as set; rows of one batch mostly agree, sharing a statement
@@ -385,15 +412,28 @@ class Merger:
                     flat = upserts[(table, ())] = []
                 flat += row.pk
         state = self.state
+        # Each base row written fires our triggers (one per column updated), whose WHEN clause
+        # is false while the sync bit is set; switching triggers off for a large flush saves
+        # running them (turning the setting off and on re-prepares the connection's statements,
+        # which only a large flush repays).
+        quiet = len(self.rows) >= QUIET_TRIGGERS_ROWS and all(
+            self._quiet(t) for t in {*deletes, *(t for t, _cols in upserts)}
+        )
+        if quiet:
+            quiet = conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 1
         state.sync_bit = 1
         try:
-            for sql, params in deletes.items():
-                conn.executemany(sql, params)
+            if quiet:
+                conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+            for table, pks in deletes.items():
+                conn.executemany(table.delete_row, pks)
             for (table, cols), flat in upserts.items():
                 head, tail = table.upsert_sql(cols)
                 _write_rows(conn, head, tail, flat, table.npk + len(cols))
         finally:
             state.sync_bit = 0
+            if quiet:
+                conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1)
         for clock, keys in clear_by_clock.items():
             conn.executemany(
                 f"DELETE FROM {clock} WHERE key = ? AND col_name != '{SENTINEL}'", keys
@@ -472,7 +512,7 @@ class Merger:
 
                 clocks = row.clocks
                 sentinel = clocks.get(SENTINEL)
-                local_cl = sentinel[0] if sentinel is not None else (1 if clocks else 0)
+                local_cl = sentinel[_CV] if sentinel is not None else (1 if clocks else 0)
                 if cl < local_cl:
                     continue
                 if cl & 1 == 0:
@@ -500,7 +540,7 @@ class Merger:
                 elif local_cl != 0:
                     local = clocks.get(cid)
                     if local is not None:
-                        local_cv = local[0]
+                        local_cv = local[_CV]
                         if cv < local_cv:
                             continue
                         if cv == local_cv and not self._value_wins(row, idx, val, local, site):
@@ -523,7 +563,8 @@ class Merger:
                     found = ordinals_get(site)
                     ordinal = self._ordinal(site) if found is None else found
                     last_site, last_ordinal = site, ordinal
-                clocks[cid] = [cv, nd, ordinal, seq]  # still row.clocks: only deletes replace it
+                # still row.clocks: only deletes replace it
+                clocks[cid] = (row.key, cid, cv, nd, ordinal, seq)
                 row.dirty[cid] = None
                 won += 1
         finally:
