@@ -32,6 +32,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any, Literal, cast
 
 import apsw
@@ -388,8 +389,8 @@ class Merger:
                 flat = by_clock.get(clock)
                 if flat is None:
                     flat = by_clock[clock] = []
-                for col in row.dirty:
-                    flat += clocks[col]  # key, col_name, col_version, db_version, site, seq
+                # each entry: key, col_name, col_version, db_version, site, seq
+                flat += chain.from_iterable(map(clocks.__getitem__, row.dirty))
         # Base-table writes, grouped by statement. Deletes go first: a row deleted and then
         # rebuilt in this batch is written back by its upsert below.
         deletes: dict[_Table, list[tuple[Any, ...]]] = {}
@@ -405,7 +406,7 @@ class Merger:
                 if flat is None:
                     flat = upserts[(table, cols)] = []
                 flat += row.pk
-                flat += [values[i] for i in cols]
+                flat += values.values()  # in the order of cols
             elif row.base_ensure:
                 flat = upserts.get((table, ()))
                 if flat is None:
