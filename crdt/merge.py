@@ -69,6 +69,7 @@ class _Table:
     """Cached statements for one CRR table."""
 
     __slots__ = (
+        "affinities",
         "clock",
         "col_index",
         "defaults",
@@ -109,6 +110,7 @@ class _Table:
         self.col_index = info.non_pk_index
         self.defaults: dict[str, Any] = {}
         self.quiet: bool | None = None  # see Merger._quiet
+        self.affinities: list[str | None] | None = None  # see Merger._as_stored
 
     def upsert_sql(self, cols: tuple[int, ...]) -> tuple[str, str]:
         """The statement writing the pk and columns ``cols`` of rows, as the text before and
@@ -257,18 +259,42 @@ class Merger:
         return ordinal
 
     def _current_value(self, row: _Row, idx: int) -> Any:
-        if idx in row.values:
-            return row.values[idx]
+        """The column's value as the row holds it now: what this batch set (or a default after
+        a delete in it) as the column would store it, since upstream compares a later change
+        with the stored value (a TEXT column stores the integer 5 as '5')."""
         table = row.table
+        if idx in row.values:
+            return self._as_stored(table, idx, row.values[idx])
         if row.base_deleted:
             # rebuilt from defaults after a delete in this batch
-            return self._default(table, idx)
+            return self._as_stored(table, idx, self._default(table, idx))
         if row.stored is False:
             assert table.select_row is not None  # idx is a non-pk column, so the table has one
             row.stored = self.conn.execute(table.select_row, row.pk).fetchone()
         if row.stored is None:
             raise MergeError(f"could not find row to merge with for table {table.info.name}")
         return row.stored[idx]
+
+    def _as_stored(self, table: _Table, idx: int, val: Any) -> Any:
+        """``val`` converted by the column's affinity, as SQLite itself converts it (by storing
+        it in a temp table's column of that affinity; only a tie on col_version with a value
+        this batch set, which is rare, gets here)."""
+        if table.affinities is None:
+            table.affinities = _affinities(self.conn, table.info)
+        affinity = table.affinities[idx]
+        if affinity is None or val is None or type(val) in _UNCONVERTED[affinity]:
+            return val
+        conn = self.conn
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS crsql_merge_affinity "
+            "(TEXT TEXT, NUMERIC NUMERIC, INTEGER INTEGER, REAL REAL)"
+        )
+        stored = conn.execute(
+            f"INSERT INTO temp.crsql_merge_affinity ({affinity}) VALUES (?) RETURNING {affinity}",
+            (val,),
+        ).fetchall()[0][0]
+        conn.execute("DELETE FROM temp.crsql_merge_affinity")
+        return stored
 
     def _default(self, table: _Table, idx: int) -> Any:
         col = table.info.non_pks[idx]
@@ -474,7 +500,13 @@ class Merger:
         last_table: Any = None
         last_pk: Any = None
         row: _Row | None = None
+        # the row's state, refreshed whenever the row changes, or after a delete or resurrection
+        # (which set row to None)
         col_index: dict[str, int] = {}
+        clocks: dict[str, tuple[Any, ...]] = {}
+        values: dict[int, Any] = {}
+        dirty: dict[str, None] = {}
+        row_key = local_cl = 0
         last_site: Any = None
         last_ordinal = 0
         checked_site: Any = None  # the last site id found valid (changes share the object)
@@ -494,6 +526,9 @@ class Merger:
                         row = self._row(self._table(table_name), pk_blob)
                     last_table, last_pk = table_name, pk_blob
                     col_index = row.table.col_index
+                    clocks, values, dirty, row_key = row.clocks, row.values, row.dirty, row.key
+                    sentinel = clocks.get(SENTINEL)
+                    local_cl = sentinel[_CV] if sentinel is not None else (1 if clocks else 0)
                 idx = -1 if cid == SENTINEL else col_index.get(cid, -2)
                 if (
                     idx == -2
@@ -511,9 +546,6 @@ class Merger:
                 if (tv is str or tv is bytes) and len(val) > max_value_chars:
                     self._check_size(val)
 
-                clocks = row.clocks
-                sentinel = clocks.get(SENTINEL)
-                local_cl = sentinel[_CV] if sentinel is not None else (1 if clocks else 0)
                 if cl < local_cl:
                     continue
                 if cl & 1 == 0:
@@ -527,17 +559,20 @@ class Merger:
                     row.cleared = True
                     self._set_clock(row, SENTINEL, cv, dbv, site, seq)
                     won += 1
+                    row = None
                     continue
                 if idx == -1:
                     if cl == local_cl:
                         continue
                     self._resurrect(row, cv, dbv, site, seq)
                     won += 1
+                    row = None
                     continue
                 if cl > local_cl:
                     if local_cl != 0 or cl > 1:
                         self._resurrect(row, cl, dbv, site, seq)
                         won += 1
+                        local_cl = cl  # the sentinel's col_version now
                 elif local_cl != 0:
                     local = clocks.get(cid)
                     if local is not None:
@@ -546,7 +581,7 @@ class Merger:
                             continue
                         if cv == local_cv and not self._value_wins(row, idx, val, local, site):
                             continue
-                row.values[idx] = val
+                values[idx] = val
                 # _set_clock, inlined: this runs once per winning change
                 nd = version
                 if nd is None:
@@ -564,16 +599,50 @@ class Merger:
                     found = ordinals_get(site)
                     ordinal = self._ordinal(site) if found is None else found
                     last_site, last_ordinal = site, ordinal
-                # still row.clocks: only deletes replace it
-                clocks[cid] = (row.key, cid, cv, nd, ordinal, seq)
-                row.dirty[cid] = None
+                clocks[cid] = (row_key, cid, cv, nd, ordinal, seq)
+                dirty[cid] = None
                 won += 1
+                if local_cl == 0:  # the row's first clock: no longer a row without any
+                    sentinel = clocks.get(SENTINEL)
+                    local_cl = sentinel[_CV] if sentinel is not None else 1
         finally:
             self.impacted += won
             self.seen += seen
         if flush:
             self.flush()
         return self.impacted
+
+
+# value types each affinity stores unchanged (bytes and None: every affinity)
+_UNCONVERTED: dict[str, tuple[type, ...]] = {
+    "TEXT": (str, bytes),
+    "NUMERIC": (int, bytes),
+    "INTEGER": (int, bytes),
+    "REAL": (float, bytes),
+}
+
+
+def _affinities(conn: apsw.Connection, info: TableInfo) -> list[str | None]:
+    """Each non-pk column's affinity by SQLite's rules for its declared type (None: BLOB, or
+    ANY in a STRICT table, which convert nothing)."""
+    row = conn.execute(
+        "SELECT strict FROM pragma_table_list WHERE name = ?", (info.name,)
+    ).fetchone()
+    strict = bool(row and row[0])
+    out: list[str | None] = []
+    for col in info.non_pks:
+        t = col.decl_type.upper()
+        if "INT" in t:
+            out.append("INTEGER")
+        elif "CHAR" in t or "CLOB" in t or "TEXT" in t:
+            out.append("TEXT")
+        elif "BLOB" in t or not t or (strict and t == "ANY"):
+            out.append(None)
+        elif "REAL" in t or "FLOA" in t or "DOUB" in t:
+            out.append("REAL")
+        else:
+            out.append("NUMERIC")
+    return out
 
 
 def _write_rows(conn: apsw.Connection, head: str, tail: str, flat: list[Any], width: int) -> None:
