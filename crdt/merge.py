@@ -21,7 +21,16 @@ written with one statement per row for the base table and ``executemany`` for th
 sequence of per-change writes collapses exactly: a row's base writes after its last delete are an
 upsert of the columns set since (columns not set take their defaults, as a resurrection's
 ``INSERT OR IGNORE`` would give them). Key creation and site ordinals still happen in first-seen
-order, as upstream.
+order, as upstream. A change that ties on col_version with a value the batch set compares with that
+value as its column stores it (cr-sqlite compares with the stored value). A large flush writes the
+base rows with triggers off when every trigger on the table is ours (see ``flush``).
+
+Resolving a batch set-based in SQL instead (changes bulk-loaded into a TEMP table, winners joined
+against the clocks and lookaside, a window function for the running db_version, UPDATE ... FROM a
+pivot for the base rows) was measured at 100k changes, in its most favourable form (no duplicates,
+no deletes): 1.9x slower into a fresh replica and 1.5x into an existing one. Loading the TEMP table
+alone through apsw costs about what the whole per-change loop here costs (~0.9 us a change, the
+binding of nine values), and the joins, window and pivot cost more than the dict work they replace.
 
 The whole call is atomic: it runs in a savepoint, and on any error the database and the
 connection's in-memory version state are restored.
