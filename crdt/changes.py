@@ -193,7 +193,8 @@ def changes_since(
     AND site_id IS NOT ?``. Read in one transaction, so that its statements (one or two per
     table) see the same database."""
     with gc_paused(), conn:
-        return _changes_since(conn, db_version, exclude_site, limit, tables)
+        out = _changes_since(conn, db_version, exclude_site, limit, tables)
+    return out
 
 
 def _changes_since(

@@ -177,7 +177,7 @@ class _Row:
     def local_cl(self) -> int:
         s = self.clocks.get(SENTINEL)
         if s is not None:
-            return s[_CV]
+            return cast(int, s[_CV])
         return 1 if self.clocks else 0
 
 
