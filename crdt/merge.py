@@ -104,10 +104,10 @@ class _Table:
             "ON CONFLICT DO NOTHING RETURNING __crsql_key"
         )
         self.select_key = f"SELECT __crsql_key FROM {info.pks_table} WHERE {pk_where}"
-        # (two statements cost less than one joining the lookaside to the clocks)
+        # a known row's clocks by its pk (a subquery costs less than a join, or two statements)
         self.select_clocks = (
             "SELECT key, col_name, col_version, db_version, site_id, seq "
-            f"FROM {info.clock} WHERE key = ?"
+            f"FROM {info.clock} WHERE key = ({self.select_key})"
         )
         self.select_row = (
             f"SELECT {idents(info.non_pk_names)} FROM {info.quoted} WHERE {pk_where}"
@@ -239,16 +239,15 @@ class Merger:
         # One statement for most rows: a batch tends to be all new rows (a fresh replica) or
         # all known ones, so try first what the previous row needed.
         inserted = cursor.execute(table.insert_key, pk).fetchall() if self.last_key_was_new else []
-        found = [] if inserted else cursor.execute(table.select_key, pk).fetchall()
-        if not found and not inserted:
+        entries = [] if inserted else cursor.execute(table.select_clocks, pk).fetchall()
+        # no clocks: a key without any, or no key yet
+        found = [] if inserted or entries else cursor.execute(table.select_key, pk).fetchall()
+        if not (inserted or entries or found):
             inserted = cursor.execute(table.insert_key, pk).fetchall()
             assert inserted  # the key is missing, so the INSERT returns it
         self.last_key_was_new = bool(inserted)
-        clocks: dict[str, tuple[Any, ...]] = {}
-        key = cast(int, (inserted or found)[0][0])
-        if not inserted:
-            entries = cursor.execute(table.select_clocks, (key,)).fetchall()
-            clocks = dict(zip(map(_COL_NAME, entries), entries, strict=True))
+        key = cast(int, (inserted or entries or found)[0][0])
+        clocks = dict(zip(map(_COL_NAME, entries), entries, strict=True))
         row = _Row(table, pk, key, clocks)
         self.rows[cache_key] = row
         return row
