@@ -216,3 +216,15 @@ def test_that_tie_is_resolved_as_cr_sqlite_resolves_it(oracle):
         assert theirs.execute("SELECT c FROM t WHERE a = 7") == [("4",)]
     finally:
         theirs.close()
+
+
+def test_a_merge_failing_while_triggers_are_off_turns_them_back_on(monkeypatch):
+    monkeypatch.setattr(merge_module, "QUIET_TRIGGERS_ROWS", 1)
+    conn = db(False, 1)
+    good = Change("t", crdt.pack_pk((1,)), "b", 1, 1, 1, SITES[0], 1, 0)
+    bad = Change("t", crdt.pack_pk(("not an integer",)), "b", 1, 1, 1, SITES[0], 1, 0)
+    with pytest.raises(crdt.MergeError, match="INTEGER PRIMARY KEY takes integers"):
+        crdt.merge(conn, [good, bad])
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    conn.execute("INSERT INTO t VALUES (2, 'local', 'write')")
+    assert [c.pk for c in crdt.changes_since(conn, 0)] == [crdt.pack_pk((2,))] * 2
