@@ -116,7 +116,7 @@ class _Table:
         )
         self.delete_row = f"DELETE FROM {info.quoted} WHERE {pk_where}"
         self.upserts: dict[tuple[int, ...], tuple[str, str]] = {}
-        self.col_index = info.non_pk_index
+        self.col_index = {**info.non_pk_index, SENTINEL: -1}  # cid -> non-pk index, -1
         self.defaults: dict[str, Any] = {}
         self.quiet: bool | None = None  # see Merger._quiet
         self.affinities: list[str | None] | None = None  # see Merger._as_stored
@@ -519,6 +519,9 @@ class Merger:
         last_ordinal = 0
         checked_site: Any = None  # the last site id found valid (changes share the object)
         won = seen = 0
+        # the version state, in locals between the calls out that stamp versions themselves
+        pending = state.pending
+        first = state.db_version + 1
         try:
             for change in changes:
                 seen += 1
@@ -537,7 +540,7 @@ class Merger:
                     clocks, values, dirty, row_key = row.clocks, row.values, row.dirty, row.key
                     sentinel = clocks.get(SENTINEL)
                     local_cl = sentinel[_CV] if sentinel is not None else (1 if clocks else 0)
-                idx = -1 if cid == SENTINEL else col_index.get(cid, -2)
+                idx = col_index.get(cid, -2)
                 if (
                     idx == -2
                     or type(cv) is not int
@@ -565,20 +568,26 @@ class Merger:
                     row.clocks = {}
                     row.dirty = {}
                     row.cleared = True
+                    state.pending = pending
                     self._set_clock(row, SENTINEL, cv, dbv, site, seq)
+                    pending, first = state.pending, state.db_version + 1
                     won += 1
                     row = None
                     continue
                 if idx == -1:
                     if cl == local_cl:
                         continue
+                    state.pending = pending
                     self._resurrect(row, cv, dbv, site, seq)
+                    pending, first = state.pending, state.db_version + 1
                     won += 1
                     row = None
                     continue
                 if cl > local_cl:
                     if local_cl != 0 or cl > 1:
+                        state.pending = pending
                         self._resurrect(row, cl, dbv, site, seq)
+                        pending, first = state.pending, state.db_version + 1
                         won += 1
                         local_cl = cl  # the sentinel's col_version now
                 elif local_cl != 0:
@@ -593,12 +602,12 @@ class Merger:
                 # _set_clock, inlined: this runs once per winning change
                 nd = version
                 if nd is None:
-                    nd = state.db_version + 1
-                    if nd < state.pending:
-                        nd = state.pending
+                    nd = first
+                    if nd < pending:
+                        nd = pending
                     if nd < dbv:
                         nd = dbv
-                state.pending = nd
+                pending = nd
                 if not site:
                     ordinal = 0
                 elif site is last_site:
@@ -613,6 +622,7 @@ class Merger:
                 if local_cl == 0:  # the row's first clock: no longer a row without any
                     sentinel = clocks.get(SENTINEL)
                     local_cl = sentinel[_CV] if sentinel is not None else 1
+            state.pending = pending  # (on an error, the caller restores the whole state)
         finally:
             self.impacted += won
             self.seen += seen
