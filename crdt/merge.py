@@ -410,42 +410,42 @@ class Merger:
         by_clock: dict[str, list[Any]] = {}  # clock table -> flat (key, col, cv, dbv, site, seq)*
         clear_by_clock: dict[str, list[tuple[Any, ...]]] = {}
         replaced_by_clock: dict[str, list[int]] = {}
-        for row in self.rows.values():
-            clock = row.table.clock
-            if row.cleared:
-                clear_by_clock.setdefault(clock, []).append((row.key,))
-            elif row.had_clocks and len(row.dirty) == len(row.clocks):
-                # Every clock of the key is rewritten: deleting them in one range and inserting
-                # them anew costs less than updating each in place (index entries included).
-                replaced_by_clock.setdefault(clock, []).append(row.key)
-            if row.dirty:
-                clocks = row.clocks
-                flat = by_clock.get(clock)
-                if flat is None:
-                    flat = by_clock[clock] = []
-                # each entry: key, col_name, col_version, db_version, site, seq
-                flat += chain.from_iterable(map(clocks.__getitem__, row.dirty))
         # Base-table writes, grouped by statement. Deletes go first: a row deleted and then
         # rebuilt in this batch is written back by its upsert below.
         deletes: dict[_Table, list[tuple[Any, ...]]] = {}
         upserts: dict[tuple[_Table, tuple[int, ...]], list[Any]] = {}
+        # rows of a batch mostly share their table and columns: keep the last lists at hand
+        last_clock: str | None = None
+        last_group: tuple[_Table, tuple[int, ...]] | None = None
+        clock_flat: list[Any] = []
+        base_flat: list[Any] = []
         for row in self.rows.values():
             table = row.table
+            clock = table.clock
+            dirty = row.dirty
+            if row.cleared:
+                clear_by_clock.setdefault(clock, []).append((row.key,))
+            elif row.had_clocks and len(dirty) == len(row.clocks):
+                # Every clock of the key is rewritten: deleting them in one range and inserting
+                # them anew costs less than updating each in place (index entries included).
+                replaced_by_clock.setdefault(clock, []).append(row.key)
+            if dirty:
+                if clock is not last_clock:
+                    clock_flat = by_clock.setdefault(clock, [])
+                    last_clock = clock
+                # each entry: key, col_name, col_version, db_version, site, seq
+                clock_flat += chain.from_iterable(map(row.clocks.__getitem__, dirty))
             if row.base_deleted:
                 deletes.setdefault(table, []).append(row.pk)
             values = row.values
-            if values:
-                cols = tuple(values)  # as set; rows of one batch mostly agree, sharing a statement
-                flat = upserts.get((table, cols))
-                if flat is None:
-                    flat = upserts[(table, cols)] = []
-                flat += row.pk
-                flat += values.values()  # in the order of cols
-            elif row.base_ensure:
-                flat = upserts.get((table, ()))
-                if flat is None:
-                    flat = upserts[(table, ())] = []
-                flat += row.pk
+            if values or row.base_ensure:
+                # columns as set; rows of one batch mostly agree, sharing a statement
+                group = (table, tuple(values))
+                if group != last_group:
+                    base_flat = upserts.setdefault(group, [])
+                    last_group = group
+                base_flat += row.pk
+                base_flat += values.values()  # in the order of the group's columns
         state = self.state
         # Each base row written fires our triggers (one per column updated), whose WHEN clause
         # is false while the sync bit is set; switching triggers off for a large flush saves
