@@ -46,7 +46,7 @@ def value_expr(info: TableInfo) -> str:
     )
 
 
-def from_clause(info: TableInfo, *, join_site: bool = True) -> str:
+def from_clause(info: TableInfo, *, join_site: bool = True, join_cl: bool = True) -> str:
     """Clock rows joined to their pk values, site id, causal length and base row.
 
     The base row is joined on the primary key, which applies the same affinity rules as
@@ -62,8 +62,7 @@ def from_clause(info: TableInfo, *, join_site: bool = True) -> str:
     return (
         f" FROM {info.clock} AS t1 JOIN {info.pks_table} AS pk_tbl ON t1.key = pk_tbl.__crsql_key"
         f"{site_join}"
-        f" LEFT JOIN {info.clock} AS t2 ON t1.key = t2.key AND t2.col_name = '{SENTINEL}'"
-        f"{base_join}"
+        f"{_sentinel_join(info) if join_cl else ''}{base_join}"
     )
 
 
@@ -71,42 +70,99 @@ def from_clause(info: TableInfo, *, join_site: bool = True) -> str:
 TAIL_EXPRS = "t1.col_version, t1.db_version, site_tbl.site_id, COALESCE(t2.col_version, 1), t1.seq"
 
 
-def table_select(info: TableInfo, where: str = "") -> str:
+def table_select(info: TableInfo, where: str = "", *, with_cl: bool = True) -> str:
     """Per-table SELECT yielding ``key, pk values..., cid, val, col_version, db_version,
-    site ordinal, cl, seq`` (the ordinal is mapped to the site id by ``_rows``)."""
+    site ordinal, cl, seq`` (the ordinal is mapped to the site id by ``_rows``); without the
+    key for a one-column pk, whose value serves as well to pack each pk once; without ``cl``
+    when the caller takes it from ``sentinels``."""
     pk_vals = ", ".join(f"pk_tbl.{ident(c)}" for c in info.pk_names)
+    key = "t1.key, " if len(info.pks) > 1 else ""
+    cl = "COALESCE(t2.col_version, 1), " if with_cl else ""
     return (
-        f"SELECT t1.key, {pk_vals}, t1.col_name, {value_expr(info)}, t1.col_version, "
-        f"t1.db_version, t1.site_id, COALESCE(t2.col_version, 1), t1.seq"
-        f"{from_clause(info, join_site=False)}{where}"
+        f"SELECT {key}{pk_vals}, t1.col_name, {value_expr(info)}, t1.col_version, "
+        f"t1.db_version, t1.site_id, {cl}t1.seq"
+        f"{from_clause(info, join_site=False, join_cl=with_cl)}{where}"
     )
+
+
+def _sentinel_join(info: TableInfo) -> str:
+    return f" LEFT JOIN {info.clock} AS t2 ON t1.key = t2.key AND t2.col_name = '{SENTINEL}'"
+
+
+def sentinels(conn: apsw.Connection, info: TableInfo) -> dict[Any, int]:
+    """Every row's causal length other than 1, by pk value (one-column pk) or key: one pass
+    over the clock table, cheaper than looking up each change's sentinel once a read returns
+    a good part of the table."""
+    if len(info.pks) == 1:
+        sql = (
+            f"SELECT p.{ident(info.pk_names[0])}, c.col_version FROM {info.clock} AS c "
+            f"JOIN {info.pks_table} AS p ON p.__crsql_key = c.key WHERE c.col_name = ?"
+        )
+    else:
+        sql = f"SELECT key, col_version FROM {info.clock} WHERE col_name = ?"
+    return dict(conn.execute(sql, (SENTINEL,)))
+
+
+# A read returning at least 1/SCAN_FRACTION of a table's estimated clock rows takes causal
+# lengths from ``sentinels`` (a pass over the table) instead of a lookup per row.
+SCAN_FRACTION = 5
+
+
+def _reads_much(
+    conn: apsw.Connection, info: TableInfo, where: str, bindings: tuple[Any, ...], limit: int | None
+) -> bool:
+    row = conn.execute(f"SELECT max(__crsql_key) FROM {info.pks_table}").fetchone()
+    keys = row[0] if row and type(row[0]) is int else 0
+    estimate = keys * max(1, len(info.non_pks))
+    if estimate == 0:
+        return False
+    # the count walks the db_version index only (the where names t1 and crsql_site_id)
+    row = conn.execute(f"SELECT count(*) FROM {info.clock} AS t1{where}", bindings).fetchone()
+    n = row[0] if row else 0
+    if limit is not None:
+        n = min(n, limit)
+    return n * SCAN_FRACTION >= estimate
 
 
 _new = tuple.__new__  # builds a Change without NamedTuple.__new__'s Python frame
 
 
 def _rows(
-    conn: apsw.Connection, info: TableInfo, sql: str, bindings: tuple[Any, ...]
+    conn: apsw.Connection,
+    info: TableInfo,
+    sql: str,
+    bindings: tuple[Any, ...],
+    cls: dict[Any, int] | None = None,
 ) -> list[Change]:
     """Run a ``table_select`` query and build Changes: pk values are packed once per key, and
-    site ordinals mapped to ids in Python (cheaper than a join per row)."""
+    site ordinals mapped to ids in Python (cheaper than a join per row). With ``cls`` (from
+    ``sentinels``), the query has no cl column and the row's cl is looked up there."""
     npk = len(info.pks)
     name = info.name
     sites = dict(conn.execute("SELECT ordinal, site_id FROM crsql_site_id"))
     site_of = sites.get
-    packed: dict[int, bytes] = {}
+    packed: dict[Any, bytes] = {}
     if npk == 1:
         packed_get = packed.get
 
-        def pack_one(key: int, p: Any) -> bytes:
-            pk = packed[key] = pack_pk((p,))
+        def pack_one(p: Any) -> bytes:
+            pk = packed[p] = pack_pk((p,))
             return pk
 
-        # one comprehension: the hot loop of every sync, ~8% faster than append in a for loop
+        # One comprehension: the hot loop of every sync, ~8% faster than append in a for loop.
+        # The pk value is the cache key: the lookaside's unique index holds no two values that
+        # SQLite finds equal, and Python finds the same pairs equal (1 and 1.0 included).
+        if cls is not None:
+            cl_of = cls.get
+            return [
+                _new(Change, (name, packed_get(p) or pack_one(p), cid, val, cv, dbv,
+                              site_of(site), cl_of(p, 1), seq))
+                for p, cid, val, cv, dbv, site, seq in conn.execute(sql, bindings)
+            ]  # fmt: skip
         return [
-            _new(Change, (name, packed_get(key) or pack_one(key, p), cid, val, cv, dbv,
+            _new(Change, (name, packed_get(p) or pack_one(p), cid, val, cv, dbv,
                           site_of(site), cl, seq))
-            for key, p, cid, val, cv, dbv, site, cl, seq in conn.execute(sql, bindings)
+            for p, cid, val, cv, dbv, site, cl, seq in conn.execute(sql, bindings)
         ]  # fmt: skip
     out: list[Change] = []
     append = out.append
@@ -115,7 +171,11 @@ def _rows(
         pk = packed.get(key)
         if pk is None:
             pk = packed[key] = pack_pk(row[1 : 1 + npk])
-        cid, val, cv, dbv, site, cl, seq = row[1 + npk :]
+        if cls is None:
+            cid, val, cv, dbv, site, cl, seq = row[1 + npk :]
+        else:
+            cid, val, cv, dbv, site, seq = row[1 + npk :]
+            cl = cls.get(key, 1)
         append(_new(Change, (name, pk, cid, val, cv, dbv, site_of(site), cl, seq)))
     return out
 
@@ -130,9 +190,11 @@ def changes_since(
 ) -> list[Change]:
     """Changes with ``db_version > db_version`` (optionally not authored by ``exclude_site``),
     ordered by ``(db_version, seq)`` like ``SELECT * FROM crsql_changes WHERE db_version > ?
-    AND site_id IS NOT ?``."""
-    with gc_paused():
-        return _changes_since(conn, db_version, exclude_site, limit, tables)
+    AND site_id IS NOT ?``. Read in one transaction, so that its statements (one or two per
+    table) see the same database."""
+    with gc_paused(), conn:
+        out = _changes_since(conn, db_version, exclude_site, limit, tables)
+    return out
 
 
 def _changes_since(
@@ -152,10 +214,11 @@ def _changes_since(
     out: list[Change] = []
     for name in names:
         info = read_table_info(conn, name)
-        sql = table_select(info, where) + " ORDER BY t1.db_version, t1.seq"
+        cls = sentinels(conn, info) if _reads_much(conn, info, where, bindings, limit) else None
+        sql = table_select(info, where, with_cl=cls is None) + " ORDER BY t1.db_version, t1.seq"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        out.extend(_rows(conn, info, sql, bindings))
+        out.extend(_rows(conn, info, sql, bindings, cls))
     if len(names) > 1:
         out.sort(key=lambda c: (c.db_version, c.seq))
     if limit is not None:
