@@ -52,14 +52,12 @@ from .pack import unpack_pk
 from .sqlutil import ident, idents, placeholders
 from .state import CrrState
 from .tableinfo import (
-    CLOCK_SUFFIX,
-    PKS_SUFFIX,
     SENTINEL,
     TableInfo,
     is_crr,
     read_table_info,
 )
-from .triggers import trigger_prefix
+from .triggers import TRIGGER_INFIX
 from .values import compare_values
 
 MAX_NAME_BYTES = 2048
@@ -86,7 +84,6 @@ class _Table:
         "info",
         "insert_key",
         "npk",
-        "quiet",
         "select_clocks",
         "select_key",
         "select_row",
@@ -118,7 +115,6 @@ class _Table:
         self.upserts: dict[tuple[int, ...], tuple[str, str]] = {}
         self.col_index = {**info.non_pk_index, SENTINEL: -1}  # cid -> non-pk index, -1
         self.defaults: dict[str, Any] = {}
-        self.quiet: bool | None = None  # see Merger._quiet
         self.affinities: list[str | None] | None = None  # see Merger._as_stored
 
     def upsert_sql(self, cols: tuple[int, ...]) -> tuple[str, str]:
@@ -188,6 +184,7 @@ class Merger:
         self.conn = conn
         self.state = state
         self.tables: dict[str, _Table | None] = {}
+        self.quiet: bool | None = None  # see _quiet
         self.rows: dict[tuple[str, bytes], _Row] = {}
         self.site_ordinals: dict[bytes, int] = {}
         self.ordinal_sites: dict[int, bytes] = {}
@@ -383,25 +380,21 @@ class Merger:
 
     # -- writing out -------------------------------------------------------------------
 
-    def _quiet(self, table: _Table) -> bool:
-        """Whether the base writes of a flush may run with triggers off: every trigger on the
-        table, its clocks and its lookaside is one of ours, which do nothing while the sync bit
-        is set (the CRR's own, and the ordering triggers of crsql_fract_as_ordered). A user's
-        trigger keeps them on, since a merge fires it in cr-sqlite."""
-        if table.quiet is None:
-            info = table.info
-            ours = (trigger_prefix(info.name), f"__crsql_{info.name}_fractindex_")
-            names = (info.name, info.name + CLOCK_SUFFIX, info.name + PKS_SUFFIX)
-            query = (
-                "SELECT name FROM {} WHERE type = 'trigger' AND tbl_name COLLATE NOCASE IN "
-                "(?, ?, ?)"
-            )
-            table.quiet = all(
-                name.startswith(ours)
+    def _quiet(self) -> bool:
+        """Whether the base writes of a flush may run with triggers off, a setting of the whole
+        connection: every trigger in the database is one of ours, which do nothing while the
+        sync bit is set (a CRR's own, ``<table>__crsql_*``, and crsql_fract_as_ordered's,
+        ``__crsql_*``). A user's trigger anywhere keeps them on: a merge fires it in cr-sqlite,
+        on the CRR itself or on a table a foreign key's cascade from the CRR writes."""
+        if self.quiet is None:
+            self.quiet = all(
+                name.startswith((table + TRIGGER_INFIX, TRIGGER_INFIX))
                 for schema in ("main.sqlite_schema", "temp.sqlite_schema")
-                for (name,) in self.conn.execute(query.format(schema), names)
+                for name, table in self.conn.execute(
+                    f"SELECT name, tbl_name FROM {schema} WHERE type = 'trigger'"
+                )
             )
-        return table.quiet
+        return self.quiet
 
     def flush(self) -> None:
         if not self.rows:
@@ -451,9 +444,7 @@ class Merger:
         # is false while the sync bit is set; switching triggers off for a large flush saves
         # running them (turning the setting off and on re-prepares the connection's statements,
         # which only a large flush repays).
-        quiet = len(self.rows) >= QUIET_TRIGGERS_ROWS and all(
-            self._quiet(t) for t in {*deletes, *(t for t, _cols in upserts)}
-        )
+        quiet = len(self.rows) >= QUIET_TRIGGERS_ROWS and self._quiet()
         if quiet:
             quiet = conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 1
         state.sync_bit = 1

@@ -287,5 +287,8 @@ def create_triggers_sql(info: TableInfo) -> list[str]:
     return [*insert_triggers(info), *update_triggers(info), delete_trigger(info)]
 
 
+TRIGGER_INFIX = "__crsql_"  # every trigger crdt creates has it: <table>__crsql_* or __crsql_*
+
+
 def trigger_prefix(table: str) -> str:
-    return f"{table}__crsql_"
+    return f"{table}{TRIGGER_INFIX}"

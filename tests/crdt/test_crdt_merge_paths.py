@@ -102,8 +102,8 @@ def test_large_batch_paths_write_what_change_by_change_writes(seed, monkeypatch)
     quiet_seen: list[bool] = []
     real_quiet = merge_module.Merger._quiet
 
-    def spy(self, table):
-        quiet_seen.append(real_quiet(self, table))
+    def spy(self):
+        quiet_seen.append(real_quiet(self))
         return quiet_seen[-1]
 
     monkeypatch.setattr(merge_module.Merger, "_quiet", spy)
@@ -163,6 +163,31 @@ def test_a_users_trigger_still_fires_in_a_large_merge(monkeypatch):
     dst.execute("INSERT INTO t VALUES (1000, 0, 'x')")
     assert dst.execute("SELECT count(*) FROM log WHERE a = 1000").fetchone() == (1,)
     assert crdt.changes_since(dst, crdt.db_version(dst) - 1)[0].pk == crdt.pack_pk((1000,))
+
+
+def test_a_users_trigger_on_a_table_a_cascade_writes_still_fires(monkeypatch):
+    """Triggers off is a setting of the whole connection: a merged delete cascading (by a
+    plain table's foreign key) into a table with a user's trigger must still fire it."""
+    monkeypatch.setattr(merge_module, "QUIET_TRIGGERS_ROWS", 1)
+    src, dst = db(False, 1), db(False, 2)
+    with src:
+        src.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, i, str(i)) for i in range(20)])
+    crdt.merge(dst, crdt.changes_since(src, 0))
+    dst.execute("PRAGMA foreign_keys = ON")
+    dst.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, a REFERENCES t (a) ON DELETE CASCADE)")
+    dst.execute("CREATE TABLE gone (id)")
+    dst.execute(
+        "CREATE TRIGGER notes_gone AFTER DELETE ON notes "
+        "BEGIN INSERT INTO gone VALUES (OLD.id); END"
+    )
+    dst.executemany("INSERT INTO notes VALUES (?, ?)", [(i, i) for i in range(20)])
+    since = crdt.db_version(src)
+    with src:
+        src.execute("DELETE FROM t")
+    crdt.merge(dst, crdt.changes_since(src, since))
+    assert dst.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    assert dst.execute("SELECT count(*) FROM notes").fetchone() == (0,)
+    assert dst.execute("SELECT count(*) FROM gone").fetchone() == (20,)
 
 
 def test_an_ordered_table_merges_alike_with_triggers_off(monkeypatch):
