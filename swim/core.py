@@ -433,9 +433,10 @@ class Membership:
         self._user_seq = (self._user_seq + 1) & codec.SEQ_MAX
         part = codec.user(self._id, self._user_seq, payload)
         self._check_fits(part, "broadcast payload")
-        dedupe = (self._id.host, self._id.port, self._id.gen, self._user_seq)
-        self._remember(dedupe)
-        qkey = ("u", "key", key) if key is not None else ("u", *dedupe)
+        # Not remembered for de-duplication (``_on_user`` drops our own broadcasts coming back),
+        # so they take no room from other members' in the bounded memory of what was seen.
+        own = (self._id.host, self._id.port, self._id.gen, self._user_seq)
+        qkey = ("u", "key", key) if key is not None else ("u", *own)
         self._queue.push(qkey, part)
         return self._take()
 

@@ -16,7 +16,7 @@ import pytest
 
 from swim import codec
 from swim.config import Config, ConfigError
-from swim.core import Membership, PayloadTooLarge
+from swim.core import SEEN_BROADCASTS_MAX, Membership, PayloadTooLarge
 from swim.events import (
     BroadcastReceived,
     GossipTick,
@@ -896,3 +896,16 @@ def test_broadcasts_are_relayed_and_delivered_once():
     assert [g.payload for g in got] == [b"m1", b"m2"]
     relayed = [p for p in told(core, d.addr) if p[0] == codec.USER]
     assert sorted(p[2] for p in relayed) == [1, 2]
+
+
+def test_the_memory_of_seen_broadcasts_is_bounded_and_forgets_the_oldest_first():
+    core, (c,) = make(1)
+    x = NodeId("10.0.0.9", 1, 1)
+    for seq in range(1, SEEN_BROADCASTS_MAX + 2):
+        core.handle_datagram(c.addr, c.packet(codec.user(x, seq, b"")), 1.0)
+
+    def delivered(seq: int) -> bool:
+        return bool(of_type(feed(core, c, codec.user(x, seq, b"")), BroadcastReceived))
+
+    assert not delivered(SEEN_BROADCASTS_MAX + 1) and not delivered(2)
+    assert delivered(1)  # the oldest was forgotten to make room
