@@ -303,13 +303,15 @@ def test_traffic_counters_add_up_to_the_traffic():
     assert core.stats.bytes_out - out0[1] == sum(len(s.data) for s in sends)
     updates = sum(p[0] in UPDATES for s in sends for p in decode(s.data, config)[1])
     assert core.stats.piggybacked - out0[2] == updates > 1
-    # Streams: those we open (push/pull ticks), one we answer.
+    # Streams: those we open (push/pull ticks), and two we answer.
     opened = of_type(core.handle_timer(PushPullTick(core._token), 30.0), OpenStream)
     opened += of_type(core.handle_timer(PushPullTick(core._token), 60.0), OpenStream)
-    (reply,) = of_type(core.handle_stream_request(7, b.addr, b.stream([]), 61.0), StreamReply)
+    replies = of_type(core.handle_stream_request(7, b.addr, b.stream([]), 61.0), StreamReply)
+    replies += of_type(core.handle_stream_request(8, c.addr, c.stream([]), 61.0), StreamReply)
     assert core.stats.streams_out == len(opened) == 4  # one alive and one down member each
-    assert core.stats.streams_in == 1
-    assert core.stats.stream_bytes_out == sum(len(o.data) for o in opened) + len(reply.data)
+    assert core.stats.streams_in == len(replies) == 2
+    sent = sum(len(o.data) for o in opened) + sum(len(r.data) for r in replies)
+    assert core.stats.stream_bytes_out == sent
 
 
 def test_event_counters_count_each_event():
@@ -586,6 +588,12 @@ def test_restore_mid_pass_starts_a_fresh_pass_only_when_it_adds_someone():
     assert [n.member.id for n in of_type(out, MemberUp)] == [x.id]
     fresh = [tick(core2, 12.0 + i, by2)[0] for i in range(6)]
     assert sorted(fresh) == sorted(by2)  # a fresh pass over everyone, x included
+    # Gossip picks among the restored members too.
+    restored = Membership(ME, CFG, random.Random(1), gen=100)
+    restored.start(0.0)
+    restored.restore([Member(x.id, 0, State.ALIVE, b"")], 1.0)
+    sends = of_type(restored.handle_timer(GossipTick(restored._token), 1.0), Send)
+    assert [s.addr for s in sends] == [x.addr]  # our own alive goes to x
 
 
 # -- push/pull (R10) -----------------------------------------------------------------------
@@ -612,9 +620,12 @@ def test_push_pull_merges_left_members_as_left_and_suspicion_of_us_as_a_refutati
     assert of_type(out, MemberDown)[0].member == Member(b.id, 4, State.LEFT, b"")
     core.handle_timer(GossipTick(core._token), 6.0)  # the dead are still gossiped to
     (req,) = of_type(core.handle_timer(PushPullTick(core._token), 30.0), OpenStream)
-    reply = c.stream([(core.identity, 3, State.SUSPECT, b"")])
+    gone = NodeId("10.0.0.9", 1, 1)
+    core.handle_datagram(c.addr, c.packet(codec.alive(gone, 0, b"")), 29.0)
+    reply = c.stream([(core.identity, 3, State.SUSPECT, b""), (gone, 1, State.LEFT, b"")])
     out = core.handle_stream_reply(req.stream_id, reply, 30.1)
     assert core.incarnation == 4 and not of_type(out, IdentityRenewed)
+    assert core.member(gone.addr) == Member(gone, 1, State.LEFT, b"")
     assert of_type(out, Send) == []  # a push/pull (not a join) announces nothing
     (req,) = of_type(core.handle_timer(PushPullTick(core._token), 60.0), OpenStream)
     out = core.handle_stream_reply(req.stream_id, c.stream([(core.identity, 0, State.DOWN, b"")]),
@@ -846,11 +857,10 @@ def test_a_member_back_from_the_dead_counts_once_and_is_told_like_the_others():
     nb = NodeId(b.id.host, b.id.port, 2)
     feed(core, c, codec.alive(nb, 0, b""), now=11.0)  # back before the dead time ends
     assert core.num_members() == 3
-    drain(core, 11.0)
-    core.broadcast(b"x", 12.0)
-    told(core, b.addr, 12.0)
-    told(core, c.addr, 12.0)
-    assert core.pending_updates() == []
+    core.broadcast(b"x", 11.0)
+    told(core, b.addr, 11.0)
+    told(core, c.addr, 11.0)
+    assert [u for u in core.pending_updates() if u.key[0] == "u"] == []  # b is no longer "dead"
     # Back after the dead time ended (no longer gossiped to as dead).
     feed(core, c, codec.down(nb, 0, c.id), now=20.0)
     core.handle_timer(GossipTick(core._token), 20.0 + CFG.gossip_to_the_dead_time + 1.0)
