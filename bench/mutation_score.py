@@ -83,6 +83,7 @@ MODULES = {
             "tests/swim/test_swim_rules.py",
             "tests/swim/test_swim_probe.py",
             "tests/swim/test_swim_dissemination.py",
+            "tests/swim/test_swim_core_edges.py",
         ),
     ),
     "orch-engine": Module(

@@ -433,9 +433,10 @@ class Membership:
         self._user_seq = (self._user_seq + 1) & codec.SEQ_MAX
         part = codec.user(self._id, self._user_seq, payload)
         self._check_fits(part, "broadcast payload")
-        dedupe = (self._id.host, self._id.port, self._id.gen, self._user_seq)
-        self._remember(dedupe)
-        qkey = ("u", "key", key) if key is not None else ("u", *dedupe)
+        # Not remembered for de-duplication (``_on_user`` drops our own broadcasts coming back),
+        # so they take no room from other members' in the bounded memory of what was seen.
+        own = (self._id.host, self._id.port, self._id.gen, self._user_seq)
+        qkey = ("u", "key", key) if key is not None else ("u", *own)
         self._queue.push(qkey, part)
         return self._take()
 
@@ -996,9 +997,9 @@ class Membership:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def _send(self, addr: Address, parts: list[bytes], *, required: bool = True) -> bool:
+    def _send(self, addr: Address, parts: list[bytes], *, required: bool = True) -> None:
         """Send ``parts`` topped up with queued updates (R8). With nothing to say and not
-        ``required``, send nothing and return False."""
+        ``required``, send nothing."""
         used = sum(len(p) for p in parts)
         room = (
             self.config.max_packet_size
@@ -1010,13 +1011,12 @@ class Membership:
         audience = self._active + len(self._recently_down)
         extra = self._queue.fill(room, self.retransmit_limit, addr, audience) if room > 0 else []
         if not parts and not extra and not required:
-            return False
+            return
         self.stats.piggybacked += len(extra)
         data = self._framer.seal(codec.encode_body(self._packed_self, parts + extra))
         self.stats.packets_out += 1
         self.stats.bytes_out += len(data)
         self._out.append(Send(addr, data))
-        return True
 
     def _check_fits(self, part: bytes, what: str) -> None:
         room = (
