@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import apsw
 
-from crdt import Change
+from crdt import Change, ChangeRow
 from crdt.schema import is_internal
 from crdt.tableinfo import SENTINEL, is_crr, read_table_info
 
@@ -120,7 +120,7 @@ class PendingSummary:
         return {"versions": self.versions, "missing": dict(sorted(self.missing.items()))}
 
 
-def keep(conn: apsw.Connection, actor: bytes, version: int, changes: Sequence[Change]) -> None:
+def keep(conn: apsw.Connection, actor: bytes, version: int, changes: Sequence[ChangeRow]) -> None:
     conn.executemany(
         f"INSERT OR IGNORE INTO __corro_pending_changes ({_CHANGE_COLUMNS}, actor_id, version) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

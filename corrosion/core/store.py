@@ -48,7 +48,7 @@ from typing import Any, cast
 import apsw
 
 import crdt
-from crdt import Change, reaper
+from crdt import Change, ChangeRow, reaper
 from crdt.gcpause import gc_paused
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
@@ -168,7 +168,8 @@ class ApplyResult:
     duplicates: int = 0  # chunks that were already held
     rejected: list[tuple[bytes, int, str]] = field(default_factory=list)  # bad changesets
     changes_applied: int = 0  # rows impacted in the CRR tables
-    changes: list[Change] = field(default_factory=list)  # the changes of the applied versions
+    # the changes of the applied versions (plain tuples as received, or Changes)
+    changes: list[ChangeRow] = field(default_factory=list)
     # versions kept until this node has their schema, and what they wait for
     kept: list[tuple[bytes, int]] = field(default_factory=list)
     kept_missing: PendingSummary = field(default_factory=PendingSummary)
@@ -354,7 +355,7 @@ class Store:
         versions = cluster_schema.read_versions(self.conn)
         return cluster_schema.lost_cells(versions, cluster_schema.chain(versions))
 
-    def _without_lost(self, changes: Sequence[Change]) -> Sequence[Change]:
+    def _without_lost(self, changes: Sequence[ChangeRow]) -> Sequence[ChangeRow]:
         """``changes`` without the cells of columns only losing proposals defined."""
         lost = self._lost_cells
         if not lost:
@@ -537,7 +538,7 @@ class Store:
                 b = touched[actor] = held.copy() if held is not None else Booked()
             return b
 
-        complete: list[tuple[bytes, int, Sequence[Change], int, int]] = []
+        complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]] = []
         pending_versions: set[tuple[bytes, int]] = set()
         with _write_transaction(conn):
             for item in items:
@@ -567,7 +568,7 @@ class Store:
                 partial.seqs.add(*cs.seqs)
                 result.buffered += 1
                 if partial.complete:
-                    changes: Sequence[Change] = self._take_buffered(cs.actor, cs.version)
+                    changes: Sequence[ChangeRow] = self._take_buffered(cs.actor, cs.version)
                     del b.partials[cs.version]
                     complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
                     pending_versions.add(key)
@@ -625,10 +626,10 @@ class Store:
 
     def _keep_unknown_schema(
         self,
-        complete: list[tuple[bytes, int, Sequence[Change], int, int]],
+        complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]],
         booked: Any,
         result: ApplyResult,
-    ) -> list[tuple[bytes, int, Sequence[Change], int, int]]:
+    ) -> list[tuple[bytes, int, Sequence[ChangeRow], int, int]]:
         """Keep (and book as held) the versions that need a table or column this node does not
         have yet; return the others, to merge."""
         view = SchemaView(self.conn)
@@ -679,14 +680,14 @@ class Store:
             (cs.actor, cs.version, cs.seqs[0], cs.seqs[1], cs.last_seq, cs.ts),
         )
 
-    def _take_buffered(self, actor: bytes, version: int) -> list[Change]:
+    def _take_buffered(self, actor: bytes, version: int) -> list[ChangeRow]:
         rows = self.conn.execute(
             'SELECT "table", pk, cid, val, col_version, db_version, site_id, cl, seq '
             "FROM __corro_buffered_changes WHERE actor_id = ? AND version = ? ORDER BY seq",
             (actor, version),
         ).fetchall()
         self._drop_buffered(actor, version)
-        return [Change(*r) for r in cast("list[tuple[Any, ...]]", rows)]
+        return cast("list[ChangeRow]", rows)  # the changes, in crsql_changes' column order
 
     def _drop_buffered(self, actor: bytes, version: int) -> None:
         self.conn.execute(
