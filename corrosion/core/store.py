@@ -42,6 +42,7 @@ import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
@@ -574,8 +575,10 @@ class Store:
                     pending_versions.add(key)
             if complete and self._lost_cells:
                 complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
+            # the tables the changes name, in one pass of C (for the schema checks below)
+            tables = set(map(_TABLE_OF, chain.from_iterable(e[2] for e in complete)))
             if complete:
-                complete = self._keep_unknown_schema(complete, booked, result)
+                complete = self._keep_unknown_schema(complete, tables, booked, result)
             if isolate:
                 versions: list[int | crdt.MergeError | None] = []
                 for entry in complete:
@@ -590,6 +593,7 @@ class Store:
             else:
                 versions = list(crdt.merge_changesets(conn, [entry[2] for entry in complete]))
             rows = []
+            held_actor, held = None, RangeSet()  # the held versions of the last actor seen
             for (actor, version, changes, last_seq, ts), local in zip(
                 complete, versions, strict=True
             ):
@@ -597,10 +601,12 @@ class Store:
                     result.rejected.append((actor, version, str(local)))
                     continue
                 rows.append((actor, version, version, local, last_seq, ts))
-                booked(actor).held.add(version, version)
+                if actor != held_actor:
+                    held_actor, held = actor, booked(actor).held
+                held.add(version, version)
                 if local is not None:
                     result.applied.append((actor, version))
-                    result.changes.extend(changes)
+                    result.changes += changes
                 else:
                     result.emptied += 1
             if rows:
@@ -612,7 +618,9 @@ class Store:
             for actor, b in touched.items():
                 self._write_gaps(actor, b)
             result.changes_applied = conn.crr.rows_impacted
-            if cluster_schema.TABLE in map(_TABLE_OF, result.changes):
+            if cluster_schema.TABLE in tables and cluster_schema.TABLE in map(
+                _TABLE_OF, result.changes
+            ):
                 # new schema versions: follow them, then merge what waited for them
                 result.schema = cluster_schema.advance(
                     conn, self.schema_extra, follow=self.follow_cluster_schema
@@ -627,12 +635,15 @@ class Store:
     def _keep_unknown_schema(
         self,
         complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]],
+        tables: set[Any],
         booked: Any,
         result: ApplyResult,
     ) -> list[tuple[bytes, int, Sequence[ChangeRow], int, int]]:
         """Keep (and book as held) the versions that need a table or column this node does not
         have yet; return the others, to merge."""
         view = SchemaView(self.conn)
+        if view.covers(tables, [entry[2] for entry in complete]):
+            return complete
         to_merge = []
         for entry in complete:
             actor, version, changes, last_seq, ts = entry
