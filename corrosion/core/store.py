@@ -541,23 +541,26 @@ class Store:
 
         complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]] = []
         pending_versions: set[tuple[bytes, int]] = set()
+        b_actor, b = None, Booked()  # the bookkeeping of the last actor seen
         with _write_transaction(conn):
             for item in items:
                 if isinstance(item, EmptyVersions):
                     self._apply_empty(item, booked(item.actor), result)
                     continue
                 cs = item
-                if cs.actor == self.actor_id:
+                actor, version = cs.actor, cs.version
+                if actor == self.actor_id:
                     result.duplicates += 1  # our own versions come back through relays
                     continue
-                b = booked(cs.actor)
-                key = (cs.actor, cs.version)
-                if cs.version in b.held or key in pending_versions:
+                if actor != b_actor:
+                    b_actor, b = actor, booked(actor)
+                key = (actor, version)
+                if version in b.held or key in pending_versions:
                     result.duplicates += 1
                     continue
-                partial = b.partials.get(cs.version)
+                partial = b.partials.get(version)
                 if cs.complete and partial is None:
-                    complete.append((cs.actor, cs.version, cs.changes, cs.last_seq, cs.ts))
+                    complete.append((actor, version, cs.changes, cs.last_seq, cs.ts))
                     pending_versions.add(key)
                     continue
                 if partial is None:
