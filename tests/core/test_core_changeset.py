@@ -30,6 +30,8 @@ from corrosion.core.changeset import (
     Changeset,
     EmptyVersions,
     FrameError,
+    _checked_changeset,
+    _decode_changeset,
     chunk_version,
     decode_frame,
     encode,
@@ -332,6 +334,52 @@ def test_boundary_values_of_a_change_are_accepted():
         (2, bytes(16), -1, -3),
     ]
     assert cs.complete is False  # seqs (1, 2) do not start at 0
+
+
+# The decoder checks a frame in one pass, and again field by field only when that pass refuses it
+# (for the message): both must accept and refuse the same frames. Every field of a frame, in turn,
+# takes each of these values (valid ones among them).
+ODD = [None, True, 0, -1, 3, 2**64 - 1, 1.5, "", "t", b"\x01", bytes(16), bytes(17), [1], {"a": 1}]
+
+
+def frames_with_one_odd_field():
+    good_rows = [["t", b"\x01", "v", "x", 1, None, 1, 1], ["t", b"\x02", "v", 2.5, 2, OTHER, 3, 2]]
+    header = [ACTOR, 3, 1, 2, 4, 5, 6]
+
+    def make(header=header, rows=good_rows, extra=()) -> bytes:
+        return frame(K_CHANGESET, WIRE_VERSION, *header, rows, *extra)
+
+    yield make()
+    for odd in ODD:
+        for i in range(len(header)):
+            yield make(header=[*header[:i], odd, *header[i + 1 :]])
+        for k in range(8):
+            row = [*good_rows[1][:k], odd, *good_rows[1][k + 1 :]]
+            yield make(rows=[good_rows[0], row])
+        yield make(rows=odd)
+        yield make(rows=[good_rows[0], odd])
+        yield make(extra=(odd,))
+    for shape in (good_rows[1][:7], [*good_rows[1], 0], "eightchr", {str(i): i for i in range(8)}):
+        yield make(rows=[good_rows[0], shape])
+
+
+def outcome(decode, obj):
+    try:
+        return decode(obj)
+    except FrameError as exc:
+        return str(exc)
+
+
+def test_the_one_pass_check_accepts_and_refuses_what_the_field_by_field_check_does():
+    seen = set()
+    for data in frames_with_one_odd_field():
+        for use_list in (False, True):  # tuples, as decode_frame unpacks most frames; lists
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=use_list)
+            said = outcome(_checked_changeset, obj)
+            assert outcome(_decode_changeset, obj) == said, obj
+        assert outcome(lambda d: decode_frame(d)[1], data) == said
+        seen.add(said if isinstance(said, str) else "accepted")
+    assert len(seen) == 16  # accepted, and every message the checks give
 
 
 # ---- frames of newer peers: trailing fields ---------------------------------------------------
