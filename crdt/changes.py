@@ -34,6 +34,12 @@ class Change(NamedTuple):
 
 COLUMNS = ("table", "pk", "cid", "val", "col_version", "db_version", "site_id", "cl", "seq")
 
+# A change as a plain tuple of the same fields in the same order (a Change is one, with names).
+# Receivers that build many changes use these: a plain tuple of atoms costs less to build, and
+# the garbage collector stops tracking it at its first collection, which it never does for a
+# tuple subclass such as Change. Code that takes either reads fields by position.
+ChangeRow = tuple[str, bytes, str, Any, int, int, bytes | None, int, int]
+
 
 def value_expr(info: TableInfo) -> str:
     """The ``val`` column: the base-table value named by the clock row, NULL for sentinels."""

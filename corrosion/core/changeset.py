@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import msgpack
 
-from crdt import Change
+from crdt import ChangeRow
 
 from ..errors import CorrosionError
 
@@ -52,7 +53,7 @@ class Changeset:
 
     actor: bytes
     version: int
-    changes: tuple[Change, ...]
+    changes: tuple[ChangeRow, ...]  # decoded ones are plain tuples (crdt.ChangeRow)
     seqs: tuple[int, int]  # inclusive range of seqs this chunk covers
     last_seq: int  # the version's last seq
     ts: int  # origin's hybrid-logical-clock timestamp
@@ -73,9 +74,9 @@ class EmptyVersions:
     ts: int = 0
 
 
-def _change_row(c: Change, actor: bytes) -> list:
-    site = None if c.site_id == actor else c.site_id
-    return [c.table, c.pk, c.cid, c.val, c.col_version, site, c.cl, c.seq]
+def _change_row(c: ChangeRow, actor: bytes) -> list:
+    table, pk, cid, val, col_version, _db_version, site, cl, seq = c
+    return [table, pk, cid, val, col_version, None if site == actor else site, cl, seq]
 
 
 def encode_changeset(cs: Changeset) -> bytes:
@@ -159,6 +160,7 @@ def _actor(v: Any) -> bytes:
 
 
 _VALUE_TYPES = (type(None), int, float, str, bytes)
+_VALUE_TYPE_SET = frozenset(_VALUE_TYPES)
 _ARRAY_TYPES = (list, tuple)
 
 # what msgpack raises on malformed input: ValueError (bad format, extra data, bad UTF-8, too
@@ -230,13 +232,73 @@ def peek_changeset(data: bytes) -> tuple[bytes, int, int, int] | None:
     return actor, version, start, end
 
 
-_new_change = tuple.__new__  # Change(*fields) without its Python-level __new__
-
-
 def _decode_changeset(obj: list | tuple) -> Changeset:
+    """A changeset frame's fields, checked. The usual well-formed frame is checked in one pass
+    that builds its changes as it goes; anything that pass does not accept is checked again field
+    by field, for the message that says what is wrong."""
+    if len(obj) >= 10:
+        actor, version, start, end, last, ts, dbv, rows = obj[2:10]
+        if (
+            type(actor) is bytes
+            and len(actor) == 16
+            and type(version) is int
+            and type(start) is int
+            and type(end) is int
+            and type(last) is int
+            and type(ts) is int
+            and type(dbv) is int
+            and version >= 1
+            and 0 <= start <= end <= last
+            and ts >= 0
+            and dbv >= 0
+            and type(rows) in _ARRAY_TYPES
+        ):
+            changes = _changes(rows, actor, start, end, dbv)
+            if changes is not None:
+                # optional fields after the ten: the trace context; any later ones are a newer
+                # peer's
+                trace = _trace(obj[10]) if len(obj) > 10 else None
+                return Changeset(actor, version, changes, (start, end), last, ts, dbv, trace)
+    return _checked_changeset(obj)
+
+
+def _changes(
+    rows: Iterable[Any], actor: bytes, start: int, end: int, dbv: int
+) -> tuple[ChangeRow, ...] | None:
+    """The changes of well-formed wire rows, as plain tuples (crdt.ChangeRow: cheaper to build
+    than Changes, and left alone by the garbage collector); None if any row is not."""
+    out: list[ChangeRow] = []
+    append = out.append
+    try:
+        for row in rows:
+            if type(row) is not tuple and type(row) is not list:
+                return None
+            table, pk, cid, val, cv, site, cl, seq = row  # ValueError: not eight fields
+            if (
+                type(table) is not str
+                or type(pk) is not bytes
+                or type(cid) is not str
+                or type(val) not in _VALUE_TYPE_SET
+                or type(cv) is not int
+                or type(cl) is not int
+                or type(seq) is not int
+                or not start <= seq <= end
+            ):
+                return None
+            if site is None:
+                site = actor
+            elif type(site) is not bytes or len(site) > 16:
+                return None
+            append((table, pk, cid, val, cv, dbv, site, cl, seq))
+    except ValueError:
+        return None
+    return tuple(out)
+
+
+def _checked_changeset(obj: list | tuple) -> Changeset:
+    """``_decode_changeset`` field by field: raises FrameError saying what is wrong first."""
     if len(obj) < 10 or not isinstance(obj[9], list | tuple):
         raise FrameError("malformed changeset frame")
-    # optional fields after the ten: the trace context; any later ones are a newer peer's
     trace = _trace(obj[10]) if len(obj) > 10 else None
     actor = _actor(obj[2])
     version = _int(obj[3], "version", 1)
@@ -244,8 +306,7 @@ def _decode_changeset(obj: list | tuple) -> Changeset:
     if not start <= end <= last:
         raise FrameError("seq range must satisfy start <= end <= last_seq")
     ts, dbv = _int(obj[7], "ts"), _int(obj[8], "db_version")
-    changes: list[Change] = []
-    append = changes.append
+    changes: list[ChangeRow] = []
     for row in obj[9]:
         if type(row) not in _ARRAY_TYPES or len(row) != 8:
             raise FrameError("a change has eight fields on the wire")
@@ -262,14 +323,17 @@ def _decode_changeset(obj: list | tuple) -> Changeset:
             site = actor
         elif type(site) is not bytes or len(site) > 16:
             raise FrameError("change site id must be at most 16 bytes")
-        append(_new_change(Change, (table, pk, cid, val, cv, dbv, site, cl, seq)))
+        changes.append((table, pk, cid, val, cv, dbv, site, cl, seq))
     return Changeset(actor, version, tuple(changes), (start, end), last, ts, dbv, trace)
+
+
+_SEQ_OF = itemgetter(8)  # a change's seq
 
 
 def chunk_version(
     actor: bytes,
     version: int,
-    changes: Sequence[Change],
+    changes: Sequence[ChangeRow],
     last_seq: int,
     ts: int,
     db_version: int,
@@ -279,17 +343,17 @@ def chunk_version(
     """Cut a version's changes (sorted by seq) into chunks of about ``max_bytes`` whose seq
     ranges tile ``0..last_seq``; each chunk carries ``trace`` (whichever arrives first, or
     alone, continues the trace)."""
-    changes = sorted(changes, key=lambda c: c.seq)
-    if changes and changes[-1].seq > last_seq:
-        last_seq = changes[-1].seq
+    changes = sorted(changes, key=_SEQ_OF)
+    if changes and _SEQ_OF(changes[-1]) > last_seq:
+        last_seq = _SEQ_OF(changes[-1])
     out: list[Changeset] = []
     start = 0
-    batch: list[Change] = []
+    batch: list[ChangeRow] = []
     size = 0
     for c in changes:
         row_size = len(msgpack.packb(_change_row(c, actor), use_bin_type=True))
         if batch and size + row_size > max_bytes:
-            end = c.seq - 1
+            end = _SEQ_OF(c) - 1
             out.append(
                 Changeset(
                     actor, version, tuple(batch), (start, end), last_seq, ts, db_version, trace

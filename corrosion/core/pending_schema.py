@@ -30,12 +30,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from typing import Any, cast
 
 import apsw
 
-from crdt import Change
+from crdt import Change, ChangeRow
 from crdt.schema import is_internal
 from crdt.tableinfo import SENTINEL, is_crr, read_table_info
 
@@ -63,6 +64,7 @@ class _AnyColumn:
 _MERGE_DECIDES = _AnyColumn()
 _UNREAD = object()
 _TABLE_COLUMN = itemgetter(0, 2)  # of a change
+_COLUMN = itemgetter(2)  # of a change
 
 
 class SchemaView:
@@ -79,6 +81,23 @@ class SchemaView:
         if not is_crr(self.conn, table):
             return None
         return frozenset(read_table_info(self.conn, table).non_pk_names) | {SENTINEL}
+
+    def covers(self, tables: set[Any], versions: Sequence[Sequence[Any]]) -> bool:
+        """Whether this database has every table and column the changes of ``versions`` name
+        (``tables``: the tables they name), for the usual batch, whose changes all name one
+        table: one pass of C over them, no pair built per change. False means "ask ``missing``
+        of each version"."""
+        if len(tables) != 1:
+            return not tables
+        (table,) = tables
+        cols = self._columns.get(table, _UNREAD)
+        if cols is _UNREAD:
+            cols = self._columns[table] = self._read(table)
+        if cols is None:
+            return False
+        return cols is _MERGE_DECIDES or cols.issuperset(
+            map(_COLUMN, chain.from_iterable(versions))
+        )
 
     def missing(self, changes: Sequence[Any]) -> dict[str, int]:
         """What ``changes`` need that this database lacks: ``"t"`` for a table, ``"t.c"`` for a
@@ -120,7 +139,7 @@ class PendingSummary:
         return {"versions": self.versions, "missing": dict(sorted(self.missing.items()))}
 
 
-def keep(conn: apsw.Connection, actor: bytes, version: int, changes: Sequence[Change]) -> None:
+def keep(conn: apsw.Connection, actor: bytes, version: int, changes: Sequence[ChangeRow]) -> None:
     conn.executemany(
         f"INSERT OR IGNORE INTO __corro_pending_changes ({_CHANGE_COLUMNS}, actor_id, version) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

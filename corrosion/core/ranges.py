@@ -59,6 +59,15 @@ class RangeSet:
         if end < start:
             return
         starts, ends = self._starts, self._ends
+        if starts and start >= starts[-1]:
+            # at or past the last range, as versions mostly arrive: nothing after it to merge
+            if start <= ends[-1] + 1:
+                if end > ends[-1]:
+                    ends[-1] = end
+            else:
+                starts.append(start)
+                ends.append(end)
+            return
         i = bisect_right(starts, start) - 1
         # merge with a range that overlaps or touches on the left
         if i >= 0 and ends[i] >= start - 1:

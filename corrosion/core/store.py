@@ -42,13 +42,14 @@ import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
 import apsw
 
 import crdt
-from crdt import Change, reaper
+from crdt import Change, ChangeRow, reaper
 from crdt.gcpause import gc_paused
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
@@ -168,7 +169,8 @@ class ApplyResult:
     duplicates: int = 0  # chunks that were already held
     rejected: list[tuple[bytes, int, str]] = field(default_factory=list)  # bad changesets
     changes_applied: int = 0  # rows impacted in the CRR tables
-    changes: list[Change] = field(default_factory=list)  # the changes of the applied versions
+    # the changes of the applied versions (plain tuples as received, or Changes)
+    changes: list[ChangeRow] = field(default_factory=list)
     # versions kept until this node has their schema, and what they wait for
     kept: list[tuple[bytes, int]] = field(default_factory=list)
     kept_missing: PendingSummary = field(default_factory=PendingSummary)
@@ -354,7 +356,7 @@ class Store:
         versions = cluster_schema.read_versions(self.conn)
         return cluster_schema.lost_cells(versions, cluster_schema.chain(versions))
 
-    def _without_lost(self, changes: Sequence[Change]) -> Sequence[Change]:
+    def _without_lost(self, changes: Sequence[ChangeRow]) -> Sequence[ChangeRow]:
         """``changes`` without the cells of columns only losing proposals defined."""
         lost = self._lost_cells
         if not lost:
@@ -537,25 +539,28 @@ class Store:
                 b = touched[actor] = held.copy() if held is not None else Booked()
             return b
 
-        complete: list[tuple[bytes, int, Sequence[Change], int, int]] = []
+        complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]] = []
         pending_versions: set[tuple[bytes, int]] = set()
+        b_actor, b = None, Booked()  # the bookkeeping of the last actor seen
         with _write_transaction(conn):
             for item in items:
                 if isinstance(item, EmptyVersions):
                     self._apply_empty(item, booked(item.actor), result)
                     continue
                 cs = item
-                if cs.actor == self.actor_id:
+                actor, version = cs.actor, cs.version
+                if actor == self.actor_id:
                     result.duplicates += 1  # our own versions come back through relays
                     continue
-                b = booked(cs.actor)
-                key = (cs.actor, cs.version)
-                if cs.version in b.held or key in pending_versions:
+                if actor != b_actor:
+                    b_actor, b = actor, booked(actor)
+                key = (actor, version)
+                if version in b.held or key in pending_versions:
                     result.duplicates += 1
                     continue
-                partial = b.partials.get(cs.version)
+                partial = b.partials.get(version)
                 if cs.complete and partial is None:
-                    complete.append((cs.actor, cs.version, cs.changes, cs.last_seq, cs.ts))
+                    complete.append((actor, version, cs.changes, cs.last_seq, cs.ts))
                     pending_versions.add(key)
                     continue
                 if partial is None:
@@ -567,14 +572,16 @@ class Store:
                 partial.seqs.add(*cs.seqs)
                 result.buffered += 1
                 if partial.complete:
-                    changes: Sequence[Change] = self._take_buffered(cs.actor, cs.version)
+                    changes: Sequence[ChangeRow] = self._take_buffered(cs.actor, cs.version)
                     del b.partials[cs.version]
                     complete.append((cs.actor, cs.version, changes, partial.last_seq, partial.ts))
                     pending_versions.add(key)
             if complete and self._lost_cells:
                 complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
+            # the tables the changes name, in one pass of C (for the schema checks below)
+            tables = set(map(_TABLE_OF, chain.from_iterable(e[2] for e in complete)))
             if complete:
-                complete = self._keep_unknown_schema(complete, booked, result)
+                complete = self._keep_unknown_schema(complete, tables, booked, result)
             if isolate:
                 versions: list[int | crdt.MergeError | None] = []
                 for entry in complete:
@@ -589,6 +596,7 @@ class Store:
             else:
                 versions = list(crdt.merge_changesets(conn, [entry[2] for entry in complete]))
             rows = []
+            held_actor, held = None, RangeSet()  # the held versions of the last actor seen
             for (actor, version, changes, last_seq, ts), local in zip(
                 complete, versions, strict=True
             ):
@@ -596,10 +604,12 @@ class Store:
                     result.rejected.append((actor, version, str(local)))
                     continue
                 rows.append((actor, version, version, local, last_seq, ts))
-                booked(actor).held.add(version, version)
+                if actor != held_actor:
+                    held_actor, held = actor, booked(actor).held
+                held.add(version, version)
                 if local is not None:
                     result.applied.append((actor, version))
-                    result.changes.extend(changes)
+                    result.changes += changes
                 else:
                     result.emptied += 1
             if rows:
@@ -611,7 +621,9 @@ class Store:
             for actor, b in touched.items():
                 self._write_gaps(actor, b)
             result.changes_applied = conn.crr.rows_impacted
-            if cluster_schema.TABLE in map(_TABLE_OF, result.changes):
+            if cluster_schema.TABLE in tables and cluster_schema.TABLE in map(
+                _TABLE_OF, result.changes
+            ):
                 # new schema versions: follow them, then merge what waited for them
                 result.schema = cluster_schema.advance(
                     conn, self.schema_extra, follow=self.follow_cluster_schema
@@ -625,13 +637,16 @@ class Store:
 
     def _keep_unknown_schema(
         self,
-        complete: list[tuple[bytes, int, Sequence[Change], int, int]],
+        complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]],
+        tables: set[Any],
         booked: Any,
         result: ApplyResult,
-    ) -> list[tuple[bytes, int, Sequence[Change], int, int]]:
+    ) -> list[tuple[bytes, int, Sequence[ChangeRow], int, int]]:
         """Keep (and book as held) the versions that need a table or column this node does not
         have yet; return the others, to merge."""
         view = SchemaView(self.conn)
+        if view.covers(tables, [entry[2] for entry in complete]):
+            return complete
         to_merge = []
         for entry in complete:
             actor, version, changes, last_seq, ts = entry
@@ -679,14 +694,14 @@ class Store:
             (cs.actor, cs.version, cs.seqs[0], cs.seqs[1], cs.last_seq, cs.ts),
         )
 
-    def _take_buffered(self, actor: bytes, version: int) -> list[Change]:
+    def _take_buffered(self, actor: bytes, version: int) -> list[ChangeRow]:
         rows = self.conn.execute(
             'SELECT "table", pk, cid, val, col_version, db_version, site_id, cl, seq '
             "FROM __corro_buffered_changes WHERE actor_id = ? AND version = ? ORDER BY seq",
             (actor, version),
         ).fetchall()
         self._drop_buffered(actor, version)
-        return [Change(*r) for r in cast("list[tuple[Any, ...]]", rows)]
+        return cast("list[ChangeRow]", rows)  # the changes, in crsql_changes' column order
 
     def _drop_buffered(self, actor: bytes, version: int) -> None:
         self.conn.execute(

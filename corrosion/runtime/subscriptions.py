@@ -753,11 +753,11 @@ class Subscriptions:
     # -- changes ----------------------------------------------------------------------------
 
     def notify(self, changes: Iterable[Any]) -> None:
-        """Committed changes (each with its ``table`` and packed ``pk``): note, for each
+        """Committed changes (crdt.ChangeRow: table and packed pk first): note, for each
         subscription reading a table they touched, which rows to re-evaluate."""
         by_table: dict[str, set[bytes]] = {}
-        for change in changes:
-            by_table.setdefault(change.table, set()).add(change.pk)
+        for table, pk, *_ in changes:
+            by_table.setdefault(table, set()).add(pk)
         hit = False
         for sub in self.by_id.values():
             touched = sub.tables & by_table.keys()

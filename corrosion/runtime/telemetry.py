@@ -10,7 +10,10 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
+
+_TABLE_OF = itemgetter(0)  # a change's table
 
 # corrosion's histogram buckets (seconds), from 1 ms to 60 s
 BUCKETS: tuple[float, ...] = (
@@ -74,7 +77,7 @@ class Telemetry:
         self.subs_matched: Counter[tuple[str, str]] = Counter()
 
     def committed(self, changes: Iterable[Any], source: str, subscriptions: Iterable[Any]) -> None:
-        by_table = Counter(c.table for c in changes)
+        by_table = Counter(map(_TABLE_OF, changes))  # Changes or plain tuples (crdt.ChangeRow)
         if not by_table:
             return
         for table, n in by_table.items():

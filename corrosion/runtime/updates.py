@@ -47,9 +47,9 @@ class UpdateWatchers:
     def notify(self, changes: Sequence[Any]) -> None:
         """Tell the watchers of each changed table which rows changed."""
         rows: dict[tuple[str, bytes], str] = {}
-        for c in changes:
-            if c.table in self._by_table:
-                rows[(c.table, c.pk)] = "delete" if c.cl % 2 == 0 else "update"
+        for table, pk, _cid, _val, _cv, _dbv, _site, cl, _seq in changes:  # crdt.ChangeRow
+            if table in self._by_table:
+                rows[(table, pk)] = "delete" if cl % 2 == 0 else "update"
         for (table, pk), kind in rows.items():
             try:
                 values = crdt.unpack_pk(pk)

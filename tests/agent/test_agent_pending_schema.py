@@ -133,3 +133,25 @@ def test_kept_versions_are_served_as_received_and_count_as_held(tmp_path):
     finally:
         for s in (a, b, c):
             s.close()
+
+
+def test_a_version_needing_a_column_this_node_lacks_is_kept_from_a_one_table_batch(tmp_path):
+    # every change of the batch names t2, which b has without column n: the batch's quick check
+    # (one table) must still find the version that writes n and keep it whole
+    a, b = (Store(tmp_path / f"{n}.db") for n in "ab")
+    try:
+        a.apply_schema(T1 + T2)
+        b.apply_schema(T1 + "CREATE TABLE t2 (id INTEGER NOT NULL PRIMARY KEY, b TEXT);")
+        commit_now(a, [("INSERT INTO t2 (id, b) VALUES (1, 'x')", ())], 1)  # names b and n
+        commit_now(a, [("UPDATE t2 SET b = 'y' WHERE id = 1", ())], 2)  # names b only
+        versions = list(a.serve(a.actor_id, RangeSet([(1, 2)])))
+        assert {c[0] for cs in versions for c in cs.changes} == {"t2"}
+        result = apply_now(b, versions)
+        assert result.kept == [(a.actor_id, 1)] and result.applied == [(a.actor_id, 2)]
+        assert result.kept_missing.to_json() == {"versions": 1, "missing": {"t2.n": 1}}
+        assert b.conn.execute("SELECT id, b FROM t2").fetchall() == [(1, "y")]
+        b.reload_schema(T1 + T2)
+        assert state(b) == state(a)
+    finally:
+        a.close()
+        b.close()

@@ -96,6 +96,19 @@ def test_adjacent_and_overlapping_spans_coalesce():
     assert rs.ranges() == [(2, 2), (5, 9), (11, 29)]
 
 
+def test_spans_added_in_order_at_the_end_coalesce_as_anywhere():
+    # versions mostly arrive in order: add's shortcut for the last range
+    rs = RangeSet()
+    for v in (1, 2, 3, 5, 5, 4, 7):
+        rs.add(v, v)
+    assert rs.ranges() == [(1, 5), (7, 7)]
+    rs.add(8, 9)  # touching the last range
+    rs.add(7, 8)  # inside it
+    rs.add(9, 12)  # overlapping its end
+    rs.add(14, 14)  # past it, with a gap
+    assert rs.ranges() == [(1, 5), (7, 12), (14, 14)]
+
+
 # -- the bookie ---------------------------------------------------------------------------
 
 

@@ -7,11 +7,13 @@ version into chunks that tile its seqs. Fast: the targeted tests of
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 import msgpack
 import pytest
 
+from corrosion.core import changeset as changeset_module
 from corrosion.core.changeset import (
     K_CHANGESET,
     K_DIGEST,
@@ -29,6 +31,8 @@ from corrosion.core.changeset import (
     Changeset,
     EmptyVersions,
     FrameError,
+    _checked_changeset,
+    _decode_changeset,
     chunk_version,
     decode_frame,
     encode,
@@ -104,8 +108,16 @@ def test_a_changeset_decodes_to_what_was_encoded(trace):
     assert back == cs
     # every change carries the frame's db_version and its own site (the actor's when it was
     # left out on the wire)
-    assert [c.site_id for c in back.changes] == [ACTOR, OTHER, ACTOR]
-    assert all(type(c) is Change for c in back.changes)
+    assert [Change(*c).site_id for c in back.changes] == [ACTOR, OTHER, ACTOR]
+
+
+def test_decoded_changes_are_plain_tuples_the_collector_stops_tracking():
+    # a receiver holds thousands of them until they are applied: a Change (a tuple subclass)
+    # would stay tracked, and every full collection would walk each one
+    back = decode_frame(encode(changeset()))[1]
+    assert all(type(c) is tuple and len(c) == 9 for c in back.changes)
+    gc.collect()
+    assert not any(gc.is_tracked(c) for c in back.changes)
 
 
 def test_the_wire_layout_is_the_one_older_nodes_read():
@@ -153,9 +165,9 @@ def test_a_hand_built_frame_decodes_as_lists_or_tuples():
 @pytest.mark.parametrize("val", [None, -(2**63), 2**63 - 1, 1.5, "", "ünïcode", b"\x00\xff"])
 def test_every_sqlite_value_type_survives_the_wire(val):
     cs = changeset(changes=(change(0, val=val),), seqs=(0, 0), last_seq=0)
-    back = decode_frame(encode(cs))[1]
-    assert back.changes[0].val == val
-    assert type(back.changes[0].val) is type(val)
+    back = Change(*decode_frame(encode(cs))[1].changes[0])
+    assert back.val == val
+    assert type(back.val) is type(val)
 
 
 @pytest.mark.parametrize("ts", [0, 1, 2**63])
@@ -318,11 +330,82 @@ def test_boundary_values_of_a_change_are_accepted():
         row(1, site=b""), row(2, site=bytes(16), cv=-1, cl=-3), start=1, end=2, last=2
     )
     cs = decode_frame(data)[1]
-    assert [(c.seq, c.site_id, c.col_version, c.cl) for c in cs.changes] == [
+    assert [(c.seq, c.site_id, c.col_version, c.cl) for c in map(Change._make, cs.changes)] == [
         (1, b"", 1, 1),
         (2, bytes(16), -1, -3),
     ]
     assert cs.complete is False  # seqs (1, 2) do not start at 0
+
+
+# The decoder checks a frame in one pass, and again field by field only when that pass refuses it
+# (for the message): both must accept and refuse the same frames. Every field of a frame, in turn,
+# takes each of these values (valid ones among them).
+ODD = [None, True, 0, -1, 3, 2**64 - 1, 1.5, "", "t", b"\x01", bytes(16), bytes(17), [1], {"a": 1}]
+
+
+def frames_with_one_odd_field():
+    good_rows = [["t", b"\x01", "v", "x", 1, None, 1, 1], ["t", b"\x02", "v", 2.5, 2, OTHER, 3, 2]]
+    header = [ACTOR, 3, 1, 2, 4, 5, 6]
+
+    def make(header=header, rows=good_rows, extra=()) -> bytes:
+        return frame(K_CHANGESET, WIRE_VERSION, *header, rows, *extra)
+
+    yield make()
+    for odd in ODD:
+        for i in range(len(header)):
+            yield make(header=[*header[:i], odd, *header[i + 1 :]])
+        for k in range(8):
+            row = [*good_rows[1][:k], odd, *good_rows[1][k + 1 :]]
+            yield make(rows=[good_rows[0], row])
+        yield make(rows=odd)
+        yield make(rows=[good_rows[0], odd])
+        yield make(extra=(odd,))
+    for shape in (good_rows[1][:7], [*good_rows[1], 0], "eightchr", {str(i): i for i in range(8)}):
+        yield make(rows=[good_rows[0], shape])
+
+
+def outcome(decode, obj):
+    try:
+        return decode(obj)
+    except FrameError as exc:
+        return str(exc)
+
+
+def test_the_one_pass_check_accepts_and_refuses_what_the_field_by_field_check_does():
+    seen = set()
+    for data in frames_with_one_odd_field():
+        for use_list in (False, True):  # tuples, as decode_frame unpacks most frames; lists
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=use_list)
+            said = outcome(_checked_changeset, obj)
+            assert outcome(_decode_changeset, obj) == said, obj
+        assert outcome(lambda d: decode_frame(d)[1], data) == said
+        seen.add(said if isinstance(said, str) else "accepted")
+    assert len(seen) == 16  # accepted, and every message the checks give
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # every bound at its edge: version 1, seqs 0..0, ts and db_version 0, a 16-byte site
+        (ACTOR, 1, 0, 0, 0, 0, 0, [row(0, site=bytes(16)), row(0, val=None)]),
+        # a seq at each end of its chunk's range, which ends at last_seq; a trace context
+        (ACTOR, 2, 1, 2, 2, 5, 6, [row(1, val=1.5, site=b""), row(2, val=b"\x00")], TRACE),
+        (ACTOR, 3, 0, 4, 9, 5, 6, [row(4, val="text"), row(0, val=-(2**63))]),
+        (ACTOR, 2**63, 0, 0, 0, 2**64 - 1, 2**63, []),
+    ],
+)
+def test_a_well_formed_frame_is_decoded_in_one_pass(fields, monkeypatch):
+    # the field-by-field checks run only to say what is wrong with a frame (they cost twice as
+    # much): a well-formed one, at every bound, never reaches them
+    def refused(obj):
+        raise AssertionError(f"checked field by field: {obj!r}")
+
+    data = frame(K_CHANGESET, WIRE_VERSION, *fields)
+    expected = decode_frame(data)[1]
+    monkeypatch.setattr(changeset_module, "_checked_changeset", refused)
+    assert decode_frame(data)[1] == expected
+    lists = msgpack.unpackb(data, raw=False, use_list=True)  # as a longer header unpacks
+    assert _decode_changeset(lists) == expected
 
 
 # ---- frames of newer peers: trailing fields ---------------------------------------------------
@@ -332,7 +415,7 @@ def test_fields_after_the_trace_context_are_ignored():
     data = changeset_frame(row(0), extra=(TRACE, "a field of the future", {"x": 1}))
     cs = decode_frame(data)[1]
     assert cs.trace == TRACE
-    assert cs.changes[0].val == 1
+    assert Change(*cs.changes[0]).val == 1
 
 
 @pytest.mark.parametrize("bad_trace", [bytes(MAX_TRACE_CONTEXT + 1), "00-abc", 7, None, [b"\x00"]])
