@@ -18,6 +18,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+import requests
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -79,9 +80,10 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 
 
 # Encoded attributes, by field tag then key and value: the string ones repeat from span to
-# span (actor, seqs, peer, via). Integers are encoded on the fly after their key, which is
-# encoded once (``_int_keys``).
+# span (actor, seqs, peer, via), and the small integers. Other integers are encoded on the fly
+# after their key, which is encoded once (``_int_keys``).
 _str_attributes: dict[bytes, dict[tuple[str, str], bytes]] = {b"\x4a": {}, b"\x1a": {}}
+_small_ints: dict[bytes, dict[tuple[str, int], bytes]] = {b"\x4a": {}, b"\x1a": {}}
 _int_keys: dict[str, bytes] = {}  # key -> its KeyValue.key field and the value's tag
 _SCALARS = (str, int, bool, float)
 
@@ -114,6 +116,11 @@ def _key_value(tag: bytes, key: str, value: Any) -> bytes | None:
             cache[key, value] = found
         return found
     if kind is int and -0x8000_0000_0000_0000 <= value < 0x8000_0000_0000_0000:
+        small = 0 <= value < 0x400  # counts repeat (changes, frames); ids and versions do not
+        if small:
+            found = _small_ints[tag].get((key, value))
+            if found is not None:
+                return found
         prefix = _int_keys.get(key)
         if prefix is None:
             if len(_int_keys) >= _CACHED:
@@ -121,9 +128,14 @@ def _key_value(tag: bytes, key: str, value: Any) -> bytes | None:
             prefix = _int_keys[key] = _field(b"\x0a", key.encode()) + b"\x12"
         number = _varint(value & _M64)
         size = len(number) + 1  # the AnyValue: int_value's tag and the varint
-        return b"".join(
+        encoded = b"".join(
             (tag, _varint(len(prefix) + 1 + size), prefix, _BYTE[size], b"\x18", number)
         )
+        if small:
+            if len(_small_ints[tag]) >= _CACHED:
+                _small_ints[tag].clear()
+            _small_ints[tag][key, value] = encoded
+        return encoded
     if kind in _SCALARS:
         any_value = _scalar(value)
     elif kind is tuple:
@@ -167,7 +179,7 @@ def _event(event: Any) -> bytes | None:
     return b"".join(parts)
 
 
-_names: dict[tuple[str, Any], bytes] = {}  # (name, kind) -> the name (5) and kind (6) fields
+_names: dict[str, tuple[Any, bytes]] = {}  # name -> a kind, and the name (5) and kind (6) fields
 
 
 def _span(span: ReadableSpan) -> bytes | None:
@@ -194,12 +206,15 @@ def _span(span: ReadableSpan) -> bytes | None:
     else:
         ids = _IDS(0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, context.span_id)
     name, kind = span.name, span.kind
-    head = _names.get((name, kind))
-    if head is None:
+    cached = _names.get(name)  # by name alone: hashing an enum member is a Python call
+    if cached is not None and cached[0] is kind:
+        head = cached[1]
+    else:
         if len(_names) >= _CACHED:
             _names.clear()
         # the API's kinds count from 0, OTLP's from 1 (0 is unspecified)
-        head = _names[name, kind] = _field(b"\x2a", name.encode()) + b"\x30" + _BYTE[kind.value + 1]
+        head = _field(b"\x2a", name.encode()) + b"\x30" + _BYTE[kind.value + 1]
+        _names[name] = (kind, head)
     parts = [ids, head]
     start, end = span.start_time, span.end_time
     if start and end:
@@ -238,6 +253,21 @@ def _sdk_span(span: ReadableSpan) -> tuple[bytes, Any]:
     """The SDK's encoding of ``span`` and of the ResourceSpans it went into."""
     resource_spans = encode_spans([span]).resource_spans[0]
     return resource_spans.scope_spans[0].spans[0].SerializeToString(), resource_spans
+
+
+def _settle_environment(session: requests.Session, url: str) -> None:
+    """Read once what a requests session reads from the environment on every request: the
+    proxy for ``url`` (``*_PROXY``, ``NO_PROXY``: a scan of every variable), the CA bundle
+    (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``) and ``.netrc`` credentials; ~0.5 ms of CPU
+    per export otherwise. The session then uses these settings without looking again."""
+    settings = session.merge_environment_settings(url, {}, None, None, None)
+    auth = session.auth or requests.utils.get_netrc_auth(url)
+    session.trust_env = False
+    session.proxies = settings["proxies"]
+    session.verify = settings["verify"]
+    session.cert = settings["cert"]
+    if auth:
+        session.auth = auth
 
 
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
@@ -293,6 +323,13 @@ class SpanExporter(OTLPSpanExporter):
     retries and metrics) encoding with ``encode_request``. It sends through the SDK exporter's
     request client (``_client``, as in opentelemetry-exporter-otlp-proto-http 1.45); with a
     version without one it is the SDK's exporter unchanged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        transport = getattr(getattr(self, "_client", None), "_transport", None)
+        session = getattr(transport, "_session", None)
+        if isinstance(session, requests.Session) and session.trust_env:
+            _settle_environment(session, self._endpoint)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         client = getattr(self, "_client", None)

@@ -39,6 +39,7 @@ from . import tracing
 
 MAX_TRACKED = 20_000  # traced chunks waiting in the apply queue whose arrival is remembered
 MAX_LINKS = 16  # other traces a sync session carried, linked from its span
+MAX_NAMES = 4096  # actor ids and seq ranges remembered in their text form
 
 
 @dataclass(slots=True)
@@ -114,6 +115,9 @@ class AgentSpans:
     def __init__(self, actor: bytes) -> None:
         self.actor = actor.hex()
         self._arrivals: dict[tuple[bytes, int, int, int], _Arrival] = {}
+        # what the apply spans repeat, made once: actor ids in hex, seq ranges as text
+        self._actor_ids: dict[bytes, str] = {}
+        self._seqs: dict[tuple[int, int], str] = {}
 
     @staticmethod
     def enabled() -> bool:
@@ -189,21 +193,22 @@ class AgentSpans:
         together), from its arrival to now; ``corrosion.outcome`` says when it was not
         applied (``partial``: buffered until its other chunks arrive; ``kept``: waiting for
         this node's schema; ``rejected``, ``failed``)."""
-        if not self._arrivals:
+        arrivals = self._arrivals
+        if not arrivals:
             return
         groups: dict[tuple[bytes, int], list[tuple[Changeset, _Arrival]]] = {}
         for item in batch:
             if isinstance(item, Changeset) and item.trace is not None:
-                arrival = self._arrivals.pop(
-                    (item.actor, item.version, item.seqs[0], item.seqs[1]), None
-                )
+                arrival = arrivals.pop((item.actor, item.version, *item.seqs), None)
                 if arrival is not None:
-                    groups.setdefault((item.actor, item.version), []).append((item, arrival))
+                    group = groups.get((item.actor, item.version))
+                    if group is None:
+                        groups[item.actor, item.version] = [(item, arrival)]
+                    else:
+                        group.append((item, arrival))
         if not groups:
             return
         applied = set(result.applied) if result is not None else set()
-        kept = set(result.kept) if result is not None else set()
-        rejected = {(a, v): why for a, v, why in result.rejected} if result is not None else {}
         now = time.time_ns()
         for (actor, version), chunks in groups.items():
             first, arrival = chunks[0]
@@ -214,35 +219,54 @@ class AgentSpans:
             )
             if parent is None:
                 continue  # a context this node cannot read: no trace to add the apply to
-            status = None
-            attributes: dict[str, str | int]
-            if (actor, version) in applied:
-                attributes = {}
-            elif (actor, version) in kept:
-                attributes = {"corrosion.outcome": "kept"}  # waits for this node's schema
-            elif (actor, version) in rejected or result is None:
-                outcome = "rejected" if result is not None else "failed"
-                attributes = {"corrosion.outcome": outcome}
-                why = rejected.get((actor, version), "the apply transaction failed")
-                status = Status(StatusCode.ERROR, str(why))
-            else:
-                attributes = {"corrosion.outcome": "partial"}  # buffered until the rest arrives
             # few attributes: each costs the exporter an encoding (this span is per version)
-            attributes["corrosion.actor_id"] = actor.hex()
-            attributes["corrosion.version"] = version
             if len(chunks) == 1:
-                attributes["corrosion.seqs"] = _seqs(*first.seqs)
-                attributes["corrosion.changes"] = len(first.changes)
+                seqs = self._seqs.get(first.seqs)
+                if seqs is None:
+                    seqs = self._seqs[first.seqs] = _seqs(*first.seqs)
+                changes = len(first.changes)
                 arrived = arrival.at_ns
             else:
-                attributes["corrosion.seqs"] = ",".join(_seqs(*c.seqs) for c, _a in chunks)
-                attributes["corrosion.changes"] = sum(len(c.changes) for c, _a in chunks)
+                seqs = ",".join(_seqs(*c.seqs) for c, _a in chunks)
+                changes = sum(len(c.changes) for c, _a in chunks)
                 arrived = min(a.at_ns for _c, a in chunks)
-            attributes["corrosion.peer"] = arrival.peer
-            attributes["corrosion.via"] = arrival.via
+            actor_id = self._actor_ids.get(actor)
+            if actor_id is None:
+                actor_id = self._actor_ids[actor] = actor.hex()
+            attributes: dict[str, str | int] = {
+                "corrosion.actor_id": actor_id,
+                "corrosion.version": version,
+                "corrosion.seqs": seqs,
+                "corrosion.changes": changes,
+                "corrosion.peer": arrival.peer,
+                "corrosion.via": arrival.via,
+            }
+            status = None
+            if (actor, version) not in applied:
+                status = self._outcome(actor, version, result, attributes)
             tracing.record_span(
                 "corrosion.apply", parent, SpanKind.CONSUMER, arrived, now, attributes, status
             )
+        if len(self._seqs) > MAX_NAMES or len(self._actor_ids) > MAX_NAMES:
+            self._seqs.clear()
+            self._actor_ids.clear()
+
+    @staticmethod
+    def _outcome(
+        actor: bytes, version: int, result: ApplyResult | None, attributes: dict[str, str | int]
+    ) -> Status | None:
+        """Why a version was not applied, on its apply span: ``corrosion.outcome`` (and an
+        error status when it failed)."""
+        if result is not None and (actor, version) in result.kept:
+            attributes["corrosion.outcome"] = "kept"  # waits for this node's schema
+            return None
+        rejected = {(a, v): why for a, v, why in result.rejected} if result is not None else {}
+        if (actor, version) in rejected or result is None:
+            attributes["corrosion.outcome"] = "rejected" if result is not None else "failed"
+            why = rejected.get((actor, version), "the apply transaction failed")
+            return Status(StatusCode.ERROR, str(why))
+        attributes["corrosion.outcome"] = "partial"  # buffered until the rest arrives
+        return None
 
     # -- sync -----------------------------------------------------------------------------------
 
