@@ -14,6 +14,7 @@ Imported only when tracing starts (``tracing._new_provider``): it imports the SD
 from __future__ import annotations
 
 import logging
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger("corrosion.tracing")
 
@@ -41,9 +42,6 @@ _BYTE = [bytes((i,)) for i in range(0x80)]  # one-byte varints: most lengths and
 # Span.flags (field 16, fixed32): "has is_remote", and "is remote" when the parent is
 _FLAGS_LOCAL_PARENT = b"\x85\x01" + _FIXED32(0x100)
 _FLAGS_REMOTE_PARENT = b"\x85\x01" + _FIXED32(0x300)
-# status (15) unset, with no message, then the flags: how most spans end
-_UNSET_LOCAL_PARENT = b"\x7a\x00" + _FLAGS_LOCAL_PARENT
-_UNSET_REMOTE_PARENT = b"\x7a\x00" + _FLAGS_REMOTE_PARENT
 _CACHED = 4096  # entries in each of the caches below (they are cleared when full)
 
 
@@ -155,10 +153,17 @@ def _attributes(tag: bytes, attributes: Any, parts: list[bytes]) -> bool:
     a type ``_key_value`` does not do."""
     if attributes:
         strings = _str_attributes[tag]
+        small_ints = _small_ints[tag]
         append = parts.append
         for item in attributes.items():
-            # a string attribute seen before (most of them; the cache holds only strings)
-            encoded = strings.get(item)
+            # most are a string or a small integer seen before: their encoding is cached
+            kind = type(item[1])
+            if kind is str:
+                encoded = strings.get(item)
+            elif kind is int:
+                encoded = small_ints.get(item)
+            else:
+                encoded = None
             if encoded is None:
                 encoded = _key_value(tag, *item)
                 if encoded is None:
@@ -182,30 +187,52 @@ def _event(event: Any) -> bytes | None:
 _names: dict[str, tuple[Any, bytes]] = {}  # name -> a kind, and the name (5) and kind (6) fields
 
 
+# A ReadableSpan's fields, read from its ``__dict__`` (a property call each, otherwise) when
+# this SDK keeps them under these names
+_FIELDS = (
+    "_name",
+    "_context",
+    "_parent",
+    "_kind",
+    "_start_time",
+    "_end_time",
+    "_attributes",
+    "_events",
+    "_links",
+    "_status",
+)
+_DIRECT = {*_FIELDS, "_resource", "_instrumentation_scope"} <= vars(ReadableSpan("probe")).keys()
+_fields = operator.itemgetter(*_FIELDS)
+_resource_scope = operator.itemgetter("_resource", "_instrumentation_scope")
+_statuses: dict[int, tuple[Status, bytes, bytes]] = {}  # id -> a Status, its encodings
+
+
 def _span(span: ReadableSpan) -> bytes | None:
     """The Span message, or None when it is not of the plain shape: links, a trace state,
     something dropped, an attribute value ``_key_value`` does not do."""
-    attributes = span.attributes
-    events = span.events
-    links = span.links
+    if _DIRECT and type(span) is ReadableSpan:
+        name, context, parent, kind, start, end, attributes, events, links, status = _fields(
+            span.__dict__
+        )
+    else:
+        name, context, parent, kind = span.name, span.context, span.parent, span.kind
+        start, end = span.start_time, span.end_time
+        attributes, events, links, status = span.attributes, span.events, span.links, span.status
     if links or (type(attributes) is not dict and span.dropped_attributes):
         return None
     if type(events) is not tuple and span.dropped_events:
         return None
     if type(links) is not tuple and span.dropped_links:
         return None
-    context = span.get_span_context()
-    if context is None or context.trace_state:
+    if context is None or context[4]:  # (trace_state) SpanContext is a tuple
         return None
-    parent = span.parent
-    trace_id = context.trace_id
+    trace_id = context[0]
     if parent is not None:
         ids = _IDS_PARENT(
-            0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, context.span_id, 0x2208, parent.span_id
+            0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, context[1], 0x2208, parent[1]
         )
     else:
-        ids = _IDS(0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, context.span_id)
-    name, kind = span.name, span.kind
+        ids = _IDS(0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, context[1])
     cached = _names.get(name)  # by name alone: hashing an enum member is a Python call
     if cached is not None and cached[0] is kind:
         head = cached[1]
@@ -216,7 +243,6 @@ def _span(span: ReadableSpan) -> bytes | None:
         head = _field(b"\x2a", name.encode()) + b"\x30" + _BYTE[kind.value + 1]
         _names[name] = (kind, head)
     parts = [ids, head]
-    start, end = span.start_time, span.end_time
     if start and end:
         parts.append(_TIMES(0x39, start, 0x41, end))
     else:
@@ -231,22 +257,27 @@ def _span(span: ReadableSpan) -> bytes | None:
         if encoded is None:
             return None
         parts.append(_field(b"\x5a", encoded))
-    remote = parent is not None and parent.is_remote
-    status = span.status
-    code = status.status_code
-    message = status.description
-    if code is StatusCode.UNSET and not message:
-        parts.append(_UNSET_REMOTE_PARENT if remote else _UNSET_LOCAL_PARENT)
-    else:
-        parts.append(
-            _field(
-                b"\x7a",
-                (_field(b"\x12", message.encode()) if message else b"")
-                + (b"\x18" + _BYTE[code.value] if code is not StatusCode.UNSET else b""),
-            )
-        )
-        parts.append(_FLAGS_REMOTE_PARENT if remote else _FLAGS_LOCAL_PARENT)
+    known = _statuses.get(id(status))
+    if known is None or known[0] is not status:
+        known = _status(status)
+    parts.append(known[2] if parent is not None and parent[2] else known[1])  # is_remote
     return b"".join(parts)
+
+
+def _status(status: Status) -> tuple[Status, bytes, bytes]:
+    """The Status field (15) and the flags (16) after it, for a local and a remote parent;
+    remembered by the status' identity (most spans share the SDK's or the recorder's)."""
+    code, message = status.status_code, status.description
+    encoded = _field(
+        b"\x7a",
+        (_field(b"\x12", message.encode()) if message else b"")
+        + (b"\x18" + _BYTE[code.value] if code is not StatusCode.UNSET else b""),
+    )
+    known = (status, encoded + _FLAGS_LOCAL_PARENT, encoded + _FLAGS_REMOTE_PARENT)
+    if len(_statuses) >= 64:
+        _statuses.clear()
+    _statuses[id(status)] = known  # it holds the status: the id is not reused while here
+    return known
 
 
 def _sdk_span(span: ReadableSpan) -> tuple[bytes, Any]:
@@ -277,7 +308,11 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     headers: dict[tuple[Any, Any], Any] = {}  # the SDK's ResourceSpans of one span per group
     last_resource = last_scope = last_group = None  # spans come in runs of one scope
     for span in spans:
-        resource, scope = span.resource, span.instrumentation_scope or None
+        if _DIRECT and type(span) is ReadableSpan:
+            resource, scope = _resource_scope(span.__dict__)
+        else:
+            resource, scope = span.resource, span.instrumentation_scope
+        scope = scope or None
         encoded = _span(span)
         if resource is last_resource and scope is last_scope and encoded is not None:
             last_group.append(encoded)  # type: ignore[union-attr]
@@ -298,7 +333,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
                 _field(
                     b"\x12",
                     _field(b"\x0a", sdk_scope_spans.scope.SerializeToString())
-                    + b"".join(_field(b"\x12", s) for s in encoded_spans)
+                    + b"".join([b"\x12" + _varint(len(s)) + s for s in encoded_spans])
                     + (
                         _field(b"\x1a", sdk_scope_spans.schema_url.encode())
                         if sdk_scope_spans.schema_url
