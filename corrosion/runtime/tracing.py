@@ -19,8 +19,10 @@ The wire form of a span context (``context_bytes``) is what a changeset carries
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import random
 import struct
 import threading
 import time
@@ -291,14 +293,20 @@ class _Recorder:
 
     def __init__(self, provider: Any, processor: Any) -> None:
         from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        self.readable_span = ReadableSpan
+        self.readable_span = _readable_span_maker(ReadableSpan)
         self.event = Event
-        self.on_end = processor.on_end
+        # the processor's queue (``BatchSpanProcessor.on_end`` checks the span is sampled,
+        # which these always are, then calls it), or its ``on_end`` in another SDK version
+        batch = getattr(processor, "_batch_processor", None)
+        self.on_end = getattr(batch, "emit", None) or processor.on_end
         self.resource = provider.resource
         self.new_span_id = provider.id_generator.generate_span_id
+        if type(provider.id_generator) is RandomIdGenerator:
+            self.new_span_id = _random_span_id  # what it does, without its method calls
         self.new_trace_id = provider.id_generator.generate_trace_id
         self.random_trace_ids = provider.id_generator.is_trace_id_random()
         self.sampler = provider.sampler
@@ -359,11 +367,14 @@ class _Recorder:
                 parent,
                 self.resource,
                 attributes,
-                kind=kind,
-                status=status or _UNSET,
-                start_time=start_ns,
-                end_time=end_ns,
-                instrumentation_scope=self.scope,
+                (),
+                (),
+                kind,
+                None,  # instrumentation_info (deprecated: the scope says it)
+                status or _UNSET,
+                start_ns,
+                end_ns,
+                self.scope,
             )
         )
 
@@ -414,16 +425,54 @@ class _Recorder:
                 span.attributes,
                 tuple(span.events),
                 tuple(span.links),
-                kind=span.kind,
-                status=span.status,
-                start_time=span.start_ns,
-                end_time=end_ns,
-                instrumentation_scope=self.scope,
+                span.kind,
+                None,
+                span.status,
+                span.start_ns,
+                end_ns,
+                self.scope,
             )
         )
 
 
 _new_context = tuple.__new__  # a SpanContext whose fields are known valid, without its checks
+_READABLE_SPAN_ARGS = (
+    "name",
+    "context",
+    "parent",
+    "resource",
+    "attributes",
+    "events",
+    "links",
+    "kind",
+    "instrumentation_info",
+    "status",
+    "start_time",
+    "end_time",
+    "instrumentation_scope",
+)
+
+
+def _readable_span_maker(readable_span: Any) -> Any:
+    """``ReadableSpan`` called with the ``_READABLE_SPAN_ARGS`` in that order: positional (a
+    third cheaper than keywords) when this SDK's constructor takes them so, else by keyword
+    (the ones given, not None)."""
+    names = list(inspect.signature(readable_span).parameters)
+    if tuple(names[: len(_READABLE_SPAN_ARGS)]) == _READABLE_SPAN_ARGS:
+        return readable_span
+    return lambda *args: readable_span(
+        **{k: v for k, v in zip(_READABLE_SPAN_ARGS, args, strict=True) if v is not None}
+    )
+
+
+def _random_span_id() -> int:
+    """The SDK's ``RandomIdGenerator.generate_span_id``: 64 random bits, never 0."""
+    span_id = random.getrandbits(64)
+    while not span_id:
+        span_id = random.getrandbits(64)
+    return span_id
+
+
 _RANDOM_TRACE_ID = 0x02  # W3C trace-context level 2: the trace id's right 7 bytes are random
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | _RANDOM_TRACE_ID)
@@ -551,7 +600,7 @@ def record_span(
     tracing budget (docs/agent.md, Tracing). ``attributes`` must be valid attribute values
     and is kept as given."""
     recorder = _recorder
-    if recorder is not None and parent.is_valid:
+    if recorder is not None and parent[5]:  # is_valid (SpanContext is a tuple)
         recorder.record(name, parent, kind, start_ns, end_ns, attributes, status)
         return
     # the embedding application's provider (or the API's no-op): its own span lifecycle
