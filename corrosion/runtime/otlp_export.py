@@ -78,9 +78,9 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 
 
 # Encoded attributes, by field tag then key and value: the string ones repeat from span to
-# span (actor, seqs, peer, via), and the small integers. Other integers are encoded on the fly
-# after their key, which is encoded once (``_int_keys``).
-_str_attributes: dict[bytes, dict[tuple[str, str], bytes]] = {b"\x4a": {}, b"\x1a": {}}
+# span (actor, seqs, peer, via; an event's peers, a tuple of strings), and the small integers.
+# Other integers are encoded on the fly after their key, which is encoded once (``_int_keys``).
+_str_attributes: dict[bytes, dict[tuple[str, Any], bytes]] = {b"\x4a": {}, b"\x1a": {}}
 _small_ints: dict[bytes, dict[tuple[str, int], bytes]] = {b"\x4a": {}, b"\x1a": {}}
 _int_keys: dict[str, bytes] = {}  # key -> its KeyValue.key field and the value's tag
 _SCALARS = (str, int, bool, float)
@@ -145,7 +145,13 @@ def _key_value(tag: bytes, key: str, value: Any) -> bytes | None:
         return None
     if any_value is None:
         return None
-    return _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", any_value))
+    encoded = _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", any_value))
+    if kind is tuple and all(type(v) is str for v in value):  # (True,) == (1,): strings only
+        cache = _str_attributes[tag]
+        if len(cache) >= _CACHED:
+            cache.clear()
+        cache[key, value] = encoded
+    return encoded
 
 
 def _attributes(tag: bytes, attributes: Any, parts: list[bytes]) -> bool:
@@ -158,7 +164,7 @@ def _attributes(tag: bytes, attributes: Any, parts: list[bytes]) -> bool:
         for item in attributes.items():
             # most are a string or a small integer seen before: their encoding is cached
             kind = type(item[1])
-            if kind is str:
+            if kind is str or kind is tuple:
                 encoded = strings.get(item)
             elif kind is int:
                 encoded = small_ints.get(item)

@@ -319,6 +319,8 @@ class _Recorder:
             described.startswith("ParentBased{root:")
             and described.split(",", 1)[1:] == default.split(",", 1)[1:]
         )
+        # and the default keeps every root: nothing to ask it for a request without a parent
+        self.keeps_roots = described in (default, ALWAYS_ON.get_description())
         self.scope = InstrumentationScope(SCOPE, "")  # as ``get_tracer(SCOPE)`` names it
 
     def record(
@@ -394,6 +396,8 @@ class _Recorder:
         if parent is not None and self.follows_parent:
             sampled = bool(parent.trace_flags & TraceFlags.SAMPLED)
             trace_state = parent.trace_state
+        elif parent is None and self.keeps_roots:
+            sampled, trace_state = True, _NO_TRACE_STATE
         else:
             decided = self.sampler.should_sample(
                 trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None,
@@ -529,9 +533,7 @@ class RecordedSpan(Span):
         self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
     ) -> None:
         if not self.ended:
-            self.events.append(
-                self.recorder.event(name, BoundedAttributes(None, attributes), timestamp)
-            )
+            self.events.append(self.recorder.event(name, _cleaned(attributes), timestamp))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if not self.ended and context.is_valid:
@@ -584,6 +586,21 @@ class RecordedSpan(Span):
             self.record_exception(exc_val, escaped=True)
             self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
         self.end()
+
+
+def _cleaned(attributes: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``attributes`` as the SDK keeps an event's: lists of scalars made tuples, anything
+    else cleaned or dropped by ``BoundedAttributes`` (with its warning)."""
+    if not attributes:
+        return {}
+    plain: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if type(value) is list and all(type(v) in _PLAIN for v in value):
+            value = tuple(value)
+        elif type(value) not in _PLAIN or type(key) is not str or not key:
+            return BoundedAttributes(None, attributes)
+        plain[key] = value
+    return plain
 
 
 def record_span(
