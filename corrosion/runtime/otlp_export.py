@@ -312,7 +312,8 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     appearance, as the SDK's ``encode_spans`` groups them."""
     groups: dict[Any, dict[Any, list[bytes]]] = {}
     headers: dict[tuple[Any, Any], Any] = {}  # the SDK's ResourceSpans of one span per group
-    last_resource = last_scope = last_group = None  # spans come in runs of one scope
+    last_resource = last_scope = None  # spans come in runs of one scope
+    last_group: list[bytes] = []
     for span in spans:
         if _DIRECT and type(span) is ReadableSpan:
             resource, scope = _resource_scope(span.__dict__)
@@ -321,7 +322,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
         scope = scope or None
         encoded = _span(span)
         if resource is last_resource and scope is last_scope and encoded is not None:
-            last_group.append(encoded)  # type: ignore[union-attr]
+            last_group.append(encoded)
             continue
         if encoded is None or (resource, scope) not in headers:
             sdk_encoded, headers[resource, scope] = _sdk_span(span)

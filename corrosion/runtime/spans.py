@@ -208,16 +208,16 @@ class AgentSpans:
         applied = set(result.applied) if result is not None else set()
         now = time.time_ns()
         for item, arrival in whole:
-            seqs = self._seqs.get(item.seqs)
-            if seqs is None:
-                seqs = self._seqs[item.seqs] = _seqs(*item.seqs)
-            self._record(item, arrival, seqs, len(item.changes), arrival[0], now, applied, result)
+            text = self._seqs.get(item.seqs)
+            if text is None:
+                text = self._seqs[item.seqs] = _seqs(*item.seqs)
+            self._record(item, arrival, text, len(item.changes), arrival[0], now, applied, result)
         for chunks in groups.values():
             first, arrival = chunks[0]
-            seqs = ",".join(_seqs(*c.seqs) for c, _a in chunks)
+            text = ",".join(_seqs(*c.seqs) for c, _a in chunks)
             changes = sum(len(c.changes) for c, _a in chunks)
             arrived = min(a[0] for _c, a in chunks)
-            self._record(first, arrival, seqs, changes, arrived, now, applied, result)
+            self._record(first, arrival, text, changes, arrived, now, applied, result)
         if len(self._seqs) > MAX_NAMES or len(self._actor_ids) > MAX_NAMES:
             self._seqs.clear()
             self._actor_ids.clear()
