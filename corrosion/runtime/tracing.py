@@ -59,6 +59,7 @@ SCOPE = "corrosion"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _CONTEXT_VERSION = 0
 CONTEXT_BYTES = 26  # version, trace id (16), span id (8), flags
+EXPORT_BATCH = 2048  # spans an export sends at most, unless OTEL_BSP_* say otherwise
 
 # OTEL_TRACES_SAMPLER's values the SDK knows (an unknown one would silently mean the default)
 SAMPLERS = frozenset(
@@ -256,7 +257,14 @@ def _new_provider(
     resource = CachedHashResource(Resource.create(attrs))
     # the SDK's own exit hook would flush after the event loop is gone: the holders shut down
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    processor = BatchSpanProcessor(exporter)
+    sizes: dict[str, Any] = {}
+    if not os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") and not os.environ.get(
+        "OTEL_BSP_MAX_QUEUE_SIZE"
+    ):
+        # each export is an HTTP request, ~0.5 ms of CPU whatever its size: larger batches
+        # than the SDK's 512 spans (2048) make that ~0.3 µs a span instead of ~1 µs
+        sizes = {"max_export_batch_size": EXPORT_BATCH, "max_queue_size": 4 * EXPORT_BATCH}
+    processor = BatchSpanProcessor(exporter, **sizes)
     provider.add_span_processor(processor)
     return provider, _Recorder(provider, processor)
 
