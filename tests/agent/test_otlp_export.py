@@ -259,3 +259,20 @@ def test_a_recorded_span_follows_the_configured_sampler(monkeypatch, sampler, ke
         assert len(memory.get_finished_spans()) == (1 if kept else 0)
     finally:
         handle.shutdown()
+
+
+def test_the_exporter_honours_the_proxy_environment_it_read_at_start(otlp_receiver, monkeypatch):
+    """The session's environment (proxy, NO_PROXY, CA bundle, netrc) is read once, when the
+    exporter is made: an HTTP proxy named then still carries every export."""
+    monkeypatch.setenv("HTTP_PROXY", otlp_receiver.url)  # the receiver stands in for a proxy
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    exporter = SpanExporter(endpoint="http://collector.invalid:4318/v1/traces")
+    monkeypatch.delenv("HTTP_PROXY")
+    try:
+        for _ in range(2):
+            exporter.export([])  # an empty request: the proxy sees the collector's full URL
+    finally:
+        exporter.shutdown()
+    # a proxied request's path is the absolute URL, which the receiver rejects (counted)
+    otlp_receiver.wait_for_sync(lambda _spans: otlp_receiver.rejected >= 2, what="2 requests")
