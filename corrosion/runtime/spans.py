@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
@@ -39,14 +38,12 @@ from . import tracing
 
 MAX_TRACKED = 20_000  # traced chunks waiting in the apply queue whose arrival is remembered
 MAX_LINKS = 16  # other traces a sync session carried, linked from its span
+MAX_NAMES = 4096  # actor ids and seq ranges remembered in their text form
 
 
-@dataclass(slots=True)
-class _Arrival:
-    at_ns: int
-    peer: str
-    via: str  # "broadcast" or "sync"
-    session: Span | None  # the sync session's span, when it came by sync
+# A traced chunk's arrival: when (time_ns), from whom, "broadcast" or "sync", and the sync
+# session's span when it came by sync (a tuple: one is made per chunk received)
+_Arrival = tuple[int, str, str, Span | None]
 
 
 def _seqs(start: int, end: int) -> str:
@@ -114,6 +111,9 @@ class AgentSpans:
     def __init__(self, actor: bytes) -> None:
         self.actor = actor.hex()
         self._arrivals: dict[tuple[bytes, int, int, int], _Arrival] = {}
+        # what the apply spans repeat, made once: actor ids in hex, seq ranges as text
+        self._actor_ids: dict[bytes, str] = {}
+        self._seqs: dict[tuple[int, int], str] = {}
 
     @staticmethod
     def enabled() -> bool:
@@ -179,8 +179,7 @@ class AgentSpans:
             if len(self._arrivals) >= MAX_TRACKED:
                 return
             span = session.carried(item.trace) if session is not None else None
-            key = (item.actor, item.version, item.seqs[0], item.seqs[1])
-            self._arrivals[key] = _Arrival(now, peer, via, span)
+            self._arrivals[item.actor, item.version, *item.seqs] = (now, peer, via, span)
 
     def applied(
         self, batch: Sequence[Changeset | EmptyVersions], result: ApplyResult | None
@@ -189,60 +188,96 @@ class AgentSpans:
         together), from its arrival to now; ``corrosion.outcome`` says when it was not
         applied (``partial``: buffered until its other chunks arrive; ``kept``: waiting for
         this node's schema; ``rejected``, ``failed``)."""
-        if not self._arrivals:
+        arrivals = self._arrivals
+        if not arrivals:
             return
+        whole: list[tuple[Changeset, _Arrival]] = []  # versions in one chunk: most of them
         groups: dict[tuple[bytes, int], list[tuple[Changeset, _Arrival]]] = {}
         for item in batch:
             if isinstance(item, Changeset) and item.trace is not None:
-                arrival = self._arrivals.pop(
-                    (item.actor, item.version, item.seqs[0], item.seqs[1]), None
-                )
-                if arrival is not None:
+                seqs = item.seqs
+                arrival = arrivals.pop((item.actor, item.version, *seqs), None)
+                if arrival is None:
+                    pass
+                elif seqs[0] == 0 and seqs[1] == item.last_seq:
+                    whole.append((item, arrival))
+                else:
                     groups.setdefault((item.actor, item.version), []).append((item, arrival))
-        if not groups:
+        if not whole and not groups:
             return
         applied = set(result.applied) if result is not None else set()
-        kept = set(result.kept) if result is not None else set()
-        rejected = {(a, v): why for a, v, why in result.rejected} if result is not None else {}
         now = time.time_ns()
-        for (actor, version), chunks in groups.items():
+        for item, arrival in whole:
+            text = self._seqs.get(item.seqs)
+            if text is None:
+                text = self._seqs[item.seqs] = _seqs(*item.seqs)
+            self._record(item, arrival, text, len(item.changes), arrival[0], now, applied, result)
+        for chunks in groups.values():
             first, arrival = chunks[0]
-            parent = (
-                arrival.session.get_span_context()
-                if arrival.session is not None
-                else tracing.span_context_from_bytes(first.trace)
-            )
-            if parent is None:
-                continue  # a context this node cannot read: no trace to add the apply to
-            status = None
-            attributes: dict[str, str | int]
-            if (actor, version) in applied:
-                attributes = {}
-            elif (actor, version) in kept:
-                attributes = {"corrosion.outcome": "kept"}  # waits for this node's schema
-            elif (actor, version) in rejected or result is None:
-                outcome = "rejected" if result is not None else "failed"
-                attributes = {"corrosion.outcome": outcome}
-                why = rejected.get((actor, version), "the apply transaction failed")
-                status = Status(StatusCode.ERROR, str(why))
-            else:
-                attributes = {"corrosion.outcome": "partial"}  # buffered until the rest arrives
-            # few attributes: each costs the exporter an encoding (this span is per version)
-            attributes["corrosion.actor_id"] = actor.hex()
-            attributes["corrosion.version"] = version
-            if len(chunks) == 1:
-                attributes["corrosion.seqs"] = _seqs(*first.seqs)
-                attributes["corrosion.changes"] = len(first.changes)
-                arrived = arrival.at_ns
-            else:
-                attributes["corrosion.seqs"] = ",".join(_seqs(*c.seqs) for c, _a in chunks)
-                attributes["corrosion.changes"] = sum(len(c.changes) for c, _a in chunks)
-                arrived = min(a.at_ns for _c, a in chunks)
-            attributes["corrosion.peer"] = arrival.peer
-            attributes["corrosion.via"] = arrival.via
-            tracing.record_span(
-                "corrosion.apply", parent, SpanKind.CONSUMER, arrived, now, attributes, status
-            )
+            text = ",".join(_seqs(*c.seqs) for c, _a in chunks)
+            changes = sum(len(c.changes) for c, _a in chunks)
+            arrived = min(a[0] for _c, a in chunks)
+            self._record(first, arrival, text, changes, arrived, now, applied, result)
+        if len(self._seqs) > MAX_NAMES or len(self._actor_ids) > MAX_NAMES:
+            self._seqs.clear()
+            self._actor_ids.clear()
+
+    def _record(
+        self,
+        first: Changeset,
+        arrival: _Arrival,
+        seqs: str,
+        changes: int,
+        arrived: int,
+        now: int,
+        applied: set[tuple[bytes, int]],
+        result: ApplyResult | None,
+    ) -> None:
+        """The ``corrosion.apply`` span of the version ``first`` is (a chunk of)."""
+        _at, peer, via, session = arrival
+        parent = (
+            session.get_span_context()
+            if session is not None
+            else tracing.span_context_from_bytes(first.trace)
+        )
+        if parent is None:
+            return  # a context this node cannot read: no trace to add the apply to
+        actor = first.actor
+        actor_id = self._actor_ids.get(actor)
+        if actor_id is None:
+            actor_id = self._actor_ids[actor] = actor.hex()
+        # few attributes: each costs the exporter an encoding (this span is per version)
+        attributes: dict[str, str | int] = {
+            "corrosion.actor_id": actor_id,
+            "corrosion.version": first.version,
+            "corrosion.seqs": seqs,
+            "corrosion.changes": changes,
+            "corrosion.peer": peer,
+            "corrosion.via": via,
+        }
+        status = None
+        if (actor, first.version) not in applied:
+            status = self._outcome(actor, first.version, result, attributes)
+        tracing.record_span(
+            "corrosion.apply", parent, SpanKind.CONSUMER, arrived, now, attributes, status
+        )
+
+    @staticmethod
+    def _outcome(
+        actor: bytes, version: int, result: ApplyResult | None, attributes: dict[str, str | int]
+    ) -> Status | None:
+        """Why a version was not applied, on its apply span: ``corrosion.outcome`` (and an
+        error status when it failed)."""
+        if result is not None and (actor, version) in result.kept:
+            attributes["corrosion.outcome"] = "kept"  # waits for this node's schema
+            return None
+        rejected = {(a, v): why for a, v, why in result.rejected} if result is not None else {}
+        if (actor, version) in rejected or result is None:
+            attributes["corrosion.outcome"] = "rejected" if result is not None else "failed"
+            why = rejected.get((actor, version), "the apply transaction failed")
+            return Status(StatusCode.ERROR, str(why))
+        attributes["corrosion.outcome"] = "partial"  # buffered until the rest arrives
+        return None
 
     # -- sync -----------------------------------------------------------------------------------
 

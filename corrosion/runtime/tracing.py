@@ -19,18 +19,26 @@ The wire form of a span context (``context_bytes``) is what a changeset carries
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import random
+import struct
 import threading
+import time
+import traceback
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.trace import (
+    Link,
     NonRecordingSpan,
     Span,
     SpanContext,
@@ -39,6 +47,7 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
     Tracer,
+    TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -50,6 +59,7 @@ SCOPE = "corrosion"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _CONTEXT_VERSION = 0
 CONTEXT_BYTES = 26  # version, trace id (16), span id (8), flags
+EXPORT_BATCH = 2048  # spans an export sends at most, unless OTEL_BSP_* say otherwise
 
 # OTEL_TRACES_SAMPLER's values the SDK knows (an unknown one would silently mean the default)
 SAMPLERS = frozenset(
@@ -247,7 +257,14 @@ def _new_provider(
     resource = CachedHashResource(Resource.create(attrs))
     # the SDK's own exit hook would flush after the event loop is gone: the holders shut down
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    processor = BatchSpanProcessor(exporter)
+    sizes: dict[str, Any] = {}
+    if not os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") and not os.environ.get(
+        "OTEL_BSP_MAX_QUEUE_SIZE"
+    ):
+        # each export is an HTTP request, ~0.5 ms of CPU whatever its size: larger batches
+        # than the SDK's 512 spans (2048) make that ~0.3 µs a span instead of ~1 µs
+        sizes = {"max_export_batch_size": EXPORT_BATCH, "max_queue_size": 4 * EXPORT_BATCH}
+    processor = BatchSpanProcessor(exporter, **sizes)
     provider.add_span_processor(processor)
     return provider, _Recorder(provider, processor)
 
@@ -272,34 +289,46 @@ request_span: ContextVar[Span | None] = ContextVar("corrosion_request_span", def
 
 
 class _Recorder:
-    """Records a span whose start and end are both known (an apply: from arrival to applied)
-    by handing the finished ``ReadableSpan`` to the provider's one processor, as ``Span.end``
-    would: what the SDK's ``start_span`` + ``end`` produce (ids, sampling, resource, scope), at
-    a fifth of their CPU (no attribute re-validation, lock, context lookup or live span). Only
+    """Makes corrosion's own spans without the SDK's span lifecycle, for the paths traced per
+    write: an apply (``record_span``: both ends known, recorded once finished) and a request
+    (``start_span``: a ``RecordedSpan``, recorded when it ends). Either hands a finished
+    ``ReadableSpan`` to the provider's one processor, as ``Span.end`` would: what the SDK's
+    ``start_span`` + ``end`` produce (ids, trace flags, sampling, resource, scope), at a
+    fraction of their CPU (no attribute re-validation, lock, limits or per-span metrics). Only
     for corrosion's own provider, whose only processor ``_new_provider`` made (its
-    ``on_start`` does nothing). The ``OTEL_*_LIMIT`` span limits are not applied: the spans
-    recorded here have a handful of short attributes and no events or links."""
+    ``on_start`` does nothing). The ``OTEL_*_LIMIT`` span limits are not applied: these spans
+    have a handful of short attributes, at most an event or two and no links."""
 
     def __init__(self, provider: Any, processor: Any) -> None:
-        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        self.readable_span = ReadableSpan
-        self.on_end = processor.on_end
+        self.readable_span = _readable_span_maker(ReadableSpan)
+        self.event = Event
+        # the processor's queue (``BatchSpanProcessor.on_end`` checks the span is sampled,
+        # which these always are, then calls it), or its ``on_end`` in another SDK version
+        batch = getattr(processor, "_batch_processor", None)
+        self.on_end = getattr(batch, "emit", None) or processor.on_end
         self.resource = provider.resource
         self.new_span_id = provider.id_generator.generate_span_id
+        if type(provider.id_generator) is RandomIdGenerator:
+            self.new_span_id = _random_span_id  # what it does, without its method calls
+        self.new_trace_id = provider.id_generator.generate_trace_id
+        self.random_trace_ids = provider.id_generator.is_trace_id_random()
         self.sampler = provider.sampler
         # the parentbased_* samplers (the default, parentbased_always_on, and the sampling
         # docs/agent.md recommends, parentbased_traceidratio) keep a child exactly when its
-        # parent was sampled, their root sampler aside: no need to ask them (spans recorded
-        # here always have a parent)
+        # parent was sampled, their root sampler aside: no need to ask them about a child
         described = self.sampler.get_description()
         default = ParentBased(ALWAYS_ON).get_description()
         self.follows_parent = (
             described.startswith("ParentBased{root:")
             and described.split(",", 1)[1:] == default.split(",", 1)[1:]
         )
+        # and the default keeps every root: nothing to ask it for a request without a parent
+        self.keeps_roots = described in (default, ALWAYS_ON.get_description())
         self.scope = InstrumentationScope(SCOPE, "")  # as ``get_tracer(SCOPE)`` names it
 
     def record(
@@ -312,22 +341,35 @@ class _Recorder:
         attributes: dict[str, Any],
         status: Status | None,
     ) -> None:
-        trace_state = parent.trace_state
+        flags = parent[3]  # trace_flags (SpanContext is a tuple; its properties cost a call)
         if self.follows_parent:
-            if not parent.trace_flags.sampled:
+            if not flags & TraceFlags.SAMPLED:
                 return
+            trace_state = parent[4]
         else:
-            parent_context = trace.set_span_in_context(NonRecordingSpan(parent))
             sampled = self.sampler.should_sample(
-                parent_context, parent.trace_id, name, kind, attributes
+                trace.set_span_in_context(NonRecordingSpan(parent)),
+                parent.trace_id,
+                name,
+                kind,
+                attributes,
             )
             if not sampled.decision.is_sampled():
                 return  # not exported (a record-only span would reach no exporter either)
             if sampled.attributes:
                 attributes = {**attributes, **sampled.attributes}
             trace_state = sampled.trace_state
-        flags = TraceFlags(TraceFlags.SAMPLED | (parent.trace_flags & _RANDOM_TRACE_ID))
-        context = SpanContext(parent.trace_id, self.new_span_id(), False, flags, trace_state)
+        context = _new_context(
+            SpanContext,
+            (
+                parent[0],
+                self.new_span_id(),
+                False,
+                _SAMPLED_RANDOM if flags & _RANDOM_TRACE_ID else _SAMPLED,
+                trace_state,
+                True,  # is_valid: the parent's trace id, a span id the generator made
+            ),
+        )
         self.on_end(
             self.readable_span(
                 name,
@@ -335,17 +377,238 @@ class _Recorder:
                 parent,
                 self.resource,
                 attributes,
-                kind=kind,
-                status=status or _UNSET,
-                start_time=start_ns,
-                end_time=end_ns,
-                instrumentation_scope=self.scope,
+                (),
+                (),
+                kind,
+                None,  # instrumentation_info (deprecated: the scope says it)
+                status or _UNSET,
+                start_ns,
+                end_ns,
+                self.scope,
+            )
+        )
+
+    def start(
+        self, name: str, parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any]
+    ) -> Span:
+        """A live span (a child of ``parent``, or a root), as ``Tracer.start_span`` decides it:
+        ``RecordedSpan`` when sampled, else the ``NonRecordingSpan`` that carries the
+        decision on."""
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            random_ids = bool(parent.trace_flags & _RANDOM_TRACE_ID)
+        else:
+            parent = None
+            trace_id = self.new_trace_id()
+            random_ids = self.random_trace_ids
+        if parent is not None and self.follows_parent:
+            sampled = bool(parent.trace_flags & TraceFlags.SAMPLED)
+            trace_state = parent.trace_state
+        elif parent is None and self.keeps_roots:
+            sampled, trace_state = True, _NO_TRACE_STATE
+        else:
+            decided = self.sampler.should_sample(
+                trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None,
+                trace_id,
+                name,
+                kind,
+                attributes,
+            )
+            sampled = decided.decision.is_sampled()
+            trace_state = decided.trace_state
+            if sampled and decided.attributes:
+                attributes = {**attributes, **decided.attributes}
+        if sampled:
+            flags = _SAMPLED_RANDOM if random_ids else _SAMPLED
+        else:
+            flags = TraceFlags(_RANDOM_TRACE_ID if random_ids else TraceFlags.DEFAULT)
+        context = SpanContext(trace_id, self.new_span_id(), False, flags, trace_state)
+        if not sampled:
+            return NonRecordingSpan(context)
+        return RecordedSpan(self, name, context, parent, kind, attributes)
+
+    def finish(self, span: RecordedSpan, end_ns: int) -> None:
+        self.on_end(
+            self.readable_span(
+                span.name,
+                span.context,
+                span.parent,
+                self.resource,
+                span.attributes,
+                tuple(span.events),
+                tuple(span.links),
+                span.kind,
+                None,
+                span.status,
+                span.start_ns,
+                end_ns,
+                self.scope,
             )
         )
 
 
+_new_context = tuple.__new__  # a SpanContext whose fields are known valid, without its checks
+_READABLE_SPAN_ARGS = (
+    "name",
+    "context",
+    "parent",
+    "resource",
+    "attributes",
+    "events",
+    "links",
+    "kind",
+    "instrumentation_info",
+    "status",
+    "start_time",
+    "end_time",
+    "instrumentation_scope",
+)
+
+
+def _readable_span_maker(readable_span: Any) -> Any:
+    """``ReadableSpan`` called with the ``_READABLE_SPAN_ARGS`` in that order: positional (a
+    third cheaper than keywords) when this SDK's constructor takes them so, else by keyword
+    (the ones given, not None)."""
+    names = list(inspect.signature(readable_span).parameters)
+    if tuple(names[: len(_READABLE_SPAN_ARGS)]) == _READABLE_SPAN_ARGS:
+        return readable_span
+    return lambda *args: readable_span(
+        **{k: v for k, v in zip(_READABLE_SPAN_ARGS, args, strict=True) if v is not None}
+    )
+
+
+def _random_span_id() -> int:
+    """The SDK's ``RandomIdGenerator.generate_span_id``: 64 random bits, never 0."""
+    span_id = random.getrandbits(64)
+    while not span_id:
+        span_id = random.getrandbits(64)
+    return span_id
+
+
 _RANDOM_TRACE_ID = 0x02  # W3C trace-context level 2: the trace id's right 7 bytes are random
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | _RANDOM_TRACE_ID)
 _UNSET = Status(StatusCode.UNSET)
+_PLAIN = (str, int, float, bool)  # attribute values kept as they are given
+
+
+class RecordedSpan(Span):
+    """A live span made by ``start_span``: what the SDK's span does (attributes, events,
+    links, status, exceptions, ``with``), kept in plain containers and recorded by the
+    ``_Recorder`` when it ends. One task uses it (no lock)."""
+
+    def __init__(
+        self,
+        recorder: _Recorder,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+    ) -> None:
+        self.recorder = recorder
+        self.name = name
+        self.context = context
+        self.parent = parent
+        self.kind = kind
+        self.attributes: dict[str, Any] = {}
+        self.events: list[Any] = []
+        self.links: list[Link] = []
+        self.status = _UNSET
+        self.ended = False
+        self.set_attributes(attributes)
+        self.start_ns = time.time_ns()
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return not self.ended
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self.ended:
+            log.warning("Setting attribute on ended span.")
+        elif type(value) in _PLAIN and type(key) is str and key:
+            self.attributes[key] = value
+        else:  # cleaned (a list made a tuple) or dropped, with the SDK's warning
+            self.attributes.update(BoundedAttributes(None, {key: value}))
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if not self.ended:
+            self.events.append(self.recorder.event(name, _cleaned(attributes), timestamp))
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
+        if not self.ended and context.is_valid:
+            self.links.append(Link(context, BoundedAttributes(None, attributes)))
+
+    def update_name(self, name: str) -> None:
+        if not self.ended:
+            self.name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # as the SDK's: OK is final, UNSET is ignored
+        if self.ended or self.status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            if status.status_code is not StatusCode.UNSET:
+                self.status = status
+        elif status is not StatusCode.UNSET:
+            self.status = Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, Any] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        # the SDK's exception event
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        fields: dict[str, Any] = {
+            "exception.type": f"{module}.{qualname}"
+            if module and module != "builtins"
+            else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        self.add_event("exception", {**fields, **(attributes or {})}, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.ended:
+            log.warning("Calling end() on an ended span.")
+            return
+        self.ended = True
+        self.recorder.finish(self, end_time if end_time is not None else time.time_ns())
+
+    def __exit__(self, exc_type: Any, exc_val: BaseException | None, exc_tb: Any) -> None:
+        # as the SDK's span: an exception leaving the ``with`` is recorded and sets ERROR
+        if exc_val is not None and not self.ended:
+            self.record_exception(exc_val, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        self.end()
+
+
+def _cleaned(attributes: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``attributes`` as the SDK keeps an event's: lists of scalars made tuples, anything
+    else cleaned or dropped by ``BoundedAttributes`` (with its warning)."""
+    if not attributes:
+        return {}
+    plain: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if type(value) is list and all(type(v) in _PLAIN for v in value):
+            value = tuple(value)
+        elif type(value) not in _PLAIN or type(key) is not str or not key:
+            return BoundedAttributes(None, attributes)
+        plain[key] = value
+    return plain
 
 
 def record_span(
@@ -362,7 +625,7 @@ def record_span(
     tracing budget (docs/agent.md, Tracing). ``attributes`` must be valid attribute values
     and is kept as given."""
     recorder = _recorder
-    if recorder is not None:
+    if recorder is not None and parent[5]:  # is_valid (SpanContext is a tuple)
         recorder.record(name, parent, kind, start_ns, end_ns, attributes, status)
         return
     # the embedding application's provider (or the API's no-op): its own span lifecycle
@@ -376,6 +639,40 @@ def record_span(
     if status is not None:
         span.set_status(status)
     span.end(end_time=end_ns)
+
+
+def start_span(
+    name: str, parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any]
+) -> Span:
+    """A live span, child of ``parent`` (None: of the current span, if any), for a path made
+    per write (``POST /v1/transactions``'s server span): with corrosion's provider, a
+    ``RecordedSpan`` (a fifth of the SDK span's CPU), else the installed provider's span.
+    End it (or use it in a ``with``)."""
+    recorder = _recorder
+    if parent is None:
+        current = trace.get_current_span().get_span_context()
+        parent = current if current.is_valid else None
+    if recorder is not None:
+        return recorder.start(name, parent, kind, attributes)
+    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+    return tracer().start_span(name, context=context, kind=kind, attributes=attributes)
+
+
+class current:
+    """``with current(span):`` makes ``span`` the current span within the block (a span made
+    there is its child) without ending it: the API's ``use_span`` without its generator."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> Span:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, *_exc: object) -> None:
+        otel_context.detach(self.token)
 
 
 def set_span_in_context(span: Span) -> Context:
@@ -416,16 +713,21 @@ def context_bytes(span: Span | SpanContext | None = None) -> bytes | None:
 
 def span_context_from_bytes(data: bytes | None) -> SpanContext | None:
     """The remote span context ``context_bytes`` wrote; None for None or anything else (a
-    newer version, a corrupt value: a trace link lost, never an error)."""
+    newer version, a corrupt value: a trace link lost, never an error). Made per version
+    applied: one unpack, and the SpanContext built from its checked fields."""
     if data is None or len(data) < CONTEXT_BYTES or data[0] != _CONTEXT_VERSION:
         return None
-    ctx = SpanContext(
-        trace_id=int.from_bytes(data[1:17], "big"),
-        span_id=int.from_bytes(data[17:25], "big"),
-        is_remote=True,
-        trace_flags=TraceFlags(data[25]),
+    _version, high, low, span_id, flags = _WIRE_CONTEXT.unpack_from(data)
+    if not (high or low) or not span_id:
+        return None  # not a valid context
+    return _new_context(
+        SpanContext, (high << 64 | low, span_id, True, _TRACE_FLAGS[flags], _NO_TRACE_STATE, True)
     )
-    return ctx if ctx.is_valid else None
+
+
+_WIRE_CONTEXT = struct.Struct(">BQQQB")  # version, trace id (high, low halves), span id, flags
+_TRACE_FLAGS = tuple(TraceFlags(flags) for flags in range(256))
+_NO_TRACE_STATE = TraceState()
 
 
 def context_from_bytes(data: bytes | None) -> Context | None:
@@ -453,3 +755,11 @@ def extract(headers: Mapping[str, str]) -> Context | None:
         return None
     ctx = _PROPAGATOR.extract(headers)
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def extract_span_context(headers: Mapping[str, str]) -> SpanContext | None:
+    """The remote span context an incoming request's ``traceparent`` names, or None."""
+    if "traceparent" not in headers:
+        return None
+    ctx = trace.get_current_span(_PROPAGATOR.extract(headers)).get_span_context()
+    return ctx if ctx.is_valid else None

@@ -30,12 +30,15 @@ def server_span(
         async def traced(request: Request) -> Response:
             if not tracing.enabled():
                 return await endpoint(request)
-            with tracing.tracer().start_as_current_span(
+            span = tracing.start_span(
                 name,
-                context=tracing.extract(request.headers),
-                kind=SpanKind.SERVER,
-                attributes={"http.request.method": request.method, "http.route": route},
-            ) as span:
+                tracing.extract_span_context(request.headers),
+                SpanKind.SERVER,
+                {"http.request.method": request.method, "http.route": route},
+            )
+            # current for the endpoint (a child span it makes is the request's), and when it
+            # is one transaction, the span the runtime describes it on
+            with tracing.current(span), span:
                 token = tracing.request_span.set(span) if transaction else None
                 try:
                     response = await endpoint(request)

@@ -5,6 +5,8 @@ lifecycle and encoder produce, spans of every shape, and it reaches a real recei
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -13,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
+    Span,
     SpanContext,
     SpanKind,
     Status,
@@ -68,6 +71,11 @@ def every_shape(rng: random.Random) -> None:
         {**APPLY_ATTRIBUTES, "corrosion.outcome": "rejected"},
         Status(StatusCode.ERROR, "schema mismatch: table kv"),
     )
+    request = tracing.start_span("POST /v1/transactions", parent, SpanKind.SERVER, {"a": 1})
+    request.set_attributes({"corrosion.version": 3, "corrosion.seqs": "0..0"})
+    request.add_event("commit", {"corrosion.peers": ["a:1"], "corrosion.frames": 1})
+    request.set_status(Status(StatusCode.ERROR))
+    request.end()
     tracer = tracing.tracer()
     with tracer.start_as_current_span("corrosion.transaction") as root:
         root.set_attributes(
@@ -87,7 +95,7 @@ def every_shape(rng: random.Random) -> None:
 def test_the_request_is_the_sdk_encoders_for_spans_of_every_shape(exported):
     every_shape(random.Random(3))
     spans = exported()
-    assert len(spans) == 9
+    assert len(spans) == 10
     # the direct encoding did all but the spans it leaves to the SDK's encoder
     assert [s.name for s in spans if _span(s) is None] == ["linked", "holes", "stated"]
     ours = ExportTraceServiceRequest.FromString(encode_request(spans))
@@ -121,6 +129,86 @@ def test_a_recorded_span_is_the_span_the_sdk_makes(exported):
     assert not recorded.context.is_remote
     assert recorded.context.span_id not in (made.context.span_id, parent.span_id)
     assert recorded.status.status_code is StatusCode.UNSET
+
+
+REQUEST = {"http.request.method": "POST", "http.route": "/v1/transactions"}
+ODD = object()  # not an attribute value: the SDK drops or converts it
+
+
+@contextmanager
+def started(parent: SpanContext | None) -> Iterator[Span]:
+    """A request span through ``tracing.start_span``, as corrosion's HTTP server makes it."""
+    span = tracing.start_span("POST /v1/transactions", parent, SpanKind.SERVER, REQUEST)
+    with tracing.current(span), span:
+        yield span
+
+
+def made_by_the_sdk_and_by_start_span(parent: SpanContext | None) -> list[Span]:
+    """The same request span's life (failing) through the SDK and ``tracing.start_span``."""
+    sdk = tracing.tracer().start_as_current_span(
+        "POST /v1/transactions",
+        context=set_span_in_context(NonRecordingSpan(parent)) if parent else None,
+        kind=SpanKind.SERVER,
+        attributes=REQUEST,
+    )
+    made = []
+    for start in (sdk, started(parent)):
+        with pytest.raises(KeyError), start as span:
+            made.append(span)
+            with tracing.tracer().start_as_current_span("inside"):
+                pass
+            assert span.is_recording()
+            span.set_attributes({"corrosion.version": 3, "bad": object(), "": 1, "list": [1, 2]})
+            span.set_attribute("http.response.status_code", 500)
+            span.add_event("commit", {"corrosion.peers": ["a:1", "b:2"], "corrosion.frames": 2})
+            span.add_event("odd", {"none": None, "object": ODD, "mixed": [1, "a"], "t": (1,)})
+            span.set_status(StatusCode.UNSET)
+            span.update_name("POST /v1/transactions!")
+            raise KeyError("failed")
+        assert not span.is_recording()
+    return made
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_started_span_is_the_span_the_sdk_makes(exported, remote):
+    parent = remote_parent(random.Random(7)) if remote else None
+    ours = made_by_the_sdk_and_by_start_span(parent)[1]
+    assert isinstance(ours, tracing.RecordedSpan)
+    spans = exported()
+    inside_sdk, made, inside_ours, recorded = spans
+    for field in ("name", "kind", "resource", "instrumentation_scope", "parent"):
+        assert getattr(recorded, field) == getattr(made, field), field
+    assert dict(recorded.attributes) == dict(made.attributes)
+    assert recorded.status.status_code is made.status.status_code is StatusCode.ERROR
+    assert recorded.status.description == made.status.description == "KeyError: 'failed'"
+    assert [e.name for e in recorded.events] == [e.name for e in made.events]
+    for ours_event, sdk_event in zip(recorded.events[:2], made.events[:2], strict=True):
+        assert dict(ours_event.attributes) == dict(sdk_event.attributes)
+    exception = dict(recorded.events[2].attributes)
+    assert exception.keys() == dict(made.events[2].attributes).keys()
+    assert exception["exception.type"] == "KeyError" and exception["exception.escaped"] == "True"
+    assert recorded.context.trace_flags == made.context.trace_flags
+    if remote:
+        assert recorded.context.trace_id == made.context.trace_id == parent.trace_id
+    else:
+        assert recorded.parent is None and recorded.context.trace_id != made.context.trace_id
+    # the span was current within its block: a span made there is its child
+    assert inside_sdk.parent.span_id == made.context.span_id
+    assert inside_ours.parent.span_id == recorded.context.span_id
+    assert recorded.start_time <= recorded.end_time
+    ours_encoded = ExportTraceServiceRequest.FromString(encode_request([recorded]))
+    assert ours_encoded == encode_spans([recorded])
+
+
+def test_a_started_span_follows_the_sampling_of_its_parent(exported):
+    rng = random.Random(17)
+    unsampled = SpanContext(rng.getrandbits(128), rng.getrandbits(64), True, TraceFlags(0))
+    span = tracing.start_span("POST /v1/transactions", unsampled, SpanKind.SERVER, {})
+    assert not span.is_recording()
+    assert span.get_span_context().trace_id == unsampled.trace_id
+    assert tracing.context_bytes(span) is None  # nothing for the changesets to carry
+    span.end()
+    assert exported() == ()
 
 
 def test_a_parent_not_sampled_records_nothing(exported):
@@ -171,3 +259,20 @@ def test_a_recorded_span_follows_the_configured_sampler(monkeypatch, sampler, ke
         assert len(memory.get_finished_spans()) == (1 if kept else 0)
     finally:
         handle.shutdown()
+
+
+def test_the_exporter_honours_the_proxy_environment_it_read_at_start(otlp_receiver, monkeypatch):
+    """The session's environment (proxy, NO_PROXY, CA bundle, netrc) is read once, when the
+    exporter is made: an HTTP proxy named then still carries every export."""
+    monkeypatch.setenv("HTTP_PROXY", otlp_receiver.url)  # the receiver stands in for a proxy
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    exporter = SpanExporter(endpoint="http://collector.invalid:4318/v1/traces")
+    monkeypatch.delenv("HTTP_PROXY")
+    try:
+        for _ in range(2):
+            exporter.export([])  # an empty request: the proxy sees the collector's full URL
+    finally:
+        exporter.shutdown()
+    # a proxied request's path is the absolute URL, which the receiver rejects (counted)
+    otlp_receiver.wait_for_sync(lambda _spans: otlp_receiver.rejected >= 2, what="2 requests")
