@@ -23,7 +23,7 @@ from orchestrator.errors import (
 from orchestrator.steplog import EventKind, RunStatus
 from orchestrator.store import MachineStore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hang_deadline")]
 
 
 def make_store(tmp_path, *machines):
