@@ -27,7 +27,7 @@ from orchestrator.errors import (
     UnknownRunError,
     UnrecoverableError,
 )
-from orchestrator.steplog import EventKind, RunStatus
+from orchestrator.steplog import EventKind, RunRecord, RunStatus
 from orchestrator.store import MachineStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hang_deadline")]
@@ -65,6 +65,8 @@ def test_backoff_grows_by_its_multiplier_from_its_initial_delay_up_to_its_cap():
     j = Backoff(initial=2.0, jitter=0.25, rng=random.Random(7))
     draws = random.Random(7)
     assert [j.delay(1), j.delay(1)] == [2.0 * (1 - 0.25 * draws.random()) for _ in range(2)]
+    # the default RNG is seeded: the same delays every run
+    assert Backoff(jitter=0.5).delay(1) == 0.1 * (1 - 0.5 * random.Random(0).random())
     # no jitter: the RNG is not drawn from
     rng = random.Random(3)
     Backoff(rng=rng).delay(4)
@@ -88,15 +90,15 @@ async def noop(ctx):
 def test_registration_checks_names_and_keeps_what_it_was_given(store):
     engine = Engine(store)
     for bad in ("", "finally:x"):
-        with pytest.raises(ValueError, match=f"operation 'op': invalid step name {bad!r}"):
+        with pytest.raises(ValueError, match=rf"^operation 'op': invalid step name {bad!r}$"):
             engine.register("op", [(bad, noop)])
-        with pytest.raises(ValueError, match="invalid step name"):
+        with pytest.raises(ValueError, match=rf"^operation 'op': invalid step name {bad!r}$"):
             engine.register("op", [("s", noop)], finalizers=[(bad, noop)])
-    with pytest.raises(ValueError, match=r"operation 'op': duplicate step names in \['f', 'f'\]"):
+    with pytest.raises(ValueError, match=r"^operation 'op': duplicate step names in \['f', 'f'\]$"):
         engine.register("op", [("s", noop)], finalizers=[("f", noop), ("f", noop)])
-    with pytest.raises(ValueError, match="operation 'op' needs at least one step"):
+    with pytest.raises(ValueError, match=r"^operation 'op' needs at least one step$"):
         engine.register("op", [])
-    with pytest.raises(UnknownActionError, match="unknown action 'op'"):
+    with pytest.raises(UnknownActionError, match=r"^unknown action 'op'$"):
         engine.operation("op")  # nothing refused was registered
     op = engine.register("op", [Step("a", noop), ("b", noop)], finalizers=[("f", noop)],
                          max_retries=4)  # fmt: skip
@@ -110,11 +112,11 @@ def test_registration_checks_names_and_keeps_what_it_was_given(store):
 async def test_start_refused_before_enter_and_after_exit_logs_nothing(store):
     engine = Engine(store)
     engine.register("op", [("s", noop)])
-    with pytest.raises(EngineClosedError, match="not running"):
+    with pytest.raises(EngineClosedError, match=r"^the engine is not running$"):
         await engine.start("m1", "op")
     async with engine:
         pass
-    with pytest.raises(EngineClosedError, match="not running"):
+    with pytest.raises(EngineClosedError, match=r"^the engine is not running$"):
         await engine.start("m1", "op")
     assert store.log("m1").history() == []
 
@@ -125,6 +127,7 @@ async def test_start_logs_the_run_record_and_the_document(store):
 
     async def s(ctx):
         seen.append((dict(ctx.request), ctx.run_id, ctx.machine_id, ctx.action, ctx.step))
+        seen.append(ctx.clock is clock)
         try:
             ctx.request["x"] = 1
         except TypeError:
@@ -133,10 +136,14 @@ async def test_start_logs_the_run_record_and_the_document(store):
 
     async with Engine(store, clock=clock, offload=False) as engine:
         engine.register("op", [("s", s), ("t", noop)], finalizers=[("f", noop)])
+        with pytest.raises(ValueError, match=r"^run request must be JSON-serializable: Object "
+                                             r"of type set is not JSON serializable$"):  # fmt: skip
+            await engine.start("m1", "op", {"s": {1}})
         run_id = await engine.start("m1", "op", doc={"state": "starting"})
         assert (await engine.wait(run_id)).response == {}
-    assert seen == [({}, run_id, "m1", "op", "s"), "read-only"]  # no request: an empty one
+    assert seen == [({}, run_id, "m1", "op", "s"), True, "read-only"]  # no request: an empty one
     run = store.log("m1").get_run(run_id)
+    assert run.finished_at == T0 and store.log("m1").events(run_id)[-1].at == T0
     assert run.record.steps == ("s", "t") and run.record.finalizers == ("f",)
     assert run.record.created_at == T0 and run.record.request == {}
     assert store.log("m1").read_doc() == {"state": "starting"}
@@ -175,7 +182,8 @@ async def test_list_runs_reports_each_live_run(store):
             False,
             T0,
         )
-        assert (queued.step, queued.action, dict(queued.request)) == (None, "other", {})
+        assert (queued.step, queued.retry_count, queued.action) == (None, 0, "other")
+        assert dict(queued.request) == {}
         assert dict(other.request) == {"k": 1}
         assert [r.run_id for r in engine.list_runs("m2")] == [r2]
         assert engine.list_runs("m3") == []
@@ -209,7 +217,7 @@ async def test_step_and_retry_count_of_a_running_run(store):
     assert result.status is RunStatus.CANCELLED and result.error.step == "bad"
 
 
-async def test_finish_hooks_run_in_order_before_the_machines_next_run(store):
+async def test_finish_hooks_run_in_order_before_the_machines_next_run(store, caplog):
     order = []
     in_hook, release = anyio.Event(), anyio.Event()
 
@@ -232,6 +240,7 @@ async def test_finish_hooks_run_in_order_before_the_machines_next_run(store):
         engine.on_finish(failing_hook)
         engine.on_finish(slow_hook)
         ra = await engine.start("m1", "a")
+        assert engine.busy("m1")  # its run is live
         await in_hook.wait()
         assert engine.busy("m1") and not engine.busy("m2")
         assert engine.list_runs("m1") == []  # a finished; its hooks still run
@@ -250,6 +259,8 @@ async def test_finish_hooks_run_in_order_before_the_machines_next_run(store):
         ("hook1", "b", RunStatus.SUCCEEDED),
         ("hook2", "b"),
     ]
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert failed == [f"finish hook failed for run {ra}", f"finish hook failed for run {rb}"]
 
 
 # --- wait ----------------------------------------------------------------------------------------
@@ -300,7 +311,7 @@ async def test_wait_finds_finished_runs_in_memory_then_in_the_log(store):
         second = await engine.start("m1", "op", {"n": 2})
         await engine.wait(second)
         assert (await engine.wait(second)).response == {"n": 2}
-        with pytest.raises(UnknownRunError, match=f"run {first} not found"):
+        with pytest.raises(UnknownRunError, match=rf"^run {first} not found$"):
             await engine.wait(first)  # pushed out of memory by the cap of one
         result = await engine.wait(first, machine_id="m1")
         assert result.ok and result.response == {"n": 1} and result.action == "op"
@@ -404,11 +415,13 @@ async def test_finalizers_retry_past_max_retries_and_a_halting_finalizer_complet
         (EventKind.COMPLETE, "finally:last"),
         (EventKind.FINISH, None),
     ]
+    assert store.log("m1").events(run_id)[1].retry_count == 0  # a halt, not a retry
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"finalizer finally:halting of run {run_id} halted: cannot clean up" in warned
 
 
-async def test_a_step_returning_a_non_mapping_fails_and_is_retried(store):
+async def test_a_step_returning_a_non_mapping_fails_and_is_retried(store, caplog):
+    caplog.set_level(logging.DEBUG, logger="orchestrator.engine")
     clock = ManualClock()
 
     async def s(ctx):
@@ -420,6 +433,10 @@ async def test_a_step_returning_a_non_mapping_fails_and_is_retried(store):
         await next_backoff(clock)
         result = await engine.wait(run_id)
     assert result.ok and result.response == {"fixed": True}
+    text = "TypeError: step s returned list, expected a mapping or None"
+    assert f"run {run_id}: step s failed (try 1): {text}" in [
+        r.getMessage() for r in caplog.records
+    ]
     (error,) = [e for e in store.log("m1").events(run_id) if e.kind is EventKind.ERROR]
     assert error.payload == {"message": "TypeError: step s returned list, expected a mapping "
                                         "or None"}  # fmt: skip
@@ -569,6 +586,31 @@ async def test_cancel_logs_why_and_where_and_refuses_what_is_not_cancellable(sto
                       "status": "cancelled", "error": result.error.to_dict()}  # fmt: skip
 
 
+async def test_a_run_past_its_steps_is_not_cancelled_and_the_default_reason(store):
+    in_fin, release = anyio.Event(), anyio.Event()
+
+    async def fin(ctx):
+        in_fin.set()
+        await release.wait()
+
+    async def hang(ctx):
+        await anyio.sleep_forever()
+
+    async with Engine(store) as engine:
+        engine.register("op", [("s", noop)], finalizers=[("f", fin)])
+        engine.register("hang", [("h", hang)])
+        run_id = await engine.start("m1", "op")
+        await in_fin.wait()
+        assert not await engine.cancel(run_id)  # its steps all done: only finalizers remain
+        release.set()
+        assert (await engine.wait(run_id)).ok
+        other = await engine.start("m1", "hang")
+        await wait_for(lambda: engine.list_runs()[0].step == "h")
+        assert await engine.cancel(other)
+        result = await engine.wait(other)
+    assert result.error == RunError("cancelled", "cancelled", "h")
+
+
 # --- resume --------------------------------------------------------------------------------------
 
 
@@ -603,26 +645,55 @@ async def test_resume_keeps_each_machines_start_order_and_says_resumed(store, ca
         assert [(r.run_id, r.resumed) for r in runs] == [(ra, True), (rb, True)]
         await engine.wait(rb)
     assert order == [("a", False), ("a", True), ("b", True)]
-    started = [r.getMessage() for r in caplog.records if " started: " in r.getMessage()]
-    assert started == [
+    started = [r for r in caplog.records if " started: " in r.getMessage()]
+    assert started[0].fields == {"run_id": ra, "machine_id": "m1", "action": "a"}
+    (done,) = [r for r in caplog.records if r.getMessage() == f"run {rb} succeeded: b on m1"]
+    assert done.levelno == logging.INFO
+    assert done.fields == {"run_id": rb, "machine_id": "m1", "action": "b", "status": "succeeded"}
+    assert [r.getMessage() for r in started] == [
         f"run {ra} started: a on m1 (resumed)",
         f"run {rb} started: b on m1 (resumed)",
     ]
 
 
-class FailOnce:
-    """Makes one call of a MachineLog method raise, as a full disk or a locked file would."""
+async def test_resume_schedules_runs_another_writer_logged(store):
+    """``resume()`` picks up runs logged while the engine runs (another process's), once."""
+    clock = ManualClock()
+    ran = []
 
-    def __init__(self, log, method: str, *, after: bool = False, when=lambda *a, **k: True):
-        self.log, self.method, self.after, self.when = log, method, after, when
+    async def s(ctx):
+        ran.append((ctx.machine_id, ctx.request["n"], ctx.is_restart))
+
+    def log_run(machine_id, n):
+        record = RunRecord(run_id=f"run-{machine_id}-{n}", action="op", steps=("s",),
+                           finalizers=(), request={"n": n}, created_at=clock.now())  # fmt: skip
+        store.log(machine_id).start_run(record, exclusive=False)
+
+    async with Engine(store, clock=clock, offload=False) as engine:
+        engine.register("op", [("s", s)])
+        log_run("m1", 1)
+        log_run("m1", 2)
+        log_run("m2", 3)
+        assert await engine.resume() == 3
+        assert await engine.resume() == 0
+        for run in engine.list_runs():
+            assert (await engine.wait(run.run_id)).ok
+    assert sorted(ran) == [("m1", 1, True), ("m1", 2, True), ("m2", 3, True)]
+
+
+class FailOnce:
+    """Makes the next ``times`` calls of a MachineLog method (those ``when`` picks) raise, as a
+    full disk or a locked file would; with ``after``, once the real call has been made."""
+
+    def __init__(self, log, method: str, *, times=1, after=False, when=lambda *a, **k: True):
+        self.times, self.after, self.when = times, after, when
         self.real = getattr(log, method)
-        self.fired = False
         setattr(log, method, self)
 
     def __call__(self, *args, **kwargs):
-        if self.fired or not self.when(*args, **kwargs):
+        if not self.times or not self.when(*args, **kwargs):
             return self.real(*args, **kwargs)
-        self.fired = True
+        self.times -= 1
         if self.after:
             self.real(*args, **kwargs)
         raise OSError("disk I/O error")
@@ -638,13 +709,14 @@ async def test_a_storage_failure_reloads_the_run_and_continues(store, caplog):
         ran.append((ctx.step, ctx.is_restart))
         return {ctx.step: True}
 
-    FailOnce(store.log("m1"), "append", when=lambda *a, **k: k.get("step") == "b")
+    FailOnce(store.log("m1"), "append", times=2, when=lambda *a, **k: k.get("step") == "b")
     async with Engine(store, clock=clock, offload=False) as engine:
         engine.register("op", [("a", step), ("b", step), ("c", step)])
         run_id = await engine.start("m1", "op")
         assert await next_backoff(clock) == pytest.approx(0.1)
+        assert await next_backoff(clock) == pytest.approx(0.2)  # the engine's own backoff
         result = await engine.wait(run_id)
-    assert ran == [("a", False), ("b", False), ("b", True), ("c", True)]
+    assert ran == [("a", False), ("b", False), ("b", True), ("b", True), ("c", True)]
     assert result.ok and result.response == {"a": True, "b": True, "c": True}
     assert f"run {run_id} on m1: engine error" in [r.getMessage() for r in caplog.records]
 
@@ -728,6 +800,9 @@ async def test_spans_of_a_cancelled_run_and_of_one_the_engine_stopped(store, spa
     assert run.status.status_code is StatusCode.UNSET  # a cancel is not a failure
     (step,) = spans_named(finished, "machine.op.hang")
     assert step.attributes["fsm.cancelled"] is True
+    assert step.attributes["fsm.step"] == "hang" and step.attributes["fsm.restart"] is False
+    assert step.attributes["fsm.action"] == "op" and step.attributes["machine.id"] == "m1"
+    assert run.attributes["fsm.resumed"] is False and run.attributes["fsm.run_id"] == cancelled
     (stopped,) = spans_named(finished, "machine.stays.hang")
     assert stopped.attributes["fsm.interrupted"] is True
     (suspended,) = [s for s in finished if s.name == "machine.stays"]
