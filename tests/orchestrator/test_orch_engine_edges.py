@@ -808,3 +808,45 @@ async def test_spans_of_a_cancelled_run_and_of_one_the_engine_stopped(store, spa
     (suspended,) = [s for s in finished if s.name == "machine.stays"]
     assert suspended.attributes["fsm.suspended"] is True
     assert "fsm.status" not in suspended.attributes
+
+
+# --- closing ------------------------------------------------------------------------------------
+
+
+async def test_a_start_while_the_engine_closes_is_refused_and_logs_nothing(store):
+    """A step that, being cancelled by the engine's close, starts another run (as a cleanup
+    might): EngineClosedError, and no START on the other machine."""
+    in_step = anyio.Event()
+    outcome = []
+
+    async def hang(ctx):
+        try:
+            in_step.set()
+            await anyio.sleep_forever()
+        finally:
+            try:
+                outcome.append(await engine.start("m2", "op"))
+            except EngineClosedError as e:
+                outcome.append(str(e))
+
+    engine = Engine(store, offload=False)
+    async with engine:
+        engine.register("op", [("hang", hang)])
+        await engine.start("m1", "op")
+        await in_step.wait()
+    assert outcome == ["the engine is not running"]
+    assert store.log("m2").history() == [] and store.log("m2").active_runs() == []
+
+
+async def test_an_engine_that_cannot_read_its_store_does_not_start(store):
+    def broken():
+        raise OSError("disk I/O error")
+
+    store.machine_ids = broken
+    engine = Engine(store)
+    engine.register("op", [("s", noop)])
+    with pytest.raises(OSError, match="disk I/O error"):
+        async with engine:
+            pass
+    with pytest.raises(EngineClosedError):
+        await engine.start("m1", "op")
