@@ -315,6 +315,7 @@ async def test_wait_finds_finished_runs_in_memory_then_in_the_log(store):
             await engine.wait(first)  # pushed out of memory by the cap of one
         result = await engine.wait(first, machine_id="m1")
         assert result.ok and result.response == {"n": 1} and result.action == "op"
+        assert (result.run_id, result.machine_id) == (first, "m1")
         with pytest.raises(UnknownRunError):
             await engine.wait(first, machine_id="m2")
         with pytest.raises(UnknownRunError):
@@ -368,6 +369,11 @@ async def test_max_retries_is_the_number_of_retries_after_the_first_attempt(stor
     ]
     assert log[1].payload == {"message": "OSError: driver down 1"} and log[1].at == T0
     assert log[3].payload == result.error.to_dict()
+    # FINISH records the error on the run (what the events endpoint and compaction keep)
+    assert [r["error"] for r in store.log("m1").timeline()] == [
+        once.error.to_dict(),
+        result.error.to_dict(),
+    ]
 
 
 async def test_finalizers_retry_past_max_retries_and_a_halting_finalizer_completes(store, caplog):
@@ -803,6 +809,12 @@ async def test_spans_of_a_cancelled_run_and_of_one_the_engine_stopped(store, spa
     assert step.attributes["fsm.step"] == "hang" and step.attributes["fsm.restart"] is False
     assert step.attributes["fsm.action"] == "op" and step.attributes["machine.id"] == "m1"
     assert run.attributes["fsm.resumed"] is False and run.attributes["fsm.run_id"] == cancelled
+    (accept,) = [s for s in finished if s.name == "machine.op.accept"]
+    assert dict(accept.attributes) == {
+        "machine.id": "m1",
+        "fsm.run_id": cancelled,
+        "fsm.action": "op",
+    }
     (stopped,) = spans_named(finished, "machine.stays.hang")
     assert stopped.attributes["fsm.interrupted"] is True
     (suspended,) = [s for s in finished if s.name == "machine.stays"]
