@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import threading
 
 import anyio
 import pytest
@@ -862,3 +863,50 @@ async def test_an_engine_that_cannot_read_its_store_does_not_start(store):
             pass
     with pytest.raises(EngineClosedError):
         await engine.start("m1", "op")
+
+
+async def test_a_start_whose_write_ends_while_the_engine_closes_is_refused(store):
+    """The START of a run is being written (in a worker thread) when the engine starts closing,
+    and the write ends while the engine still waits for its runs to stop: the caller gets
+    EngineClosedError naming the run, which is logged and resumes on the next start."""
+    writing, release = threading.Event(), threading.Event()
+    m2 = store.log("m2")
+    start_run = m2.start_run
+
+    def slow_start_run(*args, **kwargs):
+        writing.set()
+        release.wait(60)
+        return start_run(*args, **kwargs)
+
+    m2.start_run = slow_start_run
+    in_step, starter_done = anyio.Event(), anyio.Event()
+    outcome = []
+
+    async def hang(ctx):
+        try:
+            in_step.set()
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):  # the engine is closing: let the START end
+                release.set()
+                await starter_done.wait()
+
+    async def starter(engine):
+        try:
+            outcome.append(await engine.start("m2", "op"))
+        except EngineClosedError as e:
+            outcome.append(str(e))
+        starter_done.set()
+
+    async with anyio.create_task_group() as tg, Engine(store) as engine:
+        engine.register("op", [("hang", hang)])
+        await engine.start("m1", "op")
+        await in_step.wait()
+        tg.start_soon(starter, engine)
+        await anyio.to_thread.run_sync(writing.wait, 60)
+    m2.start_run = start_run
+    (logged,) = m2.active_runs()
+    assert outcome == [
+        f"the engine stopped while run {logged.run_id} (op) was being started; "
+        "it is logged and resumes when the engine starts again"
+    ]
