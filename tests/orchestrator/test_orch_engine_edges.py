@@ -809,7 +809,14 @@ async def test_spans_of_a_cancelled_run_and_of_one_the_engine_stopped(store, spa
     assert step.attributes["fsm.cancelled"] is True
     assert step.attributes["fsm.step"] == "hang" and step.attributes["fsm.restart"] is False
     assert step.attributes["fsm.action"] == "op" and step.attributes["machine.id"] == "m1"
-    assert run.attributes["fsm.resumed"] is False and run.attributes["fsm.run_id"] == cancelled
+    assert dict(run.attributes) == {
+        "machine.id": "m1",
+        "fsm.run_id": cancelled,
+        "fsm.action": "op",
+        "fsm.resumed": False,
+        "fsm.status": "cancelled",
+        "fsm.error_kind": "cancelled",
+    }
     (accept,) = [s for s in finished if s.name == "machine.op.accept"]
     assert dict(accept.attributes) == {
         "machine.id": "m1",
