@@ -180,6 +180,9 @@ def _mutmut(work: Path, args: list[str], timeout: float | None) -> bool:
     """Run ``mutmut args`` in ``work``; False if ``timeout`` passed first (the run is stopped:
     its process group, which this function started)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+    # tests that wait on a run fail after this many seconds (tests/orchestrator/conftest.py's
+    # hang_deadline): a mutant that makes a run never finish costs that, not mutmut's timeout
+    env.setdefault("CORROSION_TEST_DEADLINE", "5")
     with open(work / "mutmut.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mutmut", *args],
