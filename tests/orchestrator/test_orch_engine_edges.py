@@ -260,8 +260,29 @@ async def test_finish_hooks_run_in_order_before_the_machines_next_run(store, cap
         ("hook1", "b", RunStatus.SUCCEEDED),
         ("hook2", "b"),
     ]
-    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert failed == [f"finish hook failed for run {ra}", f"finish hook failed for run {rb}"]
+
+
+async def test_a_run_a_finish_hook_starts_joins_the_finished_runs_trace(store, spans):
+    started = []
+
+    async def hook(result):
+        if result.action == "first":
+            started.append(await engine.start(result.machine_id, "after", queue=True))
+
+    async with Engine(store) as engine:
+        engine.register("first", [("s", noop)])
+        engine.register("after", [("s", noop)])
+        engine.on_finish(hook)
+        await engine.wait(await engine.start("m1", "first"))
+        await wait_for(lambda: started)
+        await engine.wait(started[0])
+    finished = spans.get_finished_spans()
+    (first,) = [s for s in finished if s.name == "machine.first"]
+    (accept,) = [s for s in finished if s.name == "machine.after.accept"]
+    assert accept.context.trace_id == first.context.trace_id
+    assert accept.parent.span_id == first.context.span_id
 
 
 # --- wait ----------------------------------------------------------------------------------------
@@ -686,6 +707,24 @@ async def test_resume_schedules_runs_another_writer_logged(store):
         for run in engine.list_runs():
             assert (await engine.wait(run.run_id)).ok
     assert sorted(ran) == [("m1", 1, True), ("m1", 2, True), ("m2", 3, True)]
+
+
+async def test_a_run_of_an_action_no_longer_registered_finishes_as_no_ops(store):
+    """A run an older release logged, of an action this release does not register at all: its
+    steps and finalizers are no-ops, logged complete, and it succeeds."""
+    record = RunRecord(run_id="old-run", action="retired", steps=("a", "b"), finalizers=("f",),
+                       request={}, created_at=0.0)  # fmt: skip
+    store.log("m1").start_run(record)
+    async with Engine(store) as engine:
+        result = await engine.wait("old-run")
+    assert result.ok and result.action == "retired"
+    assert events(store, "old-run") == [
+        (EventKind.START, None),
+        (EventKind.COMPLETE, "a"),
+        (EventKind.COMPLETE, "b"),
+        (EventKind.COMPLETE, "finally:f"),
+        (EventKind.FINISH, None),
+    ]
 
 
 class FailOnce:
