@@ -761,7 +761,7 @@ class Engine:
                     )
                     limit = op.max_retries if op is not None else None
                     counted = not is_finalizer and limit is not None
-                    if counted and retry > limit:
+                    if counted and retry > limit:  # type: ignore[operator]  # counted: limit set
                         error = RunError(
                             "retries_exhausted",
                             f"{name} failed {retry} times; last: {text}",
