@@ -727,6 +727,35 @@ async def test_a_run_of_an_action_no_longer_registered_finishes_as_no_ops(store)
     ]
 
 
+async def test_a_resumed_run_goes_on_from_its_first_unfinished_finalizer(store):
+    in_second = anyio.Event()
+    ran = []
+
+    def finalizers(block):
+        async def first(ctx):
+            ran.append(("first", ctx.is_restart))
+
+        async def second(ctx):
+            ran.append(("second", ctx.is_restart))
+            if block:
+                in_second.set()
+                await anyio.sleep_forever()
+
+        async def third(ctx):
+            ran.append(("third", ctx.is_restart))
+
+        return [("first", first), ("second", second), ("third", third)]
+
+    async with Engine(store) as engine:
+        engine.register("op", [("s", noop)], finalizers=finalizers(block=True))
+        run_id = await engine.start("m1", "op")
+        await in_second.wait()
+    async with Engine(store) as engine:
+        engine.register("op", [("s", noop)], finalizers=finalizers(block=False))
+        assert (await engine.wait(run_id)).ok
+    assert ran == [("first", False), ("second", False), ("second", True), ("third", True)]
+
+
 class FailOnce:
     """Makes the next ``times`` calls of a MachineLog method (those ``when`` picks) raise, as a
     full disk or a locked file would; with ``after``, once the real call has been made."""
