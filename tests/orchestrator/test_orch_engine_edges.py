@@ -750,8 +750,11 @@ async def test_a_resumed_run_goes_on_from_its_first_unfinished_finalizer(store):
         engine.register("op", [("s", noop)], finalizers=finalizers(block=True))
         run_id = await engine.start("m1", "op")
         await in_second.wait()
-    async with Engine(store) as engine:
-        engine.register("op", [("s", noop)], finalizers=finalizers(block=False))
+    # registered before entering, as the service does: entering resumes the run, and with two
+    # machines to read it can start before a register() made after entering
+    engine = Engine(store)
+    engine.register("op", [("s", noop)], finalizers=finalizers(block=False))
+    async with engine:
         assert (await engine.wait(run_id)).ok
     assert ran == [("first", False), ("second", False), ("second", True), ("third", True)]
 
