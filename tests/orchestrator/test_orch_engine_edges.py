@@ -988,3 +988,19 @@ async def test_a_start_whose_write_ends_while_the_engine_closes_is_refused(store
         f"the engine stopped while run {logged.run_id} (op) was being started; "
         "it is logged and resumes when the engine starts again"
     ]
+
+
+async def test_the_span_of_a_halting_step_records_its_error(store, spans):
+    async def stop(ctx):
+        raise AbortError("no image")
+
+    async with Engine(store) as engine:
+        engine.register("op", [("stop", stop)])
+        await engine.wait(await engine.start("m1", "op"))
+    (step,) = spans_named(spans.get_finished_spans(), "machine.op.stop")
+    assert step.status.status_code is StatusCode.ERROR
+    assert step.status.description == "AbortError: no image"
+    assert [e.attributes["exception.type"] for e in step.events] == [
+        "orchestrator.errors.AbortError"
+    ]
+    assert step.attributes["fsm.error_kind"] == "abort"
