@@ -487,7 +487,7 @@ class Calls(EngineObserver):
         self.calls.append(("failed", step, str(error), retry))
 
     def step_halted(self, info, step, kind):
-        self.calls.append(("halted", step, kind))
+        self.calls.append(("halted", info.step, step, kind))
 
     def run_finished(self, result):
         self.calls.append(("finished", result.status))
@@ -548,7 +548,7 @@ async def test_observer_sees_each_step_attempt_halt_and_finish(store):
         ("start", "flaky", False, 1),
         ("done", "flaky"),
         ("start", "stop", False, 0),
-        ("halted", "stop", "abort"),
+        ("halted", "stop", "stop", "abort"),
         ("start", "finally:f", False, 0),
         ("done", "finally:f"),
         ("finished", RunStatus.FAILED),
