@@ -484,7 +484,7 @@ class Calls(EngineObserver):
         self.calls.append(("done", step))
 
     def step_failed(self, info, step, error, retry):
-        self.calls.append(("failed", step, str(error), retry))
+        self.calls.append(("failed", info.step, step, str(error), retry))
 
     def step_halted(self, info, step, kind):
         self.calls.append(("halted", info.step, step, kind))
@@ -520,7 +520,7 @@ async def test_retry_counts_carry_across_a_restart(store, tmp_path):
     assert obs.calls == [
         ("run", "op", True),
         ("start", "bad", True, 2),
-        ("failed", "bad", "still down", 3),
+        ("failed", "bad", "bad", "still down", 3),
         ("finished", RunStatus.FAILED),
     ]
 
@@ -544,7 +544,7 @@ async def test_observer_sees_each_step_attempt_halt_and_finish(store):
     assert obs.calls == [
         ("run", "op", False),
         ("start", "flaky", False, 0),
-        ("failed", "flaky", "once", 1),
+        ("failed", "flaky", "flaky", "once", 1),
         ("start", "flaky", False, 1),
         ("done", "flaky"),
         ("start", "stop", False, 0),
