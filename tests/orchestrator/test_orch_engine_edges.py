@@ -103,7 +103,7 @@ def test_registration_checks_names_and_keeps_what_it_was_given(store):
         engine.operation("op")  # nothing refused was registered
     op = engine.register("op", [Step("a", noop), ("b", noop)], finalizers=[("f", noop)],
                          max_retries=4)  # fmt: skip
-    assert engine.operation("op") is op and op.max_retries == 4
+    assert engine.operation("op") is op and (op.action, op.max_retries) == ("op", 4)
     assert [s.name for s in op.steps] == ["a", "b"] and op.step("b").fn is noop
     assert op.step("f") is None and op.finalizer("f").name == "f" and op.finalizer("a") is None
     again = engine.register("op", [("c", noop)])  # registering again replaces
