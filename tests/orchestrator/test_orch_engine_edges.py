@@ -28,6 +28,7 @@ from orchestrator.errors import (
     UnknownRunError,
     UnrecoverableError,
 )
+from orchestrator.ids import IdFactory
 from orchestrator.steplog import EventKind, RunRecord, RunStatus
 from orchestrator.store import MachineStore
 
@@ -703,10 +704,12 @@ async def test_resume_schedules_runs_another_writer_logged(store):
         log_run("m1", 2)
         log_run("m2", 3)
         assert await engine.resume() == 3
+        log_run("m1", 4)  # after runs already live on that machine
+        assert await engine.resume() == 1
         assert await engine.resume() == 0
         for run in engine.list_runs():
             assert (await engine.wait(run.run_id)).ok
-    assert sorted(ran) == [("m1", 1, True), ("m1", 2, True), ("m2", 3, True)]
+    assert sorted(ran) == [("m1", 1, True), ("m1", 2, True), ("m1", 4, True), ("m2", 3, True)]
 
 
 async def test_a_run_of_an_action_no_longer_registered_finishes_as_no_ops(store):
@@ -1004,3 +1007,43 @@ async def test_the_span_of_a_halting_step_records_its_error(store, spans):
         "orchestrator.errors.AbortError"
     ]
     assert step.attributes["fsm.error_kind"] == "abort"
+
+
+async def test_the_engine_uses_the_backoff_and_ids_it_is_given(store):
+    clock = ManualClock()
+    attempts = []
+
+    async def flaky(ctx):
+        attempts.append(ctx.retry_count)
+        if ctx.retry_count == 0:
+            raise RuntimeError("once")
+
+    ids = IdFactory(clock, random.Random(5))
+    engine = Engine(store, clock=clock, offload=False, ids=ids, backoff=Backoff(initial=3.0))
+    engine.register("op", [("flaky", flaky)])
+    async with engine:
+        run_id = await engine.start("m1", "op")
+        assert await next_backoff(clock) == 3.0
+        assert (await engine.wait(run_id)).ok
+    assert run_id == IdFactory(ManualClock(), random.Random(5)).ulid()
+
+
+async def test_an_error_in_the_engines_block_reaches_the_caller(store):
+    in_step = anyio.Event()
+
+    async def hang(ctx):
+        in_step.set()
+        await anyio.sleep_forever()
+
+    engine = Engine(store)
+    engine.register("op", [("hang", hang)])
+    with pytest.raises(BaseException) as raised:
+        async with engine:
+            await engine.start("m1", "op")
+            await in_step.wait()
+            raise LookupError("the caller's own error")
+    # the engine's task group wraps it, once, alone
+    assert isinstance(raised.value, BaseExceptionGroup)
+    (error,) = raised.value.exceptions
+    assert isinstance(error, LookupError) and str(error) == "the caller's own error"
+    assert len(store.log("m1").active_runs()) == 1  # stopped, not cancelled: it resumes
