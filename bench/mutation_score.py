@@ -88,7 +88,14 @@ MODULES = {
     ),
     "orch-engine": Module(
         ("orchestrator/engine.py",),
-        ("tests/orchestrator/test_orch_engine.py", "tests/orchestrator/test_orch_resume_random.py"),
+        # the engine's own fast tests on a real step log; test_orch_resume_random (the whole
+        # service, seconds per run) stays out: with it a surviving mutant cost 5x as long
+        (
+            "tests/orchestrator/test_orch_engine.py",
+            "tests/orchestrator/test_orch_engine_edges.py",
+            "tests/orchestrator/test_orch_logging.py",
+            "tests/orchestrator/test_orch_tracing.py",
+        ),
     ),
     "orch-steplog": Module(
         ("orchestrator/steplog.py",),
@@ -175,6 +182,9 @@ def _mutmut(work: Path, args: list[str], timeout: float | None) -> bool:
     """Run ``mutmut args`` in ``work``; False if ``timeout`` passed first (the run is stopped:
     its process group, which this function started)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+    # tests that wait on a run fail after this many seconds (tests/orchestrator/conftest.py's
+    # hang_deadline): a mutant that makes a run never finish costs that, not mutmut's timeout
+    env.setdefault("CORROSION_TEST_DEADLINE", "5")
     with open(work / "mutmut.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mutmut", *args],

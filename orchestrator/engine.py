@@ -22,7 +22,8 @@ Rules, and where they are enforced:
   operations on a machine never interleave.
 * **Errors retry** with exponential backoff on the injected clock (``Backoff``: 100 ms doubling to
   5 s), forever unless the operation sets ``max_retries``. An ERROR event is logged when the error
-  text changes. :class:`AbortError` / :class:`UnrecoverableError`, exhausted retries and
+  text changes, and on every failure toward a ``max_retries`` limit (the count is what a resumed
+  run goes on from). :class:`AbortError` / :class:`UnrecoverableError`, exhausted retries and
   :meth:`cancel` *halt* the run: CANCEL is appended, remaining steps are skipped, finalizers run
   with the run's error, then FINISH.
 * **Finalizers** are logged like steps (``finally:<name>``), retried on error, and run exactly as
@@ -759,7 +760,8 @@ class Engine:
                         "run %s: step %s failed (try %d): %s", record.run_id, name, retry, text
                     )
                     limit = op.max_retries if op is not None else None
-                    if not is_finalizer and limit is not None and retry > limit:
+                    counted = not is_finalizer and limit is not None
+                    if counted and retry > limit:  # type: ignore[operator]  # counted: limit set
                         error = RunError(
                             "retries_exhausted",
                             f"{name} failed {retry} times; last: {text}",
@@ -767,7 +769,9 @@ class Engine:
                         )
                         await self._halt(state, log_, error, retry_count=retry)
                         return
-                    if text != last_text:
+                    # retries toward a limit are each logged (at most max_retries), or a
+                    # restart would count them from the last change of error text again
+                    if text != last_text or counted:
                         await self._io(
                             log_.append,
                             record.run_id,

@@ -3,6 +3,8 @@ namespace hosts, the spans a test makes."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,33 @@ from orchestrator.hosts import HostLab
 def runc_required() -> None:
     """For ``@pytest.mark.usefixtures("runc_required")``: see ``require_runc``."""
     require_runc()
+
+
+@pytest.fixture
+def hang_deadline(request) -> Iterator[None]:
+    """Fails a test still running after 15 s (a test of this kind takes a fraction of one;
+    CORROSION_TEST_DEADLINE=seconds changes it): the engine's tests wait on runs without a
+    timeout, and a planted bug that makes a run never finish (bench/mutation_score.py) must fail
+    its test in seconds, not hang until the mutation tool's own limit. SIGALRM raises in
+    pytest's thread; where that cannot unwind the test (trio's runner, blocked between its
+    guest-run callbacks), the process exits 2 s later, status 1."""
+    seconds = int(os.environ.get("CORROSION_TEST_DEADLINE", "15"))
+
+    def expired(signum, frame):
+        signal.signal(signal.SIGALRM, stuck)
+        signal.alarm(2)
+        raise TimeoutError(f"{request.node.nodeid} still running after {seconds} s")
+
+    def stuck(signum, frame):
+        os._exit(1)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -11,7 +11,7 @@ from orchestrator.engine import Engine
 from orchestrator.errors import AbortError
 from orchestrator.store import MachineStore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hang_deadline")]
 
 
 async def test_runs_started_finished_and_failed_are_logged(tmp_path, caplog):

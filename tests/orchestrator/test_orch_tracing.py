@@ -24,7 +24,7 @@ from orchestrator.service import Orchestrator
 from orchestrator.steplog import MachineLog, RunRecord, RunStatus
 from orchestrator.store import MachineStore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hang_deadline")]
 CONFIG = {"image": "busybox", "init": {"cmd": ["sleep", "600"]}}
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CALLER_SPAN = 0x00F067AA0BA902B7
