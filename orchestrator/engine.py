@@ -293,6 +293,8 @@ class Engine:
         self._offload = offload
         self._doc_committer = doc_committer
         self._ops: dict[str, Operation] = {}
+        # actions whose resumed runs found no operation and ran as retired (see register)
+        self._ran_retired: set[str] = set()
         self._live: dict[str, _Live] = {}
         self._queues: dict[str, deque[_Live]] = {}
         self._finished: OrderedDict[str, RunResult] = OrderedDict()
@@ -313,7 +315,10 @@ class Engine:
         finalizers: Sequence[Step | tuple[str, StepFn]] = (),
         max_retries: int | None = None,
     ) -> Operation:
-        """Register an operation; step names must be unique within it."""
+        """Register an operation; step names must be unique within it. Register every
+        operation before entering the engine: a run resumed at start whose action has no
+        operation finishes as retired (its steps no-ops), and registering that action later is
+        refused."""
 
         def norm(items: Iterable[Step | tuple[str, StepFn]]) -> tuple[Step, ...]:
             out = tuple(i if isinstance(i, Step) else Step(i[0], i[1]) for i in items)
@@ -327,6 +332,12 @@ class Engine:
 
         if not steps:
             raise ValueError(f"operation {action!r} needs at least one step")
+        if action in self._ran_retired:
+            raise ValueError(
+                f"operation {action!r} registered after the engine started: runs of it that it "
+                "resumed found no operation and finished as retired; register every operation "
+                "before entering the engine"
+            )
         op = Operation(action, norm(steps), norm(finalizers), max_retries)
         self._ops[action] = op
         return op
@@ -570,6 +581,10 @@ class Engine:
         op = self._ops.get(record.action)
         log_ = self.store.log(live.machine_id)
         live.running = True
+        if op is None:
+            self._ran_retired.add(record.action)
+            log.warning("run %s: action %r is not registered; its steps finish as retired "
+                        "(no-ops)", record.run_id, record.action)  # fmt: skip
         log.info(
             "run %s started: %s on %s%s",
             record.run_id,

@@ -720,6 +720,9 @@ async def test_a_run_of_an_action_no_longer_registered_finishes_as_no_ops(store)
     store.log("m1").start_run(record)
     async with Engine(store) as engine:
         result = await engine.wait("old-run")
+        # registering it now, too late for that run, is refused rather than silently wrong
+        with pytest.raises(ValueError, match="register every operation before entering"):
+            engine.register("retired", [("a", lambda ctx: None)])
     assert result.ok and result.action == "retired"
     assert events(store, "old-run") == [
         (EventKind.START, None),
