@@ -14,13 +14,12 @@ import random
 
 import anyio
 import pytest
-from support import wait_for
+from support import planted_bugs, wait_for
 from test_orch_resume_random import CONFIG, FAST, idle, plan
 
 from orchestrator.drivers import FakeDriver
 from orchestrator.engine import EngineObserver
 from orchestrator.service import Orchestrator
-from orchestrator.steplog import MachineLog
 from simulations.faulty_vfs import FaultyVFS
 
 pytestmark = pytest.mark.anyio
@@ -109,14 +108,7 @@ async def test_the_cuts_interrupt_steps_and_lose_unsynced_writes(tmp_path):
 async def test_a_step_log_that_does_not_sync_redoes_completed_steps(tmp_path, monkeypatch):
     """A planted bug: the step log commits with ``synchronous = NORMAL`` (the WAL is synced
     only at checkpoints), so a COMPLETE the engine was told of can vanish with the power."""
-    opened = MachineLog._db
-
-    def normal(self):
-        conn = opened(self)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
-
-    monkeypatch.setattr(MachineLog, "_db", normal)
+    planted_bugs.steplog_not_synced(monkeypatch)
     wrong = []
     for seed in range(6):
         steps, _vfs = await power_cut_scenario(tmp_path, seed)

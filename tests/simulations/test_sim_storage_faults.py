@@ -8,8 +8,8 @@ import random
 
 import apsw
 import pytest
+from support import planted_bugs
 
-from orchestrator.steplog import MachineLog
 from simulations.faulty_vfs import FaultyVFS
 from simulations.storage_faults import run_power_cuts, run_read_errors, run_steplog_power_cuts
 
@@ -126,13 +126,6 @@ def test_the_step_log_keeps_every_acknowledged_event_across_power_cuts(seed, tmp
 
 
 def test_the_step_log_checks_catch_a_log_that_is_not_synced(tmp_path, monkeypatch):
-    opened = MachineLog._db
-
-    def normal(self):
-        conn = opened(self)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
-
-    monkeypatch.setattr(MachineLog, "_db", normal)
+    planted_bugs.steplog_not_synced(monkeypatch)
     run = run_steplog_power_cuts(0, base=str(tmp_path))
     assert any("lost acknowledged" in p or "is gone" in p for p in run.problems)
