@@ -470,3 +470,41 @@ def test_merge_changesets_refuses_a_db_version_that_is_not_an_integer(others):
         crdt.merge_changesets(conn, [good + [bad]])
     assert rows(conn) == [] and crdt.db_version(conn) == 0
     assert crdt.merge_changesets(conn, [good]) == ([5 + others - 1] if others else [None])
+
+
+def _versions_around_a_merge_that_changes_nothing(execute) -> list[int]:
+    """A transaction leaves db_version above every clock (its clock row deleted by hand before
+    the commit); a merge whose only change loses then commits nothing, but cr-sqlite's commit
+    of its write to crsql_changes reloads db_version from the clocks."""
+    execute("CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b)")
+    execute("SELECT crsql_as_crr('t')")
+    execute("INSERT INTO t VALUES (1, 5)")  # version 1
+    execute("BEGIN")
+    execute("INSERT INTO t VALUES (2, 5)")  # version 2, whose clock goes
+    execute("DELETE FROM t__crsql_clock WHERE db_version = 2")
+    execute("COMMIT")
+    out = [execute("SELECT crsql_db_version()")[0][0]]
+    losing = ("t", PK1, "b", 0, 1, 9, REMOTE, 1, 0)  # 0 < 5 at the same col_version
+    execute("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", losing)
+    out.append(execute("SELECT crsql_db_version()")[0][0])
+    return out
+
+
+def test_a_merge_that_changes_nothing_reloads_the_version_as_cr_sqlites_commit_does():
+    conn = crdt.connect(site_id=OWN)
+
+    def execute(sql, params=()):
+        if sql.startswith("INSERT INTO crsql_changes"):
+            crdt.merge(conn, [Change(*params)])  # the batch path, not the virtual table
+            return []
+        return conn.execute(sql, params).fetchall()
+
+    assert _versions_around_a_merge_that_changes_nothing(execute) == [2, 1]
+
+
+def test_cr_sqlite_reloads_the_version_after_a_merge_that_changes_nothing(oracle):
+    theirs = oracle.open("noop_merge_version")
+    try:
+        assert _versions_around_a_merge_that_changes_nothing(theirs.execute) == [2, 1]
+    finally:
+        theirs.close()
