@@ -508,3 +508,23 @@ def test_cr_sqlite_reloads_the_version_after_a_merge_that_changes_nothing(oracle
         assert _versions_around_a_merge_that_changes_nothing(theirs.execute) == [2, 1]
     finally:
         theirs.close()
+
+
+@pytest.mark.parametrize("new_keys_first", [False, True])
+def test_a_key_without_clock_rows_is_reused_by_a_merge(new_keys_first):
+    """The lookaside keeps a key whose clock rows are gone (here deleted by hand); a merge into
+    that pk finds the key instead of inserting another, whether the previous row merged was new
+    (the key INSERT is tried first) or known."""
+    conn = db()
+    conn.execute("INSERT INTO t VALUES (1, 1, 1)")
+    conn.execute("DELETE FROM t__crsql_clock")
+    batch = [Change("t", PK1, "b", 9, 5, 7, REMOTE, 1, 0)]
+    if new_keys_first:
+        batch.insert(0, Change("t", crdt.pack_pk([2]), "b", 2, 1, 7, REMOTE, 1, 0))
+    assert crdt.merge(conn, batch) == len(batch)
+    assert conn.execute("SELECT * FROM t__crsql_pks ORDER BY 1").fetchall() == [
+        (1, 1),
+        *([(2, 2)] if new_keys_first else []),
+    ]
+    assert rows(conn)[0] == (1, 9, 1)
+    assert ("b", 5, 7, REMOTE, 1) in clocks(conn)  # the local clocks are gone: version 7
