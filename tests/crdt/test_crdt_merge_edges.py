@@ -502,6 +502,19 @@ def test_a_merge_that_changes_nothing_reloads_the_version_as_cr_sqlites_commit_d
     assert _versions_around_a_merge_that_changes_nothing(execute) == [2, 1]
 
 
+def test_a_merge_of_no_changes_does_not_reload_the_version():
+    """No change offered is no write to crsql_changes, so no commit (and no reload)."""
+    conn = crdt.connect(site_id=OWN)
+
+    def execute(sql, params=()):
+        if sql.startswith("INSERT INTO crsql_changes"):
+            assert crdt.merge(conn, []) == 0
+            return []
+        return conn.execute(sql, params).fetchall()
+
+    assert _versions_around_a_merge_that_changes_nothing(execute) == [2, 2]
+
+
 def test_cr_sqlite_reloads_the_version_after_a_merge_that_changes_nothing(oracle):
     theirs = oracle.open("noop_merge_version")
     try:
