@@ -541,3 +541,29 @@ def test_a_key_without_clock_rows_is_reused_by_a_merge(new_keys_first):
     ]
     assert rows(conn)[0] == (1, 9, 1)
     assert ("b", 5, 7, REMOTE, 1) in clocks(conn)  # the local clocks are gone: version 7
+
+
+def test_a_column_change_of_the_deleted_life_after_the_delete_in_one_batch_is_ignored():
+    """The changes of one row share their pk object (the hot loop reuses the row for them):
+    after a delete, a later change of the life it ended loses, as with a pk of its own."""
+    for pk in (PK1, None):
+        c = db()
+        c.execute("INSERT INTO t VALUES (1, 1, 1)")  # causal length 1
+        batch = [
+            Change("t", PK1, "-1", None, 2, 5, REMOTE, 2, 0),
+            Change("t", pk or crdt.pack_pk([1]), "b", 7, 9, 6, REMOTE, 1, 1),
+        ]
+        assert crdt.merge(c, batch) == 1
+        assert rows(c) == []
+        assert clocks(c) == [("-1", 2, 5, REMOTE, 2)]
+
+
+def test_a_resurrecting_column_change_with_an_old_version_stamps_one_local_version():
+    """A column change of a later life resurrects the row and wins in one merge: the sentinel
+    and the column take the same next local version, whatever version the sender gave."""
+    c = db()
+    c.executemany("INSERT INTO t VALUES (?, 0, 0)", [(n,) for n in range(1, 5)])  # versions 1-4
+    c.execute("DELETE FROM t WHERE a = 1")  # version 5, causal length 2
+    assert crdt.merge(c, [Change("t", PK1, "b", 8, 1, 2, REMOTE, 3, 0)]) == 2
+    assert [r for r in clocks(c) if r[4] == 3] == [("-1", 3, 6, REMOTE, 3), ("b", 1, 6, REMOTE, 3)]
+    assert crdt.db_version(c) == 6
