@@ -58,6 +58,7 @@ MODULES = {
             "tests/crdt/test_crdt_gcpause.py",  # merge_changesets
             "tests/crdt/test_crdt_convergence.py",  # deletes and resurrections between replicas
             "tests/crdt/test_crdt_merge_edges.py",
+            "tests/crdt/test_crdt_merge_paths.py",  # bulk vs change-by-change paths, reads
         ),
     ),
     "crdt-triggers": Module(

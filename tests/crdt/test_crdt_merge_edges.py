@@ -379,3 +379,191 @@ def test_a_changeset_merged_after_the_first_local_write_of_a_database_gets_its_o
         assert crdt.merge_changesets(dst, [crdt.changes_since(src, 0)]) == [2]
     assert crdt.db_version(dst) == 2
     assert {c.pk for c in crdt.changes_for_version(dst, 1)} == {PK1}
+
+
+# every affinity rule of SQLite's (the first match wins: INT, then CHAR/CLOB/TEXT, then BLOB or
+# no type, then REAL/FLOA/DOUB, else NUMERIC), and the types that test the order of the rules
+DECLARED = [
+    "INT", "INTEGER", "BIGINT", "FLOATING POINT", "VARCHAR(5)", "NCHAR", "CLOB", "TEXT", "BLOB",
+    "", "REAL", "FLOAT", "DOUBLE", "NUMERIC", "DECIMAL(5,2)", "ANY", "BOOLEAN",
+]  # fmt: skip
+TIE_VALUES = [
+    None, 5, 4, "5", "4.0", 5.5, "5.5", 9007199254740993, "9007199254740993", "abc", b"5",
+]  # fmt: skip
+# a STRICT table's ANY converts nothing, its REAL takes integers as reals
+STRICT_VALUES = {"s_any": TIE_VALUES, "s_real": [None, 5, 4, 5.5, "5.5"]}
+
+
+def _affinity_db(mev: bool):
+    conn = crdt.connect(site_id=OWN, merge_equal_values=mev)
+    cols = ", ".join(f"c{i} {decl}" for i, decl in enumerate(DECLARED))
+    conn.execute(f"CREATE TABLE a (id INTEGER PRIMARY KEY NOT NULL, {cols})")
+    conn.execute("CREATE TABLE s (id INTEGER PRIMARY KEY NOT NULL, s_any ANY, s_real REAL) STRICT")
+    for table in ("a", "s"):
+        conn.execute(f"SELECT crsql_as_crr('{table}')")
+    return conn
+
+
+@pytest.mark.parametrize("mev", [False, True])
+def test_a_tie_with_a_value_the_batch_set_converts_it_by_the_columns_affinity(mev):
+    """Two writes of one column at the same col_version: the second compares with the first as
+    the column stores it. One batch (the first value only in memory) must end as two batches
+    (the first value read back from SQLite) for every affinity and value pair: ``'5'`` in an
+    INTEGER column is 5 and loses to 7, 5 in a REAL column is 5.0 and loses to the integer 4,
+    a STRICT table's ANY keeps ``'5'`` as text."""
+    first: list[Change] = []
+    second: list[Change] = []
+
+    def pairs(table: str, cid: str, values: list) -> None:
+        for n, (v1, v2) in enumerate((v1, v2) for v1 in values for v2 in values):
+            pk = crdt.pack_pk([n])
+            first.append(Change(table, pk, cid, v1, 1, 1, REMOTE, 1, 0))
+            second.append(Change(table, pk, cid, v2, 1, 2, b"\x08" * 16, 1, 0))
+
+    for i in range(len(DECLARED)):
+        pairs("a", f"c{i}", TIE_VALUES)
+    for cid, values in STRICT_VALUES.items():
+        pairs("s", cid, values)
+
+    once, twice = _affinity_db(mev), _affinity_db(mev)
+    crdt.merge(once, first + second)
+    crdt.merge(twice, first)
+    crdt.merge(twice, second)
+    assert _typed_state(once) == _typed_state(twice)
+
+    def value(table: str, col: str, v1, v2):
+        n = TIE_VALUES.index(v1) * len(TIE_VALUES) + TIE_VALUES.index(v2)
+        return once.execute(
+            f"SELECT {col}, typeof({col}) FROM {table} WHERE id = ?", (n,)
+        ).fetchone()
+
+    integer, real, blob = (f"c{DECLARED.index(t)}" for t in ("INTEGER", "REAL", "BLOB"))
+    assert value("a", integer, "5", 4) == (5, "integer")  # 4 < 5: the first write stays
+    assert value("a", real, 5, 4) == (4.0, "real")  # an integer beats the real 5.0
+    assert value("a", blob, "5", 4) == (4, "integer")  # a BLOB column keeps '5' as text
+    assert value("s", "s_any", "5", 4) == (4, "integer")  # text '5' loses to any integer
+
+
+def _typed_state(conn) -> list:
+    """Every row and clock with each value's storage class (5 and 5.0 are equal in Python)."""
+    out = []
+    for table, cols in (("a", [f"c{i}" for i in range(len(DECLARED))]), ("s", list(STRICT_VALUES))):
+        typed = ", ".join(f"{c}, typeof({c})" for c in cols)
+        out += conn.execute(f"SELECT id, {typed} FROM {table} ORDER BY id").fetchall()
+    out += conn.execute(
+        'SELECT "table", pk, cid, val, typeof(val), col_version, db_version, site_id, cl, seq '
+        'FROM crsql_changes ORDER BY "table", pk, cid'
+    ).fetchall()
+    return out
+
+
+@pytest.mark.parametrize("others", [0, 2])
+def test_merge_changesets_refuses_a_db_version_that_is_not_an_integer(others):
+    """The changeset's top version is found in C for integers only; any other db_version is
+    the same refusal as in ``merge``, and nothing is written (with or without valid changes
+    beside it)."""
+    conn = db()
+    good = [Change("t", crdt.pack_pk([n]), "b", n, 1, 5 + n, REMOTE, 1, 0) for n in range(others)]
+    bad = Change("t", PK1, "b", 1, 1, "7", REMOTE, 1, 0)
+    refusal = r"^db_version must be an integer, not str$"
+    with pytest.raises(crdt.MergeError, match=refusal), conn:
+        crdt.merge_changesets(conn, [good + [bad]])
+    assert rows(conn) == [] and crdt.db_version(conn) == 0
+    assert crdt.merge_changesets(conn, [good]) == ([5 + others - 1] if others else [None])
+
+
+def _versions_around_a_merge_that_changes_nothing(execute) -> list[int]:
+    """A transaction leaves db_version above every clock (its clock row deleted by hand before
+    the commit); a merge whose only change loses then commits nothing, but cr-sqlite's commit
+    of its write to crsql_changes reloads db_version from the clocks."""
+    execute("CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b)")
+    execute("SELECT crsql_as_crr('t')")
+    execute("INSERT INTO t VALUES (1, 5)")  # version 1
+    execute("BEGIN")
+    execute("INSERT INTO t VALUES (2, 5)")  # version 2, whose clock goes
+    execute("DELETE FROM t__crsql_clock WHERE db_version = 2")
+    execute("COMMIT")
+    out = [execute("SELECT crsql_db_version()")[0][0]]
+    losing = ("t", PK1, "b", 0, 1, 9, REMOTE, 1, 0)  # 0 < 5 at the same col_version
+    execute("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", losing)
+    out.append(execute("SELECT crsql_db_version()")[0][0])
+    return out
+
+
+def test_a_merge_that_changes_nothing_reloads_the_version_as_cr_sqlites_commit_does():
+    conn = crdt.connect(site_id=OWN)
+
+    def execute(sql, params=()):
+        if sql.startswith("INSERT INTO crsql_changes"):
+            crdt.merge(conn, [Change(*params)])  # the batch path, not the virtual table
+            return []
+        return conn.execute(sql, params).fetchall()
+
+    assert _versions_around_a_merge_that_changes_nothing(execute) == [2, 1]
+
+
+def test_a_merge_of_no_changes_does_not_reload_the_version():
+    """No change offered is no write to crsql_changes, so no commit (and no reload)."""
+    conn = crdt.connect(site_id=OWN)
+
+    def execute(sql, params=()):
+        if sql.startswith("INSERT INTO crsql_changes"):
+            assert crdt.merge(conn, []) == 0
+            return []
+        return conn.execute(sql, params).fetchall()
+
+    assert _versions_around_a_merge_that_changes_nothing(execute) == [2, 2]
+
+
+def test_cr_sqlite_reloads_the_version_after_a_merge_that_changes_nothing(oracle):
+    theirs = oracle.open("noop_merge_version")
+    try:
+        assert _versions_around_a_merge_that_changes_nothing(theirs.execute) == [2, 1]
+    finally:
+        theirs.close()
+
+
+@pytest.mark.parametrize("new_keys_first", [False, True])
+def test_a_key_without_clock_rows_is_reused_by_a_merge(new_keys_first):
+    """The lookaside keeps a key whose clock rows are gone (here deleted by hand); a merge into
+    that pk finds the key instead of inserting another, whether the previous row merged was new
+    (the key INSERT is tried first) or known."""
+    conn = db()
+    conn.execute("INSERT INTO t VALUES (1, 1, 1)")
+    conn.execute("DELETE FROM t__crsql_clock")
+    batch = [Change("t", PK1, "b", 9, 5, 7, REMOTE, 1, 0)]
+    if new_keys_first:
+        batch.insert(0, Change("t", crdt.pack_pk([2]), "b", 2, 1, 7, REMOTE, 1, 0))
+    assert crdt.merge(conn, batch) == len(batch)
+    assert conn.execute("SELECT * FROM t__crsql_pks ORDER BY 1").fetchall() == [
+        (1, 1),
+        *([(2, 2)] if new_keys_first else []),
+    ]
+    assert rows(conn)[0] == (1, 9, 1)
+    assert ("b", 5, 7, REMOTE, 1) in clocks(conn)  # the local clocks are gone: version 7
+
+
+def test_a_column_change_of_the_deleted_life_after_the_delete_in_one_batch_is_ignored():
+    """The changes of one row share their pk object (the hot loop reuses the row for them):
+    after a delete, a later change of the life it ended loses, as with a pk of its own."""
+    for pk in (PK1, None):
+        c = db()
+        c.execute("INSERT INTO t VALUES (1, 1, 1)")  # causal length 1
+        batch = [
+            Change("t", PK1, "-1", None, 2, 5, REMOTE, 2, 0),
+            Change("t", pk or crdt.pack_pk([1]), "b", 7, 9, 6, REMOTE, 1, 1),
+        ]
+        assert crdt.merge(c, batch) == 1
+        assert rows(c) == []
+        assert clocks(c) == [("-1", 2, 5, REMOTE, 2)]
+
+
+def test_a_resurrecting_column_change_with_an_old_version_stamps_one_local_version():
+    """A column change of a later life resurrects the row and wins in one merge: the sentinel
+    and the column take the same next local version, whatever version the sender gave."""
+    c = db()
+    c.executemany("INSERT INTO t VALUES (?, 0, 0)", [(n,) for n in range(1, 5)])  # versions 1-4
+    c.execute("DELETE FROM t WHERE a = 1")  # version 5, causal length 2
+    assert crdt.merge(c, [Change("t", PK1, "b", 8, 1, 2, REMOTE, 3, 0)]) == 2
+    assert [r for r in clocks(c) if r[4] == 3] == [("-1", 3, 6, REMOTE, 3), ("b", 1, 6, REMOTE, 3)]
+    assert crdt.db_version(c) == 6

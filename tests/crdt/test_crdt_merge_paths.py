@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import random
 
+import apsw
 import pytest
 
 import crdt
@@ -253,3 +254,15 @@ def test_a_merge_failing_while_triggers_are_off_turns_them_back_on(monkeypatch):
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
     conn.execute("INSERT INTO t VALUES (2, 'local', 'write')")
     assert [c.pk for c in crdt.changes_since(conn, 0)] == [crdt.pack_pk((2,))] * 2
+
+
+def test_a_large_merge_leaves_triggers_off_when_the_connection_had_them_off(monkeypatch):
+    """The trigger setting is the connection's own: a merge that runs quiet turns triggers back
+    on afterwards only if they were on before it."""
+    monkeypatch.setattr(merge_module, "QUIET_TRIGGERS_ROWS", 1)
+    conn = db(False, 1)
+    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+    batch = [Change("t", crdt.pack_pk((n,)), "b", n, 1, 1, SITES[0], 1, 0) for n in range(3)]
+    assert crdt.merge(conn, batch) == 3
+    assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 0
+    assert conn.execute("SELECT a, b FROM t ORDER BY a").fetchall() == [(0, 0), (1, 1), (2, 2)]
