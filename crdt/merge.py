@@ -170,12 +170,6 @@ class _Row:
         # base row as read from the db (False: unread)
         self.stored: tuple[Any, ...] | Literal[False] | None = False
 
-    def local_cl(self) -> int:
-        s = self.clocks.get(SENTINEL)
-        if s is not None:
-            return cast(int, s[_CV])
-        return 1 if self.clocks else 0
-
 
 class Merger:
     """Applies batches of changes to one connection. Create one per merge call."""
