@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from crdt_replicas import OursDb, Side, _norm
-from hypothesis import event, given, note, settings
+from hypothesis import Phase, event, example, given, note, settings
 from hypothesis import strategies as st
 from oracle import OracleError
 
@@ -312,3 +312,26 @@ def test_bad_keys_are_refused_by_both(oracle, a, b):
     finally:
         theirs.close()
         ours.close()
+
+
+PREPEND = "INSERT INTO items (id, body, pos) VALUES (?, ?, ?)"
+MOVE_AFTER = "UPDATE items_fractindex SET after_id = ? WHERE id = ?"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known divergence, found by hypothesis on 2026-12-05 and present before that stop: a "
+    "row prepended (pos -1) on one node, then moved after a row that node has not received, "
+    "keeps pos '-1' here where cr-sqlite computes 'Z~'; to fix",
+)
+@settings(phases=[Phase.explicit], deadline=None)
+@example(script=("flat", 3, False, [
+    ("write", 0, "prepend", PREPEND, [0, "a", -1]),
+    ("write", 2, "prepend", PREPEND, [12, "a", -1]),
+    ("write", 2, "move_after", MOVE_AFTER, [0, 12]),
+    ("sync", 2, 0),
+    ("sync", 0, 1),
+]))  # fmt: skip
+@given(script=scripts())
+def test_a_move_after_a_row_not_yet_received_matches_crsqlite(oracle, script):
+    run_script(oracle, script)
