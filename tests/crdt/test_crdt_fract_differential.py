@@ -15,6 +15,14 @@ not track updates of rows without a key (docs/crdt-compatibility.md, deviation 3
 clocks are those of a plain insert. Values, versions, causal lengths and sites still match, and in
 the ``alter`` variant -- ``crsql_begin_alter`` / ``crsql_commit_alter`` after ``as_ordered``, which
 recreates the CRR triggers so they fire first -- every column of ``crsql_changes`` is compared.
+
+And one upstream bug ends a script's comparison: cr-sqlite's fract triggers also fire on merged
+writes, so a row whose first merged column is an order key still at ``-1`` / ``1`` (kept by its
+origin, e.g. after a move behind a row it had not received) is rewritten, untracked, on the
+receiver: from then on cr-sqlite's replicas hold different keys under one clock, for good. Ours do
+nothing for merged writes (deviation 13) and stay equal. A sync where cr-sqlite's receiver ends
+with another value than its sender under the same clock is counted as an event, ours is checked to
+have kept the sender's value, and the rest of that script is not compared.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 
 import pytest
 from crdt_replicas import OursDb, Side, _norm
-from hypothesis import Phase, event, example, given, note, settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 from oracle import OracleError
 
@@ -177,6 +185,19 @@ def _sync(side: Side, src: int, dst: int, ours: bool) -> None:
     db.execute("COMMIT")
 
 
+def _clocked_values(side: Side, i: int) -> dict[tuple[Any, ...], Any]:
+    """Node ``i``'s changes as (table, pk, column, col_version, site) -> value."""
+    rows = side.dbs[i].execute("SELECT * FROM crsql_changes")
+    return {(t, pk, cid, cv, site): _norm(val) for t, pk, cid, val, cv, _, site, _, _ in rows}
+
+
+def _rewritten_on_merge(side: Side, src: int, dst: int) -> dict[tuple[Any, ...], Any]:
+    """Changes that ``dst`` holds under the same clock as ``src`` but with another value: what
+    cr-sqlite's fract triggers rewrite when they fire on a merged row."""
+    before, after = _clocked_values(side, src), _clocked_values(side, dst)
+    return {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
+
+
 def _snapshot(side: Side, i: int, full: bool) -> dict[str, Any]:
     db = side.dbs[i]
     changes = sorted(
@@ -223,6 +244,12 @@ def run_script(oracle: Any, script: tuple[str, int, bool, list[tuple[Any, ...]]]
                 _sync(ours, src, dst, True)
                 _sync(theirs, src, dst, False)
                 touched = dst
+                rewritten = _rewritten_on_merge(theirs, src, dst)
+                if rewritten:
+                    event("cr-sqlite rewrote a merged order key (upstream divergence)")
+                    note(f"step {step_no}: cr-sqlite rewrote {rewritten}")
+                    assert not _rewritten_on_merge(ours, src, dst)
+                    return
             a, b = _snapshot(ours, touched, alter), _snapshot(theirs, touched, alter)
             if a != b:
                 note(f"step {step_no}: {st_}")
@@ -318,20 +345,35 @@ PREPEND = "INSERT INTO items (id, body, pos) VALUES (?, ?, ?)"
 MOVE_AFTER = "UPDATE items_fractindex SET after_id = ? WHERE id = ?"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known divergence, found by hypothesis on 2026-12-05 and present before that stop: a "
-    "row prepended (pos -1) on one node, then moved after a row that node has not received, "
-    "keeps pos '-1' here where cr-sqlite computes 'Z~'; to fix",
-)
-@settings(phases=[Phase.explicit], deadline=None)
-@example(script=("flat", 3, False, [
-    ("write", 0, "prepend", PREPEND, [0, "a", -1]),
-    ("write", 2, "prepend", PREPEND, [12, "a", -1]),
-    ("write", 2, "move_after", MOVE_AFTER, [0, 12]),
-    ("sync", 2, 0),
-    ("sync", 0, 1),
-]))  # fmt: skip
-@given(script=scripts())
-def test_a_move_after_a_row_not_yet_received_matches_crsqlite(oracle, script):
-    run_script(oracle, script)
+def test_a_merged_order_key_still_at_minus_one_converges_where_crsqlite_diverges(oracle):
+    """Found by the random scripts: node 2 moves row 12 after row 0, which it has not received,
+    so row 12's key stays '-1' (both engines agree). cr-sqlite's prepend trigger fires again when
+    a replica merges that row with its key first, and rewrites it untracked to 'Z~': replicas
+    then differ under one clock, for good. Ours keep the merged value everywhere."""
+    ours = Side([OursDb(False) for _ in range(3)])
+    theirs = Side([oracle.open(f"fract{next(_names)}") for _ in range(3)])
+    try:
+        for side in (ours, theirs):
+            for db in side.dbs:
+                _setup(db, "flat", False)
+                side.sites.append(db.execute("SELECT crsql_site_id()")[0][0])
+            side.dbs[0].execute(PREPEND, [0, "a", -1])
+            side.dbs[2].execute(PREPEND, [12, "a", -1])
+            side.dbs[2].execute(MOVE_AFTER, [0, 12])
+        for src, dst in [(2, 0), (0, 1), (1, 0), (0, 2), (1, 2), (0, 1)]:
+            _sync(ours, src, dst, True)
+            _sync(theirs, src, dst, False)
+
+        def keys(side: Side) -> list[Any]:
+            return [db.execute("SELECT id, pos FROM items ORDER BY id") for db in side.dbs]
+
+        assert [list(map(tuple, k)) for k in keys(ours)] == [[(0, "a "), (12, "-1")]] * 3
+        theirs_keys = [list(map(tuple, k)) for k in keys(theirs)]
+        assert theirs_keys[2] == [(0, "a "), (12, "-1")]
+        assert theirs_keys[1] == [(0, "a "), (12, "Z~")]  # same clock, another value
+        assert _rewritten_on_merge(theirs, 2, 1) and not _rewritten_on_merge(ours, 2, 1)
+    finally:
+        for db in ours.dbs:
+            db.conn.close()
+        for db in theirs.dbs:
+            db.close()
