@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import json
@@ -40,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import apsw
 from _common import Report, parse_args
 
@@ -176,90 +178,165 @@ async def spread(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def apply_ratio(versions: int, rounds: int = 3) -> tuple[float, float, float]:
-    """Changes/s of the agent's apply path and of ``crdt.merge`` alone, the medians of
-    ``rounds`` rounds, each into fresh databases (the machine is shared: one round is noisy);
-    and the median ratio of their CPU times (merge's ÷ the agent's), which other processes on
-    the machine disturb less."""
+class FrameFeed:
+    """A peer's broadcast stream served from memory (``FrameStream.receive`` without the socket):
+    the frames in order, yielding to the event loop every ``burst`` frames, as a socket read
+    that returns that many frames' bytes at once does (~100 of these 400-byte frames fit the
+    64 KiB a read returns)."""
+
+    def __init__(self, frames: list[bytes], burst: int = 100) -> None:
+        self.frames, self.burst, self.at = frames, burst, 0
+
+    async def receive(self) -> bytes:
+        at = self.at
+        if at >= len(self.frames):
+            raise anyio.EndOfStream  # the peer closed the stream: the receive loop ends
+        self.at = at + 1
+        if at % self.burst == 0:
+            await anyio.lowlevel.checkpoint()
+        return self.frames[at]
+
+
+def apply_ratio(versions: int, rounds: int = 5) -> dict[str, float]:
+    """The agent's apply path and ``crdt.merge`` alone on the same changes, in alternating
+    rounds, each into fresh databases (the machine is shared: one round is noisy). Returns the
+    medians over the rounds of: each side's changes/s, and the ratios (merge's ÷ the agent's)
+    of their CPU times and of their wall times; and the same ratios for the store alone
+    (``decode_frame`` and ``Store.apply``/``install`` per 1,000 versions, no agent around it)."""
     with tempfile.TemporaryDirectory(prefix="apply-") as tmp:
         return _apply_ratio(Path(tmp), versions, rounds)
 
 
-def _apply_ratio(base: Path, versions: int, rounds: int) -> tuple[float, float, float]:
+def _merge_round(base: Path, changes: list[Any]) -> tuple[float, float]:
+    dst = crdt.connect(str(base / "plain.db"), wal=True)
+    dst.execute("PRAGMA synchronous = NORMAL")
+    dst.execute(SCHEMA)
+    dst.execute("SELECT crsql_as_crr('kv')")
+    gc.collect()
+    t, cpu = time.perf_counter(), time.process_time()
+    crdt.merge(dst, changes)
+    took = time.perf_counter() - t, time.process_time() - cpu
+    dst.close()
+    return took
+
+
+def _store_round(base: Path, frames: list[bytes]) -> tuple[float, float]:
+    store = Store(base / "store.db")
+    store.apply_schema(SCHEMA)
+    gc.collect()
+    t, cpu = time.perf_counter(), time.process_time()
+    decoded = [decode_frame(f)[1] for f in frames]
+    for i in range(0, len(decoded), 1000):
+        store.install(store.apply(decoded[i : i + 1000]))
+    took = time.perf_counter() - t, time.process_time() - cpu
+    store.close()
+    return took
+
+
+async def _agent_round(base: Path, frames: list[bytes], sender: bytes) -> tuple[float, float]:
+    """A fresh agent receives ``frames`` on a broadcast stream of ``sender``'s: the stream's
+    receive loop (``PeerStreams``, ``Replicator.handle_frame``), the apply loop (batches applied
+    in a worker thread, installed on the event loop), until every version is applied. CPU time
+    is every thread's (the worker's too), and the agent's own background work is in it."""
+    async with Agent(config(base, "agent", [])) as agent:
+        assert agent.peers is not None
+        target = agent.events.applied_versions + len(frames)
+        gc.collect()
+        t, cpu = time.perf_counter(), time.process_time()
+        with contextlib.suppress(anyio.EndOfStream):
+            await agent.peers._receive_broadcasts(FrameFeed(frames), "bench", sender)  # type: ignore[arg-type]
+        while agent.events.applied_versions < target:
+            await agent.wait_applied()
+        return time.perf_counter() - t, time.process_time() - cpu
+
+
+def _apply_ratio(base: Path, versions: int, rounds: int) -> dict[str, float]:
     src = Store(base / "src.db")
     src.apply_schema(SCHEMA)
+    ts = int(time.time() * 1000) << 16  # an HLC timestamp of now: the agent's clock accepts it
     for i in range(versions):
         _, commit = src.execute_local(
             [
                 ("INSERT INTO kv (k, v, n) VALUES (?, ?, ?)", (f"k{i}-{j}", "x" * 20, j))
                 for j in range(10)
             ],
-            ts=i,
+            ts=ts + i,
         )
         src.install(commit)  # booked before the next transaction numbers its version
     items = list(src.serve(src.actor_id, RangeSet([(1, versions)]), max_versions=versions))
+    sender = src.actor_id
     src.close()
     frames = [encode(x) for x in items]
     changes = [c for x in items for c in x.changes]
     # The setup's objects (tens of thousands of Changes, all alive) would make the collector's
-    # first full pass land inside the first timed round, on whichever side allocates outside a
-    # pause (the agent's decoding: crdt.merge pauses it): collect them here, untimed.
-    gc.collect()
-    agent_rates, plain_rates, cpu_ratios = [], [], []
+    # first full pass land inside the first timed round: each round collects first, untimed.
+    sides: dict[str, list[tuple[float, float]]] = {"merge": [], "store": [], "agent": []}
     for r in range(rounds):
-        dst = crdt.connect(str(base / f"plain{r}.db"), wal=True)
-        dst.execute("PRAGMA synchronous = NORMAL")
-        dst.execute(SCHEMA)
-        dst.execute("SELECT crsql_as_crr('kv')")
-        t, cpu = time.perf_counter(), time.process_time()
-        crdt.merge(dst, changes)
-        plain_rates.append(len(changes) / (time.perf_counter() - t))
-        plain_cpu = time.process_time() - cpu
-        dst.close()
+        order = ("merge", "store", "agent") if r % 2 == 0 else ("agent", "store", "merge")
+        for side in order:
+            where = base / f"{side}{r}"
+            where.mkdir()
+            if side == "merge":
+                sides[side].append(_merge_round(where, changes))
+            elif side == "store":
+                sides[side].append(_store_round(where, frames))
+            else:
+                sides[side].append(anyio.run(_agent_round, where, frames, sender))
+            shutil.rmtree(where, ignore_errors=True)
 
-        store = Store(base / f"agent{r}.db")
-        store.apply_schema(SCHEMA)
-        t, cpu = time.perf_counter(), time.process_time()
-        decoded = [decode_frame(f)[1] for f in frames]
-        for i in range(0, len(decoded), 1000):
-            store.install(store.apply(decoded[i : i + 1000]))
-        agent_rates.append(len(changes) / (time.perf_counter() - t))
-        cpu_ratios.append(plain_cpu / (time.process_time() - cpu))
-        store.close()
-    return (
-        statistics.median(agent_rates),
-        statistics.median(plain_rates),
-        statistics.median(cpu_ratios),
-    )
+    def ratio(side: str, i: int) -> float:
+        return statistics.median(
+            m[i] / x[i] for m, x in zip(sides["merge"], sides[side], strict=True)
+        )
+
+    n = len(changes)
+    return {
+        "agent_changes_per_s": n / statistics.median(x[0] for x in sides["agent"]),
+        "merge_changes_per_s": n / statistics.median(x[0] for x in sides["merge"]),
+        "cpu_ratio": ratio("agent", 1),
+        "wall_ratio": ratio("agent", 0),
+        "store_cpu_ratio": ratio("store", 1),
+        "store_wall_ratio": ratio("store", 0),
+        "agent_cpu_ms": statistics.median(x[1] for x in sides["agent"]) * 1e3,
+        "merge_cpu_ms": statistics.median(x[1] for x in sides["merge"]) * 1e3,
+    }
 
 
-async def query_ratio(rows: int, rounds: int = 3) -> tuple[float, float, float, float]:
-    """Rows/s of ``/v1/queries`` and of a direct read of the same query, the medians of
-    ``rounds`` reads each; and the CPU seconds per row of the agent's process (every thread)
-    while it answers, and of the direct read."""
+async def query_ratio(rows: int, rounds: int = 5) -> dict[str, float]:
+    """``/v1/queries`` and a direct read of the same query, in alternating rounds; the medians
+    over the rounds of: each side's rows/s, the ratio of the rates (HTTP's ÷ the direct
+    read's: each round's own), and of the CPU seconds (the direct read's ÷ the agent process's,
+    every thread of it, while it answers); and each side's CPU per row."""
     with tempfile.TemporaryDirectory(prefix="query-") as tmp:
         return await _query_ratio(Path(tmp), rows, rounds)
 
 
-# The client runs in its own process, so its parsing does not slow the server down. The timer
-# starts after ``httpx.Client()`` is made: making one builds an SSL context (~0.1 s, as long as
-# streaming 100k rows), which is no part of the query.
+# The client runs in its own process, so its parsing does not slow the server down. It makes
+# its ``httpx.Client`` first (that builds an SSL context, ~0.1 s, as long as streaming 100k
+# rows: no part of the query), says ``ready``, then reads one query per line it is sent and
+# answers each with ``[rows, seconds]``.
 QUERY_CLIENT = """
 import httpx, json, sys, time
-url, sql, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-out = []
+url, sql = sys.argv[1], sys.argv[2]
 with httpx.Client(timeout=120) as client:
-    for _ in range(rounds):
+    print("ready", flush=True)
+    for _ in sys.stdin:
         t = time.perf_counter(); n = 0
         with client.stream("POST", url, json=sql) as r:
             for chunk in r.iter_bytes():
                 n += chunk.count(b"\\n")
-        out.append([n - 2, time.perf_counter() - t])  # less the columns and eoq lines
-print(json.dumps(out))
+        print(json.dumps([n - 2, time.perf_counter() - t]), flush=True)  # less columns, eoq
 """
 
 
-async def _query_ratio(base: Path, rows: int, rounds: int) -> tuple[float, float, float, float]:
+async def _line(stream: Any) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        line += await stream.receive(1)
+    return line
+
+
+async def _query_ratio(base: Path, rows: int, rounds: int) -> dict[str, float]:
     async with Agent(config(base, "q", [], api=True)) as agent:
         for i in range(0, rows, 5000):
             await agent.execute(
@@ -273,31 +350,37 @@ async def _query_ratio(base: Path, rows: int, rounds: int) -> tuple[float, float
             )
         sql = "SELECT k, v, n FROM kv"
         conn = apsw.Connection(str(agent.config.db.path), flags=apsw.SQLITE_OPEN_READONLY)
-        direct = []
-        cpu = time.process_time()
-        for _ in range(rounds):
-            t = time.perf_counter()
-            direct.append(len(conn.execute(sql).fetchall()) / (time.perf_counter() - t))
-        direct_cpu = (time.process_time() - cpu) / (rows * rounds)
-        conn.close()
         host, port = agent.api_addrs[0]
-        cpu = time.process_time()
-        out = await anyio.run_process(
-            [
-                sys.executable,
-                "-c",
-                QUERY_CLIENT,
-                f"http://{host}:{port}/v1/queries",
-                sql,
-                str(rounds),
-            ]
-        )
-        server_cpu = (time.process_time() - cpu) / (rows * rounds)
-        http = []
-        for got, elapsed in json.loads(out.stdout):
-            assert got == rows, got
-            http.append(got / elapsed)
-        return statistics.median(http), statistics.median(direct), server_cpu, direct_cpu
+        direct: list[tuple[float, float]] = []  # (seconds, CPU seconds) per round
+        http: list[tuple[float, float]] = []
+        async with await anyio.open_process(
+            [sys.executable, "-c", QUERY_CLIENT, f"http://{host}:{port}/v1/queries", sql]
+        ) as client:
+            with anyio.fail_after(60):
+                assert await _line(client.stdout) == b"ready\n"
+            for _ in range(rounds):
+                gc.collect()
+                t, cpu = time.perf_counter(), time.process_time()
+                assert len(conn.execute(sql).fetchall()) == rows
+                direct.append((time.perf_counter() - t, time.process_time() - cpu))
+                gc.collect()
+                cpu = time.process_time()
+                await client.stdin.send(b"go\n")
+                with anyio.fail_after(120):
+                    got, elapsed = json.loads(await _line(client.stdout))
+                http.append((elapsed, time.process_time() - cpu))
+                assert got == rows, got
+            await client.stdin.aclose()
+        conn.close()
+        med = statistics.median
+        return {
+            "http_rows_per_s": rows / med(x[0] for x in http),
+            "direct_rows_per_s": rows / med(x[0] for x in direct),
+            "ratio": med(d[0] / h[0] for d, h in zip(direct, http, strict=True)),
+            "cpu_ratio": med(d[1] / h[1] for d, h in zip(direct, http, strict=True)),
+            "server_cpu_per_row": med(x[1] for x in http) / rows,
+            "direct_cpu_per_row": med(x[1] for x in direct) / rows,
+        }
 
 
 # One kept-alive connection (httpx.Client keeps it in its pool), requests one after another.
@@ -461,18 +544,23 @@ async def spread_report(args: Any, report: Report) -> None:
 
 
 def throughput_report(args: Any, report: Report) -> None:
-    agent_rate, plain_rate, cpu_ratio = apply_ratio(300 if args.quick else 2000)
+    got = apply_ratio(300 if args.quick else 2000)
     report.metric(
         "agent_apply_ratio",
-        agent_rate / plain_rate,
+        got["cpu_ratio"],
         "x",
-        "target >= 0.85; crdt.merge alone",
-        agent_changes_per_s=round(agent_rate),
-        merge_changes_per_s=round(plain_rate),
-        cpu_ratio=round(cpu_ratio, 3),
+        "target >= 0.85 (CPU); crdt.merge alone",
+        load=round(os.getloadavg()[0], 2),
+        wall_ratio=round(got["wall_ratio"], 3),
+        agent_changes_per_s=round(got["agent_changes_per_s"]),
+        merge_changes_per_s=round(got["merge_changes_per_s"]),
+        agent_cpu_ms=round(got["agent_cpu_ms"], 1),
+        merge_cpu_ms=round(got["merge_cpu_ms"], 1),
+        store_cpu_ratio=round(got["store_cpu_ratio"], 3),
+        store_wall_ratio=round(got["store_wall_ratio"], 3),
     )
     for suffix, backend, options in event_loops():
-        http, direct, server_cpu, direct_cpu = anyio.run(
+        got = anyio.run(
             query_ratio,
             20_000 if args.quick else 100_000,
             backend=backend,
@@ -480,14 +568,16 @@ def throughput_report(args: Any, report: Report) -> None:
         )
         report.metric(
             f"query_ratio{suffix}",
-            http / direct,
+            got["ratio"],
             "x",
             "target >= 0.5; direct SQLite read (apsw)",
             loop=suffix.lstrip("_") or "asyncio",
-            http_rows_per_s=round(http),
-            direct_rows_per_s=round(direct),
-            server_cpu_us_per_row=round(server_cpu * 1e6, 3),
-            direct_cpu_us_per_row=round(direct_cpu * 1e6, 3),
+            load=round(os.getloadavg()[0], 2),
+            cpu_ratio=round(got["cpu_ratio"], 3),
+            http_rows_per_s=round(got["http_rows_per_s"]),
+            direct_rows_per_s=round(got["direct_rows_per_s"]),
+            server_cpu_us_per_row=round(got["server_cpu_per_row"] * 1e6, 3),
+            direct_cpu_us_per_row=round(got["direct_cpu_per_row"] * 1e6, 3),
         )
 
 

@@ -175,12 +175,39 @@ _CHANGESET_STARTS = (b"\x9a\x01", b"\x9b\x01")
 def decode_frame(data: bytes) -> tuple[int, Any]:
     """Decode one frame into ``(kind, payload)``; payload is a Changeset, EmptyVersions, or the
     list of fields of a control frame."""
-    # a changeset's arrays (most of the traffic) unpack as tuples: half the cost of lists
+    return frame_of(unpack_frame(data))
+
+
+def unpack_frame(data: bytes) -> Any:
+    """A frame's msgpack, unchecked (``frame_of`` checks it); raises FrameError if it is not
+    msgpack. A changeset's arrays (most of the traffic) unpack as tuples: half the cost of
+    lists."""
     as_tuples = data[:2] in _CHANGESET_STARTS
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=not as_tuples)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=not as_tuples)
     except MSGPACK_ERRORS as exc:
         raise FrameError(f"not msgpack: {exc}") from None
+
+
+def changeset_header(obj: Any) -> tuple[bytes, int, int, int] | None:
+    """``peek_changeset`` of an unpacked frame: its changes are unpacked but not built, so a
+    duplicate is dropped at the cost of the unpacking alone."""
+    if (
+        type(obj) in _ARRAY_TYPES
+        and len(obj) >= 10
+        and obj[0] == K_CHANGESET
+        and obj[1] == WIRE_VERSION
+        and type(obj[2]) is bytes
+        and type(obj[3]) is int
+        and type(obj[4]) is int
+        and type(obj[5]) is int
+    ):
+        return obj[2], obj[3], obj[4], obj[5]
+    return None
+
+
+def frame_of(obj: Any) -> tuple[int, Any]:
+    """``decode_frame`` of an unpacked frame (``unpack_frame``)."""
     if not isinstance(obj, list | tuple) or len(obj) < 2:
         raise FrameError("frame must be an array with a kind and a wire version")
     kind, wire = obj[0], obj[1]

@@ -72,6 +72,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -95,11 +96,13 @@ from .changeset import (
     Changeset,
     EmptyVersions,
     FrameError,
+    changeset_header,
     chunk_version,
     decode_frame,
     encode,
     encode_control,
-    peek_changeset,
+    frame_of,
+    unpack_frame,
     without_trailing,
 )
 from .hlc import HybridClock
@@ -468,14 +471,15 @@ class Replicator:
         plumtree = self.plumtree
         if plumtree is not None and sender is None and src is not None:
             sender = self._actor_at.get(src)
-        header = peek_changeset(data)
-        if header is not None and self._is_duplicate(*header):
-            self.stats.duplicates += 1
-            if plumtree is not None:
-                return self._plumtree_out(plumtree.on_duplicate(sender, header))
-            return []
         try:
-            kind, item = decode_frame(data)
+            obj = unpack_frame(data)
+            header = changeset_header(obj)
+            if header is not None and self._is_duplicate(*header):
+                self.stats.duplicates += 1
+                if plumtree is not None:
+                    return self._plumtree_out(plumtree.on_duplicate(sender, header))
+                return []
+            kind, item = frame_of(obj)
         except FrameError:
             self.stats.malformed += 1
             return []
@@ -486,17 +490,20 @@ class Replicator:
         if kind not in (K_CHANGESET, K_EMPTY):
             self.stats.malformed += 1
             return []
-        if not self._enqueue(item, relay=True):
+        # a changeset was checked for a duplicate above, against the same state
+        if not self._enqueue(item, relay=True, checked=header is not None):
             return []
         if kind == K_CHANGESET and plumtree is not None:
             mid = (item.actor, item.version, item.seqs[0], item.seqs[1])
             return self._plumtree_out(plumtree.on_message(sender, mid, data, now))
         if kind == K_CHANGESET and self.config.broadcast:
+            self.stats.relayed += 1
+            if not self.peers:
+                return []  # no one to relay to
             exclude = {item.actor, self.actor}
             for peer in self.peers.values():
                 if peer.addr == src:
                     exclude.add(peer.actor)
-            self.stats.relayed += 1
             rounds = self.config.relay_rounds
             return self._broadcast([data], exclude=exclude, rounds=rounds, now=now)
         return []
@@ -562,22 +569,15 @@ class Replicator:
         partial = booked.partials.get(version)
         return partial is not None and partial.seqs.covers(start, end)
 
-    def _enqueue(self, item: Changeset | EmptyVersions, relay: bool) -> bool:
+    def _enqueue(self, item: Changeset | EmptyVersions, relay: bool, checked: bool = False) -> bool:
+        """Queue ``item`` for apply unless it is a duplicate (``checked``: ``_is_duplicate``
+        just said it is not) or the queue is full."""
         if item.actor == self.actor:
             self.stats.duplicates += 1
             return False
         if isinstance(item, Changeset):
             key = (item.actor, item.version, item.seqs[0], item.seqs[1])
-            booked = self.store.bookie.actors.get(item.actor)
-            if booked is not None:
-                if item.version in booked.held:
-                    self.stats.duplicates += 1
-                    return False
-                partial = booked.partials.get(item.version)
-                if partial is not None and partial.seqs.covers(*item.seqs):
-                    self.stats.duplicates += 1
-                    return False
-            if key in self._queued_keys:
+            if not checked and self._is_duplicate(*key):
                 self.stats.duplicates += 1
                 return False
             if not self.hlc.observe(item.ts):
@@ -626,13 +626,15 @@ class Replicator:
     ) -> None:
         """The loop half (O3): book what ``apply_batch`` did with ``items`` (None: it failed,
         nothing to book), forget them as queued, count them, and digest the versions booked."""
+        queued = self._queued_keys
         for it in items:
             if isinstance(it, Changeset):
-                self._queued_keys.discard((it.actor, it.version, it.seqs[0], it.seqs[1]))
+                queued.discard((it.actor, it.version, *it.seqs))
         if result is None:
             return
         self.store.install(result)
-        for actor, _version in result.applied + result.kept:
+        # once per actor, in order (dict keys: no set iteration on this path)
+        for actor in dict.fromkeys(actor for actor, _version in chain(result.applied, result.kept)):
             self.note_booked(actor, now)
         self.stats.duplicates += result.duplicates
         self.stats.rejected_changesets += len(result.rejected)

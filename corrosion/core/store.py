@@ -171,6 +171,7 @@ class ApplyResult:
     changes_applied: int = 0  # rows impacted in the CRR tables
     # the changes of the applied versions (plain tuples as received, or Changes)
     changes: list[ChangeRow] = field(default_factory=list)
+    tables: set[str] = field(default_factory=set)  # the tables they name, or more (never fewer)
     # versions kept until this node has their schema, and what they wait for
     kept: list[tuple[bytes, int]] = field(default_factory=list)
     kept_missing: PendingSummary = field(default_factory=PendingSummary)
@@ -580,6 +581,7 @@ class Store:
                 complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
             # the tables the changes name, in one pass of C (for the schema checks below)
             tables = set(map(_TABLE_OF, chain.from_iterable(e[2] for e in complete)))
+            result.tables = tables
             if complete:
                 complete = self._keep_unknown_schema(complete, tables, booked, result)
             if isolate:

@@ -415,15 +415,15 @@ class AgentRuntime:
                     self._applied = anyio.Event()
 
     def _count_applied(self, result: ApplyResult) -> None:
-        self.telemetry.committed(result.changes, "remote", self.subscriptions.by_id.values())
+        self.telemetry.committed(
+            result.changes, "remote", self.subscriptions.by_id.values(), result.tables
+        )
 
     def _record_lag(self, batch: Sequence[Any], result: ApplyResult) -> None:
         stamps = {(it.actor, it.version): it.ts for it in batch if isinstance(it, Changeset)}
-        wall = time.time()
-        for key in result.applied:
-            ts = stamps.get(key)
-            if ts is not None:
-                self.lag.record(wall, ts, key[0])
+        self.lag.record_many(
+            time.time(), [(stamps[key], key[0]) for key in result.applied if key in stamps]
+        )
 
     def p99_lag(self) -> float:
         """Seconds between a version's commit at its origin and its apply here (p99, 120 s)."""

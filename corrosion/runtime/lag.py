@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 
 from ..core.hlc import COUNTER_BITS
 from .telemetry import Histogram
@@ -28,11 +29,31 @@ class LagWindow:
     def record(self, now_s: float, hlc_ts: int, origin: bytes | None = None) -> None:
         """A version stamped ``hlc_ts`` at its origin (actor ``origin``) was applied here at
         ``now_s``."""
-        lag = max(0.0, now_s - (hlc_ts >> COUNTER_BITS) / 1000.0)
-        self._samples.append((now_s, lag))
-        self.histogram.observe(lag)
-        if origin is not None:
-            self.by_origin.setdefault(origin, Histogram()).observe(lag)
+        self.record_many(now_s, [(hlc_ts, origin)])
+
+    def record_many(self, now_s: float, stamps: Iterable[tuple[int, bytes | None]]) -> None:
+        """``record`` for each ``(hlc_ts, origin)`` of versions applied together at ``now_s``
+        (an apply batch: one call, not one per version)."""
+        samples, by_origin = self._samples, self.by_origin
+        lags: list[float] = []
+        origin_lags: dict[bytes, list[float]] = {}
+        last_origin, last_lags = None, lags  # a batch's versions mostly share their origin
+        for hlc_ts, origin in stamps:
+            lag = now_s - (hlc_ts >> COUNTER_BITS) / 1000.0
+            if lag < 0.0:
+                lag = 0.0
+            samples.append((now_s, lag))
+            lags.append(lag)
+            if origin is not None:
+                if origin != last_origin:
+                    last_origin, last_lags = origin, origin_lags.setdefault(origin, [])
+                last_lags.append(lag)
+        self.histogram.observe_many(lags)
+        for origin, values in origin_lags.items():
+            histogram = by_origin.get(origin)
+            if histogram is None:
+                histogram = by_origin[origin] = Histogram()
+            histogram.observe_many(values)
 
     def p99(self, now_s: float) -> float:
         """Seconds; 0.0 when nothing was applied within the window."""

@@ -169,13 +169,15 @@ class AgentSpans:
     ) -> None:
         """Chunks just queued for apply (``replicator.queue`` items): remember when and from
         whom the traced ones came."""
-        if not tracing.enabled():
-            return
-        now = time.time_ns()
+        now = 0
         for q in items:
             item = q.item
             if not isinstance(item, Changeset) or item.trace is None:
                 continue
+            if not now:  # only now: asking whether tracing is on costs more than this loop
+                if not tracing.enabled():
+                    return
+                now = time.time_ns()
             if len(self._arrivals) >= MAX_TRACKED:
                 return
             span = session.carried(item.trace) if session is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -34,6 +34,13 @@ class Histogram:
         self._counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        counts, bounds = self._counts, self.bounds
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1
+        self.count += len(values)
+        self.sum += sum(values)
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations <= it)`` for every bound, then ``(inf, count)``."""
@@ -76,8 +83,19 @@ class Telemetry:
         self.changes_committed: Counter[tuple[str, str]] = Counter()
         self.subs_matched: Counter[tuple[str, str]] = Counter()
 
-    def committed(self, changes: Iterable[Any], source: str, subscriptions: Iterable[Any]) -> None:
-        by_table = Counter(map(_TABLE_OF, changes))  # Changes or plain tuples (crdt.ChangeRow)
+    def committed(
+        self,
+        changes: Sequence[Any],
+        source: str,
+        subscriptions: Iterable[Any],
+        tables: Collection[str] = (),
+    ) -> None:
+        """``tables``: the tables ``changes`` name, when known (an apply batch's): when that is
+        one table, nothing is counted change by change."""
+        if len(tables) == 1:
+            by_table = Counter(dict.fromkeys(tables, len(changes))) if changes else Counter()
+        else:  # Changes or plain tuples (crdt.ChangeRow)
+            by_table = Counter(map(_TABLE_OF, changes))
         if not by_table:
             return
         for table, n in by_table.items():
