@@ -242,7 +242,7 @@ class Stats:
     changes_applied: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Queued:
     item: Changeset | EmptyVersions
     relay: bool

@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from crdt.gcpause import gc_paused
+
 
 def json_cell(v: Any) -> Any:
     """A cell as JSON can hold it: blobs as byte arrays, non-finite reals as strings."""
@@ -54,14 +56,21 @@ def row_json(row: Sequence[Any]) -> str:
     return text
 
 
+_PAIR_END = b"]],["  # where one ``[rowid, cells]`` pair ends and the next begins
+_LINE_BREAK = b']]}\n{"row":['
+_GROWTH = len(_LINE_BREAK) - len(_PAIR_END)
+
+
 def _batch_lines(rows: Sequence[Sequence[Any]], after: int) -> bytes | None:
     """The lines of ``rows`` from one ``orjson.dumps`` of ``[[rowid, cells], ...]``, cut where
     one pair ends and the next begins (``]],[``: structurally only there, as a blob is the only
-    array in a row); None when some text holds that sequence too (then it cannot tell)."""
-    body = orjson.dumps(list(enumerate(rows, after + 1)), default=_blob_as_array)
-    if body.count(b"]],[") != len(rows) - 1:
+    array in a row); None when some text holds that sequence too (then it cannot tell: the
+    replacement's growth says how many it replaced, without a pass to count them)."""
+    with gc_paused():  # thousands of pairs, no cycles: no collection passes over the rows
+        body = orjson.dumps(list(enumerate(rows, after + 1)), default=_blob_as_array)
+    lines = body.replace(_PAIR_END, _LINE_BREAK)
+    if len(lines) - len(body) != _GROWTH * (len(rows) - 1):
         return None
-    lines = body.replace(b"]],[", b']]}\n{"row":[')
     return b"".join((b'{"row":', memoryview(lines)[1:-1], b"}\n"))  # one copy, not two
 
 
