@@ -33,6 +33,7 @@ from corrosion.core.changeset import (
     FrameError,
     _checked_changeset,
     _decode_changeset,
+    changeset_header,
     chunk_version,
     decode_frame,
     encode,
@@ -41,6 +42,7 @@ from corrosion.core.changeset import (
     encode_empty,
     peek_changeset,
     trace_of,
+    unpack_frame,
     versions_to_ranges,
     without_trailing,
 )
@@ -513,6 +515,21 @@ def test_peek_reads_the_identity_of_a_chunk():
 )
 def test_peek_at_anything_but_a_changeset_is_none(data):
     assert peek_changeset(data) is None
+    try:  # the replicator reads the header from the unpacked frame: it says the same
+        unpacked = unpack_frame(data)
+    except FrameError:
+        return  # not msgpack (truncated, empty): dropped as malformed before any header
+    assert changeset_header(unpacked) is None
+
+
+def test_the_header_of_an_unpacked_frame_is_what_peek_reads():
+    for cs in (
+        changeset(version=9, seqs=(3, 5), last_seq=8, changes=(change(4),)),
+        changeset(trace=TRACE),
+    ):
+        data = encode_changeset(cs)
+        assert changeset_header(unpack_frame(data)) == peek_changeset(data)
+        assert changeset_header(unpack_frame(data)) == (ACTOR, cs.version, *cs.seqs)
 
 
 # ---- chunking -------------------------------------------------------------------------------
