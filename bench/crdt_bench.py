@@ -54,7 +54,6 @@ def best_of(n: int, fn) -> float:
 # no lookups beyond the key's, no function calls. What our triggers cost above it is theirs.
 FLOOR_TRIGGERS = (
     'DROP TRIGGER "t__crsql_itrig"',
-    'DROP TRIGGER "t__crsql_itrig_again"',
     'DROP TRIGGER "t__crsql_utrig_c"',
     """CREATE TRIGGER floor_insert AFTER INSERT ON t BEGIN
   INSERT INTO t__crsql_pks (a) VALUES (NEW.a);
