@@ -105,7 +105,7 @@ def _sentinel_upsert(info: TableInfo, src: str, where: str, initial: int, bump: 
 _NEXT_ODD = "CASE col_version % 2 WHEN 0 THEN col_version + 1 ELSE col_version + 2 END"
 
 
-def _create_record(info: TableInfo, src: str, where: str = "") -> list[str]:
+def _create_record(info: TableInfo, src: str, where: str) -> list[str]:
     """mark_locally_created: sentinel cl 1, or bump to the next odd cl."""
     return _sentinel_upsert(info, src, where, 1, _NEXT_ODD)
 
@@ -262,17 +262,14 @@ def _trigger(
     suffix: str,
     event: str,
     body: list[str],
-    when: str = "",
     of: list[str] | None = None,
-    guard: str = f"{GUARD} = 1",
 ) -> str:
     name = ident(f"{info.name}__crsql_{suffix}")
     stmts = "\n  ".join(body)
     event_sql = f"{event} OF {idents(of)}" if of else event
-    cond = _and(guard, when)
     return (
         f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event_sql} ON {info.quoted} "
-        f"WHEN {cond} BEGIN\n  {stmts}\nEND"
+        f"WHEN {GUARD} = 1 BEGIN\n  {stmts}\nEND"
     )
 
 

@@ -98,6 +98,21 @@ SCRIPTS = {
         "COMMIT",
         "INSERT INTO t VALUES (3, 'after', 6)",
     ],
+    # a pk-only re-insert takes one seq: the writes after it in the transaction show how many
+    "pk-only table re-inserted inside a transaction": [
+        "CREATE TABLE p (a TEXT PRIMARY KEY NOT NULL)",
+        "CREATE TABLE t (a INTEGER PRIMARY KEY NOT NULL, b)",
+        "SELECT crsql_as_crr('p')",
+        "SELECT crsql_as_crr('t')",
+        "INSERT INTO p VALUES ('x')",
+        "BEGIN",
+        "DELETE FROM p",
+        "INSERT INTO p VALUES ('x')",
+        "INSERT INTO t VALUES (1, 'after')",
+        "INSERT OR REPLACE INTO p VALUES ('x')",
+        "INSERT INTO t VALUES (2, 'later')",
+        "COMMIT",
+    ],
     "pk-only table deleted and re-inserted twice": [
         "CREATE TABLE p (a TEXT PRIMARY KEY NOT NULL)",
         "SELECT crsql_as_crr('p')",
