@@ -10,6 +10,8 @@
   ``merge_into_existing_changes_per_s``: into a replica holding older versions of the same rows.
 * ``changes_since_rows_per_s``: reading every change with ``crdt.changes_since``.
 
+``--local-writes`` measures only the four ``crr_*`` metrics (no merges, no cr-sqlite run).
+
 When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
 the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours. Both sides measure
 CPU time of the process, not wall time (see ``timed``).
@@ -54,7 +56,6 @@ def best_of(n: int, fn) -> float:
 # no lookups beyond the key's, no function calls. What our triggers cost above it is theirs.
 FLOOR_TRIGGERS = (
     'DROP TRIGGER "t__crsql_itrig"',
-    'DROP TRIGGER "t__crsql_itrig_again"',
     'DROP TRIGGER "t__crsql_utrig_c"',
     """CREATE TRIGGER floor_insert AFTER INSERT ON t BEGIN
   INSERT INTO t__crsql_pks (a) VALUES (NEW.a);
@@ -190,15 +191,22 @@ def reference(n: int, rows: int) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _local_writes_option(p) -> None:
+    p.add_argument(
+        "--local-writes",
+        action="store_true",
+        help="only the crr_* insert/update metrics and their floors (no merges, no cr-sqlite)",
+    )
+
+
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0])
+    args = parse_args(__doc__.split("\n")[0], _local_writes_option)
     report = Report(args.json)
     n = 20_000 if args.quick else 100_000
     rows = n // 10
     repeats = 2 if args.quick else 3
-    ref = reference(n, rows)
+    ref = None if args.local_writes else reference(n, rows)
     iu = insert_update(n, repeats)
-    m = merges(rows, repeats)
     ref_note = (lambda k: {"crsqlite": round(ref[k], 2)}) if ref else (lambda k: {})
     report.metric(
         "crr_insert_ratio",
@@ -232,6 +240,9 @@ def main() -> None:
         "plain sqlite update; the layout's B-tree writes alone (constant triggers)",
         rows=n,
     )
+    if args.local_writes:
+        return
+    m = merges(rows, repeats)
     report.metric(
         "merge_changes_per_s",
         m["merge_fresh"],

@@ -165,12 +165,7 @@ def _register(conn: Connection, state: CrrState) -> None:
     f("crsql_next_db_version", state.next_db_version, 1)
     f("crsql_increment_and_get_seq", state.bump_seq, 0)
     f("crsql_get_seq", lambda: state.seq, 0)
-
-    def advance_seq(n: int) -> int:
-        state.seq += n
-        return state.seq
-
-    f("crsql_internal_advance_seq", advance_seq, 1)
+    f("crsql_internal_take_seqs", state.take_seqs, 1)
     f("crsql_rows_impacted", lambda: state.rows_impacted, 0)
     f("crsql_pack_columns", pack_columns, -1, deterministic=True)
 

@@ -121,6 +121,12 @@ class CrrState:
         self.seq = s + 1
         return s
 
+    def take_seqs(self, n: int) -> int:
+        """Reserve ``n`` consecutive seqs (a row's column clocks); return the first."""
+        s = self.seq
+        self.seq = s + n
+        return s
+
     # -- transaction hooks ---------------------------------------------------------------
 
     def on_commit(self) -> bool:

@@ -2,22 +2,25 @@
 
 cr-sqlite's triggers call into C (``crsql_after_insert`` ...), which then runs the clock statements.
 Ours are the clock statements themselves, written in SQL, so a local write costs no Python beyond
-the small state functions (``crsql_next_db_version()``, ``crsql_increment_and_get_seq()``,
-``crsql_internal_sync_bit()``). The statements are the ones cr-sqlite runs, in the same order, so
-that seqs and versions come out identical.
+the small state functions (``crsql_next_db_version()``, ``crsql_internal_take_seqs(n)``,
+``crsql_internal_local_write()``). The statements write what cr-sqlite writes, so that seqs and
+versions come out identical.
 
 Why the version and seq stay in Python: a call costs ~0.15 us, and keeping them in a table that
 every row reads and writes instead costs as much (on the 100k-row bench, inserts 5% slower and
 single-column updates 5% faster, before anything empties the table when a transaction ends,
 which SQLite offers no hook for: a commit hook may not run SQL). What a local write costs
 is the B-tree writes (lookaside row and index entry, one clock row and one version-index entry
-per column) and running each trigger's sub-program, whose frame SQLite sets up per row.
+per column) and running each trigger's sub-program, whose frame SQLite sets up per row; every
+write statement in a body costs its cursors even when its WHERE is false (~7k instructions in
+callgrind, as much as a call), so the insert's body has as few as its two paths allow.
 
 INSERT (``after_insert``)
     pk-only table: create or revive the sentinel (cl 1, or the next odd cl).
     Otherwise: if the pk tuple was seen before (re-insert after delete, INSERT OR REPLACE), take
     one seq and bump an existing sentinel to the next odd cl (the seq is taken even when there is
-    no sentinel); then every non-pk column gets col_version 1, or +1 if it has a clock.
+    no sentinel); then every non-pk column gets col_version 1, or +1 if it has a clock. A row's
+    column clocks take consecutive seqs from one ``crsql_internal_take_seqs(n)`` call.
 UPDATE (``after_update``)
     Always advance the pending db_version (so a no-op UPDATE still moves it, as upstream).
     If any pk value changed: the old key gets a delete record (cl +1, or 2), its column clocks move
@@ -68,10 +71,10 @@ def _changed(col: str) -> str:
     return f"(NEW.{c} IS NOT OLD.{c} COLLATE BINARY OR typeof(NEW.{c}) IS NOT typeof(OLD.{c}))"
 
 
-# Every statement below is conflict-free (UPDATE what exists, INSERT ... WHERE NOT EXISTS), never
-# an upsert or OR IGNORE: inside a trigger, SQLite replaces a body statement's conflict policy with
-# the outer statement's (an ``INSERT OR REPLACE INTO t`` would turn the lookaside's OR IGNORE into
-# REPLACE and mint a new key), so the triggers must not depend on one.
+# No statement below has an OR clause: inside a trigger, SQLite replaces a body statement's
+# conflict policy with the outer statement's (an ``INSERT OR REPLACE INTO t`` would turn the
+# lookaside's OR IGNORE into REPLACE and mint a new key). An upsert's ``ON CONFLICT`` keeps its
+# own resolution for its target whatever the outer statement says (the insert trigger's two).
 
 
 def _ensure_key(info: TableInfo, src: str, where: str = "") -> str:
@@ -102,7 +105,7 @@ def _sentinel_upsert(info: TableInfo, src: str, where: str, initial: int, bump: 
 _NEXT_ODD = "CASE col_version % 2 WHEN 0 THEN col_version + 1 ELSE col_version + 2 END"
 
 
-def _create_record(info: TableInfo, src: str, where: str = "") -> list[str]:
+def _create_record(info: TableInfo, src: str, where: str) -> list[str]:
     """mark_locally_created: sentinel cl 1, or bump to the next odd cl."""
     return _sentinel_upsert(info, src, where, 1, _NEXT_ODD)
 
@@ -112,80 +115,78 @@ def _delete_record(info: TableInfo, src: str, where: str = "") -> list[str]:
     return _sentinel_upsert(info, src, where, 2, "col_version + 1")
 
 
-def _seq_by_position(info: TableInfo) -> tuple[str, str]:
-    """SQL for 'this column's position among the non-pk columns', by name and as VALUES rows."""
-    pos = (
-        "CASE col_name "
-        + " ".join(f"WHEN {literal(c.name)} THEN {i}" for i, c in enumerate(info.non_pks))
-        + " END"
-    )
-    values = ", ".join(f"({literal(c.name)}, {i})" for i, c in enumerate(info.non_pks))
-    return pos, values
-
-
 GUARD = "crsql_internal_local_write()"
 
 
-def _exists_key(info: TableInfo, src: str) -> str:
-    return f"EXISTS (SELECT 1 FROM {info.pks_table} WHERE {_match(info, src)})"
+def _match_when(info: TableInfo, cond: str, alias: str) -> str:
+    """``alias``'s pk equals NEW's, but only when ``cond`` holds: the first pk column is compared
+    with a CASE that gives NULL otherwise, and SQLite skips an index seek on NULL (a ``cond``
+    WHERE term would be tested after the seek, a lookup wasted on every row). The CASE drops
+    NEW's affinity, as ``+`` does."""
+    first, *rest = info.pks
+    return _and(
+        f"{alias}.{ident(first.name)} = CASE WHEN {cond} THEN NEW.{ident(first.name)} END",
+        *(f"{alias}.{ident(c.name)} = +NEW.{ident(c.name)}" for c in rest),
+    )
+
+
+def _take_seqs(n: int) -> str:
+    """The first of ``n`` consecutive seqs taken for one row: an uncorrelated scalar subquery, so
+    SQLite calls it once per run of the statement, however many clock rows use it."""
+    return f"(SELECT crsql_internal_take_seqs({n}))"
+
+
+def _positions(names: list[str], first: int = 0) -> str:
+    return ", ".join(f"({literal(n)}, {i})" for i, n in enumerate(names, first))
 
 
 def insert_triggers(info: TableInfo) -> list[str]:
-    """Two triggers, split on whether the pk tuple was seen before. The re-insert trigger is
-    created last so that it fires first (SQLite fires a table's triggers newest first): were the
-    fresh-insert trigger first, the key it creates would make the re-insert trigger fire too."""
-    fresh: list[str] = [
-        f"INSERT INTO {info.pks_table} ({idents(info.pk_names)}) "
-        f"VALUES ({', '.join('NEW.' + ident(c) for c in info.pk_names)});"
+    """One trigger (each trigger a table has costs every row a sub-program frame). Its key insert
+    is also the test of whether the pk was seen before: ``ON CONFLICT DO NOTHING`` leaves a known
+    key alone, and ``changes()`` then reads 1 for a new pk, 0 for a known one. (An upsert keeps its
+    own policy under an outer ``INSERT OR REPLACE``; an ``OR IGNORE`` would turn into REPLACE.)
+
+    A new pk: every non-pk column gets a clock at col_version 1 (a pk-only table: the sentinel at
+    cl 1), column i taking the i-th of the row's seqs. A known pk (re-insert after delete, INSERT
+    OR REPLACE): one seq for the create record, taken even if there is no sentinel to bump, then
+    every non-pk column gets col_version 1, or +1 if it has a clock; after that upsert
+    ``changes()`` is the number of columns, which gates the sentinel's bump. Both paths' lookups
+    are gated on ``changes()``, so a new pk costs them no index seek."""
+    cols, vals = idents(info.pk_names), ", ".join(f"NEW.{ident(c)}" for c in info.pk_names)
+    names = [c.name for c in info.non_pks] or [SENTINEL]
+    body = [
+        f"INSERT INTO {info.pks_table} ({cols}) VALUES ({vals}) ON CONFLICT DO NOTHING;",
+        f"INSERT INTO {info.clock} {CLOCK_COLS} "
+        f"SELECT last_insert_rowid(), c.column1, 1, (SELECT {NDV}), "
+        f"{_take_seqs(len(names))} + c.column2, 0 "
+        f"FROM (VALUES {_positions(names)}) AS c WHERE changes() = 1;",
     ]
-    again: list[str] = []
+    upsert = (
+        "ON CONFLICT (key, col_name) DO UPDATE SET col_version = {bump}, "
+        "db_version = excluded.db_version, seq = excluded.seq, site_id = 0;"
+    )
+    again = _match_when(info, "changes() = 0", "k")
     if not info.non_pks:
-        fresh.append(
+        body.append(
             f"INSERT INTO {info.clock} {CLOCK_COLS} "
-            f"VALUES (last_insert_rowid(), {S}, 1, {NDV}, {SEQ}, 0);"
+            f"SELECT k.__crsql_key, {S}, 1, (SELECT {NDV}), {_take_seqs(1)}, 0 "
+            f"FROM {info.pks_table} AS k WHERE {again} " + upsert.format(bump=_NEXT_ODD)
         )
-        again.extend(_create_record(info, "NEW"))
     else:
-        rows = ", ".join(
-            f"(last_insert_rowid(), {literal(c.name)}, 1, {NDV}, {SEQ}, 0)" for c in info.non_pks
-        )
-        fresh.append(f"INSERT INTO {info.clock} {CLOCK_COLS} VALUES {rows};")
-        # A known pk: one seq for the create record, taken even if there is no sentinel to bump.
-        again.append(f"SELECT {SEQ};")
-        again.append(
-            f"UPDATE {info.clock} SET col_version = {_NEXT_ODD}, db_version = {NDV}, "
-            f"seq = crsql_get_seq() - 1, site_id = 0 "
-            f"WHERE key = {_key_of(info, 'NEW')} AND col_name = {S};"
-        )
-        # Every non-pk column is written, column i taking seq (current + i): set-based statements
-        # for existing and new clocks give the same seqs as upstream's column-by-column loop.
-        pos, values = _seq_by_position(info)
-        names = ", ".join(literal(c.name) for c in info.non_pks)
-        again.append(
-            f"UPDATE {info.clock} SET col_version = col_version + 1, db_version = {NDV}, "
-            f"seq = crsql_get_seq() + {pos}, site_id = 0 "
-            f"WHERE key = {_key_of(info, 'NEW')} AND col_name IN ({names});"
-        )
-        again.append(
+        n = len(names)
+        body.append(
             f"INSERT INTO {info.clock} {CLOCK_COLS} "
-            f"SELECT k.__crsql_key, c.column1, 1, {NDV}, crsql_get_seq() + c.column2, 0 "
-            f"FROM {info.pks_table} AS k, (VALUES {values}) AS c "
-            f"WHERE {_match(info, 'NEW', 'k')} AND NOT EXISTS (SELECT 1 FROM {info.clock} AS x "
-            "WHERE x.key = k.__crsql_key AND x.col_name = c.column1);"
+            f"SELECT k.__crsql_key, c.column1, 1, (SELECT {NDV}), {_take_seqs(n + 1)} + c.column2, "
+            f"0 FROM {info.pks_table} AS k, (VALUES {_positions(names, 1)}) AS c WHERE {again} "
+            + upsert.format(bump="col_version + 1")
         )
-        again.append(f"SELECT crsql_internal_advance_seq({len(info.non_pks)});")
-    return [
-        _trigger(info, "itrig", "INSERT", fresh, f"NOT {_exists_key(info, 'NEW')}"),
-        # The guard only for a known pk: a fresh insert then calls it once, in itrig. (A CASE,
-        # since SQLite may evaluate ``EXISTS (...) AND f()`` right side first.)
-        _trigger(
-            info,
-            "itrig_again",
-            "INSERT",
-            again,
-            guard=f"CASE WHEN {_exists_key(info, 'NEW')} THEN {GUARD} ELSE 0 END = 1",
-        ),
-    ]
+        body.append(
+            f"UPDATE {info.clock} SET col_version = {_NEXT_ODD}, db_version = {NDV}, "
+            f"seq = crsql_get_seq() - {n + 1}, site_id = 0 WHERE key = (SELECT __crsql_key "
+            f"FROM {info.pks_table} AS k WHERE {_match_when(info, f'changes() = {n}', 'k')}) "
+            f"AND col_name = {S};"
+        )
+    return [_trigger(info, "itrig", "INSERT", body)]
 
 
 def update_triggers(info: TableInfo) -> list[str]:
@@ -196,14 +197,7 @@ def update_triggers(info: TableInfo) -> list[str]:
     Each trigger's guard stamps the pending db_version, so an UPDATE that changes nothing still
     advances it, as upstream. A column whose value did not change gets no clock write."""
     out: list[str] = []
-    # The key's lookup only when the UPDATE found no clock: the CASE gives NULL otherwise, and
-    # SQLite skips an index seek on NULL (``changes() = 0`` as a WHERE term would be tested after
-    # the seek, a lookup wasted on every update). The CASE drops NEW's affinity, as ``+`` does.
-    first, *rest = info.pks
-    no_clock = _and(
-        f"k.{ident(first.name)} = CASE WHEN changes() = 0 THEN NEW.{ident(first.name)} END",
-        *(f"k.{ident(c.name)} = +NEW.{ident(c.name)}" for c in rest),
-    )
+    no_clock = _match_when(info, "changes() = 0", "k")  # the key's lookup only if no clock
     for c in reversed(info.non_pks):
         name = literal(c.name)
         changed = _changed(c.name)
@@ -268,17 +262,14 @@ def _trigger(
     suffix: str,
     event: str,
     body: list[str],
-    when: str = "",
     of: list[str] | None = None,
-    guard: str = f"{GUARD} = 1",
 ) -> str:
     name = ident(f"{info.name}__crsql_{suffix}")
     stmts = "\n  ".join(body)
     event_sql = f"{event} OF {idents(of)}" if of else event
-    cond = _and(guard, when)
     return (
         f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event_sql} ON {info.quoted} "
-        f"WHEN {cond} BEGIN\n  {stmts}\nEND"
+        f"WHEN {GUARD} = 1 BEGIN\n  {stmts}\nEND"
     )
 
 

@@ -82,7 +82,7 @@ TRIGGER_FUNCTIONS = frozenset(
         "crsql_next_db_version",
         "crsql_increment_and_get_seq",
         "crsql_get_seq",
-        "crsql_internal_advance_seq",
+        "crsql_internal_take_seqs",
         "crsql_internal_local_write",
         "crsql_fract_fix_conflict_return_old_key",  # ordered lists: inserting after a tied key
     }
