@@ -10,6 +10,9 @@
   ``merge_into_existing_changes_per_s``: into a replica holding older versions of the same rows.
 * ``changes_since_rows_per_s``: reading every change with ``crdt.changes_since``.
 
+``--only changes_since_rows_per_s`` measures that metric alone (no cr-sqlite, no merges), which
+takes a few seconds: for trying a change to the read path.
+
 When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
 the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours. Both sides measure
 CPU time of the process, not wall time (see ``timed``).
@@ -190,12 +193,36 @@ def reference(n: int, rows: int) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def reads(rows: int, repeats: int) -> dict[str, float]:
+    source = wide_source(rows, versions=2)
+    n = len(crdt.changes_since(source, 0))
+    return {
+        "changes_since": n / best_of(repeats, lambda: timed(lambda: crdt.changes_since(source, 0))),
+        "changes": n,
+    }
+
+
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0])
+    args = parse_args(
+        __doc__.split("\n")[0],
+        lambda p: p.add_argument(
+            "--only", choices=("changes_since_rows_per_s",), help="measure this metric alone"
+        ),
+    )
     report = Report(args.json)
     n = 20_000 if args.quick else 100_000
     rows = n // 10
     repeats = 2 if args.quick else 3
+    if args.only:
+        m = reads(rows, repeats)
+        report.metric(
+            "changes_since_rows_per_s",
+            m["changes_since"],
+            "rows/s",
+            "none: alone",
+            rows=m["changes"],
+        )
+        return
     ref = reference(n, rows)
     iu = insert_update(n, repeats)
     m = merges(rows, repeats)
