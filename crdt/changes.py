@@ -271,7 +271,7 @@ def changes_since(
 ) -> list[Change]:
     """Changes with ``db_version > db_version`` (optionally not authored by ``exclude_site``),
     ordered by ``(db_version, seq)`` like ``SELECT * FROM crsql_changes WHERE db_version > ?
-    AND site_id IS NOT ?``. Read in one transaction, so that its statements (one or two per
+    AND site_id IS NOT ?``. Read in one transaction, so that its statements (a few per
     table) see the same database."""
     with gc_paused(), conn:
         out = _changes_since(conn, db_version, exclude_site, limit, tables)
