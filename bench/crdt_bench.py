@@ -11,6 +11,8 @@
 * ``changes_since_rows_per_s``: reading every change with ``crdt.changes_since``.
 
 ``--local-writes`` measures only the four ``crr_*`` metrics (no merges, no cr-sqlite run).
+``--only changes_since_rows_per_s`` measures that metric alone (no cr-sqlite, no merges), which
+takes a few seconds: for trying a change to the read path.
 
 When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
 the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours. Both sides measure
@@ -191,20 +193,42 @@ def reference(n: int, rows: int) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _local_writes_option(p) -> None:
+def _options(p) -> None:
     p.add_argument(
         "--local-writes",
         action="store_true",
         help="only the crr_* insert/update metrics and their floors (no merges, no cr-sqlite)",
     )
+    p.add_argument(
+        "--only", choices=("changes_since_rows_per_s",), help="measure this metric alone"
+    )
+
+
+def reads(rows: int, repeats: int) -> dict[str, float]:
+    source = wide_source(rows, versions=2)
+    n = len(crdt.changes_since(source, 0))
+    return {
+        "changes_since": n / best_of(repeats, lambda: timed(lambda: crdt.changes_since(source, 0))),
+        "changes": n,
+    }
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0], _local_writes_option)
+    args = parse_args(__doc__.split("\n")[0], _options)
     report = Report(args.json)
     n = 20_000 if args.quick else 100_000
     rows = n // 10
     repeats = 2 if args.quick else 3
+    if args.only:
+        m = reads(rows, repeats)
+        report.metric(
+            "changes_since_rows_per_s",
+            m["changes_since"],
+            "rows/s",
+            "none: alone",
+            rows=m["changes"],
+        )
+        return
     ref = None if args.local_writes else reference(n, rows)
     iu = insert_update(n, repeats)
     ref_note = (lambda k: {"crsqlite": round(ref[k], 2)}) if ref else (lambda k: {})

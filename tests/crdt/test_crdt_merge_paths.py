@@ -2,10 +2,11 @@
 
 A large flush writes base rows with triggers off (merge.QUIET_TRIGGERS_ROWS), and a read that
 returns much of a table takes causal lengths from one pass over its sentinels
-(changes.SCAN_FRACTION). Random batches with duplicates, deletes, resurrections, equal
-col_versions and equal values, over tables with and without non-pk columns, must leave the same
-tables, clocks (versions, sites, seqs) and db_version either way, and as merging change by change
-through crsql_changes; and every read must return what ``crsql_changes`` returns.
+(changes.SCAN_FRACTION) or reads the whole table once (changes.PASS_PER_KEY). Random batches
+with duplicates, deletes, resurrections, equal col_versions and equal values, over tables with
+and without non-pk columns, must leave the same tables, clocks (versions, sites, seqs) and
+db_version either way, and as merging change by change through crsql_changes; and every read
+must return the same changes in the same order by each path, what ``crsql_changes`` returns.
 """
 
 from __future__ import annotations
@@ -117,8 +118,26 @@ def test_large_batch_paths_write_what_change_by_change_writes(seed, monkeypatch)
     assert state(results["loud"]) == expected
 
 
+# The ways a read can take: (SCAN_FRACTION, PASS_PER_KEY, PASS_PER_COLUMN) forcing each.
+READ_PATHS = {
+    "joins per change": (0, 10**9, 0),
+    "one pass over the sentinels": (10**9, 10**9, 0),
+    "one pass over the table": (0, 0, 0),
+}
+
+
+def read_by_each_path(monkeypatch, conn, *args, **kwargs) -> list[list[Change]]:
+    out = []
+    for scan, per_key, per_column in READ_PATHS.values():
+        monkeypatch.setattr(changes_module, "SCAN_FRACTION", scan)
+        monkeypatch.setattr(changes_module, "PASS_PER_KEY", per_key)
+        monkeypatch.setattr(changes_module, "PASS_PER_COLUMN", per_column)
+        out.append(crdt.changes_since(conn, *args, **kwargs))
+    return out
+
+
 @pytest.mark.parametrize("seed", range(20))
-def test_reads_by_sentinel_pass_or_lookup_match_crsql_changes(seed, monkeypatch):
+def test_reads_by_each_path_match_crsql_changes(seed, monkeypatch):
     rng = random.Random(1000 + seed)
     conn = merged([random_batch(rng, 150) for _ in range(2)], False, "loud", monkeypatch)
     conn.execute("DELETE FROM t WHERE a % 3 = 0")
@@ -130,15 +149,39 @@ def test_reads_by_sentinel_pass_or_lookup_match_crsql_changes(seed, monkeypatch)
                 "SELECT * FROM crsql_changes WHERE db_version > ? AND site_id IS NOT ?",
                 (since, exclude),
             ).fetchall()
-            for fraction in (0, 10**9):  # lookups per row, one pass over the sentinels
-                monkeypatch.setattr(changes_module, "SCAN_FRACTION", fraction)
-                got = crdt.changes_since(conn, since, exclude_site=exclude)
-                assert sorted(got) == sorted(vtab)
-                assert [(c.db_version, c.seq) for c in got] == sorted(
-                    (c.db_version, c.seq) for c in got
-                )
-                limited = crdt.changes_since(conn, since, exclude_site=exclude, limit=5)
-                assert limited == got[:5]
+            reads = read_by_each_path(monkeypatch, conn, since, exclude_site=exclude)
+            got = reads[0]
+            assert sorted(got) == sorted(vtab)
+            assert [(c.db_version, c.seq) for c in got] == sorted(
+                (c.db_version, c.seq) for c in got
+            )
+            assert all(read == got for read in reads)  # the same changes in the same order
+            limited = read_by_each_path(monkeypatch, conn, since, exclude_site=exclude, limit=5)
+            assert all(read == got[:5] for read in limited)
+
+
+def test_a_table_pass_reads_odd_clock_rows_as_the_joins_do(monkeypatch):
+    """Clock rows only the per-change joins handle (no lookaside row: left out; a column the
+    table lacks: no value; a site ordinal crsql_site_id lacks: no site id) make the table pass
+    give way to them, for that table only."""
+    conn = db(False, 1)
+    with conn:
+        conn.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, i, str(i)) for i in range(20)])
+        conn.executemany("INSERT INTO m VALUES (?, ?, ?)", [("x", i, i) for i in range(20)])
+    expected = read_by_each_path(monkeypatch, conn, 0)
+    assert all(read == expected[0] for read in expected)
+    odd_rows = (
+        "DELETE FROM t__crsql_pks WHERE a = 4",
+        "INSERT INTO t__crsql_clock VALUES (2, 'gone', 1, 1, 0, 90)",
+        "UPDATE t__crsql_clock SET site_id = 77 WHERE key = 3 AND col_name = 'b'",
+    )
+    for sql in odd_rows:
+        with conn:
+            conn.execute(sql)
+        reads = read_by_each_path(monkeypatch, conn, 0)
+        assert reads[2] == reads[0] != expected[0], sql
+        assert [c for c in reads[2] if c.table == "m"] == [c for c in expected[0] if c.table == "m"]
+        expected = reads
 
 
 def test_a_users_trigger_still_fires_in_a_large_merge(monkeypatch):
