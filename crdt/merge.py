@@ -521,6 +521,8 @@ class Merger:
         version = self.version
         ordinals_get = self.site_ordinals.get
         max_value_chars = self.max_value_chars
+        sized = (str, bytes)  # the types _check_size checks
+        type_, int_ = type, int  # as locals: cheaper to load than builtins, per change
         last_table: Any = None
         last_pk: Any = None
         row: _Row | None = None
@@ -535,9 +537,10 @@ class Merger:
         last_ordinal = 0
         checked_site: Any = None  # the last site id found valid (changes share the object)
         won = seen = 0
-        # the version state, in locals between the calls out that stamp versions themselves
+        # the version state, in locals between the calls out that stamp versions themselves:
+        # top is the floor of the next stamp, max(db_version + 1, pending), as next_db_version
         pending = state.pending
-        first = state.db_version + 1
+        top = max(pending, state.db_version + 1)
         try:
             for change in changes:
                 seen += 1
@@ -557,72 +560,79 @@ class Merger:
                     row_key = row.key
                     sentinel = versions.get(SENTINEL)
                     local_cl = sentinel if sentinel is not None else (1 if versions else 0)
-                idx = col_index.get(cid, -2)
+                try:
+                    idx = col_index[cid]
+                except KeyError:  # (an unhashable cid raises TypeError, as ever)
+                    raise self._invalid(change) from None
                 if (
-                    idx == -2
-                    or type(cv) is not int
-                    or type(dbv) is not int
-                    or type(cl) is not int
-                    or type(seq) is not int
+                    type_(cv) is not int_
+                    or type_(dbv) is not int_
+                    or type_(cl) is not int_
+                    or type_(seq) is not int_
                 ):
                     raise self._invalid(change)
                 if site is not None and site is not checked_site:
                     if type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES:
                         raise self._invalid(change)
                     checked_site = site
-                tv = type(val)
-                if (tv is str or tv is bytes) and len(val) > max_value_chars:
+                if type_(val) in sized and len(val) > max_value_chars:
                     self._check_size(val)
 
-                if cl < local_cl:
-                    continue
-                if cl & 1 == 0:
-                    if cl == local_cl:
-                        continue
-                    row.base_deleted = True
-                    row.base_ensure = False
-                    row.values.clear()
-                    row.versions = {}
-                    row.written = {}
-                    row.cleared = True
-                    state.pending = pending
-                    self._set_clock(row, SENTINEL, cv, dbv, site, seq)
-                    pending, first = state.pending, state.db_version + 1
-                    won += 1
-                    row = None
-                    continue
-                if idx == -1:
-                    if cl == local_cl:
-                        continue
-                    state.pending = pending
-                    self._resurrect(row, cv, dbv, site, seq)
-                    pending, first = state.pending, state.db_version + 1
-                    won += 1
-                    row = None
-                    continue
-                if cl > local_cl:
-                    if local_cl != 0 or cl > 1:
-                        state.pending = pending
-                        self._resurrect(row, cl, dbv, site, seq)
-                        pending, first = state.pending, state.db_version + 1
-                        won += 1
-                        local_cl = cl  # the sentinel's col_version now
-                elif local_cl != 0:
+                if cl == local_cl and cl & 1 and idx >= 0:
+                    # the usual change: a column of a live row, at the row's causal length
                     local_cv = versions.get(cid)
                     if local_cv is not None:
                         if cv < local_cv:
                             continue
                         if cv == local_cv and not self._value_wins(row, idx, val, cid, site):
                             continue
+                else:
+                    if cl < local_cl:
+                        continue
+                    if cl & 1 == 0:
+                        if cl == local_cl:
+                            continue
+                        row.base_deleted = True
+                        row.base_ensure = False
+                        row.values.clear()
+                        row.versions = {}
+                        row.written = {}
+                        row.cleared = True
+                        state.pending = pending
+                        self._set_clock(row, SENTINEL, cv, dbv, site, seq)
+                        pending = state.pending
+                        top = max(pending, state.db_version + 1)
+                        won += 1
+                        row = None
+                        continue
+                    if idx == -1:
+                        if cl == local_cl:
+                            continue
+                        state.pending = pending
+                        self._resurrect(row, cv, dbv, site, seq)
+                        pending = state.pending
+                        top = max(pending, state.db_version + 1)
+                        won += 1
+                        row = None
+                        continue
+                    # a column change with a larger causal length
+                    if local_cl != 0 or cl > 1:
+                        state.pending = pending
+                        self._resurrect(row, cl, dbv, site, seq)
+                        pending = state.pending
+                        top = max(pending, state.db_version + 1)
+                        won += 1
+                        local_cl = cl  # the sentinel's col_version now
+                    else:  # the row's first clock: no longer a row without any
+                        sentinel = versions.get(SENTINEL)
+                        local_cl = sentinel if sentinel is not None else 1
                 values[idx] = val
                 # _set_clock, inlined: this runs once per winning change
-                nd = version
-                if nd is None:
-                    nd = first
-                    if nd < pending:
-                        nd = pending
-                    if nd < dbv:
-                        nd = dbv
+                if version is None:
+                    nd = top if top > dbv else dbv
+                    top = nd
+                else:
+                    nd = version
                 pending = nd
                 if not site:
                     ordinal = 0
@@ -635,9 +645,6 @@ class Merger:
                 versions[cid] = cv
                 written[cid] = (row_key, cid, cv, nd, ordinal, seq)
                 won += 1
-                if local_cl == 0:  # the row's first clock: no longer a row without any
-                    sentinel = versions.get(SENTINEL)
-                    local_cl = sentinel if sentinel is not None else 1
             state.pending = pending  # (on an error, the caller restores the whole state)
         finally:
             self.impacted += won
