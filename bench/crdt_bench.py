@@ -12,7 +12,8 @@
 
 When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
 the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours. Both sides measure
-CPU time of the process, not wall time (see ``timed``).
+CPU time of the process, not wall time (see ``timed``). ``--merge-only`` measures only the three
+merge and read metrics, without cr-sqlite (a quick loop while working on crdt/merge.py).
 """
 
 from __future__ import annotations
@@ -191,15 +192,23 @@ def reference(n: int, rows: int) -> dict | None:
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0])
+    args = parse_args(
+        __doc__.split("\n")[0],
+        lambda p: p.add_argument(
+            "--merge-only", action="store_true", help="merge and read metrics only, no cr-sqlite"
+        ),
+    )
     report = Report(args.json)
     n = 20_000 if args.quick else 100_000
     rows = n // 10
     repeats = 2 if args.quick else 3
-    ref = reference(n, rows)
-    iu = insert_update(n, repeats)
+    ref = None if args.merge_only else reference(n, rows)
+    iu = None if args.merge_only else insert_update(n, repeats)
     m = merges(rows, repeats)
     ref_note = (lambda k: {"crsqlite": round(ref[k], 2)}) if ref else (lambda k: {})
+    if iu is None:
+        _report_merges(report, m, ref, ref_note, "none: --merge-only")
+        return
     report.metric(
         "crr_insert_ratio",
         iu["insert_ratio"],
@@ -232,11 +241,18 @@ def main() -> None:
         "plain sqlite update; the layout's B-tree writes alone (constant triggers)",
         rows=n,
     )
+    _report_merges(report, m, ref, ref_note, "none: node missing")
+
+
+def _report_merges(
+    report: Report, m: dict[str, float], ref: dict | None, ref_note, no_ref: str
+) -> None:
+    baseline = "cr-sqlite WASM (same run)" if ref else no_ref
     report.metric(
         "merge_changes_per_s",
         m["merge_fresh"],
         "changes/s",
-        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        baseline,
         changes=m["changes"],
         **ref_note("merge_fresh"),
     )
@@ -244,7 +260,7 @@ def main() -> None:
         "merge_into_existing_changes_per_s",
         m["merge_existing"],
         "changes/s",
-        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        baseline,
         changes=m["changes"],
         **ref_note("merge_existing"),
     )
@@ -252,7 +268,7 @@ def main() -> None:
         "changes_since_rows_per_s",
         m["changes_since"],
         "rows/s",
-        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        baseline,
         rows=m["changes"],
         **ref_note("changes_since"),
     )
