@@ -20,10 +20,17 @@ each touched row's key and col_versions are read once, in one statement, every r
 Python dicts — and the outcome is written with multi-row statements for the base table and the
 clocks. The read returns two columns per clock, not the whole clock row: building the Python
 values of what SQLite returns is most of a read's cost, and a clock's site and seq are only needed
-by a resurrection or a site tie (``_site_seq`` reads them then). That cut about 5% off a merge into
-an existing replica (100k changes: ~368k changes/s before, ~390k after, same run, loaded machine;
-the clock writes, ~95 ms of ~255 ms, are a DELETE and INSERT per rewritten clock with its index
-entry, measured cheaper than an upsert, INSERT OR REPLACE or UPDATE ... FROM). The
+by a resurrection or a site tie (``_site_seq`` reads them then). With a hot loop that tests the
+usual change (a column of a live row at its causal length) first, that took 10% of the instructions
+off a merge into an existing replica (valgrind, 20k changes: 28.8k a change before, 25.9k after;
+8% into a fresh one). ``bench/crdt_bench.py --merge-only``, 100k changes, 4 interleaved rounds on
+a loaded machine: into an existing replica 368k changes/s before, 396k after; into a fresh one
+496k, 548k. Of the ~250 ms into an existing replica, ~95 ms are the clock writes (a DELETE and an
+INSERT per rewritten clock and its index entry, measured cheaper than an upsert, INSERT OR REPLACE
+or UPDATE ... FROM) and ~42 ms the reads; the rest is Python, ~0.55 us a change in the loop.
+SQLite's per-call connection mutex costs another ~4% of the instructions, but opening connections
+with SQLITE_OPEN_NOMUTEX is not safe here: apsw then lets a second thread use a connection while
+the first is stepping a statement (it raises ThreadingViolationError only with the mutex). The
 sequence of per-change writes collapses exactly: a row's base writes after its last delete are an
 upsert of the columns set since (columns not set take their defaults, as a resurrection's
 ``INSERT OR IGNORE`` would give them). Key creation and site ordinals still happen in first-seen
