@@ -107,6 +107,16 @@ def test_a_column_at_col_version_0_after_a_resurrection_in_the_same_merge_ties_o
     assert [(r[0], r[1]) for r in clocks(c)] == [("-1", 3), ("b", 0), ("c", 0)]
 
 
+def test_a_column_change_at_the_causal_length_of_a_delete_is_ignored():
+    # an even cl is a delete whatever the cid; at the row's own (deleted) cl it changes nothing
+    c = db()
+    crdt.merge(c, [Change("t", PK1, "b", 1, 1, 5, REMOTE, 1, 0)])
+    crdt.merge(c, [Change("t", PK1, "-1", None, 2, 6, REMOTE, 2, 0)])
+    before = clocks(c)
+    assert crdt.merge(c, [Change("t", PK1, "b", 7, 3, 7, REMOTE, 2, 0)]) == 0
+    assert rows(c) == [] and clocks(c) == before
+
+
 def test_equal_values_keep_the_local_write_without_merge_equal_values():
     c = db()
     c.execute("INSERT INTO t VALUES (1, 'same', 0)")
