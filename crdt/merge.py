@@ -23,11 +23,12 @@ values of what SQLite returns is most of a read's cost, and a clock's site and s
 by a resurrection or a site tie (``_site_seq`` reads them then). With a hot loop that tests the
 usual change (a column of a live row at its causal length) first, that took 10% of the instructions
 off a merge into an existing replica (valgrind, 20k changes: 28.8k a change before, 25.9k after;
-8% into a fresh one). ``bench/crdt_bench.py --merge-only``, 100k changes, 4 interleaved rounds on
-a loaded machine: into an existing replica 368k changes/s before, 396k after; into a fresh one
-496k, 548k. Of the ~250 ms into an existing replica, ~95 ms are the clock writes (a DELETE and an
-INSERT per rewritten clock and its index entry, measured cheaper than an upsert, INSERT OR REPLACE
-or UPDATE ... FROM) and ~42 ms the reads; the rest is Python, ~0.55 us a change in the loop.
+8% into a fresh one). ``bench/crdt_bench.py --merge-only``, 100k changes, interleaved rounds,
+medians: into an existing replica 371k changes/s before, 408k after, into a fresh one 523k, 561k
+(load 5; at load 10, 368k to 396k and 496k to 548k). Of the ~245 ms into an existing replica,
+~95 ms are the clock writes (a DELETE and an INSERT per rewritten clock and its index entry,
+measured cheaper than an upsert, INSERT OR REPLACE or UPDATE ... FROM) and ~42 ms the reads; the
+rest is Python, ~0.55 us a change in the loop.
 SQLite's per-call connection mutex costs another ~4% of the instructions, but opening connections
 with SQLITE_OPEN_NOMUTEX is not safe here: apsw then lets a second thread use a connection while
 the first is stepping a statement (it raises ThreadingViolationError only with the mutex). The
