@@ -10,13 +10,14 @@
   ``merge_into_existing_changes_per_s``: into a replica holding older versions of the same rows.
 * ``changes_since_rows_per_s``: reading every change with ``crdt.changes_since``.
 
-``--local-writes`` measures only the four ``crr_*`` metrics (no merges, no cr-sqlite run).
-``--only changes_since_rows_per_s`` measures that metric alone (no cr-sqlite, no merges), which
-takes a few seconds: for trying a change to the read path.
+Quick loops while working on one part (no cr-sqlite run): ``--local-writes`` measures only the
+four ``crr_*`` metrics; ``--merge-only`` only the two merge metrics and the read;
+``--only changes_since_rows_per_s`` the read alone (a few seconds).
 
 When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
 the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours. Both sides measure
-CPU time of the process, not wall time (see ``timed``).
+CPU time of the process, not wall time (see ``timed``). ``--merge-only`` measures only the three
+merge and read metrics, without cr-sqlite (a quick loop while working on crdt/merge.py).
 """
 
 from __future__ import annotations
@@ -202,6 +203,9 @@ def _options(p) -> None:
     p.add_argument(
         "--only", choices=("changes_since_rows_per_s",), help="measure this metric alone"
     )
+    p.add_argument(
+        "--merge-only", action="store_true", help="merge and read metrics only, no cr-sqlite"
+    )
 
 
 def reads(rows: int, repeats: int) -> dict[str, float]:
@@ -229,9 +233,17 @@ def main() -> None:
             rows=m["changes"],
         )
         return
-    ref = None if args.local_writes else reference(n, rows)
-    iu = insert_update(n, repeats)
+    ref = None if args.local_writes or args.merge_only else reference(n, rows)
     ref_note = (lambda k: {"crsqlite": round(ref[k], 2)}) if ref else (lambda k: {})
+    if not args.merge_only:
+        _report_local_writes(report, insert_update(n, repeats), n, ref_note)
+    if args.local_writes:
+        return
+    no_ref = "none: --merge-only" if args.merge_only else "none: node missing"
+    _report_merges(report, merges(rows, repeats), ref, ref_note, no_ref)
+
+
+def _report_local_writes(report: Report, iu: dict[str, float], n: int, ref_note) -> None:
     report.metric(
         "crr_insert_ratio",
         iu["insert_ratio"],
@@ -264,14 +276,17 @@ def main() -> None:
         "plain sqlite update; the layout's B-tree writes alone (constant triggers)",
         rows=n,
     )
-    if args.local_writes:
-        return
-    m = merges(rows, repeats)
+
+
+def _report_merges(
+    report: Report, m: dict[str, float], ref: dict | None, ref_note, no_ref: str
+) -> None:
+    baseline = "cr-sqlite WASM (same run)" if ref else no_ref
     report.metric(
         "merge_changes_per_s",
         m["merge_fresh"],
         "changes/s",
-        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        baseline,
         changes=m["changes"],
         **ref_note("merge_fresh"),
     )
@@ -279,7 +294,7 @@ def main() -> None:
         "merge_into_existing_changes_per_s",
         m["merge_existing"],
         "changes/s",
-        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        baseline,
         changes=m["changes"],
         **ref_note("merge_existing"),
     )
@@ -287,7 +302,7 @@ def main() -> None:
         "changes_since_rows_per_s",
         m["changes_since"],
         "rows/s",
-        "cr-sqlite WASM (same run)" if ref else "none: node missing",
+        baseline,
         rows=m["changes"],
         **ref_note("changes_since"),
     )

@@ -86,6 +86,37 @@ def test_a_resurrection_without_columns_lets_any_later_column_write_win():
     assert rows(c) == [(1, "a", "z")]
 
 
+def test_a_column_at_col_version_0_after_a_resurrection_in_the_same_merge_ties_on_its_value():
+    # A resurrection zeroes the local column clocks; a column the resurrecting site never wrote
+    # since arrives at col_version 0 (its own zeroed clock) and ties: the greater value wins.
+    c = db()
+    crdt.merge(
+        c,
+        [
+            Change("t", PK1, "b", "m", 1, 5, REMOTE, 1, 0),
+            Change("t", PK1, "c", "m", 1, 5, REMOTE, 1, 1),
+        ],
+    )
+    batch = [
+        Change("t", PK1, "-1", None, 3, 9, REMOTE, 3, 0),
+        Change("t", PK1, "b", "a", 0, 9, REMOTE, 3, 1),  # below "m": the local value stays
+        Change("t", PK1, "c", "z", 0, 9, REMOTE, 3, 2),  # above "m": it wins
+    ]
+    crdt.merge(c, batch)
+    assert rows(c) == [(1, "m", "z")]
+    assert [(r[0], r[1]) for r in clocks(c)] == [("-1", 3), ("b", 0), ("c", 0)]
+
+
+def test_a_column_change_at_the_causal_length_of_a_delete_is_ignored():
+    # an even cl is a delete whatever the cid; at the row's own (deleted) cl it changes nothing
+    c = db()
+    crdt.merge(c, [Change("t", PK1, "b", 1, 1, 5, REMOTE, 1, 0)])
+    crdt.merge(c, [Change("t", PK1, "-1", None, 2, 6, REMOTE, 2, 0)])
+    before = clocks(c)
+    assert crdt.merge(c, [Change("t", PK1, "b", 7, 3, 7, REMOTE, 2, 0)]) == 0
+    assert rows(c) == [] and clocks(c) == before
+
+
 def test_equal_values_keep_the_local_write_without_merge_equal_values():
     c = db()
     c.execute("INSERT INTO t VALUES (1, 'same', 0)")
@@ -114,6 +145,14 @@ def test_merge_equal_values_breaks_a_tie_against_a_remote_write_by_its_site_id()
     above = b"\xb0" * 16
     assert crdt.merge(c, [Change("t", PK1, "b", "same", 1, 9, above, 1, 0)]) == 1
     assert {r[0]: r[3] for r in clocks(c)} == {"b": above}
+
+
+def test_merge_equal_values_a_change_without_a_site_loses_a_tie():
+    c = db(merge_equal_values=True)
+    low = b"\x01" * 16  # a site id below any text: no site counts as the empty blob
+    crdt.merge(c, [Change("t", PK1, "b", "same", 1, 9, low, 1, 0)])
+    assert crdt.merge(c, [Change("t", PK1, "b", "same", 1, 9, None, 1, 0)]) == 0
+    assert {r[0]: r[3] for r in clocks(c)} == {"b": low}
 
 
 GOOD = ("t", PK1, "b", 1, 1, 1, REMOTE, 1, 0)
