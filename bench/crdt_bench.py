@@ -16,8 +16,7 @@ four ``crr_*`` metrics; ``--merge-only`` only the two merge metrics and the read
 
 When node and the npm oracle are installed, the real cr-sqlite (WASM) is measured the same way in
 the same run (bench/crsqlite_ref.mjs) and its figures are printed beside ours. Both sides measure
-CPU time of the process, not wall time (see ``timed``). ``--merge-only`` measures only the three
-merge and read metrics, without cr-sqlite (a quick loop while working on crdt/merge.py).
+CPU time of the process, not wall time (see ``timed``).
 """
 
 from __future__ import annotations
