@@ -654,16 +654,24 @@ def record_span(
 
 def apply_recorder() -> Callable[[list[ApplyRecord]], None] | None:
     """The function queuing applied versions' ``corrosion.apply`` spans as ``ApplyRecord``s
-    (``apply_records``: each's parent the remote context its changeset carried, no status),
-    or None
-    when such spans must go through ``record_span``: tracing off or not corrosion's provider,
-    an exporter other than corrosion's OTLP one, a sampler that is not parent-based, a custom
-    id generator. Called once per batch of versions (the answer holds while tracing is on)."""
+    (``apply_records``: each's parent the remote context its changeset carried, no status), or
+    None when such spans must go through ``record_span``: tracing off or not corrosion's
+    provider, an exporter other than corrosion's OTLP one, a sampler that is not parent-based,
+    a custom id generator. Asked once per batch of versions (the answer holds while tracing
+    is on)."""
     recorder = _recorder
     return recorder.queue_records if recorder is not None else None
 
 
-_BATCH_FIELDS = ("_queue", "_max_queue_size", "_max_export_batch_size", "_worker_awaken", "_pid")
+# what ``_records_queuer`` reads of the SDK's BatchProcessor (as ``emit`` does)
+_BATCH_FIELDS = (
+    "_queue",
+    "_max_queue_size",
+    "_max_export_batch_size",
+    "_worker_awaken",
+    "_shutdown",
+    "_pid",
+)
 
 
 def _records_queuer(batch: Any) -> Callable[[list[ApplyRecord]], None]:
@@ -673,7 +681,7 @@ def _records_queuer(batch: Any) -> Callable[[list[ApplyRecord]], None]:
     the processor is stopped or in a forked child, each goes through ``emit``, which counts
     and logs the spans dropped."""
     emit = batch.emit
-    if not all(hasattr(batch, name) for name in (*_BATCH_FIELDS, "_shutdown")):
+    if not all(hasattr(batch, name) for name in _BATCH_FIELDS):
 
         def emit_each(records: list[ApplyRecord]) -> None:
             for record in records:
