@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import random
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,17 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+
+from .apply_records import (
+    APPLY_KEYS,
+    APPLY_KIND,
+    APPLY_SPAN,
+    CONTEXT_BYTES,
+    WIRE_CONTEXT,
+    ApplyRecord,
+)
 
 log = logging.getLogger("corrosion.tracing")
 
@@ -43,6 +54,7 @@ _BYTE = [bytes((i,)) for i in range(0x80)]  # one-byte varints: most lengths and
 _FLAGS_LOCAL_PARENT = b"\x85\x01" + _FIXED32(0x100)
 _FLAGS_REMOTE_PARENT = b"\x85\x01" + _FIXED32(0x300)
 _CACHED = 4096  # entries in each of the caches below (they are cleared when full)
+_getrandbits = random.getrandbits  # span ids, as the SDK's RandomIdGenerator makes them
 
 
 class CachedHashResource(Resource):
@@ -63,6 +75,8 @@ def _varint(n: int) -> bytes:
         return _BYTE[n]
     if n < 0x4000:
         return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x20_0000:  # versions, most of them
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -286,6 +300,127 @@ def _status(status: Status) -> tuple[Status, bytes, bytes]:
     return known
 
 
+# -- apply records (``apply_records``) -----------------------------------------------------------
+
+_WIRE = WIRE_CONTEXT.unpack_from
+_APPLY_HEAD = _field(b"\x2a", APPLY_SPAN.encode()) + b"\x30" + _BYTE[APPLY_KIND.value + 1]
+_APPLY_TAIL = b"\x7a\x00" + _FLAGS_REMOTE_PARENT  # status unset; the parent is remote
+# each attribute's KeyValue by value (the key is the attribute's place), as ``_key_value``
+# encodes it: the strings and the change counts repeat from version to version
+_apply_values: list[dict[Any, bytes]] = [{} for _ in APPLY_KEYS]
+
+
+def _version_prefixes() -> list[bytes]:
+    """The version attribute's KeyValue up to its varint, by the varint's length (1-9)."""
+    key = _field(b"\x0a", APPLY_KEYS[1].encode())
+    return [
+        b"\x4a" + _BYTE[len(key) + 3 + n] + key + b"\x12" + _BYTE[1 + n] + b"\x18"
+        for n in range(10)
+    ]
+
+
+_VERSION_PREFIX = _version_prefixes()
+
+
+def _apply_value(place: int, value: Any) -> bytes | None:
+    """The KeyValue of the record's attribute at ``place``, cached unless it is the version
+    (None for a value ``_key_value`` does not do)."""
+    encoded = _key_value(b"\x4a", APPLY_KEYS[place], value)
+    if encoded is not None and place != 1 and type(value) in (str, int):
+        cache = _apply_values[place]
+        if len(cache) >= _CACHED:
+            cache.clear()
+        cache[value] = encoded
+    return encoded
+
+
+def _apply_span(record: ApplyRecord) -> bytes | None:
+    """The Span message of an apply record, byte for byte what ``_span`` writes for the
+    ``ReadableSpan`` ``tracing.record_span`` makes of it (ids aside: the span id is made here,
+    as the SDK's random generator makes it); None when the record's context is not a valid,
+    sampled one, for which ``record_span`` makes no span."""
+    context, start, end, actor_id, version, seqs, changes, peer, via = record
+    if len(context) < CONTEXT_BYTES:
+        return None
+    wire_version, high, low, parent_id, flags = _WIRE(context)
+    if wire_version or not flags & 1 or not (high or low) or not parent_id:
+        return None
+    span_id = _getrandbits(64)
+    while not span_id:
+        span_id = _getrandbits(64)
+    if not (start and end) or not 0 <= version < 0x8000_0000_0000_0000:
+        return _odd_apply_span(record, span_id)
+    actor_kv = _actor_values.get(actor_id) or _apply_value(0, actor_id)
+    seqs_kv = _seqs_values.get(seqs) or _apply_value(2, seqs)
+    changes_kv = _changes_values.get(changes) or _apply_value(3, changes)
+    peer_kv = _peer_values.get(peer) or _apply_value(4, peer)
+    via_kv = _via_values.get(via) or _apply_value(5, via)
+    if actor_kv is None or seqs_kv is None or changes_kv is None or peer_kv is None:
+        return _odd_apply_span(record, span_id)
+    if via_kv is None:
+        return _odd_apply_span(record, span_id)
+    number = _varint(version)
+    return b"".join(
+        (
+            _IDS_PARENT(0x0A10, high, low, 0x1208, span_id, 0x2208, parent_id),
+            _APPLY_HEAD,
+            _TIMES(0x39, start, 0x41, end),
+            actor_kv,
+            _VERSION_PREFIX[len(number)],
+            number,
+            seqs_kv,
+            changes_kv,
+            peer_kv,
+            via_kv,
+            _APPLY_TAIL,
+        )
+    )
+
+
+def _odd_apply_span(record: ApplyRecord, span_id: int) -> bytes | None:
+    """A record with a time of 0 or a value of a type ``_key_value`` does not do: encoded as
+    the span ``tracing.record_span`` would have made of it is."""
+    span = readable_span(record, span_id)
+    return _span(span) if span is not None else None
+
+
+_actor_values, _, _seqs_values, _changes_values, _peer_values, _via_values = _apply_values
+
+
+def readable_span(
+    record: ApplyRecord,
+    span_id: int = 0,
+    resource: Resource | None = None,
+    scope: InstrumentationScope | None = None,
+) -> ReadableSpan | None:
+    """The ``ReadableSpan`` ``tracing.record_span`` makes of what ``record`` describes (for an
+    exporter that gets records but exports with the SDK's encoder; and the tests), with
+    ``span_id`` (0: a random one); None when its context is not a valid, sampled one."""
+    context, start, end, *values = record
+    if len(context) < CONTEXT_BYTES:
+        return None
+    wire_version, high, low, parent_id, flags = _WIRE(context)
+    if wire_version or not flags & 1 or not (high or low) or not parent_id:
+        return None
+    parent = SpanContext(high << 64 | low, parent_id, True, TraceFlags(flags))
+    while not span_id:
+        span_id = _getrandbits(64)
+    span_context = SpanContext(
+        parent.trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED | (flags & 0x02))
+    )
+    return ReadableSpan(
+        APPLY_SPAN,
+        span_context,
+        parent,
+        resource,
+        dict(zip(APPLY_KEYS, values, strict=True)),  # type: ignore[arg-type]
+        kind=APPLY_KIND,
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
+
 def _sdk_span(span: ReadableSpan) -> tuple[bytes, Any]:
     """The SDK's encoding of ``span`` and of the ResourceSpans it went into."""
     resource_spans = encode_spans([span]).resource_spans[0]
@@ -307,14 +442,48 @@ def _settle_environment(session: requests.Session, url: str) -> None:
         session.auth = auth
 
 
-def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
+# a ScopeSpans.spans field's tag and length, by length (most spans are shorter than 4 kB)
+_SPAN_FIELDS = [b"\x12" + _varint(n) for n in range(4096)]
+
+
+def records_group(resource: Resource, scope: InstrumentationScope) -> RecordsGroup:
+    """What ``encode_request`` needs to place apply records of ``resource`` and ``scope``: the
+    two, and the SDK's ResourceSpans for them (made once, from a span of theirs)."""
+    probe = readable_span((_PROBE_CONTEXT, 1, 2, "", 0, "", 0, "", ""), 1, resource, scope)
+    assert probe is not None
+    return resource, scope, _sdk_span(probe)[1]
+
+
+RecordsGroup = tuple[Resource, InstrumentationScope, Any]
+_PROBE_CONTEXT = b"\x00" + b"\x01" * 24 + b"\x01"
+
+
+def encode_request(
+    spans: Sequence[ReadableSpan | ApplyRecord], records: RecordsGroup | None = None
+) -> bytes:
     """An ExportTraceServiceRequest of ``spans``, grouped by resource then scope in order of
-    appearance, as the SDK's ``encode_spans`` groups them."""
+    appearance, as the SDK's ``encode_spans`` groups them. Apply records among them (only
+    with ``records``: their resource and scope) are the spans ``tracing.record_span`` makes
+    of them; one whose context is not valid and sampled is left out, as that span is."""
     groups: dict[Any, dict[Any, list[bytes]]] = {}
     headers: dict[tuple[Any, Any], Any] = {}  # the SDK's ResourceSpans of one span per group
     last_resource = last_scope = None  # spans come in runs of one scope
     last_group: list[bytes] = []
+    resource: Any
+    scope: Any
     for span in spans:
+        if isinstance(span, tuple):
+            encoded = _apply_span(span)
+            if encoded is None:
+                continue
+            assert records is not None, "apply records without their resource and scope"
+            resource, scope, header = records
+            if resource is not last_resource or scope is not last_scope:
+                headers.setdefault((resource, scope), header)
+                last_resource, last_scope = resource, scope
+                last_group = groups.setdefault(resource, {}).setdefault(scope, [])
+            last_group.append(encoded)
+            continue
         if _DIRECT and type(span) is ReadableSpan:
             resource, scope = _resource_scope(span.__dict__)
         else:
@@ -340,7 +509,12 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
                 _field(
                     b"\x12",
                     _field(b"\x0a", sdk_scope_spans.scope.SerializeToString())
-                    + b"".join([b"\x12" + _varint(len(s)) + s for s in encoded_spans])
+                    + b"".join(
+                        [
+                            (_SPAN_FIELDS[n] if (n := len(s)) < 4096 else b"\x12" + _varint(n)) + s
+                            for s in encoded_spans
+                        ]
+                    )
                     + (
                         _field(b"\x1a", sdk_scope_spans.schema_url.encode())
                         if sdk_scope_spans.schema_url
@@ -364,23 +538,30 @@ class SpanExporter(OTLPSpanExporter):
     """The SDK's OTLP/HTTP exporter (its configuration, ``OTEL_EXPORTER_OTLP_*``, transport,
     retries and metrics) encoding with ``encode_request``. It sends through the SDK exporter's
     request client (``_client``, as in opentelemetry-exporter-otlp-proto-http 1.45); with a
-    version without one it is the SDK's exporter unchanged."""
+    version without one it is the SDK's exporter unchanged. It also takes apply records
+    (``tracing.apply_recorder``), once told their resource and scope (``takes_records``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._records: RecordsGroup | None = None
         transport = getattr(getattr(self, "_client", None), "_transport", None)
         session = getattr(transport, "_session", None)
         if isinstance(session, requests.Session) and session.trust_env:
             _settle_environment(session, self._endpoint)
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def takes_records(self, resource: Resource, scope: InstrumentationScope) -> None:
+        """Apply records may come among the spans from now on: they are of ``resource`` and
+        ``scope`` (the provider's, and the tracer's that ``record_span`` stands for)."""
+        self._records = records_group(resource, scope)
+
+    def export(self, spans: Sequence[ReadableSpan | ApplyRecord]) -> SpanExportResult:
         client = getattr(self, "_client", None)
         metrics = getattr(self, "_metrics", None)
         if self._shutdown or client is None or not hasattr(client, "export") or metrics is None:
-            return super().export(spans)
+            return super().export(self._readable(spans))
         with metrics.export_operation(len(spans)) as result:
             try:
-                data = encode_request(spans)
+                data = encode_request(spans, self._records)
             except Exception as error:  # noqa: BLE001 — dropped and logged, as the SDK does
                 log.error("tracing: failed to encode %d spans: %s", len(spans), error)
                 result.error = error
@@ -394,3 +575,13 @@ class SpanExporter(OTLPSpanExporter):
                     result.error_attrs = {"http.response.status_code": status_code}
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def _readable(self, spans: Sequence[ReadableSpan | ApplyRecord]) -> list[ReadableSpan]:
+        """``spans`` with their apply records made ``ReadableSpan``s (the SDK's encoder)."""
+        resource, scope, _header = self._records or (None, None, None)
+        out = []
+        for span in spans:
+            readable = readable_span(span, 0, resource, scope) if isinstance(span, tuple) else span
+            if readable is not None:
+                out.append(readable)
+        return out

@@ -35,6 +35,7 @@ from ..core.changeset import Changeset, EmptyVersions, trace_of
 from ..core.replication import SendFrame
 from ..core.store import ApplyResult, LocalCommit
 from . import tracing
+from .apply_records import ApplyRecord
 
 MAX_TRACKED = 20_000  # traced chunks waiting in the apply queue whose arrival is remembered
 MAX_LINKS = 16  # other traces a sync session carried, linked from its span
@@ -110,7 +111,7 @@ class AgentSpans:
 
     def __init__(self, actor: bytes) -> None:
         self.actor = actor.hex()
-        self._arrivals: dict[tuple[bytes, int, int, int], _Arrival] = {}
+        self._arrivals: dict[tuple[bytes, int, tuple[int, int]], _Arrival] = {}
         # what the apply spans repeat, made once: actor ids in hex, seq ranges as text
         self._actor_ids: dict[bytes, str] = {}
         self._seqs: dict[tuple[int, int], str] = {}
@@ -181,7 +182,7 @@ class AgentSpans:
             if len(self._arrivals) >= MAX_TRACKED:
                 return
             span = session.carried(item.trace) if session is not None else None
-            self._arrivals[item.actor, item.version, *item.seqs] = (now, peer, via, span)
+            self._arrivals[item.actor, item.version, item.seqs] = (now, peer, via, span)
 
     def applied(
         self, batch: Sequence[Changeset | EmptyVersions], result: ApplyResult | None
@@ -193,27 +194,49 @@ class AgentSpans:
         arrivals = self._arrivals
         if not arrivals:
             return
-        whole: list[tuple[Changeset, _Arrival]] = []  # versions in one chunk: most of them
-        groups: dict[tuple[bytes, int], list[tuple[Changeset, _Arrival]]] = {}
-        for item in batch:
-            if isinstance(item, Changeset) and item.trace is not None:
-                seqs = item.seqs
-                arrival = arrivals.pop((item.actor, item.version, *seqs), None)
-                if arrival is None:
-                    pass
-                elif seqs[0] == 0 and seqs[1] == item.last_seq:
-                    whole.append((item, arrival))
-                else:
-                    groups.setdefault((item.actor, item.version), []).append((item, arrival))
-        if not whole and not groups:
-            return
         applied = set(result.applied) if result is not None else set()
         now = time.time_ns()
-        for item, arrival in whole:
-            text = self._seqs.get(item.seqs)
+        # an applied version of one chunk that came by broadcast (most of them): a tuple for
+        # the exporter to encode (its parent the context the chunk carries), not a span
+        queue_records = tracing.apply_recorder()
+        records: list[ApplyRecord] = []
+        groups: dict[tuple[bytes, int], list[tuple[Changeset, _Arrival]]] = {}
+        seq_texts, actor_ids = self._seqs, self._actor_ids
+        for item in batch:
+            if not isinstance(item, Changeset) or item.trace is None:
+                continue
+            actor, version, seqs = item.actor, item.version, item.seqs
+            arrival = arrivals.pop((actor, version, seqs), None)
+            if arrival is None:
+                continue
+            if seqs[0] != 0 or seqs[1] != item.last_seq:
+                groups.setdefault((actor, version), []).append((item, arrival))
+                continue
+            text = seq_texts.get(seqs)
             if text is None:
-                text = self._seqs[item.seqs] = _seqs(*item.seqs)
-            self._record(item, arrival, text, len(item.changes), arrival[0], now, applied, result)
+                text = seq_texts[seqs] = _seqs(*seqs)
+            if queue_records is None or arrival[3] is not None or (actor, version) not in applied:
+                changes = len(item.changes)
+                self._record(item, arrival, text, changes, arrival[0], now, applied, result)
+                continue
+            actor_id = actor_ids.get(actor)
+            if actor_id is None:
+                actor_id = actor_ids[actor] = actor.hex()
+            records.append(
+                (
+                    item.trace,
+                    arrival[0],
+                    now,
+                    actor_id,
+                    version,
+                    text,
+                    len(item.changes),
+                    arrival[1],
+                    arrival[2],
+                )
+            )
+        if records:
+            queue_records(records)  # type: ignore[misc]  # (not None: records were made)
         for chunks in groups.values():
             first, arrival = chunks[0]
             text = ",".join(_seqs(*c.seqs) for c, _a in chunks)

@@ -23,11 +23,10 @@ import inspect
 import logging
 import os
 import random
-import struct
 import threading
 import time
 import traceback
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -52,13 +51,13 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..config import ConfigError, OpenTelemetryConfig
+from .apply_records import CONTEXT_BYTES, WIRE_CONTEXT, ApplyRecord
 
 log = logging.getLogger("corrosion.tracing")
 
 SCOPE = "corrosion"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _CONTEXT_VERSION = 0
-CONTEXT_BYTES = 26  # version, trace id (16), span id (8), flags
 EXPORT_BATCH = 2048  # spans an export sends at most, unless OTEL_BSP_* say otherwise
 
 # OTEL_TRACES_SAMPLER's values the SDK knows (an unknown one would silently mean the default)
@@ -266,7 +265,12 @@ def _new_provider(
         sizes = {"max_export_batch_size": EXPORT_BATCH, "max_queue_size": 4 * EXPORT_BATCH}
     processor = BatchSpanProcessor(exporter, **sizes)
     provider.add_span_processor(processor)
-    return provider, _Recorder(provider, processor)
+    recorder = _Recorder(provider, processor)
+    if isinstance(exporter, SpanExporter) and recorder.queue_records is not None:
+        exporter.takes_records(recorder.resource, recorder.scope)
+    else:
+        recorder.queue_records = None  # another exporter: apply spans are ReadableSpans
+    return provider, recorder
 
 
 def active() -> bool:
@@ -330,6 +334,13 @@ class _Recorder:
         # and the default keeps every root: nothing to ask it for a request without a parent
         self.keeps_roots = described in (default, ALWAYS_ON.get_description())
         self.scope = InstrumentationScope(SCOPE, "")  # as ``get_tracer(SCOPE)`` names it
+        # how ``apply_recorder`` queues apply records: into the batch processor's own queue
+        # (its limits, dropped-span count, schedule and flush), when the sampler follows the
+        # parent (the record's sampled flag decides) and span ids are the SDK's random ones
+        # (the exporter makes them); ``_new_provider`` keeps it only for corrosion's exporter
+        self.queue_records: Callable[[list[ApplyRecord]], None] | None = None
+        if hasattr(batch, "emit") and self.follows_parent and self.new_span_id is _random_span_id:
+            self.queue_records = _records_queuer(batch)
 
     def record(
         self,
@@ -641,6 +652,60 @@ def record_span(
     span.end(end_time=end_ns)
 
 
+def apply_recorder() -> Callable[[list[ApplyRecord]], None] | None:
+    """The function queuing applied versions' ``corrosion.apply`` spans as ``ApplyRecord``s
+    (``apply_records``: each's parent the remote context its changeset carried, no status), or
+    None when such spans must go through ``record_span``: tracing off or not corrosion's
+    provider, an exporter other than corrosion's OTLP one, a sampler that is not parent-based,
+    a custom id generator. Asked once per batch of versions (the answer holds while tracing
+    is on)."""
+    recorder = _recorder
+    return recorder.queue_records if recorder is not None else None
+
+
+# what ``_records_queuer`` reads of the SDK's BatchProcessor (as ``emit`` does)
+_BATCH_FIELDS = (
+    "_queue",
+    "_max_queue_size",
+    "_max_export_batch_size",
+    "_worker_awaken",
+    "_shutdown",
+    "_pid",
+)
+
+
+def _records_queuer(batch: Any) -> Callable[[list[ApplyRecord]], None]:
+    """``batch.emit`` (the SDK's ``BatchProcessor``) of each record, done as one ``extendleft``
+    of its queue when the records fit and this SDK's processor has the fields read here (as in
+    1.45): the same queue, order and wake-up of its exporting thread. When they do not fit, or
+    the processor is stopped or in a forked child, each goes through ``emit``, which counts
+    and logs the spans dropped."""
+    emit = batch.emit
+    if not all(hasattr(batch, name) for name in _BATCH_FIELDS):
+
+        def emit_each(records: list[ApplyRecord]) -> None:
+            for record in records:
+                emit(record)
+
+        return emit_each
+
+    def queue_records(records: list[ApplyRecord]) -> None:
+        queue = batch._queue
+        if (
+            batch._shutdown
+            or len(queue) + len(records) > batch._max_queue_size
+            or batch._pid != os.getpid()
+        ):
+            for record in records:
+                emit(record)
+            return
+        queue.extendleft(records)
+        if len(queue) >= batch._max_export_batch_size and not batch._worker_awaken.is_set():
+            batch._worker_awaken.set()
+
+    return queue_records
+
+
 def start_span(
     name: str, parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any]
 ) -> Span:
@@ -717,7 +782,7 @@ def span_context_from_bytes(data: bytes | None) -> SpanContext | None:
     applied: one unpack, and the SpanContext built from its checked fields."""
     if data is None or len(data) < CONTEXT_BYTES or data[0] != _CONTEXT_VERSION:
         return None
-    _version, high, low, span_id, flags = _WIRE_CONTEXT.unpack_from(data)
+    _version, high, low, span_id, flags = WIRE_CONTEXT.unpack_from(data)
     if not (high or low) or not span_id:
         return None  # not a valid context
     return _new_context(
@@ -725,7 +790,6 @@ def span_context_from_bytes(data: bytes | None) -> SpanContext | None:
     )
 
 
-_WIRE_CONTEXT = struct.Struct(">BQQQB")  # version, trace id (high, low halves), span id, flags
 _TRACE_FLAGS = tuple(TraceFlags(flags) for flags in range(256))
 _NO_TRACE_STATE = TraceState()
 

@@ -1,16 +1,19 @@
 """corrosion's OTLP/HTTP span exporter (corrosion/runtime/otlp_export.py) and the apply span's
-direct recording (``tracing.record_span``): what they produce is what the SDK's own span
-lifecycle and encoder produce, spans of every shape, and it reaches a real receiver."""
+direct recording (``tracing.record_span``, and the apply records of ``tracing.apply_recorder``):
+what they produce is what the SDK's own span lifecycle and encoder produce, spans of every
+shape, and it reaches a real receiver."""
 
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import (
     Link,
@@ -26,7 +29,15 @@ from opentelemetry.trace import (
 )
 
 from corrosion.runtime import tracing
-from corrosion.runtime.otlp_export import SpanExporter, _span, encode_request
+from corrosion.runtime.apply_records import APPLY_KEYS
+from corrosion.runtime.otlp_export import (
+    SpanExporter,
+    _span,
+    encode_request,
+    readable_span,
+    records_group,
+)
+from corrosion.runtime.tracing import SCOPE
 
 APPLY_ATTRIBUTES = {
     "corrosion.actor_id": "ab" * 16,
@@ -276,3 +287,141 @@ def test_the_exporter_honours_the_proxy_environment_it_read_at_start(otlp_receiv
         exporter.shutdown()
     # a proxied request's path is the absolute URL, which the receiver rejects (counted)
     otlp_receiver.wait_for_sync(lambda _spans: otlp_receiver.rejected >= 2, what="2 requests")
+
+
+# -- apply records (``tracing.apply_recorder``): a tuple per applied version, encoded by the
+# exporter as the span ``tracing.record_span`` makes
+
+
+def apply_record(rng: random.Random, version: int = 7, flags: int = 1, **kw) -> tuple:
+    """An apply record of APPLY_ATTRIBUTES' values, its parent a fresh wire context."""
+    context = kw.pop("context", b"\0" + rng.randbytes(24) + bytes((flags,)))
+    values = {**APPLY_ATTRIBUTES, "corrosion.version": version, **kw}
+    assert tuple(values) == APPLY_KEYS
+    return (context, 1_000_000_123, 1_000_250_456, *values.values())
+
+
+@pytest.mark.parametrize("version", [0, 7, 300, 2**21 + 5, 2**40, 2**63 - 1])
+def test_an_apply_record_is_encoded_as_the_span_record_span_makes(exported, version):
+    rng = random.Random(version)
+    record = apply_record(rng, version, flags=3)  # sampled, random trace id
+    context, start, end, *values = record
+    parent = tracing.span_context_from_bytes(context)
+    attributes = dict(zip(APPLY_KEYS, values, strict=True))
+    tracing.record_span("corrosion.apply", parent, SpanKind.CONSUMER, start, end, attributes)
+    (made,) = exported()
+    group = records_group(made.resource, made.instrumentation_scope)
+    ours = ExportTraceServiceRequest.FromString(encode_request([record], group))
+    sdk = encode_spans([made])
+    ours_span = ours.resource_spans[0].scope_spans[0].spans[0]
+    # the span id is the exporter's to make, random as the SDK's: the rest is the same span
+    assert len(ours_span.span_id) == 8 and ours_span.span_id not in (bytes(8), context[17:25])
+    ours_span.span_id = sdk.resource_spans[0].scope_spans[0].spans[0].span_id
+    assert ours == sdk
+    assert ours.SerializeToString(deterministic=True) == sdk.SerializeToString(deterministic=True)
+    # the SDK's encoder, for an exporter without corrosion's, gets the same span
+    readable = readable_span(
+        record, made.context.span_id, made.resource, made.instrumentation_scope
+    )
+    assert encode_spans([readable]) == sdk
+
+
+def test_apply_records_among_spans_are_grouped_as_the_sdks_encoder_groups_them(exported):
+    rng = random.Random(21)
+    every_shape(rng)
+    spans = list(exported())
+    records = [apply_record(rng, v) for v in (1, 2, 3)]
+    group = records_group(spans[0].resource, spans[0].instrumentation_scope)
+    ours = ExportTraceServiceRequest.FromString(
+        encode_request([records[0], *spans[:3], records[1], *spans[3:], records[2]], group)
+    )
+    # the SDK's encoding of the same, the records made the spans record_span makes (span id 1)
+    made = [readable_span(r, 1, *group[:2]) for r in records]
+    expected = encode_spans([made[0], *spans[:3], made[1], *spans[3:], made[2]])
+    ours_spans = [s for r in ours.resource_spans for ss in r.scope_spans for s in ss.spans]
+    expected_spans = [s for r in expected.resource_spans for ss in r.scope_spans for s in ss.spans]
+    assert len(ours_spans) == len(expected_spans) == len(spans) + 3
+    for ours_span, expected_span in zip(ours_spans, expected_spans, strict=True):
+        if expected_span.span_id == (1).to_bytes(8, "big"):  # a record's: the exporter's id
+            ours_span.span_id = expected_span.span_id
+    assert ours == expected
+    assert [s.scope.name for r in ours.resource_spans for s in r.scope_spans] == [
+        SCOPE,
+        "orchestrator",
+    ]
+
+
+def test_apply_records_reach_a_receiver_and_those_with_no_valid_sampled_context_do_not(
+    otlp_receiver,
+):
+    settings = tracing.resolve(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url})
+    handle = tracing.start_tracing(settings, "corrosion-test", instance_id="n1")
+    try:
+        queue_records = tracing.apply_recorder()
+        assert queue_records is not None  # corrosion's exporter, the default sampler
+        rng = random.Random(23)
+        kept = apply_record(rng, 11)
+        queue_records(
+            [
+                kept,
+                apply_record(rng, 12, flags=0),  # not sampled
+                apply_record(rng, 13, context=b"\0" + bytes(24) + b"\1"),  # no ids
+                apply_record(rng, 14, context=b"\1" + rng.randbytes(24) + b"\1"),  # newer
+                apply_record(rng, 15, context=b"\0" + rng.randbytes(10)),  # short
+            ]
+        )
+        tracing.record_span(  # a span made the general way, beside them
+            "corrosion.apply", remote_parent(rng), SpanKind.CONSUMER, 1, 2, APPLY_ATTRIBUTES
+        )
+        assert handle.force_flush()
+    finally:
+        handle.shutdown()
+    otlp_receiver.wait_for_sync(lambda s: len(s) >= 2, what="the apply spans")
+    got = {s.attributes["corrosion.version"]: s for s in otlp_receiver.snapshot()}
+    assert sorted(got) == [7, 11]
+    span = got[11]
+    assert (span.name, span.kind) == ("corrosion.apply", 5)  # consumer
+    assert span.trace_id == kept[0][1:17].hex() and span.parent_id == kept[0][17:25].hex()
+    assert (span.start_ns, span.end_ns) == (kept[1], kept[2])
+    assert span.attributes == dict(zip(APPLY_KEYS, kept[3:], strict=True))
+    assert (span.service, span.instance) == ("corrosion-test", "n1")
+
+
+class BlockingExporter(SpanExporter):
+    """corrosion's exporter whose first export waits to be released; keeps what it got."""
+
+    def __init__(self) -> None:
+        super().__init__(endpoint="http://127.0.0.1:9/v1/traces")
+        self.exporting = threading.Event()
+        self.release = threading.Event()
+        self.got: list = []
+
+    def export(self, spans):
+        self.exporting.set()
+        assert self.release.wait(30)
+        self.got.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+def test_apply_records_beyond_the_queue_are_dropped_and_counted_as_spans_are(monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100000000")
+    exporter = BlockingExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", exporter=exporter)
+    try:
+        queue_records = tracing.apply_recorder()
+        assert queue_records is not None
+        rng = random.Random(29)
+        queue_records([apply_record(rng, v) for v in range(4)])  # a batch: the export starts
+        assert exporter.exporting.wait(30)
+        queue_records([apply_record(rng, v) for v in range(4, 10)])  # 6 for 4 places
+        exporter.release.set()
+        assert handle.force_flush()
+    finally:
+        exporter.release.set()
+        handle.shutdown()
+    # the oldest two of the second lot were dropped, with the batch processor's warning (its
+    # logger says it once)
+    assert sorted(r[4] for r in exporter.got) == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert "Queue full, dropping Span." in [r.message for r in caplog.records]
