@@ -886,8 +886,11 @@ def devcluster(
             raise _fail(f"{ENV_VAR}: {exc}") from None
     try:
         missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo, wait_for_stop)
-    except OSError as exc:
-        raise _fail(f"devcluster could not start: {exc}") from None
+    except Exception as exc:
+        leaf = _leaf(exc)  # e.g. a port taken, or OTEL_* variables the agents refuse
+        if isinstance(leaf, OSError | ConfigError):
+            raise _fail(f"devcluster could not start: {leaf}") from None
+        raise
     if missing:
         raise _fail(f"the demo write never reached {', '.join(missing)}")
 

@@ -55,6 +55,19 @@ def test_devcluster_command_prints_what_a_newcomer_needs():
         assert "Demo: n1 wrote todo #2" in result.stdout
 
 
+def test_devcluster_refusing_the_environment_says_so_in_one_line():
+    """A bad OTEL_* variable (the agents refuse it at start) is one line, not a traceback."""
+    with short_tmp() as base:
+        args = ["devcluster", "--nodes", "1", "--duration", "0.5", "--base-dir", str(base)]
+        result = CliRunner().invoke(app, args, env={"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://x"})
+        assert result.exit_code == 1, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert result.stderr.strip().splitlines() == [
+            "error: devcluster could not start: OTEL_EXPORTER_OTLP_ENDPOINT=ftp://x: expected "
+            "the http:// or https:// URL of an OTLP/HTTP collector (e.g. http://localhost:4318)"
+        ]
+
+
 async def test_devcluster_nodes_answer_the_printed_commands():
     with short_tmp() as base:
         async with DevCluster(2, base) as dc:
