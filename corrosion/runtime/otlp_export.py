@@ -534,6 +534,13 @@ def encode_request(
     return b"".join(out)
 
 
+class _Quieter(logging.LoggerAdapter):
+    """A logger whose every record is DEBUG."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
 class SpanExporter(OTLPSpanExporter):
     """The SDK's OTLP/HTTP exporter (its configuration, ``OTEL_EXPORTER_OTLP_*``, transport,
     retries and metrics) encoding with ``encode_request``. It sends through the SDK exporter's
@@ -544,7 +551,13 @@ class SpanExporter(OTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._records: RecordsGroup | None = None
-        transport = getattr(getattr(self, "_client", None), "_transport", None)
+        self._failing = 0  # exports failed in a row: logged when it starts and when it ends
+        client = getattr(self, "_client", None)
+        if isinstance(getattr(client, "_logger", None), logging.Logger):
+            # its WARNING per retry and ERROR per failed batch (every few seconds while the
+            # collector is down) become DEBUG: ``export`` logs the state changes instead
+            client._logger = _Quieter(client._logger, {})  # type: ignore[union-attr]
+        transport = getattr(client, "_transport", None)
         session = getattr(transport, "_session", None)
         if isinstance(session, requests.Session) and session.trust_env:
             _settle_environment(session, self._endpoint)
@@ -573,8 +586,29 @@ class SpanExporter(OTLPSpanExporter):
                 status_code = getattr(sent, "status_code", None)
                 if status_code is not None:
                     result.error_attrs = {"http.response.status_code": status_code}
+                self._failed(len(spans), status_code, sent.error)
                 return SpanExportResult.FAILURE
+        if self._failing:
+            log.info(
+                "tracing: the OTLP collector at %s takes spans again (%d exports failed before)",
+                self._endpoint,
+                self._failing,
+            )
+            self._failing = 0
         return SpanExportResult.SUCCESS
+
+    def _failed(self, spans: int, status_code: int | None, error: Any) -> None:
+        self._failing += 1
+        why = f"HTTP {status_code}" if status_code is not None else str(error or "no answer")
+        if self._failing == 1:
+            log.warning(
+                "tracing: cannot export spans to the OTLP collector at %s (%s): their batches "
+                "are dropped until it answers; logged again when it does",
+                self._endpoint,
+                why,
+            )
+        else:
+            log.debug("tracing: export of %d spans failed again (%s)", spans, why)
 
     def _readable(self, spans: Sequence[ReadableSpan | ApplyRecord]) -> list[ReadableSpan]:
         """``spans`` with their apply records made ``ReadableSpan``s (the SDK's encoder)."""

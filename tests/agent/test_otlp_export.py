@@ -5,6 +5,7 @@ shape, and it reaches a real receiver."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -248,6 +249,44 @@ def test_the_exporter_delivers_the_spans_to_a_receiver(otlp_receiver):
     assert apply.attributes["corrosion.version"] == 7
     assert apply.kind == 5  # consumer
     assert {s.service for s in got} == {"corrosion-test"}
+
+
+def test_a_collector_refusing_exports_is_logged_once_and_its_recovery_once(otlp_receiver, caplog):
+    """Not a WARNING per retry and an ERROR per batch from the SDK's exporter while the collector
+    is down (every few seconds): one WARNING when exports start failing, one INFO when they
+    work again."""
+    memory = InMemorySpanExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", instance_id="n1", exporter=memory)
+    try:
+        every_shape(random.Random(12))
+        assert handle.force_flush()
+        spans = memory.get_finished_spans()
+    finally:
+        handle.shutdown()
+    exporter = SpanExporter(endpoint=otlp_receiver.traces_url)
+    caplog.set_level(logging.DEBUG)
+    otlp_receiver.refusing = 401
+    assert [exporter.export(spans).name for _ in range(3)] == ["FAILURE"] * 3
+    otlp_receiver.refusing = 0
+    assert exporter.export(spans).name == "SUCCESS"
+    exporter.shutdown()
+    loud = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.levelno > 10]
+    assert loud == [
+        (
+            "corrosion.tracing",
+            "WARNING",
+            f"tracing: cannot export spans to the OTLP collector at {otlp_receiver.traces_url} "
+            "(HTTP 401): their batches are dropped until it answers; logged again when it does",
+        ),
+        (
+            "corrosion.tracing",
+            "INFO",
+            f"tracing: the OTLP collector at {otlp_receiver.traces_url} takes spans again "
+            "(3 exports failed before)",
+        ),
+    ]
+    assert any("Failed to export" in r.getMessage() for r in caplog.records)  # now DEBUG
+    otlp_receiver.wait_for_sync(lambda s: len(s) >= len(spans), what="the spans")
 
 
 @pytest.mark.parametrize(

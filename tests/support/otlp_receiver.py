@@ -78,6 +78,7 @@ class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     requests: int = 0
     rejected: int = 0  # requests that were not OTLP trace exports
+    refusing: int = 0  # when set, every export is answered with this HTTP status (e.g. 401)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -133,6 +134,8 @@ class OtlpReceiver:
         self.close()
 
     def _receive(self, path: str, headers: Any, body: bytes) -> int:
+        if self.refusing:
+            return self.refusing
         if path != "/v1/traces":
             with self._lock:
                 self.rejected += 1
