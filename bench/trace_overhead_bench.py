@@ -84,6 +84,20 @@ class NoopExporter:
         return True
 
 
+def start_sink() -> tuple[subprocess.Popen[str], str]:
+    """The OTLP receiver (``SINK``) in a process of its own, and its URL. Closing its stdin
+    makes it print how many spans it got."""
+    sink = subprocess.Popen(
+        [sys.executable, "-c", SINK, str(ROOT / "tests")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert sink.stdout is not None
+    return sink, sink.stdout.readline().strip()
+
+
 def start_mode(mode: str, sink_url: str) -> tracing.TracingHandle:
     if mode == "off":
         return tracing.start_tracing(None, "corrosion-bench")
@@ -212,16 +226,9 @@ def main() -> None:
     args = parse_args(__doc__.split("\n")[0])
     report = Report(args.json)
     versions, txns, rounds = (300, 200, 3) if args.quick else (2000, 1000, 5)
-    sink = subprocess.Popen(
-        [sys.executable, "-c", SINK, str(ROOT / "tests")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    sink, sink_url = start_sink()
     try:
         assert sink.stdout is not None and sink.stdin is not None
-        sink_url = sink.stdout.readline().strip()
         for suffix, backend, options in event_loops():
             if backend != "asyncio":
                 continue  # trio: the same code paths, measured by agent_bench's loops already

@@ -32,7 +32,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
-from trace_overhead_bench import ROOT, SINK, apply_round, source_frames, start_mode, txn_round
+from trace_overhead_bench import (
+    ROOT,
+    apply_round,
+    source_frames,
+    start_mode,
+    start_sink,
+    txn_round,
+)
 
 VALGRIND = "/usr/bin/valgrind"
 
@@ -149,16 +156,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs of each mode (the median counts)")
     p.add_argument("--jobs", type=int, default=2, help="callgrind processes at a time")
     args = p.parse_args()
-    sink = subprocess.Popen(
-        [sys.executable, "-c", SINK, str(ROOT / "tests")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    sink, sink_url = start_sink()
     try:
         assert sink.stdout is not None and sink.stdin is not None
-        sink_url = sink.stdout.readline().strip()
         with tempfile.TemporaryDirectory(prefix="trace-instr-") as tmp:
             base = Path(tmp)
             sizes = (args.small, args.small + args.step)
