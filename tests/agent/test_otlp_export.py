@@ -10,6 +10,7 @@ import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -230,16 +231,21 @@ def test_a_parent_not_sampled_records_nothing(exported):
     assert exported() == ()
 
 
-def test_the_exporter_delivers_the_spans_to_a_receiver(otlp_receiver):
-    exporter = SpanExporter(endpoint=otlp_receiver.traces_url)
+def spans_of_every_shape(seed: int) -> list[Any]:
+    """Finished spans of every shape, as the SDK hands them to an exporter."""
     memory = InMemorySpanExporter()
     handle = tracing.start_tracing(None, "corrosion-test", instance_id="n1", exporter=memory)
     try:
-        every_shape(random.Random(11))
+        every_shape(random.Random(seed))
         assert handle.force_flush()
-        spans = memory.get_finished_spans()
+        return list(memory.get_finished_spans())
     finally:
         handle.shutdown()
+
+
+def test_the_exporter_delivers_the_spans_to_a_receiver(otlp_receiver):
+    exporter = SpanExporter(endpoint=otlp_receiver.traces_url)
+    spans = spans_of_every_shape(11)
     assert exporter.export(spans).name == "SUCCESS"
     exporter.shutdown()
     otlp_receiver.wait_for_sync(lambda s: len(s) >= len(spans), what="the exported spans")
@@ -255,14 +261,7 @@ def test_a_collector_refusing_exports_is_logged_once_and_its_recovery_once(otlp_
     """Not a WARNING per retry and an ERROR per batch from the SDK's exporter while the collector
     is down (every few seconds): one WARNING when exports start failing, one INFO when they
     work again."""
-    memory = InMemorySpanExporter()
-    handle = tracing.start_tracing(None, "corrosion-test", instance_id="n1", exporter=memory)
-    try:
-        every_shape(random.Random(12))
-        assert handle.force_flush()
-        spans = memory.get_finished_spans()
-    finally:
-        handle.shutdown()
+    spans = spans_of_every_shape(12)
     exporter = SpanExporter(endpoint=otlp_receiver.traces_url)
     caplog.set_level(logging.DEBUG)
     otlp_receiver.refusing = 401
