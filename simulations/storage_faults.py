@@ -150,7 +150,13 @@ def run_power_cuts(
                         run.problems.append(f"after crash {run.crashes}: reopening fails: {exc}")
                         return run
                     a.rep.member_up(b.store.actor_id, ADDR_B)
-                    acked = _check_restart(run, a, b.store.actor_id, acked, inflight, b_versions)
+                    try:
+                        acked = _check_restart(
+                            run, a, b.store.actor_id, acked, inflight, b_versions
+                        )
+                    except apsw.CorruptError as exc:  # opened, but its pages are not a database
+                        run.problems.append(f"after crash {run.crashes}: reading fails: {exc}")
+                        return run
                     inflight = None
             vfs.clear_faults()
             run.diverged += _converge(a, b)

@@ -5,6 +5,7 @@ tear unsynced writes, and read errors, for a fixed set of seeds (``simulations.s
 from __future__ import annotations
 
 import random
+import re
 
 import apsw
 import pytest
@@ -91,9 +92,13 @@ def test_synchronous_normal_loses_acknowledged_versions(tmp_path):
 
 def test_synchronous_off_can_corrupt_the_database(tmp_path):
     """Without syncs even a checkpoint is unordered: the checks see a database SQLite refuses
-    to open (so the disk model is harsh enough for NORMAL and FULL passing to mean something)."""
+    to open or read (so the disk model is harsh enough for NORMAL and FULL passing to mean
+    something). Which of the two depends on the pages the seed's writes land on."""
     run = run_power_cuts(2, "OFF", base=str(tmp_path))
-    assert any("reopening fails: database disk image is malformed" in p for p in run.problems)
+    assert any(
+        re.search(r"(reopening|reading) fails: database disk image is malformed", p)
+        for p in run.problems
+    ), run.problems
 
 
 @pytest.mark.xfail(
