@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import anyio
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -57,3 +61,22 @@ class SpanRecorder:
 def spans_named(spans: list[ReadableSpan], prefix: str) -> list[ReadableSpan]:
     """The spans whose name starts with ``prefix``, in the order they started."""
     return sorted((s for s in spans if s.name.startswith(prefix)), key=lambda s: s.start_time or 0)
+
+
+def slow_start_run(log: Any) -> tuple[threading.Event, threading.Event, Callable[[], None]]:
+    """Make ``log.start_run`` (a step log's) block in its worker thread until released: returns
+    ``(writing, release, restore)``, ``writing`` set once a START is being written, ``restore``
+    putting the real ``start_run`` back."""
+    writing, release = threading.Event(), threading.Event()
+    start_run = log.start_run
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        release.wait(60)
+        return start_run(*args, **kwargs)
+
+    def restore() -> None:
+        log.start_run = start_run
+
+    log.start_run = slow
+    return writing, release, restore

@@ -4,10 +4,10 @@ resume after the engine stops mid-step, and runs from an older release."""
 from __future__ import annotations
 
 import json
-import threading
 
 import anyio
 import pytest
+from orch_helpers import slow_start_run
 from support import wait_for
 
 from orchestrator.clock import ManualClock
@@ -348,16 +348,8 @@ async def test_a_start_in_flight_when_the_engine_stops_is_resumed_not_lost(tmp_p
     """The engine stops while a START is being written in its worker thread: the caller gets
     EngineClosedError (not an internal error), and the next engine resumes the logged run."""
     store = make_store(tmp_path, "m1")
-    writing, release = threading.Event(), threading.Event()
     log_ = store.log("m1")
-    start_run = log_.start_run
-
-    def slow_start_run(*args, **kwargs):
-        writing.set()
-        release.wait(60)
-        return start_run(*args, **kwargs)
-
-    log_.start_run = slow_start_run
+    writing, release, restore_start_run = slow_start_run(log_)
     ran = []
 
     async def a(ctx):
@@ -380,7 +372,7 @@ async def test_a_start_in_flight_when_the_engine_stops_is_resumed_not_lost(tmp_p
     (error,) = outcome
     assert isinstance(error, EngineClosedError)
     assert ran == []
-    log_.start_run = start_run
+    restore_start_run()
 
     async with Engine(store) as engine:
         engine.register("op", [("a", a)])

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import threading
 
 import anyio
 import pytest
 from opentelemetry.trace import StatusCode
-from orch_helpers import spans_named
+from orch_helpers import slow_start_run, spans_named
 from support import wait_for
 
 from orchestrator.clock import ManualClock
@@ -953,16 +952,8 @@ async def test_a_start_whose_write_ends_while_the_engine_closes_is_refused(store
     """The START of a run is being written (in a worker thread) when the engine starts closing,
     and the write ends while the engine still waits for its runs to stop: the caller gets
     EngineClosedError naming the run, which is logged and resumes on the next start."""
-    writing, release = threading.Event(), threading.Event()
     m2 = store.log("m2")
-    start_run = m2.start_run
-
-    def slow_start_run(*args, **kwargs):
-        writing.set()
-        release.wait(60)
-        return start_run(*args, **kwargs)
-
-    m2.start_run = slow_start_run
+    writing, release, restore_start_run = slow_start_run(m2)
     in_step, starter_done = anyio.Event(), anyio.Event()
     outcome = []
 
@@ -988,7 +979,7 @@ async def test_a_start_whose_write_ends_while_the_engine_closes_is_refused(store
         await in_step.wait()
         tg.start_soon(starter, engine)
         await anyio.to_thread.run_sync(writing.wait, 60)
-    m2.start_run = start_run
+    restore_start_run()
     (logged,) = m2.active_runs()
     assert outcome == [
         f"the engine stopped while run {logged.run_id} (op) was being started; "
