@@ -308,6 +308,7 @@ _APPLY_TAIL = b"\x7a\x00" + _FLAGS_REMOTE_PARENT  # status unset; the parent is 
 # each attribute's KeyValue by value (the key is the attribute's place), as ``_key_value``
 # encodes it: the strings and the change counts repeat from version to version
 _apply_values: list[dict[Any, bytes]] = [{} for _ in APPLY_KEYS]
+_actor_values, _, _seqs_values, _changes_values, _peer_values, _via_values = _apply_values
 
 
 def _version_prefixes() -> list[bytes]:
@@ -334,17 +335,27 @@ def _apply_value(place: int, value: Any) -> bytes | None:
     return encoded
 
 
+def _parent(context: bytes) -> tuple[int, int, int, int] | None:
+    """A record's wire trace context as (trace id high, low, parent span id, flags); None when
+    it is not a valid, sampled one (``record_span`` makes no span of it)."""
+    if len(context) < CONTEXT_BYTES:
+        return None
+    wire_version, high, low, parent_id, flags = _WIRE(context)
+    if wire_version or not flags & 1 or not (high or low) or not parent_id:
+        return None
+    return high, low, parent_id, flags
+
+
 def _apply_span(record: ApplyRecord) -> bytes | None:
     """The Span message of an apply record, byte for byte what ``_span`` writes for the
     ``ReadableSpan`` ``tracing.record_span`` makes of it (ids aside: the span id is made here,
     as the SDK's random generator makes it); None when the record's context is not a valid,
     sampled one, for which ``record_span`` makes no span."""
     context, start, end, actor_id, version, seqs, changes, peer, via = record
-    if len(context) < CONTEXT_BYTES:
+    parent = _parent(context)
+    if parent is None:
         return None
-    wire_version, high, low, parent_id, flags = _WIRE(context)
-    if wire_version or not flags & 1 or not (high or low) or not parent_id:
-        return None
+    high, low, parent_id, _flags = parent
     span_id = _getrandbits(64)
     while not span_id:
         span_id = _getrandbits(64)
@@ -355,9 +366,13 @@ def _apply_span(record: ApplyRecord) -> bytes | None:
     changes_kv = _changes_values.get(changes) or _apply_value(3, changes)
     peer_kv = _peer_values.get(peer) or _apply_value(4, peer)
     via_kv = _via_values.get(via) or _apply_value(5, via)
-    if actor_kv is None or seqs_kv is None or changes_kv is None or peer_kv is None:
-        return _odd_apply_span(record, span_id)
-    if via_kv is None:
+    if (
+        actor_kv is None
+        or seqs_kv is None
+        or changes_kv is None
+        or peer_kv is None
+        or via_kv is None
+    ):  # a value of a type ``_key_value`` does not do
         return _odd_apply_span(record, span_id)
     number = _varint(version)
     return b"".join(
@@ -384,9 +399,6 @@ def _odd_apply_span(record: ApplyRecord, span_id: int) -> bytes | None:
     return _span(span) if span is not None else None
 
 
-_actor_values, _, _seqs_values, _changes_values, _peer_values, _via_values = _apply_values
-
-
 def readable_span(
     record: ApplyRecord,
     span_id: int = 0,
@@ -397,11 +409,10 @@ def readable_span(
     exporter that gets records but exports with the SDK's encoder; and the tests), with
     ``span_id`` (0: a random one); None when its context is not a valid, sampled one."""
     context, start, end, *values = record
-    if len(context) < CONTEXT_BYTES:
+    wire = _parent(context)
+    if wire is None:
         return None
-    wire_version, high, low, parent_id, flags = _WIRE(context)
-    if wire_version or not flags & 1 or not (high or low) or not parent_id:
-        return None
+    high, low, parent_id, flags = wire
     parent = SpanContext(high << 64 | low, parent_id, True, TraceFlags(flags))
     while not span_id:
         span_id = _getrandbits(64)
