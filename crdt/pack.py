@@ -26,8 +26,10 @@ _INTEGER, _REAL, _TEXT, _BLOB, _NULL = 1, 2, 3, 4, 5
 _U64 = (1 << 64) - 1
 _MAX_COLUMNS = 255
 _double = struct.Struct(">d")
-# The column count and header of a one-integer pk whose value takes n bytes, by n.
-_ONE_INTEGER = tuple(bytes((1, (n << 3) | _INTEGER)) for n in range(9))
+# The column count and header of a one-integer pk whose value takes n bytes, by n: a packed
+# non-negative integer v is ONE_INTEGER[n] + v.to_bytes(n, "big"), n = (v.bit_length() + 7) >> 3
+# (readers packing many pks inline this rather than call pack_pk).
+ONE_INTEGER = tuple(bytes((1, (n << 3) | _INTEGER)) for n in range(9))
 
 
 def _int_width(v: int) -> int:
@@ -75,7 +77,7 @@ def pack_pk(values: Sequence[Value]) -> bytes:
         v = values[0]
         if type(v) is int and 0 <= v < 1 << 63:  # the common pk, without the general walk
             n = (v.bit_length() + 7) >> 3
-            return _ONE_INTEGER[n] + v.to_bytes(n, "big")
+            return ONE_INTEGER[n] + v.to_bytes(n, "big")
     if not 1 <= len(values) <= _MAX_COLUMNS:
         raise PackError(f"can pack 1 to {_MAX_COLUMNS} columns, got {len(values)}")
     out = bytearray((len(values),))
