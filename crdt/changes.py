@@ -122,26 +122,16 @@ PASS_PER_KEY = 2.0
 PASS_PER_COLUMN = 0.1
 
 
-class _Scope(NamedTuple):
-    """What a count over the read's clock rows tells: how many there are (at most the limit)
-    and, when every one has the same site ordinal, that ordinal."""
-
-    n: int
-    one_site: int | None
-
-
-def _scope(
+def _count(
     conn: apsw.Connection, info: TableInfo, where: str, bindings: tuple[Any, ...], limit: int | None
-) -> _Scope:
-    # walks the db_version index only (the where names t1 and crsql_site_id)
-    row = conn.execute(
-        f"SELECT count(*), min(t1.site_id), max(t1.site_id) FROM {info.clock} AS t1{where}",
-        bindings,
-    ).fetchone()
-    n, low, high = row if row else (0, None, None)
-    if limit is not None:
-        n = min(n, limit)
-    return _Scope(n, low if low is not None and low == high else None)
+) -> int:
+    """How many clock rows the read returns (at most the limit), walking the db_version index
+    only (the where names t1 and crsql_site_id). Nothing else is aggregated: min and max of the
+    site ordinals (to skip reading the site of each change when they are all one) cost twice
+    what reading it does."""
+    row = conn.execute(f"SELECT count(*) FROM {info.clock} AS t1{where}", bindings).fetchone()
+    n = row[0] if row else 0
+    return n if limit is None else min(n, limit)
 
 
 def _table_keys(conn: apsw.Connection, info: TableInfo) -> int:
@@ -256,34 +246,23 @@ def _position_expr(slots: dict[str, int]) -> str:
 
 
 def _rows_by_pass(
-    conn: apsw.Connection,
-    info: TableInfo,
-    where: str,
-    bindings: tuple[Any, ...],
-    tail: str,
-    site: int | None,
+    conn: apsw.Connection, info: TableInfo, where: str, bindings: tuple[Any, ...], tail: str
 ) -> list[Change]:
     """Changes from the clock rows alone (a walk of the db_version index), their pk, value and
     causal length taken from ``_table_pass``, in the order ``table_select`` gives. The cid is
     the column's name from the table's info, one string shared by every change of the column.
-    With ``site`` (every row's ordinal), the site column is not read. Raises KeyError for what
-    the per-change joins would handle otherwise (a clock row without a lookaside row, a column
-    the table lacks, an ordinal crsql_site_id lacks)."""
+    Raises KeyError for what the per-change joins would handle otherwise (a clock row without a
+    lookaside row, a column the table lacks, an ordinal crsql_site_id lacks)."""
     name = info.name
     rows = _table_pass(conn, info)
     slots = {c: 2 + i for i, c in enumerate(info.non_pk_names)}  # positions in a pass row
     slots.setdefault(SENTINEL, 2 + len(info.non_pks))  # its None: a sentinel has no value
     cids = {i: c for c, i in slots.items()}  # position -> the cid
     sites = dict(conn.execute("SELECT ordinal, site_id FROM crsql_site_id"))
-    select = f"SELECT t1.key, {_position_expr(slots)}, t1.col_version, t1.db_version, "
-    if site is not None:
-        site_id = sites[site]
-        sql = f"{select}t1.seq FROM {info.clock} AS t1{where}{tail}"
-        return [
-            _new(Change, (name, (r := rows[k])[0], cids[i], r[i], cv, dbv, site_id, r[1], seq))
-            for k, i, cv, dbv, seq in conn.execute(sql, bindings)
-        ]
-    sql = f"{select}t1.site_id, t1.seq FROM {info.clock} AS t1{where}{tail}"
+    sql = (
+        f"SELECT t1.key, {_position_expr(slots)}, t1.col_version, t1.db_version, t1.site_id, "
+        f"t1.seq FROM {info.clock} AS t1{where}{tail}"
+    )
     return [
         _new(Change, (name, (r := rows[k])[0], cids[i], r[i], cv, dbv, sites[s], r[1], seq))
         for k, i, cv, dbv, s, seq in conn.execute(sql, bindings)
@@ -345,15 +324,15 @@ def _table_changes(
     tail: str,
 ) -> list[Change]:
     """One table's changes, read the way the read's size makes cheapest (same result)."""
-    scope = _scope(conn, info, where, bindings, limit)
+    n = _count(conn, info, where, bindings, limit)
     keys = _table_keys(conn, info)
-    if scope.n and scope.n >= keys * (PASS_PER_KEY + PASS_PER_COLUMN * len(info.non_pks)):
+    if n and n >= keys * (PASS_PER_KEY + PASS_PER_COLUMN * len(info.non_pks)):
         try:
-            return _rows_by_pass(conn, info, where, bindings, tail, scope.one_site)
+            return _rows_by_pass(conn, info, where, bindings, tail)
         except KeyError:
             pass  # something only the joins handle: read with them
     cls = None
-    if scope.n * SCAN_FRACTION >= keys * max(1, len(info.non_pks)) > 0:
+    if n * SCAN_FRACTION >= keys * max(1, len(info.non_pks)) > 0:
         cls = sentinels(conn, info)
     sql = table_select(info, where, with_cl=cls is None) + tail
     return _rows(conn, info, sql, bindings, cls)
