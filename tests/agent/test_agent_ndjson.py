@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corrosion import Agent
-from corrosion.runtime.reads import ENCODED_BYTES, ENCODED_FIRST
+from corrosion.runtime.reads import ENCODE_CHUNK, ENCODED_BYTES, ENCODED_FIRST
 from corrosion.surfaces.ndjson import json_cell, row_json, row_lines
 
 # every value a SQLite read can return (NaN cannot be stored, but the encoder takes it)
@@ -67,8 +67,10 @@ def test_each_kind_of_value_encodes_as_before():
 
 @pytest.mark.anyio
 async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tmp_path):
-    """Small rows go 4,096 a trip after the first; wide ones about a MiB of output a trip, so a
-    result of wide rows is never held whole in memory. Every row arrives, numbered in order."""
+    """Small rows go ``batch`` a trip after the first; wide ones about a MiB of output a trip, so
+    a result of wide rows is never held whole in memory. Within a trip rows are encoded
+    ``ENCODE_CHUNK`` at a time, numbered on across chunks and trips: the stream is exactly the
+    per-row encoding of every row, in order."""
     async with Agent(agent_config(tmp_path, "wide")) as agent:
         wide = 4000
         await agent.execute(
@@ -81,20 +83,23 @@ async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tm
             [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"s{i:05d}", "s"]] for i in range(5000)]
         )
         for prefix, count in (("w", 1200), ("s", 5000)):
-            trips: list[int] = []
+            chunks: list[int] = []
 
             def encode(rows: list[tuple], before: int) -> bytes:
-                trips.append(len(rows))  # noqa: B023 (called before the loop moves on)
+                chunks.append(len(rows))  # noqa: B023 (called before the loop moves on)
                 return row_lines(rows, before)
 
+            trips: list[int] = []
             body = b""
             sql = f"SELECT k, v FROM kv WHERE k >= '{prefix}' AND k < '{prefix}~' ORDER BY k"
             async for kind, payload in agent.query_stream(sql, batch=4096, encode=encode):
                 if kind == "rows":
+                    trips.append(payload.count(b"\n"))
                     body += payload
-            assert [json.loads(line)["row"][0] for line in body.splitlines()] == list(
-                range(1, count + 1)
-            )
+            rows = [row async for row in agent.query(sql)]
+            assert len(rows) == count
+            assert body == b"".join(stdlib_line(i, row) for i, row in enumerate(rows, 1))
+            assert sum(trips) == count and max(chunks) <= ENCODE_CHUNK
             assert trips[0] == ENCODED_FIRST
             if prefix == "w":
                 assert max(trips[1:]) <= ENCODED_BYTES // wide < ENCODED_FIRST
