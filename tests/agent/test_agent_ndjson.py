@@ -3,15 +3,18 @@ what the standard library's encoder writes, for every kind of SQLite value."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 
 import pytest
 from agent_helpers import agent_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import wait_for
 
 from corrosion import Agent
-from corrosion.runtime.reads import ENCODE_CHUNK, ENCODED_BYTES, ENCODED_FIRST
+from corrosion.runtime.reads import ENCODE_CHUNK, ENCODED_BYTES, ENCODED_FIRST, READ_AHEAD
 from corrosion.surfaces.ndjson import json_cell, row_json, row_lines
 
 # every value a SQLite read can return (NaN cannot be stored, but the encoder takes it)
@@ -105,6 +108,43 @@ async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tm
                 assert max(trips[1:]) <= ENCODED_BYTES // wide < ENCODED_FIRST
             else:
                 assert trips[1] == 4096
+
+
+@pytest.mark.anyio
+async def test_an_encoded_stream_closed_early_stops_reading_ahead(tmp_path):
+    """Past its first trip a stream reads on ahead in a thread of its own, at most READ_AHEAD
+    batches past what was taken; closing the stream ends that thread, and the read connection
+    it used answers the next query."""
+    async with Agent(agent_config(tmp_path, "early")) as agent:
+        for start in range(0, 30_000, 5_000):
+            await agent.execute(
+                [
+                    ["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i:05d}", i]]
+                    for i in range(start, start + 5_000)
+                ]
+            )
+        encoded: list[int] = []
+
+        def encode(rows: list[tuple], before: int) -> bytes:
+            encoded.append(len(rows))
+            return row_lines(rows, before)
+
+        stream = agent.query_stream("SELECT k, v FROM kv", batch=1024, encode=encode)
+        async with contextlib.aclosing(stream):
+            async for kind, _payload in stream:
+                if kind == "rows":  # the first trip's; the feed has started
+                    break
+            await wait_for(
+                lambda: sum(encoded) >= ENCODED_FIRST + READ_AHEAD * 1024,
+                what="the stream to read ahead",
+            )
+        # taken: the first trip; then READ_AHEAD batches waiting and at most one being put
+        assert sum(encoded) <= ENCODED_FIRST + (READ_AHEAD + 1) * 1024
+        await wait_for(
+            lambda: not any(t.name == "corrosion-feed" for t in threading.enumerate()),
+            what="the read-ahead thread to end",
+        )
+        assert len([row async for row in agent.query("SELECT k FROM kv")]) == 30_000
 
 
 @pytest.mark.parametrize(
