@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from unittest import mock
 
+import apsw
 import pytest
 from agent_helpers import agent_config
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from support import wait_for
 
 from corrosion import Agent
+from corrosion.runtime import reads
 from corrosion.runtime.reads import ENCODE_CHUNK, ENCODED_BYTES, ENCODED_FIRST, READ_AHEAD
 from corrosion.surfaces.ndjson import json_cell, row_json, row_lines
 
@@ -41,6 +44,42 @@ def test_row_lines_are_the_stdlib_encoding(rows, after):
     assert row_lines(rows, after) == expected
     for row in rows:
         assert row_json(row) == json.dumps([json_cell(v) for v in row], separators=(",", ":"))
+
+
+# what a SQLite column can hold and give back as it was (no NaN: SQLite stores it as NULL; no
+# lone surrogates: not UTF-8)
+STORED = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=True),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",))),
+    st.sampled_from(["]],[", '"]]}\n{"row":[', "a\nb", "\x7f", "[[1,2],[3]]"]),
+    st.binary(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(STORED, STORED, STORED), max_size=40),
+    st.integers(1, 50),
+    st.integers(1, 7),
+    st.integers(0, 10**6),
+)
+def test_a_trip_read_in_chunks_is_the_per_row_encoding(rows, n, chunk, before):
+    """A trip reads and encodes ``ENCODE_CHUNK`` rows at a time, numbering on across chunks:
+    its bytes are the rows' per-row encoding, whatever the values and wherever the chunks
+    end, and it stops early only at the end of the result."""
+    conn = apsw.Connection(":memory:")
+    conn.execute("CREATE TABLE t (a, b, c)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    stored = conn.execute("SELECT a, b, c FROM t ORDER BY rowid").fetchall()
+    cursor = conn.execute("SELECT a, b, c FROM t ORDER BY rowid")
+    with mock.patch.object(reads, "ENCODE_CHUNK", chunk):
+        got, encoded = reads._fetch(cursor, n, row_lines, before)
+    assert got == min(n, len(rows))
+    expected = stored[:got]
+    assert encoded == b"".join(stdlib_line(i, row) for i, row in enumerate(expected, before + 1))
+    conn.close()
 
 
 def test_each_kind_of_value_encodes_as_before():
