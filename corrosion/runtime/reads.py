@@ -52,9 +52,10 @@ class Reads:
         # NOMUTEX: SQLite skips locking the connection's mutex in every call (every
         # ``sqlite3_column_*`` of every row: a fifth of a read's CPU). A read connection is only
         # ever used by one thread at a time: a query holds it from the pool until it ends, its
-        # trips to worker threads awaited one after another; apsw still refuses a cursor used
-        # from two threads at once, and ``interrupt()`` (the one call made from another
-        # thread) is safe in any threading mode.
+        # trips to worker threads awaited one after another (or one thread reading ahead, waited
+        # for before the connection goes back); apsw still refuses a cursor used from two
+        # threads at once, and ``interrupt()`` (the one call made from another thread while it
+        # reads) is safe in any threading mode.
         conn = crdt.connect(
             str(self._db_path), flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOMUTEX
         )
