@@ -93,8 +93,9 @@ def test_runtime_dependencies_cover_the_core_imports() -> None:
         module for module in third_party_imports() if not distributions_of(module) & runtime
     }
     # uvloop: optional event loop; matplotlib: simulations.plot; hypothesis: simulations.strategies;
-    # hypercorn: corrosion.asgi_server serving HTTP on trio (the trio extra)
-    assert only_in_extras <= {"uvloop", "matplotlib", "hypothesis", "hypercorn"}, (
+    # hypercorn: corrosion.asgi_server serving HTTP on trio (the trio extra); trio:
+    # corrosion.runtime.threadfeed waking a trio event loop (imported only when running on one)
+    assert only_in_extras <= {"uvloop", "matplotlib", "hypothesis", "hypercorn", "trio"}, (
         f"imported but only in an extra: {sorted(only_in_extras)}; a module every user runs "
         "needs it in [project] dependencies (or list it here, with the module that needs it)"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 
 import anyio
 import httpx
@@ -72,6 +73,30 @@ async def test_query_results_small_with_a_length_large_streamed(tmp_path):
             rows = [line["row"] for line in lines[1:-1]]
             assert rows == [[i + 1, [f"k{i:05d}", "x" * 100]] for i in range(2000)]
             assert "eoq" in lines[-1]
+
+
+async def test_a_client_leaving_a_large_result_stops_its_reading(tmp_path):
+    """A client that goes away after the first line of a large result: the agent stops reading
+    it ahead (its thread ends) and answers the next query."""
+    async with Agent(agent_config(tmp_path, "q")) as agent:
+        for start in range(0, 20_000, 5_000):
+            await agent.execute(
+                [
+                    ["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i:05d}", "x" * 100]]
+                    for i in range(start, start + 5_000)
+                ]
+            )
+        host, port = agent.api_addrs[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+            sql = "SELECT k, v FROM kv ORDER BY k"
+            async with client.stream("POST", "/v1/queries", json=sql) as resp:
+                assert json.loads(await resp.aiter_lines().__anext__()) == {"columns": ["k", "v"]}
+            await wait_for(
+                lambda: not any(t.name == "corrosion-feed" for t in threading.enumerate()),
+                what="the read-ahead thread to end",
+            )
+            r = await client.post("/v1/queries", json="SELECT count(*) FROM kv")
+            assert r.text.splitlines()[1] == '{"row":[1,[20000]]}'
 
 
 async def test_api_stops_with_a_stream_open(tmp_path):

@@ -3,15 +3,21 @@ what the standard library's encoder writes, for every kind of SQLite value."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from unittest import mock
 
+import apsw
 import pytest
 from agent_helpers import agent_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import wait_for
 
 from corrosion import Agent
-from corrosion.runtime.reads import ENCODED_BYTES, ENCODED_FIRST
+from corrosion.runtime import reads
+from corrosion.runtime.reads import ENCODE_CHUNK, ENCODED_BYTES, ENCODED_FIRST, READ_AHEAD
 from corrosion.surfaces.ndjson import json_cell, row_json, row_lines
 
 # every value a SQLite read can return (NaN cannot be stored, but the encoder takes it)
@@ -38,6 +44,42 @@ def test_row_lines_are_the_stdlib_encoding(rows, after):
     assert row_lines(rows, after) == expected
     for row in rows:
         assert row_json(row) == json.dumps([json_cell(v) for v in row], separators=(",", ":"))
+
+
+# what a SQLite column can hold and give back as it was (no NaN: SQLite stores it as NULL; no
+# lone surrogates: not UTF-8)
+STORED = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=True),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",))),
+    st.sampled_from(["]],[", '"]]}\n{"row":[', "a\nb", "\x7f", "[[1,2],[3]]"]),
+    st.binary(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(STORED, STORED, STORED), max_size=40),
+    st.integers(1, 50),
+    st.integers(1, 7),
+    st.integers(0, 10**6),
+)
+def test_a_trip_read_in_chunks_is_the_per_row_encoding(rows, n, chunk, before):
+    """A trip reads and encodes ``ENCODE_CHUNK`` rows at a time, numbering on across chunks:
+    its bytes are the rows' per-row encoding, whatever the values and wherever the chunks
+    end, and it stops early only at the end of the result."""
+    conn = apsw.Connection(":memory:")
+    conn.execute("CREATE TABLE t (a, b, c)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    stored = conn.execute("SELECT a, b, c FROM t ORDER BY rowid").fetchall()
+    cursor = conn.execute("SELECT a, b, c FROM t ORDER BY rowid")
+    with mock.patch.object(reads, "ENCODE_CHUNK", chunk):
+        got, encoded = reads._fetch(cursor, n, row_lines, before)
+    assert got == min(n, len(rows))
+    expected = stored[:got]
+    assert encoded == b"".join(stdlib_line(i, row) for i, row in enumerate(expected, before + 1))
+    conn.close()
 
 
 def test_each_kind_of_value_encodes_as_before():
@@ -67,8 +109,10 @@ def test_each_kind_of_value_encodes_as_before():
 
 @pytest.mark.anyio
 async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tmp_path):
-    """Small rows go 4,096 a trip after the first; wide ones about a MiB of output a trip, so a
-    result of wide rows is never held whole in memory. Every row arrives, numbered in order."""
+    """Small rows go ``batch`` a trip after the first; wide ones about a MiB of output a trip, so
+    a result of wide rows is never held whole in memory. Within a trip rows are encoded
+    ``ENCODE_CHUNK`` at a time, numbered on across chunks and trips: the stream is exactly the
+    per-row encoding of every row, in order."""
     async with Agent(agent_config(tmp_path, "wide")) as agent:
         wide = 4000
         await agent.execute(
@@ -81,25 +125,65 @@ async def test_an_encoded_stream_reads_fewer_rows_per_trip_when_they_are_wide(tm
             [["INSERT INTO kv (k, v) VALUES (?, ?)", [f"s{i:05d}", "s"]] for i in range(5000)]
         )
         for prefix, count in (("w", 1200), ("s", 5000)):
-            trips: list[int] = []
+            chunks: list[int] = []
 
             def encode(rows: list[tuple], before: int) -> bytes:
-                trips.append(len(rows))  # noqa: B023 (called before the loop moves on)
+                chunks.append(len(rows))  # noqa: B023 (called before the loop moves on)
                 return row_lines(rows, before)
 
+            trips: list[int] = []
             body = b""
             sql = f"SELECT k, v FROM kv WHERE k >= '{prefix}' AND k < '{prefix}~' ORDER BY k"
             async for kind, payload in agent.query_stream(sql, batch=4096, encode=encode):
                 if kind == "rows":
+                    trips.append(payload.count(b"\n"))
                     body += payload
-            assert [json.loads(line)["row"][0] for line in body.splitlines()] == list(
-                range(1, count + 1)
-            )
+            rows = [row async for row in agent.query(sql)]
+            assert len(rows) == count
+            assert body == b"".join(stdlib_line(i, row) for i, row in enumerate(rows, 1))
+            assert sum(trips) == count and max(chunks) <= ENCODE_CHUNK
             assert trips[0] == ENCODED_FIRST
             if prefix == "w":
                 assert max(trips[1:]) <= ENCODED_BYTES // wide < ENCODED_FIRST
             else:
                 assert trips[1] == 4096
+
+
+@pytest.mark.anyio
+async def test_an_encoded_stream_closed_early_stops_reading_ahead(tmp_path):
+    """Past its first trip a stream reads on ahead in a thread of its own, at most READ_AHEAD
+    batches past what was taken; closing the stream ends that thread, and the read connection
+    it used answers the next query."""
+    async with Agent(agent_config(tmp_path, "early")) as agent:
+        for start in range(0, 30_000, 5_000):
+            await agent.execute(
+                [
+                    ["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i:05d}", i]]
+                    for i in range(start, start + 5_000)
+                ]
+            )
+        encoded: list[int] = []
+
+        def encode(rows: list[tuple], before: int) -> bytes:
+            encoded.append(len(rows))
+            return row_lines(rows, before)
+
+        stream = agent.query_stream("SELECT k, v FROM kv", batch=1024, encode=encode)
+        async with contextlib.aclosing(stream):
+            async for kind, _payload in stream:
+                if kind == "rows":  # the first trip's; the feed has started
+                    break
+            await wait_for(
+                lambda: sum(encoded) >= ENCODED_FIRST + READ_AHEAD * 1024,
+                what="the stream to read ahead",
+            )
+        # taken: the first trip; then READ_AHEAD batches waiting and at most one being put
+        assert sum(encoded) <= ENCODED_FIRST + (READ_AHEAD + 1) * 1024
+        await wait_for(
+            lambda: not any(t.name == "corrosion-feed" for t in threading.enumerate()),
+            what="the read-ahead thread to end",
+        )
+        assert len([row async for row in agent.query("SELECT k FROM kv")]) == 30_000
 
 
 @pytest.mark.parametrize(
