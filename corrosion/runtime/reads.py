@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from itertools import islice
@@ -50,20 +51,29 @@ class Reads:
         with contextlib.suppress(IndexError):  # pop is atomic: threads may share the pool
             return self._pool.pop()
         # NOMUTEX: SQLite skips locking the connection's mutex in every call (every
-        # ``sqlite3_column_*`` of every row: a fifth of a read's CPU). A read connection is only
-        # ever used by one thread at a time: a query holds it from the pool until it ends, its
-        # trips to worker threads awaited one after another (or one thread reading ahead, waited
-        # for before the connection goes back); apsw still refuses a cursor used from two
-        # threads at once, and ``interrupt()`` (the one call made from another thread while it
-        # reads) is safe in any threading mode.
+        # ``sqlite3_column_*`` of every row: a fifth of a read's CPU). Without that mutex
+        # nothing stops two threads using the connection at once (apsw's ThreadingViolation
+        # check is a try of it), so it is used by one thread at a time: a query holds it from
+        # the pool until it ends, its trips to worker threads awaited one after another (or one
+        # thread reading ahead, waited for before the connection goes back), and ``release``
+        # closes every cursor made on it (``_Cursors``), so that none is finalized later from
+        # another thread (the garbage collector's, a traceback's) while the next query runs.
+        # ``interrupt()``, the one call made from another thread while it reads, is safe in
+        # any threading mode.
         conn = crdt.connect(
             str(self._db_path), flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOMUTEX
         )
+        conn.cursor_factory = _Cursors()
         conn.execute("PRAGMA query_only = ON")
         Guard(writes=False).install(conn)  # checks clients' queries (sqlguard)
         return conn
 
     def release(self, conn: apsw.Connection) -> None:
+        """Give back a connection from ``connection`` (in the thread that last used it, or
+        once no thread does): its cursors are closed, then it goes back to the pool."""
+        cursors = conn.cursor_factory
+        if isinstance(cursors, _Cursors):
+            cursors.close_all()
         if len(self._pool) < POOL_SIZE and not self._closing:
             self._pool.append(conn)
         else:
@@ -265,6 +275,29 @@ def _interruptible(conn: apsw.Connection) -> Callable[..., Awaitable[Any]]:
             raise
 
     return run
+
+
+class _Cursors:
+    """A read connection's cursor factory that remembers the cursors it made, so that
+    ``Reads.release`` can close those still open: a closed cursor's finalization no longer
+    touches the connection, whichever thread it happens in."""
+
+    __slots__ = ("made",)
+
+    def __init__(self) -> None:
+        self.made: list[weakref.ref[apsw.Cursor]] = []
+
+    def __call__(self, conn: apsw.Connection) -> apsw.Cursor:
+        cursor = apsw.Cursor(conn)
+        self.made.append(weakref.ref(cursor))
+        return cursor
+
+    def close_all(self) -> None:
+        made, self.made = self.made, []
+        for ref in made:
+            cursor = ref()
+            if cursor is not None:
+                cursor.close(True)  # force: an unfinished statement is reset, not run on
 
 
 def _next_size(batch: int, n: int, encoded: bytes) -> int:

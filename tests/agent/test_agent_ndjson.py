@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import wait_for
 
+import crdt
 from corrosion import Agent
 from corrosion.runtime import reads
 from corrosion.runtime.reads import ENCODE_CHUNK, ENCODED_BYTES, ENCODED_FIRST, READ_AHEAD
@@ -198,3 +199,26 @@ async def test_an_encoded_stream_closed_early_stops_reading_ahead(tmp_path):
 def test_row_lines_cut_at_lines_only(rows):
     expected = b"".join(stdlib_line(i, row) for i, row in enumerate(rows, 8))
     assert row_lines(rows, 7) == expected
+
+
+def test_a_read_connection_given_back_has_its_cursors_closed(tmp_path):
+    """Read connections skip SQLite's mutex (NOMUTEX): a cursor left open by whoever borrowed
+    one must not be finalized later, from another thread, while the next borrower reads, so
+    ``release`` closes it; the connection itself reads on."""
+    db = tmp_path / "r.db"
+    conn = crdt.connect(str(db))
+    conn.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1, 101)])
+    conn.close()
+    pool = reads.Reads(db)
+    borrowed = pool.connection()
+    left_open = borrowed.execute("SELECT x FROM t ORDER BY x")
+    assert next(left_open) == (1,)
+    pool.release(borrowed)
+    with pytest.raises(apsw.CursorClosedError):
+        next(left_open)
+    again = pool.connection()
+    assert again is borrowed
+    assert again.execute("SELECT count(*) FROM t").fetchone() == (100,)
+    pool.release(again)
+    pool.close()
