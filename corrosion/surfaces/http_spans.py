@@ -30,21 +30,29 @@ def server_span(
         async def traced(request: Request) -> Response:
             if not tracing.enabled():
                 return await endpoint(request)
+            scope = request.scope
+            parent = None
+            for key, _value in scope["headers"]:  # (ASGI: lower-case names)
+                if key == b"traceparent":
+                    parent = tracing.extract_span_context(request.headers)
+                    break
             span = tracing.start_span(
                 name,
-                tracing.extract_span_context(request.headers),
+                parent,
                 SpanKind.SERVER,
-                {"http.request.method": request.method, "http.route": route},
+                {"http.request.method": scope["method"], "http.route": route},
             )
             # current for the endpoint (a child span it makes is the request's), and when it
             # is one transaction, the span the runtime describes it on
-            with tracing.current(span), span:
+            with span:
+                current = tracing.make_current(span)
                 token = tracing.request_span.set(span) if transaction else None
                 try:
                     response = await endpoint(request)
                 finally:
                     if token is not None:
                         tracing.request_span.reset(token)
+                    tracing.restore_current(current)
                 span.set_attribute("http.response.status_code", response.status_code)
                 if response.status_code >= 500:
                     span.set_status(Status(StatusCode.ERROR))
