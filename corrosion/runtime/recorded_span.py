@@ -59,7 +59,7 @@ class RecordedSpan(Span):
         self.kind = kind
         self.attributes: dict[str, Any] = {}
         self.events: list[RecordedEvent] = []
-        self.links: list[Link] = []
+        self.links: list[Link] | tuple[()] = ()  # a list once one is added (rare)
         self.status = UNSET
         self.ended = False
         self.end_ns = 0
@@ -104,6 +104,8 @@ class RecordedSpan(Span):
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if not self.ended and context.is_valid:
+            if not self.links:
+                self.links = []
             self.links.append(Link(context, BoundedAttributes(None, attributes)))
 
     def update_name(self, name: str) -> None:
