@@ -63,7 +63,11 @@ class RecordedSpan(Span):
         self.status = UNSET
         self.ended = False
         self.end_ns = 0
-        self.set_attributes(attributes)
+        for key, value in attributes.items():  # set_attribute's, without a call per key
+            if type(value) in PLAIN and type(key) is str and key:
+                self.attributes[key] = value
+            else:
+                self.attributes.update(BoundedAttributes(None, {key: value}))
         self.start_ns = time.time_ns()
 
     def readable(self) -> Any:

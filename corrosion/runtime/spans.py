@@ -159,9 +159,13 @@ class AgentSpans:
         ``perf.broadcast = false``: sync carries it)."""
         if span is None or commit is None or not span.is_recording():
             return
-        sends = [e for e in effects if isinstance(e, SendFrame)]
-        peers = sorted({f"{e.addr[0]}:{e.addr[1]}" for e in sends})
-        span.add_event("commit", {"corrosion.peers": peers, "corrosion.frames": len(sends)})
+        peers = set()
+        frames = 0
+        for effect in effects:  # (one loop: a comprehension is a call, this is per write)
+            if isinstance(effect, SendFrame):
+                frames += 1
+                peers.add(f"{effect.addr[0]}:{effect.addr[1]}")
+        span.add_event("commit", {"corrosion.peers": sorted(peers), "corrosion.frames": frames})
 
     # -- receiving and applying -----------------------------------------------------------------
 
