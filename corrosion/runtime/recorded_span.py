@@ -102,9 +102,24 @@ class RecordedSpan(Span):
     def add_event(
         self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
     ) -> None:
-        if not self.ended:
-            when = time.time_ns() if timestamp is None else timestamp  # as the SDK's Event
-            self.events.append((name, _cleaned(attributes), when))
+        if self.ended:
+            return
+        # the attributes as the SDK keeps an event's: lists of scalars made tuples, anything
+        # else cleaned or dropped by ``BoundedAttributes`` (with its warning)
+        cleaned: Mapping[str, Any] = {}
+        if attributes:
+            plain: dict[str, Any] = {}
+            for key, value in attributes.items():
+                if type(value) is list and all(map(_PLAIN_TYPES.__contains__, map(type, value))):
+                    value = tuple(value)
+                elif type(value) not in PLAIN or type(key) is not str or not key:
+                    cleaned = BoundedAttributes(None, attributes)
+                    break
+                plain[key] = value
+            else:
+                cleaned = plain
+        when = time.time_ns() if timestamp is None else timestamp  # as the SDK's Event
+        self.events.append((name, cleaned, when))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if not self.ended and context.is_valid:
@@ -160,18 +175,3 @@ class RecordedSpan(Span):
             self.record_exception(exc_val, escaped=True)
             self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
         self.end()
-
-
-def _cleaned(attributes: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """``attributes`` as the SDK keeps an event's: lists of scalars made tuples, anything
-    else cleaned or dropped by ``BoundedAttributes`` (with its warning)."""
-    if not attributes:
-        return {}
-    plain: dict[str, Any] = {}
-    for key, value in attributes.items():
-        if type(value) is list and all(map(_PLAIN_TYPES.__contains__, map(type, value))):
-            value = tuple(value)
-        elif type(value) not in PLAIN or type(key) is not str or not key:
-            return BoundedAttributes(None, attributes)
-        plain[key] = value
-    return plain
