@@ -288,6 +288,15 @@ def _recorded_span(span: RecordedSpan) -> bytes | None:
     )
 
 
+def ended_span(span: RecordedSpan) -> bytes | RecordedSpan:
+    """What corrosion's exporter is given for an ended request span: its Span message, made
+    as it ends (bytes, which the garbage collector never scans, where the span and its
+    containers would wait in the queue for the export and be scanned and promoted meanwhile),
+    or the span itself when the SDK's encoder is to encode it."""
+    encoded = _recorded_span(span)
+    return encoded if encoded is not None else span
+
+
 def _message(
     name: str,
     context: SpanContext,
@@ -522,13 +531,15 @@ _PROBE_CONTEXT = b"\x00" + b"\x01" * 24 + b"\x01"
 
 
 def encode_request(
-    spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan], records: RecordsGroup | None = None
+    spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan | bytes],
+    records: RecordsGroup | None = None,
 ) -> bytes:
     """An ExportTraceServiceRequest of ``spans``, grouped by resource then scope in order of
     appearance, as the SDK's ``encode_spans`` groups them. Apply records among them (only
     with ``records``: their resource and scope) are the spans ``tracing.record_span`` makes
     of them; one whose context is not valid and sampled is left out, as that span is. A
-    ``RecordedSpan`` (the request's, also with ``records``) is its ``ReadableSpan``."""
+    ``RecordedSpan`` (the request's, also with ``records``) is its ``ReadableSpan``, and
+    ``bytes`` are such a span's Span message (``ended_span``)."""
     groups: dict[Any, dict[Any, list[bytes]]] = {}
     headers: dict[tuple[Any, Any], Any] = {}  # the SDK's ResourceSpans of one span per group
     last_resource = last_scope = None  # spans come in runs of one scope
@@ -537,9 +548,15 @@ def encode_request(
     scope: Any
     span: ReadableSpan
     for item in spans:
-        if isinstance(item, (tuple, RecordedSpan)):
-            # a record (an apply record, a request's span): of ``records``' resource and scope
-            encoded = _apply_span(item) if isinstance(item, tuple) else _recorded_span(item)
+        if isinstance(item, (bytes, tuple, RecordedSpan)):
+            # a record (a request's span, encoded or not; an apply record): of ``records``'
+            # resource and scope
+            if isinstance(item, bytes):
+                encoded: bytes | None = item
+            elif isinstance(item, tuple):
+                encoded = _apply_span(item)
+            else:
+                encoded = _recorded_span(item)
             if encoded is not None:
                 assert records is not None, "records without their resource and scope"
                 resource, scope, header = records
@@ -549,8 +566,8 @@ def encode_request(
                     last_group = groups.setdefault(resource, {}).setdefault(scope, [])
                 last_group.append(encoded)
                 continue
-            if isinstance(item, tuple):
-                continue  # no valid, sampled context: no span
+            if not isinstance(item, RecordedSpan):
+                continue  # an apply record of no valid, sampled context: no span
             span = item.readable()  # a shape left to the SDK's encoder
         else:
             span = item
@@ -633,6 +650,13 @@ class SpanExporter(OTLPSpanExporter):
         if isinstance(session, requests.Session) and session.trust_env:
             _settle_environment(session, self._endpoint)
 
+    @property
+    def encodes(self) -> bool:
+        """Whether ``export`` encodes with ``encode_request`` (this SDK version's exporter has
+        the request client it sends through)."""
+        client = getattr(self, "_client", None)
+        return hasattr(client, "export") and getattr(self, "_metrics", None) is not None
+
     def takes_records(self, resource: Resource, scope: InstrumentationScope) -> None:
         """Records may come among the spans from now on: they are of ``resource`` and
         ``scope`` (the provider's, and the tracer's that ``record_span`` and ``start_span``
@@ -640,12 +664,11 @@ class SpanExporter(OTLPSpanExporter):
         self._records = records_group(resource, scope)
 
     def export(
-        self, spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan]
+        self, spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan | bytes]
     ) -> SpanExportResult:
-        client = getattr(self, "_client", None)
-        metrics = getattr(self, "_metrics", None)
-        if self._shutdown or client is None or not hasattr(client, "export") or metrics is None:
+        if self._shutdown or not self.encodes:
             return super().export(self._readable(spans))
+        client, metrics = self._client, self._metrics
         with metrics.export_operation(len(spans)) as result:
             try:
                 data = encode_request(spans, self._records)
@@ -685,9 +708,11 @@ class SpanExporter(OTLPSpanExporter):
             log.debug("tracing: export of %d spans failed again (%s)", spans, why)
 
     def _readable(
-        self, spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan]
+        self, spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan | bytes]
     ) -> list[ReadableSpan]:
-        """``spans`` with their records made ``ReadableSpan``s (the SDK's encoder)."""
+        """``spans`` with their records made ``ReadableSpan``s (the SDK's encoder); encoded
+        spans are left out (only queued for an exporter that ``encodes``: this is its
+        shutdown)."""
         resource, scope, _header = self._records or (None, None, None)
         out = []
         for span in spans:
@@ -696,6 +721,8 @@ class SpanExporter(OTLPSpanExporter):
                 readable = readable_span(span, 0, resource, scope)
             elif isinstance(span, RecordedSpan):
                 readable = span.readable()
+            elif isinstance(span, bytes):
+                readable = None
             else:
                 readable = span
             if readable is not None:

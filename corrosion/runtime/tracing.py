@@ -246,7 +246,7 @@ def _new_provider(
         attrs["service.name"] = service_name
     if instance_id is not None:
         attrs["service.instance.id"] = instance_id
-    from .otlp_export import CachedHashResource, SpanExporter
+    from .otlp_export import CachedHashResource, SpanExporter, ended_span
 
     if exporter is None:
         exporter = SpanExporter(endpoint=settings.endpoint if settings else None)
@@ -265,7 +265,7 @@ def _new_provider(
     recorder = _Recorder(provider, processor)
     if isinstance(exporter, SpanExporter):
         exporter.takes_records(recorder.resource, recorder.scope)
-        recorder.exports_records()
+        recorder.exports_records(ended_span if exporter.encodes else None)
     else:  # another exporter: apply and request spans are ReadableSpans
         recorder.queue_records = None
     return provider, recorder
@@ -347,11 +347,21 @@ class _Recorder:
         self.emit = getattr(batch, "emit", None)
         self.finish: Callable[[RecordedSpan], None] = self.finish_readable
 
-    def exports_records(self) -> None:
-        """The exporter is corrosion's (``otlp_export``), which encodes a ``RecordedSpan``
-        itself: ended request spans go into the batch processor's queue as they are."""
-        if self.emit is not None:
-            self.finish = self.emit
+    def exports_records(self, encode: Callable[[RecordedSpan], Any] | None) -> None:
+        """The exporter is corrosion's (``otlp_export``), which takes a ``RecordedSpan`` as it
+        is, or ``encode``'s encoding of it: ended request spans go into the batch processor's
+        queue so."""
+        emit = self.emit
+        if emit is None:
+            return
+        if encode is None:
+            self.finish = emit
+            return
+
+        def finish_encoded(span: RecordedSpan) -> None:
+            emit(encode(span))
+
+        self.finish = finish_encoded
 
     def record(
         self,

@@ -509,17 +509,20 @@ def kept():
         handle.shutdown()
 
 
-async def serve(headers: dict[str, str], status: int = 200, *, fail: bool = False) -> bytes | None:
+async def serve(
+    headers: dict[str, str], status: int = 200, *, fail: bool = False
+) -> tuple[bytes | None, Span | None]:
     """One ``POST /v1/transactions`` through corrosion's server span (``http_spans``), its
     transaction described by the runtime's ``AgentSpans`` as for a real commit of 3 changes
-    broadcast to two peers; returns the context the version's changesets would carry."""
+    broadcast to two peers; returns the context the version's changesets would carry and the
+    span the transaction was described on (the request's)."""
     carried = []
     spans = AgentSpans(bytes(range(16)))
 
     async def endpoint(_request: Request) -> Response:
         with spans.transaction() as span:
             commit = SimpleNamespace(version=2**33 + 5, last_seq=2, changes=[1, 2, 3])
-            carried.append(spans.committed(span, commit))  # type: ignore[arg-type]
+            carried.append((spans.committed(span, commit), span))  # type: ignore[arg-type]
             spans.broadcast(span, commit, PEERS)  # type: ignore[arg-type]
         if fail:
             raise KeyError("failed")
@@ -540,11 +543,6 @@ async def serve(headers: dict[str, str], status: int = 200, *, fail: bool = Fals
     return carried[0]
 
 
-def the_sdks_encoding(spans: list, exporter: KeepingExporter) -> ExportTraceServiceRequest:
-    """What the SDK's encoder makes of ``spans`` (records made their ReadableSpans)."""
-    return encode_spans(exporter._readable(spans))
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("headers", "status", "fail"),
@@ -560,12 +558,12 @@ async def test_a_request_span_is_encoded_as_the_sdk_encodes_the_span_it_stands_f
     kept, headers, status, fail
 ):
     exporter, got = kept
-    carried = await serve(headers, status, fail=fail)
-    (request,) = got()
-    assert isinstance(request, RecordedSpan)  # queued as it is: no ReadableSpan made
-    assert _recorded_span(request) is not None  # and encoded directly
-    ours = ExportTraceServiceRequest.FromString(encode_request([request], exporter._records))
-    sdk = the_sdks_encoding([request], exporter)
+    carried, request = await serve(headers, status, fail=fail)
+    assert isinstance(request, RecordedSpan)
+    # queued as its Span message, made as it ended (no ReadableSpan, nothing for the GC)
+    assert got() == [_recorded_span(request)]
+    ours = ExportTraceServiceRequest.FromString(encode_request(got(), exporter._records))
+    sdk = encode_spans([request.readable()])  # the SDK's encoding of the span it stands for
     assert ours == sdk
     assert ours.SerializeToString(deterministic=True) == sdk.SerializeToString(deterministic=True)
     # what the request span says
@@ -604,35 +602,38 @@ async def test_a_request_span_is_encoded_as_the_sdk_encodes_the_span_it_stands_f
 @pytest.mark.anyio
 async def test_an_unsampled_requests_span_is_not_recorded_and_its_version_carries_nothing(kept):
     _exporter, got = kept
-    carried = await serve({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})
-    assert carried is None
+    carried, span = await serve({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})
+    assert (carried, span) == (None, None)  # the transaction is not described either
     assert got() == []
 
 
 @pytest.mark.anyio
 async def test_a_request_span_of_another_shape_is_left_to_the_sdks_encoder(kept):
     """A trace state, a link, an event attribute the SDK cleans: the exporter asks the SDK's
-    encoder for that span (its ReadableSpan), among records it encodes itself."""
+    encoder for that span (its ReadableSpan), among records it encodes itself: such a span
+    is queued as it is, not encoded as it ends."""
     exporter, got = kept
-    await serve({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "v=x"})
+    _carried, stated = await serve(
+        {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "v=x"}
+    )
     linked = tracing.start_span("linked", None, SpanKind.SERVER, {"a": [1, 2]})
     linked.add_link(remote_parent(random.Random(31)), {"why": "carried"})
     linked.end()
     odd = tracing.start_span("odd", None, SpanKind.SERVER, {})
     odd.add_event("odd", {"none": None, "t": (1,)})
     odd.end()
-    await serve({})
+    _carried, plain = await serve({})
     spans = got()
-    assert [type(s) for s in spans] == [RecordedSpan] * 4
-    assert [_recorded_span(s) is None for s in spans] == [True, True, True, False]
+    assert spans[:3] == [stated, linked, odd] and all(_recorded_span(s) is None for s in spans[:3])
+    assert spans[3] == _recorded_span(plain)  # the usual shape, encoded as it ended
     rng = random.Random(37)
     records = [apply_record(rng, 1), *spans[:2], apply_record(rng, 2), *spans[2:]]
     ours = ExportTraceServiceRequest.FromString(encode_request(records, exporter._records))
+    readable = [stated.readable(), linked.readable(), odd.readable(), plain.readable()]
+    group = exporter._records[:2]
     sdk = encode_spans(
-        [
-            readable_span(r, 0, *exporter._records[:2]) if isinstance(r, tuple) else r.readable()
-            for r in records
-        ]
+        [readable_span(records[0], 0, *group), *readable[:2], readable_span(records[3], 0, *group)]
+        + readable[2:]
     )
     ours_spans = [s for r in ours.resource_spans for ss in r.scope_spans for s in ss.spans]
     sdk_spans = [s for r in sdk.resource_spans for ss in r.scope_spans for s in ss.spans]
