@@ -23,8 +23,9 @@ not even imported.
 What "on" costs, per unit (docs/agent.md, Tracing, has the measured figures): for an apply,
 remembering the chunk's arrival, queuing its span as one tuple (``tracing.apply_recorder``),
 encoding it (``otlp_export``) and its share of an HTTP export; for a request, the same for its
-server span (``tracing.start_span``) and its event. bench/trace_overhead_instructions.py
-counts the same ratios in instructions (valgrind), which the machine's load does not move.
+server span (``tracing.start_span``: a ``RecordedSpan`` queued as it is when it ends) with its
+attributes and event. bench/trace_overhead_instructions.py counts the same ratios in
+instructions (valgrind), which the machine's load does not move.
 """
 
 from __future__ import annotations

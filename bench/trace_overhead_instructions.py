@@ -12,7 +12,8 @@ same agent). Slow: a few minutes per path. What the agent does on its timers mea
 too, and a run lasts as long as the machine's load makes it: on a busy machine the per-unit
 figures move by several percent from run to run (take ``--repeat`` 3 or more, and compare
 builds in one run). ``--path spans`` counts the apply spans' tracing work alone (no agent, no
-HTTP: ``spans_round``), which no timer or load moves: the figure to compare builds with.
+HTTP: ``spans_round``), and ``--path txn-spans`` a request's (``txn_spans_round``), which no
+timer or load moves: the figures to compare builds with.
 
     python3 bench/trace_overhead_instructions.py --path apply
 """
@@ -51,6 +52,9 @@ def child(mode: str, path: str, n: int, base: Path, sink_url: str, name: str) ->
     if path == "spans":
         spans_round(mode, n)
         return
+    if path == "txn-spans":
+        txn_spans_round(mode, n)
+        return
 
     async def run() -> None:
         handle = start_mode(mode, sink_url)
@@ -77,20 +81,9 @@ def spans_round(mode: str, n: int) -> None:
 
     from corrosion.core.changeset import Changeset
     from corrosion.core.store import ApplyResult
-    from corrosion.runtime import tracing
     from corrosion.runtime.spans import AgentSpans
 
-    handle = tracing.start_tracing(None, "corrosion-bench")
-    if mode == "otlp":
-        from corrosion.runtime.otlp_export import SpanExporter, encode_request
-
-        class EncodeOnly(SpanExporter):
-            def export(self, spans: Any) -> Any:
-                records = getattr(self, "_records", None)  # (a build without records)
-                encode_request(spans, records) if records else encode_request(spans)
-
-        url = "http://127.0.0.1:9/v1/traces"
-        handle = tracing.start_tracing(None, "corrosion-bench", exporter=EncodeOnly(endpoint=url))
+    handle = start_encoding(mode)
     rng = random.Random(1)
     actor = rng.randbytes(16)
     spans = AgentSpans(rng.randbytes(16))
@@ -104,6 +97,68 @@ def spans_round(mode: str, n: int) -> None:
         spans.applied(batch, ApplyResult(applied=[(x.actor, x.version) for x in batch]))
     handle.force_flush()
     handle.shutdown()
+
+
+def txn_spans_round(mode: str, n: int) -> None:
+    """The tracing work alone of ``n`` ``POST /v1/transactions`` as trace_overhead_bench.py
+    makes them (one row, no peers), without the agent or HTTP: corrosion's server span
+    (``http_spans.server_span``) around an endpoint describing a transaction as the runtime
+    does (``AgentSpans.transaction``, ``committed``, ``broadcast``) and, on, encoding the
+    spans (an exporter that encodes and sends nothing). Off, tracing is not started: what is
+    left is calling the endpoint, which the difference removes."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from corrosion.runtime.spans import AgentSpans
+    from corrosion.surfaces.http_spans import server_span
+
+    handle = start_encoding(mode)
+    spans = AgentSpans(bytes(range(16)))
+    versions = iter(range(100_000, 100_000 + n))  # an agent that has taken writes already
+
+    async def endpoint(request: Request) -> Response:
+        with spans.transaction() as span:
+            commit = SimpleNamespace(version=next(versions), last_seq=1, changes=[0, 1])
+            spans.committed(span, commit)  # type: ignore[arg-type]
+            spans.broadcast(span, commit, [])  # type: ignore[arg-type]
+        return Response(status_code=200)
+
+    traced = server_span("POST", "/v1/transactions", transaction=True)(endpoint)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/transactions",
+        "headers": [(b"host", b"bench"), (b"content-type", b"application/json")],
+    }
+
+    async def run() -> None:
+        for _ in range(n):
+            await traced(Request(scope))
+
+    asyncio.run(run())
+    handle.force_flush()
+    handle.shutdown()
+
+
+def start_encoding(mode: str) -> Any:
+    """Tracing off (``off``), or on with corrosion's exporter encoding each batch and sending
+    nothing."""
+    from corrosion.runtime import tracing
+
+    if mode == "off":
+        return tracing.start_tracing(None, "corrosion-bench")
+    from corrosion.runtime.otlp_export import SpanExporter, encode_request
+
+    class EncodeOnly(SpanExporter):
+        def export(self, spans: Any) -> Any:
+            records = getattr(self, "_records", None)  # (a build without records)
+            encode_request(spans, records) if records else encode_request(spans)
+
+    url = "http://127.0.0.1:9/v1/traces"
+    return tracing.start_tracing(None, "corrosion-bench", exporter=EncodeOnly(endpoint=url))
 
 
 def count(mode: str, path: str, n: int, base: Path, sink_url: str, run: int) -> int:
@@ -150,7 +205,7 @@ def main() -> None:
         child(mode, path, int(n), Path(base), sink_url, name)
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--path", choices=("apply", "txn", "spans"), default="apply")
+    p.add_argument("--path", choices=("apply", "txn", "spans", "txn-spans"), default="apply")
     p.add_argument("--small", type=int, default=300, help="units in the smaller run")
     p.add_argument("--step", type=int, default=2048, help="units more in the larger run")
     p.add_argument("--repeat", type=int, default=3, help="runs of each mode (the median counts)")
@@ -188,6 +243,8 @@ def main() -> None:
         extra = median["otlp"] - median["off"]
         if args.path == "spans":  # off is only the making of the inputs: no ratio
             print(f"the apply spans' tracing work: {extra:,.0f} instructions per version")
+        elif args.path == "txn-spans":
+            print(f"the request span's tracing work: {extra:,.0f} instructions per request")
         else:
             ratio = median["otlp"] / median["off"]
             print(

@@ -1,5 +1,6 @@
 """The OTLP/HTTP span exporter corrosion installs: the SDK's, with a cheaper encoding of the
-spans it exports most (one ``corrosion.apply`` per version applied).
+spans it exports most (one ``corrosion.apply`` per version applied, one server span per
+``POST /v1/transactions``).
 
 The SDK's encoder builds a protobuf object per span, attribute and value (~30 µs of CPU per
 apply span, on the exporter's thread but under the GIL: a fifth of the apply it describes).
@@ -27,7 +28,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .apply_records import (
     APPLY_KEYS,
@@ -37,6 +38,7 @@ from .apply_records import (
     WIRE_CONTEXT,
     ApplyRecord,
 )
+from .recorded_span import NO_TRACE_STATE, RecordedSpan
 
 log = logging.getLogger("corrosion.tracing")
 
@@ -196,10 +198,14 @@ def _event(event: Any) -> bytes | None:
     """A Span.Event message, or None when an attribute is not of a type ``_key_value`` does."""
     if event.dropped_attributes:
         return None
-    parts = [b"\x09" + _FIXED64(event.timestamp)] if event.timestamp else []
-    if event.name:
-        parts.append(_field(b"\x12", event.name.encode()))
-    if not _attributes(b"\x1a", event.attributes, parts):
+    return _event_message(event.name, event.attributes, event.timestamp)
+
+
+def _event_message(name: str, attributes: Any, timestamp: int) -> bytes | None:
+    parts = [b"\x09" + _FIXED64(timestamp)] if timestamp else []
+    if name:
+        parts.append(_field(b"\x12", name.encode()))
+    if not _attributes(b"\x1a", attributes, parts):
         return None
     return b"".join(parts)
 
@@ -246,6 +252,64 @@ def _span(span: ReadableSpan) -> bytes | None:
         return None
     if context is None or context[4]:  # (trace_state) SpanContext is a tuple
         return None
+    encoded_events = []
+    for event in events:
+        encoded = _event(event)
+        if encoded is None:
+            return None
+        encoded_events.append(encoded)
+    return _message(name, context, parent, kind, start, end, attributes, encoded_events, status)
+
+
+def _recorded_span(span: RecordedSpan) -> bytes | None:
+    """The Span message of an ended ``RecordedSpan``: what ``_span`` writes for its
+    ``ReadableSpan`` (``span.readable()``), or None when that one is not of the plain shape."""
+    context = span.context
+    trace_state = context[4]
+    if span.links or (trace_state is not NO_TRACE_STATE and trace_state):
+        return None
+    events = []
+    for name, attributes, timestamp in span.events:
+        # an event's attributes are a dict unless cleaned by BoundedAttributes (odd values)
+        encoded = _event_message(name, attributes, timestamp) if type(attributes) is dict else None
+        if encoded is None:
+            return None
+        events.append(encoded)
+    return _message(
+        span.name,
+        context,
+        span.parent,
+        span.kind,
+        span.start_ns,
+        span.end_ns,
+        span.attributes,
+        events,
+        span.status,
+    )
+
+
+def ended_span(span: RecordedSpan) -> bytes | RecordedSpan:
+    """What corrosion's exporter is given for an ended request span: its Span message, made
+    as it ends (bytes, which the garbage collector never scans, where the span and its
+    containers would wait in the queue for the export and be scanned and promoted meanwhile),
+    or the span itself when the SDK's encoder is to encode it."""
+    encoded = _recorded_span(span)
+    return encoded if encoded is not None else span
+
+
+def _message(
+    name: str,
+    context: SpanContext,
+    parent: SpanContext | None,
+    kind: SpanKind,
+    start: int,
+    end: int,
+    attributes: Any,
+    events: list[bytes],
+    status: Status,
+) -> bytes | None:
+    """The Span message of these fields (``events``: the Event messages), or None when an
+    attribute value is not of a type ``_key_value`` does."""
     trace_id = context[0]
     if parent is not None:
         ids = _IDS_PARENT(
@@ -273,10 +337,7 @@ def _span(span: ReadableSpan) -> bytes | None:
     if not _attributes(b"\x4a", attributes, parts):
         return None
     for event in events:
-        encoded = _event(event)
-        if encoded is None:
-            return None
-        parts.append(_field(b"\x5a", encoded))
+        parts.append(_field(b"\x5a", event))
     known = _statuses.get(id(status))
     if known is None or known[0] is not status:
         known = _status(status)
@@ -470,31 +531,46 @@ _PROBE_CONTEXT = b"\x00" + b"\x01" * 24 + b"\x01"
 
 
 def encode_request(
-    spans: Sequence[ReadableSpan | ApplyRecord], records: RecordsGroup | None = None
+    spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan | bytes],
+    records: RecordsGroup | None = None,
 ) -> bytes:
     """An ExportTraceServiceRequest of ``spans``, grouped by resource then scope in order of
     appearance, as the SDK's ``encode_spans`` groups them. Apply records among them (only
     with ``records``: their resource and scope) are the spans ``tracing.record_span`` makes
-    of them; one whose context is not valid and sampled is left out, as that span is."""
+    of them; one whose context is not valid and sampled is left out, as that span is. A
+    ``RecordedSpan`` (the request's, also with ``records``) is its ``ReadableSpan``, and
+    ``bytes`` are such a span's Span message (``ended_span``)."""
     groups: dict[Any, dict[Any, list[bytes]]] = {}
     headers: dict[tuple[Any, Any], Any] = {}  # the SDK's ResourceSpans of one span per group
     last_resource = last_scope = None  # spans come in runs of one scope
     last_group: list[bytes] = []
     resource: Any
     scope: Any
-    for span in spans:
-        if isinstance(span, tuple):
-            encoded = _apply_span(span)
-            if encoded is None:
+    span: ReadableSpan
+    for item in spans:
+        if isinstance(item, (bytes, tuple, RecordedSpan)):
+            # a record (a request's span, encoded or not; an apply record): of ``records``'
+            # resource and scope
+            if isinstance(item, bytes):
+                encoded: bytes | None = item
+            elif isinstance(item, tuple):
+                encoded = _apply_span(item)
+            else:
+                encoded = _recorded_span(item)
+            if encoded is not None:
+                assert records is not None, "records without their resource and scope"
+                resource, scope, header = records
+                if resource is not last_resource or scope is not last_scope:
+                    headers.setdefault((resource, scope), header)
+                    last_resource, last_scope = resource, scope
+                    last_group = groups.setdefault(resource, {}).setdefault(scope, [])
+                last_group.append(encoded)
                 continue
-            assert records is not None, "apply records without their resource and scope"
-            resource, scope, header = records
-            if resource is not last_resource or scope is not last_scope:
-                headers.setdefault((resource, scope), header)
-                last_resource, last_scope = resource, scope
-                last_group = groups.setdefault(resource, {}).setdefault(scope, [])
-            last_group.append(encoded)
-            continue
+            if not isinstance(item, RecordedSpan):
+                continue  # an apply record of no valid, sampled context: no span
+            span = item.readable()  # a shape left to the SDK's encoder
+        else:
+            span = item
         if _DIRECT and type(span) is ReadableSpan:
             resource, scope = _resource_scope(span.__dict__)
         else:
@@ -556,8 +632,9 @@ class SpanExporter(OTLPSpanExporter):
     """The SDK's OTLP/HTTP exporter (its configuration, ``OTEL_EXPORTER_OTLP_*``, transport,
     retries and metrics) encoding with ``encode_request``. It sends through the SDK exporter's
     request client (``_client``, as in opentelemetry-exporter-otlp-proto-http 1.45); with a
-    version without one it is the SDK's exporter unchanged. It also takes apply records
-    (``tracing.apply_recorder``), once told their resource and scope (``takes_records``)."""
+    version without one it is the SDK's exporter unchanged. It also takes records, once told
+    their resource and scope (``takes_records``): apply records (``tracing.apply_recorder``)
+    and ended request spans (``RecordedSpan``, ``tracing.start_span``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -573,16 +650,25 @@ class SpanExporter(OTLPSpanExporter):
         if isinstance(session, requests.Session) and session.trust_env:
             _settle_environment(session, self._endpoint)
 
+    @property
+    def encodes(self) -> bool:
+        """Whether ``export`` encodes with ``encode_request`` (this SDK version's exporter has
+        the request client it sends through)."""
+        client = getattr(self, "_client", None)
+        return hasattr(client, "export") and getattr(self, "_metrics", None) is not None
+
     def takes_records(self, resource: Resource, scope: InstrumentationScope) -> None:
-        """Apply records may come among the spans from now on: they are of ``resource`` and
-        ``scope`` (the provider's, and the tracer's that ``record_span`` stands for)."""
+        """Records may come among the spans from now on: they are of ``resource`` and
+        ``scope`` (the provider's, and the tracer's that ``record_span`` and ``start_span``
+        stand for)."""
         self._records = records_group(resource, scope)
 
-    def export(self, spans: Sequence[ReadableSpan | ApplyRecord]) -> SpanExportResult:
-        client = getattr(self, "_client", None)
-        metrics = getattr(self, "_metrics", None)
-        if self._shutdown or client is None or not hasattr(client, "export") or metrics is None:
+    def export(
+        self, spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan | bytes]
+    ) -> SpanExportResult:
+        if self._shutdown or not self.encodes:
             return super().export(self._readable(spans))
+        client, metrics = self._client, self._metrics
         with metrics.export_operation(len(spans)) as result:
             try:
                 data = encode_request(spans, self._records)
@@ -621,12 +707,24 @@ class SpanExporter(OTLPSpanExporter):
         else:
             log.debug("tracing: export of %d spans failed again (%s)", spans, why)
 
-    def _readable(self, spans: Sequence[ReadableSpan | ApplyRecord]) -> list[ReadableSpan]:
-        """``spans`` with their apply records made ``ReadableSpan``s (the SDK's encoder)."""
+    def _readable(
+        self, spans: Sequence[ReadableSpan | ApplyRecord | RecordedSpan | bytes]
+    ) -> list[ReadableSpan]:
+        """``spans`` with their records made ``ReadableSpan``s (the SDK's encoder); encoded
+        spans are left out (only queued for an exporter that ``encodes``: this is its
+        shutdown)."""
         resource, scope, _header = self._records or (None, None, None)
         out = []
         for span in spans:
-            readable = readable_span(span, 0, resource, scope) if isinstance(span, tuple) else span
+            readable: ReadableSpan | None
+            if isinstance(span, tuple):
+                readable = readable_span(span, 0, resource, scope)
+            elif isinstance(span, RecordedSpan):
+                readable = span.readable()
+            elif isinstance(span, bytes):
+                readable = None
+            else:
+                readable = span
             if readable is not None:
                 out.append(readable)
         return out

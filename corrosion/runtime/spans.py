@@ -126,13 +126,15 @@ class AgentSpans:
     def transaction(self) -> Iterator[Span | None]:
         """The span a local transaction is described on: the HTTP request's server span when
         it came through ``POST /v1/transactions``, else a ``corrosion.transaction`` span of its
-        own (a child of the caller's current span, if any); None when tracing is off."""
+        own (a child of the caller's current span, if any); None when tracing is off or the
+        request's trace is not sampled (its span is not current: this is where that is
+        known)."""
         if not tracing.enabled():
             yield None
             return
         span = tracing.request_span.get()
-        if span is not None and span.is_recording():
-            yield span
+        if span is not None:
+            yield span if span.is_recording() else None
             return
         with tracing.tracer().start_as_current_span("corrosion.transaction") as span:
             yield span
@@ -146,7 +148,7 @@ class AgentSpans:
             {
                 "corrosion.actor_id": self.actor,
                 "corrosion.version": commit.version,
-                "corrosion.seqs": _seqs(0, commit.last_seq),
+                "corrosion.seqs": f"0..{commit.last_seq}",  # (_seqs: this is per write)
                 "corrosion.changes": len(commit.changes),
             }
         )
@@ -159,9 +161,13 @@ class AgentSpans:
         ``perf.broadcast = false``: sync carries it)."""
         if span is None or commit is None or not span.is_recording():
             return
-        sends = [e for e in effects if isinstance(e, SendFrame)]
-        peers = sorted({f"{e.addr[0]}:{e.addr[1]}" for e in sends})
-        span.add_event("commit", {"corrosion.peers": peers, "corrosion.frames": len(sends)})
+        peers = set()
+        frames = 0
+        for effect in effects:  # (one loop: a comprehension is a call, this is per write)
+            if isinstance(effect, SendFrame):
+                frames += 1
+                peers.add(f"{effect.addr[0]}:{effect.addr[1]}")
+        span.add_event("commit", {"corrosion.peers": sorted(peers), "corrosion.frames": frames})
 
     # -- receiving and applying -----------------------------------------------------------------
 

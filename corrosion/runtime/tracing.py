@@ -24,34 +24,31 @@ import logging
 import os
 import random
 import threading
-import time
-import traceback
 from collections.abc import Callable, Mapping, MutableMapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import (
-    Link,
     NonRecordingSpan,
     Span,
     SpanContext,
     SpanKind,
     Status,
-    StatusCode,
     TraceFlags,
     Tracer,
-    TraceState,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..config import ConfigError, OpenTelemetryConfig
 from .apply_records import CONTEXT_BYTES, WIRE_CONTEXT, ApplyRecord
+from .recorded_span import NO_TRACE_STATE, UNSET, RecordedSpan
 
 log = logging.getLogger("corrosion.tracing")
 
@@ -249,7 +246,7 @@ def _new_provider(
         attrs["service.name"] = service_name
     if instance_id is not None:
         attrs["service.instance.id"] = instance_id
-    from .otlp_export import CachedHashResource, SpanExporter
+    from .otlp_export import CachedHashResource, SpanExporter, ended_span
 
     if exporter is None:
         exporter = SpanExporter(endpoint=settings.endpoint if settings else None)
@@ -266,10 +263,11 @@ def _new_provider(
     processor = BatchSpanProcessor(exporter, **sizes)
     provider.add_span_processor(processor)
     recorder = _Recorder(provider, processor)
-    if isinstance(exporter, SpanExporter) and recorder.queue_records is not None:
+    if isinstance(exporter, SpanExporter):
         exporter.takes_records(recorder.resource, recorder.scope)
-    else:
-        recorder.queue_records = None  # another exporter: apply spans are ReadableSpans
+        recorder.exports_records(ended_span if exporter.encodes else None)
+    else:  # another exporter: apply and request spans are ReadableSpans
+        recorder.queue_records = None
     return provider, recorder
 
 
@@ -295,13 +293,14 @@ request_span: ContextVar[Span | None] = ContextVar("corrosion_request_span", def
 class _Recorder:
     """Makes corrosion's own spans without the SDK's span lifecycle, for the paths traced per
     write: an apply (``record_span``: both ends known, recorded once finished) and a request
-    (``start_span``: a ``RecordedSpan``, recorded when it ends). Either hands a finished
-    ``ReadableSpan`` to the provider's one processor, as ``Span.end`` would: what the SDK's
-    ``start_span`` + ``end`` produce (ids, trace flags, sampling, resource, scope), at a
-    fraction of their CPU (no attribute re-validation, lock, limits or per-span metrics). Only
-    for corrosion's own provider, whose only processor ``_new_provider`` made (its
-    ``on_start`` does nothing). The ``OTEL_*_LIMIT`` span limits are not applied: these spans
-    have a handful of short attributes, at most an event or two and no links."""
+    (``start_span``: a ``RecordedSpan``, recorded when it ends). Either hands the finished
+    span to the provider's one processor, as ``Span.end`` would: what the SDK's ``start_span``
+    + ``end`` produce (ids, trace flags, sampling, resource, scope), at a fraction of their CPU
+    (no attribute re-validation, lock, limits or per-span metrics), as a ``ReadableSpan`` or,
+    for corrosion's exporter, as it is (``exports_records``). Only for corrosion's own
+    provider, whose only processor ``_new_provider`` made (its ``on_start`` does nothing). The
+    ``OTEL_*_LIMIT`` span limits are not applied: these spans have a handful of short
+    attributes, at most an event or two and no links."""
 
     def __init__(self, provider: Any, processor: Any) -> None:
         from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -317,8 +316,10 @@ class _Recorder:
         self.on_end = getattr(batch, "emit", None) or processor.on_end
         self.resource = provider.resource
         self.new_span_id = provider.id_generator.generate_span_id
-        if type(provider.id_generator) is RandomIdGenerator:
-            self.new_span_id = _random_span_id  # what it does, without its method calls
+        # the SDK's random ids: made inline (``start``), without its method calls
+        self.random_ids = type(provider.id_generator) is RandomIdGenerator
+        if self.random_ids:
+            self.new_span_id = _random_span_id
         self.new_trace_id = provider.id_generator.generate_trace_id
         self.random_trace_ids = provider.id_generator.is_trace_id_random()
         self.sampler = provider.sampler
@@ -341,6 +342,26 @@ class _Recorder:
         self.queue_records: Callable[[list[ApplyRecord]], None] | None = None
         if hasattr(batch, "emit") and self.follows_parent and self.new_span_id is _random_span_id:
             self.queue_records = _records_queuer(batch)
+        # what an ended ``RecordedSpan`` is handed to: made a ``ReadableSpan`` for the
+        # processor, or queued as it is once the exporter takes records (``exports_records``)
+        self.emit = getattr(batch, "emit", None)
+        self.finish: Callable[[RecordedSpan], None] = self.finish_readable
+
+    def exports_records(self, encode: Callable[[RecordedSpan], Any] | None) -> None:
+        """The exporter is corrosion's (``otlp_export``), which takes a ``RecordedSpan`` as it
+        is, or ``encode``'s encoding of it: ended request spans go into the batch processor's
+        queue so."""
+        emit = self.emit
+        if emit is None:
+            return
+        if encode is None:
+            self.finish = emit
+            return
+
+        def finish_encoded(span: RecordedSpan) -> None:
+            emit(encode(span))
+
+        self.finish = finish_encoded
 
     def record(
         self,
@@ -392,7 +413,7 @@ class _Recorder:
                 (),
                 kind,
                 None,  # instrumentation_info (deprecated: the scope says it)
-                status or _UNSET,
+                status or UNSET,
                 start_ns,
                 end_ns,
                 self.scope,
@@ -405,18 +426,19 @@ class _Recorder:
         """A live span (a child of ``parent``, or a root), as ``Tracer.start_span`` decides it:
         ``RecordedSpan`` when sampled, else the ``NonRecordingSpan`` that carries the
         decision on."""
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            random_ids = bool(parent.trace_flags & _RANDOM_TRACE_ID)
+        # (SpanContext is a tuple: its fields by place, as its properties cost a call each)
+        if parent is not None and parent[5]:  # is_valid
+            trace_id = parent[0]
+            random_ids = bool(parent[3] & _RANDOM_TRACE_ID)
         else:
             parent = None
-            trace_id = self.new_trace_id()
+            trace_id = (self.random_ids and _getrandbits(128)) or self.new_trace_id()
             random_ids = self.random_trace_ids
         if parent is not None and self.follows_parent:
-            sampled = bool(parent.trace_flags & TraceFlags.SAMPLED)
-            trace_state = parent.trace_state
+            sampled = bool(parent[3] & TraceFlags.SAMPLED)
+            trace_state = parent[4]
         elif parent is None and self.keeps_roots:
-            sampled, trace_state = True, _NO_TRACE_STATE
+            sampled, trace_state = True, NO_TRACE_STATE
         else:
             decided = self.sampler.should_sample(
                 trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None,
@@ -429,33 +451,41 @@ class _Recorder:
             trace_state = decided.trace_state
             if sampled and decided.attributes:
                 attributes = {**attributes, **decided.attributes}
-        if sampled:
-            flags = _SAMPLED_RANDOM if random_ids else _SAMPLED
-        else:
-            flags = TraceFlags(_RANDOM_TRACE_ID if random_ids else TraceFlags.DEFAULT)
-        context = SpanContext(trace_id, self.new_span_id(), False, flags, trace_state)
         if not sampled:
-            return NonRecordingSpan(context)
+            flags = TraceFlags(_RANDOM_TRACE_ID if random_ids else TraceFlags.DEFAULT)
+            return NonRecordingSpan(
+                SpanContext(trace_id, self.new_span_id(), False, flags, trace_state)
+            )
+        flags = _SAMPLED_RANDOM if random_ids else _SAMPLED
+        if self.random_ids:  # both ids random, never 0: a valid context, made without checks
+            span_id = _getrandbits(64) or _random_span_id()
+            fields = (trace_id, span_id, False, flags, trace_state, True)
+            context = _new_context(SpanContext, fields)
+        else:
+            context = SpanContext(trace_id, self.new_span_id(), False, flags, trace_state)
         return RecordedSpan(self, name, context, parent, kind, attributes)
 
-    def finish(self, span: RecordedSpan, end_ns: int) -> None:
-        self.on_end(
-            self.readable_span(
-                span.name,
-                span.context,
-                span.parent,
-                self.resource,
-                span.attributes,
-                tuple(span.events),
-                tuple(span.links),
-                span.kind,
-                None,
-                span.status,
-                span.start_ns,
-                end_ns,
-                self.scope,
-            )
+    def readable(self, span: RecordedSpan) -> Any:
+        """The ``ReadableSpan`` of an ended ``RecordedSpan``: what the SDK's span hands its
+        processor."""
+        return self.readable_span(
+            span.name,
+            span.context,
+            span.parent,
+            self.resource,
+            span.attributes,
+            tuple([self.event(name, attributes, at) for name, attributes, at in span.events]),
+            tuple(span.links),
+            span.kind,
+            None,
+            span.status,
+            span.start_ns,
+            span.end_ns,
+            self.scope,
         )
+
+    def finish_readable(self, span: RecordedSpan) -> None:
+        self.on_end(self.readable(span))
 
 
 _new_context = tuple.__new__  # a SpanContext whose fields are known valid, without its checks
@@ -488,6 +518,9 @@ def _readable_span_maker(readable_span: Any) -> Any:
     )
 
 
+_getrandbits = random.getrandbits  # the SDK's RandomIdGenerator's source of ids
+
+
 def _random_span_id() -> int:
     """The SDK's ``RandomIdGenerator.generate_span_id``: 64 random bits, never 0."""
     span_id = random.getrandbits(64)
@@ -499,127 +532,6 @@ def _random_span_id() -> int:
 _RANDOM_TRACE_ID = 0x02  # W3C trace-context level 2: the trace id's right 7 bytes are random
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | _RANDOM_TRACE_ID)
-_UNSET = Status(StatusCode.UNSET)
-_PLAIN = (str, int, float, bool)  # attribute values kept as they are given
-
-
-class RecordedSpan(Span):
-    """A live span made by ``start_span``: what the SDK's span does (attributes, events,
-    links, status, exceptions, ``with``), kept in plain containers and recorded by the
-    ``_Recorder`` when it ends. One task uses it (no lock)."""
-
-    def __init__(
-        self,
-        recorder: _Recorder,
-        name: str,
-        context: SpanContext,
-        parent: SpanContext | None,
-        kind: SpanKind,
-        attributes: dict[str, Any],
-    ) -> None:
-        self.recorder = recorder
-        self.name = name
-        self.context = context
-        self.parent = parent
-        self.kind = kind
-        self.attributes: dict[str, Any] = {}
-        self.events: list[Any] = []
-        self.links: list[Link] = []
-        self.status = _UNSET
-        self.ended = False
-        self.set_attributes(attributes)
-        self.start_ns = time.time_ns()
-
-    def get_span_context(self) -> SpanContext:
-        return self.context
-
-    def is_recording(self) -> bool:
-        return not self.ended
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        if self.ended:
-            log.warning("Setting attribute on ended span.")
-        elif type(value) in _PLAIN and type(key) is str and key:
-            self.attributes[key] = value
-        else:  # cleaned (a list made a tuple) or dropped, with the SDK's warning
-            self.attributes.update(BoundedAttributes(None, {key: value}))
-
-    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        for key, value in attributes.items():
-            self.set_attribute(key, value)
-
-    def add_event(
-        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
-    ) -> None:
-        if not self.ended:
-            self.events.append(self.recorder.event(name, _cleaned(attributes), timestamp))
-
-    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        if not self.ended and context.is_valid:
-            self.links.append(Link(context, BoundedAttributes(None, attributes)))
-
-    def update_name(self, name: str) -> None:
-        if not self.ended:
-            self.name = name
-
-    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        # as the SDK's: OK is final, UNSET is ignored
-        if self.ended or self.status.status_code is StatusCode.OK:
-            return
-        if isinstance(status, Status):
-            if status.status_code is not StatusCode.UNSET:
-                self.status = status
-        elif status is not StatusCode.UNSET:
-            self.status = Status(status, description)
-
-    def record_exception(
-        self,
-        exception: BaseException,
-        attributes: Mapping[str, Any] | None = None,
-        timestamp: int | None = None,
-        escaped: bool = False,
-    ) -> None:
-        # the SDK's exception event
-        module = type(exception).__module__
-        qualname = type(exception).__qualname__
-        fields: dict[str, Any] = {
-            "exception.type": f"{module}.{qualname}"
-            if module and module != "builtins"
-            else qualname,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),
-        }
-        self.add_event("exception", {**fields, **(attributes or {})}, timestamp)
-
-    def end(self, end_time: int | None = None) -> None:
-        if self.ended:
-            log.warning("Calling end() on an ended span.")
-            return
-        self.ended = True
-        self.recorder.finish(self, end_time if end_time is not None else time.time_ns())
-
-    def __exit__(self, exc_type: Any, exc_val: BaseException | None, exc_tb: Any) -> None:
-        # as the SDK's span: an exception leaving the ``with`` is recorded and sets ERROR
-        if exc_val is not None and not self.ended:
-            self.record_exception(exc_val, escaped=True)
-            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
-        self.end()
-
-
-def _cleaned(attributes: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """``attributes`` as the SDK keeps an event's: lists of scalars made tuples, anything
-    else cleaned or dropped by ``BoundedAttributes`` (with its warning)."""
-    if not attributes:
-        return {}
-    plain: dict[str, Any] = {}
-    for key, value in attributes.items():
-        if type(value) is list and all(type(v) in _PLAIN for v in value):
-            value = tuple(value)
-        elif type(value) not in _PLAIN or type(key) is not str or not key:
-            return BoundedAttributes(None, attributes)
-        plain[key] = value
-    return plain
 
 
 def record_span(
@@ -706,6 +618,16 @@ def _records_queuer(batch: Any) -> Callable[[list[ApplyRecord]], None]:
     return queue_records
 
 
+# The API's current context, when it is its default (a ContextVar of ``Context``s):
+# ``make_current`` and ``start_span`` read and set it without the API's calls around it
+_runtime_context = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+_current_context: ContextVar[Context] | None = (
+    getattr(_runtime_context, "_current_context", None)
+    if type(_runtime_context) is ContextVarsRuntimeContext
+    else None
+)
+
+
 def start_span(
     name: str, parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any]
 ) -> Span:
@@ -714,13 +636,35 @@ def start_span(
     ``RecordedSpan`` (a fifth of the SDK span's CPU), else the installed provider's span.
     End it (or use it in a ``with``)."""
     recorder = _recorder
-    if parent is None:
+    # None: the current span's, if there is one (most requests have none: then one look at
+    # the API's context variable instead of its calls)
+    if parent is None and (_current_context is None or _SPAN_KEY in _current_context.get()):
         current = trace.get_current_span().get_span_context()
         parent = current if current.is_valid else None
     if recorder is not None:
         return recorder.start(name, parent, kind, attributes)
     context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
     return tracer().start_span(name, context=context, kind=kind, attributes=attributes)
+
+
+def make_current(span: Span) -> Token[Context]:
+    """Make ``span`` the current span (a span made from now on is its child) until
+    ``restore_current`` is given the returned token: the API's ``attach`` of
+    ``set_span_in_context(span)``, without its calls."""
+    if _current_context is None:
+        return otel_context.attach(trace.set_span_in_context(span))
+    return _current_context.set(Context({**_current_context.get(), _SPAN_KEY: span}))
+
+
+def restore_current(token: Token[Context]) -> None:
+    """Undo ``make_current`` (a failure is logged, as the API's ``detach`` does)."""
+    if _current_context is None:
+        otel_context.detach(token)
+        return
+    try:
+        _current_context.reset(token)
+    except (RuntimeError, ValueError):  # used already, or of another context
+        log.exception("Failed to detach context")
 
 
 class current:
@@ -733,11 +677,11 @@ class current:
         self.span = span
 
     def __enter__(self) -> Span:
-        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        self.token = make_current(self.span)
         return self.span
 
     def __exit__(self, *_exc: object) -> None:
-        otel_context.detach(self.token)
+        restore_current(self.token)
 
 
 def set_span_in_context(span: Span) -> Context:
@@ -763,6 +707,9 @@ def tracer(scope: str = SCOPE) -> Tracer:
 def context_bytes(span: Span | SpanContext | None = None) -> bytes | None:
     """The wire form of ``span``'s context (default: the current span's), for a changeset or
     a step log; None when there is nothing to carry (no span, or not sampled)."""
+    if type(span) is RecordedSpan and span.context[5]:  # valid (and sampled: recorded)
+        ctx = span.context
+        return _PACK_CONTEXT(_CONTEXT_VERSION, ctx[0] >> 64, ctx[0] & _M64, ctx[1], ctx[3])
     if span is None:
         span = trace.get_current_span()
     ctx = span if isinstance(span, SpanContext) else span.get_span_context()
@@ -786,12 +733,13 @@ def span_context_from_bytes(data: bytes | None) -> SpanContext | None:
     if not (high or low) or not span_id:
         return None  # not a valid context
     return _new_context(
-        SpanContext, (high << 64 | low, span_id, True, _TRACE_FLAGS[flags], _NO_TRACE_STATE, True)
+        SpanContext, (high << 64 | low, span_id, True, _TRACE_FLAGS[flags], NO_TRACE_STATE, True)
     )
 
 
+_PACK_CONTEXT = WIRE_CONTEXT.pack
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
 _TRACE_FLAGS = tuple(TraceFlags(flags) for flags in range(256))
-_NO_TRACE_STATE = TraceState()
 
 
 def context_from_bytes(data: bytes | None) -> Context | None:

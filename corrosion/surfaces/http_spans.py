@@ -13,12 +13,13 @@ from starlette.responses import Response
 from ..runtime import tracing
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+_SERVER = SpanKind.SERVER  # (looked up once: an enum member lookup is slow, this is per request)
 
 
 def server_span(
     method: str, route: str, *, transaction: bool = False
 ) -> Callable[[Endpoint], Endpoint]:
-    """Decorate a starlette endpoint: with tracing on, each request runs in a ``SERVER`` span
+    """Decorate a starlette endpoint: with tracing on, each request is a ``SERVER`` span
     ``"{method} {route}"`` (child of the request's ``traceparent``, when it has one), with the
     method, route and status code; off, the endpoint is called as it is. ``transaction``: the
     request is one local transaction, which the runtime describes on this span
@@ -30,25 +31,35 @@ def server_span(
         async def traced(request: Request) -> Response:
             if not tracing.enabled():
                 return await endpoint(request)
+            scope = request.scope
+            parent = None
+            for key, _value in scope["headers"]:  # (ASGI: lower-case names)
+                if key == b"traceparent":
+                    parent = tracing.extract_span_context(request.headers)
+                    break
             span = tracing.start_span(
                 name,
-                tracing.extract_span_context(request.headers),
-                SpanKind.SERVER,
-                {"http.request.method": request.method, "http.route": route},
+                parent,
+                _SERVER,
+                {"http.request.method": scope["method"], "http.route": route},
             )
-            # current for the endpoint (a child span it makes is the request's), and when it
-            # is one transaction, the span the runtime describes it on
-            with tracing.current(span), span:
-                token = tracing.request_span.set(span) if transaction else None
-                try:
-                    response = await endpoint(request)
-                finally:
-                    if token is not None:
-                        tracing.request_span.reset(token)
-                span.set_attribute("http.response.status_code", response.status_code)
-                if response.status_code >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                return response
+            # Not made current: nothing reads the current span while a request is served (a
+            # transaction finds its request's span through ``tracing.request_span``), and
+            # setting the context costs as much as the span's attributes
+            token = tracing.request_span.set(span) if transaction else None
+            try:
+                response = await endpoint(request)
+            except BaseException as exc:  # recorded on the span (ERROR), which ends
+                span.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            finally:
+                if token is not None:
+                    tracing.request_span.reset(token)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            return response
 
         return traced
 

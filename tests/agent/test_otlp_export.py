@@ -10,8 +10,10 @@ import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
+import anyio
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -29,17 +31,24 @@ from opentelemetry.trace import (
     TraceState,
     set_span_in_context,
 )
+from starlette.requests import Request
+from starlette.responses import Response
 
+from corrosion.core.replication import SendFrame
 from corrosion.runtime import tracing
 from corrosion.runtime.apply_records import APPLY_KEYS
 from corrosion.runtime.otlp_export import (
     SpanExporter,
+    _recorded_span,
     _span,
     encode_request,
     readable_span,
     records_group,
 )
+from corrosion.runtime.recorded_span import RecordedSpan
+from corrosion.runtime.spans import AgentSpans
 from corrosion.runtime.tracing import SCOPE
+from corrosion.surfaces.http_spans import server_span
 
 APPLY_ATTRIBUTES = {
     "corrosion.actor_id": "ab" * 16,
@@ -425,20 +434,30 @@ def test_apply_records_reach_a_receiver_and_those_with_no_valid_sampled_context_
     assert (span.service, span.instance) == ("corrosion-test", "n1")
 
 
-class BlockingExporter(SpanExporter):
-    """corrosion's exporter whose first export waits to be released; keeps what it got."""
+class KeepingExporter(SpanExporter):
+    """corrosion's exporter keeping what it is given (records and spans) instead of sending."""
 
     def __init__(self) -> None:
         super().__init__(endpoint="http://127.0.0.1:9/v1/traces")
+        self.got: list = []
+
+    def export(self, spans):
+        self.got.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+class BlockingExporter(KeepingExporter):
+    """A ``KeepingExporter`` whose first export waits to be released."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.exporting = threading.Event()
         self.release = threading.Event()
-        self.got: list = []
 
     def export(self, spans):
         self.exporting.set()
         assert self.release.wait(30)
-        self.got.extend(spans)
-        return SpanExportResult.SUCCESS
+        return super().export(spans)
 
 
 def test_apply_records_beyond_the_queue_are_dropped_and_counted_as_spans_are(monkeypatch, caplog):
@@ -463,3 +482,192 @@ def test_apply_records_beyond_the_queue_are_dropped_and_counted_as_spans_are(mon
     # logger says it once)
     assert sorted(r[4] for r in exporter.got) == [0, 1, 2, 3, 6, 7, 8, 9]
     assert "Queue full, dropping Span." in [r.message for r in caplog.records]
+
+
+# -- request spans (``tracing.start_span`` with corrosion's exporter): the live span itself is
+# queued when it ends, and the exporter encodes it as the SDK's encoder does its ReadableSpan
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+PEERS = [SendFrame(("10.0.0.3", 4001), b"x"), SendFrame(("10.0.0.2", 4001), b"y")]
+
+
+@pytest.fixture
+def kept():
+    """Tracing on with corrosion's exporter keeping what it gets: yields that exporter and
+    a function returning what it got so far."""
+    exporter = KeepingExporter()
+    handle = tracing.start_tracing(None, "corrosion-test", instance_id="n1", exporter=exporter)
+    try:
+
+        def got():
+            assert handle.force_flush()
+            return list(exporter.got)
+
+        yield exporter, got
+    finally:
+        handle.shutdown()
+
+
+async def serve(
+    headers: dict[str, str], status: int = 200, *, fail: bool = False
+) -> tuple[bytes | None, Span | None]:
+    """One ``POST /v1/transactions`` through corrosion's server span (``http_spans``), its
+    transaction described by the runtime's ``AgentSpans`` as for a real commit of 3 changes
+    broadcast to two peers; returns the context the version's changesets would carry and the
+    span the transaction was described on (the request's)."""
+    carried = []
+    spans = AgentSpans(bytes(range(16)))
+
+    async def endpoint(_request: Request) -> Response:
+        with spans.transaction() as span:
+            commit = SimpleNamespace(version=2**33 + 5, last_seq=2, changes=[1, 2, 3])
+            carried.append((spans.committed(span, commit), span))  # type: ignore[arg-type]
+            spans.broadcast(span, commit, PEERS)  # type: ignore[arg-type]
+        if fail:
+            raise KeyError("failed")
+        return Response(status_code=status)
+
+    traced = server_span("POST", "/v1/transactions", transaction=True)(endpoint)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/transactions",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    if fail:
+        with pytest.raises(KeyError):
+            await traced(Request(scope))
+    else:
+        assert (await traced(Request(scope))).status_code == status
+    return carried[0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("headers", "status", "fail"),
+    [
+        ({}, 200, False),  # a root
+        ({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}, 200, False),
+        ({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-03"}, 200, False),  # random trace id
+        ({}, 503, False),
+        ({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}, 200, True),  # raised
+    ],
+)
+async def test_a_request_span_is_encoded_as_the_sdk_encodes_the_span_it_stands_for(
+    kept, headers, status, fail
+):
+    exporter, got = kept
+    carried, request = await serve(headers, status, fail=fail)
+    assert isinstance(request, RecordedSpan)
+    # queued as its Span message, made as it ended (no ReadableSpan, nothing for the GC)
+    assert got() == [_recorded_span(request)]
+    ours = ExportTraceServiceRequest.FromString(encode_request(got(), exporter._records))
+    sdk = encode_spans([request.readable()])  # the SDK's encoding of the span it stands for
+    assert ours == sdk
+    assert ours.SerializeToString(deterministic=True) == sdk.SerializeToString(deterministic=True)
+    # what the request span says
+    (resource_spans,) = ours.resource_spans
+    (scope_spans,) = resource_spans.scope_spans
+    assert scope_spans.scope.name == SCOPE
+    (span,) = scope_spans.spans
+    assert (span.name, span.kind) == ("POST /v1/transactions", 2)  # server
+    if "traceparent" in headers:
+        assert (span.trace_id.hex(), span.parent_span_id.hex()) == (CLIENT_TRACE, CLIENT_SPAN)
+        assert span.flags == 0x300  # its parent is remote
+    else:
+        assert span.parent_span_id == b"" and span.flags == 0x100
+    attributes = {kv.key: kv.value for kv in span.attributes}
+    assert attributes["corrosion.actor_id"].string_value == bytes(range(16)).hex()
+    assert attributes["corrosion.version"].int_value == 2**33 + 5
+    assert attributes["corrosion.seqs"].string_value == "0..2"
+    assert attributes["corrosion.changes"].int_value == 3
+    assert attributes["http.route"].string_value == "/v1/transactions"
+    assert attributes["http.request.method"].string_value == "POST"
+    assert ("http.response.status_code" in attributes) is not fail
+    commit = span.events[0]
+    assert commit.name == "commit"
+    peers = {kv.key: kv.value for kv in commit.attributes}["corrosion.peers"]
+    assert [v.string_value for v in peers.array_value.values] == ["10.0.0.2:4001", "10.0.0.3:4001"]
+    if fail:
+        assert [e.name for e in span.events] == ["commit", "exception"]
+        assert (span.status.code, span.status.message) == (2, "KeyError: 'failed'")
+    else:
+        assert span.status.code == (2 if status >= 500 else 0)
+    # the version's changesets carry the request span's context
+    flags = int(headers["traceparent"][-2:], 16) if "traceparent" in headers else 3  # random
+    assert carried == b"\0" + span.trace_id + span.span_id + bytes((flags,))
+
+
+@pytest.mark.anyio
+async def test_an_unsampled_requests_span_is_not_recorded_and_its_version_carries_nothing(kept):
+    _exporter, got = kept
+    carried, span = await serve({"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})
+    assert (carried, span) == (None, None)  # the transaction is not described either
+    assert got() == []
+
+
+@pytest.mark.anyio
+async def test_a_request_span_of_another_shape_is_left_to_the_sdks_encoder(kept):
+    """A trace state, a link, an event attribute the SDK cleans: the exporter asks the SDK's
+    encoder for that span (its ReadableSpan), among records it encodes itself: such a span
+    is queued as it is, not encoded as it ends."""
+    exporter, got = kept
+    _carried, stated = await serve(
+        {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "v=x"}
+    )
+    linked = tracing.start_span("linked", None, SpanKind.SERVER, {"a": [1, 2]})
+    linked.add_link(remote_parent(random.Random(31)), {"why": "carried"})
+    linked.end()
+    odd = tracing.start_span("odd", None, SpanKind.SERVER, {})
+    odd.add_event("odd", {"none": None, "t": (1,)})
+    odd.end()
+    _carried, plain = await serve({})
+    spans = got()
+    assert spans[:3] == [stated, linked, odd] and all(_recorded_span(s) is None for s in spans[:3])
+    assert spans[3] == _recorded_span(plain)  # the usual shape, encoded as it ended
+    rng = random.Random(37)
+    records = [apply_record(rng, 1), *spans[:2], apply_record(rng, 2), *spans[2:]]
+    ours = ExportTraceServiceRequest.FromString(encode_request(records, exporter._records))
+    readable = [stated.readable(), linked.readable(), odd.readable(), plain.readable()]
+    group = exporter._records[:2]
+    sdk = encode_spans(
+        [readable_span(records[0], 0, *group), *readable[:2], readable_span(records[3], 0, *group)]
+        + readable[2:]
+    )
+    ours_spans = [s for r in ours.resource_spans for ss in r.scope_spans for s in ss.spans]
+    sdk_spans = [s for r in sdk.resource_spans for ss in r.scope_spans for s in ss.spans]
+    assert len(ours_spans) == len(sdk_spans) == 6
+    for place in (0, 3):  # the apply records' span ids are the exporter's to make
+        ours_spans[place].span_id = sdk_spans[place].span_id
+    assert ours == sdk
+    assert ours_spans[1].trace_state == "v=x"
+    assert [len(s.links) for s in ours_spans] == [0, 0, 1, 0, 0, 0]
+
+
+def test_request_spans_reach_a_receiver(otlp_receiver):
+    settings = tracing.resolve(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url})
+    handle = tracing.start_tracing(settings, "corrosion-test", instance_id="n1")
+    try:
+        anyio.run(serve, {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+        anyio.run(serve, {}, 500)
+        assert handle.force_flush()
+    finally:
+        handle.shutdown()
+    otlp_receiver.wait_for_sync(lambda s: len(s) >= 2, what="the request spans")
+    child, root = otlp_receiver.snapshot()
+    assert (child.trace_id, child.parent_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    assert root.parent_id is None and root.trace_id != CLIENT_TRACE
+    for span, status in ((child, 200), (root, 500)):
+        assert (span.name, span.kind, span.scope) == ("POST /v1/transactions", 2, SCOPE)
+        assert span.attributes["http.response.status_code"] == status
+        assert span.attributes["corrosion.version"] == 2**33 + 5
+        assert span.events == [
+            (
+                "commit",
+                {"corrosion.peers": ["10.0.0.2:4001", "10.0.0.3:4001"], "corrosion.frames": 2},
+            )
+        ]
+        assert (span.service, span.instance) == ("corrosion-test", "n1")
+        assert span.start_ns <= span.end_ns
+    assert (child.status, root.status) == (0, 2)

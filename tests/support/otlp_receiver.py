@@ -60,6 +60,7 @@ class ReceivedSpan:
     links: list[tuple[str, str]]  # (trace id, span id)
     resource: dict[str, Any]
     scope: str
+    status: int = 0  # the protobuf enum: 0 unset, 1 ok, 2 error
 
     @property
     def service(self) -> str | None:
@@ -170,6 +171,7 @@ class OtlpReceiver:
                             links=[(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
                             resource=resource,
                             scope=ss.scope.name,
+                            status=int(s.status.code),
                         )
                     )
         with self._lock:
