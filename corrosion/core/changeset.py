@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from crdt import ChangeRow
+from crdt import ChangeRow, CompactChanges
 
 from ..errors import CorrosionError
 
@@ -53,7 +53,8 @@ class Changeset:
 
     actor: bytes
     version: int
-    changes: tuple[ChangeRow, ...]  # decoded ones are plain tuples (crdt.ChangeRow)
+    # decoded ones are crdt.CompactChanges (the rows as received), built ones plain tuples
+    changes: Sequence[ChangeRow]
     seqs: tuple[int, int]  # inclusive range of seqs this chunk covers
     last_seq: int  # the version's last seq
     ts: int  # origin's hybrid-logical-clock timestamp
@@ -290,36 +291,31 @@ def _decode_changeset(obj: list | tuple) -> Changeset:
 
 
 def _changes(
-    rows: Iterable[Any], actor: bytes, start: int, end: int, dbv: int
-) -> tuple[ChangeRow, ...] | None:
-    """The changes of well-formed wire rows, as plain tuples (crdt.ChangeRow: cheaper to build
-    than Changes, and left alone by the garbage collector); None if any row is not."""
-    out: list[ChangeRow] = []
-    append = out.append
-    try:
-        for row in rows:
-            if type(row) is not tuple and type(row) is not list:
-                return None
-            table, pk, cid, val, cv, site, cl, seq = row  # ValueError: not eight fields
-            if (
-                type(table) is not str
-                or type(pk) is not bytes
-                or type(cid) is not str
-                or type(val) not in _VALUE_TYPE_SET
-                or type(cv) is not int
-                or type(cl) is not int
-                or type(seq) is not int
-                or not start <= seq <= end
-            ):
-                return None
-            if site is None:
-                site = actor
-            elif type(site) is not bytes or len(site) > 16:
-                return None
-            append((table, pk, cid, val, cv, dbv, site, cl, seq))
-    except ValueError:
-        return None
-    return tuple(out)
+    rows: Sequence[Any], actor: bytes, start: int, end: int, dbv: int
+) -> CompactChanges | None:
+    """The changes of well-formed wire rows, kept as they are (``crdt.CompactChanges``: merged
+    without building a nine-field tuple per change); None if any row is not."""
+    for row in rows:
+        if type(row) is not tuple and type(row) is not list:
+            return None
+        try:
+            table, pk, cid, val, cv, site, cl, seq = row
+        except ValueError:  # not eight fields
+            return None
+        if (
+            type(table) is not str
+            or type(pk) is not bytes
+            or type(cid) is not str
+            or type(val) not in _VALUE_TYPE_SET
+            or type(cv) is not int
+            or type(cl) is not int
+            or type(seq) is not int
+            or not start <= seq <= end
+        ):
+            return None
+        if site is not None and (type(site) is not bytes or len(site) > 16):
+            return None
+    return CompactChanges(rows, actor, dbv)
 
 
 def _checked_changeset(obj: list | tuple) -> Changeset:

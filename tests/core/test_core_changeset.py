@@ -46,7 +46,7 @@ from corrosion.core.changeset import (
     versions_to_ranges,
     without_trailing,
 )
-from crdt import Change
+from crdt import Change, CompactChanges
 
 ACTOR = bytes(range(16))
 OTHER = bytes(range(16, 32))
@@ -115,11 +115,14 @@ def test_a_changeset_decodes_to_what_was_encoded(trace):
 
 def test_decoded_changes_are_plain_tuples_the_collector_stops_tracking():
     # a receiver holds thousands of them until they are applied: a Change (a tuple subclass)
-    # would stay tracked, and every full collection would walk each one
+    # would stay tracked, and every full collection would walk each one. What it holds are the
+    # rows as they came off the wire (crdt.CompactChanges); reading a change builds a ChangeRow
     back = decode_frame(encode(changeset()))[1]
     assert all(type(c) is tuple and len(c) == 9 for c in back.changes)
+    assert isinstance(back.changes, CompactChanges)
+    held = back.changes.rows
     gc.collect()
-    assert not any(gc.is_tracked(c) for c in back.changes)
+    assert not any(gc.is_tracked(r) for r in held)
 
 
 def test_the_wire_layout_is_the_one_older_nodes_read():
