@@ -59,6 +59,7 @@ MODULES = {
             "tests/crdt/test_crdt_convergence.py",  # deletes and resurrections between replicas
             "tests/crdt/test_crdt_merge_edges.py",
             "tests/crdt/test_crdt_merge_paths.py",  # bulk vs change-by-change paths, reads
+            "tests/crdt/test_crdt_merge_compact.py",  # CompactChanges into merge_changesets
         ),
     ),
     "crdt-triggers": Module(

@@ -12,7 +12,7 @@ The SQL surface (``crsql_*`` functions, ``crsql_changes``) matches cr-sqlite, so
 works unchanged; docs/crdt-compatibility.md lists every deliberate deviation.
 """
 
-from .changes import Change, ChangeRow, changes_for_version, changes_since
+from .changes import Change, ChangeRow, CompactChanges, changes_for_version, changes_since
 from .connection import (
     Connection,
     as_crr,
@@ -38,6 +38,7 @@ from .values import compare_values
 __all__ = [
     "Change",
     "ChangeRow",
+    "CompactChanges",
     "Connection",
     "CrdtError",
     "DestructiveChangeRefused",

@@ -53,13 +53,14 @@ connection's in-memory version state are restored.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, Literal
 
 import apsw
 
+from .changes import CompactChanges
 from .errors import MergeError, PackError
 from .gcpause import gc_paused
 from .pack import unpack_pk
@@ -363,8 +364,11 @@ class Merger:
                 row.versions[c] = 0
         self._set_clock(row, SENTINEL, sentinel_cv, dbv, site, seq)
 
-    def _invalid(self, change: Any) -> MergeError:
-        """Say precisely what is wrong with a change that failed the fast checks."""
+    def _invalid(self, change: Any, compact: CompactChanges | None = None) -> MergeError:
+        """Say precisely what is wrong with a change that failed the fast checks (a row of
+        ``compact``, when given)."""
+        if compact is not None:
+            change = compact.expand(change)
         try:
             table_name, _pk, cid, _val, cv, dbv, site, cl, seq = change
         except (TypeError, ValueError):
@@ -516,9 +520,16 @@ class Merger:
             )
         self.rows.clear()
 
-    def apply_all(self, changes: Iterable[tuple[Any, ...]], *, flush: bool = True) -> int:
+    def apply_all(
+        self,
+        changes: Iterable[Sequence[Any]],
+        *,
+        flush: bool = True,
+        compact: CompactChanges | None = None,
+    ) -> int:
         """Merge ``changes`` into the in-memory batch, flushing every FLUSH_ROWS touched rows
-        (and at the end with ``flush``); return the rows impacted so far.
+        (and at the end with ``flush``); return the rows impacted so far. With ``compact``,
+        ``changes`` are its eight-field rows (``CompactChanges``).
 
         The hot loop of every merge, kept flat: the rules run inline on locals, the row of the
         previous change is reused when the next one names the same objects (a row's changes
@@ -545,6 +556,8 @@ class Merger:
         last_ordinal = 0
         checked_site: Any = None  # the last site id found valid (changes share the object)
         won = seen = 0
+        if compact is not None:
+            compact_site, compact_dbv = compact.site, compact.db_version
         # the version state, in locals between the calls out that stamp versions themselves:
         # top is the floor of the next stamp, max(db_version + 1, pending), as next_db_version
         pending = state.pending
@@ -553,9 +566,19 @@ class Merger:
             for change in changes:
                 seen += 1
                 try:
-                    table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
+                    if compact is None:
+                        table_name, pk_blob, cid, val, cv, dbv, site, cl, seq = change
+                    else:
+                        table_name, pk_blob, cid, val, cv, site, cl, seq = change
+                        dbv = compact_dbv
+                        if site is None:
+                            site = compact_site
                 except (TypeError, ValueError):
-                    raise MergeError("a change has exactly nine fields") from None
+                    raise MergeError(
+                        "a change has exactly nine fields"
+                        if compact is None
+                        else "a compact change has exactly eight fields"
+                    ) from None
                 if row is None or pk_blob is not last_pk or table_name is not last_table:
                     row = rows_get((table_name, pk_blob))
                     if row is None:
@@ -571,17 +594,17 @@ class Merger:
                 try:
                     idx = col_index[cid]
                 except KeyError:  # (an unhashable cid raises TypeError, as ever)
-                    raise self._invalid(change) from None
+                    raise self._invalid(change, compact) from None
                 if (
                     type_(cv) is not int_
                     or type_(dbv) is not int_
                     or type_(cl) is not int_
                     or type_(seq) is not int_
                 ):
-                    raise self._invalid(change)
+                    raise self._invalid(change, compact)
                 if site is not None and site is not checked_site:
                     if type(site) is not bytes or len(site) > MAX_SITE_ID_BYTES:
-                        raise self._invalid(change)
+                        raise self._invalid(change, compact)
                     checked_site = site
                 if type_(val) in sized and len(val) > max_value_chars:
                     self._check_size(val)
@@ -774,6 +797,17 @@ def merge(conn: apsw.Connection, state: CrrState, changes: Iterable[tuple[Any, .
     return impacted
 
 
+def _top_db_version(changes: list[Any]) -> int:
+    """The largest integer db_version of ``changes`` (0: none)."""
+    try:  # in C for the usual all-integer changes
+        top = max(map(_DB_VERSION, changes), default=0)
+    except TypeError:
+        top = None
+    if type(top) is not int:
+        top = max((c[5] for c in changes if type(c[5]) is int), default=0)
+    return top
+
+
 def merge_changesets(
     conn: apsw.Connection, state: CrrState, changesets: Iterable[Iterable[tuple[Any, ...]]]
 ) -> list[int | None]:
@@ -792,17 +826,24 @@ def merge_changesets(
         merger = Merger(conn, state)
         floor = state.pending + 1 if state.pending != -1 else 0
         for changes in changesets:
-            changes = list(changes)
-            try:  # in C for the usual all-integer changes
-                top = max(map(_DB_VERSION, changes), default=0)
-            except TypeError:
-                top = None
-            if type(top) is not int:
-                top = max((c[5] for c in changes if type(c[5]) is int), default=0)
+            rows: Sequence[Sequence[Any]]
+            if type(changes) is CompactChanges:
+                compact: CompactChanges | None = changes
+                rows, top = changes.rows, changes.db_version
+                if type(top) is not int:
+                    raise MergeError(f"db_version must be an integer, not {type(top).__name__}")
+                if type(changes.site) is not bytes or len(changes.site) > MAX_SITE_ID_BYTES:
+                    raise MergeError(
+                        "a compact changeset's site id must be a blob of 16 bytes or less"
+                    )
+            else:
+                compact = None
+                rows = list(changes)
+                top = _top_db_version(rows)
             version = max(state.db_version + 1, state.pending, top, floor)
             merger.version = version
             before = merger.impacted
-            merger.apply_all(changes, flush=False)
+            merger.apply_all(rows, flush=False, compact=compact)
             if merger.impacted > before:
                 out.append(version)
                 floor = version + 1

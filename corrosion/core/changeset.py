@@ -28,8 +28,9 @@ from operator import itemgetter
 from typing import Any
 
 import msgpack
+import msgspec
 
-from crdt import ChangeRow
+from crdt import ChangeRow, CompactChanges
 
 from ..errors import CorrosionError
 
@@ -53,7 +54,8 @@ class Changeset:
 
     actor: bytes
     version: int
-    changes: tuple[ChangeRow, ...]  # decoded ones are plain tuples (crdt.ChangeRow)
+    # decoded ones are crdt.CompactChanges (the rows as received), built ones plain tuples
+    changes: Sequence[ChangeRow]
     seqs: tuple[int, int]  # inclusive range of seqs this chunk covers
     last_seq: int  # the version's last seq
     ts: int  # origin's hybrid-logical-clock timestamp
@@ -172,6 +174,29 @@ MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
 _CHANGESET_STARTS = (b"\x9a\x01", b"\x9b\x01")
 
 
+class _WireChangeset(msgspec.Struct, array_like=True, frozen=True):
+    """A changeset frame as ``encode_changeset`` writes it, decoded by msgspec, which checks
+    every field's type in the same pass of C (what ``_changes`` does in Python for the rows
+    msgpack decodes: 40% of decoding a frame of 20 rows). Fields after the trace context are
+    ignored, as the rule for trailing fields says."""
+
+    kind: int
+    wire: int
+    actor: bytes
+    version: int
+    start: int
+    end: int
+    last: int
+    ts: int
+    db_version: int
+    # a value's five types cannot be one msgspec union (str and bytes both): checked after
+    rows: tuple[tuple[str, bytes, str, Any, int, bytes | None, int, int], ...]
+    trace: Any = None
+
+
+_WIRE_CHANGESET = msgspec.msgpack.Decoder(_WireChangeset)
+
+
 def decode_frame(data: bytes) -> tuple[int, Any]:
     """Decode one frame into ``(kind, payload)``; payload is a Changeset, EmptyVersions, or the
     list of fields of a control frame."""
@@ -180,9 +205,14 @@ def decode_frame(data: bytes) -> tuple[int, Any]:
 
 def unpack_frame(data: bytes) -> Any:
     """A frame's msgpack, unchecked (``frame_of`` checks it); raises FrameError if it is not
-    msgpack. A changeset's arrays (most of the traffic) unpack as tuples: half the cost of
-    lists."""
+    msgpack. A changeset (most of the traffic) of the usual types is a ``_WireChangeset``;
+    others' arrays unpack as tuples: half the cost of lists."""
     as_tuples = data[:2] in _CHANGESET_STARTS
+    if as_tuples:
+        try:
+            return _WIRE_CHANGESET.decode(data)
+        except msgspec.DecodeError:  # not one of its types: msgpack's pass below says which
+            pass
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=not as_tuples)
     except MSGPACK_ERRORS as exc:
@@ -192,6 +222,8 @@ def unpack_frame(data: bytes) -> Any:
 def changeset_header(obj: Any) -> tuple[bytes, int, int, int] | None:
     """``peek_changeset`` of an unpacked frame: its changes are unpacked but not built, so a
     duplicate is dropped at the cost of the unpacking alone."""
+    if type(obj) is _WireChangeset:
+        return (obj.actor, obj.version, obj.start, obj.end) if obj.wire == WIRE_VERSION else None
     if (
         type(obj) in _ARRAY_TYPES
         and len(obj) >= 10
@@ -208,6 +240,11 @@ def changeset_header(obj: Any) -> tuple[bytes, int, int, int] | None:
 
 def frame_of(obj: Any) -> tuple[int, Any]:
     """``decode_frame`` of an unpacked frame (``unpack_frame``)."""
+    if type(obj) is _WireChangeset:
+        cs = _wire_changeset(obj)
+        if cs is not None:
+            return K_CHANGESET, cs
+        obj = msgspec.structs.astuple(obj)  # checked field by field below, for the message
     if not isinstance(obj, list | tuple) or len(obj) < 2:
         raise FrameError("frame must be an array with a kind and a wire version")
     kind, wire = obj[0], obj[1]
@@ -289,37 +326,59 @@ def _decode_changeset(obj: list | tuple) -> Changeset:
     return _checked_changeset(obj)
 
 
-def _changes(
-    rows: Iterable[Any], actor: bytes, start: int, end: int, dbv: int
-) -> tuple[ChangeRow, ...] | None:
-    """The changes of well-formed wire rows, as plain tuples (crdt.ChangeRow: cheaper to build
-    than Changes, and left alone by the garbage collector); None if any row is not."""
-    out: list[ChangeRow] = []
-    append = out.append
-    try:
-        for row in rows:
-            if type(row) is not tuple and type(row) is not list:
-                return None
-            table, pk, cid, val, cv, site, cl, seq = row  # ValueError: not eight fields
-            if (
-                type(table) is not str
-                or type(pk) is not bytes
-                or type(cid) is not str
-                or type(val) not in _VALUE_TYPE_SET
-                or type(cv) is not int
-                or type(cl) is not int
-                or type(seq) is not int
-                or not start <= seq <= end
-            ):
-                return None
-            if site is None:
-                site = actor
-            elif type(site) is not bytes or len(site) > 16:
-                return None
-            append((table, pk, cid, val, cv, dbv, site, cl, seq))
-    except ValueError:
+def _wire_changeset(f: _WireChangeset) -> Changeset | None:
+    """The changeset of a frame whose types msgspec checked, after the checks types cannot
+    express; None if one fails."""
+    actor, start, end = f.actor, f.start, f.end
+    if not (
+        f.wire == WIRE_VERSION
+        and len(actor) == 16
+        and f.version >= 1
+        and 0 <= start <= end <= f.last
+        and f.ts >= 0
+        and f.db_version >= 0
+    ):
         return None
-    return tuple(out)
+    value_types = _VALUE_TYPE_SET
+    for _table, _pk, _cid, val, _cv, site, _cl, seq in f.rows:
+        if (
+            type(val) not in value_types
+            or not start <= seq <= end
+            or (site is not None and len(site) > 16)
+        ):
+            return None
+    changes = CompactChanges(f.rows, actor, f.db_version)
+    return Changeset(
+        actor, f.version, changes, (start, end), f.last, f.ts, f.db_version, _trace(f.trace)
+    )
+
+
+def _changes(
+    rows: Sequence[Any], actor: bytes, start: int, end: int, dbv: int
+) -> CompactChanges | None:
+    """The changes of well-formed wire rows, kept as they are (``crdt.CompactChanges``: merged
+    without building a nine-field tuple per change); None if any row is not."""
+    for row in rows:
+        if type(row) is not tuple and type(row) is not list:
+            return None
+        try:
+            table, pk, cid, val, cv, site, cl, seq = row
+        except ValueError:  # not eight fields
+            return None
+        if (
+            type(table) is not str
+            or type(pk) is not bytes
+            or type(cid) is not str
+            or type(val) not in _VALUE_TYPE_SET
+            or type(cv) is not int
+            or type(cl) is not int
+            or type(seq) is not int
+            or not start <= seq <= end
+        ):
+            return None
+        if site is not None and (type(site) is not bytes or len(site) > 16):
+            return None
+    return CompactChanges(rows, actor, dbv)
 
 
 def _checked_changeset(obj: list | tuple) -> Changeset:

@@ -40,16 +40,16 @@ from __future__ import annotations
 import contextlib
 import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import apsw
 
 import crdt
-from crdt import Change, ChangeRow, reaper
+from crdt import Change, ChangeRow, CompactChanges, reaper
 from crdt.gcpause import gc_paused
 from crdt.schema import SchemaOutcome, apply_schema, reconcile_schema
 
@@ -159,6 +159,55 @@ class LocalCommit:
     ts: int
 
 
+_SEQUENCES = (CompactChanges, tuple, list)  # kept as they are by ChangeList.extend
+
+
+class ChangeList(Sequence[ChangeRow]):
+    """The changes of the versions an apply merged, end to end, each version's as it came
+    (``crdt.CompactChanges`` build each ChangeRow only when read: most applies have no
+    subscription or watcher to read them, only a count)."""
+
+    __slots__ = ("_len", "_parts")
+
+    def __init__(self, changes: Iterable[ChangeRow] = ()) -> None:
+        self._parts: list[Sequence[ChangeRow]] = []
+        self._len = 0
+        self.extend(changes)
+
+    def extend(self, changes: Iterable[ChangeRow]) -> None:
+        part = changes if isinstance(changes, _SEQUENCES) else list(changes)
+        if part:
+            self._parts.append(part)
+            self._len += len(part)
+
+    def __iadd__(self, changes: Iterable[ChangeRow]) -> ChangeList:
+        self.extend(changes)
+        return self
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[ChangeRow]:
+        return chain.from_iterable(self._parts)
+
+    @overload
+    def __getitem__(self, i: int) -> ChangeRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ChangeRow]: ...
+    def __getitem__(self, i: int | slice) -> ChangeRow | list[ChangeRow]:
+        return list(self)[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the list it stands for
+
+    def __repr__(self) -> str:
+        return f"ChangeList({list(self)!r})"
+
+
 @dataclass
 class ApplyResult:
     """What one apply transaction did."""
@@ -170,7 +219,7 @@ class ApplyResult:
     rejected: list[tuple[bytes, int, str]] = field(default_factory=list)  # bad changesets
     changes_applied: int = 0  # rows impacted in the CRR tables
     # the changes of the applied versions (plain tuples as received, or Changes)
-    changes: list[ChangeRow] = field(default_factory=list)
+    changes: ChangeList = field(default_factory=ChangeList)
     tables: set[str] = field(default_factory=set)  # the tables they name, or more (never fewer)
     # versions kept until this node has their schema, and what they wait for
     kept: list[tuple[bytes, int]] = field(default_factory=list)
@@ -209,6 +258,12 @@ class SchemaReload:
 Statement = tuple[str, Sequence[Any] | dict[str, Any]]
 
 _TABLE_OF = operator.itemgetter(0)  # a change's table
+
+
+def _rows_of(changes: Sequence[ChangeRow]) -> Sequence[Sequence[Any]]:
+    """What to read a version's changes' table, pk and cid from (the first three fields of a
+    ChangeRow and of a compact row alike) without building their ChangeRows."""
+    return changes.rows if type(changes) is CompactChanges else changes
 
 
 class Store:
@@ -580,7 +635,7 @@ class Store:
             if complete and self._lost_cells:
                 complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
             # the tables the changes name, in one pass of C (for the schema checks below)
-            tables = set(map(_TABLE_OF, chain.from_iterable(e[2] for e in complete)))
+            tables = set(map(_TABLE_OF, chain.from_iterable(_rows_of(e[2]) for e in complete)))
             result.tables = tables
             if complete:
                 complete = self._keep_unknown_schema(complete, tables, booked, result)
@@ -647,7 +702,7 @@ class Store:
         """Keep (and book as held) the versions that need a table or column this node does not
         have yet; return the others, to merge."""
         view = SchemaView(self.conn)
-        if view.covers(tables, [entry[2] for entry in complete]):
+        if view.covers(tables, [_rows_of(entry[2]) for entry in complete]):
             return complete
         to_merge = []
         for entry in complete:

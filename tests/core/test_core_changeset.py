@@ -11,6 +11,7 @@ import gc
 import itertools
 
 import msgpack
+import msgspec
 import pytest
 
 from corrosion.core import changeset as changeset_module
@@ -40,13 +41,14 @@ from corrosion.core.changeset import (
     encode_changeset,
     encode_control,
     encode_empty,
+    frame_of,
     peek_changeset,
     trace_of,
     unpack_frame,
     versions_to_ranges,
     without_trailing,
 )
-from crdt import Change
+from crdt import Change, CompactChanges
 
 ACTOR = bytes(range(16))
 OTHER = bytes(range(16, 32))
@@ -115,11 +117,14 @@ def test_a_changeset_decodes_to_what_was_encoded(trace):
 
 def test_decoded_changes_are_plain_tuples_the_collector_stops_tracking():
     # a receiver holds thousands of them until they are applied: a Change (a tuple subclass)
-    # would stay tracked, and every full collection would walk each one
+    # would stay tracked, and every full collection would walk each one. What it holds are the
+    # rows as they came off the wire (crdt.CompactChanges); reading a change builds a ChangeRow
     back = decode_frame(encode(changeset()))[1]
     assert all(type(c) is tuple and len(c) == 9 for c in back.changes)
+    assert isinstance(back.changes, CompactChanges)
+    held = back.changes.rows
     gc.collect()
-    assert not any(gc.is_tracked(c) for c in back.changes)
+    assert not any(gc.is_tracked(r) for r in held)
 
 
 def test_the_wire_layout_is_the_one_older_nodes_read():
@@ -383,6 +388,41 @@ def test_the_one_pass_check_accepts_and_refuses_what_the_field_by_field_check_do
         assert outcome(lambda d: decode_frame(d)[1], data) == said
         seen.add(said if isinstance(said, str) else "accepted")
     assert len(seen) == 16  # accepted, and every message the checks give
+
+
+def frames_at_each_checks_edge():
+    """Changeset frames on either side of each check on values (not types): version 1 and 0;
+    start 0; start = end = last and past them; ts and db_version 0 and -1; a seq at each end of
+    its chunk's range and past it; a site of 16 bytes and of 17; a lone row's value of each
+    refused kind; another wire version."""
+
+    def make(version=1, start=0, end=2, last=2, ts=0, dbv=0, rows=None, wire=WIRE_VERSION):
+        rows = [row(start), row(end, site=bytes(16))] if rows is None else rows
+        return frame(K_CHANGESET, wire, ACTOR, version, start, end, last, ts, dbv, rows)
+
+    yield from (make(), make(version=0), make(start=1, end=1, last=1, rows=[row(1)]))
+    yield from (make(start=2, end=1), make(end=3, last=2), make(ts=-1), make(dbv=-1))
+    yield from (make(rows=[row(3)]), make(start=1, rows=[row(0)]), make(rows=[]))
+    yield from (make(rows=[row(site=bytes(17))]), make(wire=WIRE_VERSION + 1))
+    yield from (make(rows=[row(val=v)]) for v in (True, [1], {"a": 1}, 2.5, b"", None))
+
+
+def test_the_typed_decoders_pass_alone_accepts_and_refuses_what_the_field_by_field_check_does():
+    # decode_frame falls back to msgpack and the other checks for what the msgspec pass refuses:
+    # asked alone, it must refuse every frame they refuse, and accept the others as they do
+    for data in itertools.chain(frames_at_each_checks_edge(), frames_with_one_odd_field()):
+        obj = msgpack.unpackb(data, raw=False, use_list=False)
+        said = outcome(lambda o: frame_of(o)[1], obj)  # the wire version checked as well
+        assert said == outcome(_checked_changeset, obj) or obj[1] != WIRE_VERSION
+        try:
+            typed = changeset_module._WIRE_CHANGESET.decode(data)
+        except msgspec.DecodeError:
+            assert isinstance(said, str), data  # a type msgspec refuses, the check refuses too
+            continue
+        assert changeset_header(typed) == changeset_header(msgpack.unpackb(data)), data
+        fast = changeset_module._wire_changeset(typed)
+        assert (fast is None) == isinstance(said, str), data
+        assert fast is None or fast == said
 
 
 @pytest.mark.parametrize(
