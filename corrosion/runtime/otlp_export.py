@@ -700,7 +700,7 @@ class SpanExporter(OTLPSpanExporter):
         if self._failing == 1:
             log.warning(
                 "tracing: cannot export spans to the OTLP collector at %s (%s): their batches "
-                "are dropped until it answers; logged again when it does",
+                "are dropped until it answers (an INFO line says when it does)",
                 self._endpoint,
                 why,
             )

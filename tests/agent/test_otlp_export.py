@@ -284,7 +284,8 @@ def test_a_collector_refusing_exports_is_logged_once_and_its_recovery_once(otlp_
             "corrosion.tracing",
             "WARNING",
             f"tracing: cannot export spans to the OTLP collector at {otlp_receiver.traces_url} "
-            "(HTTP 401): their batches are dropped until it answers; logged again when it does",
+            "(HTTP 401): their batches are dropped until it answers "
+            "(an INFO line says when it does)",
         ),
         (
             "corrosion.tracing",
