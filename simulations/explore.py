@@ -269,7 +269,8 @@ def _canon(v: Any) -> Any:
         return v if len(v) <= 64 else ("h", _h(v.encode() if t is str else v))
     if t is dict:
         return ("d", tuple((_canon(k), _canon(x)) for k, x in v.items()))
-    if t is list or isinstance(v, tuple):
+    if t is list or isinstance(v, tuple) or t is crdt.CompactChanges:
+        # a changeset's changes as they travel compare as the changes they are
         return tuple(_canon(x) for x in v)
     if t is set or t is frozenset:
         return ("s", tuple(sorted((_canon(x) for x in v), key=repr)))
