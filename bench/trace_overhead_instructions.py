@@ -62,9 +62,9 @@ def child(mode: str, path: str, n: int, base: Path, sink_url: str, name: str) ->
             if path == "apply":
                 with open(base / "frames.pickle", "rb") as f:
                     frames = pickle.load(f)[mode]  # the same load in every run
-                await apply_round(base, name, frames[:n])
+                await apply_round(base, name, frames[:n], handle.force_flush)
             else:
-                await txn_round(base, name, n)
+                await txn_round(base, name, n, handle.force_flush)
         finally:
             handle.shutdown()
 
