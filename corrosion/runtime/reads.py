@@ -234,10 +234,6 @@ class Reads:
         finally:
             if feed is not None:
                 await feed.stop(conn.interrupt)
-            # An unfinished statement is closed while the connection is still ours: on a NOMUTEX
-            # connection nothing would stop its cursor being finalized later, from whatever
-            # thread drops it last, while another query uses the connection.
-            cursor.close(True)
             deadline.__exit__(None, None, None)
             if len(self._pool) < POOL_SIZE and not self._closing:
                 self.release(conn)  # into the pool: nothing to close
