@@ -303,6 +303,11 @@ class AgentRuntime:
             "extensions": [ext.name for ext in self.extensions],
             "cluster_id": self.config.gossip.cluster_id,
             "broadcast": self.config.gossip.broadcast,
+            "tombstone_gc": (
+                f"every {self.config.db.tombstone_gc_interval:g}s"
+                if self.config.db.tombstone_gc
+                else None
+            ),
         }
 
     async def aclose(self) -> None:

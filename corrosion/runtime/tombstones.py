@@ -77,9 +77,10 @@ class Reaper:
         self.stats.clock_rows += result.clock_rows
         if result.total_keys:
             log.info(
-                "tombstone GC collected %d deleted rows (%s; %d clock rows) at or below "
+                "tombstone GC collected %d deleted row%s (%s; %d clock rows) at or below "
                 "db_version %d",
                 result.total_keys,
+                "" if result.total_keys == 1 else "s",
                 ", ".join(f"{t}: {n}" for t, n in sorted(result.keys.items())),
                 result.clock_rows,
                 result.bound,
