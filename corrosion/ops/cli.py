@@ -58,6 +58,7 @@ from ..surfaces.admin import (
     agent_listening,
 )
 from ..surfaces.client import Client, ClientError
+from .heap import settle_heap
 from .startup import ListenError, check_addresses, explain
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
@@ -355,6 +356,7 @@ async def _run_agent(
         # the agent logs "agent started" with every bound address
         async with Agent(cfg, allow_destructive=allow_destructive, extensions=extensions):
             started.append(True)
+            settle_heap()
             async for sig in signals:
                 log.info("%s received: leaving the cluster", signal.Signals(sig).name)
                 break
