@@ -41,7 +41,7 @@ from crdt.crr import upgrade_triggers
 
 from ..errors import CorrosionError
 from ..runtime.dblock import database_in_use, lock_path
-from ..surfaces.admin import agent_listening
+from ..surfaces.admin_client import agent_listening
 
 CLOCK_SUFFIX = "__crsql_clock"
 

@@ -38,7 +38,7 @@ import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 import typer
@@ -48,9 +48,8 @@ from ..config import Config, ConfigError, generate_key, gossip_security_error, p
 from ..errors import CorrosionError
 from ..logs import ENV_VAR, level_spec, setup_logging
 from ..runtime.dblock import database_in_use
-from ..runtime.extensions import AgentExtension, load_extensions
-from ..surfaces.admin import DEFAULT_PATH as DEFAULT_ADMIN_PATH
-from ..surfaces.admin import (
+from ..surfaces.admin_client import DEFAULT_PATH as DEFAULT_ADMIN_PATH
+from ..surfaces.admin_client import (
     MAX_SOCKET_PATH,
     AdminError,
     AdminUnavailable,
@@ -60,6 +59,9 @@ from ..surfaces.admin import (
 from ..surfaces.client import Client, ClientError
 from .heap import settle_heap
 from .startup import ListenError, check_addresses, explain
+
+if TYPE_CHECKING:
+    from ..runtime.extensions import AgentExtension
 
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
 GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path", "--token")
@@ -375,6 +377,8 @@ def agent(
 ) -> None:
     """Run the agent (until SIGINT/SIGTERM, then leave the cluster gracefully)."""
     g = _g(ctx)
+    from ..runtime.extensions import load_extensions  # (the agent's: not for client commands)
+
     with _Errors():
         cfg = g.agent_config()
         preflight(cfg)

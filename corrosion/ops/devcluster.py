@@ -29,7 +29,7 @@ import anyio
 
 from ..agent import Agent
 from ..config import Config, generate_key
-from ..surfaces.admin import MAX_SOCKET_PATH
+from ..surfaces.admin_client import MAX_SOCKET_PATH
 
 DEMO_SCHEMA = """\
 CREATE TABLE IF NOT EXISTS todos (

@@ -14,7 +14,7 @@ from agent_helpers import agent_config, cluster, rows, seed_addr
 from support import wait_for
 
 from corrosion import Agent
-from corrosion.surfaces.admin import admin_request
+from corrosion.surfaces.admin_client import admin_request
 from corrosion.surfaces.metrics import collect, render
 
 pytestmark = pytest.mark.anyio

@@ -12,7 +12,7 @@ from cli_helpers import SCHEMA, cli, cluster, gossip_of, node_mapping, rows, wri
 from support import wait_for
 
 from corrosion import Agent, Config
-from corrosion.surfaces.admin import MAX_LINE, AdminError, admin_request, agent_listening
+from corrosion.surfaces.admin_client import MAX_LINE, AdminError, admin_request, agent_listening
 
 pytestmark = pytest.mark.anyio
 

@@ -21,7 +21,7 @@ from support import Proc, wait_for
 from test_cli_process import corrosion_cmd
 
 from corrosion import Agent, Config
-from corrosion.surfaces.admin import admin_request
+from corrosion.surfaces.admin_client import admin_request
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ from test_cli_admin import ask
 
 from corrosion import Agent, Config
 from corrosion.surfaces import profiling
-from corrosion.surfaces.admin import AdminError
+from corrosion.surfaces.admin_client import AdminError
 
 pytestmark = pytest.mark.anyio
 
