@@ -67,7 +67,8 @@ class Bookie:
         return b
 
     def head(self, actor: bytes) -> int:
-        """The highest version of ``actor`` known here (0: none), without booking the actor."""
+        """The highest version of ``actor`` known here (0: none), without booking the actor:
+        a partial version counts from its first chunk (``holds`` says when it is applied)."""
         b = self.actors.get(actor)
         return 0 if b is None else b.max()
 

@@ -214,14 +214,19 @@ async def test_a_bad_otel_variable_stops_the_agent_at_start_up_in_one_line():
         assert not (base / "a" / "state.db").exists()  # nothing was created
 
 
-async def test_a_chunked_version_is_traced_on_every_chunk_and_applied_under_one_trace(tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 1000], ids=["a-chunk-a-batch", "batches-of-1000"])
+async def test_a_chunked_version_is_traced_on_every_chunk_and_applied_under_one_trace(
+    tmp_path, batch_size
+):
     """A transaction large enough to be cut into chunks: each chunk carries the context, and
     the receiver's apply spans (one per batch that held chunks of it; all but the last
-    ``partial``) cover its seqs and changes exactly, under the transaction's span."""
+    ``partial``) cover its seqs and changes exactly, under the transaction's span. With one
+    chunk per batch the version is partly applied for a while on every run, not only when a
+    loaded machine delays the broadcast's later chunks."""
     exporter = InMemorySpanExporter()
     handle = tracing.start_tracing(None, "corrosion-test", exporter=exporter)
     try:
-        async with cluster(tmp_path, 2) as (a, b):
+        async with cluster(tmp_path, 2, perf={"apply_batch_size": batch_size}) as (a, b):
             with tracing.tracer().start_as_current_span("client") as client:
                 commit = await a.execute_commit(
                     [
@@ -230,7 +235,11 @@ async def test_a_chunked_version_is_traced_on_every_chunk_and_applied_under_one_
                     ]
                 )
             assert commit is not None
-            await wait_for(lambda: b.store.bookie.head(a.actor_id) == commit.version)
+            # held, not head: a version is b's head from its first chunk, buffered as partial
+            await wait_for(
+                lambda: b.store.bookie.holds(a.actor_id, commit.version),
+                what="b to apply every chunk of the version",
+            )
             handle.force_flush()
     finally:
         handle.shutdown()
