@@ -131,7 +131,8 @@ def test_decoded_changes_are_marked_as_checked_for_the_merge():
     # the decoders check every row's types (crdt.CompactChanges.checked): the merge then does
     # not check them again change by change; the typed pass and msgpack's lists alike
     typed = decode_frame(encode(changeset()))[1].changes
-    lists = decode_frame(changeset_frame(row(0), row(1, site=OTHER), end=1, last=1))[1].changes
+    data = changeset_frame(row(0), row(1, site=OTHER), end=1, last=1)
+    lists = _decode_changeset(msgpack.unpackb(data, raw=False, use_list=True)).changes
     assert type(typed) is CompactChanges and typed.checked is True
     assert type(lists) is CompactChanges and lists.checked is True
 
