@@ -48,14 +48,26 @@ class CompactChanges(Sequence[ChangeRow]):
     fields ``(table, pk, cid, val, col_version, site_id, cl, seq)``, the db_version the whole
     changeset's, a site id of None meaning ``site``. ``merge_changesets`` merges the rows as
     they are; reading a change builds its ChangeRow. A receiver that only merges them builds no
-    tuple per change (a seventh of what decoding a broadcast frame of 20 rows costs)."""
+    tuple per change (a seventh of what decoding a broadcast frame of 20 rows costs).
 
-    __slots__ = ("db_version", "rows", "site")
+    ``checked``: whoever built them (a wire decoder) checked every row's types already (eight
+    fields, col_version, cl and seq integers, the site id None or a blob of at most 16 bytes),
+    so the merge does not check them again change by change."""
 
-    def __init__(self, rows: Sequence[Sequence[Any]], site: bytes, db_version: int) -> None:
+    __slots__ = ("checked", "db_version", "rows", "site")
+
+    def __init__(
+        self,
+        rows: Sequence[Sequence[Any]],
+        site: bytes,
+        db_version: int,
+        *,
+        checked: bool = False,
+    ) -> None:
         self.rows = rows
         self.site = site
         self.db_version = db_version
+        self.checked = checked
 
     def expand(self, r: Sequence[Any]) -> ChangeRow:
         """The ChangeRow of one of its rows."""

@@ -556,6 +556,8 @@ class Merger:
         last_ordinal = 0
         checked_site: Any = None  # the last site id found valid (changes share the object)
         won = seen = 0
+        # rows a decoder checked (CompactChanges.checked): their types are not tested again
+        unchecked = compact is None or not compact.checked
         if compact is not None:
             compact_site, compact_dbv = compact.site, compact.db_version
         # the version state, in locals between the calls out that stamp versions themselves:
@@ -579,7 +581,13 @@ class Merger:
                         if compact is None
                         else "a compact change has exactly eight fields"
                     ) from None
-                if row is None or pk_blob is not last_pk or table_name is not last_table:
+                # the previous change's row when this one names the same objects (changes read
+                # from a database share them) or equal ones (decoded rows do not)
+                if (
+                    row is None
+                    or (pk_blob is not last_pk and pk_blob != last_pk)
+                    or (table_name is not last_table and table_name != last_table)
+                ):
                     row = rows_get((table_name, pk_blob))
                     if row is None:
                         if len(rows) >= FLUSH_ROWS:
@@ -595,7 +603,7 @@ class Merger:
                     idx = col_index[cid]
                 except KeyError:  # (an unhashable cid raises TypeError, as ever)
                     raise self._invalid(change, compact) from None
-                if (
+                if unchecked and (
                     type_(cv) is not int_
                     or type_(dbv) is not int_
                     or type_(cl) is not int_

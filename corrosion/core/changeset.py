@@ -347,7 +347,7 @@ def _wire_changeset(f: _WireChangeset) -> Changeset | None:
             or (site is not None and len(site) > 16)
         ):
             return None
-    changes = CompactChanges(f.rows, actor, f.db_version)
+    changes = CompactChanges(f.rows, actor, f.db_version, checked=True)
     return Changeset(
         actor, f.version, changes, (start, end), f.last, f.ts, f.db_version, _trace(f.trace)
     )
@@ -378,7 +378,7 @@ def _changes(
             return None
         if site is not None and (type(site) is not bytes or len(site) > 16):
             return None
-    return CompactChanges(rows, actor, dbv)
+    return CompactChanges(rows, actor, dbv, checked=True)
 
 
 def _checked_changeset(obj: list | tuple) -> Changeset:

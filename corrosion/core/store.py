@@ -176,9 +176,10 @@ class ChangeList(Sequence[ChangeRow]):
 
     def extend(self, changes: Iterable[ChangeRow]) -> None:
         part = changes if isinstance(changes, _SEQUENCES) else list(changes)
-        if part:
+        n = len(part)  # once: a CompactChanges' len is a call of Python
+        if n:
             self._parts.append(part)
-            self._len += len(part)
+            self._len += n
 
     def __iadd__(self, changes: Iterable[ChangeRow]) -> ChangeList:
         self.extend(changes)
@@ -635,10 +636,11 @@ class Store:
             if complete and self._lost_cells:
                 complete = [(*e[:2], self._without_lost(e[2]), *e[3:]) for e in complete]
             # the tables the changes name, in one pass of C (for the schema checks below)
-            tables = set(map(_TABLE_OF, chain.from_iterable(_rows_of(e[2]) for e in complete)))
+            rows_of = [_rows_of(e[2]) for e in complete]
+            tables = set(map(_TABLE_OF, chain.from_iterable(rows_of)))
             result.tables = tables
             if complete:
-                complete = self._keep_unknown_schema(complete, tables, booked, result)
+                complete = self._keep_unknown_schema(complete, tables, rows_of, booked, result)
             if isolate:
                 versions: list[int | crdt.MergeError | None] = []
                 for entry in complete:
@@ -696,13 +698,14 @@ class Store:
         self,
         complete: list[tuple[bytes, int, Sequence[ChangeRow], int, int]],
         tables: set[Any],
+        rows_of: list[Sequence[Sequence[Any]]],
         booked: Any,
         result: ApplyResult,
     ) -> list[tuple[bytes, int, Sequence[ChangeRow], int, int]]:
         """Keep (and book as held) the versions that need a table or column this node does not
-        have yet; return the others, to merge."""
+        have yet; return the others, to merge (``rows_of``: each one's ``_rows_of``)."""
         view = SchemaView(self.conn)
-        if view.covers(tables, [_rows_of(entry[2]) for entry in complete]):
+        if view.covers(tables, rows_of):
             return complete
         to_merge = []
         for entry in complete:

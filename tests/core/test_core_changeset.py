@@ -127,6 +127,16 @@ def test_decoded_changes_are_plain_tuples_the_collector_stops_tracking():
     assert not any(gc.is_tracked(r) for r in held)
 
 
+def test_decoded_changes_are_marked_as_checked_for_the_merge():
+    # the decoders check every row's types (crdt.CompactChanges.checked): the merge then does
+    # not check them again change by change; the typed pass and msgpack's lists alike
+    typed = decode_frame(encode(changeset()))[1].changes
+    data = changeset_frame(row(0), row(1, site=OTHER), end=1, last=1)
+    lists = _decode_changeset(msgpack.unpackb(data, raw=False, use_list=True)).changes
+    assert type(typed) is CompactChanges and typed.checked is True
+    assert type(lists) is CompactChanges and lists.checked is True
+
+
 def test_the_wire_layout_is_the_one_older_nodes_read():
     cs = changeset(changes=(change(0), change(1, site=OTHER)), seqs=(0, 1), last_seq=4)
     assert msgpack.unpackb(encode_changeset(cs)) == [

@@ -52,13 +52,16 @@ def random_changesets(rng: random.Random) -> list[tuple[int, list[list]]]:
     return out
 
 
+@pytest.mark.parametrize("checked", [False, True])
 @pytest.mark.parametrize("seed", range(25))
-def test_compact_changesets_merge_as_their_nine_field_changes(seed):
+def test_compact_changesets_merge_as_their_nine_field_changes(seed, checked):
+    # (checked: rows a decoder checked, whose types the merge does not test again)
     changesets = random_changesets(random.Random(seed))
     compact, full = db(), db()
     with compact:
         got = crdt.merge_changesets(
-            compact, [CompactChanges(rows, ORIGIN, dbv) for dbv, rows in changesets]
+            compact,
+            [CompactChanges(rows, ORIGIN, dbv, checked=checked) for dbv, rows in changesets],
         )
     nine = [[(*r[:5], dbv, r[5] or ORIGIN, *r[6:]) for r in rows] for dbv, rows in changesets]
     with full:
@@ -133,6 +136,25 @@ def test_a_compact_changeset_without_an_origin_site_id_is_refused(site):
     ):
         crdt.merge_changesets(conn, [CompactChanges(rows, site, 1)])
     assert state(conn) == before
+
+
+def test_a_row_equal_to_the_previous_ones_merges_into_the_same_row():
+    # decoded rows name their row with equal objects, not the same ones (as rows read from a
+    # database do): each change still lands in its own row, and a row's changes in one
+    conn = db()
+    rows = [
+        ("t", crdt.pack_pk([k]), cid, f"{k}{cid}", 1, None, 1, seq)
+        for seq, (k, cid) in enumerate([(1, "b"), (1, "c"), (2, "b"), (1, "b"), (2, "c")])
+    ]
+    rows[3] = ("t", crdt.pack_pk([1]), "b", "1b2", 2, None, 1, 3)  # a later version of (1, b)
+    assert rows[0][1] is not rows[1][1] and rows[0][1] == rows[1][1]
+    with conn:
+        assert crdt.merge_changesets(conn, [CompactChanges(rows, ORIGIN, 9, checked=True)]) == [9]
+    assert conn.execute("SELECT * FROM t ORDER BY a").fetchall() == [
+        (0, "local", "row"),
+        (1, "1b2", "1c"),
+        (2, "2b", "2c"),
+    ]
 
 
 def test_compact_changes_read_as_nine_field_changes():
