@@ -239,6 +239,71 @@ def test_a_table_pass_reads_wide_tables_and_any_one_column_pk_as_the_joins_do(mo
     assert crdt.changes_since(conn, 0) == expected
 
 
+def _clock_writes(monkeypatch) -> list[tuple[str, int]]:
+    """Record each call of merge._write_clocks as (clock table, clocks a row)."""
+    calls: list[tuple[str, int]] = []
+    real = merge_module._write_clocks
+
+    def spy(conn, clock, width, flat):
+        calls.append((clock, width))
+        real(conn, clock, width, flat)
+
+    monkeypatch.setattr(merge_module, "_write_clocks", spy)
+    return calls
+
+
+def test_clocks_are_written_grouped_by_their_count_a_row(monkeypatch):
+    """Rows writing two clocks and rows writing one, interleaved, take a statement group each
+    (each row's key bound once), and leave what merging change by change leaves."""
+    src = db(False, 1)
+    with src:
+        src.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, i, str(i)) for i in range(40)])
+    inserts = crdt.changes_since(src, 0)
+    with src:
+        src.execute("UPDATE t SET b = b + 1 WHERE a % 2 = 0")
+    with src:
+        src.execute("UPDATE t SET b = b + 2, c = 'x' WHERE a % 3 = 0")
+    batch = crdt.changes_since(src, 1)
+    dst, one_by_one = db(False, 2), db(False, 2)
+    crdt.merge(dst, inserts)
+    crdt.merge(one_by_one, inserts)
+    calls = _clock_writes(monkeypatch)
+    crdt.merge(dst, batch)
+    assert calls == [('"t__crsql_clock"', 1), ('"t__crsql_clock"', 2)]
+    for change in batch:
+        crdt.merge(one_by_one, [change])
+
+    def clocks(conn):  # every change but its local db_version (a merge a change takes its own)
+        return sorted(c[:5] + c[6:] for c in crdt.changes_since(conn, 0))
+
+    assert clocks(dst) == clocks(one_by_one) == clocks(src)
+    assert len(clocks(dst)) == 80
+
+
+def test_two_rows_of_one_key_in_a_batch_write_its_clocks_in_the_batch_order(monkeypatch):
+    """pks SQLite finds equal (1 and 1.0) are two rows of a batch with one key: their table's
+    clocks are then written row by row in the batch's order, the later row's clock standing,
+    as before clocks were grouped by their count a row (which puts the one-clock rows first
+    here)."""
+    site = SITES[1]
+    one, one_real, five = crdt.pack_pk((1,)), crdt.pack_pk((1.0,)), crdt.pack_pk((5,))
+    batch = [
+        Change("t", five, "b", "x", 1, 1, site, 1, 0),
+        Change("t", one, "b", "y1", 1, 1, site, 1, 1),
+        Change("t", one, "c", "z", 1, 1, site, 1, 2),
+        Change("t", one_real, "b", "y2", 5, 1, site, 1, 3),
+    ]
+    dst = db(False, 2)
+    calls = _clock_writes(monkeypatch)
+    crdt.merge(dst, batch)
+    assert calls == [('"t__crsql_clock"', 1), ('"t__crsql_clock"', 2), ('"t__crsql_clock"', 1)]
+    clocks = dst.execute(
+        "SELECT p.a, c.col_name, c.col_version, c.seq FROM t__crsql_clock AS c "
+        "JOIN t__crsql_pks AS p ON p.__crsql_key = c.key ORDER BY p.a, c.col_name"
+    ).fetchall()
+    assert clocks == [(1, "b", 5, 3), (1, "c", 1, 2), (5, "b", 1, 0)]
+
+
 def test_a_users_trigger_still_fires_in_a_large_merge(monkeypatch):
     monkeypatch.setattr(merge_module, "QUIET_TRIGGERS_ROWS", 1)
     src, dst = db(False, 1), db(False, 2)
