@@ -287,21 +287,28 @@ def test_two_rows_of_one_key_in_a_batch_write_its_clocks_in_the_batch_order(monk
     here)."""
     site = SITES[1]
     one, one_real, five = crdt.pack_pk((1,)), crdt.pack_pk((1.0,)), crdt.pack_pk((5,))
+    seven, other = crdt.pack_pk((7,)), crdt.pack_pk(("a", 1))
+    dst = db(False, 2)
+    crdt.merge(dst, [Change("t", seven, "b", "old", 3, 1, site, 1, 0)])
     batch = [
         Change("t", five, "b", "x", 1, 1, site, 1, 0),
         Change("t", one, "b", "y1", 1, 1, site, 1, 1),
         Change("t", one, "c", "z", 1, 1, site, 1, 2),
-        Change("t", one_real, "b", "y2", 5, 1, site, 1, 3),
+        Change("m", other, "v", "w", 1, 1, site, 1, 3),  # another table's clocks: grouped
+        Change("t", seven, "b", "lost", 2, 1, site, 1, 4),  # a row that writes no clock
+        Change("t", one_real, "b", "y2", 5, 1, site, 1, 5),
     ]
-    dst = db(False, 2)
     calls = _clock_writes(monkeypatch)
     crdt.merge(dst, batch)
-    assert calls == [('"t__crsql_clock"', 1), ('"t__crsql_clock"', 2), ('"t__crsql_clock"', 1)]
+    t_clock, m_clock = '"t__crsql_clock"', '"m__crsql_clock"'
+    assert calls == [(m_clock, 1), (t_clock, 1), (t_clock, 2), (t_clock, 1)]
     clocks = dst.execute(
         "SELECT p.a, c.col_name, c.col_version, c.seq FROM t__crsql_clock AS c "
         "JOIN t__crsql_pks AS p ON p.__crsql_key = c.key ORDER BY p.a, c.col_name"
     ).fetchall()
-    assert clocks == [(1, "b", 5, 3), (1, "c", 1, 2), (5, "b", 1, 0)]
+    assert clocks == [(1, "b", 5, 5), (1, "c", 1, 2), (5, "b", 1, 0), (7, "b", 3, 0)]
+    assert dst.execute("SELECT x, y, col_name FROM m__crsql_clock JOIN m__crsql_pks "
+                       "ON key = __crsql_key").fetchall() == [("a", 1, "v")]  # fmt: skip
 
 
 def test_a_users_trigger_still_fires_in_a_large_merge(monkeypatch):
