@@ -32,7 +32,10 @@ rest is Python, ~0.55 us a change in the loop. Two hidden slow paths in it (call
 in (str, bytes)`` compares a type outside the tuple with both by rich comparison (a frozenset
 compares none), and chaining a row's clock entries into the flushed list steps through them one
 value at a time (adding each entry tuple copies it at once); both fixed, ~4% off a merge into an
-existing replica (A/B, 100k changes, load 8: 412k changes/s before, 425k after).
+existing replica (A/B, 100k changes, medians: 412k changes/s before, 425k after at load 8.7;
+413k and 435k at load 3). Binding each row's key once for all its clocks (rows grouped by
+their number of clocks) gained ~2% more there but cost merges of small changesets ~4%: apsw's
+statement cache re-prepares a flush's statements, and the numbered form prepares slower.
 SQLite's per-call connection mutex costs another ~4% of the instructions, but opening connections
 with SQLITE_OPEN_NOMUTEX is not safe here: apsw then lets a second thread use a connection while
 the first is stepping a statement (it raises ThreadingViolationError only with the mutex). The
