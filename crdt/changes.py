@@ -264,11 +264,16 @@ def _rows(
     return out
 
 
-def _table_pass(conn: apsw.Connection, info: TableInfo) -> dict[int, tuple[Any, ...]]:
-    """Clock key -> ``(packed pk, cl, value of each non-pk column..., None)`` for every row of
-    the lookaside, by the joins ``from_clause`` makes per change (so the same affinity rules,
+def _table_pass(conn: apsw.Connection, info: TableInfo, top: int) -> list[tuple[Any, ...]]:
+    """``(packed pk, cl, value of each non-pk column..., None)`` for every row of the lookaside,
+    at the index of its clock key (``()`` where there is none; ``top``, the largest key, and no
+    key below 0), by the joins ``from_clause`` makes per change (so the same affinity rules,
     and NULLs for a deleted row). The trailing None is a sentinel's value, selected as a NULL
-    so that each entry is the row SQLite returns after its packed pk."""
+    so that each entry is the row SQLite returns after its packed pk. A list, not a dict by key:
+    indexing it is the cheaper of the two per change (with the walk's column names in a list
+    too, ``changes_since`` of 100k changes is ~9% cheaper), and the pass is only taken when a
+    read returns several changes per key (``_table_changes``), so it is never much longer than
+    the read."""
     pk_vals = ", ".join(f"pk_tbl.{ident(c)}" for c in info.pk_names)
     values = "".join(f", base.{ident(c)}" for c in info.non_pk_names)
     base_join = ""
@@ -281,30 +286,37 @@ def _table_pass(conn: apsw.Connection, info: TableInfo) -> dict[int, tuple[Any, 
         f"ON t2.key = pk_tbl.__crsql_key AND t2.col_name = '{SENTINEL}'{base_join}"
     )
     end = 1 + len(info.pks)
+    out: list[tuple[Any, ...]] = [()] * (top + 1)
     if end == 2:
         # a one-column pk holding a non-negative integer (the usual one) is packed inline,
         # pack_pk's own fast path without a call per row: a sixth of the pass
         one = ONE_INTEGER
-        return {
-            row[0]: (one[n := (p.bit_length() + 7) >> 3] + p.to_bytes(n, "big")
-                     if type(p := row[1]) is int and p >= 0 else pack_pk((p,)),) + row[2:]
-            for row in conn.execute(sql)
-        }  # fmt: skip
-    return {row[0]: (pack_pk(row[1:end]),) + row[end:] for row in conn.execute(sql)}
+        for row in conn.execute(sql):
+            p = row[1]
+            if type(p) is int and p >= 0:
+                n = (p.bit_length() + 7) >> 3
+                out[row[0]] = (one[n] + p.to_bytes(n, "big"),) + row[2:]
+            else:
+                out[row[0]] = (pack_pk((p,)),) + row[2:]
+        return out
+    for row in conn.execute(sql):
+        out[row[0]] = (pack_pk(row[1:end]),) + row[end:]
+    return out
 
 
-def _position_expr(slots: dict[str, int]) -> str:
-    """SQL giving each clock row's position in ``slots`` by its col_name (NULL for a name not
-    there): a binary search over the sorted names, with at most four compared in turn at its
-    leaves. SQLite orders the names (BINARY collation: their UTF-8 bytes) as Python orders str.
-    An integer from the walk costs less than the col_name string Python would otherwise build,
-    hash and look up for every change."""
+def _position_expr(slots: dict[str, int], missing: int | None = None) -> str:
+    """SQL giving each clock row's position in ``slots`` by its col_name (``missing``, else
+    NULL, for a name not there): a binary search over the sorted names, with at most four
+    compared in turn at its leaves. SQLite orders the names (BINARY collation: their UTF-8
+    bytes) as Python orders str. An integer from the walk costs less than the col_name string
+    Python would otherwise build, hash and look up for every change."""
     names = sorted(slots)
 
     def search(lo: int, hi: int) -> str:
         if hi - lo <= 4:
             whens = " ".join(f"WHEN {literal(c)} THEN {slots[c]}" for c in names[lo:hi])
-            return f"CASE t1.col_name {whens} END"
+            otherwise = "" if missing is None else f" ELSE {int(missing)}"
+            return f"CASE t1.col_name {whens}{otherwise} END"
         mid = (lo + hi) // 2
         return (
             f"CASE WHEN t1.col_name < {literal(names[mid])} THEN {search(lo, mid)} "
@@ -315,21 +327,37 @@ def _position_expr(slots: dict[str, int]) -> str:
 
 
 def _rows_by_pass(
-    conn: apsw.Connection, info: TableInfo, where: str, bindings: tuple[Any, ...], tail: str
+    conn: apsw.Connection,
+    info: TableInfo,
+    where: str,
+    bindings: tuple[Any, ...],
+    tail: str,
+    top: int,
 ) -> list[Change]:
     """Changes from the clock rows alone (a walk of the db_version index), their pk, value and
     causal length taken from ``_table_pass``, in the order ``table_select`` gives. The cid is
     the column's name from the table's info, one string shared by every change of the column.
-    Raises KeyError for what the per-change joins would handle otherwise (a clock row without a
-    lookaside row, a column the table lacks, an ordinal crsql_site_id lacks)."""
+    Raises IndexError or KeyError for what the per-change joins would handle otherwise: a
+    clock row without a lookaside row or a column the table lacks (past the end of, or an
+    empty entry in, the lists the walk indexes), an ordinal crsql_site_id lacks, a key below 0
+    (checked first: it would index a list from its end)."""
     name = info.name
-    rows = _table_pass(conn, info)
+    low = conn.execute(
+        f"SELECT (SELECT min(__crsql_key) FROM {info.pks_table}), (SELECT min(key) FROM "
+        f"{info.clock})"
+    ).fetchone()
+    if low is None or any(type(k) is int and k < 0 for k in low):
+        raise KeyError("a negative key")
+    rows = _table_pass(conn, info, top)
     slots = {c: 2 + i for i, c in enumerate(info.non_pk_names)}  # positions in a pass row
     slots.setdefault(SENTINEL, 2 + len(info.non_pks))  # its None: a sentinel has no value
-    cids = {i: c for c, i in slots.items()}  # position -> the cid
+    cids: list[str | None] = [None] * (2 + len(slots))  # position -> the cid
+    for c, i in slots.items():
+        cids[i] = c
     sites = dict(conn.execute("SELECT ordinal, site_id FROM crsql_site_id"))
+    position = _position_expr(slots, missing=len(cids))  # a name not there: past the list
     sql = (
-        f"SELECT t1.key, {_position_expr(slots)}, t1.col_version, t1.db_version, t1.site_id, "
+        f"SELECT t1.key, {position}, t1.col_version, t1.db_version, t1.site_id, "
         f"t1.seq FROM {info.clock} AS t1{where}{tail}"
     )
     return [
@@ -397,8 +425,8 @@ def _table_changes(
     keys = _table_keys(conn, info)
     if n and n >= keys * (PASS_PER_KEY + PASS_PER_COLUMN * len(info.non_pks)):
         try:
-            return _rows_by_pass(conn, info, where, bindings, tail)
-        except KeyError:
+            return _rows_by_pass(conn, info, where, bindings, tail, keys)
+        except (KeyError, IndexError):
             pass  # something only the joins handle: read with them
     cls = None
     if n * SCAN_FRACTION >= keys * max(1, len(info.non_pks)) > 0:

@@ -407,6 +407,9 @@ def test_a_merge_fits_a_low_limit_on_statement_variables():
     dst.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, 10)  # below two clock rows (6 values each)
     assert crdt.merge(dst, crdt.changes_since(src, 0)) == 60
     assert rows(dst) == rows(src)
+    # every clock too (a row's two clocks with its key once take 11 values: a clock a row)
+    changes = "SELECT pk, cid, val, col_version, site_id, cl, seq FROM crsql_changes ORDER BY 1, 2"
+    assert dst.execute(changes).fetchall() == src.execute(changes).fetchall()
 
 
 def test_a_changeset_merged_after_the_first_local_write_of_a_database_gets_its_own_version():

@@ -185,6 +185,32 @@ def test_a_table_pass_reads_odd_clock_rows_as_the_joins_do(monkeypatch):
         expected = reads
 
 
+@pytest.mark.parametrize(
+    "odd_row",
+    [
+        "DELETE FROM t__crsql_pks WHERE a = 4",  # a key in the middle without its row
+        "DELETE FROM t__crsql_pks WHERE a = 19",  # the largest key without its row
+        "INSERT INTO t__crsql_clock VALUES (2, 'gone', 1, 1, 0, 90)",  # a column t lacks
+        "UPDATE t__crsql_clock SET site_id = 77 WHERE key = 3 AND col_name = 'b'",
+        "INSERT INTO t__crsql_clock VALUES (-3, 'b', 1, 1, 0, 91)",  # a key below 0
+        "UPDATE t__crsql_pks SET __crsql_key = -7 WHERE a = 5",  # a lookaside key below 0
+    ],
+)
+def test_a_table_pass_gives_way_to_the_joins_for_each_odd_clock_row_alone(odd_row, monkeypatch):
+    """Each odd row alone (the pass indexes lists by key and column position: a key past the
+    end, a gap, a key below 0, which would index from the end, a name it has no position for)
+    reads as the per-change joins read it."""
+    conn = db(False, 1)
+    with conn:
+        conn.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, i, str(i)) for i in range(20)])
+    with conn:
+        conn.execute(odd_row)
+    reads = read_by_each_path(monkeypatch, conn, 0)
+    assert reads[2] == reads[1] == reads[0]
+    vtab = conn.execute("SELECT * FROM crsql_changes WHERE db_version > 0").fetchall()
+    assert sorted(reads[0]) == sorted(vtab)
+
+
 def test_a_table_pass_reads_wide_tables_and_any_one_column_pk_as_the_joins_do(monkeypatch):
     """The table pass finds a clock row's column by a search over the sorted column names in
     SQL (odd names: quotes, spaces, non-ASCII, digits, a prefix of another) and packs a
