@@ -198,7 +198,10 @@ class Globals:
     def admin(self) -> Path:
         if self.admin_path is not None:
             return self.admin_path
-        cfg = self.optional_config()
+        # The socket's path comes from the config: a file named with -c (or one at the default
+        # path) that does not load is said, not replaced by the default socket of another agent.
+        absent = self.config_path == DEFAULT_CONFIG and not self.config_path.exists()
+        cfg = None if absent else self.config()
         if cfg is not None:
             if self.db_path is not None:
                 cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, path=self.db_path))

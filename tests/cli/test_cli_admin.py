@@ -252,3 +252,19 @@ async def test_cli_reload_applies_schema_changes(base):
         assert "`corrosion reload --allow-destructive`" in result.stderr
         assert "`corrosion agent --allow-destructive`" in result.stderr
         assert "allow_destructive" not in result.stderr
+
+
+async def test_admin_commands_say_when_the_named_config_does_not_load(base):
+    """The admin socket's path comes from the config: a config named with -c that is missing
+    or invalid is said in one line, not replaced by the default socket (another agent's, or
+    none, which read as "is the agent running?")."""
+    missing = base / "missing.toml"
+    result = await cli("-c", str(missing), "cluster", "members")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: config file '{missing}' does not exist\n"
+    bad = base / "bad.toml"
+    bad.write_text('[db]\npath = "state.db"\n[api]\naddr = "nowhere"\n')
+    result = await cli("-c", str(bad), "sync", "generate")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: invalid config: api.addr")
+    assert "admin.sock" not in result.stderr
