@@ -4,8 +4,8 @@ all have the deletes, a re-inserted key converges, and the reaper's counters and
 from __future__ import annotations
 
 import logging
-import sqlite3
 
+import apsw
 import pytest
 from agent_helpers import agent_config, cluster, rows
 from support import wait_for
@@ -19,8 +19,11 @@ GC = {"tombstone_gc": True, "tombstone_gc_interval": 0.2, "tombstone_gc_batch": 
 
 
 def metadata(agent) -> tuple[int, int, list[tuple]]:
-    """(tombstones, lookaside rows, (k, cl) of live keys) read from the file, as a reader would."""
-    db = sqlite3.connect(f"file:{agent.config.db.path}?mode=ro", uri=True)
+    """(tombstones, lookaside rows, (k, cl) of live keys) read from the file, as a reader would.
+    Through apsw, the SQLite the agents use: a second copy of SQLite in one process (the stdlib
+    module's) does not see the other's file locks, and its close can pull the WAL index out
+    from under the agents (this test once died of SIGBUS that way)."""
+    db = apsw.Connection(str(agent.config.db.path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         dead = db.execute(
             "SELECT count(*) FROM kv__crsql_clock WHERE col_name = '-1' AND col_version % 2 = 0"
