@@ -17,6 +17,7 @@ The package is layered, each layer importing only those below it (checked by imp
 ``config``, ``logs``, ``errors`` and ``addresses`` are shared by all of them.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -81,8 +82,6 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'corrosion' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(home, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
