@@ -36,3 +36,10 @@ def test_the_package_names_load_on_first_use() -> None:
         timeout=120,
     )
     assert "module 'corrosion' has no attribute 'NoSuchThing'" in out.stderr
+
+
+def test_every_public_name_has_a_home() -> None:
+    import corrosion
+
+    assert sorted(corrosion.__all__) == sorted(corrosion._HOMES)
+    assert all(getattr(corrosion, name) is not None for name in corrosion.__all__)
