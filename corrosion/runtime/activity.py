@@ -3,13 +3,14 @@
 A flood of the same problem (bad changesets from one peer) must not drown the log: ``Throttled``
 writes the first occurrence of each reason at once and then one line per interval with the count.
 ``ActivityLog`` turns the replication traffic into one summary line per interval, and no line
-when nothing happened. ``GossipWarnings`` says, on both sides, when a node's gossip keys differ
-from its peers'. ``log_member_event`` writes SWIM's membership changes.
+when nothing happened. ``GossipWarnings`` says, on both sides, when a node's gossip keys or TLS
+certificates differ from its peers'. ``log_member_event`` writes SWIM's membership changes.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -310,6 +311,34 @@ _KINDS = {"datagram": "datagram", "stream": "stream", "reply": "stream"}  # repl
 JOIN_WARN_AFTER = 3  # failed join attempts before saying so (seeds may still be starting)
 
 
+_CA_REMEDY = (
+    "every node's gossip.tls certificate must be signed by the CA in the others' "
+    "gossip.tls.ca_file: make all of them with one 'corrosion tls ca generate'"
+)
+
+
+def _tls_problem(exc: ssl.SSLError, dialed: bool) -> tuple[str, str]:
+    """What went wrong in a TLS handshake, and what to check."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = f"certificate verify failed: {exc.verify_message}"
+        if "mismatch" in exc.verify_message.lower():
+            return reason, (
+                "a node's certificate must be valid for the address its peers dial: "
+                "'corrosion tls server generate IP' with its gossip IP"
+            )
+        whose = "the peer's certificate" if dialed else "the peer's client certificate"
+        return reason, f"{whose} is not trusted here; {_CA_REMEDY}"
+    reason = (exc.reason or str(exc)).lower().replace("_", " ")
+    if "alert" in reason:
+        return reason, f"the peer refused this node's certificate; {_CA_REMEDY}"
+    if not dialed and "certificate" in reason:
+        return reason, (
+            "this node runs mutual TLS, gossip.tls.client: every peer needs a client certificate "
+            "from the cluster's CA in its gossip.tls.client too"
+        )
+    return reason, "do both nodes have gossip.tls set alike?"
+
+
 class _Unreadable:
     __slots__ = ("counts", "shown", "since")
 
@@ -321,9 +350,10 @@ class _Unreadable:
 
 class GossipWarnings:
     """What keeps this node out of its cluster, as warnings on ``corrosion.members``, so a key
-    mismatch is not silent on either side: gossip that cannot be read with this node's keys,
-    per source host (the first at once, then at most one line per ``interval`` counting what
-    came since, none once it stops), and join attempts that no seed answers."""
+    or certificate mismatch is not silent on either side: gossip that cannot be read with this
+    node's keys, per source host (the first at once, then at most one line per ``interval``
+    counting what came since, none once it stops), peer streams whose TLS handshake failed
+    (per peer and reason, throttled alike), and join attempts that no seed answers."""
 
     def __init__(
         self, interval: float, clock: Callable[[], float] = time.monotonic, max_sources: int = 256
@@ -331,6 +361,22 @@ class GossipWarnings:
         self.interval, self.clock, self.max_sources = interval, clock, max_sources
         self._sources: OrderedDict[tuple[str, str], _Unreadable] = OrderedDict()
         self._join_warned: float | None = None
+        self._tls = Throttled(members_log, interval, clock, max_keys=max_sources)
+
+    def tls_failed(self, peer: str, exc: ssl.SSLError, *, dialed: bool) -> None:
+        """A peer stream's TLS handshake with ``peer`` failed: ``dialed`` when this node opened
+        it (to broadcast or sync), else the peer did. Without this line the only trace is a
+        failed-sync count: the member is alive in SWIM (plain UDP) and nothing replicates."""
+        reason, remedy = _tls_problem(exc, dialed)
+        self._tls.log(
+            f"{peer}:{reason}",
+            "TLS with %s failed (%s): %s (%s)",
+            peer,
+            "dialed by this node" if dialed else "dialed by the peer",
+            reason,
+            remedy,
+            fields={"peer": peer, "reason": reason, "dialed": dialed},
+        )
 
     def dropped(self, source: tuple[str, int], reason: str, kind: str) -> None:
         """A datagram or stream (``kind``: ``datagram``, ``stream`` or ``reply``, as
@@ -378,6 +424,7 @@ class GossipWarnings:
     def flush(self) -> None:
         """Report what came from each source since its last line once the interval is over;
         forget quiet sources."""
+        self._tls.flush()
         now = self.clock()
         for key, entry in list(self._sources.items()):
             if now - entry.since < self.interval:

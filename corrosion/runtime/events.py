@@ -18,6 +18,7 @@ class AgentEvents:
     peer_stream_errors: int = 0
     frames_dropped: int = 0
     peer_streams_unauthenticated: int = 0  # cut: no gossip key opened their frames
+    peer_tls_failures: int = 0  # peer streams whose TLS handshake failed (either side)
     # changes (rows of changesets) received and sent in sync sessions, received by broadcast
     sync_changes_recv: int = 0
     sync_changes_sent: int = 0

@@ -169,8 +169,10 @@ class PeerStreams:
                         stream = await self.security.connect(addr)
                         await stream.send(self.replicator.hello("bcast"))
                     await stream.send(data)
-                except PEER_STREAM_ERRORS:  # the handshake's IncompleteRead included
+                except PEER_STREAM_ERRORS as exc:  # the handshake's IncompleteRead included
                     self._events.peer_stream_errors += 1
+                    if isinstance(exc, ssl.SSLError):
+                        self._tls_failed(format_addr(addr), exc, dialed=True)
                     if stream is not None:
                         with anyio.CancelScope(shield=True):
                             await stream.aclose()
@@ -222,7 +224,9 @@ class PeerStreams:
                     await self._answer_sync(stream, self._peer_name(actor))
         except Exception as exc:  # a peer's stream must never take the agent down
             self._events.peer_stream_errors += 1
-            if isinstance(exc, UnauthenticatedFrame) or (
+            if isinstance(exc, ssl.SSLError):  # a stream's port is ephemeral: the host alone
+                self._tls_failed(str(source[0]), exc, dialed=False)
+            elif isinstance(exc, UnauthenticatedFrame) or (
                 security.keyring is not None and (stream is None or not stream.authenticated)
             ):
                 # not a member: no key opened its frames (or they were replayed or spliced)
@@ -231,6 +235,10 @@ class PeerStreams:
                     self._gossip_warnings.dropped(source, "decrypt", "stream")
             elif not isinstance(exc, PEER_STREAM_ERRORS):
                 log.exception("peer stream failed")
+
+    def _tls_failed(self, peer: str, exc: ssl.SSLError, *, dialed: bool) -> None:
+        self._events.peer_tls_failures += 1
+        self._gossip_warnings.tls_failed(peer, exc, dialed=dialed)
 
     def _peer_name(self, actor: bytes) -> str:
         """A peer's gossip address when it is a known member, else its actor id."""
@@ -330,6 +338,8 @@ class PeerStreams:
         except PEER_STREAM_ERRORS as exc:
             self._events.peer_stream_errors += 1
             sync_log.debug("sync with %s failed: %r", format_addr(addr), exc)
+            if isinstance(exc, ssl.SSLError):
+                self._tls_failed(format_addr(addr), exc, dialed=True)
         finally:
             replicator.sync_finished(addr)
             self._events.sync.session("client", ok, self._now() - began, changes, nbytes)

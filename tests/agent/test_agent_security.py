@@ -12,6 +12,7 @@ from support import self_signed_cert, wait_for
 
 import swim
 from corrosion import Agent
+from corrosion.addresses import format_addr
 from corrosion.runtime.transport import connect
 
 pytestmark = pytest.mark.anyio
@@ -148,7 +149,50 @@ async def test_tls_peer_streams(tmp_path):
             await wait_for(arrived, what="the write to cross the TLS peer stream")
 
 
-async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path):
+async def test_a_node_with_a_certificate_from_another_ca_is_warned_about_on_both_sides(
+    tmp_path, caplog
+):
+    """b's certificate comes from another CA: SWIM (plain UDP) lists it alive, but no peer
+    stream between a and b completes its handshake, so nothing replicates. Each node dials the
+    other and says so at WARNING, naming the peer and the remedy (before, only a failed-sync
+    count at INFO), once per peer and reason however many streams fail; and counts it on
+    /metrics. (The dialed side sees only a hang-up: the dialer's ssl drops its alert.)"""
+    caplog.set_level(logging.INFO)
+    tls = {}
+    for name in ("a", "b"):
+        cert, key = self_signed_cert(tmp_path / f"ca-{name}")
+        tls[name] = {"tls": {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)}}
+    async with Agent(agent_config(tmp_path, "a", with_api=False, gossip=tls["a"])) as a:
+        cfg = agent_config(tmp_path, "b", [seed_addr(a)], with_api=False, gossip=tls["b"])
+        async with Agent(cfg) as b:
+            await wait_for(lambda: b.alive_members() == 1, what="b to join SWIM")
+            await a.execute(["INSERT INTO kv (k) VALUES ('not across')"])
+            a_addr, b_addr = format_addr(a.swim.address), format_addr(b.swim.address)
+
+            def warned(peer: str, dialed: bool) -> list[logging.LogRecord]:
+                return [
+                    r
+                    for r in caplog.records
+                    if r.name == "corrosion.members"
+                    and r.levelno == logging.WARNING
+                    and getattr(r, "fields", {}).get("dialed") is dialed
+                    and getattr(r, "fields", {}).get("peer") == peer
+                ]
+
+            await wait_for(
+                lambda: bool(warned(b_addr, True) and warned(a_addr, True)),
+                what="a and b to warn about the TLS handshakes they dialed",
+            )
+            for record in warned(b_addr, True) + warned(a_addr, True):
+                assert "certificate verify failed" in record.getMessage()
+                assert "gossip.tls.ca_file" in record.getMessage()
+            assert a.events.peer_tls_failures > 0 and b.events.peer_tls_failures > 0
+            assert await rows(b, "SELECT k FROM kv") == []
+            # throttled: the first line per peer and reason, then a count per interval
+            assert len(warned(b_addr, True)) <= 2
+
+
+async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path, caplog):
     """a and b hold the cluster's certificate; c trusts the cluster (so it can connect) but
     has a certificate of its own and offers no client certificate: a and b refuse the streams
     c opens, and do not trust c as a server, so nothing of c's reaches them."""
@@ -183,6 +227,13 @@ async def test_mutual_tls_refuses_peers_without_a_client_certificate(tmp_path):
             for x in (a, b):
                 assert await rows(x, "SELECT k FROM kv WHERE k = 'from c'") == []
                 assert not x.store.bookie.holds(c.actor_id, 1)
+            # the servers say why, at WARNING, and what to do
+            refused = [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "corrosion.members" and getattr(r, "fields", {}).get("dialed") is False
+            ]
+            assert refused and all("gossip.tls.client" in m for m in refused), refused
 
 
 def test_mutual_tls_needs_a_ca_file(tmp_path):
