@@ -291,6 +291,7 @@ class Subscription:
     lock: Any = None  # anyio.Lock, made on the event loop when the subscription is registered
     plan: Plan | None = None  # incremental re-evaluation (None: the full re-run)
     full_rerun: str = ""  # why it has no plan (for operators)
+    dropped: str = ""  # why it was dropped, told to the clients whose streams it ended
     # with a plan: the primary keys (packed, by table) changed since the last evaluation
     pending: dict[str, set[bytes]] = field(default_factory=dict)
     # with a plan: the result by hidden key, and the hidden keys by each source's primary key
@@ -498,6 +499,12 @@ class Attached:
     backlog: list[Event]  # the changes after the client's ``from``
     receive: Any  # memory-object receive stream of the next changes
     close: Callable[[], None]
+    sub: Subscription
+
+    def ended(self) -> str:
+        """Why ``receive`` ended: the subscription was dropped, or this client was cut off
+        for reading too slowly (it can resume with ``from``)."""
+        return self.sub.dropped or "subscriber fell too far behind"
 
 
 class Subscriptions:
@@ -735,7 +742,7 @@ class Subscriptions:
             else:
                 backlog, snapshot = [], None if skip_rows else sub.snapshot()
             receive, close = self.listen(sub)
-        return Attached(snapshot, backlog, receive, close)
+        return Attached(snapshot, backlog, receive, close, sub)
 
     def listen(self, sub: Subscription, buffer: int = 10_240) -> Any:
         send, receive = anyio.create_memory_object_stream[Event](buffer)
@@ -823,7 +830,7 @@ class Subscriptions:
                     await self._publish(sub, partial(sub.patch, *sliced))
         except ColumnsChanged as exc:
             log.warning("subscription %s dropped: %s; its clients subscribe again", sub.id, exc)
-            await self.drop(sub.id)
+            await self.drop(sub.id, f"subscription dropped: {exc}; subscribe again")
 
     async def _publish(self, sub: Subscription, diff: Callable[[], list[Event]]) -> None:
         """Diff, write the changes to the subscription's file, then send them: a change a
@@ -840,7 +847,7 @@ class Subscriptions:
                         )
                 except (OSError, apsw.Error) as exc:
                     log.error("subscription %s dropped: cannot write its changes: %s", sub.id, exc)
-                    self._forget(sub.id)
+                    self._forget(sub.id, "subscription dropped: the agent cannot store its changes")
                     await anyio.to_thread.run_sync(sub.file.delete)
                     return
             for event in events:
@@ -904,10 +911,11 @@ class Subscriptions:
 
     # -- the end of subscriptions -----------------------------------------------------------
 
-    def _forget(self, sid: str) -> Subscription | None:
+    def _forget(self, sid: str, reason: str = "subscription dropped") -> Subscription | None:
         sub = self.by_id.pop(sid, None)
         if sub is None:
             return None
+        sub.dropped = reason
         for key, value in list(self._by_query.items()):
             if value == sid:
                 del self._by_query[key]
@@ -915,9 +923,10 @@ class Subscriptions:
             send.close()
         return sub
 
-    async def drop(self, sid: str) -> None:
-        """Remove a subscription and its file (its listeners' streams end)."""
-        sub = self._forget(sid)
+    async def drop(self, sid: str, reason: str = "subscription dropped") -> None:
+        """Remove a subscription and its file (its listeners' streams end, and are told
+        ``reason``)."""
+        sub = self._forget(sid, reason)
         if sub is not None and sub.file is not None:
             with anyio.CancelScope(shield=True):
                 async with sub.lock:

@@ -202,7 +202,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
                 async with receive:
                     async for event in receive:
                         yield _event_line(event)
-                yield (json.dumps({"error": "subscriber fell too far behind"}) + "\n").encode()
+                yield (json.dumps({"error": attached.ended()}) + "\n").encode()
             finally:
                 attached.close()
 

@@ -368,6 +368,27 @@ async def test_an_unusable_subscription_file_is_dropped_with_one_warning(tmp_pat
         assert got == [{"columns": ["k", "v"]}, {"eoq": got[1]["eoq"]}]
 
 
+async def test_a_live_stream_dropped_by_a_schema_change_is_told_why(tmp_path):
+    """A ``SELECT *`` stream open while a column is added: the subscription is dropped and the
+    stream's last line says so and what to do (it said "subscriber fell too far behind", which
+    sent the client looking for a slow reader)."""
+    cfg = agent_config(tmp_path, "a")
+    async with Agent(cfg) as a, httpx.AsyncClient(base_url=api(a), timeout=30) as c:
+        async with c.stream("POST", "/v1/subscriptions", json="SELECT * FROM items") as resp:
+            assert resp.status_code == 200
+            lines = resp.aiter_lines()
+            while "eoq" not in json.loads(await lines.__anext__()):
+                pass
+            schema = tmp_path / "schema" / "schema.sql"
+            schema.write_text(schema.read_text().replace("owner TEXT", "owner TEXT, extra TEXT"))
+            await a.reload_schema()
+            await a.execute(["INSERT INTO items (id, body) VALUES (1, 'after')"])
+            with anyio.fail_after(60):
+                last = [json.loads(line) async for line in lines][-1]
+        assert "subscription dropped" in last["error"], last
+        assert "column" in last["error"] and "subscribe again" in last["error"], last
+
+
 async def test_two_agents_cannot_share_a_subscriptions_directory(tmp_path):
     shared = {"subscriptions_path": str(tmp_path / "subs")}
     async with Agent(agent_config(tmp_path, "a", db=shared)):
