@@ -225,6 +225,7 @@ class Templates:
         self._token = token
         self._watches: dict[Query, anyio.CancelScope] = {}
         self._interested: dict[Query, list[_Watched]] = {}
+        self._agent_lost = False  # said once while the watches cannot reach the agent
 
     def _client(self) -> Client:
         return Client(self._addr, self._token)
@@ -281,6 +282,17 @@ class Templates:
                 tg.start_soon(self._follow, query, scope)
         w.queries = read
 
+    def _connected(self, query: Query) -> None:
+        if self._agent_lost:
+            self._agent_lost = False
+            log.info("the agent at %s answers again: rendering again", self._addr)
+        self._changed(query)
+
+    def _unreachable(self, exc: Exception) -> None:
+        if not self._agent_lost:
+            self._agent_lost = True
+            log.warning("%s: the files keep their last render; watching again once it answers", exc)
+
     def _changed(self, query: Query) -> None:
         for w in self._interested.get(query, []):
             w.dirty.set()
@@ -299,7 +311,8 @@ class Templates:
                         params,
                         skip_rows=True,
                         max_backoff=RECONNECT_MAX,
-                        on_connect=lambda: self._changed(query),
+                        on_connect=lambda: self._connected(query),
+                        on_unreachable=self._unreachable,
                     )
                     try:
                         async with sub:

@@ -369,6 +369,7 @@ class AsyncClient:
         max_backoff: float = 5.0,
         give_up_after: float | None = None,
         on_connect: Callable[[], None] | None = None,
+        on_unreachable: Callable[[Exception], None] | None = None,
     ) -> Subscription:
         """A subscription to ``sql``: use it as ``async with client.subscribe(...) as sub:
         async for event in sub``. Events: ``Columns``, ``Row``..., ``EndOfQuery`` (unless
@@ -378,8 +379,12 @@ class AsyncClient:
         first change on: a break before it resumes from the subscription's present.
         ``on_connect`` is called each time the stream is (re)established: what changed while it
         was down is then known to be in what follows or already read (``corrosion template``
-        reads again then)."""
-        return Subscription(self, sql, params, skip_rows, max_backoff, give_up_after, on_connect)
+        reads again then). ``on_unreachable(error)`` is called with an ``AgentUnreachable``
+        each time an attempt to (re)establish it cannot reach the agent (to say so while it
+        retries)."""
+        return Subscription(
+            self, sql, params, skip_rows, max_backoff, give_up_after, on_connect, on_unreachable
+        )
 
     def resume(
         self,
@@ -409,9 +414,11 @@ class Subscription:
         max_backoff: float,
         give_up_after: float | None,
         on_connect: Callable[[], None] | None = None,
+        on_unreachable: Callable[[Exception], None] | None = None,
     ) -> None:
         self._client = client
         self._on_connect = on_connect
+        self._on_unreachable = on_unreachable
         self._body = statement(sql, params)
         self._skip_rows = skip_rows
         self._max_backoff = max_backoff
@@ -445,6 +452,7 @@ class Subscription:
         down_since: float | None = None
         delay = 0.2
         while True:
+            opening = self._lines is None
             try:
                 if self._lines is None:
                     await self._open(http)
@@ -456,6 +464,8 @@ class Subscription:
                 await self._close_stream()
                 if isinstance(exc, Rejected) and exc.status is not None:
                     raise  # the agent refused to open it: not something a retry mends
+                if opening and isinstance(exc, httpx.HTTPError) and self._on_unreachable:
+                    self._on_unreachable(_unreachable(http.base_url, exc))
                 now = time.monotonic()
                 down_since = down_since if down_since is not None else now
                 if self._give_up_after is not None and now - down_since > self._give_up_after:

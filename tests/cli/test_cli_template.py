@@ -131,10 +131,15 @@ async def test_the_template_follows_an_agent_restart(base):
             await wait_for(lambda: out.exists() and out.read_text() == "0\n", what="a render")
             await a.execute(["INSERT INTO todos (id) VALUES (1)"])
             await wait_for(lambda: out.read_text() == "1\n", what="the change")
-        async with Agent(cfg) as a:  # a restart while watching: the watch comes back
+        # the agent goes away while watched: said once (not once per retry), and its return
+        lost = "the files keep their last render"
+        await wait_for(lambda: lost in proc.stderr(), what="the watch to say the agent is gone")
+        async with Agent(cfg) as a:
+            await wait_for(lambda: "answers again" in proc.stderr(), what="the agent's return")
             await a.execute(["INSERT INTO todos (id) VALUES (2)"])
             await wait_for(lambda: out.read_text() == "2\n", what="the change after a restart")
-        assert proc.stderr().count("could not reach the agent") == 1, proc.stderr()
+        assert proc.stderr().count("could not reach the agent") == 2, proc.stderr()
+        assert proc.stderr().count(lost) == 1, proc.stderr()
     finally:
         proc.p.terminate()
         await proc.wait()
