@@ -247,11 +247,14 @@ def log_member_event(ev: Any, describe: Callable[[Any], tuple[str, str]]) -> Non
 
     if isinstance(ev, swim.MemberRenamed):
         actor, addr = describe(ev.new)
+        old = describe(ev.old)[0]
         members_log.info(
-            "member restarted: %s is now actor %s",
+            "member restarted: %s is now actor %s"
+            if actor != old
+            else "member restarted: %s (actor %s)",
             addr,
             actor,
-            extra={"fields": {"addr": addr, "actor_id": actor, "old": describe(ev.old)[0]}},
+            extra={"fields": {"addr": addr, "actor_id": actor, "old": old}},
         )
         return
     if isinstance(ev, swim.IdentityRenewed):

@@ -435,3 +435,19 @@ def test_every_membership_event_has_a_line(caplog):
         "member left",
     ]
     assert all("10.0.0.9:8787" in r.getMessage() for r in caplog.records)
+
+
+def test_a_restarted_member_is_said_to_have_a_new_actor_only_when_it_has_one(caplog):
+    """A node restarted with its database keeps its actor id: "is now actor" (the same id)
+    read as if it had lost its identity."""
+    caplog.set_level(logging.INFO)
+    old, new = swim.NodeId("10.0.0.9", 8787, 1), swim.NodeId("10.0.0.9", 8787, 2)
+    renamed = swim.MemberRenamed(
+        swim.Member(old, 3, swim.State.DOWN), swim.Member(new, 0, swim.State.ALIVE)
+    )
+    log_member_event(renamed, lambda mem: ("ab" * 16, format_addr(mem.addr)))
+    actors = {1: "ab" * 16, 2: "cd" * 16}
+    log_member_event(renamed, lambda mem: (actors[mem.id.gen], format_addr(mem.addr)))
+    same, changed = (r.getMessage() for r in caplog.records)
+    assert same == f"member restarted: 10.0.0.9:8787 (actor {'ab' * 16})"
+    assert changed == f"member restarted: 10.0.0.9:8787 is now actor {'cd' * 16}"
