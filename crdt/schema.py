@@ -408,15 +408,27 @@ def _set_ordered(tables: dict[str, TableDef], args: tuple[str, ...], text: str) 
 
 
 def check_crr_constraints(desired: dict[str, TableDef], sql: str) -> None:
-    scratch = _build(split_statements(sql))
+    """cr-sqlite's rules for each table; a refusal names the statement that created the table
+    (so that the agent's message names the file to fix)."""
+    statements = split_statements(sql)
+    scratch = _build(statements)
     try:
         for name in desired:
             try:
                 check_compatible(scratch, name)
             except IncompatibleTableError as exc:
-                raise SchemaError(str(exc)) from None
+                raise SchemaError(str(exc), _creating(statements, name)) from None
     finally:
         scratch.close()
+
+
+def _creating(statements: list[str], table: str) -> str | None:
+    """The first of ``statements`` that creates ``table`` (SQLite's names ignore case)."""
+    for text in statements:
+        created = _created_object(text)
+        if created is not None and created[0] == "table" and created[1].lower() == table.lower():
+            return text
+    return None
 
 
 def load_schema_paths(paths: Iterable[str | os.PathLike[str]]) -> str:

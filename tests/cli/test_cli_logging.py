@@ -61,6 +61,10 @@ def _schema_syntax(base: Path, data: dict, stack: list) -> None:
     write_schema(base, "CREATE TABLE todos (id INTEGER NOT NULL PRIMARY KEY, title TEXT")
 
 
+def _schema_not_a_crr(base: Path, data: dict, stack: list) -> None:
+    write_schema(base, "CREATE TABLE todos (id INTEGER NOT NULL PRIMARY KEY, title TEXT UNIQUE);")
+
+
 def _bad_level(base: Path, data: dict, stack: list) -> None:
     data["log"] = {"level": "loud"}
 
@@ -109,6 +113,10 @@ CASES: dict[str, tuple[Callable[[Path, dict, list], None], list[str]]] = {
             "error: schema (db.schema_paths): ",  # the config is fine: the schema is not
             "/schema/schema.sql: invalid schema statement (incomplete input)",
         ],
+    ),
+    "schema table CRRs cannot keep": (
+        _schema_not_a_crr,  # found on the built table, not in the text: still names the file
+        ["error: schema (db.schema_paths): ", "/schema/schema.sql: table 'todos' has unique index"],
     ),
     "log.level": (_bad_level, ["log.level", "unknown level 'loud'"]),
     "gossip.broadcast": (_bad_broadcast, ["gossip.broadcast", '"plumtree"', "'flood'"]),
