@@ -115,8 +115,10 @@ def parse_addr(value: Any, key: str) -> Address:
         p = int(port)
     except ValueError:
         raise ConfigError(f"{key}: port must be a number in {value!r}") from None
-    if not 0 <= p <= 65535 or not host:
-        raise ConfigError(f"{key}: invalid address {value!r}")
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{key}: port {p} in {value!r} is out of range (0 to 65535)")
+    if not host:
+        raise ConfigError(f"{key}: no host in {value!r} (e.g. '0.0.0.0:{p}' for every interface)")
     return host, p
 
 
@@ -419,11 +421,14 @@ class Config:
             try:
                 raw = base64.b64decode(k, validate=True)
             except (binascii.Error, ValueError):
-                raise ConfigError(f"gossip.encryption_keys[{i}]: not valid base64") from None
+                raise ConfigError(
+                    f"gossip.encryption_keys[{i}]: not valid base64 "
+                    "('corrosion keygen' makes a key)"
+                ) from None
             if len(raw) != 32:
                 raise ConfigError(
                     f"gossip.encryption_keys[{i}]: must decode to 32 bytes (AES-256), "
-                    f"got {len(raw)}"
+                    f"got {len(raw)} ('corrosion keygen' makes a key)"
                 )
             keys.append(raw)
         preset = gossip.string("preset")

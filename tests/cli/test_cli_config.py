@@ -245,6 +245,13 @@ processing_queue_len = 20000
         ({"db": {"path": "x"}, "gossip": {"bootstrap": ["h:1@10.0.0.1:x"]}},
          "gossip.bootstrap[0] (DNS server): port must be a number"),
         ({"db": {"path": "x"}, "zzz": 1}, "zzz: unknown configuration key"),
+        ({"db": {"path": "x"}, "gossip": {"addr": "127.0.0.1:99999"}},
+         "gossip.addr: port 99999 in '127.0.0.1:99999' is out of range (0 to 65535)"),
+        ({"db": {"path": "x"}, "api": {"addr": ":8080"}}, "api.addr: no host in ':8080'"),
+        ({"db": {"path": "x"}, "gossip": {"encryption_keys": ["abc"]}},
+         "gossip.encryption_keys[0]: not valid base64 ('corrosion keygen' makes a key)"),
+        ({"db": {"path": "x"}, "gossip": {"encryption_keys": ["YWJj"]}},
+         "must decode to 32 bytes (AES-256), got 3 ('corrosion keygen' makes a key)"),
     ],
 )  # fmt: skip
 def test_typos_fail_naming_the_nearest_key(data, message):
