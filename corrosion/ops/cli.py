@@ -882,7 +882,11 @@ def devcluster(
     ] = None,
     base_dir: Annotated[
         Path | None,
-        typer.Option("--base-dir", help="Keep the nodes' data here (default: a temp dir)."),
+        typer.Option(
+            "--base-dir",
+            help="Keep the nodes' data here (default: a temp dir); run again with the "
+            "same directory to restart that cluster (its key and ports).",
+        ),
     ] = None,
 ) -> None:
     """Start N agents on loopback with a demo schema and show how to talk to them."""

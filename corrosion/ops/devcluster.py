@@ -8,7 +8,10 @@ visible on every node, prints the addresses with commands to copy, and runs unti
 
 Every node also gets a ``config.toml`` (with the ports actually bound), so the CLI can reach it
 with ``corrosion -c <base>/n2/config.toml ...`` while the cluster runs. The nodes share a gossip
-key generated for this cluster (written into those files), as every agent needs one.
+key generated for this cluster (written into those files), as every agent needs one. Run again
+on a kept ``--base-dir``, the cluster takes its key and ports from those files (a port taken
+meanwhile is picked anew), so the commands printed last time still work and each node rejoins
+the members it remembers.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import tempfile
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +83,14 @@ class DevCluster:
         self.base = base_dir
         self.schema_path = base_dir / "schema" / "todos.sql"
         self.nodes: list[Node] = []
-        self.gossip_key = generate_key()
+        self._previous = {
+            f"n{i}": _previous_config(base_dir / f"n{i}") for i in range(1, nodes + 1)
+        }
+        keys = [
+            k for c in self._previous.values() for k in _get(c, "gossip", "encryption_keys") or []
+        ]
+        self.gossip_key = keys[0] if keys else generate_key()
+        self.reused = bool(keys)  # the key (and free ports) of an earlier run in base_dir
         self._stack = contextlib.AsyncExitStack()
         self._socket_dir: Path | None = None
 
@@ -96,17 +108,35 @@ class DevCluster:
                 "path": str(self.base / name / "state.db"),
                 "schema_paths": [str(self.schema_path)],
             },
-            "api": {"addr": f"{HOST}:0"},
+            "api": {"addr": self._again(name, ("api", "addr"), socket.SOCK_STREAM)},
             "gossip": {
-                "addr": f"{HOST}:0",
+                "addr": self._again(
+                    name, ("gossip", "addr"), socket.SOCK_DGRAM, socket.SOCK_STREAM
+                ),
                 "bootstrap": seeds,
                 "preset": "local",
                 "encryption_keys": [self.gossip_key],
             },
             "perf": {"min_sync_backoff": 0.5, "max_sync_backoff": 5.0},
             "admin": {"path": str(self._admin_path(name))},
-            "telemetry": {"prometheus": {"addr": f"{HOST}:0"}},
+            "telemetry": {
+                "prometheus": {
+                    "addr": self._again(
+                        name, ("telemetry", "prometheus", "addr"), socket.SOCK_STREAM
+                    )
+                }
+            },
         }
+
+    def _again(self, name: str, key: tuple[str, ...], *kinds: socket.SocketKind) -> str:
+        """The address ``name`` had at ``key`` in an earlier run, if its port is free now; else
+        port 0 (the system picks one)."""
+        addr = _get(self._previous[name], *key)
+        if isinstance(addr, str) and addr.startswith(f"{HOST}:"):
+            port = addr.rpartition(":")[2]
+            if port.isdigit() and _free(int(port), kinds):
+                return addr
+        return f"{HOST}:0"
 
     async def __aenter__(self) -> DevCluster:
         self.schema_path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +215,34 @@ class DevCluster:
                 for node in self.nodes:
                     tg.start_soon(watch, node)
         return todo_id, title, list(seen.items())
+
+
+def _previous_config(node_dir: Path) -> dict[str, Any]:
+    """The config an earlier run wrote for a node (empty when none, or unreadable)."""
+    try:
+        return tomllib.loads((node_dir / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _get(data: Any, *keys: str) -> Any:
+    for k in keys:
+        data = data.get(k) if isinstance(data, dict) else None
+    return data
+
+
+def _free(port: int, kinds: tuple[socket.SocketKind, ...]) -> bool:
+    """Whether ``port`` can be bound on HOST for each socket kind (a check, not a claim: the
+    agent binds it a moment later)."""
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:  # as the agent's listeners: past TIME_WAIT peers
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                return False
+    return True
 
 
 def _write_config(path: Path, data: dict[str, Any], agent: Agent) -> None:
@@ -288,7 +346,10 @@ async def run_devcluster(
             echo("\n".join(describe(cluster)))
             echo("")
             echo(
-                "Gossip: encrypted with a key generated for this run "
+                "Gossip: encrypted with the key of the earlier run kept in this directory "
+                "(gossip.encryption_keys in each config.toml)"
+                if cluster.reused
+                else "Gossip: encrypted with a key generated for this run "
                 "(gossip.encryption_keys in each config.toml)"
             )
             joined = await cluster.wait_joined()

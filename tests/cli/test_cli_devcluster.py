@@ -49,10 +49,18 @@ def test_devcluster_command_prints_what_a_newcomer_needs():
         assert out.rstrip().endswith("Stopped.")
         assert not any(base.glob("*/admin.sock"))  # sockets cleaned up
 
-        # the data persists in --base-dir: a second run continues from it
+        # the data persists in --base-dir: a second run continues from it, with the same key
+        # and (free) ports, so the commands printed the first time still work and no node
+        # looks for members at ports they no longer have
         result = runner.invoke(app, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "Demo: n1 wrote todo #2" in result.stdout
+        assert "Gossip: encrypted with the key of the earlier run" in result.stdout
+        assert "WARNING" not in result.stderr, result.stderr
+        again = {Config.load(base / name / "config.toml").gossip.encryption_keys[0]
+                 for name in ("n1", "n2", "n3")}  # fmt: skip
+        assert again == keys
+        assert sorted(re.findall(r"http://127\.0\.0\.1:(\d+) ", result.stdout)) == sorted(apis)
 
 
 def test_devcluster_refusing_the_environment_says_so_in_one_line():
