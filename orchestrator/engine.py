@@ -349,7 +349,13 @@ class Engine:
             raise UnknownActionError(f"unknown action {action!r}") from None
 
     def on_finish(self, hook: Callable[[RunResult], Awaitable[None]]) -> None:
-        """Call ``hook`` after each run's FINISH, before that machine's next run starts."""
+        """Call ``hook`` after each run's FINISH, before that machine's next run starts.
+
+        Hooks run from ``__aenter__`` on: a run it resumes can finish before it returns, so a
+        hook must not rely on anything its owner sets once the engine is entered. They are not
+        durable: a crash, or the engine stopping, between a run's FINISH and its hooks skips
+        them (the run stays finished), so their owner must redo a hook's effect from the log on
+        its next start."""
         self._finish_hooks.append(hook)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -567,6 +573,10 @@ class Engine:
                                 await hook(live.result)
                         except Exception:
                             log.exception("finish hook failed for run %s", live.state.run_id)
+                        except anyio.get_cancelled_exc_class():
+                            log.debug("finish hooks of run %s interrupted: the engine is "
+                                      "stopping", live.state.run_id)  # fmt: skip
+                            raise
                 finally:
                     self._finishing[machine_id] -= 1
                     if not self._finishing[machine_id]:

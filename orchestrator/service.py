@@ -24,6 +24,7 @@ Rules enforced here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -45,6 +46,7 @@ from .drivers.base import Driver, DriverError, Operable, UnknownInstanceError, p
 from .engine import Backoff, Engine, EngineObserver, RunResult
 from .errors import (
     AlreadyRunningError,
+    EngineClosedError,
     InvalidRequestError,
     InvalidTransitionError,
     NotFoundError,
@@ -61,6 +63,7 @@ from .migrations import DEFAULT_RATE, Migrations
 from .network import MachineNetwork, NetworkError
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
+from .steplog import MachineLog
 from .steplog_schema import CURRENT_TARGET, MigrationFailedError, SchemaTarget
 from .store import MachineStore
 from .volumes import Volumes, check_unshared
@@ -179,7 +182,7 @@ class Orchestrator:
                 processes=self._offload,
             )  # fmt: skip
             stack.push_async_callback(self.driver.aclose)
-            await self._load()
+            owed_destroys = await self._load()
             self.migrations.install()
             if self.network is not None:  # the bridge, then debris of destroyed machines goes
                 await self.network.setup()
@@ -194,7 +197,8 @@ class Orchestrator:
                 doc_committer=self.docs.commit_staged,
             )
             MachineOperations(self).register(engine)
-            engine.on_finish(self._on_finish)
+            # bound to this engine: runs it resumes can finish before self.engine is set
+            engine.on_finish(functools.partial(self._on_finish, engine))
             probe = self._probe
             if probe is None:
                 network = NetworkProbe()
@@ -220,6 +224,10 @@ class Orchestrator:
             tg.start_soon(self.migrations.run, name="migrations")
             for mid in self.docs.ids():
                 self.watch(mid)
+            for mid in owed_destroys:
+                log.info("machine %s exited with auto_destroy and was not destroyed before the "
+                         "service stopped: destroying it now", mid)  # fmt: skip
+                await self.engine.start(mid, "destroy", {"force": True}, queue=True)
         except BaseException:
             await stack.__aexit__(None, None, None)
             self.exits = self.health = self._tg = None
@@ -236,18 +244,29 @@ class Orchestrator:
             self.engine = None
             self.exits = self.health = self._tg = None
 
-    async def _load(self) -> None:
+    async def _load(self) -> list[str]:
         """Read every machine's document; finish the bookkeeping a crash may have interrupted:
-        drop databases of creates that never logged START, archive destroyed machines."""
+        drop databases of creates that never logged START, archive destroyed machines (what
+        ``_on_finish`` does after a destroy), and return the machines whose auto-destroy is
+        owed (an exit run asked for it, and the service stopped before starting it)."""
         assert self.store is not None
         store = self.store
         docs: dict[str, dict[str, Any]] = {}
         gone: dict[str, str] = {}
+        owed: list[str] = []
         for mid in await self._io(store.machine_ids):
             log_ = store.log(mid)
             try:
                 doc = await self._io(log_.read_doc)
                 active = await self._io(log_.active_runs)
+                # an auto-destroy is only ever owed to a stopped machine that asks for them
+                owes_destroy = (
+                    not active
+                    and doc is not None
+                    and doc["state"] == m.STOPPED
+                    and bool(doc["config"].get("auto_destroy"))
+                    and await self._io(_newest_asks_auto_destroy, log_)
+                )
             except (apsw.Error, MigrationFailedError) as e:
                 # damaged, or too old to read and its migration failed: left as it is, reported
                 # (ERROR log, metric), and skipped so the other machines are served
@@ -262,8 +281,11 @@ class Orchestrator:
                 await self._io(store.archive, mid)
                 gone[mid] = doc["app"]
                 continue
+            if owes_destroy:
+                owed.append(mid)
             docs[mid] = doc
         self.docs.reset(docs, gone)
+        return owed
 
     # --- documents: persistence and what follows a change -------------------------------------
 
@@ -314,18 +336,30 @@ class Orchestrator:
         if self.health is not None:
             self.health.sync(machine_id)
 
-    async def _on_finish(self, result: RunResult) -> None:
+    async def _on_finish(self, engine: Engine, result: RunResult) -> None:
+        """The engine's finish hook: start an exited machine's auto-destroy; compact the log,
+        and archive a destroyed machine's database.
+
+        It is given its engine because it runs from the engine's start on: runs resumed there
+        can finish before ``__aenter__`` has set ``self.engine``. Its effects are not written
+        with the run's FINISH, so a crash (or a stop) between the two skips them; ``_load``
+        redoes them from the log on the next start (archives a destroyed machine, returns an
+        owed auto-destroy)."""
         mid = result.machine_id
         doc = self.docs.find(mid)
         if doc is None:
             return
-        assert self.engine is not None and self.store is not None
-        if result.action == "exit" and result.response.get("auto_destroy"):
-            await self.engine.start(mid, "destroy", {"force": True}, queue=True)
+        assert self.store is not None
+        if _asks_auto_destroy(result.action, result.response):
+            try:
+                await engine.start(mid, "destroy", {"force": True}, queue=True)
+            except EngineClosedError:
+                log.info("auto-destroy of machine %s deferred: the service is stopping, its "
+                         "next start destroys it", mid)  # fmt: skip
             return
         # a crash before this line leaves one more finished run, compacted after the next
         await self._io(self.store.log(mid).compact, self.keep_runs)
-        if doc["state"] == m.DESTROYED and not self.engine.list_runs(mid):
+        if doc["state"] == m.DESTROYED and not engine.list_runs(mid):
             await self._io(self.store.archive, mid)
             self.docs.retire(mid)
 
@@ -673,6 +707,20 @@ class Orchestrator:
             raise NotFoundError(f"machine {machine_id} has no live run {run_id}")
         if not await self.engine.cancel(run_id, "cancelled through the API"):
             raise InvalidTransitionError(f"run {run_id} is already finishing")
+
+
+def _asks_auto_destroy(action: str, response: Mapping[str, Any]) -> bool:
+    """Whether a finished run asks for its machine to be destroyed (an exit whose restart
+    policy let the machine stop, with ``config.auto_destroy``)."""
+    return action == "exit" and bool(response.get("auto_destroy"))
+
+
+def _newest_asks_auto_destroy(log_: MachineLog) -> bool:
+    """Whether the machine's newest run asked for an auto-destroy: then no run was started
+    after it, the destroy included (a crash or a stop came between its FINISH and the finish
+    hook that starts the destroy)."""
+    newest = log_.history(1)
+    return bool(newest) and _asks_auto_destroy(newest[0].action, newest[0].response)
 
 
 def _body(body: Any, allowed: set[str]) -> dict[str, Any]:
