@@ -315,7 +315,11 @@ class MachineOperations:
             req["instance_id"],
             req["boot"],
         ):
-            return {"stale": True}  # the machine moved on (stopped, restarted, updated)
+            # the machine moved on: a stop, restart, update or destroy ahead of this run ended
+            # that boot (and saw its exit), or an earlier exit run restarted it
+            log.debug("machine %s: exit of boot %s ignored: the machine is %s, boot %s",
+                      ctx.machine_id, req["boot"], doc["state"], doc.get("boot"))  # fmt: skip
+            return {"stale": True}
         exit_ = ExitStatus.from_dict(req["exit"])
         policy = doc["config"].get("restart", {})
         decision = decide_restart(policy, exit_, doc.get("restarts", 0))
