@@ -151,6 +151,32 @@ async def test_an_exit_while_a_stop_waits_its_turn_is_the_stops(tmp_path, monkey
         assert [s for s, _ in exit_events(doc)] == ["stopped"]
 
 
+async def test_a_crash_looping_machine_can_be_stopped_while_it_is_starting(tmp_path):
+    """Under ``always`` an instance that exits at once keeps the machine mostly ``starting``
+    (an exit run restarting it): a stop is accepted then, runs after that restart, and the
+    machine ends stopped with nothing running; then a forced destroy the same way."""
+    driver = FakeDriver()
+    driver.latency = 0.02  # each launch step takes a while: the test sees the machine starting
+    async with orch(tmp_path, driver) as o:
+        mid = (await o.create_machine("app", {"config": config({"policy": "always"})}))["id"]
+        await started(o, driver, mid, 0)
+        iid = o.doc(mid)["instance_id"]
+        driver.exit_on_start(iid, exit_code=1, times=1000)
+        driver.crash(iid, 1)
+        await wait_for(lambda: o.doc(mid)["state"] == m.STARTING, DEADLINE, "a restart")
+        await o.stop_machine("app", mid)  # accepted though the machine is starting
+        assert await o.wait_machine("app", mid, state=m.STOPPED, timeout=DEADLINE)
+        await wait_for(lambda: not o.engine.busy(mid), DEADLINE, "the runs")
+        assert o.doc(mid)["state"] == m.STOPPED
+        assert driver.instances[iid].state is InstanceState.EXITED
+        await o.start_machine("app", mid)
+        await wait_for(lambda: o.doc(mid)["state"] == m.STARTING and o.doc(mid)["restarts"],
+                       DEADLINE, "a restart")  # fmt: skip
+        await o.destroy_machine("app", mid, force=True)
+        assert await o.wait_machine("app", mid, state=m.DESTROYED, timeout=DEADLINE)
+        assert iid not in driver.instances
+
+
 async def test_resume_handles_the_exit_of_a_boot_whose_run_was_interrupted(tmp_path, monkeypatch):
     """kill -9 while the exit run that restarted the machine is finishing (after mark_started,
     before FINISH), and its new boot exits while the service is down: on resume the run
