@@ -1,9 +1,14 @@
 """Exit watchers: a started machine's instance exiting on its own becomes an ``exit`` run.
 
 One watcher task per started instance (keyed by instance id and boot, so a restart gets a new
-one). When the instance exits and no operation that stops it (stop, restart, destroy, update, a
-previous exit) is live, the watcher submits an ``exit`` run, whose steps apply the restart
-policy (:mod:`.operations`).
+one). When the instance exits, the watcher queues an ``exit`` run behind the machine's accepted
+runs - unless the machine already moved on, or an exit run for that very boot is accepted (a
+resumed one). An exit is never dropped because some run is live: the run that started this boot
+(an exit run's restart, an API restart) may still be finishing when its instance dies at once,
+and it does not own that exit. Whether the exit still matters is decided when its run executes,
+in order with the others: ``record_exit`` (:mod:`.operations`) ignores an exit whose boot a
+stop, restart, update or destroy ahead of it already ended, and applies the restart policy to
+the others.
 """
 
 from __future__ import annotations
@@ -19,9 +24,6 @@ from .drivers.base import Driver, DriverError, ExitStatus
 from .engine import Engine
 from .errors import EngineClosedError
 from .tracing import detached
-
-# the operations that stop an instance themselves, and so own its exit
-_OWNERS = frozenset({"stop", "restart", "destroy", "update", "exit"})
 
 
 class ExitWatchers:
@@ -61,19 +63,34 @@ class ExitWatchers:
                 exit_ = await self._driver.wait(key[0])
             except DriverError:
                 exit_ = ExitStatus(exited_at=self._clock.now())  # the instance vanished
+            # still watched until the exit run is accepted: a watch() meanwhile starts no twin
+            await self._submit(machine_id, key, exit_)
         finally:
             if self._watching.get(machine_id) == key:
                 del self._watching[machine_id]
+
+    async def _submit(
+        self, machine_id: str, key: tuple[str, str | None], exit_: ExitStatus
+    ) -> None:
         doc = self._docs.find(machine_id)
         if doc is None or doc["state"] != m.STARTED or (doc["instance_id"], doc.get("boot")) != key:
+            return  # the run that moved the machine on stopped or replaced this instance
+        if self._accepted(machine_id, key):
             return
-        if any(run.action in _OWNERS for run in self._engine.list_runs(machine_id)):
-            return  # that operation owns this exit
         request = {"instance_id": key[0], "boot": key[1], "exit": exit_.to_dict()}
         # EngineClosedError: the service is stopping; its next start watches the machine again
         # and sees the exit then
         with contextlib.suppress(EngineClosedError):
             await self._engine.start(machine_id, "exit", request, queue=True)
+
+    def _accepted(self, machine_id: str, key: tuple[str, str | None]) -> bool:
+        """Whether a live exit run already reports this boot's exit (one resumed after a
+        restart of the service, or accepted before the watcher that noticed it was replaced)."""
+        return any(
+            run.action == "exit"
+            and (run.request.get("instance_id"), run.request.get("boot")) == key
+            for run in self._engine.list_runs(machine_id)
+        )
 
 
 __all__ = ["ExitWatchers"]

@@ -30,6 +30,7 @@ leaves it ``started`` or ``stopped`` as the driver reports.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal as _signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -42,10 +43,12 @@ from .drivers.base import Driver, DriverError, ExitStatus, InstanceState, parse_
 from .engine import Engine, StepContext
 from .errors import UnrecoverableError
 from .network import MachineNetwork, NetworkError
-from .restart import should_restart
+from .restart import RestartDecision, decide_restart
 from .volumes import Volumes
 
 Step = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
+
+log = logging.getLogger(__name__)
 
 START_RETRIES = 5  # ~3 s of backoff, then the machine is marked failed
 STOP_RETRIES = 10  # ~20 s of backoff
@@ -61,6 +64,22 @@ def target_state(action: str, request: Mapping[str, Any]) -> str | None:
         "stop": m.STOPPED,
         "destroy": m.DESTROYED,
     }.get(action)
+
+
+def describe_exit(exit_: ExitStatus) -> str:
+    """How the main process ended, for an operator: ``exited with code 3``, ``was killed by
+    signal 15 (SIGTERM)``."""
+    if exit_.oom_killed:
+        return f"was killed by the OOM killer (signal {exit_.signal or int(_signal.SIGKILL)})"
+    if exit_.signal is not None:
+        try:
+            name = f" ({_signal.Signals(exit_.signal).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {exit_.signal}{name}"
+    if exit_.exit_code is not None:
+        return f"exited with code {exit_.exit_code}"
+    return "exited with an unknown status (its supervisor lost track)"
 
 
 def _unless(flag: str, step: Step) -> Step:
@@ -296,9 +315,17 @@ class MachineOperations:
             req["instance_id"],
             req["boot"],
         ):
-            return {"stale": True}  # the machine moved on (stopped, restarted, updated)
+            # the machine moved on: a stop, restart, update or destroy ahead of this run ended
+            # that boot (and saw its exit), or an earlier exit run restarted it
+            log.debug("machine %s: exit of boot %s ignored: the machine is %s, boot %s",
+                      ctx.machine_id, req["boot"], doc["state"], doc.get("boot"))  # fmt: skip
+            return {"stale": True}
         exit_ = ExitStatus.from_dict(req["exit"])
-        restart = should_restart(doc["config"].get("restart", {}), exit_, doc.get("restarts", 0))
+        policy = doc["config"].get("restart", {})
+        decision = decide_restart(policy, exit_, doc.get("restarts", 0))
+        restart = decision.restart
+        auto_destroy = not restart and bool(doc["config"].get("auto_destroy"))
+        self._log_exit(ctx, doc, exit_, decision, auto_destroy=auto_destroy)
         now = self.svc.clock.now()
 
         def change(d: dict[str, Any]) -> None:
@@ -312,8 +339,34 @@ class MachineOperations:
                 d["state"] = m.STOPPED
 
         ctx.stage(change)
-        auto_destroy = not restart and bool(doc["config"].get("auto_destroy"))
         return {"restart": restart, "auto_destroy": auto_destroy}
+
+    @staticmethod
+    def _log_exit(
+        ctx: StepContext,
+        doc: Mapping[str, Any],
+        exit_: ExitStatus,
+        decision: RestartDecision,
+        *,
+        auto_destroy: bool,
+    ) -> None:
+        """One INFO line per exit the restart policy decides on: the machine, how it ended,
+        what happens next (a resumed ``record_exit`` that had not logged its COMPLETE says it
+        again)."""
+        what = f"machine {ctx.machine_id} of app {doc['app']} {describe_exit(exit_)}"
+        if decision.restart:
+            line = f"{what} ({decision.reason})"
+        else:
+            after = "stopped, then destroyed (auto_destroy)" if auto_destroy else "stopped"
+            line = f"{what}: {decision.reason}, {after}"
+        fields = {
+            "machine_id": ctx.machine_id, "app": doc["app"], "run_id": ctx.run_id,
+            "instance_id": doc["instance_id"], "exit_code": exit_.exit_code,
+            "signal": exit_.signal, "oom_killed": exit_.oom_killed,
+            "restart": decision.restart,
+            "restarts": doc.get("restarts", 0) + int(decision.restart),
+        }  # fmt: skip
+        log.info("%s", line, extra={"fields": fields})
 
     # --- finalizers ---------------------------------------------------------------------------
 

@@ -9,17 +9,34 @@ orchestrator asked for (a stop, a restart, a destroy) never triggers the policy.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .drivers.base import ExitStatus
+from .machine import DEFAULT_MAX_RETRIES
 
 
-def should_restart(restart: Mapping[str, Any], exit_: ExitStatus, restarts: int) -> bool:
-    if exit_.requested_stop:
-        return False
+@dataclass(frozen=True)
+class RestartDecision:
+    """Whether to restart, and why, in words an operator reads in the log: ``restart 1 of 2,
+    policy on-failure`` or ``not restarted (max retries 2 reached)``."""
+
+    restart: bool
+    reason: str
+
+
+def decide_restart(restart: Mapping[str, Any], exit_: ExitStatus, restarts: int) -> RestartDecision:
+    """The policy's decision for ``exit_`` after ``restarts`` restarts since the last start."""
     policy = restart.get("policy", "on-failure")
+    if exit_.requested_stop:
+        return RestartDecision(False, "not restarted (the stop was requested)")
     if policy == "always":
-        return True
+        return RestartDecision(True, f"restart {restarts + 1}, policy always")
     if policy == "on-failure":
-        return exit_.failed and restarts < int(restart.get("max_retries", 10))
-    return False
+        limit = int(restart.get("max_retries", DEFAULT_MAX_RETRIES))
+        if not exit_.failed:
+            return RestartDecision(False, "not restarted (a clean exit, policy on-failure)")
+        if restarts >= limit:
+            return RestartDecision(False, f"not restarted (max retries {limit} reached)")
+        return RestartDecision(True, f"restart {restarts + 1} of {limit}, policy on-failure")
+    return RestartDecision(False, f"not restarted (policy {policy})")

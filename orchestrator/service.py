@@ -366,10 +366,17 @@ class Orchestrator:
     # --- submitting operations ----------------------------------------------------------------
 
     def projected_state(self, machine_id: str) -> str:
-        """The state the machine will be in once the accepted operations have run."""
+        """The state the machine will be in once the accepted operations have run. A machine
+        an exit run is restarting (``starting``, that run in flight) counts as started: its
+        launch ends started (or failed, which a stop or destroy queued after it accepts too), so
+        a crash-looping machine can be stopped or destroyed at any moment, not only in the
+        instants it is started."""
         assert self.engine is not None
         state = self.doc(machine_id)["state"]
-        for run in self.engine.list_runs(machine_id):
+        runs = self.engine.list_runs(machine_id)
+        if state == m.STARTING and runs and runs[0].action == "exit":
+            state = m.STARTED
+        for run in runs:
             target = target_state(run.action, run.request)
             if target is not None:
                 state = target

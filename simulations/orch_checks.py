@@ -13,7 +13,8 @@
   engine marks no step as safe to redo once complete, so none is exempt.
 * :class:`RunsFinish` (liveness): after heal and quiet every accepted run has finished, no
   engine holds a live run, no step log has an unfinished run, and no machine is left in a
-  transitional state (starting, stopping, ...).
+  transitional state (starting, stopping, ...); a machine left started has a running instance
+  (an exit nobody handled leaves it started with nothing running).
 * :class:`PublishedRows` (liveness): every live node's replica of the ``machines`` table equals
   the union of every worker's truth - the row ``orchestrator.publish.machine_row`` makes of each
   of its current machine documents - and holds nothing else.
@@ -27,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import machine as m
+from orchestrator.drivers import InstanceState
 from orchestrator.publish import COLUMNS, MACHINES_TABLE, machine_row
 
 from .agent_core import agent_of
@@ -201,7 +203,7 @@ class RunsFinish(SettlingChecker):
         for node in world.nodes:
             core = orchestrator_of(node)
             orch = core.orch if core is not None else None
-            if orch is None or orch.engine is None or orch.store is None:
+            if core is None or orch is None or orch.engine is None or orch.store is None:
                 out.append(f"{node.name}: no orchestrator process")
                 continue
             live = orch.engine.list_runs()
@@ -220,9 +222,18 @@ class RunsFinish(SettlingChecker):
                         f"{node.name}: machine {mid}'s step log has {len(active)} "
                         f"unfinished run(s), e.g. {active[0].action} {active[0].run_id}"
                     )
-                state = orch.doc(mid)["state"]
+                doc = orch.doc(mid)
+                state = doc["state"]
                 if state not in STABLE:
                     out.append(f"{node.name}: machine {mid} is left {state}")
+                inst = core.driver.instances.get(doc["instance_id"])
+                running = inst is not None and inst.state is InstanceState.RUNNING
+                if state == m.STARTED and not running:
+                    what = "absent" if inst is None else inst.state.value
+                    out.append(
+                        f"{node.name}: machine {mid} is started but its instance "
+                        f"{doc['instance_id']} is {what} (an exit was lost)"
+                    )
         for run_id, (worker, mid, action) in sorted(self.pending.items()):
             out.append(f"run {run_id} ({action} on {mid}, {worker}) never finished")
         return out

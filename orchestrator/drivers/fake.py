@@ -8,6 +8,8 @@ reboot. Faults:
 * ``stop_delay`` / ``ignore_sigterm(iid)`` — slow stops: the process reacts to its stop signal
   after ``stop_delay`` seconds, or never (then ``stop`` escalates to SIGKILL after its timeout);
 * ``crash(iid, exit_code)`` / ``oom(iid)`` — the main process exits on its own;
+* ``exit_on_start(iid, exit_code, times)`` — the next starts of that instance exit at once (a
+  crash loop: the exit happens before whoever started it has finished its run);
 * ``images`` — when given, only those images exist (others: ImageNotFoundError).
 """
 
@@ -69,6 +71,7 @@ class FakeDriver:
         self.instances: dict[str, FakeInstance] = {}
         self.calls: list[tuple[str, str]] = []
         self._faults: dict[str, list[DriverError]] = {op: [] for op in OPS}
+        self._exit_on_start: dict[str, tuple[int, int]] = {}  # iid -> (exit code, starts left)
         self._pids = 1000
 
     # --- fault injection ----------------------------------------------------------------------
@@ -89,6 +92,13 @@ class FakeDriver:
 
     def oom(self, instance_id: str) -> None:
         self._exit(self._get(instance_id), ExitStatus(signal=int(_signal.SIGKILL), oom_killed=True))
+
+    def exit_on_start(self, instance_id: str, exit_code: int = 1, times: int = 1) -> None:
+        """The next ``times`` starts of ``instance_id`` (recreated instances of that id too) exit
+        with ``exit_code`` as soon as they are running, before ``start`` returns."""
+        if times < 0:
+            raise ValueError("times must be >= 0")
+        self._exit_on_start[instance_id] = (exit_code, times)
 
     # --- driver -------------------------------------------------------------------------------
 
@@ -145,6 +155,10 @@ class FakeDriver:
         inst.pid = self._pids
         inst.address = f"fdaa:0:1:a7b::{self._pids:x}"
         inst.state = InstanceState.RUNNING
+        code, left = self._exit_on_start.get(instance_id, (0, 0))
+        if left:
+            self._exit_on_start[instance_id] = (code, left - 1)
+            self._exit(inst, ExitStatus(exit_code=code))
 
     async def signal(self, instance_id: str, sig: int) -> None:
         inst = self._get(instance_id)

@@ -202,6 +202,30 @@ async def test_signal_exec_ps_logs_and_events(client):
         assert run["status"] == "succeeded"
 
 
+async def test_instances_that_exit_at_once_get_every_exit_handled(client):
+    """A command that exits as soon as it starts: each exit is seen, though it happens while the
+    run that restarted the machine is still finishing. on-failure gives up after max_retries
+    and leaves the machine stopped; always keeps restarting it until it is stopped."""
+    restart = {"policy": "on-failure", "max_retries": 2}
+    mid = await create(client, sh("echo dying; exit 3") | {"restart": restart})
+    await wait(client, mid, "stopped")
+    events = (await client.get(f"{BASE}/{mid}")).json()["events"]
+    exits = [(e["status"], e["request"]["exit_event"]["exit_code"])
+             for e in reversed(events) if e["type"] == "exit"]  # fmt: skip
+    assert exits == [("starting", 3), ("starting", 3), ("stopped", 3)], exits
+    assert client.orch.doc(mid)["restarts"] == 2
+
+    mid = await create(client, {"image": "busybox", "init": {"exec": ["true"]},
+                                "restart": {"policy": "always"}})  # fmt: skip
+    await wait_for(lambda: client.orch.doc(mid).get("restarts", 0) >= 3, 60, "3 restarts")
+
+    async def stopped_accepted() -> bool:  # refused while an exit run has it starting
+        return (await client.post(f"{BASE}/{mid}/stop")).status_code == 200
+
+    await wait_for(stopped_accepted, 60, "a stop to be accepted")
+    await wait(client, mid, "stopped")
+
+
 async def test_compaction_bounds_the_step_log_over_many_cycles(client):
     mid = await create(client, sh("exec sleep 600"))
     await wait(client, mid, "started")

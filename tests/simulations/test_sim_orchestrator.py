@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from orchestrator.engine import Engine, _Live
+from orchestrator.exits import ExitWatchers
 from orchestrator.operations import MachineOperations
 from simulations import SimulationFailure, run_liveness
 from simulations.orch_core import OrchSettings, orchestrator_of
@@ -160,6 +161,26 @@ def test_runs_finish_catches_a_stop_that_never_returns():
         recover(world)
         run_liveness(world, link=BASE_LINK, timeout=30.0)
         with pytest.raises(SimulationFailure, match=r"orch-runs-finish.*live run.*stop"):
+            world.check(final=True)
+    finally:
+        world.close()
+
+
+def test_runs_finish_catches_an_exit_nobody_handles(monkeypatch):
+    async def drop(self, machine_id, key, exit_):  # the bug: the watcher loses the exit
+        return None
+
+    world = orchestrator_world(4, 3)
+    try:
+        world.run_until(3.0)
+        mid = _started_machine(world)
+        core = orchestrator_of(world.nodes[0])
+        monkeypatch.setattr(ExitWatchers, "_submit", drop)
+        core.driver.crash(core.orch.doc(mid)["instance_id"], 3)
+        core.vloop.drain()
+        world.run_for(2.0)
+        run_liveness(world, link=BASE_LINK, timeout=30.0)
+        with pytest.raises(SimulationFailure, match=r"orch-runs-finish.*started but its instance"):
             world.check(final=True)
     finally:
         world.close()
