@@ -73,7 +73,7 @@ import difflib
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -684,6 +684,14 @@ def _field_defaults(fields_of: type, prefix: str = "") -> dict[str, Any]:
     }
 
 
+def unknown_key(prefix: str, key: str, known: Iterable[str]) -> str:
+    """The error for ``key``, unknown in the table at ``prefix`` (``"db."``; ``""`` at the top),
+    naming the closest known key when there is one: most unknown keys are typos."""
+    near = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+    return f"{prefix}{key}: unknown configuration key{hint}"
+
+
 class _Reader:
     """Reads one TOML table, remembering which keys were used so leftovers can be refused.
     An absent key takes the default of the dataclass field the table fills (``defaults``)."""
@@ -802,6 +810,4 @@ class _Reader:
             if k in corrosion_only:
                 self.ignored.append(f"{self._key(k)} (a corrosion setting this agent does not use)")
                 continue
-            near = difflib.get_close_matches(str(k), sorted(self.used | corrosion_only), n=1)
-            hint = f"; did you mean {self._key(near[0])}?" if near else ""
-            raise ConfigError(f"{self._key(k)}: unknown configuration key{hint}")
+            raise ConfigError(unknown_key(self.prefix, k, self.used | corrosion_only))

@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 USAGE = "usage: python -m orchestrator {schema-path,proxy,gateway,hosts} ..."
@@ -61,13 +62,16 @@ def _serve_over_replica(
     """Serve ``app`` (an ASGI app reading ``replica``) until SIGINT/SIGTERM; the exit code."""
     import anyio
 
+    from corrosion.errors import sole_error
+    from corrosion.runtime.listening import ListenError, listening
     from corrosion.surfaces.asgi_server import serve_asgi
 
     async def serve() -> None:
         try:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with anyio.create_task_group() as tg:
-                    server = await serve_asgi(app, tg, host, port, lifespan=True)
+                    with listening("--listen", (host, port)):
+                        server = await serve_asgi(app, tg, host, port, lifespan=True)
                     print(f"{what} on {host}:{server.address[1]} over {replica_path}", flush=True)
                     async for _ in signals:
                         break
@@ -77,10 +81,49 @@ def _serve_over_replica(
 
     try:
         anyio.run(serve)
-    except OSError as e:
-        print(f"error: the {what} could not start: {e}", file=sys.stderr)
+    except Exception as e:  # the task group wraps it: say the one error inside, in one line
+        error = sole_error(e)
+        if isinstance(error, ListenError):  # names --listen, the cause and the remedy
+            print(f"error: {error.strerror}", file=sys.stderr)
+        elif isinstance(error, OSError):
+            print(f"error: the {what} could not start: {error}", file=sys.stderr)
+        else:
+            raise
         return 1
     return 0
+
+
+def _open_replica(path: str, make: Callable[[str], Any]) -> Any:
+    """``make(path)`` for ``--replica`` (the proxy's and the gateway's), or ValueError naming
+    the flag: no file there (it is never created: a typo must not serve an empty replica), or
+    a file that is not a SQLite database."""
+    import apsw
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--replica: no database at {path} (is the agent running?)")
+    try:
+        return make(path)
+    except (apsw.NotADBError, apsw.CorruptError):
+        raise ValueError(
+            f"--replica: {path} is not a SQLite database (give the agent's db.path)"
+        ) from None
+    except apsw.Error as e:  # gone since, not readable, locked
+        raise ValueError(f"--replica: cannot open {path} ({e})") from None
+
+
+def _read_file(flag: str, path: str) -> str:
+    """The text of the file ``flag`` names, or ValueError naming the flag and what is wrong."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a directory, not a file")
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{flag}: no file at {path}") from None
+    except PermissionError:
+        raise ValueError(f"{flag}: {path} is not readable by this user") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag}: cannot read {path} ({e})") from None
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -90,10 +133,10 @@ def _proxy(args: argparse.Namespace) -> int:
 
     try:
         host, port = parse_addr(args.listen, "--listen")
+        replica = _open_replica(args.replica, SqliteReplica)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    replica = SqliteReplica(args.replica)
     proxy = Proxy(replica, domain=args.domain, default_app=args.default_app)
     return _serve_over_replica("proxy", replica, proxy, host, port, args.replica)
 
@@ -110,17 +153,14 @@ def _gateway(args: argparse.Namespace) -> int:
             raise ValueError("--replication-wait: expected seconds >= 0")
         token = None
         if args.token_file is not None:
-            with open(args.token_file) as f:
-                token = f.read().strip()
+            token = _read_file("--token-file", args.token_file).strip()
             if not token:
                 raise ValueError(f"--token-file: {args.token_file} is empty")
-        if not os.path.isfile(args.replica):
-            raise ValueError(f"--replica: no database at {args.replica} (is the agent running?)")
         tracing = resolve(None)  # the OTEL_* environment (a bad value: ConfigError, one line)
+        replica = _open_replica(args.replica, GatewayReplica)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    replica = GatewayReplica(args.replica)
     gateway = Gateway(replica, token=token, replication_wait=args.replication_wait)
     handle = start_tracing(tracing, "orchestrator-gateway")
     try:
@@ -129,22 +169,46 @@ def _gateway(args: argparse.Namespace) -> int:
         handle.shutdown()  # the last spans go out
 
 
+def _base_dir(path: str | None) -> str | None:
+    """``hosts up --base-dir``, checked before a lab is made: the lab's hosts keep their data
+    under it (created if missing), so it, or its nearest existing parent, must be a directory."""
+    if path is None:
+        return None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--base-dir: {existing} is a file, not a directory")
+    return path
+
+
 def _hosts(args: argparse.Namespace) -> int:
     from . import hosts
 
     try:
         if args.action == "up":
-            lab = hosts.HostLab(args.hosts, drivers=args.driver, base_dir=args.base_dir,
+            try:
+                base_dir = _base_dir(args.base_dir)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            lab = hosts.HostLab(args.hosts, drivers=args.driver, base_dir=base_dir,
                                 owned=False)  # fmt: skip
             lab.up()
             for host in lab.hosts:
                 lab.start_gateway(host)
             print("\n".join(hosts.describe(lab)))
         elif args.action == "down":
-            for name in hosts.teardown_named(args.labs):
+            torn = hosts.teardown_named(args.labs)
+            if not torn:  # only without names (an unknown name is an error)
+                print("no labs to tear down (python -m orchestrator hosts list)", file=sys.stderr)
+            for name in torn:
                 print(f"{name}: torn down")
         elif args.action == "list":
-            for rec in hosts.list_labs():
+            labs = hosts.list_labs()
+            if not labs:  # said on stderr: stdout has one line per lab, for scripts
+                print("no labs (start one: python -m orchestrator hosts up)", file=sys.stderr)
+            for rec in labs:
                 owner = "stale" if rec["stale"] else ("owned" if rec.get("owner") else "up")
                 names = " ".join(f"{h['name']}={h['address']}" for h in rec["hosts"])
                 print(f"{rec['name']}  {owner}  10.{rec['octet']}.0.0/16  {names}  {rec['base']}")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corrosion.config import unknown_key
+
 from .archive import DirectoryArchive
 from .clock import Clock
 from .drivers import Driver, FakeDriver, ProcessDriver, RuncDriver
@@ -75,8 +77,8 @@ class OrchestratorConfig:
             raise ConfigError("[orchestrator] must be a table")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"[orchestrator]: unknown key(s) {', '.join(unknown)}")
+        if unknown:  # the first, with the key it may be a typo of, as for the agent's keys
+            raise ConfigError(unknown_key("orchestrator.", unknown[0], known))
         if not section.get("machines_path"):
             raise ConfigError("[orchestrator]: machines_path is required")
         driver = section.get("driver", cls.driver)

@@ -26,12 +26,13 @@ Change = Callable[[dict[str, Any]], object]
 Persist = Callable[[dict[str, Any]], Awaitable[None]]
 
 APP_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+APP_RULE = "1 to 63 lowercase letters, digits and hyphens, starting with a letter or digit"
 
 
 def check_app(app: str) -> str:
-    """``app`` if it is a valid app name, else InvalidRequestError."""
+    """``app`` if it is a valid app name, else InvalidRequestError saying the rule."""
     if not isinstance(app, str) or not APP_RE.match(app):
-        raise InvalidRequestError(f"invalid app name {app!r}")
+        raise InvalidRequestError(f"invalid app name {app!r}: an app name is {APP_RULE}")
     return app
 
 
@@ -153,4 +154,4 @@ class Documents:
         self._on_change(machine_id)
 
 
-__all__ = ["APP_RE", "Documents", "check_app"]
+__all__ = ["APP_RE", "APP_RULE", "Documents", "check_app"]

@@ -114,7 +114,7 @@ def from_config(section: Mapping[str, Any]) -> OrchestratorExtension:
         config = OrchestratorConfig.from_mapping(section)
     except (ValueError, TypeError) as exc:
         message = str(exc)
-        if not message.startswith("[orchestrator]"):
+        if not message.startswith(("[orchestrator]", "orchestrator.")):  # names the table
             message = f"[orchestrator]: {message}"
         raise ConfigError(message) from None
     return OrchestratorExtension(config)

@@ -88,10 +88,16 @@ def _backend(row: Sequence[Any]) -> Backend | None:
 def open_replica(path: Path) -> apsw.Connection:
     """A connection that reads the agent's replica file (the proxy's and the gateway's):
     opened read-write, as a read-only one cannot attach to a WAL database without its -shm, but
-    it never writes."""
-    conn = apsw.Connection(str(path))
-    conn.set_busy_timeout(2000)
-    conn.execute("PRAGMA query_only = 1")
+    it never writes, and never creates the file: a path with no database raises CantOpenError
+    (a typo must not serve an empty replica), a file that is not one NotADBError."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
+    try:
+        conn.set_busy_timeout(2000)
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("PRAGMA schema_version").fetchall()  # reads the header: is it a database?
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

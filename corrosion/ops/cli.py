@@ -45,7 +45,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..config import Config, ConfigError, generate_key, gossip_security_error, parse_addr
-from ..errors import CorrosionError
+from ..errors import CorrosionError, sole_error
 from ..logs import ENV_VAR, level_spec, setup_logging
 from ..runtime.dblock import database_in_use
 from ..surfaces.admin_client import DEFAULT_PATH as DEFAULT_ADMIN_PATH
@@ -397,7 +397,7 @@ def agent(
     try:
         run_async(_run_agent, cfg, started, allow_destructive, extensions)
     except Exception as exc:
-        leaf = _leaf(exc)
+        leaf = sole_error(exc)
         message = explain(leaf, cfg)
         what = "agent failed" if started else "cannot start"
         if message is None:  # not an expected failure: a bug, with its traceback
@@ -405,13 +405,6 @@ def agent(
         else:
             log.error("%s: %s", what, message)
         raise typer.Exit(1) from None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The one real error inside nested exception groups (task groups wrap what they raise)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 # -- exec and query ----------------------------------------------------------------------------
@@ -900,7 +893,7 @@ def devcluster(
     try:
         missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo, wait_for_stop)
     except Exception as exc:
-        leaf = _leaf(exc)  # e.g. a port taken, or OTEL_* variables the agents refuse
+        leaf = sole_error(exc)  # e.g. a port taken, or OTEL_* variables the agents refuse
         if isinstance(leaf, OSError | ConfigError):
             raise _fail(f"devcluster could not start: {leaf}") from None
         raise

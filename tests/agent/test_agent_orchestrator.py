@@ -71,7 +71,8 @@ def test_invalid_orchestrator_section_fails_when_its_extension_is_built(tmp_path
         load_extensions(cfg)
     with pytest.raises(ConfigError, match=r"^\[orchestrator\]: driver must be one of"):
         from_config({"machines_path": "/tmp/x", "driver": "nope"})
-    with pytest.raises(ConfigError, match=r"^\[orchestrator\]: unknown key\(s\) drivr$"):
+    typo = r"^orchestrator\.drivr: unknown configuration key; did you mean orchestrator\.driver\?$"
+    with pytest.raises(ConfigError, match=typo):
         from_config({"machines_path": "/tmp/x", "drivr": "fake"})
 
 

@@ -32,7 +32,7 @@ def test_config_section_validation(tmp_path):
     for bad, text in [
         ({}, "machines_path"),
         ({"machines_path": "x", "driver": "kvm"}, "driver"),
-        ({"machines_path": "x", "bogus": 1}, "unknown key"),
+        ({"machines_path": "x", "bogus": 1}, "unknown configuration key"),
         ({"machines_path": "x", "worker": 5}, "worker"),
         ({"machines_path": "x", "archive_path": 5}, "archive_path"),
         ({"machines_path": "x", "keep_runs": 0}, "keep_runs"),
