@@ -243,6 +243,15 @@ class Orchestrator:
         finally:
             self.engine = None
             self.exits = self.health = self._tg = None
+        running = [
+            mid for mid in self.docs.ids() if (self.docs.find(mid) or {}).get("state") == m.STARTED
+        ]
+        if running:  # as under flyd: stopping the service does not stop the machines
+            log.info(
+                "orchestrator stopped; %d machine(s) keep running, adopted at its next start",
+                len(running),
+                extra={"fields": {"machines": running}},
+            )
 
     async def _load(self) -> list[str]:
         """Read every machine's document; finish the bookkeeping a crash may have interrupted:

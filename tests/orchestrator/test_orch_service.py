@@ -3,6 +3,8 @@ against the projected state, leases, metadata, publishing, and restarting the se
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import anyio.lowlevel
 import pytest
@@ -425,7 +427,8 @@ async def test_bad_operation_arguments(tmp_path):
         assert o.engine.list_runs(mid) == [] and o.doc(mid)["state"] == "started"
 
 
-async def test_service_restart_resumes_watching_and_reconciles_rows(tmp_path):
+async def test_service_restart_resumes_watching_and_reconciles_rows(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="orchestrator.service")
     driver = FakeDriver()  # survives the restart, as VMs survive flyd
     pub = MemoryPublisher()
     await pub.execute([upsert_statement({"id": "stale", "app": "app", "worker": "w1",
@@ -439,6 +442,13 @@ async def test_service_restart_resumes_watching_and_reconciles_rows(tmp_path):
         await settle(o, mid, "started")
         await wait_for(lambda: "stale" not in pub.rows())
         assert "theirs" in pub.rows()  # another worker's row is not ours to delete
+    # the operator is told the machines outlive the service (they are not stopped with it)
+    [stopped] = [r for r in caplog.records if r.getMessage().startswith("orchestrator stopped")]
+    assert (
+        stopped.getMessage()
+        == "orchestrator stopped; 1 machine(s) keep running, adopted at its next start"
+    )
+    assert stopped.fields == {"machines": [mid]}
     iid = next(iter(driver.instances))
     driver.crash(iid, 9)  # exits while the service is down
     pub2 = MemoryPublisher()
