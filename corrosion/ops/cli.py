@@ -23,6 +23,7 @@
     corrosion template SRC:DST[:CMD]...   files rendered from the database, kept up to date
     corrosion keygen                      a new key for gossip.encryption_keys
     corrosion tls ca|server|client generate   certificates for gossip.tls
+    corrosion --version                   the installed version
 
 Client commands find the agent through the config file (``api.addr``, ``admin.path``,
 ``api.authz.bearer-token``) unless the flags say otherwise (``--token`` or ``CORROSION_TOKEN``
@@ -224,6 +225,14 @@ class Globals:
         return cfg
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from ..version import package_version
+
+        typer.echo(f"corrosion {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _globals(
     ctx: typer.Context,
@@ -246,6 +255,15 @@ def _globals(
             show_envvar=True,
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,  # before the other options and the subcommand are looked at
+            help="Print corrosion's version and exit.",
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = Globals(config, api_addr, db_path, admin_path, token or None)
 
