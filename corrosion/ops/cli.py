@@ -59,6 +59,7 @@ from ..surfaces.admin_client import (
 )
 from ..surfaces.client import Client, ClientError
 from .heap import settle_heap
+from .pipes import closed_stdout_exits
 from .startup import ListenError, check_addresses, explain
 
 if TYPE_CHECKING:
@@ -915,6 +916,8 @@ def devcluster(
         missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo, wait_for_stop)
     except Exception as exc:
         leaf = _leaf(exc)  # e.g. a port taken, or OTEL_* variables the agents refuse
+        if isinstance(leaf, BrokenPipeError):  # `| head` stopped reading: not a start-up error
+            raise leaf from None
         if isinstance(leaf, OSError | ConfigError):
             raise _fail(f"devcluster could not start: {leaf}") from None
         raise
@@ -979,7 +982,8 @@ def keygen() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    app(args=list(argv) if argv is not None else None, prog_name="corrosion")
+    with closed_stdout_exits():  # `corrosion query ... | head`: exit 1, no traceback
+        app(args=list(argv) if argv is not None else None, prog_name="corrosion")
 
 
 if __name__ == "__main__":
