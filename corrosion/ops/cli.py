@@ -33,6 +33,7 @@ for the bearer token). Errors go to stderr with exit code 1.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -72,7 +73,31 @@ TOKEN_ENV = "CORROSION_TOKEN"
 log = logging.getLogger("corrosion")
 
 
-class _Group(TyperGroup):
+def flowing_text(text: str | None) -> str | None:
+    """Help text with each paragraph on one line, for the terminal to wrap.
+
+    Docstrings are wrapped at the source's line length; typer's rich help keeps those line
+    breaks where it lists a group's commands (and in later paragraphs), so a sentence broke at
+    the docstring's margin whatever the terminal's width. Blank lines still part paragraphs."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+class _HelpGroup(TyperGroup):
+    """A group whose commands' help flows (see ``flowing_text``): the listing shows a command's
+    help through its group, and ``COMMAND --help`` the command's own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = flowing_text(self.help)
+        for command in self.commands.values():
+            command.help = flowing_text(command.help)
+            command.short_help = flowing_text(command.short_help)
+
+
+class _Group(_HelpGroup):
     """Accept the global options anywhere on the command line, as corrosion's
     ``#[arg(global = true)]`` does, by moving them in front of the subcommand."""
 
@@ -103,6 +128,11 @@ def hoist_global_options(args: Sequence[str]) -> list[str]:
     return front + rest
 
 
+def _command_group(help: str) -> typer.Typer:
+    """A subcommand group (``corrosion cluster ...``), whose commands' help flows."""
+    return typer.Typer(cls=_HelpGroup, help=help, no_args_is_help=True)
+
+
 app = typer.Typer(
     cls=_Group,
     help="corrosion: gossip-replicated CRDT SQLite (a Python take on Fly.io's corrosion).",
@@ -110,19 +140,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-cluster_app = typer.Typer(
-    help="Cluster membership (through the admin socket).", no_args_is_help=True
-)
-sync_app = typer.Typer(help="Replication state (through the admin socket).", no_args_is_help=True)
-log_app = typer.Typer(
-    help="The running agent's log levels (through the admin socket).", no_args_is_help=True
-)
-subs_app = typer.Typer(help="Subscriptions (through the admin socket).", no_args_is_help=True)
-actor_app = typer.Typer(help="Actors' versions (through the admin socket).", no_args_is_help=True)
-tls_app = typer.Typer(help="Certificates for gossip.tls.", no_args_is_help=True)
-tls_ca_app = typer.Typer(help="The cluster's certificate authority.", no_args_is_help=True)
-tls_server_app = typer.Typer(help="Nodes' server certificates.", no_args_is_help=True)
-tls_client_app = typer.Typer(help="Client certificates (mutual TLS).", no_args_is_help=True)
+cluster_app = _command_group("Cluster membership (through the admin socket).")
+sync_app = _command_group("Replication state (through the admin socket).")
+log_app = _command_group("The running agent's log levels (through the admin socket).")
+subs_app = _command_group("Subscriptions (through the admin socket).")
+actor_app = _command_group("Actors' versions (through the admin socket).")
+tls_app = _command_group("Certificates for gossip.tls.")
+tls_ca_app = _command_group("The cluster's certificate authority.")
+tls_server_app = _command_group("Nodes' server certificates.")
+tls_client_app = _command_group("Client certificates (mutual TLS).")
 tls_app.add_typer(tls_ca_app, name="ca")
 tls_app.add_typer(tls_server_app, name="server")
 tls_app.add_typer(tls_client_app, name="client")
@@ -131,13 +157,10 @@ app.add_typer(sync_app, name="sync")
 app.add_typer(log_app, name="log")
 app.add_typer(subs_app, name="subs")
 app.add_typer(actor_app, name="actor")
-schema_app = typer.Typer(
-    help="The cluster schema (through the admin socket).", no_args_is_help=True
-)
+schema_app = _command_group("The cluster schema (through the admin socket).")
 app.add_typer(schema_app, name="schema")
-plumtree_app = typer.Typer(
-    help='The broadcast trees of gossip.broadcast = "plumtree" (through the admin socket).',
-    no_args_is_help=True,
+plumtree_app = _command_group(
+    'The broadcast trees of gossip.broadcast = "plumtree" (through the admin socket).'
 )
 app.add_typer(plumtree_app, name="plumtree")
 app.add_typer(tls_app, name="tls")
