@@ -69,6 +69,10 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
 GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path", "--token")
 TOKEN_ENV = "CORROSION_TOKEN"
+# what a command can be given instead of a config file, by how it reaches the agent
+API_ADDR_INSTEAD = "--api-addr HOST:PORT"
+ADMIN_PATH_INSTEAD = "--admin-path SOCKET"
+DB_PATH_INSTEAD = "--db-path FILE"
 
 log = logging.getLogger("corrosion")
 
@@ -182,15 +186,25 @@ class Globals:
     token: str | None = None
     _config: Config | None = None
 
-    def config(self) -> Config:
-        """The config file, validated (``CliError`` naming the key when invalid)."""
+    def config(self, instead: str | None = None) -> Config:
+        """The config file, validated (``CliError`` naming the key when invalid). ``instead``:
+        the flag that would do without it (``--api-addr HOST:PORT``), for the remedy said when
+        no ``-c`` was given and the default file does not exist."""
         if self._config is None:
             try:
                 self._config = Config.load(self.config_path)
             except ConfigError as exc:
-                prefix = "invalid config: " if self.config_path.exists() else ""
-                raise CliError(f"{prefix}{exc}") from None
+                if self.config_path.exists():
+                    raise CliError(f"invalid config: {exc}") from None
+                raise CliError(f"{exc}{self.remedy(instead)}") from None
         return self._config
+
+    def remedy(self, instead: str | None) -> str:
+        """`` (pass -c CONFIG, or INSTEAD)`` when the config is the default one, which is
+        missing; nothing when the user named a file (its path is the error then)."""
+        if self.config_path != DEFAULT_CONFIG:
+            return ""
+        return f" (pass -c CONFIG, or {instead})" if instead else " (pass -c CONFIG)"
 
     def optional_config(self) -> Config | None:
         """The config if it loads, for defaults only (the token when ``--api-addr`` is given,
@@ -205,7 +219,7 @@ class Globals:
 
     def api_target(self) -> tuple[str, str | None]:
         """The agent's API address and bearer token, from the flags or the config."""
-        cfg = self.optional_config() if self.api_addr else self.config()
+        cfg = self.optional_config() if self.api_addr else self.config(API_ADDR_INSTEAD)
         if self.api_addr:
             addr = self.api_addr
         elif cfg is not None and cfg.api.addrs:
@@ -218,7 +232,7 @@ class Globals:
         return addr, token
 
     def db(self) -> Path:
-        return self.db_path if self.db_path is not None else self.config().db.path
+        return self.db_path if self.db_path is not None else self.config(DB_PATH_INSTEAD).db.path
 
     def admin(self) -> Path:
         if self.admin_path is not None:
@@ -226,7 +240,7 @@ class Globals:
         # The socket's path comes from the config: a file named with -c (or one at the default
         # path) that does not load is said, not replaced by the default socket of another agent.
         absent = self.config_path == DEFAULT_CONFIG and not self.config_path.exists()
-        cfg = None if absent else self.config()
+        cfg = None if absent else self.config(ADMIN_PATH_INSTEAD)
         if cfg is not None:
             if self.db_path is not None:
                 cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, path=self.db_path))
@@ -290,6 +304,22 @@ def _globals(
     ] = False,
 ) -> None:
     ctx.obj = Globals(config, api_addr, db_path, admin_path, token or None)
+
+
+def _admin(ctx: typer.Context, cmd: str, **args: Any) -> Any:
+    """``admin_request`` to the agent's admin socket; when that was the default socket because
+    there is no config file, the error says how to name the right one."""
+    g = _g(ctx)
+    path = g.admin()
+    try:
+        return admin_request(path, cmd, **args)
+    except AdminUnavailable as exc:
+        if g.admin_path is None and not g.config_path.exists():
+            raise CliError(
+                f"{exc}; {g.config_path} does not exist, so this is the default socket"
+                f"{g.remedy(ADMIN_PATH_INSTEAD)}"
+            ) from None
+        raise
 
 
 def _g(ctx: typer.Context) -> Globals:
@@ -541,7 +571,7 @@ def cluster_members(
 ) -> None:
     """The members this node knows, with their SWIM state."""
     with _Errors():
-        members = admin_request(_g(ctx).admin(), "cluster members")
+        members = _admin(ctx, "cluster members")
     if as_json:
         typer.echo(json.dumps(members, indent=2))
         return
@@ -569,7 +599,7 @@ def cluster_members(
 def sync_generate(ctx: typer.Context) -> None:
     """This node's sync state as JSON: heads, gaps (need) and partial versions per actor."""
     with _Errors():
-        state = admin_request(_g(ctx).admin(), "sync generate")
+        state = _admin(ctx, "sync generate")
     typer.echo(json.dumps(state, indent=2, sort_keys=True))
 
 
@@ -578,7 +608,7 @@ def plumtree_stats(ctx: typer.Context) -> None:
     """The trees as JSON: counters since start (frames pushed, IHAVE ids, GRAFTs, PRUNEs), and
     per origin the eager and lazy peers; an error if this agent broadcasts by fan-out."""
     with _Errors():
-        stats = admin_request(_g(ctx).admin(), "plumtree stats")
+        stats = _admin(ctx, "plumtree stats")
     typer.echo(json.dumps(stats, indent=2, sort_keys=True))
 
 
@@ -593,9 +623,7 @@ def reload(
     """Re-apply the schema files (db.schema_paths, re-read from the agent's config file) on the
     running agent."""
     with _Errors():
-        result = admin_request(
-            _g(ctx).admin(), "reload", timeout=600, allow_destructive=allow_destructive
-        )
+        result = _admin(ctx, "reload", timeout=600, allow_destructive=allow_destructive)
     applied = result.get("applied", [])
     if not applied:
         typer.echo("schema unchanged")
@@ -643,8 +671,8 @@ def schema_apply(
             raise CliError(str(for_operator(exc, files))) from None
         except OSError as exc:
             raise CliError(str(exc)) from None
-        result = admin_request(
-            _g(ctx).admin(),
+        result = _admin(
+            ctx,
             "schema apply",
             timeout=wait + 600,
             sql=sql,
@@ -671,7 +699,7 @@ def schema_show(
 ) -> None:
     """The cluster's latest schema text (to re-base on), then this node's schema state."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "schema show")
+        result = _admin(ctx, "schema show")
     if as_json:
         _print_json(result)
         return
@@ -698,7 +726,7 @@ def log_set(
 ) -> None:
     """Set the agent's log levels until the next `log set` / `log reset` or restart."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "log set", filter=filter_)
+        result = _admin(ctx, "log set", filter=filter_)
     typer.echo(f"log filter: {result['filter']}")
 
 
@@ -706,7 +734,7 @@ def log_set(
 def log_reset(ctx: typer.Context) -> None:
     """Go back to the log levels the agent started with (log.level / CORROSION_LOG)."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "log reset")
+        result = _admin(ctx, "log reset")
     typer.echo(f"log filter: {result['filter']}")
 
 
@@ -718,7 +746,7 @@ def _print_json(value: Any) -> None:
 def cluster_membership_states(ctx: typer.Context) -> None:
     """Every member SWIM knows, down and left ones too, with its incarnation (JSON)."""
     with _Errors():
-        _print_json(admin_request(_g(ctx).admin(), "cluster membership-states"))
+        _print_json(_admin(ctx, "cluster membership-states"))
 
 
 @cluster_app.command("rejoin")
@@ -726,7 +754,7 @@ def cluster_rejoin(ctx: typer.Context) -> None:
     """Exchange membership again with the bootstrap seeds and every known member, announcing
     this node (after a partition, members that marked it down see it alive again)."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "cluster rejoin")
+        result = _admin(ctx, "cluster rejoin")
     asked = len(result["asked"])
     typer.echo(f"rejoined: {result['answered']} of {asked} members asked answered")
 
@@ -736,7 +764,7 @@ def sync_reconcile_gaps(ctx: typer.Context) -> None:
     """Rewrite the gaps table (__corro_bookkeeping_gaps) where it disagrees with the versions
     booked."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "sync reconcile-gaps", timeout=600)
+        result = _admin(ctx, "sync reconcile-gaps", timeout=600)
     for r in result["reconciled"]:
         typer.echo(
             f"reconciled {r['actor_id']}: {r['deleted']} gap rows replaced by {r['inserted']}"
@@ -752,16 +780,14 @@ def actor_version(
 ) -> None:
     """What this node holds of one version of an actor (JSON): partial, current, or cleared."""
     with _Errors():
-        _print_json(
-            admin_request(_g(ctx).admin(), "actor version", actor_id=actor_id, version=version)
-        )
+        _print_json(_admin(ctx, "actor version", actor_id=actor_id, version=version))
 
 
 @subs_app.command("list")
 def subs_list(ctx: typer.Context) -> None:
     """The subscriptions the agent runs (JSON): id, hash, SQL, listeners, last change id."""
     with _Errors():
-        _print_json(admin_request(_g(ctx).admin(), "subs list"))
+        _print_json(_admin(ctx, "subs list"))
 
 
 @subs_app.command("info")
@@ -777,9 +803,9 @@ def subs_info(
         if hash_ is None and id_ is None:
             raise CliError("pass --hash or --id")
         result = (
-            admin_request(_g(ctx).admin(), "subs info", hash=hash_)
+            _admin(ctx, "subs info", hash=hash_)
             if hash_ is not None
-            else admin_request(_g(ctx).admin(), "subs info", id=id_)
+            else _admin(ctx, "subs info", id=id_)
         )
         _print_json(result)
 
@@ -797,8 +823,8 @@ def profile_agent(
     """Profile the running agent's event loop for a while (cProfile, through the admin
     socket); read the file with `python -m pstats FILE` or snakeviz."""
     with _Errors():
-        result = admin_request(
-            _g(ctx).admin(), "profile", timeout=seconds + 60, seconds=seconds,
+        result = _admin(
+            ctx, "profile", timeout=seconds + 60, seconds=seconds,
             out=str(out.resolve()),
         )  # fmt: skip
     typer.echo(f"profile of {result['seconds']:g}s written to {result['path']}")
