@@ -20,7 +20,7 @@ lowest and highest round's own on ÷ off, to show the noise); on the default eve
 uvloop where installed. Target: <= 1.05. Off is the default (nothing configured): the SDK is
 not even imported.
 
-What "on" costs, per unit (docs/agent.md, Tracing, has the measured figures): for an apply,
+What "on" costs, per unit (docs/performance.md, Tracing, has the measured figures): for an apply,
 remembering the chunk's arrival, queuing its span as one tuple (``tracing.apply_recorder``),
 encoding it (``otlp_export``) and its share of an HTTP export; for a request, the same for its
 server span (``tracing.start_span``: a ``RecordedSpan`` queued as it is when it ends) with its

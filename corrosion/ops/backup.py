@@ -131,13 +131,18 @@ def adopt_actor(conn: apsw.Connection, site: bytes) -> int:
 
 
 def backup(db_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> BackupInfo:
-    """Write a generic snapshot of the database at ``db_path`` to ``out`` (must not exist)."""
+    """Write a generic snapshot of the database at ``db_path`` to ``out`` (must not exist; its
+    directory must)."""
     db_path, out = Path(db_path), Path(out)
     if not db_path.exists():
         raise BackupError(f"database {str(db_path)!r} does not exist")
     if out.exists():
         raise BackupError(f"backup path {str(out)!r} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # a directory is not made for the copy: a mistyped one would hide the backup where nobody
+    # looks for it (as `corrosion profile --out` refuses one)
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise BackupError(f"backup destination's directory {out.parent} {what}")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()

@@ -23,6 +23,7 @@
     corrosion template SRC:DST[:CMD]...   files rendered from the database, kept up to date
     corrosion keygen                      a new key for gossip.encryption_keys
     corrosion tls ca|server|client generate   certificates for gossip.tls
+    corrosion --version                   the installed version
 
 Client commands find the agent through the config file (``api.addr``, ``admin.path``,
 ``api.authz.bearer-token``) unless the flags say otherwise (``--token`` or ``CORROSION_TOKEN``
@@ -32,6 +33,7 @@ for the bearer token). Errors go to stderr with exit code 1.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -58,6 +60,7 @@ from ..surfaces.admin_client import (
 )
 from ..surfaces.client import Client, ClientError
 from .heap import settle_heap
+from .pipes import closed_stdout_exits
 from .startup import ListenError, check_addresses, explain
 
 if TYPE_CHECKING:
@@ -66,11 +69,39 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = Path("/etc/corrosion/config.toml")
 GLOBAL_OPTIONS = ("-c", "--config", "--api-addr", "--db-path", "--admin-path", "--token")
 TOKEN_ENV = "CORROSION_TOKEN"
+# what a command can be given instead of a config file, by how it reaches the agent
+API_ADDR_INSTEAD = "--api-addr HOST:PORT"
+ADMIN_PATH_INSTEAD = "--admin-path SOCKET"
+DB_PATH_INSTEAD = "--db-path FILE"
 
 log = logging.getLogger("corrosion")
 
 
-class _Group(TyperGroup):
+def flowing_text(text: str | None) -> str | None:
+    """Help text with each paragraph on one line, for the terminal to wrap.
+
+    Docstrings are wrapped at the source's line length; typer's rich help keeps those line
+    breaks where it lists a group's commands (and in later paragraphs), so a sentence broke at
+    the docstring's margin whatever the terminal's width. Blank lines still part paragraphs."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+class _HelpGroup(TyperGroup):
+    """A group whose commands' help flows (see ``flowing_text``): the listing shows a command's
+    help through its group, and ``COMMAND --help`` the command's own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = flowing_text(self.help)
+        for command in self.commands.values():
+            command.help = flowing_text(command.help)
+            command.short_help = flowing_text(command.short_help)
+
+
+class _Group(_HelpGroup):
     """Accept the global options anywhere on the command line, as corrosion's
     ``#[arg(global = true)]`` does, by moving them in front of the subcommand."""
 
@@ -101,6 +132,11 @@ def hoist_global_options(args: Sequence[str]) -> list[str]:
     return front + rest
 
 
+def _command_group(help: str) -> typer.Typer:
+    """A subcommand group (``corrosion cluster ...``), whose commands' help flows."""
+    return typer.Typer(cls=_HelpGroup, help=help, no_args_is_help=True)
+
+
 app = typer.Typer(
     cls=_Group,
     help="corrosion: gossip-replicated CRDT SQLite (a Python take on Fly.io's corrosion).",
@@ -108,19 +144,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-cluster_app = typer.Typer(
-    help="Cluster membership (through the admin socket).", no_args_is_help=True
-)
-sync_app = typer.Typer(help="Replication state (through the admin socket).", no_args_is_help=True)
-log_app = typer.Typer(
-    help="The running agent's log levels (through the admin socket).", no_args_is_help=True
-)
-subs_app = typer.Typer(help="Subscriptions (through the admin socket).", no_args_is_help=True)
-actor_app = typer.Typer(help="Actors' versions (through the admin socket).", no_args_is_help=True)
-tls_app = typer.Typer(help="Certificates for gossip.tls.", no_args_is_help=True)
-tls_ca_app = typer.Typer(help="The cluster's certificate authority.", no_args_is_help=True)
-tls_server_app = typer.Typer(help="Nodes' server certificates.", no_args_is_help=True)
-tls_client_app = typer.Typer(help="Client certificates (mutual TLS).", no_args_is_help=True)
+cluster_app = _command_group("Cluster membership (through the admin socket).")
+sync_app = _command_group("Replication state (through the admin socket).")
+log_app = _command_group("The running agent's log levels (through the admin socket).")
+subs_app = _command_group("Subscriptions (through the admin socket).")
+actor_app = _command_group("Actors' versions (through the admin socket).")
+tls_app = _command_group("Certificates for gossip.tls.")
+tls_ca_app = _command_group("The cluster's certificate authority.")
+tls_server_app = _command_group("Nodes' server certificates.")
+tls_client_app = _command_group("Client certificates (mutual TLS).")
 tls_app.add_typer(tls_ca_app, name="ca")
 tls_app.add_typer(tls_server_app, name="server")
 tls_app.add_typer(tls_client_app, name="client")
@@ -129,13 +161,10 @@ app.add_typer(sync_app, name="sync")
 app.add_typer(log_app, name="log")
 app.add_typer(subs_app, name="subs")
 app.add_typer(actor_app, name="actor")
-schema_app = typer.Typer(
-    help="The cluster schema (through the admin socket).", no_args_is_help=True
-)
+schema_app = _command_group("The cluster schema (through the admin socket).")
 app.add_typer(schema_app, name="schema")
-plumtree_app = typer.Typer(
-    help='The broadcast trees of gossip.broadcast = "plumtree" (through the admin socket).',
-    no_args_is_help=True,
+plumtree_app = _command_group(
+    'The broadcast trees of gossip.broadcast = "plumtree" (through the admin socket).'
 )
 app.add_typer(plumtree_app, name="plumtree")
 app.add_typer(tls_app, name="tls")
@@ -157,15 +186,25 @@ class Globals:
     token: str | None = None
     _config: Config | None = None
 
-    def config(self) -> Config:
-        """The config file, validated (``CliError`` naming the key when invalid)."""
+    def config(self, instead: str | None = None) -> Config:
+        """The config file, validated (``CliError`` naming the key when invalid). ``instead``:
+        the flag that would do without it (``--api-addr HOST:PORT``), for the remedy said when
+        no ``-c`` was given and the default file does not exist."""
         if self._config is None:
             try:
                 self._config = Config.load(self.config_path)
             except ConfigError as exc:
-                prefix = "invalid config: " if self.config_path.exists() else ""
-                raise CliError(f"{prefix}{exc}") from None
+                if self.config_path.exists():
+                    raise CliError(f"invalid config: {exc}") from None
+                raise CliError(f"{exc}{self.remedy(instead)}") from None
         return self._config
+
+    def remedy(self, instead: str | None) -> str:
+        """`` (pass -c CONFIG, or INSTEAD)`` when the config is the default one, which is
+        missing; nothing when the user named a file (its path is the error then)."""
+        if self.config_path != DEFAULT_CONFIG:
+            return ""
+        return f" (pass -c CONFIG, or {instead})" if instead else " (pass -c CONFIG)"
 
     def optional_config(self) -> Config | None:
         """The config if it loads, for defaults only (the token when ``--api-addr`` is given,
@@ -180,7 +219,7 @@ class Globals:
 
     def api_target(self) -> tuple[str, str | None]:
         """The agent's API address and bearer token, from the flags or the config."""
-        cfg = self.optional_config() if self.api_addr else self.config()
+        cfg = self.optional_config() if self.api_addr else self.config(API_ADDR_INSTEAD)
         if self.api_addr:
             addr = self.api_addr
         elif cfg is not None and cfg.api.addrs:
@@ -193,7 +232,7 @@ class Globals:
         return addr, token
 
     def db(self) -> Path:
-        return self.db_path if self.db_path is not None else self.config().db.path
+        return self.db_path if self.db_path is not None else self.config(DB_PATH_INSTEAD).db.path
 
     def admin(self) -> Path:
         if self.admin_path is not None:
@@ -201,7 +240,7 @@ class Globals:
         # The socket's path comes from the config: a file named with -c (or one at the default
         # path) that does not load is said, not replaced by the default socket of another agent.
         absent = self.config_path == DEFAULT_CONFIG and not self.config_path.exists()
-        cfg = None if absent else self.config()
+        cfg = None if absent else self.config(ADMIN_PATH_INSTEAD)
         if cfg is not None:
             if self.db_path is not None:
                 cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, path=self.db_path))
@@ -222,6 +261,14 @@ class Globals:
         if self.admin_path is not None:
             cfg = dataclasses.replace(cfg, admin_path=self.admin_path)
         return cfg
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from ..version import package_version
+
+        typer.echo(f"corrosion {package_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -246,8 +293,33 @@ def _globals(
             show_envvar=True,
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,  # before the other options and the subcommand are looked at
+            help="Print corrosion's version and exit.",
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = Globals(config, api_addr, db_path, admin_path, token or None)
+
+
+def _admin(ctx: typer.Context, cmd: str, **args: Any) -> Any:
+    """``admin_request`` to the agent's admin socket; when that was the default socket because
+    there is no config file, the error says how to name the right one."""
+    g = _g(ctx)
+    path = g.admin()
+    try:
+        return admin_request(path, cmd, **args)
+    except AdminUnavailable as exc:
+        if g.admin_path is None and not g.config_path.exists():
+            raise CliError(
+                f"{exc}; {g.config_path} does not exist, so this is the default socket"
+                f"{g.remedy(ADMIN_PATH_INSTEAD)}"
+            ) from None
+        raise
 
 
 def _g(ctx: typer.Context) -> Globals:
@@ -492,7 +564,7 @@ def cluster_members(
 ) -> None:
     """The members this node knows, with their SWIM state."""
     with _Errors():
-        members = admin_request(_g(ctx).admin(), "cluster members")
+        members = _admin(ctx, "cluster members")
     if as_json:
         typer.echo(json.dumps(members, indent=2))
         return
@@ -520,7 +592,7 @@ def cluster_members(
 def sync_generate(ctx: typer.Context) -> None:
     """This node's sync state as JSON: heads, gaps (need) and partial versions per actor."""
     with _Errors():
-        state = admin_request(_g(ctx).admin(), "sync generate")
+        state = _admin(ctx, "sync generate")
     typer.echo(json.dumps(state, indent=2, sort_keys=True))
 
 
@@ -529,7 +601,7 @@ def plumtree_stats(ctx: typer.Context) -> None:
     """The trees as JSON: counters since start (frames pushed, IHAVE ids, GRAFTs, PRUNEs), and
     per origin the eager and lazy peers; an error if this agent broadcasts by fan-out."""
     with _Errors():
-        stats = admin_request(_g(ctx).admin(), "plumtree stats")
+        stats = _admin(ctx, "plumtree stats")
     typer.echo(json.dumps(stats, indent=2, sort_keys=True))
 
 
@@ -544,9 +616,7 @@ def reload(
     """Re-apply the schema files (db.schema_paths, re-read from the agent's config file) on the
     running agent."""
     with _Errors():
-        result = admin_request(
-            _g(ctx).admin(), "reload", timeout=600, allow_destructive=allow_destructive
-        )
+        result = _admin(ctx, "reload", timeout=600, allow_destructive=allow_destructive)
     applied = result.get("applied", [])
     if not applied:
         typer.echo("schema unchanged")
@@ -594,8 +664,8 @@ def schema_apply(
             raise CliError(str(for_operator(exc, files))) from None
         except OSError as exc:
             raise CliError(str(exc)) from None
-        result = admin_request(
-            _g(ctx).admin(),
+        result = _admin(
+            ctx,
             "schema apply",
             timeout=wait + 600,
             sql=sql,
@@ -622,7 +692,7 @@ def schema_show(
 ) -> None:
     """The cluster's latest schema text (to re-base on), then this node's schema state."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "schema show")
+        result = _admin(ctx, "schema show")
     if as_json:
         _print_json(result)
         return
@@ -649,7 +719,7 @@ def log_set(
 ) -> None:
     """Set the agent's log levels until the next `log set` / `log reset` or restart."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "log set", filter=filter_)
+        result = _admin(ctx, "log set", filter=filter_)
     typer.echo(f"log filter: {result['filter']}")
 
 
@@ -657,7 +727,7 @@ def log_set(
 def log_reset(ctx: typer.Context) -> None:
     """Go back to the log levels the agent started with (log.level / CORROSION_LOG)."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "log reset")
+        result = _admin(ctx, "log reset")
     typer.echo(f"log filter: {result['filter']}")
 
 
@@ -669,7 +739,7 @@ def _print_json(value: Any) -> None:
 def cluster_membership_states(ctx: typer.Context) -> None:
     """Every member SWIM knows, down and left ones too, with its incarnation (JSON)."""
     with _Errors():
-        _print_json(admin_request(_g(ctx).admin(), "cluster membership-states"))
+        _print_json(_admin(ctx, "cluster membership-states"))
 
 
 @cluster_app.command("rejoin")
@@ -677,7 +747,7 @@ def cluster_rejoin(ctx: typer.Context) -> None:
     """Exchange membership again with the bootstrap seeds and every known member, announcing
     this node (after a partition, members that marked it down see it alive again)."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "cluster rejoin")
+        result = _admin(ctx, "cluster rejoin")
     asked = len(result["asked"])
     typer.echo(f"rejoined: {result['answered']} of {asked} members asked answered")
 
@@ -687,7 +757,7 @@ def sync_reconcile_gaps(ctx: typer.Context) -> None:
     """Rewrite the gaps table (__corro_bookkeeping_gaps) where it disagrees with the versions
     booked."""
     with _Errors():
-        result = admin_request(_g(ctx).admin(), "sync reconcile-gaps", timeout=600)
+        result = _admin(ctx, "sync reconcile-gaps", timeout=600)
     for r in result["reconciled"]:
         typer.echo(
             f"reconciled {r['actor_id']}: {r['deleted']} gap rows replaced by {r['inserted']}"
@@ -703,16 +773,14 @@ def actor_version(
 ) -> None:
     """What this node holds of one version of an actor (JSON): partial, current, or cleared."""
     with _Errors():
-        _print_json(
-            admin_request(_g(ctx).admin(), "actor version", actor_id=actor_id, version=version)
-        )
+        _print_json(_admin(ctx, "actor version", actor_id=actor_id, version=version))
 
 
 @subs_app.command("list")
 def subs_list(ctx: typer.Context) -> None:
     """The subscriptions the agent runs (JSON): id, hash, SQL, listeners, last change id."""
     with _Errors():
-        _print_json(admin_request(_g(ctx).admin(), "subs list"))
+        _print_json(_admin(ctx, "subs list"))
 
 
 @subs_app.command("info")
@@ -728,9 +796,9 @@ def subs_info(
         if hash_ is None and id_ is None:
             raise CliError("pass --hash or --id")
         result = (
-            admin_request(_g(ctx).admin(), "subs info", hash=hash_)
+            _admin(ctx, "subs info", hash=hash_)
             if hash_ is not None
-            else admin_request(_g(ctx).admin(), "subs info", id=id_)
+            else _admin(ctx, "subs info", id=id_)
         )
         _print_json(result)
 
@@ -748,8 +816,8 @@ def profile_agent(
     """Profile the running agent's event loop for a while (cProfile, through the admin
     socket); read the file with `python -m pstats FILE` or snakeviz."""
     with _Errors():
-        result = admin_request(
-            _g(ctx).admin(), "profile", timeout=seconds + 60, seconds=seconds,
+        result = _admin(
+            ctx, "profile", timeout=seconds + 60, seconds=seconds,
             out=str(out.resolve()),
         )  # fmt: skip
     typer.echo(f"profile of {result['seconds']:g}s written to {result['path']}")
@@ -894,6 +962,8 @@ def devcluster(
         missing = run_async(run_devcluster, nodes, base_dir, duration, typer.echo, wait_for_stop)
     except Exception as exc:
         leaf = sole_error(exc)  # e.g. a port taken, or OTEL_* variables the agents refuse
+        if isinstance(leaf, BrokenPipeError):  # `| head` stopped reading: not a start-up error
+            raise leaf from None
         if isinstance(leaf, OSError | ConfigError):
             raise _fail(f"devcluster could not start: {leaf}") from None
         raise
@@ -958,7 +1028,8 @@ def keygen() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    app(args=list(argv) if argv is not None else None, prog_name="corrosion")
+    with closed_stdout_exits():  # `corrosion query ... | head`: exit 1, no traceback
+        app(args=list(argv) if argv is not None else None, prog_name="corrosion")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import contextlib
 import math
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from importlib import metadata
 from typing import Any
 
 import anyio
@@ -31,6 +30,7 @@ from crdt.schema import is_internal
 from crdt.tableinfo import crr_tables
 
 from ..runtime.extensions import MetricFamily, MetricSample, extension_metrics
+from ..version import package_version
 from .interfaces import MetricsAgent
 from .limits import STREAMING_ROUTES, api_load
 from .schema_api import schema_families
@@ -66,13 +66,6 @@ CORROSION_FAMILIES: dict[str, str] = {
     "corro_sync_changes_sent": "counter",
     "corro_sync_client_member": "counter",
 }
-
-
-def _version() -> str:
-    try:
-        return metadata.version("corrosion")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _file_size(path: str) -> int:
@@ -155,7 +148,12 @@ def collect(
         return [({}, float(v))]
 
     fams: list[tuple[str, str, str, list[_Sample]]] = [
-        ("corro_build_info", "gauge", "Build information.", [({"version": _version()}, 1.0)]),
+        (
+            "corro_build_info",
+            "gauge",
+            "Build information.",
+            [({"version": package_version()}, 1.0)],
+        ),
     ]
     if agent.swim is not None:
         states: dict[str, int] = {"alive": 0, "suspect": 0, "down": 0, "left": 0}

@@ -117,6 +117,27 @@ async def test_failing_statement_rolls_back_everything(node):
     assert resp.status_code == 400  # refused: a request is one transaction (test_agent_sqlguard)
 
 
+async def test_a_body_of_no_statement_form_is_named_as_json_names_it(node):
+    """What a client sent is described in JSON's words (a number, null), not Python's (int,
+    NoneType), on each route that takes statements."""
+    _, client = node
+    named = {5: "a number", 2.5: "a number", None: "null", True: "a boolean"}
+    for value, name in named.items():
+        for path in ("/v1/queries", "/v1/subscriptions"):
+            resp = await client.post(path, content=json.dumps(value))
+            assert resp.status_code == 400, (path, value)
+            assert resp.json() == {"error": f"a statement cannot be {name}"}, (path, value)
+        resp = await client.post("/v1/transactions", content=json.dumps([value]))
+        assert resp.json() == {"error": f"a statement cannot be {name}"}, value
+        resp = await client.post("/v1/transactions", content=json.dumps(value))
+        assert resp.json() == {"error": f"expected a JSON array of statements, got {name}"}
+    for value, name in (({"query": "SELECT 1"}, "an object"), ("SELECT 1", "a string")):
+        resp = await client.post("/v1/transactions", content=json.dumps(value))
+        assert resp.json() == {"error": f"expected a JSON array of statements, got {name}"}
+    resp = await client.post("/v1/transactions", content=b"[]")
+    assert resp.status_code == 400 and "non-empty" in resp.json()["error"]
+
+
 async def test_queries_stream_ndjson(node):
     agent, client = node
     await agent.execute([["INSERT INTO kv (k, v) VALUES (?, ?)", [f"k{i}", i]] for i in range(600)])

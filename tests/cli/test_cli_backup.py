@@ -47,6 +47,7 @@ async def test_restored_node_has_the_data_a_new_identity_and_syncs():
 
             # backup of a running node
             out = base / "backups" / "a.db"
+            out.parent.mkdir()
             result = await cli(
                 "backup", str(out), "-c", "/nonexistent", "--db-path", str(a.config.db.path)
             )
@@ -163,6 +164,18 @@ async def test_restore_replaces_the_file_under_sqlite_locks():
             backup(a.config.db.path, out)
             with pytest.raises(BackupError, match="already exists"):
                 backup(a.config.db.path, out)
+            # a mistyped directory is said, not made (the backup would go unnoticed there)
+            typo = base / "nonexistent" / "dir" / "x.db"
+            result = await cli("backup", str(typo), "--db-path", str(a.config.db.path))
+            assert result.exit_code == 1
+            assert result.stderr == (
+                f"error: backup destination's directory {typo.parent} does not exist\n"
+            )
+            assert not (base / "nonexistent").exists()
+            result = await cli("backup", str(out / "x.db"), "--db-path", str(a.config.db.path))
+            assert (
+                result.stderr == f"error: backup destination's directory {out} is not a directory\n"
+            )
         target = base / "t" / "state.db"
         # stale -wal/-shm of a database that is gone must not be replayed into the new one
         target.parent.mkdir()

@@ -12,7 +12,8 @@ import pytest
 from cli_helpers import node_mapping, short_tmp, write_config
 from typer.testing import CliRunner
 
-from corrosion.ops.cli import app, format_cell, hoist_global_options, run_async
+from corrosion.ops.cli import DEFAULT_CONFIG, app, format_cell, hoist_global_options, run_async
+from corrosion.surfaces.admin_client import DEFAULT_PATH as DEFAULT_ADMIN_PATH
 from corrosion.surfaces.client import base_url, statement
 
 runner = CliRunner()
@@ -194,3 +195,37 @@ def test_without_uvloop_the_cli_runs_on_asyncio_quietly(monkeypatch, caplog):
     assert str(info.value).startswith("asyncio")  # the default loop, not uvloop's
     assert info.value.__context__ is None
     assert [r.levelname for r in caplog.records if "uvloop" in r.getMessage()] == ["DEBUG"]
+
+
+@pytest.mark.skipif(DEFAULT_CONFIG.exists(), reason=f"{DEFAULT_CONFIG} exists on this machine")
+def test_without_a_config_each_command_says_what_to_pass_instead(base):
+    """No -c and no file at the default path: the error says which flag does without it, by
+    how the command reaches the agent (its API, its admin socket, or its database file)."""
+    missing = f"error: config file '{DEFAULT_CONFIG}' does not exist"
+    for argv, remedy in [
+        (["exec", "INSERT INTO t VALUES (1)"], "(pass -c CONFIG, or --api-addr HOST:PORT)"),
+        (["query", "SELECT 1"], "(pass -c CONFIG, or --api-addr HOST:PORT)"),
+        (
+            ["template", "--once", f"{base}/a.j2:{base}/a"],
+            "(pass -c CONFIG, or --api-addr HOST:PORT)",
+        ),
+        (["backup", str(base / "out.db")], "(pass -c CONFIG, or --db-path FILE)"),
+        (["restore", str(base / "out.db")], "(pass -c CONFIG, or --db-path FILE)"),
+        (["agent"], "(pass -c CONFIG)"),
+    ]:
+        result = invoke(*argv)
+        assert result.exit_code == 1, argv
+        assert result.stderr == f"{missing} {remedy}\n", argv
+
+    # admin commands fall back to the default socket: said, with the flag that names another
+    if not DEFAULT_ADMIN_PATH.exists():
+        result = invoke("cluster", "members")
+        assert result.exit_code == 1
+        assert result.stderr.endswith(
+            f"; {DEFAULT_CONFIG} does not exist, so this is the default socket "
+            "(pass -c CONFIG, or --admin-path SOCKET)\n"
+        )
+
+    # a file named with -c is the error itself: no remedy appended
+    result = invoke("-c", str(base / "absent.toml"), "exec", "SELECT 1")
+    assert result.stderr == f"error: config file '{base / 'absent.toml'}' does not exist\n"
