@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from corrosion.ops.pipes import closed_stdout_exits
+
 USAGE = "usage: python -m orchestrator {schema-path,proxy,gateway,hosts} ..."
 
 
@@ -239,4 +241,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    with closed_stdout_exits():  # `python -m orchestrator schema-path | head`: exit 1, quietly
+        sys.exit(main(sys.argv[1:]))

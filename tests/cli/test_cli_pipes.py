@@ -52,6 +52,12 @@ def test_simulations_scenarios_into_a_closed_pipe(unbuffered: bool) -> None:
 
 
 @pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_orchestrator_schema_path_into_a_closed_pipe(unbuffered: bool) -> None:
+    done = run_into_closed_pipe("-m", "orchestrator", "schema-path", unbuffered=unbuffered)
+    assert (done.returncode, done.stderr) == (1, "")
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
 def test_corrosion_help_and_keygen_into_a_closed_pipe(unbuffered: bool) -> None:
     for argv in (["--help"], ["keygen"], ["--version"]):
         done = run_into_closed_pipe("-m", "corrosion", *argv, unbuffered=unbuffered)
