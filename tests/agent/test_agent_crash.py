@@ -115,7 +115,14 @@ async def test_sigkill_mid_stream_then_restart_catches_up(tmp_path):
                 await more_writes(40, "writes after its restart")
                 stop.set()
 
-            expected = await rows(a, "SELECT id, body FROM items ORDER BY id")
+            # a and b first agree on everything written: under load b's last writes may still
+            # be on their way to a, and a snapshot of a taken then would lack rows the restarted
+            # agent does get (from b), so it could never equal it
+            async def settled() -> list:
+                got = await rows(a, "SELECT id, body FROM items ORDER BY id")
+                return got if got == await rows(b, "SELECT id, body FROM items ORDER BY id") else []
+
+            expected = await wait_for(settled, timeout=90, what="a and b to hold the same rows")
 
             async def caught_up() -> bool:
                 got = await proc.query("SELECT id, body FROM items ORDER BY id")
