@@ -11,16 +11,21 @@ after the rest of the delay when it comes back, or at once when the delay is ove
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from support import wait_for
 
 from orchestrator import machine as m
 from orchestrator.clock import ManualClock
-from orchestrator.drivers import FakeDriver, InstanceState
+from orchestrator.drivers import FakeDriver, InstanceState, ProcessDriver
 from orchestrator.engine import Backoff
+from orchestrator.operations import MachineOperations
 from orchestrator.publish import MemoryPublisher
 from orchestrator.restart import MAX_RESTART_DELAY, STEADY_RUN
 from orchestrator.service import Orchestrator
@@ -250,3 +255,89 @@ async def test_a_service_that_stops_during_the_wait_restarts_the_machine_when_it
         assert [r["action"] for r in await o.machine_events("app", mid)][-2:] == [
             "exit", "relaunch",
         ]  # fmt: skip
+
+
+CHILD = """
+import sys, anyio
+from orchestrator.drivers import ProcessDriver
+from orchestrator.engine import Backoff
+from orchestrator.operations import MachineOperations
+from orchestrator.service import Orchestrator
+
+async def main(base):
+    o = Orchestrator(machines_path=base + "/m", driver=ProcessDriver(base + "/state"),
+                     restart_backoff=Backoff(initial=1.0, maximum=1.0))
+    async with o:
+        config = {"image": "busybox", "init": {"exec": ["sh", "-c", "exit 3"]},
+                  "restart": {"policy": "always"}}
+        mid = (await o.create_machine("app", {"config": config}))["id"]
+        while not o.doc(mid).get("restart_at"):
+            await anyio.sleep(0.01)
+        print(mid, flush=True)  # waiting out the backoff of restart 1: kill -9 now
+        await anyio.sleep_forever()
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+async def test_kill_9_during_the_wait_keeps_the_restart(tmp_path):
+    """A real orchestrator process (process driver) is SIGKILLed while its crash-looping
+    machine waits out a restart's backoff; the next one restarts the machine."""
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    child = await anyio.open_process([sys.executable, "-c", CHILD, str(tmp_path)], env=env)
+    try:
+        assert child.stdout is not None
+        with anyio.fail_after(DEADLINE):
+            line = await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 100)
+        mid = line.decode().strip()
+    finally:
+        child.kill()  # SIGKILL
+        await child.wait()
+        await child.aclose()
+    restart = Backoff(initial=1.0, maximum=1.0)
+    o = Orchestrator(machines_path=tmp_path / "m", driver=ProcessDriver(tmp_path / "state"),
+                     restart_backoff=restart)  # fmt: skip
+    async with o:
+        assert o.doc(mid)["state"] == m.STARTING and o.doc(mid)["restarts"] == 1
+
+        async def relaunched() -> bool:
+            runs = await o.machine_events("app", mid)
+            return o.doc(mid)["restarts"] >= 2 and any(
+                r["action"] == "relaunch" and r["status"] == "succeeded" for r in runs
+            )
+
+        await wait_for(relaunched, DEADLINE, "the restart the killed process had scheduled")
+        await o.stop_machine("app", mid)
+        await wait_for(lambda: o.doc(mid)["state"] == m.STOPPED and not o.engine.busy(mid),
+                       DEADLINE, "the stop")  # fmt: skip
+        await o.destroy_machine("app", mid)
+        await wait_for(lambda: o.docs.find(mid) is None or o.doc(mid)["state"] == m.DESTROYED,
+                       DEADLINE, "the destroy")  # fmt: skip
+
+
+async def test_an_exit_run_logged_before_the_backoff_still_launches_itself(tmp_path, monkeypatch):
+    """An exit run an older release logged (its record_exit said restart, with no
+    ``restart_at``) and resumed by this one launches the machine itself, at once."""
+
+    async def old_record_exit(self, ctx):
+        def change(d: dict) -> None:
+            d["state"] = m.STARTING
+            d["restarts"] = d.get("restarts", 0) + 1
+
+        ctx.stage(change)
+        return {"restart": True, "auto_destroy": False}
+
+    monkeypatch.setattr(MachineOperations, "record_exit", old_record_exit)
+    clock = ManualClock()
+    driver = FakeDriver(clock)
+    async with orch(tmp_path, clock, driver) as o:
+        mid = (await o.create_machine("app", {"config": config()}))["id"]
+        await running(o, driver, mid, 0)
+        driver.crash(o.doc(mid)["instance_id"], 1)
+        await running(o, driver, mid, 1)  # the clock never moved
+        runs = await o.machine_events("app", mid)
+        assert [r["action"] for r in runs] == ["create", "exit"]
