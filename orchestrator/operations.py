@@ -175,7 +175,7 @@ class MachineOperations:
             doc.pop("restart_at", None)  # any state a step sets supersedes a scheduled restart
             doc.update(fields)
             if event is not None:
-                source = "user" if ctx.action != "exit" else "flyd"
+                source = "flyd" if ctx.action in ("exit", "relaunch") else "user"
                 m.add_event(doc, event[0], event[1], now=now, source=source,
                             **(event_request or {}))  # fmt: skip
 

@@ -119,6 +119,8 @@ async def test_delays_double_from_100ms_to_a_one_minute_cap(tmp_path, caplog):
             clock.advance(0.002)
         await running(o, driver, mid, len(expected))
         assert "restart_at" not in o.doc(mid)
+        restarted = [e for e in o.doc(mid)["events"] if e["type"] == "restart"]
+        assert restarted and all(e["source"] == "flyd" for e in restarted)
     shown = ["0.1", "0.2", "0.4", "0.8", "1.6", "3.2", "6.4", "12.8", "25.6", "51.2"] + ["60"] * 3
     assert exit_lines(caplog, mid) == [
         f"machine {mid} of app app exited with code 1 (restart {n}, policy always, in {s} s)"
