@@ -8,7 +8,7 @@ resumed one). An exit is never dropped because some run is live: the run that st
 and it does not own that exit. Whether the exit still matters is decided when its run executes,
 in order with the others: ``record_exit`` (:mod:`.operations`) ignores an exit whose boot a
 stop, restart, update or destroy ahead of it already ended, and applies the restart policy to
-the others.
+the others (a restart is scheduled after its backoff: :mod:`.restarts`).
 """
 
 from __future__ import annotations

@@ -19,10 +19,14 @@ Operations, their steps, and the state each promises:
 * destroy: mark_destroying, kill_instance, destroy_instance, release_network, mark_destroyed →
   destroyed, then the database is archived
 * cordon / uncordon: set_cordon → the flag
-* exit (internal, from the exit watcher): record_exit, create_instance†, start_instance†,
-  mark_started† → the restart policy's decision
+* exit (internal, from the exit watcher): record_exit → the restart policy's decision: stopped,
+  or ``starting`` with a restart scheduled after its backoff (``restart_at`` in the document)
+* relaunch (internal, from :mod:`.restarts` once the backoff is over): check_relaunch,
+  create_instance†, start_instance†, mark_started† → started
 
-(* skipped with ``skip_launch``; † only when the restart policy says restart.) Finalizers settle
+(* skipped with ``skip_launch``; † skipped when the scheduled restart is stale: a stop,
+restart, update or destroy ran first.) An exit run logged before restarts had a backoff has the
+launch steps too, and still launches at once when resumed. Finalizers settle
 the state after a halt: a failed start leaves the machine ``failed``; a failed stop or destroy
 leaves it ``started`` or ``stopped`` as the driver reports.
 """
@@ -40,10 +44,10 @@ import anyio
 from . import machine as m
 from .clock import Clock
 from .drivers.base import Driver, DriverError, ExitStatus, InstanceState, parse_signal
-from .engine import Engine, StepContext
+from .engine import Backoff, Engine, StepContext
 from .errors import UnrecoverableError
 from .network import MachineNetwork, NetworkError
-from .restart import RestartDecision, decide_restart
+from .restart import RestartDecision, decide_restart, next_streak
 from .volumes import Volumes
 
 Step = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
@@ -82,6 +86,17 @@ def describe_exit(exit_: ExitStatus) -> str:
     return "exited with an unknown status (its supervisor lost track)"
 
 
+def _ran(doc: Mapping[str, Any], exit_: ExitStatus, now: float) -> float:
+    """How long the boot that exited ran: from its ``started_at`` to the exit's time as the
+    driver saw it (an exit noticed late, after the service was down, still ran only that
+    long), or to ``now`` when the driver's time is missing or on another clock."""
+    started = doc.get("started_at")
+    if started is None:
+        return 0.0
+    end = exit_.exited_at if started <= exit_.exited_at <= now else now
+    return max(0.0, end - started)
+
+
 def _unless(flag: str, step: Step) -> Step:
     async def guarded(ctx: StepContext) -> Mapping[str, Any] | None:
         if ctx.request.get(flag) or ctx.response.get(flag):
@@ -111,6 +126,11 @@ class StepHost(Protocol):
     def clock(self) -> Clock: ...
 
     def doc(self, machine_id: str) -> dict[str, Any]: ...
+
+    @property
+    def restart_backoff(self) -> Backoff:
+        """The delays before automatic restarts (:func:`.restart.default_restart_backoff`)."""
+        ...
 
     @property
     def volumes(self) -> Volumes:
@@ -152,9 +172,10 @@ class MachineOperations:
 
         def change(doc: dict[str, Any]) -> None:
             doc["state"] = state
+            doc.pop("restart_at", None)  # any state a step sets supersedes a scheduled restart
             doc.update(fields)
             if event is not None:
-                source = "user" if ctx.action != "exit" else "flyd"
+                source = "flyd" if ctx.action in ("exit", "relaunch") else "user"
                 m.add_event(doc, event[0], event[1], now=now, source=source,
                             **(event_request or {}))  # fmt: skip
 
@@ -166,11 +187,13 @@ class MachineOperations:
         await self._drv(self.svc.driver.prepare(m.instance_spec(self._doc(ctx))))
 
     async def mark_starting(self, ctx: StepContext) -> None:
-        extra: dict[str, Any] = {"restarts": 0} if ctx.action in ("start", "create") else {}
+        extra: dict[str, Any] = {}
+        if ctx.action in ("start", "create"):
+            extra = {"restarts": 0, "restart_streak": 0}
         self._set(ctx, m.STARTING, ("start", m.STARTING), **extra)
 
     async def mark_restarting(self, ctx: StepContext) -> None:
-        self._set(ctx, m.RESTARTING, ("restart", m.RESTARTING), restarts=0)
+        self._set(ctx, m.RESTARTING, ("restart", m.RESTARTING), restarts=0, restart_streak=0)
 
     async def create_instance(self, ctx: StepContext) -> None:
         doc = self._doc(ctx)
@@ -212,10 +235,10 @@ class MachineOperations:
     async def mark_started(self, ctx: StepContext) -> None:
         iid = self._doc(ctx)["instance_id"]
         status = await self._drv(self.svc.driver.status(iid))
-        fields: dict[str, Any] = {"boot": ctx.run_id}
+        fields: dict[str, Any] = {"boot": ctx.run_id, "started_at": self.svc.clock.now()}
         if status.address:
             fields["private_ip"] = status.address
-        kind = "restart" if ctx.action in ("restart", "exit") else "start"
+        kind = "restart" if ctx.action in ("restart", "exit", "relaunch") else "start"
         self._set(ctx, m.STARTED, (kind, m.STARTED), **fields)  # the service then watches it
 
     def _stop_args(self, ctx: StepContext) -> tuple[int, float]:
@@ -253,7 +276,7 @@ class MachineOperations:
         self._set(ctx, m.STOPPED, ("exit", m.STOPPED), event_request=details, last_exit=exit_)
 
     async def mark_updating(self, ctx: StepContext) -> None:
-        self._set(ctx, m.UPDATING, ("update", m.UPDATING), restarts=0)
+        self._set(ctx, m.UPDATING, ("update", m.UPDATING), restarts=0, restart_streak=0)
 
     async def destroy_instance(self, ctx: StepContext) -> None:
         await self._drv(self.svc.driver.destroy(self._doc(ctx)["instance_id"]))
@@ -325,21 +348,42 @@ class MachineOperations:
         decision = decide_restart(policy, exit_, doc.get("restarts", 0))
         restart = decision.restart
         auto_destroy = not restart and bool(doc["config"].get("auto_destroy"))
-        self._log_exit(ctx, doc, exit_, decision, auto_destroy=auto_destroy)
         now = self.svc.clock.now()
+        streak = next_streak(doc.get("restart_streak", 0), _ran(doc, exit_, now))
+        delay = self.svc.restart_backoff.delay(streak) if restart else 0.0
+        if restart:
+            decision = decision.delayed(delay)
+        self._log_exit(ctx, doc, exit_, decision, auto_destroy=auto_destroy, delay=delay)
 
         def change(d: dict[str, Any]) -> None:
             d["last_exit"] = exit_.to_dict()
             m.add_event(d, "exit", m.STARTING if restart else m.STOPPED, now=now,
                         exit_event=exit_.to_dict())  # fmt: skip
-            if restart:
+            if restart:  # the relaunch run :mod:`.restarts` starts at restart_at launches it
                 d["state"] = m.STARTING
                 d["restarts"] = d.get("restarts", 0) + 1
+                d["restart_streak"] = streak
+                d["restart_at"] = now + delay
             else:
                 d["state"] = m.STOPPED
 
         ctx.stage(change)
-        return {"restart": restart, "auto_destroy": auto_destroy}
+        out: dict[str, Any] = {"restart": restart, "auto_destroy": auto_destroy}
+        if restart:
+            out["restart_at"] = now + delay
+        return out
+
+    async def check_relaunch(self, ctx: StepContext) -> Mapping[str, Any]:
+        """Whether the restart this run was started for is still wanted: the machine is still
+        ``starting`` for that very ``restart_at`` (a stop, restart, update or destroy that ran
+        first cleared it; a twin relaunch already launched it)."""
+        doc = self._doc(ctx)
+        at = ctx.request["restart_at"]
+        if doc["state"] != m.STARTING or doc.get("restart_at") != at:
+            log.debug("machine %s: restart scheduled at %s skipped: the machine is %s",
+                      ctx.machine_id, at, doc["state"])  # fmt: skip
+            return {"stale": True}
+        return {"restart": True}
 
     @staticmethod
     def _log_exit(
@@ -349,6 +393,7 @@ class MachineOperations:
         decision: RestartDecision,
         *,
         auto_destroy: bool,
+        delay: float = 0.0,
     ) -> None:
         """One INFO line per exit the restart policy decides on: the machine, how it ended,
         what happens next (a resumed ``record_exit`` that had not logged its COMPLETE says it
@@ -365,6 +410,7 @@ class MachineOperations:
             "signal": exit_.signal, "oom_killed": exit_.oom_killed,
             "restart": decision.restart,
             "restarts": doc.get("restarts", 0) + int(decision.restart),
+            "restart_delay": delay,
         }  # fmt: skip
         log.info("%s", line, extra={"fields": fields})
 
@@ -380,13 +426,14 @@ class MachineOperations:
         if ctx.response.get("stale"):
             return
         status = await self.svc.driver.status(doc["instance_id"])
-        if status.state is InstanceState.RUNNING:
-            self._set(ctx, m.STARTED, ("start", m.STARTED), boot=ctx.run_id)
-            return
         now = self.svc.clock.now()
+        if status.state is InstanceState.RUNNING:
+            self._set(ctx, m.STARTED, ("start", m.STARTED), boot=ctx.run_id, started_at=now)
+            return
 
         def change(d: dict[str, Any]) -> None:
             d["state"] = m.FAILED
+            d.pop("restart_at", None)
             m.add_event(d, "launch", m.FAILED, now=now, error=ctx.error.message)  # type: ignore[union-attr]
 
         ctx.stage(change)
@@ -471,7 +518,15 @@ class MachineOperations:
         engine.register("uncordon", [("set_cordon", self.set_cordon)])
         engine.register(
             "exit",
-            [("record_exit", self.record_exit)] + [(n, _only_if("restart", f)) for n, f in launch],
+            [("record_exit", self.record_exit)]
+            + [(n, _unless("restart_at", _only_if("restart", f))) for n, f in launch],
+            finalizers=[("settle", self.settle_start)],
+            max_retries=START_RETRIES,
+        )
+        engine.register(
+            "relaunch",
+            [("check_relaunch", self.check_relaunch)]
+            + [(n, _only_if("restart", f)) for n, f in launch],
             finalizers=[("settle", self.settle_start)],
             max_retries=START_RETRIES,
         )

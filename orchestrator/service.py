@@ -2,7 +2,8 @@
 
 This is the library surface the Machines API calls. It owns a machines directory (one database
 per machine), a driver, the FSM engine with the operations of :mod:`.operations`, the exit
-watchers that feed the restart policy (:mod:`.exits`), and a publish queue writing each
+watchers that feed the restart policy (:mod:`.exits`), the timers that start the restarts it
+schedules after their backoff (:mod:`.restarts`), and a publish queue writing each
 machine's row into the replicated ``machines`` table through a :class:`Publisher`. The machine
 documents (:mod:`.documents`), leases (:mod:`.leases`), metadata (:mod:`.metadata`) and waits
 (:mod:`.waiting`) are parts it is composed of; their public calls are its own.
@@ -63,6 +64,8 @@ from .migrations import DEFAULT_RATE, Migrations
 from .network import MachineNetwork, NetworkError
 from .operations import MachineOperations, target_state
 from .publish import Publisher, PublishQueue
+from .restart import default_restart_backoff
+from .restarts import RestartTimers
 from .steplog import MachineLog
 from .steplog_schema import CURRENT_TARGET, MigrationFailedError, SchemaTarget
 from .store import MachineStore
@@ -100,9 +103,12 @@ class Orchestrator:
         migration_rate: float = DEFAULT_RATE,
         schema_target: SchemaTarget = CURRENT_TARGET,
         vfs: str | None = None,
+        restart_backoff: Backoff | None = None,
     ) -> None:
-        """``keep_runs``: finished runs kept replayable in each machine's step log; older ones
-        are compacted into its history (see ``MachineLog.compact``). ``volumes_path``: where
+        """``restart_backoff``: the delays before automatic restarts (default 100 ms doubling
+        to one minute, see :mod:`.restart`). ``keep_runs``: finished runs kept replayable in
+        each machine's step log; older ones are compacted into its history (see
+        ``MachineLog.compact``). ``volumes_path``: where
         ``config.mounts`` volumes live (default ``<machines_path>/_volumes``).
         ``migration_rate``: step logs of an older schema migrated per second in the background
         (0: only lazily, on their next write; see :mod:`.migrations`). ``schema_target``: the
@@ -133,10 +139,12 @@ class Orchestrator:
         self._observer = self.metrics
         self.driver = TimedDriver(driver, self.metrics)
         self._backoff = backoff
+        self.restart_backoff = restart_backoff or default_restart_backoff()
         self.store: MachineStore | None = None
         self.engine: Engine | None = None
         self.publish_queue: PublishQueue | None = None
         self.exits: ExitWatchers | None = None
+        self.restarts: RestartTimers | None = None
         self.health: HealthChecks | None = None
         self._probe = probe
         self._stack: AsyncExitStack | None = None
@@ -206,6 +214,7 @@ class Orchestrator:
                 probe = network
             tg = await stack.enter_async_context(anyio.create_task_group())
             self.exits = ExitWatchers(self.docs, self.driver, self.clock, engine, tg)
+            self.restarts = RestartTimers(self.docs, self.clock, engine, tg, engine.backoff)
             self.health = HealthChecks(self.docs, self.clock, tg, probe)
             self._tg = tg
             self.engine = await stack.enter_async_context(engine)
@@ -230,7 +239,7 @@ class Orchestrator:
                 await self.engine.start(mid, "destroy", {"force": True}, queue=True)
         except BaseException:
             await stack.__aexit__(None, None, None)
-            self.exits = self.health = self._tg = None
+            self.exits = self.restarts = self.health = self._tg = None
             raise
         self._stack = stack
         return self
@@ -242,7 +251,7 @@ class Orchestrator:
             await stack.__aexit__(None, None, None)
         finally:
             self.engine = None
-            self.exits = self.health = self._tg = None
+            self.exits = self.restarts = self.health = self._tg = None
         running = [
             mid for mid in self.docs.ids() if (self.docs.find(mid) or {}).get("state") == m.STARTED
         ]
@@ -338,10 +347,12 @@ class Orchestrator:
     # --- exits and the end of a run -----------------------------------------------------------
 
     def watch(self, machine_id: str) -> None:
-        """Watch the machine's running instance (its exit becomes an ``exit`` run) and run its
-        health checks while it is started."""
+        """Watch the machine's running instance (its exit becomes an ``exit`` run), run its
+        health checks while it is started, and its scheduled restart while one is due."""
         if self.exits is not None:
             self.exits.watch(machine_id)
+        if self.restarts is not None:
+            self.restarts.sync(machine_id)
         if self.health is not None:
             self.health.sync(machine_id)
 
@@ -376,14 +387,17 @@ class Orchestrator:
 
     def projected_state(self, machine_id: str) -> str:
         """The state the machine will be in once the accepted operations have run. A machine
-        an exit run is restarting (``starting``, that run in flight) counts as started: its
-        launch ends started (or failed, which a stop or destroy queued after it accepts too), so
-        a crash-looping machine can be stopped or destroyed at any moment, not only in the
-        instants it is started."""
+        the restart policy is restarting (``starting`` with a restart scheduled, or an exit run
+        in flight) counts as started: its launch ends started (or failed, which a stop or
+        destroy queued after it accepts too), so a crash-looping machine can be stopped or
+        destroyed at any moment, not only in the instants it is started."""
         assert self.engine is not None
-        state = self.doc(machine_id)["state"]
+        doc = self.doc(machine_id)
+        state = doc["state"]
         runs = self.engine.list_runs(machine_id)
-        if state == m.STARTING and runs and runs[0].action == "exit":
+        if state == m.STARTING and (
+            doc.get("restart_at") is not None or (runs and runs[0].action == "exit")
+        ):
             state = m.STARTED
         for run in runs:
             target = target_state(run.action, run.request)

@@ -21,13 +21,15 @@ from orchestrator.service import Orchestrator
 
 pytestmark = pytest.mark.anyio
 FAST = Backoff(initial=0.001, maximum=0.01)
+RESTARTS = Backoff(initial=0.001, maximum=0.004)  # 1, 2, 4, 4 ... ms before a restart
 DEADLINE = 30.0
 
 
 def orch(tmp_path, driver: FakeDriver) -> Orchestrator:
     return Orchestrator(
-        machines_path=tmp_path / "machines", driver=driver, worker="w1", backoff=FAST
-    )
+        machines_path=tmp_path / "machines", driver=driver, worker="w1", backoff=FAST,
+        restart_backoff=RESTARTS,
+    )  # fmt: skip
 
 
 def config(restart: dict) -> dict:
@@ -74,8 +76,8 @@ async def test_always_restarts_an_instance_that_exits_at_once_every_time(tmp_pat
         assert exit_events(o.doc(mid)) == [("starting", 0)] * 5
     lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.operations"]
     assert lines == [
-        f"machine {mid} of app app exited with code 0 (restart {n}, policy always)"
-        for n in range(1, 6)
+        f"machine {mid} of app app exited with code 0 (restart {n}, policy always, in {ms} s)"
+        for n, ms in zip(range(1, 6), ("0.001", "0.002", "0.004", "0.004", "0.004"), strict=True)
     ]
 
 
@@ -97,8 +99,10 @@ async def test_on_failure_stops_after_max_retries_of_instant_exits(tmp_path, cap
         assert driver.instances[iid].state is InstanceState.EXITED
         records = [r for r in caplog.records if r.name == "orchestrator.operations"]
     assert [r.getMessage() for r in records] == [
-        f"machine {mid} of app app exited with code 3 (restart 1 of 2, policy on-failure)",
-        f"machine {mid} of app app exited with code 3 (restart 2 of 2, policy on-failure)",
+        f"machine {mid} of app app exited with code 3 (restart 1 of 2, policy on-failure, "
+        "in 0.001 s)",
+        f"machine {mid} of app app exited with code 3 (restart 2 of 2, policy on-failure, "
+        "in 0.002 s)",
         f"machine {mid} of app app exited with code 3: not restarted (max retries 2 reached), "
         "stopped",
     ]
@@ -178,15 +182,15 @@ async def test_a_crash_looping_machine_can_be_stopped_while_it_is_starting(tmp_p
 
 
 async def test_resume_handles_the_exit_of_a_boot_whose_run_was_interrupted(tmp_path, monkeypatch):
-    """kill -9 while the exit run that restarted the machine is finishing (after mark_started,
-    before FINISH), and its new boot exits while the service is down: on resume the run
-    finishes, and the exit of its boot is handled after it."""
+    """kill -9 while the relaunch run that restarted the machine is finishing (after
+    mark_started, before FINISH), and its new boot exits while the service is down: on resume
+    the run finishes, and the exit of its boot is handled after it."""
     driver = FakeDriver()  # survives the service, as instances survive flyd
     settle = MachineOperations.settle_start
     reached = anyio.Event()
 
     async def stuck_after_exit(self, ctx):
-        if ctx.action == "exit":
+        if ctx.action == "relaunch":
             reached.set()
             await anyio.sleep_forever()  # the service goes down here
         await settle(self, ctx)
