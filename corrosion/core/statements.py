@@ -24,6 +24,25 @@ class StatementFormError(CorrosionError, ValueError):
     """A statement is not in one of the accepted forms."""
 
 
+def json_type(value: Any) -> str:
+    """A value's type as JSON names it, with its article (``a number``, ``null``, ``an
+    object``): statements mostly come decoded from a client's JSON, which says ``5``, not
+    ``int``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"  # only from Python callers: json.loads makes the above
+
+
 def _param(v: Any) -> Any:
     if v is None or isinstance(v, str | float | bytes):
         return v
@@ -75,7 +94,7 @@ def parse_statement(item: Any) -> Statement:
         if not isinstance(params, list):
             raise StatementFormError("params must be an array")
         return query, [_param(v) for v in params]
-    raise StatementFormError(f"a statement cannot be a {type(item).__name__}")
+    raise StatementFormError(f"a statement cannot be {json_type(item)}")
 
 
 def parse_statements(items: Any) -> list[Statement]:

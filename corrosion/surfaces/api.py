@@ -39,12 +39,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.sqlguard import parse_timeout
-from ..core.statements import (
-    Statement,
-    StatementFormError,
-    parse_statement,
-    parse_statements,
-)
+from ..core.statements import StatementFormError, json_type, parse_statement, parse_statements
 from ..runtime.results import QueryError, TransactionError, TransactionRefused
 from ..runtime.subscriptions import (
     SubscriptionError,
@@ -81,39 +76,6 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def json_type(value: Any) -> str:
-    """A decoded JSON value's type as JSON names it (what a client sent, not Python's ``int``
-    or ``NoneType``), with its article: ``a number``, ``null``, ``an object``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"  # not from JSON: json.loads makes only the above
-
-
-def _json_statement(item: Any) -> Statement:
-    """One statement of a request body; a value of no statement form is named as JSON does."""
-    if not isinstance(item, str | list | dict):
-        raise StatementFormError(f"a statement cannot be {json_type(item)}")
-    return parse_statement(item)
-
-
-def _json_statements(body: Any) -> list[Statement]:
-    if not isinstance(body, list):
-        raise StatementFormError(f"expected a JSON array of statements, got {json_type(body)}")
-    if not body:
-        return parse_statements(body)  # its own message for an empty array
-    return [_json_statement(item) for item in body]
-
-
 async def _json_body(request: Request) -> Any:
     body = await request.body()
     try:
@@ -133,7 +95,12 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
     async def transactions(request: Request) -> Response:
         try:
             timeout = _timeout(request, agent.config.api.transaction_timeout)
-            statements = _json_statements(await _json_body(request))
+            body = await _json_body(request)
+            if not isinstance(body, list):
+                raise StatementFormError(
+                    f"expected a JSON array of statements, got {json_type(body)}"
+                )
+            statements = parse_statements(body)
         except StatementFormError as exc:
             return _error(400, str(exc))
         t0 = time.perf_counter()
@@ -157,7 +124,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
     async def queries(request: Request) -> Response:
         try:
             timeout = _timeout(request, agent.config.api.query_timeout)
-            sql, params = _json_statement(await _json_body(request))
+            sql, params = parse_statement(await _json_body(request))
         except StatementFormError as exc:
             return _error(400, str(exc))
         t0 = time.perf_counter()
@@ -246,7 +213,7 @@ def routes(agent: ApiAgent) -> list[BaseRoute]:
 
     async def subscribe(request: Request) -> Response:
         try:
-            sql, params = _json_statement(await _json_body(request))
+            sql, params = parse_statement(await _json_body(request))
             from_id, skip_rows = _from(request), _skip_rows(request)
         except StatementFormError as exc:
             return _error(400, str(exc))
