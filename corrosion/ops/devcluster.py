@@ -35,6 +35,7 @@ import anyio
 from ..agent import Agent
 from ..config import Config, generate_key
 from ..surfaces.admin_client import MAX_SOCKET_PATH
+from .startup import bind_probe
 
 DEMO_SCHEMA = """\
 CREATE TABLE IF NOT EXISTS todos (
@@ -232,16 +233,12 @@ def _get(data: Any, *keys: str) -> Any:
 
 
 def _free(port: int, kinds: tuple[socket.SocketKind, ...]) -> bool:
-    """Whether ``port`` can be bound on HOST for each socket kind (a check, not a claim: the
-    agent binds it a moment later)."""
-    for kind in kinds:
-        with socket.socket(socket.AF_INET, kind) as s:
-            if kind == socket.SOCK_STREAM:  # as the agent's listeners: past TIME_WAIT peers
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                return False
+    """Whether ``port`` can be bound on HOST for each socket kind."""
+    try:
+        for kind in kinds:
+            bind_probe(HOST, port, kind)
+    except OSError:
+        return False
     return True
 
 

@@ -37,14 +37,21 @@ def check_addresses(cfg: Config) -> None:
         checks.append(("telemetry.prometheus.addr", cfg.prometheus_addr, socket.SOCK_STREAM))
     for key, (host, port), kind in checks:
         with listening(key, (host, port)):
-            infos = socket.getaddrinfo(host, port, type=kind)
-        if port == 0:
-            continue
-        family, _, _, _, sockaddr = infos[0]
-        with listening(key, (host, port)), socket.socket(family, kind) as probe:
-            if kind == socket.SOCK_STREAM:  # as the listeners do: TIME_WAIT is no conflict
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
+            if port == 0:
+                socket.getaddrinfo(host, port, type=kind)
+            else:
+                bind_probe(host, port, kind)
+
+
+def bind_probe(host: str, port: int, kind: socket.SocketKind) -> None:
+    """Bind ``host:port`` and release it, as the agent's listener of ``kind`` would bind it
+    (``OSError`` when it cannot: taken, or a host that does not resolve). A check, not a
+    claim: the listener binds it a moment later."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=kind)[0]
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:  # as the listeners do: TIME_WAIT is no conflict
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(sockaddr)
 
 
 def explain(exc: BaseException, cfg: Config) -> str | None:
